@@ -1,0 +1,1 @@
+//! The tether edge agent and operator CLI.

@@ -1,0 +1,781 @@
+//! The broker's configuration (`tether-broker run --config broker.toml`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tether_proto::ids::{GatewayId, RegionId, TrustDomain};
+use tether_proto::ipam::{Ipam, IpamError};
+
+use crate::{
+    ConfigError, Problems, check_in_cidr, is_dns_name, parse_prefix, parse_toml, read_toml,
+};
+
+/// The broker configuration file. Every field is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerFile {
+    /// Directory for the CA, the store and the admin token. Default:
+    /// `/var/lib/tether-broker` when run as root, else
+    /// `~/.local/state/tether-broker`.
+    pub data_dir: Option<PathBuf>,
+    /// SPIFFE trust domain of all site identities, e.g. `tether.example.org`.
+    pub trust_domain: String,
+    /// The one CIDR hospital IT allows outbound on TCP and UDP 443. Every
+    /// listen and advertised broker address must lie inside it.
+    pub published_cidr: String,
+    /// Socket addresses the tunnel listeners bind, UDP (HTTP/3) and TCP
+    /// (HTTP/2) on the same port. An unspecified address (`0.0.0.0:443`)
+    /// binds every interface; then `advertised` must name the public ones.
+    pub listen: Vec<String>,
+    /// Names and IP addresses sites use to reach this broker. They go into
+    /// the broker's TLS certificate.
+    pub advertised: Vec<String>,
+    /// The admin API.
+    pub admin: AdminFile,
+    /// Tunnel timing and certificate lifetimes.
+    pub tunnel: TunnelFile,
+    /// Identity DNS.
+    pub dns: DnsFile,
+    /// Regions and their address pools (`[[region]]`, one or more).
+    pub region: Vec<RegionFile>,
+    /// A gateway on the broker host itself (a TUN device), for single-machine
+    /// deployments.
+    pub local_gateway: LocalGatewayFile,
+}
+
+/// `[admin]`: the authenticated admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    /// Address of the admin API (HTTP, bearer token). Keep it on loopback
+    /// unless a firewall guards it.
+    pub listen: String,
+}
+
+/// `[tunnel]`: timing and lifetimes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelFile {
+    /// How often an idle tunnel is probed, e.g. `"10s"`.
+    pub keepalive: String,
+    /// How long a silent tunnel lives before it is closed; more than twice
+    /// `keepalive`.
+    pub idle_timeout: String,
+    /// Lifetime of site certificates issued at enrollment and renewal.
+    pub site_cert_lifetime: String,
+    /// Default lifetime of enrollment tokens.
+    pub token_ttl: String,
+}
+
+/// `[dns]`: the identity DNS server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsFile {
+    /// The zone sites are named in: `<site>.<region>.<zone>`.
+    pub zone: String,
+    /// Address the DNS server binds (UDP and TCP); empty to disable.
+    pub listen: String,
+}
+
+/// `[[region]]`: a data-residency region and its pools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionFile {
+    /// Region name (a DNS label), e.g. `eu-central`.
+    pub name: String,
+    /// IPv4 prefixes of the operator's own address space for this region.
+    #[serde(default)]
+    pub ipv4_pools: Vec<String>,
+    /// IPv6 prefixes of the operator's own address space for this region.
+    #[serde(default)]
+    pub ipv6_pools: Vec<String>,
+    /// Other regions whose gateways may also reach this region's sites
+    /// (same region is always allowed).
+    #[serde(default)]
+    pub allow_gateways_from: Vec<String>,
+}
+
+/// `[local_gateway]`: a TUN device on the broker host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalGatewayFile {
+    /// Whether the broker creates the TUN device (needs CAP_NET_ADMIN).
+    pub enabled: bool,
+    /// Gateway id, as shown in routes and traces.
+    pub id: String,
+    /// Name of the TUN device.
+    pub tun_name: String,
+    /// Region of the gateway (data residency).
+    pub region: String,
+    /// Backend prefixes reachable through it, advertised to sites.
+    pub prefixes: Vec<String>,
+}
+
+impl Default for BrokerFile {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            trust_domain: "tether.internal".into(),
+            published_cidr: "127.0.0.0/8".into(),
+            listen: vec!["127.0.0.1:443".into()],
+            advertised: vec!["127.0.0.1".into(), "localhost".into()],
+            admin: AdminFile::default(),
+            tunnel: TunnelFile::default(),
+            dns: DnsFile::default(),
+            region: vec![RegionFile {
+                name: "local".into(),
+                ipv4_pools: vec!["100.64.0.0/16".into()],
+                ipv6_pools: vec!["fd74:6574:6865::/48".into()],
+                allow_gateways_from: Vec::new(),
+            }],
+            local_gateway: LocalGatewayFile::default(),
+        }
+    }
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".into(),
+        }
+    }
+}
+
+impl Default for TunnelFile {
+    fn default() -> Self {
+        Self {
+            keepalive: "10s".into(),
+            idle_timeout: "30s".into(),
+            site_cert_lifetime: "24h".into(),
+            token_ttl: "24h".into(),
+        }
+    }
+}
+
+impl Default for DnsFile {
+    fn default() -> Self {
+        Self {
+            zone: "tether.internal".into(),
+            listen: "127.0.0.1:5353".into(),
+        }
+    }
+}
+
+impl Default for LocalGatewayFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            id: "local".into(),
+            tun_name: "tether-gw0".into(),
+            region: "local".into(),
+            prefixes: Vec::new(),
+        }
+    }
+}
+
+/// The validated broker configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Data directory, if set in the file.
+    pub data_dir: Option<PathBuf>,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// The published CIDR.
+    pub published_cidr: IpNet,
+    /// Tunnel listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// DNS names in the broker certificate.
+    pub advertised_names: Vec<String>,
+    /// IP addresses in the broker certificate.
+    pub advertised_ips: Vec<IpAddr>,
+    /// Admin API address.
+    pub admin_listen: SocketAddr,
+    /// Tunnel keepalive interval.
+    pub keepalive: Duration,
+    /// Tunnel idle timeout.
+    pub idle_timeout: Duration,
+    /// Site certificate lifetime.
+    pub site_cert_lifetime: Duration,
+    /// Default enrollment token lifetime.
+    pub token_ttl: Duration,
+    /// DNS zone.
+    pub dns_zone: String,
+    /// DNS listen address, if enabled.
+    pub dns_listen: Option<SocketAddr>,
+    /// Regions by name.
+    pub regions: BTreeMap<RegionId, Region>,
+    /// Address management over the regions' pools.
+    pub ipam: Ipam,
+    /// The local gateway, if enabled.
+    pub local_gateway: Option<LocalGateway>,
+}
+
+/// A validated region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// IPv4 and IPv6 pools, in file order.
+    pub pools: Vec<IpNet>,
+    /// Regions whose gateways may reach this region's sites (besides itself).
+    pub allow_gateways_from: BTreeSet<RegionId>,
+}
+
+/// A validated local gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGateway {
+    /// Gateway id.
+    pub id: GatewayId,
+    /// TUN device name.
+    pub tun_name: String,
+    /// Region.
+    pub region: RegionId,
+    /// Backend prefixes behind it.
+    pub prefixes: Vec<IpNet>,
+}
+
+impl BrokerFile {
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        read_toml(path)
+    }
+
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        parse_toml(text, origin)
+    }
+
+    /// The file as TOML (e.g. to show the effective defaults).
+    pub fn to_toml(&self) -> String {
+        crate::to_toml(self)
+    }
+
+    /// Validates into a typed configuration; `origin` names the file in
+    /// errors.
+    pub fn validate(&self, origin: &str) -> Result<BrokerConfig, ConfigError> {
+        let mut p = Problems::default();
+
+        let trust_domain = TrustDomain::new(self.trust_domain.clone()).map_err(|e| {
+            p.add(
+                "trust_domain",
+                e.to_string(),
+                "use a lowercase DNS name, e.g. \"tether.example.org\"",
+            )
+        });
+
+        let published_cidr = parse_prefix(&mut p, "published_cidr", &self.published_cidr);
+
+        let mut listen = Vec::new();
+        for (i, text) in self.listen.iter().enumerate() {
+            let field = format!("listen[{i}]");
+            match text.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if let Some(cidr) = published_cidr
+                        && !addr.ip().is_unspecified()
+                    {
+                        check_in_cidr(&mut p, &field, addr.ip(), cidr, "listen address");
+                    }
+                    listen.push(addr);
+                }
+                Err(_) => p.add(
+                    field,
+                    format!("{text:?} is not an address:port"),
+                    "write e.g. \"203.0.113.10:443\" or \"[2001:db8::10]:443\"",
+                ),
+            }
+        }
+        if self.listen.is_empty() {
+            p.add(
+                "listen",
+                "no listen address",
+                "add at least one, e.g. listen = [\"0.0.0.0:443\"]",
+            );
+        }
+
+        let mut advertised_names = Vec::new();
+        let mut advertised_ips = Vec::new();
+        for (i, text) in self.advertised.iter().enumerate() {
+            let field = format!("advertised[{i}]");
+            if let Ok(ip) = text.parse::<IpAddr>() {
+                if let Some(cidr) = published_cidr {
+                    check_in_cidr(&mut p, &field, ip, cidr, "advertised address");
+                }
+                advertised_ips.push(ip);
+            } else if is_dns_name(text) {
+                advertised_names.push(text.to_ascii_lowercase());
+            } else {
+                p.add(
+                    field,
+                    format!("{text:?} is neither an IP address nor a DNS name"),
+                    "write a name like \"broker.example.org\" or an address",
+                );
+            }
+        }
+        if advertised_ips.is_empty() && advertised_names.is_empty() {
+            p.add("advertised", "no advertised name or address", "list the names or addresses sites dial, e.g. advertised = [\"broker.example.org\"]");
+        }
+        if listen.iter().any(|a| a.ip().is_unspecified())
+            && advertised_ips.is_empty()
+            && advertised_names.is_empty()
+        {
+            p.add(
+                "listen",
+                "an unspecified listen address needs advertised addresses",
+                "add the public names or addresses to advertised",
+            );
+        }
+
+        let admin_listen = match self.admin.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.add(
+                    "admin.listen",
+                    format!("{:?} is not an address:port", self.admin.listen),
+                    "write e.g. \"127.0.0.1:7070\"",
+                );
+                None
+            }
+        };
+
+        let keepalive = p.duration(
+            "tunnel.keepalive",
+            &self.tunnel.keepalive,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        );
+        let idle_timeout = p.duration(
+            "tunnel.idle_timeout",
+            &self.tunnel.idle_timeout,
+            Duration::from_secs(3),
+            Duration::from_secs(3600),
+        );
+        if idle_timeout <= keepalive * 2 {
+            p.add(
+                "tunnel.idle_timeout",
+                format!("{} is not more than twice tunnel.keepalive ({})", self.tunnel.idle_timeout, self.tunnel.keepalive),
+                "make idle_timeout at least three keepalive intervals, so one lost probe does not end a tunnel",
+            );
+        }
+        let site_cert_lifetime = p.duration(
+            "tunnel.site_cert_lifetime",
+            &self.tunnel.site_cert_lifetime,
+            Duration::from_secs(3600),
+            Duration::from_secs(30 * 86_400),
+        );
+        let token_ttl = p.duration(
+            "tunnel.token_ttl",
+            &self.tunnel.token_ttl,
+            Duration::from_secs(300),
+            Duration::from_secs(30 * 86_400),
+        );
+
+        let dns_zone = self.dns.zone.trim_end_matches('.').to_ascii_lowercase();
+        if !is_dns_name(&dns_zone) {
+            p.add(
+                "dns.zone",
+                format!("{:?} is not a DNS name", self.dns.zone),
+                "use a name such as \"tether.internal\"",
+            );
+        }
+        let dns_listen = if self.dns.listen.is_empty() {
+            None
+        } else {
+            match self.dns.listen.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p.add(
+                        "dns.listen",
+                        format!("{:?} is not an address:port", self.dns.listen),
+                        "write e.g. \"127.0.0.1:5353\", or \"\" to disable DNS",
+                    );
+                    None
+                }
+            }
+        };
+
+        let regions = self.validate_regions(&mut p);
+        let ipam = self.build_ipam(&mut p, &regions);
+        let local_gateway = self.validate_local_gateway(&mut p, &regions);
+
+        let (Ok(trust_domain), Some(published_cidr), Some(admin_listen)) =
+            (trust_domain, published_cidr, admin_listen)
+        else {
+            return Err(p.into_error(origin));
+        };
+        p.finish(
+            origin,
+            BrokerConfig {
+                data_dir: self.data_dir.clone(),
+                trust_domain,
+                published_cidr,
+                listen,
+                advertised_names,
+                advertised_ips,
+                admin_listen,
+                keepalive,
+                idle_timeout,
+                site_cert_lifetime,
+                token_ttl,
+                dns_zone,
+                dns_listen,
+                regions,
+                ipam,
+                local_gateway,
+            },
+        )
+    }
+
+    fn validate_regions(&self, p: &mut Problems) -> BTreeMap<RegionId, Region> {
+        let mut regions = BTreeMap::new();
+        if self.region.is_empty() {
+            p.add(
+                "region",
+                "no region is configured",
+                "add a [[region]] with a name and at least one pool",
+            );
+        }
+        let names: BTreeSet<&str> = self.region.iter().map(|r| r.name.as_str()).collect();
+        for (i, r) in self.region.iter().enumerate() {
+            let id = match RegionId::new(r.name.clone()) {
+                Ok(id) => id,
+                Err(e) => {
+                    p.add(
+                        format!("region[{i}].name"),
+                        e.to_string(),
+                        "use a DNS label such as \"eu-central\"",
+                    );
+                    continue;
+                }
+            };
+            if regions.contains_key(&id) {
+                p.add(
+                    format!("region[{i}].name"),
+                    format!("region {id} is defined twice"),
+                    "merge the two [[region]] entries",
+                );
+                continue;
+            }
+            let mut pools = Vec::new();
+            for (family, list, want_v4) in [
+                ("ipv4_pools", &r.ipv4_pools, true),
+                ("ipv6_pools", &r.ipv6_pools, false),
+            ] {
+                for (j, text) in list.iter().enumerate() {
+                    let field = format!("region[{i}].{family}[{j}]");
+                    if let Some(prefix) = parse_prefix(p, &field, text) {
+                        if matches!(prefix, IpNet::V4(_)) != want_v4 {
+                            let other = if want_v4 { "ipv6_pools" } else { "ipv4_pools" };
+                            p.add(
+                                field,
+                                format!(
+                                    "{prefix} is not an {} prefix",
+                                    if want_v4 { "IPv4" } else { "IPv6" }
+                                ),
+                                format!("move it to {other}"),
+                            );
+                        } else {
+                            pools.push(prefix);
+                        }
+                    }
+                }
+            }
+            if r.ipv4_pools.is_empty() && r.ipv6_pools.is_empty() {
+                p.add(
+                    format!("region[{i}]"),
+                    format!("region {id} has no pool"),
+                    "add ipv4_pools and/or ipv6_pools from your own address space",
+                );
+            }
+            let mut allow = BTreeSet::new();
+            for (j, name) in r.allow_gateways_from.iter().enumerate() {
+                let field = format!("region[{i}].allow_gateways_from[{j}]");
+                if !names.contains(name.as_str()) {
+                    p.add(
+                        field,
+                        format!("unknown region {name:?}"),
+                        format!(
+                            "use one of the configured regions: {}",
+                            names.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                } else if let Ok(other) = RegionId::new(name.clone()) {
+                    allow.insert(other);
+                }
+            }
+            regions.insert(
+                id,
+                Region {
+                    pools,
+                    allow_gateways_from: allow,
+                },
+            );
+        }
+        regions
+    }
+
+    /// Builds the IPAM, mapping its pool errors back to field names.
+    fn build_ipam(&self, p: &mut Problems, regions: &BTreeMap<RegionId, Region>) -> Ipam {
+        let pools = regions
+            .iter()
+            .map(|(id, r)| (id.clone(), r.pools.clone()))
+            .collect();
+        match Ipam::new(pools) {
+            Ok(ipam) => ipam,
+            Err(e) => {
+                let field =
+                    |prefix: IpNet| self.pool_field(prefix).unwrap_or_else(|| "region".into());
+                match &e {
+                    IpamError::OverlappingPools { a, b } => p.add(
+                        field(*b),
+                        format!("{b} overlaps {a} ({})", field(*a)),
+                        "give every pool, in every region, its own prefix",
+                    ),
+                    IpamError::PoolTooLarge(x)
+                    | IpamError::PoolTooSmall(x)
+                    | IpamError::HostBits(x, _) => p.add(
+                        field(*x),
+                        e.to_string(),
+                        "choose a prefix of a usable size (IPv4 /30 or larger, IPv6 /8 or longer)",
+                    ),
+                    other => p.add("region", other.to_string(), "fix the pools"),
+                }
+                Ipam::default()
+            }
+        }
+    }
+
+    fn pool_field(&self, prefix: IpNet) -> Option<String> {
+        self.region.iter().enumerate().find_map(|(i, r)| {
+            [("ipv4_pools", &r.ipv4_pools), ("ipv6_pools", &r.ipv6_pools)]
+                .into_iter()
+                .find_map(|(family, list)| {
+                    list.iter()
+                        .position(|t| t.parse::<IpNet>().ok() == Some(prefix))
+                        .map(|j| format!("region[{i}].{family}[{j}]"))
+                })
+        })
+    }
+
+    fn validate_local_gateway(
+        &self,
+        p: &mut Problems,
+        regions: &BTreeMap<RegionId, Region>,
+    ) -> Option<LocalGateway> {
+        let g = &self.local_gateway;
+        if !g.enabled {
+            return None;
+        }
+        let id = GatewayId::new(g.id.clone())
+            .map_err(|e| {
+                p.add(
+                    "local_gateway.id",
+                    e.to_string(),
+                    "use a DNS label such as \"local\"",
+                )
+            })
+            .ok();
+        let region = match RegionId::new(g.region.clone()) {
+            Ok(r) if regions.contains_key(&r) => Some(r),
+            _ => {
+                p.add(
+                    "local_gateway.region",
+                    format!("unknown region {:?}", g.region),
+                    format!(
+                        "use one of the configured regions: {}",
+                        regions
+                            .keys()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                None
+            }
+        };
+        crate::check_interface_name(p, "local_gateway.tun_name", &g.tun_name);
+        let prefixes = g
+            .prefixes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| parse_prefix(p, &format!("local_gateway.prefixes[{i}]"), t))
+            .collect();
+        Some(LocalGateway {
+            id: id?,
+            tun_name: g.tun_name.clone(),
+            region: region?,
+            prefixes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> Vec<crate::Problem> {
+        let file = BrokerFile::parse(toml, "test.toml").unwrap();
+        file.validate("test.toml").unwrap_err().problems().to_vec()
+    }
+
+    fn has(problems: &[crate::Problem], field: &str, needle: &str) -> bool {
+        problems
+            .iter()
+            .any(|p| p.field == field && (p.message.contains(needle) || p.fix.contains(needle)))
+    }
+
+    #[test]
+    fn empty_file_is_the_loopback_default() {
+        let config = BrokerFile::parse("", "empty")
+            .unwrap()
+            .validate("empty")
+            .unwrap();
+        assert_eq!(config.listen, vec!["127.0.0.1:443".parse().unwrap()]);
+        assert_eq!(
+            config.published_cidr,
+            "127.0.0.0/8".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(config.regions.len(), 1);
+        assert!(config.admin_listen.ip().is_loopback());
+        assert_eq!(config.keepalive, Duration::from_secs(10));
+        // The defaults survive a round trip through TOML.
+        let again = BrokerFile::parse(&BrokerFile::default().to_toml(), "round-trip").unwrap();
+        assert_eq!(again, BrokerFile::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = BrokerFile::parse("publishd_cidr = \"10.0.0.0/8\"", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("publishd_cidr"), "{err}");
+        let err = BrokerFile::parse("[tunnel]\nkeepalve = \"1s\"", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("keepalve"), "{err}");
+    }
+
+    #[test]
+    fn addresses_outside_the_published_cidr() {
+        let ps = problems(
+            r#"published_cidr = "203.0.113.0/24"
+               listen = ["198.51.100.1:443", "0.0.0.0:443"]
+               advertised = ["203.0.113.9", "198.51.100.2", "broker.example.org"]"#,
+        );
+        assert!(
+            has(
+                &ps,
+                "listen[0]",
+                "outside the published CIDR 203.0.113.0/24"
+            ),
+            "{ps:?}"
+        );
+        assert!(
+            !ps.iter().any(|p| p.field == "listen[1]"),
+            "unspecified bind is allowed"
+        );
+        assert!(
+            has(&ps, "advertised[1]", "outside the published CIDR"),
+            "{ps:?}"
+        );
+        assert!(
+            !ps.iter()
+                .any(|p| p.field == "advertised[0]" || p.field == "advertised[2]")
+        );
+    }
+
+    #[test]
+    fn pools_overlapping_or_of_the_wrong_family() {
+        let ps = problems(
+            r#"[[region]]
+               name = "eu"
+               ipv4_pools = ["100.64.0.0/16", "fd00::/48"]
+               [[region]]
+               name = "us"
+               ipv4_pools = ["100.64.1.0/24"]"#,
+        );
+        assert!(
+            has(&ps, "region[0].ipv4_pools[1]", "move it to ipv6_pools"),
+            "{ps:?}"
+        );
+        assert!(
+            has(
+                &ps,
+                "region[1].ipv4_pools[0]",
+                "overlaps 100.64.0.0/16 (region[0].ipv4_pools[0])"
+            ),
+            "{ps:?}"
+        );
+        let ps = problems("[[region]]\nname = \"eu\"\nipv4_pools = [\"100.64.0.1/16\"]");
+        assert!(
+            has(&ps, "region[0].ipv4_pools[0]", "100.64.0.0/16"),
+            "{ps:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_regions_and_bad_names() {
+        let ps = problems(
+            r#"[[region]]
+               name = "eu"
+               ipv4_pools = ["100.64.0.0/16"]
+               allow_gateways_from = ["us"]
+               [[region]]
+               name = "EU_2"
+               ipv4_pools = ["100.65.0.0/16"]
+               [local_gateway]
+               enabled = true
+               region = "asia""#,
+        );
+        assert!(
+            has(
+                &ps,
+                "region[0].allow_gateways_from[0]",
+                "unknown region \"us\""
+            ),
+            "{ps:?}"
+        );
+        assert!(has(&ps, "region[1].name", "uppercase"), "{ps:?}");
+        assert!(
+            has(&ps, "local_gateway.region", "unknown region \"asia\""),
+            "{ps:?}"
+        );
+    }
+
+    #[test]
+    fn bad_durations() {
+        let ps = problems(
+            r#"[tunnel]
+               keepalive = "10 parsecs"
+               idle_timeout = "15s"
+               site_cert_lifetime = "90d"
+               token_ttl = "1s""#,
+        );
+        assert!(has(&ps, "tunnel.keepalive", "not a duration"), "{ps:?}");
+        assert!(
+            has(&ps, "tunnel.site_cert_lifetime", "out of range"),
+            "{ps:?}"
+        );
+        assert!(
+            has(&ps, "tunnel.token_ttl", "between 5m and 30days"),
+            "{ps:?}"
+        );
+        let ps = problems("[tunnel]\nkeepalive = \"10s\"\nidle_timeout = \"15s\"");
+        assert!(has(&ps, "tunnel.idle_timeout", "twice"), "{ps:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = BrokerFile::parse(
+            "trust_domain = \"Bad Domain\"\npublished_cidr = \"nonsense\"\n[admin]\nlisten = \"x\"",
+            "b.toml",
+        )
+        .unwrap()
+        .validate("b.toml")
+        .unwrap_err();
+        let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["trust_domain", "published_cidr", "admin.listen"]);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("b.toml is not a valid configuration:\n  - trust_domain:"),
+            "{text}"
+        );
+    }
+}

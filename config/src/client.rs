@@ -1,0 +1,208 @@
+//! The edge agent's configuration (`tether up --config tether.toml`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ConfigError, Endpoint, Problems, check_interface_name, parse_endpoints, parse_prefix,
+    parse_toml, read_toml,
+};
+
+/// The edge agent configuration file. Every field is optional; `tether
+/// enroll` writes the broker endpoints and published CIDR it was given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientFile {
+    /// Directory for the site key, certificate and CA. Default:
+    /// `/var/lib/tether` when run as root, else `~/.local/state/tether`.
+    pub state_dir: Option<PathBuf>,
+    /// The published CIDR: every broker address must lie inside it.
+    pub published_cidr: String,
+    /// Broker endpoints (`host[:port]`, port 443 by default), tried in order.
+    pub brokers: Vec<String>,
+    /// LAN prefixes behind this site to expose (the broker maps each into
+    /// its own address space).
+    pub lans: Vec<String>,
+    /// The TUN device.
+    pub tun: ClientTunFile,
+    /// Transport behaviour.
+    pub transport: TransportFile,
+}
+
+/// `[tun]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTunFile {
+    /// Device name (at most 15 characters).
+    pub name: String,
+}
+
+/// `[transport]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportFile {
+    /// How long to wait for an HTTP/3 handshake before trying HTTP/2.
+    pub h3_timeout: String,
+    /// Keepalive interval on an idle tunnel.
+    pub keepalive: String,
+    /// HTTP proxy for HTTP/2 (`http://[user:pass@]host:port`); empty to use
+    /// `HTTPS_PROXY` / `https_proxy` if set.
+    pub proxy: String,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: String,
+}
+
+impl Default for ClientFile {
+    fn default() -> Self {
+        Self {
+            state_dir: None,
+            published_cidr: "127.0.0.0/8".into(),
+            brokers: vec!["127.0.0.1:443".into()],
+            lans: Vec::new(),
+            tun: ClientTunFile::default(),
+            transport: TransportFile::default(),
+        }
+    }
+}
+
+impl Default for ClientTunFile {
+    fn default() -> Self {
+        Self {
+            name: "tether0".into(),
+        }
+    }
+}
+
+impl Default for TransportFile {
+    fn default() -> Self {
+        Self {
+            h3_timeout: "3s".into(),
+            keepalive: "10s".into(),
+            proxy: String::new(),
+            max_backoff: "30s".into(),
+        }
+    }
+}
+
+/// The validated edge agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// State directory, if set.
+    pub state_dir: Option<PathBuf>,
+    /// Published CIDR.
+    pub published_cidr: IpNet,
+    /// Broker endpoints.
+    pub brokers: Vec<Endpoint>,
+    /// LANs to expose.
+    pub lans: Vec<IpNet>,
+    /// TUN device name.
+    pub tun_name: String,
+    /// HTTP/3 handshake timeout.
+    pub h3_timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+    /// Configured proxy URL, if any.
+    pub proxy: Option<String>,
+    /// Reconnection backoff cap.
+    pub max_backoff: Duration,
+}
+
+impl ClientFile {
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        read_toml(path)
+    }
+
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        parse_toml(text, origin)
+    }
+
+    /// The file as TOML.
+    pub fn to_toml(&self) -> String {
+        crate::to_toml(self)
+    }
+
+    /// Validates into a typed configuration.
+    pub fn validate(&self, origin: &str) -> Result<ClientConfig, ConfigError> {
+        let mut p = Problems::default();
+        let published_cidr = parse_prefix(&mut p, "published_cidr", &self.published_cidr);
+        let brokers = parse_endpoints(&mut p, "brokers", &self.brokers, 443, published_cidr);
+        let lans = self
+            .lans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| parse_prefix(&mut p, &format!("lans[{i}]"), t))
+            .collect();
+        check_interface_name(&mut p, "tun.name", &self.tun.name);
+        let t = &self.transport;
+        let h3_timeout = p.duration(
+            "transport.h3_timeout",
+            &t.h3_timeout,
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+        );
+        let keepalive = p.duration(
+            "transport.keepalive",
+            &t.keepalive,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        );
+        let max_backoff = p.duration(
+            "transport.max_backoff",
+            &t.max_backoff,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+        let proxy = (!t.proxy.is_empty()).then(|| t.proxy.clone());
+        if let Some(proxy) = &proxy
+            && !proxy.starts_with("http://")
+        {
+            p.add(
+                "transport.proxy",
+                format!("{proxy:?} is not an http:// proxy URL"),
+                "write e.g. \"http://proxy.hospital.local:3128\"",
+            );
+        }
+        let Some(published_cidr) = published_cidr else {
+            return Err(p.into_error(origin));
+        };
+        p.finish(
+            origin,
+            ClientConfig {
+                state_dir: self.state_dir.clone(),
+                published_cidr,
+                brokers,
+                lans,
+                tun_name: self.tun.name.clone(),
+                h3_timeout,
+                keepalive,
+                proxy,
+                max_backoff,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_endpoints_are_checked() {
+        let c = ClientFile::parse("", "t").unwrap().validate("t").unwrap();
+        assert_eq!(c.brokers[0].to_string(), "127.0.0.1:443");
+        let err = ClientFile::parse(
+            "published_cidr = \"203.0.113.0/24\"\nbrokers = [\"203.0.113.5\", \"10.1.1.1:443\", \"broker.example.org\"]\n[transport]\nproxy = \"socks5://x\"",
+            "t",
+        )
+        .unwrap()
+        .validate("t")
+        .unwrap_err();
+        let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["brokers[1]", "transport.proxy"]);
+    }
+}

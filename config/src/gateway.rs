@@ -1,0 +1,261 @@
+//! The gateway's configuration (`tether-gateway run --config gateway.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tether_proto::ids::{GatewayId, RegionId};
+
+use crate::{
+    ConfigError, Endpoint, Problems, check_interface_name, parse_endpoints, parse_prefix,
+    parse_toml, read_toml,
+};
+
+/// Default WireGuard port of the brokers.
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+
+/// Routing table ids other software on a Cilium node uses: the kernel's
+/// (253-255, and 0), Cilium's (200-202, 2004, 2005) and Tailscale's (52).
+pub const RESERVED_TABLES: &[u32] = &[0, 52, 200, 201, 202, 2004, 2005, 253, 254, 255];
+/// Rule priorities Cilium uses (1-112), plus the kernel's defaults (0,
+/// 32766, 32767).
+pub const RESERVED_PRIORITIES: std::ops::RangeInclusive<u32> = 1..=112;
+
+/// The gateway configuration file. Every field is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayFile {
+    /// This gateway's id, as routes and traces show it.
+    pub id: String,
+    /// The region the gateway serves (data residency).
+    pub region: String,
+    /// The published CIDR; broker addresses must lie inside it.
+    pub published_cidr: String,
+    /// WireGuard endpoints of the brokers (`host[:port]`, port 51820 by
+    /// default).
+    pub brokers: Vec<String>,
+    /// Directory for the gateway's private key. Default:
+    /// `/var/lib/tether-gateway`.
+    pub state_dir: Option<PathBuf>,
+    /// The TUN device.
+    pub tun: GatewayTunFile,
+    /// Policy routing.
+    pub routing: RoutingFile,
+    /// DNS for the mesh zone inside the backend network.
+    pub dns: GatewayDnsFile,
+}
+
+/// `[tun]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayTunFile {
+    /// Device name (at most 15 characters).
+    pub name: String,
+}
+
+/// `[routing]`: where site routes are installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingFile {
+    /// Routing table for site prefixes; clear of Cilium (200-202, 2004,
+    /// 2005), Tailscale (52) and the kernel's tables.
+    pub table: u32,
+    /// Priority of the rule that sends traffic to `table`; clear of
+    /// Cilium's priorities 1-112.
+    pub rule_priority: u32,
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayDnsFile {
+    /// Address to serve the mesh zone on; empty to disable.
+    pub listen: String,
+}
+
+impl Default for GatewayFile {
+    fn default() -> Self {
+        Self {
+            id: "gw-1".into(),
+            region: "local".into(),
+            published_cidr: "127.0.0.0/8".into(),
+            brokers: vec!["127.0.0.1:51820".into()],
+            state_dir: None,
+            tun: GatewayTunFile::default(),
+            routing: RoutingFile::default(),
+            dns: GatewayDnsFile::default(),
+        }
+    }
+}
+
+impl Default for GatewayTunFile {
+    fn default() -> Self {
+        Self {
+            name: "tether-gw0".into(),
+        }
+    }
+}
+
+impl Default for RoutingFile {
+    fn default() -> Self {
+        Self {
+            table: 7300,
+            rule_priority: 7300,
+        }
+    }
+}
+
+/// The validated gateway configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Gateway id.
+    pub id: GatewayId,
+    /// Region.
+    pub region: RegionId,
+    /// Published CIDR.
+    pub published_cidr: IpNet,
+    /// Broker WireGuard endpoints.
+    pub brokers: Vec<Endpoint>,
+    /// State directory, if set.
+    pub state_dir: Option<PathBuf>,
+    /// TUN device name.
+    pub tun_name: String,
+    /// Routing table id.
+    pub table: u32,
+    /// Rule priority.
+    pub rule_priority: u32,
+    /// DNS listen address, if enabled.
+    pub dns_listen: Option<SocketAddr>,
+}
+
+impl GatewayFile {
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        read_toml(path)
+    }
+
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        parse_toml(text, origin)
+    }
+
+    /// Validates into a typed configuration.
+    pub fn validate(&self, origin: &str) -> Result<GatewayConfig, ConfigError> {
+        let mut p = Problems::default();
+        let id = GatewayId::new(self.id.clone())
+            .map_err(|e| p.add("id", e.to_string(), "use a DNS label such as \"gw-eu-1\""))
+            .ok();
+        let region = RegionId::new(self.region.clone())
+            .map_err(|e| {
+                p.add(
+                    "region",
+                    e.to_string(),
+                    "use the region name the broker configuration defines",
+                )
+            })
+            .ok();
+        let published_cidr = parse_prefix(&mut p, "published_cidr", &self.published_cidr);
+        let brokers = parse_endpoints(
+            &mut p,
+            "brokers",
+            &self.brokers,
+            DEFAULT_WIREGUARD_PORT,
+            published_cidr,
+        );
+        check_interface_name(&mut p, "tun.name", &self.tun.name);
+        if RESERVED_TABLES.contains(&self.routing.table) {
+            p.add(
+                "routing.table",
+                format!(
+                    "table {} is used by the kernel, Cilium or Tailscale",
+                    self.routing.table
+                ),
+                "choose another id, e.g. the default 7300",
+            );
+        }
+        let prio = self.routing.rule_priority;
+        if prio == 0 || RESERVED_PRIORITIES.contains(&prio) || prio >= 32766 {
+            p.add(
+                "routing.rule_priority",
+                format!("priority {prio} collides with Cilium's rules (1-112) or the kernel's (0, 32766, 32767)"),
+                "choose a priority between 113 and 32765, e.g. the default 7300",
+            );
+        }
+        let dns_listen = if self.dns.listen.is_empty() {
+            None
+        } else {
+            self.dns
+                .listen
+                .parse()
+                .map_err(|_| {
+                    p.add(
+                        "dns.listen",
+                        format!("{:?} is not an address:port", self.dns.listen),
+                        "write e.g. \"10.0.0.53:53\", or \"\" to disable",
+                    )
+                })
+                .ok()
+        };
+        let (Some(id), Some(region), Some(published_cidr)) = (id, region, published_cidr) else {
+            return Err(p.into_error(origin));
+        };
+        p.finish(
+            origin,
+            GatewayConfig {
+                id,
+                region,
+                published_cidr,
+                brokers,
+                state_dir: self.state_dir.clone(),
+                tun_name: self.tun.name.clone(),
+                table: self.routing.table,
+                rule_priority: self.routing.rule_priority,
+                dns_listen,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = GatewayFile::parse("", "g").unwrap().validate("g").unwrap();
+        assert_eq!((c.table, c.rule_priority), (7300, 7300));
+        assert_eq!(c.brokers[0].port, 51820);
+    }
+
+    #[test]
+    fn cilium_tables_and_priorities_are_refused() {
+        for (table, prio) in [
+            (200, 7300),
+            (2004, 7300),
+            (52, 7300),
+            (7300, 100),
+            (7300, 32766),
+        ] {
+            let text = format!("[routing]\ntable = {table}\nrule_priority = {prio}");
+            let err = GatewayFile::parse(&text, "g")
+                .unwrap()
+                .validate("g")
+                .unwrap_err();
+            assert_eq!(err.problems().len(), 1, "{err}");
+        }
+        let err = GatewayFile::parse(
+            "published_cidr = \"203.0.113.0/24\"\nbrokers = [\"198.51.100.1\"]",
+            "g",
+        )
+        .unwrap()
+        .validate("g")
+        .unwrap_err();
+        assert_eq!(err.problems()[0].field, "brokers[0]");
+        assert!(
+            err.problems()[0]
+                .message
+                .contains("outside the published CIDR")
+        );
+    }
+}

@@ -1,0 +1,2 @@
+//! The tether gateway: connects a backend cloud network (next to Cilium) to
+//! the brokers.

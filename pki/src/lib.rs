@@ -1,0 +1,23 @@
+//! tether's public key infrastructure.
+//!
+//! - [`ca`]: the deployment's certificate authority (ECDSA P-256), issuing
+//!   site certificates from CSRs and broker server certificates.
+//! - [`identity`]: site identities as SPIFFE IDs,
+//!   `spiffe://<trust-domain>/region/<region>/site/<site-id>`.
+//! - [`token`]: one-time, expiring enrollment tokens stored only as hashes.
+//! - [`revocation`]: the revocation set the handshake consults.
+//! - [`tls`]: rustls server and client configurations and identity
+//!   extraction from a verified peer.
+
+#![warn(missing_docs)]
+
+pub mod ca;
+pub mod identity;
+pub mod revocation;
+pub mod tls;
+pub mod token;
+
+pub use ca::{Ca, IssuedCert, PkiError};
+pub use identity::{IdentityError, SiteIdentity, TrustDomain};
+pub use revocation::{RevocationSet, Revoked};
+pub use tls::{ClientAuth, PeerCert};

@@ -1,0 +1,193 @@
+//! rustls configurations for brokers and sites.
+//!
+//! TLS 1.3 only, the ring provider, and trust in exactly one root: the
+//! deployment's CA. The broker's client-certificate verifier runs webpki's
+//! chain validation (signature, validity period, `clientAuth` extended key
+//! usage) and then tether's own rules: exactly one SPIFFE identity of the
+//! deployment's trust domain, not revoked.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+
+use crate::ca::spiffe_uris;
+use crate::identity::{IdentityError, SiteIdentity, TrustDomain};
+use crate::revocation::RevocationSet;
+
+/// The crypto provider tether uses everywhere.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Whether a listener demands a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// The handshake fails without a valid site certificate.
+    Required,
+    /// A certificate is requested and verified if sent, but not required:
+    /// for listeners that also serve enrollment, where the HTTP layer then
+    /// refuses every other route to an unauthenticated peer.
+    Optional,
+}
+
+/// What the broker learns from a verified site certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The site's identity.
+    pub identity: SiteIdentity,
+    /// The certificate's serial number.
+    pub serial: Vec<u8>,
+    /// When the certificate expires (a session must end then).
+    pub not_after: SystemTime,
+}
+
+/// Reads the identity from the end-entity certificate of a peer chain that
+/// the TLS stack has already verified.
+pub fn peer_identity(
+    chain: &[CertificateDer<'_>],
+    trust_domain: &TrustDomain,
+) -> Result<PeerCert, IdentityError> {
+    let end_entity = chain.first().ok_or(IdentityError::SpiffeCount(0))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|e| IdentityError::NotSpiffe(format!("unparsable certificate: {e}")))?;
+    let uris = spiffe_uris(&cert);
+    let [uri] = uris.as_slice() else {
+        return Err(IdentityError::SpiffeCount(uris.len()));
+    };
+    let identity = SiteIdentity::parse(uri, trust_domain)?;
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    Ok(PeerCert {
+        identity,
+        serial: cert.raw_serial().to_vec(),
+        not_after,
+    })
+}
+
+fn roots(ca: &CertificateDer<'_>) -> Result<Arc<RootCertStore>, Error> {
+    let mut store = RootCertStore::empty();
+    store.add(ca.clone().into_owned())?;
+    Ok(Arc::new(store))
+}
+
+/// The broker's verifier of site certificates.
+#[derive(Debug)]
+struct SiteVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+    revocations: Arc<RevocationSet>,
+    mandatory: bool,
+}
+
+impl ClientCertVerifier for SiteVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let peer =
+            peer_identity(std::slice::from_ref(end_entity), &self.trust_domain).map_err(|e| {
+                Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+            })?;
+        if self.revocations.is_revoked(&peer.identity, &peer.serial) {
+            tracing::info!(identity = %peer.identity, "refused a revoked site certificate");
+            return Err(Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// A broker's server configuration: its certificate chain and key, site
+/// certificates verified against `ca` with `revocations` consulted at every
+/// handshake.
+pub fn server_config(
+    ca: &CertificateDer<'_>,
+    trust_domain: &TrustDomain,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    revocations: Arc<RevocationSet>,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, Error> {
+    let provider = provider();
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone());
+    if client_auth == ClientAuth::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    let webpki = builder.build().map_err(|e| Error::General(e.to_string()))?;
+    let verifier = SiteVerifier {
+        webpki,
+        trust_domain: trust_domain.clone(),
+        revocations,
+        mandatory: client_auth == ClientAuth::Required,
+    };
+    ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(chain, key)
+}
+
+/// A site's (or operator tool's) client configuration: trusts only `ca`,
+/// and presents `identity` (certificate chain and key) when given.
+pub fn client_config(
+    ca: &CertificateDer<'_>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider.clone())
+        .build()
+        .map_err(|e| Error::General(e.to_string()))?;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_webpki_verifier(verifier);
+    match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}

@@ -1,0 +1,841 @@
+//! Address management over bring-your-own pools.
+//!
+//! Operators give each region one or more IPv4 and IPv6 prefixes. From them
+//! a site gets one stable host address per family ([`LeaseKind::SiteAddress`])
+//! and, for each LAN it exposes, a block of the LAN's size
+//! ([`LeaseKind::LanMapping`]) so that overlapping hospital LANs (everyone has
+//! 192.168.1.0/24) are mapped apart 1:1.
+//!
+//! # Allocation as compare-and-set
+//!
+//! [`Ipam`] never mutates state. It reads a snapshot of a region's leases
+//! ([`RegionLeases`], with a version) and returns a [`Plan`]: either the lease
+//! the site already holds, or a [`Txn`] — "if the region is still at version
+//! *v*, put these leases and delete those". A store applies a `Txn`
+//! atomically or rejects it; on [`Conflict`] the caller re-reads and plans
+//! again. This is a single compare-and-set per allocation, which the embedded
+//! store and etcd (compare `mod_revision`, then put) both provide, and it is
+//! why two brokers racing for the last address can never both win it.
+//!
+//! # Stability
+//!
+//! A site that holds a lease gets the same lease back. A site that lost its
+//! lease (released, or a fresh store) starts searching at a position derived
+//! from a hash of its identity, so it usually lands on the address it had.
+//!
+//! # Reserved addresses
+//!
+//! The first address of every pool prefix is the router address (source of
+//! ICMP errors, the gateway's own overlay address); the last address of an
+//! IPv4 pool prefix is its broadcast address. Neither is ever leased.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::ids::{RegionId, SiteId};
+use crate::net::{self, Family};
+
+/// Shortest IPv6 pool prefix accepted (keeps block arithmetic in range; no
+/// operator brings a shorter one).
+pub const MIN_V6_POOL_LEN: u8 = 8;
+
+/// What a lease is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case", tag = "kind"))]
+pub enum LeaseKind {
+    /// The site's own overlay address (a /32 or /128).
+    SiteAddress,
+    /// The block a LAN behind the site is mapped to, 1:1.
+    LanMapping {
+        /// The LAN prefix as the hospital numbers it.
+        lan: IpNet,
+    },
+}
+
+/// One allocated prefix and its owner.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Lease {
+    /// The allocated prefix (from a pool of `region`).
+    pub prefix: IpNet,
+    /// The owning site.
+    pub site: SiteId,
+    /// The region whose pool it came from.
+    pub region: RegionId,
+    /// What it is for.
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub kind: LeaseKind,
+}
+
+/// Why an allocation cannot be planned.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IpamError {
+    /// No pools are configured for the region.
+    #[error("region {0} has no address pools")]
+    UnknownRegion(RegionId),
+    /// The region has no pool of the needed family.
+    #[error("region {region} has no {family} pool")]
+    NoPool {
+        /// The region.
+        region: RegionId,
+        /// The missing family.
+        family: Family,
+    },
+    /// Every block of the size asked for is taken.
+    #[error("region {region}'s {family} pools have no free /{len} left")]
+    Exhausted {
+        /// The region.
+        region: RegionId,
+        /// The family.
+        family: Family,
+        /// Prefix length asked for.
+        len: u8,
+    },
+    /// The LAN is larger than any pool prefix of the region.
+    #[error("LAN {lan} is larger than every {family} pool of region {region}")]
+    LanTooLarge {
+        /// The LAN asked for.
+        lan: IpNet,
+        /// The region.
+        region: RegionId,
+        /// The family.
+        family: Family,
+    },
+    /// The site already maps a LAN overlapping this one.
+    #[error("site {site} already maps LAN {existing}, which overlaps {lan}")]
+    OverlappingLan {
+        /// The site.
+        site: SiteId,
+        /// The LAN asked for.
+        lan: IpNet,
+        /// The LAN it overlaps.
+        existing: IpNet,
+    },
+    /// Pool prefixes overlap each other.
+    #[error("pool {a} overlaps pool {b}")]
+    OverlappingPools {
+        /// One pool.
+        a: IpNet,
+        /// The other.
+        b: IpNet,
+    },
+    /// An IPv6 pool shorter than [`MIN_V6_POOL_LEN`].
+    #[error("IPv6 pool {0} is shorter than /{MIN_V6_POOL_LEN}")]
+    PoolTooLarge(IpNet),
+    /// A pool has bits set beyond its prefix length.
+    #[error("pool {0} has host bits set; write it as {1}")]
+    HostBits(IpNet, IpNet),
+    /// A pool too small to hold anything beyond its reserved addresses.
+    #[error("pool {0} is too small: it has no address beyond the reserved ones")]
+    PoolTooSmall(IpNet),
+}
+
+/// A transaction a store applies atomically if the region's version still
+/// matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Txn {
+    /// The region whose leases change.
+    pub region: RegionId,
+    /// The version the plan was made against.
+    pub expected_version: u64,
+    /// Leases to create.
+    pub put: Vec<Lease>,
+    /// Prefixes whose leases to delete.
+    pub delete: Vec<IpNet>,
+}
+
+/// The outcome of planning an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// The site already holds this lease; nothing to write.
+    Existing(Lease),
+    /// Commit this transaction to obtain the lease `Txn::put[0]`.
+    Allocate(Txn),
+}
+
+impl Plan {
+    /// The lease the site will hold once the plan is committed.
+    pub fn lease(&self) -> Option<&Lease> {
+        match self {
+            Plan::Existing(lease) => Some(lease),
+            Plan::Allocate(txn) => txn.put.first(),
+        }
+    }
+}
+
+/// The transaction was planned against an outdated version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("leases changed since the plan was made (expected version {expected}, found {found})")]
+pub struct Conflict {
+    /// The version the plan expected.
+    pub expected: u64,
+    /// The version found.
+    pub found: u64,
+}
+
+/// The leases of one region at one version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionLeases {
+    version: u64,
+    // Keyed by (family, first address): leases never overlap, so the first
+    // address identifies a lease and orders them for range queries.
+    by_start: BTreeMap<(Family, u128), Lease>,
+}
+
+impl RegionLeases {
+    /// A snapshot read from a store.
+    pub fn from_parts(version: u64, leases: impl IntoIterator<Item = Lease>) -> Self {
+        let by_start = leases
+            .into_iter()
+            .map(|l| {
+                let (family, start, _) = net::span(l.prefix);
+                ((family, start), l)
+            })
+            .collect();
+        Self { version, by_start }
+    }
+
+    /// The version this snapshot was read at.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Every lease, ordered by address.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.by_start.values()
+    }
+
+    /// Number of leases.
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// Whether there are no leases.
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
+
+    /// The leases held by `site`.
+    pub fn of_site<'a>(&'a self, site: &'a SiteId) -> impl Iterator<Item = &'a Lease> + 'a {
+        self.by_start.values().filter(move |l| &l.site == site)
+    }
+
+    /// The lease covering `addr`, if any.
+    pub fn lease_at(&self, addr: IpAddr) -> Option<&Lease> {
+        let (family, bits) = net::bits(addr);
+        let (_, lease) = self.by_start.range(..=(family, bits)).next_back()?;
+        lease.prefix.contains(&addr).then_some(lease)
+    }
+
+    /// Applies `txn` if it was planned against this version, and bumps the
+    /// version. Also refuses puts that would overlap a lease (defence in
+    /// depth: a correct plan never does).
+    pub fn apply(&mut self, txn: &Txn) -> Result<(), Conflict> {
+        let conflict = Conflict {
+            expected: txn.expected_version,
+            found: self.version,
+        };
+        if txn.expected_version != self.version {
+            return Err(conflict);
+        }
+        let mut next = self.by_start.clone();
+        for prefix in &txn.delete {
+            let (family, start, _) = net::span(*prefix);
+            if next
+                .get(&(family, start))
+                .is_some_and(|l| l.prefix == *prefix)
+            {
+                next.remove(&(family, start));
+            }
+        }
+        for lease in &txn.put {
+            let (family, start, end) = net::span(lease.prefix);
+            if first_conflict(&next, family, start, end).is_some() {
+                return Err(conflict);
+            }
+            next.insert((family, start), lease.clone());
+        }
+        self.by_start = next;
+        self.version += 1;
+        Ok(())
+    }
+}
+
+/// End address of the first lease overlapping `start..=end`, if any.
+fn first_conflict(
+    leases: &BTreeMap<(Family, u128), Lease>,
+    family: Family,
+    start: u128,
+    end: u128,
+) -> Option<u128> {
+    if let Some((_, lease)) = leases.range(..(family, start)).next_back() {
+        let (f, _, lease_end) = net::span(lease.prefix);
+        if f == family && lease_end >= start {
+            return Some(lease_end);
+        }
+    }
+    leases
+        .range((family, start)..=(family, end))
+        .next()
+        .map(|(_, lease)| net::span(lease.prefix).2)
+}
+
+/// The pools of every region and the allocation policy over them.
+#[derive(Debug, Clone, Default)]
+pub struct Ipam {
+    pools: BTreeMap<RegionId, Vec<IpNet>>,
+}
+
+impl Ipam {
+    /// Validates the pools: no host bits, no overlaps (within or across
+    /// regions), usable sizes.
+    pub fn new(pools: BTreeMap<RegionId, Vec<IpNet>>) -> Result<Self, IpamError> {
+        let mut all: Vec<IpNet> = Vec::new();
+        for prefixes in pools.values() {
+            for &p in prefixes {
+                if p.trunc() != p {
+                    return Err(IpamError::HostBits(p, p.trunc()));
+                }
+                if matches!(p, IpNet::V6(_)) && p.prefix_len() < MIN_V6_POOL_LEN {
+                    return Err(IpamError::PoolTooLarge(p));
+                }
+                let usable = net::block_size(Family::of(p.addr()), p.prefix_len());
+                if usable <= 2 {
+                    return Err(IpamError::PoolTooSmall(p));
+                }
+                if let Some(&other) = all.iter().find(|&&o| net::overlaps(o, p)) {
+                    return Err(IpamError::OverlappingPools { a: other, b: p });
+                }
+                all.push(p);
+            }
+        }
+        Ok(Self { pools })
+    }
+
+    /// The regions that have pools.
+    pub fn regions(&self) -> impl Iterator<Item = &RegionId> {
+        self.pools.keys()
+    }
+
+    /// The pool prefixes of `region`.
+    pub fn pools(&self, region: &RegionId) -> &[IpNet] {
+        self.pools
+            .get(region)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The region's router address of `family`: the first address of its
+    /// first pool of that family.
+    pub fn router_address(&self, region: &RegionId, family: Family) -> Option<IpAddr> {
+        self.pools(region)
+            .iter()
+            .find(|p| Family::of(p.addr()) == family)
+            .map(|p| p.network())
+    }
+
+    /// Plans the site's stable host address of `family`.
+    pub fn site_address(
+        &self,
+        leases: &RegionLeases,
+        site: &SiteId,
+        region: &RegionId,
+        family: Family,
+    ) -> Result<Plan, IpamError> {
+        let existing = leases
+            .of_site(site)
+            .find(|l| l.kind == LeaseKind::SiteAddress && Family::of(l.prefix.addr()) == family);
+        if let Some(lease) = existing {
+            return Ok(Plan::Existing(lease.clone()));
+        }
+        let seed = stable_hash(&[site.as_str(), region.as_str(), "address"]);
+        let prefix = self.find_free(leases, region, family, family.width(), seed)?;
+        Ok(Plan::Allocate(Txn {
+            region: region.clone(),
+            expected_version: leases.version(),
+            put: vec![Lease {
+                prefix,
+                site: site.clone(),
+                region: region.clone(),
+                kind: LeaseKind::SiteAddress,
+            }],
+            delete: Vec::new(),
+        }))
+    }
+
+    /// Plans the 1:1 mapping of a LAN behind `site` into the region's pool.
+    pub fn lan_mapping(
+        &self,
+        leases: &RegionLeases,
+        site: &SiteId,
+        region: &RegionId,
+        lan: IpNet,
+    ) -> Result<Plan, IpamError> {
+        let lan = lan.trunc();
+        for lease in leases.of_site(site) {
+            if let LeaseKind::LanMapping { lan: mapped } = lease.kind {
+                if mapped == lan {
+                    return Ok(Plan::Existing(lease.clone()));
+                }
+                if net::overlaps(mapped, lan) {
+                    return Err(IpamError::OverlappingLan {
+                        site: site.clone(),
+                        lan,
+                        existing: mapped,
+                    });
+                }
+            }
+        }
+        let family = Family::of(lan.addr());
+        let seed = stable_hash(&[site.as_str(), region.as_str(), &lan.to_string()]);
+        let prefix = self
+            .find_free(leases, region, family, lan.prefix_len(), seed)
+            .map_err(|e| match e {
+                IpamError::Exhausted { .. } if !self.fits(region, family, lan.prefix_len()) => {
+                    IpamError::LanTooLarge {
+                        lan,
+                        region: region.clone(),
+                        family,
+                    }
+                }
+                e => e,
+            })?;
+        Ok(Plan::Allocate(Txn {
+            region: region.clone(),
+            expected_version: leases.version(),
+            put: vec![Lease {
+                prefix,
+                site: site.clone(),
+                region: region.clone(),
+                kind: LeaseKind::LanMapping { lan },
+            }],
+            delete: Vec::new(),
+        }))
+    }
+
+    /// Plans the release of every lease `site` holds in the region.
+    pub fn release_site(&self, leases: &RegionLeases, site: &SiteId, region: &RegionId) -> Txn {
+        Txn {
+            region: region.clone(),
+            expected_version: leases.version(),
+            put: Vec::new(),
+            delete: leases.of_site(site).map(|l| l.prefix).collect(),
+        }
+    }
+
+    /// Plans the release of one lease.
+    pub fn release(&self, leases: &RegionLeases, region: &RegionId, prefix: IpNet) -> Txn {
+        Txn {
+            region: region.clone(),
+            expected_version: leases.version(),
+            put: Vec::new(),
+            delete: vec![prefix],
+        }
+    }
+
+    fn fits(&self, region: &RegionId, family: Family, len: u8) -> bool {
+        self.pools(region)
+            .iter()
+            .any(|p| Family::of(p.addr()) == family && p.prefix_len() <= len)
+    }
+
+    /// Finds a free, aligned block of length `len`, searching the region's
+    /// pools of `family` as one space from a position derived from `seed`.
+    fn find_free(
+        &self,
+        leases: &RegionLeases,
+        region: &RegionId,
+        family: Family,
+        len: u8,
+        seed: u64,
+    ) -> Result<IpNet, IpamError> {
+        let pools = self
+            .pools
+            .get(region)
+            .ok_or_else(|| IpamError::UnknownRegion(region.clone()))?;
+        let family_pools: Vec<IpNet> = pools
+            .iter()
+            .copied()
+            .filter(|p| Family::of(p.addr()) == family)
+            .collect();
+        if family_pools.is_empty() {
+            return Err(IpamError::NoPool {
+                region: region.clone(),
+                family,
+            });
+        }
+        let exhausted = || IpamError::Exhausted {
+            region: region.clone(),
+            family,
+            len,
+        };
+        let block = net::block_size(family, len);
+        // (first address, number of blocks, reserved addresses) of each pool
+        // prefix that can hold a block of this size.
+        let spaces: Vec<(u128, u128, [Option<u128>; 2])> = family_pools
+            .iter()
+            .filter(|p| p.prefix_len() <= len)
+            .map(|&p| {
+                let (_, start, end) = net::span(p);
+                // 2^(len - pool_len) blocks of `block` addresses each.
+                let blocks = 1u128
+                    .checked_shl(u32::from(len - p.prefix_len()))
+                    .unwrap_or(u128::MAX);
+                let broadcast = (family == Family::V4).then_some(end);
+                (start, blocks, [Some(start), broadcast])
+            })
+            .collect();
+        let total = spaces
+            .iter()
+            .fold(0u128, |acc, (_, blocks, _)| acc.saturating_add(*blocks));
+        if total == 0 {
+            return Err(exhausted());
+        }
+
+        let locate = |index: u128| -> Option<(usize, u128)> {
+            let mut rest = index;
+            for (i, (_, blocks, _)) in spaces.iter().enumerate() {
+                if rest < *blocks {
+                    return Some((i, rest));
+                }
+                rest -= blocks;
+            }
+            None
+        };
+
+        let mut index = u128::from(seed) % total;
+        let mut visited: u128 = 0;
+        while visited < total {
+            let (pool, local) = locate(index).ok_or_else(exhausted)?;
+            let (pool_start, blocks, reserved) = spaces[pool];
+            let start = pool_start + local * block;
+            let end = start + (block - 1);
+            let conflict_end = reserved
+                .iter()
+                .flatten()
+                .filter(|&&r| start <= r && r <= end)
+                .max()
+                .copied()
+                .or_else(|| first_conflict(&leases.by_start, family, start, end));
+            let Some(conflict_end) = conflict_end else {
+                return Ok(net::prefix(family, start, len));
+            };
+            // Jump to the first aligned block after the conflicting lease,
+            // staying within this pool prefix.
+            let next_local = ((conflict_end.saturating_sub(pool_start)) / block)
+                .saturating_add(1)
+                .min(blocks);
+            let skip = next_local.saturating_sub(local).max(1);
+            visited = visited.saturating_add(skip);
+            index = (index + skip) % total;
+        }
+        Err(exhausted())
+    }
+}
+
+/// FNV-1a over the parts: a hash that stays the same across builds and
+/// platforms, unlike std's `DefaultHasher`.
+fn stable_hash(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in part.as_bytes().iter().chain(std::iter::once(&0xff)) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+    fn site(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
+    fn region() -> RegionId {
+        RegionId::new("eu").unwrap()
+    }
+    fn ipam(prefixes: &[&str]) -> Ipam {
+        let mut pools = BTreeMap::new();
+        pools.insert(region(), prefixes.iter().map(|p| net(p)).collect());
+        Ipam::new(pools).unwrap()
+    }
+
+    /// Plans and commits, as a store would.
+    fn commit(
+        leases: &mut RegionLeases,
+        plan: impl FnOnce(&RegionLeases) -> Result<Plan, IpamError>,
+    ) -> Result<Lease, IpamError> {
+        let plan = plan(leases)?;
+        if let Plan::Allocate(txn) = &plan {
+            leases.apply(txn).unwrap();
+        }
+        Ok(plan.lease().unwrap().clone())
+    }
+
+    #[test]
+    fn site_address_is_stable_and_skips_reserved() {
+        let ipam = ipam(&["100.64.0.0/30", "fd7a::/126"]);
+        let mut leases = RegionLeases::default();
+        let a = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("a"), &region(), Family::V4)
+        })
+        .unwrap();
+        // /30: .0 is the router, .3 broadcast: only .1 and .2 are leasable.
+        assert!([net("100.64.0.1/32"), net("100.64.0.2/32")].contains(&a.prefix));
+        let again = ipam
+            .site_address(&leases, &site("a"), &region(), Family::V4)
+            .unwrap();
+        assert_eq!(again, Plan::Existing(a.clone()));
+        let b = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("b"), &region(), Family::V4)
+        })
+        .unwrap();
+        assert_ne!(a.prefix, b.prefix);
+        assert!(matches!(
+            ipam.site_address(&leases, &site("c"), &region(), Family::V4),
+            Err(IpamError::Exhausted { len: 32, .. })
+        ));
+        let v6 = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("a"), &region(), Family::V6)
+        })
+        .unwrap();
+        assert_ne!(v6.prefix, net("fd7a::/128"), "router address is reserved");
+        assert_eq!(
+            ipam.router_address(&region(), Family::V6),
+            Some("fd7a::".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn same_site_lands_on_the_same_address_after_release() {
+        let ipam = ipam(&["100.64.0.0/16"]);
+        let mut leases = RegionLeases::default();
+        let first = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("lab-7"), &region(), Family::V4)
+        })
+        .unwrap();
+        let txn = ipam.release_site(&leases, &site("lab-7"), &region());
+        leases.apply(&txn).unwrap();
+        assert!(leases.is_empty());
+        let second = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("lab-7"), &region(), Family::V4)
+        })
+        .unwrap();
+        assert_eq!(first.prefix, second.prefix);
+    }
+
+    #[test]
+    fn overlapping_hospital_lans_map_apart() {
+        let ipam = ipam(&["100.64.0.0/16"]);
+        let mut leases = RegionLeases::default();
+        let lan = net("192.168.1.0/24");
+        let a = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &site("a"), &region(), lan)
+        })
+        .unwrap();
+        let b = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &site("b"), &region(), lan)
+        })
+        .unwrap();
+        assert_eq!(a.prefix.prefix_len(), 24);
+        assert_eq!(b.prefix.prefix_len(), 24);
+        assert!(!net::overlaps(a.prefix, b.prefix));
+        assert!(
+            !a.prefix.contains(&"100.64.0.0".parse::<IpAddr>().unwrap()),
+            "router address reserved"
+        );
+        assert!(matches!(
+            ipam.lan_mapping(&leases, &site("a"), &region(), net("192.168.0.0/16")),
+            Err(IpamError::OverlappingLan { .. })
+        ));
+        assert!(matches!(
+            ipam.lan_mapping(&leases, &site("c"), &region(), net("10.0.0.0/8")),
+            Err(IpamError::LanTooLarge { .. })
+        ));
+        assert_eq!(
+            leases.lease_at("100.64.0.9".parse().unwrap()).is_some(),
+            a.prefix.contains(&"100.64.0.9".parse::<IpAddr>().unwrap())
+                || b.prefix.contains(&"100.64.0.9".parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
+    fn concurrent_plans_cannot_both_commit() {
+        let ipam = ipam(&["100.64.0.0/30"]);
+        let mut store = RegionLeases::default();
+        // Two brokers read the same snapshot and plan for different sites.
+        let snapshot = store.clone();
+        let p1 = ipam
+            .site_address(&snapshot, &site("a"), &region(), Family::V4)
+            .unwrap();
+        let p2 = ipam
+            .site_address(&snapshot, &site("b"), &region(), Family::V4)
+            .unwrap();
+        let (Plan::Allocate(t1), Plan::Allocate(t2)) = (p1, p2) else {
+            panic!("expected allocations")
+        };
+        store.apply(&t1).unwrap();
+        assert_eq!(
+            store.apply(&t2),
+            Err(Conflict {
+                expected: 0,
+                found: 1
+            })
+        );
+        // The loser re-plans against the new version and gets a different address.
+        let Plan::Allocate(t2) = ipam
+            .site_address(&store, &site("b"), &region(), Family::V4)
+            .unwrap()
+        else {
+            panic!("expected allocation")
+        };
+        store.apply(&t2).unwrap();
+        let prefixes: Vec<_> = store.leases().map(|l| l.prefix).collect();
+        assert_eq!(prefixes.len(), 2);
+        assert_ne!(prefixes[0], prefixes[1]);
+    }
+
+    #[test]
+    fn pool_validation() {
+        let eu = region();
+        let mut pools = BTreeMap::new();
+        pools.insert(eu.clone(), vec![net("10.0.0.0/16"), net("10.0.1.0/24")]);
+        assert!(matches!(
+            Ipam::new(pools),
+            Err(IpamError::OverlappingPools { .. })
+        ));
+        let mut pools = BTreeMap::new();
+        pools.insert(eu.clone(), vec![net("10.0.0.1/16")]);
+        assert!(matches!(Ipam::new(pools), Err(IpamError::HostBits(..))));
+        let mut pools = BTreeMap::new();
+        pools.insert(eu.clone(), vec![net("10.0.0.0/31")]);
+        assert!(matches!(Ipam::new(pools), Err(IpamError::PoolTooSmall(_))));
+        let mut pools = BTreeMap::new();
+        pools.insert(eu, vec![net("fc00::/7")]);
+        assert!(matches!(Ipam::new(pools), Err(IpamError::PoolTooLarge(_))));
+        let ipam = ipam(&["10.0.0.0/24"]);
+        assert!(matches!(
+            ipam.site_address(&RegionLeases::default(), &site("a"), &region(), Family::V6),
+            Err(IpamError::NoPool { .. })
+        ));
+        assert!(matches!(
+            ipam.site_address(
+                &RegionLeases::default(),
+                &site("a"),
+                &RegionId::new("us").unwrap(),
+                Family::V4
+            ),
+            Err(IpamError::UnknownRegion(_))
+        ));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Address(u8, bool),
+        Lan(u8, u8, u8),
+        Release(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..12, any::<bool>()).prop_map(|(s, v6)| Op::Address(s, v6)),
+            (0u8..12, 0u8..4, 26u8..=30).prop_map(|(s, l, len)| Op::Lan(s, l, len)),
+            (0u8..12).prop_map(Op::Release),
+        ]
+    }
+
+    fn check_invariants(ipam: &Ipam, leases: &RegionLeases) -> Result<(), TestCaseError> {
+        let all: Vec<&Lease> = leases.leases().collect();
+        for (i, a) in all.iter().enumerate() {
+            prop_assert!(
+                ipam.pools(&region()).iter().any(|p| p.contains(&a.prefix)),
+                "{} outside pools",
+                a.prefix
+            );
+            for pool in ipam.pools(&region()) {
+                prop_assert!(
+                    !a.prefix.contains(&pool.network()),
+                    "{} covers router address",
+                    a.prefix
+                );
+                if matches!(pool, IpNet::V4(_)) {
+                    prop_assert!(
+                        !a.prefix.contains(&pool.broadcast()),
+                        "{} covers broadcast",
+                        a.prefix
+                    );
+                }
+            }
+            for b in &all[i + 1..] {
+                prop_assert!(
+                    !net::overlaps(a.prefix, b.prefix),
+                    "{} and {} overlap",
+                    a.prefix,
+                    b.prefix
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn never_two_owners(ops in proptest::collection::vec(op(), 1..60)) {
+            let ipam = ipam(&["10.0.0.0/26", "10.9.0.0/27", "fd00::/120"]);
+            let mut leases = RegionLeases::default();
+            for op in ops {
+                let result = match op {
+                    Op::Address(s, v6) => ipam.site_address(&leases, &site(&format!("s{s}")), &region(),
+                        if v6 { Family::V6 } else { Family::V4 }),
+                    Op::Lan(s, l, len) => ipam.lan_mapping(&leases, &site(&format!("s{s}")), &region(),
+                        net::prefix(Family::V4, u128::from(0xc0a8_0000u32 + u32::from(l) * 256), len)),
+                    Op::Release(s) => Ok(Plan::Allocate(ipam.release_site(&leases, &site(&format!("s{s}")), &region()))),
+                };
+                if let Ok(Plan::Allocate(txn)) = result {
+                    leases.apply(&txn).unwrap();
+                }
+                check_invariants(&ipam, &leases)?;
+                // At most one address per family per site.
+                let mut seen = std::collections::BTreeSet::new();
+                for l in leases.leases().filter(|l| l.kind == LeaseKind::SiteAddress) {
+                    prop_assert!(seen.insert((l.site.clone(), Family::of(l.prefix.addr()))));
+                }
+            }
+        }
+
+        #[test]
+        fn release_restores_capacity(pool_len in 24u8..=29, rounds in 1usize..3) {
+            let pool = net::prefix(Family::V4, 0x0a00_0000, pool_len);
+            let ipam = Ipam::new([(region(), vec![pool])].into_iter().collect()).unwrap();
+            let mut leases = RegionLeases::default();
+            let capacity = (net::block_size(Family::V4, pool_len) - 2) as usize;
+            for round in 0..rounds {
+                for i in 0..capacity {
+                    let s = site(&format!("r{round}-s{i}"));
+                    commit(&mut leases, |l| ipam.site_address(l, &s, &region(), Family::V4)).unwrap();
+                }
+                let overflow = site(&format!("r{round}-overflow"));
+                prop_assert!(
+                    matches!(ipam.site_address(&leases, &overflow, &region(), Family::V4), Err(IpamError::Exhausted { .. })),
+                    "pool should be full",
+                );
+                for i in 0..capacity {
+                    let s = site(&format!("r{round}-s{i}"));
+                    let txn = ipam.release_site(&leases, &s, &region());
+                    leases.apply(&txn).unwrap();
+                }
+                prop_assert!(leases.is_empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! tether's sans-IO core.
+//!
+//! Everything here is pure: no sockets, no async runtime, no clock reads and
+//! no ambient randomness. Time enters as a `now` argument, randomness as a
+//! seed, and results leave as values, so the same code runs under the
+//! broker, the gateway and the edge agent, and under deterministic tests.
+//!
+//! - [`varint`], [`capsule`], [`connect_ip`], [`datagram`]: the wire formats
+//!   of CONNECT-IP (RFC 9000 varints, RFC 9297 capsules and HTTP Datagrams,
+//!   RFC 9484 capsules and URI template).
+//! - [`ip`]: IP header parsing for forwarding, anti-spoofing, ICMP errors.
+//! - [`ipam`]: address allocation over bring-your-own pools, expressed as
+//!   compare-and-set transactions.
+//! - [`route`]: the longest-prefix-match route table with explanations.
+//! - [`ids`], [`net`]: identifiers and prefix arithmetic shared by the above.
+
+#![warn(missing_docs)]
+
+pub mod capsule;
+pub mod connect_ip;
+pub mod datagram;
+pub mod ids;
+pub mod ip;
+pub mod ipam;
+pub mod net;
+pub mod route;
+pub mod varint;
+
+pub use ids::{GatewayId, RegionId, SiteId, TrustDomain};
