@@ -25,9 +25,11 @@
 //!
 //! # Reserved addresses
 //!
-//! The first address of every pool prefix is the router address (source of
-//! ICMP errors, the gateway's own overlay address); the last address of an
-//! IPv4 pool prefix is its broadcast address. Neither is ever leased.
+//! In every pool prefix the first address (the network address, or IPv6's
+//! subnet-router anycast address) and the second (the region's router
+//! address: source of ICMP errors, the local gateway's own overlay address)
+//! are never leased, nor is the last address of an IPv4 pool prefix (its
+//! broadcast address).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -303,8 +305,9 @@ impl Ipam {
                 if matches!(p, IpNet::V6(_)) && p.prefix_len() < MIN_V6_POOL_LEN {
                     return Err(IpamError::PoolTooLarge(p));
                 }
-                let usable = net::block_size(Family::of(p.addr()), p.prefix_len());
-                if usable <= 2 {
+                let family = Family::of(p.addr());
+                let reserved = if family == Family::V4 { 3 } else { 2 };
+                if net::block_size(family, p.prefix_len()) <= reserved {
                     return Err(IpamError::PoolTooSmall(p));
                 }
                 if let Some(&other) = all.iter().find(|&&o| net::overlaps(o, p)) {
@@ -329,13 +332,16 @@ impl Ipam {
             .unwrap_or_default()
     }
 
-    /// The region's router address of `family`: the first address of its
+    /// The region's router address of `family`: the second address of its
     /// first pool of that family.
     pub fn router_address(&self, region: &RegionId, family: Family) -> Option<IpAddr> {
         self.pools(region)
             .iter()
             .find(|p| Family::of(p.addr()) == family)
-            .map(|p| p.network())
+            .map(|&p| {
+                let (family, start, _) = net::span(p);
+                net::from_bits(family, start + 1)
+            })
     }
 
     /// Plans the site's stable host address of `family`.
@@ -476,7 +482,7 @@ impl Ipam {
         let block = net::block_size(family, len);
         // (first address, number of blocks, reserved addresses) of each pool
         // prefix that can hold a block of this size.
-        let spaces: Vec<(u128, u128, [Option<u128>; 2])> = family_pools
+        let spaces: Vec<(u128, u128, [Option<u128>; 3])> = family_pools
             .iter()
             .filter(|p| p.prefix_len() <= len)
             .map(|&p| {
@@ -486,7 +492,7 @@ impl Ipam {
                     .checked_shl(u32::from(len - p.prefix_len()))
                     .unwrap_or(u128::MAX);
                 let broadcast = (family == Family::V4).then_some(end);
-                (start, blocks, [Some(start), broadcast])
+                (start, blocks, [Some(start), Some(start + 1), broadcast])
             })
             .collect();
         let total = spaces
@@ -584,36 +590,26 @@ mod tests {
 
     #[test]
     fn site_address_is_stable_and_skips_reserved() {
-        let ipam = ipam(&["100.64.0.0/30", "fd7a::/126"]);
+        let ipam = ipam(&["100.64.0.0/29", "fd7a::/126"]);
         let mut leases = RegionLeases::default();
-        let a = commit(&mut leases, |l| {
-            ipam.site_address(l, &site("a"), &region(), Family::V4)
-        })
-        .unwrap();
-        // /30: .0 is the router, .3 broadcast: only .1 and .2 are leasable.
-        assert!([net("100.64.0.1/32"), net("100.64.0.2/32")].contains(&a.prefix));
-        let again = ipam
-            .site_address(&leases, &site("a"), &region(), Family::V4)
-            .unwrap();
+        let a = commit(&mut leases, |l| ipam.site_address(l, &site("a"), &region(), Family::V4)).unwrap();
+        // /29: .0 network, .1 router, .7 broadcast: .2 to .6 are leasable.
+        assert!((2..=6).any(|i| a.prefix == net(&format!("100.64.0.{i}/32"))), "{}", a.prefix);
+        let again = ipam.site_address(&leases, &site("a"), &region(), Family::V4).unwrap();
         assert_eq!(again, Plan::Existing(a.clone()));
-        let b = commit(&mut leases, |l| {
-            ipam.site_address(l, &site("b"), &region(), Family::V4)
-        })
-        .unwrap();
-        assert_ne!(a.prefix, b.prefix);
+        let mut seen = std::collections::BTreeSet::from([a.prefix]);
+        for s in ["b", "c", "d", "e"] {
+            let lease = commit(&mut leases, |l| ipam.site_address(l, &site(s), &region(), Family::V4)).unwrap();
+            assert!(seen.insert(lease.prefix), "{} given twice", lease.prefix);
+        }
         assert!(matches!(
-            ipam.site_address(&leases, &site("c"), &region(), Family::V4),
+            ipam.site_address(&leases, &site("f"), &region(), Family::V4),
             Err(IpamError::Exhausted { len: 32, .. })
         ));
-        let v6 = commit(&mut leases, |l| {
-            ipam.site_address(l, &site("a"), &region(), Family::V6)
-        })
-        .unwrap();
-        assert_ne!(v6.prefix, net("fd7a::/128"), "router address is reserved");
-        assert_eq!(
-            ipam.router_address(&region(), Family::V6),
-            Some("fd7a::".parse().unwrap())
-        );
+        let v6 = commit(&mut leases, |l| ipam.site_address(l, &site("a"), &region(), Family::V6)).unwrap();
+        assert!(v6.prefix != net("fd7a::/128") && v6.prefix != net("fd7a::1/128"), "reserved addresses");
+        assert_eq!(ipam.router_address(&region(), Family::V6), Some("fd7a::1".parse().unwrap()));
+        assert_eq!(ipam.router_address(&region(), Family::V4), Some("100.64.0.1".parse().unwrap()));
     }
 
     #[test]
@@ -651,7 +647,7 @@ mod tests {
         assert_eq!(b.prefix.prefix_len(), 24);
         assert!(!net::overlaps(a.prefix, b.prefix));
         assert!(
-            !a.prefix.contains(&"100.64.0.0".parse::<IpAddr>().unwrap()),
+            !a.prefix.contains(&"100.64.0.1".parse::<IpAddr>().unwrap()),
             "router address reserved"
         );
         assert!(matches!(
@@ -671,7 +667,7 @@ mod tests {
 
     #[test]
     fn concurrent_plans_cannot_both_commit() {
-        let ipam = ipam(&["100.64.0.0/30"]);
+        let ipam = ipam(&["100.64.0.0/29"]);
         let mut store = RegionLeases::default();
         // Two brokers read the same snapshot and plan for different sites.
         let snapshot = store.clone();
@@ -765,7 +761,13 @@ mod tests {
             for pool in ipam.pools(&region()) {
                 prop_assert!(
                     !a.prefix.contains(&pool.network()),
-                    "{} covers router address",
+                    "{} covers a network address",
+                    a.prefix
+                );
+                let (family, start, _) = net::span(*pool);
+                prop_assert!(
+                    !a.prefix.contains(&net::from_bits(family, start + 1)),
+                    "{} covers a router address",
                     a.prefix
                 );
                 if matches!(pool, IpNet::V4(_)) {
@@ -818,7 +820,7 @@ mod tests {
             let pool = net::prefix(Family::V4, 0x0a00_0000, pool_len);
             let ipam = Ipam::new([(region(), vec![pool])].into_iter().collect()).unwrap();
             let mut leases = RegionLeases::default();
-            let capacity = (net::block_size(Family::V4, pool_len) - 2) as usize;
+            let capacity = (net::block_size(Family::V4, pool_len) - 3) as usize;
             for round in 0..rounds {
                 for i in 0..capacity {
                     let s = site(&format!("r{round}-s{i}"));

@@ -8,6 +8,8 @@
 //! - [`varint`], [`capsule`], [`connect_ip`], [`datagram`]: the wire formats
 //!   of CONNECT-IP (RFC 9000 varints, RFC 9297 capsules and HTTP Datagrams,
 //!   RFC 9484 capsules and URI template).
+//! - [`h3`]: a minimal HTTP/3 (frames, SETTINGS, static-table QPACK,
+//!   message heads, control streams) for extended CONNECT.
 //! - [`ip`]: IP header parsing for forwarding, anti-spoofing, ICMP errors.
 //! - [`ipam`]: address allocation over bring-your-own pools, expressed as
 //!   compare-and-set transactions.
@@ -19,6 +21,7 @@
 pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
+pub mod h3;
 pub mod ids;
 pub mod ip;
 pub mod ipam;
