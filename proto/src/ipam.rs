@@ -592,24 +592,48 @@ mod tests {
     fn site_address_is_stable_and_skips_reserved() {
         let ipam = ipam(&["100.64.0.0/29", "fd7a::/126"]);
         let mut leases = RegionLeases::default();
-        let a = commit(&mut leases, |l| ipam.site_address(l, &site("a"), &region(), Family::V4)).unwrap();
+        let a = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("a"), &region(), Family::V4)
+        })
+        .unwrap();
         // /29: .0 network, .1 router, .7 broadcast: .2 to .6 are leasable.
-        assert!((2..=6).any(|i| a.prefix == net(&format!("100.64.0.{i}/32"))), "{}", a.prefix);
-        let again = ipam.site_address(&leases, &site("a"), &region(), Family::V4).unwrap();
+        assert!(
+            (2..=6).any(|i| a.prefix == net(&format!("100.64.0.{i}/32"))),
+            "{}",
+            a.prefix
+        );
+        let again = ipam
+            .site_address(&leases, &site("a"), &region(), Family::V4)
+            .unwrap();
         assert_eq!(again, Plan::Existing(a.clone()));
         let mut seen = std::collections::BTreeSet::from([a.prefix]);
         for s in ["b", "c", "d", "e"] {
-            let lease = commit(&mut leases, |l| ipam.site_address(l, &site(s), &region(), Family::V4)).unwrap();
+            let lease = commit(&mut leases, |l| {
+                ipam.site_address(l, &site(s), &region(), Family::V4)
+            })
+            .unwrap();
             assert!(seen.insert(lease.prefix), "{} given twice", lease.prefix);
         }
         assert!(matches!(
             ipam.site_address(&leases, &site("f"), &region(), Family::V4),
             Err(IpamError::Exhausted { len: 32, .. })
         ));
-        let v6 = commit(&mut leases, |l| ipam.site_address(l, &site("a"), &region(), Family::V6)).unwrap();
-        assert!(v6.prefix != net("fd7a::/128") && v6.prefix != net("fd7a::1/128"), "reserved addresses");
-        assert_eq!(ipam.router_address(&region(), Family::V6), Some("fd7a::1".parse().unwrap()));
-        assert_eq!(ipam.router_address(&region(), Family::V4), Some("100.64.0.1".parse().unwrap()));
+        let v6 = commit(&mut leases, |l| {
+            ipam.site_address(l, &site("a"), &region(), Family::V6)
+        })
+        .unwrap();
+        assert!(
+            v6.prefix != net("fd7a::/128") && v6.prefix != net("fd7a::1/128"),
+            "reserved addresses"
+        );
+        assert_eq!(
+            ipam.router_address(&region(), Family::V6),
+            Some("fd7a::1".parse().unwrap())
+        );
+        assert_eq!(
+            ipam.router_address(&region(), Family::V4),
+            Some("100.64.0.1".parse().unwrap())
+        );
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! - [`ipam`]: address allocation over bring-your-own pools, expressed as
 //!   compare-and-set transactions.
 //! - [`route`]: the longest-prefix-match route table with explanations.
+//! - [`forward`]: the forwarding decision (anti-spoofing, routing, data
+//!   residency, TTL, MTU) as a value.
+//! - [`tunnel`]: the CONNECT-IP session logic of broker and site, and
+//!   reconnection backoff.
 //! - [`ids`], [`net`]: identifiers and prefix arithmetic shared by the above.
 
 #![warn(missing_docs)]
@@ -21,12 +25,14 @@
 pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
+pub mod forward;
 pub mod h3;
 pub mod ids;
 pub mod ip;
 pub mod ipam;
 pub mod net;
 pub mod route;
+pub mod tunnel;
 pub mod varint;
 
 pub use ids::{GatewayId, RegionId, SiteId, TrustDomain};

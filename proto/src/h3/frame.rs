@@ -94,18 +94,28 @@ impl FrameDecoder {
         loop {
             match self.state {
                 State::Data { remaining } => {
-                    let available = self.pending().len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let available = self
+                        .pending()
+                        .len()
+                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
                     if available == 0 {
                         return Ok(None);
                     }
                     let chunk = self.pending().get(..available).unwrap_or_default().to_vec();
                     self.start += available;
                     let remaining = remaining - available as u64;
-                    self.state = if remaining == 0 { State::Header } else { State::Data { remaining } };
+                    self.state = if remaining == 0 {
+                        State::Header
+                    } else {
+                        State::Data { remaining }
+                    };
                     return Ok(Some(Frame::Data(chunk)));
                 }
                 State::Skip { remaining } => {
-                    let available = self.pending().len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let available = self
+                        .pending()
+                        .len()
+                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
                     self.start += available;
                     let remaining = remaining - available as u64;
                     if remaining > 0 {
@@ -119,14 +129,27 @@ impl FrameDecoder {
                     let Ok((ty, ty_len)) = varint::decode(pending) else {
                         return Ok(None);
                     };
-                    let Ok((len, len_len)) = varint::decode(pending.get(ty_len..).unwrap_or_default()) else {
+                    let Ok((len, len_len)) =
+                        varint::decode(pending.get(ty_len..).unwrap_or_default())
+                    else {
                         return Ok(None);
                     };
                     let header = ty_len + len_len;
                     if H2_ONLY.contains(&ty) {
-                        return Err(H3Error::connection(H3_FRAME_UNEXPECTED, format!("HTTP/2 frame type {ty:#x}")));
+                        return Err(H3Error::connection(
+                            H3_FRAME_UNEXPECTED,
+                            format!("HTTP/2 frame type {ty:#x}"),
+                        ));
                     }
-                    let known = matches!(ty, DATA | HEADERS | CANCEL_PUSH | SETTINGS | PUSH_PROMISE | GOAWAY | MAX_PUSH_ID);
+                    let known = matches!(
+                        ty,
+                        DATA | HEADERS
+                            | CANCEL_PUSH
+                            | SETTINGS
+                            | PUSH_PROMISE
+                            | GOAWAY
+                            | MAX_PUSH_ID
+                    );
                     if ty == DATA {
                         self.start += header;
                         if len > 0 {
@@ -144,7 +167,10 @@ impl FrameDecoder {
                         _ => {
                             return Err(H3Error::connection(
                                 H3_EXCESSIVE_LOAD,
-                                format!("frame type {ty:#x} of {len} bytes exceeds {}", self.max_frame),
+                                format!(
+                                    "frame type {ty:#x} of {len} bytes exceeds {}",
+                                    self.max_frame
+                                ),
                             ));
                         }
                     };
@@ -158,10 +184,17 @@ impl FrameDecoder {
                         SETTINGS => Frame::Settings(payload),
                         PUSH_PROMISE => Frame::PushPromise,
                         _ => {
-                            let (id, used) = varint::decode(&payload)
-                                .map_err(|_| H3Error::connection(H3_FRAME_ERROR, format!("frame {ty:#x} without its ID")))?;
+                            let (id, used) = varint::decode(&payload).map_err(|_| {
+                                H3Error::connection(
+                                    H3_FRAME_ERROR,
+                                    format!("frame {ty:#x} without its ID"),
+                                )
+                            })?;
                             if used != payload.len() {
-                                return Err(H3Error::connection(H3_FRAME_ERROR, format!("frame {ty:#x} has trailing bytes")));
+                                return Err(H3Error::connection(
+                                    H3_FRAME_ERROR,
+                                    format!("frame {ty:#x} has trailing bytes"),
+                                ));
                             }
                             match ty {
                                 GOAWAY => Frame::GoAway(id),
@@ -219,7 +252,17 @@ mod tests {
             }
         }
         assert!(dec.at_boundary());
-        let data: Vec<u8> = got.iter().filter_map(|f| if let Frame::Data(d) = f { Some(d.clone()) } else { None }).flatten().collect();
+        let data: Vec<u8> = got
+            .iter()
+            .filter_map(|f| {
+                if let Frame::Data(d) = f {
+                    Some(d.clone())
+                } else {
+                    None
+                }
+            })
+            .flatten()
+            .collect();
         assert_eq!(data, b"hello");
         assert_eq!(got.first(), Some(&Frame::Headers(b"hdr".to_vec())));
         assert_eq!(got.last(), Some(&Frame::GoAway(8)));

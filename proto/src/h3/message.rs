@@ -5,7 +5,13 @@ use super::frame::{Frame, FrameDecoder};
 use super::qpack;
 
 /// Connection-specific header fields HTTP/3 forbids (RFC 9114 section 4.2).
-const CONNECTION_SPECIFIC: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const CONNECTION_SPECIFIC: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 fn malformed(reason: impl Into<String>) -> H3Error {
     H3Error::stream(H3_MESSAGE_ERROR, reason)
@@ -13,13 +19,18 @@ fn malformed(reason: impl Into<String>) -> H3Error {
 
 /// Checks a regular field line and turns it into text.
 fn regular_field(name: String, value: Vec<u8>) -> Result<(String, String), H3Error> {
-    if name.is_empty() || name.bytes().any(|b| b.is_ascii_uppercase() || b <= b' ' || b == b':' || b >= 0x7f) {
+    if name.is_empty()
+        || name
+            .bytes()
+            .any(|b| b.is_ascii_uppercase() || b <= b' ' || b == b':' || b >= 0x7f)
+    {
         return Err(malformed(format!("invalid field name {name:?}")));
     }
     if CONNECTION_SPECIFIC.contains(&name.as_str()) {
         return Err(malformed(format!("connection-specific field {name}")));
     }
-    let value = String::from_utf8(value).map_err(|_| malformed(format!("field {name} is not text")))?;
+    let value =
+        String::from_utf8(value).map_err(|_| malformed(format!("field {name} is not text")))?;
     if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
         return Err(malformed(format!("field {name} contains CR, LF or NUL")));
     }
@@ -29,9 +40,12 @@ fn regular_field(name: String, value: Vec<u8>) -> Result<(String, String), H3Err
     Ok((name, value))
 }
 
+/// Text field lines.
+type TextFields = Vec<(String, String)>;
+
 /// Splits field lines into pseudo-header fields (which must come first) and
 /// regular ones.
-fn split(fields: Vec<qpack::Field>) -> Result<(Vec<(String, String)>, Vec<(String, String)>), H3Error> {
+fn split(fields: Vec<qpack::Field>) -> Result<(TextFields, TextFields), H3Error> {
     let mut pseudo = Vec::new();
     let mut regular = Vec::new();
     for (name, value) in fields {
@@ -42,7 +56,8 @@ fn split(fields: Vec<qpack::Field>) -> Result<(Vec<(String, String)>, Vec<(Strin
             if pseudo.iter().any(|(n, _): &(String, String)| n == stripped) {
                 return Err(malformed(format!("pseudo-header {name} repeated")));
             }
-            let value = String::from_utf8(value).map_err(|_| malformed(format!("{name} is not text")))?;
+            let value =
+                String::from_utf8(value).map_err(|_| malformed(format!("{name} is not text")))?;
             pseudo.push((stripped.to_string(), value));
         } else {
             regular.push(regular_field(name, value)?);
@@ -89,7 +104,10 @@ impl Request {
 
     /// The first value of a regular field.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Validates decoded field lines as a request (RFC 9114 sections 4.3.1
@@ -123,7 +141,9 @@ impl Request {
         match (req.method.as_str(), &req.protocol) {
             ("CONNECT", None) => {
                 if req.scheme.is_some() || req.path.is_some() || req.authority.is_none() {
-                    return Err(malformed("CONNECT takes :authority and no :scheme or :path"));
+                    return Err(malformed(
+                        "CONNECT takes :authority and no :scheme or :path",
+                    ));
                 }
             }
             _ => {
@@ -186,7 +206,10 @@ impl Response {
 
     /// The first value of a regular field.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Validates decoded field lines as a response.
@@ -196,12 +219,19 @@ impl Response {
         for (name, value) in pseudo {
             match name.as_str() {
                 "status" => {
-                    status = value.parse::<u16>().ok().filter(|s| (100..=999).contains(s));
+                    status = value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|s| (100..=999).contains(s));
                     if status.is_none() {
                         return Err(malformed(format!("invalid :status {value:?}")));
                     }
                 }
-                other => return Err(malformed(format!("unknown response pseudo-header :{other}"))),
+                other => {
+                    return Err(malformed(format!(
+                        "unknown response pseudo-header :{other}"
+                    )));
+                }
             }
         }
         let status = status.ok_or_else(|| malformed("missing :status"))?;
@@ -270,30 +300,36 @@ impl MessageDecoder {
 
     /// The next event; `Ok(None)` when more bytes are needed.
     pub fn next_event(&mut self) -> Result<Option<MessageEvent>, H3Error> {
-        loop {
-            let Some(frame) = self.frames.next_frame()? else {
-                return Ok(None);
-            };
-            match (self.state, frame) {
-                (MessageState::Head, Frame::Headers(block)) => {
-                    self.state = MessageState::Body;
-                    return Ok(Some(MessageEvent::Head(qpack::decode(&block, self.max_field_section)?)));
-                }
-                (MessageState::Body, Frame::Data(data)) => return Ok(Some(MessageEvent::Data(data))),
-                (MessageState::Body, Frame::Headers(block)) => {
-                    self.state = MessageState::Done;
-                    return Ok(Some(MessageEvent::Trailers(qpack::decode(&block, self.max_field_section)?)));
-                }
-                (_, Frame::PushPromise) => {
-                    return Err(H3Error::connection(H3_FRAME_UNEXPECTED, "PUSH_PROMISE without MAX_PUSH_ID"));
-                }
-                (state, frame) => {
-                    return Err(H3Error::connection(
-                        H3_FRAME_UNEXPECTED,
-                        format!("{} on a request stream in state {state:?}", frame_name(&frame)),
-                    ));
-                }
+        let Some(frame) = self.frames.next_frame()? else {
+            return Ok(None);
+        };
+        match (self.state, frame) {
+            (MessageState::Head, Frame::Headers(block)) => {
+                self.state = MessageState::Body;
+                Ok(Some(MessageEvent::Head(qpack::decode(
+                    &block,
+                    self.max_field_section,
+                )?)))
             }
+            (MessageState::Body, Frame::Data(data)) => Ok(Some(MessageEvent::Data(data))),
+            (MessageState::Body, Frame::Headers(block)) => {
+                self.state = MessageState::Done;
+                Ok(Some(MessageEvent::Trailers(qpack::decode(
+                    &block,
+                    self.max_field_section,
+                )?)))
+            }
+            (_, Frame::PushPromise) => Err(H3Error::connection(
+                H3_FRAME_UNEXPECTED,
+                "PUSH_PROMISE without MAX_PUSH_ID",
+            )),
+            (state, frame) => Err(H3Error::connection(
+                H3_FRAME_UNEXPECTED,
+                format!(
+                    "{} on a request stream in state {state:?}",
+                    frame_name(&frame)
+                ),
+            )),
         }
     }
 
@@ -301,10 +337,16 @@ impl MessageDecoder {
     /// head arrived.
     pub fn finish(&self) -> Result<(), H3Error> {
         if !self.frames.at_boundary() {
-            return Err(H3Error::stream(H3_REQUEST_INCOMPLETE, "stream ended inside a frame"));
+            return Err(H3Error::stream(
+                H3_REQUEST_INCOMPLETE,
+                "stream ended inside a frame",
+            ));
         }
         if self.state == MessageState::Head {
-            return Err(H3Error::stream(H3_REQUEST_INCOMPLETE, "stream ended before the head"));
+            return Err(H3Error::stream(
+                H3_REQUEST_INCOMPLETE,
+                "stream ended before the head",
+            ));
         }
         Ok(())
     }
@@ -328,7 +370,9 @@ mod tests {
     use crate::h3::frame;
 
     fn fields(list: &[(&str, &str)]) -> Vec<qpack::Field> {
-        list.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
     }
 
     #[test]
@@ -345,19 +389,61 @@ mod tests {
         assert_eq!(ok.protocol.as_deref(), Some("connect-ip"));
         assert_eq!(ok.header("capsule-protocol"), Some("?1"));
         // Round trip through the wire encoding.
-        assert_eq!(Request::from_fields(qpack::decode(&ok.encode(), 4096).unwrap()).unwrap(), ok);
+        assert_eq!(
+            Request::from_fields(qpack::decode(&ok.encode(), 4096).unwrap()).unwrap(),
+            ok
+        );
 
         for bad in [
-            vec![(":method", "GET"), (":protocol", "connect-ip"), (":scheme", "https"), (":path", "/")],
-            vec![(":method", "CONNECT"), (":protocol", "connect-ip"), (":scheme", "https"), (":path", "/")],
+            vec![
+                (":method", "GET"),
+                (":protocol", "connect-ip"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+            vec![
+                (":method", "CONNECT"),
+                (":protocol", "connect-ip"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
             vec![(":method", "CONNECT"), (":authority", "b"), (":path", "/")],
-            vec![(":method", "GET"), (":scheme", "https"), (":path", "/"), ("Upper", "x")],
-            vec![(":method", "GET"), (":scheme", "https"), (":path", "/"), ("connection", "close")],
-            vec![(":method", "GET"), ("x", "y"), (":scheme", "https"), (":path", "/")],
-            vec![(":method", "GET"), (":method", "GET"), (":scheme", "https"), (":path", "/")],
-            vec![(":method", "GET"), (":scheme", "https"), (":path", "/"), (":status", "200")],
+            vec![
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/"),
+                ("Upper", "x"),
+            ],
+            vec![
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/"),
+                ("connection", "close"),
+            ],
+            vec![
+                (":method", "GET"),
+                ("x", "y"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+            vec![
+                (":method", "GET"),
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+            vec![
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/"),
+                (":status", "200"),
+            ],
         ] {
-            assert_eq!(Request::from_fields(fields(&bad)).unwrap_err().code, H3_MESSAGE_ERROR, "{bad:?}");
+            assert_eq!(
+                Request::from_fields(fields(&bad)).unwrap_err().code,
+                H3_MESSAGE_ERROR,
+                "{bad:?}"
+            );
         }
     }
 
@@ -373,7 +459,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(head.status, 200);
-        assert_eq!(dec.next_event().unwrap(), Some(MessageEvent::Data(b"body".to_vec())));
+        assert_eq!(
+            dec.next_event().unwrap(),
+            Some(MessageEvent::Data(b"body".to_vec()))
+        );
         dec.finish().unwrap();
 
         let mut dec = MessageDecoder::new(4096);

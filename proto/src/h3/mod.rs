@@ -21,8 +21,8 @@ pub mod settings;
 use std::collections::BTreeMap;
 
 use error::{
-    H3_CLOSED_CRITICAL_STREAM, H3_FRAME_UNEXPECTED, H3_ID_ERROR, H3_MISSING_SETTINGS, H3_STREAM_CREATION_ERROR, H3Error,
-    QPACK_ENCODER_STREAM_ERROR,
+    H3_CLOSED_CRITICAL_STREAM, H3_FRAME_UNEXPECTED, H3_ID_ERROR, H3_MISSING_SETTINGS,
+    H3_STREAM_CREATION_ERROR, H3Error, QPACK_ENCODER_STREAM_ERROR,
 };
 use frame::{Frame, FrameDecoder};
 pub use message::{MessageDecoder, MessageEvent, Request, Response};
@@ -72,7 +72,10 @@ pub enum UniAction {
 enum Uni {
     /// Waiting for the stream type.
     Typeless(Vec<u8>),
-    Control { frames: FrameDecoder, settings_seen: bool },
+    Control {
+        frames: FrameDecoder,
+        settings_seen: bool,
+    },
     QpackEncoder,
     QpackDecoder,
     Ignored,
@@ -121,8 +124,15 @@ impl Connection {
     }
 
     /// Bytes arrived on a unidirectional stream the peer opened.
-    pub fn on_uni_data(&mut self, stream_id: u64, data: &[u8]) -> Result<(UniAction, Vec<Event>), H3Error> {
-        let state = self.uni.entry(stream_id).or_insert_with(|| Uni::Typeless(Vec::new()));
+    pub fn on_uni_data(
+        &mut self,
+        stream_id: u64,
+        data: &[u8],
+    ) -> Result<(UniAction, Vec<Event>), H3Error> {
+        let state = self
+            .uni
+            .entry(stream_id)
+            .or_insert_with(|| Uni::Typeless(Vec::new()));
         let mut events = Vec::new();
         let mut data = data;
         let mut typed_now = None;
@@ -140,7 +150,10 @@ impl Connection {
             let next = match stream_type {
                 STREAM_CONTROL => {
                     if self.peer_control.is_some() {
-                        return Err(H3Error::connection(H3_STREAM_CREATION_ERROR, "second control stream"));
+                        return Err(H3Error::connection(
+                            H3_STREAM_CREATION_ERROR,
+                            "second control stream",
+                        ));
                     }
                     self.peer_control = Some(stream_id);
                     Uni::Control {
@@ -153,7 +166,10 @@ impl Connection {
                         Role::Server => H3_STREAM_CREATION_ERROR,
                         Role::Client => H3_ID_ERROR,
                     };
-                    return Err(H3Error::connection(code, "push stream, but pushes are not allowed"));
+                    return Err(H3Error::connection(
+                        code,
+                        "push stream, but pushes are not allowed",
+                    ));
                 }
                 STREAM_QPACK_ENCODER => Uni::QpackEncoder,
                 STREAM_QPACK_DECODER => Uni::QpackDecoder,
@@ -165,7 +181,10 @@ impl Connection {
             self.uni.insert(stream_id, next);
         }
         match self.uni.get_mut(&stream_id) {
-            Some(Uni::Control { frames, settings_seen }) => {
+            Some(Uni::Control {
+                frames,
+                settings_seen,
+            }) => {
                 frames.push(data);
                 while let Some(frame) = frames.next_frame()? {
                     match frame {
@@ -176,13 +195,19 @@ impl Connection {
                             events.push(Event::Settings(s));
                         }
                         _ if !*settings_seen => {
-                            return Err(H3Error::connection(H3_MISSING_SETTINGS, "control stream must start with SETTINGS"));
+                            return Err(H3Error::connection(
+                                H3_MISSING_SETTINGS,
+                                "control stream must start with SETTINGS",
+                            ));
                         }
                         Frame::GoAway(id) => events.push(Event::GoAway(id)),
                         Frame::MaxPushId(_) if self.role == Role::Server => {}
                         Frame::CancelPush(_) => {}
                         _ => {
-                            return Err(H3Error::connection(H3_FRAME_UNEXPECTED, "frame not allowed on the control stream"));
+                            return Err(H3Error::connection(
+                                H3_FRAME_UNEXPECTED,
+                                "frame not allowed on the control stream",
+                            ));
                         }
                     }
                 }
@@ -191,7 +216,10 @@ impl Connection {
                 // With capacity 0 the only valid instruction is Set Dynamic
                 // Table Capacity to 0: 0b001 followed by a 5-bit-prefix 0.
                 if data.iter().any(|&b| b != 0x20) {
-                    return Err(H3Error::connection(QPACK_ENCODER_STREAM_ERROR, "encoder instruction with a zero-capacity table"));
+                    return Err(H3Error::connection(
+                        QPACK_ENCODER_STREAM_ERROR,
+                        "encoder instruction with a zero-capacity table",
+                    ));
                 }
             }
             Some(Uni::QpackDecoder | Uni::Ignored | Uni::Typeless(_)) | None => {}
@@ -202,9 +230,9 @@ impl Connection {
     /// A unidirectional stream the peer opened has ended.
     pub fn on_uni_finished(&mut self, stream_id: u64) -> Result<(), H3Error> {
         match self.uni.remove(&stream_id) {
-            Some(Uni::Control { .. } | Uni::QpackEncoder | Uni::QpackDecoder) => {
-                Err(H3Error::connection(H3_CLOSED_CRITICAL_STREAM, "peer closed a critical stream"))
-            }
+            Some(Uni::Control { .. } | Uni::QpackEncoder | Uni::QpackDecoder) => Err(
+                H3Error::connection(H3_CLOSED_CRITICAL_STREAM, "peer closed a critical stream"),
+            ),
             _ => Ok(()),
         }
     }
@@ -230,8 +258,14 @@ mod tests {
         assert!(server.peer_settings().unwrap().enable_connect_protocol);
         let mut goaway = Vec::new();
         frame::encode_goaway(4, &mut goaway);
-        assert_eq!(server.on_uni_data(2, &goaway).unwrap().1, vec![Event::GoAway(4)]);
-        assert_eq!(server.on_uni_finished(2).unwrap_err().code, H3_CLOSED_CRITICAL_STREAM);
+        assert_eq!(
+            server.on_uni_data(2, &goaway).unwrap().1,
+            vec![Event::GoAway(4)]
+        );
+        assert_eq!(
+            server.on_uni_finished(2).unwrap_err().code,
+            H3_CLOSED_CRITICAL_STREAM
+        );
     }
 
     #[test]
@@ -240,16 +274,35 @@ mod tests {
         // A control stream that does not start with SETTINGS.
         let mut wire = vec![0x00];
         frame::encode_goaway(0, &mut wire);
-        assert_eq!(s.on_uni_data(2, &wire).unwrap_err().code, H3_MISSING_SETTINGS);
+        assert_eq!(
+            s.on_uni_data(2, &wire).unwrap_err().code,
+            H3_MISSING_SETTINGS
+        );
         // A second control stream.
         let mut s = Connection::new(Role::Server, Settings::default());
-        s.on_uni_data(2, &Connection::new(Role::Client, Settings::default()).control_stream()).unwrap();
-        assert_eq!(s.on_uni_data(6, &[0x00]).unwrap_err().code, H3_STREAM_CREATION_ERROR);
+        s.on_uni_data(
+            2,
+            &Connection::new(Role::Client, Settings::default()).control_stream(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.on_uni_data(6, &[0x00]).unwrap_err().code,
+            H3_STREAM_CREATION_ERROR
+        );
         // A push stream from a client.
-        assert_eq!(s.on_uni_data(10, &[0x01]).unwrap_err().code, H3_STREAM_CREATION_ERROR);
+        assert_eq!(
+            s.on_uni_data(10, &[0x01]).unwrap_err().code,
+            H3_STREAM_CREATION_ERROR
+        );
         // Unknown (grease) stream types are stopped, not fatal.
-        assert_eq!(s.on_uni_data(14, &[0x21]).unwrap().0, UniAction::StopSending(H3_STREAM_CREATION_ERROR));
+        assert_eq!(
+            s.on_uni_data(14, &[0x21]).unwrap().0,
+            UniAction::StopSending(H3_STREAM_CREATION_ERROR)
+        );
         // A QPACK encoder stream inserting into a zero-capacity table.
-        assert_eq!(s.on_uni_data(18, &[0x02, 0xc1]).unwrap_err().code, QPACK_ENCODER_STREAM_ERROR);
+        assert_eq!(
+            s.on_uni_data(18, &[0x02, 0xc1]).unwrap_err().code,
+            QPACK_ENCODER_STREAM_ERROR
+        );
     }
 }

@@ -71,8 +71,14 @@ pub const STATIC_TABLE: [(&str, &str); 99] = [
     ("content-type", "text/plain;charset=utf-8"),
     ("range", "bytes=0-"),
     ("strict-transport-security", "max-age=31536000"),
-    ("strict-transport-security", "max-age=31536000; includesubdomains"),
-    ("strict-transport-security", "max-age=31536000; includesubdomains; preload"),
+    (
+        "strict-transport-security",
+        "max-age=31536000; includesubdomains",
+    ),
+    (
+        "strict-transport-security",
+        "max-age=31536000; includesubdomains; preload",
+    ),
     ("vary", "accept-encoding"),
     ("vary", "origin"),
     ("x-content-type-options", "nosniff"),
@@ -99,7 +105,10 @@ pub const STATIC_TABLE: [(&str, &str); 99] = [
     ("access-control-request-method", "post"),
     ("alt-svc", "clear"),
     ("authorization", ""),
-    ("content-security-policy", "script-src 'none'; object-src 'none'; base-uri 'none'"),
+    (
+        "content-security-policy",
+        "script-src 'none'; object-src 'none'; base-uri 'none'",
+    ),
     ("early-data", "1"),
     ("expect-ct", ""),
     ("forwarded", ""),
@@ -256,7 +265,10 @@ pub fn decode(input: &[u8], max_size: usize) -> Result<Vec<Field>, H3Error> {
         };
         size = size.saturating_add(name.len() + value.len() + 32);
         if size > max_size {
-            return Err(H3Error::stream(H3_EXCESSIVE_LOAD, format!("field section larger than {max_size} bytes")));
+            return Err(H3Error::stream(
+                H3_EXCESSIVE_LOAD,
+                format!("field section larger than {max_size} bytes"),
+            ));
         }
         fields.push((name, value));
         pos += used;
@@ -290,7 +302,10 @@ mod tests {
         // :method CONNECT is static index 15: 0b11_001111.
         assert_eq!(wire[2], 0xc0 | 15);
         let decoded = decode(&wire, 4096).unwrap();
-        let expect: Vec<Field> = fields.iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect();
+        let expect: Vec<Field> = fields
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect();
         assert_eq!(decoded, expect);
     }
 
@@ -306,19 +321,36 @@ mod tests {
     #[test]
     fn huffman_literals_from_other_encoders_decode() {
         // RFC 7541 C.4.1: "www.example.com" Huffman-coded.
-        let huff = [0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff];
+        let huff = [
+            0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff,
+        ];
         let mut wire = vec![0, 0, 0x50]; // literal with static name ref :authority (index 0)
         wire.push(0x80 | huff.len() as u8);
         wire.extend_from_slice(&huff);
-        assert_eq!(decode(&wire, 4096).unwrap(), vec![(":authority".to_string(), b"www.example.com".to_vec())]);
+        assert_eq!(
+            decode(&wire, 4096).unwrap(),
+            vec![(":authority".to_string(), b"www.example.com".to_vec())]
+        );
     }
 
     #[test]
     fn dynamic_references_and_oversize_are_refused() {
-        assert_eq!(decode(&[1, 0], 100).unwrap_err().code, QPACK_DECOMPRESSION_FAILED);
-        assert_eq!(decode(&[0, 0, 0x80], 100).unwrap_err().code, QPACK_DECOMPRESSION_FAILED);
-        assert_eq!(decode(&[0, 0, 0x10], 100).unwrap_err().code, QPACK_DECOMPRESSION_FAILED);
-        assert_eq!(decode(&[0, 0, 0xc0 | 63, 100], 4096).unwrap_err().code, QPACK_DECOMPRESSION_FAILED);
+        assert_eq!(
+            decode(&[1, 0], 100).unwrap_err().code,
+            QPACK_DECOMPRESSION_FAILED
+        );
+        assert_eq!(
+            decode(&[0, 0, 0x80], 100).unwrap_err().code,
+            QPACK_DECOMPRESSION_FAILED
+        );
+        assert_eq!(
+            decode(&[0, 0, 0x10], 100).unwrap_err().code,
+            QPACK_DECOMPRESSION_FAILED
+        );
+        assert_eq!(
+            decode(&[0, 0, 0xc0 | 63, 100], 4096).unwrap_err().code,
+            QPACK_DECOMPRESSION_FAILED
+        );
         let big = encode(&[("x-big", &[b'a'; 200])]);
         assert_eq!(decode(&big, 100).unwrap_err().code, H3_EXCESSIVE_LOAD);
     }

@@ -68,7 +68,13 @@ impl Settings {
             if !seen.insert(id) {
                 return Err(bad(format!("setting {id:#x} repeated")));
             }
-            let boolean = || if value <= 1 { Ok(value == 1) } else { Err(bad(format!("setting {id:#x} must be 0 or 1, got {value}"))) };
+            let boolean = || {
+                if value <= 1 {
+                    Ok(value == 1)
+                } else {
+                    Err(bad(format!("setting {id:#x} must be 0 or 1, got {value}")))
+                }
+            };
             match id {
                 0x02..=0x05 => return Err(bad(format!("HTTP/2 setting {id:#x}"))),
                 QPACK_MAX_TABLE_CAPACITY => s.qpack_max_table_capacity = value,
@@ -94,7 +100,10 @@ impl Settings {
         if let Some(size) = self.max_field_section_size {
             put(MAX_FIELD_SECTION_SIZE, size);
         }
-        put(ENABLE_CONNECT_PROTOCOL, u64::from(self.enable_connect_protocol));
+        put(
+            ENABLE_CONNECT_PROTOCOL,
+            u64::from(self.enable_connect_protocol),
+        );
         put(H3_DATAGRAM, u64::from(self.h3_datagram));
         out
     }
@@ -115,6 +124,9 @@ mod tests {
         // Boolean out of range.
         assert!(Settings::decode(&[0x33, 2]).is_err());
         // Unknown (grease) settings are ignored.
-        assert_eq!(Settings::decode(&[0x21, 7]).unwrap(), Settings::peer_defaults());
+        assert_eq!(
+            Settings::decode(&[0x21, 7]).unwrap(),
+            Settings::peer_defaults()
+        );
     }
 }

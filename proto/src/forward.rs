@@ -1,0 +1,613 @@
+//! The forwarding decision of a tether router.
+//!
+//! [`Router::decide`] takes a packet and where it came from and returns a
+//! [`Verdict`]: forward it along a route, answer the sender with an ICMP
+//! error, or drop it with a [`DropReason`]. The broker's shell performs the
+//! verdict; nothing here touches a socket. The checks, in order:
+//!
+//! 1. the packet parses as IPv4 or IPv6;
+//! 2. anti-spoofing: a site may only send from its assigned prefixes; a
+//!    gateway only from its registered prefixes, and never from an overlay
+//!    address owned by a site;
+//! 3. a route exists (longest prefix match), and does not lead back to the
+//!    sender;
+//! 4. data residency: traffic between a site and a gateway, or between two
+//!    sites, only within regions the [`Residency`] policy permits;
+//! 5. the TTL / hop limit does not run out here;
+//! 6. the packet fits the next hop's MTU: otherwise an ICMP packet-too-big,
+//!    or fragments for an IPv4 packet without Don't Fragment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::ids::{GatewayId, RegionId, SiteId};
+use crate::ip::{self, IcmpError, Packet};
+use crate::net::Family;
+use crate::route::{Route, RouteKind, RouteTable, RouteTarget};
+
+/// Why a packet was not forwarded. Every drop is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Not a valid IPv4 or IPv6 packet.
+    Malformed,
+    /// Source address not assigned to the sender.
+    Spoofed,
+    /// No route to the destination.
+    NoRoute,
+    /// The route leads back to the sender.
+    Loop,
+    /// Data residency policy forbids the path.
+    Residency,
+    /// TTL or hop limit ran out.
+    TtlExpired,
+    /// Larger than the next hop's MTU.
+    TooBig,
+    /// The next hop is gone (session closed while routes were updated).
+    TargetDown,
+    /// The next hop's queue is full.
+    QueueFull,
+    /// An HTTP Datagram with a context ID tether does not use.
+    UnknownContext,
+}
+
+impl DropReason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::Spoofed,
+        DropReason::NoRoute,
+        DropReason::Loop,
+        DropReason::Residency,
+        DropReason::TtlExpired,
+        DropReason::TooBig,
+        DropReason::TargetDown,
+        DropReason::QueueFull,
+        DropReason::UnknownContext,
+    ];
+
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Spoofed => "spoofed",
+            DropReason::NoRoute => "no_route",
+            DropReason::Loop => "loop",
+            DropReason::Residency => "residency",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::TooBig => "too_big",
+            DropReason::TargetDown => "target_down",
+            DropReason::QueueFull => "queue_full",
+            DropReason::UnknownContext => "unknown_context",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a packet entered the router.
+#[derive(Debug, Clone, Copy)]
+pub enum Ingress<'a> {
+    /// From a site's tunnel.
+    Site {
+        /// The site.
+        site: &'a SiteId,
+        /// Its region.
+        region: &'a RegionId,
+        /// Prefixes it may send from (its addresses and LAN mappings).
+        allowed: &'a [IpNet],
+    },
+    /// From a gateway.
+    Gateway {
+        /// The gateway.
+        gateway: &'a GatewayId,
+        /// Its region.
+        region: &'a RegionId,
+        /// Prefixes it may send from; empty allows any source outside the
+        /// overlay.
+        allowed: &'a [IpNet],
+    },
+}
+
+impl Ingress<'_> {
+    fn region(&self) -> &RegionId {
+        match self {
+            Ingress::Site { region, .. } | Ingress::Gateway { region, .. } => region,
+        }
+    }
+
+    fn is(&self, target: &RouteTarget) -> bool {
+        match (self, target) {
+            (Ingress::Site { site, .. }, RouteTarget::Site(t)) => *site == t,
+            (Ingress::Gateway { gateway, .. }, RouteTarget::Gateway(t)) => *gateway == t,
+            _ => false,
+        }
+    }
+}
+
+/// Which regions may exchange traffic. A site and a gateway (or two sites)
+/// of the same region always may; across regions only where the site's
+/// region explicitly allows the other region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Residency {
+    allow: BTreeMap<RegionId, BTreeSet<RegionId>>,
+}
+
+impl Residency {
+    /// A policy from each site region's list of other allowed regions.
+    pub fn new(allow: BTreeMap<RegionId, BTreeSet<RegionId>>) -> Self {
+        Self { allow }
+    }
+
+    /// Whether traffic between a site of `site_region` and a peer of
+    /// `other_region` is allowed.
+    pub fn permits(&self, site_region: &RegionId, other_region: &RegionId) -> bool {
+        site_region == other_region
+            || self
+                .allow
+                .get(site_region)
+                .is_some_and(|a| a.contains(other_region))
+    }
+
+    /// Whether traffic between a packet's ingress and a route is allowed.
+    fn permits_path(&self, ingress: &Ingress<'_>, route: &Route) -> bool {
+        let ingress_is_site = matches!(ingress, Ingress::Site { .. });
+        let target_is_site = matches!(route.target, RouteTarget::Site(_));
+        match (ingress_is_site, target_is_site) {
+            (true, true) => {
+                self.permits(ingress.region(), &route.region)
+                    && self.permits(&route.region, ingress.region())
+            }
+            (true, false) => self.permits(ingress.region(), &route.region),
+            (false, true) => self.permits(&route.region, ingress.region()),
+            // Gateway to gateway is not a tether path.
+            (false, false) => false,
+        }
+    }
+}
+
+/// What to do with a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the packet (TTL already decremented in place) along `route`.
+    Forward(Route),
+    /// Send these fragments along `route` instead of the packet.
+    Fragments(Route, Vec<Vec<u8>>),
+    /// Drop the packet and send `icmp` back to the ingress.
+    Reply {
+        /// The ICMP error.
+        icmp: Vec<u8>,
+        /// Why the packet was not forwarded.
+        reason: DropReason,
+    },
+    /// Drop silently.
+    Drop(DropReason),
+}
+
+impl Verdict {
+    /// The drop reason, if the packet is not forwarded.
+    pub fn drop_reason(&self) -> Option<DropReason> {
+        match self {
+            Verdict::Forward(_) | Verdict::Fragments(..) => None,
+            Verdict::Reply { reason, .. } => Some(*reason),
+            Verdict::Drop(reason) => Some(*reason),
+        }
+    }
+}
+
+/// The routing state of a broker: routes, residency policy, and the router
+/// addresses ICMP errors come from.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    /// The route table.
+    pub table: RouteTable,
+    /// The residency policy.
+    pub residency: Residency,
+    /// Per region, the router addresses (one per family) used as the source
+    /// of ICMP errors.
+    pub router_addresses: BTreeMap<RegionId, Vec<IpAddr>>,
+}
+
+impl Router {
+    /// Decides the fate of `packet`, which entered at `ingress`. `packet` is
+    /// modified in place when forwarded (TTL). `mtu_of` gives the largest IP
+    /// packet a target accepts, `None` when the target is not reachable.
+    pub fn decide(
+        &self,
+        ingress: &Ingress<'_>,
+        packet: &mut [u8],
+        mtu_of: impl Fn(&RouteTarget) -> Option<usize>,
+    ) -> Verdict {
+        let Ok(parsed) = Packet::parse(packet) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let (src, dst, len, dont_fragment) = (
+            parsed.src,
+            parsed.dst,
+            parsed.total_len,
+            parsed.dont_fragment,
+        );
+        let spoofed = match ingress {
+            Ingress::Site { allowed, .. } => ip::check_source(&parsed, allowed).is_err(),
+            Ingress::Gateway { allowed, .. } => {
+                let owned_by_site = self
+                    .table
+                    .lookup(src)
+                    .winner()
+                    .is_some_and(|r| r.kind != RouteKind::Gateway);
+                owned_by_site
+                    || (!allowed.is_empty() && ip::check_source(&parsed, allowed).is_err())
+            }
+        };
+        if spoofed {
+            return Verdict::Drop(DropReason::Spoofed);
+        }
+        let Some(route) = self.table.lookup(dst).winner() else {
+            return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::NoRoute);
+        };
+        if ingress.is(&route.target) {
+            return Verdict::Drop(DropReason::Loop);
+        }
+        if !self.residency.permits_path(ingress, route) {
+            return self.reply(
+                ingress,
+                packet,
+                IcmpError::AdminProhibited,
+                DropReason::Residency,
+            );
+        }
+        let Some(mtu) = mtu_of(&route.target) else {
+            return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::TargetDown);
+        };
+        if ip::decrement_ttl(packet).is_err() {
+            return self.reply(
+                ingress,
+                packet,
+                IcmpError::TimeExceeded,
+                DropReason::TtlExpired,
+            );
+        }
+        if len > mtu {
+            if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
+                return Verdict::Fragments(route.clone(), fragments);
+            }
+            let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+            return self.reply(
+                ingress,
+                packet,
+                IcmpError::PacketTooBig { mtu },
+                DropReason::TooBig,
+            );
+        }
+        Verdict::Forward(route.clone())
+    }
+
+    /// The ICMP error from the ingress region's router address, or a silent
+    /// drop where none may be sent.
+    fn reply(
+        &self,
+        ingress: &Ingress<'_>,
+        packet: &[u8],
+        error: IcmpError,
+        reason: DropReason,
+    ) -> Verdict {
+        let icmp = Packet::parse(packet).ok().and_then(|p| {
+            let family = p.family;
+            let source = self
+                .router_addresses
+                .get(ingress.region())
+                .and_then(|addrs| addrs.iter().find(|a| Family::of(**a) == family))?;
+            ip::icmp_error(&p, error, *source)
+        });
+        match icmp {
+            Some(icmp) => Verdict::Reply { icmp, reason },
+            None => Verdict::Drop(reason),
+        }
+    }
+
+    /// The prefixes a site of `region` may reach, for its
+    /// ROUTE_ADVERTISEMENT: the pools of regions whose sites it may talk to,
+    /// and the prefixes of gateways of permitted regions.
+    pub fn reachable_from(
+        &self,
+        region: &RegionId,
+        pools: &BTreeMap<RegionId, Vec<IpNet>>,
+    ) -> Vec<IpNet> {
+        let mut out: BTreeSet<IpNet> = BTreeSet::new();
+        for (other, prefixes) in pools {
+            if self.residency.permits(region, other) && self.residency.permits(other, region) {
+                out.extend(prefixes.iter().copied());
+            }
+        }
+        for route in self.table.routes() {
+            if route.kind == RouteKind::Gateway && self.residency.permits(region, &route.region) {
+                out.insert(route.prefix);
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ip::tests::{ipv4, ipv6};
+    use crate::ip::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+    fn id<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    struct Fixture {
+        router: Router,
+        a: SiteId,
+        b: SiteId,
+        us_site: SiteId,
+        eu: RegionId,
+        us: RegionId,
+        gw: GatewayId,
+    }
+
+    fn fixture() -> Fixture {
+        let (eu, us): (RegionId, RegionId) = (id("eu"), id("us"));
+        let (a, b, us_site): (SiteId, SiteId, SiteId) = (id("a"), id("b"), id("c"));
+        let gw: GatewayId = id("local");
+        let mut router = Router::default();
+        for (site, region, addr) in [
+            (&a, &eu, "100.64.0.2/32"),
+            (&b, &eu, "100.64.0.3/32"),
+            (&us_site, &us, "100.80.0.2/32"),
+        ] {
+            router.table.insert(Route {
+                prefix: net(addr),
+                kind: RouteKind::SiteAddress,
+                target: RouteTarget::Site(site.clone()),
+                region: region.clone(),
+            });
+        }
+        router.table.insert(Route {
+            prefix: net("fd00::2/128"),
+            kind: RouteKind::SiteAddress,
+            target: RouteTarget::Site(a.clone()),
+            region: eu.clone(),
+        });
+        router.table.insert(Route {
+            prefix: net("10.20.0.0/16"),
+            kind: RouteKind::Gateway,
+            target: RouteTarget::Gateway(gw.clone()),
+            region: eu.clone(),
+        });
+        router
+            .router_addresses
+            .insert(eu.clone(), vec![id("100.64.0.1"), id("fd00::1")]);
+        Fixture {
+            router,
+            a,
+            b,
+            us_site,
+            eu,
+            us,
+            gw,
+        }
+    }
+
+    const MTU: usize = 1400;
+
+    #[test]
+    fn site_to_gateway_and_back() {
+        let f = fixture();
+        let allowed = [net("100.64.0.2/32")];
+        let ingress = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        let mut p = ipv4([100, 64, 0, 2], [10, 20, 0, 10], PROTO_TCP, &[0; 20], true);
+        let v = f.router.decide(&ingress, &mut p, |_| Some(MTU));
+        assert!(
+            matches!(&v, Verdict::Forward(r) if r.target == RouteTarget::Gateway(f.gw.clone())),
+            "{v:?}"
+        );
+        assert_eq!(p[8], 63, "TTL decremented");
+        assert_eq!(ip::checksum(&[&p[..20]]), 0);
+
+        let gw_allowed = [net("10.20.0.0/16")];
+        let from_gw = Ingress::Gateway {
+            gateway: &f.gw,
+            region: &f.eu,
+            allowed: &gw_allowed,
+        };
+        let mut back = ipv4([10, 20, 0, 10], [100, 64, 0, 2], PROTO_TCP, &[0; 20], true);
+        assert!(
+            matches!(f.router.decide(&from_gw, &mut back, |_| Some(MTU)), Verdict::Forward(r) if r.target == RouteTarget::Site(f.a.clone()))
+        );
+        // Site to site in the same region.
+        let mut s2s = ipv4([100, 64, 0, 2], [100, 64, 0, 3], PROTO_UDP, &[0; 8], true);
+        assert!(
+            matches!(f.router.decide(&ingress, &mut s2s, |_| Some(MTU)), Verdict::Forward(r) if r.target == RouteTarget::Site(f.b.clone()))
+        );
+    }
+
+    #[test]
+    fn spoofed_sources_are_dropped() {
+        let f = fixture();
+        let allowed = [net("100.64.0.2/32")];
+        let ingress = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        let mut p = ipv4([100, 64, 0, 3], [10, 20, 0, 10], PROTO_TCP, &[0; 20], true);
+        assert_eq!(
+            f.router.decide(&ingress, &mut p, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        // A gateway may not claim a site's overlay address.
+        let from_gw = Ingress::Gateway {
+            gateway: &f.gw,
+            region: &f.eu,
+            allowed: &[],
+        };
+        let mut p = ipv4([100, 64, 0, 3], [100, 64, 0, 2], PROTO_TCP, &[0; 20], true);
+        assert_eq!(
+            f.router.decide(&from_gw, &mut p, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        let mut junk = vec![0x45, 0, 0];
+        assert_eq!(
+            f.router.decide(&ingress, &mut junk, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn residency_blocks_other_regions() {
+        let f = fixture();
+        let allowed = [net("100.80.0.2/32")];
+        let us_ingress = Ingress::Site {
+            site: &f.us_site,
+            region: &f.us,
+            allowed: &allowed,
+        };
+        let mut p = ipv4([100, 80, 0, 2], [10, 20, 0, 10], PROTO_TCP, &[0; 20], true);
+        // No router address for "us": a silent drop.
+        assert_eq!(
+            f.router.decide(&us_ingress, &mut p, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Residency)
+        );
+        // The eu gateway cannot reach the us site either.
+        let from_gw = Ingress::Gateway {
+            gateway: &f.gw,
+            region: &f.eu,
+            allowed: &[],
+        };
+        let mut p = ipv4([10, 20, 0, 10], [100, 80, 0, 2], PROTO_TCP, &[0; 20], true);
+        let v = f.router.decide(&from_gw, &mut p, |_| Some(MTU));
+        assert_eq!(v.drop_reason(), Some(DropReason::Residency));
+        assert!(
+            matches!(v, Verdict::Reply { .. }),
+            "administratively prohibited is sent back"
+        );
+        // An explicit policy opens it.
+        let mut open = f.router.clone();
+        open.residency = Residency::new(BTreeMap::from([(
+            f.us.clone(),
+            BTreeSet::from([f.eu.clone()]),
+        )]));
+        let mut p = ipv4([10, 20, 0, 10], [100, 80, 0, 2], PROTO_TCP, &[0; 20], true);
+        assert!(matches!(
+            open.decide(&from_gw, &mut p, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn errors_come_back_as_icmp() {
+        let f = fixture();
+        let allowed = [net("100.64.0.2/32"), net("fd00::2/128")];
+        let ingress = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        // No route: destination unreachable from the router address.
+        let mut p = ipv4([100, 64, 0, 2], [192, 0, 2, 1], PROTO_UDP, &[0; 8], true);
+        let Verdict::Reply {
+            icmp,
+            reason: DropReason::NoRoute,
+        } = f.router.decide(&ingress, &mut p, |_| Some(MTU))
+        else {
+            panic!("expected an ICMP reply")
+        };
+        let reply = Packet::parse(&icmp).unwrap();
+        assert_eq!(
+            (reply.src, reply.dst, reply.protocol),
+            (id("100.64.0.1"), id("100.64.0.2"), PROTO_ICMP)
+        );
+        // TTL 1: time exceeded.
+        let mut p = ipv4([100, 64, 0, 2], [10, 20, 0, 10], PROTO_UDP, &[0; 8], true);
+        p[8] = 1;
+        p[10..12].copy_from_slice(&[0, 0]);
+        let sum = ip::checksum(&[&p[..20]]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(
+            f.router
+                .decide(&ingress, &mut p, |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::TtlExpired)
+        );
+        // Too big with DF: packet too big carrying the next hop's MTU.
+        let mut big = ipv4(
+            [100, 64, 0, 2],
+            [10, 20, 0, 10],
+            PROTO_TCP,
+            &[0; 1480],
+            true,
+        );
+        let Verdict::Reply {
+            icmp,
+            reason: DropReason::TooBig,
+        } = f.router.decide(&ingress, &mut big, |_| Some(MTU))
+        else {
+            panic!("expected packet too big")
+        };
+        assert_eq!(&icmp[20..22], &[3, 4]);
+        assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), MTU as u16);
+        // Without DF: fragments that fit.
+        let mut big = ipv4(
+            [100, 64, 0, 2],
+            [10, 20, 0, 10],
+            PROTO_UDP,
+            &[0; 3000],
+            false,
+        );
+        let Verdict::Fragments(_, frags) = f.router.decide(&ingress, &mut big, |_| Some(MTU))
+        else {
+            panic!("expected fragments")
+        };
+        assert!(frags.len() == 3 && frags.iter().all(|x| x.len() <= MTU));
+        // IPv6 too big: ICMPv6 packet too big.
+        let mut big6 = ipv6("fd00::2", "fd00::9", PROTO_TCP, &[0; 1400]);
+        assert_eq!(
+            f.router
+                .decide(&ingress, &mut big6, |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::NoRoute)
+        );
+        // Next hop gone.
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 3], PROTO_UDP, &[0; 8], true);
+        assert_eq!(
+            f.router.decide(&ingress, &mut p, |_| None).drop_reason(),
+            Some(DropReason::TargetDown)
+        );
+    }
+
+    #[test]
+    fn reachability_follows_residency() {
+        let f = fixture();
+        let pools = BTreeMap::from([
+            (f.eu.clone(), vec![net("100.64.0.0/16")]),
+            (f.us.clone(), vec![net("100.80.0.0/16")]),
+        ]);
+        assert_eq!(
+            f.router.reachable_from(&f.eu, &pools),
+            vec![net("10.20.0.0/16"), net("100.64.0.0/16")]
+        );
+        assert_eq!(
+            f.router.reachable_from(&f.us, &pools),
+            vec![net("100.80.0.0/16")]
+        );
+    }
+}

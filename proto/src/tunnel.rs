@@ -1,0 +1,479 @@
+//! CONNECT-IP sessions: the capsule exchange on both ends, and reconnection.
+//!
+//! [`BrokerSession`] is the broker's half of one site's tunnel. Inputs: the
+//! site's addresses when the session opens, the site's capsules, the results
+//! of LAN allocations. Outputs ([`BrokerAction`]): capsules to send,
+//! allocations to perform, routes to install. [`ClientSession`] is the site's
+//! half: it turns the broker's capsules into addresses and routes for the
+//! TUN device. [`Backoff`] spaces reconnection attempts.
+//!
+//! Contract for shells: call `open` once, then feed every capsule read from
+//! the request stream to `on_capsule` and perform the returned actions in
+//! order.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::capsule::Capsule;
+use crate::connect_ip::{
+    AddressAssign, AddressRequest, AssignedAddress, RequestedAddress, RouteAdvertisement,
+};
+use crate::net::{self, Family};
+
+/// What the broker's session asks its shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerAction {
+    /// Send this capsule on the request stream.
+    Send(Capsule),
+    /// Map the LAN `lan` behind the site into the pool (IPAM), then call
+    /// [`BrokerSession::on_allocated`] with `request_id`.
+    AllocateLan {
+        /// The site's Request ID.
+        request_id: u64,
+        /// The LAN prefix as the site numbers it.
+        lan: IpNet,
+    },
+    /// The prefixes the site routes (its accepted ROUTE_ADVERTISEMENT):
+    /// replace its LAN routes with these.
+    SetLanRoutes(Vec<IpNet>),
+    /// The site advertised prefixes it does not own; they were ignored.
+    RejectedRoutes(Vec<IpNet>),
+    /// An IP packet carried in a DATAGRAM capsule (HTTP/2).
+    Datagram(Vec<u8>),
+}
+
+/// The broker's half of a site's CONNECT-IP session.
+#[derive(Debug, Clone)]
+pub struct BrokerSession {
+    /// Assigned prefixes with the Request ID they answer (0: unsolicited).
+    assigned: BTreeMap<IpNet, u64>,
+    /// LAN mappings in flight, by Request ID.
+    pending: BTreeMap<u64, IpNet>,
+}
+
+impl BrokerSession {
+    /// A session for a site whose stable addresses are `addresses` (one per
+    /// family the region has pools for) and whose LAN mappings are `lans`.
+    pub fn new(addresses: &[IpNet], lans: &[IpNet]) -> Self {
+        Self {
+            assigned: addresses.iter().chain(lans).map(|&p| (p, 0)).collect(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Every prefix the site may use as a source.
+    pub fn source_prefixes(&self) -> Vec<IpNet> {
+        self.assigned.keys().copied().collect()
+    }
+
+    /// The opening capsules: ADDRESS_ASSIGN with the site's addresses, and
+    /// ROUTE_ADVERTISEMENT with what it may reach.
+    pub fn open(&self, reachable: &[IpNet]) -> Vec<BrokerAction> {
+        vec![
+            BrokerAction::Send(Capsule::AddressAssign(self.assign_capsule())),
+            BrokerAction::Send(Capsule::RouteAdvertisement(
+                RouteAdvertisement::from_prefixes(reachable.iter().copied()),
+            )),
+        ]
+    }
+
+    /// A new ROUTE_ADVERTISEMENT after routes changed.
+    pub fn advertise(&self, reachable: &[IpNet]) -> BrokerAction {
+        BrokerAction::Send(Capsule::RouteAdvertisement(
+            RouteAdvertisement::from_prefixes(reachable.iter().copied()),
+        ))
+    }
+
+    fn assign_capsule(&self) -> AddressAssign {
+        AddressAssign {
+            addresses: self
+                .assigned
+                .iter()
+                .map(|(&prefix, &request_id)| AssignedAddress { request_id, prefix })
+                .collect(),
+        }
+    }
+
+    /// A capsule arrived from the site.
+    pub fn on_capsule(&mut self, capsule: Capsule) -> Vec<BrokerAction> {
+        match capsule {
+            Capsule::AddressRequest(req) => self.on_address_request(req),
+            Capsule::RouteAdvertisement(ad) => self.on_route_advertisement(&ad),
+            Capsule::Datagram(payload) => vec![BrokerAction::Datagram(payload)],
+            // Sites do not assign addresses to the broker; unknown capsules
+            // are skipped (RFC 9297).
+            Capsule::AddressAssign(_) | Capsule::Unknown { .. } => Vec::new(),
+        }
+    }
+
+    fn on_address_request(&mut self, req: AddressRequest) -> Vec<BrokerAction> {
+        let mut actions = Vec::new();
+        let mut changed = false;
+        for RequestedAddress { request_id, prefix } in req.requests {
+            let family = Family::of(prefix.addr());
+            if prefix.prefix_len() == family.width() {
+                // A host address: the site's stable address of that family,
+                // whatever it asked for.
+                let own = self
+                    .assigned
+                    .keys()
+                    .find(|p| Family::of(p.addr()) == family && p.prefix_len() == family.width())
+                    .copied();
+                match own {
+                    Some(own) => {
+                        self.assigned.insert(own, request_id);
+                        changed = true;
+                    }
+                    None => actions.push(self.deny(request_id, family)),
+                }
+            } else if prefix.addr().is_unspecified() {
+                // A LAN mapping must name the LAN, so it can stay stable.
+                actions.push(self.deny(request_id, family));
+            } else if let Some((&mapped, _)) =
+                self.assigned.iter().find(|(_, id)| **id == request_id)
+            {
+                // A repeated request: answer with what it already got.
+                let _ = mapped;
+                changed = true;
+            } else {
+                self.pending.insert(request_id, prefix);
+                actions.push(BrokerAction::AllocateLan {
+                    request_id,
+                    lan: prefix,
+                });
+            }
+        }
+        if changed {
+            actions.push(BrokerAction::Send(Capsule::AddressAssign(
+                self.assign_capsule(),
+            )));
+        }
+        actions
+    }
+
+    /// RFC 9484 section 4.7.1: a request that cannot be honoured is answered
+    /// with the unspecified address and the full prefix length.
+    fn deny(&self, request_id: u64, family: Family) -> BrokerAction {
+        let unspecified = net::prefix(family, 0, family.width());
+        let mut assign = self.assign_capsule();
+        assign.addresses.push(AssignedAddress {
+            request_id,
+            prefix: unspecified,
+        });
+        BrokerAction::Send(Capsule::AddressAssign(assign))
+    }
+
+    /// The outcome of an [`BrokerAction::AllocateLan`].
+    pub fn on_allocated(&mut self, request_id: u64, result: Option<IpNet>) -> Vec<BrokerAction> {
+        let Some(lan) = self.pending.remove(&request_id) else {
+            return Vec::new();
+        };
+        match result {
+            Some(mapped) => {
+                self.assigned.insert(mapped, request_id);
+                vec![BrokerAction::Send(Capsule::AddressAssign(
+                    self.assign_capsule(),
+                ))]
+            }
+            None => vec![self.deny(request_id, Family::of(lan.addr()))],
+        }
+    }
+
+    fn on_route_advertisement(&mut self, ad: &RouteAdvertisement) -> Vec<BrokerAction> {
+        // Only prefixes inside what the site was assigned, for all protocols;
+        // its own host address is already routed.
+        let (mut accepted, mut rejected) = (Vec::new(), Vec::new());
+        for range in &ad.ranges {
+            for prefix in range.to_prefixes() {
+                let owned = self.assigned.keys().any(|a| a.contains(&prefix));
+                let host = self
+                    .assigned
+                    .keys()
+                    .any(|a| *a == prefix && a.prefix_len() == a.max_prefix_len());
+                if owned && range.protocol == 0 {
+                    if !host {
+                        accepted.push(prefix);
+                    }
+                } else {
+                    rejected.push(prefix);
+                }
+            }
+        }
+        let mut actions = vec![BrokerAction::SetLanRoutes(accepted)];
+        if !rejected.is_empty() {
+            actions.push(BrokerAction::RejectedRoutes(rejected));
+        }
+        actions
+    }
+}
+
+/// What the site's session reports to its shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The addresses this site may use (replace the TUN's addresses).
+    Addresses(Vec<IpNet>),
+    /// The prefixes reachable through the tunnel (replace the routes).
+    Routes(Vec<IpNet>),
+    /// A request this site made was denied.
+    Denied {
+        /// Its Request ID.
+        request_id: u64,
+    },
+    /// An IP packet carried in a DATAGRAM capsule (HTTP/2).
+    Datagram(Vec<u8>),
+}
+
+/// The site's half of a CONNECT-IP session.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSession {
+    addresses: Vec<IpNet>,
+    routes: Vec<IpNet>,
+}
+
+impl ClientSession {
+    /// The addresses last assigned.
+    pub fn addresses(&self) -> &[IpNet] {
+        &self.addresses
+    }
+
+    /// The routes last advertised.
+    pub fn routes(&self) -> &[IpNet] {
+        &self.routes
+    }
+
+    /// The address of `family` assigned as a single host, if any.
+    pub fn host_address(&self, family: Family) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|p| Family::of(p.addr()) == family && p.prefix_len() == family.width())
+            .map(|p| p.addr())
+    }
+
+    /// A capsule arrived from the broker.
+    pub fn on_capsule(&mut self, capsule: Capsule) -> Vec<ClientEvent> {
+        match capsule {
+            Capsule::AddressAssign(assign) => {
+                let mut events = Vec::new();
+                let mut addresses = Vec::new();
+                for a in assign.addresses {
+                    if a.prefix.addr().is_unspecified() {
+                        events.push(ClientEvent::Denied {
+                            request_id: a.request_id,
+                        });
+                    } else {
+                        addresses.push(a.prefix);
+                    }
+                }
+                addresses.sort();
+                addresses.dedup();
+                if addresses != self.addresses {
+                    self.addresses = addresses.clone();
+                    events.push(ClientEvent::Addresses(addresses));
+                }
+                events
+            }
+            Capsule::RouteAdvertisement(ad) => {
+                let routes: Vec<IpNet> = ad
+                    .ranges
+                    .iter()
+                    .filter(|r| r.protocol == 0)
+                    .flat_map(|r| r.to_prefixes())
+                    .collect();
+                if routes == self.routes {
+                    return Vec::new();
+                }
+                self.routes = routes.clone();
+                vec![ClientEvent::Routes(routes)]
+            }
+            Capsule::Datagram(payload) => vec![ClientEvent::Datagram(payload)],
+            Capsule::AddressRequest(_) | Capsule::Unknown { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter, capped, from a seeded generator:
+/// attempt *n* waits a uniformly random time in `[d/2, d]` where
+/// `d = min(max, base * 2^n)`. Reset after a connection that lasted.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+    state: u64,
+}
+
+impl Backoff {
+    /// A backoff starting at `base`, never exceeding `max`, jittered from
+    /// `seed`.
+    pub fn new(base: Duration, max: Duration, seed: u64) -> Self {
+        // splitmix64 spreads nearby seeds apart; xorshift needs a non-zero state.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        Self {
+            base,
+            max,
+            attempt: 0,
+            state: if z == 0 { 0x2545_f491_4f6c_dd1d } else { z },
+        }
+    }
+
+    /// The wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let ceiling = self.base.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        // xorshift64*
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let r = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let fraction = 0.5 + (r >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
+        ceiling.mul_f64(fraction)
+    }
+
+    /// Start over (after a successful, lasting connection).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn open_assigns_and_advertises() {
+        let broker = BrokerSession::new(&[net("100.64.0.7/32"), net("fd00::7/128")], &[]);
+        let actions = broker.open(&[net("100.64.0.0/16"), net("10.20.0.0/16")]);
+        let mut client = ClientSession::default();
+        let mut events = Vec::new();
+        for a in actions {
+            let BrokerAction::Send(c) = a else {
+                panic!("{a:?}")
+            };
+            events.extend(client.on_capsule(c));
+        }
+        assert_eq!(
+            client.host_address(Family::V4),
+            Some("100.64.0.7".parse().unwrap())
+        );
+        assert_eq!(
+            client.host_address(Family::V6),
+            Some("fd00::7".parse().unwrap())
+        );
+        assert_eq!(
+            client.routes(),
+            &[net("10.20.0.0/16"), net("100.64.0.0/16")]
+        );
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn address_requests() {
+        let mut broker = BrokerSession::new(&[net("100.64.0.7/32")], &[]);
+        // Asking for a host address gets the stable one, echoing the ID.
+        let actions = broker.on_capsule(Capsule::AddressRequest(AddressRequest {
+            requests: vec![RequestedAddress {
+                request_id: 5,
+                prefix: net("0.0.0.0/32"),
+            }],
+        }));
+        let [BrokerAction::Send(Capsule::AddressAssign(a))] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(
+            a.addresses,
+            vec![AssignedAddress {
+                request_id: 5,
+                prefix: net("100.64.0.7/32")
+            }]
+        );
+        // An IPv6 host address without an IPv6 pool is denied.
+        let actions = broker.on_capsule(Capsule::AddressRequest(AddressRequest {
+            requests: vec![RequestedAddress {
+                request_id: 6,
+                prefix: net("::/128"),
+            }],
+        }));
+        let [BrokerAction::Send(Capsule::AddressAssign(a))] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert!(a.addresses.contains(&AssignedAddress {
+            request_id: 6,
+            prefix: net("::/128")
+        }));
+        // A LAN is mapped through IPAM.
+        let actions = broker.on_capsule(Capsule::AddressRequest(AddressRequest {
+            requests: vec![RequestedAddress {
+                request_id: 7,
+                prefix: net("192.168.1.0/24"),
+            }],
+        }));
+        assert_eq!(
+            actions,
+            vec![BrokerAction::AllocateLan {
+                request_id: 7,
+                lan: net("192.168.1.0/24")
+            }]
+        );
+        let actions = broker.on_allocated(7, Some(net("100.64.9.0/24")));
+        let [BrokerAction::Send(Capsule::AddressAssign(a))] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert!(a.addresses.contains(&AssignedAddress {
+            request_id: 7,
+            prefix: net("100.64.9.0/24")
+        }));
+        assert_eq!(
+            broker.source_prefixes(),
+            vec![net("100.64.0.7/32"), net("100.64.9.0/24")]
+        );
+    }
+
+    #[test]
+    fn site_may_only_advertise_what_it_owns() {
+        let mut broker = BrokerSession::new(&[net("100.64.0.7/32")], &[net("100.64.9.0/24")]);
+        let actions = broker.on_capsule(Capsule::RouteAdvertisement(
+            RouteAdvertisement::from_prefixes([
+                net("100.64.9.0/25"),
+                net("100.64.0.7/32"),
+                net("10.0.0.0/8"),
+            ]),
+        ));
+        assert_eq!(
+            actions,
+            vec![
+                BrokerAction::SetLanRoutes(vec![net("100.64.9.0/25")]),
+                BrokerAction::RejectedRoutes(vec![net("10.0.0.0/8")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn backoff_grows_jittered_and_capped() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 42);
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(250) && delays[0] <= Duration::from_millis(500));
+        assert!(delays[3] >= Duration::from_secs(2) && delays[3] <= Duration::from_secs(4));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(30)));
+        assert!(
+            delays[11] >= Duration::from_secs(15),
+            "capped range is [max/2, max]"
+        );
+        // Two agents with different seeds do not retry in lockstep.
+        let mut other = Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 43);
+        let other_delays: Vec<Duration> = (0..12).map(|_| other.next_delay()).collect();
+        assert_ne!(delays, other_delays);
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+}
