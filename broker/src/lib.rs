@@ -1,5 +1,23 @@
-//! The tether broker: terminates site tunnels, allocates addresses from the
-//! operator's pools, routes packets between sites and gateways, and serves
-//! the admin API.
+//! The tether broker: terminates site tunnels (CONNECT-IP over HTTP/3),
+//! allocates addresses from the operator's pools, routes packets between
+//! sites and gateways, and serves the admin API.
+//!
+//! - [`run`]: start and stop; [`state`]: the shared state.
+//! - [`server`]: the QUIC/HTTP/3 listener; [`tunnel`]: a site's session;
+//!   [`enroll`]: enrollment and renewal.
+//! - [`plane`]: the forwarding plane; [`local_gateway`]: the TUN device.
+//! - [`admin`]: the admin API; [`admin_client`]: its CLI client.
+//! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
+pub mod admin;
+pub mod admin_client;
+pub mod enroll;
+pub mod local_gateway;
+pub mod metrics;
 pub mod paths;
+pub mod plane;
+pub mod run;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod tunnel;

@@ -6,12 +6,17 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tether_config::broker::BrokerFile;
+use tether_broker::admin_client::AdminClient;
+use tether_broker::run::{ADMIN_TOKEN_FILE, data_dir};
+use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_pki::{Ca, TrustDomain};
+use tether_proto::api::{RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse};
+use tether_proto::ids::{RegionId, SiteId};
+use tether_proto::route::Route;
 
-/// The tether broker: sites dial out to it over mTLS (HTTP/3, HTTP/2); it
-/// assigns them addresses from the operator's own pools and routes traffic
-/// between sites and gateways.
+/// The tether broker: sites dial out to it over mTLS (HTTP/3); it assigns
+/// them addresses from the operator's own pools and routes traffic between
+/// sites and gateways.
 #[derive(Debug, Parser)]
 #[command(name = "tether-broker", version, propagate_version = true)]
 struct Cli {
@@ -19,14 +24,46 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Configuration file; without it the embedded defaults apply (loopback
+    /// only; data directory /var/lib/tether-broker as root, else
+    /// ~/.local/state/tether-broker).
+    #[arg(long, short, env = "TETHER_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the broker (tunnel listeners, admin API, DNS).
+    /// Run the broker: tunnel listener, admin API, local gateway.
     Run {
-        /// Configuration file; without it the embedded defaults apply
-        /// (loopback only, a data directory under your home or /var/lib).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Sites.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
+    /// List sites, their addresses and sessions.
+    Sites {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List live sessions.
+    Sessions {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List routes.
+    Routes {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Manage the certificate authority.
     Pki {
@@ -41,13 +78,45 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a one-time enrollment token for a site (registers the site).
+    Create {
+        /// Site id, unique across the deployment (e.g. hospital-a).
+        #[arg(long)]
+        site: SiteId,
+        /// Region of the site (data residency).
+        #[arg(long)]
+        region: RegionId,
+        /// How long the token stays valid (default: the broker's token_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Revoke a site: its live tunnel is closed and it cannot reconnect.
+    Revoke {
+        /// Site id.
+        #[arg(long)]
+        site: SiteId,
+        /// Region of the site.
+        #[arg(long)]
+        region: RegionId,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum PkiCommand {
     /// Create the CA (ECDSA P-256) in the data directory. Refuses to
-    /// overwrite an existing CA.
+    /// overwrite an existing CA. (`run` does this on first start.)
     Init {
-        /// Configuration file to take data_dir and trust_domain from.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Data directory (overrides the configuration).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -76,8 +145,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match run(cli) {
+    match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tether-broker: {e:#}");
@@ -86,46 +154,187 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_file(path: Option<&PathBuf>) -> anyhow::Result<BrokerFile> {
-    Ok(match path {
-        Some(path) => BrokerFile::load(path)?,
-        None => BrokerFile::default(),
-    })
+fn load(arg: &ConfigArg) -> anyhow::Result<(BrokerFile, BrokerConfig)> {
+    let (file, origin) = match &arg.config {
+        Some(path) => (BrokerFile::load(path)?, path.display().to_string()),
+        None => (BrokerFile::default(), "embedded defaults".to_string()),
+    };
+    let config = file.validate(&origin)?;
+    Ok((file, config))
+}
+
+/// The admin API client for the broker the configuration describes.
+fn admin(arg: &ConfigArg) -> anyhow::Result<AdminClient> {
+    let (_, config) = load(arg)?;
+    let url = std::env::var("TETHER_ADMIN_URL")
+        .unwrap_or_else(|_| format!("http://{}", config.admin_listen));
+    let token = match std::env::var("TETHER_ADMIN_TOKEN") {
+        Ok(t) => t,
+        Err(_) => {
+            let path = data_dir(&config).join(ADMIN_TOKEN_FILE);
+            std::fs::read_to_string(&path).with_context(|| {
+                format!("cannot read the admin token {} (run as the broker's user, or set TETHER_ADMIN_TOKEN)", path.display())
+            })?
+        }
+    };
+    Ok(AdminClient::new(&url, &token))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { .. } => {
-            eprintln!("tether-broker run: the tunnel listener is not available in this build yet");
-            Ok(ExitCode::from(2))
+        Command::Run { config } => {
+            let (_, config) = load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    site,
+                    region,
+                    ttl,
+                    config,
+                },
+        } => {
+            let created: TokenResponse =
+                admin(&config)?.post("/v1/tokens", &TokenRequest { site, region, ttl })?;
+            let expires = humantime::format_rfc3339_seconds(tether_pki::token::from_unix_secs(
+                created.expires_at,
+            ));
+            println!(
+                "Enrollment token for site {} in region {} (valid until {expires}, single use):",
+                created.site, created.region
+            );
+            println!();
+            println!("  {}", created.code);
+            println!();
+            println!("On the site, run:");
+            println!("  {}", created.enroll_command);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Site {
+            command:
+                SiteCommand::Revoke {
+                    site,
+                    region,
+                    config,
+                },
+        } => {
+            let r: RevokeResponse = admin(&config)?.post(
+                &format!("/v1/sites/{region}/{site}/revoke"),
+                &serde_json::json!({}),
+            )?;
+            println!(
+                "Site {} in region {} is revoked{}.",
+                r.site,
+                r.region,
+                if r.closed_session {
+                    "; its tunnel was closed"
+                } else {
+                    " (it was not connected)"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sites { config } => {
+            let sites: Vec<SiteInfo> = admin(&config)?.get("/v1/sites")?;
+            println!(
+                "{:<24} {:<14} {:<12} {:<10} ADDRESSES",
+                "SITE", "REGION", "STATE", "TRANSPORT"
+            );
+            for s in sites {
+                let state = if s.revoked {
+                    "revoked"
+                } else if s.session.is_some() {
+                    "connected"
+                } else if s.enrolled {
+                    "offline"
+                } else {
+                    "pending"
+                };
+                let transport = s
+                    .session
+                    .as_ref()
+                    .map(|x| x.transport.as_str())
+                    .unwrap_or("-");
+                let addrs: Vec<String> = s.addresses.iter().map(|a| a.to_string()).collect();
+                println!(
+                    "{:<24} {:<14} {:<12} {:<10} {}",
+                    s.site.as_str(),
+                    s.region.as_str(),
+                    state,
+                    transport,
+                    addrs.join(" ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sessions { config } => {
+            let sessions: Vec<SessionInfo> = admin(&config)?.get("/v1/sessions")?;
+            println!(
+                "{:<24} {:<14} {:<10} {:<24} {:>9} {:>14} {:>14}",
+                "SITE", "REGION", "TRANSPORT", "REMOTE", "RTT", "RX BYTES", "TX BYTES"
+            );
+            for s in sessions {
+                println!(
+                    "{:<24} {:<14} {:<10} {:<24} {:>7.1}ms {:>14} {:>14}",
+                    s.site.as_str(),
+                    s.region.as_str(),
+                    s.transport,
+                    s.remote.to_string(),
+                    s.rtt_ms,
+                    s.rx_bytes,
+                    s.tx_bytes
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Routes { config } => {
+            let routes: Vec<Route> = admin(&config)?.get("/v1/routes")?;
+            for r in routes {
+                println!(
+                    "{:<22} {:<13} {:<28} region {}",
+                    r.prefix.to_string(),
+                    r.kind.as_str(),
+                    r.target.to_string(),
+                    r.region
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Pki {
             command:
                 PkiCommand::Init {
                     config,
-                    data_dir,
+                    data_dir: dir,
                     trust_domain,
                 },
         } => {
-            let file = load_file(config.as_ref())?;
-            let data_dir = data_dir
+            let file = match &config.config {
+                Some(path) => BrokerFile::load(path)?,
+                None => BrokerFile::default(),
+            };
+            let dir = dir
                 .or(file.data_dir.clone())
                 .unwrap_or_else(tether_broker::paths::default_data_dir);
             let trust_domain = TrustDomain::new(trust_domain.unwrap_or(file.trust_domain))?;
-            let ca = Ca::init(&data_dir, trust_domain, SystemTime::now())
-                .with_context(|| format!("failed to create the CA in {}", data_dir.display()))?;
+            let ca = Ca::init(&dir, trust_domain, SystemTime::now())
+                .with_context(|| format!("failed to create the CA in {}", dir.display()))?;
             println!(
                 "Created the tether CA for trust domain {} in {}",
                 ca.trust_domain(),
-                data_dir.display()
+                dir.display()
             );
             println!(
                 "  certificate: {}",
-                data_dir.join(tether_pki::ca::CA_CERT_FILE).display()
+                dir.join(tether_pki::ca::CA_CERT_FILE).display()
             );
             println!(
                 "  private key: {} (mode 0600; back it up, keep it secret)",
-                data_dir.join(tether_pki::ca::CA_KEY_FILE).display()
+                dir.join(tether_pki::ca::CA_KEY_FILE).display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -144,4 +353,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
+    let running = tether_broker::run::start(config.clone()).await?;
+    let dir = data_dir(&config);
+    let region = config
+        .regions
+        .keys()
+        .next()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    let endpoint = running
+        .broker
+        .enroll_endpoints()
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    if running.created {
+        println!(
+            "Created a new CA, store and admin token in {}",
+            dir.display()
+        );
+    }
+    println!("tether broker is running");
+    println!("  trust domain  {}", config.trust_domain);
+    for addr in &running.tunnel_addrs {
+        println!("  tunnel        {addr} (UDP, HTTP/3 CONNECT-IP)");
+    }
+    println!(
+        "  admin API     http://{} (token in {})",
+        running.admin_addr,
+        dir.join(ADMIN_TOKEN_FILE).display()
+    );
+    if let Some(gw) = &config.local_gateway {
+        println!("  local gateway {} (region {})", gw.tun_name, gw.region);
+    }
+    println!();
+    println!("Enroll a site:");
+    println!("  1. here:        tether-broker token create --site <site-id> --region {region}");
+    println!("  2. on the site: tether enroll --broker {endpoint} --token <code from step 1>");
+    println!("                  tether up");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tether::state::{StateDir, default_state_dir};
 use tether_config::client::ClientFile;
 
 /// tether: connects this site to the cloud by dialling out. One token, one
@@ -20,18 +21,27 @@ struct Cli {
 enum Command {
     /// Enroll this site with a broker using a one-time token.
     Enroll {
-        /// Broker name or address (inside the published CIDR).
+        /// Broker name or address, with :port if not 443.
         #[arg(long)]
         broker: String,
-        /// The enrollment token from the operator (tt1-…).
+        /// The enrollment code from the operator (tt1-…).
         #[arg(long)]
         token: String,
+        /// State directory (default /var/lib/tether as root).
+        #[arg(long, env = "TETHER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Enroll again even if this site is already enrolled.
+        #[arg(long)]
+        force: bool,
     },
-    /// Connect this site and keep it connected.
+    /// Connect this site and keep it connected (until SIGTERM).
     Up {
-        /// Configuration file.
+        /// Configuration file (default: tether.toml in the state directory).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// State directory (default /var/lib/tether as root).
+        #[arg(long, env = "TETHER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Check why this site cannot connect, in plain words.
     Doctor,
@@ -74,10 +84,67 @@ fn not_available(what: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(match cli.command {
-        Command::Enroll { .. } => not_available("enroll"),
-        Command::Up { .. } => not_available("up"),
+        Command::Enroll {
+            broker,
+            token,
+            state_dir,
+            force,
+        } => {
+            let state = StateDir::new(state_dir.unwrap_or_else(default_state_dir));
+            let enrolled =
+                runtime()?.block_on(tether::enroll::enroll(&broker, &token, &state, force))?;
+            let r = enrolled.response;
+            println!("Enrolled: this site is {} in region {}.", r.site, r.region);
+            println!("  identity     {}", r.identity);
+            println!("  state        {}", state.path.display());
+            println!("  brokers      {}", r.brokers.join(", "));
+            println!("Next: run `tether up` to connect.");
+            ExitCode::SUCCESS
+        }
+        Command::Up { config, state_dir } => {
+            let state = StateDir::new(state_dir.unwrap_or_else(default_state_dir));
+            let path = config.unwrap_or_else(|| state.config_path());
+            let file = if path.exists() {
+                ClientFile::load(&path)?
+            } else {
+                anyhow::bail!(
+                    "no configuration at {}: enroll first (`tether enroll --broker <broker> --token <code>`), or pass --config",
+                    path.display()
+                );
+            };
+            let config = file.validate(&path.display().to_string())?;
+            let state = match &config.state_dir {
+                Some(dir) => StateDir::new(dir.clone()),
+                None => state,
+            };
+            runtime()?.block_on(async move {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    tracing::info!("stopping");
+                    let _ = tx.send(true);
+                });
+                tether::agent::run(config, state, rx).await
+            })?;
+            ExitCode::SUCCESS
+        }
         Command::Doctor => not_available("doctor"),
         Command::FirewallRule => not_available("firewall-rule"),
         Command::Routes => not_available("routes"),

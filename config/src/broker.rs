@@ -148,8 +148,8 @@ impl Default for AdminFile {
 impl Default for TunnelFile {
     fn default() -> Self {
         Self {
-            keepalive: "10s".into(),
-            idle_timeout: "30s".into(),
+            keepalive: "5s".into(),
+            idle_timeout: "15s".into(),
             site_cert_lifetime: "24h".into(),
             token_ttl: "24h".into(),
         }
@@ -638,7 +638,7 @@ mod tests {
         );
         assert_eq!(config.regions.len(), 1);
         assert!(config.admin_listen.ip().is_loopback());
-        assert_eq!(config.keepalive, Duration::from_secs(10));
+        assert_eq!(config.keepalive, Duration::from_secs(5));
         // The defaults survive a round trip through TOML.
         let again = BrokerFile::parse(&BrokerFile::default().to_toml(), "round-trip").unwrap();
         assert_eq!(again, BrokerFile::default());

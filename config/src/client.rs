@@ -80,7 +80,7 @@ impl Default for TransportFile {
     fn default() -> Self {
         Self {
             h3_timeout: "3s".into(),
-            keepalive: "10s".into(),
+            keepalive: "5s".into(),
             proxy: String::new(),
             max_backoff: "30s".into(),
         }

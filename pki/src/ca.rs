@@ -284,9 +284,7 @@ impl Ca {
             }
             .into());
         }
-        check_csr_key(csr_der)?;
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
-            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let csr = parse_csr(csr_der)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "tether");
@@ -376,6 +374,18 @@ pub fn site_key_and_csr(site_hint: &str) -> Result<(KeyPair, Vec<u8>), PkiError>
     params.distinguished_name = dn;
     let csr = params.serialize_request(&key)?;
     Ok((key, csr.der().to_vec()))
+}
+
+/// Checks a CSR without issuing anything: well formed, validly signed, an
+/// ECDSA P-256 key, no unsupported extensions.
+pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
+    parse_csr(csr_der).map(|_| ())
+}
+
+fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, PkiError> {
+    check_csr_key(csr_der)?;
+    CertificateSigningRequestParams::from_der(&csr_der.into())
+        .map_err(|e| PkiError::BadCsr(e.to_string()))
 }
 
 /// Requires the CSR's key to be ECDSA P-256, tether's only key type.

@@ -20,4 +20,4 @@ pub mod token;
 pub use ca::{Ca, IssuedCert, PkiError};
 pub use identity::{IdentityError, SiteIdentity, TrustDomain};
 pub use revocation::{RevocationSet, Revoked};
-pub use tls::{ClientAuth, PeerCert};
+pub use tls::{CertSlot, ClientAuth, PeerCert};

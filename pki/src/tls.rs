@@ -6,15 +6,16 @@
 //! usage) and then tether's own rules: exactly one SPIFFE identity of the
 //! deployment's trust domain, not revoked.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
     RootCertStore, ServerConfig, SignatureScheme,
@@ -144,6 +145,44 @@ impl ClientCertVerifier for SiteVerifier {
     }
 }
 
+/// The broker's current certificate, replaceable while it serves: the
+/// broker renews its certificate before it expires without a restart.
+#[derive(Debug)]
+pub struct CertSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertSlot {
+    /// A slot holding `chain` and `key`.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            current: RwLock::new(Arc::new(CertifiedKey::from_der(chain, key, &provider())?)),
+        })
+    }
+
+    /// Replaces the certificate for new handshakes.
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), Error> {
+        let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider())?);
+        if let Ok(mut current) = self.current.write() {
+            *current = certified;
+        }
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|c| c.clone())
+    }
+}
+
 /// A broker's server configuration: its certificate chain and key, site
 /// certificates verified against `ca` with `revocations` consulted at every
 /// handshake.
@@ -152,6 +191,19 @@ pub fn server_config(
     trust_domain: &TrustDomain,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    revocations: Arc<RevocationSet>,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, Error> {
+    let slot = Arc::new(CertSlot::new(chain, key)?);
+    server_config_with_cert(ca, trust_domain, slot, revocations, client_auth)
+}
+
+/// Like [`server_config`], with the certificate taken from `cert` at each
+/// handshake.
+pub fn server_config_with_cert(
+    ca: &CertificateDer<'_>,
+    trust_domain: &TrustDomain,
+    cert: Arc<dyn ResolvesServerCert>,
     revocations: Arc<RevocationSet>,
     client_auth: ClientAuth,
 ) -> Result<ServerConfig, Error> {
@@ -167,10 +219,10 @@ pub fn server_config(
         revocations,
         mandatory: client_auth == ClientAuth::Required,
     };
-    ServerConfig::builder_with_provider(provider)
+    Ok(ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(chain, key)
+        .with_cert_resolver(cert))
 }
 
 /// A site's (or operator tool's) client configuration: trusts only `ca`,
@@ -190,4 +242,92 @@ pub fn client_config(
         Some((chain, key)) => builder.with_client_auth_cert(chain, key),
         None => Ok(builder.with_no_client_auth()),
     }
+}
+
+/// The pin of a CA certificate: the first 128 bits of the SHA-256 of its
+/// DER encoding, in lowercase base32 (26 characters).
+pub fn ca_pin(ca: &CertificateDer<'_>) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(ca.as_ref());
+    data_encoding::BASE32_NOPAD
+        .encode(digest.get(..16).unwrap_or_default())
+        .to_ascii_lowercase()
+}
+
+/// Verifies a broker before enrollment: its chain must contain a CA
+/// certificate whose pin matches, and the broker's certificate must chain to
+/// that CA and name the broker.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| ca_pin(c) == self.pin)
+            .ok_or(Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+        WebPkiServerVerifier::builder_with_provider(roots(ca)?, self.provider.clone())
+            .build()
+            .map_err(|e| Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client configuration for enrollment: no client certificate, and the
+/// broker authenticated through the CA pin of the enrollment code.
+pub fn enrollment_client_config(ca_pin: &str) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let verifier = PinnedVerifier {
+        pin: ca_pin.to_ascii_lowercase(),
+        provider: provider.clone(),
+    };
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
 }

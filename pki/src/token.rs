@@ -137,19 +137,73 @@ fn hash_unchecked(secret: &str) -> TokenHash {
     TokenHash(Sha256::digest(secret.as_bytes()).into())
 }
 
-/// The hash of a token, after checking that it looks like one.
-pub fn hash_secret(secret: &str) -> Result<TokenHash, RedeemError> {
-    let secret = secret.trim();
-    let body = secret
-        .strip_prefix(TOKEN_PREFIX)
-        .ok_or(RedeemError::Malformed)?;
-    let decoded = BASE32_NOPAD
-        .decode(body.to_ascii_uppercase().as_bytes())
-        .map_err(|_| RedeemError::Malformed)?;
-    if decoded.len() != TOKEN_BYTES {
-        return Err(RedeemError::Malformed);
+/// An enrollment code as a field engineer receives it: the token and,
+/// after a dash, the pin of the CA that signs the broker's certificate
+/// (`tt1-<32 characters>-<26 characters>`), so the site can authenticate
+/// the broker before it has the CA.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnrollmentCode {
+    /// The token part, `tt1-…`.
+    pub secret: String,
+    /// The CA pin, if the code carries one.
+    pub ca_pin: Option<String>,
+}
+
+impl fmt::Debug for EnrollmentCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollmentCode")
+            .field("secret", &"<redacted>")
+            .field("ca_pin", &self.ca_pin)
+            .finish()
     }
-    Ok(hash_unchecked(&secret.to_ascii_lowercase()))
+}
+
+/// Length of a CA pin in base32 characters (128 bits).
+pub const CA_PIN_LEN: usize = 26;
+
+impl EnrollmentCode {
+    /// Joins a token and a CA pin.
+    pub fn format(secret: &str, ca_pin: &str) -> String {
+        format!("{secret}-{ca_pin}")
+    }
+
+    /// Parses a code (or a bare token), tolerating surrounding whitespace
+    /// and upper case.
+    pub fn parse(text: &str) -> Result<Self, RedeemError> {
+        let text = text.trim().to_ascii_lowercase();
+        let body = text
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(RedeemError::Malformed)?;
+        let (secret_part, pin) = match body.split_once('-') {
+            Some((s, p)) => (s, Some(p)),
+            None => (body, None),
+        };
+        let decoded = BASE32_NOPAD
+            .decode(secret_part.to_ascii_uppercase().as_bytes())
+            .map_err(|_| RedeemError::Malformed)?;
+        if decoded.len() != TOKEN_BYTES {
+            return Err(RedeemError::Malformed);
+        }
+        if let Some(pin) = pin
+            && (pin.len() != CA_PIN_LEN
+                || BASE32_NOPAD
+                    .decode(pin.to_ascii_uppercase().as_bytes())
+                    .is_err())
+        {
+            return Err(RedeemError::Malformed);
+        }
+        Ok(Self {
+            secret: format!("{TOKEN_PREFIX}{secret_part}"),
+            ca_pin: pin.map(str::to_string),
+        })
+    }
+}
+
+/// The hash of a token (or of the token part of an enrollment code), after
+/// checking that it looks like one.
+pub fn hash_secret(text: &str) -> Result<TokenHash, RedeemError> {
+    let code = EnrollmentCode::parse(text)?;
+    Ok(hash_unchecked(&code.secret))
 }
 
 /// Redeems `secret` at `now`: the token is consumed whatever the outcome of
@@ -249,6 +303,17 @@ mod tests {
         assert_ne!(t.secret, other.secret);
         assert_eq!(hash_secret("tt1-short"), Err(RedeemError::Malformed));
         assert_eq!(hash_secret("hello"), Err(RedeemError::Malformed));
+        // A full enrollment code hashes like its token part.
+        let pin = BASE32_NOPAD.encode(&[7u8; 16]).to_ascii_lowercase();
+        let code = EnrollmentCode::format(&t.secret, &pin);
+        assert_eq!(hash_secret(&code), Ok(t.record.hash));
+        let parsed = EnrollmentCode::parse(&code).unwrap();
+        assert_eq!(parsed.ca_pin.as_deref(), Some(pin.as_str()));
+        assert!(!format!("{parsed:?}").contains(&t.secret[4..]));
+        assert_eq!(
+            hash_secret(&format!("{}-short", t.secret)),
+            Err(RedeemError::Malformed)
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use rustls::{
     ServerConnection,
 };
 use tether_pki::ca::{DEFAULT_SERVER_CERT_LIFETIME, DEFAULT_SITE_CERT_LIFETIME, site_key_and_csr};
-use tether_pki::tls::{client_config, peer_identity, server_config};
+use tether_pki::tls::{
+    ca_pin, client_config, enrollment_client_config, peer_identity, server_config,
+};
 use tether_pki::{Ca, ClientAuth, PeerCert, RevocationSet, Revoked, SiteIdentity, TrustDomain};
 use tether_proto::ids::{RegionId, SiteId};
 
@@ -473,4 +475,69 @@ fn openssl_verifies_issued_certificates() {
     // A site certificate is not a server certificate.
     let (ok, _) = verify("sslserver", &site);
     assert!(!ok, "site certificate must not verify for server use");
+}
+
+#[test]
+fn enrollment_trusts_only_the_pinned_ca() {
+    let d = Deployment::new();
+    // Brokers send their CA after their certificate, so a new site can check
+    // the pin from its enrollment code.
+    let mut chain = d.server_chain.clone();
+    chain.push(d.ca.cert_der().clone());
+    let server = server_config(
+        d.ca.cert_der(),
+        &td(),
+        chain.clone(),
+        d.server_key.clone_key(),
+        d.revocations.clone(),
+        ClientAuth::Optional,
+    )
+    .unwrap();
+    let pin = ca_pin(d.ca.cert_der());
+    assert_eq!(pin.len(), 26);
+    assert_eq!(
+        handshake(enrollment_client_config(&pin).unwrap(), server, BROKER_NAME).unwrap(),
+        None
+    );
+
+    // A different pin: refused.
+    let other = Deployment::new();
+    let server = server_config(
+        d.ca.cert_der(),
+        &td(),
+        chain.clone(),
+        d.server_key.clone_key(),
+        d.revocations.clone(),
+        ClientAuth::Optional,
+    )
+    .unwrap();
+    assert_cert_error(
+        handshake(
+            enrollment_client_config(&ca_pin(other.ca.cert_der())).unwrap(),
+            server,
+            BROKER_NAME,
+        ),
+        |e| matches!(e, CertificateError::UnknownIssuer),
+        "wrong pin",
+    );
+    // An impostor that sends the real CA certificate but signs its own leaf.
+    let mut forged = other.server_chain.clone();
+    forged.push(d.ca.cert_der().clone());
+    let impostor = server_config(
+        other.ca.cert_der(),
+        &td(),
+        forged,
+        other.server_key.clone_key(),
+        other.revocations.clone(),
+        ClientAuth::Optional,
+    )
+    .unwrap();
+    assert!(
+        handshake(
+            enrollment_client_config(&pin).unwrap(),
+            impostor,
+            BROKER_NAME
+        )
+        .is_err()
+    );
 }

@@ -5,7 +5,8 @@
 //! error, or drop it with a [`DropReason`]. The broker's shell performs the
 //! verdict; nothing here touches a socket. The checks, in order:
 //!
-//! 1. the packet parses as IPv4 or IPv6;
+//! 1. the packet parses as IPv4 or IPv6, and is not link-scoped (link-local
+//!    or multicast traffic never leaves its link);
 //! 2. anti-spoofing: a site may only send from its assigned prefixes; a
 //!    gateway only from its registered prefixes, and never from an overlay
 //!    address owned by a site;
@@ -50,11 +51,14 @@ pub enum DropReason {
     QueueFull,
     /// An HTTP Datagram with a context ID tether does not use.
     UnknownContext,
+    /// Link-scoped traffic (IPv6 link-local or multicast, IPv4 link-local),
+    /// which never leaves its link.
+    LinkLocal,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::NoRoute,
@@ -65,6 +69,7 @@ impl DropReason {
         DropReason::TargetDown,
         DropReason::QueueFull,
         DropReason::UnknownContext,
+        DropReason::LinkLocal,
     ];
 
     /// The label used in metrics and logs.
@@ -80,6 +85,7 @@ impl DropReason {
             DropReason::TargetDown => "target_down",
             DropReason::QueueFull => "queue_full",
             DropReason::UnknownContext => "unknown_context",
+            DropReason::LinkLocal => "link_local",
         }
     }
 }
@@ -171,6 +177,16 @@ impl Residency {
     }
 }
 
+/// Whether an address belongs to a single link: IPv4 link-local
+/// (169.254/16), multicast or broadcast, IPv6 link-local (fe80::/10) or
+/// multicast.
+fn link_scoped(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.is_link_local() || a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80 || a.is_multicast(),
+    }
+}
+
 /// What to do with a packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -232,6 +248,9 @@ impl Router {
             parsed.total_len,
             parsed.dont_fragment,
         );
+        if link_scoped(src) || link_scoped(dst) {
+            return Verdict::Drop(DropReason::LinkLocal);
+        }
         let spoofed = match ingress {
             Ingress::Site { allowed, .. } => ip::check_source(&parsed, allowed).is_err(),
             Ingress::Gateway { allowed, .. } => {
@@ -469,6 +488,12 @@ mod tests {
         assert_eq!(
             f.router.decide(&ingress, &mut junk, |_| Some(MTU)),
             Verdict::Drop(DropReason::Malformed)
+        );
+        // Router solicitations and the like stay on their link.
+        let mut rs = ipv6("fe80::1", "ff02::2", 58, &[133, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            f.router.decide(&ingress, &mut rs, |_| Some(MTU)),
+            Verdict::Drop(DropReason::LinkLocal)
         );
     }
 

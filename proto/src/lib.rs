@@ -18,10 +18,13 @@
 //!   residency, TTL, MTU) as a value.
 //! - [`tunnel`]: the CONNECT-IP session logic of broker and site, and
 //!   reconnection backoff.
+//! - `api`: tether's own JSON messages (enrollment, admin API).
 //! - [`ids`], [`net`]: identifiers and prefix arithmetic shared by the above.
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "serde")]
+pub mod api;
 pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;

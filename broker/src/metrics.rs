@@ -1,0 +1,97 @@
+//! The broker's Prometheus metrics.
+//!
+//! Names follow `tether_broker_<thing>_<unit>`; every drop carries a
+//! `reason`. Counter handles are registered once, so the packet path only
+//! does atomic additions.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tether_proto::forward::DropReason;
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // A second broker in the same process (tests) shares the first
+        // recorder; failing to install again is expected then.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Pre-registered metric handles.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Packets received from sites.
+    pub from_site_packets: Counter,
+    /// Bytes received from sites.
+    pub from_site_bytes: Counter,
+    /// Packets sent to sites.
+    pub to_site_packets: Counter,
+    /// Bytes sent to sites.
+    pub to_site_bytes: Counter,
+    /// Packets received from gateways.
+    pub from_gateway_packets: Counter,
+    /// Packets sent to gateways.
+    pub to_gateway_packets: Counter,
+    /// Drops by reason.
+    pub drops: BTreeMap<DropReason, Counter>,
+    /// ICMP errors sent.
+    pub icmp_sent: Counter,
+    /// Live sessions over HTTP/3.
+    pub sessions_h3: Gauge,
+}
+
+impl Metrics {
+    /// Registers the broker's metrics with the global recorder.
+    pub fn register() -> Self {
+        recorder();
+        let drops = DropReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    counter!("tether_broker_packets_dropped_total", "reason" => r.as_str()),
+                )
+            })
+            .collect();
+        Self {
+            from_site_packets: counter!("tether_broker_packets_total", "direction" => "from_site"),
+            from_site_bytes: counter!("tether_broker_bytes_total", "direction" => "from_site"),
+            to_site_packets: counter!("tether_broker_packets_total", "direction" => "to_site"),
+            to_site_bytes: counter!("tether_broker_bytes_total", "direction" => "to_site"),
+            from_gateway_packets: counter!("tether_broker_packets_total", "direction" => "from_gateway"),
+            to_gateway_packets: counter!("tether_broker_packets_total", "direction" => "to_gateway"),
+            drops,
+            icmp_sent: counter!("tether_broker_icmp_errors_sent_total"),
+            sessions_h3: gauge!("tether_broker_sessions", "transport" => "h3"),
+        }
+    }
+
+    /// Counts a drop.
+    pub fn drop(&self, reason: DropReason) {
+        if let Some(c) = self.drops.get(&reason) {
+            c.increment(1);
+        }
+    }
+}
+
+/// Counts an enrollment outcome.
+pub fn enrollment(result: &'static str) {
+    counter!("tether_broker_enrollments_total", "result" => result).increment(1);
+}
+
+/// Counts a session ending.
+pub fn session_closed(reason: &'static str) {
+    counter!("tether_broker_sessions_closed_total", "reason" => reason).increment(1);
+}
+
+/// Counts a refused CONNECT-IP request.
+pub fn connect_refused(status: u16) {
+    counter!("tether_broker_connect_refused_total", "status" => status.to_string()).increment(1);
+}

@@ -1,0 +1,212 @@
+//! Starting and stopping a broker.
+//!
+//! On first start the data directory gets its CA, store and admin token;
+//! later starts load them. [`start`] returns once every listener is bound,
+//! so callers (the binary, tests) know the addresses in use.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tether_config::broker::BrokerConfig;
+use tether_pki::ca::{DEFAULT_SERVER_CERT_LIFETIME, create_private_dir, write_new_file};
+use tether_pki::{Ca, CertSlot};
+use tokio::task::JoinHandle;
+
+use crate::state::{Broker, CloseReason};
+use crate::store::RedbStore;
+
+/// File holding the admin API token in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// File of the store in the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+/// A running broker.
+pub struct Running {
+    /// Its state.
+    pub broker: Arc<Broker>,
+    /// Bound tunnel addresses (UDP).
+    pub tunnel_addrs: Vec<SocketAddr>,
+    /// Bound admin API address.
+    pub admin_addr: SocketAddr,
+    /// Whether this start created the data directory's CA.
+    pub created: bool,
+    endpoints: Vec<quinn::Endpoint>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("tunnel_addrs", &self.tunnel_addrs)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the admin token, creating it (mode 0600) on first start.
+pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if path.exists() {
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok(token.trim().to_string());
+    }
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let token = data_encoding::BASE32_NOPAD
+        .encode(&bytes)
+        .to_ascii_lowercase();
+    write_new_file(&path, format!("{token}\n").as_bytes(), 0o600)?;
+    Ok(token)
+}
+
+/// The server certificate for the broker's names and addresses, with the
+/// CA after it (new sites check the CA against their enrollment pin).
+fn server_cert(
+    ca: &Ca,
+    config: &BrokerConfig,
+) -> anyhow::Result<(
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+    SystemTime,
+)> {
+    let mut ips: Vec<IpAddr> = config.advertised_ips.clone();
+    for addr in &config.listen {
+        if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+            ips.push(addr.ip());
+        }
+    }
+    let (cert, key) = ca.issue_server(
+        &config.advertised_names,
+        &ips,
+        SystemTime::now(),
+        DEFAULT_SERVER_CERT_LIFETIME,
+    )?;
+    Ok((vec![cert.der, ca.cert_der().clone()], key, cert.not_after))
+}
+
+/// The data directory: the configured one or the default.
+pub fn data_dir(config: &BrokerConfig) -> PathBuf {
+    config
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::paths::default_data_dir)
+}
+
+/// Starts a broker: data directory, listeners, local gateway, admin API.
+pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
+    let data_dir = data_dir(&config);
+    create_private_dir(&data_dir)?;
+    let (ca, created) =
+        Ca::load_or_init(&data_dir, config.trust_domain.clone(), SystemTime::now())?;
+    let admin_token = load_or_create_admin_token(&data_dir)?;
+    let store = Arc::new(RedbStore::open(&data_dir.join(STORE_FILE))?);
+    let (chain, key, not_after) = server_cert(&ca, &config)?;
+    let slot = Arc::new(CertSlot::new(chain, key)?);
+    let broker = Broker::new(config.clone(), data_dir, ca, store, slot, admin_token)?;
+    let mut tasks = Vec::new();
+
+    // Revocations close live sessions.
+    let (revoked_tx, mut revoked_rx) = tokio::sync::mpsc::unbounded_channel();
+    broker.revocations.on_revoke(move |entry| {
+        let _ = revoked_tx.send(entry.clone());
+    });
+    {
+        let broker = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(entry) = revoked_rx.recv().await {
+                broker.on_revoked(&entry);
+            }
+        }));
+    }
+
+    let mut endpoints = Vec::new();
+    let mut tunnel_addrs = Vec::new();
+    for addr in &config.listen {
+        let endpoint = crate::server::endpoint(&broker, *addr)?;
+        tunnel_addrs.push(endpoint.local_addr()?);
+        tasks.push(tokio::spawn(crate::server::serve(
+            broker.clone(),
+            endpoint.clone(),
+        )));
+        endpoints.push(endpoint);
+    }
+    if let Some(first) = tunnel_addrs.first() {
+        let _ = broker.tunnel_addr.set(*first);
+    }
+
+    crate::local_gateway::start(&broker)?;
+
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the admin API", config.admin_listen))?;
+    let admin_addr = admin.local_addr()?;
+    let app = crate::admin::router(broker.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, app).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    }));
+
+    // Renew the server certificate well before it expires.
+    {
+        let broker = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut not_after = not_after;
+            loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                if remaining > DEFAULT_SERVER_CERT_LIFETIME / 3 {
+                    continue;
+                }
+                match server_cert(&broker.ca, &broker.config).and_then(|(c, k, n)| {
+                    broker.cert.replace(c, k)?;
+                    Ok(n)
+                }) {
+                    Ok(n) => {
+                        not_after = n;
+                        tracing::info!("broker certificate renewed");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew the broker certificate; retrying in an hour"),
+                }
+            }
+        }));
+    }
+
+    Ok(Running {
+        broker,
+        tunnel_addrs,
+        admin_addr,
+        created,
+        endpoints,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Closes every session and listener.
+    pub async fn shutdown(self) {
+        let sessions: Vec<_> = self
+            .broker
+            .sessions
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        for s in sessions {
+            s.request_close(CloseReason::Shutdown);
+        }
+        for e in &self.endpoints {
+            e.close(quinn::VarInt::from_u32(0x100), b"broker shutting down");
+        }
+        for e in &self.endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The tunnel listener: QUIC with HTTP/3, enrollment and CONNECT-IP.
+//!
+//! The HTTP/3 logic lives in [`tether_proto::h3`]; this module moves bytes
+//! between quinn streams and it: our control stream out, the peer's
+//! unidirectional streams in, and one task per request stream.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tether_pki::PeerCert;
+use tether_proto::api::{ApiError, ENROLL_PATH, RENEW_PATH};
+use tether_proto::connect_ip;
+use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3Error, Scope};
+use tether_proto::h3::{
+    self, MessageDecoder, MessageEvent, Request, Response, Settings, UniAction, frame,
+};
+use tokio::sync::watch;
+
+use crate::state::Broker;
+
+/// Largest field section accepted from peers.
+pub const MAX_FIELD_SECTION: usize = 16 * 1024;
+/// ALPN of HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
+
+/// The QUIC transport settings of both ends of a tunnel.
+pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(keepalive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    // Tunnels carry full-size packets: start near a typical path MTU and let
+    // discovery (on by default) find the rest; black-hole detection falls
+    // back to 1200 bytes when a path is narrower.
+    t.initial_mtu(1400);
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t.max_concurrent_uni_streams(VarInt::from_u32(16));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(16));
+    t
+}
+
+/// File of the stateless reset key in the data directory.
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
+
+/// The QUIC endpoint configuration of the broker, from a secret kept in the
+/// data directory: both the stateless reset key and the key connection IDs
+/// are validated with survive a restart (even `kill -9`), so the broker
+/// recognises the connections of its previous life and resets them, and
+/// sites notice within a round trip instead of waiting for their idle
+/// timeout.
+pub fn endpoint_config(data_dir: &std::path::Path) -> anyhow::Result<quinn::EndpointConfig> {
+    let path = data_dir.join(RESET_KEY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) if b.len() == 40 => b,
+        _ => {
+            let mut b = vec![0u8; 40];
+            rand::fill(&mut b[..]);
+            tether_pki::ca::replace_file(&path, &b, 0o600)?;
+            b
+        }
+    };
+    let (reset, cid) = bytes.split_at(32);
+    let cid_key = u64::from_le_bytes(cid.try_into().context("short key")?);
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset,
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
+/// Binds a QUIC endpoint for the broker.
+pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let mut tls = tether_pki::tls::server_config_with_cert(
+        broker.ca.cert_der(),
+        broker.ca.trust_domain(),
+        broker.cert.clone(),
+        broker.revocations.clone(),
+        tether_pki::ClientAuth::Optional,
+    )?;
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .context("TLS configuration unusable for QUIC")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config(
+        broker.config.keepalive,
+        broker.config.idle_timeout,
+    )));
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        } else if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process uses this port)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on UDP {addr}: {e}{hint}")
+    })?;
+    let endpoint_config = endpoint_config(&broker.data_dir)?;
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    Ok(quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        runtime,
+    )?)
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(broker: Arc<Broker>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => handle_connection(broker, conn).await,
+                // Refused certificates end here, before anything is
+                // allocated.
+                Err(e) => tracing::info!(%remote, error = %e, "handshake failed"),
+            }
+        });
+    }
+}
+
+/// The site identity of a connection, if it presented a valid certificate.
+pub fn peer_of(broker: &Broker, conn: &Connection) -> Option<PeerCert> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tether_pki::tls::peer_identity(&chain, broker.ca.trust_domain()).ok()
+}
+
+/// Closes the connection for an HTTP/3 connection error.
+pub fn close_with(conn: &Connection, error: &H3Error) {
+    tracing::debug!(code = error.code, reason = %error.reason, "closing connection");
+    conn.close(
+        VarInt::from_u64(error.code).unwrap_or(VarInt::from_u32(0x101)),
+        error.reason.as_bytes(),
+    );
+}
+
+async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
+    let peer = peer_of(&broker, &conn);
+    let h3 = Arc::new(Mutex::new(h3::Connection::new(
+        h3::Role::Server,
+        Settings::default(),
+    )));
+    let preamble = h3.lock().map(|c| c.control_stream()).unwrap_or_default();
+    // Our control stream stays open as long as the connection.
+    let _control = match open_control(&conn, &preamble).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not open the control stream");
+            return;
+        }
+    };
+    let (settings_tx, settings_rx) = watch::channel(None::<Settings>);
+    tokio::spawn(read_uni_streams(conn.clone(), h3.clone(), settings_tx));
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let (broker, conn, peer, settings) = (
+            broker.clone(),
+            conn.clone(),
+            peer.clone(),
+            settings_rx.clone(),
+        );
+        tokio::spawn(async move {
+            handle_request(broker, conn, peer, settings, send, recv).await;
+        });
+    }
+}
+
+async fn open_control(conn: &Connection, preamble: &[u8]) -> anyhow::Result<SendStream> {
+    let mut send = conn.open_uni().await?;
+    send.write_all(preamble).await?;
+    Ok(send)
+}
+
+/// Feeds every unidirectional stream the peer opens to the HTTP/3 state.
+pub async fn read_uni_streams(
+    conn: Connection,
+    h3: Arc<Mutex<h3::Connection>>,
+    settings: watch::Sender<Option<Settings>>,
+) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let (conn, h3, settings) = (conn.clone(), h3.clone(), settings.clone());
+        tokio::spawn(async move {
+            let id = VarInt::from(recv.id()).into_inner();
+            loop {
+                let chunk = match recv.read_chunk(usize::MAX, true).await {
+                    Ok(Some(chunk)) => chunk.bytes,
+                    Ok(None) => {
+                        let result = h3.lock().map(|mut c| c.on_uni_finished(id));
+                        if let Ok(Err(e)) = result {
+                            close_with(&conn, &e);
+                        }
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let result = match h3.lock() {
+                    Ok(mut c) => c.on_uni_data(id, &chunk),
+                    Err(_) => return,
+                };
+                match result {
+                    Ok((action, events)) => {
+                        for event in events {
+                            if let h3::Event::Settings(s) = event {
+                                let _ = settings.send(Some(s));
+                            }
+                        }
+                        if let UniAction::StopSending(code) = action {
+                            let _ = recv
+                                .stop(VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x103)));
+                            return;
+                        }
+                    }
+                    Err(e) => return close_with(&conn, &e),
+                }
+            }
+        });
+    }
+}
+
+/// Reads the request head.
+async fn read_head(recv: &mut RecvStream, dec: &mut MessageDecoder) -> Result<Request, H3Error> {
+    loop {
+        if let Some(event) = dec.next_event()? {
+            return match event {
+                MessageEvent::Head(fields) => Request::from_fields(fields),
+                _ => Err(H3Error::stream(H3_MESSAGE_ERROR, "request without a head")),
+            };
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => dec.push(&chunk.bytes),
+            Ok(None) => {
+                return Err(dec
+                    .finish()
+                    .err()
+                    .unwrap_or_else(|| H3Error::stream(H3_MESSAGE_ERROR, "empty request")));
+            }
+            Err(e) => {
+                return Err(H3Error::stream(
+                    H3_MESSAGE_ERROR,
+                    format!("stream failed: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Reads a request body up to `limit` bytes.
+pub async fn read_body(
+    recv: &mut RecvStream,
+    dec: &mut MessageDecoder,
+    limit: usize,
+) -> Result<Vec<u8>, H3Error> {
+    let mut body = Vec::new();
+    loop {
+        while let Some(event) = dec.next_event()? {
+            if let MessageEvent::Data(data) = event {
+                body.extend_from_slice(&data);
+                if body.len() > limit {
+                    return Err(H3Error::stream(
+                        H3_MESSAGE_ERROR,
+                        format!("body larger than {limit} bytes"),
+                    ));
+                }
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => dec.push(&chunk.bytes),
+            Ok(None) => {
+                dec.finish()?;
+                return Ok(body);
+            }
+            Err(e) => {
+                return Err(H3Error::stream(
+                    H3_MESSAGE_ERROR,
+                    format!("stream failed: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Writes a response head.
+pub async fn send_head(
+    send: &mut SendStream,
+    response: &Response,
+) -> Result<(), quinn::WriteError> {
+    let mut out = Vec::new();
+    frame::encode(frame::HEADERS, &response.encode(), &mut out);
+    send.write_all(&out).await
+}
+
+/// Writes DATA.
+pub async fn send_data(send: &mut SendStream, data: &[u8]) -> Result<(), quinn::WriteError> {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    frame::encode_data_header(data.len(), &mut out);
+    out.extend_from_slice(data);
+    send.write_all(&out).await
+}
+
+/// Writes a complete response and finishes the stream.
+pub async fn respond(send: &mut SendStream, status: u16, content_type: Option<&str>, body: &[u8]) {
+    let mut response = Response::new(status);
+    if let Some(ct) = content_type {
+        response = response.with_header("content-type", ct);
+    }
+    response = response.with_header("content-length", &body.len().to_string());
+    let result = async {
+        send_head(send, &response).await?;
+        if !body.is_empty() {
+            send_data(send, body).await?;
+        }
+        Ok::<(), quinn::WriteError>(())
+    }
+    .await;
+    if result.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Writes a JSON response.
+pub async fn respond_json<T: serde::Serialize>(send: &mut SendStream, status: u16, value: &T) {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    respond(send, status, Some("application/json"), &body).await;
+}
+
+/// Writes a JSON error response.
+pub async fn respond_error(send: &mut SendStream, status: u16, message: impl Into<String>) {
+    respond_json(
+        send,
+        status,
+        &ApiError {
+            error: message.into(),
+        },
+    )
+    .await;
+}
+
+async fn handle_request(
+    broker: Arc<Broker>,
+    conn: Connection,
+    peer: Option<PeerCert>,
+    settings: watch::Receiver<Option<Settings>>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let mut dec = MessageDecoder::new(MAX_FIELD_SECTION);
+    let request = match read_head(&mut recv, &mut dec).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.scope == Scope::Connection {
+                close_with(&conn, &e);
+            } else {
+                let _ = send.reset(VarInt::from_u64(e.code).unwrap_or(VarInt::from_u32(0x10e)));
+            }
+            return;
+        }
+    };
+    let path = request.path.clone().unwrap_or_default();
+    match (
+        request.method.as_str(),
+        request.protocol.as_deref(),
+        path.as_str(),
+    ) {
+        ("CONNECT", Some(connect_ip::PROTOCOL), _) => {
+            crate::tunnel::run(broker, conn, peer, settings, request, send, recv, dec).await;
+        }
+        ("POST", None, ENROLL_PATH) => {
+            crate::enroll::enroll(&broker, &mut send, &mut recv, &mut dec).await
+        }
+        ("POST", None, RENEW_PATH) => {
+            crate::enroll::renew(&broker, peer, &mut send, &mut recv, &mut dec).await
+        }
+        ("CONNECT", _, _) => {
+            respond_error(
+                &mut send,
+                501,
+                "only CONNECT-IP (:protocol connect-ip) is served here",
+            )
+            .await
+        }
+        _ => respond_error(&mut send, 404, format!("nothing at {path}")).await,
+    }
+    let _ = H3_NO_ERROR;
+}

@@ -1,0 +1,654 @@
+//! The broker's shared state: configuration, CA, store, routes and sessions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use tether_config::broker::BrokerConfig;
+use tether_pki::token::{self, EnrollmentCode};
+use tether_pki::{Ca, CertSlot, PeerCert, RevocationSet, Revoked, SiteIdentity};
+use tether_proto::api::{SessionInfo, SiteInfo, TokenResponse};
+use tether_proto::forward::{Residency, Router};
+use tether_proto::ids::{GatewayId, RegionId, SiteId};
+use tether_proto::ipam::{IpamError, LeaseKind, Plan, RegionLeases};
+use tether_proto::net::Family;
+use tether_proto::route::{Route, RouteKind, RouteTarget};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::local_gateway::LocalGateway;
+use crate::metrics::Metrics;
+use crate::store::{CertRecord, SiteRecord, Store, StoreError, now_unix};
+
+/// Why a session ended (or must end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The site's certificate or identity was revoked.
+    Revoked,
+    /// The same site connected again.
+    Replaced,
+    /// The site's certificate expired.
+    CertificateExpired,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Revoked => "revoked",
+            CloseReason::Replaced => "replaced",
+            CloseReason::CertificateExpired => "certificate_expired",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Per-session traffic counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Packets from the site.
+    pub rx_packets: AtomicU64,
+    /// Bytes from the site.
+    pub rx_bytes: AtomicU64,
+    /// Packets to the site.
+    pub tx_packets: AtomicU64,
+    /// Bytes to the site.
+    pub tx_bytes: AtomicU64,
+}
+
+/// A site's live tunnel.
+#[derive(Debug)]
+pub struct Session {
+    /// The verified peer certificate.
+    pub peer: PeerCert,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// The CONNECT-IP request stream.
+    pub stream_id: u64,
+    /// The bytes before each IP packet in a datagram: quarter stream ID and
+    /// context ID 0.
+    pub datagram_prefix: Vec<u8>,
+    /// Prefixes the site may send from.
+    pub allowed: RwLock<Vec<IpNet>>,
+    /// When it connected.
+    pub since: SystemTime,
+    /// Traffic counters.
+    pub counters: Counters,
+    /// Raised to end the session.
+    pub close: watch::Sender<Option<CloseReason>>,
+}
+
+impl Session {
+    /// The site.
+    pub fn site(&self) -> &SiteId {
+        &self.peer.identity.site
+    }
+
+    /// The site's region.
+    pub fn region(&self) -> &RegionId {
+        &self.peer.identity.region
+    }
+
+    /// The largest IP packet the tunnel carries right now.
+    pub fn mtu(&self) -> Option<usize> {
+        self.conn
+            .max_datagram_size()
+            .map(|m| m.saturating_sub(self.datagram_prefix.len()))
+    }
+
+    /// Asks the session's task to end it.
+    pub fn request_close(&self, reason: CloseReason) {
+        let _ = self.close.send(Some(reason));
+    }
+
+    /// The admin API's view of it.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            site: self.site().clone(),
+            region: self.region().clone(),
+            transport: "h3".into(),
+            remote: self.conn.remote_address(),
+            since: token::unix_secs(self.since),
+            rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
+            rx_packets: self.counters.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: self.counters.rx_bytes.load(Ordering::Relaxed),
+            tx_packets: self.counters.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: self.counters.tx_bytes.load(Ordering::Relaxed),
+            mtu: self.mtu(),
+        }
+    }
+}
+
+/// Errors an operator or a site can act on.
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No address could be allocated.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// The region is not configured.
+    #[error("region {0} is not configured on this broker")]
+    UnknownRegion(RegionId),
+    /// The site id is taken in another region.
+    #[error("site {site} already exists in region {existing}; site ids are unique across regions")]
+    SiteInOtherRegion {
+        /// The site.
+        site: SiteId,
+        /// Where it exists.
+        existing: RegionId,
+    },
+    /// No such site.
+    #[error("no site {site} in region {region}")]
+    UnknownSite {
+        /// The site.
+        site: SiteId,
+        /// The region.
+        region: RegionId,
+    },
+    /// A bad duration.
+    #[error("{0}")]
+    BadInput(String),
+    /// Allocation kept conflicting.
+    #[error("address allocation kept conflicting with concurrent changes; try again")]
+    Contention,
+    /// Certificate issuance failed.
+    #[error(transparent)]
+    Pki(#[from] tether_pki::PkiError),
+}
+
+/// The broker.
+pub struct Broker {
+    /// The validated configuration.
+    pub config: BrokerConfig,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The CA.
+    pub ca: Ca,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Revoked identities and serials.
+    pub revocations: Arc<RevocationSet>,
+    /// The server certificate in use.
+    pub cert: Arc<CertSlot>,
+    /// The admin API bearer token.
+    pub admin_token: String,
+    /// Routes and policy.
+    pub router: RwLock<Router>,
+    /// Live sessions by site.
+    pub sessions: RwLock<HashMap<SiteId, Arc<Session>>>,
+    /// The local gateway, if enabled and started.
+    pub local_gateway: OnceLock<Arc<LocalGateway>>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// The tunnel listener's bound address (for enrollment responses).
+    pub tunnel_addr: OnceLock<SocketAddr>,
+    /// Bumped whenever the set of reachable prefixes changes.
+    pub routes_version: watch::Sender<u64>,
+    leases: Mutex<BTreeMap<RegionId, RegionLeases>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Assembles the broker from its parts; loads revocations and leases
+    /// from the store.
+    pub fn new(
+        config: BrokerConfig,
+        data_dir: PathBuf,
+        ca: Ca,
+        store: Arc<dyn Store>,
+        cert: Arc<CertSlot>,
+        admin_token: String,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let revocations = Arc::new(RevocationSet::from_entries(store.revocations()?));
+        let mut leases = BTreeMap::new();
+        for region in config.regions.keys() {
+            leases.insert(region.clone(), store.region_leases(region)?);
+        }
+        let mut router = Router {
+            residency: Residency::new(
+                config
+                    .regions
+                    .iter()
+                    .map(|(r, c)| (r.clone(), c.allow_gateways_from.clone()))
+                    .collect(),
+            ),
+            ..Router::default()
+        };
+        for region in config.regions.keys() {
+            let addrs: Vec<IpAddr> = [Family::V4, Family::V6]
+                .into_iter()
+                .filter_map(|f| config.ipam.router_address(region, f))
+                .collect();
+            router.router_addresses.insert(region.clone(), addrs);
+        }
+        if let Some(gw) = &config.local_gateway {
+            // The gateway device's own addresses: the router address of
+            // every pool it may reach (the broker host talks to sites from
+            // them).
+            for (site_region, region) in &config.regions {
+                if !router.residency.permits(site_region, &gw.region) {
+                    continue;
+                }
+                for pool in &region.pools {
+                    let (family, start, _) = tether_proto::net::span(*pool);
+                    let host = tether_proto::net::prefix(family, start + 1, family.width());
+                    router.table.insert(Route {
+                        prefix: host,
+                        kind: RouteKind::Gateway,
+                        target: RouteTarget::Gateway(gw.id.clone()),
+                        region: gw.region.clone(),
+                    });
+                }
+            }
+            for prefix in &gw.prefixes {
+                router.table.insert(Route {
+                    prefix: *prefix,
+                    kind: RouteKind::Gateway,
+                    target: RouteTarget::Gateway(gw.id.clone()),
+                    region: gw.region.clone(),
+                });
+            }
+        }
+        let (routes_version, _) = watch::channel(0);
+        Ok(Arc::new(Self {
+            config,
+            data_dir,
+            ca,
+            store,
+            revocations,
+            cert,
+            admin_token,
+            router: RwLock::new(router),
+            sessions: RwLock::new(HashMap::new()),
+            local_gateway: OnceLock::new(),
+            metrics: Metrics::register(),
+            tunnel_addr: OnceLock::new(),
+            routes_version,
+            leases: Mutex::new(leases),
+        }))
+    }
+
+    /// The pools of every region.
+    pub fn pools(&self) -> BTreeMap<RegionId, Vec<IpNet>> {
+        self.config
+            .regions
+            .iter()
+            .map(|(r, c)| (r.clone(), c.pools.clone()))
+            .collect()
+    }
+
+    /// What a site of `region` may reach.
+    pub fn reachable_from(&self, region: &RegionId) -> Vec<IpNet> {
+        self.router
+            .read()
+            .map(|r| r.reachable_from(region, &self.pools()))
+            .unwrap_or_default()
+    }
+
+    /// Plans and commits an allocation with the region's lease cache and the
+    /// store, retrying on conflicts. Blocking: call from a blocking context.
+    fn allocate(
+        &self,
+        region: &RegionId,
+        plan: impl Fn(&RegionLeases) -> Result<Plan, IpamError>,
+    ) -> Result<IpNet, BrokerError> {
+        let mut cache = self.leases.lock().map_err(|_| BrokerError::Contention)?;
+        for _ in 0..8 {
+            let current = match cache.get(region) {
+                Some(l) => l.clone(),
+                None => return Err(BrokerError::UnknownRegion(region.clone())),
+            };
+            match plan(&current)? {
+                Plan::Existing(lease) => return Ok(lease.prefix),
+                Plan::Allocate(txn) => {
+                    let mut next = current.clone();
+                    if next.apply(&txn).is_ok() && self.store.commit_leases(&txn)?.is_ok() {
+                        let prefix = txn
+                            .put
+                            .first()
+                            .map(|l| l.prefix)
+                            .ok_or(BrokerError::Contention)?;
+                        cache.insert(region.clone(), next);
+                        return Ok(prefix);
+                    }
+                    // Someone else (another broker) changed the region:
+                    // reload and plan again.
+                    cache.insert(region.clone(), self.store.region_leases(region)?);
+                }
+            }
+        }
+        Err(BrokerError::Contention)
+    }
+
+    /// The site's stable addresses (one per family with pools) and existing
+    /// LAN mappings, allocating addresses as needed. Blocking.
+    pub fn site_addresses(
+        &self,
+        site: &SiteId,
+        region: &RegionId,
+    ) -> Result<(Vec<IpNet>, Vec<IpNet>), BrokerError> {
+        let ipam = &self.config.ipam;
+        let mut addresses = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let has_pool = ipam
+                .pools(region)
+                .iter()
+                .any(|p| Family::of(p.addr()) == family);
+            if has_pool {
+                addresses
+                    .push(self.allocate(region, |l| ipam.site_address(l, site, region, family))?);
+            }
+        }
+        let lans = self
+            .leases
+            .lock()
+            .map_err(|_| BrokerError::Contention)?
+            .get(region)
+            .map(|l| {
+                l.of_site(site)
+                    .filter(|l| matches!(l.kind, LeaseKind::LanMapping { .. }))
+                    .map(|l| l.prefix)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((addresses, lans))
+    }
+
+    /// Maps a LAN behind a site. Blocking.
+    pub fn map_lan(
+        &self,
+        site: &SiteId,
+        region: &RegionId,
+        lan: IpNet,
+    ) -> Result<IpNet, BrokerError> {
+        let ipam = &self.config.ipam;
+        self.allocate(region, |l| ipam.lan_mapping(l, site, region, lan))
+    }
+
+    /// The leases a site holds.
+    pub fn leases_of(&self, site: &SiteId, region: &RegionId) -> Vec<IpNet> {
+        self.leases
+            .lock()
+            .ok()
+            .and_then(|c| {
+                c.get(region)
+                    .map(|l| l.of_site(site).map(|l| l.prefix).collect())
+            })
+            .unwrap_or_default()
+    }
+
+    /// Registers a session, replacing (and closing) an older one of the same
+    /// site, and installs its routes.
+    pub fn register(&self, session: Arc<Session>, addresses: &[IpNet]) {
+        let site = session.site().clone();
+        let region = session.region().clone();
+        let old = self
+            .sessions
+            .write()
+            .ok()
+            .and_then(|mut s| s.insert(site.clone(), session));
+        if let Some(old) = old {
+            old.request_close(CloseReason::Replaced);
+        }
+        if let Ok(mut router) = self.router.write() {
+            for prefix in addresses {
+                router.table.insert(Route {
+                    prefix: *prefix,
+                    kind: RouteKind::SiteAddress,
+                    target: RouteTarget::Site(site.clone()),
+                    region: region.clone(),
+                });
+            }
+        }
+        self.metrics.sessions_h3.increment(1.0);
+    }
+
+    /// Removes a session if it is still the current one for its site, with
+    /// its routes.
+    pub fn unregister(&self, session: &Arc<Session>) {
+        let site = session.site().clone();
+        let removed = self
+            .sessions
+            .write()
+            .map(|mut s| {
+                if s.get(&site).is_some_and(|cur| Arc::ptr_eq(cur, session)) {
+                    s.remove(&site);
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        if removed && let Ok(mut router) = self.router.write() {
+            router.table.remove_target(&RouteTarget::Site(site));
+        }
+        self.metrics.sessions_h3.decrement(1.0);
+    }
+
+    /// Replaces the LAN routes of a site with `prefixes`.
+    pub fn set_lan_routes(&self, site: &SiteId, region: &RegionId, prefixes: &[IpNet]) {
+        if let Ok(mut router) = self.router.write() {
+            let target = RouteTarget::Site(site.clone());
+            let stale: Vec<IpNet> = router
+                .table
+                .routes_to(&target)
+                .into_iter()
+                .filter(|r| r.kind == RouteKind::SiteLan && !prefixes.contains(&r.prefix))
+                .map(|r| r.prefix)
+                .collect();
+            for prefix in stale {
+                router.table.remove(prefix, &target);
+            }
+            for prefix in prefixes {
+                router.table.insert(Route {
+                    prefix: *prefix,
+                    kind: RouteKind::SiteLan,
+                    target: target.clone(),
+                    region: region.clone(),
+                });
+            }
+        }
+    }
+
+    /// The session of a site.
+    pub fn session(&self, site: &SiteId) -> Option<Arc<Session>> {
+        self.sessions.read().ok().and_then(|s| s.get(site).cloned())
+    }
+
+    /// The identity of a site.
+    pub fn identity(&self, site: &SiteId, region: &RegionId) -> SiteIdentity {
+        SiteIdentity::new(self.ca.trust_domain().clone(), region.clone(), site.clone())
+    }
+
+    /// Creates an enrollment token for a site, registering the site (or
+    /// re-admitting it after a revocation). Blocking.
+    pub fn create_token(
+        &self,
+        site: &SiteId,
+        region: &RegionId,
+        ttl: Option<&str>,
+    ) -> Result<TokenResponse, BrokerError> {
+        if !self.config.regions.contains_key(region) {
+            return Err(BrokerError::UnknownRegion(region.clone()));
+        }
+        let ttl = match ttl {
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                BrokerError::BadInput(format!(
+                    "ttl {text:?} is not a duration ({e}); write e.g. \"24h\""
+                ))
+            })?,
+            None => self.config.token_ttl,
+        };
+        if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
+            return Err(BrokerError::BadInput(
+                "ttl must be between 1s and 30 days".into(),
+            ));
+        }
+        match self.store.site(site)? {
+            Some(existing) if &existing.region != region => {
+                return Err(BrokerError::SiteInOtherRegion {
+                    site: site.clone(),
+                    existing: existing.region,
+                });
+            }
+            Some(mut existing) if existing.revoked => {
+                // Re-admission: the identity works again, but the
+                // certificates issued before the revocation stay revoked.
+                for cert in self.store.certs_of(site)? {
+                    if let Ok(serial) = data_encoding::HEXLOWER.decode(cert.serial.as_bytes()) {
+                        let entry = Revoked::Serial(serial);
+                        self.store.revoke(&entry)?;
+                        self.revocations.revoke(entry);
+                    }
+                }
+                let entry = Revoked::Site(self.identity(site, region));
+                self.store.reinstate(&entry)?;
+                self.revocations.reinstate(&entry);
+                existing.revoked = false;
+                self.store.put_site(&existing)?;
+            }
+            Some(_) => {}
+            None => self.store.put_site(&SiteRecord {
+                site: site.clone(),
+                region: region.clone(),
+                created: now_unix(),
+                enrolled: None,
+                revoked: false,
+            })?,
+        }
+        let issued = token::generate(site.clone(), region.clone(), SystemTime::now(), ttl);
+        self.store.put(issued.record.clone()).map_err(StoreError)?;
+        let code =
+            EnrollmentCode::format(&issued.secret, &tether_pki::tls::ca_pin(self.ca.cert_der()));
+        let broker = self
+            .enroll_endpoints()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| "<broker>".into());
+        Ok(TokenResponse {
+            enroll_command: format!("tether enroll --broker {broker} --token {code}"),
+            code,
+            site: site.clone(),
+            region: region.clone(),
+            expires_at: token::unix_secs(issued.record.expires_at),
+        })
+    }
+
+    /// Endpoints sites dial, `host:port`.
+    pub fn enroll_endpoints(&self) -> Vec<String> {
+        let port = self
+            .tunnel_addr
+            .get()
+            .map(|a| a.port())
+            .or_else(|| self.config.listen.first().map(|a| a.port()))
+            .unwrap_or(443);
+        let mut out: Vec<String> = self
+            .config
+            .advertised_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port).to_string())
+            .collect();
+        out.extend(
+            self.config
+                .advertised_names
+                .iter()
+                .map(|n| format!("{n}:{port}")),
+        );
+        out
+    }
+
+    /// Revokes a site: refuses its certificates from now on and closes its
+    /// live tunnel. Returns whether a session was closed. Blocking.
+    pub fn revoke_site(&self, site: &SiteId, region: &RegionId) -> Result<bool, BrokerError> {
+        let Some(mut record) = self.store.site(site)?.filter(|r| &r.region == region) else {
+            return Err(BrokerError::UnknownSite {
+                site: site.clone(),
+                region: region.clone(),
+            });
+        };
+        record.revoked = true;
+        self.store.put_site(&record)?;
+        let entry = Revoked::Site(self.identity(site, region));
+        self.store.revoke(&entry)?;
+        // The revocation listener closes the session.
+        self.revocations.revoke(entry);
+        Ok(self.session(site).is_some())
+    }
+
+    /// Records an issued site certificate and the enrollment time. Blocking.
+    pub fn record_issued(
+        &self,
+        identity: &SiteIdentity,
+        serial: &[u8],
+        not_after: SystemTime,
+    ) -> Result<(), BrokerError> {
+        self.store.put_cert(&CertRecord {
+            serial: data_encoding::HEXLOWER.encode(serial),
+            site: identity.site.clone(),
+            region: identity.region.clone(),
+            not_after: token::unix_secs(not_after),
+        })?;
+        if let Some(mut record) = self.store.site(&identity.site)? {
+            record.enrolled = Some(now_unix());
+            self.store.put_site(&record)?;
+        }
+        Ok(())
+    }
+
+    /// Every site, with addresses and live session.
+    pub fn site_infos(&self) -> Result<Vec<SiteInfo>, BrokerError> {
+        let mut out: Vec<SiteInfo> = self
+            .store
+            .sites()?
+            .into_iter()
+            .map(|r| SiteInfo {
+                addresses: self.leases_of(&r.site, &r.region),
+                session: self.session(&r.site).map(|s| s.info()),
+                enrolled: r.enrolled.is_some(),
+                revoked: r.revoked,
+                site: r.site,
+                region: r.region,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
+        Ok(out)
+    }
+
+    /// Closes sessions whose identity or certificate was revoked.
+    pub fn on_revoked(&self, entry: &Revoked) {
+        let sessions: Vec<Arc<Session>> = self
+            .sessions
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        for session in sessions {
+            let hit = match entry {
+                Revoked::Site(id) => &session.peer.identity == id,
+                Revoked::Serial(serial) => &session.peer.serial == serial,
+            };
+            if hit {
+                session.request_close(CloseReason::Revoked);
+            }
+        }
+    }
+
+    /// The gateway id of the local gateway, if any.
+    pub fn local_gateway_id(&self) -> Option<&GatewayId> {
+        self.config.local_gateway.as_ref().map(|g| &g.id)
+    }
+}

@@ -1,0 +1,124 @@
+//! Finding the broker: endpoints resolved and held to the published CIDR.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use tether_config::{Endpoint, Host};
+
+/// A resolved broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The endpoint as configured.
+    pub endpoint: Endpoint,
+    /// One of its addresses.
+    pub addr: SocketAddr,
+    /// The name to authenticate the broker as.
+    pub server_name: String,
+}
+
+/// Why an endpoint cannot be dialled.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The name did not resolve.
+    #[error("cannot resolve {endpoint}: {reason} (check DNS on this site)")]
+    Resolve {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// The resolver's message.
+        reason: String,
+    },
+    /// Every address is outside the published CIDR.
+    #[error(
+        "{endpoint} resolves to {addrs}, outside the published CIDR {cidr}; hospital firewalls allow only that range, so tether refuses to dial it"
+    )]
+    OutsideCidr {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// What it resolved to.
+        addrs: String,
+        /// The published CIDR.
+        cidr: IpNet,
+    },
+}
+
+/// Resolves an endpoint, keeping only addresses inside `cidr`.
+pub async fn resolve(endpoint: &Endpoint, cidr: IpNet) -> Result<Vec<Target>, DialError> {
+    let addrs: Vec<SocketAddr> = match &endpoint.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), endpoint.port))
+            .await
+            .map_err(|e| DialError::Resolve {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?
+            .collect(),
+    };
+    let inside: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| cidr.contains(&a.ip()))
+        .collect();
+    if inside.is_empty() {
+        return Err(DialError::OutsideCidr {
+            endpoint: endpoint.clone(),
+            addrs: addrs
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            cidr,
+        });
+    }
+    let server_name = match &endpoint.host {
+        Host::Ip(ip) => ip.to_string(),
+        Host::Name(n) => n.clone(),
+    };
+    Ok(inside
+        .into_iter()
+        .map(|addr| Target {
+            endpoint: endpoint.clone(),
+            addr,
+            server_name: server_name.clone(),
+        })
+        .collect())
+}
+
+/// A local UDP endpoint of the same family as `addr`.
+pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(std::io::Error::other)?;
+    quinn::Endpoint::client(bind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn addresses_outside_the_cidr_are_refused() {
+        let cidr: IpNet = "203.0.113.0/24".parse().unwrap();
+        let inside = Endpoint::parse("203.0.113.5", 443).unwrap();
+        assert_eq!(
+            resolve(&inside, cidr).await.unwrap()[0].addr,
+            "203.0.113.5:443".parse().unwrap()
+        );
+        let outside = Endpoint::parse("198.51.100.5:443", 443).unwrap();
+        let err = resolve(&outside, cidr).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("outside the published CIDR 203.0.113.0/24"),
+            "{err}"
+        );
+        // A name that resolves (localhost) but outside the CIDR is refused too.
+        let name = Endpoint::parse("localhost:443", 443).unwrap();
+        assert!(matches!(
+            resolve(&name, cidr).await,
+            Err(DialError::OutsideCidr { .. }) | Err(DialError::Resolve { .. })
+        ));
+    }
+}

@@ -1,0 +1,147 @@
+//! `tether enroll`: the site generates its key, sends a CSR with the
+//! one-time code, and stores what it gets back.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rustls::pki_types::CertificateDer;
+use tether_config::Endpoint;
+use tether_config::client::ClientFile;
+use tether_pki::ca::pem_to_der;
+use tether_pki::tls::{ca_pin, enrollment_client_config};
+use tether_pki::token::EnrollmentCode;
+use tether_proto::api::{ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse};
+use tether_proto::h3::Request;
+
+use crate::dial;
+use crate::h3client::{H3Client, quic_config, transport_config};
+use crate::state::{Identity, StateDir};
+
+/// What enrollment produced.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// The broker's answer.
+    pub response: EnrollResponse,
+}
+
+/// Enrolls this site with the broker at `broker` using `code`.
+pub async fn enroll(
+    broker: &str,
+    code: &str,
+    state: &StateDir,
+    force: bool,
+) -> anyhow::Result<Enrolled> {
+    let code = EnrollmentCode::parse(code).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pin = code.ca_pin.clone().context(
+        "this token has no CA pin (the part after the second '-'); copy the whole code that `tether-broker token create` printed",
+    )?;
+    if state.is_enrolled() && !force {
+        anyhow::bail!(
+            "this site is already enrolled ({}); to enroll again with a new token, add --force",
+            state.path.display()
+        );
+    }
+    let endpoint = Endpoint::parse(broker, 443)
+        .with_context(|| format!("{broker:?} is not a broker address (host or host:port)"))?;
+    // Before enrollment the published CIDR is not known yet: the operator
+    // chose this address, and the CA pin authenticates whoever answers.
+    let any: ipnet::IpNet = if matches!(
+        endpoint.host,
+        tether_config::Host::Ip(std::net::IpAddr::V6(_))
+    ) {
+        "::/0".parse()?
+    } else {
+        "0.0.0.0/0".parse()?
+    };
+    let targets = dial::resolve(&endpoint, any).await?;
+    let (key, csr) = tether_pki::ca::site_key_and_csr("tether-site")?;
+    let tls = enrollment_client_config(&pin)?;
+    let config = quic_config(
+        tls,
+        transport_config(Duration::from_secs(5), Duration::from_secs(20)),
+    )?;
+    let mut last_error = None;
+    let mut client = None;
+    for target in &targets {
+        let quic = dial::client_endpoint(&target.addr)?;
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            H3Client::connect(&quic, config.clone(), target.addr, &target.server_name),
+        )
+        .await
+        {
+            Ok(Ok(c)) => {
+                client = Some(c);
+                break;
+            }
+            Ok(Err(e)) => {
+                last_error = Some(anyhow::anyhow!("cannot connect to {}: {e:#}", target.addr))
+            }
+            Err(_) => {
+                last_error = Some(anyhow::anyhow!(
+                    "no answer from {} within 10 s (is UDP 443 allowed?)",
+                    target.addr
+                ))
+            }
+        }
+    }
+    let Some(mut client) = client else {
+        return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no address for {endpoint}")));
+    };
+    client.peer_settings(Duration::from_secs(5)).await?;
+    let body = serde_json::to_vec(&EnrollRequest {
+        token: code.secret.clone(),
+        csr: data_encoding::BASE64.encode(&csr),
+    })?;
+    let request = Request::new("POST", &endpoint.to_string(), ENROLL_PATH)
+        .with_header("content-type", "application/json");
+    let answer = client.request(&request, &body).await?;
+    client
+        .conn
+        .close(quinn::VarInt::from_u32(0x100), b"enrolled");
+    if answer.head.status != 200 {
+        let message = serde_json::from_slice::<ApiError>(&answer.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).to_string());
+        anyhow::bail!("the broker refused enrollment: {message}");
+    }
+    let response: EnrollResponse =
+        serde_json::from_slice(&answer.body).context("unexpected enrollment answer")?;
+    let ca_der =
+        pem_to_der(&response.ca, "CERTIFICATE").context("the broker sent no CA certificate")?;
+    if ca_pin(&CertificateDer::from(ca_der)) != pin {
+        anyhow::bail!("the CA the broker sent does not match the token's pin; refusing it");
+    }
+    let now = tether_pki::token::unix_secs(std::time::SystemTime::now());
+    state.save(
+        &key.serialize_der(),
+        &response.certificate,
+        &response.ca,
+        &Identity {
+            identity: response.identity.clone(),
+            site: response.site.clone(),
+            region: response.region.clone(),
+            not_after: response.not_after,
+            issued_at: now,
+        },
+    )?;
+    // The broker the engineer typed first, then the ones the broker lists.
+    let mut brokers = vec![endpoint.to_string()];
+    for b in &response.brokers {
+        if !brokers.contains(b) {
+            brokers.push(b.clone());
+        }
+    }
+    let file = ClientFile {
+        published_cidr: response.published_cidr.to_string(),
+        brokers,
+        ..ClientFile::default()
+    };
+    state.save_config(&format!(
+        "# Written by `tether enroll` for site {} in region {}.\n{}",
+        response.site,
+        response.region,
+        file.to_toml()
+    ))?;
+    Ok(Enrolled { response })
+}

@@ -1,0 +1,222 @@
+//! The client side of tether's HTTP/3: connect, exchange SETTINGS, send
+//! requests. The protocol logic is in [`tether_proto::h3`]; this moves bytes.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tether_proto::h3::error::H3Error;
+use tether_proto::h3::{
+    self, MessageDecoder, MessageEvent, Request, Response, Settings, UniAction, frame,
+};
+use tokio::sync::watch;
+
+/// ALPN of HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
+/// Largest field section accepted.
+pub const MAX_FIELD_SECTION: usize = 16 * 1024;
+
+/// An HTTP/3 connection to a broker.
+pub struct H3Client {
+    /// The QUIC connection.
+    pub conn: Connection,
+    settings: watch::Receiver<Option<Settings>>,
+    _control: SendStream,
+}
+
+/// A response with its body.
+#[derive(Debug)]
+pub struct Answer {
+    /// The head.
+    pub head: Response,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+fn close_with(conn: &Connection, e: &H3Error) {
+    conn.close(
+        VarInt::from_u64(e.code).unwrap_or(VarInt::from_u32(0x101)),
+        e.reason.as_bytes(),
+    );
+}
+
+impl H3Client {
+    /// Connects to `addr`, authenticating it as `server_name`, and opens
+    /// HTTP/3.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> anyhow::Result<Self> {
+        let conn = endpoint
+            .connect_with(config, addr, server_name)
+            .context("invalid broker address")?
+            .await?;
+        Self::over(conn).await
+    }
+
+    /// Opens HTTP/3 on an established connection.
+    pub async fn over(conn: Connection) -> anyhow::Result<Self> {
+        let state = Arc::new(Mutex::new(h3::Connection::new(
+            h3::Role::Client,
+            Settings::default(),
+        )));
+        let preamble = state.lock().map(|c| c.control_stream()).unwrap_or_default();
+        let mut control = conn.open_uni().await?;
+        control.write_all(&preamble).await?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(read_uni_streams(conn.clone(), state, tx));
+        Ok(Self {
+            conn,
+            settings: rx,
+            _control: control,
+        })
+    }
+
+    /// Waits for the broker's SETTINGS.
+    pub async fn peer_settings(&mut self, timeout: Duration) -> anyhow::Result<Settings> {
+        let settings = tokio::time::timeout(timeout, self.settings.wait_for(Option::is_some))
+            .await
+            .context("the broker sent no HTTP/3 SETTINGS")?
+            .context("connection closed")?
+            .clone();
+        settings.context("no settings")
+    }
+
+    /// Sends a request head (and body, unless it is a CONNECT) on a new
+    /// stream.
+    pub async fn send(
+        &self,
+        request: &Request,
+        body: &[u8],
+    ) -> anyhow::Result<(SendStream, RecvStream)> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut out = Vec::new();
+        frame::encode(frame::HEADERS, &request.encode(), &mut out);
+        if !body.is_empty() {
+            frame::encode_data_header(body.len(), &mut out);
+            out.extend_from_slice(body);
+        }
+        send.write_all(&out).await?;
+        if request.method != "CONNECT" {
+            send.finish()?;
+        }
+        Ok((send, recv))
+    }
+
+    /// Sends a request and reads the whole response.
+    pub async fn request(&self, request: &Request, body: &[u8]) -> anyhow::Result<Answer> {
+        let (_send, mut recv) = self.send(request, body).await?;
+        let mut dec = MessageDecoder::new(MAX_FIELD_SECTION);
+        let head = read_head(&mut recv, &mut dec).await?;
+        let mut body = Vec::new();
+        loop {
+            while let Some(event) = dec.next_event()? {
+                if let MessageEvent::Data(d) = event {
+                    body.extend_from_slice(&d);
+                }
+            }
+            match recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => dec.push(&chunk.bytes),
+                None => break,
+            }
+        }
+        dec.finish()?;
+        Ok(Answer { head, body })
+    }
+}
+
+/// Reads the final response head (skipping informational ones).
+pub async fn read_head(
+    recv: &mut RecvStream,
+    dec: &mut MessageDecoder,
+) -> anyhow::Result<Response> {
+    loop {
+        while let Some(event) = dec.next_event()? {
+            if let MessageEvent::Head(fields) = event {
+                let head = Response::from_fields(fields)?;
+                if head.status >= 200 {
+                    return Ok(head);
+                }
+                dec.expect_final_head();
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => dec.push(&chunk.bytes),
+            None => anyhow::bail!("the broker closed the stream without answering"),
+        }
+    }
+}
+
+async fn read_uni_streams(
+    conn: Connection,
+    h3: Arc<Mutex<h3::Connection>>,
+    settings: watch::Sender<Option<Settings>>,
+) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let (conn, h3, settings) = (conn.clone(), h3.clone(), settings.clone());
+        tokio::spawn(async move {
+            let id = VarInt::from(recv.id()).into_inner();
+            loop {
+                let chunk = match recv.read_chunk(usize::MAX, true).await {
+                    Ok(Some(chunk)) => chunk.bytes,
+                    Ok(None) => {
+                        if let Ok(Err(e)) = h3.lock().map(|mut c| c.on_uni_finished(id)) {
+                            close_with(&conn, &e);
+                        }
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let result = match h3.lock() {
+                    Ok(mut c) => c.on_uni_data(id, &chunk),
+                    Err(_) => return,
+                };
+                match result {
+                    Ok((action, events)) => {
+                        for event in events {
+                            if let h3::Event::Settings(s) = event {
+                                let _ = settings.send(Some(s));
+                            }
+                        }
+                        if let UniAction::StopSending(code) = action {
+                            let _ = recv
+                                .stop(VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x103)));
+                            return;
+                        }
+                    }
+                    Err(e) => return close_with(&conn, &e),
+                }
+            }
+        });
+    }
+}
+
+/// Client transport settings for tunnels.
+pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(keepalive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.initial_mtu(1400);
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t
+}
+
+/// A QUIC client configuration from a rustls one.
+pub fn quic_config(
+    mut tls: rustls::ClientConfig,
+    transport: quinn::TransportConfig,
+) -> anyhow::Result<quinn::ClientConfig> {
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .context("TLS configuration unusable for QUIC")?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}

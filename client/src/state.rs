@@ -1,0 +1,156 @@
+//! The site's state directory: its key (mode 0600), certificate, the CA,
+//! and the configuration `tether enroll` writes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+use tether_pki::ca::{create_private_dir, der_to_pem, pem_to_der, replace_file};
+use tether_proto::ids::{RegionId, SiteId};
+
+/// The site's private key.
+pub const KEY_FILE: &str = "site.key";
+/// The site's certificate.
+pub const CERT_FILE: &str = "site.crt";
+/// The tether CA.
+pub const CA_FILE: &str = "ca.crt";
+/// The configuration written at enrollment.
+pub const CONFIG_FILE: &str = "tether.toml";
+/// Who this site is.
+pub const IDENTITY_FILE: &str = "identity.json";
+
+/// `/var/lib/tether` for root, else `~/.local/state/tether`.
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/tether");
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tether")
+}
+
+/// What `identity.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The SPIFFE identity.
+    pub identity: String,
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Certificate expiry, Unix seconds.
+    pub not_after: u64,
+    /// When the certificate was obtained, Unix seconds.
+    pub issued_at: u64,
+}
+
+/// A site's state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+/// What a site needs to connect.
+pub struct Credentials {
+    /// Its certificate chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its key.
+    pub key: PrivateKeyDer<'static>,
+    /// The CA.
+    pub ca: CertificateDer<'static>,
+    /// Who it is.
+    pub identity: Identity,
+}
+
+impl StateDir {
+    /// The state directory at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Whether the site has enrolled.
+    pub fn is_enrolled(&self) -> bool {
+        self.file(CERT_FILE).exists() && self.file(KEY_FILE).exists()
+    }
+
+    /// The configuration file's path.
+    pub fn config_path(&self) -> PathBuf {
+        self.file(CONFIG_FILE)
+    }
+
+    /// Stores a new key and certificate (and the CA and identity), each file
+    /// replaced atomically; the key first, so a crash never pairs a new
+    /// certificate with an old key.
+    pub fn save(
+        &self,
+        key_pkcs8: &[u8],
+        cert_pem: &str,
+        ca_pem: &str,
+        identity: &Identity,
+    ) -> anyhow::Result<()> {
+        create_private_dir(&self.path)?;
+        replace_file(
+            &self.file(KEY_FILE),
+            der_to_pem(key_pkcs8, "PRIVATE KEY").as_bytes(),
+            0o600,
+        )?;
+        replace_file(&self.file(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+        replace_file(&self.file(CA_FILE), ca_pem.as_bytes(), 0o644)?;
+        replace_file(
+            &self.file(IDENTITY_FILE),
+            serde_json::to_string_pretty(identity)?.as_bytes(),
+            0o644,
+        )?;
+        Ok(())
+    }
+
+    /// Writes the configuration file.
+    pub fn save_config(&self, text: &str) -> anyhow::Result<()> {
+        create_private_dir(&self.path)?;
+        replace_file(&self.config_path(), text.as_bytes(), 0o644)?;
+        Ok(())
+    }
+
+    /// Loads what the site needs to connect.
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        if !self.is_enrolled() {
+            anyhow::bail!(
+                "this site is not enrolled (nothing in {}): run `tether enroll --broker <broker> --token <code>` first",
+                self.path.display()
+            );
+        }
+        let read = |name: &str| {
+            let path = self.file(name);
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))
+        };
+        let pem = |name: &str, label: &str| -> anyhow::Result<Vec<u8>> {
+            pem_to_der(&read(name)?, label)
+                .with_context(|| format!("{} holds no {label}", self.file(name).display()))
+        };
+        let identity: Identity = serde_json::from_str(&read(IDENTITY_FILE)?)
+            .context("identity.json is damaged; enroll again")?;
+        Ok(Credentials {
+            chain: vec![CertificateDer::from(pem(CERT_FILE, "CERTIFICATE")?)],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pem(KEY_FILE, "PRIVATE KEY")?)),
+            ca: CertificateDer::from(pem(CA_FILE, "CERTIFICATE")?),
+            identity,
+        })
+    }
+}
+
+/// Whether `path` is readable by others (a key must not be).
+pub fn mode_of(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
+}

@@ -1,0 +1,153 @@
+//! tether's own JSON messages: enrollment and renewal on the tunnel
+//! listener, and the broker's admin API. Shared by the broker, the edge
+//! agent and the operator CLI, so both ends agree on one definition.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{RegionId, SiteId};
+
+/// Path of enrollment on the tunnel listener (POST, no client certificate).
+pub const ENROLL_PATH: &str = "/.well-known/tether/enroll";
+/// Path of certificate renewal on the tunnel listener (POST, site
+/// certificate required).
+pub const RENEW_PATH: &str = "/.well-known/tether/renew";
+
+/// An enrollment request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The enrollment token (the code's token part is enough).
+    pub token: String,
+    /// The site's certificate signing request, DER in standard base64.
+    pub csr: String,
+}
+
+/// What a site receives when it enrolls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The SPIFFE identity in the certificate.
+    pub identity: String,
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// The site certificate, PEM.
+    pub certificate: String,
+    /// The CA certificate, PEM.
+    pub ca: String,
+    /// Certificate expiry, seconds since the Unix epoch.
+    pub not_after: u64,
+    /// Broker endpoints the site should dial (`host:port`).
+    pub brokers: Vec<String>,
+    /// The published CIDR all broker addresses lie in.
+    pub published_cidr: IpNet,
+}
+
+/// A renewal request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// A CSR for a new key, DER in standard base64.
+    pub csr: String,
+}
+
+/// A renewed certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewResponse {
+    /// The new certificate, PEM.
+    pub certificate: String,
+    /// The CA certificate, PEM.
+    pub ca: String,
+    /// Certificate expiry, seconds since the Unix epoch.
+    pub not_after: u64,
+}
+
+/// An error body: a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong and what to do.
+    pub error: String,
+}
+
+/// Admin API: create an enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The site to enroll (unique across the deployment).
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Lifetime such as "24h"; the broker's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// Admin API: a created enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The enrollment code to give the field engineer (shown once).
+    pub code: String,
+    /// The site it enrolls.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// The command to run on the site.
+    pub enroll_command: String,
+}
+
+/// Admin API: a site and its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteInfo {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Its overlay addresses and LAN mappings.
+    pub addresses: Vec<IpNet>,
+    /// Whether it is revoked.
+    pub revoked: bool,
+    /// Whether it has enrolled.
+    pub enrolled: bool,
+    /// Its live session, if connected.
+    pub session: Option<SessionInfo>,
+}
+
+/// Admin API: a live tunnel session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// `h3` or `h2`.
+    pub transport: String,
+    /// The site's address as the broker sees it (after hospital NAT).
+    pub remote: SocketAddr,
+    /// Connected since, seconds since the Unix epoch.
+    pub since: u64,
+    /// Smoothed round-trip time, milliseconds.
+    pub rtt_ms: f64,
+    /// Packets and bytes from the site.
+    pub rx_packets: u64,
+    /// Bytes from the site.
+    pub rx_bytes: u64,
+    /// Packets to the site.
+    pub tx_packets: u64,
+    /// Bytes to the site.
+    pub tx_bytes: u64,
+    /// Largest IP packet the tunnel carries now.
+    pub mtu: Option<usize>,
+}
+
+/// Admin API: the outcome of a revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Whether a live session was closed.
+    pub closed_session: bool,
+}
