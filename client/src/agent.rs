@@ -220,10 +220,13 @@ async fn session(
     };
     if head.status != 200 {
         let mut body = Vec::new();
-        while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
-            dec.push(&chunk.bytes);
+        loop {
             while let Ok(Some(MessageEvent::Data(d))) = dec.next_event() {
                 body.extend_from_slice(&d);
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => dec.push(&chunk.bytes),
+                _ => break,
             }
         }
         let message = serde_json::from_slice::<ApiError>(&body)

@@ -1,10 +1,28 @@
-//! Cross-crate tests without privileges: simulations on a fake clock and
-//! loopback integration tests. The tests live in `tests/`; this library
-//! holds what they share.
+//! Cross-crate tests without privileges: simulations and loopback
+//! integration tests. The tests live in `tests/`; this library holds what
+//! they share: a compare-and-set store for simulations, and a real broker
+//! on loopback with sites driven through the client library (no TUN device
+//! needed).
 
-use std::sync::Mutex;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tether::h3client::{self, H3Client, quic_config, transport_config};
+use tether::state::StateDir;
+use tether_broker::run::Running;
+use tether_broker::state::Broker;
+use tether_config::broker::{BrokerConfig, BrokerFile};
+use tether_proto::capsule::{Capsule, CapsuleDecoder};
+use tether_proto::connect_ip::{self, Scope};
+use tether_proto::datagram;
+use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
 use tether_proto::ipam::{Conflict, RegionLeases, Txn};
+use tether_proto::tunnel::{ClientEvent, ClientSession};
 
 /// A compare-and-set store of one region's leases, shared by simulated
 /// brokers: the contract the embedded store and etcd both provide.
@@ -27,4 +45,295 @@ impl CasStore {
         })?;
         leases.apply(txn)
     }
+}
+
+/// A broker on loopback with its own data directory.
+pub struct TestBroker {
+    /// The running broker (None while stopped).
+    pub running: Option<Running>,
+    /// Its configuration.
+    pub config: BrokerConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// Starts a broker with `extra` appended to a loopback configuration.
+    pub async fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "data_dir = {:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            dir.path().join("data")
+        );
+        let config = BrokerFile::parse(&text, "test")
+            .unwrap()
+            .validate("test")
+            .unwrap();
+        let running = tether_broker::run::start(config.clone()).await.unwrap();
+        Self {
+            running: Some(running),
+            config,
+            _dir: dir,
+        }
+    }
+
+    /// The broker state.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.running.as_ref().unwrap().broker
+    }
+
+    /// The tunnel address.
+    pub fn addr(&self) -> SocketAddr {
+        self.running.as_ref().unwrap().tunnel_addrs[0]
+    }
+
+    /// Stops and starts again with the same data directory (and port).
+    pub async fn restart(&mut self) {
+        let addr = self.addr();
+        self.running.take().unwrap().shutdown().await;
+        let mut config = self.config.clone();
+        config.listen = vec![addr];
+        // The old socket may linger a moment.
+        for _ in 0..50 {
+            match tether_broker::run::start(config.clone()).await {
+                Ok(r) => {
+                    self.running = Some(r);
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        panic!("broker did not restart");
+    }
+
+    /// An enrollment code for a site of region `local`.
+    pub async fn token(&self, site: &str) -> String {
+        let broker = self.broker().clone();
+        let site = site.parse().unwrap();
+        tokio::task::spawn_blocking(move || {
+            broker.create_token(&site, &"local".parse().unwrap(), None)
+        })
+        .await
+        .unwrap()
+        .unwrap()
+        .code
+    }
+}
+
+/// An enrolled site's state directory.
+pub struct TestSite {
+    /// Its state.
+    pub state: StateDir,
+    _dir: tempfile::TempDir,
+}
+
+impl TestSite {
+    /// Enrolls `site` with `broker` through the real enrollment path.
+    pub async fn enroll(broker: &TestBroker, site: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let code = broker.token(site).await;
+        tether::enroll::enroll(&broker.addr().to_string(), &code, &state, false)
+            .await
+            .unwrap();
+        Self { state, _dir: dir }
+    }
+
+    /// Its certificate chain and key.
+    pub fn identity(
+        &self,
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        CertificateDer<'static>,
+    ) {
+        let c = self.state.credentials().unwrap();
+        (c.chain, c.key, c.ca)
+    }
+}
+
+/// Connects to the broker with an optional client identity.
+pub async fn connect(
+    broker: SocketAddr,
+    ca: &CertificateDer<'static>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> anyhow::Result<H3Client> {
+    let tls = tether_pki::tls::client_config(ca, identity)?;
+    let config = quic_config(
+        tls,
+        transport_config(Duration::from_secs(2), Duration::from_secs(10)),
+    )?;
+    let endpoint = tether::dial::client_endpoint(&broker)?;
+    let mut client = H3Client::connect(&endpoint, config, broker, &broker.ip().to_string()).await?;
+    client.peer_settings(Duration::from_secs(5)).await?;
+    Ok(client)
+}
+
+/// A CONNECT-IP tunnel driven by hand.
+pub struct Tunnel {
+    /// The HTTP/3 connection.
+    pub client: H3Client,
+    /// The request stream.
+    pub stream_id: u64,
+    /// The site's session state (addresses, routes).
+    pub session: ClientSession,
+    _send: SendStream,
+    recv: RecvStream,
+    dec: MessageDecoder,
+    capsules: CapsuleDecoder,
+}
+
+/// The CONNECT-IP request a site sends.
+pub fn connect_ip_request(authority: &str) -> Request {
+    let mut r = Request::new(
+        "CONNECT",
+        authority,
+        &Scope {
+            target: connect_ip::Target::Any,
+            ipproto: connect_ip::IpProto::Any,
+        }
+        .to_path(),
+    )
+    .with_header("capsule-protocol", "?1");
+    r.protocol = Some(connect_ip::PROTOCOL.into());
+    r
+}
+
+impl Tunnel {
+    /// Sends CONNECT-IP; `Err((status, body))` when refused.
+    pub async fn open(client: H3Client) -> Result<Tunnel, (u16, String)> {
+        let authority = client.conn.remote_address().to_string();
+        let (send, mut recv) = client
+            .send(&connect_ip_request(&authority), &[])
+            .await
+            .map_err(|e| (0, e.to_string()))?;
+        let mut dec = MessageDecoder::new(h3client::MAX_FIELD_SECTION);
+        let head = h3client::read_head(&mut recv, &mut dec)
+            .await
+            .map_err(|e| (0, e.to_string()))?;
+        if head.status != 200 {
+            let mut body = Vec::new();
+            loop {
+                while let Ok(Some(MessageEvent::Data(d))) = dec.next_event() {
+                    body.extend_from_slice(&d);
+                }
+                match recv.read_chunk(65536, true).await {
+                    Ok(Some(chunk)) => dec.push(&chunk.bytes),
+                    _ => break,
+                }
+            }
+            return Err((head.status, String::from_utf8_lossy(&body).to_string()));
+        }
+        let stream_id = VarInt::from(recv.id()).into_inner();
+        Ok(Tunnel {
+            client,
+            stream_id,
+            session: ClientSession::default(),
+            _send: send,
+            recv,
+            dec,
+            capsules: CapsuleDecoder::default(),
+        })
+    }
+
+    /// Reads capsules until both addresses and routes have arrived.
+    pub async fn configured(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.session.addresses().is_empty() || self.session.routes().is_empty() {
+            self.pump_events(deadline).await;
+        }
+    }
+
+    /// The next capsule from the broker (applied to the session state too).
+    pub async fn next_capsule(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> (Capsule, Vec<ClientEvent>) {
+        loop {
+            while let Some(ev) = self.dec.next_event().unwrap() {
+                if let MessageEvent::Data(d) = ev {
+                    self.capsules.push(&d);
+                }
+            }
+            if let Some(raw) = self.capsules.next_capsule().unwrap() {
+                let capsule = Capsule::parse(raw).unwrap();
+                let events = self.session.on_capsule(capsule.clone());
+                return (capsule, events);
+            }
+            match tokio::time::timeout_at(deadline, self.recv.read_chunk(65536, true)).await {
+                Ok(Ok(Some(chunk))) => self.dec.push(&chunk.bytes),
+                _ => panic!("no capsule from the broker in time"),
+            }
+        }
+    }
+
+    /// Reads capsules until one changes the session; returns the events.
+    pub async fn pump_events(&mut self, deadline: tokio::time::Instant) -> Vec<ClientEvent> {
+        loop {
+            let (_, events) = self.next_capsule(deadline).await;
+            if !events.is_empty() {
+                return events;
+            }
+        }
+    }
+
+    /// Sends a capsule on the request stream.
+    pub async fn send_capsule(&mut self, capsule: &Capsule) {
+        let mut bytes = Vec::new();
+        capsule.encode(&mut bytes).unwrap();
+        let mut out = Vec::new();
+        tether_proto::h3::frame::encode_data_header(bytes.len(), &mut out);
+        out.extend_from_slice(&bytes);
+        self._send.write_all(&out).await.unwrap();
+    }
+
+    /// Sends an IP packet as a datagram.
+    pub fn send_packet(&self, packet: &[u8]) {
+        let mut out = Vec::new();
+        datagram::encode_h3_ip_packet(self.stream_id, packet, &mut out);
+        self.client.conn.send_datagram(out.into()).unwrap();
+    }
+
+    /// The next IP packet from the broker.
+    pub async fn recv_packet(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let d = tokio::time::timeout(timeout, self.client.conn.read_datagram())
+            .await
+            .ok()?
+            .ok()?;
+        let (stream, payload) = datagram::parse_h3(&d).ok()?;
+        assert_eq!(stream, self.stream_id);
+        match datagram::parse_payload(payload).ok()? {
+            datagram::Payload::IpPacket(p) => Some(p.to_vec()),
+            datagram::Payload::UnknownContext(_) => None,
+        }
+    }
+}
+
+/// A metric's current value from the broker's Prometheus output.
+pub fn metric(line_prefix: &str) -> f64 {
+    tether_broker::metrics::recorder()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An ICMP echo request (IPv4) with a valid checksum.
+pub fn ping(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, seq: u16) -> Vec<u8> {
+    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34];
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(b"tether test payload");
+    let sum = tether_proto::ip::checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let sum = tether_proto::ip::checksum(&[&p[..20]]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
 }

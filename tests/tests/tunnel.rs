@@ -1,0 +1,246 @@
+//! A real broker on loopback (quinn, rustls, HTTP/3, the redb store) and
+//! sites driven through the client library.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use tether_proto::capsule::Capsule;
+use tether_proto::connect_ip::{AddressRequest, RequestedAddress, RouteAdvertisement};
+use tether_proto::ip::Packet;
+use tether_proto::net::Family;
+use tether_proto::tunnel::ClientEvent;
+use tether_tests::{TestBroker, TestSite, Tunnel, connect, metric, ping};
+
+fn v4(t: &Tunnel) -> Ipv4Addr {
+    match t.session.host_address(Family::V4) {
+        Some(IpAddr::V4(a)) => a,
+        other => panic!("no IPv4 address: {other:?}"),
+    }
+}
+
+async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
+    let (chain, key, ca) = site.identity();
+    let client = connect(broker.addr(), &ca, Some((chain, key)))
+        .await
+        .unwrap();
+    let mut t = Tunnel::open(client).await.unwrap();
+    t.configured().await;
+    t
+}
+
+#[tokio::test]
+async fn sites_get_stable_addresses_and_reach_each_other() {
+    let mut broker = TestBroker::start("").await;
+    let a = TestSite::enroll(&broker, "site-a").await;
+    let b = TestSite::enroll(&broker, "site-b").await;
+    let mut ta = tunnel_for(&broker, &a).await;
+    let tb = tunnel_for(&broker, &b).await;
+    let (addr_a, addr_b) = (v4(&ta), v4(&tb));
+    assert_ne!(addr_a, addr_b);
+    assert!(
+        ta.session.host_address(Family::V6).is_some(),
+        "the default region has an IPv6 pool"
+    );
+    assert!(
+        ta.session
+            .routes()
+            .contains(&"100.64.0.0/16".parse().unwrap()),
+        "{:?}",
+        ta.session.routes()
+    );
+
+    // A to B through the broker: TTL decremented, checksum still valid.
+    ta.send_packet(&ping(addr_a, addr_b, 1));
+    let got = tb
+        .recv_packet(Duration::from_secs(5))
+        .await
+        .expect("packet forwarded to B");
+    let p = Packet::parse(&got).unwrap();
+    assert_eq!(
+        (p.src, p.dst, p.ttl),
+        (IpAddr::V4(addr_a), IpAddr::V4(addr_b), 63)
+    );
+    assert_eq!(tether_proto::ip::checksum(&[&got[..20]]), 0);
+
+    // A spoofed source is dropped and counted, not forwarded.
+    let before = metric("tether_broker_packets_dropped_total{reason=\"spoofed\"}");
+    ta.send_packet(&ping(Ipv4Addr::new(100, 64, 250, 250), addr_b, 2));
+    assert!(
+        tb.recv_packet(Duration::from_millis(500)).await.is_none(),
+        "spoofed packet must not arrive"
+    );
+    assert!(metric("tether_broker_packets_dropped_total{reason=\"spoofed\"}") >= before + 1.0);
+
+    // No route: an ICMP destination unreachable comes back to A.
+    ta.send_packet(&ping(addr_a, Ipv4Addr::new(192, 0, 2, 1), 3));
+    let icmp = ta
+        .recv_packet(Duration::from_secs(5))
+        .await
+        .expect("ICMP error back");
+    let p = Packet::parse(&icmp).unwrap();
+    assert_eq!(
+        (p.protocol, icmp[20], icmp[21]),
+        (1, 3, 1),
+        "host unreachable"
+    );
+
+    // Asking for an address gets the stable one, echoing the request ID.
+    ta.send_capsule(&Capsule::AddressRequest(AddressRequest {
+        requests: vec![RequestedAddress {
+            request_id: 9,
+            prefix: "0.0.0.0/32".parse().unwrap(),
+        }],
+    }))
+    .await;
+    let (capsule, _) = ta
+        .next_capsule(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    let Capsule::AddressAssign(assign) = capsule else {
+        panic!("{capsule:?}")
+    };
+    assert!(
+        assign
+            .addresses
+            .iter()
+            .any(|a| a.request_id == 9 && a.prefix == format!("{addr_a}/32").parse().unwrap()),
+        "{assign:?}"
+    );
+
+    // A site may advertise only what it owns: nothing here changes routes.
+    ta.send_capsule(&Capsule::RouteAdvertisement(
+        RouteAdvertisement::from_prefixes(["10.0.0.0/8".parse().unwrap()]),
+    ))
+    .await;
+
+    // After a broker restart both sites get the same addresses again.
+    drop((ta, tb));
+    broker.restart().await;
+    let ta2 = tunnel_for(&broker, &a).await;
+    let tb2 = tunnel_for(&broker, &b).await;
+    assert_eq!((v4(&ta2), v4(&tb2)), (addr_a, addr_b));
+    broker.running.take().unwrap().shutdown().await;
+}
+
+#[tokio::test]
+async fn no_certificate_is_refused_and_allocates_nothing() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "site-c").await;
+    let (_, _, ca) = site.identity();
+    let before = broker
+        .broker()
+        .store
+        .region_leases(&"local".parse().unwrap())
+        .unwrap();
+    let client = connect(broker.addr(), &ca, None).await.unwrap();
+    let err = Tunnel::open(client).await.err().expect("refused");
+    assert_eq!(err.0, 401, "{err:?}");
+    assert!(err.1.contains("enroll"), "{err:?}");
+    let after = broker
+        .broker()
+        .store
+        .region_leases(&"local".parse().unwrap())
+        .unwrap();
+    assert_eq!(before, after, "a refused request must not allocate");
+}
+
+#[tokio::test]
+async fn a_foreign_ca_cannot_even_handshake() {
+    let broker = TestBroker::start("").await;
+    let other = TestBroker::start("").await;
+    let site = TestSite::enroll(&other, "site-d").await;
+    let (chain, key, _) = site.identity();
+    // Trust the right broker, but present a certificate from another CA.
+    let ca = broker.broker().ca.cert_der().clone();
+    let result = connect(broker.addr(), &ca, Some((chain, key))).await;
+    let refused = match result {
+        Err(_) => true,
+        // TLS 1.3: the client may finish first; the refusal then closes the
+        // connection before CONNECT-IP can be answered.
+        Ok(client) => Tunnel::open(client).await.is_err(),
+    };
+    assert!(refused);
+    assert!(broker.broker().sessions.read().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn revocation_closes_the_live_tunnel_and_blocks_reconnection() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "site-e").await;
+    let t = tunnel_for(&broker, &site).await;
+    let b = broker.broker().clone();
+    let started = std::time::Instant::now();
+    let closed = tokio::task::spawn_blocking(move || {
+        b.revoke_site(&"site-e".parse().unwrap(), &"local".parse().unwrap())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(closed, "a live session existed");
+    let reason = tokio::time::timeout(Duration::from_secs(2), t.client.conn.closed())
+        .await
+        .expect("closed within 2 s");
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Reconnecting with the same certificate fails.
+    let (chain, key, ca) = site.identity();
+    let refused = match connect(broker.addr(), &ca, Some((chain, key))).await {
+        Err(_) => true,
+        Ok(client) => Tunnel::open(client).await.is_err(),
+    };
+    assert!(refused, "a revoked site must not get a tunnel again");
+    assert!(
+        broker
+            .broker()
+            .session(&"site-e".parse().unwrap())
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn lan_behind_a_site_is_mapped_and_routed() {
+    let broker = TestBroker::start("").await;
+    let a = TestSite::enroll(&broker, "site-f").await;
+    let b = TestSite::enroll(&broker, "site-g").await;
+    let mut ta = tunnel_for(&broker, &a).await;
+    let mut tb = tunnel_for(&broker, &b).await;
+    // Both hospitals use 192.168.1.0/24 for their analysers.
+    let mut mapped = Vec::new();
+    for t in [&mut ta, &mut tb] {
+        t.send_capsule(&Capsule::AddressRequest(AddressRequest {
+            requests: vec![RequestedAddress {
+                request_id: 1,
+                prefix: "192.168.1.0/24".parse().unwrap(),
+            }],
+        }))
+        .await;
+        let events = t
+            .pump_events(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+        let ClientEvent::Addresses(addrs) = &events[0] else {
+            panic!("{events:?}")
+        };
+        let lan = *addrs
+            .iter()
+            .find(|a| a.prefix_len() == 24)
+            .expect("a /24 mapping");
+        t.send_capsule(&Capsule::RouteAdvertisement(
+            RouteAdvertisement::from_prefixes([lan]),
+        ))
+        .await;
+        mapped.push(lan);
+    }
+    assert_ne!(mapped[0], mapped[1], "overlapping LANs are mapped apart");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // B reaches a host in A's mapped LAN.
+    let dst = match mapped[0].network() {
+        IpAddr::V4(n) => Ipv4Addr::from(u32::from(n) + 10),
+        _ => unreachable!(),
+    };
+    tb.send_packet(&ping(v4(&tb), dst, 1));
+    let got = ta
+        .recv_packet(Duration::from_secs(5))
+        .await
+        .expect("delivered into A's LAN mapping");
+    assert_eq!(Packet::parse(&got).unwrap().dst, IpAddr::V4(dst));
+}
