@@ -7,6 +7,8 @@
 //! collide on interface names. All traffic stays inside the test's own
 //! namespaces.
 
+pub mod topology;
+
 use std::io;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,335 @@
+//! The hospital topology of the end-to-end tests.
+//!
+//! ```text
+//!  site            hospital-fw                    wan              cloud                  backend
+//!  tether up   lan ─ nftables: no inbound,    ─── router ───  broker 203.0.113.10:443 ── routes the overlay
+//!  web :8080        out only UDP+TCP 443 to        (no route     local gateway tether-gw0    via the cloud
+//!                   203.0.113.0/24, masquerade     to 192.168/16)
+//!  192.168.1.10/24  192.168.1.1 | 198.51.100.2/30  198.51.100.1   203.0.113.10/24 | 10.20.0.1  10.20.0.10/24
+//!                                                  203.0.113.1/24                   fd20::1    fd20::10/64
+//! ```
+//!
+//! The published CIDR is 203.0.113.0/24; the overlay pools are
+//! 100.64.0.0/16 and fd74:6574:6865::/48 (region `eu`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{NetNs, Proc, binary, link, wait_for};
+
+/// The broker's tunnel address.
+pub const BROKER: &str = "203.0.113.10";
+/// The backend host.
+pub const BACKEND: &str = "10.20.0.10";
+/// The site's underlay (hospital LAN) address.
+pub const SITE_LAN: &str = "192.168.1.10";
+
+/// The five namespaces and the running broker.
+pub struct Topology {
+    /// The edge site.
+    pub site: NetNs,
+    /// The hospital firewall.
+    pub fw: NetNs,
+    /// The internet in between.
+    pub wan: NetNs,
+    /// The cloud host running the broker.
+    pub cloud: NetNs,
+    /// A backend host routing the overlay via the cloud host.
+    pub backend: NetNs,
+    /// Working files (configs, state, logs).
+    pub dir: tempfile::TempDir,
+    /// The broker process.
+    pub broker: Option<Proc>,
+}
+
+/// The hospital firewall: nothing in, only TCP and UDP 443 to the published
+/// CIDR out, masqueraded.
+pub const FIREWALL_RULES: &str = r#"
+flush ruleset
+table inet hospital {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        iif "lo" accept
+        ct state established,related accept
+    }
+    chain forward {
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "lan" ip daddr 203.0.113.0/24 udp dport 443 accept
+        iifname "lan" ip daddr 203.0.113.0/24 tcp dport 443 accept
+    }
+}
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority 100; policy accept;
+        oifname "wan" masquerade
+    }
+}
+"#;
+
+fn sysctl(ns: &NetNs, key: &str, value: &str) -> io::Result<()> {
+    ns.run("sysctl", &["-q", "-w", &format!("{key}={value}")])
+        .map(|_| ())
+}
+
+impl Topology {
+    /// Builds the namespaces, links, routes and firewall, and starts the
+    /// broker (with `extra` appended to its configuration).
+    pub fn new(extra: &str) -> io::Result<Self> {
+        let topo = Self {
+            site: NetNs::new("site")?,
+            fw: NetNs::new("fw")?,
+            wan: NetNs::new("wan")?,
+            cloud: NetNs::new("cloud")?,
+            backend: NetNs::new("backend")?,
+            dir: tempfile::tempdir()?,
+            broker: None,
+        };
+        link(
+            &topo.site,
+            "eth0",
+            "192.168.1.10/24",
+            &topo.fw,
+            "lan",
+            "192.168.1.1/24",
+        )?;
+        link(
+            &topo.fw,
+            "wan",
+            "198.51.100.2/30",
+            &topo.wan,
+            "hospital",
+            "198.51.100.1/30",
+        )?;
+        link(
+            &topo.wan,
+            "cloud",
+            "203.0.113.1/24",
+            &topo.cloud,
+            "eth0",
+            "203.0.113.10/24",
+        )?;
+        link(
+            &topo.cloud,
+            "backend",
+            "10.20.0.1/24",
+            &topo.backend,
+            "eth0",
+            "10.20.0.10/24",
+        )?;
+        topo.cloud.run(
+            "ip",
+            &["-6", "addr", "add", "fd20::1/64", "dev", "backend", "nodad"],
+        )?;
+        topo.backend.run(
+            "ip",
+            &["-6", "addr", "add", "fd20::10/64", "dev", "eth0", "nodad"],
+        )?;
+        topo.site
+            .run("ip", &["route", "add", "default", "via", "192.168.1.1"])?;
+        topo.fw
+            .run("ip", &["route", "add", "default", "via", "198.51.100.1"])?;
+        topo.cloud
+            .run("ip", &["route", "add", "default", "via", "203.0.113.1"])?;
+        topo.backend
+            .run("ip", &["route", "add", "default", "via", "10.20.0.1"])?;
+        topo.backend
+            .run("ip", &["route", "add", "100.64.0.0/16", "via", "10.20.0.1"])?;
+        topo.backend.run(
+            "ip",
+            &[
+                "-6",
+                "route",
+                "add",
+                "fd74:6574:6865::/48",
+                "via",
+                "fd20::1",
+            ],
+        )?;
+        for ns in [&topo.fw, &topo.wan, &topo.cloud] {
+            sysctl(ns, "net.ipv4.ip_forward", "1")?;
+        }
+        sysctl(&topo.cloud, "net.ipv6.conf.all.forwarding", "1")?;
+        let rules = topo.dir.path().join("hospital.nft");
+        std::fs::write(&rules, FIREWALL_RULES)?;
+        topo.fw.run("nft", &["-f", &rules.display().to_string()])?;
+        std::fs::write(
+            topo.broker_config(),
+            broker_config(&topo.dir.path().join("broker"), extra),
+        )?;
+        let mut topo = topo;
+        topo.start_broker()?;
+        Ok(topo)
+    }
+
+    /// The broker's configuration file.
+    pub fn broker_config(&self) -> PathBuf {
+        self.dir.path().join("broker.toml")
+    }
+
+    /// A file in the working directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the broker and waits until its admin API answers.
+    pub fn start_broker(&mut self) -> io::Result<()> {
+        let cfg = self.broker_config().display().to_string();
+        let log = self.path("broker.log");
+        let proc = self.cloud.spawn(
+            &binary("tether-broker").display().to_string(),
+            &["run", "-c", &cfg],
+            Some(log.clone()),
+        )?;
+        self.broker = Some(proc);
+        let up = wait_for(Duration::from_secs(15), || {
+            self.cloud
+                .succeeds("curl", &["-sf", "-m", "1", "http://127.0.0.1:7070/readyz"])
+        });
+        if !up {
+            return Err(io::Error::other(format!(
+                "broker did not start:\n{}",
+                read(&log)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the broker CLI in the cloud namespace; returns stdout.
+    pub fn broker_cli(&self, args: &[&str]) -> io::Result<String> {
+        let cfg = self.broker_config().display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-c", &cfg]);
+        let out = self
+            .cloud
+            .run(&binary("tether-broker").display().to_string(), &all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Creates a token for `site` and enrolls the site namespace with it
+    /// into `state`.
+    pub fn enroll(&self, site: &str, state: &Path) -> io::Result<()> {
+        let out = self.broker_cli(&["token", "create", "--site", site, "--region", "eu"])?;
+        let code = out
+            .split_whitespace()
+            .find(|w| w.starts_with("tt1-"))
+            .ok_or_else(|| io::Error::other(format!("no code in: {out}")))?
+            .to_string();
+        self.site
+            .run(
+                &binary("tether").display().to_string(),
+                &[
+                    "enroll",
+                    "--broker",
+                    BROKER,
+                    "--token",
+                    &code,
+                    "--state-dir",
+                    &state.display().to_string(),
+                ],
+            )
+            .map(|_| ())
+    }
+
+    /// Starts `tether up` on the site and waits for its overlay IPv4
+    /// address.
+    pub fn up(&self, state: &Path, log: &str) -> io::Result<(Proc, String)> {
+        let proc = self.site.spawn(
+            &binary("tether").display().to_string(),
+            &["up", "--state-dir", &state.display().to_string()],
+            Some(self.path(log)),
+        )?;
+        let mut address = None;
+        wait_for(Duration::from_secs(15), || {
+            address = self.site_address(4);
+            address.is_some()
+        });
+        match address {
+            Some(a) => Ok((proc, a)),
+            None => Err(io::Error::other(format!(
+                "site did not come up:\n{}",
+                read(&self.path(log))
+            ))),
+        }
+    }
+
+    /// The site's overlay address of IP version `v` (4 or 6), if any.
+    pub fn site_address(&self, v: u8) -> Option<String> {
+        let out = self
+            .site
+            .command("ip")
+            .args([
+                &format!("-{v}"),
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "tether0",
+                "scope",
+                "global",
+            ])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace()
+            .skip_while(|w| *w != "inet" && *w != "inet6")
+            .nth(1)
+            .map(|a| a.split('/').next().unwrap_or_default().to_string())
+    }
+
+    /// Whether the backend can ping `addr` (one echo, 1 s timeout).
+    pub fn backend_pings(&self, addr: &str) -> bool {
+        self.backend.succeeds("ping", &["-c", "1", "-W", "1", addr])
+    }
+
+    /// A broker metric's value, from `/metrics`.
+    pub fn metric(&self, line_prefix: &str) -> f64 {
+        let out = self
+            .cloud
+            .command("curl")
+            .args(["-s", "http://127.0.0.1:7070/metrics"])
+            .output();
+        out.ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+fn broker_config(data: &Path, extra: &str) -> String {
+    format!(
+        r#"data_dir = "{}"
+trust_domain = "tether.test"
+published_cidr = "203.0.113.0/24"
+listen = ["203.0.113.10:443"]
+advertised = ["203.0.113.10"]
+
+[admin]
+listen = "127.0.0.1:7070"
+
+[[region]]
+name = "eu"
+ipv4_pools = ["100.64.0.0/16"]
+ipv6_pools = ["fd74:6574:6865::/48"]
+
+[local_gateway]
+enabled = true
+id = "cloud"
+tun_name = "tether-gw0"
+region = "eu"
+prefixes = ["10.20.0.0/24", "fd20::/64"]
+{extra}
+"#,
+        data.display()
+    )
+}
+
+/// A file's contents, or a note that it is missing.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|_| format!("({} missing)", path.display()))
+}
