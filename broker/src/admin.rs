@@ -145,7 +145,8 @@ async fn ready(State(broker): State<Arc<Broker>>) -> Response {
     }
 }
 
-async fn metrics() -> Response {
+async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
+    broker.metrics.refresh(&broker);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::recorder().render(),

@@ -6,10 +6,16 @@
 //! Hosts elsewhere route the pools via the broker host, which must forward
 //! (`net.ipv4.ip_forward=1`, `net.ipv6.conf.all.forwarding=1`): the broker
 //! itself changes no sysctl.
+//!
+//! The device uses segmentation offload where the kernel supports it, so
+//! one read carries a whole TCP burst (split here into packets). Writes go
+//! one packet at a time: coalescing them in user space measured slower than
+//! letting the kernel take them as they are.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use anyhow::Context;
 use ipnet::IpNet;
 use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::net::{self, Family};
@@ -19,6 +25,10 @@ use crate::state::Broker;
 /// MTU of the local gateway's device: large enough for most tunnels; a
 /// packet too large for a site's tunnel is answered with packet-too-big.
 pub const LOCAL_GATEWAY_MTU: usize = 1400;
+
+/// Room for the virtio-net header in front of packets written to an
+/// offloading device.
+pub const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// A running local gateway.
 pub struct LocalGateway {
@@ -30,6 +40,11 @@ pub struct LocalGateway {
     pub prefixes: Vec<IpNet>,
     /// Its MTU.
     pub mtu: usize,
+    /// Whether the device offloads segmentation (writes carry a virtio-net
+    /// header, reads may carry many packets).
+    pub offload: bool,
+    /// Traffic out of (rx) and into (tx) the device.
+    pub counters: crate::state::Counters,
     dev: tun_rs::AsyncDevice,
 }
 
@@ -38,21 +53,40 @@ impl std::fmt::Debug for LocalGateway {
         f.debug_struct("LocalGateway")
             .field("id", &self.id)
             .field("region", &self.region)
+            .field("offload", &self.offload)
             .finish_non_exhaustive()
     }
 }
 
 impl LocalGateway {
-    /// Writes a packet to the device without waiting; fails when the
-    /// device's queue is full.
+    /// Writes one packet (an ICMP error), adding the virtio-net header when
+    /// the device offloads; fails when the device's queue is full.
     pub fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
-        self.dev.try_send(packet)
+        if self.offload {
+            let mut buf = Vec::with_capacity(VNET_HDR + packet.len());
+            buf.resize(VNET_HDR, 0);
+            buf.extend_from_slice(packet);
+            self.dev.try_send(&buf)
+        } else {
+            self.dev.try_send(packet)
+        }
     }
+
+    /// Writes a packet already framed for the device (with its virtio-net
+    /// header when it offloads), without waiting.
+    pub fn write(&self, framed: &[u8]) -> std::io::Result<usize> {
+        self.dev.try_send(framed)
+    }
+}
+
+/// The router address of a pool: its second address.
+fn router_addr(pool: &IpNet) -> IpAddr {
+    let (family, start, _) = net::span(*pool);
+    net::from_bits(family, start + 1)
 }
 
 /// Creates the device and starts reading it. Needs CAP_NET_ADMIN.
 pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> {
-    use anyhow::Context;
     let Some(cfg) = broker.config.local_gateway.clone() else {
         return Ok(None);
     };
@@ -69,35 +103,56 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> 
             .flat_map(|(_, pools)| pools)
             .collect()
     };
-    let router_addr = |pool: &IpNet| {
-        let (family, start, _) = net::span(*pool);
-        net::from_bits(family, start + 1)
-    };
-    let mut builder = tun_rs::DeviceBuilder::new()
-        .name(&cfg.tun_name)
-        .mtu(LOCAL_GATEWAY_MTU as u16);
-    let mut extra = Vec::new();
-    let mut have_v4 = false;
-    for pool in &reachable {
-        match (router_addr(pool), Family::of(pool.addr())) {
-            (IpAddr::V4(a), Family::V4) if !have_v4 => {
-                builder = builder.ipv4(a, pool.prefix_len(), None);
-                have_v4 = true;
-            }
-            (IpAddr::V6(a), Family::V6) => builder = builder.ipv6(a, pool.prefix_len()),
-            (addr, _) => extra.push((addr, pool.prefix_len())),
+    let v4: Vec<&IpNet> = reachable
+        .iter()
+        .filter(|p| Family::of(p.addr()) == Family::V4)
+        .collect();
+    let v6: Vec<&IpNet> = reachable
+        .iter()
+        .filter(|p| Family::of(p.addr()) == Family::V6)
+        .collect();
+    let build = |offload: bool| -> std::io::Result<tun_rs::AsyncDevice> {
+        let mut builder = tun_rs::DeviceBuilder::new()
+            .name(&cfg.tun_name)
+            .mtu(LOCAL_GATEWAY_MTU as u16)
+            .offload(offload);
+        if let Some(pool) = v4.first()
+            && let IpAddr::V4(a) = router_addr(pool)
+        {
+            builder = builder.ipv4(a, pool.prefix_len(), None);
         }
-    }
-    let dev = builder.build_async().with_context(|| {
-        format!(
-            "failed to create the local gateway device {} (needs root or CAP_NET_ADMIN)",
-            cfg.tun_name
-        )
-    })?;
-    for (addr, len) in extra {
-        if let IpAddr::V4(a) = addr {
-            dev.add_address_v4(a, len)
-                .with_context(|| format!("failed to add {a}/{len} to {}", cfg.tun_name))?;
+        for pool in &v6 {
+            if let IpAddr::V6(a) = router_addr(pool) {
+                builder = builder.ipv6(a, pool.prefix_len());
+            }
+        }
+        builder.build_async()
+    };
+    // TETHER_TUN_OFFLOAD=0 turns offload off (for kernels where it
+    // misbehaves).
+    let want = std::env::var("TETHER_TUN_OFFLOAD").map_or(true, |v| v != "0");
+    let (dev, offload) = match build(want) {
+        Ok(dev) => (dev, true),
+        Err(_) => (
+            build(false).with_context(|| {
+                format!(
+                    "failed to create the local gateway device {} (needs root or CAP_NET_ADMIN)",
+                    cfg.tun_name
+                )
+            })?,
+            false,
+        ),
+    };
+    // Further IPv4 pools become additional addresses of the device.
+    for pool in v4.iter().skip(1) {
+        if let IpAddr::V4(a) = router_addr(pool) {
+            dev.add_address_v4(a, pool.prefix_len()).with_context(|| {
+                format!(
+                    "failed to add {a}/{} to {}",
+                    pool.prefix_len(),
+                    cfg.tun_name
+                )
+            })?;
         }
     }
     let gw = Arc::new(LocalGateway {
@@ -105,6 +160,8 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> 
         region: cfg.region.clone(),
         prefixes: cfg.prefixes.clone(),
         mtu: LOCAL_GATEWAY_MTU,
+        offload,
+        counters: crate::state::Counters::default(),
         dev,
     });
     if broker.local_gateway.set(gw.clone()).is_err() {
@@ -113,11 +170,22 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> 
     let reader = gw.clone();
     let broker = broker.clone();
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
+        let mut original = vec![0u8; VNET_HDR + 65_536];
+        let mut bufs = vec![vec![0u8; 4096]; tun_rs::IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
         loop {
-            match reader.dev.recv(&mut buf).await {
+            match reader
+                .dev
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                .await
+            {
                 Ok(n) => {
-                    crate::plane::from_local_gateway(&broker, buf.get(..n).unwrap_or_default())
+                    for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+                        crate::plane::from_local_gateway(
+                            &broker,
+                            buf.get(..size).unwrap_or_default(),
+                        );
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "local gateway device failed; backends can no longer reach sites");
@@ -126,6 +194,6 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> 
             }
         }
     });
-    tracing::info!(device = %cfg.tun_name, pools = ?reachable, "local gateway up");
+    tracing::info!(device = %cfg.tun_name, offload, pools = ?reachable, "local gateway up");
     Ok(Some(gw))
 }

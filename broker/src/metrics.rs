@@ -24,7 +24,8 @@ pub fn recorder() -> &'static PrometheusHandle {
     })
 }
 
-/// Pre-registered metric handles.
+/// Pre-registered metric handles. Traffic counters are set from the
+/// per-session counters when scraped ([`Metrics::refresh`]).
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// Packets received from sites.
@@ -35,9 +36,9 @@ pub struct Metrics {
     pub to_site_packets: Counter,
     /// Bytes sent to sites.
     pub to_site_bytes: Counter,
-    /// Packets received from gateways.
+    /// Packets received from the local gateway.
     pub from_gateway_packets: Counter,
-    /// Packets sent to gateways.
+    /// Packets sent to the local gateway.
     pub to_gateway_packets: Counter,
     /// Drops by reason.
     pub drops: BTreeMap<DropReason, Counter>,
@@ -70,6 +71,19 @@ impl Metrics {
             drops,
             icmp_sent: counter!("tether_broker_icmp_errors_sent_total"),
             sessions_h3: gauge!("tether_broker_sessions", "transport" => "h3"),
+        }
+    }
+
+    /// Sets the traffic counters from the broker's per-session totals.
+    pub fn refresh(&self, broker: &crate::state::Broker) {
+        let t = broker.totals();
+        self.from_site_packets.absolute(t.rx_packets);
+        self.from_site_bytes.absolute(t.rx_bytes);
+        self.to_site_packets.absolute(t.tx_packets);
+        self.to_site_bytes.absolute(t.tx_bytes);
+        if let Some(gw) = broker.local_gateway.get() {
+            self.from_gateway_packets.absolute(gw.counters.rx.get().0);
+            self.to_gateway_packets.absolute(gw.counters.tx.get().0);
         }
     }
 

@@ -1,12 +1,14 @@
 //! The forwarding plane: performs the verdicts of
 //! [`tether_proto::forward::Router::decide`] on real sessions and devices.
 //!
-//! A packet is copied once, into a buffer with headroom in front, so the
-//! destination session's datagram prefix (quarter stream ID and context ID)
-//! can be written in place before the packet leaves as a QUIC datagram.
+//! A packet is copied once, into a buffer with headroom in front: the
+//! destination session's datagram prefix (quarter stream ID and context ID),
+//! or the local gateway device's virtio-net header, is written in place.
+//! Traffic is counted per session and per device only; the Prometheus
+//! totals are summed when scraped, so the packet path touches no counter
+//! shared between threads.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use tether_proto::datagram::{self, Payload};
@@ -15,9 +17,10 @@ use tether_proto::route::{Route, RouteTarget};
 
 use crate::state::{Broker, Session};
 
-/// Room in front of a packet for the longest datagram prefix (an 8-byte
-/// quarter stream ID and the context ID).
-pub const HEADROOM: usize = 9;
+/// Room in front of a packet: enough for the longest datagram prefix (an
+/// 8-byte quarter stream ID and the context ID) and for the virtio-net
+/// header of an offloading device.
+pub const HEADROOM: usize = 16;
 
 /// A packet on its way, with headroom.
 struct Buffer {
@@ -40,30 +43,33 @@ impl Buffer {
         self.bytes.get_mut(HEADROOM..).unwrap_or_default()
     }
 
+    /// The packet preceded by `header`, written into the headroom.
+    fn with_header(&mut self, header: &[u8]) -> Option<&[u8]> {
+        let start = HEADROOM.checked_sub(header.len())?;
+        self.bytes.get_mut(start..HEADROOM)?.copy_from_slice(header);
+        self.bytes.get(start..)
+    }
+
     /// The datagram for `session`: its prefix, then the packet, without
     /// copying the packet again.
     fn into_datagram(mut self, session: &Session) -> Option<Bytes> {
-        let prefix = &session.datagram_prefix;
-        let start = HEADROOM.checked_sub(prefix.len())?;
-        self.bytes.get_mut(start..HEADROOM)?.copy_from_slice(prefix);
+        let start = HEADROOM.checked_sub(session.datagram_prefix.len())?;
+        self.with_header(&session.datagram_prefix)?;
         Some(Bytes::from(self.bytes).slice(start..))
     }
 }
 
 /// Sends an IP packet to a site's session, counting it.
-pub fn send_to_site(broker: &Broker, session: &Session, packet: &[u8]) -> Result<(), DropReason> {
-    send_buffer(broker, session, Buffer::new(packet))
+pub fn send_to_site(session: &Session, packet: &[u8]) -> Result<(), DropReason> {
+    send_buffer(session, Buffer::new(packet))
 }
 
-fn send_buffer(broker: &Broker, session: &Session, buffer: Buffer) -> Result<(), DropReason> {
+fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
     let len = buffer.packet().len() as u64;
     let datagram = buffer.into_datagram(session).ok_or(DropReason::TooBig)?;
     match session.conn.send_datagram(datagram) {
         Ok(()) => {
-            session.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-            session.counters.tx_bytes.fetch_add(len, Ordering::Relaxed);
-            broker.metrics.to_site_packets.increment(1);
-            broker.metrics.to_site_bytes.increment(len);
+            session.counters.tx.add(len);
             Ok(())
         }
         Err(quinn::SendDatagramError::TooLarge) => Err(DropReason::TooBig),
@@ -83,12 +89,12 @@ fn mtu_of(broker: &Broker, target: &RouteTarget) -> Option<usize> {
     }
 }
 
-/// Delivers a verdict's packet (or fragments) along its route.
-fn deliver(broker: &Broker, route: &Route, buffer: Buffer) -> Result<(), DropReason> {
+/// Delivers a packet along its route.
+fn deliver(broker: &Broker, route: &Route, mut buffer: Buffer) -> Result<(), DropReason> {
     match &route.target {
         RouteTarget::Site(site) => {
             let session = broker.session(site).ok_or(DropReason::TargetDown)?;
-            send_buffer(broker, &session, buffer)
+            send_buffer(&session, buffer)
         }
         RouteTarget::Gateway(id) => {
             let gw = broker
@@ -96,9 +102,17 @@ fn deliver(broker: &Broker, route: &Route, buffer: Buffer) -> Result<(), DropRea
                 .get()
                 .filter(|g| &g.id == id)
                 .ok_or(DropReason::TargetDown)?;
-            gw.send(buffer.packet())
-                .map_err(|_| DropReason::QueueFull)?;
-            broker.metrics.to_gateway_packets.increment(1);
+            let len = buffer.packet().len() as u64;
+            let written = if gw.offload {
+                let framed = buffer
+                    .with_header(&[0u8; crate::local_gateway::VNET_HDR])
+                    .ok_or(DropReason::TooBig)?;
+                gw.write(framed)
+            } else {
+                gw.write(buffer.packet())
+            };
+            written.map_err(|_| DropReason::QueueFull)?;
+            gw.counters.tx.add(len);
             Ok(())
         }
     }
@@ -141,26 +155,12 @@ pub fn from_site(broker: &Broker, session: &Arc<Session>, dgram: &[u8]) {
 
 /// An IP packet arrived from a site (in a datagram or a DATAGRAM capsule).
 pub fn from_site_packet(broker: &Broker, session: &Arc<Session>, packet: &[u8]) {
-    session.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-    session
-        .counters
-        .rx_bytes
-        .fetch_add(packet.len() as u64, Ordering::Relaxed);
-    broker.metrics.from_site_packets.increment(1);
-    broker
-        .metrics
-        .from_site_bytes
-        .increment(packet.len() as u64);
+    session.counters.rx.add(packet.len() as u64);
     let mut buffer = Buffer::new(packet);
     let verdict = {
-        let Ok(router) = broker.router.read() else {
+        let (Ok(router), Ok(allowed)) = (broker.router.read(), session.allowed.read()) else {
             return;
         };
-        let allowed = session
-            .allowed
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_default();
         let ingress = Ingress::Site {
             site: session.site(),
             region: session.region(),
@@ -169,7 +169,7 @@ pub fn from_site_packet(broker: &Broker, session: &Arc<Session>, packet: &[u8]) 
         router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
     };
     perform(broker, verdict, buffer, |icmp| {
-        send_to_site(broker, session, icmp).is_ok()
+        send_to_site(session, icmp).is_ok()
     });
 }
 
@@ -178,7 +178,7 @@ pub fn from_local_gateway(broker: &Broker, packet: &[u8]) {
     let Some(gw) = broker.local_gateway.get() else {
         return;
     };
-    broker.metrics.from_gateway_packets.increment(1);
+    gw.counters.rx.add(packet.len() as u64);
     let mut buffer = Buffer::new(packet);
     let verdict = {
         let Ok(router) = broker.router.read() else {

@@ -49,17 +49,54 @@ impl CloseReason {
     }
 }
 
-/// Per-session traffic counters.
+/// Packets and bytes in one direction, on a cache line of its own so the
+/// receiving and sending threads do not contend.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Direction {
+    /// Packets.
+    pub packets: AtomicU64,
+    /// Bytes.
+    pub bytes: AtomicU64,
+}
+
+impl Direction {
+    /// Counts one packet of `len` bytes.
+    #[inline]
+    pub fn add(&self, len: u64) {
+        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// (packets, bytes).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.packets.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Traffic counters of a session or device.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Packets from the site.
-    pub rx_packets: AtomicU64,
-    /// Bytes from the site.
-    pub rx_bytes: AtomicU64,
-    /// Packets to the site.
-    pub tx_packets: AtomicU64,
-    /// Bytes to the site.
-    pub tx_bytes: AtomicU64,
+    /// From the site (or out of the device).
+    pub rx: Direction,
+    /// To the site (or into the device).
+    pub tx: Direction,
+}
+
+/// Traffic of sessions that have ended, so totals stay monotonic.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Packets from sites.
+    pub rx_packets: u64,
+    /// Bytes from sites.
+    pub rx_bytes: u64,
+    /// Packets to sites.
+    pub tx_packets: u64,
+    /// Bytes to sites.
+    pub tx_bytes: u64,
 }
 
 /// A site's live tunnel.
@@ -116,10 +153,10 @@ impl Session {
             remote: self.conn.remote_address(),
             since: token::unix_secs(self.since),
             rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
-            rx_packets: self.counters.rx_packets.load(Ordering::Relaxed),
-            rx_bytes: self.counters.rx_bytes.load(Ordering::Relaxed),
-            tx_packets: self.counters.tx_packets.load(Ordering::Relaxed),
-            tx_bytes: self.counters.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: self.counters.rx.get().0,
+            rx_bytes: self.counters.rx.get().1,
+            tx_packets: self.counters.tx.get().0,
+            tx_bytes: self.counters.tx.get().1,
             mtu: self.mtu(),
         }
     }
@@ -192,6 +229,8 @@ pub struct Broker {
     pub tunnel_addr: OnceLock<SocketAddr>,
     /// Bumped whenever the set of reachable prefixes changes.
     pub routes_version: watch::Sender<u64>,
+    /// Traffic of ended sessions.
+    pub closed: Mutex<Totals>,
     leases: Mutex<BTreeMap<RegionId, RegionLeases>>,
 }
 
@@ -279,6 +318,7 @@ impl Broker {
             metrics: Metrics::register(),
             tunnel_addr: OnceLock::new(),
             routes_version,
+            closed: Mutex::new(Totals::default()),
             leases: Mutex::new(leases),
         }))
     }
@@ -436,6 +476,13 @@ impl Broker {
             .unwrap_or(false);
         if removed && let Ok(mut router) = self.router.write() {
             router.table.remove_target(&RouteTarget::Site(site));
+        }
+        if let Ok(mut closed) = self.closed.lock() {
+            let ((rp, rb), (tp, tb)) = (session.counters.rx.get(), session.counters.tx.get());
+            closed.rx_packets += rp;
+            closed.rx_bytes += rb;
+            closed.tx_packets += tp;
+            closed.tx_bytes += tb;
         }
         self.metrics.sessions_h3.decrement(1.0);
     }
@@ -650,5 +697,22 @@ impl Broker {
     /// The gateway id of the local gateway, if any.
     pub fn local_gateway_id(&self) -> Option<&GatewayId> {
         self.config.local_gateway.as_ref().map(|g| &g.id)
+    }
+}
+
+impl Broker {
+    /// Traffic totals of all sessions, ended and live.
+    pub fn totals(&self) -> Totals {
+        let mut t = self.closed.lock().map(|c| *c).unwrap_or_default();
+        if let Ok(sessions) = self.sessions.read() {
+            for s in sessions.values() {
+                let ((rp, rb), (tp, tb)) = (s.counters.rx.get(), s.counters.tx.get());
+                t.rx_packets += rp;
+                t.rx_bytes += rb;
+                t.tx_packets += tp;
+                t.tx_bytes += tb;
+            }
+        }
+        t
     }
 }

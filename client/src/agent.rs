@@ -466,20 +466,27 @@ async fn apply(
 }
 
 /// Starts the two packet pumps of a session: device to tunnel, tunnel to
-/// device.
+/// device. One read of an offloading device yields a whole TCP burst; writes
+/// go one packet at a time (coalescing them in user space measured slower).
 fn start_pumps(
     tun: &Tun,
     conn: &Connection,
     stream_id: u64,
     prefix: Arc<[u8]>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let offload = tun.offload;
     let outbound = {
         let (dev, conn, prefix) = (tun.dev.clone(), conn.clone(), prefix.clone());
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 65_536 + 16];
             let offset = prefix.len();
+            let mut original = vec![0u8; crate::tun::VNET_HDR + 65_536];
+            let mut bufs = vec![vec![0u8; offset + 4096]; tun_rs::IDEAL_BATCH_SIZE];
+            let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
             loop {
-                let n = match dev.recv(&mut buf[offset..]).await {
+                let n = match dev
+                    .recv_multiple(&mut original, &mut bufs, &mut sizes, offset)
+                    .await
+                {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::error!(error = %e, "tunnel device failed");
@@ -487,19 +494,24 @@ fn start_pumps(
                     }
                 };
                 let mtu = tunnel_mtu(&conn, offset).map(usize::from).unwrap_or(1200);
-                if n > mtu {
-                    // Tell the local sender the tunnel's MTU.
-                    if let Some(icmp) = too_big(&buf[offset..offset + n], mtu) {
-                        let _ = dev.send(&icmp).await;
+                for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
+                    let Some(packet) = buf.get(offset..offset + size) else {
+                        continue;
+                    };
+                    if size > mtu {
+                        // Tell the local sender the tunnel's MTU.
+                        if let Some(icmp) = too_big(packet, mtu) {
+                            let _ = crate::tun::write_one(&dev, offload, &icmp).await;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                buf[..offset].copy_from_slice(&prefix);
-                let datagram = Bytes::copy_from_slice(&buf[..offset + n]);
-                if let Err(quinn::SendDatagramError::ConnectionLost(_)) =
-                    conn.send_datagram(datagram)
-                {
-                    return;
+                    buf[..offset].copy_from_slice(&prefix);
+                    let datagram = Bytes::copy_from_slice(&buf[..offset + size]);
+                    if let Err(quinn::SendDatagramError::ConnectionLost(_)) =
+                        conn.send_datagram(datagram)
+                    {
+                        return;
+                    }
                 }
             }
         })
@@ -507,14 +519,26 @@ fn start_pumps(
     let inbound = {
         let (dev, conn) = (tun.dev.clone(), conn.clone());
         tokio::spawn(async move {
+            // With offload every write starts with a virtio-net header: an
+            // empty one, written from its own buffer (no copy of the packet).
+            let header = [0u8; crate::tun::VNET_HDR];
             while let Ok(d) = conn.read_datagram().await {
-                match datagram::parse_h3(&d) {
-                    Ok((stream, payload)) if stream == stream_id => {
-                        if let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload) {
-                            let _ = dev.send(p).await;
-                        }
-                    }
-                    _ => {}
+                let Ok((stream, payload)) = datagram::parse_h3(&d) else {
+                    continue;
+                };
+                if stream != stream_id {
+                    continue;
+                }
+                if let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload) {
+                    let _ = if offload {
+                        dev.send_vectored(&[
+                            std::io::IoSlice::new(&header),
+                            std::io::IoSlice::new(p),
+                        ])
+                        .await
+                    } else {
+                        dev.send(p).await
+                    };
                 }
             }
         })

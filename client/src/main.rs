@@ -85,7 +85,10 @@ fn not_available(what: &str) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    // One thread: the agent's work fits in one core, and keeping the QUIC
+    // driver and the packet pumps on the same thread avoids a cross-thread
+    // wakeup per batch of packets.
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }

@@ -15,6 +15,9 @@ use rtnetlink::RouteMessageBuilder;
 pub struct Tun {
     /// The device (shared with the packet tasks).
     pub dev: Arc<tun_rs::AsyncDevice>,
+    /// Whether the device uses segmentation offload: reads may carry many
+    /// packets, and every write starts with a virtio-net header.
+    pub offload: bool,
     name: String,
     index: u32,
     netlink: rtnetlink::Handle,
@@ -33,24 +36,33 @@ impl std::fmt::Debug for Tun {
 }
 
 impl Tun {
-    /// Creates the device, up, without addresses. Needs root or
-    /// CAP_NET_ADMIN.
+    /// Creates the device, up, without addresses, with segmentation offload
+    /// when the kernel supports it. Needs root or CAP_NET_ADMIN.
     pub fn create(name: &str, mtu: u16) -> anyhow::Result<Self> {
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .enable(true)
-            .build_async()
-            .with_context(|| {
-                format!(
-                    "cannot create the tunnel device {name} (run as root, or with CAP_NET_ADMIN)"
-                )
-            })?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .offload(offload)
+                .enable(true)
+                .build_async()
+        };
+        // TETHER_TUN_OFFLOAD=0 turns offload off (for kernels where it
+        // misbehaves).
+        let want = std::env::var("TETHER_TUN_OFFLOAD").map_or(true, |v| v != "0");
+        let (dev, offload) = match build(want) {
+            Ok(dev) => (dev, true),
+            Err(_) => (
+                build(false).with_context(|| format!("cannot create the tunnel device {name} (run as root, or with CAP_NET_ADMIN)"))?,
+                false,
+            ),
+        };
         let index = dev.if_index().context("tunnel device has no index")?;
         let (conn, netlink, _) = rtnetlink::new_connection().context("cannot open netlink")?;
         tokio::spawn(conn);
         Ok(Self {
             dev: Arc::new(dev),
+            offload,
             name: name.to_string(),
             index,
             netlink,
@@ -153,4 +165,25 @@ impl Tun {
 
 mod netlink_route_message {
     pub use rtnetlink::packet_route::route::RouteMessage;
+}
+
+/// Room for the virtio-net header in front of packets written to an
+/// offloading device.
+pub const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Writes one packet, with an empty virtio-net header when the device
+/// offloads.
+pub async fn write_one(
+    dev: &tun_rs::AsyncDevice,
+    offload: bool,
+    packet: &[u8],
+) -> std::io::Result<usize> {
+    if offload {
+        let mut buf = Vec::with_capacity(VNET_HDR + packet.len());
+        buf.resize(VNET_HDR, 0);
+        buf.extend_from_slice(packet);
+        dev.send(&buf).await
+    } else {
+        dev.send(packet).await
+    }
 }

@@ -240,14 +240,20 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// The directory holding the workspace's built binaries (next to the test
-/// executable's `deps/` directory).
+/// The directory holding the workspace's built binaries: `TETHER_BIN_DIR`
+/// if set, else the directory of the running executable (for a test, the
+/// parent of its `deps/` directory).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TETHER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
-        .unwrap_or_default()
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(PathBuf::from).unwrap_or_default()
+    } else {
+        dir
+    }
 }
 
 /// The path of a workspace binary, with a clear error if it was not built.

@@ -1,0 +1,465 @@
+//! `tether-bench`: tether against baselines on the hospital topology, one
+//! run, one table.
+//!
+//! Run as root after `cargo build --release --workspace --bins` (the
+//! script `bench/run.sh` does both). On the topology of the netns tests it
+//! measures, from the backend to the site and back:
+//!
+//! - iperf3 TCP throughput, 1 stream each way and 4 streams;
+//! - ping round-trip p50 and p99;
+//! - connect-to-first-packet: from starting the agent until a packet gets
+//!   through;
+//!
+//! through tether, through the same path routed without any tunnel, through
+//! boringtun-cli and through wireguard-go (both on UDP 443 of the published
+//! CIDR, so the hospital firewall lets them through as it lets tether).
+//! Then it connects 1,000 idle sites with `tether-loadgen` and reports the
+//! broker's memory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tether_netns_tests::topology::{SITE_LAN, Topology, read};
+use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10)]
+    duration: u32,
+    /// Idle sites for the memory measurement (0 to skip).
+    #[arg(long, default_value_t = 1000)]
+    sites: usize,
+    /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
+    #[arg(long)]
+    boringtun: Option<PathBuf>,
+}
+
+struct Row {
+    name: &'static str,
+    down1: f64,
+    up1: f64,
+    down4: f64,
+    p50: f64,
+    p99: f64,
+    setup: Option<Duration>,
+}
+
+fn iperf(client: &NetNs, server: &str, streams: u32, reverse: bool, secs: u32) -> f64 {
+    let mut args = vec![
+        "-c".to_string(),
+        server.to_string(),
+        "-J".into(),
+        "-t".into(),
+        secs.to_string(),
+        "-P".into(),
+        streams.to_string(),
+    ];
+    if reverse {
+        args.push("-R".into());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = client.command("iperf3").args(&refs).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+fn ping_stats(from: &NetNs, to: &str) -> (f64, f64) {
+    let out = from
+        .command("ping")
+        .args(["-c", "300", "-i", "0.01", "-W", "1", to])
+        .output()
+        .unwrap();
+    let mut rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if rtts.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p).round() as usize];
+    (pct(0.50), pct(0.99))
+}
+
+fn measure(
+    topo: &Topology,
+    name: &'static str,
+    addr: &str,
+    secs: u32,
+    setup: Option<Duration>,
+) -> Row {
+    let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let down1 = iperf(&topo.backend, addr, 1, false, secs);
+    let up1 = iperf(&topo.backend, addr, 1, true, secs);
+    let down4 = iperf(&topo.backend, addr, 4, false, secs);
+    let (p50, p99) = ping_stats(&topo.backend, addr);
+    eprintln!("{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms");
+    Row {
+        name,
+        down1,
+        up1,
+        down4,
+        p50,
+        p99,
+        setup,
+    }
+}
+
+/// Time until the site reaches the backend.
+fn first_packet(topo: &Topology, started: Instant) -> Option<Duration> {
+    wait_for(Duration::from_secs(30), || {
+        topo.site
+            .succeeds("ping", &["-c", "1", "-W", "1", "10.20.0.10"])
+    })
+    .then(|| started.elapsed())
+}
+
+fn wg_key(ns: &NetNs) -> (String, String) {
+    let private = String::from_utf8(ns.run("wg", &["genkey"]).unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut child = ns
+        .command("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let public = String::from_utf8(child.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    (private, public)
+}
+
+/// A WireGuard tunnel between site and cloud with a userspace
+/// implementation (`program args...` creating interface `name-s` / `name-c`).
+fn wireguard(topo: &Topology, name: &'static str, program: &str, extra: &[&str], secs: u32) -> Row {
+    let (site_if, cloud_if) = (format!("{name}-s"), format!("{name}-c"));
+    let socket = |i: &str| PathBuf::from(format!("/var/run/wireguard/{i}.sock"));
+    // UAPI sockets live in the shared filesystem: clear leftovers of an
+    // earlier run, or `wg` would talk to a dead process.
+    for i in [&site_if, &cloud_if] {
+        let _ = std::fs::remove_file(socket(i));
+    }
+    let mut args: Vec<&str> = extra.to_vec();
+    args.push(&cloud_if);
+    let _cloud = topo
+        .cloud
+        .spawn(program, &args, Some(topo.path(&format!("{cloud_if}.log"))))
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || socket(&cloud_if).exists()),
+        "{name} did not start:\n{}",
+        read(&topo.path(&format!("{cloud_if}.log")))
+    );
+    let (cloud_priv, cloud_pub) = wg_key(&topo.cloud);
+    let (site_priv, site_pub) = wg_key(&topo.site);
+    let key_file = |k: &str, n: &str| {
+        let p = topo.path(n);
+        std::fs::write(&p, k).unwrap();
+        p.display().to_string()
+    };
+    let cloud_key = key_file(&cloud_priv, &format!("{cloud_if}.key"));
+    topo.cloud
+        .run(
+            "wg",
+            &[
+                "set",
+                &cloud_if,
+                "listen-port",
+                "443",
+                "private-key",
+                &cloud_key,
+                "peer",
+                &site_pub,
+                "allowed-ips",
+                "10.99.0.2/32",
+            ],
+        )
+        .unwrap();
+    topo.cloud
+        .run("ip", &["addr", "add", "10.99.0.1/24", "dev", &cloud_if])
+        .unwrap();
+    topo.cloud
+        .run("ip", &["link", "set", &cloud_if, "mtu", "1420", "up"])
+        .unwrap();
+    topo.backend
+        .run(
+            "ip",
+            &["route", "replace", "10.99.0.0/24", "via", "10.20.0.1"],
+        )
+        .unwrap();
+    // The site side: time from starting it to the first packet through.
+    let started = Instant::now();
+    let mut args: Vec<&str> = extra.to_vec();
+    args.push(&site_if);
+    let _site = topo
+        .site
+        .spawn(program, &args, Some(topo.path(&format!("{site_if}.log"))))
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || socket(&site_if).exists()));
+    let site_key = key_file(&site_priv, &format!("{site_if}.key"));
+    topo.site
+        .run(
+            "wg",
+            &[
+                "set",
+                &site_if,
+                "private-key",
+                &site_key,
+                "peer",
+                &cloud_pub,
+                "endpoint",
+                "203.0.113.10:443",
+                "allowed-ips",
+                "10.99.0.0/24,10.20.0.0/24",
+                "persistent-keepalive",
+                "25",
+            ],
+        )
+        .unwrap();
+    topo.site
+        .run("ip", &["addr", "add", "10.99.0.2/32", "dev", &site_if])
+        .unwrap();
+    topo.site
+        .run("ip", &["link", "set", &site_if, "mtu", "1420", "up"])
+        .unwrap();
+    topo.site
+        .run("ip", &["route", "add", "10.99.0.0/24", "dev", &site_if])
+        .unwrap();
+    topo.site
+        .run("ip", &["route", "add", "10.20.0.0/24", "dev", &site_if])
+        .unwrap();
+    let setup = first_packet(topo, started);
+    let row = measure(topo, name, "10.99.0.2", secs, setup);
+    topo.site
+        .run("ip", &["route", "del", "10.20.0.0/24", "dev", &site_if])
+        .unwrap();
+    row
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args = Args::parse();
+    if !require_root() {
+        return;
+    }
+    let boringtun = args
+        .boringtun
+        .clone()
+        .or_else(|| which("boringtun-cli"))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/boringtun-cli"))
+        })
+        .filter(|p| p.exists())
+        .expect("boringtun-cli not found: cargo install boringtun-cli");
+    let mut topo = Topology::new("").unwrap();
+    let mut rows = Vec::new();
+
+    // tether.
+    let state = topo.path("site-state");
+    topo.enroll("bench-site", &state).unwrap();
+    let started = Instant::now();
+    let (_agent, addr) = topo.up(&state, "site.log").unwrap();
+    let setup = first_packet(&topo, started);
+    rows.push(measure(
+        &topo,
+        "tether (HTTP/3)",
+        &addr,
+        args.duration,
+        setup,
+    ));
+
+    // Broker memory: idle with one site, then with N more idle sites.
+    let broker_pid = topo.broker.as_ref().unwrap().id();
+    let rss_one = rss_kib(broker_pid);
+    let mut rss_many = None;
+    let mut _loadgen: Option<Proc> = None;
+    if args.sites > 0 {
+        let admin_token = std::fs::read_to_string(topo.path("broker/admin.token")).unwrap();
+        let dir = topo.path("loadgen");
+        let loadgen = binary("tether-loadgen").display().to_string();
+        let n = args.sites.to_string();
+        topo.cloud
+            .run(
+                &loadgen,
+                &[
+                    "enroll",
+                    "--count",
+                    &n,
+                    "--admin",
+                    "http://127.0.0.1:7070",
+                    "--admin-token",
+                    admin_token.trim(),
+                    "--broker",
+                    "203.0.113.10:443",
+                    "--region",
+                    "eu",
+                    "--dir",
+                    &dir.display().to_string(),
+                ],
+            )
+            .unwrap();
+        let log = topo.path("loadgen.log");
+        _loadgen = Some(
+            topo.site
+                .spawn(
+                    &loadgen,
+                    &[
+                        "connect",
+                        "--count",
+                        &n,
+                        "--broker",
+                        "203.0.113.10:443",
+                        "--dir",
+                        &dir.display().to_string(),
+                        "--hold",
+                        "600",
+                    ],
+                    Some(log.clone()),
+                )
+                .unwrap(),
+        );
+        let connected = wait_for(Duration::from_secs(300), || {
+            read(&log).contains("connected")
+        });
+        assert!(connected, "load generator failed:\n{}", read(&log));
+        std::thread::sleep(Duration::from_secs(3));
+        rss_many = Some(rss_kib(broker_pid));
+        eprintln!("{}", read(&log).trim());
+    }
+    drop(_loadgen);
+    // The agent routes the backend network into the tunnel; stop it so the
+    // raw path is really raw.
+    drop(_agent);
+
+    // The same path without a tunnel: open the firewall towards the site
+    // and route the hospital LAN.
+    topo.fw
+        .run(
+            "nft",
+            &[
+                "insert", "rule", "inet", "hospital", "forward", "ip", "daddr", SITE_LAN, "accept",
+            ],
+        )
+        .unwrap();
+    topo.wan
+        .run(
+            "ip",
+            &["route", "add", "192.168.1.0/24", "via", "198.51.100.2"],
+        )
+        .unwrap();
+    topo.wan
+        .run(
+            "ip",
+            &["route", "add", "10.20.0.0/24", "via", "203.0.113.10"],
+        )
+        .unwrap();
+    rows.push(measure(
+        &topo,
+        "raw routed path",
+        SITE_LAN,
+        args.duration,
+        None,
+    ));
+
+    // The WireGuard baselines, on the broker's UDP 443 (broker stopped).
+    topo.broker.as_mut().unwrap().kill();
+    rows.push(wireguard(
+        &topo,
+        "boringtun",
+        &boringtun.display().to_string(),
+        &["--foreground", "--disable-drop-privileges"],
+        args.duration,
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    rows.push(wireguard(
+        &topo,
+        "wggo",
+        "wireguard-go",
+        &["-f"],
+        args.duration,
+    ));
+
+    let raw = rows
+        .iter()
+        .find(|r| r.name == "raw routed path")
+        .map(|r| r.down1)
+        .unwrap_or(f64::NAN);
+    println!();
+    println!(
+        "backend <-> site on the hospital topology, iperf3 TCP {} s per run, Gbit/s",
+        args.duration
+    );
+    println!(
+        "{:<18} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>12}",
+        "path", "1 str ->", "1 str <-", "4 str ->", "vs raw", "ping p50", "ping p99", "first pkt"
+    );
+    for r in &rows {
+        println!(
+            "{:<18} {:>10.2} {:>10.2} {:>10.2} {:>8.0}% {:>8.3}ms {:>8.3}ms {:>12}",
+            r.name,
+            r.down1,
+            r.up1,
+            r.down4,
+            100.0 * r.down1 / raw,
+            r.p50,
+            r.p99,
+            r.setup
+                .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    let tether = rows[0].down1;
+    if let Some(bt) = rows.iter().find(|r| r.name == "boringtun") {
+        println!(
+            "tether / boringtun-cli, 1 stream: {:.2}x",
+            tether / bt.down1
+        );
+    }
+    println!();
+    println!("broker memory (VmRSS): {} KiB with 1 site", rss_one);
+    if let Some(m) = rss_many {
+        println!(
+            "broker memory (VmRSS): {} KiB with {} more idle sites ({:.1} KiB per site)",
+            m,
+            args.sites,
+            (m.saturating_sub(rss_one)) as f64 / args.sites as f64
+        );
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let out = Command::new("which").arg(name).output().ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
