@@ -4,6 +4,9 @@
 //! A packet is copied once, into a buffer with headroom in front: the
 //! destination session's datagram prefix (quarter stream ID and context ID),
 //! or the local gateway device's virtio-net header, is written in place.
+//! Datagrams from a site are handled in batches ([`SiteBatch`]): packets for
+//! the local gateway wait in reusable buffers and are written together,
+//! coalesced.
 //! Traffic is counted per session and per device only; the Prometheus
 //! totals are summed when scraped, so the packet path touches no counter
 //! shared between threads.
@@ -136,6 +139,119 @@ fn perform(broker: &Broker, verdict: Verdict, buffer: Buffer, reply: impl FnOnce
     if let Err(reason) = result {
         broker.metrics.drop(reason);
         tracing::trace!(reason = %reason, "packet dropped");
+    }
+}
+
+/// Reusable buffers for the packets of one batch of datagrams that go to the
+/// local gateway. Each buffer has room for a coalesced 64 KiB segment, so
+/// writing never reallocates; the buffers are kept across batches.
+#[derive(Default)]
+pub struct SiteBatch {
+    free: Vec<bytes::BytesMut>,
+    ready: Vec<bytes::BytesMut>,
+    gro: tun_rs::GROTable,
+}
+
+/// Capacity of a batch buffer: a virtio-net header and a full 64 KiB
+/// coalesced segment.
+const BATCH_BUFFER: usize = crate::local_gateway::VNET_HDR + 65_536;
+
+impl SiteBatch {
+    fn buffer(&mut self) -> bytes::BytesMut {
+        self.free
+            .pop()
+            .unwrap_or_else(|| bytes::BytesMut::with_capacity(BATCH_BUFFER))
+    }
+
+    fn recycle(&mut self, mut b: bytes::BytesMut) {
+        b.clear();
+        self.free.push(b);
+    }
+
+    /// Whether packets wait to be written.
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
+    }
+
+    /// Writes the waiting packets to the local gateway.
+    pub async fn flush(&mut self, broker: &Broker) {
+        if self.ready.is_empty() {
+            return;
+        }
+        if let Some(gw) = broker.local_gateway.get()
+            && gw
+                .write_batch(&mut self.gro, &mut self.ready)
+                .await
+                .is_err()
+        {
+            for _ in 0..self.ready.len() {
+                broker.metrics.drop(DropReason::QueueFull);
+            }
+        }
+        while let Some(b) = self.ready.pop() {
+            self.recycle(b);
+        }
+    }
+}
+
+/// A datagram arrived on a site's connection: routed now, and if it goes to
+/// the local gateway, left in `batch` until [`SiteBatch::flush`].
+pub fn from_site_batched(
+    broker: &Broker,
+    session: &Arc<Session>,
+    dgram: &[u8],
+    batch: &mut SiteBatch,
+) {
+    let packet = match datagram::parse_h3(dgram) {
+        Ok((stream, payload)) if stream == session.stream_id => {
+            match datagram::parse_payload(payload) {
+                Ok(Payload::IpPacket(p)) => p,
+                Ok(Payload::UnknownContext(_)) => {
+                    return broker.metrics.drop(DropReason::UnknownContext);
+                }
+                Err(_) => return broker.metrics.drop(DropReason::Malformed),
+            }
+        }
+        _ => return broker.metrics.drop(DropReason::Malformed),
+    };
+    session.counters.rx.add(packet.len() as u64);
+    let hdr = crate::local_gateway::VNET_HDR;
+    let mut b = batch.buffer();
+    b.resize(hdr, 0);
+    b.extend_from_slice(packet);
+    let verdict = {
+        let (Ok(router), Ok(allowed)) = (broker.router.read(), session.allowed.read()) else {
+            return batch.recycle(b);
+        };
+        let ingress = Ingress::Site {
+            site: session.site(),
+            region: session.region(),
+            allowed: &allowed,
+        };
+        router.decide(&ingress, b.get_mut(hdr..).unwrap_or_default(), |t| {
+            mtu_of(broker, t)
+        })
+    };
+    match &verdict {
+        Verdict::Forward(route) if matches!(route.target, RouteTarget::Gateway(_)) => {
+            match broker.local_gateway.get() {
+                Some(gw) if RouteTarget::Gateway(gw.id.clone()) == route.target => {
+                    gw.counters.tx.add((b.len() - hdr) as u64);
+                    batch.ready.push(b);
+                }
+                _ => {
+                    broker.metrics.drop(DropReason::TargetDown);
+                    batch.recycle(b);
+                }
+            }
+        }
+        _ => {
+            let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
+            batch.recycle(b);
+            perform(broker, verdict, buffer, |icmp| {
+                send_to_site(session, icmp).is_ok()
+            });
+        }
     }
 }
 

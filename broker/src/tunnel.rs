@@ -155,8 +155,20 @@ pub async fn run(
     let datagrams = {
         let (broker, session) = (broker.clone(), session.clone());
         tokio::spawn(async move {
-            while let Ok(d) = session.conn.read_datagram().await {
-                plane::from_site(&broker, &session, &d);
+            use futures_util::FutureExt;
+            // Datagrams that arrived together are routed together, and the
+            // packets among them bound for the local gateway are written in
+            // one coalesced batch.
+            let mut batch = plane::SiteBatch::default();
+            while let Ok(first) = session.conn.read_datagram().await {
+                plane::from_site_batched(&broker, &session, &first, &mut batch);
+                for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
+                    match session.conn.read_datagram().now_or_never() {
+                        Some(Ok(d)) => plane::from_site_batched(&broker, &session, &d, &mut batch),
+                        _ => break,
+                    }
+                }
+                batch.flush(&broker).await;
             }
         })
     };
