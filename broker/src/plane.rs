@@ -144,7 +144,10 @@ fn perform(broker: &Broker, verdict: Verdict, buffer: Buffer, reply: impl FnOnce
 
 /// Reusable buffers for the packets of one batch of datagrams that go to the
 /// local gateway. Each buffer has room for a coalesced 64 KiB segment, so
-/// writing never reallocates; the buffers are kept across batches.
+/// writing never reallocates. Batches (with their coalescing table, over a
+/// megabyte) are not owned by sessions: a session borrows one from the
+/// broker's pool for a burst ([`take_batch`], [`give_batch`]), so idle sites
+/// cost nothing and the pool holds about as many as there are threads.
 #[derive(Default)]
 pub struct SiteBatch {
     free: Vec<bytes::BytesMut>,
@@ -191,6 +194,23 @@ impl SiteBatch {
         while let Some(b) = self.ready.pop() {
             self.recycle(b);
         }
+    }
+}
+
+/// A batch from the broker's pool, or a new one.
+pub fn take_batch(broker: &Broker) -> SiteBatch {
+    broker
+        .batches
+        .lock()
+        .ok()
+        .and_then(|mut p| p.pop())
+        .unwrap_or_default()
+}
+
+/// Returns a flushed batch to the broker's pool.
+pub fn give_batch(broker: &Broker, batch: SiteBatch) {
+    if let Ok(mut pool) = broker.batches.lock() {
+        pool.push(batch);
     }
 }
 

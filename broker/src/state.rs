@@ -231,6 +231,8 @@ pub struct Broker {
     pub routes_version: watch::Sender<u64>,
     /// Traffic of ended sessions.
     pub closed: Mutex<Totals>,
+    /// Idle batches for writing to the local gateway.
+    pub batches: Mutex<Vec<crate::plane::SiteBatch>>,
     leases: Mutex<BTreeMap<RegionId, RegionLeases>>,
 }
 
@@ -319,6 +321,7 @@ impl Broker {
             tunnel_addr: OnceLock::new(),
             routes_version,
             closed: Mutex::new(Totals::default()),
+            batches: Mutex::new(Vec::new()),
             leases: Mutex::new(leases),
         }))
     }

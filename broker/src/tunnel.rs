@@ -159,8 +159,8 @@ pub async fn run(
             // Datagrams that arrived together are routed together, and the
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
-            let mut batch = plane::SiteBatch::default();
             while let Ok(first) = session.conn.read_datagram().await {
+                let mut batch = plane::take_batch(&broker);
                 plane::from_site_batched(&broker, &session, &first, &mut batch);
                 for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
                     match session.conn.read_datagram().now_or_never() {
@@ -169,6 +169,7 @@ pub async fn run(
                     }
                 }
                 batch.flush(&broker).await;
+                plane::give_batch(&broker, batch);
             }
         })
     };
