@@ -67,8 +67,14 @@ pub async fn run(
         }
         let started = Instant::now();
         let end = match connect(&config, &state).await {
-            Ok((client, target)) => {
+            Ok((client, target, endpoint)) => {
                 let end = session(client, &target, &mut tun, &config, &state, &mut shutdown).await;
+                if matches!(end, End::Shutdown) {
+                    // Deliver the CONNECTION_CLOSE, so the broker ends the
+                    // session now rather than at its idle timeout.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                }
                 match &end {
                     End::Lost(why) => {
                         tracing::warn!(broker = %target.addr, "lost the connection to the broker: {why}")
@@ -128,7 +134,10 @@ fn explain(e: &ConnectionError) -> String {
 }
 
 /// Connects to the first broker that answers.
-async fn connect(config: &ClientConfig, state: &StateDir) -> anyhow::Result<(H3Client, Target)> {
+async fn connect(
+    config: &ClientConfig,
+    state: &StateDir,
+) -> anyhow::Result<(H3Client, Target, quinn::Endpoint)> {
     let creds = state.credentials()?;
     let tls = tether_pki::tls::client_config(&creds.ca, Some((creds.chain, creds.key)))?;
     // Silence for two keepalive intervals (and a margin) means the broker
@@ -155,7 +164,7 @@ async fn connect(config: &ClientConfig, state: &StateDir) -> anyhow::Result<(H3C
                 .connect_with(quic.clone(), target.addr, &target.server_name)
                 .context("invalid broker address")?;
             match tokio::time::timeout(config.h3_timeout, connecting).await {
-                Ok(Ok(conn)) => return Ok((H3Client::over(conn).await?, target)),
+                Ok(Ok(conn)) => return Ok((H3Client::over(conn).await?, target, local)),
                 Ok(Err(e)) => errors.push(format!("{}: {}", target.addr, explain(&e))),
                 Err(_) => errors.push(format!(
                     "{}: no answer within {} s (is UDP 443 to the published CIDR allowed?)",

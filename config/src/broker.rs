@@ -38,8 +38,6 @@ pub struct BrokerFile {
     pub admin: AdminFile,
     /// Tunnel timing and certificate lifetimes.
     pub tunnel: TunnelFile,
-    /// Identity DNS.
-    pub dns: DnsFile,
     /// Regions and their address pools (`[[region]]`, one or more).
     pub region: Vec<RegionFile>,
     /// A gateway on the broker host itself (a TUN device), for single-machine
@@ -69,16 +67,6 @@ pub struct TunnelFile {
     pub site_cert_lifetime: String,
     /// Default lifetime of enrollment tokens.
     pub token_ttl: String,
-}
-
-/// `[dns]`: the identity DNS server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DnsFile {
-    /// The zone sites are named in: `<site>.<region>.<zone>`.
-    pub zone: String,
-    /// Address the DNS server binds (UDP and TCP); empty to disable.
-    pub listen: String,
 }
 
 /// `[[region]]`: a data-residency region and its pools.
@@ -125,7 +113,6 @@ impl Default for BrokerFile {
             advertised: vec!["127.0.0.1".into(), "localhost".into()],
             admin: AdminFile::default(),
             tunnel: TunnelFile::default(),
-            dns: DnsFile::default(),
             region: vec![RegionFile {
                 name: "local".into(),
                 ipv4_pools: vec!["100.64.0.0/16".into()],
@@ -152,15 +139,6 @@ impl Default for TunnelFile {
             idle_timeout: "15s".into(),
             site_cert_lifetime: "24h".into(),
             token_ttl: "24h".into(),
-        }
-    }
-}
-
-impl Default for DnsFile {
-    fn default() -> Self {
-        Self {
-            zone: "tether.internal".into(),
-            listen: "127.0.0.1:5353".into(),
         }
     }
 }
@@ -202,10 +180,6 @@ pub struct BrokerConfig {
     pub site_cert_lifetime: Duration,
     /// Default enrollment token lifetime.
     pub token_ttl: Duration,
-    /// DNS zone.
-    pub dns_zone: String,
-    /// DNS listen address, if enabled.
-    pub dns_listen: Option<SocketAddr>,
     /// Regions by name.
     pub regions: BTreeMap<RegionId, Region>,
     /// Address management over the regions' pools.
@@ -371,30 +345,6 @@ impl BrokerFile {
             Duration::from_secs(30 * 86_400),
         );
 
-        let dns_zone = self.dns.zone.trim_end_matches('.').to_ascii_lowercase();
-        if !is_dns_name(&dns_zone) {
-            p.add(
-                "dns.zone",
-                format!("{:?} is not a DNS name", self.dns.zone),
-                "use a name such as \"tether.internal\"",
-            );
-        }
-        let dns_listen = if self.dns.listen.is_empty() {
-            None
-        } else {
-            match self.dns.listen.parse::<SocketAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    p.add(
-                        "dns.listen",
-                        format!("{:?} is not an address:port", self.dns.listen),
-                        "write e.g. \"127.0.0.1:5353\", or \"\" to disable DNS",
-                    );
-                    None
-                }
-            }
-        };
-
         let regions = self.validate_regions(&mut p);
         let ipam = self.build_ipam(&mut p, &regions);
         let local_gateway = self.validate_local_gateway(&mut p, &regions);
@@ -418,8 +368,6 @@ impl BrokerFile {
                 idle_timeout,
                 site_cert_lifetime,
                 token_ttl,
-                dns_zone,
-                dns_listen,
                 regions,
                 ipam,
                 local_gateway,

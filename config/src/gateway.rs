@@ -42,7 +42,8 @@ pub struct GatewayFile {
     pub tun: GatewayTunFile,
     /// Policy routing.
     pub routing: RoutingFile,
-    /// DNS for the mesh zone inside the backend network.
+    /// DNS for the mesh zone inside the backend network (served once the
+    /// gateway runs; `tether-gateway run` is not built yet).
     pub dns: GatewayDnsFile,
 }
 

@@ -17,7 +17,7 @@ fn backend_reaches_the_site_through_the_firewall() {
     let topo = Topology::new("").unwrap();
     let state = topo.path("site-state");
     topo.enroll("hospital-a", &state).unwrap();
-    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    let (mut site, addr) = topo.up(&state, "site.log").unwrap();
     assert!(
         addr.starts_with("100.64."),
         "overlay address from the pool: {addr}"
@@ -101,6 +101,25 @@ fn backend_reaches_the_site_through_the_firewall() {
         topo.site
             .succeeds("ping", &["-c", "1", "-W", "2", "10.20.0.10"]),
         "the backend network is routed to the site"
+    );
+
+    // SIGTERM: the agent closes the tunnel and removes its device.
+    site.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        site.wait_exit(Duration::from_secs(5)),
+        "agent did not stop on SIGTERM:\n{}",
+        read(&topo.path("site.log"))
+    );
+    assert!(
+        topo.site_address(4).is_none(),
+        "tether0 still present after shutdown"
+    );
+    assert!(
+        wait_for(Duration::from_secs(3), || !topo
+            .broker_cli(&["sessions"])
+            .unwrap()
+            .contains("hospital-a")),
+        "the broker still lists the session"
     );
 }
 
