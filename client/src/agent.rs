@@ -112,7 +112,31 @@ pub async fn run(
     Ok(())
 }
 
-/// Explains a failed handshake in plain words.
+/// How a session ended when an operation on `conn` failed: refused when the
+/// broker rejected this site (a TLS alert about its certificate, or a
+/// rejection by the broker), lost otherwise. The connection's own close
+/// reason is the better explanation when it has one: a refusal often
+/// surfaces first as a failed stream or a missing SETTINGS frame.
+fn ended(conn: &Connection, e: impl std::fmt::Display) -> End {
+    match conn.close_reason() {
+        Some(reason) if is_refusal(&reason) => End::Refused(explain(&reason)),
+        Some(reason) => End::Lost(explain(&reason)),
+        None => End::Lost(e.to_string()),
+    }
+}
+
+/// Whether the broker closed the connection because it refuses this site.
+fn is_refusal(e: &ConnectionError) -> bool {
+    match e {
+        // TLS alerts travel as QUIC crypto errors 0x100-0x1ff.
+        ConnectionError::TransportError(t) => (0x100..0x200).contains(&u64::from(t.code)),
+        ConnectionError::ConnectionClosed(c) => (0x100..0x200).contains(&u64::from(c.error_code)),
+        ConnectionError::ApplicationClosed(c) => u64::from(c.error_code) == H3_REQUEST_REJECTED,
+        _ => false,
+    }
+}
+
+/// Explains a failed handshake or closed connection in plain words.
 fn explain(e: &ConnectionError) -> String {
     let text = e.to_string();
     let alert = |code: u64| {
@@ -128,6 +152,8 @@ fn explain(e: &ConnectionError) -> String {
         "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)".into()
     } else if matches!(e, ConnectionError::TimedOut) {
         "no answer (is UDP 443 to the published CIDR allowed by the firewall?)".into()
+    } else if let ConnectionError::ApplicationClosed(c) = e {
+        String::from_utf8_lossy(&c.reason).to_string()
     } else {
         text
     }
@@ -164,7 +190,16 @@ async fn connect(
                 .connect_with(quic.clone(), target.addr, &target.server_name)
                 .context("invalid broker address")?;
             match tokio::time::timeout(config.h3_timeout, connecting).await {
-                Ok(Ok(conn)) => return Ok((H3Client::over(conn).await?, target, local)),
+                Ok(Ok(conn)) => match H3Client::over(conn.clone()).await {
+                    Ok(client) => return Ok((client, target, local)),
+                    Err(e) => errors.push(format!(
+                        "{}: {}",
+                        target.addr,
+                        conn.close_reason()
+                            .map(|r| explain(&r))
+                            .unwrap_or_else(|| e.to_string())
+                    )),
+                },
                 Ok(Err(e)) => errors.push(format!("{}: {}", target.addr, explain(&e))),
                 Err(_) => errors.push(format!(
                     "{}: no answer within {} s (is UDP 443 to the published CIDR allowed?)",
@@ -205,7 +240,7 @@ async fn session(
         Ok(_) => {
             return End::Refused("the broker does not offer CONNECT-IP with HTTP Datagrams".into());
         }
-        Err(e) => return End::Lost(e.to_string()),
+        Err(e) => return ended(&client.conn, e),
     }
     let mut request = Request::new(
         "CONNECT",
@@ -220,12 +255,12 @@ async fn session(
     request.protocol = Some(connect_ip::PROTOCOL.to_string());
     let (send, mut recv) = match client.send(&request, &[]).await {
         Ok(s) => s,
-        Err(e) => return End::Lost(e.to_string()),
+        Err(e) => return ended(&client.conn, e),
     };
     let mut dec = MessageDecoder::new(h3client::MAX_FIELD_SECTION);
     let head = match h3client::read_head(&mut recv, &mut dec).await {
         Ok(h) => h,
-        Err(e) => return End::Lost(e.to_string()),
+        Err(e) => return ended(&client.conn, e),
     };
     if head.status != 200 {
         let mut body = Vec::new();
@@ -321,7 +356,7 @@ async fn session(
                         pending = true;
                     }
                     Ok(None) => break End::Lost("the broker ended the tunnel".into()),
-                    Err(e) => break End::Lost(e.to_string()),
+                    Err(e) => break ended(&conn, e),
                 }
             }
             _ = mtu_tick.tick() => {
@@ -352,13 +387,7 @@ async fn session(
                 }
             }
             e = conn.closed() => {
-                break match &e {
-                    ConnectionError::ApplicationClosed(c) if u64::from(c.error_code) == H3_REQUEST_REJECTED => {
-                        End::Refused(format!("the broker closed the tunnel: {}", String::from_utf8_lossy(&c.reason)))
-                    }
-                    ConnectionError::ApplicationClosed(c) => End::Lost(format!("closed by the broker: {}", String::from_utf8_lossy(&c.reason))),
-                    other => End::Lost(explain(other)),
-                };
+                break ended(&conn, e);
             }
         }
     };
