@@ -18,7 +18,7 @@ use quinn::{Connection, ConnectionError, VarInt};
 use tether_config::client::ClientConfig;
 use tether_proto::api::{ApiError, RENEW_PATH, RenewRequest, RenewResponse};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
-use tether_proto::connect_ip::{self, Scope};
+use tether_proto::connect_ip;
 use tether_proto::datagram::{self, Payload};
 use tether_proto::h3::error::H3_REQUEST_REJECTED;
 use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
@@ -242,17 +242,7 @@ async fn session(
         }
         Err(e) => return ended(&client.conn, e),
     }
-    let mut request = Request::new(
-        "CONNECT",
-        &target.endpoint.to_string(),
-        &Scope {
-            target: connect_ip::Target::Any,
-            ipproto: connect_ip::IpProto::Any,
-        }
-        .to_path(),
-    )
-    .with_header("capsule-protocol", "?1");
-    request.protocol = Some(connect_ip::PROTOCOL.to_string());
+    let request = connect_ip::request(&target.endpoint.to_string());
     let (send, mut recv) = match client.send(&request, &[]).await {
         Ok(s) => s,
         Err(e) => return ended(&client.conn, e),

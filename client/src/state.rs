@@ -22,14 +22,7 @@ pub const IDENTITY_FILE: &str = "identity.json";
 
 /// `/var/lib/tether` for root, else `~/.local/state/tether`.
 pub fn default_state_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/tether");
-    }
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("tether")
+    tether_config::default_state_dir("tether")
 }
 
 /// What `identity.json` records.

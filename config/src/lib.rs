@@ -161,6 +161,21 @@ impl Problems {
     }
 }
 
+/// Where a program keeps its state unless configured: `/var/lib/<name>`
+/// when run as root, else `$XDG_STATE_HOME/<name>` (by default
+/// `~/.local/state/<name>`).
+pub fn default_state_dir(name: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib").join(name);
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(name)
+}
+
 /// Renders a configuration file as TOML (used to print effective defaults).
 pub fn to_toml<T: serde::Serialize>(file: &T) -> String {
     toml::to_string_pretty(file).unwrap_or_default()

@@ -477,6 +477,19 @@ impl Scope {
     }
 }
 
+/// The CONNECT-IP request for the whole-tunnel scope (`*`, `*`) at
+/// `authority`, announcing the capsule protocol.
+pub fn request(authority: &str) -> crate::h3::Request {
+    let scope = Scope {
+        target: Target::Any,
+        ipproto: IpProto::Any,
+    };
+    let mut request = crate::h3::Request::new("CONNECT", authority, &scope.to_path())
+        .with_header("capsule-protocol", "?1");
+    request.protocol = Some(PROTOCOL.to_string());
+    request
+}
+
 fn parse_target(text: &str) -> Option<Target> {
     if text == "*" {
         return Some(Target::Any);
@@ -665,6 +678,18 @@ mod tests {
             ad.prefixes(),
             vec![net("10.0.0.0/23"), net("192.168.0.0/16"), net("fd00::/64")]
         );
+    }
+
+    #[test]
+    fn whole_tunnel_request() {
+        let r = request("broker.example.org:443");
+        assert_eq!(r.method, "CONNECT");
+        assert_eq!(r.protocol.as_deref(), Some(PROTOCOL));
+        assert_eq!(r.path.as_deref(), Some("/.well-known/masque/ip/*/*/"));
+        assert_eq!(r.header("capsule-protocol"), Some("?1"));
+        // It passes the server's own validation.
+        let fields = crate::h3::qpack::decode(&r.encode(), 4096).unwrap();
+        assert_eq!(crate::h3::Request::from_fields(fields).unwrap(), r);
     }
 
     #[test]

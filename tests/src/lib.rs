@@ -18,9 +18,8 @@ use tether_broker::run::Running;
 use tether_broker::state::Broker;
 use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
-use tether_proto::connect_ip::{self, Scope};
 use tether_proto::datagram;
-use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
+use tether_proto::h3::{MessageDecoder, MessageEvent};
 use tether_proto::ipam::{Conflict, RegionLeases, Txn};
 use tether_proto::tunnel::{ClientEvent, ClientSession};
 
@@ -182,28 +181,12 @@ pub struct Tunnel {
     capsules: CapsuleDecoder,
 }
 
-/// The CONNECT-IP request a site sends.
-pub fn connect_ip_request(authority: &str) -> Request {
-    let mut r = Request::new(
-        "CONNECT",
-        authority,
-        &Scope {
-            target: connect_ip::Target::Any,
-            ipproto: connect_ip::IpProto::Any,
-        }
-        .to_path(),
-    )
-    .with_header("capsule-protocol", "?1");
-    r.protocol = Some(connect_ip::PROTOCOL.into());
-    r
-}
-
 impl Tunnel {
     /// Sends CONNECT-IP; `Err((status, body))` when refused.
     pub async fn open(client: H3Client) -> Result<Tunnel, (u16, String)> {
         let authority = client.conn.remote_address().to_string();
         let (send, mut recv) = client
-            .send(&connect_ip_request(&authority), &[])
+            .send(&tether_proto::connect_ip::request(&authority), &[])
             .await
             .map_err(|e| (0, e.to_string()))?;
         let mut dec = MessageDecoder::new(h3client::MAX_FIELD_SECTION);
