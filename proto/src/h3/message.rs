@@ -104,10 +104,7 @@ impl Request {
 
     /// The first value of a regular field.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        first_value(&self.headers, name)
     }
 
     /// Validates decoded field lines as a request (RFC 9114 sections 4.3.1
@@ -189,6 +186,14 @@ pub struct Response {
     pub headers: Vec<(String, String)>,
 }
 
+/// The first value of the regular field `name`.
+fn first_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
 impl Response {
     /// A response with no fields.
     pub fn new(status: u16) -> Self {
@@ -206,10 +211,7 @@ impl Response {
 
     /// The first value of a regular field.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        first_value(&self.headers, name)
     }
 
     /// Validates decoded field lines as a response.
