@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 let (limit, broker, state) = (limit.clone(), broker.clone(), site_dir(&dir, i));
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
-                    tether::enroll::enroll(&broker, &code, &state, true)
+                    tether::enroll::enroll(&broker, &code, &state, true, None)
                         .await
                         .unwrap();
                 }));

@@ -7,16 +7,43 @@
 
 use std::time::SystemTime;
 
-use quinn::{RecvStream, SendStream};
 use tether_pki::PeerCert;
 use tether_pki::token::{self, RedeemError};
-use tether_proto::api::{EnrollRequest, EnrollResponse, RenewRequest, RenewResponse};
-use tether_proto::h3::MessageDecoder;
+use tether_proto::api::{ApiError, EnrollRequest, EnrollResponse, RenewRequest, RenewResponse};
 
-use crate::server::{read_body, respond_error, respond_json};
 use crate::state::Broker;
 
-const MAX_BODY: usize = 64 * 1024;
+/// Largest enrollment or renewal request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A JSON answer, whichever HTTP version carries it.
+#[derive(Debug)]
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json<T: serde::Serialize>(status: u16, value: &T) -> Self {
+        Self {
+            status,
+            body: serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    /// A JSON error.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        Self::json(
+            status,
+            &ApiError {
+                error: message.into(),
+            },
+        )
+    }
+}
 
 fn decode_csr(csr: &str) -> Result<Vec<u8>, String> {
     data_encoding::BASE64
@@ -25,25 +52,14 @@ fn decode_csr(csr: &str) -> Result<Vec<u8>, String> {
 }
 
 /// POST enroll: token + CSR in, certificate chain and CA out.
-pub async fn enroll(
-    broker: &std::sync::Arc<Broker>,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
-    dec: &mut MessageDecoder,
-) {
-    let body = match read_body(recv, dec, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => return respond_error(send, 400, e.reason).await,
-    };
-    let request: EnrollRequest = match serde_json::from_slice(&body) {
+pub async fn enroll(broker: &std::sync::Arc<Broker>, body: &[u8]) -> Reply {
+    let request: EnrollRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => {
-            return respond_error(send, 400, format!("invalid enrollment request: {e}")).await;
-        }
+        Err(e) => return Reply::error(400, format!("invalid enrollment request: {e}")),
     };
     let csr = match decode_csr(&request.csr) {
         Ok(c) => c,
-        Err(e) => return respond_error(send, 400, e).await,
+        Err(e) => return Reply::error(400, e),
     };
     let broker2 = broker.clone();
     let result = tokio::task::spawn_blocking(move || issue(&broker2, &request.token, &csr)).await;
@@ -51,7 +67,7 @@ pub async fn enroll(
         Ok(Ok(response)) => {
             crate::metrics::enrollment("ok");
             tracing::info!(site = %response.site, region = %response.region, "site enrolled");
-            respond_json(send, 200, &response).await;
+            Reply::json(200, &response)
         }
         Ok(Err((status, message))) => {
             crate::metrics::enrollment(if status == 401 {
@@ -60,9 +76,9 @@ pub async fn enroll(
                 "refused"
             });
             tracing::info!(status, reason = %message, "enrollment refused");
-            respond_error(send, status, message).await;
+            Reply::error(status, message)
         }
-        Err(_) => respond_error(send, 500, "internal error").await,
+        Err(_) => Reply::error(500, "internal error"),
     }
 }
 
@@ -117,27 +133,17 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
 }
 
 /// POST renew: a new certificate for the identity of the current one.
-pub async fn renew(
-    broker: &std::sync::Arc<Broker>,
-    peer: Option<PeerCert>,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
-    dec: &mut MessageDecoder,
-) {
+pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body: &[u8]) -> Reply {
     let Some(peer) = peer else {
-        return respond_error(send, 401, "renewal needs the site's current certificate").await;
+        return Reply::error(401, "renewal needs the site's current certificate");
     };
-    let body = match read_body(recv, dec, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => return respond_error(send, 400, e.reason).await,
-    };
-    let request: RenewRequest = match serde_json::from_slice(&body) {
+    let request: RenewRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return respond_error(send, 400, format!("invalid renewal request: {e}")).await,
+        Err(e) => return Reply::error(400, format!("invalid renewal request: {e}")),
     };
     let csr = match decode_csr(&request.csr) {
         Ok(c) => c,
-        Err(e) => return respond_error(send, 400, e).await,
+        Err(e) => return Reply::error(400, e),
     };
     let broker2 = broker.clone();
     let identity = peer.identity.clone();
@@ -164,9 +170,9 @@ pub async fn renew(
     match result {
         Ok(Ok(response)) => {
             tracing::info!(site = %peer.identity.site, "site certificate renewed");
-            respond_json(send, 200, &response).await;
+            Reply::json(200, &response)
         }
-        Ok(Err((status, message))) => respond_error(send, status, message).await,
-        Err(_) => respond_error(send, 500, "internal error").await,
+        Ok(Err((status, message))) => Reply::error(status, message),
+        Err(_) => Reply::error(500, "internal error"),
     }
 }

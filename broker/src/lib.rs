@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod enroll;
+pub mod h2server;
 pub mod local_gateway;
 pub mod metrics;
 pub mod paths;

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use metrics::{Counter, Gauge, counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tether_proto::forward::DropReason;
+use tether_proto::tunnel::Transport;
 
 /// The process-wide Prometheus recorder (installed once).
 pub fn recorder() -> &'static PrometheusHandle {
@@ -44,8 +45,12 @@ pub struct Metrics {
     pub drops: BTreeMap<DropReason, Counter>,
     /// ICMP errors sent.
     pub icmp_sent: Counter,
-    /// Live sessions over HTTP/3.
-    pub sessions_h3: Gauge,
+    /// Live sessions by transport.
+    pub sessions: BTreeMap<Transport, Gauge>,
+    /// Sessions that replaced one of the same site on a better transport.
+    pub upgrades: Counter,
+    /// Sessions that replaced one of the same site on a worse transport.
+    pub fallbacks: Counter,
 }
 
 impl Metrics {
@@ -70,7 +75,17 @@ impl Metrics {
             to_gateway_packets: counter!("tether_broker_packets_total", "direction" => "to_gateway"),
             drops,
             icmp_sent: counter!("tether_broker_icmp_errors_sent_total"),
-            sessions_h3: gauge!("tether_broker_sessions", "transport" => "h3"),
+            sessions: Transport::ALL
+                .iter()
+                .map(|t| {
+                    (
+                        *t,
+                        gauge!("tether_broker_sessions", "transport" => t.as_str()),
+                    )
+                })
+                .collect(),
+            upgrades: counter!("tether_broker_transport_changes_total", "change" => "upgrade"),
+            fallbacks: counter!("tether_broker_transport_changes_total", "change" => "fallback"),
         }
     }
 
@@ -84,6 +99,25 @@ impl Metrics {
         if let Some(gw) = broker.local_gateway.get() {
             self.from_gateway_packets.absolute(gw.counters.rx.get().0);
             self.to_gateway_packets.absolute(gw.counters.tx.get().0);
+        }
+    }
+
+    /// Counts a new session on `transport`, replacing one on `previous`.
+    pub fn session_opened(&self, transport: Transport, previous: Option<Transport>) {
+        if let Some(g) = self.sessions.get(&transport) {
+            g.increment(1.0);
+        }
+        match previous {
+            Some(p) if transport < p => self.upgrades.increment(1),
+            Some(p) if transport > p => self.fallbacks.increment(1),
+            _ => {}
+        }
+    }
+
+    /// Counts a session ending.
+    pub fn session_ended(&self, transport: Transport) {
+        if let Some(g) = self.sessions.get(&transport) {
+            g.decrement(1.0);
         }
     }
 

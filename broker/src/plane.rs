@@ -18,7 +18,7 @@ use tether_proto::datagram::{self, Payload};
 use tether_proto::forward::{DropReason, Ingress, Verdict};
 use tether_proto::route::{Route, RouteTarget};
 
-use crate::state::{Broker, Session};
+use crate::state::{Broker, Link, Session};
 
 /// Room in front of a packet: enough for the longest datagram prefix (an
 /// 8-byte quarter stream ID and the context ID) and for the virtio-net
@@ -53,11 +53,10 @@ impl Buffer {
         self.bytes.get(start..)
     }
 
-    /// The datagram for `session`: its prefix, then the packet, without
-    /// copying the packet again.
-    fn into_datagram(mut self, session: &Session) -> Option<Bytes> {
-        let start = HEADROOM.checked_sub(session.datagram_prefix.len())?;
-        self.with_header(&session.datagram_prefix)?;
+    /// The packet behind `header`, without copying the packet again.
+    fn into_framed(mut self, header: &[u8]) -> Option<Bytes> {
+        let start = HEADROOM.checked_sub(header.len())?;
+        self.with_header(header)?;
         Some(Bytes::from(self.bytes).slice(start..))
     }
 }
@@ -68,16 +67,35 @@ pub fn send_to_site(session: &Session, packet: &[u8]) -> Result<(), DropReason> 
 }
 
 fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
-    let len = buffer.packet().len() as u64;
-    let datagram = buffer.into_datagram(session).ok_or(DropReason::TooBig)?;
-    match session.conn.send_datagram(datagram) {
-        Ok(()) => {
-            session.counters.tx.add(len);
-            Ok(())
+    let len = buffer.packet().len();
+    match &session.link {
+        Link::H3 { conn, prefix } => {
+            let datagram = buffer.into_framed(prefix).ok_or(DropReason::TooBig)?;
+            match conn.send_datagram(datagram) {
+                Ok(()) => {}
+                Err(quinn::SendDatagramError::TooLarge) => return Err(DropReason::TooBig),
+                Err(_) => return Err(DropReason::TargetDown),
+            }
         }
-        Err(quinn::SendDatagramError::TooLarge) => Err(DropReason::TooBig),
-        Err(_) => Err(DropReason::TargetDown),
+        Link::H2 { capsules, .. } => {
+            if len > datagram::STREAM_MTU {
+                return Err(DropReason::TooBig);
+            }
+            let (prefix, n) = datagram::capsule_prefix(len);
+            let capsule = buffer.into_framed(&prefix[..n]).ok_or(DropReason::TooBig)?;
+            // A full queue means the TCP connection cannot keep up: drop,
+            // as a router would, rather than buffer without bound.
+            match capsules.try_send(capsule) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    return Err(DropReason::QueueFull);
+                }
+                Err(_) => return Err(DropReason::TargetDown),
+            }
+        }
     }
+    session.counters.tx.add(len as u64);
+    Ok(())
 }
 
 /// The largest packet a route's target accepts now.
@@ -219,19 +237,18 @@ pub fn give_batch(broker: &Broker, batch: SiteBatch) {
 pub fn from_site_batched(
     broker: &Broker,
     session: &Arc<Session>,
+    stream_id: u64,
     dgram: &[u8],
     batch: &mut SiteBatch,
 ) {
     let packet = match datagram::parse_h3(dgram) {
-        Ok((stream, payload)) if stream == session.stream_id => {
-            match datagram::parse_payload(payload) {
-                Ok(Payload::IpPacket(p)) => p,
-                Ok(Payload::UnknownContext(_)) => {
-                    return broker.metrics.drop(DropReason::UnknownContext);
-                }
-                Err(_) => return broker.metrics.drop(DropReason::Malformed),
+        Ok((stream, payload)) if stream == stream_id => match datagram::parse_payload(payload) {
+            Ok(Payload::IpPacket(p)) => p,
+            Ok(Payload::UnknownContext(_)) => {
+                return broker.metrics.drop(DropReason::UnknownContext);
             }
-        }
+            Err(_) => return broker.metrics.drop(DropReason::Malformed),
+        },
         _ => return broker.metrics.drop(DropReason::Malformed),
     };
     session.counters.rx.add(packet.len() as u64);
@@ -273,20 +290,6 @@ pub fn from_site_batched(
             });
         }
     }
-}
-
-/// A datagram arrived on a site's connection.
-pub fn from_site(broker: &Broker, session: &Arc<Session>, dgram: &[u8]) {
-    let payload = match datagram::parse_h3(dgram) {
-        Ok((stream, payload)) if stream == session.stream_id => payload,
-        _ => return broker.metrics.drop(DropReason::Malformed),
-    };
-    let packet = match datagram::parse_payload(payload) {
-        Ok(Payload::IpPacket(p)) => p,
-        Ok(Payload::UnknownContext(_)) => return broker.metrics.drop(DropReason::UnknownContext),
-        Err(_) => return broker.metrics.drop(DropReason::Malformed),
-    };
-    from_site_packet(broker, session, packet);
 }
 
 /// An IP packet arrived from a site (in a datagram or a DATAGRAM capsule).

@@ -28,7 +28,8 @@ pub const STORE_FILE: &str = "store.redb";
 pub struct Running {
     /// Its state.
     pub broker: Arc<Broker>,
-    /// Bound tunnel addresses (UDP).
+    /// Bound tunnel addresses (UDP for HTTP/3, and TCP for HTTP/2 on the
+    /// same port).
     pub tunnel_addrs: Vec<SocketAddr>,
     /// Bound admin API address.
     pub admin_addr: SocketAddr,
@@ -126,14 +127,24 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
 
     let mut endpoints = Vec::new();
     let mut tunnel_addrs = Vec::new();
+    let acceptor = crate::h2server::acceptor(&broker)?;
     for addr in &config.listen {
         let endpoint = crate::server::endpoint(&broker, *addr)?;
-        tunnel_addrs.push(endpoint.local_addr()?);
+        let bound = endpoint.local_addr()?;
+        tunnel_addrs.push(bound);
         tasks.push(tokio::spawn(crate::server::serve(
             broker.clone(),
             endpoint.clone(),
         )));
         endpoints.push(endpoint);
+        // HTTP/2 on TCP, on the same port (the one chosen for UDP when the
+        // configuration said port 0).
+        let listener = crate::h2server::listener(bound)?;
+        tasks.push(tokio::spawn(crate::h2server::serve(
+            broker.clone(),
+            listener,
+            acceptor.clone(),
+        )));
     }
     if let Some(first) = tunnel_addrs.first() {
         let _ = broker.tunnel_addr.set(*first);

@@ -346,7 +346,13 @@ pub async fn respond(send: &mut SendStream, status: u16, content_type: Option<&s
     if let Some(ct) = content_type {
         response = response.with_header("content-type", ct);
     }
-    response = response.with_header("content-length", &body.len().to_string());
+    response = response
+        .with_header("content-length", &body.len().to_string())
+        // Sites (`tether doctor`) compare their clock with it.
+        .with_header(
+            "date",
+            &httpdate::fmt_http_date(std::time::SystemTime::now()),
+        );
     let result = async {
         send_head(send, &response).await?;
         if !body.is_empty() {
@@ -407,11 +413,23 @@ async fn handle_request(
         ("CONNECT", Some(connect_ip::PROTOCOL), _) => {
             crate::tunnel::run(broker, conn, peer, settings, request, send, recv, dec).await;
         }
-        ("POST", None, ENROLL_PATH) => {
-            crate::enroll::enroll(&broker, &mut send, &mut recv, &mut dec).await
-        }
-        ("POST", None, RENEW_PATH) => {
-            crate::enroll::renew(&broker, peer, &mut send, &mut recv, &mut dec).await
+        ("POST", None, ENROLL_PATH | RENEW_PATH) => {
+            let body = match read_body(&mut recv, &mut dec, crate::enroll::MAX_BODY).await {
+                Ok(b) => b,
+                Err(e) => return respond_error(&mut send, 400, e.reason).await,
+            };
+            let reply = if path == ENROLL_PATH {
+                crate::enroll::enroll(&broker, &body).await
+            } else {
+                crate::enroll::renew(&broker, peer, &body).await
+            };
+            respond(
+                &mut send,
+                reply.status,
+                Some("application/json"),
+                &reply.body,
+            )
+            .await;
         }
         ("CONNECT", _, _) => {
             respond_error(

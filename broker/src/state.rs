@@ -99,18 +99,85 @@ pub struct Totals {
     pub tx_bytes: u64,
 }
 
+/// How packets reach a site.
+#[derive(Debug)]
+pub enum Link {
+    /// QUIC datagrams on an HTTP/3 connection.
+    H3 {
+        /// The QUIC connection.
+        conn: quinn::Connection,
+        /// The bytes before each IP packet in a datagram: quarter stream ID
+        /// and context ID 0.
+        prefix: Vec<u8>,
+    },
+    /// DATAGRAM capsules on an HTTP/2 request stream, written in order by
+    /// the stream's writer task.
+    H2 {
+        /// Encoded capsules to the writer task.
+        capsules: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        /// The TCP peer (the proxy's address when the site uses one).
+        remote: SocketAddr,
+        /// Identifies the TCP connection.
+        id: u64,
+        /// Latest round-trip time of an HTTP/2 PING, in microseconds.
+        rtt_us: Arc<AtomicU64>,
+        /// Whether the site came through a proxy (known from the
+        /// `tether-transport` request header).
+        transport: tether_proto::tunnel::Transport,
+    },
+}
+
+impl Link {
+    /// The transport.
+    pub fn transport(&self) -> tether_proto::tunnel::Transport {
+        match self {
+            Link::H3 { .. } => tether_proto::tunnel::Transport::H3,
+            Link::H2 { transport, .. } => *transport,
+        }
+    }
+
+    /// The peer's address.
+    pub fn remote(&self) -> SocketAddr {
+        match self {
+            Link::H3 { conn, .. } => conn.remote_address(),
+            Link::H2 { remote, .. } => *remote,
+        }
+    }
+
+    /// The round-trip time.
+    pub fn rtt(&self) -> Duration {
+        match self {
+            Link::H3 { conn, .. } => conn.rtt(),
+            Link::H2 { rtt_us, .. } => Duration::from_micros(rtt_us.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The largest IP packet the link carries now.
+    pub fn mtu(&self) -> Option<usize> {
+        match self {
+            Link::H3 { conn, prefix } => conn
+                .max_datagram_size()
+                .map(|m| m.saturating_sub(prefix.len())),
+            Link::H2 { .. } => Some(tether_proto::datagram::STREAM_MTU),
+        }
+    }
+
+    /// Identifies the underlying connection (QUIC or TCP).
+    pub fn connection_id(&self) -> (bool, u64) {
+        match self {
+            Link::H3 { conn, .. } => (true, conn.stable_id() as u64),
+            Link::H2 { id, .. } => (false, *id),
+        }
+    }
+}
+
 /// A site's live tunnel.
 #[derive(Debug)]
 pub struct Session {
     /// The verified peer certificate.
     pub peer: PeerCert,
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
-    /// The CONNECT-IP request stream.
-    pub stream_id: u64,
-    /// The bytes before each IP packet in a datagram: quarter stream ID and
-    /// context ID 0.
-    pub datagram_prefix: Vec<u8>,
+    /// How packets reach the site.
+    pub link: Link,
     /// Prefixes the site may send from.
     pub allowed: RwLock<Vec<IpNet>>,
     /// When it connected.
@@ -134,9 +201,7 @@ impl Session {
 
     /// The largest IP packet the tunnel carries right now.
     pub fn mtu(&self) -> Option<usize> {
-        self.conn
-            .max_datagram_size()
-            .map(|m| m.saturating_sub(self.datagram_prefix.len()))
+        self.link.mtu()
     }
 
     /// Asks the session's task to end it.
@@ -149,10 +214,10 @@ impl Session {
         SessionInfo {
             site: self.site().clone(),
             region: self.region().clone(),
-            transport: "h3".into(),
-            remote: self.conn.remote_address(),
+            transport: self.link.transport().as_str().into(),
+            remote: self.link.remote(),
             since: token::unix_secs(self.since),
-            rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
+            rtt_ms: self.link.rtt().as_secs_f64() * 1000.0,
             rx_packets: self.counters.rx.get().0,
             rx_bytes: self.counters.rx.get().1,
             tx_packets: self.counters.tx.get().0,
@@ -231,6 +296,9 @@ pub struct Broker {
     pub routes_version: watch::Sender<u64>,
     /// Traffic of ended sessions.
     pub closed: Mutex<Totals>,
+    /// The transport of each site's latest session, to count upgrades and
+    /// fallbacks.
+    pub last_transport: Mutex<HashMap<SiteId, tether_proto::tunnel::Transport>>,
     /// Idle batches for writing to the local gateway.
     pub batches: Mutex<Vec<crate::plane::SiteBatch>>,
     leases: Mutex<BTreeMap<RegionId, RegionLeases>>,
@@ -321,6 +389,7 @@ impl Broker {
             tunnel_addr: OnceLock::new(),
             routes_version,
             closed: Mutex::new(Totals::default()),
+            last_transport: Mutex::new(HashMap::new()),
             batches: Mutex::new(Vec::new()),
             leases: Mutex::new(leases),
         }))
@@ -444,8 +513,8 @@ impl Broker {
             .sessions
             .write()
             .ok()
-            .and_then(|mut s| s.insert(site.clone(), session));
-        if let Some(old) = old {
+            .and_then(|mut s| s.insert(site.clone(), session.clone()));
+        if let Some(old) = &old {
             old.request_close(CloseReason::Replaced);
         }
         if let Ok(mut router) = self.router.write() {
@@ -458,7 +527,16 @@ impl Broker {
                 });
             }
         }
-        self.metrics.sessions_h3.increment(1.0);
+        let transport = session.link.transport();
+        let previous = self
+            .last_transport
+            .lock()
+            .ok()
+            .and_then(|mut last| last.insert(site.clone(), transport));
+        if previous.is_some_and(|p| p != transport) {
+            tracing::info!(%site, from = %previous.map(|p| p.as_str()).unwrap_or_default(), to = %transport, "site changed transport");
+        }
+        self.metrics.session_opened(transport, previous);
     }
 
     /// Removes a session if it is still the current one for its site, with
@@ -487,7 +565,7 @@ impl Broker {
             closed.tx_packets += tp;
             closed.tx_bytes += tb;
         }
-        self.metrics.sessions_h3.decrement(1.0);
+        self.metrics.session_ended(session.link.transport());
     }
 
     /// Replaces the LAN routes of a site with `prefixes`.

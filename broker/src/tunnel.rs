@@ -1,15 +1,20 @@
-//! One site's CONNECT-IP session on the broker.
+//! One site's CONNECT-IP session on the broker, whichever HTTP version
+//! carries it.
 //!
 //! Authorization comes first and allocates nothing when it fails: a
 //! verified, non-revoked site certificate (401 without one, 403 when the
 //! site is revoked or unknown). Then the site's stable addresses are
 //! allocated, the request is answered 200, and the session runs: capsules on
-//! the request stream go through [`tether_proto::tunnel::BrokerSession`],
-//! IP packets arrive as QUIC datagrams on a task of their own.
+//! the request stream go through [`tether_proto::tunnel::BrokerSession`].
+//! Over HTTP/3 IP packets arrive as QUIC datagrams on a task of their own;
+//! over HTTP/2 they arrive as DATAGRAM capsules on the stream
+//! ([`crate::h2server`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use ipnet::IpNet;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
@@ -22,66 +27,62 @@ use tokio::sync::watch;
 
 use crate::plane;
 use crate::server::{respond_error, send_data, send_head};
-use crate::state::{Broker, CloseReason, Counters, Session};
+use crate::state::{Broker, CloseReason, Counters, Link, Session};
 
-async fn refuse(send: &mut SendStream, status: u16, message: &str) {
-    crate::metrics::connect_refused(status);
-    tracing::info!(status, reason = message, "CONNECT-IP refused");
-    respond_error(send, status, message).await;
+/// A refused CONNECT-IP request: status and a message for the site.
+#[derive(Debug)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// What the site should know.
+    pub message: String,
 }
 
-/// Serves one CONNECT-IP request until the session ends.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    broker: Arc<Broker>,
-    conn: Connection,
+impl Refusal {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        let message = message.into();
+        crate::metrics::connect_refused(status);
+        tracing::info!(status, reason = %message, "CONNECT-IP refused");
+        Self { status, message }
+    }
+}
+
+/// Checks a CONNECT-IP request before anything is allocated: the site's
+/// certificate, the scope (whole tunnels only) and the Capsule-Protocol
+/// header.
+pub fn check(
     peer: Option<PeerCert>,
-    mut settings: watch::Receiver<Option<Settings>>,
-    request: Request,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    dec: MessageDecoder,
-) {
+    path: &str,
+    capsule_protocol: Option<&str>,
+) -> Result<PeerCert, Refusal> {
     let Some(peer) = peer else {
-        return refuse(
-            &mut send,
+        return Err(Refusal::new(
             401,
             "a site certificate is required: enroll this site first (tether enroll)",
-        )
-        .await;
+        ));
     };
-    match Scope::from_path(request.path.as_deref().unwrap_or_default()) {
+    match Scope::from_path(path) {
         Ok(scope) if scope.is_any() => {}
         Ok(_) => {
-            return refuse(
-                &mut send,
+            return Err(Refusal::new(
                 400,
                 "tether serves whole tunnels only: /.well-known/masque/ip/*/*/",
-            )
-            .await;
+            ));
         }
-        Err(e) => return refuse(&mut send, 400, &e.to_string()).await,
+        Err(e) => return Err(Refusal::new(400, e.to_string())),
     }
-    if request
-        .header("capsule-protocol")
-        .is_some_and(|v| v != "?1")
-    {
-        return refuse(&mut send, 400, "Capsule-Protocol must be ?1").await;
+    if capsule_protocol.is_some_and(|v| v != "?1") {
+        return Err(Refusal::new(400, "Capsule-Protocol must be ?1"));
     }
-    let peer_settings =
-        tokio::time::timeout(Duration::from_secs(3), settings.wait_for(Option::is_some))
-            .await
-            .ok()
-            .and_then(|r| r.ok().and_then(|s| s.clone()));
-    if !peer_settings.is_some_and(|s| s.h3_datagram) || conn.max_datagram_size().is_none() {
-        return refuse(
-            &mut send,
-            400,
-            "HTTP Datagrams are not enabled (SETTINGS_H3_DATAGRAM and QUIC datagrams are required)",
-        )
-        .await;
-    }
+    Ok(peer)
+}
 
+/// The site's addresses and LAN mappings, allocated (or found again) for a
+/// checked request.
+pub async fn allocate(
+    broker: &Arc<Broker>,
+    peer: &PeerCert,
+) -> Result<(Vec<IpNet>, Vec<IpNet>), Refusal> {
     let site = peer.identity.site.clone();
     let region = peer.identity.region.clone();
     let b = broker.clone();
@@ -97,23 +98,56 @@ pub async fn run(
         b.site_addresses(&s, &r).map(Some)
     })
     .await;
-    let (addresses, lans) = match allocated {
-        Ok(Ok(Some(a))) => a,
-        Ok(Ok(None)) => {
-            return refuse(
-                &mut send,
-                403,
-                "this site is revoked or unknown to the broker",
-            )
-            .await;
-        }
+    match allocated {
+        Ok(Ok(Some(a))) => Ok(a),
+        Ok(Ok(None)) => Err(Refusal::new(
+            403,
+            "this site is revoked or unknown to the broker",
+        )),
         Ok(Err(e)) => {
             tracing::warn!(%site, error = %e, "no address for site");
-            return refuse(&mut send, 503, &format!("no address available: {e}")).await;
+            Err(Refusal::new(503, format!("no address available: {e}")))
         }
-        Err(_) => return refuse(&mut send, 500, "internal error").await,
-    };
+        Err(_) => Err(Refusal::new(500, "internal error")),
+    }
+}
 
+/// Serves one CONNECT-IP request over HTTP/3 until the session ends.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    broker: Arc<Broker>,
+    conn: Connection,
+    peer: Option<PeerCert>,
+    mut settings: watch::Receiver<Option<Settings>>,
+    request: Request,
+    mut send: SendStream,
+    recv: RecvStream,
+    dec: MessageDecoder,
+) {
+    let peer = match check(
+        peer,
+        request.path.as_deref().unwrap_or_default(),
+        request.header("capsule-protocol"),
+    ) {
+        Ok(p) => p,
+        Err(r) => return respond_error(&mut send, r.status, r.message).await,
+    };
+    let peer_settings =
+        tokio::time::timeout(Duration::from_secs(3), settings.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|s| s.clone()));
+    if !peer_settings.is_some_and(|s| s.h3_datagram) || conn.max_datagram_size().is_none() {
+        let r = Refusal::new(
+            400,
+            "HTTP Datagrams are not enabled (SETTINGS_H3_DATAGRAM and QUIC datagrams are required)",
+        );
+        return respond_error(&mut send, r.status, r.message).await;
+    }
+    let (addresses, lans) = match allocate(&broker, &peer).await {
+        Ok(a) => a,
+        Err(r) => return respond_error(&mut send, r.status, r.message).await,
+    };
     if send_head(
         &mut send,
         &Response::new(200).with_header("capsule-protocol", "?1"),
@@ -127,44 +161,34 @@ pub async fn run(
     let mut prefix = Vec::with_capacity(9);
     let _ = varint::encode(stream_id / 4, &mut prefix);
     prefix.push(datagram::IP_PACKET_CONTEXT as u8);
-    let mut core = BrokerSession::new(&addresses, &lans);
-    let (close_tx, mut close_rx) = watch::channel(None);
-    let session = Arc::new(Session {
-        peer: peer.clone(),
+    let link = Link::H3 {
         conn: conn.clone(),
-        stream_id,
-        datagram_prefix: prefix,
-        allowed: RwLock::new(core.source_prefixes()),
-        since: SystemTime::now(),
-        counters: Counters::default(),
-        close: close_tx,
-    });
-    broker.register(session.clone(), &addresses);
-    tracing::info!(site = %site, region = %region, remote = %conn.remote_address(), "site connected over HTTP/3");
-    tracing::debug!(site = %site, ?addresses, "site addresses");
-
-    let reachable = broker.reachable_from(&region);
-    let mut io = SessionIo {
-        broker: &broker,
-        session: &session,
-        send: &mut send,
+        prefix,
     };
-    let opening = core.open(&reachable);
-    let mut ended = io.perform(&mut core, opening).await.err();
-
+    let mut carrier = Carrier::H3 {
+        conn: conn.clone(),
+        send,
+        recv,
+        dec,
+    };
+    let site = peer.identity.site.clone();
+    let started = Started::new(&broker, peer, &addresses, &lans, link);
     let datagrams = {
-        let (broker, session) = (broker.clone(), session.clone());
+        let (broker, session) = (broker.clone(), started.session.clone());
+        let conn = conn.clone();
         tokio::spawn(async move {
             use futures_util::FutureExt;
             // Datagrams that arrived together are routed together, and the
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
-            while let Ok(first) = session.conn.read_datagram().await {
+            while let Ok(first) = conn.read_datagram().await {
                 let mut batch = plane::take_batch(&broker);
-                plane::from_site_batched(&broker, &session, &first, &mut batch);
+                plane::from_site_batched(&broker, &session, stream_id, &first, &mut batch);
                 for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
-                    match session.conn.read_datagram().now_or_never() {
-                        Some(Ok(d)) => plane::from_site_batched(&broker, &session, &d, &mut batch),
+                    match conn.read_datagram().now_or_never() {
+                        Some(Ok(d)) => {
+                            plane::from_site_batched(&broker, &session, stream_id, &d, &mut batch)
+                        }
                         _ => break,
                     }
                 }
@@ -173,127 +197,287 @@ pub async fn run(
             }
         })
     };
-    let mut routes = broker.routes_version.subscribe();
-    let expiry = tokio::time::sleep(
-        peer.not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or_default(),
-    );
-    tokio::pin!(expiry);
-    let mut dec = dec;
-    let mut capsules = CapsuleDecoder::default();
-    // Capsules that arrived right behind the request head are already in
-    // `dec`.
-    if ended.is_none() {
-        ended = io
-            .read_capsules(&mut core, &mut dec, &mut capsules)
-            .await
-            .err();
-    }
-    let reason: Ending = loop {
-        if let Some(e) = ended.take() {
-            break e;
-        }
-        tokio::select! {
-            chunk = recv.read_chunk(64 * 1024, true) => match chunk {
-                Ok(Some(chunk)) => {
-                    dec.push(&chunk.bytes);
-                    ended = io.read_capsules(&mut core, &mut dec, &mut capsules).await.err();
-                }
-                Ok(None) => break Ending::Peer("site closed the tunnel"),
-                Err(_) => break Ending::Peer("tunnel stream failed"),
-            },
-            _ = close_rx.changed() => match *close_rx.borrow() {
-                Some(r) => break Ending::Closed(r),
-                None => continue,
-            },
-            _ = routes.changed() => {
-                let reachable = io.broker.reachable_from(&region);
-                let advertisement = core.advertise(&reachable);
-                ended = io.perform(&mut core, vec![advertisement]).await.err();
-            }
-            _ = &mut expiry => break Ending::Closed(CloseReason::CertificateExpired),
-            e = conn.closed() => {
-                tracing::debug!(site = %site, error = %e, "connection ended");
-                break Ending::Peer("connection lost");
-            }
-        }
-    };
+    let reason = started.serve(&broker, &mut carrier).await;
     datagrams.abort();
-    broker.unregister(&session);
+    let Carrier::H3 { mut send, .. } = carrier else {
+        return;
+    };
     match reason {
-        Ending::Closed(r) => {
-            crate::metrics::session_closed(r.as_str());
-            tracing::info!(site = %site, reason = r.as_str(), "site disconnected by the broker");
-            match r {
-                CloseReason::Revoked => conn.close(
-                    VarInt::from_u64(H3_REQUEST_REJECTED).unwrap_or_default(),
-                    b"site certificate revoked",
-                ),
-                CloseReason::CertificateExpired => conn.close(
-                    VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
-                    b"site certificate expired",
-                ),
-                CloseReason::Shutdown => conn.close(
-                    VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
-                    b"broker shutting down",
-                ),
-                CloseReason::Replaced => {
-                    // The site reconnected: close the old connection unless
-                    // the new session runs on the same one.
-                    let newer = broker.session(&site).map(|s| s.conn.stable_id());
-                    if newer != Some(conn.stable_id()) {
-                        conn.close(
-                            VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
-                            b"replaced by a newer connection",
-                        );
-                    } else {
-                        let _ = send.reset(VarInt::from_u32(0x10c));
-                    }
+        Ending::Closed(r) => match r {
+            CloseReason::Revoked => conn.close(
+                VarInt::from_u64(H3_REQUEST_REJECTED).unwrap_or_default(),
+                b"site certificate revoked",
+            ),
+            CloseReason::CertificateExpired => conn.close(
+                VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
+                b"site certificate expired",
+            ),
+            CloseReason::Shutdown => conn.close(
+                VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
+                b"broker shutting down",
+            ),
+            CloseReason::Replaced => {
+                // The site reconnected: close the old connection unless
+                // the new session runs on the same one.
+                let newer = broker.session(&site).map(|s| s.link.connection_id());
+                if newer != Some((true, conn.stable_id() as u64)) {
+                    conn.close(
+                        VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
+                        b"replaced by a newer connection",
+                    );
+                } else {
+                    let _ = send.reset(VarInt::from_u32(0x10c));
                 }
             }
-        }
-        Ending::Peer(what) => {
-            crate::metrics::session_closed("peer");
-            tracing::info!(site = %site, reason = what, "site disconnected");
+        },
+        Ending::Peer(_) => {
             let _ = send.finish();
         }
-        Ending::Protocol(what) => {
-            crate::metrics::session_closed("protocol_error");
-            tracing::warn!(site = %site, error = %what, "tunnel protocol error; stream reset");
+        Ending::Protocol(_) => {
             let _ = send.reset(VarInt::from_u64(H3_MESSAGE_ERROR).unwrap_or_default());
         }
     }
 }
 
+/// The request stream of a session.
+pub enum Carrier {
+    /// An HTTP/3 request stream; body bytes are HTTP/3 frames.
+    H3 {
+        /// The connection.
+        conn: Connection,
+        /// Response side.
+        send: SendStream,
+        /// Request side.
+        recv: RecvStream,
+        /// HTTP/3 frames of the request, past the head.
+        dec: MessageDecoder,
+    },
+    /// An HTTP/2 request stream; body bytes are capsules.
+    H2 {
+        /// The request body.
+        recv: h2::RecvStream,
+        /// Capsules to the stream's writer task.
+        capsules: tokio::sync::mpsc::Sender<Bytes>,
+        /// Raised when the TCP connection ends.
+        gone: watch::Receiver<bool>,
+    },
+}
+
+impl Carrier {
+    /// Capsule bytes already received, then the next ones; `None` when the
+    /// site ended its request.
+    async fn read(&mut self) -> Result<Option<Vec<u8>>, Ending> {
+        match self {
+            Carrier::H3 { recv, dec, .. } => loop {
+                let mut data = Vec::new();
+                while let Some(event) = dec
+                    .next_event()
+                    .map_err(|e| Ending::Protocol(e.to_string()))?
+                {
+                    if let MessageEvent::Data(d) = event {
+                        data.extend_from_slice(&d);
+                    }
+                }
+                if !data.is_empty() {
+                    return Ok(Some(data));
+                }
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => dec.push(&chunk.bytes),
+                    Ok(None) => return Ok(None),
+                    Err(_) => return Err(Ending::Peer("tunnel stream failed")),
+                }
+            },
+            Carrier::H2 { recv, .. } => match recv.data().await {
+                Some(Ok(data)) => {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    Ok(Some(data.to_vec()))
+                }
+                Some(Err(_)) => Err(Ending::Peer("tunnel stream failed")),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Writes capsule bytes, in order with the packets.
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), Ending> {
+        match self {
+            Carrier::H3 { send, .. } => send_data(send, &bytes)
+                .await
+                .map_err(|_| Ending::Peer("tunnel stream failed")),
+            Carrier::H2 { capsules, .. } => capsules
+                .send(Bytes::from(bytes))
+                .await
+                .map_err(|_| Ending::Peer("tunnel stream failed")),
+        }
+    }
+
+    /// What resolves when the connection under the stream is gone.
+    fn gone(&self) -> Gone {
+        match self {
+            Carrier::H3 { conn, .. } => Gone::H3(conn.clone()),
+            Carrier::H2 { gone, .. } => Gone::H2(gone.clone()),
+        }
+    }
+}
+
+/// Watches the connection under a session.
+enum Gone {
+    H3(Connection),
+    H2(watch::Receiver<bool>),
+}
+
+impl Gone {
+    /// Resolves when the connection is gone.
+    async fn wait(&mut self) {
+        match self {
+            Gone::H3(conn) => {
+                let e = conn.closed().await;
+                tracing::debug!(error = %e, "connection ended");
+            }
+            Gone::H2(gone) => {
+                let _ = gone.wait_for(|g| *g).await;
+            }
+        }
+    }
+}
+
+/// A registered session, before its loop runs.
+pub struct Started {
+    /// The session.
+    pub session: Arc<Session>,
+    core: BrokerSession,
+    close: watch::Receiver<Option<CloseReason>>,
+}
+
+impl Started {
+    /// Registers the session of `peer` on `link` with its addresses.
+    pub fn new(
+        broker: &Arc<Broker>,
+        peer: PeerCert,
+        addresses: &[IpNet],
+        lans: &[IpNet],
+        link: Link,
+    ) -> Self {
+        let core = BrokerSession::new(addresses, lans);
+        let (close_tx, close) = watch::channel(None);
+        let transport = link.transport();
+        let remote = link.remote();
+        let session = Arc::new(Session {
+            peer,
+            link,
+            allowed: RwLock::new(core.source_prefixes()),
+            since: SystemTime::now(),
+            counters: Counters::default(),
+            close: close_tx,
+        });
+        broker.register(session.clone(), addresses);
+        tracing::info!(
+            site = %session.site(),
+            region = %session.region(),
+            %remote,
+            "site connected over {}",
+            transport.describe()
+        );
+        tracing::debug!(site = %session.site(), ?addresses, "site addresses");
+        Self {
+            session,
+            core,
+            close,
+        }
+    }
+
+    /// Runs the session until it ends; unregisters it and says why.
+    pub async fn serve(mut self, broker: &Arc<Broker>, carrier: &mut Carrier) -> Ending {
+        let session = self.session.clone();
+        let site = session.site().clone();
+        let region = session.region().clone();
+        let reachable = broker.reachable_from(&region);
+        let mut io = SessionIo {
+            broker,
+            session: &session,
+            carrier,
+        };
+        let opening = self.core.open(&reachable);
+        let mut ended = io.perform(&mut self.core, opening).await.err();
+        let mut routes = broker.routes_version.subscribe();
+        let expiry = tokio::time::sleep(
+            session
+                .peer
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        );
+        tokio::pin!(expiry);
+        let mut capsules = CapsuleDecoder::default();
+        let mut gone = io.carrier.gone();
+        let reason: Ending = loop {
+            if let Some(e) = ended.take() {
+                break e;
+            }
+            tokio::select! {
+                data = io.carrier.read() => match data {
+                    Ok(Some(data)) => {
+                        capsules.push(&data);
+                        ended = io.read_capsules(&mut self.core, &mut capsules).await.err();
+                    }
+                    Ok(None) => break Ending::Peer("site closed the tunnel"),
+                    Err(e) => break e,
+                },
+                _ = self.close.changed() => match *self.close.borrow() {
+                    Some(r) => break Ending::Closed(r),
+                    None => continue,
+                },
+                _ = routes.changed() => {
+                    let reachable = io.broker.reachable_from(&region);
+                    let advertisement = self.core.advertise(&reachable);
+                    ended = io.perform(&mut self.core, vec![advertisement]).await.err();
+                }
+                _ = &mut expiry => break Ending::Closed(CloseReason::CertificateExpired),
+                _ = gone.wait() => break Ending::Peer("connection lost"),
+            }
+        };
+        broker.unregister(&session);
+        match &reason {
+            Ending::Closed(r) => {
+                crate::metrics::session_closed(r.as_str());
+                tracing::info!(site = %site, reason = r.as_str(), "site disconnected by the broker");
+            }
+            Ending::Peer(what) => {
+                crate::metrics::session_closed("peer");
+                tracing::info!(site = %site, reason = what, "site disconnected");
+            }
+            Ending::Protocol(what) => {
+                crate::metrics::session_closed("protocol_error");
+                tracing::warn!(site = %site, error = %what, "tunnel protocol error; stream reset");
+            }
+        }
+        reason
+    }
+}
+
 /// Why the session loop ended.
-enum Ending {
+#[derive(Debug)]
+pub enum Ending {
+    /// The broker ended it.
     Closed(CloseReason),
+    /// The site ended it, or its connection was lost.
     Peer(&'static str),
+    /// The site broke the protocol.
     Protocol(String),
 }
 
 struct SessionIo<'a> {
     broker: &'a Arc<Broker>,
     session: &'a Arc<Session>,
-    send: &'a mut SendStream,
+    carrier: &'a mut Carrier,
 }
 
 impl SessionIo<'_> {
     async fn read_capsules(
         &mut self,
         core: &mut BrokerSession,
-        dec: &mut MessageDecoder,
         capsules: &mut CapsuleDecoder,
     ) -> Result<(), Ending> {
-        while let Some(event) = dec
-            .next_event()
-            .map_err(|e| Ending::Protocol(e.to_string()))?
-        {
-            if let MessageEvent::Data(data) = event {
-                capsules.push(&data);
-            }
-        }
         while let Some(raw) = capsules
             .next_capsule()
             .map_err(|e| Ending::Protocol(e.to_string()))?
@@ -318,9 +502,7 @@ impl SessionIo<'_> {
                     capsule
                         .encode(&mut bytes)
                         .map_err(|e| Ending::Protocol(e.to_string()))?;
-                    send_data(self.send, &bytes)
-                        .await
-                        .map_err(|_| Ending::Peer("tunnel stream failed"))?;
+                    self.carrier.write(bytes).await?;
                 }
                 BrokerAction::AllocateLan { request_id, lan } => {
                     let (b, site, region) = (

@@ -1,49 +1,61 @@
 //! `tether up`: keep this site connected.
 //!
-//! The agent dials the brokers in order, opens CONNECT-IP over HTTP/3,
-//! configures the TUN device from the broker's capsules, and moves packets
-//! between the device and QUIC datagrams. When the connection is lost it
-//! reconnects with jittered exponential backoff; the broker gives it the
-//! same address again, and the device (with its addresses and routes) stays
-//! in place meanwhile. It renews its certificate at half its lifetime over
-//! the tunnel and reconnects with the new one.
+//! The agent climbs a transport ladder ([`Ladder`]): HTTP/3 over QUIC, then
+//! HTTP/2 over TCP, then HTTP/2 through an HTTP proxy when one is
+//! configured (or given by `HTTPS_PROXY`). It starts on the rung that last
+//! worked, and while on a lower rung it probes HTTP/3 every
+//! [`PROBE_INTERVAL`] and moves up as soon as it answers. On whichever rung,
+//! it opens CONNECT-IP, configures the TUN device from the broker's
+//! capsules, and moves packets between the device and the tunnel. When the
+//! connection is lost it reconnects with jittered exponential backoff; the
+//! broker gives it the same address again, and the device (with its
+//! addresses and routes) stays in place meanwhile. It renews its
+//! certificate at half its lifetime over the tunnel and reconnects with the
+//! new one.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
-use bytes::Bytes;
-use quinn::{Connection, ConnectionError, VarInt};
 use tether_config::client::ClientConfig;
 use tether_proto::api::{ApiError, RENEW_PATH, RenewRequest, RenewResponse};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
-use tether_proto::connect_ip;
 use tether_proto::datagram::{self, Payload};
-use tether_proto::h3::error::H3_REQUEST_REJECTED;
-use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
 use tether_proto::ip::{self, IcmpError, Packet};
 use tether_proto::net::Family;
-use tether_proto::tunnel::{Backoff, ClientEvent, ClientSession};
-use tether_proto::varint;
+use tether_proto::tunnel::{
+    Backoff, ClientEvent, ClientSession, Ladder, Move, PROBE_INTERVAL, Transport,
+};
 use tokio::sync::watch;
 
 use crate::dial::{self, Target};
-use crate::h3client::{self, H3Client, quic_config, transport_config};
+use crate::h3client::{quic_config, transport_config};
+use crate::link::{BrokerConn, Dialer, Failure, Link};
+use crate::proxy::Proxy;
 use crate::state::{Identity, StateDir};
 use crate::tun::Tun;
 
 /// Why a session ended.
-#[derive(Debug)]
 enum End {
     /// Asked to stop.
     Shutdown,
     /// A new certificate is in place; reconnect with it.
     Renewed,
+    /// A better transport answered: continue on this connection.
+    Upgrade(Box<(BrokerConn, Target)>),
     /// The connection was lost.
     Lost(String),
     /// The broker refused the tunnel.
     Refused(String),
+}
+
+impl From<Failure> for End {
+    fn from(f: Failure) -> Self {
+        if f.refused {
+            End::Refused(f.message)
+        } else {
+            End::Lost(f.message)
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` becomes true.
@@ -52,28 +64,66 @@ pub async fn run(
     state: StateDir,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    // Fail early, with the reason, if the site is not enrolled.
+    // Fail early, with the reason, if the site is not enrolled or the proxy
+    // setting is unusable.
     let first = state.credentials()?;
+    let proxy = Proxy::from_config_or_env(config.proxy.as_deref())?;
     tracing::info!(site = %first.identity.site, region = %first.identity.region, "starting");
+    if let Some(p) = &proxy {
+        tracing::info!(proxy = %p, from = %p.source, "an HTTP proxy is available as the last resort");
+    }
+    let mut ladder = Ladder::new(proxy.is_some(), state.last_transport());
     let mut backoff = Backoff::new(
         Duration::from_millis(500),
         config.max_backoff,
         rand::random(),
     );
     let mut tun: Option<Tun> = None;
+    let mut ready: Option<(BrokerConn, Target)> = None;
     loop {
         if *shutdown.borrow() {
             break;
         }
         let started = Instant::now();
-        let end = match connect(&config, &state).await {
-            Ok((client, target, endpoint)) => {
-                let end = session(client, &target, &mut tun, &config, &state, &mut shutdown).await;
+        let connected = match ready.take() {
+            Some(c) => Ok(c),
+            None => {
+                let dialer = dialer(&config, &state, proxy.clone())?;
+                connect(&config, &dialer, &ladder).await
+            }
+        };
+        let end = match connected {
+            Ok((conn, target)) => {
+                let transport = conn.transport();
+                match ladder.connected(transport) {
+                    Move::Fallback => tracing::warn!(
+                        broker = %target.addr,
+                        "fell back to {}: the better transports did not answer",
+                        transport.describe()
+                    ),
+                    Move::Upgrade => tracing::info!(
+                        broker = %target.addr,
+                        "moved up to {}",
+                        transport.describe()
+                    ),
+                    Move::Stay => {}
+                }
+                state.save_transport(transport);
+                let end = session(
+                    &conn,
+                    &target,
+                    &mut tun,
+                    &config,
+                    &state,
+                    &ladder,
+                    proxy.clone(),
+                    &mut shutdown,
+                )
+                .await;
                 if matches!(end, End::Shutdown) {
-                    // Deliver the CONNECTION_CLOSE, so the broker ends the
-                    // session now rather than at its idle timeout.
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                    // Deliver the close, so the broker ends the session now
+                    // rather than at its idle timeout.
+                    conn.drain().await;
                 }
                 match &end {
                     End::Lost(why) => {
@@ -83,18 +133,22 @@ pub async fn run(
                         tracing::error!(broker = %target.addr, "the broker refused the tunnel: {why}")
                     }
                     End::Renewed => tracing::info!("reconnecting with the renewed certificate"),
-                    End::Shutdown => {}
+                    End::Upgrade(_) | End::Shutdown => {}
                 }
                 end
             }
-            Err(e) => {
-                tracing::warn!("cannot reach any broker: {e:#}");
-                End::Lost(e.to_string())
+            Err(f) => {
+                tracing::warn!("cannot reach any broker: {f}");
+                End::from(f)
             }
         };
         match end {
             End::Shutdown => break,
             End::Renewed => continue,
+            End::Upgrade(next) => {
+                ready = Some(*next);
+                continue;
+            }
             End::Lost(_) | End::Refused(_) => {}
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -112,166 +166,90 @@ pub async fn run(
     Ok(())
 }
 
-/// How a session ended when an operation on `conn` failed: refused when the
-/// broker rejected this site (a TLS alert about its certificate, or a
-/// rejection by the broker), lost otherwise. The connection's own close
-/// reason is the better explanation when it has one: a refusal often
-/// surfaces first as a failed stream or a missing SETTINGS frame.
-fn ended(conn: &Connection, e: impl std::fmt::Display) -> End {
-    match conn.close_reason() {
-        Some(reason) if is_refusal(&reason) => End::Refused(explain(&reason)),
-        Some(reason) => End::Lost(explain(&reason)),
-        None => End::Lost(e.to_string()),
-    }
-}
-
-/// Whether the broker closed the connection because it refuses this site.
-fn is_refusal(e: &ConnectionError) -> bool {
-    match e {
-        // TLS alerts travel as QUIC crypto errors 0x100-0x1ff.
-        ConnectionError::TransportError(t) => (0x100..0x200).contains(&u64::from(t.code)),
-        ConnectionError::ConnectionClosed(c) => (0x100..0x200).contains(&u64::from(c.error_code)),
-        ConnectionError::ApplicationClosed(c) => u64::from(c.error_code) == H3_REQUEST_REJECTED,
-        _ => false,
-    }
-}
-
-/// Explains a failed handshake or closed connection in plain words.
-fn explain(e: &ConnectionError) -> String {
-    let text = e.to_string();
-    let alert = |code: u64| {
-        matches!(e, ConnectionError::TransportError(t) if u64::from(t.code) == 0x100 + code)
-            || matches!(e, ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + code)
-    };
-    if alert(44) {
-        "the broker refused this site's certificate because it was revoked; ask the operator".into()
-    } else if alert(45) {
-        "this site's certificate has expired; check the clock, or enroll again with a new token"
-            .into()
-    } else if alert(48) || text.contains("UnknownIssuer") {
-        "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)".into()
-    } else if matches!(e, ConnectionError::TimedOut) {
-        "no answer (is UDP 443 to the published CIDR allowed by the firewall?)".into()
-    } else if let ConnectionError::ApplicationClosed(c) = e {
-        String::from_utf8_lossy(&c.reason).to_string()
-    } else {
-        text
-    }
-}
-
-/// Connects to the first broker that answers.
-async fn connect(
-    config: &ClientConfig,
-    state: &StateDir,
-) -> anyhow::Result<(H3Client, Target, quinn::Endpoint)> {
+/// A dialer with the site's current certificate.
+fn dialer(config: &ClientConfig, state: &StateDir, proxy: Option<Proxy>) -> anyhow::Result<Dialer> {
     let creds = state.credentials()?;
     let tls = tether_pki::tls::client_config(&creds.ca, Some((creds.chain, creds.key)))?;
     // Silence for two keepalive intervals (and a margin) means the broker
     // is gone; a restarted broker resets the connection sooner.
     let quic = quic_config(
-        tls,
+        tls.clone(),
         transport_config(
             config.keepalive,
             config.keepalive * 2 + Duration::from_secs(2),
         ),
     )?;
+    Ok(Dialer {
+        tls,
+        quic,
+        proxy,
+        timeout: config.h3_timeout,
+        keepalive: config.keepalive,
+    })
+}
+
+/// Connects to the first broker that answers, climbing the ladder: every
+/// broker on one rung before the next rung.
+async fn connect(
+    config: &ClientConfig,
+    dialer: &Dialer,
+    ladder: &Ladder,
+) -> Result<(BrokerConn, Target), Failure> {
+    let mut targets = Vec::new();
     let mut errors = Vec::new();
     for endpoint in &config.brokers {
-        let targets = match dial::resolve(endpoint, config.published_cidr).await {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(e.to_string());
-                continue;
-            }
-        };
-        for target in targets {
-            let local = dial::client_endpoint(&target.addr)?;
-            let connecting = local
-                .connect_with(quic.clone(), target.addr, &target.server_name)
-                .context("invalid broker address")?;
-            match tokio::time::timeout(config.h3_timeout, connecting).await {
-                Ok(Ok(conn)) => match H3Client::over(conn.clone()).await {
-                    Ok(client) => return Ok((client, target, local)),
-                    Err(e) => errors.push(format!(
-                        "{}: {}",
+        match dial::resolve(endpoint, config.published_cidr).await {
+            Ok(t) => targets.extend(t),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    for transport in ladder.attempt_order() {
+        for target in &targets {
+            match dialer.dial(transport, target).await {
+                Ok(conn) => return Ok((conn, target.clone())),
+                Err(f) => {
+                    errors.push(format!(
+                        "{} over {}: {f}",
                         target.addr,
-                        conn.close_reason()
-                            .map(|r| explain(&r))
-                            .unwrap_or_else(|| e.to_string())
-                    )),
-                },
-                Ok(Err(e)) => errors.push(format!("{}: {}", target.addr, explain(&e))),
-                Err(_) => errors.push(format!(
-                    "{}: no answer within {} s (is UDP 443 to the published CIDR allowed?)",
-                    target.addr,
-                    config.h3_timeout.as_secs_f64()
-                )),
+                        transport.describe()
+                    ));
+                    if f.refused {
+                        return Err(Failure {
+                            refused: true,
+                            message: errors.join("; "),
+                        });
+                    }
+                }
             }
         }
     }
-    anyhow::bail!("{}", errors.join("; "))
+    Err(Failure {
+        refused: false,
+        message: errors.join("; "),
+    })
 }
 
-/// Bytes before each IP packet in a datagram on `stream_id`.
-fn datagram_prefix(stream_id: u64) -> Vec<u8> {
-    let mut prefix = Vec::with_capacity(9);
-    let _ = varint::encode(stream_id / 4, &mut prefix);
-    prefix.push(datagram::IP_PACKET_CONTEXT as u8);
-    prefix
-}
-
-/// The largest IP packet the connection carries now.
-fn tunnel_mtu(conn: &Connection, prefix_len: usize) -> Option<u16> {
-    conn.max_datagram_size()
-        .map(|m| m.saturating_sub(prefix_len))
-        .and_then(|m| u16::try_from(m).ok())
-}
-
+#[allow(clippy::too_many_arguments)]
 async fn session(
-    mut client: H3Client,
+    conn: &BrokerConn,
     target: &Target,
     tun: &mut Option<Tun>,
     config: &ClientConfig,
     state: &StateDir,
+    ladder: &Ladder,
+    proxy: Option<Proxy>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> End {
-    match client.peer_settings(Duration::from_secs(5)).await {
-        Ok(s) if s.enable_connect_protocol && s.h3_datagram => {}
-        Ok(_) => {
-            return End::Refused("the broker does not offer CONNECT-IP with HTTP Datagrams".into());
-        }
-        Err(e) => return ended(&client.conn, e),
-    }
-    let request = connect_ip::request(&target.endpoint.to_string());
-    let (send, mut recv) = match client.send(&request, &[]).await {
-        Ok(s) => s,
-        Err(e) => return ended(&client.conn, e),
+    let transport = conn.transport();
+    let authority = target.endpoint.to_string();
+    let (mut tunnel, link) = match conn
+        .open_tunnel(&authority, config.h3_timeout.max(Duration::from_secs(5)))
+        .await
+    {
+        Ok(t) => t,
+        Err(f) => return End::from(f),
     };
-    let mut dec = MessageDecoder::new(h3client::MAX_FIELD_SECTION);
-    let head = match h3client::read_head(&mut recv, &mut dec).await {
-        Ok(h) => h,
-        Err(e) => return ended(&client.conn, e),
-    };
-    if head.status != 200 {
-        let mut body = Vec::new();
-        loop {
-            while let Ok(Some(MessageEvent::Data(d))) = dec.next_event() {
-                body.extend_from_slice(&d);
-            }
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => dec.push(&chunk.bytes),
-                _ => break,
-            }
-        }
-        let message = serde_json::from_slice::<ApiError>(&body)
-            .map(|e| e.error)
-            .unwrap_or_default();
-        return End::Refused(format!("HTTP {}: {message}", head.status));
-    }
-    let conn = client.conn.clone();
-    let stream_id = VarInt::from(recv.id()).into_inner();
-    let prefix: Arc<[u8]> = datagram_prefix(stream_id).into();
-    tracing::info!(broker = %target.addr, "connected to the broker over HTTP/3 (QUIC, UDP 443)");
+    tracing::info!(broker = %target.addr, "connected to the broker over {}", transport.describe());
 
     let mut core = ClientSession::default();
     let mut capsules = CapsuleDecoder::default();
@@ -280,77 +258,57 @@ async fn session(
     let renew_at = renewal_deadline(state);
     let renewal = tokio::time::sleep(renew_at);
     tokio::pin!(renewal);
-    let _send = send;
     if let Some(tun) = tun.as_ref() {
-        pumps.extend(start_pumps(tun, &conn, stream_id, prefix.clone()));
+        pumps.extend(start_pumps(tun, &link));
     }
+    // On a lower rung, HTTP/3 is probed in the background.
+    let probing = ladder.probe(transport).is_some();
+    let mut probe_tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel::<BrokerConn>(1);
+    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
 
-    // Bytes that arrived with the response head are already in `dec`.
-    let mut pending = true;
     let end = loop {
-        if std::mem::take(&mut pending) {
-            let mut events = Vec::new();
-            let mut failure = None;
-            loop {
-                match dec.next_event() {
-                    Ok(Some(MessageEvent::Data(d))) => capsules.push(&d),
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            loop {
-                match capsules.next_capsule() {
-                    Ok(Some(raw)) => match Capsule::parse(raw) {
-                        Ok(c) => events.extend(core.on_capsule(c)),
+        tokio::select! {
+            data = tunnel.read() => {
+                let data = match data {
+                    Ok(Some(d)) => d,
+                    Ok(None) => break End::Lost("the broker ended the tunnel".into()),
+                    Err(e) => break match conn_failure(conn).await {
+                        Some(f) => End::from(f),
+                        None => End::Lost(e),
+                    },
+                };
+                capsules.push(&data);
+                let mut events = Vec::new();
+                let mut failure = None;
+                loop {
+                    match capsules.next_capsule() {
+                        Ok(Some(raw)) => match Capsule::parse(raw) {
+                            Ok(c) => events.extend(core.on_capsule(c)),
+                            Err(e) => {
+                                failure = Some(e.to_string());
+                                break;
+                            }
+                        },
+                        Ok(None) => break,
                         Err(e) => {
                             failure = Some(e.to_string());
                             break;
                         }
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
                     }
                 }
-            }
-            if let Some(f) = failure {
-                break End::Lost(format!("protocol error from the broker: {f}"));
-            }
-            for event in events {
-                if let Err(e) = apply(
-                    event,
-                    tun,
-                    &config.tun_name,
-                    &conn,
-                    stream_id,
-                    &prefix,
-                    target,
-                    &mut pumps,
-                )
-                .await
-                {
-                    tracing::error!("{e:#}");
+                if let Some(f) = failure {
+                    break End::Lost(format!("protocol error from the broker: {f}"));
                 }
-            }
-        }
-        tokio::select! {
-            chunk = recv.read_chunk(64 * 1024, true) => {
-                match chunk {
-                    Ok(Some(chunk)) => {
-                        dec.push(&chunk.bytes);
-                        pending = true;
+                for event in events {
+                    if let Err(e) = apply(event, tun, &config.tun_name, &link, target, &mut pumps).await {
+                        tracing::error!("{e:#}");
                     }
-                    Ok(None) => break End::Lost("the broker ended the tunnel".into()),
-                    Err(e) => break ended(&conn, e),
                 }
             }
             _ = mtu_tick.tick() => {
-                if let (Some(tun), Some(mtu)) = (tun.as_mut(), tunnel_mtu(&conn, prefix.len())) {
+                if let (Some(tun), Some(mtu)) = (tun.as_mut(), link.mtu()) {
                     let has_v6 = core.host_address(Family::V6).is_some();
                     let mtu = if has_v6 { mtu.max(1280) } else { mtu.max(576) };
                     if mtu != tun.mtu() {
@@ -362,7 +320,7 @@ async fn session(
                 }
             }
             _ = &mut renewal => {
-                match renew(&client, state, target).await {
+                match renew(conn, state, target).await {
                     Ok(()) => break End::Renewed,
                     Err(e) => {
                         tracing::warn!("certificate renewal failed, retrying in 10 minutes: {e:#}");
@@ -370,21 +328,55 @@ async fn session(
                     }
                 }
             }
+            _ = probe_tick.tick(), if probing => {
+                if probe.as_ref().is_none_or(|p| p.is_finished()) {
+                    let tx = probe_tx.clone();
+                    let target = target.clone();
+                    let dialer = match dialer(config, state, proxy.clone()) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::debug!("cannot probe: {e:#}");
+                            continue;
+                        }
+                    };
+                    probe = Some(tokio::spawn(async move {
+                        match dialer.dial(Transport::H3, &target).await {
+                            Ok(c) => {
+                                let _ = tx.send(c).await;
+                            }
+                            Err(f) => tracing::debug!(broker = %target.addr, "HTTP/3 still unavailable: {f}"),
+                        }
+                    }));
+                }
+            }
+            Some(better) = probe_rx.recv() => {
+                tracing::info!(broker = %target.addr, "HTTP/3 answers again; moving the tunnel back to it");
+                break End::Upgrade(Box::new((better, target.clone())));
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
-                    conn.close(VarInt::from_u32(0x100), b"site shutting down");
+                    conn.close("site shutting down");
                     break End::Shutdown;
                 }
             }
-            e = conn.closed() => {
-                break ended(&conn, e);
-            }
+            f = conn.closed() => break End::from(f),
         }
     };
+    if let Some(p) = probe {
+        p.abort();
+    }
     for p in pumps {
         p.abort();
     }
     end
+}
+
+/// The connection's own failure, if it has already failed (the better
+/// explanation when a stream fails).
+async fn conn_failure(conn: &BrokerConn) -> Option<Failure> {
+    tokio::time::timeout(Duration::from_millis(100), conn.closed())
+        .await
+        .ok()
 }
 
 /// When to renew: half-way through the certificate's lifetime.
@@ -403,22 +395,22 @@ fn renewal_deadline(state: &StateDir) -> Duration {
 }
 
 /// Renews the site certificate over the tunnel connection.
-async fn renew(client: &H3Client, state: &StateDir, target: &Target) -> anyhow::Result<()> {
+async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyhow::Result<()> {
     let creds = state.credentials()?;
     let (key, csr) = tether_pki::ca::site_key_and_csr(creds.identity.site.as_str())?;
     let body = serde_json::to_vec(&RenewRequest {
         csr: data_encoding::BASE64.encode(&csr),
     })?;
-    let request = Request::new("POST", &target.endpoint.to_string(), RENEW_PATH)
-        .with_header("content-type", "application/json");
-    let answer = client.request(&request, &body).await?;
-    if answer.head.status != 200 {
-        let message = serde_json::from_slice::<ApiError>(&answer.body)
+    let (status, answer) = conn
+        .request("POST", &target.endpoint.to_string(), RENEW_PATH, &body)
+        .await?;
+    if status != 200 {
+        let message = serde_json::from_slice::<ApiError>(&answer)
             .map(|e| e.error)
             .unwrap_or_default();
-        anyhow::bail!("HTTP {}: {message}", answer.head.status);
+        anyhow::bail!("HTTP {status}: {message}");
     }
-    let renewed: RenewResponse = serde_json::from_slice(&answer.body)?;
+    let renewed: RenewResponse = serde_json::from_slice(&answer)?;
     state.save(
         &key.serialize_der(),
         &renewed.certificate,
@@ -434,23 +426,20 @@ async fn renew(client: &H3Client, state: &StateDir, target: &Target) -> anyhow::
 }
 
 /// Applies an event from the broker's capsules.
-#[allow(clippy::too_many_arguments)]
 async fn apply(
     event: ClientEvent,
     tun: &mut Option<Tun>,
     tun_name: &str,
-    conn: &Connection,
-    stream_id: u64,
-    prefix: &Arc<[u8]>,
+    link: &Link,
     target: &Target,
     pumps: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     match event {
         ClientEvent::Addresses(addresses) => {
             if tun.is_none() {
-                let mtu = tunnel_mtu(conn, prefix.len()).unwrap_or(1280).max(1280);
+                let mtu = link.mtu().unwrap_or(1280).max(1280);
                 let created = Tun::create(tun_name, mtu)?;
-                pumps.extend(start_pumps(&created, conn, stream_id, prefix.clone()));
+                pumps.extend(start_pumps(&created, link));
                 *tun = Some(created);
             }
             if let Some(tun) = tun.as_mut() {
@@ -493,20 +482,15 @@ async fn apply(
     Ok(())
 }
 
-/// Starts the two packet pumps of a session: device to tunnel, tunnel to
-/// device. One read of an offloading device yields a whole TCP burst, and
+/// Starts the packet pumps of a session: device to tunnel, and over HTTP/3
+/// tunnel to device. One read of an offloading device yields a whole TCP burst, and
 /// one write carries the coalesced segments of a batch of datagrams.
-fn start_pumps(
-    tun: &Tun,
-    conn: &Connection,
-    stream_id: u64,
-    prefix: Arc<[u8]>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+fn start_pumps(tun: &Tun, link: &Link) -> Vec<tokio::task::JoinHandle<()>> {
     let offload = tun.offload;
     let outbound = {
-        let (dev, conn, prefix) = (tun.dev.clone(), conn.clone(), prefix.clone());
+        let (dev, link) = (tun.dev.clone(), link.clone());
         tokio::spawn(async move {
-            let offset = prefix.len();
+            let offset = link.headroom();
             let mut original = vec![0u8; crate::tun::VNET_HDR + 65_536];
             let mut bufs = vec![vec![0u8; offset + 4096]; tun_rs::IDEAL_BATCH_SIZE];
             let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
@@ -521,7 +505,7 @@ fn start_pumps(
                         return;
                     }
                 };
-                let mtu = tunnel_mtu(&conn, offset).map(usize::from).unwrap_or(1200);
+                let mtu = link.mtu().map(usize::from).unwrap_or(1200);
                 for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
                     let Some(packet) = buf.get(offset..offset + size) else {
                         continue;
@@ -533,19 +517,26 @@ fn start_pumps(
                         }
                         continue;
                     }
-                    buf[..offset].copy_from_slice(&prefix);
-                    let datagram = Bytes::copy_from_slice(&buf[..offset + size]);
-                    if let Err(quinn::SendDatagramError::ConnectionLost(_)) =
-                        conn.send_datagram(datagram)
-                    {
+                    let Some(framed) = buf.get_mut(..offset + size) else {
+                        continue;
+                    };
+                    if link.send(framed).is_err() {
                         return;
                     }
                 }
             }
         })
     };
+    // Over HTTP/2, packets arrive in capsules on the stream and are
+    // written by the session itself.
+    let Link::H3 {
+        conn, stream_id, ..
+    } = link.clone()
+    else {
+        return vec![outbound];
+    };
     let inbound = {
-        let (dev, conn) = (tun.dev.clone(), conn.clone());
+        let dev = tun.dev.clone();
         tokio::spawn(async move {
             use futures_util::FutureExt;
             // Datagrams that arrived together are written together: with

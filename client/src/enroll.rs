@@ -11,10 +11,11 @@ use tether_pki::ca::pem_to_der;
 use tether_pki::tls::{ca_pin, enrollment_client_config};
 use tether_pki::token::EnrollmentCode;
 use tether_proto::api::{ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse};
-use tether_proto::h3::Request;
 
 use crate::dial;
-use crate::h3client::{H3Client, quic_config, transport_config};
+use crate::h3client::{quic_config, transport_config};
+use crate::link::{Dialer, dial_any};
+use crate::proxy::Proxy;
 use crate::state::{Identity, StateDir};
 
 /// What enrollment produced.
@@ -30,6 +31,7 @@ pub async fn enroll(
     code: &str,
     state: &StateDir,
     force: bool,
+    proxy: Option<&str>,
 ) -> anyhow::Result<Enrolled> {
     let code = EnrollmentCode::parse(code).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pin = code.ca_pin.clone().context(
@@ -56,57 +58,37 @@ pub async fn enroll(
     let targets = dial::resolve(&endpoint, any).await?;
     let (key, csr) = tether_pki::ca::site_key_and_csr("tether-site")?;
     let tls = enrollment_client_config(&pin)?;
-    let config = quic_config(
-        tls,
+    let quic = quic_config(
+        tls.clone(),
         transport_config(Duration::from_secs(5), Duration::from_secs(20)),
     )?;
-    let mut last_error = None;
-    let mut client = None;
-    for target in &targets {
-        let quic = dial::client_endpoint(&target.addr)?;
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            H3Client::connect(&quic, config.clone(), target.addr, &target.server_name),
-        )
-        .await
-        {
-            Ok(Ok(c)) => {
-                client = Some(c);
-                break;
-            }
-            Ok(Err(e)) => {
-                last_error = Some(anyhow::anyhow!("cannot connect to {}: {e:#}", target.addr))
-            }
-            Err(_) => {
-                last_error = Some(anyhow::anyhow!(
-                    "no answer from {} within 10 s (is UDP 443 allowed?)",
-                    target.addr
-                ))
-            }
-        }
-    }
-    let Some(mut client) = client else {
-        return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no address for {endpoint}")));
+    let proxy_setting = proxy.map(str::to_string);
+    let dialer = Dialer {
+        tls,
+        quic,
+        proxy: Proxy::from_config_or_env(proxy)?,
+        timeout: Duration::from_secs(5),
+        keepalive: Duration::from_secs(5),
     };
-    client.peer_settings(Duration::from_secs(5)).await?;
+    let (client, target) = dial_any(&dialer, &targets).await?;
+    tracing::info!(broker = %target.addr, "enrolling over {}", client.transport().describe());
     let body = serde_json::to_vec(&EnrollRequest {
         token: code.secret.clone(),
         csr: data_encoding::BASE64.encode(&csr),
     })?;
-    let request = Request::new("POST", &endpoint.to_string(), ENROLL_PATH)
-        .with_header("content-type", "application/json");
-    let answer = client.request(&request, &body).await?;
-    client
-        .conn
-        .close(quinn::VarInt::from_u32(0x100), b"enrolled");
-    if answer.head.status != 200 {
-        let message = serde_json::from_slice::<ApiError>(&answer.body)
+    let (status, answer) = client
+        .request("POST", &endpoint.to_string(), ENROLL_PATH, &body)
+        .await?;
+    client.close("enrolled");
+    client.drain().await;
+    if status != 200 {
+        let message = serde_json::from_slice::<ApiError>(&answer)
             .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).to_string());
+            .unwrap_or_else(|_| String::from_utf8_lossy(&answer).to_string());
         anyhow::bail!("the broker refused enrollment: {message}");
     }
     let response: EnrollResponse =
-        serde_json::from_slice(&answer.body).context("unexpected enrollment answer")?;
+        serde_json::from_slice(&answer).context("unexpected enrollment answer")?;
     let ca_der =
         pem_to_der(&response.ca, "CERTIFICATE").context("the broker sent no CA certificate")?;
     if ca_pin(&CertificateDer::from(ca_der)) != pin {
@@ -132,11 +114,14 @@ pub async fn enroll(
             brokers.push(b.clone());
         }
     }
-    let file = ClientFile {
+    let mut file = ClientFile {
         published_cidr: response.published_cidr.to_string(),
         brokers,
         ..ClientFile::default()
     };
+    if let Some(proxy) = proxy_setting {
+        file.transport.proxy = proxy;
+    }
     state.save_config(&format!(
         "# Written by `tether enroll` for site {} in region {}.\n{}",
         response.site,

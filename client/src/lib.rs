@@ -3,12 +3,20 @@
 //! - [`enroll`]: `tether enroll`, key generation and enrollment.
 //! - [`agent`]: `tether up`, the tunnel and its reconnection.
 //! - [`tun`]: the TUN device and routes.
-//! - [`h3client`], [`dial`]: HTTP/3 to the broker, endpoint resolution.
+//! - [`link`]: a connection to a broker on one rung of the transport
+//!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
+//!   carry it; [`dial`] resolves endpoints.
+//! - [`doctor`], [`firewall`]: `tether doctor` and `tether firewall-rule`.
 //! - [`state`]: the state directory.
 
 pub mod agent;
 pub mod dial;
+pub mod doctor;
 pub mod enroll;
+pub mod firewall;
+pub mod h2client;
 pub mod h3client;
+pub mod link;
+pub mod proxy;
 pub mod state;
 pub mod tun;

@@ -33,6 +33,11 @@ enum Command {
         /// Enroll again even if this site is already enrolled.
         #[arg(long)]
         force: bool,
+        /// HTTP proxy (http://[user:pass@]host:port) when the site may only
+        /// reach out through one; kept in the configuration for `tether up`.
+        /// Default: HTTPS_PROXY / https_proxy.
+        #[arg(long)]
+        proxy: Option<String>,
     },
     /// Connect this site and keep it connected (until SIGTERM).
     Up {
@@ -43,10 +48,31 @@ enum Command {
         #[arg(long, env = "TETHER_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Check why this site cannot connect, in plain words.
-    Doctor,
+    /// Check why this site cannot connect, in plain words (exit status 1
+    /// when something blocks it).
+    Doctor {
+        /// Configuration file (default: tether.toml in the state directory).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// State directory (default /var/lib/tether as root).
+        #[arg(long, env = "TETHER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Print the one firewall rule hospital IT must allow.
-    FirewallRule,
+    FirewallRule {
+        /// The published CIDR (default: from this site's configuration).
+        #[arg(long)]
+        cidr: Option<ipnet::IpNet>,
+        /// Only this format (default: all of them).
+        #[arg(long, value_enum)]
+        format: Option<tether::firewall::Format>,
+        /// Configuration file (default: tether.toml in the state directory).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// State directory (default /var/lib/tether as root).
+        #[arg(long, env = "TETHER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// List routes known to a broker (operators).
     Routes,
     /// List sites known to a broker (operators).
@@ -84,6 +110,27 @@ fn not_available(what: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The validated configuration and the state directory it names.
+fn load(
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<(tether_config::client::ClientConfig, StateDir)> {
+    let state = StateDir::new(state_dir.unwrap_or_else(default_state_dir));
+    let path = config.unwrap_or_else(|| state.config_path());
+    if !path.exists() {
+        anyhow::bail!(
+            "no configuration at {}: enroll first (`tether enroll --broker <broker> --token <code>`), or pass --config",
+            path.display()
+        );
+    }
+    let config = ClientFile::load(&path)?.validate(&path.display().to_string())?;
+    let state = match &config.state_dir {
+        Some(dir) => StateDir::new(dir.clone()),
+        None => state,
+    };
+    Ok((config, state))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One thread: the agent's work fits in one core, and keeping the QUIC
     // driver and the packet pumps on the same thread avoids a cross-thread
@@ -100,10 +147,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             token,
             state_dir,
             force,
+            proxy,
         } => {
             let state = StateDir::new(state_dir.unwrap_or_else(default_state_dir));
-            let enrolled =
-                runtime()?.block_on(tether::enroll::enroll(&broker, &token, &state, force))?;
+            let enrolled = runtime()?.block_on(tether::enroll::enroll(
+                &broker,
+                &token,
+                &state,
+                force,
+                proxy.as_deref(),
+            ))?;
             let r = enrolled.response;
             println!("Enrolled: this site is {} in region {}.", r.site, r.region);
             println!("  identity     {}", r.identity);
@@ -113,21 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Command::Up { config, state_dir } => {
-            let state = StateDir::new(state_dir.unwrap_or_else(default_state_dir));
-            let path = config.unwrap_or_else(|| state.config_path());
-            let file = if path.exists() {
-                ClientFile::load(&path)?
-            } else {
-                anyhow::bail!(
-                    "no configuration at {}: enroll first (`tether enroll --broker <broker> --token <code>`), or pass --config",
-                    path.display()
-                );
-            };
-            let config = file.validate(&path.display().to_string())?;
-            let state = match &config.state_dir {
-                Some(dir) => StateDir::new(dir.clone()),
-                None => state,
-            };
+            let (config, state) = load(config, state_dir)?;
             runtime()?.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
@@ -148,8 +187,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             ExitCode::SUCCESS
         }
-        Command::Doctor => not_available("doctor"),
-        Command::FirewallRule => not_available("firewall-rule"),
+        Command::Doctor { config, state_dir } => {
+            let (config, state) = load(config, state_dir)?;
+            let report = runtime()?.block_on(tether::doctor::run(&config, &state));
+            print!("{}", report.render());
+            if report.blocked() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::FirewallRule {
+            cidr,
+            format,
+            config,
+            state_dir,
+        } => {
+            let cidr = match cidr {
+                Some(c) => c,
+                None => {
+                    load(config, state_dir)
+                        .map_err(|e| e.context("pass --cidr <published CIDR>, or enroll first"))?
+                        .0
+                        .published_cidr
+                }
+            };
+            match format {
+                Some(f) => print!("{}", tether::firewall::rule(cidr, f)),
+                None => print!("{}", tether::firewall::all(cidr)),
+            }
+            ExitCode::SUCCESS
+        }
         Command::Routes => not_available("routes"),
         Command::Sites => not_available("sites"),
         Command::Trace { .. } => not_available("trace"),

@@ -20,6 +20,9 @@ pub const CONFIG_FILE: &str = "tether.toml";
 /// Who this site is.
 pub const IDENTITY_FILE: &str = "identity.json";
 
+/// File recording the transport that last worked.
+pub const TRANSPORT_FILE: &str = "transport";
+
 /// `/var/lib/tether` for root, else `~/.local/state/tether`.
 pub fn default_state_dir() -> PathBuf {
     tether_config::default_state_dir("tether")
@@ -103,6 +106,27 @@ impl StateDir {
             0o644,
         )?;
         Ok(())
+    }
+
+    /// The transport that last worked, if recorded.
+    pub fn last_transport(&self) -> Option<tether_proto::tunnel::Transport> {
+        std::fs::read_to_string(self.file(TRANSPORT_FILE))
+            .ok()
+            .and_then(|t| tether_proto::tunnel::Transport::parse(&t))
+    }
+
+    /// Records the transport that worked (best effort: a read-only state
+    /// directory only costs the next start a slower climb).
+    pub fn save_transport(&self, transport: tether_proto::tunnel::Transport) {
+        if self.last_transport() != Some(transport)
+            && let Err(e) = replace_file(
+                &self.file(TRANSPORT_FILE),
+                format!("{transport}\n").as_bytes(),
+                0o644,
+            )
+        {
+            tracing::debug!(error = %e, "could not record the transport");
+        }
     }
 
     /// Writes the configuration file.

@@ -75,6 +75,17 @@ pub fn peer_identity(
     })
 }
 
+/// The validity period (not before, not after) of a certificate.
+pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| IdentityError::NotSpiffe(format!("unparsable certificate: {e}")))?;
+    let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    Ok((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
+}
+
 fn roots(ca: &CertificateDer<'_>) -> Result<Arc<RootCertStore>, Error> {
     let mut store = RootCertStore::empty();
     store.add(ca.clone().into_owned())?;

@@ -477,14 +477,19 @@ impl Scope {
     }
 }
 
+/// The path of the whole-tunnel scope (`*`, `*`), the one tether serves.
+pub fn whole_tunnel_path() -> String {
+    Scope {
+        target: Target::Any,
+        ipproto: IpProto::Any,
+    }
+    .to_path()
+}
+
 /// The CONNECT-IP request for the whole-tunnel scope (`*`, `*`) at
 /// `authority`, announcing the capsule protocol.
 pub fn request(authority: &str) -> crate::h3::Request {
-    let scope = Scope {
-        target: Target::Any,
-        ipproto: IpProto::Any,
-    };
-    let mut request = crate::h3::Request::new("CONNECT", authority, &scope.to_path())
+    let mut request = crate::h3::Request::new("CONNECT", authority, &whole_tunnel_path())
         .with_header("capsule-protocol", "?1");
     request.protocol = Some(PROTOCOL.to_string());
     request

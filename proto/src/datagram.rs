@@ -74,6 +74,43 @@ pub fn h3_overhead(stream_id: u64) -> usize {
     varint::encoded_len(stream_id / 4).unwrap_or(8) + 1
 }
 
+/// Largest IP packet a tunnel carries in DATAGRAM capsules on a stream
+/// (HTTP/2): streams have no datagram size limit, so the usual Ethernet
+/// MTU.
+pub const STREAM_MTU: usize = 1500;
+
+/// Longest prefix [`capsule_prefix`] writes.
+pub const MAX_CAPSULE_PREFIX: usize = 1 + 8 + 1;
+
+/// The bytes in front of an IP packet of `packet_len` bytes carried on the
+/// request stream in a DATAGRAM capsule (RFC 9297 section 3.5), as HTTP/2
+/// carries it: capsule type 0, capsule length, context ID 0. Returns the
+/// buffer and how many of its bytes are the prefix.
+pub fn capsule_prefix(packet_len: usize) -> ([u8; MAX_CAPSULE_PREFIX], usize) {
+    let mut out = [0u8; MAX_CAPSULE_PREFIX];
+    out[0] = crate::capsule::DATAGRAM as u8;
+    let len = packet_len as u64 + 1;
+    // The capsule length as a QUIC varint (RFC 9000 section 16), written in
+    // place: this runs once per packet.
+    let width = match len {
+        0..=63 => 1,
+        64..=16_383 => 2,
+        16_384..=1_073_741_823 => 4,
+        _ => 8,
+    };
+    let tag: u64 = match width {
+        1 => 0,
+        2 => 0x40 << 8,
+        4 => 0x80 << 24,
+        _ => 0xc0 << 56,
+    };
+    let encoded = (len | tag).to_be_bytes();
+    out[1..1 + width].copy_from_slice(&encoded[8 - width..]);
+    out[1 + width] = IP_PACKET_CONTEXT as u8;
+    let n = 2 + width;
+    (out, n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +133,25 @@ mod tests {
             Ok(Payload::UnknownContext(37))
         );
         assert_eq!(parse_payload(&[]), Err(DatagramError::Truncated));
+    }
+
+    #[test]
+    fn capsule_prefix_frames_a_datagram_capsule() {
+        use crate::capsule::{Capsule, CapsuleDecoder};
+        for len in [0usize, 1, 62, 63, 1500, 16_382, 16_383, 65_535] {
+            let packet = vec![0x45u8; len];
+            let (prefix, n) = capsule_prefix(len);
+            let mut bytes = prefix[..n].to_vec();
+            bytes.extend_from_slice(&packet);
+            let mut dec = CapsuleDecoder::default();
+            dec.push(&bytes);
+            let raw = dec.next_capsule().unwrap().unwrap();
+            let Capsule::Datagram(payload) = Capsule::parse(raw).unwrap() else {
+                panic!("not a DATAGRAM capsule");
+            };
+            assert_eq!(parse_payload(&payload), Ok(Payload::IpPacket(&packet[..])));
+            assert_eq!(dec.buffered(), 0);
+        }
     }
 
     proptest! {

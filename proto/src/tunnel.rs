@@ -342,8 +342,158 @@ impl Backoff {
     }
 }
 
+/// How a site reaches a broker: the rungs of the agent's ladder, best
+/// first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    /// HTTP/3 over QUIC on UDP 443, packets in QUIC datagrams.
+    H3,
+    /// HTTP/2 extended CONNECT (RFC 8441) on TCP 443, packets in DATAGRAM
+    /// capsules on the request stream.
+    H2,
+    /// HTTP/2 as above, through an HTTP CONNECT proxy (TLS stays end to
+    /// end).
+    H2Proxy,
+}
+
+impl Transport {
+    /// Every transport, best first.
+    pub const ALL: [Transport; 3] = [Transport::H3, Transport::H2, Transport::H2Proxy];
+
+    /// Stable label (state file, metrics, API).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::H3 => "h3",
+            Transport::H2 => "h2",
+            Transport::H2Proxy => "h2-proxy",
+        }
+    }
+
+    /// Parses [`Transport::as_str`].
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == text.trim())
+    }
+
+    /// Plain words for logs and `tether doctor`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Transport::H3 => "HTTP/3 (QUIC, UDP 443)",
+            Transport::H2 => "HTTP/2 (TLS, TCP 443)",
+            Transport::H2Proxy => "HTTP/2 through the HTTP proxy",
+        }
+    }
+
+    /// Whether this runs over QUIC.
+    pub fn is_quic(self) -> bool {
+        self == Transport::H3
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How often an agent on a lower rung tries HTTP/3 again.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What a new connection means for the ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// The first connection, or the same rung as before.
+    Stay,
+    /// A lower rung than the last one that worked.
+    Fallback,
+    /// A higher rung than the last one that worked.
+    Upgrade,
+}
+
+/// The agent's transport ladder: HTTP/3, then HTTP/2 over TCP, then HTTP/2
+/// through a proxy when one is configured. It remembers the last rung that
+/// worked and starts there; on a lower rung it asks for HTTP/3 probes.
+#[derive(Debug, Clone)]
+pub struct Ladder {
+    rungs: Vec<Transport>,
+    last: Option<Transport>,
+}
+
+impl Ladder {
+    /// A ladder with the proxy rung if `proxy`, starting from `remembered`
+    /// (ignored when it is not a rung of this ladder).
+    pub fn new(proxy: bool, remembered: Option<Transport>) -> Self {
+        let rungs: Vec<Transport> = Transport::ALL
+            .into_iter()
+            .filter(|t| proxy || *t != Transport::H2Proxy)
+            .collect();
+        let last = remembered.filter(|t| rungs.contains(t));
+        Self { rungs, last }
+    }
+
+    /// The rungs of this ladder, best first.
+    pub fn rungs(&self) -> &[Transport] {
+        &self.rungs
+    }
+
+    /// The last rung that worked.
+    pub fn last(&self) -> Option<Transport> {
+        self.last
+    }
+
+    /// The order of the next attempt: the last rung that worked first, then
+    /// the others, best first.
+    pub fn attempt_order(&self) -> Vec<Transport> {
+        let mut order: Vec<Transport> = self.last.into_iter().collect();
+        order.extend(self.rungs.iter().copied().filter(|t| Some(*t) != self.last));
+        order
+    }
+
+    /// Records a connection on `transport` and says what it was.
+    pub fn connected(&mut self, transport: Transport) -> Move {
+        let moved = match self.last {
+            Some(last) if transport > last => Move::Fallback,
+            Some(last) if transport < last => Move::Upgrade,
+            _ => Move::Stay,
+        };
+        self.last = Some(transport);
+        moved
+    }
+
+    /// The rung to probe while connected on `current`: HTTP/3 when below it.
+    pub fn probe(&self, current: Transport) -> Option<Transport> {
+        (current != Transport::H3).then_some(Transport::H3)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_ladder_starts_at_the_last_rung_that_worked() {
+        let mut ladder = Ladder::new(true, None);
+        assert_eq!(
+            ladder.attempt_order(),
+            [Transport::H3, Transport::H2, Transport::H2Proxy]
+        );
+        assert_eq!(ladder.connected(Transport::H2Proxy), Move::Stay);
+        assert_eq!(
+            ladder.attempt_order(),
+            [Transport::H2Proxy, Transport::H3, Transport::H2]
+        );
+        assert_eq!(ladder.probe(Transport::H2Proxy), Some(Transport::H3));
+        assert_eq!(ladder.connected(Transport::H3), Move::Upgrade);
+        assert_eq!(ladder.probe(Transport::H3), None);
+        assert_eq!(ladder.connected(Transport::H2), Move::Fallback);
+        // Without a proxy there is no proxy rung, and a remembered proxy
+        // rung is forgotten.
+        let ladder = Ladder::new(false, Some(Transport::H2Proxy));
+        assert_eq!(ladder.last(), None);
+        assert_eq!(ladder.attempt_order(), [Transport::H3, Transport::H2]);
+        for t in Transport::ALL {
+            assert_eq!(Transport::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(Transport::parse("h9"), None);
+    }
     use super::*;
 
     fn net(s: &str) -> IpNet {

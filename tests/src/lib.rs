@@ -131,7 +131,7 @@ impl TestSite {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         let code = broker.token(site).await;
-        tether::enroll::enroll(&broker.addr().to_string(), &code, &state, false)
+        tether::enroll::enroll(&broker.addr().to_string(), &code, &state, false, None)
             .await
             .unwrap();
         Self { state, _dir: dir }

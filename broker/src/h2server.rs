@@ -1,0 +1,408 @@
+//! The HTTP/2 tunnel listener on TCP, for sites whose network blocks UDP.
+//!
+//! The same CONNECT-IP semantics as over HTTP/3, with HTTP/2 extended
+//! CONNECT (RFC 8441, `:protocol connect-ip`): the same identity rules
+//! (mutual TLS with the same verifier and revocation set), the same
+//! enrollment and renewal routes, and the same site addresses. IP packets
+//! travel as DATAGRAM capsules (RFC 9297) on the request stream, written by
+//! one task per stream so capsules and packets stay in order and a slow
+//! connection drops packets instead of queueing them without bound.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tether_pki::PeerCert;
+use tether_proto::api::{ENROLL_PATH, RENEW_PATH};
+use tether_proto::connect_ip;
+use tether_proto::tunnel::Transport;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::enroll::Reply;
+use crate::state::{Broker, CloseReason, Link};
+use crate::tunnel::{Carrier, Ending, Started};
+
+/// ALPN of HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// Flow-control windows of a stream and of the connection: room for a
+/// Gbit/s tunnel across tens of milliseconds.
+pub const WINDOW: u32 = 8 << 20;
+/// Capsules waiting for the TCP connection, per session. Beyond this,
+/// packets to the site are dropped (counted as `queue_full`).
+pub const QUEUE: usize = 1024;
+/// Header a site sets when it came through an HTTP proxy (informational:
+/// shown per session and counted by transport).
+pub const TRANSPORT_HEADER: &str = "tether-transport";
+/// Longest wait for a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS acceptor of the TCP listener: the broker's certificate and the
+/// site verifier, exactly as for QUIC, with ALPN `h2`.
+pub fn acceptor(broker: &Broker) -> anyhow::Result<TlsAcceptor> {
+    let mut tls = tether_pki::tls::server_config_with_cert(
+        broker.ca.cert_der(),
+        broker.ca.trust_domain(),
+        broker.cert.clone(),
+        broker.revocations.clone(),
+        tether_pki::ClientAuth::Optional,
+    )?;
+    tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(tls)))
+}
+
+/// Binds the TCP listener.
+pub fn listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = std::net::TcpListener::bind(addr).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        } else if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process uses this port)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on TCP {addr}: {e}{hint}")
+    })?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket).context("cannot register the TCP listener")
+}
+
+/// Accepts connections until the task is aborted.
+pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let ids = Arc::new(AtomicU64::new(1));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait, do not spin.
+                tracing::warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (broker, acceptor) = (broker.clone(), acceptor.clone());
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            handle_connection(broker, acceptor, tcp, remote, id).await;
+        });
+    }
+}
+
+/// What the requests of one connection share.
+#[derive(Clone)]
+struct Conn {
+    broker: Arc<Broker>,
+    peer: Option<PeerCert>,
+    remote: SocketAddr,
+    id: u64,
+    rtt_us: Arc<AtomicU64>,
+    /// Raised when the connection is gone.
+    gone: watch::Receiver<bool>,
+    /// Raise to close the connection.
+    close: Arc<watch::Sender<bool>>,
+}
+
+async fn handle_connection(
+    broker: Arc<Broker>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    id: u64,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        // Refused certificates end here, before anything is allocated.
+        Ok(Err(e)) => return tracing::info!(%remote, error = %e, "TLS handshake failed (TCP)"),
+        Err(_) => return tracing::info!(%remote, "TLS handshake timed out (TCP)"),
+    };
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| tether_pki::tls::peer_identity(chain, broker.ca.trust_domain()).ok());
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_concurrent_streams(16)
+        .max_frame_size(64 * 1024)
+        .max_header_list_size(crate::server::MAX_FIELD_SECTION as u32)
+        .enable_connect_protocol();
+    let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake(tls)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "HTTP/2 handshake failed"),
+        Err(_) => return tracing::debug!(%remote, "HTTP/2 handshake timed out"),
+    };
+    let (gone_tx, gone) = watch::channel(false);
+    let (close_tx, mut close_rx) = watch::channel(false);
+    let conn = Conn {
+        broker: broker.clone(),
+        peer,
+        remote,
+        id,
+        rtt_us: Arc::new(AtomicU64::new(0)),
+        gone,
+        close: Arc::new(close_tx),
+    };
+    // PINGs measure the round trip and notice a silent peer: no answer
+    // within the idle timeout closes the connection.
+    let pinger = h2.ping_pong().map(|mut ping| {
+        let (keepalive, idle) = (broker.config.keepalive, broker.config.idle_timeout);
+        let (rtt, close) = (conn.rtt_us.clone(), conn.close.clone());
+        tokio::spawn(async move {
+            loop {
+                let sent = Instant::now();
+                match tokio::time::timeout(idle, ping.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {
+                        let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        rtt.store(us, Ordering::Relaxed);
+                    }
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::info!(%remote, "no answer to HTTP/2 PING; closing the connection");
+                        let _ = close.send(true);
+                        return;
+                    }
+                }
+                tokio::time::sleep(keepalive).await;
+            }
+        })
+    });
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            request = h2.accept() => match request {
+                Some(Ok((request, respond))) => {
+                    let conn = conn.clone();
+                    tokio::spawn(async move { handle_request(conn, request, respond).await });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "HTTP/2 connection failed");
+                    break;
+                }
+                None => break,
+            },
+            changed = close_rx.changed(), if !closing => {
+                if changed.is_err() || *close_rx.borrow() {
+                    closing = true;
+                    h2.abrupt_shutdown(h2::Reason::NO_ERROR);
+                }
+            }
+        }
+    }
+    if let Some(p) = pinger {
+        p.abort();
+    }
+    let _ = gone_tx.send(true);
+}
+
+/// Answers with a JSON body.
+fn reply(mut respond: SendResponse<Bytes>, reply: Reply) {
+    let response = Response::builder()
+        .status(reply.status)
+        .header("content-type", "application/json")
+        .header("content-length", reply.body.len())
+        // Sites (`tether doctor`) compare their clock with it.
+        .header(
+            "date",
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
+        )
+        .body(());
+    let Ok(response) = response else { return };
+    if let Ok(mut send) = respond.send_response(response, false) {
+        let _ = send.send_data(Bytes::from(reply.body), true);
+    }
+}
+
+/// Reads a request body up to `limit` bytes.
+async fn read_body(body: &mut h2::RecvStream, limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("request failed: {e}"))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+        if out.len() > limit {
+            return Err(format!("body larger than {limit} bytes"));
+        }
+    }
+    Ok(out)
+}
+
+async fn handle_request(
+    conn: Conn,
+    request: Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
+    let (parts, mut body) = request.into_parts();
+    let protocol = parts
+        .extensions
+        .get::<h2::ext::Protocol>()
+        .map(|p| p.as_str().to_string());
+    let path = parts.uri.path().to_string();
+    match (&parts.method, protocol.as_deref(), path.as_str()) {
+        (&Method::CONNECT, Some(connect_ip::PROTOCOL), _) => {
+            let full_path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or(path);
+            let header = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let transport = match header(TRANSPORT_HEADER).as_deref() {
+                Some("h2-proxy") => Transport::H2Proxy,
+                _ => Transport::H2,
+            };
+            tunnel(
+                conn,
+                &full_path,
+                header("capsule-protocol").as_deref(),
+                transport,
+                body,
+                respond,
+            )
+            .await;
+        }
+        (&Method::POST, None, ENROLL_PATH | RENEW_PATH) => {
+            let data = match read_body(&mut body, crate::enroll::MAX_BODY).await {
+                Ok(d) => d,
+                Err(e) => return reply(respond, Reply::error(400, e)),
+            };
+            let answer = if path == ENROLL_PATH {
+                crate::enroll::enroll(&conn.broker, &data).await
+            } else {
+                crate::enroll::renew(&conn.broker, conn.peer.clone(), &data).await
+            };
+            reply(respond, answer);
+        }
+        (&Method::CONNECT, _, _) => reply(
+            respond,
+            Reply::error(501, "only CONNECT-IP (:protocol connect-ip) is served here"),
+        ),
+        _ => reply(respond, Reply::error(404, format!("nothing at {path}"))),
+    }
+}
+
+/// Serves one CONNECT-IP request over HTTP/2 until the session ends.
+async fn tunnel(
+    conn: Conn,
+    path: &str,
+    capsule_protocol: Option<&str>,
+    transport: Transport,
+    body: h2::RecvStream,
+    mut respond: SendResponse<Bytes>,
+) {
+    let peer = match crate::tunnel::check(conn.peer.clone(), path, capsule_protocol) {
+        Ok(p) => p,
+        Err(r) => return reply(respond, Reply::error(r.status, r.message)),
+    };
+    let (addresses, lans) = match crate::tunnel::allocate(&conn.broker, &peer).await {
+        Ok(a) => a,
+        Err(r) => return reply(respond, Reply::error(r.status, r.message)),
+    };
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header("capsule-protocol", "?1")
+        .body(());
+    let Ok(response) = response else { return };
+    let Ok(send) = respond.send_response(response, false) else {
+        return;
+    };
+    let (capsules, queue) = mpsc::channel::<Bytes>(QUEUE);
+    let writer = tokio::spawn(write_capsules(send, queue));
+    let site = peer.identity.site.clone();
+    let link = Link::H2 {
+        capsules: capsules.clone(),
+        remote: conn.remote,
+        id: conn.id,
+        rtt_us: conn.rtt_us.clone(),
+        transport,
+    };
+    let mut carrier = Carrier::H2 {
+        recv: body,
+        capsules,
+        gone: conn.gone.clone(),
+    };
+    let started = Started::new(&conn.broker, peer, &addresses, &lans, link);
+    let reason = started.serve(&conn.broker, &mut carrier).await;
+    drop(carrier);
+    match reason {
+        Ending::Closed(CloseReason::Replaced) => {
+            // The site reconnected: close this connection unless the new
+            // session runs on it.
+            let newer = conn.broker.session(&site).map(|s| s.link.connection_id());
+            if newer != Some((false, conn.id)) {
+                let _ = conn.close.send(true);
+            } else {
+                writer.abort();
+            }
+        }
+        Ending::Closed(_) => {
+            let _ = conn.close.send(true);
+        }
+        // The writer ends the stream once the last packet queued for it
+        // is written.
+        Ending::Peer(_) => {}
+        // Dropping the stream unfinished resets it.
+        Ending::Protocol(_) => writer.abort(),
+    }
+}
+
+/// Writes queued capsules to the stream as flow control allows, many per
+/// DATA frame when they queue up; ends the stream when every sender is
+/// gone.
+async fn write_capsules(mut send: h2::SendStream<Bytes>, mut queue: mpsc::Receiver<Bytes>) {
+    const BATCH: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(BATCH);
+    while let Some(first) = queue.recv().await {
+        let data = if queue.is_empty() {
+            first
+        } else {
+            buf.extend_from_slice(&first);
+            while buf.len() < BATCH {
+                match queue.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            buf.split().freeze()
+        };
+        if send_flow_controlled(&mut send, data).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// Sends `data` as the peer's flow-control window opens.
+pub async fn send_flow_controlled(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = std::future::poll_fn(|cx| send.poll_capacity(cx)).await;
+        let capacity = match granted {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(e),
+            None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+        };
+        if capacity == 0 {
+            continue;
+        }
+        let chunk = data.split_to(capacity.min(data.len()));
+        send.send_data(chunk, false)?;
+    }
+    Ok(())
+}

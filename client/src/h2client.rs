@@ -1,0 +1,318 @@
+//! The client side of HTTP/2 to a broker, over TCP directly or through an
+//! HTTP proxy: TLS with ALPN `h2`, extended CONNECT for CONNECT-IP, and
+//! plain requests for enrollment and renewal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request};
+use rustls::pki_types::ServerName;
+use tether_proto::connect_ip;
+use tether_proto::tunnel::Transport;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsConnector;
+
+use crate::dial::Target;
+use crate::proxy::Proxy;
+
+/// ALPN of HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// Flow-control windows (stream and connection).
+pub const WINDOW: u32 = 8 << 20;
+/// Header telling the broker the site came through a proxy.
+pub const TRANSPORT_HEADER: &str = "tether-transport";
+
+/// An HTTP/2 connection to a broker.
+pub struct H2Client {
+    send: h2::client::SendRequest<Bytes>,
+    gone: watch::Receiver<Option<String>>,
+    driver: tokio::task::JoinHandle<()>,
+    rtt_us: Arc<AtomicU64>,
+    /// Direct or through a proxy.
+    pub transport: Transport,
+}
+
+impl Drop for H2Client {
+    fn drop(&mut self) {
+        // The driver owns the socket: stopping it closes the connection.
+        self.driver.abort();
+    }
+}
+
+/// Why an HTTP/2 connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum H2Error {
+    /// TCP did not connect.
+    #[error("TCP 443: {0}")]
+    Tcp(String),
+    /// The proxy failed.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    /// TLS failed; the text is the explanation.
+    #[error("{0}")]
+    Tls(String),
+    /// HTTP/2 failed.
+    #[error("HTTP/2: {0}")]
+    Http(String),
+}
+
+impl H2Error {
+    /// Whether the broker refused this site (rather than being unreachable).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, H2Error::Tls(t) if crate::link::tls_refusal(t).is_some())
+    }
+}
+
+/// Explains a TLS failure in plain words.
+fn explain_tls(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    crate::link::tls_refusal(&text).unwrap_or(text)
+}
+
+impl H2Client {
+    /// Connects to `target` over TCP (through `proxy` when given), runs TLS
+    /// with `tls` and opens HTTP/2.
+    pub async fn connect(
+        target: &Target,
+        mut tls: rustls::ClientConfig,
+        proxy: Option<&Proxy>,
+        timeout: Duration,
+        keepalive: Duration,
+    ) -> Result<Self, H2Error> {
+        let tcp = match proxy {
+            Some(p) => p.connect(target.addr, timeout).await?,
+            None => tokio::time::timeout(timeout, TcpStream::connect(target.addr))
+                .await
+                .map_err(|_| {
+                    H2Error::Tcp(format!(
+                        "no answer within {} s (is TCP 443 to the published CIDR allowed?)",
+                        timeout.as_secs_f64()
+                    ))
+                })?
+                .map_err(|e| H2Error::Tcp(e.to_string()))?,
+        };
+        let _ = tcp.set_nodelay(true);
+        tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let name = ServerName::try_from(target.server_name.clone())
+            .map_err(|e| H2Error::Tls(format!("bad broker name: {e}")))?;
+        let tls_stream = tokio::time::timeout(
+            timeout,
+            TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| H2Error::Tls("no TLS answer in time".into()))?
+        .map_err(|e| H2Error::Tls(explain_tls(&e)))?;
+        if tls_stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            return Err(H2Error::Http(
+                "the server does not speak HTTP/2 (is this a tether broker?)".into(),
+            ));
+        }
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW)
+            .max_frame_size(64 * 1024)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|e| H2Error::Tls(explain_tls(&e)))?;
+        let (gone_tx, gone) = watch::channel(None);
+        let rtt_us = Arc::new(AtomicU64::new(0));
+        let mut ping = conn.ping_pong();
+        let rtt = rtt_us.clone();
+        // Drives the connection and PINGs the broker: no answer within
+        // three keepalive intervals means the broker is gone.
+        let driver = tokio::spawn(async move {
+            let pinger = async {
+                let Some(ping) = ping.as_mut() else {
+                    return std::future::pending::<String>().await;
+                };
+                loop {
+                    tokio::time::sleep(keepalive).await;
+                    let sent = Instant::now();
+                    match tokio::time::timeout(keepalive * 3, ping.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_)) => rtt.store(
+                            u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX),
+                            Ordering::Relaxed,
+                        ),
+                        Ok(Err(e)) => return explain_tls(&e),
+                        Err(_) => return "the broker stopped answering HTTP/2 PINGs".to_string(),
+                    }
+                }
+            };
+            let why = tokio::select! {
+                r = &mut conn => match r {
+                    Ok(()) => "the broker closed the connection".to_string(),
+                    Err(e) => explain_tls(&e),
+                },
+                why = pinger => why,
+            };
+            let _ = gone_tx.send(Some(why));
+        });
+        let client = Self {
+            send,
+            gone,
+            driver,
+            rtt_us,
+            transport: if proxy.is_some() {
+                Transport::H2Proxy
+            } else {
+                Transport::H2
+            },
+        };
+        Ok(client)
+    }
+
+    /// The latest PING round trip.
+    pub fn rtt(&self) -> Duration {
+        Duration::from_micros(self.rtt_us.load(Ordering::Relaxed))
+    }
+
+    /// Resolves with the reason when the connection is gone.
+    pub fn gone(&self) -> watch::Receiver<Option<String>> {
+        self.gone.clone()
+    }
+
+    /// Sends a request with `body` and reads the whole answer.
+    pub async fn request(
+        &self,
+        method: Method,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<crate::link::Answer> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("https://{authority}{path}"))
+            .header("content-type", "application/json")
+            .body(())?;
+        let mut send = self.send.clone().ready().await?;
+        let (response, mut stream) = send.send_request(request, body.is_empty())?;
+        if !body.is_empty() {
+            stream.send_data(Bytes::copy_from_slice(body), true)?;
+        }
+        let response = response
+            .await
+            .map_err(|e| anyhow::anyhow!(explain_tls(&e)))?;
+        let status = response.status().as_u16();
+        let date = response
+            .headers()
+            .get("date")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut recv = response.into_body();
+        let mut out = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+            if out.len() > 1 << 20 {
+                anyhow::bail!("answer larger than 1 MiB");
+            }
+        }
+        Ok(crate::link::Answer {
+            status,
+            date,
+            body: out,
+        })
+    }
+
+    /// Opens CONNECT-IP with extended CONNECT. Returns the status, the
+    /// response body stream and, on 200, the request stream to write
+    /// capsules on.
+    pub async fn connect_ip(
+        &self,
+        authority: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, h2::RecvStream, h2::SendStream<Bytes>)> {
+        // Extended CONNECT may be used once the broker's SETTINGS allowed
+        // it (RFC 8441 section 3); they follow the handshake closely.
+        let deadline = Instant::now() + timeout;
+        let mut send = self.send.clone().ready().await?;
+        while !send.is_extended_connect_protocol_enabled() {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the broker does not offer extended CONNECT over HTTP/2 (is it a tether broker?)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            send = send.ready().await?;
+        }
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!(
+                "https://{authority}{}",
+                connect_ip::whole_tunnel_path()
+            ))
+            .header("capsule-protocol", "?1");
+        if self.transport == Transport::H2Proxy {
+            request = request.header(TRANSPORT_HEADER, self.transport.as_str());
+        }
+        let mut request = request.body(())?;
+        request
+            .extensions_mut()
+            .insert(h2::ext::Protocol::from_static(connect_ip::PROTOCOL));
+        let (response, stream) = send.send_request(request, false)?;
+        let response = tokio::time::timeout(timeout, response)
+            .await
+            .context("no answer to CONNECT-IP")?
+            .map_err(|e| anyhow::anyhow!(explain_tls(&e)))?;
+        let status = response.status().as_u16();
+        Ok((status, response.into_body(), stream))
+    }
+}
+
+/// Reads a refusal's body (a JSON error) from an HTTP/2 response.
+pub async fn read_error(mut body: h2::RecvStream) -> String {
+    let mut out = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+        if out.len() > 64 * 1024 {
+            break;
+        }
+    }
+    serde_json::from_slice::<tether_proto::api::ApiError>(&out)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&out).to_string())
+}
+
+/// Writes queued capsules to the stream as flow control allows, many per
+/// DATA frame when they queue up; ends the stream when every sender is
+/// gone.
+pub async fn write_capsules(mut send: h2::SendStream<Bytes>, mut queue: mpsc::Receiver<Bytes>) {
+    const BATCH: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(BATCH);
+    while let Some(first) = queue.recv().await {
+        buf.extend_from_slice(&first);
+        while buf.len() < BATCH {
+            match queue.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let capacity = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(c)) => c,
+                _ => return,
+            };
+            let chunk = data.split_to(capacity.min(data.len()));
+            if !chunk.is_empty() && send.send_data(chunk, false).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// The socket address a connection is for (for logs).
+pub fn describe(target: &Target, proxy: Option<&Proxy>) -> String {
+    match proxy {
+        Some(p) => format!("{} via proxy {p}", target.addr),
+        None => target.addr.to_string(),
+    }
+}

@@ -1,0 +1,572 @@
+//! A connection to a broker on one rung of the ladder, and the CONNECT-IP
+//! tunnel on it, whichever HTTP version carries it.
+//!
+//! - [`Dialer`] makes a connection on a given [`Transport`].
+//! - [`BrokerConn`] sends requests and opens the tunnel on it.
+//! - [`Tunnel`] reads the capsules of the tunnel's request stream.
+//! - [`Link`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
+//!   capsules on the stream over HTTP/2.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use tether_proto::api::ApiError;
+use tether_proto::connect_ip;
+use tether_proto::datagram::{self, MAX_CAPSULE_PREFIX, STREAM_MTU};
+use tether_proto::h3::error::H3_REQUEST_REJECTED;
+use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
+use tether_proto::tunnel::Transport;
+use tether_proto::varint;
+use tokio::sync::mpsc;
+
+use crate::dial::{self, Target};
+use crate::h2client::{self, H2Client};
+use crate::h3client::{self, H3Client};
+use crate::proxy::Proxy;
+
+/// Capsules waiting for the TCP connection (HTTP/2). Beyond this, packets
+/// from the site are dropped as a router drops on a full queue.
+pub const QUEUE: usize = 1024;
+
+/// Why a connection attempt, a tunnel or a connection ended.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The broker refused this site (certificate revoked, expired, unknown
+    /// CA, or a 4xx answer): trying another transport will not help.
+    pub refused: bool,
+    /// Plain words.
+    pub message: String,
+}
+
+impl Failure {
+    fn lost(message: impl Into<String>) -> Self {
+        Self {
+            refused: false,
+            message: message.into(),
+        }
+    }
+
+    fn refused(message: impl Into<String>) -> Self {
+        Self {
+            refused: true,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Whether a TLS failure text means the broker refused this site, and in
+/// plain words why.
+pub fn tls_refusal(text: &str) -> Option<String> {
+    let has = |s: &str| text.contains(s);
+    if has("CertificateRevoked") || has("certificate revoked") {
+        Some(
+            "the broker refused this site's certificate because it was revoked; ask the operator"
+                .into(),
+        )
+    } else if has("CertificateExpired") || has("Expired") || has("NotValidYet") {
+        Some("this site's certificate or the broker's is outside its validity period; check the clock, or enroll again with a new token".into())
+    } else if has("UnknownIssuer") || has("UnknownCA") || has("BadSignature") {
+        Some(
+            "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)"
+                .into(),
+        )
+    } else if has("NotValidForName") {
+        Some(
+            "the broker's certificate does not name the address dialled (wrong broker address?)"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
+/// Whether the broker closed a QUIC connection because it refuses this
+/// site.
+fn quic_is_refusal(e: &ConnectionError) -> bool {
+    match e {
+        // TLS alerts travel as QUIC crypto errors 0x100-0x1ff.
+        ConnectionError::TransportError(t) => (0x100..0x200).contains(&u64::from(t.code)),
+        ConnectionError::ConnectionClosed(c) => (0x100..0x200).contains(&u64::from(c.error_code)),
+        ConnectionError::ApplicationClosed(c) => u64::from(c.error_code) == H3_REQUEST_REJECTED,
+        _ => false,
+    }
+}
+
+/// Explains a failed QUIC handshake or a closed connection in plain words.
+pub fn explain_quic(e: &ConnectionError) -> String {
+    let text = e.to_string();
+    let alert = |code: u64| {
+        matches!(e, ConnectionError::TransportError(t) if u64::from(t.code) == 0x100 + code)
+            || matches!(e, ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + code)
+    };
+    if alert(44) {
+        "the broker refused this site's certificate because it was revoked; ask the operator".into()
+    } else if alert(45) {
+        "this site's certificate has expired; check the clock, or enroll again with a new token"
+            .into()
+    } else if alert(48) {
+        "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)".into()
+    } else if let Some(plain) = tls_refusal(&text) {
+        plain
+    } else if matches!(e, ConnectionError::TimedOut) {
+        "no answer (is UDP 443 to the published CIDR allowed by the firewall?)".into()
+    } else if let ConnectionError::ApplicationClosed(c) = e {
+        String::from_utf8_lossy(&c.reason).to_string()
+    } else {
+        text
+    }
+}
+
+/// The failure of a QUIC connection: its close reason when it has one (a
+/// refusal often surfaces first as a failed stream), else `e`.
+pub fn quic_failure(conn: &Connection, e: impl std::fmt::Display) -> Failure {
+    match conn.close_reason() {
+        Some(reason) if quic_is_refusal(&reason) => Failure::refused(explain_quic(&reason)),
+        Some(reason) => Failure::lost(explain_quic(&reason)),
+        None => Failure::lost(e.to_string()),
+    }
+}
+
+/// Makes connections to brokers.
+#[derive(Clone)]
+pub struct Dialer {
+    /// TLS for the site (its certificate, the pinned CA).
+    pub tls: rustls::ClientConfig,
+    /// QUIC transport settings.
+    pub quic: quinn::ClientConfig,
+    /// The proxy for [`Transport::H2Proxy`].
+    pub proxy: Option<Proxy>,
+    /// How long each attempt may take.
+    pub timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+}
+
+impl Dialer {
+    /// Connects to `target` on `transport`.
+    pub async fn dial(&self, transport: Transport, target: &Target) -> Result<BrokerConn, Failure> {
+        match transport {
+            Transport::H3 => {
+                let endpoint = dial::client_endpoint(&target.addr)
+                    .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
+                let connecting = endpoint
+                    .connect_with(self.quic.clone(), target.addr, &target.server_name)
+                    .map_err(|e| Failure::lost(format!("invalid broker address: {e}")))?;
+                let conn = match tokio::time::timeout(self.timeout, connecting).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => {
+                        return Err(Failure {
+                            refused: quic_is_refusal(&e),
+                            message: explain_quic(&e),
+                        });
+                    }
+                    Err(_) => {
+                        return Err(Failure::lost(format!(
+                            "no answer within {} s (is UDP 443 to the published CIDR allowed?)",
+                            self.timeout.as_secs_f64()
+                        )));
+                    }
+                };
+                let mut client = H3Client::over(conn.clone())
+                    .await
+                    .map_err(|e| quic_failure(&conn, e))?;
+                match client.peer_settings(self.timeout).await {
+                    Ok(s) if s.enable_connect_protocol && s.h3_datagram => {}
+                    Ok(_) => {
+                        return Err(Failure::refused(
+                            "the broker does not offer CONNECT-IP with HTTP Datagrams",
+                        ));
+                    }
+                    Err(e) => return Err(quic_failure(&conn, e)),
+                }
+                Ok(BrokerConn::H3 { client, endpoint })
+            }
+            Transport::H2 | Transport::H2Proxy => {
+                let proxy = match transport {
+                    Transport::H2Proxy => Some(
+                        self.proxy
+                            .as_ref()
+                            .ok_or_else(|| Failure::lost("no proxy configured"))?,
+                    ),
+                    _ => None,
+                };
+                H2Client::connect(
+                    target,
+                    self.tls.clone(),
+                    proxy,
+                    self.timeout,
+                    self.keepalive,
+                )
+                .await
+                .map(BrokerConn::H2)
+                .map_err(|e| Failure {
+                    refused: e.is_refusal(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status.
+    pub status: u16,
+    /// The `date` header.
+    pub date: Option<String>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// A connection to a broker.
+pub enum BrokerConn {
+    /// HTTP/3 over QUIC.
+    H3 {
+        /// The HTTP/3 client.
+        client: H3Client,
+        /// Its UDP endpoint.
+        endpoint: quinn::Endpoint,
+    },
+    /// HTTP/2 over TCP (maybe through a proxy).
+    H2(H2Client),
+}
+
+impl BrokerConn {
+    /// Its transport.
+    pub fn transport(&self) -> Transport {
+        match self {
+            BrokerConn::H3 { .. } => Transport::H3,
+            BrokerConn::H2(c) => c.transport,
+        }
+    }
+
+    /// The round-trip time.
+    pub fn rtt(&self) -> Duration {
+        match self {
+            BrokerConn::H3 { client, .. } => client.conn.rtt(),
+            BrokerConn::H2(c) => c.rtt(),
+        }
+    }
+
+    /// Sends a request and reads the whole answer: status and body.
+    pub async fn request(
+        &self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let answer = self.exchange(method, authority, path, body).await?;
+        Ok((answer.status, answer.body))
+    }
+
+    /// Sends a request and reads the whole answer.
+    pub async fn exchange(
+        &self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Answer> {
+        match self {
+            BrokerConn::H3 { client, .. } => {
+                let request = Request::new(method, authority, path)
+                    .with_header("content-type", "application/json");
+                let answer = client
+                    .request(&request, body)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", quic_failure(&client.conn, e)))?;
+                Ok(Answer {
+                    status: answer.head.status,
+                    date: answer.head.header("date").map(str::to_string),
+                    body: answer.body,
+                })
+            }
+            BrokerConn::H2(c) => {
+                let method = http::Method::from_bytes(method.as_bytes())?;
+                c.request(method, authority, path, body).await
+            }
+        }
+    }
+
+    /// Opens the CONNECT-IP tunnel.
+    pub async fn open_tunnel(
+        &self,
+        authority: &str,
+        timeout: Duration,
+    ) -> Result<(Tunnel, Link), Failure> {
+        match self {
+            BrokerConn::H3 { client, .. } => {
+                let conn = &client.conn;
+                let request = connect_ip::request(authority);
+                let (send, mut recv) = client
+                    .send(&request, &[])
+                    .await
+                    .map_err(|e| quic_failure(conn, e))?;
+                let mut dec = MessageDecoder::new(h3client::MAX_FIELD_SECTION);
+                let head = h3client::read_head(&mut recv, &mut dec)
+                    .await
+                    .map_err(|e| quic_failure(conn, e))?;
+                if head.status != 200 {
+                    let mut body = Vec::new();
+                    loop {
+                        while let Ok(Some(MessageEvent::Data(d))) = dec.next_event() {
+                            body.extend_from_slice(&d);
+                        }
+                        match recv.read_chunk(64 * 1024, true).await {
+                            Ok(Some(chunk)) => dec.push(&chunk.bytes),
+                            _ => break,
+                        }
+                    }
+                    let message = serde_json::from_slice::<ApiError>(&body)
+                        .map(|e| e.error)
+                        .unwrap_or_default();
+                    return Err(Failure::refused(format!("HTTP {}: {message}", head.status)));
+                }
+                let stream_id = VarInt::from(recv.id()).into_inner();
+                let mut prefix = Vec::with_capacity(9);
+                let _ = varint::encode(stream_id / 4, &mut prefix);
+                prefix.push(datagram::IP_PACKET_CONTEXT as u8);
+                Ok((
+                    Tunnel::H3 {
+                        _send: send,
+                        recv,
+                        dec,
+                    },
+                    Link::H3 {
+                        conn: conn.clone(),
+                        stream_id,
+                        prefix: prefix.into(),
+                    },
+                ))
+            }
+            BrokerConn::H2(c) => {
+                let (status, body, stream) = c
+                    .connect_ip(authority, timeout)
+                    .await
+                    .map_err(|e| Failure::lost(format!("{e:#}")))?;
+                if status != 200 {
+                    let message = h2client::read_error(body).await;
+                    return Err(Failure::refused(format!("HTTP {status}: {message}")));
+                }
+                let (capsules, queue) = mpsc::channel(QUEUE);
+                let writer = tokio::spawn(h2client::write_capsules(stream, queue));
+                Ok((Tunnel::H2 { recv: body, writer }, Link::H2 { capsules }))
+            }
+        }
+    }
+
+    /// Closes the connection (the broker ends the session at once).
+    pub fn close(&self, reason: &str) {
+        match self {
+            BrokerConn::H3 { client, .. } => client
+                .conn
+                .close(VarInt::from_u32(0x100), reason.as_bytes()),
+            // Dropping the client closes the TCP connection.
+            BrokerConn::H2(_) => {}
+        }
+    }
+
+    /// Resolves with the reason when the connection is gone.
+    pub async fn closed(&self) -> Failure {
+        match self {
+            BrokerConn::H3 { client, .. } => {
+                let e = client.conn.closed().await;
+                quic_failure(&client.conn, e)
+            }
+            BrokerConn::H2(c) => {
+                let mut gone = c.gone();
+                match gone.wait_for(Option::is_some).await {
+                    Ok(why) => {
+                        let why = why.clone().unwrap_or_default();
+                        match tls_refusal(&why) {
+                            Some(plain) => Failure::refused(plain),
+                            None => Failure::lost(why),
+                        }
+                    }
+                    Err(_) => Failure::lost("the connection ended"),
+                }
+            }
+        }
+    }
+
+    /// Waits (up to 2 s) until a close has reached the broker.
+    pub async fn drain(&self) {
+        if let BrokerConn::H3 { endpoint, .. } = self {
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+    }
+}
+
+/// The request stream of a tunnel.
+pub enum Tunnel {
+    /// HTTP/3: frames on a QUIC stream.
+    H3 {
+        /// Kept open for the tunnel's lifetime.
+        _send: SendStream,
+        /// The response stream.
+        recv: RecvStream,
+        /// Its HTTP/3 frames, past the head.
+        dec: MessageDecoder,
+    },
+    /// HTTP/2: the response body.
+    H2 {
+        /// The response body.
+        recv: h2::RecvStream,
+        /// The task writing capsules to the request stream.
+        writer: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let Tunnel::H2 { writer, .. } = self {
+            writer.abort();
+        }
+    }
+}
+
+impl Tunnel {
+    /// Capsule bytes already received, then the next ones; `None` when the
+    /// broker ended the tunnel.
+    pub async fn read(&mut self) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            Tunnel::H3 { recv, dec, .. } => loop {
+                let mut data = Vec::new();
+                while let Some(event) = dec.next_event().map_err(|e| e.to_string())? {
+                    if let MessageEvent::Data(d) = event {
+                        data.extend_from_slice(&d);
+                    }
+                }
+                if !data.is_empty() {
+                    return Ok(Some(data));
+                }
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => dec.push(&chunk.bytes),
+                    Ok(None) => return Ok(None),
+                    Err(e) => return Err(e.to_string()),
+                }
+            },
+            Tunnel::H2 { recv, .. } => match recv.data().await {
+                Some(Ok(data)) => {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    Ok(Some(data.to_vec()))
+                }
+                Some(Err(e)) => Err(e.to_string()),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
+/// Sends IP packets into the tunnel.
+#[derive(Clone)]
+pub enum Link {
+    /// QUIC datagrams.
+    H3 {
+        /// The connection.
+        conn: Connection,
+        /// The CONNECT-IP stream.
+        stream_id: u64,
+        /// Quarter stream ID and context ID.
+        prefix: Arc<[u8]>,
+    },
+    /// DATAGRAM capsules to the stream's writer task.
+    H2 {
+        /// The writer's queue.
+        capsules: mpsc::Sender<Bytes>,
+    },
+}
+
+/// The link is gone: stop sending.
+#[derive(Debug)]
+pub struct LinkGone;
+
+impl Link {
+    /// The largest IP packet the link carries now.
+    pub fn mtu(&self) -> Option<u16> {
+        match self {
+            Link::H3 { conn, prefix, .. } => conn
+                .max_datagram_size()
+                .map(|m| m.saturating_sub(prefix.len()))
+                .and_then(|m| u16::try_from(m).ok()),
+            Link::H2 { .. } => u16::try_from(STREAM_MTU).ok(),
+        }
+    }
+
+    /// Room to leave in front of a packet for [`Link::send`].
+    pub fn headroom(&self) -> usize {
+        match self {
+            Link::H3 { prefix, .. } => prefix.len(),
+            Link::H2 { .. } => MAX_CAPSULE_PREFIX,
+        }
+    }
+
+    /// Sends the packet at `buf[headroom..]`, writing the framing into the
+    /// headroom. A packet the link cannot take now is dropped.
+    pub fn send(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
+        let headroom = self.headroom();
+        match self {
+            Link::H3 { conn, prefix, .. } => {
+                let Some(head) = buf.get_mut(..headroom) else {
+                    return Ok(());
+                };
+                head.copy_from_slice(prefix);
+                match conn.send_datagram(Bytes::copy_from_slice(buf)) {
+                    Err(quinn::SendDatagramError::ConnectionLost(_)) => Err(LinkGone),
+                    _ => Ok(()),
+                }
+            }
+            Link::H2 { capsules } => {
+                let len = buf.len().saturating_sub(headroom);
+                let (prefix, n) = datagram::capsule_prefix(len);
+                let start = headroom - n;
+                let Some(head) = buf.get_mut(start..headroom) else {
+                    return Ok(());
+                };
+                head.copy_from_slice(&prefix[..n]);
+                match capsules.try_send(Bytes::copy_from_slice(&buf[start..])) {
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(LinkGone),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// A broker connection for one-off requests (enrollment): HTTP/3, then
+/// HTTP/2, then HTTP/2 through `dialer.proxy`.
+pub async fn dial_any(dialer: &Dialer, targets: &[Target]) -> anyhow::Result<(BrokerConn, Target)> {
+    let mut errors = Vec::new();
+    for transport in Transport::ALL {
+        if transport == Transport::H2Proxy && dialer.proxy.is_none() {
+            continue;
+        }
+        for target in targets {
+            match dialer.dial(transport, target).await {
+                Ok(conn) => return Ok((conn, target.clone())),
+                Err(f) => {
+                    errors.push(format!(
+                        "{} over {}: {f}",
+                        target.addr,
+                        transport.describe()
+                    ));
+                    if f.refused {
+                        anyhow::bail!("{}", errors.join("; "));
+                    }
+                }
+            }
+        }
+    }
+    Err(anyhow::anyhow!("{}", errors.join("; "))).context("cannot reach the broker")
+}
