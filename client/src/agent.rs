@@ -471,11 +471,12 @@ async fn apply(
         ClientEvent::Denied { request_id } => {
             tracing::warn!(request_id, "the broker denied an address request")
         }
+        // Packets carried in DATAGRAM capsules (HTTP/2).
         ClientEvent::Datagram(payload) => {
             if let (Some(tun), Ok(Payload::IpPacket(p))) =
                 (tun.as_ref(), datagram::parse_payload(&payload))
             {
-                let _ = tun.dev.send(p).await;
+                let _ = crate::tun::write_one(&tun.dev, tun.offload, p).await;
             }
         }
     }

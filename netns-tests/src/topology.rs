@@ -68,6 +68,46 @@ table ip nat {
 }
 "#;
 
+/// What the hospital firewall lets out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// TCP and UDP 443 to the published CIDR ([`FIREWALL_RULES`]).
+    Open,
+    /// TCP 443 only: UDP is dropped, even on flows already established.
+    TcpOnly,
+    /// Nothing is forwarded; only the firewall's own HTTP proxy on
+    /// [`PROXY`] may reach out.
+    ProxyOnly,
+}
+
+/// The hospital's HTTP proxy, on the firewall's LAN address.
+pub const PROXY: &str = "http://192.168.1.1:8888";
+
+/// The firewall rules for `egress`. Drops come before the rule accepting
+/// established flows, so a change also cuts flows already running.
+pub fn firewall_rules(egress: Egress) -> String {
+    let (early, input) = match egress {
+        Egress::Open => ("", ""),
+        Egress::TcpOnly => (
+            "iifname \"lan\" udp dport 443 drop\n        iifname \"wan\" udp sport 443 drop",
+            "",
+        ),
+        Egress::ProxyOnly => (
+            "iifname \"lan\" drop\n        iifname \"wan\" drop",
+            "iifname \"lan\" tcp dport 8888 accept",
+        ),
+    };
+    FIREWALL_RULES
+        .replace(
+            "type filter hook forward priority 0; policy drop;",
+            &format!("type filter hook forward priority 0; policy drop;\n        {early}"),
+        )
+        .replace(
+            "iif \"lo\" accept",
+            &format!("iif \"lo\" accept\n        {input}"),
+        )
+}
+
 fn sysctl(ns: &NetNs, key: &str, value: &str) -> io::Result<()> {
     ns.run("sysctl", &["-q", "-w", &format!("{key}={value}")])
         .map(|_| ())
@@ -161,6 +201,76 @@ impl Topology {
         let mut topo = topo;
         topo.start_broker()?;
         Ok(topo)
+    }
+
+    /// Changes what the hospital firewall lets out.
+    pub fn set_egress(&self, egress: Egress) -> io::Result<()> {
+        let rules = self.path("hospital.nft");
+        std::fs::write(&rules, firewall_rules(egress))?;
+        self.fw
+            .run("nft", &["-f", &rules.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Starts tinyproxy on the firewall at [`PROXY`], allowing CONNECT to
+    /// port 443 for the hospital LAN.
+    pub fn start_proxy(&self) -> io::Result<Proc> {
+        let conf = self.path("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            "Port 8888\nListen 192.168.1.1\nTimeout 600\nAllow 192.168.1.0/24\nConnectPort 443\nMaxClients 20\nLogLevel Info\n",
+        )?;
+        let log = self.path("tinyproxy.log");
+        let proc = self.fw.spawn(
+            "tinyproxy",
+            &["-d", "-c", &conf.display().to_string()],
+            Some(log.clone()),
+        )?;
+        let up = wait_for(Duration::from_secs(10), || {
+            self.fw
+                .succeeds("sh", &["-c", "ss -ltn | grep -q 192.168.1.1:8888"])
+        });
+        if !up {
+            return Err(io::Error::other(format!(
+                "tinyproxy did not start:\n{}",
+                read(&log)
+            )));
+        }
+        Ok(proc)
+    }
+
+    /// Runs `tether` on the site with `args` (and `env`); returns whether it
+    /// succeeded and its output.
+    pub fn tether(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+        let mut cmd = self.site.command(&binary("tether").display().to_string());
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        match cmd.output() {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
+    /// Starts `tether up` on the site with extra environment variables.
+    pub fn spawn_up(&self, state: &Path, log: &str, env: &[(&str, &str)]) -> io::Result<Proc> {
+        let mut args: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        args.push(binary("tether").display().to_string());
+        args.extend([
+            "up".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.site.spawn("env", &refs, Some(self.path(log)))
     }
 
     /// The broker's configuration file.
