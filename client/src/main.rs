@@ -223,7 +223,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trace { .. } => not_available("trace"),
         Command::CheckConfig { file } => {
             let origin = file.display().to_string();
-            ClientFile::load(&file)?.validate(&origin)?;
+            let config = ClientFile::load(&file)?.validate(&origin)?;
+            if let Some(proxy) = &config.proxy {
+                tether::proxy::Proxy::parse(proxy, &format!("{origin}: transport.proxy"))?;
+            }
             println!("{origin}: ok");
             ExitCode::SUCCESS
         }

@@ -191,6 +191,17 @@ fn revoked_site_is_cut_off_and_cannot_reconnect() {
         log.contains("revoked"),
         "the site log should say it was revoked:\n{log}"
     );
+    // `tether doctor` names the cause and exits non-zero.
+    let (ok, report) = topo.tether(
+        &["doctor", "--state-dir", &state.display().to_string()],
+        &[],
+    );
+    println!("{report}");
+    assert!(!ok, "doctor must fail for a revoked site:\n{report}");
+    assert!(
+        report.contains("FAIL  tls") && report.contains("revoked"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -326,6 +337,13 @@ fn a_site_of_a_foreign_ca_is_refused_and_gets_nothing() {
         log.contains("do not share a CA"),
         "the site log should name the cause:\n{log}"
     );
+    let (ok, report) = topo.tether(
+        &["doctor", "--state-dir", &state.display().to_string()],
+        &[],
+    );
+    println!("{report}");
+    assert!(!ok, "doctor must fail for a foreign CA:\n{report}");
+    assert!(report.contains("do not share a CA"), "{report}");
     assert_eq!(
         topo.broker_cli(&["sites"]).unwrap(),
         leases_before,
