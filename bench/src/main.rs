@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tether_netns_tests::topology::{SITE_LAN, Topology, read};
+use tether_netns_tests::topology::{Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
 
 #[derive(Parser)]
@@ -357,9 +357,25 @@ fn main() {
         eprintln!("{}", read(&log).trim());
     }
     drop(_loadgen);
+    drop(_agent);
+
+    // tether when the hospital blocks UDP: HTTP/2 over TCP 443, packets in
+    // DATAGRAM capsules on the stream.
+    topo.set_egress(Egress::TcpOnly).unwrap();
+    let started = Instant::now();
+    let (agent_h2, addr_h2) = topo.up(&state, "site-h2.log").unwrap();
+    let setup = first_packet(&topo, started);
+    rows.push(measure(
+        &topo,
+        "tether (HTTP/2, UDP blocked)",
+        &addr_h2,
+        args.duration,
+        setup,
+    ));
     // The agent routes the backend network into the tunnel; stop it so the
     // raw path is really raw.
-    drop(_agent);
+    drop(agent_h2);
+    topo.set_egress(Egress::Open).unwrap();
 
     // The same path without a tunnel: open the firewall towards the site
     // and route the hospital LAN.

@@ -46,29 +46,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The TLS acceptor of the TCP listener: the broker's certificate and the
 /// site verifier, exactly as for QUIC, with ALPN `h2`.
 pub fn acceptor(broker: &Broker) -> anyhow::Result<TlsAcceptor> {
-    let mut tls = tether_pki::tls::server_config_with_cert(
-        broker.ca.cert_der(),
-        broker.ca.trust_domain(),
-        broker.cert.clone(),
-        broker.revocations.clone(),
-        tether_pki::ClientAuth::Optional,
-    )?;
-    tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let tls = crate::server::tls_config(broker, ALPN_H2)?;
     Ok(TlsAcceptor::from(Arc::new(tls)))
 }
 
 /// Binds the TCP listener.
 pub fn listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = std::net::TcpListener::bind(addr).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        } else if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another process uses this port)"
-        } else {
-            ""
-        };
-        anyhow::anyhow!("cannot listen on TCP {addr}: {e}{hint}")
-    })?;
+    let socket = std::net::TcpListener::bind(addr)
+        .map_err(|e| crate::server::bind_error("TCP", addr, &e))?;
     socket.set_nonblocking(true)?;
     TcpListener::from_std(socket).context("cannot register the TCP listener")
 }

@@ -84,8 +84,10 @@ pub fn endpoint_config(data_dir: &std::path::Path) -> anyhow::Result<quinn::Endp
     Ok(config)
 }
 
-/// Binds a QUIC endpoint for the broker.
-pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+/// The broker's TLS configuration for a listener speaking `alpn`: its
+/// certificate, and the site verifier with the revocation set (a client
+/// certificate is optional, for enrollment).
+pub fn tls_config(broker: &Broker, alpn: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
     let mut tls = tether_pki::tls::server_config_with_cert(
         broker.ca.cert_der(),
         broker.ca.trust_domain(),
@@ -93,7 +95,25 @@ pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endp
         broker.revocations.clone(),
         tether_pki::ClientAuth::Optional,
     )?;
-    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// A listener that could not bind, with what to do about it.
+pub fn bind_error(protocol: &str, addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        }
+        std::io::ErrorKind::AddrInUse => " (another process uses this port)",
+        _ => "",
+    };
+    anyhow::anyhow!("cannot listen on {protocol} {addr}: {e}{hint}")
+}
+
+/// Binds a QUIC endpoint for the broker.
+pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let tls = tls_config(broker, ALPN_H3)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -101,16 +121,7 @@ pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endp
         broker.config.keepalive,
         broker.config.idle_timeout,
     )));
-    let socket = std::net::UdpSocket::bind(addr).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        } else if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another process uses this port)"
-        } else {
-            ""
-        };
-        anyhow::anyhow!("cannot listen on UDP {addr}: {e}{hint}")
-    })?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| bind_error("UDP", addr, &e))?;
     tune_socket(&socket);
     let endpoint_config = endpoint_config(&broker.data_dir)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;

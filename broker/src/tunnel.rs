@@ -20,7 +20,7 @@ use tether_pki::PeerCert;
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::connect_ip::Scope;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_REJECTED};
-use tether_proto::h3::{MessageDecoder, MessageEvent, Request, Response, Settings};
+use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::tunnel::{BrokerAction, BrokerSession};
 use tether_proto::{datagram, varint};
 use tokio::sync::watch;
@@ -269,15 +269,9 @@ impl Carrier {
     async fn read(&mut self) -> Result<Option<Vec<u8>>, Ending> {
         match self {
             Carrier::H3 { recv, dec, .. } => loop {
-                let mut data = Vec::new();
-                while let Some(event) = dec
-                    .next_event()
-                    .map_err(|e| Ending::Protocol(e.to_string()))?
-                {
-                    if let MessageEvent::Data(d) = event {
-                        data.extend_from_slice(&d);
-                    }
-                }
+                let data = dec
+                    .take_data()
+                    .map_err(|e| Ending::Protocol(e.to_string()))?;
                 if !data.is_empty() {
                     return Ok(Some(data));
                 }

@@ -203,30 +203,9 @@ async fn connect(
             Err(e) => errors.push(e.to_string()),
         }
     }
-    for transport in ladder.attempt_order() {
-        for target in &targets {
-            match dialer.dial(transport, target).await {
-                Ok(conn) => return Ok((conn, target.clone())),
-                Err(f) => {
-                    errors.push(format!(
-                        "{} over {}: {f}",
-                        target.addr,
-                        transport.describe()
-                    ));
-                    if f.refused {
-                        return Err(Failure {
-                            refused: true,
-                            message: errors.join("; "),
-                        });
-                    }
-                }
-            }
-        }
-    }
-    Err(Failure {
-        refused: false,
-        message: errors.join("; "),
-    })
+    dialer
+        .first(&ladder.attempt_order(), &targets, errors)
+        .await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use tether_proto::api::ApiError;
@@ -228,6 +227,38 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+impl Dialer {
+    /// The first connection that works: each transport of `order` in turn,
+    /// every target on it. A refusal stops the search (another transport
+    /// would be refused too). `errors` are earlier problems to report with
+    /// the failures.
+    pub async fn first(
+        &self,
+        order: &[Transport],
+        targets: &[Target],
+        mut errors: Vec<String>,
+    ) -> Result<(BrokerConn, Target), Failure> {
+        for &transport in order {
+            for target in targets {
+                match self.dial(transport, target).await {
+                    Ok(conn) => return Ok((conn, target.clone())),
+                    Err(f) => {
+                        errors.push(format!(
+                            "{} over {}: {f}",
+                            target.addr,
+                            transport.describe()
+                        ));
+                        if f.refused {
+                            return Err(Failure::refused(errors.join("; ")));
+                        }
+                    }
+                }
+            }
+        }
+        Err(Failure::lost(errors.join("; ")))
+    }
+}
+
 /// A connection to a broker.
 pub enum BrokerConn {
     /// HTTP/3 over QUIC.
@@ -442,12 +473,7 @@ impl Tunnel {
     pub async fn read(&mut self) -> Result<Option<Vec<u8>>, String> {
         match self {
             Tunnel::H3 { recv, dec, .. } => loop {
-                let mut data = Vec::new();
-                while let Some(event) = dec.next_event().map_err(|e| e.to_string())? {
-                    if let MessageEvent::Data(d) = event {
-                        data.extend_from_slice(&d);
-                    }
-                }
+                let data = dec.take_data().map_err(|e| e.to_string())?;
                 if !data.is_empty() {
                     return Ok(Some(data));
                 }
@@ -547,26 +573,12 @@ impl Link {
 /// A broker connection for one-off requests (enrollment): HTTP/3, then
 /// HTTP/2, then HTTP/2 through `dialer.proxy`.
 pub async fn dial_any(dialer: &Dialer, targets: &[Target]) -> anyhow::Result<(BrokerConn, Target)> {
-    let mut errors = Vec::new();
-    for transport in Transport::ALL {
-        if transport == Transport::H2Proxy && dialer.proxy.is_none() {
-            continue;
-        }
-        for target in targets {
-            match dialer.dial(transport, target).await {
-                Ok(conn) => return Ok((conn, target.clone())),
-                Err(f) => {
-                    errors.push(format!(
-                        "{} over {}: {f}",
-                        target.addr,
-                        transport.describe()
-                    ));
-                    if f.refused {
-                        anyhow::bail!("{}", errors.join("; "));
-                    }
-                }
-            }
-        }
-    }
-    Err(anyhow::anyhow!("{}", errors.join("; "))).context("cannot reach the broker")
+    let order: Vec<Transport> = Transport::ALL
+        .into_iter()
+        .filter(|t| *t != Transport::H2Proxy || dialer.proxy.is_some())
+        .collect();
+    dialer
+        .first(&order, targets, Vec::new())
+        .await
+        .map_err(|f| anyhow::anyhow!("cannot reach the broker: {f}"))
 }

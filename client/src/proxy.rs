@@ -103,23 +103,6 @@ fn strip_credentials(url: &str) -> String {
     }
 }
 
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 impl Proxy {
     /// Parses `http://[user:pass@]host[:port]` (port 8080 by default, as
     /// curl does for HTTP proxies; a bare `host:port` is accepted too).
@@ -145,7 +128,7 @@ impl Proxy {
         }
         let (auth, hostport) = match rest.rsplit_once('@') {
             Some((userinfo, hostport)) => {
-                let decoded = percent_decode(userinfo)
+                let decoded = tether_proto::connect_ip::percent_decode(userinfo)
                     .ok_or_else(|| bad("bad percent-encoding in the credentials"))?;
                 if !decoded.contains(':') {
                     return Err(bad("credentials must be user:password"));

@@ -517,7 +517,9 @@ fn parse_target(text: &str) -> Option<Target> {
     valid_host.then(|| Target::Host(text.to_ascii_lowercase()))
 }
 
-fn percent_decode(text: &str) -> Option<String> {
+/// Decodes `%XX` escapes (RFC 3986 section 2.1); `None` for a malformed
+/// escape or a result that is not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

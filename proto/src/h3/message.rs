@@ -300,6 +300,19 @@ impl MessageDecoder {
         self.state = MessageState::Head;
     }
 
+    /// The body bytes of every DATA frame decoded so far (empty when more
+    /// bytes are needed); trailers are skipped. For the capsule stream of
+    /// an established tunnel, after the head.
+    pub fn take_data(&mut self) -> Result<Vec<u8>, H3Error> {
+        let mut data = Vec::new();
+        while let Some(event) = self.next_event()? {
+            if let MessageEvent::Data(d) = event {
+                data.extend_from_slice(&d);
+            }
+        }
+        Ok(data)
+    }
+
     /// The next event; `Ok(None)` when more bytes are needed.
     pub fn next_event(&mut self) -> Result<Option<MessageEvent>, H3Error> {
         let Some(frame) = self.frames.next_frame()? else {
