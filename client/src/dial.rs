@@ -69,6 +69,17 @@ pub async fn resolve(endpoint: &Endpoint, cidr: IpNet) -> Result<Vec<Target>, Di
             cidr,
         });
     }
+    if inside.len() < addrs.len() {
+        let outside: Vec<String> = addrs
+            .iter()
+            .filter(|a| !cidr.contains(&a.ip()))
+            .map(|a| a.ip().to_string())
+            .collect();
+        tracing::warn!(
+            "{endpoint} also resolves to {}, outside the published CIDR {cidr}: refused, only the addresses inside it are dialled",
+            outside.join(", ")
+        );
+    }
     let server_name = match &endpoint.host {
         Host::Ip(ip) => ip.to_string(),
         Host::Name(n) => n.clone(),

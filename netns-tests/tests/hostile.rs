@@ -26,6 +26,17 @@ fn wait_for_transport(topo: &Topology, transport: &str, timeout: Duration) -> bo
     })
 }
 
+/// The site's overlay IPv4 address, once the agent has configured it (the
+/// broker registers the session a moment before).
+fn overlay_address(topo: &Topology) -> String {
+    let mut addr = None;
+    wait_for(Duration::from_secs(5), || {
+        addr = topo.site_address(4);
+        addr.is_some()
+    });
+    addr.expect("overlay address")
+}
+
 #[test]
 fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
     if !require_root() {
@@ -49,12 +60,7 @@ fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
         "UDP blocked: connected over HTTP/2 in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    let mut addr = None;
-    wait_for(Duration::from_secs(5), || {
-        addr = topo.site_address(4);
-        addr.is_some()
-    });
-    let addr = addr.expect("overlay address");
+    let addr = overlay_address(&topo);
     assert!(
         wait_for(Duration::from_secs(10), || topo.backend_pings(&addr)),
         "backend cannot ping {addr} over HTTP/2:\n{}",
@@ -154,7 +160,7 @@ fn only_a_proxy_may_reach_out() {
         "through the proxy in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let addr = topo.site_address(4).expect("overlay address");
+    let addr = overlay_address(&topo);
     assert!(
         wait_for(Duration::from_secs(10), || topo.backend_pings(&addr)),
         "backend cannot ping {addr} through the proxy"
@@ -173,6 +179,49 @@ fn only_a_proxy_may_reach_out() {
         "{report}"
     );
     site.kill();
+
+    // A new site enrolls through the proxy too (`--proxy`), which keeps the
+    // proxy in its configuration: `tether up` then needs no environment.
+    let out = topo
+        .broker_cli(&[
+            "token",
+            "create",
+            "--site",
+            "hospital-proxy-2",
+            "--region",
+            "eu",
+        ])
+        .unwrap();
+    let code = out
+        .split_whitespace()
+        .find(|w| w.starts_with("tt1-"))
+        .unwrap()
+        .to_string();
+    let state2 = topo.path("site2-state");
+    let state2_arg = state2.display().to_string();
+    let (ok, out) = topo.tether(
+        &[
+            "enroll",
+            "--broker",
+            tether_netns_tests::topology::BROKER,
+            "--token",
+            &code,
+            "--state-dir",
+            &state2_arg,
+            "--proxy",
+            PROXY,
+        ],
+        &[],
+    );
+    assert!(ok, "enrollment through the proxy failed:\n{out}");
+    let config = std::fs::read_to_string(state2.join("tether.toml")).unwrap();
+    assert!(config.contains(PROXY), "{config}");
+    let _site2 = topo.spawn_up(&state2, "site2.log", &[]).unwrap();
+    assert!(
+        wait_for_transport(&topo, "h2-proxy", Duration::from_secs(30)),
+        "the second site did not connect through the configured proxy:\n{}",
+        read(&topo.path("site2.log"))
+    );
 
     // The firewall rule tether prints loads into nftables as it is.
     let (ok, rule) = topo.tether(
