@@ -37,9 +37,6 @@ pub const WINDOW: u32 = 8 << 20;
 /// Capsules waiting for the TCP connection, per session. Beyond this,
 /// packets to the site are dropped (counted as `queue_full`).
 pub const QUEUE: usize = 1024;
-/// Header a site sets when it came through an HTTP proxy (informational:
-/// shown per session and counted by transport).
-pub const TRANSPORT_HEADER: &str = "tether-transport";
 /// Longest wait for a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -245,7 +242,7 @@ async fn handle_request(
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
             };
-            let transport = match header(TRANSPORT_HEADER).as_deref() {
+            let transport = match header(tether_proto::tunnel::TRANSPORT_HEADER).as_deref() {
                 Some("h2-proxy") => Transport::H2Proxy,
                 _ => Transport::H2,
             };

@@ -713,9 +713,11 @@ impl Broker {
         self.store.put_site(&record)?;
         let entry = Revoked::Site(self.identity(site, region));
         self.store.revoke(&entry)?;
-        // The revocation listener closes the session.
+        // Whether it was connected is read first: the revocation listener
+        // closes the session, and may be done before `revoke` returns.
+        let connected = self.session(site).is_some();
         self.revocations.revoke(entry);
-        Ok(self.session(site).is_some())
+        Ok(connected)
     }
 
     /// Records an issued site certificate and the enrollment time. Blocking.

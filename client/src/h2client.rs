@@ -23,8 +23,6 @@ use crate::proxy::Proxy;
 pub const ALPN_H2: &[u8] = b"h2";
 /// Flow-control windows (stream and connection).
 pub const WINDOW: u32 = 8 << 20;
-/// Header telling the broker the site came through a proxy.
-pub const TRANSPORT_HEADER: &str = "tether-transport";
 
 /// An HTTP/2 connection to a broker.
 pub struct H2Client {
@@ -248,7 +246,10 @@ impl H2Client {
             ))
             .header("capsule-protocol", "?1");
         if self.transport == Transport::H2Proxy {
-            request = request.header(TRANSPORT_HEADER, self.transport.as_str());
+            request = request.header(
+                tether_proto::tunnel::TRANSPORT_HEADER,
+                self.transport.as_str(),
+            );
         }
         let mut request = request.body(())?;
         request
@@ -307,12 +308,4 @@ pub async fn write_capsules(mut send: h2::SendStream<Bytes>, mut queue: mpsc::Re
         }
     }
     let _ = send.send_data(Bytes::new(), true);
-}
-
-/// The socket address a connection is for (for logs).
-pub fn describe(target: &Target, proxy: Option<&Proxy>) -> String {
-    match proxy {
-        Some(p) => format!("{} via proxy {p}", target.addr),
-        None => target.addr.to_string(),
-    }
 }

@@ -382,10 +382,14 @@ impl BrokerConn {
                 ))
             }
             BrokerConn::H2(c) => {
-                let (status, body, stream) = c
-                    .connect_ip(authority, timeout)
-                    .await
-                    .map_err(|e| Failure::lost(format!("{e:#}")))?;
+                let (status, body, stream) =
+                    c.connect_ip(authority, timeout).await.map_err(|e| {
+                        let text = format!("{e:#}");
+                        match tls_refusal(&text) {
+                            Some(plain) => Failure::refused(plain),
+                            None => Failure::lost(text),
+                        }
+                    })?;
                 if status != 200 {
                     let message = h2client::read_error(body).await;
                     return Err(Failure::refused(format!("HTTP {status}: {message}")));

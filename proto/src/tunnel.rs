@@ -395,6 +395,11 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// Request header of an HTTP/2 CONNECT-IP saying the site came through an
+/// HTTP proxy (`h2-proxy`); informational: sessions are shown and counted
+/// by transport.
+pub const TRANSPORT_HEADER: &str = "tether-transport";
+
 /// How often an agent on a lower rung tries HTTP/3 again.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
