@@ -120,6 +120,26 @@ fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
     let (ok, report) = topo.tether(&["doctor", "--state-dir", &state_arg], &[]);
     assert!(ok, "{report}");
     assert!(report.contains("HTTP/3 (QUIC) answers"), "{report}");
+
+    // 4. UDP blocked in the middle of a session: the agent notices the
+    // silence (two keepalives and 2 s), falls back to HTTP/2 and keeps its
+    // address.
+    topo.set_egress(Egress::TcpOnly).unwrap();
+    let blocked = Instant::now();
+    assert!(
+        wait_for_transport(&topo, "h2", Duration::from_secs(30)),
+        "no fallback to HTTP/2 within 30 s of UDP being blocked:\n{}",
+        read(&topo.path("site2.log"))
+    );
+    println!(
+        "UDP blocked mid-session: on HTTP/2 after {:.1} s",
+        blocked.elapsed().as_secs_f64()
+    );
+    assert_eq!(topo.site_address(4).as_deref(), Some(addr.as_str()));
+    assert!(
+        wait_for(Duration::from_secs(10), || topo.backend_pings(&addr)),
+        "backend cannot ping {addr} after the fallback"
+    );
     site.kill();
 }
 
