@@ -10,7 +10,9 @@
 //! - connect-to-first-packet: from starting the agent until a packet gets
 //!   through;
 //!
-//! through tether, through the same path routed without any tunnel, through
+//! through tether, through tether from a backend behind a cloud gateway
+//! (`tether-gateway`, WireGuard to the broker), through the same paths
+//! routed without any tunnel, through
 //! boringtun-cli and through wireguard-go (both on UDP 443 of the published
 //! CIDR, so the hospital firewall lets them through as it lets tether).
 //! Then it connects 1,000 idle sites with `tether-loadgen` and reports the
@@ -22,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tether_netns_tests::topology::{Egress, SITE_LAN, Topology, read};
+use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
 
 #[derive(Parser)]
@@ -33,6 +35,9 @@ struct Args {
     /// Idle sites for the memory measurement (0 to skip).
     #[arg(long, default_value_t = 1000)]
     sites: usize,
+    /// Measure only tether and the path through a cloud gateway.
+    #[arg(long)]
+    gateway_only: bool,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -97,12 +102,24 @@ fn measure(
     secs: u32,
     setup: Option<Duration>,
 ) -> Row {
+    measure_from(topo, &topo.backend, name, addr, secs, setup)
+}
+
+/// Like [`measure`], from another backend host.
+fn measure_from(
+    topo: &Topology,
+    client: &NetNs,
+    name: &'static str,
+    addr: &str,
+    secs: u32,
+    setup: Option<Duration>,
+) -> Row {
     let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let down1 = iperf(&topo.backend, addr, 1, false, secs);
-    let up1 = iperf(&topo.backend, addr, 1, true, secs);
-    let down4 = iperf(&topo.backend, addr, 4, false, secs);
-    let (p50, p99) = ping_stats(&topo.backend, addr);
+    let down1 = iperf(client, addr, 1, false, secs);
+    let up1 = iperf(client, addr, 1, true, secs);
+    let down4 = iperf(client, addr, 4, false, secs);
+    let (p50, p99) = ping_stats(client, addr);
     eprintln!("{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms");
     Row {
         name,
@@ -281,7 +298,24 @@ fn main() {
         })
         .filter(|p| p.exists())
         .expect("boringtun-cli not found: cargo install boringtun-cli");
-    let mut topo = Topology::new("").unwrap();
+    // A cloud gateway's key, registered in the broker's configuration.
+    let work = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let gw_config = work.join("gateway.toml");
+    std::fs::write(
+        &gw_config,
+        format!("state_dir = \"{}\"\n", work.join("gw").display()),
+    )
+    .unwrap();
+    let gw_key = Command::new(binary("tether-gateway"))
+        .args(["key", "-c", &gw_config.display().to_string()])
+        .output()
+        .unwrap();
+    let gw_key = String::from_utf8_lossy(&gw_key.stdout).trim().to_string();
+    let mut topo = Topology::new(&format!(
+        "\n[[gateway]]\nid = \"gw-bench\"\nregion = \"eu\"\npublic_key = \"{gw_key}\"\nprefixes = [\"10.31.0.0/24\"]\n"
+    ))
+    .unwrap();
     let mut rows = Vec::new();
 
     // tether.
@@ -297,6 +331,48 @@ fn main() {
         args.duration,
         setup,
     ));
+
+    // Through a cloud gateway: backend -> tether-gateway == WireGuard ==
+    // broker == HTTP/3 == site.
+    let cloud = Cloud::new(&topo, 1).unwrap();
+    let broker_key = topo.broker_cli(&["gateway", "key"]).unwrap();
+    std::fs::write(
+        &gw_config,
+        format!(
+            "id = \"gw-bench\"\nregion = \"eu\"\npublished_cidr = \"203.0.113.0/24\"\nbrokers = [\"203.0.113.10:51820\"]\nbroker_public_key = \"{}\"\nstate_dir = \"{}\"\n",
+            broker_key.trim(),
+            work.join("gw").display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let gateway = cloud
+        .node
+        .spawn(
+            &binary("tether-gateway").display().to_string(),
+            &["run", "-c", &gw_config.display().to_string()],
+            Some(work.join("gateway.log")),
+        )
+        .unwrap();
+    let reached = wait_for(Duration::from_secs(30), || cloud.backend_pings(&addr));
+    assert!(
+        reached,
+        "gateway path down:\n{}",
+        read(&work.join("gateway.log"))
+    );
+    rows.push(measure_from(
+        &topo,
+        &cloud.backend,
+        "tether via gateway (WG+H3)",
+        &addr,
+        args.duration,
+        Some(started.elapsed()),
+    ));
+    drop(gateway);
+    if args.gateway_only {
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
 
     // Broker memory: idle with one site, then with N more idle sites.
     let broker_pid = topo.broker.as_ref().unwrap().id();
@@ -406,6 +482,18 @@ fn main() {
         args.duration,
         None,
     ));
+    // And from the gateway's backend, routed through its node.
+    topo.wan
+        .run("ip", &["route", "add", "10.31.0.0/24", "via", "198.18.1.2"])
+        .unwrap();
+    rows.push(measure_from(
+        &topo,
+        &cloud.backend,
+        "raw path (gateway cloud)",
+        SITE_LAN,
+        args.duration,
+        None,
+    ));
 
     // The WireGuard baselines, on the broker's UDP 443 (broker stopped).
     topo.broker.as_mut().unwrap().kill();
@@ -425,11 +513,16 @@ fn main() {
         args.duration,
     ));
 
-    let raw = rows
-        .iter()
-        .find(|r| r.name == "raw routed path")
-        .map(|r| r.down1)
-        .unwrap_or(f64::NAN);
+    let raw_of = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map(|r| r.down1)
+            .unwrap_or(f64::NAN)
+    };
+    let (raw, raw_gw) = (
+        raw_of("raw routed path"),
+        raw_of("raw path (gateway cloud)"),
+    );
     println!();
     println!(
         "backend <-> site on the hospital topology, iperf3 TCP {} s per run, Gbit/s",
@@ -446,7 +539,12 @@ fn main() {
             r.down1,
             r.up1,
             r.down4,
-            100.0 * r.down1 / raw,
+            100.0 * r.down1
+                / if r.name.contains("gateway") {
+                    raw_gw
+                } else {
+                    raw
+                },
             r.p50,
             r.p99,
             r.setup
@@ -471,6 +569,7 @@ fn main() {
             (m.saturating_sub(rss_one)) as f64 / args.sites as f64
         );
     }
+    let _ = std::fs::remove_dir_all(&work);
 }
 
 fn which(name: &str) -> Option<PathBuf> {

@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use tether_proto::api::{
-    ApiError, RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse,
+    ApiError, GatewayInfo, RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse,
 };
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::{Explanation, Route};
@@ -106,6 +106,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sites", get(list_sites))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/routes", get(list_routes))
+        .route("/v1/gateways", get(list_gateways))
         .route("/v1/tokens", post(create_token))
         .route("/v1/sites/{region}/{site}/revoke", post(revoke))
         .route("/v1/trace/{address}", get(trace))
@@ -176,6 +177,44 @@ async fn list_routes(State(broker): State<Arc<Broker>>) -> Json<Vec<Route>> {
             .map(|r| r.table.routes().into_iter().cloned().collect())
             .unwrap_or_default(),
     )
+}
+
+async fn list_gateways(State(broker): State<Arc<Broker>>) -> Json<Vec<GatewayInfo>> {
+    let mut out = Vec::new();
+    if let Some(gw) = broker.local_gateway.get() {
+        out.push(GatewayInfo {
+            id: gw.id.clone(),
+            region: gw.region.clone(),
+            kind: "local".into(),
+            public_key: None,
+            prefixes: gw.prefixes.clone(),
+            endpoint: None,
+            last_handshake_secs: None,
+            rx_packets: gw.counters.rx.get().0,
+            rx_bytes: gw.counters.rx.get().1,
+            tx_packets: gw.counters.tx.get().0,
+            tx_bytes: gw.counters.tx.get().1,
+        });
+    }
+    if let Some(wg) = broker.wireguard.get() {
+        for peer in wg.peers() {
+            let status = peer.status();
+            out.push(GatewayInfo {
+                id: peer.id.clone(),
+                region: peer.region.clone(),
+                kind: "wireguard".into(),
+                public_key: Some(tether_pki::wg::encode(&peer.public_key)),
+                prefixes: peer.prefixes.clone(),
+                endpoint: status.endpoint,
+                last_handshake_secs: status.since_handshake.map(|d| d.as_secs()),
+                rx_packets: peer.counters.rx.get().0,
+                rx_bytes: peer.counters.rx.get().1,
+                tx_packets: peer.counters.tx.get().0,
+                tx_bytes: peer.counters.tx.get().1,
+            });
+        }
+    }
+    Json(out)
 }
 
 async fn create_token(

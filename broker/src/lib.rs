@@ -5,7 +5,8 @@
 //! - [`run`]: start and stop; [`state`]: the shared state.
 //! - [`server`]: the QUIC/HTTP/3 listener; [`tunnel`]: a site's session;
 //!   [`enroll`]: enrollment and renewal.
-//! - [`plane`]: the forwarding plane; [`local_gateway`]: the TUN device.
+//! - [`plane`]: the forwarding plane; [`local_gateway`]: the TUN device;
+//!   [`wireguard`]: gateways as WireGuard peers.
 //! - [`admin`]: the admin API; [`admin_client`]: its CLI client.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
@@ -22,3 +23,4 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tunnel;
+pub mod wireguard;

@@ -65,6 +65,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// List gateways and the state of their tunnels.
+    Gateways {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Gateways over WireGuard.
+    Gateway {
+        #[command(subcommand)]
+        command: GatewayCommand,
+    },
     /// Manage the certificate authority.
     Pki {
         #[command(subcommand)]
@@ -105,6 +115,35 @@ enum SiteCommand {
         /// Region of the site.
         #[arg(long)]
         region: RegionId,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GatewayCommand {
+    /// Print the broker's WireGuard public key (creating the key on first
+    /// use), for the gateways' broker_public_key.
+    Key {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print a wg-quick configuration with which a stock WireGuard peer
+    /// stands in for a registered gateway.
+    WgQuick {
+        /// The gateway id, as registered in a [[gateway]] entry.
+        #[arg(long)]
+        id: tether_proto::ids::GatewayId,
+        /// Where the peer keeps its private key (`wg genkey`); the file is
+        /// referenced, never read.
+        #[arg(long, default_value = "/etc/wireguard/tether.key")]
+        private_key_file: PathBuf,
+        /// Routing table for the pools (clear of Cilium's).
+        #[arg(long, default_value_t = 7300)]
+        table: u32,
+        /// Priority of the rule that looks the table up.
+        #[arg(long, default_value_t = 7300)]
+        rule_priority: u32,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -305,6 +344,72 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gateways { config } => {
+            let gateways: Vec<tether_proto::api::GatewayInfo> =
+                admin(&config)?.get("/v1/gateways")?;
+            println!(
+                "{:<16} {:<12} {:<10} {:<24} {:>10} {:>14} {:>14}",
+                "GATEWAY", "REGION", "KIND", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
+            );
+            for g in gateways {
+                println!(
+                    "{:<16} {:<12} {:<10} {:<24} {:>10} {:>14} {:>14}",
+                    g.id.as_str(),
+                    g.region.as_str(),
+                    g.kind,
+                    g.endpoint.map(|e| e.to_string()).unwrap_or("-".into()),
+                    g.last_handshake_secs
+                        .map(|s| format!("{s}s ago"))
+                        .unwrap_or("-".into()),
+                    g.rx_bytes,
+                    g.tx_bytes
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway {
+            command: GatewayCommand::Key { config },
+        } => {
+            let (_, config) = load(&config)?;
+            let dir = data_dir(&config);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let (key, _) = tether_pki::wg::WgKey::load_or_create(
+                &dir.join(tether_broker::wireguard::KEY_FILE),
+            )?;
+            println!("{}", tether_pki::wg::encode(&key.public()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway {
+            command:
+                GatewayCommand::WgQuick {
+                    id,
+                    private_key_file,
+                    table,
+                    rule_priority,
+                    config,
+                },
+        } => {
+            let (_, config) = load(&config)?;
+            let dir = data_dir(&config);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let (key, _) = tether_pki::wg::WgKey::load_or_create(
+                &dir.join(tether_broker::wireguard::KEY_FILE),
+            )?;
+            print!(
+                "{}",
+                tether_broker::wireguard::wg_quick_config(
+                    &config,
+                    &id,
+                    &key.public(),
+                    &private_key_file,
+                    table,
+                    rule_priority
+                )?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pki {
             command:
                 PkiCommand::Init {
@@ -388,6 +493,15 @@ async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     );
     if let Some(gw) = &config.local_gateway {
         println!("  local gateway {} (region {})", gw.tun_name, gw.region);
+    }
+    if let Some(wg) = running.broker.wireguard.get() {
+        for addr in wg.local_addrs() {
+            println!(
+                "  wireguard     {addr} (UDP, {} gateways; public key {})",
+                wg.peers().len(),
+                tether_pki::wg::encode(&wg.public_key())
+            );
+        }
     }
     println!();
     println!("Enroll a site:");

@@ -51,6 +51,11 @@ pub struct Metrics {
     pub upgrades: Counter,
     /// Sessions that replaced one of the same site on a worse transport.
     pub fallbacks: Counter,
+    /// WireGuard datagrams from no registered gateway.
+    pub wireguard_unknown: Counter,
+    /// WireGuard datagrams a gateway's session refused (bad MAC,
+    /// replay, stale index).
+    pub wireguard_refused: Counter,
 }
 
 impl Metrics {
@@ -86,6 +91,8 @@ impl Metrics {
                 .collect(),
             upgrades: counter!("tether_broker_transport_changes_total", "change" => "upgrade"),
             fallbacks: counter!("tether_broker_transport_changes_total", "change" => "fallback"),
+            wireguard_unknown: counter!("tether_broker_wireguard_refused_total", "reason" => "unknown_peer"),
+            wireguard_refused: counter!("tether_broker_wireguard_refused_total", "reason" => "invalid"),
         }
     }
 
@@ -96,10 +103,23 @@ impl Metrics {
         self.from_site_bytes.absolute(t.rx_bytes);
         self.to_site_packets.absolute(t.tx_packets);
         self.to_site_bytes.absolute(t.tx_bytes);
+        let (mut rx, mut tx) = (0, 0);
         if let Some(gw) = broker.local_gateway.get() {
-            self.from_gateway_packets.absolute(gw.counters.rx.get().0);
-            self.to_gateway_packets.absolute(gw.counters.tx.get().0);
+            rx += gw.counters.rx.get().0;
+            tx += gw.counters.tx.get().0;
         }
+        if let Some(wg) = broker.wireguard.get() {
+            for peer in wg.peers() {
+                rx += peer.counters.rx.get().0;
+                tx += peer.counters.tx.get().0;
+                counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.to_string(), "direction" => "from_gateway")
+                    .absolute(peer.counters.rx.get().1);
+                counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.to_string(), "direction" => "to_gateway")
+                    .absolute(peer.counters.tx.get().1);
+            }
+        }
+        self.from_gateway_packets.absolute(rx);
+        self.to_gateway_packets.absolute(tx);
     }
 
     /// Counts a new session on `transport`, replacing one on `previous`.

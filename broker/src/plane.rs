@@ -102,11 +102,15 @@ fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
 fn mtu_of(broker: &Broker, target: &RouteTarget) -> Option<usize> {
     match target {
         RouteTarget::Site(site) => broker.session(site).and_then(|s| s.mtu()),
-        RouteTarget::Gateway(id) => broker
-            .local_gateway
-            .get()
-            .filter(|g| &g.id == id)
-            .map(|g| g.mtu),
+        RouteTarget::Gateway(id) => match broker.local_gateway.get().filter(|g| &g.id == id) {
+            Some(g) => Some(g.mtu),
+            None => broker
+                .wireguard
+                .get()
+                .and_then(|wg| wg.peer(id))
+                .filter(|p| p.endpoint().is_some())
+                .map(|p| p.mtu),
+        },
     }
 }
 
@@ -118,11 +122,11 @@ fn deliver(broker: &Broker, route: &Route, mut buffer: Buffer) -> Result<(), Dro
             send_buffer(&session, buffer)
         }
         RouteTarget::Gateway(id) => {
-            let gw = broker
-                .local_gateway
-                .get()
-                .filter(|g| &g.id == id)
-                .ok_or(DropReason::TargetDown)?;
+            let Some(gw) = broker.local_gateway.get().filter(|g| &g.id == id) else {
+                let wg = broker.wireguard.get().ok_or(DropReason::TargetDown)?;
+                let peer = wg.peer(id).ok_or(DropReason::TargetDown)?;
+                return wg.send(peer, buffer.packet());
+            };
             let len = buffer.packet().len() as u64;
             let written = if gw.offload {
                 let framed = buffer
@@ -277,8 +281,12 @@ pub fn from_site_batched(
                     batch.ready.push(b);
                 }
                 _ => {
-                    broker.metrics.drop(DropReason::TargetDown);
+                    // A gateway over WireGuard: sent now.
+                    let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
                     batch.recycle(b);
+                    perform(broker, verdict, buffer, |icmp| {
+                        send_to_site(session, icmp).is_ok()
+                    });
                 }
             }
         }
@@ -331,4 +339,27 @@ pub fn from_local_gateway(broker: &Broker, packet: &[u8]) {
         router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
     };
     perform(broker, verdict, buffer, |icmp| gw.send(icmp).is_ok());
+}
+
+/// An IP packet arrived from a gateway over WireGuard.
+pub fn from_gateway_peer(
+    broker: &Broker,
+    wg: &crate::wireguard::Wireguard,
+    peer: &crate::wireguard::Peer,
+    packet: &[u8],
+) {
+    peer.counters.rx.add(packet.len() as u64);
+    let mut buffer = Buffer::new(packet);
+    let verdict = {
+        let Ok(router) = broker.router.read() else {
+            return;
+        };
+        let ingress = Ingress::Gateway {
+            gateway: &peer.id,
+            region: &peer.region,
+            allowed: &peer.prefixes,
+        };
+        router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
+    };
+    perform(broker, verdict, buffer, |icmp| wg.send(peer, icmp).is_ok());
 }

@@ -151,6 +151,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     }
 
     crate::local_gateway::start(&broker)?;
+    crate::wireguard::start(&broker)?;
 
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await

@@ -294,6 +294,10 @@ pub struct Broker {
     pub tunnel_addr: OnceLock<SocketAddr>,
     /// Bumped whenever the set of reachable prefixes changes.
     pub routes_version: watch::Sender<u64>,
+    /// Bumped whenever a site route appears or goes (gateways follow it).
+    pub site_routes: watch::Sender<u64>,
+    /// Gateways over WireGuard, if any are configured and started.
+    pub wireguard: OnceLock<Arc<crate::wireguard::Wireguard>>,
     /// Traffic of ended sessions.
     pub closed: Mutex<Totals>,
     /// The transport of each site's latest session, to count upgrades and
@@ -373,7 +377,18 @@ impl Broker {
                 });
             }
         }
+        for gw in &config.gateways {
+            for prefix in &gw.prefixes {
+                router.table.insert(Route {
+                    prefix: *prefix,
+                    kind: RouteKind::Gateway,
+                    target: RouteTarget::Gateway(gw.id.clone()),
+                    region: gw.region.clone(),
+                });
+            }
+        }
         let (routes_version, _) = watch::channel(0);
+        let (site_routes, _) = watch::channel(0);
         Ok(Arc::new(Self {
             config,
             data_dir,
@@ -388,6 +403,8 @@ impl Broker {
             metrics: Metrics::register(),
             tunnel_addr: OnceLock::new(),
             routes_version,
+            site_routes,
+            wireguard: OnceLock::new(),
             closed: Mutex::new(Totals::default()),
             last_transport: Mutex::new(HashMap::new()),
             batches: Mutex::new(Vec::new()),
@@ -527,6 +544,7 @@ impl Broker {
                 });
             }
         }
+        self.site_routes.send_modify(|v| *v += 1);
         let transport = session.link.transport();
         let previous = self
             .last_transport
@@ -557,6 +575,9 @@ impl Broker {
             .unwrap_or(false);
         if removed && let Ok(mut router) = self.router.write() {
             router.table.remove_target(&RouteTarget::Site(site));
+        }
+        if removed {
+            self.site_routes.send_modify(|v| *v += 1);
         }
         if let Ok(mut closed) = self.closed.lock() {
             let ((rp, rb), (tp, tb)) = (session.counters.rx.get(), session.counters.tx.get());
@@ -591,6 +612,7 @@ impl Broker {
                 });
             }
         }
+        self.site_routes.send_modify(|v| *v += 1);
     }
 
     /// The session of a site.

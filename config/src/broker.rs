@@ -43,6 +43,38 @@ pub struct BrokerFile {
     /// A gateway on the broker host itself (a TUN device), for single-machine
     /// deployments.
     pub local_gateway: LocalGatewayFile,
+    /// The WireGuard listener for gateways.
+    pub wireguard: WireguardFile,
+    /// Gateways in backend clouds (`[[gateway]]`), WireGuard peers of the
+    /// broker.
+    pub gateway: Vec<GatewayPeerFile>,
+}
+
+/// `[wireguard]`: where gateways reach the broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireguardFile {
+    /// UDP socket addresses for WireGuard. Empty: the IP addresses of
+    /// `listen` on port 51820. Bound only when a gateway is configured.
+    pub listen: Vec<String>,
+}
+
+/// `[[gateway]]`: a gateway registered with the broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayPeerFile {
+    /// Gateway id, as shown in routes and traces (a DNS label).
+    pub id: String,
+    /// Region of the gateway (data residency).
+    pub region: String,
+    /// The gateway's WireGuard public key (`tether-gateway key` prints it).
+    pub public_key: String,
+    /// Backend prefixes behind the gateway: the sources it may send from,
+    /// routed to it. Empty: any source outside the overlay.
+    pub prefixes: Vec<String>,
+    /// MTU of the tunnel to the gateway (default 1420, room for WireGuard
+    /// over IPv6).
+    pub mtu: Option<u16>,
 }
 
 /// `[admin]`: the authenticated admin API.
@@ -120,6 +152,8 @@ impl Default for BrokerFile {
                 allow_gateways_from: Vec::new(),
             }],
             local_gateway: LocalGatewayFile::default(),
+            wireguard: WireguardFile::default(),
+            gateway: Vec::new(),
         }
     }
 }
@@ -186,6 +220,25 @@ pub struct BrokerConfig {
     pub ipam: Ipam,
     /// The local gateway, if enabled.
     pub local_gateway: Option<LocalGateway>,
+    /// WireGuard socket addresses (used when `gateways` is not empty).
+    pub wireguard_listen: Vec<SocketAddr>,
+    /// Registered gateways.
+    pub gateways: Vec<GatewayPeer>,
+}
+
+/// A validated gateway registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayPeer {
+    /// Gateway id.
+    pub id: GatewayId,
+    /// Region.
+    pub region: RegionId,
+    /// WireGuard public key.
+    pub public_key: [u8; 32],
+    /// Backend prefixes behind it.
+    pub prefixes: Vec<IpNet>,
+    /// Tunnel MTU.
+    pub mtu: u16,
 }
 
 /// A validated region.
@@ -348,6 +401,8 @@ impl BrokerFile {
         let regions = self.validate_regions(&mut p);
         let ipam = self.build_ipam(&mut p, &regions);
         let local_gateway = self.validate_local_gateway(&mut p, &regions);
+        let gateways = self.validate_gateways(&mut p, &regions, local_gateway.as_ref());
+        let wireguard_listen = self.validate_wireguard(&mut p, &listen, published_cidr);
 
         let (Ok(trust_domain), Some(published_cidr), Some(admin_listen)) =
             (trust_domain, published_cidr, admin_listen)
@@ -371,8 +426,140 @@ impl BrokerFile {
                 regions,
                 ipam,
                 local_gateway,
+                wireguard_listen,
+                gateways,
             },
         )
+    }
+
+    fn validate_wireguard(
+        &self,
+        p: &mut Problems,
+        listen: &[SocketAddr],
+        published_cidr: Option<IpNet>,
+    ) -> Vec<SocketAddr> {
+        if self.wireguard.listen.is_empty() {
+            let mut out: Vec<SocketAddr> = listen
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), crate::gateway::DEFAULT_WIREGUARD_PORT))
+                .collect();
+            out.dedup();
+            return out;
+        }
+        let mut out = Vec::new();
+        for (i, text) in self.wireguard.listen.iter().enumerate() {
+            let field = format!("wireguard.listen[{i}]");
+            match text.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if let Some(cidr) = published_cidr
+                        && !addr.ip().is_unspecified()
+                    {
+                        check_in_cidr(p, &field, addr.ip(), cidr, "WireGuard address");
+                    }
+                    out.push(addr);
+                }
+                Err(_) => p.add(
+                    field,
+                    format!("{text:?} is not an address:port"),
+                    "write e.g. \"0.0.0.0:51820\"",
+                ),
+            }
+        }
+        out
+    }
+
+    fn validate_gateways(
+        &self,
+        p: &mut Problems,
+        regions: &BTreeMap<RegionId, Region>,
+        local: Option<&LocalGateway>,
+    ) -> Vec<GatewayPeer> {
+        let mut out: Vec<GatewayPeer> = Vec::new();
+        let pools: Vec<IpNet> = regions.values().flat_map(|r| r.pools.clone()).collect();
+        for (i, g) in self.gateway.iter().enumerate() {
+            let field = |f: &str| format!("gateway[{i}].{f}");
+            let id = GatewayId::new(g.id.clone())
+                .map_err(|e| {
+                    p.add(
+                        field("id"),
+                        e.to_string(),
+                        "use a DNS label such as \"gw-eu-1\"",
+                    )
+                })
+                .ok();
+            if let Some(id) = &id
+                && (out.iter().any(|o| &o.id == id) || local.is_some_and(|l| &l.id == id))
+            {
+                p.add(
+                    field("id"),
+                    format!("gateway id {id} is used twice"),
+                    "give every gateway (and the local gateway) its own id",
+                );
+            }
+            let region = match RegionId::new(g.region.clone()) {
+                Ok(r) if regions.contains_key(&r) => Some(r),
+                _ => {
+                    p.add(
+                        field("region"),
+                        format!("unknown region {:?}", g.region),
+                        format!(
+                            "use one of the configured regions: {}",
+                            regions
+                                .keys()
+                                .map(|r| r.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                    None
+                }
+            };
+            let public_key = crate::parse_wg_key(p, &field("public_key"), &g.public_key);
+            if let Some(key) = public_key
+                && out.iter().any(|o| o.public_key == key)
+            {
+                p.add(
+                    field("public_key"),
+                    "this key is registered for another gateway",
+                    "every gateway generates its own key; run `tether-gateway key` on this one",
+                );
+            }
+            let mut prefixes = Vec::new();
+            for (j, t) in g.prefixes.iter().enumerate() {
+                let f = field(&format!("prefixes[{j}]"));
+                if let Some(prefix) = parse_prefix(p, &f, t) {
+                    if let Some(pool) = pools.iter().find(|pool| {
+                        pool.contains(&prefix.network()) || prefix.contains(&pool.network())
+                    }) {
+                        p.add(
+                            f,
+                            format!("{prefix} overlaps the pool {pool}: sites get addresses there"),
+                            "list the backend network behind the gateway, outside every pool",
+                        );
+                    } else {
+                        prefixes.push(prefix);
+                    }
+                }
+            }
+            let mtu = g.mtu.unwrap_or(tether_proto::gateway::DEFAULT_MTU);
+            if !(1280..=9000).contains(&mtu) {
+                p.add(
+                    field("mtu"),
+                    format!("MTU {mtu} is out of range"),
+                    "use 1280 to 9000; the default 1420 leaves room for WireGuard over IPv6",
+                );
+            }
+            if let (Some(id), Some(region), Some(public_key)) = (id, region, public_key) {
+                out.push(GatewayPeer {
+                    id,
+                    region,
+                    public_key,
+                    prefixes,
+                    mtu,
+                });
+            }
+        }
+        out
     }
 
     fn validate_regions(&self, p: &mut Problems) -> BTreeMap<RegionId, Region> {
@@ -590,6 +777,40 @@ mod tests {
         // The defaults survive a round trip through TOML.
         let again = BrokerFile::parse(&BrokerFile::default().to_toml(), "round-trip").unwrap();
         assert_eq!(again, BrokerFile::default());
+    }
+
+    #[test]
+    fn gateway_registrations_are_checked() {
+        let key = "PGczmhJJZDKv8IR1wpKkQZXEh/tJ3wR/3t3WiFAXh3g=";
+        let ok = format!(
+            "[[gateway]]\nid = \"gw-1\"\nregion = \"local\"\npublic_key = \"{key}\"\nprefixes = [\"10.30.0.0/24\"]\n"
+        );
+        let config = BrokerFile::parse(&ok, "t").unwrap().validate("t").unwrap();
+        assert_eq!(config.gateways.len(), 1);
+        assert_eq!(config.gateways[0].mtu, 1420);
+        assert_eq!(
+            config.wireguard_listen,
+            vec!["127.0.0.1:51820".parse::<SocketAddr>().unwrap()]
+        );
+        let bad = format!(
+            "{ok}[[gateway]]\nid = \"gw-1\"\nregion = \"mars\"\npublic_key = \"nope\"\nprefixes = [\"100.64.1.0/24\"]\nmtu = 900\n"
+        );
+        let p = problems(&bad);
+        assert!(has(&p, "gateway[1].id", "used twice"), "{p:?}");
+        assert!(has(&p, "gateway[1].region", "unknown region"), "{p:?}");
+        assert!(has(&p, "gateway[1].public_key", "WireGuard key"), "{p:?}");
+        assert!(
+            has(&p, "gateway[1].prefixes[0]", "overlaps the pool"),
+            "{p:?}"
+        );
+        assert!(has(&p, "gateway[1].mtu", "out of range"), "{p:?}");
+        let dup_key =
+            format!("{ok}[[gateway]]\nid = \"gw-2\"\nregion = \"local\"\npublic_key = \"{key}\"\n");
+        assert!(has(
+            &problems(&dup_key),
+            "gateway[1].public_key",
+            "another gateway"
+        ));
     }
 
     #[test]

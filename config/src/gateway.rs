@@ -35,6 +35,9 @@ pub struct GatewayFile {
     /// WireGuard endpoints of the brokers (`host[:port]`, port 51820 by
     /// default).
     pub brokers: Vec<String>,
+    /// The brokers' WireGuard public key (`tether-broker gateway key`
+    /// prints it). Required to run.
+    pub broker_public_key: String,
     /// Directory for the gateway's private key. Default:
     /// `/var/lib/tether-gateway`.
     pub state_dir: Option<PathBuf>,
@@ -53,6 +56,9 @@ pub struct GatewayFile {
 pub struct GatewayTunFile {
     /// Device name (at most 15 characters).
     pub name: String,
+    /// MTU inside the tunnel; TCP MSS is clamped to fit it. The default
+    /// 1420 leaves room for WireGuard over IPv6 on a 1500-byte path.
+    pub mtu: u16,
 }
 
 /// `[routing]`: where site routes are installed.
@@ -82,6 +88,7 @@ impl Default for GatewayFile {
             region: "local".into(),
             published_cidr: "127.0.0.0/8".into(),
             brokers: vec!["127.0.0.1:51820".into()],
+            broker_public_key: String::new(),
             state_dir: None,
             tun: GatewayTunFile::default(),
             routing: RoutingFile::default(),
@@ -94,6 +101,7 @@ impl Default for GatewayTunFile {
     fn default() -> Self {
         Self {
             name: "tether-gw0".into(),
+            mtu: tether_proto::gateway::DEFAULT_MTU,
         }
     }
 }
@@ -118,6 +126,10 @@ pub struct GatewayConfig {
     pub published_cidr: IpNet,
     /// Broker WireGuard endpoints.
     pub brokers: Vec<Endpoint>,
+    /// The brokers' WireGuard public key, if configured.
+    pub broker_public_key: Option<[u8; 32]>,
+    /// Tunnel MTU.
+    pub mtu: u16,
     /// State directory, if set.
     pub state_dir: Option<PathBuf>,
     /// TUN device name.
@@ -165,6 +177,18 @@ impl GatewayFile {
             published_cidr,
         );
         check_interface_name(&mut p, "tun.name", &self.tun.name);
+        let broker_public_key = if self.broker_public_key.is_empty() {
+            None
+        } else {
+            crate::parse_wg_key(&mut p, "broker_public_key", &self.broker_public_key)
+        };
+        if !(1280..=9000).contains(&self.tun.mtu) {
+            p.add(
+                "tun.mtu",
+                format!("MTU {} is out of range", self.tun.mtu),
+                "use 1280 to 9000; the default 1420 leaves room for WireGuard over IPv6",
+            );
+        }
         if RESERVED_TABLES.contains(&self.routing.table) {
             p.add(
                 "routing.table",
@@ -208,6 +232,8 @@ impl GatewayFile {
                 region,
                 published_cidr,
                 brokers,
+                broker_public_key,
+                mtu: self.tun.mtu,
                 state_dir: self.state_dir.clone(),
                 tun_name: self.tun.name.clone(),
                 table: self.routing.table,

@@ -218,6 +218,22 @@ pub(crate) fn check_in_cidr(
     }
 }
 
+/// Parses a WireGuard key (32 bytes, standard base64 as `wg genkey` and
+/// `wg pubkey` print them), recording a problem if malformed.
+pub(crate) fn parse_wg_key(problems: &mut Problems, field: &str, text: &str) -> Option<[u8; 32]> {
+    match data_encoding::BASE64.decode(text.trim().as_bytes()) {
+        Ok(bytes) if bytes.len() == 32 => bytes.try_into().ok(),
+        _ => {
+            problems.add(
+                field,
+                format!("{text:?} is not a WireGuard key (32 bytes in base64)"),
+                "paste the output of `tether-gateway key` (or `wg pubkey` for a stock peer)",
+            );
+            None
+        }
+    }
+}
+
 /// Parses a prefix field, recording a problem if malformed or with host bits.
 pub(crate) fn parse_prefix(problems: &mut Problems, field: &str, text: &str) -> Option<IpNet> {
     match text.parse::<IpNet>() {

@@ -1,2 +1,14 @@
-//! The tether gateway: connects a backend cloud network (next to Cilium) to
-//! the brokers.
+//! The tether gateway: runs in a backend cloud cluster next to Cilium and
+//! connects the backend network to the brokers over WireGuard.
+//!
+//! - [`tunnel`]: the running gateway (boringtun, TUN device, control
+//!   channel); [`routes`]: its routing table and rule.
+//! - [`live`]: the route set last received, kept for operators.
+//! - [`cilium`]: CiliumCIDRGroup resources from the route set.
+//! - [`preflight`]: conflicts on the node.
+
+pub mod cilium;
+pub mod live;
+pub mod preflight;
+pub mod routes;
+pub mod tunnel;

@@ -3,8 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tether_config::gateway::GatewayFile;
+use tether_config::Host;
+use tether_config::gateway::{GatewayConfig, GatewayFile};
+use tether_gateway::live::LiveRoutes;
+use tether_gateway::preflight::{self, Level};
+use tether_gateway::{cilium, tunnel};
+use tether_proto::ids::RegionId;
 
 /// The tether gateway: runs in a backend Kubernetes cluster next to Cilium,
 /// peers with the brokers over WireGuard and routes the site prefixes of its
@@ -16,18 +22,49 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Configuration file (embedded defaults without it).
+    #[arg(long, short, env = "TETHER_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway (WireGuard peer, TUN device, routes, DNS).
+    /// Run the gateway: WireGuard peer of the broker, TUN device, site
+    /// routes in its own table.
     Run {
-        /// Configuration file (embedded defaults without it).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the gateway's WireGuard public key (creating the key on first
+    /// use), to register in the broker's [[gateway]] entry.
+    Key {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Report conflicts with Cilium and the node's routing on this host.
-    Preflight,
-    /// Print CiliumCIDRGroup resources for the live sites.
-    Cilium,
+    Preflight {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print a CiliumCIDRGroup per live site, and an example
+    /// CiliumNetworkPolicy.
+    Cilium {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Namespace of the example policy.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Region whose sites the example policy allows (default: the
+        /// gateway's).
+        #[arg(long)]
+        region: Option<RegionId>,
+        /// apiVersion of the CiliumCIDRGroup resources (cilium.io/v2 on
+        /// Cilium 1.18 and later).
+        #[arg(long, default_value = cilium::CIDR_GROUP_API)]
+        api_version: String,
+    },
     /// Check or print configuration files.
     Config {
         #[command(subcommand)]
@@ -62,33 +99,103 @@ fn main() -> ExitCode {
     }
 }
 
-fn not_available(what: &str) -> ExitCode {
-    eprintln!("tether-gateway {what}: not available in this build yet");
-    ExitCode::from(2)
+fn load(arg: &ConfigArg) -> anyhow::Result<GatewayConfig> {
+    let (file, origin) = match &arg.config {
+        Some(path) => (GatewayFile::load(path)?, path.display().to_string()),
+        None => (GatewayFile::default(), "embedded defaults".to_string()),
+    };
+    Ok(file.validate(&origin)?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { .. } => Ok(not_available("run")),
-        Command::Preflight => Ok(not_available("preflight")),
-        Command::Cilium => Ok(not_available("cilium")),
+        Command::Run { config } => {
+            let config = load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                };
+                tunnel::run(config, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key { config } => {
+            let config = load(&config)?;
+            let dir = tunnel::state_dir(&config);
+            let (key, created) = tunnel::load_key(&dir)?;
+            if created {
+                eprintln!(
+                    "Created the gateway's WireGuard key in {}",
+                    dir.join(tunnel::KEY_FILE).display()
+                );
+            }
+            println!("{}", tether_pki::wg::encode(&key.public()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preflight { config } => {
+            let config = load(&config)?;
+            let broker = config.brokers.first().and_then(|b| match b.host {
+                Host::Ip(ip) => Some(ip),
+                Host::Name(_) => None,
+            });
+            let findings = preflight::analyze(&config, &preflight::gather(&config, broker));
+            for f in &findings {
+                println!("{:<5} {:<14} {}", f.level.as_str(), f.check, f.detail);
+            }
+            let worst = findings.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
+            Ok(if worst == Level::Fail {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Cilium {
+            config,
+            namespace,
+            region,
+            api_version,
+        } => {
+            let config = load(&config)?;
+            let dir = tunnel::state_dir(&config);
+            let live = LiveRoutes::load(&dir)?;
+            println!(
+                "# {} site routes of gateway {} (region {}), from broker {}, received {} s ago",
+                live.routes.len(),
+                live.gateway,
+                live.region,
+                live.broker,
+                live.age_secs()
+            );
+            print!("{}", cilium::cidr_groups(&live.routes, &api_version));
+            print!(
+                "{}",
+                cilium::example_policy(&namespace, region.as_ref().unwrap_or(&live.region))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
             let origin = file.display().to_string();
-            GatewayFile::load(&file)?.validate(&origin)?;
+            GatewayFile::load(&file)
+                .and_then(|f| f.validate(&origin))
+                .with_context(|| format!("{origin} is not valid"))?;
             println!("{origin}: ok");
             Ok(ExitCode::SUCCESS)
         }
         Command::Config {
             command: ConfigCommand::Defaults,
         } => {
-            print!("{}", toml_of(&GatewayFile::default()));
+            print!("{}", tether_config::to_toml(&GatewayFile::default()));
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn toml_of(file: &GatewayFile) -> String {
-    tether_config::to_toml(file)
 }

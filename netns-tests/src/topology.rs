@@ -443,3 +443,73 @@ prefixes = ["10.20.0.0/24", "fd20::/64"]
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|_| format!("({} missing)", path.display()))
 }
+
+/// A backend cloud: a gateway node on the internet and a backend host
+/// behind it.
+///
+/// ```text
+///  wan ── gwN 198.18.N.1/24 ─ node eth0 198.18.N.2/24 ── bk 10.3N.0.1/24 ─ backend 10.3N.0.10/24
+///                              tether-gateway (or a stock WireGuard peer)
+/// ```
+pub struct Cloud {
+    /// The gateway node.
+    pub node: NetNs,
+    /// A backend host routing everything via the node.
+    pub backend: NetNs,
+    /// The backend host's address.
+    pub backend_addr: String,
+    /// The backend prefix behind the node.
+    pub prefix: String,
+}
+
+impl Cloud {
+    /// Builds cloud number `n` (1-9) attached to the topology's internet.
+    pub fn new(topo: &Topology, n: u8) -> io::Result<Self> {
+        let cloud = Self {
+            node: NetNs::new(&format!("gwnode{n}"))?,
+            backend: NetNs::new(&format!("gwback{n}"))?,
+            backend_addr: format!("10.3{n}.0.10"),
+            prefix: format!("10.3{n}.0.0/24"),
+        };
+        link(
+            &topo.wan,
+            &format!("gw{n}"),
+            &format!("198.18.{n}.1/24"),
+            &cloud.node,
+            "eth0",
+            &format!("198.18.{n}.2/24"),
+        )?;
+        link(
+            &cloud.node,
+            "bk",
+            &format!("10.3{n}.0.1/24"),
+            &cloud.backend,
+            "eth0",
+            &format!("10.3{n}.0.10/24"),
+        )?;
+        cloud.node.run(
+            "ip",
+            &["route", "add", "default", "via", &format!("198.18.{n}.1")],
+        )?;
+        cloud.backend.run(
+            "ip",
+            &["route", "add", "default", "via", &format!("10.3{n}.0.1")],
+        )?;
+        // The node routes for its backends, as a Kubernetes node does.
+        sysctl(&cloud.node, "net.ipv4.ip_forward", "1")?;
+        Ok(cloud)
+    }
+
+    /// Whether the backend host can ping `addr` (one echo, 1 s timeout).
+    pub fn backend_pings(&self, addr: &str) -> bool {
+        self.backend.succeeds("ping", &["-c", "1", "-W", "1", addr])
+    }
+
+    /// The routes of `table` on the node, one per line.
+    pub fn table(&self, table: u32) -> String {
+        self.node
+            .run("ip", &["route", "show", "table", &table.to_string()])
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    }
+}

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod revocation;
 pub mod tls;
 pub mod token;
+pub mod wg;
 
 pub use ca::{Ca, IssuedCert, PkiError};
 pub use identity::{IdentityError, SiteIdentity, TrustDomain};

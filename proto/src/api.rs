@@ -141,6 +141,33 @@ pub struct SessionInfo {
     pub mtu: Option<usize>,
 }
 
+/// Admin API: a gateway and the state of its tunnel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    /// Gateway id.
+    pub id: crate::ids::GatewayId,
+    /// Its region.
+    pub region: RegionId,
+    /// `wireguard` or `local` (the broker host's own device).
+    pub kind: String,
+    /// WireGuard public key (base64), for WireGuard gateways.
+    pub public_key: Option<String>,
+    /// Backend prefixes behind it.
+    pub prefixes: Vec<ipnet::IpNet>,
+    /// Where its packets come from, once it has been heard.
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds since the last WireGuard handshake.
+    pub last_handshake_secs: Option<u64>,
+    /// Packets from the gateway.
+    pub rx_packets: u64,
+    /// Bytes from the gateway.
+    pub rx_bytes: u64,
+    /// Packets to the gateway.
+    pub tx_packets: u64,
+    /// Bytes to the gateway.
+    pub tx_bytes: u64,
+}
+
 /// Admin API: the outcome of a revocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokeResponse {

@@ -261,6 +261,97 @@ pub fn decrement_ttl(packet: &mut [u8]) -> Result<(), TtlExpired> {
     }
 }
 
+/// Lowers the MSS option of a TCP SYN (or SYN-ACK) to at most `mss`,
+/// updating the TCP checksum incrementally (RFC 1624), so that neither end
+/// sends segments larger than the tunnel carries. Returns whether the
+/// packet was changed; other packets, and SYNs whose MSS is already small
+/// enough, are left alone.
+pub fn clamp_mss(packet: &mut [u8], mss: u16) -> bool {
+    let Ok(parsed) = Packet::parse(packet) else {
+        return false;
+    };
+    if parsed.protocol != PROTO_TCP || parsed.later_fragment {
+        return false;
+    }
+    let start = parsed.header_len;
+    let total = parsed.total_len;
+    let Some(tcp) = packet.get_mut(start..total) else {
+        return false;
+    };
+    if tcp.len() < 20 || tcp[13] & 0x02 == 0 {
+        return false;
+    }
+    let data_offset = usize::from(tcp[12] >> 4) * 4;
+    if data_offset < 20 || data_offset > tcp.len() {
+        return false;
+    }
+    // Walk the options for kind 2 (MSS, length 4).
+    let mut i = 20;
+    while i < data_offset {
+        match tcp[i] {
+            0 => return false,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = tcp.get(i + 1) else {
+                    return false;
+                };
+                let len = usize::from(len);
+                if len < 2 || i + len > data_offset {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let old = u16::from_be_bytes([tcp[i + 2], tcp[i + 3]]);
+                    if old <= mss {
+                        return false;
+                    }
+                    tcp[i + 2..i + 4].copy_from_slice(&mss.to_be_bytes());
+                    if i % 2 == 1 {
+                        // The value straddles two checksum words: recompute.
+                        return recompute_tcp_checksum(packet, start, total);
+                    }
+                    let checksum = u16::from_be_bytes([tcp[16], tcp[17]]);
+                    let mut sum = u32::from(!checksum) + u32::from(!old) + u32::from(mss);
+                    while sum > 0xffff {
+                        sum = (sum & 0xffff) + (sum >> 16);
+                    }
+                    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                    return true;
+                }
+                i += len;
+            }
+        }
+    }
+    false
+}
+
+/// Recomputes the TCP checksum of `packet` (its segment spans
+/// `start..total`) from scratch.
+fn recompute_tcp_checksum(packet: &mut [u8], start: usize, total: usize) -> bool {
+    let tcp_len = (total - start) as u32;
+    let pseudo: Vec<u8> = match packet.first().map(|b| b >> 4) {
+        Some(4) => [
+            &packet[12..20],
+            &[0, PROTO_TCP],
+            &(tcp_len as u16).to_be_bytes(),
+        ]
+        .concat(),
+        Some(6) => [
+            &packet[8..40],
+            &tcp_len.to_be_bytes()[..],
+            &[0, 0, 0, PROTO_TCP],
+        ]
+        .concat(),
+        _ => return false,
+    };
+    let Some(tcp) = packet.get_mut(start..total) else {
+        return false;
+    };
+    tcp[16..18].copy_from_slice(&[0, 0]);
+    let sum = checksum(&[&pseudo, tcp]);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    true
+}
+
 /// The ICMP errors a tether router sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IcmpError {
@@ -526,6 +617,68 @@ fn copied_options_header(header: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    fn syn_v4(options: &[u8]) -> Vec<u8> {
+        let tcp_len = 20 + options.len();
+        let total = 20 + tcp_len;
+        let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, PROTO_TCP, 0, 0];
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p.extend_from_slice(&[10, 0, 0, 1, 100, 64, 0, 5]);
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+        tcp[12] = ((tcp_len / 4) as u8) << 4;
+        tcp[13] = 0x02;
+        tcp.extend_from_slice(options);
+        p.extend_from_slice(&tcp);
+        assert!(recompute_tcp_checksum(&mut p, 20, total));
+        p
+    }
+
+    fn tcp_checksum_ok(p: &[u8]) -> bool {
+        let tcp = &p[20..];
+        let pseudo = [
+            &p[12..20],
+            &[0, PROTO_TCP],
+            &(tcp.len() as u16).to_be_bytes(),
+        ]
+        .concat();
+        checksum(&[&pseudo, tcp]) == 0
+    }
+
+    fn mss_of(p: &[u8], at: usize) -> u16 {
+        u16::from_be_bytes([p[40 + at + 2], p[40 + at + 3]])
+    }
+
+    #[test]
+    fn mss_is_clamped_with_a_valid_checksum_aligned_or_not() {
+        // Aligned: MSS first.
+        let mut p = syn_v4(&[2, 4, 0x05, 0xb4, 1, 1, 1, 1]);
+        assert!(clamp_mss(&mut p, 1380));
+        assert_eq!(mss_of(&p, 0), 1380);
+        assert!(tcp_checksum_ok(&p));
+        // Already small enough: untouched.
+        assert!(!clamp_mss(&mut p, 1400));
+        // Misaligned: one NOP first.
+        let mut p = syn_v4(&[1, 2, 4, 0x05, 0xb4, 1, 1, 1]);
+        assert!(clamp_mss(&mut p, 1200));
+        assert_eq!(mss_of(&p, 1), 1200);
+        assert!(tcp_checksum_ok(&p));
+        // Not a SYN: untouched.
+        let mut p = syn_v4(&[2, 4, 0x05, 0xb4]);
+        p[20 + 13] = 0x10;
+        assert!(!clamp_mss(&mut p, 1000));
+        // Broken options never panic.
+        for junk in [
+            &[2u8, 9, 0, 0][..],
+            &[2, 0, 0, 0],
+            &[3, 1, 0, 0],
+            &[2, 4, 5, 0],
+        ] {
+            let mut p = syn_v4(junk);
+            let _ = clamp_mss(&mut p, 500);
+        }
+    }
     use proptest::prelude::*;
 
     /// A minimal IPv4 packet with a valid header checksum.

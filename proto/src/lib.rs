@@ -16,6 +16,8 @@
 //! - [`route`]: the longest-prefix-match route table with explanations.
 //! - [`forward`]: the forwarding decision (anti-spoofing, routing, data
 //!   residency, TTL, MTU) as a value.
+//! - [`gateway`]: the broker-to-gateway control channel inside WireGuard
+//!   (the route set a gateway installs).
 //! - [`tunnel`]: the CONNECT-IP session logic of broker and site, and
 //!   reconnection backoff.
 //! - `api`: tether's own JSON messages (enrollment, admin API).
@@ -29,6 +31,7 @@ pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
 pub mod forward;
+pub mod gateway;
 pub mod h3;
 pub mod ids;
 pub mod ip;

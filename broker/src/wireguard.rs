@@ -1,0 +1,668 @@
+//! Gateways as WireGuard peers (boringtun).
+//!
+//! Each registered gateway (`[[gateway]]`) is a peer with its own
+//! [`boringtun::noise::Tunn`]; all share the broker's key and UDP sockets
+//! (port 51820 on the listen addresses by default). A peer's endpoint is
+//! learned from its last authenticated packet, so gateways behind NAT work
+//! as long as they send first (`tether-gateway` asks for routes at once;
+//! stock peers need `PersistentKeepalive`).
+//!
+//! Packets decrypted from a peer enter the forwarding plane as gateway
+//! ingress (its region and backend prefixes); packets routed to a peer are
+//! encrypted and sent. Control datagrams between the link-local control
+//! addresses ([`tether_proto::gateway`]) never reach the plane: a request
+//! is answered with the route set of the peer's region, and every change
+//! to the site routes is pushed to the peers that asked recently.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use boringtun::noise::{Packet, Tunn, TunnResult, errors::WireGuardError, handshake};
+use boringtun::x25519;
+use ipnet::IpNet;
+use tether_config::broker::GatewayPeer;
+use tether_pki::wg::WgKey;
+use tether_proto::forward::DropReason;
+use tether_proto::gateway::{
+    self as control, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, SiteRoute,
+};
+use tether_proto::ids::{GatewayId, RegionId};
+use tether_proto::route::RouteKind;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use crate::state::{Broker, Counters};
+
+/// Name of the broker's WireGuard key in the data directory.
+pub const KEY_FILE: &str = "wireguard.key";
+
+/// How often peer timers run (handshake retries, keepalives, rekeying).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// A registered gateway.
+pub struct Peer {
+    /// Its id in routes.
+    pub id: GatewayId,
+    /// Its region.
+    pub region: RegionId,
+    /// Backend prefixes behind it (allowed sources).
+    pub prefixes: Vec<IpNet>,
+    /// Tunnel MTU.
+    pub mtu: usize,
+    /// Its public key.
+    pub public_key: [u8; 32],
+    /// Traffic from (rx) and to (tx) the gateway.
+    pub counters: Counters,
+    tunn: Mutex<Tunn>,
+    /// Socket index and address of its last authenticated packet.
+    endpoint: Mutex<Option<(usize, SocketAddr)>>,
+    last_request: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("id", &self.id)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the admin API shows of a peer.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// Where its packets come from.
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last completed handshake.
+    pub since_handshake: Option<Duration>,
+    /// Round-trip time of the last handshake.
+    pub rtt_ms: Option<u32>,
+}
+
+impl Peer {
+    /// The peer's endpoint, once it has sent an authenticated packet.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint.lock().ok().and_then(|e| e.map(|(_, a)| a))
+    }
+
+    /// Handshake state for the admin API.
+    pub fn status(&self) -> PeerStatus {
+        let (since, _, _, _, rtt) = self
+            .tunn
+            .lock()
+            .map(|t| t.stats())
+            .unwrap_or((None, 0, 0, 0.0, None));
+        PeerStatus {
+            endpoint: self.endpoint(),
+            since_handshake: since,
+            rtt_ms: rtt,
+        }
+    }
+
+    fn subscribed(&self) -> bool {
+        self.last_request
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .is_some_and(|t| t.elapsed() < control::SUBSCRIPTION)
+    }
+}
+
+thread_local! {
+    /// Room for one encrypted packet.
+    static SEAL: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_536 + 64]);
+}
+
+/// The broker's WireGuard side.
+pub struct Wireguard {
+    sockets: Vec<Arc<UdpSocket>>,
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    peers: Vec<Arc<Peer>>,
+    by_id: HashMap<GatewayId, usize>,
+    by_key: HashMap<[u8; 32], usize>,
+    generation_base: u64,
+}
+
+impl std::fmt::Debug for Wireguard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wireguard")
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wireguard {
+    /// The peer of a gateway id.
+    pub fn peer(&self, id: &GatewayId) -> Option<&Arc<Peer>> {
+        self.by_id.get(id).and_then(|&i| self.peers.get(i))
+    }
+
+    /// Every peer.
+    pub fn peers(&self) -> &[Arc<Peer>] {
+        &self.peers
+    }
+
+    /// The broker's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    /// The bound socket addresses.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
+    }
+
+    /// Encrypts an IP packet for a peer and sends it.
+    pub fn send(&self, peer: &Peer, packet: &[u8]) -> Result<(), DropReason> {
+        let (socket, to) = peer
+            .endpoint
+            .lock()
+            .ok()
+            .and_then(|e| *e)
+            .ok_or(DropReason::TargetDown)?;
+        let socket = self.sockets.get(socket).ok_or(DropReason::TargetDown)?;
+        SEAL.with_borrow_mut(|buf| {
+            if buf.len() < packet.len() + 148 {
+                buf.resize(packet.len() + 148, 0);
+            }
+            let mut tunn = peer.tunn.lock().map_err(|_| DropReason::TargetDown)?;
+            match tunn.encapsulate(packet, buf) {
+                TunnResult::WriteToNetwork(out) => match socket.try_send_to(out, to) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Err(DropReason::QueueFull);
+                    }
+                    Err(_) => return Err(DropReason::TargetDown),
+                },
+                TunnResult::Err(_) => return Err(DropReason::TargetDown),
+                _ => {}
+            }
+            peer.counters.tx.add(packet.len() as u64);
+            Ok(())
+        })
+    }
+
+    /// Sends a control message to a peer.
+    fn send_control(&self, peer: &Peer, message: &Message) {
+        let packet = control::control_packet(BROKER_CONTROL, GATEWAY_CONTROL, &message.encode());
+        if let Err(reason) = self.send(peer, &packet) {
+            tracing::debug!(gateway = %peer.id, %reason, "control message not sent");
+        }
+    }
+
+    /// Sends the current route set of the peer's region.
+    fn send_routes(&self, broker: &Broker, peer: &Peer) {
+        let set = RouteSet {
+            generation: self.generation_base | *broker.site_routes.borrow(),
+            routes: routes_for(broker, &peer.region),
+        };
+        for chunk in set.encode() {
+            self.send_control(peer, &chunk);
+        }
+    }
+}
+
+/// The site routes a gateway of `region` may reach, sorted.
+pub fn routes_for(broker: &Broker, region: &RegionId) -> Vec<SiteRoute> {
+    let Ok(router) = broker.router.read() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SiteRoute> = router
+        .table
+        .routes()
+        .into_iter()
+        .filter(|r| matches!(r.kind, RouteKind::SiteAddress | RouteKind::SiteLan))
+        .filter(|r| router.residency.permits(&r.region, region))
+        .filter_map(|r| match &r.target {
+            tether_proto::route::RouteTarget::Site(site) => Some(SiteRoute {
+                prefix: r.prefix,
+                site: site.clone(),
+                region: r.region.clone(),
+            }),
+            tether_proto::route::RouteTarget::Gateway(_) => None,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Binds the WireGuard sockets and starts the peers' tasks, when gateways
+/// are configured.
+pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<Wireguard>>> {
+    let config = &broker.config;
+    if config.gateways.is_empty() {
+        return Ok(None);
+    }
+    let (key, created) = WgKey::load_or_create(&broker.data_dir.join(KEY_FILE))?;
+    if created {
+        tracing::info!(path = %broker.data_dir.join(KEY_FILE).display(), "created the broker's WireGuard key");
+    }
+    let private = x25519::StaticSecret::from(key.secret_bytes());
+    let public = x25519::PublicKey::from(&private);
+    let mut sockets = Vec::new();
+    for addr in &config.wireguard_listen {
+        let std = std::net::UdpSocket::bind(addr).with_context(|| {
+            format!("cannot bind the WireGuard socket {addr} (is another WireGuard on this port?)")
+        })?;
+        std.set_nonblocking(true)?;
+        crate::server::tune_socket(&std);
+        let socket = UdpSocket::from_std(std)?;
+        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+        sockets.push((Arc::new(socket), Arc::new(state)));
+    }
+    let peers: Vec<Arc<Peer>> = config
+        .gateways
+        .iter()
+        .enumerate()
+        .map(|(i, g)| Arc::new(new_peer(g, &private, i as u32)))
+        .collect();
+    let wg = Arc::new(Wireguard {
+        sockets: sockets.iter().map(|(s, _)| s.clone()).collect(),
+        private,
+        public,
+        by_id: peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.clone(), i))
+            .collect(),
+        by_key: peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.public_key, i))
+            .collect(),
+        peers,
+        generation_base: u64::from(rand::random::<u32>()) << 32,
+    });
+    if broker.wireguard.set(wg.clone()).is_err() {
+        anyhow::bail!("WireGuard started twice");
+    }
+    for (index, (socket, state)) in sockets.into_iter().enumerate() {
+        let (broker, wg) = (broker.clone(), wg.clone());
+        tokio::spawn(async move { receive(broker, wg, index, socket, state).await });
+    }
+    let timers = wg.clone();
+    tokio::spawn(async move { run_timers(timers).await });
+    let (pusher, watcher) = (wg.clone(), broker.clone());
+    tokio::spawn(async move { push_changes(watcher, pusher).await });
+    tracing::info!(
+        listen = ?wg.local_addrs(),
+        public_key = %tether_pki::wg::encode(&wg.public_key()),
+        gateways = wg.peers.len(),
+        "WireGuard up for gateways"
+    );
+    Ok(Some(wg))
+}
+
+fn new_peer(g: &GatewayPeer, private: &x25519::StaticSecret, index: u32) -> Peer {
+    let tunn = Tunn::new(
+        private.clone(),
+        x25519::PublicKey::from(g.public_key),
+        None,
+        None,
+        index,
+        None,
+    );
+    Peer {
+        id: g.id.clone(),
+        region: g.region.clone(),
+        prefixes: g.prefixes.clone(),
+        mtu: usize::from(g.mtu),
+        public_key: g.public_key,
+        counters: Counters::default(),
+        tunn: Mutex::new(tunn),
+        endpoint: Mutex::new(None),
+        last_request: Mutex::new(None),
+    }
+}
+
+/// Which peer a datagram belongs to.
+fn peer_of(wg: &Wireguard, datagram: &[u8]) -> Option<usize> {
+    let index = match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeInit(init) => {
+            let half = handshake::parse_handshake_anon(&wg.private, &wg.public, &init).ok()?;
+            return wg.by_key.get(&half.peer_static_public).copied();
+        }
+        Packet::HandshakeResponse(r) => r.receiver_idx,
+        Packet::PacketCookieReply(c) => c.receiver_idx,
+        Packet::PacketData(d) => d.receiver_idx,
+    };
+    Some((index >> 8) as usize)
+}
+
+/// Receives datagrams (several per system call, coalesced by GRO where the
+/// kernel offers it) and handles each.
+async fn receive(
+    broker: Arc<Broker>,
+    wg: Arc<Wireguard>,
+    index: usize,
+    socket: Arc<UdpSocket>,
+    state: Arc<quinn_udp::UdpSocketState>,
+) {
+    const SLOTS: usize = 8;
+    let mut storage = vec![vec![0u8; 65_536]; SLOTS];
+    let mut meta = [quinn_udp::RecvMeta::default(); SLOTS];
+    let mut out = vec![0u8; 65_536 + 64];
+    loop {
+        let received = {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            socket
+                .async_io(Interest::READABLE, || {
+                    state.recv((&*socket).into(), &mut bufs, &mut meta)
+                })
+                .await
+        };
+        let n = match received {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "WireGuard socket receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        for (m, buf) in meta.iter().zip(&storage).take(n) {
+            let stride = m.stride.max(1);
+            for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
+                handle(&broker, &wg, index, m.addr, datagram, &mut out);
+            }
+        }
+    }
+}
+
+/// Handles one datagram from the network.
+fn handle(
+    broker: &Broker,
+    wg: &Wireguard,
+    socket: usize,
+    from: SocketAddr,
+    datagram: &[u8],
+    out: &mut [u8],
+) {
+    let Some(peer) = peer_of(wg, datagram).and_then(|i| wg.peers.get(i)) else {
+        broker.metrics.wireguard_unknown.increment(1);
+        return;
+    };
+    let Some(sock) = wg.sockets.get(socket) else {
+        return;
+    };
+    let Ok(mut tunn) = peer.tunn.lock() else {
+        return;
+    };
+    let mut result = tunn.decapsulate(Some(from.ip()), datagram, out);
+    let packet: Option<Vec<u8>> = loop {
+        match result {
+            TunnResult::WriteToNetwork(reply) => {
+                // Handshake responses, cookies, and packets queued while the
+                // session was being set up.
+                let _ = sock.try_send_to(reply, from);
+                result = tunn.decapsulate(None, &[], out);
+            }
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                break Some(p.to_vec());
+            }
+            TunnResult::Done => break None,
+            TunnResult::Err(WireGuardError::DuplicateCounter) => break None,
+            TunnResult::Err(e) => {
+                tracing::debug!(gateway = %peer.id, error = ?e, "WireGuard packet refused");
+                broker.metrics.wireguard_refused.increment(1);
+                return;
+            }
+        }
+    };
+    drop(tunn);
+    // Authenticated: this is where the peer is now.
+    if let Ok(mut ep) = peer.endpoint.lock() {
+        *ep = Some((socket, from));
+    }
+    let Some(packet) = packet else {
+        return;
+    };
+    if let Some(payload) = control::control_payload(&packet, GATEWAY_CONTROL, BROKER_CONTROL) {
+        if let Ok(Message::Request) = Message::decode(payload) {
+            if let Ok(mut last) = peer.last_request.lock() {
+                *last = Some(Instant::now());
+            }
+            wg.send_routes(broker, peer);
+        }
+        return;
+    }
+    crate::plane::from_gateway_peer(broker, wg, peer, &packet);
+}
+
+/// Runs every peer's timers: handshake retries, keepalives, rekeying.
+async fn run_timers(wg: Arc<Wireguard>) {
+    let mut buf = vec![0u8; 256];
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for peer in &wg.peers {
+            let Some((socket, to)) = peer.endpoint.lock().ok().and_then(|e| *e) else {
+                continue;
+            };
+            let Ok(mut tunn) = peer.tunn.lock() else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut buf)
+                && let Some(s) = wg.sockets.get(socket)
+            {
+                let _ = s.try_send_to(p, to);
+            }
+        }
+    }
+}
+
+/// Pushes the route set to subscribed peers whenever site routes change.
+async fn push_changes(broker: Arc<Broker>, wg: Arc<Wireguard>) {
+    let mut changes = broker.site_routes.subscribe();
+    while changes.changed().await.is_ok() {
+        // Sites often come and go in bursts (a broker restart): one push
+        // per burst.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        changes.borrow_and_update();
+        for peer in &wg.peers {
+            if peer.subscribed() {
+                wg.send_routes(&broker, peer);
+            }
+        }
+    }
+}
+
+/// Where gateways reach the broker's WireGuard: a listen address, or an
+/// advertised address or name on the WireGuard port when the listener
+/// binds every interface.
+pub fn endpoint(config: &tether_config::broker::BrokerConfig) -> Option<String> {
+    let first = config.wireguard_listen.first()?;
+    if !first.ip().is_unspecified() {
+        return Some(first.to_string());
+    }
+    let port = first.port();
+    config
+        .advertised_ips
+        .first()
+        .map(|ip| SocketAddr::new(*ip, port).to_string())
+        .or_else(|| {
+            config
+                .advertised_names
+                .first()
+                .map(|n| format!("{n}:{port}"))
+        })
+}
+
+/// A wg-quick configuration that lets a stock WireGuard peer stand in for
+/// `tether-gateway` as the registered gateway `id`: the pools of every
+/// region its region may reach go into the gateway's own table, with the
+/// same rule as `tether-gateway` installs, and the private key is read from
+/// `private_key_file` (it never appears in the file).
+pub fn wg_quick_config(
+    config: &tether_config::broker::BrokerConfig,
+    id: &GatewayId,
+    broker_public_key: &[u8; 32],
+    private_key_file: &std::path::Path,
+    table: u32,
+    priority: u32,
+) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let gw = config
+        .gateways
+        .iter()
+        .find(|g| &g.id == id)
+        .with_context(|| {
+            format!(
+                "no [[gateway]] with id {id} in the broker configuration; register its public key first"
+            )
+        })?;
+    let endpoint = endpoint(config).context("the broker has no WireGuard listen address")?;
+    let residency = tether_proto::forward::Residency::new(
+        config
+            .regions
+            .iter()
+            .map(|(r, c)| (r.clone(), c.allow_gateways_from.clone()))
+            .collect(),
+    );
+    let pools: Vec<IpNet> = config
+        .regions
+        .iter()
+        .filter(|(site_region, _)| residency.permits(site_region, &gw.region))
+        .flat_map(|(_, r)| r.pools.clone())
+        .collect();
+    let has_v6 = pools.iter().any(|p| matches!(p, IpNet::V6(_)));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Stock WireGuard peer standing in for tether gateway {id} (region {}).",
+        gw.region
+    );
+    let _ = writeln!(
+        out,
+        "# Its public key must be the one registered for {id}: {}",
+        tether_pki::wg::encode(&gw.public_key)
+    );
+    let _ = writeln!(
+        out,
+        "# Routes go to table {table}, looked up at rule priority {priority}, clear of Cilium's;"
+    );
+    let _ = writeln!(
+        out,
+        "# routes follow the pools, not the live sites (tether-gateway keeps them per site)."
+    );
+    out.push_str("[Interface]\n");
+    let _ = writeln!(out, "MTU = {}", gw.mtu);
+    let _ = writeln!(out, "Table = {table}");
+    let _ = writeln!(
+        out,
+        "PostUp = wg set %i private-key {}",
+        private_key_file.display()
+    );
+    let _ = writeln!(
+        out,
+        "PostUp = ip -4 rule add priority {priority} lookup {table}"
+    );
+    let _ = writeln!(
+        out,
+        "PreDown = ip -4 rule del priority {priority} lookup {table}"
+    );
+    if has_v6 {
+        let _ = writeln!(
+            out,
+            "PostUp = ip -6 rule add priority {priority} lookup {table}"
+        );
+        let _ = writeln!(
+            out,
+            "PreDown = ip -6 rule del priority {priority} lookup {table}"
+        );
+    }
+    out.push_str("\n[Peer]\n");
+    let _ = writeln!(
+        out,
+        "PublicKey = {}",
+        tether_pki::wg::encode(broker_public_key)
+    );
+    let _ = writeln!(out, "Endpoint = {endpoint}");
+    let _ = writeln!(
+        out,
+        "AllowedIPs = {}",
+        pools
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    out.push_str("PersistentKeepalive = 25\n");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wg_quick_config_lists_the_reachable_pools_and_reads_the_key_from_a_file() {
+        let key = tether_pki::wg::WgKey::generate();
+        let text = format!(
+            r#"published_cidr = "203.0.113.0/24"
+listen = ["203.0.113.10:443"]
+advertised = ["203.0.113.10"]
+[[region]]
+name = "eu"
+ipv4_pools = ["100.64.0.0/16"]
+ipv6_pools = ["fd74::/48"]
+[[region]]
+name = "us"
+ipv4_pools = ["100.80.0.0/16"]
+[[gateway]]
+id = "gw-eu"
+region = "eu"
+public_key = "{}"
+prefixes = ["10.30.0.0/24"]
+"#,
+            tether_pki::wg::encode(&key.public())
+        );
+        let config = tether_config::broker::BrokerFile::parse(&text, "t")
+            .unwrap()
+            .validate("t")
+            .unwrap();
+        let id = GatewayId::new("gw-eu").unwrap();
+        let conf = wg_quick_config(
+            &config,
+            &id,
+            &[7; 32],
+            std::path::Path::new("/etc/wireguard/gw-eu.key"),
+            7300,
+            7300,
+        )
+        .unwrap();
+        assert!(conf.contains("Endpoint = 203.0.113.10:51820\n"), "{conf}");
+        assert!(
+            conf.contains("AllowedIPs = 100.64.0.0/16, fd74::/48\n"),
+            "{conf}"
+        );
+        assert!(
+            !conf.contains("100.80.0.0/16"),
+            "another region's pool: {conf}"
+        );
+        assert!(conf.contains("PostUp = wg set %i private-key /etc/wireguard/gw-eu.key\n"));
+        assert!(conf.contains("Table = 7300\n"));
+        assert!(!conf.contains(&tether_pki::wg::encode(&key.secret_bytes())));
+        assert!(
+            wg_quick_config(
+                &config,
+                &GatewayId::new("nope").unwrap(),
+                &[7; 32],
+                std::path::Path::new("/k"),
+                7300,
+                7300
+            )
+            .is_err()
+        );
+    }
+}

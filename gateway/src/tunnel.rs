@@ -1,0 +1,517 @@
+//! The running gateway: a WireGuard peer of the broker (boringtun) between
+//! a TUN device and one UDP socket, plus the routes of the sites its region
+//! may reach.
+//!
+//! Device to broker: one read of the offloading device yields a whole TCP
+//! burst, split into packets; each is encrypted, and the datagrams, being
+//! of equal size, leave in one `sendmsg` with UDP segmentation offload.
+//! Broker to device: datagrams arrive coalesced (UDP GRO), are decrypted,
+//! and written to the device together so the kernel can coalesce TCP
+//! segments again. TCP SYNs are clamped to the tunnel MTU both ways.
+//!
+//! Control datagrams from the broker ([`tether_proto::gateway`]) carry the
+//! route set; the gateway asks for it at start and every 10 s, and the
+//! broker pushes changes at once.
+
+use std::collections::BTreeSet;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use tether_config::Host;
+use tether_config::gateway::GatewayConfig;
+use tether_pki::wg::WgKey;
+use tether_proto::gateway::{
+    self as control, Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet,
+};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use crate::live::LiveRoutes;
+use crate::routes::Routes;
+
+/// Name of the gateway's WireGuard key in the state directory.
+pub const KEY_FILE: &str = "wireguard.key";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether-gateway";
+/// Largest payload of one segmentation-offloaded UDP send (an IPv4 UDP
+/// datagram's limit, 65,507 bytes, rounded down).
+const MAX_GSO_BYTES: usize = 65_000;
+/// Room for the virtio-net header of an offloading device.
+const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// WireGuard's keepalive towards the broker, so NAT state on the way
+/// stays open.
+const KEEPALIVE_SECS: u16 = 25;
+
+/// The state directory of a configuration.
+pub fn state_dir(config: &GatewayConfig) -> PathBuf {
+    config
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+}
+
+/// Reads (or creates) the gateway's WireGuard key.
+pub fn load_key(dir: &Path) -> anyhow::Result<(WgKey, bool)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    Ok(WgKey::load_or_create(&dir.join(KEY_FILE))?)
+}
+
+/// Resolves the first broker endpoint to an address inside the published
+/// CIDR.
+async fn broker_address(config: &GatewayConfig) -> anyhow::Result<SocketAddr> {
+    let endpoint = config
+        .brokers
+        .first()
+        .context("no broker configured (brokers = [\"<broker>:51820\"])")?;
+    let candidates: Vec<SocketAddr> = match &endpoint.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), endpoint.port))
+            .await
+            .with_context(|| format!("cannot resolve the broker {name}"))?
+            .collect(),
+    };
+    candidates
+        .iter()
+        .copied()
+        .find(|a| config.published_cidr.contains(&a.ip()))
+        .with_context(|| {
+            format!(
+                "broker {endpoint} resolves to {candidates:?}, none inside the published CIDR {}",
+                config.published_cidr
+            )
+        })
+}
+
+/// Socket buffers for bursts of a Gbit/s tunnel while the gateway is busy:
+/// beyond `net.core.rmem_max` for this socket only when it may (it runs
+/// with CAP_NET_ADMIN), no global sysctl changed.
+fn tune_socket(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    const SIZE: usize = 8 << 20;
+    if setsockopt(socket, sockopt::RcvBufForce, &SIZE).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SIZE);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &SIZE).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &SIZE);
+    }
+}
+
+/// What the packet tasks share.
+struct Shared {
+    tunn: Mutex<Tunn>,
+    socket: UdpSocket,
+    udp: quinn_udp::UdpSocketState,
+    broker: SocketAddr,
+    dev: tun_rs::AsyncDevice,
+    offload: bool,
+    mtu: u16,
+}
+
+impl Shared {
+    /// Lowers the MSS of TCP SYNs to what the tunnel carries.
+    fn clamp(&self, packet: &mut [u8]) {
+        let header = match packet.first().map(|b| b >> 4) {
+            Some(6) => 60,
+            _ => 40,
+        };
+        tether_proto::ip::clamp_mss(packet, self.mtu.saturating_sub(header));
+    }
+
+    /// Sends datagrams of `lens` laid out back to back in `data`, in as few
+    /// system calls as UDP segmentation offload allows.
+    async fn send_all(&self, data: &[u8], lens: &[usize]) {
+        let max = self.udp.max_gso_segments().max(1);
+        let mut start = 0;
+        let mut i = 0;
+        while i < lens.len() {
+            // A run of equal sizes, optionally ending in one smaller.
+            // One UDP send carries at most 64 KiB.
+            let seg = lens[i];
+            let max = max.min((MAX_GSO_BYTES / seg.max(1)).max(1));
+            let mut j = i + 1;
+            while j < lens.len() && j - i < max && lens[j] == seg {
+                j += 1;
+            }
+            if j < lens.len() && j - i < max && lens[j] < seg {
+                j += 1;
+            }
+            let end = start + lens[i..j].iter().sum::<usize>();
+            let transmit = quinn_udp::Transmit {
+                destination: self.broker,
+                ecn: None,
+                contents: data.get(start..end).unwrap_or_default(),
+                segment_size: (j - i > 1).then_some(seg),
+                src_ip: None,
+            };
+            let _ = self
+                .socket
+                .async_io(Interest::WRITABLE, || {
+                    self.udp.send((&self.socket).into(), &transmit)
+                })
+                .await;
+            start = end;
+            i = j;
+        }
+    }
+
+    /// Encrypts one packet (or a control message) and sends it.
+    async fn send_one(&self, packet: &[u8]) {
+        let mut out = vec![0u8; packet.len() + 148];
+        let n = match self.tunn.lock() {
+            Ok(mut t) => match t.encapsulate(packet, &mut out) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => 0,
+            },
+            Err(_) => 0,
+        };
+        if n > 0 {
+            self.send_all(&out[..n], &[n]).await;
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown` resolves; removes its rules and routes
+/// on the way out.
+pub async fn run(
+    config: GatewayConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let dir = state_dir(&config);
+    let (key, created) = load_key(&dir)?;
+    if created {
+        tracing::info!(path = %dir.join(KEY_FILE).display(), "created the gateway's WireGuard key");
+    }
+    let broker_key = config.broker_public_key.context(
+        "broker_public_key is not set: add the output of `tether-broker gateway key` to the configuration",
+    )?;
+    let broker = broker_address(&config).await?;
+    let bind: SocketAddr = match broker.ip() {
+        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
+        IpAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let std = std::net::UdpSocket::bind(bind).context("cannot open a UDP socket")?;
+    std.set_nonblocking(true)?;
+    tune_socket(&std);
+    let socket = UdpSocket::from_std(std)?;
+    let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
+
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(&config.tun_name)
+            .mtu(config.mtu)
+            .offload(offload)
+            .enable(true)
+            .build_async()
+    };
+    let want = std::env::var("TETHER_TUN_OFFLOAD").map_or(true, |v| v != "0");
+    let (dev, offload) = match build(want) {
+        Ok(dev) => (dev, want),
+        Err(_) => (
+            build(false).with_context(|| {
+                format!(
+                    "cannot create the device {} (run as root, or with CAP_NET_ADMIN)",
+                    config.tun_name
+                )
+            })?,
+            false,
+        ),
+    };
+    let index = dev.if_index().context("the device has no index")?;
+    let mut routes = Routes::new(index, config.table, config.rule_priority).await?;
+
+    let private = x25519::StaticSecret::from(key.secret_bytes());
+    let tunn = Tunn::new(
+        private,
+        x25519::PublicKey::from(broker_key),
+        None,
+        Some(KEEPALIVE_SECS),
+        0,
+        None,
+    );
+    let shared = Arc::new(Shared {
+        tunn: Mutex::new(tunn),
+        socket,
+        udp,
+        broker,
+        dev,
+        offload,
+        mtu: config.mtu,
+    });
+    if config.dns_listen.is_some() {
+        tracing::warn!("dns.listen is set, but this build does not serve the mesh zone yet");
+    }
+    tracing::info!(
+        gateway = %config.id,
+        region = %config.region,
+        broker = %broker,
+        device = %config.tun_name,
+        mtu = config.mtu,
+        offload,
+        table = config.table,
+        rule_priority = config.rule_priority,
+        public_key = %tether_pki::wg::encode(&key.public()),
+        "gateway starting"
+    );
+
+    let (sets, mut set_rx) = watch::channel(None::<RouteSet>);
+    let tasks = [
+        tokio::spawn(outbound(shared.clone())),
+        tokio::spawn(inbound(shared.clone(), sets)),
+        tokio::spawn(timers(shared.clone())),
+    ];
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            changed = set_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the tunnel stopped"));
+                }
+                let Some(set) = set_rx.borrow_and_update().clone() else { continue };
+                let wanted: BTreeSet<IpNet> = set.routes.iter().map(|r| r.prefix).collect();
+                match routes.set(&wanted).await {
+                    Ok((added, removed)) => tracing::info!(
+                        routes = wanted.len(), added, removed, generation = set.generation,
+                        "site routes updated"
+                    ),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "cannot update site routes"),
+                }
+                let live = LiveRoutes {
+                    gateway: config.id.clone(),
+                    region: config.region.clone(),
+                    broker: broker.to_string(),
+                    generation: set.generation,
+                    received_at: SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default(),
+                    routes: set.routes,
+                };
+                if let Err(e) = live.save(&dir) {
+                    tracing::warn!(error = format!("{e:#}"), "cannot record the live routes");
+                }
+            }
+        }
+    };
+    for t in &tasks {
+        t.abort();
+    }
+    routes.remove_all().await;
+    tracing::info!("gateway stopped; its rules and routes are removed");
+    result
+}
+
+/// Device to broker.
+async fn outbound(shared: Arc<Shared>) {
+    let batch = if shared.offload {
+        tun_rs::IDEAL_BATCH_SIZE
+    } else {
+        1
+    };
+    let mut original = vec![0u8; VNET_HDR + 65_536];
+    let mut bufs = vec![vec![0u8; 65_536]; batch];
+    let mut sizes = vec![0usize; batch];
+    let mut sealed: Vec<u8> = Vec::with_capacity(batch * 1600);
+    let mut lens: Vec<usize> = Vec::with_capacity(batch);
+    let mut handshakes: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let n = if shared.offload {
+            shared
+                .dev
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                .await
+        } else {
+            shared.dev.recv(&mut bufs[0]).await.map(|n| {
+                sizes[0] = n;
+                1
+            })
+        };
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "the gateway device failed");
+                return;
+            }
+        };
+        sealed.clear();
+        lens.clear();
+        {
+            let Ok(mut tunn) = shared.tunn.lock() else {
+                return;
+            };
+            for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
+                let Some(packet) = buf.get_mut(..size) else {
+                    continue;
+                };
+                shared.clamp(packet);
+                let start = sealed.len();
+                sealed.resize(start + size + 148, 0);
+                let (len, data) = match tunn.encapsulate(packet, &mut sealed[start..]) {
+                    TunnResult::WriteToNetwork(p) => (p.len(), p.first() == Some(&4)),
+                    _ => (0, false),
+                };
+                if data {
+                    sealed.truncate(start + len);
+                    lens.push(len);
+                } else {
+                    // No session yet: the packet is queued and this is a
+                    // handshake initiation, sent on its own.
+                    if len > 0 {
+                        handshakes.push(sealed[start..start + len].to_vec());
+                    }
+                    sealed.truncate(start);
+                }
+            }
+        }
+        for h in handshakes.drain(..) {
+            shared.send_all(&h, &[h.len()]).await;
+        }
+        shared.send_all(&sealed, &lens).await;
+    }
+}
+
+/// Broker to device, and the control channel.
+async fn inbound(shared: Arc<Shared>, sets: watch::Sender<Option<RouteSet>>) {
+    const SLOTS: usize = 8;
+    let mut storage = vec![vec![0u8; 65_536]; SLOTS];
+    let mut meta = [quinn_udp::RecvMeta::default(); SLOTS];
+    let mut out = vec![0u8; 65_536 + 64];
+    let mut pool: Vec<bytes::BytesMut> = (0..tun_rs::IDEAL_BATCH_SIZE)
+        .map(|_| bytes::BytesMut::with_capacity(VNET_HDR + 65_536))
+        .collect();
+    let mut gro = tun_rs::GROTable::default();
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut assembler = Assembler::default();
+    let hdr = if shared.offload { VNET_HDR } else { 0 };
+    loop {
+        let received = {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            shared
+                .socket
+                .async_io(Interest::READABLE, || {
+                    shared
+                        .udp
+                        .recv((&shared.socket).into(), &mut bufs, &mut meta)
+                })
+                .await
+        };
+        let n = match received {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let mut ready = 0;
+        for (m, buf) in meta.iter().zip(&storage).take(n) {
+            if m.addr.ip().to_canonical() != shared.broker.ip().to_canonical() {
+                continue;
+            }
+            let stride = m.stride.max(1);
+            for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
+                let Ok(mut tunn) = shared.tunn.lock() else {
+                    return;
+                };
+                let mut result = tunn.decapsulate(Some(m.addr.ip()), datagram, &mut out);
+                loop {
+                    match result {
+                        TunnResult::WriteToNetwork(p) => {
+                            replies.push(p.to_vec());
+                            result = tunn.decapsulate(None, &[], &mut out);
+                        }
+                        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                            if let Some(payload) =
+                                control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
+                            {
+                                if let Ok(message) = Message::decode(payload)
+                                    && let Some(set) = assembler.push(message)
+                                {
+                                    sets.send_replace(Some(set));
+                                }
+                            } else if let Some(b) = pool.get_mut(ready) {
+                                b.clear();
+                                b.resize(hdr, 0);
+                                b.extend_from_slice(p);
+                                if let Some(packet) = b.get_mut(hdr..) {
+                                    shared.clamp(packet);
+                                }
+                                ready += 1;
+                            }
+                            break;
+                        }
+                        TunnResult::Done | TunnResult::Err(_) => break,
+                    }
+                }
+            }
+        }
+        for r in replies.drain(..) {
+            shared.send_all(&r, &[r.len()]).await;
+        }
+        let batch = &mut pool[..ready];
+        if shared.offload {
+            let _ = shared.dev.send_multiple(&mut gro, batch, VNET_HDR).await;
+        } else {
+            for b in batch.iter() {
+                let _ = shared.dev.send(b).await;
+            }
+        }
+    }
+}
+
+/// WireGuard timers, route-set requests and connection status.
+async fn timers(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 256];
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let request =
+        control::control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &Message::Request.encode());
+    let mut next_request = tokio::time::Instant::now();
+    let started = tokio::time::Instant::now();
+    let (mut connected, mut warned) = (false, false);
+    loop {
+        tick.tick().await;
+        let (out, since) = match shared.tunn.lock() {
+            Ok(mut t) => {
+                let out = match t.update_timers(&mut buf) {
+                    TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+                    _ => None,
+                };
+                (out, t.stats().0)
+            }
+            Err(_) => return,
+        };
+        if let Some(p) = out {
+            shared.send_all(&p, &[p.len()]).await;
+        }
+        match since {
+            Some(age) if !connected && age < Duration::from_secs(180) => {
+                connected = true;
+                tracing::info!(broker = %shared.broker, "WireGuard session with the broker established");
+            }
+            None if !warned && started.elapsed() > Duration::from_secs(10) => {
+                warned = true;
+                tracing::warn!(
+                    broker = %shared.broker,
+                    "no WireGuard handshake with the broker after 10 s: check that UDP {} is open towards it and that the broker lists this gateway's public key (`tether-gateway key`)",
+                    shared.broker.port()
+                );
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= next_request {
+            next_request += control::REQUEST_INTERVAL;
+            shared.send_one(&request).await;
+        }
+    }
+}

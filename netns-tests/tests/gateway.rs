@@ -1,0 +1,319 @@
+//! Backends in another cloud reach sites through a gateway:
+//!
+//! ```text
+//! [backend] -- [gateway node: TUN + routes] == WireGuard == [cloud: broker] == CONNECT-IP == [hospital-fw] -- [site]
+//! ```
+//!
+//! Real binaries (`tether-gateway`, `tether-broker`, `tether`), real TUN
+//! devices and routing tables; the stock-peer test runs `wg-quick` with
+//! wireguard-go and `wg` from Debian.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tether_netns_tests::topology::{BROKER, Cloud, Topology, read};
+use tether_netns_tests::{binary, require_root, wait_for};
+
+const TABLE: u32 = 7300;
+
+/// Creates a gateway's key in `state` and returns its public key.
+fn gateway_key(config: &Path) -> String {
+    let out = tether_netns_tests::run(
+        &binary("tether-gateway").display().to_string(),
+        &["key", "-c", &config.display().to_string()],
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn gateway_config(dir: &Path, id: &str, region: &str, broker_key: &str) -> String {
+    format!(
+        r#"id = "{id}"
+region = "{region}"
+published_cidr = "203.0.113.0/24"
+brokers = ["{BROKER}:51820"]
+broker_public_key = "{broker_key}"
+state_dir = "{}"
+"#,
+        dir.join(id).display()
+    )
+}
+
+fn gateway_entry(id: &str, region: &str, key: &str, prefix: &str) -> String {
+    format!(
+        "\n[[gateway]]\nid = \"{id}\"\nregion = \"{region}\"\npublic_key = \"{key}\"\nprefixes = [\"{prefix}\"]\n"
+    )
+}
+
+#[test]
+fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() {
+    if !require_root() {
+        return;
+    }
+    // Keys first: the broker's configuration registers them.
+    let work = tempfile::tempdir().unwrap();
+    let mut keys = Vec::new();
+    for id in ["gw-eu", "gw-us"] {
+        let cfg = work.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &cfg,
+            format!("state_dir = \"{}\"\n", work.path().join(id).display()),
+        )
+        .unwrap();
+        keys.push(gateway_key(&cfg));
+    }
+    let extra = format!(
+        "\n[[region]]\nname = \"us\"\nipv4_pools = [\"100.80.0.0/16\"]\n{}{}",
+        gateway_entry("gw-eu", "eu", &keys[0], "10.31.0.0/24"),
+        gateway_entry("gw-us", "us", &keys[1], "10.32.0.0/24"),
+    );
+    let topo = Topology::new(&extra).unwrap();
+    let broker_key = topo.broker_cli(&["gateway", "key"]).unwrap();
+    let broker_key = broker_key.trim();
+    assert_eq!(broker_key.len(), 44, "broker key: {broker_key:?}");
+
+    let eu = Cloud::new(&topo, 1).unwrap();
+    let us = Cloud::new(&topo, 2).unwrap();
+    let mut gateways = Vec::new();
+    for (cloud, id, region) in [(&eu, "gw-eu", "eu"), (&us, "gw-us", "us")] {
+        let cfg = work.path().join(format!("{id}.toml"));
+        std::fs::write(&cfg, gateway_config(work.path(), id, region, broker_key)).unwrap();
+        // Preflight on a clean node with forwarding on: nothing to report.
+        let pre = cloud
+            .node
+            .command(&binary("tether-gateway").display().to_string())
+            .args(["preflight", "-c", &cfg.display().to_string()])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&pre.stdout).to_string();
+        assert!(pre.status.success(), "preflight on {id}:\n{report}");
+        assert!(report.contains("ok    mtu"), "{report}");
+        let log = work.path().join(format!("{id}.log"));
+        let proc = cloud
+            .node
+            .spawn(
+                &binary("tether-gateway").display().to_string(),
+                &["run", "-c", &cfg.display().to_string()],
+                Some(log.clone()),
+            )
+            .unwrap();
+        gateways.push((proc, log, cfg));
+    }
+    for (_, log, _) in &gateways {
+        assert!(
+            wait_for(Duration::from_secs(10), || read(log)
+                .contains("WireGuard session with the broker established")),
+            "no WireGuard session:\n{}\nbroker:\n{}",
+            read(log),
+            read(&topo.path("broker.log"))
+        );
+    }
+    // Now the gateway holds its rule at the priority it reported free.
+    let rules = eu.node.run("ip", &["rule", "show"]).unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+    assert!(rules.contains("7300:\tfrom all lookup 7300"), "{rules}");
+    let gateways_out = topo.broker_cli(&["gateways"]).unwrap();
+    assert!(gateways_out.contains("gw-eu"), "{gateways_out}");
+
+    // A site of region eu comes up: its route appears at the eu gateway.
+    let state = topo.path("site-state");
+    topo.enroll("lab-1", &state).unwrap();
+    let started = Instant::now();
+    let (mut site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || eu.table(TABLE).contains(&addr)),
+        "route to {addr} missing at gw-eu: {}\n{}",
+        eu.table(TABLE),
+        read(&gateways[0].1)
+    );
+    println!(
+        "route for {addr} at the gateway {:.2} s after `tether up` started",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Ping and HTTP from the backend behind gw-eu, by address.
+    assert!(
+        wait_for(Duration::from_secs(10), || eu.backend_pings(&addr)),
+        "backend behind gw-eu cannot ping {addr}:\n{}",
+        read(&topo.path("broker.log"))
+    );
+    std::fs::write(topo.path("index.html"), "hello via the gateway\n").unwrap();
+    let _web = topo
+        .site
+        .spawn(
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                &topo.dir.path().display().to_string(),
+            ],
+            None,
+        )
+        .unwrap();
+    let mut page = String::new();
+    let got = wait_for(Duration::from_secs(10), || {
+        page = eu
+            .backend
+            .command("curl")
+            .args(["-s", "-m", "2", &format!("http://{addr}:8080/index.html")])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        page.contains("hello via the gateway")
+    });
+    assert!(got, "no page through the gateway: {page:?}");
+    // The site reaches the backend too (the gateway's prefix is routed).
+    assert!(
+        topo.site
+            .succeeds("ping", &["-c", "1", "-W", "2", &eu.backend_addr]),
+        "site cannot ping the backend behind gw-eu"
+    );
+
+    // The live route set drives the Cilium resources.
+    let cilium = eu
+        .node
+        .command(&binary("tether-gateway").display().to_string())
+        .args(["cilium", "-c", &gateways[0].2.display().to_string()])
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&cilium.stdout).to_string();
+    assert!(cilium.status.success(), "{yaml}");
+    assert!(yaml.contains("name: tether-site-lab-1"), "{yaml}");
+    assert!(yaml.contains(&format!("\"{addr}/32\"")), "{yaml}");
+
+    // Region us: no route to the eu site, and forcing one does not help.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !us.table(TABLE).contains(&addr),
+        "gw-us got a route to an eu site: {}",
+        us.table(TABLE)
+    );
+    us.node
+        .run(
+            "ip",
+            &[
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "tether-gw0",
+                "table",
+                &TABLE.to_string(),
+            ],
+        )
+        .unwrap();
+    let refused_before = topo.metric("tether_broker_packets_dropped_total{reason=\"residency\"}");
+    assert!(
+        !us.backend_pings(&addr),
+        "a backend in region us reached an eu site"
+    );
+    assert!(!us.backend_pings(&addr));
+    let refused_after = topo.metric("tether_broker_packets_dropped_total{reason=\"residency\"}");
+    assert!(
+        refused_after >= refused_before + 2.0,
+        "the broker did not refuse on residency: {refused_before} -> {refused_after}"
+    );
+
+    // The site goes: its route goes from the eu gateway.
+    site.kill();
+    let gone = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(30), || !eu.table(TABLE).contains(&addr)),
+        "route to {addr} stayed at gw-eu after the site left: {}",
+        eu.table(TABLE)
+    );
+    println!(
+        "route for {addr} removed at the gateway {:.2} s after the site was killed",
+        gone.elapsed().as_secs_f64()
+    );
+
+    // SIGTERM: the gateway removes its rule.
+    let (proc, log, _) = &mut gateways[0];
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(proc.wait_exit(Duration::from_secs(10)), "{}", read(log));
+    let rules = eu.node.run("ip", &["rule", "show"]).unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+    assert!(!rules.contains("lookup 7300"), "rule left behind: {rules}");
+}
+
+#[test]
+fn a_stock_wireguard_peer_stands_in_for_the_gateway() {
+    if !require_root() {
+        return;
+    }
+    if tether_netns_tests::run(
+        "sh",
+        &["-c", "command -v wg-quick && command -v wireguard-go"],
+    )
+    .is_err()
+    {
+        panic!("wg-quick and wireguard-go are needed (Debian: wireguard-tools wireguard-go)");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let private = work.path().join("stock.key");
+    let key = tether_netns_tests::run("wg", &["genkey"]).unwrap();
+    std::fs::write(&private, &key.stdout).unwrap();
+    let public =
+        tether_netns_tests::run("sh", &["-c", &format!("wg pubkey < {}", private.display())])
+            .unwrap();
+    let public = String::from_utf8_lossy(&public.stdout).trim().to_string();
+    let topo = Topology::new(&gateway_entry("gw-stock", "eu", &public, "10.33.0.0/24")).unwrap();
+    let cloud = Cloud::new(&topo, 3).unwrap();
+
+    // The broker prints the peer's configuration.
+    let conf = topo
+        .broker_cli(&[
+            "gateway",
+            "wg-quick",
+            "--id",
+            "gw-stock",
+            "--private-key-file",
+            &private.display().to_string(),
+        ])
+        .unwrap();
+    assert!(conf.contains("[Peer]"), "{conf}");
+    let file = work.path().join("tg0.conf");
+    std::fs::write(&file, &conf).unwrap();
+    let up = cloud
+        .node
+        .command("wg-quick")
+        .args(["up", &file.display().to_string()])
+        .env("WG_QUICK_USERSPACE_IMPLEMENTATION", "wireguard-go")
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "wg-quick up failed:\n{}{}\n{conf}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let show = cloud.node.run("wg", &["show", "tg0"]).unwrap();
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(show.contains(&format!("public key: {public}")), "{show}");
+
+    let state = topo.path("site-state");
+    topo.enroll("lab-2", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || cloud.backend_pings(&addr)),
+        "backend behind the stock peer cannot ping {addr}:\n{}\n{}",
+        String::from_utf8_lossy(&cloud.node.run("wg", &["show"]).unwrap().stdout),
+        read(&topo.path("broker.log"))
+    );
+    let ok = cloud.backend.succeeds(
+        "sh",
+        &["-c", &format!("ping -c 3 -i 0.2 -W 1 {addr} >/dev/null")],
+    );
+    assert!(ok, "pings through the stock peer were lost");
+    let _ = cloud
+        .node
+        .command("wg-quick")
+        .args(["down", &file.display().to_string()])
+        .output();
+}
