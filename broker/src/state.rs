@@ -368,22 +368,26 @@ impl Broker {
                     });
                 }
             }
-            for prefix in &gw.prefixes {
-                router.table.insert(Route {
-                    prefix: *prefix,
-                    kind: RouteKind::Gateway,
-                    target: RouteTarget::Gateway(gw.id.clone()),
-                    region: gw.region.clone(),
-                });
-            }
         }
-        for gw in &config.gateways {
-            for prefix in &gw.prefixes {
+        // The backend networks behind every gateway, local or over
+        // WireGuard.
+        let behind = config
+            .local_gateway
+            .iter()
+            .map(|g| (&g.id, &g.region, &g.prefixes))
+            .chain(
+                config
+                    .gateways
+                    .iter()
+                    .map(|g| (&g.id, &g.region, &g.prefixes)),
+            );
+        for (id, region, prefixes) in behind {
+            for prefix in prefixes {
                 router.table.insert(Route {
                     prefix: *prefix,
                     kind: RouteKind::Gateway,
-                    target: RouteTarget::Gateway(gw.id.clone()),
-                    region: gw.region.clone(),
+                    target: RouteTarget::Gateway(id.clone()),
+                    region: region.clone(),
                 });
             }
         }
