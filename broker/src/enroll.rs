@@ -117,6 +117,12 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
             broker.config.site_cert_lifetime,
         )
         .map_err(|e| (400, e.to_string()))?;
+    // The site's addresses exist from enrollment on, so its name resolves
+    // before it first connects. A full pool does not fail enrollment: the
+    // first connection reports it.
+    if let Err(e) = broker.site_addresses(&record.site, &record.region) {
+        tracing::warn!(site = %record.site, error = %e, "no address allocated at enrollment");
+    }
     broker
         .record_issued(&identity, &cert.serial, cert.not_after)
         .map_err(|e| (500, e.to_string()))?;

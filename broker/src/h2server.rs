@@ -246,10 +246,12 @@ async fn handle_request(
                 Some("h2-proxy") => Transport::H2Proxy,
                 _ => Transport::H2,
             };
+            let services = header(tether_proto::tunnel::SERVICES_HEADER);
             tunnel(
                 conn,
                 &full_path,
                 header("capsule-protocol").as_deref(),
+                services.as_deref(),
                 transport,
                 body,
                 respond,
@@ -281,12 +283,17 @@ async fn tunnel(
     conn: Conn,
     path: &str,
     capsule_protocol: Option<&str>,
+    services: Option<&str>,
     transport: Transport,
     body: h2::RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
     let peer = match crate::tunnel::check(conn.peer.clone(), path, capsule_protocol) {
         Ok(p) => p,
+        Err(r) => return reply(respond, Reply::error(r.status, r.message)),
+    };
+    let services = match crate::tunnel::services(services) {
+        Ok(s) => s,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
     let (addresses, lans) = match crate::tunnel::allocate(&conn.broker, &peer).await {
@@ -316,7 +323,7 @@ async fn tunnel(
         capsules,
         gone: conn.gone.clone(),
     };
-    let started = Started::new(&conn.broker, peer, &addresses, &lans, link);
+    let started = Started::new(&conn.broker, peer, &addresses, &lans, link, services);
     let reason = started.serve(&conn.broker, &mut carrier).await;
     drop(carrier);
     match reason {

@@ -7,6 +7,8 @@
 //!   [`enroll`]: enrollment and renewal.
 //! - [`plane`]: the forwarding plane; [`local_gateway`]: the TUN device;
 //!   [`wireguard`]: gateways as WireGuard peers.
+//! - [`names`]: identity DNS (the mesh zone, served and handed to
+//!   gateways).
 //! - [`admin`]: the admin API; [`admin_client`]: its CLI client.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
@@ -16,6 +18,7 @@ pub mod enroll;
 pub mod h2server;
 pub mod local_gateway;
 pub mod metrics;
+pub mod names;
 pub mod paths;
 pub mod plane;
 pub mod run;

@@ -159,6 +159,20 @@ pub fn session_closed(reason: &'static str) {
     counter!("tether_broker_sessions_closed_total", "reason" => reason).increment(1);
 }
 
+/// Counts a DNS answer by response code.
+pub fn dns_answer(code: hickory_proto::op::ResponseCode) {
+    let rcode = match code {
+        hickory_proto::op::ResponseCode::NoError => "NOERROR",
+        hickory_proto::op::ResponseCode::FormErr => "FORMERR",
+        hickory_proto::op::ResponseCode::ServFail => "SERVFAIL",
+        hickory_proto::op::ResponseCode::NXDomain => "NXDOMAIN",
+        hickory_proto::op::ResponseCode::NotImp => "NOTIMP",
+        hickory_proto::op::ResponseCode::Refused => "REFUSED",
+        _ => "OTHER",
+    };
+    counter!("tether_broker_dns_queries_total", "rcode" => rcode).increment(1);
+}
+
 /// Counts a refused CONNECT-IP request.
 pub fn connect_refused(status: u16) {
     counter!("tether_broker_connect_refused_total", "status" => status.to_string()).increment(1);

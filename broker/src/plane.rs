@@ -144,7 +144,14 @@ fn deliver(broker: &Broker, route: &Route, mut buffer: Buffer) -> Result<(), Dro
 }
 
 /// Performs a verdict; `reply` sends an ICMP error back to the ingress.
-fn perform(broker: &Broker, verdict: Verdict, buffer: Buffer, reply: impl FnOnce(&[u8]) -> bool) {
+/// Returns the reason when the packet was dropped (counted already in the
+/// broker's totals).
+fn perform(
+    broker: &Broker,
+    verdict: Verdict,
+    buffer: Buffer,
+    reply: impl FnOnce(&[u8]) -> bool,
+) -> Option<DropReason> {
     let result = match verdict {
         Verdict::Forward(route) => deliver(broker, &route, buffer),
         Verdict::Fragments(route, fragments) => fragments
@@ -161,7 +168,15 @@ fn perform(broker: &Broker, verdict: Verdict, buffer: Buffer, reply: impl FnOnce
     if let Err(reason) = result {
         broker.metrics.drop(reason);
         tracing::trace!(reason = %reason, "packet dropped");
+        return Some(reason);
     }
+    None
+}
+
+/// Counts a drop of a site's packet in the broker's and the site's totals.
+fn site_drop(broker: &Broker, session: &Session, reason: DropReason) {
+    broker.metrics.drop(reason);
+    session.drops.add(reason);
 }
 
 /// Reusable buffers for the packets of one batch of datagrams that go to the
@@ -249,11 +264,11 @@ pub fn from_site_batched(
         Ok((stream, payload)) if stream == stream_id => match datagram::parse_payload(payload) {
             Ok(Payload::IpPacket(p)) => p,
             Ok(Payload::UnknownContext(_)) => {
-                return broker.metrics.drop(DropReason::UnknownContext);
+                return site_drop(broker, session, DropReason::UnknownContext);
             }
-            Err(_) => return broker.metrics.drop(DropReason::Malformed),
+            Err(_) => return site_drop(broker, session, DropReason::Malformed),
         },
-        _ => return broker.metrics.drop(DropReason::Malformed),
+        _ => return site_drop(broker, session, DropReason::Malformed),
     };
     session.counters.rx.add(packet.len() as u64);
     let hdr = crate::local_gateway::VNET_HDR;
@@ -284,18 +299,22 @@ pub fn from_site_batched(
                     // A gateway over WireGuard: sent now.
                     let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
                     batch.recycle(b);
-                    perform(broker, verdict, buffer, |icmp| {
+                    if let Some(r) = perform(broker, verdict, buffer, |icmp| {
                         send_to_site(session, icmp).is_ok()
-                    });
+                    }) {
+                        session.drops.add(r);
+                    }
                 }
             }
         }
         _ => {
             let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
             batch.recycle(b);
-            perform(broker, verdict, buffer, |icmp| {
+            if let Some(r) = perform(broker, verdict, buffer, |icmp| {
                 send_to_site(session, icmp).is_ok()
-            });
+            }) {
+                session.drops.add(r);
+            }
         }
     }
 }
@@ -315,9 +334,11 @@ pub fn from_site_packet(broker: &Broker, session: &Arc<Session>, packet: &[u8]) 
         };
         router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
     };
-    perform(broker, verdict, buffer, |icmp| {
+    if let Some(r) = perform(broker, verdict, buffer, |icmp| {
         send_to_site(session, icmp).is_ok()
-    });
+    }) {
+        session.drops.add(r);
+    }
 }
 
 /// An IP packet arrived from the local gateway's device.
@@ -338,7 +359,7 @@ pub fn from_local_gateway(broker: &Broker, packet: &[u8]) {
         };
         router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
     };
-    perform(broker, verdict, buffer, |icmp| gw.send(icmp).is_ok());
+    let _ = perform(broker, verdict, buffer, |icmp| gw.send(icmp).is_ok());
 }
 
 /// An IP packet arrived from a gateway over WireGuard.
@@ -361,5 +382,5 @@ pub fn from_gateway_peer(
         };
         router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
     };
-    perform(broker, verdict, buffer, |icmp| wg.send(peer, icmp).is_ok());
+    let _ = perform(broker, verdict, buffer, |icmp| wg.send(peer, icmp).is_ok());
 }

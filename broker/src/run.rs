@@ -33,6 +33,9 @@ pub struct Running {
     pub tunnel_addrs: Vec<SocketAddr>,
     /// Bound admin API address.
     pub admin_addr: SocketAddr,
+    /// Bound DNS addresses (UDP and TCP each), if DNS is served.
+    pub dns_addrs: Vec<SocketAddr>,
+    dns: Option<tether_gateway::dns::DnsServer>,
     /// Whether this start created the data directory's CA.
     pub created: bool,
     endpoints: Vec<quinn::Endpoint>,
@@ -153,6 +156,12 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     crate::local_gateway::start(&broker)?;
     crate::wireguard::start(&broker)?;
 
+    // Identity DNS: the zone follows every change; the server answers
+    // from it.
+    tasks.push(tokio::spawn(crate::names::keep_zone(broker.clone())));
+    let dns = crate::names::serve(&broker).await?;
+    let dns_addrs = crate::names::addrs(&dns);
+
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} for the admin API", config.admin_listen))?;
@@ -193,6 +202,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         broker,
         tunnel_addrs,
         admin_addr,
+        dns_addrs,
+        dns,
         created,
         endpoints,
         tasks,
@@ -219,6 +230,9 @@ impl Running {
         }
         for t in self.tasks {
             t.abort();
+        }
+        if let Some(dns) = self.dns {
+            dns.shutdown().await;
         }
     }
 }

@@ -186,6 +186,31 @@ pub struct Session {
     pub counters: Counters,
     /// Raised to end the session.
     pub close: watch::Sender<Option<CloseReason>>,
+    /// TCP services the site announced when it connected (SRV names).
+    pub services: Vec<tether_proto::dns::Service>,
+    /// Packets of this site dropped, by reason.
+    pub drops: Drops,
+}
+
+/// Per-reason drop counters.
+#[derive(Debug, Default)]
+pub struct Drops([AtomicU64; tether_proto::forward::DropReason::ALL.len()]);
+
+impl Drops {
+    /// Counts a drop.
+    pub fn add(&self, reason: tether_proto::forward::DropReason) {
+        if let Some(c) = self.0.get(reason as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Every reason with its count.
+    pub fn get(&self) -> Vec<(tether_proto::forward::DropReason, u64)> {
+        tether_proto::forward::DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.0.get(*r as usize).map_or(0, |c| c.load(Ordering::Relaxed))))
+            .collect()
+    }
 }
 
 impl Session {
@@ -223,6 +248,14 @@ impl Session {
             tx_packets: self.counters.tx.get().0,
             tx_bytes: self.counters.tx.get().1,
             mtu: self.mtu(),
+            services: self.services.clone(),
+            drops: self
+                .drops
+                .get()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.as_str().to_string(), n))
+                .collect(),
         }
     }
 }
@@ -296,6 +329,11 @@ pub struct Broker {
     pub routes_version: watch::Sender<u64>,
     /// Bumped whenever a site route appears or goes (gateways follow it).
     pub site_routes: watch::Sender<u64>,
+    /// Bumped on every change that can alter a name in the mesh zone
+    /// (enrollment, sessions, revocation).
+    pub names: watch::Sender<u64>,
+    /// The mesh zone, rebuilt after each change of `names`.
+    pub zone: watch::Sender<Option<Arc<tether_proto::dns::ZoneData>>>,
     /// Gateways over WireGuard, if any are configured and started.
     pub wireguard: OnceLock<Arc<crate::wireguard::Wireguard>>,
     /// Traffic of ended sessions.
@@ -393,6 +431,8 @@ impl Broker {
         }
         let (routes_version, _) = watch::channel(0);
         let (site_routes, _) = watch::channel(0);
+        let (names, _) = watch::channel(0);
+        let (zone, _) = watch::channel(None);
         Ok(Arc::new(Self {
             config,
             data_dir,
@@ -408,6 +448,8 @@ impl Broker {
             tunnel_addr: OnceLock::new(),
             routes_version,
             site_routes,
+            names,
+            zone,
             wireguard: OnceLock::new(),
             closed: Mutex::new(Totals::default()),
             last_transport: Mutex::new(HashMap::new()),
@@ -513,6 +555,27 @@ impl Broker {
         self.allocate(region, |l| ipam.lan_mapping(l, site, region, lan))
     }
 
+    /// The site's own overlay addresses (not its LAN mappings).
+    pub fn host_addresses(&self, site: &SiteId, region: &RegionId) -> Vec<IpAddr> {
+        self.leases
+            .lock()
+            .ok()
+            .and_then(|c| {
+                c.get(region).map(|l| {
+                    l.of_site(site)
+                        .filter(|l| !matches!(l.kind, LeaseKind::LanMapping { .. }))
+                        .map(|l| l.prefix.addr())
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Says that a name in the mesh zone may have changed.
+    pub fn names_changed(&self) {
+        self.names.send_modify(|v| *v += 1);
+    }
+
     /// The leases a site holds.
     pub fn leases_of(&self, site: &SiteId, region: &RegionId) -> Vec<IpNet> {
         self.leases
@@ -549,6 +612,7 @@ impl Broker {
             }
         }
         self.site_routes.send_modify(|v| *v += 1);
+        self.names_changed();
         let transport = session.link.transport();
         let previous = self
             .last_transport
@@ -582,6 +646,7 @@ impl Broker {
         }
         if removed {
             self.site_routes.send_modify(|v| *v += 1);
+            self.names_changed();
         }
         if let Ok(mut closed) = self.closed.lock() {
             let ((rp, rb), (tp, tb)) = (session.counters.rx.get(), session.counters.tx.get());
@@ -743,6 +808,7 @@ impl Broker {
         // closes the session, and may be done before `revoke` returns.
         let connected = self.session(site).is_some();
         self.revocations.revoke(entry);
+        self.names_changed();
         Ok(connected)
     }
 
@@ -763,6 +829,7 @@ impl Broker {
             record.enrolled = Some(now_unix());
             self.store.put_site(&record)?;
         }
+        self.names_changed();
         Ok(())
     }
 

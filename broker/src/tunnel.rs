@@ -21,7 +21,7 @@ use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::connect_ip::Scope;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_REJECTED};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
-use tether_proto::tunnel::{BrokerAction, BrokerSession};
+use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
 use tether_proto::{datagram, varint};
 use tokio::sync::watch;
 
@@ -75,6 +75,17 @@ pub fn check(
         return Err(Refusal::new(400, "Capsule-Protocol must be ?1"));
     }
     Ok(peer)
+}
+
+/// The services a site announces in its CONNECT-IP request; a list that
+/// does not parse is refused with 400, before anything is allocated.
+pub fn services(header: Option<&str>) -> Result<Vec<tether_proto::dns::Service>, Refusal> {
+    tether_proto::dns::Service::parse_list(header.unwrap_or_default()).map_err(|e| {
+        Refusal::new(
+            400,
+            format!("the {SERVICES_HEADER} header is not valid: {e} (write name=port,name=port)"),
+        )
+    })
 }
 
 /// The site's addresses and LAN mappings, allocated (or found again) for a
@@ -144,6 +155,10 @@ pub async fn run(
         );
         return respond_error(&mut send, r.status, r.message).await;
     }
+    let services = match services(request.header(SERVICES_HEADER)) {
+        Ok(s) => s,
+        Err(r) => return respond_error(&mut send, r.status, r.message).await,
+    };
     let (addresses, lans) = match allocate(&broker, &peer).await {
         Ok(a) => a,
         Err(r) => return respond_error(&mut send, r.status, r.message).await,
@@ -172,7 +187,7 @@ pub async fn run(
         dec,
     };
     let site = peer.identity.site.clone();
-    let started = Started::new(&broker, peer, &addresses, &lans, link);
+    let started = Started::new(&broker, peer, &addresses, &lans, link, services);
     let datagrams = {
         let (broker, session) = (broker.clone(), started.session.clone());
         let conn = conn.clone();
@@ -351,6 +366,7 @@ impl Started {
         addresses: &[IpNet],
         lans: &[IpNet],
         link: Link,
+        services: Vec<tether_proto::dns::Service>,
     ) -> Self {
         let core = BrokerSession::new(addresses, lans);
         let (close_tx, close) = watch::channel(None);
@@ -363,6 +379,8 @@ impl Started {
             since: SystemTime::now(),
             counters: Counters::default(),
             close: close_tx,
+            services,
+            drops: Default::default(),
         });
         broker.register(session.clone(), addresses);
         tracing::info!(

@@ -209,6 +209,20 @@ impl Wireguard {
             self.send_control(peer, &chunk);
         }
     }
+
+    /// Sends the mesh zone as the peer's region may see it.
+    fn send_zone(&self, broker: &Broker, peer: &Peer) {
+        let Some(zone) = broker.zone.borrow().clone() else {
+            return;
+        };
+        let copy = match broker.router.read() {
+            Ok(router) => zone.filtered(|site_region| router.residency.permits(site_region, &peer.region)),
+            Err(_) => return,
+        };
+        for chunk in control::zone_chunks(&copy) {
+            self.send_control(peer, &chunk);
+        }
+    }
 }
 
 /// The site routes a gateway of `region` may reach, sorted.
@@ -432,6 +446,7 @@ fn handle(
                 *last = Some(Instant::now());
             }
             wg.send_routes(broker, peer);
+            wg.send_zone(broker, peer);
         }
         return;
     }
@@ -461,17 +476,34 @@ async fn run_timers(wg: Arc<Wireguard>) {
     }
 }
 
-/// Pushes the route set to subscribed peers whenever site routes change.
+/// Pushes the route set to subscribed peers whenever site routes change,
+/// and the mesh zone whenever it changes.
 async fn push_changes(broker: Arc<Broker>, wg: Arc<Wireguard>) {
     let mut changes = broker.site_routes.subscribe();
-    while changes.changed().await.is_ok() {
+    let mut zones = broker.zone.subscribe();
+    loop {
+        let (routes, zone) = tokio::select! {
+            r = changes.changed() => (r.is_ok(), false),
+            z = zones.changed() => (false, z.is_ok()),
+        };
+        if !routes && !zone {
+            return;
+        }
         // Sites often come and go in bursts (a broker restart): one push
         // per burst.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let routes = routes || changes.has_changed().unwrap_or(false);
+        let zone = zone || zones.has_changed().unwrap_or(false);
         changes.borrow_and_update();
+        zones.borrow_and_update();
         for peer in &wg.peers {
             if peer.subscribed() {
-                wg.send_routes(&broker, peer);
+                if routes {
+                    wg.send_routes(&broker, peer);
+                }
+                if zone {
+                    wg.send_zone(&broker, peer);
+                }
             }
         }
     }

@@ -222,7 +222,11 @@ async fn session(
     let transport = conn.transport();
     let authority = target.endpoint.to_string();
     let (mut tunnel, link) = match conn
-        .open_tunnel(&authority, config.h3_timeout.max(Duration::from_secs(5)))
+        .open_tunnel(
+            &authority,
+            config.h3_timeout.max(Duration::from_secs(5)),
+            &config.services,
+        )
         .await
     {
         Ok(t) => t,

@@ -224,6 +224,7 @@ impl H2Client {
         &self,
         authority: &str,
         timeout: Duration,
+        services: Option<&str>,
     ) -> anyhow::Result<(u16, h2::RecvStream, h2::SendStream<Bytes>)> {
         // Extended CONNECT may be used once the broker's SETTINGS allowed
         // it (RFC 8441 section 3); they follow the handshake closely.
@@ -245,6 +246,9 @@ impl H2Client {
                 connect_ip::whole_tunnel_path()
             ))
             .header("capsule-protocol", "?1");
+        if let Some(list) = services {
+            request = request.header(tether_proto::tunnel::SERVICES_HEADER, list);
+        }
         if self.transport == Transport::H2Proxy {
             request = request.header(
                 tether_proto::tunnel::TRANSPORT_HEADER,

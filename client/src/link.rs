@@ -335,11 +335,17 @@ impl BrokerConn {
         &self,
         authority: &str,
         timeout: Duration,
+        services: &[tether_proto::dns::Service],
     ) -> Result<(Tunnel, Link), Failure> {
+        let services = (!services.is_empty())
+            .then(|| tether_proto::dns::Service::format_list(services));
         match self {
             BrokerConn::H3 { client, .. } => {
                 let conn = &client.conn;
-                let request = connect_ip::request(authority);
+                let mut request = connect_ip::request(authority);
+                if let Some(list) = &services {
+                    request = request.with_header(tether_proto::tunnel::SERVICES_HEADER, list);
+                }
                 let (send, mut recv) = client
                     .send(&request, &[])
                     .await
@@ -383,7 +389,7 @@ impl BrokerConn {
             }
             BrokerConn::H2(c) => {
                 let (status, body, stream) =
-                    c.connect_ip(authority, timeout).await.map_err(|e| {
+                    c.connect_ip(authority, timeout, services.as_deref()).await.map_err(|e| {
                         let text = format!("{e:#}");
                         match tls_refusal(&text) {
                             Some(plain) => Failure::refused(plain),

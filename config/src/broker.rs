@@ -48,6 +48,32 @@ pub struct BrokerFile {
     /// Gateways in backend clouds (`[[gateway]]`), WireGuard peers of the
     /// broker.
     pub gateway: Vec<GatewayPeerFile>,
+    /// Identity DNS: the mesh zone.
+    pub dns: DnsFile,
+}
+
+/// `[dns]`: the authoritative server for the mesh zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsFile {
+    /// UDP and TCP socket addresses to answer on; empty to serve no DNS
+    /// from the broker (gateways still get their copy of the zone).
+    pub listen: Vec<String>,
+    /// The zone: sites are `<site>.<region>.<zone>`.
+    pub zone: String,
+    /// TTL of answers and of negative answers, e.g. `"5s"`: how long
+    /// caches may keep a name after the site is revoked.
+    pub ttl: String,
+}
+
+impl Default for DnsFile {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:5353".into()],
+            zone: tether_proto::dns::DEFAULT_ZONE.into(),
+            ttl: "5s".into(),
+        }
+    }
 }
 
 /// `[wireguard]`: where gateways reach the broker.
@@ -154,6 +180,7 @@ impl Default for BrokerFile {
             local_gateway: LocalGatewayFile::default(),
             wireguard: WireguardFile::default(),
             gateway: Vec::new(),
+            dns: DnsFile::default(),
         }
     }
 }
@@ -224,6 +251,12 @@ pub struct BrokerConfig {
     pub wireguard_listen: Vec<SocketAddr>,
     /// Registered gateways.
     pub gateways: Vec<GatewayPeer>,
+    /// DNS listen addresses (UDP and TCP).
+    pub dns_listen: Vec<SocketAddr>,
+    /// The mesh zone, lowercase, without the trailing dot.
+    pub dns_zone: String,
+    /// TTL of DNS answers, seconds.
+    pub dns_ttl: u32,
 }
 
 /// A validated gateway registration.
@@ -398,6 +431,7 @@ impl BrokerFile {
             Duration::from_secs(30 * 86_400),
         );
 
+        let (dns_listen, dns_zone, dns_ttl) = self.validate_dns(&mut p);
         let regions = self.validate_regions(&mut p);
         let ipam = self.build_ipam(&mut p, &regions);
         let local_gateway = self.validate_local_gateway(&mut p, &regions);
@@ -428,8 +462,40 @@ impl BrokerFile {
                 local_gateway,
                 wireguard_listen,
                 gateways,
+                dns_listen,
+                dns_zone,
+                dns_ttl,
             },
         )
+    }
+
+    fn validate_dns(&self, p: &mut Problems) -> (Vec<SocketAddr>, String, u32) {
+        let mut listen = Vec::new();
+        for (i, text) in self.dns.listen.iter().enumerate() {
+            match text.parse::<SocketAddr>() {
+                Ok(a) => listen.push(a),
+                _ => p.add(
+                    &format!("dns.listen[{i}]"),
+                    format!("{text:?} is not an address:port"),
+                    "write e.g. \"127.0.0.1:5353\" or \"10.0.0.5:53\"",
+                ),
+            }
+        }
+        let zone = self.dns.zone.trim_end_matches('.').to_string();
+        if !is_dns_name(&zone) || zone.bytes().any(|b| b.is_ascii_uppercase()) {
+            p.add(
+                "dns.zone",
+                format!("{:?} is not a lowercase DNS name", self.dns.zone),
+                "use a name you own or a reserved one, e.g. \"tether.internal\"",
+            );
+        }
+        let ttl = p.duration(
+            "dns.ttl",
+            &self.dns.ttl,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        );
+        (listen, zone, ttl.as_secs() as u32)
     }
 
     fn validate_wireguard(

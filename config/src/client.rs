@@ -26,6 +26,10 @@ pub struct ClientFile {
     /// LAN prefixes behind this site to expose (the broker maps each into
     /// its own address space).
     pub lans: Vec<String>,
+    /// TCP services this site offers on its overlay address, as
+    /// `"name=port"` (e.g. `"dicom=104"`): backends find them as SRV
+    /// records `_<name>._tcp.<site>.<region>.<zone>`.
+    pub services: Vec<String>,
     /// The TUN device.
     pub tun: ClientTunFile,
     /// Transport behaviour.
@@ -62,6 +66,7 @@ impl Default for ClientFile {
             published_cidr: "127.0.0.0/8".into(),
             brokers: vec!["127.0.0.1:443".into()],
             lans: Vec::new(),
+            services: Vec::new(),
             tun: ClientTunFile::default(),
             transport: TransportFile::default(),
         }
@@ -98,6 +103,8 @@ pub struct ClientConfig {
     pub brokers: Vec<Endpoint>,
     /// LANs to expose.
     pub lans: Vec<IpNet>,
+    /// Announced TCP services.
+    pub services: Vec<tether_proto::dns::Service>,
     /// TUN device name.
     pub tun_name: String,
     /// HTTP/3 handshake timeout.
@@ -137,6 +144,22 @@ impl ClientFile {
             .enumerate()
             .filter_map(|(i, t)| parse_prefix(&mut p, &format!("lans[{i}]"), t))
             .collect();
+        let mut services: Vec<tether_proto::dns::Service> = Vec::new();
+        for (i, text) in self.services.iter().enumerate() {
+            match tether_proto::dns::Service::parse(text) {
+                Ok(s) if services.iter().any(|x| x.name == s.name) => p.add(
+                    &format!("services[{i}]"),
+                    format!("service {} is listed twice", s.name),
+                    "list each service name once",
+                ),
+                Ok(s) => services.push(s),
+                Err(e) => p.add(
+                    &format!("services[{i}]"),
+                    e,
+                    "write \"name=port\" with a lowercase DNS label, e.g. \"dicom=104\"",
+                ),
+            }
+        }
         check_interface_name(&mut p, "tun.name", &self.tun.name);
         let t = &self.transport;
         let h3_timeout = p.duration(
@@ -177,6 +200,7 @@ impl ClientFile {
                 published_cidr,
                 brokers,
                 lans,
+                services,
                 tun_name: self.tun.name.clone(),
                 h3_timeout,
                 keepalive,

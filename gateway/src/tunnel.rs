@@ -27,8 +27,9 @@ use ipnet::IpNet;
 use tether_config::Host;
 use tether_config::gateway::GatewayConfig;
 use tether_pki::wg::WgKey;
+use tether_proto::dns::ZoneData;
 use tether_proto::gateway::{
-    self as control, Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet,
+    self as control, Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, ZoneAssembler,
 };
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -49,6 +50,8 @@ const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 /// WireGuard's keepalive towards the broker, so NAT state on the way
 /// stays open.
 const KEEPALIVE_SECS: u16 = 25;
+/// The mesh zone copy in the state directory.
+pub const ZONE_FILE: &str = "zone.bin";
 
 /// The state directory of a configuration.
 pub fn state_dir(config: &GatewayConfig) -> PathBuf {
@@ -246,9 +249,20 @@ pub async fn run(
         offload,
         mtu: config.mtu,
     });
-    if config.dns_listen.is_some() {
-        tracing::warn!("dns.listen is set, but this build does not serve the mesh zone yet");
+    // The zone copy last received survives a restart, so backends resolve
+    // sites even when the gateway restarts while the broker is away.
+    let saved = std::fs::read(dir.join(ZONE_FILE))
+        .ok()
+        .and_then(|b| ZoneData::decode(&b).ok())
+        .map(Arc::new);
+    if let Some(z) = &saved {
+        tracing::info!(serial = z.serial, sites = z.sites.len(), "mesh zone loaded from the last run");
     }
+    let (zones, mut zone_rx) = watch::channel(saved);
+    let dns = match config.dns_listen {
+        Some(addr) => Some(crate::dns::DnsServer::start(&[addr], zone_rx.clone(), None).await?),
+        None => None,
+    };
     tracing::info!(
         gateway = %config.id,
         region = %config.region,
@@ -265,13 +279,25 @@ pub async fn run(
     let (sets, mut set_rx) = watch::channel(None::<RouteSet>);
     let tasks = [
         tokio::spawn(outbound(shared.clone())),
-        tokio::spawn(inbound(shared.clone(), sets)),
+        tokio::spawn(inbound(shared.clone(), sets, zones)),
         tokio::spawn(timers(shared.clone())),
     ];
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            changed = zone_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the tunnel stopped"));
+                }
+                let Some(zone) = zone_rx.borrow_and_update().clone() else { continue };
+                tracing::info!(serial = zone.serial, sites = zone.sites.len(), "mesh zone updated");
+                let path = dir.join(ZONE_FILE);
+                let tmp = path.with_extension("tmp");
+                if let Err(e) = std::fs::write(&tmp, zone.encode()).and_then(|_| std::fs::rename(&tmp, &path)) {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot keep the mesh zone");
+                }
+            }
             changed = set_rx.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("the tunnel stopped"));
@@ -304,6 +330,9 @@ pub async fn run(
     };
     for t in &tasks {
         t.abort();
+    }
+    if let Some(dns) = dns {
+        dns.shutdown().await;
     }
     routes.remove_all().await;
     tracing::info!("gateway stopped; its rules and routes are removed");
@@ -380,7 +409,11 @@ async fn outbound(shared: Arc<Shared>) {
 }
 
 /// Broker to device, and the control channel.
-async fn inbound(shared: Arc<Shared>, sets: watch::Sender<Option<RouteSet>>) {
+async fn inbound(
+    shared: Arc<Shared>,
+    sets: watch::Sender<Option<RouteSet>>,
+    zones: watch::Sender<Option<Arc<ZoneData>>>,
+) {
     const SLOTS: usize = 8;
     let mut storage = vec![vec![0u8; 65_536]; SLOTS];
     let mut meta = [quinn_udp::RecvMeta::default(); SLOTS];
@@ -391,6 +424,7 @@ async fn inbound(shared: Arc<Shared>, sets: watch::Sender<Option<RouteSet>>) {
     let mut gro = tun_rs::GROTable::default();
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut assembler = Assembler::default();
+    let mut zone_assembler = ZoneAssembler::default();
     let hdr = if shared.offload { VNET_HDR } else { 0 };
     loop {
         let received = {
@@ -434,10 +468,18 @@ async fn inbound(shared: Arc<Shared>, sets: watch::Sender<Option<RouteSet>>) {
                             if let Some(payload) =
                                 control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
                             {
-                                if let Ok(message) = Message::decode(payload)
-                                    && let Some(set) = assembler.push(message)
-                                {
-                                    sets.send_replace(Some(set));
+                                match Message::decode(payload) {
+                                    Ok(m @ Message::Routes { .. }) => {
+                                        if let Some(set) = assembler.push(m) {
+                                            sets.send_replace(Some(set));
+                                        }
+                                    }
+                                    Ok(m @ Message::Zone { .. }) => {
+                                        if let Some(zone) = zone_assembler.push(m) {
+                                            zones.send_replace(Some(Arc::new(zone)));
+                                        }
+                                    }
+                                    _ => {}
                                 }
                             } else if let Some(b) = pool.get_mut(ready) {
                                 b.clear();

@@ -139,6 +139,13 @@ pub struct SessionInfo {
     pub tx_bytes: u64,
     /// Largest IP packet the tunnel carries now.
     pub mtu: Option<usize>,
+    /// TCP services the site announces (SRV names).
+    #[serde(default)]
+    pub services: Vec<crate::dns::Service>,
+    /// The site's packets dropped in this session, by reason (only reasons
+    /// with drops).
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 /// Admin API: a gateway and the state of its tunnel.

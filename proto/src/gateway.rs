@@ -18,6 +18,11 @@
 //!   set once every chunk of a generation newer than its own has arrived
 //!   ([`Assembler`]). Whole sets, not deltas: a lost datagram costs one
 //!   resend, never a wrong table.
+//! - With the route set, the broker sends the gateway its copy of the mesh
+//!   zone ([`crate::dns::ZoneData`], the sites its region may see) as
+//!   [`Message::Zone`] chunks numbered by the zone's serial
+//!   ([`zone_chunks`], [`ZoneAssembler`]), so the gateway answers DNS for
+//!   backends even while the broker is away.
 //!
 //! A stock WireGuard peer never sends a request and so never receives
 //! control traffic.
@@ -52,6 +57,7 @@ pub const MAX_PAYLOAD: usize = 1200;
 const MAGIC: &[u8; 4] = b"TGC1";
 const KIND_REQUEST: u8 = 1;
 const KIND_ROUTES: u8 = 2;
+const KIND_ZONE: u8 = 3;
 /// magic, kind, generation, index, count.
 const HEADER: usize = 4 + 1 + 8 + 2 + 2;
 
@@ -93,6 +99,18 @@ pub enum Message {
         /// The routes in this chunk.
         routes: Vec<SiteRoute>,
     },
+    /// Broker to gateway: chunk `index` of `count` of the encoded mesh
+    /// zone ([`crate::dns::ZoneData::encode`]) with serial `generation`.
+    Zone {
+        /// The zone's serial.
+        generation: u64,
+        /// This chunk's number, from 0.
+        index: u16,
+        /// How many chunks the zone has.
+        count: u16,
+        /// The bytes of this chunk.
+        bytes: Vec<u8>,
+    },
 }
 
 /// Why a control payload was refused.
@@ -130,6 +148,18 @@ impl Message {
                     encode_route(r, &mut out);
                 }
             }
+            Message::Zone {
+                generation,
+                index,
+                count,
+                bytes,
+            } => {
+                out.push(KIND_ZONE);
+                out.extend_from_slice(&generation.to_be_bytes());
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+                out.extend_from_slice(bytes);
+            }
         }
         out
     }
@@ -162,6 +192,17 @@ impl Message {
                     index,
                     count,
                     routes,
+                })
+            }
+            KIND_ZONE => {
+                if index >= count {
+                    return Err(ControlError::Malformed("chunk index beyond count"));
+                }
+                Ok(Message::Zone {
+                    generation,
+                    index,
+                    count,
+                    bytes: bytes.get(HEADER..).unwrap_or_default().to_vec(),
                 })
             }
             _ => Err(ControlError::Malformed("unknown kind")),
@@ -268,17 +309,57 @@ impl RouteSet {
     }
 }
 
+/// Numbered chunks of one generation, collected until all are in.
+#[derive(Debug)]
+struct Reassembly<T> {
+    applied: Option<u64>,
+    pending: Option<(u64, u16, BTreeMap<u16, T>)>,
+}
+
+impl<T> Default for Reassembly<T> {
+    fn default() -> Self {
+        Self {
+            applied: None,
+            pending: None,
+        }
+    }
+}
+
+impl<T> Reassembly<T> {
+    /// Takes a chunk; returns the generation and its parts in order once
+    /// this chunk completes a generation other than the one applied last.
+    /// The caller marks it applied when it could use it.
+    fn push(&mut self, generation: u64, index: u16, count: u16, part: T) -> Option<(u64, Vec<T>)> {
+        if self.applied == Some(generation) {
+            return None;
+        }
+        let fresh = match &self.pending {
+            Some((g, c, _)) => *g != generation || *c != count,
+            None => true,
+        };
+        if fresh {
+            self.pending = Some((generation, count, BTreeMap::new()));
+        }
+        let (_, _, parts) = self.pending.as_mut()?;
+        parts.insert(index, part);
+        if parts.len() < usize::from(count) {
+            return None;
+        }
+        let (generation, _, parts) = self.pending.take()?;
+        Some((generation, parts.into_values().collect()))
+    }
+}
+
 /// Collects chunks into route sets on the gateway.
 #[derive(Debug, Default)]
 pub struct Assembler {
-    applied: Option<u64>,
-    pending: Option<(u64, u16, BTreeMap<u16, Vec<SiteRoute>>)>,
+    inner: Reassembly<Vec<SiteRoute>>,
 }
 
 impl Assembler {
     /// The generation last completed, if any.
     pub fn applied(&self) -> Option<u64> {
-        self.applied
+        self.inner.applied
     }
 
     /// Takes a chunk; returns a complete set when this chunk completes a
@@ -296,27 +377,59 @@ impl Assembler {
         else {
             return None;
         };
-        if self.applied == Some(generation) {
-            return None;
-        }
-        let fresh = match &self.pending {
-            Some((g, c, _)) => *g != generation || *c != count,
-            None => true,
-        };
-        if fresh {
-            self.pending = Some((generation, count, BTreeMap::new()));
-        }
-        let (_, _, parts) = self.pending.as_mut()?;
-        parts.insert(index, routes);
-        if parts.len() < usize::from(count) {
-            return None;
-        }
-        let (generation, _, parts) = self.pending.take()?;
-        self.applied = Some(generation);
-        let mut routes: Vec<SiteRoute> = parts.into_values().flatten().collect();
+        let (generation, parts) = self.inner.push(generation, index, count, routes)?;
+        self.inner.applied = Some(generation);
+        let mut routes: Vec<SiteRoute> = parts.into_iter().flatten().collect();
         routes.sort();
         routes.dedup();
         Some(RouteSet { generation, routes })
+    }
+}
+
+/// The mesh zone as chunk messages, each within [`MAX_PAYLOAD`], with the
+/// zone's serial as their generation.
+pub fn zone_chunks(zone: &crate::dns::ZoneData) -> Vec<Message> {
+    let bytes = zone.encode();
+    let room = MAX_PAYLOAD - HEADER;
+    let parts: Vec<&[u8]> = bytes.chunks(room).collect();
+    let count = u16::try_from(parts.len()).unwrap_or(u16::MAX);
+    parts
+        .into_iter()
+        .take(usize::from(count))
+        .enumerate()
+        .map(|(i, part)| Message::Zone {
+            generation: u64::from(zone.serial),
+            index: i as u16,
+            count,
+            bytes: part.to_vec(),
+        })
+        .collect()
+}
+
+/// Collects zone chunks into the gateway's copy of the mesh zone.
+#[derive(Debug, Default)]
+pub struct ZoneAssembler {
+    inner: Reassembly<Vec<u8>>,
+}
+
+impl ZoneAssembler {
+    /// Takes a chunk; returns the zone once this chunk completes a serial
+    /// other than the one applied last. A zone whose bytes do not decode is
+    /// dropped (the next request brings it again).
+    pub fn push(&mut self, message: Message) -> Option<crate::dns::ZoneData> {
+        let Message::Zone {
+            generation,
+            index,
+            count,
+            bytes,
+        } = message
+        else {
+            return None;
+        };
+        let (generation, parts) = self.inner.push(generation, index, count, bytes)?;
+        let zone = crate::dns::ZoneData::decode(&parts.concat()).ok()?;
+        self.inner.applied = Some(generation);
+        Some(zone)
     }
 }
 
@@ -466,6 +579,41 @@ mod tests {
         for c in &chunks {
             assert_eq!(asm.push(c.clone()), None);
         }
+    }
+
+    #[test]
+    fn zones_travel_in_chunks_and_reassemble_in_any_order() {
+        use crate::dns::{SiteNames, ZoneData};
+        let mut zone = ZoneData::empty("tether.internal", 5, vec!["100.64.0.0/16".parse().unwrap()]);
+        zone.serial = 42;
+        for i in 0..300u32 {
+            zone.sites.push(SiteNames {
+                site: SiteId::new(format!("site-{i}")).unwrap(),
+                region: RegionId::new("eu").unwrap(),
+                addresses: vec![IpAddr::from([100, 64, (i >> 8) as u8, i as u8])],
+                services: vec![],
+            });
+        }
+        let mut chunks = zone_chunks(&zone);
+        assert!(chunks.len() > 3);
+        for c in &chunks {
+            assert!(c.encode().len() <= MAX_PAYLOAD);
+            assert_eq!(Message::decode(&c.encode()).unwrap(), *c);
+        }
+        chunks.reverse();
+        let mut asm = ZoneAssembler::default();
+        let last = chunks.pop().unwrap();
+        for c in chunks.clone() {
+            assert!(asm.push(c).is_none());
+        }
+        assert_eq!(asm.push(last.clone()), Some(zone.clone()));
+        // The same serial again is not applied twice.
+        for c in chunks {
+            assert!(asm.push(c).is_none());
+        }
+        assert!(asm.push(last).is_none());
+        // Route chunks are not zone chunks.
+        assert!(asm.push(Message::Request).is_none());
     }
 
     #[test]

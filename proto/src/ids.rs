@@ -198,6 +198,10 @@ label_id!(
 label_id!(
     /// The identifier of a cloud gateway.
     GatewayId, "gateway id", "gw-eu-1");
+label_id!(
+    /// The name of a TCP service a site announces (the `<service>` of
+    /// `_<service>._tcp.<site>.<region>.<zone>` SRV names).
+    ServiceName, "service name", "dicom");
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,8 @@
 //!   residency, TTL, MTU) as a value.
 //! - [`gateway`]: the broker-to-gateway control channel inside WireGuard
 //!   (the route set a gateway installs).
+//! - [`dns`]: the mesh zone (sites by name, SRV, PTR) and how a server
+//!   answers from it.
 //! - [`tunnel`]: the CONNECT-IP session logic of broker and site, and
 //!   reconnection backoff.
 //! - `api`: tether's own JSON messages (enrollment, admin API).
@@ -30,6 +32,7 @@ pub mod api;
 pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
+pub mod dns;
 pub mod forward;
 pub mod gateway;
 pub mod h3;

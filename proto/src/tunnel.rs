@@ -400,6 +400,11 @@ impl std::fmt::Display for Transport {
 /// by transport.
 pub const TRANSPORT_HEADER: &str = "tether-transport";
 
+/// Request header of a CONNECT-IP (HTTP/3 and HTTP/2) listing the TCP
+/// services the site announces, `name=port,name=port`; they become SRV
+/// names in the mesh zone while the session lives.
+pub const SERVICES_HEADER: &str = "tether-services";
+
 /// How often an agent on a lower rung tries HTTP/3 again.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 

@@ -59,8 +59,15 @@ impl TestBroker {
     /// Starts a broker with `extra` appended to a loopback configuration.
     pub async fn start(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // DNS on a port of its own, so that brokers of parallel tests do
+        // not collide on the default.
+        let dns = if extra.contains("[dns]") {
+            ""
+        } else {
+            "[dns]\nlisten = [\"127.0.0.1:0\"]\n"
+        };
         let text = format!(
-            "data_dir = {:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            "data_dir = {:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{dns}{extra}",
             dir.path().join("data")
         );
         let config = BrokerFile::parse(&text, "test")

@@ -1,0 +1,109 @@
+//! Identity DNS on the broker: the mesh zone kept in step with enrollment,
+//! sessions and revocation, served by hickory-server and handed to
+//! gateways.
+//!
+//! Every change that can alter a name bumps [`Broker::names`]; one task
+//! rebuilds the [`ZoneData`] from the store and the live sessions, and
+//! publishes it in [`Broker::zone`] with a new serial when the names
+//! differ. The DNS server and the gateway push follow that watch.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use tether_gateway::dns::DnsServer;
+use tether_proto::dns::{SiteNames, ZoneData};
+
+use crate::state::{Broker, BrokerError};
+
+/// How long changes are gathered before the zone is rebuilt (a burst of
+/// reconnecting sites makes one new serial, not hundreds).
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// The zone as the store and the sessions describe it now. Blocking.
+pub fn zone_data(broker: &Broker, serial: u32) -> Result<ZoneData, BrokerError> {
+    let config = &broker.config;
+    let reverse = config.regions.values().flat_map(|r| r.pools.clone()).collect();
+    let mut zone = ZoneData::empty(&config.dns_zone, config.dns_ttl, reverse);
+    zone.serial = serial;
+    for record in broker.store.sites()? {
+        if record.revoked || record.enrolled.is_none() {
+            continue;
+        }
+        let addresses = broker.host_addresses(&record.site, &record.region);
+        let services = broker
+            .session(&record.site)
+            .filter(|s| s.region() == &record.region)
+            .map(|s| s.services.clone())
+            .unwrap_or_default();
+        zone.sites.push(SiteNames {
+            site: record.site,
+            region: record.region,
+            addresses,
+            services,
+        });
+    }
+    zone.sites.sort();
+    Ok(zone)
+}
+
+/// A serial that grows across restarts: seconds since 2020, or one more
+/// than the last.
+fn next_serial(last: u32) -> u32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs().saturating_sub(1_577_836_800))
+        .unwrap_or_default() as u32;
+    now.max(last.wrapping_add(1))
+}
+
+/// Rebuilds the zone on every change; runs until the broker is dropped.
+pub async fn keep_zone(broker: Arc<Broker>) {
+    let mut changes = broker.names.subscribe();
+    let mut last: Option<Arc<ZoneData>> = None;
+    loop {
+        let serial = next_serial(last.as_ref().map_or(0, |z| z.serial));
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || zone_data(&b, serial)).await {
+            Ok(Ok(zone)) => {
+                if !last.as_ref().is_some_and(|l| l.same_names(&zone)) {
+                    tracing::debug!(serial, sites = zone.sites.len(), "mesh zone rebuilt");
+                    let zone = Arc::new(zone);
+                    last = Some(zone.clone());
+                    broker.zone.send_replace(Some(zone));
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot rebuild the mesh zone; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(_) => return,
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(SETTLE).await;
+        changes.borrow_and_update();
+    }
+}
+
+/// Starts the DNS server on the configured addresses, if any.
+pub async fn serve(broker: &Arc<Broker>) -> anyhow::Result<Option<DnsServer>> {
+    if broker.config.dns_listen.is_empty() {
+        return Ok(None);
+    }
+    let count = Arc::new(|code: ResponseCode| crate::metrics::dns_answer(code));
+    let server =
+        DnsServer::start(&broker.config.dns_listen, broker.zone.subscribe(), Some(count)).await?;
+    Ok(Some(server))
+}
+
+/// The DNS addresses of a running server, for logs and tests.
+pub fn addrs(server: &Option<DnsServer>) -> Vec<SocketAddr> {
+    server
+        .as_ref()
+        .map(|s| s.local_addrs.clone())
+        .unwrap_or_default()
+}

@@ -1,0 +1,779 @@
+//! The mesh zone: sites by name.
+//!
+//! Backends reach a site as `<site>.<region>.<zone>` (A/AAAA of its overlay
+//! addresses), the TCP services it announces as
+//! `_<service>._tcp.<site>.<region>.<zone>` (SRV), and see the name of an
+//! overlay address with PTR in the reverse zones of the pools. The zone
+//! apex has SOA and NS records; names that do not exist in the zone are
+//! NXDOMAIN, names outside every zone this server holds are REFUSED (it
+//! never recurses).
+//!
+//! [`ZoneData`] is what the broker knows (sites, addresses, services,
+//! pools); it has a compact binary encoding so that the broker can hand a
+//! copy to its gateways ([`crate::gateway`]). [`Zone`] is the indexed form a
+//! server answers from: [`Zone::answer`] is a pure function from a question
+//! to an [`Answer`], which the DNS shells (hickory-server) send back.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::Bound;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::ids::{RegionId, ServiceName, SiteId};
+
+/// The zone when none is configured.
+pub const DEFAULT_ZONE: &str = "tether.internal";
+/// TTL of every record, and the negative-caching time, when none is
+/// configured: short, so that caches follow enrollment and revocation.
+pub const DEFAULT_TTL: u32 = 5;
+
+const MAGIC: &[u8; 3] = b"TZ1";
+const REFRESH: i32 = 3600;
+const RETRY: i32 = 600;
+const EXPIRE: i32 = 86_400;
+
+/// A TCP service a site announces.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Service {
+    /// Its name (the SRV `_<name>._tcp` label).
+    pub name: ServiceName,
+    /// The TCP port on the site's overlay address.
+    pub port: u16,
+}
+
+impl Service {
+    /// Parses `name=port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, port) = text
+            .trim()
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not name=port"))?;
+        let name = ServiceName::new(name.trim()).map_err(|e| e.to_string())?;
+        let port = port
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{port:?} is not a TCP port (1-65535)"))?;
+        Ok(Self { name, port })
+    }
+
+    /// Parses a comma-separated list of `name=port`.
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, String> {
+        let mut out: Vec<Self> = text
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(Self::parse)
+            .collect::<Result<_, _>>()?;
+        out.sort();
+        out.dedup_by(|a, b| a.name == b.name);
+        Ok(out)
+    }
+
+    /// The list as `name=port,name=port`.
+    pub fn format_list(services: &[Self]) -> String {
+        services
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The names of one site.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SiteNames {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Its overlay addresses (A/AAAA and PTR).
+    pub addresses: Vec<IpAddr>,
+    /// The services it announces now (SRV).
+    pub services: Vec<Service>,
+}
+
+/// Everything the mesh zone holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneData {
+    /// The zone, lowercase, without the trailing dot (e.g. `tether.internal`).
+    pub zone: String,
+    /// The SOA serial; increases with every change.
+    pub serial: u32,
+    /// TTL of every record and of negative answers.
+    pub ttl: u32,
+    /// Prefixes whose reverse names (PTR) this zone answers for: the pools.
+    pub reverse: Vec<IpNet>,
+    /// The sites, sorted.
+    pub sites: Vec<SiteNames>,
+}
+
+/// Why a zone could not be built or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ZoneError {
+    /// The zone name is not a DNS name.
+    #[error("zone {0:?} is not a valid DNS name")]
+    BadZone(String),
+    /// Not a zone encoding.
+    #[error("not a tether zone encoding")]
+    NotZone,
+    /// Cut short or inconsistent.
+    #[error("malformed zone encoding: {0}")]
+    Malformed(&'static str),
+}
+
+/// `<site>.<region>.<zone>` without the trailing dot.
+pub fn site_name(site: &SiteId, region: &RegionId, zone: &str) -> String {
+    format!("{site}.{region}.{zone}")
+}
+
+impl ZoneData {
+    /// An empty zone.
+    pub fn empty(zone: &str, ttl: u32, reverse: Vec<IpNet>) -> Self {
+        Self {
+            zone: zone.trim_end_matches('.').to_ascii_lowercase(),
+            serial: 0,
+            ttl,
+            reverse,
+            sites: Vec::new(),
+        }
+    }
+
+    /// A copy holding only the sites whose region `keep` accepts (the
+    /// copy a gateway of another region may see).
+    pub fn filtered(&self, mut keep: impl FnMut(&RegionId) -> bool) -> Self {
+        Self {
+            sites: self
+                .sites
+                .iter()
+                .filter(|s| keep(&s.region))
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether `other` holds the same names (the serial aside).
+    pub fn same_names(&self, other: &Self) -> bool {
+        self.zone == other.zone
+            && self.ttl == other.ttl
+            && self.reverse == other.reverse
+            && self.sites == other.sites
+    }
+
+    /// The binary encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.sites.len() * 48);
+        out.extend_from_slice(MAGIC);
+        put_str(&mut out, &self.zone);
+        out.extend_from_slice(&self.serial.to_be_bytes());
+        out.extend_from_slice(&self.ttl.to_be_bytes());
+        out.extend_from_slice(&(self.reverse.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        for p in self.reverse.iter().take(u16::MAX as usize) {
+            put_addr(&mut out, p.addr());
+            out.push(p.prefix_len());
+        }
+        out.extend_from_slice(&(self.sites.len() as u32).to_be_bytes());
+        for s in &self.sites {
+            put_str(&mut out, s.site.as_str());
+            put_str(&mut out, s.region.as_str());
+            out.push(s.addresses.len().min(255) as u8);
+            for a in s.addresses.iter().take(255) {
+                put_addr(&mut out, *a);
+            }
+            out.push(s.services.len().min(255) as u8);
+            for svc in s.services.iter().take(255) {
+                put_str(&mut out, svc.name.as_str());
+                out.extend_from_slice(&svc.port.to_be_bytes());
+            }
+        }
+        out
+    }
+
+    /// Parses [`ZoneData::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ZoneError> {
+        let mut r = Reader(bytes);
+        if r.take(3).ok() != Some(MAGIC.as_slice()) {
+            return Err(ZoneError::NotZone);
+        }
+        let zone = r.string("zone")?;
+        if Name::from_ascii(&zone).is_err() || zone.is_empty() {
+            return Err(ZoneError::Malformed("zone name"));
+        }
+        let serial = r.u32()?;
+        let ttl = r.u32()?;
+        let n = usize::from(r.u16()?);
+        let mut reverse = Vec::with_capacity(n);
+        for _ in 0..n {
+            let addr = r.addr()?;
+            let len = r.u8()?;
+            reverse.push(
+                IpNet::new(addr, len).map_err(|_| ZoneError::Malformed("prefix length"))?,
+            );
+        }
+        let n = r.u32()? as usize;
+        let mut sites = Vec::with_capacity(n.min(bytes.len() / 8));
+        for _ in 0..n {
+            let site = SiteId::new(r.string("site")?).map_err(|_| ZoneError::Malformed("site"))?;
+            let region =
+                RegionId::new(r.string("region")?).map_err(|_| ZoneError::Malformed("region"))?;
+            let mut addresses = Vec::new();
+            for _ in 0..r.u8()? {
+                addresses.push(r.addr()?);
+            }
+            let mut services = Vec::new();
+            for _ in 0..r.u8()? {
+                let name = ServiceName::new(r.string("service")?)
+                    .map_err(|_| ZoneError::Malformed("service"))?;
+                let port = r.u16()?;
+                services.push(Service { name, port });
+            }
+            sites.push(SiteNames {
+                site,
+                region,
+                addresses,
+                services,
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(ZoneError::Malformed("trailing bytes"));
+        }
+        Ok(Self {
+            zone,
+            serial,
+            ttl,
+            reverse,
+            sites,
+        })
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(255)];
+    out.push(s.len() as u8);
+    out.extend_from_slice(s);
+}
+
+fn put_addr(out: &mut Vec<u8>, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            out.push(6);
+            out.extend_from_slice(&a.octets());
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ZoneError> {
+        if self.0.len() < n {
+            return Err(ZoneError::Malformed("cut short"));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, ZoneError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ZoneError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ZoneError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, ZoneError> {
+        let n = usize::from(self.u8()?);
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| ZoneError::Malformed(what))
+    }
+    fn addr(&mut self) -> Result<IpAddr, ZoneError> {
+        match self.u8()? {
+            4 => {
+                let b: [u8; 4] = self.take(4)?.try_into().unwrap_or_default();
+                Ok(IpAddr::from(b))
+            }
+            6 => {
+                let b: [u8; 16] = self.take(16)?.try_into().unwrap_or_default();
+                Ok(IpAddr::from(b))
+            }
+            _ => Err(ZoneError::Malformed("address family")),
+        }
+    }
+}
+
+/// What a server sends back for one question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The response code.
+    pub code: ResponseCode,
+    /// Whether the answer is authoritative (every answer from inside a
+    /// zone).
+    pub authoritative: bool,
+    /// Answer section.
+    pub answers: Vec<Record>,
+    /// Authority section (the SOA of negative answers).
+    pub authority: Vec<Record>,
+    /// Additional section (addresses of SRV and NS targets).
+    pub additionals: Vec<Record>,
+}
+
+impl Answer {
+    fn refused() -> Self {
+        Self {
+            code: ResponseCode::Refused,
+            authoritative: false,
+            answers: Vec::new(),
+            authority: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+}
+
+/// The zone indexed for answering.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    data: ZoneData,
+    origin: Name,
+    /// Every owner name and its records; empty non-terminals are not
+    /// stored (they are found as names with descendants).
+    records: BTreeMap<Name, Vec<Record>>,
+    /// Zone apexes (the forward zone and the reverse zones), longest
+    /// first.
+    apexes: Vec<Name>,
+    /// Site index by name.
+    sites: BTreeMap<Name, usize>,
+}
+
+fn fqdn(text: &str) -> Result<Name, ZoneError> {
+    let mut name = Name::from_ascii(text)
+        .map_err(|_| ZoneError::BadZone(text.to_string()))?
+        .to_lowercase();
+    name.set_fqdn(true);
+    Ok(name)
+}
+
+/// The reverse zone apex covering `prefix`: whole octets (IPv4) or nibbles
+/// (IPv6) of its network part; `None` for prefixes shorter than one.
+pub fn reverse_apex(prefix: IpNet) -> Option<Name> {
+    let (labels, full) = match prefix {
+        IpNet::V4(p) => (usize::from(p.prefix_len() / 8), 4),
+        IpNet::V6(p) => (usize::from(p.prefix_len() / 4), 32),
+    };
+    if labels == 0 {
+        return None;
+    }
+    let name = Name::from(prefix.network());
+    debug_assert_eq!(usize::from(name.num_labels()), full + 2);
+    Some(name.trim_to(labels + 2).to_lowercase())
+}
+
+impl Zone {
+    /// Indexes `data`. `ns_addresses` are the addresses this server answers
+    /// on, published as the address of `ns.<zone>` (none when it listens on
+    /// a wildcard address).
+    pub fn new(data: ZoneData, ns_addresses: &[IpAddr]) -> Result<Self, ZoneError> {
+        let origin = fqdn(&data.zone)?;
+        let ns_name = fqdn(&format!("ns.{}", data.zone))?;
+        let hostmaster = fqdn(&format!("hostmaster.{}", data.zone))?;
+        let ttl = data.ttl;
+        let mut records: BTreeMap<Name, Vec<Record>> = BTreeMap::new();
+        let mut add = |name: Name, rdata: RData| {
+            records
+                .entry(name.clone())
+                .or_default()
+                .push(Record::from_rdata(name, ttl, rdata));
+        };
+        let mut apexes = vec![origin.clone()];
+        for prefix in &data.reverse {
+            if let Some(apex) = reverse_apex(*prefix)
+                && !apexes.contains(&apex)
+            {
+                apexes.push(apex);
+            }
+        }
+        for apex in &apexes {
+            add(
+                apex.clone(),
+                RData::SOA(SOA::new(
+                    ns_name.clone(),
+                    hostmaster.clone(),
+                    data.serial,
+                    REFRESH,
+                    RETRY,
+                    EXPIRE,
+                    ttl,
+                )),
+            );
+            add(apex.clone(), RData::NS(NS(ns_name.clone())));
+        }
+        for a in ns_addresses {
+            add(ns_name.clone(), address_rdata(*a));
+        }
+        let mut sites = BTreeMap::new();
+        for (i, s) in data.sites.iter().enumerate() {
+            let name = fqdn(&site_name(&s.site, &s.region, &data.zone))?;
+            for a in &s.addresses {
+                add(name.clone(), address_rdata(*a));
+                let reverse = Name::from(*a).to_lowercase();
+                if apexes.iter().any(|z| z.zone_of(&reverse)) {
+                    add(reverse, RData::PTR(PTR(name.clone())));
+                }
+            }
+            for svc in &s.services {
+                let owner = fqdn(&format!("_{}._tcp.{name}", svc.name))?;
+                add(owner, RData::SRV(SRV::new(0, 0, svc.port, name.clone())));
+            }
+            sites.insert(name, i);
+        }
+        apexes.sort_by_key(|a| std::cmp::Reverse(a.num_labels()));
+        Ok(Self {
+            data,
+            origin,
+            records,
+            apexes,
+            sites,
+        })
+    }
+
+    /// The data the zone was built from.
+    pub fn data(&self) -> &ZoneData {
+        &self.data
+    }
+
+    /// The forward zone's apex.
+    pub fn origin(&self) -> &Name {
+        &self.origin
+    }
+
+    /// The site a name denotes: `<site>.<region>.<zone>` with or without
+    /// the trailing dot, or `<site>.<region>` relative to the zone.
+    pub fn site(&self, name: &str) -> Option<&SiteNames> {
+        let name = fqdn(name).ok()?;
+        let name = if self.origin.zone_of(&name) {
+            name
+        } else {
+            let mut relative = name;
+            relative.set_fqdn(false);
+            relative.append_domain(&self.origin).ok()?
+        };
+        self.sites.get(&name).and_then(|i| self.data.sites.get(*i))
+    }
+
+    /// Answers one question.
+    pub fn answer(&self, qname: &Name, qtype: RecordType, qclass: DNSClass) -> Answer {
+        if !matches!(qclass, DNSClass::IN | DNSClass::ANY) {
+            return Answer::refused();
+        }
+        let mut name = qname.to_lowercase();
+        name.set_fqdn(true);
+        let Some(apex) = self.apexes.iter().find(|a| a.zone_of(&name)) else {
+            return Answer::refused();
+        };
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // No zone transfers: secondaries get their copy in-band.
+            return Answer::refused();
+        }
+        let soa = || {
+            self.records
+                .get(apex)
+                .into_iter()
+                .flatten()
+                .filter(|r| r.record_type() == RecordType::SOA)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let mut answer = Answer {
+            code: ResponseCode::NoError,
+            authoritative: true,
+            answers: Vec::new(),
+            authority: Vec::new(),
+            additionals: Vec::new(),
+        };
+        match self.records.get(&name) {
+            Some(records) => {
+                answer.answers = records
+                    .iter()
+                    .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
+                    .cloned()
+                    .collect();
+                if answer.answers.is_empty() {
+                    answer.authority = soa();
+                }
+                for r in &answer.answers {
+                    let target = match &r.data {
+                        RData::SRV(srv) => Some(srv.target.clone()),
+                        RData::NS(ns) => Some(ns.0.clone()),
+                        _ => None,
+                    };
+                    if let Some(target) = target {
+                        answer.additionals.extend(
+                            self.records
+                                .get(&target)
+                                .into_iter()
+                                .flatten()
+                                .filter(|r| {
+                                    matches!(r.record_type(), RecordType::A | RecordType::AAAA)
+                                })
+                                .cloned(),
+                        );
+                    }
+                }
+            }
+            None => {
+                // A name with descendants exists (an empty non-terminal):
+                // in canonical order, descendants follow their ancestor.
+                let has_descendants = self
+                    .records
+                    .range((Bound::Excluded(&name), Bound::Unbounded))
+                    .next()
+                    .is_some_and(|(next, _)| name.zone_of(next));
+                if !has_descendants {
+                    answer.code = ResponseCode::NXDomain;
+                }
+                answer.authority = soa();
+            }
+        }
+        answer
+    }
+}
+
+fn address_rdata(a: IpAddr) -> RData {
+    match a {
+        IpAddr::V4(a) => RData::A(A(a)),
+        IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> ZoneData {
+        ZoneData {
+            zone: "tether.internal".into(),
+            serial: 7,
+            ttl: 5,
+            reverse: vec!["100.64.0.0/16".parse().unwrap(), "fd00:7e7e::/48".parse().unwrap()],
+            sites: vec![
+                SiteNames {
+                    site: SiteId::new("hospital-a").unwrap(),
+                    region: RegionId::new("eu").unwrap(),
+                    addresses: vec!["100.64.0.2".parse().unwrap(), "fd00:7e7e::2".parse().unwrap()],
+                    services: vec![Service::parse("dicom=104").unwrap()],
+                },
+                SiteNames {
+                    site: SiteId::new("lab-b").unwrap(),
+                    region: RegionId::new("us").unwrap(),
+                    addresses: vec!["100.64.1.9".parse().unwrap()],
+                    services: vec![],
+                },
+            ],
+        }
+    }
+
+    fn zone() -> Zone {
+        Zone::new(data(), &["127.0.0.1".parse().unwrap()]).unwrap()
+    }
+
+    fn ask(zone: &Zone, name: &str, qtype: RecordType) -> Answer {
+        zone.answer(&Name::from_ascii(name).unwrap(), qtype, DNSClass::IN)
+    }
+
+    #[test]
+    fn sites_have_addresses_by_name_in_any_case() {
+        let z = zone();
+        let a = ask(&z, "hospital-a.eu.tether.internal.", RecordType::A);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert!(a.authoritative);
+        assert_eq!(a.answers.len(), 1);
+        assert_eq!(a.answers[0].data, RData::A(A("100.64.0.2".parse().unwrap())));
+        assert_eq!(a.answers[0].ttl, 5);
+        let a = ask(&z, "Hospital-A.EU.tether.internal", RecordType::AAAA);
+        assert_eq!(
+            a.answers[0].data,
+            RData::AAAA(AAAA("fd00:7e7e::2".parse().unwrap()))
+        );
+        // No AAAA for a site without an IPv6 address: NODATA with the SOA.
+        let a = ask(&z, "lab-b.us.tether.internal.", RecordType::AAAA);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert!(a.answers.is_empty());
+        assert_eq!(a.authority[0].record_type(), RecordType::SOA);
+    }
+
+    #[test]
+    fn unknown_names_are_nxdomain_and_foreign_names_refused() {
+        let z = zone();
+        let a = ask(&z, "nobody.eu.tether.internal.", RecordType::A);
+        assert_eq!(a.code, ResponseCode::NXDomain);
+        assert!(a.authoritative);
+        assert_eq!(a.authority[0].record_type(), RecordType::SOA);
+        // A site under the wrong region does not exist.
+        let a = ask(&z, "hospital-a.us.tether.internal.", RecordType::A);
+        assert_eq!(a.code, ResponseCode::NXDomain);
+        for outside in ["example.org.", "internal.", ".", "tether.internal.evil.com."] {
+            let a = ask(&z, outside, RecordType::A);
+            assert_eq!(a.code, ResponseCode::Refused, "{outside}");
+            assert!(!a.authoritative && a.answers.is_empty());
+        }
+        // Reverse names outside the pools are not ours either.
+        let a = ask(&z, "1.0.168.192.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(a.code, ResponseCode::Refused);
+        let mut chaos = z.answer(
+            &Name::from_ascii("hospital-a.eu.tether.internal.").unwrap(),
+            RecordType::A,
+            DNSClass::CH,
+        );
+        assert_eq!(chaos.code, ResponseCode::Refused);
+        chaos = ask(&z, "tether.internal.", RecordType::AXFR);
+        assert_eq!(chaos.code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn empty_non_terminals_exist() {
+        let z = zone();
+        for ent in [
+            "eu.tether.internal.",
+            "_tcp.hospital-a.eu.tether.internal.",
+            "64.100.in-addr.arpa.",
+        ] {
+            let a = ask(&z, ent, RecordType::A);
+            assert_eq!(a.code, ResponseCode::NoError, "{ent}");
+            assert!(a.answers.is_empty());
+        }
+        // A region without sites has no names.
+        assert_eq!(
+            ask(&z, "ap.tether.internal.", RecordType::A).code,
+            ResponseCode::NXDomain
+        );
+    }
+
+    #[test]
+    fn services_have_srv_records_with_the_address_alongside() {
+        let z = zone();
+        let a = ask(&z, "_dicom._tcp.hospital-a.eu.tether.internal.", RecordType::SRV);
+        assert_eq!(a.code, ResponseCode::NoError);
+        let RData::SRV(srv) = &a.answers[0].data else {
+            panic!("not SRV: {:?}", a.answers);
+        };
+        assert_eq!(srv.port, 104);
+        assert_eq!(srv.target.to_string(), "hospital-a.eu.tether.internal.");
+        assert_eq!(a.additionals.len(), 2);
+        assert_eq!(
+            ask(&z, "_http._tcp.hospital-a.eu.tether.internal.", RecordType::SRV).code,
+            ResponseCode::NXDomain
+        );
+    }
+
+    #[test]
+    fn overlay_addresses_have_ptr_records() {
+        let z = zone();
+        let a = ask(&z, "2.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert_eq!(
+            a.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("hospital-a.eu.tether.internal.").unwrap()))
+        );
+        let v6 = Name::from("fd00:7e7e::2".parse::<IpAddr>().unwrap());
+        let a = z.answer(&v6, RecordType::PTR, DNSClass::IN);
+        assert_eq!(a.answers.len(), 1);
+        // An unassigned pool address: authoritative NXDOMAIN.
+        let a = ask(&z, "3.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(a.code, ResponseCode::NXDomain);
+        assert_eq!(a.authority[0].name.to_string(), "64.100.in-addr.arpa.");
+    }
+
+    #[test]
+    fn apex_has_soa_and_ns_with_glue() {
+        let z = zone();
+        let a = ask(&z, "tether.internal.", RecordType::SOA);
+        let RData::SOA(soa) = &a.answers[0].data else {
+            panic!("not SOA");
+        };
+        assert_eq!(soa.serial, 7);
+        assert_eq!(soa.minimum, 5);
+        let a = ask(&z, "tether.internal.", RecordType::NS);
+        assert_eq!(
+            a.answers[0].data,
+            RData::NS(NS(Name::from_ascii("ns.tether.internal.").unwrap()))
+        );
+        assert_eq!(a.additionals.len(), 1);
+        assert_eq!(ask(&z, "64.100.in-addr.arpa.", RecordType::SOA).answers.len(), 1);
+    }
+
+    #[test]
+    fn sites_are_found_by_full_or_relative_name() {
+        let z = zone();
+        assert_eq!(z.site("hospital-a.eu.tether.internal").unwrap().site.as_str(), "hospital-a");
+        assert_eq!(z.site("hospital-a.eu.tether.internal.").unwrap().region.as_str(), "eu");
+        assert_eq!(z.site("lab-b.us").unwrap().site.as_str(), "lab-b");
+        assert!(z.site("lab-b.eu").is_none());
+        assert!(z.site("not a name").is_none());
+    }
+
+    #[test]
+    fn encoding_round_trips_and_refuses_garbage() {
+        let d = data();
+        assert_eq!(ZoneData::decode(&d.encode()).unwrap(), d);
+        let bytes = d.encode();
+        for cut in 0..bytes.len() {
+            assert!(ZoneData::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert_eq!(ZoneData::decode(b"nope"), Err(ZoneError::NotZone));
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(ZoneData::decode(&extra).is_err());
+        // Labels that break the rules are refused, not trusted.
+        let mut bad = d.clone();
+        bad.sites[0].services.clear();
+        let mut enc = bad.encode();
+        let at = enc.windows(10).position(|w| w == b"hospital-a").unwrap();
+        enc[at] = b'H';
+        assert!(ZoneData::decode(&enc).is_err());
+    }
+
+    #[test]
+    fn filtered_copies_keep_only_permitted_regions() {
+        let d = data();
+        let eu = d.filtered(|r| r.as_str() == "eu");
+        assert_eq!(eu.sites.len(), 1);
+        assert!(!eu.same_names(&d));
+        assert!(d.same_names(&ZoneData { serial: 99, ..d.clone() }));
+    }
+
+    #[test]
+    fn service_lists_parse_and_name_their_problem() {
+        let s = Service::parse_list("http=80, dicom=104,http=8080").unwrap();
+        assert_eq!(Service::format_list(&s), "dicom=104,http=80");
+        assert!(Service::parse_list("http").unwrap_err().contains("name=port"));
+        assert!(Service::parse_list("http=0").unwrap_err().contains("TCP port"));
+        assert!(Service::parse_list("HTTP=80").unwrap_err().contains("uppercase"));
+        assert!(Service::parse_list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn pools_shorter_than_an_octet_have_no_reverse_zone() {
+        assert_eq!(reverse_apex("10.0.0.0/7".parse().unwrap()), None);
+        assert_eq!(
+            reverse_apex("100.64.0.0/10".parse().unwrap()).unwrap().to_string(),
+            "100.in-addr.arpa."
+        );
+        assert_eq!(
+            reverse_apex("fd00:7e7e::/48".parse().unwrap()).unwrap().to_string(),
+            "0.0.0.0.e.7.e.7.0.0.d.f.ip6.arpa."
+        );
+    }
+}
