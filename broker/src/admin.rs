@@ -3,25 +3,27 @@
 //!
 //! Everything under `/v1` needs `Authorization: Bearer <admin token>`; the
 //! token is created with the data directory (`admin.token`, mode 0600).
-//! `/metrics`, `/healthz` and `/readyz` are open, for scrapers and probes;
+//! `/metrics`, `/healthz`, `/readyz` and `/openapi.json` are open, for scrapers and probes;
 //! the API binds to loopback by default.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tether_proto::api::{
-    ApiError, GatewayInfo, RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse,
+    ApiError, GatewayInfo, ResidencyCheck, RevokeResponse, RouteFilter, SessionInfo, SiteInfo,
+    TokenRequest, TokenResponse, Trace, TracePath, TraceTarget,
 };
 use tether_proto::ids::{RegionId, SiteId};
-use tether_proto::route::{Explanation, Route};
+use tether_proto::route::{Route, RouteKind, RouteTarget};
 
 use crate::state::{Broker, BrokerError};
 
@@ -109,12 +111,13 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/gateways", get(list_gateways))
         .route("/v1/tokens", post(create_token))
         .route("/v1/sites/{region}/{site}/revoke", post(revoke))
-        .route("/v1/trace/{address}", get(trace))
+        .route("/v1/trace/{target}", get(trace))
         .layer(middleware::from_fn_with_state(broker.clone(), authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .merge(api)
         .fallback(|| async { AdminError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(broker)
@@ -169,17 +172,87 @@ async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<SessionInf
     Json(sessions)
 }
 
-async fn list_routes(State(broker): State<Arc<Broker>>) -> Json<Vec<Route>> {
-    Json(
-        broker
-            .router
-            .read()
-            .map(|r| r.table.routes().into_iter().cloned().collect())
-            .unwrap_or_default(),
-    )
+async fn list_routes(
+    State(broker): State<Arc<Broker>>,
+    filter: Result<Query<RouteFilter>, QueryRejection>,
+) -> Result<Json<Vec<Route>>, AdminError> {
+    let Query(filter) = filter.map_err(|e| {
+        AdminError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid query: {} (filters: site, region, kind, prefix)",
+                e.body_text()
+            ),
+        )
+    })?;
+    let site: Option<SiteId> = filter
+        .site
+        .as_deref()
+        .map(|t| parse_id("site", t))
+        .transpose()?;
+    let region: Option<RegionId> = filter
+        .region
+        .as_deref()
+        .map(|t| parse_id("region", t))
+        .transpose()?;
+    let kind = match filter.kind.as_deref() {
+        None => None,
+        Some(k) => Some(
+            [
+                RouteKind::SiteAddress,
+                RouteKind::SiteLan,
+                RouteKind::Gateway,
+            ]
+            .into_iter()
+            .find(|x| x.as_str() == k)
+            .ok_or_else(|| {
+                AdminError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid kind {k:?}: use site-address, site-lan or gateway"),
+                )
+            })?,
+        ),
+    };
+    let prefix = match filter.prefix.as_deref() {
+        None => None,
+        Some(t) => Some(
+            t.parse::<IpNet>()
+                .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    AdminError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid prefix {t:?}: write e.g. 100.64.0.0/16 or 100.64.0.7"),
+                    )
+                })?
+                .trunc(),
+        ),
+    };
+    let router = broker
+        .router
+        .read()
+        .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
+    let routes = router
+        .table
+        .routes()
+        .into_iter()
+        .filter(|r| {
+            site.as_ref()
+                .is_none_or(|s| r.target == RouteTarget::Site(s.clone()))
+        })
+        .filter(|r| region.as_ref().is_none_or(|g| &r.region == g))
+        .filter(|r| kind.is_none_or(|k| r.kind == k))
+        .filter(|r| prefix.is_none_or(|p| p.contains(&r.prefix) || r.prefix.contains(&p)))
+        .cloned()
+        .collect();
+    Ok(Json(routes))
 }
 
 async fn list_gateways(State(broker): State<Arc<Broker>>) -> Json<Vec<GatewayInfo>> {
+    Json(gateway_infos(&broker))
+}
+
+/// Every gateway, local and over WireGuard, with its counters.
+fn gateway_infos(broker: &Broker) -> Vec<GatewayInfo> {
     let mut out = Vec::new();
     if let Some(gw) = broker.local_gateway.get() {
         out.push(GatewayInfo {
@@ -214,7 +287,7 @@ async fn list_gateways(State(broker): State<Arc<Broker>>) -> Json<Vec<GatewayInf
             });
         }
     }
-    Json(out)
+    out
 }
 
 async fn create_token(
@@ -246,12 +319,110 @@ async fn revoke(
 
 async fn trace(
     State(broker): State<Arc<Broker>>,
-    Path(address): Path<String>,
-) -> Result<Json<Explanation>, AdminError> {
-    let address: IpAddr = parse_id("address", &address)?;
+    Path(target): Path<String>,
+) -> Result<Json<Trace>, AdminError> {
+    let (name, destinations) = match target.parse::<IpAddr>() {
+        Ok(ip) => (None, vec![ip]),
+        Err(_) => {
+            let zone = broker.zone.borrow().clone();
+            let zone = zone
+                .map(|z| tether_proto::dns::Zone::new((*z).clone(), &[]))
+                .transpose()
+                .map_err(|e| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            let Some(zone) = zone else {
+                return Err(AdminError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the mesh zone is not built yet; retry in a moment",
+                ));
+            };
+            let Some(site) = zone.site(&target) else {
+                return Err(AdminError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "{target:?} is neither an IP address nor a site name in {} (write <site>.<region>.{} or an address)",
+                        zone.data().zone,
+                        zone.data().zone
+                    ),
+                ));
+            };
+            let name = tether_proto::dns::site_name(&site.site, &site.region, &zone.data().zone);
+            (Some(name), site.addresses.clone())
+        }
+    };
+    let gateways = gateway_infos(&broker);
     let router = broker
         .router
         .read()
         .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
-    Ok(Json(router.table.lookup(address).explain()))
+    let mut paths = Vec::new();
+    for destination in destinations {
+        let explanation = router.table.lookup(destination).explain();
+        let target = explanation.winner.as_ref().map(|route| {
+            let residency_for = |site_region: &RegionId| -> Vec<ResidencyCheck> {
+                gateways
+                    .iter()
+                    .map(|g| ResidencyCheck {
+                        gateway: g.id.clone(),
+                        gateway_region: g.region.clone(),
+                        site_region: site_region.clone(),
+                        permitted: router.residency.permits(site_region, &g.region),
+                    })
+                    .collect()
+            };
+            match &route.target {
+                RouteTarget::Site(site) => TraceTarget {
+                    kind: "site".into(),
+                    id: site.to_string(),
+                    region: route.region.clone(),
+                    session: broker.session(site).map(|s| s.info()),
+                    gateway: None,
+                    residency: residency_for(&route.region),
+                },
+                RouteTarget::Gateway(id) => {
+                    let gateway = gateways.iter().find(|g| &g.id == id).cloned();
+                    // Which site regions may reach this gateway.
+                    let residency = broker
+                        .config
+                        .regions
+                        .keys()
+                        .map(|site_region| ResidencyCheck {
+                            gateway: id.clone(),
+                            gateway_region: route.region.clone(),
+                            site_region: site_region.clone(),
+                            permitted: router.residency.permits(site_region, &route.region),
+                        })
+                        .collect();
+                    TraceTarget {
+                        kind: "gateway".into(),
+                        id: id.to_string(),
+                        region: route.region.clone(),
+                        session: None,
+                        gateway,
+                        residency,
+                    }
+                }
+            }
+        });
+        paths.push(TracePath {
+            explanation,
+            target,
+        });
+    }
+    Ok(Json(Trace {
+        query: target,
+        name,
+        broker: broker
+            .tunnel_addr
+            .get()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        paths,
+    }))
+}
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }

@@ -9,11 +9,10 @@
 //!   [`wireguard`]: gateways as WireGuard peers.
 //! - [`names`]: identity DNS (the mesh zone, served and handed to
 //!   gateways).
-//! - [`admin`]: the admin API; [`admin_client`]: its CLI client.
+//! - [`admin`]: the admin API (its client is `tether::operator`).
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod admin;
-pub mod admin_client;
 pub mod enroll;
 pub mod h2server;
 pub mod local_gateway;

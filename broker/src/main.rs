@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tether_broker::admin_client::AdminClient;
+use tether::operator::{self, AdminClient};
 use tether_broker::run::{ADMIN_TOKEN_FILE, data_dir};
 use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_pki::{Ca, TrustDomain};
@@ -280,91 +280,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sites { config } => {
             let sites: Vec<SiteInfo> = admin(&config)?.get("/v1/sites")?;
-            println!(
-                "{:<24} {:<14} {:<12} {:<10} ADDRESSES",
-                "SITE", "REGION", "STATE", "TRANSPORT"
-            );
-            for s in sites {
-                let state = if s.revoked {
-                    "revoked"
-                } else if s.session.is_some() {
-                    "connected"
-                } else if s.enrolled {
-                    "offline"
-                } else {
-                    "pending"
-                };
-                let transport = s
-                    .session
-                    .as_ref()
-                    .map(|x| x.transport.as_str())
-                    .unwrap_or("-");
-                let addrs: Vec<String> = s.addresses.iter().map(|a| a.to_string()).collect();
-                println!(
-                    "{:<24} {:<14} {:<12} {:<10} {}",
-                    s.site.as_str(),
-                    s.region.as_str(),
-                    state,
-                    transport,
-                    addrs.join(" ")
-                );
-            }
+            print!("{}", operator::sites_table(&sites));
             Ok(ExitCode::SUCCESS)
         }
         Command::Sessions { config } => {
             let sessions: Vec<SessionInfo> = admin(&config)?.get("/v1/sessions")?;
-            println!(
-                "{:<24} {:<14} {:<10} {:<24} {:>9} {:>14} {:>14}",
-                "SITE", "REGION", "TRANSPORT", "REMOTE", "RTT", "RX BYTES", "TX BYTES"
-            );
-            for s in sessions {
-                println!(
-                    "{:<24} {:<14} {:<10} {:<24} {:>7.1}ms {:>14} {:>14}",
-                    s.site.as_str(),
-                    s.region.as_str(),
-                    s.transport,
-                    s.remote.to_string(),
-                    s.rtt_ms,
-                    s.rx_bytes,
-                    s.tx_bytes
-                );
-            }
+            print!("{}", operator::sessions_table(&sessions));
             Ok(ExitCode::SUCCESS)
         }
         Command::Routes { config } => {
             let routes: Vec<Route> = admin(&config)?.get("/v1/routes")?;
-            for r in routes {
-                println!(
-                    "{:<22} {:<13} {:<28} region {}",
-                    r.prefix.to_string(),
-                    r.kind.as_str(),
-                    r.target.to_string(),
-                    r.region
-                );
-            }
+            print!("{}", operator::routes_table(&routes));
             Ok(ExitCode::SUCCESS)
         }
         Command::Gateways { config } => {
             let gateways: Vec<tether_proto::api::GatewayInfo> =
                 admin(&config)?.get("/v1/gateways")?;
-            println!(
-                "{:<16} {:<12} {:<10} {:<24} {:>10} {:>14} {:>14}",
-                "GATEWAY", "REGION", "KIND", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
-            );
-            for g in gateways {
-                println!(
-                    "{:<16} {:<12} {:<10} {:<24} {:>10} {:>14} {:>14}",
-                    g.id.as_str(),
-                    g.region.as_str(),
-                    g.kind,
-                    g.endpoint.map(|e| e.to_string()).unwrap_or("-".into()),
-                    g.last_handshake_secs
-                        .map(|s| format!("{s}s ago"))
-                        .unwrap_or("-".into()),
-                    g.rx_bytes,
-                    g.tx_bytes
-                );
-            }
+            print!("{}", operator::gateways_table(&gateways));
             Ok(ExitCode::SUCCESS)
         }
         Command::Gateway {

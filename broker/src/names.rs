@@ -24,7 +24,11 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// The zone as the store and the sessions describe it now. Blocking.
 pub fn zone_data(broker: &Broker, serial: u32) -> Result<ZoneData, BrokerError> {
     let config = &broker.config;
-    let reverse = config.regions.values().flat_map(|r| r.pools.clone()).collect();
+    let reverse = config
+        .regions
+        .values()
+        .flat_map(|r| r.pools.clone())
+        .collect();
     let mut zone = ZoneData::empty(&config.dns_zone, config.dns_ttl, reverse);
     zone.serial = serial;
     for record in broker.store.sites()? {
@@ -95,8 +99,12 @@ pub async fn serve(broker: &Arc<Broker>) -> anyhow::Result<Option<DnsServer>> {
         return Ok(None);
     }
     let count = Arc::new(|code: ResponseCode| crate::metrics::dns_answer(code));
-    let server =
-        DnsServer::start(&broker.config.dns_listen, broker.zone.subscribe(), Some(count)).await?;
+    let server = DnsServer::start(
+        &broker.config.dns_listen,
+        broker.zone.subscribe(),
+        Some(count),
+    )
+    .await?;
     Ok(Some(server))
 }
 

@@ -208,7 +208,14 @@ impl Drops {
     pub fn get(&self) -> Vec<(tether_proto::forward::DropReason, u64)> {
         tether_proto::forward::DropReason::ALL
             .iter()
-            .map(|r| (*r, self.0.get(*r as usize).map_or(0, |c| c.load(Ordering::Relaxed))))
+            .map(|r| {
+                (
+                    *r,
+                    self.0
+                        .get(*r as usize)
+                        .map_or(0, |c| c.load(Ordering::Relaxed)),
+                )
+            })
             .collect()
     }
 }

@@ -216,7 +216,9 @@ impl Wireguard {
             return;
         };
         let copy = match broker.router.read() {
-            Ok(router) => zone.filtered(|site_region| router.residency.permits(site_region, &peer.region)),
+            Ok(router) => {
+                zone.filtered(|site_region| router.residency.permits(site_region, &peer.region))
+            }
             Err(_) => return,
         };
         for chunk in control::zone_chunks(&copy) {

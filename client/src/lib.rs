@@ -7,6 +7,8 @@
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
 //!   carry it; [`dial`] resolves endpoints.
 //! - [`doctor`], [`firewall`]: `tether doctor` and `tether firewall-rule`.
+//! - [`operator`]: the admin API client and the tables of `tether routes`,
+//!   `tether sites`, `tether trace`.
 //! - [`state`]: the state directory.
 
 pub mod agent;
@@ -17,6 +19,7 @@ pub mod firewall;
 pub mod h2client;
 pub mod h3client;
 pub mod link;
+pub mod operator;
 pub mod proxy;
 pub mod state;
 pub mod tun;

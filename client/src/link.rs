@@ -337,8 +337,8 @@ impl BrokerConn {
         timeout: Duration,
         services: &[tether_proto::dns::Service],
     ) -> Result<(Tunnel, Link), Failure> {
-        let services = (!services.is_empty())
-            .then(|| tether_proto::dns::Service::format_list(services));
+        let services =
+            (!services.is_empty()).then(|| tether_proto::dns::Service::format_list(services));
         match self {
             BrokerConn::H3 { client, .. } => {
                 let conn = &client.conn;
@@ -388,8 +388,10 @@ impl BrokerConn {
                 ))
             }
             BrokerConn::H2(c) => {
-                let (status, body, stream) =
-                    c.connect_ip(authority, timeout, services.as_deref()).await.map_err(|e| {
+                let (status, body, stream) = c
+                    .connect_ip(authority, timeout, services.as_deref())
+                    .await
+                    .map_err(|e| {
                         let text = format!("{e:#}");
                         match tls_refusal(&text) {
                             Some(plain) => Failure::refused(plain),

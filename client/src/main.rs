@@ -73,14 +73,45 @@ enum Command {
         #[arg(long, env = "TETHER_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// List routes known to a broker (operators).
-    Routes,
-    /// List sites known to a broker (operators).
-    Sites,
-    /// Explain how a broker routes an address or name (operators).
+    /// List a broker's routes, longest prefixes last (operators).
+    Routes {
+        /// Only routes to this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only routes of this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// Only routes of this kind: site-address, site-lan or gateway.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only routes overlapping this prefix or address.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a broker's sites with their state and addresses (operators).
+    Sites {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Explain how a broker routes an address or a site name: every
+    /// candidate route, the site or gateway, its session, residency
+    /// (operators). Exit code 3 when there is no route.
     Trace {
-        /// An IP address or a site name.
+        /// An IP address, or a site name (<site>.<region>.<zone>).
         target: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Check a configuration file and report every problem.
     CheckConfig {
@@ -105,9 +136,56 @@ fn main() -> ExitCode {
     }
 }
 
-fn not_available(what: &str) -> ExitCode {
-    eprintln!("tether {what}: not available in this build yet");
-    ExitCode::from(2)
+/// Where the broker's admin API is and how to authenticate.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The broker's admin API.
+    #[arg(
+        long,
+        env = "TETHER_ADMIN_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    admin_url: String,
+    /// The admin token (the broker's admin.token).
+    #[arg(long, env = "TETHER_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the admin token, e.g.
+    /// /var/lib/tether-broker/admin.token.
+    #[arg(long, env = "TETHER_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<tether::operator::AdminClient> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read the admin token {}: {e}", path.display())
+            })?,
+            (None, None) => anyhow::bail!(
+                "no admin token: pass --token-file /var/lib/tether-broker/admin.token (on the broker host), or set TETHER_ADMIN_TOKEN"
+            ),
+        };
+        Ok(tether::operator::AdminClient::new(&self.admin_url, &token))
+    }
+}
+
+/// Runs an admin call; API failures become their exit codes.
+fn operator_call(f: impl FnOnce() -> Result<ExitCode, tether::operator::CallError>) -> ExitCode {
+    match f() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("tether: {e}"),
+    }
 }
 
 /// The validated configuration and the state directory it names.
@@ -218,9 +296,74 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             ExitCode::SUCCESS
         }
-        Command::Routes => not_available("routes"),
-        Command::Sites => not_available("sites"),
-        Command::Trace { .. } => not_available("trace"),
+        Command::Routes {
+            site,
+            region,
+            kind,
+            prefix,
+            json,
+            admin,
+        } => {
+            let client = admin.client()?;
+            let mut query: Vec<String> = Vec::new();
+            for (key, value) in [
+                ("site", site),
+                ("region", region),
+                ("kind", kind),
+                ("prefix", prefix),
+            ] {
+                if let Some(v) = value {
+                    query.push(format!("{key}={}", query_escape(&v)));
+                }
+            }
+            let path = if query.is_empty() {
+                "/v1/routes".to_string()
+            } else {
+                format!("/v1/routes?{}", query.join("&"))
+            };
+            operator_call(|| {
+                let routes: Vec<tether_proto::route::Route> = client.get(&path)?;
+                if json {
+                    print_json(&routes);
+                } else {
+                    print!("{}", tether::operator::routes_table(&routes));
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Sites { json, admin } => {
+            let client = admin.client()?;
+            operator_call(|| {
+                let sites: Vec<tether_proto::api::SiteInfo> = client.get("/v1/sites")?;
+                if json {
+                    print_json(&sites);
+                } else {
+                    print!("{}", tether::operator::sites_table(&sites));
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Trace {
+            target,
+            json,
+            admin,
+        } => {
+            let client = admin.client()?;
+            operator_call(|| {
+                let trace: tether_proto::api::Trace =
+                    client.get(&format!("/v1/trace/{}", query_escape(&target)))?;
+                if json {
+                    print_json(&trace);
+                } else {
+                    print!("{}", tether::operator::trace_text(&trace));
+                }
+                Ok(if tether::operator::trace_routed(&trace) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(tether::operator::EXIT_NO_ROUTE)
+                })
+            })
+        }
         Command::CheckConfig { file } => {
             let origin = file.display().to_string();
             let config = ClientFile::load(&file)?.validate(&origin)?;
@@ -231,4 +374,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
     })
+}
+
+/// Percent-encodes what is not safe in a URL query value or path segment
+/// (prefixes keep their '/' readable: it is legal in a query).
+fn query_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

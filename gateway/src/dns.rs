@@ -134,9 +134,9 @@ impl DnsServer {
             })?;
             let bound = udp.local_addr()?;
             // TCP on the same port as UDP, also when the port was 0.
-            let tcp = TcpListener::bind(bound).await.map_err(|e| {
-                anyhow::anyhow!("cannot bind DNS on tcp {bound}: {e}")
-            })?;
+            let tcp = TcpListener::bind(bound)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot bind DNS on tcp {bound}: {e}"))?;
             local_addrs.push(bound);
             server_sockets.push((udp, tcp));
         }
@@ -166,7 +166,11 @@ impl DnsServer {
                 while data.changed().await.is_ok() {
                     let next = index(&data.borrow_and_update());
                     if let Some(z) = &next {
-                        tracing::debug!(serial = z.data().serial, sites = z.data().sites.len(), "mesh zone updated");
+                        tracing::debug!(
+                            serial = z.data().serial,
+                            sites = z.data().sites.len(),
+                            "mesh zone updated"
+                        );
                     }
                     if let Ok(mut cur) = zone.write() {
                         *cur = next;

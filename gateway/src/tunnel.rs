@@ -256,7 +256,11 @@ pub async fn run(
         .and_then(|b| ZoneData::decode(&b).ok())
         .map(Arc::new);
     if let Some(z) = &saved {
-        tracing::info!(serial = z.serial, sites = z.sites.len(), "mesh zone loaded from the last run");
+        tracing::info!(
+            serial = z.serial,
+            sites = z.sites.len(),
+            "mesh zone loaded from the last run"
+        );
     }
     let (zones, mut zone_rx) = watch::channel(saved);
     let dns = match config.dns_listen {

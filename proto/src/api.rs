@@ -185,3 +185,73 @@ pub struct RevokeResponse {
     /// Whether a live session was closed.
     pub closed_session: bool,
 }
+
+/// Admin API: filters of `GET /v1/routes` (all optional, combined with
+/// "and").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFilter {
+    /// Routes to this site.
+    pub site: Option<String>,
+    /// Routes of this region.
+    pub region: Option<String>,
+    /// `site-address`, `site-lan` or `gateway`.
+    pub kind: Option<String>,
+    /// Routes whose prefix overlaps this prefix (an address is a /32 or
+    /// /128).
+    pub prefix: Option<String>,
+}
+
+/// Admin API: the answer of `GET /v1/trace/{target}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// What was asked: an address or a name.
+    pub query: String,
+    /// The site the name denotes, when a name was asked.
+    pub name: Option<String>,
+    /// The broker that answered (its id: the first tunnel address), which
+    /// holds the sessions shown.
+    pub broker: String,
+    /// One path per address the query stands for.
+    pub paths: Vec<TracePath>,
+}
+
+/// Admin API: how packets to one address travel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TracePath {
+    /// The longest-prefix decision with every candidate.
+    pub explanation: crate::route::Explanation,
+    /// Where the winning route leads, if a route matched.
+    pub target: Option<TraceTarget>,
+}
+
+/// Admin API: the next hop of a traced path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceTarget {
+    /// `site` or `gateway`.
+    pub kind: String,
+    /// The site or gateway id.
+    pub id: String,
+    /// Its region.
+    pub region: RegionId,
+    /// For a site: its live session on this broker (transport, RTT, byte
+    /// counters), or none when it is not connected.
+    pub session: Option<SessionInfo>,
+    /// For a gateway: its tunnel and counters.
+    pub gateway: Option<GatewayInfo>,
+    /// The data-residency decision for this target.
+    pub residency: Vec<ResidencyCheck>,
+}
+
+/// Admin API: whether traffic between a site region and a gateway may flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResidencyCheck {
+    /// The gateway.
+    pub gateway: crate::ids::GatewayId,
+    /// Its region.
+    pub gateway_region: RegionId,
+    /// The site region concerned.
+    pub site_region: RegionId,
+    /// Whether the policy lets packets flow between them.
+    pub permitted: bool,
+}

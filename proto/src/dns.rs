@@ -214,9 +214,7 @@ impl ZoneData {
         for _ in 0..n {
             let addr = r.addr()?;
             let len = r.u8()?;
-            reverse.push(
-                IpNet::new(addr, len).map_err(|_| ZoneError::Malformed("prefix length"))?,
-            );
+            reverse.push(IpNet::new(addr, len).map_err(|_| ZoneError::Malformed("prefix length"))?);
         }
         let n = r.u32()? as usize;
         let mut sites = Vec::with_capacity(n.min(bytes.len() / 8));
@@ -567,12 +565,18 @@ mod tests {
             zone: "tether.internal".into(),
             serial: 7,
             ttl: 5,
-            reverse: vec!["100.64.0.0/16".parse().unwrap(), "fd00:7e7e::/48".parse().unwrap()],
+            reverse: vec![
+                "100.64.0.0/16".parse().unwrap(),
+                "fd00:7e7e::/48".parse().unwrap(),
+            ],
             sites: vec![
                 SiteNames {
                     site: SiteId::new("hospital-a").unwrap(),
                     region: RegionId::new("eu").unwrap(),
-                    addresses: vec!["100.64.0.2".parse().unwrap(), "fd00:7e7e::2".parse().unwrap()],
+                    addresses: vec![
+                        "100.64.0.2".parse().unwrap(),
+                        "fd00:7e7e::2".parse().unwrap(),
+                    ],
                     services: vec![Service::parse("dicom=104").unwrap()],
                 },
                 SiteNames {
@@ -600,7 +604,10 @@ mod tests {
         assert_eq!(a.code, ResponseCode::NoError);
         assert!(a.authoritative);
         assert_eq!(a.answers.len(), 1);
-        assert_eq!(a.answers[0].data, RData::A(A("100.64.0.2".parse().unwrap())));
+        assert_eq!(
+            a.answers[0].data,
+            RData::A(A("100.64.0.2".parse().unwrap()))
+        );
         assert_eq!(a.answers[0].ttl, 5);
         let a = ask(&z, "Hospital-A.EU.tether.internal", RecordType::AAAA);
         assert_eq!(
@@ -624,7 +631,12 @@ mod tests {
         // A site under the wrong region does not exist.
         let a = ask(&z, "hospital-a.us.tether.internal.", RecordType::A);
         assert_eq!(a.code, ResponseCode::NXDomain);
-        for outside in ["example.org.", "internal.", ".", "tether.internal.evil.com."] {
+        for outside in [
+            "example.org.",
+            "internal.",
+            ".",
+            "tether.internal.evil.com.",
+        ] {
             let a = ask(&z, outside, RecordType::A);
             assert_eq!(a.code, ResponseCode::Refused, "{outside}");
             assert!(!a.authoritative && a.answers.is_empty());
@@ -664,7 +676,11 @@ mod tests {
     #[test]
     fn services_have_srv_records_with_the_address_alongside() {
         let z = zone();
-        let a = ask(&z, "_dicom._tcp.hospital-a.eu.tether.internal.", RecordType::SRV);
+        let a = ask(
+            &z,
+            "_dicom._tcp.hospital-a.eu.tether.internal.",
+            RecordType::SRV,
+        );
         assert_eq!(a.code, ResponseCode::NoError);
         let RData::SRV(srv) = &a.answers[0].data else {
             panic!("not SRV: {:?}", a.answers);
@@ -673,7 +689,12 @@ mod tests {
         assert_eq!(srv.target.to_string(), "hospital-a.eu.tether.internal.");
         assert_eq!(a.additionals.len(), 2);
         assert_eq!(
-            ask(&z, "_http._tcp.hospital-a.eu.tether.internal.", RecordType::SRV).code,
+            ask(
+                &z,
+                "_http._tcp.hospital-a.eu.tether.internal.",
+                RecordType::SRV
+            )
+            .code,
             ResponseCode::NXDomain
         );
     }
@@ -685,7 +706,9 @@ mod tests {
         assert_eq!(a.code, ResponseCode::NoError);
         assert_eq!(
             a.answers[0].data,
-            RData::PTR(PTR(Name::from_ascii("hospital-a.eu.tether.internal.").unwrap()))
+            RData::PTR(PTR(
+                Name::from_ascii("hospital-a.eu.tether.internal.").unwrap()
+            ))
         );
         let v6 = Name::from("fd00:7e7e::2".parse::<IpAddr>().unwrap());
         let a = z.answer(&v6, RecordType::PTR, DNSClass::IN);
@@ -711,14 +734,31 @@ mod tests {
             RData::NS(NS(Name::from_ascii("ns.tether.internal.").unwrap()))
         );
         assert_eq!(a.additionals.len(), 1);
-        assert_eq!(ask(&z, "64.100.in-addr.arpa.", RecordType::SOA).answers.len(), 1);
+        assert_eq!(
+            ask(&z, "64.100.in-addr.arpa.", RecordType::SOA)
+                .answers
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn sites_are_found_by_full_or_relative_name() {
         let z = zone();
-        assert_eq!(z.site("hospital-a.eu.tether.internal").unwrap().site.as_str(), "hospital-a");
-        assert_eq!(z.site("hospital-a.eu.tether.internal.").unwrap().region.as_str(), "eu");
+        assert_eq!(
+            z.site("hospital-a.eu.tether.internal")
+                .unwrap()
+                .site
+                .as_str(),
+            "hospital-a"
+        );
+        assert_eq!(
+            z.site("hospital-a.eu.tether.internal.")
+                .unwrap()
+                .region
+                .as_str(),
+            "eu"
+        );
         assert_eq!(z.site("lab-b.us").unwrap().site.as_str(), "lab-b");
         assert!(z.site("lab-b.eu").is_none());
         assert!(z.site("not a name").is_none());
@@ -751,16 +791,31 @@ mod tests {
         let eu = d.filtered(|r| r.as_str() == "eu");
         assert_eq!(eu.sites.len(), 1);
         assert!(!eu.same_names(&d));
-        assert!(d.same_names(&ZoneData { serial: 99, ..d.clone() }));
+        assert!(d.same_names(&ZoneData {
+            serial: 99,
+            ..d.clone()
+        }));
     }
 
     #[test]
     fn service_lists_parse_and_name_their_problem() {
         let s = Service::parse_list("http=80, dicom=104,http=8080").unwrap();
         assert_eq!(Service::format_list(&s), "dicom=104,http=80");
-        assert!(Service::parse_list("http").unwrap_err().contains("name=port"));
-        assert!(Service::parse_list("http=0").unwrap_err().contains("TCP port"));
-        assert!(Service::parse_list("HTTP=80").unwrap_err().contains("uppercase"));
+        assert!(
+            Service::parse_list("http")
+                .unwrap_err()
+                .contains("name=port")
+        );
+        assert!(
+            Service::parse_list("http=0")
+                .unwrap_err()
+                .contains("TCP port")
+        );
+        assert!(
+            Service::parse_list("HTTP=80")
+                .unwrap_err()
+                .contains("uppercase")
+        );
         assert!(Service::parse_list("").unwrap().is_empty());
     }
 
@@ -768,11 +823,15 @@ mod tests {
     fn pools_shorter_than_an_octet_have_no_reverse_zone() {
         assert_eq!(reverse_apex("10.0.0.0/7".parse().unwrap()), None);
         assert_eq!(
-            reverse_apex("100.64.0.0/10".parse().unwrap()).unwrap().to_string(),
+            reverse_apex("100.64.0.0/10".parse().unwrap())
+                .unwrap()
+                .to_string(),
             "100.in-addr.arpa."
         );
         assert_eq!(
-            reverse_apex("fd00:7e7e::/48".parse().unwrap()).unwrap().to_string(),
+            reverse_apex("fd00:7e7e::/48".parse().unwrap())
+                .unwrap()
+                .to_string(),
             "0.0.0.0.e.7.e.7.0.0.d.f.ip6.arpa."
         );
     }

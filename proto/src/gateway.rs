@@ -584,7 +584,8 @@ mod tests {
     #[test]
     fn zones_travel_in_chunks_and_reassemble_in_any_order() {
         use crate::dns::{SiteNames, ZoneData};
-        let mut zone = ZoneData::empty("tether.internal", 5, vec!["100.64.0.0/16".parse().unwrap()]);
+        let mut zone =
+            ZoneData::empty("tether.internal", 5, vec!["100.64.0.0/16".parse().unwrap()]);
         zone.serial = 42;
         for i in 0..300u32 {
             zone.sites.push(SiteNames {

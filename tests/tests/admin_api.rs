@@ -4,7 +4,7 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use tether_broker::admin_client::AdminClient;
+use tether::operator::AdminClient;
 use tether_proto::api::{SiteInfo, TokenRequest, TokenResponse};
 use tether_tests::TestBroker;
 use tower::ServiceExt;
@@ -110,8 +110,30 @@ async fn authentication_and_error_messages() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = call(&broker, "GET", "/v1/trace/not-an-ip", Some(&token), "").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = call(&broker, "GET", "/v1/trace/not-an-ip", Some(&token), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body.contains("neither an IP address nor a site name"),
+        "{body}"
+    );
+    // Bad route filters name the filter.
+    for (query, needle) in [
+        ("kind=tunnel", "invalid kind"),
+        ("prefix=100.64.0.0/99", "invalid prefix"),
+        ("site=Bad_Site", "invalid site"),
+        ("colour=blue", "invalid query"),
+    ] {
+        let (status, body) = call(
+            &broker,
+            "GET",
+            &format!("/v1/routes?{query}"),
+            Some(&token),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(body.contains(needle), "{query}: {body}");
+    }
     let (status, _) = call(&broker, "GET", "/nowhere", Some(&token), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
@@ -148,4 +170,156 @@ async fn the_cli_client_creates_tokens_over_the_real_port() {
     assert_eq!(sites.len(), 1);
     assert_eq!(sites[0].site.as_str(), "lab-1");
     assert!(!sites[0].enrolled);
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_endpoint() {
+    let broker = TestBroker::start("").await;
+    let (status, body) = call(&broker, "GET", "/openapi.json", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    // Every path of the router is documented, and every documented path
+    // exists (answers something other than the router's 404).
+    let token = broker.broker().admin_token.clone();
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let concrete = path
+                .replace("{region}", "local")
+                .replace("{site}", "nobody")
+                .replace("{target}", "127.0.0.1");
+            let (status, body) = call(
+                &broker,
+                &method.to_uppercase(),
+                &concrete,
+                Some(&token),
+                "{}",
+            )
+            .await;
+            assert!(
+                !body.contains("no such endpoint"),
+                "{method} {path} is documented but not served ({status})"
+            );
+        }
+    }
+    for served in [
+        "/v1/sites",
+        "/v1/sessions",
+        "/v1/routes",
+        "/v1/gateways",
+        "/v1/tokens",
+        "/v1/sites/{region}/{site}/revoke",
+        "/v1/trace/{target}",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains_key(served), "{served} is not documented");
+    }
+    // Every schema reference resolves.
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for r in body.split("\"$ref\": \"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().unwrap();
+        assert!(schemas.contains_key(name), "dangling $ref {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_filter_and_trace_explains_a_name() {
+    let broker = TestBroker::start("").await;
+    let token = broker.broker().admin_token.clone();
+    let site = tether_tests::TestSite::enroll(&broker, "hospital-a").await;
+    let (chain, key, ca) = site.identity();
+    let client = tether_tests::connect(broker.addr(), &ca, Some((chain, key)))
+        .await
+        .unwrap();
+    let mut tunnel = tether_tests::Tunnel::open(client).await.unwrap();
+    tunnel.configured().await;
+    let address = broker
+        .broker()
+        .host_addresses(&"hospital-a".parse().unwrap(), &"local".parse().unwrap())
+        .into_iter()
+        .find(|a| a.is_ipv4())
+        .unwrap();
+    // Routes filtered by site, kind and prefix.
+    let (status, body) = call(
+        &broker,
+        "GET",
+        "/v1/routes?site=hospital-a",
+        Some(&token),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let routes: Vec<tether_proto::route::Route> = serde_json::from_str(&body).unwrap();
+    assert!(!routes.is_empty());
+    assert!(
+        routes
+            .iter()
+            .all(|r| r.target.to_string() == "site hospital-a")
+    );
+    let (_, body) = call(
+        &broker,
+        "GET",
+        &format!("/v1/routes?kind=site-address&prefix={address}"),
+        Some(&token),
+        "",
+    )
+    .await;
+    let routes: Vec<tether_proto::route::Route> = serde_json::from_str(&body).unwrap();
+    assert_eq!(routes.len(), 1, "{body}");
+    let (_, body) = call(
+        &broker,
+        "GET",
+        "/v1/routes?region=elsewhere",
+        Some(&token),
+        "",
+    )
+    .await;
+    assert_eq!(body, "[]");
+
+    // Trace by name: the decision, the site, its session on this broker.
+    let mut trace = None;
+    for _ in 0..50 {
+        let (status, body) = call(
+            &broker,
+            "GET",
+            "/v1/trace/hospital-a.local.tether.internal",
+            Some(&token),
+            "",
+        )
+        .await;
+        if status == StatusCode::OK {
+            trace = Some(serde_json::from_str::<tether_proto::api::Trace>(&body).unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let trace = trace.expect("trace by name");
+    assert_eq!(
+        trace.name.as_deref(),
+        Some("hospital-a.local.tether.internal")
+    );
+    assert_eq!(trace.broker, broker.addr().to_string());
+    let v4 = trace
+        .paths
+        .iter()
+        .find(|p| p.explanation.destination == address)
+        .unwrap();
+    let target = v4.target.as_ref().unwrap();
+    assert_eq!(
+        (target.kind.as_str(), target.id.as_str()),
+        ("site", "hospital-a")
+    );
+    let session = target.session.as_ref().expect("session shown");
+    assert_eq!(session.transport, "h3");
+    assert!(session.rtt_ms >= 0.0);
+    assert!(!v4.explanation.candidates.is_empty());
+    let text = tether::operator::trace_text(&trace);
+    assert!(text.contains("via site hospital-a"), "{text}");
+    assert!(text.contains("over h3"), "{text}");
+    assert!(tether::operator::trace_routed(&trace));
+    drop(tunnel);
 }

@@ -196,7 +196,9 @@ async fn foreign_names_are_refused_and_bad_queries_get_error_codes() {
     let metrics = tether_broker::metrics::recorder().render();
     for rcode in ["NOERROR", "REFUSED", "FORMERR"] {
         assert!(
-            metrics.contains(&format!("tether_broker_dns_queries_total{{rcode=\"{rcode}\"}}")),
+            metrics.contains(&format!(
+                "tether_broker_dns_queries_total{{rcode=\"{rcode}\"}}"
+            )),
             "{rcode} not counted"
         );
     }

@@ -1,0 +1,443 @@
+//! The operator CLI's side of the broker admin API: a small blocking
+//! client, and the tables and traces it prints (`tether routes`, `tether
+//! sites`, `tether trace`, and the broker's own `tether-broker sites` and
+//! friends).
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tether_proto::api::{ApiError, GatewayInfo, SessionInfo, SiteInfo, Trace};
+use tether_proto::route::Route;
+
+/// Exit code: the broker answered with an error (bad input, 401, 404).
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code: the admin API could not be reached.
+pub const EXIT_UNREACHABLE: u8 = 2;
+/// Exit code: a trace found no route for (one of) the destination(s).
+pub const EXIT_NO_ROUTE: u8 = 3;
+
+/// Why an admin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No answer from the admin API.
+    #[error(
+        "cannot reach the broker's admin API at {url}: {reason} (is tether-broker running, and is the URL right?)"
+    )]
+    Unreachable {
+        /// The API's base URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The broker refused the call.
+    #[error("{what}: {message} (HTTP {status})")]
+    Refused {
+        /// The request path.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The broker's message.
+        message: String,
+    },
+    /// The answer did not parse.
+    #[error("{what}: unexpected answer from the broker: {reason}")]
+    Garbled {
+        /// The request path.
+        what: String,
+        /// The parse error.
+        reason: String,
+    },
+}
+
+impl CallError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CallError::Unreachable { .. } => ExitCode::from(EXIT_UNREACHABLE),
+            _ => ExitCode::from(EXIT_REFUSED),
+        }
+    }
+}
+
+/// Talks to a broker's admin API with its token.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: &str, token: &str) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .into();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            agent,
+        }
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, CallError> {
+        let mut response = result.map_err(|e| CallError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .body_mut()
+                .read_json::<T>()
+                .map_err(|e| CallError::Garbled {
+                    what: what.to_string(),
+                    reason: e.to_string(),
+                });
+        }
+        let message = response
+            .body_mut()
+            .read_json::<ApiError>()
+            .map(|e| e.error)
+            .unwrap_or_else(|_| status.to_string());
+        Err(CallError::Refused {
+            what: what.to_string(),
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    /// GET `path` (with its query string).
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
+        let result = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(path.split('?').next().unwrap_or(path), result)
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CallError> {
+        let result = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(path, result)
+    }
+}
+
+/// Lays out rows under a header, each column as wide as its widest cell
+/// (the last column is not padded).
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.len());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let cells: Vec<&str> = cells.collect();
+        let n = cells.len();
+        for (i, cell) in cells.into_iter().enumerate() {
+            if i + 1 < n {
+                let _ = write!(out, "{cell:<w$}  ", w = widths[i]);
+            } else {
+                out.push_str(cell);
+            }
+        }
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `tether routes`: prefix, kind, target, region.
+pub fn routes_table(routes: &[Route]) -> String {
+    let rows: Vec<Vec<String>> = routes
+        .iter()
+        .map(|r| {
+            vec![
+                r.prefix.to_string(),
+                r.kind.as_str().to_string(),
+                r.target.to_string(),
+                r.region.to_string(),
+            ]
+        })
+        .collect();
+    table(&["PREFIX", "KIND", "VIA", "REGION"], &rows)
+}
+
+/// `tether sites`.
+pub fn sites_table(sites: &[SiteInfo]) -> String {
+    let rows: Vec<Vec<String>> = sites
+        .iter()
+        .map(|s| {
+            let state = if s.revoked {
+                "revoked"
+            } else if s.session.is_some() {
+                "connected"
+            } else if s.enrolled {
+                "offline"
+            } else {
+                "pending"
+            };
+            let session = s.session.as_ref();
+            vec![
+                s.site.to_string(),
+                s.region.to_string(),
+                state.to_string(),
+                session.map_or("-".into(), |x| x.transport.clone()),
+                session.map_or("-".into(), |x| format!("{:.1}ms", x.rtt_ms)),
+                s.addresses
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    table(
+        &["SITE", "REGION", "STATE", "TRANSPORT", "RTT", "ADDRESSES"],
+        &rows,
+    )
+}
+
+/// `tether-broker sessions`.
+pub fn sessions_table(sessions: &[SessionInfo]) -> String {
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.site.to_string(),
+                s.region.to_string(),
+                s.transport.clone(),
+                s.remote.to_string(),
+                format!("{:.1}ms", s.rtt_ms),
+                s.rx_bytes.to_string(),
+                s.tx_bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SITE",
+            "REGION",
+            "TRANSPORT",
+            "REMOTE",
+            "RTT",
+            "RX BYTES",
+            "TX BYTES",
+        ],
+        &rows,
+    )
+}
+
+/// `tether-broker gateways`.
+pub fn gateways_table(gateways: &[GatewayInfo]) -> String {
+    let rows: Vec<Vec<String>> = gateways
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.to_string(),
+                g.region.to_string(),
+                g.kind.clone(),
+                g.endpoint.map_or("-".into(), |e| e.to_string()),
+                g.last_handshake_secs
+                    .map_or("-".into(), |s| format!("{s}s ago")),
+                g.rx_bytes.to_string(),
+                g.tx_bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GATEWAY",
+            "REGION",
+            "KIND",
+            "ENDPOINT",
+            "HANDSHAKE",
+            "RX BYTES",
+            "TX BYTES",
+        ],
+        &rows,
+    )
+}
+
+/// `tether trace`: for each address, the decision, where it leads, the
+/// session or gateway tunnel, and residency.
+pub fn trace_text(trace: &Trace) -> String {
+    let mut out = String::new();
+    if let Some(name) = &trace.name {
+        let _ = writeln!(out, "{name}");
+    }
+    for path in &trace.paths {
+        let e = &path.explanation;
+        match (&e.winner, &path.target) {
+            (Some(w), Some(t)) => {
+                let _ = writeln!(
+                    out,
+                    "{} via {} {} ({} {}, region {})",
+                    e.destination, t.kind, t.id, w.kind, w.prefix, w.region
+                );
+                match (&t.session, &t.gateway) {
+                    (Some(s), _) => {
+                        let _ = writeln!(
+                            out,
+                            "  session   on broker {} over {} from {}, rtt {:.1} ms, since {}",
+                            trace.broker,
+                            s.transport,
+                            s.remote,
+                            s.rtt_ms,
+                            humantime_secs(s.since)
+                        );
+                        let _ = writeln!(
+                            out,
+                            "  counters  from site {} packets / {} bytes, to site {} packets / {} bytes",
+                            s.rx_packets, s.rx_bytes, s.tx_packets, s.tx_bytes
+                        );
+                        if !s.drops.is_empty() {
+                            let drops: Vec<String> =
+                                s.drops.iter().map(|(r, n)| format!("{r} {n}")).collect();
+                            let _ = writeln!(out, "  drops     {}", drops.join(", "));
+                        }
+                    }
+                    (None, Some(g)) => {
+                        let _ = writeln!(
+                            out,
+                            "  tunnel    {} gateway, endpoint {}, handshake {}, rx {} bytes, tx {} bytes",
+                            g.kind,
+                            g.endpoint.map_or("-".into(), |e| e.to_string()),
+                            g.last_handshake_secs
+                                .map_or("never".into(), |s| format!("{s}s ago")),
+                            g.rx_bytes,
+                            g.tx_bytes
+                        );
+                    }
+                    (None, None) if t.kind == "site" => {
+                        let _ = writeln!(
+                            out,
+                            "  session   none on broker {}: the site is not connected (packets are dropped as target_down)",
+                            trace.broker
+                        );
+                    }
+                    _ => {}
+                }
+                let residency: Vec<String> = t
+                    .residency
+                    .iter()
+                    .map(|r| {
+                        let side = if t.kind == "site" {
+                            format!("{} ({})", r.gateway, r.gateway_region)
+                        } else {
+                            format!("sites of {}", r.site_region)
+                        };
+                        format!(
+                            "{side} {}",
+                            if r.permitted { "permitted" } else { "refused" }
+                        )
+                    })
+                    .collect();
+                if !residency.is_empty() {
+                    let _ = writeln!(out, "  residency {}", residency.join(", "));
+                }
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "{}: no route (packets to it are dropped as no_route)",
+                    e.destination
+                );
+            }
+        }
+        if !e.candidates.is_empty() {
+            let rows: Vec<Vec<String>> = e
+                .candidates
+                .iter()
+                .map(|c| {
+                    vec![
+                        format!("    {}", c.route.prefix),
+                        c.route.kind.as_str().to_string(),
+                        c.route.target.to_string(),
+                        c.route.region.to_string(),
+                        c.verdict.to_string(),
+                    ]
+                })
+                .collect();
+            let _ = write!(
+                out,
+                "  candidates:\n{}",
+                table(&["    PREFIX", "KIND", "VIA", "REGION", "DECISION"], &rows)
+            );
+        }
+    }
+    out
+}
+
+fn humantime_secs(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("{}s ago", now.saturating_sub(unix))
+}
+
+/// Whether every path of a trace found a route.
+pub fn trace_routed(trace: &Trace) -> bool {
+    !trace.paths.is_empty() && trace.paths.iter().all(|p| p.target.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_to_their_widest_cell() {
+        let t = table(
+            &["A", "BB", "C"],
+            &[
+                vec!["long-cell".into(), "x".into(), "tail".into()],
+                vec!["s".into(), "yyyy".into(), "t".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "A          BB    C");
+        assert_eq!(lines[1], "long-cell  x     tail");
+        assert_eq!(lines[2], "s          yyyy  t");
+    }
+
+    #[test]
+    fn exit_codes_tell_unreachable_from_refused() {
+        let u = CallError::Unreachable {
+            url: "http://127.0.0.1:1".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(u.exit_code(), ExitCode::from(EXIT_UNREACHABLE));
+        let r = CallError::Refused {
+            what: "/v1/routes".into(),
+            status: 401,
+            message: "missing token".into(),
+        };
+        assert_eq!(r.exit_code(), ExitCode::from(EXIT_REFUSED));
+        assert!(r.to_string().contains("HTTP 401"));
+    }
+}
