@@ -98,8 +98,12 @@ async fn handle_connection(
     remote: SocketAddr,
     id: u64,
 ) {
+    let started = std::time::Instant::now();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            crate::metrics::handshake("h2", started.elapsed());
+            tls
+        }
         // Refused certificates end here, before anything is allocated.
         Ok(Err(e)) => return tracing::info!(%remote, error = %e, "TLS handshake failed (TCP)"),
         Err(_) => return tracing::info!(%remote, "TLS handshake timed out (TCP)"),

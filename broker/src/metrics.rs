@@ -7,8 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, counter, gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{
+    Counter, Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tether_proto::forward::DropReason;
 use tether_proto::tunnel::Transport;
 
@@ -16,13 +19,52 @@ use tether_proto::tunnel::Transport;
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let builder = PrometheusBuilder::new();
+        // Handshakes as a histogram (not a summary), so that quantiles
+        // can be aggregated over brokers.
+        let builder = builder
+            .set_buckets_for_metric(
+                Matcher::Full(HANDSHAKE.to_string()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // A second broker in the same process (tests) shares the first
         // recorder; failing to install again is expected then.
         let _ = metrics::set_global_recorder(recorder);
+        describe();
         handle
     })
+}
+
+const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
+
+/// Help texts of every metric (Prometheus HELP lines).
+fn describe() {
+    describe_counter!("tether_broker_packets_total", Unit::Count, "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway).");
+    describe_counter!("tether_broker_bytes_total", Unit::Bytes, "Bytes of IP packets forwarded, by direction.");
+    describe_counter!("tether_broker_packets_dropped_total", Unit::Count, "Packets not forwarded, by reason.");
+    describe_counter!("tether_broker_icmp_errors_sent_total", Unit::Count, "ICMP errors the broker sent back (unreachable, too big, time exceeded).");
+    describe_gauge!("tether_broker_sessions", Unit::Count, "Live site sessions by transport (h3, h2, h2-proxy).");
+    describe_counter!("tether_broker_transport_changes_total", Unit::Count, "Sessions that replaced one of the same site on a better (upgrade) or worse (fallback) transport.");
+    describe_counter!("tether_broker_wireguard_refused_total", Unit::Count, "WireGuard datagrams refused, by reason.");
+    describe_counter!("tether_broker_gateway_bytes_total", Unit::Bytes, "Bytes to and from each WireGuard gateway.");
+    describe_counter!("tether_broker_site_packets_total", Unit::Count, "IP packets from and to each site, over all its sessions on this broker.");
+    describe_counter!("tether_broker_site_bytes_total", Unit::Bytes, "Bytes from and to each site, over all its sessions on this broker.");
+    describe_counter!("tether_broker_site_packets_dropped_total", Unit::Count, "Packets a site sent that were not forwarded, by reason.");
+    describe_histogram!(HANDSHAKE, Unit::Seconds, "TLS handshake time of accepted site connections, by transport (QUIC for h3, TCP for h2).");
+    describe_counter!("tether_broker_dns_queries_total", Unit::Count, "DNS queries answered for the mesh zone, by response code.");
+    describe_counter!("tether_broker_enrollments_total", Unit::Count, "Enrollment attempts by result.");
+    describe_counter!("tether_broker_sessions_closed_total", Unit::Count, "Site sessions ended, by reason.");
+    describe_counter!("tether_broker_connect_refused_total", Unit::Count, "CONNECT-IP requests refused, by HTTP status.");
+}
+
+/// Records the handshake time of an accepted connection.
+pub fn handshake(transport: &'static str, took: std::time::Duration) {
+    histogram!(HANDSHAKE, "transport" => transport).record(took.as_secs_f64());
 }
 
 /// Pre-registered metric handles. Traffic counters are set from the
@@ -120,6 +162,24 @@ impl Metrics {
         }
         self.from_gateway_packets.absolute(rx);
         self.to_gateway_packets.absolute(tx);
+        for (site, region, t) in broker.site_totals() {
+            let (site, region) = (site.to_string(), region.to_string());
+            for (direction, packets, bytes) in [
+                ("from_site", t.traffic.rx_packets, t.traffic.rx_bytes),
+                ("to_site", t.traffic.tx_packets, t.traffic.tx_bytes),
+            ] {
+                counter!("tether_broker_site_packets_total", "site" => site.clone(), "region" => region.clone(), "direction" => direction)
+                    .absolute(packets);
+                counter!("tether_broker_site_bytes_total", "site" => site.clone(), "region" => region.clone(), "direction" => direction)
+                    .absolute(bytes);
+            }
+            for (reason, n) in t.drops.iter().enumerate().filter(|(_, n)| **n > 0) {
+                if let Some(reason) = DropReason::ALL.get(reason) {
+                    counter!("tether_broker_site_packets_dropped_total", "site" => site.clone(), "region" => region.clone(), "reason" => reason.as_str())
+                        .absolute(*n);
+                }
+            }
+        }
     }
 
     /// Counts a new session on `transport`, replacing one on `previous`.

@@ -157,8 +157,12 @@ pub async fn serve(broker: Arc<Broker>, endpoint: quinn::Endpoint) {
         let broker = broker.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
+            let started = std::time::Instant::now();
             match incoming.await {
-                Ok(conn) => handle_connection(broker, conn).await,
+                Ok(conn) => {
+                    crate::metrics::handshake("h3", started.elapsed());
+                    handle_connection(broker, conn).await
+                }
                 // Refused certificates end here, before anything is
                 // allocated.
                 Err(e) => tracing::info!(%remote, error = %e, "handshake failed"),

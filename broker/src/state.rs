@@ -192,6 +192,53 @@ pub struct Session {
     pub drops: Drops,
 }
 
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+    }
+}
+
+/// A site's traffic and drops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SiteTotals {
+    /// Traffic (rx: from the site).
+    pub traffic: Totals,
+    /// Drops of its packets, indexed like [`DropReason::ALL`](tether_proto::forward::DropReason::ALL).
+    pub drops: [u64; tether_proto::forward::DropReason::ALL.len()],
+}
+
+impl SiteTotals {
+    /// The counters of one session.
+    pub fn of(session: &Session) -> Self {
+        let ((rp, rb), (tp, tb)) = (session.counters.rx.get(), session.counters.tx.get());
+        let mut drops = [0; tether_proto::forward::DropReason::ALL.len()];
+        for (reason, n) in session.drops.get() {
+            if let Some(d) = drops.get_mut(reason as usize) {
+                *d = n;
+            }
+        }
+        Self {
+            traffic: Totals {
+                rx_packets: rp,
+                rx_bytes: rb,
+                tx_packets: tp,
+                tx_bytes: tb,
+            },
+            drops,
+        }
+    }
+
+    fn add(&mut self, other: &SiteTotals) {
+        self.traffic.add(&other.traffic);
+        for (a, b) in self.drops.iter_mut().zip(other.drops) {
+            *a += b;
+        }
+    }
+}
+
 /// Per-reason drop counters.
 #[derive(Debug, Default)]
 pub struct Drops([AtomicU64; tether_proto::forward::DropReason::ALL.len()]);
@@ -348,6 +395,8 @@ pub struct Broker {
     /// The transport of each site's latest session, to count upgrades and
     /// fallbacks.
     pub last_transport: Mutex<HashMap<SiteId, tether_proto::tunnel::Transport>>,
+    /// Traffic and drops of each site's ended sessions.
+    pub site_closed: Mutex<HashMap<(SiteId, RegionId), SiteTotals>>,
     /// Idle batches for writing to the local gateway.
     pub batches: Mutex<Vec<crate::plane::SiteBatch>>,
     leases: Mutex<BTreeMap<RegionId, RegionLeases>>,
@@ -459,6 +508,7 @@ impl Broker {
             zone,
             wireguard: OnceLock::new(),
             closed: Mutex::new(Totals::default()),
+            site_closed: Mutex::new(HashMap::new()),
             last_transport: Mutex::new(HashMap::new()),
             batches: Mutex::new(Vec::new()),
             leases: Mutex::new(leases),
@@ -649,18 +699,21 @@ impl Broker {
             })
             .unwrap_or(false);
         if removed && let Ok(mut router) = self.router.write() {
-            router.table.remove_target(&RouteTarget::Site(site));
+            router.table.remove_target(&RouteTarget::Site(site.clone()));
         }
         if removed {
             self.site_routes.send_modify(|v| *v += 1);
             self.names_changed();
         }
+        let ended = SiteTotals::of(session);
         if let Ok(mut closed) = self.closed.lock() {
-            let ((rp, rb), (tp, tb)) = (session.counters.rx.get(), session.counters.tx.get());
-            closed.rx_packets += rp;
-            closed.rx_bytes += rb;
-            closed.tx_packets += tp;
-            closed.tx_bytes += tb;
+            closed.add(&ended.traffic);
+        }
+        if let Ok(mut per_site) = self.site_closed.lock() {
+            per_site
+                .entry((site.clone(), session.region().clone()))
+                .or_default()
+                .add(&ended);
         }
         self.metrics.session_ended(session.link.transport());
     }
@@ -884,6 +937,21 @@ impl Broker {
 }
 
 impl Broker {
+    /// Traffic and drops of every site that had a session, ended and live.
+    pub fn site_totals(&self) -> Vec<(SiteId, RegionId, SiteTotals)> {
+        let mut all = self.site_closed.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Ok(sessions) = self.sessions.read() {
+            for s in sessions.values() {
+                all.entry((s.site().clone(), s.region().clone()))
+                    .or_default()
+                    .add(&SiteTotals::of(s));
+            }
+        }
+        let mut out: Vec<_> = all.into_iter().map(|((s, r), t)| (s, r, t)).collect();
+        out.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+        out
+    }
+
     /// Traffic totals of all sessions, ended and live.
     pub fn totals(&self) -> Totals {
         let mut t = self.closed.lock().map(|c| *c).unwrap_or_default();
