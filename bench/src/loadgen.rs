@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tether::h3client::{H3Client, quic_config, transport_config};
+use tether::operator::AdminClient;
 use tether::state::StateDir;
-use tether_broker::admin_client::AdminClient;
 use tether_proto::api::{TokenRequest, TokenResponse};
 use tether_tests::Tunnel;
 use tokio::sync::Semaphore;

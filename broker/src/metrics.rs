@@ -44,22 +44,86 @@ const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
 
 /// Help texts of every metric (Prometheus HELP lines).
 fn describe() {
-    describe_counter!("tether_broker_packets_total", Unit::Count, "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway).");
-    describe_counter!("tether_broker_bytes_total", Unit::Bytes, "Bytes of IP packets forwarded, by direction.");
-    describe_counter!("tether_broker_packets_dropped_total", Unit::Count, "Packets not forwarded, by reason.");
-    describe_counter!("tether_broker_icmp_errors_sent_total", Unit::Count, "ICMP errors the broker sent back (unreachable, too big, time exceeded).");
-    describe_gauge!("tether_broker_sessions", Unit::Count, "Live site sessions by transport (h3, h2, h2-proxy).");
-    describe_counter!("tether_broker_transport_changes_total", Unit::Count, "Sessions that replaced one of the same site on a better (upgrade) or worse (fallback) transport.");
-    describe_counter!("tether_broker_wireguard_refused_total", Unit::Count, "WireGuard datagrams refused, by reason.");
-    describe_counter!("tether_broker_gateway_bytes_total", Unit::Bytes, "Bytes to and from each WireGuard gateway.");
-    describe_counter!("tether_broker_site_packets_total", Unit::Count, "IP packets from and to each site, over all its sessions on this broker.");
-    describe_counter!("tether_broker_site_bytes_total", Unit::Bytes, "Bytes from and to each site, over all its sessions on this broker.");
-    describe_counter!("tether_broker_site_packets_dropped_total", Unit::Count, "Packets a site sent that were not forwarded, by reason.");
-    describe_histogram!(HANDSHAKE, Unit::Seconds, "TLS handshake time of accepted site connections, by transport (QUIC for h3, TCP for h2).");
-    describe_counter!("tether_broker_dns_queries_total", Unit::Count, "DNS queries answered for the mesh zone, by response code.");
-    describe_counter!("tether_broker_enrollments_total", Unit::Count, "Enrollment attempts by result.");
-    describe_counter!("tether_broker_sessions_closed_total", Unit::Count, "Site sessions ended, by reason.");
-    describe_counter!("tether_broker_connect_refused_total", Unit::Count, "CONNECT-IP requests refused, by HTTP status.");
+    describe_counter!(
+        "tether_broker_packets_total",
+        Unit::Count,
+        "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway)."
+    );
+    describe_counter!(
+        "tether_broker_bytes_total",
+        Unit::Bytes,
+        "Bytes of IP packets forwarded, by direction."
+    );
+    describe_counter!(
+        "tether_broker_packets_dropped_total",
+        Unit::Count,
+        "Packets not forwarded, by reason."
+    );
+    describe_counter!(
+        "tether_broker_icmp_errors_sent_total",
+        Unit::Count,
+        "ICMP errors the broker sent back (unreachable, too big, time exceeded)."
+    );
+    describe_gauge!(
+        "tether_broker_sessions",
+        Unit::Count,
+        "Live site sessions by transport (h3, h2, h2-proxy)."
+    );
+    describe_counter!(
+        "tether_broker_transport_changes_total",
+        Unit::Count,
+        "Sessions that replaced one of the same site on a better (upgrade) or worse (fallback) transport."
+    );
+    describe_counter!(
+        "tether_broker_wireguard_refused_total",
+        Unit::Count,
+        "WireGuard datagrams refused, by reason."
+    );
+    describe_counter!(
+        "tether_broker_gateway_bytes_total",
+        Unit::Bytes,
+        "Bytes to and from each WireGuard gateway."
+    );
+    describe_counter!(
+        "tether_broker_site_packets_total",
+        Unit::Count,
+        "IP packets from and to each site, over all its sessions on this broker."
+    );
+    describe_counter!(
+        "tether_broker_site_bytes_total",
+        Unit::Bytes,
+        "Bytes from and to each site, over all its sessions on this broker."
+    );
+    describe_counter!(
+        "tether_broker_site_packets_dropped_total",
+        Unit::Count,
+        "Packets a site sent that were not forwarded, by reason."
+    );
+    describe_histogram!(
+        HANDSHAKE,
+        Unit::Seconds,
+        "TLS handshake time of accepted site connections, by transport (QUIC for h3, TCP for h2)."
+    );
+    describe_counter!(
+        "tether_broker_dns_queries_total",
+        Unit::Count,
+        "DNS queries answered for the mesh zone, by response code."
+    );
+    describe_counter!(
+        "tether_broker_enrollments_total",
+        Unit::Count,
+        "Enrollment attempts by result."
+    );
+    describe_counter!(
+        "tether_broker_sessions_closed_total",
+        Unit::Count,
+        "Site sessions ended, by reason."
+    );
+    describe_counter!(
+        "tether_broker_connect_refused_total",
+        Unit::Count,
+        "CONNECT-IP requests refused, by HTTP status."
+    );
 }
 
 /// Records the handshake time of an accepted connection.

@@ -939,7 +939,11 @@ impl Broker {
 impl Broker {
     /// Traffic and drops of every site that had a session, ended and live.
     pub fn site_totals(&self) -> Vec<(SiteId, RegionId, SiteTotals)> {
-        let mut all = self.site_closed.lock().map(|c| c.clone()).unwrap_or_default();
+        let mut all = self
+            .site_closed
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
         if let Ok(sessions) = self.sessions.read() {
             for s in sessions.values() {
                 all.entry((s.site().clone(), s.region().clone()))

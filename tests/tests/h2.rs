@@ -66,8 +66,14 @@ impl H2Site {
             .await
             .map_err(|f| f.message)?;
         assert_eq!(conn.transport(), Transport::H2);
+        // Sites announce their services on HTTP/2 as on HTTP/3.
+        let services = tether_proto::dns::Service::parse_list("http=8080").unwrap();
         let (tunnel, link) = conn
-            .open_tunnel(&broker.addr().to_string(), Duration::from_secs(5))
+            .open_tunnel(
+                &broker.addr().to_string(),
+                Duration::from_secs(5),
+                &services,
+            )
             .await
             .map_err(|f| f.message)?;
         Ok(Self {
@@ -146,6 +152,16 @@ async fn a_site_over_http2_keeps_its_address_and_reaches_http3_sites() {
     .await;
     assert_eq!(IpAddr::V4(ha.v4()), h3_addr);
     assert!(sessions("h2") >= 1.0);
+    let announced = broker
+        .broker()
+        .session(&"site-a".parse().unwrap())
+        .unwrap()
+        .services
+        .clone();
+    assert_eq!(
+        tether_proto::dns::Service::format_list(&announced),
+        "http=8080"
+    );
     assert!(
         metric("tether_broker_transport_changes_total{change=\"fallback\"}") >= fallbacks + 1.0,
         "HTTP/3 then HTTP/2 counts as a fallback"
@@ -224,7 +240,7 @@ async fn http2_applies_the_same_identity_rules() {
         .await
         .unwrap();
     let err = conn
-        .open_tunnel(&broker.addr().to_string(), Duration::from_secs(5))
+        .open_tunnel(&broker.addr().to_string(), Duration::from_secs(5), &[])
         .await
         .err()
         .expect("refused");

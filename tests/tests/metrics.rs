@@ -39,7 +39,9 @@ async fn the_live_metrics_endpoint_passes_promtool() {
     let dns = broker.running.as_ref().unwrap().dns_addrs[0];
     tokio::task::spawn_blocking(move || {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         for name in ["hospital-a.local.tether.internal.", "example.org."] {
             let mut m = Message::new(1, MessageType::Query, OpCode::Query);
             m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
@@ -52,7 +54,10 @@ async fn the_live_metrics_endpoint_passes_promtool() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let url = format!("http://{}/metrics", broker.running.as_ref().unwrap().admin_addr);
+    let url = format!(
+        "http://{}/metrics",
+        broker.running.as_ref().unwrap().admin_addr
+    );
     let body = tokio::task::spawn_blocking(move || {
         ureq::get(&url)
             .call()
