@@ -423,6 +423,15 @@ async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
         running.admin_addr,
         dir.join(ADMIN_TOKEN_FILE).display()
     );
+    for addr in &running.dns_addrs {
+        println!(
+            "  DNS           {addr} (UDP and TCP, zone {}; try: dig @{} -p {} <site>.{region}.{})",
+            config.dns_zone,
+            addr.ip(),
+            addr.port(),
+            config.dns_zone
+        );
+    }
     if let Some(gw) = &config.local_gateway {
         println!("  local gateway {} (region {})", gw.tun_name, gw.region);
     }

@@ -93,6 +93,23 @@ fn server_cert(
     Ok((vec![cert.der, ca.cert_der().clone()], key, cert.not_after))
 }
 
+/// Aborts the tasks it holds when dropped.
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, task: JoinHandle<()>) {
+        self.0.push(task);
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// The data directory: the configured one or the default.
 pub fn data_dir(config: &BrokerConfig) -> PathBuf {
     config
@@ -112,7 +129,9 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let (chain, key, not_after) = server_cert(&ca, &config)?;
     let slot = Arc::new(CertSlot::new(chain, key)?);
     let broker = Broker::new(config.clone(), data_dir, ca, store, slot, admin_token)?;
-    let mut tasks = Vec::new();
+    // Tasks started so far end with a failed start, so that they do not
+    // keep the store and the sockets of a broker that never ran.
+    let mut tasks = Tasks(Vec::new());
 
     // Revocations close live sessions.
     let (revoked_tx, mut revoked_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -206,7 +225,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         dns,
         created,
         endpoints,
-        tasks,
+        tasks: std::mem::take(&mut tasks.0),
     })
 }
 

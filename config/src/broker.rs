@@ -69,7 +69,7 @@ pub struct DnsFile {
 impl Default for DnsFile {
     fn default() -> Self {
         Self {
-            listen: vec!["127.0.0.1:5353".into()],
+            listen: vec!["127.0.0.1:8053".into()],
             zone: tether_proto::dns::DEFAULT_ZONE.into(),
             ttl: "5s".into(),
         }
@@ -475,9 +475,9 @@ impl BrokerFile {
             match text.parse::<SocketAddr>() {
                 Ok(a) => listen.push(a),
                 _ => p.add(
-                    &format!("dns.listen[{i}]"),
+                    format!("dns.listen[{i}]"),
                     format!("{text:?} is not an address:port"),
-                    "write e.g. \"127.0.0.1:5353\" or \"10.0.0.5:53\"",
+                    "write e.g. \"127.0.0.1:8053\" or \"10.0.0.5:53\"",
                 ),
             }
         }

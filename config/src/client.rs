@@ -148,13 +148,13 @@ impl ClientFile {
         for (i, text) in self.services.iter().enumerate() {
             match tether_proto::dns::Service::parse(text) {
                 Ok(s) if services.iter().any(|x| x.name == s.name) => p.add(
-                    &format!("services[{i}]"),
+                    format!("services[{i}]"),
                     format!("service {} is listed twice", s.name),
                     "list each service name once",
                 ),
                 Ok(s) => services.push(s),
                 Err(e) => p.add(
-                    &format!("services[{i}]"),
+                    format!("services[{i}]"),
                     e,
                     "write \"name=port\" with a lowercase DNS label, e.g. \"dicom=104\"",
                 ),

@@ -45,8 +45,8 @@ pub struct GatewayFile {
     pub tun: GatewayTunFile,
     /// Policy routing.
     pub routing: RoutingFile,
-    /// DNS for the mesh zone inside the backend network (served once the
-    /// gateway runs; `tether-gateway run` is not built yet).
+    /// DNS for the mesh zone inside the backend network, answered from the
+    /// copy the broker keeps in step.
     pub dns: GatewayDnsFile,
 }
 

@@ -160,23 +160,7 @@ listen = "{dns}:53"
     assert!(unknown.contains(" aa"), "not authoritative: {unknown}");
 
     // The backend connects by name with its own resolver.
-    std::fs::write(topo.path("index.html"), "hello by name\n").unwrap();
-    let _web = topo
-        .site
-        .spawn(
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                &topo.dir.path().display().to_string(),
-            ],
-            None,
-        )
-        .unwrap();
+    let _web = topo.serve_page("hello by name\n").unwrap();
     let _resolver = Resolver::new(&cloud.backend, dns);
     let mut page = String::new();
     assert!(

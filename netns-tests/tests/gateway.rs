@@ -138,23 +138,7 @@ fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() 
         "backend behind gw-eu cannot ping {addr}:\n{}",
         read(&topo.path("broker.log"))
     );
-    std::fs::write(topo.path("index.html"), "hello via the gateway\n").unwrap();
-    let _web = topo
-        .site
-        .spawn(
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                &topo.dir.path().display().to_string(),
-            ],
-            None,
-        )
-        .unwrap();
+    let _web = topo.serve_page("hello via the gateway\n").unwrap();
     let mut page = String::new();
     let got = wait_for(Duration::from_secs(10), || {
         page = eu

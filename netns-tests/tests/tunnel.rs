@@ -36,23 +36,7 @@ fn backend_reaches_the_site_through_the_firewall() {
     );
 
     // A page from the site's web server, through the tunnel.
-    std::fs::write(topo.path("index.html"), "hello from hospital-a\n").unwrap();
-    let _web = topo
-        .site
-        .spawn(
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                &topo.dir.path().display().to_string(),
-            ],
-            None,
-        )
-        .unwrap();
+    let _web = topo.serve_page("hello from hospital-a\n").unwrap();
     let mut page = String::new();
     let fetched = wait_for(Duration::from_secs(10), || {
         let out = topo
@@ -256,7 +240,7 @@ fn a_site_of_a_foreign_ca_is_refused_and_gets_nothing() {
     std::fs::write(
         &other_cfg,
         format!(
-            "data_dir = \"{}\"\ntrust_domain = \"tether.test\"\npublished_cidr = \"203.0.113.0/24\"\nlisten = [\"203.0.113.10:8443\"]\nadvertised = [\"203.0.113.10\"]\n[admin]\nlisten = \"127.0.0.1:7071\"\n[[region]]\nname = \"eu\"\nipv4_pools = [\"100.64.0.0/16\"]\n",
+            "data_dir = \"{}\"\ntrust_domain = \"tether.test\"\npublished_cidr = \"203.0.113.0/24\"\nlisten = [\"203.0.113.10:8443\"]\nadvertised = [\"203.0.113.10\"]\n[admin]\nlisten = \"127.0.0.1:7071\"\n[dns]\nlisten = []\n[[region]]\nname = \"eu\"\nipv4_pools = [\"100.64.0.0/16\"]\n",
             topo.path("other").display()
         ),
     )

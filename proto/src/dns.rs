@@ -423,7 +423,11 @@ impl Zone {
         }
         let mut sites = BTreeMap::new();
         for (i, s) in data.sites.iter().enumerate() {
-            let name = fqdn(&site_name(&s.site, &s.region, &data.zone))?;
+            // A name longer than DNS allows (long labels under a long zone)
+            // leaves that site out, not the whole zone.
+            let Ok(name) = fqdn(&site_name(&s.site, &s.region, &data.zone)) else {
+                continue;
+            };
             for a in &s.addresses {
                 add(name.clone(), address_rdata(*a));
                 let reverse = Name::from(*a).to_lowercase();
@@ -432,8 +436,9 @@ impl Zone {
                 }
             }
             for svc in &s.services {
-                let owner = fqdn(&format!("_{}._tcp.{name}", svc.name))?;
-                add(owner, RData::SRV(SRV::new(0, 0, svc.port, name.clone())));
+                if let Ok(owner) = fqdn(&format!("_{}._tcp.{name}", svc.name)) {
+                    add(owner, RData::SRV(SRV::new(0, 0, svc.port, name.clone())));
+                }
             }
             sites.insert(name, i);
         }
@@ -817,6 +822,21 @@ mod tests {
                 .contains("uppercase")
         );
         assert!(Service::parse_list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_name_too_long_for_dns_leaves_out_its_site_only() {
+        let mut d = data();
+        d.zone = format!(
+            "{}.{}.{}.example",
+            "a".repeat(60),
+            "b".repeat(60),
+            "c".repeat(60)
+        );
+        d.sites[0].site = SiteId::new("s".repeat(63)).unwrap();
+        let z = Zone::new(d.clone(), &[]).unwrap();
+        assert!(z.site(&format!("lab-b.us.{}", d.zone)).is_some());
+        assert_eq!(z.sites.len(), 1);
     }
 
     #[test]

@@ -105,7 +105,10 @@ impl TestBroker {
                     self.running = Some(r);
                     return;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    eprintln!("restart: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
             }
         }
         panic!("broker did not restart");
