@@ -62,10 +62,18 @@ fn next_serial(last: u32) -> u32 {
     now.max(last.wrapping_add(1))
 }
 
+/// Builds the first zone, so that the DNS server answers from the start.
+pub async fn first_zone(broker: &Arc<Broker>) -> anyhow::Result<()> {
+    let b = broker.clone();
+    let zone = tokio::task::spawn_blocking(move || zone_data(&b, next_serial(0))).await??;
+    broker.zone.send_replace(Some(Arc::new(zone)));
+    Ok(())
+}
+
 /// Rebuilds the zone on every change; runs until the broker is dropped.
 pub async fn keep_zone(broker: Arc<Broker>) {
     let mut changes = broker.names.subscribe();
-    let mut last: Option<Arc<ZoneData>> = None;
+    let mut last: Option<Arc<ZoneData>> = broker.zone.borrow().clone();
     loop {
         let serial = next_serial(last.as_ref().map_or(0, |z| z.serial));
         let b = broker.clone();

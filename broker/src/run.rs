@@ -177,6 +177,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
 
     // Identity DNS: the zone follows every change; the server answers
     // from it.
+    crate::names::first_zone(&broker).await?;
     tasks.push(tokio::spawn(crate::names::keep_zone(broker.clone())));
     let dns = crate::names::serve(&broker).await?;
     let dns_addrs = crate::names::addrs(&dns);
