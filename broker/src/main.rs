@@ -202,6 +202,15 @@ fn load(arg: &ConfigArg) -> anyhow::Result<(BrokerFile, BrokerConfig)> {
     Ok((file, config))
 }
 
+/// The broker's WireGuard key, created in its data directory if missing.
+fn wireguard_key(config: &BrokerConfig) -> anyhow::Result<tether_pki::wg::WgKey> {
+    let dir = data_dir(config);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (key, _) =
+        tether_pki::wg::WgKey::load_or_create(&dir.join(tether_broker::wireguard::KEY_FILE))?;
+    Ok(key)
+}
+
 /// The admin API client for the broker the configuration describes.
 fn admin(arg: &ConfigArg) -> anyhow::Result<AdminClient> {
     let (_, config) = load(arg)?;
@@ -303,12 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: GatewayCommand::Key { config },
         } => {
             let (_, config) = load(&config)?;
-            let dir = data_dir(&config);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let (key, _) = tether_pki::wg::WgKey::load_or_create(
-                &dir.join(tether_broker::wireguard::KEY_FILE),
-            )?;
+            let key = wireguard_key(&config)?;
             println!("{}", tether_pki::wg::encode(&key.public()));
             Ok(ExitCode::SUCCESS)
         }
@@ -323,12 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let (_, config) = load(&config)?;
-            let dir = data_dir(&config);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let (key, _) = tether_pki::wg::WgKey::load_or_create(
-                &dir.join(tether_broker::wireguard::KEY_FILE),
-            )?;
+            let key = wireguard_key(&config)?;
             print!(
                 "{}",
                 tether_broker::wireguard::wg_quick_config(

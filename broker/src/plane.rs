@@ -347,19 +347,34 @@ pub fn from_local_gateway(broker: &Broker, packet: &[u8]) {
         return;
     };
     gw.counters.rx.add(packet.len() as u64);
+    from_gateway(broker, &gw.id, &gw.region, &gw.prefixes, packet, |icmp| {
+        gw.send(icmp).is_ok()
+    });
+}
+
+/// Routes a packet that entered from gateway `id` (the local device or a
+/// WireGuard peer); `reply` sends an ICMP error back to it.
+fn from_gateway(
+    broker: &Broker,
+    id: &tether_proto::ids::GatewayId,
+    region: &tether_proto::ids::RegionId,
+    prefixes: &[ipnet::IpNet],
+    packet: &[u8],
+    reply: impl FnOnce(&[u8]) -> bool,
+) {
     let mut buffer = Buffer::new(packet);
     let verdict = {
         let Ok(router) = broker.router.read() else {
             return;
         };
         let ingress = Ingress::Gateway {
-            gateway: &gw.id,
-            region: &gw.region,
-            allowed: &gw.prefixes,
+            gateway: id,
+            region,
+            allowed: prefixes,
         };
         router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
     };
-    let _ = perform(broker, verdict, buffer, |icmp| gw.send(icmp).is_ok());
+    let _ = perform(broker, verdict, buffer, reply);
 }
 
 /// An IP packet arrived from a gateway over WireGuard.
@@ -370,17 +385,12 @@ pub fn from_gateway_peer(
     packet: &[u8],
 ) {
     peer.counters.rx.add(packet.len() as u64);
-    let mut buffer = Buffer::new(packet);
-    let verdict = {
-        let Ok(router) = broker.router.read() else {
-            return;
-        };
-        let ingress = Ingress::Gateway {
-            gateway: &peer.id,
-            region: &peer.region,
-            allowed: &peer.prefixes,
-        };
-        router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
-    };
-    let _ = perform(broker, verdict, buffer, |icmp| wg.send(peer, icmp).is_ok());
+    from_gateway(
+        broker,
+        &peer.id,
+        &peer.region,
+        &peer.prefixes,
+        packet,
+        |icmp| wg.send(peer, icmp).is_ok(),
+    );
 }
