@@ -178,12 +178,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tether_shell::logging::init();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -14,9 +13,8 @@ use tether_pki::PeerCert;
 use tether_proto::api::{ApiError, ENROLL_PATH, RENEW_PATH};
 use tether_proto::connect_ip;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3Error, Scope};
-use tether_proto::h3::{
-    self, MessageDecoder, MessageEvent, Request, Response, Settings, UniAction, frame,
-};
+use tether_proto::h3::{self, MessageDecoder, MessageEvent, Request, Response, Settings, frame};
+use tether_shell::h3::{close_with, read_uni_streams};
 use tokio::sync::watch;
 
 use crate::state::Broker;
@@ -25,32 +23,6 @@ use crate::state::Broker;
 pub const MAX_FIELD_SECTION: usize = 16 * 1024;
 /// ALPN of HTTP/3.
 pub const ALPN_H3: &[u8] = b"h3";
-
-/// The QUIC transport settings of both ends of a tunnel.
-pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(keepalive));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
-        t.max_idle_timeout(Some(idle));
-    }
-    // Tunnels carry full-size packets: start near a typical path MTU and let
-    // discovery (on by default) find the rest; black-hole detection falls
-    // back to 1200 bytes when a path is narrower.
-    t.initial_mtu(1400);
-    t.datagram_receive_buffer_size(Some(4 << 20));
-    t.datagram_send_buffer_size(4 << 20);
-    t.max_concurrent_uni_streams(VarInt::from_u32(16));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(16));
-    // Ask the peer (if it supports the ACK frequency extension) to
-    // acknowledge every 16th packet, or after 10 ms, instead of every 2nd:
-    // a tunnel sends packets in long runs, and each acknowledgement is a
-    // packet through every hop.
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(VarInt::from_u32(15));
-    ack.max_ack_delay(Some(Duration::from_millis(10)));
-    t.ack_frequency_config(Some(ack));
-    t
-}
 
 /// File of the stateless reset key in the data directory.
 pub const RESET_KEY_FILE: &str = "quic-reset.key";
@@ -117,12 +89,12 @@ pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endp
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config(
+    config.transport_config(Arc::new(tether_shell::quic::transport_config(
         broker.config.keepalive,
         broker.config.idle_timeout,
     )));
     let socket = std::net::UdpSocket::bind(addr).map_err(|e| bind_error("UDP", addr, &e))?;
-    tune_socket(&socket);
+    tether_shell::udp::tune_socket(&socket);
     let endpoint_config = endpoint_config(&broker.data_dir)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;
     Ok(quinn::Endpoint::new(
@@ -131,24 +103,6 @@ pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endp
         socket,
         runtime,
     )?)
-}
-
-/// Socket buffer size of tunnel sockets: room for a burst of a Gbit/s tunnel
-/// while the application is busy, instead of the kernel's default ~200 KiB
-/// whose overflows the tunnelled TCP sees as loss.
-pub const SOCKET_BUFFER: usize = 8 << 20;
-
-/// Enlarges the socket's buffers: with CAP_NET_ADMIN beyond
-/// `net.core.rmem_max` for this socket only (no global sysctl is changed),
-/// otherwise up to that limit.
-pub fn tune_socket(socket: &std::net::UdpSocket) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
-    }
-    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
-    }
 }
 
 /// Accepts connections until the endpoint closes.
@@ -178,15 +132,6 @@ pub fn peer_of(broker: &Broker, conn: &Connection) -> Option<PeerCert> {
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
     tether_pki::tls::peer_identity(&chain, broker.ca.trust_domain()).ok()
-}
-
-/// Closes the connection for an HTTP/3 connection error.
-pub fn close_with(conn: &Connection, error: &H3Error) {
-    tracing::debug!(code = error.code, reason = %error.reason, "closing connection");
-    conn.close(
-        VarInt::from_u64(error.code).unwrap_or(VarInt::from_u32(0x101)),
-        error.reason.as_bytes(),
-    );
 }
 
 async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
@@ -227,52 +172,6 @@ async fn open_control(conn: &Connection, preamble: &[u8]) -> anyhow::Result<Send
     let mut send = conn.open_uni().await?;
     send.write_all(preamble).await?;
     Ok(send)
-}
-
-/// Feeds every unidirectional stream the peer opens to the HTTP/3 state.
-pub async fn read_uni_streams(
-    conn: Connection,
-    h3: Arc<Mutex<h3::Connection>>,
-    settings: watch::Sender<Option<Settings>>,
-) {
-    while let Ok(mut recv) = conn.accept_uni().await {
-        let (conn, h3, settings) = (conn.clone(), h3.clone(), settings.clone());
-        tokio::spawn(async move {
-            let id = VarInt::from(recv.id()).into_inner();
-            loop {
-                let chunk = match recv.read_chunk(usize::MAX, true).await {
-                    Ok(Some(chunk)) => chunk.bytes,
-                    Ok(None) => {
-                        let result = h3.lock().map(|mut c| c.on_uni_finished(id));
-                        if let Ok(Err(e)) = result {
-                            close_with(&conn, &e);
-                        }
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let result = match h3.lock() {
-                    Ok(mut c) => c.on_uni_data(id, &chunk),
-                    Err(_) => return,
-                };
-                match result {
-                    Ok((action, events)) => {
-                        for event in events {
-                            if let h3::Event::Settings(s) = event {
-                                let _ = settings.send(Some(s));
-                            }
-                        }
-                        if let UniAction::StopSending(code) = action {
-                            let _ = recv
-                                .stop(VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x103)));
-                            return;
-                        }
-                    }
-                    Err(e) => return close_with(&conn, &e),
-                }
-            }
-        });
-    }
 }
 
 /// Reads the request head.

@@ -19,10 +19,10 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::connect_ip::Scope;
+use tether_proto::datagram;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_REJECTED};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
-use tether_proto::{datagram, varint};
 use tokio::sync::watch;
 
 use crate::plane;
@@ -172,10 +172,7 @@ pub async fn run(
     {
         return;
     }
-    let stream_id = VarInt::from(recv.id()).into_inner();
-    let mut prefix = Vec::with_capacity(9);
-    let _ = varint::encode(stream_id / 4, &mut prefix);
-    prefix.push(datagram::IP_PACKET_CONTEXT as u8);
+    let (stream_id, prefix) = tether_shell::h3::datagram_prefix(&recv);
     let link = Link::H3 {
         conn: conn.clone(),
         prefix,

@@ -270,7 +270,7 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<Wireguard>>> {
             format!("cannot bind the WireGuard socket {addr} (is another WireGuard on this port?)")
         })?;
         std.set_nonblocking(true)?;
-        crate::server::tune_socket(&std);
+        tether_shell::udp::tune_socket(&std);
         let socket = UdpSocket::from_std(std)?;
         let state = quinn_udp::UdpSocketState::new((&socket).into())?;
         sockets.push((Arc::new(socket), Arc::new(state)));

@@ -28,11 +28,12 @@ use tether_proto::tunnel::{
 use tokio::sync::watch;
 
 use crate::dial::{self, Target};
-use crate::h3client::{quic_config, transport_config};
+use crate::h3client::quic_config;
 use crate::link::{BrokerConn, Dialer, Failure, Link};
 use crate::proxy::Proxy;
 use crate::state::{Identity, StateDir};
 use crate::tun::Tun;
+use tether_shell::quic::transport_config;
 
 /// Why a session ended.
 enum End {

@@ -94,16 +94,9 @@ pub async fn resolve(endpoint: &Endpoint, cidr: IpNet) -> Result<Vec<Target>, Di
         .collect())
 }
 
-/// Socket buffer size of the tunnel socket: room for a burst of a Gbit/s
-/// tunnel while the agent is busy, instead of the kernel's default ~200 KiB
-/// whose overflows the tunnelled TCP sees as loss.
-pub const SOCKET_BUFFER: usize = 8 << 20;
-
 /// A local UDP endpoint of the same family as `addr`, with enlarged socket
-/// buffers (beyond `net.core.rmem_max` for this socket only when run with
-/// CAP_NET_ADMIN; no global sysctl is changed).
+/// buffers ([`tether_shell::udp::tune_socket`]).
 pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    use nix::sys::socket::{setsockopt, sockopt};
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -112,12 +105,7 @@ pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
     .parse()
     .map_err(std::io::Error::other)?;
     let socket = std::net::UdpSocket::bind(bind)?;
-    if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = setsockopt(&socket, sockopt::RcvBuf, &SOCKET_BUFFER);
-    }
-    if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER);
-    }
+    tether_shell::udp::tune_socket(&socket);
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)

@@ -11,10 +11,11 @@ use tether_proto::tunnel::Transport;
 use tokio::net::TcpStream;
 
 use crate::dial::{self, Target};
-use crate::h3client::{quic_config, transport_config};
+use crate::h3client::quic_config;
 use crate::link::{BrokerConn, Dialer, Link};
 use crate::proxy::Proxy;
 use crate::state::StateDir;
+use tether_shell::quic::transport_config;
 
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -13,10 +13,11 @@ use tether_pki::token::EnrollmentCode;
 use tether_proto::api::{ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse};
 
 use crate::dial;
-use crate::h3client::{quic_config, transport_config};
+use crate::h3client::quic_config;
 use crate::link::{Dialer, dial_any};
 use crate::proxy::Proxy;
 use crate::state::{Identity, StateDir};
+use tether_shell::quic::transport_config;
 
 /// What enrollment produced.
 #[derive(Debug)]

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Method, Request};
 use rustls::pki_types::ServerName;
 use tether_proto::connect_ip;
 use tether_proto::tunnel::Transport;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use crate::dial::Target;
@@ -282,34 +282,4 @@ pub async fn read_error(mut body: h2::RecvStream) -> String {
     serde_json::from_slice::<tether_proto::api::ApiError>(&out)
         .map(|e| e.error)
         .unwrap_or_else(|_| String::from_utf8_lossy(&out).to_string())
-}
-
-/// Writes queued capsules to the stream as flow control allows, many per
-/// DATA frame when they queue up; ends the stream when every sender is
-/// gone.
-pub async fn write_capsules(mut send: h2::SendStream<Bytes>, mut queue: mpsc::Receiver<Bytes>) {
-    const BATCH: usize = 64 * 1024;
-    let mut buf = BytesMut::with_capacity(BATCH);
-    while let Some(first) = queue.recv().await {
-        buf.extend_from_slice(&first);
-        while buf.len() < BATCH {
-            match queue.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        let mut data = buf.split().freeze();
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let capacity = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(c)) => c,
-                _ => return,
-            };
-            let chunk = data.split_to(capacity.min(data.len()));
-            if !chunk.is_empty() && send.send_data(chunk, false).is_err() {
-                return;
-            }
-        }
-    }
-    let _ = send.send_data(Bytes::new(), true);
 }

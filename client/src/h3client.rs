@@ -6,11 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tether_proto::h3::error::H3Error;
-use tether_proto::h3::{
-    self, MessageDecoder, MessageEvent, Request, Response, Settings, UniAction, frame,
-};
+use quinn::{Connection, RecvStream, SendStream};
+use tether_proto::h3::{self, MessageDecoder, MessageEvent, Request, Response, Settings, frame};
+use tether_shell::h3::read_uni_streams;
 use tokio::sync::watch;
 
 /// ALPN of HTTP/3.
@@ -33,13 +31,6 @@ pub struct Answer {
     pub head: Response,
     /// The body.
     pub body: Vec<u8>,
-}
-
-fn close_with(conn: &Connection, e: &H3Error) {
-    conn.close(
-        VarInt::from_u64(e.code).unwrap_or(VarInt::from_u32(0x101)),
-        e.reason.as_bytes(),
-    );
 }
 
 impl H3Client {
@@ -149,71 +140,6 @@ pub async fn read_head(
             None => anyhow::bail!("the broker closed the stream without answering"),
         }
     }
-}
-
-async fn read_uni_streams(
-    conn: Connection,
-    h3: Arc<Mutex<h3::Connection>>,
-    settings: watch::Sender<Option<Settings>>,
-) {
-    while let Ok(mut recv) = conn.accept_uni().await {
-        let (conn, h3, settings) = (conn.clone(), h3.clone(), settings.clone());
-        tokio::spawn(async move {
-            let id = VarInt::from(recv.id()).into_inner();
-            loop {
-                let chunk = match recv.read_chunk(usize::MAX, true).await {
-                    Ok(Some(chunk)) => chunk.bytes,
-                    Ok(None) => {
-                        if let Ok(Err(e)) = h3.lock().map(|mut c| c.on_uni_finished(id)) {
-                            close_with(&conn, &e);
-                        }
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let result = match h3.lock() {
-                    Ok(mut c) => c.on_uni_data(id, &chunk),
-                    Err(_) => return,
-                };
-                match result {
-                    Ok((action, events)) => {
-                        for event in events {
-                            if let h3::Event::Settings(s) = event {
-                                let _ = settings.send(Some(s));
-                            }
-                        }
-                        if let UniAction::StopSending(code) = action {
-                            let _ = recv
-                                .stop(VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x103)));
-                            return;
-                        }
-                    }
-                    Err(e) => return close_with(&conn, &e),
-                }
-            }
-        });
-    }
-}
-
-/// Client transport settings for tunnels.
-pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(keepalive));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
-        t.max_idle_timeout(Some(idle));
-    }
-    t.initial_mtu(1400);
-    t.datagram_receive_buffer_size(Some(4 << 20));
-    t.datagram_send_buffer_size(4 << 20);
-    // Ask the peer (if it supports the ACK frequency extension) to
-    // acknowledge every 16th packet, or after 10 ms, instead of every 2nd:
-    // a tunnel sends packets in long runs, and each acknowledgement is a
-    // packet through every hop.
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(VarInt::from_u32(15));
-    ack.max_ack_delay(Some(Duration::from_millis(10)));
-    t.ack_frequency_config(Some(ack));
-    t
 }
 
 /// A QUIC client configuration from a rustls one.

@@ -18,7 +18,6 @@ use tether_proto::datagram::{self, MAX_CAPSULE_PREFIX, STREAM_MTU};
 use tether_proto::h3::error::H3_REQUEST_REJECTED;
 use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
 use tether_proto::tunnel::Transport;
-use tether_proto::varint;
 use tokio::sync::mpsc;
 
 use crate::dial::{self, Target};
@@ -370,10 +369,7 @@ impl BrokerConn {
                         .unwrap_or_default();
                     return Err(Failure::refused(format!("HTTP {}: {message}", head.status)));
                 }
-                let stream_id = VarInt::from(recv.id()).into_inner();
-                let mut prefix = Vec::with_capacity(9);
-                let _ = varint::encode(stream_id / 4, &mut prefix);
-                prefix.push(datagram::IP_PACKET_CONTEXT as u8);
+                let (stream_id, prefix) = tether_shell::h3::datagram_prefix(&recv);
                 Ok((
                     Tunnel::H3 {
                         _send: send,
@@ -403,7 +399,7 @@ impl BrokerConn {
                     return Err(Failure::refused(format!("HTTP {status}: {message}")));
                 }
                 let (capsules, queue) = mpsc::channel(QUEUE);
-                let writer = tokio::spawn(h2client::write_capsules(stream, queue));
+                let writer = tokio::spawn(tether_shell::h2::write_capsules(stream, queue));
                 Ok((Tunnel::H2 { recv: body, writer }, Link::H2 { capsules }))
             }
         }

@@ -94,20 +94,6 @@ async fn broker_address(config: &GatewayConfig) -> anyhow::Result<SocketAddr> {
         })
 }
 
-/// Socket buffers for bursts of a Gbit/s tunnel while the gateway is busy:
-/// beyond `net.core.rmem_max` for this socket only when it may (it runs
-/// with CAP_NET_ADMIN), no global sysctl changed.
-fn tune_socket(socket: &std::net::UdpSocket) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    const SIZE: usize = 8 << 20;
-    if setsockopt(socket, sockopt::RcvBufForce, &SIZE).is_err() {
-        let _ = setsockopt(socket, sockopt::RcvBuf, &SIZE);
-    }
-    if setsockopt(socket, sockopt::SndBufForce, &SIZE).is_err() {
-        let _ = setsockopt(socket, sockopt::SndBuf, &SIZE);
-    }
-}
-
 /// What the packet tasks share.
 struct Shared {
     tunn: Mutex<Tunn>,
@@ -203,7 +189,7 @@ pub async fn run(
     };
     let std = std::net::UdpSocket::bind(bind).context("cannot open a UDP socket")?;
     std.set_nonblocking(true)?;
-    tune_socket(&std);
+    tether_shell::udp::tune_socket(&std);
     let socket = UdpSocket::from_std(std)?;
     let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
 

@@ -69,6 +69,16 @@ pub fn encode_h3_ip_packet(stream_id: u64, packet: &[u8], out: &mut Vec<u8>) {
     encode_ip_packet(packet, out);
 }
 
+/// The bytes in front of every IP packet sent as an HTTP/3 datagram on
+/// request stream `stream_id`: its Quarter Stream ID and context ID 0.
+pub fn h3_prefix(stream_id: u64) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(9);
+    // A stream ID is below 2^62, so its quarter always fits.
+    let _ = varint::encode(stream_id / 4, &mut prefix);
+    prefix.push(IP_PACKET_CONTEXT as u8);
+    prefix
+}
+
 /// Bytes an HTTP/3 datagram adds in front of an IP packet on `stream_id`.
 pub fn h3_overhead(stream_id: u64) -> usize {
     varint::encoded_len(stream_id / 4).unwrap_or(8) + 1
@@ -133,6 +143,17 @@ mod tests {
             Ok(Payload::UnknownContext(37))
         );
         assert_eq!(parse_payload(&[]), Err(DatagramError::Truncated));
+    }
+
+    #[test]
+    fn h3_prefix_is_what_a_datagram_carries_in_front_of_the_packet() {
+        for stream_id in [0u64, 8, 252, 256, 1 << 40] {
+            let mut whole = Vec::new();
+            encode_h3_ip_packet(stream_id, &[0x45, 0, 0, 20], &mut whole);
+            let prefix = h3_prefix(stream_id);
+            assert_eq!(prefix.len(), h3_overhead(stream_id));
+            assert_eq!(whole.get(..prefix.len()), Some(&prefix[..]));
+        }
     }
 
     #[test]

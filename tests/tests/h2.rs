@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use tether::dial::Target;
-use tether::h3client::{quic_config, transport_config};
+use tether::h3client::quic_config;
 use tether::link::{BrokerConn, Dialer, Link, Tunnel};
 use tether_config::Endpoint;
 use tether_proto::api::{RENEW_PATH, RenewRequest, RenewResponse};
@@ -17,6 +17,7 @@ use tether_proto::datagram::{self, Payload};
 use tether_proto::ip::Packet;
 use tether_proto::net::Family;
 use tether_proto::tunnel::{ClientSession, Transport};
+use tether_shell::quic::transport_config;
 use tether_tests::{TestBroker, TestSite, connect, metric, ping};
 
 fn dialer(site: Option<&TestSite>, ca: &rustls::pki_types::CertificateDer<'static>) -> Dialer {
