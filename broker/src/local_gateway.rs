@@ -20,16 +20,13 @@ use anyhow::Context;
 use ipnet::IpNet;
 use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::net::{self, Family};
+use tether_shell::tun;
 
 use crate::state::Broker;
 
 /// MTU of the local gateway's device: large enough for most tunnels; a
 /// packet too large for a site's tunnel is answered with packet-too-big.
 pub const LOCAL_GATEWAY_MTU: usize = 1400;
-
-/// Room for the virtio-net header in front of packets written to an
-/// offloading device.
-pub const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// A running local gateway.
 pub struct LocalGateway {
@@ -64,32 +61,20 @@ impl LocalGateway {
     /// the device offloads; fails when the device's queue is full.
     pub fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
         if self.offload {
-            let mut buf = Vec::with_capacity(VNET_HDR + packet.len());
-            buf.resize(VNET_HDR, 0);
-            buf.extend_from_slice(packet);
-            self.dev.try_send(&buf)
+            self.dev.try_send(&tun::with_vnet_hdr(packet))
         } else {
             self.dev.try_send(packet)
         }
     }
 
-    /// Writes packets framed for the device (each after [`VNET_HDR`] bytes
-    /// of room), coalescing consecutive segments of a TCP flow into large
-    /// ones: the kernel then forwards and receives one packet where it would
-    /// have handled dozens. The buffers need room to grow to 64 KiB.
+    /// Writes packets framed for the device (each after [`tun::VNET_HDR`]
+    /// bytes of room), coalesced ([`tun::write_batch`]).
     pub async fn write_batch(
         &self,
         gro: &mut tun_rs::GROTable,
         batch: &mut [bytes::BytesMut],
     ) -> std::io::Result<()> {
-        if self.offload {
-            self.dev.send_multiple(gro, batch, VNET_HDR).await?;
-        } else {
-            for b in batch.iter() {
-                self.dev.send(b.get(VNET_HDR..).unwrap_or_default()).await?;
-            }
-        }
-        Ok(())
+        tun::write_batch(&self.dev, self.offload, gro, batch).await
     }
 
     /// Writes a packet already framed for the device (with its virtio-net
@@ -190,21 +175,12 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> 
     let reader = gw.clone();
     let broker = broker.clone();
     tokio::spawn(async move {
-        let mut original = vec![0u8; VNET_HDR + 65_536];
-        let mut bufs = vec![vec![0u8; 4096]; tun_rs::IDEAL_BATCH_SIZE];
-        let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+        let mut packets = tun::BatchReader::new(tun_rs::IDEAL_BATCH_SIZE, 4096, 0);
         loop {
-            match reader
-                .dev
-                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-                .await
-            {
-                Ok(n) => {
-                    for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-                        crate::plane::from_local_gateway(
-                            &broker,
-                            buf.get(..size).unwrap_or_default(),
-                        );
+            match packets.read(&reader.dev).await {
+                Ok(_) => {
+                    for packet in packets.packets_mut() {
+                        crate::plane::from_local_gateway(&broker, packet);
                     }
                 }
                 Err(e) => {

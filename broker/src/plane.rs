@@ -130,7 +130,7 @@ fn deliver(broker: &Broker, route: &Route, mut buffer: Buffer) -> Result<(), Dro
             let len = buffer.packet().len() as u64;
             let written = if gw.offload {
                 let framed = buffer
-                    .with_header(&[0u8; crate::local_gateway::VNET_HDR])
+                    .with_header(&[0u8; tether_shell::tun::VNET_HDR])
                     .ok_or(DropReason::TooBig)?;
                 gw.write(framed)
             } else {
@@ -194,7 +194,7 @@ pub struct SiteBatch {
 
 /// Capacity of a batch buffer: a virtio-net header and a full 64 KiB
 /// coalesced segment.
-const BATCH_BUFFER: usize = crate::local_gateway::VNET_HDR + 65_536;
+const BATCH_BUFFER: usize = tether_shell::tun::VNET_HDR + 65_536;
 
 impl SiteBatch {
     fn buffer(&mut self) -> bytes::BytesMut {
@@ -271,7 +271,7 @@ pub fn from_site_batched(
         _ => return site_drop(broker, session, DropReason::Malformed),
     };
     session.counters.rx.add(packet.len() as u64);
-    let hdr = crate::local_gateway::VNET_HDR;
+    let hdr = tether_shell::tun::VNET_HDR;
     let mut b = batch.buffer();
     b.resize(hdr, 0);
     b.extend_from_slice(packet);

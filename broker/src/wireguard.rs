@@ -16,7 +16,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +32,6 @@ use tether_proto::gateway::{
 };
 use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::route::RouteKind;
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::state::{Broker, Counters};
@@ -363,33 +361,16 @@ async fn receive(
     socket: Arc<UdpSocket>,
     state: Arc<quinn_udp::UdpSocketState>,
 ) {
-    const SLOTS: usize = 8;
-    let mut storage = vec![vec![0u8; 65_536]; SLOTS];
-    let mut meta = [quinn_udp::RecvMeta::default(); SLOTS];
+    let mut receiver = tether_shell::udp::BatchReceiver::default();
     let mut out = vec![0u8; 65_536 + 64];
     loop {
-        let received = {
-            let mut bufs: Vec<IoSliceMut<'_>> =
-                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            socket
-                .async_io(Interest::READABLE, || {
-                    state.recv((&*socket).into(), &mut bufs, &mut meta)
-                })
-                .await
-        };
-        let n = match received {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "WireGuard socket receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        for (m, buf) in meta.iter().zip(&storage).take(n) {
-            let stride = m.stride.max(1);
-            for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
-                handle(&broker, &wg, index, m.addr, datagram, &mut out);
-            }
+        if let Err(e) = receiver.recv(&socket, &state).await {
+            tracing::warn!(error = %e, "WireGuard socket receive failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        for (from, datagram) in receiver.datagrams() {
+            handle(&broker, &wg, index, from, datagram, &mut out);
         }
     }
 }
@@ -413,27 +394,27 @@ fn handle(
     let Ok(mut tunn) = peer.tunn.lock() else {
         return;
     };
-    let mut result = tunn.decapsulate(Some(from.ip()), datagram, out);
-    let packet: Option<Vec<u8>> = loop {
-        match result {
-            TunnResult::WriteToNetwork(reply) => {
-                // Handshake responses, cookies, and packets queued while the
-                // session was being set up.
-                let _ = sock.try_send_to(reply, from);
-                result = tunn.decapsulate(None, &[], out);
-            }
-            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                break Some(p.to_vec());
-            }
-            TunnResult::Done => break None,
-            TunnResult::Err(WireGuardError::DuplicateCounter) => break None,
-            TunnResult::Err(e) => {
-                tracing::debug!(gateway = %peer.id, error = ?e, "WireGuard packet refused");
-                broker.metrics.wireguard_refused.increment(1);
-                return;
-            }
+    let mut packet: Option<Vec<u8>> = None;
+    let result = tether_shell::wireguard::decapsulate(
+        &mut tunn,
+        from.ip(),
+        datagram,
+        out,
+        // Handshake responses, cookies, and packets queued while the
+        // session was being set up.
+        |reply| {
+            let _ = sock.try_send_to(reply, from);
+        },
+        |p| packet = Some(p.to_vec()),
+    );
+    match result {
+        Ok(()) | Err(WireGuardError::DuplicateCounter) => {}
+        Err(e) => {
+            tracing::debug!(gateway = %peer.id, error = ?e, "WireGuard packet refused");
+            broker.metrics.wireguard_refused.increment(1);
+            return;
         }
-    };
+    }
     drop(tunn);
     // Authenticated: this is where the peer is now.
     if let Ok(mut ep) = peer.endpoint.lock() {

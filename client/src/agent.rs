@@ -460,7 +460,7 @@ async fn apply(
             if let (Some(tun), Ok(Payload::IpPacket(p))) =
                 (tun.as_ref(), datagram::parse_payload(&payload))
             {
-                let _ = crate::tun::write_one(&tun.dev, tun.offload, p).await;
+                let _ = tether_shell::tun::write_one(&tun.dev, tun.offload, p).await;
             }
         }
     }
@@ -476,35 +476,25 @@ fn start_pumps(tun: &Tun, link: &Link) -> Vec<tokio::task::JoinHandle<()>> {
         let (dev, link) = (tun.dev.clone(), link.clone());
         tokio::spawn(async move {
             let offset = link.headroom();
-            let mut original = vec![0u8; crate::tun::VNET_HDR + 65_536];
-            let mut bufs = vec![vec![0u8; offset + 4096]; tun_rs::IDEAL_BATCH_SIZE];
-            let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+            let mut packets =
+                tether_shell::tun::BatchReader::new(tun_rs::IDEAL_BATCH_SIZE, 4096, offset);
             loop {
-                let n = match dev
-                    .recv_multiple(&mut original, &mut bufs, &mut sizes, offset)
-                    .await
-                {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::error!(error = %e, "tunnel device failed");
-                        return;
-                    }
-                };
+                if let Err(e) = packets.read(&dev).await {
+                    tracing::error!(error = %e, "tunnel device failed");
+                    return;
+                }
                 let mtu = link.mtu().map(usize::from).unwrap_or(1200);
-                for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
-                    let Some(packet) = buf.get(offset..offset + size) else {
+                for framed in packets.framed_mut() {
+                    let Some(packet) = framed.get(offset..) else {
                         continue;
                     };
-                    if size > mtu {
+                    if packet.len() > mtu {
                         // Tell the local sender the tunnel's MTU.
                         if let Some(icmp) = too_big(packet, mtu) {
-                            let _ = crate::tun::write_one(&dev, offload, &icmp).await;
+                            let _ = tether_shell::tun::write_one(&dev, offload, &icmp).await;
                         }
                         continue;
                     }
-                    let Some(framed) = buf.get_mut(..offset + size) else {
-                        continue;
-                    };
                     if link.send(framed).is_err() {
                         return;
                     }
@@ -529,37 +519,21 @@ fn start_pumps(tun: &Tun, link: &Link) -> Vec<tokio::task::JoinHandle<()>> {
             // ones, so the kernel hands the receiving application one packet
             // where it would have handled dozens. The buffers are sized for
             // a coalesced 64 KiB segment and kept across batches.
-            let hdr = crate::tun::VNET_HDR;
-            let mut pool: Vec<bytes::BytesMut> = (0..tun_rs::IDEAL_BATCH_SIZE)
-                .map(|_| bytes::BytesMut::with_capacity(hdr + 65_536))
-                .collect();
-            let mut gro = tun_rs::GROTable::default();
+            let mut batch = tether_shell::tun::WriteBatch::default();
             while let Ok(first) = conn.read_datagram().await {
-                let mut n = 0;
                 let mut next = Some(first);
                 while let Some(d) = next.take() {
                     if let Ok((stream, payload)) = datagram::parse_h3(&d)
                         && stream == stream_id
                         && let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload)
-                        && let Some(b) = pool.get_mut(n)
                     {
-                        b.clear();
-                        b.resize(hdr, 0);
-                        b.extend_from_slice(p);
-                        n += 1;
+                        batch.push(p);
                     }
-                    if n < pool.len() {
+                    if batch.has_room() {
                         next = conn.read_datagram().now_or_never().and_then(Result::ok);
                     }
                 }
-                let batch = &mut pool[..n];
-                if offload {
-                    let _ = dev.send_multiple(&mut gro, batch, hdr).await;
-                } else {
-                    for b in batch.iter() {
-                        let _ = dev.send(&b[hdr..]).await;
-                    }
-                }
+                let _ = batch.write(&dev, offload).await;
             }
         })
     };

@@ -166,24 +166,3 @@ impl Tun {
 mod netlink_route_message {
     pub use rtnetlink::packet_route::route::RouteMessage;
 }
-
-/// Room for the virtio-net header in front of packets written to an
-/// offloading device.
-pub const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
-
-/// Writes one packet, with an empty virtio-net header when the device
-/// offloads.
-pub async fn write_one(
-    dev: &tun_rs::AsyncDevice,
-    offload: bool,
-    packet: &[u8],
-) -> std::io::Result<usize> {
-    if offload {
-        let mut buf = Vec::with_capacity(VNET_HDR + packet.len());
-        buf.resize(VNET_HDR, 0);
-        buf.extend_from_slice(packet);
-        dev.send(&buf).await
-    } else {
-        dev.send(packet).await
-    }
-}

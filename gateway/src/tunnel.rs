@@ -14,7 +14,6 @@
 //! broker pushes changes at once.
 
 use std::collections::BTreeSet;
-use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -45,8 +44,6 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether-gateway";
 /// Largest payload of one segmentation-offloaded UDP send (an IPv4 UDP
 /// datagram's limit, 65,507 bytes, rounded down).
 const MAX_GSO_BYTES: usize = 65_000;
-/// Room for the virtio-net header of an offloading device.
-const VNET_HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 /// WireGuard's keepalive towards the broker, so NAT state on the way
 /// stays open.
 const KEEPALIVE_SECS: u16 = 25;
@@ -336,41 +333,23 @@ async fn outbound(shared: Arc<Shared>) {
     } else {
         1
     };
-    let mut original = vec![0u8; VNET_HDR + 65_536];
-    let mut bufs = vec![vec![0u8; 65_536]; batch];
-    let mut sizes = vec![0usize; batch];
+    let mut packets = tether_shell::tun::BatchReader::new(batch, 65_536, 0);
     let mut sealed: Vec<u8> = Vec::with_capacity(batch * 1600);
     let mut lens: Vec<usize> = Vec::with_capacity(batch);
     let mut handshakes: Vec<Vec<u8>> = Vec::new();
     loop {
-        let n = if shared.offload {
-            shared
-                .dev
-                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-                .await
-        } else {
-            shared.dev.recv(&mut bufs[0]).await.map(|n| {
-                sizes[0] = n;
-                1
-            })
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(error = %e, "the gateway device failed");
-                return;
-            }
-        };
+        if let Err(e) = packets.read(&shared.dev).await {
+            tracing::error!(error = %e, "the gateway device failed");
+            return;
+        }
         sealed.clear();
         lens.clear();
         {
             let Ok(mut tunn) = shared.tunn.lock() else {
                 return;
             };
-            for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
-                let Some(packet) = buf.get_mut(..size) else {
-                    continue;
-                };
+            for packet in packets.packets_mut() {
+                let size = packet.len();
                 shared.clamp(packet);
                 let start = sealed.len();
                 sealed.resize(start + size + 148, 0);
@@ -404,100 +383,58 @@ async fn inbound(
     sets: watch::Sender<Option<RouteSet>>,
     zones: watch::Sender<Option<Arc<ZoneData>>>,
 ) {
-    const SLOTS: usize = 8;
-    let mut storage = vec![vec![0u8; 65_536]; SLOTS];
-    let mut meta = [quinn_udp::RecvMeta::default(); SLOTS];
+    let mut receiver = tether_shell::udp::BatchReceiver::default();
     let mut out = vec![0u8; 65_536 + 64];
-    let mut pool: Vec<bytes::BytesMut> = (0..tun_rs::IDEAL_BATCH_SIZE)
-        .map(|_| bytes::BytesMut::with_capacity(VNET_HDR + 65_536))
-        .collect();
-    let mut gro = tun_rs::GROTable::default();
+    let mut batch = tether_shell::tun::WriteBatch::default();
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut assembler = Assembler::default();
     let mut zone_assembler = ZoneAssembler::default();
-    let hdr = if shared.offload { VNET_HDR } else { 0 };
     loop {
-        let received = {
-            let mut bufs: Vec<IoSliceMut<'_>> =
-                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            shared
-                .socket
-                .async_io(Interest::READABLE, || {
-                    shared
-                        .udp
-                        .recv((&shared.socket).into(), &mut bufs, &mut meta)
-                })
-                .await
-        };
-        let n = match received {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(e) = receiver.recv(&shared.socket, &shared.udp).await {
+            tracing::warn!(error = %e, "UDP receive failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        for (from, datagram) in receiver.datagrams() {
+            if from.ip().to_canonical() != shared.broker.ip().to_canonical() {
                 continue;
             }
-        };
-        let mut ready = 0;
-        for (m, buf) in meta.iter().zip(&storage).take(n) {
-            if m.addr.ip().to_canonical() != shared.broker.ip().to_canonical() {
-                continue;
-            }
-            let stride = m.stride.max(1);
-            for datagram in buf.get(..m.len).unwrap_or_default().chunks(stride) {
-                let Ok(mut tunn) = shared.tunn.lock() else {
-                    return;
-                };
-                let mut result = tunn.decapsulate(Some(m.addr.ip()), datagram, &mut out);
-                loop {
-                    match result {
-                        TunnResult::WriteToNetwork(p) => {
-                            replies.push(p.to_vec());
-                            result = tunn.decapsulate(None, &[], &mut out);
-                        }
-                        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                            if let Some(payload) =
-                                control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
-                            {
-                                match Message::decode(payload) {
-                                    Ok(m @ Message::Routes { .. }) => {
-                                        if let Some(set) = assembler.push(m) {
-                                            sets.send_replace(Some(set));
-                                        }
-                                    }
-                                    Ok(m @ Message::Zone { .. }) => {
-                                        if let Some(zone) = zone_assembler.push(m) {
-                                            zones.send_replace(Some(Arc::new(zone)));
-                                        }
-                                    }
-                                    _ => {}
+            let Ok(mut tunn) = shared.tunn.lock() else {
+                return;
+            };
+            let _ = tether_shell::wireguard::decapsulate(
+                &mut tunn,
+                from.ip(),
+                datagram,
+                &mut out,
+                |reply| replies.push(reply.to_vec()),
+                |p| {
+                    if let Some(payload) =
+                        control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
+                    {
+                        match Message::decode(payload) {
+                            Ok(m @ Message::Routes { .. }) => {
+                                if let Some(set) = assembler.push(m) {
+                                    sets.send_replace(Some(set));
                                 }
-                            } else if let Some(b) = pool.get_mut(ready) {
-                                b.clear();
-                                b.resize(hdr, 0);
-                                b.extend_from_slice(p);
-                                if let Some(packet) = b.get_mut(hdr..) {
-                                    shared.clamp(packet);
-                                }
-                                ready += 1;
                             }
-                            break;
+                            Ok(m @ Message::Zone { .. }) => {
+                                if let Some(zone) = zone_assembler.push(m) {
+                                    zones.send_replace(Some(Arc::new(zone)));
+                                }
+                            }
+                            _ => {}
                         }
-                        TunnResult::Done | TunnResult::Err(_) => break,
+                    } else if let Some(packet) = batch.push(p) {
+                        shared.clamp(packet);
                     }
-                }
-            }
+                },
+            );
         }
         for r in replies.drain(..) {
             shared.send_all(&r, &[r.len()]).await;
         }
-        let batch = &mut pool[..ready];
-        if shared.offload {
-            let _ = shared.dev.send_multiple(&mut gro, batch, VNET_HDR).await;
-        } else {
-            for b in batch.iter() {
-                let _ = shared.dev.send(b).await;
-            }
-        }
+        let _ = batch.write(&shared.dev, shared.offload).await;
     }
 }
 

@@ -10,11 +10,15 @@
 //!   request stream.
 //! - [`h2`]: HTTP/2 plumbing: writing DATAGRAM capsules to a stream as flow
 //!   control allows.
-//! - [`udp`]: socket buffers.
+//! - [`udp`]: socket buffers and batched (GRO) receiving.
+//! - [`tun`]: batched reads and coalescing (GRO) writes of a TUN device.
+//! - [`wireguard`]: one datagram through a boringtun peer.
 //! - [`logging`]: the binaries' log output.
 
 pub mod h2;
 pub mod h3;
 pub mod logging;
 pub mod quic;
+pub mod tun;
 pub mod udp;
+pub mod wireguard;
