@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tether::h3client::{H3Client, quic_config};
-use tether::operator::AdminClient;
 use tether::state::StateDir;
 use tether_proto::api::{TokenRequest, TokenResponse};
+use tether_shell::operator::AdminClient;
 use tether_shell::quic::transport_config;
 use tether_tests::Tunnel;
 use tokio::sync::Semaphore;

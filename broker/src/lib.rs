@@ -9,7 +9,7 @@
 //!   [`wireguard`]: gateways as WireGuard peers.
 //! - [`names`]: identity DNS (the mesh zone, served and handed to
 //!   gateways).
-//! - [`admin`]: the admin API (its client is `tether::operator`).
+//! - [`admin`]: the admin API (its client is `tether_shell::operator`).
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod admin;

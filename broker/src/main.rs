@@ -6,13 +6,13 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tether::operator::{self, AdminClient};
 use tether_broker::run::{ADMIN_TOKEN_FILE, data_dir};
 use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_pki::{Ca, TrustDomain};
 use tether_proto::api::{RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::Route;
+use tether_shell::operator::{self, AdminClient};
 
 /// The tether broker: sites dial out to it over mTLS (HTTP/3); it assigns
 /// them addresses from the operator's own pools and routes traffic between

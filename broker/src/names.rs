@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use tether_gateway::dns::DnsServer;
 use tether_proto::dns::{SiteNames, ZoneData};
+use tether_shell::dns::DnsServer;
 
 use crate::state::{Broker, BrokerError};
 

@@ -35,7 +35,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Bound DNS addresses (UDP and TCP each), if DNS is served.
     pub dns_addrs: Vec<SocketAddr>,
-    dns: Option<tether_gateway::dns::DnsServer>,
+    dns: Option<tether_shell::dns::DnsServer>,
     /// Whether this start created the data directory's CA.
     pub created: bool,
     endpoints: Vec<quinn::Endpoint>,

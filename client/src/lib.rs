@@ -7,8 +7,9 @@
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
 //!   carry it; [`dial`] resolves endpoints.
 //! - [`doctor`], [`firewall`]: `tether doctor` and `tether firewall-rule`.
-//! - [`operator`]: the admin API client and the tables of `tether routes`,
-//!   `tether sites`, `tether trace`.
+//! - The admin API client and the tables of `tether routes`, `tether
+//!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
+//!   prints them too).
 //! - [`state`]: the state directory.
 
 pub mod agent;
@@ -19,7 +20,6 @@ pub mod firewall;
 pub mod h2client;
 pub mod h3client;
 pub mod link;
-pub mod operator;
 pub mod proxy;
 pub mod state;
 pub mod tun;

@@ -151,7 +151,7 @@ struct AdminArgs {
 }
 
 impl AdminArgs {
-    fn client(&self) -> anyhow::Result<tether::operator::AdminClient> {
+    fn client(&self) -> anyhow::Result<tether_shell::operator::AdminClient> {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
@@ -161,12 +161,17 @@ impl AdminArgs {
                 "no admin token: pass --token-file /var/lib/tether-broker/admin.token (on the broker host), or set TETHER_ADMIN_TOKEN"
             ),
         };
-        Ok(tether::operator::AdminClient::new(&self.admin_url, &token))
+        Ok(tether_shell::operator::AdminClient::new(
+            &self.admin_url,
+            &token,
+        ))
     }
 }
 
 /// Runs an admin call; API failures become their exit codes.
-fn operator_call(f: impl FnOnce() -> Result<ExitCode, tether::operator::CallError>) -> ExitCode {
+fn operator_call(
+    f: impl FnOnce() -> Result<ExitCode, tether_shell::operator::CallError>,
+) -> ExitCode {
     match f() {
         Ok(code) => code,
         Err(e) => {
@@ -321,7 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if json {
                     print_json(&routes);
                 } else {
-                    print!("{}", tether::operator::routes_table(&routes));
+                    print!("{}", tether_shell::operator::routes_table(&routes));
                 }
                 Ok(ExitCode::SUCCESS)
             })
@@ -333,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if json {
                     print_json(&sites);
                 } else {
-                    print!("{}", tether::operator::sites_table(&sites));
+                    print!("{}", tether_shell::operator::sites_table(&sites));
                 }
                 Ok(ExitCode::SUCCESS)
             })
@@ -350,12 +355,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if json {
                     print_json(&trace);
                 } else {
-                    print!("{}", tether::operator::trace_text(&trace));
+                    print!("{}", tether_shell::operator::trace_text(&trace));
                 }
-                Ok(if tether::operator::trace_routed(&trace) {
+                Ok(if tether_shell::operator::trace_routed(&trace) {
                     ExitCode::SUCCESS
                 } else {
-                    ExitCode::from(tether::operator::EXIT_NO_ROUTE)
+                    ExitCode::from(tether_shell::operator::EXIT_NO_ROUTE)
                 })
             })
         }

@@ -3,14 +3,13 @@
 //!
 //! - [`tunnel`]: the running gateway (boringtun, TUN device, control
 //!   channel); [`routes`]: its routing table and rule.
-//! - [`dns`]: the authoritative server for the mesh zone (also run by the
-//!   broker).
+//! - The mesh zone's DNS server is `tether_shell::dns` (the broker runs it
+//!   too).
 //! - [`live`]: the route set last received, kept for operators.
 //! - [`cilium`]: CiliumCIDRGroup resources from the route set.
 //! - [`preflight`]: conflicts on the node.
 
 pub mod cilium;
-pub mod dns;
 pub mod live;
 pub mod preflight;
 pub mod routes;

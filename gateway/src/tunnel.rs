@@ -247,7 +247,9 @@ pub async fn run(
     }
     let (zones, mut zone_rx) = watch::channel(saved);
     let dns = match config.dns_listen {
-        Some(addr) => Some(crate::dns::DnsServer::start(&[addr], zone_rx.clone(), None).await?),
+        Some(addr) => {
+            Some(tether_shell::dns::DnsServer::start(&[addr], zone_rx.clone(), None).await?)
+        }
         None => None,
     };
     tracing::info!(

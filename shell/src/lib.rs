@@ -13,11 +13,15 @@
 //! - [`udp`]: socket buffers and batched (GRO) receiving.
 //! - [`tun`]: batched reads and coalescing (GRO) writes of a TUN device.
 //! - [`wireguard`]: one datagram through a boringtun peer.
+//! - [`dns`]: the authoritative DNS server for the mesh zone (hickory).
+//! - [`operator`]: the admin API client and the tables and traces it prints.
 //! - [`logging`]: the binaries' log output.
 
+pub mod dns;
 pub mod h2;
 pub mod h3;
 pub mod logging;
+pub mod operator;
 pub mod quic;
 pub mod tun;
 pub mod udp;

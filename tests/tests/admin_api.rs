@@ -4,8 +4,8 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use tether::operator::AdminClient;
 use tether_proto::api::{SiteInfo, TokenRequest, TokenResponse};
+use tether_shell::operator::AdminClient;
 use tether_tests::TestBroker;
 use tower::ServiceExt;
 
@@ -317,9 +317,9 @@ async fn routes_filter_and_trace_explains_a_name() {
     assert_eq!(session.transport, "h3");
     assert!(session.rtt_ms >= 0.0);
     assert!(!v4.explanation.candidates.is_empty());
-    let text = tether::operator::trace_text(&trace);
+    let text = tether_shell::operator::trace_text(&trace);
     assert!(text.contains("via site hospital-a"), "{text}");
     assert!(text.contains("over h3"), "{text}");
-    assert!(tether::operator::trace_routed(&trace));
+    assert!(tether_shell::operator::trace_routed(&trace));
     drop(tunnel);
 }
