@@ -28,8 +28,9 @@ use tether_proto::tunnel::{
 use tokio::sync::watch;
 
 use crate::dial::{self, Target};
+use crate::failure::Failure;
 use crate::h3client::quic_config;
-use crate::link::{BrokerConn, Dialer, Failure, Link};
+use crate::link::{BrokerConn, Dialer, Link};
 use crate::proxy::Proxy;
 use crate::state::{Identity, StateDir};
 use crate::tun::Tun;

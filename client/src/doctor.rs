@@ -438,7 +438,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
         }
         Err(e) => {
             let text = format!("{e:#}");
-            let plain = crate::link::tls_refusal(&text).unwrap_or(text);
+            let plain = crate::failure::tls_refusal(&text).unwrap_or(text);
             report.add("tls", Level::Fail, plain);
             return report;
         }

@@ -61,14 +61,14 @@ pub enum H2Error {
 impl H2Error {
     /// Whether the broker refused this site (rather than being unreachable).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, H2Error::Tls(t) if crate::link::tls_refusal(t).is_some())
+        matches!(self, H2Error::Tls(t) if crate::failure::tls_refusal(t).is_some())
     }
 }
 
 /// Explains a TLS failure in plain words.
 fn explain_tls(e: &dyn std::fmt::Display) -> String {
     let text = e.to_string();
-    crate::link::tls_refusal(&text).unwrap_or(text)
+    crate::failure::tls_refusal(&text).unwrap_or(text)
 }
 
 impl H2Client {
@@ -180,7 +180,7 @@ impl H2Client {
         authority: &str,
         path: &str,
         body: &[u8],
-    ) -> anyhow::Result<crate::link::Answer> {
+    ) -> anyhow::Result<crate::failure::Answer> {
         let request = Request::builder()
             .method(method)
             .uri(format!("https://{authority}{path}"))
@@ -210,7 +210,7 @@ impl H2Client {
                 anyhow::bail!("answer larger than 1 MiB");
             }
         }
-        Ok(crate::link::Answer {
+        Ok(crate::failure::Answer {
             status,
             date,
             body: out,

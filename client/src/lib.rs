@@ -5,7 +5,8 @@
 //! - [`tun`]: the TUN device and routes.
 //! - [`link`]: a connection to a broker on one rung of the transport
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
-//!   carry it; [`dial`] resolves endpoints.
+//!   carry it; [`dial`] resolves endpoints; [`failure`] says how an attempt
+//!   ended.
 //! - [`doctor`], [`firewall`]: `tether doctor` and `tether firewall-rule`.
 //! - The admin API client and the tables of `tether routes`, `tether
 //!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod dial;
 pub mod doctor;
 pub mod enroll;
+pub mod failure;
 pub mod firewall;
 pub mod h2client;
 pub mod h3client;

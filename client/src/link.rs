@@ -21,6 +21,7 @@ use tether_proto::tunnel::Transport;
 use tokio::sync::mpsc;
 
 use crate::dial::{self, Target};
+use crate::failure::{Answer, Failure, tls_refusal};
 use crate::h2client::{self, H2Client};
 use crate::h3client::{self, H3Client};
 use crate::proxy::Proxy;
@@ -28,64 +29,6 @@ use crate::proxy::Proxy;
 /// Capsules waiting for the TCP connection (HTTP/2). Beyond this, packets
 /// from the site are dropped as a router drops on a full queue.
 pub const QUEUE: usize = 1024;
-
-/// Why a connection attempt, a tunnel or a connection ended.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// The broker refused this site (certificate revoked, expired, unknown
-    /// CA, or a 4xx answer): trying another transport will not help.
-    pub refused: bool,
-    /// Plain words.
-    pub message: String,
-}
-
-impl Failure {
-    fn lost(message: impl Into<String>) -> Self {
-        Self {
-            refused: false,
-            message: message.into(),
-        }
-    }
-
-    fn refused(message: impl Into<String>) -> Self {
-        Self {
-            refused: true,
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// Whether a TLS failure text means the broker refused this site, and in
-/// plain words why.
-pub fn tls_refusal(text: &str) -> Option<String> {
-    let has = |s: &str| text.contains(s);
-    if has("CertificateRevoked") || has("certificate revoked") {
-        Some(
-            "the broker refused this site's certificate because it was revoked; ask the operator"
-                .into(),
-        )
-    } else if has("CertificateExpired") || has("Expired") || has("NotValidYet") {
-        Some("this site's certificate or the broker's is outside its validity period; check the clock, or enroll again with a new token".into())
-    } else if has("UnknownIssuer") || has("UnknownCA") || has("BadSignature") {
-        Some(
-            "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)"
-                .into(),
-        )
-    } else if has("NotValidForName") {
-        Some(
-            "the broker's certificate does not name the address dialled (wrong broker address?)"
-                .into(),
-        )
-    } else {
-        None
-    }
-}
 
 /// Whether the broker closed a QUIC connection because it refuses this
 /// site.
@@ -213,17 +156,6 @@ impl Dialer {
             }
         }
     }
-}
-
-/// A whole answer.
-#[derive(Debug)]
-pub struct Answer {
-    /// Status.
-    pub status: u16,
-    /// The `date` header.
-    pub date: Option<String>,
-    /// Body.
-    pub body: Vec<u8>,
 }
 
 impl Dialer {
