@@ -3,10 +3,15 @@
 # wireguard-go on the hospital topology, in one run. Needs root.
 #
 #   bench/run.sh [--duration SECONDS] [--sites N]
+#   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
+#
+# --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
+# 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
+# no netem), one iperf3 stream with BBR and one with Cubic inside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v iperf3 wg wireguard-go >/dev/null || {
-  echo "needs iperf3, wireguard-tools and wireguard-go (apt-get install iperf3 wireguard-tools wireguard-go)" >&2
+command -v iperf3 wg wireguard-go ethtool >/dev/null || {
+  echo "needs iperf3, wireguard-tools, wireguard-go and ethtool (apt-get install iperf3 wireguard-tools wireguard-go ethtool)" >&2
   exit 1
 }
 command -v boringtun-cli >/dev/null || [ -x "$HOME/.cargo/bin/boringtun-cli" ] || cargo install boringtun-cli --locked

@@ -24,6 +24,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+mod lossy;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
 
@@ -38,6 +40,14 @@ struct Args {
     /// Measure only tether and the path through a cloud gateway.
     #[arg(long)]
     gateway_only: bool,
+    /// Measure only the lossy and long paths (loss and delay on the WAN
+    /// link): tether over HTTP/3 and HTTP/2, the raw path and the WireGuard
+    /// baselines.
+    #[arg(long)]
+    lossy: bool,
+    /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -168,110 +178,167 @@ fn wg_key(ns: &NetNs) -> (String, String) {
 }
 
 /// A WireGuard tunnel between site and cloud with a userspace
-/// implementation (`program args...` creating interface `name-s` / `name-c`).
-fn wireguard(topo: &Topology, name: &'static str, program: &str, extra: &[&str], secs: u32) -> Row {
-    let (site_if, cloud_if) = (format!("{name}-s"), format!("{name}-c"));
-    let socket = |i: &str| PathBuf::from(format!("/var/run/wireguard/{i}.sock"));
-    // UAPI sockets live in the shared filesystem: clear leftovers of an
-    // earlier run, or `wg` would talk to a dead process.
-    for i in [&site_if, &cloud_if] {
-        let _ = std::fs::remove_file(socket(i));
+/// implementation, up until dropped; the site reaches it at [`WG_SITE`].
+pub(crate) struct WgTunnel<'a> {
+    topo: &'a Topology,
+    site_if: String,
+    /// From starting the site's side to the first packet through.
+    pub(crate) setup: Option<Duration>,
+    _procs: [Proc; 2],
+}
+
+/// The site's address inside a WireGuard baseline tunnel.
+pub(crate) const WG_SITE: &str = "10.99.0.2";
+
+impl<'a> WgTunnel<'a> {
+    /// Starts `program args... <name>-c` on the cloud host and
+    /// `program args... <name>-s` on the site, on the broker's UDP 443.
+    pub(crate) fn up(topo: &'a Topology, name: &str, program: &str, extra: &[&str]) -> Self {
+        let (site_if, cloud_if) = (format!("{name}-s"), format!("{name}-c"));
+        let socket = |i: &str| PathBuf::from(format!("/var/run/wireguard/{i}.sock"));
+        // UAPI sockets live in the shared filesystem: clear leftovers of an
+        // earlier run, or `wg` would talk to a dead process.
+        for i in [&site_if, &cloud_if] {
+            let _ = std::fs::remove_file(socket(i));
+        }
+        let mut args: Vec<&str> = extra.to_vec();
+        args.push(&cloud_if);
+        let cloud = topo
+            .cloud
+            .spawn(program, &args, Some(topo.path(&format!("{cloud_if}.log"))))
+            .unwrap();
+        assert!(
+            wait_for(Duration::from_secs(10), || socket(&cloud_if).exists()),
+            "{name} did not start:\n{}",
+            read(&topo.path(&format!("{cloud_if}.log")))
+        );
+        let (cloud_priv, cloud_pub) = wg_key(&topo.cloud);
+        let (site_priv, site_pub) = wg_key(&topo.site);
+        let key_file = |k: &str, n: &str| {
+            let p = topo.path(n);
+            std::fs::write(&p, k).unwrap();
+            p.display().to_string()
+        };
+        let cloud_key = key_file(&cloud_priv, &format!("{cloud_if}.key"));
+        let allowed_site = format!("{WG_SITE}/32");
+        topo.cloud
+            .run(
+                "wg",
+                &[
+                    "set",
+                    &cloud_if,
+                    "listen-port",
+                    "443",
+                    "private-key",
+                    &cloud_key,
+                    "peer",
+                    &site_pub,
+                    "allowed-ips",
+                    &allowed_site,
+                ],
+            )
+            .unwrap();
+        topo.cloud
+            .run("ip", &["addr", "add", "10.99.0.1/24", "dev", &cloud_if])
+            .unwrap();
+        topo.cloud
+            .run("ip", &["link", "set", &cloud_if, "mtu", "1420", "up"])
+            .unwrap();
+        topo.backend
+            .run(
+                "ip",
+                &["route", "replace", "10.99.0.0/24", "via", "10.20.0.1"],
+            )
+            .unwrap();
+        // The site side: time from starting it to the first packet through.
+        let started = Instant::now();
+        let mut args: Vec<&str> = extra.to_vec();
+        args.push(&site_if);
+        let site = topo
+            .site
+            .spawn(program, &args, Some(topo.path(&format!("{site_if}.log"))))
+            .unwrap();
+        assert!(wait_for(Duration::from_secs(10), || socket(&site_if).exists()));
+        let site_key = key_file(&site_priv, &format!("{site_if}.key"));
+        topo.site
+            .run(
+                "wg",
+                &[
+                    "set",
+                    &site_if,
+                    "private-key",
+                    &site_key,
+                    "peer",
+                    &cloud_pub,
+                    "endpoint",
+                    "203.0.113.10:443",
+                    "allowed-ips",
+                    "10.99.0.0/24,10.20.0.0/24",
+                    "persistent-keepalive",
+                    "25",
+                ],
+            )
+            .unwrap();
+        topo.site
+            .run("ip", &["addr", "add", &allowed_site, "dev", &site_if])
+            .unwrap();
+        topo.site
+            .run("ip", &["link", "set", &site_if, "mtu", "1420", "up"])
+            .unwrap();
+        topo.site
+            .run("ip", &["route", "add", "10.99.0.0/24", "dev", &site_if])
+            .unwrap();
+        topo.site
+            .run("ip", &["route", "add", "10.20.0.0/24", "dev", &site_if])
+            .unwrap();
+        let setup = first_packet(topo, started);
+        Self {
+            topo,
+            site_if,
+            setup,
+            _procs: [cloud, site],
+        }
     }
-    let mut args: Vec<&str> = extra.to_vec();
-    args.push(&cloud_if);
-    let _cloud = topo
-        .cloud
-        .spawn(program, &args, Some(topo.path(&format!("{cloud_if}.log"))))
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || socket(&cloud_if).exists()),
-        "{name} did not start:\n{}",
-        read(&topo.path(&format!("{cloud_if}.log")))
-    );
-    let (cloud_priv, cloud_pub) = wg_key(&topo.cloud);
-    let (site_priv, site_pub) = wg_key(&topo.site);
-    let key_file = |k: &str, n: &str| {
-        let p = topo.path(n);
-        std::fs::write(&p, k).unwrap();
-        p.display().to_string()
-    };
-    let cloud_key = key_file(&cloud_priv, &format!("{cloud_if}.key"));
-    topo.cloud
+}
+
+impl Drop for WgTunnel<'_> {
+    fn drop(&mut self) {
+        let _ = self.topo.site.run(
+            "ip",
+            &["route", "del", "10.20.0.0/24", "dev", &self.site_if],
+        );
+    }
+}
+
+/// The WireGuard baseline `name` measured like tether.
+fn wireguard(topo: &Topology, name: &'static str, program: &str, extra: &[&str], secs: u32) -> Row {
+    let tunnel = WgTunnel::up(topo, name, program, extra);
+    measure(topo, name, WG_SITE, secs, tunnel.setup)
+}
+
+/// Opens the hospital firewall towards the site and routes the hospital
+/// LAN and the backend network through the WAN: the path without a tunnel.
+pub(crate) fn open_raw_path(topo: &Topology) {
+    topo.fw
         .run(
-            "wg",
+            "nft",
             &[
-                "set",
-                &cloud_if,
-                "listen-port",
-                "443",
-                "private-key",
-                &cloud_key,
-                "peer",
-                &site_pub,
-                "allowed-ips",
-                "10.99.0.2/32",
+                "insert", "rule", "inet", "hospital", "forward", "ip", "daddr", SITE_LAN, "accept",
             ],
         )
         .unwrap();
-    topo.cloud
-        .run("ip", &["addr", "add", "10.99.0.1/24", "dev", &cloud_if])
-        .unwrap();
-    topo.cloud
-        .run("ip", &["link", "set", &cloud_if, "mtu", "1420", "up"])
-        .unwrap();
-    topo.backend
+    topo.wan
         .run(
             "ip",
-            &["route", "replace", "10.99.0.0/24", "via", "10.20.0.1"],
+            &["route", "add", "192.168.1.0/24", "via", "198.51.100.2"],
         )
         .unwrap();
-    // The site side: time from starting it to the first packet through.
-    let started = Instant::now();
-    let mut args: Vec<&str> = extra.to_vec();
-    args.push(&site_if);
-    let _site = topo
-        .site
-        .spawn(program, &args, Some(topo.path(&format!("{site_if}.log"))))
-        .unwrap();
-    assert!(wait_for(Duration::from_secs(10), || socket(&site_if).exists()));
-    let site_key = key_file(&site_priv, &format!("{site_if}.key"));
-    topo.site
+    topo.wan
         .run(
-            "wg",
-            &[
-                "set",
-                &site_if,
-                "private-key",
-                &site_key,
-                "peer",
-                &cloud_pub,
-                "endpoint",
-                "203.0.113.10:443",
-                "allowed-ips",
-                "10.99.0.0/24,10.20.0.0/24",
-                "persistent-keepalive",
-                "25",
-            ],
+            "ip",
+            &["route", "add", "10.20.0.0/24", "via", "203.0.113.10"],
         )
         .unwrap();
-    topo.site
-        .run("ip", &["addr", "add", "10.99.0.2/32", "dev", &site_if])
-        .unwrap();
-    topo.site
-        .run("ip", &["link", "set", &site_if, "mtu", "1420", "up"])
-        .unwrap();
-    topo.site
-        .run("ip", &["route", "add", "10.99.0.0/24", "dev", &site_if])
-        .unwrap();
-    topo.site
-        .run("ip", &["route", "add", "10.20.0.0/24", "dev", &site_if])
-        .unwrap();
-    let setup = first_packet(topo, started);
-    let row = measure(topo, name, "10.99.0.2", secs, setup);
-    topo.site
-        .run("ip", &["route", "del", "10.20.0.0/24", "dev", &site_if])
-        .unwrap();
-    row
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -298,6 +365,16 @@ fn main() {
         })
         .filter(|p| p.exists())
         .expect("boringtun-cli not found: cargo install boringtun-cli");
+    if args.lossy {
+        let mut topo = Topology::new("").unwrap();
+        lossy::run(
+            &mut topo,
+            &boringtun.display().to_string(),
+            args.duration,
+            &args.only,
+        );
+        return;
+    }
     // A cloud gateway's key, registered in the broker's configuration.
     let work = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
@@ -453,28 +530,8 @@ fn main() {
     drop(agent_h2);
     topo.set_egress(Egress::Open).unwrap();
 
-    // The same path without a tunnel: open the firewall towards the site
-    // and route the hospital LAN.
-    topo.fw
-        .run(
-            "nft",
-            &[
-                "insert", "rule", "inet", "hospital", "forward", "ip", "daddr", SITE_LAN, "accept",
-            ],
-        )
-        .unwrap();
-    topo.wan
-        .run(
-            "ip",
-            &["route", "add", "192.168.1.0/24", "via", "198.51.100.2"],
-        )
-        .unwrap();
-    topo.wan
-        .run(
-            "ip",
-            &["route", "add", "10.20.0.0/24", "via", "203.0.113.10"],
-        )
-        .unwrap();
+    // The same path without a tunnel.
+    open_raw_path(&topo);
     rows.push(measure(
         &topo,
         "raw routed path",

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::dial::{self, Target};
 use crate::h3client::quic_config;
-use crate::link::{BrokerConn, Dialer, Link};
+use crate::link::{BrokerConn, Dialer};
 use crate::proxy::Proxy;
 use crate::state::StateDir;
 use tether_shell::quic::transport_config;
@@ -250,11 +250,13 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
     let dialer = creds.as_ref().and_then(|c| {
         let tls = tether_pki::tls::client_config(&c.ca, Some((c.chain.clone(), c.key.clone_key())))
             .ok()?;
-        let quic = quic_config(
-            tls.clone(),
-            transport_config(config.keepalive, Duration::from_secs(10)),
-        )
-        .ok()?;
+        // The tunnel's packet size is fixed; doctor's connection searches
+        // the path's instead (from QUIC's minimum up), to compare the two.
+        let mut transport = transport_config(config.keepalive, Duration::from_secs(10));
+        transport.initial_mtu(1200);
+        transport.min_mtu(1200);
+        transport.mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()));
+        let quic = quic_config(tls.clone(), transport).ok()?;
         Some(Dialer {
             tls,
             quic,
@@ -444,27 +446,33 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
         }
     }
 
-    // Path MTU: what QUIC's path MTU discovery finds (HTTP/3 only).
+    // Path MTU: what QUIC's path MTU discovery finds (HTTP/3 only), against
+    // the fixed packet size of the tunnel.
     match &conn {
         BrokerConn::H3 { client, .. } => {
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let link = Link::H3 {
-                conn: client.conn.clone(),
-                stream_id: 0,
-                prefix: vec![0u8, 0u8].into(),
-            };
-            match link.mtu() {
-                Some(mtu) if mtu >= 1280 => report.add(
-                    "path mtu",
-                    Level::Ok,
-                    format!("tunnel MTU {mtu} bytes (QUIC datagrams up to {} bytes on this path)", mtu as usize + 2),
-                ),
-                Some(mtu) => report.add(
+            let path = client.conn.stats().path.current_mtu;
+            let needed = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
+            if client.conn.max_datagram_size().is_none() {
+                report.add(
                     "path mtu",
                     Level::Warn,
-                    format!("tunnel MTU only {mtu} bytes: below IPv6's 1280; something on the path clamps UDP packets (ask hospital IT about the MTU to {cidr})"),
-                ),
-                None => report.add("path mtu", Level::Warn, "the broker does not accept QUIC datagrams"),
+                    "the broker does not accept QUIC datagrams",
+                );
+            } else if path >= needed {
+                report.add(
+                    "path mtu",
+                    Level::Ok,
+                    format!(
+                        "the path carries UDP payloads of {path} bytes; the tunnel sends {needed}"
+                    ),
+                );
+            } else {
+                report.add(
+                    "path mtu",
+                    Level::Fail,
+                    format!("the path carries UDP payloads of only {path} bytes, the tunnel sends {needed}: full-size packets would be lost over HTTP/3 (something on the path to {cidr} has a small MTU; ask hospital IT, or block UDP 443 so the site uses HTTP/2)"),
+                );
             }
         }
         BrokerConn::H2(_) => report.add(

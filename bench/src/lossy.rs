@@ -1,0 +1,462 @@
+//! Lossy and long paths: the hospital topology with loss and delay on the
+//! WAN link (between the hospital firewall and the internet), built with
+//! `tether-wan` in a namespace of its own since the kernel has no `netem`.
+//!
+//! ```text
+//! fw ─ wan(veth) ═ lossy-a [lossy: tether-wan] lossy-b ═ (veth)hospital ─ wan
+//! ```
+//!
+//! For every path (raw, tether over HTTP/3, over HTTP/2 with UDP blocked,
+//! boringtun-cli, wireguard-go) and every impairment it runs one iperf3
+//! stream backend -> site with BBR and one with Cubic as the inner
+//! congestion control, and reports goodput, the inner TCP's mean RTT (as
+//! the sender sees it) and retransmits; for tether also reconnects of the
+//! agent during the runs; for every impairment the loss the link really
+//! applied (its own counters).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tether_netns_tests::topology::{Egress, SITE_LAN, Topology, read};
+use tether_netns_tests::{NetNs, Proc, binary, wait_for};
+
+use crate::{WG_SITE, WgTunnel, first_packet, open_raw_path};
+
+/// One impairment of the WAN link, per direction.
+#[derive(Clone, Copy)]
+pub(crate) struct Impairment {
+    pub(crate) label: &'static str,
+    pub(crate) loss_percent: f64,
+    pub(crate) one_way: Duration,
+}
+
+/// The paths of the issue: 1 % loss at 50 ms RTT, 5 % at 200 ms.
+pub(crate) const IMPAIRMENTS: [Impairment; 2] = [
+    Impairment {
+        label: "1% / 50 ms",
+        loss_percent: 1.0,
+        one_way: Duration::from_millis(25),
+    },
+    Impairment {
+        label: "5% / 200 ms",
+        loss_percent: 5.0,
+        one_way: Duration::from_millis(100),
+    },
+];
+
+/// Inner congestion controls measured.
+const INNER: [&str; 2] = ["bbr", "cubic"];
+
+/// The impaired WAN link.
+pub(crate) struct LossyWan {
+    ns: NetNs,
+    proc: Option<Proc>,
+    stats: PathBuf,
+}
+
+impl LossyWan {
+    /// Splits the veth between the firewall (`wan`) and the internet
+    /// (`hospital`) and puts the forwarder's namespace in between, with
+    /// segmentation and checksum offloads off on both pairs so every frame
+    /// is one packet.
+    pub(crate) fn insert(topo: &Topology) -> Self {
+        let ns = NetNs::new("lossy").unwrap();
+        topo.fw.run("ip", &["link", "del", "wan"]).unwrap();
+        for (peer, ifname, end, addr) in [
+            (&topo.fw, "wan", "lossy-a", "198.51.100.2/30"),
+            (&topo.wan, "hospital", "lossy-b", "198.51.100.1/30"),
+        ] {
+            peer.run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    ifname,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    end,
+                    "netns",
+                    ns.name(),
+                ],
+            )
+            .unwrap();
+            peer.run("ip", &["addr", "add", addr, "dev", ifname])
+                .unwrap();
+            for (n, i) in [(peer, ifname), (&ns, end)] {
+                n.run(
+                    "ethtool",
+                    &[
+                        "-K", i, "tx", "off", "tso", "off", "gso", "off", "gro", "off",
+                    ],
+                )
+                .unwrap();
+                n.run("ip", &["link", "set", "dev", i, "up"]).unwrap();
+            }
+        }
+        ns.run("sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])
+            .unwrap();
+        // The firewall's default route went with its old link.
+        topo.fw
+            .run("ip", &["route", "add", "default", "via", "198.51.100.1"])
+            .unwrap();
+        Self {
+            ns,
+            proc: None,
+            stats: topo.path("wan-stats.json"),
+        }
+    }
+
+    /// (Re)starts the forwarder with `imp`.
+    pub(crate) fn set(&mut self, imp: Impairment, seed: u64) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+            p.wait_exit(Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(&self.stats);
+        let delay = format!("{}ms", imp.one_way.as_millis());
+        let (loss, seed) = (imp.loss_percent.to_string(), seed.to_string());
+        let stats = self.stats.display().to_string();
+        let log = self.stats.with_extension("log");
+        self.proc = Some(
+            self.ns
+                .spawn(
+                    &binary("tether-wan").display().to_string(),
+                    &[
+                        "--a", "lossy-a", "--b", "lossy-b", "--loss", &loss, "--delay", &delay,
+                        "--seed", &seed, "--stats", &stats,
+                    ],
+                    Some(log.clone()),
+                )
+                .unwrap(),
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || self.stats.exists()),
+            "tether-wan did not start:\n{}",
+            read(&log)
+        );
+    }
+
+    /// Frames received and dropped (at random, by overflow) and frames
+    /// too large to be single packets, both directions added up.
+    pub(crate) fn counters(&self) -> [u64; 4] {
+        let json: serde_json::Value = serde_json::from_str(&read(&self.stats)).unwrap_or_default();
+        let mut out = [0; 4];
+        for dir in ["lossy-a->lossy-b", "lossy-b->lossy-a"] {
+            for (i, k) in ["received", "dropped", "overflow", "oversize"]
+                .iter()
+                .enumerate()
+            {
+                out[i] += json[dir][k].as_u64().unwrap_or(0);
+            }
+        }
+        out
+    }
+}
+
+/// One iperf3 run's result.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Flow {
+    mbps: f64,
+    rtt_ms: f64,
+    retransmits: u64,
+}
+
+/// One stream backend -> `server` with the inner congestion control `cc`.
+fn flow(client: &NetNs, server: &str, cc: &str, secs: u32) -> Flow {
+    let secs_s = secs.to_string();
+    let limit = (secs + 30).to_string();
+    let out = client
+        .command("timeout")
+        .args([
+            &limit,
+            "iperf3",
+            "-c",
+            server,
+            "-J",
+            "-t",
+            &secs_s,
+            "-C",
+            cc,
+            "--connect-timeout",
+            "10000",
+        ])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if let Some(e) = json["error"].as_str() {
+        eprintln!("  iperf3 -C {cc} to {server}: {e}");
+    }
+    if std::env::var_os("TETHER_BENCH_DEBUG").is_some() {
+        let iv: Vec<String> = json["intervals"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|i| {
+                        format!(
+                            "{:.1}/{}",
+                            i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                            i["streams"][0]["snd_cwnd"].as_u64().unwrap_or(0)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!("  intervals {cc}: {}", iv.join(" "));
+    }
+    let end = &json["end"];
+    Flow {
+        mbps: end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6,
+        rtt_ms: end["streams"][0]["sender"]["mean_rtt"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / 1000.0,
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    }
+}
+
+/// One path's results: per impairment, per inner congestion control.
+struct LossyRow {
+    name: &'static str,
+    flows: Vec<[Flow; 2]>,
+    reconnects: Option<u64>,
+}
+
+fn measure(
+    topo: &Topology,
+    wan: &mut LossyWan,
+    addr: &str,
+    secs: u32,
+    applied: &mut Applied,
+) -> Vec<[Flow; 2]> {
+    let mut out = Vec::new();
+    for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        wan.set(*imp, 7 + i as u64);
+        let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut flows = [Flow::default(); 2];
+        for (f, cc) in flows.iter_mut().zip(INNER) {
+            *f = flow(&topo.backend, addr, cc, secs);
+        }
+        let c = wan.counters();
+        applied.add(i, c);
+        eprintln!(
+            "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms); link dropped {} of {} frames, {} overflow, {} oversize",
+            imp.label,
+            flows[0].mbps,
+            flows[0].rtt_ms,
+            flows[1].mbps,
+            flows[1].rtt_ms,
+            c[1],
+            c[0],
+            c[2],
+            c[3]
+        );
+        out.push(flows);
+    }
+    out
+}
+
+/// What the link applied over the whole run, per impairment.
+#[derive(Default)]
+struct Applied([[u64; 4]; IMPAIRMENTS.len()]);
+
+impl Applied {
+    fn add(&mut self, i: usize, c: [u64; 4]) {
+        for (a, b) in self.0[i].iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+}
+
+/// Connections the agent made beyond its first (from its log).
+fn reconnects(log: &std::path::Path) -> u64 {
+    (read(log).matches("connected to the broker over").count() as u64).saturating_sub(1)
+}
+
+/// tether over the current egress: one agent per impairment.
+fn tether(
+    topo: &Topology,
+    wan: &mut LossyWan,
+    state: &std::path::Path,
+    tag: &str,
+    secs: u32,
+    applied: &mut Applied,
+) -> (Vec<[Flow; 2]>, u64) {
+    let mut flows = Vec::new();
+    let mut again = 0;
+    for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        wan.set(*imp, 7 + i as u64);
+        let log = format!("lossy-{tag}-{i}.log");
+        let started = Instant::now();
+        let (agent, addr) = topo.up(state, &log).unwrap();
+        assert!(
+            first_packet(topo, started).is_some(),
+            "no packet through tether over {tag}:\n{}",
+            read(&topo.path(&log))
+        );
+        let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut f = [Flow::default(); 2];
+        for (f, cc) in f.iter_mut().zip(INNER) {
+            *f = flow(&topo.backend, &addr, cc, secs);
+        }
+        let c = wan.counters();
+        applied.add(i, c);
+        again += reconnects(&topo.path(&log));
+        eprintln!(
+            "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms)",
+            imp.label, f[0].mbps, f[0].rtt_ms, f[1].mbps, f[1].rtt_ms
+        );
+        flows.push(f);
+        drop(agent);
+    }
+    (flows, again)
+}
+
+/// The whole lossy run; prints its table.
+pub(crate) fn run(topo: &mut Topology, boringtun: &str, secs: u32, only: &[String]) {
+    let want = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
+    let mut wan = LossyWan::insert(topo);
+    let mut applied = Applied::default();
+    let mut rows = Vec::new();
+    // Enrollment on a clean link.
+    wan.set(
+        Impairment {
+            label: "none",
+            loss_percent: 0.0,
+            one_way: Duration::ZERO,
+        },
+        1,
+    );
+    let state = topo.path("site-state");
+    topo.enroll("bench-site", &state).unwrap();
+
+    if want("h3") {
+        eprintln!("tether (HTTP/3)");
+        let (flows, again) = tether(topo, &mut wan, &state, "h3", secs, &mut applied);
+        rows.push(LossyRow {
+            name: "tether (HTTP/3)",
+            flows,
+            reconnects: Some(again),
+        });
+    }
+    if want("h2") {
+        eprintln!("tether (HTTP/2, UDP blocked)");
+        topo.set_egress(Egress::TcpOnly).unwrap();
+        let (flows, again) = tether(topo, &mut wan, &state, "h2", secs, &mut applied);
+        rows.push(LossyRow {
+            name: "tether (HTTP/2)",
+            flows,
+            reconnects: Some(again),
+        });
+        topo.set_egress(Egress::Open).unwrap();
+    }
+    if want("raw") {
+        eprintln!("raw routed path");
+        open_raw_path(topo);
+        rows.push(LossyRow {
+            name: "raw routed path",
+            flows: measure(topo, &mut wan, SITE_LAN, secs, &mut applied),
+            reconnects: None,
+        });
+    }
+
+    // The WireGuard baselines on UDP 443 (the broker stops first).
+    if let Some(broker) = topo.broker.as_mut() {
+        broker.kill();
+    }
+    let topo = &*topo;
+    for (name, program, extra) in [
+        (
+            "boringtun",
+            boringtun,
+            &["--foreground", "--disable-drop-privileges"][..],
+        ),
+        ("wggo", "wireguard-go", &["-f"][..]),
+    ] {
+        if !want(name) {
+            continue;
+        }
+        eprintln!("{name}");
+        let tunnel = WgTunnel::up(topo, name, program, extra);
+        let flows = measure(topo, &mut wan, WG_SITE, secs, &mut applied);
+        drop(tunnel);
+        rows.push(LossyRow {
+            name: if name == "wggo" {
+                "wireguard-go"
+            } else {
+                "boringtun-cli"
+            },
+            flows,
+            reconnects: None,
+        });
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    drop(wan);
+
+    println!();
+    println!(
+        "lossy WAN link (loss and one-way delay in each direction), iperf3 1 stream backend -> site, {secs} s per run, Mbit/s (inner TCP mean RTT, retransmits)"
+    );
+    print!("{:<18}", "path");
+    for imp in IMPAIRMENTS {
+        for cc in INNER {
+            print!(" {:>30}", format!("{} {cc}", imp.label));
+        }
+    }
+    println!(" {:>10}", "reconnects");
+    for r in &rows {
+        print!("{:<18}", r.name);
+        for fl in &r.flows {
+            for f in fl {
+                print!(
+                    " {:>30}",
+                    format!("{:.1} ({:.0} ms, {} rtx)", f.mbps, f.rtt_ms, f.retransmits)
+                );
+            }
+        }
+        println!(
+            " {:>10}",
+            r.reconnects.map(|n| n.to_string()).unwrap_or("-".into())
+        );
+    }
+    let best_wg = |i: usize, c: usize| {
+        rows.iter()
+            .filter(|r| r.name.contains("boringtun") || r.name.contains("wireguard"))
+            .map(|r| r.flows[i][c].mbps)
+            .fold(0.0, f64::max)
+    };
+    let of = |name: &str, i: usize, c: usize| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map(|r| r.flows[i][c].mbps)
+            .unwrap_or(f64::NAN)
+    };
+    for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        for (c, cc) in INNER.iter().enumerate() {
+            println!(
+                "{} {cc}: tether HTTP/3 / best WireGuard {:.2}x, HTTP/2 / best WireGuard {:.2}x",
+                imp.label,
+                of("tether (HTTP/3)", i, c) / best_wg(i, c),
+                of("tether (HTTP/2)", i, c) / best_wg(i, c)
+            );
+        }
+    }
+    for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        let [rx, dropped, overflow, oversize] = applied.0[i];
+        println!(
+            "link at {}: {} of {} frames dropped at random ({:.2} %), {} overflow, {} oversize",
+            imp.label,
+            dropped,
+            rx,
+            100.0 * dropped as f64 / rx.max(1) as f64,
+            overflow,
+            oversize
+        );
+    }
+}

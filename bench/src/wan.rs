@@ -1,0 +1,267 @@
+//! `tether-wan`: an impaired WAN link for the lossy-path benchmark.
+//!
+//! The kernel of the benchmark machines has no `netem` qdisc, so loss and
+//! delay are built into the topology: this program runs in a namespace
+//! between two veth ends and forwards every Ethernet frame from one to the
+//! other (raw `AF_PACKET` sockets), dropping each frame with probability
+//! `--loss` and holding each surviving frame for `--delay` before it is
+//! sent on. Both directions are impaired alike, so `--delay 25ms` gives a
+//! 50 ms round trip.
+//!
+//! ```text
+//! tether-wan --a a --b b --loss 1 --delay 25ms --seed 7 --stats wan.json
+//! ```
+//!
+//! Frames larger than the link's MTU would mean the senders hand over
+//! segmentation-offloaded super-frames (dropping one would drop dozens of
+//! packets at once): the benchmark turns offloads off on both veth pairs,
+//! and this program counts such frames (`oversize`) so a run can prove it.
+//! Counters are written to `--stats` as JSON every 200 ms and on exit.
+//!
+//! The delay line is bounded (`--queue-bytes`, default 32 MiB, far above
+//! the bandwidth-delay product of the benchmark's paths); frames beyond it
+//! are counted as `overflow`, never silently lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pnet_datalink::{Channel, Config, DataLinkReceiver, DataLinkSender, NetworkInterface};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+#[derive(Parser)]
+struct Args {
+    /// One end of the link (an interface in this namespace).
+    #[arg(long)]
+    a: String,
+    /// The other end.
+    #[arg(long)]
+    b: String,
+    /// Loss in percent, per direction (0 to 100).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// One-way delay, per direction (e.g. `25ms`).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    delay: Duration,
+    /// Seed of the loss pattern.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Bytes the delay line may hold per direction.
+    #[arg(long, default_value_t = 32 << 20)]
+    queue_bytes: usize,
+    /// Where to write the counters (JSON).
+    #[arg(long)]
+    stats: Option<PathBuf>,
+}
+
+/// Counters of one direction.
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    dropped: AtomicU64,
+    overflow: AtomicU64,
+    oversize: AtomicU64,
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+impl Counters {
+    fn json(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "received": g(&self.received),
+            "dropped": g(&self.dropped),
+            "overflow": g(&self.overflow),
+            "oversize": g(&self.oversize),
+            "sent": g(&self.sent),
+            "send_errors": g(&self.send_errors),
+        })
+    }
+}
+
+/// Frames with the time each is due, and their bytes in all.
+type Held = (VecDeque<(Instant, Vec<u8>)>, usize);
+
+/// The frames held back, in arrival order (the delay is the same for all,
+/// so the order of release is the order of arrival).
+struct DelayLine {
+    queue: Mutex<Held>,
+    ready: Condvar,
+}
+
+fn channel(iface: &NetworkInterface) -> (Box<dyn DataLinkSender>, Box<dyn DataLinkReceiver>) {
+    let config = Config {
+        read_buffer_size: 65536,
+        write_buffer_size: 65536,
+        read_timeout: Some(Duration::from_millis(100)),
+        promiscuous: true,
+        ..Config::default()
+    };
+    match pnet_datalink::channel(iface, config) {
+        Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
+        Ok(_) => panic!("{}: not an Ethernet channel", iface.name),
+        Err(e) => panic!("{}: {e}", iface.name),
+    }
+}
+
+/// Moves frames from `rx` through the delay line to `tx`.
+fn direction(
+    mut rx: Box<dyn DataLinkReceiver>,
+    mut tx: Box<dyn DataLinkSender>,
+    args: &Args,
+    seed: u64,
+    mtu: usize,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) -> [std::thread::JoinHandle<()>; 2] {
+    let line = Arc::new(DelayLine {
+        queue: Mutex::new((VecDeque::new(), 0)),
+        ready: Condvar::new(),
+    });
+    let (loss, delay, limit) = (args.loss / 100.0, args.delay, args.queue_bytes);
+    let receiver = {
+        let (line, counters, stop) = (line.clone(), counters.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(seed);
+            while !stop.load(Ordering::Relaxed) {
+                let frame = match rx.next() {
+                    Ok(frame) => frame,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                    Err(e) => panic!("receive: {e}"),
+                };
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                // Ethernet header (14) plus the IP MTU.
+                if frame.len() > mtu + 14 {
+                    counters.oversize.fetch_add(1, Ordering::Relaxed);
+                }
+                if loss > 0.0 && rng.random::<f64>() < loss {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let mut q = line.queue.lock().unwrap();
+                if q.1 + frame.len() > limit {
+                    counters.overflow.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                q.1 += frame.len();
+                q.0.push_back((Instant::now() + delay, frame.to_vec()));
+                drop(q);
+                line.ready.notify_one();
+            }
+            line.ready.notify_one();
+        })
+    };
+    let sender = std::thread::spawn(move || {
+        loop {
+            let (due, frame) = {
+                let mut q = line.queue.lock().unwrap();
+                loop {
+                    if let Some(front) = q.0.pop_front() {
+                        q.1 -= front.1.len();
+                        break front;
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    q = line
+                        .ready
+                        .wait_timeout(q, Duration::from_millis(100))
+                        .unwrap()
+                        .0;
+                }
+            };
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            match tx.send_to(&frame, None) {
+                Some(Ok(())) => counters.sent.fetch_add(1, Ordering::Relaxed),
+                _ => counters.send_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    });
+    [receiver, sender]
+}
+
+fn interface(name: &str) -> NetworkInterface {
+    pnet_datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == name)
+        .unwrap_or_else(|| panic!("no interface {name}"))
+}
+
+fn mtu(name: &str) -> usize {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
+fn main() {
+    let args = Args::parse();
+    assert!(
+        (0.0..=100.0).contains(&args.loss),
+        "--loss is a percentage from 0 to 100"
+    );
+    let (a, b) = (interface(&args.a), interface(&args.b));
+    let (a_tx, a_rx) = channel(&a);
+    let (b_tx, b_rx) = channel(&b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ab, ba) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
+    let mut threads = Vec::new();
+    threads.extend(direction(
+        a_rx,
+        b_tx,
+        &args,
+        args.seed,
+        mtu(&args.b),
+        ab.clone(),
+        stop.clone(),
+    ));
+    threads.extend(direction(
+        b_rx,
+        a_tx,
+        &args,
+        args.seed.wrapping_add(1),
+        mtu(&args.a),
+        ba.clone(),
+        stop.clone(),
+    ));
+    let write_stats = || {
+        if let Some(path) = &args.stats {
+            let json = serde_json::json!({
+                "loss_percent": args.loss,
+                "delay_ms": args.delay.as_secs_f64() * 1000.0,
+                (args.a.clone() + "->" + &args.b): ab.json(),
+                (args.b.clone() + "->" + &args.a): ba.json(),
+            });
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, json.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    };
+    // Runs until killed; SIGTERM and SIGINT end it after a last write.
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone()).expect("signal handler");
+    }
+    eprintln!(
+        "tether-wan: {} <-> {}, loss {} %, delay {:?} each way",
+        args.a, args.b, args.loss, args.delay
+    );
+    while !term.load(Ordering::Relaxed) {
+        write_stats();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    write_stats();
+}
