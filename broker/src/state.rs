@@ -848,24 +848,30 @@ impl Broker {
         region: &RegionId,
         ttl: Option<&str>,
     ) -> Result<TokenResponse, BrokerError> {
-        let core = self.router.core().map_err(|_| BrokerError::Contention)?;
-        core.token_region(region)?;
-        let requested = match ttl {
-            Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
-                BrokerError::BadInput(format!(
-                    "ttl {text:?} is not a duration ({e}); write e.g. \"24h\""
-                ))
-            })?),
-            None => None,
+        let ttl = {
+            let core = self.router.core().map_err(|_| BrokerError::Contention)?;
+            core.token_region(region)?;
+            let requested = match ttl {
+                Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+                    BrokerError::BadInput(format!(
+                        "ttl {text:?} is not a duration ({e}); write e.g. \"24h\""
+                    ))
+                })?),
+                None => None,
+            };
+            core.token_ttl(requested)?
         };
-        let ttl = core.token_ttl(requested)?;
+        // The store is read without holding the core.
         let existing = self.store.site(site)?;
-        let action = core.token_record(
-            site,
-            region,
-            existing.as_ref().map(|r| (&r.region, r.revoked)),
-        )?;
-        drop(core);
+        let action = self
+            .router
+            .core()
+            .map_err(|_| BrokerError::Contention)?
+            .token_record(
+                site,
+                region,
+                existing.as_ref().map(|r| (&r.region, r.revoked)),
+            )?;
         match (action, existing) {
             (SiteRecordAction::Readmit, Some(mut existing)) => {
                 // Re-admission: the identity works again, but the
