@@ -61,6 +61,7 @@ impl From<BrokerError> for AdminError {
             BrokerError::UnknownRegion(_) | BrokerError::BadInput(_) => StatusCode::BAD_REQUEST,
             BrokerError::UnknownSite { .. } => StatusCode::NOT_FOUND,
             BrokerError::SiteInOtherRegion { .. } => StatusCode::CONFLICT,
+            BrokerError::Revoked(_) => StatusCode::FORBIDDEN,
             BrokerError::Ipam(_) | BrokerError::Contention => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Store(_) | BrokerError::Pki(_) => {
                 // Internal details go to the log, not to the caller.

@@ -147,6 +147,26 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         }));
     }
 
+    // The broker core's one timer: certificate expiry of live sessions.
+    {
+        let broker = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let deadline = broker.next_deadline();
+                let sleep = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = sleep => broker.expire(std::time::Instant::now()),
+                    _ = broker.timer.notified() => {}
+                }
+            }
+        }));
+    }
+
     let mut endpoints = Vec::new();
     let mut tunnel_addrs = Vec::new();
     let acceptor = crate::h2server::acceptor(&broker)?;

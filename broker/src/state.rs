@@ -4,19 +4,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use tether_config::broker::BrokerConfig;
 use tether_pki::token::{self, EnrollmentCode};
 use tether_pki::{Ca, CertSlot, PeerCert, RevocationSet, Revoked, SiteIdentity};
 use tether_proto::api::{SessionInfo, SiteInfo, TokenResponse};
-use tether_proto::forward::{Residency, Router};
+use tether_proto::broker::{
+    Allocated, AllocationError, AllocationId, AllocationRequest, BrokerCore, CoreConfig, Event,
+    GatewaySpec, MAX_ALLOCATION_ATTEMPTS, OpenError, RegionPolicy, Revocation, SessionId,
+    SessionOpen, SiteRecordAction, StoreCommand, StoreResult, TokenError, TokenPolicy,
+};
+use tether_proto::forward::Router;
 use tether_proto::ids::{GatewayId, RegionId, SiteId};
-use tether_proto::ipam::{IpamError, LeaseKind, Plan, RegionLeases};
-use tether_proto::net::Family;
-use tether_proto::route::{Route, RouteKind, RouteTarget};
+use tether_proto::ipam::IpamError;
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -24,30 +27,7 @@ use crate::local_gateway::LocalGateway;
 use crate::metrics::Metrics;
 use crate::store::{CertRecord, SiteRecord, Store, StoreError, now_unix};
 
-/// Why a session ended (or must end).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The site's certificate or identity was revoked.
-    Revoked,
-    /// The same site connected again.
-    Replaced,
-    /// The site's certificate expired.
-    CertificateExpired,
-    /// The broker is shutting down.
-    Shutdown,
-}
-
-impl CloseReason {
-    /// Label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Revoked => "revoked",
-            CloseReason::Replaced => "replaced",
-            CloseReason::CertificateExpired => "certificate_expired",
-            CloseReason::Shutdown => "shutdown",
-        }
-    }
-}
+pub use tether_proto::broker::CloseReason;
 
 /// Packets and bytes in one direction, on a cache line of its own so the
 /// receiving and sending threads do not contend.
@@ -174,6 +154,11 @@ impl Link {
 /// A site's live tunnel.
 #[derive(Debug)]
 pub struct Session {
+    /// Its identifier in the broker core.
+    pub id: SessionId,
+    /// When its request arrived: of two sessions of one site, the later
+    /// one wins.
+    pub connected_at: Instant,
     /// The verified peer certificate.
     pub peer: PeerCert,
     /// How packets reach the site.
@@ -348,6 +333,9 @@ pub enum BrokerError {
     /// Allocation kept conflicting.
     #[error("address allocation kept conflicting with concurrent changes; try again")]
     Contention,
+    /// The site is revoked.
+    #[error("site {0} is revoked")]
+    Revoked(SiteId),
     /// Certificate issuance failed.
     #[error(transparent)]
     Pki(#[from] tether_pki::PkiError),
@@ -369,8 +357,9 @@ pub struct Broker {
     pub cert: Arc<CertSlot>,
     /// The admin API bearer token.
     pub admin_token: String,
-    /// Routes and policy.
-    pub router: RwLock<Router>,
+    /// The broker core: sessions, routes and policy, revocations, lease
+    /// cache. `router.read()` gives the routing state for packets.
+    pub router: CoreCell,
     /// Live sessions by site.
     pub sessions: RwLock<HashMap<SiteId, Arc<Session>>>,
     /// The local gateway, if enabled and started.
@@ -399,7 +388,92 @@ pub struct Broker {
     pub site_closed: Mutex<HashMap<(SiteId, RegionId), SiteTotals>>,
     /// Idle batches for writing to the local gateway.
     pub batches: Mutex<Vec<crate::plane::SiteBatch>>,
-    leases: Mutex<BTreeMap<RegionId, RegionLeases>>,
+    /// Wakes the certificate-expiry timer when the core's deadline moves.
+    pub timer: tokio::sync::Notify,
+    /// One allocation at a time, as the store serialises them anyway.
+    allocation_gate: Mutex<()>,
+    /// Outcomes of allocations, picked up by the caller that drives them.
+    allocated: Mutex<HashMap<AllocationId, Result<Allocated, AllocationError>>>,
+    next_session: AtomicU64,
+}
+
+/// The broker core behind one lock. Packets read the routing state through
+/// [`CoreCell::read`]; decisions take [`Broker::decide`].
+#[derive(Debug)]
+pub struct CoreCell(RwLock<BrokerCore>);
+
+/// The lock on the core was poisoned by a panic.
+#[derive(Debug, Error)]
+#[error("the broker core lock is poisoned")]
+pub struct Poisoned;
+
+/// A read guard on the core that derefs to its [`Router`].
+pub struct RouterRead<'a>(RwLockReadGuard<'a, BrokerCore>);
+
+impl std::ops::Deref for RouterRead<'_> {
+    type Target = Router;
+    fn deref(&self) -> &Router {
+        self.0.router()
+    }
+}
+
+impl CoreCell {
+    /// The routing state, for forwarding and explanations.
+    pub fn read(&self) -> Result<RouterRead<'_>, Poisoned> {
+        self.0.read().map(RouterRead).map_err(|_| Poisoned)
+    }
+
+    /// The whole core, read-only.
+    pub fn core(&self) -> Result<RwLockReadGuard<'_, BrokerCore>, Poisoned> {
+        self.0.read().map_err(|_| Poisoned)
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, BrokerCore>, Poisoned> {
+        self.0.write().map_err(|_| Poisoned)
+    }
+}
+
+/// The core's name for a revocation entry.
+fn revocation(entry: &Revoked) -> Revocation {
+    match entry {
+        Revoked::Site(id) => Revocation::Site {
+            site: id.site.clone(),
+            region: id.region.clone(),
+        },
+        Revoked::Serial(serial) => Revocation::Serial(serial.clone()),
+    }
+}
+
+/// `at` on the monotonic clock (`now` if it has passed).
+fn instant_of(at: SystemTime) -> Instant {
+    let now = Instant::now();
+    at.duration_since(SystemTime::now())
+        .map(|d| now + d)
+        .unwrap_or(now)
+}
+
+impl From<AllocationError> for BrokerError {
+    fn from(e: AllocationError) -> Self {
+        match e {
+            AllocationError::UnknownRegion(r) => BrokerError::UnknownRegion(r),
+            AllocationError::Revoked(s) => BrokerError::Revoked(s),
+            AllocationError::Ipam(e) => BrokerError::Ipam(e),
+            AllocationError::Contention => BrokerError::Contention,
+            AllocationError::Store(e) => BrokerError::Store(StoreError(e)),
+        }
+    }
+}
+
+impl From<TokenError> for BrokerError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::UnknownRegion(r) => BrokerError::UnknownRegion(r),
+            TokenError::BadTtl => BrokerError::BadInput(e.to_string()),
+            TokenError::SiteInOtherRegion { site, existing } => {
+                BrokerError::SiteInOtherRegion { site, existing }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -421,70 +495,52 @@ impl Broker {
         cert: Arc<CertSlot>,
         admin_token: String,
     ) -> Result<Arc<Self>, BrokerError> {
-        let revocations = Arc::new(RevocationSet::from_entries(store.revocations()?));
-        let mut leases = BTreeMap::new();
+        let entries = store.revocations()?;
+        let core = BrokerCore::new(CoreConfig {
+            regions: config
+                .regions
+                .iter()
+                .map(|(r, c)| {
+                    (
+                        r.clone(),
+                        RegionPolicy {
+                            pools: c.pools.clone(),
+                            allow_gateways_from: c.allow_gateways_from.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            ipam: config.ipam.clone(),
+            // The backend networks behind every gateway, local or over
+            // WireGuard.
+            gateways: config
+                .local_gateway
+                .iter()
+                .map(|g| GatewaySpec {
+                    id: g.id.clone(),
+                    region: g.region.clone(),
+                    prefixes: g.prefixes.clone(),
+                    local: true,
+                })
+                .chain(config.gateways.iter().map(|g| GatewaySpec {
+                    id: g.id.clone(),
+                    region: g.region.clone(),
+                    prefixes: g.prefixes.clone(),
+                    local: false,
+                }))
+                .collect(),
+            tokens: TokenPolicy {
+                default_ttl: config.token_ttl,
+                max_ttl: tether_proto::broker::policy::MAX_TOKEN_TTL,
+            },
+            revoked: entries.iter().map(revocation).collect(),
+            max_allocation_attempts: MAX_ALLOCATION_ATTEMPTS,
+        });
+        let mut core = core;
         for region in config.regions.keys() {
-            leases.insert(region.clone(), store.region_leases(region)?);
+            core.handle_leases(region.clone(), store.region_leases(region)?);
         }
-        let mut router = Router {
-            residency: Residency::new(
-                config
-                    .regions
-                    .iter()
-                    .map(|(r, c)| (r.clone(), c.allow_gateways_from.clone()))
-                    .collect(),
-            ),
-            ..Router::default()
-        };
-        for region in config.regions.keys() {
-            let addrs: Vec<IpAddr> = [Family::V4, Family::V6]
-                .into_iter()
-                .filter_map(|f| config.ipam.router_address(region, f))
-                .collect();
-            router.router_addresses.insert(region.clone(), addrs);
-        }
-        if let Some(gw) = &config.local_gateway {
-            // The gateway device's own addresses: the router address of
-            // every pool it may reach (the broker host talks to sites from
-            // them).
-            for (site_region, region) in &config.regions {
-                if !router.residency.permits(site_region, &gw.region) {
-                    continue;
-                }
-                for pool in &region.pools {
-                    let (family, start, _) = tether_proto::net::span(*pool);
-                    let host = tether_proto::net::prefix(family, start + 1, family.width());
-                    router.table.insert(Route {
-                        prefix: host,
-                        kind: RouteKind::Gateway,
-                        target: RouteTarget::Gateway(gw.id.clone()),
-                        region: gw.region.clone(),
-                    });
-                }
-            }
-        }
-        // The backend networks behind every gateway, local or over
-        // WireGuard.
-        let behind = config
-            .local_gateway
-            .iter()
-            .map(|g| (&g.id, &g.region, &g.prefixes))
-            .chain(
-                config
-                    .gateways
-                    .iter()
-                    .map(|g| (&g.id, &g.region, &g.prefixes)),
-            );
-        for (id, region, prefixes) in behind {
-            for prefix in prefixes {
-                router.table.insert(Route {
-                    prefix: *prefix,
-                    kind: RouteKind::Gateway,
-                    target: RouteTarget::Gateway(id.clone()),
-                    region: region.clone(),
-                });
-            }
-        }
+        let revocations = Arc::new(RevocationSet::from_entries(entries));
         let (routes_version, _) = watch::channel(0);
         let (site_routes, _) = watch::channel(0);
         let (names, _) = watch::channel(0);
@@ -497,7 +553,7 @@ impl Broker {
             revocations,
             cert,
             admin_token,
-            router: RwLock::new(router),
+            router: CoreCell(RwLock::new(core)),
             sessions: RwLock::new(HashMap::new()),
             local_gateway: OnceLock::new(),
             metrics: Metrics::register(),
@@ -511,7 +567,10 @@ impl Broker {
             site_closed: Mutex::new(HashMap::new()),
             last_transport: Mutex::new(HashMap::new()),
             batches: Mutex::new(Vec::new()),
-            leases: Mutex::new(leases),
+            timer: tokio::sync::Notify::new(),
+            allocation_gate: Mutex::new(()),
+            allocated: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(0),
         }))
     }
 
@@ -532,39 +591,95 @@ impl Broker {
             .unwrap_or_default()
     }
 
-    /// Plans and commits an allocation with the region's lease cache and the
-    /// store, retrying on conflicts. Blocking: call from a blocking context.
-    fn allocate(
-        &self,
-        region: &RegionId,
-        plan: impl Fn(&RegionLeases) -> Result<Plan, IpamError>,
-    ) -> Result<IpNet, BrokerError> {
-        let mut cache = self.leases.lock().map_err(|_| BrokerError::Contention)?;
-        for _ in 0..8 {
-            let current = match cache.get(region) {
-                Some(l) => l.clone(),
-                None => return Err(BrokerError::UnknownRegion(region.clone())),
+    /// Runs an allocation to its end: performs the core's store commands
+    /// and feeds their results back. Blocking: call from a blocking context.
+    fn allocate(&self, request: AllocationRequest) -> Result<Allocated, BrokerError> {
+        let _gate = self
+            .allocation_gate
+            .lock()
+            .map_err(|_| BrokerError::Contention)?;
+        let mut pending = std::collections::VecDeque::new();
+        let id = self.decide(|core| {
+            let id = core.handle_allocate(request);
+            pending.extend(std::iter::from_fn(|| core.poll_command()));
+            id
+        })?;
+        loop {
+            if let Some(result) = self.allocated.lock().ok().and_then(|mut a| a.remove(&id)) {
+                return result.map_err(BrokerError::from);
+            }
+            let Some(command) = pending.pop_front() else {
+                return Err(BrokerError::Contention);
             };
-            match plan(&current)? {
-                Plan::Existing(lease) => return Ok(lease.prefix),
-                Plan::Allocate(txn) => {
-                    let mut next = current.clone();
-                    if next.apply(&txn).is_ok() && self.store.commit_leases(&txn)?.is_ok() {
-                        let prefix = txn
-                            .put
-                            .first()
-                            .map(|l| l.prefix)
-                            .ok_or(BrokerError::Contention)?;
-                        cache.insert(region.clone(), next);
-                        return Ok(prefix);
+            let (allocation, answer) = match command {
+                StoreCommand::LoadLeases { allocation, region } => (
+                    allocation,
+                    match self.store.region_leases(&region) {
+                        Ok(leases) => StoreResult::Leases(leases),
+                        Err(e) => StoreResult::Failed(e.0),
+                    },
+                ),
+                StoreCommand::CompareAndSet { allocation, txn } => (
+                    allocation,
+                    match self.store.commit_leases(&txn) {
+                        Ok(Ok(())) => StoreResult::Committed,
+                        Ok(Err(_)) => StoreResult::Conflict,
+                        Err(e) => StoreResult::Failed(e.0),
+                    },
+                ),
+            };
+            self.decide(|core| {
+                core.handle_store_result(allocation, answer);
+                pending.extend(std::iter::from_fn(|| core.poll_command()));
+            })?;
+        }
+    }
+
+    /// Runs `f` on the core, then carries out the events it produced while
+    /// still holding the lock, so the session map never disagrees with the
+    /// core.
+    pub fn decide<T>(&self, f: impl FnOnce(&mut BrokerCore) -> T) -> Result<T, BrokerError> {
+        let mut core = self.router.write().map_err(|_| BrokerError::Contention)?;
+        let out = f(&mut core);
+        self.dispatch(&mut core);
+        Ok(out)
+    }
+
+    fn dispatch(&self, core: &mut BrokerCore) {
+        let (mut routes, mut names) = (false, false);
+        while let Some(event) = core.poll_event() {
+            match event {
+                Event::CloseSession {
+                    session,
+                    site,
+                    reason,
+                } => {
+                    let closed = self.sessions.write().ok().and_then(|mut s| {
+                        if s.get(&site).is_some_and(|cur| cur.id == session) {
+                            s.remove(&site)
+                        } else {
+                            None
+                        }
+                    });
+                    if let Some(closed) = closed {
+                        closed.request_close(reason);
                     }
-                    // Someone else (another broker) changed the region:
-                    // reload and plan again.
-                    cache.insert(region.clone(), self.store.region_leases(region)?);
+                }
+                Event::RoutesChanged => routes = true,
+                Event::SessionsChanged => names = true,
+                Event::Allocated { allocation, result } => {
+                    if let Ok(mut a) = self.allocated.lock() {
+                        a.insert(allocation, result);
+                    }
                 }
             }
         }
-        Err(BrokerError::Contention)
+        if routes {
+            self.site_routes.send_modify(|v| *v += 1);
+        }
+        if names {
+            self.names_changed();
+        }
     }
 
     /// The site's stable addresses (one per family with pools) and existing
@@ -574,31 +689,13 @@ impl Broker {
         site: &SiteId,
         region: &RegionId,
     ) -> Result<(Vec<IpNet>, Vec<IpNet>), BrokerError> {
-        let ipam = &self.config.ipam;
-        let mut addresses = Vec::new();
-        for family in [Family::V4, Family::V6] {
-            let has_pool = ipam
-                .pools(region)
-                .iter()
-                .any(|p| Family::of(p.addr()) == family);
-            if has_pool {
-                addresses
-                    .push(self.allocate(region, |l| ipam.site_address(l, site, region, family))?);
-            }
+        match self.allocate(AllocationRequest::SiteAddresses {
+            site: site.clone(),
+            region: region.clone(),
+        })? {
+            Allocated::SiteAddresses { addresses, lans } => Ok((addresses, lans)),
+            Allocated::LanMapping(_) => Err(BrokerError::Contention),
         }
-        let lans = self
-            .leases
-            .lock()
-            .map_err(|_| BrokerError::Contention)?
-            .get(region)
-            .map(|l| {
-                l.of_site(site)
-                    .filter(|l| matches!(l.kind, LeaseKind::LanMapping { .. }))
-                    .map(|l| l.prefix)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok((addresses, lans))
     }
 
     /// Maps a LAN behind a site. Blocking.
@@ -608,23 +705,21 @@ impl Broker {
         region: &RegionId,
         lan: IpNet,
     ) -> Result<IpNet, BrokerError> {
-        let ipam = &self.config.ipam;
-        self.allocate(region, |l| ipam.lan_mapping(l, site, region, lan))
+        match self.allocate(AllocationRequest::LanMapping {
+            site: site.clone(),
+            region: region.clone(),
+            lan,
+        })? {
+            Allocated::LanMapping(prefix) => Ok(prefix),
+            Allocated::SiteAddresses { .. } => Err(BrokerError::Contention),
+        }
     }
 
     /// The site's own overlay addresses (not its LAN mappings).
     pub fn host_addresses(&self, site: &SiteId, region: &RegionId) -> Vec<IpAddr> {
-        self.leases
-            .lock()
-            .ok()
-            .and_then(|c| {
-                c.get(region).map(|l| {
-                    l.of_site(site)
-                        .filter(|l| !matches!(l.kind, LeaseKind::LanMapping { .. }))
-                        .map(|l| l.prefix.addr())
-                        .collect()
-                })
-            })
+        self.router
+            .core()
+            .map(|c| c.host_addresses(site, region))
             .unwrap_or_default()
     }
 
@@ -635,41 +730,52 @@ impl Broker {
 
     /// The leases a site holds.
     pub fn leases_of(&self, site: &SiteId, region: &RegionId) -> Vec<IpNet> {
-        self.leases
-            .lock()
+        self.router
+            .core()
             .ok()
             .and_then(|c| {
-                c.get(region)
+                c.leases(region)
                     .map(|l| l.of_site(site).map(|l| l.prefix).collect())
             })
             .unwrap_or_default()
     }
 
-    /// Registers a session, replacing (and closing) an older one of the same
-    /// site, and installs its routes.
-    pub fn register(&self, session: Arc<Session>, addresses: &[IpNet]) {
+    /// A fresh session identifier.
+    pub fn next_session_id(&self) -> SessionId {
+        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Registers a session and installs its routes, replacing (and closing)
+    /// an older one of the same site, unless the core refuses it (revoked
+    /// meanwhile, or older than the site's current session).
+    pub fn register(&self, session: Arc<Session>, addresses: &[IpNet]) -> Result<(), OpenError> {
         let site = session.site().clone();
-        let region = session.region().clone();
-        let old = self
-            .sessions
+        let open = SessionOpen {
+            id: session.id,
+            site: site.clone(),
+            region: session.region().clone(),
+            serial: session.peer.serial.clone(),
+            addresses: addresses.to_vec(),
+            connected_at: session.connected_at,
+            not_after: instant_of(session.peer.not_after),
+        };
+        let registered = self
+            .router
             .write()
-            .ok()
-            .and_then(|mut s| s.insert(site.clone(), session.clone()));
-        if let Some(old) = &old {
-            old.request_close(CloseReason::Replaced);
+            .map_err(|_| OpenError::Duplicate)
+            .and_then(|mut core| {
+                let result = core.handle_session_open(open, Instant::now());
+                self.dispatch(&mut core);
+                if result.is_ok()
+                    && let Ok(mut sessions) = self.sessions.write()
+                {
+                    sessions.insert(site.clone(), session.clone());
+                }
+                result
+            });
+        if registered.is_ok() {
+            self.timer.notify_one();
         }
-        if let Ok(mut router) = self.router.write() {
-            for prefix in addresses {
-                router.table.insert(Route {
-                    prefix: *prefix,
-                    kind: RouteKind::SiteAddress,
-                    target: RouteTarget::Site(site.clone()),
-                    region: region.clone(),
-                });
-            }
-        }
-        self.site_routes.send_modify(|v| *v += 1);
-        self.names_changed();
         let transport = session.link.transport();
         let previous = self
             .last_transport
@@ -680,31 +786,21 @@ impl Broker {
             tracing::info!(%site, from = %previous.map(|p| p.as_str()).unwrap_or_default(), to = %transport, "site changed transport");
         }
         self.metrics.session_opened(transport, previous);
+        registered
     }
 
     /// Removes a session if it is still the current one for its site, with
     /// its routes.
     pub fn unregister(&self, session: &Arc<Session>) {
         let site = session.site().clone();
-        let removed = self
-            .sessions
-            .write()
-            .map(|mut s| {
-                if s.get(&site).is_some_and(|cur| Arc::ptr_eq(cur, session)) {
-                    s.remove(&site);
-                    true
-                } else {
-                    false
-                }
-            })
-            .unwrap_or(false);
-        if removed && let Ok(mut router) = self.router.write() {
-            router.table.remove_target(&RouteTarget::Site(site.clone()));
-        }
-        if removed {
-            self.site_routes.send_modify(|v| *v += 1);
-            self.names_changed();
-        }
+        let _ = self.decide(|core| {
+            if core.handle_session_closed(&site, session.id, Instant::now())
+                && let Ok(mut s) = self.sessions.write()
+                && s.get(&site).is_some_and(|cur| Arc::ptr_eq(cur, session))
+            {
+                s.remove(&site);
+            }
+        });
         let ended = SiteTotals::of(session);
         if let Ok(mut closed) = self.closed.lock() {
             closed.add(&ended.traffic);
@@ -718,30 +814,20 @@ impl Broker {
         self.metrics.session_ended(session.link.transport());
     }
 
-    /// Replaces the LAN routes of a site with `prefixes`.
-    pub fn set_lan_routes(&self, site: &SiteId, region: &RegionId, prefixes: &[IpNet]) {
-        if let Ok(mut router) = self.router.write() {
-            let target = RouteTarget::Site(site.clone());
-            let stale: Vec<IpNet> = router
-                .table
-                .routes_to(&target)
-                .into_iter()
-                .filter(|r| r.kind == RouteKind::SiteLan && !prefixes.contains(&r.prefix))
-                .map(|r| r.prefix)
-                .collect();
-            for prefix in stale {
-                router.table.remove(prefix, &target);
-            }
-            for prefix in prefixes {
-                router.table.insert(Route {
-                    prefix: *prefix,
-                    kind: RouteKind::SiteLan,
-                    target: target.clone(),
-                    region: region.clone(),
-                });
-            }
-        }
-        self.site_routes.send_modify(|v| *v += 1);
+    /// Replaces the LAN routes of a session with `prefixes`, if it is still
+    /// its site's current session.
+    pub fn set_lan_routes(&self, session: &Session, prefixes: &[IpNet]) {
+        let _ = self.decide(|core| core.handle_lan_routes(session.site(), session.id, prefixes));
+    }
+
+    /// The earliest certificate expiry of a live session.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.router.core().ok().and_then(|c| c.poll_timeout())
+    }
+
+    /// Ends the sessions whose certificate expired by `now`.
+    pub fn expire(&self, now: Instant) {
+        let _ = self.decide(|core| core.handle_timeout(now));
     }
 
     /// The session of a site.
@@ -762,30 +848,32 @@ impl Broker {
         region: &RegionId,
         ttl: Option<&str>,
     ) -> Result<TokenResponse, BrokerError> {
-        if !self.config.regions.contains_key(region) {
-            return Err(BrokerError::UnknownRegion(region.clone()));
-        }
-        let ttl = match ttl {
-            Some(text) => humantime::parse_duration(text).map_err(|e| {
-                BrokerError::BadInput(format!(
-                    "ttl {text:?} is not a duration ({e}); write e.g. \"24h\""
-                ))
-            })?,
-            None => self.config.token_ttl,
+        let ttl = {
+            let core = self.router.core().map_err(|_| BrokerError::Contention)?;
+            core.token_region(region)?;
+            let requested = match ttl {
+                Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+                    BrokerError::BadInput(format!(
+                        "ttl {text:?} is not a duration ({e}); write e.g. \"24h\""
+                    ))
+                })?),
+                None => None,
+            };
+            core.token_ttl(requested)?
         };
-        if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
-            return Err(BrokerError::BadInput(
-                "ttl must be between 1s and 30 days".into(),
-            ));
-        }
-        match self.store.site(site)? {
-            Some(existing) if &existing.region != region => {
-                return Err(BrokerError::SiteInOtherRegion {
-                    site: site.clone(),
-                    existing: existing.region,
-                });
-            }
-            Some(mut existing) if existing.revoked => {
+        // The store is read without holding the core.
+        let existing = self.store.site(site)?;
+        let action = self
+            .router
+            .core()
+            .map_err(|_| BrokerError::Contention)?
+            .token_record(
+                site,
+                region,
+                existing.as_ref().map(|r| (&r.region, r.revoked)),
+            )?;
+        match (action, existing) {
+            (SiteRecordAction::Readmit, Some(mut existing)) => {
                 // Re-admission: the identity works again, but the
                 // certificates issued before the revocation stay revoked.
                 for cert in self.store.certs_of(site)? {
@@ -798,17 +886,18 @@ impl Broker {
                 let entry = Revoked::Site(self.identity(site, region));
                 self.store.reinstate(&entry)?;
                 self.revocations.reinstate(&entry);
+                self.decide(|core| core.handle_reinstatement(&revocation(&entry)))?;
                 existing.revoked = false;
                 self.store.put_site(&existing)?;
             }
-            Some(_) => {}
-            None => self.store.put_site(&SiteRecord {
+            (SiteRecordAction::Create, _) => self.store.put_site(&SiteRecord {
                 site: site.clone(),
                 region: region.clone(),
                 created: now_unix(),
                 enrolled: None,
                 revoked: false,
             })?,
+            _ => {}
         }
         let issued = token::generate(site.clone(), region.clone(), SystemTime::now(), ttl);
         self.store.put(issued.record.clone()).map_err(StoreError)?;
@@ -912,22 +1001,15 @@ impl Broker {
         Ok(out)
     }
 
-    /// Closes sessions whose identity or certificate was revoked.
+    /// Ends sessions whose identity or certificate was revoked, with their
+    /// routes, and refuses later ones. An entry lifted meanwhile (the site
+    /// was re-admitted before this notice arrived) is ignored.
     pub fn on_revoked(&self, entry: &Revoked) {
-        let sessions: Vec<Arc<Session>> = self
-            .sessions
-            .read()
-            .map(|s| s.values().cloned().collect())
-            .unwrap_or_default();
-        for session in sessions {
-            let hit = match entry {
-                Revoked::Site(id) => &session.peer.identity == id,
-                Revoked::Serial(serial) => &session.peer.serial == serial,
-            };
-            if hit {
-                session.request_close(CloseReason::Revoked);
+        let _ = self.decide(|core| {
+            if self.revocations.entries().contains(entry) {
+                core.handle_revocation(revocation(entry), Instant::now());
             }
-        }
+        });
     }
 
     /// The gateway id of the local gateway, if any.

@@ -11,23 +11,23 @@
 //! ([`crate::h2server`]).
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use ipnet::IpNet;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
+use tether_proto::broker::CloseAction;
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
-use tether_proto::connect_ip::Scope;
 use tether_proto::datagram;
-use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_REJECTED};
+use tether_proto::h3::error::H3_MESSAGE_ERROR;
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
 use tokio::sync::watch;
 
 use crate::plane;
 use crate::server::{respond_error, send_data, send_head};
-use crate::state::{Broker, CloseReason, Counters, Link, Session};
+use crate::state::{Broker, BrokerError, CloseReason, Counters, Link, Session};
 
 /// A refused CONNECT-IP request: status and a message for the site.
 #[derive(Debug)]
@@ -55,26 +55,9 @@ pub fn check(
     path: &str,
     capsule_protocol: Option<&str>,
 ) -> Result<PeerCert, Refusal> {
-    let Some(peer) = peer else {
-        return Err(Refusal::new(
-            401,
-            "a site certificate is required: enroll this site first (tether enroll)",
-        ));
-    };
-    match Scope::from_path(path) {
-        Ok(scope) if scope.is_any() => {}
-        Ok(_) => {
-            return Err(Refusal::new(
-                400,
-                "tether serves whole tunnels only: /.well-known/masque/ip/*/*/",
-            ));
-        }
-        Err(e) => return Err(Refusal::new(400, e.to_string())),
-    }
-    if capsule_protocol.is_some_and(|v| v != "?1") {
-        return Err(Refusal::new(400, "Capsule-Protocol must be ?1"));
-    }
-    Ok(peer)
+    tether_proto::broker::authorize(peer.is_some(), path, capsule_protocol)
+        .map_err(|r| Refusal::new(r.status, r.message))?;
+    peer.ok_or_else(|| Refusal::new(500, "internal error"))
 }
 
 /// The services a site announces in its CONNECT-IP request; a list that
@@ -111,7 +94,7 @@ pub async fn allocate(
     .await;
     match allocated {
         Ok(Ok(Some(a))) => Ok(a),
-        Ok(Ok(None)) => Err(Refusal::new(
+        Ok(Ok(None)) | Ok(Err(BrokerError::Revoked(_))) => Err(Refusal::new(
             403,
             "this site is revoked or unknown to the broker",
         )),
@@ -135,6 +118,7 @@ pub async fn run(
     recv: RecvStream,
     dec: MessageDecoder,
 ) {
+    let connected_at = Instant::now();
     let peer = match check(
         peer,
         request.path.as_deref().unwrap_or_default(),
@@ -184,7 +168,15 @@ pub async fn run(
         dec,
     };
     let site = peer.identity.site.clone();
-    let started = Started::new(&broker, peer, &addresses, &lans, link, services);
+    let started = Started::with_connected_at(
+        &broker,
+        peer,
+        &addresses,
+        &lans,
+        link,
+        services,
+        connected_at,
+    );
     let datagrams = {
         let (broker, session) = (broker.clone(), started.session.clone());
         let conn = conn.clone();
@@ -215,33 +207,21 @@ pub async fn run(
         return;
     };
     match reason {
-        Ending::Closed(r) => match r {
-            CloseReason::Revoked => conn.close(
-                VarInt::from_u64(H3_REQUEST_REJECTED).unwrap_or_default(),
-                b"site certificate revoked",
-            ),
-            CloseReason::CertificateExpired => conn.close(
-                VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
-                b"site certificate expired",
-            ),
-            CloseReason::Shutdown => conn.close(
-                VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
-                b"broker shutting down",
-            ),
-            CloseReason::Replaced => {
-                // The site reconnected: close the old connection unless
-                // the new session runs on the same one.
-                let newer = broker.session(&site).map(|s| s.link.connection_id());
-                if newer != Some((true, conn.stable_id() as u64)) {
-                    conn.close(
-                        VarInt::from_u64(H3_NO_ERROR).unwrap_or_default(),
-                        b"replaced by a newer connection",
-                    );
-                } else {
-                    let _ = send.reset(VarInt::from_u32(0x10c));
+        Ending::Closed(r) => {
+            // A replaced session leaves the connection open when the site's
+            // newer session runs on it.
+            let same_connection = r == CloseReason::Replaced
+                && broker.session(&site).map(|s| s.link.connection_id())
+                    == Some((true, conn.stable_id() as u64));
+            match r.action(same_connection) {
+                CloseAction::CloseConnection { code, reason } => {
+                    conn.close(VarInt::from_u64(code).unwrap_or_default(), reason)
+                }
+                CloseAction::ResetStream { code } => {
+                    let _ = send.reset(VarInt::from_u64(code).unwrap_or_default());
                 }
             }
-        },
+        }
         Ending::Peer(_) => {
             let _ = send.finish();
         }
@@ -365,11 +345,37 @@ impl Started {
         link: Link,
         services: Vec<tether_proto::dns::Service>,
     ) -> Self {
+        Self::with_connected_at(
+            broker,
+            peer,
+            addresses,
+            lans,
+            link,
+            services,
+            Instant::now(),
+        )
+    }
+
+    /// Registers the session of `peer` on `link` with its addresses, for a
+    /// request that arrived at `connected_at`. A session the broker core
+    /// refuses (revoked meanwhile, or older than the site's current one)
+    /// ends as soon as it is served.
+    pub fn with_connected_at(
+        broker: &Arc<Broker>,
+        peer: PeerCert,
+        addresses: &[IpNet],
+        lans: &[IpNet],
+        link: Link,
+        services: Vec<tether_proto::dns::Service>,
+        connected_at: Instant,
+    ) -> Self {
         let core = BrokerSession::new(addresses, lans);
         let (close_tx, close) = watch::channel(None);
         let transport = link.transport();
         let remote = link.remote();
         let session = Arc::new(Session {
+            id: broker.next_session_id(),
+            connected_at,
             peer,
             link,
             allowed: RwLock::new(core.source_prefixes()),
@@ -379,7 +385,10 @@ impl Started {
             services,
             drops: Default::default(),
         });
-        broker.register(session.clone(), addresses);
+        if let Err(refused) = broker.register(session.clone(), addresses) {
+            tracing::info!(site = %session.site(), reason = %refused, "session refused");
+            session.request_close(refused.close_reason());
+        }
         tracing::info!(
             site = %session.site(),
             region = %session.region(),
@@ -409,14 +418,6 @@ impl Started {
         let opening = self.core.open(&reachable);
         let mut ended = io.perform(&mut self.core, opening).await.err();
         let mut routes = broker.routes_version.subscribe();
-        let expiry = tokio::time::sleep(
-            session
-                .peer
-                .not_after
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        );
-        tokio::pin!(expiry);
         let mut capsules = CapsuleDecoder::default();
         let mut gone = io.carrier.gone();
         let reason: Ending = loop {
@@ -441,7 +442,6 @@ impl Started {
                     let advertisement = self.core.advertise(&reachable);
                     ended = io.perform(&mut self.core, vec![advertisement]).await.err();
                 }
-                _ = &mut expiry => break Ending::Closed(CloseReason::CertificateExpired),
                 _ = gone.wait() => break Ending::Peer("connection lost"),
             }
         };
@@ -535,11 +535,7 @@ impl SessionIo<'_> {
                     }
                 }
                 BrokerAction::SetLanRoutes(prefixes) => {
-                    self.broker.set_lan_routes(
-                        self.session.site(),
-                        self.session.region(),
-                        &prefixes,
-                    );
+                    self.broker.set_lan_routes(self.session, &prefixes);
                 }
                 BrokerAction::RejectedRoutes(prefixes) => {
                     tracing::info!(site = %self.session.site(), count = prefixes.len(), "ignored routes the site does not own");

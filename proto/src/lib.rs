@@ -20,6 +20,8 @@
 //!   (the route set a gateway installs).
 //! - [`dns`]: the mesh zone (sites by name, SRV, PTR) and how a server
 //!   answers from it.
+//! - [`broker`]: the broker's decisions (sessions, routes, revocation,
+//!   allocation retries, token policy, close codes) as one state machine.
 //! - [`tunnel`]: the CONNECT-IP session logic of broker and site, and
 //!   reconnection backoff.
 //! - `api`: tether's own JSON messages (enrollment, admin API).
@@ -29,6 +31,7 @@
 
 #[cfg(feature = "serde")]
 pub mod api;
+pub mod broker;
 pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
