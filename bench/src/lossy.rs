@@ -12,7 +12,9 @@
 //! congestion control, and reports goodput, the inner TCP's mean RTT (as
 //! the sender sees it) and retransmits; for tether also reconnects of the
 //! agent during the runs; for every impairment the loss the link really
-//! applied (its own counters).
+//! applied (its own counters). With `TETHER_BENCH_DEBUG` set, each run
+//! also prints iperf3's per-second goodput and congestion window, which is
+//! how a stalled tunnel (window stuck at one segment) shows itself.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -226,6 +228,41 @@ struct LossyRow {
     reconnects: Option<u64>,
 }
 
+/// Both inner congestion controls to `addr` over impairment `i` (already
+/// set on the link).
+fn measure_one(
+    topo: &Topology,
+    wan: &LossyWan,
+    i: usize,
+    addr: &str,
+    secs: u32,
+    applied: &mut Applied,
+) -> [Flow; 2] {
+    let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut flows = [Flow::default(); 2];
+    for (f, cc) in flows.iter_mut().zip(INNER) {
+        *f = flow(&topo.backend, addr, cc, secs);
+    }
+    let c = wan.counters();
+    applied.add(i, c);
+    eprintln!(
+        "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms); link dropped {} of {} frames, {} overflow, {} oversize",
+        IMPAIRMENTS[i].label,
+        flows[0].mbps,
+        flows[0].rtt_ms,
+        flows[1].mbps,
+        flows[1].rtt_ms,
+        c[1],
+        c[0],
+        c[2],
+        c[3]
+    );
+    flows
+}
+
+/// A path that stays up across impairments (the raw path, a WireGuard
+/// baseline).
 fn measure(
     topo: &Topology,
     wan: &mut LossyWan,
@@ -236,27 +273,7 @@ fn measure(
     let mut out = Vec::new();
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
         wan.set(*imp, 7 + i as u64);
-        let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let mut flows = [Flow::default(); 2];
-        for (f, cc) in flows.iter_mut().zip(INNER) {
-            *f = flow(&topo.backend, addr, cc, secs);
-        }
-        let c = wan.counters();
-        applied.add(i, c);
-        eprintln!(
-            "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms); link dropped {} of {} frames, {} overflow, {} oversize",
-            imp.label,
-            flows[0].mbps,
-            flows[0].rtt_ms,
-            flows[1].mbps,
-            flows[1].rtt_ms,
-            c[1],
-            c[0],
-            c[2],
-            c[3]
-        );
-        out.push(flows);
+        out.push(measure_one(topo, wan, i, addr, secs, applied));
     }
     out
 }
@@ -299,20 +316,8 @@ fn tether(
             "no packet through tether over {tag}:\n{}",
             read(&topo.path(&log))
         );
-        let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let mut f = [Flow::default(); 2];
-        for (f, cc) in f.iter_mut().zip(INNER) {
-            *f = flow(&topo.backend, &addr, cc, secs);
-        }
-        let c = wan.counters();
-        applied.add(i, c);
+        flows.push(measure_one(topo, wan, i, &addr, secs, applied));
         again += reconnects(&topo.path(&log));
-        eprintln!(
-            "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms)",
-            imp.label, f[0].mbps, f[0].rtt_ms, f[1].mbps, f[1].rtt_ms
-        );
-        flows.push(f);
         drop(agent);
     }
     (flows, again)
