@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
-use tether_proto::api::{ApiError, ENROLL_PATH, RENEW_PATH};
+use tether_proto::api::{ENROLL_PATH, RENEW_PATH};
 use tether_proto::connect_ip;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3Error, Scope};
-use tether_proto::h3::{self, MessageDecoder, MessageEvent, Request, Response, Settings, frame};
-use tether_shell::h3::{close_with, read_uni_streams};
+use tether_proto::h3::{self, MessageDecoder, MessageEvent, Request, Settings};
+use tether_shell::h3::{close_with, read_uni_streams, respond, respond_error};
 use tokio::sync::watch;
 
 use crate::state::Broker;
@@ -234,68 +234,6 @@ pub async fn read_body(
             }
         }
     }
-}
-
-/// Writes a response head.
-pub async fn send_head(
-    send: &mut SendStream,
-    response: &Response,
-) -> Result<(), quinn::WriteError> {
-    let mut out = Vec::new();
-    frame::encode(frame::HEADERS, &response.encode(), &mut out);
-    send.write_all(&out).await
-}
-
-/// Writes DATA.
-pub async fn send_data(send: &mut SendStream, data: &[u8]) -> Result<(), quinn::WriteError> {
-    let mut out = Vec::with_capacity(data.len() + 8);
-    frame::encode_data_header(data.len(), &mut out);
-    out.extend_from_slice(data);
-    send.write_all(&out).await
-}
-
-/// Writes a complete response and finishes the stream.
-pub async fn respond(send: &mut SendStream, status: u16, content_type: Option<&str>, body: &[u8]) {
-    let mut response = Response::new(status);
-    if let Some(ct) = content_type {
-        response = response.with_header("content-type", ct);
-    }
-    response = response
-        .with_header("content-length", &body.len().to_string())
-        // Sites (`tether doctor`) compare their clock with it.
-        .with_header(
-            "date",
-            &httpdate::fmt_http_date(std::time::SystemTime::now()),
-        );
-    let result = async {
-        send_head(send, &response).await?;
-        if !body.is_empty() {
-            send_data(send, body).await?;
-        }
-        Ok::<(), quinn::WriteError>(())
-    }
-    .await;
-    if result.is_ok() {
-        let _ = send.finish();
-    }
-}
-
-/// Writes a JSON response.
-pub async fn respond_json<T: serde::Serialize>(send: &mut SendStream, status: u16, value: &T) {
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    respond(send, status, Some("application/json"), &body).await;
-}
-
-/// Writes a JSON error response.
-pub async fn respond_error(send: &mut SendStream, status: u16, message: impl Into<String>) {
-    respond_json(
-        send,
-        status,
-        &ApiError {
-            error: message.into(),
-        },
-    )
-    .await;
 }
 
 async fn handle_request(

@@ -26,8 +26,8 @@ use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
 use tokio::sync::watch;
 
 use crate::plane;
-use crate::server::{respond_error, send_data, send_head};
 use crate::state::{Broker, BrokerError, CloseReason, Counters, Link, Session};
+use tether_shell::h3::{respond_error, send_data, send_head};
 
 /// A refused CONNECT-IP request: status and a message for the site.
 #[derive(Debug)]

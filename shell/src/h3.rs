@@ -1,11 +1,15 @@
 //! HTTP/3 plumbing shared by the broker and the agent: the protocol logic
-//! is in [`tether_proto::h3`]; this moves bytes between quinn and it.
+//! is in [`tether_proto::h3`]; this moves bytes between quinn and it
+//! (the peer's unidirectional streams, connection errors, the datagram
+//! prefix of a request stream, and writing response heads, DATA and whole
+//! responses).
 
 use std::sync::{Arc, Mutex};
 
-use quinn::{Connection, RecvStream, VarInt};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tether_proto::api::ApiError;
 use tether_proto::h3::error::H3Error;
-use tether_proto::h3::{self, Settings, UniAction};
+use tether_proto::h3::{self, Response, Settings, UniAction, frame};
 use tokio::sync::watch;
 
 /// Closes the connection for an HTTP/3 connection error.
@@ -70,4 +74,66 @@ pub async fn read_uni_streams(
 pub fn datagram_prefix(recv: &RecvStream) -> (u64, Vec<u8>) {
     let stream_id = VarInt::from(recv.id()).into_inner();
     (stream_id, tether_proto::datagram::h3_prefix(stream_id))
+}
+
+/// Writes a response head.
+pub async fn send_head(
+    send: &mut SendStream,
+    response: &Response,
+) -> Result<(), quinn::WriteError> {
+    let mut out = Vec::new();
+    frame::encode(frame::HEADERS, &response.encode(), &mut out);
+    send.write_all(&out).await
+}
+
+/// Writes DATA.
+pub async fn send_data(send: &mut SendStream, data: &[u8]) -> Result<(), quinn::WriteError> {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    frame::encode_data_header(data.len(), &mut out);
+    out.extend_from_slice(data);
+    send.write_all(&out).await
+}
+
+/// Writes a complete response and finishes the stream.
+pub async fn respond(send: &mut SendStream, status: u16, content_type: Option<&str>, body: &[u8]) {
+    let mut response = Response::new(status);
+    if let Some(ct) = content_type {
+        response = response.with_header("content-type", ct);
+    }
+    response = response
+        .with_header("content-length", &body.len().to_string())
+        // Sites (`tether doctor`) compare their clock with it.
+        .with_header(
+            "date",
+            &httpdate::fmt_http_date(std::time::SystemTime::now()),
+        );
+    let result = async {
+        send_head(send, &response).await?;
+        if !body.is_empty() {
+            send_data(send, body).await?;
+        }
+        Ok::<(), quinn::WriteError>(())
+    }
+    .await;
+    if result.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Writes a JSON response.
+pub async fn respond_json<T: serde::Serialize>(send: &mut SendStream, status: u16, value: &T) {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    respond(send, status, Some("application/json"), &body).await;
+}
+
+/// Writes a JSON error response.
+pub async fn respond_error(send: &mut SendStream, status: u16, message: impl Into<String>) {
+    respond_json(
+        send,
+        status,
+        &ApiError {
+            error: message.into(),
+        },
+    )
+    .await;
 }

@@ -7,7 +7,7 @@
 //! - [`quic`]: the QUIC transport settings of both ends of a tunnel.
 //! - [`h3`]: HTTP/3 plumbing around [`tether_proto::h3`]: the peer's
 //!   unidirectional streams, connection errors, the datagram prefix of a
-//!   request stream.
+//!   request stream, writing responses.
 //! - [`h2`]: HTTP/2 plumbing: writing DATAGRAM capsules to a stream as flow
 //!   control allows.
 //! - [`udp`]: socket buffers and batched (GRO) receiving.
