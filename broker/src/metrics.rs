@@ -164,6 +164,50 @@ pub struct Metrics {
     pub wireguard_refused: Counter,
 }
 
+/// The broker's traffic totals at one moment, as [`Metrics::refresh`]
+/// publishes them: (packets, bytes) pairs, monotonic over sessions.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// From all sites.
+    pub from_sites: (u64, u64),
+    /// To all sites.
+    pub to_sites: (u64, u64),
+    /// Packets from all gateways (local device and WireGuard peers).
+    pub from_gateways: u64,
+    /// Packets to all gateways.
+    pub to_gateways: u64,
+    /// Per WireGuard gateway.
+    pub peers: Vec<PeerTraffic>,
+    /// Per site.
+    pub sites: Vec<SiteTraffic>,
+}
+
+/// One WireGuard gateway's bytes.
+#[derive(Debug)]
+pub struct PeerTraffic {
+    /// The gateway's id.
+    pub id: String,
+    /// Bytes from it.
+    pub rx_bytes: u64,
+    /// Bytes to it.
+    pub tx_bytes: u64,
+}
+
+/// One site's traffic and drops.
+#[derive(Debug)]
+pub struct SiteTraffic {
+    /// The site.
+    pub site: String,
+    /// Its region.
+    pub region: String,
+    /// (packets, bytes) from it.
+    pub from_site: (u64, u64),
+    /// (packets, bytes) to it.
+    pub to_site: (u64, u64),
+    /// Its dropped packets, indexed like [`DropReason::ALL`].
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
 impl Metrics {
     /// Registers the broker's metrics with the global recorder.
     pub fn register() -> Self {
@@ -202,44 +246,33 @@ impl Metrics {
         }
     }
 
-    /// Sets the traffic counters from the broker's per-session totals.
-    pub fn refresh(&self, broker: &crate::state::Broker) {
-        let t = broker.totals();
-        self.from_site_packets.absolute(t.rx_packets);
-        self.from_site_bytes.absolute(t.rx_bytes);
-        self.to_site_packets.absolute(t.tx_packets);
-        self.to_site_bytes.absolute(t.tx_bytes);
-        let (mut rx, mut tx) = (0, 0);
-        if let Some(gw) = broker.local_gateway.get() {
-            rx += gw.counters.rx.get().0;
-            tx += gw.counters.tx.get().0;
+    /// Sets the traffic counters from a snapshot of the broker's totals.
+    pub fn refresh(&self, t: &Traffic) {
+        self.from_site_packets.absolute(t.from_sites.0);
+        self.from_site_bytes.absolute(t.from_sites.1);
+        self.to_site_packets.absolute(t.to_sites.0);
+        self.to_site_bytes.absolute(t.to_sites.1);
+        self.from_gateway_packets.absolute(t.from_gateways);
+        self.to_gateway_packets.absolute(t.to_gateways);
+        for peer in &t.peers {
+            counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.clone(), "direction" => "from_gateway")
+                .absolute(peer.rx_bytes);
+            counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.clone(), "direction" => "to_gateway")
+                .absolute(peer.tx_bytes);
         }
-        if let Some(wg) = broker.wireguard.get() {
-            for peer in wg.peers() {
-                rx += peer.counters.rx.get().0;
-                tx += peer.counters.tx.get().0;
-                counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.to_string(), "direction" => "from_gateway")
-                    .absolute(peer.counters.rx.get().1);
-                counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.to_string(), "direction" => "to_gateway")
-                    .absolute(peer.counters.tx.get().1);
-            }
-        }
-        self.from_gateway_packets.absolute(rx);
-        self.to_gateway_packets.absolute(tx);
-        for (site, region, t) in broker.site_totals() {
-            let (site, region) = (site.to_string(), region.to_string());
-            for (direction, packets, bytes) in [
-                ("from_site", t.traffic.rx_packets, t.traffic.rx_bytes),
-                ("to_site", t.traffic.tx_packets, t.traffic.tx_bytes),
-            ] {
-                counter!("tether_broker_site_packets_total", "site" => site.clone(), "region" => region.clone(), "direction" => direction)
+        for site in &t.sites {
+            let (name, region) = (site.site.clone(), site.region.clone());
+            for (direction, (packets, bytes)) in
+                [("from_site", site.from_site), ("to_site", site.to_site)]
+            {
+                counter!("tether_broker_site_packets_total", "site" => name.clone(), "region" => region.clone(), "direction" => direction)
                     .absolute(packets);
-                counter!("tether_broker_site_bytes_total", "site" => site.clone(), "region" => region.clone(), "direction" => direction)
+                counter!("tether_broker_site_bytes_total", "site" => name.clone(), "region" => region.clone(), "direction" => direction)
                     .absolute(bytes);
             }
-            for (reason, n) in t.drops.iter().enumerate().filter(|(_, n)| **n > 0) {
+            for (reason, n) in site.drops.iter().enumerate().filter(|(_, n)| **n > 0) {
                 if let Some(reason) = DropReason::ALL.get(reason) {
-                    counter!("tether_broker_site_packets_dropped_total", "site" => site.clone(), "region" => region.clone(), "reason" => reason.as_str())
+                    counter!("tether_broker_site_packets_dropped_total", "site" => name.clone(), "region" => region.clone(), "reason" => reason.as_str())
                         .absolute(*n);
                 }
             }

@@ -1038,6 +1038,47 @@ impl Broker {
         out
     }
 
+    /// The traffic totals for the metrics endpoint.
+    pub fn traffic(&self) -> crate::metrics::Traffic {
+        let t = self.totals();
+        let (mut from_gateways, mut to_gateways) = (0, 0);
+        if let Some(gw) = self.local_gateway.get() {
+            from_gateways += gw.counters.rx.get().0;
+            to_gateways += gw.counters.tx.get().0;
+        }
+        let mut peers = Vec::new();
+        if let Some(wg) = self.wireguard.get() {
+            for peer in wg.peers() {
+                from_gateways += peer.counters.rx.get().0;
+                to_gateways += peer.counters.tx.get().0;
+                peers.push(crate::metrics::PeerTraffic {
+                    id: peer.id.to_string(),
+                    rx_bytes: peer.counters.rx.get().1,
+                    tx_bytes: peer.counters.tx.get().1,
+                });
+            }
+        }
+        let sites = self
+            .site_totals()
+            .into_iter()
+            .map(|(site, region, t)| crate::metrics::SiteTraffic {
+                site: site.to_string(),
+                region: region.to_string(),
+                from_site: (t.traffic.rx_packets, t.traffic.rx_bytes),
+                to_site: (t.traffic.tx_packets, t.traffic.tx_bytes),
+                drops: t.drops,
+            })
+            .collect();
+        crate::metrics::Traffic {
+            from_sites: (t.rx_packets, t.rx_bytes),
+            to_sites: (t.tx_packets, t.tx_bytes),
+            from_gateways,
+            to_gateways,
+            peers,
+            sites,
+        }
+    }
+
     /// Traffic totals of all sessions, ended and live.
     pub fn totals(&self) -> Totals {
         let mut t = self.closed.lock().map(|c| *c).unwrap_or_default();
