@@ -27,6 +27,13 @@ fn gateway_key(config: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The generation of the route set a gateway last applied, from the
+/// `routes.json` in its state directory.
+fn live_generation(state: &Path) -> Option<u64> {
+    let text = std::fs::read(state.join("routes.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&text).ok()?["generation"].as_u64()
+}
+
 fn gateway_config(dir: &Path, id: &str, region: &str, broker_key: &str) -> String {
     format!(
         r#"id = "{id}"
@@ -171,7 +178,17 @@ fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() 
     assert!(yaml.contains(&format!("\"{addr}/32\"")), "{yaml}");
 
     // Region us: no route to the eu site, and forcing one does not help.
-    std::thread::sleep(Duration::from_secs(1));
+    // The broker numbers the route sets of all gateways alike: once gw-us
+    // has applied the generation that brought the site to gw-eu, it has
+    // seen everything it would ever get for it.
+    let eu_generation = live_generation(&work.path().join("gw-eu")).expect("gw-eu's routes.json");
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            live_generation(&work.path().join("gw-us")).is_some_and(|g| g >= eu_generation)
+        }),
+        "gw-us never applied route set {eu_generation}:\n{}",
+        read(&gateways[1].1)
+    );
     assert!(
         !us.table(TABLE).contains(&addr),
         "gw-us got a route to an eu site: {}",

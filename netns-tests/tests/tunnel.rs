@@ -165,8 +165,15 @@ fn revoked_site_is_cut_off_and_cannot_reconnect() {
         "tunnel still up 2 s after revocation"
     );
     assert!(revoked.elapsed() < Duration::from_secs(3));
-    // The agent keeps trying and keeps being refused.
-    std::thread::sleep(Duration::from_secs(3));
+    // The agent keeps trying and keeps being refused: two more attempts,
+    // both refused, and still no traffic.
+    let refusals = || read(&topo.path("site.log")).matches("revoked").count();
+    let seen = refusals();
+    assert!(
+        wait_for(Duration::from_secs(15), || refusals() >= seen + 2),
+        "the agent stopped trying after the revocation:\n{}",
+        read(&topo.path("site.log"))
+    );
     assert!(!topo.backend_pings(&addr));
     let sessions = topo.broker_cli(&["sessions"]).unwrap();
     assert!(!sessions.contains("hospital-c"), "{sessions}");
@@ -314,13 +321,14 @@ fn a_site_of_a_foreign_ca_is_refused_and_gets_nothing() {
         Some(topo.path("impostor.log")),
     );
     let _proc = proc.unwrap();
-    std::thread::sleep(Duration::from_secs(4));
-    assert!(topo.site_address(4).is_none(), "an impostor got an address");
-    let log = read(&topo.path("impostor.log"));
+    // Its first attempt has been refused once the log names the cause.
     assert!(
-        log.contains("do not share a CA"),
-        "the site log should name the cause:\n{log}"
+        wait_for(Duration::from_secs(10), || read(&topo.path("impostor.log"))
+            .contains("do not share a CA")),
+        "the site log should name the cause:\n{}",
+        read(&topo.path("impostor.log"))
     );
+    assert!(topo.site_address(4).is_none(), "an impostor got an address");
     let (ok, report) = topo.tether(
         &["doctor", "--state-dir", &state.display().to_string()],
         &[],

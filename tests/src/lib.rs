@@ -59,6 +59,34 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
+    /// Waits until the broker's route table holds a route for `prefix`:
+    /// woken by the broker's route-change signal, not by a timer. Panics
+    /// after `timeout`.
+    pub async fn wait_for_route(&self, prefix: ipnet::IpNet, timeout: Duration) {
+        let broker = self.broker().clone();
+        // Subscribe before looking, so a change in between is not missed.
+        let mut changes = broker.site_routes.subscribe();
+        let installed = tokio::time::timeout(timeout, async {
+            loop {
+                if !broker
+                    .router
+                    .read()
+                    .unwrap()
+                    .table
+                    .routes_for(prefix)
+                    .is_empty()
+                {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    panic!("the broker stopped");
+                }
+            }
+        })
+        .await;
+        assert!(installed.is_ok(), "no route for {prefix} after {timeout:?}");
+    }
+
     /// Starts a broker with `extra` appended to a loopback configuration.
     pub async fn start(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();

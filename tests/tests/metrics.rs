@@ -52,23 +52,12 @@ async fn the_live_metrics_endpoint_passes_promtool() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let url = format!(
         "http://{}/metrics",
         broker.running.as_ref().unwrap().admin_addr
     );
-    let body = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    for needle in [
+    let needles = [
         r#"tether_broker_site_packets_total{site="hospital-a",region="local",direction="from_site"} 2"#,
         r#"tether_broker_site_bytes_total{site="hospital-a",region="local",direction="to_site"}"#,
         r#"tether_broker_site_packets_dropped_total{site="hospital-a",region="local",reason="spoofed"} 1"#,
@@ -79,7 +68,28 @@ async fn the_live_metrics_endpoint_passes_promtool() {
         r#"tether_broker_dns_queries_total{rcode="NOERROR"}"#,
         r#"tether_broker_dns_queries_total{rcode="REFUSED"}"#,
         "# HELP tether_broker_site_bytes_total",
-    ] {
+    ];
+    // The datagrams are handled after `send_packet` returns: scrape until
+    // the endpoint shows them (or give up after 5 s and report what it has).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let url = url.clone();
+        let body = tokio::task::spawn_blocking(move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        if needles.iter().all(|n| body.contains(n)) || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::task::yield_now().await;
+    };
+    for needle in needles {
         assert!(body.contains(needle), "missing {needle}:\n{body}");
     }
 

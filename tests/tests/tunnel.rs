@@ -231,7 +231,9 @@ async fn lan_behind_a_site_is_mapped_and_routed() {
         mapped.push(lan);
     }
     assert_ne!(mapped[0], mapped[1], "overlapping LANs are mapped apart");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    for lan in &mapped {
+        broker.wait_for_route(*lan, Duration::from_secs(5)).await;
+    }
     // B reaches a host in A's mapped LAN.
     let dst = match mapped[0].network() {
         IpAddr::V4(n) => Ipv4Addr::from(u32::from(n) + 10),
