@@ -43,6 +43,7 @@ pub mod ids;
 pub mod ip;
 pub mod ipam;
 pub mod net;
+pub mod netmap;
 pub mod route;
 pub mod tunnel;
 pub mod varint;
