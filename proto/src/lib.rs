@@ -44,6 +44,7 @@ pub mod ip;
 pub mod ipam;
 pub mod net;
 pub mod netmap;
+pub mod policy;
 pub mod route;
 pub mod tunnel;
 pub mod varint;
