@@ -84,6 +84,9 @@ fn policy(rng: &mut Rng) -> Policy {
     Policy::new(rules, groups, Backends::Region).unwrap()
 }
 
+/// The `k`th flow of a case: from, to, traffic.
+type FlowOf<'a> = Box<dyn Fn(usize) -> (usize, usize, Traffic) + 'a>;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -115,7 +118,7 @@ fn main() {
         let port = rule.ports[0].ports.clone().unwrap();
         allowed.push((index(&from), index(&to), *port.start()));
     }
-    let cases: [(&str, Box<dyn Fn(usize) -> (usize, usize, Traffic)>); 3] = [
+    let cases: [(&str, FlowOf); 3] = [
         (
             "allowed by a rule",
             Box::new(|k| {
