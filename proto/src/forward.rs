@@ -14,18 +14,21 @@
 //!    sender;
 //! 4. data residency: traffic between a site and a gateway, or between two
 //!    sites, only within regions the [`Residency`] policy permits;
-//! 5. the TTL / hop limit does not run out here;
-//! 6. the packet fits the next hop's MTU: otherwise an ICMP packet-too-big,
+//! 5. the access policy ([`Policy`]): who may reach whom, by identity;
+//! 6. the TTL / hop limit does not run out here;
+//! 7. the packet fits the next hop's MTU: otherwise an ICMP packet-too-big,
 //!    or fragments for an IPv4 packet without Don't Fragment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::ids::{GatewayId, RegionId, SiteId};
 use crate::ip::{self, IcmpError, Packet};
 use crate::net::Family;
+use crate::policy::{self, End, Party, Policy, Traffic};
 use crate::route::{Route, RouteKind, RouteTable, RouteTarget};
 
 /// Why a packet was not forwarded. Every drop is counted under one of these.
@@ -54,11 +57,13 @@ pub enum DropReason {
     /// Link-scoped traffic (IPv6 link-local or multicast, IPv4 link-local),
     /// which never leaves its link.
     LinkLocal,
+    /// The access policy does not allow the flow.
+    Policy,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::NoRoute,
@@ -70,6 +75,7 @@ impl DropReason {
         DropReason::QueueFull,
         DropReason::UnknownContext,
         DropReason::LinkLocal,
+        DropReason::Policy,
     ];
 
     /// The label used in metrics and logs.
@@ -86,6 +92,7 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::UnknownContext => "unknown_context",
             DropReason::LinkLocal => "link_local",
+            DropReason::Policy => "policy",
         }
     }
 }
@@ -216,14 +223,16 @@ impl Verdict {
     }
 }
 
-/// The routing state of a broker: routes, residency policy, and the router
-/// addresses ICMP errors come from.
+/// The routing state of a broker: routes, residency policy, access policy,
+/// and the router addresses ICMP errors come from.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
     /// The route table.
     pub table: RouteTable,
     /// The residency policy.
     pub residency: Residency,
+    /// The access policy (shared: a reload swaps it whole).
+    pub policy: Arc<Policy>,
     /// Per region, the router addresses (one per family) used as the source
     /// of ICMP errors.
     pub router_addresses: BTreeMap<RegionId, Vec<IpAddr>>,
@@ -242,6 +251,7 @@ impl Router {
         let Ok(parsed) = Packet::parse(packet) else {
             return Verdict::Drop(DropReason::Malformed);
         };
+        let traffic = Traffic::of(&parsed);
         let (src, dst, len, dont_fragment) = (
             parsed.src,
             parsed.dst,
@@ -280,6 +290,17 @@ impl Router {
                 DropReason::Residency,
             );
         }
+        if !self
+            .policy_check(ingress, src, dst, traffic, route)
+            .allows()
+        {
+            return self.reply(
+                ingress,
+                packet,
+                IcmpError::AdminProhibited,
+                DropReason::Policy,
+            );
+        }
         let Some(mtu) = mtu_of(&route.target) else {
             return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::TargetDown);
         };
@@ -304,6 +325,55 @@ impl Router {
             );
         }
         Verdict::Forward(route.clone())
+    }
+
+    /// What the access policy says of a packet from `src` (entering at
+    /// `ingress`) to `dst` along `route`, carrying `traffic`. Whether a
+    /// site's address is on one of its LANs is read from the route table,
+    /// and only when a rule names LANs.
+    pub fn policy_check(
+        &self,
+        ingress: &Ingress<'_>,
+        src: IpAddr,
+        dst: IpAddr,
+        traffic: Traffic,
+        route: &Route,
+    ) -> policy::Verdict {
+        let from = match *ingress {
+            Ingress::Site { site, region, .. } => {
+                let lan = self.policy.names_lans()
+                    && self.table.lookup(src).winner().is_some_and(|r| {
+                        r.kind == RouteKind::SiteLan
+                            && matches!(&r.target, RouteTarget::Site(s) if s == site)
+                    });
+                Party::Site { site, region, lan }
+            }
+            Ingress::Gateway {
+                gateway, region, ..
+            } => Party::Gateway { gateway, region },
+        };
+        let to = match &route.target {
+            RouteTarget::Site(site) => Party::Site {
+                site,
+                region: &route.region,
+                lan: route.kind == RouteKind::SiteLan,
+            },
+            RouteTarget::Gateway(gateway) => Party::Gateway {
+                gateway,
+                region: &route.region,
+            },
+        };
+        self.policy.check(
+            &End {
+                party: from,
+                addr: src,
+            },
+            &End {
+                party: to,
+                addr: dst,
+            },
+            traffic,
+        )
     }
 
     /// The ICMP error from the ingress region's router address, or a silent
@@ -411,6 +481,20 @@ mod tests {
         router
             .router_addresses
             .insert(eu.clone(), vec![id("100.64.0.1"), id("fd00::1")]);
+        // Sites a and b may talk; c may not.
+        router.policy = Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: "a-and-b".into(),
+                    from: vec![id("site:a"), id("site:b")],
+                    to: vec![id("site:a"), id("site:b")],
+                    ports: vec![],
+                }],
+                Default::default(),
+                policy::Backends::Region,
+            )
+            .unwrap(),
+        );
         Fixture {
             router,
             a,
@@ -616,6 +700,132 @@ mod tests {
         assert_eq!(
             f.router.decide(&ingress, &mut p, |_| None).drop_reason(),
             Some(DropReason::TargetDown)
+        );
+    }
+
+    #[test]
+    fn the_access_policy_decides_between_sites() {
+        let f = fixture();
+        let allowed = [net("100.64.0.2/32")];
+        let ingress = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 3], PROTO_TCP, &[0; 20], true);
+        assert!(matches!(
+            f.router.decide(&ingress, &mut p, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+        // Without the rule: denied, with administratively prohibited sent
+        // back and the reason counted.
+        let mut closed = f.router.clone();
+        closed.policy = Arc::default();
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 3], PROTO_TCP, &[0; 20], true);
+        let v = closed.decide(&ingress, &mut p, |_| Some(MTU));
+        assert_eq!(v.drop_reason(), Some(DropReason::Policy));
+        let Verdict::Reply { icmp, .. } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(&icmp[20..22], &[3, 13]);
+        // Backends keep reaching the sites of their region.
+        let mut p = ipv4([100, 64, 0, 2], [10, 20, 0, 10], PROTO_TCP, &[0; 20], true);
+        assert!(matches!(
+            closed.decide(&ingress, &mut p, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn lan_hosts_answer_as_the_lan() {
+        let mut f = fixture();
+        f.router.table.insert(Route {
+            prefix: net("100.70.3.0/24"),
+            kind: RouteKind::SiteLan,
+            target: RouteTarget::Site(f.a.clone()),
+            region: f.eu.clone(),
+        });
+        f.router.policy = Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: "b-to-a-lan".into(),
+                    from: vec![id("site:b")],
+                    to: vec![id("lan-of:site:a")],
+                    ports: vec![id("tcp/104")],
+                }],
+                Default::default(),
+                policy::Backends::Region,
+            )
+            .unwrap(),
+        );
+        let b_allowed = [net("100.64.0.3/32")];
+        let from_b = Ingress::Site {
+            site: &f.b,
+            region: &f.eu,
+            allowed: &b_allowed,
+        };
+        let a_allowed = [net("100.64.0.2/32"), net("100.70.3.0/24")];
+        let from_a = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &a_allowed,
+        };
+        let tcp = |sport: u16, dport: u16, flags: u8| {
+            let mut h = [0u8; 20];
+            h[..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[12] = 0x50;
+            h[13] = flags;
+            h
+        };
+        let mut syn = ipv4(
+            [100, 64, 0, 3],
+            [100, 70, 3, 20],
+            PROTO_TCP,
+            &tcp(40000, 104, 0x02),
+            true,
+        );
+        assert!(matches!(
+            f.router.decide(&from_b, &mut syn, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+        // The LAN host's answer passes; its own address may not open one.
+        let mut answer = ipv4(
+            [100, 70, 3, 20],
+            [100, 64, 0, 3],
+            PROTO_TCP,
+            &tcp(104, 40000, 0x12),
+            true,
+        );
+        assert!(matches!(
+            f.router.decide(&from_a, &mut answer, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+        let mut from_host = ipv4(
+            [100, 64, 0, 2],
+            [100, 64, 0, 3],
+            PROTO_TCP,
+            &tcp(104, 40000, 0x12),
+            true,
+        );
+        assert_eq!(
+            f.router
+                .decide(&from_a, &mut from_host, |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::Policy)
+        );
+        let mut other_port = ipv4(
+            [100, 64, 0, 3],
+            [100, 70, 3, 20],
+            PROTO_TCP,
+            &tcp(40000, 22, 0x02),
+            true,
+        );
+        assert_eq!(
+            f.router
+                .decide(&from_b, &mut other_port, |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::Policy)
         );
     }
 

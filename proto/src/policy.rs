@@ -18,10 +18,12 @@
 //! and a rule may narrow the traffic with `ports`: `tcp/443`,
 //! `tcp/8000-8100`, `udp/53`, `tcp` (every TCP port), `icmp`, or `any`.
 //!
-//! **Between sites, the default is deny.** Between backends and the sites
-//! of their gateway's region, [`Backends::Region`] (the default) allows
-//! both directions as tether always has; [`Backends::Rules`] leaves them to
-//! the rules too.
+//! **Between sites, the default is deny.** Between backends and sites,
+//! [`Backends::Region`] (the default) allows both directions wherever data
+//! residency does (the sites of the gateway's region, and regions the
+//! residency settings open), as tether always has; [`Backends::Rules`]
+//! leaves them to the rules too. Residency is checked before the policy
+//! and no rule overrides it.
 //!
 //! **Replies** pass without state: a packet is a reply of an allowed flow
 //! when some rule allows the opposite direction with the packet's source
@@ -281,10 +283,11 @@ pub struct Rule {
     pub ports: Vec<Ports>,
 }
 
-/// Backends and the sites of their gateway's region.
+/// Backends and sites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backends {
-    /// Allowed both ways, as without a policy.
+    /// Allowed both ways wherever residency allows (the sites of the
+    /// gateway's region), as without a policy.
     #[default]
     Region,
     /// Only what the rules allow.
@@ -416,7 +419,7 @@ pub enum Verdict {
     Rule(String),
     /// It answers a flow a rule allows.
     Reply(String),
-    /// Backends and sites of their region ([`Backends::Region`]).
+    /// Backends and sites residency lets meet ([`Backends::Region`]).
     BackendsOfRegion,
     /// Neither end is a site: not the policy's business.
     NotSites,
@@ -489,6 +492,8 @@ pub struct Policy {
     group_ids: FxHashMap<String, u32>,
     /// Site number → the groups it is in.
     groups_of: FxHashMap<u32, Vec<u32>>,
+    /// Whether any rule names site LANs.
+    names_lans: bool,
     /// Source key → destination key → rules naming both, ascending.
     pairs: FxHashMap<u64, FxHashMap<u64, Vec<u32>>>,
 }
@@ -548,6 +553,10 @@ impl Policy {
                 }
             }
         }
+        policy.names_lans = rules
+            .iter()
+            .flat_map(|r| r.from.iter().chain(&r.to))
+            .any(|s| matches!(s, Selector::LanOf(_)));
         policy.rules = rules;
         Ok(policy)
     }
@@ -601,6 +610,12 @@ impl Policy {
                 }
             }
         }
+    }
+
+    /// Whether a rule names site LANs (so the router must tell a site's
+    /// LAN hosts from the site itself).
+    pub fn names_lans(&self) -> bool {
+        self.names_lans
     }
 
     /// The rules, in order.
@@ -717,16 +732,15 @@ impl Policy {
     /// Whether a packet from `from` to `to` carrying `traffic` may pass,
     /// and why.
     pub fn check(&self, from: &End<'_>, to: &End<'_>, traffic: Traffic) -> Verdict {
-        let (from_region, to_region, sites) = match (from.party, to.party) {
+        let sites = match (from.party, to.party) {
             (Party::Gateway { .. }, Party::Gateway { .. }) => return Verdict::NotSites,
-            (Party::Gateway { region: a, .. }, Party::Site { region: b, .. })
-            | (Party::Site { region: a, .. }, Party::Gateway { region: b, .. }) => (a, b, false),
-            (Party::Site { region: a, .. }, Party::Site { region: b, .. }) => (a, b, true),
+            (Party::Site { .. }, Party::Site { .. }) => true,
+            _ => false,
         };
         if let Some(rule) = self.first_rule(from, to, traffic, false) {
             return Verdict::Rule(rule.name.clone());
         }
-        if !sites && self.backends == Backends::Region && from_region == to_region {
+        if !sites && self.backends == Backends::Region {
             return Verdict::BackendsOfRegion;
         }
         if let Some(rule) = self.first_rule(from, to, traffic, true) {

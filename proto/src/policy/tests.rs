@@ -305,7 +305,11 @@ fn backends_reach_their_regions_sites_unless_told_otherwise() {
         open.check(&here, &backend, tcp(443)),
         Verdict::BackendsOfRegion
     );
-    assert_eq!(open.check(&backend, &abroad, tcp(22)), Verdict::Denied);
+    // Residency, checked before the policy, decides about other regions.
+    assert_eq!(
+        open.check(&backend, &abroad, tcp(22)),
+        Verdict::BackendsOfRegion
+    );
     let strict = Policy::new(
         vec![rule(
             "pacs",
@@ -430,9 +434,6 @@ fn naive_check(
                 && naive_traffic(&r.ports, t, reply)
         })
     };
-    let region = |e: &End<'_>| match e.party {
-        Party::Site { region, .. } | Party::Gateway { region, .. } => region.clone(),
-    };
     let is_site = |e: &End<'_>| matches!(e.party, Party::Site { .. });
     if !is_site(from) && !is_site(to) {
         return Verdict::NotSites;
@@ -440,7 +441,7 @@ fn naive_check(
     if let Some(r) = matching(from, to, false) {
         return Verdict::Rule(r.name.clone());
     }
-    if is_site(from) != is_site(to) && backends == Backends::Region && region(from) == region(to) {
+    if is_site(from) != is_site(to) && backends == Backends::Region {
         return Verdict::BackendsOfRegion;
     }
     if let Some(r) = matching(to, from, true) {
