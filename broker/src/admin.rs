@@ -19,8 +19,8 @@ use axum::{Json, Router};
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tether_proto::api::{
-    ApiError, GatewayInfo, ResidencyCheck, RevokeResponse, RouteFilter, SessionInfo, SiteInfo,
-    TokenRequest, TokenResponse, Trace, TracePath, TraceTarget,
+    ApiError, GatewayInfo, PolicyInfo, ResidencyCheck, RevokeResponse, RouteFilter, SessionInfo,
+    SiteInfo, TokenRequest, TokenResponse, Trace, TracePath, TraceQuery, TraceTarget,
 };
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::{Route, RouteKind, RouteTarget};
@@ -113,6 +113,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/tokens", post(create_token))
         .route("/v1/sites/{region}/{site}/revoke", post(revoke))
         .route("/v1/trace/{target}", get(trace))
+        .route("/v1/policy", get(policy))
         .layer(middleware::from_fn_with_state(broker.clone(), authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -318,11 +319,18 @@ async fn revoke(
     }))
 }
 
-async fn trace(
-    State(broker): State<Arc<Broker>>,
-    Path(target): Path<String>,
-) -> Result<Json<Trace>, AdminError> {
-    let (name, destinations) = match target.parse::<IpAddr>() {
+async fn policy(State(broker): State<Arc<Broker>>) -> Result<Json<PolicyInfo>, AdminError> {
+    let router = broker
+        .router
+        .read()
+        .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
+    Ok(Json(crate::access::info(&router)))
+}
+
+/// An address, or a site's name in the mesh zone: the name (if one) and the
+/// addresses it stands for.
+fn resolve(broker: &Broker, target: &str) -> Result<(Option<String>, Vec<IpAddr>), AdminError> {
+    Ok(match target.parse::<IpAddr>() {
         Ok(ip) => (None, vec![ip]),
         Err(_) => {
             let zone = broker.zone.borrow().clone();
@@ -336,7 +344,7 @@ async fn trace(
                     "the mesh zone is not built yet; retry in a moment",
                 ));
             };
-            let Some(site) = zone.site(&target) else {
+            let Some(site) = zone.site(target) else {
                 return Err(AdminError::new(
                     StatusCode::NOT_FOUND,
                     format!(
@@ -349,7 +357,23 @@ async fn trace(
             let name = tether_proto::dns::site_name(&site.site, &site.region, &zone.data().zone);
             (Some(name), site.addresses.clone())
         }
+    })
+}
+
+async fn trace(
+    State(broker): State<Arc<Broker>>,
+    Path(target): Path<String>,
+    query: Result<Query<TraceQuery>, QueryRejection>,
+) -> Result<Json<Trace>, AdminError> {
+    let Query(query) =
+        query.map_err(|e| AdminError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (name, destinations) = resolve(&broker, &target)?;
+    let senders = match &query.from {
+        Some(from) => resolve(&broker, from)?.1,
+        None => Vec::new(),
     };
+    let traffic = crate::access::traffic(query.traffic.as_deref().unwrap_or("icmp"))
+        .map_err(|e| AdminError::new(StatusCode::BAD_REQUEST, e))?;
     let gateways = gateway_infos(&broker);
     let router = broker
         .router
@@ -404,9 +428,16 @@ async fn trace(
                 }
             }
         });
+        let policy = explanation.winner.as_ref().and_then(|route| {
+            let from = senders
+                .iter()
+                .find(|a| a.is_ipv4() == destination.is_ipv4())?;
+            crate::access::check(&router, *from, destination, route, traffic.clone())
+        });
         paths.push(TracePath {
             explanation,
             target,
+            policy,
         });
     }
     Ok(Json(Trace {

@@ -12,6 +12,7 @@
 //! - [`admin`]: the admin API (its client is `tether_shell::operator`).
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
+pub mod access;
 pub mod admin;
 pub mod enroll;
 pub mod h2server;

@@ -225,12 +225,12 @@ fn admin(arg: &ConfigArg) -> anyhow::Result<AdminClient> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config } => {
-            let (_, config) = load(&config)?;
+        Command::Run { config: arg } => {
+            let (_, config) = load(&arg)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve(config))?;
+            runtime.block_on(serve(config, arg.config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
@@ -386,7 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
+async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     let running = tether_broker::run::start(config.clone()).await?;
     let dir = data_dir(&config);
     let region = config
@@ -446,10 +446,23 @@ async fn serve(config: BrokerConfig) -> anyhow::Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hangup.recv() => match &path {
+                // The access policy is reloaded; everything else needs a
+                // restart.
+                Some(path) => match tether_broker::access::reload(&running.broker, path) {
+                    Ok(rules) => tracing::info!(rules, file = %path.display(), "access policy reloaded"),
+                    Err(e) => tracing::error!("access policy not reloaded, the previous one stays in force: {e:#}"),
+                },
+                None => tracing::warn!("SIGHUP ignored: the broker runs on its embedded defaults, there is no file to reload"),
+            },
+        }
     }
     tracing::info!("shutting down");
     running.shutdown().await;

@@ -535,6 +535,7 @@ impl Broker {
             },
             revoked: entries.iter().map(revocation).collect(),
             max_allocation_attempts: MAX_ALLOCATION_ATTEMPTS,
+            access_policy: config.policy.clone(),
         });
         let mut core = core;
         for region in config.regions.keys() {

@@ -107,6 +107,13 @@ enum Command {
     Trace {
         /// An IP address, or a site name (<site>.<region>.<zone>).
         target: String,
+        /// Also ask the access policy about traffic from this sender (an
+        /// address or a site name); exit code 3 when it is denied.
+        #[arg(long)]
+        from: Option<String>,
+        /// The traffic to ask about: tcp/<port>, udp/<port>, icmp, any.
+        #[arg(long, default_value = "icmp", requires = "from")]
+        traffic: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -115,6 +122,22 @@ enum Command {
     },
     /// Check a configuration file and report every problem.
     CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// The access policy (operators).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Check a broker configuration's [policy] (or a file holding only
+    /// [policy]) before the broker loads it: every problem, with the rule
+    /// and the fix.
+    Check {
         /// The file to check.
         file: PathBuf,
     },
@@ -345,13 +368,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Trace {
             target,
+            from,
+            traffic,
             json,
             admin,
         } => {
             let client = admin.client()?;
+            let mut path = format!("/v1/trace/{}", query_escape(&target));
+            if let Some(from) = &from {
+                path.push_str(&format!(
+                    "?from={}&traffic={}",
+                    query_escape(from),
+                    query_escape(&traffic)
+                ));
+            }
             operator_call(|| {
-                let trace: tether_proto::api::Trace =
-                    client.get(&format!("/v1/trace/{}", query_escape(&target)))?;
+                let trace: tether_proto::api::Trace = client.get(&path)?;
                 if json {
                     print_json(&trace);
                 } else {
@@ -363,6 +395,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::from(tether_shell::operator::EXIT_NO_ROUTE)
                 })
             })
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => {
+            let origin = file.display().to_string();
+            let policy = tether_config::policy::check_file(&file)?;
+            println!(
+                "{origin}: ok, {} rules, {} groups, backends = {}",
+                policy.rules().len(),
+                policy.groups().len(),
+                match policy.backends() {
+                    tether_proto::policy::Backends::Region => "region",
+                    tether_proto::policy::Backends::Rules => "rules",
+                }
+            );
+            ExitCode::SUCCESS
         }
         Command::CheckConfig { file } => {
             let origin = file.display().to_string();

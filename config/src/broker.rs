@@ -3,12 +3,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tether_proto::ids::{GatewayId, RegionId, TrustDomain};
 use tether_proto::ipam::{Ipam, IpamError};
+use tether_proto::policy::Policy;
+
+use crate::policy::{Known, PolicyFile};
 
 use crate::{
     ConfigError, Problems, check_in_cidr, is_dns_name, parse_prefix, parse_toml, read_toml,
@@ -50,6 +54,8 @@ pub struct BrokerFile {
     pub gateway: Vec<GatewayPeerFile>,
     /// Identity DNS: the mesh zone.
     pub dns: DnsFile,
+    /// Who may reach whom (reloaded on SIGHUP).
+    pub policy: PolicyFile,
 }
 
 /// `[dns]`: the authoritative server for the mesh zone.
@@ -181,6 +187,7 @@ impl Default for BrokerFile {
             wireguard: WireguardFile::default(),
             gateway: Vec::new(),
             dns: DnsFile::default(),
+            policy: PolicyFile::default(),
         }
     }
 }
@@ -257,6 +264,8 @@ pub struct BrokerConfig {
     pub dns_zone: String,
     /// TTL of DNS answers, seconds.
     pub dns_ttl: u32,
+    /// The access policy.
+    pub policy: Arc<Policy>,
 }
 
 /// A validated gateway registration.
@@ -437,9 +446,18 @@ impl BrokerFile {
         let local_gateway = self.validate_local_gateway(&mut p, &regions);
         let gateways = self.validate_gateways(&mut p, &regions, local_gateway.as_ref());
         let wireguard_listen = self.validate_wireguard(&mut p, &listen, published_cidr);
+        let policy = {
+            let mut gateway_ids: Vec<&GatewayId> = gateways.iter().map(|g| &g.id).collect();
+            gateway_ids.extend(local_gateway.as_ref().map(|g| &g.id));
+            let known = Known {
+                regions: Some(regions.keys().collect()),
+                gateways: Some(gateway_ids),
+            };
+            self.policy.compile(&mut p, &known).map(Arc::new)
+        };
 
-        let (Ok(trust_domain), Some(published_cidr), Some(admin_listen)) =
-            (trust_domain, published_cidr, admin_listen)
+        let (Ok(trust_domain), Some(published_cidr), Some(admin_listen), Some(policy)) =
+            (trust_domain, published_cidr, admin_listen, policy)
         else {
             return Err(p.into_error(origin));
         };
@@ -465,6 +483,7 @@ impl BrokerFile {
                 dns_listen,
                 dns_zone,
                 dns_ttl,
+                policy,
             },
         )
     }

@@ -23,6 +23,7 @@ use thiserror::Error;
 pub mod broker;
 pub mod client;
 pub mod gateway;
+pub mod policy;
 
 /// One problem in a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +105,17 @@ impl Problems {
             message: message.into(),
             fix: fix.into(),
         });
+    }
+
+    /// How many problems are recorded.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The problems as text, one each.
+    #[cfg(test)]
+    pub(crate) fn messages(&self) -> Vec<String> {
+        self.0.iter().map(|p| p.to_string()).collect()
     }
 
     /// Parses a duration field, recording a problem if it is malformed or

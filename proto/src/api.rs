@@ -223,6 +223,63 @@ pub struct TracePath {
     pub explanation: crate::route::Explanation,
     /// Where the winning route leads, if a route matched.
     pub target: Option<TraceTarget>,
+    /// What the access policy says, when the trace names a sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyCheck>,
+}
+
+/// Admin API: the query of `GET /v1/trace/{target}`: an optional sender
+/// (an address, or a site's name) and traffic (`tcp/443`, `udp/53`,
+/// `icmp`; default `icmp`) for the access policy's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceQuery {
+    /// The sender.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// The traffic.
+    #[serde(default)]
+    pub traffic: Option<String>,
+}
+
+/// Admin API: the access policy's answer for a traced path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyCheck {
+    /// The sender's address.
+    pub from: std::net::IpAddr,
+    /// Who the sender is: `site <id>`, `lan of site <id>`, `gateway <id>`.
+    pub sender: String,
+    /// The traffic checked, e.g. `tcp/443`.
+    pub traffic: String,
+    /// Whether it may pass.
+    pub allowed: bool,
+    /// Why, in words.
+    pub verdict: String,
+    /// The rule that allowed it, if one did.
+    pub rule: Option<String>,
+}
+
+/// Admin API: the access policy in force (`GET /v1/policy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// `region` or `rules`.
+    pub backends: String,
+    /// Groups and their sites.
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// The allow rules, in order.
+    pub rules: Vec<PolicyRuleInfo>,
+}
+
+/// Admin API: one allow rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRuleInfo {
+    /// Its name.
+    pub name: String,
+    /// Senders.
+    pub from: Vec<String>,
+    /// Receivers.
+    pub to: Vec<String>,
+    /// Traffic; empty is any.
+    pub ports: Vec<String>,
 }
 
 /// Admin API: the next hop of a traced path.

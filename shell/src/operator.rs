@@ -360,6 +360,13 @@ pub fn trace_text(trace: &Trace) -> String {
                 if !residency.is_empty() {
                     let _ = writeln!(out, "  residency {}", residency.join(", "));
                 }
+                if let Some(p) = &path.policy {
+                    let _ = writeln!(
+                        out,
+                        "  policy    {} from {} ({}): {}",
+                        p.traffic, p.from, p.sender, p.verdict
+                    );
+                }
             }
             _ => {
                 let _ = writeln!(
@@ -401,9 +408,14 @@ fn humantime_secs(unix: u64) -> String {
     format!("{}s ago", now.saturating_sub(unix))
 }
 
-/// Whether every path of a trace found a route.
+/// Whether every path of a trace found a route (and, when the trace
+/// names a sender, the access policy lets it through).
 pub fn trace_routed(trace: &Trace) -> bool {
-    !trace.paths.is_empty() && trace.paths.iter().all(|p| p.target.is_some())
+    !trace.paths.is_empty()
+        && trace
+            .paths
+            .iter()
+            .all(|p| p.target.is_some() && p.policy.as_ref().is_none_or(|c| c.allowed))
 }
 
 #[cfg(test)]

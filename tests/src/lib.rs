@@ -55,6 +55,8 @@ pub struct TestBroker {
     pub running: Option<Running>,
     /// Its configuration.
     pub config: BrokerConfig,
+    /// The configuration's text.
+    pub text: String,
     _dir: tempfile::TempDir,
 }
 
@@ -87,6 +89,14 @@ impl TestBroker {
         assert!(installed.is_ok(), "no route for {prefix} after {timeout:?}");
     }
 
+    /// Writes the configuration with `policy` appended to a file and has
+    /// the running broker reload its access policy from it (as on SIGHUP).
+    pub fn reload_policy(&self, policy: &str) -> anyhow::Result<usize> {
+        let path = self._dir.path().join("broker.toml");
+        std::fs::write(&path, format!("{}\n{policy}", self.text))?;
+        tether_broker::access::reload(self.broker(), &path)
+    }
+
     /// Starts a broker with `extra` appended to a loopback configuration.
     pub async fn start(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -107,6 +117,7 @@ impl TestBroker {
             .unwrap();
         let running = tether_broker::run::start(config.clone()).await.unwrap();
         Self {
+            text,
             running: Some(running),
             config,
             _dir: dir,

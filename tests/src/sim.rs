@@ -307,6 +307,7 @@ fn config(revoked: Vec<Revocation>) -> CoreConfig {
         },
         revoked,
         max_allocation_attempts: MAX_ALLOCATION_ATTEMPTS,
+        access_policy: Default::default(),
     }
 }
 

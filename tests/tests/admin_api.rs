@@ -211,6 +211,7 @@ async fn the_openapi_document_describes_every_endpoint() {
         "/v1/tokens",
         "/v1/sites/{region}/{site}/revoke",
         "/v1/trace/{target}",
+        "/v1/policy",
         "/metrics",
         "/healthz",
         "/readyz",
@@ -322,4 +323,108 @@ async fn routes_filter_and_trace_explains_a_name() {
     assert!(text.contains("over h3"), "{text}");
     assert!(tether_shell::operator::trace_routed(&trace));
     drop(tunnel);
+}
+
+#[tokio::test]
+async fn trace_asks_the_access_policy_and_the_policy_is_shown() {
+    let broker = TestBroker::start(
+        r#"
+[policy.groups]
+labs = ["lab-1", "lab-2"]
+
+[[policy.allow]]
+name = "labs-share-results"
+from = ["group:labs"]
+to = ["group:labs"]
+ports = ["tcp/443"]
+"#,
+    )
+    .await;
+    let token = broker.broker().admin_token.clone();
+    let mut tunnels = Vec::new();
+    for name in ["lab-1", "lab-2", "hospital-c"] {
+        let site = tether_tests::TestSite::enroll(&broker, name).await;
+        let (chain, key, ca) = site.identity();
+        let client = tether_tests::connect(broker.addr(), &ca, Some((chain, key)))
+            .await
+            .unwrap();
+        let mut tunnel = tether_tests::Tunnel::open(client).await.unwrap();
+        tunnel.configured().await;
+        tunnels.push(tunnel);
+    }
+    let v4 = |site: &str| {
+        broker
+            .broker()
+            .host_addresses(&site.parse().unwrap(), &"local".parse().unwrap())
+            .into_iter()
+            .find(|a| a.is_ipv4())
+            .unwrap()
+    };
+    let ask = |from: std::net::IpAddr, to: std::net::IpAddr, traffic: &str| {
+        format!("/v1/trace/{to}?from={from}&traffic={traffic}")
+    };
+    let policy_of = |body: &str| -> tether_proto::api::PolicyCheck {
+        let trace: tether_proto::api::Trace = serde_json::from_str(body).unwrap();
+        trace.paths[0].policy.clone().expect("a policy verdict")
+    };
+    // Allowed, by the rule named.
+    let (status, body) = call(
+        &broker,
+        "GET",
+        &ask(v4("lab-1"), v4("lab-2"), "tcp/443"),
+        Some(&token),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let check = policy_of(&body);
+    assert!(check.allowed, "{check:?}");
+    assert_eq!(check.rule.as_deref(), Some("labs-share-results"));
+    assert_eq!(check.sender, "site lab-1");
+    // Another port, another site: denied, and the text says why.
+    for (from, traffic) in [("lab-1", "tcp/22"), ("hospital-c", "tcp/443")] {
+        let (_, body) = call(
+            &broker,
+            "GET",
+            &ask(v4(from), v4("lab-2"), traffic),
+            Some(&token),
+            "",
+        )
+        .await;
+        let check = policy_of(&body);
+        assert!(!check.allowed, "{from} {traffic}: {check:?}");
+        assert!(check.verdict.contains("default deny"), "{check:?}");
+    }
+    // The CLI's text shows it too.
+    let (_, body) = call(
+        &broker,
+        "GET",
+        &ask(v4("hospital-c"), v4("lab-2"), "tcp/443"),
+        Some(&token),
+        "",
+    )
+    .await;
+    let trace: tether_proto::api::Trace = serde_json::from_str(&body).unwrap();
+    let text = tether_shell::operator::trace_text(&trace);
+    assert!(text.contains("policy    tcp/443 from"), "{text}");
+    assert!(!tether_shell::operator::trace_routed(&trace));
+    // Bad traffic is refused with the fix.
+    let (status, body) = call(
+        &broker,
+        "GET",
+        &ask(v4("lab-1"), v4("lab-2"), "tcp"),
+        Some(&token),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("tcp/443"), "{body}");
+    // The policy as loaded.
+    let (status, body) = call(&broker, "GET", "/v1/policy", Some(&token), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let policy: tether_proto::api::PolicyInfo = serde_json::from_str(&body).unwrap();
+    assert_eq!(policy.backends, "region");
+    assert_eq!(policy.groups["labs"], vec!["lab-1", "lab-2"]);
+    assert_eq!(policy.rules[0].ports, vec!["tcp/443"]);
+    drop(tunnels);
 }

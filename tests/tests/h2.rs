@@ -129,7 +129,10 @@ impl H2Site {
 
 #[tokio::test]
 async fn a_site_over_http2_keeps_its_address_and_reaches_http3_sites() {
-    let broker = TestBroker::start("").await;
+    let broker = TestBroker::start(
+        "[[policy.allow]]\nname = \"a-and-b\"\nfrom = [\"site:site-a\", \"site:site-b\"]\nto = [\"site:site-a\", \"site:site-b\"]\n",
+    )
+    .await;
     let a = TestSite::enroll(&broker, "site-a").await;
     let b = TestSite::enroll(&broker, "site-b").await;
 

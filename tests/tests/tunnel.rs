@@ -29,9 +29,18 @@ async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
     t
 }
 
+/// Sites a and b may reach each other (between sites, everything else is
+/// denied).
+const A_AND_B: &str = r#"
+[[policy.allow]]
+name = "a-and-b"
+from = ["site:site-a", "site:site-b"]
+to = ["site:site-a", "site:site-b"]
+"#;
+
 #[tokio::test]
 async fn sites_get_stable_addresses_and_reach_each_other() {
-    let mut broker = TestBroker::start("").await;
+    let mut broker = TestBroker::start(A_AND_B).await;
     let a = TestSite::enroll(&broker, "site-a").await;
     let b = TestSite::enroll(&broker, "site-b").await;
     let mut ta = tunnel_for(&broker, &a).await;
@@ -199,7 +208,10 @@ async fn revocation_closes_the_live_tunnel_and_blocks_reconnection() {
 
 #[tokio::test]
 async fn lan_behind_a_site_is_mapped_and_routed() {
-    let broker = TestBroker::start("").await;
+    let broker = TestBroker::start(
+        "[[policy.allow]]\nname = \"g-to-f-lan\"\nfrom = [\"site:site-g\"]\nto = [\"lan-of:site:site-f\"]\n",
+    )
+    .await;
     let a = TestSite::enroll(&broker, "site-f").await;
     let b = TestSite::enroll(&broker, "site-g").await;
     let mut ta = tunnel_for(&broker, &a).await;
@@ -245,4 +257,58 @@ async fn lan_behind_a_site_is_mapped_and_routed() {
         .await
         .expect("delivered into A's LAN mapping");
     assert_eq!(Packet::parse(&got).unwrap().dst, IpAddr::V4(dst));
+}
+
+#[tokio::test]
+async fn sites_are_kept_apart_until_a_reloaded_rule_allows_it() {
+    let broker = TestBroker::start("").await;
+    let a = TestSite::enroll(&broker, "site-a").await;
+    let b = TestSite::enroll(&broker, "site-b").await;
+    let ta = tunnel_for(&broker, &a).await;
+    let tb = tunnel_for(&broker, &b).await;
+    let (addr_a, addr_b) = (v4(&ta), v4(&tb));
+
+    // Default deny between sites: A hears "administratively prohibited"
+    // from the broker, B hears nothing, and the drop is counted.
+    ta.send_packet(&ping(addr_a, addr_b, 1));
+    let refusal = ta
+        .recv_packet(Duration::from_secs(5))
+        .await
+        .expect("an ICMP error back to the sender");
+    assert_eq!(
+        &refusal[20..22],
+        &[3, 13],
+        "destination unreachable, prohibited"
+    );
+    assert!(tb.recv_packet(Duration::from_millis(300)).await.is_none());
+    let drops = broker
+        .broker()
+        .session(&"site-a".parse().unwrap())
+        .unwrap()
+        .drops
+        .get();
+    assert!(
+        drops.contains(&(tether_proto::forward::DropReason::Policy, 1)),
+        "{drops:?}"
+    );
+
+    // A broken policy is refused and the one in force stays.
+    let bad = broker
+        .reload_policy(
+            "[[policy.allow]]\nname = \"x\"\nfrom = [\"group:nobody\"]\nto = [\"sites\"]\n",
+        )
+        .unwrap_err();
+    assert!(
+        format!("{bad:#}").contains("group \"nobody\" is not defined"),
+        "{bad:#}"
+    );
+
+    // A rule, reloaded without a restart: the same sessions now talk.
+    assert_eq!(broker.reload_policy(A_AND_B).unwrap(), 1);
+    ta.send_packet(&ping(addr_a, addr_b, 2));
+    let got = tb
+        .recv_packet(Duration::from_secs(5))
+        .await
+        .expect("allowed after the reload");
+    assert_eq!(Packet::parse(&got).unwrap().dst, IpAddr::V4(addr_b));
 }

@@ -26,6 +26,7 @@ pub mod sessions;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
@@ -34,6 +35,7 @@ use crate::forward::{Residency, Router};
 use crate::ids::{GatewayId, RegionId, SiteId};
 use crate::ipam::{Ipam, RegionLeases};
 use crate::net::{self, Family};
+use crate::policy::Policy as AccessPolicy;
 use crate::route::{Route, RouteKind, RouteTarget};
 
 pub use alloc::{Allocated, AllocationError, AllocationId, AllocationRequest, StoreResult};
@@ -96,6 +98,9 @@ pub struct CoreConfig {
     /// Compare-and-set attempts per allocation before giving up with
     /// [`AllocationError::Contention`].
     pub max_allocation_attempts: u32,
+    /// Who may reach whom ([`crate::policy`]); replaced by
+    /// [`BrokerCore::handle_access_policy`].
+    pub access_policy: Arc<AccessPolicy>,
 }
 
 /// Default for [`CoreConfig::max_allocation_attempts`].
@@ -235,6 +240,13 @@ impl BrokerCore {
         &self.router
     }
 
+    /// A new access policy (a reload): every packet from now on is
+    /// checked against it; flows it no longer allows stop at their next
+    /// packet.
+    pub fn handle_access_policy(&mut self, policy: Arc<AccessPolicy>) {
+        self.router.policy = policy;
+    }
+
     /// The regions served.
     pub fn regions(&self) -> &BTreeMap<RegionId, RegionPolicy> {
         &self.regions
@@ -335,6 +347,7 @@ fn initial_router(config: &CoreConfig) -> Router {
                 .map(|(r, c)| (r.clone(), c.allow_gateways_from.clone()))
                 .collect(),
         ),
+        policy: config.access_policy.clone(),
         ..Router::default()
     };
     for region in config.regions.keys() {
@@ -417,6 +430,7 @@ pub(crate) mod testing {
             },
             revoked: Vec::new(),
             max_allocation_attempts: MAX_ALLOCATION_ATTEMPTS,
+            access_policy: Arc::default(),
         }
     }
 
