@@ -47,9 +47,16 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        // EDNS version 0 is the only one (RFC 6891 section 6.1.3): a query
+        // of a higher version gets BADVERS, whose upper bits travel in the
+        // answer's OPT record.
+        let bad_version = request.edns.as_ref().is_some_and(|e| e.version() > 0);
         let edns = request.edns.as_ref().map(|_| {
             let mut e = Edns::new();
             e.set_max_payload(EDNS_PAYLOAD);
+            if bad_version {
+                e.set_rcode_high(ResponseCode::BADVERS.high());
+            }
             e
         });
         let mut builder = MessageResponseBuilder::from_message_request(request);
@@ -59,7 +66,9 @@ impl RequestHandler for Handler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = false;
         let zone = self.zone();
-        let (code, answer) = if request.metadata.op_code != OpCode::Query {
+        let (code, answer) = if bad_version {
+            (ResponseCode::BADVERS, None)
+        } else if request.metadata.op_code != OpCode::Query {
             (ResponseCode::Refused, None)
         } else if request.queries.queries().len() != 1 {
             // No recursion, and one question per message (RFC 9619).

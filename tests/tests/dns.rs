@@ -150,6 +150,23 @@ async fn foreign_names_are_refused_and_bad_queries_get_error_codes() {
         let m = ask(dns, "tether.internal.", RecordType::AXFR);
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
 
+        // EDNS version 1: BADVERS, with an OPT record of version 0
+        // (RFC 6891 section 6.1.3).
+        let mut v1 = query("tether.internal.", RecordType::SOA);
+        let mut edns = hickory_proto::op::Edns::new();
+        edns.set_version(1);
+        v1.set_edns(edns);
+        let m = exchange_raw(dns, &v1.to_vec().unwrap()).expect("an answer");
+        // 16 is BADVERS (hickory names the shared code BADSIG).
+        assert_eq!(u16::from(m.metadata.response_code), 16, "{m:?}");
+        assert_eq!(m.edns.as_ref().map(|e| e.version()), Some(0));
+        assert!(m.answers.is_empty());
+        // Version 0 is answered as usual.
+        let mut v0 = query("tether.internal.", RecordType::SOA);
+        v0.set_edns(hickory_proto::op::Edns::new());
+        let m = exchange_raw(dns, &v0.to_vec().unwrap()).expect("an answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+
         // A header followed by garbage: FORMERR.
         let mut junk = query("tether.internal.", RecordType::A).to_vec().unwrap();
         junk.truncate(12);
