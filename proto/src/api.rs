@@ -17,6 +17,7 @@ pub const RENEW_PATH: &str = "/.well-known/tether/renew";
 
 /// An enrollment request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// The enrollment token (the code's token part is enough).
     pub token: String,
@@ -47,6 +48,7 @@ pub struct EnrollResponse {
 
 /// A renewal request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// A CSR for a new key, DER in standard base64.
     pub csr: String,
@@ -72,6 +74,7 @@ pub struct ApiError {
 
 /// Admin API: create an enrollment token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// The site to enroll (unique across the deployment).
     pub site: SiteId,
@@ -232,6 +235,7 @@ pub struct TracePath {
 /// (an address, or a site's name) and traffic (`tcp/443`, `udp/53`,
 /// `icmp`; default `icmp`) for the access policy's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TraceQuery {
     /// The sender.
     #[serde(default)]
@@ -311,4 +315,21 @@ pub struct ResidencyCheck {
     pub site_region: RegionId,
     /// Whether the policy lets packets flow between them.
     pub permitted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn requests_with_unknown_fields_are_refused() {
+        let e = serde_json::from_str::<EnrollRequest>(r#"{"token":"t","csr":"c","extra":1}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `extra`"), "{e}");
+        let e = serde_json::from_str::<RenewRequest>(r#"{"csr":"c","site":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `site`"), "{e}");
+        assert!(serde_json::from_str::<EnrollRequest>(r#"{"token":"t","csr":"c"}"#).is_ok());
+    }
 }

@@ -67,6 +67,30 @@ async fn authentication_and_error_messages() {
             StatusCode::UNAUTHORIZED
         );
     }
+    // The scheme is case-insensitive (RFC 9110 section 11.1).
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let req = Request::builder()
+            .uri("/v1/sites")
+            .header("authorization", format!("{scheme} {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = tether_broker::admin::router(broker.broker().clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{scheme}");
+    }
+    // A misspelt field is refused, not ignored.
+    let (status, body) = call(
+        &broker,
+        "POST",
+        "/v1/tokens",
+        Some(&token),
+        r#"{"site":"a","region":"local","tll":"1h"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("unknown field `tll`"), "{body}");
     // Bad JSON and bad values get 400 naming the problem.
     let (status, body) = call(&broker, "POST", "/v1/tokens", Some(&token), "{not json").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
