@@ -19,6 +19,7 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tether_pki::PeerCert;
 use tether_proto::api::{ENROLL_PATH, RENEW_PATH};
+use tether_proto::broker::CloseReason;
 use tether_proto::connect_ip;
 use tether_proto::tunnel::Transport;
 use tokio::net::{TcpListener, TcpStream};
@@ -26,8 +27,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::enroll::Reply;
-use crate::state::{Broker, CloseReason, Link};
-use crate::tunnel::{Carrier, Ending, Started};
+use crate::session::{Carrier, Ending, Started};
+use crate::sessions::{ConnectionId, SessionLink};
+use crate::state::Broker;
 
 /// ALPN of HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -292,15 +294,15 @@ async fn tunnel(
     body: h2::RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
-    let peer = match crate::tunnel::check(conn.peer.clone(), path, capsule_protocol) {
+    let peer = match crate::session::check(conn.peer.clone(), path, capsule_protocol) {
         Ok(p) => p,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
-    let services = match crate::tunnel::services(services) {
+    let services = match crate::session::services(services) {
         Ok(s) => s,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
-    let (addresses, lans) = match crate::tunnel::allocate(&conn.broker, &peer).await {
+    let (addresses, lans) = match crate::session::allocate(&conn.broker, &peer).await {
         Ok(a) => a,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
@@ -315,7 +317,7 @@ async fn tunnel(
     let (capsules, queue) = mpsc::channel::<Bytes>(QUEUE);
     let writer = tokio::spawn(tether_shell::h2::write_capsules(send, queue));
     let site = peer.identity.site.clone();
-    let link = Link::H2 {
+    let link = SessionLink::H2 {
         capsules: capsules.clone(),
         remote: conn.remote,
         id: conn.id,
@@ -335,7 +337,7 @@ async fn tunnel(
             // The site reconnected: close this connection unless the new
             // session runs on it.
             let newer = conn.broker.session(&site).map(|s| s.link.connection_id());
-            if newer != Some((false, conn.id)) {
+            if newer != Some(ConnectionId::Tcp(conn.id)) {
                 let _ = conn.close.send(true);
             } else {
                 writer.abort();

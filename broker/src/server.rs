@@ -263,7 +263,7 @@ async fn handle_request(
         path.as_str(),
     ) {
         ("CONNECT", Some(connect_ip::PROTOCOL), _) => {
-            crate::tunnel::run(broker, conn, peer, settings, request, send, recv, dec).await;
+            crate::session::run(broker, conn, peer, settings, request, send, recv, dec).await;
         }
         ("POST", None, ENROLL_PATH | RENEW_PATH) => {
             let body = match read_body(&mut recv, &mut dec, crate::enroll::MAX_BODY).await {

@@ -17,17 +17,19 @@ use bytes::Bytes;
 use ipnet::IpNet;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
-use tether_proto::broker::CloseAction;
+use tether_proto::broker::{CloseAction, CloseReason};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::h3::error::H3_MESSAGE_ERROR;
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
+use tether_shell::h3::{respond_error, send_data, send_head};
 use tokio::sync::watch;
 
-use crate::plane;
-use crate::state::{Broker, BrokerError, CloseReason, Counters, Link, Session};
-use tether_shell::h3::{respond_error, send_data, send_head};
+use crate::counters::Counters;
+use crate::error::BrokerError;
+use crate::sessions::{ConnectionId, Session, SessionLink};
+use crate::state::Broker;
 
 /// A refused CONNECT-IP request: status and a message for the site.
 #[derive(Debug)]
@@ -157,7 +159,7 @@ pub async fn run(
         return;
     }
     let (stream_id, prefix) = tether_shell::h3::datagram_prefix(&recv);
-    let link = Link::H3 {
+    let link = SessionLink::H3 {
         conn: conn.clone(),
         prefix,
     };
@@ -178,7 +180,7 @@ pub async fn run(
         connected_at,
     );
     let datagrams = {
-        let (broker, session) = (broker.clone(), started.session.clone());
+        let (plane, session) = (broker.plane().clone(), started.session.clone());
         let conn = conn.clone();
         tokio::spawn(async move {
             use futures_util::FutureExt;
@@ -186,18 +188,18 @@ pub async fn run(
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
             while let Ok(first) = conn.read_datagram().await {
-                let mut batch = plane::take_batch(&broker);
-                plane::from_site_batched(&broker, &session, stream_id, &first, &mut batch);
+                let mut batch = plane.take_batch();
+                plane.route_site_datagram(&session, stream_id, &first, &mut batch);
                 for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
                     match conn.read_datagram().now_or_never() {
                         Some(Ok(d)) => {
-                            plane::from_site_batched(&broker, &session, stream_id, &d, &mut batch)
+                            plane.route_site_datagram(&session, stream_id, &d, &mut batch)
                         }
                         _ => break,
                     }
                 }
-                batch.flush(&broker).await;
-                plane::give_batch(&broker, batch);
+                batch.flush(&plane).await;
+                plane.give_batch(batch);
             }
         })
     };
@@ -212,7 +214,7 @@ pub async fn run(
             // newer session runs on it.
             let same_connection = r == CloseReason::Replaced
                 && broker.session(&site).map(|s| s.link.connection_id())
-                    == Some((true, conn.stable_id() as u64));
+                    == Some(ConnectionId::Quic(conn.stable_id() as u64));
             match r.action(same_connection) {
                 CloseAction::CloseConnection { code, reason } => {
                     conn.close(VarInt::from_u64(code).unwrap_or_default(), reason)
@@ -342,7 +344,7 @@ impl Started {
         peer: PeerCert,
         addresses: &[IpNet],
         lans: &[IpNet],
-        link: Link,
+        link: SessionLink,
         services: Vec<tether_proto::dns::Service>,
     ) -> Self {
         Self::with_connected_at(
@@ -365,7 +367,7 @@ impl Started {
         peer: PeerCert,
         addresses: &[IpNet],
         lans: &[IpNet],
-        link: Link,
+        link: SessionLink,
         services: Vec<tether_proto::dns::Service>,
         connected_at: Instant,
     ) -> Self {
@@ -417,7 +419,7 @@ impl Started {
         };
         let opening = self.core.open(&reachable);
         let mut ended = io.perform(&mut self.core, opening).await.err();
-        let mut routes = broker.routes_version.subscribe();
+        let mut routes = broker.reachable_changes();
         let mut capsules = CapsuleDecoder::default();
         let mut gone = io.carrier.gone();
         let reason: Ending = loop {
@@ -545,7 +547,7 @@ impl SessionIo<'_> {
                     if let Ok(datagram::Payload::IpPacket(packet)) =
                         datagram::parse_payload(&payload)
                     {
-                        plane::from_site_packet(self.broker, self.session, packet);
+                        self.broker.plane().route_site_packet(self.session, packet);
                     }
                 }
             }
