@@ -22,6 +22,7 @@ use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::h3::error::H3_MESSAGE_ERROR;
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
+use tether_proto::ids::SiteId;
 use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
 use tether_shell::h3::{respond_error, send_data, send_head};
 use tokio::sync::watch;
@@ -170,7 +171,7 @@ pub async fn run(
         dec,
     };
     let site = peer.identity.site.clone();
-    let started = Started::with_connected_at(
+    let started = Started::new(
         &broker,
         peer,
         &addresses,
@@ -210,12 +211,12 @@ pub async fn run(
     };
     match reason {
         Ending::Closed(r) => {
-            // A replaced session leaves the connection open when the site's
-            // newer session runs on it.
-            let same_connection = r == CloseReason::Replaced
-                && broker.session(&site).map(|s| s.link.connection_id())
-                    == Some(ConnectionId::Quic(conn.stable_id() as u64));
-            match r.action(same_connection) {
+            match close_action(
+                &broker,
+                &site,
+                r,
+                ConnectionId::Quic(conn.stable_id() as u64),
+            ) {
                 CloseAction::CloseConnection { code, reason } => {
                     conn.close(VarInt::from_u64(code).unwrap_or_default(), reason)
                 }
@@ -231,6 +232,21 @@ pub async fn run(
             let _ = send.reset(VarInt::from_u64(H3_MESSAGE_ERROR).unwrap_or_default());
         }
     }
+}
+
+/// How to end a session the broker closed for `reason`, on the wire: the
+/// core's policy ([`CloseReason::action`]), told whether the site's current
+/// session runs on `connection` too (a replaced request on a connection the
+/// site keeps).
+pub fn close_action(
+    broker: &Broker,
+    site: &SiteId,
+    reason: CloseReason,
+    connection: ConnectionId,
+) -> CloseAction {
+    let same_connection = reason == CloseReason::Replaced
+        && broker.session(site).map(|s| s.link.connection_id()) == Some(connection);
+    reason.action(same_connection)
 }
 
 /// The request stream of a session.
@@ -338,31 +354,11 @@ pub struct Started {
 }
 
 impl Started {
-    /// Registers the session of `peer` on `link` with its addresses.
-    pub fn new(
-        broker: &Arc<Broker>,
-        peer: PeerCert,
-        addresses: &[IpNet],
-        lans: &[IpNet],
-        link: SessionLink,
-        services: Vec<tether_proto::dns::Service>,
-    ) -> Self {
-        Self::with_connected_at(
-            broker,
-            peer,
-            addresses,
-            lans,
-            link,
-            services,
-            Instant::now(),
-        )
-    }
-
     /// Registers the session of `peer` on `link` with its addresses, for a
     /// request that arrived at `connected_at`. A session the broker core
     /// refuses (revoked meanwhile, or older than the site's current one)
     /// ends as soon as it is served.
-    pub fn with_connected_at(
+    pub fn new(
         broker: &Arc<Broker>,
         peer: PeerCert,
         addresses: &[IpNet],
