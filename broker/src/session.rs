@@ -17,7 +17,7 @@ use bytes::Bytes;
 use ipnet::IpNet;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
-use tether_proto::broker::{CloseAction, CloseReason};
+use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::h3::error::H3_MESSAGE_ERROR;
@@ -32,22 +32,12 @@ use crate::error::BrokerError;
 use crate::sessions::{ConnectionId, Session, SessionLink};
 use crate::state::Broker;
 
-/// A refused CONNECT-IP request: status and a message for the site.
-#[derive(Debug)]
-pub struct Refusal {
-    /// HTTP status.
-    pub status: u16,
-    /// What the site should know.
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(status: u16, message: impl Into<String>) -> Self {
-        let message = message.into();
-        crate::metrics::connect_refused(status);
-        tracing::info!(status, reason = %message, "CONNECT-IP refused");
-        Self { status, message }
-    }
+/// Refuses a CONNECT-IP request: logged and counted.
+fn refuse(status: u16, message: impl Into<String>) -> Refusal {
+    let message = message.into();
+    crate::metrics::connect_refused(status);
+    tracing::info!(status, reason = %message, "CONNECT-IP refused");
+    Refusal { status, message }
 }
 
 /// Checks a CONNECT-IP request before anything is allocated: the site's
@@ -59,15 +49,15 @@ pub fn check(
     capsule_protocol: Option<&str>,
 ) -> Result<PeerCert, Refusal> {
     tether_proto::broker::authorize(peer.is_some(), path, capsule_protocol)
-        .map_err(|r| Refusal::new(r.status, r.message))?;
-    peer.ok_or_else(|| Refusal::new(500, "internal error"))
+        .map_err(|r| refuse(r.status, r.message))?;
+    peer.ok_or_else(|| refuse(500, "internal error"))
 }
 
 /// The services a site announces in its CONNECT-IP request; a list that
 /// does not parse is refused with 400, before anything is allocated.
 pub fn services(header: Option<&str>) -> Result<Vec<tether_proto::dns::Service>, Refusal> {
     tether_proto::dns::Service::parse_list(header.unwrap_or_default()).map_err(|e| {
-        Refusal::new(
+        refuse(
             400,
             format!("the {SERVICES_HEADER} header is not valid: {e} (write name=port,name=port)"),
         )
@@ -97,15 +87,14 @@ pub async fn allocate(
     .await;
     match allocated {
         Ok(Ok(Some(a))) => Ok(a),
-        Ok(Ok(None)) | Ok(Err(BrokerError::Revoked(_))) => Err(Refusal::new(
-            403,
-            "this site is revoked or unknown to the broker",
-        )),
+        Ok(Ok(None)) | Ok(Err(BrokerError::Revoked(_))) => {
+            Err(refuse(403, "this site is revoked or unknown to the broker"))
+        }
         Ok(Err(e)) => {
             tracing::warn!(%site, error = %e, "no address for site");
-            Err(Refusal::new(503, format!("no address available: {e}")))
+            Err(refuse(503, format!("no address available: {e}")))
         }
-        Err(_) => Err(Refusal::new(500, "internal error")),
+        Err(_) => Err(refuse(500, "internal error")),
     }
 }
 
@@ -136,7 +125,7 @@ pub async fn run(
             .ok()
             .and_then(|r| r.ok().and_then(|s| s.clone()));
     if !peer_settings.is_some_and(|s| s.h3_datagram) || conn.max_datagram_size().is_none() {
-        let r = Refusal::new(
+        let r = refuse(
             400,
             "HTTP Datagrams are not enabled (SETTINGS_H3_DATAGRAM and QUIC datagrams are required)",
         );
