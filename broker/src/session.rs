@@ -10,8 +10,8 @@
 //! over HTTP/2 they arrive as DATAGRAM capsules on the stream
 //! ([`crate::h2server`]).
 
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -27,7 +27,6 @@ use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
 use tether_shell::h3::{respond_error, send_data, send_head};
 use tokio::sync::watch;
 
-use crate::counters::Counters;
 use crate::error::BrokerError;
 use crate::sessions::{ConnectionId, Session, SessionLink};
 use crate::state::Broker;
@@ -357,21 +356,17 @@ impl Started {
         connected_at: Instant,
     ) -> Self {
         let core = BrokerSession::new(addresses, lans);
-        let (close_tx, close) = watch::channel(None);
         let transport = link.transport();
         let remote = link.remote();
-        let session = Arc::new(Session {
-            id: broker.next_session_id(),
+        let (session, close) = Session::new(
+            broker.next_session_id(),
             connected_at,
             peer,
             link,
-            allowed: RwLock::new(core.source_prefixes()),
-            since: SystemTime::now(),
-            counters: Counters::default(),
-            close: close_tx,
+            core.source_prefixes(),
             services,
-            drops: Default::default(),
-        });
+        );
+        let session = Arc::new(session);
         if let Err(refused) = broker.register(session.clone(), addresses) {
             tracing::info!(site = %session.site(), reason = %refused, "session refused");
             session.request_close(refused.close_reason());

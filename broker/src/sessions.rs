@@ -120,7 +120,7 @@ pub struct Session {
     /// Traffic counters.
     pub counters: Counters,
     /// Raised to end the session.
-    pub close: watch::Sender<Option<CloseReason>>,
+    close: watch::Sender<Option<CloseReason>>,
     /// TCP services the site announced when it connected (SRV names).
     pub services: Vec<tether_proto::dns::Service>,
     /// Packets of this site dropped, by reason.
@@ -128,6 +128,33 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session of `peer` on `link`, connected now, that may send from
+    /// `allowed`; with the receiver its task watches for the broker's
+    /// request to end it ([`Session::request_close`]).
+    pub fn new(
+        id: SessionId,
+        connected_at: Instant,
+        peer: PeerCert,
+        link: SessionLink,
+        allowed: Vec<IpNet>,
+        services: Vec<tether_proto::dns::Service>,
+    ) -> (Self, watch::Receiver<Option<CloseReason>>) {
+        let (close, closed) = watch::channel(None);
+        let session = Self {
+            id,
+            connected_at,
+            peer,
+            link,
+            allowed: RwLock::new(allowed),
+            since: SystemTime::now(),
+            counters: Counters::default(),
+            close,
+            services,
+            drops: Drops::default(),
+        };
+        (session, closed)
+    }
+
     /// The site.
     pub fn site(&self) -> &SiteId {
         &self.peer.identity.site
