@@ -25,7 +25,8 @@ use tether_proto::api::{
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::{Route, RouteKind, RouteTarget};
 
-use crate::state::{Broker, BrokerError};
+use crate::error::BrokerError;
+use crate::state::Broker;
 
 /// An error of the admin API: a status and a message for the caller.
 #[derive(Debug)]
@@ -153,7 +154,7 @@ async fn authenticate(State(broker): State<Arc<Broker>>, request: Request, next:
 }
 
 async fn ready(State(broker): State<Arc<Broker>>) -> Response {
-    if broker.tunnel_addr.get().is_some() {
+    if broker.tunnel_addr().is_some() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "tunnel listener not up\n").into_response()
@@ -161,7 +162,7 @@ async fn ready(State(broker): State<Arc<Broker>>) -> Response {
 }
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
-    broker.metrics.refresh(&broker.traffic());
+    broker.metrics().refresh(&broker.traffic());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::recorder().render(),
@@ -174,11 +175,7 @@ async fn list_sites(State(broker): State<Arc<Broker>>) -> Result<Json<Vec<SiteIn
 }
 
 async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<SessionInfo>> {
-    let mut sessions: Vec<SessionInfo> = broker
-        .sessions
-        .read()
-        .map(|s| s.values().map(|s| s.info()).collect())
-        .unwrap_or_default();
+    let mut sessions: Vec<SessionInfo> = broker.sessions().all().iter().map(|s| s.info()).collect();
     sessions.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
     Json(sessions)
 }
@@ -239,7 +236,7 @@ async fn list_routes(
         ),
     };
     let router = broker
-        .router
+        .core()
         .read()
         .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
     let routes = router
@@ -265,7 +262,7 @@ async fn list_gateways(State(broker): State<Arc<Broker>>) -> Json<Vec<GatewayInf
 /// Every gateway, local and over WireGuard, with its counters.
 fn gateway_infos(broker: &Broker) -> Vec<GatewayInfo> {
     let mut out = Vec::new();
-    if let Some(gw) = broker.local_gateway.get() {
+    if let Some(gw) = broker.plane().local_gateway() {
         out.push(GatewayInfo {
             id: gw.id.clone(),
             region: gw.region.clone(),
@@ -280,7 +277,7 @@ fn gateway_infos(broker: &Broker) -> Vec<GatewayInfo> {
             tx_bytes: gw.counters.tx.get().1,
         });
     }
-    if let Some(wg) = broker.wireguard.get() {
+    if let Some(wg) = broker.plane().wireguard() {
         for peer in wg.peers() {
             let status = peer.status();
             out.push(GatewayInfo {
@@ -342,7 +339,7 @@ fn resolve(broker: &Broker, target: &str) -> Result<(Option<String>, Vec<IpAddr>
     Ok(match target.parse::<IpAddr>() {
         Ok(ip) => (None, vec![ip]),
         Err(_) => {
-            let zone = broker.zone.borrow().clone();
+            let zone = broker.zone();
             let zone = zone
                 .map(|z| tether_proto::dns::Zone::new((*z).clone(), &[]))
                 .transpose()
@@ -385,7 +382,7 @@ async fn trace(
         .map_err(|e| AdminError::new(StatusCode::BAD_REQUEST, e))?;
     let gateways = gateway_infos(&broker);
     let router = broker
-        .router
+        .core()
         .read()
         .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
     let mut paths = Vec::new();
@@ -453,8 +450,7 @@ async fn trace(
         query: target,
         name,
         broker: broker
-            .tunnel_addr
-            .get()
+            .tunnel_addr()
             .map(|a| a.to_string())
             .unwrap_or_default(),
         paths,

@@ -16,18 +16,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tether_pki::PeerCert;
-use tether_proto::api::{ENROLL_PATH, RENEW_PATH};
-use tether_proto::connect_ip;
+use tether_proto::broker::{CloseAction, RequestKind, classify_request};
 use tether_proto::tunnel::Transport;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::enroll::Reply;
-use crate::state::{Broker, CloseReason, Link};
-use crate::tunnel::{Carrier, Ending, Started};
+use crate::session::{Carrier, Ending, Started, close_action};
+use crate::sessions::{ConnectionId, SessionLink};
+use crate::state::Broker;
 
 /// ALPN of HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -232,8 +232,8 @@ async fn handle_request(
         .get::<h2::ext::Protocol>()
         .map(|p| p.as_str().to_string());
     let path = parts.uri.path().to_string();
-    match (&parts.method, protocol.as_deref(), path.as_str()) {
-        (&Method::CONNECT, Some(connect_ip::PROTOCOL), _) => {
+    match classify_request(parts.method.as_str(), protocol.as_deref(), &path) {
+        Ok(RequestKind::ConnectIp) => {
             let full_path = parts
                 .uri
                 .path_and_query()
@@ -262,23 +262,19 @@ async fn handle_request(
             )
             .await;
         }
-        (&Method::POST, None, ENROLL_PATH | RENEW_PATH) => {
+        Ok(kind @ (RequestKind::Enroll | RequestKind::Renew)) => {
             let data = match read_body(&mut body, crate::enroll::MAX_BODY).await {
                 Ok(d) => d,
                 Err(e) => return reply(respond, Reply::error(400, e)),
             };
-            let answer = if path == ENROLL_PATH {
+            let answer = if kind == RequestKind::Enroll {
                 crate::enroll::enroll(&conn.broker, &data).await
             } else {
                 crate::enroll::renew(&conn.broker, conn.peer.clone(), &data).await
             };
             reply(respond, answer);
         }
-        (&Method::CONNECT, _, _) => reply(
-            respond,
-            Reply::error(501, "only CONNECT-IP (:protocol connect-ip) is served here"),
-        ),
-        _ => reply(respond, Reply::error(404, format!("nothing at {path}"))),
+        Err(refused) => reply(respond, Reply::error(refused.status, refused.message)),
     }
 }
 
@@ -292,15 +288,16 @@ async fn tunnel(
     body: h2::RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
-    let peer = match crate::tunnel::check(conn.peer.clone(), path, capsule_protocol) {
+    let connected_at = Instant::now();
+    let peer = match crate::session::check(conn.peer.clone(), path, capsule_protocol) {
         Ok(p) => p,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
-    let services = match crate::tunnel::services(services) {
+    let services = match crate::session::services(services) {
         Ok(s) => s,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
-    let (addresses, lans) = match crate::tunnel::allocate(&conn.broker, &peer).await {
+    let (addresses, lans) = match crate::session::allocate(&conn.broker, &peer).await {
         Ok(a) => a,
         Err(r) => return reply(respond, Reply::error(r.status, r.message)),
     };
@@ -315,7 +312,7 @@ async fn tunnel(
     let (capsules, queue) = mpsc::channel::<Bytes>(QUEUE);
     let writer = tokio::spawn(tether_shell::h2::write_capsules(send, queue));
     let site = peer.identity.site.clone();
-    let link = Link::H2 {
+    let link = SessionLink::H2 {
         capsules: capsules.clone(),
         remote: conn.remote,
         id: conn.id,
@@ -327,22 +324,28 @@ async fn tunnel(
         capsules,
         gone: conn.gone.clone(),
     };
-    let started = Started::new(&conn.broker, peer, &addresses, &lans, link, services);
+    let started = Started::new(
+        &conn.broker,
+        peer,
+        &addresses,
+        &lans,
+        link,
+        services,
+        connected_at,
+    );
     let reason = started.serve(&conn.broker, &mut carrier).await;
     drop(carrier);
     match reason {
-        Ending::Closed(CloseReason::Replaced) => {
-            // The site reconnected: close this connection unless the new
-            // session runs on it.
-            let newer = conn.broker.session(&site).map(|s| s.link.connection_id());
-            if newer != Some((false, conn.id)) {
-                let _ = conn.close.send(true);
-            } else {
-                writer.abort();
+        Ending::Closed(r) => {
+            match close_action(&conn.broker, &site, r, ConnectionId::Tcp(conn.id)) {
+                // HTTP/2 carries no code for the connection: it closes.
+                CloseAction::CloseConnection { .. } => {
+                    let _ = conn.close.send(true);
+                }
+                // The site's newer session runs on this connection: only
+                // this stream ends (dropped unfinished, it is reset).
+                CloseAction::ResetStream { .. } => writer.abort(),
             }
-        }
-        Ending::Closed(_) => {
-            let _ = conn.close.send(true);
         }
         // The writer ends the stream once the last packet queued for it
         // is written.

@@ -2,11 +2,17 @@
 //! allocates addresses from the operator's pools, routes packets between
 //! sites and gateways, and serves the admin API.
 //!
-//! - [`run`]: start and stop; [`state`]: the shared state.
-//! - [`server`]: the QUIC/HTTP/3 listener; [`tunnel`]: a site's session;
+//! - [`run`]: start and stop, the composition root; [`state`]: the
+//!   [`Broker`](state::Broker) composed of its parts.
+//! - [`core_cell`]: the broker core behind its lock, and the decisions
+//!   carried out; [`sessions`]: the live sessions; [`counters`]: traffic
+//!   and drop counters; [`error`]: errors.
+//! - [`server`]: the QUIC/HTTP/3 listener; [`h2server`]: the HTTP/2
+//!   listener; [`session`]: a site's CONNECT-IP session over either;
 //!   [`enroll`]: enrollment and renewal.
-//! - [`plane`]: the forwarding plane; [`local_gateway`]: the TUN device;
-//!   [`wireguard`]: gateways as WireGuard peers.
+//! - [`plane`]: the forwarding plane and its device loops;
+//!   [`local_gateway`]: the TUN device; [`wireguard`]: gateways as
+//!   WireGuard peers.
 //! - [`names`]: identity DNS (the mesh zone, served and handed to
 //!   gateways).
 //! - [`admin`]: the admin API (its client is `tether_shell::operator`).
@@ -14,7 +20,10 @@
 
 pub mod access;
 pub mod admin;
+pub mod core_cell;
+pub mod counters;
 pub mod enroll;
+pub mod error;
 pub mod h2server;
 pub mod local_gateway;
 pub mod metrics;
@@ -23,7 +32,8 @@ pub mod paths;
 pub mod plane;
 pub mod run;
 pub mod server;
+pub mod session;
+pub mod sessions;
 pub mod state;
 pub mod store;
-pub mod tunnel;
 pub mod wireguard;

@@ -12,9 +12,12 @@
 //! packets of a batch of datagrams are written coalesced into large
 //! segments, so the kernel forwards a few big packets instead of many small
 //! ones (in the benchmark this halves the broker's CPU per byte).
+//!
+//! This module only opens the device, reads and writes it: the forwarding
+//! plane ([`crate::plane::Plane::attach_local_gateway`]) runs the loop that
+//! reads it and routes what it reads.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use anyhow::Context;
 use ipnet::IpNet;
@@ -22,7 +25,7 @@ use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::net::{self, Family};
 use tether_shell::tun;
 
-use crate::state::Broker;
+use crate::counters::Counters;
 
 /// MTU of the local gateway's device: large enough for most tunnels; a
 /// packet too large for a site's tunnel is answered with packet-too-big.
@@ -42,7 +45,7 @@ pub struct LocalGateway {
     /// header, reads may carry many packets).
     pub offload: bool,
     /// Traffic out of (rx) and into (tx) the device.
-    pub counters: crate::state::Counters,
+    pub counters: Counters,
     dev: tun_rs::AsyncDevice,
 }
 
@@ -82,6 +85,12 @@ impl LocalGateway {
     pub fn write(&self, framed: &[u8]) -> std::io::Result<usize> {
         self.dev.try_send(framed)
     }
+
+    /// Reads the next packets out of the device (a whole segmented burst
+    /// when it offloads), split up into `packets`.
+    pub async fn read(&self, packets: &mut tun::BatchReader) -> std::io::Result<usize> {
+        packets.read(&self.dev).await
+    }
 }
 
 /// The router address of a pool: its second address.
@@ -90,24 +99,13 @@ fn router_addr(pool: &IpNet) -> IpAddr {
     net::from_bits(family, start + 1)
 }
 
-/// Creates the device and starts reading it. Needs CAP_NET_ADMIN.
-pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> {
-    let Some(cfg) = broker.config.local_gateway.clone() else {
-        return Ok(None);
-    };
-    // The pools of every region whose sites this gateway may reach.
-    let reachable: Vec<IpNet> = {
-        let router = broker
-            .router
-            .read()
-            .map_err(|_| anyhow::anyhow!("router lock poisoned"))?;
-        broker
-            .pools()
-            .into_iter()
-            .filter(|(site_region, _)| router.residency.permits(site_region, &cfg.region))
-            .flat_map(|(_, pools)| pools)
-            .collect()
-    };
+/// Creates the device of the local gateway configured as `cfg`, with the
+/// router address of each pool in `reachable` (the pools of every region
+/// whose sites it may reach). Needs CAP_NET_ADMIN.
+pub fn open(
+    cfg: &tether_config::broker::LocalGateway,
+    reachable: &[IpNet],
+) -> anyhow::Result<LocalGateway> {
     let v4: Vec<&IpNet> = reachable
         .iter()
         .filter(|p| Family::of(p.addr()) == Family::V4)
@@ -160,36 +158,14 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<LocalGateway>>> 
             })?;
         }
     }
-    let gw = Arc::new(LocalGateway {
+    tracing::info!(device = %cfg.tun_name, offload, pools = ?reachable, "local gateway up");
+    Ok(LocalGateway {
         id: cfg.id.clone(),
         region: cfg.region.clone(),
         prefixes: cfg.prefixes.clone(),
         mtu: LOCAL_GATEWAY_MTU,
         offload,
-        counters: crate::state::Counters::default(),
+        counters: Counters::default(),
         dev,
-    });
-    if broker.local_gateway.set(gw.clone()).is_err() {
-        anyhow::bail!("local gateway started twice");
-    }
-    let reader = gw.clone();
-    let broker = broker.clone();
-    tokio::spawn(async move {
-        let mut packets = tun::BatchReader::new(tun_rs::IDEAL_BATCH_SIZE, 4096, 0);
-        loop {
-            match packets.read(&reader.dev).await {
-                Ok(_) => {
-                    for packet in packets.packets_mut() {
-                        crate::plane::from_local_gateway(&broker, packet);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "local gateway device failed; backends can no longer reach sites");
-                    break;
-                }
-            }
-        }
-    });
-    tracing::info!(device = %cfg.tun_name, offload, pools = ?reachable, "local gateway up");
-    Ok(Some(gw))
+    })
 }

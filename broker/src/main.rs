@@ -429,7 +429,7 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
     if let Some(gw) = &config.local_gateway {
         println!("  local gateway {} (region {})", gw.tun_name, gw.region);
     }
-    if let Some(wg) = running.broker.wireguard.get() {
+    if let Some(wg) = running.broker.plane().wireguard() {
         for addr in wg.local_addrs() {
             println!(
                 "  wireguard     {addr} (UDP, {} gateways; public key {})",

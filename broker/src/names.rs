@@ -2,10 +2,11 @@
 //! sessions and revocation, served by hickory-server and handed to
 //! gateways.
 //!
-//! Every change that can alter a name bumps [`Broker::names`]; one task
-//! rebuilds the [`ZoneData`] from the store and the live sessions, and
-//! publishes it in [`Broker::zone`] with a new serial when the names
-//! differ. The DNS server and the gateway push follow that watch.
+//! Every change that can alter a name bumps a generation
+//! ([`crate::core_cell::CoreCell::names_changed`]); one task rebuilds the
+//! [`ZoneData`] from the store and the live sessions, and publishes it
+//! ([`Broker::publish_zone`]) with a new serial when the names differ. The
+//! DNS server and the gateway push follow the published zone.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use hickory_proto::op::ResponseCode;
 use tether_proto::dns::{SiteNames, ZoneData};
 use tether_shell::dns::DnsServer;
 
-use crate::state::{Broker, BrokerError};
+use crate::error::BrokerError;
+use crate::state::Broker;
 
 /// How long changes are gathered before the zone is rebuilt (a burst of
 /// reconnecting sites makes one new serial, not hundreds).
@@ -66,14 +68,14 @@ fn next_serial(last: u32) -> u32 {
 pub async fn first_zone(broker: &Arc<Broker>) -> anyhow::Result<()> {
     let b = broker.clone();
     let zone = tokio::task::spawn_blocking(move || zone_data(&b, next_serial(0))).await??;
-    broker.zone.send_replace(Some(Arc::new(zone)));
+    broker.publish_zone(Arc::new(zone));
     Ok(())
 }
 
 /// Rebuilds the zone on every change; runs until the broker is dropped.
 pub async fn keep_zone(broker: Arc<Broker>) {
-    let mut changes = broker.names.subscribe();
-    let mut last: Option<Arc<ZoneData>> = broker.zone.borrow().clone();
+    let mut changes = broker.core().name_changes();
+    let mut last: Option<Arc<ZoneData>> = broker.zone();
     loop {
         let serial = next_serial(last.as_ref().map_or(0, |z| z.serial));
         let b = broker.clone();
@@ -83,7 +85,7 @@ pub async fn keep_zone(broker: Arc<Broker>) {
                     tracing::debug!(serial, sites = zone.sites.len(), "mesh zone rebuilt");
                     let zone = Arc::new(zone);
                     last = Some(zone.clone());
-                    broker.zone.send_replace(Some(zone));
+                    broker.publish_zone(zone);
                 }
             }
             Ok(Err(e)) => {
@@ -109,7 +111,7 @@ pub async fn serve(broker: &Arc<Broker>) -> anyhow::Result<Option<DnsServer>> {
     let count = Arc::new(|code: ResponseCode| crate::metrics::dns_answer(code));
     let server = DnsServer::start(
         &broker.config.dns_listen,
-        broker.zone.subscribe(),
+        broker.zone_changes(),
         Some(count),
     )
     .await?;

@@ -10,15 +10,28 @@
 //! Traffic is counted per session and per device only; the Prometheus
 //! totals are summed when scraped, so the packet path touches no counter
 //! shared between threads.
+//!
+//! The plane ([`Plane`]) reads the routing state through the core's read
+//! guard ([`CoreCell::read`]) and finds sites in the map of live sessions
+//! ([`Sessions`]). It owns the devices' receive loops: the device modules
+//! ([`crate::local_gateway`], [`crate::wireguard`]) only receive and send,
+//! and know nothing of the plane.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
+use ipnet::IpNet;
 use tether_proto::datagram::{self, Payload};
 use tether_proto::forward::{DropReason, Ingress, Verdict};
+use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::route::{Route, RouteTarget};
+use tether_shell::tun;
 
-use crate::state::{Broker, Link, Session};
+use crate::core_cell::CoreCell;
+use crate::local_gateway::LocalGateway;
+use crate::metrics::Metrics;
+use crate::sessions::{Session, SessionLink, Sessions};
+use crate::wireguard::{Peer, Wireguard};
 
 /// Room in front of a packet: enough for the longest datagram prefix (an
 /// 8-byte quarter stream ID and the context ID) and for the virtio-net
@@ -69,7 +82,7 @@ pub fn send_to_site(session: &Session, packet: &[u8]) -> Result<(), DropReason> 
 fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
     let len = buffer.packet().len();
     match &session.link {
-        Link::H3 { conn, prefix } => {
+        SessionLink::H3 { conn, prefix } => {
             let datagram = buffer.into_framed(prefix).ok_or(DropReason::TooBig)?;
             match conn.send_datagram(datagram) {
                 Ok(()) => {}
@@ -77,7 +90,7 @@ fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
                 Err(_) => return Err(DropReason::TargetDown),
             }
         }
-        Link::H2 { capsules, .. } => {
+        SessionLink::H2 { capsules, .. } => {
             if len > datagram::STREAM_MTU {
                 return Err(DropReason::TooBig);
             }
@@ -98,93 +111,337 @@ fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// The largest packet a route's target accepts now.
-fn mtu_of(broker: &Broker, target: &RouteTarget) -> Option<usize> {
-    match target {
-        RouteTarget::Site(site) => broker.session(site).and_then(|s| s.mtu()),
-        RouteTarget::Gateway(id) => match broker.local_gateway.get().filter(|g| &g.id == id) {
-            Some(g) => Some(g.mtu),
-            None => broker
-                .wireguard
-                .get()
-                .and_then(|wg| wg.peer(id))
-                .filter(|p| p.endpoint().is_some())
-                .map(|p| p.mtu),
-        },
+/// The forwarding plane: performs routing verdicts on sessions and devices.
+pub struct Plane {
+    core: Arc<CoreCell>,
+    sessions: Arc<Sessions>,
+    local_gateway: OnceLock<Arc<LocalGateway>>,
+    wireguard: OnceLock<Arc<Wireguard>>,
+    metrics: Metrics,
+    /// Idle batches for writing to the local gateway.
+    batches: Mutex<Vec<SiteBatch>>,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane")
+            .field("local_gateway", &self.local_gateway.get())
+            .field("wireguard", &self.wireguard.get())
+            .finish_non_exhaustive()
     }
 }
 
-/// Delivers a packet along its route.
-fn deliver(broker: &Broker, route: &Route, mut buffer: Buffer) -> Result<(), DropReason> {
-    match &route.target {
-        RouteTarget::Site(site) => {
-            let session = broker.session(site).ok_or(DropReason::TargetDown)?;
-            send_buffer(&session, buffer)
-        }
-        RouteTarget::Gateway(id) => {
-            let Some(gw) = broker.local_gateway.get().filter(|g| &g.id == id) else {
-                let wg = broker.wireguard.get().ok_or(DropReason::TargetDown)?;
-                let peer = wg.peer(id).ok_or(DropReason::TargetDown)?;
-                return wg.send(peer, buffer.packet());
-            };
-            let len = buffer.packet().len() as u64;
-            let written = if gw.offload {
-                let framed = buffer
-                    .with_header(&[0u8; tether_shell::tun::VNET_HDR])
-                    .ok_or(DropReason::TooBig)?;
-                gw.write(framed)
-            } else {
-                gw.write(buffer.packet())
-            };
-            written.map_err(|_| DropReason::QueueFull)?;
-            gw.counters.tx.add(len);
-            Ok(())
+impl Plane {
+    /// A plane that routes with `core`'s routing state to the sessions in
+    /// `sessions`, counting drops in `metrics`. It has no devices yet.
+    pub fn new(core: Arc<CoreCell>, sessions: Arc<Sessions>, metrics: Metrics) -> Self {
+        Self {
+            core,
+            sessions,
+            local_gateway: OnceLock::new(),
+            wireguard: OnceLock::new(),
+            metrics,
+            batches: Mutex::new(Vec::new()),
         }
     }
-}
 
-/// Performs a verdict; `reply` sends an ICMP error back to the ingress.
-/// Returns the reason when the packet was dropped (counted already in the
-/// broker's totals).
-fn perform(
-    broker: &Broker,
-    verdict: Verdict,
-    buffer: Buffer,
-    reply: impl FnOnce(&[u8]) -> bool,
-) -> Option<DropReason> {
-    let result = match verdict {
-        Verdict::Forward(route) => deliver(broker, &route, buffer),
-        Verdict::Fragments(route, fragments) => fragments
-            .iter()
-            .try_for_each(|f| deliver(broker, &route, Buffer::new(f))),
-        Verdict::Reply { icmp, reason } => {
-            if reply(&icmp) {
-                broker.metrics.icmp_sent.increment(1);
+    /// The local gateway, if enabled and started.
+    pub fn local_gateway(&self) -> Option<&Arc<LocalGateway>> {
+        self.local_gateway.get()
+    }
+
+    /// Gateways over WireGuard, if any are configured and started.
+    pub fn wireguard(&self) -> Option<&Arc<Wireguard>> {
+        self.wireguard.get()
+    }
+
+    /// Routes the packets read from the local gateway's device, from now on.
+    pub fn attach_local_gateway(self: &Arc<Self>, gw: Arc<LocalGateway>) -> anyhow::Result<()> {
+        if self.local_gateway.set(gw.clone()).is_err() {
+            anyhow::bail!("local gateway started twice");
+        }
+        let plane = self.clone();
+        tokio::spawn(async move {
+            let mut packets = tun::BatchReader::new(tun_rs::IDEAL_BATCH_SIZE, 4096, 0);
+            loop {
+                match gw.read(&mut packets).await {
+                    Ok(_) => {
+                        for packet in packets.packets_mut() {
+                            plane.route_local_gateway_packet(&gw, packet);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "local gateway device failed; backends can no longer reach sites");
+                        break;
+                    }
+                }
             }
-            Err(reason)
-        }
-        Verdict::Drop(reason) => Err(reason),
-    };
-    if let Err(reason) = result {
-        broker.metrics.drop(reason);
-        tracing::trace!(reason = %reason, "packet dropped");
-        return Some(reason);
+        });
+        Ok(())
     }
-    None
-}
 
-/// Counts a drop of a site's packet in the broker's and the site's totals.
-fn site_drop(broker: &Broker, session: &Session, reason: DropReason) {
-    broker.metrics.drop(reason);
-    session.drops.add(reason);
+    /// Routes the packets decrypted from WireGuard peers, from now on: one
+    /// loop per socket.
+    pub fn attach_wireguard(
+        self: &Arc<Self>,
+        wg: Arc<Wireguard>,
+        receivers: Vec<crate::wireguard::Receiver>,
+    ) -> anyhow::Result<()> {
+        if self.wireguard.set(wg.clone()).is_err() {
+            anyhow::bail!("WireGuard started twice");
+        }
+        for mut receiver in receivers {
+            let (plane, wg) = (self.clone(), wg.clone());
+            tokio::spawn(async move {
+                loop {
+                    wg.receive(&mut receiver, |peer, packet| {
+                        plane.route_peer_packet(&wg, peer, packet)
+                    })
+                    .await;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The largest packet a route's target accepts now.
+    fn mtu_of(&self, target: &RouteTarget) -> Option<usize> {
+        match target {
+            RouteTarget::Site(site) => self.sessions.get(site).and_then(|s| s.mtu()),
+            RouteTarget::Gateway(id) => match self.local_gateway.get().filter(|g| &g.id == id) {
+                Some(g) => Some(g.mtu),
+                None => self
+                    .wireguard
+                    .get()
+                    .and_then(|wg| wg.peer(id))
+                    .filter(|p| p.endpoint().is_some())
+                    .map(|p| p.mtu),
+            },
+        }
+    }
+
+    /// Delivers a packet along its route.
+    fn deliver(&self, route: &Route, mut buffer: Buffer) -> Result<(), DropReason> {
+        match &route.target {
+            RouteTarget::Site(site) => {
+                let session = self.sessions.get(site).ok_or(DropReason::TargetDown)?;
+                send_buffer(&session, buffer)
+            }
+            RouteTarget::Gateway(id) => {
+                let Some(gw) = self.local_gateway.get().filter(|g| &g.id == id) else {
+                    let wg = self.wireguard.get().ok_or(DropReason::TargetDown)?;
+                    let peer = wg.peer(id).ok_or(DropReason::TargetDown)?;
+                    return wg.send(peer, buffer.packet());
+                };
+                let len = buffer.packet().len() as u64;
+                let written = if gw.offload {
+                    let framed = buffer
+                        .with_header(&[0u8; tun::VNET_HDR])
+                        .ok_or(DropReason::TooBig)?;
+                    gw.write(framed)
+                } else {
+                    gw.write(buffer.packet())
+                };
+                written.map_err(|_| DropReason::QueueFull)?;
+                gw.counters.tx.add(len);
+                Ok(())
+            }
+        }
+    }
+
+    /// Performs a verdict; `reply` sends an ICMP error back to the ingress.
+    /// Returns the reason when the packet was dropped (counted already in
+    /// the broker's totals).
+    fn perform(
+        &self,
+        verdict: Verdict,
+        buffer: Buffer,
+        reply: impl FnOnce(&[u8]) -> bool,
+    ) -> Option<DropReason> {
+        let result = match verdict {
+            Verdict::Forward(route) => self.deliver(&route, buffer),
+            Verdict::Fragments(route, fragments) => fragments
+                .iter()
+                .try_for_each(|f| self.deliver(&route, Buffer::new(f))),
+            Verdict::Reply { icmp, reason } => {
+                if reply(&icmp) {
+                    self.metrics.icmp_sent.increment(1);
+                }
+                Err(reason)
+            }
+            Verdict::Drop(reason) => Err(reason),
+        };
+        if let Err(reason) = result {
+            self.metrics.drop(reason);
+            tracing::trace!(reason = %reason, "packet dropped");
+            return Some(reason);
+        }
+        None
+    }
+
+    /// Counts a drop of a site's packet in the broker's and the site's
+    /// totals.
+    fn site_drop(&self, session: &Session, reason: DropReason) {
+        self.metrics.drop(reason);
+        session.drops.add(reason);
+    }
+
+    /// A batch from the pool, or a new one.
+    pub fn take_batch(&self) -> SiteBatch {
+        self.batches
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default()
+    }
+
+    /// Returns a flushed batch to the pool.
+    pub fn give_batch(&self, batch: SiteBatch) {
+        if let Ok(mut pool) = self.batches.lock() {
+            pool.push(batch);
+        }
+    }
+
+    /// A datagram arrived on a site's connection: routed now, and if it goes
+    /// to the local gateway, left in `batch` until [`SiteBatch::flush`].
+    pub fn route_site_datagram(
+        &self,
+        session: &Arc<Session>,
+        stream_id: u64,
+        dgram: &[u8],
+        batch: &mut SiteBatch,
+    ) {
+        let packet = match datagram::parse_h3(dgram) {
+            Ok((stream, payload)) if stream == stream_id => {
+                match datagram::parse_payload(payload) {
+                    Ok(Payload::IpPacket(p)) => p,
+                    Ok(Payload::UnknownContext(_)) => {
+                        return self.site_drop(session, DropReason::UnknownContext);
+                    }
+                    Err(_) => return self.site_drop(session, DropReason::Malformed),
+                }
+            }
+            _ => return self.site_drop(session, DropReason::Malformed),
+        };
+        session.counters.rx.add(packet.len() as u64);
+        let hdr = tun::VNET_HDR;
+        let mut b = batch.buffer();
+        b.resize(hdr, 0);
+        b.extend_from_slice(packet);
+        let verdict = {
+            let (Ok(router), Ok(allowed)) = (self.core.read(), session.allowed.read()) else {
+                return batch.recycle(b);
+            };
+            let ingress = Ingress::Site {
+                site: session.site(),
+                region: session.region(),
+                allowed: &allowed,
+            };
+            router.decide(&ingress, b.get_mut(hdr..).unwrap_or_default(), |t| {
+                self.mtu_of(t)
+            })
+        };
+        match &verdict {
+            Verdict::Forward(route) if matches!(route.target, RouteTarget::Gateway(_)) => {
+                match self.local_gateway.get() {
+                    Some(gw) if RouteTarget::Gateway(gw.id.clone()) == route.target => {
+                        gw.counters.tx.add((b.len() - hdr) as u64);
+                        batch.ready.push(b);
+                    }
+                    _ => {
+                        // A gateway over WireGuard: sent now.
+                        let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
+                        batch.recycle(b);
+                        if let Some(r) = self
+                            .perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok())
+                        {
+                            session.drops.add(r);
+                        }
+                    }
+                }
+            }
+            _ => {
+                let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
+                batch.recycle(b);
+                if let Some(r) =
+                    self.perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok())
+                {
+                    session.drops.add(r);
+                }
+            }
+        }
+    }
+
+    /// An IP packet arrived from a site (in a datagram or a DATAGRAM
+    /// capsule).
+    pub fn route_site_packet(&self, session: &Arc<Session>, packet: &[u8]) {
+        session.counters.rx.add(packet.len() as u64);
+        let mut buffer = Buffer::new(packet);
+        let verdict = {
+            let (Ok(router), Ok(allowed)) = (self.core.read(), session.allowed.read()) else {
+                return;
+            };
+            let ingress = Ingress::Site {
+                site: session.site(),
+                region: session.region(),
+                allowed: &allowed,
+            };
+            router.decide(&ingress, buffer.packet_mut(), |t| self.mtu_of(t))
+        };
+        if let Some(r) = self.perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok()) {
+            session.drops.add(r);
+        }
+    }
+
+    /// An IP packet arrived from the local gateway's device.
+    fn route_local_gateway_packet(&self, gw: &LocalGateway, packet: &[u8]) {
+        gw.counters.rx.add(packet.len() as u64);
+        self.route_gateway_packet(&gw.id, &gw.region, &gw.prefixes, packet, |icmp| {
+            gw.send(icmp).is_ok()
+        });
+    }
+
+    /// An IP packet arrived from a gateway over WireGuard.
+    fn route_peer_packet(&self, wg: &Wireguard, peer: &Peer, packet: &[u8]) {
+        peer.counters.rx.add(packet.len() as u64);
+        self.route_gateway_packet(&peer.id, &peer.region, &peer.prefixes, packet, |icmp| {
+            wg.send(peer, icmp).is_ok()
+        });
+    }
+
+    /// Routes a packet that entered from gateway `id` (the local device or
+    /// a WireGuard peer); `reply` sends an ICMP error back to it.
+    fn route_gateway_packet(
+        &self,
+        id: &GatewayId,
+        region: &RegionId,
+        prefixes: &[IpNet],
+        packet: &[u8],
+        reply: impl FnOnce(&[u8]) -> bool,
+    ) {
+        let mut buffer = Buffer::new(packet);
+        let verdict = {
+            let Ok(router) = self.core.read() else {
+                return;
+            };
+            let ingress = Ingress::Gateway {
+                gateway: id,
+                region,
+                allowed: prefixes,
+            };
+            router.decide(&ingress, buffer.packet_mut(), |t| self.mtu_of(t))
+        };
+        let _ = self.perform(verdict, buffer, reply);
+    }
 }
 
 /// Reusable buffers for the packets of one batch of datagrams that go to the
 /// local gateway. Each buffer has room for a coalesced 64 KiB segment, so
 /// writing never reallocates. Batches (with their coalescing table, over a
 /// megabyte) are not owned by sessions: a session borrows one from the
-/// broker's pool for a burst ([`take_batch`], [`give_batch`]), so idle sites
-/// cost nothing and the pool holds about as many as there are threads.
+/// plane's pool for a burst ([`Plane::take_batch`], [`Plane::give_batch`]),
+/// so idle sites cost nothing and the pool holds about as many as there are
+/// threads.
 #[derive(Default)]
 pub struct SiteBatch {
     free: Vec<bytes::BytesMut>,
@@ -194,7 +451,7 @@ pub struct SiteBatch {
 
 /// Capacity of a batch buffer: a virtio-net header and a full 64 KiB
 /// coalesced segment.
-const BATCH_BUFFER: usize = tether_shell::tun::VNET_HDR + 65_536;
+const BATCH_BUFFER: usize = tun::VNET_HDR + 65_536;
 
 impl SiteBatch {
     fn buffer(&mut self) -> bytes::BytesMut {
@@ -213,184 +470,23 @@ impl SiteBatch {
         self.ready.is_empty()
     }
 
-    /// Writes the waiting packets to the local gateway.
-    pub async fn flush(&mut self, broker: &Broker) {
+    /// Writes the waiting packets to the plane's local gateway.
+    pub async fn flush(&mut self, plane: &Plane) {
         if self.ready.is_empty() {
             return;
         }
-        if let Some(gw) = broker.local_gateway.get()
+        if let Some(gw) = plane.local_gateway.get()
             && gw
                 .write_batch(&mut self.gro, &mut self.ready)
                 .await
                 .is_err()
         {
             for _ in 0..self.ready.len() {
-                broker.metrics.drop(DropReason::QueueFull);
+                plane.metrics.drop(DropReason::QueueFull);
             }
         }
         while let Some(b) = self.ready.pop() {
             self.recycle(b);
         }
     }
-}
-
-/// A batch from the broker's pool, or a new one.
-pub fn take_batch(broker: &Broker) -> SiteBatch {
-    broker
-        .batches
-        .lock()
-        .ok()
-        .and_then(|mut p| p.pop())
-        .unwrap_or_default()
-}
-
-/// Returns a flushed batch to the broker's pool.
-pub fn give_batch(broker: &Broker, batch: SiteBatch) {
-    if let Ok(mut pool) = broker.batches.lock() {
-        pool.push(batch);
-    }
-}
-
-/// A datagram arrived on a site's connection: routed now, and if it goes to
-/// the local gateway, left in `batch` until [`SiteBatch::flush`].
-pub fn from_site_batched(
-    broker: &Broker,
-    session: &Arc<Session>,
-    stream_id: u64,
-    dgram: &[u8],
-    batch: &mut SiteBatch,
-) {
-    let packet = match datagram::parse_h3(dgram) {
-        Ok((stream, payload)) if stream == stream_id => match datagram::parse_payload(payload) {
-            Ok(Payload::IpPacket(p)) => p,
-            Ok(Payload::UnknownContext(_)) => {
-                return site_drop(broker, session, DropReason::UnknownContext);
-            }
-            Err(_) => return site_drop(broker, session, DropReason::Malformed),
-        },
-        _ => return site_drop(broker, session, DropReason::Malformed),
-    };
-    session.counters.rx.add(packet.len() as u64);
-    let hdr = tether_shell::tun::VNET_HDR;
-    let mut b = batch.buffer();
-    b.resize(hdr, 0);
-    b.extend_from_slice(packet);
-    let verdict = {
-        let (Ok(router), Ok(allowed)) = (broker.router.read(), session.allowed.read()) else {
-            return batch.recycle(b);
-        };
-        let ingress = Ingress::Site {
-            site: session.site(),
-            region: session.region(),
-            allowed: &allowed,
-        };
-        router.decide(&ingress, b.get_mut(hdr..).unwrap_or_default(), |t| {
-            mtu_of(broker, t)
-        })
-    };
-    match &verdict {
-        Verdict::Forward(route) if matches!(route.target, RouteTarget::Gateway(_)) => {
-            match broker.local_gateway.get() {
-                Some(gw) if RouteTarget::Gateway(gw.id.clone()) == route.target => {
-                    gw.counters.tx.add((b.len() - hdr) as u64);
-                    batch.ready.push(b);
-                }
-                _ => {
-                    // A gateway over WireGuard: sent now.
-                    let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
-                    batch.recycle(b);
-                    if let Some(r) = perform(broker, verdict, buffer, |icmp| {
-                        send_to_site(session, icmp).is_ok()
-                    }) {
-                        session.drops.add(r);
-                    }
-                }
-            }
-        }
-        _ => {
-            let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
-            batch.recycle(b);
-            if let Some(r) = perform(broker, verdict, buffer, |icmp| {
-                send_to_site(session, icmp).is_ok()
-            }) {
-                session.drops.add(r);
-            }
-        }
-    }
-}
-
-/// An IP packet arrived from a site (in a datagram or a DATAGRAM capsule).
-pub fn from_site_packet(broker: &Broker, session: &Arc<Session>, packet: &[u8]) {
-    session.counters.rx.add(packet.len() as u64);
-    let mut buffer = Buffer::new(packet);
-    let verdict = {
-        let (Ok(router), Ok(allowed)) = (broker.router.read(), session.allowed.read()) else {
-            return;
-        };
-        let ingress = Ingress::Site {
-            site: session.site(),
-            region: session.region(),
-            allowed: &allowed,
-        };
-        router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
-    };
-    if let Some(r) = perform(broker, verdict, buffer, |icmp| {
-        send_to_site(session, icmp).is_ok()
-    }) {
-        session.drops.add(r);
-    }
-}
-
-/// An IP packet arrived from the local gateway's device.
-pub fn from_local_gateway(broker: &Broker, packet: &[u8]) {
-    let Some(gw) = broker.local_gateway.get() else {
-        return;
-    };
-    gw.counters.rx.add(packet.len() as u64);
-    from_gateway(broker, &gw.id, &gw.region, &gw.prefixes, packet, |icmp| {
-        gw.send(icmp).is_ok()
-    });
-}
-
-/// Routes a packet that entered from gateway `id` (the local device or a
-/// WireGuard peer); `reply` sends an ICMP error back to it.
-fn from_gateway(
-    broker: &Broker,
-    id: &tether_proto::ids::GatewayId,
-    region: &tether_proto::ids::RegionId,
-    prefixes: &[ipnet::IpNet],
-    packet: &[u8],
-    reply: impl FnOnce(&[u8]) -> bool,
-) {
-    let mut buffer = Buffer::new(packet);
-    let verdict = {
-        let Ok(router) = broker.router.read() else {
-            return;
-        };
-        let ingress = Ingress::Gateway {
-            gateway: id,
-            region,
-            allowed: prefixes,
-        };
-        router.decide(&ingress, buffer.packet_mut(), |t| mtu_of(broker, t))
-    };
-    let _ = perform(broker, verdict, buffer, reply);
-}
-
-/// An IP packet arrived from a gateway over WireGuard.
-pub fn from_gateway_peer(
-    broker: &Broker,
-    wg: &crate::wireguard::Wireguard,
-    peer: &crate::wireguard::Peer,
-    packet: &[u8],
-) {
-    peer.counters.rx.add(packet.len() as u64);
-    from_gateway(
-        broker,
-        &peer.id,
-        &peer.region,
-        &peer.prefixes,
-        packet,
-        |icmp| wg.send(peer, icmp).is_ok(),
-    );
 }

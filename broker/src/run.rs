@@ -10,13 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use ipnet::IpNet;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tether_config::broker::BrokerConfig;
 use tether_pki::ca::{DEFAULT_SERVER_CERT_LIFETIME, create_private_dir, write_new_file};
 use tether_pki::{Ca, CertSlot};
 use tokio::task::JoinHandle;
 
-use crate::state::{Broker, CloseReason};
+use tether_proto::broker::CloseReason;
+
+use crate::state::Broker;
 use crate::store::RedbStore;
 
 /// File holding the admin API token in the data directory.
@@ -118,6 +121,37 @@ pub fn data_dir(config: &BrokerConfig) -> PathBuf {
         .unwrap_or_else(crate::paths::default_data_dir)
 }
 
+/// Opens the local gateway's device and binds WireGuard, whichever are
+/// configured; the forwarding plane runs their receive loops.
+fn start_gateways(broker: &Arc<Broker>) -> anyhow::Result<()> {
+    if let Some(cfg) = &broker.config.local_gateway {
+        // The pools of every region whose sites this gateway may reach.
+        let reachable: Vec<IpNet> = {
+            let router = broker
+                .core()
+                .read()
+                .map_err(|_| anyhow::anyhow!("router lock poisoned"))?;
+            broker
+                .pools()
+                .into_iter()
+                .filter(|(site_region, _)| router.residency.permits(site_region, &cfg.region))
+                .flat_map(|(_, pools)| pools)
+                .collect()
+        };
+        let gw = crate::local_gateway::open(cfg, &reachable)?;
+        broker.plane().attach_local_gateway(Arc::new(gw))?;
+    }
+    if let Some((wg, receivers)) = crate::wireguard::start(
+        &broker.config,
+        &broker.data_dir,
+        broker.clone(),
+        broker.metrics(),
+    )? {
+        broker.plane().attach_wireguard(wg, receivers)?;
+    }
+    Ok(())
+}
+
 /// Starts a broker: data directory, listeners, local gateway, admin API.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let data_dir = data_dir(&config);
@@ -152,7 +186,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         let broker = broker.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let deadline = broker.next_deadline();
+                let deadline = broker.core().next_deadline();
                 let sleep = async {
                     match deadline {
                         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -160,8 +194,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
                     }
                 };
                 tokio::select! {
-                    _ = sleep => broker.expire(std::time::Instant::now()),
-                    _ = broker.timer.notified() => {}
+                    _ = sleep => broker.core().expire(std::time::Instant::now()),
+                    _ = broker.core().deadline_moved() => {}
                 }
             }
         }));
@@ -189,11 +223,10 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         )));
     }
     if let Some(first) = tunnel_addrs.first() {
-        let _ = broker.tunnel_addr.set(*first);
+        broker.set_tunnel_addr(*first);
     }
 
-    crate::local_gateway::start(&broker)?;
-    crate::wireguard::start(&broker)?;
+    start_gateways(&broker)?;
 
     // Identity DNS: the zone follows every change; the server answers
     // from it.
@@ -253,13 +286,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
 impl Running {
     /// Closes every session and listener.
     pub async fn shutdown(self) {
-        let sessions: Vec<_> = self
-            .broker
-            .sessions
-            .read()
-            .map(|s| s.values().cloned().collect())
-            .unwrap_or_default();
-        for s in sessions {
+        for s in self.broker.sessions().all() {
             s.request_close(CloseReason::Shutdown);
         }
         for e in &self.endpoints {

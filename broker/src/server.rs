@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
-use tether_proto::api::{ENROLL_PATH, RENEW_PATH};
-use tether_proto::connect_ip;
+use tether_proto::broker::{RequestKind, classify_request};
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3_NO_ERROR, H3Error, Scope};
 use tether_proto::h3::{self, MessageDecoder, MessageEvent, Request, Settings};
 use tether_shell::h3::{close_with, read_uni_streams, respond, respond_error};
@@ -257,20 +256,16 @@ async fn handle_request(
         }
     };
     let path = request.path.clone().unwrap_or_default();
-    match (
-        request.method.as_str(),
-        request.protocol.as_deref(),
-        path.as_str(),
-    ) {
-        ("CONNECT", Some(connect_ip::PROTOCOL), _) => {
-            crate::tunnel::run(broker, conn, peer, settings, request, send, recv, dec).await;
+    match classify_request(request.method.as_str(), request.protocol.as_deref(), &path) {
+        Ok(RequestKind::ConnectIp) => {
+            crate::session::run(broker, conn, peer, settings, request, send, recv, dec).await;
         }
-        ("POST", None, ENROLL_PATH | RENEW_PATH) => {
+        Ok(kind @ (RequestKind::Enroll | RequestKind::Renew)) => {
             let body = match read_body(&mut recv, &mut dec, crate::enroll::MAX_BODY).await {
                 Ok(b) => b,
                 Err(e) => return respond_error(&mut send, 400, e.reason).await,
             };
-            let reply = if path == ENROLL_PATH {
+            let reply = if kind == RequestKind::Enroll {
                 crate::enroll::enroll(&broker, &body).await
             } else {
                 crate::enroll::renew(&broker, peer, &body).await
@@ -283,15 +278,7 @@ async fn handle_request(
             )
             .await;
         }
-        ("CONNECT", _, _) => {
-            respond_error(
-                &mut send,
-                501,
-                "only CONNECT-IP (:protocol connect-ip) is served here",
-            )
-            .await
-        }
-        _ => respond_error(&mut send, 404, format!("nothing at {path}")).await,
+        Err(refused) => respond_error(&mut send, refused.status, refused.message).await,
     }
     let _ = H3_NO_ERROR;
 }

@@ -13,6 +13,11 @@
 //! addresses ([`tether_proto::gateway`]) never reach the plane: a request
 //! is answered with the route set of the peer's region, and every change
 //! to the site routes is pushed to the peers that asked recently.
+//!
+//! This module knows nothing of the broker around it: the routes and the
+//! zone come through [`GatewayControl`], and the forwarding plane runs the
+//! receive loops ([`crate::plane::Plane::attach_wireguard`]), handing each
+//! socket's [`Receiver`] to [`Wireguard::receive`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -31,10 +36,25 @@ use tether_proto::gateway::{
     self as control, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, SiteRoute,
 };
 use tether_proto::ids::{GatewayId, RegionId};
-use tether_proto::route::RouteKind;
 use tokio::net::UdpSocket;
+use tokio::sync::watch;
 
-use crate::state::{Broker, Counters};
+use crate::counters::Counters;
+use crate::metrics::Metrics;
+
+/// What a gateway's control messages carry, from the rest of the broker.
+pub trait GatewayControl: Send + Sync + 'static {
+    /// The generation of the site routes, and the site routes a gateway of
+    /// `region` may reach, sorted.
+    fn site_routes(&self, region: &RegionId) -> (u64, Vec<SiteRoute>);
+    /// The mesh zone as a gateway of `region` may see it, once there is
+    /// one.
+    fn zone(&self, region: &RegionId) -> Option<tether_proto::dns::ZoneData>;
+    /// Bumped whenever a site route appears or goes.
+    fn route_changes(&self) -> watch::Receiver<u64>;
+    /// Changes to the mesh zone.
+    fn zone_changes(&self) -> watch::Receiver<Option<Arc<tether_proto::dns::ZoneData>>>;
+}
 
 /// Name of the broker's WireGuard key in the data directory.
 pub const KEY_FILE: &str = "wireguard.key";
@@ -116,9 +136,31 @@ thread_local! {
     static SEAL: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_536 + 64]);
 }
 
+/// One socket's receiving side, driven by [`Wireguard::receive`].
+pub struct Receiver {
+    index: usize,
+    socket: Arc<UdpSocket>,
+    state: Arc<quinn_udp::UdpSocketState>,
+    batch: tether_shell::udp::BatchReceiver,
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The broker's WireGuard side.
 pub struct Wireguard {
     sockets: Vec<Arc<UdpSocket>>,
+    control: Arc<dyn GatewayControl>,
+    /// Datagrams from no registered gateway.
+    unknown: metrics::Counter,
+    /// Datagrams a gateway's session refused.
+    refused: metrics::Counter,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     peers: Vec<Arc<Peer>>,
@@ -198,10 +240,11 @@ impl Wireguard {
     }
 
     /// Sends the current route set of the peer's region.
-    fn send_routes(&self, broker: &Broker, peer: &Peer) {
+    fn send_routes(&self, peer: &Peer) {
+        let (generation, routes) = self.control.site_routes(&peer.region);
         let set = RouteSet {
-            generation: self.generation_base | *broker.site_routes.borrow(),
-            routes: routes_for(broker, &peer.region),
+            generation: self.generation_base | generation,
+            routes,
         };
         for chunk in set.encode() {
             self.send_control(peer, &chunk);
@@ -209,15 +252,9 @@ impl Wireguard {
     }
 
     /// Sends the mesh zone as the peer's region may see it.
-    fn send_zone(&self, broker: &Broker, peer: &Peer) {
-        let Some(zone) = broker.zone.borrow().clone() else {
+    fn send_zone(&self, peer: &Peer) {
+        let Some(copy) = self.control.zone(&peer.region) else {
             return;
-        };
-        let copy = match broker.router.read() {
-            Ok(router) => {
-                zone.filtered(|site_region| router.residency.permits(site_region, &peer.region))
-            }
-            Err(_) => return,
         };
         for chunk in control::zone_chunks(&copy) {
             self.send_control(peer, &chunk);
@@ -225,40 +262,21 @@ impl Wireguard {
     }
 }
 
-/// The site routes a gateway of `region` may reach, sorted.
-pub fn routes_for(broker: &Broker, region: &RegionId) -> Vec<SiteRoute> {
-    let Ok(router) = broker.router.read() else {
-        return Vec::new();
-    };
-    let mut out: Vec<SiteRoute> = router
-        .table
-        .routes()
-        .into_iter()
-        .filter(|r| matches!(r.kind, RouteKind::SiteAddress | RouteKind::SiteLan))
-        .filter(|r| router.residency.permits(&r.region, region))
-        .filter_map(|r| match &r.target {
-            tether_proto::route::RouteTarget::Site(site) => Some(SiteRoute {
-                prefix: r.prefix,
-                site: site.clone(),
-                region: r.region.clone(),
-            }),
-            tether_proto::route::RouteTarget::Gateway(_) => None,
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// Binds the WireGuard sockets and starts the peers' tasks, when gateways
-/// are configured.
-pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<Wireguard>>> {
-    let config = &broker.config;
+/// Binds the WireGuard sockets and starts the peers' timers and the
+/// pushes of route and zone changes, when gateways are configured. The
+/// receivers of the sockets are returned for the forwarding plane to run.
+pub fn start(
+    config: &tether_config::broker::BrokerConfig,
+    data_dir: &std::path::Path,
+    control: Arc<dyn GatewayControl>,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<(Arc<Wireguard>, Vec<Receiver>)>> {
     if config.gateways.is_empty() {
         return Ok(None);
     }
-    let (key, created) = WgKey::load_or_create(&broker.data_dir.join(KEY_FILE))?;
+    let (key, created) = WgKey::load_or_create(&data_dir.join(KEY_FILE))?;
     if created {
-        tracing::info!(path = %broker.data_dir.join(KEY_FILE).display(), "created the broker's WireGuard key");
+        tracing::info!(path = %data_dir.join(KEY_FILE).display(), "created the broker's WireGuard key");
     }
     let private = x25519::StaticSecret::from(key.secret_bytes());
     let public = x25519::PublicKey::from(&private);
@@ -281,6 +299,9 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<Wireguard>>> {
         .collect();
     let wg = Arc::new(Wireguard {
         sockets: sockets.iter().map(|(s, _)| s.clone()).collect(),
+        control,
+        unknown: metrics.wireguard_unknown.clone(),
+        refused: metrics.wireguard_refused.clone(),
         private,
         public,
         by_id: peers
@@ -296,24 +317,28 @@ pub fn start(broker: &Arc<Broker>) -> anyhow::Result<Option<Arc<Wireguard>>> {
         peers,
         generation_base: u64::from(rand::random::<u32>()) << 32,
     });
-    if broker.wireguard.set(wg.clone()).is_err() {
-        anyhow::bail!("WireGuard started twice");
-    }
-    for (index, (socket, state)) in sockets.into_iter().enumerate() {
-        let (broker, wg) = (broker.clone(), wg.clone());
-        tokio::spawn(async move { receive(broker, wg, index, socket, state).await });
-    }
+    let receivers = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(index, (socket, state))| Receiver {
+            index,
+            socket,
+            state,
+            batch: tether_shell::udp::BatchReceiver::default(),
+            out: vec![0u8; 65_536 + 64],
+        })
+        .collect();
     let timers = wg.clone();
     tokio::spawn(async move { run_timers(timers).await });
-    let (pusher, watcher) = (wg.clone(), broker.clone());
-    tokio::spawn(async move { push_changes(watcher, pusher).await });
+    let pusher = wg.clone();
+    tokio::spawn(async move { push_changes(pusher).await });
     tracing::info!(
         listen = ?wg.local_addrs(),
         public_key = %tether_pki::wg::encode(&wg.public_key()),
         gateways = wg.peers.len(),
         "WireGuard up for gateways"
     );
-    Ok(Some(wg))
+    Ok(Some((wg, receivers)))
 }
 
 fn new_peer(g: &GatewayPeer, private: &x25519::StaticSecret, index: u32) -> Peer {
@@ -352,88 +377,78 @@ fn peer_of(wg: &Wireguard, datagram: &[u8]) -> Option<usize> {
     Some((index >> 8) as usize)
 }
 
-/// Receives datagrams (several per system call, coalesced by GRO where the
-/// kernel offers it) and handles each.
-async fn receive(
-    broker: Arc<Broker>,
-    wg: Arc<Wireguard>,
-    index: usize,
-    socket: Arc<UdpSocket>,
-    state: Arc<quinn_udp::UdpSocketState>,
-) {
-    let mut receiver = tether_shell::udp::BatchReceiver::default();
-    let mut out = vec![0u8; 65_536 + 64];
-    loop {
-        if let Err(e) = receiver.recv(&socket, &state).await {
+impl Wireguard {
+    /// Receives datagrams on `rx`'s socket (several per system call,
+    /// coalesced by GRO where the kernel offers it) and handles each: IP
+    /// packets from a peer go to `deliver`, control requests are answered
+    /// here.
+    pub async fn receive(&self, rx: &mut Receiver, mut deliver: impl FnMut(&Peer, &[u8])) {
+        if let Err(e) = rx.batch.recv(&rx.socket, &rx.state).await {
             tracing::warn!(error = %e, "WireGuard socket receive failed");
             tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
-        for (from, datagram) in receiver.datagrams() {
-            handle(&broker, &wg, index, from, datagram, &mut out);
-        }
-    }
-}
-
-/// Handles one datagram from the network.
-fn handle(
-    broker: &Broker,
-    wg: &Wireguard,
-    socket: usize,
-    from: SocketAddr,
-    datagram: &[u8],
-    out: &mut [u8],
-) {
-    let Some(peer) = peer_of(wg, datagram).and_then(|i| wg.peers.get(i)) else {
-        broker.metrics.wireguard_unknown.increment(1);
-        return;
-    };
-    let Some(sock) = wg.sockets.get(socket) else {
-        return;
-    };
-    let Ok(mut tunn) = peer.tunn.lock() else {
-        return;
-    };
-    let mut packet: Option<Vec<u8>> = None;
-    let result = tether_shell::wireguard::decapsulate(
-        &mut tunn,
-        from.ip(),
-        datagram,
-        out,
-        // Handshake responses, cookies, and packets queued while the
-        // session was being set up.
-        |reply| {
-            let _ = sock.try_send_to(reply, from);
-        },
-        |p| packet = Some(p.to_vec()),
-    );
-    match result {
-        Ok(()) | Err(WireGuardError::DuplicateCounter) => {}
-        Err(e) => {
-            tracing::debug!(gateway = %peer.id, error = ?e, "WireGuard packet refused");
-            broker.metrics.wireguard_refused.increment(1);
             return;
         }
-    }
-    drop(tunn);
-    // Authenticated: this is where the peer is now.
-    if let Ok(mut ep) = peer.endpoint.lock() {
-        *ep = Some((socket, from));
-    }
-    let Some(packet) = packet else {
-        return;
-    };
-    if let Some(payload) = control::control_payload(&packet, GATEWAY_CONTROL, BROKER_CONTROL) {
-        if let Ok(Message::Request) = Message::decode(payload) {
-            if let Ok(mut last) = peer.last_request.lock() {
-                *last = Some(Instant::now());
+        for (from, datagram) in rx.batch.datagrams() {
+            if let Some((peer, packet)) = self.handle(rx.index, from, datagram, &mut rx.out) {
+                deliver(peer, &packet);
             }
-            wg.send_routes(broker, peer);
-            wg.send_zone(broker, peer);
         }
-        return;
     }
-    crate::plane::from_gateway_peer(broker, wg, peer, &packet);
+
+    /// Handles one datagram from the network; returns the IP packet in it
+    /// and its peer, unless it was a control message or nothing to pass on.
+    fn handle(
+        &self,
+        socket: usize,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<(&Arc<Peer>, Vec<u8>)> {
+        let Some(peer) = peer_of(self, datagram).and_then(|i| self.peers.get(i)) else {
+            self.unknown.increment(1);
+            return None;
+        };
+        let sock = self.sockets.get(socket)?;
+        let mut tunn = peer.tunn.lock().ok()?;
+        let mut packet: Option<Vec<u8>> = None;
+        let result = tether_shell::wireguard::decapsulate(
+            &mut tunn,
+            from.ip(),
+            datagram,
+            out,
+            // Handshake responses, cookies, and packets queued while the
+            // session was being set up.
+            |reply| {
+                let _ = sock.try_send_to(reply, from);
+            },
+            |p| packet = Some(p.to_vec()),
+        );
+        match result {
+            Ok(()) | Err(WireGuardError::DuplicateCounter) => {}
+            Err(e) => {
+                tracing::debug!(gateway = %peer.id, error = ?e, "WireGuard packet refused");
+                self.refused.increment(1);
+                return None;
+            }
+        }
+        drop(tunn);
+        // Authenticated: this is where the peer is now.
+        if let Ok(mut ep) = peer.endpoint.lock() {
+            *ep = Some((socket, from));
+        }
+        let packet = packet?;
+        if let Some(payload) = control::control_payload(&packet, GATEWAY_CONTROL, BROKER_CONTROL) {
+            if let Ok(Message::Request) = Message::decode(payload) {
+                if let Ok(mut last) = peer.last_request.lock() {
+                    *last = Some(Instant::now());
+                }
+                self.send_routes(peer);
+                self.send_zone(peer);
+            }
+            return None;
+        }
+        Some((peer, packet))
+    }
 }
 
 /// Runs every peer's timers: handshake retries, keepalives, rekeying.
@@ -461,9 +476,9 @@ async fn run_timers(wg: Arc<Wireguard>) {
 
 /// Pushes the route set to subscribed peers whenever site routes change,
 /// and the mesh zone whenever it changes.
-async fn push_changes(broker: Arc<Broker>, wg: Arc<Wireguard>) {
-    let mut changes = broker.site_routes.subscribe();
-    let mut zones = broker.zone.subscribe();
+async fn push_changes(wg: Arc<Wireguard>) {
+    let mut changes = wg.control.route_changes();
+    let mut zones = wg.control.zone_changes();
     loop {
         let (routes, zone) = tokio::select! {
             r = changes.changed() => (r.is_ok(), false),
@@ -482,10 +497,10 @@ async fn push_changes(broker: Arc<Broker>, wg: Arc<Wireguard>) {
         for peer in &wg.peers {
             if peer.subscribed() {
                 if routes {
-                    wg.send_routes(&broker, peer);
+                    wg.send_routes(peer);
                 }
                 if zone {
-                    wg.send_zone(&broker, peer);
+                    wg.send_zone(peer);
                 }
             }
         }

@@ -73,7 +73,7 @@ async fn doctor_explains_what_blocks_a_site() {
     assert_eq!(level_of(&report, "path mtu"), Level::Ok);
     assert!(report.render().contains("can connect, over HTTP/3"));
     // It opened no tunnel.
-    assert!(broker.broker().sessions.read().unwrap().is_empty());
+    assert!(broker.broker().sessions().is_empty());
 
     // A broker name that resolves outside the published CIDR is refused,
     // and doctor says so.

@@ -40,7 +40,8 @@ use crate::route::{Route, RouteKind, RouteTarget};
 
 pub use alloc::{Allocated, AllocationError, AllocationId, AllocationRequest, StoreResult};
 pub use policy::{
-    CloseAction, CloseReason, Refusal, SiteRecordAction, TokenError, TokenPolicy, authorize,
+    CloseAction, CloseReason, Refusal, RequestKind, SiteRecordAction, TokenError, TokenPolicy,
+    authorize, classify_request,
 };
 pub use sessions::{OpenError, SessionId, SessionOpen};
 

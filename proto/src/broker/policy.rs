@@ -1,11 +1,13 @@
-//! Broker policy without state: who may open a tunnel, how long tokens
-//! live, what happens to a site's record when it gets a token, and how a
-//! session's end is told to the site on the wire.
+//! Broker policy without state: what a request to the tunnel listener asks
+//! for, who may open a tunnel, how long tokens live, what happens to a
+//! site's record when it gets a token, and how a session's end is told to
+//! the site on the wire.
 
 use std::time::Duration;
 
 use super::BrokerCore;
-use crate::connect_ip::Scope;
+use crate::api::{ENROLL_PATH, RENEW_PATH};
+use crate::connect_ip::{self, Scope};
 use crate::h3::error::{H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED};
 use crate::ids::{RegionId, SiteId};
 
@@ -119,6 +121,39 @@ pub fn authorize(
         return refuse(400, "Capsule-Protocol must be ?1".into());
     }
     Ok(())
+}
+
+/// What a request to the tunnel listener asks for, over HTTP/3 or HTTP/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// A CONNECT-IP tunnel (extended CONNECT, `:protocol connect-ip`).
+    ConnectIp,
+    /// Enrollment with a token (`POST` to [`ENROLL_PATH`]).
+    Enroll,
+    /// Renewal of a site certificate (`POST` to [`RENEW_PATH`]).
+    Renew,
+}
+
+/// Classifies a request by its method, `:protocol` and path; anything else
+/// is refused: 501 for another CONNECT, 404 for the rest.
+pub fn classify_request(
+    method: &str,
+    protocol: Option<&str>,
+    path: &str,
+) -> Result<RequestKind, Refusal> {
+    match (method, protocol, path) {
+        ("CONNECT", Some(connect_ip::PROTOCOL), _) => Ok(RequestKind::ConnectIp),
+        ("POST", None, ENROLL_PATH) => Ok(RequestKind::Enroll),
+        ("POST", None, RENEW_PATH) => Ok(RequestKind::Renew),
+        ("CONNECT", _, _) => Err(Refusal {
+            status: 501,
+            message: "only CONNECT-IP (:protocol connect-ip) is served here".into(),
+        }),
+        _ => Err(Refusal {
+            status: 404,
+            message: format!("nothing at {path}"),
+        }),
+    }
 }
 
 /// How long enrollment tokens live.
@@ -300,5 +335,38 @@ mod tests {
             core.token_record(&site, &eu(), Some((&id("us"), false))),
             Err(TokenError::SiteInOtherRegion { .. })
         ));
+    }
+
+    #[test]
+    fn requests_are_classified_the_same_for_every_listener() {
+        let tunnel = "/.well-known/masque/ip/*/*/";
+        assert_eq!(
+            classify_request("CONNECT", Some("connect-ip"), tunnel),
+            Ok(RequestKind::ConnectIp)
+        );
+        assert_eq!(
+            classify_request("POST", None, ENROLL_PATH),
+            Ok(RequestKind::Enroll)
+        );
+        assert_eq!(
+            classify_request("POST", None, RENEW_PATH),
+            Ok(RequestKind::Renew)
+        );
+        // Another extended CONNECT, or a plain one: not served.
+        for protocol in [Some("connect-udp"), None] {
+            let refused = classify_request("CONNECT", protocol, tunnel).unwrap_err();
+            assert_eq!(refused.status, 501);
+            assert!(refused.message.contains("CONNECT-IP"), "{refused:?}");
+        }
+        // Enrollment with a :protocol, another method, another path.
+        for (method, protocol, path) in [
+            ("POST", Some("connect-ip"), ENROLL_PATH),
+            ("GET", None, ENROLL_PATH),
+            ("POST", None, "/elsewhere"),
+        ] {
+            let refused = classify_request(method, protocol, path).unwrap_err();
+            assert_eq!(refused.status, 404, "{method} {protocol:?} {path}");
+            assert_eq!(refused.message, format!("nothing at {path}"));
+        }
     }
 }

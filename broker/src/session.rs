@@ -10,41 +10,33 @@
 //! over HTTP/2 they arrive as DATAGRAM capsules on the stream
 //! ([`crate::h2server`]).
 
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ipnet::IpNet;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_pki::PeerCert;
-use tether_proto::broker::CloseAction;
+use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::h3::error::H3_MESSAGE_ERROR;
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
+use tether_proto::ids::SiteId;
 use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
+use tether_shell::h3::{respond_error, send_data, send_head};
 use tokio::sync::watch;
 
-use crate::plane;
-use crate::state::{Broker, BrokerError, CloseReason, Counters, Link, Session};
-use tether_shell::h3::{respond_error, send_data, send_head};
+use crate::error::BrokerError;
+use crate::sessions::{ConnectionId, Session, SessionLink};
+use crate::state::Broker;
 
-/// A refused CONNECT-IP request: status and a message for the site.
-#[derive(Debug)]
-pub struct Refusal {
-    /// HTTP status.
-    pub status: u16,
-    /// What the site should know.
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(status: u16, message: impl Into<String>) -> Self {
-        let message = message.into();
-        crate::metrics::connect_refused(status);
-        tracing::info!(status, reason = %message, "CONNECT-IP refused");
-        Self { status, message }
-    }
+/// Refuses a CONNECT-IP request: logged and counted.
+fn refuse(status: u16, message: impl Into<String>) -> Refusal {
+    let message = message.into();
+    crate::metrics::connect_refused(status);
+    tracing::info!(status, reason = %message, "CONNECT-IP refused");
+    Refusal { status, message }
 }
 
 /// Checks a CONNECT-IP request before anything is allocated: the site's
@@ -56,15 +48,15 @@ pub fn check(
     capsule_protocol: Option<&str>,
 ) -> Result<PeerCert, Refusal> {
     tether_proto::broker::authorize(peer.is_some(), path, capsule_protocol)
-        .map_err(|r| Refusal::new(r.status, r.message))?;
-    peer.ok_or_else(|| Refusal::new(500, "internal error"))
+        .map_err(|r| refuse(r.status, r.message))?;
+    peer.ok_or_else(|| refuse(500, "internal error"))
 }
 
 /// The services a site announces in its CONNECT-IP request; a list that
 /// does not parse is refused with 400, before anything is allocated.
 pub fn services(header: Option<&str>) -> Result<Vec<tether_proto::dns::Service>, Refusal> {
     tether_proto::dns::Service::parse_list(header.unwrap_or_default()).map_err(|e| {
-        Refusal::new(
+        refuse(
             400,
             format!("the {SERVICES_HEADER} header is not valid: {e} (write name=port,name=port)"),
         )
@@ -94,15 +86,14 @@ pub async fn allocate(
     .await;
     match allocated {
         Ok(Ok(Some(a))) => Ok(a),
-        Ok(Ok(None)) | Ok(Err(BrokerError::Revoked(_))) => Err(Refusal::new(
-            403,
-            "this site is revoked or unknown to the broker",
-        )),
+        Ok(Ok(None)) | Ok(Err(BrokerError::Revoked(_))) => {
+            Err(refuse(403, "this site is revoked or unknown to the broker"))
+        }
         Ok(Err(e)) => {
             tracing::warn!(%site, error = %e, "no address for site");
-            Err(Refusal::new(503, format!("no address available: {e}")))
+            Err(refuse(503, format!("no address available: {e}")))
         }
-        Err(_) => Err(Refusal::new(500, "internal error")),
+        Err(_) => Err(refuse(500, "internal error")),
     }
 }
 
@@ -133,7 +124,7 @@ pub async fn run(
             .ok()
             .and_then(|r| r.ok().and_then(|s| s.clone()));
     if !peer_settings.is_some_and(|s| s.h3_datagram) || conn.max_datagram_size().is_none() {
-        let r = Refusal::new(
+        let r = refuse(
             400,
             "HTTP Datagrams are not enabled (SETTINGS_H3_DATAGRAM and QUIC datagrams are required)",
         );
@@ -157,7 +148,7 @@ pub async fn run(
         return;
     }
     let (stream_id, prefix) = tether_shell::h3::datagram_prefix(&recv);
-    let link = Link::H3 {
+    let link = SessionLink::H3 {
         conn: conn.clone(),
         prefix,
     };
@@ -168,7 +159,7 @@ pub async fn run(
         dec,
     };
     let site = peer.identity.site.clone();
-    let started = Started::with_connected_at(
+    let started = Started::new(
         &broker,
         peer,
         &addresses,
@@ -178,7 +169,7 @@ pub async fn run(
         connected_at,
     );
     let datagrams = {
-        let (broker, session) = (broker.clone(), started.session.clone());
+        let (plane, session) = (broker.plane().clone(), started.session.clone());
         let conn = conn.clone();
         tokio::spawn(async move {
             use futures_util::FutureExt;
@@ -186,18 +177,18 @@ pub async fn run(
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
             while let Ok(first) = conn.read_datagram().await {
-                let mut batch = plane::take_batch(&broker);
-                plane::from_site_batched(&broker, &session, stream_id, &first, &mut batch);
+                let mut batch = plane.take_batch();
+                plane.route_site_datagram(&session, stream_id, &first, &mut batch);
                 for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
                     match conn.read_datagram().now_or_never() {
                         Some(Ok(d)) => {
-                            plane::from_site_batched(&broker, &session, stream_id, &d, &mut batch)
+                            plane.route_site_datagram(&session, stream_id, &d, &mut batch)
                         }
                         _ => break,
                     }
                 }
-                batch.flush(&broker).await;
-                plane::give_batch(&broker, batch);
+                batch.flush(&plane).await;
+                plane.give_batch(batch);
             }
         })
     };
@@ -208,12 +199,12 @@ pub async fn run(
     };
     match reason {
         Ending::Closed(r) => {
-            // A replaced session leaves the connection open when the site's
-            // newer session runs on it.
-            let same_connection = r == CloseReason::Replaced
-                && broker.session(&site).map(|s| s.link.connection_id())
-                    == Some((true, conn.stable_id() as u64));
-            match r.action(same_connection) {
+            match close_action(
+                &broker,
+                &site,
+                r,
+                ConnectionId::Quic(conn.stable_id() as u64),
+            ) {
                 CloseAction::CloseConnection { code, reason } => {
                     conn.close(VarInt::from_u64(code).unwrap_or_default(), reason)
                 }
@@ -229,6 +220,21 @@ pub async fn run(
             let _ = send.reset(VarInt::from_u64(H3_MESSAGE_ERROR).unwrap_or_default());
         }
     }
+}
+
+/// How to end a session the broker closed for `reason`, on the wire: the
+/// core's policy ([`CloseReason::action`]), told whether the site's current
+/// session runs on `connection` too (a replaced request on a connection the
+/// site keeps).
+pub fn close_action(
+    broker: &Broker,
+    site: &SiteId,
+    reason: CloseReason,
+    connection: ConnectionId,
+) -> CloseAction {
+    let same_connection = reason == CloseReason::Replaced
+        && broker.session(site).map(|s| s.link.connection_id()) == Some(connection);
+    reason.action(same_connection)
 }
 
 /// The request stream of a session.
@@ -336,55 +342,31 @@ pub struct Started {
 }
 
 impl Started {
-    /// Registers the session of `peer` on `link` with its addresses.
+    /// Registers the session of `peer` on `link` with its addresses, for a
+    /// request that arrived at `connected_at`. A session the broker core
+    /// refuses (revoked meanwhile, or older than the site's current one)
+    /// ends as soon as it is served.
     pub fn new(
         broker: &Arc<Broker>,
         peer: PeerCert,
         addresses: &[IpNet],
         lans: &[IpNet],
-        link: Link,
-        services: Vec<tether_proto::dns::Service>,
-    ) -> Self {
-        Self::with_connected_at(
-            broker,
-            peer,
-            addresses,
-            lans,
-            link,
-            services,
-            Instant::now(),
-        )
-    }
-
-    /// Registers the session of `peer` on `link` with its addresses, for a
-    /// request that arrived at `connected_at`. A session the broker core
-    /// refuses (revoked meanwhile, or older than the site's current one)
-    /// ends as soon as it is served.
-    pub fn with_connected_at(
-        broker: &Arc<Broker>,
-        peer: PeerCert,
-        addresses: &[IpNet],
-        lans: &[IpNet],
-        link: Link,
+        link: SessionLink,
         services: Vec<tether_proto::dns::Service>,
         connected_at: Instant,
     ) -> Self {
         let core = BrokerSession::new(addresses, lans);
-        let (close_tx, close) = watch::channel(None);
         let transport = link.transport();
         let remote = link.remote();
-        let session = Arc::new(Session {
-            id: broker.next_session_id(),
+        let (session, close) = Session::new(
+            broker.next_session_id(),
             connected_at,
             peer,
             link,
-            allowed: RwLock::new(core.source_prefixes()),
-            since: SystemTime::now(),
-            counters: Counters::default(),
-            close: close_tx,
+            core.source_prefixes(),
             services,
-            drops: Default::default(),
-        });
+        );
+        let session = Arc::new(session);
         if let Err(refused) = broker.register(session.clone(), addresses) {
             tracing::info!(site = %session.site(), reason = %refused, "session refused");
             session.request_close(refused.close_reason());
@@ -417,7 +399,7 @@ impl Started {
         };
         let opening = self.core.open(&reachable);
         let mut ended = io.perform(&mut self.core, opening).await.err();
-        let mut routes = broker.routes_version.subscribe();
+        let mut routes = broker.reachable_changes();
         let mut capsules = CapsuleDecoder::default();
         let mut gone = io.carrier.gone();
         let reason: Ending = loop {
@@ -545,7 +527,7 @@ impl SessionIo<'_> {
                     if let Ok(datagram::Payload::IpPacket(packet)) =
                         datagram::parse_payload(&payload)
                     {
-                        plane::from_site_packet(self.broker, self.session, packet);
+                        self.broker.plane().route_site_packet(self.session, packet);
                     }
                 }
             }

@@ -1,0 +1,268 @@
+//! The broker core behind one lock, and the shell's side of its contract
+//! (`docs/architecture.md`, "The broker core"): every decision runs under
+//! the lock through [`CoreCell::decide`], whose events are carried out
+//! before the lock is released, so the map of live sessions
+//! ([`Sessions`]) never disagrees with the core. Packets read the routing
+//! state through [`CoreCell::read`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Instant, SystemTime};
+
+use ipnet::IpNet;
+use tether_proto::broker::{
+    Allocated, AllocationError, AllocationId, AllocationRequest, BrokerCore, Event, OpenError,
+    SessionOpen, StoreCommand, StoreResult,
+};
+use tether_proto::forward::Router;
+use tokio::sync::{Notify, watch};
+
+use crate::sessions::{Session, Sessions};
+use crate::store::Store;
+
+/// The lock on the core was poisoned by a panic.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker core lock is poisoned")]
+pub struct Poisoned;
+
+/// A read guard on the core that derefs to its [`Router`].
+pub struct RouterRead<'a>(RwLockReadGuard<'a, BrokerCore>);
+
+impl std::ops::Deref for RouterRead<'_> {
+    type Target = Router;
+    fn deref(&self) -> &Router {
+        self.0.router()
+    }
+}
+
+/// The broker core, the live sessions it keeps current, and what its
+/// events announce.
+#[derive(Debug)]
+pub struct CoreCell {
+    core: RwLock<BrokerCore>,
+    sessions: Arc<Sessions>,
+    /// Bumped whenever a site route appears or goes (gateways follow it).
+    site_routes: watch::Sender<u64>,
+    /// Bumped on every change that can alter a name in the mesh zone.
+    names: watch::Sender<u64>,
+    /// Wakes the certificate-expiry timer when the core's deadline moves.
+    timer: Notify,
+    /// One allocation at a time, as the store serialises them anyway.
+    allocation_gate: Mutex<()>,
+    /// Outcomes of allocations, picked up by the caller that drives them.
+    allocated: Mutex<HashMap<AllocationId, Result<Allocated, AllocationError>>>,
+}
+
+impl CoreCell {
+    /// Wraps a core; `sessions` is the map it keeps in step.
+    pub fn new(core: BrokerCore, sessions: Arc<Sessions>) -> Self {
+        Self {
+            core: RwLock::new(core),
+            sessions,
+            site_routes: watch::channel(0).0,
+            names: watch::channel(0).0,
+            timer: Notify::new(),
+            allocation_gate: Mutex::new(()),
+            allocated: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The routing state, for forwarding and explanations.
+    pub fn read(&self) -> Result<RouterRead<'_>, Poisoned> {
+        self.core.read().map(RouterRead).map_err(|_| Poisoned)
+    }
+
+    /// The whole core, read-only.
+    pub fn core(&self) -> Result<RwLockReadGuard<'_, BrokerCore>, Poisoned> {
+        self.core.read().map_err(|_| Poisoned)
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, BrokerCore>, Poisoned> {
+        self.core.write().map_err(|_| Poisoned)
+    }
+
+    /// Runs `f` on the core, then carries out the events it produced while
+    /// still holding the lock.
+    pub fn decide<T>(&self, f: impl FnOnce(&mut BrokerCore) -> T) -> Result<T, Poisoned> {
+        let mut core = self.write()?;
+        let out = f(&mut core);
+        self.dispatch(&mut core);
+        Ok(out)
+    }
+
+    fn dispatch(&self, core: &mut BrokerCore) {
+        let (mut routes, mut names) = (false, false);
+        while let Some(event) = core.poll_event() {
+            match event {
+                Event::CloseSession {
+                    session,
+                    site,
+                    reason,
+                } => {
+                    if let Some(closed) = self.sessions.remove_if(&site, |cur| cur.id == session) {
+                        closed.request_close(reason);
+                    }
+                }
+                Event::RoutesChanged => routes = true,
+                Event::SessionsChanged => names = true,
+                Event::Allocated { allocation, result } => {
+                    if let Ok(mut a) = self.allocated.lock() {
+                        a.insert(allocation, result);
+                    }
+                }
+            }
+        }
+        if routes {
+            self.site_routes.send_modify(|v| *v += 1);
+        }
+        if names {
+            self.names_changed();
+        }
+    }
+
+    /// Opens a session in the core and, if the core takes it, makes it its
+    /// site's current one (the replaced one is asked to close).
+    pub fn open_session(
+        &self,
+        session: &Arc<Session>,
+        addresses: &[IpNet],
+    ) -> Result<(), OpenError> {
+        let open = SessionOpen {
+            id: session.id,
+            site: session.site().clone(),
+            region: session.region().clone(),
+            serial: session.peer.serial.clone(),
+            addresses: addresses.to_vec(),
+            connected_at: session.connected_at,
+            not_after: instant_of(session.peer.not_after),
+        };
+        let opened = self
+            .write()
+            .map_err(|_| OpenError::Duplicate)
+            .and_then(|mut core| {
+                let result = core.handle_session_open(open, Instant::now());
+                self.dispatch(&mut core);
+                if result.is_ok() {
+                    self.sessions.insert(session.clone());
+                }
+                result
+            });
+        if opened.is_ok() {
+            self.timer.notify_one();
+        }
+        opened
+    }
+
+    /// Ends a session in the core, with its routes, if it is still its
+    /// site's current one.
+    pub fn close_session(&self, session: &Arc<Session>) {
+        let site = session.site();
+        let _ = self.decide(|core| {
+            if core.handle_session_closed(site, session.id, Instant::now()) {
+                self.sessions
+                    .remove_if(site, |cur| Arc::ptr_eq(cur, session));
+            }
+        });
+    }
+
+    /// Replaces the LAN routes of a session with `prefixes`, if it is still
+    /// its site's current session.
+    pub fn set_lan_routes(&self, session: &Session, prefixes: &[IpNet]) {
+        let _ = self.decide(|core| core.handle_lan_routes(session.site(), session.id, prefixes));
+    }
+
+    /// Runs an allocation to its end: performs the core's store commands
+    /// against `store` and feeds their results back. Blocking: call from a
+    /// blocking context.
+    pub fn allocate(
+        &self,
+        store: &dyn Store,
+        request: AllocationRequest,
+    ) -> Result<Allocated, AllocationError> {
+        let _gate = self
+            .allocation_gate
+            .lock()
+            .map_err(|_| AllocationError::Contention)?;
+        let mut pending = VecDeque::new();
+        let id = self
+            .decide(|core| {
+                let id = core.handle_allocate(request);
+                pending.extend(std::iter::from_fn(|| core.poll_command()));
+                id
+            })
+            .map_err(|_| AllocationError::Contention)?;
+        loop {
+            if let Some(result) = self.allocated.lock().ok().and_then(|mut a| a.remove(&id)) {
+                return result;
+            }
+            let Some(command) = pending.pop_front() else {
+                return Err(AllocationError::Contention);
+            };
+            let (allocation, answer) = match command {
+                StoreCommand::LoadLeases { allocation, region } => (
+                    allocation,
+                    match store.region_leases(&region) {
+                        Ok(leases) => StoreResult::Leases(leases),
+                        Err(e) => StoreResult::Failed(e.0),
+                    },
+                ),
+                StoreCommand::CompareAndSet { allocation, txn } => (
+                    allocation,
+                    match store.commit_leases(&txn) {
+                        Ok(Ok(())) => StoreResult::Committed,
+                        Ok(Err(_)) => StoreResult::Conflict,
+                        Err(e) => StoreResult::Failed(e.0),
+                    },
+                ),
+            };
+            self.decide(|core| {
+                core.handle_store_result(allocation, answer);
+                pending.extend(std::iter::from_fn(|| core.poll_command()));
+            })
+            .map_err(|_| AllocationError::Contention)?;
+        }
+    }
+
+    /// The earliest certificate expiry of a live session.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.core().ok().and_then(|c| c.poll_timeout())
+    }
+
+    /// Ends the sessions whose certificate expired by `now`.
+    pub fn expire(&self, now: Instant) {
+        let _ = self.decide(|core| core.handle_timeout(now));
+    }
+
+    /// Resolves when the next deadline may have moved.
+    pub async fn deadline_moved(&self) {
+        self.timer.notified().await;
+    }
+
+    /// The current generation of the site routes.
+    pub fn routes_generation(&self) -> u64 {
+        *self.site_routes.borrow()
+    }
+
+    /// Changes to the site routes.
+    pub fn route_changes(&self) -> watch::Receiver<u64> {
+        self.site_routes.subscribe()
+    }
+
+    /// Says that a name in the mesh zone may have changed.
+    pub fn names_changed(&self) {
+        self.names.send_modify(|v| *v += 1);
+    }
+
+    /// Changes that can alter a name in the mesh zone.
+    pub fn name_changes(&self) -> watch::Receiver<u64> {
+        self.names.subscribe()
+    }
+}
+
+/// `at` on the monotonic clock (`now` if it has passed).
+fn instant_of(at: SystemTime) -> Instant {
+    let now = Instant::now();
+    at.duration_since(SystemTime::now())
+        .map(|d| now + d)
+        .unwrap_or(now)
+}

@@ -1,0 +1,255 @@
+//! The live sessions: each site's tunnel as the forwarding plane and the
+//! admin API see it ([`Session`], reached over a [`SessionLink`]), and the
+//! map of the current session of each site ([`Sessions`]), kept in step
+//! with the broker core by [`crate::core_cell::CoreCell`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use tether_pki::{PeerCert, token};
+use tether_proto::api::SessionInfo;
+use tether_proto::broker::{CloseReason, SessionId};
+use tether_proto::ids::{RegionId, SiteId};
+use tether_proto::tunnel::Transport;
+use tokio::sync::watch;
+
+use crate::counters::{Counters, Drops, SiteTotals};
+
+/// How packets reach a site: the connection under its session.
+#[derive(Debug)]
+pub enum SessionLink {
+    /// QUIC datagrams on an HTTP/3 connection.
+    H3 {
+        /// The QUIC connection.
+        conn: quinn::Connection,
+        /// The bytes before each IP packet in a datagram: quarter stream ID
+        /// and context ID 0.
+        prefix: Vec<u8>,
+    },
+    /// DATAGRAM capsules on an HTTP/2 request stream, written in order by
+    /// the stream's writer task.
+    H2 {
+        /// Encoded capsules to the writer task.
+        capsules: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        /// The TCP peer (the proxy's address when the site uses one).
+        remote: SocketAddr,
+        /// Identifies the TCP connection.
+        id: u64,
+        /// Latest round-trip time of an HTTP/2 PING, in microseconds.
+        rtt_us: Arc<AtomicU64>,
+        /// Whether the site came through a proxy (known from the
+        /// `tether-transport` request header).
+        transport: Transport,
+    },
+}
+
+/// Identifies the connection under a session: a QUIC connection or a TCP
+/// connection of the HTTP/2 listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionId {
+    /// A QUIC connection (its `stable_id`).
+    Quic(u64),
+    /// A TCP connection of the HTTP/2 listener.
+    Tcp(u64),
+}
+
+impl SessionLink {
+    /// The transport.
+    pub fn transport(&self) -> Transport {
+        match self {
+            SessionLink::H3 { .. } => Transport::H3,
+            SessionLink::H2 { transport, .. } => *transport,
+        }
+    }
+
+    /// The peer's address.
+    pub fn remote(&self) -> SocketAddr {
+        match self {
+            SessionLink::H3 { conn, .. } => conn.remote_address(),
+            SessionLink::H2 { remote, .. } => *remote,
+        }
+    }
+
+    /// The round-trip time.
+    pub fn rtt(&self) -> Duration {
+        match self {
+            SessionLink::H3 { conn, .. } => conn.rtt(),
+            SessionLink::H2 { rtt_us, .. } => Duration::from_micros(rtt_us.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The largest IP packet the link carries now.
+    pub fn mtu(&self) -> Option<usize> {
+        match self {
+            SessionLink::H3 { conn, prefix } => conn
+                .max_datagram_size()
+                .map(|m| m.saturating_sub(prefix.len())),
+            SessionLink::H2 { .. } => Some(tether_proto::datagram::STREAM_MTU),
+        }
+    }
+
+    /// Identifies the underlying connection.
+    pub fn connection_id(&self) -> ConnectionId {
+        match self {
+            SessionLink::H3 { conn, .. } => ConnectionId::Quic(conn.stable_id() as u64),
+            SessionLink::H2 { id, .. } => ConnectionId::Tcp(*id),
+        }
+    }
+}
+
+/// A site's live tunnel.
+#[derive(Debug)]
+pub struct Session {
+    /// Its identifier in the broker core.
+    pub id: SessionId,
+    /// When its request arrived: of two sessions of one site, the later
+    /// one wins.
+    pub connected_at: Instant,
+    /// The verified peer certificate.
+    pub peer: PeerCert,
+    /// How packets reach the site.
+    pub link: SessionLink,
+    /// Prefixes the site may send from.
+    pub allowed: RwLock<Vec<IpNet>>,
+    /// When it connected.
+    pub since: SystemTime,
+    /// Traffic counters.
+    pub counters: Counters,
+    /// Raised to end the session.
+    close: watch::Sender<Option<CloseReason>>,
+    /// TCP services the site announced when it connected (SRV names).
+    pub services: Vec<tether_proto::dns::Service>,
+    /// Packets of this site dropped, by reason.
+    pub drops: Drops,
+}
+
+impl Session {
+    /// A session of `peer` on `link`, connected now, that may send from
+    /// `allowed`; with the receiver its task watches for the broker's
+    /// request to end it ([`Session::request_close`]).
+    pub fn new(
+        id: SessionId,
+        connected_at: Instant,
+        peer: PeerCert,
+        link: SessionLink,
+        allowed: Vec<IpNet>,
+        services: Vec<tether_proto::dns::Service>,
+    ) -> (Self, watch::Receiver<Option<CloseReason>>) {
+        let (close, closed) = watch::channel(None);
+        let session = Self {
+            id,
+            connected_at,
+            peer,
+            link,
+            allowed: RwLock::new(allowed),
+            since: SystemTime::now(),
+            counters: Counters::default(),
+            close,
+            services,
+            drops: Drops::default(),
+        };
+        (session, closed)
+    }
+
+    /// The site.
+    pub fn site(&self) -> &SiteId {
+        &self.peer.identity.site
+    }
+
+    /// The site's region.
+    pub fn region(&self) -> &RegionId {
+        &self.peer.identity.region
+    }
+
+    /// The largest IP packet the tunnel carries right now.
+    pub fn mtu(&self) -> Option<usize> {
+        self.link.mtu()
+    }
+
+    /// Asks the session's task to end it.
+    pub fn request_close(&self, reason: CloseReason) {
+        let _ = self.close.send(Some(reason));
+    }
+
+    /// Its traffic and drops so far.
+    pub fn totals(&self) -> SiteTotals {
+        SiteTotals::of(&self.counters, &self.drops)
+    }
+
+    /// The admin API's view of it.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            site: self.site().clone(),
+            region: self.region().clone(),
+            transport: self.link.transport().as_str().into(),
+            remote: self.link.remote(),
+            since: token::unix_secs(self.since),
+            rtt_ms: self.link.rtt().as_secs_f64() * 1000.0,
+            rx_packets: self.counters.rx.get().0,
+            rx_bytes: self.counters.rx.get().1,
+            tx_packets: self.counters.tx.get().0,
+            tx_bytes: self.counters.tx.get().1,
+            mtu: self.mtu(),
+            services: self.services.clone(),
+            drops: self
+                .drops
+                .get()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.as_str().to_string(), n))
+                .collect(),
+        }
+    }
+}
+
+/// The current session of each site. Only the broker core's decisions
+/// ([`crate::core_cell::CoreCell`]) add and remove entries; everything else
+/// reads.
+#[derive(Debug, Default)]
+pub struct Sessions(RwLock<HashMap<SiteId, Arc<Session>>>);
+
+impl Sessions {
+    /// The current session of a site.
+    pub fn get(&self, site: &SiteId) -> Option<Arc<Session>> {
+        self.0.read().ok().and_then(|s| s.get(site).cloned())
+    }
+
+    /// Every current session.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.0
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether no site has a session.
+    pub fn is_empty(&self) -> bool {
+        self.0.read().map(|s| s.is_empty()).unwrap_or(true)
+    }
+
+    /// Makes `session` its site's current one.
+    pub(crate) fn insert(&self, session: Arc<Session>) {
+        if let Ok(mut s) = self.0.write() {
+            s.insert(session.site().clone(), session);
+        }
+    }
+
+    /// Removes the current session of `site` if `is_it` says it is the one
+    /// meant, and returns it.
+    pub(crate) fn remove_if(
+        &self,
+        site: &SiteId,
+        is_it: impl FnOnce(&Arc<Session>) -> bool,
+    ) -> Option<Arc<Session>> {
+        let mut s = self.0.write().ok()?;
+        if s.get(site).is_some_and(is_it) {
+            s.remove(site)
+        } else {
+            None
+        }
+    }
+}
