@@ -327,7 +327,7 @@ async fn revoke(
 
 async fn policy(State(broker): State<Arc<Broker>>) -> Result<Json<PolicyInfo>, AdminError> {
     let router = broker
-        .router
+        .core()
         .read()
         .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
     Ok(Json(crate::access::info(&router)))

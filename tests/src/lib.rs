@@ -67,11 +67,11 @@ impl TestBroker {
     pub async fn wait_for_route(&self, prefix: ipnet::IpNet, timeout: Duration) {
         let broker = self.broker().clone();
         // Subscribe before looking, so a change in between is not missed.
-        let mut changes = broker.site_routes.subscribe();
+        let mut changes = broker.core().route_changes();
         let installed = tokio::time::timeout(timeout, async {
             loop {
                 if !broker
-                    .router
+                    .core()
                     .read()
                     .unwrap()
                     .table
