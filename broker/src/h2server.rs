@@ -48,9 +48,7 @@ pub fn acceptor(broker: &Broker) -> anyhow::Result<TlsAcceptor> {
 }
 
 /// Binds the TCP listener.
-pub fn listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = std::net::TcpListener::bind(addr)
-        .map_err(|e| crate::server::bind_error("TCP", addr, &e))?;
+pub fn listener(socket: std::net::TcpListener) -> anyhow::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     TcpListener::from_std(socket).context("cannot register the TCP listener")
 }

@@ -205,7 +205,11 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let mut tunnel_addrs = Vec::new();
     let acceptor = crate::h2server::acceptor(&broker)?;
     for addr in &config.listen {
-        let endpoint = crate::server::endpoint(&broker, *addr)?;
+        // HTTP/3 on UDP and HTTP/2 on TCP, on the same port (one free for
+        // both when the configuration says port 0).
+        let (udp, tcp) = tether_shell::udp::bind_pair(*addr)
+            .map_err(|e| crate::server::bind_error(e.protocol, e.addr, &e.error))?;
+        let endpoint = crate::server::endpoint(&broker, udp)?;
         let bound = endpoint.local_addr()?;
         tunnel_addrs.push(bound);
         tasks.push(tokio::spawn(crate::server::serve(
@@ -213,9 +217,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
             endpoint.clone(),
         )));
         endpoints.push(endpoint);
-        // HTTP/2 on TCP, on the same port (the one chosen for UDP when the
-        // configuration said port 0).
-        let listener = crate::h2server::listener(bound)?;
+        let listener = crate::h2server::listener(tcp)?;
         tasks.push(tokio::spawn(crate::h2server::serve(
             broker.clone(),
             listener,

@@ -82,8 +82,8 @@ pub fn bind_error(protocol: &str, addr: SocketAddr, e: &std::io::Error) -> anyho
     anyhow::anyhow!("cannot listen on {protocol} {addr}: {e}{hint}")
 }
 
-/// Binds a QUIC endpoint for the broker.
-pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+/// The broker's QUIC endpoint on a bound socket.
+pub fn endpoint(broker: &Broker, socket: std::net::UdpSocket) -> anyhow::Result<quinn::Endpoint> {
     let tls = tls_config(broker, ALPN_H3)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .context("TLS configuration unusable for QUIC")?;
@@ -92,7 +92,6 @@ pub fn endpoint(broker: &Broker, addr: SocketAddr) -> anyhow::Result<quinn::Endp
         broker.config.keepalive,
         broker.config.idle_timeout,
     )));
-    let socket = std::net::UdpSocket::bind(addr).map_err(|e| bind_error("UDP", addr, &e))?;
     tether_shell::udp::tune_socket(&socket);
     let endpoint_config = endpoint_config(&broker.data_dir)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;

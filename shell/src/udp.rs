@@ -25,6 +25,62 @@ pub fn tune_socket(socket: &std::net::UdpSocket) {
     }
 }
 
+/// Why [`bind_pair`] failed: which protocol, and the error.
+#[derive(Debug)]
+pub struct BindError {
+    /// `"UDP"` or `"TCP"`.
+    pub protocol: &'static str,
+    /// The address tried.
+    pub addr: SocketAddr,
+    /// The error.
+    pub error: std::io::Error,
+}
+
+/// Attempts at finding a port free for both UDP and TCP when asked for
+/// port 0.
+const PAIR_ATTEMPTS: usize = 32;
+
+/// Binds UDP and TCP on the same address and port, as a listener serving
+/// HTTP/3 and HTTP/2 side by side needs. For port 0 the port the kernel
+/// gives UDP may be taken on TCP by another process: then both are closed
+/// and another port tried, so an ephemeral pair never fails by chance.
+pub fn bind_pair(
+    addr: SocketAddr,
+) -> Result<(std::net::UdpSocket, std::net::TcpListener), BindError> {
+    let attempts = if addr.port() == 0 { PAIR_ATTEMPTS } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = std::net::UdpSocket::bind(addr).map_err(|error| BindError {
+            protocol: "UDP",
+            addr,
+            error,
+        })?;
+        let bound = udp.local_addr().map_err(|error| BindError {
+            protocol: "UDP",
+            addr,
+            error,
+        })?;
+        match std::net::TcpListener::bind(bound) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(error) => {
+                last = Some(BindError {
+                    protocol: "TCP",
+                    addr: bound,
+                    error,
+                });
+                if addr.port() != 0 {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(BindError {
+        protocol: "TCP",
+        addr,
+        error: std::io::ErrorKind::AddrInUse.into(),
+    }))
+}
+
 /// How many receive buffers one system call may fill.
 const SLOTS: usize = 8;
 
@@ -85,5 +141,31 @@ impl BatchReceiver {
                     .chunks(stride)
                     .map(move |d| (m.addr, d))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// Port 0 finds a port free for both, even when the kernel's first
+    /// choices for UDP are taken on TCP.
+    #[test]
+    fn an_ephemeral_pair_skips_ports_taken_on_tcp() {
+        // Hold TCP on many ports, then ask for pairs: every pair must come
+        // back with both sockets on one port.
+        let held: Vec<std::net::TcpListener> = (0..200)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for _ in 0..50 {
+            let (udp, tcp) = bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
+            assert_eq!(udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        }
+        // A fixed port taken on TCP is an error naming TCP.
+        let taken = held[0].local_addr().unwrap();
+        let e = bind_pair(taken).unwrap_err();
+        assert_eq!(e.protocol, "TCP");
     }
 }
