@@ -26,8 +26,9 @@
 //!   expects (it applies its own commits to its cache as `version + 1`).
 //!   Comparing the key's own counter rather than its `mod_revision` keeps
 //!   the version numbers of a migrated embedded store unchanged.
-//! - Reading a region is one read-only transaction (the version key and
-//!   the lease range at one revision), so a snapshot is never torn.
+//! - Reading a region reads the version key, then the region's lease keys
+//!   at the revision of that read (in pages, each at that same revision),
+//!   so a snapshot is never torn. Every range read is paged that way.
 //! - A token redemption is one transaction: *if* the token key exists
 //!   (`version > 0`), *then* get it and delete it. Of any number of brokers
 //!   racing, exactly one transaction succeeds and receives the record.
@@ -77,6 +78,9 @@ use super::{
 /// Operations per etcd transaction when copying many records (etcd's
 /// default `--max-txn-ops` is 128).
 const BATCH: usize = 100;
+
+/// Keys per read of a range (small in tests, so that they read many pages).
+const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
 
 /// How long a broken watch waits before it is resumed.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
@@ -356,12 +360,7 @@ impl EtcdStore {
     /// Everything under the prefix (for [`migrate`](super::migrate) and
     /// checks).
     pub fn contents(&self) -> Result<StoreContents, StoreError> {
-        let prefix = self.keys.prefix.clone();
-        let kvs = self.call("read", move |mut c| async move {
-            Ok(c.get(prefix, Some(GetOptions::new().with_prefix()))
-                .await?
-                .take_kvs())
-        })?;
+        let kvs = self.range(self.keys.prefix.clone(), None)?;
         let mut contents = StoreContents::default();
         let mut regions: std::collections::BTreeMap<RegionId, (u64, Vec<Lease>)> =
             std::collections::BTreeMap::new();
@@ -483,12 +482,55 @@ impl EtcdStore {
     }
 
     fn get_prefix(&self, prefix: String) -> Result<Vec<KeyValue>, StoreError> {
-        self.call("read", move |mut c| async move {
-            Ok(c.get(prefix, Some(GetOptions::new().with_prefix()))
-                .await?
-                .take_kvs())
-        })
+        self.range(prefix, None)
     }
+
+    /// Every key under `prefix` as of revision `at` (default: now), read in
+    /// pages of [`PAGE`] keys, every page at the same revision: a consistent
+    /// snapshot of any size, within gRPC's message limit.
+    fn range(&self, prefix: String, mut at: Option<i64>) -> Result<Vec<KeyValue>, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.into_bytes();
+        let mut out = Vec::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(revision) = at {
+                options = options.with_revision(revision);
+            }
+            let key = from.clone();
+            let mut response = self.call("read", move |mut c| async move {
+                c.get(key, Some(options)).await
+            })?;
+            if at.is_none() {
+                at = response.header().map(|h| h.revision());
+            }
+            let more = response.more();
+            let kvs = response.take_kvs();
+            let next = kvs.last().map(|kv| {
+                let mut next = kv.key().to_vec();
+                next.push(0);
+                next
+            });
+            out.extend(kvs);
+            match next {
+                Some(next) if more => from = next,
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+/// The end of the key range of everything starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the key space.
+    vec![0]
 }
 
 /// Why a call on the store's runtime failed.
@@ -545,20 +587,14 @@ impl Store for EtcdStore {
     fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError> {
         let version_key = self.keys.region_version(region);
         let leases_key = self.keys.region_leases(region);
-        let responses = self.call("read", move |mut c| async move {
-            let txn = EtcdTxn::new().and_then([
-                TxnOp::get(version_key, None),
-                TxnOp::get(leases_key, Some(GetOptions::new().with_prefix())),
-            ]);
-            Ok(c.txn(txn).await?.op_responses())
+        let response = self.call("read", move |mut c| async move {
+            c.get(version_key, None).await
         })?;
-        let [version, leases] = responses.as_slice() else {
-            return Err(StoreError(
-                "etcd answered a read of two ranges oddly".into(),
-            ));
-        };
-        let version = parse_version(get_kvs(version).first())?;
-        let leases = get_kvs(leases)
+        let revision = response.header().map(|h| h.revision());
+        let version = parse_version(response.kvs().first())?;
+        // The leases as of the revision the version was read at.
+        let leases = self
+            .range(leases_key, revision)?
             .iter()
             .map(|kv| serde_json::from_slice::<Lease>(kv.value()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -701,5 +737,17 @@ impl TokenLedger for EtcdStore {
             Ok(Some(stored.into_record(*hash)))
         };
         run().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_range_of_a_prefix_ends_after_its_last_key() {
+        assert_eq!(prefix_end(b"/t/"), b"/t0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
     }
 }
