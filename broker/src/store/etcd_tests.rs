@@ -1,250 +1,30 @@
 //! [`EtcdStore`] against a real etcd server (Debian's `etcd-server`), started
-//! per test on loopback ports with a temporary data directory.
+//! per test on loopback ports with a temporary data directory
+//! ([`EtcdServer`]).
 //!
 //! Without `etcd` on PATH the tests print "skipped", except under CI (`CI`
 //! set), where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tether_config::broker::{EtcdConfig, EtcdTls};
+use tether_config::broker::EtcdConfig;
 use tether_pki::token::{TokenLedger, redeem};
 use tether_pki::{Revoked, SiteIdentity, TrustDomain};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, Ipam, Plan};
 use tether_proto::net::Family;
 
+use super::etcd_server::{EtcdServer, free_port};
 use super::*;
 
-/// How long etcd may take to answer after it was started.
-const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Deadline of each test body.
 const TEST_DEADLINE: Duration = Duration::from_secs(90);
 
-/// The etcd binary, or `None` (after printing "skipped") when it is not
-/// installed. Under CI a missing etcd fails the test.
-fn etcd_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("etcd"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "etcd is not on PATH; CI must install Debian's etcd-server"
-        );
-        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// TLS material for a server started with client certificate checks.
-struct TlsFiles {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-/// An etcd server on loopback, killed (by its PID) on drop.
-struct EtcdServer {
-    child: Child,
-    client_url: String,
-    /// Holds the data directory and the log until the server is gone.
-    _dir: tempfile::TempDir,
-    tls: Option<TlsFiles>,
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl EtcdServer {
-    /// Starts etcd and waits until it answers; `None` when etcd is not
-    /// installed (outside CI).
-    fn start(tls: bool) -> Option<Self> {
-        let binary = etcd_binary()?;
-        let dir = tempfile::tempdir().unwrap();
-        let tls = tls.then(|| write_tls_files(dir.path()));
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        // Ports are picked free and bound by etcd right after; a rare
-        // collision with a parallel test shows as etcd exiting, and is
-        // retried on new ports.
-        for _ in 0..5 {
-            let (client_port, peer_port) = (free_port(), free_port());
-            let client_url = format!("{scheme}://127.0.0.1:{client_port}");
-            let peer_url = format!("http://127.0.0.1:{peer_port}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-            let mut cmd = Command::new(&binary);
-            cmd.arg("--name=default")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={client_url}"))
-                .arg(format!("--advertise-client-urls={client_url}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=default={peer_url}"))
-                .arg("--log-level=warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            if let Some(files) = &tls {
-                cmd.arg(format!("--cert-file={}", files.server_cert.display()))
-                    .arg(format!("--key-file={}", files.server_key.display()))
-                    .arg(format!("--trusted-ca-file={}", files.ca.display()))
-                    .arg("--client-cert-auth");
-            }
-            let mut child = cmd.spawn().unwrap();
-            match wait_ready(&mut child, &client_url, tls.as_ref()) {
-                Ready::Yes => {
-                    return Some(EtcdServer {
-                        child,
-                        client_url,
-                        _dir: dir,
-                        tls,
-                    });
-                }
-                Ready::Exited => {
-                    // Most likely a port taken in between: new ports.
-                    let _ = std::fs::remove_dir_all(dir.path().join("data"));
-                }
-                Ready::TimedOut => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        let log = std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default();
-        panic!("etcd did not start (answering within {READY_WITHIN:?}); its log:\n{log}");
-    }
-
-    /// A store configuration for this server under `prefix`.
-    fn config(&self, prefix: &str) -> EtcdConfig {
-        EtcdConfig {
-            endpoints: vec![self.client_url.clone()],
-            prefix: prefix.to_string(),
-            timeout: Duration::from_secs(5),
-            tls: self.tls.as_ref().map(|t| EtcdTls {
-                ca_file: t.ca.clone(),
-                identity: Some((t.client_cert.clone(), t.client_key.clone())),
-            }),
-        }
-    }
-
-    fn open(&self, prefix: &str) -> EtcdStore {
-        EtcdStore::open(&self.config(prefix)).unwrap()
-    }
-}
-
-enum Ready {
-    Yes,
-    Exited,
-    TimedOut,
-}
-
-/// Polls the client API until etcd answers a read.
-fn wait_ready(child: &mut Child, client_url: &str, tls: Option<&TlsFiles>) -> Ready {
-    let deadline = Instant::now() + READY_WITHIN;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return Ready::Exited;
-        }
-        let answered = runtime.block_on(async {
-            let mut options = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_millis(500))
-                .with_timeout(Duration::from_millis(500));
-            if let Some(tls) = tls {
-                options = options.with_tls(
-                    etcd_client::TlsOptions::new()
-                        .ca_certificate(etcd_client::Certificate::from_pem(
-                            std::fs::read(&tls.ca).unwrap(),
-                        ))
-                        .identity(etcd_client::Identity::from_pem(
-                            std::fs::read(&tls.client_cert).unwrap(),
-                            std::fs::read(&tls.client_key).unwrap(),
-                        )),
-                );
-            }
-            let attempt = async {
-                let mut client = etcd_client::Client::connect([client_url], Some(options)).await?;
-                client.get("/ready", None).await
-            };
-            matches!(
-                tokio::time::timeout(Duration::from_secs(1), attempt).await,
-                Ok(Ok(_))
-            )
-        });
-        if answered {
-            return Ready::Yes;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ready::TimedOut
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate.
-fn write_tls_files(dir: &Path) -> TlsFiles {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, SanType,
-    };
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "etcd test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf("etcd", ExtendedKeyUsagePurpose::ServerAuth);
-    let (client_cert, client_key) = leaf("tether-broker", ExtendedKeyUsagePurpose::ClientAuth);
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    TlsFiles {
-        ca: write("ca.pem", &ca_cert.pem()),
-        server_cert: write("server.pem", &server_cert),
-        server_key: write("server.key", &server_key),
-        client_cert: write("client.pem", &client_cert),
-        client_key: write("client.key", &client_key),
-    }
+fn open_store(server: &EtcdServer, prefix: &str) -> EtcdStore {
+    EtcdStore::open(&server.config(prefix)).unwrap()
 }
 
 /// Runs `body` on its own thread and fails the test if it takes longer
@@ -329,7 +109,7 @@ fn etcd_leases_commit_with_compare_and_set_and_survive_reopen() {
         return;
     };
     bounded(move || {
-        let store = server.open("/t/");
+        let store = open_store(&server, "/t/");
         let site = SiteId::new("a").unwrap();
         let snapshot = store.region_leases(&eu()).unwrap();
         assert_eq!(snapshot.version(), 0);
@@ -350,7 +130,7 @@ fn etcd_leases_commit_with_compare_and_set_and_survive_reopen() {
         );
         let leased = txn.put[0].prefix;
         drop(store);
-        let store = server.open("/t/");
+        let store = open_store(&server, "/t/");
         let again = store.region_leases(&eu()).unwrap();
         assert_eq!(again.version(), 1);
         assert_eq!(
@@ -360,7 +140,7 @@ fn etcd_leases_commit_with_compare_and_set_and_survive_reopen() {
         assert_eq!(allocate(&store, &site), leased);
 
         // Two brokers racing for addresses never get the same one.
-        let other = server.open("/t/");
+        let other = open_store(&server, "/t/");
         let (a, b) = (Arc::new(store), Arc::new(other));
         let handles: Vec<_> = (0..6)
             .map(|i| {
@@ -395,7 +175,10 @@ fn etcd_tokens_redeem_once_across_threads_and_brokers() {
         return;
     };
     bounded(move || {
-        let brokers = [Arc::new(server.open("/t/")), Arc::new(server.open("/t/"))];
+        let brokers = [
+            Arc::new(open_store(&server, "/t/")),
+            Arc::new(open_store(&server, "/t/")),
+        ];
         for round in 0..3 {
             let issued = tether_pki::token::generate(
                 SiteId::new(format!("a{round}")).unwrap(),
@@ -429,7 +212,7 @@ fn etcd_records_and_revocations_round_trip() {
         return;
     };
     bounded(move || {
-        let store = server.open("/t/");
+        let store = open_store(&server, "/t/");
         let mut events = store.watch();
         let site = SiteId::new("a").unwrap();
         let record = SiteRecord {
@@ -484,7 +267,7 @@ fn etcd_watch_carries_another_brokers_changes() {
         return;
     };
     bounded(move || {
-        let (a, b) = (server.open("/t/"), server.open("/t/"));
+        let (a, b) = (open_store(&server, "/t/"), open_store(&server, "/t/"));
         let mut seen_by_b = b.watch();
         let entry = Revoked::Serial(vec![9, 9]);
         a.revoke(&entry).unwrap();
@@ -515,7 +298,10 @@ fn etcd_prefixes_are_isolated() {
         return;
     };
     bounded(move || {
-        let (a, b) = (server.open("/tether/a/"), server.open("/tether/a2/"));
+        let (a, b) = (
+            open_store(&server, "/tether/a/"),
+            open_store(&server, "/tether/a2/"),
+        );
         let mut seen_by_b = b.watch();
         let site = SiteId::new("s").unwrap();
         let record = SiteRecord {
@@ -694,7 +480,7 @@ fn etcd_store_is_usable_from_any_runtime_flavour() {
             .enable_all()
             .build()
             .unwrap();
-        let store = Arc::new(server.open("/t/"));
+        let store = Arc::new(open_store(&server, "/t/"));
         multi.block_on(async {
             assert_eq!(store.site(&site).unwrap(), Some(record.clone()));
             let tasks: Vec<_> = (0..4)
@@ -746,7 +532,7 @@ fn etcd_over_tls_with_a_client_certificate() {
         return;
     };
     bounded(move || {
-        let store = server.open("/tls/");
+        let store = open_store(&server, "/tls/");
         let issued = tether_pki::token::generate(
             SiteId::new("a").unwrap(),
             eu(),

@@ -20,6 +20,8 @@
 
 pub mod etcd;
 #[cfg(test)]
+mod etcd_server;
+#[cfg(test)]
 mod etcd_tests;
 mod migrate;
 pub mod redb;
