@@ -228,9 +228,10 @@ impl EtcdStore {
     /// configured timeout); starts the watch on the prefix.
     pub fn open(config: &EtcdConfig) -> Result<Self, StoreError> {
         let endpoints = config.endpoints.join(", ");
+        // Calls are bounded by `run_on` (one deadline, one error message);
+        // the keep-alive notices a dead connection under a long watch.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.timeout)
-            .with_timeout(config.timeout)
             .with_keep_alive(Duration::from_secs(10), config.timeout);
         if let Some(tls) = &config.tls {
             let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(

@@ -55,10 +55,50 @@ struct TlsFiles {
 /// An etcd server on loopback, killed (by its PID) on drop.
 pub struct EtcdServer {
     child: Child,
+    binary: PathBuf,
     client_url: String,
-    /// Holds the data directory and the log until the server is gone.
-    _dir: tempfile::TempDir,
+    peer_url: String,
+    /// The data directory and the log.
+    dir: tempfile::TempDir,
     tls: Option<TlsFiles>,
+}
+
+/// Starts etcd (output appended to `dir/etcd.log`).
+fn spawn(
+    binary: &Path,
+    dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    tls: Option<&TlsFiles>,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .unwrap();
+    let mut cmd = Command::new(binary);
+    cmd.arg("--name=default")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=default={peer_url}"))
+        .arg("--log-level=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if let Some(files) = tls {
+        cmd.arg(format!("--cert-file={}", files.server_cert.display()))
+            .arg(format!("--key-file={}", files.server_key.display()))
+            .arg(format!("--trusted-ca-file={}", files.ca.display()))
+            .arg("--client-cert-auth");
+    }
+    cmd.spawn().unwrap()
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
 }
 
 impl Drop for EtcdServer {
@@ -83,32 +123,15 @@ impl EtcdServer {
             let (client_port, peer_port) = (free_port(), free_port());
             let client_url = format!("{scheme}://127.0.0.1:{client_port}");
             let peer_url = format!("http://127.0.0.1:{peer_port}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-            let mut cmd = Command::new(&binary);
-            cmd.arg("--name=default")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={client_url}"))
-                .arg(format!("--advertise-client-urls={client_url}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=default={peer_url}"))
-                .arg("--log-level=warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            if let Some(files) = &tls {
-                cmd.arg(format!("--cert-file={}", files.server_cert.display()))
-                    .arg(format!("--key-file={}", files.server_key.display()))
-                    .arg(format!("--trusted-ca-file={}", files.ca.display()))
-                    .arg("--client-cert-auth");
-            }
-            let mut child = cmd.spawn().unwrap();
+            let mut child = spawn(&binary, dir.path(), &client_url, &peer_url, tls.as_ref());
             match wait_ready(&mut child, &client_url, tls.as_ref()) {
                 Ready::Yes => {
                     return Some(EtcdServer {
                         child,
+                        binary,
                         client_url,
-                        _dir: dir,
+                        peer_url,
+                        dir,
                         tls,
                     });
                 }
@@ -123,8 +146,67 @@ impl EtcdServer {
                 }
             }
         }
-        let log = std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default();
-        panic!("etcd did not start (answering within {READY_WITHIN:?}); its log:\n{log}");
+        panic!(
+            "etcd did not start (answering within {READY_WITHIN:?}); its log:\n{}",
+            log_of(dir.path())
+        );
+    }
+
+    /// Kills etcd and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The ports may be busy for a moment after the kill.
+        for _ in 0..50 {
+            let mut child = spawn(
+                &self.binary,
+                self.dir.path(),
+                &self.client_url,
+                &self.peer_url,
+                self.tls.as_ref(),
+            );
+            match wait_ready(&mut child, &self.client_url, self.tls.as_ref()) {
+                Ready::Yes => {
+                    self.child = child;
+                    return;
+                }
+                Ready::Exited => std::thread::sleep(Duration::from_millis(100)),
+                Ready::TimedOut => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        panic!(
+            "etcd did not restart; its log:\n{}",
+            log_of(self.dir.path())
+        );
+    }
+
+    /// Stops the etcd process (SIGSTOP): it keeps its sockets open and
+    /// answers nothing, like a hung server.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused etcd process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> &str {
+        &self.client_url
     }
 
     /// A store configuration for this server under `prefix`.

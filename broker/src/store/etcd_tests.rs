@@ -504,6 +504,73 @@ fn etcd_store_is_usable_from_any_runtime_flavour() {
 }
 
 #[test]
+fn calls_to_a_hung_etcd_time_out_and_work_again_when_it_answers() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let mut config = server.config("/t/");
+        config.timeout = Duration::from_secs(1);
+        let store = EtcdStore::open(&config).unwrap();
+        let site = SiteId::new("a").unwrap();
+        store
+            .put_site(&SiteRecord {
+                site: site.clone(),
+                region: eu(),
+                created: 1,
+                enrolled: None,
+                revoked: false,
+            })
+            .unwrap();
+        server.pause();
+        let started = Instant::now();
+        let err = store.sites().unwrap_err().to_string();
+        let waited = started.elapsed();
+        assert!(err.contains("no answer to read within 1s"), "{err}");
+        assert!(err.contains(server.url()), "{err}");
+        assert!(waited >= Duration::from_millis(900), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+        let issued = tether_pki::token::generate(
+            site.clone(),
+            eu(),
+            SystemTime::now(),
+            Duration::from_secs(60),
+        );
+        let err = store.take(&issued.record.hash).unwrap_err();
+        assert!(err.contains("no answer to token redemption"), "{err}");
+        // A broker starting now fails just as clearly.
+        let err = EtcdStore::open(&config).unwrap_err().to_string();
+        assert!(err.contains("no answer"), "{err}");
+        server.resume();
+        assert_eq!(store.site(&site).unwrap().map(|r| r.site), Some(site));
+    });
+}
+
+#[test]
+fn the_watch_resumes_after_etcd_restarts() {
+    let Some(mut server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let (a, b) = (open_store(&server, "/t/"), open_store(&server, "/t/"));
+        let mut seen_by_b = b.watch();
+        let first = Revoked::Serial(vec![1]);
+        a.revoke(&first).unwrap();
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Revoked(first));
+        server.restart();
+        // The clients reconnect by themselves; the first calls may fail
+        // while they do.
+        let second = Revoked::Serial(vec![2]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = a.revoke(&second) {
+            assert!(Instant::now() < deadline, "no write after the restart: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Revoked(second));
+    });
+}
+
+#[test]
 fn an_unreachable_etcd_is_a_clear_error_within_the_timeout() {
     // Needs no etcd: nothing listens on the port.
     bounded(|| {
