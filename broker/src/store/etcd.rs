@@ -92,7 +92,7 @@ pub struct EtcdStore {
     endpoints: String,
     timeout: Duration,
     events: broadcast::Sender<StoreEvent>,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: OwnRuntime,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -104,11 +104,14 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-impl Drop for EtcdStore {
+/// The store's own runtime, shut down without blocking when dropped:
+/// dropping a runtime the ordinary way blocks, which panics inside another
+/// runtime (the broker drops its store from async code).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
     fn drop(&mut self) {
-        // Dropping a runtime blocks, which panics inside another runtime;
-        // shutting it down in the background does not.
-        if let Some(runtime) = self.runtime.take() {
+        if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
         }
     }
@@ -245,14 +248,18 @@ impl EtcdStore {
             }
             options = options.with_tls(tls_options);
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("etcd-store")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError(format!("cannot start the etcd client runtime: {e}")))?;
+        let runtime = OwnRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("etcd-store")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError(format!("cannot start the etcd client runtime: {e}")))?,
+        ));
         let (events, _) = broadcast::channel(1024);
-        let handle = runtime.handle().clone();
+        let Some(handle) = runtime.0.as_ref().map(|r| r.handle().clone()) else {
+            return Err(StoreError("the etcd client runtime is gone".into()));
+        };
         let client = {
             let urls = config.endpoints.clone();
             run_on(&handle, config.timeout, async move {
@@ -268,7 +275,7 @@ impl EtcdStore {
             endpoints,
             timeout: config.timeout,
             events,
-            runtime: Some(runtime),
+            runtime,
         };
         // Reachability, and the revision the watch starts after.
         let prefix = store.keys.prefix.clone();
@@ -351,7 +358,7 @@ impl EtcdStore {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
-        let Some(runtime) = &self.runtime else {
+        let Some(runtime) = &self.runtime.0 else {
             return Err(StoreError("the etcd store is shut down".into()));
         };
         run_on(runtime.handle(), self.timeout, f(self.client.clone()))

@@ -571,6 +571,48 @@ fn the_watch_resumes_after_etcd_restarts() {
 }
 
 #[test]
+fn a_failed_open_inside_a_runtime_is_an_error_not_a_panic() {
+    // Needs no etcd: TLS with a plaintext URL (which configuration
+    // validation refuses) makes the client's connect fail after the store's
+    // runtime was started; it must be shut down quietly inside the caller's
+    // runtime.
+    bounded(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let config = EtcdConfig {
+            endpoints: vec![format!("http://127.0.0.1:{}", free_port())],
+            prefix: "/t/".into(),
+            timeout: Duration::from_millis(500),
+            tls: Some(tether_config::broker::EtcdTls {
+                ca_file: ca,
+                identity: None,
+            }),
+        };
+        for runtime in [
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        ] {
+            let config = config.clone();
+            let err = runtime
+                .block_on(async { tokio::spawn(async move { EtcdStore::open(&config) }).await })
+                .unwrap()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("etcd at http://127.0.0.1:"), "{err}");
+            assert!(err.contains("connect failed"), "{err}");
+        }
+    });
+}
+
+#[test]
 fn an_unreachable_etcd_is_a_clear_error_within_the_timeout() {
     // Needs no etcd: nothing listens on the port.
     bounded(|| {
