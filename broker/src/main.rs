@@ -85,6 +85,29 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The state store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy an embedded store (store.redb) into the etcd cluster of a
+    /// configuration: sites, certificates, leases, revocations and
+    /// unexpired tokens, so no site enrolls again. Stop the broker first.
+    Migrate {
+        /// The embedded store file, e.g. /var/lib/tether-broker/store.redb.
+        #[arg(long)]
+        from: PathBuf,
+        /// A broker configuration with `[store] backend = "etcd"`.
+        #[arg(long)]
+        to_config: PathBuf,
+        /// Delete whatever the etcd prefix already holds, then copy.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -375,6 +398,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let origin = file.display().to_string();
             BrokerFile::load(&file)?.validate(&origin)?;
             println!("{origin}: ok");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store {
+            command:
+                StoreCommand::Migrate {
+                    from,
+                    to_config,
+                    force,
+                },
+        } => {
+            let origin = to_config.display().to_string();
+            let config = BrokerFile::load(&to_config)?.validate(&origin)?;
+            let tether_config::broker::StoreConfig::Etcd(etcd) = &config.store else {
+                anyhow::bail!(
+                    "{origin} does not use etcd: set [store] backend = \"etcd\" and [store.etcd] endpoints"
+                );
+            };
+            if !from.is_file() {
+                anyhow::bail!("{} does not exist or is not a file", from.display());
+            }
+            let report = tether_broker::store::migrate(&from, etcd, force, SystemTime::now())
+                .with_context(|| format!("migration from {} failed", from.display()))?;
+            println!("{report}");
+            println!();
+            println!("Point every broker's configuration at etcd ({origin}) and start them.");
             Ok(ExitCode::SUCCESS)
         }
         Command::Config {

@@ -20,7 +20,6 @@ use tokio::task::JoinHandle;
 use tether_proto::broker::CloseReason;
 
 use crate::state::Broker;
-use crate::store::RedbStore;
 
 /// File holding the admin API token in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -159,7 +158,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let (ca, created) =
         Ca::load_or_init(&data_dir, config.trust_domain.clone(), SystemTime::now())?;
     let admin_token = load_or_create_admin_token(&data_dir)?;
-    let store = Arc::new(RedbStore::open(&data_dir.join(STORE_FILE))?);
+    let store = crate::store::open(&config.store, &data_dir)?;
     let (chain, key, not_after) = server_cert(&ca, &config)?;
     let slot = Arc::new(CertSlot::new(chain, key)?);
     let broker = Broker::new(config.clone(), data_dir, ca, store, slot, admin_token)?;

@@ -56,6 +56,98 @@ pub struct BrokerFile {
     pub dns: DnsFile,
     /// Who may reach whom (reloaded on SIGHUP).
     pub policy: PolicyFile,
+    /// Where the broker keeps its state: the embedded store in the data
+    /// directory (default) or a shared etcd cluster.
+    pub store: StoreFile,
+}
+
+/// `[store]`: the state store backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreFile {
+    /// `"embedded"` (a database file in the data directory, one broker) or
+    /// `"etcd"` (a shared etcd cluster, see `[store.etcd]`).
+    pub backend: String,
+    /// The etcd cluster, used when `backend = "etcd"`.
+    pub etcd: EtcdFile,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        Self {
+            backend: "embedded".into(),
+            etcd: EtcdFile::default(),
+        }
+    }
+}
+
+/// `[store.etcd]`: a shared etcd cluster (v3 API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdFile {
+    /// Client URLs of the etcd members, e.g.
+    /// `["https://etcd-1.example.org:2379"]`. `https://` needs `ca_file`;
+    /// `http://` (plaintext) is for loopback tests only.
+    pub endpoints: Vec<String>,
+    /// Every key the broker writes starts with this prefix, so several
+    /// deployments can share one cluster. Prefixes of two deployments must
+    /// not nest (`/tether/a/` and `/tether/a/b/`).
+    pub prefix: String,
+    /// Deadline of every etcd call, e.g. `"5s"`.
+    pub timeout: String,
+    /// CA certificate (PEM) that signed the etcd server certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) the broker presents to etcd
+    /// (`--client-cert-auth`); required in production.
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for EtcdFile {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            prefix: "/tether/".into(),
+            timeout: "5s".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// The validated store backend.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreConfig {
+    /// The embedded store in the data directory.
+    #[default]
+    Embedded,
+    /// A shared etcd cluster.
+    Etcd(EtcdConfig),
+}
+
+/// A validated etcd connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs, each `http://host:port` or `https://host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix, ending in `/`.
+    pub prefix: String,
+    /// Deadline of every call.
+    pub timeout: Duration,
+    /// TLS, when the endpoints are `https://`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS towards etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA certificate file (PEM).
+    pub ca_file: PathBuf,
+    /// Client certificate and key files (PEM), if the broker authenticates
+    /// with a certificate.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// `[dns]`: the authoritative server for the mesh zone.
@@ -188,6 +280,7 @@ impl Default for BrokerFile {
             gateway: Vec::new(),
             dns: DnsFile::default(),
             policy: PolicyFile::default(),
+            store: StoreFile::default(),
         }
     }
 }
@@ -266,6 +359,8 @@ pub struct BrokerConfig {
     pub dns_ttl: u32,
     /// The access policy.
     pub policy: Arc<Policy>,
+    /// The state store backend.
+    pub store: StoreConfig,
 }
 
 /// A validated gateway registration.
@@ -455,6 +550,7 @@ impl BrokerFile {
             };
             self.policy.compile(&mut p, &known).map(Arc::new)
         };
+        let store = self.store.validate(&mut p);
 
         let (Ok(trust_domain), Some(published_cidr), Some(admin_listen), Some(policy)) =
             (trust_domain, published_cidr, admin_listen, policy)
@@ -484,6 +580,7 @@ impl BrokerFile {
                 dns_zone,
                 dns_ttl,
                 policy,
+                store: store.unwrap_or_default(),
             },
         )
     }
@@ -830,6 +927,134 @@ impl BrokerFile {
     }
 }
 
+impl StoreFile {
+    /// Validates `[store]`; `None` when a problem was recorded.
+    fn validate(&self, p: &mut Problems) -> Option<StoreConfig> {
+        match self.backend.as_str() {
+            "embedded" => Some(StoreConfig::Embedded),
+            "etcd" => self.etcd.validate(p).map(StoreConfig::Etcd),
+            other => {
+                p.add(
+                    "store.backend",
+                    format!("unknown store backend {other:?}"),
+                    "use \"embedded\" (one broker, data directory) or \"etcd\" (shared cluster)",
+                );
+                None
+            }
+        }
+    }
+}
+
+impl EtcdFile {
+    fn validate(&self, p: &mut Problems) -> Option<EtcdConfig> {
+        let before = p.0.len();
+        if self.endpoints.is_empty() {
+            p.add(
+                "store.etcd.endpoints",
+                "no etcd endpoint",
+                "list the client URLs of the etcd members, e.g. endpoints = [\"https://etcd-1.example.org:2379\"]",
+            );
+        }
+        let tls_wanted = self.ca_file.is_some();
+        for (i, url) in self.endpoints.iter().enumerate() {
+            let field = format!("store.etcd.endpoints[{i}]");
+            let rest = if let Some(rest) = url.strip_prefix("https://") {
+                if !tls_wanted {
+                    p.add(
+                        &field,
+                        format!("{url} is https:// but store.etcd.ca_file is not set"),
+                        "set ca_file to the CA certificate that signed the etcd server certificates",
+                    );
+                }
+                rest
+            } else if let Some(rest) = url.strip_prefix("http://") {
+                if tls_wanted {
+                    p.add(
+                        &field,
+                        format!("{url} is plaintext http:// while TLS files are configured"),
+                        "use https:// URLs (etcd's --cert-file/--key-file), or remove the TLS files for a loopback test cluster",
+                    );
+                }
+                rest
+            } else {
+                p.add(
+                    &field,
+                    format!("{url:?} is not an http:// or https:// URL"),
+                    "write e.g. \"https://etcd-1.example.org:2379\"",
+                );
+                continue;
+            };
+            let host_port = rest.trim_end_matches('/');
+            let port_ok = host_port
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok || host_port.contains('/') {
+                p.add(
+                    &field,
+                    format!("{url:?} is not a URL of the form scheme://host:port"),
+                    "write e.g. \"https://etcd-1.example.org:2379\" (etcd's client port, no path)",
+                );
+            }
+        }
+        let mut prefix = self.prefix.clone();
+        if prefix.is_empty()
+            || prefix == "/"
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            p.add(
+                "store.etcd.prefix",
+                format!("{:?} is not a usable key prefix", self.prefix),
+                "use a non-empty prefix of printable characters naming the deployment, e.g. \"/tether/prod/\"",
+            );
+        } else if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let timeout = p.duration(
+            "store.etcd.timeout",
+            &self.timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(120),
+        );
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                p.add(
+                    "store.etcd.key_file",
+                    "cert_file is set without key_file",
+                    "set key_file to the private key of the client certificate",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                p.add(
+                    "store.etcd.cert_file",
+                    "key_file is set without cert_file",
+                    "set cert_file to the client certificate of the key",
+                );
+                None
+            }
+        };
+        if identity.is_some() && self.ca_file.is_none() {
+            p.add(
+                "store.etcd.ca_file",
+                "a client certificate is configured without ca_file",
+                "set ca_file to the CA certificate that signed the etcd server certificates",
+            );
+        }
+        let tls = self.ca_file.as_ref().map(|ca| EtcdTls {
+            ca_file: ca.clone(),
+            identity,
+        });
+        (p.0.len() == before).then(|| EtcdConfig {
+            endpoints: self.endpoints.clone(),
+            prefix,
+            timeout,
+            tls,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1013,6 +1238,56 @@ mod tests {
         );
         let ps = problems("[tunnel]\nkeepalive = \"10s\"\nidle_timeout = \"15s\"");
         assert!(has(&ps, "tunnel.idle_timeout", "twice"), "{ps:?}");
+    }
+
+    #[test]
+    fn store_backends_are_checked_by_field() {
+        let config = BrokerFile::parse("", "t").unwrap().validate("t").unwrap();
+        assert_eq!(config.store, StoreConfig::Embedded);
+        let ok = "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/tether/test\"\ntimeout = \"2s\"\n";
+        let config = BrokerFile::parse(ok, "t").unwrap().validate("t").unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("expected etcd")
+        };
+        assert_eq!(etcd.prefix, "/tether/test/");
+        assert_eq!(etcd.timeout, Duration::from_secs(2));
+        assert_eq!(etcd.tls, None);
+        let tls = "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"https://etcd.example.org:2379\"]\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n";
+        let config = BrokerFile::parse(tls, "t").unwrap().validate("t").unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("expected etcd")
+        };
+        assert_eq!(
+            etcd.tls,
+            Some(EtcdTls {
+                ca_file: "/ca.pem".into(),
+                identity: Some(("/c.pem".into(), "/k.pem".into()))
+            })
+        );
+
+        let ps = problems("[store]\nbackend = \"zookeeper\"");
+        assert!(has(&ps, "store.backend", "unknown store backend"), "{ps:?}");
+        let ps = problems("[store]\nbackend = \"etcd\"\n[store.etcd]\nprefix = \"\"");
+        assert!(
+            has(&ps, "store.etcd.endpoints", "no etcd endpoint"),
+            "{ps:?}"
+        );
+        assert!(has(&ps, "store.etcd.prefix", "not a usable"), "{ps:?}");
+        let ps = problems(
+            "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"https://e:2379\", \"e:2379\", \"http://e\"]\ncert_file = \"/c.pem\"\ntimeout = \"forever\"",
+        );
+        assert!(has(&ps, "store.etcd.endpoints[0]", "ca_file"), "{ps:?}");
+        assert!(has(&ps, "store.etcd.endpoints[1]", "not an http"), "{ps:?}");
+        assert!(has(&ps, "store.etcd.endpoints[2]", "host:port"), "{ps:?}");
+        assert!(
+            has(&ps, "store.etcd.key_file", "without key_file"),
+            "{ps:?}"
+        );
+        assert!(has(&ps, "store.etcd.timeout", "not a duration"), "{ps:?}");
+        let ps = problems(
+            "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nca_file = \"/ca.pem\"",
+        );
+        assert!(has(&ps, "store.etcd.endpoints[0]", "plaintext"), "{ps:?}");
     }
 
     #[test]

@@ -1,31 +1,19 @@
-//! The broker's state store.
-//!
-//! [`Store`] is the interface: compare-and-set commits for address leases
-//! (one version per region, see [`tether_proto::ipam`]), an atomic take for
-//! enrollment tokens, plain records for sites, issued certificates and
-//! revocations, and a watch of changes. [`RedbStore`] implements it on an
-//! embedded, pure-Rust transactional database in the data directory; every
-//! commit is durable when it returns, so a `kill -9` loses nothing that was
-//! acknowledged and can never hand out an address twice. An etcd
-//! implementation maps each method to one etcd transaction (compare the
-//! region's version key, then put).
+//! [`Store`] on redb: an embedded, pure-Rust transactional database in the
+//! data directory (one broker).
 
 use std::path::Path;
-use std::time::SystemTime;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
-use tether_pki::token::{TokenHash, TokenLedger, TokenRecord, from_unix_secs, unix_secs};
-use tether_pki::{Revoked, SiteIdentity, TrustDomain};
+use tether_pki::Revoked;
+use tether_pki::token::{TokenHash, TokenLedger, TokenRecord};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, Lease, RegionLeases, Txn};
-use thiserror::Error;
 use tokio::sync::broadcast;
 
-/// The store failed (I/O, corruption). Conflicts are not errors.
-#[derive(Debug, Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+use super::{
+    CertRecord, SiteRecord, Store, StoreContents, StoreError, StoreEvent, StoredRevocation,
+    StoredToken, revocation_key,
+};
 
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
@@ -50,112 +38,12 @@ from_redb!(
     redb::CommitError
 );
 
-impl From<serde_json::Error> for StoreError {
-    fn from(e: serde_json::Error) -> Self {
-        StoreError(format!("corrupt record: {e}"))
-    }
-}
-
-/// What the store knows about a site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SiteRecord {
-    /// The site.
-    pub site: SiteId,
-    /// Its region.
-    pub region: RegionId,
-    /// When it was first registered (token created), Unix seconds.
-    pub created: u64,
-    /// When it last enrolled, Unix seconds.
-    pub enrolled: Option<u64>,
-    /// Whether it is revoked.
-    pub revoked: bool,
-}
-
-/// A certificate the broker issued.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CertRecord {
-    /// Serial number, lowercase hex.
-    pub serial: String,
-    /// The site.
-    pub site: SiteId,
-    /// Its region.
-    pub region: RegionId,
-    /// Expiry, Unix seconds.
-    pub not_after: u64,
-}
-
-/// A change, as watchers see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreEvent {
-    /// A region's leases changed.
-    Leases(RegionId),
-    /// A site record changed.
-    Site(SiteId),
-    /// A revocation was added.
-    Revoked(Revoked),
-}
-
-/// The broker's state store.
-pub trait Store: TokenLedger + Send + Sync + 'static {
-    /// A region's leases at its current version.
-    fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError>;
-    /// Applies `txn` if the region is still at `txn.expected_version`.
-    fn commit_leases(&self, txn: &Txn) -> Result<Result<(), Conflict>, StoreError>;
-    /// A site record.
-    fn site(&self, site: &SiteId) -> Result<Option<SiteRecord>, StoreError>;
-    /// Every site record.
-    fn sites(&self) -> Result<Vec<SiteRecord>, StoreError>;
-    /// Creates or replaces a site record.
-    fn put_site(&self, record: &SiteRecord) -> Result<(), StoreError>;
-    /// Records an issued certificate.
-    fn put_cert(&self, record: &CertRecord) -> Result<(), StoreError>;
-    /// The certificates issued to a site.
-    fn certs_of(&self, site: &SiteId) -> Result<Vec<CertRecord>, StoreError>;
-    /// Adds a revocation.
-    fn revoke(&self, entry: &Revoked) -> Result<(), StoreError>;
-    /// Removes a revocation.
-    fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError>;
-    /// Every revocation.
-    fn revocations(&self) -> Result<Vec<Revoked>, StoreError>;
-    /// Changes from now on.
-    fn watch(&self) -> broadcast::Receiver<StoreEvent>;
-}
-
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const LEASE_VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("lease_versions");
 const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
-
-/// The stored form of a token record.
-#[derive(Serialize, Deserialize)]
-struct StoredToken {
-    site: SiteId,
-    region: RegionId,
-    created: u64,
-    expires: u64,
-}
-
-/// The stored form of a revocation.
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum StoredRevocation {
-    Site {
-        identity: String,
-        trust_domain: TrustDomain,
-    },
-    Serial {
-        serial: String,
-    },
-}
-
-fn revocation_key(entry: &Revoked) -> String {
-    match entry {
-        Revoked::Site(id) => format!("site:{}", id.uri()),
-        Revoked::Serial(serial) => format!("serial:{}", data_encoding::HEXLOWER.encode(serial)),
-    }
-}
 
 fn lease_key(region: &RegionId, lease_prefix: &ipnet::IpNet) -> String {
     format!("{region}/{lease_prefix}")
@@ -197,6 +85,58 @@ impl RedbStore {
 
     fn notify(&self, event: StoreEvent) {
         let _ = self.events.send(event);
+    }
+
+    /// Everything the store holds (for [`migrate`](super::migrate)).
+    pub fn contents(&self) -> Result<StoreContents, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut contents = StoreContents::default();
+        let versions = txn.open_table(LEASE_VERSIONS)?;
+        let leases = txn.open_table(LEASES)?;
+        let mut by_region: std::collections::BTreeMap<String, (u64, Vec<Lease>)> =
+            std::collections::BTreeMap::new();
+        for entry in versions.iter()? {
+            let (region, version) = entry?;
+            by_region.entry(region.value().to_string()).or_default().0 = version.value();
+        }
+        for entry in leases.iter()? {
+            let (_, value) = entry?;
+            let lease: Lease = serde_json::from_slice(value.value())?;
+            by_region
+                .entry(lease.region.to_string())
+                .or_default()
+                .1
+                .push(lease);
+        }
+        for (region, (version, leases)) in by_region {
+            let region = RegionId::new(region)
+                .map_err(|e| StoreError(format!("corrupt region name: {e}")))?;
+            contents
+                .leases
+                .push((region, RegionLeases::from_parts(version, leases)));
+        }
+        for entry in txn.open_table(SITES)?.iter()? {
+            contents
+                .sites
+                .push(serde_json::from_slice(entry?.1.value())?);
+        }
+        for entry in txn.open_table(CERTS)?.iter()? {
+            contents
+                .certs
+                .push(serde_json::from_slice(entry?.1.value())?);
+        }
+        for entry in txn.open_table(REVOCATIONS)?.iter()? {
+            let stored: StoredRevocation = serde_json::from_slice(entry?.1.value())?;
+            contents.revocations.push(stored.into_entry()?);
+        }
+        for entry in txn.open_table(TOKENS)?.iter()? {
+            let (key, value) = entry?;
+            let hash = TokenHash::from_hex(key.value())
+                .ok_or_else(|| StoreError(format!("corrupt token key {:?}", key.value())))?;
+            let stored: StoredToken = serde_json::from_slice(value.value())?;
+            contents.tokens.push(stored.into_record(hash));
+        }
+        Ok(contents)
     }
 }
 
@@ -315,15 +255,7 @@ impl Store for RedbStore {
     }
 
     fn revoke(&self, entry: &Revoked) -> Result<(), StoreError> {
-        let stored = match entry {
-            Revoked::Site(id) => StoredRevocation::Site {
-                identity: id.uri(),
-                trust_domain: id.trust_domain.clone(),
-            },
-            Revoked::Serial(serial) => StoredRevocation::Serial {
-                serial: data_encoding::HEXLOWER.encode(serial),
-            },
-        };
+        let stored = StoredRevocation::from_entry(entry);
         let write = self.db.begin_write()?;
         {
             let mut table = write.open_table(REVOCATIONS)?;
@@ -344,6 +276,7 @@ impl Store for RedbStore {
             table.remove(revocation_key(entry).as_str())?;
         }
         write.commit()?;
+        self.notify(StoreEvent::Reinstated(entry.clone()));
         Ok(())
     }
 
@@ -353,22 +286,7 @@ impl Store for RedbStore {
         let mut out = Vec::new();
         for entry in table.iter()? {
             let (_, value) = entry?;
-            match serde_json::from_slice::<StoredRevocation>(value.value())? {
-                StoredRevocation::Site {
-                    identity,
-                    trust_domain,
-                } => {
-                    let id = SiteIdentity::parse(&identity, &trust_domain)
-                        .map_err(|e| StoreError(format!("corrupt revocation: {e}")))?;
-                    out.push(Revoked::Site(id));
-                }
-                StoredRevocation::Serial { serial } => {
-                    let bytes = data_encoding::HEXLOWER
-                        .decode(serial.as_bytes())
-                        .map_err(|e| StoreError(format!("corrupt revocation: {e}")))?;
-                    out.push(Revoked::Serial(bytes));
-                }
-            }
+            out.push(serde_json::from_slice::<StoredRevocation>(value.value())?.into_entry()?);
         }
         Ok(out)
     }
@@ -380,12 +298,7 @@ impl Store for RedbStore {
 
 impl TokenLedger for RedbStore {
     fn put(&self, record: TokenRecord) -> Result<(), String> {
-        let stored = StoredToken {
-            site: record.site,
-            region: record.region,
-            created: unix_secs(record.created_at),
-            expires: unix_secs(record.expires_at),
-        };
+        let stored = StoredToken::from_record(&record);
         let run = || -> Result<(), StoreError> {
             let write = self.db.begin_write()?;
             {
@@ -415,21 +328,10 @@ impl TokenLedger for RedbStore {
                 }
             };
             write.commit()?;
-            Ok(removed.map(|t| TokenRecord {
-                hash: *hash,
-                site: t.site,
-                region: t.region,
-                created_at: from_unix_secs(t.created),
-                expires_at: from_unix_secs(t.expires),
-            }))
+            Ok(removed.map(|t| t.into_record(*hash)))
         };
         run().map_err(|e| e.to_string())
     }
-}
-
-/// Seconds since the Unix epoch, now.
-pub fn now_unix() -> u64 {
-    unix_secs(SystemTime::now())
 }
 
 #[cfg(test)]
@@ -438,6 +340,8 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::Duration;
+    use std::time::SystemTime;
+    use tether_pki::{SiteIdentity, TrustDomain};
     use tether_proto::ipam::{Ipam, Plan};
     use tether_proto::net::Family;
 

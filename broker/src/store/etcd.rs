@@ -1,0 +1,761 @@
+//! [`Store`] on a shared etcd cluster (v3 API).
+//!
+//! # Key layout
+//!
+//! Every key starts with the configured prefix `P` (ending in `/`), so
+//! several deployments share one cluster without seeing each other:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `P regions/<region>/version` | the region's lease version, decimal |
+//! | `P regions/<region>/leases/<prefix>` | a [`Lease`] (JSON), e.g. `…/leases/100.64.0.2/32` |
+//! | `P sites/<site>` | a [`SiteRecord`] (JSON) |
+//! | `P certs/<site>/<serial>` | a [`CertRecord`] (JSON) |
+//! | `P revocations/site:<spiffe uri>` or `P revocations/serial:<hex>` | the revocation (JSON) |
+//! | `P tokens/<sha-256 hex>` | an enrollment token record (JSON) |
+//!
+//! # Transactions
+//!
+//! - A lease commit is one etcd transaction: *if* the region's version key
+//!   holds `txn.expected_version` (for version 0: the key does not exist,
+//!   `version == 0`), *then* put the version key to `expected + 1`, delete
+//!   the released lease keys and put the new ones; *else* read the version
+//!   key, which becomes the [`Conflict`]'s `found`. The version is a counter
+//!   bumped by exactly one per commit, so the comparison never matches a
+//!   stale plan (no ABA), and it is the same number the broker core
+//!   expects (it applies its own commits to its cache as `version + 1`).
+//!   Comparing the key's own counter rather than its `mod_revision` keeps
+//!   the version numbers of a migrated embedded store unchanged.
+//! - Reading a region reads the version key, then the region's lease keys
+//!   at the revision of that read (in pages, each at that same revision),
+//!   so a snapshot is never torn. Every range read is paged that way.
+//! - A token redemption is one transaction: *if* the token key exists
+//!   (`version > 0`), *then* get it and delete it. Of any number of brokers
+//!   racing, exactly one transaction succeeds and receives the record.
+//! - Site, certificate and revocation records are single-key puts and
+//!   deletes (atomic on their own).
+//!
+//! No locks and no etcd leases are used.
+//!
+//! # Watch
+//!
+//! [`Store::watch`] is fed by one etcd watch on the prefix, started at the
+//! revision the store opened at: a put of a region's version key is
+//! [`StoreEvent::Leases`], a put of a site key [`StoreEvent::Site`], a put
+//! or delete of a revocation key [`StoreEvent::Revoked`] or
+//! [`StoreEvent::Reinstated`]. Changes made through this store arrive the
+//! same way as changes made by other brokers (once each, in etcd's order).
+//! A broken watch is resumed from the next unseen revision.
+//!
+//! # Synchronous calls from async code
+//!
+//! [`Store`] is synchronous and is called from the broker's tasks. The
+//! store owns a small tokio runtime of its own; each call is spawned there
+//! and the caller waits on a channel (inside `block_in_place` when it is on
+//! a multi-threaded runtime's worker, so that other tasks move on). The
+//! caller's runtime, whatever its flavour, never runs the etcd future, so
+//! nothing nests runtimes. Every call is bounded by the configured timeout.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, KeyValue, TlsOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tether_config::broker::EtcdConfig;
+use tether_pki::Revoked;
+use tether_pki::token::{TokenHash, TokenLedger, TokenRecord};
+use tether_proto::ids::{RegionId, SiteId};
+use tether_proto::ipam::{Conflict, Lease, RegionLeases, Txn};
+use tokio::sync::broadcast;
+
+use super::{
+    CertRecord, SiteRecord, Store, StoreContents, StoreError, StoreEvent, StoredRevocation,
+    StoredToken, revocation_key,
+};
+
+/// Operations per etcd transaction when copying many records (etcd's
+/// default `--max-txn-ops` is 128).
+const BATCH: usize = 100;
+
+/// Keys per read of a range (small in tests, so that they read many pages).
+const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
+
+/// How long a broken watch waits before it is resumed.
+const WATCH_RETRY: Duration = Duration::from_millis(500);
+
+/// [`Store`] on etcd. See the module documentation for the key layout.
+pub struct EtcdStore {
+    client: Client,
+    keys: Keys,
+    endpoints: String,
+    timeout: Duration,
+    events: broadcast::Sender<StoreEvent>,
+    runtime: OwnRuntime,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.keys.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The store's own runtime, shut down without blocking when dropped:
+/// dropping a runtime the ordinary way blocks, which panics inside another
+/// runtime (the broker drops its store from async code).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The keys under one prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn region_version(&self, region: &RegionId) -> String {
+        format!("{}regions/{region}/version", self.prefix)
+    }
+    fn region_leases(&self, region: &RegionId) -> String {
+        format!("{}regions/{region}/leases/", self.prefix)
+    }
+    fn lease(&self, region: &RegionId, prefix: &ipnet::IpNet) -> String {
+        format!("{}{prefix}", self.region_leases(region))
+    }
+    fn sites(&self) -> String {
+        format!("{}sites/", self.prefix)
+    }
+    fn site(&self, site: &SiteId) -> String {
+        format!("{}{site}", self.sites())
+    }
+    fn certs(&self) -> String {
+        format!("{}certs/", self.prefix)
+    }
+    fn certs_of(&self, site: &SiteId) -> String {
+        format!("{}{site}/", self.certs())
+    }
+    fn cert(&self, record: &CertRecord) -> String {
+        format!("{}{}", self.certs_of(&record.site), record.serial)
+    }
+    fn revocations(&self) -> String {
+        format!("{}revocations/", self.prefix)
+    }
+    fn revocation(&self, entry: &Revoked) -> String {
+        format!("{}{}", self.revocations(), revocation_key(entry))
+    }
+    fn tokens(&self) -> String {
+        format!("{}tokens/", self.prefix)
+    }
+    fn token(&self, hash: &TokenHash) -> String {
+        format!("{}{}", self.tokens(), hash.to_hex())
+    }
+
+    /// What a change of `key` means to watchers.
+    fn event(&self, kind: EventType, kv: &KeyValue, prev: Option<&KeyValue>) -> Option<StoreEvent> {
+        let rest = std::str::from_utf8(kv.key())
+            .ok()?
+            .strip_prefix(&self.prefix)?;
+        if let Some(region) = rest
+            .strip_prefix("regions/")
+            .and_then(|r| r.strip_suffix("/version"))
+        {
+            return (kind == EventType::Put)
+                .then(|| RegionId::new(region).ok().map(StoreEvent::Leases))
+                .flatten();
+        }
+        if let Some(site) = rest.strip_prefix("sites/") {
+            return SiteId::new(site).ok().map(StoreEvent::Site);
+        }
+        if rest.starts_with("revocations/") {
+            let value = match kind {
+                EventType::Put => kv.value(),
+                EventType::Delete => prev?.value(),
+            };
+            let entry = serde_json::from_slice::<StoredRevocation>(value)
+                .ok()?
+                .into_entry()
+                .ok()?;
+            return Some(match kind {
+                EventType::Put => StoreEvent::Revoked(entry),
+                EventType::Delete => StoreEvent::Reinstated(entry),
+            });
+        }
+        None
+    }
+}
+
+fn get_kvs(response: &TxnOpResponse) -> &[KeyValue] {
+    match response {
+        TxnOpResponse::Get(get) => get.kvs(),
+        _ => &[],
+    }
+}
+
+fn parse_version(kv: Option<&KeyValue>) -> Result<u64, StoreError> {
+    match kv {
+        None => Ok(0),
+        Some(kv) => std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                StoreError(format!(
+                    "corrupt region version at {}",
+                    String::from_utf8_lossy(kv.key())
+                ))
+            }),
+    }
+}
+
+fn read_tls_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|e| {
+        StoreError(format!(
+            "cannot read the etcd {what} {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+impl EtcdStore {
+    /// Connects to the cluster and checks that it answers (within the
+    /// configured timeout); starts the watch on the prefix.
+    pub fn open(config: &EtcdConfig) -> Result<Self, StoreError> {
+        let endpoints = config.endpoints.join(", ");
+        // Calls are bounded by `run_on` (one deadline, one error message);
+        // the keep-alive notices a dead connection under a long watch.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.timeout)
+            .with_keep_alive(Duration::from_secs(10), config.timeout);
+        if let Some(tls) = &config.tls {
+            let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(
+                read_tls_file("CA certificate (store.etcd.ca_file)", &tls.ca_file)?,
+            ));
+            if let Some((cert, key)) = &tls.identity {
+                tls_options = tls_options.identity(Identity::from_pem(
+                    read_tls_file("client certificate (store.etcd.cert_file)", cert)?,
+                    read_tls_file("client key (store.etcd.key_file)", key)?,
+                ));
+            }
+            options = options.with_tls(tls_options);
+        }
+        let runtime = OwnRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("etcd-store")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError(format!("cannot start the etcd client runtime: {e}")))?,
+        ));
+        let (events, _) = broadcast::channel(1024);
+        let Some(handle) = runtime.0.as_ref().map(|r| r.handle().clone()) else {
+            return Err(StoreError("the etcd client runtime is gone".into()));
+        };
+        let client = {
+            let urls = config.endpoints.clone();
+            run_on(&handle, config.timeout, async move {
+                Client::connect(urls, Some(options)).await
+            })
+            .map_err(|e| e.describe(&endpoints, "connect", config.timeout))?
+        };
+        let mut store = Self {
+            client,
+            keys: Keys {
+                prefix: config.prefix.clone(),
+            },
+            endpoints,
+            timeout: config.timeout,
+            events,
+            runtime,
+        };
+        // Reachability, and the revision the watch starts after.
+        let prefix = store.keys.prefix.clone();
+        let revision = store.call("read", move |mut c| async move {
+            let r = c
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?;
+            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        })?;
+        store.start_watch(handle, revision + 1);
+        Ok(store)
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.keys.prefix
+    }
+
+    fn start_watch(&mut self, handle: tokio::runtime::Handle, start: i64) {
+        let client = self.client.clone();
+        let keys = self.keys.clone();
+        let events = self.events.clone();
+        let endpoints = self.endpoints.clone();
+        handle.spawn(async move {
+            let mut next = start;
+            loop {
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_prev_key()
+                    .with_start_revision(next);
+                match client
+                    .watch_client()
+                    .watch(keys.prefix.clone(), Some(options))
+                    .await
+                {
+                    Ok(mut stream) => loop {
+                        match stream.message().await {
+                            Ok(Some(response)) => {
+                                if response.canceled() {
+                                    if response.compact_revision() > 0 {
+                                        tracing::warn!(
+                                            "etcd at {endpoints}: watch fell behind compaction; resuming at revision {}",
+                                            response.compact_revision()
+                                        );
+                                        next = response.compact_revision();
+                                    }
+                                    break;
+                                }
+                                for event in response.events() {
+                                    let Some(kv) = event.kv() else { continue };
+                                    next = next.max(kv.mod_revision() + 1);
+                                    if let Some(e) =
+                                        keys.event(event.event_type(), kv, event.prev_kv())
+                                    {
+                                        let _ = events.send(e);
+                                    }
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!("etcd at {endpoints}: watch failed: {e}");
+                                break;
+                            }
+                        }
+                    },
+                    Err(e) => tracing::warn!("etcd at {endpoints}: cannot watch: {e}"),
+                }
+                tokio::time::sleep(WATCH_RETRY).await;
+            }
+        });
+    }
+
+    /// Runs one etcd call on the store's runtime and waits for it.
+    fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let Some(runtime) = &self.runtime.0 else {
+            return Err(StoreError("the etcd store is shut down".into()));
+        };
+        run_on(runtime.handle(), self.timeout, f(self.client.clone()))
+            .map_err(|e| e.describe(&self.endpoints, what, self.timeout))
+    }
+
+    /// Everything under the prefix (for [`migrate`](super::migrate) and
+    /// checks).
+    pub fn contents(&self) -> Result<StoreContents, StoreError> {
+        let kvs = self.range(self.keys.prefix.clone(), None)?;
+        let mut contents = StoreContents::default();
+        let mut regions: std::collections::BTreeMap<RegionId, (u64, Vec<Lease>)> =
+            std::collections::BTreeMap::new();
+        for kv in &kvs {
+            let key = String::from_utf8_lossy(kv.key());
+            let Some(rest) = key.strip_prefix(&self.keys.prefix) else {
+                continue;
+            };
+            let corrupt = || StoreError(format!("unexpected key {key}"));
+            if let Some(r) = rest.strip_prefix("regions/") {
+                let (region, what) = r.split_once('/').ok_or_else(corrupt)?;
+                let region = RegionId::new(region).map_err(|_| corrupt())?;
+                let entry = regions.entry(region).or_default();
+                if what == "version" {
+                    entry.0 = parse_version(Some(kv))?;
+                } else {
+                    entry.1.push(serde_json::from_slice(kv.value())?);
+                }
+            } else if rest.starts_with("sites/") {
+                contents.sites.push(serde_json::from_slice(kv.value())?);
+            } else if rest.starts_with("certs/") {
+                contents.certs.push(serde_json::from_slice(kv.value())?);
+            } else if rest.starts_with("revocations/") {
+                let stored: StoredRevocation = serde_json::from_slice(kv.value())?;
+                contents.revocations.push(stored.into_entry()?);
+            } else if let Some(hex) = rest.strip_prefix("tokens/") {
+                let hash = TokenHash::from_hex(hex).ok_or_else(corrupt)?;
+                let stored: StoredToken = serde_json::from_slice(kv.value())?;
+                contents.tokens.push(stored.into_record(hash));
+            } else {
+                return Err(corrupt());
+            }
+        }
+        contents.leases = regions
+            .into_iter()
+            .map(|(region, (version, leases))| (region, RegionLeases::from_parts(version, leases)))
+            .collect();
+        Ok(contents)
+    }
+
+    /// How many keys the prefix holds.
+    pub fn key_count(&self) -> Result<u64, StoreError> {
+        let prefix = self.keys.prefix.clone();
+        self.call("read", move |mut c| async move {
+            let r = c
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?;
+            Ok(u64::try_from(r.count()).unwrap_or(0))
+        })
+    }
+
+    /// Deletes every key under the prefix; returns how many there were.
+    pub fn clear(&self) -> Result<u64, StoreError> {
+        let prefix = self.keys.prefix.clone();
+        self.call("delete", move |mut c| async move {
+            let r = c
+                .delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                .await?;
+            Ok(u64::try_from(r.deleted()).unwrap_or(0))
+        })
+    }
+
+    /// Writes `contents` as they are (versions included), in transactions
+    /// of at most [`BATCH`] puts.
+    pub(crate) fn write_contents(&self, contents: &StoreContents) -> Result<(), StoreError> {
+        let mut ops = Vec::new();
+        for (region, leases) in &contents.leases {
+            ops.push((
+                self.keys.region_version(region),
+                leases.version().to_string().into_bytes(),
+            ));
+            for lease in leases.leases() {
+                ops.push((
+                    self.keys.lease(region, &lease.prefix),
+                    serde_json::to_vec(lease)?,
+                ));
+            }
+        }
+        for site in &contents.sites {
+            ops.push((self.keys.site(&site.site), serde_json::to_vec(site)?));
+        }
+        for cert in &contents.certs {
+            ops.push((self.keys.cert(cert), serde_json::to_vec(cert)?));
+        }
+        for entry in &contents.revocations {
+            ops.push((
+                self.keys.revocation(entry),
+                serde_json::to_vec(&StoredRevocation::from_entry(entry))?,
+            ));
+        }
+        for token in &contents.tokens {
+            ops.push((
+                self.keys.token(&token.hash),
+                serde_json::to_vec(&StoredToken::from_record(token))?,
+            ));
+        }
+        for chunk in ops.chunks(BATCH) {
+            let puts: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| TxnOp::put(k.clone(), v.clone(), None))
+                .collect();
+            self.call("write", move |mut c| async move {
+                c.txn(EtcdTxn::new().and_then(puts)).await?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn put_json<T: serde::Serialize>(&self, key: String, value: &T) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(value)?;
+        self.call("write", move |mut c| async move {
+            c.put(key, value, None).await?;
+            Ok(())
+        })
+    }
+
+    fn get_prefix(&self, prefix: String) -> Result<Vec<KeyValue>, StoreError> {
+        self.range(prefix, None)
+    }
+
+    /// Every key under `prefix` as of revision `at` (default: now), read in
+    /// pages of [`PAGE`] keys, every page at the same revision: a consistent
+    /// snapshot of any size, within gRPC's message limit.
+    fn range(&self, prefix: String, mut at: Option<i64>) -> Result<Vec<KeyValue>, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.into_bytes();
+        let mut out = Vec::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(revision) = at {
+                options = options.with_revision(revision);
+            }
+            let key = from.clone();
+            let mut response = self.call("read", move |mut c| async move {
+                c.get(key, Some(options)).await
+            })?;
+            if at.is_none() {
+                at = response.header().map(|h| h.revision());
+            }
+            let more = response.more();
+            let kvs = response.take_kvs();
+            let next = kvs.last().map(|kv| {
+                let mut next = kv.key().to_vec();
+                next.push(0);
+                next
+            });
+            out.extend(kvs);
+            match next {
+                Some(next) if more => from = next,
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+/// The end of the key range of everything starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the key space.
+    vec![0]
+}
+
+/// Why a call on the store's runtime failed.
+enum CallError {
+    Etcd(etcd_client::Error),
+    Timeout,
+}
+
+impl CallError {
+    fn describe(self, endpoints: &str, what: &str, timeout: Duration) -> StoreError {
+        match self {
+            CallError::Etcd(e) => StoreError(format!("etcd at {endpoints}: {what} failed: {e}")),
+            CallError::Timeout => StoreError(format!(
+                "etcd at {endpoints}: no answer to {what} within {} (is etcd running and reachable?)",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+}
+
+/// Runs `future` on `handle`'s runtime, bounded by `timeout`, and waits for
+/// it from whatever thread (or runtime) the caller is on.
+fn run_on<T, Fut>(
+    handle: &tokio::runtime::Handle,
+    timeout: Duration,
+    future: Fut,
+) -> Result<T, CallError>
+where
+    T: Send + 'static,
+    Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let result = tokio::time::timeout(timeout, future).await;
+        let _ = tx.send(result);
+    });
+    // The spawned task enforces the timeout; the margin only covers a
+    // runtime that is shutting down.
+    let wait = || rx.recv_timeout(timeout + Duration::from_secs(1));
+    let received = match tokio::runtime::Handle::try_current() {
+        Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    match received {
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(e))) => Err(CallError::Etcd(e)),
+        Ok(Err(_)) | Err(_) => Err(CallError::Timeout),
+    }
+}
+
+impl Store for EtcdStore {
+    fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError> {
+        let version_key = self.keys.region_version(region);
+        let leases_key = self.keys.region_leases(region);
+        let response = self.call("read", move |mut c| async move {
+            c.get(version_key, None).await
+        })?;
+        let revision = response.header().map(|h| h.revision());
+        let version = parse_version(response.kvs().first())?;
+        // The leases as of the revision the version was read at.
+        let leases = self
+            .range(leases_key, revision)?
+            .iter()
+            .map(|kv| serde_json::from_slice::<Lease>(kv.value()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RegionLeases::from_parts(version, leases))
+    }
+
+    fn commit_leases(&self, txn: &Txn) -> Result<Result<(), Conflict>, StoreError> {
+        let version_key = self.keys.region_version(&txn.region);
+        let guard = if txn.expected_version == 0 {
+            Compare::version(version_key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::value(
+                version_key.clone(),
+                CompareOp::Equal,
+                txn.expected_version.to_string(),
+            )
+        };
+        let next = txn
+            .expected_version
+            .checked_add(1)
+            .ok_or_else(|| StoreError("region version overflow".into()))?;
+        let mut ops = vec![TxnOp::put(version_key.clone(), next.to_string(), None)];
+        for prefix in &txn.delete {
+            ops.push(TxnOp::delete(self.keys.lease(&txn.region, prefix), None));
+        }
+        for lease in &txn.put {
+            ops.push(TxnOp::put(
+                self.keys.lease(&txn.region, &lease.prefix),
+                serde_json::to_vec(lease)?,
+                None,
+            ));
+        }
+        let request = EtcdTxn::new()
+            .when([guard])
+            .and_then(ops)
+            .or_else([TxnOp::get(version_key, None)]);
+        let response = self.call(
+            "lease commit",
+            move |mut c| async move { c.txn(request).await },
+        )?;
+        if response.succeeded() {
+            return Ok(Ok(()));
+        }
+        let responses = response.op_responses();
+        let found = parse_version(responses.first().and_then(|r| get_kvs(r).first()))?;
+        Ok(Err(Conflict {
+            expected: txn.expected_version,
+            found,
+        }))
+    }
+
+    fn site(&self, site: &SiteId) -> Result<Option<SiteRecord>, StoreError> {
+        let key = self.keys.site(site);
+        let kvs = self.call("read", move |mut c| async move {
+            Ok(c.get(key, None).await?.take_kvs())
+        })?;
+        Ok(match kvs.first() {
+            Some(kv) => Some(serde_json::from_slice(kv.value())?),
+            None => None,
+        })
+    }
+
+    fn sites(&self) -> Result<Vec<SiteRecord>, StoreError> {
+        self.get_prefix(self.keys.sites())?
+            .iter()
+            .map(|kv| Ok(serde_json::from_slice(kv.value())?))
+            .collect()
+    }
+
+    fn put_site(&self, record: &SiteRecord) -> Result<(), StoreError> {
+        self.put_json(self.keys.site(&record.site), record)
+    }
+
+    fn put_cert(&self, record: &CertRecord) -> Result<(), StoreError> {
+        self.put_json(self.keys.cert(record), record)
+    }
+
+    fn certs_of(&self, site: &SiteId) -> Result<Vec<CertRecord>, StoreError> {
+        self.get_prefix(self.keys.certs_of(site))?
+            .iter()
+            .map(|kv| Ok(serde_json::from_slice(kv.value())?))
+            .collect()
+    }
+
+    fn revoke(&self, entry: &Revoked) -> Result<(), StoreError> {
+        self.put_json(
+            self.keys.revocation(entry),
+            &StoredRevocation::from_entry(entry),
+        )
+    }
+
+    fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError> {
+        let key = self.keys.revocation(entry);
+        self.call("delete", move |mut c| async move {
+            c.delete(key, None).await?;
+            Ok(())
+        })
+    }
+
+    fn revocations(&self) -> Result<Vec<Revoked>, StoreError> {
+        self.get_prefix(self.keys.revocations())?
+            .iter()
+            .map(|kv| serde_json::from_slice::<StoredRevocation>(kv.value())?.into_entry())
+            .collect()
+    }
+
+    fn watch(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}
+
+impl TokenLedger for EtcdStore {
+    fn put(&self, record: TokenRecord) -> Result<(), String> {
+        self.put_json(
+            self.keys.token(&record.hash),
+            &StoredToken::from_record(&record),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn take(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, String> {
+        let key = self.keys.token(hash);
+        let request = EtcdTxn::new()
+            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
+        let run = || -> Result<Option<TokenRecord>, StoreError> {
+            let response = self.call("token redemption", move |mut c| async move {
+                c.txn(request).await
+            })?;
+            if !response.succeeded() {
+                return Ok(None);
+            }
+            let responses = response.op_responses();
+            let Some(kv) = responses.first().and_then(|r| get_kvs(r).first()) else {
+                return Err(StoreError(
+                    "etcd redeemed a token without returning it".into(),
+                ));
+            };
+            let stored: StoredToken = serde_json::from_slice(kv.value())?;
+            Ok(Some(stored.into_record(*hash)))
+        };
+        run().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_range_of_a_prefix_ends_after_its_last_key() {
+        assert_eq!(prefix_end(b"/t/"), b"/t0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+    }
+}

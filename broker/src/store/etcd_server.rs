@@ -1,0 +1,317 @@
+//! A real etcd server for tests: Debian's `etcd-server` started on
+//! loopback ports with a temporary data directory, ready once its client
+//! API answers, killed (by its PID) on drop. Shared by the broker's store
+//! tests and the cross-crate tests (`tests/tests/etcd_store.rs`).
+//!
+//! Without `etcd` on PATH, [`EtcdServer::start`] prints "skipped" and
+//! returns `None`, except under CI (`CI` set), where it panics.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_config::broker::{EtcdConfig, EtcdTls};
+
+/// How long etcd may take to answer after it was started.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// The etcd binary, or `None` (after printing "skipped") when it is not
+/// installed. Under CI a missing etcd fails the test.
+fn etcd_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("etcd"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "etcd is not on PATH; CI must install Debian's etcd-server"
+        );
+        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// TLS material for a server started with client certificate checks.
+struct TlsFiles {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// An etcd server on loopback, killed (by its PID) on drop.
+pub struct EtcdServer {
+    child: Child,
+    binary: PathBuf,
+    client_url: String,
+    peer_url: String,
+    /// The data directory and the log.
+    dir: tempfile::TempDir,
+    tls: Option<TlsFiles>,
+}
+
+/// Starts etcd (output appended to `dir/etcd.log`).
+fn spawn(
+    binary: &Path,
+    dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    tls: Option<&TlsFiles>,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .unwrap();
+    let mut cmd = Command::new(binary);
+    cmd.arg("--name=default")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=default={peer_url}"))
+        .arg("--log-level=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if let Some(files) = tls {
+        cmd.arg(format!("--cert-file={}", files.server_cert.display()))
+            .arg(format!("--key-file={}", files.server_key.display()))
+            .arg(format!("--trusted-ca-file={}", files.ca.display()))
+            .arg("--client-cert-auth");
+    }
+    cmd.spawn().unwrap()
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it answers; `None` when etcd is not
+    /// installed (outside CI).
+    pub fn start(tls: bool) -> Option<Self> {
+        let binary = etcd_binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls.then(|| write_tls_files(dir.path()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        // Ports are picked free and bound by etcd right after; a rare
+        // collision with a parallel test shows as etcd exiting, and is
+        // retried on new ports.
+        for _ in 0..5 {
+            let (client_port, peer_port) = (free_port(), free_port());
+            let client_url = format!("{scheme}://127.0.0.1:{client_port}");
+            let peer_url = format!("http://127.0.0.1:{peer_port}");
+            let mut child = spawn(&binary, dir.path(), &client_url, &peer_url, tls.as_ref());
+            match wait_ready(&mut child, &client_url, tls.as_ref()) {
+                Ready::Yes => {
+                    return Some(EtcdServer {
+                        child,
+                        binary,
+                        client_url,
+                        peer_url,
+                        dir,
+                        tls,
+                    });
+                }
+                Ready::Exited => {
+                    // Most likely a port taken in between: new ports.
+                    let _ = std::fs::remove_dir_all(dir.path().join("data"));
+                }
+                Ready::TimedOut => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        panic!(
+            "etcd did not start (answering within {READY_WITHIN:?}); its log:\n{}",
+            log_of(dir.path())
+        );
+    }
+
+    /// Kills etcd and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The ports may be busy for a moment after the kill.
+        for _ in 0..50 {
+            let mut child = spawn(
+                &self.binary,
+                self.dir.path(),
+                &self.client_url,
+                &self.peer_url,
+                self.tls.as_ref(),
+            );
+            match wait_ready(&mut child, &self.client_url, self.tls.as_ref()) {
+                Ready::Yes => {
+                    self.child = child;
+                    return;
+                }
+                Ready::Exited => std::thread::sleep(Duration::from_millis(100)),
+                Ready::TimedOut => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        panic!(
+            "etcd did not restart; its log:\n{}",
+            log_of(self.dir.path())
+        );
+    }
+
+    /// Stops the etcd process (SIGSTOP): it keeps its sockets open and
+    /// answers nothing, like a hung server.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused etcd process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> &str {
+        &self.client_url
+    }
+
+    /// A store configuration for this server under `prefix`.
+    pub fn config(&self, prefix: &str) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: vec![self.client_url.clone()],
+            prefix: prefix.to_string(),
+            timeout: Duration::from_secs(5),
+            tls: self.tls.as_ref().map(|t| EtcdTls {
+                ca_file: t.ca.clone(),
+                identity: Some((t.client_cert.clone(), t.client_key.clone())),
+            }),
+        }
+    }
+}
+
+enum Ready {
+    Yes,
+    Exited,
+    TimedOut,
+}
+
+/// Polls the client API until etcd answers a read.
+fn wait_ready(child: &mut Child, client_url: &str, tls: Option<&TlsFiles>) -> Ready {
+    let deadline = Instant::now() + READY_WITHIN;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Ready::Exited;
+        }
+        let answered = runtime.block_on(async {
+            let mut options = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_millis(500));
+            if let Some(tls) = tls {
+                options = options.with_tls(
+                    etcd_client::TlsOptions::new()
+                        .ca_certificate(etcd_client::Certificate::from_pem(
+                            std::fs::read(&tls.ca).unwrap(),
+                        ))
+                        .identity(etcd_client::Identity::from_pem(
+                            std::fs::read(&tls.client_cert).unwrap(),
+                            std::fs::read(&tls.client_key).unwrap(),
+                        )),
+                );
+            }
+            let attempt = async {
+                let mut client = etcd_client::Client::connect([client_url], Some(options)).await?;
+                client.get("/ready", None).await
+            };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), attempt).await,
+                Ok(Ok(_))
+            )
+        });
+        if answered {
+            return Ready::Yes;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ready::TimedOut
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn write_tls_files(dir: &Path) -> TlsFiles {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "etcd test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("etcd", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert, client_key) = leaf("tether-broker", ExtendedKeyUsagePurpose::ClientAuth);
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    TlsFiles {
+        ca: write("ca.pem", &ca_cert.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client.key", &client_key),
+    }
+}

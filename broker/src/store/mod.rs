@@ -1,0 +1,238 @@
+//! The broker's state store.
+//!
+//! [`Store`] is the interface: compare-and-set commits for address leases
+//! (one version per region, see [`tether_proto::ipam`]), an atomic take for
+//! enrollment tokens, plain records for sites, issued certificates and
+//! revocations, and a watch of changes. Two backends implement it:
+//!
+//! - [`RedbStore`] ([`redb`](self::redb)): an embedded, pure-Rust
+//!   transactional database in the data directory, for one broker; every
+//!   commit is durable when it returns, so a `kill -9` loses nothing that was
+//!   acknowledged and can never hand out an address twice.
+//! - [`EtcdStore`] ([`etcd`]): a shared etcd cluster under a key prefix;
+//!   every lease commit and every token redemption is one etcd transaction
+//!   guarded by a compare, so brokers sharing the cluster never hand out an
+//!   address twice nor redeem a token twice. The key layout is described
+//!   there and in `docs/architecture.md`.
+//!
+//! [`open`] picks the backend the configuration names; [`migrate`] copies an
+//! embedded store into etcd.
+
+pub mod etcd;
+#[cfg(test)]
+mod etcd_server;
+#[cfg(test)]
+mod etcd_tests;
+mod migrate;
+pub mod redb;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tether_config::broker::StoreConfig;
+use tether_pki::token::{TokenHash, TokenLedger, TokenRecord, from_unix_secs, unix_secs};
+use tether_pki::{Revoked, SiteIdentity, TrustDomain};
+use tether_proto::ids::{RegionId, SiteId};
+use tether_proto::ipam::{Conflict, RegionLeases, Txn};
+use thiserror::Error;
+use tokio::sync::broadcast;
+
+pub use self::etcd::EtcdStore;
+pub use self::migrate::{MigrationReport, migrate};
+pub use self::redb::RedbStore;
+
+/// The store failed (I/O, corruption). Conflicts are not errors.
+#[derive(Debug, Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError(format!("corrupt record: {e}"))
+    }
+}
+
+/// What the store knows about a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// When it was first registered (token created), Unix seconds.
+    pub created: u64,
+    /// When it last enrolled, Unix seconds.
+    pub enrolled: Option<u64>,
+    /// Whether it is revoked.
+    pub revoked: bool,
+}
+
+/// A certificate the broker issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
+}
+
+/// A change, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A region's leases changed.
+    Leases(RegionId),
+    /// A site record changed.
+    Site(SiteId),
+    /// A revocation was added.
+    Revoked(Revoked),
+    /// A revocation was removed.
+    Reinstated(Revoked),
+}
+
+/// The broker's state store.
+pub trait Store: TokenLedger + Send + Sync + 'static {
+    /// A region's leases at its current version.
+    fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError>;
+    /// Applies `txn` if the region is still at `txn.expected_version`.
+    fn commit_leases(&self, txn: &Txn) -> Result<Result<(), Conflict>, StoreError>;
+    /// A site record.
+    fn site(&self, site: &SiteId) -> Result<Option<SiteRecord>, StoreError>;
+    /// Every site record.
+    fn sites(&self) -> Result<Vec<SiteRecord>, StoreError>;
+    /// Creates or replaces a site record.
+    fn put_site(&self, record: &SiteRecord) -> Result<(), StoreError>;
+    /// Records an issued certificate.
+    fn put_cert(&self, record: &CertRecord) -> Result<(), StoreError>;
+    /// The certificates issued to a site.
+    fn certs_of(&self, site: &SiteId) -> Result<Vec<CertRecord>, StoreError>;
+    /// Adds a revocation.
+    fn revoke(&self, entry: &Revoked) -> Result<(), StoreError>;
+    /// Removes a revocation.
+    fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError>;
+    /// Every revocation.
+    fn revocations(&self) -> Result<Vec<Revoked>, StoreError>;
+    /// Changes from now on.
+    fn watch(&self) -> broadcast::Receiver<StoreEvent>;
+}
+
+/// The stored form of a token record.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct StoredToken {
+    site: SiteId,
+    region: RegionId,
+    created: u64,
+    expires: u64,
+}
+
+/// The stored form of a revocation.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum StoredRevocation {
+    Site {
+        identity: String,
+        trust_domain: TrustDomain,
+    },
+    Serial {
+        serial: String,
+    },
+}
+
+pub(crate) fn revocation_key(entry: &Revoked) -> String {
+    match entry {
+        Revoked::Site(id) => format!("site:{}", id.uri()),
+        Revoked::Serial(serial) => format!("serial:{}", data_encoding::HEXLOWER.encode(serial)),
+    }
+}
+
+impl StoredToken {
+    pub(crate) fn from_record(record: &TokenRecord) -> Self {
+        Self {
+            site: record.site.clone(),
+            region: record.region.clone(),
+            created: unix_secs(record.created_at),
+            expires: unix_secs(record.expires_at),
+        }
+    }
+
+    pub(crate) fn into_record(self, hash: TokenHash) -> TokenRecord {
+        TokenRecord {
+            hash,
+            site: self.site,
+            region: self.region,
+            created_at: from_unix_secs(self.created),
+            expires_at: from_unix_secs(self.expires),
+        }
+    }
+}
+
+impl StoredRevocation {
+    pub(crate) fn from_entry(entry: &Revoked) -> Self {
+        match entry {
+            Revoked::Site(id) => StoredRevocation::Site {
+                identity: id.uri(),
+                trust_domain: id.trust_domain.clone(),
+            },
+            Revoked::Serial(serial) => StoredRevocation::Serial {
+                serial: data_encoding::HEXLOWER.encode(serial),
+            },
+        }
+    }
+
+    pub(crate) fn into_entry(self) -> Result<Revoked, StoreError> {
+        match self {
+            StoredRevocation::Site {
+                identity,
+                trust_domain,
+            } => {
+                let id = SiteIdentity::parse(&identity, &trust_domain)
+                    .map_err(|e| StoreError(format!("corrupt revocation: {e}")))?;
+                Ok(Revoked::Site(id))
+            }
+            StoredRevocation::Serial { serial } => {
+                let bytes = data_encoding::HEXLOWER
+                    .decode(serial.as_bytes())
+                    .map_err(|e| StoreError(format!("corrupt revocation: {e}")))?;
+                Ok(Revoked::Serial(bytes))
+            }
+        }
+    }
+}
+
+/// Everything a store holds, as [`migrate`] copies it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreContents {
+    /// Every region's leases, with its version.
+    pub leases: Vec<(RegionId, RegionLeases)>,
+    /// Site records.
+    pub sites: Vec<SiteRecord>,
+    /// Issued certificates.
+    pub certs: Vec<CertRecord>,
+    /// Revocations.
+    pub revocations: Vec<Revoked>,
+    /// Enrollment tokens not yet redeemed (expired ones included; callers
+    /// filter).
+    pub tokens: Vec<TokenRecord>,
+}
+
+/// Opens the store the configuration names: the embedded one in
+/// `data_dir`, or etcd.
+pub fn open(config: &StoreConfig, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config {
+        StoreConfig::Embedded => Arc::new(RedbStore::open(&data_dir.join(EMBEDDED_FILE))?),
+        StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::open(etcd)?),
+    })
+}
+
+/// File of the embedded store in the data directory.
+pub const EMBEDDED_FILE: &str = "store.redb";
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
+    unix_secs(SystemTime::now())
+}

@@ -1,0 +1,131 @@
+//! A real broker on loopback keeping its state in a real etcd (started per
+//! test, see `broker/src/store/etcd_server.rs`), with sites enrolled and
+//! connected through the client library. `#[tokio::test]` runs the broker
+//! on a current-thread runtime: the etcd store must not nest runtimes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../broker/src/store/etcd_server.rs"]
+mod etcd_server;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use etcd_server::EtcdServer;
+use tether_broker::store::{EtcdStore, Store, StoreEvent};
+use tether_pki::Revoked;
+use tether_proto::ip::Packet;
+use tether_proto::net::Family;
+use tether_tests::{TestBroker, TestSite, Tunnel, connect, ping};
+
+/// Deadline of the test body.
+const TEST_DEADLINE: Duration = Duration::from_secs(120);
+
+fn v4(t: &Tunnel) -> Ipv4Addr {
+    match t.session.host_address(Family::V4) {
+        Some(IpAddr::V4(a)) => a,
+        other => panic!("no IPv4 address: {other:?}"),
+    }
+}
+
+async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
+    let (chain, key, ca) = site.identity();
+    let client = connect(broker.addr(), &ca, Some((chain, key)))
+        .await
+        .unwrap();
+    let mut t = Tunnel::open(client).await.unwrap();
+    t.configured().await;
+    t
+}
+
+#[tokio::test]
+async fn a_broker_on_etcd_enrolls_routes_and_keeps_addresses_across_restarts() {
+    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let config = server.config("/tether/it/");
+    let extra = format!(
+        "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
+         [[policy.allow]]\nname = \"a-and-b\"\nfrom = [\"site:site-a\", \"site:site-b\"]\nto = [\"site:site-a\", \"site:site-b\"]\n",
+        config.endpoints[0], config.prefix
+    );
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut broker = TestBroker::start(&extra).await;
+        let a = TestSite::enroll(&broker, "site-a").await;
+        let b = TestSite::enroll(&broker, "site-b").await;
+        let ta = tunnel_for(&broker, &a).await;
+        let tb = tunnel_for(&broker, &b).await;
+        let (addr_a, addr_b) = (v4(&ta), v4(&tb));
+        assert_ne!(addr_a, addr_b);
+        ta.send_packet(&ping(addr_a, addr_b, 1));
+        let got = tb
+            .recv_packet(Duration::from_secs(5))
+            .await
+            .expect("packet forwarded to B");
+        let p = Packet::parse(&got).unwrap();
+        assert_eq!((p.src, p.dst), (IpAddr::V4(addr_a), IpAddr::V4(addr_b)));
+
+        // What the broker wrote is in etcd, where another broker reads it.
+        let other = EtcdStore::open(&config).unwrap();
+        let local = "local".parse().unwrap();
+        let leased: Vec<_> = other
+            .region_leases(&local)
+            .unwrap()
+            .leases()
+            .map(|l| (l.site.to_string(), l.prefix))
+            .collect();
+        assert!(
+            leased.contains(&(
+                "site-a".to_string(),
+                format!("{addr_a}/32").parse().unwrap()
+            )),
+            "{leased:?}"
+        );
+        assert_eq!(other.sites().unwrap().len(), 2);
+
+        // The enrollment token was redeemed in etcd: it is gone.
+        let code = broker.token("site-c").await;
+        let state = tempfile::tempdir().unwrap();
+        let state = tether::state::StateDir::new(state.path().join("s"));
+        tether::enroll::enroll(&broker.addr().to_string(), &code, &state, false, None)
+            .await
+            .unwrap();
+        let again = tether::enroll::enroll(&broker.addr().to_string(), &code, &state, true, None)
+            .await
+            .expect_err("a token enrolls once");
+        assert!(format!("{again:#}").contains("already used"), "{again:#}");
+
+        // A revocation by this broker reaches another store's watch.
+        let mut watch = other.watch();
+        let b2 = broker.broker().clone();
+        tokio::task::spawn_blocking(move || {
+            b2.revoke_site(&"site-b".parse().unwrap(), &"local".parse().unwrap())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let revoked = loop {
+            match tokio::time::timeout(Duration::from_secs(10), watch.recv())
+                .await
+                .expect("an event within 10 s")
+                .unwrap()
+            {
+                StoreEvent::Revoked(Revoked::Site(id)) => break id,
+                _ => continue,
+            }
+        };
+        assert_eq!(revoked.site.as_str(), "site-b");
+
+        // After a restart (state only in etcd) site A gets its address again.
+        drop((ta, tb));
+        broker.restart().await;
+        let ta2 = tunnel_for(&broker, &a).await;
+        assert_eq!(v4(&ta2), addr_a);
+        broker.running.take().unwrap().shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
