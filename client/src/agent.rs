@@ -17,14 +17,13 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether_config::client::ClientConfig;
+use tether_proto::agent::{Backoff, ClientEvent, ClientSession, Ladder, Move, PROBE_INTERVAL};
 use tether_proto::api::{ApiError, RENEW_PATH, RenewRequest, RenewResponse};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram::{self, Payload};
 use tether_proto::ip::{self, IcmpError, Packet};
 use tether_proto::net::Family;
-use tether_proto::tunnel::{
-    Backoff, ClientEvent, ClientSession, Ladder, Move, PROBE_INTERVAL, Transport,
-};
+use tether_proto::tunnel::Transport;
 use tokio::sync::watch;
 
 use crate::dial::{self, Target};
