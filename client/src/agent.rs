@@ -32,17 +32,17 @@ use tokio::task::JoinHandle;
 use crate::dial::{self, Target};
 use crate::failure::Failure;
 use crate::h3client::quic_config;
-use crate::link::{BrokerConn, Dialer, Link, Tunnel};
+use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
 use crate::pumps::start_pumps;
-use crate::state::{Identity, StateDir};
+use crate::state_dir::{Identity, StateDir};
 use crate::tun::Tun;
 use tether_shell::quic::transport_config;
 
 /// What a task reports back.
 enum Input {
     Dialed(Result<(BrokerConn, Target), Failure>),
-    Opened(Result<(Tunnel, Link), Failure>),
+    Opened(Result<(Tunnel, TunnelLink), Failure>),
     Renewed(Result<(), String>),
     Probed(Option<BrokerConn>),
 }
@@ -62,7 +62,7 @@ struct Session {
     conn: Arc<BrokerConn>,
     target: Target,
     tunnel: Option<Tunnel>,
-    link: Option<Link>,
+    link: Option<TunnelLink>,
     /// Packet pumps, and the tasks opening, renewing, probing.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -323,7 +323,7 @@ impl Shell {
             Action::CheckMtu => {
                 let link = self.session.as_ref().and_then(|s| s.link.as_ref());
                 let tun = self.tun.as_ref().map(Tun::mtu);
-                core.handle_path_mtu(link.and_then(Link::mtu), tun, Instant::now());
+                core.handle_path_mtu(link.and_then(TunnelLink::mtu), tun, Instant::now());
             }
             Action::SetTunMtu(mtu) => {
                 if let Some(tun) = self.tun.as_mut() {

@@ -20,7 +20,7 @@ use crate::dial::Target;
 use crate::h3client::quic_config;
 use crate::link::{BrokerConn, Dialer, dial_any};
 use crate::proxy::Proxy;
-use crate::state::{Identity, StateDir};
+use crate::state_dir::{Identity, StateDir};
 use tether_shell::quic::transport_config;
 
 /// What enrollment produced.

@@ -13,7 +13,7 @@
 //! - The admin API client and the tables of `tether routes`, `tether
 //!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
 //!   prints them too).
-//! - [`state`]: the state directory.
+//! - [`state_dir`]: the state directory.
 
 pub mod agent;
 pub mod dial;
@@ -26,5 +26,5 @@ pub mod h3client;
 pub mod link;
 pub mod proxy;
 pub mod pumps;
-pub mod state;
+pub mod state_dir;
 pub mod tun;

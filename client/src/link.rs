@@ -4,7 +4,7 @@
 //! - [`Dialer`] makes a connection on a given [`Transport`].
 //! - [`BrokerConn`] sends requests and opens the tunnel on it.
 //! - [`Tunnel`] reads the capsules of the tunnel's request stream.
-//! - [`Link`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
+//! - [`TunnelLink`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
 //!   capsules on the stream over HTTP/2.
 
 use std::sync::Arc;
@@ -267,7 +267,7 @@ impl BrokerConn {
         authority: &str,
         timeout: Duration,
         services: &[tether_proto::dns::Service],
-    ) -> Result<(Tunnel, Link), Failure> {
+    ) -> Result<(Tunnel, TunnelLink), Failure> {
         let services =
             (!services.is_empty()).then(|| tether_proto::dns::Service::format_list(services));
         match self {
@@ -308,7 +308,7 @@ impl BrokerConn {
                         recv,
                         dec,
                     },
-                    Link::H3 {
+                    TunnelLink::H3 {
                         conn: conn.clone(),
                         stream_id,
                         prefix: prefix.into(),
@@ -332,7 +332,10 @@ impl BrokerConn {
                 }
                 let (capsules, queue) = mpsc::channel(QUEUE);
                 let writer = tokio::spawn(tether_shell::h2::write_capsules(stream, queue));
-                Ok((Tunnel::H2 { recv: body, writer }, Link::H2 { capsules }))
+                Ok((
+                    Tunnel::H2 { recv: body, writer },
+                    TunnelLink::H2 { capsules },
+                ))
             }
         }
     }
@@ -437,7 +440,7 @@ impl Tunnel {
 
 /// Sends IP packets into the tunnel.
 #[derive(Clone)]
-pub enum Link {
+pub enum TunnelLink {
     /// QUIC datagrams.
     H3 {
         /// The connection.
@@ -458,23 +461,23 @@ pub enum Link {
 #[derive(Debug)]
 pub struct LinkGone;
 
-impl Link {
+impl TunnelLink {
     /// The largest IP packet the link carries now.
     pub fn mtu(&self) -> Option<u16> {
         match self {
-            Link::H3 { conn, prefix, .. } => conn
+            TunnelLink::H3 { conn, prefix, .. } => conn
                 .max_datagram_size()
                 .map(|m| m.saturating_sub(prefix.len()))
                 .and_then(|m| u16::try_from(m).ok()),
-            Link::H2 { .. } => u16::try_from(STREAM_MTU).ok(),
+            TunnelLink::H2 { .. } => u16::try_from(STREAM_MTU).ok(),
         }
     }
 
-    /// Room to leave in front of a packet for [`Link::send`].
+    /// Room to leave in front of a packet for [`TunnelLink::send`].
     pub fn headroom(&self) -> usize {
         match self {
-            Link::H3 { prefix, .. } => prefix.len(),
-            Link::H2 { .. } => MAX_CAPSULE_PREFIX,
+            TunnelLink::H3 { prefix, .. } => prefix.len(),
+            TunnelLink::H2 { .. } => MAX_CAPSULE_PREFIX,
         }
     }
 
@@ -483,7 +486,7 @@ impl Link {
     pub fn send(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
         let headroom = self.headroom();
         match self {
-            Link::H3 { conn, prefix, .. } => {
+            TunnelLink::H3 { conn, prefix, .. } => {
                 let Some(head) = buf.get_mut(..headroom) else {
                     return Ok(());
                 };
@@ -493,7 +496,7 @@ impl Link {
                     _ => Ok(()),
                 }
             }
-            Link::H2 { capsules } => {
+            TunnelLink::H2 { capsules } => {
                 let len = buf.len().saturating_sub(headroom);
                 let (prefix, n) = datagram::capsule_prefix(len);
                 let start = headroom - n;

@@ -7,13 +7,13 @@ use std::net::IpAddr;
 use tether_proto::datagram::{self, Payload};
 use tether_proto::ip::{self, IcmpError, Packet};
 
-use crate::link::Link;
+use crate::link::TunnelLink;
 use crate::tun::Tun;
 
 /// Starts the packet pumps of a session: device to tunnel, and over HTTP/3
 /// tunnel to device. One read of an offloading device yields a whole TCP burst, and
 /// one write carries the coalesced segments of a batch of datagrams.
-pub fn start_pumps(tun: &Tun, link: &Link) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn start_pumps(tun: &Tun, link: &TunnelLink) -> Vec<tokio::task::JoinHandle<()>> {
     let offload = tun.offload;
     let outbound = {
         let (dev, link) = (tun.dev.clone(), link.clone());
@@ -47,7 +47,7 @@ pub fn start_pumps(tun: &Tun, link: &Link) -> Vec<tokio::task::JoinHandle<()>> {
     };
     // Over HTTP/2, packets arrive in capsules on the stream and are
     // written by the session itself.
-    let Link::H3 {
+    let TunnelLink::H3 {
         conn, stream_id, ..
     } = link.clone()
     else {

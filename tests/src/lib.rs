@@ -15,7 +15,7 @@ use std::time::Duration;
 use quinn::{RecvStream, SendStream, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tether::h3client::{self, H3Client, quic_config};
-use tether::state::StateDir;
+use tether::state_dir::StateDir;
 use tether_broker::run::Running;
 use tether_broker::state::Broker;
 use tether_config::broker::{BrokerConfig, BrokerFile};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tether::dial::Target;
 use tether::h3client::quic_config;
-use tether::link::{BrokerConn, Dialer, Link, Tunnel};
+use tether::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use tether_config::Endpoint;
 use tether_proto::agent::ClientSession;
 use tether_proto::api::{RENEW_PATH, RenewRequest, RenewResponse};
@@ -54,7 +54,7 @@ fn target(broker: &TestBroker) -> Target {
 struct H2Site {
     conn: BrokerConn,
     tunnel: Tunnel,
-    link: Link,
+    link: TunnelLink,
     session: ClientSession,
     capsules: CapsuleDecoder,
     packets: Vec<Vec<u8>>,
