@@ -8,12 +8,16 @@ use super::*;
 use crate::connect_ip::{AddressAssign, AssignedAddress};
 
 const MAX: Duration = Duration::from_secs(30);
+/// The schedule pinned here as values, so a changed constant fails a test.
+const TEN_MINUTES: Duration = Duration::from_secs(600);
+const PROBE_EVERY: Duration = Duration::from_secs(30);
+const MTU_EVERY: Duration = Duration::from_secs(2);
 
 fn config(proxy: bool, remembered: Option<Transport>, seed: u64) -> AgentConfig {
     AgentConfig {
         proxy,
         remembered,
-        backoff_base: BACKOFF_BASE,
+        backoff_base: Duration::from_millis(500),
         backoff_max: MAX,
         seed,
     }
@@ -180,10 +184,10 @@ fn renewal_fires_at_half_life_and_retries_after_a_failure() {
         a.events(),
         [Event::RenewalFailed {
             error: "HTTP 503".into(),
-            retry_in: RENEWAL_RETRY
+            retry_in: TEN_MINUTES
         }]
     );
-    let actions = a.run_for(RENEWAL_RETRY - secs(1), secs(1));
+    let actions = a.run_for(TEN_MINUTES - secs(1), secs(1));
     assert!(!actions.contains(&Action::Renew));
     let actions = a.run_for(secs(1), secs(1));
     assert!(actions.contains(&Action::Renew));
@@ -239,7 +243,7 @@ fn backoff_grows_is_jittered_from_the_seed_and_resets_after_a_lasting_session() 
     a.actions();
     let delays = failed_dials(&mut a, 8);
     for (n, d) in delays.iter().enumerate() {
-        let ceiling = (BACKOFF_BASE * 2u32.pow(n as u32)).min(MAX);
+        let ceiling = (Duration::from_millis(500) * 2u32.pow(n as u32)).min(MAX);
         assert!(
             *d >= ceiling / 2 && *d <= ceiling,
             "attempt {n}: {d:?} outside [{:?}, {ceiling:?}]",
@@ -271,7 +275,7 @@ fn backoff_grows_is_jittered_from_the_seed_and_resets_after_a_lasting_session() 
     a.core
         .handle_session_ended(Ending::Lost("reset".into()), a.now);
     let d = a.retry_delay();
-    assert!(d <= BACKOFF_BASE, "{d:?}");
+    assert!(d <= Duration::from_millis(500), "{d:?}");
 }
 
 #[test]
@@ -320,20 +324,20 @@ fn the_ladder_falls_back_and_probes_http3_until_it_answers() {
     a.core.handle_tunnel_opened(None, a.now);
     a.events();
     a.actions();
-    // HTTP/3 is probed every PROBE_INTERVAL, not before.
+    // HTTP/3 is probed every PROBE_EVERY, not before.
     let probes = |actions: &[Action]| {
         actions
             .iter()
             .filter(|a| **a == Action::Probe(Transport::H3))
             .count()
     };
-    assert_eq!(probes(&a.run_for(PROBE_INTERVAL - secs(1), secs(1))), 0);
+    assert_eq!(probes(&a.run_for(PROBE_EVERY - secs(1), secs(1))), 0);
     assert_eq!(probes(&a.run_for(secs(1), secs(1))), 1);
     // While a probe is out, no other starts.
-    assert_eq!(probes(&a.run_for(PROBE_INTERVAL, secs(1))), 0);
+    assert_eq!(probes(&a.run_for(PROBE_EVERY, secs(1))), 0);
     a.core.handle_probe_result(false, a.now);
     assert_eq!((a.events(), a.actions()), (vec![], vec![]));
-    assert_eq!(probes(&a.run_for(PROBE_INTERVAL, secs(1))), 1);
+    assert_eq!(probes(&a.run_for(PROBE_EVERY, secs(1))), 1);
     // It answers: the tunnel moves up at once.
     a.core.handle_probe_result(true, a.now);
     assert_eq!(a.events(), [Event::Upgrading(Transport::H3)]);
@@ -358,7 +362,7 @@ fn the_ladder_falls_back_and_probes_http3_until_it_answers() {
     a.events();
     a.actions();
     // On the top rung nothing is probed.
-    assert_eq!(probes(&a.run_for(PROBE_INTERVAL * 4, secs(1))), 0);
+    assert_eq!(probes(&a.run_for(PROBE_EVERY * 4, secs(1))), 0);
     assert_eq!(a.core.ladder().last(), Some(Transport::H3));
 }
 
@@ -383,7 +387,7 @@ fn the_tunnel_mtu_follows_the_link_with_floors() {
     a.core.handle_path_mtu(Some(1200), Some(1400), a.now);
     assert_eq!(a.actions(), [Action::SetTunMtu(1200)]);
     a.core.handle_path_mtu(Some(500), Some(1200), a.now);
-    assert_eq!(a.actions(), [Action::SetTunMtu(MIN_MTU_V4)]);
+    assert_eq!(a.actions(), [Action::SetTunMtu(576)]);
     a.core.handle_path_mtu(Some(500), Some(576), a.now);
     assert_eq!(a.actions(), []);
     a.core.handle_path_mtu(None, Some(576), a.now);
@@ -393,12 +397,12 @@ fn the_tunnel_mtu_follows_the_link_with_floors() {
         .handle_capsule(assign(&["100.64.0.7/32", "fd00::7/128"]), a.now);
     a.actions();
     a.core.handle_path_mtu(Some(1000), Some(576), a.now);
-    assert_eq!(a.actions(), [Action::SetTunMtu(MIN_MTU_V6)]);
+    assert_eq!(a.actions(), [Action::SetTunMtu(1280)]);
     a.core.handle_path_mtu(Some(1452), Some(1280), a.now);
     assert_eq!(a.actions(), [Action::SetTunMtu(1452)]);
-    // Checked every MTU_CHECK_INTERVAL while the session lasts.
+    // Checked every MTU_EVERY while the session lasts.
     let checks = a
-        .run_for(MTU_CHECK_INTERVAL * 5, Duration::from_millis(100))
+        .run_for(MTU_EVERY * 5, Duration::from_millis(100))
         .iter()
         .filter(|x| **x == Action::CheckMtu)
         .count();
