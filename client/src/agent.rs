@@ -29,15 +29,13 @@ use tether_proto::tunnel::Transport;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::dial::{self, Target};
+use crate::dial::Target;
 use crate::failure::Failure;
-use crate::h3client::quic_config;
 use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
 use crate::pumps::start_pumps;
 use crate::state_dir::{Identity, StateDir};
 use crate::tun::Tun;
-use tether_shell::quic::transport_config;
 
 /// What a task reports back.
 enum Input {
@@ -299,12 +297,12 @@ impl Shell {
     async fn act(&mut self, action: Action, core: &mut AgentCore) -> anyhow::Result<()> {
         match action {
             Action::Dial { order } => {
-                let dialer = dialer(&self.config, &self.state, self.proxy.clone())?;
+                let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
                 self.epoch += 1;
                 let config = self.config.clone();
                 self.dialing =
                     Some(self.spawn(async move {
-                        Input::Dialed(connect(&config, &dialer, &order).await)
+                        Input::Dialed(dialer.connect(&config, &order).await)
                     }));
             }
             Action::SaveTransport(transport) => self.state.save_transport(transport),
@@ -408,7 +406,7 @@ impl Shell {
         let Some(target) = self.session.as_ref().map(|s| s.target.clone()) else {
             return;
         };
-        let dialer = match dialer(&self.config, &self.state, self.proxy.clone()) {
+        let dialer = match Dialer::for_site(&self.config, &self.state, self.proxy.clone()) {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!("cannot probe: {e:#}");
@@ -495,46 +493,6 @@ impl Drop for Session {
             t.abort();
         }
     }
-}
-
-/// A dialer with the site's current certificate.
-fn dialer(config: &ClientConfig, state: &StateDir, proxy: Option<Proxy>) -> anyhow::Result<Dialer> {
-    let creds = state.credentials()?;
-    let tls = tether_pki::tls::client_config(&creds.ca, Some((creds.chain, creds.key)))?;
-    // Silence for two keepalive intervals (and a margin) means the broker
-    // is gone; a restarted broker resets the connection sooner.
-    let quic = quic_config(
-        tls.clone(),
-        transport_config(
-            config.keepalive,
-            config.keepalive * 2 + Duration::from_secs(2),
-        ),
-    )?;
-    Ok(Dialer {
-        tls,
-        quic,
-        proxy,
-        timeout: config.h3_timeout,
-        keepalive: config.keepalive,
-    })
-}
-
-/// Connects to the first broker that answers, climbing the ladder: every
-/// broker on one rung before the next rung.
-async fn connect(
-    config: &ClientConfig,
-    dialer: &Dialer,
-    order: &[Transport],
-) -> Result<(BrokerConn, Target), Failure> {
-    let mut targets = Vec::new();
-    let mut errors = Vec::new();
-    for endpoint in &config.brokers {
-        match dial::resolve(endpoint, config.published_cidr).await {
-            Ok(t) => targets.extend(t),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    dialer.first(order, &targets, errors).await
 }
 
 /// The connection's own failure, if it has already failed (the better

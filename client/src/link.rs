@@ -1,7 +1,8 @@
 //! A connection to a broker on one rung of the ladder, and the CONNECT-IP
 //! tunnel on it, whichever HTTP version carries it.
 //!
-//! - [`Dialer`] makes a connection on a given [`Transport`].
+//! - [`Dialer`] makes a connection on a given [`Transport`], or to the
+//!   first configured broker that answers on a ladder's order.
 //! - [`BrokerConn`] sends requests and opens the tunnel on it.
 //! - [`Tunnel`] reads the capsules of the tunnel's request stream.
 //! - [`TunnelLink`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
@@ -12,12 +13,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use tether_config::client::ClientConfig;
 use tether_proto::api::ApiError;
 use tether_proto::connect_ip;
 use tether_proto::datagram::{self, MAX_CAPSULE_PREFIX, STREAM_MTU};
 use tether_proto::h3::error::H3_REQUEST_REJECTED;
 use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
 use tether_proto::tunnel::Transport;
+use tether_shell::quic::transport_config;
 use tokio::sync::mpsc;
 
 use crate::dial::{self, Target};
@@ -25,6 +28,7 @@ use crate::failure::{Answer, Failure, tls_refusal};
 use crate::h2client::{self, H2Client};
 use crate::h3client::{self, H3Client};
 use crate::proxy::Proxy;
+use crate::state_dir::StateDir;
 
 /// Capsules waiting for the TCP connection (HTTP/2). Beyond this, packets
 /// from the site are dropped as a router drops on a full queue.
@@ -187,6 +191,53 @@ impl Dialer {
             }
         }
         Err(Failure::lost(errors.join("; ")))
+    }
+}
+
+impl Dialer {
+    /// A dialer for `tether up`: the site's current certificate, its
+    /// configured keepalive and timeout.
+    pub fn for_site(
+        config: &ClientConfig,
+        state: &StateDir,
+        proxy: Option<Proxy>,
+    ) -> anyhow::Result<Self> {
+        let creds = state.credentials()?;
+        let tls = tether_pki::tls::client_config(&creds.ca, Some((creds.chain, creds.key)))?;
+        // Silence for two keepalive intervals (and a margin) means the broker
+        // is gone; a restarted broker resets the connection sooner.
+        let quic = h3client::quic_config(
+            tls.clone(),
+            transport_config(
+                config.keepalive,
+                config.keepalive * 2 + Duration::from_secs(2),
+            ),
+        )?;
+        Ok(Self {
+            tls,
+            quic,
+            proxy,
+            timeout: config.h3_timeout,
+            keepalive: config.keepalive,
+        })
+    }
+
+    /// Connects to the first of the configured brokers that answers,
+    /// climbing `order`: every broker on one rung before the next rung.
+    pub async fn connect(
+        &self,
+        config: &ClientConfig,
+        order: &[Transport],
+    ) -> Result<(BrokerConn, Target), Failure> {
+        let mut targets = Vec::new();
+        let mut errors = Vec::new();
+        for endpoint in &config.brokers {
+            match dial::resolve(endpoint, config.published_cidr).await {
+                Ok(t) => targets.extend(t),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        self.first(order, &targets, errors).await
     }
 }
 
