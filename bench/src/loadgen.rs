@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tether::h3client::{H3Client, quic_config};
-use tether::state::StateDir;
+use tether::state_dir::StateDir;
 use tether_proto::api::{TokenRequest, TokenResponse};
 use tether_shell::operator::AdminClient;
 use tether_shell::quic::transport_config;
@@ -162,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client_tls(creds: &tether::state::Credentials) -> quinn::rustls::ClientConfig {
+fn client_tls(creds: &tether::state_dir::Credentials) -> quinn::rustls::ClientConfig {
     tether_pki::tls::client_config(
         &creds.ca,
         Some((creds.chain.clone(), creds.key.clone_key())),

@@ -14,7 +14,7 @@ use crate::dial::{self, Target};
 use crate::h3client::quic_config;
 use crate::link::{BrokerConn, Dialer};
 use crate::proxy::Proxy;
-use crate::state::StateDir;
+use crate::state_dir::StateDir;
 use tether_shell::quic::transport_config;
 
 /// A check's verdict.

@@ -1,7 +1,8 @@
-//! `tether enroll`: the site generates its key, sends a CSR with the
-//! one-time code, and stores what it gets back.
+//! The site's certificate: `tether enroll` generates its key, sends a CSR
+//! with the one-time code, and stores what it gets back; [`renew`] does the
+//! same with the current certificate over the tunnel's connection.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use rustls::pki_types::CertificateDer;
@@ -10,13 +11,16 @@ use tether_config::client::ClientFile;
 use tether_pki::ca::pem_to_der;
 use tether_pki::tls::{ca_pin, enrollment_client_config};
 use tether_pki::token::EnrollmentCode;
-use tether_proto::api::{ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse};
+use tether_proto::api::{
+    ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse, RENEW_PATH, RenewRequest, RenewResponse,
+};
 
 use crate::dial;
+use crate::dial::Target;
 use crate::h3client::quic_config;
-use crate::link::{Dialer, dial_any};
+use crate::link::{BrokerConn, Dialer, dial_any};
 use crate::proxy::Proxy;
-use crate::state::{Identity, StateDir};
+use crate::state_dir::{Identity, StateDir};
 use tether_shell::quic::transport_config;
 
 /// What enrollment produced.
@@ -130,4 +134,35 @@ pub async fn enroll(
         file.to_toml()
     ))?;
     Ok(Enrolled { response })
+}
+
+/// Renews the site certificate over the tunnel connection.
+pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyhow::Result<()> {
+    let creds = state.credentials()?;
+    let (key, csr) = tether_pki::ca::site_key_and_csr(creds.identity.site.as_str())?;
+    let body = serde_json::to_vec(&RenewRequest {
+        csr: data_encoding::BASE64.encode(&csr),
+    })?;
+    let (status, answer) = conn
+        .request("POST", &target.endpoint.to_string(), RENEW_PATH, &body)
+        .await?;
+    if status != 200 {
+        let message = serde_json::from_slice::<ApiError>(&answer)
+            .map(|e| e.error)
+            .unwrap_or_default();
+        anyhow::bail!("HTTP {status}: {message}");
+    }
+    let renewed: RenewResponse = serde_json::from_slice(&answer)?;
+    state.save(
+        &key.serialize_der(),
+        &renewed.certificate,
+        &renewed.ca,
+        &Identity {
+            not_after: renewed.not_after,
+            issued_at: tether_pki::token::unix_secs(SystemTime::now()),
+            ..creds.identity
+        },
+    )?;
+    tracing::info!("certificate renewed");
+    Ok(())
 }

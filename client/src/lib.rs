@@ -1,7 +1,9 @@
 //! The tether edge agent and operator CLI.
 //!
-//! - [`enroll`]: `tether enroll`, key generation and enrollment.
-//! - [`agent`]: `tether up`, the tunnel and its reconnection.
+//! - [`enroll`]: `tether enroll`, key generation and enrollment, and
+//!   certificate renewal.
+//! - [`agent`]: `tether up`, the shell of `tether_proto::agent::AgentCore`
+//!   (the tunnel and its reconnection); [`pumps`]: its packet pumps.
 //! - [`tun`]: the TUN device and routes.
 //! - [`link`]: a connection to a broker on one rung of the transport
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
@@ -11,7 +13,7 @@
 //! - The admin API client and the tables of `tether routes`, `tether
 //!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
 //!   prints them too).
-//! - [`state`]: the state directory.
+//! - [`state_dir`]: the state directory.
 
 pub mod agent;
 pub mod dial;
@@ -23,5 +25,6 @@ pub mod h2client;
 pub mod h3client;
 pub mod link;
 pub mod proxy;
-pub mod state;
+pub mod pumps;
+pub mod state_dir;
 pub mod tun;

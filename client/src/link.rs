@@ -1,10 +1,11 @@
 //! A connection to a broker on one rung of the ladder, and the CONNECT-IP
 //! tunnel on it, whichever HTTP version carries it.
 //!
-//! - [`Dialer`] makes a connection on a given [`Transport`].
+//! - [`Dialer`] makes a connection on a given [`Transport`], or to the
+//!   first configured broker that answers on a ladder's order.
 //! - [`BrokerConn`] sends requests and opens the tunnel on it.
 //! - [`Tunnel`] reads the capsules of the tunnel's request stream.
-//! - [`Link`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
+//! - [`TunnelLink`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
 //!   capsules on the stream over HTTP/2.
 
 use std::sync::Arc;
@@ -12,12 +13,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use tether_config::client::ClientConfig;
 use tether_proto::api::ApiError;
 use tether_proto::connect_ip;
 use tether_proto::datagram::{self, MAX_CAPSULE_PREFIX, STREAM_MTU};
 use tether_proto::h3::error::H3_REQUEST_REJECTED;
 use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
 use tether_proto::tunnel::Transport;
+use tether_shell::quic::transport_config;
 use tokio::sync::mpsc;
 
 use crate::dial::{self, Target};
@@ -25,6 +28,7 @@ use crate::failure::{Answer, Failure, tls_refusal};
 use crate::h2client::{self, H2Client};
 use crate::h3client::{self, H3Client};
 use crate::proxy::Proxy;
+use crate::state_dir::StateDir;
 
 /// Capsules waiting for the TCP connection (HTTP/2). Beyond this, packets
 /// from the site are dropped as a router drops on a full queue.
@@ -190,6 +194,53 @@ impl Dialer {
     }
 }
 
+impl Dialer {
+    /// A dialer for `tether up`: the site's current certificate, its
+    /// configured keepalive and timeout.
+    pub fn for_site(
+        config: &ClientConfig,
+        state: &StateDir,
+        proxy: Option<Proxy>,
+    ) -> anyhow::Result<Self> {
+        let creds = state.credentials()?;
+        let tls = tether_pki::tls::client_config(&creds.ca, Some((creds.chain, creds.key)))?;
+        // Silence for two keepalive intervals (and a margin) means the broker
+        // is gone; a restarted broker resets the connection sooner.
+        let quic = h3client::quic_config(
+            tls.clone(),
+            transport_config(
+                config.keepalive,
+                config.keepalive * 2 + Duration::from_secs(2),
+            ),
+        )?;
+        Ok(Self {
+            tls,
+            quic,
+            proxy,
+            timeout: config.h3_timeout,
+            keepalive: config.keepalive,
+        })
+    }
+
+    /// Connects to the first of the configured brokers that answers,
+    /// climbing `order`: every broker on one rung before the next rung.
+    pub async fn connect(
+        &self,
+        config: &ClientConfig,
+        order: &[Transport],
+    ) -> Result<(BrokerConn, Target), Failure> {
+        let mut targets = Vec::new();
+        let mut errors = Vec::new();
+        for endpoint in &config.brokers {
+            match dial::resolve(endpoint, config.published_cidr).await {
+                Ok(t) => targets.extend(t),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        self.first(order, &targets, errors).await
+    }
+}
+
 /// A connection to a broker.
 pub enum BrokerConn {
     /// HTTP/3 over QUIC.
@@ -267,7 +318,7 @@ impl BrokerConn {
         authority: &str,
         timeout: Duration,
         services: &[tether_proto::dns::Service],
-    ) -> Result<(Tunnel, Link), Failure> {
+    ) -> Result<(Tunnel, TunnelLink), Failure> {
         let services =
             (!services.is_empty()).then(|| tether_proto::dns::Service::format_list(services));
         match self {
@@ -308,7 +359,7 @@ impl BrokerConn {
                         recv,
                         dec,
                     },
-                    Link::H3 {
+                    TunnelLink::H3 {
                         conn: conn.clone(),
                         stream_id,
                         prefix: prefix.into(),
@@ -332,7 +383,10 @@ impl BrokerConn {
                 }
                 let (capsules, queue) = mpsc::channel(QUEUE);
                 let writer = tokio::spawn(tether_shell::h2::write_capsules(stream, queue));
-                Ok((Tunnel::H2 { recv: body, writer }, Link::H2 { capsules }))
+                Ok((
+                    Tunnel::H2 { recv: body, writer },
+                    TunnelLink::H2 { capsules },
+                ))
             }
         }
     }
@@ -437,7 +491,7 @@ impl Tunnel {
 
 /// Sends IP packets into the tunnel.
 #[derive(Clone)]
-pub enum Link {
+pub enum TunnelLink {
     /// QUIC datagrams.
     H3 {
         /// The connection.
@@ -458,23 +512,23 @@ pub enum Link {
 #[derive(Debug)]
 pub struct LinkGone;
 
-impl Link {
+impl TunnelLink {
     /// The largest IP packet the link carries now.
     pub fn mtu(&self) -> Option<u16> {
         match self {
-            Link::H3 { conn, prefix, .. } => conn
+            TunnelLink::H3 { conn, prefix, .. } => conn
                 .max_datagram_size()
                 .map(|m| m.saturating_sub(prefix.len()))
                 .and_then(|m| u16::try_from(m).ok()),
-            Link::H2 { .. } => u16::try_from(STREAM_MTU).ok(),
+            TunnelLink::H2 { .. } => u16::try_from(STREAM_MTU).ok(),
         }
     }
 
-    /// Room to leave in front of a packet for [`Link::send`].
+    /// Room to leave in front of a packet for [`TunnelLink::send`].
     pub fn headroom(&self) -> usize {
         match self {
-            Link::H3 { prefix, .. } => prefix.len(),
-            Link::H2 { .. } => MAX_CAPSULE_PREFIX,
+            TunnelLink::H3 { prefix, .. } => prefix.len(),
+            TunnelLink::H2 { .. } => MAX_CAPSULE_PREFIX,
         }
     }
 
@@ -483,7 +537,7 @@ impl Link {
     pub fn send(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
         let headroom = self.headroom();
         match self {
-            Link::H3 { conn, prefix, .. } => {
+            TunnelLink::H3 { conn, prefix, .. } => {
                 let Some(head) = buf.get_mut(..headroom) else {
                     return Ok(());
                 };
@@ -493,7 +547,7 @@ impl Link {
                     _ => Ok(()),
                 }
             }
-            Link::H2 { capsules } => {
+            TunnelLink::H2 { capsules } => {
                 let len = buf.len().saturating_sub(headroom);
                 let (prefix, n) = datagram::capsule_prefix(len);
                 let start = headroom - n;

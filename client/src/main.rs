@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tether::state::{StateDir, default_state_dir};
+use tether::state_dir::{StateDir, default_state_dir};
 use tether_config::client::ClientFile;
 
 /// tether: connects this site to the cloud by dialling out. One token, one

@@ -1,7 +1,7 @@
 //! The tether gateway: runs in a backend cloud cluster next to Cilium and
 //! connects the backend network to the brokers over WireGuard.
 //!
-//! - [`tunnel`]: the running gateway (boringtun, TUN device, control
+//! - [`wireguard`]: the running gateway (boringtun, TUN device, control
 //!   channel); [`routes`]: its routing table and rule.
 //! - The mesh zone's DNS server is `tether_shell::dns` (the broker runs it
 //!   too).
@@ -13,4 +13,4 @@ pub mod cilium;
 pub mod live;
 pub mod preflight;
 pub mod routes;
-pub mod tunnel;
+pub mod wireguard;

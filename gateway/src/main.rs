@@ -9,7 +9,7 @@ use tether_config::Host;
 use tether_config::gateway::{GatewayConfig, GatewayFile};
 use tether_gateway::live::LiveRoutes;
 use tether_gateway::preflight::{self, Level};
-use tether_gateway::{cilium, tunnel};
+use tether_gateway::{cilium, wireguard};
 use tether_proto::ids::RegionId;
 
 /// The tether gateway: runs in a backend Kubernetes cluster next to Cilium,
@@ -118,18 +118,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         _ = term.recv() => {}
                     }
                 };
-                tunnel::run(config, shutdown).await
+                wireguard::run(config, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Key { config } => {
             let config = load(&config)?;
-            let dir = tunnel::state_dir(&config);
-            let (key, created) = tunnel::load_key(&dir)?;
+            let dir = wireguard::state_dir(&config);
+            let (key, created) = wireguard::load_key(&dir)?;
             if created {
                 eprintln!(
                     "Created the gateway's WireGuard key in {}",
-                    dir.join(tunnel::KEY_FILE).display()
+                    dir.join(wireguard::KEY_FILE).display()
                 );
             }
             println!("{}", tether_pki::wg::encode(&key.public()));
@@ -159,7 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api_version,
         } => {
             let config = load(&config)?;
-            let dir = tunnel::state_dir(&config);
+            let dir = wireguard::state_dir(&config);
             let live = LiveRoutes::load(&dir)?;
             println!(
                 "# {} site routes of gateway {} (region {}), from broker {}, received {} s ago",

@@ -26,6 +26,11 @@
 //!
 //! A stock WireGuard peer never sends a request and so never receives
 //! control traffic.
+//!
+//! [`control::ControlSchedule`] decides when a gateway runs WireGuard's
+//! timers and sends its requests, and when to report the session up.
+
+pub mod control;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

@@ -22,13 +22,17 @@
 //!   answers from it.
 //! - [`broker`]: the broker's decisions (sessions, routes, revocation,
 //!   allocation retries, token policy, close codes) as one state machine.
-//! - [`tunnel`]: the CONNECT-IP session logic of broker and site, and
-//!   reconnection backoff.
+//! - [`agent`]: the edge agent's decisions (transport ladder, reconnection
+//!   backoff, certificate renewal, tunnel MTU, the site's half of the
+//!   CONNECT-IP session) as one state machine.
+//! - [`tunnel`]: the broker's half of the CONNECT-IP session, and the
+//!   transports both ends name.
 //! - `api`: tether's own JSON messages (enrollment, admin API).
 //! - [`ids`], [`net`]: identifiers and prefix arithmetic shared by the above.
 
 #![warn(missing_docs)]
 
+pub mod agent;
 #[cfg(feature = "serde")]
 pub mod api;
 pub mod broker;

@@ -15,15 +15,15 @@ use std::time::Duration;
 use quinn::{RecvStream, SendStream, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tether::h3client::{self, H3Client, quic_config};
-use tether::state::StateDir;
+use tether::state_dir::StateDir;
 use tether_broker::run::Running;
 use tether_broker::state::Broker;
 use tether_config::broker::{BrokerConfig, BrokerFile};
+use tether_proto::agent::{ClientEvent, ClientSession};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::h3::{MessageDecoder, MessageEvent};
 use tether_proto::ipam::{Conflict, RegionLeases, Txn};
-use tether_proto::tunnel::{ClientEvent, ClientSession};
 use tether_shell::quic::transport_config;
 
 /// A compare-and-set store of one region's leases, shared by simulated

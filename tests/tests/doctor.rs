@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use tether::doctor::{self, Level};
-use tether::state::Identity;
+use tether::state_dir::Identity;
 use tether_config::client::{ClientConfig, ClientFile};
 use tether_tests::{TestBroker, TestSite};
 

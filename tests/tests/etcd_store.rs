@@ -88,7 +88,7 @@ async fn a_broker_on_etcd_enrolls_routes_and_keeps_addresses_across_restarts() {
         // The enrollment token was redeemed in etcd: it is gone.
         let code = broker.token("site-c").await;
         let state = tempfile::tempdir().unwrap();
-        let state = tether::state::StateDir::new(state.path().join("s"));
+        let state = tether::state_dir::StateDir::new(state.path().join("s"));
         tether::enroll::enroll(&broker.addr().to_string(), &code, &state, false, None)
             .await
             .unwrap();

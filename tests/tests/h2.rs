@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use tether::dial::Target;
 use tether::h3client::quic_config;
-use tether::link::{BrokerConn, Dialer, Link, Tunnel};
+use tether::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use tether_config::Endpoint;
+use tether_proto::agent::ClientSession;
 use tether_proto::api::{RENEW_PATH, RenewRequest, RenewResponse};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram::{self, Payload};
 use tether_proto::ip::Packet;
 use tether_proto::net::Family;
-use tether_proto::tunnel::{ClientSession, Transport};
+use tether_proto::tunnel::Transport;
 use tether_shell::quic::transport_config;
 use tether_tests::{TestBroker, TestSite, connect, metric, ping};
 
@@ -53,7 +54,7 @@ fn target(broker: &TestBroker) -> Target {
 struct H2Site {
     conn: BrokerConn,
     tunnel: Tunnel,
-    link: Link,
+    link: TunnelLink,
     session: ClientSession,
     capsules: CapsuleDecoder,
     packets: Vec<Vec<u8>>,

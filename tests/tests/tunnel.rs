@@ -5,11 +5,11 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use tether_proto::agent::ClientEvent;
 use tether_proto::capsule::Capsule;
 use tether_proto::connect_ip::{AddressRequest, RequestedAddress, RouteAdvertisement};
 use tether_proto::ip::Packet;
 use tether_proto::net::Family;
-use tether_proto::tunnel::ClientEvent;
 use tether_tests::{TestBroker, TestSite, Tunnel, connect, metric, ping};
 
 fn v4(t: &Tunnel) -> Ipv4Addr {

@@ -11,13 +11,15 @@
 //!
 //! Control datagrams from the broker ([`tether_proto::gateway`]) carry the
 //! route set; the gateway asks for it at start and every 10 s, and the
-//! broker pushes changes at once.
+//! broker pushes changes at once. When to ask, when to run WireGuard's
+//! timers and when the session counts as up is
+//! [`ControlSchedule`]'s decision; this module carries it out.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use boringtun::noise::{Tunn, TunnResult};
@@ -27,6 +29,7 @@ use tether_config::Host;
 use tether_config::gateway::GatewayConfig;
 use tether_pki::wg::WgKey;
 use tether_proto::dns::ZoneData;
+use tether_proto::gateway::control::{ControlAction, ControlEvent, ControlSchedule};
 use tether_proto::gateway::{
     self as control, Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, ZoneAssembler,
 };
@@ -440,49 +443,49 @@ async fn inbound(
     }
 }
 
-/// WireGuard timers, route-set requests and connection status.
+/// WireGuard timers, route-set requests and connection status, as
+/// [`ControlSchedule`] decides.
 async fn timers(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 256];
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let request =
         control::control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &Message::Request.encode());
-    let mut next_request = tokio::time::Instant::now();
-    let started = tokio::time::Instant::now();
-    let (mut connected, mut warned) = (false, false);
+    let mut schedule = ControlSchedule::new(Instant::now());
     loop {
-        tick.tick().await;
-        let (out, since) = match shared.tunn.lock() {
-            Ok(mut t) => {
-                let out = match t.update_timers(&mut buf) {
-                    TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
-                    _ => None,
-                };
-                (out, t.stats().0)
+        tokio::time::sleep_until(schedule.poll_timeout().into()).await;
+        schedule.handle_timeout(Instant::now());
+        while let Some(action) = schedule.poll_action() {
+            match action {
+                ControlAction::UpdateTimers => {
+                    let (out, since) = match shared.tunn.lock() {
+                        Ok(mut t) => {
+                            let out = match t.update_timers(&mut buf) {
+                                TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+                                _ => None,
+                            };
+                            (out, t.stats().0)
+                        }
+                        Err(_) => return,
+                    };
+                    if let Some(p) = out {
+                        shared.send_all(&p, &[p.len()]).await;
+                    }
+                    schedule.handle_handshake(since, Instant::now());
+                }
+                ControlAction::SendRequest => shared.send_one(&request).await,
             }
-            Err(_) => return,
-        };
-        if let Some(p) = out {
-            shared.send_all(&p, &[p.len()]).await;
         }
-        match since {
-            Some(age) if !connected && age < Duration::from_secs(180) => {
-                connected = true;
-                tracing::info!(broker = %shared.broker, "WireGuard session with the broker established");
-            }
-            None if !warned && started.elapsed() > Duration::from_secs(10) => {
-                warned = true;
-                tracing::warn!(
+        while let Some(event) = schedule.poll_event() {
+            match event {
+                ControlEvent::Established => tracing::info!(
+                    broker = %shared.broker,
+                    "WireGuard session with the broker established"
+                ),
+                ControlEvent::NoHandshake => tracing::warn!(
                     broker = %shared.broker,
                     "no WireGuard handshake with the broker after 10 s: check that UDP {} is open towards it and that the broker lists this gateway's public key (`tether-gateway key`)",
                     shared.broker.port()
-                );
+                ),
             }
-            _ => {}
-        }
-        if tokio::time::Instant::now() >= next_request {
-            next_request += control::REQUEST_INTERVAL;
-            shared.send_one(&request).await;
         }
     }
 }

@@ -1,0 +1,615 @@
+//! The edge agent's decisions as one sans-IO state machine: [`AgentCore`].
+//!
+//! The agent (`tether up`) keeps one site connected to a broker. Its shell
+//! owns the sockets, the TUN device, the state directory, one timer and the
+//! tasks that dial, open the tunnel, renew and probe; it tells the core what
+//! happened (`handle_*`, with `now`) and carries out what the core decided
+//! (`poll_event`, `poll_action`, `poll_timeout`). The core owns:
+//!
+//! - the transport ladder ([`Ladder`]): the order of each attempt, what a
+//!   connection means (fallback, upgrade), and the HTTP/3 probes every
+//!   [`PROBE_INTERVAL`] while on a lower rung;
+//! - reconnection: jittered exponential backoff ([`Backoff`], seeded by the
+//!   shell), reset after an attempt that lasted longer than
+//!   [`HEALTHY_SESSION`], and which endings wait for it (a lost connection,
+//!   a refusal) and which reconnect at once (a renewed certificate, a better
+//!   transport);
+//! - certificate renewal at half the certificate's lifetime, and the retry
+//!   [`RENEWAL_RETRY`] after a failed renewal;
+//! - the tunnel MTU: the link's datagram limit, checked every
+//!   [`MTU_CHECK_INTERVAL`], never below [`MIN_MTU_V6`] once the site has an
+//!   IPv6 address and never below [`MIN_MTU_V4`] otherwise;
+//! - the site's half of the CONNECT-IP session ([`ClientSession`]): the
+//!   broker's capsules become the device's addresses and routes.
+//!
+//! Nothing here reads a clock, draws randomness, spawns a task or touches a
+//! socket, so the tests below run the agent on a fake clock.
+
+mod ladder;
+mod session;
+#[cfg(test)]
+mod tests;
+
+pub use ladder::{Backoff, Ladder, Move, PROBE_INTERVAL};
+pub use session::{ClientEvent, ClientSession};
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::capsule::{Capsule, CapsuleDecoder};
+use crate::datagram::{self, Payload};
+use crate::net::Family;
+use crate::tunnel::Transport;
+
+/// The first reconnection delay (before jitter).
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// An attempt that lasted longer than this resets the backoff.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// The wait before renewing again after a failed renewal.
+pub const RENEWAL_RETRY: Duration = Duration::from_secs(600);
+/// When to renew if the certificate's lifetime is unknown.
+pub const RENEWAL_UNKNOWN: Duration = Duration::from_secs(3600);
+/// How often the tunnel MTU follows the link's datagram limit.
+pub const MTU_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// The least tunnel MTU of a site with an IPv6 address (RFC 8200).
+pub const MIN_MTU_V6: u16 = 1280;
+/// The least tunnel MTU of an IPv4-only site (RFC 791).
+pub const MIN_MTU_V4: u16 = 576;
+/// The MTU a new device gets when the link's limit is unknown, and its
+/// least MTU (the first addresses may include IPv6).
+pub const INITIAL_MTU: u16 = 1280;
+
+/// What an [`AgentCore`] starts from.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Whether an HTTP proxy is available (the ladder's last rung).
+    pub proxy: bool,
+    /// The rung that worked last time (the state file), if any.
+    pub remembered: Option<Transport>,
+    /// The first reconnection delay ([`BACKOFF_BASE`]).
+    pub backoff_base: Duration,
+    /// The longest reconnection delay.
+    pub backoff_max: Duration,
+    /// The seed of the backoff's jitter; each agent draws its own.
+    pub seed: u64,
+}
+
+/// The site certificate's lifetime, read together with the wall clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    /// When it was issued (Unix seconds).
+    pub issued_at: u64,
+    /// When it expires (Unix seconds).
+    pub not_after: u64,
+    /// The wall clock when this was read (Unix seconds).
+    pub unix_now: u64,
+}
+
+impl Lifetime {
+    /// The time until half-way through the lifetime (zero when past it).
+    pub fn renew_in(&self) -> Duration {
+        let midpoint = self.issued_at + self.not_after.saturating_sub(self.issued_at) / 2;
+        Duration::from_secs(midpoint.saturating_sub(self.unix_now))
+    }
+}
+
+/// How a connection attempt, a tunnel or a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The connection was lost, or no broker answered.
+    Lost(String),
+    /// The broker refused this site (certificate revoked or expired,
+    /// unknown CA, a 4xx answer).
+    Refused(String),
+}
+
+impl Ending {
+    /// The reason in plain words.
+    pub fn message(&self) -> &str {
+        match self {
+            Ending::Lost(m) | Ending::Refused(m) => m,
+        }
+    }
+}
+
+/// A change to the TUN device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunConfig {
+    /// Make these the device's addresses; create the device first, with
+    /// MTU `create_mtu`, if there is none yet.
+    Addresses {
+        /// The addresses (and mapped LAN prefixes) the broker assigned.
+        addresses: Vec<IpNet>,
+        /// The MTU of a new device.
+        create_mtu: u16,
+    },
+    /// Make these the routes through the device.
+    Routes(Vec<IpNet>),
+}
+
+/// What the core asks its shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Connect to the first broker that answers, trying each transport of
+    /// `order` in turn on every broker; answer
+    /// [`AgentCore::handle_connected`] or [`AgentCore::handle_dial_failed`].
+    Dial {
+        /// The transports, first to try first.
+        order: Vec<Transport>,
+    },
+    /// Remember this rung for the next start (the state file).
+    SaveTransport(Transport),
+    /// Open CONNECT-IP on the connection; answer
+    /// [`AgentCore::handle_tunnel_opened`] or
+    /// [`AgentCore::handle_session_ended`].
+    OpenTunnel,
+    /// Report the link's datagram limit and the device's MTU with
+    /// [`AgentCore::handle_path_mtu`].
+    CheckMtu,
+    /// Set the device's MTU.
+    SetTunMtu(u16),
+    /// Change the device.
+    ConfigureTun(TunConfig),
+    /// Write this IP packet (carried in a DATAGRAM capsule) to the device.
+    Deliver(Vec<u8>),
+    /// Renew the certificate over the connection; answer
+    /// [`AgentCore::handle_renewal_result`].
+    Renew,
+    /// Dial this transport to the same broker in the background, keeping
+    /// the current session; answer [`AgentCore::handle_probe_result`], and
+    /// keep the connection if it answered.
+    Probe(Transport),
+    /// End the session: stop its tasks and drop its connection. With
+    /// `close`, close the connection first and let the close reach the
+    /// broker, so it ends the session at once.
+    EndSession {
+        /// Close explicitly and drain (shutdown).
+        close: bool,
+    },
+    /// Continue on the connection the last probe made; answer
+    /// [`AgentCore::handle_connected`] with its transport.
+    UseProbe,
+    /// Stop: remove the device and return.
+    Stop,
+}
+
+/// What the core reports (for logs); nothing to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A connection on a different rung than the last that worked.
+    Moved {
+        /// The new rung.
+        transport: Transport,
+        /// [`Move::Fallback`] or [`Move::Upgrade`].
+        moved: Move,
+    },
+    /// The tunnel is open on `transport`.
+    Connected(Transport),
+    /// No broker could be reached.
+    DialFailed(Ending),
+    /// The session ended (including a tunnel that could not be opened).
+    SessionEnded(Ending),
+    /// The certificate was renewed; reconnecting with it.
+    Renewed,
+    /// Renewal failed; it is tried again in `retry_in`.
+    RenewalFailed {
+        /// Why.
+        error: String,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+    /// The probe answered; the tunnel moves to `Transport`.
+    Upgrading(Transport),
+    /// The broker denied an address request.
+    Denied {
+        /// Its Request ID.
+        request_id: u64,
+    },
+    /// The next attempt is in this long.
+    Retrying(Duration),
+}
+
+/// One connection's session.
+#[derive(Debug)]
+struct Session {
+    transport: Transport,
+    /// The tunnel is open.
+    open: bool,
+    client: ClientSession,
+    capsules: CapsuleDecoder,
+    /// The link's datagram limit last reported.
+    link_mtu: Option<u16>,
+    next_mtu_check: Option<Instant>,
+    /// When to renew; `None` while a renewal is in flight.
+    renew_at: Option<Instant>,
+    /// The rung to probe, if below it.
+    probe: Option<Transport>,
+    next_probe: Option<Instant>,
+    probing: bool,
+}
+
+impl Session {
+    fn new(transport: Transport) -> Self {
+        Self {
+            transport,
+            open: false,
+            client: ClientSession::default(),
+            capsules: CapsuleDecoder::default(),
+            link_mtu: None,
+            next_mtu_check: None,
+            renew_at: None,
+            probe: None,
+            next_probe: None,
+            probing: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// A dial (or the switch to a probe's connection) is under way.
+    Dialing,
+    /// Connected; the tunnel is opening or open.
+    Session(Box<Session>),
+    /// Backing off until then.
+    Waiting(Instant),
+    /// Done.
+    Stopped,
+}
+
+/// The agent's state machine.
+///
+/// Inputs, each with `now`:
+///
+/// - [`handle_connected`](Self::handle_connected) /
+///   [`handle_dial_failed`](Self::handle_dial_failed) answer
+///   [`Action::Dial`] (and [`Action::UseProbe`]);
+/// - [`handle_tunnel_opened`](Self::handle_tunnel_opened) answers
+///   [`Action::OpenTunnel`], with the certificate's [`Lifetime`];
+/// - [`handle_tunnel_data`](Self::handle_tunnel_data) takes the bytes of the
+///   tunnel's request stream ([`handle_capsule`](Self::handle_capsule) one
+///   parsed capsule);
+/// - [`handle_path_mtu`](Self::handle_path_mtu) answers [`Action::CheckMtu`];
+/// - [`handle_renewal_result`](Self::handle_renewal_result),
+///   [`handle_probe_result`](Self::handle_probe_result) answer
+///   [`Action::Renew`], [`Action::Probe`];
+/// - [`handle_session_ended`](Self::handle_session_ended): the tunnel could
+///   not be opened, or the connection or its tunnel ended;
+/// - [`handle_shutdown`](Self::handle_shutdown): the site is stopping;
+/// - [`handle_timeout`](Self::handle_timeout): the timer fired.
+///
+/// After creating the core and after every `handle_*` call, a shell:
+///
+/// 1. reports each [`Event`] from [`poll_event`](Self::poll_event), in
+///    order (the session they name is still in place);
+/// 2. carries out each [`Action`] from [`poll_action`](Self::poll_action),
+///    in order. Answers to actions (the result of a dial, a renewal, a
+///    probe) come back later as inputs; [`Action::CheckMtu`] may be answered
+///    at once;
+/// 3. re-arms its single timer at [`poll_timeout`](Self::poll_timeout)
+///    (none: wait for an input).
+///
+/// Results of work the core no longer waits for (a probe or a renewal of a
+/// session that has ended) are ignored.
+#[derive(Debug)]
+pub struct AgentCore {
+    ladder: Ladder,
+    backoff: Backoff,
+    phase: Phase,
+    /// When the current attempt began (its dial, or the switch to a
+    /// probe's connection): the backoff resets when it lasted.
+    attempt_started: Instant,
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+}
+
+impl AgentCore {
+    /// A core that dials at once.
+    pub fn new(config: AgentConfig, now: Instant) -> Self {
+        let mut core = Self {
+            ladder: Ladder::new(config.proxy, config.remembered),
+            backoff: Backoff::new(config.backoff_base, config.backoff_max, config.seed),
+            phase: Phase::Dialing,
+            attempt_started: now,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        core.dial(now);
+        core
+    }
+
+    /// The ladder.
+    pub fn ladder(&self) -> &Ladder {
+        &self.ladder
+    }
+
+    /// The current session's capsule state, while connected.
+    pub fn session(&self) -> Option<&ClientSession> {
+        match &self.phase {
+            Phase::Session(s) => Some(&s.client),
+            _ => None,
+        }
+    }
+
+    /// The current session's transport, while connected.
+    pub fn transport(&self) -> Option<Transport> {
+        match &self.phase {
+            Phase::Session(s) => Some(s.transport),
+            _ => None,
+        }
+    }
+
+    /// Whether the core has stopped.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.phase, Phase::Stopped)
+    }
+
+    /// The next thing to carry out.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Waiting(until) => Some(*until),
+            Phase::Session(s) if s.open => [s.next_mtu_check, s.renew_at, s.next_probe]
+                .into_iter()
+                .flatten()
+                .min(),
+            _ => None,
+        }
+    }
+
+    fn dial(&mut self, now: Instant) {
+        self.phase = Phase::Dialing;
+        self.attempt_started = now;
+        self.actions.push_back(Action::Dial {
+            order: self.ladder.attempt_order(),
+        });
+    }
+
+    /// Backs off after a failed attempt or a lost session.
+    fn retry(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.attempt_started) > HEALTHY_SESSION {
+            self.backoff.reset();
+        }
+        let delay = self.backoff.next_delay();
+        self.events.push_back(Event::Retrying(delay));
+        self.phase = Phase::Waiting(now + delay);
+    }
+
+    fn session_mut(&mut self) -> Option<&mut Session> {
+        match &mut self.phase {
+            Phase::Session(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn open_session_mut(&mut self) -> Option<&mut Session> {
+        self.session_mut().filter(|s| s.open)
+    }
+
+    /// A connection on `transport` is up (after [`Action::Dial`] or
+    /// [`Action::UseProbe`]).
+    pub fn handle_connected(&mut self, transport: Transport, _now: Instant) {
+        if !matches!(self.phase, Phase::Dialing) {
+            return;
+        }
+        let moved = self.ladder.connected(transport);
+        if moved != Move::Stay {
+            self.events.push_back(Event::Moved { transport, moved });
+        }
+        self.actions.push_back(Action::SaveTransport(transport));
+        self.actions.push_back(Action::OpenTunnel);
+        self.phase = Phase::Session(Box::new(Session::new(transport)));
+    }
+
+    /// No broker could be reached on any rung.
+    pub fn handle_dial_failed(&mut self, ending: Ending, now: Instant) {
+        if !matches!(self.phase, Phase::Dialing) {
+            return;
+        }
+        self.events.push_back(Event::DialFailed(ending));
+        self.retry(now);
+    }
+
+    /// The tunnel is open; `lifetime` is the certificate's, when it could
+    /// be read.
+    pub fn handle_tunnel_opened(&mut self, lifetime: Option<Lifetime>, now: Instant) {
+        let probe = match &self.phase {
+            Phase::Session(s) if !s.open => self.ladder.probe(s.transport),
+            _ => return,
+        };
+        let renew_in = lifetime.map_or(RENEWAL_UNKNOWN, |l| l.renew_in());
+        let Some(s) = self.session_mut() else {
+            return;
+        };
+        s.open = true;
+        s.renew_at = Some(now + renew_in);
+        s.probe = probe;
+        s.next_probe = probe.map(|_| now + PROBE_INTERVAL);
+        s.next_mtu_check = Some(now + MTU_CHECK_INTERVAL);
+        let transport = s.transport;
+        self.events.push_back(Event::Connected(transport));
+        self.actions.push_back(Action::CheckMtu);
+    }
+
+    /// Bytes read from the tunnel's request stream.
+    pub fn handle_tunnel_data(&mut self, data: &[u8], now: Instant) {
+        let Some(s) = self.open_session_mut() else {
+            return;
+        };
+        s.capsules.push(data);
+        let mut capsules = Vec::new();
+        let failure = loop {
+            match s.capsules.next_capsule() {
+                Ok(Some(raw)) => match Capsule::parse(raw) {
+                    Ok(c) => capsules.push(c),
+                    Err(e) => break Some(e.to_string()),
+                },
+                Ok(None) => break None,
+                Err(e) => break Some(e.to_string()),
+            }
+        };
+        // A stream that breaks ends the session; what came before the break
+        // is not applied.
+        if let Some(f) = failure {
+            self.handle_session_ended(
+                Ending::Lost(format!("protocol error from the broker: {f}")),
+                now,
+            );
+            return;
+        }
+        for c in capsules {
+            self.handle_capsule(c, now);
+        }
+    }
+
+    /// One capsule from the broker.
+    pub fn handle_capsule(&mut self, capsule: Capsule, _now: Instant) {
+        let Some(s) = self.open_session_mut() else {
+            return;
+        };
+        let create_mtu = s.link_mtu.unwrap_or(INITIAL_MTU).max(INITIAL_MTU);
+        for event in s.client.on_capsule(capsule) {
+            match event {
+                ClientEvent::Addresses(addresses) => {
+                    self.actions
+                        .push_back(Action::ConfigureTun(TunConfig::Addresses {
+                            addresses,
+                            create_mtu,
+                        }));
+                }
+                ClientEvent::Routes(routes) => {
+                    self.actions
+                        .push_back(Action::ConfigureTun(TunConfig::Routes(routes)));
+                }
+                ClientEvent::Denied { request_id } => {
+                    self.events.push_back(Event::Denied { request_id });
+                }
+                ClientEvent::Datagram(mut payload) => {
+                    if let Ok(Payload::IpPacket(p)) = datagram::parse_payload(&payload) {
+                        let start = payload.len() - p.len();
+                        payload.drain(..start);
+                        self.actions.push_back(Action::Deliver(payload));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The link's datagram limit now (`None`: unknown) and the device's MTU
+    /// (`None`: no device yet).
+    pub fn handle_path_mtu(&mut self, link: Option<u16>, tun: Option<u16>, _now: Instant) {
+        let Some(s) = self.open_session_mut() else {
+            return;
+        };
+        s.link_mtu = link;
+        let (Some(link), Some(tun)) = (link, tun) else {
+            return;
+        };
+        let floor = if s.client.host_address(Family::V6).is_some() {
+            MIN_MTU_V6
+        } else {
+            MIN_MTU_V4
+        };
+        let mtu = link.max(floor);
+        if mtu != tun {
+            self.actions.push_back(Action::SetTunMtu(mtu));
+        }
+    }
+
+    /// The outcome of [`Action::Renew`].
+    pub fn handle_renewal_result(&mut self, result: Result<(), String>, now: Instant) {
+        let Some(s) = self.open_session_mut().filter(|s| s.renew_at.is_none()) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.events.push_back(Event::Renewed);
+                self.actions.push_back(Action::EndSession { close: false });
+                self.dial(now);
+            }
+            Err(error) => {
+                s.renew_at = Some(now + RENEWAL_RETRY);
+                self.events.push_back(Event::RenewalFailed {
+                    error,
+                    retry_in: RENEWAL_RETRY,
+                });
+            }
+        }
+    }
+
+    /// The outcome of [`Action::Probe`]: whether the better rung answered.
+    pub fn handle_probe_result(&mut self, answered: bool, now: Instant) {
+        let Some(s) = self.open_session_mut().filter(|s| s.probing) else {
+            return;
+        };
+        s.probing = false;
+        let Some(better) = s.probe.filter(|_| answered) else {
+            return;
+        };
+        self.events.push_back(Event::Upgrading(better));
+        self.actions.push_back(Action::EndSession { close: false });
+        self.actions.push_back(Action::UseProbe);
+        self.phase = Phase::Dialing;
+        self.attempt_started = now;
+    }
+
+    /// The session ended: its tunnel could not be opened, or the connection
+    /// or the tunnel ended.
+    pub fn handle_session_ended(&mut self, ending: Ending, now: Instant) {
+        if !matches!(self.phase, Phase::Session(_)) {
+            return;
+        }
+        self.events.push_back(Event::SessionEnded(ending));
+        self.actions.push_back(Action::EndSession { close: false });
+        self.retry(now);
+    }
+
+    /// The site is stopping.
+    pub fn handle_shutdown(&mut self, _now: Instant) {
+        match self.phase {
+            Phase::Stopped => return,
+            Phase::Session(_) => self.actions.push_back(Action::EndSession { close: true }),
+            Phase::Dialing | Phase::Waiting(_) => {}
+        }
+        self.phase = Phase::Stopped;
+        self.actions.push_back(Action::Stop);
+    }
+
+    /// The timer fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Waiting(until) if now >= *until => self.dial(now),
+            Phase::Session(s) if s.open => {
+                if s.next_mtu_check.is_some_and(|t| now >= t) {
+                    s.next_mtu_check = Some(now + MTU_CHECK_INTERVAL);
+                    self.actions.push_back(Action::CheckMtu);
+                }
+                if s.renew_at.is_some_and(|t| now >= t) {
+                    s.renew_at = None;
+                    self.actions.push_back(Action::Renew);
+                }
+                if let (Some(probe), Some(at)) = (s.probe, s.next_probe)
+                    && now >= at
+                {
+                    s.next_probe = Some(now + PROBE_INTERVAL);
+                    if !s.probing {
+                        s.probing = true;
+                        self.actions.push_back(Action::Probe(probe));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

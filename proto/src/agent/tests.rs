@@ -1,0 +1,528 @@
+//! The agent core on a fake clock.
+
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::*;
+use crate::connect_ip::{AddressAssign, AssignedAddress};
+
+const MAX: Duration = Duration::from_secs(30);
+/// The schedule pinned here as values, so a changed constant fails a test.
+const TEN_MINUTES: Duration = Duration::from_secs(600);
+const PROBE_EVERY: Duration = Duration::from_secs(30);
+const MTU_EVERY: Duration = Duration::from_secs(2);
+
+fn config(proxy: bool, remembered: Option<Transport>, seed: u64) -> AgentConfig {
+    AgentConfig {
+        proxy,
+        remembered,
+        backoff_base: Duration::from_millis(500),
+        backoff_max: MAX,
+        seed,
+    }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A certificate of `life` seconds, issued `age` seconds ago.
+fn lifetime(life: u64, age: u64) -> Lifetime {
+    Lifetime {
+        issued_at: 1_000_000,
+        not_after: 1_000_000 + life,
+        unix_now: 1_000_000 + age,
+    }
+}
+
+/// A core on a fake clock, with what it said so far.
+struct Agent {
+    core: AgentCore,
+    now: Instant,
+}
+
+impl Agent {
+    fn new(config: AgentConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            core: AgentCore::new(config, now),
+            now,
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.core.poll_action()).collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.core.poll_event()).collect()
+    }
+
+    /// Fires the timer if it is due by now.
+    fn tick(&mut self) {
+        if self.core.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.core.handle_timeout(self.now);
+        }
+    }
+
+    /// Moves the clock on in steps of at most `step`, firing the timer
+    /// whenever it is due; returns the actions in order.
+    fn run_for(&mut self, total: Duration, step: Duration) -> Vec<Action> {
+        let end = self.now + total;
+        let mut actions = Vec::new();
+        while self.now < end {
+            let mut next = (self.now + step).min(end);
+            if let Some(t) = self.core.poll_timeout()
+                && t > self.now
+                && t < next
+            {
+                next = t;
+            }
+            self.now = next;
+            self.tick();
+            actions.extend(self.actions());
+        }
+        actions
+    }
+
+    /// Connects on `transport` and opens the tunnel.
+    fn connect(&mut self, transport: Transport, life: Option<Lifetime>) {
+        self.core.handle_connected(transport, self.now);
+        assert_eq!(
+            self.actions(),
+            [Action::SaveTransport(transport), Action::OpenTunnel]
+        );
+        self.core.handle_tunnel_opened(life, self.now);
+        assert!(self.events().contains(&Event::Connected(transport)));
+        assert_eq!(self.actions(), [Action::CheckMtu]);
+    }
+
+    /// The delay of the `Retrying` event just reported.
+    fn retry_delay(&mut self) -> Duration {
+        let delays: Vec<Duration> = self
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Retrying(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(delays.len(), 1, "one Retrying event");
+        delays[0]
+    }
+
+    /// Waits out the backoff; the core dials exactly when it ends.
+    fn wait_and_dial(&mut self, delay: Duration) -> Vec<Transport> {
+        self.advance(delay - Duration::from_millis(1));
+        self.tick();
+        assert_eq!(self.actions(), [], "dialled before the backoff ended");
+        self.advance(Duration::from_millis(1));
+        self.tick();
+        match self.actions().as_slice() {
+            [Action::Dial { order }] => order.clone(),
+            other => panic!("expected a dial, got {other:?}"),
+        }
+    }
+}
+
+fn assign(prefixes: &[&str]) -> Capsule {
+    Capsule::AddressAssign(AddressAssign {
+        addresses: prefixes
+            .iter()
+            .map(|p| AssignedAddress {
+                request_id: 0,
+                prefix: net(p),
+            })
+            .collect(),
+    })
+}
+
+#[test]
+fn dials_at_once_in_ladder_order() {
+    let mut a = Agent::new(config(true, Some(Transport::H2), 1));
+    assert_eq!(
+        a.actions(),
+        [Action::Dial {
+            order: vec![Transport::H2, Transport::H3, Transport::H2Proxy]
+        }]
+    );
+    assert_eq!(a.core.poll_timeout(), None);
+}
+
+#[test]
+fn renewal_fires_at_half_life_and_retries_after_a_failure() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    // A two-hour certificate issued ten minutes ago: renew in 50 minutes.
+    a.connect(Transport::H3, Some(lifetime(7200, 600)));
+    let renew_at = a.now + secs(3000);
+    let actions = a.run_for(secs(2999), secs(1));
+    assert!(!actions.contains(&Action::Renew), "renewed too early");
+    assert!(actions.contains(&Action::CheckMtu), "the MTU is checked");
+    let actions = a.run_for(secs(1), secs(1));
+    assert_eq!(a.now, renew_at);
+    assert_eq!(
+        actions.iter().filter(|a| **a == Action::Renew).count(),
+        1,
+        "{actions:?}"
+    );
+    // No second renewal while one is in flight.
+    let actions = a.run_for(secs(700), secs(1));
+    assert!(!actions.contains(&Action::Renew));
+    // A failure: again ten minutes later.
+    a.core.handle_renewal_result(Err("HTTP 503".into()), a.now);
+    assert_eq!(
+        a.events(),
+        [Event::RenewalFailed {
+            error: "HTTP 503".into(),
+            retry_in: TEN_MINUTES
+        }]
+    );
+    let actions = a.run_for(TEN_MINUTES - secs(1), secs(1));
+    assert!(!actions.contains(&Action::Renew));
+    let actions = a.run_for(secs(1), secs(1));
+    assert!(actions.contains(&Action::Renew));
+    // Success: reconnect at once with the new certificate, no backoff.
+    a.core.handle_renewal_result(Ok(()), a.now);
+    assert_eq!(a.events(), [Event::Renewed]);
+    assert_eq!(
+        a.actions(),
+        [
+            Action::EndSession { close: false },
+            Action::Dial {
+                order: vec![Transport::H3, Transport::H2]
+            }
+        ]
+    );
+    assert_eq!(a.core.poll_timeout(), None);
+    // A late answer to the ended session changes nothing.
+    a.core.handle_renewal_result(Ok(()), a.now);
+    assert_eq!((a.events(), a.actions()), (vec![], vec![]));
+}
+
+#[test]
+fn renewal_of_an_expired_half_life_is_immediate_and_unknown_is_an_hour() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    a.connect(Transport::H3, Some(lifetime(7200, 5000)));
+    a.tick();
+    assert!(a.actions().contains(&Action::Renew));
+
+    let mut b = Agent::new(config(false, None, 1));
+    b.actions();
+    b.connect(Transport::H3, None);
+    assert!(!b.run_for(secs(3599), secs(5)).contains(&Action::Renew));
+    assert!(b.run_for(secs(1), secs(1)).contains(&Action::Renew));
+}
+
+/// Fails `n` dials in a row; returns the delays.
+fn failed_dials(a: &mut Agent, n: usize) -> Vec<Duration> {
+    let mut delays = Vec::new();
+    for _ in 0..n {
+        a.core
+            .handle_dial_failed(Ending::Lost("no answer".into()), a.now);
+        let d = a.retry_delay();
+        a.wait_and_dial(d);
+        delays.push(d);
+    }
+    delays
+}
+
+#[test]
+fn backoff_grows_is_jittered_from_the_seed_and_resets_after_a_lasting_session() {
+    let mut a = Agent::new(config(false, None, 7));
+    a.actions();
+    let delays = failed_dials(&mut a, 8);
+    for (n, d) in delays.iter().enumerate() {
+        let ceiling = (Duration::from_millis(500) * 2u32.pow(n as u32)).min(MAX);
+        assert!(
+            *d >= ceiling / 2 && *d <= ceiling,
+            "attempt {n}: {d:?} outside [{:?}, {ceiling:?}]",
+            ceiling / 2
+        );
+    }
+    assert!(delays[4] > delays[1]);
+    // The same seed gives the same delays; another seed others.
+    let mut same = Agent::new(config(false, None, 7));
+    same.actions();
+    assert_eq!(failed_dials(&mut same, 8), delays);
+    let mut other = Agent::new(config(false, None, 8));
+    other.actions();
+    assert_ne!(failed_dials(&mut other, 8), delays);
+
+    // A session of 29 s does not reset the backoff: the next delay is
+    // the ninth's, at the cap.
+    a.connect(Transport::H3, None);
+    a.run_for(secs(29), secs(1));
+    a.core
+        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+    assert_eq!(a.actions(), [Action::EndSession { close: false }]);
+    let d = a.retry_delay();
+    assert!(d >= MAX / 2, "{d:?}");
+    a.wait_and_dial(d);
+    // One of 31 s does: back to the first step.
+    a.connect(Transport::H3, None);
+    a.run_for(secs(31), secs(1));
+    a.core
+        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+    let d = a.retry_delay();
+    assert!(d <= Duration::from_millis(500), "{d:?}");
+}
+
+#[test]
+fn the_ladder_falls_back_and_probes_http3_until_it_answers() {
+    let mut a = Agent::new(config(true, Some(Transport::H3), 3));
+    assert_eq!(
+        a.actions(),
+        [Action::Dial {
+            order: vec![Transport::H3, Transport::H2, Transport::H2Proxy]
+        }]
+    );
+    // HTTP/3 is blocked: the shell got through on HTTP/2.
+    a.core.handle_connected(Transport::H2, a.now);
+    assert_eq!(
+        a.events(),
+        [Event::Moved {
+            transport: Transport::H2,
+            moved: Move::Fallback
+        }]
+    );
+    a.actions();
+    a.core
+        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+    let d = a.retry_delay();
+    a.actions();
+    // The next attempt starts on HTTP/2; only the proxy answers.
+    assert_eq!(
+        a.wait_and_dial(d),
+        [Transport::H2, Transport::H3, Transport::H2Proxy]
+    );
+    a.core.handle_connected(Transport::H2Proxy, a.now);
+    assert_eq!(
+        a.events(),
+        [Event::Moved {
+            transport: Transport::H2Proxy,
+            moved: Move::Fallback
+        }]
+    );
+    assert_eq!(
+        a.actions(),
+        [
+            Action::SaveTransport(Transport::H2Proxy),
+            Action::OpenTunnel
+        ]
+    );
+    a.core.handle_tunnel_opened(None, a.now);
+    a.events();
+    a.actions();
+    // HTTP/3 is probed every PROBE_EVERY, not before.
+    let probes = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|a| **a == Action::Probe(Transport::H3))
+            .count()
+    };
+    assert_eq!(probes(&a.run_for(PROBE_EVERY - secs(1), secs(1))), 0);
+    assert_eq!(probes(&a.run_for(secs(1), secs(1))), 1);
+    // While a probe is out, no other starts.
+    assert_eq!(probes(&a.run_for(PROBE_EVERY, secs(1))), 0);
+    a.core.handle_probe_result(false, a.now);
+    assert_eq!((a.events(), a.actions()), (vec![], vec![]));
+    assert_eq!(probes(&a.run_for(PROBE_EVERY, secs(1))), 1);
+    // It answers: the tunnel moves up at once.
+    a.core.handle_probe_result(true, a.now);
+    assert_eq!(a.events(), [Event::Upgrading(Transport::H3)]);
+    assert_eq!(
+        a.actions(),
+        [Action::EndSession { close: false }, Action::UseProbe]
+    );
+    assert_eq!(a.core.poll_timeout(), None);
+    a.core.handle_connected(Transport::H3, a.now);
+    assert_eq!(
+        a.events(),
+        [Event::Moved {
+            transport: Transport::H3,
+            moved: Move::Upgrade
+        }]
+    );
+    assert_eq!(
+        a.actions(),
+        [Action::SaveTransport(Transport::H3), Action::OpenTunnel]
+    );
+    a.core.handle_tunnel_opened(None, a.now);
+    a.events();
+    a.actions();
+    // On the top rung nothing is probed.
+    assert_eq!(probes(&a.run_for(PROBE_EVERY * 4, secs(1))), 0);
+    assert_eq!(a.core.ladder().last(), Some(Transport::H3));
+}
+
+#[test]
+fn the_tunnel_mtu_follows_the_link_with_floors() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    a.connect(Transport::H3, None);
+    // No device yet: nothing to set, but the limit is remembered for the
+    // device's creation.
+    a.core.handle_path_mtu(Some(1400), None, a.now);
+    assert_eq!(a.actions(), []);
+    a.core.handle_capsule(assign(&["100.64.0.7/32"]), a.now);
+    assert_eq!(
+        a.actions(),
+        [Action::ConfigureTun(TunConfig::Addresses {
+            addresses: vec![net("100.64.0.7/32")],
+            create_mtu: 1400
+        })]
+    );
+    // IPv4 only: down to 576, not below.
+    a.core.handle_path_mtu(Some(1200), Some(1400), a.now);
+    assert_eq!(a.actions(), [Action::SetTunMtu(1200)]);
+    a.core.handle_path_mtu(Some(500), Some(1200), a.now);
+    assert_eq!(a.actions(), [Action::SetTunMtu(576)]);
+    a.core.handle_path_mtu(Some(500), Some(576), a.now);
+    assert_eq!(a.actions(), []);
+    a.core.handle_path_mtu(None, Some(576), a.now);
+    assert_eq!(a.actions(), []);
+    // With an IPv6 address: not below 1280.
+    a.core
+        .handle_capsule(assign(&["100.64.0.7/32", "fd00::7/128"]), a.now);
+    a.actions();
+    a.core.handle_path_mtu(Some(1000), Some(576), a.now);
+    assert_eq!(a.actions(), [Action::SetTunMtu(1280)]);
+    a.core.handle_path_mtu(Some(1452), Some(1280), a.now);
+    assert_eq!(a.actions(), [Action::SetTunMtu(1452)]);
+    // Checked every MTU_EVERY while the session lasts.
+    let checks = a
+        .run_for(MTU_EVERY * 5, Duration::from_millis(100))
+        .iter()
+        .filter(|x| **x == Action::CheckMtu)
+        .count();
+    assert_eq!(checks, 5);
+}
+
+#[test]
+fn a_new_device_is_never_below_1280() {
+    for (link, want) in [(None, 1280), (Some(1000), 1280), (Some(1350), 1350)] {
+        let mut a = Agent::new(config(false, None, 1));
+        a.actions();
+        a.connect(Transport::H3, None);
+        a.core.handle_path_mtu(link, None, a.now);
+        a.core.handle_capsule(assign(&["100.64.0.7/32"]), a.now);
+        assert_eq!(
+            a.actions(),
+            [Action::ConfigureTun(TunConfig::Addresses {
+                addresses: vec![net("100.64.0.7/32")],
+                create_mtu: want
+            })]
+        );
+    }
+}
+
+#[test]
+fn refusal_and_loss_are_reported_apart_and_both_back_off() {
+    for ending in [
+        Ending::Lost("timed out".into()),
+        Ending::Refused("certificate revoked".into()),
+    ] {
+        // Before a connection.
+        let mut a = Agent::new(config(false, None, 1));
+        a.actions();
+        a.core.handle_dial_failed(ending.clone(), a.now);
+        let events = a.events();
+        assert_eq!(events[0], Event::DialFailed(ending.clone()));
+        let Some(Event::Retrying(d)) = events.get(1).cloned() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(a.actions(), []);
+        a.wait_and_dial(d);
+        // The tunnel refused or lost after connecting.
+        a.core.handle_connected(Transport::H3, a.now);
+        a.actions();
+        a.core.handle_session_ended(ending.clone(), a.now);
+        assert_eq!(a.events()[0], Event::SessionEnded(ending.clone()));
+        assert_eq!(a.actions(), [Action::EndSession { close: false }]);
+        assert!(a.core.poll_timeout().is_some_and(|t| t > a.now));
+        // Nothing from the ended session counts any more.
+        a.core.handle_tunnel_data(&[0x00], a.now);
+        a.core
+            .handle_session_ended(Ending::Lost("again".into()), a.now);
+        assert_eq!((a.events(), a.actions()), (vec![], vec![]));
+    }
+}
+
+#[test]
+fn a_broken_capsule_stream_ends_the_session() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    a.connect(Transport::H3, None);
+    // A whole capsule, then a DATAGRAM capsule that carries an IP packet,
+    // then a capsule too long to be true.
+    let mut bytes = Vec::new();
+    assign(&["100.64.0.7/32"]).encode(&mut bytes).unwrap();
+    a.core.handle_tunnel_data(&bytes, a.now);
+    assert!(matches!(
+        a.actions().as_slice(),
+        [Action::ConfigureTun(TunConfig::Addresses { .. })]
+    ));
+    let packet = vec![0x45, 0, 0, 20];
+    let mut payload = Vec::new();
+    datagram::encode_ip_packet(&packet, &mut payload);
+    let mut bytes = Vec::new();
+    Capsule::Datagram(payload).encode(&mut bytes).unwrap();
+    a.core.handle_tunnel_data(&bytes, a.now);
+    assert_eq!(a.actions(), [Action::Deliver(packet)]);
+    // Type 0x01, length 2^62 - 1.
+    a.core.handle_tunnel_data(
+        &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        a.now,
+    );
+    match a.events().as_slice() {
+        [Event::SessionEnded(Ending::Lost(why)), Event::Retrying(_)] => {
+            assert!(why.starts_with("protocol error from the broker"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.actions(), [Action::EndSession { close: false }]);
+}
+
+#[test]
+fn shutdown_closes_the_session_and_stops() {
+    // In a session: close it so the broker hears of it, then stop.
+    let mut a = Agent::new(config(true, None, 1));
+    a.actions();
+    a.connect(Transport::H2, None);
+    a.core.handle_shutdown(a.now);
+    assert_eq!(
+        a.actions(),
+        [Action::EndSession { close: true }, Action::Stop]
+    );
+    assert!(a.core.is_stopped());
+    assert_eq!(a.core.poll_timeout(), None);
+    // Nothing wakes it again.
+    a.advance(secs(3600));
+    a.core.handle_timeout(a.now);
+    a.core.handle_probe_result(true, a.now);
+    a.core.handle_shutdown(a.now);
+    assert_eq!((a.events(), a.actions()), (vec![], vec![]));
+
+    // While backing off: just stop.
+    let mut b = Agent::new(config(false, None, 1));
+    b.actions();
+    b.core
+        .handle_dial_failed(Ending::Lost("no answer".into()), b.now);
+    b.events();
+    b.core.handle_shutdown(b.now);
+    assert_eq!(b.actions(), [Action::Stop]);
+    b.advance(secs(60));
+    b.core.handle_timeout(b.now);
+    assert_eq!(b.actions(), []);
+}
