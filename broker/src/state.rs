@@ -142,7 +142,7 @@ impl Broker {
                 .collect(),
             tokens: TokenPolicy {
                 default_ttl: config.token_ttl,
-                max_ttl: tether_proto::broker::policy::MAX_TOKEN_TTL,
+                max_ttl: tether_proto::broker::admission::MAX_TOKEN_TTL,
             },
             revoked: entries.iter().map(revocation).collect(),
             max_allocation_attempts: MAX_ALLOCATION_ATTEMPTS,

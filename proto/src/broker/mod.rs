@@ -13,15 +13,18 @@
 //!   reaches only through [`StoreCommand`]s, with its retry policy
 //!   ([`alloc`]);
 //! - certificate-expiry deadlines;
-//! - policy without state: token lifetimes, CONNECT-IP authorization, close
-//!   reasons and their wire codes ([`policy`]).
+//! - admission, without state: request classification, token lifetimes,
+//!   CONNECT-IP authorization, close reasons and their wire codes
+//!   ([`admission`]);
+//! - the access policy (who may reach whom, [`crate::policy`]), swapped
+//!   whole on a reload ([`BrokerCore::handle_access_policy`]).
 //!
 //! Nothing here reads a clock, spawns a task or touches a socket, so the
 //! simulation in `tests/` runs many cores against one store model on a fake
 //! clock.
 
+pub mod admission;
 pub mod alloc;
-pub mod policy;
 pub mod sessions;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -38,11 +41,11 @@ use crate::net::{self, Family};
 use crate::policy::Policy as AccessPolicy;
 use crate::route::{Route, RouteKind, RouteTarget};
 
-pub use alloc::{Allocated, AllocationError, AllocationId, AllocationRequest, StoreResult};
-pub use policy::{
+pub use admission::{
     CloseAction, CloseReason, Refusal, RequestKind, SiteRecordAction, TokenError, TokenPolicy,
     authorize, classify_request,
 };
+pub use alloc::{Allocated, AllocationError, AllocationId, AllocationRequest, StoreResult};
 pub use sessions::{OpenError, SessionId, SessionOpen};
 
 /// A region as the broker serves it.

@@ -1,4 +1,4 @@
-//! Broker policy without state: what a request to the tunnel listener asks
+//! Admission, without state: what a request to the tunnel listener asks
 //! for, who may open a tunnel, how long tokens live, what happens to a
 //! site's record when it gets a token, and how a session's end is told to
 //! the site on the wire.
