@@ -33,7 +33,7 @@ use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::plane::Plane;
 use crate::sessions::{Session, Sessions};
-use crate::store::{CertRecord, SiteRecord, Store, StoreError, now_unix};
+use crate::store::{CertRecord, SiteRecord, Store, StoreError, StoreEvent, now_unix};
 
 /// The broker.
 pub struct Broker {
@@ -543,6 +543,60 @@ impl Broker {
                 core.handle_revocation(revocation(entry), Instant::now());
             }
         });
+    }
+
+    /// A change in the store, made by this broker or another one sharing
+    /// the store: revocations and re-admissions reach the TLS verifier and
+    /// the core, other brokers' allocations the core's cache of leases,
+    /// site records the mesh zone. Each notice is checked against the
+    /// store's present state before it is applied, so a notice that arrives
+    /// late (a revocation already lifted, a re-admission already revoked
+    /// again) changes nothing. Blocking.
+    pub fn on_store_event(&self, event: StoreEvent) -> Result<(), BrokerError> {
+        match event {
+            StoreEvent::Revoked(entry) => {
+                if self.store.revocations()?.contains(&entry) {
+                    // New here: the listener ends the sessions it names.
+                    self.revocations.revoke(entry);
+                    self.names_changed();
+                }
+            }
+            StoreEvent::Reinstated(entry) => {
+                if !self.store.revocations()?.contains(&entry) {
+                    self.revocations.reinstate(&entry);
+                    self.decide(|core| core.handle_reinstatement(&revocation(&entry)))?;
+                    self.names_changed();
+                }
+            }
+            StoreEvent::Leases(region) => {
+                if self.config.regions.contains_key(&region) {
+                    let leases = self.store.region_leases(&region)?;
+                    self.decide(|core| core.handle_leases(region, leases))?;
+                    self.names_changed();
+                }
+            }
+            StoreEvent::Site(_) => self.names_changed(),
+        }
+        Ok(())
+    }
+
+    /// Reads everything the store's notices would have said, after notices
+    /// were lost (the receiver lagged): every revocation, every region's
+    /// leases. Blocking.
+    pub fn resync_from_store(&self) -> Result<(), BrokerError> {
+        let stored = self.store.revocations()?;
+        for entry in self.revocations.entries() {
+            if !stored.contains(&entry) {
+                self.on_store_event(StoreEvent::Reinstated(entry))?;
+            }
+        }
+        for entry in stored {
+            self.on_store_event(StoreEvent::Revoked(entry))?;
+        }
+        for region in self.config.regions.keys() {
+            self.on_store_event(StoreEvent::Leases(region.clone()))?;
+        }
+        Ok(())
     }
 
     /// The gateway id of the local gateway, if any.

@@ -129,3 +129,59 @@ async fn a_broker_on_etcd_enrolls_routes_and_keeps_addresses_across_restarts() {
     .expect("test finished in time");
     drop(server);
 }
+
+/// Two brokers share one etcd: a revocation made at one ends the site's
+/// session at the other (through the store's watch, not a shared process),
+/// and an address one broker allocated is known to the other before it
+/// allocates.
+#[tokio::test]
+async fn a_revocation_at_one_broker_ends_the_session_at_another() {
+    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let config = server.config("/tether/pair/");
+    let extra = format!(
+        "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n",
+        config.endpoints[0], config.prefix
+    );
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let one = TestBroker::start(&extra).await;
+        let two = TestBroker::start(&extra).await;
+        // Site A at broker two; broker one allocates for site B meanwhile.
+        let a = TestSite::enroll(&two, "site-a").await;
+        let ta = tunnel_for(&two, &a).await;
+        let b = TestSite::enroll(&one, "site-b").await;
+        let tb = tunnel_for(&one, &b).await;
+        assert_ne!(v4(&ta), v4(&tb), "one address, two owners");
+
+        // Broker one revokes site A, which broker one holds no session of.
+        let b1 = one.broker().clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            b1.revoke_site(&"site-a".parse().unwrap(), &"local".parse().unwrap())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(!closed, "broker one had no session of site A");
+        // Broker two hears of it and ends the session, with its routes.
+        let reason = tokio::time::timeout(Duration::from_secs(10), ta.client.conn.closed())
+            .await
+            .expect("the session at broker two ends within 10 s");
+        assert!(reason.to_string().contains("revoked"), "{reason}");
+        assert!(two.broker().session(&"site-a".parse().unwrap()).is_none());
+        // And refuses it from now on.
+        let (chain, key, ca) = a.identity();
+        let refused = match connect(two.addr(), &ca, Some((chain, key))).await {
+            Err(_) => true,
+            Ok(client) => Tunnel::open(client).await.is_err(),
+        };
+        assert!(refused, "a site revoked at another broker must be refused");
+        drop(tb);
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
