@@ -482,13 +482,14 @@ impl Broker {
                 region: region.clone(),
             });
         };
+        // Whether it was connected is read first: once the revocation is in
+        // the store, its notice (or the listener of `revocations.revoke`)
+        // may close the session before this function goes on.
+        let connected = self.session(site).is_some();
         record.revoked = true;
         self.store.put_site(&record)?;
         let entry = Revoked::Site(self.identity(site, region));
         self.store.revoke(&entry)?;
-        // Whether it was connected is read first: the revocation listener
-        // closes the session, and may be done before `revoke` returns.
-        let connected = self.session(site).is_some();
         self.revocations.revoke(entry);
         self.names_changed();
         Ok(connected)

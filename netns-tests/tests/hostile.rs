@@ -243,12 +243,31 @@ fn only_a_proxy_may_reach_out() {
         read(&topo.path("site2.log"))
     );
 
-    // The firewall rule tether prints loads into nftables as it is.
-    let (ok, rule) = topo.tether(
+    // The firewall table tether prints loads into nftables as it is, and
+    // its two rules load into a chain of the firewall's own.
+    let (ok, table) = topo.tether(
         &[
             "firewall-rule",
             "--format",
             "nftables",
+            "--state-dir",
+            &state_arg,
+        ],
+        &[],
+    );
+    assert!(ok && table.contains("203.0.113.0/24"), "{table}");
+    let file = topo.path("table.nft");
+    std::fs::write(&file, &table).unwrap();
+    assert!(
+        topo.fw
+            .succeeds("nft", &["-c", "-f", &file.display().to_string()]),
+        "nft rejects the printed table:\n{table}"
+    );
+    let (ok, rule) = topo.tether(
+        &[
+            "firewall-rule",
+            "--format",
+            "nftables-rules",
             "--state-dir",
             &state_arg,
         ],

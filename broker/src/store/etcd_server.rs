@@ -188,6 +188,29 @@ impl EtcdServer {
     /// answers nothing, like a hung server.
     pub fn pause(&self) {
         self.signal("-STOP");
+        // kill returns once the signal is queued; a thread still running
+        // could answer one more request. Wait until every thread of the
+        // process is stopped.
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let stopped = || {
+            std::fs::read_dir(&tasks).is_ok_and(|dir| {
+                dir.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the command name in parentheses.
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+                    })
+                })
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not stop within 5 s"
+            );
+            std::thread::yield_now();
+        }
     }
 
     /// Lets a paused etcd process go on (SIGCONT).

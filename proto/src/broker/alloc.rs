@@ -220,7 +220,10 @@ impl BrokerCore {
                             self.leases.remove(&txn.region);
                         }
                     }
-                    // Another allocation moved the cache on: read again.
+                    // The store was read after this commit (a notice of it
+                    // arrived first): the cache already holds it.
+                    Some(c) if c.version() > txn.expected_version => {}
+                    // Moved on without this commit: read again.
                     _ => {
                         self.leases.remove(&txn.region);
                     }
@@ -462,6 +465,29 @@ mod tests {
             store.0.leases().map(|l| l.prefix).collect();
         assert_eq!(owners.len(), store.0.len());
         assert_eq!(store.0.len(), 4);
+    }
+
+    /// Regression: the store's notice of a commit (read and handed to
+    /// `handle_leases`) may arrive before the commit's own answer; the
+    /// cache then already holds the commit and must not be dropped (a
+    /// dropped cache left enrolled sites without addresses in the zone).
+    #[test]
+    fn a_notice_of_the_commit_before_its_answer_keeps_the_cache() {
+        let mut core = BrokerCore::new(config());
+        let mut store = Store::default();
+        core.handle_allocate(addresses("a"));
+        let load = core.poll_command().unwrap();
+        let (allocation, r) = store.answer(&load);
+        core.handle_store_result(allocation, r);
+        let commit = core.poll_command().unwrap();
+        let (_, r) = store.answer(&commit);
+        assert_eq!(r, StoreResult::Committed);
+        // The notice first: the region as the store holds it now.
+        core.handle_leases(eu(), store.0.clone());
+        core.handle_store_result(allocation, r);
+        let cached = core.leases(&eu()).expect("the cache stays");
+        assert_eq!(cached.of_site(&id("a")).count(), 1);
+        assert_eq!(cached.version(), store.0.version());
     }
 
     #[test]
