@@ -24,9 +24,9 @@ pub struct H3Client {
     _control: SendStream,
 }
 
-/// A response with its body.
+/// An HTTP/3 response with its body.
 #[derive(Debug)]
-pub struct Answer {
+pub struct H3Response {
     /// The head.
     pub head: Response,
     /// The body.
@@ -99,7 +99,7 @@ impl H3Client {
     }
 
     /// Sends a request and reads the whole response.
-    pub async fn request(&self, request: &Request, body: &[u8]) -> anyhow::Result<Answer> {
+    pub async fn request(&self, request: &Request, body: &[u8]) -> anyhow::Result<H3Response> {
         let (_send, mut recv) = self.send(request, body).await?;
         let mut dec = MessageDecoder::new(MAX_FIELD_SECTION);
         let head = read_head(&mut recv, &mut dec).await?;
@@ -116,7 +116,7 @@ impl H3Client {
             }
         }
         dec.finish()?;
-        Ok(Answer { head, body })
+        Ok(H3Response { head, body })
     }
 }
 
