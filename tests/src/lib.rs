@@ -203,6 +203,25 @@ impl TestSite {
 }
 
 /// Connects to the broker with an optional client identity.
+/// The tunnel's own IPv4 address (panics without one).
+pub fn v4(t: &Tunnel) -> std::net::Ipv4Addr {
+    match t.session.host_address(tether_proto::net::Family::V4) {
+        Some(std::net::IpAddr::V4(a)) => a,
+        other => panic!("no IPv4 address: {other:?}"),
+    }
+}
+
+/// A configured CONNECT-IP tunnel of `site` at `broker`.
+pub async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
+    let (chain, key, ca) = site.identity();
+    let client = connect(broker.addr(), &ca, Some((chain, key)))
+        .await
+        .unwrap();
+    let mut t = Tunnel::open(client).await.unwrap();
+    t.configured().await;
+    t
+}
+
 pub async fn connect(
     broker: SocketAddr,
     ca: &CertificateDer<'static>,

@@ -7,35 +7,17 @@
 #[path = "../../broker/src/store/etcd_server.rs"]
 mod etcd_server;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use etcd_server::EtcdServer;
 use tether_broker::store::{EtcdStore, Store, StoreEvent};
 use tether_pki::Revoked;
 use tether_proto::ip::Packet;
-use tether_proto::net::Family;
-use tether_tests::{TestBroker, TestSite, Tunnel, connect, ping};
+use tether_tests::{TestBroker, TestSite, Tunnel, connect, ping, tunnel_for, v4};
 
 /// Deadline of the test body.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
-
-fn v4(t: &Tunnel) -> Ipv4Addr {
-    match t.session.host_address(Family::V4) {
-        Some(IpAddr::V4(a)) => a,
-        other => panic!("no IPv4 address: {other:?}"),
-    }
-}
-
-async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
-    let (chain, key, ca) = site.identity();
-    let client = connect(broker.addr(), &ca, Some((chain, key)))
-        .await
-        .unwrap();
-    let mut t = Tunnel::open(client).await.unwrap();
-    t.configured().await;
-    t
-}
 
 #[tokio::test]
 async fn a_broker_on_etcd_enrolls_routes_and_keeps_addresses_across_restarts() {

@@ -10,24 +10,7 @@ use tether_proto::capsule::Capsule;
 use tether_proto::connect_ip::{AddressRequest, RequestedAddress, RouteAdvertisement};
 use tether_proto::ip::Packet;
 use tether_proto::net::Family;
-use tether_tests::{TestBroker, TestSite, Tunnel, connect, metric, ping};
-
-fn v4(t: &Tunnel) -> Ipv4Addr {
-    match t.session.host_address(Family::V4) {
-        Some(IpAddr::V4(a)) => a,
-        other => panic!("no IPv4 address: {other:?}"),
-    }
-}
-
-async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
-    let (chain, key, ca) = site.identity();
-    let client = connect(broker.addr(), &ca, Some((chain, key)))
-        .await
-        .unwrap();
-    let mut t = Tunnel::open(client).await.unwrap();
-    t.configured().await;
-    t
-}
+use tether_tests::{TestBroker, TestSite, Tunnel, connect, metric, ping, tunnel_for, v4};
 
 /// Sites a and b may reach each other (between sites, everything else is
 /// denied).
