@@ -504,8 +504,12 @@ impl Shell {
                 }
                 if let Some(tun) = self.tun.as_mut() {
                     tun.set_addresses(&addresses)?;
-                    let shown: Vec<String> =
-                        addresses.iter().map(|a| a.addr().to_string()).collect();
+                    // Mapped LAN prefixes are not this host's addresses.
+                    let shown: Vec<String> = addresses
+                        .iter()
+                        .filter(|a| a.prefix_len() == a.max_prefix_len())
+                        .map(|a| a.addr().to_string())
+                        .collect();
                     tracing::info!(
                         device = tun.name(),
                         "this site is reachable as {}",
