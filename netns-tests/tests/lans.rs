@@ -11,7 +11,13 @@
 //! ```
 //!
 //! The rest of the topology (firewall, broker, backend) is
-//! `tether_netns_tests::topology`.
+//! `tether_netns_tests::topology`. The second test adds a second hospital,
+//! numbered exactly like the first, behind its own firewall:
+//!
+//! ```text
+//!  wan 198.51.100.5/30 ── hospital-fw2 198.51.100.6 | 192.168.1.1 ── site2 192.168.1.10 (br-lan)
+//!                                                                  └── lanhost2 192.168.1.20
+//! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::Ipv4Addr;
@@ -19,13 +25,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use tether_netns_tests::topology::{Topology, read};
-use tether_netns_tests::{NetNs, Proc, require_root, run, wait_for};
+use tether_netns_tests::topology::{FIREWALL_RULES, Topology, read};
+use tether_netns_tests::{NetNs, Proc, binary, link, require_root, run, wait_for};
 
 /// Puts the site's LAN interface on a bridge with a new LAN host namespace
 /// (192.168.1.20 and 192.168.1.40) and returns that namespace.
-fn add_lan_host(topo: &Topology) -> NetNs {
-    let site = &topo.site;
+fn add_lan_host(site: &NetNs) -> NetNs {
     for args in [
         &["link", "add", "br-lan", "type", "bridge"][..],
         &["link", "set", "br-lan", "up"],
@@ -71,7 +76,7 @@ fn add_lan_host(topo: &Topology) -> NetNs {
 /// Serves a page from the LAN host on port 8080; its access log (with
 /// each client's address) goes to `log`.
 fn serve(topo: &Topology, host: &NetNs, content: &str, log: &str) -> Proc {
-    let dir = topo.path("lan-web");
+    let dir = topo.path(&format!("{log}-root"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("index.html"), content).unwrap();
     let web = host
@@ -171,7 +176,7 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
         return;
     }
     let topo = Topology::new("").unwrap();
-    let host = add_lan_host(&topo);
+    let host = add_lan_host(&topo.site);
     let state = topo.path("site-state");
     topo.enroll("hospital-l", &state).unwrap();
     configure(&state, "lans = [\"192.168.1.0/24\"]");
@@ -257,4 +262,85 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
     assert!(!site_tables(&topo).contains("tether_site_"));
     // The first site is gone, and its LAN with it.
     assert!(fetch(&topo, host_in(mapped, 20)).is_empty());
+}
+
+/// A second hospital behind its own firewall, numbered like the first:
+/// site 192.168.1.10 behind firewall 192.168.1.1 on the wan at
+/// 198.51.100.6/30. Returns (firewall, site).
+fn second_hospital(topo: &Topology) -> (NetNs, NetNs) {
+    let fw = NetNs::new("fw2").unwrap();
+    let site = NetNs::new("site2").unwrap();
+    link(
+        &site,
+        "eth0",
+        "192.168.1.10/24",
+        &fw,
+        "lan",
+        "192.168.1.1/24",
+    )
+    .unwrap();
+    link(
+        &fw,
+        "wan",
+        "198.51.100.6/30",
+        &topo.wan,
+        "hospital2",
+        "198.51.100.5/30",
+    )
+    .unwrap();
+    site.run("ip", &["route", "add", "default", "via", "192.168.1.1"])
+        .unwrap();
+    fw.run("ip", &["route", "add", "default", "via", "198.51.100.5"])
+        .unwrap();
+    fw.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    let rules = topo.path("hospital2.nft");
+    std::fs::write(&rules, FIREWALL_RULES).unwrap();
+    fw.run("nft", &["-f", &rules.display().to_string()])
+        .unwrap();
+    (fw, site)
+}
+
+#[test]
+fn two_hospitals_with_the_same_lan_are_mapped_apart() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("").unwrap();
+    let (_fw2, site2) = second_hospital(&topo);
+    let host_a = add_lan_host(&topo.site);
+    let host_b = add_lan_host(&site2);
+    let _web_a = serve(&topo, &host_a, "analyser of hospital A\n", "web-a.log");
+    let _web_b = serve(&topo, &host_b, "analyser of hospital B\n", "web-b.log");
+
+    let (state_a, state_b) = (topo.path("a-state"), topo.path("b-state"));
+    topo.enroll("hospital-a", &state_a).unwrap();
+    topo.enroll("hospital-b", &state_b).unwrap();
+    for state in [&state_a, &state_b] {
+        configure(state, "lans = [\"192.168.1.0/24\"]");
+    }
+    let (_a, _) = topo.up(&state_a, "site.log").unwrap();
+    let _b = site2
+        .spawn(
+            &binary("tether").display().to_string(),
+            &["up", "--state-dir", &state_b.display().to_string()],
+            Some(topo.path("site-b.log")),
+        )
+        .unwrap();
+
+    let mapped_a = mapped_lan(&topo, "hospital-a", 24);
+    let mapped_b = mapped_lan(&topo, "hospital-b", 24);
+    assert_ne!(mapped_a, mapped_b, "the same LAN is mapped apart");
+    for (mapped, page, log) in [
+        (mapped_a, "analyser of hospital A", "site.log"),
+        (mapped_b, "analyser of hospital B", "site-b.log"),
+    ] {
+        let addr = host_in(mapped, 20);
+        assert!(
+            wait_for(Duration::from_secs(10), || fetch(&topo, addr)
+                .contains(page)),
+            "{page:?} not fetched through {addr}:\n{}",
+            read(&topo.path(log))
+        );
+    }
 }
