@@ -209,6 +209,22 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
         "{seen:?}"
     );
     assert!(site_tables(&topo).contains("tether_site_tether0"));
+    // The operator's trace of the mapped address names the site.
+    let token = topo.path("broker").join("admin.token");
+    let trace = topo
+        .cloud
+        .command(&binary("tether").display().to_string())
+        .args([
+            "trace",
+            &analyser.to_string(),
+            "--token-file",
+            &token.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&trace.stdout).to_string();
+    assert!(trace.status.success(), "{text}");
+    assert!(text.contains("site hospital-l"), "{text}");
     // Other hosts of the exposed LAN are reachable the same way.
     assert!(fetch(&topo, host_in(mapped, 40)).contains("hello from the analyser"));
     // The real LAN address is not reachable from the backend.
