@@ -16,7 +16,7 @@
 //!
 //! ```text
 //!  wan 198.51.100.5/30 ── hospital-fw2 198.51.100.6 | 192.168.1.1 ── site2 192.168.1.10 (br-lan)
-//!                                                                  └── lanhost2 192.168.1.20
+//!   (TCP 443 out only: HTTP/2)                                     └── lanhost2 192.168.1.20
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use tether_netns_tests::topology::{FIREWALL_RULES, Topology, read};
+use tether_netns_tests::topology::{Egress, Topology, firewall_rules, read};
 use tether_netns_tests::{NetNs, Proc, binary, link, require_root, run, wait_for};
 
 /// Puts the site's LAN interface on a bridge with a new LAN host namespace
@@ -282,7 +282,9 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
 
 /// A second hospital behind its own firewall, numbered like the first:
 /// site 192.168.1.10 behind firewall 192.168.1.1 on the wan at
-/// 198.51.100.6/30. Returns (firewall, site).
+/// 198.51.100.6/30. Its firewall lets out only TCP 443, so its site runs
+/// over HTTP/2 (capsules and packets on the request stream). Returns
+/// (firewall, site).
 fn second_hospital(topo: &Topology) -> (NetNs, NetNs) {
     let fw = NetNs::new("fw2").unwrap();
     let site = NetNs::new("site2").unwrap();
@@ -311,7 +313,7 @@ fn second_hospital(topo: &Topology) -> (NetNs, NetNs) {
     fw.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
         .unwrap();
     let rules = topo.path("hospital2.nft");
-    std::fs::write(&rules, FIREWALL_RULES).unwrap();
+    std::fs::write(&rules, firewall_rules(Egress::TcpOnly)).unwrap();
     fw.run("nft", &["-f", &rules.display().to_string()])
         .unwrap();
     (fw, site)
@@ -347,6 +349,13 @@ fn two_hospitals_with_the_same_lan_are_mapped_apart() {
     let mapped_a = mapped_lan(&topo, "hospital-a", 24);
     let mapped_b = mapped_lan(&topo, "hospital-b", 24);
     assert_ne!(mapped_a, mapped_b, "the same LAN is mapped apart");
+    let sessions = topo.broker_cli(&["sessions"]).unwrap();
+    assert!(
+        sessions
+            .lines()
+            .any(|l| l.contains("hospital-b") && l.contains("h2")),
+        "hospital B over HTTP/2:\n{sessions}"
+    );
     for (mapped, page, log) in [
         (mapped_a, "analyser of hospital A", "site.log"),
         (mapped_b, "analyser of hospital B", "site-b.log"),
