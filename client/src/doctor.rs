@@ -146,7 +146,7 @@ fn lan_checks(config: &ClientConfig, report: &mut Report) {
                 format!("lan {lan}"),
                 Level::Warn,
                 format!(
-                    "{name} forwarding is off: `tether up` turns it on when run as root; otherwise run `sysctl -w {key}=1`"
+                    "{name} forwarding is off: `tether up` turns IPv4 forwarding on when run as root; otherwise (and always for IPv6) run `sysctl -w {key}=1`"
                 ),
             ),
         }

@@ -228,12 +228,22 @@ pub fn forwarding_enabled(lan: &IpNet) -> Option<bool> {
         .map(|v| v.trim() == "1")
 }
 
-/// Turns on forwarding for the families of `lans`, or says how to.
+/// Turns on IPv4 forwarding for IPv4 LANs, or says how to. IPv6
+/// forwarding is only checked: turning it on makes the host stop accepting
+/// router advertisements on its uplink (unless `accept_ra = 2` there), which
+/// is the administrator's decision, so the error says what to set.
 pub fn enable_forwarding(lans: &[IpNet]) -> anyhow::Result<()> {
     for lan in lans {
         let v6 = matches!(lan, IpNet::V6(_));
         if forwarding_enabled(lan) == Some(true) {
             continue;
+        }
+        if v6 {
+            bail!(
+                "IPv6 forwarding is off, so the LAN {lan} cannot be reached: run \
+                 `sysctl -w net.ipv6.conf.all.forwarding=1` (and set accept_ra=2 on the \
+                 uplink if it takes its address from router advertisements)"
+            );
         }
         let (name, key) = if v6 {
             ("IPv6", "net.ipv6.conf.all.forwarding")

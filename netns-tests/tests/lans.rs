@@ -175,7 +175,7 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new("").unwrap();
+    let mut topo = Topology::new("").unwrap();
     let host = add_lan_host(&topo.site);
     let state = topo.path("site-state");
     topo.enroll("hospital-l", &state).unwrap();
@@ -229,6 +229,18 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
     assert!(fetch(&topo, host_in(mapped, 40)).contains("hello from the analyser"));
     // The real LAN address is not reachable from the backend.
     assert!(fetch(&topo, Ipv4Addr::new(192, 168, 1, 20)).is_empty());
+
+    // The broker is killed and restarts: the agent reconnects, asks the
+    // same way, and the LAN is reachable again at the same mapped prefix.
+    topo.broker.as_mut().unwrap().kill();
+    topo.start_broker().unwrap();
+    assert_eq!(mapped_lan(&topo, "hospital-l", 24), mapped);
+    assert!(
+        wait_for(Duration::from_secs(30), || fetch(&topo, analyser)
+            .contains("hello from the analyser")),
+        "the LAN did not come back after the broker's restart:\n{}",
+        read(&topo.path("site.log"))
+    );
 
     // On exit the agent removes its table.
     site.signal(nix::sys::signal::Signal::SIGTERM);
