@@ -11,7 +11,9 @@
 //! jittered exponential backoff; the broker gives it the same address
 //! again, and the device (with its addresses and routes) stays in place
 //! meanwhile. It renews its certificate at half its lifetime over the
-//! tunnel and reconnects with the new one.
+//! tunnel and reconnects with the new one. With `lans` configured it
+//! requests a mapping for each LAN, advertises the mapped prefixes, and
+//! translates packets between the LANs and the tunnel (`crate::lan`).
 //!
 //! Those decisions are [`AgentCore`]'s (`tether_proto::agent`). This module
 //! is its shell: it owns the connection, the tunnel, the device, the state
