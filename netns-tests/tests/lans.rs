@@ -209,6 +209,8 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
         "{seen:?}"
     );
     assert!(site_tables(&topo).contains("tether_site_tether0"));
+    // ICMP too (echo, translated with its checksum).
+    assert!(topo.backend_pings(&analyser.to_string()));
     // The operator's trace of the mapped address names the site.
     let token = topo.path("broker").join("admin.token");
     let trace = topo
