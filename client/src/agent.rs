@@ -11,7 +11,9 @@
 //! jittered exponential backoff; the broker gives it the same address
 //! again, and the device (with its addresses and routes) stays in place
 //! meanwhile. It renews its certificate at half its lifetime over the
-//! tunnel and reconnects with the new one.
+//! tunnel and reconnects with the new one. With `lans` configured it
+//! requests a mapping for each LAN, advertises the mapped prefixes, and
+//! translates packets between the LANs and the tunnel (`crate::lan`).
 //!
 //! Those decisions are [`AgentCore`]'s (`tether_proto::agent`). This module
 //! is its shell: it owns the connection, the tunnel, the device, the state
@@ -21,7 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tether_config::client::ClientConfig;
+use tether_config::client::{ClientConfig, LanSource};
 use tether_proto::agent::{
     Action, AgentConfig, AgentCore, BACKOFF_BASE, Ending, Event, Lifetime, Move, TunConfig,
 };
@@ -31,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::dial::Target;
 use crate::failure::Failure;
+use crate::lan::{LanPath, SourceRewrite};
 use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
 use crate::pumps::start_pumps;
@@ -77,6 +80,11 @@ struct Shell {
     probed: Option<(BrokerConn, Target)>,
     /// Tags task results, so that those of an ended session are dropped.
     epoch: u64,
+    /// The LAN map the pumps translate with.
+    lan: Arc<LanPath>,
+    /// The source rewrite of tunnel traffic entering the LANs, while
+    /// installed.
+    rewrite: Option<SourceRewrite>,
     inputs: mpsc::UnboundedSender<(u64, Input)>,
 }
 
@@ -109,6 +117,7 @@ pub async fn run(
             backoff_base: BACKOFF_BASE,
             backoff_max: config.max_backoff,
             seed: rand::random(),
+            lans: config.lans.clone(),
         },
         Instant::now(),
     );
@@ -122,6 +131,8 @@ pub async fn run(
         dialing: None,
         probed: None,
         epoch: 0,
+        lan: Arc::default(),
+        rewrite: None,
         inputs,
     };
     if *shutdown.borrow() {
@@ -222,7 +233,7 @@ impl Shell {
             Input::Opened(Ok((tunnel, link))) => {
                 if let Some(s) = self.session.as_mut() {
                     if let Some(tun) = &self.tun {
-                        s.tasks.extend(start_pumps(tun, &link));
+                        s.tasks.extend(start_pumps(tun, &link, &self.lan));
                     }
                     s.tunnel = Some(tunnel);
                     s.link = Some(link);
@@ -278,6 +289,18 @@ impl Shell {
             }
             Event::Denied { request_id } => {
                 tracing::warn!(request_id, "the broker denied an address request")
+            }
+            Event::LanDenied { lan } => tracing::warn!(
+                %lan,
+                "the broker denied a mapping for the LAN: it stays unreachable"
+            ),
+            Event::LanMapped(mappings) => {
+                for m in mappings {
+                    tracing::info!(lan = %m.real, mapped = %m.mapped, "LAN mapped");
+                }
+            }
+            Event::LanMapUnusable(e) => {
+                tracing::error!("the broker's LAN mapping cannot be used: {e}")
             }
             Event::Retrying(delay) => {
                 tracing::info!("retrying in {:.1} s", delay.as_secs_f64())
@@ -336,11 +359,31 @@ impl Shell {
                     tracing::error!("{e:#}");
                 }
             }
-            Action::Deliver(packet) => {
-                if let Some(tun) = &self.tun {
+            Action::Deliver(mut packet) => {
+                if let Some(tun) = &self.tun
+                    && self.lan.to_lan(&self.lan.current(), &mut packet)
+                {
                     let _ = tether_shell::tun::write_one(&tun.dev, tun.offload, &packet).await;
                 }
             }
+            Action::SendCapsule(capsule) => {
+                let mut bytes = Vec::new();
+                if let Err(e) = capsule.encode(&mut bytes) {
+                    tracing::error!("cannot encode a capsule: {e}");
+                    return Ok(());
+                }
+                if let Some(Session {
+                    tunnel: Some(tunnel),
+                    link: Some(link),
+                    ..
+                }) = self.session.as_mut()
+                    && let Err(e) = tunnel.send_capsule(link, bytes).await
+                {
+                    // The session's end is reported by its stream.
+                    tracing::debug!("cannot send a capsule: {e}");
+                }
+            }
+            Action::SetLanMap(map) => self.set_lan_map(map)?,
             Action::Renew => {
                 let Some(s) = &self.session else {
                     return Ok(());
@@ -394,6 +437,25 @@ impl Shell {
         Ok(())
     }
 
+    /// Translates with `map` from now on, with the kernel forwarding to the
+    /// LANs and (by default) rewriting the source of what enters them.
+    fn set_lan_map(&mut self, map: tether_proto::netmap::LanMap) -> anyhow::Result<()> {
+        let lans: Vec<ipnet::IpNet> = map.mappings().iter().map(|m| m.real).collect();
+        crate::lan::enable_forwarding(&lans)?;
+        if self.config.lan_source == LanSource::Edge {
+            match &self.rewrite {
+                Some(r) => r.update(&self.config.tun_name, &lans)?,
+                None => self.rewrite = Some(SourceRewrite::install(&self.config.tun_name, &lans)?),
+            }
+            tracing::info!(
+                table = crate::lan::table_name(&self.config.tun_name),
+                "tunnel traffic enters the LANs from this host's own address"
+            );
+        }
+        self.lan.set(map);
+        Ok(())
+    }
+
     fn tasks(&mut self, task: JoinHandle<()>) {
         match self.session.as_mut() {
             Some(s) => s.tasks.push(task),
@@ -438,14 +500,18 @@ impl Shell {
                     if let Some(s) = self.session.as_mut()
                         && let Some(link) = &s.link
                     {
-                        s.tasks.extend(start_pumps(&created, link));
+                        s.tasks.extend(start_pumps(&created, link, &self.lan));
                     }
                     self.tun = Some(created);
                 }
                 if let Some(tun) = self.tun.as_mut() {
                     tun.set_addresses(&addresses)?;
-                    let shown: Vec<String> =
-                        addresses.iter().map(|a| a.addr().to_string()).collect();
+                    // Mapped LAN prefixes are not this host's addresses.
+                    let shown: Vec<String> = addresses
+                        .iter()
+                        .filter(|a| a.prefix_len() == a.max_prefix_len())
+                        .map(|a| a.addr().to_string())
+                        .collect();
                     tracing::info!(
                         device = tun.name(),
                         "this site is reachable as {}",

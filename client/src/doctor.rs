@@ -127,6 +127,52 @@ fn humanize(d: Duration) -> String {
     }
 }
 
+/// The LANs to expose: the kernel must forward, and (by default) `nft`
+/// must be there for the source rewrite (docs/lans.md).
+fn lan_checks(config: &ClientConfig, report: &mut Report) {
+    for lan in &config.lans {
+        let (name, key) = if matches!(lan, ipnet::IpNet::V6(_)) {
+            ("IPv6", "net.ipv6.conf.all.forwarding")
+        } else {
+            ("IPv4", "net.ipv4.ip_forward")
+        };
+        match crate::lan::forwarding_enabled(lan) {
+            Some(true) => report.add(
+                format!("lan {lan}"),
+                Level::Ok,
+                format!("{name} forwarding is on"),
+            ),
+            _ => report.add(
+                format!("lan {lan}"),
+                Level::Warn,
+                format!(
+                    "{name} forwarding is off: `tether up` turns IPv4 forwarding on when run as root; otherwise (and always for IPv6) run `sysctl -w {key}=1`"
+                ),
+            ),
+        }
+    }
+    if config.lans.is_empty() || config.lan_source != tether_config::client::LanSource::Edge {
+        return;
+    }
+    let nft = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if nft {
+        report.add(
+            "lan source",
+            Level::Ok,
+            "nft is available for the source rewrite (lan_source = \"edge\")",
+        );
+    } else {
+        report.add(
+            "lan source",
+            Level::Fail,
+            "the LANs' source rewrite (lan_source = \"edge\") needs the nft command: install nftables, or set lan_source = \"original\" if the LANs route the overlay back to this host",
+        );
+    }
+}
+
 /// Runs every check.
 pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
     let mut report = Report::default();
@@ -226,6 +272,8 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
             None
         }
     };
+
+    lan_checks(config, &mut report);
 
     // Name resolution, held to the published CIDR.
     let mut targets: Vec<Target> = Vec::new();

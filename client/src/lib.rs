@@ -23,6 +23,7 @@ pub mod failure;
 pub mod firewall;
 pub mod h2client;
 pub mod h3client;
+pub mod lan;
 pub mod link;
 pub mod proxy;
 pub mod pumps;

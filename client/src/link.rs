@@ -354,11 +354,7 @@ impl BrokerConn {
                 }
                 let (stream_id, prefix) = tether_shell::h3::datagram_prefix(&recv);
                 Ok((
-                    Tunnel::H3 {
-                        _send: send,
-                        recv,
-                        dec,
-                    },
+                    Tunnel::H3 { send, recv, dec },
                     TunnelLink::H3 {
                         conn: conn.clone(),
                         stream_id,
@@ -437,8 +433,9 @@ impl BrokerConn {
 pub enum Tunnel {
     /// HTTP/3: frames on a QUIC stream.
     H3 {
-        /// Kept open for the tunnel's lifetime.
-        _send: SendStream,
+        /// The request stream: kept open for the tunnel's lifetime, and
+        /// carries the site's capsules.
+        send: SendStream,
         /// The response stream.
         recv: RecvStream,
         /// Its HTTP/3 frames, past the head.
@@ -462,6 +459,30 @@ impl Drop for Tunnel {
 }
 
 impl Tunnel {
+    /// Sends an encoded capsule on the request stream (over HTTP/2 through
+    /// `link`'s writer, which owns the stream).
+    pub async fn send_capsule(
+        &mut self,
+        link: &TunnelLink,
+        capsule: Vec<u8>,
+    ) -> Result<(), String> {
+        match (self, link) {
+            (Tunnel::H3 { send, .. }, _) => {
+                let mut out = Vec::with_capacity(capsule.len() + 9);
+                tether_proto::h3::frame::encode_data_header(capsule.len(), &mut out);
+                out.extend_from_slice(&capsule);
+                send.write_all(&out).await.map_err(|e| e.to_string())
+            }
+            (Tunnel::H2 { .. }, TunnelLink::H2 { capsules }) => capsules
+                .send(Bytes::from(capsule))
+                .await
+                .map_err(|_| "the tunnel is closed".to_string()),
+            (Tunnel::H2 { .. }, TunnelLink::H3 { .. }) => {
+                Err("an HTTP/2 tunnel with an HTTP/3 link".to_string())
+            }
+        }
+    }
+
     /// Capsule bytes already received, then the next ones; `None` when the
     /// broker ended the tunnel.
     pub async fn read(&mut self) -> Result<Option<Vec<u8>>, String> {

@@ -3,20 +3,27 @@
 //! which the agent reads).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use tether_proto::datagram::{self, Payload};
 use tether_proto::ip::{self, IcmpError, Packet};
 
+use crate::lan::LanPath;
 use crate::link::TunnelLink;
 use crate::tun::Tun;
 
 /// Starts the packet pumps of a session: device to tunnel, and over HTTP/3
 /// tunnel to device. One read of an offloading device yields a whole TCP burst, and
 /// one write carries the coalesced segments of a batch of datagrams.
-pub fn start_pumps(tun: &Tun, link: &TunnelLink) -> Vec<tokio::task::JoinHandle<()>> {
+/// Packets to and from the LANs are translated through `lan` on the way.
+pub fn start_pumps(
+    tun: &Tun,
+    link: &TunnelLink,
+    lan: &Arc<LanPath>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let offload = tun.offload;
     let outbound = {
-        let (dev, link) = (tun.dev.clone(), link.clone());
+        let (dev, link, lan) = (tun.dev.clone(), link.clone(), lan.clone());
         tokio::spawn(async move {
             let offset = link.headroom();
             let mut packets =
@@ -27,6 +34,7 @@ pub fn start_pumps(tun: &Tun, link: &TunnelLink) -> Vec<tokio::task::JoinHandle<
                     return;
                 }
                 let mtu = link.mtu().map(usize::from).unwrap_or(1200);
+                let map = lan.current();
                 for framed in packets.framed_mut() {
                     let Some(packet) = framed.get(offset..) else {
                         continue;
@@ -36,6 +44,11 @@ pub fn start_pumps(tun: &Tun, link: &TunnelLink) -> Vec<tokio::task::JoinHandle<
                         if let Some(icmp) = too_big(packet, mtu) {
                             let _ = tether_shell::tun::write_one(&dev, offload, &icmp).await;
                         }
+                        continue;
+                    }
+                    if let Some(packet) = framed.get_mut(offset..)
+                        && !lan.from_lan(&map, packet)
+                    {
                         continue;
                     }
                     if link.send(framed).is_err() {
@@ -54,7 +67,7 @@ pub fn start_pumps(tun: &Tun, link: &TunnelLink) -> Vec<tokio::task::JoinHandle<
         return vec![outbound];
     };
     let inbound = {
-        let dev = tun.dev.clone();
+        let (dev, lan) = (tun.dev.clone(), lan.clone());
         tokio::spawn(async move {
             use futures_util::FutureExt;
             // Datagrams that arrived together are written together: with
@@ -63,14 +76,24 @@ pub fn start_pumps(tun: &Tun, link: &TunnelLink) -> Vec<tokio::task::JoinHandle<
             // where it would have handled dozens. The buffers are sized for
             // a coalesced 64 KiB segment and kept across batches.
             let mut batch = tether_shell::tun::WriteBatch::default();
+            let mut scratch = Vec::new();
             while let Ok(first) = conn.read_datagram().await {
+                let map = lan.current();
                 let mut next = Some(first);
                 while let Some(d) = next.take() {
                     if let Ok((stream, payload)) = datagram::parse_h3(&d)
                         && stream == stream_id
                         && let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload)
                     {
-                        batch.push(p);
+                        if map.is_empty() {
+                            batch.push(p);
+                        } else {
+                            scratch.clear();
+                            scratch.extend_from_slice(p);
+                            if lan.to_lan(&map, &mut scratch) {
+                                batch.push(&scratch);
+                            }
+                        }
                     }
                     if batch.has_room() {
                         next = conn.read_datagram().now_or_never().and_then(Result::ok);

@@ -26,6 +26,12 @@ pub struct ClientFile {
     /// LAN prefixes behind this site to expose (the broker maps each into
     /// its own address space).
     pub lans: Vec<String>,
+    /// The source address traffic from the tunnel has on the LANs:
+    /// `"edge"` (default) rewrites it to this host's own LAN address, so
+    /// LAN hosts answer through their usual default router; `"original"`
+    /// keeps the overlay source, for LANs that route the overlay pools
+    /// back to this host.
+    pub lan_source: String,
     /// TCP services this site offers on its overlay address, as
     /// `"name=port"` (e.g. `"dicom=104"`): backends find them as SRV
     /// records `_<name>._tcp.<site>.<region>.<zone>`.
@@ -66,6 +72,7 @@ impl Default for ClientFile {
             published_cidr: "127.0.0.0/8".into(),
             brokers: vec!["127.0.0.1:443".into()],
             lans: Vec::new(),
+            lan_source: "edge".into(),
             services: Vec::new(),
             tun: ClientTunFile::default(),
             transport: TransportFile::default(),
@@ -92,6 +99,26 @@ impl Default for TransportFile {
     }
 }
 
+/// The source address tunnel traffic has when it enters a LAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LanSource {
+    /// This host's own address on the LAN (the kernel masquerades).
+    Edge,
+    /// The overlay address it came from (the LAN routes the overlay back).
+    Original,
+}
+
+impl LanSource {
+    /// Parses the configuration value.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "edge" => Some(LanSource::Edge),
+            "original" => Some(LanSource::Original),
+            _ => None,
+        }
+    }
+}
+
 /// The validated edge agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -103,6 +130,8 @@ pub struct ClientConfig {
     pub brokers: Vec<Endpoint>,
     /// LANs to expose.
     pub lans: Vec<IpNet>,
+    /// The source address of tunnel traffic on the LANs.
+    pub lan_source: LanSource,
     /// Announced TCP services.
     pub services: Vec<tether_proto::dns::Service>,
     /// TUN device name.
@@ -144,6 +173,14 @@ impl ClientFile {
             .enumerate()
             .filter_map(|(i, t)| parse_prefix(&mut p, &format!("lans[{i}]"), t))
             .collect();
+        let lan_source = LanSource::parse(&self.lan_source).unwrap_or_else(|| {
+            p.add(
+                "lan_source",
+                format!("{:?} is neither \"edge\" nor \"original\"", self.lan_source),
+                "write \"edge\" (LAN hosts see this host's address) or \"original\" (the LAN routes the overlay back to this host)",
+            );
+            LanSource::Edge
+        });
         let mut services: Vec<tether_proto::dns::Service> = Vec::new();
         for (i, text) in self.services.iter().enumerate() {
             match tether_proto::dns::Service::parse(text) {
@@ -200,6 +237,7 @@ impl ClientFile {
                 published_cidr,
                 brokers,
                 lans,
+                lan_source,
                 services,
                 tun_name: self.tun.name.clone(),
                 h3_timeout,
@@ -228,5 +266,26 @@ mod tests {
         .unwrap_err();
         let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["brokers[1]", "transport.proxy"]);
+    }
+
+    #[test]
+    fn lan_source_defaults_to_the_edge_address_and_is_checked() {
+        let c = ClientFile::parse("lans = [\"192.168.1.0/24\"]", "t")
+            .unwrap()
+            .validate("t")
+            .unwrap();
+        assert_eq!(c.lan_source, LanSource::Edge);
+        assert_eq!(c.lans, ["192.168.1.0/24".parse::<IpNet>().unwrap()]);
+        let c = ClientFile::parse("lan_source = \"original\"", "t")
+            .unwrap()
+            .validate("t")
+            .unwrap();
+        assert_eq!(c.lan_source, LanSource::Original);
+        let err = ClientFile::parse("lan_source = \"router\"", "t")
+            .unwrap()
+            .validate("t")
+            .unwrap_err();
+        let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["lan_source"]);
     }
 }

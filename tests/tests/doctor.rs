@@ -1,6 +1,7 @@
 //! `tether doctor` against a real broker on loopback: a healthy site, an
-//! expired certificate, a certificate from the future (clock behind), and a
-//! broker address outside the published CIDR.
+//! expired certificate, a certificate from the future (clock behind), a
+//! broker address outside the published CIDR, and the checks of a site
+//! exposing a LAN.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, SystemTime};
@@ -74,6 +75,47 @@ async fn doctor_explains_what_blocks_a_site() {
     assert!(report.render().contains("can connect, over HTTP/3"));
     // It opened no tunnel.
     assert!(broker.broker().sessions().is_empty());
+
+    // With a LAN to expose: forwarding and the source rewrite's nft are
+    // reported (their levels follow this machine), and neither blocks.
+    let with_lan = ClientFile {
+        published_cidr: "127.0.0.0/8".into(),
+        brokers: vec![broker.addr().to_string()],
+        lans: vec!["192.168.1.0/24".into()],
+        ..ClientFile::default()
+    };
+    let report = doctor::run(&with_lan.validate("test").unwrap(), &site.state).await;
+    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    assert_eq!(
+        level_of(&report, "lan 192.168.1.0/24"),
+        if forwarding.trim() == "1" {
+            Level::Ok
+        } else {
+            Level::Warn
+        },
+        "{}",
+        report.render()
+    );
+    let nft = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert_eq!(
+        level_of(&report, "lan source"),
+        if nft { Level::Ok } else { Level::Fail }
+    );
+    // Keeping the original source needs no nft.
+    let original = ClientFile {
+        lan_source: "original".into(),
+        ..with_lan
+    };
+    let report = doctor::run(&original.validate("test").unwrap(), &site.state).await;
+    assert!(
+        !report.render().contains("lan source"),
+        "{}",
+        report.render()
+    );
+    assert!(!report.blocked(), "{}", report.render());
 
     // A broker name that resolves outside the published CIDR is refused,
     // and doctor says so.

@@ -20,7 +20,14 @@
 //!   [`MTU_CHECK_INTERVAL`], never below [`MIN_MTU_V6`] once the site has an
 //!   IPv6 address and never below [`MIN_MTU_V4`] otherwise;
 //! - the site's half of the CONNECT-IP session ([`ClientSession`]): the
-//!   broker's capsules become the device's addresses and routes.
+//!   broker's capsules become the device's addresses and routes;
+//! - the hospital LANs behind the site: on every session it asks for a
+//!   mapping of each configured LAN (an ADDRESS_REQUEST naming the LAN,
+//!   Request ID `i + 1` for the `i`-th LAN, so that it asks the same way on
+//!   every reconnection and the broker's lease stays the same), learns the
+//!   mapped prefixes from ADDRESS_ASSIGN, hands the shell the [`LanMap`]
+//!   that translates packets, and advertises the mapped prefixes
+//!   (ROUTE_ADVERTISEMENT) so the broker routes them to this site.
 //!
 //! Nothing here reads a clock, draws randomness, spawns a task or touches a
 //! socket, so the tests below run the agent on a fake clock.
@@ -39,8 +46,10 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use crate::capsule::{Capsule, CapsuleDecoder};
+use crate::connect_ip::{AddressRequest, RequestedAddress, RouteAdvertisement};
 use crate::datagram::{self, Payload};
 use crate::net::Family;
+use crate::netmap::{LanMap, Mapping, MappingError};
 use crate::tunnel::Transport;
 
 /// The first reconnection delay (before jitter).
@@ -74,6 +83,13 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// The seed of the backoff's jitter; each agent draws its own.
     pub seed: u64,
+    /// The LANs behind the site to expose, in configuration order.
+    pub lans: Vec<IpNet>,
+}
+
+/// The Request ID of the ADDRESS_REQUEST for the `index`-th configured LAN.
+pub fn lan_request_id(index: usize) -> u64 {
+    index as u64 + 1
 }
 
 /// The site certificate's lifetime, read together with the wall clock.
@@ -152,8 +168,14 @@ pub enum Action {
     SetTunMtu(u16),
     /// Change the device.
     ConfigureTun(TunConfig),
-    /// Write this IP packet (carried in a DATAGRAM capsule) to the device.
+    /// Write this IP packet (carried in a DATAGRAM capsule) to the device,
+    /// translated into the LAN like every packet from the tunnel.
     Deliver(Vec<u8>),
+    /// Send this capsule on the tunnel's request stream.
+    SendCapsule(Capsule),
+    /// Translate packets between the LANs and their mapped prefixes with
+    /// this map from now on (and make the LANs reachable from the device).
+    SetLanMap(LanMap),
     /// Renew the certificate over the connection; answer
     /// [`AgentCore::handle_renewal_result`].
     Renew,
@@ -207,6 +229,17 @@ pub enum Event {
         /// Its Request ID.
         request_id: u64,
     },
+    /// The broker denied the mapping of a LAN (its pool is full, or the
+    /// LAN's length cannot be mapped).
+    LanDenied {
+        /// The LAN.
+        lan: IpNet,
+    },
+    /// The LANs are mapped as listed (logged whenever the mapping changes).
+    LanMapped(Vec<Mapping>),
+    /// The broker's answers cannot be used as a mapping; the previous map
+    /// stays in force.
+    LanMapUnusable(MappingError),
     /// The next attempt is in this long.
     Retrying(Duration),
 }
@@ -228,6 +261,8 @@ struct Session {
     probe: Option<Transport>,
     next_probe: Option<Instant>,
     probing: bool,
+    /// The mapped prefixes advertised on this session, once known.
+    advertised: Option<Vec<IpNet>>,
 }
 
 impl Session {
@@ -243,6 +278,7 @@ impl Session {
             probe: None,
             next_probe: None,
             probing: false,
+            advertised: None,
         }
     }
 }
@@ -303,6 +339,11 @@ pub struct AgentCore {
     attempt_started: Instant,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
+    /// The configured LANs.
+    lans: Vec<IpNet>,
+    /// The map the shell translates with (kept across sessions: the
+    /// broker's lease does not change).
+    lan_map: LanMap,
 }
 
 impl AgentCore {
@@ -315,6 +356,8 @@ impl AgentCore {
             attempt_started: now,
             actions: VecDeque::new(),
             events: VecDeque::new(),
+            lans: config.lans,
+            lan_map: LanMap::default(),
         };
         core.dial(now);
         core
@@ -339,6 +382,11 @@ impl AgentCore {
             Phase::Session(s) => Some(s.transport),
             _ => None,
         }
+    }
+
+    /// The LAN map the shell was last told to translate with.
+    pub fn lan_map(&self) -> &LanMap {
+        &self.lan_map
     }
 
     /// Whether the core has stopped.
@@ -440,6 +488,66 @@ impl AgentCore {
         let transport = s.transport;
         self.events.push_back(Event::Connected(transport));
         self.actions.push_back(Action::CheckMtu);
+        if !self.lans.is_empty() {
+            let requests = self
+                .lans
+                .iter()
+                .enumerate()
+                .map(|(i, &lan)| RequestedAddress {
+                    request_id: lan_request_id(i),
+                    prefix: lan.trunc(),
+                })
+                .collect();
+            self.actions
+                .push_back(Action::SendCapsule(Capsule::AddressRequest(
+                    AddressRequest { requests },
+                )));
+        }
+    }
+
+    /// After an ADDRESS_ASSIGN: the mappings of the LANs it answered, a new
+    /// map for the shell if they changed, and an advertisement of the
+    /// mapped prefixes once per session (and again if they changed).
+    fn update_lans(&mut self) {
+        let Phase::Session(s) = &mut self.phase else {
+            return;
+        };
+        let mut mappings = Vec::new();
+        for (i, &lan) in self.lans.iter().enumerate() {
+            let Some(mapped) = s.client.assigned_for(lan_request_id(i)) else {
+                continue;
+            };
+            match Mapping::new(lan, mapped) {
+                Ok(m) => mappings.push(m),
+                Err(e) => {
+                    self.events.push_back(Event::LanMapUnusable(e));
+                    return;
+                }
+            }
+        }
+        if mappings.is_empty() {
+            return;
+        }
+        let map = match LanMap::new(mappings.clone()) {
+            Ok(map) => map,
+            Err(e) => {
+                self.events.push_back(Event::LanMapUnusable(e));
+                return;
+            }
+        };
+        let mapped: Vec<IpNet> = mappings.iter().map(|m| m.mapped).collect();
+        if s.advertised.as_ref() != Some(&mapped) {
+            s.advertised = Some(mapped.clone());
+            self.actions
+                .push_back(Action::SendCapsule(Capsule::RouteAdvertisement(
+                    RouteAdvertisement::from_prefixes(mapped),
+                )));
+        }
+        if map != self.lan_map {
+            self.lan_map = map.clone();
+            self.events.push_back(Event::LanMapped(mappings));
+            self.actions.push_back(Action::SetLanMap(map));
+        }
     }
 
     /// Bytes read from the tunnel's request stream.
@@ -479,6 +587,7 @@ impl AgentCore {
             return;
         };
         let create_mtu = s.link_mtu.unwrap_or(INITIAL_MTU).max(INITIAL_MTU);
+        let assigned = matches!(capsule, Capsule::AddressAssign(_));
         for event in s.client.on_capsule(capsule) {
             match event {
                 ClientEvent::Addresses(addresses) => {
@@ -493,7 +602,13 @@ impl AgentCore {
                         .push_back(Action::ConfigureTun(TunConfig::Routes(routes)));
                 }
                 ClientEvent::Denied { request_id } => {
-                    self.events.push_back(Event::Denied { request_id });
+                    let lan = (0..self.lans.len())
+                        .find(|&i| lan_request_id(i) == request_id)
+                        .map(|i| self.lans[i]);
+                    self.events.push_back(match lan {
+                        Some(lan) => Event::LanDenied { lan },
+                        None => Event::Denied { request_id },
+                    });
                 }
                 ClientEvent::Datagram(mut payload) => {
                     if let Ok(Payload::IpPacket(p)) = datagram::parse_payload(&payload) {
@@ -503,6 +618,9 @@ impl AgentCore {
                     }
                 }
             }
+        }
+        if assigned && !self.lans.is_empty() {
+            self.update_lans();
         }
     }
 

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::capsule::Capsule;
+use crate::connect_ip::AssignedAddress;
 use crate::net::Family;
 
 /// What the site's session reports to its shell.
@@ -28,6 +29,8 @@ pub enum ClientEvent {
 #[derive(Debug, Clone, Default)]
 pub struct ClientSession {
     addresses: Vec<IpNet>,
+    /// The last ADDRESS_ASSIGN, with the Request IDs each entry answers.
+    assigned: Vec<AssignedAddress>,
     routes: Vec<IpNet>,
 }
 
@@ -40,6 +43,14 @@ impl ClientSession {
     /// The routes last advertised.
     pub fn routes(&self) -> &[IpNet] {
         &self.routes
+    }
+
+    /// The prefix last assigned in answer to `request_id`, if any.
+    pub fn assigned_for(&self, request_id: u64) -> Option<IpNet> {
+        self.assigned
+            .iter()
+            .find(|a| a.request_id == request_id && !a.prefix.addr().is_unspecified())
+            .map(|a| a.prefix)
     }
 
     /// The address of `family` assigned as a single host, if any.
@@ -56,6 +67,7 @@ impl ClientSession {
             Capsule::AddressAssign(assign) => {
                 let mut events = Vec::new();
                 let mut addresses = Vec::new();
+                self.assigned = assign.addresses.clone();
                 for a in assign.addresses {
                     if a.prefix.addr().is_unspecified() {
                         events.push(ClientEvent::Denied {

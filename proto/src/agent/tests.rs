@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use super::*;
-use crate::connect_ip::{AddressAssign, AssignedAddress};
+use crate::connect_ip::{AddressAssign, AddressRequest, AssignedAddress, RequestedAddress};
 
 const MAX: Duration = Duration::from_secs(30);
 /// The schedule pinned here as values, so a changed constant fails a test.
@@ -20,6 +20,7 @@ fn config(proxy: bool, remembered: Option<Transport>, seed: u64) -> AgentConfig 
         backoff_base: Duration::from_millis(500),
         backoff_max: MAX,
         seed,
+        lans: Vec::new(),
     }
 }
 
@@ -525,4 +526,191 @@ fn shutdown_closes_the_session_and_stops() {
     b.advance(secs(60));
     b.core.handle_timeout(b.now);
     assert_eq!(b.actions(), []);
+}
+
+fn lan_config(lans: &[&str]) -> AgentConfig {
+    AgentConfig {
+        lans: lans.iter().map(|l| net(l)).collect(),
+        ..config(false, None, 1)
+    }
+}
+
+/// An ADDRESS_ASSIGN of `(request_id, prefix)` pairs.
+fn assign_ids(entries: &[(u64, &str)]) -> Capsule {
+    Capsule::AddressAssign(AddressAssign {
+        addresses: entries
+            .iter()
+            .map(|&(request_id, p)| AssignedAddress {
+                request_id,
+                prefix: net(p),
+            })
+            .collect(),
+    })
+}
+
+impl Agent {
+    /// Connects on HTTP/3 and opens the tunnel; returns the actions that
+    /// followed the opening.
+    fn open_with_lans(&mut self) -> Vec<Action> {
+        self.core.handle_connected(Transport::H3, self.now);
+        self.actions();
+        self.core.handle_tunnel_opened(None, self.now);
+        self.events();
+        self.actions()
+    }
+}
+
+fn lan_request(lans: &[(u64, &str)]) -> Action {
+    Action::SendCapsule(Capsule::AddressRequest(AddressRequest {
+        requests: lans
+            .iter()
+            .map(|&(request_id, p)| RequestedAddress {
+                request_id,
+                prefix: net(p),
+            })
+            .collect(),
+    }))
+}
+
+fn advertisement(prefixes: &[&str]) -> Action {
+    Action::SendCapsule(Capsule::RouteAdvertisement(
+        RouteAdvertisement::from_prefixes(prefixes.iter().map(|p| net(p))),
+    ))
+}
+
+#[test]
+fn each_lan_is_requested_mapped_and_advertised_the_same_way_every_session() {
+    let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
+    a.actions();
+    // Without LANs configured nothing is requested (the other tests'
+    // `connect` pins that); with them, one request naming each LAN.
+    let request = lan_request(&[(1, "192.168.1.0/24"), (2, "10.1.0.0/16")]);
+    assert_eq!(a.open_with_lans(), [Action::CheckMtu, request.clone()]);
+
+    // The broker answers the first LAN before the second: the map and the
+    // advertisement follow what is known.
+    a.core.handle_capsule(
+        assign_ids(&[(0, "100.64.0.7/32"), (1, "100.64.9.0/24")]),
+        a.now,
+    );
+    let first = Mapping::new(net("192.168.1.0/24"), net("100.64.9.0/24")).unwrap();
+    let actions = a.actions();
+    assert_eq!(actions[1], advertisement(&["100.64.9.0/24"]));
+    assert_eq!(
+        actions[2],
+        Action::SetLanMap(LanMap::new(vec![first]).unwrap())
+    );
+    assert_eq!(a.events(), [Event::LanMapped(vec![first])]);
+
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
+    let both = LanMap::new(vec![first, second]).unwrap();
+    let actions = a.actions();
+    assert!(
+        actions.contains(&advertisement(&["100.64.9.0/24", "100.65.0.0/16"])),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::SetLanMap(both.clone())));
+    // The same answer again changes nothing.
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    assert_eq!(a.actions(), []);
+    assert_eq!(a.core.lan_map(), &both);
+
+    // The connection is lost: the map stays in force meanwhile, and the new
+    // session asks exactly as before.
+    a.core
+        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+    a.actions();
+    let delay = a.retry_delay();
+    a.wait_and_dial(delay);
+    assert_eq!(a.core.lan_map(), &both);
+    assert_eq!(a.open_with_lans(), [Action::CheckMtu, request]);
+    // The broker opens with the leases it remembers (unsolicited), which
+    // do not say which LAN they belong to: nothing is advertised yet.
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (0, "100.64.9.0/24"),
+            (0, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    assert!(
+        !a.actions()
+            .iter()
+            .any(|x| matches!(x, Action::SendCapsule(_) | Action::SetLanMap(_)))
+    );
+    // Its answer to the request: the same prefixes are advertised on the
+    // new session; the shell's map is unchanged, so not sent again.
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    let actions = a.actions();
+    assert!(
+        actions.contains(&advertisement(&["100.64.9.0/24", "100.65.0.0/16"])),
+        "{actions:?}"
+    );
+    assert!(!actions.iter().any(|x| matches!(x, Action::SetLanMap(_))));
+    assert_eq!(a.events(), []);
+}
+
+#[test]
+fn a_denied_or_misshapen_lan_mapping_is_reported_and_not_used() {
+    let mut a = Agent::new(lan_config(&["192.168.1.0/24"]));
+    a.actions();
+    a.open_with_lans();
+    // Denied: the unspecified address with the Request ID.
+    a.core.handle_capsule(
+        assign_ids(&[(0, "100.64.0.7/32"), (1, "0.0.0.0/32")]),
+        a.now,
+    );
+    assert_eq!(
+        a.events(),
+        [Event::LanDenied {
+            lan: net("192.168.1.0/24")
+        }]
+    );
+    assert!(
+        !a.actions()
+            .iter()
+            .any(|x| matches!(x, Action::SendCapsule(_) | Action::SetLanMap(_)))
+    );
+    // A prefix of another length cannot be a 1:1 mapping.
+    a.core.handle_capsule(
+        assign_ids(&[(0, "100.64.0.7/32"), (1, "100.64.8.0/23")]),
+        a.now,
+    );
+    assert!(matches!(
+        a.events().as_slice(),
+        [Event::LanMapUnusable(MappingError::Shape { .. })]
+    ));
+    assert!(
+        !a.actions()
+            .iter()
+            .any(|x| matches!(x, Action::SendCapsule(_) | Action::SetLanMap(_)))
+    );
+    assert!(a.core.lan_map().is_empty());
+    // A denied request of another kind keeps its plain report.
+    a.core
+        .handle_capsule(assign_ids(&[(0, "100.64.0.7/32"), (7, "::/128")]), a.now);
+    assert_eq!(a.events(), [Event::Denied { request_id: 7 }]);
 }

@@ -1,0 +1,312 @@
+//! The hospital LANs behind the site: packets translated between each LAN
+//! and the prefix the broker mapped it to, and the kernel set up to forward
+//! between the tunnel device and the LANs.
+//!
+//! The translation is [`LanMap`]'s (`tether_proto::netmap`), decided by the
+//! agent core; here it is applied to every packet crossing the device:
+//! [`LanPath::to_lan`] on packets from the tunnel, [`LanPath::from_lan`] on
+//! packets read from the device. A packet the map refuses is dropped and
+//! counted by [`Refused::as_str`].
+//!
+//! The kernel forwards the translated packets between the device and the
+//! LAN interface (the LAN is directly connected, so it has the route; the
+//! replies find the overlay pools' routes through the device). By default
+//! it also rewrites the source of tunnel traffic entering a LAN to this
+//! host's own address there ([`SourceRewrite`]): LAN hosts answer their
+//! default router, not this host, unless the reply is addressed to this
+//! host itself. Only the kernel can do that, because the reply must reach
+//! this host's own address and be matched back to its flow (conntrack).
+//! The rule lives in a table of its own, `inet tether_site_<device>`,
+//! loaded with the `nft` command (`nft -f -`, one atomic transaction) and
+//! deleted on exit; it marks no packets and touches no other table, so it
+//! coexists with the host's own rules (or Cilium's).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ipnet::IpNet;
+use tether_proto::netmap::{LanMap, Refused};
+
+/// The least time between two warnings about dropped packets.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The labels of the drop counters, in counter order.
+const REFUSED: [Refused; 2] = [Refused::Malformed, Refused::Protocol(0)];
+
+/// The LAN map in force and what it refused; shared by the packet pumps.
+#[derive(Debug, Default)]
+pub struct LanPath {
+    map: RwLock<Arc<LanMap>>,
+    drops: [AtomicU64; 2],
+    last_warn: Mutex<Option<Instant>>,
+}
+
+impl LanPath {
+    /// Translate with `map` from now on.
+    pub fn set(&self, map: LanMap) {
+        if let Ok(mut m) = self.map.write() {
+            *m = Arc::new(map);
+        }
+    }
+
+    /// The map in force (cheap: the pumps take it once per batch).
+    pub fn current(&self) -> Arc<LanMap> {
+        self.map.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Translates a packet from the tunnel into the LAN; `false`: drop it.
+    pub fn to_lan(&self, map: &LanMap, packet: &mut [u8]) -> bool {
+        map.is_empty() || self.count(map.to_lan(packet))
+    }
+
+    /// Translates a packet read from the device for the tunnel; `false`:
+    /// drop it.
+    pub fn from_lan(&self, map: &LanMap, packet: &mut [u8]) -> bool {
+        map.is_empty() || self.count(map.from_lan(packet))
+    }
+
+    /// The packets dropped so far, by reason label.
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        REFUSED
+            .iter()
+            .zip(&self.drops)
+            .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn count<T>(&self, outcome: Result<T, Refused>) -> bool {
+        let Err(refused) = outcome else {
+            return true;
+        };
+        let slot = match refused {
+            Refused::Malformed => 0,
+            Refused::Protocol(_) => 1,
+        };
+        self.drops[slot].fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(reason = refused.as_str(), "LAN packet dropped: {refused}");
+        let now = Instant::now();
+        if let Ok(mut last) = self.last_warn.lock()
+            && last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+        {
+            *last = Some(now);
+            let counts: Vec<String> = self
+                .drops()
+                .iter()
+                .map(|(label, n)| format!("{label}={n}"))
+                .collect();
+            tracing::warn!(
+                drops = counts.join(" "),
+                "packets to or from the LANs were dropped: they cannot be translated"
+            );
+        }
+        false
+    }
+}
+
+/// The nftables table that makes tunnel traffic entering the LANs appear
+/// from this host's own LAN address; deleted when dropped.
+#[derive(Debug)]
+pub struct SourceRewrite {
+    table: String,
+}
+
+/// The name of the device's table: `tether_site_<device>`, with characters
+/// nftables identifiers do not take replaced.
+pub fn table_name(device: &str) -> String {
+    let dev: String = device
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("tether_site_{dev}")
+}
+
+/// The nftables script that (re)creates the table in one transaction:
+/// packets from `device` to one of `lans` leave with the address of the
+/// interface they leave by (`masquerade`).
+pub fn rewrite_script(device: &str, lans: &[IpNet]) -> String {
+    let table = table_name(device);
+    let mut rules = String::new();
+    for (family, v6) in [("ip", false), ("ip6", true)] {
+        let nets: Vec<String> = lans
+            .iter()
+            .filter(|l| matches!(l, IpNet::V6(_)) == v6)
+            .map(ToString::to_string)
+            .collect();
+        if !nets.is_empty() {
+            rules.push_str(&format!(
+                "\t\tiifname \"{device}\" {family} daddr {{ {} }} masquerade\n",
+                nets.join(", ")
+            ));
+        }
+    }
+    // Declaring the table first makes the delete succeed whether or not an
+    // earlier run left it behind.
+    format!(
+        "table inet {table} {{}}\n\
+         delete table inet {table}\n\
+         table inet {table} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         {rules}\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+impl SourceRewrite {
+    /// Installs (or replaces what an earlier run left) the table for
+    /// `device` and `lans`.
+    pub fn install(device: &str, lans: &[IpNet]) -> anyhow::Result<Self> {
+        Self::load(device, lans)?;
+        Ok(Self {
+            table: table_name(device),
+        })
+    }
+
+    /// Replaces the rules with those for `lans`, in one transaction.
+    pub fn update(&self, device: &str, lans: &[IpNet]) -> anyhow::Result<()> {
+        Self::load(device, lans)
+    }
+
+    fn load(device: &str, lans: &[IpNet]) -> anyhow::Result<()> {
+        nft(&rewrite_script(device, lans)).context(
+            "cannot install the source rewrite for the LANs (is nftables installed? \
+             set lan_source = \"original\" if the LANs route the overlay back to this host)",
+        )
+    }
+}
+
+impl Drop for SourceRewrite {
+    fn drop(&mut self) {
+        if let Err(e) = nft(&format!("delete table inet {}\n", self.table)) {
+            tracing::warn!("cannot remove the nftables table {}: {e:#}", self.table);
+        }
+    }
+}
+
+/// Runs `nft -f -` with `script`.
+fn nft(script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run nft")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The sysctl that lets the kernel forward between the device and LANs of
+/// `family` (4 or 6).
+fn forwarding_path(v6: bool) -> &'static str {
+    if v6 {
+        "/proc/sys/net/ipv6/conf/all/forwarding"
+    } else {
+        "/proc/sys/net/ipv4/ip_forward"
+    }
+}
+
+/// Whether the kernel forwards packets of the family of `lan`.
+pub fn forwarding_enabled(lan: &IpNet) -> Option<bool> {
+    let v6 = matches!(lan, IpNet::V6(_));
+    std::fs::read_to_string(forwarding_path(v6))
+        .ok()
+        .map(|v| v.trim() == "1")
+}
+
+/// Turns on IPv4 forwarding for IPv4 LANs, or says how to. IPv6
+/// forwarding is only checked: turning it on makes the host stop accepting
+/// router advertisements on its uplink (unless `accept_ra = 2` there), which
+/// is the administrator's decision, so the error says what to set.
+pub fn enable_forwarding(lans: &[IpNet]) -> anyhow::Result<()> {
+    for lan in lans {
+        let v6 = matches!(lan, IpNet::V6(_));
+        if forwarding_enabled(lan) == Some(true) {
+            continue;
+        }
+        if v6 {
+            bail!(
+                "IPv6 forwarding is off, so the LAN {lan} cannot be reached: run \
+                 `sysctl -w net.ipv6.conf.all.forwarding=1` (and set accept_ra=2 on the \
+                 uplink if it takes its address from router advertisements)"
+            );
+        }
+        let (name, key) = if v6 {
+            ("IPv6", "net.ipv6.conf.all.forwarding")
+        } else {
+            ("IPv4", "net.ipv4.ip_forward")
+        };
+        std::fs::write(forwarding_path(v6), "1").with_context(|| {
+            format!(
+                "{name} forwarding is off and cannot be turned on, so the LAN {lan} \
+                 cannot be reached: run `sysctl -w {key}=1` (and make it permanent in \
+                 /etc/sysctl.d/)"
+            )
+        })?;
+        tracing::info!("turned on {name} forwarding ({key}) for the LAN {lan}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_proto::netmap::Mapping;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_script_replaces_one_table_of_its_own() {
+        let script = rewrite_script("tether-0", &[net("192.168.1.0/24"), net("fd00:1::/64")]);
+        assert_eq!(
+            script,
+            "table inet tether_site_tether_0 {}\n\
+             delete table inet tether_site_tether_0\n\
+             table inet tether_site_tether_0 {\n\
+             \tchain postrouting {\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tiifname \"tether-0\" ip daddr { 192.168.1.0/24 } masquerade\n\
+             \t\tiifname \"tether-0\" ip6 daddr { fd00:1::/64 } masquerade\n\
+             \t}\n\
+             }\n"
+        );
+    }
+
+    #[test]
+    fn refused_packets_are_dropped_and_counted_by_reason() {
+        let path = LanPath::default();
+        let map = LanMap::new(vec![
+            Mapping::new(net("192.168.1.0/24"), net("100.64.9.0/24")).unwrap(),
+        ])
+        .unwrap();
+        path.set(map.clone());
+        assert_eq!(*path.current(), map);
+        // An IPv4 header cut short is malformed.
+        let mut cut = vec![0x45, 0, 0, 40, 0, 0];
+        assert!(!path.to_lan(&map, &mut cut));
+        assert_eq!(
+            path.drops(),
+            [("lan_map_malformed", 1), ("lan_map_protocol", 0)]
+        );
+        // An empty map lets everything through untouched.
+        let mut any = vec![1, 2, 3];
+        assert!(path.from_lan(&LanMap::default(), &mut any));
+        assert_eq!(any, [1, 2, 3]);
+    }
+}

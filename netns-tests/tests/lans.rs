@@ -1,0 +1,385 @@
+//! A hospital LAN behind a site, mapped 1:1 into the overlay: a backend
+//! fetches a page from a LAN host through the mapped address.
+//!
+//! ```text
+//!  backend 10.20.0.10 ── cloud (broker, local gateway) ── wan ── hospital-fw 192.168.1.1
+//!                                                                     │ lan
+//!                                              site: bridge br-lan 192.168.1.10, tether up
+//!                                                    ├── eth0 (to the firewall)
+//!                                                    └── host20 ── lanhost eth0 192.168.1.20/24
+//!                                                                  web :8080, also 192.168.1.40
+//! ```
+//!
+//! The rest of the topology (firewall, broker, backend) is
+//! `tether_netns_tests::topology`. The second test adds a second hospital,
+//! numbered exactly like the first, behind its own firewall:
+//!
+//! ```text
+//!  wan 198.51.100.5/30 ── hospital-fw2 198.51.100.6 | 192.168.1.1 ── site2 192.168.1.10 (br-lan)
+//!   (TCP 443 out only: HTTP/2)                                     └── lanhost2 192.168.1.20
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tether_netns_tests::topology::{Egress, Topology, firewall_rules, read};
+use tether_netns_tests::{NetNs, Proc, binary, link, require_root, run, wait_for};
+
+/// Puts the site's LAN interface on a bridge with a new LAN host namespace
+/// (192.168.1.20 and 192.168.1.40) and returns that namespace.
+fn add_lan_host(site: &NetNs) -> NetNs {
+    for args in [
+        &["link", "add", "br-lan", "type", "bridge"][..],
+        &["link", "set", "br-lan", "up"],
+        &["addr", "del", "192.168.1.10/24", "dev", "eth0"],
+        &["link", "set", "eth0", "master", "br-lan"],
+        &["addr", "add", "192.168.1.10/24", "dev", "br-lan"],
+        &["route", "add", "default", "via", "192.168.1.1"],
+    ] {
+        site.run("ip", args).unwrap();
+    }
+    let host = NetNs::new("lanhost").unwrap();
+    run(
+        "ip",
+        &[
+            "-n",
+            site.name(),
+            "link",
+            "add",
+            "host20",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            host.name(),
+        ],
+    )
+    .unwrap();
+    site.run("ip", &["link", "set", "host20", "master", "br-lan"])
+        .unwrap();
+    site.run("ip", &["link", "set", "host20", "up"]).unwrap();
+    for addr in ["192.168.1.20/24", "192.168.1.40/24"] {
+        host.run("ip", &["addr", "add", addr, "dev", "eth0"])
+            .unwrap();
+    }
+    host.run("ip", &["link", "set", "eth0", "up"]).unwrap();
+    host.run("ip", &["route", "add", "default", "via", "192.168.1.1"])
+        .unwrap();
+    host
+}
+
+/// Serves a page from the LAN host on port 8080; its access log (with
+/// each client's address) goes to `log`.
+fn serve(topo: &Topology, host: &NetNs, content: &str, log: &str) -> Proc {
+    let dir = topo.path(&format!("{log}-root"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), content).unwrap();
+    let web = host
+        .spawn(
+            "python3",
+            &[
+                "-u",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                &dir.display().to_string(),
+            ],
+            Some(topo.path(log)),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || host
+            .succeeds("sh", &["-c", "ss -ltn | grep -q ':8080'"])),
+        "the LAN host's web server did not start"
+    );
+    web
+}
+
+/// Puts `lines` at the top of the site's configuration (which enrolment
+/// wrote).
+fn configure(state: &Path, lines: &str) {
+    let path = state.join("tether.toml");
+    let mut text = read(&path);
+    text = text
+        .lines()
+        .filter(|l| !l.starts_with("lans") && !l.starts_with("lan_source"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&path, format!("{lines}\n{text}\n")).unwrap();
+}
+
+/// The prefix the broker routes to `site` for a LAN of length `len`, once
+/// it does (`tether-broker routes` shows it as `site-lan`).
+fn mapped_lan(topo: &Topology, site: &str, len: u8) -> Ipv4Net {
+    let mut found = None;
+    let routed = wait_for(Duration::from_secs(15), || {
+        let table = topo.broker_cli(&["routes"]).unwrap_or_default();
+        found = table
+            .lines()
+            .filter(|l| l.contains("site-lan") && l.contains(site))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<Ipv4Net>().ok())
+            .find(|p| p.prefix_len() == len);
+        found.is_some()
+    });
+    assert!(
+        routed,
+        "no LAN route for {site}:\n{}\n{}",
+        topo.broker_cli(&["routes"]).unwrap_or_default(),
+        read(&topo.path("site.log"))
+    );
+    found.unwrap()
+}
+
+fn host_in(net: Ipv4Net, host: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) | host)
+}
+
+/// Whether the backend fetches the page at `addr` (one try, 2 s).
+fn fetch(topo: &Topology, addr: Ipv4Addr) -> String {
+    topo.backend
+        .command("curl")
+        .args(["-s", "-m", "2", &format!("http://{addr}:8080/index.html")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// The client addresses in the web server's access log.
+fn clients(topo: &Topology, log: &str) -> Vec<String> {
+    read(&topo.path(log))
+        .lines()
+        .filter(|l| l.contains("GET /index.html"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn site_tables(topo: &Topology) -> String {
+    topo.site
+        .command("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("").unwrap();
+    let host = add_lan_host(&topo.site);
+    let state = topo.path("site-state");
+    topo.enroll("hospital-l", &state).unwrap();
+    configure(&state, "lans = [\"192.168.1.0/24\"]");
+    let (mut site, _) = topo.up(&state, "site.log").unwrap();
+    let _web = serve(&topo, &host, "hello from the analyser\n", "web.log");
+
+    // The LAN appears as a /24 of the operator's pool.
+    let mapped = mapped_lan(&topo, "hospital-l", 24);
+    assert!(
+        "100.64.0.0/16"
+            .parse::<Ipv4Net>()
+            .unwrap()
+            .contains(&mapped),
+        "{mapped}"
+    );
+    let analyser = host_in(mapped, 20);
+    let mut page = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            page = fetch(&topo, analyser);
+            page.contains("hello from the analyser")
+        }),
+        "page not fetched through {analyser}: {page:?}\n{}",
+        read(&topo.path("site.log"))
+    );
+    // By default the LAN host sees the edge host's own LAN address.
+    let seen = clients(&topo, "web.log");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|a| a == "192.168.1.10"),
+        "{seen:?}"
+    );
+    assert!(site_tables(&topo).contains("tether_site_tether0"));
+    // ICMP too (echo, translated with its checksum).
+    assert!(topo.backend_pings(&analyser.to_string()));
+    // The operator's trace of the mapped address names the site.
+    let token = topo.path("broker").join("admin.token");
+    let trace = topo
+        .cloud
+        .command(&binary("tether").display().to_string())
+        .args([
+            "trace",
+            &analyser.to_string(),
+            "--token-file",
+            &token.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&trace.stdout).to_string();
+    assert!(trace.status.success(), "{text}");
+    assert!(text.contains("site hospital-l"), "{text}");
+    // Other hosts of the exposed LAN are reachable the same way.
+    assert!(fetch(&topo, host_in(mapped, 40)).contains("hello from the analyser"));
+    // The real LAN address is not reachable from the backend.
+    assert!(fetch(&topo, Ipv4Addr::new(192, 168, 1, 20)).is_empty());
+
+    // The broker is killed and restarts: the agent reconnects, asks the
+    // same way, and the LAN is reachable again at the same mapped prefix.
+    topo.broker.as_mut().unwrap().kill();
+    topo.start_broker().unwrap();
+    assert_eq!(mapped_lan(&topo, "hospital-l", 24), mapped);
+    assert!(
+        wait_for(Duration::from_secs(30), || fetch(&topo, analyser)
+            .contains("hello from the analyser")),
+        "the LAN did not come back after the broker's restart:\n{}",
+        read(&topo.path("site.log"))
+    );
+
+    // On exit the agent removes its table.
+    site.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        site.wait_exit(Duration::from_secs(5)),
+        "{}",
+        read(&topo.path("site.log"))
+    );
+    assert!(
+        !site_tables(&topo).contains("tether_site_"),
+        "{}",
+        site_tables(&topo)
+    );
+    drop(site);
+
+    // A second hospital site on the same edge host (the first one's lease
+    // of 192.168.1.0/24 stays with it) exposes only 192.168.1.16/28 and
+    // keeps the overlay's source: the LAN host routes the overlay back to
+    // the edge host.
+    let state = topo.path("site-m-state");
+    topo.enroll("hospital-m", &state).unwrap();
+    configure(
+        &state,
+        "lans = [\"192.168.1.16/28\"]\nlan_source = \"original\"",
+    );
+    for net in ["100.64.0.0/16", "10.20.0.0/24"] {
+        host.run("ip", &["route", "add", net, "via", "192.168.1.10"])
+            .unwrap();
+    }
+    let (_site, _) = topo.up(&state, "site2.log").unwrap();
+    let narrow = mapped_lan(&topo, "hospital-m", 28);
+    assert!(!narrow.contains(&host_in(mapped, 0)) && !mapped.contains(&narrow.network()));
+    let analyser = host_in(narrow, 4);
+    assert!(
+        wait_for(Duration::from_secs(10), || fetch(&topo, analyser)
+            .contains("hello from the analyser")),
+        "page not fetched through {analyser}:\n{}",
+        read(&topo.path("site2.log"))
+    );
+    let seen = clients(&topo, "web.log");
+    let last = seen.last().unwrap();
+    assert_ne!(last, "192.168.1.10", "the source was rewritten: {seen:?}");
+    assert!(
+        last == "10.20.0.10" || last.starts_with("100.64."),
+        "the backend's overlay-side address: {seen:?}"
+    );
+    assert!(!site_tables(&topo).contains("tether_site_"));
+    // The first site is gone, and its LAN with it.
+    assert!(fetch(&topo, host_in(mapped, 20)).is_empty());
+}
+
+/// A second hospital behind its own firewall, numbered like the first:
+/// site 192.168.1.10 behind firewall 192.168.1.1 on the wan at
+/// 198.51.100.6/30. Its firewall lets out only TCP 443, so its site runs
+/// over HTTP/2 (capsules and packets on the request stream). Returns
+/// (firewall, site).
+fn second_hospital(topo: &Topology) -> (NetNs, NetNs) {
+    let fw = NetNs::new("fw2").unwrap();
+    let site = NetNs::new("site2").unwrap();
+    link(
+        &site,
+        "eth0",
+        "192.168.1.10/24",
+        &fw,
+        "lan",
+        "192.168.1.1/24",
+    )
+    .unwrap();
+    link(
+        &fw,
+        "wan",
+        "198.51.100.6/30",
+        &topo.wan,
+        "hospital2",
+        "198.51.100.5/30",
+    )
+    .unwrap();
+    site.run("ip", &["route", "add", "default", "via", "192.168.1.1"])
+        .unwrap();
+    fw.run("ip", &["route", "add", "default", "via", "198.51.100.5"])
+        .unwrap();
+    fw.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    let rules = topo.path("hospital2.nft");
+    std::fs::write(&rules, firewall_rules(Egress::TcpOnly)).unwrap();
+    fw.run("nft", &["-f", &rules.display().to_string()])
+        .unwrap();
+    (fw, site)
+}
+
+#[test]
+fn two_hospitals_with_the_same_lan_are_mapped_apart() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("").unwrap();
+    let (_fw2, site2) = second_hospital(&topo);
+    let host_a = add_lan_host(&topo.site);
+    let host_b = add_lan_host(&site2);
+    let _web_a = serve(&topo, &host_a, "analyser of hospital A\n", "web-a.log");
+    let _web_b = serve(&topo, &host_b, "analyser of hospital B\n", "web-b.log");
+
+    let (state_a, state_b) = (topo.path("a-state"), topo.path("b-state"));
+    topo.enroll("hospital-a", &state_a).unwrap();
+    topo.enroll("hospital-b", &state_b).unwrap();
+    for state in [&state_a, &state_b] {
+        configure(state, "lans = [\"192.168.1.0/24\"]");
+    }
+    let (_a, _) = topo.up(&state_a, "site.log").unwrap();
+    let _b = site2
+        .spawn(
+            &binary("tether").display().to_string(),
+            &["up", "--state-dir", &state_b.display().to_string()],
+            Some(topo.path("site-b.log")),
+        )
+        .unwrap();
+
+    let mapped_a = mapped_lan(&topo, "hospital-a", 24);
+    let mapped_b = mapped_lan(&topo, "hospital-b", 24);
+    assert_ne!(mapped_a, mapped_b, "the same LAN is mapped apart");
+    let sessions = topo.broker_cli(&["sessions"]).unwrap();
+    assert!(
+        sessions
+            .lines()
+            .any(|l| l.contains("hospital-b") && l.contains("h2")),
+        "hospital B over HTTP/2:\n{sessions}"
+    );
+    for (mapped, page, log) in [
+        (mapped_a, "analyser of hospital A", "site.log"),
+        (mapped_b, "analyser of hospital B", "site-b.log"),
+    ] {
+        let addr = host_in(mapped, 20);
+        assert!(
+            wait_for(Duration::from_secs(10), || fetch(&topo, addr)
+                .contains(page)),
+            "{page:?} not fetched through {addr}:\n{}",
+            read(&topo.path(log))
+        );
+    }
+}
