@@ -428,7 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Defaults,
         } => {
-            print!("{}", BrokerFile::default().to_toml());
+            print!("{}", BrokerFile::defaults_toml());
             Ok(ExitCode::SUCCESS)
         }
     }
