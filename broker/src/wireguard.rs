@@ -528,6 +528,27 @@ pub fn endpoint(config: &tether_config::broker::BrokerConfig) -> Option<String> 
         })
 }
 
+/// One host address (`/32` or `/128`, so no route comes with it) in the
+/// first IPv4 and the first IPv6 of `prefixes`: the first address after the
+/// network's, or the only one.
+fn interface_addresses(prefixes: &[IpNet]) -> Vec<IpNet> {
+    let first = |p: &IpNet| -> IpNet {
+        let host = match p {
+            IpNet::V4(n) if n.prefix_len() < 31 => {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(n.network().to_bits() + 1))
+            }
+            IpNet::V6(n) if n.prefix_len() < 128 => {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::from(n.network().to_bits() + 1))
+            }
+            _ => p.network(),
+        };
+        IpNet::from(host)
+    };
+    let v4 = prefixes.iter().find(|p| matches!(p, IpNet::V4(_)));
+    let v6 = prefixes.iter().find(|p| matches!(p, IpNet::V6(_)));
+    v4.into_iter().chain(v6).map(first).collect()
+}
+
 /// A wg-quick configuration that lets a stock WireGuard peer stand in for
 /// `tether-gateway` as the registered gateway `id`: the pools of every
 /// region its region may reach go into the gateway's own table, with the
@@ -585,7 +606,38 @@ pub fn wg_quick_config(
         out,
         "# routes follow the pools, not the live sites (tether-gateway keeps them per site)."
     );
+    let addresses = interface_addresses(&gw.prefixes);
+    if !addresses.is_empty() {
+        let _ = writeln!(
+            out,
+            "# The peer's own packets (a ping from this host) must come from its registered"
+        );
+        let _ = writeln!(
+            out,
+            "# prefixes ({}): the broker drops any other source as spoofed. Address gives",
+            gw.prefixes
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "# the interface the first address of each; use this host's own address in them if it has one."
+        );
+    }
     out.push_str("[Interface]\n");
+    if !addresses.is_empty() {
+        let _ = writeln!(
+            out,
+            "Address = {}",
+            addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(out, "MTU = {}", gw.mtu);
     let _ = writeln!(out, "Table = {table}");
     let _ = writeln!(
@@ -682,6 +734,19 @@ prefixes = ["10.30.0.0/24"]
         );
         assert!(conf.contains("PostUp = wg set %i private-key /etc/wireguard/gw-eu.key\n"));
         assert!(conf.contains("Table = 7300\n"));
+        // Its own packets need a source inside its registered prefix.
+        assert!(conf.contains("\nAddress = 10.30.0.1/32\n"), "{conf}");
+        assert_eq!(
+            interface_addresses(&[
+                "10.30.0.0/24".parse().unwrap(),
+                "fd00:1::/64".parse().unwrap(),
+                "10.40.0.7/32".parse().unwrap()
+            ]),
+            vec![
+                "10.30.0.1/32".parse::<IpNet>().unwrap(),
+                "fd00:1::1/128".parse().unwrap()
+            ]
+        );
         assert!(!conf.contains(&tether_pki::wg::encode(&key.secret_bytes())));
         assert!(
             wg_quick_config(
