@@ -428,9 +428,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Defaults,
         } => {
-            print!("{}", BrokerFile::default().to_toml());
+            print!("{}", BrokerFile::defaults_toml());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The command that creates an enrollment token for the broker started
+/// with the configuration file `path`: without `-c` it would talk to the
+/// defaults' data directory instead.
+fn token_create(path: Option<&std::path::Path>, region: &str) -> String {
+    let config = match path {
+        Some(p) => format!(" -c {}", shell_word(&p.display().to_string())),
+        None => String::new(),
+    };
+    format!("tether-broker token create{config} --site <site-id> --region {region}")
+}
+
+/// `word` quoted for a POSIX shell when it needs to be.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+,:=@%".contains(c))
+    {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 
@@ -488,7 +512,10 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
     }
     println!();
     println!("Enroll a site:");
-    println!("  1. here:        tether-broker token create --site <site-id> --region {region}");
+    println!(
+        "  1. here:        {}",
+        token_create(path.as_deref(), &region)
+    );
     println!("  2. on the site: tether enroll --broker {endpoint} --token <code from step 1>");
     println!("                  tether up");
     use std::io::Write;
@@ -515,4 +542,25 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_names_the_configuration_file() {
+        assert_eq!(
+            token_create(None, "eu"),
+            "tether-broker token create --site <site-id> --region eu"
+        );
+        assert_eq!(
+            token_create(Some(std::path::Path::new("/etc/tether/broker.toml")), "eu"),
+            "tether-broker token create -c /etc/tether/broker.toml --site <site-id> --region eu"
+        );
+        assert_eq!(
+            token_create(Some(std::path::Path::new("my broker.toml")), "eu"),
+            "tether-broker token create -c 'my broker.toml' --site <site-id> --region eu"
+        );
+    }
 }

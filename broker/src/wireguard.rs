@@ -161,6 +161,8 @@ pub struct Wireguard {
     unknown: metrics::Counter,
     /// Datagrams a gateway's session refused.
     refused: metrics::Counter,
+    /// Which refusals of unknown peers are logged.
+    refusals: RefusalLog,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     peers: Vec<Arc<Peer>>,
@@ -302,6 +304,7 @@ pub fn start(
         control,
         unknown: metrics.wireguard_unknown.clone(),
         refused: metrics.wireguard_refused.clone(),
+        refusals: RefusalLog::default(),
         private,
         public,
         by_id: peers
@@ -406,6 +409,12 @@ impl Wireguard {
     ) -> Option<(&Arc<Peer>, Vec<u8>)> {
         let Some(peer) = peer_of(self, datagram).and_then(|i| self.peers.get(i)) else {
             self.unknown.increment(1);
+            if self.refusals.should_log(from.ip(), Instant::now()) {
+                tracing::warn!(
+                    source = %from,
+                    "WireGuard packet from {from} refused: not a registered gateway key, or sealed for another broker key (compare the gateway's broker_public_key with `tether-broker gateway key`, and its `tether-gateway key` with the [[gateway]] public_key); at most one line per source a minute"
+                );
+            }
             return None;
         };
         let sock = self.sockets.get(socket)?;
@@ -459,18 +468,62 @@ async fn run_timers(wg: Arc<Wireguard>) {
     loop {
         tick.tick().await;
         for peer in &wg.peers {
-            let Some((socket, to)) = peer.endpoint.lock().ok().and_then(|e| *e) else {
-                continue;
-            };
-            let Ok(mut tunn) = peer.tunn.lock() else {
-                continue;
-            };
-            if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut buf)
+            if let Some((socket, to, p)) = tick_peer(peer, &mut buf)
                 && let Some(s) = wg.sockets.get(socket)
             {
                 let _ = s.try_send_to(p, to);
             }
         }
+    }
+}
+
+/// One timer tick of `peer`: what to send, and where, once it has an
+/// endpoint. The timers run before that too: boringtun stamps a completed
+/// handshake with the time of the last tick, and a peer never ticked would
+/// show the broker's uptime as its handshake's age.
+fn tick_peer<'a>(peer: &Peer, buf: &'a mut [u8]) -> Option<(usize, SocketAddr, &'a [u8])> {
+    let mut tunn = peer.tunn.lock().ok()?;
+    let result = tunn.update_timers(buf);
+    drop(tunn);
+    let (socket, to) = peer.endpoint.lock().ok().and_then(|e| *e)?;
+    match result {
+        TunnResult::WriteToNetwork(p) => Some((socket, to, p)),
+        _ => None,
+    }
+}
+
+/// Which refused datagrams are logged: at most one line per source address
+/// a minute.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: Mutex<HashMap<std::net::IpAddr, Instant>>,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(60);
+    /// Sources remembered at most (a flood of spoofed sources forgets the
+    /// oldest rather than growing).
+    const SOURCES: usize = 4096;
+
+    /// Whether a refusal from `source` at `now` gets a log line.
+    fn should_log(&self, source: std::net::IpAddr, now: Instant) -> bool {
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        if last
+            .get(&source)
+            .is_some_and(|t| now.saturating_duration_since(*t) < Self::EVERY)
+        {
+            return false;
+        }
+        if last.len() >= Self::SOURCES {
+            last.retain(|_, t| now.saturating_duration_since(*t) < Self::EVERY);
+            if last.len() >= Self::SOURCES {
+                return false;
+            }
+        }
+        last.insert(source, now);
+        true
     }
 }
 
@@ -526,6 +579,27 @@ pub fn endpoint(config: &tether_config::broker::BrokerConfig) -> Option<String> 
                 .first()
                 .map(|n| format!("{n}:{port}"))
         })
+}
+
+/// One host address (`/32` or `/128`, so no route comes with it) in the
+/// first IPv4 and the first IPv6 of `prefixes`: the first address after the
+/// network's, or the only one.
+fn interface_addresses(prefixes: &[IpNet]) -> Vec<IpNet> {
+    let first = |p: &IpNet| -> IpNet {
+        let host = match p {
+            IpNet::V4(n) if n.prefix_len() < 31 => {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(n.network().to_bits() + 1))
+            }
+            IpNet::V6(n) if n.prefix_len() < 128 => {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::from(n.network().to_bits() + 1))
+            }
+            _ => p.network(),
+        };
+        IpNet::from(host)
+    };
+    let v4 = prefixes.iter().find(|p| matches!(p, IpNet::V4(_)));
+    let v6 = prefixes.iter().find(|p| matches!(p, IpNet::V6(_)));
+    v4.into_iter().chain(v6).map(first).collect()
 }
 
 /// A wg-quick configuration that lets a stock WireGuard peer stand in for
@@ -585,7 +659,38 @@ pub fn wg_quick_config(
         out,
         "# routes follow the pools, not the live sites (tether-gateway keeps them per site)."
     );
+    let addresses = interface_addresses(&gw.prefixes);
+    if !addresses.is_empty() {
+        let _ = writeln!(
+            out,
+            "# The peer's own packets (a ping from this host) must come from its registered"
+        );
+        let _ = writeln!(
+            out,
+            "# prefixes ({}): the broker drops any other source as spoofed. Address gives",
+            gw.prefixes
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "# the interface the first address of each; use this host's own address in them if it has one."
+        );
+    }
     out.push_str("[Interface]\n");
+    if !addresses.is_empty() {
+        let _ = writeln!(
+            out,
+            "Address = {}",
+            addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(out, "MTU = {}", gw.mtu);
     let _ = writeln!(out, "Table = {table}");
     let _ = writeln!(
@@ -636,6 +741,79 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unknown_peers_are_logged_once_a_minute_per_source() {
+        let log = RefusalLog::default();
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let t = Instant::now();
+        assert!(log.should_log(a, t));
+        assert!(!log.should_log(a, t + Duration::from_secs(30)));
+        assert!(log.should_log(b, t + Duration::from_secs(30)));
+        assert!(log.should_log(a, t + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn a_first_handshake_is_as_old_as_it_is() {
+        let broker = x25519::StaticSecret::from(tether_pki::wg::WgKey::generate().secret_bytes());
+        let gateway = x25519::StaticSecret::from(tether_pki::wg::WgKey::generate().secret_bytes());
+        let peer = new_peer(
+            &GatewayPeer {
+                id: GatewayId::new("gw").unwrap(),
+                region: RegionId::new("eu").unwrap(),
+                public_key: x25519::PublicKey::from(&gateway).to_bytes(),
+                prefixes: Vec::new(),
+                mtu: 1420,
+            },
+            &broker,
+            0,
+        );
+        // The broker has been up a while when the gateway first shakes
+        // hands; the timers have ticked all along (no endpoint yet).
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..4 {
+            assert!(tick_peer(&peer, &mut buf).is_none());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        tick_peer(&peer, &mut buf);
+        let mut gw = Tunn::new(
+            gateway,
+            x25519::PublicKey::from(&broker),
+            None,
+            None,
+            1,
+            None,
+        );
+        let init = match gw.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no handshake initiation: {other:?}"),
+        };
+        let mut out = vec![0u8; 2048];
+        let gw_ip = Some("192.0.2.1".parse().unwrap());
+        let response = match peer
+            .tunn
+            .lock()
+            .unwrap()
+            .decapsulate(gw_ip, &init, &mut out)
+        {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no handshake response: {other:?}"),
+        };
+        // The gateway completes it with a keepalive, which makes the new
+        // session the broker's current one.
+        let keepalive = match gw.decapsulate(None, &response, &mut buf) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no keepalive: {other:?}"),
+        };
+        let _ = peer
+            .tunn
+            .lock()
+            .unwrap()
+            .decapsulate(gw_ip, &keepalive, &mut out);
+        let age = peer.status().since_handshake.expect("a session");
+        assert!(age < Duration::from_millis(500), "handshake age {age:?}");
+    }
+
+    #[test]
     fn wg_quick_config_lists_the_reachable_pools_and_reads_the_key_from_a_file() {
         let key = tether_pki::wg::WgKey::generate();
         let text = format!(
@@ -682,6 +860,19 @@ prefixes = ["10.30.0.0/24"]
         );
         assert!(conf.contains("PostUp = wg set %i private-key /etc/wireguard/gw-eu.key\n"));
         assert!(conf.contains("Table = 7300\n"));
+        // Its own packets need a source inside its registered prefix.
+        assert!(conf.contains("\nAddress = 10.30.0.1/32\n"), "{conf}");
+        assert_eq!(
+            interface_addresses(&[
+                "10.30.0.0/24".parse().unwrap(),
+                "fd00:1::/64".parse().unwrap(),
+                "10.40.0.7/32".parse().unwrap()
+            ]),
+            vec![
+                "10.30.0.1/32".parse::<IpNet>().unwrap(),
+                "fd00:1::1/128".parse().unwrap()
+            ]
+        );
         assert!(!conf.contains(&tether_pki::wg::encode(&key.secret_bytes())));
         assert!(
             wg_quick_config(

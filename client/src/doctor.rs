@@ -106,8 +106,7 @@ impl Report {
     }
 }
 
-fn ago_or_in(t: SystemTime) -> String {
-    let now = SystemTime::now();
+fn in_or_ago(t: SystemTime, now: SystemTime) -> String {
     match t.duration_since(now) {
         Ok(ahead) => format!("in {}", humanize(ahead)),
         Err(e) => format!("{} ago", humanize(e.duration())),
@@ -173,6 +172,161 @@ fn lan_checks(config: &ClientConfig, report: &mut Report) {
     }
 }
 
+/// The checks of name resolution, one per endpoint, from what resolving
+/// each found (the addresses as described, or the error). An endpoint that
+/// does not resolve blocks the site only when no other endpoint does: the
+/// agent connects through any of them.
+pub fn dns_checks(resolved: Vec<(String, Result<String, String>)>) -> Vec<Check> {
+    let any = resolved.iter().any(|(_, r)| r.is_ok());
+    resolved
+        .into_iter()
+        .map(|(endpoint, result)| {
+            let (level, detail) = match result {
+                Ok(found) => (Level::Ok, found),
+                Err(e) if any => (
+                    Level::Warn,
+                    format!("{e}; the site connects through the other endpoints"),
+                ),
+                Err(e) => (Level::Fail, e),
+            };
+            Check {
+                name: format!("dns {endpoint}"),
+                level,
+                detail,
+            }
+        })
+        .collect()
+}
+
+/// What a UDP 443 check that got no QUIC answer says, given whether TCP 443
+/// to the same address connects.
+pub fn udp_blocked(failure: &str, tcp_ok: bool, cidr: ipnet::IpNet) -> String {
+    if tcp_ok {
+        format!(
+            "{failure}. UDP 443 looks blocked: tether falls back to TCP 443 (slower). Ask hospital IT to also allow UDP 443 to {cidr} (`tether firewall-rule`)"
+        )
+    } else {
+        format!(
+            "{failure}. UDP 443 looks blocked, and TCP 443 too (next line): ask hospital IT to allow UDP and TCP 443 to {cidr} (`tether firewall-rule`)"
+        )
+    }
+}
+
+/// "3 days ahead of", "40 s behind": this machine's clock against the
+/// broker's, from the broker's skew (positive: the broker is ahead).
+fn clock_off(skew_secs: f64) -> String {
+    let off = humanize(Duration::from_secs_f64(skew_secs.abs()));
+    if skew_secs < 0.0 {
+        format!("{off} ahead of")
+    } else {
+        format!("{off} behind")
+    }
+}
+
+/// The clock check from the broker's skew against this machine, in seconds
+/// (positive: the broker is ahead). The broker has accepted this site's
+/// certificate when the skew is known, so a skew alone does not block the
+/// site; it is worth fixing.
+pub fn clock_check(skew_secs: f64) -> Check {
+    let (level, advice) = if skew_secs.abs() <= 5.0 {
+        (Level::Ok, String::new())
+    } else {
+        (
+            Level::Warn,
+            format!(
+                "; this machine's clock is {} the broker's: fix the clock (NTP), or this site's certificate will look expired or not yet valid here",
+                clock_off(skew_secs)
+            ),
+        )
+    };
+    Check {
+        name: "clock".into(),
+        level,
+        detail: format!(
+            "skew against the broker {:.0} s (±1 s){advice}",
+            skew_secs.abs()
+        ),
+    }
+}
+
+/// The certificate check: this site's certificate, valid from `not_before`
+/// to `not_after`, at `now` by this machine's clock. `skew_secs` is the
+/// broker's clock against this machine's (positive: the broker is ahead),
+/// known only once the broker has accepted the certificate; a certificate
+/// the broker accepts does not block the site, and when the skew explains
+/// why it looks expired or not yet valid here the advice is to fix the
+/// clock, not to enroll again.
+pub fn certificate_check(
+    now: SystemTime,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    skew_secs: Option<f64>,
+) -> Check {
+    let check = |level, detail: String| Check {
+        name: "certificate".into(),
+        level,
+        detail,
+    };
+    let valid_at = |t: SystemTime| not_before <= t && t <= not_after;
+    let as_seen = |from: SystemTime| {
+        if now < not_before {
+            format!("becomes valid only {}", in_or_ago(not_before, from))
+        } else {
+            format!("expired {}", in_or_ago(not_after, from))
+        }
+    };
+    if valid_at(now) {
+        return check(
+            Level::Ok,
+            format!(
+                "valid, expires {} (renewed automatically at half-life while connected)",
+                in_or_ago(not_after, now)
+            ),
+        );
+    }
+    match skew_secs {
+        None if now < not_before => check(
+            Level::Fail,
+            format!(
+                "this site's certificate {}: this machine's clock is behind; fix the time (NTP) and try again",
+                as_seen(now)
+            ),
+        ),
+        None => check(
+            Level::Fail,
+            format!(
+                "this site's certificate {}: it renews itself only while connected; ask the operator for a new token and run `tether enroll --force`",
+                as_seen(now)
+            ),
+        ),
+        Some(skew) => {
+            let broker_now = if skew >= 0.0 {
+                now + Duration::from_secs_f64(skew)
+            } else {
+                now - Duration::from_secs_f64(-skew)
+            };
+            if valid_at(broker_now) {
+                check(
+                    Level::Warn,
+                    format!(
+                        "by this machine's clock this site's certificate {}, but the clock is {} the broker's, which accepts the certificate: fix the clock (NTP); no new enrollment is needed",
+                        as_seen(now),
+                        clock_off(skew)
+                    ),
+                )
+            } else {
+                check(
+                    Level::Warn,
+                    format!(
+                        "this site's certificate {}, yet the broker accepts it; it renews itself while connected",
+                        as_seen(now)
+                    ),
+                )
+            }
+        }
+    }
+}
+
 /// Runs every check.
 pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
     let mut report = Report::default();
@@ -198,40 +352,21 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
             None
         }
     };
+    // The certificate against this machine's clock; judged again below
+    // once the broker's clock is known.
+    let mut certificate = None;
     if let Some(c) = &creds
         && let Some(leaf) = c.chain.first()
     {
         match tether_pki::tls::validity(leaf) {
             Ok((not_before, not_after)) => {
-                let now = SystemTime::now();
-                if now < not_before {
-                    report.add(
-                        "certificate",
-                        Level::Fail,
-                        format!(
-                            "this site's certificate becomes valid only {}: this machine's clock is behind; fix the time (NTP) and try again",
-                            ago_or_in(not_before)
-                        ),
-                    );
-                } else if now > not_after {
-                    report.add(
-                        "certificate",
-                        Level::Fail,
-                        format!(
-                            "this site's certificate expired {}: it renews itself only while connected; ask the operator for a new token and run `tether enroll --force`",
-                            ago_or_in(not_after)
-                        ),
-                    );
-                } else {
-                    report.add(
-                        "certificate",
-                        Level::Ok,
-                        format!(
-                            "valid, expires {} (renewed automatically at half-life while connected)",
-                            ago_or_in(not_after)
-                        ),
-                    );
-                }
+                certificate = Some((report.checks.len(), not_before, not_after));
+                report.checks.push(certificate_check(
+                    SystemTime::now(),
+                    not_before,
+                    not_after,
+                    None,
+                ));
             }
             Err(e) => report.add(
                 "certificate",
@@ -277,20 +412,27 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
 
     // Name resolution, held to the published CIDR.
     let mut targets: Vec<Target> = Vec::new();
+    let mut resolved = Vec::new();
     for endpoint in &config.brokers {
         match dial::resolve(endpoint, cidr).await {
             Ok(t) => {
                 let addrs: Vec<String> = t.iter().map(|t| t.addr.ip().to_string()).collect();
-                report.add(
-                    format!("dns {endpoint}"),
-                    Level::Ok,
-                    format!("{} (inside the published CIDR {cidr})", addrs.join(", ")),
-                );
+                resolved.push((
+                    endpoint.to_string(),
+                    Ok(format!(
+                        "{} (inside the published CIDR {cidr})",
+                        addrs.join(", ")
+                    )),
+                ));
                 targets.extend(t);
             }
-            Err(e) => report.add(format!("dns {endpoint}"), Level::Fail, e.to_string()),
+            Err(e) => resolved.push((endpoint.to_string(), Err(e.to_string()))),
         }
     }
+    report.checks.extend(dns_checks(resolved));
+    // Two endpoints may name the same address: check it once.
+    let mut seen = std::collections::HashSet::new();
+    targets.retain(|t| seen.insert(t.addr));
     if targets.is_empty() {
         return report;
     }
@@ -324,6 +466,10 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
             Some(d) => Some(d.dial(Transport::H3, target).await),
             None => None,
         };
+        // TCP 443: a plain connection.
+        let started = Instant::now();
+        let tcp = tokio::time::timeout(config.h3_timeout, TcpStream::connect(addr)).await;
+        let tcp_ok = matches!(tcp, Ok(Ok(_)));
         match &udp {
             Some(Ok(_)) => report.add(format!("udp {addr}"), Level::Ok, "HTTP/3 (QUIC) answers"),
             Some(Err(f)) if f.refused => report.add(
@@ -334,16 +480,10 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
             Some(Err(f)) => report.add(
                 format!("udp {addr}"),
                 Level::Warn,
-                format!(
-                    "{f}. UDP 443 looks blocked: tether falls back to TCP 443 (slower). Ask hospital IT to also allow UDP 443 to {cidr} (`tether firewall-rule`)"
-                ),
+                udp_blocked(&f.to_string(), tcp_ok, cidr),
             ),
             None => {}
         }
-        // TCP 443: a plain connection.
-        let started = Instant::now();
-        let tcp = tokio::time::timeout(config.h3_timeout, TcpStream::connect(addr)).await;
-        let tcp_ok = matches!(tcp, Ok(Ok(_)));
         match tcp {
             Ok(Ok(_)) => report.add(
                 format!("tcp {addr}"),
@@ -455,29 +595,17 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
                     // The broker's clock read about half a round trip after
                     // the request left; its Date has one-second resolution.
                     let local = sent + rtt / 2;
-                    let (skew, sign) = match broker_time.duration_since(local) {
-                        Ok(d) => (d, "ahead of"),
-                        Err(e) => (e.duration(), "behind"),
+                    let secs = match broker_time.duration_since(local) {
+                        Ok(ahead) => ahead.as_secs_f64(),
+                        Err(behind) => -behind.duration().as_secs_f64(),
                     };
-                    let secs = skew.as_secs_f64();
-                    let level = if secs <= 5.0 {
-                        Level::Ok
-                    } else if secs <= 300.0 {
-                        Level::Warn
-                    } else {
-                        Level::Fail
-                    };
-                    let advice = match level {
-                        Level::Ok => String::new(),
-                        _ => format!(
-                            "; the broker is {sign} this machine: fix this machine's time (NTP), or certificates will look expired or not yet valid"
-                        ),
-                    };
-                    report.add(
-                        "clock",
-                        level,
-                        format!("skew against the broker {secs:.0} s (±1 s){advice}"),
-                    );
+                    report.checks.push(clock_check(secs));
+                    // The broker accepted this site's certificate: judge it
+                    // by the broker's clock, which the skew explains.
+                    if let Some((index, not_before, not_after)) = certificate {
+                        report.checks[index] =
+                            certificate_check(SystemTime::now(), not_before, not_after, Some(secs));
+                    }
                 }
                 _ => report.add(
                     "clock",
@@ -536,4 +664,98 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
     conn.drain().await;
     report.usable = Some(transport);
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn an_unresolvable_name_blocks_only_when_no_endpoint_resolves() {
+        let checks = dns_checks(vec![
+            ("broker.example:443".into(), Err("no such name".into())),
+            ("203.0.113.10:443".into(), Ok("203.0.113.10".into())),
+        ]);
+        assert_eq!(checks[0].level, Level::Warn);
+        assert!(checks[0].detail.contains("other endpoints"));
+        assert_eq!(checks[1].level, Level::Ok);
+
+        let checks = dns_checks(vec![
+            ("a.example:443".into(), Err("no such name".into())),
+            ("b.example:443".into(), Err("no such name".into())),
+        ]);
+        assert!(checks.iter().all(|c| c.level == Level::Fail));
+    }
+
+    #[test]
+    fn a_skewed_clock_is_a_warning_once_the_broker_accepts() {
+        assert_eq!(clock_check(1.0).level, Level::Ok);
+        // This machine 2 h ahead: the broker is 7200 s behind.
+        let c = clock_check(-7200.0);
+        assert_eq!(c.level, Level::Warn);
+        assert!(
+            c.detail.contains("2 h ahead of the broker's"),
+            "{}",
+            c.detail
+        );
+        assert!(c.detail.contains("fix the clock (NTP)"), "{}", c.detail);
+        assert!(clock_check(400.0).detail.contains("6 min behind"));
+    }
+
+    #[test]
+    fn a_certificate_expired_only_by_a_fast_clock_calls_for_the_clock() {
+        let issued = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let not_after = issued + DAY;
+        // This machine's clock is 3 days ahead; the broker's says the
+        // certificate is 2 h old.
+        let now = issued + 2 * HOUR + 3 * DAY;
+        let c = certificate_check(now, issued, not_after, Some(-259_201.0));
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("3 days ahead of"), "{}", c.detail);
+        assert!(c.detail.contains("fix the clock (NTP)"), "{}", c.detail);
+        assert!(!c.detail.contains("enroll --force"), "{}", c.detail);
+
+        // Unmeasured skew (the broker refused or did not answer): expired
+        // is expired.
+        let c = certificate_check(now, issued, not_after, None);
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("enroll --force"), "{}", c.detail);
+
+        // A slow clock: not valid yet here, valid at the broker.
+        let now = issued - HOUR;
+        let c = certificate_check(now, issued, not_after, Some(2.0 * 3600.0));
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("becomes valid only in"), "{}", c.detail);
+        assert!(c.detail.contains("2 h behind"), "{}", c.detail);
+
+        let c = certificate_check(issued + HOUR, issued, not_after, Some(0.0));
+        assert_eq!(c.level, Level::Ok);
+    }
+
+    #[test]
+    fn a_report_with_only_warnings_can_connect() {
+        let mut report = Report {
+            usable: Some(Transport::H3),
+            ..Report::default()
+        };
+        report.checks.push(clock_check(-259_201.0));
+        report.checks.extend(dns_checks(vec![
+            ("broker.example:443".into(), Err("no such name".into())),
+            ("203.0.113.10:443".into(), Ok("203.0.113.10".into())),
+        ]));
+        assert!(!report.blocked());
+        assert!(report.render().contains("can connect"));
+    }
+
+    #[test]
+    fn udp_blocked_says_whether_tcp_is_blocked_too() {
+        let cidr: ipnet::IpNet = "203.0.113.0/24".parse().unwrap_or_else(|_| unreachable!());
+        assert!(udp_blocked("no answer", true, cidr).contains("falls back to TCP 443"));
+        let both = udp_blocked("no answer", false, cidr);
+        assert!(!both.contains("falls back"), "{both}");
+        assert!(both.contains("TCP 443 too"), "{both}");
+    }
 }

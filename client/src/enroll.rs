@@ -9,7 +9,7 @@ use rustls::pki_types::CertificateDer;
 use tether_config::Endpoint;
 use tether_config::client::ClientFile;
 use tether_pki::ca::pem_to_der;
-use tether_pki::tls::{ca_pin, enrollment_client_config};
+use tether_pki::tls::{NameMismatch, ca_pin, enrollment_client_config_noting_names};
 use tether_pki::token::EnrollmentCode;
 use tether_proto::api::{
     ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse, RENEW_PATH, RenewRequest, RenewResponse,
@@ -22,6 +22,20 @@ use crate::link::{BrokerConn, Dialer, dial_any};
 use crate::proxy::Proxy;
 use crate::state_dir::{Identity, StateDir};
 use tether_shell::quic::transport_config;
+
+/// Why enrollment failed when the broker's certificate (signed by the
+/// pinned CA, so the right broker) does not carry the name dialled.
+fn name_not_served(m: &NameMismatch) -> String {
+    let names = if m.presented.is_empty() {
+        "other names".to_string()
+    } else {
+        m.presented.join(", ")
+    };
+    format!(
+        "{} is not a name this broker serves: its certificate names {names}. Enroll with one of them, or have the operator add {} to the broker's `advertised` and restart it",
+        m.dialled, m.dialled
+    )
+}
 
 /// What enrollment produced.
 #[derive(Debug)]
@@ -62,7 +76,7 @@ pub async fn enroll(
     };
     let targets = dial::resolve(&endpoint, any).await?;
     let (key, csr) = tether_pki::ca::site_key_and_csr("tether-site")?;
-    let tls = enrollment_client_config(&pin)?;
+    let (tls, names) = enrollment_client_config_noting_names(&pin)?;
     let quic = quic_config(
         tls.clone(),
         transport_config(Duration::from_secs(5), Duration::from_secs(20)),
@@ -75,7 +89,13 @@ pub async fn enroll(
         timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(5),
     };
-    let (client, target) = dial_any(&dialer, &targets).await?;
+    let (client, target) = match dial_any(&dialer, &targets).await {
+        Ok(found) => found,
+        Err(e) => match names.lock().ok().and_then(|n| n.clone()) {
+            Some(mismatch) => anyhow::bail!("{}", name_not_served(&mismatch)),
+            None => return Err(e),
+        },
+    };
     tracing::info!(broker = %target.addr, "enrolling over {}", client.transport().describe());
     let body = serde_json::to_vec(&EnrollRequest {
         token: code.secret.clone(),
@@ -165,4 +185,24 @@ pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyh
     )?;
     tracing::info!("certificate renewed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_the_broker_does_not_serve_is_named_with_the_ones_it_does() {
+        let text = name_not_served(&NameMismatch {
+            dialled: "broker.example".into(),
+            presented: vec!["127.0.0.1".into(), "localhost".into()],
+        });
+        assert!(
+            text.starts_with("broker.example is not a name this broker serves"),
+            "{text}"
+        );
+        assert!(text.contains("names 127.0.0.1, localhost"), "{text}");
+        assert!(text.contains("`advertised`"), "{text}");
+        assert!(!text.contains("cannot reach"), "{text}");
+    }
 }

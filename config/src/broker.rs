@@ -416,6 +416,20 @@ impl BrokerFile {
         crate::to_toml(self)
     }
 
+    /// The embedded defaults as a configuration file, every field shown:
+    /// `data_dir` as it is for the user running this, which depends on
+    /// whether that is root (a comment says so).
+    pub fn defaults_toml() -> String {
+        let file = BrokerFile {
+            data_dir: Some(crate::default_state_dir("tether-broker")),
+            ..BrokerFile::default()
+        };
+        format!(
+            "# data_dir: /var/lib/tether-broker when run as root, else $XDG_STATE_HOME/tether-broker\n# (~/.local/state/tether-broker); shown for the user who ran this.\n{}",
+            file.to_toml()
+        )
+    }
+
     /// Validates into a typed configuration; `origin` names the file in
     /// errors.
     pub fn validate(&self, origin: &str) -> Result<BrokerConfig, ConfigError> {
@@ -1057,6 +1071,24 @@ impl EtcdFile {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn defaults_show_the_data_dir() {
+        let text = BrokerFile::defaults_toml();
+        assert!(text.contains("\ndata_dir = "), "{text}");
+        let parsed = BrokerFile::parse(&text, "defaults").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            parsed.data_dir,
+            Some(crate::default_state_dir("tether-broker"))
+        );
+        assert_eq!(
+            BrokerFile {
+                data_dir: None,
+                ..parsed
+            },
+            BrokerFile::default()
+        );
+    }
+
     use super::*;
 
     fn problems(toml: &str) -> Vec<crate::Problem> {

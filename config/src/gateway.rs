@@ -153,8 +153,20 @@ impl GatewayFile {
         parse_toml(text, origin)
     }
 
-    /// Validates into a typed configuration.
+    /// Validates into a typed configuration. `broker_public_key` may be
+    /// empty (e.g. to print the gateway's own key before the broker's is
+    /// known); [`GatewayFile::validate_for_run`] requires it.
     pub fn validate(&self, origin: &str) -> Result<GatewayConfig, ConfigError> {
+        self.checked(origin, false)
+    }
+
+    /// Validates a configuration to run the gateway with: as
+    /// [`GatewayFile::validate`], and `broker_public_key` must be set.
+    pub fn validate_for_run(&self, origin: &str) -> Result<GatewayConfig, ConfigError> {
+        self.checked(origin, true)
+    }
+
+    fn checked(&self, origin: &str, to_run: bool) -> Result<GatewayConfig, ConfigError> {
         let mut p = Problems::default();
         let id = GatewayId::new(self.id.clone())
             .map_err(|e| p.add("id", e.to_string(), "use a DNS label such as \"gw-eu-1\""))
@@ -178,6 +190,13 @@ impl GatewayFile {
         );
         check_interface_name(&mut p, "tun.name", &self.tun.name);
         let broker_public_key = if self.broker_public_key.is_empty() {
+            if to_run {
+                p.add(
+                    "broker_public_key",
+                    "is empty: the gateway cannot authenticate the broker",
+                    "set it to the output of `tether-broker gateway key` on the broker",
+                );
+            }
             None
         } else {
             crate::parse_wg_key(&mut p, "broker_public_key", &self.broker_public_key)
@@ -247,6 +266,20 @@ impl GatewayFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_needs_the_brokers_key() {
+        let file = GatewayFile::parse("", "g").unwrap();
+        let problems = file.validate_for_run("g").unwrap_err().problems().to_vec();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "broker_public_key");
+        let key = "broker_public_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"";
+        let c = GatewayFile::parse(key, "g")
+            .unwrap()
+            .validate_for_run("g")
+            .unwrap();
+        assert_eq!(c.broker_public_key, Some([0; 32]));
+    }
 
     #[test]
     fn defaults_validate() {

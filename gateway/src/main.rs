@@ -77,7 +77,11 @@ enum ConfigCommand {
     /// Validate a configuration file and report every problem.
     Check {
         /// The file to check.
-        file: PathBuf,
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The file to check, as `-c` (kept for scripts that name it so).
+        #[arg(hide = true, conflicts_with = "config")]
+        file: Option<PathBuf>,
     },
     /// Print the embedded defaults as a configuration file.
     Defaults,
@@ -95,17 +99,30 @@ fn main() -> ExitCode {
 }
 
 fn load(arg: &ConfigArg) -> anyhow::Result<GatewayConfig> {
-    let (file, origin) = match &arg.config {
+    let (file, origin) = file(arg)?;
+    Ok(file.validate(&origin)?)
+}
+
+fn file(arg: &ConfigArg) -> anyhow::Result<(GatewayFile, String)> {
+    Ok(match &arg.config {
         Some(path) => (GatewayFile::load(path)?, path.display().to_string()),
         None => (GatewayFile::default(), "embedded defaults".to_string()),
-    };
-    Ok(file.validate(&origin)?)
+    })
+}
+
+/// The embedded defaults as a configuration file, every field shown.
+fn defaults_toml() -> String {
+    tether_config::to_toml(&GatewayFile {
+        state_dir: Some(PathBuf::from(wireguard::DEFAULT_STATE_DIR)),
+        ..GatewayFile::default()
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
-            let config = load(&config)?;
+            let (file, origin) = file(&config)?;
+            let config = file.validate_for_run(&origin)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -177,11 +194,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { config, file },
         } => {
+            let file = config
+                .or(file)
+                .context("name the file to check: tether-gateway config check -c FILE")?;
             let origin = file.display().to_string();
             GatewayFile::load(&file)
-                .and_then(|f| f.validate(&origin))
+                .and_then(|f| f.validate_for_run(&origin))
                 .with_context(|| format!("{origin} is not valid"))?;
             println!("{origin}: ok");
             Ok(ExitCode::SUCCESS)
@@ -189,8 +209,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Defaults,
         } => {
-            print!("{}", tether_config::to_toml(&GatewayFile::default()));
+            print!("{}", defaults_toml());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+
+    fn checked_file(args: &[&str]) -> Option<PathBuf> {
+        match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Command::Config {
+                command: ConfigCommand::Check { config, file },
+            }) => config.or(file),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn config_check_takes_the_file_with_c() {
+        let path = Some(PathBuf::from("gw.toml"));
+        assert_eq!(
+            checked_file(&["tether-gateway", "config", "check", "-c", "gw.toml"]),
+            path
+        );
+        assert_eq!(
+            checked_file(&["tether-gateway", "config", "check", "--config", "gw.toml"]),
+            path
+        );
+        assert_eq!(
+            checked_file(&["tether-gateway", "config", "check", "gw.toml"]),
+            path
+        );
+    }
+
+    #[test]
+    fn defaults_show_the_state_dir() {
+        let text = defaults_toml();
+        assert!(
+            text.contains("state_dir = \"/var/lib/tether-gateway\""),
+            "{text}"
+        );
+        assert!(GatewayFile::parse(&text, "defaults").is_ok());
     }
 }

@@ -443,6 +443,16 @@ async fn inbound(
     }
 }
 
+/// What the gateway says when the broker has not completed a handshake
+/// for a while: boringtun itself reports only `HANDSHAKE(REKEY_TIMEOUT)`,
+/// and the broker answers a key it does not know with silence.
+fn no_handshake(broker: SocketAddr) -> String {
+    format!(
+        "no WireGuard handshake with the broker {broker} after 10 s. Likely causes: broker_public_key in this gateway's configuration is not the broker's key (`tether-broker gateway key` prints it); this gateway's key is not registered in the broker's [[gateway]] public_key (`tether-gateway key` prints it; the broker logs \"not a registered gateway key\" for it); or UDP {} towards the broker is blocked",
+        broker.port()
+    )
+}
+
 /// WireGuard timers, route-set requests and connection status, as
 /// [`ControlSchedule`] decides.
 async fn timers(shared: Arc<Shared>) {
@@ -482,10 +492,24 @@ async fn timers(shared: Arc<Shared>) {
                 ),
                 ControlEvent::NoHandshake => tracing::warn!(
                     broker = %shared.broker,
-                    "no WireGuard handshake with the broker after 10 s: check that UDP {} is open towards it and that the broker lists this gateway's public key (`tether-gateway key`)",
-                    shared.broker.port()
+                    "{}",
+                    no_handshake(shared.broker)
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_handshake_names_both_keys() {
+        let text = no_handshake("192.0.2.1:51820".parse().unwrap_or_else(|_| unreachable!()));
+        assert!(text.contains("broker_public_key"), "{text}");
+        assert!(text.contains("`tether-broker gateway key`"), "{text}");
+        assert!(text.contains("`tether-gateway key`"), "{text}");
+        assert!(text.contains("UDP 51820"), "{text}");
     }
 }

@@ -312,6 +312,17 @@ fn a_stock_wireguard_peer_stands_in_for_the_gateway() {
         &["-c", &format!("ping -c 3 -i 0.2 -W 1 {addr} >/dev/null")],
     );
     assert!(ok, "pings through the stock peer were lost");
+    // The peer's own packets leave from the Address in its prefix, not as
+    // spoofed sources.
+    let ok = cloud.node.succeeds(
+        "sh",
+        &["-c", &format!("ping -c 3 -i 0.2 -W 1 {addr} >/dev/null")],
+    );
+    let spoofed = topo.metric("tether_broker_packets_dropped_total{reason=\"spoofed\"}");
+    assert!(
+        ok,
+        "the stock peer's own pings were lost (spoofed drops {spoofed})\n{conf}"
+    );
     let _ = cloud
         .node
         .command("wg-quick")

@@ -272,7 +272,40 @@ pub fn ca_pin(ca: &CertificateDer<'_>) -> String {
 struct PinnedVerifier {
     pin: String,
     provider: Arc<CryptoProvider>,
+    /// Where a certificate that does not name the address dialled is noted.
+    names: Option<NameMismatchSlot>,
 }
+
+/// A broker certificate that did not name the address dialled, as the
+/// enrollment verifier saw it (rustls's `CertificateError::NotValidForName`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameMismatch {
+    /// The name or address dialled.
+    pub dialled: String,
+    /// The names and addresses the certificate carries, when rustls reports
+    /// them.
+    pub presented: Vec<String>,
+}
+
+/// A subject name as rustls reports it (`DnsName("broker.example")`,
+/// `IpAddress(203.0.113.10)`) in plain words; other kinds of name are left
+/// out.
+fn plain_name(reported: &str) -> Option<String> {
+    if let Some(dns) = reported
+        .strip_prefix("DnsName(\"")
+        .and_then(|r| r.strip_suffix("\")"))
+    {
+        Some(dns.to_string())
+    } else {
+        reported
+            .strip_prefix("IpAddress(")
+            .and_then(|r| r.strip_suffix(')'))
+            .map(str::to_string)
+    }
+}
+
+/// Where [`enrollment_client_config_noting_names`] notes a [`NameMismatch`].
+pub type NameMismatchSlot = Arc<std::sync::Mutex<Option<NameMismatch>>>;
 
 impl ServerCertVerifier for PinnedVerifier {
     fn verify_server_cert(
@@ -287,10 +320,29 @@ impl ServerCertVerifier for PinnedVerifier {
             .iter()
             .find(|c| ca_pin(c) == self.pin)
             .ok_or(Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
-        WebPkiServerVerifier::builder_with_provider(roots(ca)?, self.provider.clone())
-            .build()
-            .map_err(|e| Error::General(e.to_string()))?
-            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        let verdict =
+            WebPkiServerVerifier::builder_with_provider(roots(ca)?, self.provider.clone())
+                .build()
+                .map_err(|e| Error::General(e.to_string()))?
+                .verify_server_cert(end_entity, &[], server_name, ocsp_response, now);
+        if let (Err(Error::InvalidCertificate(e)), Some(slot)) = (&verdict, &self.names) {
+            let presented = match e {
+                CertificateError::NotValidForNameContext { presented, .. } => {
+                    Some(presented.iter().filter_map(|n| plain_name(n)).collect())
+                }
+                CertificateError::NotValidForName => Some(Vec::new()),
+                _ => None,
+            };
+            if let Some(presented) = presented
+                && let Ok(mut noted) = slot.lock()
+            {
+                *noted = Some(NameMismatch {
+                    dialled: server_name.to_str().into_owned(),
+                    presented,
+                });
+            }
+        }
+        verdict
     }
 
     fn verify_tls12_signature(
@@ -331,10 +383,28 @@ impl ServerCertVerifier for PinnedVerifier {
 /// The client configuration for enrollment: no client certificate, and the
 /// broker authenticated through the CA pin of the enrollment code.
 pub fn enrollment_client_config(ca_pin: &str) -> Result<ClientConfig, Error> {
+    pinned_client_config(ca_pin, None)
+}
+
+/// As [`enrollment_client_config`], and notes in the slot returned when a
+/// broker's certificate (signed by the pinned CA) does not name the
+/// address dialled, so enrollment can say which names it does carry.
+pub fn enrollment_client_config_noting_names(
+    ca_pin: &str,
+) -> Result<(ClientConfig, NameMismatchSlot), Error> {
+    let slot = NameMismatchSlot::default();
+    Ok((pinned_client_config(ca_pin, Some(slot.clone()))?, slot))
+}
+
+fn pinned_client_config(
+    ca_pin: &str,
+    names: Option<NameMismatchSlot>,
+) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = PinnedVerifier {
         pin: ca_pin.to_ascii_lowercase(),
         provider: provider.clone(),
+        names,
     };
     Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

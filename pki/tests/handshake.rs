@@ -14,7 +14,8 @@ use rustls::{
 };
 use tether_pki::ca::{DEFAULT_SERVER_CERT_LIFETIME, DEFAULT_SITE_CERT_LIFETIME, site_key_and_csr};
 use tether_pki::tls::{
-    ca_pin, client_config, enrollment_client_config, peer_identity, server_config,
+    ca_pin, client_config, enrollment_client_config, enrollment_client_config_noting_names,
+    peer_identity, server_config,
 };
 use tether_pki::{Ca, ClientAuth, PeerCert, RevocationSet, Revoked, SiteIdentity, TrustDomain};
 use tether_proto::ids::{RegionId, SiteId};
@@ -498,6 +499,39 @@ fn enrollment_trusts_only_the_pinned_ca() {
     assert_eq!(
         handshake(enrollment_client_config(&pin).unwrap(), server, BROKER_NAME).unwrap(),
         None
+    );
+
+    // A name the broker's certificate does not carry: refused, and noted
+    // with the names it does carry.
+    let server = server_config(
+        d.ca.cert_der(),
+        &td(),
+        chain.clone(),
+        d.server_key.clone_key(),
+        d.revocations.clone(),
+        ClientAuth::Optional,
+    )
+    .unwrap();
+    let (client, names) = enrollment_client_config_noting_names(&pin).unwrap();
+    assert_cert_error(
+        handshake(client, server, "other.example"),
+        |e| {
+            matches!(
+                e,
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+            )
+        },
+        "name not in the certificate",
+    );
+    let noted = names
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a name mismatch noted");
+    assert_eq!(noted.dialled, "other.example");
+    assert!(
+        noted.presented.iter().any(|n| n == BROKER_NAME),
+        "{noted:?}"
     );
 
     // A different pin: refused.

@@ -262,8 +262,11 @@ pub fn gateways_table(gateways: &[GatewayInfo]) -> String {
                 g.region.to_string(),
                 g.kind.clone(),
                 g.endpoint.map_or("-".into(), |e| e.to_string()),
-                g.last_handshake_secs
-                    .map_or("-".into(), |s| format!("{s}s ago")),
+                match (g.last_handshake_secs, g.kind.as_str()) {
+                    (Some(s), _) => format!("{s}s ago"),
+                    (None, "wireguard") => "never".into(),
+                    (None, _) => "-".into(),
+                },
                 g.rx_bytes.to_string(),
                 g.tx_bytes.to_string(),
             ]
@@ -420,6 +423,29 @@ pub fn trace_routed(trace: &Trace) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_gateway_never_heard_from_shows_never() {
+        let gateway = |kind: &str, secs| tether_proto::api::GatewayInfo {
+            id: tether_proto::ids::GatewayId::new("gw-eu").unwrap_or_else(|_| unreachable!()),
+            region: tether_proto::ids::RegionId::new("eu").unwrap_or_else(|_| unreachable!()),
+            kind: kind.into(),
+            public_key: None,
+            prefixes: Vec::new(),
+            endpoint: None,
+            last_handshake_secs: secs,
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+        };
+        let table = gateways_table(&[gateway("wireguard", None)]);
+        assert!(table.contains("never"), "{table}");
+        let table = gateways_table(&[gateway("wireguard", Some(12))]);
+        assert!(table.contains("12s ago"), "{table}");
+        let table = gateways_table(&[gateway("local", None)]);
+        assert!(!table.contains("never"), "{table}");
+    }
+
     use super::*;
 
     #[test]

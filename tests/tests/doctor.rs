@@ -153,3 +153,37 @@ async fn doctor_explains_what_blocks_a_site() {
         report.render()
     );
 }
+
+#[tokio::test]
+async fn an_unresolvable_endpoint_beside_a_working_one_does_not_block() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "site-doc2").await;
+    let port = broker.addr().port();
+    let config = ClientFile {
+        published_cidr: "127.0.0.0/8".into(),
+        brokers: vec![
+            format!("broker.invalid:{port}"),
+            broker.addr().to_string(),
+            // The same address again: checked once.
+            broker.addr().to_string(),
+        ],
+        ..ClientFile::default()
+    }
+    .validate("test")
+    .unwrap();
+    let report = doctor::run(&config, &site.state).await;
+    println!("{}", report.render());
+    assert!(!report.blocked(), "{}", report.render());
+    assert_eq!(
+        level_of(&report, &format!("dns broker.invalid:{port}")),
+        Level::Warn
+    );
+    let udp = format!("udp {}", broker.addr());
+    assert_eq!(
+        report.checks.iter().filter(|c| c.name == udp).count(),
+        1,
+        "{}",
+        report.render()
+    );
+    assert!(report.render().contains("can connect"));
+}
