@@ -115,7 +115,7 @@ pub fn check(
     let verdict = router.policy_check(&ingress, from, to, traffic.0, route);
     let rule = match &verdict {
         tether_proto::policy::Verdict::Rule(r) | tether_proto::policy::Verdict::Reply(r) => {
-            Some(r.clone())
+            Some(r.to_string())
         }
         _ => None,
     };

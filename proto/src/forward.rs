@@ -338,7 +338,7 @@ impl Router {
         dst: IpAddr,
         traffic: Traffic,
         route: &Route,
-    ) -> policy::Verdict {
+    ) -> policy::Verdict<'_> {
         let from = match *ingress {
             Ingress::Site { site, region, .. } => {
                 let lan = self.policy.names_lans()

@@ -412,13 +412,14 @@ impl Traffic {
     }
 }
 
-/// Why a flow passes or not.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+/// Why a flow passes or not; a rule is named by borrowing from the policy,
+/// so a check allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'a> {
     /// A rule allows it.
-    Rule(String),
+    Rule(&'a str),
     /// It answers a flow a rule allows.
-    Reply(String),
+    Reply(&'a str),
     /// Backends and sites residency lets meet ([`Backends::Region`]).
     BackendsOfRegion,
     /// Neither end is a site: not the policy's business.
@@ -427,14 +428,14 @@ pub enum Verdict {
     Denied,
 }
 
-impl Verdict {
+impl Verdict<'_> {
     /// Whether the packet may pass.
     pub fn allows(&self) -> bool {
         !matches!(self, Verdict::Denied)
     }
 }
 
-impl fmt::Display for Verdict {
+impl fmt::Display for Verdict<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Verdict::Rule(r) => write!(f, "allowed by rule {r:?}"),
@@ -731,20 +732,20 @@ impl Policy {
 
     /// Whether a packet from `from` to `to` carrying `traffic` may pass,
     /// and why.
-    pub fn check(&self, from: &End<'_>, to: &End<'_>, traffic: Traffic) -> Verdict {
+    pub fn check(&self, from: &End<'_>, to: &End<'_>, traffic: Traffic) -> Verdict<'_> {
         let sites = match (from.party, to.party) {
             (Party::Gateway { .. }, Party::Gateway { .. }) => return Verdict::NotSites,
             (Party::Site { .. }, Party::Site { .. }) => true,
             _ => false,
         };
         if let Some(rule) = self.first_rule(from, to, traffic, false) {
-            return Verdict::Rule(rule.name.clone());
+            return Verdict::Rule(&rule.name);
         }
         if !sites && self.backends == Backends::Region {
             return Verdict::BackendsOfRegion;
         }
         if let Some(rule) = self.first_rule(from, to, traffic, true) {
-            return Verdict::Reply(rule.name.clone());
+            return Verdict::Reply(&rule.name);
         }
         Verdict::Denied
     }

@@ -149,7 +149,7 @@ fn a_group_rule_allows_its_ports_and_the_replies_only() {
         at(&b, &eu, "100.64.0.3"),
         at(&c, &eu, "100.64.0.4"),
     );
-    assert_eq!(p.check(&ea, &eb, tcp(443)), Verdict::Rule("labs".into()));
+    assert_eq!(p.check(&ea, &eb, tcp(443)), Verdict::Rule("labs"));
     assert_eq!(p.check(&ea, &eb, tcp(22)), Verdict::Denied);
     assert_eq!(p.check(&ea, &ec, tcp(443)), Verdict::Denied);
     // lab-2 answers lab-1's connection from port 443 …
@@ -158,7 +158,7 @@ fn a_group_rule_allows_its_ports_and_the_replies_only() {
         dst: 40000,
         opens: false,
     };
-    assert_eq!(p.check(&eb, &ea, answer), Verdict::Reply("labs".into()));
+    assert_eq!(p.check(&eb, &ea, answer), Verdict::Reply("labs"));
     // … but nobody opens a connection from that port to lab-1's others.
     let syn = Traffic::Tcp {
         src: 443,
@@ -203,17 +203,17 @@ fn replies_pass_without_state_but_cannot_open_connections() {
     let reply = |src, dst, opens| Traffic::Tcp { src, dst, opens };
     assert_eq!(
         p.check(&eb, &ea, reply(104, 40000, false)),
-        Verdict::Reply("ris".into())
+        Verdict::Reply("ris")
     );
     assert_eq!(p.check(&eb, &ea, reply(104, 40000, true)), Verdict::Denied);
     assert_eq!(p.check(&eb, &ea, reply(105, 40000, false)), Verdict::Denied);
     assert_eq!(
         p.check(&eb, &ea, Traffic::Udp { src: 53, dst: 5353 }),
-        Verdict::Reply("ris".into())
+        Verdict::Reply("ris")
     );
     assert_eq!(
         p.check(&eb, &ea, Traffic::Icmp { answer: true }),
-        Verdict::Reply("ris".into())
+        Verdict::Reply("ris")
     );
     assert_eq!(
         p.check(&eb, &ea, Traffic::Icmp { answer: false }),
@@ -323,7 +323,7 @@ fn backends_reach_their_regions_sites_unless_told_otherwise() {
     .unwrap();
     assert_eq!(
         strict.check(&backend, &here, tcp(104)),
-        Verdict::Rule("pacs".into())
+        Verdict::Rule("pacs")
     );
     assert_eq!(strict.check(&backend, &here, tcp(22)), Verdict::Denied);
     let outside = End {
@@ -419,14 +419,14 @@ fn naive_traffic(ports: &[Ports], t: Traffic, reply: bool) -> bool {
     })
 }
 
-fn naive_check(
-    rules: &[Rule],
+fn naive_check<'a>(
+    rules: &'a [Rule],
     groups: &HashMap<String, HashSet<SiteId>>,
     backends: Backends,
     from: &End<'_>,
     to: &End<'_>,
     t: Traffic,
-) -> Verdict {
+) -> Verdict<'a> {
     let matching = |a: &End<'_>, b: &End<'_>, reply: bool| {
         rules.iter().find(|r| {
             r.from.iter().any(|s| naive_selects(s, groups, a))
@@ -439,13 +439,13 @@ fn naive_check(
         return Verdict::NotSites;
     }
     if let Some(r) = matching(from, to, false) {
-        return Verdict::Rule(r.name.clone());
+        return Verdict::Rule(&r.name);
     }
     if is_site(from) != is_site(to) && backends == Backends::Region {
         return Verdict::BackendsOfRegion;
     }
     if let Some(r) = matching(to, from, true) {
-        return Verdict::Reply(r.name.clone());
+        return Verdict::Reply(&r.name);
     }
     Verdict::Denied
 }
