@@ -7,7 +7,7 @@ use std::path::Path;
 use tether_config::broker::BrokerFile;
 use tether_proto::api::{PolicyCheck, PolicyInfo, PolicyRuleInfo};
 use tether_proto::forward::{Ingress, Router};
-use tether_proto::policy::{Backends, Ports, Protocol, Traffic};
+use tether_proto::policy::{Backends, Ports, Traffic};
 use tether_proto::route::{Route, RouteKind, RouteTarget};
 
 use crate::state::Broker;
@@ -59,22 +59,8 @@ pub fn traffic(text: &str) -> Result<(Traffic, String), String> {
     let ports: Ports = text
         .parse()
         .map_err(|e: tether_proto::policy::PortsError| e.to_string())?;
-    let port = ports.ports.as_ref().map(|r| *r.start());
-    let traffic = match (ports.protocol, port) {
-        (Protocol::Tcp, Some(dst)) => Traffic::Tcp {
-            src: 49152,
-            dst,
-            opens: true,
-        },
-        (Protocol::Udp, Some(dst)) => Traffic::Udp { src: 49152, dst },
-        (Protocol::Tcp | Protocol::Udp, None) => {
-            return Err(format!(
-                "{text:?} names no port: write e.g. tcp/443 or udp/53"
-            ));
-        }
-        (Protocol::Icmp, _) => Traffic::Icmp { answer: false },
-        (Protocol::Any, _) => Traffic::Other,
-    };
+    let traffic = Traffic::opening(&ports)
+        .ok_or_else(|| format!("{text:?} names no port: write e.g. tcp/443 or udp/53"))?;
     Ok((traffic, ports.to_string()))
 }
 

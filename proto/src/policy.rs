@@ -375,6 +375,25 @@ pub enum Traffic {
 }
 
 impl Traffic {
+    /// The first packet of a flow `ports` describes (a TCP SYN, a UDP
+    /// datagram, an echo request; any other protocol for `any`), for
+    /// asking the policy about a flow before it exists. `None` when a TCP
+    /// or UDP specification names no port.
+    pub fn opening(ports: &Ports) -> Option<Self> {
+        let port = ports.ports.as_ref().map(|r| *r.start());
+        Some(match (ports.protocol, port) {
+            (Protocol::Tcp, Some(dst)) => Traffic::Tcp {
+                src: 49152,
+                dst,
+                opens: true,
+            },
+            (Protocol::Udp, Some(dst)) => Traffic::Udp { src: 49152, dst },
+            (Protocol::Tcp | Protocol::Udp, None) => return None,
+            (Protocol::Icmp, _) => Traffic::Icmp { answer: false },
+            (Protocol::Any, _) => Traffic::Other,
+        })
+    }
+
     /// What `packet` carries. A later fragment has no ports: it is
     /// [`Traffic::Other`], allowed only by rules without ports.
     pub fn of(packet: &Packet<'_>) -> Self {

@@ -598,3 +598,26 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn a_flow_to_ask_about_opens_like_its_first_packet() {
+    let first = |text: &str| Traffic::opening(&text.parse().unwrap());
+    assert_eq!(
+        first("tcp/443"),
+        Some(Traffic::Tcp {
+            src: 49152,
+            dst: 443,
+            opens: true
+        })
+    );
+    assert_eq!(
+        first("udp/53"),
+        Some(Traffic::Udp {
+            src: 49152,
+            dst: 53
+        })
+    );
+    assert_eq!(first("icmp"), Some(Traffic::Icmp { answer: false }));
+    assert_eq!(first("any"), Some(Traffic::Other));
+    assert_eq!(first("tcp"), None, "a TCP flow to ask about needs a port");
+}
