@@ -555,19 +555,9 @@ impl Broker {
     /// again) changes nothing. Blocking.
     pub fn on_store_event(&self, event: StoreEvent) -> Result<(), BrokerError> {
         match event {
-            StoreEvent::Revoked(entry) => {
-                if self.store.revocations()?.contains(&entry) {
-                    // New here: the listener ends the sessions it names.
-                    self.revocations.revoke(entry);
-                    self.names_changed();
-                }
-            }
+            StoreEvent::Revoked(entry) => self.apply_revocation(entry, &self.store.revocations()?),
             StoreEvent::Reinstated(entry) => {
-                if !self.store.revocations()?.contains(&entry) {
-                    self.revocations.reinstate(&entry);
-                    self.decide(|core| core.handle_reinstatement(&revocation(&entry)))?;
-                    self.names_changed();
-                }
+                self.apply_reinstatement(&entry, &self.store.revocations()?)
             }
             StoreEvent::Leases(region) => {
                 if self.config.regions.contains_key(&region) {
@@ -575,24 +565,45 @@ impl Broker {
                     self.decide(|core| core.handle_leases(region, leases))?;
                     self.names_changed();
                 }
+                Ok(())
             }
-            StoreEvent::Site(_) => self.names_changed(),
+            StoreEvent::Site(_) => {
+                self.names_changed();
+                Ok(())
+            }
+        }
+    }
+
+    /// A revocation the store holds (`stored`), new here: the listener of
+    /// `revocations` ends the sessions it names. An echo of one this broker
+    /// made changes nothing.
+    fn apply_revocation(&self, entry: Revoked, stored: &[Revoked]) -> Result<(), BrokerError> {
+        if stored.contains(&entry) && self.revocations.revoke(entry) {
+            self.names_changed();
+        }
+        Ok(())
+    }
+
+    /// A re-admission the store confirms (the entry is not in `stored`),
+    /// not yet applied here.
+    fn apply_reinstatement(&self, entry: &Revoked, stored: &[Revoked]) -> Result<(), BrokerError> {
+        if !stored.contains(entry) && self.revocations.reinstate(entry) {
+            self.decide(|core| core.handle_reinstatement(&revocation(entry)))?;
+            self.names_changed();
         }
         Ok(())
     }
 
     /// Reads everything the store's notices would have said, after notices
-    /// were lost (the receiver lagged): every revocation, every region's
-    /// leases. Blocking.
+    /// were lost (the receiver lagged): every revocation (read once), every
+    /// region's leases. Blocking.
     pub fn resync_from_store(&self) -> Result<(), BrokerError> {
         let stored = self.store.revocations()?;
         for entry in self.revocations.entries() {
-            if !stored.contains(&entry) {
-                self.on_store_event(StoreEvent::Reinstated(entry))?;
-            }
+            self.apply_reinstatement(&entry, &stored)?;
         }
-        for entry in stored {
-            self.on_store_event(StoreEvent::Revoked(entry))?;
+        for entry in stored.clone() {
+            self.apply_revocation(entry, &stored)?;
         }
         for region in self.config.regions.keys() {
             self.on_store_event(StoreEvent::Leases(region.clone()))?;
