@@ -43,11 +43,13 @@ pub fn zone_data(broker: &Broker, serial: u32) -> Result<ZoneData, BrokerError> 
             .filter(|s| s.region() == &record.region)
             .map(|s| s.services.clone())
             .unwrap_or_default();
+        let lans = broker.lan_mappings(&record.site, &record.region);
         zone.sites.push(SiteNames {
             site: record.site,
             region: record.region,
             addresses,
             services,
+            lans,
         });
     }
     zone.sites.sort();

@@ -24,6 +24,8 @@ use tether_proto::broker::{
 use tether_proto::dns::ZoneData;
 use tether_proto::gateway::SiteRoute;
 use tether_proto::ids::{GatewayId, RegionId, SiteId};
+use tether_proto::ipam::LeaseKind;
+use tether_proto::netmap::Mapping;
 use tether_proto::route::{RouteKind, RouteTarget};
 use tokio::sync::watch;
 
@@ -287,7 +289,11 @@ impl Broker {
             region: region.clone(),
             lan,
         })? {
-            Allocated::LanMapping(prefix) => Ok(prefix),
+            Allocated::LanMapping(prefix) => {
+                // The LAN's hosts have names in the zone.
+                self.names_changed();
+                Ok(prefix)
+            }
             Allocated::SiteAddresses { .. } => Err(BrokerError::Contention),
         }
     }
@@ -303,6 +309,24 @@ impl Broker {
     /// Says that a name in the mesh zone may have changed.
     pub fn names_changed(&self) {
         self.core.names_changed();
+    }
+
+    /// The LANs mapped behind a site, as its leases record them.
+    pub fn lan_mappings(&self, site: &SiteId, region: &RegionId) -> Vec<Mapping> {
+        self.core
+            .core()
+            .ok()
+            .and_then(|c| {
+                c.leases(region).map(|l| {
+                    l.of_site(site)
+                        .filter_map(|l| match l.kind {
+                            LeaseKind::LanMapping { lan } => Mapping::new(lan, l.prefix).ok(),
+                            LeaseKind::SiteAddress => None,
+                        })
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
     }
 
     /// The leases a site holds.

@@ -18,6 +18,11 @@
 //!  wan 198.51.100.5/30 ── hospital-fw2 198.51.100.6 | 192.168.1.1 ── site2 192.168.1.10 (br-lan)
 //!   (TCP 443 out only: HTTP/2)                                     └── lanhost2 192.168.1.20
 //! ```
+//!
+//! The backend also finds each analyser by name
+//! (`192-168-1-20.lan.<site>.eu.tether.internal`, and PTR back). Between
+//! the two hospitals the access policy decides: denied by default
+//! (counted as `policy`), then allowed by a rule loaded on SIGHUP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::Ipv4Addr;
@@ -338,7 +343,8 @@ fn two_hospitals_with_the_same_lan_are_mapped_apart() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new("").unwrap();
+    // The broker answers DNS on the backend-facing address.
+    let mut topo = Topology::new("\n[dns]\nlisten = [\"10.20.0.1:53\"]\n").unwrap();
     let (_fw2, site2) = second_hospital(&topo);
     let host_a = add_lan_host(&topo.site);
     let host_b = add_lan_host(&site2);
@@ -382,4 +388,144 @@ fn two_hospitals_with_the_same_lan_are_mapped_apart() {
             read(&topo.path(log))
         );
     }
+
+    // The backend finds each analyser by name: the LAN address under the
+    // site's name resolves to the mapped one, and back.
+    for (site, mapped, page) in [
+        ("hospital-a", mapped_a, "analyser of hospital A"),
+        ("hospital-b", mapped_b, "analyser of hospital B"),
+    ] {
+        let name = format!("192-168-1-20.lan.{site}.eu.tether.internal");
+        let mut answer = String::new();
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                answer = dig(&topo, &["+short", &name, "A"]);
+                answer.trim() == host_in(mapped, 20).to_string()
+            }),
+            "{name} A: {answer:?}"
+        );
+        let by_name = topo
+            .backend
+            .command("curl")
+            .args([
+                "-s",
+                "-m",
+                "2",
+                "--resolve",
+                &format!("{name}:8080:{}", answer.trim()),
+                &format!("http://{name}:8080/index.html"),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        assert!(by_name.contains(page), "{name}: {by_name:?}");
+        let ptr = dig(&topo, &["+short", "-x", &host_in(mapped, 20).to_string()]);
+        assert_eq!(ptr.trim(), format!("{name}."));
+    }
+
+    // Between sites the policy denies by default: hospital A's edge host
+    // reaches neither hospital B's LAN nor B's own address, and the broker
+    // counts the drops under `policy` for hospital A.
+    let analyser_b = host_in(mapped_b, 20);
+    let b_own = site_overlay(&site2);
+    assert!(fetch_from(&topo.site, analyser_b).is_empty());
+    assert!(!topo.site.succeeds("ping", &["-c", "1", "-W", "1", &b_own]));
+    assert!(
+        wait_for(Duration::from_secs(5), || site_drops(
+            &topo,
+            "hospital-a",
+            "policy"
+        ) >= 2.0),
+        "policy drops of hospital-a: {}",
+        site_drops(&topo, "hospital-a", "policy")
+    );
+
+    // A rule lets hospital A's edge host reach B's analysers on port 8080
+    // only; the broker reloads its policy on SIGHUP, without a restart.
+    let mut config = read(&topo.broker_config());
+    config.push_str(
+        "\n[[policy.allow]]\nname = \"a-reads-b-analysers\"\nfrom = [\"site:hospital-a\"]\n\
+         to = [\"lan-of:site:hospital-b\"]\nports = [\"tcp/8080\"]\n",
+    );
+    std::fs::write(topo.broker_config(), config).unwrap();
+    topo.broker
+        .as_ref()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || fetch_from(
+            &topo.site, analyser_b
+        )
+        .contains("analyser of hospital B")),
+        "hospital A does not reach B's analyser after the reload:\n{}",
+        read(&topo.path("broker.log"))
+    );
+    assert!(read(&topo.path("broker.log")).contains("access policy reloaded"));
+    assert!(!topo.broker.as_mut().unwrap().exited(), "the broker exited");
+    // The rule opens only what it names: B's own address stays closed to
+    // A, and nothing of A opens to B.
+    let before = site_drops(&topo, "hospital-a", "policy");
+    assert!(!topo.site.succeeds("ping", &["-c", "1", "-W", "1", &b_own]));
+    assert!(site_drops(&topo, "hospital-a", "policy") > before);
+    assert!(fetch_from(&site2, host_in(mapped_a, 20)).is_empty());
+}
+
+/// `dig @10.20.0.1` (the broker's DNS) from the backend.
+fn dig(topo: &Topology, args: &[&str]) -> String {
+    topo.backend
+        .command("dig")
+        .args(["@10.20.0.1", "+time=1", "+tries=1"])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// What `ns` fetches from the page at `addr` (one try, 2 s).
+fn fetch_from(ns: &NetNs, addr: Ipv4Addr) -> String {
+    ns.command("curl")
+        .args(["-s", "-m", "2", &format!("http://{addr}:8080/index.html")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// The overlay IPv4 address of the agent in `ns`, once it has one.
+fn site_overlay(ns: &NetNs) -> String {
+    let mut found = None;
+    wait_for(Duration::from_secs(15), || {
+        let out = ns
+            .command("ip")
+            .args([
+                "-4", "-o", "addr", "show", "dev", "tether0", "scope", "global",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        found = out
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string);
+        found.is_some()
+    });
+    found.expect("the site has no overlay address")
+}
+
+/// Packets `site` sent that the broker dropped for `reason`.
+fn site_drops(topo: &Topology, site: &str, reason: &str) -> f64 {
+    let out = topo
+        .cloud
+        .command("curl")
+        .args(["-s", "http://127.0.0.1:7070/metrics"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    out.lines()
+        .filter(|l| l.starts_with("tether_broker_site_packets_dropped_total{"))
+        .filter(|l| l.contains(&format!("site=\"{site}\"")))
+        .filter(|l| l.contains(&format!("reason=\"{reason}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

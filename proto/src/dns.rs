@@ -3,7 +3,12 @@
 //! Backends reach a site as `<site>.<region>.<zone>` (A/AAAA of its overlay
 //! addresses), the TCP services it announces as
 //! `_<service>._tcp.<site>.<region>.<zone>` (SRV), and see the name of an
-//! overlay address with PTR in the reverse zones of the pools. The zone
+//! overlay address with PTR in the reverse zones of the pools. A host on a
+//! hospital LAN mapped into the overlay ([`crate::netmap`]) is
+//! `<its LAN address, dashes for dots or colons>.lan.<site>.<region>.<zone>`
+//! (e.g. `192-168-1-20.lan.hospital-a.eu.tether.internal`, A of the mapped
+//! address), the mapped address has PTR to that name, and
+//! `lan.<site>.<region>.<zone>` lists the site's mappings in TXT. The zone
 //! apex has SOA and NS records; names that do not exist in the zone are
 //! NXDOMAIN, names outside every zone this server holds are REFUSED (it
 //! never recurses).
@@ -19,12 +24,13 @@ use std::net::IpAddr;
 use std::ops::Bound;
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::ids::{RegionId, ServiceName, SiteId};
+use crate::netmap::Mapping;
 
 /// The zone when none is configured.
 pub const DEFAULT_ZONE: &str = "tether.internal";
@@ -32,7 +38,11 @@ pub const DEFAULT_ZONE: &str = "tether.internal";
 /// configured: short, so that caches follow enrollment and revocation.
 pub const DEFAULT_TTL: u32 = 5;
 
-const MAGIC: &[u8; 3] = b"TZ1";
+/// The encoding with LAN mappings; [`MAGIC_V1`] (without) is still read.
+const MAGIC: &[u8; 3] = b"TZ2";
+const MAGIC_V1: &[u8; 3] = b"TZ1";
+/// The label under a site that holds the names of its LAN hosts.
+pub const LAN_LABEL: &str = "lan";
 const REFRESH: i32 = 3600;
 const RETRY: i32 = 600;
 const EXPIRE: i32 = 86_400;
@@ -98,6 +108,9 @@ pub struct SiteNames {
     pub addresses: Vec<IpAddr>,
     /// The services it announces now (SRV).
     pub services: Vec<Service>,
+    /// The hospital LANs behind it and the prefixes they are mapped to.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub lans: Vec<Mapping>,
 }
 
 /// Everything the mesh zone holds.
@@ -193,6 +206,13 @@ impl ZoneData {
                 put_str(&mut out, svc.name.as_str());
                 out.extend_from_slice(&svc.port.to_be_bytes());
             }
+            out.push(s.lans.len().min(255) as u8);
+            for m in s.lans.iter().take(255) {
+                for p in [m.real, m.mapped] {
+                    put_addr(&mut out, p.addr());
+                    out.push(p.prefix_len());
+                }
+            }
         }
         out
     }
@@ -200,9 +220,11 @@ impl ZoneData {
     /// Parses [`ZoneData::encode`]'s output.
     pub fn decode(bytes: &[u8]) -> Result<Self, ZoneError> {
         let mut r = Reader(bytes);
-        if r.take(3).ok() != Some(MAGIC.as_slice()) {
-            return Err(ZoneError::NotZone);
-        }
+        let with_lans = match r.take(3) {
+            Ok(m) if m == MAGIC => true,
+            Ok(m) if m == MAGIC_V1 => false,
+            _ => return Err(ZoneError::NotZone),
+        };
         let zone = r.string("zone")?;
         if Name::from_ascii(&zone).is_err() || zone.is_empty() {
             return Err(ZoneError::Malformed("zone name"));
@@ -212,9 +234,7 @@ impl ZoneData {
         let n = usize::from(r.u16()?);
         let mut reverse = Vec::with_capacity(n);
         for _ in 0..n {
-            let addr = r.addr()?;
-            let len = r.u8()?;
-            reverse.push(IpNet::new(addr, len).map_err(|_| ZoneError::Malformed("prefix length"))?);
+            reverse.push(r.prefix()?);
         }
         let n = r.u32()? as usize;
         let mut sites = Vec::with_capacity(n.min(bytes.len() / 8));
@@ -233,11 +253,22 @@ impl ZoneData {
                 let port = r.u16()?;
                 services.push(Service { name, port });
             }
+            let mut lans = Vec::new();
+            if with_lans {
+                for _ in 0..r.u8()? {
+                    let (real, mapped) = (r.prefix()?, r.prefix()?);
+                    lans.push(
+                        Mapping::new(real, mapped)
+                            .map_err(|_| ZoneError::Malformed("LAN mapping"))?,
+                    );
+                }
+            }
             sites.push(SiteNames {
                 site,
                 region,
                 addresses,
                 services,
+                lans,
             });
         }
         if !r.0.is_empty() {
@@ -298,6 +329,11 @@ impl<'a> Reader<'a> {
         let n = usize::from(self.u8()?);
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| ZoneError::Malformed(what))
     }
+    fn prefix(&mut self) -> Result<IpNet, ZoneError> {
+        let addr = self.addr()?;
+        let len = self.u8()?;
+        IpNet::new(addr, len).map_err(|_| ZoneError::Malformed("prefix length"))
+    }
     fn addr(&mut self) -> Result<IpAddr, ZoneError> {
         match self.u8()? {
             4 => {
@@ -354,6 +390,9 @@ pub struct Zone {
     apexes: Vec<Name>,
     /// Site index by name.
     sites: BTreeMap<Name, usize>,
+    /// LAN mappings by the first address of the mapped prefix (mapped
+    /// prefixes come from the pools and never overlap): (site, mapping).
+    lans: BTreeMap<IpAddr, (usize, Mapping)>,
 }
 
 fn fqdn(text: &str) -> Result<Name, ZoneError> {
@@ -422,6 +461,7 @@ impl Zone {
             add(ns_name.clone(), address_rdata(*a));
         }
         let mut sites = BTreeMap::new();
+        let mut lans = BTreeMap::new();
         for (i, s) in data.sites.iter().enumerate() {
             // A name longer than DNS allows (long labels under a long zone)
             // leaves that site out, not the whole zone.
@@ -440,6 +480,15 @@ impl Zone {
                     add(owner, RData::SRV(SRV::new(0, 0, svc.port, name.clone())));
                 }
             }
+            if !s.lans.is_empty()
+                && let Ok(owner) = fqdn(&format!("{LAN_LABEL}.{name}"))
+            {
+                for m in &s.lans {
+                    let text = format!("{} is mapped to {}", m.real, m.mapped);
+                    add(owner.clone(), RData::TXT(TXT::new(vec![text])));
+                    lans.insert(m.mapped.network(), (i, *m));
+                }
+            }
             sites.insert(name, i);
         }
         apexes.sort_by_key(|a| std::cmp::Reverse(a.num_labels()));
@@ -449,6 +498,7 @@ impl Zone {
             records,
             apexes,
             sites,
+            lans,
         })
     }
 
@@ -506,6 +556,14 @@ impl Zone {
             authority: Vec::new(),
             additionals: Vec::new(),
         };
+        if let Some(record) = self.lan_host(&name).or_else(|| self.lan_ptr(&name)) {
+            if qtype == RecordType::ANY || record.record_type() == qtype {
+                answer.answers.push(record);
+            } else {
+                answer.authority = soa();
+            }
+            return answer;
+        }
         match self.records.get(&name) {
             Some(records) => {
                 answer.answers = records
@@ -554,6 +612,84 @@ impl Zone {
     }
 }
 
+impl Zone {
+    /// The A/AAAA record of `<lan address>.lan.<site>…`, for an address on
+    /// one of the site's mapped LANs.
+    fn lan_host(&self, name: &Name) -> Option<Record> {
+        if name.num_labels() < 3 {
+            return None;
+        }
+        let lan_apex = name.base_name();
+        if !lan_apex
+            .iter()
+            .next()?
+            .eq_ignore_ascii_case(LAN_LABEL.as_bytes())
+        {
+            return None;
+        }
+        let site = self
+            .data
+            .sites
+            .get(*self.sites.get(&lan_apex.base_name())?)?;
+        let real = lan_host_address(std::str::from_utf8(name.iter().next()?).ok()?)?;
+        let mapped = site.lans.iter().find_map(|m| m.mapped_of(real))?;
+        Some(Record::from_rdata(
+            name.clone(),
+            self.data.ttl,
+            address_rdata(mapped),
+        ))
+    }
+
+    /// The PTR record of a mapped LAN address: the LAN host's name.
+    fn lan_ptr(&self, name: &Name) -> Option<Record> {
+        let host = name.parse_arpa_name().ok()?;
+        if host.prefix_len() != host.max_prefix_len() {
+            return None;
+        }
+        let addr = host.addr();
+        let (_, (i, m)) = self.lans.range(..=addr).next_back()?;
+        let real = m.real_of(addr)?;
+        let site = self.data.sites.get(*i)?;
+        let target = fqdn(&lan_host_name(real, site, &self.data.zone)).ok()?;
+        Some(Record::from_rdata(
+            name.clone(),
+            self.data.ttl,
+            RData::PTR(PTR(target)),
+        ))
+    }
+}
+
+/// The name of the host `real` on a LAN behind `site`:
+/// `192-168-1-20.lan.<site>.<region>.<zone>`; IPv6 with every group
+/// written out (`fd00-1-0-0-0-0-0-20`).
+pub fn lan_host_name(real: IpAddr, site: &SiteNames, zone: &str) -> String {
+    let label = match real {
+        IpAddr::V4(a) => a.octets().map(|o| o.to_string()).join("-"),
+        IpAddr::V6(a) => a.segments().map(|g| format!("{g:x}")).join("-"),
+    };
+    format!(
+        "{label}.{LAN_LABEL}.{}",
+        site_name(&site.site, &site.region, zone)
+    )
+}
+
+/// The LAN address a host label names (dashes for the dots of IPv4 or the
+/// colons of IPv6; `--` stands for `::`).
+fn lan_host_address(label: &str) -> Option<IpAddr> {
+    if label.len() > 45 {
+        return None;
+    }
+    let dotted = label.replace('-', ".");
+    if let Ok(v4) = dotted.parse::<std::net::Ipv4Addr>() {
+        return Some(IpAddr::V4(v4));
+    }
+    label
+        .replace('-', ":")
+        .parse::<std::net::Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
+}
+
 fn address_rdata(a: IpAddr) -> RData {
     match a {
         IpAddr::V4(a) => RData::A(A(a)),
@@ -583,12 +719,25 @@ mod tests {
                         "fd00:7e7e::2".parse().unwrap(),
                     ],
                     services: vec![Service::parse("dicom=104").unwrap()],
+                    lans: vec![
+                        Mapping::new(
+                            "192.168.1.0/24".parse().unwrap(),
+                            "100.64.9.0/24".parse().unwrap(),
+                        )
+                        .unwrap(),
+                        Mapping::new(
+                            "fd00:1::/64".parse().unwrap(),
+                            "fd00:7e7e:0:9::/64".parse().unwrap(),
+                        )
+                        .unwrap(),
+                    ],
                 },
                 SiteNames {
                     site: SiteId::new("lab-b").unwrap(),
                     region: RegionId::new("us").unwrap(),
                     addresses: vec!["100.64.1.9".parse().unwrap()],
                     services: vec![],
+                    lans: vec![],
                 },
             ],
         }
@@ -722,6 +871,137 @@ mod tests {
         let a = ask(&z, "3.0.64.100.in-addr.arpa.", RecordType::PTR);
         assert_eq!(a.code, ResponseCode::NXDomain);
         assert_eq!(a.authority[0].name.to_string(), "64.100.in-addr.arpa.");
+    }
+
+    #[test]
+    fn lan_hosts_have_names_under_their_site() {
+        let z = zone();
+        let a = ask(
+            &z,
+            "192-168-1-20.lan.hospital-a.eu.tether.internal.",
+            RecordType::A,
+        );
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert!(a.authoritative);
+        assert_eq!(
+            a.answers[0].data,
+            RData::A(A("100.64.9.20".parse().unwrap()))
+        );
+        let a = ask(
+            &z,
+            "FD00-1-0-0-0-0-0-20.LAN.hospital-a.eu.tether.internal.",
+            RecordType::AAAA,
+        );
+        assert_eq!(
+            a.answers[0].data,
+            RData::AAAA(AAAA("fd00:7e7e:0:9::20".parse().unwrap()))
+        );
+        // `--` stands for `::`; the same name.
+        let a = ask(
+            &z,
+            "fd00-1--20.lan.hospital-a.eu.tether.internal.",
+            RecordType::AAAA,
+        );
+        assert_eq!(a.answers.len(), 1);
+        // An IPv4 host has no AAAA: NODATA with the SOA.
+        let a = ask(
+            &z,
+            "192-168-1-20.lan.hospital-a.eu.tether.internal.",
+            RecordType::AAAA,
+        );
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert!(a.answers.is_empty());
+        assert_eq!(a.authority[0].record_type(), RecordType::SOA);
+        // Off the LAN, not an address, or a site without LANs: no name.
+        for name in [
+            "192-168-2-20.lan.hospital-a.eu.tether.internal.",
+            "analyser.lan.hospital-a.eu.tether.internal.",
+            "192-168-1-20.lan.lab-b.us.tether.internal.",
+            "192-168-1-20.lan.nobody.eu.tether.internal.",
+            "192-168-1-20.wan.hospital-a.eu.tether.internal.",
+        ] {
+            assert_eq!(
+                ask(&z, name, RecordType::A).code,
+                ResponseCode::NXDomain,
+                "{name}"
+            );
+        }
+        // The mappings in plain words.
+        let a = ask(&z, "lan.hospital-a.eu.tether.internal.", RecordType::TXT);
+        let texts: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+        assert!(
+            texts
+                .iter()
+                .any(|t| t.contains("192.168.1.0/24 is mapped to 100.64.9.0/24")),
+            "{texts:?}"
+        );
+        assert_eq!(
+            ask(&z, "lan.lab-b.us.tether.internal.", RecordType::TXT).code,
+            ResponseCode::NXDomain
+        );
+    }
+
+    #[test]
+    fn mapped_lan_addresses_have_ptr_records() {
+        let z = zone();
+        let a = ask(&z, "20.9.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert_eq!(
+            a.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii(
+                "192-168-1-20.lan.hospital-a.eu.tether.internal."
+            )
+            .unwrap()))
+        );
+        let v6 = Name::from("fd00:7e7e:0:9::20".parse::<IpAddr>().unwrap());
+        let a = z.answer(&v6, RecordType::PTR, DNSClass::IN);
+        assert_eq!(
+            a.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii(
+                "fd00-1-0-0-0-0-0-20.lan.hospital-a.eu.tether.internal."
+            )
+            .unwrap()))
+        );
+        // Next to the mapped block: nothing.
+        let a = ask(&z, "20.10.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(a.code, ResponseCode::NXDomain);
+        // The site's own address keeps its name.
+        let a = ask(&z, "2.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(a.answers.len(), 1);
+    }
+
+    #[test]
+    fn zones_without_lans_in_the_older_encoding_still_decode() {
+        let mut d = data();
+        for s in &mut d.sites {
+            s.lans.clear();
+        }
+        // The older encoding: TZ1 and no LAN count per site.
+        let mut enc = Vec::new();
+        enc.extend_from_slice(MAGIC_V1);
+        put_str(&mut enc, &d.zone);
+        enc.extend_from_slice(&d.serial.to_be_bytes());
+        enc.extend_from_slice(&d.ttl.to_be_bytes());
+        enc.extend_from_slice(&(d.reverse.len() as u16).to_be_bytes());
+        for p in &d.reverse {
+            put_addr(&mut enc, p.addr());
+            enc.push(p.prefix_len());
+        }
+        enc.extend_from_slice(&(d.sites.len() as u32).to_be_bytes());
+        for s in &d.sites {
+            put_str(&mut enc, s.site.as_str());
+            put_str(&mut enc, s.region.as_str());
+            enc.push(s.addresses.len() as u8);
+            for a in &s.addresses {
+                put_addr(&mut enc, *a);
+            }
+            enc.push(s.services.len() as u8);
+            for svc in &s.services {
+                put_str(&mut enc, svc.name.as_str());
+                enc.extend_from_slice(&svc.port.to_be_bytes());
+            }
+        }
+        assert_eq!(ZoneData::decode(&enc).unwrap(), d);
     }
 
     #[test]

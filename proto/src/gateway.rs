@@ -598,6 +598,7 @@ mod tests {
                 region: RegionId::new("eu").unwrap(),
                 addresses: vec![IpAddr::from([100, 64, (i >> 8) as u8, i as u8])],
                 services: vec![],
+                lans: vec![],
             });
         }
         let mut chunks = zone_chunks(&zone);

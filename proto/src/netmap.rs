@@ -43,7 +43,8 @@ const PROTO_ESP: u8 = 50;
 const PROTO_SCTP: u8 = 132;
 
 /// One LAN prefix and the prefix it appears as in the overlay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Mapping {
     /// The LAN as the hospital numbers it.
     pub real: IpNet,
@@ -85,6 +86,16 @@ impl Mapping {
             return Err(MappingError::Shape { real, mapped });
         }
         Ok(Self { real, mapped })
+    }
+
+    /// The real LAN address behind `mapped`, if the mapped prefix holds it.
+    pub fn real_of(&self, mapped: IpAddr) -> Option<IpAddr> {
+        swap_prefix(mapped, &self.mapped, &self.real)
+    }
+
+    /// The mapped address of the LAN address `real`, if the LAN holds it.
+    pub fn mapped_of(&self, real: IpAddr) -> Option<IpAddr> {
+        swap_prefix(real, &self.real, &self.mapped)
     }
 }
 
@@ -179,16 +190,12 @@ impl LanMap {
 
     /// The real LAN address behind a mapped one.
     pub fn real_of(&self, mapped: IpAddr) -> Option<IpAddr> {
-        self.mappings
-            .iter()
-            .find_map(|m| swap_prefix(mapped, &m.mapped, &m.real))
+        self.mappings.iter().find_map(|m| m.real_of(mapped))
     }
 
     /// The mapped address of a real LAN address.
     pub fn mapped_of(&self, real: IpAddr) -> Option<IpAddr> {
-        self.mappings
-            .iter()
-            .find_map(|m| swap_prefix(real, &m.real, &m.mapped))
+        self.mappings.iter().find_map(|m| m.mapped_of(real))
     }
 
     /// A packet from the tunnel, on its way into the LAN: a mapped
