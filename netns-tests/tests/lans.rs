@@ -11,7 +11,9 @@
 //! ```
 //!
 //! The rest of the topology (firewall, broker, backend) is
-//! `tether_netns_tests::topology`. The second test adds a second hospital,
+//! `tether_netns_tests::topology`. The second test maps an IPv6 LAN
+//! (fd00:1::/64, host fd00:1::20) onto a /64 of the region's pool. The
+//! third adds a second hospital,
 //! numbered exactly like the first, behind its own firewall:
 //!
 //! ```text
@@ -25,11 +27,11 @@
 //! (counted as `policy`), then allowed by a rule loaded on SIGHUP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tether_netns_tests::topology::{Egress, Topology, firewall_rules, read};
 use tether_netns_tests::{NetNs, Proc, binary, link, require_root, run, wait_for};
 
@@ -81,6 +83,11 @@ fn add_lan_host(site: &NetNs) -> NetNs {
 /// Serves a page from the LAN host on port 8080; its access log (with
 /// each client's address) goes to `log`.
 fn serve(topo: &Topology, host: &NetNs, content: &str, log: &str) -> Proc {
+    serve_on(topo, host, "0.0.0.0", content, log)
+}
+
+/// [`serve`] on the address `bind` (`::` for IPv6).
+fn serve_on(topo: &Topology, host: &NetNs, bind: &str, content: &str, log: &str) -> Proc {
     let dir = topo.path(&format!("{log}-root"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("index.html"), content).unwrap();
@@ -93,7 +100,7 @@ fn serve(topo: &Topology, host: &NetNs, content: &str, log: &str) -> Proc {
                 "http.server",
                 "8080",
                 "--bind",
-                "0.0.0.0",
+                bind,
                 "--directory",
                 &dir.display().to_string(),
             ],
@@ -297,6 +304,106 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
     assert!(!site_tables(&topo).contains("tether_site_"));
     // The first site is gone, and its LAN with it.
     assert!(fetch(&topo, host_in(mapped, 20)).is_empty());
+}
+
+#[test]
+fn backend_reaches_an_ipv6_lan_host_through_the_mapped_prefix() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("\n[dns]\nlisten = [\"10.20.0.1:53\"]\n").unwrap();
+    let host = add_lan_host(&topo.site);
+    topo.site
+        .run(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                "fd00:1::10/64",
+                "dev",
+                "br-lan",
+                "nodad",
+            ],
+        )
+        .unwrap();
+    host.run(
+        "ip",
+        &["-6", "addr", "add", "fd00:1::20/64", "dev", "eth0", "nodad"],
+    )
+    .unwrap();
+    // A mapped IPv6 LAN needs forwarding on the edge host; the agent
+    // checks it and says so, it does not turn it on.
+    topo.site
+        .run("sysctl", &["-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+        .unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("hospital-v6", &state).unwrap();
+    configure(&state, "lans = [\"fd00:1::/64\"]");
+    let (_site, _) = topo.up(&state, "site.log").unwrap();
+    let _web = serve_on(&topo, &host, "::", "analyser on IPv6\n", "web.log");
+
+    // The /64 appears as a /64 of the region's IPv6 pool (NPTv6 style).
+    let mut mapped = None;
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let table = topo.broker_cli(&["routes"]).unwrap_or_default();
+            mapped = table
+                .lines()
+                .filter(|l| l.contains("site-lan") && l.contains("hospital-v6"))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<Ipv6Net>().ok())
+                .next();
+            mapped.is_some()
+        }),
+        "no IPv6 LAN route:\n{}\n{}",
+        topo.broker_cli(&["routes"]).unwrap_or_default(),
+        read(&topo.path("site.log"))
+    );
+    let mapped = mapped.unwrap();
+    assert_eq!(mapped.prefix_len(), 64);
+    assert!(
+        "fd74:6574:6865::/48"
+            .parse::<Ipv6Net>()
+            .unwrap()
+            .contains(&mapped)
+    );
+    let analyser = Ipv6Addr::from(u128::from(mapped.network()) | 0x20);
+    let url = format!("http://[{analyser}]:8080/index.html");
+    let mut page = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            page = topo
+                .backend
+                .command("curl")
+                .args(["-s", "-m", "2", &url])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
+            page.contains("analyser on IPv6")
+        }),
+        "page not fetched through {analyser}: {page:?}\n{}",
+        read(&topo.path("site.log"))
+    );
+    // The LAN host saw the edge host's own LAN address.
+    let seen = clients(&topo, "web.log");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|a| a == "fd00:1::10"),
+        "{seen:?}"
+    );
+    assert!(
+        topo.backend
+            .succeeds("ping", &["-6", "-c", "1", "-W", "1", &analyser.to_string()])
+    );
+    // Its name resolves to the mapped address.
+    let name = "fd00-1-0-0-0-0-0-20.lan.hospital-v6.eu.tether.internal";
+    let mut answer = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            answer = dig(&topo, &["+short", name, "AAAA"]);
+            answer.trim().parse::<Ipv6Addr>().ok() == Some(analyser)
+        }),
+        "{name} AAAA: {answer:?}"
+    );
 }
 
 /// A second hospital behind its own firewall, numbered like the first:
