@@ -56,6 +56,13 @@ use crate::tunnel::Transport;
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// An attempt that lasted longer than this resets the backoff.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// A tunnel the broker accepted and kept open this long, then lost (the
+/// broker restarted or went away, not a refusal), resets the backoff too:
+/// its broker was healthy a moment ago, so the site dials again within the
+/// first step (0.25–0.5 s) however often that broker restarts. Shorter
+/// sessions (two agents with one identity replacing each other) keep
+/// backing off.
+pub const SETTLED_SESSION: Duration = Duration::from_secs(1);
 /// The wait before renewing again after a failed renewal.
 pub const RENEWAL_RETRY: Duration = Duration::from_secs(600);
 /// When to renew if the certificate's lifetime is unknown.
@@ -250,6 +257,8 @@ struct Session {
     transport: Transport,
     /// The tunnel is open.
     open: bool,
+    /// Since when.
+    opened_at: Option<Instant>,
     client: ClientSession,
     capsules: CapsuleDecoder,
     /// The link's datagram limit last reported.
@@ -270,6 +279,7 @@ impl Session {
         Self {
             transport,
             open: false,
+            opened_at: None,
             client: ClientSession::default(),
             capsules: CapsuleDecoder::default(),
             link_mtu: None,
@@ -481,6 +491,7 @@ impl AgentCore {
             return;
         };
         s.open = true;
+        s.opened_at = Some(now);
         s.renew_at = Some(now + renew_in);
         s.probe = probe;
         s.next_probe = probe.map(|_| now + PROBE_INTERVAL);
@@ -685,8 +696,14 @@ impl AgentCore {
     /// The session ended: its tunnel could not be opened, or the connection
     /// or the tunnel ended.
     pub fn handle_session_ended(&mut self, ending: Ending, now: Instant) {
-        if !matches!(self.phase, Phase::Session(_)) {
+        let Phase::Session(s) = &self.phase else {
             return;
+        };
+        let settled = s
+            .opened_at
+            .is_some_and(|t| now.saturating_duration_since(t) >= SETTLED_SESSION);
+        if settled && matches!(ending, Ending::Lost(_)) {
+            self.backoff.reset();
         }
         self.events.push_back(Event::SessionEnded(ending));
         self.actions.push_back(Action::EndSession { close: false });

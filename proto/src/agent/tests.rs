@@ -260,12 +260,12 @@ fn backoff_grows_is_jittered_from_the_seed_and_resets_after_a_lasting_session() 
     other.actions();
     assert_ne!(failed_dials(&mut other, 8), delays);
 
-    // A session of 29 s does not reset the backoff: the next delay is
-    // the ninth's, at the cap.
+    // A session of 29 s refused at its end does not reset the backoff:
+    // the next delay is the ninth's, at the cap.
     a.connect(Transport::H3, None);
     a.run_for(secs(29), secs(1));
     a.core
-        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+        .handle_session_ended(Ending::Refused("revoked".into()), a.now);
     assert_eq!(a.actions(), [Action::EndSession { close: false }]);
     let d = a.retry_delay();
     assert!(d >= MAX / 2, "{d:?}");
@@ -274,9 +274,44 @@ fn backoff_grows_is_jittered_from_the_seed_and_resets_after_a_lasting_session() 
     a.connect(Transport::H3, None);
     a.run_for(secs(31), secs(1));
     a.core
-        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+        .handle_session_ended(Ending::Refused("revoked".into()), a.now);
     let d = a.retry_delay();
     assert!(d <= Duration::from_millis(500), "{d:?}");
+}
+
+#[test]
+fn a_broker_that_restarts_again_and_again_is_redialled_within_the_first_step() {
+    let mut a = Agent::new(config(false, None, 11));
+    a.actions();
+    // Failed dials while the broker is down grow the backoff ...
+    let delays = failed_dials(&mut a, 5);
+    assert!(delays[4] > Duration::from_secs(4), "{delays:?}");
+    // ... and every time the broker comes back and dies again after 2 s
+    // (a stateless reset from its next life), the site dials again within
+    // the first step, not later and later.
+    for round in 0..10 {
+        a.connect(Transport::H3, None);
+        a.run_for(secs(2), secs(1));
+        a.core
+            .handle_session_ended(Ending::Lost("stateless reset".into()), a.now);
+        let d = a.retry_delay();
+        a.actions();
+        assert!(d <= Duration::from_millis(500), "round {round}: {d:?}");
+        a.wait_and_dial(d);
+    }
+    // A tunnel lost within a second of opening (another agent with the
+    // same identity replacing it) keeps backing off.
+    let mut last = Duration::ZERO;
+    for _ in 0..4 {
+        a.connect(Transport::H3, None);
+        a.advance(Duration::from_millis(300));
+        a.core
+            .handle_session_ended(Ending::Lost("replaced by a newer connection".into()), a.now);
+        last = a.retry_delay();
+        a.actions();
+        a.wait_and_dial(last);
+    }
+    assert!(last > Duration::from_secs(2), "{last:?}");
 }
 
 #[test]
