@@ -7,7 +7,10 @@
 //! tunnel: ready while up, not ready while the broker is gone, ready again
 //! after. A restart keeps the identity without the code; a used code on a
 //! site without identity stops the agent with exit status 3 and the
-//! reason.
+//! reason. And the agent's container image (`deploy/containers/build`,
+//! tag `test`) does the same with exactly the privileges the Deployment
+//! grants: every capability dropped but NET_ADMIN, a read-only root file
+//! system, /dev/net/tun.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -212,4 +215,157 @@ fn a_bundled_site_enrolls_on_first_start_and_its_readiness_follows_the_tunnel() 
             .join("site.crt")
             .exists()
     );
+}
+
+/// The agent's container, removed on drop (killing `podman run` would
+/// leave it running).
+struct Container {
+    name: String,
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("podman")
+            .args(PODMAN)
+            .args(["rm", "-f", "-t", "2", &self.name])
+            .output();
+    }
+}
+
+/// How `deploy/containers/build` runs podman in CI containers.
+const PODMAN: [&str; 4] = ["--runtime", "runc", "--cgroup-manager", "cgroupfs"];
+
+fn have_image(image: &str) -> bool {
+    std::process::Command::new("podman")
+        .args(PODMAN)
+        .args(["image", "exists", image])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
+    if !require_root() {
+        return;
+    }
+    let image = "localhost/tether:test";
+    if !have_image(image) {
+        // CI builds the images before the tests.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no {image}: run deploy/containers/build first"
+        );
+        eprintln!("skipped: no {image} (deploy/containers/build target/debug)");
+        return;
+    }
+    let topo = Topology::new("").unwrap();
+    let bundle = topo.path("bundle");
+    topo.broker_cli(&[
+        "site",
+        "bundle",
+        "--site",
+        "clinic-image",
+        "--region",
+        "eu",
+        "--out",
+        &bundle.display().to_string(),
+        "--broker",
+        BROKER,
+    ])
+    .unwrap();
+    let secret = std::fs::read_to_string(bundle.join("secret.yaml")).unwrap();
+    let configmap = std::fs::read_to_string(bundle.join("configmap.yaml")).unwrap();
+    // The volumes as the Deployment mounts them.
+    let code = topo.path("code");
+    std::fs::write(&code, yaml_value(&secret, "code")).unwrap();
+    let config = topo.path("tether.toml");
+    std::fs::write(&config, agent_config(&configmap)).unwrap();
+    let state = topo.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let name = format!("tether-agent-{}", std::process::id());
+    let container = Container { name: name.clone() };
+    let mount =
+        |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
+    let mut args: Vec<String> = PODMAN.iter().map(|s| s.to_string()).collect();
+    args.extend(
+        [
+            "run",
+            "-d",
+            "--name",
+            &name,
+            // The site's namespace (`ip netns exec` would hide the
+            // cgroup mounts podman needs).
+            "--network",
+            &format!("ns:/run/netns/{}", topo.site.name()),
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--cap-drop",
+            "all",
+            "--cap-add",
+            "NET_ADMIN",
+            "--security-opt",
+            "no-new-privileges",
+            "--read-only",
+            "--device",
+            "/dev/net/tun",
+            "-v",
+            &mount(&state, "/var/lib/tether", "rw"),
+            "-v",
+            &mount(&config, "/etc/tether/tether.toml", "ro"),
+            "-v",
+            &mount(&code, "/etc/tether/enrollment/code", "ro"),
+            "-e",
+            "TETHER_CONFIG=/etc/tether/tether.toml",
+            "-e",
+            "TETHER_ENROLL_TOKEN_FILE=/etc/tether/enrollment/code",
+            "-e",
+            &format!("TETHER_BROKER={BROKER}"),
+            "-e",
+            &format!("TETHER_HEALTH_LISTEN={HEALTH}"),
+            "-e",
+            "TETHER_LOG_FORMAT=json",
+            image,
+            "up",
+        ]
+        .map(String::from),
+    );
+    let started = std::process::Command::new("podman")
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "podman run failed: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let logs = || {
+        let out = std::process::Command::new("podman")
+            .args(PODMAN)
+            .args(["logs", &container.name])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || readyz(&topo).0 == 200),
+        "the agent image is not ready: {:?}\n{}",
+        readyz(&topo),
+        logs()
+    );
+    let (_, body) = readyz(&topo);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let address = health["addresses"][0].as_str().unwrap().to_string();
+    assert!(
+        wait_for(Duration::from_secs(10), || topo.backend_pings(&address)),
+        "backend cannot ping {address}\n{}",
+        logs()
+    );
+    // The identity is on the volume, not in the container.
+    assert!(state.join("site.crt").exists() && state.join("site.key").exists());
 }
