@@ -21,15 +21,32 @@ use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+/// Where the tunnel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelState {
+    /// The agent has not dialled yet.
+    Starting,
+    /// Dialling the brokers.
+    Connecting,
+    /// A broker answered; the tunnel is being opened.
+    Connected,
+    /// The broker accepted CONNECT-IP.
+    Up,
+    /// The connection was lost or no broker answers; reconnecting.
+    Disconnected,
+    /// The broker refused this site; retrying.
+    Refused,
+}
+
 /// What the endpoint reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     /// Whether the tunnel is up: the broker accepted CONNECT-IP and the
     /// device carries the site's addresses.
     pub ready: bool,
-    /// `starting`, `connecting`, `connected` (reached the broker, tunnel
-    /// not open yet), `up`, `disconnected` or `refused`.
-    pub state: String,
+    /// Where the tunnel stands.
+    pub state: TunnelState,
     /// The broker holding (or last holding) the tunnel.
     pub broker: Option<String>,
     /// Its transport, in plain words.
@@ -47,7 +64,7 @@ impl Health {
     pub fn starting() -> Self {
         Self {
             ready: false,
-            state: "starting".into(),
+            state: TunnelState::Starting,
             broker: None,
             transport: None,
             addresses: Vec::new(),
@@ -74,10 +91,10 @@ impl Reporter {
 
     fn set(&self, f: impl FnOnce(&mut Health)) {
         self.0.send_modify(|h| {
-            let before = (h.ready, h.state.clone());
+            let before = (h.ready, h.state);
             f(h);
-            h.ready = h.state == "up" && !h.addresses.is_empty();
-            if (h.ready, h.state.clone()) != before {
+            h.ready = h.state == TunnelState::Up && !h.addresses.is_empty();
+            if (h.ready, h.state) != before {
                 h.since = now();
             }
         });
@@ -86,8 +103,8 @@ impl Reporter {
     /// Dialling the brokers.
     pub fn connecting(&self) {
         self.set(|h| {
-            if h.state == "starting" {
-                h.state = "connecting".into();
+            if h.state == TunnelState::Starting {
+                h.state = TunnelState::Connecting;
                 h.reason = Some("dialling the brokers".into());
             }
         });
@@ -96,7 +113,7 @@ impl Reporter {
     /// A broker answered over `transport`.
     pub fn connected(&self, broker: &str, transport: &str) {
         self.set(|h| {
-            h.state = "connected".into();
+            h.state = TunnelState::Connected;
             h.broker = Some(broker.into());
             h.transport = Some(transport.into());
             h.reason = Some("the tunnel is being opened".into());
@@ -106,7 +123,7 @@ impl Reporter {
     /// The broker accepted CONNECT-IP.
     pub fn tunnel_open(&self) {
         self.set(|h| {
-            h.state = "up".into();
+            h.state = TunnelState::Up;
             h.reason = None;
         });
     }
@@ -120,7 +137,11 @@ impl Reporter {
     /// this site rather than being unreachable.
     pub fn down(&self, reason: &str, refused: bool) {
         self.set(|h| {
-            h.state = if refused { "refused" } else { "disconnected" }.into();
+            h.state = if refused {
+                TunnelState::Refused
+            } else {
+                TunnelState::Disconnected
+            };
             h.addresses.clear();
             h.reason = Some(reason.into());
         });
@@ -187,7 +208,7 @@ mod tests {
         reporter.connected("203.0.113.10:443", "HTTP/3 (QUIC, UDP 443)");
         let (status, h) = readyz(&rx).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(h.state, "connected");
+        assert_eq!(h.state, TunnelState::Connected);
         reporter.tunnel_open();
         // Open but the device has no address yet.
         assert_eq!(readyz(&rx).await.0, StatusCode::SERVICE_UNAVAILABLE);
@@ -200,7 +221,7 @@ mod tests {
         reporter.down("lost the connection to the broker: timed out", false);
         let (status, h) = readyz(&rx).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(h.state, "disconnected");
+        assert_eq!(h.state, TunnelState::Disconnected);
         assert!(h.addresses.is_empty());
         assert_eq!(
             h.reason.as_deref(),
