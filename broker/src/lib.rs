@@ -20,6 +20,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod bundle;
 pub mod core_cell;
 pub mod counters;
 pub mod enroll;

@@ -22,6 +22,16 @@ use tether_shell::operator::{self, AdminClient};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `text`, or `json` for one JSON object per line (the
+    /// message in its `message` field).
+    #[arg(
+        long,
+        global = true,
+        env = tether_shell::logging::FORMAT_ENV,
+        default_value = "text",
+        value_name = "text|json"
+    )]
+    log_format: tether_shell::logging::LogFormat,
 }
 
 #[derive(Debug, clap::Args)]
@@ -130,6 +140,39 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum SiteCommand {
+    /// Render everything one edge cluster needs for a new site: the
+    /// agent's Kubernetes manifests with the site's values, its
+    /// configuration, and a Secret with a fresh one-time enrollment code
+    /// (created as `token create` does, registering the site).
+    Bundle {
+        /// Site id, unique across the deployment (e.g. hospital-a).
+        #[arg(long)]
+        site: SiteId,
+        /// Region of the site (data residency).
+        #[arg(long)]
+        region: RegionId,
+        /// Directory to write the bundle to (created; must be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Layout: a kustomize directory, or one manifest file.
+        #[arg(long, value_enum, default_value = "kustomize")]
+        format: tether_broker::bundle::Format,
+        /// Broker endpoints the site dials (host[:port], repeatable).
+        /// Default: the `advertised` names and addresses with the tunnel
+        /// port; name the public port when the broker listens on another
+        /// one behind a load balancer.
+        #[arg(long = "broker")]
+        brokers: Vec<String>,
+        /// The agent's container image.
+        #[arg(long, default_value = concat!("tether:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// How long the enrollment code stays valid (default: the broker's
+        /// token_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Revoke a site: its live tunnel is closed and it cannot reconnect.
     Revoke {
         /// Site id.
@@ -201,11 +244,13 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    tether_shell::logging::init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let format = cli.log_format;
+    tether_shell::logging::init(format);
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tether-broker: {e:#}");
+            tether_shell::logging::fatal(format, "tether-broker", &e);
             ExitCode::FAILURE
         }
     }
@@ -302,6 +347,91 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     " (it was not connected)"
                 }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Site {
+            command:
+                SiteCommand::Bundle {
+                    site,
+                    region,
+                    out,
+                    format,
+                    brokers,
+                    image,
+                    ttl,
+                    config,
+                },
+        } => {
+            let (_, broker_config) = load(&config)?;
+            let brokers = if brokers.is_empty() {
+                site_endpoints(&broker_config)
+            } else {
+                brokers
+            };
+            if let Some(bad) = brokers
+                .iter()
+                .find(|b| tether_config::Endpoint::parse(b, 443).is_none())
+            {
+                anyhow::bail!(
+                    "--broker {bad:?} is not a broker address: write host, host:port, [v6] or [v6]:port"
+                );
+            }
+            if brokers.is_empty() {
+                anyhow::bail!(
+                    "the configuration advertises no broker address: pass --broker <host[:port]>"
+                );
+            }
+            if out.exists()
+                && std::fs::read_dir(&out)
+                    .with_context(|| format!("cannot read {}", out.display()))?
+                    .next()
+                    .is_some()
+            {
+                anyhow::bail!(
+                    "{} is not empty: give a new directory for the bundle",
+                    out.display()
+                );
+            }
+            let created: TokenResponse =
+                admin(&config)?.post("/v1/tokens", &TokenRequest { site, region, ttl })?;
+            let expires = humantime::format_rfc3339_seconds(tether_pki::token::from_unix_secs(
+                created.expires_at,
+            ))
+            .to_string();
+            let bundle = tether_broker::bundle::Site {
+                site: created.site.to_string(),
+                region: created.region.to_string(),
+                code: created.code,
+                expires: expires.clone(),
+                brokers,
+                published_cidr: broker_config.published_cidr.to_string(),
+                image,
+            };
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            for (name, text) in tether_broker::bundle::render(&bundle, format) {
+                let path = out.join(&name);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            println!(
+                "Bundle for site {} in region {} in {} (enrollment code valid until {expires}, single use).",
+                bundle.site,
+                bundle.region,
+                out.display()
+            );
+            println!("  brokers      {}", bundle.brokers.join(", "));
+            println!(
+                "The Secret in it holds the enrollment code: encrypt it before it goes into a repository."
+            );
+            println!(
+                "Apply with: kubectl apply {} {}",
+                match format {
+                    tether_broker::bundle::Format::Kustomize => "-k",
+                    tether_broker::bundle::Format::Manifests => "-f",
+                },
+                out.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -432,6 +562,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The broker endpoints a site dials, from the configuration: the
+/// advertised addresses and names with the first tunnel port (no port when
+/// it is 443).
+fn site_endpoints(config: &BrokerConfig) -> Vec<String> {
+    let port = config.listen.first().map(|a| a.port()).unwrap_or(443);
+    let with_port = |host: String| {
+        if port == 443 {
+            host
+        } else {
+            format!("{host}:{port}")
+        }
+    };
+    let mut out: Vec<String> = config
+        .advertised_names
+        .iter()
+        .map(|n| with_port(n.clone()))
+        .collect();
+    out.extend(config.advertised_ips.iter().map(|ip| match ip {
+        std::net::IpAddr::V6(v6) => with_port(format!("[{v6}]")),
+        std::net::IpAddr::V4(v4) => with_port(v4.to_string()),
+    }));
+    out
 }
 
 /// The command that creates an enrollment token for the broker started

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::dial::Target;
 use crate::failure::Failure;
+use crate::health::Reporter;
 use crate::lan::{LanPath, SourceRewrite};
 use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
@@ -86,6 +87,8 @@ struct Shell {
     /// installed.
     rewrite: Option<SourceRewrite>,
     inputs: mpsc::UnboundedSender<(u64, Input)>,
+    /// What the health endpoint reports.
+    health: Reporter,
 }
 
 fn ending(f: Failure) -> Ending {
@@ -100,7 +103,18 @@ fn ending(f: Failure) -> Ending {
 pub async fn run(
     config: ClientConfig,
     state: StateDir,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    run_reporting(config, state, shutdown, Reporter::new().0).await
+}
+
+/// Runs the agent until `shutdown` becomes true, publishing the tunnel's
+/// state to `health`.
+pub async fn run_reporting(
+    config: ClientConfig,
+    state: StateDir,
     mut shutdown: watch::Receiver<bool>,
+    health: Reporter,
 ) -> anyhow::Result<()> {
     // Fail early, with the reason, if the site is not enrolled or the proxy
     // setting is unusable.
@@ -134,6 +148,7 @@ pub async fn run(
         lan: Arc::default(),
         rewrite: None,
         inputs,
+        health,
     };
     if *shutdown.borrow() {
         core.handle_shutdown(Instant::now());
@@ -226,6 +241,8 @@ impl Shell {
         match input {
             Input::Dialed(Ok((conn, target))) => {
                 let transport = conn.transport();
+                self.health
+                    .connected(&target.addr.to_string(), transport.describe());
                 self.session = Some(Session::new(conn, target));
                 core.handle_connected(transport, now);
             }
@@ -238,6 +255,7 @@ impl Shell {
                     s.tunnel = Some(tunnel);
                     s.link = Some(link);
                 }
+                self.health.tunnel_open();
                 core.handle_tunnel_opened(lifetime(&self.state), now);
             }
             Input::Opened(Err(f)) => core.handle_session_ended(ending(f), now),
@@ -272,12 +290,20 @@ impl Shell {
                 "connected to the broker over {}",
                 transport.describe()
             ),
-            Event::DialFailed(e) => tracing::warn!("cannot reach any broker: {}", e.message()),
+            Event::DialFailed(e) => {
+                let why = format!("cannot reach any broker: {}", e.message());
+                self.health.down(&why, matches!(e, Ending::Refused(_)));
+                tracing::warn!("{why}")
+            }
             Event::SessionEnded(Ending::Lost(why)) => {
-                tracing::warn!(broker, "lost the connection to the broker: {why}")
+                let why = format!("lost the connection to the broker: {why}");
+                self.health.down(&why, false);
+                tracing::warn!(broker, "{why}")
             }
             Event::SessionEnded(Ending::Refused(why)) => {
-                tracing::error!(broker, "the broker refused the tunnel: {why}")
+                let why = format!("the broker refused the tunnel: {why}");
+                self.health.down(&why, true);
+                tracing::error!(broker, "{why}")
             }
             Event::Renewed => tracing::info!("reconnecting with the renewed certificate"),
             Event::RenewalFailed { error, retry_in } => tracing::warn!(
@@ -320,6 +346,7 @@ impl Shell {
     async fn act(&mut self, action: Action, core: &mut AgentCore) -> anyhow::Result<()> {
         match action {
             Action::Dial { order } => {
+                self.health.connecting();
                 let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
                 self.epoch += 1;
                 let config = self.config.clone();
@@ -419,6 +446,8 @@ impl Shell {
                 match self.probed.take() {
                     Some((conn, target)) => {
                         let transport = conn.transport();
+                        self.health
+                            .connected(&target.addr.to_string(), transport.describe());
                         self.session = Some(Session::new(conn, target));
                         core.handle_connected(transport, Instant::now());
                     }
@@ -517,6 +546,7 @@ impl Shell {
                         "this site is reachable as {}",
                         shown.join(" and ")
                     );
+                    self.health.addresses(shown);
                 }
             }
             TunConfig::Routes(routes) => {

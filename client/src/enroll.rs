@@ -37,6 +37,17 @@ fn name_not_served(m: &NameMismatch) -> String {
     )
 }
 
+/// The broker refused the enrollment code (unknown, already used or
+/// expired): trying again with the same code cannot succeed.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker refused enrollment: {message}")]
+pub struct EnrollmentRefused {
+    /// The HTTP status of the refusal.
+    pub status: u16,
+    /// The broker's reason, in plain words.
+    pub message: String,
+}
+
 /// What enrollment produced.
 #[derive(Debug)]
 pub struct Enrolled {
@@ -110,7 +121,7 @@ pub async fn enroll(
         let message = serde_json::from_slice::<ApiError>(&answer)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&answer).to_string());
-        anyhow::bail!("the broker refused enrollment: {message}");
+        return Err(EnrollmentRefused { status, message }.into());
     }
     let response: EnrollResponse =
         serde_json::from_slice(&answer).context("unexpected enrollment answer")?;
@@ -154,6 +165,74 @@ pub async fn enroll(
         file.to_toml()
     ))?;
     Ok(Enrolled { response })
+}
+
+/// Where `tether up` finds a one-time enrollment code for a site that has
+/// no identity yet (a Kubernetes Secret mounted as a file, or an
+/// environment variable).
+#[derive(Debug, Clone, Default)]
+pub struct FirstStart {
+    /// The broker to enroll with (`host[:port]`).
+    pub broker: Option<String>,
+    /// The code itself.
+    pub code: Option<String>,
+    /// A file holding the code.
+    pub code_file: Option<std::path::PathBuf>,
+    /// The HTTP proxy setting to enroll through and keep.
+    pub proxy: Option<String>,
+}
+
+/// Enrolls on the first start: when `state` holds no identity yet and
+/// `first` names a code, enrolls with it and returns what the broker
+/// answered. A site already enrolled keeps its identity and never reads the
+/// code again (it has been used; it may have expired since). Without a
+/// code, returns `None` and the caller reports that the site is not
+/// enrolled.
+pub async fn enroll_on_first_start(
+    state: &StateDir,
+    first: &FirstStart,
+) -> anyhow::Result<Option<Enrolled>> {
+    if state.is_enrolled() {
+        if first.code.is_some() || first.code_file.is_some() {
+            tracing::debug!("already enrolled: the enrollment code is not needed");
+        }
+        return Ok(None);
+    }
+    let code = match (&first.code, &first.code_file) {
+        (Some(code), _) => code.trim().to_string(),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_string(),
+            // No file: nothing to enroll with (e.g. an optional Secret).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot read the enrollment code {}: {e}",
+                    path.display()
+                ));
+            }
+        },
+        (None, None) => return Ok(None),
+    };
+    if code.is_empty() {
+        return Ok(None);
+    }
+    let broker = first.broker.as_deref().context(
+        "this site is not enrolled and has an enrollment code, but no broker to enroll with: set TETHER_BROKER (or --broker) to the broker's name or address",
+    )?;
+    tracing::info!(
+        broker,
+        "not enrolled yet: enrolling with the enrollment code"
+    );
+    let enrolled = enroll(broker, &code, state, false, first.proxy.as_deref()).await?;
+    let r = &enrolled.response;
+    tracing::info!(
+        site = %r.site,
+        region = %r.region,
+        identity = %r.identity,
+        state = %state.path.display(),
+        "enrolled; the key and certificate are kept in the state directory and the code is not needed again"
+    );
+    Ok(Some(enrolled))
 }
 
 /// Renews the site certificate over the tunnel connection.

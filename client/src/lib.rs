@@ -10,6 +10,7 @@
 //!   carry it; [`dial`] resolves endpoints; [`failure`] says how an attempt
 //!   ended.
 //! - [`doctor`], [`firewall`]: `tether doctor` and `tether firewall-rule`.
+//! - [`health`]: the agent's health endpoint (`tether up --health-listen`).
 //! - The admin API client and the tables of `tether routes`, `tether
 //!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
 //!   prints them too).
@@ -23,6 +24,7 @@ pub mod failure;
 pub mod firewall;
 pub mod h2client;
 pub mod h3client;
+pub mod health;
 pub mod lan;
 pub mod link;
 pub mod proxy;

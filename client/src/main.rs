@@ -15,6 +15,16 @@ use tether_config::client::ClientFile;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `text`, or `json` for one JSON object per line (the
+    /// message in its `message` field).
+    #[arg(
+        long,
+        global = true,
+        env = tether_shell::logging::FORMAT_ENV,
+        default_value = "text",
+        value_name = "text|json"
+    )]
+    log_format: tether_shell::logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,14 +49,34 @@ enum Command {
         #[arg(long)]
         proxy: Option<String>,
     },
-    /// Connect this site and keep it connected (until SIGTERM).
+    /// Connect this site and keep it connected (until SIGTERM). A site
+    /// with no identity yet enrolls first when given an enrollment code
+    /// (exit status 3 when the broker refuses the code).
     Up {
         /// Configuration file (default: tether.toml in the state directory).
-        #[arg(long, short)]
+        #[arg(long, short, env = "TETHER_CONFIG")]
         config: Option<PathBuf>,
         /// State directory (default /var/lib/tether as root).
         #[arg(long, env = "TETHER_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        /// The broker to enroll with on the first start (host[:port]).
+        #[arg(long, env = "TETHER_BROKER")]
+        broker: Option<String>,
+        /// A file holding the one-time enrollment code (tt1-…), read only
+        /// while the site has no identity; a missing file is no code.
+        #[arg(
+            long,
+            env = "TETHER_ENROLL_TOKEN_FILE",
+            conflicts_with = "enroll_token"
+        )]
+        enroll_token_file: Option<PathBuf>,
+        /// The one-time enrollment code itself.
+        #[arg(long, env = "TETHER_ENROLL_TOKEN", hide_env_values = true)]
+        enroll_token: Option<String>,
+        /// Serve /livez and /readyz (200 while the tunnel is up) on this
+        /// address, e.g. 0.0.0.0:8081 for Kubernetes probes.
+        #[arg(long, env = "TETHER_HEALTH_LISTEN")]
+        health_listen: Option<std::net::SocketAddr>,
     },
     /// Check why this site cannot connect, in plain words (exit status 1
     /// when something blocks it).
@@ -144,15 +174,27 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
-    tether_shell::logging::init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let format = cli.log_format;
+    tether_shell::logging::init(format);
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tether: {e:#}");
-            ExitCode::FAILURE
+            tether_shell::logging::fatal(format, "tether", &e);
+            if e.downcast_ref::<tether::enroll::EnrollmentRefused>()
+                .is_some()
+            {
+                ExitCode::from(EXIT_ENROLLMENT_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// `tether up`'s exit status when the broker refused the enrollment code:
+/// restarting cannot help until the code changes.
+const EXIT_ENROLLMENT_REFUSED: u8 = 3;
 
 /// Where the broker's admin API is and how to authenticate.
 #[derive(Debug, clap::Args)]
@@ -266,9 +308,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Next: run `tether up` to connect.");
             ExitCode::SUCCESS
         }
-        Command::Up { config, state_dir } => {
-            let (config, state) = load(config, state_dir)?;
-            runtime()?.block_on(async move {
+        Command::Up {
+            config,
+            state_dir,
+            broker,
+            enroll_token_file,
+            enroll_token,
+            health_listen,
+        } => {
+            let runtime = runtime()?;
+            // The state directory a configuration file names wins, as in
+            // `load`.
+            let mut state = StateDir::new(state_dir.clone().unwrap_or_else(default_state_dir));
+            if let Some(path) = config.as_ref().filter(|p| p.exists())
+                && let Some(dir) = ClientFile::load(path)?.state_dir
+            {
+                state = StateDir::new(dir);
+            }
+            let first = tether::enroll::FirstStart {
+                broker,
+                code: enroll_token,
+                code_file: enroll_token_file.clone(),
+                proxy: None,
+            };
+            runtime
+                .block_on(tether::enroll::enroll_on_first_start(&state, &first))
+                .map_err(|e| match &enroll_token_file {
+                    Some(path) => {
+                        e.context(format!("cannot enroll with the code in {}", path.display()))
+                    }
+                    None => e.context("cannot enroll with the enrollment code"),
+                })?;
+            let (config, state) = load(config, Some(state.path))?;
+            runtime.block_on(async move {
+                let (health, health_rx) = tether::health::Reporter::new();
+                if let Some(addr) = health_listen {
+                    tether::health::serve(addr, health_rx).await?;
+                }
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     let mut term = match tokio::signal::unix::signal(
@@ -284,7 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tracing::info!("stopping");
                     let _ = tx.send(true);
                 });
-                tether::agent::run(config, state, rx).await
+                tether::agent::run_reporting(config, state, rx, health).await
             })?;
             ExitCode::SUCCESS
         }

@@ -20,6 +20,16 @@ use tether_proto::ids::RegionId;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `text`, or `json` for one JSON object per line (the
+    /// message in its `message` field).
+    #[arg(
+        long,
+        global = true,
+        env = tether_shell::logging::FORMAT_ENV,
+        default_value = "text",
+        value_name = "text|json"
+    )]
+    log_format: tether_shell::logging::LogFormat,
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,11 +98,13 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    tether_shell::logging::init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let format = cli.log_format;
+    tether_shell::logging::init(format);
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tether-gateway: {e:#}");
+            tether_shell::logging::fatal(format, "tether-gateway", &e);
             ExitCode::FAILURE
         }
     }
