@@ -344,6 +344,18 @@ impl Ipam {
             })
     }
 
+    /// The first address of the region's first pool of `family` (the pool
+    /// whose second address is the router address): reserved, never leased.
+    pub fn network_address(&self, region: &RegionId, family: Family) -> Option<IpAddr> {
+        self.pools(region)
+            .iter()
+            .find(|p| Family::of(p.addr()) == family)
+            .map(|&p| {
+                let (family, start, _) = net::span(p);
+                net::from_bits(family, start)
+            })
+    }
+
     /// Plans the site's stable host address of `family`.
     pub fn site_address(
         &self,
