@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use tether_broker::run::{ADMIN_TOKEN_FILE, data_dir};
 use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_pki::{Ca, TrustDomain};
-use tether_proto::api::{RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse};
+use tether_proto::api::{
+    ReleaseResponse, RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse,
+};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::Route;
 use tether_shell::operator::{self, AdminClient};
@@ -132,6 +134,18 @@ enum TokenCommand {
 enum SiteCommand {
     /// Revoke a site: its live tunnel is closed and it cannot reconnect.
     Revoke {
+        /// Site id.
+        #[arg(long)]
+        site: SiteId,
+        /// Region of the site.
+        #[arg(long)]
+        region: RegionId,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Free the addresses and LAN mappings of a revoked site for other
+    /// sites (kept until then, so a re-admitted site gets them back).
+    Release {
         /// Site id.
         #[arg(long)]
         site: SiteId,
@@ -279,6 +293,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!();
             println!("On the site, run:");
             println!("  {}", created.enroll_command);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Site {
+            command:
+                SiteCommand::Release {
+                    site,
+                    region,
+                    config,
+                },
+        } => {
+            let r: ReleaseResponse = admin(&config)?.post(
+                &format!("/v1/sites/{region}/{site}/release"),
+                &serde_json::json!({}),
+            )?;
+            if r.released.is_empty() {
+                println!("Site {} in region {} held no addresses.", r.site, r.region);
+            } else {
+                let list: Vec<String> = r.released.iter().map(ToString::to_string).collect();
+                println!(
+                    "Released {} prefixes of site {} in region {}: {}",
+                    list.len(),
+                    r.site,
+                    r.region,
+                    list.join(", ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Site {

@@ -234,6 +234,7 @@ async fn the_openapi_document_describes_every_endpoint() {
         "/v1/gateways",
         "/v1/tokens",
         "/v1/sites/{region}/{site}/revoke",
+        "/v1/sites/{region}/{site}/release",
         "/v1/trace/{target}",
         "/v1/policy",
         "/metrics",
