@@ -273,7 +273,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} for the admin API", config.admin_listen))?;
     let admin_addr = admin.local_addr()?;
     let app = crate::admin::router(broker.clone());
-    let limits = crate::admin_listener::Limits::from(&config.admin_limits);
+    let limits = crate::admin_listener::Limits::new(&config);
     tasks.push(tokio::spawn(crate::admin_listener::serve(
         admin, app, limits,
     )));

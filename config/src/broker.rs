@@ -213,6 +213,10 @@ pub struct AdminFile {
     pub header_read_timeout: String,
     /// Most admin connections open at once; more are closed at once.
     pub max_connections: usize,
+    /// DNS names the admin API answers to besides `localhost` (IP
+    /// addresses always): a request naming any other name in its `Host`
+    /// header is refused, the defence against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[tunnel]`: timing and lifetimes.
@@ -334,6 +338,7 @@ impl Default for AdminFile {
             listen: "127.0.0.1:7070".into(),
             header_read_timeout: "10s".into(),
             max_connections: 64,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -372,6 +377,9 @@ pub struct AdminLimits {
     pub header_read_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// DNS names (lower case, without port) accepted in the `Host` header
+    /// besides `localhost`; IP addresses are always accepted.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Limits of the tunnel's TCP listener on connections that have not shown
@@ -709,6 +717,16 @@ impl BrokerFile {
                 Duration::from_secs(300),
             ),
             max_connections,
+            allowed_hosts: self
+                .admin
+                .allowed_hosts
+                .iter()
+                .map(|h| {
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_ascii_lowercase()
+                })
+                .collect(),
         };
         let tunnel = TunnelLimits {
             handshake_timeout: p.duration(

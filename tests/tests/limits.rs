@@ -42,12 +42,11 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     .map(|()| start.elapsed())
 }
 
-/// `GET /healthz` over a fresh connection: the status line.
-async fn healthz(addr: SocketAddr) -> String {
+/// `GET /healthz` naming `host` over a fresh connection: the status line.
+async fn healthz(addr: SocketAddr, host: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out)
@@ -98,7 +97,14 @@ async fn the_admin_api_closes_half_sent_headers_and_caps_connections() {
         );
     }
     // An operator's request goes through.
-    assert_eq!(healthz(admin).await, "HTTP/1.1 200 OK");
+    assert_eq!(healthz(admin, &admin.to_string()).await, "HTTP/1.1 200 OK");
+    assert_eq!(healthz(admin, "localhost:7070").await, "HTTP/1.1 200 OK");
+    // A page whose own name was pointed at the broker (DNS rebinding)
+    // names itself in Host: refused.
+    assert_eq!(
+        healthz(admin, "rebind.example.com").await,
+        "HTTP/1.1 421 Misdirected Request"
+    );
 }
 
 #[tokio::test]
