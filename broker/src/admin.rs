@@ -165,7 +165,23 @@ async fn ready(State(broker): State<Arc<Broker>>) -> Response {
     }
 }
 
-async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
+async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderMap) -> Response {
+    // The series name every site: behind the admin token when configured.
+    if broker.config.admin_limits.metrics_require_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(broker.admin_token.as_bytes())) {
+            return AdminError::new(
+                StatusCode::UNAUTHORIZED,
+                "/metrics needs the admin token here (admin.metrics_require_token): \
+                 Authorization: Bearer <token from admin.token>",
+            )
+            .into_response();
+        }
+    }
     broker.metrics().refresh(&broker.traffic());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

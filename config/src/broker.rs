@@ -217,6 +217,9 @@ pub struct AdminFile {
     /// addresses always): a request naming any other name in its `Host`
     /// header is refused, the defence against DNS rebinding.
     pub allowed_hosts: Vec<String>,
+    /// Whether `/metrics` (whose series name every site) needs the admin
+    /// token, as the `/v1` API does; scrapers then send it.
+    pub metrics_require_token: bool,
 }
 
 /// `[tunnel]`: timing and lifetimes.
@@ -339,6 +342,7 @@ impl Default for AdminFile {
             header_read_timeout: "10s".into(),
             max_connections: 64,
             allowed_hosts: Vec::new(),
+            metrics_require_token: false,
         }
     }
 }
@@ -380,6 +384,8 @@ pub struct AdminLimits {
     /// DNS names (lower case, without port) accepted in the `Host` header
     /// besides `localhost`; IP addresses are always accepted.
     pub allowed_hosts: Vec<String>,
+    /// Whether `/metrics` needs the admin token.
+    pub metrics_require_token: bool,
 }
 
 /// Limits of the tunnel's TCP listener on connections that have not shown
@@ -727,6 +733,7 @@ impl BrokerFile {
                         .to_ascii_lowercase()
                 })
                 .collect(),
+            metrics_require_token: self.admin.metrics_require_token,
         };
         let tunnel = TunnelLimits {
             handshake_timeout: p.duration(

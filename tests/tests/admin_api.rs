@@ -453,3 +453,21 @@ ports = ["tcp/443"]
     assert_eq!(policy.rules[0].ports, vec!["tcp/443"]);
     drop(tunnels);
 }
+
+#[tokio::test]
+async fn metrics_can_be_put_behind_the_admin_token() {
+    // Continues the harness's [admin] table.
+    let broker =
+        TestBroker::start("metrics_require_token = true\n[dns]\nlisten = [\"127.0.0.1:0\"]\n")
+            .await;
+    let (status, body) = call(&broker, "GET", "/metrics", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("metrics_require_token"), "{body}");
+    let token = broker.broker().admin_token.clone();
+    let (status, body) = call(&broker, "GET", "/metrics", Some(&token), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("tether_broker_"), "{body}");
+    // Probes stay open.
+    let (status, _) = call(&broker, "GET", "/healthz", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+}
