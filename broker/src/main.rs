@@ -498,7 +498,23 @@ fn shell_word(word: &str) -> String {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: every tunnel, admin
+/// and DNS connection holds a descriptor, and distributions start
+/// services with a soft limit of 1024.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit"),
+        Err(e) => tracing::debug!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let running = tether_broker::run::start(config.clone()).await?;
     let dir = data_dir(&config);
     let region = config
@@ -587,6 +603,16 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let low = hard.min(512) / 2;
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        raise_open_file_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 
     #[test]
     fn the_banner_names_the_configuration_file() {
