@@ -19,8 +19,9 @@ use axum::{Json, Router};
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tether_proto::api::{
-    ApiError, GatewayInfo, PolicyInfo, ResidencyCheck, RevokeResponse, RouteFilter, SessionInfo,
-    SiteInfo, TokenRequest, TokenResponse, Trace, TracePath, TraceQuery, TraceTarget,
+    ApiError, GatewayInfo, PolicyInfo, ReleaseResponse, ResidencyCheck, RevokeResponse,
+    RouteFilter, SessionInfo, SiteInfo, TokenRequest, TokenResponse, Trace, TracePath, TraceQuery,
+    TraceTarget,
 };
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::{Route, RouteKind, RouteTarget};
@@ -61,7 +62,9 @@ impl From<BrokerError> for AdminError {
         let status = match &e {
             BrokerError::UnknownRegion(_) | BrokerError::BadInput(_) => StatusCode::BAD_REQUEST,
             BrokerError::UnknownSite { .. } => StatusCode::NOT_FOUND,
-            BrokerError::SiteInOtherRegion { .. } => StatusCode::CONFLICT,
+            BrokerError::SiteInOtherRegion { .. } | BrokerError::NotRevoked(_) => {
+                StatusCode::CONFLICT
+            }
             BrokerError::Revoked(_) => StatusCode::FORBIDDEN,
             BrokerError::Ipam(_) | BrokerError::Contention => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Store(_) | BrokerError::Pki(_) => {
@@ -113,6 +116,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/gateways", get(list_gateways))
         .route("/v1/tokens", post(create_token))
         .route("/v1/sites/{region}/{site}/revoke", post(revoke))
+        .route("/v1/sites/{region}/{site}/release", post(release))
         .route("/v1/trace/{target}", get(trace))
         .route("/v1/policy", get(policy))
         .layer(middleware::from_fn_with_state(broker.clone(), authenticate));
@@ -161,7 +165,23 @@ async fn ready(State(broker): State<Arc<Broker>>) -> Response {
     }
 }
 
-async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
+async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderMap) -> Response {
+    // The series name every site: behind the admin token when configured.
+    if broker.config.admin_limits.metrics_require_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(broker.admin_token.as_bytes())) {
+            return AdminError::new(
+                StatusCode::UNAUTHORIZED,
+                "/metrics needs the admin token here (admin.metrics_require_token): \
+                 Authorization: Bearer <token from admin.token>",
+            )
+            .into_response();
+        }
+    }
     broker.metrics().refresh(&broker.traffic());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -322,6 +342,22 @@ async fn revoke(
         site,
         region,
         closed_session,
+    }))
+}
+
+async fn release(
+    State(broker): State<Arc<Broker>>,
+    Path((region, site)): Path<(String, String)>,
+) -> Result<Json<ReleaseResponse>, AdminError> {
+    let region: RegionId = parse_id("region", &region)?;
+    let site: SiteId = parse_id("site", &site)?;
+    let (r, s) = (region.clone(), site.clone());
+    let released = blocking(move || broker.release_revoked(&s, &r)).await?;
+    tracing::info!(site = %site, region = %region, count = released.len(), "revoked site's addresses released");
+    Ok(Json(ReleaseResponse {
+        site,
+        region,
+        released,
     }))
 }
 

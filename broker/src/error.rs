@@ -45,6 +45,10 @@ pub enum BrokerError {
     /// The site is revoked.
     #[error("site {0} is revoked")]
     Revoked(SiteId),
+    /// The site is not revoked (only a revoked site's addresses may be
+    /// released).
+    #[error("site {0} is not revoked; revoke it before releasing its addresses")]
+    NotRevoked(SiteId),
     /// Certificate issuance failed.
     #[error(transparent)]
     Pki(#[from] tether_pki::PkiError),
@@ -55,6 +59,7 @@ impl From<AllocationError> for BrokerError {
         match e {
             AllocationError::UnknownRegion(r) => BrokerError::UnknownRegion(r),
             AllocationError::Revoked(s) => BrokerError::Revoked(s),
+            AllocationError::NotRevoked(s) => BrokerError::NotRevoked(s),
             AllocationError::Ipam(e) => BrokerError::Ipam(e),
             AllocationError::Contention => BrokerError::Contention,
             AllocationError::Store(e) => BrokerError::Store(StoreError(e)),

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -37,8 +37,26 @@ pub const WINDOW: u32 = 8 << 20;
 /// Capsules waiting for the TCP connection, per session. Beyond this,
 /// packets to the site are dropped (counted as `queue_full`).
 pub const QUEUE: usize = 1024;
-/// Longest wait for a TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The budget of connections not yet past a client certificate, shared by
+/// the accept loop and the connections.
+type Budget = Arc<std::sync::Mutex<tether_proto::limits::SourceBudget>>;
+
+/// A connection counted against the [`Budget`] until it proves its
+/// identity or closes.
+struct Unauthenticated {
+    budget: Budget,
+    remote: std::net::IpAddr,
+    _open: crate::metrics::OpenConnection,
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.budget.lock() {
+            b.release(self.remote);
+        }
+    }
+}
 
 /// The TLS acceptor of the TCP listener: the broker's certificate and the
 /// site verifier, exactly as for QUIC, with ALPN `h2`.
@@ -56,21 +74,47 @@ pub fn listener(socket: std::net::TcpListener) -> anyhow::Result<TcpListener> {
 /// Accepts connections until the task is aborted.
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcceptor) {
     let ids = Arc::new(AtomicU64::new(1));
+    let limits = &broker.config.tunnel_limits;
+    let budget: Budget = Arc::new(std::sync::Mutex::new(
+        tether_proto::limits::SourceBudget::new(
+            limits.max_unauthenticated_per_source,
+            limits.max_unauthenticated,
+        ),
+    ));
+    let mut backoff = crate::admin_listener::AcceptBackoff::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
             Err(e) => {
                 // Out of descriptors and the like: wait, do not spin.
-                tracing::warn!(error = %e, "TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.pause("tunnel", &e).await;
                 continue;
             }
+        };
+        let admitted = budget
+            .lock()
+            .map_err(|_| tether_proto::limits::Refusal::TotalLimit)
+            .and_then(|mut b| b.admit(remote.ip()));
+        if let Err(refusal) = admitted {
+            crate::metrics::connection_refused("tunnel", refusal.as_str());
+            tracing::debug!(%remote, %refusal, "TCP connection closed at once");
+            drop(tcp);
+            continue;
+        }
+        let unauthenticated = Unauthenticated {
+            budget: budget.clone(),
+            remote: remote.ip(),
+            _open: crate::metrics::OpenConnection::new("tunnel_unauthenticated"),
         };
         let _ = tcp.set_nodelay(true);
         let (broker, acceptor) = (broker.clone(), acceptor.clone());
         let id = ids.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            handle_connection(broker, acceptor, tcp, remote, id).await;
+            let _open = crate::metrics::OpenConnection::new("tunnel");
+            handle_connection(broker, acceptor, tcp, remote, id, unauthenticated).await;
         });
     }
 }
@@ -95,16 +139,22 @@ async fn handle_connection(
     tcp: TcpStream,
     remote: SocketAddr,
     id: u64,
+    unauthenticated: Unauthenticated,
 ) {
     let started = std::time::Instant::now();
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let limits = broker.config.tunnel_limits.clone();
+    let handshake_timeout = limits.handshake_timeout;
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
             crate::metrics::handshake("h2", started.elapsed());
             tls
         }
         // Refused certificates end here, before anything is allocated.
         Ok(Err(e)) => return tracing::info!(%remote, error = %e, "TLS handshake failed (TCP)"),
-        Err(_) => return tracing::info!(%remote, "TLS handshake timed out (TCP)"),
+        Err(_) => {
+            crate::metrics::connection_refused("tunnel", "deadline");
+            return tracing::info!(%remote, "TLS handshake timed out (TCP)");
+        }
     };
     let peer = tls
         .get_ref()
@@ -119,11 +169,27 @@ async fn handle_connection(
         .max_frame_size(64 * 1024)
         .max_header_list_size(crate::server::MAX_FIELD_SECTION as u32)
         .enable_connect_protocol();
-    let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake(tls)).await {
+    let mut h2 = match tokio::time::timeout(handshake_timeout, builder.handshake(tls)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "HTTP/2 handshake failed"),
-        Err(_) => return tracing::debug!(%remote, "HTTP/2 handshake timed out"),
+        Err(_) => {
+            crate::metrics::connection_refused("tunnel", "deadline");
+            return tracing::debug!(%remote, "HTTP/2 handshake timed out");
+        }
     };
+    // With a site certificate the connection no longer counts against the
+    // budget (sessions bound it); without one it must send its first
+    // request within the handshake deadline and ends after
+    // `unauthenticated_lifetime` (enrollment needs one request).
+    let unauthenticated = if peer.is_some() {
+        drop(unauthenticated);
+        None
+    } else {
+        Some(unauthenticated)
+    };
+    let mut deadline = unauthenticated
+        .as_ref()
+        .map(|_| tokio::time::Instant::now() + handshake_timeout);
     let (gone_tx, gone) = watch::channel(false);
     let (close_tx, mut close_rx) = watch::channel(false);
     let conn = Conn {
@@ -164,6 +230,12 @@ async fn handle_connection(
         tokio::select! {
             request = h2.accept() => match request {
                 Some(Ok((request, respond))) => {
+                    if unauthenticated.is_some() {
+                        deadline = Some(
+                            tokio::time::Instant::from_std(started)
+                                + limits.unauthenticated_lifetime,
+                        );
+                    }
                     let conn = conn.clone();
                     tokio::spawn(async move { handle_request(conn, request, respond).await });
                 }
@@ -173,6 +245,11 @@ async fn handle_connection(
                 }
                 None => break,
             },
+            () = sleep_until_some(deadline) => {
+                crate::metrics::connection_refused("tunnel", "deadline");
+                tracing::info!(%remote, "closing a TCP connection without a site certificate: past its deadline");
+                break;
+            }
             changed = close_rx.changed(), if !closing => {
                 if changed.is_err() || *close_rx.borrow() {
                     closing = true;
@@ -185,6 +262,14 @@ async fn handle_connection(
         p.abort();
     }
     let _ = gone_tx.send(true);
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Answers with a JSON body.

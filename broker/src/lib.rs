@@ -15,11 +15,13 @@
 //!   WireGuard peers.
 //! - [`names`]: identity DNS (the mesh zone, served and handed to
 //!   gateways).
-//! - [`admin`]: the admin API (its client is `tether_shell::operator`).
+//! - [`admin`]: the admin API (its client is `tether_shell::operator`);
+//!   [`admin_listener`]: its bounded listener.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod access;
 pub mod admin;
+pub mod admin_listener;
 pub mod bundle;
 pub mod core_cell;
 pub mod counters;

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use tether_broker::run::{ADMIN_TOKEN_FILE, data_dir};
 use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_pki::{Ca, TrustDomain};
-use tether_proto::api::{RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse};
+use tether_proto::api::{
+    ReleaseResponse, RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse,
+};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::Route;
 use tether_shell::operator::{self, AdminClient};
@@ -184,6 +186,18 @@ enum SiteCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Free the addresses and LAN mappings of a revoked site for other
+    /// sites (kept until then, so a re-admitted site gets them back).
+    Release {
+        /// Site id.
+        #[arg(long)]
+        site: SiteId,
+        /// Region of the site.
+        #[arg(long)]
+        region: RegionId,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,6 +338,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!();
             println!("On the site, run:");
             println!("  {}", created.enroll_command);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Site {
+            command:
+                SiteCommand::Release {
+                    site,
+                    region,
+                    config,
+                },
+        } => {
+            let r: ReleaseResponse = admin(&config)?.post(
+                &format!("/v1/sites/{region}/{site}/release"),
+                &serde_json::json!({}),
+            )?;
+            if r.released.is_empty() {
+                println!("Site {} in region {} held no addresses.", r.site, r.region);
+            } else {
+                let list: Vec<String> = r.released.iter().map(ToString::to_string).collect();
+                println!(
+                    "Released {} prefixes of site {} in region {}: {}",
+                    list.len(),
+                    r.site,
+                    r.region,
+                    list.join(", ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Site {
@@ -612,7 +652,23 @@ fn shell_word(word: &str) -> String {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: every tunnel, admin
+/// and DNS connection holds a descriptor, and distributions start
+/// services with a soft limit of 1024.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit"),
+        Err(e) => tracing::debug!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let running = tether_broker::run::start(config.clone()).await?;
     let dir = data_dir(&config);
     let region = config
@@ -701,6 +757,16 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let low = hard.min(512) / 2;
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        raise_open_file_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 
     #[test]
     fn the_banner_names_the_configuration_file() {

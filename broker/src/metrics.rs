@@ -119,11 +119,67 @@ fn describe() {
         Unit::Count,
         "Site sessions ended, by reason."
     );
+    describe_gauge!(
+        "tether_broker_connections_open",
+        Unit::Count,
+        "TCP connections open, by listener (admin; tunnel: all HTTP/2 connections; tunnel_unauthenticated: those not yet past a client certificate)."
+    );
+    describe_counter!(
+        "tether_broker_connections_refused_total",
+        Unit::Count,
+        "TCP connections closed at once or cut short, by listener and reason (limit, source_limit, deadline)."
+    );
+    describe_counter!(
+        "tether_broker_accept_failures_total",
+        Unit::Count,
+        "Failed accepts (out of file descriptors and the like), by listener; each pauses the listener."
+    );
+    describe_counter!(
+        "tether_broker_lan_mappings_refused_total",
+        Unit::Count,
+        "LAN mappings refused, by reason (site_lan_count, site_lan_space, exhausted, too_large, overlap, other)."
+    );
     describe_counter!(
         "tether_broker_connect_refused_total",
         Unit::Count,
         "CONNECT-IP requests refused, by HTTP status."
     );
+}
+
+/// Counts a failed accept on `listener`.
+pub fn accept_failed(listener: &'static str) {
+    counter!("tether_broker_accept_failures_total", "listener" => listener).increment(1);
+}
+
+/// Counts a connection of `listener` refused or cut short for `reason`.
+pub fn connection_refused(listener: &'static str, reason: &'static str) {
+    counter!("tether_broker_connections_refused_total", "listener" => listener, "reason" => reason)
+        .increment(1);
+}
+
+/// An open connection of a listener, counted in
+/// `tether_broker_connections_open` while it lives.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl OpenConnection {
+    /// Counts one more open connection of `listener`.
+    pub fn new(listener: &'static str) -> Self {
+        let g = gauge!("tether_broker_connections_open", "listener" => listener);
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Counts a refused LAN mapping.
+pub fn lan_mapping_refused(reason: &'static str) {
+    counter!("tether_broker_lan_mappings_refused_total", "reason" => reason).increment(1);
 }
 
 /// Records the handshake time of an accepted connection.

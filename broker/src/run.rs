@@ -273,11 +273,10 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} for the admin API", config.admin_listen))?;
     let admin_addr = admin.local_addr()?;
     let app = crate::admin::router(broker.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin, app).await {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    }));
+    let limits = crate::admin_listener::Limits::new(&config);
+    tasks.push(tokio::spawn(crate::admin_listener::serve(
+        admin, app, limits,
+    )));
 
     // Renew the server certificate well before it expires.
     {

@@ -506,7 +506,12 @@ impl SessionIo<'_> {
                     let mapped = match result {
                         Ok(Ok(prefix)) => Some(prefix),
                         Ok(Err(e)) => {
-                            tracing::info!(site = %self.session.site(), error = %e, "LAN mapping refused");
+                            let reason = match &e {
+                                crate::error::BrokerError::Ipam(e) => e.lan_refusal_reason(),
+                                _ => "other",
+                            };
+                            crate::metrics::lan_mapping_refused(reason);
+                            tracing::info!(site = %self.session.site(), %lan, reason, error = %e, "LAN mapping refused");
                             None
                         }
                         Err(_) => None,

@@ -273,7 +273,37 @@ impl Broker {
             region: region.clone(),
         })? {
             Allocated::SiteAddresses { addresses, lans } => Ok((addresses, lans)),
-            Allocated::LanMapping(_) => Err(BrokerError::Contention),
+            Allocated::LanMapping(_) | Allocated::Released(_) => Err(BrokerError::Contention),
+        }
+    }
+
+    /// Frees every address and LAN mapping of a revoked site, for other
+    /// sites to take; returns the prefixes freed. Blocking.
+    pub fn release_revoked(
+        &self,
+        site: &SiteId,
+        region: &RegionId,
+    ) -> Result<Vec<IpNet>, BrokerError> {
+        let Some(record) = self.store.site(site)?.filter(|r| &r.region == region) else {
+            return Err(BrokerError::UnknownSite {
+                site: site.clone(),
+                region: region.clone(),
+            });
+        };
+        if !record.revoked {
+            return Err(BrokerError::NotRevoked(site.clone()));
+        }
+        // The store's record is the authority: the core may not have seen
+        // the revocation's notice yet.
+        self.on_revoked(&Revoked::Site(self.identity(site, region)));
+        match self.allocate(AllocationRequest::ReleaseRevoked {
+            site: site.clone(),
+            region: region.clone(),
+        })? {
+            Allocated::Released(freed) => Ok(freed),
+            Allocated::SiteAddresses { .. } | Allocated::LanMapping(_) => {
+                Err(BrokerError::Contention)
+            }
         }
     }
 
@@ -294,7 +324,9 @@ impl Broker {
                 self.names_changed();
                 Ok(prefix)
             }
-            Allocated::SiteAddresses { .. } => Err(BrokerError::Contention),
+            Allocated::SiteAddresses { .. } | Allocated::Released(_) => {
+                Err(BrokerError::Contention)
+            }
         }
     }
 

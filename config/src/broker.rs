@@ -9,7 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tether_proto::ids::{GatewayId, RegionId, TrustDomain};
-use tether_proto::ipam::{Ipam, IpamError};
+use tether_proto::ipam::{Ipam, IpamError, LanLimits};
 use tether_proto::policy::Policy;
 
 use crate::policy::{Known, PolicyFile};
@@ -208,6 +208,18 @@ pub struct AdminFile {
     /// Address of the admin API (HTTP, bearer token). Keep it on loopback
     /// unless a firewall guards it.
     pub listen: String,
+    /// Longest wait for a complete request header (also between requests
+    /// on a kept-alive connection), e.g. `"10s"`.
+    pub header_read_timeout: String,
+    /// Most admin connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// DNS names the admin API answers to besides `localhost` (IP
+    /// addresses always): a request naming any other name in its `Host`
+    /// header is refused, the defence against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Whether `/metrics` (whose series name every site) needs the admin
+    /// token, as the `/v1` API does; scrapers then send it.
+    pub metrics_require_token: bool,
 }
 
 /// `[tunnel]`: timing and lifetimes.
@@ -223,6 +235,18 @@ pub struct TunnelFile {
     pub site_cert_lifetime: String,
     /// Default lifetime of enrollment tokens.
     pub token_ttl: String,
+    /// Deadline of the TLS and HTTP/2 handshakes of a TCP connection and,
+    /// without a client certificate, of its first request.
+    pub handshake_timeout: String,
+    /// Longest life of a TCP connection without a client certificate
+    /// (enrollment needs one request).
+    pub unauthenticated_lifetime: String,
+    /// Most TCP connections without a client certificate (or still in
+    /// their handshake) from one source address.
+    pub max_unauthenticated_per_source: usize,
+    /// Most TCP connections without a client certificate (or still in
+    /// their handshake) in all.
+    pub max_unauthenticated: usize,
 }
 
 /// `[[region]]`: a data-residency region and its pools.
@@ -241,6 +265,29 @@ pub struct RegionFile {
     /// (same region is always allowed).
     #[serde(default)]
     pub allow_gateways_from: Vec<String>,
+    /// Most LAN mappings one site may hold in this region.
+    #[serde(default = "default_max_lan_mappings")]
+    pub max_lan_mappings_per_site: u32,
+    /// Most IPv4 addresses one site's LAN mappings may cover together in
+    /// this region (4096: a /20).
+    #[serde(default = "default_max_lan_ipv4_addresses")]
+    pub max_lan_ipv4_addresses_per_site: u64,
+    /// Most IPv6 /64 subnets one site's LAN mappings may cover together in
+    /// this region (256: a /56; a LAN longer than /64 counts as one).
+    #[serde(default = "default_max_lan_ipv6_subnets")]
+    pub max_lan_ipv6_subnets_per_site: u64,
+}
+
+fn default_max_lan_mappings() -> u32 {
+    tether_proto::ipam::LanLimits::DEFAULT_MAX_MAPPINGS
+}
+
+fn default_max_lan_ipv4_addresses() -> u64 {
+    tether_proto::ipam::LanLimits::DEFAULT_MAX_IPV4_ADDRESSES
+}
+
+fn default_max_lan_ipv6_subnets() -> u64 {
+    tether_proto::ipam::LanLimits::DEFAULT_MAX_IPV6_SUBNETS
 }
 
 /// `[local_gateway]`: a TUN device on the broker host.
@@ -274,6 +321,9 @@ impl Default for BrokerFile {
                 ipv4_pools: vec!["100.64.0.0/16".into()],
                 ipv6_pools: vec!["fd74:6574:6865::/48".into()],
                 allow_gateways_from: Vec::new(),
+                max_lan_mappings_per_site: default_max_lan_mappings(),
+                max_lan_ipv4_addresses_per_site: default_max_lan_ipv4_addresses(),
+                max_lan_ipv6_subnets_per_site: default_max_lan_ipv6_subnets(),
             }],
             local_gateway: LocalGatewayFile::default(),
             wireguard: WireguardFile::default(),
@@ -289,6 +339,10 @@ impl Default for AdminFile {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:7070".into(),
+            header_read_timeout: "10s".into(),
+            max_connections: 64,
+            allowed_hosts: Vec::new(),
+            metrics_require_token: false,
         }
     }
 }
@@ -300,6 +354,10 @@ impl Default for TunnelFile {
             idle_timeout: "15s".into(),
             site_cert_lifetime: "24h".into(),
             token_ttl: "24h".into(),
+            handshake_timeout: "10s".into(),
+            unauthenticated_lifetime: "30s".into(),
+            max_unauthenticated_per_source: 16,
+            max_unauthenticated: 512,
         }
     }
 }
@@ -314,6 +372,35 @@ impl Default for LocalGatewayFile {
             prefixes: Vec::new(),
         }
     }
+}
+
+/// Limits of the admin API's listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Longest wait for a complete request header.
+    pub header_read_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// DNS names (lower case, without port) accepted in the `Host` header
+    /// besides `localhost`; IP addresses are always accepted.
+    pub allowed_hosts: Vec<String>,
+    /// Whether `/metrics` needs the admin token.
+    pub metrics_require_token: bool,
+}
+
+/// Limits of the tunnel's TCP listener on connections that have not shown
+/// a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelLimits {
+    /// Deadline of the handshakes and, without a client certificate, of the
+    /// first request.
+    pub handshake_timeout: Duration,
+    /// Longest life of a connection without a client certificate.
+    pub unauthenticated_lifetime: Duration,
+    /// Most such connections from one source address.
+    pub max_unauthenticated_per_source: usize,
+    /// Most such connections in all.
+    pub max_unauthenticated: usize,
 }
 
 /// The validated broker configuration.
@@ -333,6 +420,10 @@ pub struct BrokerConfig {
     pub advertised_ips: Vec<IpAddr>,
     /// Admin API address.
     pub admin_listen: SocketAddr,
+    /// Limits of the admin API's listener.
+    pub admin_limits: AdminLimits,
+    /// Limits of the tunnel's TCP listener.
+    pub tunnel_limits: TunnelLimits,
     /// Tunnel keepalive interval.
     pub keepalive: Duration,
     /// Tunnel idle timeout.
@@ -385,6 +476,8 @@ pub struct Region {
     pub pools: Vec<IpNet>,
     /// Regions whose gateways may reach this region's sites (besides itself).
     pub allow_gateways_from: BTreeSet<RegionId>,
+    /// What one site may map of the pools.
+    pub lan_limits: LanLimits,
 }
 
 /// A validated local gateway.
@@ -549,6 +642,7 @@ impl BrokerFile {
             Duration::from_secs(30 * 86_400),
         );
 
+        let (admin_limits, tunnel_limits) = self.validate_connection_limits(&mut p);
         let (dns_listen, dns_zone, dns_ttl) = self.validate_dns(&mut p);
         let regions = self.validate_regions(&mut p);
         let ipam = self.build_ipam(&mut p, &regions);
@@ -581,6 +675,8 @@ impl BrokerFile {
                 advertised_names,
                 advertised_ips,
                 admin_listen,
+                admin_limits,
+                tunnel_limits,
                 keepalive,
                 idle_timeout,
                 site_cert_lifetime,
@@ -597,6 +693,65 @@ impl BrokerFile {
                 store: store.unwrap_or_default(),
             },
         )
+    }
+
+    fn validate_connection_limits(&self, p: &mut Problems) -> (AdminLimits, TunnelLimits) {
+        let mut count = |field: &str, value: usize| {
+            if value == 0 || value > 1_000_000 {
+                p.add(
+                    field,
+                    format!("{value} is out of range"),
+                    "use a number between 1 and 1000000",
+                );
+            }
+            value.max(1)
+        };
+        let max_connections = count("admin.max_connections", self.admin.max_connections);
+        let per_source = count(
+            "tunnel.max_unauthenticated_per_source",
+            self.tunnel.max_unauthenticated_per_source,
+        );
+        let total = count(
+            "tunnel.max_unauthenticated",
+            self.tunnel.max_unauthenticated,
+        );
+        let admin = AdminLimits {
+            header_read_timeout: p.duration(
+                "admin.header_read_timeout",
+                &self.admin.header_read_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            ),
+            max_connections,
+            allowed_hosts: self
+                .admin
+                .allowed_hosts
+                .iter()
+                .map(|h| {
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_ascii_lowercase()
+                })
+                .collect(),
+            metrics_require_token: self.admin.metrics_require_token,
+        };
+        let tunnel = TunnelLimits {
+            handshake_timeout: p.duration(
+                "tunnel.handshake_timeout",
+                &self.tunnel.handshake_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(120),
+            ),
+            unauthenticated_lifetime: p.duration(
+                "tunnel.unauthenticated_lifetime",
+                &self.tunnel.unauthenticated_lifetime,
+                Duration::from_millis(100),
+                Duration::from_secs(600),
+            ),
+            max_unauthenticated_per_source: per_source,
+            max_unauthenticated: total,
+        };
+        (admin, tunnel)
     }
 
     fn validate_dns(&self, p: &mut Problems) -> (Vec<SocketAddr>, String, u32) {
@@ -840,6 +995,11 @@ impl BrokerFile {
                 Region {
                     pools,
                     allow_gateways_from: allow,
+                    lan_limits: LanLimits {
+                        max_mappings: r.max_lan_mappings_per_site,
+                        max_ipv4_addresses: r.max_lan_ipv4_addresses_per_site,
+                        max_ipv6_subnets: r.max_lan_ipv6_subnets_per_site,
+                    },
                 },
             );
         }
@@ -853,7 +1013,9 @@ impl BrokerFile {
             .map(|(id, r)| (id.clone(), r.pools.clone()))
             .collect();
         match Ipam::new(pools) {
-            Ok(ipam) => ipam,
+            Ok(ipam) => regions.iter().fold(ipam, |ipam, (id, r)| {
+                ipam.with_lan_limits(id.clone(), r.lan_limits)
+            }),
             Err(e) => {
                 let field =
                     |prefix: IpNet| self.pool_field(prefix).unwrap_or_else(|| "region".into());
@@ -1119,6 +1281,21 @@ mod tests {
         // The defaults survive a round trip through TOML.
         let again = BrokerFile::parse(&BrokerFile::default().to_toml(), "round-trip").unwrap();
         assert_eq!(again, BrokerFile::default());
+    }
+
+    #[test]
+    fn per_site_lan_limits_are_set_per_region() {
+        let toml = "[[region]]\nname = \"eu\"\nipv4_pools = [\"100.64.0.0/16\"]\n\
+                    max_lan_mappings_per_site = 2\nmax_lan_ipv4_addresses_per_site = 256\n\
+                    [[region]]\nname = \"us\"\nipv4_pools = [\"100.65.0.0/16\"]\n";
+        let config = BrokerFile::parse(toml, "t").unwrap().validate("t").unwrap();
+        let eu = config.ipam.lan_limits(&RegionId::new("eu").unwrap());
+        assert_eq!((eu.max_mappings, eu.max_ipv4_addresses), (2, 256));
+        assert_eq!(eu.max_ipv6_subnets, LanLimits::DEFAULT_MAX_IPV6_SUBNETS);
+        assert_eq!(
+            config.ipam.lan_limits(&RegionId::new("us").unwrap()),
+            LanLimits::default()
+        );
     }
 
     #[test]

@@ -391,8 +391,17 @@ fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, PkiError
 /// Requires the CSR's key to be ECDSA P-256, tether's only key type.
 fn check_csr_key(csr_der: &[u8]) -> Result<(), PkiError> {
     use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
-    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
-        .map_err(|e| PkiError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|e| PkiError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
+    // A request is one DER value: bytes after it are not part of what was
+    // signed, and accepting them would let a mangled body spend a token.
+    if !rest.is_empty() {
+        return Err(PkiError::BadCsr(format!(
+            "{} bytes follow the PKCS#10 request; send the request alone",
+            rest.len()
+        )));
+    }
     let spki = &csr.certification_request_info.subject_pki;
     let curve = spki
         .algorithm
@@ -622,6 +631,15 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("P-256"), "{err}");
+    }
+
+    #[test]
+    fn csr_followed_by_junk_is_rejected() {
+        let (_, mut csr) = site_key_and_csr("a").unwrap();
+        check_csr(&csr).unwrap();
+        csr.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3]);
+        let err = check_csr(&csr).unwrap_err();
+        assert!(err.to_string().contains("8 bytes follow"), "{err}");
     }
 
     #[test]

@@ -189,6 +189,17 @@ pub struct RevokeResponse {
     pub closed_session: bool,
 }
 
+/// Admin API: the addresses freed by releasing a revoked site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseResponse {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// The prefixes freed: its addresses and LAN mappings.
+    pub released: Vec<ipnet::IpNet>,
+}
+
 /// Admin API: filters of `GET /v1/routes` (all optional, combined with
 /// "and").
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -236,6 +236,12 @@ pub struct Router {
     /// Per region, the router addresses (one per family) used as the source
     /// of ICMP errors.
     pub router_addresses: BTreeMap<RegionId, Vec<IpAddr>>,
+    /// Per gateway, source addresses of ICMP errors sent to it that replace
+    /// the region's router address of the same family: the host of the
+    /// local gateway owns the router addresses on that very device, and its
+    /// kernel drops a packet arriving there from one of its own IPv4
+    /// addresses as a martian.
+    pub gateway_icmp_sources: BTreeMap<GatewayId, Vec<IpAddr>>,
 }
 
 impl Router {
@@ -376,8 +382,9 @@ impl Router {
         )
     }
 
-    /// The ICMP error from the ingress region's router address, or a silent
-    /// drop where none may be sent.
+    /// The ICMP error from the ingress region's router address (or the
+    /// gateway's own ICMP source, see [`Router::gateway_icmp_sources`]), or a
+    /// silent drop where none may be sent.
     fn reply(
         &self,
         ingress: &Ingress<'_>,
@@ -387,11 +394,21 @@ impl Router {
     ) -> Verdict {
         let icmp = Packet::parse(packet).ok().and_then(|p| {
             let family = p.family;
-            let source = self
-                .router_addresses
-                .get(ingress.region())
-                .and_then(|addrs| addrs.iter().find(|a| Family::of(**a) == family))?;
-            ip::icmp_error(&p, error, *source)
+            let of_family = |addrs: &Vec<IpAddr>| -> Option<IpAddr> {
+                addrs.iter().copied().find(|a| Family::of(*a) == family)
+            };
+            let gateway_source = match ingress {
+                Ingress::Gateway { gateway, .. } => {
+                    self.gateway_icmp_sources.get(*gateway).and_then(of_family)
+                }
+                Ingress::Site { .. } => None,
+            };
+            let source = gateway_source.or_else(|| {
+                self.router_addresses
+                    .get(ingress.region())
+                    .and_then(of_family)
+            })?;
+            ip::icmp_error(&p, error, source)
         });
         match icmp {
             Some(icmp) => Verdict::Reply { icmp, reason },

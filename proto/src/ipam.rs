@@ -117,6 +117,42 @@ pub enum IpamError {
         /// The LAN it overlaps.
         existing: IpNet,
     },
+    /// The site holds as many LAN mappings in the region as one site may.
+    #[error(
+        "site {site} already has {held} LAN mappings in region {region}, the most one site may \
+         have (max_lan_mappings_per_site); remove a LAN from the site or raise the region's limit"
+    )]
+    TooManyLans {
+        /// The site.
+        site: SiteId,
+        /// The region.
+        region: RegionId,
+        /// How many it holds (the limit).
+        held: u32,
+    },
+    /// Mapping the LAN would take the site's mapped space in the region past
+    /// the limit of one site.
+    #[error(
+        "mapping LAN {lan} would give site {site} {total} {unit} of LAN mappings in region \
+         {region}, more than the {limit} one site may have ({field}); map a smaller LAN or raise \
+         the region's limit"
+    )]
+    LanSpaceExceeded {
+        /// The site.
+        site: SiteId,
+        /// The region.
+        region: RegionId,
+        /// The LAN asked for.
+        lan: IpNet,
+        /// The site's mapped space with this LAN.
+        total: u64,
+        /// The limit.
+        limit: u64,
+        /// What `total` and `limit` count: "IPv4 addresses" or "IPv6 /64 subnets".
+        unit: &'static str,
+        /// The configuration field that sets the limit.
+        field: &'static str,
+    },
     /// Pool prefixes overlap each other.
     #[error("pool {a} overlaps pool {b}")]
     OverlappingPools {
@@ -134,6 +170,62 @@ pub enum IpamError {
     /// A pool too small to hold anything beyond its reserved addresses.
     #[error("pool {0} is too small: it has no address beyond the reserved ones")]
     PoolTooSmall(IpNet),
+}
+
+impl IpamError {
+    /// Why a LAN mapping was refused, as a metric label.
+    pub fn lan_refusal_reason(&self) -> &'static str {
+        match self {
+            IpamError::TooManyLans { .. } => "site_lan_count",
+            IpamError::LanSpaceExceeded { .. } => "site_lan_space",
+            IpamError::Exhausted { .. } => "exhausted",
+            IpamError::LanTooLarge { .. } => "too_large",
+            IpamError::OverlappingLan { .. } => "overlap",
+            _ => "other",
+        }
+    }
+}
+
+/// What one site may map of a region's pools: without limits one site
+/// asking for LAN after LAN would take the whole pool from every other
+/// site of the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LanLimits {
+    /// Most LAN mappings one site may hold in the region.
+    pub max_mappings: u32,
+    /// Most IPv4 addresses one site's IPv4 LAN mappings may cover together.
+    pub max_ipv4_addresses: u64,
+    /// Most /64 subnets one site's IPv6 LAN mappings may cover together (a
+    /// LAN longer than /64 counts as one).
+    pub max_ipv6_subnets: u64,
+}
+
+impl LanLimits {
+    /// Default of [`LanLimits::max_mappings`].
+    pub const DEFAULT_MAX_MAPPINGS: u32 = 16;
+    /// Default of [`LanLimits::max_ipv4_addresses`]: a /20.
+    pub const DEFAULT_MAX_IPV4_ADDRESSES: u64 = 4096;
+    /// Default of [`LanLimits::max_ipv6_subnets`]: a /56.
+    pub const DEFAULT_MAX_IPV6_SUBNETS: u64 = 256;
+}
+
+impl Default for LanLimits {
+    fn default() -> Self {
+        Self {
+            max_mappings: Self::DEFAULT_MAX_MAPPINGS,
+            max_ipv4_addresses: Self::DEFAULT_MAX_IPV4_ADDRESSES,
+            max_ipv6_subnets: Self::DEFAULT_MAX_IPV6_SUBNETS,
+        }
+    }
+}
+
+/// The size of a LAN in the unit its family's limit counts.
+fn lan_size(lan: IpNet) -> u64 {
+    let size = match lan {
+        IpNet::V4(_) => net::block_size(Family::V4, lan.prefix_len()),
+        IpNet::V6(_) => net::block_size(Family::V6, lan.prefix_len().min(64)) >> 64,
+    };
+    u64::try_from(size).unwrap_or(u64::MAX)
 }
 
 /// A transaction a store applies atomically if the region's version still
@@ -290,6 +382,7 @@ fn first_conflict(
 #[derive(Debug, Clone, Default)]
 pub struct Ipam {
     pools: BTreeMap<RegionId, Vec<IpNet>>,
+    lan_limits: BTreeMap<RegionId, LanLimits>,
 }
 
 impl Ipam {
@@ -316,7 +409,22 @@ impl Ipam {
                 all.push(p);
             }
         }
-        Ok(Self { pools })
+        Ok(Self {
+            pools,
+            lan_limits: BTreeMap::new(),
+        })
+    }
+
+    /// Sets the per-site LAN limits of `region` (others keep the defaults).
+    #[must_use]
+    pub fn with_lan_limits(mut self, region: RegionId, limits: LanLimits) -> Self {
+        self.lan_limits.insert(region, limits);
+        self
+    }
+
+    /// The per-site LAN limits of `region`.
+    pub fn lan_limits(&self, region: &RegionId) -> LanLimits {
+        self.lan_limits.get(region).copied().unwrap_or_default()
     }
 
     /// The regions that have pools.
@@ -341,6 +449,18 @@ impl Ipam {
             .map(|&p| {
                 let (family, start, _) = net::span(p);
                 net::from_bits(family, start + 1)
+            })
+    }
+
+    /// The first address of the region's first pool of `family` (the pool
+    /// whose second address is the router address): reserved, never leased.
+    pub fn network_address(&self, region: &RegionId, family: Family) -> Option<IpAddr> {
+        self.pools(region)
+            .iter()
+            .find(|p| Family::of(p.addr()) == family)
+            .map(|&p| {
+                let (family, start, _) = net::span(p);
+                net::from_bits(family, start)
             })
     }
 
@@ -397,6 +517,18 @@ impl Ipam {
             }
         }
         let family = Family::of(lan.addr());
+        let has_pool = self
+            .pools(region)
+            .iter()
+            .any(|p| Family::of(p.addr()) == family);
+        if has_pool && !self.fits(region, family, lan.prefix_len()) {
+            return Err(IpamError::LanTooLarge {
+                lan,
+                region: region.clone(),
+                family,
+            });
+        }
+        self.check_lan_limits(leases, site, region, lan)?;
         let seed = stable_hash(&[site.as_str(), region.as_str(), &lan.to_string()]);
         let prefix = self
             .find_free(leases, region, family, lan.prefix_len(), seed)
@@ -421,6 +553,59 @@ impl Ipam {
             }],
             delete: Vec::new(),
         }))
+    }
+
+    /// Refuses a new mapping of `lan` past the site's limits in the region.
+    fn check_lan_limits(
+        &self,
+        leases: &RegionLeases,
+        site: &SiteId,
+        region: &RegionId,
+        lan: IpNet,
+    ) -> Result<(), IpamError> {
+        let limits = self.lan_limits(region);
+        let family = Family::of(lan.addr());
+        let mut held: u32 = 0;
+        let mut space: u64 = lan_size(lan);
+        for lease in leases.of_site(site) {
+            if let LeaseKind::LanMapping { lan: mapped } = lease.kind {
+                held = held.saturating_add(1);
+                if Family::of(mapped.addr()) == family {
+                    space = space.saturating_add(lan_size(mapped));
+                }
+            }
+        }
+        if held >= limits.max_mappings {
+            return Err(IpamError::TooManyLans {
+                site: site.clone(),
+                region: region.clone(),
+                held,
+            });
+        }
+        let (limit, unit, field) = match family {
+            Family::V4 => (
+                limits.max_ipv4_addresses,
+                "IPv4 addresses",
+                "max_lan_ipv4_addresses_per_site",
+            ),
+            Family::V6 => (
+                limits.max_ipv6_subnets,
+                "IPv6 /64 subnets",
+                "max_lan_ipv6_subnets_per_site",
+            ),
+        };
+        if space > limit {
+            return Err(IpamError::LanSpaceExceeded {
+                site: site.clone(),
+                region: region.clone(),
+                lan,
+                total: space,
+                limit,
+                unit,
+                field,
+            });
+        }
+        Ok(())
     }
 
     /// Plans the release of every lease `site` holds in the region.
@@ -686,6 +871,72 @@ mod tests {
             leases.lease_at("100.64.0.9".parse().unwrap()).is_some(),
             a.prefix.contains(&"100.64.0.9".parse::<IpAddr>().unwrap())
                 || b.prefix.contains(&"100.64.0.9".parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
+    fn one_site_cannot_take_the_pool() {
+        let limits = LanLimits {
+            max_mappings: 3,
+            max_ipv4_addresses: 1024,
+            max_ipv6_subnets: 4,
+        };
+        let ipam = ipam(&["100.64.0.0/16", "fd7a::/48"]).with_lan_limits(region(), limits);
+        let mut leases = RegionLeases::default();
+        let map = |leases: &mut RegionLeases, s: &str, lan: &str| {
+            commit(leases, |l| {
+                ipam.lan_mapping(l, &site(s), &region(), net(lan))
+            })
+        };
+        // Space: 512 + 256 fit, another 512 would make 1280 > 1024.
+        map(&mut leases, "a", "10.1.0.0/23").unwrap();
+        map(&mut leases, "a", "10.2.0.0/24").unwrap();
+        let err = map(&mut leases, "a", "10.3.0.0/23").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IpamError::LanSpaceExceeded {
+                    total: 1280,
+                    limit: 1024,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.lan_refusal_reason(), "site_lan_space");
+        assert!(
+            err.to_string().contains("max_lan_ipv4_addresses_per_site"),
+            "{err}"
+        );
+        // IPv6 counts /64s; a /120 counts as one.
+        let err = map(&mut leases, "a", "fd00:1::/61").unwrap_err();
+        assert!(
+            matches!(err, IpamError::LanSpaceExceeded { total: 8, .. }),
+            "{err:?}"
+        );
+        // Count: the third mapping fits, the fourth does not.
+        map(&mut leases, "a", "fd00:2::/120").unwrap();
+        let err = map(&mut leases, "a", "10.4.0.0/30").unwrap_err();
+        assert!(
+            matches!(err, IpamError::TooManyLans { held: 3, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.lan_refusal_reason(), "site_lan_count");
+        assert!(
+            err.to_string().contains("max_lan_mappings_per_site"),
+            "{err}"
+        );
+        // Asking again for a LAN it holds is not a new mapping.
+        assert!(matches!(
+            ipam.lan_mapping(&leases, &site("a"), &region(), net("10.1.0.0/23")),
+            Ok(Plan::Existing(_))
+        ));
+        // Another site has its own allowance.
+        map(&mut leases, "b", "10.1.0.0/22").unwrap();
+        // Defaults apply to regions without limits of their own.
+        assert_eq!(
+            ipam.lan_limits(&RegionId::new("us").unwrap()),
+            LanLimits::default()
         );
     }
 

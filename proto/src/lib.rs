@@ -28,6 +28,7 @@
 //! - [`tunnel`]: the broker's half of the CONNECT-IP session, and the
 //!   transports both ends name.
 //! - `api`: tether's own JSON messages (enrollment, admin API).
+//! - [`limits`]: admission of unauthenticated connections per source.
 //! - [`ids`], [`net`]: identifiers and prefix arithmetic shared by the above.
 
 #![warn(missing_docs)]
@@ -46,6 +47,7 @@ pub mod h3;
 pub mod ids;
 pub mod ip;
 pub mod ipam;
+pub mod limits;
 pub mod net;
 pub mod netmap;
 pub mod policy;

@@ -234,6 +234,7 @@ async fn the_openapi_document_describes_every_endpoint() {
         "/v1/gateways",
         "/v1/tokens",
         "/v1/sites/{region}/{site}/revoke",
+        "/v1/sites/{region}/{site}/release",
         "/v1/trace/{target}",
         "/v1/policy",
         "/metrics",
@@ -451,4 +452,22 @@ ports = ["tcp/443"]
     assert_eq!(policy.groups["labs"], vec!["lab-1", "lab-2"]);
     assert_eq!(policy.rules[0].ports, vec!["tcp/443"]);
     drop(tunnels);
+}
+
+#[tokio::test]
+async fn metrics_can_be_put_behind_the_admin_token() {
+    // Continues the harness's [admin] table.
+    let broker =
+        TestBroker::start("metrics_require_token = true\n[dns]\nlisten = [\"127.0.0.1:0\"]\n")
+            .await;
+    let (status, body) = call(&broker, "GET", "/metrics", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("metrics_require_token"), "{body}");
+    let token = broker.broker().admin_token.clone();
+    let (status, body) = call(&broker, "GET", "/metrics", Some(&token), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("tether_broker_"), "{body}");
+    // Probes stay open.
+    let (status, _) = call(&broker, "GET", "/healthz", None, "").await;
+    assert_eq!(status, StatusCode::OK);
 }

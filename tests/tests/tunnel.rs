@@ -295,3 +295,93 @@ async fn sites_are_kept_apart_until_a_reloaded_rule_allows_it() {
         .expect("allowed after the reload");
     assert_eq!(Packet::parse(&got).unwrap().dst, IpAddr::V4(addr_b));
 }
+
+#[tokio::test]
+async fn one_site_cannot_take_the_pool_and_a_released_site_frees_it() {
+    let broker = TestBroker::start(
+        "[[region]]\nname = \"local\"\nipv4_pools = [\"100.64.0.0/16\"]\n\
+         ipv6_pools = [\"fd74:6574:6865::/48\"]\nmax_lan_ipv4_addresses_per_site = 512\n",
+    )
+    .await;
+    let before = metric("tether_broker_lan_mappings_refused_total{reason=\"site_lan_space\"}");
+    let a = TestSite::enroll(&broker, "greedy").await;
+    let mut ta = tunnel_for(&broker, &a).await;
+    ta.send_capsule(&Capsule::AddressRequest(AddressRequest {
+        requests: ["10.1.0.0/24", "10.2.0.0/24", "10.3.0.0/24"]
+            .iter()
+            .zip(1..)
+            .map(|(lan, id)| RequestedAddress {
+                request_id: id,
+                prefix: lan.parse().unwrap(),
+            })
+            .collect(),
+    }))
+    .await;
+    // The broker answers each request as its allocation completes: read
+    // until both mappings have arrived, then wait for the refusal's count.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut lans = Vec::new();
+    while lans.len() < 2 {
+        for event in ta.pump_events(deadline).await {
+            if let ClientEvent::Addresses(addrs) = event {
+                for a in addrs.iter().filter(|a| a.prefix_len() == 24) {
+                    if !lans.contains(a) {
+                        lans.push(*a);
+                    }
+                }
+            }
+        }
+    }
+    let refused = "tether_broker_lan_mappings_refused_total{reason=\"site_lan_space\"}";
+    while metric(refused) < before + 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the third /24 was not refused as past the site's space"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing more arrives: the third was not mapped.
+    let more = tokio::time::timeout(
+        Duration::from_millis(300),
+        ta.pump_events(tokio::time::Instant::now() + Duration::from_secs(1)),
+    )
+    .await;
+    if let Ok(events) = more {
+        for event in events {
+            if let ClientEvent::Addresses(addrs) = event {
+                assert_eq!(
+                    addrs.iter().filter(|a| a.prefix_len() == 24).count(),
+                    2,
+                    "{addrs:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(metric(refused), before + 1.0);
+
+    // Revoked, it keeps its leases until the operator releases them.
+    let b = broker.broker().clone();
+    let (site, region) = ("greedy".parse().unwrap(), "local".parse().unwrap());
+    let refused = tokio::task::spawn_blocking({
+        let (b, site, region) = (b.clone(), site, region);
+        move || b.release_revoked(&site, &region)
+    })
+    .await
+    .unwrap();
+    assert!(
+        refused.unwrap_err().to_string().contains("not revoked"),
+        "a site that may connect keeps its addresses"
+    );
+    let (site, region) = ("greedy".parse().unwrap(), "local".parse().unwrap());
+    let freed = tokio::task::spawn_blocking(move || {
+        b.revoke_site(&site, &region).unwrap();
+        b.release_revoked(&site, &region).unwrap()
+    })
+    .await
+    .unwrap();
+    // Its IPv4 and IPv6 addresses and its two LAN mappings.
+    assert_eq!(freed.len(), 4, "{freed:?}");
+    for lan in &lans {
+        assert!(freed.contains(lan), "{lan} not freed: {freed:?}");
+    }
+}

@@ -43,6 +43,15 @@ pub enum AllocationRequest {
         /// The LAN as the site numbers it.
         lan: IpNet,
     },
+    /// Frees every lease of a revoked site (an operator's decision: the
+    /// leases of a revoked site are kept until then, so that re-admitting it
+    /// gives it its addresses back).
+    ReleaseRevoked {
+        /// The site.
+        site: SiteId,
+        /// Its region.
+        region: RegionId,
+    },
 }
 
 /// A finished allocation.
@@ -57,6 +66,8 @@ pub enum Allocated {
     },
     /// For [`AllocationRequest::LanMapping`]: the mapped prefix.
     LanMapping(IpNet),
+    /// For [`AllocationRequest::ReleaseRevoked`]: the prefixes freed.
+    Released(Vec<IpNet>),
 }
 
 /// Why an allocation failed.
@@ -68,6 +79,9 @@ pub enum AllocationError {
     /// The site is revoked.
     #[error("site {0} is revoked")]
     Revoked(SiteId),
+    /// Only a revoked site's leases may be released.
+    #[error("site {0} is not revoked; revoke it before releasing its addresses")]
+    NotRevoked(SiteId),
     /// IPAM could not plan it (exhausted pool, overlapping LAN, …).
     #[error(transparent)]
     Ipam(#[from] IpamError),
@@ -96,6 +110,7 @@ pub enum StoreResult {
 enum Step {
     Address(Family),
     Lan(IpNet),
+    Release,
 }
 
 /// An allocation in flight.
@@ -118,14 +133,16 @@ impl AllocationRequest {
     fn site(&self) -> &SiteId {
         match self {
             AllocationRequest::SiteAddresses { site, .. }
-            | AllocationRequest::LanMapping { site, .. } => site,
+            | AllocationRequest::LanMapping { site, .. }
+            | AllocationRequest::ReleaseRevoked { site, .. } => site,
         }
     }
 
     fn region(&self) -> &RegionId {
         match self {
             AllocationRequest::SiteAddresses { region, .. }
-            | AllocationRequest::LanMapping { region, .. } => region,
+            | AllocationRequest::LanMapping { region, .. }
+            | AllocationRequest::ReleaseRevoked { region, .. } => region,
         }
     }
 }
@@ -142,12 +159,19 @@ impl BrokerCore {
             self.finish(allocation, Err(AllocationError::UnknownRegion(region)));
             return allocation;
         }
-        if self.revoked.contains(&super::Revocation::Site {
+        let revoked = self.revoked.contains(&super::Revocation::Site {
             site: request.site().clone(),
             region: region.clone(),
-        }) {
+        });
+        let release = matches!(request, AllocationRequest::ReleaseRevoked { .. });
+        if revoked != release {
             let site = request.site().clone();
-            self.finish(allocation, Err(AllocationError::Revoked(site)));
+            let error = if release {
+                AllocationError::NotRevoked(site)
+            } else {
+                AllocationError::Revoked(site)
+            };
+            self.finish(allocation, Err(error));
             return allocation;
         }
         let steps = match &request {
@@ -162,6 +186,7 @@ impl BrokerCore {
                 .map(Step::Address)
                 .collect(),
             AllocationRequest::LanMapping { lan, .. } => vec![Step::Lan(*lan)],
+            AllocationRequest::ReleaseRevoked { .. } => vec![Step::Release],
         };
         self.allocations.insert(
             allocation,
@@ -232,6 +257,9 @@ impl BrokerCore {
                     if let Some(lease) = txn.put.first() {
                         a.done.push(lease.prefix);
                     }
+                    if matches!(a.request, AllocationRequest::ReleaseRevoked { .. }) {
+                        a.done.extend(txn.delete.iter().copied());
+                    }
                     if !a.steps.is_empty() {
                         a.steps.remove(0);
                     }
@@ -290,6 +318,9 @@ impl BrokerCore {
                         .first()
                         .map(|p| Allocated::LanMapping(*p))
                         .ok_or(AllocationError::Contention),
+                    AllocationRequest::ReleaseRevoked { .. } => {
+                        Ok(Allocated::Released(a.done.clone()))
+                    }
                 };
                 self.finish(allocation, result);
                 return;
@@ -305,6 +336,16 @@ impl BrokerCore {
             let plan = match step {
                 Step::Address(family) => self.ipam.site_address(leases, &site, &region, family),
                 Step::Lan(lan) => self.ipam.lan_mapping(leases, &site, &region, lan),
+                Step::Release => {
+                    let txn = self.ipam.release_site(leases, &site, &region);
+                    if txn.delete.is_empty() {
+                        if let Some(a) = self.allocations.get_mut(&allocation) {
+                            a.steps.remove(0);
+                        }
+                        continue;
+                    }
+                    Ok(Plan::Allocate(txn))
+                }
             };
             match plan {
                 Err(e) => {
@@ -579,6 +620,60 @@ mod tests {
             3,
             "{:?}",
             store.0.leases().collect::<Vec<&Lease>>()
+        );
+    }
+
+    #[test]
+    fn a_revoked_sites_leases_are_released_on_request_only() {
+        let mut core = BrokerCore::new(config());
+        let mut store = Store::default();
+        core.handle_allocate(addresses("a"));
+        core.handle_allocate(AllocationRequest::LanMapping {
+            site: id("a"),
+            region: eu(),
+            lan: id("192.168.1.0/28"),
+        });
+        drive(&mut core, &mut store);
+        core.handle_allocate(addresses("b"));
+        drive(&mut core, &mut store);
+        let held = |store: &Store, s: &str| store.0.leases().filter(|l| l.site == id(s)).count();
+        assert_eq!(held(&store, "a"), 3);
+        let release = AllocationRequest::ReleaseRevoked {
+            site: id("a"),
+            region: eu(),
+        };
+        // A site that may still connect keeps its addresses.
+        core.handle_allocate(release.clone());
+        assert_eq!(
+            outcome(&drive(&mut core, &mut store)),
+            Some(Err(AllocationError::NotRevoked(id("a"))))
+        );
+        assert_eq!(held(&store, "a"), 3);
+        // Revoked: its leases stay until the operator releases them.
+        core.handle_revocation(
+            Revocation::Site {
+                site: id("a"),
+                region: eu(),
+            },
+            std::time::Instant::now(),
+        );
+        assert_eq!(held(&store, "a"), 3);
+        core.handle_allocate(release.clone());
+        let Some(Ok(Allocated::Released(freed))) = outcome(&drive(&mut core, &mut store)) else {
+            panic!("nothing released")
+        };
+        assert_eq!(freed.len(), 3);
+        assert_eq!(held(&store, "a"), 0);
+        assert_eq!(held(&store, "b"), 2, "other sites keep theirs");
+        assert_eq!(
+            core.leases(&eu()).map(|l| l.of_site(&id("a")).count()),
+            Some(0)
+        );
+        // Again: nothing left, nothing written.
+        core.handle_allocate(release);
+        assert_eq!(
+            outcome(&drive(&mut core, &mut store)),
+            Some(Ok(Allocated::Released(Vec::new())))
         );
     }
 

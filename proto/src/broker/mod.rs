@@ -362,6 +362,19 @@ fn initial_router(config: &CoreConfig) -> Router {
         router.router_addresses.insert(region.clone(), addrs);
     }
     for gw in config.gateways.iter().filter(|g| g.local) {
+        // The host owns the router addresses on the local gateway's device,
+        // so IPv4 errors into it come from the pool's first address (a
+        // unicast address since Linux 5.14, never leased). IPv6 has no such
+        // martian check, and RFC 4443 wants a unicast source, which the
+        // subnet-router anycast address is not: those keep the router
+        // address.
+        let sources: Vec<IpAddr> = config
+            .ipam
+            .network_address(&gw.region, Family::V4)
+            .into_iter()
+            .chain(config.ipam.router_address(&gw.region, Family::V6))
+            .collect();
+        router.gateway_icmp_sources.insert(gw.id.clone(), sources);
         for (site_region, region) in &config.regions {
             if !router.residency.permits(site_region, &gw.region) {
                 continue;
@@ -469,5 +482,44 @@ mod tests {
         );
         assert!(router.residency.permits(&eu(), &eu()));
         assert!(!router.residency.permits(&eu(), &id("us")));
+    }
+
+    /// The host of the local gateway owns the router addresses on its device
+    /// and drops an IPv4 packet from one of them arriving there: errors to
+    /// it come from the pool's first address. A site's errors keep the router
+    /// address, and IPv6 keeps it everywhere.
+    #[test]
+    fn icmp_errors_into_the_local_gateway_come_from_an_address_the_host_does_not_own() {
+        use crate::forward::{Ingress, Verdict};
+        use crate::ip::Packet;
+        use crate::ip::tests::{ipv4, ipv6};
+        let core = BrokerCore::new(config());
+        let router = core.router();
+        let source_of = |ingress: &Ingress<'_>, mut packet: Vec<u8>| -> IpAddr {
+            match router.decide(ingress, &mut packet, |_| Some(1400)) {
+                Verdict::Reply { icmp, .. } => Packet::parse(&icmp).unwrap().src,
+                other => panic!("expected an ICMP error, got {other:?}"),
+            }
+        };
+        let gateway = id("local");
+        let from_gateway = Ingress::Gateway {
+            gateway: &gateway,
+            region: &eu(),
+            allowed: &[],
+        };
+        // To a pool address no site holds: unreachable.
+        let v4 = ipv4([10, 20, 0, 10], [100, 64, 0, 200], 17, &[0; 8], true);
+        assert_eq!(source_of(&from_gateway, v4), id::<IpAddr>("100.64.0.0"));
+        let v6 = ipv6("fd20::10", "fd7a::c8", 17, &[0; 8]);
+        assert_eq!(source_of(&from_gateway, v6), id::<IpAddr>("fd7a::1"));
+        let site = id("a");
+        let allowed = [id("100.64.0.2/32")];
+        let from_site = Ingress::Site {
+            site: &site,
+            region: &eu(),
+            allowed: &allowed,
+        };
+        let v4 = ipv4([100, 64, 0, 2], [100, 64, 0, 200], 17, &[0; 8], true);
+        assert_eq!(source_of(&from_site, v4), id::<IpAddr>("100.64.0.1"));
     }
 }

@@ -1,0 +1,195 @@
+//! The admin API's listener: a bounded number of connections, each with a
+//! deadline for its request headers.
+//!
+//! A client that opens a connection and sends half a request header (or
+//! nothing) would otherwise hold a file descriptor for as long as it likes:
+//! enough of them and the broker can no longer accept tunnels, DNS or the
+//! operator's own requests. Each connection must deliver a complete request
+//! header within `header_read_timeout` (also while idle between requests);
+//! beyond `max_connections` new connections are closed at once (counted in
+//! `tether_broker_connections_refused_total{listener="admin"}`), and an
+//! accept that fails (out of descriptors) pauses the loop instead of
+//! spinning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Limits of the admin listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest wait for a complete request header.
+    pub header_read_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// DNS names accepted in `Host` (lower case, no port) besides
+    /// `localhost`; IP addresses are always accepted.
+    pub allowed_hosts: Arc<Vec<String>>,
+}
+
+impl Limits {
+    /// The limits of `config`.
+    pub fn new(config: &tether_config::broker::BrokerConfig) -> Self {
+        let l = &config.admin_limits;
+        Self {
+            header_read_timeout: l.header_read_timeout,
+            max_connections: l.max_connections,
+            allowed_hosts: Arc::new(l.allowed_hosts.clone()),
+        }
+    }
+}
+
+/// The host part of a `Host` header value: without port, brackets or a
+/// trailing dot, lower case.
+fn host_of(value: &str) -> String {
+    let host = if let Some(rest) = value.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else if value.matches(':').count() == 1 {
+        value.split(':').next().unwrap_or_default()
+    } else {
+        value
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether a request naming `host` may be answered: an IP address (probes
+/// and scrapers name the address they connect to) or `localhost`, and DNS
+/// names only when configured. DNS rebinding needs a name of the
+/// attacker's, which a web page the operator opens puts in `Host`: such a
+/// page cannot then read the API by pointing its name at the broker.
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host_of(host);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() || allowed.contains(&host)
+}
+
+/// Refuses requests whose `Host` header names a DNS name neither
+/// `localhost` nor configured (421); requests without one (HTTP/1.0 tools)
+/// pass.
+async fn check_host(
+    axum::extract::State(allowed): axum::extract::State<Arc<Vec<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .map(|h| h.to_str().unwrap_or("(not text)").to_string());
+    match host {
+        Some(h) if !host_allowed(&h, &allowed) => {
+            crate::metrics::connection_refused("admin", "host");
+            (
+                http::StatusCode::MISDIRECTED_REQUEST,
+                axum::Json(tether_proto::api::ApiError {
+                    error: format!(
+                        "this admin API does not answer to the host {h:?}; add it to [admin] allowed_hosts"
+                    ),
+                }),
+            )
+                .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Pauses after a failed accept, longer each time in a row (up to a
+/// second): out of descriptors, retrying at once only burns the CPU.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// After a successful accept.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// After a failed accept on `listener`: logs (the first of a run at
+    /// warn) and sleeps.
+    pub async fn pause(&mut self, listener: &'static str, error: &std::io::Error) {
+        if self.failures == 0 {
+            tracing::warn!(listener, %error, "accept failed; pausing before the next (out of file descriptors?)");
+        } else {
+            tracing::debug!(listener, %error, "accept failed again");
+        }
+        let delay =
+            Duration::from_millis(10u64 << self.failures.min(7)).min(Duration::from_secs(1));
+        self.failures = self.failures.saturating_add(1);
+        crate::metrics::accept_failed(listener);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Serves `app` on `listener` within `limits`, until the task is aborted.
+pub async fn serve(listener: TcpListener, app: axum::Router, limits: Limits) {
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        limits.allowed_hosts.clone(),
+        check_host,
+    ));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = AcceptBackoff::default();
+    let header_read_timeout = limits.header_read_timeout;
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
+            Err(e) => {
+                backoff.pause("admin", &e).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            crate::metrics::connection_refused("admin", "limit");
+            tracing::debug!(%remote, "admin connection refused: too many open");
+            drop(tcp);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let open = crate::metrics::OpenConnection::new("admin");
+        tokio::spawn(async move {
+            let _held = (permit, open);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+                tracing::debug!(%remote, error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_and_configured_hosts_are_answered() {
+        let allowed = vec!["broker.example.org".to_string(), "10.0.0.5".to_string()];
+        for ok in [
+            "localhost",
+            "localhost:7070",
+            "127.0.0.1:7070",
+            "[::1]:7070",
+            "Broker.Example.org.",
+            "10.0.0.5:7070",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "evil.example.com",
+            "broker.example.org.evil.com",
+            "10.0.0.6.nip.io",
+            "",
+        ] {
+            assert!(!host_allowed(refused, &allowed), "{refused}");
+        }
+    }
+}
