@@ -11,6 +11,53 @@ pub struct Failure {
     pub refused: bool,
     /// Plain words.
     pub message: String,
+    /// The broker refused this site's certificate (a TLS alert), and why.
+    pub certificate: Option<CertRefusal>,
+}
+
+/// Why the broker refused this site's certificate, from the TLS alert it
+/// sent: re-attestation may renew the certificate, or tells why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertRefusal {
+    /// `certificate_expired` (45): expired by the broker's clock.
+    Expired,
+    /// `certificate_revoked` (44).
+    Revoked,
+}
+
+impl CertRefusal {
+    /// From a TLS alert code.
+    pub fn from_alert(code: u64) -> Option<Self> {
+        match code {
+            45 => Some(CertRefusal::Expired),
+            44 => Some(CertRefusal::Revoked),
+            _ => None,
+        }
+    }
+
+    /// From the text of a rustls error reporting an alert the broker sent
+    /// (the TCP transport's errors come as text through HTTP/2).
+    pub fn from_text(text: &str) -> Option<Self> {
+        if text.contains("received fatal alert: CertificateExpired") {
+            Some(CertRefusal::Expired)
+        } else if text.contains("received fatal alert: CertificateRevoked") {
+            Some(CertRefusal::Revoked)
+        } else {
+            None
+        }
+    }
+
+    /// Plain words.
+    pub fn explain(self) -> &'static str {
+        match self {
+            CertRefusal::Expired => {
+                "the broker refused this site's certificate as expired by its clock"
+            }
+            CertRefusal::Revoked => {
+                "the broker refused this site's certificate because it was revoked; ask the operator"
+            }
+        }
+    }
 }
 
 impl Failure {
@@ -18,6 +65,7 @@ impl Failure {
         Self {
             refused: false,
             message: message.into(),
+            certificate: None,
         }
     }
 
@@ -25,6 +73,15 @@ impl Failure {
         Self {
             refused: true,
             message: message.into(),
+            certificate: None,
+        }
+    }
+
+    pub(crate) fn certificate(refusal: CertRefusal) -> Self {
+        Self {
+            refused: true,
+            message: refusal.explain().into(),
+            certificate: Some(refusal),
         }
     }
 }

@@ -223,6 +223,10 @@ pub struct TunnelFile {
     pub site_cert_lifetime: String,
     /// Default lifetime of enrollment tokens.
     pub token_ttl: String,
+    /// How long after its certificate expired a site that was offline may
+    /// still renew it by proving it holds its key (re-attestation), with no
+    /// new enrollment code; `"0s"` turns re-attestation off.
+    pub reattest_window: String,
 }
 
 /// `[[region]]`: a data-residency region and its pools.
@@ -300,6 +304,7 @@ impl Default for TunnelFile {
             idle_timeout: "15s".into(),
             site_cert_lifetime: "24h".into(),
             token_ttl: "24h".into(),
+            reattest_window: "90d".into(),
         }
     }
 }
@@ -341,6 +346,8 @@ pub struct BrokerConfig {
     pub site_cert_lifetime: Duration,
     /// Default enrollment token lifetime.
     pub token_ttl: Duration,
+    /// How long after expiry a site certificate may re-attest.
+    pub reattest_window: Duration,
     /// Regions by name.
     pub regions: BTreeMap<RegionId, Region>,
     /// Address management over the regions' pools.
@@ -549,6 +556,13 @@ impl BrokerFile {
             Duration::from_secs(30 * 86_400),
         );
 
+        let reattest_window = p.duration(
+            "tunnel.reattest_window",
+            &self.tunnel.reattest_window,
+            Duration::ZERO,
+            Duration::from_secs(3650 * 86_400),
+        );
+
         let (dns_listen, dns_zone, dns_ttl) = self.validate_dns(&mut p);
         let regions = self.validate_regions(&mut p);
         let ipam = self.build_ipam(&mut p, &regions);
@@ -585,6 +599,7 @@ impl BrokerFile {
                 idle_timeout,
                 site_cert_lifetime,
                 token_ttl,
+                reattest_window,
                 regions,
                 ipam,
                 local_gateway,
