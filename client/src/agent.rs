@@ -636,16 +636,24 @@ async fn conn_failure(conn: &BrokerConn) -> Option<Failure> {
         .ok()
 }
 
-/// The certificate's lifetime, with the wall clock.
+/// The certificate's lifetime on this host's clock: its span (the
+/// broker's notBefore, backdated by the CA's allowance, to notAfter)
+/// counted from when this host stored it, so that a wrong clock here does
+/// not move renewal.
 fn lifetime(state: &StateDir) -> Option<Lifetime> {
+    let creds = state.credentials().ok()?;
     let Identity {
         issued_at,
         not_after,
         ..
-    } = state.credentials().ok()?.identity;
-    Some(Lifetime {
-        issued_at,
+    } = creds.identity;
+    let (not_before, _) = tether_pki::tls::validity(creds.chain.first()?).ok()?;
+    let issued =
+        tether_pki::token::unix_secs(not_before) + tether_pki::ca::CLOCK_SKEW_ALLOWANCE.as_secs();
+    Some(Lifetime::measured(
+        issued,
         not_after,
-        unix_now: tether_pki::token::unix_secs(SystemTime::now()),
-    })
+        issued_at,
+        tether_pki::token::unix_secs(SystemTime::now()),
+    ))
 }

@@ -407,6 +407,13 @@ async fn reattest_check(
 
 /// Runs every check.
 pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
+    run_with_clock(config, state, 0).await
+}
+
+/// Runs every check with this host's clock taken as `offset_secs` off its
+/// real time: how doctor behaves on a host whose clock is wrong (tests).
+pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs: i64) -> Report {
+    let clock = tether_pki::tls::ShiftedClock(offset_secs);
     let mut report = Report::default();
     let cidr = config.published_cidr;
 
@@ -439,12 +446,9 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
         match tether_pki::tls::validity(leaf) {
             Ok((not_before, not_after)) => {
                 certificate = Some((report.checks.len(), not_before, not_after));
-                report.checks.push(certificate_check(
-                    SystemTime::now(),
-                    not_before,
-                    not_after,
-                    None,
-                ));
+                report
+                    .checks
+                    .push(certificate_check(clock.now(), not_before, not_after, None));
             }
             Err(e) => report.add(
                 "certificate",
@@ -516,8 +520,12 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
     }
 
     let dialer = creds.as_ref().and_then(|c| {
-        let tls = tether_pki::tls::client_config(&c.ca, Some((c.chain.clone(), c.key.clone_key())))
-            .ok()?;
+        let tls = tether_pki::tls::client_config_with_clock(
+            &c.ca,
+            Some((c.chain.clone(), c.key.clone_key())),
+            offset_secs,
+        )
+        .ok()?;
         // The tunnel's packet size is fixed; doctor's connection searches
         // the path's instead (from QUIC's minimum up), to compare the two.
         let mut transport = transport_config(config.keepalive, Duration::from_secs(10));
@@ -628,7 +636,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
         if let Some(f) = refusal {
             report.add("tls", Level::Fail, f.message.clone());
             let expired_here =
-                certificate.is_some_and(|(_, _, not_after)| not_after <= SystemTime::now());
+                certificate.is_some_and(|(_, _, not_after)| not_after <= clock.now());
             if f.certificate.is_some() || expired_here {
                 let verdict = reattest_check(config, state, proxy.clone(), target).await;
                 // Renewable: what the broker refuses now, `tether up`
@@ -667,7 +675,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
 
     // TLS in both directions, and the broker's clock, with a request that
     // opens no tunnel.
-    let sent = SystemTime::now();
+    let sent = clock.now();
     let authority = target.endpoint.to_string();
     match conn
         .exchange("GET", &authority, "/.well-known/tether/doctor", &[])
@@ -697,7 +705,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
                     // by the broker's clock, which the skew explains.
                     if let Some((index, not_before, not_after)) = certificate {
                         report.checks[index] =
-                            certificate_check(SystemTime::now(), not_before, not_after, Some(secs));
+                            certificate_check(clock.now(), not_before, not_after, Some(secs));
                     }
                 }
                 _ => report.add(

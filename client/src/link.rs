@@ -49,10 +49,10 @@ fn quic_is_refusal(e: &ConnectionError) -> bool {
 /// Explains a failed QUIC handshake or a closed connection in plain words.
 pub fn explain_quic(e: &ConnectionError) -> String {
     let text = e.to_string();
-    let alert = |code: u64| {
-        matches!(e, ConnectionError::TransportError(t) if u64::from(t.code) == 0x100 + code)
-            || matches!(e, ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + code)
-    };
+    // Alerts the broker sent; this side's own (a transport error) are told
+    // by their text, which says what was wrong with the broker's
+    // certificate (a clock off, say).
+    let alert = |code: u64| matches!(e, ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + code);
     if alert(44) {
         CertRefusal::Revoked.explain().into()
     } else if alert(45) {
@@ -70,15 +70,16 @@ pub fn explain_quic(e: &ConnectionError) -> String {
     }
 }
 
-/// The broker's refusal of this site's certificate, when a QUIC connection
-/// ended with the TLS alert that says so.
+/// The broker's refusal of this site's certificate, when the broker closed
+/// the QUIC connection with the TLS alert that says so (a transport error
+/// is this side's own verdict, on the broker's certificate).
 fn quic_cert_refusal(e: &ConnectionError) -> Option<CertRefusal> {
-    let code = match e {
-        ConnectionError::TransportError(t) => u64::from(t.code),
-        ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
-        _ => return None,
-    };
-    code.checked_sub(0x100).and_then(CertRefusal::from_alert)
+    match e {
+        ConnectionError::ConnectionClosed(c) => u64::from(c.error_code)
+            .checked_sub(0x100)
+            .and_then(CertRefusal::from_alert),
+        _ => None,
+    }
 }
 
 /// A failed QUIC handshake or connection as a [`Failure`].

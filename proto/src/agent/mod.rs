@@ -114,6 +114,21 @@ pub struct Lifetime {
 }
 
 impl Lifetime {
+    /// The lifetime on this host's clock, whatever its error: the broker
+    /// stamped `issued` and `not_after` (Unix seconds) with its own clock,
+    /// and this host stored the certificate at `saved_at` by its clock. The
+    /// certificate's span, counted from `saved_at`, keeps renewal at
+    /// half-life when the two clocks disagree (a clock two days ahead
+    /// would otherwise find every new certificate past half-life at once,
+    /// and renew in a loop).
+    pub fn measured(issued: u64, not_after: u64, saved_at: u64, unix_now: u64) -> Self {
+        Self {
+            issued_at: saved_at,
+            not_after: saved_at.saturating_add(not_after.saturating_sub(issued)),
+            unix_now,
+        }
+    }
+
     /// The time until half-way through the lifetime (zero when past it).
     pub fn renew_in(&self) -> Duration {
         let midpoint = self.issued_at + self.not_after.saturating_sub(self.issued_at) / 2;

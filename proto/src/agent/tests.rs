@@ -791,3 +791,23 @@ fn a_refused_reattestation_waits_ten_minutes_and_a_lost_one_backs_off() {
     a.core.handle_reattest_result(Ok(()), a.now);
     assert_eq!((a.events(), a.actions()), (vec![], vec![]));
 }
+
+#[test]
+fn renewal_stays_at_half_life_whatever_this_hosts_clock_says() {
+    // The broker issued a day-long certificate at its time T; this host
+    // stored it when its own clock read T + offset.
+    let t = 1_800_000_000u64;
+    for offset in [0i64, 7200, -7200, 172_800, -172_800] {
+        let saved = t.saturating_add_signed(offset);
+        let life = Lifetime::measured(t, t + 86_400, saved, saved + 600);
+        assert_eq!(life.renew_in(), secs(43_200 - 600), "offset {offset}");
+    }
+    // Read naively, a clock two days ahead puts a new certificate past
+    // half-life: renewal at once, again and again.
+    let naive = Lifetime {
+        issued_at: t + 172_800,
+        not_after: t + 86_400,
+        unix_now: t + 172_800,
+    };
+    assert_eq!(naive.renew_in(), Duration::ZERO);
+}
