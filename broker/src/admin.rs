@@ -163,6 +163,7 @@ async fn ready(State(broker): State<Arc<Broker>>) -> Response {
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
     broker.metrics().refresh(&broker.traffic());
+    crate::metrics::ca_expiry(broker.ca.not_after());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::recorder().render(),

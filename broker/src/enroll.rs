@@ -73,6 +73,7 @@ pub async fn enroll(broker: &std::sync::Arc<Broker>, body: &[u8]) -> Reply {
     match result {
         Ok(Ok(response)) => {
             crate::metrics::enrollment("ok");
+            crate::metrics::certificate_issued("enroll");
             tracing::info!(site = %response.site, region = %response.region, "site enrolled");
             Reply::json(200, &response)
         }
@@ -182,6 +183,7 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
     .await;
     match result {
         Ok(Ok(response)) => {
+            crate::metrics::certificate_issued("renew");
             tracing::info!(site = %peer.identity.site, "site certificate renewed");
             Reply::json(200, &response)
         }
@@ -231,6 +233,10 @@ pub async fn reattest(
     match result {
         Ok(Ok((site, response))) => {
             let renewed = response.renewed.is_some();
+            crate::metrics::reattestation("accepted");
+            if renewed {
+                crate::metrics::certificate_issued("reattest");
+            }
             tracing::info!(
                 site = %site,
                 expired_secs = response.expired_secs,
@@ -240,6 +246,7 @@ pub async fn reattest(
             Reply::json(200, &response)
         }
         Ok(Err(refused)) => {
+            crate::metrics::reattestation(refused.reason);
             tracing::info!(
                 status = refused.status,
                 reason = refused.reason,

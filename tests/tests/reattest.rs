@@ -140,8 +140,12 @@ async fn a_site_offline_for_three_lifetimes_returns_with_its_address() {
     assert!(asked.expired_secs >= 2, "{asked:?}");
     assert_eq!(asked.window_secs, 60);
     assert_eq!(site.state.credentials().unwrap().chain, first.chain);
+    let issued =
+        || tether_tests::metric(r#"tether_broker_certificates_issued_total{kind="reattest"}"#);
+    let before = issued();
     let renewed = reattest(&broker, &site, Transport::H3, true).await.unwrap();
     assert!(renewed.renewed.is_some());
+    assert!(issued() > before);
     let second = site.state.credentials().unwrap();
     assert_ne!(second.chain, first.chain);
     assert_ne!(
@@ -268,6 +272,16 @@ async fn past_the_window_or_revoked_is_refused_in_plain_words() {
         "{}",
         verdict.detail
     );
+    // Counted by reason (the recorder is shared by the tests of this
+    // binary: at least this test's).
+    let count = |result: &str| {
+        tether_tests::metric(&format!(
+            "tether_broker_reattestations_total{{result=\"{result}\"}}"
+        ))
+    };
+    assert!(count("past_window") >= 1.0);
+    assert!(count("revoked") >= 3.0);
+    assert!(count("accepted") >= 1.0);
 }
 
 #[tokio::test]
