@@ -183,6 +183,7 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
         }
     }
     broker.metrics().refresh(&broker.traffic());
+    crate::metrics::ca_expiry(broker.ca.not_after());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::recorder().render(),

@@ -4,12 +4,19 @@
 //! the site, and the identity it gets is the one the token was bound to.
 //! The CSR is checked before the token is consumed, so a malformed request
 //! does not burn a token. Renewal needs the site's current certificate.
+//! Re-attestation renews an expired one: the site proves, over a connection
+//! without a client certificate, that it holds the key of its last
+//! certificate ([`tether_pki::reattest`]).
 
 use std::time::SystemTime;
 
 use tether_pki::PeerCert;
+use tether_pki::reattest::{self, Facts, IssuedKey, Refusal, RevokedBy};
 use tether_pki::token::{self, RedeemError};
-use tether_proto::api::{ApiError, EnrollRequest, EnrollResponse, RenewRequest, RenewResponse};
+use tether_proto::api::{
+    ApiError, EnrollRequest, EnrollResponse, ReattestRefused, ReattestRequest, ReattestResponse,
+    RenewRequest, RenewResponse,
+};
 
 use crate::state::Broker;
 
@@ -66,6 +73,7 @@ pub async fn enroll(broker: &std::sync::Arc<Broker>, body: &[u8]) -> Reply {
     match result {
         Ok(Ok(response)) => {
             crate::metrics::enrollment("ok");
+            crate::metrics::certificate_issued("enroll");
             tracing::info!(site = %response.site, region = %response.region, "site enrolled");
             Reply::json(200, &response)
         }
@@ -124,7 +132,7 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
         tracing::warn!(site = %record.site, error = %e, "no address allocated at enrollment");
     }
     broker
-        .record_issued(&identity, &cert.serial, cert.not_after)
+        .record_issued(&identity, &cert)
         .map_err(|e| (500, e.to_string()))?;
     Ok(EnrollResponse {
         identity: identity.uri(),
@@ -164,7 +172,7 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
             )
             .map_err(|e| (400, e.to_string()))?;
         broker2
-            .record_issued(&identity, &cert.serial, cert.not_after)
+            .record_issued(&identity, &cert)
             .map_err(|e| (500, e.to_string()))?;
         Ok::<_, (u16, String)>(RenewResponse {
             certificate: cert.pem,
@@ -175,10 +183,193 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
     .await;
     match result {
         Ok(Ok(response)) => {
+            crate::metrics::certificate_issued("renew");
             tracing::info!(site = %peer.identity.site, "site certificate renewed");
             Reply::json(200, &response)
         }
         Ok(Err((status, message))) => Reply::error(status, message),
         Err(_) => Reply::error(500, "internal error"),
     }
+}
+
+/// A refused re-attestation: status, words, and the metric label.
+struct Refused {
+    status: u16,
+    message: String,
+    reason: &'static str,
+}
+
+impl Refused {
+    fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            reason,
+        }
+    }
+}
+
+/// POST reattest: a site whose certificate expired (or that the broker no
+/// longer accepts) proves it holds the key of its last certificate over
+/// this connection, whose TLS exporter value (`exporter`) its signature
+/// covers, and gets a new certificate.
+pub async fn reattest(
+    broker: &std::sync::Arc<Broker>,
+    exporter: Option<[u8; reattest::EXPORTER_LEN]>,
+    body: &[u8],
+) -> Reply {
+    let Some(exporter) = exporter else {
+        return Reply::error(500, "internal error");
+    };
+    let request: ReattestRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return Reply::error(400, format!("invalid re-attestation request: {e}")),
+    };
+    let broker2 = broker.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        reattest_blocking(&broker2, &exporter, &request, SystemTime::now())
+    })
+    .await;
+    match result {
+        Ok(Ok((site, response))) => {
+            let renewed = response.renewed.is_some();
+            crate::metrics::reattestation("accepted");
+            if renewed {
+                crate::metrics::certificate_issued("reattest");
+            }
+            tracing::info!(
+                site = %site,
+                expired_secs = response.expired_secs,
+                renewed,
+                "site re-attested with the key of its last certificate"
+            );
+            Reply::json(200, &response)
+        }
+        Ok(Err(refused)) => {
+            crate::metrics::reattestation(refused.reason);
+            tracing::info!(
+                status = refused.status,
+                reason = refused.reason,
+                "re-attestation refused: {}",
+                refused.message
+            );
+            Reply::json(
+                refused.status,
+                &ReattestRefused {
+                    error: refused.message,
+                    reason: refused.reason.to_string(),
+                },
+            )
+        }
+        Err(_) => Reply::error(500, "internal error"),
+    }
+}
+
+fn reattest_blocking(
+    broker: &Broker,
+    exporter: &[u8],
+    request: &ReattestRequest,
+    now: SystemTime,
+) -> Result<(tether_proto::ids::SiteId, ReattestResponse), Refused> {
+    let malformed = |m: String| Refused::new(400, "malformed", m);
+    let internal = |e: &dyn std::fmt::Display| Refused::new(500, "internal", e.to_string());
+    let cert = tether_pki::ca::pem_to_der(&request.certificate, "CERTIFICATE")
+        .map(rustls::pki_types::CertificateDer::from)
+        .ok_or_else(|| malformed("certificate is not a PEM certificate".into()))?;
+    let csr = match &request.csr {
+        Some(text) => {
+            let csr = decode_csr(text).map_err(malformed)?;
+            tether_pki::ca::check_csr(&csr).map_err(|e| malformed(e.to_string()))?;
+            Some(csr)
+        }
+        None => None,
+    };
+    let signature = data_encoding::BASE64
+        .decode(request.signature.trim().as_bytes())
+        .map_err(|_| malformed("signature is not base64".into()))?;
+    let presented =
+        reattest::verify_presented(broker.ca.cert_der(), broker.ca.trust_domain(), &cert, now)
+            .map_err(|e| Refused::new(403, "not_ours", e.to_string()))?;
+    let identity = presented.peer.identity.clone();
+    let message = reattest::transcript(exporter, csr.as_deref().unwrap_or(&[]), &identity.uri());
+    let (site, region) = (identity.site.as_str(), identity.region.as_str());
+    reattest::verify_proof(&cert, &message, &signature).map_err(|_| {
+        Refused::new(
+            401,
+            Refusal::BadProof.reason(),
+            Refusal::BadProof.message(site, region),
+        )
+    })?;
+    let record = broker
+        .store
+        .site(&identity.site)
+        .map_err(|e| internal(&e))?
+        .filter(|r| r.region == identity.region);
+    let revoked = match &record {
+        Some(r) if r.revoked => Some(RevokedBy::Site(
+            r.revoked_at.map(tether_pki::token::from_unix_secs),
+        )),
+        _ if broker.revocations.is_revoked(&identity, &[]) => Some(RevokedBy::Site(None)),
+        _ if broker
+            .revocations
+            .is_revoked(&identity, &presented.peer.serial) =>
+        {
+            Some(RevokedBy::Certificate)
+        }
+        _ => None,
+    };
+    let issued: Vec<IssuedKey> = match &record {
+        Some(_) => broker
+            .store
+            .certs_of(&identity.site)
+            .map_err(|e| internal(&e))?
+            .into_iter()
+            .filter(|c| c.region == identity.region)
+            .map(|c| IssuedKey {
+                serial: c.serial,
+                not_after: c.not_after,
+                spki_sha256: c.spki_sha256,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let key = reattest::key_standing(
+        &issued,
+        &data_encoding::HEXLOWER.encode(&presented.peer.serial),
+        &presented.spki_sha256,
+    );
+    let window = broker.config.reattest_window;
+    let granted = reattest::decide(&Facts {
+        now,
+        not_after: presented.peer.not_after,
+        window,
+        revoked,
+        key,
+    })
+    .map_err(|refusal| Refused::new(403, refusal.reason(), refusal.message(site, region)))?;
+    let renewed = match csr {
+        Some(csr) => {
+            let cert = broker
+                .ca
+                .issue_site(&csr, &identity, now, broker.config.site_cert_lifetime)
+                .map_err(|e| malformed(e.to_string()))?;
+            broker
+                .record_issued(&identity, &cert)
+                .map_err(|e| internal(&e))?;
+            Some(RenewResponse {
+                certificate: cert.pem,
+                ca: broker.ca.cert_pem().to_string(),
+                not_after: token::unix_secs(cert.not_after),
+            })
+        }
+        None => None,
+    };
+    Ok((
+        identity.site,
+        ReattestResponse {
+            expired_secs: granted.expired_for.as_secs(),
+            window_secs: window.as_secs(),
+            renewed,
+        },
+    ))
 }

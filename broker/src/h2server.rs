@@ -124,6 +124,8 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
 struct Conn {
     broker: Arc<Broker>,
     peer: Option<PeerCert>,
+    /// The TLS exporter value a re-attestation proof signs.
+    exporter: Option<[u8; tether_pki::reattest::EXPORTER_LEN]>,
     remote: SocketAddr,
     id: u64,
     rtt_us: Arc<AtomicU64>,
@@ -161,6 +163,15 @@ async fn handle_connection(
         .1
         .peer_certificates()
         .and_then(|chain| tether_pki::tls::peer_identity(chain, broker.ca.trust_domain()).ok());
+    let exporter = tls
+        .get_ref()
+        .1
+        .export_keying_material(
+            [0u8; tether_pki::reattest::EXPORTER_LEN],
+            tether_pki::reattest::EXPORTER_LABEL,
+            None,
+        )
+        .ok();
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(WINDOW)
@@ -195,6 +206,7 @@ async fn handle_connection(
     let conn = Conn {
         broker: broker.clone(),
         peer,
+        exporter,
         remote,
         id,
         rtt_us: Arc::new(AtomicU64::new(0)),
@@ -345,15 +357,17 @@ async fn handle_request(
             )
             .await;
         }
-        Ok(kind @ (RequestKind::Enroll | RequestKind::Renew)) => {
+        Ok(kind @ (RequestKind::Enroll | RequestKind::Renew | RequestKind::Reattest)) => {
             let data = match read_body(&mut body, crate::enroll::MAX_BODY).await {
                 Ok(d) => d,
                 Err(e) => return reply(respond, Reply::error(400, e)),
             };
-            let answer = if kind == RequestKind::Enroll {
-                crate::enroll::enroll(&conn.broker, &data).await
-            } else {
-                crate::enroll::renew(&conn.broker, conn.peer.clone(), &data).await
+            let answer = match kind {
+                RequestKind::Enroll => crate::enroll::enroll(&conn.broker, &data).await,
+                RequestKind::Renew => {
+                    crate::enroll::renew(&conn.broker, conn.peer.clone(), &data).await
+                }
+                _ => crate::enroll::reattest(&conn.broker, conn.exporter, &data).await,
             };
             reply(respond, answer);
         }

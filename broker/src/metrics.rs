@@ -144,6 +144,21 @@ fn describe() {
         Unit::Count,
         "CONNECT-IP requests refused, by HTTP status."
     );
+    describe_counter!(
+        "tether_broker_certificates_issued_total",
+        Unit::Count,
+        "Site certificates issued, by kind (enroll, renew, reattest)."
+    );
+    describe_counter!(
+        "tether_broker_reattestations_total",
+        Unit::Count,
+        "Re-attestations of sites whose certificate expired, by result (accepted, or the refusal's reason)."
+    );
+    describe_gauge!(
+        "tether_broker_ca_expiry_seconds",
+        Unit::Seconds,
+        "Seconds until the deployment's CA certificate expires (negative once expired)."
+    );
 }
 
 /// Counts a failed accept on `listener`.
@@ -384,6 +399,25 @@ pub fn dns_answer(code: hickory_proto::op::ResponseCode) {
         _ => "OTHER",
     };
     counter!("tether_broker_dns_queries_total", "rcode" => rcode).increment(1);
+}
+
+/// Counts an issued site certificate: `enroll`, `renew` or `reattest`.
+pub fn certificate_issued(kind: &'static str) {
+    counter!("tether_broker_certificates_issued_total", "kind" => kind).increment(1);
+}
+
+/// Counts a re-attestation: `accepted`, or the refusal's reason.
+pub fn reattestation(result: &'static str) {
+    counter!("tether_broker_reattestations_total", "result" => result).increment(1);
+}
+
+/// Sets the seconds until the CA expires.
+pub fn ca_expiry(not_after: std::time::SystemTime) {
+    let secs = match not_after.duration_since(std::time::SystemTime::now()) {
+        Ok(left) => left.as_secs_f64(),
+        Err(past) => -past.duration().as_secs_f64(),
+    };
+    gauge!("tether_broker_ca_expiry_seconds").set(secs.floor());
 }
 
 /// Counts a refused CONNECT-IP request.

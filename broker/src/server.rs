@@ -140,6 +140,14 @@ pub fn peer_of(broker: &Broker, conn: &Connection) -> Option<PeerCert> {
     tether_pki::tls::peer_identity(&chain, broker.ca.trust_domain()).ok()
 }
 
+/// The connection's TLS exporter value that a re-attestation proof signs.
+fn exporter(conn: &Connection) -> Option<[u8; tether_pki::reattest::EXPORTER_LEN]> {
+    let mut out = [0u8; tether_pki::reattest::EXPORTER_LEN];
+    conn.export_keying_material(&mut out, tether_pki::reattest::EXPORTER_LABEL, &[])
+        .ok()?;
+    Some(out)
+}
+
 async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
     let peer = peer_of(&broker, &conn);
     let h3 = Arc::new(Mutex::new(h3::Connection::new(
@@ -267,15 +275,15 @@ async fn handle_request(
         Ok(RequestKind::ConnectIp) => {
             crate::session::run(broker, conn, peer, settings, request, send, recv, dec).await;
         }
-        Ok(kind @ (RequestKind::Enroll | RequestKind::Renew)) => {
+        Ok(kind @ (RequestKind::Enroll | RequestKind::Renew | RequestKind::Reattest)) => {
             let body = match read_body(&mut recv, &mut dec, crate::enroll::MAX_BODY).await {
                 Ok(b) => b,
                 Err(e) => return respond_error(&mut send, 400, e.reason).await,
             };
-            let reply = if kind == RequestKind::Enroll {
-                crate::enroll::enroll(&broker, &body).await
-            } else {
-                crate::enroll::renew(&broker, peer, &body).await
+            let reply = match kind {
+                RequestKind::Enroll => crate::enroll::enroll(&broker, &body).await,
+                RequestKind::Renew => crate::enroll::renew(&broker, peer, &body).await,
+                _ => crate::enroll::reattest(&broker, exporter(&conn), &body).await,
             };
             respond(
                 &mut send,

@@ -478,6 +478,7 @@ impl Broker {
                 self.revocations.reinstate(&entry);
                 self.decide(|core| core.handle_reinstatement(&revocation(&entry)))?;
                 existing.revoked = false;
+                existing.revoked_at = None;
                 self.store.put_site(&existing)?;
             }
             (SiteRecordAction::Create, _) => self.store.put_site(&SiteRecord {
@@ -486,6 +487,7 @@ impl Broker {
                 created: now_unix(),
                 enrolled: None,
                 revoked: false,
+                revoked_at: None,
             })?,
             _ => {}
         }
@@ -543,6 +545,7 @@ impl Broker {
         // may close the session before this function goes on.
         let connected = self.session(site).is_some();
         record.revoked = true;
+        record.revoked_at = Some(now_unix());
         self.store.put_site(&record)?;
         let entry = Revoked::Site(self.identity(site, region));
         self.store.revoke(&entry)?;
@@ -551,18 +554,21 @@ impl Broker {
         Ok(connected)
     }
 
-    /// Records an issued site certificate and the enrollment time. Blocking.
+    /// Records an issued site certificate, with the hash of its key (which
+    /// re-attestation checks), and the enrollment time. Blocking.
     pub fn record_issued(
         &self,
         identity: &SiteIdentity,
-        serial: &[u8],
-        not_after: SystemTime,
+        cert: &tether_pki::IssuedCert,
     ) -> Result<(), BrokerError> {
+        let spki_sha256 = tether_pki::reattest::spki_sha256(&cert.der)
+            .map_err(|e| BrokerError::BadInput(e.to_string()))?;
         self.store.put_cert(&CertRecord {
-            serial: data_encoding::HEXLOWER.encode(serial),
+            serial: data_encoding::HEXLOWER.encode(&cert.serial),
             site: identity.site.clone(),
             region: identity.region.clone(),
-            not_after: token::unix_secs(not_after),
+            not_after: token::unix_secs(cert.not_after),
+            spki_sha256: Some(spki_sha256),
         })?;
         if let Some(mut record) = self.store.site(&identity.site)? {
             record.enrolled = Some(now_unix());

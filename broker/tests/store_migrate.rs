@@ -69,6 +69,7 @@ fn the_migrate_command_copies_refuses_a_used_prefix_and_forces() {
                 created: 1,
                 enrolled: Some(2),
                 revoked: false,
+                revoked_at: None,
             })
             .unwrap();
             let snapshot = redb.region_leases(&region).unwrap();

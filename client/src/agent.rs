@@ -25,7 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tether_config::client::{ClientConfig, LanSource};
 use tether_proto::agent::{
-    Action, AgentConfig, AgentCore, BACKOFF_BASE, Ending, Event, Lifetime, Move, TunConfig,
+    Action, AgentConfig, AgentCore, BACKOFF_BASE, Ending, Event, Lifetime, Move, ReattestFailure,
+    TunConfig,
 };
 use tether_proto::tunnel::Transport;
 use tokio::sync::{mpsc, watch};
@@ -46,6 +47,7 @@ enum Input {
     Dialed(Result<(BrokerConn, Target), Failure>),
     Opened(Result<(Tunnel, TunnelLink), Failure>),
     Renewed(Result<(), String>),
+    Reattested(Result<(), ReattestFailure>),
     Probed(Option<BrokerConn>),
 }
 
@@ -91,8 +93,19 @@ struct Shell {
     health: Reporter,
 }
 
-fn ending(f: Failure) -> Ending {
-    if f.refused {
+/// How an attempt ended, for the core. A certificate the broker refused
+/// as expired or revoked calls for re-attestation; so does any refusal
+/// while the certificate has expired by this machine's clock (the
+/// transport may not say which certificate was refused).
+fn ending(f: Failure, state: &StateDir) -> Ending {
+    let expired_here = || {
+        state
+            .credentials()
+            .is_ok_and(|c| c.identity.not_after <= tether_pki::token::unix_secs(SystemTime::now()))
+    };
+    if f.certificate.is_some() || (f.refused && expired_here()) {
+        Ending::CertificateRefused(f.message)
+    } else if f.refused {
         Ending::Refused(f.message)
     } else {
         Ending::Lost(f.message)
@@ -175,7 +188,7 @@ pub async fn run_reporting(
             Wake::Shutdown => core.handle_shutdown(now),
             Wake::Timer => core.handle_timeout(now),
             Wake::Data(data) => core.handle_tunnel_data(&data, now),
-            Wake::Ended(f) => core.handle_session_ended(ending(f), now),
+            Wake::Ended(f) => core.handle_session_ended(ending(f, &shell.state), now),
             Wake::Input(epoch, input) if epoch == shell.epoch => shell.answer(*input, &mut core),
             Wake::Input(..) | Wake::Nothing => {}
         }
@@ -246,7 +259,7 @@ impl Shell {
                 self.session = Some(Session::new(conn, target));
                 core.handle_connected(transport, now);
             }
-            Input::Dialed(Err(f)) => core.handle_dial_failed(ending(f), now),
+            Input::Dialed(Err(f)) => core.handle_dial_failed(ending(f, &self.state), now),
             Input::Opened(Ok((tunnel, link))) => {
                 if let Some(s) = self.session.as_mut() {
                     if let Some(tun) = &self.tun {
@@ -258,8 +271,9 @@ impl Shell {
                 self.health.tunnel_open();
                 core.handle_tunnel_opened(lifetime(&self.state), now);
             }
-            Input::Opened(Err(f)) => core.handle_session_ended(ending(f), now),
+            Input::Opened(Err(f)) => core.handle_session_ended(ending(f, &self.state), now),
             Input::Renewed(result) => core.handle_renewal_result(result, now),
+            Input::Reattested(result) => core.handle_reattest_result(result, now),
             Input::Probed(conn) => {
                 let answered = conn.is_some();
                 let target = self.session.as_ref().map(|s| s.target.clone());
@@ -300,11 +314,31 @@ impl Shell {
                 self.health.down(&why, false);
                 tracing::warn!(broker, "{why}")
             }
-            Event::SessionEnded(Ending::Refused(why)) => {
+            Event::SessionEnded(Ending::Refused(why) | Ending::CertificateRefused(why)) => {
                 let why = format!("the broker refused the tunnel: {why}");
                 self.health.down(&why, true);
                 tracing::error!(broker, "{why}")
             }
+            Event::Reattesting => tracing::info!(
+                "asking the broker to renew this site's certificate on the proof of its key (re-attestation)"
+            ),
+            Event::Reattested => tracing::info!(
+                "the broker renewed this site's certificate by re-attestation; reconnecting with it"
+            ),
+            Event::ReattestFailed {
+                failure: ReattestFailure::Refused(why),
+                retry_in,
+            } => tracing::error!(
+                "the broker refused to renew this site's certificate: {why} (asking again in {} minutes)",
+                retry_in.as_secs() / 60
+            ),
+            Event::ReattestFailed {
+                failure: ReattestFailure::Lost(why),
+                retry_in,
+            } => tracing::warn!(
+                "re-attestation failed, retrying in {:.1} s: {why}",
+                retry_in.as_secs_f64()
+            ),
             Event::Renewed => tracing::info!("reconnecting with the renewed certificate"),
             Event::RenewalFailed { error, retry_in } => tracing::warn!(
                 "certificate renewal failed, retrying in {} minutes: {error}",
@@ -424,6 +458,16 @@ impl Shell {
                     )
                 });
                 self.tasks(task);
+            }
+            Action::Reattest => {
+                let dialer =
+                    Dialer::for_reattestation(&self.config, &self.state, self.proxy.clone())?;
+                self.epoch += 1;
+                let (config, state) = (self.config.clone(), self.state.clone());
+                let order = core.ladder().attempt_order();
+                self.dialing = Some(self.spawn(async move {
+                    Input::Reattested(reattest(&dialer, &config, &state, &order).await)
+                }));
             }
             Action::Probe(transport) => self.probe(transport, core),
             Action::EndSession { close } => {
@@ -591,6 +635,29 @@ impl Drop for Session {
     }
 }
 
+/// Connects without a client certificate and asks for re-attestation.
+async fn reattest(
+    dialer: &Dialer,
+    config: &ClientConfig,
+    state: &StateDir,
+    order: &[Transport],
+) -> Result<(), ReattestFailure> {
+    let (conn, target) = dialer
+        .connect(config, order)
+        .await
+        .map_err(|f| ReattestFailure::Lost(f.message))?;
+    let result = crate::enroll::reattest(&conn, state, &target, true).await;
+    conn.close("re-attested");
+    conn.drain().await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(crate::enroll::ReattestError::Refused { message, .. }) => {
+            Err(ReattestFailure::Refused(message))
+        }
+        Err(crate::enroll::ReattestError::Failed(why)) => Err(ReattestFailure::Lost(why)),
+    }
+}
+
 /// The connection's own failure, if it has already failed (the better
 /// explanation when a stream fails).
 async fn conn_failure(conn: &BrokerConn) -> Option<Failure> {
@@ -599,16 +666,24 @@ async fn conn_failure(conn: &BrokerConn) -> Option<Failure> {
         .ok()
 }
 
-/// The certificate's lifetime, with the wall clock.
+/// The certificate's lifetime on this host's clock: its span (the
+/// broker's notBefore, backdated by the CA's allowance, to notAfter)
+/// counted from when this host stored it, so that a wrong clock here does
+/// not move renewal.
 fn lifetime(state: &StateDir) -> Option<Lifetime> {
+    let creds = state.credentials().ok()?;
     let Identity {
         issued_at,
         not_after,
         ..
-    } = state.credentials().ok()?.identity;
-    Some(Lifetime {
-        issued_at,
+    } = creds.identity;
+    let (not_before, _) = tether_pki::tls::validity(creds.chain.first()?).ok()?;
+    let issued =
+        tether_pki::token::unix_secs(not_before) + tether_pki::ca::CLOCK_SKEW_ALLOWANCE.as_secs();
+    Some(Lifetime::measured(
+        issued,
         not_after,
-        unix_now: tether_pki::token::unix_secs(SystemTime::now()),
-    })
+        issued_at,
+        tether_pki::token::unix_secs(SystemTime::now()),
+    ))
 }

@@ -72,7 +72,16 @@ impl Report {
 
     /// Whether something keeps the site from connecting.
     pub fn blocked(&self) -> bool {
-        self.usable.is_none() || self.checks.iter().any(|c| c.level == Level::Fail)
+        (self.usable.is_none() && !self.renews_itself())
+            || self.checks.iter().any(|c| c.level == Level::Fail)
+    }
+
+    /// Whether the broker refuses only this site's certificate, and would
+    /// renew it by re-attestation (which `tether up` does by itself).
+    fn renews_itself(&self) -> bool {
+        self.checks
+            .iter()
+            .any(|c| c.name == REATTESTATION && c.level == Level::Ok)
     }
 
     /// The report as printed.
@@ -92,11 +101,16 @@ impl Report {
                 "\nverdict: this site can connect, over {}.\n",
                 t.describe()
             )),
+            (None, false) => out.push_str(
+                "\nverdict: this site can connect once `tether up` has renewed its certificate by re-attestation (it does so by itself).\n",
+            ),
             _ => {
+                // The broker's refusal of a re-attestation says most.
                 let first = self
                     .checks
                     .iter()
-                    .find(|c| c.level == Level::Fail)
+                    .find(|c| c.level == Level::Fail && c.name == REATTESTATION)
+                    .or_else(|| self.checks.iter().find(|c| c.level == Level::Fail))
                     .map(|c| format!("{}: {}", c.name, c.detail))
                     .unwrap_or_else(|| "no broker answered on any transport".into());
                 out.push_str(&format!("\nverdict: this site cannot connect. {first}\n"));
@@ -295,7 +309,7 @@ pub fn certificate_check(
         None => check(
             Level::Fail,
             format!(
-                "this site's certificate {}: it renews itself only while connected; ask the operator for a new token and run `tether enroll --force`",
+                "this site's certificate {}: `tether up` asks the broker to renew it on the proof of this site's key (re-attestation, see below); only if the broker refuses, ask the operator for a new token and run `tether enroll --force`",
                 as_seen(now)
             ),
         ),
@@ -327,8 +341,79 @@ pub fn certificate_check(
     }
 }
 
+/// The name of the re-attestation check.
+const REATTESTATION: &str = "re-attestation";
+
+/// The re-attestation check from the broker's answer: whether it would
+/// renew this site's certificate on the proof of its key.
+pub fn reattest_verdict(
+    answer: Result<tether_proto::api::ReattestResponse, crate::enroll::ReattestError>,
+) -> Check {
+    let (level, detail) = match answer {
+        Ok(r) if r.expired_secs == 0 => (
+            Level::Ok,
+            "the broker would renew this site's certificate on the proof of its key; `tether up` does so by itself".to_string(),
+        ),
+        Ok(r) => (
+            Level::Ok,
+            format!(
+                "this site's certificate expired {} ago by the broker's clock, within its re-attestation window of {}: `tether up` renews it by itself on the proof of this site's key; no new enrollment is needed",
+                tether_pki::reattest::plain_duration(Duration::from_secs(r.expired_secs)),
+                tether_pki::reattest::plain_duration(Duration::from_secs(r.window_secs)),
+            ),
+        ),
+        Err(crate::enroll::ReattestError::Refused { message, .. }) => (Level::Fail, message),
+        Err(crate::enroll::ReattestError::Failed(why)) => (
+            Level::Warn,
+            format!("could not ask the broker to re-attest this site: {why}"),
+        ),
+    };
+    Check {
+        name: REATTESTATION.into(),
+        level,
+        detail,
+    }
+}
+
+/// Asks the broker at `target` whether it would re-attest this site (a
+/// connection without a client certificate, no CSR: nothing changes).
+async fn reattest_check(
+    config: &ClientConfig,
+    state: &StateDir,
+    proxy: Option<Proxy>,
+    target: &Target,
+) -> Check {
+    let failed = |why: String| reattest_verdict(Err(crate::enroll::ReattestError::Failed(why)));
+    let dialer = match Dialer::for_reattestation(config, state, proxy.clone()) {
+        Ok(d) => d,
+        Err(e) => return failed(format!("{e:#}")),
+    };
+    let mut order = vec![Transport::H3, Transport::H2];
+    if proxy.is_some() {
+        order.push(Transport::H2Proxy);
+    }
+    let (conn, target) = match dialer
+        .first(&order, std::slice::from_ref(target), Vec::new())
+        .await
+    {
+        Ok(found) => found,
+        Err(f) => return failed(f.message),
+    };
+    let answer = crate::enroll::reattest(&conn, state, &target, false).await;
+    conn.close("doctor done");
+    conn.drain().await;
+    reattest_verdict(answer)
+}
+
 /// Runs every check.
 pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
+    run_with_clock(config, state, 0).await
+}
+
+/// Runs every check with this host's clock taken as `offset_secs` off its
+/// real time: how doctor behaves on a host whose clock is wrong (tests).
+pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs: i64) -> Report {
+    let clock = tether_pki::tls::ShiftedClock(offset_secs);
     let mut report = Report::default();
     let cidr = config.published_cidr;
 
@@ -361,12 +446,9 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
         match tether_pki::tls::validity(leaf) {
             Ok((not_before, not_after)) => {
                 certificate = Some((report.checks.len(), not_before, not_after));
-                report.checks.push(certificate_check(
-                    SystemTime::now(),
-                    not_before,
-                    not_after,
-                    None,
-                ));
+                report
+                    .checks
+                    .push(certificate_check(clock.now(), not_before, not_after, None));
             }
             Err(e) => report.add(
                 "certificate",
@@ -438,8 +520,12 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
     }
 
     let dialer = creds.as_ref().and_then(|c| {
-        let tls = tether_pki::tls::client_config(&c.ca, Some((c.chain.clone(), c.key.clone_key())))
-            .ok()?;
+        let tls = tether_pki::tls::client_config_with_clock(
+            &c.ca,
+            Some((c.chain.clone(), c.key.clone_key())),
+            offset_secs,
+        )
+        .ok()?;
         // The tunnel's packet size is fixed; doctor's connection searches
         // the path's instead (from QUIC's minimum up), to compare the two.
         let mut transport = transport_config(config.keepalive, Duration::from_secs(10));
@@ -524,7 +610,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
         if let Some(result) = udp {
             match result {
                 Ok(conn) => best = Some((conn, target.clone())),
-                Err(f) if f.refused => refusal = Some(f.message),
+                Err(f) if f.refused => refusal = Some(f),
                 Err(_) => {}
             }
         }
@@ -539,7 +625,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
             }
             match d.dial(transport, target).await {
                 Ok(conn) => best = Some((conn, target.clone())),
-                Err(f) if f.refused => refusal = Some(f.message),
+                Err(f) if f.refused => refusal = Some(f),
                 Err(f) => report.add(
                     format!("{} {addr}", transport.as_str()),
                     Level::Warn,
@@ -547,8 +633,23 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
                 ),
             }
         }
-        if let Some(why) = refusal {
-            report.add("tls", Level::Fail, why);
+        if let Some(f) = refusal {
+            report.add("tls", Level::Fail, f.message.clone());
+            let expired_here =
+                certificate.is_some_and(|(_, _, not_after)| not_after <= clock.now());
+            if f.certificate.is_some() || expired_here {
+                let verdict = reattest_check(config, state, proxy.clone(), target).await;
+                // Renewable: what the broker refuses now, `tether up`
+                // repairs by itself.
+                if verdict.level == Level::Ok {
+                    for c in report.checks.iter_mut() {
+                        if c.name == "tls" || c.name == "certificate" {
+                            c.level = Level::Warn;
+                        }
+                    }
+                }
+                report.checks.push(verdict);
+            }
         }
     }
 
@@ -574,7 +675,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
 
     // TLS in both directions, and the broker's clock, with a request that
     // opens no tunnel.
-    let sent = SystemTime::now();
+    let sent = clock.now();
     let authority = target.endpoint.to_string();
     match conn
         .exchange("GET", &authority, "/.well-known/tether/doctor", &[])
@@ -604,7 +705,7 @@ pub async fn run(config: &ClientConfig, state: &StateDir) -> Report {
                     // by the broker's clock, which the skew explains.
                     if let Some((index, not_before, not_after)) = certificate {
                         report.checks[index] =
-                            certificate_check(SystemTime::now(), not_before, not_after, Some(secs));
+                            certificate_check(clock.now(), not_before, not_after, Some(secs));
                     }
                 }
                 _ => report.add(

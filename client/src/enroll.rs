@@ -1,6 +1,8 @@
 //! The site's certificate: `tether enroll` generates its key, sends a CSR
 //! with the one-time code, and stores what it gets back; [`renew`] does the
-//! same with the current certificate over the tunnel's connection.
+//! same with the current certificate over the tunnel's connection, and
+//! [`reattest`] renews a certificate the broker no longer accepts (expired
+//! while the site was offline) on the proof of its key.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +14,8 @@ use tether_pki::ca::pem_to_der;
 use tether_pki::tls::{NameMismatch, ca_pin, enrollment_client_config_noting_names};
 use tether_pki::token::EnrollmentCode;
 use tether_proto::api::{
-    ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse, RENEW_PATH, RenewRequest, RenewResponse,
+    ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse, REATTEST_PATH, RENEW_PATH,
+    ReattestRefused, ReattestRequest, ReattestResponse, RenewRequest, RenewResponse,
 };
 
 use crate::dial;
@@ -264,6 +267,99 @@ pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyh
     )?;
     tracing::info!("certificate renewed");
     Ok(())
+}
+
+/// How a re-attestation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReattestError {
+    /// The broker refused, in its words; `reason` is its stable label
+    /// (`revoked`, `past_window`, ...).
+    #[error("{message}")]
+    Refused {
+        /// The label.
+        reason: String,
+        /// The broker's words.
+        message: String,
+    },
+    /// The request did not get an answer, or this site cannot make one.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Asks the broker on `conn` (a connection without a client certificate)
+/// to re-attest this site: signs, with the key of the site's current
+/// certificate, the connection's TLS exporter value, a CSR for a new key
+/// (with `renew`; without, the broker only says whether it would) and the
+/// identity. With `renew`, stores the new certificate and key.
+pub async fn reattest(
+    conn: &BrokerConn,
+    state: &StateDir,
+    target: &Target,
+    renew: bool,
+) -> Result<ReattestResponse, ReattestError> {
+    let failed = |e: &dyn std::fmt::Display| ReattestError::Failed(e.to_string());
+    let creds = state.credentials().map_err(|e| failed(&format!("{e:#}")))?;
+    let leaf = creds
+        .chain
+        .first()
+        .ok_or_else(|| failed(&"site.crt holds no certificate"))?;
+    let fresh = if renew {
+        Some(
+            tether_pki::ca::site_key_and_csr(creds.identity.site.as_str())
+                .map_err(|e| failed(&e))?,
+        )
+    } else {
+        None
+    };
+    let csr = fresh.as_ref().map(|(_, csr)| csr.as_slice());
+    let exporter = conn
+        .exporter()
+        .ok_or_else(|| failed(&"the connection has no TLS exporter"))?;
+    let message =
+        tether_pki::reattest::transcript(&exporter, csr.unwrap_or(&[]), &creds.identity.identity);
+    let signature = tether_pki::reattest::sign(&creds.key, &message).map_err(|e| failed(&e))?;
+    let body = serde_json::to_vec(&ReattestRequest {
+        certificate: tether_pki::ca::der_to_pem(leaf, "CERTIFICATE"),
+        csr: csr.map(|c| data_encoding::BASE64.encode(c)),
+        signature: data_encoding::BASE64.encode(&signature),
+    })
+    .map_err(|e| failed(&e))?;
+    let (status, answer) = conn
+        .request("POST", &target.endpoint.to_string(), REATTEST_PATH, &body)
+        .await
+        .map_err(|e| failed(&format!("{e:#}")))?;
+    if status != 200 {
+        return Err(match serde_json::from_slice::<ReattestRefused>(&answer) {
+            Ok(r) if (400..500).contains(&status) => ReattestError::Refused {
+                reason: r.reason,
+                message: r.error,
+            },
+            Ok(r) => ReattestError::Failed(format!("HTTP {status}: {}", r.error)),
+            Err(_) => ReattestError::Failed(format!(
+                "HTTP {status}: {}",
+                serde_json::from_slice::<ApiError>(&answer)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&answer).to_string())
+            )),
+        });
+    }
+    let response: ReattestResponse = serde_json::from_slice(&answer)
+        .map_err(|e| failed(&format!("unexpected re-attestation answer: {e}")))?;
+    if let (Some((key, _)), Some(renewed)) = (fresh, &response.renewed) {
+        state
+            .save(
+                &key.serialize_der(),
+                &renewed.certificate,
+                &renewed.ca,
+                &Identity {
+                    not_after: renewed.not_after,
+                    issued_at: tether_pki::token::unix_secs(SystemTime::now()),
+                    ..creds.identity
+                },
+            )
+            .map_err(|e| failed(&format!("{e:#}")))?;
+    }
+    Ok(response)
 }
 
 #[cfg(test)]

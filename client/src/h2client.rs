@@ -32,6 +32,8 @@ pub struct H2Client {
     rtt_us: Arc<AtomicU64>,
     /// Direct or through a proxy.
     pub transport: Transport,
+    /// The TLS exporter value a re-attestation proof signs.
+    pub exporter: Option<[u8; tether_pki::reattest::EXPORTER_LEN]>,
 }
 
 impl Drop for H2Client {
@@ -53,6 +55,9 @@ pub enum H2Error {
     /// TLS failed; the text is the explanation.
     #[error("{0}")]
     Tls(String),
+    /// The broker refused this site's certificate (expired or revoked).
+    #[error("{1}")]
+    Certificate(crate::failure::CertRefusal, String),
     /// HTTP/2 failed.
     #[error("HTTP/2: {0}")]
     Http(String),
@@ -62,6 +67,17 @@ impl H2Error {
     /// Whether the broker refused this site (rather than being unreachable).
     pub fn is_refusal(&self) -> bool {
         matches!(self, H2Error::Tls(t) if crate::failure::tls_refusal(t).is_some())
+            || matches!(self, H2Error::Certificate(..))
+    }
+
+    /// A TLS failure, with the broker's refusal of this site's certificate
+    /// told apart.
+    fn tls(e: &dyn std::fmt::Display) -> Self {
+        let text = e.to_string();
+        match crate::failure::CertRefusal::from_text(&text) {
+            Some(refusal) => H2Error::Certificate(refusal, refusal.explain().into()),
+            None => H2Error::Tls(explain_tls(&text)),
+        }
     }
 }
 
@@ -103,19 +119,28 @@ impl H2Client {
         )
         .await
         .map_err(|_| H2Error::Tls("no TLS answer in time".into()))?
-        .map_err(|e| H2Error::Tls(explain_tls(&e)))?;
+        .map_err(|e| H2Error::tls(&e))?;
         if tls_stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(H2Error::Http(
                 "the server does not speak HTTP/2 (is this a tether broker?)".into(),
             ));
         }
+        let exporter = tls_stream
+            .get_ref()
+            .1
+            .export_keying_material(
+                [0u8; tether_pki::reattest::EXPORTER_LEN],
+                tether_pki::reattest::EXPORTER_LABEL,
+                None,
+            )
+            .ok();
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(WINDOW)
             .initial_connection_window_size(WINDOW)
             .max_frame_size(64 * 1024)
             .handshake::<_, Bytes>(tls_stream)
             .await
-            .map_err(|e| H2Error::Tls(explain_tls(&e)))?;
+            .map_err(|e| H2Error::tls(&e))?;
         let (gone_tx, gone) = watch::channel(None);
         let rtt_us = Arc::new(AtomicU64::new(0));
         let mut ping = conn.ping_pong();
@@ -154,6 +179,7 @@ impl H2Client {
             gone,
             driver,
             rtt_us,
+            exporter,
             transport: if proxy.is_some() {
                 Transport::H2Proxy
             } else {

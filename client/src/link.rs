@@ -24,7 +24,7 @@ use tether_shell::quic::transport_config;
 use tokio::sync::mpsc;
 
 use crate::dial::{self, Target};
-use crate::failure::{Answer, Failure, tls_refusal};
+use crate::failure::{Answer, CertRefusal, Failure, tls_refusal};
 use crate::h2client::{self, H2Client};
 use crate::h3client::{self, H3Client};
 use crate::proxy::Proxy;
@@ -49,15 +49,14 @@ fn quic_is_refusal(e: &ConnectionError) -> bool {
 /// Explains a failed QUIC handshake or a closed connection in plain words.
 pub fn explain_quic(e: &ConnectionError) -> String {
     let text = e.to_string();
-    let alert = |code: u64| {
-        matches!(e, ConnectionError::TransportError(t) if u64::from(t.code) == 0x100 + code)
-            || matches!(e, ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + code)
-    };
+    // Alerts the broker sent; this side's own (a transport error) are told
+    // by their text, which says what was wrong with the broker's
+    // certificate (a clock off, say).
+    let alert = |code: u64| matches!(e, ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + code);
     if alert(44) {
-        "the broker refused this site's certificate because it was revoked; ask the operator".into()
+        CertRefusal::Revoked.explain().into()
     } else if alert(45) {
-        "this site's certificate has expired; check the clock, or enroll again with a new token"
-            .into()
+        CertRefusal::Expired.explain().into()
     } else if alert(48) {
         "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)".into()
     } else if let Some(plain) = tls_refusal(&text) {
@@ -71,11 +70,32 @@ pub fn explain_quic(e: &ConnectionError) -> String {
     }
 }
 
+/// The broker's refusal of this site's certificate, when the broker closed
+/// the QUIC connection with the TLS alert that says so (a transport error
+/// is this side's own verdict, on the broker's certificate).
+fn quic_cert_refusal(e: &ConnectionError) -> Option<CertRefusal> {
+    match e {
+        ConnectionError::ConnectionClosed(c) => u64::from(c.error_code)
+            .checked_sub(0x100)
+            .and_then(CertRefusal::from_alert),
+        _ => None,
+    }
+}
+
+/// A failed QUIC handshake or connection as a [`Failure`].
+fn quic_error(e: &ConnectionError) -> Failure {
+    Failure {
+        refused: quic_is_refusal(e),
+        message: explain_quic(e),
+        certificate: quic_cert_refusal(e),
+    }
+}
+
 /// The failure of a QUIC connection: its close reason when it has one (a
 /// refusal often surfaces first as a failed stream), else `e`.
 pub fn quic_failure(conn: &Connection, e: impl std::fmt::Display) -> Failure {
     match conn.close_reason() {
-        Some(reason) if quic_is_refusal(&reason) => Failure::refused(explain_quic(&reason)),
+        Some(reason) if quic_is_refusal(&reason) => quic_error(&reason),
         Some(reason) => Failure::lost(explain_quic(&reason)),
         None => Failure::lost(e.to_string()),
     }
@@ -108,12 +128,7 @@ impl Dialer {
                     .map_err(|e| Failure::lost(format!("invalid broker address: {e}")))?;
                 let conn = match tokio::time::timeout(self.timeout, connecting).await {
                     Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => {
-                        return Err(Failure {
-                            refused: quic_is_refusal(&e),
-                            message: explain_quic(&e),
-                        });
-                    }
+                    Ok(Err(e)) => return Err(quic_error(&e)),
                     Err(_) => {
                         return Err(Failure::lost(format!(
                             "no answer within {} s (is UDP 443 to the published CIDR allowed?)",
@@ -153,9 +168,15 @@ impl Dialer {
                 )
                 .await
                 .map(BrokerConn::H2)
-                .map_err(|e| Failure {
-                    refused: e.is_refusal(),
-                    message: e.to_string(),
+                .map_err(|e| match e {
+                    crate::h2client::H2Error::Certificate(refusal, _) => {
+                        Failure::certificate(refusal)
+                    }
+                    e => Failure {
+                        refused: e.is_refusal(),
+                        message: e.to_string(),
+                        certificate: None,
+                    },
                 })
             }
         }
@@ -184,7 +205,10 @@ impl Dialer {
                             transport.describe()
                         ));
                         if f.refused {
-                            return Err(Failure::refused(errors.join("; ")));
+                            return Err(Failure {
+                                certificate: f.certificate,
+                                ..Failure::refused(errors.join("; "))
+                            });
                         }
                     }
                 }
@@ -202,8 +226,28 @@ impl Dialer {
         state: &StateDir,
         proxy: Option<Proxy>,
     ) -> anyhow::Result<Self> {
+        Self::with_identity(config, state, proxy, true)
+    }
+
+    /// As [`for_site`](Self::for_site), but presenting no certificate: for
+    /// re-attestation, which the broker serves only without one.
+    pub fn for_reattestation(
+        config: &ClientConfig,
+        state: &StateDir,
+        proxy: Option<Proxy>,
+    ) -> anyhow::Result<Self> {
+        Self::with_identity(config, state, proxy, false)
+    }
+
+    fn with_identity(
+        config: &ClientConfig,
+        state: &StateDir,
+        proxy: Option<Proxy>,
+        present: bool,
+    ) -> anyhow::Result<Self> {
         let creds = state.credentials()?;
-        let tls = tether_pki::tls::client_config(&creds.ca, Some((creds.chain, creds.key)))?;
+        let identity = present.then_some((creds.chain, creds.key));
+        let tls = tether_pki::tls::client_config(&creds.ca, identity)?;
         // Silence for two keepalive intervals (and a margin) means the broker
         // is gone; a restarted broker resets the connection sooner.
         let quic = h3client::quic_config(
@@ -260,6 +304,22 @@ impl BrokerConn {
         match self {
             BrokerConn::H3 { .. } => Transport::H3,
             BrokerConn::H2(c) => c.transport,
+        }
+    }
+
+    /// The connection's TLS exporter value that a re-attestation proof
+    /// signs ([`tether_pki::reattest::EXPORTER_LABEL`]).
+    pub fn exporter(&self) -> Option<[u8; tether_pki::reattest::EXPORTER_LEN]> {
+        match self {
+            BrokerConn::H3 { client, .. } => {
+                let mut out = [0u8; tether_pki::reattest::EXPORTER_LEN];
+                client
+                    .conn
+                    .export_keying_material(&mut out, tether_pki::reattest::EXPORTER_LABEL, &[])
+                    .ok()?;
+                Some(out)
+            }
+            BrokerConn::H2(c) => c.exporter,
         }
     }
 

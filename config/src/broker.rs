@@ -247,6 +247,10 @@ pub struct TunnelFile {
     /// Most TCP connections without a client certificate (or still in
     /// their handshake) in all.
     pub max_unauthenticated: usize,
+    /// How long after its certificate expired a site that was offline may
+    /// still renew it by proving it holds its key (re-attestation), with no
+    /// new enrollment code; `"0s"` turns re-attestation off.
+    pub reattest_window: String,
 }
 
 /// `[[region]]`: a data-residency region and its pools.
@@ -358,6 +362,7 @@ impl Default for TunnelFile {
             unauthenticated_lifetime: "30s".into(),
             max_unauthenticated_per_source: 16,
             max_unauthenticated: 512,
+            reattest_window: "90d".into(),
         }
     }
 }
@@ -432,6 +437,8 @@ pub struct BrokerConfig {
     pub site_cert_lifetime: Duration,
     /// Default enrollment token lifetime.
     pub token_ttl: Duration,
+    /// How long after expiry a site certificate may re-attest.
+    pub reattest_window: Duration,
     /// Regions by name.
     pub regions: BTreeMap<RegionId, Region>,
     /// Address management over the regions' pools.
@@ -643,6 +650,14 @@ impl BrokerFile {
         );
 
         let (admin_limits, tunnel_limits) = self.validate_connection_limits(&mut p);
+
+        let reattest_window = p.duration(
+            "tunnel.reattest_window",
+            &self.tunnel.reattest_window,
+            Duration::ZERO,
+            Duration::from_secs(3650 * 86_400),
+        );
+
         let (dns_listen, dns_zone, dns_ttl) = self.validate_dns(&mut p);
         let regions = self.validate_regions(&mut p);
         let ipam = self.build_ipam(&mut p, &regions);
@@ -681,6 +696,7 @@ impl BrokerFile {
                 idle_timeout,
                 site_cert_lifetime,
                 token_ttl,
+                reattest_window,
                 regions,
                 ipam,
                 local_gateway,

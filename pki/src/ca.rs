@@ -262,6 +262,11 @@ impl Ca {
         &self.cert_der
     }
 
+    /// When the CA certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem

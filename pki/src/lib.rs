@@ -6,6 +6,8 @@
 //!   `spiffe://<trust-domain>/region/<region>/site/<site-id>`.
 //! - [`token`]: one-time, expiring enrollment tokens stored only as hashes.
 //! - [`revocation`]: the revocation set the handshake consults.
+//! - [`reattest`]: a site whose certificate expired proves it holds the
+//!   key of its last certificate, and the broker's decision on it.
 //! - [`tls`]: rustls server and client configurations and identity
 //!   extraction from a verified peer.
 
@@ -13,6 +15,7 @@
 
 pub mod ca;
 pub mod identity;
+pub mod reattest;
 pub mod revocation;
 pub mod tls;
 pub mod token;

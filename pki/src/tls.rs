@@ -242,11 +242,44 @@ pub fn client_config(
     ca: &CertificateDer<'_>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<ClientConfig, Error> {
+    client_config_with_clock(ca, identity, 0)
+}
+
+/// The wall clock moved by a number of seconds: the clock of a host whose
+/// time is wrong, for `tether doctor`'s checks under a shifted clock.
+#[derive(Debug, Clone, Copy)]
+pub struct ShiftedClock(pub i64);
+
+impl ShiftedClock {
+    /// The shifted time now.
+    pub fn now(&self) -> SystemTime {
+        let now = SystemTime::now();
+        let by = Duration::from_secs(self.0.unsigned_abs());
+        if self.0 >= 0 { now + by } else { now - by }
+    }
+}
+
+impl rustls::time_provider::TimeProvider for ShiftedClock {
+    fn current_time(&self) -> Option<UnixTime> {
+        self.now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(UnixTime::since_unix_epoch)
+    }
+}
+
+/// As [`client_config`], judging the broker's certificate by a clock
+/// shifted by `offset_secs` (0: the host's own).
+pub fn client_config_with_clock(
+    ca: &CertificateDer<'_>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    offset_secs: i64,
+) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider.clone())
         .build()
         .map_err(|e| Error::General(e.to_string()))?;
-    let builder = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_details(provider, Arc::new(ShiftedClock(offset_secs)))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_webpki_verifier(verifier);
     match identity {

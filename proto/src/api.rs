@@ -14,6 +14,9 @@ pub const ENROLL_PATH: &str = "/.well-known/tether/enroll";
 /// Path of certificate renewal on the tunnel listener (POST, site
 /// certificate required).
 pub const RENEW_PATH: &str = "/.well-known/tether/renew";
+/// Path of re-attestation on the tunnel listener (POST, no client
+/// certificate: the site proves it holds the key of its last certificate).
+pub const REATTEST_PATH: &str = "/.well-known/tether/reattest";
 
 /// An enrollment request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +66,47 @@ pub struct RenewResponse {
     pub ca: String,
     /// Certificate expiry, seconds since the Unix epoch.
     pub not_after: u64,
+}
+
+/// A re-attestation request: a site whose certificate expired (or that
+/// the broker no longer accepts) asks for a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReattestRequest {
+    /// The site's last certificate, PEM.
+    pub certificate: String,
+    /// A CSR for a new key, DER in standard base64; without one the broker
+    /// only says whether it would re-attest the site (`tether doctor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+    /// The last certificate's key's signature (ECDSA P-256, ASN.1 DER, in
+    /// standard base64) over the transcript of `tether_pki::reattest`,
+    /// which binds this TLS connection, the CSR and the identity.
+    pub signature: String,
+}
+
+/// The broker's answer to a re-attestation it grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReattestResponse {
+    /// How long ago the certificate expired, by the broker's clock, in
+    /// seconds (0: still valid).
+    pub expired_secs: u64,
+    /// The broker's re-attestation window, in seconds.
+    pub window_secs: u64,
+    /// The new certificate (absent when no CSR was sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed: Option<RenewResponse>,
+}
+
+/// The broker's answer to a re-attestation it refuses (status 403, or 401
+/// for a proof that does not verify).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReattestRefused {
+    /// What went wrong and what to do, in plain words.
+    pub error: String,
+    /// A stable label: `revoked`, `certificate_revoked`, `past_window`,
+    /// `unknown_key`, `superseded`, `bad_proof`.
+    pub reason: String,
 }
 
 /// An error body: a message for humans.

@@ -99,6 +99,13 @@ impl TestBroker {
 
     /// Starts a broker with `extra` appended to a loopback configuration.
     pub async fn start(extra: &str) -> Self {
+        Self::start_with(extra, |_| {}).await
+    }
+
+    /// As [`start`](Self::start), with the validated configuration changed
+    /// by `adjust` first (for values validation keeps out of production,
+    /// such as certificate lifetimes of seconds).
+    pub async fn start_with(extra: &str, adjust: impl FnOnce(&mut BrokerConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // DNS on a port of its own, so that brokers of parallel tests do
         // not collide on the default.
@@ -111,10 +118,11 @@ impl TestBroker {
             "data_dir = {:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{dns}{extra}",
             dir.path().join("data")
         );
-        let config = BrokerFile::parse(&text, "test")
+        let mut config = BrokerFile::parse(&text, "test")
             .unwrap()
             .validate("test")
             .unwrap();
+        adjust(&mut config);
         let running = tether_broker::run::start(config.clone()).await.unwrap();
         Self {
             text,

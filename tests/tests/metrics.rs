@@ -67,6 +67,8 @@ async fn the_live_metrics_endpoint_passes_promtool() {
         r#"tether_broker_handshake_duration_seconds_count{transport="h3"}"#,
         r#"tether_broker_dns_queries_total{rcode="NOERROR"}"#,
         r#"tether_broker_dns_queries_total{rcode="REFUSED"}"#,
+        r#"tether_broker_certificates_issued_total{kind="enroll"}"#,
+        "tether_broker_ca_expiry_seconds 31",
         "# HELP tether_broker_site_bytes_total",
     ];
     // The datagrams are handled after `send_packet` returns: scrape until

@@ -221,6 +221,7 @@ fn etcd_records_and_revocations_round_trip() {
             created: 1,
             enrolled: None,
             revoked: false,
+            revoked_at: None,
         };
         assert_eq!(store.site(&site).unwrap(), None);
         store.put_site(&record).unwrap();
@@ -248,6 +249,7 @@ fn etcd_records_and_revocations_round_trip() {
                     site: SiteId::new(who).unwrap(),
                     region: eu(),
                     not_after: 5,
+                    spki_sha256: None,
                 })
                 .unwrap();
         }
@@ -284,6 +286,7 @@ fn etcd_watch_carries_another_brokers_changes() {
             created: 1,
             enrolled: Some(2),
             revoked: false,
+            revoked_at: None,
         })
         .unwrap();
         assert_eq!(next_event(&mut seen_by_b), StoreEvent::Site(site.clone()));
@@ -310,6 +313,7 @@ fn etcd_prefixes_are_isolated() {
             created: 1,
             enrolled: None,
             revoked: false,
+            revoked_at: None,
         };
         a.put_site(&record).unwrap();
         a.revoke(&Revoked::Serial(vec![1])).unwrap();
@@ -355,6 +359,7 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
                 created: 10,
                 enrolled: Some(11),
                 revoked: i == 3,
+                revoked_at: None,
             })
             .unwrap();
             redb.put_cert(&CertRecord {
@@ -362,6 +367,7 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
                 site,
                 region: eu(),
                 not_after: 99,
+                spki_sha256: None,
             })
             .unwrap();
         }
@@ -456,6 +462,7 @@ fn etcd_store_is_usable_from_any_runtime_flavour() {
             created: 1,
             enrolled: None,
             revoked: false,
+            revoked_at: None,
         };
         // Opened, used and dropped inside a current-thread runtime.
         let current = tokio::runtime::Builder::new_current_thread()
@@ -520,6 +527,7 @@ fn calls_to_a_hung_etcd_time_out_and_work_again_when_it_answers() {
                 created: 1,
                 enrolled: None,
                 revoked: false,
+                revoked_at: None,
             })
             .unwrap();
         server.pause();

@@ -67,6 +67,10 @@ pub struct SiteRecord {
     pub enrolled: Option<u64>,
     /// Whether it is revoked.
     pub revoked: bool,
+    /// When the operator last revoked it, Unix seconds (for the words a
+    /// refused site logs; records written before this was kept have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
 }
 
 /// A certificate the broker issued.
@@ -80,6 +84,11 @@ pub struct CertRecord {
     pub region: RegionId,
     /// Expiry, Unix seconds.
     pub not_after: u64,
+    /// SHA-256 of the certified key (its subject public key info),
+    /// lowercase hex: what a site whose certificate expired proves it
+    /// holds to re-attest. Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spki_sha256: Option<String>,
 }
 
 /// A change, as watchers see it.

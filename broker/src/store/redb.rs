@@ -435,6 +435,7 @@ mod tests {
             created: 1,
             enrolled: None,
             revoked: false,
+            revoked_at: None,
         };
         store.put_site(&record).unwrap();
         assert_eq!(store.site(&site).unwrap(), Some(record.clone()));
@@ -464,6 +465,7 @@ mod tests {
                 site: site.clone(),
                 region,
                 not_after: 5,
+                spki_sha256: None,
             })
             .unwrap();
         assert_eq!(store.certs_of(&site).unwrap().len(), 1);

@@ -16,6 +16,12 @@
 //!   transport);
 //! - certificate renewal at half the certificate's lifetime, and the retry
 //!   [`RENEWAL_RETRY`] after a failed renewal;
+//! - re-attestation: when the broker refuses the site's certificate as
+//!   expired or revoked (a site that was offline longer than its
+//!   certificate lives), it asks the broker to renew the certificate on
+//!   the proof of its key, dials again with the new one, and, when the
+//!   broker refuses, reports why and asks again only after
+//!   [`REATTEST_RETRY`];
 //! - the tunnel MTU: the link's datagram limit, checked every
 //!   [`MTU_CHECK_INTERVAL`], never below [`MIN_MTU_V6`] once the site has an
 //!   IPv6 address and never below [`MIN_MTU_V4`] otherwise;
@@ -65,6 +71,10 @@ pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 pub const SETTLED_SESSION: Duration = Duration::from_secs(1);
 /// The wait before renewing again after a failed renewal.
 pub const RENEWAL_RETRY: Duration = Duration::from_secs(600);
+/// The wait before asking again after the broker refused a
+/// re-attestation (the site was revoked, or offline past the window): only
+/// the operator can change that.
+pub const REATTEST_RETRY: Duration = Duration::from_secs(600);
 /// When to renew if the certificate's lifetime is unknown.
 pub const RENEWAL_UNKNOWN: Duration = Duration::from_secs(3600);
 /// How often the tunnel MTU follows the link's datagram limit.
@@ -111,6 +121,21 @@ pub struct Lifetime {
 }
 
 impl Lifetime {
+    /// The lifetime on this host's clock, whatever its error: the broker
+    /// stamped `issued` and `not_after` (Unix seconds) with its own clock,
+    /// and this host stored the certificate at `saved_at` by its clock. The
+    /// certificate's span, counted from `saved_at`, keeps renewal at
+    /// half-life when the two clocks disagree (a clock two days ahead
+    /// would otherwise find every new certificate past half-life at once,
+    /// and renew in a loop).
+    pub fn measured(issued: u64, not_after: u64, saved_at: u64, unix_now: u64) -> Self {
+        Self {
+            issued_at: saved_at,
+            not_after: saved_at.saturating_add(not_after.saturating_sub(issued)),
+            unix_now,
+        }
+    }
+
     /// The time until half-way through the lifetime (zero when past it).
     pub fn renew_in(&self) -> Duration {
         let midpoint = self.issued_at + self.not_after.saturating_sub(self.issued_at) / 2;
@@ -123,18 +148,30 @@ impl Lifetime {
 pub enum Ending {
     /// The connection was lost, or no broker answered.
     Lost(String),
-    /// The broker refused this site (certificate revoked or expired,
-    /// unknown CA, a 4xx answer).
+    /// The broker refused this site (unknown CA, a 4xx answer).
     Refused(String),
+    /// The broker refused this site's certificate as expired or revoked:
+    /// re-attestation may renew it, or says why not.
+    CertificateRefused(String),
 }
 
 impl Ending {
     /// The reason in plain words.
     pub fn message(&self) -> &str {
         match self {
-            Ending::Lost(m) | Ending::Refused(m) => m,
+            Ending::Lost(m) | Ending::Refused(m) | Ending::CertificateRefused(m) => m,
         }
     }
+}
+
+/// How a re-attestation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReattestFailure {
+    /// No broker answered, or the connection failed: retry with backoff.
+    Lost(String),
+    /// The broker refused, with its reason in plain words (revoked, offline
+    /// past the window, unknown key): retry after [`REATTEST_RETRY`].
+    Refused(String),
 }
 
 /// A change to the TUN device.
@@ -186,6 +223,10 @@ pub enum Action {
     /// Renew the certificate over the connection; answer
     /// [`AgentCore::handle_renewal_result`].
     Renew,
+    /// Renew an expired (or refused) certificate by re-attestation, over a
+    /// connection of its own without a client certificate; answer
+    /// [`AgentCore::handle_reattest_result`].
+    Reattest,
     /// Dial this transport to the same broker in the background, keeping
     /// the current session; answer [`AgentCore::handle_probe_result`], and
     /// keep the connection if it answered.
@@ -222,6 +263,17 @@ pub enum Event {
     SessionEnded(Ending),
     /// The certificate was renewed; reconnecting with it.
     Renewed,
+    /// The broker refused the certificate; asking it to re-attest.
+    Reattesting,
+    /// Re-attestation renewed the certificate; dialling with it.
+    Reattested,
+    /// Re-attestation failed; the next attempt is in `retry_in`.
+    ReattestFailed {
+        /// Why, in plain words (the broker's, when it refused).
+        failure: ReattestFailure,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
     /// Renewal failed; it is tried again in `retry_in`.
     RenewalFailed {
         /// Why.
@@ -299,6 +351,8 @@ enum Phase {
     Dialing,
     /// Connected; the tunnel is opening or open.
     Session(Box<Session>),
+    /// A re-attestation is under way.
+    Reattesting,
     /// Backing off until then.
     Waiting(Instant),
     /// Done.
@@ -321,6 +375,9 @@ enum Phase {
 /// - [`handle_renewal_result`](Self::handle_renewal_result),
 ///   [`handle_probe_result`](Self::handle_probe_result) answer
 ///   [`Action::Renew`], [`Action::Probe`];
+/// - [`handle_reattest_result`](Self::handle_reattest_result) answers
+///   [`Action::Reattest`], asked for when a dial or a session ended with
+///   [`Ending::CertificateRefused`];
 /// - [`handle_session_ended`](Self::handle_session_ended): the tunnel could
 ///   not be opened, or the connection or its tunnel ended;
 /// - [`handle_shutdown`](Self::handle_shutdown): the site is stopping;
@@ -354,6 +411,9 @@ pub struct AgentCore {
     /// The map the shell translates with (kept across sessions: the
     /// broker's lease does not change).
     lan_map: LanMap,
+    /// When re-attestation last renewed the certificate: a refusal soon
+    /// after is not answered with another at once.
+    reattested_at: Option<Instant>,
 }
 
 impl AgentCore {
@@ -368,6 +428,7 @@ impl AgentCore {
             events: VecDeque::new(),
             lans: config.lans,
             lan_map: LanMap::default(),
+            reattested_at: None,
         };
         core.dial(now);
         core
@@ -475,8 +536,62 @@ impl AgentCore {
         if !matches!(self.phase, Phase::Dialing) {
             return;
         }
+        let reattest = self.wants_reattest(&ending, now);
         self.events.push_back(Event::DialFailed(ending));
-        self.retry(now);
+        if reattest {
+            self.reattest();
+        } else {
+            self.retry(now);
+        }
+    }
+
+    /// Whether `ending` calls for re-attestation: the broker refused the
+    /// certificate, and no re-attestation renewed it within the last
+    /// [`HEALTHY_SESSION`] (else the refusal has another cause, and asking
+    /// again at once would loop).
+    fn wants_reattest(&self, ending: &Ending, now: Instant) -> bool {
+        matches!(ending, Ending::CertificateRefused(_))
+            && self
+                .reattested_at
+                .is_none_or(|at| now.saturating_duration_since(at) > HEALTHY_SESSION)
+    }
+
+    fn reattest(&mut self) {
+        self.phase = Phase::Reattesting;
+        self.events.push_back(Event::Reattesting);
+        self.actions.push_back(Action::Reattest);
+    }
+
+    /// The outcome of [`Action::Reattest`].
+    pub fn handle_reattest_result(&mut self, result: Result<(), ReattestFailure>, now: Instant) {
+        if !matches!(self.phase, Phase::Reattesting) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.reattested_at = Some(now);
+                self.events.push_back(Event::Reattested);
+                self.dial(now);
+            }
+            Err(ReattestFailure::Refused(why)) => {
+                self.events.push_back(Event::ReattestFailed {
+                    failure: ReattestFailure::Refused(why),
+                    retry_in: REATTEST_RETRY,
+                });
+                self.phase = Phase::Waiting(now + REATTEST_RETRY);
+            }
+            Err(lost) => {
+                if now.saturating_duration_since(self.attempt_started) > HEALTHY_SESSION {
+                    self.backoff.reset();
+                }
+                let delay = self.backoff.next_delay();
+                self.events.push_back(Event::ReattestFailed {
+                    failure: lost,
+                    retry_in: delay,
+                });
+                self.phase = Phase::Waiting(now + delay);
+            }
+        }
     }
 
     /// The tunnel is open; `lifetime` is the certificate's, when it could
@@ -705,9 +820,14 @@ impl AgentCore {
         if settled && matches!(ending, Ending::Lost(_)) {
             self.backoff.reset();
         }
+        let reattest = self.wants_reattest(&ending, now);
         self.events.push_back(Event::SessionEnded(ending));
         self.actions.push_back(Action::EndSession { close: false });
-        self.retry(now);
+        if reattest {
+            self.reattest();
+        } else {
+            self.retry(now);
+        }
     }
 
     /// The site is stopping.
@@ -715,7 +835,7 @@ impl AgentCore {
         match self.phase {
             Phase::Stopped => return,
             Phase::Session(_) => self.actions.push_back(Action::EndSession { close: true }),
-            Phase::Dialing | Phase::Waiting(_) => {}
+            Phase::Dialing | Phase::Reattesting | Phase::Waiting(_) => {}
         }
         self.phase = Phase::Stopped;
         self.actions.push_back(Action::Stop);

@@ -749,3 +749,100 @@ fn a_denied_or_misshapen_lan_mapping_is_reported_and_not_used() {
         .handle_capsule(assign_ids(&[(0, "100.64.0.7/32"), (7, "::/128")]), a.now);
     assert_eq!(a.events(), [Event::Denied { request_id: 7 }]);
 }
+
+#[test]
+fn a_refused_certificate_is_reattested_then_dialled_with_the_new_one() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    let expired = Ending::CertificateRefused("the broker says the certificate expired".into());
+    // Refused at the dial: re-attest instead of backing off.
+    a.core.handle_dial_failed(expired.clone(), a.now);
+    assert_eq!(
+        a.events(),
+        [Event::DialFailed(expired.clone()), Event::Reattesting]
+    );
+    assert_eq!(a.actions(), [Action::Reattest]);
+    assert_eq!(a.core.poll_timeout(), None);
+    // Renewed: dial at once.
+    a.advance(secs(1));
+    a.core.handle_reattest_result(Ok(()), a.now);
+    assert_eq!(a.events(), [Event::Reattested]);
+    assert!(matches!(a.actions().as_slice(), [Action::Dial { .. }]));
+    // A refusal right after a renewal is not answered with another
+    // re-attestation: it backs off like any refusal.
+    a.core.handle_dial_failed(expired.clone(), a.now);
+    let d = a.retry_delay();
+    assert_eq!(a.actions(), []);
+    a.wait_and_dial(d);
+    // Long after, a session the broker ends for the same reason
+    // re-attests again.
+    a.advance(secs(31));
+    a.core.handle_connected(Transport::H3, a.now);
+    a.actions();
+    a.core.handle_session_ended(expired.clone(), a.now);
+    assert_eq!(
+        a.events(),
+        [Event::SessionEnded(expired), Event::Reattesting]
+    );
+    assert_eq!(
+        a.actions(),
+        [Action::EndSession { close: false }, Action::Reattest]
+    );
+}
+
+#[test]
+fn a_refused_reattestation_waits_ten_minutes_and_a_lost_one_backs_off() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    let expired = Ending::CertificateRefused("expired".into());
+    a.core.handle_dial_failed(expired.clone(), a.now);
+    a.events();
+    a.actions();
+    let why = "this site was revoked by the operator on 2026-11-30 12:00 UTC".to_string();
+    a.core
+        .handle_reattest_result(Err(ReattestFailure::Refused(why.clone())), a.now);
+    assert_eq!(
+        a.events(),
+        [Event::ReattestFailed {
+            failure: ReattestFailure::Refused(why),
+            retry_in: TEN_MINUTES
+        }]
+    );
+    assert_eq!(a.actions(), []);
+    a.wait_and_dial(TEN_MINUTES);
+    // No broker answers the re-attestation: backoff, then dial.
+    a.core.handle_dial_failed(expired, a.now);
+    a.events();
+    assert_eq!(a.actions(), [Action::Reattest]);
+    a.core
+        .handle_reattest_result(Err(ReattestFailure::Lost("no answer".into())), a.now);
+    let events = a.events();
+    let [Event::ReattestFailed { retry_in, .. }] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert!(*retry_in <= MAX, "{retry_in:?}");
+    a.wait_and_dial(*retry_in);
+    // A result nobody waits for any more changes nothing.
+    a.core.handle_reattest_result(Ok(()), a.now);
+    assert_eq!((a.events(), a.actions()), (vec![], vec![]));
+}
+
+#[test]
+fn renewal_stays_at_half_life_whatever_this_hosts_clock_says() {
+    // The broker issued a day-long certificate at its time T; this host
+    // stored it when its own clock read T + offset.
+    let t = 1_800_000_000u64;
+    for offset in [0i64, 7200, -7200, 172_800, -172_800] {
+        let saved = t.saturating_add_signed(offset);
+        let life = Lifetime::measured(t, t + 86_400, saved, saved + 600);
+        assert_eq!(life.renew_in(), secs(43_200 - 600), "offset {offset}");
+    }
+    // Read naively, a clock two days ahead puts a new certificate past
+    // half-life: renewal at once, again and again.
+    let naive = Lifetime {
+        issued_at: t + 172_800,
+        not_after: t + 86_400,
+        unix_now: t + 172_800,
+    };
+    assert_eq!(naive.renew_in(), Duration::ZERO);
+}

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::BrokerCore;
-use crate::api::{ENROLL_PATH, RENEW_PATH};
+use crate::api::{ENROLL_PATH, REATTEST_PATH, RENEW_PATH};
 use crate::connect_ip::{self, Scope};
 use crate::h3::error::{H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED};
 use crate::ids::{RegionId, SiteId};
@@ -132,6 +132,9 @@ pub enum RequestKind {
     Enroll,
     /// Renewal of a site certificate (`POST` to [`RENEW_PATH`]).
     Renew,
+    /// Renewal of an expired site certificate with a proof of its key
+    /// (`POST` to [`REATTEST_PATH`]).
+    Reattest,
 }
 
 /// Classifies a request by its method, `:protocol` and path; anything else
@@ -145,6 +148,7 @@ pub fn classify_request(
         ("CONNECT", Some(connect_ip::PROTOCOL), _) => Ok(RequestKind::ConnectIp),
         ("POST", None, ENROLL_PATH) => Ok(RequestKind::Enroll),
         ("POST", None, RENEW_PATH) => Ok(RequestKind::Renew),
+        ("POST", None, REATTEST_PATH) => Ok(RequestKind::Reattest),
         ("CONNECT", _, _) => Err(Refusal {
             status: 501,
             message: "only CONNECT-IP (:protocol connect-ip) is served here".into(),
@@ -351,6 +355,10 @@ mod tests {
         assert_eq!(
             classify_request("POST", None, RENEW_PATH),
             Ok(RequestKind::Renew)
+        );
+        assert_eq!(
+            classify_request("POST", None, REATTEST_PATH),
+            Ok(RequestKind::Reattest)
         );
         // Another extended CONNECT, or a plain one: not served.
         for protocol in [Some("connect-udp"), None] {

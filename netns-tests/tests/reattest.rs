@@ -1,0 +1,236 @@
+//! A site offline for longer than its certificate lives, with the real
+//! binaries: the broker and the agent run with their clocks moved days
+//! ahead (libfaketime), as after a long power-off, in one namespace on
+//! loopback.
+//!
+//! ```text
+//!  ns tt-reatt-*:  tether up ──(127.0.0.1:443, HTTP/3)──► tether-broker
+//!                  (both at real time + 3 days, then + 100 days, + 5 days)
+//! ```
+//!
+//! After three days the agent re-attests by itself and gets its address
+//! back; after 100 days (past the 90-day window) and once revoked, it is
+//! refused, and its log and `tether doctor` say why in plain words.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
+
+/// Debian's libfaketime (package `faketime`).
+fn libfaketime() -> PathBuf {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("libfaketime is missing: install Debian's faketime package (.ci/run does)")
+}
+
+/// Arguments for `env` running `program` with the wall clock `offset`
+/// ahead (monotonic time untouched, so timers behave).
+fn shifted(offset: &str, program: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec![
+        format!("LD_PRELOAD={}", libfaketime().display()),
+        format!("FAKETIME={offset}"),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".to_string(),
+        program.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
+struct Lab {
+    ns: NetNs,
+    dir: tempfile::TempDir,
+    config: String,
+    state: String,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let ns = NetNs::new("reatt").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nlisten = [\"127.0.0.1:443\"]\nadvertised = [\"127.0.0.1\"]\n",
+                dir.path().join("broker")
+            ),
+        )
+        .unwrap();
+        let state = dir.path().join("site").display().to_string();
+        Self {
+            ns,
+            config: config.display().to_string(),
+            state,
+            dir,
+        }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `program` in the namespace with the clock `offset` ahead.
+    fn spawn(&self, offset: &str, program: &str, args: &[&str], log: &str) -> Proc {
+        let args = shifted(offset, &binary(program), args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ns.spawn("env", &args, Some(self.log(log))).unwrap()
+    }
+
+    /// Runs a command to its end with the clock `offset` ahead; its output.
+    fn run(&self, offset: &str, program: &str, args: &[&str]) -> String {
+        let args = shifted(offset, &binary(program), args);
+        let out = self.ns.command("env").args(&args).output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Starts the broker and waits until its admin API answers.
+    fn broker(&self, offset: &str) -> Proc {
+        let broker = self.spawn(
+            offset,
+            "tether-broker",
+            &["run", "-c", &self.config],
+            "broker.log",
+        );
+        assert!(
+            wait_for(Duration::from_secs(20), || self
+                .run(offset, "tether-broker", &["sites", "-c", &self.config])
+                .contains("SITE")),
+            "the broker did not come up:\n{}",
+            broker.log()
+        );
+        broker
+    }
+
+    /// Runs `tether up` until its log contains `needle`; returns the log.
+    fn up_until(&self, offset: &str, needle: &str, log: &str) -> String {
+        let mut agent = self.spawn(offset, "tether", &["up", "--state-dir", &self.state], log);
+        let seen = wait_for(Duration::from_secs(30), || agent.log().contains(needle));
+        let text = agent.log();
+        agent.kill();
+        assert!(seen, "no {needle:?} in the agent's log:\n{text}");
+        text
+    }
+}
+
+#[test]
+fn a_site_back_after_days_reattests_by_itself_and_is_refused_past_the_window_or_revoked() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut broker = lab.broker("+0");
+    let out = lab.run(
+        "+0",
+        "tether-broker",
+        &[
+            "token",
+            "create",
+            "-c",
+            &lab.config,
+            "--site",
+            "lab-1",
+            "--region",
+            "local",
+        ],
+    );
+    let code = out
+        .split_whitespace()
+        .find(|w| w.starts_with("tt1-"))
+        .unwrap_or_else(|| panic!("no code in:\n{out}"))
+        .to_string();
+    let out = lab.run(
+        "+0",
+        "tether",
+        &[
+            "enroll",
+            "--broker",
+            "127.0.0.1",
+            "--token",
+            &code,
+            "--state-dir",
+            &lab.state,
+        ],
+    );
+    assert!(out.contains("tether up"), "{out}");
+    let sites = lab.run("+0", "tether-broker", &["sites", "-c", &lab.config]);
+    let address = sites
+        .split_whitespace()
+        .find(|w| w.starts_with("100.64.") && w.ends_with("/32"))
+        .unwrap_or_else(|| panic!("no address in:\n{sites}"))
+        .trim_end_matches("/32")
+        .to_string();
+    broker.kill();
+
+    // Three days later (the certificate lives one): back by itself, with
+    // the same address.
+    let mut broker = lab.broker("+3d");
+    let log = lab.up_until("+3d", "this site is reachable as", "up-3d.log");
+    assert!(
+        log.contains("the broker renewed this site's certificate by re-attestation"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("this site is reachable as {address} ")),
+        "{log}"
+    );
+    broker.kill();
+
+    // 100 days later: 96 days past the last certificate, the window is 90.
+    let mut broker = lab.broker("+100d");
+    let log = lab.up_until("+100d", "asking again in 10 minutes", "up-100d.log");
+    assert!(
+        log.contains("the broker refused to renew this site's certificate: this site has been offline for at least 96 days"),
+        "{log}"
+    );
+    assert!(
+        log.contains("longer than the broker's re-attestation window of 90 days"),
+        "{log}"
+    );
+    let doctor = lab.run("+100d", "tether", &["doctor", "--state-dir", &lab.state]);
+    assert!(
+        doctor.contains("FAIL  re-attestation     this site has been offline for at least 96 days"),
+        "{doctor}"
+    );
+    broker.kill();
+
+    // Five days after the start, within the window, but revoked.
+    let _broker = lab.broker("+5d");
+    let out = lab.run(
+        "+5d",
+        "tether-broker",
+        &[
+            "site",
+            "revoke",
+            "-c",
+            &lab.config,
+            "--site",
+            "lab-1",
+            "--region",
+            "local",
+        ],
+    );
+    assert!(out.contains("revoked"), "{out}");
+    let log = lab.up_until("+5d", "asking again in 10 minutes", "up-revoked.log");
+    assert!(
+        log.contains("the broker refused to renew this site's certificate: this site was revoked by the operator on "),
+        "{log}"
+    );
+    let doctor = lab.run("+5d", "tether", &["doctor", "--state-dir", &lab.state]);
+    assert!(
+        doctor.contains("FAIL  re-attestation     this site was revoked by the operator on"),
+        "{doctor}"
+    );
+}
