@@ -16,6 +16,8 @@
 //! - [`names`]: identity DNS (the mesh zone, served and handed to
 //!   gateways).
 //! - [`admin`]: the admin API (its client is `tether_shell::operator`).
+//! - [`fleet`]: the brokers sharing an etcd store (liveness, which broker
+//!   holds each site); [`site_brokers`]: how sites learn them.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod access;
@@ -24,6 +26,7 @@ pub mod core_cell;
 pub mod counters;
 pub mod enroll;
 pub mod error;
+pub mod fleet;
 pub mod h2server;
 pub mod local_gateway;
 pub mod metrics;
@@ -34,6 +37,7 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod sessions;
+pub mod site_brokers;
 pub mod state;
 pub mod store;
 pub mod wireguard;

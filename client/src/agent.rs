@@ -86,6 +86,8 @@ struct Shell {
     /// installed.
     rewrite: Option<SourceRewrite>,
     inputs: mpsc::UnboundedSender<(u64, Input)>,
+    /// The broker of the latest session, dialed last after it is lost.
+    last_broker: Option<tether_config::Endpoint>,
 }
 
 fn ending(f: Failure) -> Ending {
@@ -134,6 +136,7 @@ pub async fn run(
         lan: Arc::default(),
         rewrite: None,
         inputs,
+        last_broker: None,
     };
     if *shutdown.borrow() {
         core.handle_shutdown(Instant::now());
@@ -225,6 +228,7 @@ impl Shell {
         let now = Instant::now();
         match input {
             Input::Dialed(Ok((conn, target))) => {
+                self.last_broker = Some(target.endpoint.clone());
                 let transport = conn.transport();
                 self.session = Some(Session::new(conn, target));
                 core.handle_connected(transport, now);
@@ -237,6 +241,12 @@ impl Shell {
                     }
                     s.tunnel = Some(tunnel);
                     s.link = Some(link);
+                    // Learn the region's brokers while the session lives.
+                    s.tasks.push(tokio::spawn(crate::brokers::follow(
+                        s.conn.clone(),
+                        s.target.endpoint.to_string(),
+                        self.state.clone(),
+                    )));
                 }
                 core.handle_tunnel_opened(lifetime(&self.state), now);
             }
@@ -322,7 +332,11 @@ impl Shell {
             Action::Dial { order } => {
                 let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
                 self.epoch += 1;
-                let config = self.config.clone();
+                let config = Arc::new(crate::brokers::dial_config(
+                    &self.config,
+                    &self.state,
+                    self.last_broker.as_ref(),
+                ));
                 self.dialing =
                     Some(self.spawn(async move {
                         Input::Dialed(dialer.connect(&config, &order).await)
