@@ -134,6 +134,8 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
     broker
         .record_issued(&identity, &cert)
         .map_err(|e| (500, e.to_string()))?;
+    // Every live broker of the region, so the site can fail over.
+    let brokers = broker.site_brokers(&record.region).1;
     Ok(EnrollResponse {
         identity: identity.uri(),
         site: record.site,
@@ -141,7 +143,7 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
         certificate: cert.pem,
         ca: broker.ca.cert_pem().to_string(),
         not_after: token::unix_secs(cert.not_after),
-        brokers: broker.enroll_endpoints(),
+        brokers,
         published_cidr: broker.config.published_cidr,
     })
 }

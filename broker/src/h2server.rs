@@ -371,6 +371,14 @@ async fn handle_request(
             };
             reply(respond, answer);
         }
+        Ok(RequestKind::Brokers) => {
+            let data = match read_body(&mut body, crate::site_brokers::MAX_BODY).await {
+                Ok(d) => d,
+                Err(e) => return reply(respond, Reply::error(400, e)),
+            };
+            let answer = crate::site_brokers::brokers(&conn.broker, conn.peer.clone(), &data).await;
+            reply(respond, answer);
+        }
         Err(refused) => reply(respond, Reply::error(refused.status, refused.message)),
     }
 }

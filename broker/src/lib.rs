@@ -17,6 +17,8 @@
 //!   gateways).
 //! - [`admin`]: the admin API (its client is `tether_shell::operator`);
 //!   [`admin_listener`]: its bounded listener.
+//! - [`fleet`]: the brokers sharing an etcd store (liveness, which broker
+//!   holds each site); [`site_brokers`]: how sites learn them.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod access;
@@ -27,6 +29,7 @@ pub mod core_cell;
 pub mod counters;
 pub mod enroll;
 pub mod error;
+pub mod fleet;
 pub mod h2server;
 pub mod local_gateway;
 pub mod metrics;
@@ -37,6 +40,7 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod sessions;
+pub mod site_brokers;
 pub mod state;
 pub mod store;
 pub mod wireguard;

@@ -151,6 +151,37 @@ fn start_gateways(broker: &Arc<Broker>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Announces the broker to the fleet and ends the sessions that another
+/// broker took over.
+async fn join_fleet(
+    broker: &Arc<Broker>,
+    etcd: &tether_config::broker::EtcdConfig,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let member = tether_proto::fleet::Member {
+        endpoints: broker.enroll_endpoints(),
+        regions: broker.config.regions.keys().cloned().collect(),
+        forward: None,
+    };
+    let (fleet, mut decisions, task) = crate::fleet::start(etcd, member)
+        .await
+        .context("cannot join the broker fleet")?;
+    broker.set_fleet(fleet);
+    let broker = broker.clone();
+    let decide = tokio::spawn(async move {
+        while let Some(decision) = decisions.recv().await {
+            match decision {
+                tether_proto::fleet::Decision::EndSession(site) => {
+                    if let Some(session) = broker.session(&site) {
+                        tracing::info!(%site, "the site connected to another broker; ending its session here");
+                        session.request_close(CloseReason::Replaced);
+                    }
+                }
+            }
+        }
+    });
+    Ok(vec![task, decide])
+}
+
 /// Starts a broker: data directory, listeners, local gateway, admin API.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let data_dir = data_dir(&config);
@@ -260,6 +291,14 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     }
 
     start_gateways(&broker)?;
+
+    // With a shared store, the broker joins the fleet once its endpoints
+    // are known.
+    if let tether_config::broker::StoreConfig::Etcd(etcd) = &config.store {
+        for task in join_fleet(&broker, etcd).await? {
+            tasks.push(task);
+        }
+    }
 
     // Identity DNS: the zone follows every change; the server answers
     // from it.

@@ -293,6 +293,20 @@ async fn handle_request(
             )
             .await;
         }
+        Ok(RequestKind::Brokers) => {
+            let body = match read_body(&mut recv, &mut dec, crate::site_brokers::MAX_BODY).await {
+                Ok(b) => b,
+                Err(e) => return respond_error(&mut send, 400, e.reason).await,
+            };
+            let reply = crate::site_brokers::brokers(&broker, peer, &body).await;
+            respond(
+                &mut send,
+                reply.status,
+                Some("application/json"),
+                &reply.body,
+            )
+            .await;
+        }
         Err(refused) => respond_error(&mut send, refused.status, refused.message).await,
     }
     let _ = H3_NO_ERROR;

@@ -76,6 +76,8 @@ pub struct Broker {
     /// Traffic and drops of each site's ended sessions.
     site_closed: Mutex<HashMap<(SiteId, RegionId), SiteTotals>>,
     next_session: AtomicU64,
+    /// The broker fleet, when the store is shared (etcd).
+    fleet: OnceLock<Arc<crate::fleet::FleetHandle>>,
 }
 
 /// The core's name for a revocation entry.
@@ -178,6 +180,7 @@ impl Broker {
             site_closed: Mutex::new(HashMap::new()),
             last_transport: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
+            fleet: OnceLock::new(),
         }))
     }
 
@@ -200,6 +203,27 @@ impl Broker {
     /// Metric handles.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The broker fleet, when the store is shared.
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::FleetHandle>> {
+        self.fleet.get()
+    }
+
+    /// Joins the fleet (once).
+    pub fn set_fleet(&self, fleet: Arc<crate::fleet::FleetHandle>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// The broker endpoints a site of `region` should know, with the
+    /// version of the fleet's membership: this broker's own first, then
+    /// every other live broker serving the region.
+    pub fn site_brokers(&self, region: &RegionId) -> (u64, Vec<String>) {
+        let own = self.enroll_endpoints();
+        match self.fleet() {
+            Some(fleet) => fleet.endpoints_for(region, &own),
+            None => (0, own),
+        }
     }
 
     /// The tunnel listener's bound address, once it is bound.
@@ -394,6 +418,11 @@ impl Broker {
             tracing::info!(%site, from = %previous.map(|p| p.as_str()).unwrap_or_default(), to = %transport, "site changed transport");
         }
         self.metrics.session_opened(transport, previous);
+        if registered.is_ok()
+            && let Some(fleet) = self.fleet()
+        {
+            fleet.claim(&site);
+        }
         registered
     }
 
@@ -401,6 +430,11 @@ impl Broker {
     /// its routes.
     pub fn unregister(&self, session: &Arc<Session>) {
         self.core.close_session(session);
+        if let Some(fleet) = self.fleet()
+            && self.sessions.get(session.site()).is_none()
+        {
+            fleet.release(session.site());
+        }
         let ended = session.totals();
         if let Ok(mut closed) = self.closed.lock() {
             closed.add(&ended.traffic);

@@ -91,6 +91,8 @@ struct Shell {
     inputs: mpsc::UnboundedSender<(u64, Input)>,
     /// What the health endpoint reports.
     health: Reporter,
+    /// The broker of the latest session, dialed last after it is lost.
+    last_broker: Option<tether_config::Endpoint>,
 }
 
 /// How an attempt ended, for the core. A certificate the broker refused
@@ -162,6 +164,7 @@ pub async fn run_reporting(
         rewrite: None,
         inputs,
         health,
+        last_broker: None,
     };
     if *shutdown.borrow() {
         core.handle_shutdown(Instant::now());
@@ -253,6 +256,7 @@ impl Shell {
         let now = Instant::now();
         match input {
             Input::Dialed(Ok((conn, target))) => {
+                self.last_broker = Some(target.endpoint.clone());
                 let transport = conn.transport();
                 self.health
                     .connected(&target.addr.to_string(), transport.describe());
@@ -267,6 +271,12 @@ impl Shell {
                     }
                     s.tunnel = Some(tunnel);
                     s.link = Some(link);
+                    // Learn the region's brokers while the session lives.
+                    s.tasks.push(tokio::spawn(crate::brokers::follow(
+                        s.conn.clone(),
+                        s.target.endpoint.to_string(),
+                        self.state.clone(),
+                    )));
                 }
                 self.health.tunnel_open();
                 core.handle_tunnel_opened(lifetime(&self.state), now);
@@ -383,7 +393,11 @@ impl Shell {
                 self.health.connecting();
                 let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
                 self.epoch += 1;
-                let config = self.config.clone();
+                let config = Arc::new(crate::brokers::dial_config(
+                    &self.config,
+                    &self.state,
+                    self.last_broker.as_ref(),
+                ));
                 self.dialing =
                     Some(self.spawn(async move {
                         Input::Dialed(dialer.connect(&config, &order).await)

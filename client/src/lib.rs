@@ -4,6 +4,7 @@
 //!   certificate renewal.
 //! - [`agent`]: `tether up`, the shell of `tether_proto::agent::AgentCore`
 //!   (the tunnel and its reconnection); [`pumps`]: its packet pumps.
+//! - [`brokers`]: the brokers of the region, learned over the tunnel.
 //! - [`tun`]: the TUN device and routes.
 //! - [`link`]: a connection to a broker on one rung of the transport
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
@@ -17,6 +18,7 @@
 //! - [`state_dir`]: the state directory.
 
 pub mod agent;
+pub mod brokers;
 pub mod dial;
 pub mod doctor;
 pub mod enroll;

@@ -18,6 +18,35 @@ pub const RENEW_PATH: &str = "/.well-known/tether/renew";
 /// certificate: the site proves it holds the key of its last certificate).
 pub const REATTEST_PATH: &str = "/.well-known/tether/reattest";
 
+/// Path a site asks for the brokers of its region (`POST`, with its
+/// certificate): a long poll, answered when the list differs from the
+/// version the site knows, or after [`BROKERS_HOLD_SECS`].
+pub const BROKERS_PATH: &str = "/.well-known/tether/brokers";
+
+/// How long the broker holds a brokers request whose list has not changed
+/// before it answers with the same list.
+pub const BROKERS_HOLD_SECS: u64 = 50;
+
+/// A site's request for the brokers of its region.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokersRequest {
+    /// The version of the list the site has; `None` (or another version
+    /// than the broker's) is answered at once.
+    #[serde(default)]
+    pub known: Option<u64>,
+}
+
+/// The brokers of a site's region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokersResponse {
+    /// Version of the list at the answering broker (changes whenever a
+    /// broker joins, leaves or changes its endpoints).
+    pub version: u64,
+    /// Endpoints to dial (`host:port`), the answering broker's first.
+    pub brokers: Vec<String>,
+}
+
 /// An enrollment request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -22,6 +22,9 @@
 //!   answers from it.
 //! - [`broker`]: the broker's decisions (sessions, routes, revocation,
 //!   allocation retries, token policy, close codes) as one state machine.
+//! - [`fleet`]: the brokers of a deployment as one broker sees them
+//!   (membership, which broker holds each site) and what follows when
+//!   either changes.
 //! - [`agent`]: the edge agent's decisions (transport ladder, reconnection
 //!   backoff, certificate renewal, tunnel MTU, the site's half of the
 //!   CONNECT-IP session) as one state machine.
@@ -41,6 +44,7 @@ pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
 pub mod dns;
+pub mod fleet;
 pub mod forward;
 pub mod gateway;
 pub mod h3;

@@ -82,6 +82,10 @@ const BATCH: usize = 100;
 /// Keys per read of a range (small in tests, so that they read many pages).
 const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
 
+/// Where the brokers of a deployment announce themselves and their
+/// sessions (see `crate::fleet`), under the prefix.
+pub const FLEET_DIR: &str = "fleet/";
+
 /// How long a broken watch waits before it is resumed.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
 
@@ -231,23 +235,7 @@ impl EtcdStore {
     /// configured timeout); starts the watch on the prefix.
     pub fn open(config: &EtcdConfig) -> Result<Self, StoreError> {
         let endpoints = config.endpoints.join(", ");
-        // Calls are bounded by `run_on` (one deadline, one error message);
-        // the keep-alive notices a dead connection under a long watch.
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(config.timeout)
-            .with_keep_alive(Duration::from_secs(10), config.timeout);
-        if let Some(tls) = &config.tls {
-            let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(
-                read_tls_file("CA certificate (store.etcd.ca_file)", &tls.ca_file)?,
-            ));
-            if let Some((cert, key)) = &tls.identity {
-                tls_options = tls_options.identity(Identity::from_pem(
-                    read_tls_file("client certificate (store.etcd.cert_file)", cert)?,
-                    read_tls_file("client key (store.etcd.key_file)", key)?,
-                ));
-            }
-            options = options.with_tls(tls_options);
-        }
+        let options = connect_options(config)?;
         let runtime = OwnRuntime(Some(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -378,6 +366,10 @@ impl EtcdStore {
                 continue;
             };
             let corrupt = || StoreError(format!("unexpected key {key}"));
+            if rest.starts_with(FLEET_DIR) {
+                // Live brokers and their sessions: not state to copy.
+                continue;
+            }
             if let Some(r) = rest.strip_prefix("regions/") {
                 let (region, what) = r.split_once('/').ok_or_else(corrupt)?;
                 let region = RegionId::new(region).map_err(|_| corrupt())?;
@@ -525,6 +517,46 @@ impl EtcdStore {
                 _ => return Ok(out),
             }
         }
+    }
+}
+
+/// How to reach the cluster: timeouts and keep-alive, TLS with the client
+/// certificate when configured.
+pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
+    // Calls are bounded by their callers (one deadline, one error message);
+    // the keep-alive notices a dead connection under a long watch.
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.timeout)
+        .with_keep_alive(Duration::from_secs(10), config.timeout);
+    if let Some(tls) = &config.tls {
+        let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(
+            read_tls_file("CA certificate (store.etcd.ca_file)", &tls.ca_file)?,
+        ));
+        if let Some((cert, key)) = &tls.identity {
+            tls_options = tls_options.identity(Identity::from_pem(
+                read_tls_file("client certificate (store.etcd.cert_file)", cert)?,
+                read_tls_file("client key (store.etcd.key_file)", key)?,
+            ));
+        }
+        options = options.with_tls(tls_options);
+    }
+    Ok(options)
+}
+
+/// An etcd client on the caller's runtime (for async users such as the
+/// fleet), bounded by the configured timeout.
+pub(crate) async fn connect(config: &EtcdConfig) -> Result<Client, StoreError> {
+    let endpoints = config.endpoints.join(", ");
+    let options = connect_options(config)?;
+    match tokio::time::timeout(
+        config.timeout,
+        Client::connect(config.endpoints.clone(), Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(CallError::Etcd(e).describe(&endpoints, "connect", config.timeout)),
+        Err(_) => Err(CallError::Timeout.describe(&endpoints, "connect", config.timeout)),
     }
 }
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::BrokerCore;
-use crate::api::{ENROLL_PATH, REATTEST_PATH, RENEW_PATH};
+use crate::api::{BROKERS_PATH, ENROLL_PATH, REATTEST_PATH, RENEW_PATH};
 use crate::connect_ip::{self, Scope};
 use crate::h3::error::{H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED};
 use crate::ids::{RegionId, SiteId};
@@ -135,6 +135,8 @@ pub enum RequestKind {
     /// Renewal of an expired site certificate with a proof of its key
     /// (`POST` to [`REATTEST_PATH`]).
     Reattest,
+    /// The brokers of the site's region (`POST` to [`BROKERS_PATH`]).
+    Brokers,
 }
 
 /// Classifies a request by its method, `:protocol` and path; anything else
@@ -149,6 +151,7 @@ pub fn classify_request(
         ("POST", None, ENROLL_PATH) => Ok(RequestKind::Enroll),
         ("POST", None, RENEW_PATH) => Ok(RequestKind::Renew),
         ("POST", None, REATTEST_PATH) => Ok(RequestKind::Reattest),
+        ("POST", None, BROKERS_PATH) => Ok(RequestKind::Brokers),
         ("CONNECT", _, _) => Err(Refusal {
             status: 501,
             message: "only CONNECT-IP (:protocol connect-ip) is served here".into(),
@@ -360,6 +363,10 @@ mod tests {
             classify_request("POST", None, REATTEST_PATH),
             Ok(RequestKind::Reattest)
         );
+        assert_eq!(
+            classify_request("POST", None, BROKERS_PATH),
+            Ok(RequestKind::Brokers)
+        );
         // Another extended CONNECT, or a plain one: not served.
         for protocol in [Some("connect-udp"), None] {
             let refused = classify_request("CONNECT", protocol, tunnel).unwrap_err();
@@ -370,6 +377,7 @@ mod tests {
         for (method, protocol, path) in [
             ("POST", Some("connect-ip"), ENROLL_PATH),
             ("GET", None, ENROLL_PATH),
+            ("GET", None, BROKERS_PATH),
             ("POST", None, "/elsewhere"),
         ] {
             let refused = classify_request(method, protocol, path).unwrap_err();

@@ -1,0 +1,403 @@
+//! The broker fleet in etcd: liveness of brokers and ownership of sessions.
+//!
+//! A broker whose store is etcd announces itself under
+//! `<prefix>fleet/brokers/<id>` (a [`Member`], JSON: the endpoints sites
+//! dial, the regions it serves) with an etcd lease of [`LEASE_TTL`] that it
+//! keeps alive, and records each session it registers under
+//! `<prefix>fleet/owners/<site>` (its id), bound to the same lease. Keys are
+//! written when a session is registered or removed, never by traffic. A
+//! broker that dies stops renewing its lease; etcd deletes its keys when the
+//! lease expires, and every other broker's watch sees them go.
+//!
+//! One task per broker owns the etcd side: it grants the lease, writes the
+//! announcement, reads the fleet and watches it, and writes and deletes
+//! owner keys on [`FleetHandle::claim`] and [`FleetHandle::release`]. What
+//! the changes mean is decided in [`tether_proto::fleet::Fleet`]; its
+//! [`Decision`]s come out of the receiver [`start`] returns. When etcd is
+//! unreachable or the lease is lost, the task starts over (a new lease, the
+//! announcement and every current claim written again) once etcd answers.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tether_config::broker::EtcdConfig;
+use tether_proto::fleet::{BrokerId, Decision, Fleet, Member};
+use tether_proto::ids::{RegionId, SiteId};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::store::StoreError;
+use crate::store::etcd::FLEET_DIR;
+
+/// Time to live of a broker's etcd lease: a broker that stops renewing is
+/// gone from the fleet, and its sessions' owner keys with it, this long
+/// after its last renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// How often the lease is renewed (three times per time to live, so that
+/// one lost renewal does not expire it).
+const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL.as_millis() as u64 / 3);
+
+/// How long the task waits before it starts over after a failure.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// What the fleet task is asked to write.
+#[derive(Debug)]
+enum Command {
+    Claim(SiteId),
+    Release(SiteId),
+}
+
+/// A broker's handle on the fleet.
+#[derive(Debug)]
+pub struct FleetHandle {
+    fleet: Arc<Mutex<Fleet>>,
+    changes: watch::Sender<u64>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl FleetHandle {
+    /// This broker registered a session of `site`: records that it holds
+    /// the site.
+    pub fn claim(&self, site: &SiteId) {
+        let _ = self.commands.send(Command::Claim(site.clone()));
+    }
+
+    /// This broker holds no session of `site` any more.
+    pub fn release(&self, site: &SiteId) {
+        let _ = self.commands.send(Command::Release(site.clone()));
+    }
+
+    /// The membership version and the endpoints a site of `region` should
+    /// know, `own` (this broker's) first.
+    pub fn endpoints_for(&self, region: &RegionId, own: &[String]) -> (u64, Vec<String>) {
+        match self.fleet.lock() {
+            Ok(f) => (f.version(), f.endpoints_for(region, own)),
+            Err(_) => (0, own.to_vec()),
+        }
+    }
+
+    /// A copy of the fleet as this broker sees it.
+    pub fn snapshot(&self) -> Option<Fleet> {
+        self.fleet.lock().ok().map(|f| f.clone())
+    }
+
+    /// Changes of the membership version.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// The keys of the fleet under a deployment's prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    brokers: String,
+    owners: String,
+    dir: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let dir = format!("{prefix}{FLEET_DIR}");
+        Self {
+            brokers: format!("{dir}brokers/"),
+            owners: format!("{dir}owners/"),
+            dir,
+        }
+    }
+}
+
+/// Joins the fleet: announces `member` under a new id and starts the task
+/// that keeps the announcement, the claims and the view current. The
+/// receiver yields what the broker must do when ownership moves.
+pub async fn start(
+    config: &EtcdConfig,
+    member: Member,
+) -> Result<
+    (
+        Arc<FleetHandle>,
+        mpsc::UnboundedReceiver<Decision>,
+        JoinHandle<()>,
+    ),
+    StoreError,
+> {
+    let client = crate::store::etcd::connect(config).await?;
+    let me: BrokerId = format!("{:016x}", rand::random::<u64>());
+    let fleet = Arc::new(Mutex::new(Fleet::new(me.clone())));
+    let (changes, _) = watch::channel(0);
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (decisions, decision_rx) = mpsc::unbounded_channel();
+    let handle = Arc::new(FleetHandle {
+        fleet: fleet.clone(),
+        changes: changes.clone(),
+        commands,
+    });
+    let mut task = Task {
+        client,
+        keys: Keys::new(&config.prefix),
+        me,
+        member,
+        fleet,
+        changes,
+        decisions,
+        commands: command_rx,
+        timeout: config.timeout,
+        endpoints: config.endpoints.join(", "),
+    };
+    // The first announcement before the broker serves, so that a broker
+    // that cannot join says so at start.
+    let mut joined = Some(task.join().await?);
+    let join = tokio::spawn(async move {
+        loop {
+            let lease = match joined.take() {
+                Some(lease) => Ok(lease),
+                None => task.join().await,
+            };
+            let ended = match lease {
+                Ok(lease) => task.serve(lease).await,
+                Err(e) => Err(e),
+            };
+            match ended {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "fleet: starting over"),
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    });
+    Ok((handle, decision_rx, join))
+}
+
+struct Task {
+    client: Client,
+    keys: Keys,
+    me: BrokerId,
+    member: Member,
+    fleet: Arc<Mutex<Fleet>>,
+    changes: watch::Sender<u64>,
+    decisions: mpsc::UnboundedSender<Decision>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    timeout: Duration,
+    endpoints: String,
+}
+
+/// A lease and the revision the view was read at.
+struct Joined {
+    lease: i64,
+    revision: i64,
+}
+
+impl Task {
+    fn error(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError(format!("etcd at {}: {what} failed: {e}", self.endpoints))
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| self.error(what, e)),
+            Err(_) => Err(self.error(what, "no answer in time")),
+        }
+    }
+
+    fn with_fleet<T>(&self, f: impl FnOnce(&mut Fleet) -> T) -> T {
+        let mut fleet = match self.fleet.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let out = f(&mut fleet);
+        self.changes.send_if_modified(|v| {
+            let changed = *v != fleet.version();
+            *v = fleet.version();
+            changed
+        });
+        out
+    }
+
+    fn decide(&self, decisions: Vec<Decision>) {
+        for d in decisions {
+            let _ = self.decisions.send(d);
+        }
+    }
+
+    /// A new lease, the announcement and every claim under it, and a full
+    /// read of the fleet.
+    async fn join(&mut self) -> Result<Joined, StoreError> {
+        let mut c = self.client.clone();
+        let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(5);
+        let lease = self
+            .bounded("lease grant", c.lease_grant(ttl, None))
+            .await?
+            .id();
+        let value = serde_json::to_vec(&self.member).map_err(|e| self.error("announce", e))?;
+        let key = format!("{}{}", self.keys.brokers, self.me);
+        self.bounded(
+            "announce",
+            c.put(key, value, Some(PutOptions::new().with_lease(lease))),
+        )
+        .await?;
+        let claimed: Vec<SiteId> = self.with_fleet(|f| f.claimed().cloned().collect());
+        for site in claimed {
+            self.put_claim(lease, &site).await?;
+        }
+        let response = self
+            .bounded(
+                "read fleet",
+                c.get(self.keys.dir.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let decisions = self.with_fleet(|f| {
+            f.handle_reset();
+            let mut out = Vec::new();
+            for kv in response.kvs() {
+                out.extend(apply(&self.keys, f, EventType::Put, kv));
+            }
+            out
+        });
+        self.decide(decisions);
+        tracing::info!(broker = %self.me, lease = lease, "joined the broker fleet");
+        Ok(Joined { lease, revision })
+    }
+
+    async fn put_claim(&self, lease: i64, site: &SiteId) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let key = format!("{}{site}", self.keys.owners);
+        let put = self
+            .bounded(
+                "claim",
+                c.put(
+                    key,
+                    self.me.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            )
+            .await?;
+        let revision = put.header().map(|h| h.revision()).unwrap_or(0);
+        let decisions = self.with_fleet(|f| f.handle_claimed(site, revision));
+        self.decide(decisions);
+        Ok(())
+    }
+
+    async fn release(&self, site: &SiteId) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let key = format!("{}{site}", self.keys.owners);
+        // Only this broker's own key: another broker may hold the site now.
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                self.me.clone(),
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        self.bounded("release", c.txn(txn)).await?;
+        Ok(())
+    }
+
+    /// Keeps the lease alive, writes claims and releases, applies the
+    /// watch; returns on a failure (to start over) or when the broker is
+    /// gone.
+    async fn serve(&mut self, joined: Joined) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let (mut keeper, mut alive) = self
+            .bounded("lease keep-alive", c.lease_keep_alive(joined.lease))
+            .await?;
+        let mut w = self.client.clone();
+        let mut watch = self
+            .bounded(
+                "watch",
+                w.watch(
+                    self.keys.dir.clone(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(joined.revision + 1),
+                    ),
+                ),
+            )
+            .await?;
+        let mut renew = tokio::time::interval(RENEW_EVERY);
+        loop {
+            tokio::select! {
+                _ = renew.tick() => {
+                    keeper.keep_alive().await.map_err(|e| self.error("lease keep-alive", e))?;
+                }
+                answer = alive.message() => match answer {
+                    Ok(Some(a)) if a.ttl() > 0 => {}
+                    Ok(Some(_)) => return Err(self.error("lease keep-alive", "the lease expired")),
+                    Ok(None) => return Err(self.error("lease keep-alive", "stream ended")),
+                    Err(e) => return Err(self.error("lease keep-alive", e)),
+                },
+                command = self.commands.recv() => match command {
+                    Some(Command::Claim(site)) => {
+                        self.with_fleet(|f| f.handle_claim(site.clone()));
+                        self.put_claim(joined.lease, &site).await?;
+                    }
+                    Some(Command::Release(site)) => {
+                        self.with_fleet(|f| f.handle_released(&site));
+                        self.release(&site).await?;
+                    }
+                    None => {
+                        // The broker is gone: leave the fleet now rather
+                        // than at the lease's expiry.
+                        let _ = tokio::time::timeout(self.timeout, c.lease_revoke(joined.lease)).await;
+                        return Ok(());
+                    }
+                },
+                message = watch.message() => match message {
+                    Ok(Some(response)) => {
+                        if response.canceled() {
+                            return Err(self.error("watch", "canceled"));
+                        }
+                        let decisions = self.with_fleet(|f| {
+                            let mut out = Vec::new();
+                            for event in response.events() {
+                                if let Some(kv) = event.kv() {
+                                    out.extend(apply(&self.keys, f, event.event_type(), kv));
+                                }
+                            }
+                            out
+                        });
+                        self.decide(decisions);
+                    }
+                    Ok(None) => return Err(self.error("watch", "stream ended")),
+                    Err(e) => return Err(self.error("watch", e)),
+                },
+            }
+        }
+    }
+}
+
+/// Applies one change of a fleet key to the view.
+fn apply(keys: &Keys, fleet: &mut Fleet, kind: EventType, kv: &KeyValue) -> Vec<Decision> {
+    let Ok(key) = std::str::from_utf8(kv.key()) else {
+        return Vec::new();
+    };
+    let revision = kv.mod_revision();
+    if let Some(id) = key.strip_prefix(&keys.brokers) {
+        match kind {
+            EventType::Put => match serde_json::from_slice::<Member>(kv.value()) {
+                Ok(member) => fleet.handle_member(id.to_string(), member),
+                Err(e) => tracing::warn!(broker = id, error = %e, "fleet: unreadable announcement"),
+            },
+            EventType::Delete => fleet.handle_member_gone(id),
+        }
+    } else if let Some(site) = key.strip_prefix(&keys.owners)
+        && let Ok(site) = SiteId::new(site)
+    {
+        match kind {
+            EventType::Put => {
+                let broker = String::from_utf8_lossy(kv.value()).to_string();
+                return fleet.handle_owner(site, broker, revision);
+            }
+            EventType::Delete => fleet.handle_owner_gone(&site, revision),
+        }
+    }
+    Vec::new()
+}

@@ -1,0 +1,381 @@
+//! The broker fleet as one broker sees it: which brokers are alive and
+//! where sites dial them ([`Fleet`] membership), which broker holds each
+//! site's session (ownership), and what to do when either changes.
+//!
+//! The shell feeds the fleet what the shared store says (`handle_*`, each
+//! with the store revision of the change) and what this broker does with
+//! its own sessions (`handle_claim*`, `handle_released`); the fleet answers
+//! with [`Decision`]s. It keeps no clock: liveness is the store's business
+//! (a broker's keys vanish with its store lease).
+//!
+//! # Ownership
+//!
+//! A broker *claims* a site when it registers the site's session: it writes
+//! the site's owner key (its own id) and learns the revision of that write.
+//! A later owner write by another broker means the site connected there
+//! after it connected here: this broker ends its session
+//! ([`Decision::EndSession`]), so that no two brokers route to one site.
+//! A foreign write older than this broker's own claim is stale (the site
+//! came back here since) and changes nothing. While this broker's write is
+//! in flight, it cannot yet tell the two apart: the comparison waits for the
+//! claim's revision ([`Fleet::handle_claimed`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::ids::{RegionId, SiteId};
+
+/// A broker's id in the fleet: unique per broker process (its store lease).
+pub type BrokerId = String;
+
+/// A live broker as it announces itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Member {
+    /// Endpoints sites dial (`host:port`), in the broker's order.
+    pub endpoints: Vec<String>,
+    /// The regions whose sites it serves.
+    pub regions: BTreeSet<RegionId>,
+    /// Where other brokers forward packets for the sites it holds
+    /// (`host:port` of its broker-to-broker link), if it has one.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub forward: Option<String>,
+}
+
+/// Who holds a site's session, as the store says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The broker.
+    pub broker: BrokerId,
+    /// The store revision of the owner write.
+    pub revision: i64,
+}
+
+/// This broker's claim on a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Written, revision not yet known.
+    Pending,
+    /// Written at this revision.
+    At(i64),
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Another broker holds the site's newer session: end the one here.
+    EndSession(SiteId),
+}
+
+/// Membership and ownership as one broker sees them.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    me: BrokerId,
+    members: BTreeMap<BrokerId, Member>,
+    owners: BTreeMap<SiteId, Owner>,
+    claims: BTreeMap<SiteId, Claim>,
+    version: u64,
+}
+
+impl Fleet {
+    /// The fleet of broker `me`, before anything is known.
+    pub fn new(me: BrokerId) -> Self {
+        Self {
+            me,
+            members: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            version: 0,
+        }
+    }
+
+    /// This broker's id.
+    pub fn me(&self) -> &BrokerId {
+        &self.me
+    }
+
+    /// Bumped whenever the set of members or their announcements change.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The live brokers.
+    pub fn members(&self) -> &BTreeMap<BrokerId, Member> {
+        &self.members
+    }
+
+    /// A broker announced itself (or changed its announcement).
+    pub fn handle_member(&mut self, id: BrokerId, member: Member) {
+        if self.members.get(&id) != Some(&member) {
+            self.members.insert(id, member);
+            self.version += 1;
+        }
+    }
+
+    /// A broker is gone (its store lease expired or it left).
+    pub fn handle_member_gone(&mut self, id: &str) {
+        if self.members.remove(id).is_some() {
+            self.version += 1;
+        }
+    }
+
+    /// Forgets every member and owner, before a full read of the store.
+    pub fn handle_reset(&mut self) {
+        if !self.members.is_empty() {
+            self.version += 1;
+        }
+        self.members.clear();
+        self.owners.clear();
+    }
+
+    /// The store says `broker` holds `site` since `revision`.
+    pub fn handle_owner(&mut self, site: SiteId, broker: BrokerId, revision: i64) -> Vec<Decision> {
+        let stale = self
+            .owners
+            .get(&site)
+            .is_some_and(|o| o.revision > revision);
+        if stale {
+            return Vec::new();
+        }
+        self.owners.insert(site.clone(), Owner { broker, revision });
+        self.check(&site)
+    }
+
+    /// The owner key of `site` is gone (released, or its broker died).
+    pub fn handle_owner_gone(&mut self, site: &SiteId, revision: i64) {
+        if self
+            .owners
+            .get(site)
+            .is_some_and(|o| o.revision <= revision)
+        {
+            self.owners.remove(site);
+        }
+    }
+
+    /// This broker registered a session of `site` and is writing its claim.
+    pub fn handle_claim(&mut self, site: SiteId) {
+        self.claims.insert(site, Claim::Pending);
+    }
+
+    /// This broker's claim on `site` was written at `revision`.
+    pub fn handle_claimed(&mut self, site: &SiteId, revision: i64) -> Vec<Decision> {
+        match self.claims.get_mut(site) {
+            Some(claim) => *claim = Claim::At(revision),
+            // Released meanwhile.
+            None => return Vec::new(),
+        }
+        self.check(site)
+    }
+
+    /// This broker no longer holds a session of `site`.
+    pub fn handle_released(&mut self, site: &SiteId) {
+        self.claims.remove(site);
+    }
+
+    /// The sites this broker holds (to claim again under a new store
+    /// lease).
+    pub fn claimed(&self) -> impl Iterator<Item = &SiteId> {
+        self.claims.keys()
+    }
+
+    /// Who holds `site`: `None` when no live broker does.
+    pub fn owner(&self, site: &SiteId) -> Option<&Owner> {
+        self.owners.get(site)
+    }
+
+    /// The forwarding address of the broker holding `site`, when that is
+    /// another live broker.
+    pub fn forward_to(&self, site: &SiteId) -> Option<(&BrokerId, &str)> {
+        let owner = self.owners.get(site)?;
+        if owner.broker == self.me {
+            return None;
+        }
+        let member = self.members.get(&owner.broker)?;
+        Some((&owner.broker, member.forward.as_deref()?))
+    }
+
+    /// The endpoints a site of `region` should know: this broker's own
+    /// first (`own`, the one it is talking to), then every other live
+    /// broker serving the region, in id order; no endpoint twice.
+    pub fn endpoints_for(&self, region: &RegionId, own: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let others = self
+            .members
+            .iter()
+            .filter(|(id, m)| **id != self.me && m.regions.contains(region))
+            .flat_map(|(_, m)| m.endpoints.iter());
+        for e in own.iter().chain(others) {
+            if !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
+    fn check(&self, site: &SiteId) -> Vec<Decision> {
+        match (self.claims.get(site), self.owners.get(site)) {
+            (Some(Claim::At(mine)), Some(owner))
+                if owner.broker != self.me && owner.revision > *mine =>
+            {
+                vec![Decision::EndSession(site.clone())]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Maximum number of broker endpoints a site keeps.
+pub const MAX_BROKERS: usize = 64;
+
+/// The order a site dials its brokers in: the configured ones first, then
+/// those the brokers told it about, with `lost` (the broker whose session
+/// just ended) moved last, so that a dead broker does not delay the
+/// failover to a live one. At most [`MAX_BROKERS`] endpoints, no endpoint
+/// twice.
+pub fn dial_order(configured: &[String], learned: &[String], lost: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in configured.iter().chain(learned) {
+        if !out.contains(e) && out.len() < MAX_BROKERS {
+            out.push(e.clone());
+        }
+    }
+    if let Some(lost) = lost
+        && let Some(i) = out.iter().position(|e| e == lost)
+    {
+        let e = out.remove(i);
+        out.push(e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(s: &str) -> SiteId {
+        s.parse().unwrap_or_else(|_| panic!("bad site {s}"))
+    }
+
+    fn region(r: &str) -> RegionId {
+        r.parse().unwrap_or_else(|_| panic!("bad region {r}"))
+    }
+
+    fn member(endpoint: &str, regions: &[&str]) -> Member {
+        Member {
+            endpoints: vec![endpoint.into()],
+            regions: regions.iter().map(|r| region(r)).collect(),
+            forward: Some(format!("fwd-{endpoint}")),
+        }
+    }
+
+    #[test]
+    fn a_newer_owner_elsewhere_ends_the_session_here() {
+        let mut f = Fleet::new("a".into());
+        f.handle_claim(site("s1"));
+        assert!(f.handle_claimed(&site("s1"), 10).is_empty());
+        assert!(f.handle_owner(site("s1"), "a".into(), 10).is_empty());
+        assert_eq!(
+            f.handle_owner(site("s1"), "b".into(), 12),
+            vec![Decision::EndSession(site("s1"))]
+        );
+    }
+
+    #[test]
+    fn an_owner_write_older_than_the_claim_here_is_stale() {
+        let mut f = Fleet::new("a".into());
+        f.handle_claim(site("s1"));
+        // B's write (revision 7) arrives while A's claim is in flight.
+        assert!(f.handle_owner(site("s1"), "b".into(), 7).is_empty());
+        // A's claim lands after it: the site is here.
+        assert!(f.handle_claimed(&site("s1"), 9).is_empty());
+        assert!(f.handle_owner(site("s1"), "a".into(), 9).is_empty());
+        assert_eq!(f.owner(&site("s1")).map(|o| o.broker.as_str()), Some("a"));
+    }
+
+    #[test]
+    fn a_foreign_write_during_the_claim_is_decided_when_the_claim_lands() {
+        let mut f = Fleet::new("a".into());
+        f.handle_claim(site("s1"));
+        assert!(f.handle_owner(site("s1"), "b".into(), 12).is_empty());
+        assert_eq!(
+            f.handle_claimed(&site("s1"), 9),
+            vec![Decision::EndSession(site("s1"))]
+        );
+    }
+
+    #[test]
+    fn a_released_site_is_not_ended_again() {
+        let mut f = Fleet::new("a".into());
+        f.handle_claim(site("s1"));
+        f.handle_released(&site("s1"));
+        assert!(f.handle_claimed(&site("s1"), 3).is_empty());
+        assert!(f.handle_owner(site("s1"), "b".into(), 5).is_empty());
+        assert_eq!(f.claimed().count(), 0);
+    }
+
+    #[test]
+    fn late_events_do_not_move_ownership_back() {
+        let mut f = Fleet::new("c".into());
+        f.handle_owner(site("s1"), "b".into(), 12);
+        f.handle_owner(site("s1"), "a".into(), 9);
+        assert_eq!(f.owner(&site("s1")).map(|o| o.broker.as_str()), Some("b"));
+        f.handle_owner_gone(&site("s1"), 8);
+        assert!(f.owner(&site("s1")).is_some());
+        f.handle_owner_gone(&site("s1"), 13);
+        assert!(f.owner(&site("s1")).is_none());
+    }
+
+    #[test]
+    fn packets_for_a_site_held_elsewhere_go_to_that_broker() {
+        let mut f = Fleet::new("a".into());
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]));
+        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]));
+        f.handle_owner(site("s1"), "b".into(), 4);
+        f.handle_owner(site("s2"), "a".into(), 5);
+        f.handle_owner(site("s3"), "dead".into(), 6);
+        assert_eq!(
+            f.forward_to(&site("s1")),
+            Some((&"b".to_string(), "fwd-10.0.0.2:443"))
+        );
+        assert_eq!(f.forward_to(&site("s2")), None, "held here");
+        assert_eq!(f.forward_to(&site("s3")), None, "its broker is gone");
+    }
+
+    #[test]
+    fn sites_learn_the_brokers_of_their_region_own_first() {
+        let mut f = Fleet::new("b".into());
+        let v0 = f.version();
+        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]));
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]));
+        f.handle_member("c".into(), member("10.0.0.3:443", &["us"]));
+        assert!(f.version() > v0);
+        assert_eq!(
+            f.endpoints_for(&region("eu"), &["10.0.0.2:443".into()]),
+            ["10.0.0.2:443", "10.0.0.1:443"]
+        );
+        let v1 = f.version();
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]));
+        assert_eq!(f.version(), v1, "the same announcement changes nothing");
+        f.handle_member_gone("a");
+        assert!(f.version() > v1);
+        assert_eq!(
+            f.endpoints_for(&region("eu"), &["10.0.0.2:443".into()]),
+            ["10.0.0.2:443"]
+        );
+    }
+
+    #[test]
+    fn the_lost_broker_is_dialed_last() {
+        let configured = vec!["a:443".to_string()];
+        let learned = vec!["a:443".to_string(), "b:443".into(), "c:443".into()];
+        assert_eq!(
+            dial_order(&configured, &learned, None),
+            ["a:443", "b:443", "c:443"]
+        );
+        assert_eq!(
+            dial_order(&configured, &learned, Some("a:443")),
+            ["b:443", "c:443", "a:443"]
+        );
+        let many: Vec<String> = (0..100).map(|i| format!("h{i}:443")).collect();
+        assert_eq!(dial_order(&[], &many, None).len(), MAX_BROKERS);
+    }
+}
