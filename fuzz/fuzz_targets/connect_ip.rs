@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
                 for p in &prefixes {
                     assert!(covered.iter().any(|c| c.contains(p)), "{p} lost");
                 }
-                assert_eq!(RouteAdvertisement::from_prefixes(covered.iter().copied()), merged);
+                assert_eq!(
+                    RouteAdvertisement::from_prefixes(covered.iter().copied()),
+                    merged
+                );
             }
         }
         _ => {

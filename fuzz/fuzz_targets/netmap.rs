@@ -5,7 +5,9 @@
 //! Input: the first byte picks the mapping and the direction; the rest is
 //! the packet. Properties: no panic; a translated packet parses with the
 //! translated address; translating back with the inverse mapping restores
-//! the packet byte for byte.
+//! the packet byte for byte (a checksum of 0xffff may come back as its
+//! ones'-complement twin 0x0000), for every packet the inverse map would
+//! leave alone.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -35,6 +37,27 @@ thread_local! {
     ];
 }
 
+/// `back` must be `original` byte for byte, except that a checksum of
+/// 0xffff may come back as 0x0000: the same value in ones' complement
+/// (RFC 1624 section 3), which incremental updates cannot tell apart.
+fn assert_round_trip(back: &[u8], original: &[u8]) {
+    assert_eq!(back.len(), original.len());
+    let mut i = 0;
+    while i < back.len() {
+        if back[i] != original[i] {
+            let at = i & !1;
+            assert!(
+                original.get(at..at + 2) == Some(&[0xff, 0xff][..])
+                    && back.get(at..at + 2) == Some(&[0, 0][..]),
+                "translation does not round trip at byte {i}: {back:?} != {original:?}"
+            );
+            i = at + 2;
+        } else {
+            i += 1;
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&knob, bytes)) = data.split_first() else {
         return;
@@ -45,6 +68,12 @@ fuzz_target!(|data: &[u8]| {
         if knob & 2 == 0 {
             // From the LAN: the source becomes the mapped address; the
             // inverse map's from_lan turns it back.
+            // Where the inverse map would already translate the packet (a
+            // quoted header that holds a mapped address), going back is
+            // not the inverse of going there.
+            if inverse.from_lan(&mut bytes.to_vec()) == Ok(Outcome::Translated) {
+                return;
+            }
             let Ok(Outcome::Translated) = forward.from_lan(&mut packet) else {
                 return;
             };
@@ -55,9 +84,12 @@ fuzz_target!(|data: &[u8]| {
             );
             let mut back = packet.clone();
             assert_eq!(inverse.from_lan(&mut back), Ok(Outcome::Translated));
-            assert_eq!(back, bytes, "translation does not round trip");
+            assert_round_trip(&back, bytes);
         } else {
             // Into the LAN: the destination becomes the real address.
+            if inverse.to_lan(&mut bytes.to_vec()) == Ok(Outcome::Translated) {
+                return;
+            }
             let Ok(Outcome::Translated) = forward.to_lan(&mut packet) else {
                 return;
             };
@@ -68,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
             );
             let mut back = packet.clone();
             assert_eq!(inverse.to_lan(&mut back), Ok(Outcome::Translated));
-            assert_eq!(back, bytes, "translation does not round trip");
+            assert_round_trip(&back, bytes);
         }
     });
 });

@@ -21,7 +21,9 @@
 //! ICMP and ICMPv6 errors quote the packet they are about: the quoted
 //! header is translated too (in the other direction: an error travelling
 //! to the LAN quotes a packet that came from it), with its checksums, and
-//! the error's own checksum is recomputed. Fragments translate like whole
+//! the error's own checksum is adjusted for the bytes that changed (never
+//! recomputed: an error corrupted on the way stays detectably corrupted).
+//! Fragments translate like whole
 //! packets: the first carries the transport header, later ones only the IP
 //! header. Protocols whose checksums cover addresses but which tether does
 //! not parse (DCCP, UDP-Lite) and AH, which authenticates the addresses,
