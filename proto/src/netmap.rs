@@ -21,7 +21,9 @@
 //! ICMP and ICMPv6 errors quote the packet they are about: the quoted
 //! header is translated too (in the other direction: an error travelling
 //! to the LAN quotes a packet that came from it), with its checksums, and
-//! the error's own checksum is recomputed. Fragments translate like whole
+//! the error's own checksum is adjusted for the bytes that changed (never
+//! recomputed: an error corrupted on the way stays detectably corrupted).
+//! Fragments translate like whole
 //! packets: the first carries the transport header, later ones only the IP
 //! header. Protocols whose checksums cover addresses but which tether does
 //! not parse (DCCP, UDP-Lite) and AH, which authenticates the addresses,
@@ -32,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::ip::{self, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet};
+use crate::ip::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet};
 use crate::net::Family;
 
 /// IP protocol number of GRE (no checksum over addresses).
@@ -337,6 +339,14 @@ fn translate(
         }
     }
     let mut outcome = Outcome::Untouched;
+    // An error's own checksum covers the quote (and, for ICMPv6, the outer
+    // addresses): it is adjusted below for exactly the bytes that change,
+    // so an error that arrived corrupted stays detectably corrupted.
+    let message_before = if is_error {
+        packet[l4..].to_vec()
+    } else {
+        Vec::new()
+    };
     if is_error {
         // The quoted packet travelled the other way: translate the other
         // address of its header.
@@ -351,7 +361,7 @@ fn translate(
     if let Some(new) = outer {
         let l4_checksum = if later || is_error {
             // Later fragments carry no transport header; an error's own
-            // checksum is recomputed below.
+            // checksum is adjusted below.
             None
         } else {
             checksum.map(|(at, z)| (l4 + at, z))
@@ -360,7 +370,17 @@ fn translate(
         outcome = Outcome::Translated;
     }
     if is_error && outcome == Outcome::Translated {
-        recompute_icmp(packet, family, l4);
+        let at = l4 + 2;
+        let mut sum = u16::from_be_bytes([packet[at], packet[at + 1]]);
+        sum = adjust_changed(sum, &message_before, &packet[l4..]);
+        if family == Family::V6
+            && let Some(new) = outer
+        {
+            let (old, len) = octets(old);
+            let (new, _) = octets(new);
+            sum = adjust(sum, &old[..len], &new[..len]);
+        }
+        packet[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     }
     Ok(outcome)
 }
@@ -418,21 +438,15 @@ fn translate_quoted(
     Ok(true)
 }
 
-/// Recomputes the checksum of the ICMP / ICMPv6 message at `l4`.
-fn recompute_icmp(packet: &mut [u8], family: Family, l4: usize) {
-    packet[l4 + 2..l4 + 4].copy_from_slice(&[0, 0]);
-    let sum = match family {
-        Family::V4 => ip::checksum(&[&packet[l4..]]),
-        Family::V6 => {
-            let len = u32::try_from(packet.len() - l4).unwrap_or(u32::MAX);
-            let mut pseudo = [0u8; 40];
-            pseudo[..32].copy_from_slice(&packet[8..40]);
-            pseudo[32..36].copy_from_slice(&len.to_be_bytes());
-            pseudo[39] = PROTO_ICMPV6;
-            ip::checksum(&[&pseudo, &packet[l4..]])
-        }
-    };
-    packet[l4 + 2..l4 + 4].copy_from_slice(&sum.to_be_bytes());
+/// [`adjust`] for the 16-bit words that differ between `old` and `new`
+/// (same length; a trailing odd byte never changes). Unchanged words are
+/// skipped: adding one would turn a checksum of 0xffff into 0x0000, and
+/// the packet would not come back byte for byte when translated back.
+fn adjust_changed(sum: u16, old: &[u8], new: &[u8]) -> u16 {
+    old.chunks_exact(2)
+        .zip(new.chunks_exact(2))
+        .filter(|(o, n)| o != n)
+        .fold(sum, |sum, (o, n)| adjust(sum, o, n))
 }
 
 #[cfg(test)]

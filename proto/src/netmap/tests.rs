@@ -9,7 +9,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 
 use super::*;
-use crate::ip::{IcmpError, icmp_error};
+use crate::ip::{self, IcmpError, icmp_error};
 
 /// Fills in every checksum of a packet built with zeros in their place: the
 /// IPv4 header's, and the transport's (TCP, UDP, ICMP, ICMPv6) unless the
@@ -491,6 +491,65 @@ fn mapping() -> impl Strategy<Value = Mapping> {
         v4_mapping().prop_map(|(r, m)| Mapping::new(r.into(), m.into()).unwrap()),
         v6_mapping().prop_map(|(r, m)| Mapping::new(r.into(), m.into()).unwrap()),
     ]
+}
+
+/// An ICMP error that arrives with a wrong checksum (corrupted on the
+/// way) must not leave with a right one, and translating it back must
+/// restore it byte for byte. Found by the `netmap` fuzz target: the
+/// error's checksum used to be recomputed from scratch.
+#[test]
+fn corrupted_icmp_errors_stay_corrupted() {
+    for (real, mapped, host, remote) in [
+        (
+            "192.168.1.0/24",
+            "100.70.3.0/24",
+            "192.168.1.7",
+            "100.64.0.9",
+        ),
+        ("fd42:1::/64", "fd00:70:3::/64", "fd42:1::7", "fd00::9"),
+    ] {
+        let (host, remote): (IpAddr, IpAddr) = (host.parse().unwrap(), remote.parse().unwrap());
+        let there = map(real, mapped);
+        let back = map(mapped, real);
+        // The LAN host reports that a packet it received from the remote
+        // end could not be delivered: the error quotes that packet.
+        let quoted = packet(remote, host, PROTO_UDP, &[], &[], b"quoted");
+        let original = Packet::parse(&quoted).unwrap();
+        let mut error = icmp_error(&original, IcmpError::NoRoute, host).unwrap();
+        let l4 = Packet::parse(&error).unwrap().header_len;
+        assert_eq!(transport_sum_of(&error, l4), 0, "built right");
+        error[l4 + 2] ^= 0x5a;
+        let corrupted = error.clone();
+
+        assert_eq!(there.from_lan(&mut error), Ok(Outcome::Translated));
+        assert_ne!(
+            transport_sum_of(&error, l4),
+            0,
+            "the corruption must stay visible"
+        );
+        assert_eq!(back.from_lan(&mut error), Ok(Outcome::Translated));
+        assert_eq!(error, corrupted);
+    }
+    // The bytes the fuzzer found: an ICMPv6 error (type 100) whose quote
+    // is not an IP header, and whose checksum is wrong.
+    let mut found: Vec<u8> = vec![
+        96, 0, 0, 0, 0, 20, 58, 64, 253, 66, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 189, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 93, 2, 100, 69, 58, 10, 0, 212, 162, 68, 255, 255, 255, 1,
+        0, 0, 97, 121, 108, 111, 97, 100,
+    ];
+    let original = found.clone();
+    let there = map("fd42:1::/64", "fd00:70:3::/64");
+    let back = map("fd00:70:3::/64", "fd42:1::/64");
+    assert_eq!(there.from_lan(&mut found), Ok(Outcome::Translated));
+    assert_eq!(back.from_lan(&mut found), Ok(Outcome::Translated));
+    assert_eq!(found, original);
+}
+
+/// 0 when the ICMP or ICMPv6 checksum of `packet` (transport at `l4`) is
+/// right.
+fn transport_sum_of(packet: &[u8], l4: usize) -> u16 {
+    let p = Packet::parse(packet).unwrap();
+    transport_sum(packet, p.family, p.protocol, l4)
 }
 
 proptest! {

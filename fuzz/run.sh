@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Runs tether's fuzz targets (cargo-fuzz, libFuzzer) one after another, each
+# for DURATION seconds, starting from the committed seed corpus, and prints a
+# table of CPU time, executions and crashes per target. Exits non-zero when
+# a target crashed (the input that crashed is in fuzz/artifacts/TARGET/).
+#
+#   fuzz/run.sh [DURATION] [TARGET...]
+#
+# DURATION defaults to 20 (CI); use 3600 for an hour per target. Inputs that
+# find new coverage go to fuzz/work/TARGET/ (not committed); add the useful
+# ones to fuzz/corpus/ with `cargo fuzz cmin`. Needs cargo-fuzz (installed
+# here with `cargo install cargo-fuzz --locked` when missing); it runs on
+# the stable toolchain with RUSTC_BOOTSTRAP=1.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+duration=${1:-20}
+shift || true
+export RUSTC_BOOTSTRAP=1
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "== installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  mapfile -t targets < <(cargo fuzz list)
+fi
+
+echo "== building ${#targets[@]} fuzz targets (release, debug assertions, AddressSanitizer)"
+cargo fuzz build
+
+host=$(rustc -vV | sed -n 's/^host: //p')
+report=$(mktemp)
+trap 'rm -f "$report"' EXIT
+failed=()
+for target in "${targets[@]}"; do
+  mkdir -p "work/$target" "corpus/$target"
+  log="work/$target.log"
+  echo "== $target (${duration}s)"
+  # -timeout: one input may take at most 10 s; -rss_limit_mb: 2 GB.
+  start=$(date +%s)
+  status=0
+  # The built binary itself (what `cargo fuzz run` starts), so the CPU
+  # time is the fuzzer's alone.
+  mkdir -p "artifacts/$target"
+  /usr/bin/time -f "%U %S" -o "work/$target.time" \
+    "target/$host/release/$target" \
+    -artifact_prefix="artifacts/$target/" -max_total_time="$duration" \
+    -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    "work/$target" "corpus/$target" >"$log" 2>&1 || status=$?
+  wall=$(($(date +%s) - start))
+  # The last line holds the times (a line before it may report the status).
+  read -r user sys < <(tail -1 "work/$target.time") || { user=0; sys=0; }
+  cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')
+  execs=$(awk '/stat::number_of_executed_units/ { n = $NF } END { print n }' "$log")
+  cov=$(awk '{ for (i = 1; i < NF; i++) if ($i == "cov:") c = $(i + 1) } END { print c }' "$log")
+  crashes=0
+  if [ "$status" -ne 0 ]; then
+    crashes=1
+    failed+=("$target")
+    echo "   CRASH: see fuzz/$log and fuzz/artifacts/$target/" >&2
+    grep -E "panicked at|ERROR: AddressSanitizer|ERROR: libFuzzer|SUMMARY" "$log" | head -5 >&2 || true
+  fi
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$target" "$wall" "$cpu" "${execs:-?}" "${cov:-?}" "$crashes" >>"$report"
+done
+
+echo
+echo "| target | wall s | CPU s | executions | coverage (edges) | crashes |"
+echo "|---|---:|---:|---:|---:|---:|"
+cat "$report"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "crashed: ${failed[*]}" >&2
+  exit 1
+fi
