@@ -6,7 +6,8 @@
 #
 #   fuzz/run.sh [DURATION] [TARGET...]
 #
-# DURATION defaults to 20 (CI); use 3600 for an hour per target. Inputs that
+# DURATION defaults to 20; use 3600 for an hour per target. SANITIZER=none
+# builds without AddressSanitizer (CI does, to keep its run short). Inputs that
 # find new coverage go to fuzz/work/TARGET/ (not committed); add the useful
 # ones to fuzz/corpus/ with `cargo fuzz cmin`. Needs cargo-fuzz (installed
 # here with `cargo install cargo-fuzz --locked` when missing); it runs on
@@ -28,8 +29,11 @@ if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(cargo fuzz list)
 fi
 
-echo "== building ${#targets[@]} fuzz targets (release, debug assertions, AddressSanitizer)"
-cargo fuzz build
+# SANITIZER: address (default) or none (faster to build; panics, overflow
+# and debug assertions are still caught).
+sanitizer=${SANITIZER:-address}
+echo "== building ${#targets[@]} fuzz targets (release, debug assertions, sanitizer: $sanitizer)"
+cargo fuzz build --sanitizer "$sanitizer"
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 report=$(mktemp)
