@@ -91,13 +91,29 @@ fn quic_error(e: &ConnectionError) -> Failure {
     }
 }
 
-/// The failure of a QUIC connection: its close reason when it has one (a
-/// refusal often surfaces first as a failed stream), else `e`.
+/// The failure of an established QUIC connection: its close reason when
+/// it has one (a refusal often surfaces first as a failed stream), else
+/// `e`.
 pub fn quic_failure(conn: &Connection, e: impl std::fmt::Display) -> Failure {
     match conn.close_reason() {
         Some(reason) if quic_is_refusal(&reason) => quic_error(&reason),
-        Some(reason) => Failure::lost(explain_quic(&reason)),
+        Some(reason) => Failure::lost(explain_lost(&reason)),
         None => Failure::lost(e.to_string()),
+    }
+}
+
+/// Why a connection that was up ended, in plain words. A timeout here is
+/// the broker falling silent, not a firewall that never let the handshake
+/// through (the hint [`explain_quic`] gives a failed dial).
+fn explain_lost(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::TimedOut => "the broker stopped answering: nothing heard from it \
+             for the idle timeout (it went away, or the path to it is down)"
+            .into(),
+        ConnectionError::Reset => "the broker no longer knows this connection \
+             (stateless reset): it restarted"
+            .into(),
+        other => explain_quic(other),
     }
 }
 
@@ -656,4 +672,26 @@ pub async fn dial_any(dialer: &Dialer, targets: &[Target]) -> anyhow::Result<(Br
         .first(&order, targets, Vec::new())
         .await
         .map_err(|f| anyhow::anyhow!("cannot reach the broker: {f}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_is_not_blamed_on_the_firewall() {
+        // A dial that timed out: the firewall is the likely cause.
+        assert!(explain_quic(&ConnectionError::TimedOut).contains("UDP 443"));
+        // A connection that was up and fell silent, or was reset by a
+        // restarted broker: say so.
+        let silent = explain_lost(&ConnectionError::TimedOut);
+        assert!(silent.contains("stopped answering"), "{silent}");
+        assert!(!silent.contains("firewall"), "{silent}");
+        assert!(explain_lost(&ConnectionError::Reset).contains("restarted"));
+        // Everything else reads as before.
+        assert_eq!(
+            explain_lost(&ConnectionError::LocallyClosed),
+            explain_quic(&ConnectionError::LocallyClosed)
+        );
+    }
 }
