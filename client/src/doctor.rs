@@ -4,6 +4,7 @@
 //! what was found, and what to do. Nothing here disturbs a running agent:
 //! the checks open connections but never a tunnel.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether_config::client::ClientConfig;
@@ -224,6 +225,62 @@ pub fn udp_blocked(failure: &str, tcp_ok: bool, cidr: ipnet::IpNet) -> String {
             "{failure}. UDP 443 looks blocked, and TCP 443 too (next line): ask hospital IT to allow UDP and TCP 443 to {cidr} (`tether firewall-rule`)"
         )
     }
+}
+
+/// What a UDP 443 check says when the QUIC handshake got no answer although
+/// the broker answers a small QUIC packet: the path loses the handshake's
+/// large packets.
+pub fn udp_too_small() -> String {
+    let payload = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
+    format!(
+        "the QUIC handshake got no answer, yet the broker answers a {small}-byte QUIC packet: the path carries less than the {payload} bytes of UDP payload the HTTP/3 tunnel needs (a VPN, PPPoE or GRE link on the way?), so its packets are lost. tether uses TCP 443 (HTTP/2) instead, which adapts to the path; HTTP/3 needs a path MTU of {v4} bytes (IPv4) or {v6} (IPv6)",
+        small = tether_proto::quic_probe::PROBE_LEN,
+        v4 = payload + 28,
+        v6 = payload + 48,
+    )
+}
+
+/// Whether the broker at `addr` answers a 1200-byte QUIC packet of an
+/// unknown version (with Version Negotiation) within `timeout`.
+async fn answers_small_quic(addr: SocketAddr, timeout: Duration) -> bool {
+    use tether_proto::quic_probe::{is_version_negotiation, version_probe};
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(local).await else {
+        return false;
+    };
+    let (dcid, scid): ([u8; 8], [u8; 8]) = (rand::random(), rand::random());
+    if socket.connect(addr).await.is_err() {
+        return false;
+    }
+    let probe = version_probe(dcid, scid);
+    let wait = async {
+        let mut buf = vec![0u8; 1500];
+        // Two tries: one lost packet is not a verdict.
+        for _ in 0..2 {
+            if socket.send(&probe).await.is_err() {
+                return false;
+            }
+            let answer = tokio::time::timeout(timeout / 2, async {
+                loop {
+                    match socket.recv(&mut buf).await {
+                        Ok(n) if is_version_negotiation(&buf[..n], dcid, scid) => return true,
+                        Ok(_) => continue,
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await;
+            if answer == Ok(true) {
+                return true;
+            }
+        }
+        false
+    };
+    wait.await
 }
 
 /// "3 days ahead of", "40 s behind": this machine's clock against the
@@ -563,6 +620,9 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
                 Level::Ok,
                 "HTTP/3 (QUIC) answers (but refused this site: see tls)",
             ),
+            Some(Err(_)) if answers_small_quic(addr, config.h3_timeout).await => {
+                report.add(format!("udp {addr}"), Level::Warn, udp_too_small())
+            }
             Some(Err(f)) => report.add(
                 format!("udp {addr}"),
                 Level::Warn,
@@ -849,6 +909,14 @@ mod tests {
         ]));
         assert!(!report.blocked());
         assert!(report.render().contains("can connect"));
+    }
+
+    #[test]
+    fn a_path_too_small_for_the_tunnel_is_named() {
+        let text = udp_too_small();
+        assert!(text.contains("less than the 1400 bytes"), "{text}");
+        assert!(text.contains("1428 bytes (IPv4)"), "{text}");
+        assert!(!text.contains("blocked"), "{text}");
     }
 
     #[test]

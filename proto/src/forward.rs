@@ -330,6 +330,10 @@ impl Router {
                 DropReason::TooBig,
             );
         }
+        // A SYN entering a tunnel (or gateway) announces no larger segment
+        // than the target carries: the ends then never send packets that
+        // would need fragmentation or an ICMP error to get through.
+        ip::clamp_mss(packet, ip::mss_for_mtu(mtu, dst.is_ipv6()));
         Verdict::Forward(route.clone())
     }
 
@@ -558,6 +562,32 @@ mod tests {
         assert!(
             matches!(f.router.decide(&ingress, &mut s2s, |_| Some(MTU)), Verdict::Forward(r) if r.target == RouteTarget::Site(f.b.clone()))
         );
+    }
+
+    #[test]
+    fn syns_toward_a_site_are_clamped_to_its_mtu() {
+        use crate::ip::tests::{mss_of, syn_v4_between, tcp_checksum_ok};
+        let f = fixture();
+        let gw_allowed = [net("10.20.0.0/16")];
+        let from_gw = Ingress::Gateway {
+            gateway: &f.gw,
+            region: &f.eu,
+            allowed: &gw_allowed,
+        };
+        // A backend on a 1500-byte LAN announces MSS 1460; the site's
+        // tunnel carries 1228-byte packets.
+        let mut syn = syn_v4_between([10, 20, 0, 10], [100, 64, 0, 2], &[2, 4, 0x05, 0xb4]);
+        let v = f.router.decide(&from_gw, &mut syn, |_| Some(1228));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(mss_of(&syn, 0), 1188);
+        assert!(tcp_checksum_ok(&syn), "TCP checksum updated");
+        assert_eq!(ip::checksum(&[&syn[..20]]), 0, "IP checksum updated");
+        // A SYN that already fits is left as it was (but for the TTL).
+        let mut small = syn_v4_between([10, 20, 0, 10], [100, 64, 0, 2], &[2, 4, 0x04, 0x00]);
+        let before = small.clone();
+        let v = f.router.decide(&from_gw, &mut small, |_| Some(1228));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(small[20..], before[20..]);
     }
 
     #[test]
