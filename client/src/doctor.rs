@@ -4,7 +4,6 @@
 //! what was found, and what to do. Nothing here disturbs a running agent:
 //! the checks open connections but never a tunnel.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether_config::client::ClientConfig;
@@ -238,49 +237,6 @@ pub fn udp_too_small() -> String {
         v4 = payload + 28,
         v6 = payload + 48,
     )
-}
-
-/// Whether the broker at `addr` answers a 1200-byte QUIC packet of an
-/// unknown version (with Version Negotiation) within `timeout`.
-async fn answers_small_quic(addr: SocketAddr, timeout: Duration) -> bool {
-    use tether_proto::quic_probe::{is_version_negotiation, version_probe};
-    let local: SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let Ok(socket) = tokio::net::UdpSocket::bind(local).await else {
-        return false;
-    };
-    let (dcid, scid): ([u8; 8], [u8; 8]) = (rand::random(), rand::random());
-    if socket.connect(addr).await.is_err() {
-        return false;
-    }
-    let probe = version_probe(dcid, scid);
-    let wait = async {
-        let mut buf = vec![0u8; 1500];
-        // Two tries: one lost packet is not a verdict.
-        for _ in 0..2 {
-            if socket.send(&probe).await.is_err() {
-                return false;
-            }
-            let answer = tokio::time::timeout(timeout / 2, async {
-                loop {
-                    match socket.recv(&mut buf).await {
-                        Ok(n) if is_version_negotiation(&buf[..n], dcid, scid) => return true,
-                        Ok(_) => continue,
-                        Err(_) => return false,
-                    }
-                }
-            })
-            .await;
-            if answer == Ok(true) {
-                return true;
-            }
-        }
-        false
-    };
-    wait.await
 }
 
 /// "3 days ahead of", "40 s behind": this machine's clock against the
@@ -620,7 +576,7 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
                 Level::Ok,
                 "HTTP/3 (QUIC) answers (but refused this site: see tls)",
             ),
-            Some(Err(_)) if answers_small_quic(addr, config.h3_timeout).await => {
+            Some(Err(f)) if f.path_too_small => {
                 report.add(format!("udp {addr}"), Level::Warn, udp_too_small())
             }
             Some(Err(f)) => report.add(

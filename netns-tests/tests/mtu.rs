@@ -9,8 +9,8 @@
 //! cross such a path, so the site connects over HTTP/2 (TCP 443), whose
 //! segments the kernel sizes for the path. The backend must reach the site
 //! with packets that fit the tunnel, a TCP transfer of many segments must
-//! complete, and `tether doctor` must say that the path is too small for
-//! HTTP/3 (not that a firewall blocks UDP).
+//! complete, and both the agent's log and `tether doctor` must say that the
+//! path is too small for HTTP/3 (not that a firewall blocks UDP).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -111,6 +111,12 @@ fn a_1280_byte_wan_path_is_not_a_black_hole() {
     );
 
     assert!(fetched, "a 200 KiB page did not cross the tunnel");
+    // The agent says why it does not use HTTP/3.
+    let log = read(&topo.path("site.log"));
+    assert!(
+        log.contains("the path carries less than the 1400 bytes"),
+        "the agent does not say why HTTP/3 is not used:\n{log}"
+    );
     // The site connects (over TCP), so doctor passes it, and names the
     // path as the reason HTTP/3 is not used rather than a firewall.
     assert!(doctor_ok, "doctor must exit 0: the site connects\n{report}");
