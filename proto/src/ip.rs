@@ -261,6 +261,16 @@ pub fn decrement_ttl(packet: &mut [u8]) -> Result<(), TtlExpired> {
     }
 }
 
+/// Whether `packet` is a TCP segment with the SYN flag (a SYN or SYN-ACK).
+pub fn is_tcp_syn(packet: &Packet<'_>) -> bool {
+    packet.protocol == PROTO_TCP
+        && !packet.later_fragment
+        && packet
+            .bytes
+            .get(packet.header_len + 13)
+            .is_some_and(|flags| flags & 0x02 != 0)
+}
+
 /// The largest TCP segment (MSS) that fits a path of `mtu` bytes for a
 /// packet of IP version 6 (`v6`) or 4: the MTU less the fixed IP header and
 /// the TCP header without options (RFC 9293 §3.7.1, RFC 8200 §8.3).
