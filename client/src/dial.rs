@@ -1,6 +1,7 @@
 //! Finding the broker: endpoints resolved and held to the published CIDR.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use tether_config::{Endpoint, Host};
@@ -109,6 +110,49 @@ pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
+/// Whether the broker at `addr` answers a 1200-byte QUIC packet of an
+/// unknown version (with Version Negotiation) within `timeout`.
+pub async fn answers_small_quic(addr: SocketAddr, timeout: Duration) -> bool {
+    use tether_proto::quic_probe::{is_version_negotiation, version_probe};
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(local).await else {
+        return false;
+    };
+    let (dcid, scid): ([u8; 8], [u8; 8]) = (rand::random(), rand::random());
+    if socket.connect(addr).await.is_err() {
+        return false;
+    }
+    let probe = version_probe(dcid, scid);
+    let wait = async {
+        let mut buf = vec![0u8; 1500];
+        // Two tries: one lost packet is not a verdict.
+        for _ in 0..2 {
+            if socket.send(&probe).await.is_err() {
+                return false;
+            }
+            let answer = tokio::time::timeout(timeout / 2, async {
+                loop {
+                    match socket.recv(&mut buf).await {
+                        Ok(n) if is_version_negotiation(&buf[..n], dcid, scid) => return true,
+                        Ok(_) => continue,
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await;
+            if answer == Ok(true) {
+                return true;
+            }
+        }
+        false
+    };
+    wait.await
 }
 
 #[cfg(test)]

@@ -226,6 +226,19 @@ pub fn udp_blocked(failure: &str, tcp_ok: bool, cidr: ipnet::IpNet) -> String {
     }
 }
 
+/// What a UDP 443 check says when the QUIC handshake got no answer although
+/// the broker answers a small QUIC packet: the path loses the handshake's
+/// large packets.
+pub fn udp_too_small() -> String {
+    let payload = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
+    format!(
+        "the QUIC handshake got no answer, yet the broker answers a {small}-byte QUIC packet: the path carries less than the {payload} bytes of UDP payload the HTTP/3 tunnel needs (a VPN, PPPoE or GRE link on the way?), so its packets are lost. tether uses TCP 443 (HTTP/2) instead, which adapts to the path; HTTP/3 needs a path MTU of {v4} bytes (IPv4) or {v6} (IPv6)",
+        small = tether_proto::quic_probe::PROBE_LEN,
+        v4 = payload + 28,
+        v6 = payload + 48,
+    )
+}
+
 /// "3 days ahead of", "40 s behind": this machine's clock against the
 /// broker's, from the broker's skew (positive: the broker is ahead).
 fn clock_off(skew_secs: f64) -> String {
@@ -563,6 +576,9 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
                 Level::Ok,
                 "HTTP/3 (QUIC) answers (but refused this site: see tls)",
             ),
+            Some(Err(f)) if f.path_too_small => {
+                report.add(format!("udp {addr}"), Level::Warn, udp_too_small())
+            }
             Some(Err(f)) => report.add(
                 format!("udp {addr}"),
                 Level::Warn,
@@ -849,6 +865,14 @@ mod tests {
         ]));
         assert!(!report.blocked());
         assert!(report.render().contains("can connect"));
+    }
+
+    #[test]
+    fn a_path_too_small_for_the_tunnel_is_named() {
+        let text = udp_too_small();
+        assert!(text.contains("less than the 1400 bytes"), "{text}");
+        assert!(text.contains("1428 bytes (IPv4)"), "{text}");
+        assert!(!text.contains("blocked"), "{text}");
     }
 
     #[test]

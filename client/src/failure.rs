@@ -13,6 +13,9 @@ pub struct Failure {
     pub message: String,
     /// The broker refused this site's certificate (a TLS alert), and why.
     pub certificate: Option<CertRefusal>,
+    /// The QUIC handshake got no answer while a small QUIC packet did: the
+    /// path loses the tunnel's large packets.
+    pub path_too_small: bool,
 }
 
 /// Why the broker refused this site's certificate, from the TLS alert it
@@ -66,6 +69,7 @@ impl Failure {
             refused: false,
             message: message.into(),
             certificate: None,
+            path_too_small: false,
         }
     }
 
@@ -74,6 +78,7 @@ impl Failure {
             refused: true,
             message: message.into(),
             certificate: None,
+            path_too_small: false,
         }
     }
 
@@ -82,6 +87,7 @@ impl Failure {
             refused: true,
             message: refusal.explain().into(),
             certificate: Some(refusal),
+            path_too_small: false,
         }
     }
 }

@@ -88,6 +88,7 @@ fn quic_error(e: &ConnectionError) -> Failure {
         refused: quic_is_refusal(e),
         message: explain_quic(e),
         certificate: quic_cert_refusal(e),
+        path_too_small: false,
     }
 }
 
@@ -132,6 +133,16 @@ pub struct Dialer {
     pub keepalive: Duration,
 }
 
+/// Why HTTP/3 to `addr` failed when only the small QUIC probe was answered.
+fn path_too_small(addr: std::net::SocketAddr, timeout: Duration) -> String {
+    format!(
+        "HTTP/3 to {addr}: the QUIC handshake got no answer within {} s, yet the broker answers a {}-byte QUIC packet: the path carries less than the {} bytes of UDP payload the HTTP/3 tunnel needs, so HTTP/3 is not used on this path (HTTP/2 over TCP adapts to it)",
+        timeout.as_secs_f64(),
+        tether_proto::quic_probe::PROBE_LEN,
+        tether_shell::quic::TUNNEL_UDP_PAYLOAD,
+    )
+}
+
 impl Dialer {
     /// Connects to `target` on `transport`.
     pub async fn dial(&self, transport: Transport, target: &Target) -> Result<BrokerConn, Failure> {
@@ -142,9 +153,24 @@ impl Dialer {
                 let connecting = endpoint
                     .connect_with(self.quic.clone(), target.addr, &target.server_name)
                     .map_err(|e| Failure::lost(format!("invalid broker address: {e}")))?;
+                // Alongside the handshake, a small QUIC packet: if only that
+                // is answered, the path loses the tunnel's large packets.
+                let probe = tokio::spawn(dial::answers_small_quic(target.addr, self.timeout));
                 let conn = match tokio::time::timeout(self.timeout, connecting).await {
-                    Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => return Err(quic_error(&e)),
+                    Ok(Ok(conn)) => {
+                        probe.abort();
+                        conn
+                    }
+                    Ok(Err(e)) => {
+                        probe.abort();
+                        return Err(quic_error(&e));
+                    }
+                    Err(_) if probe.await.unwrap_or(false) => {
+                        return Err(Failure {
+                            path_too_small: true,
+                            ..Failure::lost(path_too_small(target.addr, self.timeout))
+                        });
+                    }
                     Err(_) => {
                         return Err(Failure::lost(format!(
                             "no answer within {} s (is UDP 443 to the published CIDR allowed?)",
@@ -192,6 +218,7 @@ impl Dialer {
                         refused: e.is_refusal(),
                         message: e.to_string(),
                         certificate: None,
+                        path_too_small: false,
                     },
                 })
             }
@@ -215,6 +242,9 @@ impl Dialer {
                 match self.dial(transport, target).await {
                     Ok(conn) => return Ok((conn, target.clone())),
                     Err(f) => {
+                        if f.path_too_small {
+                            tracing::warn!("{f}");
+                        }
                         errors.push(format!(
                             "{} over {}: {f}",
                             target.addr,

@@ -134,6 +134,14 @@ impl Ingress<'_> {
         }
     }
 
+    /// The route target that reaches back where the packet came from.
+    fn target(&self) -> RouteTarget {
+        match self {
+            Ingress::Site { site, .. } => RouteTarget::Site((*site).clone()),
+            Ingress::Gateway { gateway, .. } => RouteTarget::Gateway((*gateway).clone()),
+        }
+    }
+
     fn is(&self, target: &RouteTarget) -> bool {
         match (self, target) {
             (Ingress::Site { site, .. }, RouteTarget::Site(t)) => *site == t,
@@ -258,11 +266,12 @@ impl Router {
             return Verdict::Drop(DropReason::Malformed);
         };
         let traffic = Traffic::of(&parsed);
-        let (src, dst, len, dont_fragment) = (
+        let (src, dst, len, dont_fragment, syn) = (
             parsed.src,
             parsed.dst,
             parsed.total_len,
             parsed.dont_fragment,
+            ip::is_tcp_syn(&parsed),
         );
         if link_scoped(src) || link_scoped(dst) {
             return Verdict::Drop(DropReason::LinkLocal);
@@ -329,6 +338,14 @@ impl Router {
                 IcmpError::PacketTooBig { mtu },
                 DropReason::TooBig,
             );
+        }
+        // A SYN (or SYN-ACK) announces no larger segment than both the
+        // target and the tunnel it came from carry: the ends then never
+        // send packets that would need fragmentation or an ICMP error to
+        // get through, in either direction.
+        if syn {
+            let back = mtu_of(&ingress.target()).unwrap_or(mtu);
+            ip::clamp_mss(packet, ip::mss_for_mtu(mtu.min(back), dst.is_ipv6()));
         }
         Verdict::Forward(route.clone())
     }
@@ -558,6 +575,49 @@ mod tests {
         assert!(
             matches!(f.router.decide(&ingress, &mut s2s, |_| Some(MTU)), Verdict::Forward(r) if r.target == RouteTarget::Site(f.b.clone()))
         );
+    }
+
+    #[test]
+    fn syns_toward_a_site_are_clamped_to_its_mtu() {
+        use crate::ip::tests::{mss_of, syn_v4_between, tcp_checksum_ok};
+        let f = fixture();
+        let gw_allowed = [net("10.20.0.0/16")];
+        let from_gw = Ingress::Gateway {
+            gateway: &f.gw,
+            region: &f.eu,
+            allowed: &gw_allowed,
+        };
+        // A backend on a 1500-byte LAN announces MSS 1460; the site's
+        // tunnel carries 1228-byte packets.
+        let mut syn = syn_v4_between([10, 20, 0, 10], [100, 64, 0, 2], &[2, 4, 0x05, 0xb4]);
+        let v = f.router.decide(&from_gw, &mut syn, |_| Some(1228));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(mss_of(&syn, 0), 1188);
+        assert!(tcp_checksum_ok(&syn), "TCP checksum updated");
+        assert_eq!(ip::checksum(&[&syn[..20]]), 0, "IP checksum updated");
+        // A SYN that already fits is left as it was (but for the TTL).
+        let mut small = syn_v4_between([10, 20, 0, 10], [100, 64, 0, 2], &[2, 4, 0x04, 0x00]);
+        let before = small.clone();
+        let v = f.router.decide(&from_gw, &mut small, |_| Some(1228));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(small[20..], before[20..]);
+        // A site's SYN toward a gateway is clamped to the smaller of the
+        // two: the gateway's 1400 and the site's own tunnel, 1228.
+        let allowed = [net("100.64.0.2/32")];
+        let from_site = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        let mut out = syn_v4_between([100, 64, 0, 2], [10, 20, 0, 10], &[2, 4, 0x05, 0xb4]);
+        let mtus = |t: &RouteTarget| match t {
+            RouteTarget::Site(_) => Some(1228),
+            _ => Some(1400),
+        };
+        let v = f.router.decide(&from_site, &mut out, mtus);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(mss_of(&out, 0), 1188);
+        assert!(tcp_checksum_ok(&out));
     }
 
     #[test]

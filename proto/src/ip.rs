@@ -261,6 +261,24 @@ pub fn decrement_ttl(packet: &mut [u8]) -> Result<(), TtlExpired> {
     }
 }
 
+/// Whether `packet` is a TCP segment with the SYN flag (a SYN or SYN-ACK).
+pub fn is_tcp_syn(packet: &Packet<'_>) -> bool {
+    packet.protocol == PROTO_TCP
+        && !packet.later_fragment
+        && packet
+            .bytes
+            .get(packet.header_len + 13)
+            .is_some_and(|flags| flags & 0x02 != 0)
+}
+
+/// The largest TCP segment (MSS) that fits a path of `mtu` bytes for a
+/// packet of IP version 6 (`v6`) or 4: the MTU less the fixed IP header and
+/// the TCP header without options (RFC 9293 §3.7.1, RFC 8200 §8.3).
+pub fn mss_for_mtu(mtu: usize, v6: bool) -> u16 {
+    let headers = if v6 { 60 } else { 40 };
+    u16::try_from(mtu.saturating_sub(headers)).unwrap_or(u16::MAX)
+}
+
 /// Lowers the MSS option of a TCP SYN (or SYN-ACK) to at most `mss`,
 /// updating the TCP checksum incrementally (RFC 1624), so that neither end
 /// sends segments larger than the tunnel carries. Returns whether the
@@ -619,11 +637,19 @@ pub(crate) mod tests {
     use super::*;
 
     fn syn_v4(options: &[u8]) -> Vec<u8> {
+        syn_v4_between([10, 0, 0, 1], [100, 64, 0, 5], options)
+    }
+
+    /// An IPv4 TCP SYN from `src` to `dst` with TCP `options`.
+    pub(crate) fn syn_v4_between(src: [u8; 4], dst: [u8; 4], options: &[u8]) -> Vec<u8> {
         let tcp_len = 20 + options.len();
         let total = 20 + tcp_len;
         let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, PROTO_TCP, 0, 0];
         p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        p.extend_from_slice(&[10, 0, 0, 1, 100, 64, 0, 5]);
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        let sum = checksum(&[&p[..20]]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
         let mut tcp = vec![0u8; 20];
         tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
         tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
@@ -635,7 +661,7 @@ pub(crate) mod tests {
         p
     }
 
-    fn tcp_checksum_ok(p: &[u8]) -> bool {
+    pub(crate) fn tcp_checksum_ok(p: &[u8]) -> bool {
         let tcp = &p[20..];
         let pseudo = [
             &p[12..20],
@@ -646,7 +672,7 @@ pub(crate) mod tests {
         checksum(&[&pseudo, tcp]) == 0
     }
 
-    fn mss_of(p: &[u8], at: usize) -> u16 {
+    pub(crate) fn mss_of(p: &[u8], at: usize) -> u16 {
         u16::from_be_bytes([p[40 + at + 2], p[40 + at + 3]])
     }
 

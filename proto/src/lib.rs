@@ -55,6 +55,7 @@ pub mod limits;
 pub mod net;
 pub mod netmap;
 pub mod policy;
+pub mod quic_probe;
 pub mod route;
 pub mod tunnel;
 pub mod varint;
