@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tether_proto::api::{
-    ApiError, GatewayInfo, PolicyInfo, ReleaseResponse, ResidencyCheck, RevokeResponse,
+    ApiError, GatewayInfo, LanHost, PolicyInfo, ReleaseResponse, ResidencyCheck, RevokeResponse,
     RouteFilter, SessionInfo, SiteInfo, TokenRequest, TokenResponse, Trace, TracePath, TraceQuery,
     TraceTarget,
 };
@@ -481,7 +481,22 @@ async fn trace(
             explanation,
             target,
             policy,
+            lan: None,
         });
+    }
+    // The leases live behind the same lock: read them once it is released.
+    drop(router);
+    for path in &mut paths {
+        let e = &path.explanation;
+        if let Some(Route {
+            kind: RouteKind::SiteLan,
+            target: RouteTarget::Site(site),
+            region,
+            ..
+        }) = &e.winner
+        {
+            path.lan = LanHost::find(e.destination, site, &broker.lan_mappings(site, region));
+        }
     }
     Ok(Json(Trace {
         query: target,

@@ -456,6 +456,6 @@ async fn tunnel(
         // is written.
         Ending::Peer(_) => {}
         // Dropping the stream unfinished resets it.
-        Ending::Protocol(_) => writer.abort(),
+        Ending::Protocol(_) | Ending::Framing(_) => writer.abort(),
     }
 }

@@ -250,6 +250,17 @@ pub async fn read_body(
     }
 }
 
+/// Answers a body that could not be read: a frame the connection's rules
+/// forbid on a request stream (SETTINGS, GOAWAY, ...) closes the connection
+/// with its code (RFC 9114 section 7.2.4.1, 9); other errors are a 400.
+async fn refuse_body(conn: &Connection, send: &mut SendStream, e: H3Error) {
+    if e.scope == Scope::Connection {
+        close_with(conn, &e);
+    } else {
+        respond_error(send, 400, e.reason).await;
+    }
+}
+
 async fn handle_request(
     broker: Arc<Broker>,
     conn: Connection,
@@ -278,7 +289,7 @@ async fn handle_request(
         Ok(kind @ (RequestKind::Enroll | RequestKind::Renew | RequestKind::Reattest)) => {
             let body = match read_body(&mut recv, &mut dec, crate::enroll::MAX_BODY).await {
                 Ok(b) => b,
-                Err(e) => return respond_error(&mut send, 400, e.reason).await,
+                Err(e) => return refuse_body(&conn, &mut send, e).await,
             };
             let reply = match kind {
                 RequestKind::Enroll => crate::enroll::enroll(&broker, &body).await,
@@ -296,7 +307,7 @@ async fn handle_request(
         Ok(RequestKind::Brokers) => {
             let body = match read_body(&mut recv, &mut dec, crate::site_brokers::MAX_BODY).await {
                 Ok(b) => b,
-                Err(e) => return respond_error(&mut send, 400, e.reason).await,
+                Err(e) => return refuse_body(&conn, &mut send, e).await,
             };
             let reply = crate::site_brokers::brokers(&broker, peer, &body).await;
             respond(

@@ -20,11 +20,11 @@ use tether_pki::PeerCert;
 use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
-use tether_proto::h3::error::H3_MESSAGE_ERROR;
+use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::ids::SiteId;
 use tether_proto::tunnel::{BrokerAction, BrokerSession, SERVICES_HEADER};
-use tether_shell::h3::{respond_error, send_data, send_head};
+use tether_shell::h3::{close_with, respond_error, send_data, send_head};
 use tokio::sync::watch;
 
 use crate::error::BrokerError;
@@ -219,6 +219,15 @@ pub async fn run(
         Ending::Protocol(_) => {
             let _ = send.reset(VarInt::from_u64(H3_MESSAGE_ERROR).unwrap_or_default());
         }
+        // A frame that breaks the connection's rules (SETTINGS or another
+        // control frame on the request stream) closes the connection with
+        // its code (RFC 9114 section 7.2.4.1, 9); others reset the stream.
+        Ending::Framing(e) => match e.scope {
+            Scope::Connection => close_with(&conn, &e),
+            Scope::Stream => {
+                let _ = send.reset(VarInt::from_u64(e.code).unwrap_or_default());
+            }
+        },
     }
 }
 
@@ -267,9 +276,7 @@ impl Carrier {
     async fn read(&mut self) -> Result<Option<Vec<u8>>, Ending> {
         match self {
             Carrier::H3 { recv, dec, .. } => loop {
-                let data = dec
-                    .take_data()
-                    .map_err(|e| Ending::Protocol(e.to_string()))?;
+                let data = dec.take_data().map_err(Ending::Framing)?;
                 if !data.is_empty() {
                     return Ok(Some(data));
                 }
@@ -441,6 +448,10 @@ impl Started {
                 crate::metrics::session_closed("protocol_error");
                 tracing::warn!(site = %site, error = %what, "tunnel protocol error; stream reset");
             }
+            Ending::Framing(e) => {
+                crate::metrics::session_closed("protocol_error");
+                tracing::warn!(site = %site, error = %e, "tunnel stream framing error");
+            }
         }
         reason
     }
@@ -455,6 +466,9 @@ pub enum Ending {
     Peer(&'static str),
     /// The site broke the protocol.
     Protocol(String),
+    /// The site broke HTTP/3 framing on the request stream; the error says
+    /// whether the stream or the whole connection ends.
+    Framing(H3Error),
 }
 
 struct SessionIo<'a> {

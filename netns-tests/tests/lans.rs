@@ -239,6 +239,13 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
     let text = String::from_utf8_lossy(&trace.stdout).to_string();
     assert!(trace.status.success(), "{text}");
     assert!(text.contains("site hospital-l"), "{text}");
+    // ... and the real LAN host behind it, with the mapping.
+    assert!(
+        text.contains(&format!(
+            "{analyser} is 192.168.1.20 on the LAN 192.168.1.0/24 behind site hospital-l (mapped to {mapped})"
+        )),
+        "{text}"
+    );
     // Other hosts of the exposed LAN are reachable the same way.
     assert!(fetch(&topo, host_in(mapped, 40)).contains("hello from the analyser"));
     // The real LAN address is not reachable from the backend.

@@ -61,6 +61,9 @@ pub struct TokenRecord {
     pub created_at: SystemTime,
     /// When it stops being accepted.
     pub expires_at: SystemTime,
+    /// A newer token was created for the same site: this one is kept only
+    /// to say so when it is used.
+    pub replaced: bool,
 }
 
 /// A freshly generated token: the secret (show it once) and its record.
@@ -92,6 +95,12 @@ pub enum RedeemError {
     /// No such token: never issued, already used, or revoked.
     #[error("the enrollment token is unknown or was already used; ask the operator for a new one")]
     Unknown,
+    /// A newer token was created for the same site, which invalidates
+    /// this one: only the operator's latest code for a site is valid.
+    #[error(
+        "this code was replaced by a newer one for the same site; use the newest code the operator created for it"
+    )]
+    Replaced,
     /// The token expired before it was used.
     #[error("the enrollment token expired {ago} ago; ask the operator for a new one")]
     Expired {
@@ -105,7 +114,9 @@ pub enum RedeemError {
 
 /// Where token records live. [`take`](Self::take) must be atomic.
 pub trait TokenLedger {
-    /// Stores a new record.
+    /// Stores a new record and, in the same atomic step, marks every
+    /// earlier unredeemed record of the same site as
+    /// [`replaced`](TokenRecord::replaced): one valid code per site.
     fn put(&self, record: TokenRecord) -> Result<(), String>;
     /// Removes and returns the record for `hash`, atomically: when several
     /// callers race, at most one receives `Some`.
@@ -129,6 +140,7 @@ pub fn generate(site: SiteId, region: RegionId, now: SystemTime, ttl: Duration) 
             region,
             created_at: now,
             expires_at: now + ttl,
+            replaced: false,
         },
     }
 }
@@ -218,6 +230,9 @@ pub fn redeem<L: TokenLedger + ?Sized>(
         .take(&hash)
         .map_err(RedeemError::Ledger)?
         .ok_or(RedeemError::Unknown)?;
+    if record.replaced {
+        return Err(RedeemError::Replaced);
+    }
     if now >= record.expires_at {
         let ago = now.duration_since(record.expires_at).unwrap_or_default();
         return Err(RedeemError::Expired { ago: humanize(ago) });
@@ -257,6 +272,11 @@ impl TokenLedger for MemoryLedger {
             .records
             .lock()
             .map_err(|_| "ledger lock poisoned".to_string())?;
+        for earlier in records.values_mut() {
+            if earlier.site == record.site {
+                earlier.replaced = true;
+            }
+        }
         records.insert(record.hash, record);
         Ok(())
     }

@@ -313,6 +313,53 @@ pub struct TracePath {
     /// What the access policy says, when the trace names a sender.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyCheck>,
+    /// The LAN host a mapped address stands for, when the winning route is
+    /// a site's LAN mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan: Option<LanHost>,
+}
+
+/// Admin API: the real host behind a mapped LAN address, and the mapping
+/// that translates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanHost {
+    /// The mapped address traced.
+    pub address: std::net::IpAddr,
+    /// The same host as the LAN numbers it.
+    pub real: std::net::IpAddr,
+    /// The site the LAN is behind.
+    pub site: SiteId,
+    /// The mapping rule: the real LAN and the prefix it is mapped to.
+    pub mapping: crate::netmap::Mapping,
+}
+
+impl LanHost {
+    /// The host `address` stands for among `site`'s LAN mappings, if one
+    /// of their mapped prefixes holds it.
+    pub fn find(
+        address: std::net::IpAddr,
+        site: &SiteId,
+        mappings: &[crate::netmap::Mapping],
+    ) -> Option<Self> {
+        mappings.iter().find_map(|m| {
+            m.real_of(address).map(|real| LanHost {
+                address,
+                real,
+                site: site.clone(),
+                mapping: *m,
+            })
+        })
+    }
+}
+
+impl std::fmt::Display for LanHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is {} on the LAN {} behind site {} (mapped to {})",
+            self.address, self.real, self.mapping.real, self.site, self.mapping.mapped
+        )
+    }
 }
 
 /// Admin API: the query of `GET /v1/trace/{target}`: an optional sender
@@ -415,5 +462,40 @@ mod tests {
         let e = serde_json::from_str::<RenewRequest>(r#"{"csr":"c","site":"x"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `site`"), "{e}");
         assert!(serde_json::from_str::<EnrollRequest>(r#"{"token":"t","csr":"c"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_mapped_address_names_the_real_lan_host_the_site_and_the_mapping() {
+        let site = SiteId::new("hospital-a").unwrap();
+        let mappings = [
+            crate::netmap::Mapping::new(
+                "10.0.0.0/16".parse().unwrap(),
+                "100.65.0.0/16".parse().unwrap(),
+            )
+            .unwrap(),
+            crate::netmap::Mapping::new(
+                "192.168.1.0/24".parse().unwrap(),
+                "100.64.9.0/24".parse().unwrap(),
+            )
+            .unwrap(),
+        ];
+        let host = LanHost::find("100.64.9.20".parse().unwrap(), &site, &mappings).unwrap();
+        assert_eq!(
+            host.real,
+            "192.168.1.20".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(
+            host.to_string(),
+            "100.64.9.20 is 192.168.1.20 on the LAN 192.168.1.0/24 behind site hospital-a \
+             (mapped to 100.64.9.0/24)"
+        );
+        // An address outside every mapped prefix stands for no LAN host.
+        assert_eq!(
+            LanHost::find("100.64.10.20".parse().unwrap(), &site, &mappings),
+            None
+        );
+        // It survives the admin API's JSON.
+        let json = serde_json::to_string(&host).unwrap();
+        assert_eq!(serde_json::from_str::<LanHost>(&json).unwrap(), host);
     }
 }

@@ -363,6 +363,9 @@ pub fn trace_text(trace: &Trace) -> String {
                 if !residency.is_empty() {
                     let _ = writeln!(out, "  residency {}", residency.join(", "));
                 }
+                if let Some(lan) = &path.lan {
+                    let _ = writeln!(out, "  lan host  {lan}");
+                }
                 if let Some(p) = &path.policy {
                     let _ = writeln!(
                         out,

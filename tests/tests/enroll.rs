@@ -133,6 +133,31 @@ async fn a_used_or_expired_code_is_refused_in_plain_words() {
     );
     assert!(text.ends_with("ask the operator for a new one"), "{text}");
     assert!(!state.is_enrolled());
+
+    // Replaced: the operator created a newer code for the same site.
+    let old = broker.token("site-again").await;
+    let new = broker.token("site-again").await;
+    let first = FirstStart {
+        code: Some(old),
+        ..first
+    };
+    let err = enroll_on_first_start(&state, &first).await.unwrap_err();
+    let text = err
+        .downcast_ref::<EnrollmentRefused>()
+        .unwrap_or_else(|| panic!("not a refusal: {err:#}"))
+        .to_string();
+    assert!(
+        text.contains("this code was replaced by a newer one for the same site"),
+        "{text}"
+    );
+    assert!(!state.is_enrolled());
+    // The newest code enrolls.
+    let first = FirstStart {
+        code: Some(new),
+        ..first
+    };
+    enroll_on_first_start(&state, &first).await.unwrap();
+    assert!(state.is_enrolled());
 }
 
 #[tokio::test]

@@ -746,13 +746,51 @@ impl Store for EtcdStore {
     }
 }
 
+/// How often token creation re-reads the site's tokens when another writer
+/// changed them in between.
+const TOKEN_PUT_ATTEMPTS: usize = 8;
+
 impl TokenLedger for EtcdStore {
     fn put(&self, record: TokenRecord) -> Result<(), String> {
-        self.put_json(
-            self.keys.token(&record.hash),
-            &StoredToken::from_record(&record),
-        )
-        .map_err(|e| e.to_string())
+        // One transaction writes the new token and marks the site's earlier
+        // ones replaced, provided none of them changed since they were read
+        // (else read again): only the latest code of a site stays valid.
+        let run = || -> Result<(), StoreError> {
+            let new = serde_json::to_vec(&StoredToken::from_record(&record))?;
+            for _ in 0..TOKEN_PUT_ATTEMPTS {
+                let mut compares = Vec::new();
+                let mut ops = Vec::new();
+                for kv in self.get_prefix(self.keys.tokens())? {
+                    let mut stored: StoredToken = serde_json::from_slice(kv.value())?;
+                    if stored.site == record.site && !stored.replaced {
+                        stored.replaced = true;
+                        compares.push(Compare::mod_revision(
+                            kv.key().to_vec(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        ));
+                        ops.push(TxnOp::put(
+                            kv.key().to_vec(),
+                            serde_json::to_vec(&stored)?,
+                            None,
+                        ));
+                    }
+                }
+                ops.push(TxnOp::put(self.keys.token(&record.hash), new.clone(), None));
+                let request = EtcdTxn::new().when(compares).and_then(ops);
+                let response = self.call("token creation", move |mut c| async move {
+                    c.txn(request).await
+                })?;
+                if response.succeeded() {
+                    return Ok(());
+                }
+            }
+            Err(StoreError(format!(
+                "the tokens of site {} kept changing during {TOKEN_PUT_ATTEMPTS} attempts to create a new one; retry",
+                record.site
+            )))
+        };
+        run().map_err(|e| e.to_string())
     }
 
     fn take(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, String> {

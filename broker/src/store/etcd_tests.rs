@@ -207,6 +207,17 @@ fn etcd_tokens_redeem_once_across_threads_and_brokers() {
 }
 
 #[test]
+fn etcd_a_newer_token_replaces_the_earlier_one() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let store = open_store(&server, "/r/");
+        crate::store::check_a_newer_token_replaces_the_earlier_one(&store);
+    });
+}
+
+#[test]
 fn etcd_records_and_revocations_round_trip() {
     let Some(server) = EtcdServer::start(false) else {
         return;

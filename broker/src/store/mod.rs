@@ -137,6 +137,9 @@ pub(crate) struct StoredToken {
     region: RegionId,
     created: u64,
     expires: u64,
+    /// A newer token exists for the same site.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    replaced: bool,
 }
 
 /// The stored form of a revocation.
@@ -166,6 +169,7 @@ impl StoredToken {
             region: record.region.clone(),
             created: unix_secs(record.created_at),
             expires: unix_secs(record.expires_at),
+            replaced: record.replaced,
         }
     }
 
@@ -176,6 +180,7 @@ impl StoredToken {
             region: self.region,
             created_at: from_unix_secs(self.created),
             expires_at: from_unix_secs(self.expires),
+            replaced: self.replaced,
         }
     }
 }
@@ -244,4 +249,52 @@ pub const EMBEDDED_FILE: &str = "store.redb";
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> u64 {
     unix_secs(SystemTime::now())
+}
+
+/// Checks that a ledger keeps one valid code per site: a second token for
+/// a site invalidates the first, which then says it was replaced, while
+/// other sites' tokens stay valid.
+#[cfg(test)]
+pub(crate) fn check_a_newer_token_replaces_the_earlier_one(ledger: &dyn TokenLedger) {
+    use std::time::Duration;
+    use tether_pki::token::{RedeemError, generate, redeem};
+    let now = SystemTime::now();
+    let (site, other) = (
+        SiteId::new("ward-1").unwrap(),
+        SiteId::new("ward-2").unwrap(),
+    );
+    let region = RegionId::new("eu").unwrap();
+    let ttl = Duration::from_secs(600);
+    let first = generate(site.clone(), region.clone(), now, ttl);
+    let neighbour = generate(other, region.clone(), now, ttl);
+    ledger.put(first.record.clone()).unwrap();
+    ledger.put(neighbour.record.clone()).unwrap();
+    let second = generate(site.clone(), region.clone(), now, ttl);
+    ledger.put(second.record.clone()).unwrap();
+    let third = generate(site, region, now, ttl);
+    ledger.put(third.record.clone()).unwrap();
+    let err = redeem(ledger, &first.secret, now).unwrap_err();
+    assert_eq!(err, RedeemError::Replaced);
+    assert!(
+        err.to_string()
+            .contains("this code was replaced by a newer one for the same site"),
+        "{err}"
+    );
+    assert_eq!(
+        redeem(ledger, &second.secret, now).unwrap_err(),
+        RedeemError::Replaced
+    );
+    // A replaced code is consumed like any other: it cannot be retried.
+    assert_eq!(
+        redeem(ledger, &first.secret, now).unwrap_err(),
+        RedeemError::Unknown
+    );
+    assert_eq!(
+        redeem(ledger, &third.secret, now).unwrap().hash,
+        third.record.hash
+    );
+    assert_eq!(
+        redeem(ledger, &neighbour.secret, now).unwrap().hash,
+        neighbour.record.hash
+    );
 }

@@ -303,6 +303,19 @@ impl TokenLedger for RedbStore {
             let write = self.db.begin_write()?;
             {
                 let mut table = write.open_table(TOKENS)?;
+                // Only the latest code of a site stays valid.
+                let mut earlier = Vec::new();
+                for entry in table.iter()? {
+                    let (key, value) = entry?;
+                    let mut stored: StoredToken = serde_json::from_slice(value.value())?;
+                    if stored.site == record.site && !stored.replaced {
+                        stored.replaced = true;
+                        earlier.push((key.value().to_string(), serde_json::to_vec(&stored)?));
+                    }
+                }
+                for (key, value) in earlier {
+                    table.insert(key.as_str(), value.as_slice())?;
+                }
                 table.insert(
                     record.hash.to_hex().as_str(),
                     serde_json::to_vec(&stored)?.as_slice(),
@@ -421,6 +434,12 @@ mod tests {
             .filter(|&ok| ok)
             .count();
         assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn a_newer_token_replaces_the_earlier_one() {
+        let (_dir, store) = open();
+        crate::store::check_a_newer_token_replaces_the_earlier_one(&store);
     }
 
     #[test]

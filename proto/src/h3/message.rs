@@ -489,4 +489,37 @@ mod tests {
         let dec = MessageDecoder::new(4096);
         assert_eq!(dec.finish().unwrap_err().code, H3_REQUEST_INCOMPLETE);
     }
+
+    #[test]
+    fn control_frames_on_a_request_stream_are_connection_errors() {
+        use crate::h3::error::Scope;
+        let mut head = Vec::new();
+        frame::encode(
+            frame::HEADERS,
+            &qpack::encode(&[(":status", b"200")]),
+            &mut head,
+        );
+        for (ty, payload) in [
+            (frame::SETTINGS, &[][..]),
+            (frame::GOAWAY, &[0][..]),
+            (frame::MAX_PUSH_ID, &[0][..]),
+            (frame::CANCEL_PUSH, &[0][..]),
+        ] {
+            let mut control = Vec::new();
+            frame::encode(ty, payload, &mut control);
+            // Before the head, and in the body (as a tunnel reads it).
+            for before in [&[][..], &head[..]] {
+                let mut dec = MessageDecoder::new(4096);
+                dec.push(before);
+                dec.push(&control);
+                let e = dec.take_data().unwrap_err();
+                assert_eq!(
+                    (e.code, e.scope),
+                    (H3_FRAME_UNEXPECTED, Scope::Connection),
+                    "frame {ty:#x} after {} bytes: {e}",
+                    before.len()
+                );
+            }
+        }
+    }
 }
