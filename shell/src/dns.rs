@@ -138,14 +138,20 @@ impl DnsServer {
         let mut server_sockets = Vec::new();
         let mut local_addrs = Vec::new();
         for addr in listen {
-            let udp = UdpSocket::bind(addr).await.map_err(|e| {
-                anyhow::anyhow!("cannot bind DNS on udp {addr}: {e} (port in use, or below 1024 without CAP_NET_BIND_SERVICE?)")
+            // TCP on the same port as UDP, also when the port is 0 (then a
+            // port free for both is found, never a collision by chance).
+            let (udp, tcp) = crate::udp::bind_pair(*addr).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind DNS on {} {}: {} (port in use, or below 1024 without CAP_NET_BIND_SERVICE?)",
+                    e.protocol.to_lowercase(),
+                    e.addr,
+                    e.error
+                )
             })?;
+            udp.set_nonblocking(true)?;
+            tcp.set_nonblocking(true)?;
+            let (udp, tcp) = (UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?);
             let bound = udp.local_addr()?;
-            // TCP on the same port as UDP, also when the port was 0.
-            let tcp = TcpListener::bind(bound)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot bind DNS on tcp {bound}: {e}"))?;
             local_addrs.push(bound);
             server_sockets.push((udp, tcp));
         }
