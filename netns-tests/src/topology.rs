@@ -385,26 +385,7 @@ impl Topology {
 
     /// The site's overlay address of IP version `v` (4 or 6), if any.
     pub fn site_address(&self, v: u8) -> Option<String> {
-        let out = self
-            .site
-            .command("ip")
-            .args([
-                &format!("-{v}"),
-                "-o",
-                "addr",
-                "show",
-                "dev",
-                "tether0",
-                "scope",
-                "global",
-            ])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        text.split_whitespace()
-            .skip_while(|w| *w != "inet" && *w != "inet6")
-            .nth(1)
-            .map(|a| a.split('/').next().unwrap_or_default().to_string())
+        overlay_address(&self.site, v)
     }
 
     /// Whether the backend can ping `addr` (one echo, 1 s timeout).
@@ -456,6 +437,30 @@ prefixes = ["10.20.0.0/24", "fd20::/64"]
 "#,
         data.display()
     )
+}
+
+/// The overlay address of IP version `v` (4 or 6) of the agent running in
+/// `ns` (on its `tether0`), if it has one.
+pub fn overlay_address(ns: &NetNs, v: u8) -> Option<String> {
+    let out = ns
+        .command("ip")
+        .args([
+            &format!("-{v}"),
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            "tether0",
+            "scope",
+            "global",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet" && *w != "inet6")
+        .nth(1)
+        .map(|a| a.split('/').next().unwrap_or_default().to_string())
 }
 
 /// A file's contents, or a note that it is missing.

@@ -32,7 +32,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use tether_netns_tests::topology::{Egress, Topology, firewall_rules, read};
+use tether_netns_tests::topology::{Egress, Topology, firewall_rules, overlay_address, read};
 use tether_netns_tests::{NetNs, Proc, binary, link, require_root, run, wait_for};
 
 /// Puts the site's LAN interface on a bridge with a new LAN host namespace
@@ -156,12 +156,7 @@ fn host_in(net: Ipv4Net, host: u32) -> Ipv4Addr {
 
 /// Whether the backend fetches the page at `addr` (one try, 2 s).
 fn fetch(topo: &Topology, addr: Ipv4Addr) -> String {
-    topo.backend
-        .command("curl")
-        .args(["-s", "-m", "2", &format!("http://{addr}:8080/index.html")])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default()
+    fetch_from(&topo.backend, addr)
 }
 
 /// The client addresses in the web server's access log.
@@ -608,20 +603,7 @@ fn fetch_from(ns: &NetNs, addr: Ipv4Addr) -> String {
 fn site_overlay(ns: &NetNs) -> String {
     let mut found = None;
     wait_for(Duration::from_secs(15), || {
-        let out = ns
-            .command("ip")
-            .args([
-                "-4", "-o", "addr", "show", "dev", "tether0", "scope", "global",
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default();
-        found = out
-            .split_whitespace()
-            .skip_while(|w| *w != "inet")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .map(str::to_string);
+        found = overlay_address(ns, 4);
         found.is_some()
     });
     found.expect("the site has no overlay address")
