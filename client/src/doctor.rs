@@ -62,6 +62,11 @@ pub struct Report {
 }
 
 impl Report {
+    /// The check named `name`, if the report has one.
+    pub fn check(&self, name: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.name == name)
+    }
+
     fn add(&mut self, name: impl Into<String>, level: Level, detail: impl Into<String>) {
         self.checks.push(Check {
             name: name.into(),
@@ -670,7 +675,7 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
     }
 
     let Some((conn, target)) = best else {
-        if !report.checks.iter().any(|c| c.name == "tls") && dialer.is_some() {
+        if report.check("tls").is_none() && dialer.is_some() {
             report.add(
                 "reachability",
                 Level::Fail,

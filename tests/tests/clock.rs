@@ -12,9 +12,7 @@ const DAY: i64 = 86_400;
 
 fn check<'a>(report: &'a doctor::Report, name: &str) -> &'a doctor::Check {
     report
-        .checks
-        .iter()
-        .find(|c| c.name == name)
+        .check(name)
         .unwrap_or_else(|| panic!("no {name} check:\n{}", report.render()))
 }
 

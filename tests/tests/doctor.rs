@@ -27,9 +27,7 @@ fn config_for(endpoint: String, cidr: &str) -> ClientConfig {
 
 fn level_of(report: &doctor::Report, name: &str) -> Level {
     report
-        .checks
-        .iter()
-        .find(|c| c.name == name)
+        .check(name)
         .unwrap_or_else(|| panic!("no {name} check:\n{}", report.render()))
         .level
 }

@@ -82,9 +82,7 @@ fn reissue(broker: &TestBroker, site: &TestSite, issued: SystemTime, lifetime: D
 
 fn check<'a>(report: &'a doctor::Report, name: &str) -> &'a doctor::Check {
     report
-        .checks
-        .iter()
-        .find(|c| c.name == name)
+        .check(name)
         .unwrap_or_else(|| panic!("no {name} check:\n{}", report.render()))
 }
 
