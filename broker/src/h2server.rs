@@ -163,15 +163,7 @@ async fn handle_connection(
         .1
         .peer_certificates()
         .and_then(|chain| tether_pki::tls::peer_identity(chain, broker.ca.trust_domain()).ok());
-    let exporter = tls
-        .get_ref()
-        .1
-        .export_keying_material(
-            [0u8; tether_pki::reattest::EXPORTER_LEN],
-            tether_pki::reattest::EXPORTER_LABEL,
-            None,
-        )
-        .ok();
+    let exporter = tether_pki::reattest::tls_exporter(tls.get_ref().1);
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(WINDOW)

@@ -125,15 +125,7 @@ impl H2Client {
                 "the server does not speak HTTP/2 (is this a tether broker?)".into(),
             ));
         }
-        let exporter = tls_stream
-            .get_ref()
-            .1
-            .export_keying_material(
-                [0u8; tether_pki::reattest::EXPORTER_LEN],
-                tether_pki::reattest::EXPORTER_LABEL,
-                None,
-            )
-            .ok();
+        let exporter = tether_pki::reattest::tls_exporter(tls_stream.get_ref().1);
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(WINDOW)
             .initial_connection_window_size(WINDOW)

@@ -37,6 +37,13 @@ use crate::tls::{PeerCert, peer_identity, provider};
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-tether-reattest";
 /// The length of that exporter value.
 pub const EXPORTER_LEN: usize = 32;
+
+/// The re-attestation exporter value of a TLS connection (over TCP; QUIC
+/// connections export through quinn), once its handshake is done.
+pub fn tls_exporter<D>(conn: &rustls::ConnectionCommon<D>) -> Option<[u8; EXPORTER_LEN]> {
+    conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+        .ok()
+}
 /// The context string that opens every signed transcript.
 const CONTEXT: &[u8] = b"tether site re-attestation v1\0";
 /// How many of a site's latest certificates may re-attest: the newest, and
