@@ -107,6 +107,14 @@ impl Counters {
     }
 }
 
+/// The link's state, shared by all threads.
+struct Switches {
+    /// The link is down: every frame is dropped.
+    down: Arc<AtomicBool>,
+    /// The program is ending.
+    stop: Arc<AtomicBool>,
+}
+
 /// A frame held back: due time, then arrival number (so frames due at the
 /// same time leave in arrival order).
 type Frame = Reverse<(Instant, u64, Vec<u8>)>;
@@ -144,9 +152,9 @@ fn direction(
     seed: u64,
     mtu: usize,
     counters: Arc<Counters>,
-    down: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    switches: &Switches,
 ) -> [std::thread::JoinHandle<()>; 2] {
+    let (down, stop) = (switches.down.clone(), switches.stop.clone());
     let line = Arc::new(DelayLine {
         queue: Mutex::new((BinaryHeap::new(), 0)),
         ready: Condvar::new(),
@@ -271,8 +279,11 @@ fn main() {
     let (a, b) = (interface(&args.a), interface(&args.b));
     let (a_tx, a_rx) = channel(&a);
     let (b_tx, b_rx) = channel(&b);
-    let stop = Arc::new(AtomicBool::new(false));
-    let down = Arc::new(AtomicBool::new(false));
+    let switches = Switches {
+        down: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let (down, stop) = (switches.down.clone(), switches.stop.clone());
     let (ab, ba) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
     let mut threads = Vec::new();
     threads.extend(direction(
@@ -282,8 +293,7 @@ fn main() {
         args.seed,
         mtu(&args.b),
         ab.clone(),
-        down.clone(),
-        stop.clone(),
+        &switches,
     ));
     threads.extend(direction(
         b_rx,
@@ -292,8 +302,7 @@ fn main() {
         args.seed.wrapping_add(1),
         mtu(&args.a),
         ba.clone(),
-        down.clone(),
-        stop.clone(),
+        &switches,
     ));
     let write_stats = || {
         if let Some(path) = &args.stats {

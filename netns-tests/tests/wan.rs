@@ -4,6 +4,7 @@
 //! and NAT rebinding at the hospital firewall (QUIC migration keeps the
 //! tunnel). The kernel has no `netem`: the faults come from `tether-wan`
 //! on the link (`tether_netns_tests::wan`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
