@@ -16,11 +16,11 @@
 //! also prints iperf3's per-second goodput and congestion window, which is
 //! how a stalled tunnel (window stuck at one segment) shows itself.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tether_netns_tests::NetNs;
 use tether_netns_tests::topology::{Egress, SITE_LAN, Topology, read};
-use tether_netns_tests::{NetNs, Proc, binary, wait_for};
+use tether_netns_tests::wan::{Faults, ImpairedWan};
 
 use crate::{WG_SITE, WgTunnel, first_packet, open_raw_path};
 
@@ -30,6 +30,16 @@ pub(crate) struct Impairment {
     pub(crate) label: &'static str,
     pub(crate) loss_percent: f64,
     pub(crate) one_way: Duration,
+}
+
+impl Impairment {
+    fn faults(&self) -> Faults {
+        Faults {
+            loss_percent: self.loss_percent,
+            one_way: self.one_way,
+            ..Faults::default()
+        }
+    }
 }
 
 /// The paths of the issue: 1 % loss at 50 ms RTT, 5 % at 200 ms.
@@ -48,114 +58,6 @@ pub(crate) const IMPAIRMENTS: [Impairment; 2] = [
 
 /// Inner congestion controls measured.
 const INNER: [&str; 2] = ["bbr", "cubic"];
-
-/// The impaired WAN link.
-pub(crate) struct LossyWan {
-    ns: NetNs,
-    proc: Option<Proc>,
-    stats: PathBuf,
-}
-
-impl LossyWan {
-    /// Splits the veth between the firewall (`wan`) and the internet
-    /// (`hospital`) and puts the forwarder's namespace in between, with
-    /// segmentation and checksum offloads off on both pairs so every frame
-    /// is one packet.
-    pub(crate) fn insert(topo: &Topology) -> Self {
-        let ns = NetNs::new("lossy").unwrap();
-        topo.fw.run("ip", &["link", "del", "wan"]).unwrap();
-        for (peer, ifname, end, addr) in [
-            (&topo.fw, "wan", "lossy-a", "198.51.100.2/30"),
-            (&topo.wan, "hospital", "lossy-b", "198.51.100.1/30"),
-        ] {
-            peer.run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    ifname,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    end,
-                    "netns",
-                    ns.name(),
-                ],
-            )
-            .unwrap();
-            peer.run("ip", &["addr", "add", addr, "dev", ifname])
-                .unwrap();
-            for (n, i) in [(peer, ifname), (&ns, end)] {
-                n.run(
-                    "ethtool",
-                    &[
-                        "-K", i, "tx", "off", "tso", "off", "gso", "off", "gro", "off",
-                    ],
-                )
-                .unwrap();
-                n.run("ip", &["link", "set", "dev", i, "up"]).unwrap();
-            }
-        }
-        ns.run("sysctl", &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])
-            .unwrap();
-        // The firewall's default route went with its old link.
-        topo.fw
-            .run("ip", &["route", "add", "default", "via", "198.51.100.1"])
-            .unwrap();
-        Self {
-            ns,
-            proc: None,
-            stats: topo.path("wan-stats.json"),
-        }
-    }
-
-    /// (Re)starts the forwarder with `imp`.
-    pub(crate) fn set(&mut self, imp: Impairment, seed: u64) {
-        if let Some(mut p) = self.proc.take() {
-            p.signal(nix::sys::signal::Signal::SIGTERM);
-            p.wait_exit(Duration::from_secs(5));
-        }
-        let _ = std::fs::remove_file(&self.stats);
-        let delay = format!("{}ms", imp.one_way.as_millis());
-        let (loss, seed) = (imp.loss_percent.to_string(), seed.to_string());
-        let stats = self.stats.display().to_string();
-        let log = self.stats.with_extension("log");
-        self.proc = Some(
-            self.ns
-                .spawn(
-                    &binary("tether-wan").display().to_string(),
-                    &[
-                        "--a", "lossy-a", "--b", "lossy-b", "--loss", &loss, "--delay", &delay,
-                        "--seed", &seed, "--stats", &stats,
-                    ],
-                    Some(log.clone()),
-                )
-                .unwrap(),
-        );
-        assert!(
-            wait_for(Duration::from_secs(10), || self.stats.exists()),
-            "tether-wan did not start:\n{}",
-            read(&log)
-        );
-    }
-
-    /// Frames received and dropped (at random, by overflow) and frames
-    /// too large to be single packets, both directions added up.
-    pub(crate) fn counters(&self) -> [u64; 4] {
-        let json: serde_json::Value = serde_json::from_str(&read(&self.stats)).unwrap_or_default();
-        let mut out = [0; 4];
-        for dir in ["lossy-a->lossy-b", "lossy-b->lossy-a"] {
-            for (i, k) in ["received", "dropped", "overflow", "oversize"]
-                .iter()
-                .enumerate()
-            {
-                out[i] += json[dir][k].as_u64().unwrap_or(0);
-            }
-        }
-        out
-    }
-}
 
 /// One iperf3 run's result.
 #[derive(Clone, Copy, Default)]
@@ -232,7 +134,7 @@ struct LossyRow {
 /// set on the link).
 fn measure_one(
     topo: &Topology,
-    wan: &LossyWan,
+    wan: &ImpairedWan,
     i: usize,
     addr: &str,
     secs: u32,
@@ -245,6 +147,7 @@ fn measure_one(
         *f = flow(&topo.backend, addr, cc, secs);
     }
     let c = wan.counters();
+    let c = [c.received, c.dropped, c.overflow, c.oversize];
     applied.add(i, c);
     eprintln!(
         "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms); link dropped {} of {} frames, {} overflow, {} oversize",
@@ -265,14 +168,14 @@ fn measure_one(
 /// baseline).
 fn measure(
     topo: &Topology,
-    wan: &mut LossyWan,
+    wan: &mut ImpairedWan,
     addr: &str,
     secs: u32,
     applied: &mut Applied,
 ) -> Vec<[Flow; 2]> {
     let mut out = Vec::new();
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
-        wan.set(*imp, 7 + i as u64);
+        wan.set(imp.faults(), 7 + i as u64).unwrap();
         out.push(measure_one(topo, wan, i, addr, secs, applied));
     }
     out
@@ -298,7 +201,7 @@ fn reconnects(log: &std::path::Path) -> u64 {
 /// tether over the current egress: one agent per impairment.
 fn tether(
     topo: &Topology,
-    wan: &mut LossyWan,
+    wan: &mut ImpairedWan,
     state: &std::path::Path,
     tag: &str,
     secs: u32,
@@ -307,7 +210,7 @@ fn tether(
     let mut flows = Vec::new();
     let mut again = 0;
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
-        wan.set(*imp, 7 + i as u64);
+        wan.set(imp.faults(), 7 + i as u64).unwrap();
         let log = format!("lossy-{tag}-{i}.log");
         let started = Instant::now();
         let (agent, addr) = topo.up(state, &log).unwrap();
@@ -326,18 +229,11 @@ fn tether(
 /// The whole lossy run; prints its table.
 pub(crate) fn run(topo: &mut Topology, boringtun: &str, secs: u32, only: &[String]) {
     let want = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
-    let mut wan = LossyWan::insert(topo);
+    let mut wan = ImpairedWan::insert(topo).unwrap();
     let mut applied = Applied::default();
     let mut rows = Vec::new();
     // Enrollment on a clean link.
-    wan.set(
-        Impairment {
-            label: "none",
-            loss_percent: 0.0,
-            one_way: Duration::ZERO,
-        },
-        1,
-    );
+    wan.set(Faults::default(), 1).unwrap();
     let state = topo.path("site-state");
     topo.enroll("bench-site", &state).unwrap();
 

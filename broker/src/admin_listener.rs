@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tether_shell::accept::AcceptBackoff;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -96,35 +97,6 @@ async fn check_host(
     }
 }
 
-/// Pauses after a failed accept, longer each time in a row (up to a
-/// second): out of descriptors, retrying at once only burns the CPU.
-#[derive(Debug, Default)]
-pub struct AcceptBackoff {
-    failures: u32,
-}
-
-impl AcceptBackoff {
-    /// After a successful accept.
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    /// After a failed accept on `listener`: logs (the first of a run at
-    /// warn) and sleeps.
-    pub async fn pause(&mut self, listener: &'static str, error: &std::io::Error) {
-        if self.failures == 0 {
-            tracing::warn!(listener, %error, "accept failed; pausing before the next (out of file descriptors?)");
-        } else {
-            tracing::debug!(listener, %error, "accept failed again");
-        }
-        let delay =
-            Duration::from_millis(10u64 << self.failures.min(7)).min(Duration::from_secs(1));
-        self.failures = self.failures.saturating_add(1);
-        crate::metrics::accept_failed(listener);
-        tokio::time::sleep(delay).await;
-    }
-}
-
 /// Serves `app` on `listener` within `limits`, until the task is aborted.
 pub async fn serve(listener: TcpListener, app: axum::Router, limits: Limits) {
     let app = app.layer(axum::middleware::from_fn_with_state(
@@ -141,6 +113,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: Limits) {
                 a
             }
             Err(e) => {
+                crate::metrics::accept_failed("admin");
                 backoff.pause("admin", &e).await;
                 continue;
             }

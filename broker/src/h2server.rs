@@ -81,7 +81,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
             limits.max_unauthenticated,
         ),
     ));
-    let mut backoff = crate::admin_listener::AcceptBackoff::default();
+    let mut backoff = tether_shell::accept::AcceptBackoff::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(a) => {
@@ -90,6 +90,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
             }
             Err(e) => {
                 // Out of descriptors and the like: wait, do not spin.
+                crate::metrics::accept_failed("tunnel");
                 backoff.pause("tunnel", &e).await;
                 continue;
             }

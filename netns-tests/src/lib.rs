@@ -8,6 +8,7 @@
 //! namespaces.
 
 pub mod topology;
+pub mod wan;
 
 use std::io;
 use std::path::PathBuf;

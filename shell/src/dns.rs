@@ -3,26 +3,35 @@
 //!
 //! The answers come from [`tether_proto::dns::Zone`]; this shell owns the
 //! sockets and swaps in a new zone whenever the data changes. Messages that
-//! do not parse get FORMERR from hickory-server itself; anything but one
-//! standard query gets FORMERR or REFUSED here.
+//! do not parse get FORMERR (over UDP from hickory-server itself); anything
+//! but one standard query gets FORMERR or REFUSED here. DNS over TCP is
+//! served here rather than by hickory-server, whose accept loop retries
+//! failed accepts at once and caps no connections.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use tether_proto::dns::{Zone, ZoneData};
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+use tether_proto::dns::{Answer, Zone, ZoneData};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::accept::AcceptBackoff;
 
 /// Largest UDP answer we offer with EDNS (the DNS flag day 2020 size).
 const EDNS_PAYLOAD: u16 = 1232;
 /// How long a TCP client may stay silent.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most DNS-over-TCP connections open at once per address (clients only
+/// use TCP after a truncated answer, or for large answers).
+const TCP_MAX_CONNECTIONS: usize = 128;
 
 /// Answers queries from the current zone.
 #[derive(Clone)]
@@ -33,10 +42,173 @@ pub struct Handler {
     on_answer: Option<Arc<dyn Fn(ResponseCode) + Send + Sync>>,
 }
 
+/// One question: name, type and class.
+type Question = (Name, RecordType, DNSClass);
+
+/// What the server says to one request, over UDP or TCP.
+struct Reply {
+    code: ResponseCode,
+    /// The OPT record of the answer, when the query had one.
+    edns: Option<Edns>,
+    /// The records, when the zone answered.
+    answer: Option<Answer>,
+}
+
 impl Handler {
     /// The current zone.
     fn zone(&self) -> Option<Arc<Zone>> {
         self.zone.read().ok().and_then(|z| z.clone())
+    }
+
+    /// The answer to a request of `op_code` asking `question` (`None`: not
+    /// exactly one question).
+    fn reply(&self, op_code: OpCode, question: Option<Question>, edns: Option<&Edns>) -> Reply {
+        // EDNS version 0 is the only one (RFC 6891 section 6.1.3): a query
+        // of a higher version gets BADVERS, whose upper bits travel in the
+        // answer's OPT record.
+        let bad_version = edns.is_some_and(|e| e.version() > 0);
+        let edns = edns.map(|_| {
+            let mut e = Edns::new();
+            e.set_max_payload(EDNS_PAYLOAD);
+            if bad_version {
+                e.set_rcode_high(ResponseCode::BADVERS.high());
+            }
+            e
+        });
+        let (code, answer) = if bad_version {
+            (ResponseCode::BADVERS, None)
+        } else if op_code != OpCode::Query {
+            (ResponseCode::Refused, None)
+        } else if let Some((name, qtype, qclass)) = question {
+            match self.zone() {
+                Some(zone) => {
+                    let a = zone.answer(&name, qtype, qclass);
+                    (a.code, Some(a))
+                }
+                // No zone yet (a gateway that has not heard from a broker).
+                None => (ResponseCode::ServFail, None),
+            }
+        } else {
+            // No recursion, and one question per message (RFC 9619).
+            (ResponseCode::FormErr, None)
+        };
+        if let Some(count) = &self.on_answer {
+            count(code);
+        }
+        Reply { code, edns, answer }
+    }
+
+    /// The answer to one DNS message received over TCP, encoded; `None`
+    /// for what gets no answer (not a query, or not even a header).
+    fn answer_bytes(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let request = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(_) => {
+                // A message whose header reads gets FORMERR, as over UDP.
+                let header: [u8; 12] = query.get(..12)?.try_into().ok()?;
+                if header[2] & 0x80 != 0 {
+                    return None;
+                }
+                let id = u16::from_be_bytes([header[0], header[1]]);
+                let op_code = OpCode::from_u8((header[2] >> 3) & 0x0f);
+                return Message::error_msg(id, op_code, ResponseCode::FormErr)
+                    .to_vec()
+                    .ok();
+            }
+        };
+        if request.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let question = match request.queries.as_slice() {
+            [q] => Some((q.name().clone(), q.query_type(), q.query_class())),
+            _ => None,
+        };
+        let reply = self.reply(request.metadata.op_code, question, request.edns.as_ref());
+        let mut response = Message::new(
+            request.metadata.id,
+            MessageType::Response,
+            request.metadata.op_code,
+        );
+        response.metadata = Metadata::response_from_request(&request.metadata);
+        response.metadata.recursion_available = false;
+        response.metadata.response_code = reply.code;
+        response.queries = request.queries;
+        if let Some(a) = reply.answer {
+            response.metadata.authoritative = a.authoritative;
+            response.answers = a.answers;
+            response.authorities = a.authority;
+            response.additionals = a.additionals;
+        }
+        if let Some(e) = reply.edns {
+            response.set_edns(e);
+        }
+        response.to_vec().ok()
+    }
+
+    /// Answers the DNS messages of one TCP connection (RFC 7766: each
+    /// message after its two-byte length) until the client closes it, stays
+    /// silent for [`TCP_TIMEOUT`], or sends something that gets no answer.
+    async fn answer_tcp(&self, mut stream: TcpStream) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+        loop {
+            let mut len = [0u8; 2];
+            match tokio::time::timeout(TCP_TIMEOUT, stream.read_exact(&mut len)).await {
+                Err(_) => return Ok(()),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(r) => r?,
+            };
+            let mut query = vec![0; usize::from(u16::from_be_bytes(len))];
+            tokio::time::timeout(TCP_TIMEOUT, stream.read_exact(&mut query))
+                .await
+                .map_err(|_| timed_out())??;
+            let Some(answer) = self.answer_bytes(&query) else {
+                return Ok(());
+            };
+            let Ok(len) = u16::try_from(answer.len()) else {
+                return Ok(());
+            };
+            let mut out = Vec::with_capacity(2 + answer.len());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&answer);
+            tokio::time::timeout(TCP_TIMEOUT, stream.write_all(&out))
+                .await
+                .map_err(|_| timed_out())??;
+        }
+    }
+}
+
+/// Serves DNS over TCP on `listener`: at most [`TCP_MAX_CONNECTIONS`] at
+/// once (more are closed at once), each closed after [`TCP_TIMEOUT`] of
+/// silence, and failed accepts (out of descriptors) paused, not retried in
+/// a loop. Ends, with its connections, when its task is aborted.
+async fn serve_tcp(listener: TcpListener, handler: Handler) {
+    let permits = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
+    let mut backoff = AcceptBackoff::default();
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
+            Err(e) => {
+                backoff.pause("dns", &e).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%remote, "DNS over TCP refused: too many connections open");
+            continue;
+        };
+        let handler = handler.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            if let Err(error) = handler.answer_tcp(stream).await {
+                tracing::debug!(%remote, %error, "DNS over TCP connection ended");
+            }
+        });
     }
 }
 
@@ -47,45 +219,20 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
-        // EDNS version 0 is the only one (RFC 6891 section 6.1.3): a query
-        // of a higher version gets BADVERS, whose upper bits travel in the
-        // answer's OPT record.
-        let bad_version = request.edns.as_ref().is_some_and(|e| e.version() > 0);
-        let edns = request.edns.as_ref().map(|_| {
-            let mut e = Edns::new();
-            e.set_max_payload(EDNS_PAYLOAD);
-            if bad_version {
-                e.set_rcode_high(ResponseCode::BADVERS.high());
-            }
-            e
-        });
+        let queries = request.queries.queries();
+        let question = match queries {
+            [q] => Some((q.name().into(), q.query_type(), q.query_class())),
+            _ => None,
+        };
+        let reply = self.reply(request.metadata.op_code, question, request.edns.as_ref());
         let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(e) = &edns {
+        if let Some(e) = &reply.edns {
             builder.edns(e);
         }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = false;
-        let zone = self.zone();
-        let (code, answer) = if bad_version {
-            (ResponseCode::BADVERS, None)
-        } else if request.metadata.op_code != OpCode::Query {
-            (ResponseCode::Refused, None)
-        } else if request.queries.queries().len() != 1 {
-            // No recursion, and one question per message (RFC 9619).
-            (ResponseCode::FormErr, None)
-        } else if let Some(zone) = &zone {
-            let q = &request.queries.queries()[0];
-            let a = zone.answer(&q.name().into(), q.query_type(), q.query_class());
-            (a.code, Some(a))
-        } else {
-            // No zone yet (a gateway that has not heard from a broker).
-            (ResponseCode::ServFail, None)
-        };
-        if let Some(count) = &self.on_answer {
-            count(code);
-        }
-        metadata.response_code = code;
-        let result = match &answer {
+        metadata.response_code = reply.code;
+        let result = match &reply.answer {
             Some(a) => {
                 metadata.authoritative = a.authoritative;
                 let response = builder.build(
@@ -122,6 +269,8 @@ impl RequestHandler for Handler {
 /// A running DNS server.
 pub struct DnsServer {
     server: Server<Handler>,
+    /// The TCP listeners and their connections (aborted on drop).
+    tcp: JoinSet<()>,
     /// Where it answers (the bound addresses).
     pub local_addrs: Vec<SocketAddr>,
 }
@@ -193,20 +342,139 @@ impl DnsServer {
                 }
             });
         }
-        let mut server = Server::new(Handler { zone, on_answer });
+        let handler = Handler { zone, on_answer };
+        let mut server = Server::new(handler.clone());
+        let mut tcp_tasks = JoinSet::new();
         for (udp, tcp) in server_sockets {
             server.register_socket(udp);
-            server.register_listener(tcp, TCP_TIMEOUT, 64 * 1024);
+            // hickory-server's own TCP accept loop retries a failed accept
+            // at once (a busy loop when out of descriptors) and has no
+            // connection cap: TCP is served here.
+            tcp_tasks.spawn(serve_tcp(tcp, handler.clone()));
         }
         tracing::info!(listen = ?local_addrs, "serving the mesh zone");
         Ok(Self {
             server,
+            tcp: tcp_tasks,
             local_addrs,
         })
     }
 
     /// Stops answering.
     pub async fn shutdown(mut self) {
+        self.tcp.abort_all();
         let _ = self.server.shutdown_gracefully().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn server() -> DnsServer {
+        let data = ZoneData::empty("tether.internal", 60, Vec::new());
+        let (_tx, rx) = watch::channel(Some(Arc::new(data)));
+        DnsServer::start(&["127.0.0.1:0".parse().unwrap()], rx, None)
+            .await
+            .unwrap()
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::SOA,
+        ));
+        m.to_vec().unwrap()
+    }
+
+    async fn send(tcp: &mut TcpStream, message: &[u8]) {
+        let mut out = (message.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(message);
+        tcp.write_all(&out).await.unwrap();
+    }
+
+    async fn receive(tcp: &mut TcpStream) -> Message {
+        let mut len = [0u8; 2];
+        tcp.read_exact(&mut len).await.unwrap();
+        let mut buf = vec![0; usize::from(u16::from_be_bytes(len))];
+        tcp.read_exact(&mut buf).await.unwrap();
+        Message::from_vec(&buf).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tcp_answers_every_message_of_a_connection_and_formerr_for_garbage() {
+        let dns = server().await;
+        let mut tcp = TcpStream::connect(dns.local_addrs[0]).await.unwrap();
+        // Two queries sent back to back, answered in order (RFC 7766).
+        send(&mut tcp, &query(7, "tether.internal.")).await;
+        send(&mut tcp, &query(8, "example.org.")).await;
+        let (a, b) = (receive(&mut tcp).await, receive(&mut tcp).await);
+        assert_eq!(
+            (a.metadata.id, a.metadata.response_code),
+            (7, ResponseCode::NoError)
+        );
+        assert!(a.metadata.authoritative);
+        assert_eq!(a.answers.len(), 1, "{a:?}");
+        assert_eq!(a.queries.len(), 1);
+        assert_eq!(
+            (b.metadata.id, b.metadata.response_code),
+            (8, ResponseCode::Refused)
+        );
+        // A header followed by junk: FORMERR with the query's id.
+        let mut junk = query(9, "tether.internal.");
+        junk.truncate(14);
+        send(&mut tcp, &junk).await;
+        let c = receive(&mut tcp).await;
+        assert_eq!(
+            (c.metadata.id, c.metadata.response_code),
+            (9, ResponseCode::FormErr)
+        );
+        // Less than a header: no answer, the connection is closed.
+        send(&mut tcp, &[1, 2, 3]).await;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+        dns.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_past_the_cap_are_closed_at_once() {
+        let dns = server().await;
+        let addr = dns.local_addrs[0];
+        let mut held = Vec::new();
+        for _ in 0..TCP_MAX_CONNECTIONS {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The held connections get answers; one more is closed unanswered.
+        send(&mut held[0], &query(1, "tether.internal.")).await;
+        assert_eq!(receive(&mut held[0]).await.metadata.id, 1);
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        // Once one is gone, a new one is served.
+        held.pop();
+        let mut next = None;
+        for _ in 0..50 {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            send(&mut tcp, &query(2, "tether.internal.")).await;
+            let mut len = [0u8; 2];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut len)).await
+            {
+                next = Some(());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(next.is_some(), "no connection served after one closed");
+        dns.shutdown().await;
     }
 }

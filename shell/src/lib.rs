@@ -14,9 +14,11 @@
 //! - [`tun`]: batched reads and coalescing (GRO) writes of a TUN device.
 //! - [`wireguard`]: one datagram through a boringtun peer.
 //! - [`dns`]: the authoritative DNS server for the mesh zone (hickory).
+//! - [`accept`]: accept loops that pause, not spin, when out of descriptors.
 //! - [`operator`]: the admin API client and the tables and traces it prints.
 //! - [`logging`]: the binaries' log output.
 
+pub mod accept;
 pub mod dns;
 pub mod h2;
 pub mod h3;
