@@ -63,11 +63,11 @@ fn id_of(b: &TestBroker) -> String {
     b.broker().fleet().unwrap().snapshot().unwrap().me().clone()
 }
 
-/// Waits until `b` routes `addr` through another broker: woken by the
-/// fleet's changes, bounded.
+/// Waits until `b` routes `addr` through another broker: woken by each
+/// rebuild of those routes, bounded.
 async fn wait_for_remote_route(b: &TestBroker, addr: Ipv4Addr) {
     let broker = b.broker().clone();
-    let mut changes = broker.fleet().unwrap().view_changes();
+    let mut changes = broker.core().remote_route_changes();
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let known = broker
@@ -80,12 +80,7 @@ async fn wait_for_remote_route(b: &TestBroker, addr: Ipv4Addr) {
             if known {
                 return;
             }
-            // The core learns leases from the store's watch, which may
-            // come after the fleet's change: look again on either.
-            tokio::select! {
-                r = changes.changed() => r.unwrap(),
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+            changes.changed().await.unwrap();
         }
     })
     .await;
@@ -256,7 +251,7 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
         // B leaves: its sites are nobody's, and A has no route to them.
         drop((ty, tz));
         b.running.take().unwrap().shutdown().await;
-        let mut changes = a.broker().fleet().unwrap().view_changes();
+        let mut changes = a.broker().core().remote_route_changes();
         let gone = tokio::time::timeout(Duration::from_secs(20), async {
             while a
                 .broker()

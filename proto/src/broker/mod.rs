@@ -150,6 +150,9 @@ pub enum Event {
     RoutesChanged,
     /// The set of live sessions changed (names in the mesh zone follow).
     SessionsChanged,
+    /// The routes through other brokers were rebuilt (after a change of
+    /// the fleet or of the leases).
+    RemoteRoutesChanged,
     /// An allocation finished.
     Allocated {
         /// Which one.
@@ -359,6 +362,7 @@ impl BrokerCore {
             leases,
             self.link_mtu,
         ));
+        self.push_event(Event::RemoteRoutesChanged);
     }
 
     fn push_event(&mut self, event: Event) {
