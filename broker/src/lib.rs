@@ -18,7 +18,10 @@
 //! - [`admin`]: the admin API (its client is `tether_shell::operator`);
 //!   [`admin_listener`]: its bounded listener.
 //! - [`fleet`]: the brokers sharing an etcd store (liveness, which broker
-//!   holds each site); [`site_brokers`]: how sites learn them.
+//!   holds each site); [`site_brokers`]: how sites learn them; [`link`]:
+//!   the encrypted broker-to-broker link for packets of sites held
+//!   elsewhere; [`peering`]: keeping the link and the routes through other
+//!   brokers in step with the fleet.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod access;
@@ -31,10 +34,12 @@ pub mod enroll;
 pub mod error;
 pub mod fleet;
 pub mod h2server;
+pub mod link;
 pub mod local_gateway;
 pub mod metrics;
 pub mod names;
 pub mod paths;
+pub mod peering;
 pub mod plane;
 pub mod run;
 pub mod server;

@@ -154,6 +154,31 @@ fn describe() {
         Unit::Count,
         "Re-attestations of sites whose certificate expired, by result (accepted, or the refusal's reason)."
     );
+    describe_counter!(
+        "tether_broker_relayed_packets_total",
+        Unit::Count,
+        "IP packets relayed over the broker-to-broker link, by peer broker and direction (to_broker, from_broker)."
+    );
+    describe_counter!(
+        "tether_broker_relayed_bytes_total",
+        Unit::Bytes,
+        "Bytes of IP packets relayed over the broker-to-broker link, by peer broker and direction."
+    );
+    describe_counter!(
+        "tether_broker_peer_refused_total",
+        Unit::Count,
+        "Datagrams on the broker-to-broker link refused, by reason (unknown_peer: no live broker's key; invalid)."
+    );
+    describe_gauge!(
+        "tether_broker_fleet_brokers_alive",
+        Unit::Count,
+        "Live brokers of the fleet (this one included), as the shared store says."
+    );
+    describe_gauge!(
+        "tether_broker_fleet_sessions",
+        Unit::Count,
+        "Site sessions each live broker of the fleet holds, as the shared store says."
+    );
     describe_gauge!(
         "tether_broker_ca_expiry_seconds",
         Unit::Seconds,
@@ -249,6 +274,8 @@ pub struct Traffic {
     pub to_gateways: u64,
     /// Per WireGuard gateway.
     pub peers: Vec<PeerTraffic>,
+    /// Per peer broker of the broker-to-broker link.
+    pub brokers: Vec<BrokerTraffic>,
     /// Per site.
     pub sites: Vec<SiteTraffic>,
 }
@@ -262,6 +289,17 @@ pub struct PeerTraffic {
     pub rx_bytes: u64,
     /// Bytes to it.
     pub tx_bytes: u64,
+}
+
+/// Packets relayed to and from one other broker.
+#[derive(Debug)]
+pub struct BrokerTraffic {
+    /// The broker's fleet id.
+    pub id: String,
+    /// (packets, bytes) relayed from it.
+    pub from_broker: (u64, u64),
+    /// (packets, bytes) relayed to it.
+    pub to_broker: (u64, u64),
 }
 
 /// One site's traffic and drops.
@@ -330,6 +368,17 @@ impl Metrics {
                 .absolute(peer.rx_bytes);
             counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.clone(), "direction" => "to_gateway")
                 .absolute(peer.tx_bytes);
+        }
+        for broker in &t.brokers {
+            for (direction, (packets, bytes)) in [
+                ("from_broker", broker.from_broker),
+                ("to_broker", broker.to_broker),
+            ] {
+                counter!("tether_broker_relayed_packets_total", "broker" => broker.id.clone(), "direction" => direction)
+                    .absolute(packets);
+                counter!("tether_broker_relayed_bytes_total", "broker" => broker.id.clone(), "direction" => direction)
+                    .absolute(bytes);
+            }
         }
         for site in &t.sites {
             let (name, region) = (site.site.clone(), site.region.clone());

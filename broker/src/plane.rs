@@ -15,19 +15,23 @@
 //! guard ([`CoreCell::read`]) and finds sites in the map of live sessions
 //! ([`Sessions`]). It owns the devices' receive loops: the device modules
 //! ([`crate::local_gateway`], [`crate::wireguard`]) only receive and send,
-//! and know nothing of the plane.
+//! and know nothing of the plane. So does the broker-to-broker link
+//! ([`crate::link`]): packets for a destination another broker holds leave
+//! through it ([`Verdict::Relay`]), and packets arriving on it go only to
+//! this broker's own sessions and gateways ([`Plane::attach_link`]).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use ipnet::IpNet;
 use tether_proto::datagram::{self, Payload};
-use tether_proto::forward::{DropReason, Ingress, Verdict};
+use tether_proto::forward::{DropReason, Ingress, Relay, Verdict};
 use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::route::{Route, RouteTarget};
 use tether_shell::tun;
 
 use crate::core_cell::CoreCell;
+use crate::link::{Link, LinkPeer};
 use crate::local_gateway::LocalGateway;
 use crate::metrics::Metrics;
 use crate::sessions::{Session, SessionLink, Sessions};
@@ -117,6 +121,7 @@ pub struct Plane {
     sessions: Arc<Sessions>,
     local_gateway: OnceLock<Arc<LocalGateway>>,
     wireguard: OnceLock<Arc<Wireguard>>,
+    link: OnceLock<Arc<Link>>,
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
     batches: Mutex<Vec<SiteBatch>>,
@@ -140,6 +145,7 @@ impl Plane {
             sessions,
             local_gateway: OnceLock::new(),
             wireguard: OnceLock::new(),
+            link: OnceLock::new(),
             metrics,
             batches: Mutex::new(Vec::new()),
         }
@@ -202,6 +208,55 @@ impl Plane {
             });
         }
         Ok(())
+    }
+
+    /// The broker-to-broker link, if the broker has one.
+    pub fn link(&self) -> Option<&Arc<Link>> {
+        self.link.get()
+    }
+
+    /// Delivers the packets other brokers relay here, from now on.
+    pub fn attach_link(self: &Arc<Self>, link: Arc<Link>) -> anyhow::Result<()> {
+        if self.link.set(link.clone()).is_err() {
+            anyhow::bail!("broker-to-broker link started twice");
+        }
+        let plane = self.clone();
+        tokio::spawn(async move {
+            let (mut buf, mut out) = (vec![0u8; 65_536], vec![0u8; 65_536 + 64]);
+            loop {
+                link.receive(&mut buf, &mut out, |peer, packet| {
+                    plane.route_relayed_packet(&link, peer, packet)
+                })
+                .await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Sends a packet (or its fragments) to the broker that holds its
+    /// destination.
+    fn relay(&self, relay: &Relay, buffer: &Buffer) -> Result<(), DropReason> {
+        let link = self.link.get().ok_or(DropReason::PeerUnknown)?;
+        if relay.fragments.is_empty() {
+            return link.send(&relay.broker, buffer.packet());
+        }
+        relay
+            .fragments
+            .iter()
+            .try_for_each(|f| link.send(&relay.broker, f))
+    }
+
+    /// An IP packet another broker relayed here: delivered to a session or
+    /// gateway of this broker, never relayed on.
+    fn route_relayed_packet(&self, link: &Link, peer: &LinkPeer, packet: &mut [u8]) {
+        let mut buffer = Buffer::new(packet);
+        let verdict = {
+            let Ok(router) = self.core.read() else {
+                return;
+            };
+            router.decide_relayed(buffer.packet_mut(), |t| self.mtu_of(t))
+        };
+        let _ = self.perform(verdict, buffer, |icmp| link.send_to(peer, icmp).is_ok());
     }
 
     /// The largest packet a route's target accepts now.
@@ -270,6 +325,7 @@ impl Plane {
                 Err(reason)
             }
             Verdict::Drop(reason) => Err(reason),
+            Verdict::Relay(relay) => self.relay(&relay, &buffer),
         };
         if let Err(reason) = result {
             self.metrics.drop(reason);

@@ -157,15 +157,20 @@ async fn join_fleet(
     broker: &Arc<Broker>,
     etcd: &tether_config::broker::EtcdConfig,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let link = crate::link::start(&broker.config.peering, &broker.data_dir).await?;
+    broker.plane().attach_link(link.clone())?;
     let member = tether_proto::fleet::Member {
         endpoints: broker.enroll_endpoints(),
         regions: broker.config.regions.keys().cloned().collect(),
-        forward: None,
+        forward: Some(link.advertise().to_string()),
+        link_key: Some(tether_pki::wg::encode(&link.public_key())),
+        gateways: crate::peering::announced_gateways(&broker.config),
     };
     let (fleet, mut decisions, task) = crate::fleet::start(etcd, member)
         .await
         .context("cannot join the broker fleet")?;
-    broker.set_fleet(fleet);
+    broker.set_fleet(fleet.clone());
+    let peering = crate::peering::follow(fleet, link, broker.core_cell());
     let broker = broker.clone();
     let decide = tokio::spawn(async move {
         while let Some(decision) = decisions.recv().await {
@@ -179,7 +184,7 @@ async fn join_fleet(
             }
         }
     });
-    Ok(vec![task, decide])
+    Ok(vec![task, decide, peering])
 }
 
 /// Starts a broker: data directory, listeners, local gateway, admin API.

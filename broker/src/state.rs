@@ -190,6 +190,11 @@ impl Broker {
         &self.core
     }
 
+    /// The broker core, shared (for tasks that outlive a borrow).
+    pub fn core_cell(&self) -> Arc<CoreCell> {
+        self.core.clone()
+    }
+
     /// The current session of each site.
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
@@ -751,6 +756,20 @@ impl Broker {
                 });
             }
         }
+        let brokers = self
+            .plane
+            .link()
+            .map(|link| {
+                link.peers()
+                    .iter()
+                    .map(|p| crate::metrics::BrokerTraffic {
+                        id: p.id.clone(),
+                        from_broker: p.counters.rx.get(),
+                        to_broker: p.counters.tx.get(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let sites = self
             .site_totals()
             .into_iter()
@@ -768,6 +787,7 @@ impl Broker {
             from_gateways,
             to_gateways,
             peers,
+            brokers,
             sites,
         }
     }

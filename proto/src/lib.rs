@@ -25,6 +25,8 @@
 //! - [`fleet`]: the brokers of a deployment as one broker sees them
 //!   (membership, which broker holds each site) and what follows when
 //!   either changes.
+//! - [`peering`]: routes to sites and gateways held by other brokers of
+//!   the fleet, from the store's leases and the fleet's owners.
 //! - [`agent`]: the edge agent's decisions (transport ladder, reconnection
 //!   backoff, certificate renewal, tunnel MTU, the site's half of the
 //!   CONNECT-IP session) as one state machine.
@@ -54,6 +56,7 @@ pub mod ipam;
 pub mod limits;
 pub mod net;
 pub mod netmap;
+pub mod peering;
 pub mod policy;
 pub mod quic_probe;
 pub mod route;
