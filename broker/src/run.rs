@@ -369,11 +369,20 @@ impl Running {
     /// Hands the sites to the other brokers, then shuts down: every HTTP/3
     /// connection gets a GOAWAY, and the broker waits up to `drain` for its
     /// sessions to end (each site opens its tunnel at another broker, which
-    /// takes the site over, and then leaves this one).
+    /// takes the site over, and then leaves this one). A broker alone in
+    /// its regions does not wait.
     pub async fn handover(self, drain: Duration) -> Drained {
         let started = std::time::Instant::now();
         let sessions = self.broker.sessions().all().len();
         self.broker.start_draining();
+        // With no other broker to go to, sites cannot move: do not wait.
+        let others = self
+            .broker
+            .config
+            .regions
+            .keys()
+            .any(|r| self.broker.site_brokers(r).1.len() > 1);
+        let drain = if others { drain } else { Duration::ZERO };
         if sessions > 0 {
             tracing::info!(
                 sessions,
