@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -734,10 +734,10 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    loop {
+    let drain = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break Duration::ZERO,
+            _ = term.recv() => break running.broker.config.drain_timeout,
             _ = hangup.recv() => match &path {
                 // The access policy is reloaded; everything else needs a
                 // restart.
@@ -748,9 +748,9 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
                 None => tracing::warn!("SIGHUP ignored: the broker runs on its embedded defaults, there is no file to reload"),
             },
         }
-    }
+    };
     tracing::info!("shutting down");
-    running.shutdown().await;
+    running.handover(drain).await;
     Ok(())
 }
 

@@ -45,6 +45,11 @@ const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
 /// Help texts of every metric (Prometheus HELP lines).
 fn describe() {
     describe_counter!(
+        "tether_broker_sessions_handed_over_total",
+        Unit::Count,
+        "Sessions whose site moved to another broker while this one drained on SIGTERM (moved), or were still here when the drain time ran out (stayed)."
+    );
+    describe_counter!(
         "tether_broker_packets_total",
         Unit::Count,
         "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway)."
@@ -429,6 +434,15 @@ impl Metrics {
 /// Counts an enrollment outcome.
 pub fn enrollment(result: &'static str) {
     counter!("tether_broker_enrollments_total", "result" => result).increment(1);
+}
+
+/// Counts the sessions of a drain on SIGTERM: those that moved to another
+/// broker and those still here at the end.
+pub fn handed_over(moved: usize, stayed: usize) {
+    counter!("tether_broker_sessions_handed_over_total", "result" => "moved")
+        .increment(moved as u64);
+    counter!("tether_broker_sessions_handed_over_total", "result" => "stayed")
+        .increment(stayed as u64);
 }
 
 /// Counts a session ending.

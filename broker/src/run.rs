@@ -359,7 +359,70 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     })
 }
 
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Sessions when the drain began.
+    pub sessions: usize,
+    /// Sessions still here when it ended.
+    pub stayed: usize,
+    /// How long it took.
+    pub took: Duration,
+}
+
 impl Running {
+    /// Hands the sites to the other brokers, then shuts down: every HTTP/3
+    /// connection gets a GOAWAY, and the broker waits up to `drain` for its
+    /// sessions to end (each site opens its tunnel at another broker, which
+    /// takes the site over, and then leaves this one). A broker alone in
+    /// its regions does not wait.
+    pub async fn handover(self, drain: Duration) -> Drained {
+        let started = std::time::Instant::now();
+        let sessions = self.broker.sessions().all().len();
+        self.broker.start_draining();
+        // With no other broker to go to, sites cannot move: do not wait.
+        let others = self
+            .broker
+            .config
+            .regions
+            .keys()
+            .any(|r| self.broker.site_brokers(r).1.len() > 1);
+        let drain = if others { drain } else { Duration::ZERO };
+        if sessions > 0 {
+            tracing::info!(
+                sessions,
+                drain_secs = drain.as_secs_f64(),
+                "going away: asking every site to move to another broker"
+            );
+        }
+        let deadline = tokio::time::Instant::now() + drain;
+        while !self.broker.sessions().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stayed = self.broker.sessions().all().len();
+        crate::metrics::handed_over(sessions.saturating_sub(stayed), stayed);
+        let drained = Drained {
+            sessions,
+            stayed,
+            took: started.elapsed(),
+        };
+        if stayed > 0 {
+            tracing::warn!(
+                stayed,
+                of = sessions,
+                "drain time over; closing the sessions that did not move"
+            );
+        } else if sessions > 0 {
+            tracing::info!(
+                sessions,
+                took_ms = drained.took.as_millis() as u64,
+                "every site moved to another broker"
+            );
+        }
+        self.shutdown().await;
+        drained
+    }
+
     /// Closes every session and listener.
     pub async fn shutdown(self) {
         for s in self.broker.sessions().all() {

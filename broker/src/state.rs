@@ -78,6 +78,9 @@ pub struct Broker {
     next_session: AtomicU64,
     /// The broker fleet, when the store is shared (etcd).
     fleet: OnceLock<Arc<crate::fleet::FleetHandle>>,
+    /// Raised when the broker is going away (SIGTERM): every HTTP/3
+    /// connection gets a GOAWAY, so its site moves to another broker.
+    draining: watch::Sender<bool>,
 }
 
 /// The core's name for a revocation entry.
@@ -181,6 +184,7 @@ impl Broker {
             last_transport: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
             fleet: OnceLock::new(),
+            draining: watch::channel(false).0,
         }))
     }
 
@@ -193,6 +197,16 @@ impl Broker {
     /// The broker core, shared (for tasks that outlive a borrow).
     pub fn core_cell(&self) -> Arc<CoreCell> {
         self.core.clone()
+    }
+
+    /// Whether the broker is going away, as it changes.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Tells every connection that the broker is going away.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
     }
 
     /// The current session of each site.

@@ -31,5 +31,6 @@ pub mod lan;
 pub mod link;
 pub mod proxy;
 pub mod pumps;
+pub mod standby;
 pub mod state_dir;
 pub mod tun;

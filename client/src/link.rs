@@ -493,6 +493,34 @@ impl BrokerConn {
         }
     }
 
+    /// Sends a heartbeat the broker acknowledges (HTTP/3; over HTTP/2 the
+    /// connection's own PINGs keep it alive and nothing is sent).
+    pub async fn heartbeat(&self) {
+        if let BrokerConn::H3 { client, .. } = self
+            && let Err(e) = client.heartbeat().await
+        {
+            tracing::debug!("cannot send a heartbeat: {e:#}");
+        }
+    }
+
+    /// The datagrams received on the connection so far (HTTP/3 only).
+    pub fn received(&self) -> Option<u64> {
+        match self {
+            BrokerConn::H3 { client, .. } => Some(client.received()),
+            BrokerConn::H2(_) => None,
+        }
+    }
+
+    /// Resolves when the broker says it is going away (HTTP/3 GOAWAY).
+    /// Over HTTP/2 the broker's GOAWAY ends the connection once its streams
+    /// are done, which [`closed`](Self::closed) reports.
+    pub async fn goaway(&self) {
+        match self {
+            BrokerConn::H3 { client, .. } => client.goaway().await,
+            BrokerConn::H2(_) => std::future::pending().await,
+        }
+    }
+
     /// Closes the connection (the broker ends the session at once).
     pub fn close(&self, reason: &str) {
         match self {

@@ -58,13 +58,25 @@ pub fn start_pumps(
             }
         })
     };
-    // Over HTTP/2, packets arrive in capsules on the stream and are
-    // written by the session itself.
+    let mut pumps = vec![outbound];
+    pumps.extend(start_inbound(tun, link, lan));
+    pumps
+}
+
+/// Starts the pump from an HTTP/3 tunnel to the device (`None` over
+/// HTTP/2, where packets arrive in capsules on the stream and are written
+/// by the session itself).
+pub fn start_inbound(
+    tun: &Tun,
+    link: &TunnelLink,
+    lan: &Arc<LanPath>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let offload = tun.offload;
     let TunnelLink::H3 {
         conn, stream_id, ..
     } = link.clone()
     else {
-        return vec![outbound];
+        return None;
     };
     let inbound = {
         let (dev, lan) = (tun.dev.clone(), lan.clone());
@@ -103,7 +115,7 @@ pub fn start_pumps(
             }
         })
     };
-    vec![outbound, inbound]
+    Some(inbound)
 }
 
 /// A packet-too-big for a packet the tunnel cannot carry, as if from the

@@ -297,6 +297,10 @@ pub struct TunnelFile {
     /// still renew it by proving it holds its key (re-attestation), with no
     /// new enrollment code; `"0s"` turns re-attestation off.
     pub reattest_window: String,
+    /// On SIGTERM, how long the broker waits for its sites to move to
+    /// other brokers (it tells them with HTTP/3 GOAWAY) before it exits;
+    /// `"0s"` exits at once.
+    pub drain_timeout: String,
 }
 
 /// `[[region]]`: a data-residency region and its pools.
@@ -410,6 +414,7 @@ impl Default for TunnelFile {
             max_unauthenticated_per_source: 16,
             max_unauthenticated: 512,
             reattest_window: "90d".into(),
+            drain_timeout: "10s".into(),
         }
     }
 }
@@ -480,6 +485,8 @@ pub struct BrokerConfig {
     pub keepalive: Duration,
     /// Tunnel idle timeout.
     pub idle_timeout: Duration,
+    /// On SIGTERM, the longest wait for sites to move to other brokers.
+    pub drain_timeout: Duration,
     /// Site certificate lifetime.
     pub site_cert_lifetime: Duration,
     /// Default enrollment token lifetime.
@@ -678,6 +685,12 @@ impl BrokerFile {
             Duration::from_secs(3),
             Duration::from_secs(3600),
         );
+        let drain_timeout = p.duration(
+            "tunnel.drain_timeout",
+            &self.tunnel.drain_timeout,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        );
         if idle_timeout <= keepalive * 2 {
             p.add(
                 "tunnel.idle_timeout",
@@ -744,6 +757,7 @@ impl BrokerFile {
                 tunnel_limits,
                 keepalive,
                 idle_timeout,
+                drain_timeout,
                 site_cert_lifetime,
                 token_ttl,
                 reattest_window,
