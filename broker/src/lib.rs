@@ -19,16 +19,20 @@
 //!   [`admin_listener`]: its bounded listener.
 //! - [`fleet`]: the brokers sharing an etcd store (liveness, which broker
 //!   holds each site); [`site_brokers`]: how sites learn them.
+//! - [`events`]: each site's event timeline (store and summary);
+//!   [`console`]: the web console on the admin listener.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod access;
 pub mod admin;
 pub mod admin_listener;
 pub mod bundle;
+pub mod console;
 pub mod core_cell;
 pub mod counters;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod fleet;
 pub mod h2server;
 pub mod local_gateway;

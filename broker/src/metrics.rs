@@ -45,6 +45,11 @@ const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
 /// Help texts of every metric (Prometheus HELP lines).
 fn describe() {
     describe_counter!(
+        "tether_broker_site_events_dropped_total",
+        Unit::Count,
+        "Site timeline events not stored (the store failed or did not keep up)."
+    );
+    describe_counter!(
         "tether_broker_packets_total",
         Unit::Count,
         "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway)."
@@ -380,6 +385,11 @@ impl Metrics {
 /// Counts an enrollment outcome.
 pub fn enrollment(result: &'static str) {
     counter!("tether_broker_enrollments_total", "result" => result).increment(1);
+}
+
+/// Counts a site timeline event that did not reach the store.
+pub fn site_event_dropped() {
+    counter!("tether_broker_site_events_dropped_total").increment(1);
 }
 
 /// Counts a session ending.

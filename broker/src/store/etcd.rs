@@ -13,6 +13,7 @@
 //! | `P certs/<site>/<serial>` | a [`CertRecord`] (JSON) |
 //! | `P revocations/site:<spiffe uri>` or `P revocations/serial:<hex>` | the revocation (JSON) |
 //! | `P tokens/<sha-256 hex>` | an enrollment token record (JSON) |
+//! | `P events/<site>` | the site's event [`Timeline`] (JSON), rewritten by a transaction that compares its `mod_revision` |
 //!
 //! # Transactions
 //!
@@ -66,6 +67,7 @@ use etcd_client::{
 use tether_config::broker::EtcdConfig;
 use tether_pki::Revoked;
 use tether_pki::token::{TokenHash, TokenLedger, TokenRecord};
+use tether_proto::events::{SiteEvent, Timeline};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, Lease, RegionLeases, Txn};
 use tokio::sync::broadcast;
@@ -85,6 +87,13 @@ const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
 /// Where the brokers of a deployment announce themselves and their
 /// sessions (see `crate::fleet`), under the prefix.
 pub const FLEET_DIR: &str = "fleet/";
+
+/// The directory (under the prefix) of the sites' event timelines.
+const EVENTS_DIR: &str = "events/";
+
+/// How often an event append re-reads a timeline another broker changed
+/// in between.
+const EVENT_APPEND_ATTEMPTS: usize = 8;
 
 /// How long a broken watch waits before it is resumed.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
@@ -154,6 +163,12 @@ impl Keys {
     }
     fn revocations(&self) -> String {
         format!("{}revocations/", self.prefix)
+    }
+    fn events(&self) -> String {
+        format!("{}{EVENTS_DIR}", self.prefix)
+    }
+    fn events_of(&self, site: &SiteId) -> String {
+        format!("{}{site}", self.events())
     }
     fn revocation(&self, entry: &Revoked) -> String {
         format!("{}{}", self.revocations(), revocation_key(entry))
@@ -366,8 +381,9 @@ impl EtcdStore {
                 continue;
             };
             let corrupt = || StoreError(format!("unexpected key {key}"));
-            if rest.starts_with(FLEET_DIR) {
-                // Live brokers and their sessions: not state to copy.
+            if rest.starts_with(FLEET_DIR) || rest.starts_with(EVENTS_DIR) {
+                // Live brokers and their sessions, and the sites' event
+                // timelines (history, not state): not copied.
                 continue;
             }
             if let Some(r) = rest.strip_prefix("regions/") {
@@ -738,6 +754,72 @@ impl Store for EtcdStore {
         self.get_prefix(self.keys.revocations())?
             .iter()
             .map(|kv| serde_json::from_slice::<StoredRevocation>(kv.value())?.into_entry())
+            .collect()
+    }
+
+    fn append_event(
+        &self,
+        site: &SiteId,
+        event: &SiteEvent,
+        limit: usize,
+    ) -> Result<(), StoreError> {
+        // Read, append, and write back if nobody wrote in between (two
+        // brokers may see one site's events: its old and its new one).
+        let key = self.keys.events_of(site);
+        for _ in 0..EVENT_APPEND_ATTEMPTS {
+            let k = key.clone();
+            let kvs = self.call("read", move |mut c| async move {
+                Ok(c.get(k, None).await?.take_kvs())
+            })?;
+            let (mut timeline, compare) = match kvs.first() {
+                Some(kv) => (
+                    serde_json::from_slice::<Timeline>(kv.value())?,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    Timeline::default(),
+                    Compare::version(key.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            timeline.push(event.clone(), limit);
+            let request = EtcdTxn::new().when([compare]).and_then([TxnOp::put(
+                key.clone(),
+                serde_json::to_vec(&timeline)?,
+                None,
+            )]);
+            let response = self.call("write", move |mut c| async move { c.txn(request).await })?;
+            if response.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(StoreError(format!(
+            "the event timeline of site {site} kept changing during {EVENT_APPEND_ATTEMPTS} attempts to append to it"
+        )))
+    }
+
+    fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError> {
+        let key = self.keys.events_of(site);
+        let kvs = self.call("read", move |mut c| async move {
+            Ok(c.get(key, None).await?.take_kvs())
+        })?;
+        Ok(match kvs.first() {
+            Some(kv) => serde_json::from_slice(kv.value())?,
+            None => Timeline::default(),
+        })
+    }
+
+    fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
+        let dir = self.keys.events();
+        self.get_prefix(dir.clone())?
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let site = key
+                    .strip_prefix(&dir)
+                    .and_then(|s| SiteId::new(s).ok())
+                    .ok_or_else(|| StoreError(format!("unexpected key {key}")))?;
+                Ok((site, serde_json::from_slice(kv.value())?))
+            })
             .collect()
     }
 

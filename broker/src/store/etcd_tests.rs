@@ -218,6 +218,17 @@ fn etcd_a_newer_token_replaces_the_earlier_one() {
 }
 
 #[test]
+fn etcd_event_timelines_are_bounded_per_site() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let store = open_store(&server, "/ev/");
+        crate::store::check_event_timelines(Arc::new(store));
+    });
+}
+
+#[test]
 fn etcd_records_and_revocations_round_trip() {
     let Some(server) = EtcdServer::start(false) else {
         return;

@@ -1,0 +1,164 @@
+//! The fleet console in a real browser: a real broker on loopback, a site
+//! enrolled and connected through the agent's own client code, and
+//! Debian's Chromium driven by Playwright (`tests/console/browser.py`):
+//! log in, see the site online, kill its agent and see it offline with the
+//! reason, trace its name, and check that a viewer cannot revoke.
+//!
+//! Without Chromium or Playwright the test prints why and passes, except
+//! under CI (`CI` set), where it fails. `TETHER_UPDATE_SCREENSHOTS=1`
+//! copies the screenshots it takes to `docs/console/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tether_proto::events::{Disconnect, EventKind};
+use tether_tests::{TestBroker, TestSite, tunnel_for};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// The whole browser session, at most.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Why the browser test cannot run here, if it cannot.
+fn missing() -> Option<String> {
+    if !Path::new(CHROMIUM).exists() {
+        return Some(format!(
+            "{CHROMIUM} is not installed (apt-get install chromium)"
+        ));
+    }
+    let playwright = Command::new("python3")
+        .args(["-c", "import playwright.sync_api"])
+        .stderr(Stdio::null())
+        .status();
+    if !playwright.is_ok_and(|s| s.success()) {
+        return Some("python3 cannot import playwright (pip install playwright)".into());
+    }
+    None
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
+    if let Some(why) = missing() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the browser test must run in CI: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let broker = TestBroker::start("").await;
+    let running = broker.running.as_ref().unwrap();
+    let b = running.broker.clone();
+    let site = TestSite::enroll(&broker, "clinic-7").await;
+    let mut tunnel = Some(tunnel_for(&broker, &site).await);
+    let zone = broker.config.dns_zone.clone();
+    let name = tether_proto::dns::site_name(
+        &"clinic-7".parse().unwrap(),
+        &"local".parse().unwrap(),
+        &zone,
+    );
+    let shots = tempfile::tempdir().unwrap();
+    let mut child = Command::new("python3")
+        .arg(repo_root().join("tests/console/browser.py"))
+        .env(
+            "CONSOLE_URL",
+            format!("http://{}/console/", running.admin_addr),
+        )
+        .env("ADMIN_TOKEN", &b.admin_token)
+        .env("VIEWER_TOKEN", b.viewer_token().unwrap())
+        .env("SITE", "clinic-7")
+        .env("SITE_NAME", &name)
+        .env("SHOTS", shots.path())
+        .env("CHROMIUM", CHROMIUM)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    // The script's lines, read on a thread of their own.
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("browser: {line}");
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let started = Instant::now();
+    let mut ok = false;
+    let mut killed = false;
+    while started.elapsed() < DEADLINE {
+        let line = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_millis(200)));
+        match line.as_deref() {
+            Ok("KILL") => {
+                // The agent goes away: its connection ends.
+                let t = tunnel.take().unwrap();
+                t.client.conn.close(0u32.into(), b"agent killed");
+                drop(t);
+                killed = true;
+                writeln!(stdin, "killed").unwrap();
+                stdin.flush().unwrap();
+            }
+            Ok("OK") => ok = true,
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    assert!(killed, "the browser never got as far as the agent's death");
+    assert!(
+        ok && status.success(),
+        "the browser checks failed ({status}); see its output above"
+    );
+
+    // What the browser saw is what the store holds, and the viewer's
+    // attempt changed nothing.
+    let b2 = b.clone();
+    let (timeline, record) = tokio::task::spawn_blocking(move || {
+        assert!(b2.events().flush(Duration::from_secs(10)));
+        let s = "clinic-7".parse().unwrap();
+        (
+            b2.events().timeline(&s).unwrap(),
+            b2.store.site(&s).unwrap().unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!record.revoked, "a viewer revoked the site");
+    let kinds: Vec<&EventKind> = timeline.events().map(|e| &e.kind).collect();
+    assert!(
+        matches!(kinds.as_slice(), [
+            EventKind::Enrolled { .. },
+            EventKind::Connected { transport, .. },
+            EventKind::Disconnected { reason: Disconnect::ConnectionLost, .. },
+        ] if transport == "h3"),
+        "{kinds:?}"
+    );
+
+    if std::env::var_os("TETHER_UPDATE_SCREENSHOTS").is_some() {
+        let docs = repo_root().join("docs/console");
+        std::fs::create_dir_all(&docs).unwrap();
+        for entry in std::fs::read_dir(shots.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), docs.join(entry.file_name())).unwrap();
+        }
+    }
+}
