@@ -699,6 +699,11 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
         running.admin_addr,
         dir.join(ADMIN_TOKEN_FILE).display()
     );
+    println!(
+        "  console       http://{}/console/ (read-only token in {})",
+        running.admin_addr,
+        dir.join(tether_broker::run::VIEWER_TOKEN_FILE).display()
+    );
     for addr in &running.dns_addrs {
         println!(
             "  DNS           {addr} (UDP and TCP, zone {}; try: dig @{} -p {} <site>.{region}.{})",

@@ -162,3 +162,58 @@ async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
         }
     }
 }
+
+/// The same timeline through the operator CLI's client and tables
+/// (`tether events SITE`, `tether sites --since 10m`), over the real port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_a_sites_timeline_and_recent_changes() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "clinic-8").await;
+    TestSite::enroll(&broker, "quiet-1").await;
+    let t = tunnel_for(&broker, &site).await;
+    t.client.conn.close(0u32.into(), b"agent stopped");
+    drop(t);
+    let b = broker.broker().clone();
+    let url = format!("http://{}", broker.running.as_ref().unwrap().admin_addr);
+    let viewer = b.viewer_token().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        // The session's end reaches the timeline when the broker notices.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.session(&"clinic-8".parse().unwrap()).is_some() {
+            assert!(Instant::now() < deadline, "the broker kept the session");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(b.events().flush(Duration::from_secs(10)));
+        let client = tether_shell::operator::AdminClient::new(&url, &viewer);
+        let now = tether_broker::store::now_unix();
+        let events: tether_proto::api::SiteEvents =
+            client.get("/v1/sites/clinic-8/events").unwrap();
+        let text = tether_shell::operator::events_table(&events, now);
+        println!("{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("WHEN"), "{text}");
+        // Newest first.
+        assert!(
+            lines[1].contains("disconnected: the connection was lost"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("connected over h3 from 127.0.0.1:"),
+            "{text}"
+        );
+        assert!(lines[3].contains("enrolled"), "{text}");
+        let page: tether_proto::api::SitePage = client
+            .get("/v1/site-states?since=10m&state=offline")
+            .unwrap();
+        let text = tether_shell::operator::site_states_table(&page.sites, now);
+        println!("{text}");
+        assert!(text.contains("clinic-8"), "{text}");
+        assert!(text.contains("the connection was lost"), "{text}");
+        // quiet-1 enrolled within the 10 minutes too, but never connected.
+        assert!(text.contains("quiet-1"), "{text}");
+        let page: tether_proto::api::SitePage = client.get("/v1/site-states?q=clinic").unwrap();
+        assert_eq!(page.total, 1);
+    })
+    .await
+    .unwrap();
+}
