@@ -10,6 +10,7 @@ and tells this script through the environment where they are:
   VIEWER_TOKEN  the broker's read-only token
   SITE          the enrolled, connected site
   SITE_NAME     its name in the mesh zone
+  GATEWAY       a gateway the broker is configured with
   SHOTS         directory for screenshots of the main pages
   CHROMIUM      the browser (default /usr/bin/chromium)
 
@@ -97,6 +98,18 @@ def main():
         expect(site_fact).to_contain_text(SITE)
         expect(site_fact).to_contain_text("connected over h3")
         shot(page, "trace.png")
+
+        # The route table has the site's addresses and the gateway's
+        # backend network; the gateway is listed.
+        page.click("#nav a[data-page=routes]")
+        routes = page.locator("#routes-table tbody")
+        expect(routes).to_contain_text(SITE, timeout=WAIT_MS)
+        expect(routes).to_contain_text("gateway " + os.environ["GATEWAY"])
+        shot(page, "routes.png")
+        page.click("#nav a[data-page=gateways]")
+        expect(page.locator("#gateways-table tbody")).to_contain_text(os.environ["GATEWAY"], timeout=WAIT_MS)
+        shot(page, "gateways.png")
+
         page.goto(URL + "#/site/" + SITE)
         expect(page.locator("#events-table tr[data-kind=connected]").first).to_be_visible(timeout=WAIT_MS)
 
@@ -125,14 +138,11 @@ def main():
         expect(result).to_contain_text(NAME, timeout=WAIT_MS)
         expect(result.locator("[data-fact=Route]").first).to_contain_text("no route")
 
+        # Its routes went with its tunnel.
         page.click("#nav a[data-page=routes]")
         page.fill("#route-site", SITE)
         page.click("#route-filter button[type=submit]")
-        expect(page.locator("#routes-status")).to_contain_text("routes", timeout=WAIT_MS)
-        shot(page, "routes.png")
-        page.click("#nav a[data-page=gateways]")
-        expect(page.locator("#gateways-status")).to_contain_text("gateways", timeout=WAIT_MS)
-        shot(page, "gateways.png")
+        expect(page.locator("#routes-status")).to_have_text("0 routes", timeout=WAIT_MS)
 
         # A viewer sees the site but has no revoke button, and the API
         # refuses the viewer's revocation.

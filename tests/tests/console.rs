@@ -19,6 +19,18 @@ use tether_proto::events::{Disconnect, EventKind};
 use tether_tests::{TestBroker, TestSite, tunnel_for};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// A WireGuard gateway (never started: the broker lists it, and routes its
+/// backend network to it).
+const GATEWAY: &str = r#"
+[wireguard]
+listen = ["127.0.0.1:0"]
+[[gateway]]
+id = "gw-local-1"
+region = "local"
+public_key = "PGczmhJJZDKv8IR1wpKkQZXEh/tJ3wR/3t3WiFAXh3g="
+prefixes = ["10.244.0.0/16"]
+"#;
+
 /// The whole browser session, at most.
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -56,7 +68,7 @@ async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
         eprintln!("skipped: {why}");
         return;
     }
-    let broker = TestBroker::start("").await;
+    let broker = TestBroker::start(GATEWAY).await;
     let running = broker.running.as_ref().unwrap();
     let b = running.broker.clone();
     let site = TestSite::enroll(&broker, "clinic-7").await;
@@ -78,6 +90,7 @@ async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
         .env("VIEWER_TOKEN", b.viewer_token().unwrap())
         .env("SITE", "clinic-7")
         .env("SITE_NAME", &name)
+        .env("GATEWAY", "gw-local-1")
         .env("SHOTS", shots.path())
         .env("CHROMIUM", CHROMIUM)
         .stdin(Stdio::piped())

@@ -292,7 +292,7 @@ async function runTrace() {
     $("trace-error").textContent = e.message;
     return;
   }
-  out.appendChild(el("p", (t.name ? t.name + " — " : "") + t.query + ", answered by broker " + t.broker));
+  out.appendChild(el("p", (t.name && t.name !== t.query ? t.name + " — " : "") + t.query + ", answered by broker " + t.broker));
   for (const path of t.paths) {
     const box = el("div", null, "path");
     const x = path.explanation;
