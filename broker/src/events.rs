@@ -98,6 +98,16 @@ impl EventLog {
         self.histories.read().map(|h| h.clone()).unwrap_or_default()
     }
 
+    /// Reads a site's timeline again and summarises it anew: after
+    /// another broker (sharing the store) appended to it. Blocking.
+    pub fn refresh(&self, site: &SiteId) -> Result<(), StoreError> {
+        let history = History::of(&self.store.timeline(site)?);
+        if let Ok(mut h) = self.histories.write() {
+            h.insert(site.clone(), history);
+        }
+        Ok(())
+    }
+
     /// A site's timeline as the store holds it. Blocking.
     pub fn timeline(&self, site: &SiteId) -> Result<tether_proto::events::Timeline, StoreError> {
         self.store.timeline(site)

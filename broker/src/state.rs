@@ -705,6 +705,9 @@ impl Broker {
                 self.names_changed();
                 Ok(())
             }
+            // Another broker's events of a site (or the echo of this
+            // broker's): the site's summary follows the store.
+            StoreEvent::Events(site) => Ok(self.events.refresh(&site)?),
         }
     }
 

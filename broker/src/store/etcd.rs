@@ -44,7 +44,7 @@
 //! revision the store opened at: a put of a region's version key is
 //! [`StoreEvent::Leases`], a put of a site key [`StoreEvent::Site`], a put
 //! or delete of a revocation key [`StoreEvent::Revoked`] or
-//! [`StoreEvent::Reinstated`]. Changes made through this store arrive the
+//! [`StoreEvent::Reinstated`], a put of a timeline [`StoreEvent::Events`]. Changes made through this store arrive the
 //! same way as changes made by other brokers (once each, in etcd's order).
 //! A broken watch is resumed from the next unseen revision.
 //!
@@ -195,6 +195,11 @@ impl Keys {
         }
         if let Some(site) = rest.strip_prefix("sites/") {
             return SiteId::new(site).ok().map(StoreEvent::Site);
+        }
+        if let Some(site) = rest.strip_prefix(EVENTS_DIR) {
+            return (kind == EventType::Put)
+                .then(|| SiteId::new(site).ok().map(StoreEvent::Events))
+                .flatten();
         }
         if rest.starts_with("revocations/") {
             let value = match kind {

@@ -314,6 +314,14 @@ fn etcd_watch_carries_another_brokers_changes() {
         assert_eq!(next_event(&mut seen_by_b), StoreEvent::Site(site.clone()));
         allocate(&a, &site);
         assert_eq!(next_event(&mut seen_by_b), StoreEvent::Leases(eu()));
+        let event = tether_proto::events::SiteEvent {
+            at: 3,
+            broker: "a".into(),
+            kind: tether_proto::events::EventKind::Revoked,
+        };
+        a.append_event(&site, &event, 10).unwrap();
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Events(site.clone()));
+        assert_eq!(b.timeline(&site).unwrap().newest(1), [event]);
     });
 }
 

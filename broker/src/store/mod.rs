@@ -103,6 +103,9 @@ pub enum StoreEvent {
     Revoked(Revoked),
     /// A revocation was removed.
     Reinstated(Revoked),
+    /// A site's event timeline changed (etcd only: with the embedded
+    /// store, the one broker knows its own events).
+    Events(SiteId),
 }
 
 /// The broker's state store.
