@@ -814,18 +814,29 @@ impl Store for EtcdStore {
     }
 
     fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
+        // The keys first, then one timeline at a time: a page of full
+        // timelines (up to tens of KiB each) could exceed gRPC's message
+        // limit where a page of other records does not.
         let dir = self.keys.events();
-        self.get_prefix(dir.clone())?
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(kv.key());
-                let site = key
-                    .strip_prefix(&dir)
-                    .and_then(|s| SiteId::new(s).ok())
-                    .ok_or_else(|| StoreError(format!("unexpected key {key}")))?;
-                Ok((site, serde_json::from_slice(kv.value())?))
-            })
-            .collect()
+        let prefix = dir.clone();
+        let keys = self.call("read", move |mut c| async move {
+            Ok(c.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?
+            .take_kvs())
+        })?;
+        let mut out = Vec::with_capacity(keys.len());
+        for kv in keys {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let site = key
+                .strip_prefix(&dir)
+                .and_then(|s| SiteId::new(s).ok())
+                .ok_or_else(|| StoreError(format!("unexpected key {key}")))?;
+            out.push((site.clone(), self.timeline(&site)?));
+        }
+        Ok(out)
     }
 
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {
