@@ -17,6 +17,7 @@ use tether_proto::api::{
     ApiError, EnrollRequest, EnrollResponse, ReattestRefused, ReattestRequest, ReattestResponse,
     RenewRequest, RenewResponse,
 };
+use tether_proto::events::EventKind;
 
 use crate::state::Broker;
 
@@ -134,6 +135,12 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
     broker
         .record_issued(&identity, &cert)
         .map_err(|e| (500, e.to_string()))?;
+    broker.record_event(
+        &record.site,
+        EventKind::Enrolled {
+            not_after: token::unix_secs(cert.not_after),
+        },
+    );
     // Every live broker of the region, so the site can fail over.
     let brokers = broker.site_brokers(&record.region).1;
     Ok(EnrollResponse {
@@ -176,6 +183,12 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
         broker2
             .record_issued(&identity, &cert)
             .map_err(|e| (500, e.to_string()))?;
+        broker2.record_event(
+            &identity.site,
+            EventKind::Renewed {
+                not_after: token::unix_secs(cert.not_after),
+            },
+        );
         Ok::<_, (u16, String)>(RenewResponse {
             certificate: cert.pem,
             ca: broker2.ca.cert_pem().to_string(),
@@ -366,6 +379,12 @@ fn reattest_blocking(
         }
         None => None,
     };
+    broker.record_event(
+        &identity.site,
+        EventKind::Reattested {
+            not_after: renewed.as_ref().map(|r| r.not_after),
+        },
+    );
     Ok((
         identity.site,
         ReattestResponse {

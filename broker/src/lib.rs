@@ -22,16 +22,20 @@
 //!   the encrypted broker-to-broker link for packets of sites held
 //!   elsewhere; [`peering`]: keeping the link and the routes through other
 //!   brokers in step with the fleet.
+//! - [`events`]: each site's event timeline (store and summary);
+//!   [`console`]: the web console on the admin listener.
 //! - [`store`]: the state store; [`metrics`]: Prometheus metrics.
 
 pub mod access;
 pub mod admin;
 pub mod admin_listener;
 pub mod bundle;
+pub mod console;
 pub mod core_cell;
 pub mod counters;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod fleet;
 pub mod h2server;
 pub mod link;

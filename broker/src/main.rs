@@ -670,6 +670,10 @@ fn raise_open_file_limit() {
 async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_open_file_limit();
     let running = tether_broker::run::start(config.clone()).await?;
+    // Before the banner: whoever waits for it may signal at once.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let dir = data_dir(&config);
     let region = config
         .regions
@@ -698,6 +702,11 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
         "  admin API     http://{} (token in {})",
         running.admin_addr,
         dir.join(ADMIN_TOKEN_FILE).display()
+    );
+    println!(
+        "  console       http://{}/console/ (read-only token in {})",
+        running.admin_addr,
+        dir.join(tether_broker::run::VIEWER_TOKEN_FILE).display()
     );
     for addr in &running.dns_addrs {
         println!(
@@ -731,9 +740,6 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     let drain = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break Duration::ZERO,

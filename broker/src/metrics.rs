@@ -50,6 +50,11 @@ fn describe() {
         "Sessions whose site moved to another broker while this one drained on SIGTERM (moved), or were still here when the drain time ran out (stayed)."
     );
     describe_counter!(
+        "tether_broker_site_events_dropped_total",
+        Unit::Count,
+        "Site timeline events not stored (the store failed or did not keep up)."
+    );
+    describe_counter!(
         "tether_broker_packets_total",
         Unit::Count,
         "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway)."
@@ -443,6 +448,11 @@ pub fn handed_over(moved: usize, stayed: usize) {
         .increment(moved as u64);
     counter!("tether_broker_sessions_handed_over_total", "result" => "stayed")
         .increment(stayed as u64);
+}
+
+/// Counts a site timeline event that did not reach the store.
+pub fn site_event_dropped() {
+    counter!("tether_broker_site_events_dropped_total").increment(1);
 }
 
 /// Counts a session ending.

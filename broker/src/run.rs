@@ -53,9 +53,23 @@ impl std::fmt::Debug for Running {
     }
 }
 
+/// File holding the read-only (viewer) token of the admin API and the
+/// console in the data directory.
+pub const VIEWER_TOKEN_FILE: &str = "viewer.token";
+
 /// Reads the admin token, creating it (mode 0600) on first start.
 pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    load_or_create_token(&data_dir.join(ADMIN_TOKEN_FILE))
+}
+
+/// Reads the viewer token, creating it (mode 0600) on first start (also
+/// in a data directory made before viewers existed).
+pub fn load_or_create_viewer_token(data_dir: &Path) -> anyhow::Result<String> {
+    load_or_create_token(&data_dir.join(VIEWER_TOKEN_FILE))
+}
+
+fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
+    let path = path.to_path_buf();
     if path.exists() {
         let token = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -197,7 +211,9 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let store = crate::store::open(&config.store, &data_dir)?;
     let (chain, key, not_after) = server_cert(&ca, &config)?;
     let slot = Arc::new(CertSlot::new(chain, key)?);
+    let viewer_token = load_or_create_viewer_token(&data_dir)?;
     let broker = Broker::new(config.clone(), data_dir, ca, store, slot, admin_token)?;
+    broker.set_viewer_token(viewer_token);
     // Tasks started so far end with a failed start, so that they do not
     // keep the store and the sockets of a broker that never ran.
     let mut tasks = Tasks(Vec::new());
@@ -440,5 +456,9 @@ impl Running {
         if let Some(dns) = self.dns {
             dns.shutdown().await;
         }
+        // The sessions' last events reach the store before it closes.
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.events().flush(Duration::from_secs(5)))
+            .await;
     }
 }

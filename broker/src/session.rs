@@ -20,6 +20,7 @@ use tether_pki::PeerCert;
 use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
+use tether_proto::events::{Disconnect, EventKind};
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::ids::SiteId;
@@ -283,7 +284,7 @@ impl Carrier {
                 match recv.read_chunk(64 * 1024, true).await {
                     Ok(Some(chunk)) => dec.push(&chunk.bytes),
                     Ok(None) => return Ok(None),
-                    Err(_) => return Err(Ending::Peer("tunnel stream failed")),
+                    Err(_) => return Err(Ending::Peer(Disconnect::ConnectionLost)),
                 }
             },
             Carrier::H2 { recv, .. } => match recv.data().await {
@@ -291,7 +292,7 @@ impl Carrier {
                     let _ = recv.flow_control().release_capacity(data.len());
                     Ok(Some(data.to_vec()))
                 }
-                Some(Err(_)) => Err(Ending::Peer("tunnel stream failed")),
+                Some(Err(_)) => Err(Ending::Peer(Disconnect::ConnectionLost)),
                 None => Ok(None),
             },
         }
@@ -302,11 +303,11 @@ impl Carrier {
         match self {
             Carrier::H3 { send, .. } => send_data(send, &bytes)
                 .await
-                .map_err(|_| Ending::Peer("tunnel stream failed")),
+                .map_err(|_| Ending::Peer(Disconnect::ConnectionLost)),
             Carrier::H2 { capsules, .. } => capsules
                 .send(Bytes::from(bytes))
                 .await
-                .map_err(|_| Ending::Peer("tunnel stream failed")),
+                .map_err(|_| Ending::Peer(Disconnect::ConnectionLost)),
         }
     }
 
@@ -346,6 +347,9 @@ pub struct Started {
     pub session: Arc<Session>,
     core: BrokerSession,
     close: watch::Receiver<Option<CloseReason>>,
+    /// Whether the broker core took the session (its timeline says it
+    /// connected, and will say it disconnected).
+    registered: bool,
 }
 
 impl Started {
@@ -374,10 +378,23 @@ impl Started {
             services,
         );
         let session = Arc::new(session);
-        if let Err(refused) = broker.register(session.clone(), addresses) {
-            tracing::info!(site = %session.site(), reason = %refused, "session refused");
-            session.request_close(refused.close_reason());
-        }
+        let registered = match broker.register(session.clone(), addresses) {
+            Ok(()) => {
+                broker.record_event(
+                    session.site(),
+                    EventKind::Connected {
+                        transport: transport.as_str().into(),
+                        remote: remote.to_string(),
+                    },
+                );
+                true
+            }
+            Err(refused) => {
+                tracing::info!(site = %session.site(), reason = %refused, "session refused");
+                session.request_close(refused.close_reason());
+                false
+            }
+        };
         tracing::info!(
             site = %session.site(),
             region = %session.region(),
@@ -390,6 +407,7 @@ impl Started {
             session,
             core,
             close,
+            registered,
         }
     }
 
@@ -419,7 +437,7 @@ impl Started {
                         capsules.push(&data);
                         ended = io.read_capsules(&mut self.core, &mut capsules).await.err();
                     }
-                    Ok(None) => break Ending::Peer("site closed the tunnel"),
+                    Ok(None) => break Ending::Peer(Disconnect::SiteClosed),
                     Err(e) => break e,
                 },
                 _ = self.close.changed() => match *self.close.borrow() {
@@ -431,10 +449,14 @@ impl Started {
                     let advertisement = self.core.advertise(&reachable);
                     ended = io.perform(&mut self.core, vec![advertisement]).await.err();
                 }
-                _ = gone.wait() => break Ending::Peer("connection lost"),
+                _ = gone.wait() => break Ending::Peer(Disconnect::ConnectionLost),
             }
         };
         broker.unregister(&session);
+        if self.registered {
+            let (reason, detail) = reason.disconnect();
+            broker.record_event(&site, EventKind::Disconnected { reason, detail });
+        }
         match &reason {
             Ending::Closed(r) => {
                 crate::metrics::session_closed(r.as_str());
@@ -442,7 +464,7 @@ impl Started {
             }
             Ending::Peer(what) => {
                 crate::metrics::session_closed("peer");
-                tracing::info!(site = %site, reason = what, "site disconnected");
+                tracing::info!(site = %site, reason = what.describe(), "site disconnected");
             }
             Ending::Protocol(what) => {
                 crate::metrics::session_closed("protocol_error");
@@ -457,13 +479,25 @@ impl Started {
     }
 }
 
+impl Ending {
+    /// The reason a site's timeline records, with detail.
+    pub fn disconnect(&self) -> (Disconnect, Option<String>) {
+        match self {
+            Ending::Closed(r) => (Disconnect::from(*r), None),
+            Ending::Peer(d) => (*d, None),
+            Ending::Protocol(what) => (Disconnect::ProtocolError, Some(what.clone())),
+            Ending::Framing(e) => (Disconnect::ProtocolError, Some(e.to_string())),
+        }
+    }
+}
+
 /// Why the session loop ended.
 #[derive(Debug)]
 pub enum Ending {
     /// The broker ended it.
     Closed(CloseReason),
     /// The site ended it, or its connection was lost.
-    Peer(&'static str),
+    Peer(Disconnect),
     /// The site broke the protocol.
     Protocol(String),
     /// The site broke HTTP/3 framing on the request stream; the error says

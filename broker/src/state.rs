@@ -22,6 +22,7 @@ use tether_proto::broker::{
     OpenError, RegionPolicy, Revocation, SessionId, SiteRecordAction, TokenPolicy,
 };
 use tether_proto::dns::ZoneData;
+use tether_proto::events::EventKind;
 use tether_proto::gateway::SiteRoute;
 use tether_proto::ids::{GatewayId, RegionId, SiteId};
 use tether_proto::ipam::LeaseKind;
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 use crate::core_cell::CoreCell;
 use crate::counters::{SiteTotals, Totals};
 use crate::error::BrokerError;
+use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::plane::Plane;
 use crate::sessions::{Session, Sessions};
@@ -53,6 +55,8 @@ pub struct Broker {
     pub cert: Arc<CertSlot>,
     /// The admin API bearer token.
     pub admin_token: String,
+    /// The read-only bearer token, once set.
+    viewer_token: OnceLock<String>,
     /// The broker core: sessions, routes and policy, revocations, lease
     /// cache.
     core: Arc<CoreCell>,
@@ -81,6 +85,8 @@ pub struct Broker {
     /// Raised when the broker is going away (SIGTERM): every HTTP/3
     /// connection gets a GOAWAY, so its site moves to another broker.
     draining: watch::Sender<bool>,
+    /// Each site's event timeline.
+    events: EventLog,
 }
 
 /// The core's name for a revocation entry.
@@ -160,6 +166,7 @@ impl Broker {
             core.handle_leases(region.clone(), store.region_leases(region)?);
         }
         let revocations = Arc::new(RevocationSet::from_entries(entries));
+        let events = EventLog::open(store.clone())?;
         let sessions = Arc::new(Sessions::default());
         let core = Arc::new(CoreCell::new(core, sessions.clone()));
         let metrics = Metrics::register();
@@ -172,6 +179,7 @@ impl Broker {
             revocations,
             cert,
             admin_token,
+            viewer_token: OnceLock::new(),
             core,
             sessions,
             plane,
@@ -185,6 +193,7 @@ impl Broker {
             next_session: AtomicU64::new(0),
             fleet: OnceLock::new(),
             draining: watch::channel(false).0,
+            events,
         }))
     }
 
@@ -222,6 +231,33 @@ impl Broker {
     /// Metric handles.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The read-only token of the admin API, if one is set.
+    pub fn viewer_token(&self) -> Option<&str> {
+        self.viewer_token.get().map(String::as_str)
+    }
+
+    /// Sets the read-only token (the first one counts).
+    pub fn set_viewer_token(&self, token: String) {
+        let _ = self.viewer_token.set(token);
+    }
+
+    /// Each site's event timeline.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Records that `kind` happened to `site`, as seen by this broker
+    /// (named by the first endpoint sites dial).
+    pub fn record_event(&self, site: &SiteId, kind: EventKind) {
+        let name = self
+            .enroll_endpoints()
+            .into_iter()
+            .next()
+            .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
+            .unwrap_or_else(|| "broker".into());
+        self.events.record(site, name, kind);
     }
 
     /// The broker fleet, when the store is shared.
@@ -533,6 +569,7 @@ impl Broker {
                 existing.revoked = false;
                 existing.revoked_at = None;
                 self.store.put_site(&existing)?;
+                self.record_event(site, EventKind::Readmitted);
             }
             (SiteRecordAction::Create, _) => self.store.put_site(&SiteRecord {
                 site: site.clone(),
@@ -602,6 +639,7 @@ impl Broker {
         self.store.put_site(&record)?;
         let entry = Revoked::Site(self.identity(site, region));
         self.store.revoke(&entry)?;
+        self.record_event(site, EventKind::Revoked);
         self.revocations.revoke(entry);
         self.names_changed();
         Ok(connected)
@@ -686,6 +724,9 @@ impl Broker {
                 self.names_changed();
                 Ok(())
             }
+            // Another broker's events of a site (or the echo of this
+            // broker's): the site's summary follows the store.
+            StoreEvent::Events(site) => Ok(self.events.refresh(&site)?),
         }
     }
 

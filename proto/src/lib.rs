@@ -22,6 +22,8 @@
 //!   answers from it.
 //! - [`broker`]: the broker's decisions (sessions, routes, revocation,
 //!   allocation retries, token policy, close codes) as one state machine.
+//! - [`events`]: each site's timeline of session and trust events, its
+//!   state (online, offline, flapping), and the site list's filter.
 //! - [`fleet`]: the brokers of a deployment as one broker sees them
 //!   (membership, which broker holds each site) and what follows when
 //!   either changes.
@@ -46,6 +48,7 @@ pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
 pub mod dns;
+pub mod events;
 pub mod fleet;
 pub mod forward;
 pub mod gateway;

@@ -3,7 +3,7 @@
 //! [`Store`] is the interface: compare-and-set commits for address leases
 //! (one version per region, see [`tether_proto::ipam`]), an atomic take for
 //! enrollment tokens, plain records for sites, issued certificates and
-//! revocations, and a watch of changes. Two backends implement it:
+//! revocations, each site's bounded event timeline, and a watch of changes. Two backends implement it:
 //!
 //! - [`RedbStore`] ([`redb`](self::redb)): an embedded, pure-Rust
 //!   transactional database in the data directory, for one broker; every
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tether_config::broker::StoreConfig;
 use tether_pki::token::{TokenHash, TokenLedger, TokenRecord, from_unix_secs, unix_secs};
 use tether_pki::{Revoked, SiteIdentity, TrustDomain};
+use tether_proto::events::{SiteEvent, Timeline};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, RegionLeases, Txn};
 use thiserror::Error;
@@ -102,6 +103,9 @@ pub enum StoreEvent {
     Revoked(Revoked),
     /// A revocation was removed.
     Reinstated(Revoked),
+    /// A site's event timeline changed (etcd only: with the embedded
+    /// store, the one broker knows its own events).
+    Events(SiteId),
 }
 
 /// The broker's state store.
@@ -126,6 +130,18 @@ pub trait Store: TokenLedger + Send + Sync + 'static {
     fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError>;
     /// Every revocation.
     fn revocations(&self) -> Result<Vec<Revoked>, StoreError>;
+    /// Appends an event to a site's timeline, dropping its oldest events
+    /// beyond `limit` ([`Timeline::push`]).
+    fn append_event(
+        &self,
+        site: &SiteId,
+        event: &SiteEvent,
+        limit: usize,
+    ) -> Result<(), StoreError>;
+    /// A site's timeline (empty when it has none).
+    fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError>;
+    /// Every site's timeline (for the broker's summary at start).
+    fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError>;
     /// Changes from now on.
     fn watch(&self) -> broadcast::Receiver<StoreEvent>;
 }
@@ -296,5 +312,64 @@ pub(crate) fn check_a_newer_token_replaces_the_earlier_one(ledger: &dyn TokenLed
     assert_eq!(
         redeem(ledger, &neighbour.secret, now).unwrap().hash,
         neighbour.record.hash
+    );
+}
+
+/// Checks that a store keeps each site's newest events up to the limit,
+/// in order, apart from other sites' and across concurrent writers (two
+/// threads appending to one timeline lose nothing).
+#[cfg(test)]
+pub(crate) fn check_event_timelines(store: Arc<dyn Store>) {
+    use tether_proto::events::{Disconnect, EventKind};
+    let (a, b) = (
+        SiteId::new("ward-1").unwrap(),
+        SiteId::new("ward-2").unwrap(),
+    );
+    let event = |at| SiteEvent {
+        at,
+        broker: "b1".into(),
+        kind: EventKind::Disconnected {
+            reason: Disconnect::ConnectionLost,
+            detail: None,
+        },
+    };
+    assert!(store.timeline(&a).unwrap().is_empty());
+    for at in 0..12 {
+        store.append_event(&a, &event(at), 10).unwrap();
+    }
+    store.append_event(&b, &event(100), 10).unwrap();
+    let ats = |t: &Timeline| t.events().map(|e| e.at).collect::<Vec<_>>();
+    assert_eq!(
+        ats(&store.timeline(&a).unwrap()),
+        (2..12).collect::<Vec<_>>()
+    );
+    assert_eq!(ats(&store.timeline(&b).unwrap()), [100]);
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (store, b) = (store.clone(), b.clone());
+            std::thread::spawn(move || {
+                for i in 0..5 {
+                    store
+                        .append_event(&b, &event(1000 * (w + 1) + i), 100)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut all = store.timelines().unwrap();
+    all.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].1.len(), 10);
+    let mut seen = ats(&all[1].1);
+    assert_eq!(seen.len(), 11, "{seen:?}");
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            100, 1000, 1001, 1002, 1003, 1004, 2000, 2001, 2002, 2003, 2004
+        ]
     );
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tether_pki::Revoked;
 use tether_pki::token::{TokenHash, TokenLedger, TokenRecord};
+use tether_proto::events::{SiteEvent, Timeline};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, Lease, RegionLeases, Txn};
 use tokio::sync::broadcast;
@@ -44,6 +45,9 @@ const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
+/// Each site's event timeline (JSON), read and rewritten in one write
+/// transaction per event.
+const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
 
 fn lease_key(region: &RegionId, lease_prefix: &ipnet::IpNet) -> String {
     format!("{region}/{lease_prefix}")
@@ -78,6 +82,7 @@ impl RedbStore {
         txn.open_table(TOKENS)?;
         txn.open_table(CERTS)?;
         txn.open_table(REVOCATIONS)?;
+        txn.open_table(EVENTS)?;
         txn.commit()?;
         let (events, _) = broadcast::channel(1024);
         Ok(Self { db, events })
@@ -291,6 +296,48 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn append_event(
+        &self,
+        site: &SiteId,
+        event: &SiteEvent,
+        limit: usize,
+    ) -> Result<(), StoreError> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(EVENTS)?;
+            let mut timeline: Timeline = match table.get(site.as_str())? {
+                Some(v) => serde_json::from_slice(v.value())?,
+                None => Timeline::default(),
+            };
+            timeline.push(event.clone(), limit);
+            table.insert(site.as_str(), serde_json::to_vec(&timeline)?.as_slice())?;
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        Ok(match table.get(site.as_str())? {
+            Some(v) => serde_json::from_slice(v.value())?,
+            None => Timeline::default(),
+        })
+    }
+
+    fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let site = SiteId::new(key.value())
+                .map_err(|e| StoreError(format!("corrupt event timeline key: {e}")))?;
+            out.push((site, serde_json::from_slice(value.value())?));
+        }
+        Ok(out)
+    }
+
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
@@ -362,6 +409,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn event_timelines_are_bounded_per_site() {
+        let (_dir, store) = open();
+        crate::store::check_event_timelines(Arc::new(store));
     }
 
     #[test]
