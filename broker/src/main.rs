@@ -899,6 +899,50 @@ mod tests {
     }
 
     #[test]
+    fn ca_status_says_the_phase_the_bundle_and_when_the_old_ca_may_go() {
+        let status = tether_proto::api::CaStatus {
+            phase: "active".into(),
+            generation: 2,
+            since: 0,
+            bundle: vec![
+                tether_proto::api::CaInfo {
+                    name: "tether CA t 2222".into(),
+                    pin: "pin2".into(),
+                    signing: true,
+                    not_after: 86_400,
+                },
+                tether_proto::api::CaInfo {
+                    name: "tether CA t 1111".into(),
+                    pin: "pin1".into(),
+                    signing: false,
+                    not_after: 86_400,
+                },
+            ],
+            retire_after: Some(3600),
+            drop_next_after: None,
+            next_step: "rotate: retire".into(),
+        };
+        let text = ca_status_text(&status);
+        assert!(
+            text.starts_with("CA rotation phase: active (step 2, since 1970-01-01T00:00:00Z)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  signing: tether CA t 2222  pin pin2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  trusted: tether CA t 1111  pin pin1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("The old CA can be retired from 1970-01-01T01:00:00Z."),
+            "{text}"
+        );
+        assert!(text.ends_with("Next: rotate: retire\n"), "{text}");
+    }
+
+    #[test]
     fn the_banner_names_the_configuration_file() {
         assert_eq!(
             token_create(None, "eu"),
