@@ -1,5 +1,6 @@
 //! The admin API (axum): sites, sessions, routes, enrollment tokens,
-//! revocation, metrics and health.
+//! revocation, the CA and its rotation ([`crate::ca_admin`]), metrics and
+//! health.
 //!
 //! Everything under `/v1` needs `Authorization: Bearer <admin token>`; the
 //! token is created with the data directory (`admin.token`, mode 0600).
@@ -124,6 +125,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/trace/{target}", get(trace))
         .route("/v1/policy", get(policy))
         .merge(crate::console::api_routes())
+        .route("/v1/ca", get(crate::ca_admin::status))
+        .route("/v1/ca/rotate", post(crate::ca_admin::rotate))
+        .route("/v1/ca/rollback", post(crate::ca_admin::rollback))
+        .route("/v1/backup", get(crate::ca_admin::backup))
         .layer(middleware::from_fn_with_state(broker.clone(), authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -208,6 +213,7 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
     }
     broker.metrics().refresh(&broker.traffic());
     crate::metrics::ca_expiry(broker.ca.not_after());
+    crate::metrics::ca_phase(broker.ca.phase(), broker.ca.bundle_der().len());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::recorder().render(),

@@ -9,7 +9,9 @@
 //!   and drop counters; [`error`]: errors.
 //! - [`server`]: the QUIC/HTTP/3 listener; [`h2server`]: the HTTP/2
 //!   listener; [`session`]: a site's CONNECT-IP session over either;
-//!   [`enroll`]: enrollment and renewal.
+//!   [`enroll`]: enrollment and renewal; [`authority`]: the CA in use,
+//!   the trust bundle and CA rotation ([`ca_admin`]: its admin routes);
+//!   [`backup`]: backup and restore of the embedded store.
 //! - [`plane`]: the forwarding plane and its device loops;
 //!   [`local_gateway`]: the TUN device; [`wireguard`]: gateways as
 //!   WireGuard peers.
@@ -29,8 +31,11 @@
 pub mod access;
 pub mod admin;
 pub mod admin_listener;
+pub mod authority;
+pub mod backup;
 pub mod bundle;
 pub mod console;
+pub mod ca_admin;
 pub mod core_cell;
 pub mod counters;
 pub mod enroll;

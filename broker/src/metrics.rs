@@ -194,6 +194,14 @@ fn describe() {
         Unit::Seconds,
         "Seconds until the deployment's CA certificate expires (negative once expired)."
     );
+    describe_gauge!(
+        "tether_broker_ca_rotation_phase",
+        "1 for the CA rotation phase the deployment is in (stable, prepared or active), 0 for the others."
+    );
+    describe_gauge!(
+        "tether_broker_ca_bundle_certificates",
+        "CA certificates in the trust bundle (two during a rotation)."
+    );
 }
 
 /// Counts a failed accept on `listener`.
@@ -491,6 +499,18 @@ pub fn ca_expiry(not_after: std::time::SystemTime) {
         Err(past) => -past.duration().as_secs_f64(),
     };
     gauge!("tether_broker_ca_expiry_seconds").set(secs.floor());
+}
+
+/// Sets the CA rotation phase and the size of the trust bundle.
+pub fn ca_phase(phase: tether_pki::rotation::Phase, bundle: usize) {
+    for p in tether_pki::rotation::Phase::ALL {
+        gauge!("tether_broker_ca_rotation_phase", "phase" => p.as_str()).set(if p == phase {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    gauge!("tether_broker_ca_bundle_certificates").set(bundle as f64);
 }
 
 /// Counts a refused CONNECT-IP request.

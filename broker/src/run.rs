@@ -4,17 +4,15 @@
 //! later starts load them. [`start`] returns once every listener is bound,
 //! so callers (the binary, tests) know the addresses in use.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use ipnet::IpNet;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tether_config::broker::BrokerConfig;
-use tether_pki::ca::{DEFAULT_SERVER_CERT_LIFETIME, create_private_dir, write_new_file};
-use tether_pki::{Ca, CertSlot};
+use tether_pki::ca::{create_private_dir, write_new_file};
 use tokio::task::JoinHandle;
 
 use tether_proto::broker::CloseReason;
@@ -82,31 +80,6 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
         .to_ascii_lowercase();
     write_new_file(&path, format!("{token}\n").as_bytes(), 0o600)?;
     Ok(token)
-}
-
-/// The server certificate for the broker's names and addresses, with the
-/// CA after it (new sites check the CA against their enrollment pin).
-fn server_cert(
-    ca: &Ca,
-    config: &BrokerConfig,
-) -> anyhow::Result<(
-    Vec<CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-    SystemTime,
-)> {
-    let mut ips: Vec<IpAddr> = config.advertised_ips.clone();
-    for addr in &config.listen {
-        if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
-            ips.push(addr.ip());
-        }
-    }
-    let (cert, key) = ca.issue_server(
-        &config.advertised_names,
-        &ips,
-        SystemTime::now(),
-        DEFAULT_SERVER_CERT_LIFETIME,
-    )?;
-    Ok((vec![cert.der, ca.cert_der().clone()], key, cert.not_after))
 }
 
 /// Aborts the tasks it holds when dropped.
@@ -205,12 +178,11 @@ async fn join_fleet(
 pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let data_dir = data_dir(&config);
     create_private_dir(&data_dir)?;
-    let (ca, created) =
-        Ca::load_or_init(&data_dir, config.trust_domain.clone(), SystemTime::now())?;
     let admin_token = load_or_create_admin_token(&data_dir)?;
     let store = crate::store::open(&config.store, &data_dir)?;
-    let (chain, key, not_after) = server_cert(&ca, &config)?;
-    let slot = Arc::new(CertSlot::new(chain, key)?);
+    let (ca, created) = crate::authority::Authority::open(&config, &data_dir, store.clone())
+        .context("cannot load the CA")?;
+    let slot = ca.server_cert_slot();
     let viewer_token = load_or_create_viewer_token(&data_dir)?;
     let broker = Broker::new(config.clone(), data_dir, ca, store, slot, admin_token)?;
     broker.set_viewer_token(viewer_token);
@@ -338,25 +310,15 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         admin, app, limits,
     )));
 
-    // Renew the server certificate well before it expires.
+    // Renew the server certificates well before they expire.
     {
         let broker = broker.clone();
         tasks.push(tokio::spawn(async move {
-            let mut not_after = not_after;
             loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
-                if remaining > DEFAULT_SERVER_CERT_LIFETIME / 3 {
-                    continue;
-                }
-                match server_cert(&broker.ca, &broker.config).and_then(|(c, k, n)| {
-                    broker.cert.replace(c, k)?;
-                    Ok(n)
-                }) {
-                    Ok(n) => {
-                        not_after = n;
-                        tracing::info!("broker certificate renewed");
-                    }
+                match broker.ca.renew_server_certs() {
+                    Ok(true) => tracing::info!("broker certificate renewed"),
+                    Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "could not renew the broker certificate; retrying in an hour"),
                 }
             }

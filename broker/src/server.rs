@@ -67,8 +67,8 @@ pub fn endpoint_config(data_dir: &std::path::Path) -> anyhow::Result<quinn::Endp
 /// certificate, and the site verifier with the revocation set (a client
 /// certificate is optional, for enrollment).
 pub fn tls_config(broker: &Broker, alpn: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
-    let mut tls = tether_pki::tls::server_config_with_cert(
-        broker.ca.cert_der(),
+    let mut tls = tether_pki::tls::server_config_with_trust(
+        broker.ca.anchors(),
         broker.ca.trust_domain(),
         broker.cert.clone(),
         broker.revocations.clone(),

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 use ipnet::IpNet;
 use tether_config::broker::BrokerConfig;
 use tether_pki::token::{self, EnrollmentCode};
-use tether_pki::{Ca, CertSlot, RevocationSet, Revoked, SiteIdentity};
+use tether_pki::{CertSlot, RevocationSet, Revoked, SiteIdentity};
 use tether_proto::api::{SiteInfo, TokenResponse};
 use tether_proto::broker::{
     Allocated, AllocationRequest, BrokerCore, CoreConfig, GatewaySpec, MAX_ALLOCATION_ATTEMPTS,
@@ -45,8 +45,8 @@ pub struct Broker {
     pub config: BrokerConfig,
     /// The data directory.
     pub data_dir: PathBuf,
-    /// The CA.
-    pub ca: Ca,
+    /// The CA: which one signs, which are trusted, rotation.
+    pub ca: crate::authority::Authority,
     /// The store.
     pub store: Arc<dyn Store>,
     /// Revoked identities and serials.
@@ -114,7 +114,7 @@ impl Broker {
     pub fn new(
         config: BrokerConfig,
         data_dir: PathBuf,
-        ca: Ca,
+        ca: crate::authority::Authority,
         store: Arc<dyn Store>,
         cert: Arc<CertSlot>,
         admin_token: String,
@@ -583,8 +583,10 @@ impl Broker {
         }
         let issued = token::generate(site.clone(), region.clone(), SystemTime::now(), ttl);
         self.store.put(issued.record.clone()).map_err(StoreError)?;
-        let code =
-            EnrollmentCode::format(&issued.secret, &tether_pki::tls::ca_pin(self.ca.cert_der()));
+        let code = EnrollmentCode::format(
+            &issued.secret,
+            &tether_pki::tls::ca_pin(&self.ca.cert_der()),
+        );
         let broker = self
             .enroll_endpoints()
             .into_iter()
@@ -727,6 +729,12 @@ impl Broker {
             // Another broker's events of a site (or the echo of this
             // broker's): the site's summary follows the store.
             StoreEvent::Events(site) => Ok(self.events.refresh(&site)?),
+            StoreEvent::Ca => {
+                if let Err(e) = self.ca.reload() {
+                    tracing::error!(error = %e, "cannot apply the changed CA state; the previous one stays in use");
+                }
+                Ok(())
+            }
         }
     }
 

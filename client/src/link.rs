@@ -293,7 +293,7 @@ impl Dialer {
     ) -> anyhow::Result<Self> {
         let creds = state.credentials()?;
         let identity = present.then_some((creds.chain, creds.key));
-        let tls = tether_pki::tls::client_config(&creds.ca, identity)?;
+        let tls = tether_pki::tls::client_config_trusting(&creds.bundle, identity, 0)?;
         // Silence for two keepalive intervals (and a margin) means the broker
         // is gone; a restarted broker resets the connection sooner.
         let quic = h3client::quic_config(

@@ -68,8 +68,13 @@ pub struct EnrollResponse {
     pub region: RegionId,
     /// The site certificate, PEM.
     pub certificate: String,
-    /// The CA certificate, PEM.
+    /// The CA certificate that signed `certificate`, PEM.
     pub ca: String,
+    /// The trust bundle: every CA certificate the deployment trusts, PEM,
+    /// the signing CA first (two during a CA rotation). Absent from brokers
+    /// that predate it; then `ca` is the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
     /// Certificate expiry, seconds since the Unix epoch.
     pub not_after: u64,
     /// Broker endpoints the site should dial (`host:port`).
@@ -91,8 +96,11 @@ pub struct RenewRequest {
 pub struct RenewResponse {
     /// The new certificate, PEM.
     pub certificate: String,
-    /// The CA certificate, PEM.
+    /// The CA certificate that signed `certificate`, PEM.
     pub ca: String,
+    /// The trust bundle, as in [`EnrollResponse::trust_bundle`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
     /// Certificate expiry, seconds since the Unix epoch.
     pub not_after: u64,
 }
@@ -593,4 +601,41 @@ mod tests {
         let json = serde_json::to_string(&host).unwrap();
         assert_eq!(serde_json::from_str::<LanHost>(&json).unwrap(), host);
     }
+}
+
+/// The deployment's CA state, as the admin API reports it
+/// (`GET /v1/ca`, and the answer of `POST /v1/ca/rotate` and
+/// `POST /v1/ca/rollback`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaStatus {
+    /// The rotation phase: `stable`, `prepared` or `active`.
+    pub phase: String,
+    /// Counts rotation steps.
+    pub generation: u64,
+    /// When the phase began, Unix seconds.
+    pub since: u64,
+    /// The trust bundle, the signing CA first.
+    pub bundle: Vec<CaInfo>,
+    /// During `active`: from when the old CA may be retired, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after: Option<u64>,
+    /// After a rollback from `active`: from when the new CA may be dropped,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_next_after: Option<u64>,
+    /// What `rotate` would do next, in plain words.
+    pub next_step: String,
+}
+
+/// One CA of the trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaInfo {
+    /// The CA's subject common name (it carries a key fingerprint).
+    pub name: String,
+    /// The CA pin (enrollment codes carry it).
+    pub pin: String,
+    /// Whether it signs new certificates.
+    pub signing: bool,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
 }

@@ -176,6 +176,9 @@ impl Keys {
     fn tokens(&self) -> String {
         format!("{}tokens/", self.prefix)
     }
+    fn ca(&self) -> String {
+        format!("{}ca", self.prefix)
+    }
     fn token(&self, hash: &TokenHash) -> String {
         format!("{}{}", self.tokens(), hash.to_hex())
     }
@@ -192,6 +195,9 @@ impl Keys {
             return (kind == EventType::Put)
                 .then(|| RegionId::new(region).ok().map(StoreEvent::Leases))
                 .flatten();
+        }
+        if rest == "ca" {
+            return Some(StoreEvent::Ca);
         }
         if let Some(site) = rest.strip_prefix("sites/") {
             return SiteId::new(site).ok().map(StoreEvent::Site);
@@ -837,6 +843,34 @@ impl Store for EtcdStore {
             out.push((site.clone(), self.timeline(&site)?));
         }
         Ok(out)
+    }
+
+    fn ca_state(&self) -> Result<Option<String>, StoreError> {
+        let key = self.keys.ca();
+        let kvs = self.call("read", move |mut c| async move {
+            Ok(c.get(key, None).await?.take_kvs())
+        })?;
+        kvs.first()
+            .map(|kv| {
+                String::from_utf8(kv.value().to_vec())
+                    .map_err(|_| StoreError("corrupt CA state: not UTF-8".into()))
+            })
+            .transpose()
+    }
+
+    fn swap_ca_state(&self, expected: Option<&str>, new: &str) -> Result<bool, StoreError> {
+        let key = self.keys.ca();
+        let guard = match expected {
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Some(old) => Compare::value(key.clone(), CompareOp::Equal, old),
+        };
+        let request = EtcdTxn::new()
+            .when([guard])
+            .and_then([TxnOp::put(key, new, None)]);
+        let response = self.call("CA state write", move |mut c| async move {
+            c.txn(request).await
+        })?;
+        Ok(response.succeeded())
     }
 
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {

@@ -286,6 +286,21 @@ fn etcd_records_and_revocations_round_trip() {
 }
 
 #[test]
+fn etcd_the_ca_state_is_shared_and_swapped_only_from_what_was_read() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let (a, b) = (open_store(&server, "/ca/"), open_store(&server, "/ca/"));
+        let mut seen_by_b = b.watch();
+        check_the_ca_state_is_swapped_only_from_what_was_read(&a);
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Ca);
+        assert_eq!(b.ca_state().unwrap().as_deref(), Some("second"));
+        assert!(!b.swap_ca_state(Some("first"), "third").unwrap());
+    });
+}
+
+#[test]
 fn etcd_watch_carries_another_brokers_changes() {
     let Some(server) = EtcdServer::start(false) else {
         return;

@@ -106,6 +106,8 @@ pub enum StoreEvent {
     /// A site's event timeline changed (etcd only: with the embedded
     /// store, the one broker knows its own events).
     Events(SiteId),
+    /// The CA state (rotation phase, trust bundle) changed.
+    Ca,
 }
 
 /// The broker's state store.
@@ -142,8 +144,22 @@ pub trait Store: TokenLedger + Send + Sync + 'static {
     fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError>;
     /// Every site's timeline (for the broker's summary at start).
     fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError>;
+    /// The CA state (CA certificates and keys, rotation phase), as the
+    /// JSON text of a [`tether_pki::rotation::CaState`], if stored.
+    fn ca_state(&self) -> Result<Option<String>, StoreError>;
+    /// Replaces the CA state if it still is `expected` (`None`: none
+    /// stored). Returns whether it was replaced; brokers sharing the store
+    /// thus never overwrite each other's rotation step.
+    fn swap_ca_state(&self, expected: Option<&str>, new: &str) -> Result<bool, StoreError>;
     /// Changes from now on.
     fn watch(&self) -> broadcast::Receiver<StoreEvent>;
+    /// A consistent snapshot of everything, for `tether-broker backup`.
+    /// Only the embedded store makes one; etcd has `etcdctl snapshot`.
+    fn snapshot(&self) -> Result<self::redb::Dump, StoreError> {
+        Err(StoreError(
+            "this broker's state is in etcd: back it up with `etcdctl snapshot save` (see docs/operations.md)".into(),
+        ))
+    }
 }
 
 /// The stored form of a token record.
@@ -265,6 +281,19 @@ pub const EMBEDDED_FILE: &str = "store.redb";
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> u64 {
     unix_secs(SystemTime::now())
+}
+
+/// Checks the CA state's compare-and-swap: the first writer wins, a
+/// writer holding a stale value is refused, and nothing is lost.
+#[cfg(test)]
+pub(crate) fn check_the_ca_state_is_swapped_only_from_what_was_read(store: &dyn Store) {
+    assert_eq!(store.ca_state().unwrap(), None);
+    assert!(store.swap_ca_state(None, "first").unwrap());
+    assert!(!store.swap_ca_state(None, "second").unwrap());
+    assert!(!store.swap_ca_state(Some("stale"), "second").unwrap());
+    assert_eq!(store.ca_state().unwrap().as_deref(), Some("first"));
+    assert!(store.swap_ca_state(Some("first"), "second").unwrap());
+    assert_eq!(store.ca_state().unwrap().as_deref(), Some("second"));
 }
 
 /// Checks that a ledger keeps one valid code per site: a second token for
