@@ -59,11 +59,18 @@ pub enum DropReason {
     LinkLocal,
     /// The access policy does not allow the flow.
     Policy,
+    /// A tunnel connection's queue of datagrams to send was full: the
+    /// connection sends slower than packets arrive for it, and the oldest
+    /// waiting packet gave way.
+    TunnelSendQueue,
+    /// Datagrams arrived on a tunnel connection faster than they were
+    /// read: the oldest waiting one gave way.
+    TunnelReceiveQueue,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::NoRoute,
@@ -76,6 +83,8 @@ impl DropReason {
         DropReason::UnknownContext,
         DropReason::LinkLocal,
         DropReason::Policy,
+        DropReason::TunnelSendQueue,
+        DropReason::TunnelReceiveQueue,
     ];
 
     /// The label used in metrics and logs.
@@ -93,6 +102,8 @@ impl DropReason {
             DropReason::UnknownContext => "unknown_context",
             DropReason::LinkLocal => "link_local",
             DropReason::Policy => "policy",
+            DropReason::TunnelSendQueue => "tunnel_send_queue",
+            DropReason::TunnelReceiveQueue => "tunnel_receive_queue",
         }
     }
 }
