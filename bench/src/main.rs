@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod drops;
 mod lossy;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
@@ -48,6 +49,11 @@ struct Args {
     /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Measure only where packets are lost inside tether under load: HTTP/3
+    /// with 1 and 4 iperf3 streams each way, with the tunnelled TCP's
+    /// retransmits and every drop counter along the path, this many rounds.
+    #[arg(long)]
+    drops: Option<u32>,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -401,6 +407,11 @@ fn main() {
     let started = Instant::now();
     let (_agent, addr) = topo.up(&state, "site.log").unwrap();
     let setup = first_packet(&topo, started);
+    if let Some(rounds) = args.drops {
+        drops::run(&topo, &addr, args.duration, rounds);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     rows.push(measure(
         &topo,
         "tether (HTTP/3)",

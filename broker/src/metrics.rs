@@ -438,8 +438,13 @@ impl Metrics {
 
     /// Counts a drop.
     pub fn drop(&self, reason: DropReason) {
+        self.drops_of(reason, 1);
+    }
+
+    /// Counts `n` drops for the same reason.
+    pub fn drops_of(&self, reason: DropReason, n: u64) {
         if let Some(c) = self.drops.get(&reason) {
-            c.increment(1);
+            c.increment(n);
         }
     }
 }

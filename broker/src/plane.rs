@@ -78,18 +78,23 @@ impl Buffer {
     }
 }
 
-/// Sends an IP packet to a site's session, counting it.
-pub fn send_to_site(session: &Session, packet: &[u8]) -> Result<(), DropReason> {
-    send_buffer(session, Buffer::new(packet))
+/// Sends an IP packet to a site's session, counting it (and, in `metrics`,
+/// an older packet it displaced from a full send queue).
+pub fn send_to_site(session: &Session, packet: &[u8], metrics: &Metrics) -> Result<(), DropReason> {
+    send_buffer(session, Buffer::new(packet), metrics)
 }
 
-fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
+fn send_buffer(session: &Session, buffer: Buffer, metrics: &Metrics) -> Result<(), DropReason> {
     let len = buffer.packet().len();
     match &session.link {
         SessionLink::H3 { conn, prefix } => {
             let datagram = buffer.into_framed(prefix).ok_or(DropReason::TooBig)?;
-            match conn.send_datagram(datagram) {
-                Ok(()) => {}
+            match tether_shell::quic::send_datagram(conn, datagram) {
+                Ok(false) => {}
+                Ok(true) => {
+                    metrics.drop(DropReason::TunnelSendQueue);
+                    session.drops.add(DropReason::TunnelSendQueue);
+                }
                 Err(quinn::SendDatagramError::TooLarge) => return Err(DropReason::TooBig),
                 Err(_) => return Err(DropReason::TargetDown),
             }
@@ -280,7 +285,7 @@ impl Plane {
         match &route.target {
             RouteTarget::Site(site) => {
                 let session = self.sessions.get(site).ok_or(DropReason::TargetDown)?;
-                send_buffer(&session, buffer)
+                send_buffer(&session, buffer, &self.metrics)
             }
             RouteTarget::Gateway(id) => {
                 let Some(gw) = self.local_gateway.get().filter(|g| &g.id == id) else {
@@ -342,6 +347,13 @@ impl Plane {
         session.drops.add(reason);
     }
 
+    /// Counts `n` drops of a site's packets for the same reason in the
+    /// broker's and the site's totals.
+    pub fn site_drops(&self, session: &Session, reason: DropReason, n: u64) {
+        self.metrics.drops_of(reason, n);
+        session.drops.add_n(reason, n);
+    }
+
     /// A batch from the pool, or a new one.
     pub fn take_batch(&self) -> SiteBatch {
         self.batches
@@ -379,6 +391,13 @@ impl Plane {
             }
             _ => return self.site_drop(session, DropReason::Malformed),
         };
+        self.route_site_packet(session, packet, batch);
+    }
+
+    /// An IP packet arrived from a site (in a datagram or a DATAGRAM
+    /// capsule): routed now, and if it goes to the local gateway or a
+    /// gateway over WireGuard, left in `batch` until [`SiteBatch::flush`].
+    pub fn route_site_packet(&self, session: &Arc<Session>, packet: &[u8], batch: &mut SiteBatch) {
         session.counters.rx.add(packet.len() as u64);
         let hdr = tun::VNET_HDR;
         let mut b = batch.buffer();
@@ -405,13 +424,22 @@ impl Plane {
                         batch.ready.push(b);
                     }
                     _ => {
-                        // A gateway over WireGuard: sent now.
-                        let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
+                        // A gateway over WireGuard: sealed into the batch,
+                        // sent with the others of it.
+                        let sealed = match (&route.target, self.wireguard.get()) {
+                            (RouteTarget::Gateway(id), Some(wg)) => match wg.peer(id) {
+                                Some(peer) => wg.seal(
+                                    peer,
+                                    b.get(hdr..).unwrap_or_default(),
+                                    &mut batch.sealed,
+                                ),
+                                None => Err(DropReason::TargetDown),
+                            },
+                            _ => Err(DropReason::TargetDown),
+                        };
                         batch.recycle(b);
-                        if let Some(r) = self
-                            .perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok())
-                        {
-                            session.drops.add(r);
+                        if let Err(r) = sealed {
+                            self.site_drop(session, r);
                         }
                     }
                 }
@@ -419,33 +447,12 @@ impl Plane {
             _ => {
                 let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
                 batch.recycle(b);
-                if let Some(r) =
-                    self.perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok())
-                {
+                if let Some(r) = self.perform(verdict, buffer, |icmp| {
+                    send_to_site(session, icmp, &self.metrics).is_ok()
+                }) {
                     session.drops.add(r);
                 }
             }
-        }
-    }
-
-    /// An IP packet arrived from a site (in a datagram or a DATAGRAM
-    /// capsule).
-    pub fn route_site_packet(&self, session: &Arc<Session>, packet: &[u8]) {
-        session.counters.rx.add(packet.len() as u64);
-        let mut buffer = Buffer::new(packet);
-        let verdict = {
-            let (Ok(router), Ok(allowed)) = (self.core.read(), session.allowed.read()) else {
-                return;
-            };
-            let ingress = Ingress::Site {
-                site: session.site(),
-                region: session.region(),
-                allowed: &allowed,
-            };
-            router.decide(&ingress, buffer.packet_mut(), |t| self.mtu_of(t))
-        };
-        if let Some(r) = self.perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok()) {
-            session.drops.add(r);
         }
     }
 
@@ -503,6 +510,8 @@ pub struct SiteBatch {
     free: Vec<bytes::BytesMut>,
     ready: Vec<bytes::BytesMut>,
     gro: tun_rs::GROTable,
+    /// Packets sealed for a gateway over WireGuard.
+    sealed: crate::wireguard::SealedBatch,
 }
 
 /// Capacity of a batch buffer: a virtio-net header and a full 64 KiB
@@ -523,11 +532,18 @@ impl SiteBatch {
 
     /// Whether packets wait to be written.
     pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
+        self.ready.is_empty() && self.sealed.is_empty()
     }
 
-    /// Writes the waiting packets to the plane's local gateway.
+    /// Writes the waiting packets to the plane's local gateway, and sends
+    /// those sealed for a gateway over WireGuard.
     pub async fn flush(&mut self, plane: &Plane) {
+        if !self.sealed.is_empty()
+            && let Some(wg) = plane.wireguard.get()
+        {
+            let failed = wg.send_batch(&mut self.sealed).await;
+            plane.metrics.drops_of(DropReason::QueueFull, failed as u64);
+        }
         if self.ready.is_empty() {
             return;
         }

@@ -21,6 +21,7 @@ use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::events::{Disconnect, EventKind};
+use tether_proto::forward::DropReason;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::ids::SiteId;
@@ -29,6 +30,7 @@ use tether_shell::h3::{close_with, respond_error, send_data, send_head};
 use tokio::sync::watch;
 
 use crate::error::BrokerError;
+use crate::plane::SiteBatch;
 use crate::sessions::{ConnectionId, Session, SessionLink};
 use crate::state::Broker;
 
@@ -173,20 +175,21 @@ pub async fn run(
         let (plane, session) = (broker.plane().clone(), started.session.clone());
         let conn = conn.clone();
         tokio::spawn(async move {
-            use futures_util::FutureExt;
             // Datagrams that arrived together are routed together, and the
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
-            while let Ok(first) = conn.read_datagram().await {
+            let mut reader = tether_shell::quic::DatagramReader::new(conn);
+            let mut datagrams = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
+            while let Ok(dropped) = reader
+                .next_batch(&mut datagrams, tun_rs::IDEAL_BATCH_SIZE)
+                .await
+            {
+                if dropped > 0 {
+                    plane.site_drops(&session, DropReason::TunnelReceiveQueue, dropped);
+                }
                 let mut batch = plane.take_batch();
-                plane.route_site_datagram(&session, stream_id, &first, &mut batch);
-                for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
-                    match conn.read_datagram().now_or_never() {
-                        Some(Ok(d)) => {
-                            plane.route_site_datagram(&session, stream_id, &d, &mut batch)
-                        }
-                        _ => break,
-                    }
+                for d in &datagrams {
+                    plane.route_site_datagram(&session, stream_id, d, &mut batch);
                 }
                 batch.flush(&plane).await;
                 plane.give_batch(batch);
@@ -421,6 +424,7 @@ impl Started {
             broker,
             session: &session,
             carrier,
+            batch: None,
         };
         let opening = self.core.open(&reachable);
         let mut ended = io.perform(&mut self.core, opening).await.err();
@@ -509,6 +513,9 @@ struct SessionIo<'a> {
     broker: &'a Arc<Broker>,
     session: &'a Arc<Session>,
     carrier: &'a mut Carrier,
+    /// Packets of DATAGRAM capsules bound for a gateway, written together
+    /// once every complete capsule of a read is handled.
+    batch: Option<SiteBatch>,
 }
 
 impl SessionIo<'_> {
@@ -524,6 +531,11 @@ impl SessionIo<'_> {
             let capsule = Capsule::parse(raw).map_err(|e| Ending::Protocol(e.to_string()))?;
             let actions = core.on_capsule(capsule);
             self.perform(core, actions).await?;
+        }
+        if let Some(mut batch) = self.batch.take() {
+            let plane = self.broker.plane();
+            batch.flush(plane).await;
+            plane.give_batch(batch);
         }
         Ok(())
     }
@@ -580,7 +592,9 @@ impl SessionIo<'_> {
                     if let Ok(datagram::Payload::IpPacket(packet)) =
                         datagram::parse_payload(&payload)
                     {
-                        self.broker.plane().route_site_packet(self.session, packet);
+                        let plane = self.broker.plane();
+                        let batch = self.batch.get_or_insert_with(|| plane.take_batch());
+                        plane.route_site_packet(self.session, packet, batch);
                     }
                 }
             }

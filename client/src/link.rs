@@ -688,32 +688,59 @@ impl TunnelLink {
     }
 
     /// Sends the packet at `buf[headroom..]`, writing the framing into the
-    /// headroom. A packet the link cannot take now is dropped.
+    /// headroom. A packet the link cannot take now is dropped (over HTTP/3,
+    /// a full send queue drops its oldest packet for this one).
     pub fn send(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
-        let headroom = self.headroom();
+        let Some(packet) = self.frame(buf) else {
+            return Ok(());
+        };
         match self {
-            TunnelLink::H3 { conn, prefix, .. } => {
-                let Some(head) = buf.get_mut(..headroom) else {
+            TunnelLink::H3 { conn, .. } => match conn.send_datagram(packet) {
+                Err(quinn::SendDatagramError::ConnectionLost(_)) => Err(LinkGone),
+                _ => Ok(()),
+            },
+            TunnelLink::H2 { capsules } => match capsules.try_send(packet) {
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(LinkGone),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Like [`TunnelLink::send`], but over HTTP/3 a full send queue makes
+    /// this wait for room (nothing waiting in it is dropped): the device is
+    /// then read no faster than the connection sends, and packets wait in
+    /// the kernel's queue of the device, in front of the local senders.
+    pub async fn send_wait(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
+        match self {
+            TunnelLink::H3 { conn, .. } => {
+                let Some(packet) = self.frame(buf) else {
                     return Ok(());
                 };
-                head.copy_from_slice(prefix);
-                match conn.send_datagram(Bytes::copy_from_slice(buf)) {
+                match conn.send_datagram_wait(packet).await {
                     Err(quinn::SendDatagramError::ConnectionLost(_)) => Err(LinkGone),
                     _ => Ok(()),
                 }
             }
-            TunnelLink::H2 { capsules } => {
+            TunnelLink::H2 { .. } => self.send(buf),
+        }
+    }
+
+    /// The packet at `buf[headroom..]` with its framing written into the
+    /// headroom, as one datagram or capsule.
+    fn frame(&self, buf: &mut [u8]) -> Option<Bytes> {
+        let headroom = self.headroom();
+        match self {
+            TunnelLink::H3 { prefix, .. } => {
+                buf.get_mut(..headroom)?.copy_from_slice(prefix);
+                Some(Bytes::copy_from_slice(buf))
+            }
+            TunnelLink::H2 { .. } => {
                 let len = buf.len().saturating_sub(headroom);
                 let (prefix, n) = datagram::capsule_prefix(len);
-                let start = headroom - n;
-                let Some(head) = buf.get_mut(start..headroom) else {
-                    return Ok(());
-                };
-                head.copy_from_slice(&prefix[..n]);
-                match capsules.try_send(Bytes::copy_from_slice(&buf[start..])) {
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(LinkGone),
-                    _ => Ok(()),
-                }
+                let start = headroom.checked_sub(n)?;
+                buf.get_mut(start..headroom)?
+                    .copy_from_slice(prefix.get(..n)?);
+                Some(Bytes::copy_from_slice(buf.get(start..)?))
             }
         }
     }

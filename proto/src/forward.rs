@@ -76,11 +76,18 @@ pub enum DropReason {
     /// The broker-to-broker link to the broker holding the destination is
     /// down (no session, or sending failed).
     PeerDown,
+    /// A tunnel connection's queue of datagrams to send was full: the
+    /// connection sends slower than packets arrive for it, and the oldest
+    /// waiting packet gave way.
+    TunnelSendQueue,
+    /// Datagrams arrived on a tunnel connection faster than they were
+    /// read: the oldest waiting one gave way.
+    TunnelReceiveQueue,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::NoRoute,
@@ -95,6 +102,8 @@ impl DropReason {
         DropReason::Policy,
         DropReason::PeerUnknown,
         DropReason::PeerDown,
+        DropReason::TunnelSendQueue,
+        DropReason::TunnelReceiveQueue,
     ];
 
     /// The label used in metrics and logs.
@@ -114,6 +123,8 @@ impl DropReason {
             DropReason::Policy => "policy",
             DropReason::PeerUnknown => "peer_unknown",
             DropReason::PeerDown => "peer_down",
+            DropReason::TunnelSendQueue => "tunnel_send_queue",
+            DropReason::TunnelReceiveQueue => "tunnel_receive_queue",
         }
     }
 }
