@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use tether_netns_tests::NetNs;
 use tether_netns_tests::topology::Topology;
 
+use crate::iperf;
+
 /// Every counter of interest, by name.
 fn snapshot(topo: &Topology) -> BTreeMap<String, f64> {
     let mut all = BTreeMap::new();
@@ -76,31 +78,6 @@ fn udp_errors(ns: &NetNs) -> Vec<(String, f64)> {
         .filter(|(n, _)| matches!(*n, "RcvbufErrors" | "SndbufErrors"))
         .map(|(n, v)| (n.to_string(), v.parse().unwrap_or(0.0)))
         .collect()
-}
-
-/// One iperf3 run: goodput in Gbit/s and the sender's retransmits.
-fn iperf(client: &NetNs, server: &str, streams: u32, reverse: bool, secs: u32) -> (f64, u64) {
-    let mut args = vec![
-        "-c".to_string(),
-        server.to_string(),
-        "-J".into(),
-        "-t".into(),
-        secs.to_string(),
-        "-P".into(),
-        streams.to_string(),
-    ];
-    if reverse {
-        args.push("-R".into());
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = client.command("iperf3").args(&refs).output().unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let gbits = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e9;
-    let retransmits = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    (gbits, retransmits)
 }
 
 /// Runs the probe on an up site at `addr`, `rounds` times.

@@ -69,7 +69,14 @@ struct Row {
     setup: Option<Duration>,
 }
 
-fn iperf(client: &NetNs, server: &str, streams: u32, reverse: bool, secs: u32) -> f64 {
+/// One iperf3 run: goodput in Gbit/s and the sender's retransmits.
+pub(crate) fn iperf(
+    client: &NetNs,
+    server: &str,
+    streams: u32,
+    reverse: bool,
+    secs: u32,
+) -> (f64, u64) {
     let mut args = vec![
         "-c".to_string(),
         server.to_string(),
@@ -85,10 +92,12 @@ fn iperf(client: &NetNs, server: &str, streams: u32, reverse: bool, secs: u32) -
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = client.command("iperf3").args(&refs).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    json["end"]["sum_received"]["bits_per_second"]
+    let gbits = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
-        / 1e9
+        / 1e9;
+    let retransmits = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    (gbits, retransmits)
 }
 
 fn ping_stats(from: &NetNs, to: &str) -> (f64, f64) {
@@ -132,9 +141,9 @@ fn measure_from(
 ) -> Row {
     let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let down1 = iperf(client, addr, 1, false, secs);
-    let up1 = iperf(client, addr, 1, true, secs);
-    let down4 = iperf(client, addr, 4, false, secs);
+    let down1 = iperf(client, addr, 1, false, secs).0;
+    let up1 = iperf(client, addr, 1, true, secs).0;
+    let down4 = iperf(client, addr, 4, false, secs).0;
     let (p50, p99) = ping_stats(client, addr);
     eprintln!("{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms");
     Row {

@@ -309,17 +309,22 @@ impl Shell {
         }
     }
 
+    /// Makes `conn` to `target` the site's session and tells the core.
+    fn adopt(&mut self, conn: BrokerConn, target: Target, core: &mut AgentCore, now: Instant) {
+        let transport = conn.transport();
+        self.health
+            .connected(&target.addr.to_string(), transport.describe());
+        self.session = Some(Session::new(conn, target));
+        core.handle_connected(transport, now);
+    }
+
     /// Feeds a task's result into the core.
     fn answer(&mut self, input: Input, core: &mut AgentCore) {
         let now = Instant::now();
         match input {
             Input::Dialed(Ok((conn, target))) => {
                 self.last_broker = Some(target.endpoint.clone());
-                let transport = conn.transport();
-                self.health
-                    .connected(&target.addr.to_string(), transport.describe());
-                self.session = Some(Session::new(conn, target));
-                core.handle_connected(transport, now);
+                self.adopt(conn, target, core, now);
             }
             Input::Dialed(Err(f)) => core.handle_dial_failed(ending(f, &self.state), now),
             Input::Opened(Ok((tunnel, link))) => {
@@ -648,13 +653,7 @@ impl Shell {
             Action::UseProbe => {
                 self.epoch += 1;
                 match self.probed.take() {
-                    Some((conn, target)) => {
-                        let transport = conn.transport();
-                        self.health
-                            .connected(&target.addr.to_string(), transport.describe());
-                        self.session = Some(Session::new(conn, target));
-                        core.handle_connected(transport, Instant::now());
-                    }
+                    Some((conn, target)) => self.adopt(conn, target, core, Instant::now()),
                     None => core.handle_dial_failed(
                         Ending::Lost("the probe's connection is gone".into()),
                         Instant::now(),
@@ -711,11 +710,7 @@ impl Shell {
                 match self.standby.take() {
                     Some((conn, target)) => {
                         self.last_broker = Some(target.endpoint.clone());
-                        let transport = conn.transport();
-                        self.health
-                            .connected(&target.addr.to_string(), transport.describe());
-                        self.session = Some(Session::new(conn, target));
-                        core.handle_connected(transport, Instant::now());
+                        self.adopt(conn, target, core, Instant::now());
                     }
                     None => core.handle_dial_failed(
                         Ending::Lost("the standby connection is gone".into()),

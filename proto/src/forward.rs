@@ -628,15 +628,9 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::testing::id;
     use crate::ip::tests::{ipv4, ipv6};
     use crate::ip::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
-
-    fn id<T: std::str::FromStr>(s: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        s.parse().unwrap()
-    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

@@ -196,14 +196,8 @@ impl RemoteRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::testing::id;
     use crate::fleet::{Member, MemberGateway};
-
-    fn id<T: std::str::FromStr>(s: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        s.parse().unwrap()
-    }
 
     fn member(link: bool, gateways: Vec<MemberGateway>) -> Member {
         Member {

@@ -26,10 +26,7 @@
 #[path = "../../broker/src/store/etcd_server.rs"]
 mod etcd_server;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +34,6 @@ use etcd_server::EtcdServer;
 use tether::dial::Target;
 use tether::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use tether::state_dir::StateDir;
-use tether_config::broker::BrokerFile;
 use tether_config::client::{ClientConfig, ClientFile};
 use tether_proto::agent::ClientSession;
 use tether_proto::agent::liveness::{HEARTBEAT_INTERVAL, LIVENESS_CHECK, Liveness};
@@ -45,6 +41,7 @@ use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram::{self, Payload};
 use tether_proto::net::Family;
 use tether_proto::tunnel::Transport;
+use tether_tests::child_broker::{ChildBroker, child_config};
 use tether_tests::{TestBroker, ping};
 use tokio::sync::{mpsc, watch};
 
@@ -60,14 +57,9 @@ const KILLS: usize = 5;
 /// reports the drain. Without `FAILOVER_CHILD_CONFIG` it does nothing.
 #[tokio::test]
 async fn child_broker() {
-    let Ok(path) = std::env::var(CHILD) else {
+    let Some(config) = child_config(CHILD) else {
         return;
     };
-    let text = std::fs::read_to_string(&path).unwrap();
-    let config = BrokerFile::parse(&text, &path)
-        .unwrap()
-        .validate(&path)
-        .unwrap();
     let drain = config.drain_timeout;
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
@@ -82,95 +74,6 @@ async fn child_broker() {
         drained.took.as_millis()
     );
     std::process::exit(0);
-}
-
-/// A broker in a child process, killed with `SIGKILL` when dropped.
-struct ChildBroker {
-    child: Child,
-    addr: SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl ChildBroker {
-    /// Starts a broker with `extra` configuration and the CA of `ca_from`'s
-    /// data directory; returns once it serves.
-    fn start(extra: &str, ca_from: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        tether_pki::ca::create_private_dir(&data).unwrap();
-        for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
-            std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
-        }
-        let text = format!(
-            "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n{extra}"
-        );
-        let path = dir.path().join("broker.toml");
-        std::fs::write(&path, text).unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["child_broker", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        // Lines are read by a thread, so that every wait is bounded.
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
-        let mut child = ChildBroker {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            lines,
-            _dir: dir,
-        };
-        let addr = child.line("READY ", Duration::from_secs(60));
-        child.addr = addr.parse().unwrap();
-        child
-    }
-
-    /// What follows `tag` on the next line that has it (the harness prints
-    /// the test's name on the same line).
-    fn line(&self, tag: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("the child broker printed {tag:?} within {within:?}"));
-            if let Some((_, rest)) = line.split_once(tag) {
-                return rest.trim().to_string();
-            }
-        }
-    }
-
-    /// `kill -9`.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// `kill -TERM`.
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for ChildBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A site's tunnel on one broker.
@@ -373,7 +276,7 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
         let mut gaps = Vec::new();
         let mut address1 = None;
         for round in 0..KILLS {
-            let mut x = ChildBroker::start(&extra, &ca_dir);
+            let mut x = ChildBroker::start(CHILD, &extra, &ca_dir);
             let (config1, dialer1) = site(&state1, &[x.addr, b_addr]).await;
             let t = target(&config1, x.addr).await;
             let conn = dialer1.dial(Transport::H3, &t).await.unwrap();
@@ -437,7 +340,7 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
 
         // (b) SIGTERM of the broker holding both sites while site 1 pings
         // site 2 every 10 ms.
-        let y = ChildBroker::start(&extra, &ca_dir);
+        let y = ChildBroker::start(CHILD, &extra, &ca_dir);
         let address1 = address1.unwrap();
         let mut movers = Vec::new();
         let (link_tx, link_rx) = watch::channel(None::<TunnelLink>);
