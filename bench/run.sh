@@ -4,10 +4,15 @@
 #
 #   bench/run.sh [--duration SECONDS] [--sites N]
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
+#   bench/run.sh --drops ROUNDS [--duration SECONDS]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
 # no netem), one iperf3 stream with BBR and one with Cubic inside.
+# --drops measures where packets are lost inside tether under load: 1 and 4
+# iperf3 streams each way over HTTP/3, with the tunnelled TCP's retransmits
+# and every drop counter on the way (broker drop reasons, the tunnel
+# devices, UDP buffers, the kernel's backlog).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

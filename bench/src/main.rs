@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod drops;
 mod lossy;
 mod storm;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
@@ -56,6 +57,11 @@ struct Args {
     /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Measure only where packets are lost inside tether under load: HTTP/3
+    /// with 1 and 4 iperf3 streams each way, with the tunnelled TCP's
+    /// retransmits and every drop counter along the path, this many rounds.
+    #[arg(long)]
+    drops: Option<u32>,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -101,7 +107,14 @@ struct Row {
     setup: Option<Duration>,
 }
 
-fn iperf(client: &NetNs, server: &str, streams: u32, reverse: bool, secs: u32) -> f64 {
+/// One iperf3 run: goodput in Gbit/s and the sender's retransmits.
+pub(crate) fn iperf(
+    client: &NetNs,
+    server: &str,
+    streams: u32,
+    reverse: bool,
+    secs: u32,
+) -> (f64, u64) {
     let mut args = vec![
         "-c".to_string(),
         server.to_string(),
@@ -117,10 +130,12 @@ fn iperf(client: &NetNs, server: &str, streams: u32, reverse: bool, secs: u32) -
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = client.command("iperf3").args(&refs).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    json["end"]["sum_received"]["bits_per_second"]
+    let gbits = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
-        / 1e9
+        / 1e9;
+    let retransmits = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    (gbits, retransmits)
 }
 
 fn ping_stats(from: &NetNs, to: &str) -> (f64, f64) {
@@ -164,9 +179,9 @@ fn measure_from(
 ) -> Row {
     let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let down1 = iperf(client, addr, 1, false, secs);
-    let up1 = iperf(client, addr, 1, true, secs);
-    let down4 = iperf(client, addr, 4, false, secs);
+    let down1 = iperf(client, addr, 1, false, secs).0;
+    let up1 = iperf(client, addr, 1, true, secs).0;
+    let down4 = iperf(client, addr, 4, false, secs).0;
     let (p50, p99) = ping_stats(client, addr);
     eprintln!("{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms");
     Row {
@@ -444,6 +459,11 @@ fn main() {
     let started = Instant::now();
     let (_agent, addr) = topo.up(&state, "site.log").unwrap();
     let setup = first_packet(&topo, started);
+    if let Some(rounds) = args.drops {
+        drops::run(&topo, &addr, args.duration, rounds);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     rows.push(measure(
         &topo,
         "tether (HTTP/3)",

@@ -1,8 +1,12 @@
 //! The admin API (axum): sites, sessions, routes, enrollment tokens,
-//! revocation, metrics and health.
+//! revocation, the CA and its rotation ([`crate::ca_admin`]), metrics and
+//! health.
 //!
 //! Everything under `/v1` needs `Authorization: Bearer <admin token>`; the
 //! token is created with the data directory (`admin.token`, mode 0600).
+//! The viewer token (`viewer.token`) opens every `GET` and nothing else.
+//! The fleet console's pages (`/console/`) and routes are in
+//! [`crate::console`].
 //! `/metrics`, `/healthz`, `/readyz` and `/openapi.json` are open, for scrapers and probes;
 //! the API binds to loopback by default.
 
@@ -26,6 +30,7 @@ use tether_proto::api::{
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::{Route, RouteKind, RouteTarget};
 
+use crate::console::Role;
 use crate::error::BrokerError;
 use crate::state::Broker;
 
@@ -119,6 +124,11 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sites/{region}/{site}/release", post(release))
         .route("/v1/trace/{target}", get(trace))
         .route("/v1/policy", get(policy))
+        .merge(crate::console::api_routes())
+        .route("/v1/ca", get(crate::ca_admin::status))
+        .route("/v1/ca/rotate", post(crate::ca_admin::rotate))
+        .route("/v1/ca/rollback", post(crate::ca_admin::rollback))
+        .route("/v1/backup", get(crate::ca_admin::backup))
         .layer(middleware::from_fn_with_state(broker.clone(), authenticate));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -126,6 +136,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .merge(api)
+        .merge(crate::console::page_routes())
         .fallback(|| async { AdminError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(broker)
 }
@@ -139,22 +150,40 @@ fn bearer(value: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
-async fn authenticate(State(broker): State<Arc<Broker>>, request: Request, next: Next) -> Response {
+async fn authenticate(
+    State(broker): State<Arc<Broker>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
         .unwrap_or_default();
-    if bool::from(presented.as_bytes().ct_eq(broker.admin_token.as_bytes())) {
-        next.run(request).await
+    let role = if bool::from(presented.as_bytes().ct_eq(broker.admin_token.as_bytes())) {
+        Role::Admin
+    } else if broker
+        .viewer_token()
+        .is_some_and(|v| bool::from(presented.as_bytes().ct_eq(v.as_bytes())))
+    {
+        Role::Viewer
     } else {
-        AdminError::new(
+        return AdminError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token (Authorization: Bearer <token from admin.token>)",
         )
-        .into_response()
+        .into_response();
+    };
+    if role == Role::Viewer && !request.method().is_safe() {
+        return AdminError::new(
+            StatusCode::FORBIDDEN,
+            "the viewer token can only read; this needs the admin token (admin.token)",
+        )
+        .into_response();
     }
+    request.extensions_mut().insert(role);
+    next.run(request).await
 }
 
 async fn ready(State(broker): State<Arc<Broker>>) -> Response {
@@ -184,6 +213,7 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
     }
     broker.metrics().refresh(&broker.traffic());
     crate::metrics::ca_expiry(broker.ca.not_after());
+    crate::metrics::ca_phase(broker.ca.phase(), broker.ca.bundle_der().len());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::recorder().render(),

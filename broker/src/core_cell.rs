@@ -45,6 +45,8 @@ pub struct CoreCell {
     site_routes: watch::Sender<u64>,
     /// Bumped on every change that can alter a name in the mesh zone.
     names: watch::Sender<u64>,
+    /// Bumped whenever the routes through other brokers are rebuilt.
+    remote_routes: watch::Sender<u64>,
     /// Wakes the certificate-expiry timer when the core's deadline moves.
     timer: Notify,
     /// One allocation at a time, as the store serialises them anyway.
@@ -61,6 +63,7 @@ impl CoreCell {
             sessions,
             site_routes: watch::channel(0).0,
             names: watch::channel(0).0,
+            remote_routes: watch::channel(0).0,
             timer: Notify::new(),
             allocation_gate: Mutex::new(()),
             allocated: Mutex::new(HashMap::new()),
@@ -91,7 +94,7 @@ impl CoreCell {
     }
 
     fn dispatch(&self, core: &mut BrokerCore) {
-        let (mut routes, mut names) = (false, false);
+        let (mut routes, mut names, mut remote) = (false, false, false);
         while let Some(event) = core.poll_event() {
             match event {
                 Event::CloseSession {
@@ -105,6 +108,7 @@ impl CoreCell {
                 }
                 Event::RoutesChanged => routes = true,
                 Event::SessionsChanged => names = true,
+                Event::RemoteRoutesChanged => remote = true,
                 Event::Allocated { allocation, result } => {
                     if let Ok(mut a) = self.allocated.lock() {
                         a.insert(allocation, result);
@@ -117,6 +121,9 @@ impl CoreCell {
         }
         if names {
             self.names_changed();
+        }
+        if remote {
+            self.remote_routes.send_modify(|v| *v += 1);
         }
     }
 
@@ -246,6 +253,11 @@ impl CoreCell {
     /// Changes to the site routes.
     pub fn route_changes(&self) -> watch::Receiver<u64> {
         self.site_routes.subscribe()
+    }
+
+    /// Rebuilds of the routes through other brokers.
+    pub fn remote_route_changes(&self) -> watch::Receiver<u64> {
+        self.remote_routes.subscribe()
     }
 
     /// Says that a name in the mesh zone may have changed.

@@ -118,8 +118,13 @@ pub struct Drops([AtomicU64; DropReason::ALL.len()]);
 impl Drops {
     /// Counts a drop.
     pub fn add(&self, reason: DropReason) {
+        self.add_n(reason, 1);
+    }
+
+    /// Counts `n` drops for the same reason.
+    pub fn add_n(&self, reason: DropReason, n: u64) {
         if let Some(c) = self.0.get(reason as usize) {
-            c.fetch_add(1, Ordering::Relaxed);
+            c.fetch_add(n, Ordering::Relaxed);
         }
     }
 

@@ -17,6 +17,7 @@ use tether_proto::api::{
     ApiError, EnrollRequest, EnrollResponse, ReattestRefused, ReattestRequest, ReattestResponse,
     RenewRequest, RenewResponse,
 };
+use tether_proto::events::EventKind;
 
 use crate::state::Broker;
 
@@ -116,8 +117,8 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
         ));
     }
     let identity = broker.identity(&record.site, &record.region);
-    let cert = broker
-        .ca
+    let signer = broker.ca.signer();
+    let cert = signer
         .issue_site(
             csr,
             &identity,
@@ -134,6 +135,12 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
     broker
         .record_issued(&identity, &cert)
         .map_err(|e| (500, e.to_string()))?;
+    broker.record_event(
+        &record.site,
+        EventKind::Enrolled {
+            not_after: token::unix_secs(cert.not_after),
+        },
+    );
     // Every live broker of the region, so the site can fail over.
     let brokers = broker.site_brokers(&record.region).1;
     Ok(EnrollResponse {
@@ -141,7 +148,8 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
         site: record.site,
         region: record.region,
         certificate: cert.pem,
-        ca: broker.ca.cert_pem().to_string(),
+        ca: signer.cert_pem().to_string(),
+        trust_bundle: Some(broker.ca.bundle_pem()),
         not_after: token::unix_secs(cert.not_after),
         brokers,
         published_cidr: broker.config.published_cidr,
@@ -164,8 +172,8 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
     let broker2 = broker.clone();
     let identity = peer.identity.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let cert = broker2
-            .ca
+        let signer = broker2.ca.signer();
+        let cert = signer
             .issue_site(
                 &csr,
                 &identity,
@@ -176,9 +184,16 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
         broker2
             .record_issued(&identity, &cert)
             .map_err(|e| (500, e.to_string()))?;
+        broker2.record_event(
+            &identity.site,
+            EventKind::Renewed {
+                not_after: token::unix_secs(cert.not_after),
+            },
+        );
         Ok::<_, (u16, String)>(RenewResponse {
             certificate: cert.pem,
-            ca: broker2.ca.cert_pem().to_string(),
+            ca: signer.cert_pem().to_string(),
+            trust_bundle: Some(broker2.ca.bundle_pem()),
             not_after: token::unix_secs(cert.not_after),
         })
     })
@@ -289,9 +304,13 @@ fn reattest_blocking(
     let signature = data_encoding::BASE64
         .decode(request.signature.trim().as_bytes())
         .map_err(|_| malformed("signature is not base64".into()))?;
-    let presented =
-        reattest::verify_presented(broker.ca.cert_der(), broker.ca.trust_domain(), &cert, now)
-            .map_err(|e| Refused::new(403, "not_ours", e.to_string()))?;
+    let presented = reattest::verify_presented_by(
+        &broker.ca.bundle_der(),
+        broker.ca.trust_domain(),
+        &cert,
+        now,
+    )
+    .map_err(|e| Refused::new(403, "not_ours", e.to_string()))?;
     let identity = presented.peer.identity.clone();
     let message = reattest::transcript(exporter, csr.as_deref().unwrap_or(&[]), &identity.uri());
     let (site, region) = (identity.site.as_str(), identity.region.as_str());
@@ -351,8 +370,8 @@ fn reattest_blocking(
     .map_err(|refusal| Refused::new(403, refusal.reason(), refusal.message(site, region)))?;
     let renewed = match csr {
         Some(csr) => {
-            let cert = broker
-                .ca
+            let signer = broker.ca.signer();
+            let cert = signer
                 .issue_site(&csr, &identity, now, broker.config.site_cert_lifetime)
                 .map_err(|e| malformed(e.to_string()))?;
             broker
@@ -360,12 +379,19 @@ fn reattest_blocking(
                 .map_err(|e| internal(&e))?;
             Some(RenewResponse {
                 certificate: cert.pem,
-                ca: broker.ca.cert_pem().to_string(),
+                ca: signer.cert_pem().to_string(),
+                trust_bundle: Some(broker.ca.bundle_pem()),
                 not_after: token::unix_secs(cert.not_after),
             })
         }
         None => None,
     };
+    broker.record_event(
+        &identity.site,
+        EventKind::Reattested {
+            not_after: renewed.as_ref().map(|r| r.not_after),
+        },
+    );
     Ok((
         identity.site,
         ReattestResponse {

@@ -57,6 +57,7 @@ enum Command {
 pub struct FleetHandle {
     fleet: Arc<Mutex<Fleet>>,
     changes: watch::Sender<u64>,
+    view: watch::Sender<u64>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
@@ -89,6 +90,11 @@ impl FleetHandle {
     /// Changes of the membership version.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// Changes of members or owners (the fleet's generation).
+    pub fn view_changes(&self) -> watch::Receiver<u64> {
+        self.view.subscribe()
     }
 }
 
@@ -129,11 +135,13 @@ pub async fn start(
     let me: BrokerId = format!("{:016x}", rand::random::<u64>());
     let fleet = Arc::new(Mutex::new(Fleet::new(me.clone())));
     let (changes, _) = watch::channel(0);
+    let (view, _) = watch::channel(0);
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (decisions, decision_rx) = mpsc::unbounded_channel();
     let handle = Arc::new(FleetHandle {
         fleet: fleet.clone(),
         changes: changes.clone(),
+        view: view.clone(),
         commands,
     });
     let mut task = Task {
@@ -143,6 +151,7 @@ pub async fn start(
         member,
         fleet,
         changes,
+        view,
         decisions,
         commands: command_rx,
         timeout: config.timeout,
@@ -178,6 +187,7 @@ struct Task {
     member: Member,
     fleet: Arc<Mutex<Fleet>>,
     changes: watch::Sender<u64>,
+    view: watch::Sender<u64>,
     decisions: mpsc::UnboundedSender<Decision>,
     commands: mpsc::UnboundedReceiver<Command>,
     timeout: Duration,
@@ -215,6 +225,11 @@ impl Task {
         self.changes.send_if_modified(|v| {
             let changed = *v != fleet.version();
             *v = fleet.version();
+            changed
+        });
+        self.view.send_if_modified(|v| {
+            let changed = *v != fleet.generation();
+            *v = fleet.generation();
             changed
         });
         out

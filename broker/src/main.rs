@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -91,6 +91,32 @@ enum Command {
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
+    },
+    /// The CA: its rotation phase and trust bundle; rotate it in steps
+    /// that can be undone.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Write a backup of the running broker's state (the embedded store,
+    /// with the CA and its keys) to a file, mode 0600, through the admin
+    /// API. With etcd, use `etcdctl snapshot save` instead.
+    Backup {
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Restore a backup into an empty data directory, after checking it
+    /// is complete and unaltered; then start a broker on that directory.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to restore into (its store must not exist).
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Check or print configuration files.
     Config {
@@ -243,6 +269,30 @@ enum PkiCommand {
         /// e.g. tether.example.org.
         #[arg(long)]
         trust_domain: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Show the rotation phase, the trust bundle and the next step.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// One rotation step forward: stable → prepared (a new CA is made and
+    /// published in the trust bundle; the old one still signs) → active
+    /// (the new CA signs; both are trusted) → stable again with the old
+    /// CA retired (allowed once its site certificates have expired).
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// One rotation step back: active → prepared (the old CA signs again),
+    /// prepared → stable (the new CA is dropped). A retired CA cannot come
+    /// back.
+    Rollback {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -562,6 +612,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backup { out, config } => {
+            let backup: tether_broker::backup::Backup = admin(&config)?.get("/v1/backup")?;
+            let text = serde_json::to_vec(&backup)?;
+            tether_pki::ca::write_new_file(&out, &text, 0o600)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "Wrote {} ({} bytes, SHA-256 of the content {}). It holds the CA's private keys: keep it as secret as the broker's data directory.",
+                out.display(),
+                text.len(),
+                backup.content_sha256
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { from, data_dir } => {
+            let restored = tether_broker::backup::restore(&from, &data_dir)
+                .with_context(|| format!("cannot restore {}", from.display()))?;
+            println!(
+                "Restored into {}: {} sites, {} address leases, {} unused enrollment tokens{}.",
+                data_dir.display(),
+                restored.sites,
+                restored.leases,
+                restored.tokens,
+                if restored.ca { ", the CA" } else { "" }
+            );
+            println!("Point the broker's data_dir at it and start it.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca { command } => {
+            let (path, config) = match &command {
+                CaCommand::Status { config } => ("/v1/ca", config),
+                CaCommand::Rotate { config } => ("/v1/ca/rotate", config),
+                CaCommand::Rollback { config } => ("/v1/ca/rollback", config),
+            };
+            let client = admin(config)?;
+            let status: tether_proto::api::CaStatus = match command {
+                CaCommand::Status { .. } => client.get(path)?,
+                _ => client.post(path, &serde_json::json!({}))?,
+            };
+            print!("{}", ca_status_text(&status));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
@@ -602,6 +693,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A Unix time as an RFC 3339 UTC date.
+fn unix_time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}
+
+/// The CA state in plain words.
+fn ca_status_text(status: &tether_proto::api::CaStatus) -> String {
+    let mut out = format!(
+        "CA rotation phase: {} (step {}, since {})\n",
+        status.phase,
+        status.generation,
+        unix_time(status.since)
+    );
+    for ca in &status.bundle {
+        out.push_str(&format!(
+            "  {} {}  pin {}  expires {}\n",
+            if ca.signing { "signing:" } else { "trusted:" },
+            ca.name,
+            ca.pin,
+            unix_time(ca.not_after)
+        ));
+    }
+    if let Some(at) = status.retire_after {
+        out.push_str(&format!(
+            "The old CA can be retired from {}.\n",
+            unix_time(at)
+        ));
+    }
+    if let Some(at) = status.drop_next_after {
+        out.push_str(&format!(
+            "The new CA can be dropped from {}.\n",
+            unix_time(at)
+        ));
+    }
+    out.push_str(&format!("Next: {}\n", status.next_step));
+    out
 }
 
 /// The broker endpoints a site dials, from the configuration: the
@@ -670,6 +800,10 @@ fn raise_open_file_limit() {
 async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_open_file_limit();
     let running = tether_broker::run::start(config.clone()).await?;
+    // Before the banner: whoever waits for it may signal at once.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let dir = data_dir(&config);
     let region = config
         .regions
@@ -698,6 +832,11 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
         "  admin API     http://{} (token in {})",
         running.admin_addr,
         dir.join(ADMIN_TOKEN_FILE).display()
+    );
+    println!(
+        "  console       http://{}/console/ (read-only token in {})",
+        running.admin_addr,
+        dir.join(tether_broker::run::VIEWER_TOKEN_FILE).display()
     );
     for addr in &running.dns_addrs {
         println!(
@@ -731,13 +870,10 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
+    let drain = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break Duration::ZERO,
+            _ = term.recv() => break running.broker.config.drain_timeout,
             _ = hangup.recv() => match &path {
                 // The access policy is reloaded; everything else needs a
                 // restart.
@@ -748,9 +884,9 @@ async fn serve(config: BrokerConfig, path: Option<PathBuf>) -> anyhow::Result<()
                 None => tracing::warn!("SIGHUP ignored: the broker runs on its embedded defaults, there is no file to reload"),
             },
         }
-    }
+    };
     tracing::info!("shutting down");
-    running.shutdown().await;
+    running.handover(drain).await;
     Ok(())
 }
 
@@ -766,6 +902,50 @@ mod tests {
         setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
         raise_open_file_limit();
         assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
+
+    #[test]
+    fn ca_status_says_the_phase_the_bundle_and_when_the_old_ca_may_go() {
+        let status = tether_proto::api::CaStatus {
+            phase: "active".into(),
+            generation: 2,
+            since: 0,
+            bundle: vec![
+                tether_proto::api::CaInfo {
+                    name: "tether CA t 2222".into(),
+                    pin: "pin2".into(),
+                    signing: true,
+                    not_after: 86_400,
+                },
+                tether_proto::api::CaInfo {
+                    name: "tether CA t 1111".into(),
+                    pin: "pin1".into(),
+                    signing: false,
+                    not_after: 86_400,
+                },
+            ],
+            retire_after: Some(3600),
+            drop_next_after: None,
+            next_step: "rotate: retire".into(),
+        };
+        let text = ca_status_text(&status);
+        assert!(
+            text.starts_with("CA rotation phase: active (step 2, since 1970-01-01T00:00:00Z)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  signing: tether CA t 2222  pin pin2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  trusted: tether CA t 1111  pin pin1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("The old CA can be retired from 1970-01-01T01:00:00Z."),
+            "{text}"
+        );
+        assert!(text.ends_with("Next: rotate: retire\n"), "{text}");
     }
 
     #[test]

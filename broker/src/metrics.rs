@@ -45,6 +45,16 @@ const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
 /// Help texts of every metric (Prometheus HELP lines).
 fn describe() {
     describe_counter!(
+        "tether_broker_sessions_handed_over_total",
+        Unit::Count,
+        "Sessions whose site moved to another broker while this one drained on SIGTERM (moved), or were still here when the drain time ran out (stayed)."
+    );
+    describe_counter!(
+        "tether_broker_site_events_dropped_total",
+        Unit::Count,
+        "Site timeline events not stored (the store failed or did not keep up)."
+    );
+    describe_counter!(
         "tether_broker_packets_total",
         Unit::Count,
         "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway)."
@@ -154,10 +164,43 @@ fn describe() {
         Unit::Count,
         "Re-attestations of sites whose certificate expired, by result (accepted, or the refusal's reason)."
     );
+    describe_counter!(
+        "tether_broker_relayed_packets_total",
+        Unit::Count,
+        "IP packets relayed over the broker-to-broker link, by peer broker and direction (to_broker, from_broker)."
+    );
+    describe_counter!(
+        "tether_broker_relayed_bytes_total",
+        Unit::Bytes,
+        "Bytes of IP packets relayed over the broker-to-broker link, by peer broker and direction."
+    );
+    describe_counter!(
+        "tether_broker_peer_refused_total",
+        Unit::Count,
+        "Datagrams on the broker-to-broker link refused, by reason (unknown_peer: no live broker's key; invalid)."
+    );
+    describe_gauge!(
+        "tether_broker_fleet_brokers_alive",
+        Unit::Count,
+        "Live brokers of the fleet (this one included), as the shared store says."
+    );
+    describe_gauge!(
+        "tether_broker_fleet_sessions",
+        Unit::Count,
+        "Site sessions each live broker of the fleet holds, as the shared store says."
+    );
     describe_gauge!(
         "tether_broker_ca_expiry_seconds",
         Unit::Seconds,
         "Seconds until the deployment's CA certificate expires (negative once expired)."
+    );
+    describe_gauge!(
+        "tether_broker_ca_rotation_phase",
+        "1 for the CA rotation phase the deployment is in (stable, prepared or active), 0 for the others."
+    );
+    describe_gauge!(
+        "tether_broker_ca_bundle_certificates",
+        "CA certificates in the trust bundle (two during a rotation)."
     );
 }
 
@@ -249,6 +292,8 @@ pub struct Traffic {
     pub to_gateways: u64,
     /// Per WireGuard gateway.
     pub peers: Vec<PeerTraffic>,
+    /// Per peer broker of the broker-to-broker link.
+    pub brokers: Vec<BrokerTraffic>,
     /// Per site.
     pub sites: Vec<SiteTraffic>,
 }
@@ -262,6 +307,17 @@ pub struct PeerTraffic {
     pub rx_bytes: u64,
     /// Bytes to it.
     pub tx_bytes: u64,
+}
+
+/// Packets relayed to and from one other broker.
+#[derive(Debug)]
+pub struct BrokerTraffic {
+    /// The broker's fleet id.
+    pub id: String,
+    /// (packets, bytes) relayed from it.
+    pub from_broker: (u64, u64),
+    /// (packets, bytes) relayed to it.
+    pub to_broker: (u64, u64),
 }
 
 /// One site's traffic and drops.
@@ -331,6 +387,17 @@ impl Metrics {
             counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.clone(), "direction" => "to_gateway")
                 .absolute(peer.tx_bytes);
         }
+        for broker in &t.brokers {
+            for (direction, (packets, bytes)) in [
+                ("from_broker", broker.from_broker),
+                ("to_broker", broker.to_broker),
+            ] {
+                counter!("tether_broker_relayed_packets_total", "broker" => broker.id.clone(), "direction" => direction)
+                    .absolute(packets);
+                counter!("tether_broker_relayed_bytes_total", "broker" => broker.id.clone(), "direction" => direction)
+                    .absolute(bytes);
+            }
+        }
         for site in &t.sites {
             let (name, region) = (site.site.clone(), site.region.clone());
             for (direction, (packets, bytes)) in
@@ -371,8 +438,13 @@ impl Metrics {
 
     /// Counts a drop.
     pub fn drop(&self, reason: DropReason) {
+        self.drops_of(reason, 1);
+    }
+
+    /// Counts `n` drops for the same reason.
+    pub fn drops_of(&self, reason: DropReason, n: u64) {
         if let Some(c) = self.drops.get(&reason) {
-            c.increment(1);
+            c.increment(n);
         }
     }
 }
@@ -380,6 +452,20 @@ impl Metrics {
 /// Counts an enrollment outcome.
 pub fn enrollment(result: &'static str) {
     counter!("tether_broker_enrollments_total", "result" => result).increment(1);
+}
+
+/// Counts the sessions of a drain on SIGTERM: those that moved to another
+/// broker and those still here at the end.
+pub fn handed_over(moved: usize, stayed: usize) {
+    counter!("tether_broker_sessions_handed_over_total", "result" => "moved")
+        .increment(moved as u64);
+    counter!("tether_broker_sessions_handed_over_total", "result" => "stayed")
+        .increment(stayed as u64);
+}
+
+/// Counts a site timeline event that did not reach the store.
+pub fn site_event_dropped() {
+    counter!("tether_broker_site_events_dropped_total").increment(1);
 }
 
 /// Counts a session ending.
@@ -418,6 +504,18 @@ pub fn ca_expiry(not_after: std::time::SystemTime) {
         Err(past) => -past.duration().as_secs_f64(),
     };
     gauge!("tether_broker_ca_expiry_seconds").set(secs.floor());
+}
+
+/// Sets the CA rotation phase and the size of the trust bundle.
+pub fn ca_phase(phase: tether_pki::rotation::Phase, bundle: usize) {
+    for p in tether_pki::rotation::Phase::ALL {
+        gauge!("tether_broker_ca_rotation_phase", "phase" => p.as_str()).set(if p == phase {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    gauge!("tether_broker_ca_bundle_certificates").set(bundle as f64);
 }
 
 /// Counts a refused CONNECT-IP request.

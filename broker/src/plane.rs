@@ -15,19 +15,23 @@
 //! guard ([`CoreCell::read`]) and finds sites in the map of live sessions
 //! ([`Sessions`]). It owns the devices' receive loops: the device modules
 //! ([`crate::local_gateway`], [`crate::wireguard`]) only receive and send,
-//! and know nothing of the plane.
+//! and know nothing of the plane. So does the broker-to-broker link
+//! ([`crate::link`]): packets for a destination another broker holds leave
+//! through it ([`Verdict::Relay`]), and packets arriving on it go only to
+//! this broker's own sessions and gateways ([`Plane::attach_link`]).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use ipnet::IpNet;
 use tether_proto::datagram::{self, Payload};
-use tether_proto::forward::{DropReason, Ingress, Verdict};
+use tether_proto::forward::{DropReason, Ingress, Relay, Verdict};
 use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::route::{Route, RouteTarget};
 use tether_shell::tun;
 
 use crate::core_cell::CoreCell;
+use crate::link::{Link, LinkPeer};
 use crate::local_gateway::LocalGateway;
 use crate::metrics::Metrics;
 use crate::sessions::{Session, SessionLink, Sessions};
@@ -74,18 +78,23 @@ impl Buffer {
     }
 }
 
-/// Sends an IP packet to a site's session, counting it.
-pub fn send_to_site(session: &Session, packet: &[u8]) -> Result<(), DropReason> {
-    send_buffer(session, Buffer::new(packet))
+/// Sends an IP packet to a site's session, counting it (and, in `metrics`,
+/// an older packet it displaced from a full send queue).
+pub fn send_to_site(session: &Session, packet: &[u8], metrics: &Metrics) -> Result<(), DropReason> {
+    send_buffer(session, Buffer::new(packet), metrics)
 }
 
-fn send_buffer(session: &Session, buffer: Buffer) -> Result<(), DropReason> {
+fn send_buffer(session: &Session, buffer: Buffer, metrics: &Metrics) -> Result<(), DropReason> {
     let len = buffer.packet().len();
     match &session.link {
         SessionLink::H3 { conn, prefix } => {
             let datagram = buffer.into_framed(prefix).ok_or(DropReason::TooBig)?;
-            match conn.send_datagram(datagram) {
-                Ok(()) => {}
+            match tether_shell::quic::send_datagram(conn, datagram) {
+                Ok(false) => {}
+                Ok(true) => {
+                    metrics.drop(DropReason::TunnelSendQueue);
+                    session.drops.add(DropReason::TunnelSendQueue);
+                }
                 Err(quinn::SendDatagramError::TooLarge) => return Err(DropReason::TooBig),
                 Err(_) => return Err(DropReason::TargetDown),
             }
@@ -117,6 +126,7 @@ pub struct Plane {
     sessions: Arc<Sessions>,
     local_gateway: OnceLock<Arc<LocalGateway>>,
     wireguard: OnceLock<Arc<Wireguard>>,
+    link: OnceLock<Arc<Link>>,
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
     batches: Mutex<Vec<SiteBatch>>,
@@ -140,6 +150,7 @@ impl Plane {
             sessions,
             local_gateway: OnceLock::new(),
             wireguard: OnceLock::new(),
+            link: OnceLock::new(),
             metrics,
             batches: Mutex::new(Vec::new()),
         }
@@ -204,6 +215,55 @@ impl Plane {
         Ok(())
     }
 
+    /// The broker-to-broker link, if the broker has one.
+    pub fn link(&self) -> Option<&Arc<Link>> {
+        self.link.get()
+    }
+
+    /// Delivers the packets other brokers relay here, from now on.
+    pub fn attach_link(self: &Arc<Self>, link: Arc<Link>) -> anyhow::Result<()> {
+        if self.link.set(link.clone()).is_err() {
+            anyhow::bail!("broker-to-broker link started twice");
+        }
+        let plane = self.clone();
+        tokio::spawn(async move {
+            let (mut buf, mut out) = (vec![0u8; 65_536], vec![0u8; 65_536 + 64]);
+            loop {
+                link.receive(&mut buf, &mut out, |peer, packet| {
+                    plane.route_relayed_packet(&link, peer, packet)
+                })
+                .await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Sends a packet (or its fragments) to the broker that holds its
+    /// destination.
+    fn relay(&self, relay: &Relay, buffer: &Buffer) -> Result<(), DropReason> {
+        let link = self.link.get().ok_or(DropReason::PeerUnknown)?;
+        if relay.fragments.is_empty() {
+            return link.send(&relay.broker, buffer.packet());
+        }
+        relay
+            .fragments
+            .iter()
+            .try_for_each(|f| link.send(&relay.broker, f))
+    }
+
+    /// An IP packet another broker relayed here: delivered to a session or
+    /// gateway of this broker, never relayed on.
+    fn route_relayed_packet(&self, link: &Link, peer: &LinkPeer, packet: &mut [u8]) {
+        let mut buffer = Buffer::new(packet);
+        let verdict = {
+            let Ok(router) = self.core.read() else {
+                return;
+            };
+            router.decide_relayed(buffer.packet_mut(), |t| self.mtu_of(t))
+        };
+        let _ = self.perform(verdict, buffer, |icmp| link.send_to(peer, icmp).is_ok());
+    }
+
     /// The largest packet a route's target accepts now.
     fn mtu_of(&self, target: &RouteTarget) -> Option<usize> {
         match target {
@@ -225,7 +285,7 @@ impl Plane {
         match &route.target {
             RouteTarget::Site(site) => {
                 let session = self.sessions.get(site).ok_or(DropReason::TargetDown)?;
-                send_buffer(&session, buffer)
+                send_buffer(&session, buffer, &self.metrics)
             }
             RouteTarget::Gateway(id) => {
                 let Some(gw) = self.local_gateway.get().filter(|g| &g.id == id) else {
@@ -270,6 +330,7 @@ impl Plane {
                 Err(reason)
             }
             Verdict::Drop(reason) => Err(reason),
+            Verdict::Relay(relay) => self.relay(&relay, &buffer),
         };
         if let Err(reason) = result {
             self.metrics.drop(reason);
@@ -284,6 +345,13 @@ impl Plane {
     fn site_drop(&self, session: &Session, reason: DropReason) {
         self.metrics.drop(reason);
         session.drops.add(reason);
+    }
+
+    /// Counts `n` drops of a site's packets for the same reason in the
+    /// broker's and the site's totals.
+    pub fn site_drops(&self, session: &Session, reason: DropReason, n: u64) {
+        self.metrics.drops_of(reason, n);
+        session.drops.add_n(reason, n);
     }
 
     /// A batch from the pool, or a new one.
@@ -323,6 +391,13 @@ impl Plane {
             }
             _ => return self.site_drop(session, DropReason::Malformed),
         };
+        self.route_site_packet(session, packet, batch);
+    }
+
+    /// An IP packet arrived from a site (in a datagram or a DATAGRAM
+    /// capsule): routed now, and if it goes to the local gateway or a
+    /// gateway over WireGuard, left in `batch` until [`SiteBatch::flush`].
+    pub fn route_site_packet(&self, session: &Arc<Session>, packet: &[u8], batch: &mut SiteBatch) {
         session.counters.rx.add(packet.len() as u64);
         let hdr = tun::VNET_HDR;
         let mut b = batch.buffer();
@@ -349,13 +424,22 @@ impl Plane {
                         batch.ready.push(b);
                     }
                     _ => {
-                        // A gateway over WireGuard: sent now.
-                        let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
+                        // A gateway over WireGuard: sealed into the batch,
+                        // sent with the others of it.
+                        let sealed = match (&route.target, self.wireguard.get()) {
+                            (RouteTarget::Gateway(id), Some(wg)) => match wg.peer(id) {
+                                Some(peer) => wg.seal(
+                                    peer,
+                                    b.get(hdr..).unwrap_or_default(),
+                                    &mut batch.sealed,
+                                ),
+                                None => Err(DropReason::TargetDown),
+                            },
+                            _ => Err(DropReason::TargetDown),
+                        };
                         batch.recycle(b);
-                        if let Some(r) = self
-                            .perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok())
-                        {
-                            session.drops.add(r);
+                        if let Err(r) = sealed {
+                            self.site_drop(session, r);
                         }
                     }
                 }
@@ -363,33 +447,12 @@ impl Plane {
             _ => {
                 let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
                 batch.recycle(b);
-                if let Some(r) =
-                    self.perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok())
-                {
+                if let Some(r) = self.perform(verdict, buffer, |icmp| {
+                    send_to_site(session, icmp, &self.metrics).is_ok()
+                }) {
                     session.drops.add(r);
                 }
             }
-        }
-    }
-
-    /// An IP packet arrived from a site (in a datagram or a DATAGRAM
-    /// capsule).
-    pub fn route_site_packet(&self, session: &Arc<Session>, packet: &[u8]) {
-        session.counters.rx.add(packet.len() as u64);
-        let mut buffer = Buffer::new(packet);
-        let verdict = {
-            let (Ok(router), Ok(allowed)) = (self.core.read(), session.allowed.read()) else {
-                return;
-            };
-            let ingress = Ingress::Site {
-                site: session.site(),
-                region: session.region(),
-                allowed: &allowed,
-            };
-            router.decide(&ingress, buffer.packet_mut(), |t| self.mtu_of(t))
-        };
-        if let Some(r) = self.perform(verdict, buffer, |icmp| send_to_site(session, icmp).is_ok()) {
-            session.drops.add(r);
         }
     }
 
@@ -447,6 +510,8 @@ pub struct SiteBatch {
     free: Vec<bytes::BytesMut>,
     ready: Vec<bytes::BytesMut>,
     gro: tun_rs::GROTable,
+    /// Packets sealed for a gateway over WireGuard.
+    sealed: crate::wireguard::SealedBatch,
 }
 
 /// Capacity of a batch buffer: a virtio-net header and a full 64 KiB
@@ -467,11 +532,18 @@ impl SiteBatch {
 
     /// Whether packets wait to be written.
     pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
+        self.ready.is_empty() && self.sealed.is_empty()
     }
 
-    /// Writes the waiting packets to the plane's local gateway.
+    /// Writes the waiting packets to the plane's local gateway, and sends
+    /// those sealed for a gateway over WireGuard.
     pub async fn flush(&mut self, plane: &Plane) {
+        if !self.sealed.is_empty()
+            && let Some(wg) = plane.wireguard.get()
+        {
+            let failed = wg.send_batch(&mut self.sealed).await;
+            plane.metrics.drops_of(DropReason::QueueFull, failed as u64);
+        }
         if self.ready.is_empty() {
             return;
         }

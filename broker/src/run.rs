@@ -4,17 +4,15 @@
 //! later starts load them. [`start`] returns once every listener is bound,
 //! so callers (the binary, tests) know the addresses in use.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use ipnet::IpNet;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tether_config::broker::BrokerConfig;
-use tether_pki::ca::{DEFAULT_SERVER_CERT_LIFETIME, create_private_dir, write_new_file};
-use tether_pki::{Ca, CertSlot};
+use tether_pki::ca::{create_private_dir, write_new_file};
 use tokio::task::JoinHandle;
 
 use tether_proto::broker::CloseReason;
@@ -53,9 +51,23 @@ impl std::fmt::Debug for Running {
     }
 }
 
+/// File holding the read-only (viewer) token of the admin API and the
+/// console in the data directory.
+pub const VIEWER_TOKEN_FILE: &str = "viewer.token";
+
 /// Reads the admin token, creating it (mode 0600) on first start.
 pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    load_or_create_token(&data_dir.join(ADMIN_TOKEN_FILE))
+}
+
+/// Reads the viewer token, creating it (mode 0600) on first start (also
+/// in a data directory made before viewers existed).
+pub fn load_or_create_viewer_token(data_dir: &Path) -> anyhow::Result<String> {
+    load_or_create_token(&data_dir.join(VIEWER_TOKEN_FILE))
+}
+
+fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
+    let path = path.to_path_buf();
     if path.exists() {
         let token = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -68,31 +80,6 @@ pub fn load_or_create_admin_token(data_dir: &Path) -> anyhow::Result<String> {
         .to_ascii_lowercase();
     write_new_file(&path, format!("{token}\n").as_bytes(), 0o600)?;
     Ok(token)
-}
-
-/// The server certificate for the broker's names and addresses, with the
-/// CA after it (new sites check the CA against their enrollment pin).
-fn server_cert(
-    ca: &Ca,
-    config: &BrokerConfig,
-) -> anyhow::Result<(
-    Vec<CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-    SystemTime,
-)> {
-    let mut ips: Vec<IpAddr> = config.advertised_ips.clone();
-    for addr in &config.listen {
-        if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
-            ips.push(addr.ip());
-        }
-    }
-    let (cert, key) = ca.issue_server(
-        &config.advertised_names,
-        &ips,
-        SystemTime::now(),
-        DEFAULT_SERVER_CERT_LIFETIME,
-    )?;
-    Ok((vec![cert.der, ca.cert_der().clone()], key, cert.not_after))
 }
 
 /// Aborts the tasks it holds when dropped.
@@ -157,15 +144,20 @@ async fn join_fleet(
     broker: &Arc<Broker>,
     etcd: &tether_config::broker::EtcdConfig,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let link = crate::link::start(&broker.config.peering, &broker.data_dir).await?;
+    broker.plane().attach_link(link.clone())?;
     let member = tether_proto::fleet::Member {
         endpoints: broker.enroll_endpoints(),
         regions: broker.config.regions.keys().cloned().collect(),
-        forward: None,
+        forward: Some(link.advertise().to_string()),
+        link_key: Some(tether_pki::wg::encode(&link.public_key())),
+        gateways: crate::peering::announced_gateways(&broker.config),
     };
     let (fleet, mut decisions, task) = crate::fleet::start(etcd, member)
         .await
         .context("cannot join the broker fleet")?;
-    broker.set_fleet(fleet);
+    broker.set_fleet(fleet.clone());
+    let peering = crate::peering::follow(fleet, link, broker.core_cell());
     let broker = broker.clone();
     let decide = tokio::spawn(async move {
         while let Some(decision) = decisions.recv().await {
@@ -179,20 +171,21 @@ async fn join_fleet(
             }
         }
     });
-    Ok(vec![task, decide])
+    Ok(vec![task, decide, peering])
 }
 
 /// Starts a broker: data directory, listeners, local gateway, admin API.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let data_dir = data_dir(&config);
     create_private_dir(&data_dir)?;
-    let (ca, created) =
-        Ca::load_or_init(&data_dir, config.trust_domain.clone(), SystemTime::now())?;
     let admin_token = load_or_create_admin_token(&data_dir)?;
     let store = crate::store::open(&config.store, &data_dir)?;
-    let (chain, key, not_after) = server_cert(&ca, &config)?;
-    let slot = Arc::new(CertSlot::new(chain, key)?);
+    let (ca, created) = crate::authority::Authority::open(&config, &data_dir, store.clone())
+        .context("cannot load the CA")?;
+    let slot = ca.server_cert_slot();
+    let viewer_token = load_or_create_viewer_token(&data_dir)?;
     let broker = Broker::new(config.clone(), data_dir, ca, store, slot, admin_token)?;
+    broker.set_viewer_token(viewer_token);
     // Tasks started so far end with a failed start, so that they do not
     // keep the store and the sockets of a broker that never ran.
     let mut tasks = Tasks(Vec::new());
@@ -317,25 +310,15 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         admin, app, limits,
     )));
 
-    // Renew the server certificate well before it expires.
+    // Renew the server certificates well before they expire.
     {
         let broker = broker.clone();
         tasks.push(tokio::spawn(async move {
-            let mut not_after = not_after;
             loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
-                if remaining > DEFAULT_SERVER_CERT_LIFETIME / 3 {
-                    continue;
-                }
-                match server_cert(&broker.ca, &broker.config).and_then(|(c, k, n)| {
-                    broker.cert.replace(c, k)?;
-                    Ok(n)
-                }) {
-                    Ok(n) => {
-                        not_after = n;
-                        tracing::info!("broker certificate renewed");
-                    }
+                match broker.ca.renew_server_certs() {
+                    Ok(true) => tracing::info!("broker certificate renewed"),
+                    Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "could not renew the broker certificate; retrying in an hour"),
                 }
             }
@@ -354,7 +337,70 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     })
 }
 
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Sessions when the drain began.
+    pub sessions: usize,
+    /// Sessions still here when it ended.
+    pub stayed: usize,
+    /// How long it took.
+    pub took: Duration,
+}
+
 impl Running {
+    /// Hands the sites to the other brokers, then shuts down: every HTTP/3
+    /// connection gets a GOAWAY, and the broker waits up to `drain` for its
+    /// sessions to end (each site opens its tunnel at another broker, which
+    /// takes the site over, and then leaves this one). A broker alone in
+    /// its regions does not wait.
+    pub async fn handover(self, drain: Duration) -> Drained {
+        let started = std::time::Instant::now();
+        let sessions = self.broker.sessions().all().len();
+        self.broker.start_draining();
+        // With no other broker to go to, sites cannot move: do not wait.
+        let others = self
+            .broker
+            .config
+            .regions
+            .keys()
+            .any(|r| self.broker.site_brokers(r).1.len() > 1);
+        let drain = if others { drain } else { Duration::ZERO };
+        if sessions > 0 {
+            tracing::info!(
+                sessions,
+                drain_secs = drain.as_secs_f64(),
+                "going away: asking every site to move to another broker"
+            );
+        }
+        let deadline = tokio::time::Instant::now() + drain;
+        while !self.broker.sessions().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stayed = self.broker.sessions().all().len();
+        crate::metrics::handed_over(sessions.saturating_sub(stayed), stayed);
+        let drained = Drained {
+            sessions,
+            stayed,
+            took: started.elapsed(),
+        };
+        if stayed > 0 {
+            tracing::warn!(
+                stayed,
+                of = sessions,
+                "drain time over; closing the sessions that did not move"
+            );
+        } else if sessions > 0 {
+            tracing::info!(
+                sessions,
+                took_ms = drained.took.as_millis() as u64,
+                "every site moved to another broker"
+            );
+        }
+        self.shutdown().await;
+        drained
+    }
+
     /// Closes every session and listener.
     pub async fn shutdown(self) {
         for s in self.broker.sessions().all() {
@@ -372,5 +418,9 @@ impl Running {
         if let Some(dns) = self.dns {
             dns.shutdown().await;
         }
+        // The sessions' last events reach the store before it closes.
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.events().flush(Duration::from_secs(5)))
+            .await;
     }
 }

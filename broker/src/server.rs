@@ -67,8 +67,8 @@ pub fn endpoint_config(data_dir: &std::path::Path) -> anyhow::Result<quinn::Endp
 /// certificate, and the site verifier with the revocation set (a client
 /// certificate is optional, for enrollment).
 pub fn tls_config(broker: &Broker, alpn: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
-    let mut tls = tether_pki::tls::server_config_with_cert(
-        broker.ca.cert_der(),
+    let mut tls = tether_pki::tls::server_config_with_trust(
+        broker.ca.anchors(),
         broker.ca.trust_domain(),
         broker.cert.clone(),
         broker.revocations.clone(),
@@ -156,7 +156,7 @@ async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
     )));
     let preamble = h3.lock().map(|c| c.control_stream()).unwrap_or_default();
     // Our control stream stays open as long as the connection.
-    let _control = match open_control(&conn, &preamble).await {
+    let mut control = match open_control(&conn, &preamble).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(error = %e, "could not open the control stream");
@@ -165,8 +165,27 @@ async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
     };
     let (settings_tx, settings_rx) = watch::channel(None::<Settings>);
     tokio::spawn(read_uni_streams(conn.clone(), h3.clone(), settings_tx));
+    let mut draining = broker.draining();
+    let mut goaway_sent = false;
     loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            accepted = conn.accept_bi() => accepted,
+            going = async { draining.wait_for(|d| *d).await.is_ok() }, if !goaway_sent => {
+                goaway_sent = true;
+                if going {
+                    // The broker is going away: the site moves its tunnel
+                    // to another broker. Requests keep being served until
+                    // it has (RFC 9114 section 5.2: the largest ID first).
+                    let mut frame = Vec::new();
+                    h3::frame::encode_goaway(GOAWAY_ANY, &mut frame);
+                    if let Err(e) = control.write_all(&frame).await {
+                        tracing::debug!(error = %e, "could not send GOAWAY");
+                    }
+                }
+                continue;
+            }
+        };
+        let (send, recv) = match accepted {
             Ok(s) => s,
             Err(_) => break,
         };
@@ -181,6 +200,10 @@ async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
         });
     }
 }
+
+/// The stream ID of a first GOAWAY: the largest a client request stream
+/// can have, so that no request is refused yet.
+const GOAWAY_ANY: u64 = (1 << 62) - 4;
 
 async fn open_control(conn: &Connection, preamble: &[u8]) -> anyhow::Result<SendStream> {
     let mut send = conn.open_uni().await?;

@@ -20,6 +20,8 @@ use tether_pki::PeerCert;
 use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
+use tether_proto::events::{Disconnect, EventKind};
+use tether_proto::forward::DropReason;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
 use tether_proto::ids::SiteId;
@@ -28,6 +30,7 @@ use tether_shell::h3::{close_with, respond_error, send_data, send_head};
 use tokio::sync::watch;
 
 use crate::error::BrokerError;
+use crate::plane::SiteBatch;
 use crate::sessions::{ConnectionId, Session, SessionLink};
 use crate::state::Broker;
 
@@ -172,20 +175,21 @@ pub async fn run(
         let (plane, session) = (broker.plane().clone(), started.session.clone());
         let conn = conn.clone();
         tokio::spawn(async move {
-            use futures_util::FutureExt;
             // Datagrams that arrived together are routed together, and the
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
-            while let Ok(first) = conn.read_datagram().await {
+            let mut reader = tether_shell::quic::DatagramReader::new(conn);
+            let mut datagrams = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
+            while let Ok(dropped) = reader
+                .next_batch(&mut datagrams, tun_rs::IDEAL_BATCH_SIZE)
+                .await
+            {
+                if dropped > 0 {
+                    plane.site_drops(&session, DropReason::TunnelReceiveQueue, dropped);
+                }
                 let mut batch = plane.take_batch();
-                plane.route_site_datagram(&session, stream_id, &first, &mut batch);
-                for _ in 1..tun_rs::IDEAL_BATCH_SIZE {
-                    match conn.read_datagram().now_or_never() {
-                        Some(Ok(d)) => {
-                            plane.route_site_datagram(&session, stream_id, &d, &mut batch)
-                        }
-                        _ => break,
-                    }
+                for d in &datagrams {
+                    plane.route_site_datagram(&session, stream_id, d, &mut batch);
                 }
                 batch.flush(&plane).await;
                 plane.give_batch(batch);
@@ -283,7 +287,7 @@ impl Carrier {
                 match recv.read_chunk(64 * 1024, true).await {
                     Ok(Some(chunk)) => dec.push(&chunk.bytes),
                     Ok(None) => return Ok(None),
-                    Err(_) => return Err(Ending::Peer("tunnel stream failed")),
+                    Err(_) => return Err(Ending::Peer(Disconnect::ConnectionLost)),
                 }
             },
             Carrier::H2 { recv, .. } => match recv.data().await {
@@ -291,7 +295,7 @@ impl Carrier {
                     let _ = recv.flow_control().release_capacity(data.len());
                     Ok(Some(data.to_vec()))
                 }
-                Some(Err(_)) => Err(Ending::Peer("tunnel stream failed")),
+                Some(Err(_)) => Err(Ending::Peer(Disconnect::ConnectionLost)),
                 None => Ok(None),
             },
         }
@@ -302,11 +306,11 @@ impl Carrier {
         match self {
             Carrier::H3 { send, .. } => send_data(send, &bytes)
                 .await
-                .map_err(|_| Ending::Peer("tunnel stream failed")),
+                .map_err(|_| Ending::Peer(Disconnect::ConnectionLost)),
             Carrier::H2 { capsules, .. } => capsules
                 .send(Bytes::from(bytes))
                 .await
-                .map_err(|_| Ending::Peer("tunnel stream failed")),
+                .map_err(|_| Ending::Peer(Disconnect::ConnectionLost)),
         }
     }
 
@@ -346,6 +350,9 @@ pub struct Started {
     pub session: Arc<Session>,
     core: BrokerSession,
     close: watch::Receiver<Option<CloseReason>>,
+    /// Whether the broker core took the session (its timeline says it
+    /// connected, and will say it disconnected).
+    registered: bool,
 }
 
 impl Started {
@@ -374,10 +381,23 @@ impl Started {
             services,
         );
         let session = Arc::new(session);
-        if let Err(refused) = broker.register(session.clone(), addresses) {
-            tracing::info!(site = %session.site(), reason = %refused, "session refused");
-            session.request_close(refused.close_reason());
-        }
+        let registered = match broker.register(session.clone(), addresses) {
+            Ok(()) => {
+                broker.record_event(
+                    session.site(),
+                    EventKind::Connected {
+                        transport: transport.as_str().into(),
+                        remote: remote.to_string(),
+                    },
+                );
+                true
+            }
+            Err(refused) => {
+                tracing::info!(site = %session.site(), reason = %refused, "session refused");
+                session.request_close(refused.close_reason());
+                false
+            }
+        };
         tracing::info!(
             site = %session.site(),
             region = %session.region(),
@@ -390,6 +410,7 @@ impl Started {
             session,
             core,
             close,
+            registered,
         }
     }
 
@@ -403,6 +424,7 @@ impl Started {
             broker,
             session: &session,
             carrier,
+            batch: None,
         };
         let opening = self.core.open(&reachable);
         let mut ended = io.perform(&mut self.core, opening).await.err();
@@ -419,7 +441,7 @@ impl Started {
                         capsules.push(&data);
                         ended = io.read_capsules(&mut self.core, &mut capsules).await.err();
                     }
-                    Ok(None) => break Ending::Peer("site closed the tunnel"),
+                    Ok(None) => break Ending::Peer(Disconnect::SiteClosed),
                     Err(e) => break e,
                 },
                 _ = self.close.changed() => match *self.close.borrow() {
@@ -431,10 +453,14 @@ impl Started {
                     let advertisement = self.core.advertise(&reachable);
                     ended = io.perform(&mut self.core, vec![advertisement]).await.err();
                 }
-                _ = gone.wait() => break Ending::Peer("connection lost"),
+                _ = gone.wait() => break Ending::Peer(Disconnect::ConnectionLost),
             }
         };
         broker.unregister(&session);
+        if self.registered {
+            let (reason, detail) = reason.disconnect();
+            broker.record_event(&site, EventKind::Disconnected { reason, detail });
+        }
         match &reason {
             Ending::Closed(r) => {
                 crate::metrics::session_closed(r.as_str());
@@ -442,7 +468,7 @@ impl Started {
             }
             Ending::Peer(what) => {
                 crate::metrics::session_closed("peer");
-                tracing::info!(site = %site, reason = what, "site disconnected");
+                tracing::info!(site = %site, reason = what.describe(), "site disconnected");
             }
             Ending::Protocol(what) => {
                 crate::metrics::session_closed("protocol_error");
@@ -457,13 +483,25 @@ impl Started {
     }
 }
 
+impl Ending {
+    /// The reason a site's timeline records, with detail.
+    pub fn disconnect(&self) -> (Disconnect, Option<String>) {
+        match self {
+            Ending::Closed(r) => (Disconnect::from(*r), None),
+            Ending::Peer(d) => (*d, None),
+            Ending::Protocol(what) => (Disconnect::ProtocolError, Some(what.clone())),
+            Ending::Framing(e) => (Disconnect::ProtocolError, Some(e.to_string())),
+        }
+    }
+}
+
 /// Why the session loop ended.
 #[derive(Debug)]
 pub enum Ending {
     /// The broker ended it.
     Closed(CloseReason),
     /// The site ended it, or its connection was lost.
-    Peer(&'static str),
+    Peer(Disconnect),
     /// The site broke the protocol.
     Protocol(String),
     /// The site broke HTTP/3 framing on the request stream; the error says
@@ -475,6 +513,9 @@ struct SessionIo<'a> {
     broker: &'a Arc<Broker>,
     session: &'a Arc<Session>,
     carrier: &'a mut Carrier,
+    /// Packets of DATAGRAM capsules bound for a gateway, written together
+    /// once every complete capsule of a read is handled.
+    batch: Option<SiteBatch>,
 }
 
 impl SessionIo<'_> {
@@ -490,6 +531,11 @@ impl SessionIo<'_> {
             let capsule = Capsule::parse(raw).map_err(|e| Ending::Protocol(e.to_string()))?;
             let actions = core.on_capsule(capsule);
             self.perform(core, actions).await?;
+        }
+        if let Some(mut batch) = self.batch.take() {
+            let plane = self.broker.plane();
+            batch.flush(plane).await;
+            plane.give_batch(batch);
         }
         Ok(())
     }
@@ -546,7 +592,9 @@ impl SessionIo<'_> {
                     if let Ok(datagram::Payload::IpPacket(packet)) =
                         datagram::parse_payload(&payload)
                     {
-                        self.broker.plane().route_site_packet(self.session, packet);
+                        let plane = self.broker.plane();
+                        let batch = self.batch.get_or_insert_with(|| plane.take_batch());
+                        plane.route_site_packet(self.session, packet, batch);
                     }
                 }
             }

@@ -15,13 +15,14 @@ use std::time::{Instant, SystemTime};
 use ipnet::IpNet;
 use tether_config::broker::BrokerConfig;
 use tether_pki::token::{self, EnrollmentCode};
-use tether_pki::{Ca, CertSlot, RevocationSet, Revoked, SiteIdentity};
+use tether_pki::{CertSlot, RevocationSet, Revoked, SiteIdentity};
 use tether_proto::api::{SiteInfo, TokenResponse};
 use tether_proto::broker::{
     Allocated, AllocationRequest, BrokerCore, CoreConfig, GatewaySpec, MAX_ALLOCATION_ATTEMPTS,
     OpenError, RegionPolicy, Revocation, SessionId, SiteRecordAction, TokenPolicy,
 };
 use tether_proto::dns::ZoneData;
+use tether_proto::events::EventKind;
 use tether_proto::gateway::SiteRoute;
 use tether_proto::ids::{GatewayId, RegionId, SiteId};
 use tether_proto::ipam::LeaseKind;
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 use crate::core_cell::CoreCell;
 use crate::counters::{SiteTotals, Totals};
 use crate::error::BrokerError;
+use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::plane::Plane;
 use crate::sessions::{Session, Sessions};
@@ -43,8 +45,8 @@ pub struct Broker {
     pub config: BrokerConfig,
     /// The data directory.
     pub data_dir: PathBuf,
-    /// The CA.
-    pub ca: Ca,
+    /// The CA: which one signs, which are trusted, rotation.
+    pub ca: crate::authority::Authority,
     /// The store.
     pub store: Arc<dyn Store>,
     /// Revoked identities and serials.
@@ -53,6 +55,8 @@ pub struct Broker {
     pub cert: Arc<CertSlot>,
     /// The admin API bearer token.
     pub admin_token: String,
+    /// The read-only bearer token, once set.
+    viewer_token: OnceLock<String>,
     /// The broker core: sessions, routes and policy, revocations, lease
     /// cache.
     core: Arc<CoreCell>,
@@ -78,6 +82,11 @@ pub struct Broker {
     next_session: AtomicU64,
     /// The broker fleet, when the store is shared (etcd).
     fleet: OnceLock<Arc<crate::fleet::FleetHandle>>,
+    /// Raised when the broker is going away (SIGTERM): every HTTP/3
+    /// connection gets a GOAWAY, so its site moves to another broker.
+    draining: watch::Sender<bool>,
+    /// Each site's event timeline.
+    events: EventLog,
 }
 
 /// The core's name for a revocation entry.
@@ -105,7 +114,7 @@ impl Broker {
     pub fn new(
         config: BrokerConfig,
         data_dir: PathBuf,
-        ca: Ca,
+        ca: crate::authority::Authority,
         store: Arc<dyn Store>,
         cert: Arc<CertSlot>,
         admin_token: String,
@@ -157,6 +166,7 @@ impl Broker {
             core.handle_leases(region.clone(), store.region_leases(region)?);
         }
         let revocations = Arc::new(RevocationSet::from_entries(entries));
+        let events = EventLog::open(store.clone())?;
         let sessions = Arc::new(Sessions::default());
         let core = Arc::new(CoreCell::new(core, sessions.clone()));
         let metrics = Metrics::register();
@@ -169,6 +179,7 @@ impl Broker {
             revocations,
             cert,
             admin_token,
+            viewer_token: OnceLock::new(),
             core,
             sessions,
             plane,
@@ -181,6 +192,8 @@ impl Broker {
             last_transport: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(0),
             fleet: OnceLock::new(),
+            draining: watch::channel(false).0,
+            events,
         }))
     }
 
@@ -188,6 +201,21 @@ impl Broker {
     /// ([`CoreCell::read`]).
     pub fn core(&self) -> &CoreCell {
         &self.core
+    }
+
+    /// The broker core, shared (for tasks that outlive a borrow).
+    pub fn core_cell(&self) -> Arc<CoreCell> {
+        self.core.clone()
+    }
+
+    /// Whether the broker is going away, as it changes.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Tells every connection that the broker is going away.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
     }
 
     /// The current session of each site.
@@ -203,6 +231,33 @@ impl Broker {
     /// Metric handles.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The read-only token of the admin API, if one is set.
+    pub fn viewer_token(&self) -> Option<&str> {
+        self.viewer_token.get().map(String::as_str)
+    }
+
+    /// Sets the read-only token (the first one counts).
+    pub fn set_viewer_token(&self, token: String) {
+        let _ = self.viewer_token.set(token);
+    }
+
+    /// Each site's event timeline.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Records that `kind` happened to `site`, as seen by this broker
+    /// (named by the first endpoint sites dial).
+    pub fn record_event(&self, site: &SiteId, kind: EventKind) {
+        let name = self
+            .enroll_endpoints()
+            .into_iter()
+            .next()
+            .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
+            .unwrap_or_else(|| "broker".into());
+        self.events.record(site, name, kind);
     }
 
     /// The broker fleet, when the store is shared.
@@ -514,6 +569,7 @@ impl Broker {
                 existing.revoked = false;
                 existing.revoked_at = None;
                 self.store.put_site(&existing)?;
+                self.record_event(site, EventKind::Readmitted);
             }
             (SiteRecordAction::Create, _) => self.store.put_site(&SiteRecord {
                 site: site.clone(),
@@ -527,8 +583,10 @@ impl Broker {
         }
         let issued = token::generate(site.clone(), region.clone(), SystemTime::now(), ttl);
         self.store.put(issued.record.clone()).map_err(StoreError)?;
-        let code =
-            EnrollmentCode::format(&issued.secret, &tether_pki::tls::ca_pin(self.ca.cert_der()));
+        let code = EnrollmentCode::format(
+            &issued.secret,
+            &tether_pki::tls::ca_pin(&self.ca.cert_der()),
+        );
         let broker = self
             .enroll_endpoints()
             .into_iter()
@@ -583,6 +641,7 @@ impl Broker {
         self.store.put_site(&record)?;
         let entry = Revoked::Site(self.identity(site, region));
         self.store.revoke(&entry)?;
+        self.record_event(site, EventKind::Revoked);
         self.revocations.revoke(entry);
         self.names_changed();
         Ok(connected)
@@ -665,6 +724,15 @@ impl Broker {
             }
             StoreEvent::Site(_) => {
                 self.names_changed();
+                Ok(())
+            }
+            // Another broker's events of a site (or the echo of this
+            // broker's): the site's summary follows the store.
+            StoreEvent::Events(site) => Ok(self.events.refresh(&site)?),
+            StoreEvent::Ca => {
+                if let Err(e) = self.ca.reload() {
+                    tracing::error!(error = %e, "cannot apply the changed CA state; the previous one stays in use");
+                }
                 Ok(())
             }
         }
@@ -751,6 +819,20 @@ impl Broker {
                 });
             }
         }
+        let brokers = self
+            .plane
+            .link()
+            .map(|link| {
+                link.peers()
+                    .iter()
+                    .map(|p| crate::metrics::BrokerTraffic {
+                        id: p.id.clone(),
+                        from_broker: p.counters.rx.get(),
+                        to_broker: p.counters.tx.get(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let sites = self
             .site_totals()
             .into_iter()
@@ -768,6 +850,7 @@ impl Broker {
             from_gateways,
             to_gateways,
             peers,
+            brokers,
             sites,
         }
     }

@@ -136,6 +136,23 @@ thread_local! {
     static SEAL: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_536 + 64]);
 }
 
+/// Packets sealed for one peer, waiting to be sent together
+/// ([`Wireguard::seal`], [`Wireguard::send_batch`]); its buffers are kept
+/// from one batch to the next.
+#[derive(Default)]
+pub struct SealedBatch {
+    peer: Option<Arc<Peer>>,
+    data: Vec<u8>,
+    lens: Vec<usize>,
+}
+
+impl SealedBatch {
+    /// Whether packets wait to be sent.
+    pub fn is_empty(&self) -> bool {
+        self.peer.is_none()
+    }
+}
+
 /// One socket's receiving side, driven by [`Wireguard::receive`].
 pub struct Receiver {
     index: usize,
@@ -156,6 +173,9 @@ impl std::fmt::Debug for Receiver {
 /// The broker's WireGuard side.
 pub struct Wireguard {
     sockets: Vec<Arc<UdpSocket>>,
+    /// The quinn-udp state of each socket (for sends with segmentation
+    /// offload).
+    states: Vec<Arc<quinn_udp::UdpSocketState>>,
     control: Arc<dyn GatewayControl>,
     /// Datagrams from no registered gateway.
     unknown: metrics::Counter,
@@ -233,6 +253,64 @@ impl Wireguard {
         })
     }
 
+    /// Encrypts an IP packet for `peer` into `batch`, to be sent with the
+    /// others of the batch by [`Wireguard::send_batch`]. A packet for
+    /// another peer than the batch's is sent at once.
+    pub fn seal(
+        &self,
+        peer: &Arc<Peer>,
+        packet: &[u8],
+        batch: &mut SealedBatch,
+    ) -> Result<(), DropReason> {
+        match &batch.peer {
+            Some(p) if !Arc::ptr_eq(p, peer) => return self.send(peer, packet),
+            Some(_) => {}
+            None => batch.peer = Some(peer.clone()),
+        }
+        let start = batch.data.len();
+        batch.data.resize(start + packet.len() + 148, 0);
+        let out = batch.data.get_mut(start..).unwrap_or_default();
+        let sealed = match peer.tunn.lock() {
+            Ok(mut tunn) => match tunn.encapsulate(packet, out) {
+                TunnResult::WriteToNetwork(p) => Ok(p.len()),
+                TunnResult::Err(_) => Err(DropReason::TargetDown),
+                // No session yet: the packet waits in the tunnel's queue
+                // for the handshake.
+                _ => Ok(0),
+            },
+            Err(_) => Err(DropReason::TargetDown),
+        };
+        let n = sealed.inspect_err(|_| batch.data.truncate(start))?;
+        batch.data.truncate(start + n);
+        if n > 0 {
+            batch.lens.push(n);
+        }
+        peer.counters.tx.add(packet.len() as u64);
+        Ok(())
+    }
+
+    /// Sends the packets sealed into `batch`, in as few system calls as
+    /// UDP segmentation offload allows, and empties it. Returns how many
+    /// could not be sent.
+    pub async fn send_batch(&self, batch: &mut SealedBatch) -> usize {
+        let Some(peer) = batch.peer.take() else {
+            return 0;
+        };
+        let count = batch.lens.len();
+        let endpoint = peer.endpoint.lock().ok().and_then(|e| *e);
+        let failed = match endpoint
+            .and_then(|(i, to)| Some((self.sockets.get(i)?, self.states.get(i)?, to)))
+        {
+            Some((socket, state, to)) => {
+                tether_shell::udp::send_segments(socket, state, to, &batch.data, &batch.lens).await
+            }
+            None => count,
+        };
+        batch.data.clear();
+        batch.lens.clear();
+        failed
+    }
+
     /// Sends a control message to a peer.
     fn send_control(&self, peer: &Peer, message: &Message) {
         let packet = control::control_packet(BROKER_CONTROL, GATEWAY_CONTROL, &message.encode());
@@ -301,6 +379,7 @@ pub fn start(
         .collect();
     let wg = Arc::new(Wireguard {
         sockets: sockets.iter().map(|(s, _)| s.clone()).collect(),
+        states: sockets.iter().map(|(_, s)| s.clone()).collect(),
         control,
         unknown: metrics.wireguard_unknown.clone(),
         refused: metrics.wireguard_refused.clone(),

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether_config::client::{ClientConfig, LanSource};
+use tether_proto::agent::liveness::{HEARTBEAT_INTERVAL, RETIRE_AFTER};
 use tether_proto::agent::{
     Action, AgentConfig, AgentCore, BACKOFF_BASE, Ending, Event, Lifetime, Move, ReattestFailure,
     TunConfig,
@@ -42,6 +43,10 @@ use crate::pumps::start_pumps;
 use crate::state_dir::{Identity, StateDir};
 use crate::tun::Tun;
 
+/// How long a broker that sent GOAWAY is not used for a standby: it still
+/// answers while it drains, but not for long.
+const LEAVING: Duration = Duration::from_secs(60);
+
 /// What a task reports back.
 enum Input {
     Dialed(Result<(BrokerConn, Target), Failure>),
@@ -49,7 +54,20 @@ enum Input {
     Renewed(Result<(), String>),
     Reattested(Result<(), ReattestFailure>),
     Probed(Option<BrokerConn>),
+    Standby(Result<(BrokerConn, Target), Failure>),
+    HandedOver(Box<Result<(Session, Lifetimes), Failure>>),
 }
+
+impl Input {
+    /// Whether the result belongs to the standby, which outlives sessions
+    /// (and epochs).
+    fn is_standby(&self) -> bool {
+        matches!(self, Input::Standby(_) | Input::HandedOver(_))
+    }
+}
+
+/// The certificate's lifetime when a handed-over tunnel opened.
+type Lifetimes = Option<Lifetime>;
 
 /// What woke the shell.
 enum Wake {
@@ -58,6 +76,8 @@ enum Wake {
     Data(Vec<u8>),
     Ended(Failure),
     Input(u64, Box<Input>),
+    GoAway,
+    StandbyLost,
     Nothing,
 }
 
@@ -69,6 +89,8 @@ struct Session {
     link: Option<TunnelLink>,
     /// Packet pumps, and the tasks opening, renewing, probing.
     tasks: Vec<JoinHandle<()>>,
+    /// The broker's GOAWAY was seen (and handed to the core).
+    goaway_seen: bool,
 }
 
 /// The agent's shell.
@@ -93,6 +115,11 @@ struct Shell {
     health: Reporter,
     /// The broker of the latest session, dialed last after it is lost.
     last_broker: Option<tether_config::Endpoint>,
+    /// The standby connection, when one is ready.
+    standby: Option<(BrokerConn, Target)>,
+    /// The broker that last said it is going away, and when: no standby
+    /// there for [`LEAVING`].
+    leaving: Option<(std::net::SocketAddr, Instant)>,
 }
 
 /// How an attempt ended, for the core. A certificate the broker refused
@@ -165,6 +192,8 @@ pub async fn run_reporting(
         inputs,
         health,
         last_broker: None,
+        standby: None,
+        leaving: None,
     };
     if *shutdown.borrow() {
         core.handle_shutdown(Instant::now());
@@ -192,9 +221,26 @@ pub async fn run_reporting(
             Wake::Timer => core.handle_timeout(now),
             Wake::Data(data) => core.handle_tunnel_data(&data, now),
             Wake::Ended(f) => core.handle_session_ended(ending(f, &shell.state), now),
-            Wake::Input(epoch, input) if epoch == shell.epoch => shell.answer(*input, &mut core),
+            Wake::Input(epoch, input) if epoch == shell.epoch || input.is_standby() => {
+                shell.answer(*input, &mut core)
+            }
+            Wake::GoAway => {
+                if let Some(s) = shell.session.as_mut() {
+                    s.goaway_seen = true;
+                    shell.leaving = Some((s.target.addr, now));
+                }
+                core.handle_goaway(now)
+            }
+            Wake::StandbyLost => {
+                if let Some((_, target)) = shell.standby.take() {
+                    tracing::info!(standby = %target.addr, "the standby connection ended");
+                }
+                shell.health.standby(None);
+                core.handle_standby_lost(now)
+            }
             Wake::Input(..) | Wake::Nothing => {}
         }
+        shell.health.moves(core.failovers(), core.handovers());
     }
     tracing::info!("stopped; the tunnel device is removed");
     drop(shell);
@@ -221,6 +267,7 @@ impl Shell {
                 Some(Session {
                     conn,
                     tunnel: Some(tunnel),
+                    goaway_seen,
                     ..
                 }) => tokio::select! {
                     data = tunnel.read() => match data {
@@ -231,12 +278,23 @@ impl Shell {
                         ),
                     },
                     f = conn.closed() => Wake::Ended(f),
+                    _ = conn.goaway(), if !*goaway_seen => Wake::GoAway,
                 },
                 _ => std::future::pending().await,
             }
         };
+        let standby = async {
+            match &self.standby {
+                Some((conn, _)) => {
+                    conn.closed().await;
+                    Wake::StandbyLost
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             wake = session => wake,
+            wake = standby => wake,
             Some((epoch, input)) = rx.recv() => Wake::Input(epoch, Box::new(input)),
             _ = timer => Wake::Timer,
             changed = shutdown.changed(), if *watching => match changed {
@@ -251,17 +309,22 @@ impl Shell {
         }
     }
 
+    /// Makes `conn` to `target` the site's session and tells the core.
+    fn adopt(&mut self, conn: BrokerConn, target: Target, core: &mut AgentCore, now: Instant) {
+        let transport = conn.transport();
+        self.health
+            .connected(&target.addr.to_string(), transport.describe());
+        self.session = Some(Session::new(conn, target));
+        core.handle_connected(transport, now);
+    }
+
     /// Feeds a task's result into the core.
     fn answer(&mut self, input: Input, core: &mut AgentCore) {
         let now = Instant::now();
         match input {
             Input::Dialed(Ok((conn, target))) => {
                 self.last_broker = Some(target.endpoint.clone());
-                let transport = conn.transport();
-                self.health
-                    .connected(&target.addr.to_string(), transport.describe());
-                self.session = Some(Session::new(conn, target));
-                core.handle_connected(transport, now);
+                self.adopt(conn, target, core, now);
             }
             Input::Dialed(Err(f)) => core.handle_dial_failed(ending(f, &self.state), now),
             Input::Opened(Ok((tunnel, link))) => {
@@ -290,7 +353,75 @@ impl Shell {
                 self.probed = conn.zip(target);
                 core.handle_probe_result(answered, now);
             }
+            Input::Standby(result) => {
+                let ok = result.is_ok();
+                match result {
+                    Ok(standby) => self.standby = Some(standby),
+                    Err(f) => tracing::debug!("no standby connection: {f}"),
+                }
+                core.handle_standby_result(ok, now);
+                if core.standby_ready() {
+                    let target = self.standby.as_ref().map(|(_, t)| t.addr);
+                    if let Some(addr) = target {
+                        tracing::info!(standby = %addr, "standby connection ready");
+                        self.health.standby(Some(addr.to_string()));
+                    }
+                } else if let Some((conn, _)) = self.standby.take() {
+                    // The core no longer wants it.
+                    conn.close("standby no longer needed");
+                }
+            }
+            Input::HandedOver(result) => match *result {
+                Ok((mut session, life)) => {
+                    if let (Some(tun), Some(link)) = (&self.tun, &session.link) {
+                        session.tasks.extend(start_pumps(tun, link, &self.lan));
+                    }
+                    session.tasks.push(tokio::spawn(crate::brokers::follow(
+                        session.conn.clone(),
+                        session.target.endpoint.to_string(),
+                        self.state.clone(),
+                    )));
+                    self.last_broker = Some(session.target.endpoint.clone());
+                    self.health.connected(
+                        &session.target.addr.to_string(),
+                        session.conn.transport().describe(),
+                    );
+                    self.health.tunnel_open();
+                    self.health.standby(None);
+                    if let Some(old) = self.session.replace(session) {
+                        self.retire(old);
+                    }
+                    self.epoch += 1;
+                    core.handle_handover_result(Ok(()), life, now);
+                }
+                Err(f) => {
+                    self.health.standby(None);
+                    core.handle_handover_result(Err(ending(f, &self.state)), None, now)
+                }
+            },
         }
+    }
+
+    /// Lets the old session of a handover go: its device-to-tunnel pump
+    /// stops at once (the new session's took over), while packets its
+    /// broker still sends reach the device until that broker closes the
+    /// connection or [`RETIRE_AFTER`] passes.
+    fn retire(&self, mut old: Session) {
+        for t in old.tasks.drain(..) {
+            t.abort();
+        }
+        let inbound = match (&self.tun, &old.link) {
+            (Some(tun), Some(link)) => crate::pumps::start_inbound(tun, link, &self.lan),
+            _ => None,
+        };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(RETIRE_AFTER, old.conn.closed()).await;
+            if let Some(t) = inbound {
+                t.abort();
+            }
+            old.conn.close("moved to another broker");
+            old.conn.drain().await;
+        });
     }
 
     /// Logs what the core reports.
@@ -375,6 +506,26 @@ impl Shell {
             Event::Retrying(delay) => {
                 tracing::info!("retrying in {:.1} s", delay.as_secs_f64())
             }
+            Event::FailingOver => tracing::warn!(
+                broker,
+                "moving the tunnel to the standby connection's broker"
+            ),
+            Event::GoingAway { standby_ready } => tracing::info!(
+                broker,
+                standby_ready,
+                "the broker is going away; moving the tunnel to another broker"
+            ),
+            Event::HandedOver(transport) => tracing::info!(
+                broker,
+                "the tunnel moved to this broker over {} before the old one was left",
+                transport.describe()
+            ),
+            Event::HandoverFailed(e) => tracing::warn!(
+                broker,
+                "could not move the tunnel to the standby broker, staying: {}",
+                e.message()
+            ),
+            Event::StandbyReady => {}
         }
     }
 
@@ -502,13 +653,7 @@ impl Shell {
             Action::UseProbe => {
                 self.epoch += 1;
                 match self.probed.take() {
-                    Some((conn, target)) => {
-                        let transport = conn.transport();
-                        self.health
-                            .connected(&target.addr.to_string(), transport.describe());
-                        self.session = Some(Session::new(conn, target));
-                        core.handle_connected(transport, Instant::now());
-                    }
+                    Some((conn, target)) => self.adopt(conn, target, core, Instant::now()),
                     None => core.handle_dial_failed(
                         Ending::Lost("the probe's connection is gone".into()),
                         Instant::now(),
@@ -519,6 +664,86 @@ impl Shell {
                 if let Some(d) = self.dialing.take() {
                     d.abort();
                 }
+                if let Some((conn, _)) = self.standby.take() {
+                    conn.close("site shutting down");
+                }
+            }
+            Action::DialStandby { transport } => {
+                let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
+                let config = crate::brokers::dial_config(&self.config, &self.state, None);
+                let mut avoid: Vec<std::net::SocketAddr> =
+                    self.session.iter().map(|s| s.target.addr).collect();
+                avoid.extend(
+                    self.leaving
+                        .filter(|(_, at)| at.elapsed() < LEAVING)
+                        .map(|(addr, _)| addr),
+                );
+                // Not tied to the session's epoch: the standby outlives it.
+                let inputs = self.inputs.clone();
+                tokio::spawn(async move {
+                    let result = crate::standby::dial(&dialer, &config, transport, &avoid).await;
+                    let _ = inputs.send((0, Input::Standby(result)));
+                });
+            }
+            Action::DropStandby => {
+                if let Some((conn, _)) = self.standby.take() {
+                    conn.close("standby no longer needed");
+                }
+                self.health.standby(None);
+            }
+            Action::Heartbeat => {
+                if let Some(s) = &self.session {
+                    let conn = s.conn.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(HEARTBEAT_INTERVAL, conn.heartbeat()).await;
+                    });
+                }
+            }
+            Action::CheckLiveness => {
+                if let Some(s) = &self.session {
+                    core.handle_liveness(s.conn.received(), s.conn.rtt(), Instant::now());
+                }
+            }
+            Action::UseStandby => {
+                self.epoch += 1;
+                self.health.standby(None);
+                match self.standby.take() {
+                    Some((conn, target)) => {
+                        self.last_broker = Some(target.endpoint.clone());
+                        self.adopt(conn, target, core, Instant::now());
+                    }
+                    None => core.handle_dial_failed(
+                        Ending::Lost("the standby connection is gone".into()),
+                        Instant::now(),
+                    ),
+                }
+            }
+            Action::Handover => {
+                let Some((conn, target)) = self.standby.take() else {
+                    core.handle_handover_result(
+                        Err(Ending::Lost("the standby connection is gone".into())),
+                        None,
+                        Instant::now(),
+                    );
+                    return Ok(());
+                };
+                let timeout = self.config.h3_timeout.max(Duration::from_secs(5));
+                let services = self.config.services.clone();
+                let state = self.state.clone();
+                let inputs = self.inputs.clone();
+                tokio::spawn(async move {
+                    let authority = target.endpoint.to_string();
+                    let result = match conn.open_tunnel(&authority, timeout, &services).await {
+                        Ok((tunnel, link)) => {
+                            let mut session = Session::new(conn, target);
+                            session.tunnel = Some(tunnel);
+                            session.link = Some(link);
+                            Ok((session, lifetime(&state)))
+                        }
+                        Err(f) => Err(f),
+                    };
+                    let _ = inputs.send((0, Input::HandedOver(Box::new(result))));
+                });
             }
         }
         Ok(())
@@ -637,6 +862,7 @@ impl Session {
             tunnel: None,
             link: None,
             tasks: Vec::new(),
+            goaway_seen: false,
         }
     }
 }

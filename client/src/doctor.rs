@@ -474,6 +474,9 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
                 format!("unreadable ({e}); enroll again"),
             ),
         }
+        report
+            .checks
+            .push(crate::trust::bundle_check(&c.bundle, leaf, clock.now()));
     }
 
     // Proxy.
@@ -538,8 +541,8 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
     }
 
     let dialer = creds.as_ref().and_then(|c| {
-        let tls = tether_pki::tls::client_config_with_clock(
-            &c.ca,
+        let tls = tether_pki::tls::client_config_trusting(
+            &c.bundle,
             Some((c.chain.clone(), c.key.clone_key())),
             offset_secs,
         )

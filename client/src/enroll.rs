@@ -146,6 +146,8 @@ pub async fn enroll(
             issued_at: now,
         },
     )?;
+    // The bundle comes over the connection authenticated by the pin.
+    state.save_trust_bundle(response.trust_bundle.as_deref().unwrap_or(&response.ca))?;
     // The broker the engineer typed first, then the ones the broker lists.
     let mut brokers = vec![endpoint.to_string()];
     for b in &response.brokers {
@@ -265,6 +267,7 @@ pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyh
             ..creds.identity
         },
     )?;
+    state.save_trust_bundle(renewed.trust_bundle.as_deref().unwrap_or(&renewed.ca))?;
     tracing::info!("certificate renewed");
     Ok(())
 }
@@ -357,6 +360,9 @@ pub async fn reattest(
                     ..creds.identity
                 },
             )
+            .map_err(|e| failed(&format!("{e:#}")))?;
+        state
+            .save_trust_bundle(renewed.trust_bundle.as_deref().unwrap_or(&renewed.ca))
             .map_err(|e| failed(&format!("{e:#}")))?;
     }
     Ok(response)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use quinn::{Connection, RecvStream, SendStream};
 use tether_proto::h3::{self, MessageDecoder, MessageEvent, Request, Response, Settings, frame};
-use tether_shell::h3::read_uni_streams;
+use tether_shell::h3::read_uni_streams_with_goaway;
 use tokio::sync::watch;
 
 /// ALPN of HTTP/3.
@@ -21,8 +21,15 @@ pub struct H3Client {
     /// The QUIC connection.
     pub conn: Connection,
     settings: watch::Receiver<Option<Settings>>,
-    _control: SendStream,
+    goaway: watch::Receiver<Option<u64>>,
+    /// Our control stream: written once, then by heartbeats.
+    control: tokio::sync::Mutex<SendStream>,
 }
+
+/// The heartbeat on the control stream: a frame of a reserved type
+/// (RFC 9114 section 7.2.8, `0x1f * N + 0x21`) with no payload, which the
+/// broker ignores and its QUIC acknowledges.
+const HEARTBEAT: [u8; 2] = [0x21, 0x00];
 
 /// An HTTP/3 response with its body.
 #[derive(Debug)]
@@ -59,12 +66,39 @@ impl H3Client {
         let mut control = conn.open_uni().await?;
         control.write_all(&preamble).await?;
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(read_uni_streams(conn.clone(), state, tx));
+        let (goaway_tx, goaway) = watch::channel(None);
+        tokio::spawn(read_uni_streams_with_goaway(
+            conn.clone(),
+            state,
+            tx,
+            goaway_tx,
+        ));
         Ok(Self {
             conn,
             settings: rx,
-            _control: control,
+            goaway,
+            control: tokio::sync::Mutex::new(control),
         })
+    }
+
+    /// Resolves when the broker sends GOAWAY (it is going away: move), and
+    /// never if the connection ends without one.
+    pub async fn goaway(&self) {
+        let mut goaway = self.goaway.clone();
+        if goaway.wait_for(Option::is_some).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Sends a heartbeat that the broker's QUIC acknowledges.
+    pub async fn heartbeat(&self) -> anyhow::Result<()> {
+        self.control.lock().await.write_all(&HEARTBEAT).await?;
+        Ok(())
+    }
+
+    /// The UDP datagrams received on this connection so far.
+    pub fn received(&self) -> u64 {
+        self.conn.stats().udp_rx.datagrams
     }
 
     /// Waits for the broker's SETTINGS.

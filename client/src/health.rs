@@ -57,6 +57,16 @@ pub struct Health {
     pub reason: Option<String>,
     /// When the state last changed (Unix seconds).
     pub since: u64,
+    /// The broker of the standby connection, when one is ready.
+    #[serde(default)]
+    pub standby: Option<String>,
+    /// Tunnels moved to the standby after the broker was lost, since start.
+    #[serde(default)]
+    pub failovers: u64,
+    /// Tunnels moved to another broker when the broker went away (GOAWAY),
+    /// since start.
+    #[serde(default)]
+    pub handovers: u64,
 }
 
 impl Health {
@@ -70,6 +80,9 @@ impl Health {
             addresses: Vec::new(),
             reason: Some("the agent is starting".into()),
             since: now(),
+            standby: None,
+            failovers: 0,
+            handovers: 0,
         }
     }
 }
@@ -131,6 +144,19 @@ impl Reporter {
     /// The device carries `addresses`.
     pub fn addresses(&self, addresses: Vec<String>) {
         self.set(|h| h.addresses = addresses);
+    }
+
+    /// The standby connection's broker (`None`: no standby).
+    pub fn standby(&self, broker: Option<String>) {
+        self.set(|h| h.standby = broker);
+    }
+
+    /// The failover and handover counts.
+    pub fn moves(&self, failovers: u64, handovers: u64) {
+        self.set(|h| {
+            h.failovers = failovers;
+            h.handovers = handovers;
+        });
     }
 
     /// The tunnel is down, for `reason`; `refused` when the broker refused

@@ -15,7 +15,8 @@
 //! - The admin API client and the tables of `tether routes`, `tether
 //!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
 //!   prints them too).
-//! - [`state_dir`]: the state directory.
+//! - [`state_dir`]: the state directory; [`trust`]: the trust bundle in
+//!   `tether doctor`.
 
 pub mod agent;
 pub mod brokers;
@@ -31,5 +32,7 @@ pub mod lan;
 pub mod link;
 pub mod proxy;
 pub mod pumps;
+pub mod standby;
 pub mod state_dir;
+pub mod trust;
 pub mod tun;

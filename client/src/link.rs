@@ -293,7 +293,7 @@ impl Dialer {
     ) -> anyhow::Result<Self> {
         let creds = state.credentials()?;
         let identity = present.then_some((creds.chain, creds.key));
-        let tls = tether_pki::tls::client_config(&creds.ca, identity)?;
+        let tls = tether_pki::tls::client_config_trusting(&creds.bundle, identity, 0)?;
         // Silence for two keepalive intervals (and a margin) means the broker
         // is gone; a restarted broker resets the connection sooner.
         let quic = h3client::quic_config(
@@ -493,6 +493,34 @@ impl BrokerConn {
         }
     }
 
+    /// Sends a heartbeat the broker acknowledges (HTTP/3; over HTTP/2 the
+    /// connection's own PINGs keep it alive and nothing is sent).
+    pub async fn heartbeat(&self) {
+        if let BrokerConn::H3 { client, .. } = self
+            && let Err(e) = client.heartbeat().await
+        {
+            tracing::debug!("cannot send a heartbeat: {e:#}");
+        }
+    }
+
+    /// The datagrams received on the connection so far (HTTP/3 only).
+    pub fn received(&self) -> Option<u64> {
+        match self {
+            BrokerConn::H3 { client, .. } => Some(client.received()),
+            BrokerConn::H2(_) => None,
+        }
+    }
+
+    /// Resolves when the broker says it is going away (HTTP/3 GOAWAY).
+    /// Over HTTP/2 the broker's GOAWAY ends the connection once its streams
+    /// are done, which [`closed`](Self::closed) reports.
+    pub async fn goaway(&self) {
+        match self {
+            BrokerConn::H3 { client, .. } => client.goaway().await,
+            BrokerConn::H2(_) => std::future::pending().await,
+        }
+    }
+
     /// Closes the connection (the broker ends the session at once).
     pub fn close(&self, reason: &str) {
         match self {
@@ -660,32 +688,59 @@ impl TunnelLink {
     }
 
     /// Sends the packet at `buf[headroom..]`, writing the framing into the
-    /// headroom. A packet the link cannot take now is dropped.
+    /// headroom. A packet the link cannot take now is dropped (over HTTP/3,
+    /// a full send queue drops its oldest packet for this one).
     pub fn send(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
-        let headroom = self.headroom();
+        let Some(packet) = self.frame(buf) else {
+            return Ok(());
+        };
         match self {
-            TunnelLink::H3 { conn, prefix, .. } => {
-                let Some(head) = buf.get_mut(..headroom) else {
+            TunnelLink::H3 { conn, .. } => match conn.send_datagram(packet) {
+                Err(quinn::SendDatagramError::ConnectionLost(_)) => Err(LinkGone),
+                _ => Ok(()),
+            },
+            TunnelLink::H2 { capsules } => match capsules.try_send(packet) {
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(LinkGone),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Like [`TunnelLink::send`], but over HTTP/3 a full send queue makes
+    /// this wait for room (nothing waiting in it is dropped): the device is
+    /// then read no faster than the connection sends, and packets wait in
+    /// the kernel's queue of the device, in front of the local senders.
+    pub async fn send_wait(&self, buf: &mut [u8]) -> Result<(), LinkGone> {
+        match self {
+            TunnelLink::H3 { conn, .. } => {
+                let Some(packet) = self.frame(buf) else {
                     return Ok(());
                 };
-                head.copy_from_slice(prefix);
-                match conn.send_datagram(Bytes::copy_from_slice(buf)) {
+                match conn.send_datagram_wait(packet).await {
                     Err(quinn::SendDatagramError::ConnectionLost(_)) => Err(LinkGone),
                     _ => Ok(()),
                 }
             }
-            TunnelLink::H2 { capsules } => {
+            TunnelLink::H2 { .. } => self.send(buf),
+        }
+    }
+
+    /// The packet at `buf[headroom..]` with its framing written into the
+    /// headroom, as one datagram or capsule.
+    fn frame(&self, buf: &mut [u8]) -> Option<Bytes> {
+        let headroom = self.headroom();
+        match self {
+            TunnelLink::H3 { prefix, .. } => {
+                buf.get_mut(..headroom)?.copy_from_slice(prefix);
+                Some(Bytes::copy_from_slice(buf))
+            }
+            TunnelLink::H2 { .. } => {
                 let len = buf.len().saturating_sub(headroom);
                 let (prefix, n) = datagram::capsule_prefix(len);
-                let start = headroom - n;
-                let Some(head) = buf.get_mut(start..headroom) else {
-                    return Ok(());
-                };
-                head.copy_from_slice(&prefix[..n]);
-                match capsules.try_send(Bytes::copy_from_slice(&buf[start..])) {
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(LinkGone),
-                    _ => Ok(()),
-                }
+                let start = headroom.checked_sub(n)?;
+                buf.get_mut(start..headroom)?
+                    .copy_from_slice(prefix.get(..n)?);
+                Some(Bytes::copy_from_slice(buf.get(start..)?))
             }
         }
     }

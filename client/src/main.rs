@@ -124,7 +124,26 @@ enum Command {
         admin: AdminArgs,
     },
     /// List a broker's sites with their state and addresses (operators).
+    /// With --since or --state: each site's state (online, offline,
+    /// flapping, revoked), since when, and its latest event.
     Sites {
+        /// Only sites with an event within this duration (e.g. 10m, 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only sites in this state: online, offline, flapping or revoked.
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show a site's timeline: connections, disconnections with their
+    /// reason, renewals, revocation (operators).
+    Events {
+        /// The site.
+        site: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -430,7 +449,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Sites { json, admin } => {
+        Command::Sites {
+            since: None,
+            state: None,
+            json,
+            admin,
+        } => {
             let client = admin.client()?;
             operator_call(|| {
                 let sites: Vec<tether_proto::api::SiteInfo> = client.get("/v1/sites")?;
@@ -438,6 +462,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     print_json(&sites);
                 } else {
                     print!("{}", tether_shell::operator::sites_table(&sites));
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Sites {
+            since,
+            state,
+            json,
+            admin,
+        } => {
+            let client = admin.client()?;
+            let mut filter = String::new();
+            for (key, value) in [("since", since), ("state", state)] {
+                if let Some(v) = value {
+                    filter.push_str(&format!("&{key}={}", query_escape(&v)));
+                }
+            }
+            operator_call(|| {
+                // Every page of the filtered list.
+                let mut sites = Vec::new();
+                loop {
+                    let page: tether_proto::api::SitePage = client.get(&format!(
+                        "/v1/site-states?offset={}&limit={}{filter}",
+                        sites.len(),
+                        tether_proto::events::MAX_PAGE
+                    ))?;
+                    let last =
+                        page.sites.is_empty() || sites.len() + page.sites.len() >= page.total;
+                    sites.extend(page.sites);
+                    if last {
+                        break;
+                    }
+                }
+                if json {
+                    print_json(&sites);
+                } else {
+                    print!(
+                        "{}",
+                        tether_shell::operator::site_states_table(&sites, unix_now())
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Events { site, json, admin } => {
+            let client = admin.client()?;
+            let path = format!("/v1/sites/{}/events", query_escape(&site));
+            operator_call(|| {
+                let events: tether_proto::api::SiteEvents = client.get(&path)?;
+                if json {
+                    print_json(&events);
+                } else {
+                    print!(
+                        "{}",
+                        tether_shell::operator::events_table(&events, unix_now())
+                    );
                 }
                 Ok(ExitCode::SUCCESS)
             })
@@ -512,4 +592,12 @@ fn query_escape(text: &str) -> String {
         }
     }
     out
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }

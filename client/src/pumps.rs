@@ -3,9 +3,12 @@
 //! which the agent reads).
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tether_proto::datagram::{self, Payload};
+use tether_proto::forward::DropReason;
 use tether_proto::ip::{self, IcmpError, Packet};
 
 use crate::lan::LanPath;
@@ -51,25 +54,37 @@ pub fn start_pumps(
                     {
                         continue;
                     }
-                    if link.send(framed).is_err() {
+                    if link.send_wait(framed).await.is_err() {
                         return;
                     }
                 }
             }
         })
     };
-    // Over HTTP/2, packets arrive in capsules on the stream and are
-    // written by the session itself.
+    let mut pumps = vec![outbound];
+    pumps.extend(start_inbound(tun, link, lan));
+    pumps
+}
+
+/// Starts the pump from an HTTP/3 tunnel to the device (`None` over
+/// HTTP/2, where packets arrive in capsules on the stream and are written
+/// by the session itself).
+pub fn start_inbound(
+    tun: &Tun,
+    link: &TunnelLink,
+    lan: &Arc<LanPath>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let offload = tun.offload;
     let TunnelLink::H3 {
         conn, stream_id, ..
     } = link.clone()
     else {
-        return vec![outbound];
+        return None;
     };
     let inbound = {
         let (dev, lan) = (tun.dev.clone(), lan.clone());
+        let drops = TunnelDrops::default();
         tokio::spawn(async move {
-            use futures_util::FutureExt;
             // Datagrams that arrived together are written together: with
             // offload, consecutive TCP segments are coalesced into large
             // ones, so the kernel hands the receiving application one packet
@@ -77,11 +92,16 @@ pub fn start_pumps(
             // a coalesced 64 KiB segment and kept across batches.
             let mut batch = tether_shell::tun::WriteBatch::default();
             let mut scratch = Vec::new();
-            while let Ok(first) = conn.read_datagram().await {
+            let mut reader = tether_shell::quic::DatagramReader::new(conn);
+            let mut datagrams = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
+            while let Ok(dropped) = reader
+                .next_batch(&mut datagrams, tun_rs::IDEAL_BATCH_SIZE)
+                .await
+            {
+                drops.count(dropped);
                 let map = lan.current();
-                let mut next = Some(first);
-                while let Some(d) = next.take() {
-                    if let Ok((stream, payload)) = datagram::parse_h3(&d)
+                for d in &datagrams {
+                    if let Ok((stream, payload)) = datagram::parse_h3(d)
                         && stream == stream_id
                         && let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload)
                     {
@@ -95,15 +115,47 @@ pub fn start_pumps(
                             }
                         }
                     }
-                    if batch.has_room() {
-                        next = conn.read_datagram().now_or_never().and_then(Result::ok);
-                    }
                 }
                 let _ = batch.write(&dev, offload).await;
             }
         })
     };
-    vec![outbound, inbound]
+    Some(inbound)
+}
+
+/// The least time between two warnings about packets dropped in the
+/// tunnel's queues.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Packets of a session that arrived faster than the agent read them and
+/// were dropped by the connection's receive queue (the broker counts its
+/// own drops in `tether_broker_packets_dropped_total`; towards the broker
+/// the agent waits for room instead of dropping); logged at most once a
+/// minute.
+#[derive(Default)]
+struct TunnelDrops {
+    receive_queue: AtomicU64,
+    last_warn: Mutex<Option<Instant>>,
+}
+
+impl TunnelDrops {
+    fn count(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let total = self.receive_queue.fetch_add(n, Ordering::Relaxed) + n;
+        let now = Instant::now();
+        if let Ok(mut last) = self.last_warn.lock()
+            && last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+        {
+            *last = Some(now);
+            tracing::warn!(
+                reason = DropReason::TunnelReceiveQueue.as_str(),
+                dropped = total,
+                "packets from the broker were dropped this session: they arrived faster than the agent wrote them to the device"
+            );
+        }
+    }
 }
 
 /// A packet-too-big for a packet the tunnel cannot carry, as if from the

@@ -13,8 +13,12 @@ use tether_proto::ids::{RegionId, SiteId};
 pub const KEY_FILE: &str = "site.key";
 /// The site's certificate.
 pub const CERT_FILE: &str = "site.crt";
-/// The tether CA.
+/// The tether CA that signed the site's certificate.
 pub const CA_FILE: &str = "ca.crt";
+/// The trust bundle: every CA the deployment trusts (two during a CA
+/// rotation), as the broker last sent it. The broker is verified against
+/// it; without it, against `ca.crt` alone.
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
 /// The configuration written at enrollment.
 pub const CONFIG_FILE: &str = "tether.toml";
 /// Who this site is.
@@ -22,6 +26,10 @@ pub const IDENTITY_FILE: &str = "identity.json";
 
 /// File recording the transport that last worked.
 pub const TRANSPORT_FILE: &str = "transport";
+
+/// Most CA certificates a trust bundle may hold (two during a rotation;
+/// the rest is room, and a limit on what a broker can make a site store).
+pub const MAX_BUNDLE_CERTS: usize = 8;
 
 /// `/var/lib/tether` for root, else `~/.local/state/tether`.
 pub fn default_state_dir() -> PathBuf {
@@ -58,6 +66,8 @@ pub struct Credentials {
     pub key: PrivateKeyDer<'static>,
     /// The CA.
     pub ca: CertificateDer<'static>,
+    /// The trust bundle the broker is verified against (at least `ca`).
+    pub bundle: Vec<CertificateDer<'static>>,
     /// Who it is.
     pub identity: Identity,
 }
@@ -108,6 +118,54 @@ impl StateDir {
         Ok(())
     }
 
+    /// Stores the trust bundle the broker sent (PEM, one or more CA
+    /// certificates). A bundle that does not parse is refused and the
+    /// previous one kept.
+    pub fn save_trust_bundle(&self, bundle_pem: &str) -> anyhow::Result<()> {
+        let certs = tether_pki::ca::pems_to_der(bundle_pem, "CERTIFICATE")
+            .filter(|c| !c.is_empty())
+            .context("the broker sent a damaged or empty trust bundle; keeping the previous one")?;
+        if certs.len() > MAX_BUNDLE_CERTS {
+            anyhow::bail!(
+                "the broker sent a trust bundle of {} certificates (at most {MAX_BUNDLE_CERTS}); keeping the previous one",
+                certs.len()
+            );
+        }
+        let mut text = String::new();
+        for der in &certs {
+            text.push_str(&der_to_pem(der, "CERTIFICATE"));
+        }
+        create_private_dir(&self.path)?;
+        if std::fs::read_to_string(self.file(TRUST_BUNDLE_FILE))
+            .ok()
+            .as_deref()
+            != Some(&text)
+        {
+            replace_file(&self.file(TRUST_BUNDLE_FILE), text.as_bytes(), 0o644)?;
+            tracing::info!(certificates = certs.len(), "trust bundle updated");
+        }
+        Ok(())
+    }
+
+    /// The stored trust bundle, if any.
+    pub fn trust_bundle(&self) -> anyhow::Result<Option<Vec<CertificateDer<'static>>>> {
+        let path = self.file(TRUST_BUNDLE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let certs = tether_pki::ca::pems_to_der(&text, "CERTIFICATE")
+            .filter(|c| !c.is_empty())
+            .with_context(|| {
+                format!(
+                    "{} is damaged; delete it to fall back to ca.crt",
+                    path.display()
+                )
+            })?;
+        Ok(Some(certs.into_iter().map(CertificateDer::from).collect()))
+    }
+
     /// The transport that last worked, if recorded.
     pub fn last_transport(&self) -> Option<tether_proto::tunnel::Transport> {
         std::fs::read_to_string(self.file(TRANSPORT_FILE))
@@ -155,10 +213,16 @@ impl StateDir {
         };
         let identity: Identity = serde_json::from_str(&read(IDENTITY_FILE)?)
             .context("identity.json is damaged; enroll again")?;
+        let ca = CertificateDer::from(pem(CA_FILE, "CERTIFICATE")?);
+        let mut bundle = self.trust_bundle()?.unwrap_or_default();
+        if !bundle.contains(&ca) {
+            bundle.push(ca.clone());
+        }
         Ok(Credentials {
             chain: vec![CertificateDer::from(pem(CERT_FILE, "CERTIFICATE")?)],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pem(KEY_FILE, "PRIVATE KEY")?)),
-            ca: CertificateDer::from(pem(CA_FILE, "CERTIFICATE")?),
+            ca,
+            bundle,
             identity,
         })
     }

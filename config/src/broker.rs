@@ -59,6 +59,52 @@ pub struct BrokerFile {
     /// Where the broker keeps its state: the embedded store in the data
     /// directory (default) or a shared etcd cluster.
     pub store: StoreFile,
+    /// `[peering]`: the encrypted link to the other brokers of the fleet,
+    /// used with the etcd store.
+    pub peering: PeeringFile,
+}
+
+/// `[peering]`: the broker-to-broker link (WireGuard over UDP) that
+/// carries packets for sites and gateways held by another broker. Used
+/// only with `store.backend = "etcd"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeeringFile {
+    /// UDP socket address of the link. Empty: the IP address of the first
+    /// `listen` address on port 51821 (on port 0, a port the system
+    /// picks, when that `listen` address has port 0).
+    pub listen: String,
+    /// The address other brokers send to, announced in the fleet. Empty:
+    /// `peering.listen` (with the port the system gave for port 0), or the
+    /// first `advertised` IP address when `listen` is a wildcard.
+    pub advertise: String,
+    /// The largest IP packet the link carries (the path MTU between the
+    /// brokers less 80 bytes of WireGuard over IPv6).
+    pub mtu: u16,
+}
+
+impl Default for PeeringFile {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            advertise: String::new(),
+            mtu: 1420,
+        }
+    }
+}
+
+/// The default UDP port of the broker-to-broker link.
+pub const DEFAULT_PEERING_PORT: u16 = 51821;
+
+/// The validated broker-to-broker link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peering {
+    /// Where the link's socket binds.
+    pub listen: SocketAddr,
+    /// What other brokers send to; `None`: the bound address.
+    pub advertise: Option<SocketAddr>,
+    /// The largest IP packet the link carries.
+    pub mtu: u16,
 }
 
 /// `[store]`: the state store backend.
@@ -251,6 +297,10 @@ pub struct TunnelFile {
     /// still renew it by proving it holds its key (re-attestation), with no
     /// new enrollment code; `"0s"` turns re-attestation off.
     pub reattest_window: String,
+    /// On SIGTERM, how long the broker waits for its sites to move to
+    /// other brokers (it tells them with HTTP/3 GOAWAY) before it exits;
+    /// `"0s"` exits at once.
+    pub drain_timeout: String,
 }
 
 /// `[[region]]`: a data-residency region and its pools.
@@ -335,6 +385,7 @@ impl Default for BrokerFile {
             dns: DnsFile::default(),
             policy: PolicyFile::default(),
             store: StoreFile::default(),
+            peering: PeeringFile::default(),
         }
     }
 }
@@ -363,6 +414,7 @@ impl Default for TunnelFile {
             max_unauthenticated_per_source: 16,
             max_unauthenticated: 512,
             reattest_window: "90d".into(),
+            drain_timeout: "10s".into(),
         }
     }
 }
@@ -433,6 +485,8 @@ pub struct BrokerConfig {
     pub keepalive: Duration,
     /// Tunnel idle timeout.
     pub idle_timeout: Duration,
+    /// On SIGTERM, the longest wait for sites to move to other brokers.
+    pub drain_timeout: Duration,
     /// Site certificate lifetime.
     pub site_cert_lifetime: Duration,
     /// Default enrollment token lifetime.
@@ -459,6 +513,8 @@ pub struct BrokerConfig {
     pub policy: Arc<Policy>,
     /// The state store backend.
     pub store: StoreConfig,
+    /// The broker-to-broker link (used with etcd).
+    pub peering: Peering,
 }
 
 /// A validated gateway registration.
@@ -629,6 +685,12 @@ impl BrokerFile {
             Duration::from_secs(3),
             Duration::from_secs(3600),
         );
+        let drain_timeout = p.duration(
+            "tunnel.drain_timeout",
+            &self.tunnel.drain_timeout,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        );
         if idle_timeout <= keepalive * 2 {
             p.add(
                 "tunnel.idle_timeout",
@@ -674,6 +736,7 @@ impl BrokerFile {
             self.policy.compile(&mut p, &known).map(Arc::new)
         };
         let store = self.store.validate(&mut p);
+        let peering = self.validate_peering(&mut p, &listen, &advertised_ips);
 
         let (Ok(trust_domain), Some(published_cidr), Some(admin_listen), Some(policy)) =
             (trust_domain, published_cidr, admin_listen, policy)
@@ -694,6 +757,7 @@ impl BrokerFile {
                 tunnel_limits,
                 keepalive,
                 idle_timeout,
+                drain_timeout,
                 site_cert_lifetime,
                 token_ttl,
                 reattest_window,
@@ -707,6 +771,7 @@ impl BrokerFile {
                 dns_ttl,
                 policy,
                 store: store.unwrap_or_default(),
+                peering,
             },
         )
     }
@@ -797,6 +862,69 @@ impl BrokerFile {
             Duration::from_secs(86_400),
         );
         (listen, zone, ttl.as_secs() as u32)
+    }
+
+    fn validate_peering(
+        &self,
+        p: &mut Problems,
+        listen: &[SocketAddr],
+        advertised_ips: &[IpAddr],
+    ) -> Peering {
+        // A broker on an ephemeral tunnel port (tests, several brokers on
+        // one host) gets an ephemeral link port too.
+        let fallback = match listen.first() {
+            Some(a) if a.port() == 0 => SocketAddr::new(a.ip(), 0),
+            Some(a) => SocketAddr::new(a.ip(), DEFAULT_PEERING_PORT),
+            None => SocketAddr::new(
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                DEFAULT_PEERING_PORT,
+            ),
+        };
+        let mut parse = |field: &str, text: &str| -> Option<SocketAddr> {
+            if text.is_empty() {
+                return None;
+            }
+            match text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p.add(
+                        field,
+                        format!("{text:?} is not an address:port"),
+                        "write e.g. \"10.0.0.5:51821\"",
+                    );
+                    None
+                }
+            }
+        };
+        let listen_addr = parse("peering.listen", &self.peering.listen).unwrap_or(fallback);
+        let mut advertise = parse("peering.advertise", &self.peering.advertise);
+        if let Some(a) = advertise
+            && (a.ip().is_unspecified() || a.port() == 0)
+        {
+            p.add(
+                "peering.advertise",
+                format!("{a} cannot be reached by other brokers"),
+                "name the address and port other brokers send to, e.g. \"10.0.0.5:51821\"",
+            );
+            advertise = None;
+        }
+        if advertise.is_none() && listen_addr.ip().is_unspecified() {
+            advertise = advertised_ips
+                .first()
+                .map(|ip| SocketAddr::new(*ip, listen_addr.port()));
+        }
+        if !(576..=65_535 - 80).contains(&self.peering.mtu) {
+            p.add(
+                "peering.mtu",
+                format!("{} is out of range", self.peering.mtu),
+                "use the path MTU between the brokers less 80, e.g. 1420 for 1500",
+            );
+        }
+        Peering {
+            listen: listen_addr,
+            advertise,
+            mtu: self.peering.mtu,
+        }
     }
 
     fn validate_wireguard(
@@ -1383,6 +1511,29 @@ mod tests {
             !ps.iter()
                 .any(|p| p.field == "advertised[0]" || p.field == "advertised[2]")
         );
+    }
+
+    #[test]
+    fn the_peering_link_defaults_and_problems() {
+        let valid = |toml: &str| {
+            BrokerFile::parse(toml, "t")
+                .unwrap()
+                .validate("t")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .peering
+        };
+        let p = valid("listen = [\"127.0.0.1:443\"]");
+        assert_eq!(p.listen, "127.0.0.1:51821".parse().unwrap());
+        assert_eq!((p.advertise, p.mtu), (None, 1420));
+        let p = valid("listen = [\"127.0.0.1:0\"]");
+        assert_eq!(p.listen, "127.0.0.1:0".parse().unwrap(), "ephemeral");
+        let p = valid("listen = [\"0.0.0.0:443\"]\nadvertised = [\"127.0.0.5\"]");
+        assert_eq!(p.advertise, Some("127.0.0.5:51821".parse().unwrap()));
+        let ps =
+            problems("[peering]\nlisten = \"nowhere\"\nadvertise = \"0.0.0.0:51821\"\nmtu = 100");
+        assert!(has(&ps, "peering.listen", "not an address:port"), "{ps:?}");
+        assert!(has(&ps, "peering.advertise", "cannot be reached"), "{ps:?}");
+        assert!(has(&ps, "peering.mtu", "out of range"), "{ps:?}");
     }
 
     #[test]

@@ -83,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(p.dst, original.src);
             }
             Verdict::Drop(_) => {}
+            Verdict::Relay(_) => panic!("relayed with no other broker in the fleet"),
         }
     });
 });

@@ -33,7 +33,6 @@ use tether_proto::gateway::control::{ControlAction, ControlEvent, ControlSchedul
 use tether_proto::gateway::{
     self as control, Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, ZoneAssembler,
 };
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -44,9 +43,6 @@ use crate::routes::Routes;
 pub const KEY_FILE: &str = "wireguard.key";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether-gateway";
-/// Largest payload of one segmentation-offloaded UDP send (an IPv4 UDP
-/// datagram's limit, 65,507 bytes, rounded down).
-const MAX_GSO_BYTES: usize = 65_000;
 /// WireGuard's keepalive towards the broker, so NAT state on the way
 /// stays open.
 const KEEPALIVE_SECS: u16 = 25;
@@ -118,38 +114,7 @@ impl Shared {
     /// Sends datagrams of `lens` laid out back to back in `data`, in as few
     /// system calls as UDP segmentation offload allows.
     async fn send_all(&self, data: &[u8], lens: &[usize]) {
-        let max = self.udp.max_gso_segments().max(1);
-        let mut start = 0;
-        let mut i = 0;
-        while i < lens.len() {
-            // A run of equal sizes, optionally ending in one smaller.
-            // One UDP send carries at most 64 KiB.
-            let seg = lens[i];
-            let max = max.min((MAX_GSO_BYTES / seg.max(1)).max(1));
-            let mut j = i + 1;
-            while j < lens.len() && j - i < max && lens[j] == seg {
-                j += 1;
-            }
-            if j < lens.len() && j - i < max && lens[j] < seg {
-                j += 1;
-            }
-            let end = start + lens[i..j].iter().sum::<usize>();
-            let transmit = quinn_udp::Transmit {
-                destination: self.broker,
-                ecn: None,
-                contents: data.get(start..end).unwrap_or_default(),
-                segment_size: (j - i > 1).then_some(seg),
-                src_ip: None,
-            };
-            let _ = self
-                .socket
-                .async_io(Interest::WRITABLE, || {
-                    self.udp.send((&self.socket).into(), &transmit)
-                })
-                .await;
-            start = end;
-            i = j;
-        }
+        tether_shell::udp::send_segments(&self.socket, &self.udp, self.broker, data, lens).await;
     }
 
     /// Encrypts one packet (or a control message) and sends it.

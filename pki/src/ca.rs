@@ -189,19 +189,29 @@ impl Ca {
         warn_if_readable_by_others(&key_path);
         let cert_pem = read(&cert_path)?;
         let key_pem = read(&key_path)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| PkiError::BadCa(format!("{}: {e}", key_path.display())))?;
-        let cert_der = pem_to_der(&cert_pem, "CERTIFICATE").ok_or_else(|| {
-            PkiError::BadCa(format!("{}: no PEM certificate", cert_path.display()))
-        })?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
-            .map_err(|e| PkiError::BadCa(format!("{}: {e}", cert_path.display())))?;
-        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(PkiError::BadCa(format!(
-                "{} does not belong to the key in {}",
+        Self::from_pem(&cert_pem, &key_pem).map_err(|e| match e {
+            PkiError::BadCa(m) => PkiError::BadCa(format!(
+                "{} / {}: {m}",
                 cert_path.display(),
                 key_path.display()
-            )));
+            )),
+            e => e,
+        })
+    }
+
+    /// A CA from its certificate and private key in PEM (as the store
+    /// keeps a rotated CA).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| PkiError::BadCa(format!("unreadable private key: {e}")))?;
+        let cert_der = pem_to_der(cert_pem, "CERTIFICATE")
+            .ok_or_else(|| PkiError::BadCa("no PEM certificate".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| PkiError::BadCa(format!("unreadable certificate: {e}")))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(PkiError::BadCa(
+                "the certificate does not belong to the private key".into(),
+            ));
         }
         let trust_domain = spiffe_uris(&parsed)
             .into_iter()
@@ -210,10 +220,7 @@ impl Ca {
                     .map(|td| td.trim_end_matches('/').to_string())
             })
             .ok_or_else(|| {
-                PkiError::BadCa(format!(
-                    "{} carries no spiffe:// trust domain",
-                    cert_path.display()
-                ))
+                PkiError::BadCa("the certificate carries no spiffe:// trust domain".into())
             })?;
         let trust_domain = TrustDomain::new(trust_domain).map_err(IdentityError::from)?;
         let not_after = SystemTime::UNIX_EPOCH
@@ -223,10 +230,16 @@ impl Ca {
         Ok(Self {
             trust_domain,
             cert_der,
-            cert_pem,
+            cert_pem: cert_pem.to_string(),
             not_after,
             issuer,
         })
+    }
+
+    /// The CA's private key, PKCS#8 PEM: for the store, which shares a
+    /// rotated CA between brokers.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// Loads the CA from `dir`, or creates it there if there is none.
@@ -265,6 +278,14 @@ impl Ca {
     /// When the CA certificate expires.
     pub fn not_after(&self) -> SystemTime {
         self.not_after
+    }
+
+    /// The CA's name (its subject common name, which carries a key
+    /// fingerprint that tells successive CAs apart).
+    pub fn name(&self) -> String {
+        common_names(&self.cert_der)
+            .map(|(subject, _)| subject)
+            .unwrap_or_default()
     }
 
     /// The CA certificate, PEM.
@@ -452,6 +473,33 @@ pub fn pem_to_der(pem: &str, label: &str) -> Option<Vec<u8>> {
     data_encoding::BASE64.decode(body.as_bytes()).ok()
 }
 
+/// The subject's and the issuer's common names of a certificate (empty
+/// when absent), `None` when it does not parse.
+pub fn common_names(der: &[u8]) -> Option<(String, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = |name: &x509_parser::x509::X509Name<'_>| {
+        name.iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok().map(str::to_string))
+            .unwrap_or_default()
+    };
+    Some((cn(cert.subject()), cn(cert.issuer())))
+}
+
+/// Every PEM block with the given label, in order (a trust bundle holds
+/// several certificates). `None` when a block is damaged.
+pub fn pems_to_der(pem: &str, label: &str) -> Option<Vec<Vec<u8>>> {
+    let end = format!("-----END {label}-----");
+    let mut out = Vec::new();
+    let mut rest = pem;
+    while rest.contains(&format!("-----BEGIN {label}-----")) {
+        out.push(pem_to_der(rest, label)?);
+        let stop = rest.find(&end)? + end.len();
+        rest = rest.get(stop..)?;
+    }
+    Some(out)
+}
+
 /// Encodes DER as PEM with the given label.
 pub fn der_to_pem(der: &[u8], label: &str) -> String {
     let b64 = data_encoding::BASE64.encode(der);
@@ -549,6 +597,26 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::new("tether.test").unwrap()
+    }
+
+    #[test]
+    fn a_ca_survives_its_pem_form_and_a_bundle_reads_back_in_order() {
+        let a = Ca::generate(td(), SystemTime::now()).unwrap();
+        let b = Ca::generate(td(), SystemTime::now()).unwrap();
+        let again = Ca::from_pem(a.cert_pem(), &a.key_pem()).unwrap();
+        assert_eq!(again.cert_der(), a.cert_der());
+        assert_eq!(again.trust_domain(), a.trust_domain());
+        let mismatched = Ca::from_pem(a.cert_pem(), &b.key_pem()).unwrap_err();
+        assert!(
+            mismatched.to_string().contains("does not belong"),
+            "{mismatched}"
+        );
+        let bundle = format!("{}{}", a.cert_pem(), b.cert_pem());
+        let ders = pems_to_der(&bundle, "CERTIFICATE").unwrap();
+        assert_eq!(ders, vec![a.cert_der().to_vec(), b.cert_der().to_vec()]);
+        assert_eq!(pems_to_der("", "CERTIFICATE").unwrap().len(), 0);
+        let truncated = &bundle[..bundle.len() - 40];
+        assert!(pems_to_der(truncated, "CERTIFICATE").is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`revocation`]: the revocation set the handshake consults.
 //! - [`reattest`]: a site whose certificate expired proves it holds the
 //!   key of its last certificate, and the broker's decision on it.
+//! - [`rotation`]: CA rotation phases and the trust bundle of each.
 //! - [`tls`]: rustls server and client configurations and identity
 //!   extraction from a verified peer.
 
@@ -17,6 +18,7 @@ pub mod ca;
 pub mod identity;
 pub mod reattest;
 pub mod revocation;
+pub mod rotation;
 pub mod tls;
 pub mod token;
 pub mod wg;
@@ -24,4 +26,4 @@ pub mod wg;
 pub use ca::{Ca, IssuedCert, PkiError};
 pub use identity::{IdentityError, SiteIdentity, TrustDomain};
 pub use revocation::{RevocationSet, Revoked};
-pub use tls::{CertSlot, ClientAuth, PeerCert};
+pub use tls::{CertSlot, ClientAuth, PeerCert, TrustAnchors};

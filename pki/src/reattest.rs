@@ -113,6 +113,18 @@ pub fn verify_presented(
     cert: &CertificateDer<'_>,
     now: SystemTime,
 ) -> Result<Presented, ReattestError> {
+    verify_presented_by(std::slice::from_ref(ca), trust_domain, cert, now)
+}
+
+/// As [`verify_presented`], accepting a certificate from any CA of the
+/// trust bundle (during a CA rotation, a site may return with a
+/// certificate from the CA being retired).
+pub fn verify_presented_by(
+    bundle: &[CertificateDer<'_>],
+    trust_domain: &TrustDomain,
+    cert: &CertificateDer<'_>,
+    now: SystemTime,
+) -> Result<Presented, ReattestError> {
     let not_ours = |e: String| ReattestError::NotOurs(e);
     let (not_before, not_after) =
         crate::tls::validity(cert).map_err(|e| not_ours(e.to_string()))?;
@@ -121,9 +133,11 @@ pub fn verify_presented(
         .unwrap_or(not_after);
     let at = now.clamp(not_before.min(latest), latest);
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(ca.clone().into_owned())
-        .map_err(|e| not_ours(e.to_string()))?;
+    for ca in bundle {
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| not_ours(e.to_string()))?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| not_ours(e.to_string()))?;

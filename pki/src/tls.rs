@@ -1,7 +1,7 @@
 //! rustls configurations for brokers and sites.
 //!
-//! TLS 1.3 only, the ring provider, and trust in exactly one root: the
-//! deployment's CA. The broker's client-certificate verifier runs webpki's
+//! TLS 1.3 only, the ring provider, and trust in the deployment's CAs: one,
+//! or two during a CA rotation (the trust bundle). The broker's client-certificate verifier runs webpki's
 //! chain validation (signature, validity period, `clientAuth` extended key
 //! usage) and then tether's own rules: exactly one SPIFFE identity of the
 //! deployment's trust domain, not revoked.
@@ -87,15 +87,78 @@ pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), I
 }
 
 fn roots(ca: &CertificateDer<'_>) -> Result<Arc<RootCertStore>, Error> {
+    roots_of(std::slice::from_ref(ca))
+}
+
+fn roots_of(cas: &[CertificateDer<'_>]) -> Result<Arc<RootCertStore>, Error> {
     let mut store = RootCertStore::empty();
-    store.add(ca.clone().into_owned())?;
+    for ca in cas {
+        store.add(ca.clone().into_owned())?;
+    }
+    if store.is_empty() {
+        return Err(Error::General("an empty trust bundle".into()));
+    }
     Ok(Arc::new(store))
+}
+
+/// The subject of a CA certificate as TLS names it (the `certificate
+/// authorities` extension of RFC 8446 section 4.2.4).
+fn subject_of(ca: &CertificateDer<'_>) -> Result<DistinguishedName, Error> {
+    roots(ca)?
+        .subjects()
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::General("a CA certificate without a subject".into()))
+}
+
+/// The CAs a broker trusts for site certificates: the deployment's trust
+/// bundle, replaceable while it serves (a CA rotation changes it without
+/// a restart and without touching established connections).
+#[derive(Debug)]
+pub struct TrustAnchors {
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+impl TrustAnchors {
+    /// Anchors trusting every CA in `cas`.
+    pub fn new(cas: &[CertificateDer<'_>]) -> Result<Self, Error> {
+        Ok(Self {
+            current: RwLock::new(Self::verifier(cas)?),
+        })
+    }
+
+    fn verifier(cas: &[CertificateDer<'_>]) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+        // Optional at this layer: `SiteVerifier` decides whether a
+        // certificate is mandatory.
+        WebPkiClientVerifier::builder_with_provider(roots_of(cas)?, provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| Error::General(e.to_string()))
+            .map(|v| v as Arc<dyn ClientCertVerifier>)
+    }
+
+    /// Trusts exactly `cas` from the next handshake on.
+    pub fn replace(&self, cas: &[CertificateDer<'_>]) -> Result<(), Error> {
+        let verifier = Self::verifier(cas)?;
+        if let Ok(mut current) = self.current.write() {
+            *current = verifier;
+        }
+        Ok(())
+    }
+
+    fn get(&self) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+        self.current
+            .read()
+            .map(|v| v.clone())
+            .map_err(|_| Error::General("trust anchors lock poisoned".into()))
+    }
 }
 
 /// The broker's verifier of site certificates.
 #[derive(Debug)]
 struct SiteVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
+    anchors: Arc<TrustAnchors>,
+    provider: Arc<CryptoProvider>,
     trust_domain: TrustDomain,
     revocations: Arc<RevocationSet>,
     mandatory: bool,
@@ -111,7 +174,8 @@ impl ClientCertVerifier for SiteVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
+        // A site holds one certificate: no hint is needed to choose it.
+        &[]
     }
 
     fn verify_client_cert(
@@ -120,7 +184,8 @@ impl ClientCertVerifier for SiteVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.webpki
+        self.anchors
+            .get()?
             .verify_client_cert(end_entity, intermediates, now)?;
         let peer =
             peer_identity(std::slice::from_ref(end_entity), &self.trust_domain).map_err(|e| {
@@ -139,7 +204,12 @@ impl ClientCertVerifier for SiteVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -148,20 +218,40 @@ impl ClientCertVerifier for SiteVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
-/// The broker's current certificate, replaceable while it serves: the
+/// The broker's current certificates, replaceable while it serves: the
 /// broker renews its certificate before it expires without a restart.
+///
+/// During a CA rotation it holds one certificate per trusted CA. A client
+/// that names the CAs it trusts (TLS 1.3 `certificate_authorities`, which
+/// tether's agents send) gets the certificate from a CA it knows, so a
+/// site that was offline while a new CA took over still recognises the
+/// broker; any other client gets the first (the signing CA's).
 #[derive(Debug)]
 pub struct CertSlot {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Vec<IssuedBy>>,
 }
+
+/// A server certificate with the subject of the CA that issued it (none
+/// for a chain without its CA).
+type IssuedBy = (Option<DistinguishedName>, Arc<CertifiedKey>);
+
+/// One server certificate: the chain (leaf first, its CA last) and key.
+pub type ServerCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 impl CertSlot {
     /// A slot holding `chain` and `key`.
@@ -170,8 +260,28 @@ impl CertSlot {
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, Error> {
         Ok(Self {
-            current: RwLock::new(Arc::new(CertifiedKey::from_der(chain, key, &provider())?)),
+            current: RwLock::new(Self::entries(vec![(chain, key)])?),
         })
+    }
+
+    fn entries(certs: Vec<ServerCert>) -> Result<Vec<IssuedBy>, Error> {
+        let mut out = Vec::new();
+        for (chain, key) in certs {
+            // The issuer is the CA at the end of the chain; a chain of one
+            // certificate matches no hint.
+            let issuer = match chain.get(1..).and_then(<[_]>::last) {
+                Some(ca) => Some(subject_of(ca)?),
+                None => None,
+            };
+            out.push((
+                issuer,
+                Arc::new(CertifiedKey::from_der(chain, key, &provider())?),
+            ));
+        }
+        if out.is_empty() {
+            return Err(Error::General("no server certificate".into()));
+        }
+        Ok(out)
     }
 
     /// Replaces the certificate for new handshakes.
@@ -180,17 +290,33 @@ impl CertSlot {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<(), Error> {
-        let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider())?);
+        self.replace_all(vec![(chain, key)])
+    }
+
+    /// Replaces the certificates for new handshakes: one per trusted CA,
+    /// the default (for clients that name no CA) first.
+    pub fn replace_all(&self, certs: Vec<ServerCert>) -> Result<(), Error> {
+        let entries = Self::entries(certs)?;
         if let Ok(mut current) = self.current.write() {
-            *current = certified;
+            *current = entries;
         }
         Ok(())
     }
 }
 
 impl ResolvesServerCert for CertSlot {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|c| c.clone())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = self.current.read().ok()?;
+        if let Some(known) = hello.certificate_authorities()
+            && let Some((_, cert)) = current.iter().find(|(issuer, _)| {
+                issuer
+                    .as_ref()
+                    .is_some_and(|i| known.iter().any(|k| k.as_ref() == i.as_ref()))
+            })
+        {
+            return Some(cert.clone());
+        }
+        current.first().map(|(_, c)| c.clone())
     }
 }
 
@@ -218,14 +344,23 @@ pub fn server_config_with_cert(
     revocations: Arc<RevocationSet>,
     client_auth: ClientAuth,
 ) -> Result<ServerConfig, Error> {
+    let anchors = Arc::new(TrustAnchors::new(std::slice::from_ref(ca))?);
+    server_config_with_trust(anchors, trust_domain, cert, revocations, client_auth)
+}
+
+/// Like [`server_config_with_cert`], trusting the CAs of `anchors` as they
+/// are at each handshake.
+pub fn server_config_with_trust(
+    anchors: Arc<TrustAnchors>,
+    trust_domain: &TrustDomain,
+    cert: Arc<dyn ResolvesServerCert>,
+    revocations: Arc<RevocationSet>,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, Error> {
     let provider = provider();
-    let mut builder = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone());
-    if client_auth == ClientAuth::Optional {
-        builder = builder.allow_unauthenticated();
-    }
-    let webpki = builder.build().map_err(|e| Error::General(e.to_string()))?;
     let verifier = SiteVerifier {
-        webpki,
+        anchors,
+        provider: provider.clone(),
         trust_domain: trust_domain.clone(),
         revocations,
         mandatory: client_auth == ClientAuth::Required,
@@ -275,16 +410,80 @@ pub fn client_config_with_clock(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     offset_secs: i64,
 ) -> Result<ClientConfig, Error> {
+    client_config_trusting(std::slice::from_ref(ca), identity, offset_secs)
+}
+
+/// A site's client configuration trusting every CA of a trust bundle,
+/// which it names to the broker (`certificate_authorities`) so the broker
+/// presents a certificate from one of them; the broker's certificate is
+/// judged by a clock shifted by `offset_secs` (0: the host's own).
+pub fn client_config_trusting(
+    bundle: &[CertificateDer<'_>],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    offset_secs: i64,
+) -> Result<ClientConfig, Error> {
     let provider = provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider.clone())
+    let roots = roots_of(bundle)?;
+    let subjects = roots.subjects();
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::General(e.to_string()))?;
+    let verifier = NamingVerifier { webpki, subjects };
     let builder = ClientConfig::builder_with_details(provider, Arc::new(ShiftedClock(offset_secs)))
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_webpki_verifier(verifier);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
     match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key),
         None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// webpki's verification of the broker, naming the trusted CAs in the
+/// ClientHello.
+#[derive(Debug)]
+struct NamingVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    subjects: Vec<DistinguishedName>,
+}
+
+impl ServerCertVerifier for NamingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
+        Some(&self.subjects)
     }
 }
 

@@ -68,8 +68,13 @@ pub struct EnrollResponse {
     pub region: RegionId,
     /// The site certificate, PEM.
     pub certificate: String,
-    /// The CA certificate, PEM.
+    /// The CA certificate that signed `certificate`, PEM.
     pub ca: String,
+    /// The trust bundle: every CA certificate the deployment trusts, PEM,
+    /// the signing CA first (two during a CA rotation). Absent from brokers
+    /// that predate it; then `ca` is the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
     /// Certificate expiry, seconds since the Unix epoch.
     pub not_after: u64,
     /// Broker endpoints the site should dial (`host:port`).
@@ -91,8 +96,11 @@ pub struct RenewRequest {
 pub struct RenewResponse {
     /// The new certificate, PEM.
     pub certificate: String,
-    /// The CA certificate, PEM.
+    /// The CA certificate that signed `certificate`, PEM.
     pub ca: String,
+    /// The trust bundle, as in [`EnrollResponse::trust_bundle`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
     /// Certificate expiry, seconds since the Unix epoch.
     pub not_after: u64,
 }
@@ -188,6 +196,101 @@ pub struct SiteInfo {
     pub enrolled: bool,
     /// Its live session, if connected.
     pub session: Option<SessionInfo>,
+}
+
+/// Admin API: one site of the fleet's site list (`GET /v1/site-states`),
+/// with its state and what the console shows of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteSummary {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Online, offline, flapping or revoked.
+    pub state: crate::events::SiteState,
+    /// In that state since, Unix seconds, when known.
+    pub since: Option<u64>,
+    /// Whether it has enrolled.
+    pub enrolled: bool,
+    /// The broker holding its tunnel, when online.
+    pub broker: Option<String>,
+    /// `h3`, `h2` or `h2-proxy`, when online here.
+    pub transport: Option<String>,
+    /// Its address as the broker sees it, when online here.
+    pub remote: Option<SocketAddr>,
+    /// Smoothed round-trip time, milliseconds, when online here.
+    pub rtt_ms: Option<f64>,
+    /// Its own overlay addresses.
+    pub addresses: Vec<IpNet>,
+    /// Its LANs and the prefixes they are mapped to.
+    pub lans: Vec<LanMappingInfo>,
+    /// When its newest certificate expires, Unix seconds, when known.
+    pub cert_not_after: Option<u64>,
+    /// Bytes from the site, through this broker since it started.
+    pub rx_bytes: u64,
+    /// Bytes to the site, through this broker since it started.
+    pub tx_bytes: u64,
+    /// The newest event of its timeline.
+    pub last_event: Option<crate::events::SiteEvent>,
+}
+
+/// A LAN behind a site and the prefix it is mapped to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanMappingInfo {
+    /// The LAN as the hospital numbers it.
+    pub lan: IpNet,
+    /// The unique prefix it is reached at.
+    pub mapped: IpNet,
+}
+
+/// Admin API: a page of the site list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SitePage {
+    /// Sites that pass the filter, in all.
+    pub total: usize,
+    /// Index of the first site of this page among them.
+    pub offset: usize,
+    /// Sites in each state, of all sites (unfiltered).
+    pub counts: std::collections::BTreeMap<String, usize>,
+    /// This page, by region and site.
+    pub sites: Vec<SiteSummary>,
+}
+
+/// Admin API: the filter and page of `GET /v1/site-states`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteListQuery {
+    /// Words that must all appear in the site's id, region, addresses,
+    /// LANs, remote address or transport.
+    pub q: Option<String>,
+    /// `online`, `offline`, `flapping` or `revoked`.
+    pub state: Option<String>,
+    /// Only this region.
+    pub region: Option<String>,
+    /// Only sites with an event within this duration (e.g. `1h`).
+    pub since: Option<String>,
+    /// Index of the first site to return.
+    pub offset: Option<usize>,
+    /// Most sites to return (default 100, at most 500).
+    pub limit: Option<usize>,
+}
+
+/// Admin API: a site's timeline (`GET /v1/sites/{site}/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteEvents {
+    /// The site.
+    pub site: SiteId,
+    /// Its region.
+    pub region: RegionId,
+    /// Its events, oldest first (the newest ones the broker keeps).
+    pub events: Vec<crate::events::SiteEvent>,
+}
+
+/// Admin API: what the presented token may do (`GET /v1/whoami`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whoami {
+    /// `admin` (everything) or `viewer` (reads only).
+    pub role: String,
 }
 
 /// Admin API: a live tunnel session.
@@ -498,4 +601,41 @@ mod tests {
         let json = serde_json::to_string(&host).unwrap();
         assert_eq!(serde_json::from_str::<LanHost>(&json).unwrap(), host);
     }
+}
+
+/// The deployment's CA state, as the admin API reports it
+/// (`GET /v1/ca`, and the answer of `POST /v1/ca/rotate` and
+/// `POST /v1/ca/rollback`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaStatus {
+    /// The rotation phase: `stable`, `prepared` or `active`.
+    pub phase: String,
+    /// Counts rotation steps.
+    pub generation: u64,
+    /// When the phase began, Unix seconds.
+    pub since: u64,
+    /// The trust bundle, the signing CA first.
+    pub bundle: Vec<CaInfo>,
+    /// During `active`: from when the old CA may be retired, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after: Option<u64>,
+    /// After a rollback from `active`: from when the new CA may be dropped,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_next_after: Option<u64>,
+    /// What `rotate` would do next, in plain words.
+    pub next_step: String,
+}
+
+/// One CA of the trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaInfo {
+    /// The CA's subject common name (it carries a key fingerprint).
+    pub name: String,
+    /// The CA pin (enrollment codes carry it).
+    pub pin: String,
+    /// Whether it signs new certificates.
+    pub signing: bool,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
 }

@@ -39,6 +39,40 @@ pub struct Member {
     /// (`host:port` of its broker-to-broker link), if it has one.
     #[cfg_attr(feature = "serde", serde(default))]
     pub forward: Option<String>,
+    /// The WireGuard public key (base64) of its broker-to-broker link.
+    /// Whoever may write the fleet's keys in the store may announce a key:
+    /// the link is as trusted as the store (see `docs/ha.md`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub link_key: Option<String>,
+    /// The gateways attached to it (packets for their prefixes are
+    /// forwarded to it).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
+    pub gateways: Vec<MemberGateway>,
+}
+
+impl Member {
+    /// The link's endpoint and key, when the broker has a link.
+    pub fn link(&self) -> Option<(&str, &str)> {
+        Some((self.forward.as_deref()?, self.link_key.as_deref()?))
+    }
+}
+
+/// A gateway attached to a broker, as the broker announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct MemberGateway {
+    /// The gateway's id.
+    pub id: crate::ids::GatewayId,
+    /// Its region.
+    pub region: RegionId,
+    /// The backend prefixes behind it.
+    pub prefixes: Vec<ipnet::IpNet>,
 }
 
 /// Who holds a site's session, as the store says.
@@ -74,6 +108,7 @@ pub struct Fleet {
     owners: BTreeMap<SiteId, Owner>,
     claims: BTreeMap<SiteId, Claim>,
     version: u64,
+    generation: u64,
 }
 
 impl Fleet {
@@ -85,6 +120,7 @@ impl Fleet {
             owners: BTreeMap::new(),
             claims: BTreeMap::new(),
             version: 0,
+            generation: 0,
         }
     }
 
@@ -98,6 +134,17 @@ impl Fleet {
         self.version
     }
 
+    /// Bumped on every change of members or owners (what routes through
+    /// other brokers follow).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Who holds each site, as the store says.
+    pub fn owners(&self) -> impl Iterator<Item = (&SiteId, &Owner)> {
+        self.owners.iter()
+    }
+
     /// The live brokers.
     pub fn members(&self) -> &BTreeMap<BrokerId, Member> {
         &self.members
@@ -108,6 +155,7 @@ impl Fleet {
         if self.members.get(&id) != Some(&member) {
             self.members.insert(id, member);
             self.version += 1;
+            self.generation += 1;
         }
     }
 
@@ -115,6 +163,7 @@ impl Fleet {
     pub fn handle_member_gone(&mut self, id: &str) {
         if self.members.remove(id).is_some() {
             self.version += 1;
+            self.generation += 1;
         }
     }
 
@@ -125,6 +174,7 @@ impl Fleet {
         }
         self.members.clear();
         self.owners.clear();
+        self.generation += 1;
     }
 
     /// The store says `broker` holds `site` since `revision`.
@@ -137,6 +187,7 @@ impl Fleet {
             return Vec::new();
         }
         self.owners.insert(site.clone(), Owner { broker, revision });
+        self.generation += 1;
         self.check(&site)
     }
 
@@ -148,6 +199,7 @@ impl Fleet {
             .is_some_and(|o| o.revision <= revision)
         {
             self.owners.remove(site);
+            self.generation += 1;
         }
     }
 
@@ -264,6 +316,8 @@ mod tests {
             endpoints: vec![endpoint.into()],
             regions: regions.iter().map(|r| region(r)).collect(),
             forward: Some(format!("fwd-{endpoint}")),
+            link_key: None,
+            gateways: Vec::new(),
         }
     }
 

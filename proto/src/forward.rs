@@ -18,6 +18,15 @@
 //! 6. the TTL / hop limit does not run out here;
 //! 7. the packet fits the next hop's MTU: otherwise an ICMP packet-too-big,
 //!    or fragments for an IPv4 packet without Don't Fragment.
+//!
+//! A destination held by another broker of the fleet (a site whose session
+//! is there, a gateway attached there: [`crate::peering::RemoteRoutes`]) is
+//! decided the same way here, at the broker where the packet entered, which
+//! knows who sent it: the verdict is [`Verdict::Relay`] to that broker. The
+//! broker at the other end delivers it with [`Router::decide_relayed`]
+//! only to its own sessions and gateways, never on to a third broker, and
+//! checks neither residency nor the access policy again (it cannot tell
+//! the sender's identity from an address as well as the ingress did).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -25,9 +34,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::fleet::BrokerId;
 use crate::ids::{GatewayId, RegionId, SiteId};
 use crate::ip::{self, IcmpError, Packet};
 use crate::net::Family;
+use crate::peering::RemoteRoutes;
 use crate::policy::{self, End, Party, Policy, Traffic};
 use crate::route::{Route, RouteKind, RouteTable, RouteTarget};
 
@@ -59,11 +70,24 @@ pub enum DropReason {
     LinkLocal,
     /// The access policy does not allow the flow.
     Policy,
+    /// The broker holding the destination is not (or no longer) a peer of
+    /// the broker-to-broker link.
+    PeerUnknown,
+    /// The broker-to-broker link to the broker holding the destination is
+    /// down (no session, or sending failed).
+    PeerDown,
+    /// A tunnel connection's queue of datagrams to send was full: the
+    /// connection sends slower than packets arrive for it, and the oldest
+    /// waiting packet gave way.
+    TunnelSendQueue,
+    /// Datagrams arrived on a tunnel connection faster than they were
+    /// read: the oldest waiting one gave way.
+    TunnelReceiveQueue,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::NoRoute,
@@ -76,6 +100,10 @@ impl DropReason {
         DropReason::UnknownContext,
         DropReason::LinkLocal,
         DropReason::Policy,
+        DropReason::PeerUnknown,
+        DropReason::PeerDown,
+        DropReason::TunnelSendQueue,
+        DropReason::TunnelReceiveQueue,
     ];
 
     /// The label used in metrics and logs.
@@ -93,6 +121,10 @@ impl DropReason {
             DropReason::UnknownContext => "unknown_context",
             DropReason::LinkLocal => "link_local",
             DropReason::Policy => "policy",
+            DropReason::PeerUnknown => "peer_unknown",
+            DropReason::PeerDown => "peer_down",
+            DropReason::TunnelSendQueue => "tunnel_send_queue",
+            DropReason::TunnelReceiveQueue => "tunnel_receive_queue",
         }
     }
 }
@@ -218,13 +250,28 @@ pub enum Verdict {
     },
     /// Drop silently.
     Drop(DropReason),
+    /// Send the packet (TTL already decremented) to the broker that holds
+    /// the route's target, over the broker-to-broker link.
+    Relay(Relay),
+}
+
+/// A packet for a destination held by another broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// The broker holding the destination.
+    pub broker: BrokerId,
+    /// The route at that broker (residency and policy were checked on it).
+    pub route: Route,
+    /// Fragments to send instead of the packet (IPv4 without Don't
+    /// Fragment, larger than the link's MTU); empty to send the packet.
+    pub fragments: Vec<Vec<u8>>,
 }
 
 impl Verdict {
     /// The drop reason, if the packet is not forwarded.
     pub fn drop_reason(&self) -> Option<DropReason> {
         match self {
-            Verdict::Forward(_) | Verdict::Fragments(..) => None,
+            Verdict::Forward(_) | Verdict::Fragments(..) | Verdict::Relay(_) => None,
             Verdict::Reply { reason, .. } => Some(*reason),
             Verdict::Drop(reason) => Some(*reason),
         }
@@ -250,6 +297,9 @@ pub struct Router {
     /// kernel drops a packet arriving there from one of its own IPv4
     /// addresses as a martian.
     pub gateway_icmp_sources: BTreeMap<GatewayId, Vec<IpAddr>>,
+    /// Routes to sites and gateways held by other brokers (shared: a
+    /// change of the fleet or the leases swaps it whole).
+    pub remote: Arc<RemoteRoutes>,
 }
 
 impl Router {
@@ -283,7 +333,11 @@ impl Router {
                     .table
                     .lookup(src)
                     .winner()
-                    .is_some_and(|r| r.kind != RouteKind::Gateway);
+                    .is_some_and(|r| r.kind != RouteKind::Gateway)
+                    || self
+                        .remote
+                        .lookup(src)
+                        .is_some_and(|(r, _)| r.kind != RouteKind::Gateway);
                 owned_by_site
                     || (!allowed.is_empty() && ip::check_source(&parsed, allowed).is_err())
             }
@@ -291,8 +345,19 @@ impl Router {
         if spoofed {
             return Verdict::Drop(DropReason::Spoofed);
         }
-        let Some(route) = self.table.lookup(dst).winner() else {
-            return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::NoRoute);
+        let local = self.table.lookup(dst).winner();
+        // A remote route only where this broker has nothing as specific:
+        // a session here wins over the store's view of another broker.
+        let remote = self
+            .remote
+            .lookup(dst)
+            .filter(|(r, _)| local.is_none_or(|l| r.prefix.prefix_len() > l.prefix.prefix_len()));
+        let (route, via) = match (local, remote) {
+            (_, Some((route, broker))) => (route, Some(broker)),
+            (Some(route), None) => (route, None),
+            (None, None) => {
+                return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::NoRoute);
+            }
         };
         if ingress.is(&route.target) {
             return Verdict::Drop(DropReason::Loop);
@@ -316,7 +381,11 @@ impl Router {
                 DropReason::Policy,
             );
         }
-        let Some(mtu) = mtu_of(&route.target) else {
+        let mtu = match via {
+            Some(_) => Some(self.remote.mtu()),
+            None => mtu_of(&route.target),
+        };
+        let Some(mtu) = mtu else {
             return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::TargetDown);
         };
         if ip::decrement_ttl(packet).is_err() {
@@ -329,7 +398,14 @@ impl Router {
         }
         if len > mtu {
             if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
-                return Verdict::Fragments(route.clone(), fragments);
+                return match via {
+                    Some(broker) => Verdict::Relay(Relay {
+                        broker: broker.clone(),
+                        route: route.clone(),
+                        fragments,
+                    }),
+                    None => Verdict::Fragments(route.clone(), fragments),
+                };
             }
             let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
             return self.reply(
@@ -347,7 +423,94 @@ impl Router {
             let back = mtu_of(&ingress.target()).unwrap_or(mtu);
             ip::clamp_mss(packet, ip::mss_for_mtu(mtu.min(back), dst.is_ipv6()));
         }
+        match via {
+            Some(broker) => Verdict::Relay(Relay {
+                broker: broker.clone(),
+                route: route.clone(),
+                fragments: Vec::new(),
+            }),
+            None => Verdict::Forward(route.clone()),
+        }
+    }
+
+    /// Decides the fate of `packet`, relayed here by another broker of the
+    /// fleet, which checked residency and the access policy where the
+    /// packet entered. It goes only to this broker's own sessions and
+    /// gateways (never [`Verdict::Relay`]: no packet crosses two links);
+    /// `mtu_of` as for [`Router::decide`]. ICMP errors come from the router
+    /// address of the route's region and go back to the relaying broker.
+    pub fn decide_relayed(
+        &self,
+        packet: &mut [u8],
+        mtu_of: impl Fn(&RouteTarget) -> Option<usize>,
+    ) -> Verdict {
+        let Ok(parsed) = Packet::parse(packet) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let (dst, len, dont_fragment, syn) = (
+            parsed.dst,
+            parsed.total_len,
+            parsed.dont_fragment,
+            ip::is_tcp_syn(&parsed),
+        );
+        if link_scoped(parsed.src) || link_scoped(dst) {
+            return Verdict::Drop(DropReason::LinkLocal);
+        }
+        // The site may have left this broker since the sender looked.
+        let Some(route) = self.table.lookup(dst).winner() else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let Some(mtu) = mtu_of(&route.target) else {
+            return Verdict::Drop(DropReason::TargetDown);
+        };
+        if ip::decrement_ttl(packet).is_err() {
+            return self.reply_from(
+                &route.region,
+                packet,
+                IcmpError::TimeExceeded,
+                DropReason::TtlExpired,
+            );
+        }
+        if len > mtu {
+            if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
+                return Verdict::Fragments(route.clone(), fragments);
+            }
+            let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+            return self.reply_from(
+                &route.region,
+                packet,
+                IcmpError::PacketTooBig { mtu },
+                DropReason::TooBig,
+            );
+        }
+        if syn {
+            ip::clamp_mss(packet, ip::mss_for_mtu(mtu, dst.is_ipv6()));
+        }
         Verdict::Forward(route.clone())
+    }
+
+    /// An ICMP error from the router address of `region`, or a silent drop
+    /// where it has none.
+    fn reply_from(
+        &self,
+        region: &RegionId,
+        packet: &[u8],
+        error: IcmpError,
+        reason: DropReason,
+    ) -> Verdict {
+        let icmp = Packet::parse(packet).ok().and_then(|p| {
+            let source = self
+                .router_addresses
+                .get(region)?
+                .iter()
+                .copied()
+                .find(|a| Family::of(*a) == p.family)?;
+            ip::icmp_error(&p, error, source)
+        });
+        match icmp {
+            Some(icmp) => Verdict::Reply { icmp, reason },
+            None => Verdict::Drop(reason),
+        }
     }
 
     /// What the access policy says of a packet from `src` (entering at
@@ -447,7 +610,13 @@ impl Router {
                 out.extend(prefixes.iter().copied());
             }
         }
-        for route in self.table.routes() {
+        let remote = self.remote.routes();
+        let gateways = self
+            .table
+            .routes()
+            .into_iter()
+            .chain(remote.into_iter().map(|(r, _)| r));
+        for route in gateways {
             if route.kind == RouteKind::Gateway && self.residency.permits(region, &route.region) {
                 out.insert(route.prefix);
             }
@@ -459,15 +628,9 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::testing::id;
     use crate::ip::tests::{ipv4, ipv6};
     use crate::ip::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
-
-    fn id<T: std::str::FromStr>(s: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        s.parse().unwrap()
-    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -903,6 +1066,133 @@ mod tests {
                 .decide(&from_b, &mut other_port, |_| Some(MTU))
                 .drop_reason(),
             Some(DropReason::Policy)
+        );
+    }
+
+    #[test]
+    fn sites_held_by_another_broker_are_relayed_after_the_checks() {
+        use crate::ipam::{Lease, LeaseKind};
+        use crate::peering::{PeerView, RemoteRoutes};
+        let mut f = fixture();
+        let far: SiteId = id("far");
+        let view = PeerView {
+            holders: BTreeMap::from([(far.clone(), "b".to_string())]),
+            gateways: BTreeMap::new(),
+        };
+        let leases = [Lease {
+            prefix: net("100.64.0.9/32"),
+            site: far.clone(),
+            region: f.eu.clone(),
+            kind: LeaseKind::SiteAddress,
+        }];
+        f.router.remote = Arc::new(RemoteRoutes::build(&view, &leases, 1300));
+        let allowed = [net("100.64.0.2/32")];
+        let from_a = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        // The access policy is checked here, at the ingress: a may not
+        // reach far.
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        assert_eq!(
+            f.router
+                .decide(&from_a, &mut p, |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::Policy)
+        );
+        let mut open = f.router.clone();
+        open.policy = Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: "a-and-far".into(),
+                    from: vec![id("site:a")],
+                    to: vec![id("site:far")],
+                    ports: vec![],
+                }],
+                Default::default(),
+                policy::Backends::Region,
+            )
+            .unwrap(),
+        );
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        let v = open.decide(&from_a, &mut p, |_| None);
+        let Verdict::Relay(relay) = v else {
+            panic!("expected a relay: {v:?}")
+        };
+        assert_eq!(relay.broker, "b");
+        assert_eq!(relay.route.target, RouteTarget::Site(far.clone()));
+        assert!(relay.fragments.is_empty());
+        assert_eq!(p[8], 63, "TTL decremented at the ingress");
+        // Larger than the link: packet too big with the link's MTU.
+        let mut big = ipv4(
+            [100, 64, 0, 2],
+            [100, 64, 0, 9],
+            PROTO_UDP,
+            &[0; 1400],
+            true,
+        );
+        let Verdict::Reply { icmp, .. } = open.decide(&from_a, &mut big, |_| Some(MTU)) else {
+            panic!("expected packet too big")
+        };
+        assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1300);
+        // Residency holds as for a local site.
+        let mut us = open.clone();
+        us.remote = Arc::new(RemoteRoutes::build(
+            &view,
+            &[Lease {
+                region: f.us.clone(),
+                ..leases[0].clone()
+            }],
+            1300,
+        ));
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        assert_eq!(
+            us.decide(&from_a, &mut p, |_| Some(MTU)).drop_reason(),
+            Some(DropReason::Residency)
+        );
+        // A session here wins over the store's view of another broker.
+        let mut here = open.clone();
+        here.table.insert(Route {
+            prefix: net("100.64.0.9/32"),
+            kind: RouteKind::SiteAddress,
+            target: RouteTarget::Site(far.clone()),
+            region: f.eu.clone(),
+        });
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        assert!(matches!(
+            here.decide(&from_a, &mut p, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+        // A relayed packet goes to a session here, never on to another
+        // broker, and neither residency nor policy is asked again.
+        let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
+        let v = f.router.decide_relayed(&mut p, |_| Some(MTU));
+        assert!(
+            matches!(&v, Verdict::Forward(r) if r.target == RouteTarget::Site(f.a.clone())),
+            "{v:?}"
+        );
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        assert_eq!(
+            open.decide_relayed(&mut p, |_| Some(MTU)),
+            Verdict::Drop(DropReason::NoRoute),
+            "no second hop between brokers"
+        );
+        let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
+        assert_eq!(
+            f.router.decide_relayed(&mut p, |_| None).drop_reason(),
+            Some(DropReason::TargetDown)
+        );
+        // A gateway may not claim a remote site's address either.
+        let from_gw = Ingress::Gateway {
+            gateway: &f.gw,
+            region: &f.eu,
+            allowed: &[],
+        };
+        let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_TCP, &[0; 20], true);
+        assert_eq!(
+            open.decide(&from_gw, &mut p, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Spoofed)
         );
     }
 

@@ -22,9 +22,13 @@
 //!   answers from it.
 //! - [`broker`]: the broker's decisions (sessions, routes, revocation,
 //!   allocation retries, token policy, close codes) as one state machine.
+//! - [`events`]: each site's timeline of session and trust events, its
+//!   state (online, offline, flapping), and the site list's filter.
 //! - [`fleet`]: the brokers of a deployment as one broker sees them
 //!   (membership, which broker holds each site) and what follows when
 //!   either changes.
+//! - [`peering`]: routes to sites and gateways held by other brokers of
+//!   the fleet, from the store's leases and the fleet's owners.
 //! - [`agent`]: the edge agent's decisions (transport ladder, reconnection
 //!   backoff, certificate renewal, tunnel MTU, the site's half of the
 //!   CONNECT-IP session) as one state machine.
@@ -44,6 +48,7 @@ pub mod capsule;
 pub mod connect_ip;
 pub mod datagram;
 pub mod dns;
+pub mod events;
 pub mod fleet;
 pub mod forward;
 pub mod gateway;
@@ -54,6 +59,7 @@ pub mod ipam;
 pub mod limits;
 pub mod net;
 pub mod netmap;
+pub mod peering;
 pub mod policy;
 pub mod quic_probe;
 pub mod route;

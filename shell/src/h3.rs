@@ -29,8 +29,20 @@ pub async fn read_uni_streams(
     h3: Arc<Mutex<h3::Connection>>,
     settings: watch::Sender<Option<Settings>>,
 ) {
+    read_uni_streams_with_goaway(conn, h3, settings, watch::channel(None).0).await
+}
+
+/// As [`read_uni_streams`], and publishes the stream ID of each GOAWAY the
+/// peer sends (RFC 9114 section 5.2: the peer is going away).
+pub async fn read_uni_streams_with_goaway(
+    conn: Connection,
+    h3: Arc<Mutex<h3::Connection>>,
+    settings: watch::Sender<Option<Settings>>,
+    goaway: watch::Sender<Option<u64>>,
+) {
     while let Ok(mut recv) = conn.accept_uni().await {
-        let (conn, h3, settings) = (conn.clone(), h3.clone(), settings.clone());
+        let (conn, h3, settings, goaway) =
+            (conn.clone(), h3.clone(), settings.clone(), goaway.clone());
         tokio::spawn(async move {
             let id = VarInt::from(recv.id()).into_inner();
             loop {
@@ -52,8 +64,13 @@ pub async fn read_uni_streams(
                 match result {
                     Ok((action, events)) => {
                         for event in events {
-                            if let h3::Event::Settings(s) = event {
-                                let _ = settings.send(Some(s));
+                            match event {
+                                h3::Event::Settings(s) => {
+                                    let _ = settings.send(Some(s));
+                                }
+                                h3::Event::GoAway(id) => {
+                                    let _ = goaway.send(Some(id));
+                                }
                             }
                         }
                         if let UniAction::StopSending(code) = action {

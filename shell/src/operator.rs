@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tether_proto::api::{ApiError, GatewayInfo, SessionInfo, SiteInfo, Trace};
+use tether_proto::api::{
+    ApiError, GatewayInfo, SessionInfo, SiteEvents, SiteInfo, SiteSummary, Trace,
+};
 use tether_proto::route::Route;
 
 /// Exit code: the broker answered with an error (bad input, 401, 404).
@@ -220,6 +222,61 @@ pub fn sites_table(sites: &[SiteInfo]) -> String {
         &["SITE", "REGION", "STATE", "TRANSPORT", "RTT", "ADDRESSES"],
         &rows,
     )
+}
+
+/// `tether sites --since D` (and `--state`): the site list with state and
+/// since when, relative to `now` (Unix seconds).
+pub fn site_states_table(sites: &[SiteSummary], now: u64) -> String {
+    let rows: Vec<Vec<String>> = sites
+        .iter()
+        .map(|s| {
+            vec![
+                s.site.to_string(),
+                s.region.to_string(),
+                s.state.as_str().to_string(),
+                s.since.map_or("-".into(), |t| ago(t, now)),
+                match (&s.broker, &s.transport) {
+                    (Some(b), Some(t)) => format!("{b} {t}"),
+                    (Some(b), None) => b.clone(),
+                    _ => "-".into(),
+                },
+                s.last_event.as_ref().map_or("-".into(), |e| {
+                    format!("{} ({})", e.kind.describe(), ago(e.at, now))
+                }),
+            ]
+        })
+        .collect();
+    table(
+        &["SITE", "REGION", "STATE", "SINCE", "BROKER", "LAST EVENT"],
+        &rows,
+    )
+}
+
+/// `tether events SITE`: the site's timeline, newest first.
+pub fn events_table(events: &SiteEvents, now: u64) -> String {
+    let rows: Vec<Vec<String>> = events
+        .events
+        .iter()
+        .rev()
+        .map(|e| {
+            vec![
+                ago(e.at, now),
+                e.kind.as_str().to_string(),
+                e.kind.describe(),
+                e.broker.clone(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return format!("no events of site {} yet\n", events.site);
+    }
+    table(&["WHEN", "EVENT", "DETAILS", "BROKER"], &rows)
+}
+
+/// `t` as "5m 3s ago" relative to `now` (Unix seconds).
+fn ago(t: u64, now: u64) -> String {
+    let d = std::time::Duration::from_secs(now.saturating_sub(t));
+    format!("{} ago", humantime::format_duration(d))
 }
 
 /// `tether-broker sessions`.

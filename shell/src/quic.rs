@@ -4,14 +4,24 @@ use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::VarInt;
+use bytes::Bytes;
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
+use quinn::{SendDatagramError, VarInt};
 
 /// The UDP payload size of every tunnel packet (QUIC's "MTU"): fixed, so
 /// the tunnel's MTU never changes under a running session. It carries
 /// IPv6's minimum of 1280 bytes inside (RFC 9484, section 10.1) and fits
 /// paths with an IP MTU of 1428 bytes (IPv4) or 1448 (IPv6) and up.
 pub const TUNNEL_UDP_PAYLOAD: u16 = 1400;
+
+/// Bytes of datagrams a tunnel connection holds that arrived and were not
+/// read yet; beyond this the oldest are dropped (counted by
+/// [`DatagramReader`]).
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Bytes of datagrams a tunnel connection holds waiting to be sent; beyond
+/// this the oldest are dropped (counted by [`send_datagram`]).
+pub const DATAGRAM_SEND_BUFFER: usize = 4 << 20;
 
 /// The QUIC transport settings of both ends of a tunnel: the broker's
 /// listener and the agent's (and test clients') connections.
@@ -31,8 +41,8 @@ pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::T
     t.initial_mtu(TUNNEL_UDP_PAYLOAD);
     t.min_mtu(TUNNEL_UDP_PAYLOAD);
     t.mtu_discovery_config(None);
-    t.datagram_receive_buffer_size(Some(4 << 20));
-    t.datagram_send_buffer_size(4 << 20);
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     t.max_concurrent_uni_streams(VarInt::from_u32(16));
     t.max_concurrent_bidi_streams(VarInt::from_u32(16));
     // Ask the peer (if it supports the ACK frequency extension) to
@@ -45,6 +55,77 @@ pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::T
     t.ack_frequency_config(Some(ack));
     t.congestion_controller_factory(Arc::new(TunnelCongestion::default()));
     t
+}
+
+/// Queues a datagram on a tunnel connection, as
+/// [`quinn::Connection::send_datagram`] does; `Ok(true)` when the
+/// connection's send queue was full and an older waiting datagram gave way
+/// to it (quinn drops the oldest silently: this is how it is counted).
+pub fn send_datagram(conn: &quinn::Connection, data: Bytes) -> Result<bool, SendDatagramError> {
+    let displaces = conn.datagram_send_buffer_space() < data.len();
+    conn.send_datagram(data)?;
+    Ok(displaces)
+}
+
+/// Reads a tunnel connection's datagrams in batches, and counts those its
+/// receive queue dropped.
+///
+/// quinn keeps datagrams that arrived and were not read yet in a queue of
+/// [`DATAGRAM_RECEIVE_BUFFER`] bytes and drops the oldest, silently, when more
+/// arrive. The drops are counted from the connection's statistics: once the
+/// queue is found empty, every datagram received before it was looked at
+/// was either read or dropped. The count is a lower bound (datagrams that
+/// arrived in between and were read make it smaller) and never decreases.
+pub struct DatagramReader {
+    conn: quinn::Connection,
+    read: u64,
+    dropped: u64,
+}
+
+impl DatagramReader {
+    /// A reader of `conn`'s datagrams.
+    pub fn new(conn: quinn::Connection) -> Self {
+        Self {
+            conn,
+            read: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Waits for a datagram, then takes it and those waiting behind it, at
+    /// most `max`, into `batch` (cleared first). Returns how many datagrams
+    /// the receive queue dropped since the last call.
+    pub async fn next_batch(
+        &mut self,
+        batch: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Result<u64, quinn::ConnectionError> {
+        use futures_util::FutureExt;
+        batch.clear();
+        batch.push(self.conn.read_datagram().await?);
+        let mut dropped = 0;
+        while batch.len() < max.max(1) {
+            if let Some(Ok(d)) = self.conn.read_datagram().now_or_never() {
+                batch.push(d);
+                continue;
+            }
+            // The queue looked empty: settle the count against what the
+            // connection had received before looking again.
+            let received = self.conn.stats().frame_rx.datagram;
+            match self.conn.read_datagram().now_or_never() {
+                Some(Ok(d)) => batch.push(d),
+                _ => {
+                    let read = self.read + batch.len() as u64;
+                    let lost = received.saturating_sub(read);
+                    dropped = lost.saturating_sub(self.dropped);
+                    self.dropped = self.dropped.max(lost);
+                    break;
+                }
+            }
+        }
+        self.read += batch.len() as u64;
+        Ok(dropped)
+    }
 }
 
 /// Congestion control for a tunnel: BBR (quinn's), told only of
@@ -144,7 +225,124 @@ impl Controller for LossTolerant {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+
+    /// A tunnel connection pair on loopback: (client, server).
+    async fn pair() -> (quinn::Connection, quinn::Connection, quinn::Endpoint) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![b"t".to_vec()];
+        let transport = Arc::new(transport_config(
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        ));
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+        ));
+        server_config.transport_config(transport.clone());
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let mut client_tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![b"t".to_vec()];
+        let mut client_config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+        ));
+        client_config.transport_config(transport);
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config);
+        let addr = server.local_addr().unwrap();
+        let (c, s) = tokio::join!(
+            async { client.connect(addr, "localhost").unwrap().await.unwrap() },
+            async { server.accept().await.unwrap().await.unwrap() }
+        );
+        (c, s, server)
+    }
+
+    /// A datagram pushed onto a full send queue is counted as displacing
+    /// one waiting before it; until the queue is full, none is.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_send_queue_is_counted() {
+        let (client, _server, _endpoint) = pair().await;
+        let datagram = Bytes::from(vec![7u8; 1300]);
+        // On this thread the connection cannot send while the loop runs:
+        // the queue only fills.
+        let outcomes: Vec<bool> = (0..5000)
+            .map(|_| send_datagram(&client, datagram.clone()).unwrap())
+            .collect();
+        let first = outcomes.iter().position(|d| *d).expect("the queue filled");
+        assert!(
+            first * 1300 > DATAGRAM_SEND_BUFFER * 9 / 10,
+            "displaced only at {first}"
+        );
+        assert!(outcomes[first..].iter().all(|d| *d));
+    }
+
+    /// Every datagram the connection received is either read or counted as
+    /// dropped by its full receive queue.
+    #[tokio::test]
+    async fn a_full_receive_queue_is_counted() {
+        let (client, server, _endpoint) = pair().await;
+        let datagram = Bytes::from(vec![7u8; 1300]);
+        let sent = 5000;
+        // Sent in small bursts, each once the last has left, while the
+        // server reads nothing: more than its receive queue holds.
+        for _ in 0..sent / 50 {
+            for _ in 0..50 {
+                assert!(!send_datagram(&client, datagram.clone()).unwrap());
+            }
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while client.datagram_send_buffer_space() < DATAGRAM_SEND_BUFFER - 4096 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .unwrap();
+        }
+        let sent_frames = client.stats().frame_tx.datagram;
+        // Wait until the server's connection has what was sent (loopback
+        // may lose a few: then until it stops growing).
+        let mut received = 0;
+        for _ in 0..100 {
+            let now = server.stats().frame_rx.datagram;
+            if now == sent_frames || (now == received && now > 0) {
+                break;
+            }
+            received = now;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut reader = DatagramReader::new(server.clone());
+        let mut batch = Vec::new();
+        let (mut read, mut dropped) = (0, 0);
+        while let Ok(Ok(d)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            reader.next_batch(&mut batch, 64),
+        )
+        .await
+        {
+            read += batch.len() as u64;
+            dropped += d;
+        }
+        let received = server.stats().frame_rx.datagram;
+        assert!(
+            received as usize * 1300 > DATAGRAM_RECEIVE_BUFFER,
+            "{received}"
+        );
+        assert!(dropped > 0);
+        assert_eq!(read + dropped, received, "read {read}, dropped {dropped}");
+        assert!(read as usize * 1300 <= DATAGRAM_RECEIVE_BUFFER);
+    }
 
     /// Counts the losses it is told of; its window shrinks with each.
     #[derive(Clone, Default)]

@@ -88,6 +88,57 @@ fn bind_pair_with(
     }))
 }
 
+/// Most bytes one UDP send with segmentation offload carries: an IPv4 UDP
+/// datagram's limit, 65,507 bytes, rounded down (the kernel refuses a
+/// larger send whole).
+pub const MAX_GSO_BYTES: usize = 65_000;
+
+/// Sends the datagrams of `lens`, laid out back to back in `data`, to `to`
+/// in as few system calls as UDP segmentation offload allows: each send
+/// carries a run of datagrams of one size, optionally ending in one
+/// smaller, at most [`MAX_GSO_BYTES`]. Waits while the socket buffer is
+/// full. Returns how many datagrams could not be sent.
+pub async fn send_segments(
+    socket: &UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    to: SocketAddr,
+    data: &[u8],
+    lens: &[usize],
+) -> usize {
+    let max_segments = state.max_gso_segments().max(1);
+    let mut failed = 0;
+    let mut start = 0;
+    let mut i = 0;
+    while i < lens.len() {
+        let seg = lens[i];
+        let max = max_segments.min((MAX_GSO_BYTES / seg.max(1)).max(1));
+        let mut j = i + 1;
+        while j < lens.len() && j - i < max && lens[j] == seg {
+            j += 1;
+        }
+        if j < lens.len() && j - i < max && lens[j] < seg {
+            j += 1;
+        }
+        let end = start + lens[i..j].iter().sum::<usize>();
+        let transmit = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data.get(start..end).unwrap_or_default(),
+            segment_size: (j - i > 1).then_some(seg),
+            src_ip: None,
+        };
+        let sent = socket
+            .async_io(Interest::WRITABLE, || state.send(socket.into(), &transmit))
+            .await;
+        if sent.is_err() {
+            failed += j - i;
+        }
+        start = end;
+        i = j;
+    }
+    failed
+}
+
 /// How many receive buffers one system call may fill.
 const SLOTS: usize = 8;
 

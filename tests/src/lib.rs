@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod child_broker;
 pub mod sim;
 
 use std::net::SocketAddr;
@@ -221,8 +222,8 @@ pub fn v4(t: &Tunnel) -> std::net::Ipv4Addr {
 
 /// A configured CONNECT-IP tunnel of `site` at `broker`.
 pub async fn tunnel_for(broker: &TestBroker, site: &TestSite) -> Tunnel {
-    let (chain, key, ca) = site.identity();
-    let client = connect(broker.addr(), &ca, Some((chain, key)))
+    let c = site.state.credentials().unwrap();
+    let client = connect_trusting(broker.addr(), &c.bundle, Some((c.chain, c.key)))
         .await
         .unwrap();
     let mut t = Tunnel::open(client).await.unwrap();
@@ -235,7 +236,17 @@ pub async fn connect(
     ca: &CertificateDer<'static>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> anyhow::Result<H3Client> {
-    let tls = tether_pki::tls::client_config(ca, identity)?;
+    connect_trusting(broker, std::slice::from_ref(ca), identity).await
+}
+
+/// As [`connect`], trusting every CA of a trust bundle and naming them to
+/// the broker, as the agent does.
+pub async fn connect_trusting(
+    broker: SocketAddr,
+    bundle: &[CertificateDer<'static>],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> anyhow::Result<H3Client> {
+    let tls = tether_pki::tls::client_config_trusting(bundle, identity, 0)?;
     let config = quic_config(
         tls,
         transport_config(Duration::from_secs(2), Duration::from_secs(10)),

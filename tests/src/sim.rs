@@ -890,7 +890,7 @@ impl Sim {
                         p.result = Some(result);
                     }
                 }
-                Event::RoutesChanged | Event::SessionsChanged => {}
+                Event::RoutesChanged | Event::SessionsChanged | Event::RemoteRoutesChanged => {}
             }
         }
         Ok(())

@@ -197,6 +197,111 @@ async fn the_cli_client_creates_tokens_over_the_real_port() {
 }
 
 #[tokio::test]
+async fn the_viewer_token_reads_and_changes_nothing() {
+    let broker = TestBroker::start("").await;
+    let admin = broker.broker().admin_token.clone();
+    let viewer = broker.broker().viewer_token().unwrap().to_string();
+    assert_ne!(admin, viewer);
+    broker.token("lab-1").await;
+    for (token, role) in [(&admin, "admin"), (&viewer, "viewer")] {
+        let (status, body) = call(&broker, "GET", "/v1/whoami", Some(token), "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(&format!("\"role\":\"{role}\"")), "{body}");
+    }
+    for path in [
+        "/v1/sites",
+        "/v1/routes",
+        "/v1/site-states",
+        "/v1/sites/lab-1/events",
+    ] {
+        let (status, body) = call(&broker, "GET", path, Some(&viewer), "").await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    for (method, path, body) in [
+        ("POST", "/v1/sites/local/lab-1/revoke", ""),
+        ("POST", "/v1/sites/local/lab-1/release", ""),
+        ("POST", "/v1/tokens", r#"{"site":"lab-2","region":"local"}"#),
+    ] {
+        let (status, answer) = call(&broker, method, path, Some(&viewer), body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {answer}");
+        assert!(answer.contains("viewer token can only read"), "{answer}");
+    }
+    let record = broker
+        .broker()
+        .store
+        .site(&"lab-1".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(!record.revoked);
+    // The admin can, and the timeline says so.
+    let (status, _) = call(
+        &broker,
+        "POST",
+        "/v1/sites/local/lab-1/revoke",
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let b = broker.broker().clone();
+    tokio::task::spawn_blocking(move || {
+        assert!(b.events().flush(std::time::Duration::from_secs(10)))
+    })
+    .await
+    .unwrap();
+    let (_, events) = call(&broker, "GET", "/v1/sites/lab-1/events", Some(&viewer), "").await;
+    assert!(events.contains(r#""kind":"revoked""#), "{events}");
+    let (status, body) = call(&broker, "GET", "/v1/sites/nobody/events", Some(&viewer), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // The console's pages are open and load nothing from elsewhere.
+    let (status, page) = call(&broker, "GET", "/console/", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("app.js") && !page.contains("http"), "{page}");
+}
+
+#[tokio::test]
+async fn the_site_list_filters_and_pages_on_the_broker() {
+    let broker = TestBroker::start("").await;
+    let token = broker.broker().admin_token.clone();
+    for i in 0..12 {
+        broker.token(&format!("ward-{i:02}")).await;
+    }
+    broker.token("lab-1").await;
+    let page = |query: &'static str| {
+        let (broker, token) = (&broker, token.clone());
+        async move {
+            let (status, body) = call(
+                broker,
+                "GET",
+                &format!("/v1/site-states?{query}"),
+                Some(&token),
+                "",
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            serde_json::from_str::<tether_proto::api::SitePage>(&body).unwrap()
+        }
+    };
+    let all = page("").await;
+    assert_eq!((all.total, all.sites.len()), (13, 13));
+    assert_eq!(all.counts["offline"], 13);
+    let wards = page("q=WARD&limit=5&offset=10").await;
+    assert_eq!(wards.total, 12);
+    let names: Vec<_> = wards.sites.iter().map(|s| s.site.to_string()).collect();
+    assert_eq!(names, ["ward-10", "ward-11"]);
+    assert_eq!(page("state=online").await.total, 0);
+    assert_eq!(page("state=offline&q=lab").await.total, 1);
+    // Created sites have no events yet: none changed within the hour.
+    assert_eq!(page("since=1h").await.total, 0);
+    let (status, body) = call(&broker, "GET", "/v1/site-states?state=up", Some(&token), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body.contains("online, offline, flapping or revoked"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn the_openapi_document_describes_every_endpoint() {
     let broker = TestBroker::start("").await;
     let (status, body) = call(&broker, "GET", "/openapi.json", None, "").await;
@@ -237,6 +342,9 @@ async fn the_openapi_document_describes_every_endpoint() {
         "/v1/sites/{region}/{site}/release",
         "/v1/trace/{target}",
         "/v1/policy",
+        "/v1/site-states",
+        "/v1/sites/{site}/events",
+        "/v1/whoami",
         "/metrics",
         "/healthz",
         "/readyz",

@@ -48,7 +48,7 @@ fn reissue(broker: &TestBroker, site: &TestSite, issued: SystemTime) {
         .save(
             &key.serialize_der(),
             &cert.pem,
-            broker.broker().ca.cert_pem(),
+            &broker.broker().ca.cert_pem(),
             &Identity {
                 not_after: tether_pki::token::unix_secs(cert.not_after),
                 issued_at: tether_pki::token::unix_secs(issued),

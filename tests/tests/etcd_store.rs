@@ -161,6 +161,19 @@ async fn a_revocation_at_one_broker_ends_the_session_at_another() {
             Ok(client) => Tunnel::open(client).await.is_err(),
         };
         assert!(refused, "a site revoked at another broker must be refused");
+        // Broker two's summary of site A has broker one's revocation, read
+        // from the shared timeline (the console's state comes from it).
+        let site_a = "site-a".parse().unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while two.broker().events().history(&site_a).revoked_at.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            seen.is_ok(),
+            "broker two never saw broker one's revocation event"
+        );
         drop(tb);
     })
     .await

@@ -21,23 +21,20 @@
 #[path = "../../broker/src/store/etcd_server.rs"]
 mod etcd_server;
 
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_server::EtcdServer;
 use tether::link::{BrokerConn, Dialer, TunnelLink};
 use tether::state_dir::StateDir;
-use tether_config::broker::BrokerFile;
 use tether_config::client::ClientFile;
 use tether_proto::agent::ClientSession;
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::ip::Packet;
 use tether_proto::net::Family;
 use tether_proto::tunnel::Transport;
+use tether_tests::child_broker::{ChildBroker, child_config};
 use tether_tests::{TestBroker, TestSite, ping, tunnel_for, v4};
 
 /// Deadline of the test body.
@@ -50,85 +47,12 @@ const CHILD: &str = "FLEET_CHILD_CONFIG";
 /// module documentation). Without `FLEET_CHILD_CONFIG` it does nothing.
 #[tokio::test]
 async fn child_broker() {
-    let Ok(path) = std::env::var(CHILD) else {
+    let Some(config) = child_config(CHILD) else {
         return;
     };
-    let text = std::fs::read_to_string(&path).unwrap();
-    let config = BrokerFile::parse(&text, &path)
-        .unwrap()
-        .validate(&path)
-        .unwrap();
     let running = tether_broker::run::start(config).await.unwrap();
     println!("READY {}", running.tunnel_addrs[0]);
     std::future::pending::<()>().await;
-}
-
-/// A broker in a child process, killed with `SIGKILL` when dropped.
-struct ChildBroker {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl ChildBroker {
-    /// Starts a broker with `extra` configuration and the CA of
-    /// `ca_from`'s data directory; returns once it serves.
-    fn start(extra: &str, ca_from: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        tether_pki::ca::create_private_dir(&data).unwrap();
-        for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
-            std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
-        }
-        let text = format!(
-            "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n{extra}"
-        );
-        let path = dir.path().join("broker.toml");
-        std::fs::write(&path, text).unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["child_broker", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut child = ChildBroker {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            _dir: dir,
-        };
-        // The readiness line (read by a thread, so that the wait is
-        // bounded); the pipe closes if the child dies.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                // The harness prints the test's name on the same line.
-                if let Some((_, addr)) = line.split_once("READY ") {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the child broker is ready within 60 s");
-        child.addr = addr.parse().unwrap();
-        child
-    }
-
-    /// `kill -9`.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A site driven through the agent's own dialing (configured brokers, then
@@ -242,7 +166,7 @@ async fn a_site_fails_over_to_another_broker_with_its_address_and_learns_new_bro
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut b = TestBroker::start(&extra).await;
         let ca_dir = b.config.data_dir.clone().unwrap();
-        let mut a = ChildBroker::start(&extra, &ca_dir);
+        let mut a = ChildBroker::start(CHILD, &extra, &ca_dir);
         let (a_addr, b_addr) = (a.addr.to_string(), b.addr().to_string());
         eprintln!("brokers: A at {a_addr} (child), B at {b_addr}");
 
@@ -308,7 +232,7 @@ async fn a_site_fails_over_to_another_broker_with_its_address_and_learns_new_bro
         // A broker that joins later reaches the site through B, without
         // anyone touching the site; A leaves its list once its lease
         // expires.
-        let c = ChildBroker::start(&extra, &ca_dir);
+        let c = ChildBroker::start(CHILD, &extra, &ca_dir);
         let c_addr = c.addr.to_string();
         learned_until(&state, "C, without A", |l| {
             l.contains(&c_addr) && l.contains(&b_addr) && !l.contains(&a_addr)

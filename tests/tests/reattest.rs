@@ -70,7 +70,7 @@ fn reissue(broker: &TestBroker, site: &TestSite, issued: SystemTime, lifetime: D
         .save(
             &key.serialize_der(),
             &cert.pem,
-            b.ca.cert_pem(),
+            &b.ca.cert_pem(),
             &Identity {
                 not_after: tether_pki::token::unix_secs(cert.not_after),
                 issued_at: tether_pki::token::unix_secs(issued),
@@ -167,7 +167,7 @@ async fn a_site_offline_for_three_lifetimes_returns_with_its_address() {
         .save(
             saved.1.secret_der(),
             &tether_pki::ca::der_to_pem(&saved.0[0], "CERTIFICATE"),
-            broker.broker().ca.cert_pem(),
+            &broker.broker().ca.cert_pem(),
             &first.identity,
         )
         .unwrap();

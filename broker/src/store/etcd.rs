@@ -13,6 +13,7 @@
 //! | `P certs/<site>/<serial>` | a [`CertRecord`] (JSON) |
 //! | `P revocations/site:<spiffe uri>` or `P revocations/serial:<hex>` | the revocation (JSON) |
 //! | `P tokens/<sha-256 hex>` | an enrollment token record (JSON) |
+//! | `P events/<site>` | the site's event [`Timeline`] (JSON), rewritten by a transaction that compares its `mod_revision` |
 //!
 //! # Transactions
 //!
@@ -43,7 +44,7 @@
 //! revision the store opened at: a put of a region's version key is
 //! [`StoreEvent::Leases`], a put of a site key [`StoreEvent::Site`], a put
 //! or delete of a revocation key [`StoreEvent::Revoked`] or
-//! [`StoreEvent::Reinstated`]. Changes made through this store arrive the
+//! [`StoreEvent::Reinstated`], a put of a timeline [`StoreEvent::Events`]. Changes made through this store arrive the
 //! same way as changes made by other brokers (once each, in etcd's order).
 //! A broken watch is resumed from the next unseen revision.
 //!
@@ -66,6 +67,7 @@ use etcd_client::{
 use tether_config::broker::EtcdConfig;
 use tether_pki::Revoked;
 use tether_pki::token::{TokenHash, TokenLedger, TokenRecord};
+use tether_proto::events::{SiteEvent, Timeline};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, Lease, RegionLeases, Txn};
 use tokio::sync::broadcast;
@@ -85,6 +87,13 @@ const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
 /// Where the brokers of a deployment announce themselves and their
 /// sessions (see `crate::fleet`), under the prefix.
 pub const FLEET_DIR: &str = "fleet/";
+
+/// The directory (under the prefix) of the sites' event timelines.
+const EVENTS_DIR: &str = "events/";
+
+/// How often an event append re-reads a timeline another broker changed
+/// in between.
+const EVENT_APPEND_ATTEMPTS: usize = 8;
 
 /// How long a broken watch waits before it is resumed.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
@@ -155,11 +164,20 @@ impl Keys {
     fn revocations(&self) -> String {
         format!("{}revocations/", self.prefix)
     }
+    fn events(&self) -> String {
+        format!("{}{EVENTS_DIR}", self.prefix)
+    }
+    fn events_of(&self, site: &SiteId) -> String {
+        format!("{}{site}", self.events())
+    }
     fn revocation(&self, entry: &Revoked) -> String {
         format!("{}{}", self.revocations(), revocation_key(entry))
     }
     fn tokens(&self) -> String {
         format!("{}tokens/", self.prefix)
+    }
+    fn ca(&self) -> String {
+        format!("{}ca", self.prefix)
     }
     fn token(&self, hash: &TokenHash) -> String {
         format!("{}{}", self.tokens(), hash.to_hex())
@@ -178,8 +196,16 @@ impl Keys {
                 .then(|| RegionId::new(region).ok().map(StoreEvent::Leases))
                 .flatten();
         }
+        if rest == "ca" {
+            return Some(StoreEvent::Ca);
+        }
         if let Some(site) = rest.strip_prefix("sites/") {
             return SiteId::new(site).ok().map(StoreEvent::Site);
+        }
+        if let Some(site) = rest.strip_prefix(EVENTS_DIR) {
+            return (kind == EventType::Put)
+                .then(|| SiteId::new(site).ok().map(StoreEvent::Events))
+                .flatten();
         }
         if rest.starts_with("revocations/") {
             let value = match kind {
@@ -366,8 +392,9 @@ impl EtcdStore {
                 continue;
             };
             let corrupt = || StoreError(format!("unexpected key {key}"));
-            if rest.starts_with(FLEET_DIR) {
-                // Live brokers and their sessions: not state to copy.
+            if rest.starts_with(FLEET_DIR) || rest.starts_with(EVENTS_DIR) {
+                // Live brokers and their sessions, and the sites' event
+                // timelines (history, not state): not copied.
                 continue;
             }
             if let Some(r) = rest.strip_prefix("regions/") {
@@ -739,6 +766,111 @@ impl Store for EtcdStore {
             .iter()
             .map(|kv| serde_json::from_slice::<StoredRevocation>(kv.value())?.into_entry())
             .collect()
+    }
+
+    fn append_event(
+        &self,
+        site: &SiteId,
+        event: &SiteEvent,
+        limit: usize,
+    ) -> Result<(), StoreError> {
+        // Read, append, and write back if nobody wrote in between (two
+        // brokers may see one site's events: its old and its new one).
+        let key = self.keys.events_of(site);
+        for _ in 0..EVENT_APPEND_ATTEMPTS {
+            let k = key.clone();
+            let kvs = self.call("read", move |mut c| async move {
+                Ok(c.get(k, None).await?.take_kvs())
+            })?;
+            let (mut timeline, compare) = match kvs.first() {
+                Some(kv) => (
+                    serde_json::from_slice::<Timeline>(kv.value())?,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    Timeline::default(),
+                    Compare::version(key.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            timeline.push(event.clone(), limit);
+            let request = EtcdTxn::new().when([compare]).and_then([TxnOp::put(
+                key.clone(),
+                serde_json::to_vec(&timeline)?,
+                None,
+            )]);
+            let response = self.call("write", move |mut c| async move { c.txn(request).await })?;
+            if response.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(StoreError(format!(
+            "the event timeline of site {site} kept changing during {EVENT_APPEND_ATTEMPTS} attempts to append to it"
+        )))
+    }
+
+    fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError> {
+        let key = self.keys.events_of(site);
+        let kvs = self.call("read", move |mut c| async move {
+            Ok(c.get(key, None).await?.take_kvs())
+        })?;
+        Ok(match kvs.first() {
+            Some(kv) => serde_json::from_slice(kv.value())?,
+            None => Timeline::default(),
+        })
+    }
+
+    fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
+        // The keys first, then one timeline at a time: a page of full
+        // timelines (up to tens of KiB each) could exceed gRPC's message
+        // limit where a page of other records does not.
+        let dir = self.keys.events();
+        let prefix = dir.clone();
+        let keys = self.call("read", move |mut c| async move {
+            Ok(c.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?
+            .take_kvs())
+        })?;
+        let mut out = Vec::with_capacity(keys.len());
+        for kv in keys {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let site = key
+                .strip_prefix(&dir)
+                .and_then(|s| SiteId::new(s).ok())
+                .ok_or_else(|| StoreError(format!("unexpected key {key}")))?;
+            out.push((site.clone(), self.timeline(&site)?));
+        }
+        Ok(out)
+    }
+
+    fn ca_state(&self) -> Result<Option<String>, StoreError> {
+        let key = self.keys.ca();
+        let kvs = self.call("read", move |mut c| async move {
+            Ok(c.get(key, None).await?.take_kvs())
+        })?;
+        kvs.first()
+            .map(|kv| {
+                String::from_utf8(kv.value().to_vec())
+                    .map_err(|_| StoreError("corrupt CA state: not UTF-8".into()))
+            })
+            .transpose()
+    }
+
+    fn swap_ca_state(&self, expected: Option<&str>, new: &str) -> Result<bool, StoreError> {
+        let key = self.keys.ca();
+        let guard = match expected {
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Some(old) => Compare::value(key.clone(), CompareOp::Equal, old),
+        };
+        let request = EtcdTxn::new()
+            .when([guard])
+            .and_then([TxnOp::put(key, new, None)]);
+        let response = self.call("CA state write", move |mut c| async move {
+            c.txn(request).await
+        })?;
+        Ok(response.succeeded())
     }
 
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {

@@ -218,6 +218,17 @@ fn etcd_a_newer_token_replaces_the_earlier_one() {
 }
 
 #[test]
+fn etcd_event_timelines_are_bounded_per_site() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let store = open_store(&server, "/ev/");
+        crate::store::check_event_timelines(Arc::new(store));
+    });
+}
+
+#[test]
 fn etcd_records_and_revocations_round_trip() {
     let Some(server) = EtcdServer::start(false) else {
         return;
@@ -275,6 +286,21 @@ fn etcd_records_and_revocations_round_trip() {
 }
 
 #[test]
+fn etcd_the_ca_state_is_shared_and_swapped_only_from_what_was_read() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let (a, b) = (open_store(&server, "/ca/"), open_store(&server, "/ca/"));
+        let mut seen_by_b = b.watch();
+        check_the_ca_state_is_swapped_only_from_what_was_read(&a);
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Ca);
+        assert_eq!(b.ca_state().unwrap().as_deref(), Some("second"));
+        assert!(!b.swap_ca_state(Some("first"), "third").unwrap());
+    });
+}
+
+#[test]
 fn etcd_watch_carries_another_brokers_changes() {
     let Some(server) = EtcdServer::start(false) else {
         return;
@@ -303,6 +329,14 @@ fn etcd_watch_carries_another_brokers_changes() {
         assert_eq!(next_event(&mut seen_by_b), StoreEvent::Site(site.clone()));
         allocate(&a, &site);
         assert_eq!(next_event(&mut seen_by_b), StoreEvent::Leases(eu()));
+        let event = tether_proto::events::SiteEvent {
+            at: 3,
+            broker: "a".into(),
+            kind: tether_proto::events::EventKind::Revoked,
+        };
+        a.append_event(&site, &event, 10).unwrap();
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Events(site.clone()));
+        assert_eq!(b.timeline(&site).unwrap().newest(1), [event]);
     });
 }
 

@@ -3,7 +3,7 @@
 //! [`Store`] is the interface: compare-and-set commits for address leases
 //! (one version per region, see [`tether_proto::ipam`]), an atomic take for
 //! enrollment tokens, plain records for sites, issued certificates and
-//! revocations, and a watch of changes. Two backends implement it:
+//! revocations, each site's bounded event timeline, and a watch of changes. Two backends implement it:
 //!
 //! - [`RedbStore`] ([`redb`](self::redb)): an embedded, pure-Rust
 //!   transactional database in the data directory, for one broker; every
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tether_config::broker::StoreConfig;
 use tether_pki::token::{TokenHash, TokenLedger, TokenRecord, from_unix_secs, unix_secs};
 use tether_pki::{Revoked, SiteIdentity, TrustDomain};
+use tether_proto::events::{SiteEvent, Timeline};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, RegionLeases, Txn};
 use thiserror::Error;
@@ -102,6 +103,11 @@ pub enum StoreEvent {
     Revoked(Revoked),
     /// A revocation was removed.
     Reinstated(Revoked),
+    /// A site's event timeline changed (etcd only: with the embedded
+    /// store, the one broker knows its own events).
+    Events(SiteId),
+    /// The CA state (rotation phase, trust bundle) changed.
+    Ca,
 }
 
 /// The broker's state store.
@@ -126,8 +132,34 @@ pub trait Store: TokenLedger + Send + Sync + 'static {
     fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError>;
     /// Every revocation.
     fn revocations(&self) -> Result<Vec<Revoked>, StoreError>;
+    /// Appends an event to a site's timeline, dropping its oldest events
+    /// beyond `limit` ([`Timeline::push`]).
+    fn append_event(
+        &self,
+        site: &SiteId,
+        event: &SiteEvent,
+        limit: usize,
+    ) -> Result<(), StoreError>;
+    /// A site's timeline (empty when it has none).
+    fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError>;
+    /// Every site's timeline (for the broker's summary at start).
+    fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError>;
+    /// The CA state (CA certificates and keys, rotation phase), as the
+    /// JSON text of a [`tether_pki::rotation::CaState`], if stored.
+    fn ca_state(&self) -> Result<Option<String>, StoreError>;
+    /// Replaces the CA state if it still is `expected` (`None`: none
+    /// stored). Returns whether it was replaced; brokers sharing the store
+    /// thus never overwrite each other's rotation step.
+    fn swap_ca_state(&self, expected: Option<&str>, new: &str) -> Result<bool, StoreError>;
     /// Changes from now on.
     fn watch(&self) -> broadcast::Receiver<StoreEvent>;
+    /// A consistent snapshot of everything, for `tether-broker backup`.
+    /// Only the embedded store makes one; etcd has `etcdctl snapshot`.
+    fn snapshot(&self) -> Result<self::redb::Dump, StoreError> {
+        Err(StoreError(
+            "this broker's state is in etcd: back it up with `etcdctl snapshot save` (see docs/operations.md)".into(),
+        ))
+    }
 }
 
 /// The stored form of a token record.
@@ -251,6 +283,19 @@ pub fn now_unix() -> u64 {
     unix_secs(SystemTime::now())
 }
 
+/// Checks the CA state's compare-and-swap: the first writer wins, a
+/// writer holding a stale value is refused, and nothing is lost.
+#[cfg(test)]
+pub(crate) fn check_the_ca_state_is_swapped_only_from_what_was_read(store: &dyn Store) {
+    assert_eq!(store.ca_state().unwrap(), None);
+    assert!(store.swap_ca_state(None, "first").unwrap());
+    assert!(!store.swap_ca_state(None, "second").unwrap());
+    assert!(!store.swap_ca_state(Some("stale"), "second").unwrap());
+    assert_eq!(store.ca_state().unwrap().as_deref(), Some("first"));
+    assert!(store.swap_ca_state(Some("first"), "second").unwrap());
+    assert_eq!(store.ca_state().unwrap().as_deref(), Some("second"));
+}
+
 /// Checks that a ledger keeps one valid code per site: a second token for
 /// a site invalidates the first, which then says it was replaced, while
 /// other sites' tokens stay valid.
@@ -296,5 +341,64 @@ pub(crate) fn check_a_newer_token_replaces_the_earlier_one(ledger: &dyn TokenLed
     assert_eq!(
         redeem(ledger, &neighbour.secret, now).unwrap().hash,
         neighbour.record.hash
+    );
+}
+
+/// Checks that a store keeps each site's newest events up to the limit,
+/// in order, apart from other sites' and across concurrent writers (two
+/// threads appending to one timeline lose nothing).
+#[cfg(test)]
+pub(crate) fn check_event_timelines(store: Arc<dyn Store>) {
+    use tether_proto::events::{Disconnect, EventKind};
+    let (a, b) = (
+        SiteId::new("ward-1").unwrap(),
+        SiteId::new("ward-2").unwrap(),
+    );
+    let event = |at| SiteEvent {
+        at,
+        broker: "b1".into(),
+        kind: EventKind::Disconnected {
+            reason: Disconnect::ConnectionLost,
+            detail: None,
+        },
+    };
+    assert!(store.timeline(&a).unwrap().is_empty());
+    for at in 0..12 {
+        store.append_event(&a, &event(at), 10).unwrap();
+    }
+    store.append_event(&b, &event(100), 10).unwrap();
+    let ats = |t: &Timeline| t.events().map(|e| e.at).collect::<Vec<_>>();
+    assert_eq!(
+        ats(&store.timeline(&a).unwrap()),
+        (2..12).collect::<Vec<_>>()
+    );
+    assert_eq!(ats(&store.timeline(&b).unwrap()), [100]);
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (store, b) = (store.clone(), b.clone());
+            std::thread::spawn(move || {
+                for i in 0..5 {
+                    store
+                        .append_event(&b, &event(1000 * (w + 1) + i), 100)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut all = store.timelines().unwrap();
+    all.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].1.len(), 10);
+    let mut seen = ats(&all[1].1);
+    assert_eq!(seen.len(), 11, "{seen:?}");
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            100, 1000, 1001, 1002, 1003, 1004, 2000, 2001, 2002, 2003, 2004
+        ]
     );
 }

@@ -1,11 +1,13 @@
 //! [`Store`] on redb: an embedded, pure-Rust transactional database in the
 //! data directory (one broker).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tether_pki::Revoked;
 use tether_pki::token::{TokenHash, TokenLedger, TokenRecord};
+use tether_proto::events::{SiteEvent, Timeline};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::ipam::{Conflict, Lease, RegionLeases, Txn};
 use tokio::sync::broadcast;
@@ -44,9 +46,36 @@ const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
+/// Each site's event timeline (JSON), read and rewritten in one write
+/// transaction per event.
+const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
+/// Deployment-wide values: the CA state under [`CA_KEY`].
+const DEPLOYMENT: TableDefinition<&str, &str> = TableDefinition::new("deployment");
+const CA_KEY: &str = "ca";
 
 fn lease_key(region: &RegionId, lease_prefix: &ipnet::IpNet) -> String {
     format!("{region}/{lease_prefix}")
+}
+
+/// Every table of an embedded store, as a backup carries it: keys and
+/// values as stored (the values are JSON text, except lease versions).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dump {
+    /// Address leases, by `<region>/<prefix>`.
+    pub leases: BTreeMap<String, String>,
+    /// Each region's lease version.
+    pub lease_versions: BTreeMap<String, u64>,
+    /// Site records.
+    pub sites: BTreeMap<String, String>,
+    /// Enrollment tokens, by hash.
+    pub tokens: BTreeMap<String, String>,
+    /// Issued certificates, by serial.
+    pub certs: BTreeMap<String, String>,
+    /// Revocations.
+    pub revocations: BTreeMap<String, String>,
+    /// Deployment-wide values (the CA state).
+    pub deployment: BTreeMap<String, String>,
 }
 
 /// [`Store`] on redb.
@@ -78,6 +107,8 @@ impl RedbStore {
         txn.open_table(TOKENS)?;
         txn.open_table(CERTS)?;
         txn.open_table(REVOCATIONS)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(DEPLOYMENT)?;
         txn.commit()?;
         let (events, _) = broadcast::channel(1024);
         Ok(Self { db, events })
@@ -85,6 +116,80 @@ impl RedbStore {
 
     fn notify(&self, event: StoreEvent) {
         let _ = self.events.send(event);
+    }
+
+    /// Every table, read in one transaction: a consistent snapshot.
+    pub fn dump(&self) -> Result<Dump, StoreError> {
+        let txn = self.db.begin_read()?;
+        let text =
+            |table: TableDefinition<&str, &[u8]>| -> Result<BTreeMap<String, String>, StoreError> {
+                let mut out = BTreeMap::new();
+                for entry in txn.open_table(table)?.iter()? {
+                    let (k, v) = entry?;
+                    let value = String::from_utf8(v.value().to_vec()).map_err(|_| {
+                        StoreError(format!("corrupt record {:?}: not UTF-8", k.value()))
+                    })?;
+                    out.insert(k.value().to_string(), value);
+                }
+                Ok(out)
+            };
+        let mut dump = Dump {
+            leases: text(LEASES)?,
+            sites: text(SITES)?,
+            tokens: text(TOKENS)?,
+            certs: text(CERTS)?,
+            revocations: text(REVOCATIONS)?,
+            ..Dump::default()
+        };
+        for entry in txn.open_table(LEASE_VERSIONS)?.iter()? {
+            let (k, v) = entry?;
+            dump.lease_versions.insert(k.value().to_string(), v.value());
+        }
+        for entry in txn.open_table(DEPLOYMENT)?.iter()? {
+            let (k, v) = entry?;
+            dump.deployment
+                .insert(k.value().to_string(), v.value().to_string());
+        }
+        Ok(dump)
+    }
+
+    /// Creates a store at `path` holding exactly `dump`, in one
+    /// transaction. Refuses if `path` exists.
+    pub fn create_from(path: &Path, dump: &Dump) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError(format!(
+                "{} already exists; restore into an empty data directory",
+                path.display()
+            )));
+        }
+        let store = Self::open(path)?;
+        let write = store.db.begin_write()?;
+        {
+            let fill = |table: TableDefinition<&str, &[u8]>,
+                        rows: &BTreeMap<String, String>|
+             -> Result<(), StoreError> {
+                let mut t = write.open_table(table)?;
+                for (k, v) in rows {
+                    t.insert(k.as_str(), v.as_bytes())?;
+                }
+                Ok(())
+            };
+            fill(LEASES, &dump.leases)?;
+            fill(SITES, &dump.sites)?;
+            fill(TOKENS, &dump.tokens)?;
+            fill(CERTS, &dump.certs)?;
+            fill(REVOCATIONS, &dump.revocations)?;
+            let mut versions = write.open_table(LEASE_VERSIONS)?;
+            for (k, v) in &dump.lease_versions {
+                versions.insert(k.as_str(), *v)?;
+            }
+            let mut deployment = write.open_table(DEPLOYMENT)?;
+            for (k, v) in &dump.deployment {
+                deployment.insert(k.as_str(), v.as_str())?;
+            }
+        }
+        write.commit()?;
+        Ok(store)
     }
 
     /// Everything the store holds (for [`migrate`](super::migrate)).
@@ -291,6 +396,75 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn append_event(
+        &self,
+        site: &SiteId,
+        event: &SiteEvent,
+        limit: usize,
+    ) -> Result<(), StoreError> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(EVENTS)?;
+            let mut timeline: Timeline = match table.get(site.as_str())? {
+                Some(v) => serde_json::from_slice(v.value())?,
+                None => Timeline::default(),
+            };
+            timeline.push(event.clone(), limit);
+            table.insert(site.as_str(), serde_json::to_vec(&timeline)?.as_slice())?;
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        Ok(match table.get(site.as_str())? {
+            Some(v) => serde_json::from_slice(v.value())?,
+            None => Timeline::default(),
+        })
+    }
+
+    fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let site = SiteId::new(key.value())
+                .map_err(|e| StoreError(format!("corrupt event timeline key: {e}")))?;
+            out.push((site, serde_json::from_slice(value.value())?));
+        }
+        Ok(out)
+    }
+
+    fn snapshot(&self) -> Result<Dump, StoreError> {
+        self.dump()
+    }
+
+    fn ca_state(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DEPLOYMENT)?;
+        Ok(table.get(CA_KEY)?.map(|v| v.value().to_string()))
+    }
+
+    fn swap_ca_state(&self, expected: Option<&str>, new: &str) -> Result<bool, StoreError> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(DEPLOYMENT)?;
+            let found = table.get(CA_KEY)?.map(|v| v.value().to_string());
+            if found.as_deref() != expected {
+                drop(table);
+                write.abort()?;
+                return Ok(false);
+            }
+            table.insert(CA_KEY, new)?;
+        }
+        write.commit()?;
+        self.notify(StoreEvent::Ca);
+        Ok(true)
+    }
+
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
@@ -362,6 +536,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn event_timelines_are_bounded_per_site() {
+        let (_dir, store) = open();
+        crate::store::check_event_timelines(Arc::new(store));
+    }
+
+    #[test]
+    fn the_ca_state_is_swapped_only_from_what_was_read_and_survives_reopen() {
+        let (dir, store) = open();
+        let mut seen = store.watch();
+        crate::store::check_the_ca_state_is_swapped_only_from_what_was_read(&store);
+        assert_eq!(seen.try_recv().unwrap(), StoreEvent::Ca);
+        drop(store);
+        let again = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        assert_eq!(again.ca_state().unwrap().as_deref(), Some("second"));
     }
 
     #[test]

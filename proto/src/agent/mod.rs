@@ -35,15 +35,27 @@
 //!   that translates packets, and advertises the mapped prefixes
 //!   (ROUTE_ADVERTISEMENT) so the broker routes them to this site.
 //!
+//! - fast failover and handover ([`liveness`]): once a tunnel is open it
+//!   keeps a standby connection to a second broker (no tunnel on it, so the
+//!   broker keeps no session and writes nothing for it); while the standby
+//!   is ready the active connection carries a heartbeat, and silence past
+//!   [`Liveness::deadline`] or the end of the connection moves the tunnel
+//!   to the standby at once, without backoff. When the broker says it is
+//!   going away (HTTP/3 GOAWAY), the tunnel is opened on the standby first
+//!   and the old one dropped after (make-before-break).
+//!
 //! Nothing here reads a clock, draws randomness, spawns a task or touches a
 //! socket, so the tests below run the agent on a fake clock.
 
 mod ladder;
+pub mod liveness;
 mod session;
 #[cfg(test)]
 mod tests;
 
 pub use ladder::{Backoff, Ladder, Move, PROBE_INTERVAL};
+pub use liveness::Liveness;
+use liveness::{HEARTBEAT_INTERVAL, LIVENESS_CHECK, STANDBY_RETRY};
 pub use session::{ClientEvent, ClientSession};
 
 use std::collections::VecDeque;
@@ -241,6 +253,33 @@ pub enum Action {
     /// Continue on the connection the last probe made; answer
     /// [`AgentCore::handle_connected`] with its transport.
     UseProbe,
+    /// Connect to another broker than the current session's on
+    /// `transport`, without opening a tunnel, and keep the connection as
+    /// the standby; answer [`AgentCore::handle_standby_result`], and
+    /// [`AgentCore::handle_standby_lost`] when it ends.
+    DialStandby {
+        /// The transport of the current session.
+        transport: Transport,
+    },
+    /// Drop the standby connection (its certificate is outdated, or the
+    /// broker refused this site).
+    DropStandby,
+    /// Send a heartbeat on the current connection (a reserved HTTP/3 frame
+    /// on the control stream, which the broker acknowledges).
+    Heartbeat,
+    /// Report the current connection's received datagram count and round
+    /// trip with [`AgentCore::handle_liveness`] (may be answered at once).
+    CheckLiveness,
+    /// Continue on the standby connection; answer
+    /// [`AgentCore::handle_connected`] with its transport (or
+    /// [`AgentCore::handle_dial_failed`] when it is gone).
+    UseStandby,
+    /// Open the tunnel on the standby connection while the current one
+    /// runs; once it is open make it the session's (the device's packets go
+    /// to it), then let the old connection go after
+    /// [`liveness::RETIRE_AFTER`]. Answer
+    /// [`AgentCore::handle_handover_result`].
+    Handover,
     /// Stop: remove the device and return.
     Stop,
 }
@@ -301,6 +340,22 @@ pub enum Event {
     LanMapUnusable(MappingError),
     /// The next attempt is in this long.
     Retrying(Duration),
+    /// The session was lost and continues on the standby connection.
+    FailingOver,
+    /// The broker is going away; the tunnel moves to the standby (or to
+    /// the first standby that answers, when none is ready).
+    GoingAway {
+        /// Whether a standby is ready.
+        standby_ready: bool,
+    },
+    /// The tunnel moved to the standby's broker before the old one was
+    /// dropped.
+    HandedOver(Transport),
+    /// Opening the tunnel on the standby failed; the current session goes
+    /// on.
+    HandoverFailed(Ending),
+    /// A standby connection is ready.
+    StandbyReady,
 }
 
 /// One connection's session.
@@ -324,6 +379,14 @@ struct Session {
     probing: bool,
     /// The mapped prefixes advertised on this session, once known.
     advertised: Option<Vec<IpNet>>,
+    /// The heartbeat and liveness checks, while a standby is ready.
+    next_heartbeat: Option<Instant>,
+    next_check: Option<Instant>,
+    liveness: Option<Liveness>,
+    /// The broker asked the site to move and no standby was ready.
+    move_requested: bool,
+    /// A [`Action::Handover`] is under way.
+    handing_over: bool,
 }
 
 impl Session {
@@ -341,8 +404,32 @@ impl Session {
             next_probe: None,
             probing: false,
             advertised: None,
+            next_heartbeat: None,
+            next_check: None,
+            liveness: None,
+            move_requested: false,
+            handing_over: false,
         }
     }
+
+    /// Starts (at `now`) or stops the heartbeat and the liveness checks.
+    fn watch_liveness(&mut self, on: bool, now: Instant) {
+        self.next_heartbeat = on.then_some(now);
+        self.next_check = on.then_some(now + LIVENESS_CHECK);
+        self.liveness = None;
+    }
+}
+
+/// The standby connection, as the core knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standby {
+    /// None; dial one at the session's next timer after this instant (at
+    /// once when `None`).
+    Absent(Option<Instant>),
+    /// A dial on this transport is under way.
+    Dialing(Transport),
+    /// Connected on this transport.
+    Ready(Transport),
 }
 
 #[derive(Debug)]
@@ -414,6 +501,10 @@ pub struct AgentCore {
     /// When re-attestation last renewed the certificate: a refusal soon
     /// after is not answered with another at once.
     reattested_at: Option<Instant>,
+    standby: Standby,
+    /// Sessions moved to the standby after a loss, and by handover.
+    failovers: u64,
+    handovers: u64,
 }
 
 impl AgentCore {
@@ -429,6 +520,9 @@ impl AgentCore {
             lans: config.lans,
             lan_map: LanMap::default(),
             reattested_at: None,
+            standby: Standby::Absent(None),
+            failovers: 0,
+            handovers: 0,
         };
         core.dial(now);
         core
@@ -460,6 +554,21 @@ impl AgentCore {
         &self.lan_map
     }
 
+    /// Sessions moved to the standby after the broker was lost.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// Sessions handed over to the standby when the broker went away.
+    pub fn handovers(&self) -> u64 {
+        self.handovers
+    }
+
+    /// Whether a standby connection is ready.
+    pub fn standby_ready(&self) -> bool {
+        matches!(self.standby, Standby::Ready(_))
+    }
+
     /// Whether the core has stopped.
     pub fn is_stopped(&self) -> bool {
         matches!(self.phase, Phase::Stopped)
@@ -479,10 +588,23 @@ impl AgentCore {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Waiting(until) => Some(*until),
-            Phase::Session(s) if s.open => [s.next_mtu_check, s.renew_at, s.next_probe]
+            Phase::Session(s) if s.open => {
+                let standby = match self.standby {
+                    Standby::Absent(at) => at,
+                    _ => None,
+                };
+                [
+                    s.next_mtu_check,
+                    s.renew_at,
+                    s.next_probe,
+                    s.next_heartbeat,
+                    s.next_check,
+                    standby,
+                ]
                 .into_iter()
                 .flatten()
-                .min(),
+                .min()
+            }
             _ => None,
         }
     }
@@ -614,6 +736,11 @@ impl AgentCore {
         let transport = s.transport;
         self.events.push_back(Event::Connected(transport));
         self.actions.push_back(Action::CheckMtu);
+        if matches!(self.standby, Standby::Ready(_))
+            && let Some(s) = self.session_mut()
+        {
+            s.watch_liveness(true, now);
+        }
         if !self.lans.is_empty() {
             let requests = self
                 .lans
@@ -629,6 +756,7 @@ impl AgentCore {
                     AddressRequest { requests },
                 )));
         }
+        self.maybe_dial_standby(now);
     }
 
     /// After an ADDRESS_ASSIGN: the mappings of the LANs it answered, a new
@@ -780,6 +908,7 @@ impl AgentCore {
             Ok(()) => {
                 self.events.push_back(Event::Renewed);
                 self.actions.push_back(Action::EndSession { close: false });
+                self.drop_standby();
                 self.dial(now);
             }
             Err(error) => {
@@ -820,7 +949,22 @@ impl AgentCore {
         if settled && matches!(ending, Ending::Lost(_)) {
             self.backoff.reset();
         }
+        if let (Ending::Lost(_), Standby::Ready(_)) = (&ending, self.standby) {
+            self.events.push_back(Event::SessionEnded(ending));
+            self.events.push_back(Event::FailingOver);
+            self.actions.push_back(Action::EndSession { close: false });
+            self.actions.push_back(Action::UseStandby);
+            self.standby = Standby::Absent(None);
+            self.failovers += 1;
+            self.phase = Phase::Dialing;
+            self.attempt_started = now;
+            return;
+        }
         let reattest = self.wants_reattest(&ending, now);
+        if !matches!(ending, Ending::Lost(_)) {
+            // The standby would be refused the same way.
+            self.drop_standby();
+        }
         self.events.push_back(Event::SessionEnded(ending));
         self.actions.push_back(Action::EndSession { close: false });
         if reattest {
@@ -839,6 +983,165 @@ impl AgentCore {
         }
         self.phase = Phase::Stopped;
         self.actions.push_back(Action::Stop);
+    }
+
+    /// Forgets the standby and asks the shell to drop it (the result of a
+    /// dial under way is ignored, and the shell drops what it brings).
+    fn drop_standby(&mut self) {
+        if matches!(self.standby, Standby::Ready(_)) {
+            self.actions.push_back(Action::DropStandby);
+        }
+        self.standby = Standby::Absent(None);
+    }
+
+    /// Dials a standby if none is there or on the way and the retry wait
+    /// (if any) is over.
+    fn maybe_dial_standby(&mut self, now: Instant) {
+        let Phase::Session(s) = &self.phase else {
+            return;
+        };
+        if !s.open || s.handing_over {
+            return;
+        }
+        if let Standby::Absent(at) = self.standby
+            && at.is_none_or(|t| now >= t)
+        {
+            self.standby = Standby::Dialing(s.transport);
+            self.actions.push_back(Action::DialStandby {
+                transport: s.transport,
+            });
+        }
+    }
+
+    /// The outcome of [`Action::DialStandby`]: whether a standby connection
+    /// is up.
+    pub fn handle_standby_result(&mut self, connected: bool, now: Instant) {
+        let Standby::Dialing(transport) = self.standby else {
+            return;
+        };
+        if !connected {
+            self.standby = Standby::Absent(Some(now + STANDBY_RETRY));
+            return;
+        }
+        self.standby = Standby::Ready(transport);
+        self.events.push_back(Event::StandbyReady);
+        let Some(s) = self.open_session_mut() else {
+            return;
+        };
+        s.watch_liveness(true, now);
+        if s.move_requested {
+            s.move_requested = false;
+            s.handing_over = true;
+            self.actions.push_back(Action::Handover);
+        }
+    }
+
+    /// The standby connection ended.
+    pub fn handle_standby_lost(&mut self, now: Instant) {
+        if !matches!(self.standby, Standby::Ready(_)) {
+            return;
+        }
+        self.standby = Standby::Absent(Some(now + STANDBY_RETRY));
+        if let Some(s) = self.open_session_mut() {
+            s.watch_liveness(false, now);
+        }
+    }
+
+    /// The answer to [`Action::CheckLiveness`]: the datagrams the current
+    /// connection has received in all (`None` when its transport cannot
+    /// tell) and its round-trip time. Silence past the deadline ends the
+    /// session as lost, which moves it to the standby.
+    pub fn handle_liveness(&mut self, received: Option<u64>, rtt: Duration, now: Instant) {
+        let Some(received) = received else {
+            return;
+        };
+        if !matches!(self.standby, Standby::Ready(_)) {
+            return;
+        }
+        let Some(s) = self.open_session_mut() else {
+            return;
+        };
+        let liveness = s.liveness.get_or_insert(Liveness::new(received, now));
+        liveness.handle_received(received, now);
+        if liveness.is_lost(rtt, now) {
+            let silent = now.saturating_duration_since(liveness.heard_at());
+            self.handle_session_ended(
+                Ending::Lost(format!(
+                    "nothing heard from the broker for {} ms",
+                    silent.as_millis()
+                )),
+                now,
+            );
+        }
+    }
+
+    /// The broker is going away (HTTP/3 GOAWAY): move the tunnel to the
+    /// standby before dropping this one, or dial a standby first.
+    pub fn handle_goaway(&mut self, now: Instant) {
+        let ready = matches!(self.standby, Standby::Ready(_));
+        let Some(s) = self.open_session_mut() else {
+            return;
+        };
+        if s.handing_over || s.move_requested {
+            return;
+        }
+        if ready {
+            s.handing_over = true;
+        } else {
+            s.move_requested = true;
+        }
+        self.events.push_back(Event::GoingAway {
+            standby_ready: ready,
+        });
+        if ready {
+            self.actions.push_back(Action::Handover);
+            return;
+        }
+        // A standby that is on its way answers the request; otherwise dial
+        // one now, whatever the retry wait.
+        if let Standby::Absent(_) = self.standby {
+            self.standby = Standby::Absent(None);
+            self.maybe_dial_standby(now);
+        }
+    }
+
+    /// The outcome of [`Action::Handover`]: on success the tunnel runs on
+    /// the former standby (`lifetime` is the certificate's), and a new
+    /// standby is dialed.
+    pub fn handle_handover_result(
+        &mut self,
+        result: Result<(), Ending>,
+        lifetime: Option<Lifetime>,
+        now: Instant,
+    ) {
+        let Standby::Ready(transport) = self.standby else {
+            return;
+        };
+        if !self.open_session_mut().is_some_and(|s| s.handing_over) {
+            return;
+        }
+        self.standby = Standby::Absent(None);
+        match result {
+            Ok(()) => {
+                self.handovers += 1;
+                self.events.push_back(Event::HandedOver(transport));
+                let moved = self.ladder.connected(transport);
+                if moved != Move::Stay {
+                    self.events.push_back(Event::Moved { transport, moved });
+                }
+                self.phase = Phase::Session(Box::new(Session::new(transport)));
+                self.attempt_started = now;
+                self.handle_tunnel_opened(lifetime, now);
+            }
+            Err(ending) => {
+                self.events.push_back(Event::HandoverFailed(ending));
+                self.standby = Standby::Absent(Some(now + STANDBY_RETRY));
+                if let Some(s) = self.open_session_mut() {
+                    s.handing_over = false;
+                    s.watch_liveness(false, now);
+                }
+            }
+        }
     }
 
     /// The timer fired.
@@ -863,6 +1166,15 @@ impl AgentCore {
                         self.actions.push_back(Action::Probe(probe));
                     }
                 }
+                if s.next_heartbeat.is_some_and(|t| now >= t) {
+                    s.next_heartbeat = Some(now + HEARTBEAT_INTERVAL);
+                    self.actions.push_back(Action::Heartbeat);
+                }
+                if s.next_check.is_some_and(|t| now >= t) {
+                    s.next_check = Some(now + LIVENESS_CHECK);
+                    self.actions.push_back(Action::CheckLiveness);
+                }
+                self.maybe_dial_standby(now);
             }
             _ => {}
         }

@@ -104,7 +104,14 @@ impl Agent {
         );
         self.core.handle_tunnel_opened(life, self.now);
         assert!(self.events().contains(&Event::Connected(transport)));
-        assert_eq!(self.actions(), [Action::CheckMtu]);
+        // A standby is dialed once per missing standby; left unanswered
+        // here (the tests of the standby answer it).
+        let actions = self.actions();
+        assert!(
+            actions == [Action::CheckMtu]
+                || actions == [Action::CheckMtu, Action::DialStandby { transport }],
+            "{actions:?}"
+        );
     }
 
     /// The delay of the `Retrying` event just reported.
@@ -591,7 +598,12 @@ impl Agent {
         self.actions();
         self.core.handle_tunnel_opened(None, self.now);
         self.events();
+        // The standby dial (on the first session only) is not what these
+        // tests look at.
         self.actions()
+            .into_iter()
+            .filter(|a| !matches!(a, Action::DialStandby { .. }))
+            .collect()
     }
 }
 
@@ -845,4 +857,186 @@ fn renewal_stays_at_half_life_whatever_this_hosts_clock_says() {
         unix_now: t + 172_800,
     };
     assert_eq!(naive.renew_in(), Duration::ZERO);
+}
+
+/// Connects on HTTP/3 with a standby ready; returns the agent with no
+/// pending output.
+fn with_standby() -> Agent {
+    let mut a = Agent::new(config(false, None, 7));
+    a.actions();
+    a.connect(Transport::H3, None);
+    a.core.handle_standby_result(true, a.now);
+    assert_eq!(a.events(), [Event::StandbyReady]);
+    assert!(a.core.standby_ready());
+    a.tick();
+    assert_eq!(
+        a.actions(),
+        [Action::Heartbeat],
+        "the heartbeat starts at once"
+    );
+    a
+}
+
+#[test]
+fn a_silent_broker_is_left_for_the_standby_within_a_second() {
+    let mut a = with_standby();
+    let t0 = a.now;
+    // The broker answers: the count grows at every check.
+    let mut received = 10;
+    let mut heartbeats = 0;
+    for _ in 0..30 {
+        for action in a.run_for(Duration::from_millis(100), Duration::from_millis(100)) {
+            match action {
+                Action::Heartbeat => heartbeats += 1,
+                Action::CheckLiveness => {
+                    received += 1;
+                    a.core
+                        .handle_liveness(Some(received), Duration::from_millis(5), a.now);
+                }
+                Action::CheckMtu => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    // 3 s: a heartbeat every 300 ms.
+    assert_eq!(heartbeats, 10, "one every 300 ms");
+    assert_eq!(a.core.failovers(), 0);
+    // Then silence: the standby takes over 700 ms after the last datagram.
+    let silent_from = a.now;
+    let mut moved_at = None;
+    for _ in 0..20 {
+        for action in a.run_for(Duration::from_millis(100), Duration::from_millis(100)) {
+            match action {
+                Action::CheckLiveness => {
+                    a.core
+                        .handle_liveness(Some(received), Duration::from_millis(5), a.now)
+                }
+                Action::UseStandby => moved_at = Some(a.now),
+                _ => {}
+            }
+        }
+        if moved_at.is_some() {
+            break;
+        }
+    }
+    let moved_at = moved_at.expect("moved to the standby");
+    let took = moved_at - silent_from;
+    assert!(took <= Duration::from_millis(800), "{took:?}");
+    assert!(took >= Duration::from_millis(700), "{took:?}");
+    assert!(a.events().contains(&Event::FailingOver));
+    assert_eq!(a.core.failovers(), 1);
+    // No backoff: the standby's connection is the session's now.
+    a.core.handle_connected(Transport::H3, a.now);
+    assert_eq!(
+        a.actions(),
+        [Action::SaveTransport(Transport::H3), Action::OpenTunnel]
+    );
+    a.core.handle_tunnel_opened(None, a.now);
+    a.events();
+    // And a new standby is dialed.
+    assert!(a.actions().contains(&Action::DialStandby {
+        transport: Transport::H3
+    }));
+    assert!(t0 < moved_at);
+}
+
+#[test]
+fn without_a_standby_there_is_no_heartbeat_and_loss_backs_off() {
+    let mut a = Agent::new(config(false, None, 7));
+    a.actions();
+    a.connect(Transport::H3, None);
+    // The only broker: the standby dial fails, and is retried after 5 s.
+    a.core.handle_standby_result(false, a.now);
+    let actions = a.run_for(Duration::from_millis(4900), Duration::from_millis(100));
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Heartbeat | Action::CheckLiveness | Action::DialStandby { .. }
+        )),
+        "{actions:?}"
+    );
+    let actions = a.run_for(Duration::from_millis(100), Duration::from_millis(100));
+    assert!(actions.contains(&Action::DialStandby {
+        transport: Transport::H3
+    }));
+    // Silence reported anyway changes nothing without a standby.
+    a.core
+        .handle_liveness(Some(1), Duration::from_millis(5), a.now);
+    a.advance(secs(10));
+    a.core
+        .handle_liveness(Some(1), Duration::from_millis(5), a.now);
+    assert!(a.core.transport().is_some(), "still in session");
+    // A lost session backs off as before.
+    a.core
+        .handle_session_ended(Ending::Lost("idle timeout".into()), a.now);
+    assert!(!a.events().contains(&Event::FailingOver));
+    assert_eq!(a.actions(), [Action::EndSession { close: false }]);
+}
+
+#[test]
+fn goaway_opens_the_standby_tunnel_before_the_old_one_goes() {
+    let mut a = with_standby();
+    a.core.handle_goaway(a.now);
+    assert_eq!(
+        a.events(),
+        [Event::GoingAway {
+            standby_ready: true
+        }]
+    );
+    // The old session is not ended: the shell opens the new tunnel first.
+    assert_eq!(a.actions(), [Action::Handover]);
+    assert!(a.core.transport().is_some());
+    // A second GOAWAY changes nothing.
+    a.core.handle_goaway(a.now);
+    assert_eq!(a.actions(), []);
+    a.core.handle_handover_result(Ok(()), None, a.now);
+    let events = a.events();
+    assert!(
+        events.contains(&Event::HandedOver(Transport::H3)),
+        "{events:?}"
+    );
+    assert!(events.contains(&Event::Connected(Transport::H3)));
+    let actions = a.actions();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::EndSession { .. }))
+    );
+    assert!(actions.contains(&Action::DialStandby {
+        transport: Transport::H3
+    }));
+    assert_eq!(a.core.handovers(), 1);
+}
+
+#[test]
+fn goaway_without_a_standby_dials_one_and_moves_when_it_answers() {
+    let mut a = Agent::new(config(false, None, 7));
+    a.actions();
+    a.connect(Transport::H3, None);
+    a.core.handle_standby_result(false, a.now);
+    a.core.handle_goaway(a.now);
+    assert_eq!(
+        a.events(),
+        [Event::GoingAway {
+            standby_ready: false
+        }]
+    );
+    // Dialed at once, whatever the retry wait.
+    assert_eq!(
+        a.actions(),
+        [Action::DialStandby {
+            transport: Transport::H3
+        }]
+    );
+    a.core.handle_standby_result(true, a.now);
+    assert_eq!(a.actions(), [Action::Handover]);
+    // The standby's tunnel is refused: the session goes on where it is.
+    a.core
+        .handle_handover_result(Err(Ending::Refused("HTTP 503".into())), None, a.now);
+    assert!(matches!(
+        a.events().as_slice(),
+        [Event::StandbyReady, Event::HandoverFailed(_)]
+    ));
+    assert!(a.core.transport().is_some());
+    assert_eq!(a.core.handovers(), 0);
 }

@@ -211,6 +211,7 @@ impl BrokerCore {
             .is_none_or(|c| c.version() <= leases.version())
         {
             self.leases.insert(region, leases);
+            self.rebuild_remote();
         }
     }
 
@@ -235,6 +236,7 @@ impl BrokerCore {
                     // the cache, even at an equal version number after a
                     // store restore.
                     self.leases.insert(region, leases);
+                    self.rebuild_remote();
                 }
             }
             (Waiting::Commit(txn), StoreResult::Committed) => {

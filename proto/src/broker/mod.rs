@@ -150,6 +150,9 @@ pub enum Event {
     RoutesChanged,
     /// The set of live sessions changed (names in the mesh zone follow).
     SessionsChanged,
+    /// The routes through other brokers were rebuilt (after a change of
+    /// the fleet or of the leases).
+    RemoteRoutesChanged,
     /// An allocation finished.
     Allocated {
         /// Which one.
@@ -211,6 +214,8 @@ pub struct BrokerCore {
     sessions: BTreeMap<SiteId, sessions::Current>,
     revoked: BTreeSet<Revocation>,
     leases: BTreeMap<RegionId, RegionLeases>,
+    peers: crate::peering::PeerView,
+    link_mtu: usize,
     allocations: BTreeMap<AllocationId, alloc::Allocation>,
     next_allocation: u64,
     max_attempts: u32,
@@ -231,6 +236,8 @@ impl BrokerCore {
             sessions: BTreeMap::new(),
             revoked: config.revoked.into_iter().collect(),
             leases: BTreeMap::new(),
+            peers: crate::peering::PeerView::default(),
+            link_mtu: crate::peering::DEFAULT_LINK_MTU,
             allocations: BTreeMap::new(),
             next_allocation: 0,
             max_attempts: config.max_allocation_attempts.max(1),
@@ -332,6 +339,30 @@ impl BrokerCore {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// What the fleet says of the other brokers changed (sites held there,
+    /// their gateways); `link_mtu` is the largest packet the
+    /// broker-to-broker link carries. The routes through other brokers are
+    /// rebuilt from it and the cached leases.
+    pub fn handle_peers(&mut self, view: crate::peering::PeerView, link_mtu: usize) {
+        if self.peers != view || self.link_mtu != link_mtu {
+            self.peers = view;
+            self.link_mtu = link_mtu;
+            self.rebuild_remote();
+        }
+    }
+
+    /// Rebuilds the routes through other brokers (after a change of the
+    /// fleet or of the cached leases).
+    fn rebuild_remote(&mut self) {
+        let leases = self.leases.values().flat_map(|l| l.leases());
+        self.router.remote = Arc::new(crate::peering::RemoteRoutes::build(
+            &self.peers,
+            leases,
+            self.link_mtu,
+        ));
+        self.push_event(Event::RemoteRoutesChanged);
     }
 
     fn push_event(&mut self, event: Event) {

@@ -1,0 +1,208 @@
+//! Each site's event timeline ([`tether_proto::events`]): recorded when a
+//! session opens or ends and when a site's trust changes (enrollment,
+//! renewal, re-attestation, revocation), never per packet; kept in the
+//! store, bounded per site; and summarised in memory ([`History`]) so that
+//! the site list can say every site's state without reading timelines.
+//!
+//! [`EventLog::record`] updates the summary at once and queues the store
+//! write for one writer thread, which appends in the order events were
+//! recorded: a session's "connected" is never stored after its
+//! "disconnected", and the session's task never waits for the store.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tether_proto::events::{EventKind, History, SiteEvent, TIMELINE_LIMIT};
+use tether_proto::ids::SiteId;
+
+use crate::store::{Store, StoreError, now_unix};
+
+/// Events waiting for the store at most: beyond this (the store is down
+/// or far too slow), new events are logged and dropped, not queued.
+const QUEUE: usize = 65_536;
+
+enum Job {
+    Append(SiteId, SiteEvent),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The sites' timelines: the store's, and a summary of each in memory.
+pub struct EventLog {
+    store: Arc<dyn Store>,
+    histories: RwLock<HashMap<SiteId, History>>,
+    queue: SyncSender<Job>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog").finish_non_exhaustive()
+    }
+}
+
+impl EventLog {
+    /// Reads every site's timeline from `store` into the summary and
+    /// starts the writer thread. Blocking.
+    pub fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let histories = store
+            .timelines()?
+            .into_iter()
+            .map(|(site, timeline)| (site, History::of(&timeline)))
+            .collect();
+        let (queue, jobs) = std::sync::mpsc::sync_channel(QUEUE);
+        let writer = store.clone();
+        std::thread::Builder::new()
+            .name("tether-events".into())
+            .spawn(move || write_events(writer.as_ref(), jobs))
+            .map_err(|e| StoreError(format!("cannot start the event writer: {e}")))?;
+        Ok(Self {
+            store,
+            histories: RwLock::new(histories),
+            queue,
+        })
+    }
+
+    /// Records that `kind` happened to `site` now, seen by `broker`.
+    pub fn record(&self, site: &SiteId, broker: String, kind: EventKind) {
+        let event = SiteEvent {
+            at: now_unix(),
+            broker,
+            kind,
+        };
+        tracing::debug!(%site, event = event.kind.as_str(), "site event");
+        if let Ok(mut h) = self.histories.write() {
+            h.entry(site.clone()).or_default().apply(&event);
+        }
+        match self.queue.try_send(Job::Append(site.clone(), event)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                crate::metrics::site_event_dropped();
+                tracing::warn!(%site, "site event dropped: the store is not keeping up");
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// What a site's events say (empty for a site without events).
+    pub fn history(&self, site: &SiteId) -> History {
+        self.histories
+            .read()
+            .ok()
+            .and_then(|h| h.get(site).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Every site's summary.
+    pub fn histories(&self) -> HashMap<SiteId, History> {
+        self.histories.read().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Reads a site's timeline again and summarises it anew: after
+    /// another broker (sharing the store) appended to it. Blocking.
+    pub fn refresh(&self, site: &SiteId) -> Result<(), StoreError> {
+        let history = History::of(&self.store.timeline(site)?);
+        if let Ok(mut h) = self.histories.write() {
+            h.insert(site.clone(), history);
+        }
+        Ok(())
+    }
+
+    /// A site's timeline as the store holds it. Blocking.
+    pub fn timeline(&self, site: &SiteId) -> Result<tether_proto::events::Timeline, StoreError> {
+        self.store.timeline(site)
+    }
+
+    /// Waits (at most `timeout`) until every event recorded so far is in
+    /// the store; returns whether it is. Blocking.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.queue.send(Job::Flush(done)).is_err() {
+            return false;
+        }
+        !matches!(
+            wait.recv_timeout(timeout),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected)
+        )
+    }
+}
+
+/// The writer thread: appends queued events in order until the log is
+/// dropped.
+fn write_events(store: &dyn Store, jobs: Receiver<Job>) {
+    for job in jobs {
+        match job {
+            Job::Append(site, event) => {
+                if let Err(e) = store.append_event(&site, &event, TIMELINE_LIMIT) {
+                    crate::metrics::site_event_dropped();
+                    tracing::warn!(%site, error = %e, "site event not stored");
+                }
+            }
+            Job::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_proto::events::{Disconnect, SiteState};
+
+    #[test]
+    fn events_reach_the_store_in_order_and_the_summary_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let log = EventLog::open(store.clone()).unwrap();
+        let site = SiteId::new("ward-1").unwrap();
+        for _ in 0..3 {
+            log.record(
+                &site,
+                "b1".into(),
+                EventKind::Connected {
+                    transport: "h3".into(),
+                    remote: "192.0.2.1:1".into(),
+                },
+            );
+            log.record(
+                &site,
+                "b1".into(),
+                EventKind::Disconnected {
+                    reason: Disconnect::ConnectionLost,
+                    detail: None,
+                },
+            );
+        }
+        assert_eq!(
+            log.history(&site).state(None, false, now_unix()).0,
+            SiteState::Flapping
+        );
+        assert!(log.flush(Duration::from_secs(10)));
+        let kinds: Vec<_> = log
+            .timeline(&site)
+            .unwrap()
+            .events()
+            .map(|e| e.kind.as_str())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "connected",
+                "disconnected",
+                "connected",
+                "disconnected",
+                "connected",
+                "disconnected"
+            ]
+        );
+        // A new log over the same store starts from what it holds.
+        drop(log);
+        let again = EventLog::open(store).unwrap();
+        assert_eq!(
+            again.history(&site).last_disconnected.map(|d| d.1),
+            Some(Disconnect::ConnectionLost)
+        );
+    }
+}

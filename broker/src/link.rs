@@ -1,0 +1,439 @@
+//! The broker-to-broker link: WireGuard (boringtun) over one UDP socket,
+//! carrying packets for sites and gateways that another broker of the
+//! fleet holds.
+//!
+//! Each broker has its own link key (`peering.key` in the data directory)
+//! and announces the public half with the link's address in its fleet
+//! record in etcd ([`tether_proto::fleet::Member`]). The peers of the link
+//! are exactly the live members of the fleet that announce one
+//! ([`Link::set_peers`]): a broker that leaves the fleet (its etcd lease
+//! expired) stops being a peer, and a datagram from any other key is
+//! refused. Trusting the announced keys is trusting whoever may write the
+//! fleet's keys in etcd, which already decides every address and token of
+//! the deployment (see `docs/ha.md`).
+//!
+//! This module only encrypts, sends, receives and decrypts; what to relay
+//! is decided in [`tether_proto::forward::Router::decide`], and the
+//! forwarding plane runs the receive loop
+//! ([`crate::plane::Plane::attach_link`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::{Packet, Tunn, TunnResult, handshake};
+use boringtun::x25519;
+use tether_config::broker::Peering;
+use tether_pki::wg::WgKey;
+use tether_proto::fleet::{BrokerId, Fleet};
+use tether_proto::forward::DropReason;
+use tokio::net::UdpSocket;
+
+use crate::counters::Counters;
+
+/// Name of the link key in the data directory.
+pub const KEY_FILE: &str = "peering.key";
+
+/// How often peer timers run (handshake retries, keepalives, rekeying).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// A peer whose first handshake has not completed this long after it was
+/// added is down: packets for it are dropped (and counted) rather than
+/// queued.
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(5);
+
+/// A session older than this without a new handshake is down: WireGuard
+/// rekeys every two minutes and rejects sessions after three.
+const STALE_SESSION: Duration = Duration::from_secs(180);
+
+/// Keepalives keep the session fresh in both directions, so that the first
+/// packet after a quiet spell does not wait for a handshake.
+const KEEPALIVE_SECS: u16 = 15;
+
+/// Another broker of the fleet, as a peer of the link.
+pub struct LinkPeer {
+    /// Its fleet id.
+    pub id: BrokerId,
+    /// Its link key.
+    pub key: [u8; 32],
+    /// Where its link listens.
+    pub endpoint: SocketAddr,
+    /// Packets relayed from it (rx) and to it (tx).
+    pub counters: Counters,
+    tunn: Mutex<Tunn>,
+    index: u32,
+    added: Instant,
+}
+
+impl std::fmt::Debug for LinkPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkPeer")
+            .field("id", &self.id)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkPeer {
+    /// Whether the link to this peer is down: no session yet a while after
+    /// it was added, a session far past rekeying, or handshakes given up.
+    pub fn is_down(&self) -> bool {
+        let Ok(tunn) = self.tunn.lock() else {
+            return true;
+        };
+        if tunn.is_expired() {
+            return true;
+        }
+        match tunn.stats().0 {
+            Some(since) => since > STALE_SESSION,
+            None => self.added.elapsed() > HANDSHAKE_GRACE,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Peers {
+    by_id: BTreeMap<BrokerId, Arc<LinkPeer>>,
+    by_index: HashMap<u32, Arc<LinkPeer>>,
+    by_key: HashMap<[u8; 32], Arc<LinkPeer>>,
+}
+
+/// The link's socket, key and peers.
+pub struct Link {
+    socket: Arc<UdpSocket>,
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    advertise: SocketAddr,
+    mtu: usize,
+    peers: RwLock<Peers>,
+    next_index: AtomicU32,
+    /// Datagrams from no peer's key.
+    unknown: metrics::Counter,
+    /// Datagrams a peer's session refused.
+    refused: metrics::Counter,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("advertise", &self.advertise)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds the link's socket (creating the link key on first use) and starts
+/// its peers' timers. The link has no peer until [`Link::set_peers`].
+pub async fn start(config: &Peering, data_dir: &Path) -> anyhow::Result<Arc<Link>> {
+    let path = data_dir.join(KEY_FILE);
+    let (key, created) = WgKey::load_or_create(&path)?;
+    if created {
+        tracing::info!(path = %path.display(), "created the broker-to-broker link key");
+    }
+    let private = x25519::StaticSecret::from(key.secret_bytes());
+    let public = x25519::PublicKey::from(&private);
+    let socket = UdpSocket::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot bind the broker-to-broker link on UDP {} (peering.listen; is another broker on this port?)",
+            config.listen
+        )
+    })?;
+    let bound = socket.local_addr()?;
+    let advertise = config.advertise.unwrap_or(bound);
+    anyhow::ensure!(
+        !advertise.ip().is_unspecified(),
+        "the broker-to-broker link listens on {bound}, which other brokers cannot send to: set peering.advertise"
+    );
+    let link = Arc::new(Link {
+        socket: Arc::new(socket),
+        private,
+        public,
+        advertise,
+        mtu: usize::from(config.mtu),
+        peers: RwLock::new(Peers::default()),
+        next_index: AtomicU32::new(1),
+        unknown: metrics::counter!("tether_broker_peer_refused_total", "reason" => "unknown_peer"),
+        refused: metrics::counter!("tether_broker_peer_refused_total", "reason" => "invalid"),
+    });
+    let timers = Arc::downgrade(&link);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        loop {
+            tick.tick().await;
+            let Some(link) = timers.upgrade() else { return };
+            link.run_timers();
+        }
+    });
+    tracing::info!(
+        listen = %bound,
+        advertise = %advertise,
+        public_key = %tether_pki::wg::encode(&link.public_key()),
+        "broker-to-broker link up"
+    );
+    Ok(link)
+}
+
+thread_local! {
+    /// Room for one encrypted packet.
+    static SEAL: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65_536 + 64]);
+}
+
+impl Link {
+    /// The link's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    /// Where other brokers send to.
+    pub fn advertise(&self) -> SocketAddr {
+        self.advertise
+    }
+
+    /// The largest IP packet the link carries.
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    /// The peer of a broker.
+    pub fn peer(&self, id: &str) -> Option<Arc<LinkPeer>> {
+        self.peers.read().ok()?.by_id.get(id).cloned()
+    }
+
+    /// Every peer, in id order.
+    pub fn peers(&self) -> Vec<Arc<LinkPeer>> {
+        self.peers
+            .read()
+            .map(|p| p.by_id.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Makes the live members of `fleet` that announce a link (other than
+    /// this broker) the peers: new ones are added and greeted with a
+    /// handshake, gone ones removed, one whose key or address changed
+    /// (restarted with a new data directory) starts afresh.
+    pub fn set_peers(&self, fleet: &Fleet) {
+        let mut wanted: BTreeMap<BrokerId, ([u8; 32], SocketAddr)> = BTreeMap::new();
+        for (id, member) in fleet.members() {
+            if id == fleet.me() {
+                continue;
+            }
+            let Some((endpoint, key)) = member.link() else {
+                continue;
+            };
+            match (endpoint.parse::<SocketAddr>(), tether_pki::wg::decode(key)) {
+                (Ok(endpoint), Some(key)) if key != self.public_key() => {
+                    wanted.insert(id.clone(), (key, endpoint));
+                }
+                _ => tracing::warn!(
+                    broker = %id,
+                    endpoint,
+                    "fleet: the broker announces an unusable link address or key; not relaying to it"
+                ),
+            }
+        }
+        let mut added = Vec::new();
+        {
+            let Ok(mut peers) = self.peers.write() else {
+                return;
+            };
+            let gone: Vec<BrokerId> = peers
+                .by_id
+                .iter()
+                .filter(|(id, p)| wanted.get(*id) != Some(&(p.key, p.endpoint)))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                if let Some(p) = peers.by_id.remove(&id) {
+                    peers.by_index.remove(&p.index);
+                    peers.by_key.remove(&p.key);
+                    tracing::info!(broker = %id, "broker-to-broker link: peer removed");
+                }
+            }
+            for (id, (key, endpoint)) in wanted {
+                if peers.by_id.contains_key(&id) || peers.by_key.contains_key(&key) {
+                    continue;
+                }
+                let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+                let tunn = Tunn::new(
+                    self.private.clone(),
+                    x25519::PublicKey::from(key),
+                    None,
+                    Some(KEEPALIVE_SECS),
+                    index,
+                    None,
+                );
+                let peer = Arc::new(LinkPeer {
+                    id: id.clone(),
+                    key,
+                    endpoint,
+                    counters: Counters::default(),
+                    tunn: Mutex::new(tunn),
+                    index,
+                    added: Instant::now(),
+                });
+                peers.by_index.insert(index, peer.clone());
+                peers.by_key.insert(key, peer.clone());
+                peers.by_id.insert(id.clone(), peer.clone());
+                tracing::info!(broker = %id, %endpoint, "broker-to-broker link: peer added");
+                added.push(peer);
+            }
+        }
+        // A handshake now, so that the first relayed packet finds a session.
+        for peer in added {
+            SEAL.with_borrow_mut(|buf| {
+                let Ok(mut tunn) = peer.tunn.lock() else {
+                    return;
+                };
+                if let TunnResult::WriteToNetwork(out) =
+                    tunn.format_handshake_initiation(buf, false)
+                {
+                    let _ = self.socket.try_send_to(out, peer.endpoint);
+                }
+            });
+        }
+    }
+
+    /// Encrypts an IP packet for broker `to` and sends it.
+    pub fn send(&self, to: &str, packet: &[u8]) -> Result<(), DropReason> {
+        let peer = self.peer(to).ok_or(DropReason::PeerUnknown)?;
+        self.send_to(&peer, packet)
+    }
+
+    /// Encrypts an IP packet for `peer` and sends it.
+    pub fn send_to(&self, peer: &LinkPeer, packet: &[u8]) -> Result<(), DropReason> {
+        if peer.is_down() {
+            return Err(DropReason::PeerDown);
+        }
+        SEAL.with_borrow_mut(|buf| {
+            if buf.len() < packet.len() + 148 {
+                buf.resize(packet.len() + 148, 0);
+            }
+            let mut tunn = peer.tunn.lock().map_err(|_| DropReason::PeerDown)?;
+            match tunn.encapsulate(packet, buf) {
+                TunnResult::WriteToNetwork(out) => {
+                    match self.socket.try_send_to(out, peer.endpoint) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            return Err(DropReason::QueueFull);
+                        }
+                        Err(_) => return Err(DropReason::PeerDown),
+                    }
+                }
+                TunnResult::Err(_) => return Err(DropReason::PeerDown),
+                _ => {}
+            }
+            peer.counters.tx.add(packet.len() as u64);
+            Ok(())
+        })
+    }
+
+    fn run_timers(&self) {
+        for peer in self.peers() {
+            SEAL.with_borrow_mut(|buf| {
+                let Ok(mut tunn) = peer.tunn.lock() else {
+                    return;
+                };
+                match tunn.update_timers(buf) {
+                    TunnResult::WriteToNetwork(out) => {
+                        let _ = self.socket.try_send_to(out, peer.endpoint);
+                    }
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                        // Handshakes given up: start them again, the peer
+                        // is still in the fleet.
+                        if let TunnResult::WriteToNetwork(out) =
+                            tunn.format_handshake_initiation(buf, false)
+                        {
+                            let _ = self.socket.try_send_to(out, peer.endpoint);
+                        }
+                    }
+                    _ => {}
+                }
+            });
+        }
+    }
+
+    /// Which peer a datagram belongs to.
+    fn peer_of(&self, datagram: &[u8]) -> Option<Arc<LinkPeer>> {
+        let peers = self.peers.read().ok()?;
+        let index = match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(init) => {
+                let half =
+                    handshake::parse_handshake_anon(&self.private, &self.public, &init).ok()?;
+                return peers.by_key.get(&half.peer_static_public).cloned();
+            }
+            Packet::HandshakeResponse(r) => r.receiver_idx,
+            Packet::PacketCookieReply(c) => c.receiver_idx,
+            Packet::PacketData(d) => d.receiver_idx,
+        };
+        peers.by_index.get(&(index >> 8)).cloned()
+    }
+
+    /// Receives one datagram and handles it: an IP packet from a peer goes
+    /// to `deliver`; handshakes and keepalives are answered here. `buf`
+    /// holds the datagram, `out` the decrypted packet (each 64 KiB).
+    pub async fn receive(
+        &self,
+        buf: &mut [u8],
+        out: &mut [u8],
+        deliver: impl FnOnce(&LinkPeer, &mut [u8]),
+    ) {
+        let (n, from) = match self.socket.recv_from(buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "broker-to-broker link: receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                return;
+            }
+        };
+        let datagram = buf.get(..n).unwrap_or_default();
+        let Some(peer) = self.peer_of(datagram) else {
+            self.unknown.increment(1);
+            tracing::debug!(source = %from, "broker-to-broker link: datagram from no live broker refused");
+            return;
+        };
+        let mut len = None;
+        let result = {
+            let Ok(mut tunn) = peer.tunn.lock() else {
+                return;
+            };
+            let mut packet_len = 0usize;
+            let mut got = false;
+            let r = tether_shell::wireguard::decapsulate(
+                &mut tunn,
+                from.ip(),
+                datagram,
+                out,
+                |reply| {
+                    let _ = self.socket.try_send_to(reply, from);
+                },
+                |p| {
+                    packet_len = p.len();
+                    got = true;
+                },
+            );
+            if got {
+                len = Some(packet_len);
+            }
+            r
+        };
+        match result {
+            Ok(()) | Err(WireGuardError::DuplicateCounter) => {}
+            Err(e) => {
+                tracing::debug!(broker = %peer.id, error = ?e, "broker-to-broker link: datagram refused");
+                self.refused.increment(1);
+                return;
+            }
+        }
+        // The decrypted packet starts at the front of `out`.
+        if let Some(len) = len.filter(|l| *l > 0)
+            && let Some(packet) = out.get_mut(..len)
+        {
+            peer.counters.rx.add(len as u64);
+            deliver(&peer, packet);
+        }
+    }
+}

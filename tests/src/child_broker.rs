@@ -1,0 +1,121 @@
+//! A broker in a child process: the test binary run again with an
+//! environment variable naming the broker's configuration, executing only
+//! the binary's `child_broker` test, which loads it with [`child_config`].
+//! Each test binary that uses it defines that entry test itself, since the
+//! child runs the test binary, not this library.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tether_config::broker::{BrokerConfig, BrokerFile};
+
+/// The configuration the child's entry test runs: read from the file that
+/// `env` names, or `None` when `env` is unset (the entry test then does
+/// nothing, as in an ordinary test run).
+pub fn child_config(env: &str) -> Option<BrokerConfig> {
+    let path = std::env::var(env).ok()?;
+    let text = std::fs::read_to_string(&path).unwrap();
+    Some(
+        BrokerFile::parse(&text, &path)
+            .unwrap()
+            .validate(&path)
+            .unwrap(),
+    )
+}
+
+/// A broker in a child process, killed with `SIGKILL` when dropped. Its
+/// entry test prints `READY <tunnel address>` once it serves.
+pub struct ChildBroker {
+    child: Child,
+    /// The broker's tunnel address.
+    pub addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildBroker {
+    /// Starts a broker with `extra` configuration and the CA of
+    /// `ca_from`'s data directory, its configuration path passed in the
+    /// environment variable `env`; returns once it serves.
+    pub fn start(env: &str, extra: &str, ca_from: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        tether_pki::ca::create_private_dir(&data).unwrap();
+        for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
+            std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
+        }
+        let text = format!(
+            "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n{extra}"
+        );
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["child_broker", "--exact", "--nocapture", "--test-threads=1"])
+            .env(env, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        // Lines are read by a thread, so that every wait is bounded; the
+        // pipe closes if the child dies.
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let mut child = ChildBroker {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+            _dir: dir,
+        };
+        let addr = child.line("READY ", Duration::from_secs(60));
+        child.addr = addr.parse().unwrap();
+        child
+    }
+
+    /// What follows `tag` on the next line that has it (the harness prints
+    /// the test's name on the same line).
+    pub fn line(&self, tag: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("the child broker printed {tag:?} within {within:?}"));
+            if let Some((_, rest)) = line.split_once(tag) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `kill -TERM`.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for ChildBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
