@@ -5,6 +5,7 @@
 #   bench/run.sh [--duration SECONDS] [--sites N]
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
 #   bench/run.sh --drops ROUNDS [--duration SECONDS]
+#   bench/run.sh --storm SITES [--rounds N]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -13,6 +14,9 @@
 # iperf3 streams each way over HTTP/3, with the tunnelled TCP's retransmits
 # and every drop counter on the way (broker drop reasons, the tunnel
 # devices, UDP buffers, the kernel's backlog).
+# --storm measures a reconnect storm: SITES idle sites (tether-loadgen),
+# the broker killed with SIGKILL and restarted N times (default 5); per
+# round, when every site was back and whether any changed its address.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

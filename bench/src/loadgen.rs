@@ -6,6 +6,13 @@
 //! `tether-loadgen connect --count N --broker A --dir D --hold S` opens a
 //! CONNECT-IP tunnel for each (one QUIC endpoint), prints `connected N`
 //! when all are up, and holds them idle for S seconds.
+//! `tether-loadgen storm --count N --broker A --dir D --rounds R` connects
+//! them too, then reconnects every site whose connection ends (as the agent
+//! does: a first retry after 0.25-0.5 s, doubling up to 5 s) and, each
+//! time all are back after losses, prints
+//! `round K: N back ... changed C` (C sites came back with another address)
+//! until R rounds are done. The broker is killed and restarted by whoever
+//! runs it (`tether-bench --storm`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -44,6 +51,17 @@ enum Command {
         region: String,
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Connect enrolled sites and reconnect them after each loss.
+    Storm {
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        broker: SocketAddr,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Connect enrolled sites and hold their tunnels.
     Connect {
@@ -158,7 +176,169 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(hold)).await;
             drop(tunnels);
         }
+        Command::Storm {
+            count,
+            broker,
+            dir,
+            rounds,
+        } => storm(count, broker, &dir, rounds).await?,
     }
+    Ok(())
+}
+
+/// What a site task reports.
+enum Event {
+    /// The site's tunnel is up with this IPv4 address.
+    Up(usize, std::net::Ipv4Addr),
+    /// The site's connection ended.
+    Lost(usize),
+}
+
+/// Opens one site's tunnel.
+async fn open_tunnel(
+    endpoint: &quinn::Endpoint,
+    broker: SocketAddr,
+    state: &StateDir,
+) -> anyhow::Result<Tunnel> {
+    let creds = state.credentials()?;
+    let config = quic_config(
+        client_tls(&creds),
+        transport_config(Duration::from_secs(5), Duration::from_secs(12)),
+    )?;
+    let mut client = H3Client::connect(endpoint, config, broker, &broker.ip().to_string()).await?;
+    client.peer_settings(Duration::from_secs(10)).await?;
+    let mut tunnel = Tunnel::open(client)
+        .await
+        .map_err(|(status, body)| anyhow::anyhow!("{status} {body}"))?;
+    tokio::time::timeout(Duration::from_secs(10), tunnel.configured()).await?;
+    Ok(tunnel)
+}
+
+/// One site: connects, reports, waits for the connection to end, and
+/// dials again with the agent's backoff.
+async fn site_loop(
+    i: usize,
+    endpoint: quinn::Endpoint,
+    broker: SocketAddr,
+    state: StateDir,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+    loop {
+        let mut step = Duration::from_millis(500);
+        let tunnel = loop {
+            match open_tunnel(&endpoint, broker, &state).await {
+                Ok(t) => break t,
+                Err(_) => {
+                    // Half to all of the step, as the agent's jitter.
+                    let wait = step.mul_f64(0.5 + rng.random::<f64>() * 0.5);
+                    tokio::time::sleep(wait).await;
+                    step = (step * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if events
+            .send(Event::Up(i, tether_tests::v4(&tunnel)))
+            .is_err()
+        {
+            return;
+        }
+        tunnel.client.conn.closed().await;
+        if events.send(Event::Lost(i)).is_err() {
+            return;
+        }
+        // The agent's first retry after a session that had settled.
+        let first = Duration::from_millis(250).mul_f64(1.0 + rng.random::<f64>());
+        tokio::time::sleep(first).await;
+    }
+}
+
+/// The `storm` command.
+async fn storm(
+    count: usize,
+    broker: SocketAddr,
+    dir: &std::path::Path,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let endpoint = tether::dial::client_endpoint(&broker)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        tasks.spawn(site_loop(
+            i,
+            endpoint.clone(),
+            broker,
+            site_dir(dir, i),
+            tx.clone(),
+        ));
+    }
+    let mut first: Vec<Option<std::net::Ipv4Addr>> = vec![None; count];
+    let mut up = vec![false; count];
+    let (mut n_up, mut changed, mut round) = (0usize, 0usize, 0usize);
+    let mut first_loss: Option<Instant> = None;
+    let mut lost_at: Vec<Option<Instant>> = vec![None; count];
+    let mut gaps: Vec<Duration> = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Up(i, addr) => {
+                if !up[i] {
+                    up[i] = true;
+                    n_up += 1;
+                }
+                match first[i] {
+                    None => first[i] = Some(addr),
+                    Some(a) if a != addr => changed += 1,
+                    Some(_) => {}
+                }
+                if let Some(at) = lost_at[i].take() {
+                    gaps.push(at.elapsed());
+                }
+            }
+            Event::Lost(i) => {
+                if up[i] {
+                    up[i] = false;
+                    n_up -= 1;
+                }
+                first_loss.get_or_insert_with(Instant::now);
+                lost_at[i] = Some(Instant::now());
+            }
+        }
+        if n_up < count {
+            continue;
+        }
+        match first_loss.take() {
+            None if round == 0 && gaps.is_empty() => {
+                println!(
+                    "connected {count} in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            None => {}
+            Some(loss) => {
+                round += 1;
+                gaps.sort();
+                let pick = |q: f64| {
+                    gaps.get(((gaps.len() as f64 - 1.0) * q).round() as usize)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0)
+                };
+                println!(
+                    "round {round}: {count} back {:.2} s after the first loss; per site lost-to-back p50 {:.2} s, max {:.2} s; {} reconnections; changed {changed}",
+                    loss.elapsed().as_secs_f64(),
+                    pick(0.5),
+                    pick(1.0),
+                    gaps.len()
+                );
+                gaps.clear();
+                if round >= rounds {
+                    break;
+                }
+            }
+        }
+    }
+    tasks.abort_all();
     Ok(())
 }
 

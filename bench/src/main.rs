@@ -27,6 +27,7 @@ use clap::Parser;
 
 mod drops;
 mod lossy;
+mod storm;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
 
@@ -46,6 +47,13 @@ struct Args {
     /// baselines.
     #[arg(long)]
     lossy: bool,
+    /// Measure only the reconnect storm: this many idle sites, the broker
+    /// killed with SIGKILL and restarted `--rounds` times.
+    #[arg(long)]
+    storm: Option<usize>,
+    /// With --storm: kill-and-restart rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -57,6 +65,36 @@ struct Args {
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
+}
+
+/// Enrolls `n` sites `load-<i>` with `tether-loadgen enroll`; returns
+/// their directory.
+pub(crate) fn enroll_load_sites(topo: &Topology, n: usize) -> PathBuf {
+    let admin_token = std::fs::read_to_string(topo.path("broker/admin.token")).unwrap();
+    let dir = topo.path("loadgen");
+    let loadgen = binary("tether-loadgen").display().to_string();
+    let n = n.to_string();
+    topo.cloud
+        .run(
+            &loadgen,
+            &[
+                "enroll",
+                "--count",
+                &n,
+                "--admin",
+                "http://127.0.0.1:7070",
+                "--admin-token",
+                admin_token.trim(),
+                "--broker",
+                "203.0.113.10:443",
+                "--region",
+                "eu",
+                "--dir",
+                &dir.display().to_string(),
+            ],
+        )
+        .unwrap();
+    dir
 }
 
 struct Row {
@@ -380,6 +418,11 @@ fn main() {
         })
         .filter(|p| p.exists())
         .expect("boringtun-cli not found: cargo install boringtun-cli");
+    if let Some(sites) = args.storm {
+        let mut topo = Topology::new("").unwrap();
+        storm::run(&mut topo, sites, args.rounds);
+        return;
+    }
     if args.lossy {
         let mut topo = Topology::new("").unwrap();
         lossy::run(
@@ -477,30 +520,9 @@ fn main() {
     let mut rss_many = None;
     let mut _loadgen: Option<Proc> = None;
     if args.sites > 0 {
-        let admin_token = std::fs::read_to_string(topo.path("broker/admin.token")).unwrap();
-        let dir = topo.path("loadgen");
+        let dir = enroll_load_sites(&topo, args.sites);
         let loadgen = binary("tether-loadgen").display().to_string();
         let n = args.sites.to_string();
-        topo.cloud
-            .run(
-                &loadgen,
-                &[
-                    "enroll",
-                    "--count",
-                    &n,
-                    "--admin",
-                    "http://127.0.0.1:7070",
-                    "--admin-token",
-                    admin_token.trim(),
-                    "--broker",
-                    "203.0.113.10:443",
-                    "--region",
-                    "eu",
-                    "--dir",
-                    &dir.display().to_string(),
-                ],
-            )
-            .unwrap();
         let log = topo.path("loadgen.log");
         _loadgen = Some(
             topo.site
