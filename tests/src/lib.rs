@@ -143,6 +143,35 @@ impl TestBroker {
         self.running.as_ref().unwrap().tunnel_addrs[0]
     }
 
+    /// A site's configuration pointing at this broker only.
+    pub fn client_config(&self) -> tether_config::client::ClientConfig {
+        tether_config::client::ClientFile {
+            published_cidr: "127.0.0.0/8".into(),
+            brokers: vec![self.addr().to_string()],
+            ..tether_config::client::ClientFile::default()
+        }
+        .validate("test")
+        .unwrap()
+    }
+
+    /// The Prometheus text of this broker's admin `/metrics`.
+    pub async fn scrape(&self) -> String {
+        let url = format!(
+            "http://{}/metrics",
+            self.running.as_ref().unwrap().admin_addr
+        );
+        tokio::task::spawn_blocking(move || {
+            ureq::get(&url)
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
     /// Stops and starts again with the same data directory (and port).
     pub async fn restart(&mut self) {
         let addr = self.addr();

@@ -10,20 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tether::link::Dialer;
-use tether_config::client::{ClientConfig, ClientFile};
 use tether_proto::api::CaStatus;
 use tether_proto::tunnel::Transport;
 use tether_tests::{TestBroker, TestSite, Tunnel, connect_trusting, ping, tunnel_for, v4};
-
-fn client_config(broker: &TestBroker) -> ClientConfig {
-    ClientFile {
-        published_cidr: "127.0.0.0/8".into(),
-        brokers: vec![broker.addr().to_string()],
-        ..ClientFile::default()
-    }
-    .validate("test")
-    .unwrap()
-}
 
 /// One rotation step through the admin API, as `tether-broker ca rotate`
 /// does.
@@ -53,7 +42,7 @@ async fn rollback(broker: &TestBroker) -> Result<CaStatus, String> {
 
 /// Renews the site's certificate over a connection, as the agent does.
 async fn renew(broker: &TestBroker, site: &TestSite) {
-    let config = client_config(broker);
+    let config = broker.client_config();
     let dialer = Dialer::for_site(&config, &site.state, None).unwrap();
     let (conn, target) = dialer.connect(&config, &[Transport::H3]).await.unwrap();
     tether::enroll::renew(&conn, &site.state, &target)
@@ -249,7 +238,7 @@ async fn a_site_offline_through_the_rotation_returns_while_the_old_ca_is_trusted
     )
     .await;
     assert_eq!(bundle_of(&away), vec![old.clone()]);
-    let config = client_config(&broker);
+    let config = broker.client_config();
     let dialer = Dialer::for_reattestation(&config, &away.state, None).unwrap();
     let (conn, target) = dialer.connect(&config, &[Transport::H3]).await.unwrap();
     let answer = tether::enroll::reattest(&conn, &away.state, &target, true)

@@ -123,21 +123,6 @@ async fn deliver(from: &Tunnel, to: &Tunnel, packet: &[u8], expect: impl Fn(&Pac
     panic!("the packet did not arrive through the other broker");
 }
 
-/// The Prometheus text of a broker's admin endpoint.
-async fn scrape(b: &TestBroker) -> String {
-    let url = format!("http://{}/metrics", b.running.as_ref().unwrap().admin_addr);
-    tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 /// The value of the series starting with `prefix` in `text` (0 if none).
 fn value(text: &str, prefix: &str) -> f64 {
     text.lines()
@@ -204,7 +189,7 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
         tx.send_packet(&ping(xa, za, 9));
         let drops = r#"tether_broker_site_packets_dropped_total{site="site-x",region="local",reason="policy"}"#;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while value(&scrape(&a).await, drops) < 1.0 {
+        while value(&a.scrape().await, drops) < 1.0 {
             assert!(Instant::now() < deadline, "A did not count the policy drop");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -214,7 +199,7 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
         );
 
         // The counters of the link on both sides.
-        let a_text = scrape(&a).await;
+        let a_text = a.scrape().await;
         let out_packets = value(
             &a_text,
             &format!(r#"tether_broker_relayed_packets_total{{broker="{b_id}",direction="to_broker"}}"#),
@@ -230,7 +215,7 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
         eprintln!("A: {out_packets} packets ({out_bytes} bytes) to B, {in_packets} from B");
         assert!(out_packets >= 2.0 && out_bytes > 0.0, "{a_text}");
         assert!(in_packets >= 2.0, "{a_text}");
-        let b_text = scrape(&b).await;
+        let b_text = b.scrape().await;
         assert!(
             value(
                 &b_text,

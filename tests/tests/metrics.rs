@@ -53,10 +53,6 @@ async fn the_live_metrics_endpoint_passes_promtool() {
     .await
     .unwrap();
 
-    let url = format!(
-        "http://{}/metrics",
-        broker.running.as_ref().unwrap().admin_addr
-    );
     let needles = [
         r#"tether_broker_site_packets_total{site="hospital-a",region="local",direction="from_site"} 2"#,
         r#"tether_broker_site_bytes_total{site="hospital-a",region="local",direction="to_site"}"#,
@@ -75,17 +71,7 @@ async fn the_live_metrics_endpoint_passes_promtool() {
     // the endpoint shows them (or give up after 5 s and report what it has).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let body = loop {
-        let url = url.clone();
-        let body = tokio::task::spawn_blocking(move || {
-            ureq::get(&url)
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let body = broker.scrape().await;
         if needles.iter().all(|n| body.contains(n)) || std::time::Instant::now() > deadline {
             break body;
         }

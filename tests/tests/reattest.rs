@@ -11,19 +11,8 @@ use tether::enroll::ReattestError;
 use tether::failure::CertRefusal;
 use tether::link::Dialer;
 use tether::state_dir::Identity;
-use tether_config::client::{ClientConfig, ClientFile};
 use tether_proto::tunnel::Transport;
 use tether_tests::{TestBroker, TestSite, tunnel_for, v4};
-
-fn client_config(broker: &TestBroker) -> ClientConfig {
-    ClientFile {
-        published_cidr: "127.0.0.0/8".into(),
-        brokers: vec![broker.addr().to_string()],
-        ..ClientFile::default()
-    }
-    .validate("test")
-    .unwrap()
-}
 
 /// Asks `broker` over `transport`, as the agent does, to re-attest `site`.
 async fn reattest(
@@ -32,7 +21,7 @@ async fn reattest(
     transport: Transport,
     renew: bool,
 ) -> Result<tether_proto::api::ReattestResponse, ReattestError> {
-    let config = client_config(broker);
+    let config = broker.client_config();
     let dialer = Dialer::for_reattestation(&config, &site.state, None).unwrap();
     let (conn, target) = dialer.connect(&config, &[transport]).await.unwrap();
     let answer = tether::enroll::reattest(&conn, &site.state, &target, renew).await;
@@ -43,7 +32,7 @@ async fn reattest(
 
 /// How the broker answers the site's current certificate on a dial.
 async fn dial_refusal(broker: &TestBroker, site: &TestSite) -> Option<CertRefusal> {
-    let config = client_config(broker);
+    let config = broker.client_config();
     let dialer = Dialer::for_site(&config, &site.state, None).unwrap();
     match dialer.connect(&config, &[Transport::H3]).await {
         Ok(_) => None,
@@ -111,7 +100,7 @@ async fn a_site_offline_for_three_lifetimes_returns_with_its_address() {
     );
 
     // Doctor says the site renews itself, without a new code.
-    let report = doctor::run(&client_config(&broker), &site.state).await;
+    let report = doctor::run(&broker.client_config(), &site.state).await;
     println!("{}", report.render());
     let verdict = check(&report, "re-attestation");
     assert_eq!(verdict.level, Level::Ok, "{}", report.render());
@@ -213,7 +202,7 @@ async fn past_the_window_or_revoked_is_refused_in_plain_words() {
         }
         other => panic!("re-attested past the window: {other:?}"),
     }
-    let report = doctor::run(&client_config(&broker), &site.state).await;
+    let report = doctor::run(&broker.client_config(), &site.state).await;
     println!("{}", report.render());
     assert!(report.blocked());
     let verdict = check(&report, "re-attestation");
@@ -261,7 +250,7 @@ async fn past_the_window_or_revoked_is_refused_in_plain_words() {
             other => panic!("a revoked site re-attested over {transport:?}: {other:?}"),
         }
     }
-    let report = doctor::run(&client_config(&broker), &site.state).await;
+    let report = doctor::run(&broker.client_config(), &site.state).await;
     println!("{}", report.render());
     let verdict = check(&report, "re-attestation");
     assert_eq!(verdict.level, Level::Fail);
@@ -286,7 +275,7 @@ async fn past_the_window_or_revoked_is_refused_in_plain_words() {
 async fn a_proof_from_another_connection_or_key_is_refused() {
     let broker = TestBroker::start("").await;
     let site = TestSite::enroll(&broker, "lab-proof").await;
-    let config = client_config(&broker);
+    let config = broker.client_config();
     let dialer = Dialer::for_reattestation(&config, &site.state, None).unwrap();
     let (first, target) = dialer.connect(&config, &[Transport::H3]).await.unwrap();
     let (second, _) = dialer.connect(&config, &[Transport::H3]).await.unwrap();
