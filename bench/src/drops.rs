@@ -35,13 +35,7 @@ fn snapshot(topo: &Topology) -> BTreeMap<String, f64> {
             all.insert(format!("{label} udp {key}"), v);
         }
     }
-    let metrics = topo
-        .cloud
-        .command("curl")
-        .args(["-s", "http://127.0.0.1:7070/metrics"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
+    let metrics = topo.metrics_text();
     for line in metrics.lines() {
         if let Some(rest) = line.strip_prefix("tether_broker_packets_dropped_total{reason=\"")
             && let Some((reason, value)) = rest.split_once("\"} ")

@@ -393,16 +393,19 @@ impl Topology {
         self.backend.succeeds("ping", &["-c", "1", "-W", "1", addr])
     }
 
-    /// A broker metric's value, from `/metrics`.
-    pub fn metric(&self, line_prefix: &str) -> f64 {
-        let out = self
-            .cloud
+    /// The broker's `/metrics` text (empty if it does not answer).
+    pub fn metrics_text(&self) -> String {
+        self.cloud
             .command("curl")
             .args(["-s", "http://127.0.0.1:7070/metrics"])
-            .output();
-        out.ok()
+            .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default()
+    }
+
+    /// A broker metric's value, from `/metrics`.
+    pub fn metric(&self, line_prefix: &str) -> f64 {
+        self.metrics_text()
             .lines()
             .find(|l| l.starts_with(line_prefix))
             .and_then(|l| l.rsplit(' ').next())

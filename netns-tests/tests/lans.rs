@@ -611,13 +611,7 @@ fn site_overlay(ns: &NetNs) -> String {
 
 /// Packets `site` sent that the broker dropped for `reason`.
 fn site_drops(topo: &Topology, site: &str, reason: &str) -> f64 {
-    let out = topo
-        .cloud
-        .command("curl")
-        .args(["-s", "http://127.0.0.1:7070/metrics"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
+    let out = topo.metrics_text();
     out.lines()
         .filter(|l| l.starts_with("tether_broker_site_packets_dropped_total{"))
         .filter(|l| l.contains(&format!("site=\"{site}\"")))
