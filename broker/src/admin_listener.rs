@@ -6,7 +6,8 @@
 //! enough of them and the broker can no longer accept tunnels, DNS or the
 //! operator's own requests. Each connection must deliver a complete request
 //! header within `header_read_timeout` (also while idle between requests);
-//! beyond `max_connections` new connections are closed at once (counted in
+//! beyond `max_connections` a new connection waits briefly for a place
+//! ([`LIMIT_GRACE`](tether_shell::accept::LIMIT_GRACE)) and is then closed (counted in
 //! `tether_broker_connections_refused_total{listener="admin"}`), and an
 //! accept that fails (out of descriptors) pauses the loop instead of
 //! spinning.
@@ -16,9 +17,8 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tether_shell::accept::AcceptBackoff;
+use tether_shell::accept::{AcceptBackoff, ConnectionLimit};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// Limits of the admin listener.
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: Limits) {
         limits.allowed_hosts.clone(),
         check_host,
     ));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let places = ConnectionLimit::new(limits.max_connections);
     let mut backoff = AcceptBackoff::default();
     let header_read_timeout = limits.header_read_timeout;
     loop {
@@ -118,7 +118,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: Limits) {
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(permit) = places.admit().await else {
             crate::metrics::connection_refused("admin", "limit");
             tracing::debug!(%remote, "admin connection refused: too many open");
             drop(tcp);

@@ -257,7 +257,8 @@ pub struct AdminFile {
     /// Longest wait for a complete request header (also between requests
     /// on a kept-alive connection), e.g. `"10s"`.
     pub header_read_timeout: String,
-    /// Most admin connections open at once; more are closed at once.
+    /// Most admin connections open at once; more wait up to 0.5 s for a
+    /// place, then are closed.
     pub max_connections: usize,
     /// DNS names the admin API answers to besides `localhost` (IP
     /// addresses always): a request naming any other name in its `Host`

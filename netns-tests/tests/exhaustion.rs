@@ -159,9 +159,17 @@ fn a_descriptor_exhaustion_attack_neither_spins_the_broker_nor_locks_out_sites()
 
     // Real clients get through again: the admin API, DNS over TCP, and a
     // site that enrolls and connects.
+    let out = topo
+        .cloud
+        .command("curl")
+        .args(["-sSf", "-m", "5", "http://127.0.0.1:7070/readyz"])
+        .output()
+        .unwrap();
     assert!(
-        topo.cloud
-            .succeeds("curl", &["-sf", "-m", "5", "http://127.0.0.1:7070/readyz"])
+        out.status.success(),
+        "the admin API did not answer after the attack ({}):\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        read(&topo.path("broker.log"))
     );
     let out = topo
         .wan

@@ -20,10 +20,10 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tether_proto::dns::{Answer, Zone, ZoneData};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::accept::AcceptBackoff;
+use crate::accept::{AcceptBackoff, ConnectionLimit};
 
 /// Largest UDP answer we offer with EDNS (the DNS flag day 2020 size).
 const EDNS_PAYLOAD: u16 = 1232;
@@ -179,11 +179,11 @@ impl Handler {
 }
 
 /// Serves DNS over TCP on `listener`: at most [`TCP_MAX_CONNECTIONS`] at
-/// once (more are closed at once), each closed after [`TCP_TIMEOUT`] of
+/// once (more are closed after a short wait for a place), each closed after [`TCP_TIMEOUT`] of
 /// silence, and failed accepts (out of descriptors) paused, not retried in
 /// a loop. Ends, with its connections, when its task is aborted.
 async fn serve_tcp(listener: TcpListener, handler: Handler) {
-    let permits = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
+    let places = ConnectionLimit::new(TCP_MAX_CONNECTIONS);
     let mut backoff = AcceptBackoff::default();
     let mut connections = JoinSet::new();
     loop {
@@ -198,7 +198,7 @@ async fn serve_tcp(listener: TcpListener, handler: Handler) {
             }
         };
         while connections.try_join_next().is_some() {}
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(permit) = places.admit().await else {
             tracing::debug!(%remote, "DNS over TCP refused: too many connections open");
             continue;
         };

@@ -190,3 +190,32 @@ async fn the_tunnel_port_bounds_connections_without_a_certificate() {
         .await;
     assert!(opened.is_ok(), "{:?}", opened.err());
 }
+
+/// Connections whose clients have just gone still hold their places until
+/// their tasks notice: a client arriving right after a wave of closes must
+/// be served, not refused for capacity that is already free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_right_after_the_holders_leave_is_served() {
+    let broker = TestBroker::start(LIMITS).await;
+    let admin = broker.running.as_ref().unwrap().admin_addr;
+    let mut refused = 0;
+    for _ in 0..30 {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(admin).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHo").await.unwrap();
+            held.push(s);
+        }
+        // Time for the broker to take all four (the open-connection gauge
+        // is shared with the other tests of this binary).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        if healthz(admin, &admin.to_string()).await != "HTTP/1.1 200 OK" {
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 0,
+        "{refused} of 30 clients were refused after the holders left"
+    );
+}
