@@ -329,3 +329,70 @@ fn a_stock_wireguard_peer_stands_in_for_the_gateway() {
         .args(["down", &file.display().to_string()])
         .output();
 }
+
+/// ICMP errors the broker makes for a backend behind a WireGuard gateway
+/// (packet-too-big for a packet the site's tunnel cannot carry) travel
+/// back through the WireGuard session and reach the backend: the gateway
+/// node forwards them, it does not drop them as martians.
+#[test]
+fn backend_behind_a_wireguard_gateway_gets_packet_too_big() {
+    if !require_root() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("gw-eu.toml");
+    std::fs::write(
+        &cfg,
+        format!("state_dir = \"{}\"\n", work.path().join("gw-eu").display()),
+    )
+    .unwrap();
+    let key = gateway_key(&cfg);
+    let topo = Topology::new(&gateway_entry("gw-eu", "eu", &key, "10.31.0.0/24")).unwrap();
+    let broker_key = topo.broker_cli(&["gateway", "key"]).unwrap();
+    let eu = Cloud::new(&topo, 1).unwrap();
+    std::fs::write(
+        &cfg,
+        gateway_config(work.path(), "gw-eu", "eu", broker_key.trim()),
+    )
+    .unwrap();
+    let log = work.path().join("gw-eu.log");
+    let _gateway = eu
+        .node
+        .spawn(
+            &binary("tether-gateway").display().to_string(),
+            &["run", "-c", &cfg.display().to_string()],
+            Some(log.clone()),
+        )
+        .unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("lab-1", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || eu.backend_pings(&addr)),
+        "backend behind gw-eu cannot ping {addr}:\n{}\n{}",
+        read(&log),
+        read(&topo.path("broker.log"))
+    );
+
+    // 1399 bytes fit the gateway's WireGuard device (1420) but not the
+    // site's tunnel: the broker answers with fragmentation-needed, which
+    // must come back through the gateway.
+    let sent = topo.metric("tether_broker_icmp_errors_sent_total");
+    let out = eu
+        .backend
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "-M", "do", "-s", "1371", &addr])
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.contains("Frag needed") || out.contains("mtu"),
+        "no fragmentation-needed error behind the WireGuard gateway for a 1399-byte DF packet to {addr} \
+         (broker sent {} errors):\n{out}",
+        topo.metric("tether_broker_icmp_errors_sent_total") - sent
+    );
+}

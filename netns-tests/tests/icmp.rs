@@ -1,4 +1,5 @@
-//! ICMP errors reach a backend behind the broker's local gateway.
+//! ICMP errors reach a backend behind the broker's local gateway (the
+//! WireGuard gateway's case is in `gateway.rs`).
 //!
 //! ```text
 //!  site ── hospital-fw ── wan ── cloud: broker + tether-gw0 ── backend 10.20.0.10, fd20::10
