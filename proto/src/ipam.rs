@@ -31,7 +31,7 @@
 //! are never leased, nor is the last address of an IPv4 pool prefix (its
 //! broadcast address).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -278,19 +278,22 @@ pub struct RegionLeases {
     // Keyed by (family, first address): leases never overlap, so the first
     // address identifies a lease and orders them for range queries.
     by_start: BTreeMap<(Family, u128), Lease>,
+    // The keys of each site's leases, so that a site's leases are found
+    // without a scan of the region (tens of thousands of sites).
+    by_site: BTreeMap<SiteId, BTreeSet<(Family, u128)>>,
 }
 
 impl RegionLeases {
     /// A snapshot read from a store.
     pub fn from_parts(version: u64, leases: impl IntoIterator<Item = Lease>) -> Self {
-        let by_start = leases
-            .into_iter()
-            .map(|l| {
-                let (family, start, _) = net::span(l.prefix);
-                ((family, start), l)
-            })
-            .collect();
-        Self { version, by_start }
+        let mut out = Self {
+            version,
+            ..Self::default()
+        };
+        for lease in leases {
+            out.insert(lease);
+        }
+        out
     }
 
     /// The version this snapshot was read at.
@@ -313,9 +316,13 @@ impl RegionLeases {
         self.by_start.is_empty()
     }
 
-    /// The leases held by `site`.
+    /// The leases held by `site`, ordered by address.
     pub fn of_site<'a>(&'a self, site: &'a SiteId) -> impl Iterator<Item = &'a Lease> + 'a {
-        self.by_start.values().filter(move |l| &l.site == site)
+        self.by_site
+            .get(site)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.by_start.get(key))
     }
 
     /// The lease covering `addr`, if any.
@@ -325,9 +332,45 @@ impl RegionLeases {
         lease.prefix.contains(&addr).then_some(lease)
     }
 
+    /// Adds `lease` under its first address, replacing what was there.
+    fn insert(&mut self, lease: Lease) -> Option<Lease> {
+        let (family, start, _) = net::span(lease.prefix);
+        let key = (family, start);
+        self.by_site
+            .entry(lease.site.clone())
+            .or_default()
+            .insert(key);
+        let previous = self.by_start.insert(key, lease);
+        if let Some(p) = &previous {
+            self.unindex(&p.site, key);
+        }
+        previous
+    }
+
+    /// Removes the lease starting at `key`.
+    fn remove(&mut self, key: (Family, u128)) -> Option<Lease> {
+        let lease = self.by_start.remove(&key)?;
+        self.unindex(&lease.site, key);
+        Some(lease)
+    }
+
+    fn unindex(&mut self, site: &SiteId, key: (Family, u128)) {
+        // The key may just have been indexed again for another site.
+        if self.by_start.get(&key).is_some_and(|l| &l.site == site) {
+            return;
+        }
+        if let Some(keys) = self.by_site.get_mut(site) {
+            keys.remove(&key);
+            if keys.is_empty() {
+                self.by_site.remove(site);
+            }
+        }
+    }
+
     /// Applies `txn` if it was planned against this version, and bumps the
     /// version. Also refuses puts that would overlap a lease (defence in
-    /// depth: a correct plan never does).
+    /// depth: a correct plan never does); a refused transaction changes
+    /// nothing. Costs the size of the transaction, not of the region.
     pub fn apply(&mut self, txn: &Txn) -> Result<(), Conflict> {
         let conflict = Conflict {
             expected: txn.expected_version,
@@ -336,24 +379,33 @@ impl RegionLeases {
         if txn.expected_version != self.version {
             return Err(conflict);
         }
-        let mut next = self.by_start.clone();
+        let mut removed = Vec::new();
         for prefix in &txn.delete {
             let (family, start, _) = net::span(*prefix);
-            if next
+            if self
+                .by_start
                 .get(&(family, start))
                 .is_some_and(|l| l.prefix == *prefix)
             {
-                next.remove(&(family, start));
+                removed.extend(self.remove((family, start)));
             }
         }
+        let mut added = Vec::new();
         for lease in &txn.put {
             let (family, start, end) = net::span(lease.prefix);
-            if first_conflict(&next, family, start, end).is_some() {
+            if first_conflict(&self.by_start, family, start, end).is_some() {
+                // Undo: the puts so far, then the deletes.
+                for key in added {
+                    self.remove(key);
+                }
+                for lease in removed {
+                    self.insert(lease);
+                }
                 return Err(conflict);
             }
-            next.insert((family, start), lease.clone());
+            self.insert(lease.clone());
+            added.push((family, start));
         }
-        self.by_start = next;
         self.version += 1;
         Ok(())
     }
@@ -1027,6 +1079,20 @@ mod tests {
 
     fn check_invariants(ipam: &Ipam, leases: &RegionLeases) -> Result<(), TestCaseError> {
         let all: Vec<&Lease> = leases.leases().collect();
+        // The per-site index agrees with a scan of the region.
+        let none = site("none");
+        let sites: BTreeSet<&SiteId> = all
+            .iter()
+            .map(|l| &l.site)
+            .chain(leases.by_site.keys())
+            .chain([&none])
+            .collect();
+        for s in sites {
+            let indexed: Vec<&Lease> = leases.of_site(s).collect();
+            let scanned: Vec<&Lease> = all.iter().copied().filter(|l| &l.site == s).collect();
+            prop_assert_eq!(indexed, scanned, "leases of {}", s);
+        }
+        prop_assert!(leases.by_site.values().all(|k| !k.is_empty()));
         for (i, a) in all.iter().enumerate() {
             prop_assert!(
                 ipam.pools(&region()).iter().any(|p| p.contains(&a.prefix)),
@@ -1063,6 +1129,37 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_refused_transaction_changes_nothing() {
+        let lease = |p: &str, s: &str| Lease {
+            prefix: net(p),
+            site: site(s),
+            region: region(),
+            kind: LeaseKind::SiteAddress,
+        };
+        let mut leases = RegionLeases::default();
+        leases
+            .apply(&Txn {
+                region: region(),
+                expected_version: 0,
+                put: vec![lease("10.0.0.2/32", "a"), lease("10.0.0.3/32", "b")],
+                delete: vec![],
+            })
+            .unwrap();
+        let before = leases.clone();
+        // Deletes a's lease, puts one for c, then one overlapping b's.
+        let refused = leases.apply(&Txn {
+            region: region(),
+            expected_version: 1,
+            put: vec![lease("10.0.0.4/32", "c"), lease("10.0.0.2/31", "c")],
+            delete: vec![net("10.0.0.2/32")],
+        });
+        assert!(refused.is_err());
+        assert_eq!(leases, before);
+        assert_eq!(leases.of_site(&site("a")).count(), 1);
+        assert_eq!(leases.of_site(&site("c")).count(), 0);
     }
 
     proptest! {
