@@ -31,7 +31,10 @@ fn main() {
         let mut leases = RegionLeases::default();
         let t = Instant::now();
         for site in &sites {
-            match ipam.site_address(&leases, site, &region, Family::V4).unwrap() {
+            match ipam
+                .site_address(&leases, site, &region, Family::V4)
+                .unwrap()
+            {
                 Plan::Allocate(txn) => leases.apply(&txn).unwrap(),
                 Plan::Existing(_) => unreachable!("a new site"),
             }
