@@ -83,6 +83,10 @@ const BATCH: usize = 100;
 
 /// Keys per read of a range (small in tests, so that they read many pages).
 const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
+/// Timelines per page when all are read at start: a timeline holds up to
+/// [`tether_proto::events::TIMELINE_LIMIT`] events (tens of KiB), so a page
+/// of 32 stays far below gRPC's message limit.
+const TIMELINE_PAGE: i64 = if cfg!(test) { 2 } else { 32 };
 
 /// Where the brokers of a deployment announce themselves and their
 /// sessions (see `crate::fleet`), under the prefix.
@@ -382,7 +386,7 @@ impl EtcdStore {
     /// Everything under the prefix (for [`migrate`](super::migrate) and
     /// checks).
     pub fn contents(&self) -> Result<StoreContents, StoreError> {
-        let kvs = self.range(self.keys.prefix.clone(), None)?;
+        let kvs = self.range(self.keys.prefix.clone(), None, PAGE)?;
         let mut contents = StoreContents::default();
         let mut regions: std::collections::BTreeMap<RegionId, (u64, Vec<Lease>)> =
             std::collections::BTreeMap::new();
@@ -509,18 +513,23 @@ impl EtcdStore {
     }
 
     fn get_prefix(&self, prefix: String) -> Result<Vec<KeyValue>, StoreError> {
-        self.range(prefix, None)
+        self.range(prefix, None, PAGE)
     }
 
     /// Every key under `prefix` as of revision `at` (default: now), read in
-    /// pages of [`PAGE`] keys, every page at the same revision: a consistent
+    /// pages of `page` keys, every page at the same revision: a consistent
     /// snapshot of any size, within gRPC's message limit.
-    fn range(&self, prefix: String, mut at: Option<i64>) -> Result<Vec<KeyValue>, StoreError> {
+    fn range(
+        &self,
+        prefix: String,
+        mut at: Option<i64>,
+        page: i64,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.into_bytes();
         let mut out = Vec::new();
         loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
             if let Some(revision) = at {
                 options = options.with_revision(revision);
             }
@@ -661,7 +670,7 @@ impl Store for EtcdStore {
         let version = parse_version(response.kvs().first())?;
         // The leases as of the revision the version was read at.
         let leases = self
-            .range(leases_key, revision)?
+            .range(leases_key, revision, PAGE)?
             .iter()
             .map(|kv| serde_json::from_slice::<Lease>(kv.value()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -820,29 +829,21 @@ impl Store for EtcdStore {
     }
 
     fn timelines(&self) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
-        // The keys first, then one timeline at a time: a page of full
-        // timelines (up to tens of KiB each) could exceed gRPC's message
-        // limit where a page of other records does not.
+        // Read in small pages: one page of full timelines could otherwise
+        // exceed gRPC's message limit where a page of other records does
+        // not, and one request per site is slow at start with many sites.
         let dir = self.keys.events();
-        let prefix = dir.clone();
-        let keys = self.call("read", move |mut c| async move {
-            Ok(c.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await?
-            .take_kvs())
-        })?;
-        let mut out = Vec::with_capacity(keys.len());
-        for kv in keys {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let site = key
-                .strip_prefix(&dir)
-                .and_then(|s| SiteId::new(s).ok())
-                .ok_or_else(|| StoreError(format!("unexpected key {key}")))?;
-            out.push((site.clone(), self.timeline(&site)?));
-        }
-        Ok(out)
+        self.range(dir.clone(), None, TIMELINE_PAGE)?
+            .into_iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let site = key
+                    .strip_prefix(&dir)
+                    .and_then(|s| SiteId::new(s).ok())
+                    .ok_or_else(|| StoreError(format!("unexpected key {key}")))?;
+                Ok((site, serde_json::from_slice(kv.value())?))
+            })
+            .collect()
     }
 
     fn ca_state(&self) -> Result<Option<String>, StoreError> {

@@ -388,9 +388,15 @@ pub(crate) fn check_event_timelines(store: Arc<dyn Store>) {
     for w in writers {
         w.join().unwrap();
     }
+    // More sites than one page of a paged read holds.
+    for n in 3..=7 {
+        let site = SiteId::new(&format!("ward-{n}")).unwrap();
+        store.append_event(&site, &event(n), 10).unwrap();
+    }
     let mut all = store.timelines().unwrap();
     all.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.len(), 7);
+    assert_eq!(ats(&all[6].1), [7]);
     assert_eq!(all[0].1.len(), 10);
     let mut seen = ats(&all[1].1);
     assert_eq!(seen.len(), 11, "{seen:?}");
