@@ -390,7 +390,7 @@ pub(crate) fn check_event_timelines(store: Arc<dyn Store>) {
     }
     // More sites than one page of a paged read holds.
     for n in 3..=7 {
-        let site = SiteId::new(&format!("ward-{n}")).unwrap();
+        let site = SiteId::new(format!("ward-{n}")).unwrap();
         store.append_event(&site, &event(n), 10).unwrap();
     }
     let mut all = store.timelines().unwrap();
