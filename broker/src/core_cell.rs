@@ -41,7 +41,8 @@ impl std::ops::Deref for RouterRead<'_> {
 pub struct CoreCell {
     core: RwLock<BrokerCore>,
     sessions: Arc<Sessions>,
-    /// Bumped whenever a site route appears or goes (gateways follow it).
+    /// Bumped whenever a site route appears or goes, here or through
+    /// another broker (gateways follow it).
     site_routes: watch::Sender<u64>,
     /// Bumped on every change that can alter a name in the mesh zone.
     names: watch::Sender<u64>,
@@ -116,7 +117,9 @@ impl CoreCell {
                 }
             }
         }
-        if routes {
+        // Gateways get the sites of other brokers too: a rebuild of those
+        // routes is a change of the site routes.
+        if routes || remote {
             self.site_routes.send_modify(|v| *v += 1);
         }
         if names {

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use tether_config::broker::Peering;
 use tether_pki::wg::WgKey;
 use tether_proto::fleet::{BrokerId, Fleet};
 use tether_proto::forward::DropReason;
+use tether_proto::peering::{LINK_KEEPALIVE, LinkHealth};
 use tokio::net::UdpSocket;
 
 use crate::counters::Counters;
@@ -39,21 +40,12 @@ use crate::counters::Counters;
 /// Name of the link key in the data directory.
 pub const KEY_FILE: &str = "peering.key";
 
-/// How often peer timers run (handshake retries, keepalives, rekeying).
-const TIMER_TICK: Duration = Duration::from_millis(250);
-
-/// A peer whose first handshake has not completed this long after it was
-/// added is down: packets for it are dropped (and counted) rather than
-/// queued.
-const HANDSHAKE_GRACE: Duration = Duration::from_secs(5);
-
-/// A session older than this without a new handshake is down: WireGuard
-/// rekeys every two minutes and rejects sessions after three.
-const STALE_SESSION: Duration = Duration::from_secs(180);
-
-/// Keepalives keep the session fresh in both directions, so that the first
-/// packet after a quiet spell does not wait for a handshake.
-const KEEPALIVE_SECS: u16 = 15;
+/// How often peer timers run (handshake retries, keepalives, rekeying):
+/// each tick sends a keepalive to every peer that was sent nothing since
+/// the last, so that each peer hears from this broker at least every
+/// [`LINK_KEEPALIVE`] and can tell it is gone by its silence
+/// ([`LinkHealth::is_down`]).
+const TIMER_TICK: Duration = LINK_KEEPALIVE;
 
 /// Another broker of the fleet, as a peer of the link.
 pub struct LinkPeer {
@@ -68,6 +60,13 @@ pub struct LinkPeer {
     tunn: Mutex<Tunn>,
     index: u32,
     added: Instant,
+    /// It announces keepalives: its silence means it is gone.
+    paced: bool,
+    /// When an authenticated datagram last came from it: nanoseconds since
+    /// `added`, plus one (0: never).
+    heard: AtomicU64,
+    /// Something was sent to it since the last timer tick.
+    sent: AtomicBool,
 }
 
 impl std::fmt::Debug for LinkPeer {
@@ -80,19 +79,31 @@ impl std::fmt::Debug for LinkPeer {
 }
 
 impl LinkPeer {
-    /// Whether the link to this peer is down: no session yet a while after
-    /// it was added, a session far past rekeying, or handshakes given up.
+    /// Whether the link to this peer is down ([`LinkHealth::is_down`]): no
+    /// session yet a while after it was added, a session far past
+    /// rekeying, handshakes given up, or silent for a second.
     pub fn is_down(&self) -> bool {
         let Ok(tunn) = self.tunn.lock() else {
             return true;
         };
-        if tunn.is_expired() {
-            return true;
+        let heard = match self.heard.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.added + Duration::from_nanos(n - 1)),
+        };
+        LinkHealth {
+            added: self.added,
+            heard,
+            session_age: tunn.stats().0,
+            expired: tunn.is_expired(),
+            paced: self.paced,
         }
-        match tunn.stats().0 {
-            Some(since) => since > STALE_SESSION,
-            None => self.added.elapsed() > HANDSHAKE_GRACE,
-        }
+        .is_down(Instant::now())
+    }
+
+    /// An authenticated datagram came from the peer now.
+    fn heard_now(&self) {
+        let since = u64::try_from(self.added.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.heard.store(since + 1, Ordering::Relaxed);
     }
 }
 
@@ -217,6 +228,7 @@ impl Link {
     /// (restarted with a new data directory) starts afresh.
     pub fn set_peers(&self, fleet: &Fleet) {
         let mut wanted: BTreeMap<BrokerId, ([u8; 32], SocketAddr)> = BTreeMap::new();
+        let mut paced: BTreeMap<BrokerId, bool> = BTreeMap::new();
         for (id, member) in fleet.members() {
             if id == fleet.me() {
                 continue;
@@ -227,6 +239,7 @@ impl Link {
             match (endpoint.parse::<SocketAddr>(), tether_pki::wg::decode(key)) {
                 (Ok(endpoint), Some(key)) if key != self.public_key() => {
                     wanted.insert(id.clone(), (key, endpoint));
+                    paced.insert(id.clone(), member.link_keepalive_ms.is_some());
                 }
                 _ => tracing::warn!(
                     broker = %id,
@@ -262,7 +275,7 @@ impl Link {
                     self.private.clone(),
                     x25519::PublicKey::from(key),
                     None,
-                    Some(KEEPALIVE_SECS),
+                    None,
                     index,
                     None,
                 );
@@ -274,6 +287,9 @@ impl Link {
                     tunn: Mutex::new(tunn),
                     index,
                     added: Instant::now(),
+                    paced: paced.get(&id).copied().unwrap_or(false),
+                    heard: AtomicU64::new(0),
+                    sent: AtomicBool::new(false),
                 });
                 peers.by_index.insert(index, peer.clone());
                 peers.by_key.insert(key, peer.clone());
@@ -327,6 +343,7 @@ impl Link {
                 _ => {}
             }
             peer.counters.tx.add(packet.len() as u64);
+            peer.sent.store(true, Ordering::Relaxed);
             Ok(())
         })
     }
@@ -337,6 +354,15 @@ impl Link {
                 let Ok(mut tunn) = peer.tunn.lock() else {
                     return;
                 };
+                // A keepalive (an empty packet) when nothing else went to
+                // the peer since the last tick and there is a session.
+                let idle = !peer.sent.swap(false, Ordering::Relaxed);
+                if idle
+                    && tunn.stats().0.is_some()
+                    && let TunnResult::WriteToNetwork(out) = tunn.encapsulate(&[], buf)
+                {
+                    let _ = self.socket.try_send_to(out, peer.endpoint);
+                }
                 match tunn.update_timers(buf) {
                     TunnResult::WriteToNetwork(out) => {
                         let _ = self.socket.try_send_to(out, peer.endpoint);
@@ -421,7 +447,8 @@ impl Link {
             r
         };
         match result {
-            Ok(()) | Err(WireGuardError::DuplicateCounter) => {}
+            Ok(()) => peer.heard_now(),
+            Err(WireGuardError::DuplicateCounter) => {}
             Err(e) => {
                 tracing::debug!(broker = %peer.id, error = ?e, "broker-to-broker link: datagram refused");
                 self.refused.increment(1);

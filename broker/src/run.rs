@@ -152,6 +152,7 @@ async fn join_fleet(
         forward: Some(link.advertise().to_string()),
         link_key: Some(tether_pki::wg::encode(&link.public_key())),
         gateways: crate::peering::announced_gateways(&broker.config),
+        link_keepalive_ms: u32::try_from(tether_proto::peering::LINK_KEEPALIVE.as_millis()).ok(),
     };
     let (fleet, mut decisions, task) = crate::fleet::start(etcd, member)
         .await

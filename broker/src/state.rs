@@ -27,7 +27,6 @@ use tether_proto::gateway::SiteRoute;
 use tether_proto::ids::{GatewayId, RegionId, SiteId};
 use tether_proto::ipam::LeaseKind;
 use tether_proto::netmap::Mapping;
-use tether_proto::route::{RouteKind, RouteTarget};
 use tokio::sync::watch;
 
 use crate::core_cell::CoreCell;
@@ -866,30 +865,15 @@ impl Broker {
 }
 
 /// What gateways over WireGuard are told: the site routes their region may
-/// reach and the mesh zone as their region may see it.
+/// reach, on this broker and on the others of the fleet, and the mesh zone
+/// as their region may see it.
 impl crate::wireguard::GatewayControl for Broker {
     fn site_routes(&self, region: &RegionId) -> (u64, Vec<SiteRoute>) {
         let generation = self.core.routes_generation();
-        let Ok(router) = self.core.read() else {
-            return (generation, Vec::new());
-        };
-        let mut out: Vec<SiteRoute> = router
-            .table
-            .routes()
-            .into_iter()
-            .filter(|r| matches!(r.kind, RouteKind::SiteAddress | RouteKind::SiteLan))
-            .filter(|r| router.residency.permits(&r.region, region))
-            .filter_map(|r| match &r.target {
-                RouteTarget::Site(site) => Some(SiteRoute {
-                    prefix: r.prefix,
-                    site: site.clone(),
-                    region: r.region.clone(),
-                }),
-                RouteTarget::Gateway(_) => None,
-            })
-            .collect();
-        out.sort();
-        (generation, out)
+        match self.core.read() {
+            Ok(router) => (generation, router.gateway_site_routes(region)),
+            Err(_) => (generation, Vec::new()),
+        }
     }
 
     fn zone(&self, region: &RegionId) -> Option<ZoneData> {

@@ -11,8 +11,11 @@
 //! ingress (its region and backend prefixes); packets routed to a peer are
 //! encrypted and sent. Control datagrams between the link-local control
 //! addresses ([`tether_proto::gateway`]) never reach the plane: a request
-//! is answered with the route set of the peer's region, and every change
-//! to the site routes is pushed to the peers that asked recently.
+//! is answered with the route set of the peer's region (the sites of every
+//! broker of the fleet it may reach,
+//! [`tether_proto::forward::Router::gateway_site_routes`]), and every change
+//! to the site routes, here or through another broker, is pushed to the
+//! peers that asked recently.
 //!
 //! This module knows nothing of the broker around it: the routes and the
 //! zone come through [`GatewayControl`], and the forwarding plane runs the

@@ -54,6 +54,16 @@ pub struct Member {
         serde(default, skip_serializing_if = "Vec::is_empty")
     )]
     pub gateways: Vec<MemberGateway>,
+    /// How often (milliseconds) its link sends a keepalive to every peer
+    /// that has heard nothing else from it meanwhile. A broker that
+    /// announces it is held down by the others once it has been silent for
+    /// [`crate::peering::LINK_SILENCE`]; one that does not (an older
+    /// release) only by its WireGuard session's state.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub link_keepalive_ms: Option<u32>,
 }
 
 impl Member {
@@ -318,6 +328,7 @@ mod tests {
             forward: Some(format!("fwd-{endpoint}")),
             link_key: None,
             gateways: Vec::new(),
+            link_keepalive_ms: None,
         }
     }
 

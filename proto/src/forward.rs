@@ -35,6 +35,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::fleet::BrokerId;
+use crate::gateway::SiteRoute;
 use crate::ids::{GatewayId, RegionId, SiteId};
 use crate::ip::{self, IcmpError, Packet};
 use crate::net::Family;
@@ -431,6 +432,47 @@ impl Router {
             }),
             None => Verdict::Forward(route.clone()),
         }
+    }
+
+    /// The site routes a gateway of `region` is given: every prefix of a
+    /// site (its own address or a mapped LAN) that residency lets the
+    /// gateway's region reach, whether the site's session is on this
+    /// broker or on another broker of the fleet ([`Router::remote`]), so
+    /// that a gateway reaches every site wherever it is attached and its
+    /// routes follow a site that moves between brokers. A prefix held here
+    /// and also named through another broker is listed once, as here
+    /// (the route [`Router::decide`] takes). Sorted.
+    pub fn gateway_site_routes(&self, region: &RegionId) -> Vec<SiteRoute> {
+        let site_route = |r: &Route| match &r.target {
+            RouteTarget::Site(site)
+                if matches!(r.kind, RouteKind::SiteAddress | RouteKind::SiteLan)
+                    && self.residency.permits(&r.region, region) =>
+            {
+                Some(SiteRoute {
+                    prefix: r.prefix,
+                    site: site.clone(),
+                    region: r.region.clone(),
+                })
+            }
+            _ => None,
+        };
+        let mut out: Vec<SiteRoute> = self
+            .table
+            .routes()
+            .into_iter()
+            .filter_map(site_route)
+            .collect();
+        let here: BTreeSet<IpNet> = self.table.routes().iter().map(|r| r.prefix).collect();
+        out.extend(
+            self.remote
+                .routes()
+                .into_iter()
+                .filter(|(r, _)| !here.contains(&r.prefix))
+                .filter_map(|(r, _)| site_route(r)),
+        );
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Decides the fate of `packet`, relayed here by another broker of the
@@ -1210,6 +1252,101 @@ mod tests {
         assert_eq!(
             f.router.reachable_from(&f.us, &pools),
             vec![net("100.80.0.0/16")]
+        );
+    }
+
+    #[test]
+    fn gateways_get_the_routes_of_sites_on_every_broker_their_region_may_reach() {
+        use crate::ipam::{Lease, LeaseKind};
+        use crate::peering::{PeerView, RemoteRoutes};
+        let mut f = fixture();
+        let routes = |r: &Router, region: &RegionId| -> Vec<(String, String)> {
+            r.gateway_site_routes(region)
+                .into_iter()
+                .map(|s| (s.prefix.to_string(), s.site.to_string()))
+                .collect()
+        };
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(p, s)| (p.to_string(), s.to_string()))
+                .collect()
+        };
+        // Only this broker's sessions so far; the gateway prefix is no
+        // site route, and residency keeps the us site out.
+        assert_eq!(
+            routes(&f.router, &f.eu),
+            pairs(&[
+                ("100.64.0.2/32", "a"),
+                ("100.64.0.3/32", "b"),
+                ("fd00::2/128", "a")
+            ])
+        );
+        // Sites held by broker b: far (address and LAN) in eu, faraway in
+        // us; and b's stale view of site a, which is here now.
+        let (far, faraway): (SiteId, SiteId) = (id("far"), id("faraway"));
+        let view = PeerView {
+            holders: BTreeMap::from([
+                (far.clone(), "b".to_string()),
+                (faraway.clone(), "b".to_string()),
+                (f.a.clone(), "b".to_string()),
+            ]),
+            gateways: BTreeMap::new(),
+        };
+        let lease = |prefix: &str, site: &SiteId, region: &RegionId, kind| Lease {
+            prefix: net(prefix),
+            site: site.clone(),
+            region: region.clone(),
+            kind,
+        };
+        let leases = [
+            lease("100.64.0.9/32", &far, &f.eu, LeaseKind::SiteAddress),
+            lease(
+                "100.70.0.0/24",
+                &far,
+                &f.eu,
+                LeaseKind::LanMapping {
+                    lan: net("192.168.1.0/24"),
+                },
+            ),
+            lease("100.80.0.9/32", &faraway, &f.us, LeaseKind::SiteAddress),
+            lease("100.64.0.2/32", &f.a, &f.eu, LeaseKind::SiteAddress),
+        ];
+        f.router.remote = Arc::new(RemoteRoutes::build(&view, &leases, 1300));
+        assert_eq!(
+            routes(&f.router, &f.eu),
+            pairs(&[
+                ("100.64.0.2/32", "a"),
+                ("100.64.0.3/32", "b"),
+                ("100.64.0.9/32", "far"),
+                ("100.70.0.0/24", "far"),
+                ("fd00::2/128", "a")
+            ])
+        );
+        // A us gateway reaches the us sites, here and on b.
+        assert_eq!(
+            routes(&f.router, &f.us),
+            pairs(&[("100.80.0.2/32", "c"), ("100.80.0.9/32", "faraway")])
+        );
+        // With eu opened to us gateways, the us gateway gets the eu sites
+        // of both brokers too.
+        f.router.residency = Residency::new(BTreeMap::from([(
+            f.eu.clone(),
+            BTreeSet::from([f.us.clone()]),
+        )]));
+        assert_eq!(routes(&f.router, &f.us).len(), 7);
+        // far moves here: one route, now through this broker's session.
+        f.router.table.insert(Route {
+            prefix: net("100.64.0.9/32"),
+            kind: RouteKind::SiteAddress,
+            target: RouteTarget::Site(far.clone()),
+            region: f.eu.clone(),
+        });
+        let eu = f.router.gateway_site_routes(&f.eu);
+        assert_eq!(
+            eu.iter()
+                .filter(|r| r.prefix == net("100.64.0.9/32"))
+                .count(),
+            1
         );
     }
 }

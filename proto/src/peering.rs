@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
@@ -82,6 +83,64 @@ impl PeerView {
             })
             .collect();
         Self { holders, gateways }
+    }
+}
+
+/// How often the link sends a keepalive to a peer it has sent nothing
+/// else to meanwhile (announced as [`crate::fleet::Member::link_keepalive_ms`]).
+pub const LINK_KEEPALIVE: Duration = Duration::from_millis(250);
+
+/// A peer that announces keepalives and has been heard from before is down
+/// once nothing authenticated came from it for this long: four keepalives
+/// missed. Far sooner than its store lease expires (5 s), so that packets
+/// for the sites of a broker that died are counted as `peer_down` instead
+/// of being sent into the link and lost.
+pub const LINK_SILENCE: Duration = Duration::from_secs(1);
+
+/// A peer whose first handshake has not completed this long after it was
+/// added is down.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(5);
+
+/// A session older than this without a new handshake is down: WireGuard
+/// rekeys every two minutes and rejects sessions after three.
+pub const STALE_SESSION: Duration = Duration::from_secs(180);
+
+/// What the link knows of one peer, to tell whether it is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkHealth {
+    /// When the peer was added to the link.
+    pub added: Instant,
+    /// When the last authenticated datagram (packet, keepalive or
+    /// handshake) came from it.
+    pub heard: Option<Instant>,
+    /// Time since the current session's handshake, if there is a session.
+    pub session_age: Option<Duration>,
+    /// WireGuard gave up handshaking.
+    pub expired: bool,
+    /// The peer announces keepalives ([`LINK_KEEPALIVE`]), so silence
+    /// means it is gone.
+    pub paced: bool,
+}
+
+impl LinkHealth {
+    /// Whether the link to the peer is down at `now`: handshakes given up,
+    /// no session yet [`HANDSHAKE_GRACE`] after it was added, a session
+    /// far past rekeying, or (for a peer that sends keepalives) silent for
+    /// [`LINK_SILENCE`] after it had been heard.
+    pub fn is_down(&self, now: Instant) -> bool {
+        if self.expired {
+            return true;
+        }
+        let Some(age) = self.session_age else {
+            return now.saturating_duration_since(self.added) > HANDSHAKE_GRACE;
+        };
+        if age > STALE_SESSION {
+            return true;
+        }
+        self.paced
+            && self
+                .heard
+                .is_some_and(|h| now.saturating_duration_since(h) > LINK_SILENCE)
     }
 }
 
@@ -206,6 +265,7 @@ mod tests {
             forward: link.then(|| "127.0.0.1:51821".into()),
             link_key: link.then(|| "a".repeat(43) + "="),
             gateways,
+            link_keepalive_ms: None,
         }
     }
 
@@ -276,6 +336,42 @@ mod tests {
             );
         }
         assert_eq!(remote.routes().len(), 3);
+    }
+
+    #[test]
+    fn a_silent_peer_that_sends_keepalives_is_down_within_a_second() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut h = LinkHealth {
+            added: t0,
+            heard: None,
+            session_age: None,
+            expired: false,
+            paced: true,
+        };
+        // No session yet: up during the handshake's grace.
+        assert!(!h.is_down(at(4_000)));
+        assert!(h.is_down(at(5_001)));
+        // A session, heard from at 100 ms: up while keepalives come.
+        h.session_age = Some(Duration::from_millis(100));
+        h.heard = Some(at(100));
+        assert!(!h.is_down(at(900)));
+        assert!(!h.is_down(at(1_100)));
+        // Silent for more than a second: down, though the session and the
+        // store lease would still say up.
+        assert!(h.is_down(at(1_101)));
+        // Heard again: up at once.
+        h.heard = Some(at(1_500));
+        assert!(!h.is_down(at(1_600)));
+        // A peer that sends no keepalives is judged by its session only.
+        let old = LinkHealth { paced: false, ..h };
+        assert!(!old.is_down(at(60_000)));
+        let stale = LinkHealth {
+            session_age: Some(Duration::from_secs(181)),
+            ..old
+        };
+        assert!(stale.is_down(at(60_000)));
+        assert!(LinkHealth { expired: true, ..h }.is_down(at(1_600)));
     }
 
     #[test]

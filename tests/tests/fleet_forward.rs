@@ -24,11 +24,30 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use etcd_server::EtcdServer;
+use tether_proto::gateway::{
+    Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, control_packet, control_payload,
+};
 use tether_proto::ip::Packet;
-use tether_tests::{TestBroker, TestSite, Tunnel, ping, tunnel_for, v4};
+use tether_tests::child_broker::{ChildBroker, child_config};
+use tether_tests::{TestBroker, TestSite, Tunnel, connect_trusting, ping, tunnel_for, v4};
 
 /// Deadline of each test body.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
+/// Environment variable naming the configuration a child broker runs.
+const CHILD: &str = "FLEET_FORWARD_CHILD_CONFIG";
+
+/// Not a test on its own: the body of a broker in a child process (one
+/// that can be killed with `kill -9`). Without
+/// `FLEET_FORWARD_CHILD_CONFIG` it does nothing.
+#[tokio::test]
+async fn child_broker() {
+    let Some(config) = child_config(CHILD) else {
+        return;
+    };
+    let running = tether_broker::run::start(config).await.unwrap();
+    println!("READY {}", running.tunnel_addrs[0]);
+    std::future::pending::<()>().await;
+}
 
 /// The configuration both brokers share: etcd, a link on a port of its
 /// own, and a policy that lets site-x and site-y (not site-z) talk.
@@ -363,6 +382,353 @@ async fn a_gateway_on_one_broker_reaches_a_site_on_another() {
         assert!(back, "site-y's answer did not reach the gateway on A");
         drop(ty);
         b.running.take().unwrap().shutdown().await;
+        a.running.take().unwrap().shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
+
+/// A WireGuard gateway played by boringtun: sends packets and control
+/// requests to its broker and reads what comes back.
+struct Gateway {
+    tunn: Tunn,
+    socket: tokio::net::UdpSocket,
+    broker: SocketAddr,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    routes: Assembler,
+}
+
+impl Gateway {
+    async fn new(secret: x25519::StaticSecret, a: &TestBroker) -> Self {
+        let wg = a.broker().plane().wireguard().unwrap().clone();
+        Self {
+            tunn: Tunn::new(
+                secret,
+                x25519::PublicKey::from(wg.public_key()),
+                None,
+                None,
+                1,
+                None,
+            ),
+            socket: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            broker: wg.local_addrs()[0],
+            buf: vec![0u8; 65_536],
+            out: vec![0u8; 65_536],
+            routes: Assembler::default(),
+        }
+    }
+
+    /// Sends an IP packet (queued in boringtun until the handshake is
+    /// done, which [`Gateway::recv`] completes).
+    async fn send(&mut self, packet: &[u8]) {
+        if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(packet, &mut self.buf) {
+            self.socket.send_to(d, self.broker).await.unwrap();
+        }
+    }
+
+    /// The next IP packet from the broker within `within`, answering
+    /// handshakes on the way; control messages go to `self.routes`, and a
+    /// completed route set is returned as `Err`.
+    async fn recv(&mut self, within: Duration) -> Option<Result<Vec<u8>, RouteSet>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let Ok(Ok((n, _))) =
+                tokio::time::timeout_at(deadline, self.socket.recv_from(&mut self.out)).await
+            else {
+                return None;
+            };
+            let mut result = self.tunn.decapsulate(None, &self.out[..n], &mut self.buf);
+            let mut packet = None;
+            loop {
+                match result {
+                    TunnResult::WriteToNetwork(d) => {
+                        self.socket.send_to(d, self.broker).await.unwrap();
+                        result = self.tunn.decapsulate(None, &[], &mut self.buf);
+                    }
+                    TunnResult::WriteToTunnelV4(p, _) => {
+                        packet = Some(p.to_vec());
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            let Some(packet) = packet else { continue };
+            match control_payload(&packet, BROKER_CONTROL, GATEWAY_CONTROL) {
+                Some(payload) => {
+                    if let Some(set) = Message::decode(payload)
+                        .ok()
+                        .and_then(|m| self.routes.push(m))
+                    {
+                        return Some(Err(set));
+                    }
+                }
+                None => return Some(Ok(packet)),
+            }
+        }
+    }
+
+    /// Asks for the route set until a complete one arrives; bounded.
+    async fn route_set(&mut self) -> RouteSet {
+        let request = control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &Message::Request.encode());
+        for _ in 0..20 {
+            self.send(&request).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Some(got) = self
+                .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await
+            {
+                if let Err(set) = got {
+                    return set;
+                }
+            }
+        }
+        panic!("no route set from the broker");
+    }
+
+    /// Asks for route sets until one has a route for `addr`; bounded.
+    async fn wait_for_site_route(&mut self, addr: Ipv4Addr) -> RouteSet {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let set = self.route_set().await;
+            if set
+                .routes
+                .iter()
+                .any(|r| r.prefix.contains(&IpAddr::V4(addr)))
+            {
+                return set;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway's route set has no route to {addr}: {set:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Pings `site` from `backend` until the site's tunnel sees it, then
+    /// answers from the site until the answer comes back here; bounded.
+    async fn ping_through(&mut self, backend: Ipv4Addr, site: &Tunnel, seq: u16) {
+        let ya = v4(site);
+        let request = ping(backend, ya, seq);
+        let mut arrived = false;
+        'outer: for _ in 0..10 {
+            self.send(&request).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            loop {
+                tokio::select! {
+                    _ = self.recv(Duration::from_millis(20)) => {}
+                    got = site.recv_packet(Duration::from_millis(20)) => {
+                        if got.and_then(|g| Packet::parse(&g).ok().map(|p| p.src == IpAddr::V4(backend))).unwrap_or(false) {
+                            arrived = true;
+                            break 'outer;
+                        }
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    break;
+                }
+            }
+        }
+        assert!(arrived, "the gateway's ping {seq} did not reach the site");
+        let mut answer = ping(ya, backend, seq);
+        answer[20] = 0;
+        for _ in 0..10 {
+            site.send_packet(&answer);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while let Some(got) = self
+                .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await
+            {
+                if let Ok(p) = got {
+                    let p = Packet::parse(&p).unwrap();
+                    if (p.src, p.dst) == (IpAddr::V4(ya), IpAddr::V4(backend)) {
+                        return;
+                    }
+                }
+            }
+        }
+        panic!("the site's answer {seq} did not reach the gateway");
+    }
+}
+
+/// A WireGuard gateway on A is given the route of a site held by B (and
+/// its name), reaches it through A and the link, and keeps reaching it,
+/// with the same route, when the site moves to A and back to B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_routes_follow_a_site_between_brokers() {
+    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let gw_secret = x25519::StaticSecret::from([9u8; 32]);
+    let gw_public = x25519::PublicKey::from(&gw_secret);
+    let base = shared_config(&server, "/tether/forward-follow/");
+    let with_gateway = format!(
+        "{base}[wireguard]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[gateway]]\nid = \"backend\"\nregion = \"local\"\npublic_key = {:?}\nprefixes = [\"10.20.0.0/16\"]\n",
+        tether_pki::wg::encode(gw_public.as_bytes())
+    );
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut a = TestBroker::start(&with_gateway).await;
+        let mut b = second_broker(&a, &base).await;
+        let backend: Ipv4Addr = "10.20.0.10".parse().unwrap();
+        let mut gw = Gateway::new(gw_secret, &a).await;
+
+        // site-y on B: A's gateway is told its route, and its name.
+        let y = TestSite::enroll(&b, "site-y").await;
+        let ty = tunnel_for(&b, &y).await;
+        let ya = v4(&ty);
+        let set = gw.wait_for_site_route(ya).await;
+        eprintln!("route set at A with site-y on B: {set:?}");
+        assert!(
+            set.routes
+                .iter()
+                .any(|r| r.site.as_str() == "site-y" && r.prefix.addr() == IpAddr::V4(ya))
+        );
+        // A's mesh zone (which its gateways are sent) names site-y.
+        let mut zones = a.broker().zone_changes();
+        let named = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let named = zones.borrow_and_update().as_ref().is_some_and(|z| {
+                    z.sites.iter().any(|s| {
+                        s.site.as_str() == "site-y" && s.addresses.contains(&IpAddr::V4(ya))
+                    })
+                });
+                if named {
+                    return;
+                }
+                zones.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(named.is_ok(), "A's zone has no name for site-y on B");
+        wait_for_remote_route(&b, backend).await;
+        gw.ping_through(backend, &ty, 1).await;
+
+        // site-y moves to A (its tunnel on B ends, a new one opens on A):
+        // same address, same route at the gateway, delivered here.
+        drop(ty);
+        let ty = tunnel_for(&a, &y).await;
+        assert_eq!(v4(&ty), ya, "site-y kept its address");
+        gw.wait_for_site_route(ya).await;
+        gw.ping_through(backend, &ty, 2).await;
+
+        // And back to B.
+        drop(ty);
+        let ty = tunnel_for(&b, &y).await;
+        assert_eq!(v4(&ty), ya, "site-y kept its address");
+        wait_for_remote_route(&a, ya).await;
+        gw.wait_for_site_route(ya).await;
+        gw.ping_through(backend, &ty, 3).await;
+
+        drop(ty);
+        b.running.take().unwrap().shutdown().await;
+        a.running.take().unwrap().shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
+
+/// A broker killed with `kill -9` stops sending keepalives on the link:
+/// the broker relaying to it holds the link down (packets for its sites
+/// counted as `peer_down`) well before the dead broker's store lease
+/// expires and it leaves the fleet. Prints both times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_broker_is_held_down_before_its_lease_expires() {
+    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let extra = shared_config(&server, "/tether/forward-kill/");
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut a = TestBroker::start(&extra).await;
+        let ca_dir = a.config.data_dir.clone().unwrap();
+        let child_extra = extra.clone();
+        let mut b = tokio::task::spawn_blocking(move || {
+            ChildBroker::start(CHILD, &child_extra, &ca_dir)
+        })
+        .await
+        .unwrap();
+        let x = TestSite::enroll(&a, "site-x").await;
+        let tx = tunnel_for(&a, &x).await;
+        let y = TestSite::enroll(&a, "site-y").await;
+        let c = y.state.credentials().unwrap();
+        let client = connect_trusting(b.addr, &c.bundle, Some((c.chain, c.key)))
+            .await
+            .unwrap();
+        let mut ty = Tunnel::open(client).await.unwrap();
+        ty.configured().await;
+        let (xa, ya) = (v4(&tx), v4(&ty));
+        wait_for_remote_route(&a, ya).await;
+        deliver(&tx, &ty, &ping(xa, ya, 1), |p| p.dst == IpAddr::V4(ya)).await;
+        let me = id_of(&a);
+        let b_id = a
+            .broker()
+            .fleet()
+            .unwrap()
+            .snapshot()
+            .unwrap()
+            .members()
+            .keys()
+            .find(|id| **id != me)
+            .unwrap()
+            .clone();
+        let link = a.broker().plane().link().unwrap().clone();
+        assert!(!link.peer(&b_id).unwrap().is_down(), "the link to B is up");
+
+        // site-x pings site-y every 10 ms while B is killed.
+        let sender = {
+            let tx = std::sync::Arc::new(tx);
+            let t = tx.clone();
+            let task = tokio::spawn(async move {
+                for seq in 2u16.. {
+                    t.send_packet(&ping(xa, ya, seq));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            (tx, task)
+        };
+        let killed = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            b.kill();
+            b
+        })
+        .await
+        .unwrap();
+        drop(ty);
+        let (mut down, mut gone) = (None, None);
+        while gone.is_none() && killed.elapsed() < Duration::from_secs(30) {
+            match link.peer(&b_id) {
+                Some(p) if down.is_none() && p.is_down() => down = Some(killed.elapsed()),
+                Some(_) => {}
+                None => gone = Some(killed.elapsed()),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sender.1.abort();
+        let text = a.scrape().await;
+        let peer_down = value(
+            &text,
+            r#"tether_broker_site_packets_dropped_total{site="site-x",region="local",reason="peer_down"}"#,
+        );
+        eprintln!(
+            "B killed: the link held it down after {down:?}, it left the fleet after {gone:?}; \
+             {peer_down} pings of site-x counted as peer_down"
+        );
+        assert!(gone.is_some(), "B never left the fleet");
+        assert!(
+            down.is_some(),
+            "the link to the killed B was never held down before B left the fleet"
+        );
+        assert!(peer_down >= 1.0, "no packet counted as peer_down: {text}");
+        drop(sender.0);
         a.running.take().unwrap().shutdown().await;
     })
     .await
