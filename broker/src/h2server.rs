@@ -7,6 +7,12 @@
 //! travel as DATAGRAM capsules (RFC 9297) on the request stream, written by
 //! one task per stream so capsules and packets stay in order and a slow
 //! connection drops packets instead of queueing them without bound.
+//!
+//! When the broker starts draining (SIGTERM), every connection gets a
+//! graceful GOAWAY (RFC 9113 section 6.8: first with the largest stream
+//! ID, then, after a PING round trip, with the last one processed): what is
+//! open keeps being served, and the site moves its tunnel to another
+//! broker before it leaves this one, as over HTTP/3.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -231,8 +237,19 @@ async fn handle_connection(
         })
     });
     let mut closing = false;
+    let mut draining = broker.draining();
+    let mut goaway_sent = false;
     loop {
         tokio::select! {
+            going = async { draining.wait_for(|d| *d).await.is_ok() }, if !goaway_sent => {
+                goaway_sent = true;
+                if going && !closing {
+                    // The broker is going away: the site moves its tunnel
+                    // to another broker; the open streams are served until
+                    // it has, and the connection ends when none is left.
+                    h2.graceful_shutdown();
+                }
+            }
             request = h2.accept() => match request {
                 Some(Ok((request, respond))) => {
                     if unauthenticated.is_some() {

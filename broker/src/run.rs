@@ -351,7 +351,7 @@ pub struct Drained {
 
 impl Running {
     /// Hands the sites to the other brokers, then shuts down: every HTTP/3
-    /// connection gets a GOAWAY, and the broker waits up to `drain` for its
+    /// and HTTP/2 connection gets a GOAWAY, and the broker waits up to `drain` for its
     /// sessions to end (each site opens its tunnel at another broker, which
     /// takes the site over, and then leaves this one). A broker alone in
     /// its regions does not wait.

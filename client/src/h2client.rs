@@ -1,9 +1,17 @@
 //! The client side of HTTP/2 to a broker, over TCP directly or through an
 //! HTTP proxy: TLS with ALPN `h2`, extended CONNECT for CONNECT-IP, and
 //! plain requests for enrollment and renewal.
+//!
+//! Every byte read from the broker also passes a
+//! [`FrameWatch`](tether_proto::h2::FrameWatch), which tells when the
+//! broker sends GOAWAY (it is shutting down) and counts what arrived, for
+//! the liveness check; PINGs, every keepalive interval and on each
+//! [`H2Client::heartbeat`], measure the round trip.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,9 +19,11 @@ use bytes::Bytes;
 use http::{Method, Request};
 use rustls::pki_types::ServerName;
 use tether_proto::connect_ip;
+use tether_proto::h2::FrameWatch;
 use tether_proto::tunnel::Transport;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsConnector;
 
 use crate::dial::Target;
@@ -30,6 +40,12 @@ pub struct H2Client {
     gone: watch::Receiver<Option<String>>,
     driver: tokio::task::JoinHandle<()>,
     rtt_us: Arc<AtomicU64>,
+    /// Bytes read from the broker so far.
+    received: Arc<AtomicU64>,
+    /// Raised when the broker sent GOAWAY.
+    going_away: watch::Receiver<bool>,
+    /// Wakes the driver to send a PING now.
+    heartbeat: Arc<Notify>,
     /// Direct or through a proxy.
     pub transport: Transport,
     /// The TLS exporter value a re-attestation proof signs.
@@ -126,6 +142,14 @@ impl H2Client {
             ));
         }
         let exporter = tether_pki::reattest::tls_exporter(tls_stream.get_ref().1);
+        let received = Arc::new(AtomicU64::new(0));
+        let (going_tx, going_away) = watch::channel(false);
+        let tls_stream = Watched {
+            inner: tls_stream,
+            watch: FrameWatch::new(),
+            received: received.clone(),
+            going_away: going_tx,
+        };
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(WINDOW)
             .initial_connection_window_size(WINDOW)
@@ -137,15 +161,22 @@ impl H2Client {
         let rtt_us = Arc::new(AtomicU64::new(0));
         let mut ping = conn.ping_pong();
         let rtt = rtt_us.clone();
-        // Drives the connection and PINGs the broker: no answer within
-        // three keepalive intervals means the broker is gone.
+        let heartbeat = Arc::new(Notify::new());
+        let beat = heartbeat.clone();
+        // Drives the connection and PINGs the broker, every keepalive
+        // interval and when asked for a heartbeat (one PING at a time:
+        // heartbeats asked for meanwhile wait for its answer). No answer
+        // within three keepalive intervals means the broker is gone.
         let driver = tokio::spawn(async move {
             let pinger = async {
                 let Some(ping) = ping.as_mut() else {
                     return std::future::pending::<String>().await;
                 };
                 loop {
-                    tokio::time::sleep(keepalive).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(keepalive) => {}
+                        () = beat.notified() => {}
+                    }
                     let sent = Instant::now();
                     match tokio::time::timeout(keepalive * 3, ping.ping(h2::Ping::opaque())).await {
                         Ok(Ok(_)) => rtt.store(
@@ -171,6 +202,9 @@ impl H2Client {
             gone,
             driver,
             rtt_us,
+            received,
+            going_away,
+            heartbeat,
             exporter,
             transport: if proxy.is_some() {
                 Transport::H2Proxy
@@ -184,6 +218,28 @@ impl H2Client {
     /// The latest PING round trip.
     pub fn rtt(&self) -> Duration {
         Duration::from_micros(self.rtt_us.load(Ordering::Relaxed))
+    }
+
+    /// Sends a PING now (or as soon as the one on its way is answered).
+    pub fn heartbeat(&self) {
+        self.heartbeat.notify_one();
+    }
+
+    /// Bytes read from the broker so far: its answers to PINGs, its own
+    /// PINGs, the tunnel's packets and capsules.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the broker has sent GOAWAY (it is shutting down; what
+    /// is open keeps being served until the site leaves).
+    pub async fn goaway(&self) {
+        let mut going = self.going_away.clone();
+        if going.wait_for(|g| *g).await.is_err() {
+            // The connection is gone without a GOAWAY: that is reported
+            // as its end.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Resolves with the reason when the connection is gone.
@@ -284,6 +340,72 @@ impl H2Client {
             .map_err(|e| anyhow::anyhow!(explain_tls(&e)))?;
         let status = response.status().as_u16();
         Ok((status, response.into_body(), stream))
+    }
+}
+
+/// The TLS stream to the broker, with every byte read shown to a
+/// [`FrameWatch`].
+struct Watched<S> {
+    inner: S,
+    watch: FrameWatch,
+    received: Arc<AtomicU64>,
+    going_away: watch::Sender<bool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && let Some(new) = buf.filled().get(before..)
+            && !new.is_empty()
+        {
+            let this = &mut *self;
+            let was_going = this.watch.going_away();
+            this.watch.push(new);
+            this.received.store(this.watch.bytes(), Ordering::Relaxed);
+            if this.watch.going_away() && !was_going {
+                this.going_away.send_replace(true);
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

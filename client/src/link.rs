@@ -493,31 +493,34 @@ impl BrokerConn {
         }
     }
 
-    /// Sends a heartbeat the broker acknowledges (HTTP/3; over HTTP/2 the
-    /// connection's own PINGs keep it alive and nothing is sent).
+    /// Sends a heartbeat the broker answers: a reserved frame on the
+    /// HTTP/3 control stream, which QUIC acknowledges, or an HTTP/2 PING.
     pub async fn heartbeat(&self) {
-        if let BrokerConn::H3 { client, .. } = self
-            && let Err(e) = client.heartbeat().await
-        {
-            tracing::debug!("cannot send a heartbeat: {e:#}");
+        match self {
+            BrokerConn::H3 { client, .. } => {
+                if let Err(e) = client.heartbeat().await {
+                    tracing::debug!("cannot send a heartbeat: {e:#}");
+                }
+            }
+            BrokerConn::H2(c) => c.heartbeat(),
         }
     }
 
-    /// The datagrams received on the connection so far (HTTP/3 only).
+    /// What the connection has received so far: UDP datagrams over
+    /// HTTP/3, bytes over HTTP/2.
     pub fn received(&self) -> Option<u64> {
         match self {
             BrokerConn::H3 { client, .. } => Some(client.received()),
-            BrokerConn::H2(_) => None,
+            BrokerConn::H2(c) => Some(c.received()),
         }
     }
 
-    /// Resolves when the broker says it is going away (HTTP/3 GOAWAY).
-    /// Over HTTP/2 the broker's GOAWAY ends the connection once its streams
-    /// are done, which [`closed`](Self::closed) reports.
+    /// Resolves when the broker says it is going away (HTTP/3 or HTTP/2
+    /// GOAWAY): it still serves the tunnel, but the site should move.
     pub async fn goaway(&self) {
         match self {
             BrokerConn::H3 { client, .. } => client.goaway().await,
-            BrokerConn::H2(_) => std::future::pending().await,
+            BrokerConn::H2(c) => c.goaway().await,
         }
     }
 

@@ -8,6 +8,8 @@
 //! - [`varint`], [`capsule`], [`connect_ip`], [`datagram`]: the wire formats
 //!   of CONNECT-IP (RFC 9000 varints, RFC 9297 capsules and HTTP Datagrams,
 //!   RFC 9484 capsules and URI template).
+//! - [`h2`]: what the agent watches for in a broker's HTTP/2 frames
+//!   (GOAWAY, bytes received).
 //! - [`h3`]: a minimal HTTP/3 (frames, SETTINGS, static-table QPACK,
 //!   message heads, control streams) for extended CONNECT.
 //! - [`ip`]: IP header parsing for forwarding, anti-spoofing, ICMP errors.
@@ -52,6 +54,7 @@ pub mod events;
 pub mod fleet;
 pub mod forward;
 pub mod gateway;
+pub mod h2;
 pub mod h3;
 pub mod ids;
 pub mod ip;

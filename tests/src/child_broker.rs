@@ -104,6 +104,29 @@ impl ChildBroker {
         let _ = self.child.wait();
     }
 
+    /// `kill -STOP`: the broker answers nothing and closes nothing, as a
+    /// machine that lost power or its network (dropping it kills it).
+    /// Returns once the process is stopped.
+    pub fn freeze(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        assert!(status.success());
+        // The state follows the command name (in parentheses) in
+        // /proc/<pid>/stat: `T` once stopped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if state == Some('T') {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the child broker stopped in 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// `kill -TERM`.
     pub fn terminate(&self) {
         let status = Command::new("kill")

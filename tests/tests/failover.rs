@@ -21,6 +21,13 @@
 //! printed. (b) SIGTERM of X while site-1 pings site-2 every 10 ms, both on
 //! X: X sends GOAWAY, both sites open their tunnels at B before leaving X,
 //! X exits once they did; the lost pings are printed.
+//!
+//! Both run over HTTP/3 and again with every connection on HTTP/2 (the
+//! tunnels and the standbys), site-1 through an HTTP proxy in (b). A
+//! killed process's TCP connections are closed by the kernel, which a site
+//! notices at once; a broker machine that loses power or its network
+//! closes nothing, so over HTTP/2 most rounds of (a) freeze X (`SIGSTOP`)
+//! instead, and only the heartbeat can tell.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../broker/src/store/etcd_server.rs"]
@@ -28,11 +35,13 @@ mod etcd_server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_server::EtcdServer;
 use tether::dial::Target;
 use tether::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
+use tether::proxy::Proxy;
 use tether::state_dir::StateDir;
 use tether_config::client::{ClientConfig, ClientFile};
 use tether_proto::agent::ClientSession;
@@ -43,6 +52,7 @@ use tether_proto::net::Family;
 use tether_proto::tunnel::Transport;
 use tether_tests::child_broker::{ChildBroker, child_config};
 use tether_tests::{TestBroker, ping};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 /// Deadline of the test body.
@@ -82,7 +92,10 @@ struct Active {
     target: Target,
     link: TunnelLink,
     address: Ipv4Addr,
-    _tunnel: Tunnel,
+    /// The sender whose pings are reported.
+    from: Arc<AtomicU32>,
+    /// Over HTTP/3 (over HTTP/2 the reader holds it).
+    _tunnel: Option<Tunnel>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -92,30 +105,56 @@ impl Drop for Active {
     }
 }
 
-/// The ICMP echo sequence numbers `conn` receives from `from`.
+/// The sequence number of an ICMP echo request from `from` in `payload`.
+fn echo_from(payload: &[u8], from: &AtomicU32) -> Option<u16> {
+    let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload) else {
+        return None;
+    };
+    (p.len() >= 28 && p[12..16] == from.load(Ordering::Relaxed).to_be_bytes() && p[20] == 8)
+        .then(|| u16::from_be_bytes([p[26], p[27]]))
+}
+
+/// The ICMP echo sequence numbers the site receives from `from`: QUIC
+/// datagrams of `conn` over HTTP/3, DATAGRAM capsules of `tunnel` (with
+/// what `capsules` already holds) over HTTP/2.
 fn read_pings(
     conn: &BrokerConn,
-    from: Ipv4Addr,
+    tunnel: Option<(Tunnel, CapsuleDecoder)>,
+    from: Arc<AtomicU32>,
     out: mpsc::UnboundedSender<(u16, Instant)>,
 ) -> tokio::task::JoinHandle<()> {
-    let BrokerConn::H3 { client, .. } = conn else {
-        panic!("HTTP/3 expected")
-    };
-    let conn = client.conn.clone();
-    tokio::spawn(async move {
-        while let Ok(d) = conn.read_datagram().await {
-            let Ok((_, payload)) = datagram::parse_h3(&d) else {
-                continue;
-            };
-            if let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload)
-                && p.len() >= 28
-                && p[12..16] == from.octets()
-                && p[20] == 8
-            {
-                let _ = out.send((u16::from_be_bytes([p[26], p[27]]), Instant::now()));
-            }
+    match conn {
+        BrokerConn::H3 { client, .. } => {
+            let conn = client.conn.clone();
+            tokio::spawn(async move {
+                while let Ok(d) = conn.read_datagram().await {
+                    if let Ok((_, payload)) = datagram::parse_h3(&d)
+                        && let Some(seq) = echo_from(payload, &from)
+                    {
+                        let _ = out.send((seq, Instant::now()));
+                    }
+                }
+            })
         }
-    })
+        BrokerConn::H2(_) => {
+            let (mut tunnel, mut capsules) = tunnel.expect("the HTTP/2 tunnel");
+            tokio::spawn(async move {
+                loop {
+                    while let Ok(Some(raw)) = capsules.next_capsule() {
+                        if let Ok(Capsule::Datagram(payload)) = Capsule::parse(raw)
+                            && let Some(seq) = echo_from(&payload, &from)
+                        {
+                            let _ = out.send((seq, Instant::now()));
+                        }
+                    }
+                    match tunnel.read().await {
+                        Ok(Some(data)) => capsules.push(&data),
+                        _ => return,
+                    }
+                }
+            })
+        }
+    }
 }
 
 /// Opens the tunnel on `conn` and waits for the site's address.
@@ -139,19 +178,32 @@ async fn open_on(
             .unwrap()
             .expect("the tunnel stays open");
         capsules.push(&data);
-        while let Some(raw) = capsules.next_capsule().unwrap() {
+        while session.host_address(Family::V4).is_none()
+            && let Some(raw) = capsules.next_capsule().unwrap()
+        {
             session.on_capsule(Capsule::parse(raw).unwrap());
         }
     }
     let Some(IpAddr::V4(address)) = session.host_address(Family::V4) else {
         panic!("no IPv4 address")
     };
-    let reader = read_pings(&conn, pings_from, pings.clone());
+    let from = Arc::new(AtomicU32::new(u32::from(pings_from)));
+    let (reader, tunnel) = match &*conn {
+        BrokerConn::H3 { .. } => (
+            read_pings(&conn, None, from.clone(), pings.clone()),
+            Some(tunnel),
+        ),
+        BrokerConn::H2(_) => (
+            read_pings(&conn, Some((tunnel, capsules)), from.clone(), pings.clone()),
+            None,
+        ),
+    };
     Active {
         conn,
         target,
         link,
         address,
+        from,
         _tunnel: tunnel,
         reader,
     }
@@ -179,14 +231,18 @@ async fn target(config: &ClientConfig, addr: SocketAddr) -> Target {
         .remove(0)
 }
 
+/// When each ping was sent, by sequence number.
+type SentAt = Arc<std::sync::Mutex<std::collections::HashMap<u16, Instant>>>;
+
 /// Sends a ping from `from` to `to` every 10 ms on the current link,
-/// numbered from `first`, `count` of them.
+/// numbered from `first`, `count` of them, noting when each left in
+/// `sent`.
 fn ping_every_10ms(
     link: watch::Receiver<TunnelLink>,
     from: Ipv4Addr,
     to: Ipv4Addr,
-    first: u16,
-    count: u16,
+    (first, count): (u16, u16),
+    sent: SentAt,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -195,6 +251,7 @@ fn ping_every_10ms(
             let link = link.borrow().clone();
             let mut buf = vec![0u8; link.headroom()];
             buf.extend_from_slice(&ping(from, to, seq));
+            sent.lock().unwrap().insert(seq, Instant::now());
             let _ = link.send(&mut buf);
         }
     })
@@ -202,26 +259,73 @@ fn ping_every_10ms(
 
 /// Runs the agent's loss detection on `active` while a standby is ready:
 /// a heartbeat every [`HEARTBEAT_INTERVAL`], the received count every
-/// [`LIVENESS_CHECK`]; returns when the broker is lost.
-async fn until_lost(conn: &BrokerConn) -> Duration {
-    let start = Instant::now();
-    let mut liveness: Option<Liveness> = None;
-    let mut next_heartbeat = Instant::now();
-    loop {
-        let now = Instant::now();
-        if now >= next_heartbeat {
-            conn.heartbeat().await;
-            next_heartbeat = now + HEARTBEAT_INTERVAL;
+/// [`LIVENESS_CHECK`] (when the transport tells one), and the end of the
+/// connection; returns when the broker is lost, with how long it was
+/// silent, or `None` when the connection ended.
+async fn until_lost(conn: &BrokerConn) -> Option<Duration> {
+    let heartbeat = async {
+        let mut liveness: Option<Liveness> = None;
+        let mut next_heartbeat = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_heartbeat {
+                conn.heartbeat().await;
+                next_heartbeat = now + HEARTBEAT_INTERVAL;
+            }
+            if let Some(received) = conn.received() {
+                let l = liveness.get_or_insert(Liveness::new(received, now));
+                l.handle_received(received, now);
+                if l.is_lost(conn.rtt(), now) {
+                    return now.saturating_duration_since(l.heard_at());
+                }
+            }
+            tokio::time::sleep(LIVENESS_CHECK).await;
         }
-        let received = conn.received().unwrap();
-        let l = liveness.get_or_insert(Liveness::new(received, now));
-        l.handle_received(received, now);
-        if l.is_lost(conn.rtt(), now) {
-            return now.saturating_duration_since(l.heard_at());
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "loss detected");
-        tokio::time::sleep(LIVENESS_CHECK).await;
+    };
+    tokio::select! {
+        silent = heartbeat => Some(silent),
+        _ = conn.closed() => None,
+        () = tokio::time::sleep(Duration::from_secs(60)) => panic!("no loss noticed in 60 s"),
     }
+}
+
+/// An HTTP proxy for CONNECT on loopback: one tunnel per connection.
+async fn connect_proxy() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if head.len() > 8192 || client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let Some(target) = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split(' ').next())
+                else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                if client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (addr, task)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -230,6 +334,45 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
+    failover_and_handover(Transport::H3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
+    failover_and_handover(Transport::H2).await;
+}
+
+/// How X fails in a round of (a).
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// `kill -9`: its sockets close.
+    Kill,
+    /// `SIGSTOP`: it answers nothing, and closes nothing (as a machine
+    /// that lost power or its network); killed after the round.
+    Freeze,
+}
+
+/// How X fails in each round of (a) on `transport`.
+fn rounds(transport: Transport) -> Vec<Failure> {
+    match transport {
+        // A killed broker's QUIC connections are silent.
+        Transport::H3 => vec![Failure::Kill; KILLS],
+        // A killed broker's TCP connections close at once (and did before
+        // the heartbeat); a frozen one only stops answering.
+        _ => vec![
+            Failure::Freeze,
+            Failure::Kill,
+            Failure::Freeze,
+            Failure::Freeze,
+            Failure::Kill,
+        ],
+    }
+}
+
+/// Sites on `transport` (HTTP/2: site-1 through an HTTP proxy in the
+/// SIGTERM part) through a `kill -9`, a freeze and a SIGTERM of their
+/// broker.
+async fn failover_and_handover(transport: Transport) {
     let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
         .await
         .unwrap()
@@ -266,46 +409,56 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
         // Site 2 on B, receiving; site 1's address is learned below.
         let (config2, dialer2) = site(&state2, &[b_addr]).await;
         let t = target(&config2, b_addr).await;
-        let conn = dialer2.dial(Transport::H3, &t).await.unwrap();
-        let (site1_tx, site1_rx) = mpsc::unbounded_channel();
-        drop(site1_rx);
-        let mut two = open_on(conn, t, unspecified, &site1_tx).await;
+        let conn = dialer2.dial(transport, &t).await.unwrap();
+        assert_eq!(conn.transport(), transport);
+        let two = open_on(conn, t, unspecified, &pings_tx).await;
         let address2 = two.address;
 
-        // (a) kill -9 of site 1's broker, several times.
+        // (a) kill -9 (or a freeze) of site 1's broker, several times.
         let mut gaps = Vec::new();
         let mut address1 = None;
-        for round in 0..KILLS {
+        for (round, failure) in rounds(transport).into_iter().enumerate() {
             let mut x = ChildBroker::start(CHILD, &extra, &ca_dir);
             let (config1, dialer1) = site(&state1, &[x.addr, b_addr]).await;
             let t = target(&config1, x.addr).await;
-            let conn = dialer1.dial(Transport::H3, &t).await.unwrap();
+            let conn = dialer1.dial(transport, &t).await.unwrap();
             let active = open_on(conn, t, unspecified, &pings_tx).await;
             let address = *address1.get_or_insert(active.address);
             assert_eq!(active.address, address, "the same address at every broker");
-            // Site 2 reads pings from site 1 from now on.
-            two.reader.abort();
-            two.reader = read_pings(&two.conn, address, pings_tx.clone());
+            // Site 2 reports pings from site 1 from now on.
+            two.from.store(u32::from(address), Ordering::Relaxed);
             let (standby, standby_target) =
-                tether::standby::dial(&dialer1, &config1, Transport::H3, &[x.addr])
+                tether::standby::dial(&dialer1, &config1, transport, &[x.addr])
                     .await
                     .unwrap();
+            assert_eq!(standby.transport(), transport, "the standby on the same transport");
             assert_eq!(standby_target.addr, b_addr, "the standby is at B");
-            // Site 1 pings site 2 every 10 ms; at X, site 2 is unknown
-            // (no route between the brokers here), so nothing arrives
-            // until site 1 is at B.
+            // Site 1 pings site 2 every 10 ms: from X across the link
+            // between the brokers, then from B. What X had not passed on
+            // when it failed is lost; the gap ends with the first ping
+            // sent after the failure that arrives.
             let (link_tx, link_rx) = watch::channel(active.link.clone());
             let first = (round as u16 + 1) * 1000;
-            let sender = ping_every_10ms(link_rx, address, address2, first, 900);
+            let sent = SentAt::default();
+            let sender =
+                ping_every_10ms(link_rx, address, address2, (first, 900), sent.clone());
             // A healthy second, then the kill.
             let watch_conn = active.conn.clone();
             let lost = tokio::spawn(async move { until_lost(&watch_conn).await });
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(!lost.is_finished(), "a live broker is not taken as lost");
+            match failure {
+                Failure::Kill => x.kill(),
+                Failure::Freeze => x.freeze(),
+            }
+            // From when X is gone (or stopped): a ping sent before may
+            // still have passed it.
             let killed = Instant::now();
-            x.kill();
             let silent = lost.await.unwrap();
             let noticed = killed.elapsed();
+            if let Failure::Freeze = failure {
+                assert!(silent.is_some(), "a frozen broker closes nothing");
+            }
             let moved = open_on(standby, standby_target, unspecified, &pings_tx).await;
             assert_eq!(moved.address, address, "the same address at B");
             link_tx.send_replace(moved.link.clone());
@@ -314,27 +467,36 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
                     .await
                     .expect("site 1's pings reach site 2 after the failover")
                     .unwrap();
-                if seq >= first {
+                let sent_at = sent.lock().unwrap().get(&seq).copied();
+                if seq >= first && sent_at.is_some_and(|t| t > killed) {
                     break at.saturating_duration_since(killed);
                 }
             };
             sender.abort();
+            let how = match silent {
+                Some(silent) => format!("silent for {silent:?}"),
+                None => "the connection closed".to_string(),
+            };
             eprintln!(
-                "FAILOVER round {}: loss noticed {noticed:?} after the kill (silent for {silent:?}); pings flow again via B {restored:?} after the kill",
+                "FAILOVER {} round {} ({failure:?}): loss noticed {noticed:?} after the failure ({how}); pings flow again via B {restored:?} after it",
+                transport.as_str(),
                 round + 1
             );
             gaps.push(restored);
             drop((active, moved));
+            x.kill();
         }
         gaps.sort();
         eprintln!(
-            "FAILOVER gap over {KILLS} kills: p50 {:?}, max {:?}",
+            "FAILOVER {} gap over {} failures: p50 {:?}, max {:?}",
+            transport.as_str(),
+            gaps.len(),
             percentile(&gaps, 0.5),
             gaps[gaps.len() - 1]
         );
         assert!(
             gaps[gaps.len() - 1] < Duration::from_secs(5),
-            "far below the 12 s idle timeout: {gaps:?}"
+            "far below the idle timeout (12 s; over HTTP/2 three PING intervals, 15 s): {gaps:?}"
         );
         drop(two);
 
@@ -345,15 +507,26 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
         let mut movers = Vec::new();
         let (link_tx, link_rx) = watch::channel(None::<TunnelLink>);
         let (moved_tx, mut moved_rx) = mpsc::unbounded_channel();
+        // Over HTTP/2, site 1 comes through a proxy.
+        let (proxy_addr, proxy) = connect_proxy().await;
         for (state, from) in [(&state1, unspecified), (&state2, address1)] {
-            let (config, dialer) = site(state, &[y.addr, b_addr]).await;
+            let (config, mut dialer) = site(state, &[y.addr, b_addr]).await;
+            let transport = match transport {
+                Transport::H2 if from == unspecified => {
+                    dialer.proxy = Some(Proxy::parse(&proxy_addr.to_string(), "test").unwrap());
+                    Transport::H2Proxy
+                }
+                t => t,
+            };
             let t = target(&config, y.addr).await;
-            let conn = dialer.dial(Transport::H3, &t).await.unwrap();
+            let conn = dialer.dial(transport, &t).await.unwrap();
+            assert_eq!(conn.transport(), transport);
             let active = open_on(conn, t, from, &pings_tx).await;
             let (standby, standby_target) =
-                tether::standby::dial(&dialer, &config, Transport::H3, &[y.addr])
+                tether::standby::dial(&dialer, &config, transport, &[y.addr])
                     .await
                     .unwrap();
+            assert_eq!(standby.transport(), transport);
             if from == unspecified {
                 link_tx.send_replace(Some(active.link.clone()));
             }
@@ -389,7 +562,13 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
         let first = 10_000;
         // Drop what earlier rounds left.
         while pings.try_recv().is_ok() {}
-        let sender = ping_every_10ms(sender_link, address1, address2, first, SENT);
+        let sender = ping_every_10ms(
+            sender_link,
+            address1,
+            address2,
+            (first, SENT),
+            SentAt::default(),
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let term = Instant::now();
         y.terminate();
@@ -420,7 +599,8 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
         }
         let lost = SENT as usize - got.len();
         eprintln!(
-            "HANDOVER: both sites at B {moved_in:?} after SIGTERM; the broker drained in {} ms; {lost} of {SENT} pings (10 ms apart) lost",
+            "HANDOVER {}: both sites at B {moved_in:?} after SIGTERM; the broker drained in {} ms; {lost} of {SENT} pings (10 ms apart) lost",
+            transport.as_str(),
             fields[2]
         );
         assert!(
@@ -433,6 +613,7 @@ async fn a_site_fails_over_within_a_second_and_moves_without_loss_on_sigterm() {
             drop(m.await.unwrap());
         }
         drop(y);
+        proxy.abort();
         b.running.take().unwrap().shutdown().await;
     })
     .await

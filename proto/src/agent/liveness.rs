@@ -4,10 +4,14 @@
 //! While the agent holds a standby connection to a second broker, the
 //! active connection carries a heartbeat every [`HEARTBEAT_INTERVAL`] (on
 //! HTTP/3 a reserved frame on the control stream, which the broker's QUIC
-//! acknowledges), and the shell reports every [`LIVENESS_CHECK`] how many
-//! UDP datagrams the connection has received so far. Any datagram counts:
+//! acknowledges; on HTTP/2 a PING, which the broker's HTTP/2 answers), and
+//! the shell reports every [`LIVENESS_CHECK`] how much the connection has
+//! received so far: UDP datagrams on HTTP/3, bytes read from the TLS
+//! connection on HTTP/2 (see [`crate::h2::FrameWatch`]). Anything counts:
 //! acknowledgements of the heartbeat, the site's traffic, the broker's
-//! capsules. When nothing arrived for [`Liveness::deadline`] (at least
+//! capsules. The standby runs on the same transport as the tunnel (the
+//! rung of the ladder that works from this site), so on HTTP/2 it is a
+//! TLS connection with HTTP/2 SETTINGS exchanged and no request. When nothing arrived for [`Liveness::deadline`] (at least
 //! [`LOSS_AFTER`], more on a long path), the broker is taken as lost and
 //! the agent moves its tunnel to the standby at once, long before QUIC's
 //! idle timeout would have told.
@@ -53,7 +57,8 @@ impl Liveness {
         }
     }
 
-    /// The connection has received `received` datagrams in all by `now`.
+    /// The connection has received `received` datagrams (HTTP/2: bytes)
+    /// in all by `now`.
     pub fn handle_received(&mut self, received: u64, now: Instant) {
         if received != self.received {
             self.received = received;

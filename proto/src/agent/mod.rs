@@ -41,7 +41,7 @@
 //!   is ready the active connection carries a heartbeat, and silence past
 //!   [`Liveness::deadline`] or the end of the connection moves the tunnel
 //!   to the standby at once, without backoff. When the broker says it is
-//!   going away (HTTP/3 GOAWAY), the tunnel is opened on the standby first
+//!   going away (HTTP/3 or HTTP/2 GOAWAY), the tunnel is opened on the standby first
 //!   and the old one dropped after (make-before-break).
 //!
 //! Nothing here reads a clock, draws randomness, spawns a task or touches a
@@ -265,9 +265,11 @@ pub enum Action {
     /// broker refused this site).
     DropStandby,
     /// Send a heartbeat on the current connection (a reserved HTTP/3 frame
-    /// on the control stream, which the broker acknowledges).
+    /// on the control stream, which the broker acknowledges; an HTTP/2
+    /// PING, which the broker answers).
     Heartbeat,
-    /// Report the current connection's received datagram count and round
+    /// Report the current connection's received datagram count (HTTP/2:
+    /// bytes) and round
     /// trip with [`AgentCore::handle_liveness`] (may be answered at once).
     CheckLiveness,
     /// Continue on the standby connection; answer
@@ -1075,7 +1077,7 @@ impl AgentCore {
         }
     }
 
-    /// The broker is going away (HTTP/3 GOAWAY): move the tunnel to the
+    /// The broker is going away (HTTP/3 or HTTP/2 GOAWAY): move the tunnel to the
     /// standby before dropping this one, or dial a standby first.
     pub fn handle_goaway(&mut self, now: Instant) {
         let ready = matches!(self.standby, Standby::Ready(_));

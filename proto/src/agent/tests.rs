@@ -859,12 +859,12 @@ fn renewal_stays_at_half_life_whatever_this_hosts_clock_says() {
     assert_eq!(naive.renew_in(), Duration::ZERO);
 }
 
-/// Connects on HTTP/3 with a standby ready; returns the agent with no
-/// pending output.
-fn with_standby() -> Agent {
-    let mut a = Agent::new(config(false, None, 7));
+/// Connects on `transport` with a standby ready; returns the agent with
+/// no pending output.
+fn with_standby_on(transport: Transport) -> Agent {
+    let mut a = Agent::new(config(true, Some(transport), 7));
     a.actions();
-    a.connect(Transport::H3, None);
+    a.connect(transport, None);
     a.core.handle_standby_result(true, a.now);
     assert_eq!(a.events(), [Event::StandbyReady]);
     assert!(a.core.standby_ready());
@@ -879,7 +879,15 @@ fn with_standby() -> Agent {
 
 #[test]
 fn a_silent_broker_is_left_for_the_standby_within_a_second() {
-    let mut a = with_standby();
+    // One policy for every transport: what is counted (datagrams over
+    // HTTP/3, bytes over HTTP/2) is the shell's.
+    for transport in Transport::ALL {
+        silent_broker_is_left_for_the_standby(transport);
+    }
+}
+
+fn silent_broker_is_left_for_the_standby(transport: Transport) {
+    let mut a = with_standby_on(transport);
     let t0 = a.now;
     // The broker answers: the count grows at every check.
     let mut received = 10;
@@ -926,17 +934,15 @@ fn a_silent_broker_is_left_for_the_standby_within_a_second() {
     assert!(a.events().contains(&Event::FailingOver));
     assert_eq!(a.core.failovers(), 1);
     // No backoff: the standby's connection is the session's now.
-    a.core.handle_connected(Transport::H3, a.now);
+    a.core.handle_connected(transport, a.now);
     assert_eq!(
         a.actions(),
-        [Action::SaveTransport(Transport::H3), Action::OpenTunnel]
+        [Action::SaveTransport(transport), Action::OpenTunnel]
     );
     a.core.handle_tunnel_opened(None, a.now);
     a.events();
-    // And a new standby is dialed.
-    assert!(a.actions().contains(&Action::DialStandby {
-        transport: Transport::H3
-    }));
+    // And a new standby is dialed, on the same transport.
+    assert!(a.actions().contains(&Action::DialStandby { transport }));
     assert!(t0 < moved_at);
 }
 
@@ -975,7 +981,14 @@ fn without_a_standby_there_is_no_heartbeat_and_loss_backs_off() {
 
 #[test]
 fn goaway_opens_the_standby_tunnel_before_the_old_one_goes() {
-    let mut a = with_standby();
+    // HTTP/3 GOAWAY and HTTP/2 GOAWAY alike.
+    for transport in Transport::ALL {
+        goaway_opens_the_standby_tunnel_first(transport);
+    }
+}
+
+fn goaway_opens_the_standby_tunnel_first(transport: Transport) {
+    let mut a = with_standby_on(transport);
     a.core.handle_goaway(a.now);
     assert_eq!(
         a.events(),
@@ -991,20 +1004,15 @@ fn goaway_opens_the_standby_tunnel_before_the_old_one_goes() {
     assert_eq!(a.actions(), []);
     a.core.handle_handover_result(Ok(()), None, a.now);
     let events = a.events();
-    assert!(
-        events.contains(&Event::HandedOver(Transport::H3)),
-        "{events:?}"
-    );
-    assert!(events.contains(&Event::Connected(Transport::H3)));
+    assert!(events.contains(&Event::HandedOver(transport)), "{events:?}");
+    assert!(events.contains(&Event::Connected(transport)));
     let actions = a.actions();
     assert!(
         !actions
             .iter()
             .any(|a| matches!(a, Action::EndSession { .. }))
     );
-    assert!(actions.contains(&Action::DialStandby {
-        transport: Transport::H3
-    }));
+    assert!(actions.contains(&Action::DialStandby { transport }));
     assert_eq!(a.core.handovers(), 1);
 }
 
