@@ -1084,6 +1084,7 @@ mod tests {
             site: far.clone(),
             region: f.eu.clone(),
             kind: LeaseKind::SiteAddress,
+            release_at: None,
         }];
         f.router.remote = Arc::new(RemoteRoutes::build(&view, &leases, 1300));
         let allowed = [net("100.64.0.2/32")];
