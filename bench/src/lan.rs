@@ -141,8 +141,17 @@ pub fn run_lan(topo: &mut Topology, secs: u32, rounds: usize) {
     let state = topo.path("site-state");
     topo.enroll("bench-lan", &state).unwrap();
     let config = state.join("tether.toml");
-    let text = read(&config);
-    std::fs::write(&config, format!("lans = [\"192.168.1.0/24\"]\n{text}")).unwrap();
+    // Enrolment wrote `lans = []`: replace it.
+    let text: Vec<String> = read(&config)
+        .lines()
+        .filter(|l| !l.starts_with("lans"))
+        .map(str::to_string)
+        .collect();
+    std::fs::write(
+        &config,
+        format!("lans = [\"192.168.1.0/24\"]\n{}\n", text.join("\n")),
+    )
+    .unwrap();
     let (_agent, own) = topo.up(&state, "site.log").unwrap();
     let mapped = mapped_lan(topo, "bench-lan");
     let net = mapped.trim_end_matches("/24");
