@@ -6,6 +6,7 @@
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
 #   bench/run.sh --drops ROUNDS [--duration SECONDS]
 #   bench/run.sh --storm SITES [--rounds N]
+#   bench/run.sh --lan ROUNDS [--duration SECONDS]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -17,6 +18,8 @@
 # --storm measures a reconnect storm: SITES idle sites (tether-loadgen),
 # the broker killed with SIGKILL and restarted N times (default 5); per
 # round, when every site was back and whether any changed its address.
+# --lan measures a host on the hospital LAN through the site's LAN mapping
+# next to the site's own address, alternating the two ROUNDS times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 mod drops;
+mod lan;
 mod lossy;
 mod storm;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
@@ -62,6 +63,11 @@ struct Args {
     /// retransmits and every drop counter along the path, this many rounds.
     #[arg(long)]
     drops: Option<u32>,
+    /// Measure only a host on the hospital LAN through the site's LAN
+    /// mapping next to the site's own address, alternating them this many
+    /// rounds.
+    #[arg(long)]
+    lan: Option<usize>,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -407,6 +413,11 @@ fn rss_kib(pid: u32) -> u64 {
 fn main() {
     let args = Args::parse();
     if !require_root() {
+        return;
+    }
+    if let Some(rounds) = args.lan {
+        let mut topo = Topology::new("").unwrap();
+        lan::run_lan(&mut topo, args.duration, rounds);
         return;
     }
     let boringtun = args

@@ -237,6 +237,7 @@ fn addresses_by_site(broker: &Broker) -> HashMap<SiteId, (Vec<IpNet>, Vec<LanMap
                 LeaseKind::LanMapping { lan } => entry.1.push(LanMappingInfo {
                     lan,
                     mapped: lease.prefix,
+                    release_at: lease.release_at,
                 }),
             }
         }

@@ -150,6 +150,11 @@ fn describe() {
         "LAN mappings refused, by reason (site_lan_count, site_lan_space, exhausted, too_large, overlap, other)."
     );
     describe_counter!(
+        "tether_broker_lan_mappings_released_total",
+        Unit::Count,
+        "Unused LAN mappings released after their grace period (lan_release_after)."
+    );
+    describe_counter!(
         "tether_broker_connect_refused_total",
         Unit::Count,
         "CONNECT-IP requests refused, by HTTP status."
@@ -233,6 +238,12 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
+}
+
+/// Counts unused LAN mappings released after their grace period.
+pub fn lan_mappings_released(count: usize) {
+    counter!("tether_broker_lan_mappings_released_total")
+        .increment(u64::try_from(count).unwrap_or(u64::MAX));
 }
 
 /// Counts a refused LAN mapping.

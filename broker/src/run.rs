@@ -311,6 +311,23 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         admin, app, limits,
     )));
 
+    // Release LAN mappings whose grace period ended (the deadline is in
+    // the store, so one set before a restart is kept).
+    {
+        let broker = broker.clone();
+        let every = lan_sweep_interval(&config);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let b = broker.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || b.release_due_lans()).await
+                {
+                    tracing::warn!(error = %e, "could not release unused LAN mappings; retrying");
+                }
+            }
+        }));
+    }
+
     // Renew the server certificates well before they expire.
     {
         let broker = broker.clone();
@@ -424,4 +441,16 @@ impl Running {
         let _ = tokio::task::spawn_blocking(move || broker.events().flush(Duration::from_secs(5)))
             .await;
     }
+}
+
+/// How often unused LAN mappings are checked for release: a tenth of the
+/// shortest grace period, between 1 s and 1 min.
+fn lan_sweep_interval(config: &BrokerConfig) -> Duration {
+    config
+        .regions
+        .keys()
+        .map(|r| config.ipam.lan_limits(r).release_after / 10)
+        .min()
+        .unwrap_or(Duration::from_secs(60))
+        .clamp(Duration::from_secs(1), Duration::from_secs(60))
 }

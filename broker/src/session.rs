@@ -584,6 +584,19 @@ impl SessionIo<'_> {
                 BrokerAction::SetLanRoutes(prefixes) => {
                     self.broker.set_lan_routes(self.session, &prefixes);
                 }
+                BrokerAction::LansInUse(prefixes) => {
+                    let (b, site, region) = (
+                        self.broker.clone(),
+                        self.session.site().clone(),
+                        self.session.region().clone(),
+                    );
+                    let result =
+                        tokio::task::spawn_blocking(move || b.mark_lans(&site, &region, prefixes))
+                            .await;
+                    if let Ok(Err(e)) = result {
+                        tracing::warn!(site = %self.session.site(), error = %e, "could not record which LAN mappings the site uses; it is asked again at its next route advertisement");
+                    }
+                }
                 BrokerAction::RejectedRoutes(prefixes) => {
                     tracing::info!(site = %self.session.site(), count = prefixes.len(), "ignored routes the site does not own");
                     tracing::debug!(site = %self.session.site(), ?prefixes, "ignored routes");

@@ -351,7 +351,9 @@ impl Broker {
             region: region.clone(),
         })? {
             Allocated::SiteAddresses { addresses, lans } => Ok((addresses, lans)),
-            Allocated::LanMapping(_) | Allocated::Released(_) => Err(BrokerError::Contention),
+            Allocated::LanMapping(_) | Allocated::Released(_) | Allocated::Marked(_) => {
+                Err(BrokerError::Contention)
+            }
         }
     }
 
@@ -379,7 +381,7 @@ impl Broker {
             region: region.clone(),
         })? {
             Allocated::Released(freed) => Ok(freed),
-            Allocated::SiteAddresses { .. } | Allocated::LanMapping(_) => {
+            Allocated::SiteAddresses { .. } | Allocated::LanMapping(_) | Allocated::Marked(_) => {
                 Err(BrokerError::Contention)
             }
         }
@@ -402,10 +404,92 @@ impl Broker {
                 self.names_changed();
                 Ok(prefix)
             }
-            Allocated::SiteAddresses { .. } | Allocated::Released(_) => {
+            Allocated::SiteAddresses { .. } | Allocated::Released(_) | Allocated::Marked(_) => {
                 Err(BrokerError::Contention)
             }
         }
+    }
+
+    /// Records which of a connected site's LAN mappings it uses: `in_use`
+    /// are the mapped prefixes it routes. A mapping it no longer routes is
+    /// kept for the region's `lan_release_after`, then released; one it
+    /// routes again keeps its prefix. Blocking.
+    pub fn mark_lans(
+        &self,
+        site: &SiteId,
+        region: &RegionId,
+        in_use: Vec<IpNet>,
+    ) -> Result<(), BrokerError> {
+        let marked = match self.allocate(AllocationRequest::MarkLans {
+            site: site.clone(),
+            region: region.clone(),
+            in_use,
+            now: now_unix(),
+        })? {
+            Allocated::Marked(marked) => marked,
+            _ => return Err(BrokerError::Contention),
+        };
+        for lease in &marked {
+            let LeaseKind::LanMapping { lan } = lease.kind else {
+                continue;
+            };
+            match lease.release_at {
+                Some(at) => tracing::info!(
+                    %site, %lan, mapped = %lease.prefix,
+                    release_at = %humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at)),
+                    "LAN no longer routed by the site; its mapping is kept until then for the site to map the LAN again"
+                ),
+                None => {
+                    tracing::info!(%site, %lan, mapped = %lease.prefix, "LAN routed again; it keeps its mapping")
+                }
+            }
+        }
+        if !marked.is_empty() {
+            // Names of unused LANs leave the zone, those back in use return.
+            self.names_changed();
+        }
+        Ok(())
+    }
+
+    /// Releases, in every region, the LAN mappings whose grace period
+    /// ended; returns the prefixes freed. Reads the cache first and writes
+    /// only when something is due. Blocking.
+    pub fn release_due_lans(&self) -> Result<Vec<IpNet>, BrokerError> {
+        let now = now_unix();
+        let due: Vec<RegionId> = match self.core.core() {
+            Ok(core) => self
+                .config
+                .regions
+                .keys()
+                .filter(|r| {
+                    core.leases(r)
+                        .and_then(|l| l.next_release())
+                        .is_some_and(|at| at <= now)
+                })
+                .cloned()
+                .collect(),
+            Err(_) => return Err(BrokerError::Contention),
+        };
+        let mut freed = Vec::new();
+        for region in due {
+            match self.allocate(AllocationRequest::ReleaseDue {
+                region: region.clone(),
+                now,
+            })? {
+                Allocated::Released(prefixes) => {
+                    for prefix in &prefixes {
+                        tracing::info!(%region, %prefix, "unused LAN mapping released");
+                    }
+                    crate::metrics::lan_mappings_released(prefixes.len());
+                    freed.extend(prefixes);
+                }
+                _ => return Err(BrokerError::Contention),
+            }
+        }
+        if !freed.is_empty() {
+            self.names_changed();
+        }
+        Ok(freed)
     }
 
     /// The site's own overlay addresses (not its LAN mappings).
@@ -429,6 +513,7 @@ impl Broker {
             .and_then(|c| {
                 c.leases(region).map(|l| {
                     l.of_site(site)
+                        .filter(|l| l.in_use())
                         .filter_map(|l| match l.kind {
                             LeaseKind::LanMapping { lan } => Mapping::new(lan, l.prefix).ok(),
                             LeaseKind::SiteAddress => None,

@@ -331,6 +331,11 @@ pub struct RegionFile {
     /// this region (256: a /56; a LAN longer than /64 counts as one).
     #[serde(default = "default_max_lan_ipv6_subnets")]
     pub max_lan_ipv6_subnets_per_site: u64,
+    /// How long the mapping of a LAN that left a site's configuration is
+    /// kept for the site (a LAN put back within it gets the same mapping)
+    /// before it is released for other sites (1m to 3650d).
+    #[serde(default = "default_lan_release_after")]
+    pub lan_release_after: String,
 }
 
 fn default_max_lan_mappings() -> u32 {
@@ -343,6 +348,10 @@ fn default_max_lan_ipv4_addresses() -> u64 {
 
 fn default_max_lan_ipv6_subnets() -> u64 {
     tether_proto::ipam::LanLimits::DEFAULT_MAX_IPV6_SUBNETS
+}
+
+fn default_lan_release_after() -> String {
+    "7d".into()
 }
 
 /// `[local_gateway]`: a TUN device on the broker host.
@@ -379,6 +388,7 @@ impl Default for BrokerFile {
                 max_lan_mappings_per_site: default_max_lan_mappings(),
                 max_lan_ipv4_addresses_per_site: default_max_lan_ipv4_addresses(),
                 max_lan_ipv6_subnets_per_site: default_max_lan_ipv6_subnets(),
+                lan_release_after: default_lan_release_after(),
             }],
             local_gateway: LocalGatewayFile::default(),
             wireguard: WireguardFile::default(),
@@ -1135,6 +1145,12 @@ impl BrokerFile {
                     allow.insert(other);
                 }
             }
+            let release_after = p.duration(
+                &format!("region[{i}].lan_release_after"),
+                &r.lan_release_after,
+                Duration::from_secs(60),
+                Duration::from_secs(3650 * 86_400),
+            );
             regions.insert(
                 id,
                 Region {
@@ -1144,6 +1160,7 @@ impl BrokerFile {
                         max_mappings: r.max_lan_mappings_per_site,
                         max_ipv4_addresses: r.max_lan_ipv4_addresses_per_site,
                         max_ipv6_subnets: r.max_lan_ipv6_subnets_per_site,
+                        release_after,
                     },
                 },
             );
@@ -1437,10 +1454,39 @@ mod tests {
         let eu = config.ipam.lan_limits(&RegionId::new("eu").unwrap());
         assert_eq!((eu.max_mappings, eu.max_ipv4_addresses), (2, 256));
         assert_eq!(eu.max_ipv6_subnets, LanLimits::DEFAULT_MAX_IPV6_SUBNETS);
+        assert_eq!(eu.release_after, Duration::from_secs(7 * 86_400));
         assert_eq!(
             config.ipam.lan_limits(&RegionId::new("us").unwrap()),
             LanLimits::default()
         );
+    }
+
+    #[test]
+    fn the_lan_grace_period_is_a_checked_duration() {
+        let region = |after: &str| {
+            format!(
+                "[[region]]\nname = \"eu\"\nipv4_pools = [\"100.64.0.0/16\"]\nlan_release_after = \"{after}\"\n"
+            )
+        };
+        let config = BrokerFile::parse(&region("36h"), "t")
+            .unwrap()
+            .validate("t")
+            .unwrap();
+        assert_eq!(
+            config
+                .ipam
+                .lan_limits(&RegionId::new("eu").unwrap())
+                .release_after,
+            Duration::from_secs(36 * 3600)
+        );
+        for bad in ["10s", "soon"] {
+            let err = BrokerFile::parse(&region(bad), "t")
+                .unwrap()
+                .validate("t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("region[0].lan_release_after"), "{err}");
+        }
     }
 
     #[test]

@@ -199,6 +199,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 live.age_secs()
             );
             print!("{}", cilium::cidr_groups(&live.routes, &api_version));
+            // The LANs behind the sites are named in the mesh zone the
+            // gateway keeps next to its routes.
+            let zone_path = dir.join(wireguard::ZONE_FILE);
+            match std::fs::read(&zone_path)
+                .ok()
+                .and_then(|b| tether_proto::dns::ZoneData::decode(&b).ok())
+            {
+                Some(zone) => {
+                    print!(
+                        "{}",
+                        cilium::lan_groups(&live.routes, &zone.sites, &api_version)
+                    );
+                }
+                None => println!(
+                    "# no mesh zone in {} yet: the groups of mapped LANs are left out",
+                    zone_path.display()
+                ),
+            }
             print!(
                 "{}",
                 cilium::example_policy(&namespace, region.as_ref().unwrap_or(&live.region))

@@ -241,6 +241,11 @@ pub struct LanMappingInfo {
     pub lan: IpNet,
     /// The unique prefix it is reached at.
     pub mapped: IpNet,
+    /// Set when the site no longer routes the LAN: when the mapping is
+    /// released for other sites (Unix seconds) unless the site maps the LAN
+    /// again before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_at: Option<u64>,
 }
 
 /// Admin API: a page of the site list.

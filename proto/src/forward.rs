@@ -1126,6 +1126,7 @@ mod tests {
             site: far.clone(),
             region: f.eu.clone(),
             kind: LeaseKind::SiteAddress,
+            release_at: None,
         }];
         f.router.remote = Arc::new(RemoteRoutes::build(&view, &leases, 1300));
         let allowed = [net("100.64.0.2/32")];
@@ -1297,6 +1298,7 @@ mod tests {
             site: site.clone(),
             region: region.clone(),
             kind,
+            release_at: None,
         };
         let leases = [
             lease("100.64.0.9/32", &far, &f.eu, LeaseKind::SiteAddress),

@@ -33,6 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -71,6 +72,29 @@ pub struct Lease {
     /// What it is for.
     #[cfg_attr(feature = "serde", serde(flatten))]
     pub kind: LeaseKind,
+    /// Set while a LAN mapping is unused (its LAN left the site's
+    /// configuration): when the mapping is released, in seconds since the
+    /// Unix epoch. Stored with the lease, so a restarted broker keeps the
+    /// deadline; cleared when the site maps the LAN again.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub release_at: Option<u64>,
+}
+
+impl Lease {
+    /// Whether the lease is in use (not waiting to be released).
+    pub fn in_use(&self) -> bool {
+        self.release_at.is_none()
+    }
+
+    fn with_release_at(&self, release_at: Option<u64>) -> Lease {
+        Lease {
+            release_at,
+            ..self.clone()
+        }
+    }
 }
 
 /// Why an allocation cannot be planned.
@@ -198,6 +222,13 @@ pub struct LanLimits {
     /// Most /64 subnets one site's IPv6 LAN mappings may cover together (a
     /// LAN longer than /64 counts as one).
     pub max_ipv6_subnets: u64,
+    /// How long a LAN mapping the site no longer uses is kept for it (so a
+    /// LAN removed by mistake and put back gets the same mapping) before it
+    /// is released for other sites. Mappings waiting to be released still
+    /// count towards the limits above, except that a new LAN of the same
+    /// site takes their place, oldest deadline first, when it would not fit
+    /// otherwise.
+    pub release_after: Duration,
 }
 
 impl LanLimits {
@@ -207,6 +238,8 @@ impl LanLimits {
     pub const DEFAULT_MAX_IPV4_ADDRESSES: u64 = 4096;
     /// Default of [`LanLimits::max_ipv6_subnets`]: a /56.
     pub const DEFAULT_MAX_IPV6_SUBNETS: u64 = 256;
+    /// Default of [`LanLimits::release_after`]: 7 days.
+    pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(7 * 86_400);
 }
 
 impl Default for LanLimits {
@@ -215,6 +248,7 @@ impl Default for LanLimits {
             max_mappings: Self::DEFAULT_MAX_MAPPINGS,
             max_ipv4_addresses: Self::DEFAULT_MAX_IPV4_ADDRESSES,
             max_ipv6_subnets: Self::DEFAULT_MAX_IPV6_SUBNETS,
+            release_after: Self::DEFAULT_RELEASE_AFTER,
         }
     }
 }
@@ -236,9 +270,11 @@ pub struct Txn {
     pub region: RegionId,
     /// The version the plan was made against.
     pub expected_version: u64,
-    /// Leases to create.
+    /// Leases to create, or to write over a lease of the same prefix held
+    /// by the same site (an update).
     pub put: Vec<Lease>,
-    /// Prefixes whose leases to delete.
+    /// Prefixes whose leases to delete. Never also in `put`: a store may
+    /// refuse to touch one key twice in a transaction (etcd does).
     pub delete: Vec<IpNet>,
 }
 
@@ -314,6 +350,12 @@ impl RegionLeases {
     /// Whether there are no leases.
     pub fn is_empty(&self) -> bool {
         self.by_start.is_empty()
+    }
+
+    /// The earliest release deadline of the region's unused LAN mappings,
+    /// in seconds since the Unix epoch.
+    pub fn next_release(&self) -> Option<u64> {
+        self.by_start.values().filter_map(|l| l.release_at).min()
     }
 
     /// The leases held by `site`, ordered by address.
@@ -393,8 +435,16 @@ impl RegionLeases {
         let mut added = Vec::new();
         for lease in &txn.put {
             let (family, start, end) = net::span(lease.prefix);
+            // A put of a prefix the same site holds updates that lease.
+            if self
+                .by_start
+                .get(&(family, start))
+                .is_some_and(|l| l.prefix == lease.prefix && l.site == lease.site)
+            {
+                removed.extend(self.remove((family, start)));
+            }
             if first_conflict(&self.by_start, family, start, end).is_some() {
-                // Undo: the puts so far, then the deletes.
+                // Undo: the puts so far, then the deletes and updates.
                 for key in added {
                     self.remove(key);
                 }
@@ -540,12 +590,18 @@ impl Ipam {
                 site: site.clone(),
                 region: region.clone(),
                 kind: LeaseKind::SiteAddress,
+                release_at: None,
             }],
             delete: Vec::new(),
         }))
     }
 
     /// Plans the 1:1 mapping of a LAN behind `site` into the region's pool.
+    ///
+    /// A LAN whose mapping is waiting to be released gets that mapping back.
+    /// A new LAN that would not fit the site's limits, or that overlaps a
+    /// LAN the site no longer uses, takes the place of the site's unused
+    /// mappings (earliest deadline first) in the same transaction.
     pub fn lan_mapping(
         &self,
         leases: &RegionLeases,
@@ -554,17 +610,30 @@ impl Ipam {
         lan: IpNet,
     ) -> Result<Plan, IpamError> {
         let lan = lan.trunc();
+        let mut reclaim: Vec<&Lease> = Vec::new();
         for lease in leases.of_site(site) {
             if let LeaseKind::LanMapping { lan: mapped } = lease.kind {
                 if mapped == lan {
-                    return Ok(Plan::Existing(lease.clone()));
+                    if lease.in_use() {
+                        return Ok(Plan::Existing(lease.clone()));
+                    }
+                    // Put back within its grace period: the same mapping.
+                    return Ok(Plan::Allocate(Txn {
+                        region: region.clone(),
+                        expected_version: leases.version(),
+                        put: vec![lease.with_release_at(None)],
+                        delete: Vec::new(),
+                    }));
                 }
                 if net::overlaps(mapped, lan) {
-                    return Err(IpamError::OverlappingLan {
-                        site: site.clone(),
-                        lan,
-                        existing: mapped,
-                    });
+                    if lease.in_use() {
+                        return Err(IpamError::OverlappingLan {
+                            site: site.clone(),
+                            lan,
+                            existing: mapped,
+                        });
+                    }
+                    reclaim.push(lease);
                 }
             }
         }
@@ -580,10 +649,35 @@ impl Ipam {
                 family,
             });
         }
-        self.check_lan_limits(leases, site, region, lan)?;
+        let mut unused: Vec<&Lease> = leases
+            .of_site(site)
+            .filter(|l| !l.in_use() && matches!(l.kind, LeaseKind::LanMapping { .. }))
+            .filter(|l| !reclaim.contains(l))
+            .collect();
+        unused.sort_by_key(|l| (l.release_at, l.prefix));
+        let mut unused = unused.into_iter();
+        loop {
+            match self.check_lan_limits(leases, site, region, lan, &reclaim) {
+                Ok(()) => break,
+                Err(e) => match unused.next() {
+                    Some(lease) => reclaim.push(lease),
+                    None => return Err(e),
+                },
+            }
+        }
+        let view;
+        let search = if reclaim.is_empty() {
+            leases
+        } else {
+            view = RegionLeases::from_parts(
+                leases.version,
+                leases.leases().filter(|l| !reclaim.contains(l)).cloned(),
+            );
+            &view
+        };
         let seed = stable_hash(&[site.as_str(), region.as_str(), &lan.to_string()]);
         let prefix = self
-            .find_free(leases, region, family, lan.prefix_len(), seed)
+            .find_free(search, region, family, lan.prefix_len(), seed)
             .map_err(|e| match e {
                 IpamError::Exhausted { .. } if !self.fits(region, family, lan.prefix_len()) => {
                     IpamError::LanTooLarge {
@@ -602,24 +696,33 @@ impl Ipam {
                 site: site.clone(),
                 region: region.clone(),
                 kind: LeaseKind::LanMapping { lan },
+                release_at: None,
             }],
-            delete: Vec::new(),
+            // The new mapping may land on a block it takes over: that key is
+            // written over, not deleted too.
+            delete: reclaim
+                .iter()
+                .map(|l| l.prefix)
+                .filter(|p| *p != prefix)
+                .collect(),
         }))
     }
 
-    /// Refuses a new mapping of `lan` past the site's limits in the region.
+    /// Refuses a new mapping of `lan` past the site's limits in the region,
+    /// not counting the mappings in `without` (about to be released).
     fn check_lan_limits(
         &self,
         leases: &RegionLeases,
         site: &SiteId,
         region: &RegionId,
         lan: IpNet,
+        without: &[&Lease],
     ) -> Result<(), IpamError> {
         let limits = self.lan_limits(region);
         let family = Family::of(lan.addr());
         let mut held: u32 = 0;
         let mut space: u64 = lan_size(lan);
-        for lease in leases.of_site(site) {
+        for lease in leases.of_site(site).filter(|l| !without.contains(l)) {
             if let LeaseKind::LanMapping { lan: mapped } = lease.kind {
                 held = held.saturating_add(1);
                 if Family::of(mapped.addr()) == family {
@@ -658,6 +761,57 @@ impl Ipam {
             });
         }
         Ok(())
+    }
+
+    /// Plans recording which of the site's LAN mappings it uses: a mapping
+    /// covering a prefix of `in_use` (the mapped prefixes the site routes)
+    /// is in use; any other is released the region's
+    /// [`LanLimits::release_after`] from `now` (a deadline already set
+    /// stays). `now` is the wall clock in seconds since the Unix epoch.
+    /// `None` when nothing changes.
+    pub fn mark_lans(
+        &self,
+        leases: &RegionLeases,
+        site: &SiteId,
+        region: &RegionId,
+        in_use: &[IpNet],
+        now: u64,
+    ) -> Option<Txn> {
+        let deadline = now.saturating_add(self.lan_limits(region).release_after.as_secs());
+        let put: Vec<Lease> = leases
+            .of_site(site)
+            .filter(|l| matches!(l.kind, LeaseKind::LanMapping { .. }))
+            .filter_map(|l| {
+                let used = in_use.iter().any(|p| l.prefix.contains(p));
+                match (used, l.release_at) {
+                    (true, Some(_)) => Some(l.with_release_at(None)),
+                    (false, None) => Some(l.with_release_at(Some(deadline))),
+                    _ => None,
+                }
+            })
+            .collect();
+        (!put.is_empty()).then(|| Txn {
+            region: region.clone(),
+            expected_version: leases.version(),
+            put,
+            delete: Vec::new(),
+        })
+    }
+
+    /// Plans releasing every lease of the region whose deadline is at or
+    /// before `now` (seconds since the Unix epoch). `None` when none is due.
+    pub fn release_due(&self, leases: &RegionLeases, region: &RegionId, now: u64) -> Option<Txn> {
+        let delete: Vec<IpNet> = leases
+            .leases()
+            .filter(|l| l.release_at.is_some_and(|at| at <= now))
+            .map(|l| l.prefix)
+            .collect();
+        (!delete.is_empty()).then(|| Txn {
+            region: region.clone(),
+            expected_version: leases.version(),
+            put: Vec::new(),
+            delete,
+        })
     }
 
     /// Plans the release of every lease `site` holds in the region.
@@ -825,6 +979,209 @@ mod tests {
         Ok(plan.lease().unwrap().clone())
     }
 
+    /// Applies a planned transaction, as a store would.
+    fn apply(leases: &mut RegionLeases, plan: impl FnOnce(&RegionLeases) -> Option<Txn>) -> Txn {
+        let txn = plan(leases).expect("a transaction");
+        leases.apply(&txn).unwrap();
+        txn
+    }
+
+    #[test]
+    fn an_unused_lan_mapping_is_kept_through_its_grace_period_then_released() {
+        let day = 86_400;
+        let limits = LanLimits {
+            release_after: Duration::from_secs(7 * day),
+            ..LanLimits::default()
+        };
+        let ipam = ipam(&["100.64.0.0/16"]).with_lan_limits(region(), limits);
+        let mut leases = RegionLeases::default();
+        let a = site("a");
+        let mapped = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &a, &region(), net("192.168.1.0/24"))
+        })
+        .unwrap();
+        let t0 = 1_000_000;
+        // Routed: nothing to write.
+        assert_eq!(
+            ipam.mark_lans(&leases, &a, &region(), &[mapped.prefix], t0),
+            None
+        );
+        // No longer routed: the deadline is stored with the lease, and a
+        // later advertisement without it keeps the first deadline.
+        let txn = apply(&mut leases, |l| ipam.mark_lans(l, &a, &region(), &[], t0));
+        assert!(txn.delete.is_empty(), "an update, not a delete: {txn:?}");
+        let held = leases.lease_at(mapped.prefix.addr()).unwrap().clone();
+        assert_eq!(held.release_at, Some(t0 + 7 * day));
+        assert!(!held.in_use());
+        assert_eq!(leases.next_release(), Some(t0 + 7 * day));
+        assert_eq!(ipam.mark_lans(&leases, &a, &region(), &[], t0 + day), None);
+        // Not due before its deadline.
+        assert_eq!(ipam.release_due(&leases, &region(), t0 + 7 * day - 1), None);
+        // Put back within the grace period: the same mapping, in use again.
+        let back = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &a, &region(), net("192.168.1.0/24"))
+        })
+        .unwrap();
+        assert_eq!(back.prefix, mapped.prefix);
+        assert!(back.in_use());
+        assert_eq!(leases.next_release(), None);
+        // Removed again, at a later time: a new deadline.
+        let t1 = t0 + 3 * day;
+        apply(&mut leases, |l| ipam.mark_lans(l, &a, &region(), &[], t1));
+        assert_eq!(ipam.release_due(&leases, &region(), t1 + 7 * day - 1), None);
+        let txn = apply(&mut leases, |l| {
+            ipam.release_due(l, &region(), t1 + 7 * day)
+        });
+        assert_eq!(txn.delete, vec![mapped.prefix]);
+        assert!(leases.lease_at(mapped.prefix.addr()).is_none());
+        // Released: the same LAN behind the same site is a new allocation.
+        let again = ipam
+            .lan_mapping(&leases, &a, &region(), net("192.168.1.0/24"))
+            .unwrap();
+        assert!(matches!(again, Plan::Allocate(_)), "{again:?}");
+    }
+
+    #[test]
+    fn a_mapping_routed_again_in_the_same_session_is_in_use_again() {
+        let ipam = ipam(&["100.64.0.0/16"]);
+        let mut leases = RegionLeases::default();
+        let a = site("a");
+        let lan = |l: &mut RegionLeases, s: &str| {
+            commit(l, |l| ipam.lan_mapping(l, &a, &region(), net(s))).unwrap()
+        };
+        let one = lan(&mut leases, "192.168.1.0/24");
+        let two = lan(&mut leases, "10.0.0.0/24");
+        // A sub-prefix of a mapping counts as routing it.
+        let sub = net(&format!("{}/25", one.prefix.addr()));
+        apply(&mut leases, |l| ipam.mark_lans(l, &a, &region(), &[sub], 5));
+        assert!(leases.lease_at(one.prefix.addr()).unwrap().in_use());
+        assert!(!leases.lease_at(two.prefix.addr()).unwrap().in_use());
+        let txn = apply(&mut leases, |l| {
+            ipam.mark_lans(l, &a, &region(), &[one.prefix, two.prefix], 6)
+        });
+        assert_eq!(txn.put.len(), 1);
+        assert!(leases.leases().all(Lease::in_use));
+    }
+
+    #[test]
+    fn an_unused_mapping_is_reserved_for_its_site_and_freed_for_others_when_released() {
+        // A /22 holds two /24s once its first and last are set aside for
+        // the network, router and broadcast addresses.
+        let ipam = ipam(&["100.64.0.0/22"]);
+        let mut leases = RegionLeases::default();
+        let a = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &site("a"), &region(), net("192.168.1.0/24"))
+        })
+        .unwrap();
+        let b = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &site("b"), &region(), net("192.168.1.0/24"))
+        })
+        .unwrap();
+        apply(&mut leases, |l| {
+            ipam.mark_lans(l, &site("a"), &region(), &[], 0)
+        });
+        // Waiting to be released, it is still A's: C finds no room.
+        assert!(matches!(
+            ipam.lan_mapping(&leases, &site("c"), &region(), net("10.0.0.0/24")),
+            Err(IpamError::Exhausted { len: 24, .. })
+        ));
+        apply(&mut leases, |l| {
+            ipam.release_due(l, &region(), LanLimits::DEFAULT_RELEASE_AFTER.as_secs())
+        });
+        let c = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &site("c"), &region(), net("10.0.0.0/24"))
+        })
+        .unwrap();
+        assert_eq!(c.prefix, a.prefix);
+        assert_ne!(c.prefix, b.prefix);
+        // A putting its LAN back now gets nothing: the pool is full.
+        assert!(
+            ipam.lan_mapping(&leases, &site("a"), &region(), net("192.168.1.0/24"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_new_lan_takes_the_place_of_unused_ones_when_the_limits_are_reached() {
+        let limits = LanLimits {
+            max_mappings: 2,
+            ..LanLimits::default()
+        };
+        let ipam = ipam(&["100.64.0.0/16"]).with_lan_limits(region(), limits);
+        let mut leases = RegionLeases::default();
+        let a = site("a");
+        let map = |l: &mut RegionLeases, lan: &str| {
+            commit(l, |l| ipam.lan_mapping(l, &a, &region(), net(lan)))
+        };
+        let old1 = map(&mut leases, "10.1.0.0/24").unwrap();
+        apply(&mut leases, |l| ipam.mark_lans(l, &a, &region(), &[], 10));
+        let old2 = map(&mut leases, "10.2.0.0/24").unwrap();
+        apply(&mut leases, |l| ipam.mark_lans(l, &a, &region(), &[], 20));
+        // Both unused (deadlines 10 + 7d and 20 + 7d) and at the limit of
+        // two: a new LAN takes the place of the one due first.
+        let plan = ipam
+            .lan_mapping(&leases, &a, &region(), net("10.3.0.0/24"))
+            .unwrap();
+        let Plan::Allocate(txn) = &plan else {
+            panic!("{plan:?}")
+        };
+        let new = &txn.put[0];
+        if new.prefix == old1.prefix {
+            assert!(txn.delete.is_empty(), "{txn:?}");
+        } else {
+            assert_eq!(txn.delete, vec![old1.prefix]);
+        }
+        leases.apply(txn).unwrap();
+        assert_eq!(leases.of_site(&a).count(), 2);
+        assert!(leases.lease_at(old2.prefix.addr()).is_some());
+        // A LAN overlapping an unused one replaces it; one overlapping a LAN
+        // in use is refused.
+        let plan = ipam
+            .lan_mapping(&leases, &a, &region(), net("10.2.0.0/25"))
+            .unwrap();
+        let Plan::Allocate(txn) = plan else {
+            panic!("{plan:?}")
+        };
+        assert!(
+            txn.delete.contains(&old2.prefix) || txn.put[0].prefix == old2.prefix,
+            "{txn:?}"
+        );
+        assert!(matches!(
+            ipam.lan_mapping(&leases, &a, &region(), net("10.3.0.0/25")),
+            Err(IpamError::OverlappingLan { .. })
+        ));
+        // With nothing unused left to give way, the limit holds.
+        let mut in_use = leases.clone();
+        let prefixes: Vec<IpNet> = in_use.of_site(&a).map(|l| l.prefix).collect();
+        apply(&mut in_use, |l| {
+            ipam.mark_lans(l, &a, &region(), &prefixes, 30)
+        });
+        assert!(matches!(
+            ipam.lan_mapping(&in_use, &a, &region(), net("10.9.0.0/24")),
+            Err(IpamError::TooManyLans { held: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn an_update_may_not_take_another_sites_lease() {
+        let ipam = ipam(&["100.64.0.0/16"]);
+        let mut leases = RegionLeases::default();
+        let a = commit(&mut leases, |l| {
+            ipam.lan_mapping(l, &site("a"), &region(), net("192.168.1.0/24"))
+        })
+        .unwrap();
+        let stolen = Txn {
+            region: region(),
+            expected_version: leases.version(),
+            put: vec![Lease {
+                site: site("b"),
+                ..a.clone()
+            }],
+            delete: Vec::new(),
+        };
+        assert!(leases.apply(&stolen).is_err());
+    }
+
     #[test]
     fn site_address_is_stable_and_skips_reserved() {
         let ipam = ipam(&["100.64.0.0/29", "fd7a::/126"]);
@@ -932,6 +1289,7 @@ mod tests {
             max_mappings: 3,
             max_ipv4_addresses: 1024,
             max_ipv6_subnets: 4,
+            ..LanLimits::default()
         };
         let ipam = ipam(&["100.64.0.0/16", "fd7a::/48"]).with_lan_limits(region(), limits);
         let mut leases = RegionLeases::default();
@@ -1138,6 +1496,7 @@ mod tests {
             site: site(s),
             region: region(),
             kind: LeaseKind::SiteAddress,
+            release_at: None,
         };
         let mut leases = RegionLeases::default();
         leases

@@ -190,6 +190,10 @@ impl RemoteRoutes {
             let Some(broker) = view.holders.get(&lease.site) else {
                 continue;
             };
+            // A LAN mapping waiting to be released is routed nowhere.
+            if !lease.in_use() {
+                continue;
+            }
             let kind = match lease.kind {
                 LeaseKind::SiteAddress => RouteKind::SiteAddress,
                 LeaseKind::LanMapping { .. } => RouteKind::SiteLan,
@@ -275,6 +279,7 @@ mod tests {
             site: id(site),
             region: id("eu"),
             kind,
+            release_at: None,
         }
     }
 

@@ -39,6 +39,11 @@ pub enum BrokerAction {
     SetLanRoutes(Vec<IpNet>),
     /// The site advertised prefixes it does not own; they were ignored.
     RejectedRoutes(Vec<IpNet>),
+    /// After a ROUTE_ADVERTISEMENT with no LAN mapping in flight: the site
+    /// routes these mapped prefixes. Record its LAN mappings covering none
+    /// of them as unused (released after a grace period), and those
+    /// covering one as in use ([`crate::ipam::Ipam::mark_lans`]).
+    LansInUse(Vec<IpNet>),
     /// An IP packet carried in a DATAGRAM capsule (HTTP/2).
     Datagram(Vec<u8>),
 }
@@ -50,6 +55,9 @@ pub struct BrokerSession {
     assigned: BTreeMap<IpNet, u64>,
     /// LAN mappings in flight, by Request ID.
     pending: BTreeMap<u64, IpNet>,
+    /// Refusals of LAN mappings, sent with the answer to the last one in
+    /// flight.
+    denied: Vec<AssignedAddress>,
 }
 
 impl BrokerSession {
@@ -59,6 +67,7 @@ impl BrokerSession {
         Self {
             assigned: addresses.iter().chain(lans).map(|&p| (p, 0)).collect(),
             pending: BTreeMap::new(),
+            denied: Vec::new(),
         }
     }
 
@@ -164,7 +173,10 @@ impl BrokerSession {
         BrokerAction::Send(Capsule::AddressAssign(assign))
     }
 
-    /// The outcome of an [`BrokerAction::AllocateLan`].
+    /// The outcome of an [`BrokerAction::AllocateLan`]. The answers go out
+    /// together, in one ADDRESS_ASSIGN once no mapping is in flight: the
+    /// site then advertises all its mapped LANs at once, and its
+    /// advertisement says which mappings it uses.
     pub fn on_allocated(&mut self, request_id: u64, result: Option<IpNet>) -> Vec<BrokerAction> {
         let Some(lan) = self.pending.remove(&request_id) else {
             return Vec::new();
@@ -172,12 +184,21 @@ impl BrokerSession {
         match result {
             Some(mapped) => {
                 self.assigned.insert(mapped, request_id);
-                vec![BrokerAction::Send(Capsule::AddressAssign(
-                    self.assign_capsule(),
-                ))]
             }
-            None => vec![self.deny(request_id, Family::of(lan.addr()))],
+            None => {
+                let family = Family::of(lan.addr());
+                self.denied.push(AssignedAddress {
+                    request_id,
+                    prefix: net::prefix(family, 0, family.width()),
+                });
+            }
         }
+        if !self.pending.is_empty() {
+            return Vec::new();
+        }
+        let mut assign = self.assign_capsule();
+        assign.addresses.append(&mut self.denied);
+        vec![BrokerAction::Send(Capsule::AddressAssign(assign))]
     }
 
     fn on_route_advertisement(&mut self, ad: &RouteAdvertisement) -> Vec<BrokerAction> {
@@ -200,9 +221,14 @@ impl BrokerSession {
                 }
             }
         }
-        let mut actions = vec![BrokerAction::SetLanRoutes(accepted)];
+        let mut actions = vec![BrokerAction::SetLanRoutes(accepted.clone())];
         if !rejected.is_empty() {
             actions.push(BrokerAction::RejectedRoutes(rejected));
+        }
+        // While mappings are in flight the site has not seen them all yet:
+        // its advertisement is not the whole set.
+        if self.pending.is_empty() {
+            actions.push(BrokerAction::LansInUse(accepted));
         }
         actions
     }
@@ -384,6 +410,63 @@ mod tests {
             vec![
                 BrokerAction::SetLanRoutes(vec![net("100.64.9.0/25")]),
                 BrokerAction::RejectedRoutes(vec![net("10.0.0.0/8")]),
+                BrokerAction::LansInUse(vec![net("100.64.9.0/25")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn lan_answers_go_out_together_and_only_a_settled_advertisement_marks_use() {
+        let mut broker = BrokerSession::new(&[net("100.64.0.7/32")], &[]);
+        let actions = broker.on_capsule(Capsule::AddressRequest(AddressRequest {
+            requests: vec![
+                RequestedAddress {
+                    request_id: 1,
+                    prefix: net("192.168.1.0/24"),
+                },
+                RequestedAddress {
+                    request_id: 2,
+                    prefix: net("10.0.0.0/16"),
+                },
+            ],
+        }));
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert!(
+            broker
+                .on_allocated(1, Some(net("100.64.9.0/24")))
+                .is_empty()
+        );
+        // An advertisement while a mapping is in flight routes what it
+        // names but says nothing of use.
+        let actions = broker.on_capsule(Capsule::RouteAdvertisement(
+            RouteAdvertisement::from_prefixes([net("100.64.9.0/24")]),
+        ));
+        assert_eq!(
+            actions,
+            vec![BrokerAction::SetLanRoutes(vec![net("100.64.9.0/24")])]
+        );
+        // The refusal and the mapping arrive in one capsule.
+        let actions = broker.on_allocated(2, None);
+        let [BrokerAction::Send(Capsule::AddressAssign(a))] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert!(a.addresses.contains(&AssignedAddress {
+            request_id: 1,
+            prefix: net("100.64.9.0/24")
+        }));
+        assert!(a.addresses.contains(&AssignedAddress {
+            request_id: 2,
+            prefix: net("0.0.0.0/32")
+        }));
+        // Settled: an empty advertisement says no LAN is in use.
+        let actions = broker.on_capsule(Capsule::RouteAdvertisement(
+            RouteAdvertisement::from_prefixes(std::iter::empty()),
+        ));
+        assert_eq!(
+            actions,
+            vec![
+                BrokerAction::SetLanRoutes(vec![]),
+                BrokerAction::LansInUse(vec![])
             ]
         );
     }

@@ -176,7 +176,7 @@ async function loadSites() {
       s.broker ? s.broker + (s.transport ? " / " + s.transport : "") : "",
       s.rtt_ms !== null && s.rtt_ms !== undefined ? { num: s.rtt_ms.toFixed(1) + " ms" } : "",
       s.addresses.join(", "),
-      s.lans.map((l) => l.lan + " → " + l.mapped).join(", "),
+      s.lans.map((l) => l.lan + " → " + l.mapped + (l.release_at ? " (unused, released " + when(l.release_at) + ")" : "")).join(", "),
       until(s.cert_not_after),
       { num: bytes(s.rx_bytes) + " / " + bytes(s.tx_bytes) },
       s.last_event ? describe(s.last_event) + " (" + ago(s.last_event.at) + ")" : "",
@@ -222,7 +222,7 @@ async function loadSite(site) {
     add("Remote address", summary.remote || "");
     add("RTT", summary.rtt_ms !== null && summary.rtt_ms !== undefined ? summary.rtt_ms.toFixed(1) + " ms" : "");
     add("Addresses", summary.addresses.join(", "));
-    add("LANs", summary.lans.map((l) => l.lan + " → " + l.mapped).join(", "));
+    add("LANs", summary.lans.map((l) => l.lan + " → " + l.mapped + (l.release_at ? " (unused, released " + when(l.release_at) + ")" : "")).join(", "));
     add("Certificate expires", summary.cert_not_after ? when(summary.cert_not_after) + " (" + until(summary.cert_not_after) + ")" : "");
     add("Traffic in / out", bytes(summary.rx_bytes) + " / " + bytes(summary.tx_bytes));
   }

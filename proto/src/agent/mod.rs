@@ -757,6 +757,14 @@ impl AgentCore {
                 .push_back(Action::SendCapsule(Capsule::AddressRequest(
                     AddressRequest { requests },
                 )));
+        } else {
+            // It routes no LAN: an empty advertisement tells the broker, so
+            // that mappings of LANs removed from the configuration are
+            // released after their grace period.
+            self.actions
+                .push_back(Action::SendCapsule(Capsule::RouteAdvertisement(
+                    RouteAdvertisement::from_prefixes(std::iter::empty()),
+                )));
         }
         self.maybe_dial_standby(now);
     }

@@ -104,12 +104,16 @@ impl Agent {
         );
         self.core.handle_tunnel_opened(life, self.now);
         assert!(self.events().contains(&Event::Connected(transport)));
-        // A standby is dialed once per missing standby; left unanswered
-        // here (the tests of the standby answer it).
+        // Without LANs it says it routes none. A standby is dialed once per
+        // missing standby; left unanswered here (the tests of the standby
+        // answer it).
+        let none = Action::SendCapsule(Capsule::RouteAdvertisement(
+            RouteAdvertisement::from_prefixes(std::iter::empty()),
+        ));
         let actions = self.actions();
         assert!(
-            actions == [Action::CheckMtu]
-                || actions == [Action::CheckMtu, Action::DialStandby { transport }],
+            actions == [Action::CheckMtu, none.clone()]
+                || actions == [Action::CheckMtu, none, Action::DialStandby { transport }],
             "{actions:?}"
         );
     }

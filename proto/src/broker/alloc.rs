@@ -16,7 +16,7 @@ use ipnet::IpNet;
 
 use super::{BrokerCore, Event, StoreCommand};
 use crate::ids::{RegionId, SiteId};
-use crate::ipam::{IpamError, LeaseKind, Plan, RegionLeases, Txn};
+use crate::ipam::{IpamError, Lease, LeaseKind, Plan, RegionLeases, Txn};
 use crate::net::Family;
 
 /// Identifies an allocation in flight.
@@ -43,6 +43,27 @@ pub enum AllocationRequest {
         /// The LAN as the site numbers it.
         lan: IpNet,
     },
+    /// Records which of the site's LAN mappings it uses (the mapped
+    /// prefixes of its route advertisement): the others are released after
+    /// the region's grace period ([`crate::ipam::LanLimits::release_after`]),
+    /// those back in use keep their mapping.
+    MarkLans {
+        /// The site.
+        site: SiteId,
+        /// Its region.
+        region: RegionId,
+        /// The mapped prefixes the site routes.
+        in_use: Vec<IpNet>,
+        /// Wall clock, seconds since the Unix epoch.
+        now: u64,
+    },
+    /// Releases the region's LAN mappings whose grace period ended.
+    ReleaseDue {
+        /// The region.
+        region: RegionId,
+        /// Wall clock, seconds since the Unix epoch.
+        now: u64,
+    },
     /// Frees every lease of a revoked site (an operator's decision: the
     /// leases of a revoked site are kept until then, so that re-admitting it
     /// gives it its addresses back).
@@ -66,8 +87,12 @@ pub enum Allocated {
     },
     /// For [`AllocationRequest::LanMapping`]: the mapped prefix.
     LanMapping(IpNet),
-    /// For [`AllocationRequest::ReleaseRevoked`]: the prefixes freed.
+    /// For [`AllocationRequest::ReleaseRevoked`] and
+    /// [`AllocationRequest::ReleaseDue`]: the prefixes freed.
     Released(Vec<IpNet>),
+    /// For [`AllocationRequest::MarkLans`]: the site's LAN mappings whose
+    /// state changed, as written (`release_at` set: now unused).
+    Marked(Vec<Lease>),
 }
 
 /// Why an allocation failed.
@@ -111,6 +136,8 @@ enum Step {
     Address(Family),
     Lan(IpNet),
     Release,
+    Mark(Vec<IpNet>, u64),
+    ReleaseDue(u64),
 }
 
 /// An allocation in flight.
@@ -119,6 +146,7 @@ pub(crate) struct Allocation {
     request: AllocationRequest,
     steps: Vec<Step>,
     done: Vec<IpNet>,
+    marked: Vec<Lease>,
     attempts: u32,
     waiting: Option<Waiting>,
 }
@@ -130,11 +158,13 @@ enum Waiting {
 }
 
 impl AllocationRequest {
-    fn site(&self) -> &SiteId {
+    fn site(&self) -> Option<&SiteId> {
         match self {
             AllocationRequest::SiteAddresses { site, .. }
             | AllocationRequest::LanMapping { site, .. }
-            | AllocationRequest::ReleaseRevoked { site, .. } => site,
+            | AllocationRequest::MarkLans { site, .. }
+            | AllocationRequest::ReleaseRevoked { site, .. } => Some(site),
+            AllocationRequest::ReleaseDue { .. } => None,
         }
     }
 
@@ -142,6 +172,8 @@ impl AllocationRequest {
         match self {
             AllocationRequest::SiteAddresses { region, .. }
             | AllocationRequest::LanMapping { region, .. }
+            | AllocationRequest::MarkLans { region, .. }
+            | AllocationRequest::ReleaseDue { region, .. }
             | AllocationRequest::ReleaseRevoked { region, .. } => region,
         }
     }
@@ -159,13 +191,15 @@ impl BrokerCore {
             self.finish(allocation, Err(AllocationError::UnknownRegion(region)));
             return allocation;
         }
-        let revoked = self.revoked.contains(&super::Revocation::Site {
-            site: request.site().clone(),
-            region: region.clone(),
+        let revoked = request.site().is_some_and(|site| {
+            self.revoked.contains(&super::Revocation::Site {
+                site: site.clone(),
+                region: region.clone(),
+            })
         });
         let release = matches!(request, AllocationRequest::ReleaseRevoked { .. });
-        if revoked != release {
-            let site = request.site().clone();
+        if let Some(site) = request.site().filter(|_| revoked != release) {
+            let site = site.clone();
             let error = if release {
                 AllocationError::NotRevoked(site)
             } else {
@@ -187,6 +221,10 @@ impl BrokerCore {
                 .collect(),
             AllocationRequest::LanMapping { lan, .. } => vec![Step::Lan(*lan)],
             AllocationRequest::ReleaseRevoked { .. } => vec![Step::Release],
+            AllocationRequest::MarkLans { in_use, now, .. } => {
+                vec![Step::Mark(in_use.clone(), *now)]
+            }
+            AllocationRequest::ReleaseDue { now, .. } => vec![Step::ReleaseDue(*now)],
         };
         self.allocations.insert(
             allocation,
@@ -194,6 +232,7 @@ impl BrokerCore {
                 request,
                 steps,
                 done: Vec::new(),
+                marked: Vec::new(),
                 attempts: 0,
                 waiting: None,
             },
@@ -259,8 +298,13 @@ impl BrokerCore {
                     if let Some(lease) = txn.put.first() {
                         a.done.push(lease.prefix);
                     }
-                    if matches!(a.request, AllocationRequest::ReleaseRevoked { .. }) {
-                        a.done.extend(txn.delete.iter().copied());
+                    match a.request {
+                        AllocationRequest::ReleaseRevoked { .. }
+                        | AllocationRequest::ReleaseDue { .. } => {
+                            a.done.extend(txn.delete.iter().copied());
+                        }
+                        AllocationRequest::MarkLans { .. } => a.marked = txn.put.clone(),
+                        _ => {}
                     }
                     if !a.steps.is_empty() {
                         a.steps.remove(0);
@@ -297,7 +341,7 @@ impl BrokerCore {
             let Some(a) = self.allocations.get(&allocation) else {
                 return;
             };
-            let site = a.request.site().clone();
+            let site = a.request.site().cloned();
             let region = a.request.region().clone();
             let Some(step) = a.steps.first().cloned() else {
                 let result = match &a.request {
@@ -307,8 +351,10 @@ impl BrokerCore {
                             .leases
                             .get(&region)
                             .map(|l| {
-                                l.of_site(&site)
+                                l.leases()
+                                    .filter(|l| Some(&l.site) == site.as_ref())
                                     .filter(|l| matches!(l.kind, LeaseKind::LanMapping { .. }))
+                                    .filter(|l| l.in_use())
                                     .map(|l| l.prefix)
                                     .collect()
                             })
@@ -320,9 +366,11 @@ impl BrokerCore {
                         .first()
                         .map(|p| Allocated::LanMapping(*p))
                         .ok_or(AllocationError::Contention),
-                    AllocationRequest::ReleaseRevoked { .. } => {
+                    AllocationRequest::ReleaseRevoked { .. }
+                    | AllocationRequest::ReleaseDue { .. } => {
                         Ok(Allocated::Released(a.done.clone()))
                     }
+                    AllocationRequest::MarkLans { .. } => Ok(Allocated::Marked(a.marked.clone())),
                 };
                 self.finish(allocation, result);
                 return;
@@ -335,32 +383,46 @@ impl BrokerCore {
                     .push_back(StoreCommand::LoadLeases { allocation, region });
                 return;
             };
-            let plan = match step {
-                Step::Address(family) => self.ipam.site_address(leases, &site, &region, family),
-                Step::Lan(lan) => self.ipam.lan_mapping(leases, &site, &region, lan),
-                Step::Release => {
-                    let txn = self.ipam.release_site(leases, &site, &region);
-                    if txn.delete.is_empty() {
-                        if let Some(a) = self.allocations.get_mut(&allocation) {
-                            a.steps.remove(0);
-                        }
-                        continue;
-                    }
-                    Ok(Plan::Allocate(txn))
+            let plan = match (step, &site) {
+                (Step::Address(family), Some(site)) => self
+                    .ipam
+                    .site_address(leases, site, &region, family)
+                    .map(Some),
+                (Step::Lan(lan), Some(site)) => {
+                    self.ipam.lan_mapping(leases, site, &region, lan).map(Some)
                 }
+                (Step::Release, Some(site)) => {
+                    let txn = self.ipam.release_site(leases, site, &region);
+                    Ok((!txn.delete.is_empty()).then_some(Plan::Allocate(txn)))
+                }
+                (Step::Mark(in_use, now), Some(site)) => Ok(self
+                    .ipam
+                    .mark_lans(leases, site, &region, &in_use, now)
+                    .map(Plan::Allocate)),
+                (Step::ReleaseDue(now), _) => Ok(self
+                    .ipam
+                    .release_due(leases, &region, now)
+                    .map(Plan::Allocate)),
+                (_, None) => Ok(None),
             };
             match plan {
+                // Nothing to write: the step is done.
+                Ok(None) => {
+                    if let Some(a) = self.allocations.get_mut(&allocation) {
+                        a.steps.remove(0);
+                    }
+                }
                 Err(e) => {
                     self.finish(allocation, Err(e.into()));
                     return;
                 }
-                Ok(Plan::Existing(lease)) => {
+                Ok(Some(Plan::Existing(lease))) => {
                     if let Some(a) = self.allocations.get_mut(&allocation) {
                         a.done.push(lease.prefix);
                         a.steps.remove(0);
                     }
                 }
-                Ok(Plan::Allocate(txn)) => {
+                Ok(Some(Plan::Allocate(txn))) => {
                     let max = self.max_attempts;
                     let Some(a) = self.allocations.get_mut(&allocation) else {
                         return;
