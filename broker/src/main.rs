@@ -683,7 +683,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("cannot encrypt the CA keys with the new key-encryption key")?;
             drop(store);
             println!(
-                "The {count} CA keys in the store are now encrypted with key-encryption key {} ({}).",
+                "CA keys in the store: {count}, now encrypted with key-encryption key {} ({}).",
                 new.id(),
                 new_kek.display()
             );
