@@ -2,9 +2,13 @@
 //! signs, which CAs are trusted (the trust bundle), and CA rotation.
 //!
 //! The CA state ([`CaState`]: certificates, keys, rotation phase) lives in
-//! the store, so brokers sharing a store share it. On first start the CA of
-//! the data directory (`ca.crt`, `ca.key`, created if missing) is imported
-//! into the store; from then on the store's copy is the one in use. Every
+//! the store, so brokers sharing a store share it. The CA private keys in
+//! it are sealed under the key-encryption key (KEK) of `[ca]
+//! key_encryption_key_file` ([`tether_pki::kek`]); keys an earlier version
+//! stored in clear are sealed at start. On first start a CA in the data
+//! directory (`ca.crt`, `ca.key` from `tether-broker pki init`) is imported
+//! into the store, or a new one is made in memory; from then on the
+//! store's copy is the one in use. Every
 //! change (a rotation step on this broker or another) reaches
 //! [`Authority::reload`], which swaps the trusted CAs of the TLS listeners
 //! and reissues the broker's server certificates, one per trusted CA,
@@ -13,13 +17,14 @@
 //! The phases and their rules are [`tether_pki::rotation`]'s.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
-use tether_config::broker::BrokerConfig;
-use tether_pki::ca::DEFAULT_SERVER_CERT_LIFETIME;
+use tether_config::broker::{BrokerConfig, DEFAULT_KEK_FILE};
+use tether_pki::ca::{CA_CERT_FILE, CA_KEY_FILE, DEFAULT_SERVER_CERT_LIFETIME};
+use tether_pki::kek::{Kek, KekError, StoredKey};
 use tether_pki::rotation::{CaPem, CaState, Phase, RotationError};
 use tether_pki::tls::ServerCert;
 use tether_pki::{Ca, CertSlot, IssuedCert, PkiError, SiteIdentity, TrustAnchors, TrustDomain};
@@ -49,6 +54,24 @@ pub enum AuthorityError {
     /// Another broker kept changing the state.
     #[error("another broker changed the CA state at the same time; try again")]
     Contention,
+    /// The KEK is wrong, unreadable, or a sealed key does not open.
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    /// The store holds sealed keys, but the KEK file is missing.
+    #[error(
+        "the CA key in the store is encrypted, but the key-encryption key file {} does not exist: \
+         put the deployment's key-encryption key there (every broker and every restore needs the same one), \
+         or name it in [ca] key_encryption_key_file",
+        .0.display()
+    )]
+    NoKek(PathBuf),
+    /// A configured KEK file is missing for a new CA.
+    #[error(
+        "the key-encryption key file {} does not exist: make it with `tether-broker ca new-kek --out {}` \
+         (once per deployment; every broker needs the same one)",
+        .0.display(), .0.display()
+    )]
+    NoKekYet(PathBuf),
 }
 
 /// The CA state as loaded: parsed CAs ready to sign.
@@ -71,6 +94,7 @@ pub struct Authority {
     slot: Arc<CertSlot>,
     anchors: Arc<TrustAnchors>,
     loaded: RwLock<Arc<Loaded>>,
+    kek: RwLock<Kek>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -92,10 +116,123 @@ fn encode(state: &CaState) -> Result<String, AuthorityError> {
     serde_json::to_string(state).map_err(|e| AuthorityError::Damaged(e.to_string()))
 }
 
-fn pem_of(ca: &Ca) -> CaPem {
-    CaPem {
-        cert: ca.cert_pem().to_string(),
-        key: ca.key_pem(),
+/// `ca` as the store keeps it: its key sealed under `kek`.
+fn sealed_pem(ca: &Ca, kek: &Kek) -> Result<CaPem, AuthorityError> {
+    let cert = ca.cert_pem().to_string();
+    let key = StoredKey::Sealed(kek.seal(&cert, &ca.key_pem())?);
+    Ok(CaPem { cert, key })
+}
+
+/// The KEK file of a configuration: `[ca] key_encryption_key_file`, else
+/// [`DEFAULT_KEK_FILE`] in the data directory.
+pub fn kek_path(config: &BrokerConfig, data_dir: &Path) -> PathBuf {
+    config
+        .ca_kek_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join(DEFAULT_KEK_FILE))
+}
+
+/// Loads the KEK. The default file (embedded store, no `[ca]` setting) is
+/// created when the store holds no sealed key yet; a configured file is
+/// never created, since every broker needs the same one.
+fn load_kek(
+    config: &BrokerConfig,
+    data_dir: &Path,
+    stored: Option<&CaState>,
+) -> Result<Kek, AuthorityError> {
+    let path = kek_path(config, data_dir);
+    let any_sealed = stored
+        .is_some_and(|s| s.current.is_sealed() || s.next.as_ref().is_some_and(CaPem::is_sealed));
+    match Kek::load(&path) {
+        Ok(kek) => Ok(kek),
+        Err(KekError::Missing(_)) if any_sealed => Err(AuthorityError::NoKek(path)),
+        Err(KekError::Missing(_)) if config.ca_kek_file.is_some() => {
+            Err(AuthorityError::NoKekYet(path))
+        }
+        Err(KekError::Missing(_)) => {
+            let kek = Kek::generate(&path)?;
+            kek.write_new()?;
+            tracing::info!(
+                file = %path.display(),
+                kek = %kek.id(),
+                "created the key-encryption key of the CA keys; keep a copy apart from the backups"
+            );
+            Ok(kek)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Seals every key of the stored state that is in clear (records of
+/// earlier versions), by compare-and-swap. Returns the state as stored.
+fn seal_clear_keys(store: &dyn Store, kek: &Kek, raw: String) -> Result<String, AuthorityError> {
+    let mut raw = raw;
+    for _ in 0..SWAP_ATTEMPTS {
+        let mut state = parse(&raw)?;
+        if state.is_sealed() {
+            return Ok(raw);
+        }
+        for ca in state.cas_mut() {
+            if let StoredKey::Clear(pem) = &ca.key {
+                ca.key = StoredKey::Sealed(kek.seal(&ca.cert, pem)?);
+            }
+        }
+        let sealed = encode(&state)?;
+        if store.swap_ca_state(Some(&raw), &sealed)? {
+            tracing::info!(
+                file = %kek.origin().display(),
+                kek = %kek.id(),
+                "the CA keys in the store were in clear; they are now encrypted with the key-encryption key"
+            );
+            return Ok(sealed);
+        }
+        raw = store
+            .ca_state()?
+            .ok_or_else(|| AuthorityError::Damaged("vanished".into()))?;
+    }
+    Err(AuthorityError::Contention)
+}
+
+/// Seals every CA key in the store under `new`, opening them with `old`
+/// (keys already sealed under `new` are left as they are). Returns how many
+/// keys the state holds. For `tether-broker ca rekey`.
+pub fn rekey(store: &dyn Store, old: &Kek, new: &Kek) -> Result<usize, AuthorityError> {
+    for _ in 0..SWAP_ATTEMPTS {
+        let raw = store
+            .ca_state()?
+            .ok_or_else(|| AuthorityError::Damaged("no CA state in the store".into()))?;
+        let mut state = parse(&raw)?;
+        let mut count = 0;
+        for ca in state.cas_mut() {
+            count += 1;
+            if ca.key.kek_id() == Some(new.id().as_str()) {
+                continue;
+            }
+            let pem = old.reveal(&ca.cert, &ca.key)?;
+            ca.key = StoredKey::Sealed(new.seal(&ca.cert, &pem)?);
+        }
+        if store.swap_ca_state(Some(&raw), &encode(&state)?)? {
+            return Ok(count);
+        }
+    }
+    Err(AuthorityError::Contention)
+}
+
+/// The CA of the data directory (`tether-broker pki init`, or a broker
+/// of an earlier version) to import, or a new one made in memory (no key
+/// is written to disk in clear). Returns whether it was made.
+fn first_ca(config: &BrokerConfig, data_dir: &Path) -> Result<(Ca, bool), AuthorityError> {
+    if data_dir.join(CA_CERT_FILE).exists() || data_dir.join(CA_KEY_FILE).exists() {
+        Ok(Ca::load_or_init(
+            data_dir,
+            config.trust_domain.clone(),
+            SystemTime::now(),
+        )?)
+    } else {
+        Ok((
+            Ca::generate(config.trust_domain.clone(), SystemTime::now())?,
+            true,
+        ))
     }
 }
 
@@ -120,13 +257,15 @@ impl Authority {
         store: Arc<dyn Store>,
     ) -> Result<(Self, bool), AuthorityError> {
         let mut created = false;
-        let raw = match store.ca_state()? {
-            Some(raw) => raw,
+        let stored = store.ca_state()?;
+        let parsed = stored.as_deref().map(parse).transpose()?;
+        let kek = load_kek(config, data_dir, parsed.as_ref())?;
+        let raw = match stored {
+            Some(raw) => seal_clear_keys(&*store, &kek, raw)?,
             None => {
-                let (ca, made) =
-                    Ca::load_or_init(data_dir, config.trust_domain.clone(), SystemTime::now())?;
+                let (ca, made) = first_ca(config, data_dir)?;
                 created = made;
-                let raw = encode(&CaState::new(pem_of(&ca), now_unix()))?;
+                let raw = encode(&CaState::new(sealed_pem(&ca, &kek)?, now_unix()))?;
                 if store.swap_ca_state(None, &raw)? {
                     raw
                 } else {
@@ -137,8 +276,14 @@ impl Authority {
                 }
             }
         };
+        if data_dir.join(CA_KEY_FILE).exists() {
+            tracing::warn!(
+                file = %data_dir.join(CA_KEY_FILE).display(),
+                "this file holds a CA key in clear; the broker uses the encrypted copy in the store: delete the file once a backup and the key-encryption key are kept safe"
+            );
+        }
         let state = parse(&raw)?;
-        let bundle = Self::cas(&state)?;
+        let bundle = Self::cas(&state, &kek)?;
         if let Some(other) = bundle
             .iter()
             .find(|ca| ca.trust_domain() != &config.trust_domain)
@@ -175,18 +320,50 @@ impl Authority {
                 bundle: bundle.clone(),
                 server_not_after,
             })),
+            kek: RwLock::new(kek),
         };
         authority.install(raw, state, bundle)?;
         Ok((authority, created))
     }
 
-    fn cas(state: &CaState) -> Result<Vec<Arc<Ca>>, AuthorityError> {
+    fn cas(state: &CaState, kek: &Kek) -> Result<Vec<Arc<Ca>>, AuthorityError> {
         state
             .bundle()
             .into_iter()
-            .map(|pem| Ca::from_pem(&pem.cert, &pem.key).map(Arc::new))
-            .collect::<Result<_, _>>()
-            .map_err(AuthorityError::from)
+            .map(|pem| {
+                let key = kek.reveal(&pem.cert, &pem.key)?;
+                Ok(Arc::new(Ca::from_pem(&pem.cert, &key)?))
+            })
+            .collect()
+    }
+
+    fn kek(&self) -> Kek {
+        match self.kek.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The CAs of `state`, opened with the KEK; if the state was sealed
+    /// under another KEK (`ca rekey`), reads the KEK file again, so a
+    /// broker whose file was replaced follows without a restart.
+    fn open_cas(&self, state: &CaState) -> Result<Vec<Arc<Ca>>, AuthorityError> {
+        let kek = self.kek();
+        match Self::cas(state, &kek) {
+            Err(AuthorityError::Kek(KekError::WrongKek { .. })) => {
+                let again = Kek::load(kek.origin())?;
+                if again.id() == kek.id() {
+                    return Self::cas(state, &kek);
+                }
+                let bundle = Self::cas(state, &again)?;
+                tracing::info!(file = %again.origin().display(), kek = %again.id(), "using the replaced key-encryption key");
+                if let Ok(mut k) = self.kek.write() {
+                    *k = again;
+                }
+                Ok(bundle)
+            }
+            other => other,
+        }
     }
 
     /// One server certificate per CA of `bundle`, in its order, and the
@@ -265,7 +442,7 @@ impl Authority {
             return Ok(false);
         }
         let state = parse(&raw)?;
-        let bundle = Self::cas(&state)?;
+        let bundle = self.open_cas(&state)?;
         self.install(raw, state, bundle)?;
         Ok(true)
     }
@@ -303,7 +480,7 @@ impl Authority {
             let next = step(parse(&raw)?, now_unix())?;
             let encoded = encode(&next)?;
             if self.store.swap_ca_state(Some(&raw), &encoded)? {
-                let bundle = Self::cas(&next)?;
+                let bundle = self.open_cas(&next)?;
                 self.install(encoded, next, bundle)?;
                 return Ok(self.status());
             }
@@ -316,12 +493,16 @@ impl Authority {
     pub fn rotate(&self) -> Result<CaStatus, AuthorityError> {
         let trust_domain = self.trust_domain.clone();
         let lifetime = self.leaf_lifetime;
+        // Follows a re-sealing (`ca rekey`) first, so the new CA is sealed
+        // under the KEK the state is in.
+        self.reload()?;
+        let kek = self.kek();
         self.change(move |state, now| {
             let next = if state.phase == Phase::Stable {
-                Some(pem_of(&Ca::generate(
-                    trust_domain.clone(),
-                    SystemTime::now(),
-                )?))
+                Some(sealed_pem(
+                    &Ca::generate(trust_domain.clone(), SystemTime::now())?,
+                    &kek,
+                )?)
             } else {
                 None
             };
@@ -446,5 +627,143 @@ impl Authority {
         lifetime: Duration,
     ) -> Result<IssuedCert, PkiError> {
         self.signer().issue_site(csr_der, identity, now, lifetime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    fn config(data: &Path, kek: Option<&Path>) -> BrokerConfig {
+        let mut text = format!("data_dir = {data:?}\n");
+        if let Some(kek) = kek {
+            text.push_str(&format!("[ca]\nkey_encryption_key_file = {kek:?}\n"));
+        }
+        tether_config::broker::BrokerFile::parse(&text, "t")
+            .unwrap()
+            .validate("t")
+            .unwrap()
+    }
+
+    fn store(data: &Path) -> Arc<dyn Store> {
+        Arc::new(RedbStore::open(&data.join(crate::store::EMBEDDED_FILE)).unwrap())
+    }
+
+    fn open(data: &Path, kek: Option<&Path>) -> Result<Authority, AuthorityError> {
+        Authority::open(&config(data, kek), data, store(data)).map(|(a, _)| a)
+    }
+
+    #[test]
+    fn the_ca_key_is_stored_only_sealed_and_opens_only_with_its_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        tether_pki::ca::create_private_dir(&data).unwrap();
+        let first = open(&data, None).unwrap();
+        let pin = first.status().bundle[0].pin.clone();
+        drop(first);
+        // A new deployment: a KEK file 0600 in the data directory, no key
+        // in clear anywhere.
+        use std::os::unix::fs::PermissionsExt;
+        let kek_file = data.join(DEFAULT_KEK_FILE);
+        let mode = std::fs::metadata(&kek_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!data.join(CA_KEY_FILE).exists());
+        let raw = store(&data).ca_state().unwrap().unwrap();
+        assert!(!raw.contains("PRIVATE KEY"), "{raw}");
+        assert!(raw.contains(tether_pki::kek::SEALED_FORMAT), "{raw}");
+
+        // The same KEK opens it again.
+        assert_eq!(open(&data, None).unwrap().status().bundle[0].pin, pin);
+
+        // A wrong KEK and a missing one are refused in plain words; no new
+        // KEK is made over a sealed store.
+        std::fs::rename(&kek_file, dir.path().join("saved")).unwrap();
+        let missing = open(&data, None).unwrap_err().to_string();
+        assert!(
+            missing.contains("is encrypted, but the key-encryption key file"),
+            "{missing}"
+        );
+        assert!(!kek_file.exists());
+        let other = dir.path().join("other");
+        Kek::generate(&other).unwrap().write_new().unwrap();
+        let wrong = open(&data, Some(&other)).unwrap_err().to_string();
+        assert!(
+            wrong.starts_with(&format!(
+                "the CA key cannot be decrypted with {}: wrong key-encryption key?",
+                other.display()
+            )),
+            "{wrong}"
+        );
+
+        // Rekey: the keys move to the other KEK; the CA stays the same.
+        let saved = Kek::load(&dir.path().join("saved")).unwrap();
+        let new = Kek::load(&other).unwrap();
+        assert_eq!(rekey(&*store(&data), &saved, &new).unwrap(), 1);
+        assert_eq!(
+            rekey(&*store(&data), &saved, &new).unwrap(),
+            1,
+            "idempotent"
+        );
+        assert_eq!(
+            open(&data, Some(&other)).unwrap().status().bundle[0].pin,
+            pin
+        );
+        std::fs::rename(dir.path().join("saved"), &kek_file).unwrap();
+        assert!(
+            open(&data, None)
+                .unwrap_err()
+                .to_string()
+                .contains("wrong key-encryption key?")
+        );
+    }
+
+    #[test]
+    fn a_clear_ca_key_of_an_earlier_version_is_read_and_rewritten_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        tether_pki::ca::create_private_dir(&data).unwrap();
+        let ca = Ca::generate(
+            TrustDomain::new("tether.internal").unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let clear = CaState::new(
+            CaPem {
+                cert: ca.cert_pem().to_string(),
+                key: StoredKey::Clear(ca.key_pem()),
+            },
+            1,
+        );
+        let text = encode(&clear).unwrap();
+        assert!(text.contains("PRIVATE KEY"));
+        assert!(store(&data).swap_ca_state(None, &text).unwrap());
+
+        let authority = open(&data, None).unwrap();
+        assert_eq!(authority.cert_der(), *ca.cert_der(), "the same CA");
+        drop(authority);
+        let raw = store(&data).ca_state().unwrap().unwrap();
+        assert!(!raw.contains("PRIVATE KEY"), "{raw}");
+        let state = parse(&raw).unwrap();
+        assert!(state.is_sealed());
+        assert_eq!(state.generation, clear.generation);
+        let kek = Kek::load(&data.join(DEFAULT_KEK_FILE)).unwrap();
+        assert_eq!(
+            kek.reveal(&state.current.cert, &state.current.key).unwrap(),
+            ca.key_pem()
+        );
+    }
+
+    #[test]
+    fn a_rotated_in_ca_is_sealed_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        tether_pki::ca::create_private_dir(&data).unwrap();
+        let authority = open(&data, None).unwrap();
+        authority.rotate().unwrap();
+        drop(authority);
+        let state = parse(&store(&data).ca_state().unwrap().unwrap()).unwrap();
+        assert_eq!(state.phase, Phase::Prepared);
+        assert!(state.next.as_ref().is_some_and(CaPem::is_sealed));
     }
 }

@@ -294,6 +294,25 @@ enum CaCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Write a new key-encryption key (32 random bytes, base64) to a new
+    /// file, mode 0600, for `[ca] key_encryption_key_file` or `ca rekey`.
+    NewKek {
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Encrypt the CA keys in the store with another key-encryption key.
+    /// Reads the store directly: with the embedded store, stop the broker
+    /// first. With the default key file (data_dir/ca-kek) the file is
+    /// replaced too; else put the new file in place of the configured one
+    /// on every broker.
+    Rekey {
+        /// The new key-encryption key file (`ca new-kek`).
+        #[arg(long)]
+        new_kek: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -607,7 +626,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir.join(tether_pki::ca::CA_CERT_FILE).display()
             );
             println!(
-                "  private key: {} (mode 0600; back it up, keep it secret)",
+                "  private key: {} (mode 0600, in clear: the broker imports it into its store, encrypted, at its first start; delete the file then)",
                 dir.join(tether_pki::ca::CA_KEY_FILE).display()
             );
             Ok(ExitCode::SUCCESS)
@@ -618,7 +637,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tether_pki::ca::write_new_file(&out, &text, 0o600)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(
-                "Wrote {} ({} bytes, SHA-256 of the content {}). It holds the CA's private keys: keep it as secret as the broker's data directory.",
+                "Wrote {} ({} bytes, SHA-256 of the content {}). The CA's private keys in it are encrypted with the key-encryption key: keep that key apart from the backup (a restore needs both).",
                 out.display(),
                 text.len(),
                 backup.content_sha256
@@ -639,17 +658,68 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Point the broker's data_dir at it and start it.");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ca { command } => {
-            let (path, config) = match &command {
-                CaCommand::Status { config } => ("/v1/ca", config),
-                CaCommand::Rotate { config } => ("/v1/ca/rotate", config),
-                CaCommand::Rollback { config } => ("/v1/ca/rollback", config),
-            };
-            let client = admin(config)?;
-            let status: tether_proto::api::CaStatus = match command {
-                CaCommand::Status { .. } => client.get(path)?,
-                _ => client.post(path, &serde_json::json!({}))?,
-            };
+        Command::Ca {
+            command: CaCommand::NewKek { out },
+        } => {
+            let kek = tether_pki::kek::Kek::generate(&out)?;
+            kek.write_new()?;
+            println!(
+                "Wrote a new key-encryption key to {} (mode 0600, id {}). Keep a copy apart from the broker's backups: a restore needs both.",
+                out.display(),
+                kek.id()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command: CaCommand::Rekey { new_kek, config },
+        } => {
+            let (_, config) = load(&config)?;
+            let dir = data_dir(&config);
+            let old_path = tether_broker::authority::kek_path(&config, &dir);
+            let old = tether_pki::kek::Kek::load(&old_path)?;
+            let new = tether_pki::kek::Kek::load(&new_kek)?;
+            let store = tether_broker::store::open(&config.store, &dir)?;
+            let count = tether_broker::authority::rekey(&*store, &old, &new)
+                .context("cannot encrypt the CA keys with the new key-encryption key")?;
+            drop(store);
+            println!(
+                "CA keys in the store: {count}, now encrypted with key-encryption key {} ({}).",
+                new.id(),
+                new_kek.display()
+            );
+            if config.ca_kek_file.is_none() {
+                tether_pki::ca::replace_file(&old_path, new.file_text().as_bytes(), 0o600)
+                    .with_context(|| format!("cannot replace {}", old_path.display()))?;
+                println!("Replaced {} with it.", old_path.display());
+            } else {
+                println!(
+                    "Now copy it over {} on every broker (mode 0600); a running broker reads the file again at the next CA change.",
+                    old_path.display()
+                );
+            }
+            println!(
+                "Backups taken before hold the keys under the old key-encryption key: keep it as long as them."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command: CaCommand::Status { config },
+        } => {
+            let status = admin(&config)?.get("/v1/ca")?;
+            print!("{}", ca_status_text(&status));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command: CaCommand::Rotate { config },
+        } => {
+            let status = admin(&config)?.post("/v1/ca/rotate", &serde_json::json!({}))?;
+            print!("{}", ca_status_text(&status));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command: CaCommand::Rollback { config },
+        } => {
+            let status = admin(&config)?.post("/v1/ca/rollback", &serde_json::json!({}))?;
             print!("{}", ca_status_text(&status));
             Ok(ExitCode::SUCCESS)
         }
@@ -679,7 +749,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !from.is_file() {
                 anyhow::bail!("{} does not exist or is not a file", from.display());
             }
-            let report = tether_broker::store::migrate(&from, etcd, force, SystemTime::now())
+            let kek_path = config
+                .ca_kek_file
+                .clone()
+                .context("the configuration names no [ca] key_encryption_key_file")?;
+            let kek = match tether_pki::kek::Kek::load(&kek_path) {
+                Err(tether_pki::kek::KekError::Missing(_)) => anyhow::bail!(
+                    "{} does not exist: the brokers on etcd open the CA keys with it; copy the key-encryption key of the embedded store ({}) there first (mode 0600)",
+                    kek_path.display(),
+                    from.with_file_name(tether_config::broker::DEFAULT_KEK_FILE)
+                        .display()
+                ),
+                other => other?,
+            };
+            let report = tether_broker::store::migrate(&from, etcd, &kek, force, SystemTime::now())
                 .with_context(|| format!("migration from {} failed", from.display()))?;
             println!("{report}");
             println!();

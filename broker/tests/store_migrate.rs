@@ -92,10 +92,11 @@ fn the_migrate_command_copies_refuses_a_used_prefix_and_forces() {
     }
     let config = server.config("/tether/cli/");
     let etcd_toml = dir.path().join("etcd.toml");
+    let kek = dir.path().join("etcd-kek");
     std::fs::write(
         &etcd_toml,
         format!(
-            "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = \"/tether/cli\"\n",
+            "[ca]\nkey_encryption_key_file = {kek:?}\n[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = \"/tether/cli\"\n",
             config.endpoints[0]
         ),
     )
@@ -105,8 +106,20 @@ fn the_migrate_command_copies_refuses_a_used_prefix_and_forces() {
     let from = redb_path.to_str().unwrap();
     let to = etcd_toml.to_str().unwrap();
 
+    // The brokers on etcd need the key-encryption key: none, no copy.
+    let (ok, text) = migrate(&["--from", from, "--to-config", to]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(text.contains("ca-kek"), "{text}");
+    let made = Command::new(env!("CARGO_BIN_EXE_tether-broker"))
+        .args(["ca", "new-kek", "--out", kek.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+
     let (ok, text) = migrate(&["--from", from, "--to-config", to]);
     assert!(ok, "{text}");
+    assert!(text.contains("CA            none"), "{text}");
     assert!(
         text.contains("Copied into etcd under /tether/cli/"),
         "{text}"

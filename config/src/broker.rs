@@ -62,7 +62,24 @@ pub struct BrokerFile {
     /// `[peering]`: the encrypted link to the other brokers of the fleet,
     /// used with the etcd store.
     pub peering: PeeringFile,
+    /// `[ca]`: how the CA's private keys are protected at rest.
+    pub ca: CaFile,
 }
+
+/// `[ca]`: the key-encryption key (KEK) that seals the CA's private keys
+/// in the store and in backups.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaFile {
+    /// File holding the KEK: 32 random bytes in base64 on one line
+    /// (`tether-broker ca new-kek --out FILE`). Unset with the embedded
+    /// store: `<data_dir>/ca-kek`, created (mode 0600) on first start.
+    /// Required with etcd, where every broker needs the same key.
+    pub key_encryption_key_file: Option<PathBuf>,
+}
+
+/// The KEK file's name in the data directory when `[ca]` names none.
+pub const DEFAULT_KEK_FILE: &str = "ca-kek";
 
 /// `[peering]`: the broker-to-broker link (WireGuard over UDP) that
 /// carries packets for sites and gateways held by another broker. Used
@@ -397,6 +414,7 @@ impl Default for BrokerFile {
             policy: PolicyFile::default(),
             store: StoreFile::default(),
             peering: PeeringFile::default(),
+            ca: CaFile::default(),
         }
     }
 }
@@ -526,6 +544,9 @@ pub struct BrokerConfig {
     pub store: StoreConfig,
     /// The broker-to-broker link (used with etcd).
     pub peering: Peering,
+    /// The key-encryption key file; `None`: [`DEFAULT_KEK_FILE`] in the
+    /// data directory (embedded store only).
+    pub ca_kek_file: Option<PathBuf>,
 }
 
 /// A validated gateway registration.
@@ -747,6 +768,23 @@ impl BrokerFile {
             self.policy.compile(&mut p, &known).map(Arc::new)
         };
         let store = self.store.validate(&mut p);
+        if matches!(store, Some(StoreConfig::Etcd(_))) && self.ca.key_encryption_key_file.is_none()
+        {
+            p.add(
+                "ca.key_encryption_key_file",
+                "required with store.backend = \"etcd\": the CA keys in etcd are encrypted, and every broker needs the same key-encryption key",
+                "make one with `tether-broker ca new-kek --out /etc/tether/ca-kek`, copy it to every broker (mode 0600) and name it here",
+            );
+        }
+        if let Some(path) = &self.ca.key_encryption_key_file
+            && !path.is_absolute()
+        {
+            p.add(
+                "ca.key_encryption_key_file",
+                format!("{} is a relative path", path.display()),
+                "give an absolute path, e.g. \"/etc/tether/ca-kek\"",
+            );
+        }
         let peering = self.validate_peering(&mut p, &listen, &advertised_ips);
 
         let (Ok(trust_domain), Some(published_cidr), Some(admin_listen), Some(policy)) =
@@ -783,6 +821,7 @@ impl BrokerFile {
                 policy,
                 store: store.unwrap_or_default(),
                 peering,
+                ca_kek_file: self.ca.key_encryption_key_file.clone(),
             },
         )
     }
@@ -1667,7 +1706,20 @@ mod tests {
     fn store_backends_are_checked_by_field() {
         let config = BrokerFile::parse("", "t").unwrap().validate("t").unwrap();
         assert_eq!(config.store, StoreConfig::Embedded);
-        let ok = "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/tether/test\"\ntimeout = \"2s\"\n";
+        let ok = "[ca]\nkey_encryption_key_file = \"/etc/tether/ca-kek\"\n[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/tether/test\"\ntimeout = \"2s\"\n";
+        let ps = problems(
+            "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+        );
+        assert!(
+            has(
+                &ps,
+                "ca.key_encryption_key_file",
+                "every broker needs the same"
+            ),
+            "{ps:?}"
+        );
+        let ps = problems("[ca]\nkey_encryption_key_file = \"ca-kek\"");
+        assert!(has(&ps, "ca.key_encryption_key_file", "relative"), "{ps:?}");
         let config = BrokerFile::parse(ok, "t").unwrap().validate("t").unwrap();
         let StoreConfig::Etcd(etcd) = config.store else {
             panic!("expected etcd")
@@ -1675,7 +1727,7 @@ mod tests {
         assert_eq!(etcd.prefix, "/tether/test/");
         assert_eq!(etcd.timeout, Duration::from_secs(2));
         assert_eq!(etcd.tls, None);
-        let tls = "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"https://etcd.example.org:2379\"]\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n";
+        let tls = "[ca]\nkey_encryption_key_file = \"/k\"\n[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"https://etcd.example.org:2379\"]\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n";
         let config = BrokerFile::parse(tls, "t").unwrap().validate("t").unwrap();
         let StoreConfig::Etcd(etcd) = config.store else {
             panic!("expected etcd")

@@ -9,6 +9,8 @@
 //! - [`reattest`]: a site whose certificate expired proves it holds the
 //!   key of its last certificate, and the broker's decision on it.
 //! - [`rotation`]: CA rotation phases and the trust bundle of each.
+//! - [`kek`]: the CA's private keys sealed at rest under a key-encryption
+//!   key.
 //! - [`tls`]: rustls server and client configurations and identity
 //!   extraction from a verified peer.
 
@@ -16,6 +18,7 @@
 
 pub mod ca;
 pub mod identity;
+pub mod kek;
 pub mod reattest;
 pub mod revocation;
 pub mod rotation;

@@ -31,13 +31,23 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// A CA certificate and its private key, PEM.
+use crate::kek::StoredKey;
+
+/// A CA certificate, PEM, and its private key as stored (sealed under the
+/// key-encryption key, or in clear in records of earlier versions).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaPem {
     /// The certificate.
     pub cert: String,
-    /// The private key (PKCS#8).
-    pub key: String,
+    /// The private key (PKCS#8 PEM, sealed).
+    pub key: StoredKey,
+}
+
+impl CaPem {
+    /// Whether the key is sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.key.is_sealed()
+    }
 }
 
 impl std::fmt::Debug for CaPem {
@@ -146,6 +156,16 @@ impl CaState {
         }
     }
 
+    /// Every CA the state holds: the current one, then the next.
+    pub fn cas_mut(&mut self) -> impl Iterator<Item = &mut CaPem> {
+        std::iter::once(&mut self.current).chain(self.next.as_mut())
+    }
+
+    /// Whether every CA key is sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.current.is_sealed() && self.next.as_ref().is_none_or(CaPem::is_sealed)
+    }
+
     /// The trust bundle: every CA trusted in this phase, the signing one
     /// first.
     pub fn bundle(&self) -> Vec<&CaPem> {
@@ -248,7 +268,7 @@ mod tests {
     fn ca(n: &str) -> CaPem {
         CaPem {
             cert: format!("cert {n}"),
-            key: format!("key {n}"),
+            key: StoredKey::Clear(format!("key {n}")),
         }
     }
 

@@ -46,7 +46,11 @@ impl ChildBroker {
         let data = dir.path().join("data");
         tether_pki::ca::create_private_dir(&data).unwrap();
         for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
-            std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
+            // A CA file in the data directory is imported when the store has
+            // none (brokers on etcd share the store's CA).
+            if ca_from.join(file).exists() {
+                std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
+            }
         }
         let text = format!(
             "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\

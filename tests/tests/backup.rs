@@ -41,12 +41,30 @@ async fn a_restored_broker_serves_the_same_sites_at_the_same_addresses() {
 
     let bytes = take(&first).await;
     drop((ta, tb));
+    // The backup carries the CA key only sealed under the key-encryption
+    // key, which stays out of it.
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains("PRIVATE KEY"), "no CA key in clear");
+    let kek = first.config.data_dir.clone().unwrap().join("ca-kek");
+    let kek_text = std::fs::read_to_string(&kek).unwrap();
+    assert!(!text.contains(kek_text.trim()), "no key-encryption key");
     let file = dir.path().join("broker.backup");
     std::fs::write(&file, &bytes).unwrap();
     let data = dir.path().join("restored");
     let restored = tether_broker::backup::restore(&file, &data).unwrap();
     assert!(restored.ca);
     assert_eq!(restored.sites, 4);
+
+    // Without the key-encryption key the restored broker refuses to start
+    // and says why; with it (copied as docs/operations.md says) it serves.
+    let mut config = first.config.clone();
+    config.data_dir = Some(data.clone());
+    let refused = tether_broker::run::start(config).await.err().unwrap();
+    assert!(
+        format!("{refused:#}").contains("is encrypted, but the key-encryption key file"),
+        "{refused:#}"
+    );
+    std::fs::copy(&kek, data.join("ca-kek")).unwrap();
 
     let second = TestBroker::start_with("", |c| c.data_dir = Some(data.clone())).await;
     assert_eq!(second.broker().ca.cert_der(), ca, "the same CA");

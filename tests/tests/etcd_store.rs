@@ -29,9 +29,11 @@ async fn a_broker_on_etcd_enrolls_routes_and_keeps_addresses_across_restarts() {
     };
     let config = server.config("/tether/it/");
     let extra = format!(
-        "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
+        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
          [[policy.allow]]\nname = \"a-and-b\"\nfrom = [\"site:site-a\", \"site:site-b\"]\nto = [\"site:site-a\", \"site:site-b\"]\n",
-        config.endpoints[0], config.prefix
+        server.ca_toml(),
+        config.endpoints[0],
+        config.prefix
     );
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut broker = TestBroker::start(&extra).await;
@@ -126,8 +128,10 @@ async fn a_revocation_at_one_broker_ends_the_session_at_another() {
     };
     let config = server.config("/tether/pair/");
     let extra = format!(
-        "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n",
-        config.endpoints[0], config.prefix
+        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n",
+        server.ca_toml(),
+        config.endpoints[0],
+        config.prefix
     );
     tokio::time::timeout(TEST_DEADLINE, async {
         let one = TestBroker::start(&extra).await;
@@ -175,6 +179,80 @@ async fn a_revocation_at_one_broker_ends_the_session_at_another() {
             "broker two never saw broker one's revocation event"
         );
         drop(tb);
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
+
+/// `tether-broker store migrate` moves an embedded broker's deployment to
+/// etcd with its CA: the site enrolled before connects to the broker on
+/// etcd with the certificate it has, at its address, without enrolling
+/// again, and the CA key in etcd is sealed under the key-encryption key
+/// the embedded broker made.
+#[tokio::test]
+async fn a_migrated_deployment_keeps_its_ca_and_no_site_enrolls_again() {
+    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let config = server.config("/tether/migrated/");
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let mut embedded = TestBroker::start("").await;
+        let site = TestSite::enroll(&embedded, "site-m").await;
+        let address = v4(&tunnel_for(&embedded, &site).await);
+        let pin = embedded.broker().ca.status().bundle[0].pin.clone();
+        let data = embedded.config.data_dir.clone().unwrap();
+        embedded.running.take().unwrap().shutdown().await;
+
+        let kek_file = data.join(tether_config::broker::DEFAULT_KEK_FILE);
+        let kek = tether_pki::kek::Kek::load(&kek_file).unwrap();
+        let (from, to) = (
+            data.join(tether_broker::store::EMBEDDED_FILE),
+            config.clone(),
+        );
+        // The stopped broker's last tasks may hold the store file a moment
+        // longer (as in `TestBroker::restart`).
+        let report = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match tether_broker::store::migrate(
+                    &from,
+                    &to,
+                    &kek,
+                    false,
+                    std::time::SystemTime::now(),
+                ) {
+                    Err(e) if e.0.contains("in use") && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(matches!(report.ca, Some((1, Some(_)))), "{report}");
+        let raw = EtcdStore::open(&config)
+            .unwrap()
+            .ca_state()
+            .unwrap()
+            .unwrap();
+        assert!(!raw.contains("PRIVATE KEY"), "the CA key in etcd is sealed");
+
+        let extra = format!(
+            "[ca]\nkey_encryption_key_file = {kek_file:?}\n\
+             [store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n",
+            config.endpoints[0], config.prefix
+        );
+        let on_etcd = TestBroker::start(&extra).await;
+        assert!(!on_etcd.running.as_ref().unwrap().created, "no new CA");
+        assert_eq!(on_etcd.broker().ca.status().bundle[0].pin, pin);
+        let tunnel = tunnel_for(&on_etcd, &site).await;
+        assert_eq!(v4(&tunnel), address);
     })
     .await
     .expect("test finished in time");

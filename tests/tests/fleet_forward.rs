@@ -54,10 +54,12 @@ async fn child_broker() {
 fn shared_config(server: &EtcdServer, prefix: &str) -> String {
     let config = server.config(prefix);
     format!(
-        "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
+        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
          [peering]\nlisten = \"127.0.0.1:0\"\n\
          [[policy.allow]]\nname = \"x-and-y\"\nfrom = [\"site:site-x\", \"site:site-y\"]\nto = [\"site:site-x\", \"site:site-y\"]\n",
-        config.endpoints[0], config.prefix
+        server.ca_toml(),
+        config.endpoints[0],
+        config.prefix
     )
 }
 
@@ -69,7 +71,11 @@ async fn second_broker(a: &TestBroker, extra: &str) -> TestBroker {
     let data = dir.path().join("data");
     tether_pki::ca::create_private_dir(&data).unwrap();
     for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
-        std::fs::copy(ca_dir.join(file), data.join(file)).unwrap();
+        // A CA file in the data directory is imported when the store has
+        // none (brokers on etcd share the store's CA).
+        if ca_dir.join(file).exists() {
+            std::fs::copy(ca_dir.join(file), data.join(file)).unwrap();
+        }
     }
     let b = TestBroker::start_with(extra, |c| c.data_dir = Some(data.clone())).await;
     // The data directory lives as long as the test process.

@@ -14,6 +14,7 @@
 //! | `P revocations/site:<spiffe uri>` or `P revocations/serial:<hex>` | the revocation (JSON) |
 //! | `P tokens/<sha-256 hex>` | an enrollment token record (JSON) |
 //! | `P events/<site>` | the site's event [`Timeline`] (JSON), rewritten by a transaction that compares its `mod_revision` |
+//! | `P ca` | the CA state (JSON, its private keys sealed under the key-encryption key), replaced by a transaction that compares the value read |
 //!
 //! # Transactions
 //!
@@ -94,6 +95,8 @@ pub const FLEET_DIR: &str = "fleet/";
 
 /// The directory (under the prefix) of the sites' event timelines.
 const EVENTS_DIR: &str = "events/";
+/// The key of the CA state under the prefix.
+const CA_KEY: &str = "ca";
 
 /// How often an event append re-reads a timeline another broker changed
 /// in between.
@@ -181,7 +184,7 @@ impl Keys {
         format!("{}tokens/", self.prefix)
     }
     fn ca(&self) -> String {
-        format!("{}ca", self.prefix)
+        format!("{}{CA_KEY}", self.prefix)
     }
     fn token(&self, hash: &TokenHash) -> String {
         format!("{}{}", self.tokens(), hash.to_hex())
@@ -417,6 +420,11 @@ impl EtcdStore {
             } else if rest.starts_with("revocations/") {
                 let stored: StoredRevocation = serde_json::from_slice(kv.value())?;
                 contents.revocations.push(stored.into_entry()?);
+            } else if rest == CA_KEY {
+                contents.ca = Some(
+                    String::from_utf8(kv.value().to_vec())
+                        .map_err(|_| StoreError("corrupt CA state: not UTF-8".into()))?,
+                );
             } else if let Some(hex) = rest.strip_prefix("tokens/") {
                 let hash = TokenHash::from_hex(hex).ok_or_else(corrupt)?;
                 let stored: StoredToken = serde_json::from_slice(kv.value())?;
@@ -490,6 +498,9 @@ impl EtcdStore {
                 self.keys.token(&token.hash),
                 serde_json::to_vec(&StoredToken::from_record(token))?,
             ));
+        }
+        if let Some(ca) = &contents.ca {
+            ops.push((self.keys.ca(), ca.clone().into_bytes()));
         }
         for chunk in ops.chunks(BATCH) {
             let puts: Vec<TxnOp> = chunk

@@ -233,6 +233,19 @@ impl EtcdServer {
     }
 
     /// A store configuration for this server under `prefix`.
+    /// The `[ca]` section naming the key-encryption key file every broker
+    /// of this cluster's deployment shares (created on first call).
+    pub fn ca_toml(&self) -> String {
+        let path = self.dir.path().join("ca-kek");
+        if !path.exists() {
+            tether_pki::kek::Kek::generate(&path)
+                .unwrap()
+                .write_new()
+                .unwrap();
+        }
+        format!("[ca]\nkey_encryption_key_file = {path:?}\n")
+    }
+
     pub fn config(&self, prefix: &str) -> EtcdConfig {
         EtcdConfig {
             endpoints: vec![self.client_url.clone()],

@@ -450,12 +450,36 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
         );
         redb.put(live.record.clone()).unwrap();
         redb.put(expired.record.clone()).unwrap();
+        // The CA state, its key sealed under the deployment's KEK.
+        let kek = tether_pki::kek::Kek::generate(&dir.path().join("ca-kek")).unwrap();
+        let ca = tether_pki::Ca::generate(TrustDomain::new("t.example").unwrap(), now).unwrap();
+        let cert = ca.cert_pem().to_string();
+        let sealed = tether_pki::kek::StoredKey::Sealed(kek.seal(&cert, &ca.key_pem()).unwrap());
+        let state = tether_pki::rotation::CaState::new(
+            tether_pki::rotation::CaPem { cert, key: sealed },
+            1,
+        );
+        assert!(
+            redb.swap_ca_state(None, &serde_json::to_string(&state).unwrap())
+                .unwrap()
+        );
         let mut expected = redb.contents().unwrap();
+        assert!(expected.ca.is_some());
         drop(redb);
         expected.tokens.retain(|t| t.hash == live.record.hash);
 
         let config = server.config("/tether/prod/");
-        let report = migrate(&path, &config, false, now).unwrap();
+        // With another key-encryption key nothing is written.
+        let other = tether_pki::kek::Kek::generate(&dir.path().join("other")).unwrap();
+        let refused = migrate(&path, &config, &other, false, now).unwrap_err();
+        assert!(
+            refused.to_string().contains("wrong key-encryption key?"),
+            "{refused}"
+        );
+        assert_eq!(EtcdStore::open(&config).unwrap().key_count().unwrap(), 0);
+
+        let report = migrate(&path, &config, &kek, false, now).unwrap();
+        assert_eq!(report.ca, Some((1, Some(kek.id()))));
         assert_eq!(report.sites, 20);
         assert_eq!(report.certs, 20);
         assert_eq!(report.leases, 19);
@@ -486,9 +510,9 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
         assert!(redeem(&etcd, &live.secret, SystemTime::now()).is_err());
 
         // A prefix holding data is refused, unless forced.
-        let err = migrate(&path, &config, false, now).unwrap_err();
+        let err = migrate(&path, &config, &kek, false, now).unwrap_err();
         assert!(err.to_string().contains("already holds"), "{err}");
-        let again = migrate(&path, &config, true, now).unwrap();
+        let again = migrate(&path, &config, &kek, true, now).unwrap();
         assert!(again.replaced > 0);
         assert_eq!(etcd.region_leases(&eu()).unwrap().version(), 21);
     });

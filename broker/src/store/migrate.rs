@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use tether_config::broker::EtcdConfig;
+use tether_pki::kek::Kek;
+use tether_pki::rotation::CaState;
 
 use super::{EtcdStore, RedbStore, StoreError};
 
@@ -28,6 +30,10 @@ pub struct MigrationReport {
     pub tokens: usize,
     /// Expired tokens left behind.
     pub expired_tokens: usize,
+    /// The CA state: how many CAs it holds, and the id of the
+    /// key-encryption key their keys are sealed with (`None`: in clear, to
+    /// be sealed by the first broker on etcd). `None` without a CA.
+    pub ca: Option<(usize, Option<String>)>,
 }
 
 impl std::fmt::Display for MigrationReport {
@@ -47,29 +53,51 @@ impl std::fmt::Display for MigrationReport {
         writeln!(f, "  sites         {}", self.sites)?;
         writeln!(f, "  certificates  {}", self.certs)?;
         writeln!(f, "  revocations   {}", self.revocations)?;
-        write!(
+        writeln!(
             f,
             "  tokens        {} (skipped {} expired)",
             self.tokens, self.expired_tokens
-        )
+        )?;
+        match &self.ca {
+            None => write!(
+                f,
+                "  CA            none (the first broker on etcd makes one)"
+            ),
+            Some((n, Some(kek))) => write!(
+                f,
+                "  CA            {n} certificates with their keys, encrypted with key-encryption key {kek}"
+            ),
+            Some((n, None)) => write!(
+                f,
+                "  CA            {n} certificates with their keys, in clear (the first broker on etcd encrypts them)"
+            ),
+        }
     }
 }
 
 /// Copies everything from the embedded store at `from` into etcd: site
 /// records, certificates, leases (same addresses, same region versions),
-/// revocations and unexpired tokens, so no site enrolls again. Refuses a
-/// prefix that already holds keys unless `force`, which deletes them
-/// first. Stop the broker that uses `from` before (the file is locked
-/// while it runs).
+/// revocations, unexpired tokens and the CA state (certificates, sealed
+/// keys, rotation phase), so no site enrolls again. `kek` is the
+/// key-encryption key the brokers on etcd will use: the CA keys must open
+/// with it, else nothing is written. Refuses a prefix that already holds
+/// keys unless `force`, which deletes them first. Stop the broker that
+/// uses `from` before (the file is locked while it runs).
 pub fn migrate(
     from: &Path,
     to: &EtcdConfig,
+    kek: &Kek,
     force: bool,
     now: SystemTime,
 ) -> Result<MigrationReport, StoreError> {
     let source = RedbStore::open(from)?;
     let mut contents = source.contents()?;
     drop(source);
+    let ca = contents
+        .ca
+        .as_deref()
+        .map(|raw| check_ca(raw, kek))
+        .transpose()?;
     let target = EtcdStore::open(to)?;
     let existing = target.key_count()?;
     let mut report = MigrationReport {
@@ -103,5 +131,28 @@ pub fn migrate(
     report.certs = contents.certs.len();
     report.revocations = contents.revocations.len();
     report.tokens = contents.tokens.len();
+    report.ca = ca;
     Ok(report)
+}
+
+/// Checks that every CA key of the stored state `raw` opens with `kek`
+/// (keys in clear need none); returns the CA count and the sealing KEK.
+fn check_ca(raw: &str, kek: &Kek) -> Result<(usize, Option<String>), StoreError> {
+    let mut state: CaState = serde_json::from_str(raw).map_err(|e| {
+        StoreError(format!(
+            "the CA state in the embedded store is damaged: {e}"
+        ))
+    })?;
+    let mut sealed_with = None;
+    let mut count = 0;
+    for ca in state.cas_mut() {
+        count += 1;
+        kek.reveal(&ca.cert, &ca.key).map_err(|e| {
+            StoreError(format!(
+                "{e}; the brokers on etcd must use the key-encryption key of the embedded store (its data directory's ca-kek, unless [ca] named another)"
+            ))
+        })?;
+        sealed_with = sealed_with.or(ca.key.kek_id().map(str::to_string));
+    }
+    Ok((count, sealed_with))
 }

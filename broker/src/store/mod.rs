@@ -264,6 +264,8 @@ pub struct StoreContents {
     /// Enrollment tokens not yet redeemed (expired ones included; callers
     /// filter).
     pub tokens: Vec<TokenRecord>,
+    /// The CA state as stored (its keys sealed), if any.
+    pub ca: Option<String>,
 }
 
 /// Opens the store the configuration names: the embedded one in

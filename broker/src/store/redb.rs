@@ -241,6 +241,10 @@ impl RedbStore {
             let stored: StoredToken = serde_json::from_slice(value.value())?;
             contents.tokens.push(stored.into_record(hash));
         }
+        contents.ca = txn
+            .open_table(DEPLOYMENT)?
+            .get(CA_KEY)?
+            .map(|v| v.value().to_string());
         Ok(contents)
     }
 }
