@@ -21,6 +21,7 @@
 //! this broker's own sessions and gateways ([`Plane::attach_link`]).
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -28,6 +29,8 @@ use tether_proto::datagram::{self, Payload};
 use tether_proto::forward::{DropReason, Ingress, Relay, Verdict};
 use tether_proto::ids::{GatewayId, RegionId};
 use tether_proto::route::{Route, RouteTarget};
+use tether_proto::send_queue::SendPatience;
+use tether_shell::quic::Sent;
 use tether_shell::tun;
 
 use crate::core_cell::CoreCell;
@@ -41,6 +44,10 @@ use crate::wireguard::{Peer, Wireguard};
 /// 8-byte quarter stream ID and the context ID) and for the virtio-net
 /// header of an offloading device.
 pub const HEADROOM: usize = 16;
+
+/// When the local gateway's reader waits for room in a site's full send
+/// queue.
+const SEND_PATIENCE: SendPatience = SendPatience::DEFAULT;
 
 /// A packet on its way, with headroom.
 struct Buffer {
@@ -85,10 +92,58 @@ pub fn send_to_site(session: &Session, packet: &[u8], metrics: &Metrics) -> Resu
 }
 
 fn send_buffer(session: &Session, buffer: Buffer, metrics: &Metrics) -> Result<(), DropReason> {
+    send_or_hold(session, buffer, metrics, None)
+}
+
+/// A datagram that found its site's send queue full, held for a sender
+/// that can wait for room ([`Plane::wait_for_room`]).
+pub struct Blocked {
+    session: Arc<Session>,
+    datagram: Bytes,
+    len: usize,
+}
+
+/// Sends a packet to a site's session. When `hold` is given, the session
+/// runs on HTTP/3 and its send queue is full, the datagram is left in
+/// `hold` (counted when it is sent) instead of displacing an older one.
+fn send_or_hold(
+    session: &Session,
+    buffer: Buffer,
+    metrics: &Metrics,
+    hold: Option<(&Arc<Session>, &mut Option<Blocked>)>,
+) -> Result<(), DropReason> {
     let len = buffer.packet().len();
     match &session.link {
         SessionLink::H3 { conn, prefix } => {
             let datagram = buffer.into_framed(prefix).ok_or(DropReason::TooBig)?;
+            let datagram = match hold {
+                Some((held, slot)) => match tether_shell::quic::try_send_datagram(conn, datagram) {
+                    Ok(None) => {
+                        session.counters.tx.add(len as u64);
+                        return Ok(());
+                    }
+                    Ok(Some(datagram)) => {
+                        let may_wait = session
+                            .send_wait
+                            .lock()
+                            .is_ok_and(|w| w.may_wait(Instant::now()));
+                        if !may_wait {
+                            // Not waited for now: displace the oldest.
+                            datagram
+                        } else {
+                            *slot = Some(Blocked {
+                                session: held.clone(),
+                                datagram,
+                                len,
+                            });
+                            return Ok(());
+                        }
+                    }
+                    Err(quinn::SendDatagramError::TooLarge) => return Err(DropReason::TooBig),
+                    Err(_) => return Err(DropReason::TargetDown),
+                },
+                None => datagram,
+            };
             match tether_shell::quic::send_datagram(conn, datagram) {
                 Ok(false) => {}
                 Ok(true) => {
@@ -178,7 +233,9 @@ impl Plane {
                 match gw.read(&mut packets).await {
                     Ok(_) => {
                         for packet in packets.packets_mut() {
-                            plane.route_local_gateway_packet(&gw, packet);
+                            if let Some(blocked) = plane.route_local_gateway_packet(&gw, packet) {
+                                plane.wait_for_room(blocked).await;
+                            }
                         }
                     }
                     Err(e) => {
@@ -261,7 +318,12 @@ impl Plane {
             };
             router.decide_relayed(buffer.packet_mut(), |t| self.mtu_of(t))
         };
-        let _ = self.perform(verdict, buffer, |icmp| link.send_to(peer, icmp).is_ok());
+        let _ = self.perform(
+            verdict,
+            buffer,
+            |icmp| link.send_to(peer, icmp).is_ok(),
+            None,
+        );
     }
 
     /// The largest packet a route's target accepts now.
@@ -280,12 +342,19 @@ impl Plane {
         }
     }
 
-    /// Delivers a packet along its route.
-    fn deliver(&self, route: &Route, mut buffer: Buffer) -> Result<(), DropReason> {
+    /// Delivers a packet along its route; with `hold`, a datagram for a
+    /// site whose send queue is full is left there ([`send_or_hold`]).
+    fn deliver(
+        &self,
+        route: &Route,
+        mut buffer: Buffer,
+        hold: Option<&mut Option<Blocked>>,
+    ) -> Result<(), DropReason> {
         match &route.target {
             RouteTarget::Site(site) => {
                 let session = self.sessions.get(site).ok_or(DropReason::TargetDown)?;
-                send_buffer(&session, buffer, &self.metrics)
+                let hold = hold.map(|slot| (&session, slot));
+                send_or_hold(&session, buffer, &self.metrics, hold)
             }
             RouteTarget::Gateway(id) => {
                 let Some(gw) = self.local_gateway.get().filter(|g| &g.id == id) else {
@@ -311,18 +380,20 @@ impl Plane {
 
     /// Performs a verdict; `reply` sends an ICMP error back to the ingress.
     /// Returns the reason when the packet was dropped (counted already in
-    /// the broker's totals).
+    /// the broker's totals). With `hold`, a packet for a site whose send
+    /// queue is full may be left there for the caller to wait on.
     fn perform(
         &self,
         verdict: Verdict,
         buffer: Buffer,
         reply: impl FnOnce(&[u8]) -> bool,
+        hold: Option<&mut Option<Blocked>>,
     ) -> Option<DropReason> {
         let result = match verdict {
-            Verdict::Forward(route) => self.deliver(&route, buffer),
+            Verdict::Forward(route) => self.deliver(&route, buffer, hold),
             Verdict::Fragments(route, fragments) => fragments
                 .iter()
-                .try_for_each(|f| self.deliver(&route, Buffer::new(f))),
+                .try_for_each(|f| self.deliver(&route, Buffer::new(f), None)),
             Verdict::Reply { icmp, reason } => {
                 if reply(&icmp) {
                     self.metrics.icmp_sent.increment(1);
@@ -447,29 +518,77 @@ impl Plane {
             _ => {
                 let buffer = Buffer::new(b.get(hdr..).unwrap_or_default());
                 batch.recycle(b);
-                if let Some(r) = self.perform(verdict, buffer, |icmp| {
-                    send_to_site(session, icmp, &self.metrics).is_ok()
-                }) {
+                if let Some(r) = self.perform(
+                    verdict,
+                    buffer,
+                    |icmp| send_to_site(session, icmp, &self.metrics).is_ok(),
+                    None,
+                ) {
                     session.drops.add(r);
                 }
             }
         }
     }
 
-    /// An IP packet arrived from the local gateway's device.
-    fn route_local_gateway_packet(&self, gw: &LocalGateway, packet: &[u8]) {
+    /// An IP packet arrived from the local gateway's device. Returns the
+    /// datagram when its site's send queue was full and the reader should
+    /// wait for room ([`Plane::wait_for_room`]).
+    fn route_local_gateway_packet(&self, gw: &LocalGateway, packet: &[u8]) -> Option<Blocked> {
         gw.counters.rx.add(packet.len() as u64);
-        self.route_gateway_packet(&gw.id, &gw.region, &gw.prefixes, packet, |icmp| {
-            gw.send(icmp).is_ok()
-        });
+        let mut blocked = None;
+        self.route_gateway_packet(
+            &gw.id,
+            &gw.region,
+            &gw.prefixes,
+            packet,
+            |icmp| gw.send(icmp).is_ok(),
+            Some(&mut blocked),
+        );
+        blocked
+    }
+
+    /// Waits for room for a datagram whose site's send queue was full: at
+    /// most the patience of [`SendPatience`], then it is dropped and
+    /// counted. While it waits, the device's reader reads nothing, and
+    /// the packets behind wait in the device's queue in the kernel, so a
+    /// burst slows the senders down instead of being lost; a site whose
+    /// queue drains slowly is not waited for again for a while
+    /// ([`tether_proto::send_queue::SendWait`]).
+    pub async fn wait_for_room(&self, blocked: Blocked) {
+        let Blocked {
+            session,
+            datagram,
+            len,
+        } = blocked;
+        let SessionLink::H3 { conn, .. } = &session.link else {
+            return;
+        };
+        let started = Instant::now();
+        let sent =
+            tether_shell::quic::send_datagram_within(conn, datagram, SEND_PATIENCE.patience).await;
+        if let Ok(mut wait) = session.send_wait.lock() {
+            let queued = matches!(sent, Ok(Sent::Queued));
+            wait.waited(&SEND_PATIENCE, started, Instant::now(), queued);
+        }
+        match sent {
+            Ok(Sent::Queued) => session.counters.tx.add(len as u64),
+            Ok(Sent::Dropped) => self.site_drop(&session, DropReason::TunnelSendQueue),
+            Err(quinn::SendDatagramError::TooLarge) => self.site_drop(&session, DropReason::TooBig),
+            Err(_) => self.site_drop(&session, DropReason::TargetDown),
+        }
     }
 
     /// An IP packet arrived from a gateway over WireGuard.
     fn route_peer_packet(&self, wg: &Wireguard, peer: &Peer, packet: &[u8]) {
         peer.counters.rx.add(packet.len() as u64);
-        self.route_gateway_packet(&peer.id, &peer.region, &peer.prefixes, packet, |icmp| {
-            wg.send(peer, icmp).is_ok()
-        });
+        self.route_gateway_packet(
+            &peer.id,
+            &peer.region,
+            &peer.prefixes,
+            packet,
+            |icmp| wg.send(peer, icmp).is_ok(),
+            None,
+        );
     }
 
     /// Routes a packet that entered from gateway `id` (the local device or
@@ -481,6 +600,7 @@ impl Plane {
         prefixes: &[IpNet],
         packet: &[u8],
         reply: impl FnOnce(&[u8]) -> bool,
+        hold: Option<&mut Option<Blocked>>,
     ) {
         let mut buffer = Buffer::new(packet);
         let verdict = {
@@ -494,7 +614,7 @@ impl Plane {
             };
             router.decide(&ingress, buffer.packet_mut(), |t| self.mtu_of(t))
         };
-        let _ = self.perform(verdict, buffer, reply);
+        let _ = self.perform(verdict, buffer, reply, hold);
     }
 }
 

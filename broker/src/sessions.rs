@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
@@ -14,6 +14,7 @@ use tether_pki::{PeerCert, token};
 use tether_proto::api::SessionInfo;
 use tether_proto::broker::{CloseReason, SessionId};
 use tether_proto::ids::{RegionId, SiteId};
+use tether_proto::send_queue::SendWait;
 use tether_proto::tunnel::Transport;
 use tokio::sync::watch;
 
@@ -125,6 +126,9 @@ pub struct Session {
     pub services: Vec<tether_proto::dns::Service>,
     /// Packets of this site dropped, by reason.
     pub drops: Drops,
+    /// Whether a sender may wait for room in its full send queue
+    /// (touched only when the queue is full).
+    pub send_wait: Mutex<SendWait>,
 }
 
 impl Session {
@@ -151,6 +155,7 @@ impl Session {
             close,
             services,
             drops: Drops::default(),
+            send_wait: Mutex::new(SendWait::default()),
         };
         (session, closed)
     }

@@ -37,6 +37,8 @@
 //! - [`tunnel`]: the broker's half of the CONNECT-IP session, and the
 //!   transports both ends name.
 //! - `api`: tether's own JSON messages (enrollment, admin API).
+//! - [`send_queue`]: when a sender waits for room in a site's full send
+//!   queue instead of dropping.
 //! - [`limits`]: admission of unauthenticated connections per source.
 //! - [`ids`], [`net`]: identifiers and prefix arithmetic shared by the above.
 
@@ -66,6 +68,7 @@ pub mod peering;
 pub mod policy;
 pub mod quic_probe;
 pub mod route;
+pub mod send_queue;
 pub mod tunnel;
 pub mod varint;
 

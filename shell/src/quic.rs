@@ -17,10 +17,30 @@ pub const TUNNEL_UDP_PAYLOAD: u16 = 1400;
 /// Bytes of datagrams a tunnel connection holds that arrived and were not
 /// read yet; beyond this the oldest are dropped (counted by
 /// [`DatagramReader`]).
-pub const DATAGRAM_RECEIVE_BUFFER: usize = 4 << 20;
+///
+/// In front of this queue is the UDP socket's buffer
+/// ([`crate::udp::SOCKET_BUFFER`]), which holds what arrives while the
+/// process is off the CPU. When it runs again, the connection decrypts
+/// that backlog in one run, faster than the datagrams' reader routes them,
+/// so the backlog lands in this queue at once. The queue therefore holds
+/// at least what the socket buffer does: smaller, and a burst the kernel
+/// kept through a stall is dropped one step later, here.
+pub const DATAGRAM_RECEIVE_BUFFER: usize = receive_queue_bytes(crate::udp::SOCKET_BUFFER);
 
-/// Bytes of datagrams a tunnel connection holds waiting to be sent; beyond
-/// this the oldest are dropped (counted by [`send_datagram`]).
+/// The receive queue a tunnel connection needs behind a UDP socket buffer
+/// of `socket_buffer` bytes: as much, and never less than 4 MiB.
+pub const fn receive_queue_bytes(socket_buffer: usize) -> usize {
+    const FLOOR: usize = 4 << 20;
+    if socket_buffer > FLOOR {
+        socket_buffer
+    } else {
+        FLOOR
+    }
+}
+
+/// Bytes of datagrams a tunnel connection holds waiting to be sent: about
+/// 16 ms at 2 Gbit/s. A sender that can wait ([`send_datagram_within`])
+/// waits for room when it is full; [`try_send_datagram`] reports it full.
 pub const DATAGRAM_SEND_BUFFER: usize = 4 << 20;
 
 /// The QUIC transport settings of both ends of a tunnel: the broker's
@@ -57,14 +77,62 @@ pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::T
     t
 }
 
+/// Queues a datagram on a tunnel connection if its send queue has room:
+/// `Ok(None)` when queued, `Ok(Some(data))` (the datagram handed back)
+/// when the queue is full. Takes the connection's lock once.
+pub fn try_send_datagram(
+    conn: &quinn::Connection,
+    data: Bytes,
+) -> Result<Option<Bytes>, SendDatagramError> {
+    use futures_util::FutureExt;
+    // Polled once: ready when the datagram was queued (or refused), pending
+    // only when the queue is full. A clone of `Bytes` is a reference count.
+    match conn.send_datagram_wait(data.clone()).now_or_never() {
+        Some(Ok(())) => Ok(None),
+        Some(Err(e)) => Err(e),
+        None => Ok(Some(data)),
+    }
+}
+
+/// What became of a datagram given to [`send_datagram_within`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued, at once or after waiting for room.
+    Queued,
+    /// The queue stayed full for the whole wait: the datagram was dropped.
+    Dropped,
+}
+
+/// Queues a datagram on a tunnel connection, waiting up to `patience` for
+/// room in a full send queue instead of dropping: the sender slows down to
+/// the connection's pace, and what it reads waits in the queues in front
+/// of it (a device's queue in the kernel). After `patience` the datagram
+/// is dropped.
+pub async fn send_datagram_within(
+    conn: &quinn::Connection,
+    data: Bytes,
+    patience: Duration,
+) -> Result<Sent, SendDatagramError> {
+    match tokio::time::timeout(patience, conn.send_datagram_wait(data)).await {
+        Ok(Ok(())) => Ok(Sent::Queued),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(Sent::Dropped),
+    }
+}
+
 /// Queues a datagram on a tunnel connection, as
 /// [`quinn::Connection::send_datagram`] does; `Ok(true)` when the
 /// connection's send queue was full and an older waiting datagram gave way
 /// to it (quinn drops the oldest silently: this is how it is counted).
+/// Takes the connection's lock once when the queue has room.
 pub fn send_datagram(conn: &quinn::Connection, data: Bytes) -> Result<bool, SendDatagramError> {
-    let displaces = conn.datagram_send_buffer_space() < data.len();
-    conn.send_datagram(data)?;
-    Ok(displaces)
+    match try_send_datagram(conn, data)? {
+        None => Ok(false),
+        Some(data) => {
+            conn.send_datagram(data)?;
+            Ok(true)
+        }
+    }
 }
 
 /// Reads a tunnel connection's datagrams in batches, and counts those its
@@ -289,18 +357,15 @@ mod tests {
         assert!(outcomes[first..].iter().all(|d| *d));
     }
 
-    /// Every datagram the connection received is either read or counted as
-    /// dropped by its full receive queue.
-    #[tokio::test]
-    async fn a_full_receive_queue_is_counted() {
-        let (client, server, _endpoint) = pair().await;
+    /// Sends `count` datagrams of 1300 bytes from `client` in small bursts,
+    /// each once the last has left, and waits until `server`'s connection
+    /// has received them (or, if loopback lost a few, until its count
+    /// stops growing). Returns how many it received.
+    async fn burst(client: &quinn::Connection, server: &quinn::Connection, count: usize) -> u64 {
         let datagram = Bytes::from(vec![7u8; 1300]);
-        let sent = 5000;
-        // Sent in small bursts, each once the last has left, while the
-        // server reads nothing: more than its receive queue holds.
-        for _ in 0..sent / 50 {
+        for _ in 0..count / 50 {
             for _ in 0..50 {
-                assert!(!send_datagram(&client, datagram.clone()).unwrap());
+                assert!(!send_datagram(client, datagram.clone()).unwrap());
             }
             tokio::time::timeout(Duration::from_secs(10), async {
                 while client.datagram_send_buffer_space() < DATAGRAM_SEND_BUFFER - 4096 {
@@ -311,8 +376,6 @@ mod tests {
             .unwrap();
         }
         let sent_frames = client.stats().frame_tx.datagram;
-        // Wait until the server's connection has what was sent (loopback
-        // may lose a few: then until it stops growing).
         let mut received = 0;
         for _ in 0..100 {
             let now = server.stats().frame_rx.datagram;
@@ -322,6 +385,11 @@ mod tests {
             received = now;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        server.stats().frame_rx.datagram
+    }
+
+    /// Reads every datagram waiting on `server`: (read, counted as dropped).
+    async fn drain(server: &quinn::Connection) -> (u64, u64) {
         let mut reader = DatagramReader::new(server.clone());
         let mut batch = Vec::new();
         let (mut read, mut dropped) = (0, 0);
@@ -334,6 +402,19 @@ mod tests {
             read += batch.len() as u64;
             dropped += d;
         }
+        (read, dropped)
+    }
+
+    /// Every datagram the connection received is either read or counted as
+    /// dropped by its full receive queue.
+    #[tokio::test]
+    async fn a_full_receive_queue_is_counted() {
+        let (client, server, _endpoint) = pair().await;
+        // More than the receive queue holds, while the server reads
+        // nothing.
+        let count = DATAGRAM_RECEIVE_BUFFER * 3 / 2 / 1300 / 50 * 50;
+        burst(&client, &server, count).await;
+        let (read, dropped) = drain(&server).await;
         let received = server.stats().frame_rx.datagram;
         assert!(
             received as usize * 1300 > DATAGRAM_RECEIVE_BUFFER,
@@ -342,6 +423,59 @@ mod tests {
         assert!(dropped > 0);
         assert_eq!(read + dropped, received, "read {read}, dropped {dropped}");
         assert!(read as usize * 1300 <= DATAGRAM_RECEIVE_BUFFER);
+    }
+
+    /// A burst as large as the UDP socket buffer in front of the queue (and
+    /// larger than the 4 MiB the queue once held) waits unread in the
+    /// receive queue and is read whole.
+    #[tokio::test]
+    async fn a_burst_the_socket_buffer_holds_is_kept() {
+        let (client, server, _endpoint) = pair().await;
+        let count = crate::udp::SOCKET_BUFFER * 9 / 10 / (1300 + 64) / 50 * 50;
+        assert!(count * 1300 > 4 << 20);
+        let received = burst(&client, &server, count).await;
+        let (read, dropped) = drain(&server).await;
+        assert_eq!(dropped, 0);
+        assert_eq!(read, received);
+    }
+
+    /// The queue holds at least what the socket buffer in front of it does.
+    #[test]
+    fn the_receive_queue_covers_the_socket_buffer() {
+        assert_eq!(receive_queue_bytes(8 << 20), 8 << 20);
+        assert_eq!(receive_queue_bytes(1 << 20), 4 << 20);
+        const { assert!(DATAGRAM_RECEIVE_BUFFER >= crate::udp::SOCKET_BUFFER) };
+    }
+
+    /// A sender that waits for room loses nothing of a burst twice the
+    /// send queue: every datagram leaves as a frame.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sender_that_waits_loses_nothing() {
+        let (client, server, _endpoint) = pair().await;
+        let datagram = Bytes::from(vec![7u8; 1300]);
+        let count = DATAGRAM_SEND_BUFFER * 2 / 1300;
+        let mut waited = false;
+        for _ in 0..count {
+            if try_send_datagram(&client, datagram.clone())
+                .unwrap()
+                .is_some()
+            {
+                waited = true;
+                let sent = send_datagram_within(&client, datagram.clone(), Duration::from_secs(10));
+                assert_eq!(sent.await.unwrap(), Sent::Queued);
+            }
+        }
+        assert!(waited, "the queue never filled");
+        // Everything queued leaves the connection as a DATAGRAM frame.
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while client.stats().frame_tx.datagram < count as u64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("every datagram was sent");
+        assert_eq!(client.stats().frame_tx.datagram, count as u64);
+        drop(server);
     }
 
     /// Counts the losses it is told of; its window shrinks with each.
