@@ -2,7 +2,12 @@
 //! library.
 //!
 //! `tether-loadgen enroll --count N --admin URL --admin-token T --broker A --dir D`
-//! creates N tokens and enrolls N sites into `D/site-<i>`;
+//! creates N tokens and enrolls N sites into `D/site-<i>`; `--broker` may
+//! list several brokers (comma-separated, used in turn), and with
+//! `--retries R` an enrollment that fails is tried again (same token, same
+//! broker) up to R times, 0.5 s apart. It prints `tokens N` once the tokens
+//! exist, `enrolled <i>` per site, `retry <i>: <error>` per failed attempt,
+//! and exits non-zero if a site could not be enrolled.
 //! `tether-loadgen connect --count N --broker A --dir D --hold S` opens a
 //! CONNECT-IP tunnel for each (one QUIC endpoint), prints `connected N`
 //! when all are up, and holds them idle for S seconds.
@@ -45,12 +50,14 @@ enum Command {
         admin: String,
         #[arg(long)]
         admin_token: String,
-        #[arg(long)]
-        broker: String,
+        #[arg(long, value_delimiter = ',')]
+        broker: Vec<String>,
         #[arg(long)]
         region: String,
         #[arg(long)]
         dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
     },
     /// Connect enrolled sites and reconnect them after each loss.
     Storm {
@@ -90,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
             broker,
             region,
             dir,
+            retries,
         } => {
             let started = Instant::now();
             let codes = tokio::task::spawn_blocking(move || {
@@ -111,24 +119,50 @@ async fn main() -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
             })
             .await?;
+            println!("tokens {}", codes.len());
+            anyhow::ensure!(!broker.is_empty(), "--broker names no broker");
             let limit = Arc::new(Semaphore::new(32));
             let mut tasks = Vec::new();
             for (i, code) in codes.into_iter().enumerate() {
-                let (limit, broker, state) = (limit.clone(), broker.clone(), site_dir(&dir, i));
+                let (limit, broker, state) = (
+                    limit.clone(),
+                    broker[i % broker.len()].clone(),
+                    site_dir(&dir, i),
+                );
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
-                    tether::enroll::enroll(&broker, &code, &state, true, None)
-                        .await
-                        .unwrap();
+                    let mut attempt = 0;
+                    loop {
+                        match tether::enroll::enroll(&broker, &code, &state, true, None).await {
+                            Ok(_) => {
+                                println!("enrolled {i}");
+                                return (true, attempt);
+                            }
+                            Err(e) if attempt < retries => {
+                                println!("retry {i}: {e:#}");
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(e) => {
+                                println!("failed {i}: {e:#}");
+                                return (false, attempt);
+                            }
+                        }
+                    }
                 }));
             }
+            let (mut failed, mut retried) = (0, 0);
             for t in tasks {
-                t.await?;
+                let (ok, attempts) = t.await?;
+                failed += usize::from(!ok);
+                retried += attempts;
             }
             println!(
-                "enrolled {count} in {:.1} s",
+                "enrolled {} in {:.1} s, {retried} retries, {failed} failed",
+                count - failed,
                 started.elapsed().as_secs_f64()
             );
+            anyhow::ensure!(failed == 0, "{failed} sites could not be enrolled");
         }
         Command::Connect {
             count,

@@ -96,10 +96,41 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
     tether_pki::ca::check_csr(csr).map_err(|e| (400, e.to_string()))?;
     let record = token::redeem(broker.store.as_ref(), token_text, SystemTime::now()).map_err(
         |e| match e {
-            RedeemError::Ledger(m) => (500, m),
+            RedeemError::Ledger(m) => (
+                503,
+                format!("the broker's store did not answer; try again: {m}"),
+            ),
             e => (401, e.to_string()),
         },
     )?;
+    // The token is spent from here. If the store fails before the site
+    // has its certificate, the token is put back, so that the site's
+    // retry enrolls it.
+    issue_redeemed(broker, &record, csr).map_err(|(status, message)| {
+        if status < 500 {
+            return (status, message);
+        }
+        match broker.store.put(record.clone()) {
+            Ok(()) => (
+                503,
+                format!("{message}; the token is still valid, try again"),
+            ),
+            Err(e) => (
+                503,
+                format!(
+                    "{message}; the token could not be kept ({e}): ask the operator for a new one"
+                ),
+            ),
+        }
+    })
+}
+
+/// Enrollment after the token was redeemed.
+fn issue_redeemed(
+    broker: &Broker,
+    record: &tether_pki::token::TokenRecord,
+    csr: &[u8],
+) -> Result<EnrollResponse, (u16, String)> {
     let site = broker
         .store
         .site(&record.site)
@@ -145,8 +176,8 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
     let brokers = broker.site_brokers(&record.region).1;
     Ok(EnrollResponse {
         identity: identity.uri(),
-        site: record.site,
-        region: record.region,
+        site: record.site.clone(),
+        region: record.region.clone(),
         certificate: cert.pem,
         ca: signer.cert_pem().to_string(),
         trust_bundle: Some(broker.ca.bundle_pem()),

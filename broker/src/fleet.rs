@@ -16,9 +16,18 @@
 //! [`Decision`]s come out of the receiver [`start`] returns. When etcd is
 //! unreachable or the lease is lost, the task starts over (a new lease, the
 //! announcement and every current claim written again) once etcd answers.
+//!
+//! Fencing: a second task watches the lease's end on the clock (each grant
+//! and renewal counted from when it was asked, so never later than etcd
+//! expires it). When it passes without a renewal the broker can no longer
+//! prove it holds its sites, and the fleet decides to move them
+//! ([`Decision::MoveSites`]). Claims written again under a new lease are
+//! transactions that write only where no other broker holds the site; a
+//! site held elsewhere ends its session here ([`Decision::EndSession`]).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
@@ -132,6 +141,10 @@ pub async fn start(
     StoreError,
 > {
     let client = crate::store::etcd::connect(config).await?;
+    let health = tokio::spawn(crate::store::etcd::follow_member_health(
+        client.clone(),
+        config.clone(),
+    ));
     let me: BrokerId = format!("{:016x}", rand::random::<u64>());
     let fleet = Arc::new(Mutex::new(Fleet::new(me.clone())));
     let (changes, _) = watch::channel(0);
@@ -144,6 +157,12 @@ pub async fn start(
         view: view.clone(),
         commands,
     });
+    let watchdog = tokio::spawn(fence_when_the_lease_runs_out(
+        fleet.clone(),
+        decisions.clone(),
+        changes.clone(),
+        view.clone(),
+    ));
     let mut task = Task {
         client,
         keys: Keys::new(&config.prefix),
@@ -161,6 +180,8 @@ pub async fn start(
     // that cannot join says so at start.
     let mut joined = Some(task.join().await?);
     let join = tokio::spawn(async move {
+        let _watchdog = AbortOnDrop(watchdog);
+        let _health = AbortOnDrop(health);
         loop {
             let lease = match joined.take() {
                 Some(lease) => Ok(lease),
@@ -178,6 +199,65 @@ pub async fn start(
         }
     });
     Ok((handle, decision_rx, join))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Locks the fleet, applies `f`, and publishes the changes of its version
+/// and generation.
+fn with_fleet<T>(
+    fleet: &Mutex<Fleet>,
+    changes: &watch::Sender<u64>,
+    view: &watch::Sender<u64>,
+    f: impl FnOnce(&mut Fleet) -> T,
+) -> T {
+    let mut fleet = match fleet.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let out = f(&mut fleet);
+    changes.send_if_modified(|v| {
+        let changed = *v != fleet.version();
+        *v = fleet.version();
+        changed
+    });
+    view.send_if_modified(|v| {
+        let changed = *v != fleet.generation();
+        *v = fleet.generation();
+        changed
+    });
+    out
+}
+
+/// Sleeps until the lease's end and lets the fleet decide whether it ran
+/// out (a renewal meanwhile moves the end later: it sleeps again).
+async fn fence_when_the_lease_runs_out(
+    fleet: Arc<Mutex<Fleet>>,
+    decisions: mpsc::UnboundedSender<Decision>,
+    changes: watch::Sender<u64>,
+    view: watch::Sender<u64>,
+) {
+    loop {
+        let deadline = with_fleet(&fleet, &changes, &view, |f| f.lease_deadline());
+        match deadline {
+            Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+            // Fenced, or no lease yet: a new lease is checked this often.
+            None => tokio::time::sleep(RENEW_EVERY).await,
+        }
+        let decided = with_fleet(&fleet, &changes, &view, |f| f.poll(Instant::now()));
+        for d in decided {
+            if decisions.send(d).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 struct Task {
@@ -217,22 +297,7 @@ impl Task {
     }
 
     fn with_fleet<T>(&self, f: impl FnOnce(&mut Fleet) -> T) -> T {
-        let mut fleet = match self.fleet.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let out = f(&mut fleet);
-        self.changes.send_if_modified(|v| {
-            let changed = *v != fleet.version();
-            *v = fleet.version();
-            changed
-        });
-        self.view.send_if_modified(|v| {
-            let changed = *v != fleet.generation();
-            *v = fleet.generation();
-            changed
-        });
-        out
+        with_fleet(&self.fleet, &self.changes, &self.view, f)
     }
 
     fn decide(&self, decisions: Vec<Decision>) {
@@ -245,11 +310,22 @@ impl Task {
     /// read of the fleet.
     async fn join(&mut self) -> Result<Joined, StoreError> {
         let mut c = self.client.clone();
+        // Sessions that opened or ended while the task was away: their
+        // claims are written below, under the new lease, as re-claims.
+        while let Ok(command) = self.commands.try_recv() {
+            self.with_fleet(|f| match command {
+                Command::Claim(site) => f.handle_claim(site),
+                Command::Release(site) => f.handle_released(&site),
+            });
+        }
         let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(5);
-        let lease = self
+        let asked = Instant::now();
+        let granted = self
             .bounded("lease grant", c.lease_grant(ttl, None))
-            .await?
-            .id();
+            .await?;
+        let lease = granted.id();
+        let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
+        self.with_fleet(|f| f.handle_granted(asked, granted_ttl));
         let value = serde_json::to_vec(&self.member).map_err(|e| self.error("announce", e))?;
         let key = format!("{}{}", self.keys.brokers, self.me);
         self.bounded(
@@ -259,7 +335,7 @@ impl Task {
         .await?;
         let claimed: Vec<SiteId> = self.with_fleet(|f| f.claimed().cloned().collect());
         for site in claimed {
-            self.put_claim(lease, &site).await?;
+            self.reclaim(lease, &site).await?;
         }
         let response = self
             .bounded(
@@ -297,6 +373,57 @@ impl Task {
         let revision = put.header().map(|h| h.revision()).unwrap_or(0);
         let decisions = self.with_fleet(|f| f.handle_claimed(site, revision));
         self.decide(decisions);
+        Ok(())
+    }
+
+    /// Writes this broker's claim on `site` under a new lease only where
+    /// no other broker holds the site (its key is absent or already this
+    /// broker's); otherwise the session here ends. A broker coming back
+    /// after losing its lease never overwrites a newer owner.
+    async fn reclaim(&self, lease: i64, site: &SiteId) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let key = format!("{}{site}", self.keys.owners);
+        let put = TxnOp::put(
+            key.clone(),
+            self.me.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        for compare in [
+            Compare::version(key.clone(), CompareOp::Equal, 0),
+            Compare::value(key.clone(), CompareOp::Equal, self.me.clone()),
+        ] {
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([put.clone()])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let answer = self.bounded("claim", c.txn(txn)).await?;
+            let revision = answer.header().map(|h| h.revision()).unwrap_or(0);
+            if answer.succeeded() {
+                let decisions = self.with_fleet(|f| f.handle_claimed(site, revision));
+                self.decide(decisions);
+                return Ok(());
+            }
+            let held = answer.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.value()).to_string(),
+                        kv.mod_revision(),
+                    )
+                }),
+                _ => None,
+            });
+            match held {
+                Some((broker, _)) if broker == self.me => continue,
+                Some((broker, at)) => {
+                    tracing::info!(%site, holder = %broker, "fleet: another broker holds the site now; ending its session here");
+                    let decisions = self.with_fleet(|f| f.handle_claim_refused(site, broker, at));
+                    self.decide(decisions);
+                    return Ok(());
+                }
+                // Deleted in between: try again from the start.
+                None => return Box::pin(self.reclaim(lease, site)).await,
+            }
+        }
         Ok(())
     }
 
@@ -338,14 +465,35 @@ impl Task {
             )
             .await?;
         let mut renew = tokio::time::interval(RENEW_EVERY);
+        // When each renewal not yet answered was asked (answers come in
+        // order).
+        let mut asked: VecDeque<Instant> = VecDeque::new();
         loop {
             tokio::select! {
                 _ = renew.tick() => {
+                    if self.with_fleet(|f| f.is_fenced()) {
+                        return Err(self.error("lease keep-alive", "no renewal within the lease's time to live"));
+                    }
+                    // A bounded queue: renewals unanswered for a whole
+                    // time to live fence the broker above anyway.
+                    if asked.len() >= 16 {
+                        asked.pop_front();
+                    }
+                    asked.push_back(Instant::now());
                     keeper.keep_alive().await.map_err(|e| self.error("lease keep-alive", e))?;
                 }
                 answer = alive.message() => match answer {
-                    Ok(Some(a)) if a.ttl() > 0 => {}
-                    Ok(Some(_)) => return Err(self.error("lease keep-alive", "the lease expired")),
+                    Ok(Some(a)) if a.ttl() > 0 => {
+                        if let Some(at) = asked.pop_front() {
+                            let ttl = Duration::from_secs(u64::try_from(a.ttl()).unwrap_or(0));
+                            self.with_fleet(|f| f.handle_renewed(at, ttl));
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        let decisions = self.with_fleet(|f| f.handle_lease_lost(Instant::now()));
+                        self.decide(decisions);
+                        return Err(self.error("lease keep-alive", "the lease expired"));
+                    }
                     Ok(None) => return Err(self.error("lease keep-alive", "stream ended")),
                     Err(e) => return Err(self.error("lease keep-alive", e)),
                 },

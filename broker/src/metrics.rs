@@ -45,6 +45,11 @@ const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
 /// Help texts of every metric (Prometheus HELP lines).
 fn describe() {
     describe_counter!(
+        "tether_broker_fleet_fenced_total",
+        Unit::Count,
+        "Times this broker's fleet lease in etcd ran out without a renewal, so that it asked its sites to move to another broker."
+    );
+    describe_counter!(
         "tether_broker_sessions_handed_over_total",
         Unit::Count,
         "Sessions whose site moved to another broker while this one drained on SIGTERM (moved), or were still here when the drain time ran out (stayed)."
@@ -472,6 +477,11 @@ pub fn handed_over(moved: usize, stayed: usize) {
         .increment(moved as u64);
     counter!("tether_broker_sessions_handed_over_total", "result" => "stayed")
         .increment(stayed as u64);
+}
+
+/// Counts a fence: the fleet lease ran out.
+pub fn fenced() {
+    counter!("tether_broker_fleet_fenced_total").increment(1);
 }
 
 /// Counts a site timeline event that did not reach the store.

@@ -169,6 +169,14 @@ async fn join_fleet(
                         session.request_close(CloseReason::Replaced);
                     }
                 }
+                tether_proto::fleet::Decision::MoveSites(held) => {
+                    tracing::warn!(
+                        sites = held.len(),
+                        "fleet: this broker's etcd lease ran out, so it can no longer prove it holds its sites; asking every connected site to move to another broker"
+                    );
+                    crate::metrics::fenced();
+                    broker.ask_sites_to_move();
+                }
             }
         }
     });

@@ -166,15 +166,25 @@ async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
     let (settings_tx, settings_rx) = watch::channel(None::<Settings>);
     tokio::spawn(read_uni_streams(conn.clone(), h3.clone(), settings_tx));
     let mut draining = broker.draining();
+    // Asked to move only by a request made after the connection opened.
+    let mut moves = broker.moves();
+    moves.borrow_and_update();
     let mut goaway_sent = false;
     loop {
+        let going = async {
+            tokio::select! {
+                d = draining.wait_for(|d| *d) => d.is_ok(),
+                m = moves.changed() => m.is_ok(),
+            }
+        };
         let accepted = tokio::select! {
             accepted = conn.accept_bi() => accepted,
-            going = async { draining.wait_for(|d| *d).await.is_ok() }, if !goaway_sent => {
+            going = going, if !goaway_sent => {
                 goaway_sent = true;
                 if going {
-                    // The broker is going away: the site moves its tunnel
-                    // to another broker. Requests keep being served until
+                    // The broker is going away, or cannot prove it holds
+                    // the site any more: the site moves its tunnel to
+                    // another broker. Requests keep being served until
                     // it has (RFC 9114 section 5.2: the largest ID first).
                     let mut frame = Vec::new();
                     h3::frame::encode_goaway(GOAWAY_ANY, &mut frame);

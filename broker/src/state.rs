@@ -84,6 +84,10 @@ pub struct Broker {
     /// Raised when the broker is going away (SIGTERM): every HTTP/3
     /// connection gets a GOAWAY, so its site moves to another broker.
     draining: watch::Sender<bool>,
+    /// Bumped when the broker lost its hold on its sites (its fleet lease
+    /// ran out): every HTTP/3 connection open at that moment gets a
+    /// GOAWAY, so its site moves to a broker that can hold it.
+    moves: watch::Sender<u64>,
     /// Each site's event timeline.
     events: EventLog,
 }
@@ -192,6 +196,7 @@ impl Broker {
             next_session: AtomicU64::new(0),
             fleet: OnceLock::new(),
             draining: watch::channel(false).0,
+            moves: watch::channel(0).0,
             events,
         }))
     }
@@ -215,6 +220,17 @@ impl Broker {
     /// Tells every connection that the broker is going away.
     pub fn start_draining(&self) {
         self.draining.send_replace(true);
+    }
+
+    /// Bumped each time the sites connected now are asked to move.
+    pub fn moves(&self) -> watch::Receiver<u64> {
+        self.moves.subscribe()
+    }
+
+    /// Asks every connection open now to move to another broker (HTTP/3
+    /// GOAWAY); the broker keeps serving those that cannot.
+    pub fn ask_sites_to_move(&self) {
+        self.moves.send_modify(|m| *m += 1);
     }
 
     /// The current session of each site.

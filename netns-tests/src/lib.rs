@@ -7,6 +7,7 @@
 //! collide on interface names. All traffic stays inside the test's own
 //! namespaces.
 
+pub mod cluster;
 pub mod topology;
 pub mod wan;
 
@@ -186,6 +187,12 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Takes charge of a child already spawned (its output redirected to
+    /// `log`, if any): it is killed on drop.
+    pub fn from_child(child: Child, log: Option<PathBuf>) -> Self {
+        Self { child, log }
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.id()

@@ -19,8 +19,26 @@
 //! came back here since) and changes nothing. While this broker's write is
 //! in flight, it cannot yet tell the two apart: the comparison waits for the
 //! claim's revision ([`Fleet::handle_claimed`]).
+//!
+//! # Fencing
+//!
+//! A broker proves it holds its sites by keeping its store lease alive:
+//! the owner keys are bound to it. The shell reports each grant and renewal
+//! with the time it *asked* ([`Fleet::handle_granted`],
+//! [`Fleet::handle_renewed`]); the lease is held until that
+//! time plus the granted time to live, which is never later than the store
+//! expires it. When that moment passes without a renewal
+//! ([`Fleet::poll`]), the broker is *fenced*: its owner keys are gone or
+//! about to go, and another broker may take its sites. It tells every site
+//! it holds to move ([`Decision::MoveSites`], once per lost lease); none
+//! of its claims is proven any more. Sessions that stay (their site found no other broker that would take it, e.g. when the
+//! store is down for every broker) or that open while fenced are claimed
+//! again under the next lease only where no other broker holds the site
+//! ([`Fleet::handle_claim_refused`] otherwise), so a broker coming back
+//! never writes stale ownership over a newer one.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use crate::ids::{RegionId, SiteId};
 
@@ -108,6 +126,10 @@ enum Claim {
 pub enum Decision {
     /// Another broker holds the site's newer session: end the one here.
     EndSession(SiteId),
+    /// The store lease ran out: this broker can no longer prove it holds
+    /// any site. Tell every connected site to move to another broker
+    /// (make-before-break); these sites were held.
+    MoveSites(Vec<SiteId>),
 }
 
 /// Membership and ownership as one broker sees them.
@@ -119,6 +141,10 @@ pub struct Fleet {
     claims: BTreeMap<SiteId, Claim>,
     version: u64,
     generation: u64,
+    /// Until when the store lease is surely alive (`None` before the
+    /// first grant).
+    held_until: Option<Instant>,
+    fenced: bool,
 }
 
 impl Fleet {
@@ -131,7 +157,79 @@ impl Fleet {
             claims: BTreeMap::new(),
             version: 0,
             generation: 0,
+            held_until: None,
+            fenced: false,
         }
+    }
+
+    /// The store granted this broker a new lease for `ttl`, on a request
+    /// sent at `asked_at`. It ends a fence.
+    pub fn handle_granted(&mut self, asked_at: Instant, ttl: Duration) {
+        self.fenced = false;
+        self.held_until = Some(asked_at + ttl);
+    }
+
+    /// The store renewed the lease for `ttl`, on a request sent at
+    /// `asked_at`. A late answer never shortens the lease, and a lease that
+    /// already ran out stays lost (only a new one ends the fence).
+    pub fn handle_renewed(&mut self, asked_at: Instant, ttl: Duration) {
+        if self.fenced {
+            return;
+        }
+        let until = asked_at + ttl;
+        self.held_until = Some(self.held_until.map_or(until, |t| t.max(until)));
+    }
+
+    /// This broker's lease is lost for sure (the store said it expired).
+    pub fn handle_lease_lost(&mut self, now: Instant) -> Vec<Decision> {
+        if let Some(t) = self.held_until.as_mut() {
+            *t = (*t).min(now);
+        }
+        self.poll(now)
+    }
+
+    /// When [`Fleet::poll`] must be called next: the moment the lease runs
+    /// out (`None` while fenced or before the first lease).
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        if self.fenced { None } else { self.held_until }
+    }
+
+    /// Whether the lease ran out and no new one was granted yet.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// Checks the lease at `now`: the first call past its end fences the
+    /// broker ([`Decision::MoveSites`] with the sites it held).
+    pub fn poll(&mut self, now: Instant) -> Vec<Decision> {
+        match self.held_until {
+            Some(until) if !self.fenced && now >= until => {
+                self.fenced = true;
+                // No claim is proven any more; those of sessions still
+                // here when a new lease comes are written again then.
+                for claim in self.claims.values_mut() {
+                    *claim = Claim::Pending;
+                }
+                let held: Vec<SiteId> = self.claims.keys().cloned().collect();
+                vec![Decision::MoveSites(held)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Claiming `site` again under a new lease was refused: `broker`
+    /// holds it since `revision`. The session here must end.
+    pub fn handle_claim_refused(
+        &mut self,
+        site: &SiteId,
+        broker: BrokerId,
+        revision: i64,
+    ) -> Vec<Decision> {
+        if self.claims.remove(site).is_none() {
+            return Vec::new();
+        }
+        self.handle_owner(site.clone(), broker, revision);
+        vec![Decision::EndSession(site.clone())]
     }
 
     /// This broker's id.
@@ -425,6 +523,80 @@ mod tests {
         assert_eq!(
             f.endpoints_for(&region("eu"), &["10.0.0.2:443".into()]),
             ["10.0.0.2:443"]
+        );
+    }
+
+    #[test]
+    fn a_lease_that_runs_out_moves_every_site_once() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(5);
+        let mut f = Fleet::new("a".into());
+        assert!(f.poll(t0 + ttl * 10).is_empty(), "no lease, no fence");
+        f.handle_granted(t0, ttl);
+        f.handle_claim(site("s1"));
+        f.handle_claimed(&site("s1"), 3);
+        f.handle_claim(site("s2"));
+        // Renewed at 2 s: held until 7 s.
+        f.handle_renewed(t0 + Duration::from_secs(2), ttl);
+        // A late answer to an older renewal does not shorten it.
+        f.handle_renewed(t0 + Duration::from_secs(1), ttl);
+        assert_eq!(f.lease_deadline(), Some(t0 + Duration::from_secs(7)));
+        assert!(f.poll(t0 + Duration::from_millis(6999)).is_empty());
+        assert!(!f.is_fenced());
+        assert_eq!(
+            f.poll(t0 + Duration::from_secs(7)),
+            vec![Decision::MoveSites(vec![site("s1"), site("s2")])]
+        );
+        assert!(f.is_fenced());
+        // A site that moved ends its session here; one that stays is
+        // claimed again under the next lease.
+        f.handle_released(&site("s1"));
+        assert_eq!(f.claimed().collect::<Vec<_>>(), [&site("s2")]);
+        assert_eq!(f.lease_deadline(), None);
+        assert!(f.poll(t0 + Duration::from_secs(8)).is_empty(), "once");
+        // A renewal of the lost lease answered late does not end the fence.
+        f.handle_renewed(t0 + Duration::from_secs(6), ttl);
+        assert!(f.is_fenced());
+        // A session that opens while fenced is not moved again.
+        f.handle_claim(site("s3"));
+        assert!(f.poll(t0 + Duration::from_secs(9)).is_empty());
+        // A new lease ends the fence; the next loss fences again.
+        let t1 = t0 + Duration::from_secs(20);
+        f.handle_granted(t1, ttl);
+        assert!(!f.is_fenced());
+        assert_eq!(f.lease_deadline(), Some(t1 + ttl));
+        assert_eq!(
+            f.poll(t1 + ttl),
+            vec![Decision::MoveSites(vec![site("s2"), site("s3")])]
+        );
+    }
+
+    #[test]
+    fn a_lease_the_store_says_expired_fences_at_once() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new("a".into());
+        f.handle_granted(t0, Duration::from_secs(5));
+        f.handle_claim(site("s1"));
+        assert_eq!(
+            f.handle_lease_lost(t0 + Duration::from_secs(1)),
+            vec![Decision::MoveSites(vec![site("s1")])]
+        );
+    }
+
+    #[test]
+    fn a_claim_refused_under_the_new_lease_ends_the_session() {
+        let mut f = Fleet::new("a".into());
+        f.handle_claim(site("s1"));
+        assert_eq!(
+            f.handle_claim_refused(&site("s1"), "b".into(), 40),
+            vec![Decision::EndSession(site("s1"))]
+        );
+        assert_eq!(f.owner(&site("s1")).map(|o| o.broker.as_str()), Some("b"));
+        assert_eq!(f.claimed().count(), 0);
+        assert!(
+            f.handle_claim_refused(&site("s1"), "b".into(), 40)
+                .is_empty(),
+            "released meanwhile: nothing to end"
         );
     }
 

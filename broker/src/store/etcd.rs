@@ -288,6 +288,7 @@ impl EtcdStore {
             })
             .map_err(|e| e.describe(&endpoints, "connect", config.timeout))?
         };
+        handle.spawn(follow_member_health(client.clone(), config.clone()));
         let mut store = Self {
             client,
             keys: Keys {
@@ -588,6 +589,64 @@ pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Sto
         options = options.with_tls(tls_options);
     }
     Ok(options)
+}
+
+/// How often [`follow_member_health`] checks each member.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+/// Keeps `client`'s pool of endpoints to the members that answer: every
+/// [`HEALTH_EVERY`] it asks each member of `config` for its status (on a
+/// client of its own) and takes a member that does not answer within a
+/// second out of the pool, and puts it back once it answers. The pool
+/// never becomes empty. Without this, the client's balancer keeps sending
+/// a share of the calls to a member that died (`tcp connect error`) until
+/// it returns.
+pub(crate) async fn follow_member_health(client: Client, config: EtcdConfig) {
+    let options = match connect_options(&config) {
+        Ok(o) => o.with_connect_timeout(Duration::from_secs(1)),
+        Err(_) => return,
+    };
+    let mut probes = Vec::new();
+    for endpoint in &config.endpoints {
+        match Client::connect([endpoint.as_str()], Some(options.clone())).await {
+            Ok(c) => probes.push((endpoint.clone(), c, true)),
+            Err(_) => return,
+        }
+    }
+    if probes.len() < 2 {
+        return;
+    }
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let mut answers = Vec::new();
+        for (_, probe, _) in &probes {
+            let mut probe = probe.clone();
+            answers.push(async move {
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(1), probe.status()).await,
+                    Ok(Ok(_))
+                )
+            });
+        }
+        let answers = futures_util::future::join_all(answers).await;
+        for (i, up) in answers.iter().enumerate() {
+            let in_pool = probes.iter().filter(|p| p.2).count();
+            let (endpoint, _, pooled) = &mut probes[i];
+            if *up && !*pooled && client.add_endpoint(endpoint.as_str()).await.is_ok() {
+                tracing::info!(%endpoint, "etcd member answers again; back in the pool");
+                *pooled = true;
+            } else if !*up
+                && *pooled
+                && in_pool > 1
+                && client.remove_endpoint(endpoint.as_str()).await.is_ok()
+            {
+                tracing::warn!(%endpoint, "etcd member does not answer; out of the pool until it does");
+                *pooled = false;
+            }
+        }
+    }
 }
 
 /// An etcd client on the caller's runtime (for async users such as the

@@ -1,0 +1,541 @@
+//! Several brokers on a three-member etcd cluster, every member, broker and
+//! site in its own namespace, all joined by one router.
+//!
+//! ```text
+//!  etcdN    10.77.N.2/24   ─┐                 ┌─ brokerN 203.0.113.(4N+2)/30
+//!  (N=1..3, client :2379,   ├── core router ──┤   (tunnel :443, link :51821,
+//!   peer :2380)             │  (nftables)     │    admin 127.0.0.1:7070)
+//!                           └─ siteK 192.168.K.10/24 (tether up)
+//! ```
+//!
+//! Partitions are real: nftables on the router drops what a broker sends
+//! to the etcd members and what they send back ([`Cluster::partition`]).
+//! The published CIDR is 203.0.113.0/24; region `eu` has the pool
+//! 100.64.0.0/16; the sites `lab-1` and `lab-2` may reach each other.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::topology::{overlay_address, read};
+use crate::{NetNs, Proc, binary, link, wait_for};
+
+/// The key prefix of the deployment in etcd.
+pub const PREFIX: &str = "/tether/ha/";
+
+/// An etcd member.
+pub struct Member {
+    /// Its namespace.
+    pub ns: NetNs,
+    /// The running etcd, if it runs.
+    pub proc: Option<Proc>,
+    /// Its number (1-3).
+    pub n: usize,
+}
+
+impl Member {
+    /// Its client URL.
+    pub fn client_url(&self) -> String {
+        format!("http://{}:2379", member_ip(self.n))
+    }
+}
+
+/// A broker.
+pub struct Broker {
+    /// Its namespace.
+    pub ns: NetNs,
+    /// The running broker, if it runs.
+    pub proc: Option<Proc>,
+    /// Its number (1-3).
+    pub n: usize,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+}
+
+impl Broker {
+    /// Its tunnel address (inside the published CIDR).
+    pub fn addr(&self) -> String {
+        broker_ip(self.n)
+    }
+
+    /// Whether its admin API says it is ready.
+    pub fn ready(&self) -> bool {
+        self.ns
+            .succeeds("curl", &["-sf", "-m", "1", "http://127.0.0.1:7070/readyz"])
+    }
+
+    /// Runs its CLI (`tether-broker ARGS -c CONFIG`); returns stdout.
+    pub fn cli(&self, args: &[&str]) -> io::Result<String> {
+        let cfg = self.config.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-c", &cfg]);
+        let out = self
+            .ns
+            .run(&binary("tether-broker").display().to_string(), &all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Its `/metrics` text (empty if it does not answer).
+    pub fn metrics_text(&self) -> String {
+        self.ns
+            .command("curl")
+            .args(["-s", "-m", "2", "http://127.0.0.1:7070/metrics"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    }
+
+    /// The sum of a metric's samples whose line starts with `prefix`.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        self.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// A site.
+pub struct Site {
+    /// Its namespace.
+    pub ns: NetNs,
+    /// The running agent, if it runs.
+    pub agent: Option<Proc>,
+    /// Its number.
+    pub n: usize,
+    /// Its name (site id).
+    pub name: String,
+    /// Its state directory.
+    pub state: PathBuf,
+}
+
+impl Site {
+    /// Its overlay IPv4 address, if its tunnel is up.
+    pub fn address(&self) -> Option<String> {
+        overlay_address(&self.ns, 4)
+    }
+}
+
+/// The cluster: the router, three etcd members, the brokers and sites.
+/// Fields drop in order: sites, brokers and members stop before the router.
+pub struct Cluster {
+    /// The sites.
+    pub sites: Vec<Site>,
+    /// The brokers.
+    pub brokers: Vec<Broker>,
+    /// The etcd members.
+    pub members: Vec<Member>,
+    /// The router joining everything.
+    pub core: NetNs,
+    /// Working files (configs, data, logs).
+    pub dir: tempfile::TempDir,
+}
+
+/// The etcd member `n`'s address.
+pub fn member_ip(n: usize) -> String {
+    format!("10.77.{n}.2")
+}
+
+/// The broker `n`'s address.
+pub fn broker_ip(n: usize) -> String {
+    format!("203.0.113.{}", 4 * n + 2)
+}
+
+fn sysctl(ns: &NetNs, key: &str, value: &str) -> io::Result<()> {
+    ns.run("sysctl", &["-q", "-w", &format!("{key}={value}")])
+        .map(|_| ())
+}
+
+impl Cluster {
+    /// Builds the router and three etcd members and waits until the cluster
+    /// is healthy; then `brokers` brokers (the first creates the CA, the
+    /// others get a copy) and `sites` site namespaces (not enrolled).
+    pub fn new(brokers: usize, sites: usize) -> io::Result<Self> {
+        let mut cluster = Self {
+            sites: Vec::new(),
+            brokers: Vec::new(),
+            members: Vec::new(),
+            core: NetNs::new("core")?,
+            dir: tempfile::tempdir()?,
+        };
+        sysctl(&cluster.core, "net.ipv4.ip_forward", "1")?;
+        for n in 1..=3 {
+            let ns = NetNs::new(&format!("etcd{n}"))?;
+            link(
+                &cluster.core,
+                &format!("e{n}"),
+                &format!("10.77.{n}.1/24"),
+                &ns,
+                "eth0",
+                &format!("{}/24", member_ip(n)),
+            )?;
+            ns.run(
+                "ip",
+                &["route", "add", "default", "via", &format!("10.77.{n}.1")],
+            )?;
+            cluster.members.push(Member { ns, proc: None, n });
+        }
+        for n in 1..=3 {
+            cluster.start_member(n)?;
+        }
+        for n in 1..=3 {
+            let up = wait_for(Duration::from_secs(30), || cluster.member_healthy(n));
+            if !up {
+                return Err(io::Error::other(format!(
+                    "etcd member {n} is not healthy:\n{}",
+                    read(&cluster.path(&format!("etcd{n}.log")))
+                )));
+            }
+        }
+        for n in 1..=brokers {
+            let ns = NetNs::new(&format!("broker{n}"))?;
+            link(
+                &cluster.core,
+                &format!("b{n}"),
+                &format!("203.0.113.{}/30", 4 * n + 1),
+                &ns,
+                "eth0",
+                &format!("{}/30", broker_ip(n)),
+            )?;
+            ns.run(
+                "ip",
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("203.0.113.{}", 4 * n + 1),
+                ],
+            )?;
+            let data = cluster.path(&format!("broker{n}"));
+            let config = cluster.path(&format!("broker{n}.toml"));
+            std::fs::write(&config, broker_config(n, &data))?;
+            let log = cluster.path(&format!("broker{n}.log"));
+            cluster.brokers.push(Broker {
+                ns,
+                proc: None,
+                n,
+                config,
+                log,
+            });
+            if n > 1 {
+                // The deployment's CA, from the first broker.
+                std::fs::create_dir_all(&data)?;
+                std::fs::set_permissions(
+                    &data,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                )?;
+                for file in ["ca.crt", "ca.key"] {
+                    std::fs::copy(cluster.path("broker1").join(file), data.join(file))?;
+                }
+            }
+            cluster.start_broker(n)?;
+        }
+        for n in 1..=sites {
+            let ns = NetNs::new(&format!("site{n}"))?;
+            link(
+                &cluster.core,
+                &format!("s{n}"),
+                &format!("192.168.{n}.1/24"),
+                &ns,
+                "eth0",
+                &format!("192.168.{n}.10/24"),
+            )?;
+            ns.run(
+                "ip",
+                &["route", "add", "default", "via", &format!("192.168.{n}.1")],
+            )?;
+            let state = cluster.path(&format!("site{n}-state"));
+            cluster.sites.push(Site {
+                ns,
+                agent: None,
+                n,
+                name: format!("lab-{n}"),
+                state,
+            });
+        }
+        Ok(cluster)
+    }
+
+    /// A file in the working directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The client URLs of the three members, comma-separated.
+    pub fn endpoints(&self) -> String {
+        (1..=3)
+            .map(|n| format!("http://{}:2379", member_ip(n)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts etcd member `n` (1-3) on its data directory (a new cluster
+    /// the first time, a restart afterwards).
+    pub fn start_member(&mut self, n: usize) -> io::Result<()> {
+        let ip = member_ip(n);
+        let data = self.path(&format!("etcd{n}.data"));
+        let initial = (1..=3)
+            .map(|i| format!("m{i}=http://{}:2380", member_ip(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let args = [
+            format!("--name=m{n}"),
+            format!("--data-dir={}", data.display()),
+            format!("--listen-client-urls=http://{ip}:2379"),
+            format!("--advertise-client-urls=http://{ip}:2379"),
+            format!("--listen-peer-urls=http://{ip}:2380"),
+            format!("--initial-advertise-peer-urls=http://{ip}:2380"),
+            format!("--initial-cluster={initial}"),
+            "--initial-cluster-state=new".into(),
+            "--initial-cluster-token=tether-ha".into(),
+            "--log-level=warn".into(),
+        ];
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.path(&format!("etcd{n}.log"));
+        // Appends: a restarted member's log follows the first.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = self.members[n - 1].ns.command("/usr/bin/etcd");
+        cmd.args(&refs).stdout(file.try_clone()?).stderr(file);
+        let proc = Proc::from_child(cmd.spawn()?, Some(log));
+        self.members[n - 1].proc = Some(proc);
+        Ok(())
+    }
+
+    /// Whether member `n` answers its health check.
+    pub fn member_healthy(&self, n: usize) -> bool {
+        let url = format!("http://{}:2379/health", member_ip(n));
+        self.core
+            .command("curl")
+            .args(["-s", "-m", "1", &url])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""))
+    }
+
+    /// The number (1-3) of the member that is the leader, as the members
+    /// that answer say.
+    pub fn leader(&self) -> Option<usize> {
+        for m in &self.members {
+            let Some(status) = self.gateway(m.n, "/v3/maintenance/status", "{}") else {
+                continue;
+            };
+            let me = status["header"]["member_id"].as_str().unwrap_or_default();
+            let leader = status["leader"].as_str().unwrap_or_default();
+            if !me.is_empty() && me == leader {
+                return Some(m.n);
+            }
+        }
+        None
+    }
+
+    /// A POST to member `n`'s JSON gateway (the v3 API over HTTP).
+    fn gateway(&self, n: usize, path: &str, body: &str) -> Option<serde_json::Value> {
+        let url = format!("http://{}:2379{path}", member_ip(n));
+        let out = self
+            .core
+            .command("curl")
+            .args(["-s", "-m", "2", "-X", "POST", &url, "-d", body])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Every key under `PREFIX` + `dir` with its value, read from a member
+    /// that answers (a linearizable read).
+    pub fn keys(&self, dir: &str) -> io::Result<Vec<(String, String)>> {
+        use data_encoding::BASE64;
+        let start = format!("{PREFIX}{dir}");
+        let mut end = start.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = serde_json::json!({
+            "key": BASE64.encode(start.as_bytes()),
+            "range_end": BASE64.encode(&end),
+        })
+        .to_string();
+        for n in 1..=3 {
+            let Some(answer) = self.gateway(n, "/v3/kv/range", &body) else {
+                continue;
+            };
+            if answer.get("header").is_none() {
+                continue;
+            }
+            let decode = |v: &serde_json::Value| {
+                v.as_str()
+                    .and_then(|s| BASE64.decode(s.as_bytes()).ok())
+                    .map(|b| String::from_utf8_lossy(&b).to_string())
+                    .unwrap_or_default()
+            };
+            let kvs = answer["kvs"].as_array().cloned().unwrap_or_default();
+            return Ok(kvs
+                .iter()
+                .map(|kv| (decode(&kv["key"]), decode(&kv["value"])))
+                .collect());
+        }
+        Err(io::Error::other("no etcd member answered a read"))
+    }
+
+    /// Starts broker `n` and waits until it is ready.
+    pub fn start_broker(&mut self, n: usize) -> io::Result<()> {
+        let b = &mut self.brokers[n - 1];
+        let cfg = b.config.display().to_string();
+        // Appends: a restarted broker's log follows the first.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&b.log)?;
+        let mut cmd = b.ns.command(&binary("tether-broker").display().to_string());
+        cmd.args(["run", "-c", &cfg])
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        b.proc = Some(Proc::from_child(cmd.spawn()?, Some(b.log.clone())));
+        let b = &self.brokers[n - 1];
+        if !wait_for(Duration::from_secs(30), || b.ready()) {
+            return Err(io::Error::other(format!(
+                "broker {n} did not start:\n{}",
+                read(&b.log)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Cuts broker `n` off from every etcd member (both directions, also
+    /// flows already established); the sites still reach it.
+    pub fn partition(&self, n: usize) -> io::Result<()> {
+        let rules = format!(
+            "table inet cut{n} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  iifname \"b{n}\" ip daddr 10.77.0.0/16 drop\n  oifname \"b{n}\" ip saddr 10.77.0.0/16 drop\n }}\n}}\n"
+        );
+        let file = self.path(&format!("cut{n}.nft"));
+        std::fs::write(&file, rules)?;
+        self.core
+            .run("nft", &["-f", &file.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Ends the partition of broker `n`.
+    pub fn heal(&self, n: usize) -> io::Result<()> {
+        self.core
+            .run("nft", &["delete", "table", "inet", &format!("cut{n}")])
+            .map(|_| ())
+    }
+
+    /// Creates a token for site `name` at broker `at` (its CLI) and returns
+    /// the code.
+    pub fn token(&self, at: usize, name: &str) -> io::Result<String> {
+        let out =
+            self.brokers[at - 1].cli(&["token", "create", "--site", name, "--region", "eu"])?;
+        out.split_whitespace()
+            .find(|w| w.starts_with("tt1-"))
+            .map(str::to_string)
+            .ok_or_else(|| io::Error::other(format!("no code in: {out}")))
+    }
+
+    /// Enrolls site `k` (1-based) at broker `at`.
+    pub fn enroll(&self, k: usize, at: usize) -> io::Result<()> {
+        let site = &self.sites[k - 1];
+        let code = self.token(at, &site.name)?;
+        site.ns
+            .run(
+                &binary("tether").display().to_string(),
+                &[
+                    "enroll",
+                    "--broker",
+                    &broker_ip(at),
+                    "--token",
+                    &code,
+                    "--state-dir",
+                    &site.state.display().to_string(),
+                ],
+            )
+            .map(|_| ())
+    }
+
+    /// Starts the agent of site `k` and waits for its overlay address.
+    pub fn up(&mut self, k: usize) -> io::Result<String> {
+        let log = self.path(&format!("site{k}.log"));
+        let site = &mut self.sites[k - 1];
+        let agent = site.ns.spawn(
+            &binary("tether").display().to_string(),
+            &["up", "--state-dir", &site.state.display().to_string()],
+            Some(log.clone()),
+        )?;
+        site.agent = Some(agent);
+        let site = &self.sites[k - 1];
+        let mut address = None;
+        wait_for(Duration::from_secs(20), || {
+            address = site.address();
+            address.is_some()
+        });
+        address
+            .ok_or_else(|| io::Error::other(format!("site {k} did not come up:\n{}", read(&log))))
+    }
+
+    /// Which broker (1-based) holds a session of `site`, by asking every
+    /// running broker's admin API; every broker that lists it.
+    pub fn holders(&self, site: &str) -> Vec<usize> {
+        self.brokers
+            .iter()
+            .filter(|b| b.proc.is_some())
+            .filter(|b| {
+                b.cli(&["sessions"]).is_ok_and(|out| {
+                    out.lines()
+                        .any(|l| l.split_whitespace().next() == Some(site))
+                })
+            })
+            .map(|b| b.n)
+            .collect()
+    }
+
+    /// A broker's log so far.
+    pub fn broker_log(&self, n: usize) -> String {
+        read(&self.brokers[n - 1].log)
+    }
+}
+
+/// The configuration of broker `n`.
+fn broker_config(n: usize, data: &Path) -> String {
+    let ip = broker_ip(n);
+    let endpoints = (1..=3)
+        .map(|i| format!("\"http://{}:2379\"", member_ip(i)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"data_dir = "{}"
+trust_domain = "tether.test"
+published_cidr = "203.0.113.0/24"
+listen = ["{ip}:443"]
+advertised = ["{ip}"]
+
+[admin]
+listen = "127.0.0.1:7070"
+
+[store]
+backend = "etcd"
+
+[store.etcd]
+endpoints = [{endpoints}]
+prefix = "{PREFIX}"
+timeout = "3s"
+
+[[region]]
+name = "eu"
+ipv4_pools = ["100.64.0.0/16"]
+ipv6_pools = ["fd74:6574:6865::/48"]
+
+[[policy.allow]]
+name = "labs"
+from = ["site:lab-1", "site:lab-2"]
+to = ["site:lab-1", "site:lab-2"]
+"#,
+        data.display()
+    )
+}

@@ -1,0 +1,408 @@
+//! No single point of failure: brokers on a real three-member etcd
+//! cluster, each etcd member, broker and site in its own namespace
+//! (`tether_netns_tests::cluster`), with real `tether` agents.
+//!
+//! - the etcd leader killed (`kill -9`) while 200 sites enroll across the
+//!   brokers: every enrollment succeeds, at once or on a retry with the
+//!   same token; every site is recorded, none holds two IPv4 addresses
+//!   and no address is held twice;
+//! - a broker cut off from etcd (nftables on the router): its fleet lease
+//!   runs out, it asks its sites to move, they come back on another broker
+//!   with the same addresses; after the heal it writes no stale ownership
+//!   and no site is held by two brokers;
+//! - a rolling restart of every broker (SIGTERM, wait, start again, next)
+//!   while one site pings another every 10 ms: the lost pings are
+//!   reported, every site keeps its address.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tether_netns_tests::cluster::{Cluster, broker_ip};
+use tether_netns_tests::{binary, require_root, wait_for};
+
+/// Which broker (1-based) each broker id of the fleet is, from the fleet
+/// records in etcd (their endpoints name the broker's address).
+fn broker_numbers(cluster: &Cluster) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (key, value) in cluster.keys("fleet/brokers/").unwrap() {
+        let id = key.rsplit('/').next().unwrap().to_string();
+        let member: serde_json::Value = serde_json::from_str(&value).unwrap();
+        let endpoint = member["endpoints"][0].as_str().unwrap_or_default();
+        for b in &cluster.brokers {
+            if endpoint.starts_with(&format!("{}:", broker_ip(b.n))) {
+                out.insert(id.clone(), b.n);
+            }
+        }
+    }
+    out
+}
+
+/// The owner of each site in etcd, as a broker number (0: an id that is
+/// no live broker).
+fn owners(cluster: &Cluster) -> BTreeMap<String, usize> {
+    let numbers = broker_numbers(cluster);
+    cluster
+        .keys("fleet/owners/")
+        .unwrap()
+        .into_iter()
+        .map(|(key, id)| {
+            let site = key.rsplit('/').next().unwrap().to_string();
+            (site, numbers.get(&id).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// Every site is held by exactly one running broker, the one etcd names.
+fn one_owner_each(cluster: &Cluster) -> Result<(), String> {
+    let owners = owners(cluster);
+    for site in &cluster.sites {
+        let holders = cluster.holders(&site.name);
+        let owner = owners.get(&site.name).copied();
+        if holders.len() != 1 || owner != Some(holders[0]) {
+            return Err(format!(
+                "{}: held by brokers {holders:?}, etcd owner {owner:?}",
+                site.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
+    if !require_root() {
+        return;
+    }
+    let mut cluster = Cluster::new(3, 2).unwrap();
+    let mut before = Vec::new();
+    for k in 1..=2 {
+        cluster.enroll(k, 1).unwrap();
+        before.push(cluster.up(k).unwrap());
+    }
+    // Both sites dial the broker they enrolled at first.
+    assert!(
+        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()
+            && owners(&cluster).values().all(|b| *b == 1)),
+        "both sites on broker 1: {:?}",
+        one_owner_each(&cluster)
+    );
+
+    let to = before[1].clone();
+    assert!(
+        wait_for(Duration::from_secs(10), || cluster.sites[0]
+            .ns
+            .succeeds("ping", &["-c", "1", "-W", "1", &to])),
+        "site 1 reaches site 2 on broker 1"
+    );
+
+    let cut = Instant::now();
+    cluster.partition(1).unwrap();
+    // Within the lease's 5 s and a handover, both sites are on another
+    // broker, with their addresses.
+    let moved = wait_for(Duration::from_secs(30), || {
+        cluster
+            .sites
+            .iter()
+            .all(|s| matches!(cluster.holders(&s.name)[..], [b] if b != 1))
+    });
+    let took = cut.elapsed();
+    let holders: Vec<_> = cluster
+        .sites
+        .iter()
+        .map(|s| cluster.holders(&s.name))
+        .collect();
+    assert!(
+        moved,
+        "the sites left the broker cut off from etcd (holders {holders:?}); broker 1:\n{}",
+        cluster.broker_log(1)
+    );
+    println!("PARTITION: both sites on other brokers {took:.1?} after the cut");
+    assert!(
+        cluster
+            .broker_log(1)
+            .contains("lease ran out, so it can no longer prove it holds its sites"),
+        "broker 1 says why:\n{}",
+        cluster.broker_log(1)
+    );
+    for (site, addr) in cluster.sites.iter().zip(&before) {
+        assert_eq!(
+            site.address().as_ref(),
+            Some(addr),
+            "{} kept its address",
+            site.name
+        );
+    }
+    let etcd_owners = owners(&cluster);
+    for site in &cluster.sites {
+        let owner = etcd_owners.get(&site.name).copied();
+        assert!(
+            matches!(owner, Some(b) if b == 2 || b == 3),
+            "{}: etcd names broker {owner:?}",
+            site.name
+        );
+    }
+    // The sites reach each other through their new brokers.
+    assert!(
+        wait_for(Duration::from_secs(10), || cluster.sites[0]
+            .ns
+            .succeeds("ping", &["-c", "1", "-W", "1", &to])),
+        "site 1 reaches site 2 after the move (holders {holders:?}); broker 2:\n{}\nbroker 3:\n{}",
+        cluster.broker_log(2),
+        cluster.broker_log(3)
+    );
+
+    cluster.heal(1).unwrap();
+    // Broker 1 joins the fleet again under a new lease...
+    assert!(
+        wait_for(Duration::from_secs(30), || broker_numbers(&cluster)
+            .values()
+            .any(|b| *b == 1)),
+        "broker 1 rejoined the fleet:\n{}",
+        cluster.broker_log(1)
+    );
+    // ...and then every site has one holder, the one etcd names.
+    assert!(
+        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        "one owner per site after the heal: {:?}",
+        one_owner_each(&cluster)
+    );
+    for (site, addr) in cluster.sites.iter().zip(&before) {
+        assert_eq!(
+            site.address().as_ref(),
+            Some(addr),
+            "{} kept its address",
+            site.name
+        );
+    }
+    assert!(
+        cluster.brokers[0].metric("tether_broker_fleet_fenced_total") >= 1.0,
+        "the fence is counted"
+    );
+}
+
+/// Sent and received echo requests from a finished `ping` summary.
+fn ping_summary(text: &str) -> (u64, u64) {
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in:\n{text}"));
+    let mut numbers = line
+        .split(',')
+        .filter_map(|p| p.split_whitespace().next()?.parse::<u64>().ok());
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+}
+
+#[test]
+fn a_rolling_restart_of_every_broker_keeps_the_sites_and_their_addresses() {
+    if !require_root() {
+        return;
+    }
+    let mut cluster = Cluster::new(3, 2).unwrap();
+    let mut before = Vec::new();
+    for k in 1..=2 {
+        cluster.enroll(k, k).unwrap();
+        before.push(cluster.up(k).unwrap());
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        "{:?}",
+        one_owner_each(&cluster)
+    );
+    // Site 1 pings site 2 every 10 ms for the whole restart.
+    let log = cluster.path("ping.log");
+    let mut ping = cluster.sites[0]
+        .ns
+        .spawn(
+            "ping",
+            &["-i", "0.01", "-W", "1", "-w", "170", &before[1]],
+            Some(log.clone()),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("icmp_seq"))),
+        "the ping runs"
+    );
+    for n in 1..=3 {
+        let started = Instant::now();
+        let proc = cluster.brokers[n - 1].proc.as_mut().unwrap();
+        proc.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            proc.wait_exit(Duration::from_secs(20)),
+            "broker {n} exits after SIGTERM"
+        );
+        cluster.brokers[n - 1].proc = None;
+        cluster.start_broker(n).unwrap();
+        // Back in the fleet before the next one goes.
+        assert!(
+            wait_for(Duration::from_secs(15), || broker_numbers(&cluster)
+                .values()
+                .any(|b| *b == n)),
+            "broker {n} rejoined"
+        );
+        // Every site settled (on one broker, the one etcd names) before
+        // the next broker goes.
+        assert!(
+            wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+            "{:?}",
+            one_owner_each(&cluster)
+        );
+        println!("ROLLING: broker {n} restarted in {:.1?}", started.elapsed());
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        "{:?}",
+        one_owner_each(&cluster)
+    );
+    ping.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(ping.wait_exit(Duration::from_secs(5)));
+    let (sent, received) = ping_summary(&ping.log());
+    let lost = sent.saturating_sub(received);
+    println!("ROLLING: {lost} of {sent} pings lost over a restart of every broker");
+    for (site, addr) in cluster.sites.iter().zip(&before) {
+        assert_eq!(
+            site.address().as_ref(),
+            Some(addr),
+            "{} kept its address",
+            site.name
+        );
+    }
+    assert!(sent > 100, "the ping ran: {sent} sent");
+    // Reported above; bounded at a second of pings per broker restarted.
+    assert!(lost <= 300, "{lost} of {sent} pings lost:\n{}", ping.log());
+    let to = before[1].clone();
+    assert!(
+        cluster.sites[0]
+            .ns
+            .succeeds("ping", &["-c", "1", "-W", "2", &to]),
+        "site 1 reaches site 2 after the restarts"
+    );
+}
+
+#[test]
+fn the_etcd_leader_killed_during_200_enrollments_loses_none() {
+    if !require_root() {
+        return;
+    }
+    const SITES: usize = 200;
+    let mut cluster = Cluster::new(3, 0).unwrap();
+    let admin_token = std::fs::read_to_string(cluster.path("broker1").join("admin.token")).unwrap();
+    let brokers: Vec<String> = (1..=3).map(broker_ip).collect();
+    let dir = cluster.path("load");
+    std::fs::create_dir_all(&dir).unwrap();
+    // In broker 1's namespace: its admin API is on its loopback; the
+    // enrollments go to the three brokers in turn.
+    let mut child = cluster.brokers[0]
+        .ns
+        .command(&binary("tether-loadgen").display().to_string())
+        .args([
+            "enroll",
+            "--count",
+            &SITES.to_string(),
+            "--admin",
+            "http://127.0.0.1:7070",
+            "--admin-token",
+            admin_token.trim(),
+            "--broker",
+            &brokers.join(","),
+            "--region",
+            "eu",
+            "--dir",
+            &dir.display().to_string(),
+            "--retries",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let next = |out: &mut Vec<String>| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).ok()?;
+        out.push(line.clone());
+        Some(line)
+    };
+    // Kill the leader once the tokens exist and 10 sites are enrolled.
+    let mut enrolled = 0;
+    while enrolled < 10 {
+        let line = next(&mut out).unwrap_or_else(|| panic!("loadgen stalled:\n{}", out.join("\n")));
+        if line.starts_with("enrolled ") {
+            enrolled += 1;
+        }
+    }
+    let leader = cluster.leader().expect("a leader");
+    cluster.members[leader - 1].proc.as_mut().unwrap().kill();
+    println!("LEADER: killed etcd member {leader} after {enrolled} enrollments");
+    while let Some(line) = next(&mut out) {
+        if line.contains(" retries, ") {
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    let text = out.join("\n");
+    let retries: Vec<&String> = out.iter().filter(|l| l.starts_with("retry ")).collect();
+    println!(
+        "LEADER: {} attempts failed and were retried; summary: {}",
+        retries.len(),
+        out.last().cloned().unwrap_or_default()
+    );
+    for r in retries.iter().take(10) {
+        println!("  {r}");
+    }
+    assert!(status.success(), "every site enrolled:\n{text}");
+
+    // The store, read from the two members left: every site once, one
+    // IPv4 address each, no address twice.
+    let sites: BTreeSet<String> = cluster
+        .keys("sites/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(sites.len(), SITES, "every site is recorded");
+    let mut v4_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, value) in cluster.keys("regions/eu/leases/").unwrap() {
+        let prefix = key.rsplit_once("leases/").unwrap().1.to_string();
+        let lease: serde_json::Value = serde_json::from_str(&value).unwrap();
+        let site = lease["site"].as_str().unwrap_or_default().to_string();
+        if !prefix.contains(':') {
+            v4_of.entry(site).or_default().push(prefix);
+        }
+    }
+    // An address is allocated at enrollment when the store answers, else
+    // at the site's first connection: none or one, never two.
+    for site in &sites {
+        let held = v4_of.get(site).cloned().unwrap_or_default();
+        assert!(held.len() <= 1, "{site} holds one IPv4 address: {held:?}");
+    }
+    assert!(
+        v4_of.keys().all(|s| sites.contains(s)),
+        "no address is held by a site that is not recorded"
+    );
+    println!(
+        "LEADER: {} of {SITES} sites got their address at enrollment",
+        v4_of.len()
+    );
+    let all: Vec<&String> = v4_of.values().flatten().collect();
+    let unique: BTreeSet<&&String> = all.iter().collect();
+    assert_eq!(all.len(), unique.len(), "no address is held twice");
+    // Every token was redeemed (a redemption deletes it).
+    assert_eq!(
+        cluster.keys("tokens/").unwrap().len(),
+        0,
+        "every token is spent"
+    );
+}
