@@ -540,3 +540,91 @@ impl Cloud {
             .unwrap_or_default()
     }
 }
+
+/// The broker's `[[gateway]]` table for a WireGuard peer `id` of
+/// `region` with public key `key`, routing `prefix`.
+pub fn gateway_entry(id: &str, region: &str, key: &str, prefix: &str) -> String {
+    format!(
+        "\n[[gateway]]\nid = \"{id}\"\nregion = \"{region}\"\npublic_key = \"{key}\"\nprefixes = [\"{prefix}\"]\n"
+    )
+}
+
+/// A `tether-gateway` for a [`Cloud`]. Its key is made first: the broker's
+/// configuration registers it ([`broker_entry`](Self::broker_entry)).
+pub struct Gateway {
+    /// Its id.
+    pub id: String,
+    /// Its region.
+    pub region: String,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its state directory.
+    pub state: PathBuf,
+    /// Its WireGuard public key.
+    pub key: String,
+}
+
+impl Gateway {
+    /// Makes the key of gateway `id` of `region`, with its files under
+    /// `work`.
+    pub fn new(work: &Path, id: &str, region: &str) -> io::Result<Self> {
+        let state = work.join(id);
+        let config = work.join(format!("{id}.toml"));
+        std::fs::write(&config, format!("state_dir = \"{}\"\n", state.display()))?;
+        let out = crate::run(
+            &binary("tether-gateway").display().to_string(),
+            &["key", "-c", &config.display().to_string()],
+        )?;
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(Self {
+            id: id.into(),
+            region: region.into(),
+            config,
+            state,
+            key,
+        })
+    }
+
+    /// The broker's `[[gateway]]` table registering it for `prefix`.
+    pub fn broker_entry(&self, prefix: &str) -> String {
+        gateway_entry(&self.id, &self.region, &self.key, prefix)
+    }
+
+    /// Writes its configuration: the topology's broker and its key, then
+    /// `extra` (e.g. a `[dns]` table).
+    pub fn configure(&self, topo: &Topology, extra: &str) -> io::Result<()> {
+        let broker_key = topo.broker_cli(&["gateway", "key"])?;
+        std::fs::write(
+            &self.config,
+            format!(
+                "id = \"{}\"\nregion = \"{}\"\npublished_cidr = \"203.0.113.0/24\"\n\
+                 brokers = [\"{BROKER}:51820\"]\nbroker_public_key = \"{}\"\nstate_dir = \"{}\"\n{extra}",
+                self.id,
+                self.region,
+                broker_key.trim(),
+                self.state.display()
+            ),
+        )
+    }
+
+    /// Starts it on `cloud`'s node and waits (10 s) for its WireGuard
+    /// session with the broker. Returns the process and its log.
+    pub fn start(&self, cloud: &Cloud) -> io::Result<(Proc, PathBuf)> {
+        let log = self.state.with_extension("log");
+        let proc = cloud.node.spawn(
+            &binary("tether-gateway").display().to_string(),
+            &["run", "-c", &self.config.display().to_string()],
+            Some(log.clone()),
+        )?;
+        if !wait_for(Duration::from_secs(10), || {
+            read(&log).contains("WireGuard session with the broker established")
+        }) {
+            return Err(io::Error::other(format!(
+                "{}: no WireGuard session with the broker:\n{}",
+                self.id,
+                read(&log)
+            )));
+        }
+        Ok((proc, log))
+    }
+}

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tether_netns_tests::topology::{BROKER, Cloud, Topology, read};
+use tether_netns_tests::topology::{Cloud, Gateway, Topology, read};
 use tether_netns_tests::{NetNs, binary, require_root, wait_for};
 
 /// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over
@@ -64,59 +64,14 @@ fn backend_resolves_sites_by_name_through_the_gateway() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let cfg = work.path().join("gw-eu.toml");
-    std::fs::write(
-        &cfg,
-        format!("state_dir = \"{}\"\n", work.path().join("gw-eu").display()),
-    )
-    .unwrap();
-    let out = tether_netns_tests::run(
-        &binary("tether-gateway").display().to_string(),
-        &["key", "-c", &cfg.display().to_string()],
-    )
-    .unwrap();
-    let gw_key = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let extra = format!(
-        "\n[[gateway]]\nid = \"gw-eu\"\nregion = \"eu\"\npublic_key = \"{gw_key}\"\nprefixes = [\"10.34.0.0/24\"]\n"
-    );
-    let topo = Topology::new(&extra).unwrap();
-    let broker_key = topo.broker_cli(&["gateway", "key"]).unwrap();
+    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let topo = Topology::new(&gw.broker_entry("10.34.0.0/24")).unwrap();
     let cloud = Cloud::new(&topo, 4).unwrap();
     // The gateway serves the zone on its backend-facing address, port 53.
     let dns = "10.34.0.1";
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"id = "gw-eu"
-region = "eu"
-published_cidr = "203.0.113.0/24"
-brokers = ["{BROKER}:51820"]
-broker_public_key = "{}"
-state_dir = "{}"
-
-[dns]
-listen = "{dns}:53"
-"#,
-            broker_key.trim(),
-            work.path().join("gw-eu").display()
-        ),
-    )
-    .unwrap();
-    let gw_log = work.path().join("gw-eu.log");
-    let _gateway = cloud
-        .node
-        .spawn(
-            &binary("tether-gateway").display().to_string(),
-            &["run", "-c", &cfg.display().to_string()],
-            Some(gw_log.clone()),
-        )
+    gw.configure(&topo, &format!("\n[dns]\nlisten = \"{dns}:53\"\n"))
         .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || read(&gw_log)
-            .contains("WireGuard session with the broker established")),
-        "no WireGuard session:\n{}",
-        read(&gw_log)
-    );
+    let (_gateway, gw_log) = gw.start(&cloud).unwrap();
 
     // Two sites: lab-1 runs and announces a service; lab-2 is enrolled
     // but never connects.

@@ -12,45 +12,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tether_netns_tests::topology::{BROKER, Cloud, Topology, read};
+use tether_netns_tests::topology::{Cloud, Gateway, Topology, gateway_entry, read};
 use tether_netns_tests::{binary, require_root, wait_for};
 
 const TABLE: u32 = 7300;
-
-/// Creates a gateway's key in `state` and returns its public key.
-fn gateway_key(config: &Path) -> String {
-    let out = tether_netns_tests::run(
-        &binary("tether-gateway").display().to_string(),
-        &["key", "-c", &config.display().to_string()],
-    )
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// The generation of the route set a gateway last applied, from the
 /// `routes.json` in its state directory.
 fn live_generation(state: &Path) -> Option<u64> {
     let text = std::fs::read(state.join("routes.json")).ok()?;
     serde_json::from_slice::<serde_json::Value>(&text).ok()?["generation"].as_u64()
-}
-
-fn gateway_config(dir: &Path, id: &str, region: &str, broker_key: &str) -> String {
-    format!(
-        r#"id = "{id}"
-region = "{region}"
-published_cidr = "203.0.113.0/24"
-brokers = ["{BROKER}:51820"]
-broker_public_key = "{broker_key}"
-state_dir = "{}"
-"#,
-        dir.join(id).display()
-    )
-}
-
-fn gateway_entry(id: &str, region: &str, key: &str, prefix: &str) -> String {
-    format!(
-        "\n[[gateway]]\nid = \"{id}\"\nregion = \"{region}\"\npublic_key = \"{key}\"\nprefixes = [\"{prefix}\"]\n"
-    )
 }
 
 #[test]
@@ -60,61 +31,36 @@ fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() 
     }
     // Keys first: the broker's configuration registers them.
     let work = tempfile::tempdir().unwrap();
-    let mut keys = Vec::new();
-    for id in ["gw-eu", "gw-us"] {
-        let cfg = work.path().join(format!("{id}.toml"));
-        std::fs::write(
-            &cfg,
-            format!("state_dir = \"{}\"\n", work.path().join(id).display()),
-        )
-        .unwrap();
-        keys.push(gateway_key(&cfg));
-    }
+    let eu_gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let us_gw = Gateway::new(work.path(), "gw-us", "us").unwrap();
     let extra = format!(
         "\n[[region]]\nname = \"us\"\nipv4_pools = [\"100.80.0.0/16\"]\n{}{}",
-        gateway_entry("gw-eu", "eu", &keys[0], "10.31.0.0/24"),
-        gateway_entry("gw-us", "us", &keys[1], "10.32.0.0/24"),
+        eu_gw.broker_entry("10.31.0.0/24"),
+        us_gw.broker_entry("10.32.0.0/24"),
     );
     let topo = Topology::new(&extra).unwrap();
     let broker_key = topo.broker_cli(&["gateway", "key"]).unwrap();
-    let broker_key = broker_key.trim();
-    assert_eq!(broker_key.len(), 44, "broker key: {broker_key:?}");
+    assert_eq!(broker_key.trim().len(), 44, "broker key: {broker_key:?}");
 
     let eu = Cloud::new(&topo, 1).unwrap();
     let us = Cloud::new(&topo, 2).unwrap();
     let mut gateways = Vec::new();
-    for (cloud, id, region) in [(&eu, "gw-eu", "eu"), (&us, "gw-us", "us")] {
-        let cfg = work.path().join(format!("{id}.toml"));
-        std::fs::write(&cfg, gateway_config(work.path(), id, region, broker_key)).unwrap();
+    for (cloud, gw) in [(&eu, &eu_gw), (&us, &us_gw)] {
+        gw.configure(&topo, "").unwrap();
         // Preflight on a clean node with forwarding on: nothing to report.
         let pre = cloud
             .node
             .command(&binary("tether-gateway").display().to_string())
-            .args(["preflight", "-c", &cfg.display().to_string()])
+            .args(["preflight", "-c", &gw.config.display().to_string()])
             .output()
             .unwrap();
         let report = String::from_utf8_lossy(&pre.stdout).to_string();
-        assert!(pre.status.success(), "preflight on {id}:\n{report}");
+        assert!(pre.status.success(), "preflight on {}:\n{report}", gw.id);
         assert!(report.contains("ok    mtu"), "{report}");
-        let log = work.path().join(format!("{id}.log"));
-        let proc = cloud
-            .node
-            .spawn(
-                &binary("tether-gateway").display().to_string(),
-                &["run", "-c", &cfg.display().to_string()],
-                Some(log.clone()),
-            )
-            .unwrap();
-        gateways.push((proc, log, cfg));
-    }
-    for (_, log, _) in &gateways {
-        assert!(
-            wait_for(Duration::from_secs(10), || read(log)
-                .contains("WireGuard session with the broker established")),
-            "no WireGuard session:\n{}\nbroker:\n{}",
-            read(log),
-            read(&topo.path("broker.log"))
-        );
+        let (proc, log) = gw
+            .start(cloud)
+            .unwrap_or_else(|e| panic!("{e}\nbroker:\n{}", read(&topo.path("broker.log"))));
+        gateways.push((proc, log, gw.config.clone()));
     }
     // Now the gateway holds its rule at the priority it reported free.
     let rules = eu.node.run("ip", &["rule", "show"]).unwrap();
@@ -340,30 +286,11 @@ fn backend_behind_a_wireguard_gateway_gets_packet_too_big() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let cfg = work.path().join("gw-eu.toml");
-    std::fs::write(
-        &cfg,
-        format!("state_dir = \"{}\"\n", work.path().join("gw-eu").display()),
-    )
-    .unwrap();
-    let key = gateway_key(&cfg);
-    let topo = Topology::new(&gateway_entry("gw-eu", "eu", &key, "10.31.0.0/24")).unwrap();
-    let broker_key = topo.broker_cli(&["gateway", "key"]).unwrap();
+    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
     let eu = Cloud::new(&topo, 1).unwrap();
-    std::fs::write(
-        &cfg,
-        gateway_config(work.path(), "gw-eu", "eu", broker_key.trim()),
-    )
-    .unwrap();
-    let log = work.path().join("gw-eu.log");
-    let _gateway = eu
-        .node
-        .spawn(
-            &binary("tether-gateway").display().to_string(),
-            &["run", "-c", &cfg.display().to_string()],
-            Some(log.clone()),
-        )
-        .unwrap();
+    gw.configure(&topo, "").unwrap();
+    let (_gateway, log) = gw.start(&eu).unwrap();
     let state = topo.path("site-state");
     topo.enroll("lab-1", &state).unwrap();
     let (_site, addr) = topo.up(&state, "site.log").unwrap();
