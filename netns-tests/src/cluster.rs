@@ -211,7 +211,14 @@ impl Cluster {
             )?;
             let data = cluster.path(&format!("broker{n}"));
             let config = cluster.path(&format!("broker{n}.toml"));
-            std::fs::write(&config, broker_config(n, &data))?;
+            let kek = cluster.path("ca-kek");
+            if !kek.exists() {
+                crate::run(
+                    &binary("tether-broker").display().to_string(),
+                    &["ca", "new-kek", "--out", &kek.display().to_string()],
+                )?;
+            }
+            std::fs::write(&config, broker_config(n, &data, &kek))?;
             let log = cluster.path(&format!("broker{n}.log"));
             cluster.brokers.push(Broker {
                 ns,
@@ -220,17 +227,8 @@ impl Cluster {
                 config,
                 log,
             });
-            if n > 1 {
-                // The deployment's CA, from the first broker.
-                std::fs::create_dir_all(&data)?;
-                std::fs::set_permissions(
-                    &data,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
-                )?;
-                for file in ["ca.crt", "ca.key"] {
-                    std::fs::copy(cluster.path("broker1").join(file), data.join(file))?;
-                }
-            }
+            // The deployment's CA lives in etcd: the first broker makes it,
+            // the others read it, all with the same key-encryption key.
             cluster.start_broker(n)?;
         }
         for n in 1..=sites {
@@ -502,7 +500,7 @@ impl Cluster {
 }
 
 /// The configuration of broker `n`.
-fn broker_config(n: usize, data: &Path) -> String {
+fn broker_config(n: usize, data: &Path, kek: &Path) -> String {
     let ip = broker_ip(n);
     let endpoints = (1..=3)
         .map(|i| format!("\"http://{}:2379\"", member_ip(i)))
@@ -517,6 +515,9 @@ advertised = ["{ip}"]
 
 [admin]
 listen = "127.0.0.1:7070"
+
+[ca]
+key_encryption_key_file = "{}"
 
 [store]
 backend = "etcd"
@@ -536,6 +537,7 @@ name = "labs"
 from = ["site:lab-1", "site:lab-2"]
 to = ["site:lab-1", "site:lab-2"]
 "#,
-        data.display()
+        data.display(),
+        kek.display()
     )
 }
