@@ -12,10 +12,11 @@
 
 use std::time::Duration;
 
+use tether_netns_tests::lan::add_lan_host;
 use tether_netns_tests::topology::{Topology, read};
-use tether_netns_tests::{NetNs, run, wait_for};
+use tether_netns_tests::wait_for;
 
-use crate::iperf;
+use crate::{iperf, ping_stats};
 
 /// One path's figures: Gbit/s one stream each way, four streams down, and
 /// ping p50 / p99 in ms.
@@ -26,49 +27,6 @@ struct Figures {
     down4: f64,
     p50: f64,
     p99: f64,
-}
-
-/// Bridges the site's LAN interface with a new LAN host namespace at
-/// 192.168.1.20 and returns that namespace.
-fn lan_host(site: &NetNs) -> NetNs {
-    for args in [
-        &["link", "add", "br-lan", "type", "bridge"][..],
-        &["link", "set", "br-lan", "up"],
-        &["addr", "del", "192.168.1.10/24", "dev", "eth0"],
-        &["link", "set", "eth0", "master", "br-lan"],
-        &["addr", "add", "192.168.1.10/24", "dev", "br-lan"],
-        &["route", "add", "default", "via", "192.168.1.1"],
-    ] {
-        site.run("ip", args).unwrap();
-    }
-    let host = NetNs::new("lanhost").unwrap();
-    run(
-        "ip",
-        &[
-            "-n",
-            site.name(),
-            "link",
-            "add",
-            "host20",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            host.name(),
-        ],
-    )
-    .unwrap();
-    site.run("ip", &["link", "set", "host20", "master", "br-lan"])
-        .unwrap();
-    site.run("ip", &["link", "set", "host20", "up"]).unwrap();
-    host.run("ip", &["addr", "add", "192.168.1.20/24", "dev", "eth0"])
-        .unwrap();
-    host.run("ip", &["link", "set", "eth0", "up"]).unwrap();
-    host.run("ip", &["route", "add", "default", "via", "192.168.1.1"])
-        .unwrap();
-    host
 }
 
 /// The mapped prefix the broker routes to `site` for its /24 LAN.
@@ -92,28 +50,8 @@ fn mapped_lan(topo: &Topology, site: &str) -> String {
     found.unwrap()
 }
 
-fn ping(from: &NetNs, to: &str) -> (f64, f64) {
-    let out = from
-        .command("ping")
-        .args(["-c", "300", "-i", "0.01", "-W", "1", to])
-        .output()
-        .unwrap();
-    let mut rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next())
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    if rtts.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    rtts.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p).round() as usize];
-    (pct(0.50), pct(0.99))
-}
-
 fn measure(topo: &Topology, addr: &str, secs: u32) -> Figures {
-    let (p50, p99) = ping(&topo.backend, addr);
+    let (p50, p99) = ping_stats(&topo.backend, addr);
     Figures {
         down1: iperf(&topo.backend, addr, 1, false, secs).0,
         up1: iperf(&topo.backend, addr, 1, true, secs).0,
@@ -137,7 +75,7 @@ fn mean(runs: &[Figures]) -> Figures {
 
 /// Runs the comparison on a fresh topology.
 pub fn run_lan(topo: &mut Topology, secs: u32, rounds: usize) {
-    let host = lan_host(&topo.site);
+    let host = add_lan_host(&topo.site, &["192.168.1.20/24"]).unwrap();
     let state = topo.path("site-state");
     topo.enroll("bench-lan", &state).unwrap();
     let config = state.join("tether.toml");

@@ -159,7 +159,7 @@ fn ping_stats(from: &NetNs, to: &str) -> (f64, f64) {
     if rtts.is_empty() {
         return (f64::NAN, f64::NAN);
     }
-    rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    rtts.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p).round() as usize];
     (pct(0.50), pct(0.99))
 }

@@ -8,6 +8,7 @@
 //! namespaces.
 
 pub mod cluster;
+pub mod lan;
 pub mod topology;
 pub mod wan;
 

@@ -33,51 +33,12 @@ use std::time::Duration;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use tether_netns_tests::topology::{Egress, Topology, firewall_rules, overlay_address, read};
-use tether_netns_tests::{NetNs, Proc, binary, link, require_root, run, wait_for};
+use tether_netns_tests::{NetNs, Proc, binary, lan, link, require_root, wait_for};
 
 /// Puts the site's LAN interface on a bridge with a new LAN host namespace
 /// (192.168.1.20 and 192.168.1.40) and returns that namespace.
 fn add_lan_host(site: &NetNs) -> NetNs {
-    for args in [
-        &["link", "add", "br-lan", "type", "bridge"][..],
-        &["link", "set", "br-lan", "up"],
-        &["addr", "del", "192.168.1.10/24", "dev", "eth0"],
-        &["link", "set", "eth0", "master", "br-lan"],
-        &["addr", "add", "192.168.1.10/24", "dev", "br-lan"],
-        &["route", "add", "default", "via", "192.168.1.1"],
-    ] {
-        site.run("ip", args).unwrap();
-    }
-    let host = NetNs::new("lanhost").unwrap();
-    run(
-        "ip",
-        &[
-            "-n",
-            site.name(),
-            "link",
-            "add",
-            "host20",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            host.name(),
-        ],
-    )
-    .unwrap();
-    site.run("ip", &["link", "set", "host20", "master", "br-lan"])
-        .unwrap();
-    site.run("ip", &["link", "set", "host20", "up"]).unwrap();
-    for addr in ["192.168.1.20/24", "192.168.1.40/24"] {
-        host.run("ip", &["addr", "add", addr, "dev", "eth0"])
-            .unwrap();
-    }
-    host.run("ip", &["link", "set", "eth0", "up"]).unwrap();
-    host.run("ip", &["route", "add", "default", "via", "192.168.1.1"])
-        .unwrap();
-    host
+    lan::add_lan_host(site, &["192.168.1.20/24", "192.168.1.40/24"]).unwrap()
 }
 
 /// Serves a page from the LAN host on port 8080; its access log (with

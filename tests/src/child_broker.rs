@@ -27,6 +27,30 @@ pub fn child_config(env: &str) -> Option<BrokerConfig> {
     )
 }
 
+/// The body of a child's entry test: runs the broker that `env` names
+/// (see [`child_config`]), prints `READY <tunnel address>` once it serves
+/// and serves until killed. Returns at once when `env` is unset.
+pub async fn serve_child(env: &str) {
+    let Some(config) = child_config(env) else {
+        return;
+    };
+    let running = tether_broker::run::start(config).await.unwrap();
+    println!("READY {}", running.tunnel_addrs[0]);
+    std::future::pending::<()>().await;
+}
+
+/// Creates the broker data directory `data` holding the CA files of the
+/// data directory `ca_from`: a CA file in the data directory is imported
+/// when the store has none (brokers on etcd share the store's CA).
+pub fn data_dir_with_ca(ca_from: &Path, data: &Path) {
+    tether_pki::ca::create_private_dir(data).unwrap();
+    for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
+        if ca_from.join(file).exists() {
+            std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
+        }
+    }
+}
+
 /// A broker in a child process, killed with `SIGKILL` when dropped. Its
 /// entry test prints `READY <tunnel address>` once it serves.
 pub struct ChildBroker {
@@ -44,14 +68,7 @@ impl ChildBroker {
     pub fn start(env: &str, extra: &str, ca_from: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        tether_pki::ca::create_private_dir(&data).unwrap();
-        for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
-            // A CA file in the data directory is imported when the store has
-            // none (brokers on etcd share the store's CA).
-            if ca_from.join(file).exists() {
-                std::fs::copy(ca_from.join(file), data.join(file)).unwrap();
-            }
-        }
+        data_dir_with_ca(ca_from, &data);
         let text = format!(
             "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n{extra}"

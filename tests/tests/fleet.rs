@@ -34,7 +34,7 @@ use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::ip::Packet;
 use tether_proto::net::Family;
 use tether_proto::tunnel::Transport;
-use tether_tests::child_broker::{ChildBroker, child_config};
+use tether_tests::child_broker::{ChildBroker, serve_child};
 use tether_tests::{TestBroker, TestSite, ping, tunnel_for, v4};
 
 /// Deadline of the test body.
@@ -47,12 +47,7 @@ const CHILD: &str = "FLEET_CHILD_CONFIG";
 /// module documentation). Without `FLEET_CHILD_CONFIG` it does nothing.
 #[tokio::test]
 async fn child_broker() {
-    let Some(config) = child_config(CHILD) else {
-        return;
-    };
-    let running = tether_broker::run::start(config).await.unwrap();
-    println!("READY {}", running.tunnel_addrs[0]);
-    std::future::pending::<()>().await;
+    serve_child(CHILD).await;
 }
 
 /// A site driven through the agent's own dialing (configured brokers, then

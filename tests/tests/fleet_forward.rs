@@ -28,7 +28,7 @@ use tether_proto::gateway::{
     Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, control_packet, control_payload,
 };
 use tether_proto::ip::Packet;
-use tether_tests::child_broker::{ChildBroker, child_config};
+use tether_tests::child_broker::{ChildBroker, data_dir_with_ca, serve_child};
 use tether_tests::{TestBroker, TestSite, Tunnel, connect_trusting, ping, tunnel_for, v4};
 
 /// Deadline of each test body.
@@ -41,12 +41,7 @@ const CHILD: &str = "FLEET_FORWARD_CHILD_CONFIG";
 /// `FLEET_FORWARD_CHILD_CONFIG` it does nothing.
 #[tokio::test]
 async fn child_broker() {
-    let Some(config) = child_config(CHILD) else {
-        return;
-    };
-    let running = tether_broker::run::start(config).await.unwrap();
-    println!("READY {}", running.tunnel_addrs[0]);
-    std::future::pending::<()>().await;
+    serve_child(CHILD).await;
 }
 
 /// The configuration both brokers share: etcd, a link on a port of its
@@ -63,20 +58,44 @@ fn shared_config(server: &EtcdServer, prefix: &str) -> String {
     )
 }
 
+/// A real etcd for one test (`None`: etcd is not installed and the test
+/// is skipped, as `EtcdServer::start` decides).
+async fn start_etcd() -> Option<EtcdServer> {
+    tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+}
+
+/// A host behind the gateway "backend" of [`gateway_brokers`].
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);
+
+/// Brokers A and B on `server` under `prefix` ([`shared_config`]), A with
+/// a WireGuard listener and the gateway "backend" (10.20.0.0/16) whose key
+/// is `secret`'s.
+async fn gateway_brokers(
+    server: &EtcdServer,
+    prefix: &str,
+    secret: &x25519::StaticSecret,
+) -> (TestBroker, TestBroker) {
+    let base = shared_config(server, prefix);
+    let public = x25519::PublicKey::from(secret);
+    let with_gateway = format!(
+        "{base}[wireguard]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[gateway]]\nid = \"backend\"\nregion = \"local\"\npublic_key = {:?}\nprefixes = [\"10.20.0.0/16\"]\n",
+        tether_pki::wg::encode(public.as_bytes())
+    );
+    let a = TestBroker::start(&with_gateway).await;
+    let b = second_broker(&a, &base).await;
+    (a, b)
+}
+
 /// Broker B, with the CA of A's data directory (the brokers of a
 /// deployment share one).
 async fn second_broker(a: &TestBroker, extra: &str) -> TestBroker {
     let ca_dir = a.config.data_dir.clone().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    tether_pki::ca::create_private_dir(&data).unwrap();
-    for file in [tether_pki::ca::CA_CERT_FILE, tether_pki::ca::CA_KEY_FILE] {
-        // A CA file in the data directory is imported when the store has
-        // none (brokers on etcd share the store's CA).
-        if ca_dir.join(file).exists() {
-            std::fs::copy(ca_dir.join(file), data.join(file)).unwrap();
-        }
-    }
+    data_dir_with_ca(&ca_dir, &data);
     let b = TestBroker::start_with(extra, |c| c.data_dir = Some(data.clone())).await;
     // The data directory lives as long as the test process.
     std::mem::forget(dir);
@@ -159,10 +178,7 @@ fn value(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_on_two_brokers_reach_each_other_over_the_link() {
-    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
-        .await
-        .unwrap()
-    else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let extra = shared_config(&server, "/tether/forward/");
@@ -288,104 +304,23 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
 /// site on B, and the site's answer comes back through A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_on_one_broker_reaches_a_site_on_another() {
-    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
-        .await
-        .unwrap()
-    else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let gw_secret = x25519::StaticSecret::from([7u8; 32]);
-    let gw_public = x25519::PublicKey::from(&gw_secret);
-    let base = shared_config(&server, "/tether/forward-gw/");
-    let with_gateway = format!(
-        "{base}[wireguard]\nlisten = [\"127.0.0.1:0\"]\n\
-         [[gateway]]\nid = \"backend\"\nregion = \"local\"\npublic_key = {:?}\nprefixes = [\"10.20.0.0/16\"]\n",
-        tether_pki::wg::encode(gw_public.as_bytes())
-    );
     tokio::time::timeout(TEST_DEADLINE, async {
-        let mut a = TestBroker::start(&with_gateway).await;
-        let mut b = second_broker(&a, &base).await;
+        let (mut a, mut b) = gateway_brokers(&server, "/tether/forward-gw/", &gw_secret).await;
         let y = TestSite::enroll(&b, "site-y").await;
         let ty = tunnel_for(&b, &y).await;
         let ya = v4(&ty);
         wait_for_remote_route(&a, ya).await;
         // B learns A's gateway from A's announcement.
-        let backend: Ipv4Addr = "10.20.0.10".parse().unwrap();
-        wait_for_remote_route(&b, backend).await;
+        wait_for_remote_route(&b, BACKEND).await;
 
-        let wg = a.broker().plane().wireguard().unwrap().clone();
-        let a_wg: SocketAddr = wg.local_addrs()[0];
-        let mut tunn = Tunn::new(
-            gw_secret,
-            x25519::PublicKey::from(wg.public_key()),
-            None,
-            None,
-            1,
-            None,
-        );
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut buf = vec![0u8; 65_536];
-        let mut out = vec![0u8; 65_536];
-
-        // The gateway's packet to site-y (the first one waits in boringtun
-        // for the handshake, which this loop completes).
-        let request = ping(backend, ya, 3);
-        let mut arrived = false;
-        for _ in 0..10 {
-            if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&request, &mut buf) {
-                socket.send_to(d, a_wg).await.unwrap();
-            }
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-            loop {
-                tokio::select! {
-                    r = socket.recv_from(&mut out) => {
-                        let (n, _) = r.unwrap();
-                        let mut result = tunn.decapsulate(None, &out[..n], &mut buf);
-                        while let TunnResult::WriteToNetwork(d) = result {
-                            socket.send_to(d, a_wg).await.unwrap();
-                            result = tunn.decapsulate(None, &[], &mut buf);
-                        }
-                    }
-                    got = ty.recv_packet(Duration::from_millis(50)) => {
-                        if got.and_then(|g| Packet::parse(&g).ok().map(|p| p.src == IpAddr::V4(backend))).unwrap_or(false) {
-                            arrived = true;
-                            break;
-                        }
-                    }
-                    () = tokio::time::sleep_until(deadline) => break,
-                }
-            }
-            if arrived {
-                break;
-            }
-        }
-        assert!(arrived, "the gateway's packet did not reach site-y on B");
-
-        // site-y answers; B relays to A, A sends it to the gateway.
-        let mut answer = ping(ya, backend, 3);
-        answer[20] = 0;
-        let mut back = false;
-        for _ in 0..10 {
-            ty.send_packet(&answer);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-            while let Ok(Ok((n, _))) =
-                tokio::time::timeout_at(deadline, socket.recv_from(&mut out)).await
-            {
-                if let TunnResult::WriteToTunnelV4(p, _) =
-                    tunn.decapsulate(None, &out[..n], &mut buf)
-                {
-                    let p = Packet::parse(p).unwrap();
-                    if (p.src, p.dst) == (IpAddr::V4(ya), IpAddr::V4(backend)) {
-                        back = true;
-                        break;
-                    }
-                }
-            }
-            if back {
-                break;
-            }
-        }
-        assert!(back, "site-y's answer did not reach the gateway on A");
+        // The gateway's ping reaches site-y on B; site-y's answer goes
+        // back through B, the link and A to the gateway.
+        let mut gw = Gateway::new(gw_secret, &a).await;
+        gw.ping_through(BACKEND, &ty, 3).await;
         drop(ty);
         b.running.take().unwrap().shutdown().await;
         a.running.take().unwrap().shutdown().await;
@@ -564,24 +499,12 @@ impl Gateway {
 /// with the same route, when the site moves to A and back to B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateways_routes_follow_a_site_between_brokers() {
-    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
-        .await
-        .unwrap()
-    else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let gw_secret = x25519::StaticSecret::from([9u8; 32]);
-    let gw_public = x25519::PublicKey::from(&gw_secret);
-    let base = shared_config(&server, "/tether/forward-follow/");
-    let with_gateway = format!(
-        "{base}[wireguard]\nlisten = [\"127.0.0.1:0\"]\n\
-         [[gateway]]\nid = \"backend\"\nregion = \"local\"\npublic_key = {:?}\nprefixes = [\"10.20.0.0/16\"]\n",
-        tether_pki::wg::encode(gw_public.as_bytes())
-    );
     tokio::time::timeout(TEST_DEADLINE, async {
-        let mut a = TestBroker::start(&with_gateway).await;
-        let mut b = second_broker(&a, &base).await;
-        let backend: Ipv4Addr = "10.20.0.10".parse().unwrap();
+        let (mut a, mut b) = gateway_brokers(&server, "/tether/forward-follow/", &gw_secret).await;
         let mut gw = Gateway::new(gw_secret, &a).await;
 
         // site-y on B: A's gateway is told its route, and its name.
@@ -612,8 +535,8 @@ async fn a_gateways_routes_follow_a_site_between_brokers() {
         })
         .await;
         assert!(named.is_ok(), "A's zone has no name for site-y on B");
-        wait_for_remote_route(&b, backend).await;
-        gw.ping_through(backend, &ty, 1).await;
+        wait_for_remote_route(&b, BACKEND).await;
+        gw.ping_through(BACKEND, &ty, 1).await;
 
         // site-y moves to A (its tunnel on B ends, a new one opens on A):
         // same address, same route at the gateway, delivered here.
@@ -621,7 +544,7 @@ async fn a_gateways_routes_follow_a_site_between_brokers() {
         let ty = tunnel_for(&a, &y).await;
         assert_eq!(v4(&ty), ya, "site-y kept its address");
         gw.wait_for_site_route(ya).await;
-        gw.ping_through(backend, &ty, 2).await;
+        gw.ping_through(BACKEND, &ty, 2).await;
 
         // And back to B.
         drop(ty);
@@ -629,7 +552,7 @@ async fn a_gateways_routes_follow_a_site_between_brokers() {
         assert_eq!(v4(&ty), ya, "site-y kept its address");
         wait_for_remote_route(&a, ya).await;
         gw.wait_for_site_route(ya).await;
-        gw.ping_through(backend, &ty, 3).await;
+        gw.ping_through(BACKEND, &ty, 3).await;
 
         drop(ty);
         b.running.take().unwrap().shutdown().await;
@@ -646,10 +569,7 @@ async fn a_gateways_routes_follow_a_site_between_brokers() {
 /// expires and it leaves the fleet. Prints both times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_broker_is_held_down_before_its_lease_expires() {
-    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
-        .await
-        .unwrap()
-    else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let extra = shared_config(&server, "/tether/forward-kill/");
