@@ -71,17 +71,36 @@ fn one_owner_each(cluster: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// Three brokers and two sites up, site `k` enrolled at broker `at(k)`;
+/// with the sites' IPv4 overlay addresses.
+fn two_sites(at: impl Fn(usize) -> usize) -> (Cluster, Vec<String>) {
+    let mut cluster = Cluster::new(3, 2).unwrap();
+    let mut addresses = Vec::new();
+    for k in 1..=2 {
+        cluster.enroll(k, at(k)).unwrap();
+        addresses.push(cluster.up(k).unwrap());
+    }
+    (cluster, addresses)
+}
+
+/// Every site still has the address it had in `before`.
+fn assert_addresses_kept(cluster: &Cluster, before: &[String]) {
+    for (site, addr) in cluster.sites.iter().zip(before) {
+        assert_eq!(
+            site.address().as_ref(),
+            Some(addr),
+            "{} kept its address",
+            site.name
+        );
+    }
+}
+
 #[test]
 fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     if !require_root() {
         return;
     }
-    let mut cluster = Cluster::new(3, 2).unwrap();
-    let mut before = Vec::new();
-    for k in 1..=2 {
-        cluster.enroll(k, 1).unwrap();
-        before.push(cluster.up(k).unwrap());
-    }
+    let (cluster, before) = two_sites(|_| 1);
     // Both sites dial the broker they enrolled at first.
     assert!(
         wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()
@@ -127,14 +146,7 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         "broker 1 says why:\n{}",
         cluster.broker_log(1)
     );
-    for (site, addr) in cluster.sites.iter().zip(&before) {
-        assert_eq!(
-            site.address().as_ref(),
-            Some(addr),
-            "{} kept its address",
-            site.name
-        );
-    }
+    assert_addresses_kept(&cluster, &before);
     let etcd_owners = owners(&cluster);
     for site in &cluster.sites {
         let owner = etcd_owners.get(&site.name).copied();
@@ -169,14 +181,7 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         "one owner per site after the heal: {:?}",
         one_owner_each(&cluster)
     );
-    for (site, addr) in cluster.sites.iter().zip(&before) {
-        assert_eq!(
-            site.address().as_ref(),
-            Some(addr),
-            "{} kept its address",
-            site.name
-        );
-    }
+    assert_addresses_kept(&cluster, &before);
     assert!(
         cluster.brokers[0].metric("tether_broker_fleet_fenced_total") >= 1.0,
         "the fence is counted"
@@ -200,12 +205,7 @@ fn a_rolling_restart_of_every_broker_keeps_the_sites_and_their_addresses() {
     if !require_root() {
         return;
     }
-    let mut cluster = Cluster::new(3, 2).unwrap();
-    let mut before = Vec::new();
-    for k in 1..=2 {
-        cluster.enroll(k, k).unwrap();
-        before.push(cluster.up(k).unwrap());
-    }
+    let (mut cluster, before) = two_sites(|k| k);
     assert!(
         wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
         "{:?}",
@@ -262,14 +262,7 @@ fn a_rolling_restart_of_every_broker_keeps_the_sites_and_their_addresses() {
     let (sent, received) = ping_summary(&ping.log());
     let lost = sent.saturating_sub(received);
     println!("ROLLING: {lost} of {sent} pings lost over a restart of every broker");
-    for (site, addr) in cluster.sites.iter().zip(&before) {
-        assert_eq!(
-            site.address().as_ref(),
-            Some(addr),
-            "{} kept its address",
-            site.name
-        );
-    }
+    assert_addresses_kept(&cluster, &before);
     assert!(sent > 100, "the ping ran: {sent} sent");
     // Reported above; bounded at a second of pings per broker restarted.
     assert!(lost <= 300, "{lost} of {sent} pings lost:\n{}", ping.log());
