@@ -29,11 +29,8 @@ async fn a_broker_on_etcd_enrolls_routes_and_keeps_addresses_across_restarts() {
     };
     let config = server.config("/tether/it/");
     let extra = format!(
-        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
-         [[policy.allow]]\nname = \"a-and-b\"\nfrom = [\"site:site-a\", \"site:site-b\"]\nto = [\"site:site-a\", \"site:site-b\"]\n",
-        server.ca_toml(),
-        config.endpoints[0],
-        config.prefix
+        "{}[[policy.allow]]\nname = \"a-and-b\"\nfrom = [\"site:site-a\", \"site:site-b\"]\nto = [\"site:site-a\", \"site:site-b\"]\n",
+        server.broker_toml(&config.prefix),
     );
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut broker = TestBroker::start(&extra).await;
@@ -126,13 +123,7 @@ async fn a_revocation_at_one_broker_ends_the_session_at_another() {
     else {
         return;
     };
-    let config = server.config("/tether/pair/");
-    let extra = format!(
-        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n",
-        server.ca_toml(),
-        config.endpoints[0],
-        config.prefix
-    );
+    let extra = server.broker_toml("/tether/pair/");
     tokio::time::timeout(TEST_DEADLINE, async {
         let one = TestBroker::start(&extra).await;
         let two = TestBroker::start(&extra).await;

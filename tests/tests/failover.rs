@@ -379,14 +379,10 @@ async fn failover_and_handover(transport: Transport) {
     else {
         return;
     };
-    let config = server.config("/tether/failover/");
     let extra = format!(
         "[tunnel]\ndrain_timeout = \"10s\"\n\
-         {}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
-         [[policy.allow]]\nname = \"sites\"\nfrom = [\"site:site-1\", \"site:site-2\"]\nto = [\"site:site-1\", \"site:site-2\"]\n",
-        server.ca_toml(),
-        config.endpoints[0],
-        config.prefix
+         {}[[policy.allow]]\nname = \"sites\"\nfrom = [\"site:site-1\", \"site:site-2\"]\nto = [\"site:site-1\", \"site:site-2\"]\n",
+        server.broker_toml("/tether/failover/"),
     );
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut b = TestBroker::start(&extra).await;

@@ -152,13 +152,9 @@ async fn a_site_fails_over_to_another_broker_with_its_address_and_learns_new_bro
     else {
         return;
     };
-    let config = server.config("/tether/fleet/");
     let extra = format!(
-        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
-         [[policy.allow]]\nname = \"sites\"\nfrom = [\"site:site-1\", \"site:site-2\"]\nto = [\"site:site-1\", \"site:site-2\"]\n",
-        server.ca_toml(),
-        config.endpoints[0],
-        config.prefix
+        "{}[[policy.allow]]\nname = \"sites\"\nfrom = [\"site:site-1\", \"site:site-2\"]\nto = [\"site:site-1\", \"site:site-2\"]\n",
+        server.broker_toml("/tether/fleet/"),
     );
     tokio::time::timeout(TEST_DEADLINE, async {
         let mut b = TestBroker::start(&extra).await;

@@ -47,14 +47,10 @@ async fn child_broker() {
 /// The configuration both brokers share: etcd, a link on a port of its
 /// own, and a policy that lets site-x and site-y (not site-z) talk.
 fn shared_config(server: &EtcdServer, prefix: &str) -> String {
-    let config = server.config(prefix);
     format!(
-        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\
-         [peering]\nlisten = \"127.0.0.1:0\"\n\
+        "{}[peering]\nlisten = \"127.0.0.1:0\"\n\
          [[policy.allow]]\nname = \"x-and-y\"\nfrom = [\"site:site-x\", \"site:site-y\"]\nto = [\"site:site-x\", \"site:site-y\"]\n",
-        server.ca_toml(),
-        config.endpoints[0],
-        config.prefix
+        server.broker_toml(prefix),
     )
 }
 

@@ -232,7 +232,6 @@ impl EtcdServer {
         &self.client_url
     }
 
-    /// A store configuration for this server under `prefix`.
     /// The `[ca]` section naming the key-encryption key file every broker
     /// of this cluster's deployment shares (created on first call).
     pub fn ca_toml(&self) -> String {
@@ -246,6 +245,18 @@ impl EtcdServer {
         format!("[ca]\nkey_encryption_key_file = {path:?}\n")
     }
 
+    /// The broker configuration tables for this server under `prefix`:
+    /// the deployment's `[ca]` key-encryption key and `[store]` on etcd.
+    pub fn broker_toml(&self, prefix: &str) -> String {
+        format!(
+            "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{:?}]\nprefix = {:?}\n",
+            self.ca_toml(),
+            self.client_url,
+            prefix
+        )
+    }
+
+    /// A store configuration for this server under `prefix`.
     pub fn config(&self, prefix: &str) -> EtcdConfig {
         EtcdConfig {
             endpoints: vec![self.client_url.clone()],
