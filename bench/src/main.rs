@@ -73,6 +73,45 @@ struct Args {
     boringtun: Option<PathBuf>,
 }
 
+/// Starts `tether-loadgen COMMAND` on the site for the `count` sites
+/// enrolled in `dir` (see [`enroll_load_sites`]) with `extra` arguments,
+/// logging to `log`, and waits (up to 300 s) until it reports them
+/// connected.
+pub(crate) fn start_loadgen(
+    topo: &Topology,
+    command: &str,
+    dir: &std::path::Path,
+    count: usize,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> Proc {
+    let (n, dir) = (count.to_string(), dir.display().to_string());
+    let mut args = vec![
+        command,
+        "--count",
+        &n,
+        "--broker",
+        "203.0.113.10:443",
+        "--dir",
+        &dir,
+    ];
+    args.extend_from_slice(extra);
+    let proc = topo
+        .site
+        .spawn(
+            &binary("tether-loadgen").display().to_string(),
+            &args,
+            Some(log.to_path_buf()),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(300), || read(log).contains("connected")),
+        "load generator failed:\n{}",
+        read(log)
+    );
+    proc
+}
+
 /// Enrolls `n` sites `load-<i>` with `tether-loadgen enroll`; returns
 /// their directory.
 pub(crate) fn enroll_load_sites(topo: &Topology, n: usize) -> PathBuf {
@@ -532,32 +571,15 @@ fn main() {
     let mut _loadgen: Option<Proc> = None;
     if args.sites > 0 {
         let dir = enroll_load_sites(&topo, args.sites);
-        let loadgen = binary("tether-loadgen").display().to_string();
-        let n = args.sites.to_string();
         let log = topo.path("loadgen.log");
-        _loadgen = Some(
-            topo.site
-                .spawn(
-                    &loadgen,
-                    &[
-                        "connect",
-                        "--count",
-                        &n,
-                        "--broker",
-                        "203.0.113.10:443",
-                        "--dir",
-                        &dir.display().to_string(),
-                        "--hold",
-                        "600",
-                    ],
-                    Some(log.clone()),
-                )
-                .unwrap(),
-        );
-        let connected = wait_for(Duration::from_secs(300), || {
-            read(&log).contains("connected")
-        });
-        assert!(connected, "load generator failed:\n{}", read(&log));
+        _loadgen = Some(start_loadgen(
+            &topo,
+            "connect",
+            &dir,
+            args.sites,
+            &["--hold", "600"],
+            &log,
+        ));
         std::thread::sleep(Duration::from_secs(3));
         rss_many = Some(rss_kib(broker_pid));
         eprintln!("{}", read(&log).trim());

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::topology::{Topology, read};
-use tether_netns_tests::{binary, wait_for};
+use tether_netns_tests::wait_for;
 
 /// The value after `key` in a loadgen line (`... p50 0.41 s ...`).
 fn field(line: &str, key: &str) -> f64 {
@@ -24,31 +24,9 @@ fn field(line: &str, key: &str) -> f64 {
 pub(crate) fn run(topo: &mut Topology, sites: usize, rounds: usize) {
     let dir = crate::enroll_load_sites(topo, sites);
     let log = topo.path("storm.log");
-    let n = sites.to_string();
-    let _loadgen = topo
-        .site
-        .spawn(
-            &binary("tether-loadgen").display().to_string(),
-            &[
-                "storm",
-                "--count",
-                &n,
-                "--broker",
-                "203.0.113.10:443",
-                "--dir",
-                &dir.display().to_string(),
-                "--rounds",
-                &rounds.to_string(),
-            ],
-            Some(log.clone()),
-        )
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(300), || read(&log)
-            .contains("connected")),
-        "load generator failed:\n{}",
-        read(&log)
-    );
+    let rounds_arg = rounds.to_string();
+    let _loadgen =
+        crate::start_loadgen(topo, "storm", &dir, sites, &["--rounds", &rounds_arg], &log);
     eprintln!("{}", read(&log).trim());
     println!();
     println!("reconnect storm: {sites} idle sites, broker kill -9 and restart, {rounds} rounds");
