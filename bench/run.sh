@@ -4,7 +4,7 @@
 #
 #   bench/run.sh [--duration SECONDS] [--sites N]
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
-#   bench/run.sh --drops ROUNDS [--duration SECONDS]
+#   bench/run.sh --drops ROUNDS [--drops-via-gateway] [--duration SECONDS]
 #   bench/run.sh --storm SITES [--rounds N]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
 #
@@ -14,7 +14,9 @@
 # --drops measures where packets are lost inside tether under load: 1 and 4
 # iperf3 streams each way over HTTP/3, with the tunnelled TCP's retransmits
 # and every drop counter on the way (broker drop reasons, the tunnel
-# devices, UDP buffers, the kernel's backlog).
+# devices, UDP buffers, the kernel's backlog) and the end hosts' TCP
+# counters of loss and reordering; --drops-via-gateway runs it from the
+# backend of a cloud gateway (WireGuard, then HTTP/3).
 # --storm measures a reconnect storm: SITES idle sites (tether-loadgen),
 # the broker killed with SIGKILL and restarted N times (default 5); per
 # round, when every site was back and whether any changed its address.

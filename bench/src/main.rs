@@ -63,6 +63,10 @@ struct Args {
     /// retransmits and every drop counter along the path, this many rounds.
     #[arg(long)]
     drops: Option<u32>,
+    /// With --drops: run the probe from the backend of a cloud gateway
+    /// (WireGuard to the broker, then HTTP/3 to the site).
+    #[arg(long, requires = "drops")]
+    drops_via_gateway: bool,
     /// Measure only a host on the hospital LAN through the site's LAN
     /// mapping next to the site's own address, alternating them this many
     /// rounds.
@@ -509,8 +513,16 @@ fn main() {
     let started = Instant::now();
     let (_agent, addr) = topo.up(&state, "site.log").unwrap();
     let setup = first_packet(&topo, started);
-    if let Some(rounds) = args.drops {
-        drops::run(&topo, &addr, args.duration, rounds);
+    if let Some(rounds) = args.drops
+        && !args.drops_via_gateway
+    {
+        drops::run(
+            &topo,
+            &drops::Path::direct(&topo),
+            &addr,
+            args.duration,
+            rounds,
+        );
         let _ = std::fs::remove_dir_all(&work);
         return;
     }
@@ -558,6 +570,19 @@ fn main() {
         args.duration,
         Some(started.elapsed()),
     ));
+    if let Some(rounds) = args.drops {
+        let path = drops::Path {
+            backend: &cloud.backend,
+            devices: vec![
+                ("site", &topo.site, "tether0"),
+                ("gateway node", &cloud.node, "tether-gw0"),
+            ],
+        };
+        drops::run(&topo, &path, &addr, args.duration, rounds);
+        drop(gateway);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     drop(gateway);
     if args.gateway_only {
         let _ = std::fs::remove_dir_all(&work);

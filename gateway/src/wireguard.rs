@@ -369,6 +369,12 @@ async fn inbound(
             if from.ip().to_canonical() != shared.broker.ip().to_canonical() {
                 continue;
             }
+            // One receive holds up to 8 coalesced runs of about 45 packets
+            // each, more than a write batch: write what is ready before it
+            // fills, or the packets past its end would be lost.
+            if !batch.has_room() {
+                let _ = batch.write(&shared.dev, shared.offload).await;
+            }
             let Ok(mut tunn) = shared.tunn.lock() else {
                 return;
             };

@@ -323,3 +323,137 @@ fn backend_behind_a_wireguard_gateway_gets_packet_too_big() {
         topo.metric("tether_broker_icmp_errors_sent_total") - sent
     );
 }
+
+/// Datagrams that queue up at a gateway while it is off the CPU all reach
+/// the backend: one receive can return hundreds of packets (the broker
+/// sends them in coalesced runs), more than one device write takes, and
+/// the gateway writes as often as it needs to instead of losing the rest.
+#[test]
+fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
+    if !require_root() {
+        return;
+    }
+    const COUNT: usize = 2000;
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
+    let eu = Cloud::new(&topo, 1).unwrap();
+    gw.configure(&topo, "").unwrap();
+    let (gateway, log) = gw.start(&eu).unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("lab-1", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || eu.backend_pings(&addr)),
+        "backend behind gw-eu cannot ping {addr}:\n{}\n{}",
+        read(&log),
+        read(&topo.path("broker.log"))
+    );
+
+    // A sink on the backend: counts datagrams until 2 s without one.
+    let sink = work.path().join("sink.py");
+    std::fs::write(
+        &sink,
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE\n\
+         s.bind(('0.0.0.0', 9999))\n\
+         print('ready', flush=True)\n\
+         n = 0\n\
+         s.settimeout(60)\n\
+         s.recv(2048); n += 1\n\
+         s.settimeout(2)\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       s.recv(2048); n += 1\n\
+         except socket.timeout:\n\
+         \x20   pass\n\
+         print('received', n, flush=True)\n",
+    )
+    .unwrap();
+    let sink_log = work.path().join("sink.log");
+    let mut sink_proc = eu
+        .backend
+        .spawn(
+            "python3",
+            &[&sink.display().to_string()],
+            Some(sink_log.clone()),
+        )
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || read(&sink_log)
+        .contains("ready")));
+
+    // Freeze the gateway, send the burst from the site, and wait until
+    // the broker has handed it over (the gateway's socket stops filling).
+    gateway.signal(nix::sys::signal::Signal::SIGSTOP);
+    // The site's device queue holds the whole burst, so the test sender
+    // is not held back by it (it would drop at a full queue).
+    topo.site
+        .run("ip", &["link", "set", "tether0", "txqueuelen", "10000"])
+        .unwrap();
+    let send = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for i in range({COUNT}):\n\
+         \x20   while True:\n\
+         \x20       try:\n\
+         \x20           s.sendto(b'x' * 1200, ('{}', 9999)); break\n\
+         \x20       except BlockingIOError:\n\
+         \x20           time.sleep(0.001)\n",
+        eu.backend_addr
+    );
+    let sent = topo.site.run("python3", &["-c", &send]).unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    let queued = || -> u64 {
+        eu.node
+            .run("ss", &["-uanH"])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let mut last = (0, Instant::now());
+    let settled = wait_for(Duration::from_secs(20), || {
+        let now = queued();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        now > 0 && last.1.elapsed() > Duration::from_millis(500)
+    });
+    gateway.signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(settled, "nothing queued at the gateway");
+    assert!(
+        sink_proc.wait_exit(Duration::from_secs(70)),
+        "sink did not finish"
+    );
+    let received: usize = read(&sink_log)
+        .lines()
+        .find_map(|l| l.strip_prefix("received ")?.trim().parse().ok())
+        .unwrap_or(0);
+    println!("{received} of {COUNT} datagrams reached the backend");
+    // Where they were lost, if they were: the UDP counters of the gateway
+    // node and the backend, and the broker's drop reasons.
+    let mut counters = String::new();
+    for (name, ns) in [("gateway node", &eu.node), ("backend", &eu.backend)] {
+        let snmp = ns.run("cat", &["/proc/net/snmp"]).unwrap();
+        for line in String::from_utf8_lossy(&snmp.stdout).lines() {
+            if line.starts_with("Udp:") {
+                counters.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    assert_eq!(
+        received,
+        COUNT,
+        "datagrams lost after the gateway's pause\n{counters}broker drops:\n{}\n{}",
+        topo.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("tether_broker_packets_dropped_total"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        read(&log)
+    );
+}
