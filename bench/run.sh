@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The tunnel benchmark: tether next to the raw routed path, boringtun-cli and
-# wireguard-go on the hospital topology, in one run. Needs root.
+# The tunnel benchmark: tether next to the raw routed path, boringtun-cli,
+# wireguard-go and quincy (tls and noise modes) on the hospital topology, in
+# one run. Needs root.
 #
 #   bench/run.sh [--duration SECONDS] [--sites N]
-#   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
+#   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo,quincy-tls,quincy-noise]
 #   bench/run.sh --drops ROUNDS [--drops-via-gateway] [--duration SECONDS]
 #   bench/run.sh --storm SITES [--rounds N]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
@@ -29,5 +30,14 @@ command -v iperf3 wg wireguard-go ethtool >/dev/null || {
   exit 1
 }
 command -v boringtun-cli >/dev/null || [ -x "$HOME/.cargo/bin/boringtun-cli" ] || cargo install boringtun-cli --locked
+# quincy (a QUIC VPN on quinn, AGPL): an external peer, run as its own
+# binaries from ~/.cargo/bin; the bench skips it if they are missing.
+for q in quincy-client quincy-server quincy-identity; do
+  command -v "$q" >/dev/null || [ -x "$HOME/.cargo/bin/$q" ] || {
+    cargo install --locked --version 3.1.1 quincy-client quincy-server quincy-identity ||
+      echo "could not install quincy: the bench will skip it" >&2
+    break
+  }
+done
 cargo build --release --workspace --bins --locked
 exec target/release/tether-bench "$@"

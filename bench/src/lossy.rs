@@ -7,7 +7,8 @@
 //! ```
 //!
 //! For every path (raw, tether over HTTP/3, over HTTP/2 with UDP blocked,
-//! boringtun-cli, wireguard-go) and every impairment it runs one iperf3
+//! boringtun-cli, wireguard-go, quincy in its `tls` and `noise` modes) and
+//! every impairment it runs one iperf3
 //! stream backend -> site with BBR and one with Cubic as the inner
 //! congestion control, and reports goodput, the inner TCP's mean RTT (as
 //! the sender sees it) and retransmits; for tether also reconnects of the
@@ -22,6 +23,7 @@ use tether_netns_tests::NetNs;
 use tether_netns_tests::topology::{Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::wan::{Faults, ImpairedWan};
 
+use crate::quincy::{Mode, Quincy, QuincyTunnel};
 use crate::{WG_SITE, WgTunnel, first_packet, open_raw_path};
 
 /// One impairment of the WAN link, per direction.
@@ -227,7 +229,13 @@ fn tether(
 }
 
 /// The whole lossy run; prints its table.
-pub(crate) fn run(topo: &mut Topology, boringtun: &str, secs: u32, only: &[String]) {
+pub(crate) fn run(
+    topo: &mut Topology,
+    boringtun: &str,
+    quincy_dir: Option<&std::path::Path>,
+    secs: u32,
+    only: &[String],
+) {
     let want = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
     let mut wan = ImpairedWan::insert(topo).unwrap();
     let mut applied = Applied::default();
@@ -298,6 +306,46 @@ pub(crate) fn run(topo: &mut Topology, boringtun: &str, secs: u32, only: &[Strin
         });
         std::thread::sleep(Duration::from_secs(1));
     }
+    // quincy in both modes, also on UDP 443.
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| want(m.only_name()))
+        .collect();
+    if !modes.is_empty() {
+        match Quincy::find(quincy_dir) {
+            Err(why) => eprintln!("quincy skipped: {why}"),
+            Ok(quincy) => {
+                for mode in modes {
+                    eprintln!("{}", mode.label());
+                    // Set up over a clean link, as the site's enrollment.
+                    wan.set(Faults::default(), 1).unwrap();
+                    let mut tunnel = match QuincyTunnel::up(topo, &quincy, mode) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("{} skipped: {e:#}", mode.label());
+                            continue;
+                        }
+                    };
+                    let flows = measure(topo, &mut wan, &tunnel.addr, secs, &mut applied);
+                    // quincy does not reconnect: a lost connection ends the
+                    // client.
+                    if tunnel.client.exited() || tunnel.server.exited() {
+                        eprintln!(
+                            "  {} lost its connection during the runs:\n{}",
+                            mode.label(),
+                            tunnel.client.log()
+                        );
+                    }
+                    drop(tunnel);
+                    rows.push(LossyRow {
+                        name: mode.label(),
+                        flows,
+                        reconnects: None,
+                    });
+                }
+            }
+        }
+    }
     drop(wan);
 
     println!();
@@ -346,6 +394,18 @@ pub(crate) fn run(topo: &mut Topology, boringtun: &str, secs: u32, only: &[Strin
                 of("tether (HTTP/3)", i, c) / best_wg(i, c),
                 of("tether (HTTP/2)", i, c) / best_wg(i, c)
             );
+        }
+    }
+    if rows.iter().any(|r| r.name == Mode::Tls.label()) {
+        for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+            for (c, cc) in INNER.iter().enumerate() {
+                println!(
+                    "{} {cc}: tether HTTP/3 / {} {:.2}x",
+                    imp.label,
+                    Mode::Tls.label(),
+                    of("tether (HTTP/3)", i, c) / of(Mode::Tls.label(), i, c)
+                );
+            }
         }
     }
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {

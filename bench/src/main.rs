@@ -9,12 +9,15 @@
 //! - ping round-trip p50 and p99;
 //! - connect-to-first-packet: from starting the agent until a packet gets
 //!   through;
+//! - CPU seconds per GB moved over the 1-stream backend -> site run: the
+//!   whole machine, and each tunnel end's process;
 //!
 //! through tether, through tether from a backend behind a cloud gateway
 //! (`tether-gateway`, WireGuard to the broker), through the same paths
 //! routed without any tunnel, through
-//! boringtun-cli and through wireguard-go (both on UDP 443 of the published
-//! CIDR, so the hospital firewall lets them through as it lets tether).
+//! boringtun-cli, through wireguard-go and through quincy in its `tls` and
+//! `noise` modes (all on UDP 443 of the published CIDR, so the hospital
+//! firewall lets them through as it lets tether).
 //! Then it connects 1,000 idle sites with `tether-loadgen` and reports the
 //! broker's memory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -25,9 +28,11 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod cpu;
 mod drops;
 mod lan;
 mod lossy;
+mod quincy;
 mod storm;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
@@ -55,7 +60,8 @@ struct Args {
     /// With --storm: kill-and-restart rounds.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo).
+    /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo,
+    /// quincy-tls, quincy-noise).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Measure only where packets are lost inside tether under load: HTTP/3
@@ -75,6 +81,10 @@ struct Args {
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
+    /// Directory of quincy-server, quincy-client and quincy-identity
+    /// (default: PATH, then ~/.cargo/bin); quincy is skipped without them.
+    #[arg(long)]
+    quincy_dir: Option<PathBuf>,
 }
 
 /// Starts `tether-loadgen COMMAND` on the site for the `count` sites
@@ -154,6 +164,10 @@ struct Row {
     p50: f64,
     p99: f64,
     setup: Option<Duration>,
+    /// CPU per GB over the 1-stream -> run, with the names of the
+    /// processes sampled.
+    cpu: cpu::PerGb,
+    procs: Vec<&'static str>,
 }
 
 /// One iperf3 run: goodput in Gbit/s and the sender's retransmits.
@@ -164,6 +178,18 @@ pub(crate) fn iperf(
     reverse: bool,
     secs: u32,
 ) -> (f64, u64) {
+    let (gbits, retransmits, _) = iperf_bytes(client, server, streams, reverse, secs);
+    (gbits, retransmits)
+}
+
+/// [`iperf`], also returning the bytes received.
+fn iperf_bytes(
+    client: &NetNs,
+    server: &str,
+    streams: u32,
+    reverse: bool,
+    secs: u32,
+) -> (f64, u64, u64) {
     let mut args = vec![
         "-c".to_string(),
         server.to_string(),
@@ -184,7 +210,8 @@ pub(crate) fn iperf(
         .unwrap_or(0.0)
         / 1e9;
     let retransmits = json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    (gbits, retransmits)
+    let bytes = json["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    (gbits, retransmits, bytes)
 }
 
 fn ping_stats(from: &NetNs, to: &str) -> (f64, f64) {
@@ -226,13 +253,33 @@ fn measure_from(
     secs: u32,
     setup: Option<Duration>,
 ) -> Row {
+    measure_procs(topo, client, name, addr, secs, setup, &[])
+}
+
+/// Like [`measure_from`], with the CPU of the processes `procs` (name,
+/// pid) per GB moved besides the whole machine's.
+fn measure_procs(
+    topo: &Topology,
+    client: &NetNs,
+    name: &'static str,
+    addr: &str,
+    secs: u32,
+    setup: Option<Duration>,
+    procs: &[(&'static str, u32)],
+) -> Row {
     let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let down1 = iperf(client, addr, 1, false, secs).0;
+    let pids: Vec<u32> = procs.iter().map(|p| p.1).collect();
+    let before = cpu::sample(&pids);
+    let (down1, _, bytes) = iperf_bytes(client, addr, 1, false, secs);
+    let cpu = cpu::per_gb(&before, &cpu::sample(&pids), bytes);
     let up1 = iperf(client, addr, 1, true, secs).0;
     let down4 = iperf(client, addr, 4, false, secs).0;
     let (p50, p99) = ping_stats(client, addr);
-    eprintln!("{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms");
+    eprintln!(
+        "{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms, {:.2} CPU s/GB",
+        cpu.machine
+    );
     Row {
         name,
         down1,
@@ -241,6 +288,8 @@ fn measure_from(
         p50,
         p99,
         setup,
+        cpu,
+        procs: procs.iter().map(|p| p.0).collect(),
     }
 }
 
@@ -449,6 +498,13 @@ impl<'a> WgTunnel<'a> {
     }
 }
 
+impl WgTunnel<'_> {
+    /// The process ids of the cloud's and the site's end.
+    pub(crate) fn pids(&self) -> [u32; 2] {
+        [self._procs[0].id(), self._procs[1].id()]
+    }
+}
+
 impl Drop for WgTunnel<'_> {
     fn drop(&mut self) {
         let _ = self.topo.site.run(
@@ -461,7 +517,16 @@ impl Drop for WgTunnel<'_> {
 /// The WireGuard baseline `name` measured like tether.
 fn wireguard(topo: &Topology, name: &'static str, program: &str, extra: &[&str], secs: u32) -> Row {
     let tunnel = WgTunnel::up(topo, name, program, extra);
-    measure(topo, name, WG_SITE, secs, tunnel.setup)
+    let [cloud, site] = tunnel.pids();
+    measure_procs(
+        topo,
+        &topo.backend,
+        name,
+        WG_SITE,
+        secs,
+        tunnel.setup,
+        &[("cloud end", cloud), ("site end", site)],
+    )
 }
 
 /// Opens the hospital firewall towards the site and routes the hospital
@@ -528,6 +593,7 @@ fn main() {
         lossy::run(
             &mut topo,
             &boringtun.display().to_string(),
+            args.quincy_dir.as_deref(),
             args.duration,
             &args.only,
         );
@@ -556,7 +622,7 @@ fn main() {
     // tether.
     let state = topo.path("site-state");
     topo.enroll("bench-site", &state).unwrap();
-    let ((_agent, addr), setup) = first_reply(&topo, "first-ping.log", || {
+    let ((agent, addr), setup) = first_reply(&topo, "first-ping.log", || {
         topo.up(&state, "site.log").unwrap()
     });
     if let Some(rounds) = args.drops
@@ -572,12 +638,15 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         return;
     }
-    rows.push(measure(
+    let broker_pid = topo.broker.as_ref().unwrap().id();
+    rows.push(measure_procs(
         &topo,
+        &topo.backend,
         "tether (HTTP/3)",
         &addr,
         args.duration,
         setup,
+        &[("broker", broker_pid), ("agent", agent.id())],
     ));
 
     // Through a cloud gateway: backend -> tether-gateway == WireGuard ==
@@ -608,13 +677,18 @@ fn main() {
         "gateway path down:\n{}",
         read(&work.join("gateway.log"))
     );
-    rows.push(measure_from(
+    rows.push(measure_procs(
         &topo,
         &cloud.backend,
         "tether via gateway (WG+H3)",
         &addr,
         args.duration,
         Some(started.elapsed()),
+        &[
+            ("gateway", gateway.id()),
+            ("broker", broker_pid),
+            ("agent", agent.id()),
+        ],
     ));
     if let Some(rounds) = args.drops {
         let path = drops::Path {
@@ -636,7 +710,6 @@ fn main() {
     }
 
     // Broker memory: idle with one site, then with N more idle sites.
-    let broker_pid = topo.broker.as_ref().unwrap().id();
     let rss_one = rss_kib(broker_pid);
     let mut rss_many = None;
     let mut _loadgen: Option<Proc> = None;
@@ -656,7 +729,7 @@ fn main() {
         eprintln!("{}", read(&log).trim());
     }
     drop(_loadgen);
-    drop(_agent);
+    drop(agent);
 
     // tether when the hospital blocks UDP: HTTP/2 over TCP 443, packets in
     // DATAGRAM capsules on the stream.
@@ -664,12 +737,14 @@ fn main() {
     let ((agent_h2, addr_h2), setup) = first_reply(&topo, "first-ping-h2.log", || {
         topo.up(&state, "site-h2.log").unwrap()
     });
-    rows.push(measure(
+    rows.push(measure_procs(
         &topo,
+        &topo.backend,
         "tether (HTTP/2, UDP blocked)",
         &addr_h2,
         args.duration,
         setup,
+        &[("broker", broker_pid), ("agent", agent_h2.id())],
     ));
     // The agent routes the backend network into the tunnel; stop it so the
     // raw path is really raw.
@@ -715,6 +790,11 @@ fn main() {
         &["-f"],
         args.duration,
     ));
+    rows.extend(quincy::rows(
+        &topo,
+        args.quincy_dir.as_deref(),
+        args.duration,
+    ));
 
     let raw_of = |name: &str| {
         rows.iter()
@@ -732,12 +812,20 @@ fn main() {
         args.duration
     );
     println!(
-        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>12}",
-        "path", "1 str ->", "1 str <-", "4 str ->", "vs raw", "ping p50", "ping p99", "first pkt"
+        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>12} {:>9}",
+        "path",
+        "1 str ->",
+        "1 str <-",
+        "4 str ->",
+        "vs raw",
+        "ping p50",
+        "ping p99",
+        "first pkt",
+        "CPU s/GB"
     );
     for r in &rows {
         println!(
-            "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>8.0}% {:>8.3}ms {:>8.3}ms {:>12}",
+            "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>8.0}% {:>8.3}ms {:>8.3}ms {:>12} {:>9.2}",
             r.name,
             r.down1,
             r.up1,
@@ -752,14 +840,35 @@ fn main() {
             r.p99,
             r.setup
                 .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            r.cpu.machine
         );
+    }
+    println!(
+        "CPU s/GB: whole-machine CPU seconds (/proc/stat) per GB moved in the 1-stream -> run; per process:"
+    );
+    for r in rows.iter().filter(|r| !r.procs.is_empty()) {
+        let procs: Vec<String> = r
+            .procs
+            .iter()
+            .zip(&r.cpu.procs)
+            .map(|(n, c)| format!("{n} {c:.2}"))
+            .collect();
+        println!("  {:<28} {}", r.name, procs.join(", "));
     }
     let tether = rows[0].down1;
     if let Some(bt) = rows.iter().find(|r| r.name == "boringtun") {
         println!(
             "tether / boringtun-cli, 1 stream: {:.2}x",
             tether / bt.down1
+        );
+    }
+    for q in rows.iter().filter(|r| r.name.starts_with("quincy")) {
+        println!(
+            "tether / {}, 1 stream: {:.2}x ->, {:.2}x <-",
+            q.name,
+            tether / q.down1,
+            rows[0].up1 / q.up1
         );
     }
     println!();
