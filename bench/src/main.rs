@@ -32,8 +32,10 @@ mod cpu;
 mod drops;
 mod lan;
 mod lossy;
+mod probe;
 mod quincy;
 mod storm;
+use probe::first_reply;
 use tether_netns_tests::topology::{Cloud, Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::{NetNs, Proc, binary, require_root, wait_for};
 
@@ -85,6 +87,20 @@ struct Args {
     /// (default: PATH, then ~/.cargo/bin); quincy is skipped without them.
     #[arg(long)]
     quincy_dir: Option<PathBuf>,
+    /// Measure only the agent's start: this many starts of the site's
+    /// agent, each with the time of every step until the first packet
+    /// (from the agent's and broker's logs).
+    #[arg(long)]
+    first_packet: Option<usize>,
+    /// With --first-packet: the agent's RUST_LOG.
+    #[arg(long, default_value = "info,tether=debug")]
+    agent_log: String,
+    /// With --first-packet: keep the last agent up this many seconds
+    /// (for a profiler).
+    #[arg(long)]
+    hold: Option<u64>,
+    #[command(subcommand)]
+    probe: Option<probe::Probe>,
 }
 
 /// Starts `tether-loadgen COMMAND` on the site for the `count` sites
@@ -302,51 +318,6 @@ fn first_packet(topo: &Topology, started: Instant) -> Option<Duration> {
     .then(|| started.elapsed())
 }
 
-/// Starts the site's agent with `start` while the site pings the backend
-/// every millisecond, and returns what `start` returned and the time from
-/// just before `start` to the echo reply of the first ping that got one
-/// (from ping's own receive timestamps, so neither process start-up nor
-/// polling is counted beyond 1 ms).
-fn first_reply<T>(topo: &Topology, log: &str, start: impl FnOnce() -> T) -> (T, Option<Duration>) {
-    let log = topo.path(log);
-    let pinger = topo
-        .site
-        .spawn(
-            "ping",
-            &[
-                "-D",
-                "-n",
-                "-i",
-                "0.001",
-                "-W",
-                "1",
-                "-w",
-                "30",
-                "10.20.0.10",
-            ],
-            Some(log.clone()),
-        )
-        .unwrap();
-    // ping is sending before the clock starts.
-    wait_for(Duration::from_secs(5), || read(&log).contains("PING"));
-    let t0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let out = start();
-    let mut first = None;
-    wait_for(Duration::from_secs(30), || {
-        first = read(&log).lines().find_map(|l| {
-            let (stamp, rest) = l.strip_prefix('[')?.split_once(']')?;
-            rest.contains("bytes from").then_some(())?;
-            stamp.parse::<f64>().ok()
-        });
-        first.is_some()
-    });
-    drop(pinger);
-    let setup = first.map(|at| Duration::from_secs_f64((at - t0.as_secs_f64()).max(0.0)));
-    (out, setup)
-}
-
 fn wg_key(ns: &NetNs) -> (String, String) {
     let private = String::from_utf8(ns.run("wg", &["genkey"]).unwrap().stdout)
         .unwrap()
@@ -447,7 +418,7 @@ impl<'a> WgTunnel<'a> {
             )
             .unwrap();
         // The site side: time from starting it to the first packet through.
-        let (site, setup) = first_reply(topo, &format!("{site_if}-first-ping.log"), || {
+        let (site, setup) = first_reply(topo, &format!("{site_if}-first-probe.log"), || {
             let mut args: Vec<&str> = extra.to_vec();
             args.push(&site_if);
             let site = topo
@@ -565,8 +536,20 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(probe) = args.probe.take() {
+        if let Err(e) = probe.run() {
+            eprintln!("probe: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if !require_root() {
+        return;
+    }
+    if let Some(rounds) = args.first_packet {
+        let topo = Topology::new("").unwrap();
+        probe::timeline(&topo, rounds, &args.agent_log, args.hold);
         return;
     }
     if let Some(rounds) = args.lan {
@@ -622,7 +605,7 @@ fn main() {
     // tether.
     let state = topo.path("site-state");
     topo.enroll("bench-site", &state).unwrap();
-    let ((agent, addr), setup) = first_reply(&topo, "first-ping.log", || {
+    let ((agent, addr), setup) = first_reply(&topo, "first-probe.log", || {
         topo.up(&state, "site.log").unwrap()
     });
     if let Some(rounds) = args.drops
@@ -734,7 +717,7 @@ fn main() {
     // tether when the hospital blocks UDP: HTTP/2 over TCP 443, packets in
     // DATAGRAM capsules on the stream.
     topo.set_egress(Egress::TcpOnly).unwrap();
-    let ((agent_h2, addr_h2), setup) = first_reply(&topo, "first-ping-h2.log", || {
+    let ((agent_h2, addr_h2), setup) = first_reply(&topo, "first-probe-h2.log", || {
         topo.up(&state, "site-h2.log").unwrap()
     });
     rows.push(measure_procs(

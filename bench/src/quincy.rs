@@ -20,13 +20,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use tether_netns_tests::topology::{BROKER, Topology, read};
 use tether_netns_tests::{NetNs, Proc, wait_for};
-
-use crate::first_packet;
 
 /// The tunnel network of the quincy server (its own address first).
 pub(crate) const NETWORK: &str = "10.98.0.1/24";
@@ -293,17 +291,23 @@ impl QuincyTunnel {
             &["route", "replace", "10.98.0.0/24", "via", "10.20.0.1"],
         )?;
         let client_log = dir.join("client.log");
-        let started = Instant::now();
-        let mut client = topo.site.spawn(
-            &quincy.client.display().to_string(),
-            &["--config-path", &client_cfg.display().to_string()],
-            Some(client_log.clone()),
-        )?;
-        let mut addr = None;
-        wait_for(Duration::from_secs(15), || {
-            addr = address(&topo.site, &format!("{tag}-s"));
-            addr.is_some() || client.exited()
-        });
+        let ((client, addr), setup) =
+            crate::first_reply(topo, &format!("{tag}-first-probe.log"), || {
+                let mut client = topo.site.spawn(
+                    &quincy.client.display().to_string(),
+                    &["--config-path", &client_cfg.display().to_string()],
+                    Some(client_log.clone()),
+                );
+                let mut addr = None;
+                if let Ok(c) = client.as_mut() {
+                    wait_for(Duration::from_secs(15), || {
+                        addr = address(&topo.site, &format!("{tag}-s"));
+                        addr.is_some() || c.exited()
+                    });
+                }
+                (client, addr)
+            });
+        let client = client?;
         let addr = addr.ok_or_else(|| {
             anyhow!(
                 "quincy-client ({}) did not come up:\n{}\nserver:\n{}",
@@ -312,7 +316,6 @@ impl QuincyTunnel {
                 read(&server_log)
             )
         })?;
-        let setup = first_packet(topo, started);
         if setup.is_none() {
             bail!(
                 "no packet through quincy ({}):\n{}\nserver:\n{}",
