@@ -17,7 +17,7 @@ use tether_netns_tests::topology::Topology;
 use crate::iperf;
 
 /// Every counter of interest, by name.
-fn snapshot(topo: &Topology) -> BTreeMap<String, f64> {
+pub(crate) fn snapshot(topo: &Topology) -> BTreeMap<String, f64> {
     let mut all = BTreeMap::new();
     for (ns, label, dev) in [
         (&topo.site, "site", "tether0"),
@@ -57,7 +57,7 @@ fn snapshot(topo: &Topology) -> BTreeMap<String, f64> {
 }
 
 /// `RcvbufErrors` and `SndbufErrors` of UDP in `ns`.
-fn udp_errors(ns: &NetNs) -> Vec<(String, f64)> {
+pub(crate) fn udp_errors(ns: &NetNs) -> Vec<(String, f64)> {
     let snmp = ns
         .run("cat", &["/proc/net/snmp"])
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
