@@ -8,6 +8,7 @@
 #   bench/run.sh --drops ROUNDS [--drops-via-gateway] [--duration SECONDS]
 #   bench/run.sh --storm SITES [--rounds N]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
+#   bench/run.sh --busy SITES [--duration SECONDS] [--busy-rate PPS] [--busy-size BYTES]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -23,6 +24,13 @@
 # round, when every site was back and whether any changed its address.
 # --lan measures a host on the hospital LAN through the site's LAN mapping
 # next to the site's own address, alternating the two ROUNDS times.
+# --busy measures many busy sites: SITES load-generator sites (tether-loadgen
+# busy, one QUIC endpoint) send UDP through the broker to a sink on the
+# backend, then the backend sends to them, each direction with one site alone
+# and with all SITES at once (SECONDS per phase): aggregate goodput, per-site
+# min/median/max, Jain's fairness index, CPU seconds per GB and every drop
+# counter that moved. Offered load: as fast as the senders go, or PPS packets
+# per second over all sending sites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

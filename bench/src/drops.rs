@@ -62,7 +62,7 @@ const TCP_COUNTERS: [&str; 9] = [
 ];
 
 /// Every counter of interest, by name.
-fn snapshot(topo: &Topology, path: &Path<'_>) -> BTreeMap<String, f64> {
+pub(crate) fn snapshot(topo: &Topology, path: &Path<'_>) -> BTreeMap<String, f64> {
     let mut all = BTreeMap::new();
     for (label, ns) in [("backend", path.backend), ("site", &topo.site)] {
         for (key, v) in tcp_counters(ns) {
@@ -125,7 +125,7 @@ fn tcp_counters(ns: &NetNs) -> Vec<(String, f64)> {
 }
 
 /// `RcvbufErrors` and `SndbufErrors` of UDP in `ns`.
-fn udp_errors(ns: &NetNs) -> Vec<(String, f64)> {
+pub(crate) fn udp_errors(ns: &NetNs) -> Vec<(String, f64)> {
     let snmp = ns
         .run("cat", &["/proc/net/snmp"])
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())

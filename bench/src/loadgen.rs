@@ -18,6 +18,9 @@
 //! `round K: N back ... changed C` (C sites came back with another address)
 //! until R rounds are done. The broker is killed and restarted by whoever
 //! runs it (`tether-bench --storm`).
+//! `tether-loadgen busy` and `tether-loadgen backend` are the two ends of
+//! the busy-sites measurement: sites that send and receive real packets,
+//! and a sink and source on the backend host (see the `traffic` module).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -33,6 +36,8 @@ use tether_shell::operator::AdminClient;
 use tether_shell::quic::transport_config;
 use tether_tests::Tunnel;
 use tokio::sync::Semaphore;
+
+mod traffic;
 
 #[derive(Parser)]
 struct Cli {
@@ -80,6 +85,23 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 60)]
         hold: u64,
+    },
+    /// Connect enrolled sites and send and count traffic on command.
+    Busy {
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        broker: SocketAddr,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where the sites send to (the backend's sink).
+        #[arg(long)]
+        sink: std::net::SocketAddrV4,
+    },
+    /// Count what arrives per source, and send to sites, on command.
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
     },
 }
 
@@ -216,6 +238,15 @@ async fn main() -> anyhow::Result<()> {
             dir,
             rounds,
         } => storm(count, broker, &dir, rounds).await?,
+        Command::Busy {
+            count,
+            broker,
+            dir,
+            sink,
+        } => traffic::busy(count, broker, &dir, sink).await?,
+        Command::Backend { listen } => {
+            tokio::task::spawn_blocking(move || traffic::backend(listen)).await??
+        }
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod busy;
 mod cpu;
 mod drops;
 mod lan;
@@ -80,6 +81,8 @@ struct Args {
     /// rounds.
     #[arg(long)]
     lan: Option<usize>,
+    #[command(flatten)]
+    busy: busy::Options,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -555,6 +558,11 @@ fn main() {
     if let Some(rounds) = args.lan {
         let mut topo = Topology::new("").unwrap();
         lan::run_lan(&mut topo, args.duration, rounds);
+        return;
+    }
+    if let Some(sites) = args.busy.busy {
+        let topo = Topology::new("").unwrap();
+        busy::run(&topo, sites, args.duration, &args.busy);
         return;
     }
     let boringtun = args
