@@ -5,7 +5,8 @@
 #   bench/run.sh [--duration SECONDS] [--sites N]
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo]
 #   bench/run.sh --drops ROUNDS [--duration SECONDS]
-#   bench/run.sh --storm SITES [--rounds N]
+#   bench/run.sh --storm SITES [--rounds N] [--keepalive S]
+#   bench/run.sh --agents N [--rounds R] [--gap S] [--keepalive S]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
@@ -18,6 +19,12 @@
 # --storm measures a reconnect storm: SITES idle sites (tether-loadgen),
 # the broker killed with SIGKILL and restarted N times (default 5); per
 # round, when every site was back and whether any changed its address.
+# --agents runs N real agents (`tether up`, each in its own namespace on
+# the hospital LAN behind the firewall's NAT, enrolled with `tether enroll`,
+# pinged 5 times a second each from the backend) through R broker kill -9
+# and restarts, GAP seconds after all are back; per round, when every agent
+# answered again, how each noticed, and whether any address moved or was
+# routed to two sites. Namespaces and processes are removed on every exit.
 # --lan measures a host on the hospital LAN through the site's LAN mapping
 # next to the site's own address, alternating the two ROUNDS times.
 set -euo pipefail
