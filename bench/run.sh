@@ -6,7 +6,8 @@
 #   bench/run.sh [--duration SECONDS] [--sites N]
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo,quincy-tls,quincy-noise]
 #   bench/run.sh --drops ROUNDS [--drops-via-gateway] [--duration SECONDS]
-#   bench/run.sh --storm SITES [--rounds N]
+#   bench/run.sh --storm SITES [--rounds N] [--keepalive S]
+#   bench/run.sh --agents N [--rounds R] [--gap S] [--keepalive S]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
 #   bench/run.sh --busy SITES [--duration SECONDS] [--busy-rate PPS] [--busy-size BYTES]
 #
@@ -22,6 +23,12 @@
 # --storm measures a reconnect storm: SITES idle sites (tether-loadgen),
 # the broker killed with SIGKILL and restarted N times (default 5); per
 # round, when every site was back and whether any changed its address.
+# --agents runs N real agents (`tether up`, each in its own namespace on
+# the hospital LAN behind the firewall's NAT, enrolled with `tether enroll`,
+# pinged 5 times a second each from the backend) through R broker kill -9
+# and restarts, GAP seconds after all are back; per round, when every agent
+# answered again, how each noticed, and whether any address moved or was
+# routed to two sites. Namespaces and processes are removed on every exit.
 # --lan measures a host on the hospital LAN through the site's LAN mapping
 # next to the site's own address, alternating the two ROUNDS times.
 # --busy measures many busy sites: SITES load-generator sites (tether-loadgen

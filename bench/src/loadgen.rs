@@ -11,7 +11,7 @@
 //! `tether-loadgen connect --count N --broker A --dir D --hold S` opens a
 //! CONNECT-IP tunnel for each (one QUIC endpoint), prints `connected N`
 //! when all are up, and holds them idle for S seconds.
-//! `tether-loadgen storm --count N --broker A --dir D --rounds R` connects
+//! `tether-loadgen storm --count N --broker A --dir D --rounds R [--keepalive S]` connects
 //! them too, then reconnects every site whose connection ends (as the agent
 //! does: a first retry after 0.25-0.5 s, doubling up to 5 s) and, each
 //! time all are back after losses, prints
@@ -74,6 +74,10 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// The sites' QUIC keepalive interval, seconds (the agent's
+        /// `transport.keepalive`).
+        #[arg(long, default_value_t = 5.0)]
+        keepalive: f64,
     },
     /// Connect enrolled sites and hold their tunnels.
     Connect {
@@ -237,7 +241,17 @@ async fn main() -> anyhow::Result<()> {
             broker,
             dir,
             rounds,
-        } => storm(count, broker, &dir, rounds).await?,
+            keepalive,
+        } => {
+            storm(
+                count,
+                broker,
+                &dir,
+                rounds,
+                Duration::from_secs_f64(keepalive),
+            )
+            .await?
+        }
         Command::Busy {
             count,
             broker,
@@ -255,8 +269,10 @@ async fn main() -> anyhow::Result<()> {
 enum Event {
     /// The site's tunnel is up with this IPv4 address.
     Up(usize, std::net::Ipv4Addr),
-    /// The site's connection ended.
-    Lost(usize),
+    /// The site's connection ended: by a stateless reset (true) or
+    /// otherwise (idle timeout, ...), with the connection's smoothed RTT
+    /// estimate then (its probe timeouts follow from it).
+    Lost(usize, bool, Duration),
 }
 
 /// Opens one site's tunnel.
@@ -264,11 +280,13 @@ async fn open_tunnel(
     endpoint: &quinn::Endpoint,
     broker: SocketAddr,
     state: &StateDir,
+    keepalive: Duration,
 ) -> anyhow::Result<Tunnel> {
     let creds = state.credentials()?;
+    // The agent's idle timeout: two keepalives and 2 s.
     let config = quic_config(
         client_tls(&creds),
-        transport_config(Duration::from_secs(5), Duration::from_secs(12)),
+        transport_config(keepalive, keepalive * 2 + Duration::from_secs(2)),
     )?;
     let mut client = H3Client::connect(endpoint, config, broker, &broker.ip().to_string()).await?;
     client.peer_settings(Duration::from_secs(10)).await?;
@@ -286,6 +304,7 @@ async fn site_loop(
     endpoint: quinn::Endpoint,
     broker: SocketAddr,
     state: StateDir,
+    keepalive: Duration,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
     use rand::{RngExt, SeedableRng};
@@ -293,7 +312,7 @@ async fn site_loop(
     loop {
         let mut step = Duration::from_millis(500);
         let tunnel = loop {
-            match open_tunnel(&endpoint, broker, &state).await {
+            match open_tunnel(&endpoint, broker, &state, keepalive).await {
                 Ok(t) => break t,
                 Err(_) => {
                     // Half to all of the step, as the agent's jitter.
@@ -309,8 +328,10 @@ async fn site_loop(
         {
             return;
         }
-        tunnel.client.conn.closed().await;
-        if events.send(Event::Lost(i)).is_err() {
+        let why = tunnel.client.conn.closed().await;
+        let reset = matches!(why, quinn::ConnectionError::Reset);
+        let rtt = tunnel.client.conn.rtt();
+        if events.send(Event::Lost(i, reset, rtt)).is_err() {
             return;
         }
         // The agent's first retry after a session that had settled.
@@ -325,6 +346,7 @@ async fn storm(
     broker: SocketAddr,
     dir: &std::path::Path,
     rounds: usize,
+    keepalive: Duration,
 ) -> anyhow::Result<()> {
     let endpoint = tether::dial::client_endpoint(&broker)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -336,15 +358,24 @@ async fn storm(
             endpoint.clone(),
             broker,
             site_dir(dir, i),
+            keepalive,
             tx.clone(),
         ));
     }
     let mut first: Vec<Option<std::net::Ipv4Addr>> = vec![None; count];
     let mut up = vec![false; count];
+    // Sites that lost their connection in this round: a broker restart
+    // ends every connection, and a round is over only when every site
+    // has noticed and is back (not when the first few to notice are).
+    let (mut lost, mut n_lost) = (vec![false; count], 0usize);
     let (mut n_up, mut changed, mut round) = (0usize, 0usize, 0usize);
     let mut first_loss: Option<Instant> = None;
     let mut lost_at: Vec<Option<Instant>> = vec![None; count];
     let mut gaps: Vec<Duration> = Vec::new();
+    // When each site noticed the loss (from the first loss of the round),
+    // by stateless reset and otherwise.
+    let (mut by_reset, mut by_other) = (Vec::new(), Vec::new());
+    let mut rtts: Vec<Duration> = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
             Event::Up(i, addr) => {
@@ -361,16 +392,26 @@ async fn storm(
                     gaps.push(at.elapsed());
                 }
             }
-            Event::Lost(i) => {
+            Event::Lost(i, reset, rtt) => {
+                rtts.push(rtt);
                 if up[i] {
                     up[i] = false;
                     n_up -= 1;
                 }
-                first_loss.get_or_insert_with(Instant::now);
+                let since = first_loss.get_or_insert_with(Instant::now).elapsed();
+                if reset {
+                    by_reset.push(since);
+                } else {
+                    by_other.push(since);
+                }
                 lost_at[i] = Some(Instant::now());
+                if !lost[i] {
+                    lost[i] = true;
+                    n_lost += 1;
+                }
             }
         }
-        if n_up < count {
+        if n_up < count || (first_loss.is_some() && n_lost < count) {
             continue;
         }
         match first_loss.take() {
@@ -383,20 +424,33 @@ async fn storm(
             None => {}
             Some(loss) => {
                 round += 1;
-                gaps.sort();
-                let pick = |q: f64| {
-                    gaps.get(((gaps.len() as f64 - 1.0) * q).round() as usize)
+                let pick = |v: &mut Vec<Duration>, q: f64| {
+                    v.sort();
+                    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
                         .map(|d| d.as_secs_f64())
                         .unwrap_or(0.0)
                 };
                 println!(
-                    "round {round}: {count} back {:.2} s after the first loss; per site lost-to-back p50 {:.2} s, max {:.2} s; {} reconnections; changed {changed}",
+                    "round {round}: {count} back {:.2} s after the first loss; per site lost-to-back p50 {:.2} s, max {:.2} s; {} reconnections; noticed by reset {} (p50 {:.2} s, max {:.2} s), otherwise {} (p50 {:.2} s, max {:.2} s); RTT estimate at the loss p50 {:.3} s, max {:.3} s; changed {changed}",
                     loss.elapsed().as_secs_f64(),
-                    pick(0.5),
-                    pick(1.0),
-                    gaps.len()
+                    pick(&mut gaps, 0.5),
+                    pick(&mut gaps, 1.0),
+                    gaps.len(),
+                    by_reset.len(),
+                    pick(&mut by_reset, 0.5),
+                    pick(&mut by_reset, 1.0),
+                    by_other.len(),
+                    pick(&mut by_other, 0.5),
+                    pick(&mut by_other, 1.0),
+                    pick(&mut rtts, 0.5),
+                    pick(&mut rtts, 1.0),
                 );
                 gaps.clear();
+                lost.iter_mut().for_each(|l| *l = false);
+                n_lost = 0;
+                by_reset.clear();
+                by_other.clear();
+                rtts.clear();
                 if round >= rounds {
                     break;
                 }

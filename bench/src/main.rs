@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod agents;
 mod busy;
 mod cpu;
 mod drops;
@@ -60,7 +61,20 @@ struct Args {
     /// killed with SIGKILL and restarted `--rounds` times.
     #[arg(long)]
     storm: Option<usize>,
-    /// With --storm: kill-and-restart rounds.
+    /// Measure only broker restarts with this many real agents (`tether
+    /// up`, each in its own namespace behind the hospital NAT, pinged from
+    /// the backend), the broker killed with SIGKILL and restarted
+    /// `--rounds` times, `--gap` seconds after all are back.
+    #[arg(long)]
+    agents: Option<usize>,
+    /// With --storm or --agents: the sites' keepalive interval, seconds
+    /// (the agent's `transport.keepalive`; default: the agent's default).
+    #[arg(long)]
+    keepalive: Option<f64>,
+    /// With --agents: seconds from every agent being back to the next kill.
+    #[arg(long, default_value_t = 3.0)]
+    gap: f64,
+    /// With --storm or --agents: kill-and-restart rounds.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// With --lossy: only these paths (h3, h2, raw, boringtun, wggo,
@@ -555,6 +569,17 @@ fn main() {
         probe::timeline(&topo, rounds, &args.agent_log, args.hold);
         return;
     }
+    if let Some(count) = args.agents {
+        let mut topo = Topology::new("").unwrap();
+        agents::run(
+            &mut topo,
+            count,
+            args.rounds,
+            Duration::from_secs_f64(args.gap),
+            args.keepalive,
+        );
+        return;
+    }
     if let Some(rounds) = args.lan {
         let mut topo = Topology::new("").unwrap();
         lan::run_lan(&mut topo, args.duration, rounds);
@@ -576,7 +601,7 @@ fn main() {
         .expect("boringtun-cli not found: cargo install boringtun-cli");
     if let Some(sites) = args.storm {
         let mut topo = Topology::new("").unwrap();
-        storm::run(&mut topo, sites, args.rounds);
+        storm::run(&mut topo, sites, args.rounds, args.keepalive);
         return;
     }
     if args.lossy {

@@ -56,7 +56,10 @@ pub struct ClientTunFile {
 pub struct TransportFile {
     /// How long to wait for an HTTP/3 handshake before trying HTTP/2.
     pub h3_timeout: String,
-    /// Keepalive interval on an idle tunnel.
+    /// Keepalive interval on an idle tunnel. It bounds how long a site takes
+    /// to notice that its broker restarted (its next packet draws the new
+    /// broker's stateless reset) and costs the broker one packet in and
+    /// one out per idle site per interval.
     pub keepalive: String,
     /// HTTP proxy for HTTP/2 (`http://[user:pass@]host:port`); empty to use
     /// `HTTPS_PROXY` / `https_proxy` if set.
@@ -92,7 +95,7 @@ impl Default for TransportFile {
     fn default() -> Self {
         Self {
             h3_timeout: "3s".into(),
-            keepalive: "5s".into(),
+            keepalive: "3s".into(),
             proxy: String::new(),
             max_backoff: "30s".into(),
         }
