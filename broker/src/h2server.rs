@@ -389,6 +389,14 @@ async fn handle_request(
             let answer = crate::site_brokers::brokers(&conn.broker, conn.peer.clone(), &data).await;
             reply(respond, answer);
         }
+        Ok(RequestKind::Report) => {
+            let data = match read_body(&mut body, crate::site_report::MAX_BODY).await {
+                Ok(d) => d,
+                Err(e) => return reply(respond, Reply::error(400, e)),
+            };
+            let answer = crate::site_report::report(&conn.broker, conn.peer.clone(), &data);
+            reply(respond, answer);
+        }
         Err(refused) => reply(respond, Reply::error(refused.status, refused.message)),
     }
 }

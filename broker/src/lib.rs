@@ -55,6 +55,7 @@ pub mod server;
 pub mod session;
 pub mod sessions;
 pub mod site_brokers;
+pub mod site_report;
 pub mod state;
 pub mod store;
 pub mod wireguard;

@@ -60,6 +60,11 @@ fn describe() {
         "Site timeline events not stored (the store failed or did not keep up)."
     );
     describe_counter!(
+        "tether_broker_site_problems_total",
+        Unit::Count,
+        "Problems sites reported for their timelines, by outcome: stored, dropped (beyond the site's budget), refused (malformed or oversized reports)."
+    );
+    describe_counter!(
         "tether_broker_packets_total",
         Unit::Count,
         "IP packets forwarded, by direction (from_site, to_site, from_gateway, to_gateway)."
@@ -487,6 +492,15 @@ pub fn fenced() {
 /// Counts a site timeline event that did not reach the store.
 pub fn site_event_dropped() {
     counter!("tether_broker_site_events_dropped_total").increment(1);
+}
+
+/// Counts problems sites reported, by outcome (`stored`, `dropped`
+/// beyond the site's budget, `refused` reports).
+pub fn site_problems(outcome: &'static str, n: usize) {
+    if n > 0 {
+        counter!("tether_broker_site_problems_total", "outcome" => outcome)
+            .increment(u64::try_from(n).unwrap_or(u64::MAX));
+    }
 }
 
 /// Counts a session ending.

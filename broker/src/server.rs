@@ -360,6 +360,20 @@ async fn handle_request(
             )
             .await;
         }
+        Ok(RequestKind::Report) => {
+            let body = match read_body(&mut recv, &mut dec, crate::site_report::MAX_BODY).await {
+                Ok(b) => b,
+                Err(e) => return refuse_body(&conn, &mut send, e).await,
+            };
+            let reply = crate::site_report::report(&broker, peer, &body);
+            respond(
+                &mut send,
+                reply.status,
+                Some("application/json"),
+                &reply.body,
+            )
+            .await;
+        }
         Err(refused) => respond_error(&mut send, refused.status, refused.message).await,
     }
     let _ = H3_NO_ERROR;

@@ -90,6 +90,8 @@ pub struct Broker {
     moves: watch::Sender<u64>,
     /// Each site's event timeline.
     events: EventLog,
+    /// How many more problems each site may report now.
+    report_budgets: Mutex<HashMap<SiteId, tether_proto::report::ReportBudget>>,
 }
 
 /// The core's name for a revocation entry.
@@ -198,6 +200,7 @@ impl Broker {
             draining: watch::channel(false).0,
             moves: watch::channel(0).0,
             events,
+            report_budgets: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -273,6 +276,24 @@ impl Broker {
             .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
             .unwrap_or_else(|| "broker".into());
         self.events.record(site, name, kind);
+    }
+
+    /// How many of `wanted` problems `site` may have stored now
+    /// ([`tether_proto::report::ReportBudget`]). Sites whose budget is
+    /// full again are forgotten once many are kept, so the map holds
+    /// about the sites that reported lately.
+    pub fn admit_reports(&self, site: &SiteId, wanted: usize) -> usize {
+        let now = std::time::Instant::now();
+        let Ok(mut budgets) = self.report_budgets.lock() else {
+            return 0;
+        };
+        if budgets.len() >= 4096 && !budgets.contains_key(site) {
+            budgets.retain(|_, b| !b.is_full(now));
+        }
+        budgets
+            .entry(site.clone())
+            .or_insert_with(|| tether_proto::report::ReportBudget::new(now))
+            .admit(wanted, now)
     }
 
     /// The broker fleet, when the store is shared.

@@ -40,8 +40,10 @@ use crate::lan::{LanPath, SourceRewrite};
 use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
 use crate::pumps::start_pumps;
+use crate::report::Problems;
 use crate::state_dir::{Identity, StateDir};
 use crate::tun::Tun;
+use tether_proto::report::ProblemKind;
 
 /// How long a broker that sent GOAWAY is not used for a standby: it still
 /// answers while it drains, but not for long.
@@ -120,6 +122,8 @@ struct Shell {
     /// The broker that last said it is going away, and when: no standby
     /// there for [`LEAVING`].
     leaving: Option<(std::net::SocketAddr, Instant)>,
+    /// Problems for the site's timeline at the broker.
+    problems: Problems,
 }
 
 /// How an attempt ended, for the core. A certificate the broker refused
@@ -178,6 +182,7 @@ pub async fn run_reporting(
         Instant::now(),
     );
     let (inputs, mut rx) = mpsc::unbounded_channel();
+    let problems = Problems::default();
     let mut shell = Shell {
         config: Arc::new(config),
         state,
@@ -187,13 +192,14 @@ pub async fn run_reporting(
         dialing: None,
         probed: None,
         epoch: 0,
-        lan: Arc::default(),
+        lan: Arc::new(LanPath::reporting(problems.clone())),
         rewrite: None,
         inputs,
         health,
         last_broker: None,
         standby: None,
         leaving: None,
+        problems,
     };
     if *shutdown.borrow() {
         core.handle_shutdown(Instant::now());
@@ -340,6 +346,11 @@ impl Shell {
                         s.target.endpoint.to_string(),
                         self.state.clone(),
                     )));
+                    s.tasks.push(tokio::spawn(crate::report::send(
+                        s.conn.clone(),
+                        s.target.endpoint.to_string(),
+                        self.problems.clone(),
+                    )));
                 }
                 self.health.tunnel_open();
                 core.handle_tunnel_opened(lifetime(&self.state), now);
@@ -380,6 +391,11 @@ impl Shell {
                         session.conn.clone(),
                         session.target.endpoint.to_string(),
                         self.state.clone(),
+                    )));
+                    session.tasks.push(tokio::spawn(crate::report::send(
+                        session.conn.clone(),
+                        session.target.endpoint.to_string(),
+                        self.problems.clone(),
                     )));
                     self.last_broker = Some(session.target.endpoint.clone());
                     self.health.connected(
@@ -481,27 +497,41 @@ impl Shell {
                 retry_in.as_secs_f64()
             ),
             Event::Renewed => tracing::info!("reconnecting with the renewed certificate"),
-            Event::RenewalFailed { error, retry_in } => tracing::warn!(
-                "certificate renewal failed, retrying in {} minutes: {error}",
-                retry_in.as_secs() / 60
-            ),
+            Event::RenewalFailed { error, retry_in } => {
+                let why = format!(
+                    "certificate renewal failed, retrying in {} minutes: {error}",
+                    retry_in.as_secs() / 60
+                );
+                tracing::warn!("{why}");
+                self.problems.push(ProblemKind::Other, why);
+            }
             Event::Upgrading(_) => {
                 tracing::info!(broker, "HTTP/3 answers again; moving the tunnel back to it")
             }
             Event::Denied { request_id } => {
                 tracing::warn!(request_id, "the broker denied an address request")
             }
-            Event::LanDenied { lan } => tracing::warn!(
-                %lan,
-                "the broker denied a mapping for the LAN: it stays unreachable"
-            ),
+            Event::LanDenied { lan } => {
+                tracing::warn!(
+                    %lan,
+                    "the broker denied a mapping for the LAN: it stays unreachable"
+                );
+                self.problems.push(
+                    ProblemKind::LanRefused,
+                    format!("the broker denied a mapping for the LAN {lan}: it stays unreachable"),
+                );
+            }
             Event::LanMapped(mappings) => {
                 for m in mappings {
                     tracing::info!(lan = %m.real, mapped = %m.mapped, "LAN mapped");
                 }
             }
             Event::LanMapUnusable(e) => {
-                tracing::error!("the broker's LAN mapping cannot be used: {e}")
+                tracing::error!("the broker's LAN mapping cannot be used: {e}");
+                self.problems.push(
+                    ProblemKind::LanMapping,
+                    format!("the broker's LAN mapping cannot be used: {e}"),
+                );
             }
             Event::Retrying(delay) => {
                 tracing::info!("retrying in {:.1} s", delay.as_secs_f64())
@@ -577,12 +607,17 @@ impl Shell {
                     tracing::debug!(mtu, "tunnel MTU changed");
                     if let Err(e) = tun.set_mtu(mtu) {
                         tracing::warn!("{e:#}");
+                        self.problems.push(
+                            ProblemKind::Mtu,
+                            format!("cannot set the tunnel MTU to {mtu}: {e:#}"),
+                        );
                     }
                 }
             }
             Action::ConfigureTun(change) => {
                 if let Err(e) = self.configure(change).await {
                     tracing::error!("{e:#}");
+                    self.problems.push(ProblemKind::Device, format!("{e:#}"));
                 }
             }
             Action::Deliver(mut packet) => {

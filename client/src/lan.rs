@@ -43,9 +43,19 @@ pub struct LanPath {
     map: RwLock<Arc<LanMap>>,
     drops: [AtomicU64; 2],
     last_warn: Mutex<Option<Instant>>,
+    /// Where the warnings also go, for the site's timeline.
+    problems: crate::report::Problems,
 }
 
 impl LanPath {
+    /// A path whose drop warnings are also reported to the broker.
+    pub fn reporting(problems: crate::report::Problems) -> Self {
+        Self {
+            problems,
+            ..Self::default()
+        }
+    }
+
     /// Translate with `map` from now on.
     pub fn set(&self, map: LanMap) {
         if let Ok(mut m) = self.map.write() {
@@ -98,9 +108,14 @@ impl LanPath {
                 .iter()
                 .map(|(label, n)| format!("{label}={n}"))
                 .collect();
+            let counts = counts.join(" ");
             tracing::warn!(
-                drops = counts.join(" "),
+                drops = counts,
                 "packets to or from the LANs were dropped: they cannot be translated"
+            );
+            self.problems.push(
+                tether_proto::report::ProblemKind::Translation,
+                format!("packets to or from the LANs were dropped since the agent started, by reason: {counts}"),
             );
         }
         false

@@ -5,6 +5,7 @@
 //! - [`agent`]: `tether up`, the shell of `tether_proto::agent::AgentCore`
 //!   (the tunnel and its reconnection); [`pumps`]: its packet pumps.
 //! - [`brokers`]: the brokers of the region, learned over the tunnel.
+//! - [`report`]: problems sent to the broker for the site's timeline.
 //! - [`tun`]: the TUN device and routes.
 //! - [`link`]: a connection to a broker on one rung of the transport
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
@@ -32,6 +33,7 @@ pub mod lan;
 pub mod link;
 pub mod proxy;
 pub mod pumps;
+pub mod report;
 pub mod standby;
 pub mod state_dir;
 pub mod trust;

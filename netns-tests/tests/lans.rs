@@ -25,6 +25,13 @@
 //! (`192-168-1-20.lan.<site>.eu.tether.internal`, and PTR back). Between
 //! the two hospitals the access policy decides: denied by default
 //! (counted as `policy`), then allowed by a rule loaded on SIGHUP.
+//!
+//! The fourth changes a site's `lans` the way an operator does (edit
+//! `tether.toml`, restart `tether up`): a removed LAN loses its route and
+//! its reachability at once, its mapping stays reserved (`release_at`),
+//! and put back it gets the same mapped prefix; a new LAN needs no new
+//! enrollment; a LAN past the site's limit is refused, and the agent's
+//! report of it appears in the site's event timeline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -541,6 +548,229 @@ fn two_hospitals_with_the_same_lan_are_mapped_apart() {
 }
 
 /// `dig @10.20.0.1` (the broker's DNS) from the backend.
+/// The LAN mappings of `site` as the admin API's site list shows them:
+/// (real LAN, mapped prefix, `release_at`).
+fn lan_mappings(topo: &Topology, site: &str) -> Vec<(String, Ipv4Net, Option<u64>)> {
+    let token = read(&topo.path("broker").join("admin.token"));
+    let out = topo
+        .cloud
+        .command("curl")
+        .args([
+            "-sf",
+            "-m",
+            "2",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            &format!("http://127.0.0.1:7070/v1/site-states?q={site}"),
+        ])
+        .output()
+        .unwrap();
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let sites = page["sites"].as_array().cloned().unwrap_or_default();
+    sites
+        .iter()
+        .filter(|s| s["site"] == site)
+        .flat_map(|s| s["lans"].as_array().cloned().unwrap_or_default())
+        .map(|m| {
+            (
+                m["lan"].as_str().unwrap_or_default().to_string(),
+                m["mapped"].as_str().unwrap_or_default().parse().unwrap(),
+                m["release_at"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+/// The prefix `lan` of `site` is mapped to, once the admin API shows it.
+fn mapping_of(topo: &Topology, site: &str, lan: &str) -> (Ipv4Net, Option<u64>) {
+    let mut found = None;
+    wait_for(Duration::from_secs(15), || {
+        found = lan_mappings(topo, site)
+            .into_iter()
+            .find(|(l, _, _)| l == lan)
+            .map(|(_, m, r)| (m, r));
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no mapping of {lan} for {site}: {:?}",
+            lan_mappings(topo, site)
+        )
+    })
+}
+
+/// Whether `tether-broker routes` routes `prefix` to `site` as a LAN.
+fn routes_lan(topo: &Topology, site: &str, prefix: Ipv4Net) -> bool {
+    topo.broker_cli(&["routes"])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("site-lan") && l.contains(site))
+        .any(|l| l.split_whitespace().next() == Some(prefix.to_string().as_str()))
+}
+
+/// Stops the agent with SIGTERM (as a service manager does) and waits
+/// until it is gone.
+fn stop(topo: &Topology, mut site: Proc, log: &str) {
+    site.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        site.wait_exit(Duration::from_secs(10)),
+        "{}",
+        read(&topo.path(log))
+    );
+}
+
+#[test]
+fn a_lan_removed_from_the_configuration_is_withdrawn_and_keeps_its_mapping() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new("").unwrap();
+    // A site may map 64 IPv4 addresses of LANs: three /28s fit, a /26 more
+    // does not.
+    let config = read(&topo.broker_config()).replacen(
+        "ipv6_pools = ",
+        "max_lan_ipv4_addresses_per_site = 64\nipv6_pools = ",
+        1,
+    );
+    std::fs::write(topo.broker_config(), config).unwrap();
+    topo.broker.as_mut().unwrap().kill();
+    topo.start_broker().unwrap();
+    let host = lan::add_lan_host(
+        &topo.site,
+        &["192.168.1.20/24", "192.168.1.40/24", "192.168.1.50/24"],
+    )
+    .unwrap();
+    let _web = serve(&topo, &host, "hello from the analyser\n", "web.log");
+    let state = topo.path("site-state");
+    topo.enroll("hospital-r", &state).unwrap();
+    let (kept, removed, added) = ("192.168.1.16/28", "192.168.1.32/28", "192.168.1.48/28");
+    let reach = |mapped: Ipv4Net, host: u32| {
+        wait_for(Duration::from_secs(15), || {
+            fetch(&topo, host_in(mapped, host)).contains("hello from the analyser")
+        })
+    };
+
+    // Two LANs exposed: both reachable through their mapped prefixes.
+    configure(&state, &format!("lans = [\"{kept}\", \"{removed}\"]"));
+    let (site, _) = topo.up(&state, "site.log").unwrap();
+    let (kept_at, _) = mapping_of(&topo, "hospital-r", kept);
+    let (removed_at, release) = mapping_of(&topo, "hospital-r", removed);
+    assert_eq!(release, None);
+    assert!(routes_lan(&topo, "hospital-r", removed_at));
+    assert!(reach(kept_at, 4), "{}", read(&topo.path("site.log")));
+    assert!(reach(removed_at, 8), "{}", read(&topo.path("site.log")));
+
+    // The operator removes one LAN and restarts the agent.
+    stop(&topo, site, "site.log");
+    configure(&state, &format!("lans = [\"{kept}\"]"));
+    let (site, _) = topo.up(&state, "site-2.log").unwrap();
+    // Its route is withdrawn at the broker, the mapping is reserved with a
+    // release time within the default grace period (7 days).
+    let mut mapping = None;
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            mapping = lan_mappings(&topo, "hospital-r")
+                .into_iter()
+                .find(|(l, _, _)| l == removed);
+            mapping.as_ref().is_some_and(|(_, _, r)| r.is_some())
+        }),
+        "the removed LAN's mapping was not marked for release: {mapping:?}\n{}",
+        read(&topo.path("site-2.log"))
+    );
+    let (_, still, release_at) = mapping.unwrap();
+    assert_eq!(still, removed_at);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let release_at = release_at.unwrap();
+    assert!(
+        release_at > now + 6 * 86_400 && release_at <= now + 7 * 86_400 + 60,
+        "release_at {release_at}, now {now}"
+    );
+    assert!(!routes_lan(&topo, "hospital-r", removed_at));
+    assert!(routes_lan(&topo, "hospital-r", kept_at));
+    // The removed LAN is unreachable through its old prefix; the kept
+    // one still answers.
+    assert!(reach(kept_at, 4), "{}", read(&topo.path("site-2.log")));
+    assert!(fetch(&topo, host_in(removed_at, 8)).is_empty());
+    assert!(!topo.backend_pings(&host_in(removed_at, 8).to_string()));
+
+    // Put back within the grace period, with a new LAN beside it: the
+    // same mapped prefix, reachable again; the new LAN gets a prefix of its
+    // own without a new enrollment. One more LAN is past the site's limit:
+    // the agent reports the refusal, and it shows in the site's timeline.
+    stop(&topo, site, "site-2.log");
+    configure(
+        &state,
+        &format!("lans = [\"{kept}\", \"{removed}\", \"{added}\", \"10.77.0.0/26\"]"),
+    );
+    let (_site, _) = topo.up(&state, "site-3.log").unwrap();
+    let mut back = None;
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            back = lan_mappings(&topo, "hospital-r")
+                .into_iter()
+                .find(|(l, _, _)| l == removed);
+            back.as_ref().is_some_and(|(_, _, r)| r.is_none())
+        }),
+        "the LAN put back is still marked for release: {back:?}"
+    );
+    assert_eq!(
+        back.unwrap().1,
+        removed_at,
+        "a new prefix for the LAN put back"
+    );
+    assert!(reach(removed_at, 8), "{}", read(&topo.path("site-3.log")));
+    assert!(routes_lan(&topo, "hospital-r", removed_at));
+    let (added_at, release) = mapping_of(&topo, "hospital-r", added);
+    assert_eq!(release, None);
+    assert!(added_at != kept_at && added_at != removed_at);
+    assert!(reach(added_at, 2), "{}", read(&topo.path("site-3.log")));
+    assert_eq!(mapping_of(&topo, "hospital-r", kept).0, kept_at);
+    let mut events = serde_json::Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            events = site_events(&topo, "hospital-r");
+            events["events"].as_array().is_some_and(|all| {
+                all.iter().any(|e| {
+                    e["kind"] == "reported"
+                        && e["problem"] == "lan_refused"
+                        && e["detail"]
+                            .as_str()
+                            .is_some_and(|d| d.contains("the LAN 10.77.0.0/26"))
+                })
+            })
+        }),
+        "the refused LAN is not in the site's timeline: {events}\n{}",
+        read(&topo.path("site-3.log"))
+    );
+    assert!(
+        lan_mappings(&topo, "hospital-r")
+            .iter()
+            .all(|(l, _, _)| l != "10.77.0.0/26")
+    );
+}
+
+/// `GET /v1/sites/{site}/events` of the admin API.
+fn site_events(topo: &Topology, site: &str) -> serde_json::Value {
+    let token = read(&topo.path("broker").join("admin.token"));
+    let out = topo
+        .cloud
+        .command("curl")
+        .args([
+            "-sf",
+            "-m",
+            "2",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            &format!("http://127.0.0.1:7070/v1/sites/{site}/events"),
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
 fn dig(topo: &Topology, args: &[&str]) -> String {
     topo.backend
         .command("dig")

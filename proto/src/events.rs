@@ -167,6 +167,15 @@ pub enum EventKind {
     Revoked,
     /// The operator admitted the site again with a new code.
     Readmitted,
+    /// The site's agent reported a problem ([`crate::report`]).
+    Reported {
+        /// What kind of problem.
+        problem: crate::report::ProblemKind,
+        /// The agent's words, sanitized and cut by the broker.
+        detail: String,
+        /// How often it happened since the agent's previous report.
+        count: u64,
+    },
 }
 
 impl EventKind {
@@ -180,6 +189,7 @@ impl EventKind {
             EventKind::Reattested { .. } => "reattested",
             EventKind::Revoked => "revoked",
             EventKind::Readmitted => "readmitted",
+            EventKind::Reported { .. } => "reported",
         }
     }
 
@@ -198,6 +208,18 @@ impl EventKind {
             EventKind::Reattested { .. } => "re-attested with its key".into(),
             EventKind::Revoked => "revoked by the operator".into(),
             EventKind::Readmitted => "admitted again by the operator".into(),
+            EventKind::Reported {
+                problem,
+                detail,
+                count,
+            } => {
+                let times = if *count > 1 {
+                    format!(" ({count} times)")
+                } else {
+                    String::new()
+                };
+                format!("the site reports: {}: {detail}{times}", problem.describe())
+            }
         }
     }
 

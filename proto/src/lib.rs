@@ -26,6 +26,8 @@
 //!   allocation retries, token policy, close codes) as one state machine.
 //! - [`events`]: each site's timeline of session and trust events, its
 //!   state (online, offline, flapping), and the site list's filter.
+//! - [`report`]: problems an agent reports for its site's timeline, and
+//!   the bounds and rate a broker stores them within.
 //! - [`fleet`]: the brokers of a deployment as one broker sees them
 //!   (membership, which broker holds each site) and what follows when
 //!   either changes.
@@ -67,6 +69,7 @@ pub mod netmap;
 pub mod peering;
 pub mod policy;
 pub mod quic_probe;
+pub mod report;
 pub mod route;
 pub mod send_queue;
 pub mod tunnel;

@@ -86,6 +86,13 @@ def main():
         row.locator("a").first.click()
         expect(page.locator("#events-table tr[data-kind=connected]").first).to_be_visible(timeout=WAIT_MS)
         expect(page.locator("#events-table tr[data-kind=enrolled]")).to_have_count(1)
+        # A problem its agent reported is there too, in plain words.
+        reported = page.locator("#events-table tr[data-kind=reported]")
+        expect(reported).to_have_count(1)
+        expect(reported).to_contain_text(
+            "the site reports: a LAN prefix was refused: the broker denied a mapping for the LAN 10.9.0.0/16"
+        )
+        expect(reported).to_contain_text("(2 times)")
         expect(page.locator("#revoke")).to_be_visible()
 
         # Its name traces to its tunnel.

@@ -73,6 +73,7 @@ async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
     let b = running.broker.clone();
     let site = TestSite::enroll(&broker, "clinic-7").await;
     let mut tunnel = Some(tunnel_for(&broker, &site).await);
+    report_a_refused_lan(&broker, &site).await;
     let zone = broker.config.dns_zone.clone();
     let name = tether_proto::dns::site_name(
         &"clinic-7".parse().unwrap(),
@@ -161,6 +162,7 @@ async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
         matches!(kinds.as_slice(), [
             EventKind::Enrolled { .. },
             EventKind::Connected { transport, .. },
+            EventKind::Reported { count: 2, .. },
             EventKind::Disconnected { reason: Disconnect::ConnectionLost, .. },
         ] if transport == "h3"),
         "{kinds:?}"
@@ -174,6 +176,54 @@ async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
             std::fs::copy(entry.path(), docs.join(entry.file_name())).unwrap();
         }
     }
+}
+
+/// The site's agent reports a LAN the broker refused, twice, over a
+/// connection of its own (the agent's queue and sender); returns once the
+/// report is in the timeline.
+async fn report_a_refused_lan(broker: &TestBroker, site: &TestSite) {
+    let config = broker.client_config();
+    let dialer = tether::link::Dialer::for_site(&config, &site.state, None).unwrap();
+    let (conn, target) = dialer
+        .connect(&config, &[tether_proto::tunnel::Transport::H3])
+        .await
+        .unwrap();
+    let conn = std::sync::Arc::new(conn);
+    let problems = tether::report::Problems::default();
+    for _ in 0..2 {
+        problems.push(
+            tether_proto::report::ProblemKind::LanRefused,
+            "the broker denied a mapping for the LAN 10.9.0.0/16: it stays unreachable",
+        );
+    }
+    let sender = tokio::spawn(tether::report::send(
+        conn.clone(),
+        target.endpoint.to_string(),
+        problems,
+    ));
+    let b = broker.broker().clone();
+    let site_id: tether_proto::ids::SiteId = "clinic-7".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (b, s) = (b.clone(), site_id.clone());
+        let stored = tokio::task::spawn_blocking(move || {
+            assert!(b.events().flush(Duration::from_secs(10)));
+            b.events()
+                .timeline(&s)
+                .unwrap()
+                .events()
+                .any(|e| matches!(e.kind, EventKind::Reported { .. }))
+        })
+        .await
+        .unwrap();
+        if stored {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the report did not arrive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sender.abort();
+    conn.close("done");
 }
 
 /// The same timeline through the operator CLI's client and tables

@@ -112,6 +112,17 @@ const REASONS = {
   protocol_error: "the site broke the tunnel protocol",
 };
 
+const PROBLEMS = {
+  lan_refused: "a LAN prefix was refused",
+  lan_mapping: "the LAN mappings cannot be used",
+  translation: "LAN packets could not be translated",
+  device: "the tunnel device failed",
+  mtu: "the path's MTU is too small",
+  reload: "a configuration change was not applied",
+  clock: "the site's clock is wrong",
+  other: "a problem at the site",
+};
+
 function describe(e) {
   switch (e.kind) {
     case "connected": return "connected over " + e.transport + " from " + e.remote;
@@ -122,6 +133,9 @@ function describe(e) {
     case "reattested": return "re-attested with its key" + (e.not_after ? "; expires " + when(e.not_after) : "");
     case "revoked": return "revoked by the operator";
     case "readmitted": return "admitted again by the operator";
+    case "reported":
+      return "the site reports: " + (PROBLEMS[e.problem] || e.problem) + ": " + e.detail +
+        (e.count > 1 ? " (" + e.count + " times)" : "");
     default: return e.kind;
   }
 }

@@ -82,12 +82,16 @@ use super::{
 /// default `--max-txn-ops` is 128).
 const BATCH: usize = 100;
 
+/// Bytes of values per etcd transaction when copying timelines: below
+/// etcd's default request limit of 1.5 MiB, with room for the keys.
+const TXN_BYTES: usize = 1024 * 1024;
+
 /// Keys per read of a range (small in tests, so that they read many pages).
 const PAGE: i64 = if cfg!(test) { 5 } else { 500 };
 /// Timelines per page when all are read at start: a timeline holds up to
 /// [`tether_proto::events::TIMELINE_LIMIT`] events (tens of KiB), so a page
 /// of 32 stays far below gRPC's message limit.
-const TIMELINE_PAGE: i64 = if cfg!(test) { 2 } else { 32 };
+pub(crate) const TIMELINE_PAGE: i64 = if cfg!(test) { 2 } else { 32 };
 
 /// Where the brokers of a deployment announce themselves and their
 /// sessions (see `crate::fleet`), under the prefix.
@@ -401,8 +405,8 @@ impl EtcdStore {
             };
             let corrupt = || StoreError(format!("unexpected key {key}"));
             if rest.starts_with(FLEET_DIR) || rest.starts_with(EVENTS_DIR) {
-                // Live brokers and their sessions, and the sites' event
-                // timelines (history, not state): not copied.
+                // Live brokers and their sessions (not copied), and the
+                // sites' event timelines (read page by page apart).
                 continue;
             }
             if let Some(r) = rest.strip_prefix("regions/") {
@@ -512,6 +516,30 @@ impl EtcdStore {
                 c.txn(EtcdTxn::new().and_then(puts)).await?;
                 Ok(())
             })?;
+        }
+        Ok(())
+    }
+
+    /// Writes the timelines `page` as they are, in transactions of at most
+    /// [`BATCH`] puts and about [`TXN_BYTES`] (etcd refuses a request
+    /// above its `--max-request-bytes`, 1.5 MiB by default); for
+    /// [`migrate`](super::migrate).
+    pub(crate) fn write_timelines(&self, page: &[(SiteId, Timeline)]) -> Result<(), StoreError> {
+        let mut puts = Vec::new();
+        let mut bytes = 0;
+        for (i, (site, timeline)) in page.iter().enumerate() {
+            let value = serde_json::to_vec(timeline)?;
+            bytes += value.len();
+            puts.push(TxnOp::put(self.keys.events_of(site), value, None));
+            let last = i + 1 == page.len();
+            if last || puts.len() >= BATCH || bytes >= TXN_BYTES {
+                let ops = std::mem::take(&mut puts);
+                bytes = 0;
+                self.call("write", move |mut c| async move {
+                    c.txn(EtcdTxn::new().and_then(ops)).await?;
+                    Ok(())
+                })?;
+            }
         }
         Ok(())
     }

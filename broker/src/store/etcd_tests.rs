@@ -409,13 +409,31 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
             .unwrap();
             redb.put_cert(&CertRecord {
                 serial: format!("{i:02x}"),
-                site,
+                site: site.clone(),
                 region: eu(),
                 not_after: 99,
                 spki_sha256: None,
             })
             .unwrap();
+            // Timelines of 7 sites (several pages), of different lengths,
+            // one trimmed to the retention limit.
+            if i % 3 == 0 {
+                let count = if i == 9 { 250 } else { i + 1 };
+                for n in 0..count {
+                    let event = tether_proto::events::SiteEvent {
+                        at: 1_000 + n as u64,
+                        broker: "b1".into(),
+                        kind: tether_proto::events::EventKind::Renewed {
+                            not_after: 2_000 + n as u64,
+                        },
+                    };
+                    redb.append_event(&site, &event, tether_proto::events::TIMELINE_LIMIT)
+                        .unwrap();
+                }
+            }
         }
+        let timelines = redb.timelines().unwrap();
+        assert_eq!(timelines.len(), 7);
         // A released lease: the region's version moves past the lease count.
         let snapshot = redb.region_leases(&eu()).unwrap();
         let gone = snapshot.leases().next().unwrap().prefix;
@@ -487,6 +505,14 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
         assert_eq!(report.revocations, 2);
         assert_eq!((report.tokens, report.expired_tokens), (1, 1));
         assert!(report.to_string().contains("sites         20"), "{report}");
+        let events = 1 + 4 + 7 + tether_proto::events::TIMELINE_LIMIT + 13 + 16 + 19;
+        assert_eq!((report.timelines, report.events), (7, events));
+        assert!(
+            report
+                .to_string()
+                .contains(&format!("timelines     7 ({events} events)")),
+            "{report}"
+        );
 
         let etcd = EtcdStore::open(&config).unwrap();
         let mut copied = etcd.contents().unwrap();
@@ -496,6 +522,11 @@ fn etcd_migration_from_the_embedded_store_keeps_every_address() {
             c.revocations.sort();
         }
         assert_eq!(copied, expected);
+        // Every timeline arrived whole, in order.
+        assert_eq!(etcd.timelines().unwrap(), timelines);
+        let nine = etcd.timeline(&SiteId::new("site-9").unwrap()).unwrap();
+        assert_eq!(nine.len(), tether_proto::events::TIMELINE_LIMIT);
+        assert_eq!(nine.events().next().unwrap().at, 1_050);
         // Every site keeps its address, and new allocations go on from the
         // same version.
         for (site, address) in &addresses {

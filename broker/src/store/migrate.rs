@@ -34,6 +34,10 @@ pub struct MigrationReport {
     /// key-encryption key their keys are sealed with (`None`: in clear, to
     /// be sealed by the first broker on etcd). `None` without a CA.
     pub ca: Option<(usize, Option<String>)>,
+    /// Sites' event timelines.
+    pub timelines: usize,
+    /// Events over all timelines.
+    pub events: usize,
 }
 
 impl std::fmt::Display for MigrationReport {
@@ -58,6 +62,11 @@ impl std::fmt::Display for MigrationReport {
             "  tokens        {} (skipped {} expired)",
             self.tokens, self.expired_tokens
         )?;
+        writeln!(
+            f,
+            "  timelines     {} ({} events)",
+            self.timelines, self.events
+        )?;
         match &self.ca {
             None => write!(
                 f,
@@ -78,7 +87,8 @@ impl std::fmt::Display for MigrationReport {
 /// Copies everything from the embedded store at `from` into etcd: site
 /// records, certificates, leases (same addresses, same region versions),
 /// revocations, unexpired tokens and the CA state (certificates, sealed
-/// keys, rotation phase), so no site enrolls again. `kek` is the
+/// keys, rotation phase), so no site enrolls again, and every site's event
+/// timeline, read and written a page at a time. `kek` is the
 /// key-encryption key the brokers on etcd will use: the CA keys must open
 /// with it, else nothing is written. Refuses a prefix that already holds
 /// keys unless `force`, which deletes them first. Stop the broker that
@@ -92,7 +102,6 @@ pub fn migrate(
 ) -> Result<MigrationReport, StoreError> {
     let source = RedbStore::open(from)?;
     let mut contents = source.contents()?;
-    drop(source);
     let ca = contents
         .ca
         .as_deref()
@@ -132,6 +141,20 @@ pub fn migrate(
     report.revocations = contents.revocations.len();
     report.tokens = contents.tokens.len();
     report.ca = ca;
+    // Timelines last and page by page: all of them at once could be
+    // hundreds of MiB at fleet size.
+    let page_size = usize::try_from(super::etcd::TIMELINE_PAGE).unwrap_or(32);
+    let mut after = None;
+    loop {
+        let page = source.timelines_after(after.as_ref(), page_size)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        target.write_timelines(&page)?;
+        report.timelines += page.len();
+        report.events += page.iter().map(|(_, t)| t.len()).sum::<usize>();
+    }
     Ok(report)
 }
 

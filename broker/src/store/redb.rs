@@ -247,6 +247,32 @@ impl RedbStore {
             .map(|v| v.value().to_string());
         Ok(contents)
     }
+    /// Up to `limit` timelines of sites named after `after` (from the
+    /// first without), in site order: [`migrate`](super::migrate) copies
+    /// them page by page, never holding every timeline at once.
+    pub fn timelines_after(
+        &self,
+        after: Option<&SiteId>,
+        limit: usize,
+    ) -> Result<Vec<(SiteId, Timeline)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let range = match after {
+            Some(site) => table.range::<&str>((
+                std::ops::Bound::Excluded(site.as_str()),
+                std::ops::Bound::Unbounded,
+            ))?,
+            None => table.range::<&str>(..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (key, value) = entry?;
+            let site = SiteId::new(key.value())
+                .map_err(|e| StoreError(format!("corrupt event timeline key: {e}")))?;
+            out.push((site, serde_json::from_slice(value.value())?));
+        }
+        Ok(out)
+    }
 }
 
 impl Store for RedbStore {

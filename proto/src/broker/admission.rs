@@ -10,6 +10,7 @@ use crate::api::{BROKERS_PATH, ENROLL_PATH, REATTEST_PATH, RENEW_PATH};
 use crate::connect_ip::{self, Scope};
 use crate::h3::error::{H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED};
 use crate::ids::{RegionId, SiteId};
+use crate::report::REPORT_PATH;
 
 /// Why a session ended (or must end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +138,9 @@ pub enum RequestKind {
     Reattest,
     /// The brokers of the site's region (`POST` to [`BROKERS_PATH`]).
     Brokers,
+    /// Problems the site reports for its timeline (`POST` to
+    /// [`REPORT_PATH`]).
+    Report,
 }
 
 /// Classifies a request by its method, `:protocol` and path; anything else
@@ -152,6 +156,7 @@ pub fn classify_request(
         ("POST", None, RENEW_PATH) => Ok(RequestKind::Renew),
         ("POST", None, REATTEST_PATH) => Ok(RequestKind::Reattest),
         ("POST", None, BROKERS_PATH) => Ok(RequestKind::Brokers),
+        ("POST", None, REPORT_PATH) => Ok(RequestKind::Report),
         ("CONNECT", _, _) => Err(Refusal {
             status: 501,
             message: "only CONNECT-IP (:protocol connect-ip) is served here".into(),
@@ -367,6 +372,10 @@ mod tests {
             classify_request("POST", None, BROKERS_PATH),
             Ok(RequestKind::Brokers)
         );
+        assert_eq!(
+            classify_request("POST", None, REPORT_PATH),
+            Ok(RequestKind::Report)
+        );
         // Another extended CONNECT, or a plain one: not served.
         for protocol in [Some("connect-udp"), None] {
             let refused = classify_request("CONNECT", protocol, tunnel).unwrap_err();
@@ -378,6 +387,7 @@ mod tests {
             ("POST", Some("connect-ip"), ENROLL_PATH),
             ("GET", None, ENROLL_PATH),
             ("GET", None, BROKERS_PATH),
+            ("GET", None, REPORT_PATH),
             ("POST", None, "/elsewhere"),
         ] {
             let refused = classify_request(method, protocol, path).unwrap_err();
