@@ -18,6 +18,9 @@
 //! `round K: N back ... changed C` (C sites came back with another address)
 //! until R rounds are done. The broker is killed and restarted by whoever
 //! runs it (`tether-bench --storm`).
+//! `tether-loadgen renew --count N --broker A --dir D --hold S` holds the
+//! tunnels and renews each site's certificate at half its lifetime, as
+//! the agent does (see `loadgen_renew`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -33,6 +36,8 @@ use tether_shell::operator::AdminClient;
 use tether_shell::quic::transport_config;
 use tether_tests::Tunnel;
 use tokio::sync::Semaphore;
+
+mod loadgen_renew;
 
 #[derive(Parser)]
 struct Cli {
@@ -79,6 +84,18 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long, default_value_t = 60)]
+        hold: u64,
+    },
+    /// Connect enrolled sites, hold their tunnels and renew their
+    /// certificates at half-life.
+    Renew {
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        broker: SocketAddr,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 600)]
         hold: u64,
     },
 }
@@ -216,6 +233,12 @@ async fn main() -> anyhow::Result<()> {
             dir,
             rounds,
         } => storm(count, broker, &dir, rounds).await?,
+        Command::Renew {
+            count,
+            broker,
+            dir,
+            hold,
+        } => loadgen_renew::run(count, broker, &dir, hold).await?,
     }
     Ok(())
 }
