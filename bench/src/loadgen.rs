@@ -21,6 +21,9 @@
 //! `tether-loadgen busy` and `tether-loadgen backend` are the two ends of
 //! the busy-sites measurement: sites that send and receive real packets,
 //! and a sink and source on the backend host (see the `traffic` module).
+//! `tether-loadgen renew --count N --broker A --dir D --hold S` holds the
+//! tunnels and renews each site's certificate at half its lifetime, as
+//! the agent does (see `loadgen_renew`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -37,6 +40,7 @@ use tether_shell::quic::transport_config;
 use tether_tests::Tunnel;
 use tokio::sync::Semaphore;
 
+mod loadgen_renew;
 mod traffic;
 
 #[derive(Parser)]
@@ -106,6 +110,18 @@ enum Command {
     Backend {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// Connect enrolled sites, hold their tunnels and renew their
+    /// certificates at half-life.
+    Renew {
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        broker: SocketAddr,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 600)]
+        hold: u64,
     },
 }
 
@@ -261,6 +277,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Backend { listen } => {
             tokio::task::spawn_blocking(move || traffic::backend(listen)).await??
         }
+        Command::Renew {
+            count,
+            broker,
+            dir,
+            hold,
+        } => loadgen_renew::run(count, broker, &dir, hold).await?,
     }
     Ok(())
 }

@@ -11,7 +11,8 @@
 //! jittered exponential backoff; the broker gives it the same address
 //! again, and the device (with its addresses and routes) stays in place
 //! meanwhile. It renews its certificate at half its lifetime over the
-//! tunnel and reconnects with the new one. With `lans` configured it
+//! tunnel, connects again with the new one and moves the tunnel to that
+//! connection before it lets the old one go. With `lans` configured it
 //! requests a mapping for each LAN, advertises the mapped prefixes, and
 //! translates packets between the LANs and the tunnel (`crate::lan`).
 //!
@@ -57,6 +58,7 @@ enum Input {
     Reattested(Result<(), ReattestFailure>),
     Probed(Option<BrokerConn>),
     Standby(Result<(BrokerConn, Target), Failure>),
+    Redialed(Result<(BrokerConn, Target), Failure>),
     HandedOver(Box<Result<(Session, Lifetimes), Failure>>),
 }
 
@@ -382,6 +384,25 @@ impl Shell {
                     conn.close("standby no longer needed");
                 }
             }
+            Input::Redialed(result) => {
+                let conn = match result {
+                    Ok(conn) => Some(conn),
+                    Err(f) => {
+                        tracing::warn!(
+                            "cannot connect again with the renewed certificate, reconnecting: {f}"
+                        );
+                        None
+                    }
+                };
+                if core.handle_redial_result(conn.is_some(), now) {
+                    // The connection the tunnel is handed over to.
+                    if let Some((old, _)) = std::mem::replace(&mut self.standby, conn) {
+                        old.close("standby no longer needed");
+                    }
+                } else if let Some((conn, _)) = conn {
+                    conn.close("no longer needed");
+                }
+            }
             Input::HandedOver(result) => match *result {
                 Ok((mut session, life)) => {
                     if let (Some(tun), Some(link)) = (&self.tun, &session.link) {
@@ -496,7 +517,14 @@ impl Shell {
                 "re-attestation failed, retrying in {:.1} s: {why}",
                 retry_in.as_secs_f64()
             ),
-            Event::Renewed => tracing::info!("reconnecting with the renewed certificate"),
+            Event::Renewed => tracing::info!(
+                "certificate renewed; moving the tunnel to a connection made with it"
+            ),
+            Event::MovedToRenewed(transport) => tracing::info!(
+                broker,
+                "the tunnel moved to a connection with the renewed certificate over {} before the old one was left",
+                transport.describe()
+            ),
             Event::RenewalFailed { error, retry_in } => {
                 let why = format!(
                     "certificate renewal failed, retrying in {} minutes: {error}",
@@ -655,6 +683,22 @@ impl Shell {
                         crate::enroll::renew(&conn, &state, &target)
                             .await
                             .map_err(|e| format!("{e:#}")),
+                    )
+                });
+                self.tasks(task);
+            }
+            Action::Redial { transport } => {
+                let Some(target) = self.session.as_ref().map(|s| s.target.clone()) else {
+                    core.handle_redial_result(false, Instant::now());
+                    return Ok(());
+                };
+                // Reads the renewed certificate.
+                let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
+                let task = self.spawn(async move {
+                    Input::Redialed(
+                        dialer
+                            .first(&[transport], std::slice::from_ref(&target), Vec::new())
+                            .await,
                     )
                 });
                 self.tasks(task);

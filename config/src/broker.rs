@@ -295,7 +295,9 @@ pub struct TunnelFile {
     /// How long a silent tunnel lives before it is closed; more than twice
     /// `keepalive`.
     pub idle_timeout: String,
-    /// Lifetime of site certificates issued at enrollment and renewal.
+    /// Lifetime of site certificates issued at enrollment and renewal
+    /// (sites renew at half of it); at least 10 s, though anything under
+    /// an hour is meant for tests.
     pub site_cert_lifetime: String,
     /// Default lifetime of enrollment tokens.
     pub token_ttl: String,
@@ -733,7 +735,7 @@ impl BrokerFile {
         let site_cert_lifetime = p.duration(
             "tunnel.site_cert_lifetime",
             &self.tunnel.site_cert_lifetime,
-            Duration::from_secs(3600),
+            Duration::from_secs(10),
             Duration::from_secs(30 * 86_400),
         );
         let token_ttl = p.duration(

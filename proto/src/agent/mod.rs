@@ -14,8 +14,10 @@
 //!   [`HEALTHY_SESSION`], and which endings wait for it (a lost connection,
 //!   a refusal) and which reconnect at once (a renewed certificate, a better
 //!   transport);
-//! - certificate renewal at half the certificate's lifetime, and the retry
-//!   [`RENEWAL_RETRY`] after a failed renewal;
+//! - certificate renewal at half the certificate's lifetime, the move of
+//!   the tunnel to a connection made with the new certificate before the
+//!   old one goes ([`Action::Redial`], then [`Action::Handover`]), and the
+//!   retry [`RENEWAL_RETRY`] after a failed renewal;
 //! - re-attestation: when the broker refuses the site's certificate as
 //!   expired or revoked (a site that was offline longer than its
 //!   certificate lives), it asks the broker to renew the certificate on
@@ -235,6 +237,14 @@ pub enum Action {
     /// Renew the certificate over the connection; answer
     /// [`AgentCore::handle_renewal_result`].
     Renew,
+    /// Connect again to the current session's broker on `transport`, with
+    /// the certificate just renewed, without opening a tunnel; answer
+    /// [`AgentCore::handle_redial_result`]. The tunnel then moves to that
+    /// connection ([`Action::Handover`]) before the old one is let go.
+    Redial {
+        /// The transport of the current session.
+        transport: Transport,
+    },
     /// Renew an expired (or refused) certificate by re-attestation, over a
     /// connection of its own without a client certificate; answer
     /// [`AgentCore::handle_reattest_result`].
@@ -302,7 +312,8 @@ pub enum Event {
     DialFailed(Ending),
     /// The session ended (including a tunnel that could not be opened).
     SessionEnded(Ending),
-    /// The certificate was renewed; reconnecting with it.
+    /// The certificate was renewed; the tunnel moves to a connection made
+    /// with it.
     Renewed,
     /// The broker refused the certificate; asking it to re-attest.
     Reattesting,
@@ -353,6 +364,9 @@ pub enum Event {
     /// The tunnel moved to the standby's broker before the old one was
     /// dropped.
     HandedOver(Transport),
+    /// The tunnel moved to a connection made with the renewed certificate
+    /// before the old connection was dropped.
+    MovedToRenewed(Transport),
     /// Opening the tunnel on the standby failed; the current session goes
     /// on.
     HandoverFailed(Ending),
@@ -389,6 +403,13 @@ struct Session {
     move_requested: bool,
     /// A [`Action::Handover`] is under way.
     handing_over: bool,
+    /// The certificate was renewed: the tunnel is moving to a connection
+    /// made with the new one ([`Action::Redial`]).
+    renewing: bool,
+    /// The connection ended during a handover (the broker ends it once the
+    /// tunnel is open on the new connection): the handover's result
+    /// decides what follows.
+    lost_meanwhile: bool,
 }
 
 impl Session {
@@ -411,6 +432,8 @@ impl Session {
             liveness: None,
             move_requested: false,
             handing_over: false,
+            renewing: false,
+            lost_meanwhile: false,
         }
     }
 
@@ -911,10 +934,23 @@ impl AgentCore {
 
     /// The outcome of [`Action::Renew`].
     pub fn handle_renewal_result(&mut self, result: Result<(), String>, now: Instant) {
-        let Some(s) = self.open_session_mut().filter(|s| s.renew_at.is_none()) else {
+        let Some(s) = self
+            .open_session_mut()
+            .filter(|s| s.renew_at.is_none() && !s.renewing)
+        else {
             return;
         };
         match result {
+            Ok(()) if !s.handing_over => {
+                // Make before break: a second connection with the new
+                // certificate, and the tunnel moves to it (the standby,
+                // made with the old certificate, is dropped).
+                s.renewing = true;
+                let transport = s.transport;
+                self.events.push_back(Event::Renewed);
+                self.drop_standby();
+                self.actions.push_back(Action::Redial { transport });
+            }
             Ok(()) => {
                 self.events.push_back(Event::Renewed);
                 self.actions.push_back(Action::EndSession { close: false });
@@ -929,6 +965,30 @@ impl AgentCore {
                 });
             }
         }
+    }
+
+    /// The outcome of [`Action::Redial`]: whether the connection with the
+    /// renewed certificate is up. Returns whether the core takes it (the
+    /// shell keeps it as the connection to hand over to); if not, the
+    /// shell drops it. Without it the site reconnects with the new
+    /// certificate the plain way: the session ends, then a dial.
+    pub fn handle_redial_result(&mut self, connected: bool, now: Instant) -> bool {
+        let Some(s) = self
+            .open_session_mut()
+            .filter(|s| s.renewing && !s.handing_over)
+        else {
+            return false;
+        };
+        if connected {
+            s.handing_over = true;
+            let transport = s.transport;
+            self.standby = Standby::Ready(transport);
+            self.actions.push_back(Action::Handover);
+            return true;
+        }
+        self.actions.push_back(Action::EndSession { close: false });
+        self.dial(now);
+        false
     }
 
     /// The outcome of [`Action::Probe`]: whether the better rung answered.
@@ -950,9 +1010,16 @@ impl AgentCore {
     /// The session ended: its tunnel could not be opened, or the connection
     /// or the tunnel ended.
     pub fn handle_session_ended(&mut self, ending: Ending, now: Instant) {
-        let Phase::Session(s) = &self.phase else {
+        let Phase::Session(s) = &mut self.phase else {
             return;
         };
+        if s.open && s.handing_over && matches!(ending, Ending::Lost(_)) {
+            // The tunnel is opening on the other connection, and a broker
+            // ends this one as soon as it has: not a loss yet.
+            s.lost_meanwhile = true;
+            self.actions.push_back(Action::EndSession { close: false });
+            return;
+        }
         let settled = s
             .opened_at
             .is_some_and(|t| now.saturating_duration_since(t) >= SETTLED_SESSION);
@@ -1010,7 +1077,7 @@ impl AgentCore {
         let Phase::Session(s) = &self.phase else {
             return;
         };
-        if !s.open || s.handing_over {
+        if !s.open || s.handing_over || s.renewing {
             return;
         }
         if let Standby::Absent(at) = self.standby
@@ -1127,14 +1194,28 @@ impl AgentCore {
         let Standby::Ready(transport) = self.standby else {
             return;
         };
-        if !self.open_session_mut().is_some_and(|s| s.handing_over) {
+        let Some(renewing) = self
+            .open_session_mut()
+            .filter(|s| s.handing_over)
+            .map(|s| s.renewing)
+        else {
             return;
-        }
+        };
         self.standby = Standby::Absent(None);
         match result {
+            Err(ending) if renewing => {
+                // Reconnect with the new certificate the plain way.
+                self.events.push_back(Event::HandoverFailed(ending));
+                self.actions.push_back(Action::EndSession { close: false });
+                self.dial(now);
+            }
             Ok(()) => {
-                self.handovers += 1;
-                self.events.push_back(Event::HandedOver(transport));
+                if renewing {
+                    self.events.push_back(Event::MovedToRenewed(transport));
+                } else {
+                    self.handovers += 1;
+                    self.events.push_back(Event::HandedOver(transport));
+                }
                 let moved = self.ladder.connected(transport);
                 if moved != Move::Stay {
                     self.events.push_back(Event::Moved { transport, moved });
@@ -1146,9 +1227,13 @@ impl AgentCore {
             Err(ending) => {
                 self.events.push_back(Event::HandoverFailed(ending));
                 self.standby = Standby::Absent(Some(now + STANDBY_RETRY));
-                if let Some(s) = self.open_session_mut() {
+                let lost = self.open_session_mut().is_some_and(|s| {
                     s.handing_over = false;
                     s.watch_liveness(false, now);
+                    s.lost_meanwhile
+                });
+                if lost {
+                    self.retry(now);
                 }
             }
         }

@@ -203,22 +203,82 @@ fn renewal_fires_at_half_life_and_retries_after_a_failure() {
     assert!(!actions.contains(&Action::Renew));
     let actions = a.run_for(secs(1), secs(1));
     assert!(actions.contains(&Action::Renew));
-    // Success: reconnect at once with the new certificate, no backoff.
+    // Success: a second connection with the new certificate, and the
+    // tunnel moves to it before the old one is left (make before break).
     a.core.handle_renewal_result(Ok(()), a.now);
     assert_eq!(a.events(), [Event::Renewed]);
     assert_eq!(
         a.actions(),
-        [
-            Action::EndSession { close: false },
-            Action::Dial {
-                order: vec![Transport::H3, Transport::H2]
-            }
-        ]
+        [Action::Redial {
+            transport: Transport::H3
+        }]
     );
-    assert_eq!(a.core.poll_timeout(), None);
-    // A late answer to the ended session changes nothing.
+    // A second answer, and the timer meanwhile, change nothing: no
+    // standby (it would carry the old certificate), no renewal.
     a.core.handle_renewal_result(Ok(()), a.now);
-    assert_eq!((a.events(), a.actions()), (vec![], vec![]));
+    let actions = a.run_for(secs(60), secs(1));
+    assert!(
+        actions
+            .iter()
+            .all(|x| !matches!(x, Action::Renew | Action::DialStandby { .. })),
+        "{actions:?}"
+    );
+    a.events();
+    assert!(a.core.handle_redial_result(true, a.now));
+    assert_eq!(a.actions(), [Action::Handover]);
+    assert!(a.core.transport().is_some(), "the old session still runs");
+    a.core
+        .handle_handover_result(Ok(()), Some(lifetime(7200, 0)), a.now);
+    let events = a.events();
+    assert!(
+        events.contains(&Event::MovedToRenewed(Transport::H3)),
+        "{events:?}"
+    );
+    assert!(events.contains(&Event::Connected(Transport::H3)));
+    assert_eq!(a.core.handovers(), 0, "not a move between brokers");
+    let actions = a.actions();
+    assert!(
+        !actions.contains(&Action::EndSession { close: false }),
+        "{actions:?}"
+    );
+    // The new certificate renews at its own half-life.
+    let actions = a.run_for(secs(3599), secs(1));
+    assert!(!actions.contains(&Action::Renew));
+    assert!(a.run_for(secs(1), secs(1)).contains(&Action::Renew));
+}
+
+#[test]
+fn a_renewed_site_without_a_second_connection_reconnects_the_plain_way() {
+    for handover_fails in [false, true] {
+        let mut a = Agent::new(config(false, None, 1));
+        a.actions();
+        a.connect(Transport::H3, Some(lifetime(7200, 3600)));
+        a.tick();
+        assert!(a.actions().contains(&Action::Renew));
+        a.core.handle_renewal_result(Ok(()), a.now);
+        a.actions();
+        if handover_fails {
+            assert!(a.core.handle_redial_result(true, a.now));
+            assert_eq!(a.actions(), [Action::Handover]);
+            a.core
+                .handle_handover_result(Err(Ending::Refused("HTTP 503".into())), None, a.now);
+        } else {
+            assert!(!a.core.handle_redial_result(false, a.now));
+        }
+        assert_eq!(
+            a.actions(),
+            [
+                Action::EndSession { close: false },
+                Action::Dial {
+                    order: vec![Transport::H3, Transport::H2]
+                }
+            ]
+        );
+        // A late answer to the ended session changes nothing.
+        assert!(!a.core.handle_redial_result(true, a.now));
+        a.core.handle_renewal_result(Ok(()), a.now);
+        assert_eq!(a.actions(), vec![]);
+    }
 }
 
 #[test]
@@ -1051,4 +1111,45 @@ fn goaway_without_a_standby_dials_one_and_moves_when_it_answers() {
     ));
     assert!(a.core.transport().is_some());
     assert_eq!(a.core.handovers(), 0);
+}
+
+#[test]
+fn the_old_connection_ending_during_a_renewal_handover_is_not_a_loss() {
+    for handover_ok in [true, false] {
+        let mut a = Agent::new(config(false, None, 1));
+        a.actions();
+        a.connect(Transport::H3, Some(lifetime(7200, 3600)));
+        a.tick();
+        assert!(a.actions().contains(&Action::Renew));
+        a.core.handle_renewal_result(Ok(()), a.now);
+        a.actions();
+        assert!(a.core.handle_redial_result(true, a.now));
+        assert_eq!(a.actions(), [Action::Handover]);
+        a.events();
+        // The broker ends the old connection once the new tunnel is open,
+        // before the shell has heard the handover's result.
+        a.core
+            .handle_session_ended(Ending::Lost("replaced by a newer connection".into()), a.now);
+        assert_eq!(a.actions(), [Action::EndSession { close: false }]);
+        assert_eq!(a.events(), [], "not reported as a loss");
+        if handover_ok {
+            a.core
+                .handle_handover_result(Ok(()), Some(lifetime(7200, 0)), a.now);
+            let events = a.events();
+            assert!(
+                events.contains(&Event::MovedToRenewed(Transport::H3)),
+                "{events:?}"
+            );
+            assert!(events.contains(&Event::Connected(Transport::H3)));
+        } else {
+            a.core
+                .handle_handover_result(Err(Ending::Lost("timed out".into())), None, a.now);
+            assert!(
+                a.actions().contains(&Action::Dial {
+                    order: vec![Transport::H3, Transport::H2]
+                }),
+                "reconnects"
+            );
+        }
+    }
 }
