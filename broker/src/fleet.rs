@@ -51,6 +51,11 @@ pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// one lost renewal does not expire it).
 const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL.as_millis() as u64 / 3);
 
+/// A renewal not answered this long means the keep-alive stream is stuck
+/// on a member that cannot renew (answers take milliseconds): it is opened
+/// again, well before the lease's end.
+const RENEWAL_ANSWER: Duration = Duration::from_secs(1);
+
 /// How long the task waits before it starts over after a failure.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -474,6 +479,19 @@ impl Task {
                     if self.with_fleet(|f| f.is_fenced()) {
                         return Err(self.error("lease keep-alive", "no renewal within the lease's time to live"));
                     }
+                    // A renewal unanswered for a second: the stream is
+                    // stuck on a member that cannot renew
+                    // (cut off from the others, or dead). Open it again,
+                    // on the members the pool still has (a member without
+                    // a leader leaves it); the old stream's answers go
+                    // with it, which only makes the lease's end earlier.
+                    if asked.front().is_some_and(|at| at.elapsed() >= RENEWAL_ANSWER) {
+                        tracing::info!(broker = %self.me, "fleet: no answer to a lease renewal; renewing on another etcd member");
+                        (keeper, alive) = self
+                            .bounded("lease keep-alive", c.lease_keep_alive(joined.lease))
+                            .await?;
+                        asked.clear();
+                    }
                     // A bounded queue: renewals unanswered for a whole
                     // time to live fence the broker above anyway.
                     if asked.len() >= 16 {
@@ -499,7 +517,17 @@ impl Task {
                 },
                 command = self.commands.recv() => match command {
                     Some(Command::Claim(site)) => {
-                        self.with_fleet(|f| f.handle_claim(site.clone()));
+                        let held = self.with_fleet(|f| {
+                            f.handle_claim(site.clone());
+                            f.lease_held(Instant::now())
+                        });
+                        if !held {
+                            // The lease may be gone: a plain write could
+                            // replace a newer owner. Start over; the new
+                            // lease claims the site only where no other
+                            // broker holds it.
+                            return Err(self.error("claim", "the lease ran out before the claim could be written"));
+                        }
                         self.put_claim(joined.lease, &site).await?;
                     }
                     Some(Command::Release(site)) => {

@@ -8,7 +8,8 @@
 //! one task per stream so capsules and packets stay in order and a slow
 //! connection drops packets instead of queueing them without bound.
 //!
-//! When the broker starts draining (SIGTERM), every connection gets a
+//! When the broker starts draining (SIGTERM), or loses its hold on its
+//! sites (its fleet lease ran out), every connection gets a
 //! graceful GOAWAY (RFC 9113 section 6.8: first with the largest stream
 //! ID, then, after a PING round trip, with the last one processed): what is
 //! open keeps being served, and the site moves its tunnel to another
@@ -238,15 +239,26 @@ async fn handle_connection(
     });
     let mut closing = false;
     let mut draining = broker.draining();
+    // Asked to move only by a request made after the connection opened.
+    let mut moves = broker.moves();
+    moves.borrow_and_update();
     let mut goaway_sent = false;
     loop {
+        let going = async {
+            tokio::select! {
+                d = draining.wait_for(|d| *d) => d.is_ok(),
+                m = moves.changed() => m.is_ok(),
+            }
+        };
         tokio::select! {
-            going = async { draining.wait_for(|d| *d).await.is_ok() }, if !goaway_sent => {
+            going = going, if !goaway_sent => {
                 goaway_sent = true;
                 if going && !closing {
-                    // The broker is going away: the site moves its tunnel
-                    // to another broker; the open streams are served until
-                    // it has, and the connection ends when none is left.
+                    // The broker is going away, or cannot prove it holds
+                    // the site any more (its fleet lease ran out): the
+                    // site moves its tunnel to another broker; the open
+                    // streams are served until it has, and the connection
+                    // ends when none is left.
                     h2.graceful_shutdown();
                 }
             }

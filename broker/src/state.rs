@@ -85,8 +85,8 @@ pub struct Broker {
     /// connection gets a GOAWAY, so its site moves to another broker.
     draining: watch::Sender<bool>,
     /// Bumped when the broker lost its hold on its sites (its fleet lease
-    /// ran out): every HTTP/3 connection open at that moment gets a
-    /// GOAWAY, so its site moves to a broker that can hold it.
+    /// ran out): every HTTP/3 and HTTP/2 connection open at that moment
+    /// gets a GOAWAY, so its site moves to a broker that can hold it.
     moves: watch::Sender<u64>,
     /// Each site's event timeline.
     events: EventLog,
@@ -231,7 +231,7 @@ impl Broker {
     }
 
     /// Asks every connection open now to move to another broker (HTTP/3
-    /// GOAWAY); the broker keeps serving those that cannot.
+    /// or HTTP/2 GOAWAY); the broker keeps serving those that cannot.
     pub fn ask_sites_to_move(&self) {
         self.moves.send_modify(|m| *m += 1);
     }

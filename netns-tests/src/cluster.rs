@@ -426,6 +426,47 @@ impl Cluster {
             .map(|_| ())
     }
 
+    /// Cuts etcd member `m` off from the other two members, and broker
+    /// `broker` off from those two as well (both directions, also flows
+    /// already established): the member is a minority of one, the broker
+    /// reaches only that member, and the other brokers still reach all
+    /// three.
+    pub fn partition_member(&self, m: usize, broker: usize) -> io::Result<()> {
+        let others = (1..=3)
+            .filter(|i| *i != m)
+            .map(member_ip)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet minority{m} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  iifname {{ \"e{m}\", \"b{broker}\" }} ip daddr {{ {others} }} drop\n  oifname {{ \"e{m}\", \"b{broker}\" }} ip saddr {{ {others} }} drop\n }}\n}}\n"
+        );
+        let file = self.path(&format!("minority{m}.nft"));
+        std::fs::write(&file, rules)?;
+        self.core
+            .run("nft", &["-f", &file.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Ends the partition of etcd member `m`.
+    pub fn heal_member(&self, m: usize) -> io::Result<()> {
+        self.core
+            .run("nft", &["delete", "table", "inet", &format!("minority{m}")])
+            .map(|_| ())
+    }
+
+    /// Drops UDP 443 from site `k` (1-based) on the router, so that its
+    /// agent speaks HTTP/2 over TCP to every broker.
+    pub fn block_udp(&self, k: usize) -> io::Result<()> {
+        let rules = format!(
+            "table inet udp{k} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  iifname \"s{k}\" udp dport 443 drop\n }}\n}}\n"
+        );
+        let file = self.path(&format!("udp{k}.nft"));
+        std::fs::write(&file, rules)?;
+        self.core
+            .run("nft", &["-f", &file.display().to_string()])
+            .map(|_| ())
+    }
+
     /// Creates a token for site `name` at broker `at` (its CLI) and returns
     /// the code.
     pub fn token(&self, at: usize, name: &str) -> io::Result<String> {
@@ -491,6 +532,25 @@ impl Cluster {
             })
             .map(|b| b.n)
             .collect()
+    }
+
+    /// The transport (`h3`, `h2`, ...) of each running broker's session of
+    /// `site`, by broker number.
+    pub fn transports(&self, site: &str) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for b in self.brokers.iter().filter(|b| b.proc.is_some()) {
+            let Ok(table) = b.cli(&["sessions"]) else {
+                continue;
+            };
+            for line in table.lines() {
+                let mut words = line.split_whitespace();
+                if words.next() == Some(site) {
+                    let transport = words.nth(1).unwrap_or_default().to_string();
+                    out.push((b.n, transport));
+                }
+            }
+        }
+        out
     }
 
     /// A broker's log so far.

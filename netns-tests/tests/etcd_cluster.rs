@@ -7,9 +7,15 @@
 //!   same token; every site is recorded, none holds two IPv4 addresses
 //!   and no address is held twice;
 //! - a broker cut off from etcd (nftables on the router): its fleet lease
-//!   runs out, it asks its sites to move, they come back on another broker
+//!   runs out, it asks its sites to move (GOAWAY over HTTP/3 and over
+//!   HTTP/2), they come back on another broker
 //!   with the same addresses; after the heal it writes no stale ownership
 //!   and no site is held by two brokers;
+//! - an etcd member cut off from the other two, with a broker that reaches
+//!   only that member: the broker's lease runs out and its sites move to
+//!   the brokers on the majority side, which are not fenced although the
+//!   minority member still answers them; one owner per site throughout
+//!   and after the heal;
 //! - a rolling restart of every broker (SIGTERM, wait, start again, next)
 //!   while one site pings another every 10 ms: the lost pings are
 //!   reported, every site keeps its address.
@@ -100,7 +106,14 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     if !require_root() {
         return;
     }
-    let (cluster, before) = two_sites(|_| 1);
+    // Site 1 speaks HTTP/3; UDP is blocked for site 2, so it speaks HTTP/2.
+    let mut cluster = Cluster::new(3, 2).unwrap();
+    cluster.block_udp(2).unwrap();
+    let mut before = Vec::new();
+    for k in 1..=2 {
+        cluster.enroll(k, 1).unwrap();
+        before.push(cluster.up(k).unwrap());
+    }
     // Both sites dial the broker they enrolled at first.
     assert!(
         wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()
@@ -108,6 +121,8 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         "both sites on broker 1: {:?}",
         one_owner_each(&cluster)
     );
+    assert_eq!(cluster.transports("lab-1"), [(1, "h3".to_string())]);
+    assert_eq!(cluster.transports("lab-2"), [(1, "h2".to_string())]);
 
     let to = before[1].clone();
     assert!(
@@ -147,6 +162,11 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         cluster.broker_log(1)
     );
     assert_addresses_kept(&cluster, &before);
+    assert!(
+        matches!(&cluster.transports("lab-2")[..], [(_, t)] if t == "h2"),
+        "site 2 moved over HTTP/2: {:?}",
+        cluster.transports("lab-2")
+    );
     let etcd_owners = owners(&cluster);
     for site in &cluster.sites {
         let owner = etcd_owners.get(&site.name).copied();
@@ -186,6 +206,95 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         cluster.brokers[0].metric("tether_broker_fleet_fenced_total") >= 1.0,
         "the fence is counted"
     );
+}
+
+#[test]
+fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_side() {
+    if !require_root() {
+        return;
+    }
+    let (cluster, before) = two_sites(|_| 3);
+    assert!(
+        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()
+            && owners(&cluster).values().all(|b| *b == 3)),
+        "both sites on broker 3: {:?}",
+        one_owner_each(&cluster)
+    );
+    // The member cut off is the leader: it leads a minority of one until
+    // it notices, and the other two elect a new leader.
+    let m = cluster.leader().unwrap_or(3);
+    let cut = Instant::now();
+    cluster.partition_member(m, 3).unwrap();
+    // Broker 3 reaches only member `m`, which can commit nothing: its
+    // lease runs out and its sites move to brokers 1 and 2, which reach
+    // the majority (and still the minority member too).
+    let moved = wait_for(Duration::from_secs(30), || {
+        cluster
+            .sites
+            .iter()
+            .all(|s| matches!(cluster.holders(&s.name)[..], [b] if b != 3))
+    });
+    let took = cut.elapsed();
+    let holders: Vec<_> = cluster
+        .sites
+        .iter()
+        .map(|s| cluster.holders(&s.name))
+        .collect();
+    assert!(
+        moved,
+        "the sites left the broker on the minority side (holders {holders:?}); broker 3:\n{}\nbroker 1:\n{}\nbroker 2:\n{}\nsite 1:\n{}",
+        cluster.broker_log(3),
+        cluster.broker_log(1),
+        cluster.broker_log(2),
+        std::fs::read_to_string(cluster.path("site1.log")).unwrap_or_default()
+    );
+    println!("MINORITY: member {m} cut off; both sites on brokers 1/2 {took:.1?} after the cut");
+    assert!(
+        cluster
+            .broker_log(3)
+            .contains("lease ran out, so it can no longer prove it holds its sites"),
+        "broker 3 says why:\n{}",
+        cluster.broker_log(3)
+    );
+    assert_addresses_kept(&cluster, &before);
+    // etcd (the majority) names the broker that holds each site.
+    assert!(
+        wait_for(Duration::from_secs(10), || one_owner_each(&cluster).is_ok()),
+        "one owner per site on the majority side: {:?}",
+        one_owner_each(&cluster)
+    );
+    let to = before[1].clone();
+    assert!(
+        wait_for(Duration::from_secs(10), || cluster.sites[0]
+            .ns
+            .succeeds("ping", &["-c", "1", "-W", "1", &to])),
+        "site 1 reaches site 2 on the majority side (holders {holders:?})"
+    );
+    // The brokers that reach the majority kept their leases, although the
+    // minority member still answers them.
+    for n in [1, 2] {
+        assert_eq!(
+            cluster.brokers[n - 1].metric("tether_broker_fleet_fenced_total"),
+            0.0,
+            "broker {n} was never fenced:\n{}",
+            cluster.broker_log(n)
+        );
+    }
+
+    cluster.heal_member(m).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || broker_numbers(&cluster)
+            .values()
+            .any(|b| *b == 3)),
+        "broker 3 rejoined the fleet:\n{}",
+        cluster.broker_log(3)
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        "one owner per site after the heal: {:?}",
+        one_owner_each(&cluster)
+    );
+    assert_addresses_kept(&cluster, &before);
 }
 
 /// Sent and received echo requests from a finished `ping` summary.

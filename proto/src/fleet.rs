@@ -199,6 +199,32 @@ impl Fleet {
         self.fenced
     }
 
+    /// Whether the lease is surely alive at `now`: granted, its end not
+    /// reached, not fenced. A new session's claim is written as a plain
+    /// owner write (the newest session wins) only then; otherwise the
+    /// shell writes nothing under the old lease and claims the site under
+    /// the next one, only where no other broker holds it. The end may have
+    /// passed before [`Fleet::poll`] noticed: this looks at `now`, so a
+    /// write is never made on a lease that may be gone.
+    pub fn lease_held(&self, now: Instant) -> bool {
+        !self.fenced && self.held_until.is_some_and(|until| now < until)
+    }
+
+    /// Whether this broker can prove at `now` that it holds `site`: its
+    /// claim was written (revision known), its lease is held
+    /// ([`Fleet::lease_held`]), and no newer owner write by another broker
+    /// has been seen.
+    pub fn holds(&self, site: &SiteId, now: Instant) -> bool {
+        let Some(Claim::At(mine)) = self.claims.get(site) else {
+            return false;
+        };
+        let superseded = self
+            .owners
+            .get(site)
+            .is_some_and(|o| o.broker != self.me && o.revision > *mine);
+        self.lease_held(now) && !superseded
+    }
+
     /// Checks the lease at `now`: the first call past its end fences the
     /// broker ([`Decision::MoveSites`] with the sites it held).
     pub fn poll(&mut self, now: Instant) -> Vec<Decision> {
@@ -428,6 +454,43 @@ mod tests {
             gateways: Vec::new(),
             link_keepalive_ms: None,
         }
+    }
+
+    #[test]
+    fn a_claim_is_written_only_while_the_lease_is_surely_held() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new("a".into());
+        assert!(!f.lease_held(t0), "no lease yet");
+        f.handle_granted(t0, Duration::from_secs(5));
+        assert!(f.lease_held(t0 + Duration::from_secs(4)));
+        // Past the end, before the watchdog polled: no plain write.
+        assert!(!f.lease_held(t0 + Duration::from_secs(5)));
+        assert!(!f.poll(t0 + Duration::from_secs(6)).is_empty());
+        // A late renewal does not end the fence; a new lease does.
+        f.handle_renewed(t0 + Duration::from_secs(4), Duration::from_secs(5));
+        assert!(!f.lease_held(t0 + Duration::from_secs(6)));
+        f.handle_granted(t0 + Duration::from_secs(7), Duration::from_secs(5));
+        assert!(f.lease_held(t0 + Duration::from_secs(8)));
+    }
+
+    #[test]
+    fn a_site_is_held_with_a_written_claim_a_live_lease_and_no_newer_owner() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new("a".into());
+        f.handle_granted(t0, Duration::from_secs(5));
+        f.handle_claim(site("s1"));
+        assert!(!f.holds(&site("s1"), t0), "claim in flight");
+        assert!(f.handle_claimed(&site("s1"), 10).is_empty());
+        assert!(f.holds(&site("s1"), t0));
+        assert!(
+            !f.holds(&site("s1"), t0 + Duration::from_secs(5)),
+            "lease over"
+        );
+        assert_eq!(
+            f.handle_owner(site("s1"), "b".into(), 11),
+            vec![Decision::EndSession(site("s1"))]
+        );
+        assert!(!f.holds(&site("s1"), t0), "taken over");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod child_broker;
+pub mod fleet_sim;
 pub mod sim;
 
 use std::net::SocketAddr;

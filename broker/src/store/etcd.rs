@@ -601,9 +601,14 @@ impl EtcdStore {
 pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
     // Calls are bounded by their callers (one deadline, one error message);
     // the keep-alive notices a dead connection under a long watch.
+    // A member cut off from the others (no leader) refuses every call at
+    // once ("no leader") and ends its streams, instead of holding them
+    // until the caller's deadline: the caller tries again on a member
+    // that can commit.
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.timeout)
-        .with_keep_alive(Duration::from_secs(10), config.timeout);
+        .with_keep_alive(Duration::from_secs(10), config.timeout)
+        .with_require_leader(true);
     if let Some(tls) = &config.tls {
         let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(
             read_tls_file("CA certificate (store.etcd.ca_file)", &tls.ca_file)?,
@@ -625,7 +630,8 @@ const HEALTH_EVERY: Duration = Duration::from_millis(500);
 /// Keeps `client`'s pool of endpoints to the members that answer: every
 /// [`HEALTH_EVERY`] it asks each member of `config` for its status (on a
 /// client of its own) and takes a member that does not answer within a
-/// second out of the pool, and puts it back once it answers. The pool
+/// second, or answers without knowing a leader (it is cut off from the
+/// majority), out of the pool, and puts it back once it answers with one. The pool
 /// never becomes empty. Without this, the client's balancer keeps sending
 /// a share of the calls to a member that died (`tcp connect error`) until
 /// it returns.
@@ -652,9 +658,11 @@ pub(crate) async fn follow_member_health(client: Client, config: EtcdConfig) {
         for (_, probe, _) in &probes {
             let mut probe = probe.clone();
             answers.push(async move {
+                // A member that answers but has no leader (a minority
+                // of a partition) can commit nothing: out of the pool too.
                 matches!(
                     tokio::time::timeout(Duration::from_secs(1), probe.status()).await,
-                    Ok(Ok(_))
+                    Ok(Ok(status)) if status.leader() != 0
                 )
             });
         }
@@ -670,7 +678,7 @@ pub(crate) async fn follow_member_health(client: Client, config: EtcdConfig) {
                 && in_pool > 1
                 && client.remove_endpoint(endpoint.as_str()).await.is_ok()
             {
-                tracing::warn!(%endpoint, "etcd member does not answer; out of the pool until it does");
+                tracing::warn!(%endpoint, "etcd member does not answer or has no leader; out of the pool until it answers with one");
                 *pooled = false;
             }
         }
