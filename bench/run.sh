@@ -7,6 +7,7 @@
 #   bench/run.sh --drops ROUNDS [--duration SECONDS]
 #   bench/run.sh --storm SITES [--rounds N]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
+#   bench/run.sh --idle 10000,50000 [--idle-cpu SECONDS] [--per-loadgen N]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -20,6 +21,11 @@
 # round, when every site was back and whether any changed its address.
 # --lan measures a host on the hospital LAN through the site's LAN mapping
 # next to the site's own address, alternating the two ROUNDS times.
+# --idle measures idle sites on one broker: sites enrolled for real and
+# connected by tether-loadgen (N per process, each its own QUIC endpoint)
+# in steps up to each count; after each step the broker's memory (VmRSS,
+# KiB per site), open files, the connect rate, and the CPU of the broker,
+# the load generators and the whole machine while every site is idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {
