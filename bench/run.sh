@@ -10,6 +10,7 @@
 #   bench/run.sh --agents N [--rounds R] [--gap S] [--keepalive S]
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
 #   bench/run.sh --busy SITES [--duration SECONDS] [--busy-rate PPS] [--busy-size BYTES]
+#   bench/run.sh --idle 10000,50000 [--idle-cpu SECONDS] [--per-loadgen N]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -38,6 +39,11 @@
 # min/median/max, Jain's fairness index, CPU seconds per GB and every drop
 # counter that moved. Offered load: as fast as the senders go, or PPS packets
 # per second over all sending sites.
+# --idle measures idle sites on one broker: sites enrolled for real and
+# connected by tether-loadgen (N per process, each its own QUIC endpoint)
+# in steps up to each count; after each step the broker's memory (VmRSS,
+# KiB per site), open files, the connect rate, and the CPU of the broker,
+# the load generators and the whole machine while every site is idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

@@ -10,7 +10,9 @@
 //! and exits non-zero if a site could not be enrolled.
 //! `tether-loadgen connect --count N --broker A --dir D --hold S` opens a
 //! CONNECT-IP tunnel for each (one QUIC endpoint), prints `connected N`
-//! when all are up, and holds them idle for S seconds.
+//! when all are up, and holds them idle for S seconds; with `--first F`
+//! it takes the sites `F .. F + N` of `D`. A site whose tunnel does not
+//! open is tried again (up to 3 more times, 0.5 s apart; `retry <i>: ...`).
 //! `tether-loadgen storm --count N --broker A --dir D --rounds R [--keepalive S]` connects
 //! them too, then reconnects every site whose connection ends (as the agent
 //! does: a first retry after 0.25-0.5 s, doubling up to 5 s) and, each
@@ -93,6 +95,9 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 60)]
         hold: u64,
+        /// The first site's index: sites `first .. first + count`.
+        #[arg(long, default_value_t = 0)]
+        first: usize,
     },
     /// Connect enrolled sites and send and count traffic on command.
     Busy {
@@ -124,6 +129,9 @@ enum Command {
         hold: u64,
     },
 }
+
+/// Further attempts `connect` makes for a site whose tunnel did not open.
+const CONNECT_RETRIES: u32 = 3;
 
 fn site_dir(dir: &std::path::Path, i: usize) -> StateDir {
     StateDir::new(dir.join(format!("site-{i}")))
@@ -211,41 +219,40 @@ async fn main() -> anyhow::Result<()> {
             broker,
             dir,
             hold,
+            first,
         } => {
             let endpoint = tether::dial::client_endpoint(&broker)?;
             let limit = Arc::new(Semaphore::new(64));
             let mut tasks = Vec::new();
             let started = Instant::now();
-            for i in 0..count {
+            for i in first..first + count {
                 let (limit, endpoint, state) = (limit.clone(), endpoint.clone(), site_dir(&dir, i));
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
-                    let creds = state.credentials().unwrap();
-                    let tls = client_tls(&creds);
-                    let config = quic_config(
-                        tls,
-                        transport_config(Duration::from_secs(5), Duration::from_secs(12)),
-                    )
-                    .unwrap();
-                    let mut client =
-                        H3Client::connect(&endpoint, config, broker, &broker.ip().to_string())
-                            .await
-                            .unwrap();
-                    client.peer_settings(Duration::from_secs(10)).await.unwrap();
-                    let mut tunnel = Tunnel::open(client)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))
-                        .unwrap();
-                    tunnel.configured().await;
-                    tunnel
+                    // A broker that is slow to answer (a loaded machine)
+                    // gets a few more tries, as an agent would retry.
+                    let mut attempt = 0;
+                    loop {
+                        match open_tunnel(&endpoint, broker, &state, agent_keepalive()).await {
+                            Ok(tunnel) => return (tunnel, attempt),
+                            Err(e) if attempt < CONNECT_RETRIES => {
+                                println!("retry {i}: {e:#}");
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            Err(e) => panic!("site {i} could not connect: {e:#}"),
+                        }
+                    }
                 }));
             }
-            let mut tunnels = Vec::new();
+            let (mut tunnels, mut retried) = (Vec::new(), 0);
             for t in tasks {
-                tunnels.push(t.await?);
+                let (tunnel, attempts) = t.await?;
+                tunnels.push(tunnel);
+                retried += attempts;
             }
             println!(
-                "connected {} in {:.1} s",
+                "connected {} in {:.1} s, {retried} retries",
                 tunnels.len(),
                 started.elapsed().as_secs_f64()
             );
@@ -295,6 +302,12 @@ enum Event {
     /// otherwise (idle timeout, ...), with the connection's smoothed RTT
     /// estimate then (its probe timeouts follow from it).
     Lost(usize, bool, Duration),
+}
+
+/// The agent's default keepalive interval (`[transport] keepalive`).
+fn agent_keepalive() -> Duration {
+    humantime::parse_duration(&tether_config::client::TransportFile::default().keepalive)
+        .unwrap_or(Duration::from_secs(3))
 }
 
 /// Opens one site's tunnel.

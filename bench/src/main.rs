@@ -32,6 +32,7 @@ mod agents;
 mod busy;
 mod cpu;
 mod drops;
+mod idle;
 mod lan;
 mod lossy;
 mod probe;
@@ -97,6 +98,18 @@ struct Args {
     lan: Option<usize>,
     #[command(flatten)]
     busy: busy::Options,
+    /// Measure only idle sites on one broker: connect idle sites in steps
+    /// up to each of these cumulative counts (e.g. 10000,50000) and report
+    /// the broker's memory, CPU at idle and the connect rate after each.
+    #[arg(long, value_delimiter = ',')]
+    idle: Vec<usize>,
+    /// With --idle: seconds over which CPU at idle is measured.
+    #[arg(long, default_value_t = 30)]
+    idle_cpu: u64,
+    /// With --idle: sites per load generator process (each its own QUIC
+    /// endpoint).
+    #[arg(long, default_value_t = 25_000)]
+    per_loadgen: usize,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -578,6 +591,11 @@ fn main() {
             Duration::from_secs_f64(args.gap),
             args.keepalive,
         );
+        return;
+    }
+    if !args.idle.is_empty() {
+        let topo = Topology::new("").unwrap();
+        idle::run(&topo, &args.idle, args.idle_cpu, args.per_loadgen.max(1));
         return;
     }
     if let Some(rounds) = args.lan {

@@ -178,8 +178,11 @@ pub async fn run(
             // Datagrams that arrived together are routed together, and the
             // packets among them bound for the local gateway are written in
             // one coalesced batch.
+            // The batch's slots are allocated by the first traffic, not up
+            // front (4 KiB per session, idle ones included), and its packets
+            // are let go once routed, not held until the next batch.
             let mut reader = tether_shell::quic::DatagramReader::new(conn);
-            let mut datagrams = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
+            let mut datagrams = Vec::new();
             while let Ok(dropped) = reader
                 .next_batch(&mut datagrams, tun_rs::IDEAL_BATCH_SIZE)
                 .await
@@ -191,6 +194,7 @@ pub async fn run(
                 for d in &datagrams {
                     plane.route_site_datagram(&session, stream_id, d, &mut batch);
                 }
+                datagrams.clear();
                 batch.flush(&plane).await;
                 plane.give_batch(batch);
             }
