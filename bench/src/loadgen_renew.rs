@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether::h3client::{H3Client, quic_config};
-use tether::state_dir::{Identity, StateDir};
+use tether::state_dir::StateDir;
 use tether_proto::api::{RENEW_PATH, RenewRequest, RenewResponse};
 use tether_proto::h3::Request;
 use tether_shell::quic::transport_config;
@@ -71,18 +71,7 @@ async fn renew(client: &H3Client, broker: SocketAddr, state: &StateDir) -> anyho
         String::from_utf8_lossy(&answer.body)
     );
     let renewed: RenewResponse = serde_json::from_slice(&answer.body)?;
-    state.save(
-        &key.serialize_der(),
-        &renewed.certificate,
-        &renewed.ca,
-        &Identity {
-            not_after: renewed.not_after,
-            issued_at: tether_pki::token::unix_secs(SystemTime::now()),
-            ..creds.identity
-        },
-    )?;
-    state.save_trust_bundle(renewed.trust_bundle.as_deref().unwrap_or(&renewed.ca))?;
-    Ok(())
+    tether::enroll::save_renewal(state, &key.serialize_der(), creds.identity, &renewed)
 }
 
 /// When the site's certificate is at half its lifetime.

@@ -385,68 +385,27 @@ mod reset_tests {
 
     use super::*;
 
-    /// Packets of connections the broker does not know (its previous life's),
-    /// arriving 2 ms apart from different sites: each draws its stateless
-    /// reset. At quinn's default pace (20 ms) nine in ten would be ignored
-    /// and those sites would wait for a retransmission or their idle
-    /// timeout.
-    #[test]
-    fn every_site_of_a_previous_life_is_reset_without_waiting_its_turn() {
+    /// Feeds a broker endpoint (its configuration from a fresh data
+    /// directory) one short-header packet of `len` bytes per `(at, from)`,
+    /// each with a connection ID the broker issued in a previous life (same
+    /// key), and returns how many drew a stateless reset; every reset must
+    /// be smaller than its cause.
+    fn resets_drawn(packets: impl Iterator<Item = (Instant, SocketAddr)>, len: usize) -> usize {
         let dir = tempfile::tempdir().unwrap();
         let config = Arc::new(endpoint_config(dir.path()).unwrap());
         let mut endpoint = quinn_proto::Endpoint::new(config, None, false, None);
-        // Connection IDs the broker issued in its previous life (same key).
         let key = std::fs::read(dir.path().join(RESET_KEY_FILE)).unwrap();
         let mut ids = quinn_proto::HashedConnectionIdGenerator::from_key(u64::from_le_bytes(
             key[32..40].try_into().unwrap(),
         ));
-        let start = Instant::now();
         let mut resets = 0;
-        for i in 0..50u8 {
+        for (at, remote) in packets {
             // A short-header packet: fixed bit, the connection ID, then
             // what looks like an encrypted payload.
             let mut packet = vec![0x41];
             packet.extend_from_slice(&quinn_proto::ConnectionIdGenerator::generate_cid(&mut ids));
-            packet.resize(120, 0x5a);
-            let remote = SocketAddr::from(([192, 0, 2, i], 40_000));
+            packet.resize(len, 0x5a);
             let mut buf = Vec::new();
-            let event = endpoint.handle(
-                start + Duration::from_millis(2 * u64::from(i)),
-                remote,
-                None,
-                None,
-                bytes::BytesMut::from(&packet[..]),
-                &mut buf,
-            );
-            if matches!(event, Some(quinn_proto::DatagramEvent::Response(_))) {
-                resets += 1;
-            }
-        }
-        assert_eq!(resets, 50);
-    }
-
-    /// Sites whose packets arrive at the same moment (keepalives of
-    /// connections opened together, or many sites' traffic) each get their
-    /// reset: none is ignored for coming right after another's.
-    #[test]
-    fn packets_arriving_together_each_draw_a_reset() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Arc::new(endpoint_config(dir.path()).unwrap());
-        let mut endpoint = quinn_proto::Endpoint::new(config, None, false, None);
-        let key = std::fs::read(dir.path().join(RESET_KEY_FILE)).unwrap();
-        let mut ids = quinn_proto::HashedConnectionIdGenerator::from_key(u64::from_le_bytes(
-            key[32..40].try_into().unwrap(),
-        ));
-        let now = Instant::now();
-        let mut resets = 0;
-        for i in 0..200u16 {
-            let mut packet = vec![0x41];
-            packet.extend_from_slice(&quinn_proto::ConnectionIdGenerator::generate_cid(&mut ids));
-            packet.resize(40, 0x5a);
-            let remote = SocketAddr::from(([192, 0, 2, (i % 250) as u8], 40_000 + i));
-            let mut buf = Vec::new();
-            // 200 packets within 200 µs.
-            let at = now + Duration::from_micros(u64::from(i));
             let event = endpoint.handle(
                 at,
                 remote,
@@ -460,6 +419,39 @@ mod reset_tests {
                 resets += 1;
             }
         }
-        assert_eq!(resets, 200);
+        resets
+    }
+
+    /// Packets of connections the broker does not know (its previous life's),
+    /// arriving 2 ms apart from different sites: each draws its stateless
+    /// reset. At quinn's default pace (20 ms) nine in ten would be ignored
+    /// and those sites would wait for a retransmission or their idle
+    /// timeout.
+    #[test]
+    fn every_site_of_a_previous_life_is_reset_without_waiting_its_turn() {
+        let start = Instant::now();
+        let packets = (0..50u8).map(|i| {
+            (
+                start + Duration::from_millis(2 * u64::from(i)),
+                SocketAddr::from(([192, 0, 2, i], 40_000)),
+            )
+        });
+        assert_eq!(resets_drawn(packets, 120), 50);
+    }
+
+    /// Sites whose packets arrive at the same moment (keepalives of
+    /// connections opened together, or many sites' traffic) each get their
+    /// reset: none is ignored for coming right after another's.
+    #[test]
+    fn packets_arriving_together_each_draw_a_reset() {
+        let now = Instant::now();
+        // 200 packets within 200 µs.
+        let packets = (0..200u16).map(|i| {
+            (
+                now + Duration::from_micros(u64::from(i)),
+                SocketAddr::from(([192, 0, 2, (i % 250) as u8], 40_000 + i)),
+            )
+        });
+        assert_eq!(resets_drawn(packets, 40), 200);
     }
 }

@@ -257,18 +257,30 @@ pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyh
         anyhow::bail!("HTTP {status}: {message}");
     }
     let renewed: RenewResponse = serde_json::from_slice(&answer)?;
+    save_renewal(state, &key.serialize_der(), creds.identity, &renewed)?;
+    tracing::info!("certificate renewed");
+    Ok(())
+}
+
+/// Keeps a renewal's certificate, CA and trust bundle with the new key
+/// (DER) in the state directory, the site's identity otherwise unchanged.
+pub fn save_renewal(
+    state: &StateDir,
+    key_der: &[u8],
+    identity: Identity,
+    renewed: &RenewResponse,
+) -> anyhow::Result<()> {
     state.save(
-        &key.serialize_der(),
+        key_der,
         &renewed.certificate,
         &renewed.ca,
         &Identity {
             not_after: renewed.not_after,
             issued_at: tether_pki::token::unix_secs(SystemTime::now()),
-            ..creds.identity
+            ..identity
         },
     )?;
     state.save_trust_bundle(renewed.trust_bundle.as_deref().unwrap_or(&renewed.ca))?;
-    tracing::info!("certificate renewed");
     Ok(())
 }
 

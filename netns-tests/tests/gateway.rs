@@ -276,6 +276,36 @@ fn a_stock_wireguard_peer_stands_in_for_the_gateway() {
         .output();
 }
 
+/// A broker with one WireGuard gateway of region eu (cloud 1, prefix
+/// 10.31.0.0/24) and an enrolled site the gateway's backend pings: the
+/// working directory, the topology, the cloud, the gateway process and its
+/// log, the site's agent and its address.
+fn site_behind_a_gateway() -> (
+    tempfile::TempDir,
+    Topology,
+    Cloud,
+    (tether_netns_tests::Proc, std::path::PathBuf),
+    tether_netns_tests::Proc,
+    String,
+) {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
+    let eu = Cloud::new(&topo, 1).unwrap();
+    gw.configure(&topo, "").unwrap();
+    let (gateway, log) = gw.start(&eu).unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("lab-1", &state).unwrap();
+    let (site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || eu.backend_pings(&addr)),
+        "backend behind gw-eu cannot ping {addr}:\n{}\n{}",
+        read(&log),
+        read(&topo.path("broker.log"))
+    );
+    (work, topo, eu, (gateway, log), site, addr)
+}
+
 /// ICMP errors the broker makes for a backend behind a WireGuard gateway
 /// (packet-too-big for a packet the site's tunnel cannot carry) travel
 /// back through the WireGuard session and reach the backend: the gateway
@@ -285,21 +315,7 @@ fn backend_behind_a_wireguard_gateway_gets_packet_too_big() {
     if !require_root() {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
-    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
-    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
-    let eu = Cloud::new(&topo, 1).unwrap();
-    gw.configure(&topo, "").unwrap();
-    let (_gateway, log) = gw.start(&eu).unwrap();
-    let state = topo.path("site-state");
-    topo.enroll("lab-1", &state).unwrap();
-    let (_site, addr) = topo.up(&state, "site.log").unwrap();
-    assert!(
-        wait_for(Duration::from_secs(15), || eu.backend_pings(&addr)),
-        "backend behind gw-eu cannot ping {addr}:\n{}\n{}",
-        read(&log),
-        read(&topo.path("broker.log"))
-    );
+    let (_work, topo, eu, (_gateway, _log), _site, addr) = site_behind_a_gateway();
 
     // 1399 bytes fit the gateway's WireGuard device (1420) but not the
     // site's tunnel: the broker answers with fragmentation-needed, which
@@ -334,21 +350,7 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
         return;
     }
     const COUNT: usize = 2000;
-    let work = tempfile::tempdir().unwrap();
-    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
-    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
-    let eu = Cloud::new(&topo, 1).unwrap();
-    gw.configure(&topo, "").unwrap();
-    let (gateway, log) = gw.start(&eu).unwrap();
-    let state = topo.path("site-state");
-    topo.enroll("lab-1", &state).unwrap();
-    let (_site, addr) = topo.up(&state, "site.log").unwrap();
-    assert!(
-        wait_for(Duration::from_secs(15), || eu.backend_pings(&addr)),
-        "backend behind gw-eu cannot ping {addr}:\n{}\n{}",
-        read(&log),
-        read(&topo.path("broker.log"))
-    );
+    let (work, topo, eu, (gateway, log), _site, _addr) = site_behind_a_gateway();
 
     // A sink on the backend: counts datagrams until 2 s without one.
     let sink = work.path().join("sink.py");
