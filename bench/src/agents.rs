@@ -117,16 +117,7 @@ impl Drop for Agent {
 /// Puts the site namespace's LAN interface on a bridge (the hospital's
 /// switch) and gives the firewall an address on the agents' LAN.
 fn build_lan(topo: &Topology) {
-    for args in [
-        &["link", "add", "br-lan", "type", "bridge"][..],
-        &["link", "set", "br-lan", "up"],
-        &["addr", "del", "192.168.1.10/24", "dev", "eth0"],
-        &["link", "set", "eth0", "master", "br-lan"],
-        &["addr", "add", "192.168.1.10/24", "dev", "br-lan"],
-        &["route", "add", "default", "via", "192.168.1.1"],
-    ] {
-        topo.site.run("ip", args).unwrap();
-    }
+    tether_netns_tests::lan::bridge_site_lan(&topo.site).unwrap();
     topo.fw
         .run(
             "ip",

@@ -305,7 +305,7 @@ enum Event {
 }
 
 /// The agent's default keepalive interval (`[transport] keepalive`).
-fn agent_keepalive() -> Duration {
+pub(crate) fn agent_keepalive() -> Duration {
     humantime::parse_duration(&tether_config::client::TransportFile::default().keepalive)
         .unwrap_or(Duration::from_secs(3))
 }
@@ -318,9 +318,21 @@ async fn open_tunnel(
     keepalive: Duration,
 ) -> anyhow::Result<Tunnel> {
     let creds = state.credentials()?;
+    open_tunnel_with(endpoint, broker, client_tls(&creds), keepalive).await
+}
+
+/// Opens a tunnel to `broker` with the site's TLS configuration `tls`, as
+/// the agent does with keepalive `keepalive`, and waits until the broker
+/// has configured it.
+pub(crate) async fn open_tunnel_with(
+    endpoint: &quinn::Endpoint,
+    broker: SocketAddr,
+    tls: quinn::rustls::ClientConfig,
+    keepalive: Duration,
+) -> anyhow::Result<Tunnel> {
     // The agent's idle timeout: two keepalives and 2 s.
     let config = quic_config(
-        client_tls(&creds),
+        tls,
         transport_config(keepalive, keepalive * 2 + Duration::from_secs(2)),
     )?;
     let mut client = H3Client::connect(endpoint, config, broker, &broker.ip().to_string()).await?;

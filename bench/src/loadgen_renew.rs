@@ -21,11 +21,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use tether::h3client::{H3Client, quic_config};
+use tether::h3client::H3Client;
 use tether::state_dir::StateDir;
 use tether_proto::api::{RENEW_PATH, RenewRequest, RenewResponse};
 use tether_proto::h3::Request;
-use tether_shell::quic::transport_config;
 use tether_tests::Tunnel;
 
 /// Opens a site's tunnel, trusting its whole trust bundle.
@@ -40,17 +39,7 @@ async fn open(
         Some((creds.chain.clone(), creds.key.clone_key())),
         0,
     )?;
-    let config = quic_config(
-        tls,
-        transport_config(Duration::from_secs(5), Duration::from_secs(12)),
-    )?;
-    let mut client = H3Client::connect(endpoint, config, broker, &broker.ip().to_string()).await?;
-    client.peer_settings(Duration::from_secs(10)).await?;
-    let mut tunnel = Tunnel::open(client)
-        .await
-        .map_err(|(status, body)| anyhow::anyhow!("{status} {body}"))?;
-    tokio::time::timeout(Duration::from_secs(10), tunnel.configured()).await?;
-    Ok(tunnel)
+    crate::open_tunnel_with(endpoint, broker, tls, crate::agent_keepalive()).await
 }
 
 /// Renews the site's certificate over `client`'s connection and stores it

@@ -17,16 +17,7 @@ use crate::{NetNs, run};
 /// `eth0` carries `addrs` (CIDR notation, on 192.168.1.0/24) and routes
 /// through the firewall; returns that namespace.
 pub fn add_lan_host(site: &NetNs, addrs: &[&str]) -> io::Result<NetNs> {
-    for args in [
-        &["link", "add", "br-lan", "type", "bridge"][..],
-        &["link", "set", "br-lan", "up"],
-        &["addr", "del", "192.168.1.10/24", "dev", "eth0"],
-        &["link", "set", "eth0", "master", "br-lan"],
-        &["addr", "add", "192.168.1.10/24", "dev", "br-lan"],
-        &["route", "add", "default", "via", "192.168.1.1"],
-    ] {
-        site.run("ip", args)?;
-    }
+    bridge_site_lan(site)?;
     let host = NetNs::new("lanhost")?;
     run(
         "ip",
@@ -53,4 +44,21 @@ pub fn add_lan_host(site: &NetNs, addrs: &[&str]) -> io::Result<NetNs> {
     host.run("ip", &["link", "set", "eth0", "up"])?;
     host.run("ip", &["route", "add", "default", "via", "192.168.1.1"])?;
     Ok(host)
+}
+
+/// Puts the site's LAN interface `eth0` (192.168.1.10/24) on a bridge
+/// `br-lan`, the hospital's switch, keeping its address and its default
+/// route through the firewall.
+pub fn bridge_site_lan(site: &NetNs) -> io::Result<()> {
+    for args in [
+        &["link", "add", "br-lan", "type", "bridge"][..],
+        &["link", "set", "br-lan", "up"],
+        &["addr", "del", "192.168.1.10/24", "dev", "eth0"],
+        &["link", "set", "eth0", "master", "br-lan"],
+        &["addr", "add", "192.168.1.10/24", "dev", "br-lan"],
+        &["route", "add", "default", "via", "192.168.1.1"],
+    ] {
+        site.run("ip", args)?;
+    }
+    Ok(())
 }
