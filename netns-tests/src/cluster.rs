@@ -518,6 +518,19 @@ impl Cluster {
             .ok_or_else(|| io::Error::other(format!("site {k} did not come up:\n{}", read(&log))))
     }
 
+    /// Waits up to `timeout` until every site is held by exactly one
+    /// broker other than `left` (1-based); returns whether they were and
+    /// the holders of each site at the end.
+    pub fn wait_sites_off(&self, left: usize, timeout: Duration) -> (bool, Vec<Vec<usize>>) {
+        let moved = wait_for(timeout, || {
+            self.sites
+                .iter()
+                .all(|s| matches!(self.holders(&s.name)[..], [b] if b != left))
+        });
+        let holders = self.sites.iter().map(|s| self.holders(&s.name)).collect();
+        (moved, holders)
+    }
+
     /// Which broker (1-based) holds a session of `site`, by asking every
     /// running broker's admin API; every broker that lists it.
     pub fn holders(&self, site: &str) -> Vec<usize> {

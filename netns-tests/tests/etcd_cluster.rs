@@ -136,18 +136,8 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     cluster.partition(1).unwrap();
     // Within the lease's 5 s and a handover, both sites are on another
     // broker, with their addresses.
-    let moved = wait_for(Duration::from_secs(30), || {
-        cluster
-            .sites
-            .iter()
-            .all(|s| matches!(cluster.holders(&s.name)[..], [b] if b != 1))
-    });
+    let (moved, holders) = cluster.wait_sites_off(1, Duration::from_secs(30));
     let took = cut.elapsed();
-    let holders: Vec<_> = cluster
-        .sites
-        .iter()
-        .map(|s| cluster.holders(&s.name))
-        .collect();
     assert!(
         moved,
         "the sites left the broker cut off from etcd (holders {holders:?}); broker 1:\n{}",
@@ -228,18 +218,8 @@ fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_sid
     // Broker 3 reaches only member `m`, which can commit nothing: its
     // lease runs out and its sites move to brokers 1 and 2, which reach
     // the majority (and still the minority member too).
-    let moved = wait_for(Duration::from_secs(30), || {
-        cluster
-            .sites
-            .iter()
-            .all(|s| matches!(cluster.holders(&s.name)[..], [b] if b != 3))
-    });
+    let (moved, holders) = cluster.wait_sites_off(3, Duration::from_secs(30));
     let took = cut.elapsed();
-    let holders: Vec<_> = cluster
-        .sites
-        .iter()
-        .map(|s| cluster.holders(&s.name))
-        .collect();
     assert!(
         moved,
         "the sites left the broker on the minority side (holders {holders:?}); broker 3:\n{}\nbroker 1:\n{}\nbroker 2:\n{}\nsite 1:\n{}",
