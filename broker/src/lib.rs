@@ -35,6 +35,7 @@ pub mod authority;
 pub mod backup;
 pub mod bundle;
 pub mod ca_admin;
+pub mod cid;
 pub mod console;
 pub mod core_cell;
 pub mod counters;

@@ -60,9 +60,7 @@ pub fn endpoint_config(data_dir: &std::path::Path) -> anyhow::Result<quinn::Endp
         ring::hmac::HMAC_SHA256,
         reset,
     )));
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
+    config.cid_generator(move || Box::new(crate::cid::SignedCids::from_key(cid_key)));
     // After a restart every site's next packet draws a stateless reset; at
     // quinn's default pace (one per 20 ms) a thousand sites would learn of
     // the restart over 20 s, and any pace drops packets that arrive close
@@ -395,9 +393,8 @@ mod reset_tests {
         let config = Arc::new(endpoint_config(dir.path()).unwrap());
         let mut endpoint = quinn_proto::Endpoint::new(config, None, false, None);
         let key = std::fs::read(dir.path().join(RESET_KEY_FILE)).unwrap();
-        let mut ids = quinn_proto::HashedConnectionIdGenerator::from_key(u64::from_le_bytes(
-            key[32..40].try_into().unwrap(),
-        ));
+        let mut ids =
+            crate::cid::SignedCids::from_key(u64::from_le_bytes(key[32..40].try_into().unwrap()));
         let mut resets = 0;
         for (at, remote) in packets {
             // A short-header packet: fixed bit, the connection ID, then
