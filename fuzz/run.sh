@@ -6,7 +6,11 @@
 #
 #   fuzz/run.sh [DURATION] [TARGET...]
 #
-# DURATION defaults to 20; use 3600 for an hour per target. SANITIZER=none
+# DURATION defaults to 20; use 3600 for an hour per target. By default it is
+# wall-clock time; with BUDGET=cpu it is the fuzzer's own CPU time instead
+# (the target runs in slices of at most 10 minutes until its CPU time adds up
+# to DURATION), for a machine shared with other work, where a fuzzer at low
+# priority gets less than a core. SANITIZER=none
 # builds without AddressSanitizer (CI does, to keep its run short). Inputs that
 # find new coverage go to fuzz/work/TARGET/ (not committed); add the useful
 # ones to fuzz/corpus/ with `cargo fuzz cmin`. Needs cargo-fuzz (installed
@@ -46,19 +50,38 @@ for target in "${targets[@]}"; do
   # -timeout: one input may take at most 10 s; -rss_limit_mb: 2 GB.
   start=$(date +%s)
   status=0
-  # The built binary itself (what `cargo fuzz run` starts), so the CPU
-  # time is the fuzzer's alone.
   mkdir -p "artifacts/$target"
-  /usr/bin/time -f "%U %S" -o "work/$target.time" \
-    "target/$host/release/$target" \
-    -artifact_prefix="artifacts/$target/" -max_total_time="$duration" \
-    -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-    "work/$target" "corpus/$target" >"$log" 2>&1 || status=$?
+  cpu_total=0
+  execs_total=0
+  slices=0
+  while :; do
+    if [ "${BUDGET:-wall}" = cpu ]; then
+      left=$((duration - cpu_total))
+      slice=$((left < 600 ? left : 600))
+    else
+      slice=$duration
+    fi
+    # The built binary itself (what `cargo fuzz run` starts), so the CPU
+    # time is the fuzzer's alone.
+    /usr/bin/time -f "%U %S" -o "work/$target.time" \
+      "target/$host/release/$target" \
+      -artifact_prefix="artifacts/$target/" -max_total_time="$slice" \
+      -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+      "work/$target" "corpus/$target" >"$log" 2>&1 || status=$?
+    slices=$((slices + 1))
+    # The last line holds the times (a line before it may report the status).
+    read -r user sys < <(tail -1 "work/$target.time") || { user=0; sys=0; }
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')
+    execs=$(awk '/stat::number_of_executed_units/ { n = $NF } END { print n + 0 }' "$log")
+    cpu_total=$((cpu_total + cpu))
+    execs_total=$((execs_total + execs))
+    if [ "$status" -ne 0 ] || [ "${BUDGET:-wall}" != cpu ] || [ "$cpu_total" -ge "$duration" ]; then
+      break
+    fi
+  done
   wall=$(($(date +%s) - start))
-  # The last line holds the times (a line before it may report the status).
-  read -r user sys < <(tail -1 "work/$target.time") || { user=0; sys=0; }
-  cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')
-  execs=$(awk '/stat::number_of_executed_units/ { n = $NF } END { print n }' "$log")
+  cpu=$cpu_total
+  execs=$execs_total
   cov=$(awk '{ for (i = 1; i < NF; i++) if ($i == "cov:") c = $(i + 1) } END { print c }' "$log")
   crashes=0
   if [ "$status" -ne 0 ]; then

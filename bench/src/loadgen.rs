@@ -378,6 +378,20 @@ async fn site_loop(
         let why = tunnel.client.conn.closed().await;
         let reset = matches!(why, quinn::ConnectionError::Reset);
         let rtt = tunnel.client.conn.rtt();
+        if !reset {
+            // Rare (a site that heard nothing, not even a reset, until its
+            // idle timeout): what the connection sent and received, to
+            // tell a packet lost on the way from one never sent.
+            let stats = tunnel.client.conn.stats();
+            eprintln!(
+                "site {i}: connection ended without a reset: {why}; sent {} datagrams ({} PINGs, {} lost packets), received {}, RTT {:?}",
+                stats.udp_tx.datagrams,
+                stats.frame_tx.ping,
+                stats.path.lost_packets,
+                stats.udp_rx.datagrams,
+                rtt
+            );
+        }
         if events.send(Event::Lost(i, reset, rtt)).is_err() {
             return;
         }

@@ -70,7 +70,27 @@ pub(crate) struct Flow {
 }
 
 /// One stream backend -> `server` with the inner congestion control `cc`.
+/// iperf3's control connection can fail at the start of a run on a lossy
+/// path (the server still closing the previous test): such a run moved no
+/// data, so it is tried again, up to three times, and the retry is printed.
 fn flow(client: &NetNs, server: &str, cc: &str, secs: u32) -> Flow {
+    for attempt in 1..=3 {
+        match flow_once(client, server, cc, secs) {
+            Ok(f) => return f,
+            Err(e) => {
+                eprintln!("  iperf3 -C {cc} to {server}, attempt {attempt} of 3: {e}");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+    Flow {
+        rtt_ms: f64::NAN,
+        ..Flow::default()
+    }
+}
+
+/// One iperf3 run; an error iperf3 reports (no data moved) is returned.
+fn flow_once(client: &NetNs, server: &str, cc: &str, secs: u32) -> Result<Flow, String> {
     let secs_s = secs.to_string();
     let limit = (secs + 30).to_string();
     let out = client
@@ -92,7 +112,14 @@ fn flow(client: &NetNs, server: &str, cc: &str, secs: u32) -> Flow {
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     if let Some(e) = json["error"].as_str() {
-        eprintln!("  iperf3 -C {cc} to {server}: {e}");
+        return Err(e.to_string());
+    }
+    if json.is_null() {
+        return Err(format!(
+            "no result ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     if std::env::var_os("TETHER_BENCH_DEBUG").is_some() {
         let iv: Vec<String> = json["intervals"]
@@ -112,7 +139,7 @@ fn flow(client: &NetNs, server: &str, cc: &str, secs: u32) -> Flow {
         eprintln!("  intervals {cc}: {}", iv.join(" "));
     }
     let end = &json["end"];
-    Flow {
+    Ok(Flow {
         mbps: end["sum_received"]["bits_per_second"]
             .as_f64()
             .unwrap_or(0.0)
@@ -122,7 +149,7 @@ fn flow(client: &NetNs, server: &str, cc: &str, secs: u32) -> Flow {
             .unwrap_or(f64::NAN)
             / 1000.0,
         retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-    }
+    })
 }
 
 /// One path's results: per impairment, per inner congestion control.
