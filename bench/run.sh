@@ -11,6 +11,7 @@
 #   bench/run.sh --lan ROUNDS [--duration SECONDS]
 #   bench/run.sh --busy SITES [--duration SECONDS] [--busy-rate PPS] [--busy-size BYTES]
 #   bench/run.sh --idle 10000,50000 [--idle-cpu SECONDS] [--per-loadgen N]
+#   bench/run.sh --ha [KILLS] [--ha-sites N] [--ha-quiet SECONDS] [--duration SECONDS]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -44,6 +45,17 @@
 # in steps up to each count; after each step the broker's memory (VmRSS,
 # KiB per site), open files, the connect rate, and the CPU of the broker,
 # the load generators and the whole machine while every site is idle.
+# --ha measures several brokers on a three-member etcd cluster (etcd from
+# /usr/bin/etcd, the real brokers and agents, each in its own namespace):
+# iperf3 (1 stream each way, SECONDS each) between two sites on two brokers,
+# relayed over the broker-to-broker link, next to the same sites on one
+# broker; the failover gap over KILLS (default 20) SIGKILLs of the broker
+# holding a site that the other site probes every 10 ms (each killed broker
+# is started again before the next kill; p50/p99/max and every round);
+# etcd writes per second with N (default 1000) idle tether-loadgen sites
+# connected, over a quiet interval (the revision, etcd's own write counters
+# and every key written); and the time for those sites to be back on the
+# other two brokers after their broker is killed, with their addresses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

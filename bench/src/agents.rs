@@ -87,6 +87,18 @@ fn remove_namespace(name: &str) {
         .status();
 }
 
+/// Removes `namespaces` (and what runs inside) and `dir` on SIGINT,
+/// SIGTERM or SIGHUP, as this benchmark does for its own.
+pub(crate) fn clean_up_on_signal_for(namespaces: &[&NetNs], dir: &std::path::Path) {
+    clean_up_on_signal();
+    for ns in namespaces {
+        register(ns);
+    }
+    if let Ok(mut d) = WORKDIR.lock() {
+        *d = Some(dir.to_path_buf());
+    }
+}
+
 fn register(ns: &NetNs) {
     if let Ok(mut n) = NAMESPACES.lock() {
         n.push(ns.name().to_string());

@@ -17,8 +17,11 @@
 //! them too, then reconnects every site whose connection ends (as the agent
 //! does: a first retry after 0.25-0.5 s, doubling up to 5 s) and, each
 //! time all are back after losses, prints
-//! `round K: N back ... changed C` (C sites came back with another address)
-//! until R rounds are done. The broker is killed and restarted by whoever
+//! `round K: N back ... changed C; per broker X/Y/..` (C sites came back
+//! with another address; how many are on each broker) until R rounds are
+//! done. `--broker` may list several brokers (comma-separated): every site
+//! dials the first, and a site whose connection ends dials the others
+//! first (spread by site), the lost broker last, as the agent does. The broker is killed and restarted by whoever
 //! runs it (`tether-bench --storm`).
 //! `tether-loadgen busy` and `tether-loadgen backend` are the two ends of
 //! the busy-sites measurement: sites that send and receive real packets,
@@ -74,8 +77,10 @@ enum Command {
     Storm {
         #[arg(long)]
         count: usize,
-        #[arg(long)]
-        broker: SocketAddr,
+        /// The brokers: every site dials the first; a site whose broker
+        /// is lost dials the others, the lost one last.
+        #[arg(long, value_delimiter = ',', required = true)]
+        broker: Vec<SocketAddr>,
         #[arg(long)]
         dir: PathBuf,
         #[arg(long, default_value_t = 1)]
@@ -296,8 +301,9 @@ async fn main() -> anyhow::Result<()> {
 
 /// What a site task reports.
 enum Event {
-    /// The site's tunnel is up with this IPv4 address.
-    Up(usize, std::net::Ipv4Addr),
+    /// The site's tunnel is up with this IPv4 address, on this broker
+    /// (its index in `--broker`).
+    Up(usize, std::net::Ipv4Addr, usize),
     /// The site's connection ended: by a stateless reset (true) or
     /// otherwise (idle timeout, ...), with the connection's smoothed RTT
     /// estimate then (its probe timeouts follow from it).
@@ -345,23 +351,27 @@ pub(crate) async fn open_tunnel_with(
 }
 
 /// One site: connects, reports, waits for the connection to end, and
-/// dials again with the agent's backoff.
+/// dials again with the agent's backoff: the other brokers first (from a
+/// different one per site), the lost one last.
 async fn site_loop(
     i: usize,
     endpoint: quinn::Endpoint,
-    broker: SocketAddr,
+    brokers: Arc<[SocketAddr]>,
     state: StateDir,
     keepalive: Duration,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
     use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+    let n = brokers.len();
+    let mut at = 0;
     loop {
         let mut step = Duration::from_millis(500);
         let tunnel = loop {
-            match open_tunnel(&endpoint, broker, &state, keepalive).await {
+            match open_tunnel(&endpoint, brokers[at], &state, keepalive).await {
                 Ok(t) => break t,
                 Err(_) => {
+                    at = (at + 1) % n;
                     // Half to all of the step, as the agent's jitter.
                     let wait = step.mul_f64(0.5 + rng.random::<f64>() * 0.5);
                     tokio::time::sleep(wait).await;
@@ -370,7 +380,7 @@ async fn site_loop(
             }
         };
         if events
-            .send(Event::Up(i, tether_tests::v4(&tunnel)))
+            .send(Event::Up(i, tether_tests::v4(&tunnel), at))
             .is_err()
         {
             return;
@@ -395,6 +405,9 @@ async fn site_loop(
         if events.send(Event::Lost(i, reset, rtt)).is_err() {
             return;
         }
+        if n > 1 {
+            at = (at + 1 + i % (n - 1)) % n;
+        }
         // The agent's first retry after a session that had settled.
         let first = Duration::from_millis(250).mul_f64(1.0 + rng.random::<f64>());
         tokio::time::sleep(first).await;
@@ -404,12 +417,14 @@ async fn site_loop(
 /// The `storm` command.
 async fn storm(
     count: usize,
-    broker: SocketAddr,
+    brokers: Vec<SocketAddr>,
     dir: &std::path::Path,
     rounds: usize,
     keepalive: Duration,
 ) -> anyhow::Result<()> {
-    let endpoint = tether::dial::client_endpoint(&broker)?;
+    anyhow::ensure!(!brokers.is_empty(), "--broker names no broker");
+    let endpoint = tether::dial::client_endpoint(&brokers[0])?;
+    let brokers: Arc<[SocketAddr]> = brokers.into();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -417,7 +432,7 @@ async fn storm(
         tasks.spawn(site_loop(
             i,
             endpoint.clone(),
-            broker,
+            brokers.clone(),
             site_dir(dir, i),
             keepalive,
             tx.clone(),
@@ -425,6 +440,8 @@ async fn storm(
     }
     let mut first: Vec<Option<std::net::Ipv4Addr>> = vec![None; count];
     let mut up = vec![false; count];
+    // The broker (index) each site is on.
+    let mut on = vec![0usize; count];
     // Sites that lost their connection in this round: a broker restart
     // ends every connection, and a round is over only when every site
     // has noticed and is back (not when the first few to notice are).
@@ -439,7 +456,8 @@ async fn storm(
     let mut rtts: Vec<Duration> = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Up(i, addr) => {
+            Event::Up(i, addr, broker) => {
+                on[i] = broker;
                 if !up[i] {
                     up[i] = true;
                     n_up += 1;
@@ -491,8 +509,12 @@ async fn storm(
                         .map(|d| d.as_secs_f64())
                         .unwrap_or(0.0)
                 };
+                let per_broker = (0..brokers.len())
+                    .map(|b| on.iter().filter(|x| **x == b).count().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/");
                 println!(
-                    "round {round}: {count} back {:.2} s after the first loss; per site lost-to-back p50 {:.2} s, max {:.2} s; {} reconnections; noticed by reset {} (p50 {:.2} s, max {:.2} s), otherwise {} (p50 {:.2} s, max {:.2} s); RTT estimate at the loss p50 {:.3} s, max {:.3} s; changed {changed}",
+                    "round {round}: {count} back {:.2} s after the first loss; per site lost-to-back p50 {:.2} s, max {:.2} s; {} reconnections; noticed by reset {} (p50 {:.2} s, max {:.2} s), otherwise {} (p50 {:.2} s, max {:.2} s); RTT estimate at the loss p50 {:.3} s, max {:.3} s; changed {changed}; per broker {per_broker}",
                     loss.elapsed().as_secs_f64(),
                     pick(&mut gaps, 0.5),
                     pick(&mut gaps, 1.0),

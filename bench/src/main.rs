@@ -32,6 +32,7 @@ mod agents;
 mod busy;
 mod cpu;
 mod drops;
+mod ha;
 mod idle;
 mod lan;
 mod lossy;
@@ -129,6 +130,22 @@ struct Args {
     /// (for a profiler).
     #[arg(long)]
     hold: Option<u64>,
+    /// Measure only several brokers on a three-member etcd cluster (real
+    /// binaries): throughput across two brokers next to one, the failover
+    /// gap over this many SIGKILLs of the broker holding a site (real
+    /// agents with a standby), etcd writes per second with `--ha-sites`
+    /// idle sites, and the time for them to be back on the other brokers
+    /// after their broker is killed (`--ha` alone: 20 kills).
+    #[arg(long, num_args = 0..=1, default_missing_value = "20")]
+    ha: Option<usize>,
+    /// With --ha: idle load-generator sites (0 to skip those two
+    /// measurements).
+    #[arg(long, default_value_t = 1000)]
+    ha_sites: usize,
+    /// With --ha: seconds of each quiet interval over which etcd writes
+    /// are counted.
+    #[arg(long, default_value_t = 30)]
+    ha_quiet: u64,
     #[command(subcommand)]
     probe: Option<probe::Probe>,
 }
@@ -575,6 +592,15 @@ fn main() {
         return;
     }
     if !require_root() {
+        return;
+    }
+    if let Some(rounds) = args.ha {
+        ha::run(&ha::Options {
+            rounds,
+            sites: args.ha_sites,
+            quiet: args.ha_quiet,
+            duration: args.duration,
+        });
         return;
     }
     if let Some(rounds) = args.first_packet {

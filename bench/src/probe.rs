@@ -42,6 +42,16 @@ pub(crate) enum Probe {
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
     },
+    /// Send a numbered datagram to `--to` every `--interval-ms` until
+    /// killed; print `echo SEQ SENT RECEIVED` (seconds since the Unix
+    /// epoch) for every echo that comes back.
+    #[command(hide = true, name = "probe-stream")]
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+    },
     /// Send `--count` datagrams to `--to`, 10 ms apart, each after the
     /// echo of the one before (or 1 s); print the round trips' p50 and p99
     /// in µs: what a userspace echo costs next to ping's kernel one.
@@ -54,7 +64,7 @@ pub(crate) enum Probe {
     },
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -68,6 +78,7 @@ impl Probe {
             Probe::Echo { listen } => echo(listen),
             Probe::Send { to, timeout_secs } => send(to, Duration::from_secs(timeout_secs)),
             Probe::Rtt { to, count } => rtt(to, count),
+            Probe::Stream { to, interval_ms } => stream(to, Duration::from_millis(interval_ms)),
         }
     }
 }
@@ -112,6 +123,43 @@ fn rtt(to: SocketAddr, count: u32) -> std::io::Result<()> {
         pct(0.99)
     );
     Ok(())
+}
+
+/// Sends probes `[seq u64][sent-at f64]` every `interval` from a thread
+/// and prints every echo, until killed.
+fn stream(to: SocketAddr, interval: Duration) -> std::io::Result<()> {
+    use std::io::Write;
+    // Not connected, as in `send`: a tunnel that moves or is down for a
+    // while leaves no error stuck to the socket.
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let sender = socket.try_clone()?;
+    std::thread::spawn(move || {
+        let mut seq: u64 = 0;
+        let mut next = Instant::now();
+        loop {
+            let mut probe = [0u8; 16];
+            probe[..8].copy_from_slice(&seq.to_be_bytes());
+            probe[8..].copy_from_slice(&unix_now().to_be_bytes());
+            let _ = sender.send_to(&probe, to);
+            seq += 1;
+            next += interval;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    });
+    println!("probing {to}");
+    let mut out = std::io::stdout().lock();
+    let mut buf = [0u8; 64];
+    loop {
+        let (n, _) = socket.recv_from(&mut buf)?;
+        let received = unix_now();
+        if n < 16 {
+            continue;
+        }
+        let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+        let sent = f64::from_be_bytes(buf[8..16].try_into().unwrap_or_default());
+        writeln!(out, "echo {seq} {sent:.6} {received:.6}")?;
+        out.flush()?;
+    }
 }
 
 /// Sends probes `[seq u64][sent-at f64]` from a thread while this one waits

@@ -382,6 +382,67 @@ impl Cluster {
         Err(io::Error::other("no etcd member answered a read"))
     }
 
+    /// The store's revision (one more for each write of any key), from a
+    /// member that answers.
+    pub fn revision(&self) -> io::Result<u64> {
+        use data_encoding::BASE64;
+        let body = serde_json::json!({
+            "key": BASE64.encode(PREFIX.as_bytes()),
+            "count_only": true,
+        })
+        .to_string();
+        (1..=3)
+            .filter_map(|n| self.gateway(n, "/v3/kv/range", &body))
+            .find_map(|a| a["header"]["revision"].as_str()?.parse().ok())
+            .ok_or_else(|| io::Error::other("no etcd member answered a read"))
+    }
+
+    /// The sum of the samples of metric `name` that member `n` serves on
+    /// its client URL's `/metrics` (None if it does not answer or has no
+    /// such metric).
+    pub fn member_metric(&self, n: usize, name: &str) -> Option<f64> {
+        let url = format!("http://{}:2379/metrics", member_ip(n));
+        let out = self
+            .core
+            .command("curl")
+            .args(["-s", "-m", "2", &url])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// Watches every key under `PREFIX` on member `n` (its JSON gateway,
+    /// one JSON object per line in `log`) until the process is dropped.
+    pub fn watch(&self, n: usize, log: &Path) -> io::Result<Proc> {
+        use data_encoding::BASE64;
+        let mut end = PREFIX.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = serde_json::json!({
+            "create_request": {
+                "key": BASE64.encode(PREFIX.as_bytes()),
+                "range_end": BASE64.encode(&end),
+            }
+        })
+        .to_string();
+        let url = format!("http://{}:2379/v3/watch", member_ip(n));
+        self.core.spawn(
+            "curl",
+            &["-sN", "-X", "POST", &url, "-d", &body],
+            Some(log.to_path_buf()),
+        )
+    }
+
     /// Starts broker `n` and waits until it is ready.
     pub fn start_broker(&mut self, n: usize) -> io::Result<()> {
         let b = &mut self.brokers[n - 1];

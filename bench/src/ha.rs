@@ -1,0 +1,511 @@
+//! Several brokers on etcd: three etcd members and three brokers
+//! (`tether_netns_tests::cluster`, the real binaries, each in its own
+//! namespace), two real agents (`tether up`, which keep a standby
+//! connection to a second broker) and idle sites of `tether-loadgen`.
+//!
+//! 1. Throughput of a path that crosses two brokers (site `lab-1` on one,
+//!    `lab-2` on another, relayed over the broker-to-broker link) next to
+//!    the same path on one broker: iperf3, one stream each way.
+//! 2. The failover gap: `lab-2` sends a numbered UDP probe to an echo on
+//!    `lab-1` every 10 ms; the broker holding `lab-1` is killed with
+//!    SIGKILL; the gap is from the kill to the first echo of a probe sent
+//!    after it. The killed broker is started again before the next round,
+//!    which begins when every broker counts three live brokers again and
+//!    `lab-1` has a standby again.
+//! 3. etcd writes in steady state: idle load-generator sites connected to
+//!    broker 1; the store's revision and etcd's own write counters over a
+//!    quiet interval, and every key written in it (a watch on the prefix).
+//! 4. Those sites' broker killed (SIGKILL): when every site was back on
+//!    the other two brokers, and with which addresses.
+//!
+//! Every namespace and process goes when the run ends, also on a panic and
+//! on SIGINT/SIGTERM/SIGHUP.
+
+use std::time::{Duration, Instant};
+
+use tether_netns_tests::cluster::{Cluster, broker_ip};
+use tether_netns_tests::topology::read;
+use tether_netns_tests::{Proc, binary, wait_for};
+
+use crate::probe::unix_now;
+
+/// The UDP port of the echo on `lab-1`.
+const ECHO_PORT: u16 = 7;
+/// Time allowed for `lab-1` to answer again after a kill.
+const ROUND_LIMIT: Duration = Duration::from_secs(60);
+
+/// What to measure.
+pub(crate) struct Options {
+    /// Kill rounds of the failover gap.
+    pub rounds: usize,
+    /// Idle load-generator sites (0: skip 3 and 4).
+    pub sites: usize,
+    /// Seconds of the quiet interval.
+    pub quiet: u64,
+    /// Seconds per iperf3 run.
+    pub duration: u32,
+}
+
+/// Runs the measurements and prints their tables.
+pub(crate) fn run(opts: &Options) {
+    let started = Instant::now();
+    // Sites 1 and 2 run the agents; site 3's namespace the load generator.
+    let mut cluster = Cluster::new(3, 3).expect("cannot build the cluster");
+    {
+        let mut all = vec![&cluster.core];
+        all.extend(cluster.members.iter().map(|m| &m.ns));
+        all.extend(cluster.brokers.iter().map(|b| &b.ns));
+        all.extend(cluster.sites.iter().map(|s| &s.ns));
+        crate::agents::clean_up_on_signal_for(&all, cluster.dir.path());
+    }
+    cluster.enroll(1, 1).unwrap();
+    cluster.enroll(2, 2).unwrap();
+    let a1 = cluster.up(1).unwrap();
+    let a2 = cluster.up(2).unwrap();
+    eprintln!(
+        "cluster up in {:.1} s: lab-1 {a1}, lab-2 {a2}",
+        started.elapsed().as_secs_f64()
+    );
+    throughput(&mut cluster, &a1, opts.duration);
+    failover(&mut cluster, &a1, opts.rounds);
+    if opts.sites > 0 {
+        idle_sites(&mut cluster, opts.sites, opts.quiet);
+    }
+}
+
+/// The one broker holding `site`, once it has exactly one (up to 30 s).
+fn holder(cluster: &Cluster, site: &str) -> Option<usize> {
+    let mut one = None;
+    wait_for(Duration::from_secs(30), || {
+        one = match cluster.holders(site)[..] {
+            [b] => Some(b),
+            _ => None,
+        };
+        one.is_some()
+    });
+    one
+}
+
+/// Waits until every running broker counts `n` live brokers (a killed
+/// one's lease expired, a restarted one joined).
+fn fleet_of(cluster: &Cluster, n: usize, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        cluster
+            .brokers
+            .iter()
+            .filter(|b| b.proc.is_some())
+            .all(|b| b.metric("tether_broker_fleet_brokers_alive") == n as f64)
+    })
+}
+
+/// How many times site `k`'s agent logged its standby ready.
+fn standbys(cluster: &Cluster, k: usize) -> usize {
+    read(&cluster.path(&format!("site{k}.log")))
+        .matches("standby connection ready")
+        .count()
+}
+
+/// One iperf3 stream from `lab-2` to `lab-1` (`addr`) and back, in Gbit/s,
+/// with the sender's retransmits.
+fn iperf_pair(cluster: &Cluster, addr: &str, secs: u32) -> [(f64, u64); 2] {
+    let _server = cluster.sites[0].ns.spawn("iperf3", &["-s"], None).unwrap();
+    let client = &cluster.sites[1].ns;
+    wait_for(Duration::from_secs(5), || {
+        client.succeeds("iperf3", &["-c", addr, "-n", "1K"])
+    });
+    [
+        crate::iperf(client, addr, 1, false, secs),
+        crate::iperf(client, addr, 1, true, secs),
+    ]
+}
+
+/// Throughput across two brokers, then on one.
+fn throughput(cluster: &mut Cluster, a1: &str, secs: u32) {
+    let h1 = holder(cluster, "lab-1").expect("lab-1 has one broker");
+    let h2 = holder(cluster, "lab-2").expect("lab-2 has one broker");
+    let mut rows = vec![(h1, h2, iperf_pair(cluster, a1, secs))];
+    // Move lab-2 to lab-1's broker: stop its broker cleanly (the agent
+    // moves to its standby), start it again, until they share one.
+    for _ in 0..6 {
+        let (h1, h2) = (
+            holder(cluster, "lab-1").unwrap(),
+            holder(cluster, "lab-2").unwrap(),
+        );
+        if h1 == h2 {
+            rows.push((h1, h2, iperf_pair(cluster, a1, secs)));
+            break;
+        }
+        let proc = cluster.brokers[h2 - 1].proc.as_mut().unwrap();
+        proc.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            proc.wait_exit(Duration::from_secs(30)),
+            "broker {h2} did not stop on SIGTERM"
+        );
+        cluster.brokers[h2 - 1].proc = None;
+        cluster.start_broker(h2).unwrap();
+        assert!(
+            fleet_of(cluster, 3, Duration::from_secs(30)),
+            "broker {h2} did not rejoin the fleet"
+        );
+    }
+    println!();
+    println!(
+        "throughput lab-2 -> lab-1 and back, iperf3, 1 stream, {secs} s each (3 brokers on etcd, real agents)"
+    );
+    println!(
+        "{:<22} {:>8} {:>8} {:>12} {:>12} {:>8} {:>8}",
+        "path", "lab-1 on", "lab-2 on", "-> Gbit/s", "<- Gbit/s", "retr ->", "retr <-"
+    );
+    for (h1, h2, [down, up]) in rows {
+        let path = if h1 == h2 {
+            "one broker"
+        } else {
+            "two brokers (relayed)"
+        };
+        println!(
+            "{path:<22} {h1:>8} {h2:>8} {:>12.3} {:>12.3} {:>8} {:>8}",
+            down.0, up.0, down.1, up.1
+        );
+    }
+}
+
+/// One echo line of the prober: `(seq, sent, received)`.
+fn echoes(log: &str) -> impl Iterator<Item = (u64, f64, f64)> + '_ {
+    log.lines().filter_map(|l| {
+        let mut w = l.strip_prefix("echo ")?.split_whitespace();
+        Some((
+            w.next()?.parse().ok()?,
+            w.next()?.parse().ok()?,
+            w.next()?.parse().ok()?,
+        ))
+    })
+}
+
+/// `rounds` kills of the broker holding `lab-1` while `lab-2` probes it.
+fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
+    let bench = binary("tether-bench").display().to_string();
+    let echo_log = cluster.path("echo.log");
+    let listen = format!("0.0.0.0:{ECHO_PORT}");
+    let _echo: Proc = cluster.sites[0]
+        .ns
+        .spawn(
+            &bench,
+            &["probe-echo", "--listen", &listen],
+            Some(echo_log.clone()),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || read(&echo_log)
+            .contains("listening")),
+        "probe echo did not start:\n{}",
+        read(&echo_log)
+    );
+    let log = cluster.path("probe.log");
+    let to = format!("{a1}:{ECHO_PORT}");
+    let _prober: Proc = cluster.sites[1]
+        .ns
+        .spawn(
+            &bench,
+            &["probe-stream", "--to", &to, "--interval-ms", "10"],
+            Some(log.clone()),
+        )
+        .unwrap();
+    println!();
+    println!(
+        "failover gap: lab-2 probes lab-1 every 10 ms (UDP echo); the broker holding lab-1 killed with SIGKILL, {rounds} rounds"
+    );
+    println!(
+        "{:>5} {:>7} {:>10} {:>9} {:>10} {:>7}",
+        "round", "killed", "lab-2 on", "lab-1 to", "gap ms", "lost"
+    );
+    let mut gaps = Vec::new();
+    for round in 1..=rounds {
+        // Steady: lab-1 on one broker with a standby, echoes flowing.
+        let victim = holder(cluster, "lab-1").expect("lab-1 has one broker");
+        let pinger = cluster.holders("lab-2");
+        let flowing = wait_for(Duration::from_secs(30), || {
+            let now = unix_now();
+            echoes(&read(&log)).any(|(_, _, r)| r > now - 0.5)
+        });
+        assert!(flowing, "no echo before round {round}:\n{}", read(&log));
+        let standby_before = standbys(cluster, 1);
+        let killed_at = unix_now();
+        cluster.brokers[victim - 1].proc.take().unwrap().kill();
+        let mut first = None;
+        let back = wait_for(ROUND_LIMIT, || {
+            first = echoes(&read(&log)).find(|(_, s, _)| *s > killed_at);
+            first.is_some()
+        });
+        assert!(
+            back,
+            "round {round}: lab-1 did not answer within {ROUND_LIMIT:?} of the kill; lab-1:\n{}",
+            read(&cluster.path("site1.log"))
+        );
+        let (seq, _, received) = first.unwrap();
+        let text = read(&log);
+        let last_before = echoes(&text)
+            .filter(|(_, s, _)| *s <= killed_at)
+            .map(|(q, _, _)| q)
+            .max()
+            .unwrap_or(0);
+        let lost = seq.saturating_sub(last_before + 1);
+        let gap = received - killed_at;
+        let now_on = cluster.holders("lab-1");
+        println!(
+            "{round:>5} {victim:>7} {:>10} {:>9} {:>10.0} {lost:>7}",
+            format!("{pinger:?}"),
+            format!("{now_on:?}"),
+            gap * 1000.0
+        );
+        gaps.push(gap);
+        cluster.start_broker(victim).unwrap();
+        // The next round starts from the steady state: three live
+        // brokers (the killed one's lease expired, its restart joined)
+        // and lab-1 holding a standby again.
+        assert!(
+            fleet_of(cluster, 3, Duration::from_secs(30)),
+            "round {round}: the fleet did not settle at three brokers"
+        );
+        assert!(
+            wait_for(Duration::from_secs(30), || standbys(cluster, 1)
+                > standby_before),
+            "round {round}: lab-1 has no standby again:\n{}",
+            read(&cluster.path("site1.log"))
+        );
+    }
+    gaps.sort_by(f64::total_cmp);
+    let pick = |q: f64| gaps[((gaps.len() as f64 - 1.0) * q).round() as usize] * 1000.0;
+    if !gaps.is_empty() {
+        println!(
+            "failover gap over {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            gaps.len(),
+            pick(0.5),
+            pick(0.99),
+            pick(1.0)
+        );
+    }
+}
+
+/// etcd's write counters, read on the leader (etcd 3.4 and later serve them).
+const WRITE_METRICS: [&str; 4] = [
+    "etcd_mvcc_put_total",
+    "etcd_mvcc_delete_total",
+    "etcd_mvcc_txn_total",
+    "etcd_server_proposals_committed_total",
+];
+
+/// Writes to etcd over `secs` quiet seconds: the revision's growth, each
+/// write counter's, and the keys written (a watch on the prefix).
+fn quiet_writes(cluster: &Cluster, secs: u64, label: &str) {
+    let leader = cluster.leader().unwrap_or(1);
+    let watch_log = cluster.path(&format!("watch-{label}.log"));
+    let watch = cluster.watch(leader, &watch_log).unwrap();
+    // The watch is open once etcd confirmed it (its first line).
+    wait_for(Duration::from_secs(5), || {
+        read(&watch_log).contains("created")
+    });
+    let counters = |c: &Cluster| {
+        WRITE_METRICS
+            .iter()
+            .map(|m| c.member_metric(leader, m))
+            .collect::<Vec<_>>()
+    };
+    let (rev0, c0, t0) = (
+        cluster.revision().unwrap(),
+        counters(cluster),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs(secs));
+    let (rev1, c1) = (cluster.revision().unwrap(), counters(cluster));
+    let took = t0.elapsed().as_secs_f64();
+    drop(watch);
+    let per = |d: f64| d / took;
+    println!(
+        "{label}: etcd revision {rev0} -> {rev1} in {took:.0} s: {:.2} writes/s",
+        per((rev1 - rev0) as f64)
+    );
+    for (m, (a, b)) in WRITE_METRICS.iter().zip(c0.iter().zip(&c1)) {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                println!("  {m} (member {leader}): +{} ({:.2}/s)", b - a, per(b - a))
+            }
+            _ => println!("  {m}: not served by this etcd"),
+        }
+    }
+    print_watched(&watch_log);
+}
+
+/// Prints the keys a watch log saw written, by kind and directory under
+/// the prefix.
+fn print_watched(watch_log: &std::path::Path) {
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for line in read(watch_log).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        for e in v["result"]["events"].as_array().into_iter().flatten() {
+            let key = e["kv"]["key"]
+                .as_str()
+                .and_then(|k| data_encoding::BASE64.decode(k.as_bytes()).ok())
+                .map(|k| String::from_utf8_lossy(&k).to_string())
+                .unwrap_or_default();
+            let kind = e["type"].as_str().unwrap_or("PUT");
+            let dir = key
+                .strip_prefix(tether_netns_tests::cluster::PREFIX)
+                .unwrap_or(&key)
+                .rsplit_once('/')
+                .map_or(key.clone(), |(d, _)| d.to_string());
+            *seen.entry(format!("{kind} {dir}/")).or_default() += 1;
+        }
+    }
+    if seen.is_empty() {
+        println!("  keys written under the prefix: none");
+    }
+    for (what, n) in seen {
+        println!("  keys written under the prefix: {what} x{n}");
+    }
+}
+
+/// Waits until etcd's revision has not moved for `still` (up to `limit`):
+/// the writes of a burst of connections are done. Returns when the last
+/// write was seen, from the start, or None if writes never stopped.
+fn writes_settle(cluster: &Cluster, still: Duration, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let (mut rev, mut at) = (cluster.revision().ok()?, Instant::now());
+    while t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = cluster.revision().ok()?;
+        if now != rev {
+            (rev, at) = (now, Instant::now());
+        } else if at.elapsed() >= still {
+            return Some(at - t0);
+        }
+    }
+    None
+}
+
+/// Prints when the writes after an event at `since` were done, and the
+/// keys written from now until then.
+fn settle(cluster: &Cluster, what: &str, since: Instant) {
+    let watch_log = cluster.path(&format!("watch-settle-{}.log", since.elapsed().as_millis()));
+    let watch = cluster
+        .watch(cluster.leader().unwrap_or(1), &watch_log)
+        .unwrap();
+    wait_for(Duration::from_secs(5), || {
+        read(&watch_log).contains("created")
+    });
+    let start = since.elapsed();
+    match writes_settle(cluster, Duration::from_secs(5), Duration::from_secs(300)) {
+        Some(t) => println!(
+            "  etcd writes after {what} done {:.1} s after it (the revision then still for 5 s)",
+            (start + t).as_secs_f64()
+        ),
+        None => println!("  etcd writes after {what} did not stop within 300 s"),
+    }
+    drop(watch);
+    print_watched(&watch_log);
+}
+
+/// Idle load-generator sites on broker 1: etcd writes in steady state,
+/// then broker 1 killed and the time until all are on brokers 2 and 3.
+fn idle_sites(cluster: &mut Cluster, sites: usize, quiet: u64) {
+    let admin_token = std::fs::read_to_string(cluster.path("broker1/admin.token"))
+        .expect("broker 1's admin token");
+    let dir = cluster.path("loadgen");
+    let loadgen = binary("tether-loadgen").display().to_string();
+    let n = sites.to_string();
+    let brokers = (1..=3)
+        .map(|b| format!("{}:443", broker_ip(b)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let t = Instant::now();
+    cluster.brokers[0]
+        .ns
+        .run(
+            &loadgen,
+            &[
+                "enroll",
+                "--count",
+                &n,
+                "--admin",
+                "http://127.0.0.1:7070",
+                "--admin-token",
+                admin_token.trim(),
+                "--broker",
+                &brokers,
+                "--region",
+                "eu",
+                "--retries",
+                "3",
+                "--dir",
+                &dir.display().to_string(),
+            ],
+        )
+        .unwrap();
+    eprintln!(
+        "{sites} sites enrolled in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let log = cluster.path("storm.log");
+    let keepalive = tether_config::client::TransportFile::default()
+        .keepalive
+        .trim_end_matches('s')
+        .to_string();
+    let t = Instant::now();
+    let _loadgen: Proc = cluster.sites[2]
+        .ns
+        .spawn(
+            &loadgen,
+            &[
+                "storm",
+                "--count",
+                &n,
+                "--broker",
+                &brokers,
+                "--dir",
+                &dir.display().to_string(),
+                "--rounds",
+                "1",
+                "--keepalive",
+                &keepalive,
+            ],
+            Some(log.clone()),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(300), || read(&log)
+            .contains("connected")),
+        "load generator failed:\n{}",
+        read(&log)
+    );
+    println!();
+    println!(
+        "{sites} idle sites (tether-loadgen, keepalive {keepalive} s) connected to broker 1 in {:.1} s; 2 real agents",
+        t.elapsed().as_secs_f64()
+    );
+    // Steady state: the connect burst's writes are done.
+    settle(cluster, "the start of the connections", t);
+    quiet_writes(cluster, quiet, "steady state, all on broker 1");
+
+    let killed = Instant::now();
+    cluster.brokers[0].proc.take().unwrap().kill();
+    let done = wait_for(Duration::from_secs(180), || read(&log).contains("round 1:"));
+    let all_back = killed.elapsed();
+    assert!(
+        done,
+        "the sites did not all come back on brokers 2 and 3:\n{}",
+        read(&log)
+    );
+    let text = read(&log);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("round 1:"))
+        .unwrap_or_default();
+    println!(
+        "broker 1 killed (SIGKILL): all {sites} sites back on the other brokers {:.2} s after the kill",
+        all_back.as_secs_f64()
+    );
+    println!("  load generator: {line}");
+    settle(cluster, "the kill", killed);
+    quiet_writes(cluster, quiet, "steady state, on brokers 2 and 3");
+}
