@@ -6,7 +6,8 @@
 //! measures, from the backend to the site and back:
 //!
 //! - iperf3 TCP throughput, 1 stream each way and 4 streams;
-//! - ping round-trip p50 and p99;
+//! - ping round-trip p50 and p99 (`--ping` alone: with the tunnel ends'
+//!   context switches per ping);
 //! - connect-to-first-packet: from starting the agent until a packet gets
 //!   through;
 //! - CPU seconds per GB moved over the 1-stream backend -> site run: the
@@ -36,6 +37,7 @@ mod ha;
 mod idle;
 mod lan;
 mod lossy;
+mod ping;
 mod probe;
 mod quincy;
 mod storm;
@@ -123,6 +125,11 @@ struct Args {
     /// (from the agent's and broker's logs).
     #[arg(long)]
     first_packet: Option<usize>,
+    /// Measure only ping through the tunnel, this many rounds of 300, with
+    /// the agent's and the broker's context switches per ping, then as many
+    /// rounds over the raw routed path.
+    #[arg(long)]
+    ping: Option<usize>,
     /// With --first-packet: the agent's RUST_LOG.
     #[arg(long, default_value = "info,tether=debug")]
     agent_log: String,
@@ -606,6 +613,11 @@ fn main() {
     if let Some(rounds) = args.first_packet {
         let topo = Topology::new("").unwrap();
         probe::timeline(&topo, rounds, &args.agent_log, args.hold);
+        return;
+    }
+    if let Some(rounds) = args.ping {
+        let topo = Topology::new("").unwrap();
+        ping::run(&topo, rounds.max(1));
         return;
     }
     if let Some(count) = args.agents {

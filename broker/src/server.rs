@@ -109,7 +109,7 @@ pub fn endpoint(broker: &Broker, socket: std::net::UdpSocket) -> anyhow::Result<
     )));
     tether_shell::udp::tune_socket(&socket);
     let endpoint_config = endpoint_config(&broker.data_dir)?;
-    let runtime = quinn::default_runtime().context("no async runtime")?;
+    let runtime = tether_shell::quic::runtime().context("no async runtime")?;
     Ok(quinn::Endpoint::new(
         endpoint_config,
         Some(config),

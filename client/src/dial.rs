@@ -108,7 +108,7 @@ pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
     tether_shell::udp::tune_socket(&socket);
     let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+        tether_shell::quic::runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
 }
 

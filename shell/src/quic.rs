@@ -291,6 +291,136 @@ impl Controller for LossTolerant {
     }
 }
 
+/// The async runtime of tunnel endpoints: quinn's tokio runtime, except
+/// that a driver task (the endpoint's or a connection's) that asks to be
+/// polled again from inside its own poll is polled again at once.
+///
+/// quinn's drivers end a poll that left work undone (a receive cycle that
+/// used its time budget, a timer that expired while the connection was
+/// busy) by waking themselves. In tokio's multi-threaded scheduler a task
+/// woken from its own poll goes to the back of the queue and wakes an idle
+/// worker thread to come and take it. On a lightly loaded broker that was
+/// about two thread wake-ups per ping, each one a context switch on the
+/// path of a packet (and on a busy machine a wait for a core). Polling
+/// again in place ([`MAX_REPOLLS`] times at most, then yielding as before)
+/// keeps the packet on the thread that already has it.
+pub fn runtime() -> Option<Arc<dyn quinn::Runtime>> {
+    Some(Arc::new(TunnelRuntime {
+        inner: quinn::default_runtime()?,
+    }))
+}
+
+/// How many times a driver that woke itself is polled again in place
+/// before it yields to other tasks: the work quinn bounds per poll (a
+/// receive cycle of about 50 µs, or a batch of transmits) at most doubles.
+pub const MAX_REPOLLS: usize = 1;
+
+/// See [`runtime`].
+#[derive(Debug)]
+struct TunnelRuntime {
+    inner: Arc<dyn quinn::Runtime>,
+}
+
+impl quinn::Runtime for TunnelRuntime {
+    fn new_timer(&self, i: Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        self.inner.new_timer(i)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.inner.spawn(Box::pin(RepollSelfWake::new(future)))
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        t: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        self.inner.wrap_udp_socket(t)
+    }
+
+    fn now(&self) -> Instant {
+        self.inner.now()
+    }
+}
+
+/// A future polled again at once when it wakes itself during its poll
+/// (at most [`MAX_REPOLLS`] times in a row).
+struct RepollSelfWake {
+    future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    state: Arc<WakeState>,
+    /// The waker the inner future sees: wakes during a poll only mark it.
+    waker: std::task::Waker,
+}
+
+/// Whether the inner future is being polled, whether it was woken since
+/// its poll began, and the scheduler's waker for wakes between polls.
+#[derive(Default)]
+struct WakeState {
+    polling: std::sync::atomic::AtomicBool,
+    woken: std::sync::atomic::AtomicBool,
+    outer: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeState {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.woken.store(true, SeqCst);
+        // During a poll the poller sees `woken` when the poll returns;
+        // otherwise (or if the poll has just ended) the scheduler is told.
+        // Either way no wake is lost: the poller clears `polling` before
+        // it reads `woken`.
+        if !self.polling.load(SeqCst) {
+            self.outer.wake();
+        }
+    }
+}
+
+impl RepollSelfWake {
+    fn new(future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Self {
+        let state = Arc::new(WakeState::default());
+        Self {
+            future,
+            waker: std::task::Waker::from(state.clone()),
+            state,
+        }
+    }
+}
+
+impl std::future::Future for RepollSelfWake {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let this = &mut *self;
+        this.state.outer.register(cx.waker());
+        for _ in 0..=MAX_REPOLLS {
+            this.state.woken.store(false, SeqCst);
+            this.state.polling.store(true, SeqCst);
+            let polled = this
+                .future
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&this.waker));
+            this.state.polling.store(false, SeqCst);
+            if polled.is_ready() {
+                return std::task::Poll::Ready(());
+            }
+            if !this.state.woken.swap(false, SeqCst) {
+                return std::task::Poll::Pending;
+            }
+        }
+        // Still asking to run: yield to the other tasks, as without the
+        // wrapper.
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -532,5 +662,92 @@ mod tests {
             .ok()
             .and_then(|l| l.0.into_any().downcast::<quinn::congestion::Bbr>().ok());
         assert!(inner.is_some());
+    }
+
+    /// Counts the wakes of the scheduler's waker.
+    #[derive(Default)]
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A driver-like future: on each of its first `self_wakes` polls it
+    /// wakes itself (work left over), then it waits; it keeps its last
+    /// waker, as quinn's drivers do, for wakes from other tasks.
+    struct Driver {
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+        self_wakes: usize,
+        stored: Arc<std::sync::Mutex<Option<std::task::Waker>>>,
+    }
+
+    impl std::future::Future for Driver {
+        type Output = ();
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            let n = self.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            *self.stored.lock().unwrap() = Some(cx.waker().clone());
+            if n < self.self_wakes {
+                cx.waker().wake_by_ref();
+            }
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Polls `self_wakes`-driver once through the wrapper: (inner polls,
+    /// scheduler wakes, the stored waker).
+    fn poll_once(self_wakes: usize) -> (usize, usize, std::task::Waker, Arc<CountWakes>) {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stored = Arc::new(std::sync::Mutex::new(None));
+        let mut wrapped = RepollSelfWake::new(Box::pin(Driver {
+            polls: polls.clone(),
+            self_wakes,
+            stored: stored.clone(),
+        }));
+        let outer = Arc::new(CountWakes::default());
+        let waker = std::task::Waker::from(outer.clone());
+        let polled =
+            std::pin::Pin::new(&mut wrapped).poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        let stored = stored.lock().unwrap().clone().unwrap();
+        // The stored waker keeps the wrapper's state.
+        drop(wrapped);
+        (
+            polls.load(std::sync::atomic::Ordering::SeqCst),
+            outer.0.load(std::sync::atomic::Ordering::SeqCst),
+            stored,
+            outer,
+        )
+    }
+
+    /// A driver that wakes itself once is polled again in place: the
+    /// scheduler is not asked to run it again (which, in a multi-threaded
+    /// runtime, wakes another thread).
+    #[test]
+    fn a_self_wake_is_polled_again_in_place() {
+        let (polls, wakes, _, _) = poll_once(1);
+        assert_eq!((polls, wakes), (2, 0));
+    }
+
+    /// A driver that keeps waking itself yields after the re-polls, as it
+    /// would without the wrapper.
+    #[test]
+    fn a_driver_that_keeps_asking_yields() {
+        let (polls, wakes, _, _) = poll_once(usize::MAX);
+        assert_eq!((polls, wakes), (1 + MAX_REPOLLS, 1));
+    }
+
+    /// A wake between polls (another task queued work for the driver)
+    /// reaches the scheduler.
+    #[test]
+    fn a_wake_between_polls_reaches_the_scheduler() {
+        let (polls, wakes, stored, outer) = poll_once(0);
+        assert_eq!((polls, wakes), (1, 0));
+        stored.wake_by_ref();
+        assert_eq!(outer.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
