@@ -82,8 +82,12 @@ enum Wake {
     Input(u64, Box<Input>),
     GoAway,
     StandbyLost,
+    Reload(Box<Reload>),
     Nothing,
 }
+
+/// A configuration read again on SIGHUP, or why it cannot be used.
+pub type Reload = Result<ClientConfig, String>;
 
 /// A connection to a broker and what runs on it.
 struct Session {
@@ -128,6 +132,41 @@ struct Shell {
     problems: Problems,
 }
 
+/// The fields of `new` other than `lans` that differ from `old`: they
+/// apply only when the agent starts.
+fn needs_restart(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
+    // Destructured, so that a field added to the configuration is listed
+    // here too.
+    let ClientConfig {
+        state_dir,
+        published_cidr,
+        brokers,
+        lans: _,
+        lan_source,
+        services,
+        tun_name,
+        h3_timeout,
+        keepalive,
+        proxy,
+        max_backoff,
+    } = new;
+    [
+        ("state_dir", *state_dir != old.state_dir),
+        ("published_cidr", *published_cidr != old.published_cidr),
+        ("brokers", *brokers != old.brokers),
+        ("lan_source", *lan_source != old.lan_source),
+        ("services", *services != old.services),
+        ("tun.name", *tun_name != old.tun_name),
+        ("transport.h3_timeout", *h3_timeout != old.h3_timeout),
+        ("transport.keepalive", *keepalive != old.keepalive),
+        ("transport.proxy", *proxy != old.proxy),
+        ("transport.max_backoff", *max_backoff != old.max_backoff),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
 /// How an attempt ended, for the core. A certificate the broker refused
 /// as expired or revoked calls for re-attestation; so does any refusal
 /// while the certificate has expired by this machine's clock (the
@@ -153,16 +192,21 @@ pub async fn run(
     state: StateDir,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    run_reporting(config, state, shutdown, Reporter::new().0).await
+    let (_reload, reloads) = mpsc::unbounded_channel();
+    run_reporting(config, state, shutdown, Reporter::new().0, reloads).await
 }
 
 /// Runs the agent until `shutdown` becomes true, publishing the tunnel's
-/// state to `health`.
+/// state to `health`. Each configuration from `reloads` (the file read
+/// again on SIGHUP) applies its `lans` without a restart; the other fields
+/// wait for the next start, and a configuration that does not validate is
+/// refused, logged and reported, the running one staying in force.
 pub async fn run_reporting(
     config: ClientConfig,
     state: StateDir,
     mut shutdown: watch::Receiver<bool>,
     health: Reporter,
+    mut reloads: mpsc::UnboundedReceiver<Reload>,
 ) -> anyhow::Result<()> {
     // Fail early, with the reason, if the site is not enrolled or the proxy
     // setting is unusable.
@@ -221,7 +265,13 @@ pub async fn run_reporting(
             break;
         }
         let wake = shell
-            .wait(&mut rx, &mut shutdown, &mut watching, core.poll_timeout())
+            .wait(
+                &mut rx,
+                &mut reloads,
+                &mut shutdown,
+                &mut watching,
+                core.poll_timeout(),
+            )
             .await;
         let now = Instant::now();
         match wake {
@@ -246,6 +296,7 @@ pub async fn run_reporting(
                 shell.health.standby(None);
                 core.handle_standby_lost(now)
             }
+            Wake::Reload(reload) => shell.reload(*reload, &mut core, now),
             Wake::Input(..) | Wake::Nothing => {}
         }
         shell.health.moves(core.failovers(), core.handovers());
@@ -260,6 +311,7 @@ impl Shell {
     async fn wait(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<(u64, Input)>,
+        reloads: &mut mpsc::UnboundedReceiver<Reload>,
         shutdown: &mut watch::Receiver<bool>,
         watching: &mut bool,
         deadline: Option<Instant>,
@@ -304,6 +356,7 @@ impl Shell {
             wake = session => wake,
             wake = standby => wake,
             Some((epoch, input)) = rx.recv() => Wake::Input(epoch, Box::new(input)),
+            Some(reload) = reloads.recv() => Wake::Reload(Box::new(reload)),
             _ = timer => Wake::Timer,
             changed = shutdown.changed(), if *watching => match changed {
                 Ok(()) if *shutdown.borrow() => Wake::Shutdown,
@@ -315,6 +368,39 @@ impl Shell {
                 }
             },
         }
+    }
+
+    /// Applies a configuration read again: its `lans` now, over the
+    /// session in place; the other fields at the next start.
+    fn reload(&mut self, reload: Reload, core: &mut AgentCore, now: Instant) {
+        let new = match reload {
+            Ok(config) => config,
+            Err(e) => {
+                let why =
+                    format!("configuration not reloaded, the running one stays in force: {e}");
+                tracing::error!("{why}");
+                self.problems.push(ProblemKind::Reload, why);
+                return;
+            }
+        };
+        let waiting = needs_restart(&self.config, &new);
+        if !waiting.is_empty() {
+            tracing::warn!(
+                "configuration reloaded: changes to {} take effect at the next start of `tether up` (only `lans` applies on reload)",
+                waiting.join(", ")
+            );
+        }
+        if new.lans == self.config.lans {
+            tracing::info!(
+                lans = new.lans.len(),
+                "configuration reloaded: the LANs are unchanged"
+            );
+            return;
+        }
+        let mut applied = (*self.config).clone();
+        applied.lans = new.lans;
+        self.config = Arc::new(applied);
+        core.handle_lans_changed(self.config.lans.clone(), now);
     }
 
     /// Makes `conn` to `target` the site's session and tells the core.
@@ -553,6 +639,19 @@ impl Shell {
                 for m in mappings {
                     tracing::info!(lan = %m.real, mapped = %m.mapped, "LAN mapped");
                 }
+            }
+            Event::LansChanged { added, removed } => {
+                let list = |l: &[ipnet::IpNet]| {
+                    l.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                tracing::info!(
+                    added = list(&added),
+                    removed = list(&removed),
+                    "configuration reloaded: LANs added are mapped over the open tunnel, LANs removed are withdrawn"
+                );
             }
             Event::LanMapUnusable(e) => {
                 tracing::error!("the broker's LAN mapping cannot be used: {e}");
@@ -1005,4 +1104,25 @@ fn lifetime(state: &StateDir) -> Option<Lifetime> {
         issued_at,
         tether_pki::token::unix_secs(SystemTime::now()),
     ))
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+    use tether_config::client::ClientFile;
+
+    fn config(text: &str) -> ClientConfig {
+        ClientFile::parse(text, "t")
+            .and_then(|f| f.validate("t"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn only_fields_other_than_lans_wait_for_a_restart() {
+        let old = config("lans = [\"192.168.1.0/24\"]");
+        let lans = config("lans = [\"192.168.1.0/24\", \"10.1.0.0/16\"]");
+        assert!(needs_restart(&old, &lans).is_empty());
+        let more = config("lans = [\"10.1.0.0/16\"]\n[tun]\nname = \"tether9\"");
+        assert_eq!(needs_restart(&old, &more), ["tun.name"]);
+    }
 }

@@ -358,8 +358,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     None => e.context("cannot enroll with the enrollment code"),
                 })?;
+            // The file `load` reads, read again on SIGHUP.
+            let config_path = config.clone().unwrap_or_else(|| state.config_path());
             let (config, state) = load(config, Some(state.path))?;
             runtime.block_on(async move {
+                let (reload, reloads) = tokio::sync::mpsc::unbounded_channel();
+                let mut hangup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        tracing::info!(
+                            path = %config_path.display(),
+                            "SIGHUP: reading the configuration again"
+                        );
+                        let origin = config_path.display().to_string();
+                        let read = ClientFile::load(&config_path)
+                            .and_then(|f| f.validate(&origin))
+                            .map_err(|e| {
+                                // One line: the log and the problem report.
+                                e.to_string()
+                                    .lines()
+                                    .map(str::trim)
+                                    .collect::<Vec<_>>()
+                                    .join(" ")
+                            });
+                        if reload.send(read).is_err() {
+                            return;
+                        }
+                    }
+                });
                 let (health, health_rx) = tether::health::Reporter::new();
                 if let Some(addr) = health_listen {
                     tether::health::serve(addr, health_rx).await?;
@@ -379,7 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tracing::info!("stopping");
                     let _ = tx.send(true);
                 });
-                tether::agent::run_reporting(config, state, rx, health).await
+                tether::agent::run_reporting(config, state, rx, health, reloads).await
             })?;
             ExitCode::SUCCESS
         }

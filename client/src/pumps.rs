@@ -105,15 +105,19 @@ pub fn start_inbound(
                         && stream == stream_id
                         && let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload)
                     {
-                        if map.is_empty() {
-                            batch.push(p);
+                        let packet = if map.is_empty() {
+                            p
                         } else {
                             scratch.clear();
                             scratch.extend_from_slice(p);
-                            if lan.to_lan(&map, &mut scratch) {
-                                batch.push(&scratch);
+                            if !lan.to_lan(&map, &mut scratch) {
+                                continue;
                             }
-                        }
+                            &scratch[..]
+                        };
+                        // A full batch is written first, so no packet is
+                        // left out.
+                        let _ = batch.push_or_write(&dev, offload, packet).await;
                     }
                 }
                 let _ = batch.write(&dev, offload).await;

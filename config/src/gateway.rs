@@ -48,6 +48,20 @@ pub struct GatewayFile {
     /// DNS for the mesh zone inside the backend network, answered from the
     /// copy the broker keeps in step.
     pub dns: GatewayDnsFile,
+    /// Prometheus metrics of the gateway's packet path (forwarded packets,
+    /// and every packet dropped, by reason).
+    pub metrics: GatewayMetricsFile,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayMetricsFile {
+    /// Address to serve `GET /metrics` on (plain HTTP, no authentication);
+    /// empty to disable (the default). Choose an address only the
+    /// scraper reaches, e.g. "127.0.0.1:9469" or the node's internal
+    /// address.
+    pub listen: String,
 }
 
 /// `[tun]`.
@@ -93,6 +107,7 @@ impl Default for GatewayFile {
             tun: GatewayTunFile::default(),
             routing: RoutingFile::default(),
             dns: GatewayDnsFile::default(),
+            metrics: GatewayMetricsFile::default(),
         }
     }
 }
@@ -140,6 +155,8 @@ pub struct GatewayConfig {
     pub rule_priority: u32,
     /// DNS listen address, if enabled.
     pub dns_listen: Option<SocketAddr>,
+    /// Metrics listen address, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl GatewayFile {
@@ -241,6 +258,21 @@ impl GatewayFile {
                 })
                 .ok()
         };
+        let metrics_listen = if self.metrics.listen.is_empty() {
+            None
+        } else {
+            self.metrics
+                .listen
+                .parse()
+                .map_err(|_| {
+                    p.add(
+                        "metrics.listen",
+                        format!("{:?} is not an address:port", self.metrics.listen),
+                        "write e.g. \"127.0.0.1:9469\", or \"\" to disable",
+                    )
+                })
+                .ok()
+        };
         let (Some(id), Some(region), Some(published_cidr)) = (id, region, published_cidr) else {
             return Err(p.into_error(origin));
         };
@@ -258,6 +290,7 @@ impl GatewayFile {
                 table: self.routing.table,
                 rule_priority: self.routing.rule_priority,
                 dns_listen,
+                metrics_listen,
             },
         )
     }
@@ -286,6 +319,22 @@ mod tests {
         let c = GatewayFile::parse("", "g").unwrap().validate("g").unwrap();
         assert_eq!((c.table, c.rule_priority), (7300, 7300));
         assert_eq!(c.brokers[0].port, 51820);
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn the_metrics_address_is_checked() {
+        let c = GatewayFile::parse("[metrics]\nlisten = \"127.0.0.1:9469\"", "g")
+            .unwrap()
+            .validate("g")
+            .unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+        let err = GatewayFile::parse("[metrics]\nlisten = \"9469\"", "g")
+            .unwrap()
+            .validate("g")
+            .unwrap_err();
+        assert_eq!(err.problems()[0].field, "metrics.listen");
+        assert!(GatewayFile::parse("[metrics]\nport = 1", "g").is_err());
     }
 
     #[test]

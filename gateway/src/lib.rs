@@ -8,9 +8,11 @@
 //! - [`live`]: the route set last received, kept for operators.
 //! - [`cilium`]: CiliumCIDRGroup resources from the route set.
 //! - [`preflight`]: conflicts on the node.
+//! - [`metrics`]: counters of the packet path, served on `[metrics] listen`.
 
 pub mod cilium;
 pub mod live;
+pub mod metrics;
 pub mod preflight;
 pub mod routes;
 pub mod wireguard;

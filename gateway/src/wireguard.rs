@@ -37,6 +37,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::live::LiveRoutes;
+use crate::metrics::{Dropped, Metrics};
 use crate::routes::Routes;
 
 /// Name of the gateway's WireGuard key in the state directory.
@@ -99,6 +100,7 @@ struct Shared {
     dev: tun_rs::AsyncDevice,
     offload: bool,
     mtu: u16,
+    metrics: Metrics,
 }
 
 impl Shared {
@@ -112,9 +114,18 @@ impl Shared {
     }
 
     /// Sends datagrams of `lens` laid out back to back in `data`, in as few
-    /// system calls as UDP segmentation offload allows.
-    async fn send_all(&self, data: &[u8], lens: &[usize]) {
-        tether_shell::udp::send_segments(&self.socket, &self.udp, self.broker, data, lens).await;
+    /// system calls as UDP segmentation offload allows; returns how many
+    /// left (those that did not are counted as dropped).
+    async fn send_all(&self, data: &[u8], lens: &[usize]) -> usize {
+        let failed =
+            tether_shell::udp::send_segments(&self.socket, &self.udp, self.broker, data, lens)
+                .await;
+        self.metrics.dropped(
+            Dropped::SendFailed,
+            failed,
+            &format_args!("to {}", self.broker),
+        );
+        lens.len().saturating_sub(failed)
     }
 
     /// Encrypts one packet (or a control message) and sends it.
@@ -123,6 +134,11 @@ impl Shared {
         let n = match self.tunn.lock() {
             Ok(mut t) => match t.encapsulate(packet, &mut out) {
                 TunnResult::WriteToNetwork(p) => p.len(),
+                TunnResult::Err(e) => {
+                    self.metrics
+                        .dropped(Dropped::SealFailed, 1, &format_args!("{e:?}"));
+                    0
+                }
                 _ => 0,
             },
             Err(_) => 0,
@@ -199,7 +215,12 @@ pub async fn run(
         dev,
         offload,
         mtu: config.mtu,
+        metrics: Metrics::default(),
     });
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(crate::metrics::serve(addr).await?),
+        None => None,
+    };
     // The zone copy last received survives a restart, so backends resolve
     // sites even when the gateway restarts while the broker is away.
     let saved = std::fs::read(dir.join(ZONE_FILE))
@@ -291,6 +312,9 @@ pub async fn run(
     if let Some(dns) = dns {
         dns.shutdown().await;
     }
+    if let Some(listener) = metrics_listener {
+        listener.abort();
+    }
     routes.remove_all().await;
     tracing::info!("gateway stopped; its rules and routes are removed");
     result
@@ -325,6 +349,12 @@ async fn outbound(shared: Arc<Shared>) {
                 sealed.resize(start + size + 148, 0);
                 let (len, data) = match tunn.encapsulate(packet, &mut sealed[start..]) {
                     TunnResult::WriteToNetwork(p) => (p.len(), p.first() == Some(&4)),
+                    TunnResult::Err(e) => {
+                        shared
+                            .metrics
+                            .dropped(Dropped::SealFailed, 1, &format_args!("{e:?}"));
+                        (0, false)
+                    }
                     _ => (0, false),
                 };
                 if data {
@@ -343,7 +373,8 @@ async fn outbound(shared: Arc<Shared>) {
         for h in handshakes.drain(..) {
             shared.send_all(&h, &[h.len()]).await;
         }
-        shared.send_all(&sealed, &lens).await;
+        let sent = shared.send_all(&sealed, &lens).await;
+        shared.metrics.to_broker(sent);
     }
 }
 
@@ -357,6 +388,8 @@ async fn inbound(
     let mut out = vec![0u8; 65_536 + 64];
     let mut batch = tether_shell::tun::WriteBatch::default();
     let mut replies: Vec<Vec<u8>> = Vec::new();
+    // A packet the batch had no room for, until the batch is written.
+    let mut overflow: Option<Vec<u8>> = None;
     let mut assembler = Assembler::default();
     let mut zone_assembler = ZoneAssembler::default();
     loop {
@@ -367,50 +400,88 @@ async fn inbound(
         }
         for (from, datagram) in receiver.datagrams() {
             if from.ip().to_canonical() != shared.broker.ip().to_canonical() {
+                shared.metrics.dropped(
+                    Dropped::NotFromBroker,
+                    1,
+                    &format_args!("last from {from}"),
+                );
                 continue;
             }
             // One receive holds up to 8 coalesced runs of about 45 packets
             // each, more than a write batch: write what is ready before it
-            // fills, or the packets past its end would be lost.
+            // fills.
             if !batch.has_room() {
-                let _ = batch.write(&shared.dev, shared.offload).await;
+                write(&shared, &mut batch).await;
             }
-            let Ok(mut tunn) = shared.tunn.lock() else {
-                return;
-            };
-            let _ = tether_shell::wireguard::decapsulate(
-                &mut tunn,
-                from.ip(),
-                datagram,
-                &mut out,
-                |reply| replies.push(reply.to_vec()),
-                |p| {
-                    if let Some(payload) =
-                        control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
-                    {
-                        match Message::decode(payload) {
-                            Ok(m @ Message::Routes { .. }) => {
-                                if let Some(set) = assembler.push(m) {
-                                    sets.send_replace(Some(set));
+            // The lock is released before the next await.
+            let result = {
+                let Ok(mut tunn) = shared.tunn.lock() else {
+                    return;
+                };
+                tether_shell::wireguard::decapsulate(
+                    &mut tunn,
+                    from.ip(),
+                    datagram,
+                    &mut out,
+                    |reply| replies.push(reply.to_vec()),
+                    |p| {
+                        if let Some(payload) =
+                            control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
+                        {
+                            match Message::decode(payload) {
+                                Ok(m @ Message::Routes { .. }) => {
+                                    if let Some(set) = assembler.push(m) {
+                                        sets.send_replace(Some(set));
+                                    }
                                 }
-                            }
-                            Ok(m @ Message::Zone { .. }) => {
-                                if let Some(zone) = zone_assembler.push(m) {
-                                    zones.send_replace(Some(Arc::new(zone)));
+                                Ok(m @ Message::Zone { .. }) => {
+                                    if let Some(zone) = zone_assembler.push(m) {
+                                        zones.send_replace(Some(Arc::new(zone)));
+                                    }
                                 }
+                                Ok(_) => {}
+                                Err(e) => shared.metrics.dropped(
+                                    Dropped::BadControl,
+                                    1,
+                                    &format_args!("{e}"),
+                                ),
                             }
-                            _ => {}
+                        } else {
+                            match batch.push(p) {
+                                Ok(packet) => shared.clamp(packet),
+                                // Kept, and added once the batch is written.
+                                Err(_) => overflow = Some(p.to_vec()),
+                            }
                         }
-                    } else if let Some(packet) = batch.push(p) {
-                        shared.clamp(packet);
-                    }
-                },
-            );
+                    },
+                )
+            };
+            if let Err(e) = result {
+                shared.metrics.refused(&e, from);
+            }
+            if let Some(p) = overflow.take() {
+                write(&shared, &mut batch).await;
+                if let Ok(packet) = batch.push(&p) {
+                    shared.clamp(packet);
+                }
+            }
         }
         for r in replies.drain(..) {
             shared.send_all(&r, &[r.len()]).await;
         }
-        let _ = batch.write(&shared.dev, shared.offload).await;
+        write(&shared, &mut batch).await;
+    }
+}
+
+/// Writes the batch to the device, counting its packets as forwarded or
+/// dropped.
+async fn write(shared: &Shared, batch: &mut tether_shell::tun::WriteBatch) {
+    let n = batch.len();
+    match batch.write(&shared.dev, shared.offload).await {
+        Ok(()) => shared.metrics.from_broker(n),
+        Err(e) => shared
+            .metrics
+            .dropped(Dropped::DeviceWrite, n, &format_args!("{e}")),
     }
 }
 

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tether_netns_tests::topology::{Cloud, Gateway, Topology, gateway_entry, read};
+use tether_netns_tests::topology::{BROKER, Cloud, Gateway, Topology, gateway_entry, read};
 use tether_netns_tests::{binary, require_root, wait_for};
 
 const TABLE: u32 = 7300;
@@ -456,6 +456,128 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
             .filter(|l| l.starts_with("tether_broker_packets_dropped_total"))
             .collect::<Vec<_>>()
             .join("\n"),
+        read(&log)
+    );
+}
+
+/// The sum of the gateway's metric lines that start with `prefix`, from
+/// its `[metrics]` listener on the node's loopback.
+fn gateway_metric(cloud: &Cloud, prefix: &str) -> f64 {
+    let out = cloud
+        .node
+        .run("curl", &["-s", "http://127.0.0.1:9469/metrics"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    out.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Forged WireGuard datagrams that reach the gateway from the broker's
+/// address are refused, counted by reason and logged in plain words;
+/// datagrams from any other address are counted as not from the broker.
+/// The session with the broker stays up.
+#[test]
+fn forged_wireguard_datagrams_are_counted_at_the_gateway() {
+    if !require_root() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
+    let eu = Cloud::new(&topo, 1).unwrap();
+    gw.configure(&topo, "[metrics]\nlisten = \"127.0.0.1:9469\"\n")
+        .unwrap();
+    let (_gateway, log) = gw.start(&eu).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || eu
+            .node
+            .succeeds("curl", &["-sf", "http://127.0.0.1:9469/metrics"])),
+        "the gateway's metrics listener does not answer:\n{}",
+        read(&log)
+    );
+
+    // The gateway's UDP port, from its socket.
+    let ss = eu.node.run("ss", &["-uanpH"]).unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout).to_string();
+    let port: u16 = ss
+        .lines()
+        .find(|l| l.contains("tether-gateway"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no UDP socket of tether-gateway:\n{ss}"));
+
+    let refused = "tether_gateway_wireguard_refused_total";
+    let before = gateway_metric(&eu, refused);
+    // From the broker's own address: a handshake initiation not sealed
+    // for the gateway's key, and a data packet of no session.
+    let forge = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{BROKER}', 0))\n\
+         s.sendto(bytes([1, 0, 0, 0]) + b'\\x55' * 144, ('198.18.1.2', {port}))\n\
+         s.sendto(bytes([4, 0, 0, 0, 9, 9, 9, 9]) + bytes(8) + b'\\xaa' * 48, ('198.18.1.2', {port}))\n"
+    );
+    let sent = topo.cloud.run("python3", &["-c", &forge]).unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(
+        wait_for(Duration::from_secs(5), || gateway_metric(&eu, refused)
+            >= before + 2.0),
+        "forged datagrams not counted (refused {} before, {} now):\n{}",
+        before,
+        gateway_metric(&eu, refused),
+        read(&log)
+    );
+    assert!(
+        gateway_metric(
+            &eu,
+            "tether_gateway_wireguard_refused_total{reason=\"invalid_mac\"}"
+        ) >= 1.0
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || read(&log)
+            .contains("was not sealed for this gateway's key")),
+        "{}",
+        read(&log)
+    );
+
+    // From a backend host: not the broker, ignored and counted.
+    let other = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.sendto(bytes([4, 0, 0, 0]) + bytes(60), ('198.18.1.2', {port}))\n"
+    );
+    let sent = eu.backend.run("python3", &["-c", &other]).unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(
+        wait_for(Duration::from_secs(5), || gateway_metric(
+            &eu,
+            "tether_gateway_packets_dropped_total{reason=\"not_from_broker\"}"
+        ) >= 1.0),
+        "{}",
+        read(&log)
+    );
+
+    // The session survived: the broker still answers the gateway's route
+    // requests (every 10 s), so the applied generation is recorded again.
+    let routes = gw.state.join("routes.json");
+    let mtime = || std::fs::metadata(&routes).and_then(|m| m.modified()).ok();
+    let first = mtime();
+    assert!(
+        wait_for(Duration::from_secs(15), || mtime() != first),
+        "no route set through the tunnel after the forged datagrams:\n{}",
+        read(&log)
+    );
+    assert!(
+        !read(&log).contains("no WireGuard handshake"),
+        "{}",
         read(&log)
     );
 }

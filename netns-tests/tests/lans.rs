@@ -31,7 +31,9 @@
 //! its reachability at once, its mapping stays reserved (`release_at`),
 //! and put back it gets the same mapped prefix; a new LAN needs no new
 //! enrollment; a LAN past the site's limit is refused, and the agent's
-//! report of it appears in the site's event timeline.
+//! report of it appears in the site's event timeline. The fifth changes
+//! `lans` with SIGHUP instead, over the same connection, and sends a file
+//! that does not validate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -809,4 +811,102 @@ fn site_drops(topo: &Topology, site: &str, reason: &str) -> f64 {
         .filter(|l| l.contains(&format!("reason=\"{reason}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// `lans` changes on SIGHUP, without a restart: a LAN added is mapped
+/// and reachable, a LAN removed loses its route and is reserved for
+/// release, over the same connection; a configuration that does not
+/// validate is refused, the running one stays, and the refusal shows in
+/// the site's timeline.
+#[test]
+fn lans_change_on_sighup_over_the_same_connection() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("").unwrap();
+    let host = lan::add_lan_host(&topo.site, &["192.168.1.20/24", "192.168.1.40/24"]).unwrap();
+    let _web = serve(&topo, &host, "hello from the analyser\n", "web.log");
+    let state = topo.path("site-state");
+    topo.enroll("hospital-h", &state).unwrap();
+    let (first, second) = ("192.168.1.16/28", "192.168.1.32/28");
+    let reach = |mapped: Ipv4Net, host: u32| {
+        wait_for(Duration::from_secs(15), || {
+            fetch(&topo, host_in(mapped, host)).contains("hello from the analyser")
+        })
+    };
+    let log = || read(&topo.path("site.log"));
+    let connections = || log().matches("connected to the broker over").count();
+
+    configure(&state, &format!("lans = [\"{first}\"]"));
+    let (mut site, _) = topo.up(&state, "site.log").unwrap();
+    let (first_at, _) = mapping_of(&topo, "hospital-h", first);
+    assert!(reach(first_at, 4), "{}", log());
+    assert_eq!(connections(), 1, "{}", log());
+
+    // Added: mapped over the open tunnel, routed and reachable.
+    configure(&state, &format!("lans = [\"{first}\", \"{second}\"]"));
+    site.signal(nix::sys::signal::Signal::SIGHUP);
+    let (second_at, release) = mapping_of(&topo, "hospital-h", second);
+    assert_eq!(release, None);
+    assert!(second_at != first_at);
+    assert!(
+        wait_for(Duration::from_secs(15), || routes_lan(
+            &topo,
+            "hospital-h",
+            second_at
+        )),
+        "{}",
+        log()
+    );
+    assert!(reach(second_at, 8), "{}", log());
+    assert!(reach(first_at, 4), "{}", log());
+
+    // Removed: withdrawn at the broker and reserved for release;
+    // unreachable through its old prefix.
+    configure(&state, &format!("lans = [\"{second}\"]"));
+    site.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            !routes_lan(&topo, "hospital-h", first_at)
+                && lan_mappings(&topo, "hospital-h")
+                    .iter()
+                    .any(|(l, m, r)| l == first && *m == first_at && r.is_some())
+        }),
+        "the removed LAN is still routed or not marked for release: {:?}\n{}",
+        lan_mappings(&topo, "hospital-h"),
+        log()
+    );
+    assert!(fetch(&topo, host_in(first_at, 4)).is_empty());
+    assert!(reach(second_at, 8), "{}", log());
+
+    // A file that does not validate: refused, the running LANs stay, and
+    // the refusal is in the site's timeline.
+    configure(&state, "lans = [\"192.168.1.300/28\"]");
+    site.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || log().contains(
+            "configuration not reloaded, the running one stays in force"
+        )),
+        "{}",
+        log()
+    );
+    assert!(log().contains("lans[0]"), "{}", log());
+    assert!(reach(second_at, 8), "{}", log());
+    let mut events = serde_json::Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            events = site_events(&topo, "hospital-h");
+            events["events"].as_array().is_some_and(|all| {
+                all.iter()
+                    .any(|e| e["kind"] == "reported" && e["problem"] == "reload")
+            })
+        }),
+        "the refused reload is not in the site's timeline: {events}\n{}",
+        log()
+    );
+
+    // All of it over the first connection, by the first process.
+    assert_eq!(connections(), 1, "{}", log());
+    assert!(!site.exited(), "{}", log());
+    assert!(!log().contains("lost the connection"), "{}", log());
 }

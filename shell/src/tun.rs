@@ -120,24 +120,76 @@ impl WriteBatch {
         self.ready < self.pool.len()
     }
 
-    /// Adds a copy of `packet`; returns it, to change in place, or `None`
-    /// when the batch is full (the packet is dropped).
-    pub fn push(&mut self, packet: &[u8]) -> Option<&mut [u8]> {
-        let b = self.pool.get_mut(self.ready)?;
+    /// Adds a copy of `packet`; returns it, to change in place, or
+    /// [`BatchFull`] when the batch has no room: write the batch (which
+    /// empties it) and push the packet again, or count it as dropped.
+    pub fn push(&mut self, packet: &[u8]) -> Result<&mut [u8], BatchFull> {
+        let b = self.pool.get_mut(self.ready).ok_or(BatchFull)?;
         b.clear();
         b.resize(VNET_HDR, 0);
         b.extend_from_slice(packet);
         self.ready += 1;
-        b.get_mut(VNET_HDR..)
+        b.get_mut(VNET_HDR..).ok_or(BatchFull)
+    }
+
+    /// Adds a copy of `packet`, first writing the batch to `dev` when it
+    /// is full, so no packet is left out. The packet is added even when
+    /// that write fails; the error is returned (the packets of the failed
+    /// write are lost), along with how many packets that write carried.
+    pub async fn push_or_write(
+        &mut self,
+        dev: &tun_rs::AsyncDevice,
+        offload: bool,
+        packet: &[u8],
+    ) -> Result<(), (std::io::Error, usize)> {
+        let mut result = Ok(());
+        if !self.has_room() {
+            let n = self.len();
+            if let Err(e) = self.write(dev, offload).await {
+                result = Err((e, n));
+            }
+        }
+        if self.push(packet).is_err() {
+            // Only a batch of no buffers at all is full right after a
+            // write; `Default` makes none such.
+            return Err((std::io::Error::other("the write batch has no buffers"), 1));
+        }
+        result
+    }
+
+    /// Packets added since the last write.
+    pub fn len(&self) -> usize {
+        self.ready
+    }
+
+    /// Whether no packet was added since the last write.
+    pub fn is_empty(&self) -> bool {
+        self.ready == 0
+    }
+
+    /// Takes the packets added since the last write, each framed after
+    /// [`VNET_HDR`] bytes, and empties the batch.
+    #[cfg(test)]
+    fn take(&mut self) -> &mut [bytes::BytesMut] {
+        let ready = std::mem::take(&mut self.ready);
+        self.pool.get_mut(..ready).unwrap_or_default()
     }
 
     /// Writes the packets added since the last write.
     pub async fn write(&mut self, dev: &tun_rs::AsyncDevice, offload: bool) -> std::io::Result<()> {
+        if self.ready == 0 {
+            return Ok(());
+        }
         let ready = std::mem::take(&mut self.ready);
         let batch = self.pool.get_mut(..ready).unwrap_or_default();
         write_batch(dev, offload, &mut self.gro, batch).await
     }
 }
+
+/// A packet [`WriteBatch::push`] had no room for; it was not added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the write batch is full: write it, then add the packet again")]
+pub struct BatchFull;
 
 /// Writes packets framed for the device (each after [`VNET_HDR`] bytes of
 /// room), coalescing consecutive segments of a TCP flow into large ones
@@ -165,4 +217,39 @@ pub async fn write_batch(
         }
     }
     first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_batch_refuses_a_packet_instead_of_losing_it() {
+        let mut batch = WriteBatch::default();
+        let room = tun_rs::IDEAL_BATCH_SIZE;
+        for i in 0..room {
+            let byte = u8::try_from(i % 256).unwrap_or_default();
+            assert!(batch.push(&[byte; 20]).is_ok(), "packet {i} of {room}");
+        }
+        assert!(!batch.has_room());
+        assert_eq!(batch.push(&[0xee; 20]), Err(BatchFull));
+        // The refused packet is not in the batch; those before it are,
+        // whole and in order.
+        let taken: Vec<Vec<u8>> = batch
+            .take()
+            .iter()
+            .map(|b| b[VNET_HDR..].to_vec())
+            .collect();
+        assert_eq!(taken.len(), room);
+        assert!(taken.iter().all(|p| !p.contains(&0xee)));
+        assert_eq!(
+            taken[room - 1],
+            vec![u8::try_from((room - 1) % 256).unwrap_or_default(); 20]
+        );
+        // Written (taken), the batch has room for it again.
+        assert!(batch.is_empty());
+        let again = batch.push(&[0xee; 20]).map(|p| p.to_vec());
+        assert_eq!(again, Ok(vec![0xee; 20]));
+        assert_eq!(batch.len(), 1);
+    }
 }

@@ -118,9 +118,20 @@ pub struct AgentConfig {
     pub lans: Vec<IpNet>,
 }
 
-/// The Request ID of the ADDRESS_REQUEST for the `index`-th configured LAN.
+/// The Request ID of the ADDRESS_REQUEST for the `index`-th LAN of the
+/// configuration the agent started with. LANs added later
+/// ([`AgentCore::handle_lans_changed`]) get the next unused ids: an id
+/// never names two LANs, since the broker answers a repeated id with what
+/// it gave that id before.
 pub fn lan_request_id(index: usize) -> u64 {
     index as u64 + 1
+}
+
+/// A configured LAN and the Request ID it is asked for with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lan {
+    prefix: IpNet,
+    request_id: u64,
 }
 
 /// The site certificate's lifetime, read together with the wall clock.
@@ -348,6 +359,15 @@ pub enum Event {
     },
     /// The LANs are mapped as listed (logged whenever the mapping changes).
     LanMapped(Vec<Mapping>),
+    /// The configured LANs changed ([`AgentCore::handle_lans_changed`]):
+    /// mappings are requested for the added ones, the removed ones are
+    /// translated no more and withdrawn from the broker.
+    LansChanged {
+        /// LANs now exposed.
+        added: Vec<IpNet>,
+        /// LANs no longer exposed.
+        removed: Vec<IpNet>,
+    },
     /// The broker's answers cannot be used as a mapping; the previous map
     /// stays in force.
     LanMapUnusable(MappingError),
@@ -519,7 +539,9 @@ pub struct AgentCore {
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
     /// The configured LANs.
-    lans: Vec<IpNet>,
+    lans: Vec<Lan>,
+    /// The Request ID the next LAN added is asked for with.
+    next_lan_id: u64,
     /// The map the shell translates with (kept across sessions: the
     /// broker's lease does not change).
     lan_map: LanMap,
@@ -542,7 +564,16 @@ impl AgentCore {
             attempt_started: now,
             actions: VecDeque::new(),
             events: VecDeque::new(),
-            lans: config.lans,
+            next_lan_id: lan_request_id(config.lans.len()),
+            lans: config
+                .lans
+                .iter()
+                .enumerate()
+                .map(|(i, &prefix)| Lan {
+                    prefix,
+                    request_id: lan_request_id(i),
+                })
+                .collect(),
             lan_map: LanMap::default(),
             reattested_at: None,
             standby: Standby::Absent(None),
@@ -767,19 +798,8 @@ impl AgentCore {
             s.watch_liveness(true, now);
         }
         if !self.lans.is_empty() {
-            let requests = self
-                .lans
-                .iter()
-                .enumerate()
-                .map(|(i, &lan)| RequestedAddress {
-                    request_id: lan_request_id(i),
-                    prefix: lan.trunc(),
-                })
-                .collect();
-            self.actions
-                .push_back(Action::SendCapsule(Capsule::AddressRequest(
-                    AddressRequest { requests },
-                )));
+            let lans = self.lans.clone();
+            self.request_lans(&lans);
         } else {
             // It routes no LAN: an empty advertisement tells the broker, so
             // that mappings of LANs removed from the configuration are
@@ -792,6 +812,112 @@ impl AgentCore {
         self.maybe_dial_standby(now);
     }
 
+    /// Asks the broker for a mapping of each of `lans`.
+    fn request_lans(&mut self, lans: &[Lan]) {
+        let requests = lans
+            .iter()
+            .map(|lan| RequestedAddress {
+                request_id: lan.request_id,
+                prefix: lan.prefix.trunc(),
+            })
+            .collect();
+        self.actions
+            .push_back(Action::SendCapsule(Capsule::AddressRequest(
+                AddressRequest { requests },
+            )));
+    }
+
+    /// The configured LANs are now `lans` (the configuration was
+    /// reloaded). A LAN removed is translated no more at once and, on an
+    /// open session, withdrawn from the broker's routes by a new
+    /// advertisement (the broker releases its mapping after the grace
+    /// period). A LAN added is asked for over the open session, and mapped
+    /// and advertised when the broker answers; without an open session,
+    /// the next session asks for every LAN as usual. The connection is
+    /// kept either way.
+    pub fn handle_lans_changed(&mut self, lans: Vec<IpNet>, _now: Instant) {
+        let mut kept = Vec::with_capacity(lans.len());
+        let mut added = Vec::new();
+        for prefix in lans {
+            if kept.iter().any(|l: &Lan| l.prefix == prefix) {
+                continue;
+            }
+            match self.lans.iter().find(|l| l.prefix == prefix) {
+                Some(lan) => kept.push(*lan),
+                None => {
+                    let lan = Lan {
+                        prefix,
+                        request_id: self.next_lan_id,
+                    };
+                    self.next_lan_id += 1;
+                    kept.push(lan);
+                    added.push(lan);
+                }
+            }
+        }
+        let removed: Vec<IpNet> = self
+            .lans
+            .iter()
+            .map(|l| l.prefix)
+            .filter(|p| !kept.iter().any(|l| l.prefix == *p))
+            .collect();
+        self.lans = kept;
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        self.events.push_back(Event::LansChanged {
+            added: added.iter().map(|l| l.prefix).collect(),
+            removed: removed.clone(),
+        });
+        if !removed.is_empty() {
+            let mappings: Vec<Mapping> = self
+                .lan_map
+                .mappings()
+                .iter()
+                .filter(|m| !removed.contains(&m.real))
+                .copied()
+                .collect();
+            if mappings.len() != self.lan_map.mappings().len() {
+                match LanMap::new(mappings.clone()) {
+                    Ok(map) => {
+                        self.lan_map = map.clone();
+                        self.events.push_back(Event::LanMapped(mappings));
+                        self.actions.push_back(Action::SetLanMap(map));
+                    }
+                    Err(e) => self.events.push_back(Event::LanMapUnusable(e)),
+                }
+            }
+            let still: Vec<IpNet> = self.lan_map.mappings().iter().map(|m| m.mapped).collect();
+            let none_left = self.lans.is_empty();
+            if let Some(s) = self.open_session_mut() {
+                let advertised = match &s.advertised {
+                    Some(old) => Some(
+                        old.iter()
+                            .copied()
+                            .filter(|p| still.contains(p))
+                            .collect::<Vec<_>>(),
+                    ),
+                    // Nothing advertised yet on this session: only "none"
+                    // is known to be right.
+                    None if none_left => Some(Vec::new()),
+                    None => None,
+                };
+                if let Some(advertised) = advertised
+                    && s.advertised.as_ref() != Some(&advertised)
+                {
+                    s.advertised = Some(advertised.clone());
+                    self.actions
+                        .push_back(Action::SendCapsule(Capsule::RouteAdvertisement(
+                            RouteAdvertisement::from_prefixes(advertised),
+                        )));
+                }
+            }
+        }
+        if !added.is_empty() && self.open_session_mut().is_some() {
+            self.request_lans(&added);
+        }
+    }
+
     /// After an ADDRESS_ASSIGN: the mappings of the LANs it answered, a new
     /// map for the shell if they changed, and an advertisement of the
     /// mapped prefixes once per session (and again if they changed).
@@ -800,11 +926,11 @@ impl AgentCore {
             return;
         };
         let mut mappings = Vec::new();
-        for (i, &lan) in self.lans.iter().enumerate() {
-            let Some(mapped) = s.client.assigned_for(lan_request_id(i)) else {
+        for lan in &self.lans {
+            let Some(mapped) = s.client.assigned_for(lan.request_id) else {
                 continue;
             };
-            match Mapping::new(lan, mapped) {
+            match Mapping::new(lan.prefix, mapped) {
                 Ok(m) => mappings.push(m),
                 Err(e) => {
                     self.events.push_back(Event::LanMapUnusable(e));
@@ -889,9 +1015,11 @@ impl AgentCore {
                         .push_back(Action::ConfigureTun(TunConfig::Routes(routes)));
                 }
                 ClientEvent::Denied { request_id } => {
-                    let lan = (0..self.lans.len())
-                        .find(|&i| lan_request_id(i) == request_id)
-                        .map(|i| self.lans[i]);
+                    let lan = self
+                        .lans
+                        .iter()
+                        .find(|l| l.request_id == request_id)
+                        .map(|l| l.prefix);
                     self.events.push_back(match lan {
                         Some(lan) => Event::LanDenied { lan },
                         None => Event::Denied { request_id },

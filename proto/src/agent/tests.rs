@@ -785,6 +785,174 @@ fn each_lan_is_requested_mapped_and_advertised_the_same_way_every_session() {
 }
 
 #[test]
+fn a_lan_added_by_a_reload_is_asked_for_on_the_open_session() {
+    let mut a = Agent::new(lan_config(&["192.168.1.0/24"]));
+    a.actions();
+    a.open_with_lans();
+    a.core.handle_capsule(
+        assign_ids(&[(0, "100.64.0.7/32"), (1, "100.64.9.0/24")]),
+        a.now,
+    );
+    a.actions();
+    a.events();
+
+    a.core
+        .handle_lans_changed(vec![net("192.168.1.0/24"), net("10.1.0.0/16")], a.now);
+    assert_eq!(
+        a.events(),
+        [Event::LansChanged {
+            added: vec![net("10.1.0.0/16")],
+            removed: vec![],
+        }]
+    );
+    // Only the new LAN is asked for, under an id of its own; the session
+    // goes on (no dial, no new tunnel).
+    assert_eq!(a.actions(), [lan_request(&[(2, "10.1.0.0/16")])]);
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    let first = Mapping::new(net("192.168.1.0/24"), net("100.64.9.0/24")).unwrap();
+    let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
+    let actions = a.actions();
+    assert!(
+        actions.contains(&advertisement(&["100.64.9.0/24", "100.65.0.0/16"])),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::SetLanMap(
+        LanMap::new(vec![first, second]).unwrap()
+    )));
+    assert!(
+        !actions
+            .iter()
+            .any(|x| matches!(x, Action::Dial { .. } | Action::OpenTunnel)),
+        "{actions:?}"
+    );
+    assert_eq!(a.events(), [Event::LanMapped(vec![first, second])]);
+    // The same list again changes nothing.
+    a.core
+        .handle_lans_changed(vec![net("192.168.1.0/24"), net("10.1.0.0/16")], a.now);
+    assert_eq!(a.actions(), []);
+    assert_eq!(a.events(), []);
+}
+
+#[test]
+fn a_lan_removed_by_a_reload_is_withdrawn_and_a_readded_one_gets_a_new_id() {
+    let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
+    a.actions();
+    a.open_with_lans();
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    a.actions();
+    a.events();
+    let first = Mapping::new(net("192.168.1.0/24"), net("100.64.9.0/24")).unwrap();
+    let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
+
+    // The first LAN goes: no longer translated, no longer advertised.
+    a.core.handle_lans_changed(vec![net("10.1.0.0/16")], a.now);
+    assert_eq!(
+        a.events(),
+        [
+            Event::LansChanged {
+                added: vec![],
+                removed: vec![net("192.168.1.0/24")],
+            },
+            Event::LanMapped(vec![second]),
+        ]
+    );
+    assert_eq!(
+        a.actions(),
+        [
+            Action::SetLanMap(LanMap::new(vec![second]).unwrap()),
+            advertisement(&["100.65.0.0/16"]),
+        ]
+    );
+    // The broker's next answer still names the old lease (until its grace
+    // period ends): it is not taken up again.
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    assert_eq!(a.actions(), []);
+    assert_eq!(a.core.lan_map(), &LanMap::new(vec![second]).unwrap());
+
+    // Back again: a fresh id, since the broker answers id 1 with what it
+    // gave it before.
+    a.core
+        .handle_lans_changed(vec![net("10.1.0.0/16"), net("192.168.1.0/24")], a.now);
+    a.events();
+    assert_eq!(a.actions(), [lan_request(&[(3, "192.168.1.0/24")])]);
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+            (3, "100.64.9.0/24"),
+        ]),
+        a.now,
+    );
+    assert!(a.actions().contains(&Action::SetLanMap(
+        LanMap::new(vec![second, first]).unwrap()
+    )));
+
+    // Every LAN goes: an empty map and an empty advertisement.
+    a.core.handle_lans_changed(vec![], a.now);
+    let actions = a.actions();
+    assert!(
+        actions.contains(&Action::SetLanMap(LanMap::default())),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&advertisement(&[])), "{actions:?}");
+    assert!(a.core.lan_map().is_empty());
+}
+
+#[test]
+fn a_lan_removed_while_disconnected_is_not_asked_for_again() {
+    let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
+    a.actions();
+    a.open_with_lans();
+    a.core.handle_capsule(
+        assign_ids(&[
+            (0, "100.64.0.7/32"),
+            (1, "100.64.9.0/24"),
+            (2, "100.65.0.0/16"),
+        ]),
+        a.now,
+    );
+    a.actions();
+    a.core
+        .handle_session_ended(Ending::Lost("reset".into()), a.now);
+    a.actions();
+    a.core.handle_lans_changed(vec![net("10.1.0.0/16")], a.now);
+    // The map shrinks at once; nothing is sent without a session.
+    let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
+    assert_eq!(
+        a.actions(),
+        [Action::SetLanMap(LanMap::new(vec![second]).unwrap())]
+    );
+    let delay = a.retry_delay();
+    a.wait_and_dial(delay);
+    assert_eq!(
+        a.open_with_lans(),
+        [Action::CheckMtu, lan_request(&[(2, "10.1.0.0/16")])]
+    );
+}
+
+#[test]
 fn a_denied_or_misshapen_lan_mapping_is_reported_and_not_used() {
     let mut a = Agent::new(lan_config(&["192.168.1.0/24"]));
     a.actions();

@@ -1,0 +1,330 @@
+//! The gateway's Prometheus metrics: packets forwarded each way, every
+//! packet of the packet path that is dropped (by reason) and every
+//! datagram WireGuard refuses (by kind), with a log line per reason at
+//! most once a minute. Served on `[metrics] listen` when it is set.
+//!
+//! Names follow `tether_gateway_<thing>_<unit>`, like the broker's
+//! `tether_broker_…`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use boringtun::noise::errors::WireGuardError;
+use metrics::{Counter, Unit, counter, describe_counter};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+const FORWARDED: &str = "tether_gateway_packets_total";
+const DROPPED: &str = "tether_gateway_packets_dropped_total";
+const REFUSED: &str = "tether_gateway_wireguard_refused_total";
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Installing fails only when a recorder is already installed
+        // (tests running several gateways in one process).
+        let _ = metrics::set_global_recorder(recorder);
+        describe_counter!(
+            FORWARDED,
+            Unit::Count,
+            "IP packets forwarded, by direction: to_broker (read from the device, sealed and sent), from_broker (received, opened and written to the device)."
+        );
+        describe_counter!(
+            DROPPED,
+            Unit::Count,
+            "Packets of the gateway's packet path that were not forwarded, by reason: not_from_broker (a datagram from another address than the broker's), bad_control (a control message from the broker that does not decode), device_write (the device refused a write), send_failed (the UDP send to the broker failed), seal_failed (WireGuard could not seal a packet)."
+        );
+        describe_counter!(
+            REFUSED,
+            Unit::Count,
+            "Datagrams from the broker's address that WireGuard refused, by reason (boringtun's error: invalid_mac for a datagram not sealed for this gateway's key, invalid_aead_tag for a forged or corrupted data packet, duplicate_counter for a replayed one, ...)."
+        );
+        handle
+    })
+}
+
+/// Why a packet of the packet path was dropped (other than WireGuard
+/// refusing it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dropped {
+    /// A datagram from an address other than the broker's.
+    NotFromBroker,
+    /// A control message from the broker that does not decode.
+    BadControl,
+    /// The device refused a write.
+    DeviceWrite,
+    /// The UDP send to the broker failed.
+    SendFailed,
+    /// WireGuard could not seal a packet.
+    SealFailed,
+}
+
+impl Dropped {
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFromBroker => "not_from_broker",
+            Self::BadControl => "bad_control",
+            Self::DeviceWrite => "device_write",
+            Self::SendFailed => "send_failed",
+            Self::SealFailed => "seal_failed",
+        }
+    }
+
+    /// What happened, in plain words.
+    fn explain(self) -> &'static str {
+        match self {
+            Self::NotFromBroker => {
+                "datagrams from an address other than the broker's were ignored (the gateway talks only to the broker it resolved at start)"
+            }
+            Self::BadControl => {
+                "control messages from the broker could not be decoded (is the broker a newer version?)"
+            }
+            Self::DeviceWrite => "packets from the broker could not be written to the device",
+            Self::SendFailed => "packets could not be sent to the broker over UDP",
+            Self::SealFailed => "packets could not be sealed for the broker by WireGuard",
+        }
+    }
+}
+
+/// The `reason` label of a WireGuard refusal.
+pub fn refusal_reason(e: &WireGuardError) -> &'static str {
+    match e {
+        WireGuardError::DestinationBufferTooSmall => "destination_buffer_too_small",
+        WireGuardError::IncorrectPacketLength => "incorrect_packet_length",
+        WireGuardError::UnexpectedPacket => "unexpected_packet",
+        WireGuardError::WrongPacketType => "wrong_packet_type",
+        WireGuardError::WrongIndex => "wrong_index",
+        WireGuardError::WrongKey => "wrong_key",
+        WireGuardError::InvalidTai64nTimestamp => "invalid_tai64n_timestamp",
+        WireGuardError::WrongTai64nTimestamp => "wrong_tai64n_timestamp",
+        WireGuardError::InvalidMac => "invalid_mac",
+        WireGuardError::InvalidAeadTag => "invalid_aead_tag",
+        WireGuardError::InvalidCounter => "invalid_counter",
+        WireGuardError::DuplicateCounter => "duplicate_counter",
+        WireGuardError::InvalidPacket => "invalid_packet",
+        WireGuardError::NoCurrentSession => "no_current_session",
+        WireGuardError::LockFailed => "lock_failed",
+        WireGuardError::ConnectionExpired => "connection_expired",
+        WireGuardError::UnderLoad => "under_load",
+    }
+}
+
+/// A WireGuard refusal in plain words.
+fn explain_refusal(e: &WireGuardError) -> &'static str {
+    match e {
+        WireGuardError::InvalidMac | WireGuardError::WrongKey => {
+            "a handshake from the broker's address was not sealed for this gateway's key: forged, or the broker uses another key for this gateway"
+        }
+        WireGuardError::InvalidAeadTag => {
+            "a data packet from the broker's address did not authenticate: forged or corrupted on the way"
+        }
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+            "a data packet from the broker's address was a replay or arrived too late"
+        }
+        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => {
+            "a data packet from the broker's address names no session of this gateway: from an old session, or forged"
+        }
+        WireGuardError::InvalidPacket
+        | WireGuardError::IncorrectPacketLength
+        | WireGuardError::WrongPacketType => {
+            "a datagram from the broker's address is not a WireGuard message"
+        }
+        WireGuardError::UnderLoad => {
+            "a handshake was refused while WireGuard is under load (cookie challenge)"
+        }
+        _ => "WireGuard refused a datagram from the broker's address",
+    }
+}
+
+/// Counters of the packet path; the forwarded ones are registered once so
+/// the per-packet cost is an atomic addition.
+pub struct Metrics {
+    to_broker: Counter,
+    from_broker: Counter,
+    log: LogBudget,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        recorder();
+        Self {
+            to_broker: counter!(FORWARDED, "direction" => "to_broker"),
+            from_broker: counter!(FORWARDED, "direction" => "from_broker"),
+            log: LogBudget::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Packets sealed and sent to the broker.
+    pub fn to_broker(&self, n: usize) {
+        self.to_broker.increment(n as u64);
+    }
+
+    /// Packets received from the broker and written to the device.
+    pub fn from_broker(&self, n: usize) {
+        self.from_broker.increment(n as u64);
+    }
+
+    /// `n` packets dropped for `reason`; logged at most once a minute per
+    /// reason.
+    pub fn dropped(&self, reason: Dropped, n: usize, detail: &dyn std::fmt::Display) {
+        if n == 0 {
+            return;
+        }
+        counter!(DROPPED, "reason" => reason.as_str()).increment(n as u64);
+        if let Some(total) = self.log.count(reason.as_str(), n as u64, Instant::now()) {
+            tracing::warn!(
+                reason = reason.as_str(),
+                dropped = total,
+                "{}: {detail} ({total} since the last line; at most one line a minute per reason)",
+                reason.explain(),
+            );
+        }
+    }
+
+    /// A datagram from `from` that WireGuard refused with `e`.
+    pub fn refused(&self, e: &WireGuardError, from: SocketAddr) {
+        let reason = refusal_reason(e);
+        counter!(REFUSED, "reason" => reason).increment(1);
+        if let Some(total) = self.log.count(reason, 1, Instant::now()) {
+            tracing::warn!(
+                reason,
+                source = %from,
+                refused = total,
+                "{} (last from {from}; {total} since the last line; at most one line a minute per reason)",
+                explain_refusal(e),
+            );
+        }
+    }
+}
+
+/// Log lines per reason: at most one a minute, each with the count since
+/// the previous one. Time is an input.
+#[derive(Debug, Default)]
+pub struct LogBudget {
+    last: Mutex<HashMap<&'static str, (Option<Instant>, u64)>>,
+}
+
+impl LogBudget {
+    /// The least time between two lines of one reason.
+    pub const EVERY: Duration = Duration::from_secs(60);
+
+    /// Counts `n` events of `reason` at `now`; returns the count since the
+    /// last line when this one gets a line.
+    pub fn count(&self, reason: &'static str, n: u64, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().ok()?;
+        let (at, pending) = last.entry(reason).or_insert((None, 0));
+        *pending += n;
+        if at.is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY) {
+            return None;
+        }
+        *at = Some(now);
+        Some(std::mem::take(pending))
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the task is aborted.
+pub async fn serve(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr} ([metrics] listen)"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                recorder().render(),
+            )
+        }),
+    );
+    tracing::info!(listen = %addr, "serving metrics on http://{addr}/metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_is_logged_once_a_minute_with_what_it_missed() {
+        let log = LogBudget::default();
+        let t = Instant::now();
+        assert_eq!(log.count("invalid_mac", 1, t), Some(1));
+        assert_eq!(
+            log.count("invalid_mac", 1, t + Duration::from_secs(10)),
+            None
+        );
+        assert_eq!(
+            log.count("invalid_mac", 3, t + Duration::from_secs(20)),
+            None
+        );
+        // Another reason has its own budget.
+        assert_eq!(
+            log.count("not_from_broker", 2, t + Duration::from_secs(20)),
+            Some(2)
+        );
+        assert_eq!(
+            log.count("invalid_mac", 1, t + Duration::from_secs(61)),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn every_refusal_has_its_own_label() {
+        use WireGuardError as E;
+        let all = [
+            E::DestinationBufferTooSmall,
+            E::IncorrectPacketLength,
+            E::UnexpectedPacket,
+            E::WrongPacketType,
+            E::WrongIndex,
+            E::WrongKey,
+            E::InvalidTai64nTimestamp,
+            E::WrongTai64nTimestamp,
+            E::InvalidMac,
+            E::InvalidAeadTag,
+            E::InvalidCounter,
+            E::DuplicateCounter,
+            E::InvalidPacket,
+            E::NoCurrentSession,
+            E::LockFailed,
+            E::ConnectionExpired,
+            E::UnderLoad,
+        ];
+        let labels: std::collections::BTreeSet<_> = all.iter().map(refusal_reason).collect();
+        assert_eq!(labels.len(), all.len());
+    }
+
+    #[test]
+    fn counters_show_in_the_rendered_text() {
+        let m = Metrics::default();
+        m.dropped(Dropped::NotFromBroker, 2, &"test");
+        m.refused(
+            &WireGuardError::InvalidMac,
+            "192.0.2.1:51820".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        let text = recorder().render();
+        assert!(
+            text.contains("tether_gateway_packets_dropped_total{reason=\"not_from_broker\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tether_gateway_wireguard_refused_total{reason=\"invalid_mac\"}"),
+            "{text}"
+        );
+    }
+}
