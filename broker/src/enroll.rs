@@ -14,8 +14,8 @@ use tether_pki::PeerCert;
 use tether_pki::reattest::{self, Facts, IssuedKey, Refusal, RevokedBy};
 use tether_pki::token::{self, RedeemError};
 use tether_proto::api::{
-    ApiError, EnrollRequest, EnrollResponse, ReattestRefused, ReattestRequest, ReattestResponse,
-    RenewRequest, RenewResponse,
+    ApiError, EnrollRequest, EnrollResponse, REATTEST_PATH, ReattestRefused, ReattestRequest,
+    ReattestResponse, RenewRequest, RenewResponse,
 };
 use tether_proto::events::EventKind;
 
@@ -190,8 +190,20 @@ fn issue_redeemed(
 /// POST renew: a new certificate for the identity of the current one.
 pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body: &[u8]) -> Reply {
     let Some(peer) = peer else {
-        return Reply::error(401, "renewal needs the site's current certificate");
+        return Reply::error(
+            401,
+            "renewal needs the site's current certificate; a site without a valid one renews by re-attestation",
+        );
     };
+    // The TLS handshake checked the certificate when the connection was
+    // made; a connection can outlive it. An expired certificate is
+    // renewed only by re-attestation, which checks revocation and the
+    // window.
+    if let Some(refusal) = renewal_refusal(&peer, SystemTime::now()) {
+        crate::metrics::renewal_refused("expired");
+        tracing::info!(site = %peer.identity.site, "renewal refused: {refusal}");
+        return Reply::error(401, refusal);
+    }
     let request: RenewRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return Reply::error(400, format!("invalid renewal request: {e}")),
@@ -238,6 +250,17 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
         Ok(Err((status, message))) => Reply::error(status, message),
         Err(_) => Reply::error(500, "internal error"),
     }
+}
+
+/// Why a renewal with `peer`'s certificate is refused at `now`, if it is:
+/// the certificate on the connection has expired since it was made.
+fn renewal_refusal(peer: &PeerCert, now: SystemTime) -> Option<String> {
+    let expired = now.duration_since(peer.not_after).ok()?;
+    Some(format!(
+        "the certificate on this connection expired {} s ago ({}); renewal needs a currently valid certificate: renew it by re-attestation ({REATTEST_PATH}) on a new connection, which the agent does by itself",
+        expired.as_secs(),
+        reattest::utc_date(peer.not_after),
+    ))
 }
 
 /// A refused re-attestation: status, words, and the metric label.

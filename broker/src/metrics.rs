@@ -175,6 +175,11 @@ fn describe() {
         "Site certificates issued, by kind (enroll, renew, reattest)."
     );
     describe_counter!(
+        "tether_broker_renewals_refused_total",
+        Unit::Count,
+        "Certificate renewals refused, by reason (expired: the certificate on the connection expired; the site re-attests instead)."
+    );
+    describe_counter!(
         "tether_broker_reattestations_total",
         Unit::Count,
         "Re-attestations of sites whose certificate expired, by result (accepted, or the refusal's reason)."
@@ -525,6 +530,11 @@ pub fn dns_answer(code: hickory_proto::op::ResponseCode) {
 /// Counts an issued site certificate: `enroll`, `renew` or `reattest`.
 pub fn certificate_issued(kind: &'static str) {
     counter!("tether_broker_certificates_issued_total", "kind" => kind).increment(1);
+}
+
+/// Counts a refused renewal, by reason.
+pub fn renewal_refused(reason: &'static str) {
+    counter!("tether_broker_renewals_refused_total", "reason" => reason).increment(1);
 }
 
 /// Counts a re-attestation: `accepted`, or the refusal's reason.

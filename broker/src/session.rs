@@ -201,10 +201,42 @@ pub async fn run(
         })
     };
     let reason = started.serve(&broker, &mut carrier).await;
-    datagrams.abort();
     let Carrier::H3 { mut send, .. } = carrier else {
+        datagrams.abort();
         return;
     };
+    if let Ending::Closed(r) = &reason
+        && let CloseAction::CloseConnection {
+            code,
+            reason,
+            drain,
+        } = close_action(
+            &broker,
+            &site,
+            *r,
+            ConnectionId::Quic(conn.stable_id() as u64),
+        )
+    {
+        // Make before break: the site's newer session already has its
+        // routes; until the site has moved to it (or the drain ends), what
+        // it sends here is still routed, and what is queued here is sent.
+        // The request stream stays open meanwhile, so the site does not
+        // take the old tunnel for lost before it has moved.
+        let code = VarInt::from_u64(code).unwrap_or_default();
+        if drain.is_zero() {
+            datagrams.abort();
+            conn.close(code, reason);
+        } else {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(drain, conn.closed()).await;
+                datagrams.abort();
+                conn.close(code, reason);
+                drop(send);
+            });
+        }
+        return;
+    }
+    datagrams.abort();
     match reason {
         Ending::Closed(r) => {
             match close_action(
@@ -213,7 +245,7 @@ pub async fn run(
                 r,
                 ConnectionId::Quic(conn.stable_id() as u64),
             ) {
-                CloseAction::CloseConnection { code, reason } => {
+                CloseAction::CloseConnection { code, reason, .. } => {
                     conn.close(VarInt::from_u64(code).unwrap_or_default(), reason)
                 }
                 CloseAction::ResetStream { code } => {

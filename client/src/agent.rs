@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::dial::Target;
+use crate::enroll::RenewError;
 use crate::failure::Failure;
 use crate::health::Reporter;
 use crate::lan::{LanPath, SourceRewrite};
@@ -54,7 +55,7 @@ const LEAVING: Duration = Duration::from_secs(60);
 enum Input {
     Dialed(Result<(BrokerConn, Target), Failure>),
     Opened(Result<(Tunnel, TunnelLink), Failure>),
-    Renewed(Result<(), String>),
+    Renewed(Result<(), Ending>),
     Reattested(Result<(), ReattestFailure>),
     Probed(Option<BrokerConn>),
     Standby(Result<(BrokerConn, Target), Failure>),
@@ -420,7 +421,10 @@ impl Shell {
                 self.last_broker = Some(target.endpoint.clone());
                 self.adopt(conn, target, core, now);
             }
-            Input::Dialed(Err(f)) => core.handle_dial_failed(ending(f, &self.state), now),
+            Input::Dialed(Err(f)) => {
+                crate::clock::dial_failed(&self.problems, &f);
+                core.handle_dial_failed(ending(f, &self.state), now)
+            }
             Input::Opened(Ok((tunnel, link))) => {
                 if let Some(s) = self.session.as_mut() {
                     if let Some(tun) = &self.tun {
@@ -439,6 +443,11 @@ impl Shell {
                         s.target.endpoint.to_string(),
                         self.problems.clone(),
                     )));
+                    s.tasks.push(check_clock(
+                        s.conn.clone(),
+                        s.target.endpoint.to_string(),
+                        self.problems.clone(),
+                    ));
                 }
                 self.health.tunnel_open();
                 core.handle_tunnel_opened(lifetime(&self.state), now);
@@ -504,6 +513,11 @@ impl Shell {
                         session.target.endpoint.to_string(),
                         self.problems.clone(),
                     )));
+                    session.tasks.push(check_clock(
+                        session.conn.clone(),
+                        session.target.endpoint.to_string(),
+                        self.problems.clone(),
+                    ));
                     self.last_broker = Some(session.target.endpoint.clone());
                     self.health.connected(
                         &session.target.addr.to_string(),
@@ -778,11 +792,12 @@ impl Shell {
                 };
                 let (conn, target, state) = (s.conn.clone(), s.target.clone(), self.state.clone());
                 let task = self.spawn(async move {
-                    Input::Renewed(
-                        crate::enroll::renew(&conn, &state, &target)
-                            .await
-                            .map_err(|e| format!("{e:#}")),
-                    )
+                    Input::Renewed(crate::enroll::renew(&conn, &state, &target).await.map_err(
+                        |e| match e {
+                            RenewError::CertificateRefused(m) => Ending::CertificateRefused(m),
+                            RenewError::Failed(m) => Ending::Lost(m),
+                        },
+                    ))
                 });
                 self.tasks(task);
             }
@@ -1082,6 +1097,15 @@ async fn conn_failure(conn: &BrokerConn) -> Option<Failure> {
     tokio::time::timeout(Duration::from_millis(100), conn.closed())
         .await
         .ok()
+}
+
+/// Measures this host's clock against the broker's on a new session, and
+/// reports it when wrong.
+fn check_clock(conn: Arc<BrokerConn>, authority: String, problems: Problems) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let clock = tether_pki::tls::ShiftedClock(0);
+        crate::clock::check(&conn, &authority, &problems, &clock).await;
+    })
 }
 
 /// The certificate's lifetime on this host's clock: its span (the

@@ -246,7 +246,7 @@ pub fn udp_too_small() -> String {
 
 /// "3 days ahead of", "40 s behind": this machine's clock against the
 /// broker's, from the broker's skew (positive: the broker is ahead).
-fn clock_off(skew_secs: f64) -> String {
+pub(crate) fn clock_off(skew_secs: f64) -> String {
     let off = humanize(Duration::from_secs_f64(skew_secs.abs()));
     if skew_secs < 0.0 {
         format!("{off} ahead of")
@@ -260,7 +260,7 @@ fn clock_off(skew_secs: f64) -> String {
 /// certificate when the skew is known, so a skew alone does not block the
 /// site; it is worth fixing.
 pub fn clock_check(skew_secs: f64) -> Check {
-    let (level, advice) = if skew_secs.abs() <= 5.0 {
+    let (level, advice) = if skew_secs.abs() <= crate::clock::TOLERANCE_SECS {
         (Level::Ok, String::new())
     } else {
         (
@@ -702,7 +702,7 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
     let sent = clock.now();
     let authority = target.endpoint.to_string();
     match conn
-        .exchange("GET", &authority, "/.well-known/tether/doctor", &[])
+        .exchange("GET", &authority, crate::clock::DATE_PATH, &[])
         .await
     {
         Ok(answer) => {
@@ -715,15 +715,12 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
                 ),
             );
             let rtt = conn.rtt();
-            match answer.date.as_deref().map(httpdate::parse_http_date) {
-                Some(Ok(broker_time)) => {
-                    // The broker's clock read about half a round trip after
-                    // the request left; its Date has one-second resolution.
-                    let local = sent + rtt / 2;
-                    let secs = match broker_time.duration_since(local) {
-                        Ok(ahead) => ahead.as_secs_f64(),
-                        Err(behind) => -behind.duration().as_secs_f64(),
-                    };
+            match answer
+                .date
+                .as_deref()
+                .and_then(|date| crate::clock::skew_secs(date, sent, rtt))
+            {
+                Some(secs) => {
                     report.checks.push(clock_check(secs));
                     // The broker accepted this site's certificate: judge it
                     // by the broker's clock, which the skew explains.

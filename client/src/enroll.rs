@@ -240,24 +240,46 @@ pub async fn enroll_on_first_start(
     Ok(Some(enrolled))
 }
 
+/// How a renewal failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewError {
+    /// The broker refused the certificate on the connection (HTTP 401: it
+    /// expired since the connection was made): only re-attestation renews
+    /// it now. The broker's words.
+    #[error("{0}")]
+    CertificateRefused(String),
+    /// Anything else: the request failed or the broker refused the request
+    /// itself; a later renewal may succeed.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Renews the site certificate over the tunnel connection.
-pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> anyhow::Result<()> {
-    let creds = state.credentials()?;
-    let (key, csr) = tether_pki::ca::site_key_and_csr(creds.identity.site.as_str())?;
+pub async fn renew(conn: &BrokerConn, state: &StateDir, target: &Target) -> Result<(), RenewError> {
+    let failed = |e: &dyn std::fmt::Display| RenewError::Failed(format!("{e:#}"));
+    let creds = state.credentials().map_err(|e| failed(&e))?;
+    let (key, csr) =
+        tether_pki::ca::site_key_and_csr(creds.identity.site.as_str()).map_err(|e| failed(&e))?;
     let body = serde_json::to_vec(&RenewRequest {
         csr: data_encoding::BASE64.encode(&csr),
-    })?;
+    })
+    .map_err(|e| failed(&e))?;
     let (status, answer) = conn
         .request("POST", &target.endpoint.to_string(), RENEW_PATH, &body)
-        .await?;
+        .await
+        .map_err(|e| failed(&e))?;
     if status != 200 {
         let message = serde_json::from_slice::<ApiError>(&answer)
             .map(|e| e.error)
             .unwrap_or_default();
-        anyhow::bail!("HTTP {status}: {message}");
+        return Err(if status == 401 {
+            RenewError::CertificateRefused(message)
+        } else {
+            RenewError::Failed(format!("HTTP {status}: {message}"))
+        });
     }
-    let renewed: RenewResponse = serde_json::from_slice(&answer)?;
-    save_renewal(state, &key.serialize_der(), creds.identity, &renewed)?;
+    let renewed: RenewResponse = serde_json::from_slice(&answer).map_err(|e| failed(&e))?;
+    save_renewal(state, &key.serialize_der(), creds.identity, &renewed).map_err(|e| failed(&e))?;
     tracing::info!("certificate renewed");
     Ok(())
 }

@@ -16,6 +16,10 @@ pub struct Failure {
     /// The QUIC handshake got no answer while a small QUIC packet did: the
     /// path loses the tunnel's large packets.
     pub path_too_small: bool,
+    /// This host refused the broker's certificate as not yet valid or
+    /// expired by its own clock: the clock is wrong, in plain words
+    /// ([`clock_words`]).
+    pub clock: Option<String>,
 }
 
 /// Why the broker refused this site's certificate, from the TLS alert it
@@ -70,6 +74,7 @@ impl Failure {
             message: message.into(),
             certificate: None,
             path_too_small: false,
+            clock: None,
         }
     }
 
@@ -79,6 +84,7 @@ impl Failure {
             message: message.into(),
             certificate: None,
             path_too_small: false,
+            clock: None,
         }
     }
 
@@ -88,6 +94,7 @@ impl Failure {
             message: refusal.explain().into(),
             certificate: Some(refusal),
             path_too_small: false,
+            clock: None,
         }
     }
 }

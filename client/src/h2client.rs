@@ -74,6 +74,10 @@ pub enum H2Error {
     /// The broker refused this site's certificate (expired or revoked).
     #[error("{1}")]
     Certificate(crate::failure::CertRefusal, String),
+    /// This host refused the broker's certificate by its own clock, which
+    /// is wrong (plain words).
+    #[error("{0}")]
+    Clock(String),
     /// HTTP/2 failed.
     #[error("HTTP/2: {0}")]
     Http(String),
@@ -83,13 +87,16 @@ impl H2Error {
     /// Whether the broker refused this site (rather than being unreachable).
     pub fn is_refusal(&self) -> bool {
         matches!(self, H2Error::Tls(t) if crate::failure::tls_refusal(t).is_some())
-            || matches!(self, H2Error::Certificate(..))
+            || matches!(self, H2Error::Certificate(..) | H2Error::Clock(_))
     }
 
     /// A TLS failure, with the broker's refusal of this site's certificate
     /// told apart.
     fn tls(e: &dyn std::fmt::Display) -> Self {
         let text = e.to_string();
+        if let Some(words) = crate::failure::clock_words(&text) {
+            return H2Error::Clock(words);
+        }
         match crate::failure::CertRefusal::from_text(&text) {
             Some(refusal) => H2Error::Certificate(refusal, refusal.explain().into()),
             None => H2Error::Tls(explain_tls(&text)),

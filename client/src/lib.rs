@@ -5,7 +5,8 @@
 //! - [`agent`]: `tether up`, the shell of `tether_proto::agent::AgentCore`
 //!   (the tunnel and its reconnection); [`pumps`]: its packet pumps.
 //! - [`brokers`]: the brokers of the region, learned over the tunnel.
-//! - [`report`]: problems sent to the broker for the site's timeline.
+//! - [`report`]: problems sent to the broker for the site's timeline;
+//!   [`clock`]: this host's clock against the broker's, reported when wrong.
 //! - [`tun`]: the TUN device and routes.
 //! - [`link`]: a connection to a broker on one rung of the transport
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod brokers;
+pub mod clock;
 pub mod dial;
 pub mod doctor;
 pub mod enroll;

@@ -89,6 +89,7 @@ fn quic_error(e: &ConnectionError) -> Failure {
         message: explain_quic(e),
         certificate: quic_cert_refusal(e),
         path_too_small: false,
+        clock: crate::failure::clock_words(&e.to_string()),
     }
 }
 
@@ -214,11 +215,16 @@ impl Dialer {
                     crate::h2client::H2Error::Certificate(refusal, _) => {
                         Failure::certificate(refusal)
                     }
+                    crate::h2client::H2Error::Clock(words) => Failure {
+                        clock: Some(words.clone()),
+                        ..Failure::refused(words)
+                    },
                     e => Failure {
                         refused: e.is_refusal(),
                         message: e.to_string(),
                         certificate: None,
                         path_too_small: false,
+                        clock: None,
                     },
                 })
             }
@@ -253,6 +259,7 @@ impl Dialer {
                         if f.refused {
                             return Err(Failure {
                                 certificate: f.certificate,
+                                clock: f.clock,
                                 ..Failure::refused(errors.join("; "))
                             });
                         }
@@ -272,7 +279,18 @@ impl Dialer {
         state: &StateDir,
         proxy: Option<Proxy>,
     ) -> anyhow::Result<Self> {
-        Self::with_identity(config, state, proxy, true)
+        Self::with_identity(config, state, proxy, true, 0)
+    }
+
+    /// As [`for_site`](Self::for_site), judging the broker's certificate
+    /// by this host's clock taken as `offset_secs` off its real time: how
+    /// the agent dials on a host whose clock is wrong (tests).
+    pub fn for_site_with_clock(
+        config: &ClientConfig,
+        state: &StateDir,
+        offset_secs: i64,
+    ) -> anyhow::Result<Self> {
+        Self::with_identity(config, state, None, true, offset_secs)
     }
 
     /// As [`for_site`](Self::for_site), but presenting no certificate: for
@@ -282,7 +300,7 @@ impl Dialer {
         state: &StateDir,
         proxy: Option<Proxy>,
     ) -> anyhow::Result<Self> {
-        Self::with_identity(config, state, proxy, false)
+        Self::with_identity(config, state, proxy, false, 0)
     }
 
     fn with_identity(
@@ -290,10 +308,12 @@ impl Dialer {
         state: &StateDir,
         proxy: Option<Proxy>,
         present: bool,
+        clock_offset_secs: i64,
     ) -> anyhow::Result<Self> {
         let creds = state.credentials()?;
         let identity = present.then_some((creds.chain, creds.key));
-        let tls = tether_pki::tls::client_config_trusting(&creds.bundle, identity, 0)?;
+        let tls =
+            tether_pki::tls::client_config_trusting(&creds.bundle, identity, clock_offset_secs)?;
         // Silence for two keepalive intervals (and a margin) means the broker
         // is gone; a restarted broker resets the connection sooner.
         let quic = h3client::quic_config(

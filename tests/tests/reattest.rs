@@ -318,3 +318,63 @@ async fn a_proof_from_another_connection_or_key_is_refused() {
         .unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
 }
+
+#[tokio::test]
+async fn a_renewal_on_a_connection_that_outlived_its_certificate_is_refused() {
+    const LIFETIME: Duration = Duration::from_secs(3);
+    let broker = TestBroker::start_with("", |c| {
+        c.site_cert_lifetime = LIFETIME;
+        c.reattest_window = Duration::from_secs(60);
+    })
+    .await;
+    let site = TestSite::enroll(&broker, "lab-late").await;
+    let config = broker.client_config();
+    let dialer = Dialer::for_site(&config, &site.state, None).unwrap();
+    // Connections made while the certificate is valid, with no tunnel (a
+    // tunnel would be ended by the broker at the certificate's expiry).
+    let mut conns = Vec::new();
+    for transport in [Transport::H3, Transport::H2] {
+        conns.push(dialer.connect(&config, &[transport]).await.unwrap());
+    }
+    let first = site.state.credentials().unwrap();
+    let not_after = tether_pki::token::from_unix_secs(first.identity.not_after);
+    let expired = not_after + Duration::from_millis(1500);
+    tokio::time::sleep(
+        expired
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+
+    let refused =
+        || tether_tests::metric(r#"tether_broker_renewals_refused_total{reason="expired"}"#);
+    let before = refused();
+    for ((conn, target), transport) in conns.iter().zip([Transport::H3, Transport::H2]) {
+        match tether::enroll::renew(conn, &site.state, target).await {
+            Err(tether::enroll::RenewError::CertificateRefused(message)) => {
+                assert!(
+                    message.starts_with("the certificate on this connection expired"),
+                    "{message}"
+                );
+                assert!(
+                    message.contains("renewal needs a currently valid certificate"),
+                    "{message}"
+                );
+                assert!(message.contains("re-attestation"), "{message}");
+            }
+            other => panic!("renewed over {transport:?} with an expired certificate: {other:?}"),
+        }
+        assert_eq!(site.state.credentials().unwrap().chain, first.chain);
+    }
+    assert!(refused() >= before + 2.0);
+    for (conn, _) in conns {
+        conn.close("done");
+    }
+
+    // What the agent does next: re-attestation on a new connection renews
+    // it, and the site connects again.
+    let renewed = reattest(&broker, &site, Transport::H3, true).await.unwrap();
+    assert!(renewed.renewed.is_some());
+    assert_ne!(site.state.credentials().unwrap().chain, first.chain);
+    assert_eq!(dial_refusal(&broker, &site).await, None);
+}

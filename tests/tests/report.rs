@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tether::link::{BrokerConn, Dialer};
 use tether::report::Problems;
+use tether_pki::tls::ShiftedClock;
 use tether_proto::events::{EventKind, SiteEvent};
 use tether_proto::report::{
     MAX_DETAIL, MAX_PROBLEMS, MAX_REPORT_BODY, Problem, ProblemKind, REPORT_BURST, REPORT_PATH,
@@ -177,4 +178,120 @@ async fn problems_reported_over_http3_reach_the_timeline_within_limits() {
 #[tokio::test]
 async fn problems_reported_over_http2_reach_the_timeline_within_limits() {
     reports_reach_the_timeline(Transport::H2, "ward-h2").await;
+}
+
+/// Waits until `site`'s timeline holds a problem of `kind`, and returns
+/// its detail.
+async fn reported_kind(broker: &TestBroker, site: &str, kind: ProblemKind) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = reported(broker, site)
+            .await
+            .into_iter()
+            .find_map(|e| match e.kind {
+                EventKind::Reported {
+                    problem, detail, ..
+                } if problem == kind => Some(detail),
+                _ => None,
+            });
+        if let Some(detail) = found {
+            return detail;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {kind:?} problem reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_clock_two_hours_ahead_is_reported_from_the_brokers_date() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "ward-fast").await;
+    // Ahead, the broker's certificate is still valid here: the site
+    // connects, and the agent's check on a new session measures the skew.
+    for transport in [Transport::H3, Transport::H2] {
+        let (conn, authority) = dial(&broker, &site, transport).await;
+        let queue = Problems::default();
+        // Half a minute more than 2 h, so the Date's one-second
+        // resolution cannot make it read as 119 minutes.
+        let clock = ShiftedClock(2 * 3600 + 30);
+        let skew = tether::clock::check(&conn, &authority, &queue, &clock)
+            .await
+            .unwrap();
+        assert!((skew + 7230.0).abs() < 3.0, "{skew}");
+        // The right clock is not reported.
+        let right = Problems::default();
+        let skew = tether::clock::check(&conn, &authority, &right, &ShiftedClock(0))
+            .await
+            .unwrap();
+        assert!(skew.abs() <= tether::clock::TOLERANCE_SECS, "{skew}");
+        let sender = tokio::spawn(tether::report::send(conn.clone(), authority, queue));
+        let detail = reported_kind(&broker, "ward-fast", ProblemKind::Clock).await;
+        sender.abort();
+        assert!(
+            detail
+                .starts_with("this host's clock is 2 h ahead of the broker's: fix the clock (NTP)"),
+            "{detail}"
+        );
+        conn.close("done");
+    }
+    let events = reported(&broker, "ward-fast").await;
+    assert!(
+        events.iter().all(|e| matches!(
+            e.kind,
+            EventKind::Reported {
+                problem: ProblemKind::Clock,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+    assert!(
+        events[0].kind.describe().starts_with(
+            "the site reports: the site's clock is wrong: this host's clock is 2 h ahead"
+        ),
+        "{}",
+        events[0].kind.describe()
+    );
+}
+
+#[tokio::test]
+async fn a_clock_two_days_behind_is_reported_once_the_site_connects() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "ward-slow").await;
+    let config = broker.client_config();
+    // Behind, this host refuses the broker's certificate as not yet valid:
+    // no connection, over either transport; the agent queues the words.
+    let queue = Problems::default();
+    let slow = Dialer::for_site_with_clock(&config, &site.state, -2 * 86_400).unwrap();
+    for transport in [Transport::H3, Transport::H2] {
+        let failure = match slow.connect(&config, &[transport]).await {
+            Ok(_) => panic!("connected over {transport:?} with a clock 2 days behind"),
+            Err(f) => f,
+        };
+        let words = failure
+            .clock
+            .clone()
+            .unwrap_or_else(|| panic!("not told as a clock over {transport:?}: {failure}"));
+        assert!(
+            words.starts_with("this host's clock is at least")
+                && words.contains("hours behind the broker's")
+                && words.ends_with("fix the clock (NTP)"),
+            "{words}"
+        );
+        tether::clock::dial_failed(&queue, &failure);
+    }
+    // The clock is fixed; the next session carries the report.
+    let (conn, authority) = dial(&broker, &site, Transport::H3).await;
+    let sender = tokio::spawn(tether::report::send(conn.clone(), authority, queue));
+    let detail = reported_kind(&broker, "ward-slow", ProblemKind::Clock).await;
+    sender.abort();
+    assert!(
+        detail.starts_with("this host's clock is at least"),
+        "{detail}"
+    );
+    assert!(detail.contains("behind the broker's"), "{detail}");
+    conn.close("done");
 }

@@ -385,3 +385,57 @@ async fn one_site_cannot_take_the_pool_and_a_released_site_frees_it() {
         assert!(freed.contains(lan), "{lan} not freed: {freed:?}");
     }
 }
+
+#[tokio::test]
+async fn a_replaced_connection_carries_the_sites_packets_until_it_has_moved() {
+    let broker = TestBroker::start(A_AND_B).await;
+    let a = TestSite::enroll(&broker, "site-a").await;
+    let b = TestSite::enroll(&broker, "site-b").await;
+    let tb = tunnel_for(&broker, &b).await;
+    let old = tunnel_for(&broker, &a).await;
+    let (addr_a, addr_b) = (v4(&old), v4(&tb));
+
+    // The site moves its tunnel to a new connection (as after a renewal):
+    // the new session replaces the old and holds the routes at once.
+    let new = tunnel_for(&broker, &a).await;
+    assert_eq!(v4(&new), addr_a);
+    tb.send_packet(&ping(addr_b, addr_a, 1));
+    let moved = new.recv_packet(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(Packet::parse(&moved).unwrap().dst, IpAddr::V4(addr_a));
+
+    // Until the site has moved, it still sends on the old connection:
+    // what it sends there is delivered, not dropped with the connection.
+    for seq in 2..5 {
+        let mut datagram = Vec::new();
+        tether_proto::datagram::encode_h3_ip_packet(
+            old.stream_id,
+            &ping(addr_a, addr_b, seq),
+            &mut datagram,
+        );
+        old.client
+            .conn
+            .send_datagram(datagram.into())
+            .expect("the broker closed the replaced connection at once");
+        let p = tb
+            .recv_packet(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("packet {seq} sent on the replaced connection was lost"));
+        let p = Packet::parse(&p).unwrap();
+        assert_eq!((p.src, p.dst), (IpAddr::V4(addr_a), IpAddr::V4(addr_b)));
+    }
+
+    // Then the broker closes it by itself, well before the agent would.
+    let closed = tokio::time::timeout(
+        tether_proto::agent::liveness::RETIRE_AFTER + Duration::from_secs(1),
+        old.client.conn.closed(),
+    )
+    .await
+    .expect("the replaced connection was never closed");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if &c.reason[..] == b"replaced by a newer connection"),
+        "{closed}"
+    );
+    // The new session is untouched.
+    tb.send_packet(&ping(addr_b, addr_a, 9));
+    assert!(new.recv_packet(Duration::from_secs(2)).await.is_some());
+}

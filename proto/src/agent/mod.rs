@@ -1061,7 +1061,7 @@ impl AgentCore {
     }
 
     /// The outcome of [`Action::Renew`].
-    pub fn handle_renewal_result(&mut self, result: Result<(), String>, now: Instant) {
+    pub fn handle_renewal_result(&mut self, result: Result<(), Ending>, now: Instant) {
         let Some(s) = self
             .open_session_mut()
             .filter(|s| s.renew_at.is_none() && !s.renewing)
@@ -1085,10 +1085,15 @@ impl AgentCore {
                 self.drop_standby();
                 self.dial(now);
             }
-            Err(error) => {
+            Err(ending @ Ending::CertificateRefused(_)) => {
+                // The certificate expired under this connection: only
+                // re-attestation renews it now, on a new connection.
+                self.handle_session_ended(ending, now);
+            }
+            Err(failure) => {
                 s.renew_at = Some(now + RENEWAL_RETRY);
                 self.events.push_back(Event::RenewalFailed {
-                    error,
+                    error: failure.message().to_string(),
                     retry_in: RENEWAL_RETRY,
                 });
             }

@@ -191,7 +191,8 @@ fn renewal_fires_at_half_life_and_retries_after_a_failure() {
     let actions = a.run_for(secs(700), secs(1));
     assert!(!actions.contains(&Action::Renew));
     // A failure: again ten minutes later.
-    a.core.handle_renewal_result(Err("HTTP 503".into()), a.now);
+    a.core
+        .handle_renewal_result(Err(Ending::Lost("HTTP 503".into())), a.now);
     assert_eq!(
         a.events(),
         [Event::RenewalFailed {
@@ -279,6 +280,30 @@ fn a_renewed_site_without_a_second_connection_reconnects_the_plain_way() {
         a.core.handle_renewal_result(Ok(()), a.now);
         assert_eq!(a.actions(), vec![]);
     }
+}
+
+#[test]
+fn a_renewal_refused_for_an_expired_certificate_falls_back_to_reattestation() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    a.connect(Transport::H3, Some(lifetime(7200, 3600)));
+    a.tick();
+    assert!(a.actions().contains(&Action::Renew));
+    let why = "the certificate on this connection expired 3 s ago";
+    a.core
+        .handle_renewal_result(Err(Ending::CertificateRefused(why.into())), a.now);
+    assert_eq!(
+        a.events(),
+        [
+            Event::SessionEnded(Ending::CertificateRefused(why.into())),
+            Event::Reattesting
+        ]
+    );
+    assert_eq!(
+        a.actions(),
+        [Action::EndSession { close: false }, Action::Reattest]
+    );
+    assert!(a.core.transport().is_none(), "the session ended");
 }
 
 #[test]

@@ -25,6 +25,13 @@ pub enum CloseReason {
     Shutdown,
 }
 
+/// How long a connection whose session was replaced by one on another
+/// connection keeps carrying the site's packets: longer than a site takes
+/// to move its tunnel once the newer session is open (a round trip and its
+/// own work), shorter than the agent keeps a connection it left
+/// (`agent::liveness::RETIRE_AFTER`), so the broker closes it first.
+pub const REPLACED_DRAIN: Duration = Duration::from_secs(2);
+
 /// How the shell ends a session's tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseAction {
@@ -35,6 +42,12 @@ pub enum CloseAction {
         code: u64,
         /// The reason phrase.
         reason: &'static [u8],
+        /// How long to keep taking the site's packets on the connection
+        /// before closing it (sooner if the site closes it): a site moves
+        /// its tunnel to its newer connection only once the broker has, so
+        /// what it sends on this one meanwhile, and what the broker queued
+        /// on it, is still delivered. Zero: close now.
+        drain: Duration,
     },
     /// Reset only the request stream with this code: the connection carries
     /// the site's newer session.
@@ -64,14 +77,17 @@ impl CloseReason {
             CloseReason::Revoked => CloseAction::CloseConnection {
                 code: H3_REQUEST_REJECTED,
                 reason: b"site certificate revoked",
+                drain: Duration::ZERO,
             },
             CloseReason::CertificateExpired => CloseAction::CloseConnection {
                 code: H3_NO_ERROR,
                 reason: b"site certificate expired",
+                drain: Duration::ZERO,
             },
             CloseReason::Shutdown => CloseAction::CloseConnection {
                 code: H3_NO_ERROR,
                 reason: b"broker shutting down",
+                drain: Duration::ZERO,
             },
             CloseReason::Replaced if newer_on_same_connection => CloseAction::ResetStream {
                 code: H3_REQUEST_CANCELLED,
@@ -79,6 +95,7 @@ impl CloseReason {
             CloseReason::Replaced => CloseAction::CloseConnection {
                 code: H3_NO_ERROR,
                 reason: b"replaced by a newer connection",
+                drain: REPLACED_DRAIN,
             },
         }
     }
@@ -262,7 +279,8 @@ mod tests {
             CloseReason::Revoked.action(false),
             CloseAction::CloseConnection {
                 code: H3_REQUEST_REJECTED,
-                reason: b"site certificate revoked"
+                reason: b"site certificate revoked",
+                drain: Duration::ZERO,
             }
         );
         for r in [CloseReason::CertificateExpired, CloseReason::Shutdown] {
@@ -284,9 +302,11 @@ mod tests {
             CloseReason::Replaced.action(false),
             CloseAction::CloseConnection {
                 code: H3_NO_ERROR,
+                drain: REPLACED_DRAIN,
                 ..
             }
         ));
+        assert!(REPLACED_DRAIN < crate::agent::liveness::RETIRE_AFTER);
         assert_eq!(
             CloseReason::CertificateExpired.as_str(),
             "certificate_expired"
