@@ -27,10 +27,8 @@ use tether_netns_tests::cluster::{Cluster, broker_ip};
 use tether_netns_tests::topology::read;
 use tether_netns_tests::{Proc, binary, wait_for};
 
-use crate::probe::unix_now;
+use crate::probe::{ECHO_PORT, unix_now};
 
-/// The UDP port of the echo on `lab-1`.
-const ECHO_PORT: u16 = 7;
 /// Time allowed for `lab-1` to answer again after a kill.
 const ROUND_LIMIT: Duration = Duration::from_secs(60);
 
@@ -184,22 +182,7 @@ fn echoes(log: &str) -> impl Iterator<Item = (u64, f64, f64)> + '_ {
 /// `rounds` kills of the broker holding `lab-1` while `lab-2` probes it.
 fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
     let bench = binary("tether-bench").display().to_string();
-    let echo_log = cluster.path("echo.log");
-    let listen = format!("0.0.0.0:{ECHO_PORT}");
-    let _echo: Proc = cluster.sites[0]
-        .ns
-        .spawn(
-            &bench,
-            &["probe-echo", "--listen", &listen],
-            Some(echo_log.clone()),
-        )
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || read(&echo_log)
-            .contains("listening")),
-        "probe echo did not start:\n{}",
-        read(&echo_log)
-    );
+    let _echo = crate::probe::start_echo(&cluster.sites[0].ns, cluster.path("echo.log"));
     let log = cluster.path("probe.log");
     let to = format!("{a1}:{ECHO_PORT}");
     let _prober: Proc = cluster.sites[1]
@@ -412,36 +395,19 @@ fn idle_sites(cluster: &mut Cluster, sites: usize, quiet: u64) {
     let admin_token = std::fs::read_to_string(cluster.path("broker1/admin.token"))
         .expect("broker 1's admin token");
     let dir = cluster.path("loadgen");
-    let loadgen = binary("tether-loadgen").display().to_string();
-    let n = sites.to_string();
     let brokers = (1..=3)
         .map(|b| format!("{}:443", broker_ip(b)))
         .collect::<Vec<_>>()
         .join(",");
     let t = Instant::now();
-    cluster.brokers[0]
-        .ns
-        .run(
-            &loadgen,
-            &[
-                "enroll",
-                "--count",
-                &n,
-                "--admin",
-                "http://127.0.0.1:7070",
-                "--admin-token",
-                admin_token.trim(),
-                "--broker",
-                &brokers,
-                "--region",
-                "eu",
-                "--retries",
-                "3",
-                "--dir",
-                &dir.display().to_string(),
-            ],
-        )
-        .unwrap();
+    crate::run_loadgen_enroll(
+        &cluster.brokers[0].ns,
+        sites,
+        &admin_token,
+        &brokers,
+        &["--retries", "3"],
+        &dir,
+    );
     eprintln!(
         "{sites} sites enrolled in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -452,6 +418,8 @@ fn idle_sites(cluster: &mut Cluster, sites: usize, quiet: u64) {
         .trim_end_matches('s')
         .to_string();
     let t = Instant::now();
+    let loadgen = binary("tether-loadgen").display().to_string();
+    let n = sites.to_string();
     let _loadgen: Proc = cluster.sites[2]
         .ns
         .spawn(

@@ -201,29 +201,41 @@ pub(crate) fn start_loadgen(
 pub(crate) fn enroll_load_sites(topo: &Topology, n: usize) -> PathBuf {
     let admin_token = std::fs::read_to_string(topo.path("broker/admin.token")).unwrap();
     let dir = topo.path("loadgen");
-    let loadgen = binary("tether-loadgen").display().to_string();
-    let n = n.to_string();
-    topo.cloud
-        .run(
-            &loadgen,
-            &[
-                "enroll",
-                "--count",
-                &n,
-                "--admin",
-                "http://127.0.0.1:7070",
-                "--admin-token",
-                admin_token.trim(),
-                "--broker",
-                "203.0.113.10:443",
-                "--region",
-                "eu",
-                "--dir",
-                &dir.display().to_string(),
-            ],
-        )
-        .unwrap();
+    run_loadgen_enroll(&topo.cloud, n, &admin_token, "203.0.113.10:443", &[], &dir);
     dir
+}
+
+/// `tether-loadgen enroll` in `ns`: `n` sites through the admin API on
+/// 127.0.0.1:7070 with `admin_token`, for `brokers` (comma-separated), in
+/// region eu, their state directories under `dir`; `extra` arguments
+/// appended.
+pub(crate) fn run_loadgen_enroll(
+    ns: &NetNs,
+    n: usize,
+    admin_token: &str,
+    brokers: &str,
+    extra: &[&str],
+    dir: &std::path::Path,
+) {
+    let loadgen = binary("tether-loadgen").display().to_string();
+    let (n, dir) = (n.to_string(), dir.display().to_string());
+    let mut args = vec![
+        "enroll",
+        "--count",
+        &n,
+        "--admin",
+        "http://127.0.0.1:7070",
+        "--admin-token",
+        admin_token.trim(),
+        "--broker",
+        brokers,
+        "--region",
+        "eu",
+        "--dir",
+        &dir,
+    ];
+    args.extend_from_slice(extra);
+    ns.run(&loadgen, &args).unwrap();
 }
 
 struct Row {

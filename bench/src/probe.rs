@@ -14,10 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 use tether_netns_tests::topology::{Topology, read};
-use tether_netns_tests::{binary, wait_for};
+use tether_netns_tests::{NetNs, Proc, binary, wait_for};
 
 /// The UDP port of the echo on the backend.
-const ECHO_PORT: u16 = 7;
+pub(crate) const ECHO_PORT: u16 = 7;
 /// The backend's address, as the site reaches it through a tunnel.
 const BACKEND: &str = "10.20.0.10";
 /// How often the prober sends while no echo came back.
@@ -210,6 +210,26 @@ fn send(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     }
 }
 
+/// Starts the UDP echo (`probe-echo` on [`ECHO_PORT`]) in `ns`, logging to
+/// `log`, and waits until it listens.
+pub(crate) fn start_echo(ns: &NetNs, log: std::path::PathBuf) -> Proc {
+    let bench = binary("tether-bench").display().to_string();
+    let listen = format!("0.0.0.0:{ECHO_PORT}");
+    let echo = ns
+        .spawn(
+            &bench,
+            &["probe-echo", "--listen", &listen],
+            Some(log.clone()),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || read(&log).contains("listening")),
+        "probe echo did not start:\n{}",
+        read(&log)
+    );
+    echo
+}
+
 /// Starts a tunnel with `start` while the site probes the backend every
 /// 200 µs, and returns what `start` returned and the time from just before
 /// `start` to the arrival of the first echo (neither the prober's process
@@ -221,22 +241,7 @@ pub(crate) fn first_reply<T>(
     start: impl FnOnce() -> T,
 ) -> (T, Option<Duration>) {
     let bench = binary("tether-bench").display().to_string();
-    let echo_log = topo.path(&format!("{log}.echo"));
-    let listen = format!("0.0.0.0:{ECHO_PORT}");
-    let _echo = topo
-        .backend
-        .spawn(
-            &bench,
-            &["probe-echo", "--listen", &listen],
-            Some(echo_log.clone()),
-        )
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || read(&echo_log)
-            .contains("listening")),
-        "probe echo did not start:\n{}",
-        read(&echo_log)
-    );
+    let _echo = start_echo(&topo.backend, topo.path(&format!("{log}.echo")));
     let log = topo.path(log);
     let to = format!("{BACKEND}:{ECHO_PORT}");
     let prober = topo

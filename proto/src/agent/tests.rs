@@ -680,6 +680,25 @@ fn assign_ids(entries: &[(u64, &str)]) -> Capsule {
 }
 
 impl Agent {
+    /// An agent with two LANs in its configuration, connected, its tunnel
+    /// open and both LANs mapped (192.168.1.0/24 to 100.64.9.0/24,
+    /// 10.1.0.0/16 to 100.65.0.0/16).
+    fn with_two_lans_mapped() -> Agent {
+        let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
+        a.actions();
+        a.open_with_lans();
+        a.core.handle_capsule(
+            assign_ids(&[
+                (0, "100.64.0.7/32"),
+                (1, "100.64.9.0/24"),
+                (2, "100.65.0.0/16"),
+            ]),
+            a.now,
+        );
+        a.actions();
+        a
+    }
+
     /// Connects on HTTP/3 and opens the tunnel; returns the actions that
     /// followed the opening.
     fn open_with_lans(&mut self) -> Vec<Action> {
@@ -867,18 +886,7 @@ fn a_lan_added_by_a_reload_is_asked_for_on_the_open_session() {
 
 #[test]
 fn a_lan_removed_by_a_reload_is_withdrawn_and_a_readded_one_gets_a_new_id() {
-    let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
-    a.actions();
-    a.open_with_lans();
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
-    a.actions();
+    let mut a = Agent::with_two_lans_mapped();
     a.events();
     let first = Mapping::new(net("192.168.1.0/24"), net("100.64.9.0/24")).unwrap();
     let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
@@ -947,18 +955,7 @@ fn a_lan_removed_by_a_reload_is_withdrawn_and_a_readded_one_gets_a_new_id() {
 
 #[test]
 fn a_lan_removed_while_disconnected_is_not_asked_for_again() {
-    let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
-    a.actions();
-    a.open_with_lans();
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
-    a.actions();
+    let mut a = Agent::with_two_lans_mapped();
     a.core
         .handle_session_ended(Ending::Lost("reset".into()), a.now);
     a.actions();
