@@ -147,12 +147,18 @@ pub async fn start(config: &Peering, data_dir: &Path) -> anyhow::Result<Arc<Link
     }
     let private = x25519::StaticSecret::from(key.secret_bytes());
     let public = x25519::PublicKey::from(&private);
-    let socket = UdpSocket::bind(config.listen).await.with_context(|| {
+    let socket = std::net::UdpSocket::bind(config.listen).with_context(|| {
         format!(
             "cannot bind the broker-to-broker link on UDP {} (peering.listen; is another broker on this port?)",
             config.listen
         )
     })?;
+    // Relayed traffic arrives in bursts at tunnel rates; with the kernel's
+    // default buffer (about 200 KiB) the receiving broker's socket
+    // overflowed and the tunnelled TCP saw every overflow as loss.
+    tether_shell::udp::tune_socket(&socket);
+    socket.set_nonblocking(true)?;
+    let socket = UdpSocket::from_std(socket)?;
     let bound = socket.local_addr()?;
     let advertise = config.advertise.unwrap_or(bound);
     anyhow::ensure!(
@@ -462,5 +468,40 @@ impl Link {
             peer.counters.rx.add(len as u64);
             deliver(&peer, packet);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The link's socket gets the tunnel sockets' buffers: as root beyond
+    /// `net.core.rmem_max`, otherwise up to it (the kernel reports twice
+    /// the size asked for).
+    #[tokio::test]
+    async fn the_link_socket_has_room_for_a_burst() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Peering {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            mtu: 1420,
+        };
+        let link = start(&config, dir.path()).await.unwrap();
+        let got: usize =
+            nix::sys::socket::getsockopt(&*link.socket, nix::sys::socket::sockopt::RcvBuf).unwrap();
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0);
+        let want = if nix::unistd::geteuid().is_root() {
+            tether_shell::udp::SOCKET_BUFFER
+        } else {
+            tether_shell::udp::SOCKET_BUFFER.min(rmem_max)
+        };
+        assert!(
+            got >= want,
+            "receive buffer {got} bytes, want at least {want}"
+        );
     }
 }
