@@ -150,13 +150,7 @@ fn stream(to: SocketAddr, interval: Duration) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     let mut buf = [0u8; 64];
     loop {
-        let (n, _) = socket.recv_from(&mut buf)?;
-        let received = unix_now();
-        if n < 16 {
-            continue;
-        }
-        let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
-        let sent = f64::from_be_bytes(buf[8..16].try_into().unwrap_or_default());
+        let (seq, sent, received) = recv_echo(&socket, &mut buf)?;
         writeln!(out, "echo {seq} {sent:.6} {received:.6}")?;
         out.flush()?;
     }
@@ -197,16 +191,24 @@ fn send(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     });
     socket.set_read_timeout(Some(timeout))?;
     let mut buf = [0u8; 64];
+    let (seq, sent, received) = recv_echo(&socket, &mut buf)?;
+    println!("first echo: probe {seq} sent at {sent:.6}, echo received at {received:.6}");
+    Ok(())
+}
+
+/// Receives the next echo of a probe: its sequence number, when it was
+/// sent and when its echo arrived (UNIX seconds); shorter datagrams are
+/// skipped.
+fn recv_echo(socket: &UdpSocket, buf: &mut [u8; 64]) -> std::io::Result<(u64, f64, f64)> {
     loop {
-        let (n, _) = socket.recv_from(&mut buf)?;
+        let (n, _) = socket.recv_from(buf)?;
         let received = unix_now();
         if n < 16 {
             continue;
         }
         let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
         let sent = f64::from_be_bytes(buf[8..16].try_into().unwrap_or_default());
-        println!("first echo: probe {seq} sent at {sent:.6}, echo received at {received:.6}");
-        return Ok(());
+        return Ok((seq, sent, received));
     }
 }
 

@@ -667,6 +667,17 @@ fn lan_config(lans: &[&str]) -> AgentConfig {
 }
 
 /// An ADDRESS_ASSIGN of `(request_id, prefix)` pairs.
+/// The broker's answer to the site's address and two LAN requests: the
+/// site's address (ID 0), 192.168.1.0/24 as 100.64.9.0/24 (ID 1) and
+/// 10.1.0.0/16 as 100.65.0.0/16 (ID 2).
+fn both_lans_assigned() -> Capsule {
+    assign_ids(&[
+        (0, "100.64.0.7/32"),
+        (1, "100.64.9.0/24"),
+        (2, "100.65.0.0/16"),
+    ])
+}
+
 fn assign_ids(entries: &[(u64, &str)]) -> Capsule {
     Capsule::AddressAssign(AddressAssign {
         addresses: entries
@@ -687,14 +698,7 @@ impl Agent {
         let mut a = Agent::new(lan_config(&["192.168.1.0/24", "10.1.0.0/16"]));
         a.actions();
         a.open_with_lans();
-        a.core.handle_capsule(
-            assign_ids(&[
-                (0, "100.64.0.7/32"),
-                (1, "100.64.9.0/24"),
-                (2, "100.65.0.0/16"),
-            ]),
-            a.now,
-        );
+        a.core.handle_capsule(both_lans_assigned(), a.now);
         a.actions();
         a
     }
@@ -757,14 +761,7 @@ fn each_lan_is_requested_mapped_and_advertised_the_same_way_every_session() {
     );
     assert_eq!(a.events(), [Event::LanMapped(vec![first])]);
 
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
+    a.core.handle_capsule(both_lans_assigned(), a.now);
     let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
     let both = LanMap::new(vec![first, second]).unwrap();
     let actions = a.actions();
@@ -774,14 +771,7 @@ fn each_lan_is_requested_mapped_and_advertised_the_same_way_every_session() {
     );
     assert!(actions.contains(&Action::SetLanMap(both.clone())));
     // The same answer again changes nothing.
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
+    a.core.handle_capsule(both_lans_assigned(), a.now);
     assert_eq!(a.actions(), []);
     assert_eq!(a.core.lan_map(), &both);
 
@@ -811,14 +801,7 @@ fn each_lan_is_requested_mapped_and_advertised_the_same_way_every_session() {
     );
     // Its answer to the request: the same prefixes are advertised on the
     // new session; the shell's map is unchanged, so not sent again.
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
+    a.core.handle_capsule(both_lans_assigned(), a.now);
     let actions = a.actions();
     assert!(
         actions.contains(&advertisement(&["100.64.9.0/24", "100.65.0.0/16"])),
@@ -852,14 +835,7 @@ fn a_lan_added_by_a_reload_is_asked_for_on_the_open_session() {
     // Only the new LAN is asked for, under an id of its own; the session
     // goes on (no dial, no new tunnel).
     assert_eq!(a.actions(), [lan_request(&[(2, "10.1.0.0/16")])]);
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
+    a.core.handle_capsule(both_lans_assigned(), a.now);
     let first = Mapping::new(net("192.168.1.0/24"), net("100.64.9.0/24")).unwrap();
     let second = Mapping::new(net("10.1.0.0/16"), net("100.65.0.0/16")).unwrap();
     let actions = a.actions();
@@ -912,14 +888,7 @@ fn a_lan_removed_by_a_reload_is_withdrawn_and_a_readded_one_gets_a_new_id() {
     );
     // The broker's next answer still names the old lease (until its grace
     // period ends): it is not taken up again.
-    a.core.handle_capsule(
-        assign_ids(&[
-            (0, "100.64.0.7/32"),
-            (1, "100.64.9.0/24"),
-            (2, "100.65.0.0/16"),
-        ]),
-        a.now,
-    );
+    a.core.handle_capsule(both_lans_assigned(), a.now);
     assert_eq!(a.actions(), []);
     assert_eq!(a.core.lan_map(), &LanMap::new(vec![second]).unwrap());
 
