@@ -293,6 +293,12 @@ pub async fn read_body(
 /// Answers a body that could not be read: a frame the connection's rules
 /// forbid on a request stream (SETTINGS, GOAWAY, ...) closes the connection
 /// with its code (RFC 9114 section 7.2.4.1, 9); other errors are a 400.
+/// Sends a JSON reply of the site endpoints (enrollment, renewal,
+/// re-attestation, broker list, problem reports).
+async fn respond_reply(send: &mut SendStream, reply: crate::enroll::Reply) {
+    respond(send, reply.status, Some("application/json"), &reply.body).await;
+}
+
 async fn refuse_body(conn: &Connection, send: &mut SendStream, e: H3Error) {
     if e.scope == Scope::Connection {
         close_with(conn, &e);
@@ -336,13 +342,7 @@ async fn handle_request(
                 RequestKind::Renew => crate::enroll::renew(&broker, peer, &body).await,
                 _ => crate::enroll::reattest(&broker, exporter(&conn), &body).await,
             };
-            respond(
-                &mut send,
-                reply.status,
-                Some("application/json"),
-                &reply.body,
-            )
-            .await;
+            respond_reply(&mut send, reply).await;
         }
         Ok(RequestKind::Brokers) => {
             let body = match read_body(&mut recv, &mut dec, crate::site_brokers::MAX_BODY).await {
@@ -350,13 +350,7 @@ async fn handle_request(
                 Err(e) => return refuse_body(&conn, &mut send, e).await,
             };
             let reply = crate::site_brokers::brokers(&broker, peer, &body).await;
-            respond(
-                &mut send,
-                reply.status,
-                Some("application/json"),
-                &reply.body,
-            )
-            .await;
+            respond_reply(&mut send, reply).await;
         }
         Ok(RequestKind::Report) => {
             let body = match read_body(&mut recv, &mut dec, crate::site_report::MAX_BODY).await {
@@ -364,13 +358,7 @@ async fn handle_request(
                 Err(e) => return refuse_body(&conn, &mut send, e).await,
             };
             let reply = crate::site_report::report(&broker, peer, &body);
-            respond(
-                &mut send,
-                reply.status,
-                Some("application/json"),
-                &reply.body,
-            )
-            .await;
+            respond_reply(&mut send, reply).await;
         }
         Err(refused) => respond_error(&mut send, refused.status, refused.message).await,
     }

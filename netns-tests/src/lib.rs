@@ -249,6 +249,18 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Sent and received echo requests from a finished `ping` summary.
+pub fn ping_summary(text: &str) -> (u64, u64) {
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in:\n{text}"));
+    let mut numbers = line
+        .split(',')
+        .filter_map(|p| p.split_whitespace().next()?.parse::<u64>().ok());
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+}
+
 /// The directory holding the workspace's built binaries: `TETHER_BIN_DIR`
 /// if set, else the directory of the running executable (for a test, the
 /// parent of its `deps/` directory).

@@ -339,26 +339,31 @@ impl Topology {
     /// Creates a token for `site` and enrolls the site namespace with it
     /// into `state`.
     pub fn enroll(&self, site: &str, state: &Path) -> io::Result<()> {
+        self.enroll_in(&self.site, site, state)
+    }
+
+    /// Like [`Topology::enroll`], with `tether enroll` run in `ns` (another
+    /// host routed to the broker).
+    pub fn enroll_in(&self, ns: &NetNs, site: &str, state: &Path) -> io::Result<()> {
         let out = self.broker_cli(&["token", "create", "--site", site, "--region", "eu"])?;
         let code = out
             .split_whitespace()
             .find(|w| w.starts_with("tt1-"))
             .ok_or_else(|| io::Error::other(format!("no code in: {out}")))?
             .to_string();
-        self.site
-            .run(
-                &binary("tether").display().to_string(),
-                &[
-                    "enroll",
-                    "--broker",
-                    BROKER,
-                    "--token",
-                    &code,
-                    "--state-dir",
-                    &state.display().to_string(),
-                ],
-            )
-            .map(|_| ())
+        ns.run(
+            &binary("tether").display().to_string(),
+            &[
+                "enroll",
+                "--broker",
+                BROKER,
+                "--token",
+                &code,
+                "--state-dir",
+                &state.display().to_string(),
+            ],
+        )
+        .map(|_| ())
     }
 
     /// Starts `tether up` on the site and waits for its overlay IPv4
@@ -400,6 +405,27 @@ impl Topology {
             .args(["-s", "http://127.0.0.1:7070/metrics"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    }
+
+    /// `GET path` of the broker's admin API with its admin token, as JSON
+    /// (null when the request fails).
+    pub fn admin_get(&self, path: &str) -> serde_json::Value {
+        let token = read(&self.path("broker").join("admin.token"));
+        let out = self
+            .cloud
+            .command("curl")
+            .args([
+                "-sf",
+                "-m",
+                "2",
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &format!("http://127.0.0.1:7070{path}"),
+            ])
+            .output();
+        out.ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
             .unwrap_or_default()
     }
 

@@ -27,7 +27,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::cluster::{Cluster, broker_ip};
-use tether_netns_tests::{binary, require_root, wait_for};
+use tether_netns_tests::{binary, ping_summary, require_root, wait_for};
 
 /// Which broker (1-based) each broker id of the fleet is, from the fleet
 /// records in etcd (their endpoints name the broker's address).
@@ -275,18 +275,6 @@ fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_sid
         one_owner_each(&cluster)
     );
     assert_addresses_kept(&cluster, &before);
-}
-
-/// Sent and received echo requests from a finished `ping` summary.
-fn ping_summary(text: &str) -> (u64, u64) {
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in:\n{text}"));
-    let mut numbers = line
-        .split(',')
-        .filter_map(|p| p.split_whitespace().next()?.parse::<u64>().ok());
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
 #[test]

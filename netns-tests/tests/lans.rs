@@ -549,25 +549,10 @@ fn two_hospitals_with_the_same_lan_are_mapped_apart() {
     assert!(fetch_from(&site2, host_in(mapped_a, 20)).is_empty());
 }
 
-/// `dig @10.20.0.1` (the broker's DNS) from the backend.
 /// The LAN mappings of `site` as the admin API's site list shows them:
 /// (real LAN, mapped prefix, `release_at`).
 fn lan_mappings(topo: &Topology, site: &str) -> Vec<(String, Ipv4Net, Option<u64>)> {
-    let token = read(&topo.path("broker").join("admin.token"));
-    let out = topo
-        .cloud
-        .command("curl")
-        .args([
-            "-sf",
-            "-m",
-            "2",
-            "-H",
-            &format!("Authorization: Bearer {}", token.trim()),
-            &format!("http://127.0.0.1:7070/v1/site-states?q={site}"),
-        ])
-        .output()
-        .unwrap();
-    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let page = topo.admin_get(&format!("/v1/site-states?q={site}"));
     let sites = page["sites"].as_array().cloned().unwrap_or_default();
     sites
         .iter()
@@ -756,23 +741,10 @@ fn a_lan_removed_from_the_configuration_is_withdrawn_and_keeps_its_mapping() {
 
 /// `GET /v1/sites/{site}/events` of the admin API.
 fn site_events(topo: &Topology, site: &str) -> serde_json::Value {
-    let token = read(&topo.path("broker").join("admin.token"));
-    let out = topo
-        .cloud
-        .command("curl")
-        .args([
-            "-sf",
-            "-m",
-            "2",
-            "-H",
-            &format!("Authorization: Bearer {}", token.trim()),
-            &format!("http://127.0.0.1:7070/v1/sites/{site}/events"),
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    topo.admin_get(&format!("/v1/sites/{site}/events"))
 }
 
+/// `dig @10.20.0.1` (the broker's DNS) from the backend.
 fn dig(topo: &Topology, args: &[&str]) -> String {
     topo.backend
         .command("dig")

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use tether_netns_tests::topology::{BROKER, Topology, overlay_address, read};
-use tether_netns_tests::{NetNs, Proc, binary, link, require_root, wait_for};
+use tether_netns_tests::{NetNs, Proc, binary, link, ping_summary, require_root, wait_for};
 
 /// Sites of the load generator.
 const SITES: usize = 100;
@@ -29,20 +29,9 @@ const LIFETIME: u64 = 20;
 
 /// The broker's rotation state, from the admin API.
 fn status(topo: &Topology) -> serde_json::Value {
-    let token = std::fs::read_to_string(topo.path("broker/admin.token")).unwrap();
-    let out = topo
-        .cloud
-        .run(
-            "curl",
-            &[
-                "-sf",
-                "-H",
-                &format!("Authorization: Bearer {}", token.trim()),
-                "http://127.0.0.1:7070/v1/ca",
-            ],
-        )
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    let status = topo.admin_get("/v1/ca");
+    assert!(!status.is_null(), "no answer from GET /v1/ca");
+    status
 }
 
 /// The CA names of the bundle, the signing CA first.
@@ -184,18 +173,6 @@ fn address_of(ns: &NetNs, log: &Path) -> String {
     addr.unwrap_or_else(|| panic!("the site did not come up:\n{}", read(log)))
 }
 
-/// Sent and received echo requests from a finished `ping` summary.
-fn ping_summary(text: &str) -> (u64, u64) {
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in:\n{text}"));
-    let mut numbers = line
-        .split(',')
-        .filter_map(|p| p.split_whitespace().next()?.parse::<u64>().ok());
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
-}
-
 /// Echo requests that got no reply although a later one did, from ping's
 /// per-reply lines (`icmp_seq=N`): the request in flight when ping was
 /// stopped is not a loss.
@@ -297,27 +274,7 @@ fn a_full_rotation_under_load_drops_no_tunnel() {
     let away = away_namespace(&topo);
     let away_state = topo.path("away-state");
     let away_log = topo.path("away.log");
-    let code = topo
-        .broker_cli(&["token", "create", "--site", "lab-away", "--region", "eu"])
-        .unwrap();
-    let code = code
-        .split_whitespace()
-        .find(|w| w.starts_with("tt1-"))
-        .unwrap()
-        .to_string();
-    away.run(
-        &binary("tether").display().to_string(),
-        &[
-            "enroll",
-            "--broker",
-            BROKER,
-            "--token",
-            &code,
-            "--state-dir",
-            &away_state.display().to_string(),
-        ],
-    )
-    .unwrap();
+    topo.enroll_in(&away, "lab-away", &away_state).unwrap();
     let mut away_agent = agent(&away, &away_state, &away_log);
     let away_addr = address_of(&away, &away_log);
     away_agent.kill();
