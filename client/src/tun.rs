@@ -131,20 +131,26 @@ impl Tun {
             .iter()
             .copied()
             .partition(|r| !avoid.iter().any(|a| r.contains(a)));
-        for old in self.routes.clone() {
-            if !wanted.contains(&old) {
-                let _ = self.netlink.route().del(self.message(old)).execute().await;
-            }
-        }
-        for route in &wanted {
-            self.netlink
+        // The requests go out together, each answered on its own sequence
+        // number: one wait for the kernel instead of one per route (a
+        // session's first routes are on the way to its first packet).
+        let removed = self
+            .routes
+            .iter()
+            .filter(|old| !wanted.contains(old))
+            .map(|old| self.netlink.route().del(self.message(*old)).execute());
+        futures_util::future::join_all(removed).await;
+        let this = &*self;
+        let added = wanted.iter().map(|route| async move {
+            this.netlink
                 .route()
-                .add(self.message(*route))
+                .add(this.message(*route))
                 .replace()
                 .execute()
                 .await
-                .with_context(|| format!("cannot add the route {route} via {}", self.name))?;
-        }
+                .with_context(|| format!("cannot add the route {route} via {}", this.name))
+        });
+        futures_util::future::try_join_all(added).await?;
         self.routes = wanted;
         Ok(skipped)
     }

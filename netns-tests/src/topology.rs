@@ -273,6 +273,24 @@ impl Topology {
         self.site.spawn("env", &refs, Some(self.path(log)))
     }
 
+    /// Starts `tether up` on the site through [`NetNs::command_entered`],
+    /// so its start is not lengthened by `ip netns exec`.
+    pub fn spawn_up_entered(
+        &self,
+        state: &Path,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> io::Result<Proc> {
+        let mut cmd = self
+            .site
+            .command_entered(&binary("tether").display().to_string());
+        cmd.arg("up")
+            .arg("--state-dir")
+            .arg(state)
+            .envs(env.iter().copied());
+        Proc::start(cmd, Some(self.path(log)))
+    }
+
     /// Serves `index.html` holding `content` from the site on port 8080
     /// (python3's http.server); stops when the returned process drops.
     pub fn serve_page(&self, content: &str) -> io::Result<Proc> {
