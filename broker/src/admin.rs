@@ -326,6 +326,8 @@ fn gateway_infos(broker: &Broker) -> Vec<GatewayInfo> {
             rx_bytes: gw.counters.rx.get().1,
             tx_packets: gw.counters.tx.get().0,
             tx_bytes: gw.counters.tx.get().1,
+            wire_rx_bytes: None,
+            wire_tx_bytes: None,
         });
     }
     if let Some(wg) = broker.plane().wireguard() {
@@ -343,6 +345,8 @@ fn gateway_infos(broker: &Broker) -> Vec<GatewayInfo> {
                 rx_bytes: peer.counters.rx.get().1,
                 tx_packets: peer.counters.tx.get().0,
                 tx_bytes: peer.counters.tx.get().1,
+                wire_rx_bytes: Some(peer.wire.rx.get().1),
+                wire_tx_bytes: Some(peer.wire.tx.get().1),
             });
         }
     }

@@ -77,8 +77,11 @@ pub struct Peer {
     pub mtu: usize,
     /// Its public key.
     pub public_key: [u8; 32],
-    /// Traffic from (rx) and to (tx) the gateway.
+    /// IP packets from (rx) and to (tx) the gateway, through the tunnel.
     pub counters: Counters,
+    /// WireGuard datagrams from and to the gateway on the wire, handshakes,
+    /// cookies and keepalives included (what `wg show … transfer` counts).
+    pub wire: Counters,
     tunn: Mutex<Tunn>,
     /// Socket index and address of its last authenticated packet.
     endpoint: Mutex<Option<(usize, SocketAddr)>>,
@@ -242,7 +245,7 @@ impl Wireguard {
             let mut tunn = peer.tunn.lock().map_err(|_| DropReason::TargetDown)?;
             match tunn.encapsulate(packet, buf) {
                 TunnResult::WriteToNetwork(out) => match socket.try_send_to(out, to) {
-                    Ok(_) => {}
+                    Ok(_) => peer.wire.tx.add(out.len() as u64),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         return Err(DropReason::QueueFull);
                     }
@@ -309,6 +312,10 @@ impl Wireguard {
             }
             None => count,
         };
+        // Segments go out in order: the ones that failed are the last.
+        for len in batch.lens.iter().take(count.saturating_sub(failed)) {
+            peer.wire.tx.add(*len as u64);
+        }
         batch.data.clear();
         batch.lens.clear();
         failed
@@ -442,6 +449,7 @@ fn new_peer(g: &GatewayPeer, private: &x25519::StaticSecret, index: u32) -> Peer
         mtu: usize::from(g.mtu),
         public_key: g.public_key,
         counters: Counters::default(),
+        wire: Counters::default(),
         tunn: Mutex::new(tunn),
         endpoint: Mutex::new(None),
         last_request: Mutex::new(None),
@@ -510,7 +518,9 @@ impl Wireguard {
             // Handshake responses, cookies, and packets queued while the
             // session was being set up.
             |reply| {
-                let _ = sock.try_send_to(reply, from);
+                if sock.try_send_to(reply, from).is_ok() {
+                    peer.wire.tx.add(reply.len() as u64);
+                }
             },
             |p| packet = Some(p.to_vec()),
         );
@@ -523,6 +533,7 @@ impl Wireguard {
             }
         }
         drop(tunn);
+        peer.wire.rx.add(datagram.len() as u64);
         // Authenticated: this is where the peer is now.
         if let Ok(mut ep) = peer.endpoint.lock() {
             *ep = Some((socket, from));
@@ -552,8 +563,9 @@ async fn run_timers(wg: Arc<Wireguard>) {
         for peer in &wg.peers {
             if let Some((socket, to, p)) = tick_peer(peer, &mut buf)
                 && let Some(s) = wg.sockets.get(socket)
+                && s.try_send_to(p, to).is_ok()
             {
-                let _ = s.try_send_to(p, to);
+                peer.wire.tx.add(p.len() as u64);
             }
         }
     }

@@ -244,6 +244,38 @@ fn a_stock_wireguard_peer_stands_in_for_the_gateway() {
     let show = String::from_utf8_lossy(&show.stdout).to_string();
     assert!(show.contains(&format!("public key: {public}")), "{show}");
 
+    // Before any traffic the peer's handshake and keepalive
+    // (PersistentKeepalive) show as WireGuard bytes, as `wg show` counts
+    // them, while no IP packet came through the tunnel.
+    let mut gateway = serde_json::Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let all = topo.admin_get("/v1/gateways");
+            gateway = all
+                .as_array()
+                .and_then(|g| g.iter().find(|g| g["id"] == "gw-stock"))
+                .cloned()
+                .unwrap_or(all);
+            gateway["wire_rx_bytes"].as_u64().unwrap_or(0) > 0
+                && gateway["wire_tx_bytes"].as_u64().unwrap_or(0) > 0
+        }),
+        "the stock peer's handshake does not show in the broker's counters: {gateway}"
+    );
+    assert_eq!(gateway["rx_packets"], 0, "{gateway}");
+    assert!(gateway["last_handshake_secs"].is_u64(), "{gateway}");
+    let listed = topo.broker_cli(&["gateways"]).unwrap();
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("gw-stock"))
+        .unwrap_or_default();
+    assert!(
+        row.split_whitespace()
+            .rev()
+            .take(2)
+            .all(|b| b.parse::<u64>().is_ok_and(|b| b > 0)),
+        "{listed}"
+    );
+
     let state = topo.path("site-state");
     topo.enroll("lab-2", &state).unwrap();
     let (_site, addr) = topo.up(&state, "site.log").unwrap();

@@ -349,14 +349,21 @@ pub struct GatewayInfo {
     pub endpoint: Option<SocketAddr>,
     /// Seconds since the last WireGuard handshake.
     pub last_handshake_secs: Option<u64>,
-    /// Packets from the gateway.
+    /// IP packets from the gateway, through the tunnel.
     pub rx_packets: u64,
-    /// Bytes from the gateway.
+    /// Bytes of IP packets from the gateway.
     pub rx_bytes: u64,
-    /// Packets to the gateway.
+    /// IP packets to the gateway.
     pub tx_packets: u64,
-    /// Bytes to the gateway.
+    /// Bytes of IP packets to the gateway.
     pub tx_bytes: u64,
+    /// WireGuard bytes received from the gateway on the wire, handshakes
+    /// and keepalives included (WireGuard gateways only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_rx_bytes: Option<u64>,
+    /// WireGuard bytes sent to the gateway on the wire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_tx_bytes: Option<u64>,
 }
 
 /// Admin API: the outcome of a revocation.

@@ -326,6 +326,8 @@ pub fn gateways_table(gateways: &[GatewayInfo]) -> String {
                 },
                 g.rx_bytes.to_string(),
                 g.tx_bytes.to_string(),
+                g.wire_rx_bytes.map_or("-".into(), |b| b.to_string()),
+                g.wire_tx_bytes.map_or("-".into(), |b| b.to_string()),
             ]
         })
         .collect();
@@ -338,6 +340,8 @@ pub fn gateways_table(gateways: &[GatewayInfo]) -> String {
             "HANDSHAKE",
             "RX BYTES",
             "TX BYTES",
+            "WG RX",
+            "WG TX",
         ],
         &rows,
     )
@@ -497,11 +501,14 @@ mod tests {
             rx_bytes: 0,
             tx_packets: 0,
             tx_bytes: 0,
+            wire_rx_bytes: (kind == "wireguard").then_some(148),
+            wire_tx_bytes: (kind == "wireguard").then_some(92),
         };
         let table = gateways_table(&[gateway("wireguard", None)]);
         assert!(table.contains("never"), "{table}");
         let table = gateways_table(&[gateway("wireguard", Some(12))]);
         assert!(table.contains("12s ago"), "{table}");
+        assert!(table.contains("148") && table.contains("92"), "{table}");
         let table = gateways_table(&[gateway("local", None)]);
         assert!(!table.contains("never"), "{table}");
     }
