@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::Bound;
 
-use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::IpNet;
@@ -697,6 +697,119 @@ fn address_rdata(a: IpAddr) -> RData {
     }
 }
 
+/// Largest UDP answer a server offers with EDNS (the DNS flag day 2020
+/// size).
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+/// What a server says to one request, over UDP or TCP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The response code.
+    pub code: ResponseCode,
+    /// The OPT record of the answer, when the query had one.
+    pub edns: Option<Edns>,
+    /// The records, when the zone answered.
+    pub answer: Option<Answer>,
+}
+
+/// The reply to a request of `op_code` asking `question` (`None`: not
+/// exactly one question), from `zone` (`None`: no zone yet, as at a gateway
+/// that has not heard from a broker).
+pub fn reply(
+    zone: Option<&Zone>,
+    op_code: OpCode,
+    question: Option<(&Name, RecordType, DNSClass)>,
+    edns: Option<&Edns>,
+) -> Reply {
+    // EDNS version 0 is the only one (RFC 6891 section 6.1.3): a query of
+    // a higher version gets BADVERS, whose upper bits travel in the
+    // answer's OPT record.
+    let bad_version = edns.is_some_and(|e| e.version() > 0);
+    let edns = edns.map(|_| {
+        let mut e = Edns::new();
+        e.set_max_payload(EDNS_PAYLOAD);
+        if bad_version {
+            e.set_rcode_high(ResponseCode::BADVERS.high());
+        }
+        e
+    });
+    let (code, answer) = if bad_version {
+        (ResponseCode::BADVERS, None)
+    } else if op_code != OpCode::Query {
+        (ResponseCode::Refused, None)
+    } else if let Some((name, qtype, qclass)) = question {
+        match zone {
+            Some(zone) => {
+                let a = zone.answer(name, qtype, qclass);
+                (a.code, Some(a))
+            }
+            None => (ResponseCode::ServFail, None),
+        }
+    } else {
+        // No recursion, and one question per message (RFC 9619).
+        (ResponseCode::FormErr, None)
+    };
+    Reply { code, edns, answer }
+}
+
+/// The answer to one DNS message as it came off the wire, encoded; `None`
+/// for what gets no answer (a response, or not even a header). A message
+/// whose header reads but whose rest does not gets FORMERR. `replied`
+/// learns the code of every [`reply`] made (for counting).
+pub fn answer_message(
+    zone: Option<&Zone>,
+    query: &[u8],
+    replied: impl FnOnce(ResponseCode),
+) -> Option<Vec<u8>> {
+    let request = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => {
+            let header: [u8; 12] = query.get(..12)?.try_into().ok()?;
+            if header[2] & 0x80 != 0 {
+                return None;
+            }
+            let id = u16::from_be_bytes([header[0], header[1]]);
+            let op_code = OpCode::from_u8((header[2] >> 3) & 0x0f);
+            return Message::error_msg(id, op_code, ResponseCode::FormErr)
+                .to_vec()
+                .ok();
+        }
+    };
+    if request.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let question = match request.queries.as_slice() {
+        [q] => Some((q.name(), q.query_type(), q.query_class())),
+        _ => None,
+    };
+    let reply = reply(
+        zone,
+        request.metadata.op_code,
+        question,
+        request.edns.as_ref(),
+    );
+    replied(reply.code);
+    let mut response = Message::new(
+        request.metadata.id,
+        MessageType::Response,
+        request.metadata.op_code,
+    );
+    response.metadata = Metadata::response_from_request(&request.metadata);
+    response.metadata.recursion_available = false;
+    response.metadata.response_code = reply.code;
+    response.queries = request.queries;
+    if let Some(a) = reply.answer {
+        response.metadata.authoritative = a.authoritative;
+        response.answers = a.answers;
+        response.authorities = a.authority;
+        response.additionals = a.additionals;
+    }
+    if let Some(e) = reply.edns {
+        response.set_edns(e);
+    }
+    response.to_vec().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -745,6 +858,55 @@ mod tests {
 
     fn zone() -> Zone {
         Zone::new(data(), &["127.0.0.1".parse().unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn a_wire_message_is_answered_refused_or_left_unanswered_as_the_server_does() {
+        let zone = zone();
+        let mut query = Message::new(0x4242, MessageType::Query, OpCode::Query);
+        query.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("hospital-a.eu.tether.internal.").unwrap(),
+            RecordType::A,
+        ));
+        let bytes = query.to_vec().unwrap();
+        let mut code = None;
+        let back = answer_message(Some(&zone), &bytes, |c| code = Some(c)).unwrap();
+        let back = Message::from_vec(&back).unwrap();
+        assert_eq!(back.metadata.id, 0x4242);
+        assert_eq!(code, Some(ResponseCode::NoError));
+        assert_eq!(back.answers.len(), 1);
+        assert!(back.metadata.authoritative && !back.metadata.recursion_available);
+        // No zone yet: SERVFAIL.
+        let back = answer_message(None, &bytes, |_| {}).unwrap();
+        assert_eq!(
+            Message::from_vec(&back).unwrap().metadata.response_code,
+            ResponseCode::ServFail
+        );
+        // EDNS version 1: BADVERS, in the OPT record's upper bits.
+        let mut edns = Edns::new();
+        edns.set_version(1);
+        query.set_edns(edns);
+        let back = answer_message(Some(&zone), &query.to_vec().unwrap(), |_| {}).unwrap();
+        // (16 reads back as BADSIG, which shares the number.)
+        assert_eq!(
+            u16::from(Message::from_vec(&back).unwrap().metadata.response_code),
+            u16::from(ResponseCode::BADVERS)
+        );
+        // A header followed by garbage: FORMERR for its ID, not counted.
+        let mut garbage = bytes[..12].to_vec();
+        garbage.extend_from_slice(&[0xff; 7]);
+        let mut code = None;
+        let back = answer_message(Some(&zone), &garbage, |c| code = Some(c)).unwrap();
+        let back = Message::from_vec(&back).unwrap();
+        assert_eq!(
+            (back.metadata.id, back.metadata.response_code, code),
+            (0x4242, ResponseCode::FormErr, None)
+        );
+        // A response, and less than a header, get nothing.
+        let mut response = bytes.clone();
+        response[2] |= 0x80;
+        assert!(answer_message(Some(&zone), &response, |_| {}).is_none());
+        assert!(answer_message(Some(&zone), &bytes[..5], |_| {}).is_none());
     }
 
     fn ask(zone: &Zone, name: &str, qtype: RecordType) -> Answer {

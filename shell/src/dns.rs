@@ -12,21 +12,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name, RecordType};
+use hickory_proto::op::{Metadata, ResponseCode};
+use hickory_proto::rr::Name;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use tether_proto::dns::{Answer, Zone, ZoneData};
+use tether_proto::dns::{self, Zone, ZoneData};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::accept::{AcceptBackoff, ConnectionLimit};
 
-/// Largest UDP answer we offer with EDNS (the DNS flag day 2020 size).
-const EDNS_PAYLOAD: u16 = 1232;
 /// How long a TCP client may stay silent.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most DNS-over-TCP connections open at once per address (clients only
@@ -42,107 +40,24 @@ pub struct Handler {
     on_answer: Option<Arc<dyn Fn(ResponseCode) + Send + Sync>>,
 }
 
-/// One question: name, type and class.
-type Question = (Name, RecordType, DNSClass);
-
-/// What the server says to one request, over UDP or TCP.
-struct Reply {
-    code: ResponseCode,
-    /// The OPT record of the answer, when the query had one.
-    edns: Option<Edns>,
-    /// The records, when the zone answered.
-    answer: Option<Answer>,
-}
-
 impl Handler {
     /// The current zone.
     fn zone(&self) -> Option<Arc<Zone>> {
         self.zone.read().ok().and_then(|z| z.clone())
     }
 
-    /// The answer to a request of `op_code` asking `question` (`None`: not
-    /// exactly one question).
-    fn reply(&self, op_code: OpCode, question: Option<Question>, edns: Option<&Edns>) -> Reply {
-        // EDNS version 0 is the only one (RFC 6891 section 6.1.3): a query
-        // of a higher version gets BADVERS, whose upper bits travel in the
-        // answer's OPT record.
-        let bad_version = edns.is_some_and(|e| e.version() > 0);
-        let edns = edns.map(|_| {
-            let mut e = Edns::new();
-            e.set_max_payload(EDNS_PAYLOAD);
-            if bad_version {
-                e.set_rcode_high(ResponseCode::BADVERS.high());
-            }
-            e
-        });
-        let (code, answer) = if bad_version {
-            (ResponseCode::BADVERS, None)
-        } else if op_code != OpCode::Query {
-            (ResponseCode::Refused, None)
-        } else if let Some((name, qtype, qclass)) = question {
-            match self.zone() {
-                Some(zone) => {
-                    let a = zone.answer(&name, qtype, qclass);
-                    (a.code, Some(a))
-                }
-                // No zone yet (a gateway that has not heard from a broker).
-                None => (ResponseCode::ServFail, None),
-            }
-        } else {
-            // No recursion, and one question per message (RFC 9619).
-            (ResponseCode::FormErr, None)
-        };
+    /// Counts an answer's code.
+    fn count(&self, code: ResponseCode) {
         if let Some(count) = &self.on_answer {
             count(code);
         }
-        Reply { code, edns, answer }
     }
 
     /// The answer to one DNS message received over TCP, encoded; `None`
     /// for what gets no answer (not a query, or not even a header).
     fn answer_bytes(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let request = match Message::from_vec(query) {
-            Ok(m) => m,
-            Err(_) => {
-                // A message whose header reads gets FORMERR, as over UDP.
-                let header: [u8; 12] = query.get(..12)?.try_into().ok()?;
-                if header[2] & 0x80 != 0 {
-                    return None;
-                }
-                let id = u16::from_be_bytes([header[0], header[1]]);
-                let op_code = OpCode::from_u8((header[2] >> 3) & 0x0f);
-                return Message::error_msg(id, op_code, ResponseCode::FormErr)
-                    .to_vec()
-                    .ok();
-            }
-        };
-        if request.metadata.message_type != MessageType::Query {
-            return None;
-        }
-        let question = match request.queries.as_slice() {
-            [q] => Some((q.name().clone(), q.query_type(), q.query_class())),
-            _ => None,
-        };
-        let reply = self.reply(request.metadata.op_code, question, request.edns.as_ref());
-        let mut response = Message::new(
-            request.metadata.id,
-            MessageType::Response,
-            request.metadata.op_code,
-        );
-        response.metadata = Metadata::response_from_request(&request.metadata);
-        response.metadata.recursion_available = false;
-        response.metadata.response_code = reply.code;
-        response.queries = request.queries;
-        if let Some(a) = reply.answer {
-            response.metadata.authoritative = a.authoritative;
-            response.answers = a.answers;
-            response.authorities = a.authority;
-            response.additionals = a.additionals;
-        }
-        if let Some(e) = reply.edns {
-            response.set_edns(e);
-        }
-        response.to_vec().ok()
+        let zone = self.zone();
+        dns::answer_message(zone.as_deref(), query, |code| self.count(code))
     }
 
     /// Answers the DNS messages of one TCP connection (RFC 7766: each
@@ -220,11 +135,22 @@ impl RequestHandler for Handler {
         mut response_handle: R,
     ) -> ResponseInfo {
         let queries = request.queries.queries();
-        let question = match queries {
-            [q] => Some((q.name().into(), q.query_type(), q.query_class())),
+        let name: Option<Name> = match queries {
+            [q] => Some(q.name().into()),
             _ => None,
         };
-        let reply = self.reply(request.metadata.op_code, question, request.edns.as_ref());
+        let question = match (queries, &name) {
+            ([q], Some(name)) => Some((name, q.query_type(), q.query_class())),
+            _ => None,
+        };
+        let zone = self.zone();
+        let reply = dns::reply(
+            zone.as_deref(),
+            request.metadata.op_code,
+            question,
+            request.edns.as_ref(),
+        );
+        self.count(reply.code);
         let mut builder = MessageResponseBuilder::from_message_request(request);
         if let Some(e) = &reply.edns {
             builder.edns(e);
@@ -370,6 +296,8 @@ impl DnsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, MessageType, OpCode};
+    use hickory_proto::rr::RecordType;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn server() -> DnsServer {
