@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """No import cycles among the top-level modules of a crate's library.
 
-For each crate source directory given (default: broker/src), every file is
+For each crate source directory given (default: broker/src; CI passes
+broker/src, client/src and gateway/src), every file is
 mapped to its top-level module (`foo.rs` and everything under `foo/` are
 `foo`; `lib.rs` and `main.rs` are the roots and are left out), and each
 reference `crate::foo` in it (in paths and in `use crate::{foo, ...}`

@@ -1,5 +1,6 @@
 //! The admin API's listener: a bounded number of connections, each with a
-//! deadline for its request headers.
+//! deadline for its request headers ([`tether_shell::accept::serve_http1`]),
+//! answering only to the hosts it serves.
 //!
 //! A client that opens a connection and sends half a request header (or
 //! nothing) would otherwise hold a file descriptor for as long as it likes:
@@ -15,9 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tether_shell::accept::{AcceptBackoff, ConnectionLimit};
+use tether_shell::accept::{HttpLimits, ListenerEvents, serve_http1};
 use tokio::net::TcpListener;
 
 /// Limits of the admin listener.
@@ -97,46 +96,37 @@ async fn check_host(
     }
 }
 
+/// The admin listener's counts: accept failures, refusals at the cap, and
+/// open connections.
+struct AdminEvents;
+
+impl ListenerEvents for AdminEvents {
+    type Open = crate::metrics::OpenConnection;
+
+    fn accept_failed(&self) {
+        crate::metrics::accept_failed("admin");
+    }
+
+    fn refused_at_limit(&self, _remote: std::net::SocketAddr) {
+        crate::metrics::connection_refused("admin", "limit");
+    }
+
+    fn opened(&self) -> Self::Open {
+        crate::metrics::OpenConnection::new("admin")
+    }
+}
+
 /// Serves `app` on `listener` within `limits`, until the task is aborted.
 pub async fn serve(listener: TcpListener, app: axum::Router, limits: Limits) {
     let app = app.layer(axum::middleware::from_fn_with_state(
         limits.allowed_hosts.clone(),
         check_host,
     ));
-    let places = ConnectionLimit::new(limits.max_connections);
-    let mut backoff = AcceptBackoff::default();
-    let header_read_timeout = limits.header_read_timeout;
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(a) => {
-                backoff.reset();
-                a
-            }
-            Err(e) => {
-                crate::metrics::accept_failed("admin");
-                backoff.pause("admin", &e).await;
-                continue;
-            }
-        };
-        let Some(permit) = places.admit().await else {
-            crate::metrics::connection_refused("admin", "limit");
-            tracing::debug!(%remote, "admin connection refused: too many open");
-            drop(tcp);
-            continue;
-        };
-        let service = TowerToHyperService::new(app.clone());
-        let open = crate::metrics::OpenConnection::new("admin");
-        tokio::spawn(async move {
-            let _held = (permit, open);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
-                tracing::debug!(%remote, error = %e, "admin connection ended");
-            }
-        });
-    }
+    let http = HttpLimits {
+        header_read_timeout: limits.header_read_timeout,
+        max_connections: limits.max_connections,
+    };
+    serve_http1("admin", listener, app, http, AdminEvents).await;
 }
 
 #[cfg(test)]

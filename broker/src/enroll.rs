@@ -11,7 +11,7 @@
 use std::time::SystemTime;
 
 use tether_pki::PeerCert;
-use tether_pki::reattest::{self, Facts, IssuedKey, Refusal, RevokedBy};
+use tether_pki::reattest::{self, Facts, IssuedKey, Refusal};
 use tether_pki::token::{self, RedeemError};
 use tether_proto::api::{
     ApiError, EnrollRequest, EnrollResponse, REATTEST_PATH, ReattestRefused, ReattestRequest,
@@ -200,9 +200,7 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
     // renewed only by re-attestation, which checks revocation and the
     // window.
     if let Some(refusal) = renewal_refusal(&peer, SystemTime::now()) {
-        crate::metrics::renewal_refused("expired");
-        tracing::info!(site = %peer.identity.site, "renewal refused: {refusal}");
-        return Reply::error(401, refusal);
+        return refuse_renewal(&peer, &Refused::new(401, "expired", refusal));
     }
     let request: RenewRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -213,43 +211,83 @@ pub async fn renew(broker: &std::sync::Arc<Broker>, peer: Option<PeerCert>, body
         Err(e) => return Reply::error(400, e),
     };
     let broker2 = broker.clone();
-    let identity = peer.identity.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let signer = broker2.ca.signer();
-        let cert = signer
-            .issue_site(
-                &csr,
-                &identity,
-                SystemTime::now(),
-                broker2.config.site_cert_lifetime,
-            )
-            .map_err(|e| (400, e.to_string()))?;
-        broker2
-            .record_issued(&identity, &cert)
-            .map_err(|e| (500, e.to_string()))?;
-        broker2.record_event(
-            &identity.site,
-            EventKind::Renewed {
-                not_after: token::unix_secs(cert.not_after),
-            },
-        );
-        Ok::<_, (u16, String)>(RenewResponse {
-            certificate: cert.pem,
-            ca: signer.cert_pem().to_string(),
-            trust_bundle: Some(broker2.ca.bundle_pem()),
-            not_after: token::unix_secs(cert.not_after),
-        })
-    })
-    .await;
+    let peer2 = peer.clone();
+    let result = tokio::task::spawn_blocking(move || renew_blocking(&broker2, &peer2, &csr)).await;
     match result {
         Ok(Ok(response)) => {
             crate::metrics::certificate_issued("renew");
             tracing::info!(site = %peer.identity.site, "site certificate renewed");
             Reply::json(200, &response)
         }
-        Ok(Err((status, message))) => Reply::error(status, message),
+        Ok(Err(refused)) if refused.status == 401 => refuse_renewal(&peer, &refused),
+        Ok(Err(failed)) => Reply::error(failed.status, failed.message),
         Err(_) => Reply::error(500, "internal error"),
     }
+}
+
+/// Issues the renewed certificate, unless the site or the certificate on
+/// the connection was revoked since the connection was made (revocation
+/// closes a site's tunnel, but a connection without one, or one whose
+/// revocation notice has not arrived yet, may still ask). A refusal has
+/// status 401 and a metric label; other errors are not refusals.
+fn renew_blocking(broker: &Broker, peer: &PeerCert, csr: &[u8]) -> Result<RenewResponse, Refused> {
+    let internal = |e: &dyn std::fmt::Display| Refused::new(500, "internal", e.to_string());
+    let identity = &peer.identity;
+    let record = broker
+        .store
+        .site(&identity.site)
+        .map_err(|e| internal(&e))?
+        .filter(|r| r.region == identity.region);
+    if let Some(revoked) = broker
+        .revoked_by(identity, &peer.serial, record.as_ref())
+        .map_err(|e| internal(&e))?
+    {
+        let refusal = revoked.refusal();
+        return Err(Refused::new(
+            401,
+            refusal.reason(),
+            refusal.message(identity.site.as_str(), identity.region.as_str()),
+        ));
+    }
+    let signer = broker.ca.signer();
+    let cert = signer
+        .issue_site(
+            csr,
+            identity,
+            SystemTime::now(),
+            broker.config.site_cert_lifetime,
+        )
+        .map_err(|e| Refused::new(400, "malformed", e.to_string()))?;
+    broker
+        .record_issued(identity, &cert)
+        .map_err(|e| internal(&e))?;
+    broker.record_event(
+        &identity.site,
+        EventKind::Renewed {
+            not_after: token::unix_secs(cert.not_after),
+        },
+    );
+    Ok(RenewResponse {
+        certificate: cert.pem,
+        ca: signer.cert_pem().to_string(),
+        trust_bundle: Some(broker.ca.bundle_pem()),
+        not_after: token::unix_secs(cert.not_after),
+    })
+}
+
+/// Answers a refused renewal: counted by reason, logged, and the plain
+/// words for the site (HTTP 401: the certificate on the connection is
+/// refused; the agent then ends the session and re-attests, which gives
+/// the same words for a revocation).
+fn refuse_renewal(peer: &PeerCert, refused: &Refused) -> Reply {
+    crate::metrics::renewal_refused(refused.reason);
+    tracing::info!(
+        site = %peer.identity.site,
+        reason = refused.reason,
+        "renewal refused: {}",
+        refused.message
+    );
+    Reply::error(refused.status, refused.message.clone())
 }
 
 /// Why a renewal with `peer`'s certificate is refused at `now`, if it is:
@@ -380,19 +418,9 @@ fn reattest_blocking(
         .site(&identity.site)
         .map_err(|e| internal(&e))?
         .filter(|r| r.region == identity.region);
-    let revoked = match &record {
-        Some(r) if r.revoked => Some(RevokedBy::Site(
-            r.revoked_at.map(tether_pki::token::from_unix_secs),
-        )),
-        _ if broker.revocations.is_revoked(&identity, &[]) => Some(RevokedBy::Site(None)),
-        _ if broker
-            .revocations
-            .is_revoked(&identity, &presented.peer.serial) =>
-        {
-            Some(RevokedBy::Certificate)
-        }
-        _ => None,
-    };
+    let revoked = broker
+        .revoked_by(&identity, &presented.peer.serial, record.as_ref())
+        .map_err(|e| internal(&e))?;
     let issued: Vec<IssuedKey> = match &record {
         Some(_) => broker
             .store

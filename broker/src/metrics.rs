@@ -177,7 +177,7 @@ fn describe() {
     describe_counter!(
         "tether_broker_renewals_refused_total",
         Unit::Count,
-        "Certificate renewals refused, by reason (expired: the certificate on the connection expired; the site re-attests instead)."
+        "Certificate renewals refused, by reason (expired: the certificate on the connection expired, the site re-attests instead; revoked: the site is revoked; certificate_revoked: the certificate on the connection is revoked)."
     );
     describe_counter!(
         "tether_broker_reattestations_total",

@@ -205,37 +205,6 @@ pub async fn run(
         datagrams.abort();
         return;
     };
-    if let Ending::Closed(r) = &reason
-        && let CloseAction::CloseConnection {
-            code,
-            reason,
-            drain,
-        } = close_action(
-            &broker,
-            &site,
-            *r,
-            ConnectionId::Quic(conn.stable_id() as u64),
-        )
-    {
-        // Make before break: the site's newer session already has its
-        // routes; until the site has moved to it (or the drain ends), what
-        // it sends here is still routed, and what is queued here is sent.
-        // The request stream stays open meanwhile, so the site does not
-        // take the old tunnel for lost before it has moved.
-        let code = VarInt::from_u64(code).unwrap_or_default();
-        if drain.is_zero() {
-            datagrams.abort();
-            conn.close(code, reason);
-        } else {
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(drain, conn.closed()).await;
-                datagrams.abort();
-                conn.close(code, reason);
-                drop(send);
-            });
-        }
-        return;
-    }
     datagrams.abort();
     match reason {
         Ending::Closed(r) => {
@@ -515,6 +484,21 @@ impl Started {
                 tracing::warn!(site = %site, error = %e, "tunnel stream framing error");
             }
         }
+        // Make before break: a session replaced by one on another
+        // connection has handed its routes over already; until the site has
+        // moved to the newer one (or the drain ends), what it still sends
+        // here is routed, and what is queued here is written. The request
+        // stream stays open meanwhile, so the site does not take the old
+        // tunnel for lost before it has moved. The caller closes the
+        // connection afterwards.
+        if let Ending::Closed(r) = &reason
+            && let CloseAction::CloseConnection { drain, .. } =
+                close_action(broker, &site, *r, session.link.connection_id())
+            && !drain.is_zero()
+        {
+            let carried = io.carry_packets(&mut self.core, &mut capsules, &mut gone);
+            let _ = tokio::time::timeout(drain, carried).await;
+        }
         reason
     }
 }
@@ -560,12 +544,52 @@ impl SessionIo<'_> {
         core: &mut BrokerSession,
         capsules: &mut CapsuleDecoder,
     ) -> Result<(), Ending> {
+        self.handle_capsules(core, capsules, false).await
+    }
+
+    /// Routes the packets a replaced session's site still sends on its
+    /// stream until the connection is gone (over HTTP/2 they are DATAGRAM
+    /// capsules on it; over HTTP/3 they are QUIC datagrams, routed by their
+    /// own task meanwhile, and the stream carries none). Only packets: the
+    /// routes, mappings and answers belong to the newer session now.
+    async fn carry_packets(
+        &mut self,
+        core: &mut BrokerSession,
+        capsules: &mut CapsuleDecoder,
+        gone: &mut Gone,
+    ) {
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                data = self.carrier.read(), if reading => match data {
+                    Ok(Some(data)) => {
+                        capsules.push(&data);
+                        reading = self.handle_capsules(core, capsules, true).await.is_ok();
+                    }
+                    Ok(None) | Err(_) => reading = false,
+                },
+                () = gone.wait() => return,
+            }
+        }
+    }
+
+    /// Handles every complete capsule; with `packets_only`, performs only
+    /// the routing of their IP packets.
+    async fn handle_capsules(
+        &mut self,
+        core: &mut BrokerSession,
+        capsules: &mut CapsuleDecoder,
+        packets_only: bool,
+    ) -> Result<(), Ending> {
         while let Some(raw) = capsules
             .next_capsule()
             .map_err(|e| Ending::Protocol(e.to_string()))?
         {
             let capsule = Capsule::parse(raw).map_err(|e| Ending::Protocol(e.to_string()))?;
-            let actions = core.on_capsule(capsule);
+            let mut actions = core.on_capsule(capsule);
+            if packets_only {
+                actions.retain(|a| matches!(a, BrokerAction::Datagram(_)));
+            }
             self.perform(core, actions).await?;
         }
         if let Some(mut batch) = self.batch.take() {

@@ -14,6 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use ipnet::IpNet;
 use tether_config::broker::BrokerConfig;
+use tether_pki::reattest::RevokedBy;
 use tether_pki::token::{self, EnrollmentCode};
 use tether_pki::{CertSlot, RevocationSet, Revoked, SiteIdentity};
 use tether_proto::api::{SiteInfo, TokenResponse};
@@ -766,6 +767,34 @@ impl Broker {
         self.revocations.revoke(entry);
         self.names_changed();
         Ok(connected)
+    }
+
+    /// Which revocation, if any, applies to the certificate `serial` of
+    /// `identity`, whose site record (in its region) is `record`: the one
+    /// decision renewal and re-attestation share. It weighs what the TLS
+    /// verifier checks at every handshake (the revocation set) and the
+    /// store itself, so a revocation another broker wrote, whose notice has
+    /// not arrived yet, already counts. Blocking.
+    pub fn revoked_by(
+        &self,
+        identity: &SiteIdentity,
+        serial: &[u8],
+        record: Option<&SiteRecord>,
+    ) -> Result<Option<RevokedBy>, BrokerError> {
+        if let Some(r) = record.filter(|r| r.revoked) {
+            return Ok(Some(RevokedBy::Site(
+                r.revoked_at.map(token::from_unix_secs),
+            )));
+        }
+        let site = Revoked::Site(identity.clone());
+        if self.revocations.is_revoked(identity, &[]) || self.store.is_revoked(&site)? {
+            return Ok(Some(RevokedBy::Site(None)));
+        }
+        let certificate = Revoked::Serial(serial.to_vec());
+        if self.revocations.is_revoked(identity, serial) || self.store.is_revoked(&certificate)? {
+            return Ok(Some(RevokedBy::Certificate));
+        }
+        Ok(None)
     }
 
     /// Records an issued site certificate, with the hash of its key (which

@@ -19,37 +19,19 @@ use tether_proto::report::ProblemKind;
 use crate::link::BrokerConn;
 use crate::report::Problems;
 
-/// A skew up to this many seconds (the `Date` header's resolution and a
-/// round trip) is not a wrong clock.
-pub const TOLERANCE_SECS: f64 = 5.0;
+pub use tether_proto::skew::{TOLERANCE_SECS, skew_problem};
 
 /// The path asked for the broker's `Date`: any answer carries one (the
 /// broker answers `404`; `tether doctor` asks the same).
 pub const DATE_PATH: &str = "/.well-known/tether/doctor";
 
 /// The broker's clock against this host's, in seconds (positive: the
-/// broker is ahead), from its `Date` (`broker_date`) on an answer to a
-/// request sent at `sent` by this host's clock, `rtt` being the round trip.
+/// broker is ahead), from its `Date` header (`broker_date`) on an answer to
+/// a request sent at `sent`, `rtt` being the round trip
+/// ([`tether_proto::skew::skew_secs`]); `None` if it is not a date.
 pub fn skew_secs(broker_date: &str, sent: SystemTime, rtt: Duration) -> Option<f64> {
     let broker_time = httpdate::parse_http_date(broker_date).ok()?;
-    // The broker's clock read about half a round trip after the request
-    // left; its Date has one-second resolution.
-    let local = sent + rtt / 2;
-    Some(match broker_time.duration_since(local) {
-        Ok(ahead) => ahead.as_secs_f64(),
-        Err(behind) => -behind.duration().as_secs_f64(),
-    })
-}
-
-/// What to report about a skew, if it is more than [`TOLERANCE_SECS`]:
-/// "this host's clock is 2 h ahead of the broker's: fix the clock (NTP)".
-pub fn skew_problem(skew_secs: f64) -> Option<String> {
-    (skew_secs.abs() > TOLERANCE_SECS).then(|| {
-        format!(
-            "this host's clock is {} the broker's: fix the clock (NTP), or this site's certificate will look expired or not yet valid here",
-            crate::doctor::clock_off(skew_secs)
-        )
-    })
+    Some(tether_proto::skew::skew_secs(broker_time, sent, rtt))
 }
 
 /// Asks the broker on `conn` for its time and, when this host's clock
@@ -87,20 +69,6 @@ pub fn dial_failed(problems: &Problems, failure: &crate::failure::Failure) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_skew_within_the_tolerance_is_no_problem() {
-        assert_eq!(skew_problem(4.0), None);
-        assert_eq!(skew_problem(-5.0), None);
-        let ahead = skew_problem(-7200.0).unwrap();
-        assert!(
-            ahead
-                .starts_with("this host's clock is 2 h ahead of the broker's: fix the clock (NTP)"),
-            "{ahead}"
-        );
-        let behind = skew_problem(2.0 * 86_400.0).unwrap();
-        assert!(behind.contains("2 days behind the broker's"), "{behind}");
-    }
 
     #[test]
     fn the_skew_is_read_from_the_date_half_a_round_trip_later() {

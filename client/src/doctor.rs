@@ -15,7 +15,10 @@ use crate::h3client::quic_config;
 use crate::link::{BrokerConn, Dialer};
 use crate::proxy::Proxy;
 use crate::state_dir::StateDir;
+use tether_proto::skew::{clock_off, rough_duration};
 use tether_shell::quic::transport_config;
+
+pub mod trust;
 
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -127,21 +130,8 @@ impl Report {
 
 fn in_or_ago(t: SystemTime, now: SystemTime) -> String {
     match t.duration_since(now) {
-        Ok(ahead) => format!("in {}", humanize(ahead)),
-        Err(e) => format!("{} ago", humanize(e.duration())),
-    }
-}
-
-fn humanize(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 2 * 86_400 {
-        format!("{} days", s / 86_400)
-    } else if s >= 7200 {
-        format!("{} h", s / 3600)
-    } else if s >= 120 {
-        format!("{} min", s / 60)
-    } else {
-        format!("{s} s")
+        Ok(ahead) => format!("in {}", rough_duration(ahead)),
+        Err(e) => format!("{} ago", rough_duration(e.duration())),
     }
 }
 
@@ -244,23 +234,12 @@ pub fn udp_too_small() -> String {
     )
 }
 
-/// "3 days ahead of", "40 s behind": this machine's clock against the
-/// broker's, from the broker's skew (positive: the broker is ahead).
-pub(crate) fn clock_off(skew_secs: f64) -> String {
-    let off = humanize(Duration::from_secs_f64(skew_secs.abs()));
-    if skew_secs < 0.0 {
-        format!("{off} ahead of")
-    } else {
-        format!("{off} behind")
-    }
-}
-
 /// The clock check from the broker's skew against this machine, in seconds
 /// (positive: the broker is ahead). The broker has accepted this site's
 /// certificate when the skew is known, so a skew alone does not block the
 /// site; it is worth fixing.
 pub fn clock_check(skew_secs: f64) -> Check {
-    let (level, advice) = if skew_secs.abs() <= crate::clock::TOLERANCE_SECS {
+    let (level, advice) = if skew_secs.abs() <= tether_proto::skew::TOLERANCE_SECS {
         (Level::Ok, String::new())
     } else {
         (
@@ -476,7 +455,7 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
         }
         report
             .checks
-            .push(crate::trust::bundle_check(&c.bundle, leaf, clock.now()));
+            .push(trust::bundle_check(&c.bundle, leaf, clock.now()));
     }
 
     // Proxy.

@@ -17,8 +17,7 @@
 //! - The admin API client and the tables of `tether routes`, `tether
 //!   sites`, `tether trace` are `tether_shell::operator` (the broker's CLI
 //!   prints them too).
-//! - [`state_dir`]: the state directory; [`trust`]: the trust bundle in
-//!   `tether doctor`.
+//! - [`state_dir`]: the state directory.
 
 pub mod agent;
 pub mod brokers;
@@ -38,5 +37,4 @@ pub mod pumps;
 pub mod report;
 pub mod standby;
 pub mod state_dir;
-pub mod trust;
 pub mod tun;

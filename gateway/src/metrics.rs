@@ -15,10 +15,13 @@ use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
 use metrics::{Counter, Unit, counter, describe_counter};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tether_shell::accept::{HttpLimits, ListenerEvents, serve_http1};
 
 const FORWARDED: &str = "tether_gateway_packets_total";
 const DROPPED: &str = "tether_gateway_packets_dropped_total";
 const REFUSED: &str = "tether_gateway_wireguard_refused_total";
+const ACCEPT_FAILED: &str = "tether_gateway_accept_failures_total";
+const CONNECTIONS_REFUSED: &str = "tether_gateway_connections_refused_total";
 
 /// The process-wide Prometheus recorder (installed once).
 pub fn recorder() -> &'static PrometheusHandle {
@@ -38,6 +41,16 @@ pub fn recorder() -> &'static PrometheusHandle {
             DROPPED,
             Unit::Count,
             "Packets of the gateway's packet path that were not forwarded, by reason: not_from_broker (a datagram from another address than the broker's), bad_control (a control message from the broker that does not decode), device_write (the device refused a write), send_failed (the UDP send to the broker failed), seal_failed (WireGuard could not seal a packet)."
+        );
+        describe_counter!(
+            ACCEPT_FAILED,
+            Unit::Count,
+            "Failed accepts of a TCP listener (the metrics listener), by listener: out of file descriptors, most likely; the listener pauses."
+        );
+        describe_counter!(
+            CONNECTIONS_REFUSED,
+            Unit::Count,
+            "Connections of a TCP listener closed at once, by listener and reason (limit: the listener holds its most connections already)."
         );
         describe_counter!(
             REFUSED,
@@ -230,11 +243,42 @@ impl LogBudget {
     }
 }
 
+/// Limits of the metrics listener: the broker's admin-listener defaults.
+/// A scraper sends one short request at a time; anyone else who reaches the
+/// address must not hold the gateway's file descriptors.
+pub const LIMITS: HttpLimits = HttpLimits {
+    header_read_timeout: Duration::from_secs(10),
+    max_connections: 16,
+};
+
+/// The metrics listener's counts.
+struct MetricsEvents;
+
+impl ListenerEvents for MetricsEvents {
+    type Open = ();
+
+    fn accept_failed(&self) {
+        counter!(ACCEPT_FAILED, "listener" => "metrics").increment(1);
+    }
+
+    fn refused_at_limit(&self, _remote: SocketAddr) {
+        counter!(CONNECTIONS_REFUSED, "listener" => "metrics", "reason" => "limit").increment(1);
+    }
+
+    fn opened(&self) {}
+}
+
 /// Serves `GET /metrics` on `addr` until the task is aborted.
 pub async fn serve(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {addr} ([metrics] listen)"))?;
+    tracing::info!(listen = %addr, "serving metrics on http://{addr}/metrics");
+    Ok(tokio::spawn(serve_on(listener, LIMITS)))
+}
+
+/// Serves `GET /metrics` on `listener` within `limits`.
+async fn serve_on(listener: tokio::net::TcpListener, limits: HttpLimits) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(|| async {
@@ -247,17 +291,64 @@ pub async fn serve(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<(
             )
         }),
     );
-    tracing::info!(listen = %addr, "serving metrics on http://{addr}/metrics");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics listener stopped");
-        }
-    }))
+    serve_http1("metrics", listener, app, limits, MetricsEvents).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads until the server closes the connection (an end or a reset),
+    /// within `within`; what was read.
+    async fn until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(within, tcp.read_to_end(&mut buf))
+            .await
+            .expect("the connection is still open");
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_request_header_is_closed_after_the_timeout_and_connections_are_capped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(2),
+            max_connections: 1,
+        };
+        let server = tokio::spawn(serve_on(listener, limits));
+
+        // A scraper's request is answered.
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = until_closed(&mut scrape, Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+        // Half a request header holds the only place until the timeout.
+        let started = tokio::time::Instant::now();
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            .await
+            .unwrap();
+        // Meanwhile another connection finds no place: closed unanswered.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = extra
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await;
+        assert!(
+            until_closed(&mut extra, Duration::from_secs(5))
+                .await
+                .is_empty()
+        );
+        let _ = until_closed(&mut half, Duration::from_secs(10)).await;
+        assert!(started.elapsed() >= limits.header_read_timeout);
+        server.abort();
+    }
 
     #[test]
     fn a_reason_is_logged_once_a_minute_with_what_it_missed() {

@@ -222,6 +222,17 @@ pub enum RevokedBy {
     Certificate,
 }
 
+impl RevokedBy {
+    /// The refusal this revocation makes, for a renewal and a
+    /// re-attestation alike.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            RevokedBy::Site(at) => Refusal::SiteRevoked { at },
+            RevokedBy::Certificate => Refusal::CertificateRevoked,
+        }
+    }
+}
+
 /// Everything [`decide`] weighs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
@@ -337,10 +348,8 @@ impl Refusal {
 /// than the window. A certificate still valid is always granted: that is
 /// a renewal.
 pub fn decide(facts: &Facts) -> Result<Granted, Refusal> {
-    match facts.revoked {
-        Some(RevokedBy::Site(at)) => return Err(Refusal::SiteRevoked { at }),
-        Some(RevokedBy::Certificate) => return Err(Refusal::CertificateRevoked),
-        None => {}
+    if let Some(revoked) = facts.revoked {
+        return Err(revoked.refusal());
     }
     match facts.key {
         KeyStanding::Current => {}

@@ -27,7 +27,8 @@
 //! - [`events`]: each site's timeline of session and trust events, its
 //!   state (online, offline, flapping), and the site list's filter.
 //! - [`report`]: problems an agent reports for its site's timeline, and
-//!   the bounds and rate a broker stores them within.
+//!   the bounds and rate a broker stores them within; [`skew`]: a host's
+//!   clock against the broker's, and the words for a wrong one.
 //! - [`fleet`]: the brokers of a deployment as one broker sees them
 //!   (membership, which broker holds each site) and what follows when
 //!   either changes.
@@ -72,6 +73,7 @@ pub mod quic_probe;
 pub mod report;
 pub mod route;
 pub mod send_queue;
+pub mod skew;
 pub mod tunnel;
 pub mod varint;
 

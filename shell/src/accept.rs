@@ -4,10 +4,18 @@
 //! fails again at once. [`AcceptBackoff`] pauses instead.
 //!
 //! [`ConnectionLimit`] caps the connections a listener holds open.
+//!
+//! [`serve_http1`] is both, for an HTTP/1 listener (the broker's admin
+//! API, the gateway's metrics), with a deadline for each request header: a
+//! client that opens a connection and sends half a header (or nothing)
+//! would otherwise hold a descriptor for as long as it likes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long an accepted connection past the cap waits for a place before
@@ -75,6 +83,74 @@ impl AcceptBackoff {
         let delay = self.next_delay();
         self.failures = self.failures.saturating_add(1);
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Limits of an HTTP/1 listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Longest wait for a complete request header (also while a connection
+    /// is idle between requests); the connection is closed past it.
+    pub header_read_timeout: Duration,
+    /// Most connections open at once; past it a new connection waits up to
+    /// [`LIMIT_GRACE`] for a place and is then closed.
+    pub max_connections: usize,
+}
+
+/// What an HTTP/1 listener reports to its binary's metrics.
+pub trait ListenerEvents: Send + Sync + 'static {
+    /// Held while a connection is open (e.g. a gauge's increment).
+    type Open: Send + 'static;
+    /// An `accept` failed (the loop pauses).
+    fn accept_failed(&self);
+    /// A connection was closed at once: the listener holds
+    /// `max_connections` already.
+    fn refused_at_limit(&self, remote: std::net::SocketAddr);
+    /// A connection was accepted.
+    fn opened(&self) -> Self::Open;
+}
+
+/// Serves `app` over HTTP/1 on `listener` within `limits`, until the task
+/// is aborted; `name` names the listener in logs.
+pub async fn serve_http1<E: ListenerEvents>(
+    name: &'static str,
+    listener: TcpListener,
+    app: axum::Router,
+    limits: HttpLimits,
+    events: E,
+) {
+    let places = ConnectionLimit::new(limits.max_connections);
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
+            Err(e) => {
+                events.accept_failed();
+                backoff.pause(name, &e).await;
+                continue;
+            }
+        };
+        let Some(permit) = places.admit().await else {
+            events.refused_at_limit(remote);
+            tracing::debug!(listener = name, %remote, "connection refused: too many open");
+            drop(tcp);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let open = events.opened();
+        tokio::spawn(async move {
+            let _held = (permit, open);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+                tracing::debug!(listener = name, %remote, error = %e, "connection ended");
+            }
+        });
     }
 }
 

@@ -176,6 +176,51 @@ async fn a_revocation_at_one_broker_ends_the_session_at_another() {
     drop(server);
 }
 
+#[tokio::test]
+async fn a_site_revoked_at_another_broker_cannot_renew_on_its_open_connection() {
+    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let extra = server.broker_toml("/tether/renew/");
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let one = TestBroker::start(&extra).await;
+        let two = TestBroker::start(&extra).await;
+        let a = TestSite::enroll(&two, "site-a").await;
+        // A connection to broker two with no tunnel: nothing closes it.
+        let config = two.client_config();
+        let dialer = tether::link::Dialer::for_site(&config, &a.state, None).unwrap();
+        let (conn, target) = dialer
+            .connect(&config, &[tether_proto::tunnel::Transport::H3])
+            .await
+            .unwrap();
+        // Broker one revokes the site; broker two is asked at once, before
+        // or after the store's notice reaches it: the store decides.
+        let b1 = one.broker().clone();
+        tokio::task::spawn_blocking(move || {
+            b1.revoke_site(&"site-a".parse().unwrap(), &"local".parse().unwrap())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let first = a.state.credentials().unwrap();
+        match tether::enroll::renew(&conn, &a.state, &target).await {
+            Err(tether::enroll::RenewError::CertificateRefused(message)) => assert!(
+                message.starts_with("this site was revoked by the operator on"),
+                "{message}"
+            ),
+            other => panic!("a site revoked at another broker renewed: {other:?}"),
+        }
+        assert_eq!(a.state.credentials().unwrap().chain, first.chain);
+        conn.close("done");
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
+
 /// `tether-broker store migrate` moves an embedded broker's deployment to
 /// etcd with its CA: the site enrolled before connects to the broker on
 /// etcd with the certificate it has, at its address, without enrolling

@@ -229,6 +229,61 @@ async fn a_site_over_http2_keeps_its_address_and_reaches_http3_sites() {
 }
 
 #[tokio::test]
+async fn a_replaced_http2_connection_carries_the_sites_packets_until_it_has_moved() {
+    let broker = TestBroker::start(
+        "[[policy.allow]]\nname = \"a-and-b\"\nfrom = [\"site:site-a\", \"site:site-b\"]\nto = [\"site:site-a\", \"site:site-b\"]\n",
+    )
+    .await;
+    let a = TestSite::enroll(&broker, "site-a").await;
+    let b = TestSite::enroll(&broker, "site-b").await;
+    let tb = tether_tests::tunnel_for(&broker, &b).await;
+    let addr_b = tether_tests::v4(&tb);
+    let configured = |s: &H2Site| !s.session.addresses().is_empty();
+    let mut old = H2Site::open(&broker, &a).await.unwrap();
+    old.until("addresses", configured).await;
+    let addr_a = old.v4();
+
+    // The site moves its tunnel to a new HTTP/2 connection (as after a
+    // renewal): the new session replaces the old and holds the routes.
+    let mut new = H2Site::open(&broker, &a).await.unwrap();
+    new.until("addresses", configured).await;
+    assert_eq!(new.v4(), addr_a);
+    tb.send_packet(&ping(addr_b, addr_a, 1));
+    new.until("a packet on the new connection", |s| !s.packets.is_empty())
+        .await;
+
+    // Until the site has moved, it still sends on the old connection:
+    // what it sends there is delivered, not dropped with the connection.
+    for seq in 2..5 {
+        let mut buf = vec![0u8; old.link.headroom()];
+        buf.extend_from_slice(&ping(addr_a, addr_b, seq));
+        old.link
+            .send(&mut buf)
+            .expect("the broker closed the replaced connection at once");
+        let p = tb
+            .recv_packet(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("packet {seq} sent on the replaced connection was lost"));
+        let p = Packet::parse(&p).unwrap();
+        assert_eq!((p.src, p.dst), (IpAddr::V4(addr_a), IpAddr::V4(addr_b)));
+    }
+
+    // Then the broker closes it by itself, well before the agent would.
+    tokio::time::timeout(
+        tether_proto::agent::liveness::RETIRE_AFTER + Duration::from_secs(1),
+        old.conn.closed(),
+    )
+    .await
+    .expect("the replaced connection was never closed");
+    // The new session is untouched.
+    tb.send_packet(&ping(addr_b, addr_a, 9));
+    new.until("a packet after the old connection closed", |s| {
+        s.packets.len() >= 2
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn http2_applies_the_same_identity_rules() {
     let broker = TestBroker::start("").await;
     let site = TestSite::enroll(&broker, "site-c").await;

@@ -378,3 +378,81 @@ async fn a_renewal_on_a_connection_that_outlived_its_certificate_is_refused() {
     assert_ne!(site.state.credentials().unwrap().chain, first.chain);
     assert_eq!(dial_refusal(&broker, &site).await, None);
 }
+
+#[tokio::test]
+async fn a_revoked_site_or_certificate_cannot_renew_on_a_connection_still_open() {
+    let broker = TestBroker::start("").await;
+    let revoked = TestSite::enroll(&broker, "lab-revoked").await;
+    let replaced = TestSite::enroll(&broker, "lab-replaced").await;
+    let config = broker.client_config();
+    // Connections made before the revocation, with no tunnel: revocation
+    // ends a site's tunnel, and nothing else ends these.
+    let mut open = Vec::new();
+    for site in [&revoked, &replaced] {
+        let dialer = Dialer::for_site(&config, &site.state, None).unwrap();
+        for transport in [Transport::H3, Transport::H2] {
+            let (conn, target) = dialer.connect(&config, &[transport]).await.unwrap();
+            open.push((site, transport, conn, target));
+        }
+    }
+    let refused = |reason: &str| {
+        tether_tests::metric(&format!(
+            "tether_broker_renewals_refused_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    let before = (refused("revoked"), refused("certificate_revoked"));
+
+    // The operator revokes one site. The other one's certificate is
+    // revoked in the store only, as another broker sharing the store
+    // writes it (this broker learns of it by a notice, maybe later).
+    let b = broker.broker().clone();
+    tokio::task::spawn_blocking(move || {
+        b.revoke_site(&"lab-revoked".parse().unwrap(), &"local".parse().unwrap())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let creds = replaced.state.credentials().unwrap();
+    let serial = tether_pki::tls::peer_identity(&creds.chain, broker.broker().ca.trust_domain())
+        .unwrap()
+        .serial;
+    broker
+        .broker()
+        .store
+        .revoke(&tether_pki::Revoked::Serial(serial))
+        .unwrap();
+
+    let today = tether_pki::reattest::utc_date(SystemTime::now());
+    let today = &today[..10];
+    for (site, transport, conn, target) in &open {
+        let first = site.state.credentials().unwrap();
+        match tether::enroll::renew(conn, &site.state, target).await {
+            Err(tether::enroll::RenewError::CertificateRefused(message)) => {
+                if std::ptr::eq(*site, &revoked) {
+                    assert!(
+                        message.starts_with(&format!(
+                            "this site was revoked by the operator on {today}"
+                        )),
+                        "{message}"
+                    );
+                    assert!(
+                        message.contains("tether-broker token create --site lab-revoked"),
+                        "{message}"
+                    );
+                } else {
+                    assert!(
+                        message.starts_with("this site's certificate was revoked"),
+                        "{message}"
+                    );
+                }
+            }
+            other => panic!("renewed a revoked certificate over {transport:?}: {other:?}"),
+        }
+        assert_eq!(site.state.credentials().unwrap().chain, first.chain);
+    }
+    assert!(refused("revoked") >= before.0 + 2.0);
+    assert!(refused("certificate_revoked") >= before.1 + 2.0);
+    for (_, _, conn, _) in open {
+        conn.close("done");
+    }
+}

@@ -883,6 +883,14 @@ impl Store for EtcdStore {
             .collect()
     }
 
+    fn is_revoked(&self, entry: &Revoked) -> Result<bool, StoreError> {
+        let key = self.keys.revocation(entry);
+        let kvs = self.call("read", move |mut c| async move {
+            Ok(c.get(key, None).await?.take_kvs())
+        })?;
+        Ok(!kvs.is_empty())
+    }
+
     fn append_event(
         &self,
         site: &SiteId,

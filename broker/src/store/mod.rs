@@ -132,6 +132,9 @@ pub trait Store: TokenLedger + Send + Sync + 'static {
     fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError>;
     /// Every revocation.
     fn revocations(&self) -> Result<Vec<Revoked>, StoreError>;
+    /// Whether this revocation is stored (one read, where the broker
+    /// decides on a single certificate).
+    fn is_revoked(&self, entry: &Revoked) -> Result<bool, StoreError>;
     /// Appends an event to a site's timeline, dropping its oldest events
     /// beyond `limit` ([`Timeline::push`]).
     fn append_event(

@@ -426,6 +426,12 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn is_revoked(&self, entry: &Revoked) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(REVOCATIONS)?;
+        Ok(table.get(revocation_key(entry).as_str())?.is_some())
+    }
+
     fn append_event(
         &self,
         site: &SiteId,

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::doctor::{Check, Level};
+use super::{Check, Level};
 
 /// The name of the trust bundle check.
 pub const TRUST_BUNDLE: &str = "trust bundle";
