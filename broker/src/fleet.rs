@@ -36,7 +36,7 @@ use etcd_client::{
 use tether_config::broker::EtcdConfig;
 use tether_proto::fleet::{BrokerId, Decision, Fleet, Member};
 use tether_proto::ids::{RegionId, SiteId};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::store::StoreError;
@@ -64,6 +64,9 @@ const RETRY: Duration = Duration::from_millis(500);
 enum Command {
     Claim(SiteId),
     Release(SiteId),
+    /// Leave the fleet: revoke the lease (the announcement and every owner
+    /// key with it), answer, and stop.
+    Leave(oneshot::Sender<()>),
 }
 
 /// A broker's handle on the fleet.
@@ -85,6 +88,18 @@ impl FleetHandle {
     /// This broker holds no session of `site` any more.
     pub fn release(&self, site: &SiteId) {
         let _ = self.commands.send(Command::Release(site.clone()));
+    }
+
+    /// Leaves the fleet now rather than at the lease's expiry: the lease is
+    /// revoked, so etcd deletes this broker's announcement and owner keys
+    /// at once and the other brokers drop it as a peer (a restart under a
+    /// new id is then not shadowed by the old announcement). Returns when
+    /// etcd answered, or after the store's timeout.
+    pub async fn leave(&self) {
+        let (done, answered) = oneshot::channel();
+        if self.commands.send(Command::Leave(done)).is_ok() {
+            let _ = answered.await;
+        }
     }
 
     /// The membership version and the endpoints a site of `region` should
@@ -180,6 +195,7 @@ pub async fn start(
         commands: command_rx,
         timeout: config.timeout,
         endpoints: config.endpoints.join(", "),
+        left: false,
     };
     // The first announcement before the broker serves, so that a broker
     // that cannot join says so at start.
@@ -198,6 +214,7 @@ pub async fn start(
             };
             match ended {
                 Ok(()) => return,
+                Err(_) if task.left => return,
                 Err(e) => tracing::warn!(error = %e, "fleet: starting over"),
             }
             tokio::time::sleep(RETRY).await;
@@ -277,6 +294,8 @@ struct Task {
     commands: mpsc::UnboundedReceiver<Command>,
     timeout: Duration,
     endpoints: String,
+    /// The broker left the fleet: do not join again.
+    left: bool,
 }
 
 /// A lease and the revision the view was read at.
@@ -318,10 +337,16 @@ impl Task {
         // Sessions that opened or ended while the task was away: their
         // claims are written below, under the new lease, as re-claims.
         while let Ok(command) = self.commands.try_recv() {
-            self.with_fleet(|f| match command {
-                Command::Claim(site) => f.handle_claim(site),
-                Command::Release(site) => f.handle_released(&site),
-            });
+            match command {
+                Command::Claim(site) => self.with_fleet(|f| f.handle_claim(site)),
+                Command::Release(site) => self.with_fleet(|f| f.handle_released(&site)),
+                // No lease to revoke (the last one is gone); stop here.
+                Command::Leave(done) => {
+                    self.left = true;
+                    let _ = done.send(());
+                    return Err(StoreError("the broker left the fleet".into()));
+                }
+            }
         }
         let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(5);
         let asked = Instant::now();
@@ -534,6 +559,16 @@ impl Task {
                         self.with_fleet(|f| f.handle_released(&site));
                         self.release(&site).await?;
                     }
+                    Some(Command::Leave(done)) => {
+                        let revoked = tokio::time::timeout(self.timeout, c.lease_revoke(joined.lease)).await;
+                        match revoked {
+                            Ok(Ok(_)) => tracing::info!(broker = %self.me, "left the broker fleet"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the broker fleet; the others drop this broker when its lease expires"),
+                            Err(_) => tracing::warn!("etcd did not answer in time; the other brokers drop this broker when its lease expires"),
+                        }
+                        let _ = done.send(());
+                        return Ok(());
+                    }
                     None => {
                         // The broker is gone: leave the fleet now rather
                         // than at the lease's expiry.
@@ -574,7 +609,7 @@ fn apply(keys: &Keys, fleet: &mut Fleet, kind: EventType, kv: &KeyValue) -> Vec<
     if let Some(id) = key.strip_prefix(&keys.brokers) {
         match kind {
             EventType::Put => match serde_json::from_slice::<Member>(kv.value()) {
-                Ok(member) => fleet.handle_member(id.to_string(), member),
+                Ok(member) => fleet.handle_member(id.to_string(), member, kv.create_revision()),
                 Err(e) => tracing::warn!(broker = id, error = %e, "fleet: unreadable announcement"),
             },
             EventType::Delete => fleet.handle_member_gone(id),

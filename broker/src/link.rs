@@ -235,10 +235,9 @@ impl Link {
     pub fn set_peers(&self, fleet: &Fleet) {
         let mut wanted: BTreeMap<BrokerId, ([u8; 32], SocketAddr)> = BTreeMap::new();
         let mut paced: BTreeMap<BrokerId, bool> = BTreeMap::new();
-        for (id, member) in fleet.members() {
-            if id == fleet.me() {
-                continue;
-            }
+        // One per link key: a broker restarted under a new id is reached
+        // there, not under the announcement its previous run left.
+        for (id, member) in fleet.link_members() {
             let Some((endpoint, key)) = member.link() else {
                 continue;
             };
@@ -246,6 +245,11 @@ impl Link {
                 (Ok(endpoint), Some(key)) if key != self.public_key() => {
                     wanted.insert(id.clone(), (key, endpoint));
                     paced.insert(id.clone(), member.link_keepalive_ms.is_some());
+                }
+                // This broker's own key, in what its previous run announced
+                // (alive after a crash until that run's lease expires).
+                (Ok(_), Some(key)) if key == self.public_key() => {
+                    tracing::debug!(broker = %id, "fleet: an earlier run of this broker is still announced");
                 }
                 _ => tracing::warn!(
                     broker = %id,

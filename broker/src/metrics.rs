@@ -50,6 +50,11 @@ fn describe() {
         "Times this broker's fleet lease in etcd ran out without a renewal, so that it asked its sites to move to another broker."
     );
     describe_counter!(
+        "tether_broker_relayed_on_packets_total",
+        Unit::Count,
+        "Packets another broker relayed here for a site that had just moved on to a third broker (a handover the sender had not learnt yet), relayed on to that broker."
+    );
+    describe_counter!(
         "tether_broker_sessions_handed_over_total",
         Unit::Count,
         "Sessions whose site moved to another broker while this one drained on SIGTERM (moved), or were still here when the drain time ran out (stayed)."
@@ -291,6 +296,9 @@ pub struct Metrics {
     pub drops: BTreeMap<DropReason, Counter>,
     /// ICMP errors sent.
     pub icmp_sent: Counter,
+    /// Packets relayed here for a site that had moved on to another
+    /// broker, relayed on to it.
+    pub relayed_on: Counter,
     /// Live sessions by transport.
     pub sessions: BTreeMap<Transport, Gauge>,
     /// Sessions that replaced one of the same site on a better transport.
@@ -383,6 +391,7 @@ impl Metrics {
             to_gateway_packets: counter!("tether_broker_packets_total", "direction" => "to_gateway"),
             drops,
             icmp_sent: counter!("tether_broker_icmp_errors_sent_total"),
+            relayed_on: counter!("tether_broker_relayed_on_packets_total"),
             sessions: Transport::ALL
                 .iter()
                 .map(|t| {

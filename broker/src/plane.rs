@@ -20,6 +20,7 @@
 //! through it ([`Verdict::Relay`]), and packets arriving on it go only to
 //! this broker's own sessions and gateways ([`Plane::attach_link`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -185,6 +186,8 @@ pub struct Plane {
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
     batches: Mutex<Vec<SiteBatch>>,
+    /// Packets relayed on to the broker a site moved to.
+    relayed_on: AtomicU64,
 }
 
 impl std::fmt::Debug for Plane {
@@ -208,6 +211,7 @@ impl Plane {
             link: OnceLock::new(),
             metrics,
             batches: Mutex::new(Vec::new()),
+            relayed_on: AtomicU64::new(0),
         }
     }
 
@@ -308,16 +312,27 @@ impl Plane {
             .try_for_each(|f| link.send(&relay.broker, f))
     }
 
+    /// Packets other brokers relayed here for sites that had moved on, and
+    /// that this broker relayed on to their new broker, since it started.
+    pub fn relayed_on(&self) -> u64 {
+        self.relayed_on.load(Ordering::Relaxed)
+    }
+
     /// An IP packet another broker relayed here: delivered to a session or
-    /// gateway of this broker, never relayed on.
+    /// gateway of this broker, or relayed on to the broker its site just
+    /// moved to ([`tether_proto::forward::Router::decide_relayed`]).
     fn route_relayed_packet(&self, link: &Link, peer: &LinkPeer, packet: &mut [u8]) {
         let mut buffer = Buffer::new(packet);
         let verdict = {
             let Ok(router) = self.core.read() else {
                 return;
             };
-            router.decide_relayed(buffer.packet_mut(), |t| self.mtu_of(t))
+            router.decide_relayed(buffer.packet_mut(), &peer.id, |t| self.mtu_of(t))
         };
+        if matches!(verdict, Verdict::Relay(_)) {
+            self.relayed_on.fetch_add(1, Ordering::Relaxed);
+            self.metrics.relayed_on.increment(1);
+        }
         let _ = self.perform(
             verdict,
             buffer,

@@ -363,6 +363,13 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     })
 }
 
+/// After its last site moved, a stopping broker stays until no packet for
+/// its moved sites has been relayed to it for this long (the other brokers
+/// learn of each move from etcd a little later than the site made it;
+/// meanwhile this broker relays their packets on to the site's new
+/// broker), within the drain time.
+pub const HANDOVER_QUIET: Duration = Duration::from_millis(300);
+
 /// What a drain achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -378,8 +385,10 @@ impl Running {
     /// Hands the sites to the other brokers, then shuts down: every HTTP/3
     /// and HTTP/2 connection gets a GOAWAY, and the broker waits up to `drain` for its
     /// sessions to end (each site opens its tunnel at another broker, which
-    /// takes the site over, and then leaves this one). A broker alone in
-    /// its regions does not wait.
+    /// takes the site over, and then leaves this one). Then, within the
+    /// same time, it relays on what the other brokers still send it for
+    /// the moved sites until that stops, and leaves the fleet. A broker
+    /// alone in its regions does not wait.
     pub async fn handover(self, drain: Duration) -> Drained {
         let started = std::time::Instant::now();
         let sessions = self.broker.sessions().all().len();
@@ -423,12 +432,45 @@ impl Running {
                 "every site moved to another broker"
             );
         }
+        if sessions > stayed {
+            self.relay_for_moved_sites(deadline).await;
+        }
         self.shutdown().await;
         drained
     }
 
-    /// Closes every session and listener.
+    /// Keeps relaying, to their new brokers, the packets other brokers
+    /// still send here for the sites that moved, until none has come for
+    /// [`HANDOVER_QUIET`] or `deadline` passes.
+    async fn relay_for_moved_sites(&self, deadline: tokio::time::Instant) {
+        let plane = self.broker.plane();
+        let started = tokio::time::Instant::now();
+        let (mut seen, mut quiet_since) = (plane.relayed_on(), started);
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline || now.duration_since(quiet_since) >= HANDOVER_QUIET {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(deadline - now)).await;
+            let n = plane.relayed_on();
+            if n != seen {
+                (seen, quiet_since) = (n, tokio::time::Instant::now());
+            }
+        }
+        let relayed = plane.relayed_on();
+        tracing::info!(
+            relayed_on = relayed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "no packet for a moved site is relayed here any more; leaving"
+        );
+    }
+
+    /// Leaves the fleet (so that the other brokers drop this one at once),
+    /// then closes every session and listener.
     pub async fn shutdown(self) {
+        if let Some(fleet) = self.broker.fleet() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), fleet.leave()).await;
+        }
         for s in self.broker.sessions().all() {
             s.request_close(CloseReason::Shutdown);
         }

@@ -137,6 +137,8 @@ pub enum Decision {
 pub struct Fleet {
     me: BrokerId,
     members: BTreeMap<BrokerId, Member>,
+    /// The store revision at which each member's announcement was created.
+    announced: BTreeMap<BrokerId, i64>,
     owners: BTreeMap<SiteId, Owner>,
     claims: BTreeMap<SiteId, Claim>,
     version: u64,
@@ -153,6 +155,7 @@ impl Fleet {
         Self {
             me,
             members: BTreeMap::new(),
+            announced: BTreeMap::new(),
             owners: BTreeMap::new(),
             claims: BTreeMap::new(),
             version: 0,
@@ -284,8 +287,36 @@ impl Fleet {
         &self.members
     }
 
-    /// A broker announced itself (or changed its announcement).
-    pub fn handle_member(&mut self, id: BrokerId, member: Member) {
+    /// The other live brokers to relay to, one per link key: a broker
+    /// restarted with its key under a new id while the announcement of its
+    /// previous run is still alive (after a crash, until that lease
+    /// expires) is reached under the newer announcement (the higher
+    /// `created` revision), which is the process listening now.
+    pub fn link_members(&self) -> BTreeMap<&BrokerId, &Member> {
+        let mut newest: BTreeMap<&str, (i64, &BrokerId)> = BTreeMap::new();
+        for (id, member) in &self.members {
+            let Some((_, key)) = member.link() else {
+                continue;
+            };
+            if *id == self.me {
+                continue;
+            }
+            let created = self.announced.get(id).copied().unwrap_or(0);
+            let entry = newest.entry(key).or_insert((created, id));
+            if (created, id) > (entry.0, entry.1) {
+                *entry = (created, id);
+            }
+        }
+        newest
+            .into_values()
+            .filter_map(|(_, id)| Some((id, self.members.get(id)?)))
+            .collect()
+    }
+
+    /// A broker announced itself (or changed its announcement), in an
+    /// announcement the store created at revision `created`.
+    pub fn handle_member(&mut self, id: BrokerId, member: Member, created: i64) {
+        self.announced.insert(id.clone(), created);
         if self.members.get(&id) != Some(&member) {
             self.members.insert(id, member);
             self.version += 1;
@@ -295,6 +326,7 @@ impl Fleet {
 
     /// A broker is gone (its store lease expired or it left).
     pub fn handle_member_gone(&mut self, id: &str) {
+        self.announced.remove(id);
         if self.members.remove(id).is_some() {
             self.version += 1;
             self.generation += 1;
@@ -307,6 +339,7 @@ impl Fleet {
             self.version += 1;
         }
         self.members.clear();
+        self.announced.clear();
         self.owners.clear();
         self.generation += 1;
     }
@@ -457,6 +490,29 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_restarted_with_its_link_key_is_reached_under_its_newest_announcement() {
+        let linked = |key: &str| Member {
+            link_key: Some(key.into()),
+            ..member("10.0.0.1:443", &["eu"])
+        };
+        let mut f = Fleet::new("me".into());
+        f.handle_member("me".into(), linked("k-me"), 1);
+        f.handle_member("old".into(), linked("k1"), 2);
+        f.handle_member("other".into(), linked("k2"), 3);
+        let ids = |f: &Fleet| f.link_members().into_keys().cloned().collect::<Vec<_>>();
+        assert_eq!(ids(&f), ["old", "other"]);
+        // Restarted under a new id (an id that sorts first) while the old
+        // announcement lives on: the new one is the peer.
+        f.handle_member("new".into(), linked("k1"), 9);
+        assert_eq!(ids(&f), ["new", "other"]);
+        f.handle_member_gone("old");
+        assert_eq!(ids(&f), ["new", "other"]);
+        // A member without a link is never a peer.
+        f.handle_member("plain".into(), member("10.0.0.4:443", &["eu"]), 10);
+        assert_eq!(ids(&f), ["new", "other"]);
+    }
+
+    #[test]
     fn a_claim_is_written_only_while_the_lease_is_surely_held() {
         let t0 = Instant::now();
         let mut f = Fleet::new("a".into());
@@ -553,8 +609,8 @@ mod tests {
     #[test]
     fn packets_for_a_site_held_elsewhere_go_to_that_broker() {
         let mut f = Fleet::new("a".into());
-        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]));
-        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]));
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]), 1);
+        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]), 2);
         f.handle_owner(site("s1"), "b".into(), 4);
         f.handle_owner(site("s2"), "a".into(), 5);
         f.handle_owner(site("s3"), "dead".into(), 6);
@@ -570,16 +626,16 @@ mod tests {
     fn sites_learn_the_brokers_of_their_region_own_first() {
         let mut f = Fleet::new("b".into());
         let v0 = f.version();
-        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]));
-        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]));
-        f.handle_member("c".into(), member("10.0.0.3:443", &["us"]));
+        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]), 2);
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]), 1);
+        f.handle_member("c".into(), member("10.0.0.3:443", &["us"]), 3);
         assert!(f.version() > v0);
         assert_eq!(
             f.endpoints_for(&region("eu"), &["10.0.0.2:443".into()]),
             ["10.0.0.2:443", "10.0.0.1:443"]
         );
         let v1 = f.version();
-        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]));
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]), 1);
         assert_eq!(f.version(), v1, "the same announcement changes nothing");
         f.handle_member_gone("a");
         assert!(f.version() > v1);

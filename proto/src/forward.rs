@@ -24,9 +24,12 @@
 //! decided the same way here, at the broker where the packet entered, which
 //! knows who sent it: the verdict is [`Verdict::Relay`] to that broker. The
 //! broker at the other end delivers it with [`Router::decide_relayed`]
-//! only to its own sessions and gateways, never on to a third broker, and
-//! checks neither residency nor the access policy again (it cannot tell
-//! the sender's identity from an address as well as the ingress did).
+//! to its own sessions and gateways, and checks neither residency nor the
+//! access policy again (it cannot tell the sender's identity from an
+//! address as well as the ingress did). It relays it on only when the
+//! destination site has just moved from it to another broker, which the
+//! sender has not learnt yet (a handover): never back to the sender, and
+//! with the TTL decremented at each hop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -475,15 +478,19 @@ impl Router {
         out
     }
 
-    /// Decides the fate of `packet`, relayed here by another broker of the
+    /// Decides the fate of `packet`, relayed here by broker `from` of the
     /// fleet, which checked residency and the access policy where the
-    /// packet entered. It goes only to this broker's own sessions and
-    /// gateways (never [`Verdict::Relay`]: no packet crosses two links);
-    /// `mtu_of` as for [`Router::decide`]. ICMP errors come from the router
-    /// address of the route's region and go back to the relaying broker.
+    /// packet entered. It goes to this broker's own sessions and gateways;
+    /// `mtu_of` as for [`Router::decide`]. A packet for a site with no
+    /// session here that the fleet names at a third broker (the site moved
+    /// on, and `from` has not learnt it yet) is relayed on to that broker
+    /// ([`Verdict::Relay`]); nothing else is. ICMP errors come from the
+    /// router address of the route's region and go back to the relaying
+    /// broker.
     pub fn decide_relayed(
         &self,
         packet: &mut [u8],
+        from: &str,
         mtu_of: impl Fn(&RouteTarget) -> Option<usize>,
     ) -> Verdict {
         let Ok(parsed) = Packet::parse(packet) else {
@@ -499,11 +506,23 @@ impl Router {
             return Verdict::Drop(DropReason::LinkLocal);
         }
         // The site may have left this broker since the sender looked.
-        let Some(route) = self.table.lookup(dst).winner() else {
-            return Verdict::Drop(DropReason::NoRoute);
-        };
-        let Some(mtu) = mtu_of(&route.target) else {
-            return Verdict::Drop(DropReason::TargetDown);
+        let local = self
+            .table
+            .lookup(dst)
+            .winner()
+            .and_then(|route| Some((route, mtu_of(&route.target)?)));
+        let (route, mtu, via) = match (local, self.remote.lookup(dst)) {
+            (Some((route, mtu)), _) => (route, mtu, None),
+            // Moved on to a third broker: one more hop, never back.
+            (None, Some((route, broker)))
+                if broker != from && matches!(route.target, RouteTarget::Site(_)) =>
+            {
+                (route, self.remote.mtu(), Some(broker))
+            }
+            (None, _) if self.table.lookup(dst).winner().is_some() => {
+                return Verdict::Drop(DropReason::TargetDown);
+            }
+            (None, _) => return Verdict::Drop(DropReason::NoRoute),
         };
         if ip::decrement_ttl(packet).is_err() {
             return self.reply_from(
@@ -515,7 +534,14 @@ impl Router {
         }
         if len > mtu {
             if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
-                return Verdict::Fragments(route.clone(), fragments);
+                return match via {
+                    Some(broker) => Verdict::Relay(Relay {
+                        broker: broker.clone(),
+                        route: route.clone(),
+                        fragments,
+                    }),
+                    None => Verdict::Fragments(route.clone(), fragments),
+                };
             }
             let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
             return self.reply_from(
@@ -528,7 +554,14 @@ impl Router {
         if syn {
             ip::clamp_mss(packet, ip::mss_for_mtu(mtu, dst.is_ipv6()));
         }
-        Verdict::Forward(route.clone())
+        match via {
+            Some(broker) => Verdict::Relay(Relay {
+                broker: broker.clone(),
+                route: route.clone(),
+                fragments: Vec::new(),
+            }),
+            None => Verdict::Forward(route.clone()),
+        }
     }
 
     /// An ICMP error from the router address of `region`, or a silent drop
@@ -1210,20 +1243,50 @@ mod tests {
         // A relayed packet goes to a session here, never on to another
         // broker, and neither residency nor policy is asked again.
         let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
-        let v = f.router.decide_relayed(&mut p, |_| Some(MTU));
+        let v = f.router.decide_relayed(&mut p, "b", |_| Some(MTU));
         assert!(
             matches!(&v, Verdict::Forward(r) if r.target == RouteTarget::Site(f.a.clone())),
             "{v:?}"
         );
+        // A site that moved on from here to broker b since broker c
+        // relayed its packet: one more hop, to b, with the TTL decremented;
+        // never back to b if b is the sender.
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        let v = open.decide_relayed(&mut p, "c", |_| Some(MTU));
+        let Verdict::Relay(relay) = v else {
+            panic!("expected a relay on: {v:?}")
+        };
+        assert_eq!(relay.broker, "b");
+        assert_eq!(relay.route.target, RouteTarget::Site(far.clone()));
+        assert_eq!(p[8], 63, "TTL decremented at each hop");
         let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
         assert_eq!(
-            open.decide_relayed(&mut p, |_| Some(MTU)),
+            open.decide_relayed(&mut p, "b", |_| Some(MTU)),
             Verdict::Drop(DropReason::NoRoute),
-            "no second hop between brokers"
+            "never back to the sender"
+        );
+        let mut p = ipv4(
+            [100, 64, 0, 2],
+            [100, 64, 0, 9],
+            PROTO_UDP,
+            &[0; 1400],
+            false,
+        );
+        let Verdict::Relay(relay) = open.decide_relayed(&mut p, "c", |_| Some(MTU)) else {
+            panic!("expected fragments relayed on")
+        };
+        assert!(relay.fragments.len() > 1);
+        let mut ttl1 = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        ttl1[8] = 1;
+        assert_eq!(
+            open.decide_relayed(&mut ttl1, "c", |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::TtlExpired),
+            "a relay loop ends with the TTL"
         );
         let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
         assert_eq!(
-            f.router.decide_relayed(&mut p, |_| None).drop_reason(),
+            f.router.decide_relayed(&mut p, "b", |_| None).drop_reason(),
             Some(DropReason::TargetDown)
         );
         // A gateway may not claim a remote site's address either.

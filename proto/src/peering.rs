@@ -53,13 +53,8 @@ impl PeerView {
     /// The view of `fleet` from its own broker: every site held by another
     /// live broker that announces a link, and those brokers' gateways.
     pub fn of(fleet: &Fleet) -> Self {
-        let linked = |broker: &BrokerId| {
-            broker != fleet.me()
-                && fleet
-                    .members()
-                    .get(broker)
-                    .is_some_and(|m| m.link().is_some())
-        };
+        let links = fleet.link_members();
+        let linked = |broker: &BrokerId| links.contains_key(broker);
         let holders = fleet
             .owners()
             .filter(|(_, owner)| linked(&owner.broker))
@@ -286,7 +281,7 @@ mod tests {
     #[test]
     fn sites_held_by_a_linked_broker_route_through_it() {
         let mut fleet = Fleet::new("a".into());
-        fleet.handle_member("a".into(), member(true, vec![]));
+        fleet.handle_member("a".into(), member(true, vec![]), 1);
         fleet.handle_member(
             "b".into(),
             member(
@@ -297,8 +292,9 @@ mod tests {
                     prefixes: vec![id("10.20.0.0/16")],
                 }],
             ),
+            2,
         );
-        fleet.handle_member("nolink".into(), member(false, vec![]));
+        fleet.handle_member("nolink".into(), member(false, vec![]), 3);
         fleet.handle_owner(id("here"), "a".into(), 1);
         fleet.handle_owner(id("there"), "b".into(), 2);
         fleet.handle_owner(id("old"), "nolink".into(), 3);
