@@ -67,6 +67,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print the admin API's token from the data directory (`admin.token`),
+    /// for the CLI elsewhere (TETHER_ADMIN_TOKEN) and the console: in an
+    /// image without a shell, `kubectl exec` runs this instead of `cat`.
+    AdminToken {
+        /// Print the read-only viewer token (`viewer.token`) instead.
+        #[arg(long)]
+        viewer: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// List live sessions.
     Sessions {
         #[command(flatten)]
@@ -186,9 +196,9 @@ enum SiteCommand {
         #[arg(long, value_enum, default_value = "kustomize")]
         format: tether_broker::bundle::Format,
         /// Broker endpoints the site dials (host[:port], repeatable).
-        /// Default: the `advertised` names and addresses with the tunnel
-        /// port; name the public port when the broker listens on another
-        /// one behind a load balancer.
+        /// Default: the broker's `advertised` names and addresses with its
+        /// tunnel port, as its admin API reports them; name the public port
+        /// when the broker listens on another one behind a load balancer.
         #[arg(long = "broker")]
         brokers: Vec<String>,
         /// The agent's container image.
@@ -473,22 +483,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let (_, broker_config) = load(&config)?;
-            let brokers = if brokers.is_empty() {
-                site_endpoints(&broker_config)
-            } else {
-                brokers
-            };
             if let Some(bad) = brokers
                 .iter()
                 .find(|b| tether_config::Endpoint::parse(b, 443).is_none())
             {
                 anyhow::bail!(
                     "--broker {bad:?} is not a broker address: write host, host:port, [v6] or [v6]:port"
-                );
-            }
-            if brokers.is_empty() {
-                anyhow::bail!(
-                    "the configuration advertises no broker address: pass --broker <host[:port]>"
                 );
             }
             if out.exists()
@@ -504,6 +504,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let created: TokenResponse =
                 admin(&config)?.post("/v1/tokens", &TokenRequest { site, region, ttl })?;
+            // The broker that created the code knows its own endpoints and
+            // published CIDR: the bundle works off-cluster against the
+            // admin API (TETHER_ADMIN_URL) with no copy of its
+            // configuration. A broker predating those fields leaves them
+            // empty, and the local configuration stands in.
+            let brokers = if !brokers.is_empty() {
+                brokers
+            } else if !created.brokers.is_empty() {
+                created.brokers.clone()
+            } else {
+                site_endpoints(&broker_config)
+            };
+            if brokers.is_empty() {
+                anyhow::bail!(
+                    "the broker advertises no address, so the bundle would name none \
+                     (the code just created stays unused and expires): pass --broker <host[:port]>"
+                );
+            }
+            let published_cidr = if created.published_cidr.is_empty() {
+                broker_config.published_cidr.to_string()
+            } else {
+                created.published_cidr.clone()
+            };
             let expires = humantime::format_rfc3339_seconds(tether_pki::token::from_unix_secs(
                 created.expires_at,
             ))
@@ -514,7 +537,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 code: created.code,
                 expires: expires.clone(),
                 brokers,
-                published_cidr: broker_config.published_cidr.to_string(),
+                published_cidr,
                 image,
             };
             std::fs::create_dir_all(&out)
@@ -542,6 +565,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::AdminToken { viewer, config } => {
+            let (_, config) = load(&config)?;
+            let name = if viewer {
+                tether_broker::run::VIEWER_TOKEN_FILE
+            } else {
+                ADMIN_TOKEN_FILE
+            };
+            let path = data_dir(&config).join(name);
+            let token = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "cannot read {} (the broker creates it on its first start; run as the broker's user)",
+                    path.display()
+                )
+            })?;
+            println!("{}", token.trim());
             Ok(ExitCode::SUCCESS)
         }
         Command::Sites { config } => {

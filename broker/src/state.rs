@@ -709,13 +709,15 @@ impl Broker {
             &issued.secret,
             &tether_pki::tls::ca_pin(&self.ca.cert_der()),
         );
-        let broker = self
-            .enroll_endpoints()
-            .into_iter()
-            .next()
+        let brokers = self.enroll_endpoints();
+        let broker = brokers
+            .first()
+            .cloned()
             .unwrap_or_else(|| "<broker>".into());
         Ok(TokenResponse {
             enroll_command: format!("tether enroll --broker {broker} --token {code}"),
+            brokers,
+            published_cidr: self.config.published_cidr.to_string(),
             code,
             site: site.clone(),
             region: region.clone(),

@@ -12,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 struct Broker {
     child: Child,
     config: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The admin API's URL.
+    admin: String,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Broker {
@@ -29,7 +31,7 @@ fn broker() -> Broker {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\npublished_cidr = \"127.0.0.0/8\"\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n",
+            "data_dir = {:?}\npublished_cidr = \"127.0.0.0/16\"\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n",
             dir.path().join("data")
         ),
     )
@@ -62,6 +64,7 @@ fn broker() -> Broker {
     let admin = admin.expect("the banner names the admin API");
     Broker {
         child,
+        admin: admin.clone(),
         config: {
             let text = std::fs::read_to_string(&config).unwrap().replace(
                 "[admin]\nlisten = \"127.0.0.1:0\"",
@@ -73,7 +76,7 @@ fn broker() -> Broker {
             std::fs::write(&config, text).unwrap();
             config
         },
-        _dir: dir,
+        dir,
     }
 }
 
@@ -154,7 +157,7 @@ fn a_site_bundle_holds_a_fresh_code_and_valid_manifests() {
     assert!(secret.contains("  code: \"tt1-"), "{secret}");
     let config = std::fs::read_to_string(out.join("configmap.yaml")).unwrap();
     assert!(
-        config.contains("published_cidr = \"127.0.0.0/8\""),
+        config.contains("published_cidr = \"127.0.0.0/16\""),
         "{config}"
     );
     // The code registered the site, as `token create` does.
@@ -211,4 +214,79 @@ fn a_site_bundle_holds_a_fresh_code_and_valid_manifests() {
 
     check_manifests(&out);
     check_manifests(&single.join("tether-site.yaml"));
+}
+
+/// Off-cluster, the operator has the admin API (a port-forward) and a token,
+/// not the broker's configuration: the bundle takes the broker's endpoints
+/// and published CIDR from the broker itself.
+#[test]
+fn a_site_bundle_needs_only_the_admin_api() {
+    let broker = broker();
+    // In a pod without a shell, `kubectl exec` runs this to get the tokens.
+    let printed = cli(&broker, &["admin-token"]);
+    assert!(printed.status.success());
+    let token = String::from_utf8(printed.stdout).unwrap();
+    assert_eq!(
+        token.trim(),
+        std::fs::read_to_string(broker.dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+    );
+    let viewer = cli(&broker, &["admin-token", "--viewer"]);
+    assert_eq!(
+        String::from_utf8(viewer.stdout).unwrap().trim(),
+        std::fs::read_to_string(broker.dir.path().join("data/viewer.token"))
+            .unwrap()
+            .trim()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("remote");
+    let done = Command::new(env!("CARGO_BIN_EXE_tether-broker"))
+        .args(["site", "bundle", "--site", "clinic-10", "--region", "local"])
+        .arg("--out")
+        .arg(&out)
+        .env_remove("TETHER_BROKER_CONFIG")
+        .env("TETHER_ADMIN_URL", &broker.admin)
+        .env("TETHER_ADMIN_TOKEN", token.trim())
+        // No configuration of any kind on this side.
+        .env("HOME", dir.path())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let port = broker_port(&broker);
+    assert!(
+        printed.contains(&format!("brokers      127.0.0.1:{port}")),
+        "{printed}"
+    );
+    let config = std::fs::read_to_string(out.join("configmap.yaml")).unwrap();
+    assert!(
+        config.contains("published_cidr = \"127.0.0.0/16\""),
+        "the broker's published CIDR, not the defaults': {config}"
+    );
+    assert!(config.contains(&format!("127.0.0.1:{port}")), "{config}");
+    let secret = std::fs::read_to_string(out.join("secret.yaml")).unwrap();
+    assert!(secret.contains("  code: \"tt1-"), "{secret}");
+}
+
+/// The tunnel port the broker took, from its site list's enroll hint.
+fn broker_port(broker: &Broker) -> u16 {
+    let made = cli(
+        broker,
+        &["token", "create", "--site", "probe", "--region", "local"],
+    );
+    let text = String::from_utf8_lossy(&made.stdout).to_string();
+    let at =
+        text.find("--broker 127.0.0.1:").expect("enroll command") + "--broker 127.0.0.1:".len();
+    text[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }

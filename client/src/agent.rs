@@ -38,7 +38,7 @@ use crate::dial::Target;
 use crate::enroll::RenewError;
 use crate::failure::Failure;
 use crate::health::Reporter;
-use crate::lan::{LanPath, SourceRewrite};
+use crate::lan::{LanPath, SiteTable};
 use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
 use crate::pumps::start_pumps;
@@ -84,6 +84,7 @@ enum Wake {
     GoAway,
     StandbyLost,
     Reload(Box<Reload>),
+    Expose(crate::expose::Update),
     Nothing,
 }
 
@@ -116,9 +117,13 @@ struct Shell {
     epoch: u64,
     /// The LAN map the pumps translate with.
     lan: Arc<LanPath>,
-    /// The source rewrite of tunnel traffic entering the LANs, while
-    /// installed.
-    rewrite: Option<SourceRewrite>,
+    /// The site's nftables table: the source rewrite of tunnel traffic
+    /// entering the LANs, and the forwarded services.
+    nat: SiteTable,
+    /// Resolves the targets of forwarded services, if there are any.
+    resolver: Option<crate::expose::Resolver>,
+    /// What the resolver finds.
+    exposed: mpsc::UnboundedReceiver<crate::expose::Update>,
     inputs: mpsc::UnboundedSender<(u64, Input)>,
     /// What the health endpoint reports.
     health: Reporter,
@@ -145,6 +150,7 @@ fn needs_restart(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         lans: _,
         lan_source,
         services,
+        forwards,
         tun_name,
         h3_timeout,
         keepalive,
@@ -156,7 +162,10 @@ fn needs_restart(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         ("published_cidr", *published_cidr != old.published_cidr),
         ("brokers", *brokers != old.brokers),
         ("lan_source", *lan_source != old.lan_source),
-        ("services", *services != old.services),
+        (
+            "services",
+            *services != old.services || *forwards != old.forwards,
+        ),
         ("tun.name", *tun_name != old.tun_name),
         ("transport.h3_timeout", *h3_timeout != old.h3_timeout),
         ("transport.keepalive", *keepalive != old.keepalive),
@@ -230,6 +239,10 @@ pub async fn run_reporting(
     );
     let (inputs, mut rx) = mpsc::unbounded_channel();
     let problems = Problems::default();
+    let (found, exposed) = mpsc::unbounded_channel();
+    let resolver = (!config.forwards.is_empty())
+        .then(|| crate::expose::Resolver::start(config.forwards.clone(), found));
+    let nat = SiteTable::new(&config.tun_name);
     let mut shell = Shell {
         config: Arc::new(config),
         state,
@@ -240,7 +253,9 @@ pub async fn run_reporting(
         probed: None,
         epoch: 0,
         lan: Arc::new(LanPath::reporting(problems.clone())),
-        rewrite: None,
+        nat,
+        resolver,
+        exposed,
         inputs,
         health,
         last_broker: None,
@@ -298,6 +313,7 @@ pub async fn run_reporting(
                 core.handle_standby_lost(now)
             }
             Wake::Reload(reload) => shell.reload(*reload, &mut core, now),
+            Wake::Expose(update) => shell.expose(update),
             Wake::Input(..) | Wake::Nothing => {}
         }
         shell.health.moves(core.failovers(), core.handovers());
@@ -358,6 +374,7 @@ impl Shell {
             wake = standby => wake,
             Some((epoch, input)) = rx.recv() => Wake::Input(epoch, Box::new(input)),
             Some(reload) = reloads.recv() => Wake::Reload(Box::new(reload)),
+            Some(update) = self.exposed.recv(), if self.resolver.is_some() => Wake::Expose(update),
             _ = timer => Wake::Timer,
             changed = shutdown.changed(), if *watching => match changed {
                 Ok(()) if *shutdown.borrow() => Wake::Shutdown,
@@ -374,6 +391,11 @@ impl Shell {
     /// Applies a configuration read again: its `lans` now, over the
     /// session in place; the other fields at the next start.
     fn reload(&mut self, reload: Reload, core: &mut AgentCore, now: Instant) {
+        // The names of forwarded services' targets are resolved again on
+        // every SIGHUP, whatever the file says.
+        if let Some(r) = &self.resolver {
+            r.resolve_now();
+        }
         let new = match reload {
             Ok(config) => config,
             Err(e) => {
@@ -948,10 +970,7 @@ impl Shell {
         let lans: Vec<ipnet::IpNet> = map.mappings().iter().map(|m| m.real).collect();
         crate::lan::enable_forwarding(&lans)?;
         if self.config.lan_source == LanSource::Edge {
-            match &self.rewrite {
-                Some(r) => r.update(&self.config.tun_name, &lans)?,
-                None => self.rewrite = Some(SourceRewrite::install(&self.config.tun_name, &lans)?),
-            }
+            self.nat.set_lans(&lans)?;
             tracing::info!(
                 table = crate::lan::table_name(&self.config.tun_name),
                 "tunnel traffic enters the LANs from this host's own address"
@@ -959,6 +978,48 @@ impl Shell {
         }
         self.lan.set(map);
         Ok(())
+    }
+
+    /// Forwards services as the resolver found their targets, or reports
+    /// why one cannot be.
+    fn expose(&mut self, update: crate::expose::Update) {
+        let forwards = match update {
+            crate::expose::Update::Unresolved(why) => {
+                self.problems.push(ProblemKind::Other, why);
+                return;
+            }
+            crate::expose::Update::Forwards(f) => f,
+        };
+        for f in &forwards {
+            let what = format!("the target {} of port {}", f.to, f.port);
+            if let Err(e) = crate::lan::enable_forwarding_to(f.to.is_ipv6(), &what) {
+                let why = format!("{e:#}");
+                tracing::error!("{why}");
+                self.problems.push(ProblemKind::Other, why);
+            }
+        }
+        match self.nat.set_forwards(&forwards) {
+            Ok(()) => {
+                let shown: Vec<String> = forwards
+                    .iter()
+                    .map(|f| format!("{} -> {}", f.port, f.to))
+                    .collect();
+                tracing::info!(
+                    table = crate::lan::table_name(&self.config.tun_name),
+                    "services forwarded into the edge cluster (port -> target): {}",
+                    if shown.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        shown.join(", ")
+                    }
+                );
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::error!("{why}");
+                self.problems.push(ProblemKind::Other, why);
+            }
+        }
     }
 
     fn tasks(&mut self, task: JoinHandle<()>) {
@@ -1023,6 +1084,16 @@ impl Shell {
                         shown.join(" and ")
                     );
                     self.health.addresses(shown);
+                    let overlay: Vec<std::net::IpAddr> = addresses
+                        .iter()
+                        .filter(|a| a.prefix_len() == a.max_prefix_len())
+                        .map(|a| a.addr())
+                        .collect();
+                    if let Err(e) = self.nat.set_overlay(&overlay) {
+                        let why = format!("{e:#}");
+                        tracing::error!("{why}");
+                        self.problems.push(ProblemKind::Other, why);
+                    }
                 }
             }
             TunConfig::Routes(routes) => {

@@ -19,9 +19,12 @@
 //! The rule lives in a table of its own, `inet tether_site_<device>`,
 //! loaded with the `nft` command (`nft -f -`, one atomic transaction) and
 //! deleted on exit; it marks no packets and touches no other table, so it
-//! coexists with the host's own rules (or Cilium's).
+//! coexists with the host's own rules (or Cilium's). The same table
+//! carries the forwarding of announced services to their targets in the
+//! edge cluster ([`SiteTable`], targets resolved by `crate::expose`).
 
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -122,11 +125,28 @@ impl LanPath {
     }
 }
 
-/// The nftables table that makes tunnel traffic entering the LANs appear
-/// from this host's own LAN address; deleted when dropped.
+/// A port the agent forwards, with the address it goes to (one rule per
+/// address family of the target).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Forwarded {
+    /// The port on the site's overlay addresses.
+    pub port: u16,
+    /// Where TCP and UDP to that port go.
+    pub to: SocketAddr,
+}
+
+/// The site's nftables table: tunnel traffic entering the LANs leaves
+/// from this host's own LAN address, and traffic to a forwarded service's
+/// port on the overlay addresses goes to its target in the edge cluster.
+/// Loaded whole on every change (one transaction), only once there is a
+/// rule to load, and deleted when dropped.
 #[derive(Debug)]
-pub struct SourceRewrite {
-    table: String,
+pub struct SiteTable {
+    device: String,
+    lans: Vec<IpNet>,
+    overlay: Vec<IpAddr>,
+    forwards: Vec<Forwarded>,
+    installed: bool,
 }
 
 /// The name of the device's table: `tether_site_<device>`, with characters
@@ -139,10 +159,25 @@ pub fn table_name(device: &str) -> String {
     format!("tether_site_{dev}")
 }
 
+/// The nftables script that (re)creates the table in one transaction with
+/// the source rewrite for `lans` only.
+pub fn rewrite_script(device: &str, lans: &[IpNet]) -> String {
+    table_script(device, lans, &[], &[])
+}
+
 /// The nftables script that (re)creates the table in one transaction:
 /// packets from `device` to one of `lans` leave with the address of the
-/// interface they leave by (`masquerade`).
-pub fn rewrite_script(device: &str, lans: &[IpNet]) -> String {
+/// interface they leave by (`masquerade`); TCP and UDP from `device` to a
+/// forwarded port of an `overlay` address go to its target (`dnat`, same
+/// address family only) and leave with this host's address too, so that
+/// the replies come back through the agent, which undoes both
+/// translations (conntrack).
+pub fn table_script(
+    device: &str,
+    lans: &[IpNet],
+    overlay: &[IpAddr],
+    forwards: &[Forwarded],
+) -> String {
     let table = table_name(device);
     let mut rules = String::new();
     for (family, v6) in [("ip", false), ("ip6", true)] {
@@ -158,12 +193,40 @@ pub fn rewrite_script(device: &str, lans: &[IpNet]) -> String {
             ));
         }
     }
+    let mut dnat = String::new();
+    for addr in overlay {
+        let family = if addr.is_ipv6() { "ip6" } else { "ip" };
+        for f in forwards.iter().filter(|f| f.to.is_ipv6() == addr.is_ipv6()) {
+            for proto in ["tcp", "udp"] {
+                dnat.push_str(&format!(
+                    "\t\tiifname \"{device}\" {family} daddr {addr} {proto} dport {} dnat {family} to {}\n",
+                    f.port, f.to
+                ));
+            }
+        }
+    }
+    if !dnat.is_empty() {
+        rules.push_str(&format!(
+            "\t\tiifname \"{device}\" ct status dnat masquerade\n"
+        ));
+    }
+    let prerouting = if dnat.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\tchain prerouting {{\n\
+             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             {dnat}\
+             \t}}\n"
+        )
+    };
     // Declaring the table first makes the delete succeed whether or not an
     // earlier run left it behind.
     format!(
         "table inet {table} {{}}\n\
          delete table inet {table}\n\
          table inet {table} {{\n\
+         {prerouting}\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          {rules}\
@@ -172,33 +235,71 @@ pub fn rewrite_script(device: &str, lans: &[IpNet]) -> String {
     )
 }
 
-impl SourceRewrite {
-    /// Installs (or replaces what an earlier run left) the table for
-    /// `device` and `lans`.
-    pub fn install(device: &str, lans: &[IpNet]) -> anyhow::Result<Self> {
-        Self::load(device, lans)?;
-        Ok(Self {
-            table: table_name(device),
-        })
+impl SiteTable {
+    /// The table of `device`, not loaded yet.
+    pub fn new(device: &str) -> Self {
+        Self {
+            device: device.to_string(),
+            lans: Vec::new(),
+            overlay: Vec::new(),
+            forwards: Vec::new(),
+            installed: false,
+        }
     }
 
-    /// Replaces the rules with those for `lans`, in one transaction.
-    pub fn update(&self, device: &str, lans: &[IpNet]) -> anyhow::Result<()> {
-        Self::load(device, lans)
-    }
-
-    fn load(device: &str, lans: &[IpNet]) -> anyhow::Result<()> {
-        nft(&rewrite_script(device, lans)).context(
+    /// Rewrites the source of tunnel traffic entering `lans` from now on.
+    pub fn set_lans(&mut self, lans: &[IpNet]) -> anyhow::Result<()> {
+        self.lans = lans.to_vec();
+        self.load().context(
             "cannot install the source rewrite for the LANs (is nftables installed? \
              set lan_source = \"original\" if the LANs route the overlay back to this host)",
         )
     }
+
+    /// The site's own overlay addresses, which forwarded ports apply to.
+    pub fn set_overlay(&mut self, overlay: &[IpAddr]) -> anyhow::Result<()> {
+        if self.overlay == overlay {
+            return Ok(());
+        }
+        self.overlay = overlay.to_vec();
+        self.load()
+            .context("cannot install the forwarding of services")
+    }
+
+    /// Forwards these ports from now on.
+    pub fn set_forwards(&mut self, forwards: &[Forwarded]) -> anyhow::Result<()> {
+        if self.forwards == forwards {
+            return Ok(());
+        }
+        self.forwards = forwards.to_vec();
+        self.load()
+            .context("cannot install the forwarding of services")
+    }
+
+    fn load(&mut self) -> anyhow::Result<()> {
+        let empty = self.lans.is_empty() && (self.forwards.is_empty() || self.overlay.is_empty());
+        if empty && !self.installed {
+            return Ok(());
+        }
+        nft(&table_script(
+            &self.device,
+            &self.lans,
+            &self.overlay,
+            &self.forwards,
+        ))?;
+        self.installed = true;
+        Ok(())
+    }
 }
 
-impl Drop for SourceRewrite {
+impl Drop for SiteTable {
     fn drop(&mut self) {
-        if let Err(e) = nft(&format!("delete table inet {}\n", self.table)) {
-            tracing::warn!("cannot remove the nftables table {}: {e:#}", self.table);
+        if !self.installed {
+            return;
+        }
+        let table = table_name(&self.device);
+        if let Err(e) = nft(&format!("delete table inet {table}\n")) {
+            tracing::warn!("cannot remove the nftables table {table}: {e:#}");
         }
     }
 }
@@ -249,31 +350,36 @@ pub fn forwarding_enabled(lan: &IpNet) -> Option<bool> {
 /// is the administrator's decision, so the error says what to set.
 pub fn enable_forwarding(lans: &[IpNet]) -> anyhow::Result<()> {
     for lan in lans {
-        let v6 = matches!(lan, IpNet::V6(_));
-        if forwarding_enabled(lan) == Some(true) {
-            continue;
-        }
-        if v6 {
-            bail!(
-                "IPv6 forwarding is off, so the LAN {lan} cannot be reached: run \
-                 `sysctl -w net.ipv6.conf.all.forwarding=1` (and set accept_ra=2 on the \
-                 uplink if it takes its address from router advertisements)"
-            );
-        }
-        let (name, key) = if v6 {
-            ("IPv6", "net.ipv6.conf.all.forwarding")
-        } else {
-            ("IPv4", "net.ipv4.ip_forward")
-        };
-        std::fs::write(forwarding_path(v6), "1").with_context(|| {
-            format!(
-                "{name} forwarding is off and cannot be turned on, so the LAN {lan} \
-                 cannot be reached: run `sysctl -w {key}=1` (and make it permanent in \
-                 /etc/sysctl.d/)"
-            )
-        })?;
-        tracing::info!("turned on {name} forwarding ({key}) for the LAN {lan}");
+        enable_forwarding_to(matches!(lan, IpNet::V6(_)), &format!("the LAN {lan}"))?;
     }
+    Ok(())
+}
+
+/// [`enable_forwarding`] for one address family (`v6`), so that `what`
+/// (in plain words, for the error) can be reached.
+pub fn enable_forwarding_to(v6: bool, what: &str) -> anyhow::Result<()> {
+    let on = std::fs::read_to_string(forwarding_path(v6))
+        .ok()
+        .is_some_and(|v| v.trim() == "1");
+    if on {
+        return Ok(());
+    }
+    if v6 {
+        bail!(
+            "IPv6 forwarding is off, so {what} cannot be reached: run \
+             `sysctl -w net.ipv6.conf.all.forwarding=1` (and set accept_ra=2 on the \
+             uplink if it takes its address from router advertisements)"
+        );
+    }
+    let key = "net.ipv4.ip_forward";
+    std::fs::write(forwarding_path(false), "1").with_context(|| {
+        format!(
+            "IPv4 forwarding is off and cannot be turned on, so {what} \
+             cannot be reached: run `sysctl -w {key}=1` (and make it permanent in \
+             /etc/sysctl.d/)"
+        )
+    })?;
+    tracing::info!("turned on IPv4 forwarding ({key}) for {what}");
     Ok(())
 }
 
@@ -300,6 +406,46 @@ mod tests {
              \t\tiifname \"tether-0\" ip6 daddr { fd00:1::/64 } masquerade\n\
              \t}\n\
              }\n"
+        );
+    }
+
+    #[test]
+    fn forwarded_ports_of_the_overlay_addresses_go_to_their_targets() {
+        let overlay: Vec<IpAddr> = vec!["100.64.0.7".parse().unwrap(), "fd74::7".parse().unwrap()];
+        let forwards = [
+            Forwarded {
+                port: 104,
+                to: "10.96.0.10:11112".parse().unwrap(),
+            },
+            Forwarded {
+                port: 104,
+                to: "[fd00::10]:11112".parse().unwrap(),
+            },
+        ];
+        let script = table_script("tether0", &[net("192.168.1.0/24")], &overlay, &forwards);
+        assert_eq!(
+            script,
+            "table inet tether_site_tether0 {}\n\
+             delete table inet tether_site_tether0\n\
+             table inet tether_site_tether0 {\n\
+             \tchain prerouting {\n\
+             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             \t\tiifname \"tether0\" ip daddr 100.64.0.7 tcp dport 104 dnat ip to 10.96.0.10:11112\n\
+             \t\tiifname \"tether0\" ip daddr 100.64.0.7 udp dport 104 dnat ip to 10.96.0.10:11112\n\
+             \t\tiifname \"tether0\" ip6 daddr fd74::7 tcp dport 104 dnat ip6 to [fd00::10]:11112\n\
+             \t\tiifname \"tether0\" ip6 daddr fd74::7 udp dport 104 dnat ip6 to [fd00::10]:11112\n\
+             \t}\n\
+             \tchain postrouting {\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tiifname \"tether0\" ip daddr { 192.168.1.0/24 } masquerade\n\
+             \t\tiifname \"tether0\" ct status dnat masquerade\n\
+             \t}\n\
+             }\n"
+        );
+        // Without an overlay address yet, nothing is forwarded.
+        assert_eq!(
+            table_script("tether0", &[net("192.168.1.0/24")], &[], &forwards),
+            rewrite_script("tether0", &[net("192.168.1.0/24")])
         );
     }
 

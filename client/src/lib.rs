@@ -7,7 +7,9 @@
 //! - [`brokers`]: the brokers of the region, learned over the tunnel.
 //! - [`report`]: problems sent to the broker for the site's timeline;
 //!   [`clock`]: this host's clock against the broker's, reported when wrong.
-//! - [`tun`]: the TUN device and routes.
+//! - [`tun`]: the TUN device and routes; [`lan`]: the LANs behind the
+//!   site and the site's nftables table; [`expose`]: services forwarded
+//!   into the edge cluster.
 //! - [`link`]: a connection to a broker on one rung of the transport
 //!   ladder, and the tunnel on it; [`h3client`], [`h2client`], [`proxy`]
 //!   carry it; [`dial`] resolves endpoints; [`failure`] says how an attempt
@@ -25,6 +27,7 @@ pub mod clock;
 pub mod dial;
 pub mod doctor;
 pub mod enroll;
+pub mod expose;
 pub mod failure;
 pub mod firewall;
 pub mod h2client;

@@ -32,10 +32,12 @@ pub struct ClientFile {
     /// keeps the overlay source, for LANs that route the overlay pools
     /// back to this host.
     pub lan_source: String,
-    /// TCP services this site offers on its overlay address, as
-    /// `"name=port"` (e.g. `"dicom=104"`): backends find them as SRV
-    /// records `_<name>._tcp.<site>.<region>.<zone>`.
-    pub services: Vec<String>,
+    /// Services this site offers on its overlay address: `"name=port"`
+    /// (e.g. `"dicom=104"`) for one this host answers itself, or
+    /// `{ name = "pacs", port = 104, target = "pacs.imaging.svc.cluster.local:11112" }`
+    /// for one the agent forwards to a target in the edge cluster.
+    /// Backends find them as SRV records `_<name>._tcp.<site>.<region>.<zone>`.
+    pub services: Vec<crate::services::ServiceEntry>,
     /// The TUN device.
     pub tun: ClientTunFile,
     /// Transport behaviour.
@@ -135,8 +137,10 @@ pub struct ClientConfig {
     pub lans: Vec<IpNet>,
     /// The source address of tunnel traffic on the LANs.
     pub lan_source: LanSource,
-    /// Announced TCP services.
+    /// Announced TCP services (those forwarded included).
     pub services: Vec<tether_proto::dns::Service>,
+    /// The services the agent forwards into the edge cluster.
+    pub forwards: Vec<crate::services::Forward>,
     /// TUN device name.
     pub tun_name: String,
     /// HTTP/3 handshake timeout.
@@ -184,22 +188,7 @@ impl ClientFile {
             );
             LanSource::Edge
         });
-        let mut services: Vec<tether_proto::dns::Service> = Vec::new();
-        for (i, text) in self.services.iter().enumerate() {
-            match tether_proto::dns::Service::parse(text) {
-                Ok(s) if services.iter().any(|x| x.name == s.name) => p.add(
-                    format!("services[{i}]"),
-                    format!("service {} is listed twice", s.name),
-                    "list each service name once",
-                ),
-                Ok(s) => services.push(s),
-                Err(e) => p.add(
-                    format!("services[{i}]"),
-                    e,
-                    "write \"name=port\" with a lowercase DNS label, e.g. \"dicom=104\"",
-                ),
-            }
-        }
+        let (services, forwards) = crate::services::validate(&mut p, &self.services);
         check_interface_name(&mut p, "tun.name", &self.tun.name);
         let t = &self.transport;
         let h3_timeout = p.duration(
@@ -242,6 +231,7 @@ impl ClientFile {
                 lans,
                 lan_source,
                 services,
+                forwards,
                 tun_name: self.tun.name.clone(),
                 h3_timeout,
                 keepalive,

@@ -24,6 +24,7 @@ pub mod broker;
 pub mod client;
 pub mod gateway;
 pub mod policy;
+pub mod services;
 
 /// One problem in a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -368,4 +368,56 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
     );
     // The identity is on the volume, not in the container.
     assert!(state.join("site.crt").exists() && state.join("site.key").exists());
+    drop(container);
+
+    // The same pod without NET_ADMIN: the agent cannot create its device
+    // and says so, in its log and in /readyz (the site enrolled above, so
+    // it connects first).
+    let bare = Container {
+        name: format!("{name}-bare"),
+    };
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if *a == name {
+                bare.name.clone()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let at = args.iter().position(|a| a == "NET_ADMIN").unwrap();
+    let args = [&args[..at - 1], &args[at + 1..]].concat();
+    assert!(!args.iter().any(|a| a.contains("NET_ADMIN")));
+    let started = std::process::Command::new("podman")
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "podman run failed: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let bare_logs = || {
+        let out = std::process::Command::new("podman")
+            .args(PODMAN)
+            .args(["logs", &bare.name])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let said = "cannot create the tunnel device tether0 (run as root, or with CAP_NET_ADMIN)";
+    assert!(
+        wait_for(Duration::from_secs(30), || bare_logs().contains(said)),
+        "the agent without NET_ADMIN did not say why it has no device:\n{}",
+        bare_logs()
+    );
+    // It stays up to retry, and is never ready: the pod would not be.
+    let (code, body) = readyz(&topo);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"ready\":false"), "{body}");
 }

@@ -179,6 +179,14 @@ pub struct TokenResponse {
     pub expires_at: u64,
     /// The command to run on the site.
     pub enroll_command: String,
+    /// The endpoints sites dial (`host[:port]`), as the broker advertises
+    /// them; empty from a broker that predates the field.
+    #[serde(default)]
+    pub brokers: Vec<String>,
+    /// The broker's published CIDR, which a site's configuration needs;
+    /// empty from a broker that predates the field.
+    #[serde(default)]
+    pub published_cidr: String,
 }
 
 /// Admin API: a site and its state.
