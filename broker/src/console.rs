@@ -20,13 +20,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use ipnet::IpNet;
-use tether_proto::api::{
-    ApiError, LanMappingInfo, SiteEvents, SiteListQuery, SitePage, SiteSummary, Whoami,
-};
+use tether_proto::api::{ApiError, SiteEvents, SiteListQuery, SitePage, SiteSummary, Whoami};
 use tether_proto::events::{SiteFacts, SiteQuery, SiteState};
 use tether_proto::ids::SiteId;
-use tether_proto::ipam::LeaseKind;
 
 use crate::state::Broker;
 use crate::store::now_unix;
@@ -219,32 +215,6 @@ async fn site_states(
     Ok(Json(page))
 }
 
-/// Every site's addresses and LAN mappings, from one pass over the
-/// leases.
-fn addresses_by_site(broker: &Broker) -> HashMap<SiteId, (Vec<IpNet>, Vec<LanMappingInfo>)> {
-    let mut out: HashMap<SiteId, (Vec<IpNet>, Vec<LanMappingInfo>)> = HashMap::new();
-    let Ok(core) = broker.core().core() else {
-        return out;
-    };
-    for region in broker.config.regions.keys() {
-        let Some(leases) = core.leases(region) else {
-            continue;
-        };
-        for lease in leases.leases() {
-            let entry = out.entry(lease.site.clone()).or_default();
-            match lease.kind {
-                LeaseKind::SiteAddress => entry.0.push(lease.prefix),
-                LeaseKind::LanMapping { lan } => entry.1.push(LanMappingInfo {
-                    lan,
-                    mapped: lease.prefix,
-                    release_at: lease.release_at,
-                }),
-            }
-        }
-    }
-    out
-}
-
 /// One page of the site list: every site's state from its live session
 /// (here or, in a fleet, at another broker), its summary of events and
 /// its record; filtered, then paged. Blocking (the store).
@@ -257,7 +227,7 @@ fn site_page(
     let mut records = broker.store.sites()?;
     records.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
     let histories = broker.events().histories();
-    let mut addresses = addresses_by_site(broker);
+    let mut addresses = broker.addresses_by_site();
     let fleet = broker.fleet().and_then(|f| f.snapshot());
     let here = broker
         .enroll_endpoints()

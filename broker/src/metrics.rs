@@ -165,6 +165,11 @@ fn describe() {
         "LAN mappings refused, by reason (site_lan_count, site_lan_space, exhausted, too_large, overlap, other)."
     );
     describe_counter!(
+        "tether_broker_routes_refused_total",
+        Unit::Count,
+        "Prefixes of sites' route advertisements ignored, by reason (not_assigned: not inside what the site was given; protocol: limited to one IP protocol)."
+    );
+    describe_counter!(
         "tether_broker_lan_mappings_released_total",
         Unit::Count,
         "Unused LAN mappings released after their grace period (lan_release_after)."
@@ -269,6 +274,11 @@ pub fn lan_mappings_released(count: usize) {
 /// Counts a refused LAN mapping.
 pub fn lan_mapping_refused(reason: &'static str) {
     counter!("tether_broker_lan_mappings_refused_total", "reason" => reason).increment(1);
+}
+
+/// Counts a prefix of a site's route advertisement that was ignored.
+pub fn route_refused(reason: &'static str) {
+    counter!("tether_broker_routes_refused_total", "reason" => reason).increment(1);
 }
 
 /// Records the handshake time of an accepted connection.

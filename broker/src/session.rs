@@ -430,6 +430,7 @@ impl Started {
             session: &session,
             carrier,
             batch: None,
+            routes_refused_logged: None,
         };
         let opening = self.core.open(&reachable);
         let mut ended = io.perform(&mut self.core, opening).await.err();
@@ -536,7 +537,12 @@ struct SessionIo<'a> {
     /// Packets of DATAGRAM capsules bound for a gateway, written together
     /// once every complete capsule of a read is handled.
     batch: Option<SiteBatch>,
+    /// When refused routes of this session were last logged.
+    routes_refused_logged: Option<Instant>,
 }
+
+/// The least time between two log lines about a session's refused routes.
+const ROUTE_REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl SessionIo<'_> {
     async fn read_capsules(
@@ -657,9 +663,29 @@ impl SessionIo<'_> {
                         tracing::warn!(site = %self.session.site(), error = %e, "could not record which LAN mappings the site uses; it is asked again at its next route advertisement");
                     }
                 }
-                BrokerAction::RejectedRoutes(prefixes) => {
-                    tracing::info!(site = %self.session.site(), count = prefixes.len(), "ignored routes the site does not own");
-                    tracing::debug!(site = %self.session.site(), ?prefixes, "ignored routes");
+                BrokerAction::RejectedRoutes(refused) => {
+                    for (_, reason) in &refused {
+                        crate::metrics::route_refused(reason.as_str());
+                    }
+                    // A site repeating the same advertisement is logged at
+                    // most once a minute; the counter has every prefix.
+                    let now = Instant::now();
+                    if self
+                        .routes_refused_logged
+                        .is_none_or(|t| now.saturating_duration_since(t) >= ROUTE_REFUSAL_LOG_EVERY)
+                    {
+                        self.routes_refused_logged = Some(now);
+                        if let Some((prefix, reason)) = refused.first() {
+                            tracing::info!(
+                                site = %self.session.site(),
+                                count = refused.len(),
+                                "the site advertised routes the broker ignores: {prefix} because {} (and {} more; counted in tether_broker_routes_refused_total, logged at most once a minute)",
+                                reason.describe(),
+                                refused.len() - 1,
+                            );
+                        }
+                    }
+                    tracing::debug!(site = %self.session.site(), ?refused, "ignored routes");
                 }
                 BrokerAction::Datagram(payload) => {
                     if let Ok(datagram::Payload::IpPacket(packet)) =

@@ -17,7 +17,7 @@ use tether_config::broker::BrokerConfig;
 use tether_pki::reattest::RevokedBy;
 use tether_pki::token::{self, EnrollmentCode};
 use tether_pki::{CertSlot, RevocationSet, Revoked, SiteIdentity};
-use tether_proto::api::{SiteInfo, TokenResponse};
+use tether_proto::api::{LanMappingInfo, SiteInfo, TokenResponse};
 use tether_proto::broker::{
     Allocated, AllocationRequest, BrokerCore, CoreConfig, GatewaySpec, MAX_ALLOCATION_ATTEMPTS,
     OpenError, RegionPolicy, Revocation, SessionId, SiteRecordAction, TokenPolicy,
@@ -562,16 +562,30 @@ impl Broker {
             .unwrap_or_default()
     }
 
-    /// The leases a site holds.
-    pub fn leases_of(&self, site: &SiteId, region: &RegionId) -> Vec<IpNet> {
-        self.core
-            .core()
-            .ok()
-            .and_then(|c| {
-                c.leases(region)
-                    .map(|l| l.of_site(site).map(|l| l.prefix).collect())
-            })
-            .unwrap_or_default()
+    /// Every site's own addresses and LAN mappings (the real LAN with the
+    /// prefix it is mapped to), from one pass over the leases.
+    pub fn addresses_by_site(&self) -> HashMap<SiteId, (Vec<IpNet>, Vec<LanMappingInfo>)> {
+        let mut out: HashMap<SiteId, (Vec<IpNet>, Vec<LanMappingInfo>)> = HashMap::new();
+        let Ok(core) = self.core.core() else {
+            return out;
+        };
+        for region in self.config.regions.keys() {
+            let Some(leases) = core.leases(region) else {
+                continue;
+            };
+            for lease in leases.leases() {
+                let entry = out.entry(lease.site.clone()).or_default();
+                match lease.kind {
+                    LeaseKind::SiteAddress => entry.0.push(lease.prefix),
+                    LeaseKind::LanMapping { lan } => entry.1.push(LanMappingInfo {
+                        lan,
+                        mapped: lease.prefix,
+                        release_at: lease.release_at,
+                    }),
+                }
+            }
+        }
+        out
     }
 
     /// A fresh session identifier.
@@ -825,17 +839,22 @@ impl Broker {
 
     /// Every site, with addresses and live session.
     pub fn site_infos(&self) -> Result<Vec<SiteInfo>, BrokerError> {
+        let mut leases = self.addresses_by_site();
         let mut out: Vec<SiteInfo> = self
             .store
             .sites()?
             .into_iter()
-            .map(|r| SiteInfo {
-                addresses: self.leases_of(&r.site, &r.region),
-                session: self.session(&r.site).map(|s| s.info()),
-                enrolled: r.enrolled.is_some(),
-                revoked: r.revoked,
-                site: r.site,
-                region: r.region,
+            .map(|r| {
+                let (addresses, lans) = leases.remove(&r.site).unwrap_or_default();
+                SiteInfo {
+                    addresses,
+                    lans,
+                    session: self.session(&r.site).map(|s| s.info()),
+                    enrolled: r.enrolled.is_some(),
+                    revoked: r.revoked,
+                    site: r.site,
+                    region: r.region,
+                }
             })
             .collect();
         out.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));

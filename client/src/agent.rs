@@ -413,6 +413,22 @@ impl Shell {
                 waiting.join(", ")
             );
         }
+        if let Err(e) = self
+            .state
+            .check_lans(&new.lans, "the configuration read again")
+        {
+            let why = format!(
+                "configuration not reloaded, the running one stays in force: {}",
+                format!("{e:#}")
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            tracing::error!("{why}");
+            self.problems.push(ProblemKind::Reload, why);
+            return;
+        }
         if new.lans == self.config.lans {
             tracing::info!(
                 lans = new.lans.len(),
@@ -1097,6 +1113,24 @@ impl Shell {
                 }
             }
             TunConfig::Routes(routes) => {
+                // Kept for checking the LANs of the next start or reload.
+                self.state.save_tunnel_routes(&routes);
+                if let Err(e) = tether_config::client::check_lans_against_tunnel(
+                    &self.config.lans,
+                    &routes,
+                    "the running configuration",
+                ) {
+                    let why = format!(
+                        "the broker now routes through the tunnel addresses of a configured LAN; fix the configuration: {}",
+                        e.to_string()
+                            .lines()
+                            .map(str::trim)
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                    tracing::error!("{why}");
+                    self.problems.push(ProblemKind::LanMapping, why);
+                }
                 let (Some(tun), Some(s)) = (self.tun.as_mut(), self.session.as_ref()) else {
                     return Ok(());
                 };

@@ -290,6 +290,7 @@ fn load(
         Some(dir) => StateDir::new(dir.clone()),
         None => state,
     };
+    state.check_lans(&config.lans, &path.display().to_string())?;
     Ok((config, state))
 }
 
@@ -601,6 +602,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(proxy) = &config.proxy {
                 tether::proxy::Proxy::parse(proxy, &format!("{origin}: transport.proxy"))?;
             }
+            // The overlay the site learned at its last connection, if any.
+            let state = StateDir::new(config.state_dir.clone().unwrap_or_else(default_state_dir));
+            state.check_lans(&config.lans, &origin)?;
             println!("{origin}: ok");
             ExitCode::SUCCESS
         }

@@ -27,6 +27,10 @@ pub const IDENTITY_FILE: &str = "identity.json";
 /// File recording the transport that last worked.
 pub const TRANSPORT_FILE: &str = "transport";
 
+/// File recording the prefixes the broker last routed through the tunnel
+/// (one a line), so a LAN overlapping them is refused before connecting.
+pub const TUNNEL_ROUTES_FILE: &str = "tunnel-routes";
+
 /// Most CA certificates a trust bundle may hold (two during a rotation;
 /// the rest is room, and a limit on what a broker can make a site store).
 pub const MAX_BUNDLE_CERTS: usize = 8;
@@ -185,6 +189,38 @@ impl StateDir {
         {
             tracing::debug!(error = %e, "could not record the transport");
         }
+    }
+
+    /// The prefixes the broker last routed through the tunnel, as
+    /// recorded; none if never recorded (lines that do not parse are
+    /// skipped: the file is only a hint for checking the LANs).
+    pub fn tunnel_routes(&self) -> Vec<ipnet::IpNet> {
+        std::fs::read_to_string(self.file(TUNNEL_ROUTES_FILE))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records the prefixes the broker routes through the tunnel (best
+    /// effort, like the transport).
+    pub fn save_tunnel_routes(&self, routes: &[ipnet::IpNet]) {
+        if self.tunnel_routes() != routes {
+            let text: String = routes.iter().map(|r| format!("{r}\n")).collect();
+            if let Err(e) = replace_file(&self.file(TUNNEL_ROUTES_FILE), text.as_bytes(), 0o644) {
+                tracing::debug!(error = %e, "could not record the tunnel's routes");
+            }
+        }
+    }
+
+    /// Refuses `lans` overlapping the prefixes the broker last routed
+    /// through the tunnel, as recorded here.
+    pub fn check_lans(&self, lans: &[ipnet::IpNet], origin: &str) -> anyhow::Result<()> {
+        let routes = self.tunnel_routes();
+        tether_config::client::check_lans_against_tunnel(lans, &routes, origin).with_context(|| {
+            format!(
+                "the LANs conflict with the overlay this site last learned (recorded in {})",
+                self.file(TUNNEL_ROUTES_FILE).display()
+            )
+        })
     }
 
     /// Writes the configuration file.

@@ -169,17 +169,47 @@ impl ClientFile {
         crate::to_toml(self)
     }
 
+    /// Parses `lans` and refuses a LAN that overlaps the published CIDR
+    /// or another LAN of this site: the host could not tell which of the
+    /// two an address in the overlap belongs to.
+    fn validate_lans(&self, p: &mut Problems, published_cidr: Option<IpNet>) -> Vec<IpNet> {
+        let mut lans: Vec<IpNet> = Vec::with_capacity(self.lans.len());
+        for (i, text) in self.lans.iter().enumerate() {
+            let field = format!("lans[{i}]");
+            let Some(lan) = parse_prefix(p, &field, text) else {
+                continue;
+            };
+            if let Some(published) = published_cidr
+                && overlaps(&lan, &published)
+            {
+                p.add(
+                    &field,
+                    format!("{lan} overlaps the published CIDR {published}, where the brokers are"),
+                    "remove this LAN, or list only the part of it outside the published CIDR",
+                );
+            }
+            let earlier = self.lans.iter().take(i).enumerate().find_map(|(j, t)| {
+                let other = t.parse::<IpNet>().ok()?.trunc();
+                overlaps(&lan, &other).then_some((j, other))
+            });
+            if let Some((j, other)) = earlier {
+                p.add(
+                    &field,
+                    format!("{lan} overlaps lans[{j}] ({other})"),
+                    "list each LAN once: keep the larger prefix, or split them so they do not overlap",
+                );
+            }
+            lans.push(lan);
+        }
+        lans
+    }
+
     /// Validates into a typed configuration.
     pub fn validate(&self, origin: &str) -> Result<ClientConfig, ConfigError> {
         let mut p = Problems::default();
         let published_cidr = parse_prefix(&mut p, "published_cidr", &self.published_cidr);
         let brokers = parse_endpoints(&mut p, "brokers", &self.brokers, 443, published_cidr);
-        let lans = self
-            .lans
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| parse_prefix(&mut p, &format!("lans[{i}]"), t))
-            .collect();
+        let lans = self.validate_lans(&mut p, published_cidr);
         let lan_source = LanSource::parse(&self.lan_source).unwrap_or_else(|| {
             p.add(
                 "lan_source",
@@ -242,6 +272,36 @@ impl ClientFile {
     }
 }
 
+/// Whether two prefixes share an address (one contains the other).
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+/// Refuses a LAN that overlaps a prefix the broker routes through the
+/// tunnel (the overlay pools, the backends' prefixes), as the site last
+/// learned them: replies to addresses in the overlap would go to the LAN
+/// instead of the tunnel. `lans` are a validated configuration's, in the
+/// file's order, so `lans[i]` names the field.
+pub fn check_lans_against_tunnel(
+    lans: &[IpNet],
+    tunnel_routes: &[IpNet],
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let mut p = Problems::default();
+    for (i, lan) in lans.iter().enumerate() {
+        if let Some(route) = tunnel_routes.iter().find(|r| overlaps(lan, r)) {
+            p.add(
+                format!("lans[{i}]"),
+                format!(
+                    "{lan} overlaps {route}, which the broker routes through the tunnel (an overlay pool or a backend prefix)"
+                ),
+                "remove this LAN, or ask the operator which prefixes are free; the LAN must not share addresses with the overlay",
+            );
+        }
+    }
+    p.finish(origin, ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +319,61 @@ mod tests {
         .unwrap_err();
         let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["brokers[1]", "transport.proxy"]);
+    }
+
+    fn problems(text: &str) -> Vec<(String, String)> {
+        match ClientFile::parse(text, "t").unwrap().validate("t") {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems()
+                .iter()
+                .map(|p| (p.field.clone(), p.message.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_lan_overlapping_the_published_cidr_or_another_lan_is_refused() {
+        let found = problems(
+            "published_cidr = \"203.0.113.0/24\"\nbrokers = [\"203.0.113.5\"]\nlans = [\"203.0.113.0/25\", \"10.0.0.0/8\", \"192.168.1.0/24\", \"192.168.1.0/25\", \"192.168.1.0/24\", \"172.16.0.0/12\", \"10.20.0.0/16\"]",
+        );
+        let fields: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["lans[0]", "lans[3]", "lans[4]", "lans[6]"]);
+        assert!(
+            found[0].1.contains("published CIDR 203.0.113.0/24"),
+            "{found:?}"
+        );
+        assert!(found[1].1.contains("lans[2] (192.168.1.0/24)"), "{found:?}");
+        assert!(found[3].1.contains("lans[1] (10.0.0.0/8)"), "{found:?}");
+        // A LAN holding the whole published CIDR is refused too.
+        let found = problems(
+            "published_cidr = \"203.0.113.0/24\"\nbrokers = [\"203.0.113.5\"]\nlans = [\"203.0.0.0/16\"]",
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            problems("lans = [\"192.168.1.0/24\", \"192.168.2.0/24\", \"fd00::/64\"]").is_empty()
+        );
+    }
+
+    #[test]
+    fn a_lan_overlapping_a_tunnel_route_is_refused() {
+        let net = |t: &str| t.parse::<IpNet>().unwrap();
+        let lans = [
+            net("192.168.1.0/24"),
+            net("100.64.0.0/16"),
+            net("fd7a:115c:a1e0:1::/64"),
+        ];
+        let routes = [
+            net("100.64.0.0/10"),
+            net("fd7a:115c:a1e0::/48"),
+            net("10.9.0.0/16"),
+        ];
+        let err = check_lans_against_tunnel(&lans, &routes, "t").unwrap_err();
+        let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["lans[1]", "lans[2]"]);
+        assert!(err.problems()[0].message.contains("100.64.0.0/10"));
+        assert!(check_lans_against_tunnel(&lans[..1], &routes, "t").is_ok());
+        assert!(check_lans_against_tunnel(&lans, &[], "t").is_ok());
     }
 
     #[test]

@@ -161,9 +161,13 @@ impl PolicyFile {
                             check_names(p, &field, &s, &groups, known);
                             out.push(s);
                         }
-                        Err(e) => {
-                            p.add(field, e.to_string(), "see docs/policy.md for the selectors")
-                        }
+                        // The error's own text ends with the fix: name
+                        // the problem here and the fix once, below.
+                        Err(e) => p.add(
+                            field,
+                            format!("{:?} is not a selector: {}", e.text, e.problem),
+                            "write sites, site:<id>, group:<name>, region:<name>, lan-of:<one of those>, gateways, gateway:<id> or prefix:<cidr> (docs/policy.md)",
+                        ),
                     }
                 }
                 out
@@ -176,7 +180,7 @@ impl PolicyFile {
                     Ok(x) => ports.push(x),
                     Err(e) => p.add(
                         format!("{at}.ports[{j}]"),
-                        e.to_string(),
+                        format!("{:?} is not a port specification: {}", e.text, e.problem),
                         "write tcp/443, tcp/8000-8100, udp/53, tcp, udp, icmp or any",
                     ),
                 }

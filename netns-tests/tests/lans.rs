@@ -274,6 +274,12 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
         "the backend's overlay-side address: {seen:?}"
     );
     assert!(!site_tables(&topo).contains("tether_site_"));
+    // 192.168.1.40, on the same LAN host but outside the exposed /28, has
+    // no mapped address, and its real address is routed nowhere in the
+    // overlay: it stays unreachable while the /28 is exposed.
+    assert!(fetch(&topo, "192.168.1.40".parse().unwrap()).is_empty());
+    assert!(fetch(&topo, "192.168.1.20".parse().unwrap()).is_empty());
+    assert!(fetch(&topo, analyser).contains("hello from the analyser"));
     // The first site is gone, and its LAN with it.
     assert!(fetch(&topo, host_in(mapped, 20)).is_empty());
 }

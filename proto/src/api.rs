@@ -196,8 +196,11 @@ pub struct SiteInfo {
     pub site: SiteId,
     /// Its region.
     pub region: RegionId,
-    /// Its overlay addresses and LAN mappings.
+    /// Its own overlay addresses.
     pub addresses: Vec<IpNet>,
+    /// Its LANs and the prefixes they are mapped to.
+    #[serde(default)]
+    pub lans: Vec<LanMappingInfo>,
     /// Whether it is revoked.
     pub revoked: bool,
     /// Whether it has enrolled.

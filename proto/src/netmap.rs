@@ -25,7 +25,9 @@
 //! recomputed: an error corrupted on the way stays detectably corrupted).
 //! Fragments translate like whole
 //! packets: the first carries the transport header, later ones only the IP
-//! header. Protocols whose checksums cover addresses but which tether does
+//! header. IPv6 extension headers before the transport header (hop-by-hop,
+//! routing, destination options, fragment) are skipped, their contents
+//! unchanged. Protocols whose checksums cover addresses but which tether does
 //! not parse (DCCP, UDP-Lite) and AH, which authenticates the addresses,
 //! are refused with [`Refused::Protocol`] rather than forwarded broken.
 
@@ -43,6 +45,8 @@ const PROTO_GRE: u8 = 47;
 const PROTO_ESP: u8 = 50;
 /// IP protocol number of SCTP (CRC32c over the SCTP packet only).
 const PROTO_SCTP: u8 = 132;
+/// IP protocol number of AH (authenticates the addresses).
+const PROTO_AH: u8 = 51;
 
 /// One LAN prefix and the prefix it appears as in the overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -327,6 +331,9 @@ fn translate(
         return Ok(Outcome::Untouched);
     }
     let checksum = pseudo_checksum(family, protocol)?;
+    if family == Family::V6 && authenticated_v6(packet, l4) {
+        return Err(Refused::Protocol(PROTO_AH));
+    }
     let packet = &mut packet[..total];
     if !later {
         let needed = match (protocol, checksum) {
@@ -383,6 +390,30 @@ fn translate(
         packet[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     }
     Ok(outcome)
+}
+
+/// Whether an AH header is among the IPv6 extension headers before `l4`
+/// (the parser walks past it to the transport, but AH authenticates the
+/// addresses: the packet cannot be translated).
+fn authenticated_v6(packet: &[u8], l4: usize) -> bool {
+    let Some(&first) = packet.get(6) else {
+        return false;
+    };
+    let (mut next, mut at) = (first, 40);
+    while at < l4 {
+        if next == PROTO_AH {
+            return true;
+        }
+        let (Some(&following), Some(&len)) = (packet.get(at), packet.get(at + 1)) else {
+            return false;
+        };
+        at += match next {
+            44 => 8,
+            _ => (usize::from(len) + 1) * 8,
+        };
+        next = following;
+    }
+    false
 }
 
 /// Translates the header of a packet quoted in an ICMP error (usually cut

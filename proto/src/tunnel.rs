@@ -37,8 +37,8 @@ pub enum BrokerAction {
     /// The prefixes the site routes (its accepted ROUTE_ADVERTISEMENT):
     /// replace its LAN routes with these.
     SetLanRoutes(Vec<IpNet>),
-    /// The site advertised prefixes it does not own; they were ignored.
-    RejectedRoutes(Vec<IpNet>),
+    /// The site advertised prefixes it may not route; they were ignored.
+    RejectedRoutes(Vec<(IpNet, RouteRefused)>),
     /// After a ROUTE_ADVERTISEMENT with no LAN mapping in flight: the site
     /// routes these mapped prefixes. Record its LAN mappings covering none
     /// of them as unused (released after a grace period), and those
@@ -212,12 +212,12 @@ impl BrokerSession {
                     .assigned
                     .keys()
                     .any(|a| *a == prefix && a.prefix_len() == a.max_prefix_len());
-                if owned && range.protocol == 0 {
-                    if !host {
-                        accepted.push(prefix);
-                    }
-                } else {
-                    rejected.push(prefix);
+                if !owned {
+                    rejected.push((prefix, RouteRefused::NotAssigned));
+                } else if range.protocol != 0 {
+                    rejected.push((prefix, RouteRefused::Protocol));
+                } else if !host {
+                    accepted.push(prefix);
                 }
             }
         }
@@ -231,6 +231,39 @@ impl BrokerSession {
             actions.push(BrokerAction::LansInUse(accepted));
         }
         actions
+    }
+}
+
+/// Why a prefix of a site's ROUTE_ADVERTISEMENT was ignored (the metric
+/// label is [`RouteRefused::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteRefused {
+    /// The prefix is not inside an address or LAN mapping the broker
+    /// assigned to the site.
+    NotAssigned,
+    /// The range is for one IP protocol only; a site routes a prefix for
+    /// all protocols or not at all.
+    Protocol,
+}
+
+impl RouteRefused {
+    /// Every reason, in label order.
+    pub const ALL: [RouteRefused; 2] = [RouteRefused::NotAssigned, RouteRefused::Protocol];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteRefused::NotAssigned => "not_assigned",
+            RouteRefused::Protocol => "protocol",
+        }
+    }
+
+    /// The reason in plain words, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RouteRefused::NotAssigned => "the broker did not assign it to the site",
+            RouteRefused::Protocol => "it is limited to one IP protocol",
+        }
     }
 }
 
@@ -409,9 +442,22 @@ mod tests {
             actions,
             vec![
                 BrokerAction::SetLanRoutes(vec![net("100.64.9.0/25")]),
-                BrokerAction::RejectedRoutes(vec![net("10.0.0.0/8")]),
+                BrokerAction::RejectedRoutes(vec![(net("10.0.0.0/8"), RouteRefused::NotAssigned)]),
                 BrokerAction::LansInUse(vec![net("100.64.9.0/25")]),
             ]
+        );
+        // A route for one protocol only is refused even inside its own LAN.
+        let mut tcp_only = crate::connect_ip::IpAddressRange::from_prefix(net("100.64.9.128/25"));
+        tcp_only.protocol = 6;
+        let actions = broker.on_capsule(Capsule::RouteAdvertisement(RouteAdvertisement {
+            ranges: vec![tcp_only],
+        }));
+        assert!(
+            actions.contains(&BrokerAction::RejectedRoutes(vec![(
+                net("100.64.9.128/25"),
+                RouteRefused::Protocol
+            )])),
+            "{actions:?}"
         );
     }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::api::{
-    ApiError, GatewayInfo, SessionInfo, SiteEvents, SiteInfo, SiteSummary, Trace,
+    ApiError, GatewayInfo, LanMappingInfo, SessionInfo, SiteEvents, SiteInfo, SiteSummary, Trace,
 };
 use tether_proto::route::Route;
 
@@ -215,13 +215,37 @@ pub fn sites_table(sites: &[SiteInfo]) -> String {
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(" "),
+                lan_pairs(&s.lans),
             ]
         })
         .collect();
     table(
-        &["SITE", "REGION", "STATE", "TRANSPORT", "RTT", "ADDRESSES"],
+        &[
+            "SITE",
+            "REGION",
+            "STATE",
+            "TRANSPORT",
+            "RTT",
+            "ADDRESSES",
+            "LANS",
+        ],
         &rows,
     )
+}
+
+/// A site's LAN mappings as `mapped = real` pairs (an unused mapping
+/// waiting for release marked so), or `-`.
+fn lan_pairs(lans: &[LanMappingInfo]) -> String {
+    if lans.is_empty() {
+        return "-".into();
+    }
+    lans.iter()
+        .map(|l| match l.release_at {
+            Some(_) => format!("{} = {} (unused)", l.mapped, l.lan),
+            None => format!("{} = {}", l.mapped, l.lan),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `tether sites --since D` (and `--state`): the site list with state and
@@ -528,6 +552,47 @@ mod tests {
         assert_eq!(lines[0], "A          BB    C");
         assert_eq!(lines[1], "long-cell  x     tail");
         assert_eq!(lines[2], "s          yyyy  t");
+    }
+
+    #[test]
+    fn sites_pair_each_mapped_lan_with_the_real_one() {
+        let net = |t: &str| t.parse::<ipnet::IpNet>().unwrap_or_else(|_| unreachable!());
+        let site = |lans: Vec<LanMappingInfo>| SiteInfo {
+            site: tether_proto::ids::SiteId::new("hospital-a").unwrap_or_else(|_| unreachable!()),
+            region: tether_proto::ids::RegionId::new("eu").unwrap_or_else(|_| unreachable!()),
+            addresses: vec![net("100.64.0.2/32")],
+            lans,
+            revoked: false,
+            enrolled: true,
+            session: None,
+        };
+        let t = sites_table(&[site(vec![
+            LanMappingInfo {
+                lan: net("192.168.1.0/24"),
+                mapped: net("10.200.0.0/24"),
+                release_at: None,
+            },
+            LanMappingInfo {
+                lan: net("192.168.2.0/24"),
+                mapped: net("10.200.1.0/24"),
+                release_at: Some(1),
+            },
+        ])]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("ADDRESSES      LANS"), "{t}");
+        assert!(
+            lines[1].ends_with(
+                "100.64.0.2/32  10.200.0.0/24 = 192.168.1.0/24, 10.200.1.0/24 = 192.168.2.0/24 (unused)"
+            ),
+            "{t}"
+        );
+        let t = sites_table(&[site(Vec::new())]);
+        assert!(
+            t.lines()
+                .nth(1)
+                .is_some_and(|l| l.ends_with("100.64.0.2/32  -")),
+            "{t}"
+        );
     }
 
     #[test]

@@ -243,6 +243,75 @@ async fn lan_behind_a_site_is_mapped_and_routed() {
 }
 
 #[tokio::test]
+async fn routes_a_site_was_not_given_are_refused_and_counted() {
+    let broker = TestBroker::start("").await;
+    let site = TestSite::enroll(&broker, "site-r").await;
+    let mut t = tunnel_for(&broker, &site).await;
+    t.send_capsule(&Capsule::AddressRequest(AddressRequest {
+        requests: vec![RequestedAddress {
+            request_id: 1,
+            prefix: "192.168.7.0/24".parse().unwrap(),
+        }],
+    }))
+    .await;
+    let events = t
+        .pump_events(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    let ClientEvent::Addresses(addrs) = &events[0] else {
+        panic!("{events:?}")
+    };
+    let lan = *addrs
+        .iter()
+        .find(|a| a.prefix_len() == 24)
+        .expect("a /24 mapping");
+    let not_assigned = "tether_broker_routes_refused_total{reason=\"not_assigned\"}";
+    let protocol = "tether_broker_routes_refused_total{reason=\"protocol\"}";
+    let before = (metric(not_assigned), metric(protocol));
+    // Its own mapping for every protocol, two prefixes it was not given,
+    // and its own mapping again for TCP only.
+    let mut ad = RouteAdvertisement::from_prefixes([
+        lan,
+        "10.0.0.0/8".parse().unwrap(),
+        "198.51.100.0/24".parse().unwrap(),
+    ]);
+    let mut tcp_only = tether_proto::connect_ip::IpAddressRange::from_prefix(lan);
+    tcp_only.protocol = 6;
+    ad.ranges.push(tcp_only);
+    t.send_capsule(&Capsule::RouteAdvertisement(ad)).await;
+    // The prefix it owns is routed, the rest is counted.
+    broker.wait_for_route(lan, Duration::from_secs(5)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(protocol) < before.1 + 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refusal was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(protocol), before.1 + 1.0);
+    // Other tests of this binary may count theirs too: at least these two.
+    assert!(
+        metric(not_assigned) >= before.0 + 2.0,
+        "{} -> {}",
+        before.0,
+        metric(not_assigned)
+    );
+    // The metric is on the admin endpoint, with its reason.
+    let text = broker.scrape().await;
+    assert!(text.contains(protocol), "{text}");
+    // The site list pairs the mapped prefix with the real LAN, apart from
+    // the site's own addresses.
+    let sites = broker.broker().site_infos().unwrap();
+    let info = sites.iter().find(|s| s.site.as_str() == "site-r").unwrap();
+    assert!(!info.addresses.contains(&lan), "{info:?}");
+    assert_eq!(info.lans.len(), 1, "{info:?}");
+    assert_eq!(
+        (info.lans[0].lan, info.lans[0].mapped),
+        ("192.168.7.0/24".parse().unwrap(), lan)
+    );
+}
+
+#[tokio::test]
 async fn sites_are_kept_apart_until_a_reloaded_rule_allows_it() {
     let broker = TestBroker::start("").await;
     let a = TestSite::enroll(&broker, "site-a").await;

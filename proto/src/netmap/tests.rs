@@ -137,12 +137,30 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], l4: &[u8]) -
     out
 }
 
-fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+/// An IPv6 packet; `options` non-empty puts a hop-by-hop and a
+/// destination options header (half of `options` each, padded to 8
+/// bytes) before the transport header.
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8, options: &[u8], l4: &[u8]) -> Vec<u8> {
+    let header = |next: u8, data: &[u8]| {
+        let len = (2 + data.len()).div_ceil(8) * 8;
+        let mut h = vec![next, (len / 8 - 1) as u8];
+        h.extend_from_slice(data);
+        h.resize(len, 0);
+        h
+    };
+    let (first, extensions) = if options.is_empty() {
+        (protocol, Vec::new())
+    } else {
+        let (hop, dest) = options.split_at(options.len() / 2);
+        // Hop-by-hop (0) first, then destination options (60).
+        (0, [header(60, hop), header(protocol, dest)].concat())
+    };
     let mut out = vec![0x60, 0, 0, 0];
-    out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    out.extend_from_slice(&[protocol, 61]);
+    out.extend_from_slice(&((extensions.len() + l4.len()) as u16).to_be_bytes());
+    out.extend_from_slice(&[first, 61]);
     out.extend_from_slice(&src.octets());
     out.extend_from_slice(&dst.octets());
+    out.extend_from_slice(&extensions);
     out.extend_from_slice(l4);
     out
 }
@@ -173,7 +191,7 @@ fn packet(
                 protocol
             };
             let l4 = segment(protocol, Family::V6, tcp_options, payload);
-            ipv6(s, d, protocol, &l4)
+            ipv6(s, d, protocol, ip_options, &l4)
         }
         _ => unreachable!(),
     };
@@ -361,6 +379,24 @@ fn protocols_that_cannot_be_translated_are_refused() {
         assert_eq!(m.to_lan(&mut p), Err(Refused::Protocol(protocol)));
         assert_eq!(p, before, "a refused packet is left as it was");
     }
+    // AH among IPv6 extension headers, in front of TCP, is refused the
+    // same (the parser walks past it to TCP).
+    let m6 = map("fd42:1::/64", "fd00:70:3::/64");
+    let tcp = segment(PROTO_TCP, Family::V6, &[], b"payload");
+    let mut ah = vec![PROTO_TCP, 4, 0, 0];
+    ah.extend_from_slice(&[0; 20]);
+    let mut p = ipv6(
+        "fd00::9".parse().unwrap(),
+        "fd00:70:3::20".parse().unwrap(),
+        51,
+        &[],
+        &[ah, tcp].concat(),
+    );
+    assert_eq!(Packet::parse(&p).unwrap().protocol, PROTO_TCP);
+    let before = p.clone();
+    assert_eq!(m6.to_lan(&mut p), Err(Refused::Protocol(51)));
+    assert_eq!(p, before);
+    assert_eq!(Refused::Protocol(51).as_str(), "lan_map_protocol");
     // GRE, ESP, SCTP: nothing covers the addresses.
     for protocol in [47, 50, 132] {
         let mut p = ipv4(
@@ -557,7 +593,8 @@ proptest! {
 
     /// Leaving the LAN and coming back: each step yields exactly the packet
     /// built with the other addresses, checksums right, and the reverse
-    /// mapping restores the original byte for byte.
+    /// mapping restores the original byte for byte. `ip_options` are IPv4
+    /// options, or IPv6 hop-by-hop and destination options headers.
     #[test]
     fn translation_is_exact_and_round_trips(
         m in mapping(),
