@@ -48,6 +48,9 @@ use tokio::sync::Semaphore;
 mod loadgen_renew;
 mod traffic;
 
+/// Token requests in flight at once during `enroll`.
+const TOKEN_REQUESTS: usize = 16;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -155,34 +158,55 @@ async fn main() -> anyhow::Result<()> {
             retries,
         } => {
             let started = Instant::now();
+            // Tokens from a few requests at a time: the broker commits
+            // concurrent writes together.
             let codes = tokio::task::spawn_blocking(move || {
-                let client = AdminClient::new(&admin, &admin_token);
-                (0..count)
-                    .map(|i| {
-                        let t: TokenResponse = client
-                            .post(
-                                "/v1/tokens",
-                                &TokenRequest {
-                                    site: format!("load-{i}").parse().unwrap(),
-                                    region: region.parse().unwrap(),
-                                    ttl: None,
-                                },
-                            )
-                            .unwrap();
-                        t.code
-                    })
-                    .collect::<Vec<_>>()
+                let mut codes = vec![String::new(); count];
+                let per = count.div_ceil(TOKEN_REQUESTS).max(1);
+                std::thread::scope(|scope| {
+                    for (chunk, slots) in codes.chunks_mut(per).enumerate() {
+                        let (admin, admin_token, region) = (&admin, &admin_token, &region);
+                        scope.spawn(move || {
+                            let client = AdminClient::new(admin, admin_token);
+                            for (j, slot) in slots.iter_mut().enumerate() {
+                                let i = chunk * per + j;
+                                let t: TokenResponse = client
+                                    .post(
+                                        "/v1/tokens",
+                                        &TokenRequest {
+                                            site: format!("load-{i}").parse().unwrap(),
+                                            region: region.parse().unwrap(),
+                                            ttl: None,
+                                        },
+                                    )
+                                    .unwrap();
+                                *slot = t.code;
+                            }
+                        });
+                    }
+                });
+                codes
             })
             .await?;
-            println!("tokens {}", codes.len());
+            println!(
+                "tokens {} in {:.1} s",
+                codes.len(),
+                started.elapsed().as_secs_f64()
+            );
             anyhow::ensure!(!broker.is_empty(), "--broker names no broker");
             let limit = Arc::new(Semaphore::new(32));
+            // Enrollments finished so far: the rate per 1,000 is printed as
+            // it goes (it falls as sites accumulate when a cost grows with
+            // the number of enrolled sites).
+            let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let enrolling = Instant::now();
             let mut tasks = Vec::new();
             for (i, code) in codes.into_iter().enumerate() {
-                let (limit, broker, state) = (
+                let (limit, broker, state, finished) = (
                     limit.clone(),
                     broker[i % broker.len()].clone(),
                     site_dir(&dir, i),
+                    finished.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire().await.unwrap();
@@ -191,6 +215,14 @@ async fn main() -> anyhow::Result<()> {
                         match tether::enroll::enroll(&broker, &code, &state, true, None).await {
                             Ok(_) => {
                                 println!("enrolled {i}");
+                                let n =
+                                    finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                                if n % 1000 == 0 {
+                                    println!(
+                                        "progress {n} enrolled in {:.1} s",
+                                        enrolling.elapsed().as_secs_f64()
+                                    );
+                                }
                                 return (true, attempt);
                             }
                             Err(e) if attempt < retries => {

@@ -235,7 +235,19 @@ pub(crate) fn run_loadgen_enroll(
         &dir,
     ];
     args.extend_from_slice(extra);
-    ns.run(&loadgen, &args).unwrap();
+    let out = ns.run(&loadgen, &args).unwrap();
+    // The token step and the enrollment rate per 1,000, for the record.
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let one_site = line
+            .strip_prefix("enrolled ")
+            .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit()));
+        let summary = ["tokens ", "progress ", "enrolled "]
+            .iter()
+            .any(|p| line.starts_with(p));
+        if summary && !one_site {
+            eprintln!("loadgen: {line}");
+        }
+    }
 }
 
 struct Row {

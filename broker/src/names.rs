@@ -23,6 +23,21 @@ use crate::state::Broker;
 /// reconnecting sites makes one new serial, not hundreds).
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// Changes are also gathered for this many times as long as the last
+/// rebuild took, so that rebuilding a large zone takes at most about a
+/// fifth of a core during a burst of enrollments (each one a change).
+const SETTLE_PER_REBUILD: u32 = 4;
+
+/// The longest changes are gathered: a name changed during a burst is
+/// published at most this long, plus the rebuild under way and its own,
+/// after its change.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+
+/// How long to gather changes after a rebuild that took `rebuild`.
+fn settle_after(rebuild: Duration) -> Duration {
+    (rebuild * SETTLE_PER_REBUILD).clamp(SETTLE, SETTLE_MAX)
+}
+
 /// The zone as the store and the sessions describe it now. Blocking.
 pub fn zone_data(broker: &Broker, serial: u32) -> Result<ZoneData, BrokerError> {
     let config = &broker.config;
@@ -81,7 +96,10 @@ pub async fn keep_zone(broker: Arc<Broker>) {
     loop {
         let serial = next_serial(last.as_ref().map_or(0, |z| z.serial));
         let b = broker.clone();
-        match tokio::task::spawn_blocking(move || zone_data(&b, serial)).await {
+        let started = std::time::Instant::now();
+        let rebuilt = tokio::task::spawn_blocking(move || zone_data(&b, serial)).await;
+        let settle = settle_after(started.elapsed());
+        match rebuilt {
             Ok(Ok(zone)) => {
                 if !last.as_ref().is_some_and(|l| l.same_names(&zone)) {
                     tracing::debug!(serial, sites = zone.sites.len(), "mesh zone rebuilt");
@@ -97,10 +115,14 @@ pub async fn keep_zone(broker: Arc<Broker>) {
             }
             Err(_) => return,
         }
+        // A change made while the zone was rebuilt or while changes are
+        // gathered is not lost: it marks `changes` seen only here, before
+        // the next rebuild reads the store, so a change after this point
+        // wakes the loop again.
         if changes.changed().await.is_err() {
             return;
         }
-        tokio::time::sleep(SETTLE).await;
+        tokio::time::sleep(settle).await;
         changes.borrow_and_update();
     }
 }
@@ -126,4 +148,21 @@ pub fn addrs(server: &Option<DnsServer>) -> Vec<SocketAddr> {
         .as_ref()
         .map(|s| s.local_addrs.clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_gathered_longer_after_a_long_rebuild_but_never_past_the_bound() {
+        assert_eq!(settle_after(Duration::ZERO), SETTLE);
+        assert_eq!(
+            settle_after(Duration::from_millis(100)),
+            Duration::from_millis(400)
+        );
+        // A zone that takes seconds to rebuild still publishes a change
+        // within the bound the docs give.
+        assert_eq!(settle_after(Duration::from_secs(3)), SETTLE_MAX);
+    }
 }

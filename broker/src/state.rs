@@ -887,8 +887,20 @@ impl Broker {
             }
             StoreEvent::Leases(region) => {
                 if self.config.regions.contains_key(&region) {
-                    let leases = self.store.region_leases(&region)?;
-                    self.decide(|core| core.handle_leases(region, leases))?;
+                    // Reading every lease of the region is skipped when
+                    // the cache is at the store's version (this broker's
+                    // own commit): one key instead of the whole region on
+                    // every allocation.
+                    let version = self.store.lease_version(&region)?;
+                    let stale = self
+                        .core
+                        .core()
+                        .map_err(|_| BrokerError::Contention)?
+                        .needs_leases(&region, version);
+                    if stale {
+                        let leases = self.store.region_leases(&region)?;
+                        self.decide(|core| core.handle_leases(region, leases))?;
+                    }
                     self.names_changed();
                 }
                 Ok(())

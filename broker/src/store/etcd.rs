@@ -766,6 +766,14 @@ where
 }
 
 impl Store for EtcdStore {
+    fn lease_version(&self, region: &RegionId) -> Result<u64, StoreError> {
+        let version_key = self.keys.region_version(region);
+        let response = self.call("read", move |mut c| async move {
+            c.get(version_key, None).await
+        })?;
+        parse_version(response.kvs().first())
+    }
+
     fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError> {
         let version_key = self.keys.region_version(region);
         let leases_key = self.keys.region_leases(region);

@@ -113,6 +113,7 @@ fn etcd_leases_commit_with_compare_and_set_and_survive_reopen() {
         let site = SiteId::new("a").unwrap();
         let snapshot = store.region_leases(&eu()).unwrap();
         assert_eq!(snapshot.version(), 0);
+        assert_eq!(store.lease_version(&eu()).unwrap(), 0);
         let Plan::Allocate(txn) = ipam()
             .site_address(&snapshot, &site, &eu(), Family::V4)
             .unwrap()
@@ -133,6 +134,7 @@ fn etcd_leases_commit_with_compare_and_set_and_survive_reopen() {
         let store = open_store(&server, "/t/");
         let again = store.region_leases(&eu()).unwrap();
         assert_eq!(again.version(), 1);
+        assert_eq!(store.lease_version(&eu()).unwrap(), 1);
         assert_eq!(
             again.leases().map(|l| l.prefix).collect::<Vec<_>>(),
             vec![leased]

@@ -23,6 +23,7 @@ pub mod etcd;
 mod etcd_server;
 #[cfg(test)]
 mod etcd_tests;
+mod group;
 mod migrate;
 pub mod redb;
 
@@ -114,6 +115,10 @@ pub enum StoreEvent {
 pub trait Store: TokenLedger + Send + Sync + 'static {
     /// A region's leases at its current version.
     fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError>;
+    /// A region's current lease version alone (0 before its first commit):
+    /// one key, where [`region_leases`](Self::region_leases) reads every
+    /// lease of the region.
+    fn lease_version(&self, region: &RegionId) -> Result<u64, StoreError>;
     /// Applies `txn` if the region is still at `txn.expected_version`.
     fn commit_leases(&self, txn: &Txn) -> Result<Result<(), Conflict>, StoreError>;
     /// A site record.

@@ -44,6 +44,10 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const LEASE_VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("lease_versions");
 const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Each site's latest token (site -> key in [`TOKENS`]), so that a new
+/// token replaces the earlier one without reading every token. Derived from
+/// [`TOKENS`]: not in backups, rebuilt at every open ([`index_tokens`]).
+const TOKEN_SITES: TableDefinition<&str, &str> = TableDefinition::new("token_sites");
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
 /// Each site's event timeline (JSON), read and rewritten in one write
@@ -81,6 +85,8 @@ pub struct Dump {
 /// [`Store`] on redb.
 pub struct RedbStore {
     db: Database,
+    /// Every write transaction after opening goes through here.
+    group: super::group::GroupCommit,
     events: broadcast::Sender<StoreEvent>,
 }
 
@@ -109,9 +115,24 @@ impl RedbStore {
         txn.open_table(REVOCATIONS)?;
         txn.open_table(EVENTS)?;
         txn.open_table(DEPLOYMENT)?;
+        index_tokens(&txn)?;
         txn.commit()?;
         let (events, _) = broadcast::channel(1024);
-        Ok(Self { db, events })
+        Ok(Self {
+            db,
+            group: super::group::GroupCommit::default(),
+            events,
+        })
+    }
+
+    /// Runs `f` in a write transaction shared with concurrent writers
+    /// ([`group`](super::group)); returns once it is durable.
+    fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.group.write(&self.db, f)
     }
 
     fn notify(&self, event: StoreEvent) {
@@ -188,6 +209,7 @@ impl RedbStore {
                 deployment.insert(k.as_str(), v.as_str())?;
             }
         }
+        index_tokens(&write)?;
         write.commit()?;
         Ok(store)
     }
@@ -276,6 +298,15 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
+    fn lease_version(&self, region: &RegionId) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let versions = txn.open_table(LEASE_VERSIONS)?;
+        Ok(versions
+            .get(region.as_str())?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
     fn region_leases(&self, region: &RegionId) -> Result<RegionLeases, StoreError> {
         let txn = self.db.begin_read()?;
         let versions = txn.open_table(LEASE_VERSIONS)?;
@@ -297,37 +328,47 @@ impl Store for RedbStore {
     }
 
     fn commit_leases(&self, txn: &Txn) -> Result<Result<(), Conflict>, StoreError> {
-        let write = self.db.begin_write()?;
-        {
+        // Serialized before the transaction: a write fails before it
+        // changes anything.
+        let puts = txn
+            .put
+            .iter()
+            .map(|lease| {
+                Ok((
+                    lease_key(&txn.region, &lease.prefix),
+                    serde_json::to_vec(lease)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let deletes: Vec<String> = txn
+            .delete
+            .iter()
+            .map(|prefix| lease_key(&txn.region, prefix))
+            .collect();
+        let (region, expected) = (txn.region.clone(), txn.expected_version);
+        let outcome = self.write(move |write| {
             let mut versions = write.open_table(LEASE_VERSIONS)?;
             let found = versions
-                .get(txn.region.as_str())?
+                .get(region.as_str())?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            if found != txn.expected_version {
-                drop(versions);
-                write.abort()?;
-                return Ok(Err(Conflict {
-                    expected: txn.expected_version,
-                    found,
-                }));
+            if found != expected {
+                return Ok(Err(Conflict { expected, found }));
             }
-            versions.insert(txn.region.as_str(), found + 1)?;
+            versions.insert(region.as_str(), found + 1)?;
             let mut leases = write.open_table(LEASES)?;
-            for prefix in &txn.delete {
-                leases.remove(lease_key(&txn.region, prefix).as_str())?;
+            for key in &deletes {
+                leases.remove(key.as_str())?;
             }
-            for lease in &txn.put {
-                let value = serde_json::to_vec(lease)?;
-                leases.insert(
-                    lease_key(&txn.region, &lease.prefix).as_str(),
-                    value.as_slice(),
-                )?;
+            for (key, value) in &puts {
+                leases.insert(key.as_str(), value.as_slice())?;
             }
+            Ok(Ok(()))
+        })?;
+        if outcome.is_ok() {
+            self.notify(StoreEvent::Leases(txn.region.clone()));
         }
-        write.commit()?;
-        self.notify(StoreEvent::Leases(txn.region.clone()));
-        Ok(Ok(()))
+        Ok(outcome)
     }
 
     fn site(&self, site: &SiteId) -> Result<Option<SiteRecord>, StoreError> {
@@ -352,27 +393,23 @@ impl Store for RedbStore {
     }
 
     fn put_site(&self, record: &SiteRecord) -> Result<(), StoreError> {
-        let write = self.db.begin_write()?;
-        {
+        let (key, value) = (record.site.to_string(), serde_json::to_vec(record)?);
+        self.write(move |write| {
             let mut table = write.open_table(SITES)?;
-            table.insert(record.site.as_str(), serde_json::to_vec(record)?.as_slice())?;
-        }
-        write.commit()?;
+            table.insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })?;
         self.notify(StoreEvent::Site(record.site.clone()));
         Ok(())
     }
 
     fn put_cert(&self, record: &CertRecord) -> Result<(), StoreError> {
-        let write = self.db.begin_write()?;
-        {
+        let (key, value) = (record.serial.clone(), serde_json::to_vec(record)?);
+        self.write(move |write| {
             let mut table = write.open_table(CERTS)?;
-            table.insert(
-                record.serial.as_str(),
-                serde_json::to_vec(record)?.as_slice(),
-            )?;
-        }
-        write.commit()?;
-        Ok(())
+            table.insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
     }
 
     fn certs_of(&self, site: &SiteId) -> Result<Vec<CertRecord>, StoreError> {
@@ -391,26 +428,23 @@ impl Store for RedbStore {
 
     fn revoke(&self, entry: &Revoked) -> Result<(), StoreError> {
         let stored = StoredRevocation::from_entry(entry);
-        let write = self.db.begin_write()?;
-        {
+        let (key, value) = (revocation_key(entry), serde_json::to_vec(&stored)?);
+        self.write(move |write| {
             let mut table = write.open_table(REVOCATIONS)?;
-            table.insert(
-                revocation_key(entry).as_str(),
-                serde_json::to_vec(&stored)?.as_slice(),
-            )?;
-        }
-        write.commit()?;
+            table.insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })?;
         self.notify(StoreEvent::Revoked(entry.clone()));
         Ok(())
     }
 
     fn reinstate(&self, entry: &Revoked) -> Result<(), StoreError> {
-        let write = self.db.begin_write()?;
-        {
+        let key = revocation_key(entry);
+        self.write(move |write| {
             let mut table = write.open_table(REVOCATIONS)?;
-            table.remove(revocation_key(entry).as_str())?;
-        }
-        write.commit()?;
+            table.remove(key.as_str())?;
+            Ok(())
+        })?;
         self.notify(StoreEvent::Reinstated(entry.clone()));
         Ok(())
     }
@@ -438,18 +472,18 @@ impl Store for RedbStore {
         event: &SiteEvent,
         limit: usize,
     ) -> Result<(), StoreError> {
-        let write = self.db.begin_write()?;
-        {
+        let (site, event) = (site.clone(), event.clone());
+        self.write(move |write| {
             let mut table = write.open_table(EVENTS)?;
             let mut timeline: Timeline = match table.get(site.as_str())? {
                 Some(v) => serde_json::from_slice(v.value())?,
                 None => Timeline::default(),
             };
             timeline.push(event.clone(), limit);
-            table.insert(site.as_str(), serde_json::to_vec(&timeline)?.as_slice())?;
-        }
-        write.commit()?;
-        Ok(())
+            let value = serde_json::to_vec(&timeline)?;
+            table.insert(site.as_str(), value.as_slice())?;
+            Ok(())
+        })
     }
 
     fn timeline(&self, site: &SiteId) -> Result<Timeline, StoreError> {
@@ -485,20 +519,20 @@ impl Store for RedbStore {
     }
 
     fn swap_ca_state(&self, expected: Option<&str>, new: &str) -> Result<bool, StoreError> {
-        let write = self.db.begin_write()?;
-        {
+        let (expected, new) = (expected.map(str::to_string), new.to_string());
+        let swapped = self.write(move |write| {
             let mut table = write.open_table(DEPLOYMENT)?;
             let found = table.get(CA_KEY)?.map(|v| v.value().to_string());
-            if found.as_deref() != expected {
-                drop(table);
-                write.abort()?;
+            if found != expected {
                 return Ok(false);
             }
-            table.insert(CA_KEY, new)?;
+            table.insert(CA_KEY, new.as_str())?;
+            Ok(true)
+        })?;
+        if swapped {
+            self.notify(StoreEvent::Ca);
         }
-        write.commit()?;
-        self.notify(StoreEvent::Ca);
-        Ok(true)
+        Ok(swapped)
     }
 
     fn watch(&self) -> broadcast::Receiver<StoreEvent> {
@@ -510,51 +544,103 @@ impl TokenLedger for RedbStore {
     fn put(&self, record: TokenRecord) -> Result<(), String> {
         let stored = StoredToken::from_record(&record);
         let run = || -> Result<(), StoreError> {
-            let write = self.db.begin_write()?;
-            {
+            let value = serde_json::to_vec(&stored)?;
+            let (site, key) = (record.site.to_string(), record.hash.to_hex());
+            self.write(move |write| {
                 let mut table = write.open_table(TOKENS)?;
+                let mut index = write.open_table(TOKEN_SITES)?;
                 // Only the latest code of a site stays valid.
-                let mut earlier = Vec::new();
-                for entry in table.iter()? {
-                    let (key, value) = entry?;
-                    let mut stored: StoredToken = serde_json::from_slice(value.value())?;
-                    if stored.site == record.site && !stored.replaced {
-                        stored.replaced = true;
-                        earlier.push((key.value().to_string(), serde_json::to_vec(&stored)?));
+                let earlier = index.get(site.as_str())?.map(|v| v.value().to_string());
+                if let Some(earlier) = earlier {
+                    let found = table.get(earlier.as_str())?.map(|v| v.value().to_vec());
+                    if let Some(found) = found {
+                        let mut token: StoredToken = serde_json::from_slice(&found)?;
+                        token.replaced = true;
+                        table.insert(earlier.as_str(), serde_json::to_vec(&token)?.as_slice())?;
                     }
                 }
-                for (key, value) in earlier {
-                    table.insert(key.as_str(), value.as_slice())?;
-                }
-                table.insert(
-                    record.hash.to_hex().as_str(),
-                    serde_json::to_vec(&stored)?.as_slice(),
-                )?;
-            }
-            write.commit()?;
-            Ok(())
+                table.insert(key.as_str(), value.as_slice())?;
+                index.insert(site.as_str(), key.as_str())?;
+                Ok(())
+            })
         };
         run().map_err(|e| e.to_string())
     }
 
     fn take(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, String> {
-        // redb runs one write transaction at a time: of concurrent takers,
-        // exactly one sees the record.
-        let run = || -> Result<Option<TokenRecord>, StoreError> {
-            let write = self.db.begin_write()?;
-            let removed = {
-                let mut table = write.open_table(TOKENS)?;
-                let removed = table.remove(hash.to_hex().as_str())?;
-                match removed {
-                    Some(v) => Some(serde_json::from_slice::<StoredToken>(v.value())?),
-                    None => None,
-                }
+        // Writes run one after another (in one transaction or several): of
+        // concurrent takers, exactly one sees the record.
+        let key = hash.to_hex();
+        let removed = self.write(move |write| {
+            let mut table = write.open_table(TOKENS)?;
+            let removed = match table.remove(key.as_str())? {
+                Some(v) => Some(serde_json::from_slice::<StoredToken>(v.value())?),
+                None => None,
             };
-            write.commit()?;
-            Ok(removed.map(|t| t.into_record(*hash)))
-        };
-        run().map_err(|e| e.to_string())
+            if let Some(token) = &removed {
+                let mut index = write.open_table(TOKEN_SITES)?;
+                let latest = index
+                    .get(token.site.as_str())?
+                    .is_some_and(|v| v.value() == key);
+                if latest {
+                    index.remove(token.site.as_str())?;
+                }
+            }
+            Ok(removed)
+        });
+        removed
+            .map(|r| r.map(|t| t.into_record(*hash)))
+            .map_err(|e| e.to_string())
     }
+}
+
+/// Rebuilds [`TOKEN_SITES`] from [`TOKENS`], at every open: the index is
+/// derived, so a store written before it existed, restored from a backup,
+/// or written meanwhile by a version that did not keep it gets a true one.
+/// Should a site have more than one unreplaced token (a store written by
+/// such a version after this one), the latest stays valid and the others
+/// are marked replaced, as [`TokenLedger::put`] would have done. One pass
+/// over the tokens, once per open.
+fn index_tokens(write: &redb::WriteTransaction) -> Result<(), StoreError> {
+    write.delete_table(TOKEN_SITES)?;
+    let mut index = write.open_table(TOKEN_SITES)?;
+    let mut tokens = write.open_table(TOKENS)?;
+    // site -> (created, key) of its latest unreplaced token.
+    let mut latest: std::collections::HashMap<String, (u64, String)> =
+        std::collections::HashMap::new();
+    let mut superseded = Vec::new();
+    for entry in tokens.iter()? {
+        let (key, value) = entry?;
+        let token: StoredToken = serde_json::from_slice(value.value())?;
+        if token.replaced {
+            continue;
+        }
+        let candidate = (token.created, key.value().to_string());
+        match latest.entry(token.site.to_string()) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(candidate);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if candidate > *o.get() {
+                    superseded.push(o.insert(candidate).1);
+                } else {
+                    superseded.push(candidate.1);
+                }
+            }
+        }
+    }
+    for key in superseded {
+        let found = tokens.get(key.as_str())?.map(|v| v.value().to_vec());
+        if let Some(found) = found {
+            let mut token: StoredToken = serde_json::from_slice(&found)?;
+            token.replaced = true;
+            tokens.insert(key.as_str(), serde_json::to_vec(&token)?.as_slice())?;
+        }
+    }
+    for (site, (_, key)) in latest {
+        index.insert(site.as_str(), key.as_str())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -622,6 +708,11 @@ mod tests {
         let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
         let again = store.region_leases(&region).unwrap();
         assert_eq!(again.version(), 1);
+        assert_eq!(store.lease_version(&region).unwrap(), 1);
+        assert_eq!(
+            store.lease_version(&RegionId::new("us").unwrap()).unwrap(),
+            0
+        );
         assert_eq!(
             again.leases().map(|l| l.prefix).collect::<Vec<_>>(),
             vec![leased]
@@ -667,6 +758,90 @@ mod tests {
     fn a_newer_token_replaces_the_earlier_one() {
         let (_dir, store) = open();
         crate::store::check_a_newer_token_replaces_the_earlier_one(&store);
+    }
+
+    #[test]
+    fn a_store_written_without_the_token_index_still_replaces_earlier_tokens() {
+        use tether_pki::token::{RedeemError, generate, redeem};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (site, region) = (SiteId::new("ward-1").unwrap(), RegionId::new("eu").unwrap());
+        let (now, ttl) = (SystemTime::now(), Duration::from_secs(600));
+        let first = generate(site.clone(), region.clone(), now, ttl);
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store.put(first.record.clone()).unwrap();
+            // As a store from before the index: tokens without it.
+            let write = store.db.begin_write().unwrap();
+            write.delete_table(TOKEN_SITES).unwrap();
+            write.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        let second = generate(site, region, now, ttl);
+        store.put(second.record.clone()).unwrap();
+        assert_eq!(
+            redeem(&store, &first.secret, now).unwrap_err(),
+            RedeemError::Replaced
+        );
+        assert!(redeem(&store, &second.secret, now).is_ok());
+    }
+
+    #[test]
+    fn a_store_written_by_a_version_without_the_index_keeps_one_valid_token_per_site() {
+        use tether_pki::token::{RedeemError, generate, redeem};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (site, region) = (SiteId::new("ward-1").unwrap(), RegionId::new("eu").unwrap());
+        let (now, ttl) = (SystemTime::now(), Duration::from_secs(600));
+        let indexed = generate(site.clone(), region.clone(), now, ttl);
+        let older = generate(site.clone(), region.clone(), now, ttl);
+        let newer = generate(
+            site.clone(),
+            region.clone(),
+            now + Duration::from_secs(5),
+            ttl,
+        );
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store.put(indexed.record.clone()).unwrap();
+            // Then, as a version without the index would: the earlier
+            // token marked replaced, two later ones written straight into
+            // the tokens (one of them left unreplaced by mistake), and the
+            // index left pointing at the replaced one.
+            let write = store.db.begin_write().unwrap();
+            {
+                let mut tokens = write.open_table(TOKENS).unwrap();
+                let mut replaced = StoredToken::from_record(&indexed.record);
+                replaced.replaced = true;
+                let key = indexed.record.hash.to_hex();
+                let value = serde_json::to_vec(&replaced).unwrap();
+                tokens.insert(key.as_str(), value.as_slice()).unwrap();
+                for t in [&older, &newer] {
+                    let key = t.record.hash.to_hex();
+                    let value = serde_json::to_vec(&StoredToken::from_record(&t.record)).unwrap();
+                    tokens.insert(key.as_str(), value.as_slice()).unwrap();
+                }
+            }
+            write.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        // Only the latest of the site's codes is valid after the open.
+        assert_eq!(
+            redeem(&store, &older.secret, now).unwrap_err(),
+            RedeemError::Replaced
+        );
+        // A new code replaces the latest one, which the index now names.
+        let fresh = generate(site, region, now + Duration::from_secs(9), ttl);
+        store.put(fresh.record.clone()).unwrap();
+        assert_eq!(
+            redeem(&store, &newer.secret, now).unwrap_err(),
+            RedeemError::Replaced
+        );
+        assert_eq!(
+            redeem(&store, &indexed.secret, now).unwrap_err(),
+            RedeemError::Replaced
+        );
+        assert!(redeem(&store, &fresh.secret, now).is_ok());
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! planned commits it gives up with [`AllocationError::Contention`]. A
 //! committed transaction is applied to the cache only when the cache is at
 //! the version it was planned against; otherwise the region is reloaded
-//! before the next plan.
+//! before the next plan. A notice of a change in the store reloads the
+//! region only when the cache is not at the store's version
+//! ([`BrokerCore::needs_leases`]): the notice of the broker's own commit
+//! reads one key, not the region.
 
 use ipnet::IpNet;
 
@@ -284,6 +287,12 @@ impl BrokerCore {
                     Some(c) if c.version() == txn.expected_version => {
                         if c.apply(&txn).is_err() {
                             self.leases.remove(&txn.region);
+                        } else if !self.peers.holders.is_empty() || !self.peers.gateways.is_empty()
+                        {
+                            // The routes through other brokers follow the
+                            // leases (a site held elsewhere may be touched):
+                            // the notice of this commit reads nothing.
+                            self.rebuild_remote();
                         }
                     }
                     // The store was read after this commit (a notice of it
@@ -532,6 +541,27 @@ mod tests {
         restarted.handle_allocate(addresses("a"));
         assert_eq!(outcome(&drive(&mut restarted, &mut store)), Some(Ok(first)));
         assert_eq!(store.0.len(), 2);
+    }
+
+    #[test]
+    fn the_notice_of_an_own_commit_needs_no_reload_but_another_writers_does() {
+        let mut a = BrokerCore::new(config());
+        let mut b = BrokerCore::new(config());
+        let mut store = Store::default();
+        a.handle_allocate(addresses("a"));
+        assert!(outcome(&drive(&mut a, &mut store)).unwrap().is_ok());
+        let version = store.0.version();
+        assert!(version > 0);
+        // The cache applied the commit: its notice reads nothing.
+        assert!(!a.needs_leases(&eu(), version));
+        // Another writer (a second broker) commits: the region is read again.
+        b.handle_allocate(addresses("b"));
+        assert!(outcome(&drive(&mut b, &mut store)).unwrap().is_ok());
+        assert!(a.needs_leases(&eu(), store.0.version()));
+        a.handle_leases(eu(), store.0.clone());
+        assert!(!a.needs_leases(&eu(), store.0.version()));
+        // A region never read is read.
+        assert!(BrokerCore::new(config()).needs_leases(&eu(), 0));
     }
 
     /// Regression: after a conflict the core re-reads and plans again; it

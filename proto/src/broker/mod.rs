@@ -328,6 +328,19 @@ impl BrokerCore {
         self.leases.get(region)
     }
 
+    /// Whether the region's leases must be read again after a notice that
+    /// the store holds them at `stored_version`: not when the cache is at
+    /// that version already (the notice of this broker's own commit, which
+    /// the cache applied). The cache is only ever a plan's starting point:
+    /// every commit compares the region's version in the store, so a cache
+    /// another writer made stale costs a conflict and a reload, never a
+    /// wrong lease.
+    pub fn needs_leases(&self, region: &RegionId, stored_version: u64) -> bool {
+        self.leases
+            .get(region)
+            .is_none_or(|c| c.version() != stored_version)
+    }
+
     /// The site's own overlay addresses (not its LAN mappings), as cached.
     pub fn host_addresses(&self, site: &SiteId, region: &RegionId) -> Vec<IpAddr> {
         self.leases
