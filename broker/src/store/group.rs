@@ -214,8 +214,9 @@ mod tests {
         let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writes: Vec<_> = (0..4u64)
             .map(|i| {
-                let (db, group, runs) = (db.clone(), group.clone(), runs.clone());
-                std::thread::spawn(move || {
+                let (db, group2, runs) = (db.clone(), group.clone(), runs.clone());
+                let writer = std::thread::spawn(move || {
+                    let group = group2;
                     group.write(&db, move |txn| {
                         if i == 0 {
                             runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -227,7 +228,18 @@ mod tests {
                         }
                         Ok(i)
                     })
-                })
+                });
+                // Queued in order, so the batch runs write 0 before write 2
+                // fails.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while lock(&group.queue).jobs.len() < i as usize + 1 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "writer {i} never queued"
+                    );
+                    std::thread::yield_now();
+                }
+                writer
             })
             .collect();
         lead.join().unwrap();
