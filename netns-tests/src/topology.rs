@@ -291,6 +291,45 @@ impl Topology {
         Proc::start(cmd, Some(self.path(log)))
     }
 
+    /// Serves `index.html` holding `content` on port 8080 of `ns`, bound to
+    /// `bind` (`0.0.0.0`, `::` or one address), with the access log (each
+    /// client's address) in `log`; stops when the returned process drops.
+    pub fn serve_http(&self, ns: &NetNs, bind: &str, content: &str, log: &str) -> Proc {
+        let dir = self.path(&format!("{log}-root"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        std::fs::write(dir.join("index.html"), content)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let web = ns
+            .spawn(
+                "python3",
+                &[
+                    "-u",
+                    "-m",
+                    "http.server",
+                    "8080",
+                    "--bind",
+                    bind,
+                    "--directory",
+                    &dir.display().to_string(),
+                ],
+                Some(self.path(log)),
+            )
+            .unwrap_or_else(|e| panic!("cannot start python3's http.server: {e}"));
+        let listening = match bind {
+            "0.0.0.0" | "::" => ":8080 ".to_string(),
+            addr => format!("{addr}:8080 "),
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || ns.succeeds(
+                "sh",
+                &["-c", &format!("ss -ltn | grep -qF '{listening}'")]
+            )),
+            "the web server on {bind} in {} did not start",
+            ns.name()
+        );
+        web
+    }
+
     /// Serves `index.html` holding `content` from the site on port 8080
     /// (python3's http.server); stops when the returned process drops.
     pub fn serve_page(&self, content: &str) -> io::Result<Proc> {

@@ -223,6 +223,38 @@ struct Container {
     name: String,
 }
 
+impl Container {
+    /// Starts the container `podman run ARGS` describes (detached), named
+    /// `name`; removed on drop, also when starting fails.
+    fn start(name: String, args: &[String]) -> Self {
+        let container = Self { name };
+        let started = std::process::Command::new("podman")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            started.status.success(),
+            "podman run failed: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        container
+    }
+
+    /// Its output so far.
+    fn logs(&self) -> String {
+        let out = std::process::Command::new("podman")
+            .args(PODMAN)
+            .args(["logs", &self.name])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = std::process::Command::new("podman")
@@ -283,7 +315,6 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
     let state = topo.path("state");
     std::fs::create_dir_all(&state).unwrap();
     let name = format!("tether-agent-{}", std::process::id());
-    let container = Container { name: name.clone() };
     let mount =
         |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
     let mut args: Vec<String> = PODMAN.iter().map(|s| s.to_string()).collect();
@@ -331,27 +362,8 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
         ]
         .map(String::from),
     );
-    let started = std::process::Command::new("podman")
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        started.status.success(),
-        "podman run failed: {}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    let logs = || {
-        let out = std::process::Command::new("podman")
-            .args(PODMAN)
-            .args(["logs", &container.name])
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let container = Container::start(name.clone(), &args);
+    let logs = || container.logs();
     assert!(
         wait_for(Duration::from_secs(30), || readyz(&topo).0 == 200),
         "the agent image is not ready: {:?}\n{}",
@@ -373,14 +385,12 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
     // The same pod without NET_ADMIN: the agent cannot create its device
     // and says so, in its log and in /readyz (the site enrolled above, so
     // it connects first).
-    let bare = Container {
-        name: format!("{name}-bare"),
-    };
+    let bare_name = format!("{name}-bare");
     let args: Vec<String> = args
         .iter()
         .map(|a| {
             if *a == name {
-                bare.name.clone()
+                bare_name.clone()
             } else {
                 a.clone()
             }
@@ -389,27 +399,8 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
     let at = args.iter().position(|a| a == "NET_ADMIN").unwrap();
     let args = [&args[..at - 1], &args[at + 1..]].concat();
     assert!(!args.iter().any(|a| a.contains("NET_ADMIN")));
-    let started = std::process::Command::new("podman")
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        started.status.success(),
-        "podman run failed: {}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    let bare_logs = || {
-        let out = std::process::Command::new("podman")
-            .args(PODMAN)
-            .args(["logs", &bare.name])
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let bare = Container::start(bare_name, &args);
+    let bare_logs = || bare.logs();
     let said = "cannot create the tunnel device tether0 (run as root, or with CAP_NET_ADMIN)";
     assert!(
         wait_for(Duration::from_secs(30), || bare_logs().contains(said)),

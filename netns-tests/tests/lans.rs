@@ -53,36 +53,7 @@ fn add_lan_host(site: &NetNs) -> NetNs {
 /// Serves a page from the LAN host on port 8080; its access log (with
 /// each client's address) goes to `log`.
 fn serve(topo: &Topology, host: &NetNs, content: &str, log: &str) -> Proc {
-    serve_on(topo, host, "0.0.0.0", content, log)
-}
-
-/// [`serve`] on the address `bind` (`::` for IPv6).
-fn serve_on(topo: &Topology, host: &NetNs, bind: &str, content: &str, log: &str) -> Proc {
-    let dir = topo.path(&format!("{log}-root"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("index.html"), content).unwrap();
-    let web = host
-        .spawn(
-            "python3",
-            &[
-                "-u",
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                bind,
-                "--directory",
-                &dir.display().to_string(),
-            ],
-            Some(topo.path(log)),
-        )
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || host
-            .succeeds("sh", &["-c", "ss -ltn | grep -q ':8080'"])),
-        "the LAN host's web server did not start"
-    );
-    web
+    topo.serve_http(host, "0.0.0.0", content, log)
 }
 
 /// Puts `lines` at the top of the site's configuration (which enrolment
@@ -319,7 +290,7 @@ fn backend_reaches_an_ipv6_lan_host_through_the_mapped_prefix() {
     topo.enroll("hospital-v6", &state).unwrap();
     configure(&state, "lans = [\"fd00:1::/64\"]");
     let (_site, _) = topo.up(&state, "site.log").unwrap();
-    let _web = serve_on(&topo, &host, "::", "analyser on IPv6\n", "web.log");
+    let _web = topo.serve_http(&host, "::", "analyser on IPv6\n", "web.log");
 
     // The /64 appears as a /64 of the region's IPv6 pool (NPTv6 style).
     let mut mapped = None;

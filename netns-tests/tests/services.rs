@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tether_netns_tests::topology::{Topology, read};
-use tether_netns_tests::{NetNs, Proc, link, require_root, wait_for};
+use tether_netns_tests::{NetNs, link, require_root, wait_for};
 
 /// Files `ip netns exec` mounts over `/etc` for one namespace
 /// (`/etc/netns/<ns>/`); removed on drop.
@@ -56,37 +56,6 @@ impl Drop for EtcFiles {
     }
 }
 
-/// Serves `content` on `addr`:8080 in `ns`, the access log in `log`.
-fn serve(topo: &Topology, ns: &NetNs, addr: &str, content: &str, log: &str) -> Proc {
-    let dir = topo.path(&format!("{log}-root"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("index.html"), content).unwrap();
-    let web = ns
-        .spawn(
-            "python3",
-            &[
-                "-u",
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                addr,
-                "--directory",
-                &dir.display().to_string(),
-            ],
-            Some(topo.path(log)),
-        )
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || ns.succeeds(
-            "sh",
-            &["-c", &format!("ss -ltn | grep -q '{addr}:8080'")]
-        )),
-        "the web server on {addr} did not start"
-    );
-    web
-}
-
 /// What the backend fetches from `url` (one try, 2 s); empty on failure.
 fn fetch(topo: &Topology, url: &str) -> String {
     topo.backend
@@ -116,8 +85,8 @@ fn announced_services_reach_their_targets_in_the_edge_cluster() {
     cluster
         .run("ip", &["addr", "add", "10.96.0.11/24", "dev", "eth0"])
         .unwrap();
-    let _a = serve(&topo, &cluster, "10.96.0.10", "pacs A\n", "pacs-a.log");
-    let _b = serve(&topo, &cluster, "10.96.0.11", "pacs B\n", "pacs-b.log");
+    let _a = topo.serve_http(&cluster, "10.96.0.10", "pacs A\n", "pacs-a.log");
+    let _b = topo.serve_http(&cluster, "10.96.0.11", "pacs B\n", "pacs-b.log");
     let etc = EtcFiles::new(&topo.site);
     etc.write("hosts", "10.96.0.10 pacs.imaging.svc.cluster.local\n");
 

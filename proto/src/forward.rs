@@ -271,6 +271,20 @@ pub struct Relay {
     pub fragments: Vec<Vec<u8>>,
 }
 
+/// Where a packet goes once checked: relayed to the broker `via` holding
+/// its destination, or to `route` here; as `fragments` when not empty.
+fn deliver(route: &Route, via: Option<&BrokerId>, fragments: Vec<Vec<u8>>) -> Verdict {
+    match via {
+        Some(broker) => Verdict::Relay(Relay {
+            broker: broker.clone(),
+            route: route.clone(),
+            fragments,
+        }),
+        None if fragments.is_empty() => Verdict::Forward(route.clone()),
+        None => Verdict::Fragments(route.clone(), fragments),
+    }
+}
+
 impl Verdict {
     /// The drop reason, if the packet is not forwarded.
     pub fn drop_reason(&self) -> Option<DropReason> {
@@ -402,14 +416,7 @@ impl Router {
         }
         if len > mtu {
             if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
-                return match via {
-                    Some(broker) => Verdict::Relay(Relay {
-                        broker: broker.clone(),
-                        route: route.clone(),
-                        fragments,
-                    }),
-                    None => Verdict::Fragments(route.clone(), fragments),
-                };
+                return deliver(route, via, fragments);
             }
             let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
             return self.reply(
@@ -427,14 +434,7 @@ impl Router {
             let back = mtu_of(&ingress.target()).unwrap_or(mtu);
             ip::clamp_mss(packet, ip::mss_for_mtu(mtu.min(back), dst.is_ipv6()));
         }
-        match via {
-            Some(broker) => Verdict::Relay(Relay {
-                broker: broker.clone(),
-                route: route.clone(),
-                fragments: Vec::new(),
-            }),
-            None => Verdict::Forward(route.clone()),
-        }
+        deliver(route, via, Vec::new())
     }
 
     /// The site routes a gateway of `region` is given: every prefix of a
@@ -534,14 +534,7 @@ impl Router {
         }
         if len > mtu {
             if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
-                return match via {
-                    Some(broker) => Verdict::Relay(Relay {
-                        broker: broker.clone(),
-                        route: route.clone(),
-                        fragments,
-                    }),
-                    None => Verdict::Fragments(route.clone(), fragments),
-                };
+                return deliver(route, via, fragments);
             }
             let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
             return self.reply_from(
@@ -554,14 +547,7 @@ impl Router {
         if syn {
             ip::clamp_mss(packet, ip::mss_for_mtu(mtu, dst.is_ipv6()));
         }
-        match via {
-            Some(broker) => Verdict::Relay(Relay {
-                broker: broker.clone(),
-                route: route.clone(),
-                fragments: Vec::new(),
-            }),
-            None => Verdict::Forward(route.clone()),
-        }
+        deliver(route, via, Vec::new())
     }
 
     /// An ICMP error from the router address of `region`, or a silent drop

@@ -189,6 +189,28 @@ async fn revocation_closes_the_live_tunnel_and_blocks_reconnection() {
     );
 }
 
+/// Asks for a mapping of the LAN `prefix` (a /24) and returns the mapped
+/// prefix the broker gave.
+async fn map_lan(t: &mut Tunnel, prefix: &str) -> ipnet::IpNet {
+    t.send_capsule(&Capsule::AddressRequest(AddressRequest {
+        requests: vec![RequestedAddress {
+            request_id: 1,
+            prefix: prefix.parse().unwrap(),
+        }],
+    }))
+    .await;
+    let events = t
+        .pump_events(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    let ClientEvent::Addresses(addrs) = &events[0] else {
+        panic!("{events:?}")
+    };
+    *addrs
+        .iter()
+        .find(|a| a.prefix_len() == 24)
+        .expect("a /24 mapping")
+}
+
 #[tokio::test]
 async fn lan_behind_a_site_is_mapped_and_routed() {
     let broker = TestBroker::start(
@@ -202,23 +224,7 @@ async fn lan_behind_a_site_is_mapped_and_routed() {
     // Both hospitals use 192.168.1.0/24 for their analysers.
     let mut mapped = Vec::new();
     for t in [&mut ta, &mut tb] {
-        t.send_capsule(&Capsule::AddressRequest(AddressRequest {
-            requests: vec![RequestedAddress {
-                request_id: 1,
-                prefix: "192.168.1.0/24".parse().unwrap(),
-            }],
-        }))
-        .await;
-        let events = t
-            .pump_events(tokio::time::Instant::now() + Duration::from_secs(5))
-            .await;
-        let ClientEvent::Addresses(addrs) = &events[0] else {
-            panic!("{events:?}")
-        };
-        let lan = *addrs
-            .iter()
-            .find(|a| a.prefix_len() == 24)
-            .expect("a /24 mapping");
+        let lan = map_lan(t, "192.168.1.0/24").await;
         t.send_capsule(&Capsule::RouteAdvertisement(
             RouteAdvertisement::from_prefixes([lan]),
         ))
@@ -247,23 +253,7 @@ async fn routes_a_site_was_not_given_are_refused_and_counted() {
     let broker = TestBroker::start("").await;
     let site = TestSite::enroll(&broker, "site-r").await;
     let mut t = tunnel_for(&broker, &site).await;
-    t.send_capsule(&Capsule::AddressRequest(AddressRequest {
-        requests: vec![RequestedAddress {
-            request_id: 1,
-            prefix: "192.168.7.0/24".parse().unwrap(),
-        }],
-    }))
-    .await;
-    let events = t
-        .pump_events(tokio::time::Instant::now() + Duration::from_secs(5))
-        .await;
-    let ClientEvent::Addresses(addrs) = &events[0] else {
-        panic!("{events:?}")
-    };
-    let lan = *addrs
-        .iter()
-        .find(|a| a.prefix_len() == 24)
-        .expect("a /24 mapping");
+    let lan = map_lan(&mut t, "192.168.7.0/24").await;
     let not_assigned = "tether_broker_routes_refused_total{reason=\"not_assigned\"}";
     let protocol = "tether_broker_routes_refused_total{reason=\"protocol\"}";
     let before = (metric(not_assigned), metric(protocol));
