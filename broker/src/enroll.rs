@@ -342,7 +342,9 @@ pub async fn reattest(
     match result {
         Ok(Ok((site, response))) => {
             let renewed = response.renewed.is_some();
-            crate::metrics::reattestation("accepted");
+            // A proof without a CSR (`tether doctor`'s dry run) is a check,
+            // not a re-attestation.
+            crate::metrics::reattestation(if renewed { "accepted" } else { "checked" });
             if renewed {
                 crate::metrics::certificate_issued("reattest");
             }

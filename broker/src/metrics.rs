@@ -556,7 +556,8 @@ pub fn renewal_refused(reason: &'static str) {
     counter!("tether_broker_renewals_refused_total", "reason" => reason).increment(1);
 }
 
-/// Counts a re-attestation: `accepted`, or the refusal's reason.
+/// Counts a re-attestation: `accepted`, `checked` (a proof without a
+/// CSR, as `tether doctor` sends), or the refusal's reason.
 pub fn reattestation(result: &'static str) {
     counter!("tether_broker_reattestations_total", "result" => result).increment(1);
 }
