@@ -131,6 +131,20 @@ pub enum IpamError {
         /// The family.
         family: Family,
     },
+    /// The LAN overlaps an overlay pool: its hosts' addresses are also
+    /// addresses the tunnel routes, so replies to them would go into the
+    /// tunnel instead of onto the LAN.
+    #[error(
+        "LAN {lan} overlaps the overlay pool {pool}: replies to its hosts would be routed into \
+         the tunnel; a LAN must not use the overlay's addresses (renumber the overlay pools, or \
+         leave this LAN out of the site's lans)"
+    )]
+    LanOverlapsPool {
+        /// The LAN asked for.
+        lan: IpNet,
+        /// The pool it overlaps.
+        pool: IpNet,
+    },
     /// The site already maps a LAN overlapping this one.
     #[error("site {site} already maps LAN {existing}, which overlaps {lan}")]
     OverlappingLan {
@@ -205,6 +219,7 @@ impl IpamError {
             IpamError::Exhausted { .. } => "exhausted",
             IpamError::LanTooLarge { .. } => "too_large",
             IpamError::OverlappingLan { .. } => "overlap",
+            IpamError::LanOverlapsPool { .. } => "overlay",
             _ => "other",
         }
     }
@@ -610,6 +625,15 @@ impl Ipam {
         lan: IpNet,
     ) -> Result<Plan, IpamError> {
         let lan = lan.trunc();
+        // Any region's pool: the tunnel may route all of them to the site.
+        if let Some(pool) = self
+            .pools
+            .values()
+            .flatten()
+            .find(|p| net::overlaps(**p, lan))
+        {
+            return Err(IpamError::LanOverlapsPool { lan, pool: *pool });
+        }
         let mut reclaim: Vec<&Lease> = Vec::new();
         for lease in leases.of_site(site) {
             if let LeaseKind::LanMapping { lan: mapped } = lease.kind {
@@ -1276,6 +1300,15 @@ mod tests {
             ipam.lan_mapping(&leases, &site("c"), &region(), net("10.0.0.0/8")),
             Err(IpamError::LanTooLarge { .. })
         ));
+        // A LAN in the overlay's own addresses, or holding them.
+        for lan in ["100.64.7.0/24", "100.0.0.0/8"] {
+            let refused = ipam.lan_mapping(&leases, &site("c"), &region(), net(lan));
+            assert!(
+                matches!(&refused, Err(e @ IpamError::LanOverlapsPool { pool, .. })
+                    if *pool == net("100.64.0.0/16") && e.lan_refusal_reason() == "overlay"),
+                "{lan}: {refused:?}"
+            );
+        }
         assert_eq!(
             leases.lease_at("100.64.0.9".parse().unwrap()).is_some(),
             a.prefix.contains(&"100.64.0.9".parse::<IpAddr>().unwrap())

@@ -356,6 +356,64 @@ async fn sites_are_kept_apart_until_a_reloaded_rule_allows_it() {
 }
 
 #[tokio::test]
+async fn a_lan_in_the_overlay_pools_is_refused_and_counted() {
+    let broker = TestBroker::start(
+        "[[region]]\nname = \"local\"\nipv4_pools = [\"100.64.0.0/16\"]\n\
+         ipv6_pools = [\"fd74:6574:6865::/48\"]\n",
+    )
+    .await;
+    let refused = "tether_broker_lan_mappings_refused_total{reason=\"overlay\"}";
+    let before = metric(refused);
+    let site = TestSite::enroll(&broker, "lab-overlay").await;
+    let mut t = tunnel_for(&broker, &site).await;
+    t.send_capsule(&Capsule::AddressRequest(AddressRequest {
+        requests: ["100.64.200.0/24", "192.168.5.0/24"]
+            .iter()
+            .zip(1..)
+            .map(|(lan, id)| RequestedAddress {
+                request_id: id,
+                prefix: lan.parse().unwrap(),
+            })
+            .collect(),
+    }))
+    .await;
+    // The LAN outside the pools is mapped; the one inside is refused,
+    // counted, and nothing more arrives for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mapped = |events: Vec<ClientEvent>| -> Vec<ipnet::IpNet> {
+        events
+            .into_iter()
+            .flat_map(|e| match e {
+                ClientEvent::Addresses(addrs) => addrs,
+                _ => Vec::new(),
+            })
+            .filter(|a| a.prefix_len() == 24)
+            .collect()
+    };
+    let mut lans = Vec::new();
+    while lans.is_empty() {
+        lans = mapped(t.pump_events(deadline).await);
+    }
+    while metric(refused) < before + 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the LAN inside the overlay pool was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Ok(events) = tokio::time::timeout(
+        Duration::from_millis(300),
+        t.pump_events(tokio::time::Instant::now() + Duration::from_secs(1)),
+    )
+    .await
+    {
+        lans.extend(mapped(events));
+    }
+    assert_eq!(lans.len(), 1, "{lans:?}");
+    assert!(!lans[0].contains(&"100.64.200.1".parse::<IpAddr>().unwrap()));
+}
+
+#[tokio::test]
 async fn one_site_cannot_take_the_pool_and_a_released_site_frees_it() {
     let broker = TestBroker::start(
         "[[region]]\nname = \"local\"\nipv4_pools = [\"100.64.0.0/16\"]\n\
