@@ -189,16 +189,24 @@ async fn revocation_closes_the_live_tunnel_and_blocks_reconnection() {
     );
 }
 
+/// An ADDRESS_REQUEST for a mapping of each LAN, numbered from 1.
+fn lan_requests(lans: &[&str]) -> Capsule {
+    Capsule::AddressRequest(AddressRequest {
+        requests: lans
+            .iter()
+            .zip(1..)
+            .map(|(lan, id)| RequestedAddress {
+                request_id: id,
+                prefix: lan.parse().unwrap(),
+            })
+            .collect(),
+    })
+}
+
 /// Asks for a mapping of the LAN `prefix` (a /24) and returns the mapped
 /// prefix the broker gave.
 async fn map_lan(t: &mut Tunnel, prefix: &str) -> ipnet::IpNet {
-    t.send_capsule(&Capsule::AddressRequest(AddressRequest {
-        requests: vec![RequestedAddress {
-            request_id: 1,
-            prefix: prefix.parse().unwrap(),
-        }],
-    }))
-    .await;
+    t.send_capsule(&lan_requests(&[prefix])).await;
     let events = t
         .pump_events(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
@@ -366,17 +374,8 @@ async fn a_lan_in_the_overlay_pools_is_refused_and_counted() {
     let before = metric(refused);
     let site = TestSite::enroll(&broker, "lab-overlay").await;
     let mut t = tunnel_for(&broker, &site).await;
-    t.send_capsule(&Capsule::AddressRequest(AddressRequest {
-        requests: ["100.64.200.0/24", "192.168.5.0/24"]
-            .iter()
-            .zip(1..)
-            .map(|(lan, id)| RequestedAddress {
-                request_id: id,
-                prefix: lan.parse().unwrap(),
-            })
-            .collect(),
-    }))
-    .await;
+    t.send_capsule(&lan_requests(&["100.64.200.0/24", "192.168.5.0/24"]))
+        .await;
     // The LAN outside the pools is mapped; the one inside is refused,
     // counted, and nothing more arrives for it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -423,16 +422,11 @@ async fn one_site_cannot_take_the_pool_and_a_released_site_frees_it() {
     let before = metric("tether_broker_lan_mappings_refused_total{reason=\"site_lan_space\"}");
     let a = TestSite::enroll(&broker, "greedy").await;
     let mut ta = tunnel_for(&broker, &a).await;
-    ta.send_capsule(&Capsule::AddressRequest(AddressRequest {
-        requests: ["10.1.0.0/24", "10.2.0.0/24", "10.3.0.0/24"]
-            .iter()
-            .zip(1..)
-            .map(|(lan, id)| RequestedAddress {
-                request_id: id,
-                prefix: lan.parse().unwrap(),
-            })
-            .collect(),
-    }))
+    ta.send_capsule(&lan_requests(&[
+        "10.1.0.0/24",
+        "10.2.0.0/24",
+        "10.3.0.0/24",
+    ]))
     .await;
     // The broker answers each request as its allocation completes: read
     // until both mappings have arrived, then wait for the refusal's count.
