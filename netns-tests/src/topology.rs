@@ -333,20 +333,7 @@ impl Topology {
     /// Serves `index.html` holding `content` from the site on port 8080
     /// (python3's http.server); stops when the returned process drops.
     pub fn serve_page(&self, content: &str) -> io::Result<Proc> {
-        std::fs::write(self.path("index.html"), content)?;
-        self.site.spawn(
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                &self.dir.path().display().to_string(),
-            ],
-            None,
-        )
+        Ok(self.serve_http(&self.site, "0.0.0.0", content, "site-web.log"))
     }
 
     /// The broker's configuration file.
