@@ -335,15 +335,26 @@ enum Gone {
 }
 
 impl Gone {
-    /// Resolves when the connection is gone.
-    async fn wait(&mut self) {
+    /// Resolves when the connection is gone: why.
+    async fn wait(&mut self) -> Disconnect {
         match self {
-            Gone::H3(conn) => {
-                let e = conn.closed().await;
-                tracing::debug!(error = %e, "connection ended");
-            }
+            Gone::H3(conn) => tokio::select! {
+                e = conn.closed() => {
+                    tracing::debug!(error = %e, "connection ended");
+                    Disconnect::ConnectionLost
+                }
+                () = tether_shell::quic::path_black_hole(conn) => {
+                    use tether_shell::quic::{PATH_BLACK_HOLE_CODE, PATH_BLACK_HOLE_REASON};
+                    conn.close(
+                        VarInt::from_u32(PATH_BLACK_HOLE_CODE),
+                        PATH_BLACK_HOLE_REASON.as_bytes(),
+                    );
+                    Disconnect::PathBlackHole
+                }
+            },
             Gone::H2(gone) => {
                 let _ = gone.wait_for(|g| *g).await;
+                Disconnect::ConnectionLost
             }
         }
     }
@@ -459,7 +470,17 @@ impl Started {
                     let advertisement = self.core.advertise(&reachable);
                     ended = io.perform(&mut self.core, vec![advertisement]).await.err();
                 }
-                _ = gone.wait() => break Ending::Peer(Disconnect::ConnectionLost),
+                why = gone.wait() => {
+                    if why == Disconnect::PathBlackHole {
+                        tracing::warn!(
+                            site = %site,
+                            "the site's path stopped carrying full-size packets (its MTU \
+                             narrowed below the 1428 bytes HTTP/3 needs?): connection \
+                             closed, the site dials again over what the path carries"
+                        );
+                    }
+                    break Ending::Peer(why);
+                }
             }
         };
         broker.unregister(&session);
@@ -473,7 +494,10 @@ impl Started {
                 tracing::info!(site = %site, reason = r.as_str(), "site disconnected by the broker");
             }
             Ending::Peer(what) => {
-                crate::metrics::session_closed("peer");
+                crate::metrics::session_closed(match what {
+                    Disconnect::PathBlackHole => "path_black_hole",
+                    _ => "peer",
+                });
                 tracing::info!(site = %site, reason = what.describe(), "site disconnected");
             }
             Ending::Protocol(what) => {
@@ -574,7 +598,7 @@ impl SessionIo<'_> {
                     }
                     Ok(None) | Err(_) => reading = false,
                 },
-                () = gone.wait() => return,
+                _ = gone.wait() => return,
             }
         }
     }

@@ -783,7 +783,9 @@ impl Shell {
             }
             Action::SetTunMtu(mtu) => {
                 if let Some(tun) = self.tun.as_mut() {
-                    tracing::debug!(mtu, "tunnel MTU changed");
+                    // Rare (a change of transport) and it changes what
+                    // crosses the tunnel: an operator must see it.
+                    tracing::info!(from = tun.mtu(), to = mtu, "tunnel device MTU changed");
                     if let Err(e) = tun.set_mtu(mtu) {
                         tracing::warn!("{e:#}");
                         self.problems.push(

@@ -482,6 +482,24 @@ impl Topology {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
     }
+
+    /// The broker's sessions on `transport` (`h3`, `h2` or `h2-proxy`).
+    pub fn sessions_on(&self, transport: &str) -> f64 {
+        self.metric(&format!(
+            "tether_broker_sessions{{transport=\"{transport}\"}}"
+        ))
+    }
+
+    /// Waits until the broker holds exactly one session, on `transport`.
+    pub fn wait_for_transport(&self, transport: &str, timeout: Duration) -> bool {
+        wait_for(timeout, || {
+            self.sessions_on(transport) == 1.0
+                && ["h3", "h2", "h2-proxy"]
+                    .iter()
+                    .filter(|t| **t != transport)
+                    .all(|t| self.sessions_on(t) == 0.0)
+        })
+    }
 }
 
 fn broker_config(data: &Path, extra: &str) -> String {

@@ -9,23 +9,6 @@ use std::time::{Duration, Instant};
 use tether_netns_tests::topology::{Egress, PROXY, Topology, read};
 use tether_netns_tests::{require_root, wait_for};
 
-fn sessions(topo: &Topology, transport: &str) -> f64 {
-    topo.metric(&format!(
-        "tether_broker_sessions{{transport=\"{transport}\"}}"
-    ))
-}
-
-/// Waits until the broker holds exactly one session, on `transport`.
-fn wait_for_transport(topo: &Topology, transport: &str, timeout: Duration) -> bool {
-    wait_for(timeout, || {
-        sessions(topo, transport) == 1.0
-            && ["h3", "h2", "h2-proxy"]
-                .iter()
-                .filter(|t| **t != transport)
-                .all(|t| sessions(topo, t) == 0.0)
-    })
-}
-
 /// The site's overlay IPv4 address, once the agent has configured it (the
 /// broker registers the session a moment before).
 fn overlay_address(topo: &Topology) -> String {
@@ -52,7 +35,7 @@ fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
     let started = Instant::now();
     let mut site = topo.spawn_up(&state, "site.log", &[]).unwrap();
     assert!(
-        wait_for_transport(&topo, "h2", Duration::from_secs(5)),
+        topo.wait_for_transport("h2", Duration::from_secs(5)),
         "no HTTP/2 session within 5 s:\n{}",
         read(&topo.path("site.log"))
     );
@@ -78,11 +61,11 @@ fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
     // 2. The agent remembers the rung: restarted, it is back on HTTP/2
     // without waiting for HTTP/3 first.
     site.kill();
-    assert!(wait_for(Duration::from_secs(10), || sessions(&topo, "h2") == 0.0));
+    assert!(wait_for(Duration::from_secs(10), || topo.sessions_on("h2") == 0.0));
     let restarted = Instant::now();
     let mut site = topo.spawn_up(&state, "site2.log", &[]).unwrap();
     assert!(
-        wait_for_transport(&topo, "h2", Duration::from_secs(5)),
+        topo.wait_for_transport("h2", Duration::from_secs(5)),
         "{}",
         read(&topo.path("site2.log"))
     );
@@ -101,7 +84,7 @@ fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
     topo.set_egress(Egress::Open).unwrap();
     let opened = Instant::now();
     assert!(
-        wait_for_transport(&topo, "h3", Duration::from_secs(60)),
+        topo.wait_for_transport("h3", Duration::from_secs(60)),
         "not back on HTTP/3 within 60 s:\n{}",
         read(&topo.path("site2.log"))
     );
@@ -127,7 +110,7 @@ fn udp_blocked_the_site_uses_http2_then_climbs_back_to_http3() {
     topo.set_egress(Egress::TcpOnly).unwrap();
     let blocked = Instant::now();
     assert!(
-        wait_for_transport(&topo, "h2", Duration::from_secs(30)),
+        topo.wait_for_transport("h2", Duration::from_secs(30)),
         "no fallback to HTTP/2 within 30 s of UDP being blocked:\n{}",
         read(&topo.path("site2.log"))
     );
@@ -171,7 +154,7 @@ fn only_a_proxy_may_reach_out() {
     let started = Instant::now();
     let mut site = topo.spawn_up(&state, "site.log", &env).unwrap();
     assert!(
-        wait_for_transport(&topo, "h2-proxy", Duration::from_secs(30)),
+        topo.wait_for_transport("h2-proxy", Duration::from_secs(30)),
         "no session through the proxy:\n{}\ntinyproxy:\n{}",
         read(&topo.path("site.log")),
         read(&topo.path("tinyproxy.log"))
@@ -238,7 +221,7 @@ fn only_a_proxy_may_reach_out() {
     assert!(config.contains(PROXY), "{config}");
     let _site2 = topo.spawn_up(&state2, "site2.log", &[]).unwrap();
     assert!(
-        wait_for_transport(&topo, "h2-proxy", Duration::from_secs(30)),
+        topo.wait_for_transport("h2-proxy", Duration::from_secs(30)),
         "the second site did not connect through the configured proxy:\n{}",
         read(&topo.path("site2.log"))
     );

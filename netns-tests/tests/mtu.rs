@@ -10,10 +10,12 @@
 //! segments the kernel sizes for the path. The backend must reach the site
 //! with packets that fit the tunnel, a TCP transfer of many segments must
 //! complete, and both the agent's log and `tether doctor` must say that the
-//! path is too small for HTTP/3 (not that a firewall blocks UDP).
+//! path is too small for HTTP/3 (not that a firewall blocks UDP). When the
+//! path narrows under a running HTTP/3 session, the site moves to HTTP/2
+//! with its address, and back to HTTP/3 when the path is wide again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tether_netns_tests::topology::{Topology, read};
 use tether_netns_tests::{require_root, wait_for};
@@ -48,14 +50,7 @@ fn a_1280_byte_wan_path_is_not_a_black_hole() {
         return;
     }
     let topo = Topology::new("").unwrap();
-    assert!(
-        topo.fw
-            .succeeds("ip", &["link", "set", "wan", "mtu", "1280"])
-    );
-    assert!(
-        topo.wan
-            .succeeds("ip", &["link", "set", "hospital", "mtu", "1280"])
-    );
+    set_wan_mtu(&topo, "1280");
     let state = topo.path("site-state");
     topo.enroll("hospital-a", &state).unwrap();
     let (_site, addr) = topo.up(&state, "site.log").unwrap();
@@ -138,4 +133,102 @@ fn a_1280_byte_wan_path_is_not_a_black_hole() {
             );
         }
     }
+}
+
+/// Sets the MTU of both ends of the hospital's WAN link.
+fn set_wan_mtu(topo: &Topology, mtu: &str) {
+    assert!(topo.fw.succeeds("ip", &["link", "set", "wan", "mtu", mtu]));
+    assert!(
+        topo.wan
+            .succeeds("ip", &["link", "set", "hospital", "mtu", mtu])
+    );
+}
+
+/// The path narrows under a running HTTP/3 session (a VPN concentrator or
+/// PPPoE link switched in): every full-size QUIC packet is lost from then
+/// on, while keepalives and ACKs still cross, so the connection stays up.
+/// The ends must notice that full-size packets are lost, close the
+/// connection, and the site move to HTTP/2 with its address, say why, and
+/// return to HTTP/3 when the path is wide again.
+#[test]
+fn a_wan_path_narrowing_mid_session_moves_the_site_to_http2() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("").unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("hospital-n", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        topo.wait_for_transport("h3", Duration::from_secs(10)),
+        "{}",
+        read(&topo.path("site.log"))
+    );
+    let wide_mtu = site_mtu(&topo, "tether0");
+
+    set_wan_mtu(&topo, "1280");
+    let narrowed = Instant::now();
+    // Small packets (keepalives, ACKs) still cross: the black hole shows
+    // only to traffic of full size, which the backend sends (a burst of
+    // large pings per look; each echo is lost until the site has moved).
+    let moved = wait_for(Duration::from_secs(30), || {
+        let _ = ping(
+            &topo,
+            &["-c", "10", "-i", "0.05", "-W", "1", "-s", "1200", &addr],
+        );
+        topo.wait_for_transport("h2", Duration::ZERO)
+    });
+    assert!(
+        moved,
+        "no move to HTTP/2 within 30 s of the path narrowing:\n{}",
+        read(&topo.path("site.log"))
+    );
+    eprintln!(
+        "path narrowed to 1280 mid-session: on HTTP/2 after {:.1} s",
+        narrowed.elapsed().as_secs_f64()
+    );
+    assert_eq!(topo.site_address(4).as_deref(), Some(addr.as_str()));
+    // The large packets that the narrowed path lost over HTTP/3 cross it
+    // now.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            ping(
+                &topo,
+                &["-c", "1", "-W", "1", "-M", "do", "-s", "1200", &addr],
+            )
+            .0
+        }),
+        "a DF ping of 1228 bytes does not cross the narrowed path over HTTP/2"
+    );
+    let tun = site_mtu(&topo, "tether0");
+    let log = read(&topo.path("site.log"));
+    assert!(
+        log.contains("the path carries less than the 1400 bytes"),
+        "the agent does not say why it left HTTP/3:\n{log}"
+    );
+    if tun != wide_mtu {
+        assert!(
+            log.contains("tunnel device MTU changed"),
+            "the MTU went from {wide_mtu} to {tun} without a log line:\n{log}"
+        );
+    }
+
+    // The path is wide again: back on HTTP/3 (the agent retries it while
+    // on HTTP/2), with the same address.
+    set_wan_mtu(&topo, "1500");
+    let widened = Instant::now();
+    assert!(
+        topo.wait_for_transport("h3", Duration::from_secs(60)),
+        "not back on HTTP/3 within 60 s of the path widening:\n{}",
+        read(&topo.path("site.log"))
+    );
+    eprintln!(
+        "path wide again: on HTTP/3 after {:.1} s",
+        widened.elapsed().as_secs_f64()
+    );
+    assert_eq!(topo.site_address(4).as_deref(), Some(addr.as_str()));
+    assert!(
+        wait_for(Duration::from_secs(10), || topo.backend_pings(&addr)),
+        "backend cannot ping {addr} after the return to HTTP/3"
+    );
 }

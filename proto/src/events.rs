@@ -50,11 +50,14 @@ pub enum Disconnect {
     SiteClosed,
     /// The site broke the tunnel protocol.
     ProtocolError,
+    /// The path stopped carrying full-size packets (its MTU narrowed under
+    /// the connection): closed so the site dials again over what fits.
+    PathBlackHole,
 }
 
 impl Disconnect {
     /// Every reason, for labels and tests.
-    pub const ALL: [Disconnect; 7] = [
+    pub const ALL: [Disconnect; 8] = [
         Disconnect::Revoked,
         Disconnect::Replaced,
         Disconnect::CertificateExpired,
@@ -62,6 +65,7 @@ impl Disconnect {
         Disconnect::ConnectionLost,
         Disconnect::SiteClosed,
         Disconnect::ProtocolError,
+        Disconnect::PathBlackHole,
     ];
 
     /// Stable label (the JSON value).
@@ -74,6 +78,7 @@ impl Disconnect {
             Disconnect::ConnectionLost => "connection_lost",
             Disconnect::SiteClosed => "site_closed",
             Disconnect::ProtocolError => "protocol_error",
+            Disconnect::PathBlackHole => "path_black_hole",
         }
     }
 
@@ -87,6 +92,7 @@ impl Disconnect {
             Disconnect::ConnectionLost => "the connection was lost",
             Disconnect::SiteClosed => "the site closed its tunnel",
             Disconnect::ProtocolError => "the site broke the tunnel protocol",
+            Disconnect::PathBlackHole => "the path stopped carrying full-size packets",
         }
     }
 
@@ -96,7 +102,10 @@ impl Disconnect {
     pub fn is_instability(self) -> bool {
         matches!(
             self,
-            Disconnect::ConnectionLost | Disconnect::ProtocolError | Disconnect::SiteClosed
+            Disconnect::ConnectionLost
+                | Disconnect::ProtocolError
+                | Disconnect::SiteClosed
+                | Disconnect::PathBlackHole
         )
     }
 }
@@ -629,7 +638,10 @@ mod tests {
                 reason.is_instability(),
                 matches!(
                     reason,
-                    Disconnect::ConnectionLost | Disconnect::SiteClosed | Disconnect::ProtocolError
+                    Disconnect::ConnectionLost
+                        | Disconnect::SiteClosed
+                        | Disconnect::ProtocolError
+                        | Disconnect::PathBlackHole
                 )
             );
         }

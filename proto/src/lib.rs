@@ -67,6 +67,7 @@ pub mod ipam;
 pub mod limits;
 pub mod net;
 pub mod netmap;
+pub mod path_watch;
 pub mod peering;
 pub mod policy;
 pub mod quic_probe;

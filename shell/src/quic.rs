@@ -77,6 +77,37 @@ pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::T
     t
 }
 
+/// The application error code of a tunnel connection closed because its
+/// path stopped carrying full-size packets.
+pub const PATH_BLACK_HOLE_CODE: u32 = 0x101;
+
+/// The reason sent with [`PATH_BLACK_HOLE_CODE`].
+pub const PATH_BLACK_HOLE_REASON: &str = "the path stopped carrying full-size packets";
+
+/// Resolves when the path under `conn` stops carrying full-size packets
+/// while small ones still cross (see [`tether_proto::path_watch`]); the
+/// caller closes the connection with [`PATH_BLACK_HOLE_CODE`] so the site
+/// dials again over what the path carries. Pending while the path is
+/// healthy; costs one look at the connection's statistics per window.
+pub async fn path_black_hole(conn: &quinn::Connection) {
+    use tether_proto::path_watch::{BlackHoleWatch, PathSample, WINDOW};
+    let mut watch = BlackHoleWatch::new();
+    let mut tick = tokio::time::interval(WINDOW);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let stats = conn.stats();
+        let sample = PathSample {
+            sent_bytes: stats.udp_tx.bytes,
+            lost_bytes: stats.path.lost_bytes,
+            lost_packets: stats.path.lost_packets,
+        };
+        if watch.observe(Instant::now(), sample) {
+            return;
+        }
+    }
+}
+
 /// Queues a datagram on a tunnel connection if its send queue has room:
 /// `Ok(None)` when queued, `Ok(Some(data))` (the datagram handed back)
 /// when the queue is full. Takes the connection's lock once.

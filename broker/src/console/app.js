@@ -110,6 +110,7 @@ const REASONS = {
   connection_lost: "the connection was lost",
   site_closed: "the site closed its tunnel",
   protocol_error: "the site broke the tunnel protocol",
+  path_black_hole: "the path stopped carrying full-size packets",
 };
 
 const PROBLEMS = {
