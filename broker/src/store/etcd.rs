@@ -31,9 +31,18 @@
 //! - Reading a region reads the version key, then the region's lease keys
 //!   at the revision of that read (in pages, each at that same revision),
 //!   so a snapshot is never torn. Every range read is paged that way.
-//! - A token redemption is one transaction: *if* the token key exists
-//!   (`version > 0`), *then* get it and delete it. Of any number of brokers
-//!   racing, exactly one transaction succeeds and receives the record.
+//! - A token redemption reads the token, then is one transaction: *if* the
+//!   token key is unchanged since (`mod_revision`), *then* delete it and
+//!   put a redemption marker (`tokens-redeemed/<hash>`: a random nonce and
+//!   the record). Of any number of brokers racing, exactly one transaction
+//!   succeeds. When the answer to that transaction is lost (an etcd member
+//!   dies between the commit and the reply), the broker keeps the nonce:
+//!   the site's retry then finds the token gone and the marker carrying
+//!   that nonce, and is enrolled instead of being told the token was used.
+//!   A marker is deleted once its redemption is settled (in the
+//!   background; one left behind is harmless and never copied by
+//!   `store migrate`). A retry that reaches another broker than the lost
+//!   answer's finds the token used.
 //! - Site, certificate and revocation records are single-key puts and
 //!   deletes (atomic on their own).
 //!
@@ -101,6 +110,22 @@ pub const FLEET_DIR: &str = "fleet/";
 const EVENTS_DIR: &str = "events/";
 /// The key of the CA state under the prefix.
 const CA_KEY: &str = "ca";
+/// The directory (under the prefix) of token redemption markers.
+const REDEEMED_DIR: &str = "tokens-redeemed/";
+
+/// How often a redemption re-reads a token that changed between its read
+/// and its transaction (a newer token for the site marked it replaced).
+const TOKEN_TAKE_ATTEMPTS: usize = 8;
+
+/// What a token redemption leaves until it is settled (see the module
+/// documentation).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RedeemedMarker {
+    /// Chosen by the redeeming broker.
+    nonce: u64,
+    /// The token's record.
+    token: StoredToken,
+}
 
 /// How often an event append re-reads a timeline another broker changed
 /// in between.
@@ -117,6 +142,9 @@ pub struct EtcdStore {
     timeout: Duration,
     events: broadcast::Sender<StoreEvent>,
     runtime: OwnRuntime,
+    /// Redemptions whose transaction's answer was lost: the nonce each
+    /// put in its marker. At most one per existing token.
+    unsettled: std::sync::Mutex<std::collections::HashMap<TokenHash, u64>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -192,6 +220,9 @@ impl Keys {
     }
     fn token(&self, hash: &TokenHash) -> String {
         format!("{}{}", self.tokens(), hash.to_hex())
+    }
+    fn redeemed(&self, hash: &TokenHash) -> String {
+        format!("{}{REDEEMED_DIR}{}", self.prefix, hash.to_hex())
     }
 
     /// What a change of `key` means to watchers.
@@ -302,6 +333,7 @@ impl EtcdStore {
             timeout: config.timeout,
             events,
             runtime,
+            unsettled: std::sync::Mutex::default(),
         };
         // Reachability, and the revision the watch starts after.
         let prefix = store.keys.prefix.clone();
@@ -404,9 +436,13 @@ impl EtcdStore {
                 continue;
             };
             let corrupt = || StoreError(format!("unexpected key {key}"));
-            if rest.starts_with(FLEET_DIR) || rest.starts_with(EVENTS_DIR) {
-                // Live brokers and their sessions (not copied), and the
-                // sites' event timelines (read page by page apart).
+            if rest.starts_with(FLEET_DIR)
+                || rest.starts_with(EVENTS_DIR)
+                || rest.starts_with(REDEEMED_DIR)
+            {
+                // Live brokers and their sessions and redemption markers
+                // (not copied), and the sites' event timelines (read page
+                // by page apart).
                 continue;
             }
             if let Some(r) = rest.strip_prefix("regions/") {
@@ -1049,27 +1085,126 @@ impl TokenLedger for EtcdStore {
     }
 
     fn take(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, String> {
-        let key = self.keys.token(hash);
-        let request = EtcdTxn::new()
-            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
-            .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
+        let (key, marker) = (self.keys.token(hash), self.keys.redeemed(hash));
         let run = || -> Result<Option<TokenRecord>, StoreError> {
-            let response = self.call("token redemption", move |mut c| async move {
-                c.txn(request).await
-            })?;
-            if !response.succeeded() {
-                return Ok(None);
+            for _ in 0..TOKEN_TAKE_ATTEMPTS {
+                let read = EtcdTxn::new().and_then([
+                    TxnOp::get(key.clone(), None),
+                    TxnOp::get(marker.clone(), None),
+                ]);
+                let response =
+                    self.call(
+                        "token redemption",
+                        move |mut c| async move { c.txn(read).await },
+                    )?;
+                let responses = response.op_responses();
+                let found = |i: usize| responses.get(i).and_then(|r| get_kvs(r).first());
+                if let Some(kv) = found(1) {
+                    let left: RedeemedMarker = serde_json::from_slice(kv.value())?;
+                    if self.settle(hash, Some(left.nonce)) {
+                        // This broker's earlier redemption committed; its
+                        // answer was lost.
+                        self.forget_marker(marker.clone());
+                        return Ok(Some(left.token.into_record(*hash)));
+                    }
+                }
+                let Some(kv) = found(0) else {
+                    return Ok(None);
+                };
+                let token: StoredToken = serde_json::from_slice(kv.value())?;
+                let nonce = rand::random::<u64>();
+                let value = serde_json::to_vec(&RedeemedMarker { nonce, token })?;
+                let take = EtcdTxn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then([
+                        TxnOp::delete(key.clone(), None),
+                        TxnOp::put(marker.clone(), value, None),
+                    ]);
+                self.unsettled_insert(*hash, nonce);
+                // On an error the outcome is unknown: the nonce stays.
+                let response =
+                    self.call(
+                        "token redemption",
+                        move |mut c| async move { c.txn(take).await },
+                    )?;
+                self.settle(hash, Some(nonce));
+                if response.succeeded() {
+                    self.forget_marker(marker.clone());
+                    let token: StoredToken = serde_json::from_slice(kv.value())?;
+                    return Ok(Some(token.into_record(*hash)));
+                }
             }
-            let responses = response.op_responses();
-            let Some(kv) = responses.first().and_then(|r| get_kvs(r).first()) else {
-                return Err(StoreError(
-                    "etcd redeemed a token without returning it".into(),
-                ));
-            };
-            let stored: StoredToken = serde_json::from_slice(kv.value())?;
-            Ok(Some(stored.into_record(*hash)))
+            Err(StoreError(format!(
+                "the token kept changing during {TOKEN_TAKE_ATTEMPTS} attempts to redeem it; retry"
+            )))
         };
         run().map_err(|e| e.to_string())
+    }
+}
+
+impl EtcdStore {
+    /// Remembers the nonce of a redemption about to be sent.
+    fn unsettled_insert(&self, hash: TokenHash, nonce: u64) {
+        if let Ok(mut unsettled) = self.unsettled.lock() {
+            unsettled.insert(hash, nonce);
+        }
+    }
+
+    /// Forgets the unsettled redemption of `hash` if its nonce is `nonce`;
+    /// whether it was.
+    fn settle(&self, hash: &TokenHash, nonce: Option<u64>) -> bool {
+        let Ok(mut unsettled) = self.unsettled.lock() else {
+            return false;
+        };
+        if nonce.is_some() && unsettled.get(hash).copied() == nonce {
+            unsettled.remove(hash);
+            return true;
+        }
+        false
+    }
+
+    /// Deletes a settled redemption's marker, in the background.
+    fn forget_marker(&self, marker: String) {
+        if let Some(runtime) = &self.runtime.0 {
+            let mut client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.delete(marker, None).await;
+            });
+        }
+    }
+
+    /// Redeems `hash` as [`TokenLedger::take`] does, with `nonce`, but
+    /// as if the answer were lost: the token is gone, the marker written,
+    /// and the caller hears nothing (`remember`: whether this broker keeps
+    /// the nonce, as after a lost answer, or another broker sent it).
+    #[cfg(test)]
+    pub(crate) fn redeem_unheard(&self, hash: &TokenHash, nonce: u64, remember: bool) {
+        let (key, marker) = (self.keys.token(hash), self.keys.redeemed(hash));
+        let read_key = key.clone();
+        let value = self
+            .call(
+                "read",
+                move |mut c| async move { c.get(read_key, None).await },
+            )
+            .ok()
+            .and_then(|r| r.kvs().first().map(|kv| kv.value().to_vec()))
+            .unwrap_or_default();
+        let token: StoredToken =
+            serde_json::from_slice(&value).unwrap_or_else(|_| panic!("no token to redeem"));
+        let value = serde_json::to_vec(&RedeemedMarker { nonce, token }).unwrap_or_default();
+        let take =
+            EtcdTxn::new().and_then([TxnOp::delete(key, None), TxnOp::put(marker, value, None)]);
+        let _ = self.call(
+            "token redemption",
+            move |mut c| async move { c.txn(take).await },
+        );
+        if remember {
+            self.unsettled_insert(*hash, nonce);
+        }
     }
 }
 

@@ -209,6 +209,54 @@ fn etcd_tokens_redeem_once_across_threads_and_brokers() {
 }
 
 #[test]
+fn etcd_a_redemption_whose_answer_was_lost_is_settled_by_the_retry() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let (a, b) = (open_store(&server, "/t/"), open_store(&server, "/t/"));
+        let token = |site: &str| {
+            tether_pki::token::generate(
+                SiteId::new(site).unwrap(),
+                eu(),
+                SystemTime::now(),
+                Duration::from_secs(60),
+            )
+        };
+        // The transaction committed, the answer was lost: the retry at the
+        // same broker receives the record, once.
+        let lost = token("lost-answer");
+        a.put(lost.record.clone()).unwrap();
+        a.redeem_unheard(&lost.record.hash, 7, true);
+        assert_eq!(
+            redeem(&a, &lost.secret, SystemTime::now()).unwrap(),
+            stored_form(&lost.record)
+        );
+        assert!(redeem(&a, &lost.secret, SystemTime::now()).is_err());
+        // The marker is deleted once settled (in the background).
+        let settled = Instant::now();
+        while a.key_count().unwrap() > 0 && settled.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(a.key_count().unwrap(), 0, "the marker was not deleted");
+        // Another broker's redemption, or one this broker does not know:
+        // the token is used.
+        let other = token("other-broker");
+        a.put(other.record.clone()).unwrap();
+        b.redeem_unheard(&other.record.hash, 9, true);
+        assert!(redeem(&a, &other.secret, SystemTime::now()).is_err());
+        assert_eq!(
+            redeem(&b, &other.secret, SystemTime::now()).unwrap(),
+            stored_form(&other.record)
+        );
+        let stale = token("stale-nonce");
+        a.put(stale.record.clone()).unwrap();
+        a.redeem_unheard(&stale.record.hash, 11, false);
+        assert!(redeem(&a, &stale.secret, SystemTime::now()).is_err());
+    });
+}
+
+#[test]
 fn etcd_a_newer_token_replaces_the_earlier_one() {
     let Some(server) = EtcdServer::start(false) else {
         return;
