@@ -34,7 +34,7 @@ use etcd_client::{
     WatchOptions,
 };
 use tether_config::broker::EtcdConfig;
-use tether_proto::fleet::{BrokerId, Decision, Fleet, Member};
+use tether_proto::fleet::{BrokerId, Decision, Fleet, Member, Readmit};
 use tether_proto::ids::{RegionId, SiteId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -109,6 +109,32 @@ impl FleetHandle {
             Ok(f) => (f.version(), f.endpoints_for(region, own)),
             Err(_) => (0, own.to_vec()),
         }
+    }
+
+    /// Whether this broker's etcd lease is surely alive now (it renewed it
+    /// within the lease's time to live): etcd answered it lately.
+    pub fn lease_held(&self) -> bool {
+        self.fleet
+            .lock()
+            .is_ok_and(|f| f.lease_held(Instant::now()))
+    }
+
+    /// Whether `site`, connecting while etcd cannot be reached, may be
+    /// served here from this broker's last view of the fleet
+    /// ([`Fleet::readmit_offline`]).
+    pub fn readmit_offline(&self, site: &SiteId) -> Readmit {
+        match self.fleet.lock() {
+            Ok(f) => f.readmit_offline(site),
+            Err(_) => Readmit::NotHeld,
+        }
+    }
+
+    /// Whether another broker held `site` last, as far as this broker saw
+    /// ([`Fleet::previous_holder`]).
+    pub fn held_elsewhere(&self, site: &SiteId) -> bool {
+        self.fleet
+            .lock()
+            .is_ok_and(|f| f.previous_holder(site).is_some())
     }
 
     /// A copy of the fleet as this broker sees it.
@@ -314,7 +340,10 @@ impl Task {
         what: &str,
         f: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, f).await;
+        crate::metrics::etcd_request(what, started.elapsed(), !matches!(result, Ok(Ok(_))));
+        match result {
             Ok(r) => r.map_err(|e| self.error(what, e)),
             Err(_) => Err(self.error(what, "no answer in time")),
         }
@@ -528,6 +557,7 @@ impl Task {
                 answer = alive.message() => match answer {
                     Ok(Some(a)) if a.ttl() > 0 => {
                         if let Some(at) = asked.pop_front() {
+                            crate::metrics::etcd_request("lease renewal", at.elapsed(), false);
                             let ttl = Duration::from_secs(u64::try_from(a.ttl()).unwrap_or(0));
                             self.with_fleet(|f| f.handle_renewed(at, ttl));
                         }

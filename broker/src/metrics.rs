@@ -29,6 +29,15 @@ pub fn recorder() -> &'static PrometheusHandle {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(ETCD_REQUEST.to_string()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0,
+                    ],
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -42,8 +51,30 @@ pub fn recorder() -> &'static PrometheusHandle {
 
 const HANDSHAKE: &str = "tether_broker_handshake_duration_seconds";
 
+const ETCD_REQUEST: &str = "tether_broker_etcd_request_duration_seconds";
+
 /// Help texts of every metric (Prometheus HELP lines).
 fn describe() {
+    describe_histogram!(
+        ETCD_REQUEST,
+        Unit::Seconds,
+        "Time of each etcd request of this broker, answered or not, by operation (store reads and writes, token transactions, fleet lease, announcements and claims; lease renewals from request to answer)."
+    );
+    describe_counter!(
+        "tether_broker_etcd_errors_total",
+        Unit::Count,
+        "etcd requests of this broker that failed or got no answer within store.etcd.timeout, by operation."
+    );
+    describe_counter!(
+        "tether_broker_fleet_failovers_total",
+        Unit::Count,
+        "Sessions this broker registered for a site whose last owner in etcd was another broker: the site failed over or was handed over to this broker."
+    );
+    describe_counter!(
+        "tether_broker_connects_without_store_total",
+        Unit::Count,
+        "Sites that connected while etcd could not be reached: readmitted (held here last, addresses cached) or refused (held_elsewhere, not_held, new_address)."
+    );
     describe_counter!(
         "tether_broker_fleet_fenced_total",
         Unit::Count,
@@ -581,6 +612,38 @@ pub fn ca_phase(phase: tether_pki::rotation::Phase, bundle: usize) {
         });
     }
     gauge!("tether_broker_ca_bundle_certificates").set(bundle as f64);
+}
+
+/// Counts a site that connected while etcd could not be reached, by what
+/// was decided: `readmitted`, or refused as `held_elsewhere`, `not_held`,
+/// `new_address`.
+pub fn connect_without_store(result: &str) {
+    counter!("tether_broker_connects_without_store_total", "result" => result.to_string())
+        .increment(1);
+}
+
+/// Records one etcd request of `operation` (a few fixed names, e.g.
+/// `read`, `write`, `lease grant`) that took `took` and failed or not.
+pub fn etcd_request(operation: &str, took: std::time::Duration, failed: bool) {
+    let operation: String = operation
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    histogram!(ETCD_REQUEST, "operation" => operation.clone()).record(took.as_secs_f64());
+    if failed {
+        counter!("tether_broker_etcd_errors_total", "operation" => operation).increment(1);
+    }
+}
+
+/// Counts a session taken over from another broker.
+pub fn failover() {
+    counter!("tether_broker_fleet_failovers_total").increment(1);
 }
 
 /// Counts a refused CONNECT-IP request.

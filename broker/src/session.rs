@@ -21,6 +21,7 @@ use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::events::{Disconnect, EventKind};
+use tether_proto::fleet::Readmit;
 use tether_proto::forward::DropReason;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
@@ -66,30 +67,125 @@ pub fn services(header: Option<&str>) -> Result<Vec<tether_proto::dns::Service>,
     })
 }
 
+/// How long a connecting site waits for the store's answer about it before
+/// a broker on etcd decides from what it last knew
+/// ([`allocate_without_the_store`]); shorter than a site's wait for the
+/// tunnel (5 s).
+const STORE_ANSWER: Duration = Duration::from_secs(2);
+
 /// The site's addresses and LAN mappings, allocated (or found again) for a
 /// checked request.
+///
+/// The site's record is read from the store first (revoked or unknown
+/// sites are refused). A broker on etcd that gets no answer in
+/// [`STORE_ANSWER`], or whose etcd lease has run out (etcd did not answer
+/// its renewals), decides without the store instead.
 pub async fn allocate(
     broker: &Arc<Broker>,
     peer: &PeerCert,
 ) -> Result<(Vec<IpNet>, Vec<IpNet>), Refusal> {
     let site = peer.identity.site.clone();
     let region = peer.identity.region.clone();
+    let fleet = broker.fleet().cloned();
+    if fleet.as_ref().is_some_and(|f| !f.lease_held()) {
+        return allocate_without_the_store(broker, &site, &region, "its lease in etcd ran out")
+            .await;
+    }
     let b = broker.clone();
     let (s, r) = (site.clone(), region.clone());
-    let allocated = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         let record = b.store.site(&s)?;
-        if record
-            .as_ref()
-            .is_none_or(|rec| rec.revoked || rec.region != r)
-        {
-            return Ok(None);
-        }
-        b.site_addresses(&s, &r).map(Some)
-    })
-    .await;
-    match allocated {
-        Ok(Ok(Some(a))) => Ok(a),
-        Ok(Ok(None)) | Ok(Err(BrokerError::Revoked(_))) => {
+        Ok::<_, BrokerError>(
+            record
+                .as_ref()
+                .is_some_and(|rec| !rec.revoked && rec.region == r),
+        )
+    });
+    let known = match fleet {
+        Some(_) => match tokio::time::timeout(STORE_ANSWER, read).await {
+            Ok(Ok(Ok(known))) => known,
+            Ok(Ok(Err(e))) => {
+                let why = format!("etcd did not answer: {e}");
+                return allocate_without_the_store(broker, &site, &region, &why).await;
+            }
+            Ok(Err(_)) => return Err(refuse(500, "internal error")),
+            Err(_) => {
+                let why = format!("etcd did not answer within {STORE_ANSWER:?}");
+                return allocate_without_the_store(broker, &site, &region, &why).await;
+            }
+        },
+        None => match read.await {
+            Ok(Ok(known)) => known,
+            Ok(Err(e)) => {
+                tracing::warn!(%site, error = %e, "no address for site");
+                return Err(refuse(503, format!("no address available: {e}")));
+            }
+            Err(_) => return Err(refuse(500, "internal error")),
+        },
+    };
+    if !known {
+        return Err(refuse(403, "this site is revoked or unknown to the broker"));
+    }
+    site_addresses(broker, &site, &region).await
+}
+
+/// The site's addresses from the broker's cache, for a broker on etcd that
+/// cannot reach it (`why`). Only a site this broker held last, as its last
+/// view of the fleet says ([`Readmit::Held`]), and whose addresses are in
+/// the cached leases, is served: every broker's last view routes it here,
+/// nothing is written, and the claim is made when etcd answers again, only
+/// where no other broker holds the site meanwhile. A site another broker
+/// held, or none, and a site that needs a new address, are refused with
+/// 503 until etcd answers (see `docs/ha.md`, "When etcd is down").
+async fn allocate_without_the_store(
+    broker: &Arc<Broker>,
+    site: &SiteId,
+    region: &tether_proto::ids::RegionId,
+    why: &str,
+) -> Result<(Vec<IpNet>, Vec<IpNet>), Refusal> {
+    let readmit = broker
+        .fleet()
+        .map_or(Readmit::NotHeld, |f| f.readmit_offline(site));
+    let refused = match readmit {
+        Readmit::Held if broker.host_addresses(site, region).is_empty() => Some((
+            "new_address",
+            format!(
+                "etcd cannot be reached ({why}) and this site has no address yet; addresses are allocated once etcd answers, try again"
+            ),
+        )),
+        Readmit::Held => None,
+        Readmit::HeldElsewhere(holder) => Some((
+            "held_elsewhere",
+            format!(
+                "etcd cannot be reached ({why}) and broker {holder} held this site last; it can move to this broker once etcd answers, try again"
+            ),
+        )),
+        Readmit::NotHeld => Some((
+            "not_held",
+            format!(
+                "etcd cannot be reached ({why}) and this site was not held by this broker; it can connect here once etcd answers, try again"
+            ),
+        )),
+    };
+    crate::metrics::connect_without_store(refused.as_ref().map_or("readmitted", |(r, _)| r));
+    if let Some((_, message)) = refused {
+        return Err(refuse(503, message));
+    }
+    tracing::info!(%site, reason = why, "etcd cannot be reached; the site is served again from this broker's last view, where it was held");
+    site_addresses(broker, site, region).await
+}
+
+/// Allocates (or finds again) the site's addresses in the broker core.
+async fn site_addresses(
+    broker: &Arc<Broker>,
+    site: &SiteId,
+    region: &tether_proto::ids::RegionId,
+) -> Result<(Vec<IpNet>, Vec<IpNet>), Refusal> {
+    let b = broker.clone();
+    let (s, r) = (site.clone(), region.clone());
+    match tokio::task::spawn_blocking(move || b.site_addresses(&s, &r)).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(BrokerError::Revoked(_))) => {
             Err(refuse(403, "this site is revoked or unknown to the broker"))
         }
         Ok(Err(e)) => {

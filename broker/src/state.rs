@@ -612,6 +612,9 @@ impl Broker {
         if registered.is_ok()
             && let Some(fleet) = self.fleet()
         {
+            if fleet.held_elsewhere(&site) {
+                crate::metrics::failover();
+            }
             fleet.claim(&site);
         }
         registered

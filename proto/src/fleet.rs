@@ -132,6 +132,23 @@ pub enum Decision {
     MoveSites(Vec<SiteId>),
 }
 
+/// Whether a site that connects while the store cannot be reached may be
+/// served here ([`Fleet::readmit_offline`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readmit {
+    /// This broker's last view of the store names it the site's holder, or
+    /// it holds a session of the site now: every broker's last view routes
+    /// the site here, and no other broker could have taken it without a
+    /// store write this broker would have to lose when the store returns.
+    Held,
+    /// Another broker held the site last: taking it over needs a store
+    /// write.
+    HeldElsewhere(BrokerId),
+    /// No broker held the site in the last view: placing it needs a store
+    /// write.
+    NotHeld,
+}
+
 /// Membership and ownership as one broker sees them.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -140,6 +157,10 @@ pub struct Fleet {
     /// The store revision at which each member's announcement was created.
     announced: BTreeMap<BrokerId, i64>,
     owners: BTreeMap<SiteId, Owner>,
+    /// The other broker whose owner key of a site was deleted last (it
+    /// released the site, or its lease expired), until an owner is seen
+    /// again: what a failover after a broker's death is told by.
+    departed: BTreeMap<SiteId, BrokerId>,
     claims: BTreeMap<SiteId, Claim>,
     version: u64,
     generation: u64,
@@ -157,6 +178,7 @@ impl Fleet {
             members: BTreeMap::new(),
             announced: BTreeMap::new(),
             owners: BTreeMap::new(),
+            departed: BTreeMap::new(),
             claims: BTreeMap::new(),
             version: 0,
             generation: 0,
@@ -353,6 +375,7 @@ impl Fleet {
         if stale {
             return Vec::new();
         }
+        self.departed.remove(&site);
         self.owners.insert(site.clone(), Owner { broker, revision });
         self.generation += 1;
         self.check(&site)
@@ -365,8 +388,24 @@ impl Fleet {
             .get(site)
             .is_some_and(|o| o.revision <= revision)
         {
-            self.owners.remove(site);
+            if let Some(gone) = self.owners.remove(site)
+                && gone.broker != self.me
+            {
+                self.departed.insert(site.clone(), gone.broker);
+            }
             self.generation += 1;
+        }
+    }
+
+    /// The other broker that held `site` last, as far as this broker saw:
+    /// its owner key, or the key deleted last (released, or expired with
+    /// its broker's lease). A session of the site registered here then is
+    /// a failover (or handover) to this broker.
+    pub fn previous_holder(&self, site: &SiteId) -> Option<&BrokerId> {
+        match self.owners.get(site) {
+            Some(o) if o.broker != self.me => Some(&o.broker),
+            Some(_) => None,
+            None => self.departed.get(site),
         }
     }
 
@@ -394,6 +433,28 @@ impl Fleet {
     /// lease).
     pub fn claimed(&self) -> impl Iterator<Item = &SiteId> {
         self.claims.keys()
+    }
+
+    /// Whether `site`, connecting while the store cannot be reached (no
+    /// read answered, or the lease is not held), may be served here from
+    /// what this broker last knew. Only where this broker held the site
+    /// last: the last owner key it saw names it (or its own newer claim
+    /// has not come back through the watch yet), or it saw no owner and
+    /// holds a session of the site (a claim waiting to be written). Nothing is written meanwhile; when the store
+    /// answers again the claim is made under the new lease only where no
+    /// other broker holds the site (see [`Fleet::poll`] and the shell's
+    /// re-claim), so a broker that was cut off alone loses to a takeover
+    /// the others made meanwhile.
+    pub fn readmit_offline(&self, site: &SiteId) -> Readmit {
+        match (self.owners.get(site), self.claims.get(site)) {
+            (Some(o), _) if o.broker == self.me => Readmit::Held,
+            // This broker's own write, newer than the other's, has not come
+            // back through the watch yet.
+            (Some(o), Some(Claim::At(mine))) if *mine > o.revision => Readmit::Held,
+            (Some(o), _) => Readmit::HeldElsewhere(o.broker.clone()),
+            (None, Some(_)) => Readmit::Held,
+            (None, None) => Readmit::NotHeld,
+        }
     }
 
     /// Who holds `site`: `None` when no live broker does.
@@ -717,6 +778,56 @@ mod tests {
                 .is_empty(),
             "released meanwhile: nothing to end"
         );
+    }
+
+    #[test]
+    fn the_previous_holder_outlives_its_expired_owner_key() {
+        let mut f = Fleet::new("a".into());
+        f.handle_owner(site("s1"), "b".into(), 5);
+        assert_eq!(f.previous_holder(&site("s1")), Some(&"b".to_string()));
+        // b died: its lease expired and etcd deleted its key.
+        f.handle_owner_gone(&site("s1"), 6);
+        assert_eq!(f.previous_holder(&site("s1")), Some(&"b".to_string()));
+        // The site connects here: held here now.
+        f.handle_owner(site("s1"), "a".into(), 7);
+        assert_eq!(f.previous_holder(&site("s1")), None);
+        f.handle_owner_gone(&site("s1"), 8);
+        assert_eq!(f.previous_holder(&site("s1")), None);
+        assert_eq!(f.previous_holder(&site("s2")), None);
+    }
+
+    #[test]
+    fn only_a_site_held_here_last_is_readmitted_without_the_store() {
+        let mut f = Fleet::new("a".into());
+        let t0 = Instant::now();
+        f.handle_granted(t0, Duration::from_secs(5));
+        // Held here: the owner key this broker wrote, seen in the watch,
+        // with the session ended since (the release was not written).
+        f.handle_claim(site("s1"));
+        f.handle_claimed(&site("s1"), 10);
+        f.handle_owner(site("s1"), "a".into(), 10);
+        f.handle_released(&site("s1"));
+        // A session here whose claim is still to be written.
+        f.handle_claim(site("s2"));
+        // Held by another broker, and a site no broker held.
+        f.handle_owner(site("s3"), "b".into(), 11);
+        // Held here once, then taken over by b (newer write).
+        f.handle_claim(site("s4"));
+        f.handle_claimed(&site("s4"), 12);
+        f.handle_owner(site("s4"), "b".into(), 13);
+        // The lease runs out: the store is gone.
+        assert!(!f.poll(t0 + Duration::from_secs(6)).is_empty());
+        assert_eq!(f.readmit_offline(&site("s1")), Readmit::Held);
+        assert_eq!(f.readmit_offline(&site("s2")), Readmit::Held);
+        assert_eq!(
+            f.readmit_offline(&site("s3")),
+            Readmit::HeldElsewhere("b".into())
+        );
+        assert_eq!(
+            f.readmit_offline(&site("s4")),
+            Readmit::HeldElsewhere("b".into())
+        );
+        assert_eq!(f.readmit_offline(&site("s5")), Readmit::NotHeld);
     }
 
     #[test]

@@ -221,6 +221,13 @@ async fn a_site_fails_over_to_another_broker_with_its_address_and_learns_new_bro
         eprintln!(
             "FAILOVER: loss noticed after {noticed:?} ({lost}); traffic restored at B after {restored:?}"
         );
+        // B counts the session it took over from A (A's owner key had
+        // expired by then).
+        let scraped = b.scrape().await;
+        assert!(
+            scraped.contains("tether_broker_fleet_failovers_total 1\n"),
+            "one failover counted at B:\n{scraped}"
+        );
 
         // A broker that joins later reaches the site through B, without
         // anyone touching the site; A leaves its list once its lease

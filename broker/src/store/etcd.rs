@@ -419,8 +419,10 @@ impl EtcdStore {
         let Some(runtime) = &self.runtime.0 else {
             return Err(StoreError("the etcd store is shut down".into()));
         };
-        run_on(runtime.handle(), self.timeout, f(self.client.clone()))
-            .map_err(|e| e.describe(&self.endpoints, what, self.timeout))
+        let started = std::time::Instant::now();
+        let result = run_on(runtime.handle(), self.timeout, f(self.client.clone()));
+        crate::metrics::etcd_request(what, started.elapsed(), result.is_err());
+        result.map_err(|e| e.describe(&self.endpoints, what, self.timeout))
     }
 
     /// Everything under the prefix (for [`migrate`](super::migrate) and

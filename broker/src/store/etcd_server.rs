@@ -154,8 +154,20 @@ impl EtcdServer {
 
     /// Kills etcd and starts it again on the same ports and data.
     pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// Kills the etcd process (`kill -9`, by its PID) and waits for it:
+    /// etcd is down until [`EtcdServer::start_again`].
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts etcd again after [`EtcdServer::kill`], on the same ports and
+    /// data, and waits until it answers.
+    pub fn start_again(&mut self) {
         // The ports may be busy for a moment after the kill.
         for _ in 0..50 {
             let mut child = spawn(
