@@ -249,7 +249,12 @@ fn a_gateway_follows_its_site_when_the_broker_it_uses_is_killed() {
             .map(|w| w[1] - w[0])
             .fold(0.0, f64::max);
         println!(
-            "GATEWAY FAILOVER: round {round}, killed broker {victim} ({case}; site held by {holders:?}): pings resumed, longest gap {:.0} ms",
+            "GATEWAY FAILOVER: round {round}, killed broker {victim} ({case}; site held by {holders:?}): {}, longest gap {:.0} ms",
+            if resumed {
+                "pings resumed"
+            } else {
+                "pings did NOT resume"
+            },
             gap * 1000.0
         );
         assert!(
