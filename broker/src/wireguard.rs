@@ -15,7 +15,9 @@
 //! broker of the fleet it may reach,
 //! [`tether_proto::forward::Router::gateway_site_routes`]), and every change
 //! to the site routes, here or through another broker, is pushed to the
-//! peers that asked recently.
+//! peers that asked recently. A ping is answered with a pong, so a gateway
+//! that follows several brokers notices within a second when this one is
+//! gone ([`tether_proto::gateway::failover`]).
 //!
 //! This module knows nothing of the broker around it: the routes and the
 //! zone come through [`GatewayControl`], and the forwarding plane runs the
@@ -540,12 +542,18 @@ impl Wireguard {
         }
         let packet = packet?;
         if let Some(payload) = control::control_payload(&packet, GATEWAY_CONTROL, BROKER_CONTROL) {
-            if let Ok(Message::Request) = Message::decode(payload) {
-                if let Ok(mut last) = peer.last_request.lock() {
-                    *last = Some(Instant::now());
+            match Message::decode(payload) {
+                Ok(Message::Request) => {
+                    if let Ok(mut last) = peer.last_request.lock() {
+                        *last = Some(Instant::now());
+                    }
+                    self.send_routes(peer);
+                    self.send_zone(peer);
                 }
-                self.send_routes(peer);
-                self.send_zone(peer);
+                // The gateway's liveness probe: one small answer per
+                // authenticated ping.
+                Ok(Message::Ping { seq }) => self.send_control(peer, &Message::Pong { seq }),
+                _ => {}
             }
             return None;
         }

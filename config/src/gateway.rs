@@ -33,7 +33,8 @@ pub struct GatewayFile {
     /// The published CIDR; broker addresses must lie inside it.
     pub published_cidr: String,
     /// WireGuard endpoints of the brokers (`host[:port]`, port 51820 by
-    /// default).
+    /// default): every broker of the region; the gateway holds a session
+    /// with each and fails over between them.
     pub brokers: Vec<String>,
     /// The brokers' WireGuard public key (`tether-broker gateway key`
     /// prints it). Required to run.

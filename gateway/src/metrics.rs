@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
-use metrics::{Counter, Unit, counter, describe_counter};
+use metrics::{Counter, Unit, counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tether_shell::accept::{HttpLimits, ListenerEvents, serve_http1};
 
@@ -22,6 +22,9 @@ const DROPPED: &str = "tether_gateway_packets_dropped_total";
 const REFUSED: &str = "tether_gateway_wireguard_refused_total";
 const ACCEPT_FAILED: &str = "tether_gateway_accept_failures_total";
 const CONNECTIONS_REFUSED: &str = "tether_gateway_connections_refused_total";
+const FAILOVERS: &str = "tether_gateway_failovers_total";
+const BROKERS_UP: &str = "tether_gateway_brokers_up";
+const BROKER_ACTIVE: &str = "tether_gateway_broker_active";
 
 /// The process-wide Prometheus recorder (installed once).
 pub fn recorder() -> &'static PrometheusHandle {
@@ -40,7 +43,7 @@ pub fn recorder() -> &'static PrometheusHandle {
         describe_counter!(
             DROPPED,
             Unit::Count,
-            "Packets of the gateway's packet path that were not forwarded, by reason: not_from_broker (a datagram from another address than the broker's), bad_control (a control message from the broker that does not decode), device_write (the device refused a write), send_failed (the UDP send to the broker failed), seal_failed (WireGuard could not seal a packet)."
+            "Packets of the gateway's packet path that were not forwarded, by reason: not_from_broker (a datagram from an address that is none of the configured brokers'), bad_control (a control message from the broker that does not decode), device_write (the device refused a write), send_failed (the UDP send to the broker failed), seal_failed (WireGuard could not seal a packet)."
         );
         describe_counter!(
             ACCEPT_FAILED,
@@ -51,6 +54,21 @@ pub fn recorder() -> &'static PrometheusHandle {
             CONNECTIONS_REFUSED,
             Unit::Count,
             "Connections of a TCP listener closed at once, by listener and reason (limit: the listener holds its most connections already)."
+        );
+        describe_counter!(
+            FAILOVERS,
+            Unit::Count,
+            "Times the gateway moved its traffic off a broker that stopped answering to another broker of its configuration."
+        );
+        describe_gauge!(
+            BROKERS_UP,
+            Unit::Count,
+            "Brokers of the gateway's configuration that answer now."
+        );
+        describe_gauge!(
+            BROKER_ACTIVE,
+            Unit::Count,
+            "1 for the broker (label broker: its WireGuard endpoint) that carries the gateway's traffic, 0 for the others."
         );
         describe_counter!(
             REFUSED,
@@ -65,7 +83,7 @@ pub fn recorder() -> &'static PrometheusHandle {
 /// refusing it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dropped {
-    /// A datagram from an address other than the broker's.
+    /// A datagram from an address that is none of the brokers'.
     NotFromBroker,
     /// A control message from the broker that does not decode.
     BadControl,
@@ -93,7 +111,7 @@ impl Dropped {
     fn explain(self) -> &'static str {
         match self {
             Self::NotFromBroker => {
-                "datagrams from an address other than the broker's were ignored (the gateway talks only to the broker it resolved at start)"
+                "datagrams from an address that is none of the configured brokers' were ignored (the gateway talks only to the brokers it resolved at start)"
             }
             Self::BadControl => {
                 "control messages from the broker could not be decoded (is the broker a newer version?)"
@@ -183,6 +201,23 @@ impl Metrics {
     /// Packets received from the broker and written to the device.
     pub fn from_broker(&self, n: usize) {
         self.from_broker.increment(n as u64);
+    }
+
+    /// The traffic moved off a broker that stopped answering.
+    pub fn failover(&self) {
+        counter!(FAILOVERS).increment(1);
+    }
+
+    /// Which brokers answer, and which carries the traffic.
+    pub fn brokers(&self, endpoints: &[SocketAddr], up: usize, active: usize) {
+        gauge!(BROKERS_UP).set(up as f64);
+        for (i, e) in endpoints.iter().enumerate() {
+            gauge!(BROKER_ACTIVE, "broker" => e.to_string()).set(if i == active {
+                1.0
+            } else {
+                0.0
+            });
+        }
     }
 
     /// `n` packets dropped for `reason`; logged at most once a minute per

@@ -1,6 +1,13 @@
-//! The running gateway: a WireGuard peer of the broker (boringtun) between
-//! a TUN device and one UDP socket, plus the routes of the sites its region
-//! may reach.
+//! The running gateway: a WireGuard peer of every broker of its
+//! configuration (boringtun) between a TUN device and one UDP socket, plus
+//! the routes of the sites its region may reach.
+//!
+//! The gateway holds a session with each broker and sends its traffic to
+//! one, the active broker, which relays packets for sites held by other
+//! brokers; answers come back from whichever broker holds the site. Which
+//! broker is active, and when one counts as gone, is
+//! [`Failover`]'s decision: every broker is pinged four times a second, and
+//! the traffic moves within a second of the active one falling silent.
 //!
 //! Device to broker: one read of the offloading device yields a whole TCP
 //! burst, split into packets; each is encrypted, and the datagrams, being
@@ -10,14 +17,15 @@
 //! segments again. TCP SYNs are clamped to the tunnel MTU both ways.
 //!
 //! Control datagrams from the broker ([`tether_proto::gateway`]) carry the
-//! route set; the gateway asks for it at start and every 10 s, and the
-//! broker pushes changes at once. When to ask, when to run WireGuard's
+//! route set; the gateway asks the active broker for it at start, every
+//! 10 s and on every switch, and the broker pushes changes at once. When to ask, when to run WireGuard's
 //! timers and when the session counts as up is
 //! [`ControlSchedule`]'s decision; this module carries it out.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,11 +38,12 @@ use tether_config::gateway::GatewayConfig;
 use tether_pki::wg::WgKey;
 use tether_proto::dns::ZoneData;
 use tether_proto::gateway::control::{ControlAction, ControlEvent, ControlSchedule};
+use tether_proto::gateway::failover::{Failover, FailoverAction, FailoverEvent, MAX_BROKERS};
 use tether_proto::gateway::{
     self as control, Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, ZoneAssembler,
 };
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::live::LiveRoutes;
 use crate::metrics::{Dropped, Metrics};
@@ -65,38 +74,75 @@ pub fn load_key(dir: &Path) -> anyhow::Result<(WgKey, bool)> {
     Ok(WgKey::load_or_create(&dir.join(KEY_FILE))?)
 }
 
-/// Resolves the first broker endpoint to an address inside the published
-/// CIDR.
-async fn broker_address(config: &GatewayConfig) -> anyhow::Result<SocketAddr> {
-    let endpoint = config
-        .brokers
-        .first()
-        .context("no broker configured (brokers = [\"<broker>:51820\"])")?;
-    let candidates: Vec<SocketAddr> = match &endpoint.host {
-        Host::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
-        Host::Name(name) => tokio::net::lookup_host((name.as_str(), endpoint.port))
-            .await
-            .with_context(|| format!("cannot resolve the broker {name}"))?
-            .collect(),
-    };
-    candidates
-        .iter()
-        .copied()
-        .find(|a| config.published_cidr.contains(&a.ip()))
-        .with_context(|| {
-            format!(
+/// Resolves every broker endpoint to an address inside the published
+/// CIDR, in the order of the configuration. A broker that does not resolve
+/// is left out with a warning; none at all is an error.
+async fn broker_addresses(config: &GatewayConfig) -> anyhow::Result<Vec<SocketAddr>> {
+    anyhow::ensure!(
+        !config.brokers.is_empty(),
+        "no broker configured (brokers = [\"<broker>:51820\"])"
+    );
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    for endpoint in config.brokers.iter().take(MAX_BROKERS) {
+        let candidates: Vec<SocketAddr> = match &endpoint.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
+            Host::Name(name) => match tokio::net::lookup_host((name.as_str(), endpoint.port)).await
+            {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    problems.push(format!("cannot resolve the broker {name}: {e}"));
+                    continue;
+                }
+            },
+        };
+        match candidates
+            .iter()
+            .copied()
+            .find(|a| config.published_cidr.contains(&a.ip()))
+        {
+            Some(a) if !found.contains(&a) => found.push(a),
+            Some(_) => {}
+            None => problems.push(format!(
                 "broker {endpoint} resolves to {candidates:?}, none inside the published CIDR {}",
                 config.published_cidr
-            )
-        })
+            )),
+        }
+    }
+    if found.is_empty() {
+        anyhow::bail!("no usable broker: {}", problems.join("; "));
+    }
+    for p in problems {
+        tracing::warn!("{p}; the gateway goes on with the other brokers");
+    }
+    // One socket, one address family: the first broker's.
+    let family = found[0].is_ipv4();
+    let (kept, other): (Vec<_>, Vec<_>) = found.into_iter().partition(|a| a.is_ipv4() == family);
+    for a in other {
+        tracing::warn!(broker = %a, "broker left out: its address family differs from the first broker's");
+    }
+    Ok(kept)
+}
+
+/// A broker the gateway holds a WireGuard session with.
+struct BrokerPeer {
+    addr: SocketAddr,
+    tunn: Mutex<Tunn>,
 }
 
 /// What the packet tasks share.
 struct Shared {
-    tunn: Mutex<Tunn>,
+    brokers: Vec<BrokerPeer>,
+    failover: Mutex<Failover>,
+    /// The broker packets go to ([`Failover::target`]).
+    target: AtomicUsize,
+    /// Bumped whenever the target changes: the control channel starts over
+    /// with the new broker.
+    switches: AtomicU64,
+    /// Wakes the timer task when the failover has something to say.
+    wake: Notify,
     socket: UdpSocket,
     udp: quinn_udp::UdpSocketState,
-    broker: SocketAddr,
     dev: tun_rs::AsyncDevice,
     offload: bool,
     mtu: u16,
@@ -113,25 +159,76 @@ impl Shared {
         tether_proto::ip::clamp_mss(packet, self.mtu.saturating_sub(header));
     }
 
-    /// Sends datagrams of `lens` laid out back to back in `data`, in as few
-    /// system calls as UDP segmentation offload allows; returns how many
-    /// left (those that did not are counted as dropped).
-    async fn send_all(&self, data: &[u8], lens: &[usize]) -> usize {
+    /// The broker packets go to now.
+    fn target(&self) -> usize {
+        self.target.load(Ordering::Relaxed)
+    }
+
+    /// Which broker a datagram from `from` comes from: the one with that
+    /// address, else the one with that IP.
+    fn broker_of(&self, from: SocketAddr) -> Option<usize> {
+        let ip = from.ip().to_canonical();
+        self.brokers
+            .iter()
+            .position(|b| b.addr.ip().to_canonical() == ip && b.addr.port() == from.port())
+            .or_else(|| {
+                self.brokers
+                    .iter()
+                    .position(|b| b.addr.ip().to_canonical() == ip)
+            })
+    }
+
+    /// Brokers whose sessions authenticated datagrams (`heard`), of which
+    /// those that answered a ping (`ponged`), bit per broker.
+    fn heard(&self, heard: u64, ponged: u64) {
+        if heard == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let Ok(mut f) = self.failover.lock() else {
+            return;
+        };
+        for i in 0..self.brokers.len() {
+            if ponged & (1 << i) != 0 {
+                f.handle_pong(i, now);
+            } else if heard & (1 << i) != 0 {
+                f.handle_heard(i, now);
+            }
+        }
+        self.retarget(&f);
+    }
+
+    /// Follows the failover's choice; wakes the timer task when it has
+    /// something to report.
+    fn retarget(&self, f: &Failover) {
+        let target = f.target();
+        if self.target.swap(target, Ordering::Relaxed) != target {
+            self.switches.fetch_add(1, Ordering::Relaxed);
+        }
+        if f.has_events() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends datagrams of `lens` laid out back to back in `data` to `to`,
+    /// in as few system calls as UDP segmentation offload allows; returns
+    /// how many left (those that did not are counted as dropped).
+    async fn send_all(&self, to: SocketAddr, data: &[u8], lens: &[usize]) -> usize {
         let failed =
-            tether_shell::udp::send_segments(&self.socket, &self.udp, self.broker, data, lens)
-                .await;
-        self.metrics.dropped(
-            Dropped::SendFailed,
-            failed,
-            &format_args!("to {}", self.broker),
-        );
+            tether_shell::udp::send_segments(&self.socket, &self.udp, to, data, lens).await;
+        self.metrics
+            .dropped(Dropped::SendFailed, failed, &format_args!("to {to}"));
         lens.len().saturating_sub(failed)
     }
 
-    /// Encrypts one packet (or a control message) and sends it.
-    async fn send_one(&self, packet: &[u8]) {
+    /// Encrypts one packet (or a control message) for broker `broker` and
+    /// sends it.
+    async fn send_one(&self, broker: usize, packet: &[u8]) {
+        let Some(peer) = self.brokers.get(broker) else {
+            return;
+        };
         let mut out = vec![0u8; packet.len() + 148];
-        let n = match self.tunn.lock() {
+        let n = match peer.tunn.lock() {
             Ok(mut t) => match t.encapsulate(packet, &mut out) {
                 TunnResult::WriteToNetwork(p) => p.len(),
                 TunnResult::Err(e) => {
@@ -144,7 +241,7 @@ impl Shared {
             Err(_) => 0,
         };
         if n > 0 {
-            self.send_all(&out[..n], &[n]).await;
+            self.send_all(peer.addr, &out[..n], &[n]).await;
         }
     }
 }
@@ -163,8 +260,8 @@ pub async fn run(
     let broker_key = config.broker_public_key.context(
         "broker_public_key is not set: add the output of `tether-broker gateway key` to the configuration",
     )?;
-    let broker = broker_address(&config).await?;
-    let bind: SocketAddr = match broker.ip() {
+    let addrs = broker_addresses(&config).await?;
+    let bind: SocketAddr = match addrs[0].ip() {
         IpAddr::V4(_) => "0.0.0.0:0".parse()?,
         IpAddr::V6(_) => "[::]:0".parse()?,
     };
@@ -199,19 +296,31 @@ pub async fn run(
     let mut routes = Routes::new(index, config.table, config.rule_priority).await?;
 
     let private = x25519::StaticSecret::from(key.secret_bytes());
-    let tunn = Tunn::new(
-        private,
-        x25519::PublicKey::from(broker_key),
-        None,
-        Some(KEEPALIVE_SECS),
-        0,
-        None,
-    );
+    // One session per broker; every broker of a deployment has the same
+    // gateway key (`broker_public_key`).
+    let brokers: Vec<BrokerPeer> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| BrokerPeer {
+            addr: *addr,
+            tunn: Mutex::new(Tunn::new(
+                private.clone(),
+                x25519::PublicKey::from(broker_key),
+                None,
+                Some(KEEPALIVE_SECS),
+                i as u32,
+                None,
+            )),
+        })
+        .collect();
     let shared = Arc::new(Shared {
-        tunn: Mutex::new(tunn),
+        failover: Mutex::new(Failover::new(brokers.len(), Instant::now())),
+        brokers,
+        target: AtomicUsize::new(0),
+        switches: AtomicU64::new(0),
+        wake: Notify::new(),
         socket,
         udp,
-        broker,
         dev,
         offload,
         mtu: config.mtu,
@@ -244,7 +353,7 @@ pub async fn run(
     tracing::info!(
         gateway = %config.id,
         region = %config.region,
-        broker = %broker,
+        brokers = %addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         device = %config.tun_name,
         mtu = config.mtu,
         offload,
@@ -292,7 +401,7 @@ pub async fn run(
                 let live = LiveRoutes {
                     gateway: config.id.clone(),
                     region: config.region.clone(),
-                    broker: broker.to_string(),
+                    broker: shared.brokers[shared.target()].addr.to_string(),
                     generation: set.generation,
                     received_at: SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -338,8 +447,13 @@ async fn outbound(shared: Arc<Shared>) {
         }
         sealed.clear();
         lens.clear();
+        // The whole batch goes to one broker: the one active as it is
+        // sealed.
+        let Some(peer) = shared.brokers.get(shared.target()) else {
+            return;
+        };
         {
-            let Ok(mut tunn) = shared.tunn.lock() else {
+            let Ok(mut tunn) = peer.tunn.lock() else {
                 return;
             };
             for packet in packets.packets_mut() {
@@ -371,14 +485,14 @@ async fn outbound(shared: Arc<Shared>) {
             }
         }
         for h in handshakes.drain(..) {
-            shared.send_all(&h, &[h.len()]).await;
+            shared.send_all(peer.addr, &h, &[h.len()]).await;
         }
-        let sent = shared.send_all(&sealed, &lens).await;
+        let sent = shared.send_all(peer.addr, &sealed, &lens).await;
         shared.metrics.to_broker(sent);
     }
 }
 
-/// Broker to device, and the control channel.
+/// Brokers to device, and the control channel.
 async fn inbound(
     shared: Arc<Shared>,
     sets: watch::Sender<Option<RouteSet>>,
@@ -387,26 +501,40 @@ async fn inbound(
     let mut receiver = tether_shell::udp::BatchReceiver::default();
     let mut out = vec![0u8; 65_536 + 64];
     let mut batch = tether_shell::tun::WriteBatch::default();
-    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     // A packet the batch had no room for, until the batch is written.
     let mut overflow: Option<Vec<u8>> = None;
+    // Route sets and zones are taken from the active broker only, and
+    // assembled afresh after every switch.
     let mut assembler = Assembler::default();
     let mut zone_assembler = ZoneAssembler::default();
+    let mut switches = shared.switches.load(Ordering::Relaxed);
     loop {
         if let Err(e) = receiver.recv(&shared.socket, &shared.udp).await {
             tracing::warn!(error = %e, "UDP receive failed");
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
+        let now_switches = shared.switches.load(Ordering::Relaxed);
+        if now_switches != switches {
+            switches = now_switches;
+            assembler = Assembler::default();
+            zone_assembler = ZoneAssembler::default();
+        }
+        let active = shared.target();
+        // Brokers heard from in this receive, and those that answered a
+        // ping, one bit per broker.
+        let (mut heard, mut ponged) = (0u64, 0u64);
         for (from, datagram) in receiver.datagrams() {
-            if from.ip().to_canonical() != shared.broker.ip().to_canonical() {
+            let Some(index) = shared.broker_of(from) else {
                 shared.metrics.dropped(
                     Dropped::NotFromBroker,
                     1,
                     &format_args!("last from {from}"),
                 );
                 continue;
-            }
+            };
+            let peer = &shared.brokers[index];
             // One receive holds up to 8 coalesced runs of about 45 packets
             // each, more than a write batch: write what is ready before it
             // fills.
@@ -415,7 +543,7 @@ async fn inbound(
             }
             // The lock is released before the next await.
             let result = {
-                let Ok(mut tunn) = shared.tunn.lock() else {
+                let Ok(mut tunn) = peer.tunn.lock() else {
                     return;
                 };
                 tether_shell::wireguard::decapsulate(
@@ -423,18 +551,19 @@ async fn inbound(
                     from.ip(),
                     datagram,
                     &mut out,
-                    |reply| replies.push(reply.to_vec()),
+                    |reply| replies.push((peer.addr, reply.to_vec())),
                     |p| {
                         if let Some(payload) =
                             control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
                         {
                             match Message::decode(payload) {
-                                Ok(m @ Message::Routes { .. }) => {
+                                Ok(Message::Pong { .. }) => ponged |= 1 << index,
+                                Ok(m @ Message::Routes { .. }) if index == active => {
                                     if let Some(set) = assembler.push(m) {
                                         sets.send_replace(Some(set));
                                     }
                                 }
-                                Ok(m @ Message::Zone { .. }) => {
+                                Ok(m @ Message::Zone { .. }) if index == active => {
                                     if let Some(zone) = zone_assembler.push(m) {
                                         zones.send_replace(Some(Arc::new(zone)));
                                     }
@@ -456,8 +585,9 @@ async fn inbound(
                     },
                 )
             };
-            if let Err(e) = result {
-                shared.metrics.refused(&e, from);
+            match result {
+                Ok(()) => heard |= 1 << index,
+                Err(e) => shared.metrics.refused(&e, from),
             }
             if let Some(p) = overflow.take() {
                 write(&shared, &mut batch).await;
@@ -466,8 +596,9 @@ async fn inbound(
                 }
             }
         }
-        for r in replies.drain(..) {
-            shared.send_all(&r, &[r.len()]).await;
+        shared.heard(heard, ponged);
+        for (to, r) in replies.drain(..) {
+            shared.send_all(to, &r, &[r.len()]).await;
         }
         write(&shared, &mut batch).await;
     }
@@ -485,58 +616,151 @@ async fn write(shared: &Shared, batch: &mut tether_shell::tun::WriteBatch) {
     }
 }
 
-/// What the gateway says when the broker has not completed a handshake
-/// for a while: boringtun itself reports only `HANDSHAKE(REKEY_TIMEOUT)`,
-/// and the broker answers a key it does not know with silence.
-fn no_handshake(broker: SocketAddr) -> String {
+/// What the gateway says when no broker has completed a handshake for a
+/// while: boringtun itself reports only `HANDSHAKE(REKEY_TIMEOUT)`, and a
+/// broker answers a key it does not know with silence.
+fn no_handshake(brokers: &[SocketAddr]) -> String {
+    let list = brokers
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let port = brokers.first().map_or(51820, SocketAddr::port);
     format!(
-        "no WireGuard handshake with the broker {broker} after 10 s. Likely causes: broker_public_key in this gateway's configuration is not the broker's key (`tether-broker gateway key` prints it); this gateway's key is not registered in the broker's [[gateway]] public_key (`tether-gateway key` prints it; the broker logs \"not a registered gateway key\" for it); or UDP {} towards the broker is blocked",
-        broker.port()
+        "no WireGuard handshake with any broker ({list}) after 10 s. Likely causes: broker_public_key in this gateway's configuration is not the brokers' key (`tether-broker gateway key` prints it); this gateway's key is not registered in the brokers' [[gateway]] public_key (`tether-gateway key` prints it; a broker logs \"not a registered gateway key\" for it); or UDP {port} towards the brokers is blocked"
     )
 }
 
-/// WireGuard timers, route-set requests and connection status, as
-/// [`ControlSchedule`] decides.
+/// WireGuard timers, route-set requests, pings and connection status, as
+/// [`ControlSchedule`] and [`Failover`] decide.
 async fn timers(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 256];
     let request =
         control::control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &Message::Request.encode());
+    let addrs: Vec<SocketAddr> = shared.brokers.iter().map(|b| b.addr).collect();
     let mut schedule = ControlSchedule::new(Instant::now());
+    let mut actions: Vec<FailoverAction> = Vec::new();
+    let mut events: Vec<FailoverEvent> = Vec::new();
     loop {
-        tokio::time::sleep_until(schedule.poll_timeout().into()).await;
-        schedule.handle_timeout(Instant::now());
+        let deadline = match shared.failover.lock() {
+            Ok(f) => schedule.poll_timeout().min(f.poll_timeout()),
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = shared.wake.notified() => {}
+        }
+        let now = Instant::now();
+        schedule.handle_timeout(now);
         while let Some(action) = schedule.poll_action() {
             match action {
                 ControlAction::UpdateTimers => {
-                    let (out, since) = match shared.tunn.lock() {
-                        Ok(mut t) => {
-                            let out = match t.update_timers(&mut buf) {
-                                TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
-                                _ => None,
-                            };
-                            (out, t.stats().0)
+                    // The freshest handshake of any broker tells whether
+                    // the gateway is connected at all.
+                    let mut freshest: Option<Duration> = None;
+                    for peer in &shared.brokers {
+                        let (out, since) = match peer.tunn.lock() {
+                            Ok(mut t) => {
+                                let out = match t.update_timers(&mut buf) {
+                                    TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+                                    _ => None,
+                                };
+                                (out, t.stats().0)
+                            }
+                            Err(_) => return,
+                        };
+                        if let Some(p) = out {
+                            shared.send_all(peer.addr, &p, &[p.len()]).await;
                         }
+                        freshest = match (freshest, since) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                    schedule.handle_handshake(freshest, Instant::now());
+                }
+                ControlAction::SendRequest => shared.send_one(shared.target(), &request).await,
+            }
+        }
+        {
+            let Ok(mut f) = shared.failover.lock() else {
+                return;
+            };
+            f.handle_timeout(now);
+            while let Some(a) = f.poll_action() {
+                actions.push(a);
+            }
+            while let Some(e) = f.poll_event() {
+                events.push(e);
+            }
+            shared.retarget(&f);
+            let up = (0..f.brokers()).filter(|i| f.is_up(*i)).count();
+            shared.metrics.brokers(&addrs, up, f.target());
+        }
+        for action in actions.drain(..) {
+            match action {
+                FailoverAction::Ping { broker, seq } => {
+                    let ping = control::control_packet(
+                        GATEWAY_CONTROL,
+                        BROKER_CONTROL,
+                        &Message::Ping { seq }.encode(),
+                    );
+                    shared.send_one(broker, &ping).await;
+                }
+                FailoverAction::Handshake { broker } => {
+                    let Some(peer) = shared.brokers.get(broker) else {
+                        continue;
+                    };
+                    let init = match peer.tunn.lock() {
+                        Ok(mut t) => match t.format_handshake_initiation(&mut buf, true) {
+                            TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
+                            _ => None,
+                        },
                         Err(_) => return,
                     };
-                    if let Some(p) = out {
-                        shared.send_all(&p, &[p.len()]).await;
+                    if let Some(p) = init {
+                        shared.send_all(peer.addr, &p, &[p.len()]).await;
                     }
-                    schedule.handle_handshake(since, Instant::now());
                 }
-                ControlAction::SendRequest => shared.send_one(&request).await,
+            }
+        }
+        for event in events.drain(..) {
+            match event {
+                FailoverEvent::Up { broker } => {
+                    tracing::info!(broker = %addrs[broker], "broker answers")
+                }
+                FailoverEvent::Down { broker, silent } => tracing::warn!(
+                    broker = %addrs[broker],
+                    silent_ms = silent.as_millis() as u64,
+                    "broker stopped answering"
+                ),
+                FailoverEvent::Selected { broker } => {
+                    tracing::info!(broker = %addrs[broker], "traffic goes through this broker");
+                    shared.send_one(broker, &request).await;
+                }
+                FailoverEvent::Switched { from, to } => {
+                    shared.metrics.failover();
+                    let failovers = shared.failover.lock().map(|f| f.failovers()).unwrap_or(0);
+                    tracing::info!(
+                        from = %addrs[from],
+                        broker = %addrs[to],
+                        failovers,
+                        "the active broker stopped answering: traffic moved to this broker"
+                    );
+                    shared.send_one(to, &request).await;
+                }
+                FailoverEvent::NoneAnswering { broker } => tracing::warn!(
+                    broker = %addrs[broker],
+                    "no broker answers: traffic stays on this broker until one does"
+                ),
             }
         }
         while let Some(event) = schedule.poll_event() {
             match event {
-                ControlEvent::Established => tracing::info!(
-                    broker = %shared.broker,
-                    "WireGuard session with the broker established"
-                ),
-                ControlEvent::NoHandshake => tracing::warn!(
-                    broker = %shared.broker,
-                    "{}",
-                    no_handshake(shared.broker)
-                ),
+                ControlEvent::Established => {
+                    tracing::info!("WireGuard session with the broker established")
+                }
+                ControlEvent::NoHandshake => tracing::warn!("{}", no_handshake(&addrs)),
             }
         }
     }
@@ -548,7 +772,7 @@ mod tests {
 
     #[test]
     fn a_missing_handshake_names_both_keys() {
-        let text = no_handshake("192.0.2.1:51820".parse().unwrap_or_else(|_| unreachable!()));
+        let text = no_handshake(&["192.0.2.1:51820".parse().unwrap_or_else(|_| unreachable!())]);
         assert!(text.contains("broker_public_key"), "{text}");
         assert!(text.contains("`tether-broker gateway key`"), "{text}");
         assert!(text.contains("`tether-gateway key`"), "{text}");

@@ -133,6 +133,17 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
 }
 
+/// What every broker of a [`Cluster`] gets besides the common
+/// configuration.
+#[derive(Debug, Default, Clone)]
+pub struct BrokerSetup {
+    /// Appended to each broker's configuration file.
+    pub extra_config: String,
+    /// Files (name, contents) put in each broker's data directory before
+    /// its first start.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
 /// The etcd member `n`'s address.
 pub fn member_ip(n: usize) -> String {
     format!("10.77.{n}.2")
@@ -153,6 +164,13 @@ impl Cluster {
     /// is healthy; then `brokers` brokers (the first creates the CA, the
     /// others get a copy) and `sites` site namespaces (not enrolled).
     pub fn new(brokers: usize, sites: usize) -> io::Result<Self> {
+        Self::with_brokers(brokers, sites, &BrokerSetup::default())
+    }
+
+    /// As [`Cluster::new`], with `setup` added to every broker: more
+    /// configuration, and files in its data directory before its first
+    /// start.
+    pub fn with_brokers(brokers: usize, sites: usize, setup: &BrokerSetup) -> io::Result<Self> {
         let mut cluster = Self {
             sites: Vec::new(),
             brokers: Vec::new(),
@@ -218,7 +236,11 @@ impl Cluster {
                     &["ca", "new-kek", "--out", &kek.display().to_string()],
                 )?;
             }
-            std::fs::write(&config, broker_config(n, &data, &kek))?;
+            std::fs::create_dir_all(&data)?;
+            for (name, bytes) in &setup.files {
+                std::fs::write(data.join(name), bytes)?;
+            }
+            std::fs::write(&config, broker_config(n, &data, &kek) + &setup.extra_config)?;
             let log = cluster.path(&format!("broker{n}.log"));
             cluster.brokers.push(Broker {
                 ns,

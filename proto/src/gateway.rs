@@ -24,6 +24,12 @@
 //!   ([`zone_chunks`], [`ZoneAssembler`]), so the gateway answers DNS for
 //!   backends even while the broker is away.
 //!
+//! - A gateway keeps a session with every broker of its region and sends
+//!   each a [`Message::Ping`] every [`failover::PING_INTERVAL`]; the broker
+//!   answers with a [`Message::Pong`]. A broker that answered once and then
+//!   falls silent for [`failover::DEAD_AFTER`] counts as down, and the
+//!   gateway moves its traffic to another ([`failover::Failover`]).
+//!
 //! A stock WireGuard peer never sends a request and so never receives
 //! control traffic.
 //!
@@ -31,6 +37,7 @@
 //! timers and sends its requests, and when to report the session up.
 
 pub mod control;
+pub mod failover;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -63,6 +70,8 @@ const MAGIC: &[u8; 4] = b"TGC1";
 const KIND_REQUEST: u8 = 1;
 const KIND_ROUTES: u8 = 2;
 const KIND_ZONE: u8 = 3;
+const KIND_PING: u8 = 4;
+const KIND_PONG: u8 = 5;
 /// magic, kind, generation, index, count.
 const HEADER: usize = 4 + 1 + 8 + 2 + 2;
 
@@ -116,6 +125,18 @@ pub enum Message {
         /// The bytes of this chunk.
         bytes: Vec<u8>,
     },
+    /// Gateway to broker: are you there? Answered with a
+    /// [`Message::Pong`] of the same `seq`; a broker of an older release
+    /// ignores it (see [`failover`]).
+    Ping {
+        /// Chosen by the gateway, echoed in the answer.
+        seq: u64,
+    },
+    /// Broker to gateway: the answer to a [`Message::Ping`].
+    Pong {
+        /// The `seq` of the ping.
+        seq: u64,
+    },
 }
 
 /// Why a control payload was refused.
@@ -165,6 +186,15 @@ impl Message {
                 out.extend_from_slice(&count.to_be_bytes());
                 out.extend_from_slice(bytes);
             }
+            Message::Ping { seq } | Message::Pong { seq } => {
+                out.push(if matches!(self, Message::Ping { .. }) {
+                    KIND_PING
+                } else {
+                    KIND_PONG
+                });
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&[0; 4]);
+            }
         }
         out
     }
@@ -210,6 +240,8 @@ impl Message {
                     bytes: bytes.get(HEADER..).unwrap_or_default().to_vec(),
                 })
             }
+            KIND_PING => Ok(Message::Ping { seq: generation }),
+            KIND_PONG => Ok(Message::Pong { seq: generation }),
             _ => Err(ControlError::Malformed("unknown kind")),
         }
     }
@@ -519,6 +551,22 @@ mod tests {
             ],
         };
         assert_eq!(Message::decode(&m.encode()), Ok(m));
+    }
+
+    #[test]
+    fn ping_and_pong_round_trip() {
+        for m in [
+            Message::Ping { seq: 0 },
+            Message::Ping { seq: u64::MAX },
+            Message::Pong { seq: 42 },
+        ] {
+            assert_eq!(Message::decode(&m.encode()), Ok(m.clone()));
+            assert!(m.encode().len() <= MAX_PAYLOAD);
+        }
+        assert_ne!(
+            Message::decode(&Message::Ping { seq: 1 }.encode()),
+            Ok(Message::Pong { seq: 1 })
+        );
     }
 
     #[test]

@@ -1,0 +1,568 @@
+//! Which broker a gateway sends its traffic to, and when a broker counts as
+//! gone.
+//!
+//! A gateway holds a WireGuard session with every broker of its region
+//! (the `brokers` of its configuration) and sends its packets to one of
+//! them, the **active** broker; that broker delivers each packet to the
+//! site, over the broker-to-broker link when another broker holds the
+//! site. The answers come back from whichever broker holds the site, since
+//! every broker the gateway is registered on routes the gateway's prefixes
+//! to it directly. So one live broker is enough for every site, and the
+//! gateway only has to notice quickly when its active broker is gone.
+//!
+//! [`Failover`] is sans-IO. The shell calls
+//! [`Failover::handle_timeout`] when the timer at
+//! [`Failover::poll_timeout`] fires, sends each
+//! [`FailoverAction::Ping`] to its broker, reports
+//! [`Failover::handle_heard`] for every datagram a broker's WireGuard
+//! session authenticates and [`Failover::handle_pong`] for each
+//! [`super::Message::Pong`], logs each [`FailoverEvent`], and sends its
+//! packets to [`Failover::target`].
+//!
+//! - Every broker gets a ping every [`PING_INTERVAL`], so the sessions to
+//!   the standby brokers stay established and a switch costs no
+//!   handshake. A broker that is down gets a new handshake initiation
+//!   every [`REHANDSHAKE_INTERVAL`] ([`FailoverAction::Handshake`]), so a
+//!   restarted broker is back within a second.
+//! - A broker that has answered a ping and then is silent for
+//!   [`DEAD_AFTER`] is down (it died, or the path to it is cut). A broker
+//!   that never answers pings (an older release) is judged by what it
+//!   sends at all: down after [`SILENT_BROKER_FRESH`] without a
+//!   datagram.
+//! - The active broker stays active while it is up. When it goes down the
+//!   gateway moves to the first broker of its configuration that is up
+//!   (a **failover**, counted), and stays there when the old one returns:
+//!   a broker that comes and goes does not pull the traffic back and
+//!   forth.
+//! - Before any broker has answered, traffic goes to the first configured
+//!   one (its packets start the handshake); when every broker is down,
+//!   traffic stays where it was.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How often each broker is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// Silence after which a broker that answers pings counts as down: four
+/// pings unanswered.
+pub const DEAD_AFTER: Duration = Duration::from_secs(1);
+/// Silence after which a broker that never answered a ping counts as down:
+/// WireGuard renews a session every two minutes, and a session without a
+/// renewal for three minutes is dead.
+pub const SILENT_BROKER_FRESH: Duration = Duration::from_secs(180);
+/// How often a broker that is down is sent a new handshake initiation: a
+/// broker that restarted has forgotten the session, and WireGuard itself
+/// would wait 15 s before starting over.
+pub const REHANDSHAKE_INTERVAL: Duration = Duration::from_secs(1);
+/// The most brokers a gateway follows.
+pub const MAX_BROKERS: usize = 32;
+
+/// What the failover asks the shell to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverAction {
+    /// Send a [`super::Message::Ping`] with `seq` to broker `broker`.
+    Ping {
+        /// The broker's index in the configuration.
+        broker: usize,
+        /// The ping's sequence number.
+        seq: u64,
+    },
+    /// Start a new WireGuard handshake with broker `broker` (it is down: it
+    /// may have restarted and forgotten the session).
+    Handshake {
+        /// The broker's index in the configuration.
+        broker: usize,
+    },
+}
+
+/// What the failover reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverEvent {
+    /// Broker `broker` answers (first time, or again after being down).
+    Up {
+        /// The broker's index in the configuration.
+        broker: usize,
+    },
+    /// Broker `broker` has been silent too long.
+    Down {
+        /// The broker's index in the configuration.
+        broker: usize,
+        /// How long it has been silent.
+        silent: Duration,
+    },
+    /// The first broker that answered carries the traffic.
+    Selected {
+        /// The broker's index in the configuration.
+        broker: usize,
+    },
+    /// The active broker went down; traffic moved to another.
+    Switched {
+        /// The broker that went down.
+        from: usize,
+        /// The broker that carries the traffic now.
+        to: usize,
+    },
+    /// The active broker went down and no other answers: traffic stays on
+    /// it until one does.
+    NoneAnswering {
+        /// The broker the traffic stays on.
+        broker: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Broker {
+    last_heard: Option<Instant>,
+    answers_pings: bool,
+    up: bool,
+    next_ping: Instant,
+    next_handshake: Instant,
+}
+
+impl Broker {
+    /// How long it may be silent and still count as up.
+    fn allowance(&self) -> Duration {
+        if self.answers_pings {
+            DEAD_AFTER
+        } else {
+            SILENT_BROKER_FRESH
+        }
+    }
+
+    /// When it counts as down if nothing more is heard.
+    fn deadline(&self) -> Option<Instant> {
+        self.last_heard.map(|t| t + self.allowance())
+    }
+}
+
+/// The gateway's choice of broker.
+#[derive(Debug)]
+pub struct Failover {
+    brokers: Vec<Broker>,
+    active: Option<usize>,
+    failovers: u64,
+    seq: u64,
+    actions: VecDeque<FailoverAction>,
+    events: VecDeque<FailoverEvent>,
+}
+
+impl Failover {
+    /// A gateway with `brokers` brokers (at least one, at most
+    /// [`MAX_BROKERS`]; more are ignored), starting at `now`: every broker
+    /// is pinged at once.
+    pub fn new(brokers: usize, now: Instant) -> Self {
+        let n = brokers.clamp(1, MAX_BROKERS);
+        Self {
+            brokers: vec![
+                Broker {
+                    last_heard: None,
+                    answers_pings: false,
+                    up: false,
+                    next_ping: now,
+                    // The first ping starts the first handshake.
+                    next_handshake: now + REHANDSHAKE_INTERVAL,
+                };
+                n
+            ],
+            active: None,
+            failovers: 0,
+            seq: 0,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// How many brokers are followed.
+    pub fn brokers(&self) -> usize {
+        self.brokers.len()
+    }
+
+    /// The broker carrying the traffic, once one has answered.
+    pub fn active(&self) -> Option<usize> {
+        self.active
+    }
+
+    /// Where to send packets now: the active broker, or the first one
+    /// before any has answered.
+    pub fn target(&self) -> usize {
+        self.active.unwrap_or(0)
+    }
+
+    /// Whether broker `broker` counts as up.
+    pub fn is_up(&self, broker: usize) -> bool {
+        self.brokers.get(broker).is_some_and(|b| b.up)
+    }
+
+    /// How many times the traffic moved off a broker that went down.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout): the next
+    /// ping, or the moment an up broker counts as down.
+    pub fn poll_timeout(&self) -> Instant {
+        self.brokers
+            .iter()
+            .flat_map(|b| {
+                [
+                    Some(b.next_ping),
+                    b.deadline().filter(|_| b.up),
+                    Some(b.next_handshake).filter(|_| !b.up),
+                ]
+            })
+            .flatten()
+            .min()
+            .unwrap_or_else(|| unreachable!("a failover follows at least one broker"))
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<FailoverAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<FailoverEvent> {
+        self.events.pop_front()
+    }
+
+    /// Whether there is something to report.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Broker `broker`'s WireGuard session authenticated a datagram from
+    /// it (a handshake, a keepalive, a packet or a control message).
+    pub fn handle_heard(&mut self, broker: usize, now: Instant) {
+        let Some(b) = self.brokers.get_mut(broker) else {
+            return;
+        };
+        b.last_heard = Some(b.last_heard.map_or(now, |t| t.max(now)));
+        if !b.up {
+            b.up = true;
+            self.events.push_back(FailoverEvent::Up { broker });
+        }
+        self.choose();
+    }
+
+    /// Broker `broker` answered a ping: from now on its silence counts
+    /// after [`DEAD_AFTER`].
+    pub fn handle_pong(&mut self, broker: usize, now: Instant) {
+        if let Some(b) = self.brokers.get_mut(broker) {
+            b.answers_pings = true;
+        }
+        self.handle_heard(broker, now);
+    }
+
+    /// The timer fired: pings that are due, brokers that went silent.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut active_down = false;
+        for i in 0..self.brokers.len() {
+            let b = &mut self.brokers[i];
+            if now >= b.next_ping {
+                // A late timer delays the next ping rather than bunching
+                // them.
+                b.next_ping = now + PING_INTERVAL;
+                self.seq = self.seq.wrapping_add(1);
+                self.actions.push_back(FailoverAction::Ping {
+                    broker: i,
+                    seq: self.seq,
+                });
+            }
+            if b.up && b.deadline().is_some_and(|d| now >= d) {
+                b.up = false;
+                let silent = b
+                    .last_heard
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                self.events
+                    .push_back(FailoverEvent::Down { broker: i, silent });
+                active_down |= self.active == Some(i);
+            }
+            if !b.up && now >= b.next_handshake {
+                b.next_handshake = now + REHANDSHAKE_INTERVAL;
+                self.actions
+                    .push_back(FailoverAction::Handshake { broker: i });
+            }
+        }
+        self.choose();
+        if let Some(a) = self.active
+            && active_down
+            && !self.is_up(a)
+        {
+            self.events
+                .push_back(FailoverEvent::NoneAnswering { broker: a });
+        }
+    }
+
+    /// Keeps the active broker while it is up, else moves to the first up
+    /// broker of the configuration.
+    fn choose(&mut self) {
+        if self.active.is_some_and(|a| self.is_up(a)) {
+            return;
+        }
+        let Some(next) = self.brokers.iter().position(|b| b.up) else {
+            return;
+        };
+        match self.active.replace(next) {
+            None => self
+                .events
+                .push_back(FailoverEvent::Selected { broker: next }),
+            Some(from) => {
+                self.failovers += 1;
+                self.events
+                    .push_back(FailoverEvent::Switched { from, to: next });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gateway and its brokers on a fake clock: brokers answer each ping
+    /// at once while alive.
+    struct Sim {
+        f: Failover,
+        now: Instant,
+        alive: Vec<bool>,
+        pongs: bool,
+        events: Vec<(Duration, FailoverEvent)>,
+        start: Instant,
+    }
+
+    impl Sim {
+        fn new(n: usize) -> Self {
+            let now = Instant::now();
+            Self {
+                f: Failover::new(n, now),
+                now,
+                alive: vec![true; n],
+                pongs: true,
+                events: Vec::new(),
+                start: now,
+            }
+        }
+
+        /// Runs the timer until `d` from now.
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            loop {
+                let t = self.f.poll_timeout();
+                if t > end {
+                    self.now = end;
+                    break;
+                }
+                self.now = t.max(self.now);
+                self.f.handle_timeout(self.now);
+                while let Some(action) = self.f.poll_action() {
+                    let (FailoverAction::Ping { broker, .. }
+                    | FailoverAction::Handshake { broker }) = action;
+                    if self.alive[broker] {
+                        if self.pongs {
+                            self.f.handle_pong(broker, self.now);
+                        } else {
+                            self.f.handle_heard(broker, self.now);
+                        }
+                    }
+                }
+                self.drain();
+            }
+        }
+
+        fn drain(&mut self) {
+            while let Some(e) = self.f.poll_event() {
+                self.events.push((self.now - self.start, e));
+            }
+        }
+
+        fn last(&self) -> Option<FailoverEvent> {
+            self.events.last().map(|(_, e)| *e)
+        }
+    }
+
+    #[test]
+    fn the_first_configured_broker_that_answers_carries_the_traffic() {
+        let mut s = Sim::new(3);
+        assert_eq!(s.f.target(), 0);
+        assert_eq!(s.f.active(), None);
+        s.run(Duration::from_millis(10));
+        assert_eq!(s.f.active(), Some(0));
+        assert!(s.f.is_up(1) && s.f.is_up(2));
+        assert!(
+            s.events
+                .iter()
+                .any(|(_, e)| *e == FailoverEvent::Selected { broker: 0 })
+        );
+        assert_eq!(s.f.failovers(), 0);
+    }
+
+    #[test]
+    fn a_silent_first_broker_is_passed_over() {
+        let mut s = Sim::new(2);
+        s.alive[0] = false;
+        s.run(Duration::from_secs(5));
+        assert_eq!(s.f.active(), Some(1));
+        assert_eq!(s.f.target(), 1);
+        assert_eq!(s.f.failovers(), 0, "nothing failed over: 0 never answered");
+    }
+
+    #[test]
+    fn every_broker_is_pinged_every_interval() {
+        let mut f = Failover::new(2, Instant::now());
+        let t0 = f.poll_timeout();
+        let mut pings = Vec::new();
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(1) {
+            f.handle_timeout(now);
+            while let Some(a) = f.poll_action() {
+                if let FailoverAction::Ping { broker, seq } = a {
+                    pings.push((now - t0, broker, seq));
+                }
+            }
+            now = f.poll_timeout();
+        }
+        assert_eq!(pings.len(), 8, "{pings:?}");
+        for b in 0..2 {
+            let times: Vec<Duration> = pings.iter().filter(|p| p.1 == b).map(|p| p.0).collect();
+            assert_eq!(
+                times,
+                [0, 250, 500, 750].map(Duration::from_millis).to_vec()
+            );
+        }
+        let seqs: std::collections::BTreeSet<u64> = pings.iter().map(|p| p.2).collect();
+        assert_eq!(seqs.len(), pings.len(), "sequence numbers are unique");
+    }
+
+    #[test]
+    fn a_dead_active_broker_is_left_within_a_second() {
+        let mut s = Sim::new(2);
+        s.run(Duration::from_secs(3));
+        assert_eq!(s.f.active(), Some(0));
+        let killed = s.now;
+        s.alive[0] = false;
+        s.run(Duration::from_secs(3));
+        assert_eq!(s.f.active(), Some(1));
+        assert_eq!(s.f.failovers(), 1);
+        let (at, _) = s
+            .events
+            .iter()
+            .find(|(_, e)| *e == FailoverEvent::Switched { from: 0, to: 1 })
+            .copied()
+            .unwrap_or_else(|| panic!("no switch: {:?}", s.events));
+        let gap = at - (killed - s.start);
+        assert!(gap <= DEAD_AFTER, "switched {gap:?} after the kill");
+        assert!(
+            gap >= DEAD_AFTER - PING_INTERVAL,
+            "switched {gap:?} after the kill"
+        );
+        assert!(s.events.iter().any(|(_, e)| matches!(
+            e,
+            FailoverEvent::Down { broker: 0, silent } if *silent >= DEAD_AFTER
+        )));
+    }
+
+    #[test]
+    fn a_broker_that_is_down_gets_a_new_handshake_every_second() {
+        let t0 = Instant::now();
+        let mut f = Failover::new(2, t0);
+        f.handle_pong(0, t0);
+        let mut handshakes = Vec::new();
+        let mut now = t0;
+        while now < t0 + Duration::from_millis(3500) {
+            f.handle_timeout(now);
+            while let Some(a) = f.poll_action() {
+                match a {
+                    FailoverAction::Handshake { broker } => handshakes.push((now - t0, broker)),
+                    FailoverAction::Ping { broker: 0, .. } if now < t0 + Duration::from_secs(2) => {
+                        f.handle_pong(0, now)
+                    }
+                    FailoverAction::Ping { .. } => {}
+                }
+            }
+            now = f.poll_timeout();
+        }
+        // Broker 1 never answered: from 1 s on, one a second. Broker 0
+        // answered until 1.75 s and is down from 2.75 s.
+        assert_eq!(
+            handshakes,
+            vec![
+                (Duration::from_secs(1), 1),
+                (Duration::from_secs(2), 1),
+                (Duration::from_millis(2750), 0),
+                (Duration::from_secs(3), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_returning_broker_does_not_pull_the_traffic_back() {
+        let mut s = Sim::new(2);
+        s.run(Duration::from_secs(1));
+        s.alive[0] = false;
+        s.run(Duration::from_secs(2));
+        assert_eq!(s.f.active(), Some(1));
+        s.alive[0] = true;
+        s.run(Duration::from_secs(2));
+        assert!(s.f.is_up(0));
+        assert_eq!(s.f.active(), Some(1));
+        assert_eq!(s.last(), Some(FailoverEvent::Up { broker: 0 }));
+        // The one now active dies: back to the first.
+        s.alive[1] = false;
+        s.run(Duration::from_secs(2));
+        assert_eq!(s.f.active(), Some(0));
+        assert_eq!(s.f.failovers(), 2);
+    }
+
+    #[test]
+    fn with_every_broker_down_traffic_stays_and_moves_to_the_first_to_return() {
+        let mut s = Sim::new(3);
+        s.run(Duration::from_secs(1));
+        s.alive = vec![false; 3];
+        s.run(Duration::from_secs(2));
+        assert_eq!(s.f.active(), Some(0));
+        assert_eq!(s.f.target(), 0);
+        assert!(
+            s.events
+                .iter()
+                .any(|(_, e)| *e == FailoverEvent::NoneAnswering { broker: 0 })
+        );
+        assert_eq!(s.f.failovers(), 0);
+        s.alive[2] = true;
+        s.run(Duration::from_secs(1));
+        assert_eq!(s.f.active(), Some(2));
+        assert_eq!(s.f.failovers(), 1);
+    }
+
+    #[test]
+    fn a_broker_that_never_answers_pings_is_judged_by_its_session() {
+        let mut s = Sim::new(2);
+        // It answers nothing to pings: only its handshakes and keepalives
+        // are heard.
+        s.pongs = false;
+        s.run(Duration::from_millis(10));
+        s.alive = vec![false, false];
+        s.run(Duration::from_secs(60));
+        assert_eq!(s.f.active(), Some(0), "a quiet old broker is not dropped");
+        assert!(s.f.is_up(0));
+        s.f.handle_heard(1, s.now);
+        s.run(SILENT_BROKER_FRESH);
+        assert!(!s.f.is_up(0));
+        assert_eq!(s.f.active(), Some(1));
+    }
+
+    #[test]
+    fn unknown_brokers_and_late_reports_change_nothing() {
+        let now = Instant::now();
+        let mut f = Failover::new(2, now);
+        f.handle_heard(7, now);
+        f.handle_pong(9, now);
+        assert_eq!(f.active(), None);
+        f.handle_pong(1, now + Duration::from_secs(2));
+        // A report that arrives out of order does not move time back.
+        f.handle_heard(1, now);
+        f.handle_timeout(now + Duration::from_millis(2900));
+        assert!(f.is_up(1));
+        assert_eq!(Failover::new(0, now).brokers(), 1);
+        assert_eq!(Failover::new(1000, now).brokers(), MAX_BROKERS);
+    }
+}
