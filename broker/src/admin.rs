@@ -212,13 +212,12 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
         }
     }
     broker.metrics().refresh(&broker.traffic());
-    crate::metrics::ca_expiry(broker.ca.not_after());
-    crate::metrics::ca_phase(broker.ca.phase(), broker.ca.bundle_der().len());
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::recorder().render(),
-    )
-        .into_response()
+    let mut text = crate::metrics::recorder().render();
+    text.push_str(&crate::metrics::trust_text(
+        &broker.ca.trust(),
+        std::time::SystemTime::now(),
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn list_sites(State(broker): State<Arc<Broker>>) -> Result<Json<Vec<SiteInfo>>, AdminError> {

@@ -12,7 +12,8 @@
 //! change (a rotation step on this broker or another) reaches
 //! [`Authority::reload`], which swaps the trusted CAs of the TLS listeners
 //! and reissues the broker's server certificates, one per trusted CA,
-//! without touching established connections.
+//! without touching established connections. [`Authority::trust`] is what
+//! the broker's `/metrics` reports of it.
 //!
 //! The phases and their rules are [`tether_pki::rotation`]'s.
 
@@ -402,10 +403,6 @@ impl Authority {
         // accepted before any broker certificate from it is shown.
         self.anchors.replace(&ders)?;
         self.slot.replace_all(certs)?;
-        crate::metrics::ca_phase(state.phase, bundle.len());
-        if let Some(signer) = bundle.first() {
-            crate::metrics::ca_expiry(signer.not_after());
-        }
         tracing::info!(
             phase = state.phase.as_str(),
             generation = state.generation,
@@ -583,6 +580,25 @@ impl Authority {
     /// When the signing CA expires.
     pub fn not_after(&self) -> SystemTime {
         self.signer().not_after()
+    }
+
+    /// The CA state and certificate expiries, for the metrics.
+    pub fn trust(&self) -> crate::metrics::Trust {
+        let loaded = self.loaded();
+        crate::metrics::Trust {
+            phase: loaded.state.phase,
+            bundle: loaded
+                .bundle
+                .iter()
+                .enumerate()
+                .map(|(i, ca)| crate::metrics::CaExpiry {
+                    name: ca.name(),
+                    signing: i == 0,
+                    not_after: ca.not_after(),
+                })
+                .collect(),
+            server_not_after: loaded.server_not_after,
+        }
     }
 
     /// The rotation phase.

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use metrics::{
     Counter, Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
@@ -249,19 +250,6 @@ fn describe() {
         "tether_broker_fleet_sessions",
         Unit::Count,
         "Site sessions each live broker of the fleet holds, as the shared store says."
-    );
-    describe_gauge!(
-        "tether_broker_ca_expiry_seconds",
-        Unit::Seconds,
-        "Seconds until the deployment's CA certificate expires (negative once expired)."
-    );
-    describe_gauge!(
-        "tether_broker_ca_rotation_phase",
-        "1 for the CA rotation phase the deployment is in (stable, prepared or active), 0 for the others."
-    );
-    describe_gauge!(
-        "tether_broker_ca_bundle_certificates",
-        "CA certificates in the trust bundle (two during a rotation)."
     );
 }
 
@@ -593,25 +581,97 @@ pub fn reattestation(result: &'static str) {
     counter!("tether_broker_reattestations_total", "result" => result).increment(1);
 }
 
-/// Sets the seconds until the CA expires.
-pub fn ca_expiry(not_after: std::time::SystemTime) {
-    let secs = match not_after.duration_since(std::time::SystemTime::now()) {
+/// One CA of the trust bundle, for [`trust_text`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaExpiry {
+    /// The CA's name (its certificate's common name).
+    pub name: String,
+    /// Whether it signs site and broker certificates now.
+    pub signing: bool,
+    /// When its certificate expires.
+    pub not_after: SystemTime,
+}
+
+/// What a broker's [`trust_text`] reports: its CA state and certificates.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The rotation phase.
+    pub phase: tether_pki::rotation::Phase,
+    /// The trust bundle, the signing CA first.
+    pub bundle: Vec<CaExpiry>,
+    /// When the earliest of the broker's own server certificates expires.
+    pub server_not_after: SystemTime,
+}
+
+/// Whole seconds from `now` until `t` (rounded down), negative once `t`
+/// has passed.
+fn seconds_until(t: SystemTime, now: SystemTime) -> i64 {
+    let secs = match t.duration_since(now) {
         Ok(left) => left.as_secs_f64(),
         Err(past) => -past.duration().as_secs_f64(),
     };
-    gauge!("tether_broker_ca_expiry_seconds").set(secs.floor());
+    // `as` saturates: a date beyond i64 seconds is not a concern here.
+    secs.floor() as i64
 }
 
-/// Sets the CA rotation phase and the size of the trust bundle.
-pub fn ca_phase(phase: tether_pki::rotation::Phase, bundle: usize) {
+/// A Prometheus label value, escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The CA metrics of one broker as Prometheus text, rendered at each
+/// scrape from the broker's own CA state rather than kept in the
+/// process-wide recorder: a CA leaves its series when it leaves the bundle
+/// (the recorder cannot forget a series), and brokers sharing a process
+/// (tests) each report their own.
+pub fn trust_text(trust: &Trust, now: SystemTime) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP tether_broker_ca_rotation_phase 1 for the CA rotation phase the deployment is in (stable, prepared or active), 0 for the others.\n\
+         # TYPE tether_broker_ca_rotation_phase gauge"
+    );
     for p in tether_pki::rotation::Phase::ALL {
-        gauge!("tether_broker_ca_rotation_phase", "phase" => p.as_str()).set(if p == phase {
-            1.0
-        } else {
-            0.0
-        });
+        let _ = writeln!(
+            out,
+            "tether_broker_ca_rotation_phase{{phase=\"{}\"}} {}",
+            p.as_str(),
+            u8::from(p == trust.phase)
+        );
     }
-    gauge!("tether_broker_ca_bundle_certificates").set(bundle as f64);
+    let _ = writeln!(
+        out,
+        "# HELP tether_broker_ca_bundle_certificates CA certificates in the trust bundle (two during a rotation).\n\
+         # TYPE tether_broker_ca_bundle_certificates gauge\n\
+         tether_broker_ca_bundle_certificates {}",
+        trust.bundle.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tether_broker_ca_expiry_seconds Seconds until each CA of the trust bundle expires (negative once expired), by CA name; signing=\"true\" for the CA that signs now.\n\
+         # TYPE tether_broker_ca_expiry_seconds gauge"
+    );
+    for ca in &trust.bundle {
+        let _ = writeln!(
+            out,
+            "tether_broker_ca_expiry_seconds{{ca=\"{}\",signing=\"{}\"}} {}",
+            label(&ca.name),
+            ca.signing,
+            seconds_until(ca.not_after, now)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tether_broker_server_cert_expiry_seconds Seconds until the earliest of this broker's own server certificates expires (it renews them with a third of their lifetime left).\n\
+         # TYPE tether_broker_server_cert_expiry_seconds gauge\n\
+         tether_broker_server_cert_expiry_seconds {}",
+        seconds_until(trust.server_not_after, now)
+    );
+    out
 }
 
 /// Counts a site that connected while etcd could not be reached, by what
@@ -649,4 +709,47 @@ pub fn failover() {
 /// Counts a refused CONNECT-IP request.
 pub fn connect_refused(status: u16) {
     counter!("tether_broker_connect_refused_total", "status" => status.to_string()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tether_pki::rotation::Phase;
+
+    #[test]
+    fn the_trust_metrics_name_each_ca_of_the_bundle_and_count_down_past_zero() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let trust = Trust {
+            phase: Phase::Active,
+            bundle: vec![
+                CaExpiry {
+                    name: "tether CA \"b\"".into(),
+                    signing: true,
+                    not_after: now + Duration::from_millis(90_500),
+                },
+                CaExpiry {
+                    name: "tether CA a".into(),
+                    signing: false,
+                    not_after: now - Duration::from_millis(1_500),
+                },
+            ],
+            server_not_after: now + Duration::from_secs(3600),
+        };
+        let text = trust_text(&trust, now);
+        for line in [
+            r#"tether_broker_ca_rotation_phase{phase="stable"} 0"#,
+            r#"tether_broker_ca_rotation_phase{phase="prepared"} 0"#,
+            r#"tether_broker_ca_rotation_phase{phase="active"} 1"#,
+            "tether_broker_ca_bundle_certificates 2",
+            r#"tether_broker_ca_expiry_seconds{ca="tether CA \"b\"",signing="true"} 90"#,
+            r#"tether_broker_ca_expiry_seconds{ca="tether CA a",signing="false"} -2"#,
+            "tether_broker_server_cert_expiry_seconds 3600",
+            "# TYPE tether_broker_ca_expiry_seconds gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // One HELP and one TYPE line per family.
+        assert_eq!(text.matches("# TYPE").count(), 4, "{text}");
+    }
 }

@@ -287,6 +287,79 @@ pub async fn connect_trusting(
     Ok(client)
 }
 
+/// Waits until `b` routes `addr` through another broker: woken by each
+/// rebuild of those routes, bounded.
+pub async fn wait_for_remote_route(b: &TestBroker, addr: std::net::Ipv4Addr) {
+    let broker = b.broker().clone();
+    let mut changes = broker.core().remote_route_changes();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let known = broker
+                .core()
+                .read()
+                .unwrap()
+                .remote
+                .lookup(std::net::IpAddr::V4(addr))
+                .is_some();
+            if known {
+                return;
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no route to {addr} through another broker");
+}
+
+/// Sends `packet` from `from` until `to` receives a packet matching
+/// `expect` (the first may wait for the link's handshake); bounded.
+pub async fn deliver(
+    from: &Tunnel,
+    to: &Tunnel,
+    packet: &[u8],
+    expect: impl Fn(&tether_proto::ip::Packet) -> bool,
+) {
+    for _ in 0..10 {
+        from.send_packet(packet);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Some(got) = to
+            .recv_packet(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            if tether_proto::ip::Packet::parse(&got).is_ok_and(|p| expect(&p)) {
+                return;
+            }
+        }
+    }
+    panic!("the packet did not arrive through the other broker");
+}
+
+/// The path of a workspace binary (`tether-broker`, `tether`) next to the
+/// test's own directory: `TETHER_BIN_DIR` if set, else the parent of the
+/// test executable's `deps/`. Panics with the command to build it if it is
+/// missing (`scripts/test` builds the binaries first).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let dir = match std::env::var_os("TETHER_BIN_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().unwrap().to_path_buf();
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent().unwrap().to_path_buf()
+            } else {
+                dir
+            }
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
 /// A CONNECT-IP tunnel driven by hand.
 pub struct Tunnel {
     /// The HTTP/3 connection.

@@ -2,11 +2,27 @@
 //! through the admin API while sites are enrolled and connected, restored
 //! into another data directory, serves the same sites at the same
 //! addresses under the same CA, and codes used before the backup stay
-//! used; a truncated or altered backup is refused with the reason.
+//! used; a truncated or altered backup is refused with the reason. The
+//! real `tether-broker` binary does the same with its `backup` and
+//! `restore` commands after its data directory was wiped, and backups it
+//! takes while sites enroll concurrently hold every enrolled site complete.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use tether::state_dir::StateDir;
 use tether_broker::backup::{Backup, BackupError};
-use tether_tests::{TestBroker, TestSite, tunnel_for, v4};
+use tether_broker::store::{CertRecord, SiteRecord};
+use tether_proto::api::{SiteInfo, TokenRequest, TokenResponse};
+use tether_proto::ipam::Lease;
+use tether_tests::{TestBroker, TestSite, Tunnel, binary, connect_trusting, tunnel_for, v4};
 
 /// A backup through the admin API, as `tether-broker backup` takes it.
 async fn take(broker: &TestBroker) -> Vec<u8> {
@@ -110,4 +126,535 @@ async fn a_truncated_or_altered_backup_is_refused_with_the_reason() {
     assert!(matches!(e, BackupError::Checksum), "{e}");
     assert!(e.to_string().contains("altered or damaged"), "{e}");
     assert!(!dir.path().join("a").join("store.redb").exists());
+}
+
+/// `tether-broker run` in a child process, killed when dropped.
+struct RealBroker {
+    child: Child,
+    tunnel: SocketAddr,
+    admin: SocketAddr,
+    data: PathBuf,
+}
+
+/// A loopback broker configuration with the data directory `data`.
+fn write_config(dir: &Path, data: &Path) -> PathBuf {
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The address in a banner line `  <label>  <address> (...)`.
+fn banner_addr(banner: &str, label: &str) -> SocketAddr {
+    let line = banner
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} in the banner:\n{banner}"));
+    let word = line.split_whitespace().next().unwrap();
+    word.trim_start_matches("http://").parse().unwrap()
+}
+
+impl RealBroker {
+    /// Runs `tether-broker run -c config` until its banner says it serves;
+    /// `Err` with what it printed if it stopped first.
+    fn start(config: &Path, data: &Path) -> Result<Self, String> {
+        let mut child = Command::new(binary("tether-broker"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Both pipes are read by threads, so the broker never blocks on a
+        // full pipe and every wait here is bounded.
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let errors = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = errors.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut banner = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    banner.push_str(&line);
+                    banner.push('\n');
+                    if line.contains("tether up") {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().unwrap();
+                    // The stderr thread ends with the process.
+                    std::thread::sleep(Duration::from_millis(100));
+                    let errors = errors.lock().unwrap().clone();
+                    return Err(format!("{status}: {banner}{errors}"));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    panic!("tether-broker did not serve within 60 s:\n{banner}");
+                }
+            }
+        }
+        Ok(Self {
+            tunnel: banner_addr(&banner, "tunnel"),
+            admin: banner_addr(&banner, "admin API"),
+            data: data.to_path_buf(),
+            child,
+        })
+    }
+
+    fn client(&self) -> tether_shell::operator::AdminClient {
+        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
+        tether_shell::operator::AdminClient::new(&format!("http://{}", self.admin), token.trim())
+    }
+
+    /// An enrollment code for `site` of region `local`.
+    fn token(&self, site: &str) -> String {
+        let created: TokenResponse = self
+            .client()
+            .post(
+                "/v1/tokens",
+                &TokenRequest {
+                    site: site.parse().unwrap(),
+                    region: "local".parse().unwrap(),
+                    ttl: None,
+                },
+            )
+            .unwrap();
+        created.code
+    }
+
+    /// Every site's addresses, as `GET /v1/sites` says.
+    fn addresses(&self) -> BTreeMap<String, Vec<ipnet::IpNet>> {
+        let sites: Vec<SiteInfo> = self.client().get("/v1/sites").unwrap();
+        sites
+            .into_iter()
+            .map(|s| (s.site.to_string(), s.addresses))
+            .collect()
+    }
+
+    /// Runs `tether-broker ARGS` against this broker (its admin address
+    /// in `TETHER_ADMIN_URL`): success, and what it printed.
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        cli(args, Some(self.admin))
+    }
+
+    /// SIGTERM, and the exit.
+    fn stop(mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the broker did not stop in 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RealBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tether-broker ARGS` (bounded to 30 s): success, stdout + stderr.
+fn cli(args: &[&str], admin: Option<SocketAddr>) -> (bool, String) {
+    let mut command = Command::new(binary("tether-broker"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(admin) = admin {
+        command.env("TETHER_ADMIN_URL", format!("http://{admin}"));
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tether-broker {args:?} ran for more than 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A configured tunnel of the site whose state is `state`, at `broker`,
+/// with the certificate and trust bundle it has.
+async fn tunnel_at(broker: SocketAddr, state: &StateDir) -> Tunnel {
+    let c = state.credentials().unwrap();
+    let client = connect_trusting(broker, &c.bundle, Some((c.chain, c.key)))
+        .await
+        .unwrap();
+    let mut t = Tunnel::open(client).await.unwrap();
+    t.configured().await;
+    t
+}
+
+#[tokio::test]
+async fn the_backup_and_restore_commands_bring_back_a_wiped_broker_with_its_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(dir.path(), &data);
+    let broker = RealBroker::start(&config, &data).unwrap();
+    let mut sites = Vec::new();
+    let mut before = BTreeMap::new();
+    for name in ["ward-a", "ward-b"] {
+        let state = StateDir::new(dir.path().join(name));
+        tether::enroll::enroll(
+            &broker.tunnel.to_string(),
+            &broker.token(name),
+            &state,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+        let tunnel = tunnel_at(broker.tunnel, &state).await;
+        before.insert(name, v4(&tunnel));
+        sites.push((name, state, tunnel));
+    }
+    let used = broker.token("ward-c");
+    let c = StateDir::new(dir.path().join("ward-c"));
+    tether::enroll::enroll(&broker.tunnel.to_string(), &used, &c, false, None)
+        .await
+        .unwrap();
+    let unused = broker.token("ward-d");
+    let addresses = broker.addresses();
+
+    let file = dir.path().join("broker.backup");
+    let file_arg = file.to_str().unwrap();
+    let config_arg = config.to_str().unwrap();
+    let (ok, out) = broker.cli(&["backup", "--out", file_arg, "-c", config_arg]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with(&format!("Wrote {file_arg}")), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the backup is readable by its owner only"
+    );
+    let (ok, out) = broker.cli(&["backup", "--out", file_arg, "-c", config_arg]);
+    assert!(!ok, "a backup never overwrites a file:\n{out}");
+
+    // The machine is lost: only the backup and the key-encryption key,
+    // kept apart, remain.
+    broker.stop();
+    let kek = dir.path().join("kek-kept-apart");
+    std::fs::copy(data.join("ca-kek"), &kek).unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    drop(sites.drain(..).map(|(_, _, t)| t).collect::<Vec<_>>());
+
+    let data_arg = data.to_str().unwrap();
+    let (ok, out) = cli(
+        &["restore", "--from", file_arg, "--data-dir", data_arg],
+        None,
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("4 sites")
+            && out.contains("1 unused enrollment tokens")
+            && out.contains("the CA"),
+        "{out}"
+    );
+    let (ok, out) = cli(
+        &["restore", "--from", file_arg, "--data-dir", data_arg],
+        None,
+    );
+    assert!(!ok, "a restore never overwrites a store:\n{out}");
+
+    // Without the key-encryption key it refuses to start, and says why.
+    let refused = RealBroker::start(&config, &data)
+        .err()
+        .expect("no start without the KEK");
+    assert!(
+        refused.contains("is encrypted, but the key-encryption key file"),
+        "{refused}"
+    );
+    std::fs::copy(&kek, data.join("ca-kek")).unwrap();
+    let broker = RealBroker::start(&config, &data).unwrap();
+    assert_eq!(
+        broker.addresses(),
+        addresses,
+        "the same sites and addresses"
+    );
+
+    // The sites come back with the certificates they have (the same CA
+    // signed them), at their addresses, without enrolling again.
+    for name in ["ward-a", "ward-b"] {
+        let state = StateDir::new(dir.path().join(name));
+        let tunnel = tunnel_at(broker.tunnel, &state).await;
+        assert_eq!(v4(&tunnel), before[name], "{name}");
+    }
+    // The code used before the backup stays used; the unused one works.
+    let again = StateDir::new(dir.path().join("again"));
+    let refused = tether::enroll::enroll(&broker.tunnel.to_string(), &used, &again, false, None)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("already used"),
+        "{refused:#}"
+    );
+    let d = StateDir::new(dir.path().join("ward-d"));
+    tether::enroll::enroll(&broker.tunnel.to_string(), &unused, &d, false, None)
+        .await
+        .unwrap();
+    broker.stop();
+}
+
+/// What a backup holds of each site: (enrolled, certificate records,
+/// addresses, an unused token).
+type Holdings = BTreeMap<String, (bool, usize, BTreeSet<ipnet::IpNet>, bool)>;
+
+fn holdings(bytes: &[u8]) -> Holdings {
+    let (_, dump) = tether_broker::backup::open(bytes).unwrap();
+    let mut out = Holdings::new();
+    for text in dump.sites.values() {
+        let r: SiteRecord = serde_json::from_str(text).unwrap();
+        out.entry(r.site.to_string()).or_default().0 = r.enrolled.is_some();
+    }
+    for text in dump.certs.values() {
+        let r: CertRecord = serde_json::from_str(text).unwrap();
+        out.entry(r.site.to_string()).or_default().1 += 1;
+    }
+    for text in dump.leases.values() {
+        let l: Lease = serde_json::from_str(text).unwrap();
+        out.entry(l.site.to_string())
+            .or_default()
+            .2
+            .insert(l.prefix);
+    }
+    for text in dump.tokens.values() {
+        let t: serde_json::Value = serde_json::from_str(text).unwrap();
+        let site = t["site"].as_str().expect("a token names its site");
+        out.entry(site.to_string()).or_default().3 = true;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_taken_while_sites_enroll_hold_every_enrolled_site_complete() {
+    /// Codes made; sites enroll until a backup caught them half done.
+    const SITES: usize = 120;
+    const WORKERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(dir.path(), &data);
+    let broker = Arc::new(RealBroker::start(&config, &data).unwrap());
+    let codes: Vec<(String, String)> = (0..SITES)
+        .map(|i| {
+            let name = format!("site-{i:03}");
+            let code = broker.token(&name);
+            (name, code)
+        })
+        .collect();
+    let codes = Arc::new(codes);
+    let next = Arc::new(AtomicUsize::new(0));
+    // Sites whose enrollment completed, in order.
+    let enrolled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let enough = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        let (codes, next, enrolled, enough) = (
+            codes.clone(),
+            next.clone(),
+            enrolled.clone(),
+            enough.clone(),
+        );
+        let addr = broker.tunnel.to_string();
+        let states = dir.path().join(format!("worker-{w}"));
+        workers.push(tokio::spawn(async move {
+            while !enough.load(Ordering::SeqCst) {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some((name, code)) = codes.get(i) else {
+                    return;
+                };
+                let state = StateDir::new(states.join(name));
+                tether::enroll::enroll(&addr, code, &state, false, None)
+                    .await
+                    .unwrap();
+                enrolled.lock().unwrap().push(name.clone());
+            }
+        }));
+    }
+
+    // Backups with the real command while they enroll, until three caught
+    // the enrollment half done and 20 sites had enrolled (or every code is
+    // used).
+    let backups = {
+        let (broker, enrolled, enough) = (broker.clone(), enrolled.clone(), enough.clone());
+        let (config, dir) = (config.clone(), dir.path().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let mut taken = Vec::new();
+            let mut partial = 0;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            for i in 0.. {
+                assert!(Instant::now() < deadline, "the enrollments took over 120 s");
+                let done_before: Vec<String> = enrolled.lock().unwrap().clone();
+                if done_before.len() == SITES {
+                    break;
+                }
+                let file = dir.join(format!("backup-{i}"));
+                let (ok, out) = broker.cli(&[
+                    "backup",
+                    "--out",
+                    file.to_str().unwrap(),
+                    "-c",
+                    config.to_str().unwrap(),
+                ]);
+                assert!(ok, "{out}");
+                let bytes = std::fs::read(&file).unwrap();
+                let held = holdings(&bytes);
+                let in_backup = held.values().filter(|h| h.0).count();
+                if in_backup > 0 && in_backup < SITES {
+                    partial += 1;
+                }
+                let done = done_before.len();
+                taken.push((done_before, held));
+                if partial >= 3 && done >= 20 {
+                    enough.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            taken
+        })
+        .await
+        .unwrap()
+    };
+    for w in workers {
+        w.await.unwrap();
+    }
+    let finally = broker.addresses();
+    let partial = backups
+        .iter()
+        .filter(|(_, held)| {
+            let n = held.values().filter(|h| h.0).count();
+            n > 0 && n < SITES
+        })
+        .count();
+    // Enrollments caught under way: the code spent, no certificate yet.
+    let in_flight: usize = backups
+        .iter()
+        .map(|(_, held)| held.values().filter(|h| !h.0 && !h.3).count())
+        .sum();
+    println!(
+        "{} backups, {partial} taken with the enrollment half done, {in_flight} enrollments caught under way; {} sites enrolled",
+        backups.len(),
+        enrolled.lock().unwrap().len()
+    );
+    assert!(partial >= 1, "no backup overlapped the enrollments");
+
+    for (i, (done_before, held)) in backups.iter().enumerate() {
+        // Nothing completed before the backup began is missing from it.
+        for site in done_before {
+            assert!(
+                held.get(site).is_some_and(|h| h.0),
+                "backup {i}: {site} enrolled before it, not in it"
+            );
+        }
+        for (site, (is_enrolled, certs, addresses, token)) in held {
+            if *is_enrolled {
+                // Complete: its certificate, its addresses (those it has
+                // now), its code spent.
+                assert!(
+                    *certs >= 1,
+                    "backup {i}: {site} enrolled without a certificate"
+                );
+                let now: BTreeSet<_> = finally[site].iter().copied().collect();
+                assert_eq!(addresses, &now, "backup {i}: {site}'s addresses");
+                assert!(!token, "backup {i}: {site} enrolled with its code unused");
+            } else if *token {
+                // Not started: nothing of it but the code.
+                assert_eq!(
+                    *certs, 0,
+                    "backup {i}: {site} has a certificate and an unused code"
+                );
+            }
+        }
+    }
+
+    // The last backup restored into a new data directory serves each site
+    // it holds as enrolled at the address it had.
+    let (_, held) = backups.last().unwrap();
+    let file = dir.path().join(format!("backup-{}", backups.len() - 1));
+    let restored = dir.path().join("restored");
+    let (ok, out) = cli(
+        &[
+            "restore",
+            "--from",
+            file.to_str().unwrap(),
+            "--data-dir",
+            restored.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    std::fs::copy(data.join("ca-kek"), restored.join("ca-kek")).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let second = RealBroker::start(&write_config(&other, &restored), &restored).unwrap();
+    let mut checked = 0;
+    for (site, (is_enrolled, ..)) in held {
+        if !is_enrolled {
+            continue;
+        }
+        let worker = (0..WORKERS)
+            .map(|w| dir.path().join(format!("worker-{w}")).join(site))
+            .find(|p| p.exists())
+            .unwrap();
+        let tunnel = tunnel_at(second.tunnel, &StateDir::new(worker)).await;
+        assert!(
+            finally[site].contains(&format!("{}/32", v4(&tunnel)).parse().unwrap()),
+            "{site} came back at another address"
+        );
+        checked += 1;
+        if checked == 10 {
+            // Ten are enough to show it; each handshake costs time.
+            break;
+        }
+    }
+    assert!(checked > 0);
+    second.stop();
+    Arc::try_unwrap(broker).ok().unwrap().stop();
 }

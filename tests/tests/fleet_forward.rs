@@ -29,7 +29,10 @@ use tether_proto::gateway::{
 };
 use tether_proto::ip::Packet;
 use tether_tests::child_broker::{ChildBroker, data_dir_with_ca, serve_child};
-use tether_tests::{TestBroker, TestSite, Tunnel, connect_trusting, ping, tunnel_for, v4};
+use tether_tests::{
+    TestBroker, TestSite, Tunnel, connect_trusting, deliver, ping, tunnel_for, v4,
+    wait_for_remote_route,
+};
 
 /// Deadline of each test body.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
@@ -103,30 +106,6 @@ fn id_of(b: &TestBroker) -> String {
     b.broker().fleet().unwrap().snapshot().unwrap().me().clone()
 }
 
-/// Waits until `b` routes `addr` through another broker: woken by each
-/// rebuild of those routes, bounded.
-async fn wait_for_remote_route(b: &TestBroker, addr: Ipv4Addr) {
-    let broker = b.broker().clone();
-    let mut changes = broker.core().remote_route_changes();
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let known = broker
-                .core()
-                .read()
-                .unwrap()
-                .remote
-                .lookup(IpAddr::V4(addr))
-                .is_some();
-            if known {
-                return;
-            }
-            changes.changed().await.unwrap();
-        }
-    })
-    .await;
-    assert!(found.is_ok(), "no route to {addr} through another broker");
-}
-
 /// An IPv4 UDP packet (checksum 0: none, allowed for IPv4).
 fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let total = (28 + payload.len()) as u16;
@@ -143,24 +122,6 @@ fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> 
     p.extend_from_slice(&[0, 0]);
     p.extend_from_slice(payload);
     p
-}
-
-/// Sends `packet` from `from` until `to` receives a packet matching
-/// `expect` (the first may wait for the link's handshake); bounded.
-async fn deliver(from: &Tunnel, to: &Tunnel, packet: &[u8], expect: impl Fn(&Packet) -> bool) {
-    for _ in 0..10 {
-        from.send_packet(packet);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Some(got) = to
-            .recv_packet(deadline.saturating_duration_since(tokio::time::Instant::now()))
-            .await
-        {
-            if Packet::parse(&got).is_ok_and(|p| expect(&p)) {
-                return;
-            }
-        }
-    }
-    panic!("the packet did not arrive through the other broker");
 }
 
 /// The value of the series starting with `prefix` in `text` (0 if none).

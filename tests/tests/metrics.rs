@@ -53,6 +53,9 @@ async fn the_live_metrics_endpoint_passes_promtool() {
     .await
     .unwrap();
 
+    let ca_name = broker.broker().ca.status().bundle[0].name.clone();
+    let ca_expiry =
+        format!(r#"tether_broker_ca_expiry_seconds{{ca="{ca_name}",signing="true"}} 31"#);
     let needles = [
         r#"tether_broker_site_packets_total{site="hospital-a",region="local",direction="from_site"} 2"#,
         r#"tether_broker_site_bytes_total{site="hospital-a",region="local",direction="to_site"}"#,
@@ -64,7 +67,10 @@ async fn the_live_metrics_endpoint_passes_promtool() {
         r#"tether_broker_dns_queries_total{rcode="NOERROR"}"#,
         r#"tether_broker_dns_queries_total{rcode="REFUSED"}"#,
         r#"tether_broker_certificates_issued_total{kind="enroll"}"#,
-        "tether_broker_ca_expiry_seconds 31",
+        // Ten years for the CA, 30 days for the broker's own certificate.
+        ca_expiry.as_str(),
+        "tether_broker_server_cert_expiry_seconds 259",
+        r#"tether_broker_ca_rotation_phase{phase="stable"} 1"#,
         "# HELP tether_broker_site_bytes_total",
     ];
     // The datagrams are handled after `send_packet` returns: scrape until
