@@ -12,6 +12,7 @@
 #   bench/run.sh --busy SITES [--duration SECONDS] [--busy-rate PPS] [--busy-size BYTES]
 #   bench/run.sh --idle 10000,50000 [--idle-cpu SECONDS] [--per-loadgen N]
 #   bench/run.sh --ha [KILLS] [--ha-sites N] [--ha-quiet SECONDS] [--duration SECONDS]
+#   bench/run.sh --console SITES [--console-enrolled K] [--console-rounds R]
 #
 # --lossy measures the lossy and long paths instead (1 % loss at 50 ms RTT,
 # 5 % at 200 ms, applied on the WAN link by tether-wan since the kernel has
@@ -56,6 +57,13 @@
 # connected, over a quiet interval (the revision, etcd's own write counters
 # and every key written); and the time for those sites to be back on the
 # other two brokers after their broker is killed, with their addresses.
+# --console measures the fleet console with SITES sites registered at one
+# broker (a token each), the first K (default 1000) enrolled and connected
+# by tether-loadgen: the admin API requests the console makes (curl in the
+# broker's namespace: time to first byte, total, bytes) and the pages in
+# headless Chromium (bench/console_load.py, Playwright and Debian's
+# chromium): first page load to rendered rows, a search, the last page, a
+# site's page, the route table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 wg wireguard-go ethtool >/dev/null || {

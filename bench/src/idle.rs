@@ -86,7 +86,7 @@ fn connect_secs(log: &str) -> f64 {
 /// Starts loadgen processes for sites `first .. first + count`, at most
 /// `per` each, and waits until all report their sites connected; returns
 /// them and the wall time from the first start until the last was done.
-fn connect(
+pub(crate) fn connect(
     topo: &Topology,
     dir: &Path,
     first: usize,

@@ -2,7 +2,8 @@
 //! library.
 //!
 //! `tether-loadgen enroll --count N --admin URL --admin-token T --broker A --dir D`
-//! creates N tokens and enrolls N sites into `D/site-<i>`; `--broker` may
+//! creates N tokens and enrolls N sites into `D/site-<i>` (with
+//! `--enroll-first K`, only the first K; the others stay registered only); `--broker` may
 //! list several brokers (comma-separated, used in turn), and with
 //! `--retries R` an enrollment that fails is tried again (same token, same
 //! broker) up to R times, 0.5 s apart. It prints `tokens N` once the tokens
@@ -75,6 +76,10 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// Enroll only the first this many of the sites; the others are
+        /// only registered (a token each), as sites not yet installed.
+        #[arg(long)]
+        enroll_first: Option<usize>,
     },
     /// Connect enrolled sites and reconnect them after each loss.
     Storm {
@@ -156,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             region,
             dir,
             retries,
+            enroll_first,
         } => {
             let started = Instant::now();
             // Tokens from a few requests at a time: the broker commits
@@ -201,7 +207,8 @@ async fn main() -> anyhow::Result<()> {
             let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let enrolling = Instant::now();
             let mut tasks = Vec::new();
-            for (i, code) in codes.into_iter().enumerate() {
+            let enrolled = enroll_first.unwrap_or(count).min(count);
+            for (i, code) in codes.into_iter().take(enrolled).enumerate() {
                 let (limit, broker, state, finished) = (
                     limit.clone(),
                     broker[i % broker.len()].clone(),
@@ -246,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
             }
             println!(
                 "enrolled {} in {:.1} s, {retried} retries, {failed} failed",
-                count - failed,
+                enrolled - failed,
                 started.elapsed().as_secs_f64()
             );
             anyhow::ensure!(failed == 0, "{failed} sites could not be enrolled");

@@ -31,6 +31,7 @@ use clap::Parser;
 
 mod agents;
 mod busy;
+mod console;
 mod cpu;
 mod drops;
 mod ha;
@@ -113,6 +114,18 @@ struct Args {
     /// endpoint).
     #[arg(long, default_value_t = 25_000)]
     per_loadgen: usize,
+    /// Measure only the fleet console with this many sites registered at
+    /// the broker: its API requests (curl) and its pages in headless
+    /// Chromium.
+    #[arg(long)]
+    console: Option<usize>,
+    /// With --console: how many of the sites enroll and connect (the rest
+    /// are registered only).
+    #[arg(long, default_value_t = 1000)]
+    console_enrolled: usize,
+    /// With --console: rounds of each request and page load.
+    #[arg(long, default_value_t = 5)]
+    console_rounds: usize,
     /// Path of boringtun-cli (default: from PATH or ~/.cargo/bin).
     #[arg(long)]
     boringtun: Option<PathBuf>,
@@ -652,6 +665,16 @@ fn main() {
             args.rounds,
             Duration::from_secs_f64(args.gap),
             args.keepalive,
+        );
+        return;
+    }
+    if let Some(sites) = args.console {
+        let topo = Topology::new("").unwrap();
+        console::run(
+            &topo,
+            sites,
+            args.console_enrolled,
+            args.console_rounds.max(1),
         );
         return;
     }

@@ -215,9 +215,22 @@ async fn site_states(
     Ok(Json(page))
 }
 
+/// One site that passed the filter, with what the filter computed; its
+/// summary is built only if it lands on the page.
+struct Matched {
+    record: crate::store::SiteRecord,
+    state: SiteState,
+    since: Option<u64>,
+    session: Option<Arc<crate::sessions::Session>>,
+    elsewhere: Option<String>,
+}
+
 /// One page of the site list: every site's state from its live session
 /// (here or, in a fleet, at another broker), its summary of events and
-/// its record; filtered, then paged. Blocking (the store).
+/// its record; filtered, then paged. Only the sites of the page are
+/// summarised (addresses, traffic, latest event), so the cost of a
+/// request over many sites is one pass over their records. Blocking (the
+/// store).
 fn site_page(
     broker: &Broker,
     filter: &SiteQuery,
@@ -227,24 +240,17 @@ fn site_page(
     let mut records = broker.store.sites()?;
     records.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
     let histories = broker.events().histories();
-    let mut addresses = broker.addresses_by_site();
+    let addresses = broker.addresses_by_site();
     let fleet = broker.fleet().and_then(|f| f.snapshot());
-    let here = broker
-        .enroll_endpoints()
-        .into_iter()
-        .next()
-        .or_else(|| broker.tunnel_addr().map(|a| a.to_string()))
-        .unwrap_or_else(|| "this broker".into());
-    let traffic: HashMap<SiteId, (u64, u64)> = broker
-        .site_totals()
-        .into_iter()
-        .map(|(s, _, t)| (s, (t.traffic.rx_bytes, t.traffic.tx_bytes)))
-        .collect();
     let empty = tether_proto::events::History::default();
+    let no_addresses = (Vec::new(), Vec::new());
     let mut counts: BTreeMap<String, usize> = SiteState::ALL
         .iter()
         .map(|s| (s.as_str().to_string(), 0))
         .collect();
+    // The words of a site are needed only by a text search.
+    let searching = filter.text.as_deref().is_some_and(|t| !t.trim().is_empty());
+    let mut words: Vec<String> = Vec::new();
     let mut matching = Vec::new();
     for record in records {
         let history = histories.get(&record.site).unwrap_or(&empty);
@@ -260,16 +266,18 @@ fn site_page(
         };
         let (state, since) = history.state(online_since, record.revoked, now);
         *counts.entry(state.as_str().to_string()).or_default() += 1;
-        let (own, lans) = addresses.remove(&record.site).unwrap_or_default();
-        let info = session.as_ref().map(|s| s.info());
-        let mut words: Vec<String> = own.iter().map(|a| a.to_string()).collect();
-        for l in &lans {
-            words.push(l.lan.to_string());
-            words.push(l.mapped.to_string());
-        }
-        if let Some(i) = &info {
-            words.push(i.remote.to_string());
-            words.push(i.transport.clone());
+        words.clear();
+        if searching {
+            let (own, lans) = addresses.get(&record.site).unwrap_or(&no_addresses);
+            words.extend(own.iter().map(|a| a.to_string()));
+            for l in lans {
+                words.push(l.lan.to_string());
+                words.push(l.mapped.to_string());
+            }
+            if let Some(i) = session.as_ref().map(|s| s.info()) {
+                words.push(i.remote.to_string());
+                words.push(i.transport.clone());
+            }
         }
         let facts = SiteFacts {
             site: record.site.as_str(),
@@ -281,33 +289,74 @@ fn site_page(
         if !filter.matches(&facts) {
             continue;
         }
-        let (rx_bytes, tx_bytes) = traffic.get(&record.site).copied().unwrap_or_default();
-        matching.push(SiteSummary {
+        matching.push(Matched {
+            record,
             state,
             since,
-            enrolled: record.enrolled.is_some(),
-            broker: match (&session, elsewhere) {
-                (Some(_), _) => Some(here.clone()),
-                (None, other) => other,
-            },
-            transport: info.as_ref().map(|i| i.transport.clone()),
-            remote: info.as_ref().map(|i| i.remote),
-            rtt_ms: info.as_ref().map(|i| i.rtt_ms),
-            addresses: own,
-            lans,
-            cert_not_after: session
-                .as_ref()
-                .map(|s| tether_pki::token::unix_secs(s.peer.not_after))
-                .max(history.cert_not_after),
-            rx_bytes,
-            tx_bytes,
-            last_event: history.last.clone(),
-            site: record.site,
-            region: record.region,
+            session,
+            elsewhere,
         });
     }
     let offset = query.offset.unwrap_or(0);
-    let (total, sites) = tether_proto::events::page(matching, offset, query.limit);
+    let (total, page) = tether_proto::events::page(matching, offset, query.limit);
+    if page.is_empty() {
+        return Ok(SitePage {
+            total,
+            offset,
+            counts,
+            sites: Vec::new(),
+        });
+    }
+    let here = broker
+        .enroll_endpoints()
+        .into_iter()
+        .next()
+        .or_else(|| broker.tunnel_addr().map(|a| a.to_string()))
+        .unwrap_or_else(|| "this broker".into());
+    let traffic: HashMap<SiteId, (u64, u64)> = broker
+        .site_totals()
+        .into_iter()
+        .map(|(s, _, t)| (s, (t.traffic.rx_bytes, t.traffic.tx_bytes)))
+        .collect();
+    let sites = page
+        .into_iter()
+        .map(|m| {
+            let Matched {
+                record,
+                state,
+                since,
+                session,
+                elsewhere,
+            } = m;
+            let history = histories.get(&record.site).unwrap_or(&empty);
+            let (own, lans) = addresses.get(&record.site).cloned().unwrap_or_default();
+            let info = session.as_ref().map(|s| s.info());
+            let (rx_bytes, tx_bytes) = traffic.get(&record.site).copied().unwrap_or_default();
+            SiteSummary {
+                state,
+                since,
+                enrolled: record.enrolled.is_some(),
+                broker: match (&session, elsewhere) {
+                    (Some(_), _) => Some(here.clone()),
+                    (None, other) => other,
+                },
+                transport: info.as_ref().map(|i| i.transport.clone()),
+                remote: info.as_ref().map(|i| i.remote),
+                rtt_ms: info.as_ref().map(|i| i.rtt_ms),
+                addresses: own,
+                lans,
+                cert_not_after: session
+                    .as_ref()
+                    .map(|s| tether_pki::token::unix_secs(s.peer.not_after))
+                    .max(history.cert_not_after),
+                rx_bytes,
+                tx_bytes,
+                last_event: history.last.clone(),
+                site: record.site,
+                region: record.region,
+            }
+        })
+        .collect();
     Ok(SitePage {
         total,
         offset,

@@ -5,6 +5,9 @@
 "use strict";
 
 const PAGE_SIZE = 50;
+// Rows of the route table shown at most: a fleet's full table (two routes
+// per connected site) is filtered, not scrolled.
+const ROUTE_ROWS = 500;
 const REFRESH_MS = 2000;
 const state = { token: sessionStorage.getItem("tether-token"), role: null, offset: 0, timer: null };
 
@@ -282,13 +285,15 @@ async function loadRoutes() {
     $("routes-status").textContent = "Cannot load the routes: " + e.message;
     return;
   }
-  const rows = routes.map((r) => row([
+  const rows = routes.slice(0, ROUTE_ROWS).map((r) => row([
     r.prefix, r.kind,
     r.target.type === "site" ? siteLink(r.target.id) : "gateway " + r.target.id,
     r.region,
   ]));
   fill($("routes-table").tBodies[0], rows, "No route matches.", 4);
-  $("routes-status").textContent = routes.length + " routes";
+  $("routes-status").textContent = routes.length + " routes" + (routes.length > ROUTE_ROWS
+    ? "; the first " + ROUTE_ROWS + " are shown: filter by site, region, kind or prefix for the others"
+    : "");
 }
 
 async function runTrace() {
