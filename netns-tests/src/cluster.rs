@@ -15,13 +15,16 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::topology::{overlay_address, read};
 use crate::{NetNs, Proc, binary, link, wait_for};
 
 /// The key prefix of the deployment in etcd.
 pub const PREFIX: &str = "/tether/ha/";
+
+/// How long a read of the store tries the members before it fails.
+pub const READ_PATIENCE: Duration = Duration::from_secs(10);
 
 /// An etcd member.
 pub struct Member {
@@ -369,8 +372,22 @@ impl Cluster {
     }
 
     /// Every key under `PREFIX` + `dir` with its value, read from a member
-    /// that answers (a linearizable read).
+    /// that answers (a linearizable read). Tries the members for up to
+    /// [`READ_PATIENCE`]: a member that rejoins can start an election, and
+    /// no member answers a linearizable read until it has a leader.
     pub fn keys(&self, dir: &str) -> io::Result<Vec<(String, String)>> {
+        let deadline = Instant::now() + READ_PATIENCE;
+        loop {
+            match self.keys_once(dir) {
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn keys_once(&self, dir: &str) -> io::Result<Vec<(String, String)>> {
         use data_encoding::BASE64;
         let start = format!("{PREFIX}{dir}");
         let mut end = start.clone().into_bytes();
@@ -405,8 +422,21 @@ impl Cluster {
     }
 
     /// The store's revision (one more for each write of any key), from a
-    /// member that answers.
+    /// member that answers (trying for up to [`READ_PATIENCE`], as
+    /// [`Cluster::keys`] does).
     pub fn revision(&self) -> io::Result<u64> {
+        let deadline = Instant::now() + READ_PATIENCE;
+        loop {
+            match self.revision_once() {
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn revision_once(&self) -> io::Result<u64> {
         use data_encoding::BASE64;
         let body = serde_json::json!({
             "key": BASE64.encode(PREFIX.as_bytes()),
