@@ -409,12 +409,9 @@ fn resolve(broker: &Broker, target: &str) -> Result<(Option<String>, Vec<IpAddr>
     Ok(match target.parse::<IpAddr>() {
         Ok(ip) => (None, vec![ip]),
         Err(_) => {
-            let zone = broker.zone();
-            let zone = zone
-                .map(|z| tether_proto::dns::Zone::new((*z).clone(), &[]))
-                .transpose()
-                .map_err(|e| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            let Some(zone) = zone else {
+            // Looked up in the sorted site list: no index of the whole zone
+            // for one name.
+            let Some(zone) = broker.zone() else {
                 return Err(AdminError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the mesh zone is not built yet; retry in a moment",
@@ -425,12 +422,11 @@ fn resolve(broker: &Broker, target: &str) -> Result<(Option<String>, Vec<IpAddr>
                     StatusCode::NOT_FOUND,
                     format!(
                         "{target:?} is neither an IP address nor a site name in {} (write <site>.<region>.{} or an address)",
-                        zone.data().zone,
-                        zone.data().zone
+                        zone.zone, zone.zone
                     ),
                 ));
             };
-            let name = tether_proto::dns::site_name(&site.site, &site.region, &zone.data().zone);
+            let name = tether_proto::dns::site_name(&site.site, &site.region, &zone.zone);
             (Some(name), site.addresses.clone())
         }
     })

@@ -96,12 +96,21 @@ pub async fn keep_zone(broker: Arc<Broker>) {
     loop {
         let serial = next_serial(last.as_ref().map_or(0, |z| z.serial));
         let b = broker.clone();
+        let previous = last.clone();
         let started = std::time::Instant::now();
-        let rebuilt = tokio::task::spawn_blocking(move || zone_data(&b, serial)).await;
+        // Reading the store and comparing every site with the last zone
+        // grow with the fleet: both off the runtime's workers.
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            zone_data(&b, serial).map(|zone| {
+                let changed = !previous.as_ref().is_some_and(|l| l.same_names(&zone));
+                (zone, changed)
+            })
+        })
+        .await;
         let settle = settle_after(started.elapsed());
         match rebuilt {
-            Ok(Ok(zone)) => {
-                if !last.as_ref().is_some_and(|l| l.same_names(&zone)) {
+            Ok(Ok((zone, changed))) => {
+                if changed {
                     tracing::debug!(serial, sites = zone.sites.len(), "mesh zone rebuilt");
                     let zone = Arc::new(zone);
                     last = Some(zone.clone());

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
@@ -171,6 +172,13 @@ impl ZoneData {
                 .collect(),
             ..self.clone()
         }
+    }
+
+    /// The site a name denotes, as [`Zone::site`] finds it, without
+    /// indexing the zone (the sites must be sorted, as the broker keeps
+    /// them).
+    pub fn site(&self, name: &str) -> Option<&SiteNames> {
+        find_site(&self.sites, &fqdn(&self.zone).ok()?, name)
     }
 
     /// Whether `other` holds the same names (the serial aside).
@@ -378,21 +386,94 @@ impl Answer {
 }
 
 /// The zone indexed for answering.
+///
+/// A zone follows new [`ZoneData`] incrementally ([`Zone::plan`] and
+/// [`Zone::apply`], or [`Zone::update`]): only the records of sites that
+/// differ are removed and added, so a site that connects or leaves costs
+/// the same in a zone of 50 sites as in one of 50,000 (finding the sites
+/// that differ compares the two site lists, which needs no DNS names).
 #[derive(Debug, Clone)]
 pub struct Zone {
-    data: ZoneData,
+    data: Arc<ZoneData>,
     origin: Name,
+    /// The addresses published as `ns.<zone>`.
+    ns_addresses: Vec<IpAddr>,
     /// Every owner name and its records; empty non-terminals are not
     /// stored (they are found as names with descendants).
     records: BTreeMap<Name, Vec<Record>>,
     /// Zone apexes (the forward zone and the reverse zones), longest
     /// first.
     apexes: Vec<Name>,
-    /// Site index by name.
-    sites: BTreeMap<Name, usize>,
     /// LAN mappings by the first address of the mapped prefix (mapped
-    /// prefixes come from the pools and never overlap): (site, mapping).
-    lans: BTreeMap<IpAddr, (usize, Mapping)>,
+    /// prefixes come from the pools and never overlap): the site (site and
+    /// region) and the mapping.
+    lans: BTreeMap<IpAddr, (SiteId, RegionId, Mapping)>,
+}
+
+/// How a [`Zone`] gets to new [`ZoneData`] ([`Zone::plan`]).
+#[derive(Debug, Clone)]
+pub enum ZoneUpdate {
+    /// Index everything again: the zone's name, TTL or pools changed, or
+    /// the new sites are not in order.
+    Rebuild(Arc<ZoneData>),
+    /// Replace the records of the sites that differ.
+    Sites {
+        /// The new data.
+        data: Arc<ZoneData>,
+        /// Positions, in the zone's current sites, of those that are gone
+        /// or changed.
+        removed: Vec<usize>,
+        /// Positions, in the new sites, of those that are new or changed.
+        added: Vec<usize>,
+    },
+}
+
+/// What [`Zone::apply`] did: a count of the work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reindexed {
+    /// Whether every record was indexed again.
+    pub rebuilt: bool,
+    /// Sites whose records were removed or added (a changed site counts
+    /// twice).
+    pub sites: usize,
+    /// Records of sites removed or added (the apexes' SOA aside).
+    pub records: usize,
+}
+
+/// The site `name` denotes in `sites` (sorted) under `origin`:
+/// `<site>.<region>.<zone>` with or without the trailing dot, or
+/// `<site>.<region>` relative to the zone.
+fn find_site<'a>(sites: &'a [SiteNames], origin: &Name, name: &str) -> Option<&'a SiteNames> {
+    let name = fqdn(name).ok()?;
+    let name = if origin.zone_of(&name) {
+        name
+    } else {
+        let mut relative = name;
+        relative.set_fqdn(false);
+        relative.append_domain(origin).ok()?
+    };
+    site_named(sites, origin, &name)
+}
+
+/// The site whose name is `name` (lowercase, fully qualified): its first
+/// two labels are the site and the region, found in the sorted `sites`.
+/// (A name too long for DNS never parses, so it never gets here.)
+fn site_named<'a>(sites: &'a [SiteNames], origin: &Name, name: &Name) -> Option<&'a SiteNames> {
+    if name.num_labels() != origin.num_labels() + 2 || !origin.zone_of(name) {
+        return None;
+    }
+    let mut labels = name.iter();
+    let site = std::str::from_utf8(labels.next()?).ok()?;
+    let region = std::str::from_utf8(labels.next()?).ok()?;
+    let i = sites
+        .binary_search_by(|s| site_key(s).cmp(&(site, region)))
+        .ok()?;
+    sites.get(i)
+}
+
+/// A site's place in the sorted site list.
+fn site_key(s: &SiteNames) -> (&str, &str) {
+    (s.site.as_str(), s.region.as_str())
 }
 
 fn fqdn(text: &str) -> Result<Name, ZoneError> {
@@ -422,18 +503,16 @@ impl Zone {
     /// Indexes `data`. `ns_addresses` are the addresses this server answers
     /// on, published as the address of `ns.<zone>` (none when it listens on
     /// a wildcard address).
-    pub fn new(data: ZoneData, ns_addresses: &[IpAddr]) -> Result<Self, ZoneError> {
+    pub fn new(data: impl Into<Arc<ZoneData>>, ns_addresses: &[IpAddr]) -> Result<Self, ZoneError> {
+        let mut data: Arc<ZoneData> = data.into();
+        if !data.sites.is_sorted_by(|a, b| site_key(a) <= site_key(b)) {
+            Arc::make_mut(&mut data)
+                .sites
+                .sort_by(|a, b| site_key(a).cmp(&site_key(b)));
+        }
         let origin = fqdn(&data.zone)?;
         let ns_name = fqdn(&format!("ns.{}", data.zone))?;
         let hostmaster = fqdn(&format!("hostmaster.{}", data.zone))?;
-        let ttl = data.ttl;
-        let mut records: BTreeMap<Name, Vec<Record>> = BTreeMap::new();
-        let mut add = |name: Name, rdata: RData| {
-            records
-                .entry(name.clone())
-                .or_default()
-                .push(Record::from_rdata(name, ttl, rdata));
-        };
         let mut apexes = vec![origin.clone()];
         for prefix in &data.reverse {
             if let Some(apex) = reverse_apex(*prefix)
@@ -442,64 +521,242 @@ impl Zone {
                 apexes.push(apex);
             }
         }
-        for apex in &apexes {
-            add(
-                apex.clone(),
-                RData::SOA(SOA::new(
-                    ns_name.clone(),
-                    hostmaster.clone(),
-                    data.serial,
-                    REFRESH,
-                    RETRY,
-                    EXPIRE,
-                    ttl,
-                )),
-            );
-            add(apex.clone(), RData::NS(NS(ns_name.clone())));
+        let mut zone = Self {
+            data: data.clone(),
+            origin,
+            ns_addresses: ns_addresses.to_vec(),
+            records: BTreeMap::new(),
+            apexes,
+            lans: BTreeMap::new(),
+        };
+        let soa = zone.soa_rdata(&ns_name, &hostmaster);
+        for apex in zone.apexes.clone() {
+            zone.add(apex.clone(), soa.clone());
+            zone.add(apex, RData::NS(NS(ns_name.clone())));
         }
         for a in ns_addresses {
-            add(ns_name.clone(), address_rdata(*a));
+            zone.add(ns_name.clone(), address_rdata(*a));
         }
-        let mut sites = BTreeMap::new();
-        let mut lans = BTreeMap::new();
-        for (i, s) in data.sites.iter().enumerate() {
-            // A name longer than DNS allows (long labels under a long zone)
-            // leaves that site out, not the whole zone.
-            let Ok(name) = fqdn(&site_name(&s.site, &s.region, &data.zone)) else {
+        zone.apexes
+            .sort_by_key(|a| std::cmp::Reverse(a.num_labels()));
+        for s in &data.sites {
+            zone.add_site(s);
+        }
+        Ok(zone)
+    }
+
+    /// The SOA of every apex, for the current serial.
+    fn soa_rdata(&self, ns_name: &Name, hostmaster: &Name) -> RData {
+        RData::SOA(SOA::new(
+            ns_name.clone(),
+            hostmaster.clone(),
+            self.data.serial,
+            REFRESH,
+            RETRY,
+            EXPIRE,
+            self.data.ttl,
+        ))
+    }
+
+    fn add(&mut self, name: Name, rdata: RData) {
+        let ttl = self.data.ttl;
+        self.records
+            .entry(name.clone())
+            .or_default()
+            .push(Record::from_rdata(name, ttl, rdata));
+    }
+
+    /// The records of one site: owner and data. A name longer than DNS
+    /// allows (long labels under a long zone) leaves that site out, not the
+    /// whole zone.
+    fn site_records(&self, s: &SiteNames) -> Vec<(Name, RData)> {
+        let mut out = Vec::new();
+        let Ok(name) = fqdn(&site_name(&s.site, &s.region, &self.data.zone)) else {
+            return out;
+        };
+        for a in &s.addresses {
+            out.push((name.clone(), address_rdata(*a)));
+            let reverse = Name::from(*a).to_lowercase();
+            if self.apexes.iter().any(|z| z.zone_of(&reverse)) {
+                out.push((reverse, RData::PTR(PTR(name.clone()))));
+            }
+        }
+        for svc in &s.services {
+            if let Ok(owner) = fqdn(&format!("_{}._tcp.{name}", svc.name)) {
+                out.push((owner, RData::SRV(SRV::new(0, 0, svc.port, name.clone()))));
+            }
+        }
+        if !s.lans.is_empty()
+            && let Ok(owner) = fqdn(&format!("{LAN_LABEL}.{name}"))
+        {
+            for m in &s.lans {
+                let text = format!("{} is mapped to {}", m.real, m.mapped);
+                out.push((owner.clone(), RData::TXT(TXT::new(vec![text]))));
+            }
+        }
+        out
+    }
+
+    /// Indexes one site; the number of records added.
+    fn add_site(&mut self, s: &SiteNames) -> usize {
+        let records = self.site_records(s);
+        let n = records.len();
+        if n == 0 {
+            return 0;
+        }
+        for (owner, rdata) in records {
+            self.add(owner, rdata);
+        }
+        for m in &s.lans {
+            self.lans
+                .insert(m.mapped.network(), (s.site.clone(), s.region.clone(), *m));
+        }
+        n
+    }
+
+    /// Removes what [`Zone::add_site`] added for `s`; the number of records
+    /// removed.
+    fn remove_site(&mut self, s: &SiteNames) -> usize {
+        let mut n = 0;
+        for (owner, rdata) in self.site_records(s) {
+            let Some(records) = self.records.get_mut(&owner) else {
                 continue;
             };
-            for a in &s.addresses {
-                add(name.clone(), address_rdata(*a));
-                let reverse = Name::from(*a).to_lowercase();
-                if apexes.iter().any(|z| z.zone_of(&reverse)) {
-                    add(reverse, RData::PTR(PTR(name.clone())));
-                }
+            if let Some(i) = records.iter().position(|r| r.data == rdata) {
+                records.remove(i);
+                n += 1;
             }
-            for svc in &s.services {
-                if let Ok(owner) = fqdn(&format!("_{}._tcp.{name}", svc.name)) {
-                    add(owner, RData::SRV(SRV::new(0, 0, svc.port, name.clone())));
-                }
+            if records.is_empty() {
+                self.records.remove(&owner);
             }
-            if !s.lans.is_empty()
-                && let Ok(owner) = fqdn(&format!("{LAN_LABEL}.{name}"))
-            {
-                for m in &s.lans {
-                    let text = format!("{} is mapped to {}", m.real, m.mapped);
-                    add(owner.clone(), RData::TXT(TXT::new(vec![text])));
-                    lans.insert(m.mapped.network(), (i, *m));
-                }
-            }
-            sites.insert(name, i);
         }
-        apexes.sort_by_key(|a| std::cmp::Reverse(a.num_labels()));
-        Ok(Self {
-            data,
-            origin,
-            records,
-            apexes,
-            sites,
-            lans,
-        })
+        for m in &s.lans {
+            let key = m.mapped.network();
+            if self
+                .lans
+                .get(&key)
+                .is_some_and(|(site, region, _)| site == &s.site && region == &s.region)
+            {
+                self.lans.remove(&key);
+            }
+        }
+        n
+    }
+
+    /// How to get from this zone to `next`: compares the two site lists
+    /// (both sorted), without building a DNS name.
+    pub fn plan(&self, next: Arc<ZoneData>) -> ZoneUpdate {
+        let (old, new) = (&self.data, &next);
+        let strictly_sorted =
+            |sites: &[SiteNames]| sites.windows(2).all(|w| site_key(&w[0]) < site_key(&w[1]));
+        if old.zone != new.zone
+            || old.ttl != new.ttl
+            || old.reverse != new.reverse
+            || !strictly_sorted(&old.sites)
+            || !strictly_sorted(&new.sites)
+        {
+            return ZoneUpdate::Rebuild(next);
+        }
+        let (mut removed, mut added) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        while i < old.sites.len() || j < new.sites.len() {
+            match (old.sites.get(i), new.sites.get(j)) {
+                (Some(a), Some(b)) => match site_key(a).cmp(&site_key(b)) {
+                    std::cmp::Ordering::Less => {
+                        removed.push(i);
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        added.push(j);
+                        j += 1;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if a != b {
+                            removed.push(i);
+                            added.push(j);
+                        }
+                        i += 1;
+                        j += 1;
+                    }
+                },
+                (Some(_), None) => {
+                    removed.push(i);
+                    i += 1;
+                }
+                (None, Some(_)) => {
+                    added.push(j);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        ZoneUpdate::Sites {
+            data: next,
+            removed,
+            added,
+        }
+    }
+
+    /// Carries out a [`Zone::plan`] made on this zone.
+    pub fn apply(&mut self, update: ZoneUpdate) -> Result<Reindexed, ZoneError> {
+        let (data, removed, added) = match update {
+            ZoneUpdate::Rebuild(data) => {
+                *self = Self::new(data, &self.ns_addresses.clone())?;
+                let records = self
+                    .data
+                    .sites
+                    .iter()
+                    .map(|s| self.site_records(s).len())
+                    .sum();
+                return Ok(Reindexed {
+                    rebuilt: true,
+                    sites: self.data.sites.len(),
+                    records,
+                });
+            }
+            ZoneUpdate::Sites {
+                data,
+                removed,
+                added,
+            } => (data, removed, added),
+        };
+        let mut done = Reindexed {
+            rebuilt: false,
+            sites: removed.len() + added.len(),
+            records: 0,
+        };
+        let old = std::mem::replace(&mut self.data, data.clone());
+        for i in removed {
+            if let Some(s) = old.sites.get(i) {
+                done.records += self.remove_site(s);
+            }
+        }
+        for j in added {
+            if let Some(s) = data.sites.get(j) {
+                done.records += self.add_site(s);
+            }
+        }
+        if old.serial != data.serial {
+            let ns_name = fqdn(&format!("ns.{}", data.zone))?;
+            let hostmaster = fqdn(&format!("hostmaster.{}", data.zone))?;
+            let soa = self.soa_rdata(&ns_name, &hostmaster);
+            for apex in &self.apexes {
+                if let Some(records) = self.records.get_mut(apex) {
+                    for r in records.iter_mut() {
+                        if r.record_type() == RecordType::SOA {
+                            r.data = soa.clone();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Brings the zone to `next` ([`Zone::plan`], then [`Zone::apply`]).
+    pub fn update(&mut self, next: impl Into<Arc<ZoneData>>) -> Result<Reindexed, ZoneError> {
+        let plan = self.plan(next.into());
+        self.apply(plan)
     }
 
     /// The data the zone was built from.
@@ -515,15 +772,12 @@ impl Zone {
     /// The site a name denotes: `<site>.<region>.<zone>` with or without
     /// the trailing dot, or `<site>.<region>` relative to the zone.
     pub fn site(&self, name: &str) -> Option<&SiteNames> {
-        let name = fqdn(name).ok()?;
-        let name = if self.origin.zone_of(&name) {
-            name
-        } else {
-            let mut relative = name;
-            relative.set_fqdn(false);
-            relative.append_domain(&self.origin).ok()?
-        };
-        self.sites.get(&name).and_then(|i| self.data.sites.get(*i))
+        find_site(&self.data.sites, &self.origin, name)
+    }
+
+    /// The site whose name is `name` (lowercase, fully qualified).
+    fn site_named(&self, name: &Name) -> Option<&SiteNames> {
+        site_named(&self.data.sites, &self.origin, name)
     }
 
     /// Answers one question.
@@ -627,10 +881,7 @@ impl Zone {
         {
             return None;
         }
-        let site = self
-            .data
-            .sites
-            .get(*self.sites.get(&lan_apex.base_name())?)?;
+        let site = self.site_named(&lan_apex.base_name())?;
         let real = lan_host_address(std::str::from_utf8(name.iter().next()?).ok()?)?;
         let mapped = site.lans.iter().find_map(|m| m.mapped_of(real))?;
         Some(Record::from_rdata(
@@ -647,10 +898,9 @@ impl Zone {
             return None;
         }
         let addr = host.addr();
-        let (_, (i, m)) = self.lans.range(..=addr).next_back()?;
+        let (_, (site, region, m)) = self.lans.range(..=addr).next_back()?;
         let real = m.real_of(addr)?;
-        let site = self.data.sites.get(*i)?;
-        let target = fqdn(&lan_host_name(real, site, &self.data.zone)).ok()?;
+        let target = fqdn(&lan_host_name_of(real, site, region, &self.data.zone)).ok()?;
         Some(Record::from_rdata(
             name.clone(),
             self.data.ttl,
@@ -663,14 +913,15 @@ impl Zone {
 /// `192-168-1-20.lan.<site>.<region>.<zone>`; IPv6 with every group
 /// written out (`fd00-1-0-0-0-0-0-20`).
 pub fn lan_host_name(real: IpAddr, site: &SiteNames, zone: &str) -> String {
+    lan_host_name_of(real, &site.site, &site.region, zone)
+}
+
+fn lan_host_name_of(real: IpAddr, site: &SiteId, region: &RegionId, zone: &str) -> String {
     let label = match real {
         IpAddr::V4(a) => a.octets().map(|o| o.to_string()).join("-"),
         IpAddr::V6(a) => a.segments().map(|g| format!("{g:x}")).join("-"),
     };
-    format!(
-        "{label}.{LAN_LABEL}.{}",
-        site_name(&site.site, &site.region, zone)
-    )
+    format!("{label}.{LAN_LABEL}.{}", site_name(site, region, zone))
 }
 
 /// The LAN address a host label names (dashes for the dots of IPv4 or the
@@ -858,6 +1109,152 @@ mod tests {
 
     fn zone() -> Zone {
         Zone::new(data(), &["127.0.0.1".parse().unwrap()]).unwrap()
+    }
+
+    /// A zone of `n` sites `s-<i>` in region `eu`, one address each.
+    fn many(n: u32, serial: u32) -> ZoneData {
+        let mut d = data();
+        d.serial = serial;
+        d.sites = (0..n)
+            .map(|i| SiteNames {
+                site: SiteId::new(format!("s-{i}")).unwrap(),
+                region: RegionId::new("eu").unwrap(),
+                addresses: vec![IpAddr::from([100, 64, (i >> 8) as u8, i as u8])],
+                services: vec![],
+                lans: vec![],
+            })
+            .collect();
+        d.sites.sort();
+        d
+    }
+
+    /// Every record and LAN mapping of a zone, in one order.
+    fn contents(z: &Zone) -> (Vec<String>, Vec<String>) {
+        let mut records: Vec<String> = z
+            .records
+            .values()
+            .flatten()
+            .map(|r| r.to_string())
+            .collect();
+        records.sort();
+        let lans = z.lans.iter().map(|l| format!("{l:?}")).collect();
+        (records, lans)
+    }
+
+    #[test]
+    fn one_site_changing_in_a_large_zone_reindexes_that_site_only() {
+        let ns = ["127.0.0.1".parse().unwrap()];
+        let mut z = Zone::new(many(2_000, 1), &ns).unwrap();
+        // s-7 moves to another address; everything else stays.
+        let mut next = many(2_000, 2);
+        let i = next
+            .sites
+            .iter()
+            .position(|s| s.site.as_str() == "s-7")
+            .unwrap();
+        next.sites[i].addresses = vec!["100.64.200.7".parse().unwrap()];
+        let done = z.update(next.clone()).unwrap();
+        // Its A and PTR out, its A and PTR in: no other site touched.
+        assert_eq!(
+            done,
+            Reindexed {
+                rebuilt: false,
+                sites: 2,
+                records: 4
+            }
+        );
+        let name = Name::from_ascii("s-7.eu.tether.internal.").unwrap();
+        let a = z.answer(&name, RecordType::A, DNSClass::IN);
+        assert_eq!(a.answers.len(), 1);
+        assert_eq!(a.answers[0].data, RData::A(A([100, 64, 200, 7].into())));
+        // The old reverse name is gone, the new one answers, the serial moved.
+        let old_ptr = Name::from(IpAddr::from([100, 64, 0, 7]));
+        assert_eq!(
+            z.answer(&old_ptr, RecordType::PTR, DNSClass::IN).code,
+            ResponseCode::NXDomain
+        );
+        let new_ptr = Name::from(IpAddr::from([100, 64, 200, 7]));
+        assert_eq!(
+            z.answer(&new_ptr, RecordType::PTR, DNSClass::IN).answers[0].data,
+            RData::PTR(PTR(name.clone()))
+        );
+        let soa = z.answer(z.origin(), RecordType::SOA, DNSClass::IN);
+        assert!(matches!(&soa.answers[0].data, RData::SOA(s) if s.serial == 2));
+        assert_eq!(contents(&z), contents(&Zone::new(next, &ns).unwrap()));
+        // One site leaving and one joining: two sites, one A and PTR each.
+        let mut next = many(2_000, 3);
+        next.sites.retain(|s| s.site.as_str() != "s-1999");
+        next.sites.push(SiteNames {
+            site: SiteId::new("zz").unwrap(),
+            region: RegionId::new("eu").unwrap(),
+            addresses: vec!["100.64.201.1".parse().unwrap()],
+            services: vec![],
+            lans: vec![],
+        });
+        next.sites.sort();
+        let done = z.update(next.clone()).unwrap();
+        // s-7 is back at its first address too: 3 removed, 3 added.
+        assert_eq!((done.rebuilt, done.sites, done.records), (false, 4, 8));
+        assert_eq!(contents(&z), contents(&Zone::new(next, &ns).unwrap()));
+        // Only the serial: no site touched.
+        let same = many(2_000, 4);
+        let mut z = Zone::new(many(2_000, 3), &ns).unwrap();
+        assert_eq!(z.update(same).unwrap(), Reindexed::default());
+    }
+
+    #[test]
+    fn an_updated_zone_answers_as_one_built_from_scratch() {
+        let ns = ["127.0.0.1".parse().unwrap()];
+        let mut z = Zone::new(data(), &ns).unwrap();
+        // Services, LANs and addresses change; a site goes; one comes.
+        let mut steps = Vec::new();
+        let mut d = data();
+        d.serial = 8;
+        d.sites[0].services = vec![Service::parse("http=80").unwrap()];
+        d.sites[0].lans.truncate(1);
+        steps.push(d.clone());
+        d.serial = 9;
+        d.sites[1].lans = vec![
+            Mapping::new(
+                "10.1.0.0/24".parse().unwrap(),
+                "100.64.10.0/24".parse().unwrap(),
+            )
+            .unwrap(),
+        ];
+        d.sites.remove(0);
+        steps.push(d.clone());
+        d.serial = 10;
+        d.sites.insert(0, data().sites[0].clone());
+        steps.push(d.clone());
+        for (i, step) in steps.into_iter().enumerate() {
+            let done = z.update(step.clone()).unwrap();
+            assert!(!done.rebuilt, "step {i}");
+            let fresh = Zone::new(step, &ns).unwrap();
+            assert_eq!(contents(&z), contents(&fresh), "step {i}");
+            for q in [
+                "hospital-a.eu.tether.internal.",
+                "_http._tcp.hospital-a.eu.tether.internal.",
+                "_dicom._tcp.hospital-a.eu.tether.internal.",
+                "lan.lab-b.us.tether.internal.",
+                "10-1-0-5.lan.lab-b.us.tether.internal.",
+                "192-168-1-20.lan.hospital-a.eu.tether.internal.",
+                "5.10.64.100.in-addr.arpa.",
+                "20.9.64.100.in-addr.arpa.",
+            ] {
+                let q = Name::from_ascii(q).unwrap();
+                assert_eq!(
+                    z.answer(&q, RecordType::ANY, DNSClass::IN),
+                    fresh.answer(&q, RecordType::ANY, DNSClass::IN),
+                    "step {i}: {q}"
+                );
+            }
+        }
+        // A new TTL re-indexes everything.
+        let mut d = data();
+        d.ttl = 30;
+        let done = z.update(d).unwrap();
+        assert!(done.rebuilt);
+        assert_eq!(done.sites, 2);
     }
 
     #[test]
@@ -1267,6 +1664,25 @@ mod tests {
     }
 
     #[test]
+    fn a_site_is_found_by_name_in_the_data_as_in_the_zone() {
+        let (d, z) = (data(), zone());
+        for name in [
+            "lab-b.us",
+            "lab-b.us.tether.internal",
+            "LAB-B.us.tether.internal.",
+            "hospital-a.eu",
+            "lab-b.eu",
+            "us.tether.internal",
+            "x.lab-b.us.tether.internal",
+            "lab-b.us.example.org.",
+        ] {
+            assert_eq!(d.site(name), z.site(name), "{name}");
+        }
+        assert_eq!(d.site("lab-b.us").unwrap().site.as_str(), "lab-b");
+        assert_eq!(d.site("lab-b.eu"), None);
+    }
+
+    #[test]
     fn a_name_too_long_for_dns_leaves_out_its_site_only() {
         let mut d = data();
         d.zone = format!(
@@ -1278,7 +1694,9 @@ mod tests {
         d.sites[0].site = SiteId::new("s".repeat(63)).unwrap();
         let z = Zone::new(d.clone(), &[]).unwrap();
         assert!(z.site(&format!("lab-b.us.{}", d.zone)).is_some());
-        assert_eq!(z.sites.len(), 1);
+        let names = z.records.keys().filter(|n| z.origin.zone_of(n)).count();
+        // The apex and lab-b: nothing of the long site.
+        assert_eq!(names, 2, "{:?}", z.records.keys().collect::<Vec<_>>());
     }
 
     #[test]

@@ -2,14 +2,16 @@
 //! the gateway inside the backend network and by the broker.
 //!
 //! The answers come from [`tether_proto::dns::Zone`]; this shell owns the
-//! sockets and swaps in a new zone whenever the data changes. Messages that
+//! sockets and brings the zone up to date whenever the data changes: only
+//! the records of the sites that differ are replaced, on a blocking thread
+//! (not a runtime worker), while queries go on being answered. Messages that
 //! do not parse get FORMERR (over UDP from hickory-server itself); anything
 //! but one standard query gets FORMERR or REFUSED here. DNS over TCP is
 //! served here rather than by hickory-server, whose accept loop retries
 //! failed accepts at once and caps no connections.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Metadata, ResponseCode};
@@ -18,7 +20,7 @@ use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use tether_proto::dns::{self, Zone, ZoneData};
+use tether_proto::dns::{self, Zone, ZoneData, ZoneUpdate};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -31,19 +33,71 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 /// use TCP after a truncated answer, or for large answers).
 const TCP_MAX_CONNECTIONS: usize = 128;
 
+/// The zone queries are answered from (`None` until the first one).
+type ZoneCell = Arc<RwLock<Option<Zone>>>;
+
+/// Brings `cell` to `next`: the sites that differ are re-indexed while
+/// queries are answered from the zone as it was, then applied under the
+/// write lock (a few records); a zone whose name, TTL or pools changed is
+/// built beside the current one and swapped in. Blocking: it compares
+/// every site of the two lists.
+fn refresh(cell: &RwLock<Option<Zone>>, next: Option<Arc<ZoneData>>, ns: &[IpAddr]) {
+    let Some(next) = next else {
+        *cell.write().unwrap_or_else(PoisonError::into_inner) = None;
+        return;
+    };
+    // A panic while a zone was changed leaves it half changed: build anew.
+    let poisoned = cell.is_poisoned();
+    cell.clear_poison();
+    let plan = match &*cell.read().unwrap_or_else(PoisonError::into_inner) {
+        Some(zone) if !poisoned => zone.plan(next.clone()),
+        _ => ZoneUpdate::Rebuild(next.clone()),
+    };
+    let done = match plan {
+        ZoneUpdate::Rebuild(data) => match Zone::new(data, ns) {
+            Ok(zone) => {
+                *cell.write().unwrap_or_else(PoisonError::into_inner) = Some(zone);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        },
+        plan => {
+            let mut zone = cell.write().unwrap_or_else(PoisonError::into_inner);
+            match zone.as_mut() {
+                Some(z) => z.apply(plan).map(Some),
+                None => Ok(None),
+            }
+        }
+    };
+    match done {
+        Ok(done) => tracing::debug!(
+            serial = next.serial,
+            sites = next.sites.len(),
+            reindexed_sites = done.map_or(next.sites.len(), |d| d.sites),
+            "mesh zone updated"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the mesh zone");
+            *cell.write().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+}
+
 /// Answers queries from the current zone.
 #[derive(Clone)]
 pub struct Handler {
-    zone: Arc<RwLock<Option<Arc<Zone>>>>,
+    zone: ZoneCell,
     /// Counts answers by response code (the broker's metrics); none on the
     /// gateway.
     on_answer: Option<Arc<dyn Fn(ResponseCode) + Send + Sync>>,
 }
 
 impl Handler {
-    /// The current zone.
-    fn zone(&self) -> Option<Arc<Zone>> {
-        self.zone.read().ok().and_then(|z| z.clone())
+    /// Runs `f` with the current zone (under its read lock: never held
+    /// across an await).
+    fn with_zone<T>(&self, f: impl FnOnce(Option<&Zone>) -> T) -> T {
+        let zone = self.zone.read().unwrap_or_else(PoisonError::into_inner);
+        f(zone.as_ref())
     }
 
     /// Counts an answer's code.
@@ -56,8 +110,7 @@ impl Handler {
     /// The answer to one DNS message received over TCP, encoded; `None`
     /// for what gets no answer (not a query, or not even a header).
     fn answer_bytes(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let zone = self.zone();
-        dns::answer_message(zone.as_deref(), query, |code| self.count(code))
+        self.with_zone(|zone| dns::answer_message(zone, query, |code| self.count(code)))
     }
 
     /// Answers the DNS messages of one TCP connection (RFC 7766: each
@@ -143,13 +196,14 @@ impl RequestHandler for Handler {
             ([q], Some(name)) => Some((name, q.query_type(), q.query_class())),
             _ => None,
         };
-        let zone = self.zone();
-        let reply = dns::reply(
-            zone.as_deref(),
-            request.metadata.op_code,
-            question,
-            request.edns.as_ref(),
-        );
+        let reply = self.with_zone(|zone| {
+            dns::reply(
+                zone,
+                request.metadata.op_code,
+                question,
+                request.edns.as_ref(),
+            )
+        });
         self.count(reply.code);
         let mut builder = MessageResponseBuilder::from_message_request(request);
         if let Some(e) = &reply.edns {
@@ -203,7 +257,8 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// Binds UDP and TCP on every address of `listen` and answers from the
-    /// zone `data` holds, re-indexed on every change. `ns_addresses` are
+    /// zone `data` holds, brought up to date on every change (the sites
+    /// that changed are re-indexed, on a blocking thread). `ns_addresses` are
     /// published as `ns.<zone>` (wildcard addresses are left out).
     pub async fn start(
         listen: &[SocketAddr],
@@ -235,35 +290,28 @@ impl DnsServer {
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified())
             .collect();
-        let zone: Arc<RwLock<Option<Arc<Zone>>>> = Arc::new(RwLock::new(None));
-        let index = move |data: &Option<Arc<ZoneData>>| -> Option<Arc<Zone>> {
-            let data = data.as_ref()?;
-            match Zone::new((**data).clone(), &ns) {
-                Ok(z) => Some(Arc::new(z)),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot serve the mesh zone");
-                    None
-                }
-            }
-        };
-        let first = index(&data.borrow_and_update());
-        if let Ok(mut z) = zone.write() {
-            *z = first;
+        let zone: ZoneCell = Arc::new(RwLock::new(None));
+        let ns: Arc<[IpAddr]> = ns.into();
+        {
+            let (zone, ns) = (zone.clone(), ns.clone());
+            let first = data.borrow_and_update().clone();
+            tokio::task::spawn_blocking(move || refresh(&zone, first, &ns)).await?;
         }
         {
             let zone = zone.clone();
             tokio::spawn(async move {
                 while data.changed().await.is_ok() {
-                    let next = index(&data.borrow_and_update());
-                    if let Some(z) = &next {
-                        tracing::debug!(
-                            serial = z.data().serial,
-                            sites = z.data().sites.len(),
-                            "mesh zone updated"
-                        );
-                    }
-                    if let Ok(mut cur) = zone.write() {
-                        *cur = next;
+                    let next = data.borrow_and_update().clone();
+                    let (zone, ns) = (zone.clone(), ns.clone());
+                    // Changes published while this runs are taken
+                    // together by the next round.
+                    // (A panic poisons the zone, which the next round
+                    // builds anew; a cancelled task means shutdown.)
+                    if let Err(e) =
+                        tokio::task::spawn_blocking(move || refresh(&zone, next, &ns)).await
+                        && e.is_cancelled()
+                    {
+                        return;
                     }
                 }
             });
