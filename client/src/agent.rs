@@ -803,7 +803,7 @@ impl Shell {
             }
             Action::Deliver(mut packet) => {
                 if let Some(tun) = &self.tun
-                    && self.lan.to_lan(&self.lan.current(), &mut packet)
+                    && self.lan.to_device(&self.lan.current(), &mut packet)
                 {
                     let _ = tether_shell::tun::write_one(&tun.dev, tun.offload, &packet).await;
                 }
@@ -1079,6 +1079,9 @@ impl Shell {
                 addresses,
                 create_mtu,
             } => {
+                // Before the device (and its pumps) exist: the pumps write
+                // only packets for these addresses and the mapped LANs.
+                self.lan.set_assigned(&addresses);
                 if self.tun.is_none() {
                     let created = Tun::create(&self.config.tun_name, create_mtu)?;
                     if let Some(s) = self.session.as_mut()

@@ -4,9 +4,11 @@
 //!
 //! The translation is [`LanMap`]'s (`tether_proto::netmap`), decided by the
 //! agent core; here it is applied to every packet crossing the device:
-//! [`LanPath::to_lan`] on packets from the tunnel, [`LanPath::from_lan`] on
-//! packets read from the device. A packet the map refuses is dropped and
-//! counted by [`Refused::as_str`].
+//! [`LanPath::to_device`] on packets from the tunnel, [`LanPath::from_lan`]
+//! on packets read from the device. A packet from the tunnel goes to the
+//! device only if it is for the site ([`Inbound`]): to one of its own
+//! addresses, or to a mapped prefix, translated. A packet refused either
+//! way is dropped and counted by [`Refused::as_str`].
 //!
 //! The kernel forwards the translated packets between the device and the
 //! LAN interface (the LAN is directly connected, so it has the route; the
@@ -32,19 +34,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ipnet::IpNet;
-use tether_proto::netmap::{LanMap, Refused};
+use tether_proto::netmap::{Inbound, LanMap, Refused};
 
 /// The least time between two warnings about dropped packets.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// The labels of the drop counters, in counter order.
-const REFUSED: [Refused; 2] = [Refused::Malformed, Refused::Protocol(0)];
-
-/// The LAN map in force and what it refused; shared by the packet pumps.
+/// The site's addresses and LAN map in force, and what they refused;
+/// shared by the packet pumps.
 #[derive(Debug, Default)]
 pub struct LanPath {
-    map: RwLock<Arc<LanMap>>,
-    drops: [AtomicU64; 2],
+    inbound: RwLock<Arc<Inbound>>,
+    /// Counted in the order of [`Refused::ALL`].
+    drops: [AtomicU64; Refused::ALL.len()],
     last_warn: Mutex<Option<Instant>>,
     /// Where the warnings also go, for the site's timeline.
     problems: crate::report::Problems,
@@ -61,30 +62,48 @@ impl LanPath {
 
     /// Translate with `map` from now on.
     pub fn set(&self, map: LanMap) {
-        if let Ok(mut m) = self.map.write() {
-            *m = Arc::new(map);
+        if let Ok(mut m) = self.inbound.write() {
+            *m = Arc::new(m.with_map(map));
         }
     }
 
-    /// The map in force (cheap: the pumps take it once per batch).
-    pub fn current(&self) -> Arc<LanMap> {
-        self.map.read().map(|m| m.clone()).unwrap_or_default()
+    /// The broker assigned `addresses` (the site's own, and its mapped
+    /// LANs): packets to the site's own addresses go to the device from now
+    /// on.
+    pub fn set_assigned(&self, addresses: &[IpNet]) {
+        if let Ok(mut m) = self.inbound.write() {
+            *m = Arc::new(m.with_assigned(addresses));
+        }
     }
 
-    /// Translates a packet from the tunnel into the LAN; `false`: drop it.
-    pub fn to_lan(&self, map: &LanMap, packet: &mut [u8]) -> bool {
-        map.is_empty() || self.count(map.to_lan(packet))
+    /// The addresses and map in force (cheap: the pumps take them once per
+    /// batch).
+    pub fn current(&self) -> Arc<Inbound> {
+        self.inbound.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Lets a packet from the tunnel through to the device, translated
+    /// into the LAN; `false`: drop it.
+    pub fn to_device(&self, inbound: &Inbound, packet: &mut [u8]) -> bool {
+        self.count(inbound.to_device(packet))
+    }
+
+    /// Whether a packet from the tunnel may go to the device as it is
+    /// (there are no LANs to translate it into; `false`: drop it).
+    pub fn admits(&self, inbound: &Inbound, packet: &[u8]) -> bool {
+        self.count(inbound.admits(packet))
     }
 
     /// Translates a packet read from the device for the tunnel; `false`:
     /// drop it.
-    pub fn from_lan(&self, map: &LanMap, packet: &mut [u8]) -> bool {
+    pub fn from_lan(&self, inbound: &Inbound, packet: &mut [u8]) -> bool {
+        let map = inbound.map();
         map.is_empty() || self.count(map.from_lan(packet))
     }
 
     /// The packets dropped so far, by reason label.
     pub fn drops(&self) -> Vec<(&'static str, u64)> {
-        REFUSED
+        Refused::ALL
             .iter()
             .zip(&self.drops)
             .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
@@ -95,12 +114,12 @@ impl LanPath {
         let Err(refused) = outcome else {
             return true;
         };
-        let slot = match refused {
-            Refused::Malformed => 0,
-            Refused::Protocol(_) => 1,
-        };
+        let slot = Refused::ALL
+            .iter()
+            .position(|r| r.as_str() == refused.as_str())
+            .unwrap_or_default();
         self.drops[slot].fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(reason = refused.as_str(), "LAN packet dropped: {refused}");
+        tracing::debug!(reason = refused.as_str(), "packet dropped: {refused}");
         let now = Instant::now();
         if let Ok(mut last) = self.last_warn.lock()
             && last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
@@ -114,11 +133,11 @@ impl LanPath {
             let counts = counts.join(" ");
             tracing::warn!(
                 drops = counts,
-                "packets to or from the LANs were dropped: they cannot be translated"
+                "packets were dropped between the tunnel and the device: not for this site (not_for_site), or they cannot be translated into or out of a LAN"
             );
             self.problems.push(
                 tether_proto::report::ProblemKind::Translation,
-                format!("packets to or from the LANs were dropped since the agent started, by reason: {counts}"),
+                format!("packets were dropped between the tunnel and the device since the agent started, by reason: {counts}"),
             );
         }
         false
@@ -457,17 +476,50 @@ mod tests {
         ])
         .unwrap();
         path.set(map.clone());
-        assert_eq!(*path.current(), map);
+        path.set_assigned(&[net("100.64.1.2/32"), net("100.64.9.0/24")]);
+        assert_eq!(path.current().map(), &map);
+        let counts = |not_for_site, malformed| {
+            vec![
+                ("not_for_site", not_for_site),
+                ("lan_map_malformed", malformed),
+                ("lan_map_protocol", 0),
+            ]
+        };
         // An IPv4 header cut short is malformed.
         let mut cut = vec![0x45, 0, 0, 40, 0, 0];
-        assert!(!path.to_lan(&map, &mut cut));
-        assert_eq!(
-            path.drops(),
-            [("lan_map_malformed", 1), ("lan_map_protocol", 0)]
-        );
-        // An empty map lets everything through untouched.
+        assert!(!path.to_device(&path.current(), &mut cut));
+        assert_eq!(path.drops(), counts(0, 1));
+        // From the tunnel: the site's own address and a mapped one go to
+        // the device (the latter translated); a LAN address outside the
+        // mapping, or another overlay address, does not.
+        let to = |dst: [u8; 4]| udp([100, 64, 0, 9], dst);
+        let mut own = to([100, 64, 1, 2]);
+        assert!(path.to_device(&path.current(), &mut own));
+        assert!(path.admits(&path.current(), &own));
+        let mut mapped = to([100, 64, 9, 20]);
+        assert!(path.to_device(&path.current(), &mut mapped));
+        assert_eq!(mapped[16..20], [192, 168, 1, 20]);
+        for dst in [[192, 168, 1, 40], [192, 168, 2, 40], [100, 64, 1, 3]] {
+            assert!(!path.to_device(&path.current(), &mut to(dst)), "{dst:?}");
+        }
+        assert_eq!(path.drops(), counts(3, 1));
+        // Without LANs only the site's own addresses are taken.
+        path.set(LanMap::default());
+        assert!(path.admits(&path.current(), &own));
+        assert!(!path.admits(&path.current(), &to([100, 64, 9, 20])));
+        assert_eq!(path.drops(), counts(4, 1));
+        // An empty map lets everything from the device through untouched.
         let mut any = vec![1, 2, 3];
-        assert!(path.from_lan(&LanMap::default(), &mut any));
+        assert!(path.from_lan(&path.current(), &mut any));
         assert_eq!(any, [1, 2, 3]);
+    }
+
+    /// A UDP packet from `src` to `dst` (checksums left at zero: none).
+    fn udp(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0, 53, 0, 53, 0, 8, 0, 0]);
+        p
     }
 }

@@ -18,7 +18,8 @@ use crate::tun::Tun;
 /// Starts the packet pumps of a session: device to tunnel, and over HTTP/3
 /// tunnel to device. One read of an offloading device yields a whole TCP burst, and
 /// one write carries the coalesced segments of a batch of datagrams.
-/// Packets to and from the LANs are translated through `lan` on the way.
+/// Packets to and from the LANs are translated through `lan` on the way,
+/// and packets from the tunnel that are not for the site are dropped.
 pub fn start_pumps(
     tun: &Tun,
     link: &TunnelLink,
@@ -37,7 +38,7 @@ pub fn start_pumps(
                     return;
                 }
                 let mtu = link.mtu().map(usize::from).unwrap_or(1200);
-                let map = lan.current();
+                let inbound = lan.current();
                 for framed in packets.framed_mut() {
                     let Some(packet) = framed.get(offset..) else {
                         continue;
@@ -50,7 +51,7 @@ pub fn start_pumps(
                         continue;
                     }
                     if let Some(packet) = framed.get_mut(offset..)
-                        && !lan.from_lan(&map, packet)
+                        && !lan.from_lan(&inbound, packet)
                     {
                         continue;
                     }
@@ -99,18 +100,23 @@ pub fn start_inbound(
                 .await
             {
                 drops.count(dropped);
-                let map = lan.current();
+                let inbound = lan.current();
                 for d in &datagrams {
                     if let Ok((stream, payload)) = datagram::parse_h3(d)
                         && stream == stream_id
                         && let Ok(Payload::IpPacket(p)) = datagram::parse_payload(payload)
                     {
-                        let packet = if map.is_empty() {
+                        // Only what is for the site goes to the device;
+                        // only a packet into a LAN is changed (copied).
+                        let packet = if inbound.map().is_empty() {
+                            if !lan.admits(&inbound, p) {
+                                continue;
+                            }
                             p
                         } else {
                             scratch.clear();
                             scratch.extend_from_slice(p);
-                            if !lan.to_lan(&map, &mut scratch) {
+                            if !lan.to_device(&inbound, &mut scratch) {
                                 continue;
                             }
                             &scratch[..]

@@ -14,6 +14,11 @@
 //!   the real destination.
 //! - [`LanMap::from_lan`]: a packet leaving the LAN for the tunnel gets the
 //!   mapped source.
+//! - [`Inbound::to_device`]: what the site writes to its device from the
+//!   tunnel: packets to its own addresses, and packets to its mapped
+//!   prefixes translated into the LAN. Anything else is refused with
+//!   [`Refused::NotForSite`]: the site forwards nothing the broker was not
+//!   told it exposes, even if the broker sent it.
 //!
 //! The transport checksums that cover the addresses (TCP, UDP, ICMPv6
 //! through their pseudo-header) and the IPv4 header checksum are updated
@@ -133,10 +138,15 @@ pub enum Outcome {
     Untouched,
 }
 
-/// Why a packet that touches a mapped prefix was not translated; the
-/// caller drops it and counts the reason.
+/// Why a packet from the tunnel or the LAN was not let through; the caller
+/// drops it and counts the reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum Refused {
+    /// From the tunnel, to an address that is neither one of the site's
+    /// own nor in one of its mapped prefixes: the site exposes nothing
+    /// else, whatever the broker sends.
+    #[error("the destination is neither this site's address nor in one of its mapped LANs")]
+    NotForSite,
     /// Not a well-formed IP packet, or its transport header is cut short.
     #[error("malformed packet")]
     Malformed,
@@ -147,9 +157,18 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// One of each kind, in the order of their counters (the protocol
+    /// number is not part of the label).
+    pub const ALL: [Refused; 3] = [
+        Refused::NotForSite,
+        Refused::Malformed,
+        Refused::Protocol(0),
+    ];
+
     /// The label of the drop counter.
     pub fn as_str(self) -> &'static str {
         match self {
+            Refused::NotForSite => "not_for_site",
             Refused::Malformed => "lan_map_malformed",
             Refused::Protocol(_) => "lan_map_protocol",
         }
@@ -217,6 +236,95 @@ impl LanMap {
     pub fn from_lan(&self, packet: &mut [u8]) -> Result<Outcome, Refused> {
         translate(packet, Field::Src, &|a| self.mapped_of(a))
     }
+}
+
+/// What a site writes to its device from the tunnel: the site's own
+/// addresses (those the broker assigned as single hosts) and its
+/// [`LanMap`]. The broker routes nothing else to the site, so anything
+/// else is a broker's fault or a packet left over from a LAN just removed;
+/// written to the device, the kernel would forward it on (the agent turns
+/// forwarding on for its LANs), into the LAN or back into the tunnel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inbound {
+    own: Vec<IpAddr>,
+    map: LanMap,
+}
+
+impl Inbound {
+    /// The site's own addresses and its LAN map.
+    pub fn new(own: Vec<IpAddr>, map: LanMap) -> Self {
+        Self { own, map }
+    }
+
+    /// The same map, with the site's own addresses taken from what the
+    /// broker assigned: the single hosts (the shorter prefixes are mapped
+    /// LANs, which the map covers).
+    pub fn with_assigned(&self, assigned: &[IpNet]) -> Self {
+        let own = assigned
+            .iter()
+            .filter(|p| p.prefix_len() == p.max_prefix_len())
+            .map(IpNet::addr)
+            .collect();
+        Self {
+            own,
+            map: self.map.clone(),
+        }
+    }
+
+    /// The same own addresses, with `map`.
+    pub fn with_map(&self, map: LanMap) -> Self {
+        Self {
+            own: self.own.clone(),
+            map,
+        }
+    }
+
+    /// The site's own addresses.
+    pub fn own(&self) -> &[IpAddr] {
+        &self.own
+    }
+
+    /// The LAN map.
+    pub fn map(&self) -> &LanMap {
+        &self.map
+    }
+
+    /// Whether the packet is for the site: its destination (before any
+    /// translation) is one of the site's own addresses or in one of its
+    /// mapped prefixes. Reads the header only.
+    pub fn admits(&self, packet: &[u8]) -> Result<(), Refused> {
+        let dst = destination(packet).ok_or(Refused::Malformed)?;
+        if self.own.contains(&dst) || self.map.mappings.iter().any(|m| m.mapped.contains(&dst)) {
+            Ok(())
+        } else {
+            Err(Refused::NotForSite)
+        }
+    }
+
+    /// A packet from the tunnel on its way to the device: refused unless
+    /// [`Inbound::admits`] it, then translated into the LAN
+    /// ([`LanMap::to_lan`]).
+    pub fn to_device(&self, packet: &mut [u8]) -> Result<Outcome, Refused> {
+        self.admits(packet)?;
+        if self.map.is_empty() {
+            return Ok(Outcome::Untouched);
+        }
+        self.map.to_lan(packet)
+    }
+}
+
+/// The destination address of an IP packet, if its header is there.
+fn destination(packet: &[u8]) -> Option<IpAddr> {
+    let family = match packet.first()? >> 4 {
+        4 => Family::V4,
+        6 => Family::V6,
+        _ => return None,
+    };
+    let bytes = packet.get(address_range(family, Field::Dst))?;
+    Some(match family {
+        Family::V4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        Family::V6 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+    })
 }
 
 fn octets(addr: IpAddr) -> ([u8; 16], usize) {

@@ -54,8 +54,9 @@ pub enum ProblemKind {
     LanRefused,
     /// The LAN mappings the broker gave cannot be used.
     LanMapping,
-    /// Packets to or from a LAN could not be translated (counted by
-    /// reason in the detail).
+    /// Packets from the tunnel not for the site, or packets to or from a
+    /// LAN that could not be translated, were dropped (counted by reason
+    /// in the detail).
     Translation,
     /// The tunnel device or the host's routing could not be set up.
     Device,
@@ -90,7 +91,9 @@ impl ProblemKind {
         match self {
             ProblemKind::LanRefused => "a LAN prefix was refused",
             ProblemKind::LanMapping => "the LAN mappings cannot be used",
-            ProblemKind::Translation => "LAN packets could not be translated",
+            ProblemKind::Translation => {
+                "packets from the tunnel or a LAN were dropped (not for the site, or not translatable)"
+            }
             ProblemKind::Device => "the tunnel device failed",
             ProblemKind::Mtu => "the path's MTU is too small",
             ProblemKind::Reload => "a configuration change was not applied",

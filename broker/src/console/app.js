@@ -119,7 +119,7 @@ const REASONS = {
 const PROBLEMS = {
   lan_refused: "a LAN prefix was refused",
   lan_mapping: "the LAN mappings cannot be used",
-  translation: "LAN packets could not be translated",
+  translation: "packets from the tunnel or a LAN were dropped (not for the site, or not translatable)",
   device: "the tunnel device failed",
   mtu: "the path's MTU is too small",
   reload: "a configuration change was not applied",

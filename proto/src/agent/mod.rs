@@ -237,8 +237,9 @@ pub enum Action {
     SetTunMtu(u16),
     /// Change the device.
     ConfigureTun(TunConfig),
-    /// Write this IP packet (carried in a DATAGRAM capsule) to the device,
-    /// translated into the LAN like every packet from the tunnel.
+    /// Write this IP packet (carried in a DATAGRAM capsule) to the device
+    /// if it is for the site, translated into the LAN like every packet
+    /// from the tunnel ([`crate::netmap::Inbound::to_device`]).
     Deliver(Vec<u8>),
     /// Send this capsule on the tunnel's request stream.
     SendCapsule(Capsule),

@@ -682,3 +682,155 @@ proptest! {
         }
     }
 }
+
+/// The site's own addresses and one mapped LAN, as the broker assigned
+/// them.
+fn inbound() -> Inbound {
+    let assigned: Vec<IpNet> = ["100.64.1.2/32", "fd7a:115c:a1e0::1:2/128", "100.70.3.0/24"]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    Inbound::default()
+        .with_map(map("192.168.1.0/24", "100.70.3.0/24"))
+        .with_assigned(&assigned)
+}
+
+#[test]
+fn the_site_takes_its_own_addresses_and_its_mapped_lans_only() {
+    let site = inbound();
+    assert_eq!(
+        site.own(),
+        [
+            "100.64.1.2".parse::<IpAddr>().unwrap(),
+            "fd7a:115c:a1e0::1:2".parse().unwrap()
+        ]
+    );
+    let backend: IpAddr = "100.64.0.9".parse().unwrap();
+    let to = |dst: &str| packet(backend, dst.parse().unwrap(), PROTO_TCP, &[], &[], b"x");
+
+    // Its own address: written as it came.
+    let original = to("100.64.1.2");
+    let mut p = original.clone();
+    assert_eq!(site.to_device(&mut p), Ok(Outcome::Untouched));
+    assert_eq!(p, original);
+    // A mapped address: translated into the LAN.
+    let mut p = to("100.70.3.20");
+    assert_eq!(site.to_device(&mut p), Ok(Outcome::Translated));
+    assert_eq!(
+        Packet::parse(&p).unwrap().dst,
+        "192.168.1.20".parse::<IpAddr>().unwrap()
+    );
+
+    // Anything else is refused, unchanged: a real LAN address (the broker
+    // routes only the mapped prefix), another overlay address, a LAN
+    // address outside the exposed prefix, another site's IPv6 address.
+    for dst in ["192.168.1.20", "192.168.2.40", "100.64.1.3", "100.70.4.1"] {
+        let original = to(dst);
+        let mut p = original.clone();
+        assert_eq!(site.to_device(&mut p), Err(Refused::NotForSite), "{dst}");
+        assert_eq!(p, original, "{dst}");
+    }
+    let v6 = packet(
+        "fd7a:115c:a1e0::9".parse().unwrap(),
+        "fd7a:115c:a1e0::1:3".parse().unwrap(),
+        PROTO_UDP,
+        &[],
+        &[],
+        b"x",
+    );
+    assert_eq!(site.admits(&v6), Err(Refused::NotForSite));
+    assert_eq!(Refused::NotForSite.as_str(), "not_for_site");
+
+    // A site without LANs still takes only its own addresses.
+    let plain = Inbound::default().with_assigned(&["100.64.1.2/32".parse().unwrap()]);
+    assert_eq!(
+        plain.to_device(&mut to("100.64.1.2")),
+        Ok(Outcome::Untouched)
+    );
+    assert_eq!(
+        plain.to_device(&mut to("100.70.3.20")),
+        Err(Refused::NotForSite)
+    );
+    // And before the broker assigned anything, nothing.
+    assert_eq!(
+        Inbound::default().admits(&to("100.64.1.2")),
+        Err(Refused::NotForSite)
+    );
+    // A header cut short has no destination.
+    assert_eq!(
+        site.admits(&to("100.64.1.2")[..12]),
+        Err(Refused::Malformed)
+    );
+    assert_eq!(site.admits(&[]), Err(Refused::Malformed));
+}
+
+#[test]
+fn errors_to_the_site_or_its_lan_hosts_are_taken() {
+    let site = inbound();
+    let router: IpAddr = "100.64.0.1".parse().unwrap();
+    // About a packet a LAN host sent (its source mapped): the error comes
+    // to the mapped address and is translated, quote included.
+    let sent = packet(
+        "100.70.3.20".parse().unwrap(),
+        "100.64.0.9".parse().unwrap(),
+        PROTO_UDP,
+        &[],
+        &[],
+        b"x",
+    );
+    let mut error = icmp_error(&Packet::parse(&sent).unwrap(), IcmpError::NoRoute, router).unwrap();
+    assert_eq!(site.to_device(&mut error), Ok(Outcome::Translated));
+    assert_eq!(
+        Packet::parse(&error).unwrap().dst,
+        "192.168.1.20".parse::<IpAddr>().unwrap()
+    );
+    // About a packet the edge host sent: to its own address.
+    let sent = packet(
+        "100.64.1.2".parse().unwrap(),
+        "100.64.0.9".parse().unwrap(),
+        PROTO_TCP,
+        &[],
+        &[],
+        b"x",
+    );
+    let mut error = icmp_error(
+        &Packet::parse(&sent).unwrap(),
+        IcmpError::PacketTooBig { mtu: 1280 },
+        router,
+    )
+    .unwrap();
+    assert!(site.to_device(&mut error).is_ok());
+}
+
+proptest! {
+    /// Against a naive reference: a packet is taken exactly when its
+    /// destination is one of the site's addresses or in a mapped prefix,
+    /// and what is taken leaves for an own address or a real LAN address.
+    #[test]
+    fn the_site_takes_what_the_reference_takes(
+        m in mapping(),
+        own_bits in prop::collection::vec(any::<u128>(), 0..3),
+        dst_bits in any::<u128>(),
+        pick in 0u8..3,
+    ) {
+        let map = LanMap::new(vec![m]).unwrap();
+        let own: Vec<IpAddr> = own_bits.iter().filter_map(|b| remote_outside(&m, *b)).collect();
+        let site = Inbound::new(own.clone(), map);
+        let dst = match pick {
+            0 => host_in(m.mapped, dst_bits),
+            1 => own.first().copied().unwrap_or(host_in(m.real, dst_bits)),
+            _ => host_in(m.real, dst_bits),
+        };
+        let Some(src) = remote_outside(&m, dst_bits.rotate_left(29)) else { return Ok(()) };
+        let mut p = packet(src, dst, PROTO_UDP, &[], &[], b"x");
+        let expected = own.contains(&dst) || m.mapped.contains(&dst);
+        let got = site.to_device(&mut p);
+        prop_assert_eq!(got.is_ok(), expected, "{:?} to {}", got, dst);
+        if got.is_ok() {
+            let now = Packet::parse(&p).unwrap().dst;
+            prop_assert!(own.contains(&now) || m.real.contains(&now));
+        } else {
+            prop_assert_eq!(got, Err(Refused::NotForSite));
+        }
+    }
+}
