@@ -7,6 +7,7 @@
 //! collide on interface names. All traffic stays inside the test's own
 //! namespaces.
 
+pub mod browser;
 pub mod cluster;
 pub mod lan;
 pub mod topology;

@@ -9,15 +9,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use tether_netns_tests::browser::{CHROMIUM, missing, repo_root};
 use tether_netns_tests::topology::{Topology, read};
 use tether_netns_tests::{Proc, require_root};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// How long after an idle agent's death the broker notices it, at most,
 /// with the default keepalives (docs/operations.md, "When a killed site's
@@ -33,30 +31,6 @@ const BROWSER_SLACK: Duration = Duration::from_secs(2);
 const OFFLINE_NOT_BEFORE: Duration = Duration::from_secs(5);
 /// The whole browser session, at most.
 const DEADLINE: Duration = Duration::from_secs(150);
-
-/// Why the browser cannot run here, if it cannot.
-fn missing() -> Option<String> {
-    if !Path::new(CHROMIUM).exists() {
-        return Some(format!(
-            "{CHROMIUM} is not installed (apt-get install chromium)"
-        ));
-    }
-    let playwright = std::process::Command::new("python3")
-        .args(["-c", "import playwright.sync_api"])
-        .stderr(Stdio::null())
-        .status();
-    if !playwright.is_ok_and(|s| s.success()) {
-        return Some("python3 cannot import playwright (pip install playwright)".into());
-    }
-    None
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// The browser script's lines, read on a thread of their own so that
 /// every wait is bounded.

@@ -10,15 +10,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use tether_netns_tests::browser::{CHROMIUM, missing, repo_root};
 use tether_proto::events::{Disconnect, EventKind};
 use tether_tests::{TestBroker, TestSite, tunnel_for};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
 /// A WireGuard gateway (never started: the broker lists it, and routes its
 /// backend network to it).
 const GATEWAY: &str = r#"
@@ -33,30 +32,6 @@ prefixes = ["10.244.0.0/16"]
 
 /// The whole browser session, at most.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Why the browser test cannot run here, if it cannot.
-fn missing() -> Option<String> {
-    if !Path::new(CHROMIUM).exists() {
-        return Some(format!(
-            "{CHROMIUM} is not installed (apt-get install chromium)"
-        ));
-    }
-    let playwright = Command::new("python3")
-        .args(["-c", "import playwright.sync_api"])
-        .stderr(Stdio::null())
-        .status();
-    if !playwright.is_ok_and(|s| s.success()) {
-        return Some("python3 cannot import playwright (pip install playwright)".into());
-    }
-    None
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_a_site_going_offline_and_keeps_viewers_read_only() {
