@@ -26,6 +26,20 @@ pub fn missing() -> Option<String> {
     None
 }
 
+/// Whether a browser test can run here. When it cannot, it is skipped
+/// with the reason, except in CI (`CI` set), where that is a failure.
+pub fn available() -> bool {
+    let Some(why) = missing() else {
+        return true;
+    };
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the browser test must run in CI: {why}"
+    );
+    eprintln!("skipped: {why}");
+    false
+}
+
 /// The repository's root (where `tests/console/` and `docs/` are).
 pub fn repo_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
