@@ -4,7 +4,8 @@
 //! Routes go into one table (7300 by default), through the TUN device; one
 //! rule per address family at the configured priority (7300 by default)
 //! sends every lookup to that table first. The table holds only site
-//! prefixes, so anything else falls through to the next rules (`main`).
+//! prefixes and the site pools, so anything else falls through to the
+//! next rules (`main`).
 //! Both stay clear of Cilium's tables (200-202, 2004, 2005) and rule
 //! priorities (1-112) and of Tailscale's table 52; no packet marks are
 //! involved.

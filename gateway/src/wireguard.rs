@@ -343,6 +343,21 @@ pub async fn run(
             "mesh zone loaded from the last run"
         );
     }
+    // The pools (the prefixes the zone answers PTR for) are routed into
+    // the tunnel as a whole, as the stock WireGuard configuration does:
+    // an address of a pool that no site holds reaches the broker, which
+    // answers destination-unreachable, instead of the node's default
+    // route. The live sites' routes are more specific.
+    let mut pools: BTreeSet<IpNet> = saved
+        .as_ref()
+        .map(|z| z.reverse.iter().copied().collect())
+        .unwrap_or_default();
+    let mut site_prefixes = BTreeSet::new();
+    if !pools.is_empty()
+        && let Err(e) = routes.set(&pools).await
+    {
+        tracing::error!(error = format!("{e:#}"), "cannot route the pools");
+    }
     let (zones, mut zone_rx) = watch::channel(saved);
     let dns = match config.dns_listen {
         Some(addr) => {
@@ -379,6 +394,17 @@ pub async fn run(
                 }
                 let Some(zone) = zone_rx.borrow_and_update().clone() else { continue };
                 tracing::info!(serial = zone.serial, sites = zone.sites.len(), "mesh zone updated");
+                let zone_pools: BTreeSet<IpNet> = zone.reverse.iter().copied().collect();
+                if zone_pools != pools {
+                    pools = zone_pools;
+                    let wanted: BTreeSet<IpNet> = site_prefixes.union(&pools).copied().collect();
+                    match routes.set(&wanted).await {
+                        Ok((added, removed)) => tracing::info!(
+                            pools = pools.len(), added, removed, "pool routes updated"
+                        ),
+                        Err(e) => tracing::error!(error = format!("{e:#}"), "cannot route the pools"),
+                    }
+                }
                 let path = dir.join(ZONE_FILE);
                 let tmp = path.with_extension("tmp");
                 if let Err(e) = std::fs::write(&tmp, zone.encode()).and_then(|_| std::fs::rename(&tmp, &path)) {
@@ -390,7 +416,8 @@ pub async fn run(
                     break Err(anyhow::anyhow!("the tunnel stopped"));
                 }
                 let Some(set) = set_rx.borrow_and_update().clone() else { continue };
-                let wanted: BTreeSet<IpNet> = set.routes.iter().map(|r| r.prefix).collect();
+                site_prefixes = set.routes.iter().map(|r| r.prefix).collect();
+                let wanted: BTreeSet<IpNet> = site_prefixes.union(&pools).copied().collect();
                 match routes.set(&wanted).await {
                     Ok((added, removed)) => tracing::info!(
                         routes = wanted.len(), added, removed, generation = set.generation,

@@ -339,11 +339,12 @@ fn site_behind_a_gateway() -> (
 }
 
 /// ICMP errors the broker makes for a backend behind a WireGuard gateway
-/// (packet-too-big for a packet the site's tunnel cannot carry) travel
+/// (packet-too-big for a packet the site's tunnel cannot carry,
+/// destination-unreachable for an address no site holds) travel
 /// back through the WireGuard session and reach the backend: the gateway
 /// node forwards them, it does not drop them as martians.
 #[test]
-fn backend_behind_a_wireguard_gateway_gets_packet_too_big() {
+fn backend_behind_a_wireguard_gateway_gets_packet_too_big_and_unreachable() {
     if !require_root() {
         return;
     }
@@ -370,6 +371,28 @@ fn backend_behind_a_wireguard_gateway_gets_packet_too_big() {
          (broker sent {} errors):\n{out}",
         topo.metric("tether_broker_icmp_errors_sent_total") - sent
     );
+
+    // An address of the site pool that no site holds: the broker answers
+    // destination-unreachable, which comes back through the gateway too.
+    let sent = topo.metric("tether_broker_icmp_errors_sent_total");
+    let out = eu
+        .backend
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "100.64.200.200"])
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.contains("From ") && out.contains("Unreachable"),
+        "no destination-unreachable behind the WireGuard gateway for an address no site holds \
+         (broker sent {} errors):\n{out}",
+        topo.metric("tether_broker_icmp_errors_sent_total") - sent
+    );
+    assert!(topo.metric("tether_broker_icmp_errors_sent_total") > sent);
 }
 
 /// Datagrams that queue up at a gateway while it is off the CPU all reach
