@@ -150,6 +150,11 @@ fn bearer(value: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
+/// Reads the viewer token may not make: what they return is not for a
+/// help desk (a backup holds the sealed CA keys, every token hash and
+/// certificate record).
+const ADMIN_ONLY_READS: [&str; 1] = ["/v1/backup"];
+
 async fn authenticate(
     State(broker): State<Arc<Broker>>,
     mut request: Request,
@@ -179,6 +184,13 @@ async fn authenticate(
         return AdminError::new(
             StatusCode::FORBIDDEN,
             "the viewer token can only read; this needs the admin token (admin.token)",
+        )
+        .into_response();
+    }
+    if role == Role::Viewer && ADMIN_ONLY_READS.contains(&request.uri().path()) {
+        return AdminError::new(
+            StatusCode::FORBIDDEN,
+            "a backup holds the sealed CA keys and every site's records; it needs the admin token (admin.token)",
         )
         .into_response();
     }

@@ -226,6 +226,12 @@ async fn the_viewer_token_reads_and_changes_nothing() {
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {answer}");
         assert!(answer.contains("viewer token can only read"), "{answer}");
     }
+    // A backup (sealed CA keys, token hashes, certificates) is the admin's.
+    let (status, answer) = call(&broker, "GET", "/v1/backup", Some(&viewer), "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert!(answer.contains("needs the admin token"), "{answer}");
+    let (status, answer) = call(&broker, "GET", "/v1/backup", Some(&admin), "").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
     let record = broker
         .broker()
         .store
@@ -345,6 +351,10 @@ async fn the_openapi_document_describes_every_endpoint() {
         "/v1/site-states",
         "/v1/sites/{site}/events",
         "/v1/whoami",
+        "/v1/ca",
+        "/v1/ca/rotate",
+        "/v1/ca/rollback",
+        "/v1/backup",
         "/metrics",
         "/healthz",
         "/readyz",
