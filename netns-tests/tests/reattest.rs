@@ -5,12 +5,13 @@
 //!
 //! ```text
 //!  ns tt-reatt-*:  tether up ──(127.0.0.1:443, HTTP/3)──► tether-broker
-//!                  (both at real time + 3 days, then + 100 days, + 5 days)
+//!                  (both at real time + 30 days, then + 130 days, + 35 days)
 //! ```
 //!
-//! After three days the agent re-attests by itself and gets its address
-//! back; after 100 days (past the 90-day window) and once revoked, it is
-//! refused, and its log and `tether doctor` say why in plain words.
+//! After 30 days switched off the agent re-attests by itself and gets its
+//! address back; 100 days after that (past the 90-day window) and once
+//! revoked, it is refused, and its log and `tether doctor` say why in
+//! plain words.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -126,7 +127,7 @@ impl Lab {
 }
 
 #[test]
-fn a_site_back_after_days_reattests_by_itself_and_is_refused_past_the_window_or_revoked() {
+fn a_site_back_after_30_days_reattests_by_itself_and_is_refused_past_the_window_or_revoked() {
     if !require_root() {
         return;
     }
@@ -174,10 +175,10 @@ fn a_site_back_after_days_reattests_by_itself_and_is_refused_past_the_window_or_
         .to_string();
     broker.kill();
 
-    // Three days later (the certificate lives one): back by itself, with
-    // the same address.
-    let mut broker = lab.broker("+3d");
-    let log = lab.up_until("+3d", "this site is reachable as", "up-3d.log");
+    // 30 days later (the certificate lives one): back by itself, with the
+    // same address.
+    let mut broker = lab.broker("+30d");
+    let log = lab.up_until("+30d", "this site is reachable as", "up-30d.log");
     assert!(
         log.contains("the broker renewed this site's certificate by re-attestation"),
         "{log}"
@@ -188,28 +189,30 @@ fn a_site_back_after_days_reattests_by_itself_and_is_refused_past_the_window_or_
     );
     broker.kill();
 
-    // 100 days later: 96 days past the last certificate, the window is 90.
-    let mut broker = lab.broker("+100d");
-    let log = lab.up_until("+100d", "asking again in 10 minutes", "up-100d.log");
+    // 100 days later: 99 days past the certificate of day 30, the window
+    // is 90.
+    let mut broker = lab.broker("+130d");
+    let log = lab.up_until("+130d", "asking again in 10 minutes", "up-130d.log");
     assert!(
-        log.contains("the broker refused to renew this site's certificate: this site has been offline for at least 96 days"),
+        log.contains("the broker refused to renew this site's certificate: this site has been offline for at least 99 days"),
         "{log}"
     );
     assert!(
         log.contains("longer than the broker's re-attestation window of 90 days"),
         "{log}"
     );
-    let doctor = lab.run("+100d", "tether", &["doctor", "--state-dir", &lab.state]);
+    let doctor = lab.run("+130d", "tether", &["doctor", "--state-dir", &lab.state]);
     assert!(
-        doctor.contains("FAIL  re-attestation     this site has been offline for at least 96 days"),
+        doctor.contains("FAIL  re-attestation     this site has been offline for at least 99 days"),
         "{doctor}"
     );
     broker.kill();
 
-    // Five days after the start, within the window, but revoked.
-    let _broker = lab.broker("+5d");
+    // Day 35: four days past the certificate of day 30, within the window,
+    // but revoked.
+    let _broker = lab.broker("+35d");
     let out = lab.run(
-        "+5d",
+        "+35d",
         "tether-broker",
         &[
             "site",
@@ -223,12 +226,12 @@ fn a_site_back_after_days_reattests_by_itself_and_is_refused_past_the_window_or_
         ],
     );
     assert!(out.contains("revoked"), "{out}");
-    let log = lab.up_until("+5d", "asking again in 10 minutes", "up-revoked.log");
+    let log = lab.up_until("+35d", "asking again in 10 minutes", "up-revoked.log");
     assert!(
         log.contains("the broker refused to renew this site's certificate: this site was revoked by the operator on "),
         "{log}"
     );
-    let doctor = lab.run("+5d", "tether", &["doctor", "--state-dir", &lab.state]);
+    let doctor = lab.run("+35d", "tether", &["doctor", "--state-dir", &lab.state]);
     assert!(
         doctor.contains("FAIL  re-attestation     this site was revoked by the operator on"),
         "{doctor}"
