@@ -90,6 +90,19 @@ impl NetNs {
         run("ip", &full)
     }
 
+    /// Runs a command inside the namespace, whatever its exit status, and
+    /// returns what it printed (standard output, then standard error).
+    pub fn transcript(&self, program: &str, args: &[&str]) -> String {
+        match self.command(program).args(args).output() {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("cannot run {program}: {e}"),
+        }
+    }
+
     /// Runs a command inside the namespace and returns whether it succeeded.
     pub fn succeeds(&self, program: &str, args: &[&str]) -> bool {
         self.command(program)

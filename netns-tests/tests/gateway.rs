@@ -354,16 +354,9 @@ fn backend_behind_a_wireguard_gateway_gets_packet_too_big_and_unreachable() {
     // site's tunnel: the broker answers with fragmentation-needed, which
     // must come back through the gateway.
     let sent = topo.metric("tether_broker_icmp_errors_sent_total");
-    let out = eu
-        .backend
-        .command("ping")
-        .args(["-c", "1", "-W", "2", "-M", "do", "-s", "1371", &addr])
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = eu.backend.transcript(
+        "ping",
+        &["-c", "1", "-W", "2", "-M", "do", "-s", "1371", &addr],
     );
     assert!(
         out.contains("Frag needed") || out.contains("mtu"),
@@ -377,15 +370,7 @@ fn backend_behind_a_wireguard_gateway_gets_packet_too_big_and_unreachable() {
     let sent = topo.metric("tether_broker_icmp_errors_sent_total");
     let out = eu
         .backend
-        .command("ping")
-        .args(["-c", "1", "-W", "2", "100.64.200.200"])
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .transcript("ping", &["-c", "1", "-W", "2", "100.64.200.200"]);
     assert!(
         out.contains("From ") && out.contains("Unreachable"),
         "no destination-unreachable behind the WireGuard gateway for an address no site holds \

@@ -20,12 +20,7 @@ use tether_netns_tests::{require_root, wait_for};
 
 /// `ping` from the backend with `args`, its stdout and stderr together.
 fn ping(topo: &Topology, args: &[&str]) -> String {
-    let out = topo.backend.command("ping").args(args).output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    topo.backend.transcript("ping", args)
 }
 
 #[test]
