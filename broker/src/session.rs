@@ -439,14 +439,7 @@ impl Gone {
                     tracing::debug!(error = %e, "connection ended");
                     Disconnect::ConnectionLost
                 }
-                () = tether_shell::quic::path_black_hole(conn) => {
-                    use tether_shell::quic::{PATH_BLACK_HOLE_CODE, PATH_BLACK_HOLE_REASON};
-                    conn.close(
-                        VarInt::from_u32(PATH_BLACK_HOLE_CODE),
-                        PATH_BLACK_HOLE_REASON.as_bytes(),
-                    );
-                    Disconnect::PathBlackHole
-                }
+                () = tether_shell::quic::path_black_hole(conn) => Disconnect::PathBlackHole,
             },
             Gone::H2(gone) => {
                 let _ = gone.wait_for(|g| *g).await;

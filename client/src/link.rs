@@ -559,14 +559,10 @@ impl BrokerConn {
     pub async fn closed(&self) -> Failure {
         match self {
             BrokerConn::H3 { client, .. } => {
-                use tether_shell::quic::{PATH_BLACK_HOLE_CODE, PATH_BLACK_HOLE_REASON};
+                use tether_shell::quic::PATH_BLACK_HOLE_REASON;
                 tokio::select! {
                     e = client.conn.closed() => quic_failure(&client.conn, e),
                     () = tether_shell::quic::path_black_hole(&client.conn) => {
-                        client.conn.close(
-                            VarInt::from_u32(PATH_BLACK_HOLE_CODE),
-                            PATH_BLACK_HOLE_REASON.as_bytes(),
-                        );
                         Failure::lost(format!(
                             "{PATH_BLACK_HOLE_REASON} (the path's MTU narrowed below the \
                              1428 bytes HTTP/3 needs?)"

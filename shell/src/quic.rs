@@ -85,10 +85,10 @@ pub const PATH_BLACK_HOLE_CODE: u32 = 0x101;
 pub const PATH_BLACK_HOLE_REASON: &str = "the path stopped carrying full-size packets";
 
 /// Resolves when the path under `conn` stops carrying full-size packets
-/// while small ones still cross (see [`tether_proto::path_watch`]); the
-/// caller closes the connection with [`PATH_BLACK_HOLE_CODE`] so the site
-/// dials again over what the path carries. Pending while the path is
-/// healthy; costs one look at the connection's statistics per window.
+/// while small ones still cross (see [`tether_proto::path_watch`]), after
+/// closing the connection with [`PATH_BLACK_HOLE_CODE`] so the site dials
+/// again over what the path carries. Pending while the path is healthy;
+/// costs one look at the connection's statistics per window.
 pub async fn path_black_hole(conn: &quinn::Connection) {
     use tether_proto::path_watch::{BlackHoleWatch, PathSample, WINDOW};
     let mut watch = BlackHoleWatch::new();
@@ -103,6 +103,10 @@ pub async fn path_black_hole(conn: &quinn::Connection) {
             lost_packets: stats.path.lost_packets,
         };
         if watch.observe(Instant::now(), sample) {
+            conn.close(
+                VarInt::from_u32(PATH_BLACK_HOLE_CODE),
+                PATH_BLACK_HOLE_REASON.as_bytes(),
+            );
             return;
         }
     }
