@@ -1103,7 +1103,7 @@ impl TokenLedger for EtcdStore {
                 let found = |i: usize| responses.get(i).and_then(|r| get_kvs(r).first());
                 if let Some(kv) = found(1) {
                     let left: RedeemedMarker = serde_json::from_slice(kv.value())?;
-                    if self.settle(hash, Some(left.nonce)) {
+                    if self.settle(hash, left.nonce) {
                         // This broker's earlier redemption committed; its
                         // answer was lost.
                         self.forget_marker(marker.clone());
@@ -1133,7 +1133,7 @@ impl TokenLedger for EtcdStore {
                         "token redemption",
                         move |mut c| async move { c.txn(take).await },
                     )?;
-                self.settle(hash, Some(nonce));
+                self.settle(hash, nonce);
                 if response.succeeded() {
                     self.forget_marker(marker.clone());
                     let token: StoredToken = serde_json::from_slice(kv.value())?;
@@ -1158,11 +1158,11 @@ impl EtcdStore {
 
     /// Forgets the unsettled redemption of `hash` if its nonce is `nonce`;
     /// whether it was.
-    fn settle(&self, hash: &TokenHash, nonce: Option<u64>) -> bool {
+    fn settle(&self, hash: &TokenHash, nonce: u64) -> bool {
         let Ok(mut unsettled) = self.unsettled.lock() else {
             return false;
         };
-        if nonce.is_some() && unsettled.get(hash).copied() == nonce {
+        if unsettled.get(hash) == Some(&nonce) {
             unsettled.remove(hash);
             return true;
         }
