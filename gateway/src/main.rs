@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tether_config::Host;
 use tether_config::gateway::{GatewayConfig, GatewayFile};
 use tether_gateway::live::LiveRoutes;
 use tether_gateway::preflight::{self, Level};
@@ -166,11 +165,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Preflight { config } => {
             let config = load(&config)?;
-            let broker = config.brokers.first().and_then(|b| match b.host {
-                Host::Ip(ip) => Some(ip),
-                Host::Name(_) => None,
-            });
-            let findings = preflight::analyze(&config, &preflight::gather(&config, broker));
+            let resolved = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(wireguard::resolve_brokers(&config));
+            let findings = preflight::analyze(&config, &preflight::gather(&config, &resolved));
             for f in &findings {
                 println!("{:<5} {:<14} {}", f.level.as_str(), f.check, f.detail);
             }

@@ -5,10 +5,13 @@
 //! are a pure function of them ([`analyze`]), so they are tested without a
 //! node.
 
+use std::net::SocketAddr;
 use std::process::Command;
 
 use serde_json::Value;
 use tether_config::gateway::GatewayConfig;
+
+use crate::wireguard::{Resolved, choose_brokers};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -43,6 +46,15 @@ pub struct Finding {
     pub detail: String,
 }
 
+/// The way to one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerPath {
+    /// The broker's WireGuard endpoint.
+    pub addr: SocketAddr,
+    /// The interface the route towards it leaves by, and its MTU.
+    pub underlay: Option<(String, u32)>,
+}
+
 /// What the checks look at.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
@@ -52,10 +64,11 @@ pub struct Facts {
     pub table_routes: Vec<Value>,
     /// rp_filter by interface name (`all` and `default` included).
     pub rp_filter: Vec<(String, u8)>,
-    /// The underlay interface towards the broker and its MTU.
-    pub underlay: Option<(String, u32)>,
-    /// Whether the broker is reached over IPv6.
-    pub broker_v6: bool,
+    /// Each broker the gateway would talk to, with the underlay interface
+    /// towards it and that interface's MTU.
+    pub brokers: Vec<BrokerPath>,
+    /// Configured brokers the gateway would leave out, and why.
+    pub broker_problems: Vec<String>,
     /// `net.ipv4.ip_forward` (and IPv6 forwarding).
     pub forwarding: (bool, bool),
 }
@@ -209,32 +222,83 @@ pub fn analyze(config: &GatewayConfig, facts: &Facts) -> Vec<Finding> {
         }
     });
 
-    // MTU of the underlay.
-    let overhead = if facts.broker_v6 { 80 } else { 60 };
-    out.push(match &facts.underlay {
-        Some((dev, mtu)) if *mtu >= u32::from(config.mtu) + overhead => Finding {
-            level: Level::Ok,
-            check: "mtu",
-            detail: format!(
-                "{dev} has MTU {mtu}: room for the tunnel MTU {} plus {overhead} bytes of WireGuard",
-                config.mtu
-            ),
-        },
-        Some((dev, mtu)) => Finding {
+    // The brokers: resolved, inside the published CIDR, one family.
+    out.push(if facts.brokers.is_empty() {
+        Finding {
             level: Level::Fail,
-            check: "mtu",
+            check: "brokers",
+            detail: format!("no usable broker: {}", facts.broker_problems.join("; ")),
+        }
+    } else if facts.broker_problems.is_empty() {
+        Finding {
+            level: Level::Ok,
+            check: "brokers",
             detail: format!(
-                "{dev} has MTU {mtu}, too small for the tunnel MTU {} plus {overhead} bytes of WireGuard: set tun.mtu = {}",
-                config.mtu,
-                mtu.saturating_sub(overhead).max(1280)
+                "{} reachable by route: {}",
+                facts.brokers.len(),
+                list(&facts.brokers)
             ),
-        },
-        None => Finding {
+        }
+    } else {
+        Finding {
             level: Level::Warn,
-            check: "mtu",
-            detail: "no route towards the broker found; cannot check the underlay MTU".into(),
-        },
+            check: "brokers",
+            detail: format!(
+                "{}; the gateway goes on with {}",
+                facts.broker_problems.join("; "),
+                list(&facts.brokers)
+            ),
+        }
     });
+
+    // MTU of the underlay towards each broker: one line per interface.
+    type Underlay<'a> = Option<&'a (String, u32)>;
+    let mut by_underlay: Vec<(Underlay, Vec<&BrokerPath>)> = Vec::new();
+    for b in &facts.brokers {
+        match by_underlay
+            .iter_mut()
+            .find(|(u, _)| *u == b.underlay.as_ref())
+        {
+            Some((_, v)) => v.push(b),
+            None => by_underlay.push((b.underlay.as_ref(), vec![b])),
+        }
+    }
+    for (underlay, brokers) in by_underlay {
+        let names = brokers
+            .iter()
+            .map(|b| b.addr.ip().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let overhead = if brokers.iter().any(|b| b.addr.is_ipv6()) {
+            80
+        } else {
+            60
+        };
+        out.push(match underlay {
+            Some((dev, mtu)) if *mtu >= u32::from(config.mtu) + overhead => Finding {
+                level: Level::Ok,
+                check: "mtu",
+                detail: format!(
+                    "{dev} (towards {names}) has MTU {mtu}: room for the tunnel MTU {} plus {overhead} bytes of WireGuard",
+                    config.mtu
+                ),
+            },
+            Some((dev, mtu)) => Finding {
+                level: Level::Fail,
+                check: "mtu",
+                detail: format!(
+                    "{dev} (towards {names}) has MTU {mtu}, too small for the tunnel MTU {} plus {overhead} bytes of WireGuard: set tun.mtu = {}",
+                    config.mtu,
+                    mtu.saturating_sub(overhead).max(1280)
+                ),
+            },
+            None => Finding {
+                level: Level::Warn,
+                check: "mtu",
+                detail: format!("no route towards {names} found; cannot check the underlay MTU"),
+            },
+        });
+    }
 
     // Forwarding: backends route through this node.
     let (v4, v6) = facts.forwarding;
@@ -257,6 +321,14 @@ pub fn analyze(config: &GatewayConfig, facts: &Facts) -> Vec<Finding> {
     out
 }
 
+fn list(brokers: &[BrokerPath]) -> String {
+    brokers
+        .iter()
+        .map(|b| b.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn ip_json(args: &[&str]) -> Vec<Value> {
     Command::new("ip")
         .arg("-j")
@@ -275,32 +347,32 @@ fn sysctl(path: &str) -> Option<u8> {
         .ok()
 }
 
-/// Reads the facts from this node.
-pub fn gather(config: &GatewayConfig, broker: Option<std::net::IpAddr>) -> Facts {
+/// Reads the facts from this node, for the brokers chosen from `resolved`
+/// as `tether-gateway run` chooses them.
+pub fn gather(config: &GatewayConfig, resolved: &[Resolved]) -> Facts {
     let table = config.table.to_string();
     let mut rules = ip_json(&["-4", "rule", "show"]);
     rules.extend(ip_json(&["-6", "rule", "show"]));
     let mut table_routes = ip_json(&["-4", "route", "show", "table", &table]);
     table_routes.extend(ip_json(&["-6", "route", "show", "table", &table]));
-    let route = match broker {
-        Some(ip) => ip_json(&["route", "get", &ip.to_string()]),
-        None => ip_json(&["route", "show", "default"]),
-    };
-    let underlay_dev = route
-        .first()
-        .and_then(|r| str_of(r, "dev"))
-        .map(str::to_string);
-    let underlay = underlay_dev.and_then(|dev| {
-        let link = ip_json(&["link", "show", "dev", &dev]);
-        let mtu = link
-            .first()
-            .and_then(|l| l.get("mtu"))
-            .and_then(Value::as_u64)?;
-        Some((dev, mtu as u32))
-    });
+    let choice = choose_brokers(&config.published_cidr, resolved);
+    let brokers: Vec<BrokerPath> = choice
+        .kept
+        .iter()
+        .map(|addr| BrokerPath {
+            addr: *addr,
+            underlay: underlay_towards(addr),
+        })
+        .collect();
     let mut rp_filter = Vec::new();
     let mut names = vec!["all".to_string(), "default".to_string()];
-    names.extend(underlay.as_ref().map(|(d, _)| d.clone()));
+    for b in &brokers {
+        if let Some((dev, _)) = &b.underlay
+            && !names.contains(dev)
+        {
+            names.push(dev.clone());
+        }
+    }
     names.push(config.tun_name.clone());
     for name in names {
         if let Some(v) = sysctl(&format!("net/ipv4/conf/{name}/rp_filter")) {
@@ -311,8 +383,8 @@ pub fn gather(config: &GatewayConfig, broker: Option<std::net::IpAddr>) -> Facts
         rules,
         table_routes,
         rp_filter,
-        underlay,
-        broker_v6: broker.is_some_and(|b| b.is_ipv6()),
+        brokers,
+        broker_problems: choice.problems,
         forwarding: (
             sysctl("net/ipv4/ip_forward") == Some(1),
             sysctl("net/ipv6/conf/all/forwarding") == Some(1),
@@ -320,9 +392,22 @@ pub fn gather(config: &GatewayConfig, broker: Option<std::net::IpAddr>) -> Facts
     }
 }
 
+/// The interface the route towards `addr` leaves by, and its MTU.
+fn underlay_towards(addr: &SocketAddr) -> Option<(String, u32)> {
+    let route = ip_json(&["route", "get", &addr.ip().to_string()]);
+    let dev = route.first().and_then(|r| str_of(r, "dev"))?.to_string();
+    let link = ip_json(&["link", "show", "dev", &dev]);
+    let mtu = link
+        .first()
+        .and_then(|l| l.get("mtu"))
+        .and_then(Value::as_u64)?;
+    Some((dev, mtu as u32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::IpNet;
     use serde_json::json;
 
     fn config() -> GatewayConfig {
@@ -345,8 +430,11 @@ mod tests {
             ],
             table_routes: vec![json!({"dst": "100.64.0.5", "dev": "tether-gw0"})],
             rp_filter: vec![("all".into(), 0), ("eth0".into(), 2)],
-            underlay: Some(("eth0".into(), 1500)),
-            broker_v6: false,
+            brokers: vec![BrokerPath {
+                addr: "100.64.0.1:51820".parse().unwrap(),
+                underlay: Some(("eth0".into(), 1500)),
+            }],
+            broker_problems: vec![],
             forwarding: (true, false),
         }
     }
@@ -371,7 +459,7 @@ mod tests {
             .table_routes
             .push(json!({"dst": "10.0.0.0/8", "dev": "wg0"}));
         facts.rp_filter.push(("tether-gw0".into(), 1));
-        facts.underlay = Some(("eth0".into(), 1460));
+        facts.brokers[0].underlay = Some(("eth0".into(), 1460));
         facts.forwarding = (false, false);
         let f = analyze(&config(), &facts);
         assert_eq!(level(&f, "ip rules"), Level::Fail);
@@ -387,5 +475,65 @@ mod tests {
         let mut facts = healthy();
         facts.rp_filter = vec![("all".into(), 1), ("eth0".into(), 0)];
         assert_eq!(level(&analyze(&config(), &facts), "rp_filter"), Level::Warn);
+    }
+
+    fn resolved(endpoint: &str, addrs: Result<&[&str], &str>) -> Resolved {
+        Resolved {
+            endpoint: endpoint.into(),
+            addrs: addrs
+                .map(|a| a.iter().map(|a| a.parse().unwrap()).collect())
+                .map_err(str::to_string),
+        }
+    }
+
+    #[test]
+    fn every_broker_is_checked_not_only_the_first() {
+        let published: IpNet = "100.64.0.0/24".parse().unwrap();
+        let choice = choose_brokers(
+            &published,
+            &[
+                resolved("b1:51820", Ok(&["100.64.0.1:51820"])),
+                resolved("b2.example:51820", Err("no such host")),
+                resolved("b3:51820", Ok(&["192.0.2.7:51820", "100.64.0.3:51820"])),
+                resolved("b4:51820", Ok(&["10.9.9.9:51820"])),
+                resolved("b5:51820", Ok(&["[64:ff9b::100:40]:51820"])),
+                resolved("b1-again:51820", Ok(&["100.64.0.1:51820"])),
+            ],
+        );
+        let kept: Vec<String> = choice.kept.iter().map(ToString::to_string).collect();
+        assert_eq!(kept, ["100.64.0.1:51820", "100.64.0.3:51820"]);
+        assert_eq!(choice.problems.len(), 3, "{:?}", choice.problems);
+        assert!(choice.problems[0].contains("cannot resolve the broker b2.example:51820"));
+        assert!(choice.problems[1].contains("b4:51820 resolves to [10.9.9.9:51820], none inside"));
+        assert!(choice.problems[2].contains("b5:51820"));
+
+        // The second broker's path is narrower than the first's: preflight
+        // fails on it, naming that broker, and warns about the others.
+        let mut facts = healthy();
+        facts.brokers.push(BrokerPath {
+            addr: "100.64.0.3:51820".parse().unwrap(),
+            underlay: Some(("eth1".into(), 1400)),
+        });
+        facts.broker_problems = choice.problems.clone();
+        let f = analyze(&config(), &facts);
+        assert_eq!(level(&f, "brokers"), Level::Warn);
+        let mtu: Vec<&Finding> = f.iter().filter(|f| f.check == "mtu").collect();
+        assert_eq!(mtu.len(), 2, "{mtu:#?}");
+        assert_eq!(mtu[0].level, Level::Ok);
+        assert_eq!(mtu[1].level, Level::Fail);
+        assert!(
+            mtu[1].detail.contains("eth1 (towards 100.64.0.3)"),
+            "{}",
+            mtu[1].detail
+        );
+
+        // No broker usable at all: preflight fails.
+        let mut facts = healthy();
+        facts.brokers.clear();
+        facts.broker_problems =
+            vec!["cannot resolve the broker b2.example:51820: no such host".into()];
+        let f = analyze(&config(), &facts);
+        assert_eq!(level(&f, "brokers"), Level::Fail);
+        assert!(f.iter().all(|f| f.check != "mtu"));
     }
 }

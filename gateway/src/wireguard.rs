@@ -74,6 +74,92 @@ pub fn load_key(dir: &Path) -> anyhow::Result<(WgKey, bool)> {
     Ok(WgKey::load_or_create(&dir.join(KEY_FILE))?)
 }
 
+/// What resolving one configured broker endpoint gave: its addresses, or
+/// why it did not resolve.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The endpoint as configured (`host:port`).
+    pub endpoint: String,
+    /// Its addresses, or the resolver's error.
+    pub addrs: Result<Vec<SocketAddr>, String>,
+}
+
+/// The brokers a gateway talks to, chosen from what their endpoints
+/// resolved to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerChoice {
+    /// One address per broker, inside the published CIDR, all of the first
+    /// usable broker's address family (one socket), in configuration order.
+    pub kept: Vec<SocketAddr>,
+    /// Each broker left out, and why.
+    pub problems: Vec<String>,
+}
+
+/// Chooses the brokers from resolved endpoints (at most
+/// [`MAX_BROKERS`]): the first address inside the published CIDR of each,
+/// duplicates once, and only the first usable broker's address family.
+/// `tether-gateway run` and `preflight` decide the same way.
+pub fn choose_brokers(published: &IpNet, resolved: &[Resolved]) -> BrokerChoice {
+    let mut choice = BrokerChoice::default();
+    for r in resolved.iter().take(MAX_BROKERS) {
+        let candidates = match &r.addrs {
+            Ok(a) => a,
+            Err(e) => {
+                choice
+                    .problems
+                    .push(format!("cannot resolve the broker {}: {e}", r.endpoint));
+                continue;
+            }
+        };
+        match candidates
+            .iter()
+            .copied()
+            .find(|a| published.contains(&a.ip()))
+        {
+            Some(a) if !choice.kept.contains(&a) => {
+                if choice
+                    .kept
+                    .first()
+                    .is_some_and(|f| f.is_ipv4() != a.is_ipv4())
+                {
+                    choice.problems.push(format!(
+                        "broker {} ({a}) left out: its address family differs from the first broker's",
+                        r.endpoint
+                    ));
+                } else {
+                    choice.kept.push(a);
+                }
+            }
+            Some(_) => {}
+            None => choice.problems.push(format!(
+                "broker {} resolves to {candidates:?}, none inside the published CIDR {published}",
+                r.endpoint
+            )),
+        }
+    }
+    choice
+}
+
+/// Resolves the configured broker endpoints (names with the system
+/// resolver), at most [`MAX_BROKERS`].
+pub async fn resolve_brokers(config: &GatewayConfig) -> Vec<Resolved> {
+    let mut out = Vec::new();
+    for endpoint in config.brokers.iter().take(MAX_BROKERS) {
+        let addrs = match &endpoint.host {
+            Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, endpoint.port)]),
+            Host::Name(name) => tokio::net::lookup_host((name.as_str(), endpoint.port))
+                .await
+                .map(Iterator::collect)
+                .map_err(|e| e.to_string()),
+        };
+        out.push(Resolved {
+            endpoint: endpoint.to_string(),
+            addrs,
+        });
+    }
+    out
+}
+
 /// Resolves every broker endpoint to an address inside the published
 /// CIDR, in the order of the configuration. A broker that does not resolve
 /// is left out with a warning; none at all is an error.
@@ -82,46 +168,14 @@ async fn broker_addresses(config: &GatewayConfig) -> anyhow::Result<Vec<SocketAd
         !config.brokers.is_empty(),
         "no broker configured (brokers = [\"<broker>:51820\"])"
     );
-    let mut found = Vec::new();
-    let mut problems = Vec::new();
-    for endpoint in config.brokers.iter().take(MAX_BROKERS) {
-        let candidates: Vec<SocketAddr> = match &endpoint.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, endpoint.port)],
-            Host::Name(name) => match tokio::net::lookup_host((name.as_str(), endpoint.port)).await
-            {
-                Ok(a) => a.collect(),
-                Err(e) => {
-                    problems.push(format!("cannot resolve the broker {name}: {e}"));
-                    continue;
-                }
-            },
-        };
-        match candidates
-            .iter()
-            .copied()
-            .find(|a| config.published_cidr.contains(&a.ip()))
-        {
-            Some(a) if !found.contains(&a) => found.push(a),
-            Some(_) => {}
-            None => problems.push(format!(
-                "broker {endpoint} resolves to {candidates:?}, none inside the published CIDR {}",
-                config.published_cidr
-            )),
-        }
+    let choice = choose_brokers(&config.published_cidr, &resolve_brokers(config).await);
+    if choice.kept.is_empty() {
+        anyhow::bail!("no usable broker: {}", choice.problems.join("; "));
     }
-    if found.is_empty() {
-        anyhow::bail!("no usable broker: {}", problems.join("; "));
-    }
-    for p in problems {
+    for p in choice.problems {
         tracing::warn!("{p}; the gateway goes on with the other brokers");
     }
-    // One socket, one address family: the first broker's.
-    let family = found[0].is_ipv4();
-    let (kept, other): (Vec<_>, Vec<_>) = found.into_iter().partition(|a| a.is_ipv4() == family);
-    for a in other {
-        tracing::warn!(broker = %a, "broker left out: its address family differs from the first broker's");
-    }
-    Ok(kept)
+    Ok(choice.kept)
 }
 
 /// A broker the gateway holds a WireGuard session with.

@@ -57,6 +57,7 @@ fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() 
         let report = String::from_utf8_lossy(&pre.stdout).to_string();
         assert!(pre.status.success(), "preflight on {}:\n{report}", gw.id);
         assert!(report.contains("ok    mtu"), "{report}");
+        assert!(report.contains("ok    brokers"), "{report}");
         let (proc, log) = gw
             .start(cloud)
             .unwrap_or_else(|e| panic!("{e}\nbroker:\n{}", read(&topo.path("broker.log"))));

@@ -165,6 +165,28 @@ fn a_gateway_follows_its_site_when_the_broker_it_uses_is_killed() {
         ),
     )
     .unwrap();
+    // Preflight looks at the way to every configured broker, not only the
+    // first one's.
+    let pre = node
+        .command(&binary("tether-gateway").display().to_string())
+        .args(["preflight", "-c", &gw_config.display().to_string()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&pre.stdout).to_string();
+    let brokers_line = report
+        .lines()
+        .find(|l| l.contains("brokers"))
+        .unwrap_or_else(|| panic!("no brokers line:\n{report}"));
+    assert!(brokers_line.starts_with("ok"), "{report}");
+    for b in [broker_ip(1), broker_ip(2)] {
+        assert!(brokers_line.contains(&format!("{b}:51820")), "{report}");
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains(" mtu ") && l.contains(&b.to_string())),
+            "no MTU check towards {b}:\n{report}"
+        );
+    }
     let gw_log = work.path().join("gw-1.log");
     let mut gateway: Proc = node
         .spawn(
