@@ -237,3 +237,134 @@ fn a_site_back_after_30_days_reattests_by_itself_and_is_refused_past_the_window_
         "{doctor}"
     );
 }
+
+/// Starts a broker at the real time and enrolls `lab-1`; returns the broker
+/// and the site's address.
+fn enrolled(lab: &Lab) -> (Proc, String) {
+    let broker = lab.broker("+0");
+    let out = lab.run(
+        "+0",
+        "tether-broker",
+        &[
+            "token",
+            "create",
+            "-c",
+            &lab.config,
+            "--site",
+            "lab-1",
+            "--region",
+            "local",
+        ],
+    );
+    let code = out
+        .split_whitespace()
+        .find(|w| w.starts_with("tt1-"))
+        .unwrap_or_else(|| panic!("no code in:\n{out}"))
+        .to_string();
+    let out = lab.run(
+        "+0",
+        "tether",
+        &[
+            "enroll",
+            "--broker",
+            "127.0.0.1",
+            "--token",
+            &code,
+            "--state-dir",
+            &lab.state,
+        ],
+    );
+    assert!(out.contains("tether up"), "{out}");
+    let sites = lab.run("+0", "tether-broker", &["sites", "-c", &lab.config]);
+    let address = sites
+        .split_whitespace()
+        .find(|w| w.starts_with("100.64.") && w.ends_with("/32"))
+        .unwrap_or_else(|| panic!("no address in:\n{sites}"))
+        .trim_end_matches("/32")
+        .to_string();
+    (broker, address)
+}
+
+/// The agent runs with its clock wrong against a broker on the real time,
+/// as on a hospital host without NTP: 3 days ahead (the site connects and
+/// its log says to fix the clock; its certificate, expired by its own
+/// clock, is renewed once, not again and again), 30 minutes behind (it
+/// connects: certificates are backdated an hour) and 2 days behind (TLS
+/// fails here; the log names the clock, never the certificate or a new
+/// enrollment). `tether doctor` agrees at each offset.
+#[test]
+fn a_site_whose_clock_is_wrong_says_so_in_its_log() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let (_broker, address) = enrolled(&lab);
+    let reachable = format!("this site is reachable as {address} ");
+
+    // 3 days ahead.
+    let mut agent = lab.spawn(
+        "+3d",
+        "tether",
+        &["up", "--state-dir", &lab.state],
+        "up-ahead.log",
+    );
+    let fix = "this host's clock is 3 days ahead of the broker's: fix the clock (NTP)";
+    let seen = wait_for(Duration::from_secs(30), || agent.log().contains(fix));
+    // Renewal (the certificate looks past its half-life here) happens
+    // once: the renewed certificate is timed from when it was stored.
+    std::thread::sleep(Duration::from_secs(5));
+    let log = agent.log();
+    agent.kill();
+    assert!(seen, "no {fix:?} in the agent's log:\n{log}");
+    assert!(log.contains(&reachable), "{log}");
+    assert!(log.matches("certificate renewed").count() <= 2, "{log}");
+    assert!(
+        !log.contains("enroll again") && !log.contains("new token"),
+        "{log}"
+    );
+    let doctor = lab.run("+3d", "tether", &["doctor", "--state-dir", &lab.state]);
+    assert!(
+        doctor.contains("verdict: this site can connect"),
+        "{doctor}"
+    );
+    assert!(doctor.contains("fix the clock (NTP)"), "{doctor}");
+    assert!(!doctor.contains("tether enroll"), "{doctor}");
+
+    // 30 minutes behind: within the hour certificates are backdated.
+    let mut agent = lab.spawn(
+        "-30m",
+        "tether",
+        &["up", "--state-dir", &lab.state],
+        "up-30m.log",
+    );
+    let behind = "behind the broker's: fix the clock (NTP)";
+    let seen = wait_for(Duration::from_secs(30), || agent.log().contains(behind));
+    let log = agent.log();
+    agent.kill();
+    assert!(seen, "no {behind:?} in the agent's log:\n{log}");
+    assert!(log.contains(&reachable), "{log}");
+    let doctor = lab.run("-30m", "tether", &["doctor", "--state-dir", &lab.state]);
+    assert!(
+        doctor.contains("verdict: this site can connect"),
+        "{doctor}"
+    );
+
+    // 2 days behind: the broker's certificate is not valid yet here.
+    let log = lab.up_until("-2d", "retrying in", "up-behind.log");
+    assert!(
+        log.contains("hours behind the broker's (the broker's certificate is not valid yet by it); fix the clock (NTP)"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("enroll again") && !log.contains("new token"),
+        "{log}"
+    );
+    assert!(!log.contains(&reachable), "{log}");
+    let doctor = lab.run("-2d", "tether", &["doctor", "--state-dir", &lab.state]);
+    assert!(
+        doctor.contains("verdict: this site cannot connect"),
+        "{doctor}"
+    );
+    assert!(doctor.contains("fix the clock (NTP)"), "{doctor}");
+    assert!(!doctor.contains("tether enroll"), "{doctor}");
+}

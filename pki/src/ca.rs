@@ -34,9 +34,13 @@ pub const DEFAULT_SITE_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_SERVER_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of the CA certificate.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// How far `notBefore` is backdated, so a site whose clock runs a little
-/// behind still accepts a certificate issued just now.
-pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
+/// How far `notBefore` is backdated, so a site whose clock runs behind
+/// (a hospital host without NTP drifts by minutes a month) still accepts a
+/// broker certificate issued just now, as after a renewal or a CA
+/// rotation. An hour, as public CAs backdate; it makes a certificate valid
+/// an hour earlier than issued, which grants nothing: the holder had no
+/// certificate before it was issued.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(3600);
 
 /// Why a PKI operation failed.
 #[derive(Debug, Error)]
@@ -670,8 +674,8 @@ mod tests {
             .unwrap()
             .as_secs() as i64;
         assert!(
-            (now_s - nb - 300).abs() <= 1,
-            "notBefore backdated 5 minutes"
+            (now_s - nb - 3600).abs() <= 1,
+            "notBefore backdated an hour"
         );
         assert!((na - now_s - 86_400).abs() <= 1, "24 h lifetime");
         assert_eq!(parsed.raw_serial(), cert.serial.as_slice());
