@@ -229,6 +229,9 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
         &broker.ca.trust(),
         std::time::SystemTime::now(),
     ));
+    text.push_str(&crate::metrics::lease_reads_text(
+        broker.core().lease_reads(),
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -6,7 +6,8 @@
 //! state through [`CoreCell::read`].
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, SystemTime};
 
 use ipnet::IpNet;
@@ -35,6 +36,17 @@ impl std::ops::Deref for RouterRead<'_> {
     }
 }
 
+/// Reads of a region's every lease from the store, by cause (a full read
+/// grows with the region; steady state needs none).
+#[derive(Debug, Default)]
+pub struct LeaseReads {
+    /// For an allocation: the cache was missing, or the compare-and-set
+    /// found another writer's change.
+    pub allocation: AtomicU64,
+    /// On a notice of a change the cache does not hold (another broker's).
+    pub notice: AtomicU64,
+}
+
 /// The broker core, the live sessions it keeps current, and what its
 /// events announce.
 #[derive(Debug)]
@@ -52,6 +64,10 @@ pub struct CoreCell {
     timer: Notify,
     /// One allocation at a time, as the store serialises them anyway.
     allocation_gate: Mutex<()>,
+    /// Reads of a region's every lease: for an allocation (the cache was
+    /// missing, or another writer got there first), and on a notice of a
+    /// change this broker did not make.
+    lease_reads: LeaseReads,
     /// Outcomes of allocations, picked up by the caller that drives them.
     allocated: Mutex<HashMap<AllocationId, Result<Allocated, AllocationError>>>,
 }
@@ -67,6 +83,7 @@ impl CoreCell {
             remote_routes: watch::channel(0).0,
             timer: Notify::new(),
             allocation_gate: Mutex::new(()),
+            lease_reads: LeaseReads::default(),
             allocated: Mutex::new(HashMap::new()),
         }
     }
@@ -209,13 +226,16 @@ impl CoreCell {
                 return Err(AllocationError::Contention);
             };
             let (allocation, answer) = match command {
-                StoreCommand::LoadLeases { allocation, region } => (
-                    allocation,
-                    match store.region_leases(&region) {
-                        Ok(leases) => StoreResult::Leases(leases),
-                        Err(e) => StoreResult::Failed(e.0),
-                    },
-                ),
+                StoreCommand::LoadLeases { allocation, region } => {
+                    self.lease_reads.allocation.fetch_add(1, Ordering::Relaxed);
+                    (
+                        allocation,
+                        match store.region_leases(&region) {
+                            Ok(leases) => StoreResult::Leases(leases),
+                            Err(e) => StoreResult::Failed(e.0),
+                        },
+                    )
+                }
                 StoreCommand::CompareAndSet { allocation, txn } => (
                     allocation,
                     match store.commit_leases(&txn) {
@@ -231,6 +251,20 @@ impl CoreCell {
             })
             .map_err(|_| AllocationError::Contention)?;
         }
+    }
+
+    /// Holds allocations back while the caller compares the cache of
+    /// leases with the store: an allocation of this broker that the store
+    /// has committed and the core not yet applied would otherwise look like
+    /// another writer's change, and cost a read of the region's every
+    /// lease.
+    pub fn pause_allocations(&self) -> Result<MutexGuard<'_, ()>, Poisoned> {
+        self.allocation_gate.lock().map_err(|_| Poisoned)
+    }
+
+    /// How often a region's every lease was read, by cause.
+    pub fn lease_reads(&self) -> &LeaseReads {
+        &self.lease_reads
     }
 
     /// The earliest certificate expiry of a live session.

@@ -893,7 +893,13 @@ impl Broker {
                     // Reading every lease of the region is skipped when
                     // the cache is at the store's version (this broker's
                     // own commit): one key instead of the whole region on
-                    // every allocation.
+                    // every allocation. Compared between allocations: one
+                    // committed but not yet applied would look like
+                    // another writer's.
+                    let _paused = self
+                        .core
+                        .pause_allocations()
+                        .map_err(|_| BrokerError::Contention)?;
                     let version = self.store.lease_version(&region)?;
                     let stale = self
                         .core
@@ -901,6 +907,10 @@ impl Broker {
                         .map_err(|_| BrokerError::Contention)?
                         .needs_leases(&region, version);
                     if stale {
+                        self.core
+                            .lease_reads()
+                            .notice
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let leases = self.store.region_leases(&region)?;
                         self.decide(|core| core.handle_leases(region, leases))?;
                     }
