@@ -132,47 +132,7 @@ fn a_site_back_after_30_days_reattests_by_itself_and_is_refused_past_the_window_
         return;
     }
     let lab = Lab::new();
-    let mut broker = lab.broker("+0");
-    let out = lab.run(
-        "+0",
-        "tether-broker",
-        &[
-            "token",
-            "create",
-            "-c",
-            &lab.config,
-            "--site",
-            "lab-1",
-            "--region",
-            "local",
-        ],
-    );
-    let code = out
-        .split_whitespace()
-        .find(|w| w.starts_with("tt1-"))
-        .unwrap_or_else(|| panic!("no code in:\n{out}"))
-        .to_string();
-    let out = lab.run(
-        "+0",
-        "tether",
-        &[
-            "enroll",
-            "--broker",
-            "127.0.0.1",
-            "--token",
-            &code,
-            "--state-dir",
-            &lab.state,
-        ],
-    );
-    assert!(out.contains("tether up"), "{out}");
-    let sites = lab.run("+0", "tether-broker", &["sites", "-c", &lab.config]);
-    let address = sites
-        .split_whitespace()
-        .find(|w| w.starts_with("100.64.") && w.ends_with("/32"))
-        .unwrap_or_else(|| panic!("no address in:\n{sites}"))
-        .trim_end_matches("/32")
-        .to_string();
+    let (mut broker, address) = enrolled(&lab);
     broker.kill();
 
     // 30 days later (the certificate lives one): back by itself, with the
