@@ -140,7 +140,9 @@ pub async fn enroll(
         .into_iter()
         .any(|c| ca_pin(&CertificateDer::from(c)) == pin)
     {
-        anyhow::bail!("the trust bundle the broker sent does not hold the token's pinned CA; refusing it");
+        anyhow::bail!(
+            "the trust bundle the broker sent does not hold the token's pinned CA; refusing it"
+        );
     }
     let now = tether_pki::token::unix_secs(std::time::SystemTime::now());
     state.save(

@@ -695,7 +695,10 @@ pub fn enrollment_client_config_noting_names(
     ca_pin: &str,
 ) -> Result<(ClientConfig, NameMismatchSlot), Error> {
     let slot = NameMismatchSlot::default();
-    Ok((pinned_client_config(ca_pin, Some(slot.clone()), None)?, slot))
+    Ok((
+        pinned_client_config(ca_pin, Some(slot.clone()), None)?,
+        slot,
+    ))
 }
 
 /// As [`enrollment_client_config_noting_names`], and also notes when the

@@ -587,7 +587,9 @@ fn enrollment_finds_the_pinned_ca_among_the_brokers_certificates() {
     let foreign = Deployment::new();
     // As a broker in phase active: the new CA's certificate first (the
     // default), the old CA's second.
-    let slot = Arc::new(tether_pki::CertSlot::new(old.server_chain.clone(), old.server_key.clone_key()).unwrap());
+    let slot = Arc::new(
+        tether_pki::CertSlot::new(old.server_chain.clone(), old.server_key.clone_key()).unwrap(),
+    );
     slot.replace_all(vec![
         (
             vec![new.server_chain[0].clone(), new.ca.cert_der().clone()],
@@ -616,9 +618,16 @@ fn enrollment_finds_the_pinned_ca_among_the_brokers_certificates() {
     for (case, d) in [("code of the old CA", &old), ("code of the new CA", &new)] {
         let (client, names, unserved) =
             tether_pki::tls::enrollment_client_config_noting(&ca_pin(d.ca.cert_der())).unwrap();
-        assert_eq!(handshake(client, server(), BROKER_NAME).unwrap(), None, "{case}");
+        assert_eq!(
+            handshake(client, server(), BROKER_NAME).unwrap(),
+            None,
+            "{case}"
+        );
         assert!(names.lock().unwrap().is_none(), "{case}");
-        assert!(!unserved.load(std::sync::atomic::Ordering::Relaxed), "{case}");
+        assert!(
+            !unserved.load(std::sync::atomic::Ordering::Relaxed),
+            "{case}"
+        );
     }
     let (client, _, unserved) =
         tether_pki::tls::enrollment_client_config_noting(&ca_pin(foreign.ca.cert_der())).unwrap();
