@@ -3,10 +3,14 @@
 //! renews into the new CA, a rollback from each phase restores the old
 //! state, a site offline through the rotation returns while the old CA is
 //! still trusted, the handshake's verdicts at each phase (site
-//! certificates of the old and the new CA, expired, revoked; the broker's
-//! certificate as a site knowing one CA sees it) agree with `openssl
-//! verify`, `/metrics` follows every phase, and a rotation made on one of
-//! two brokers sharing a real etcd reaches the other.
+//! certificates of the old and the new CA, expired, not yet valid, of
+//! another CA, with a malformed identity or the wrong key usage, revoked,
+//! none; the broker's certificate as a site knowing one CA sees it) agree
+//! with `openssl verify`, `/metrics` follows every phase, a rotation made
+//! on one of two brokers sharing a real etcd reaches the other through
+//! retirement, a site on HTTP/2 goes through a whole rotation, enrollment
+//! codes made before the new CA signs still enroll, and the metric of
+//! site certificates about to expire reads right after an issue.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../broker/src/store/etcd_server.rs"]
