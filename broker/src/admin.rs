@@ -232,6 +232,12 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
     text.push_str(&crate::metrics::lease_reads_text(
         broker.core().lease_reads(),
     ));
+    let windows = crate::metrics::SITE_CERT_WINDOWS.map(|(_, secs)| secs);
+    text.push_str(&crate::metrics::site_expiry_text(
+        &broker
+            .events()
+            .certificates_expiring(crate::store::now_unix(), &windows),
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -98,6 +98,30 @@ impl EventLog {
         self.histories.read().map(|h| h.clone()).unwrap_or_default()
     }
 
+    /// For each window of `windows` (seconds), how many sites' newest
+    /// certificates (as their events announced them) are still valid at
+    /// `now` and expire within it; revoked sites are left out. One pass
+    /// over the summaries in memory, reading nothing from the store.
+    pub fn certificates_expiring(&self, now: u64, windows: &[u64]) -> Vec<usize> {
+        let mut counts = vec![0; windows.len()];
+        if let Ok(h) = self.histories.read() {
+            for history in h.values() {
+                let Some(not_after) = history.cert_not_after else {
+                    continue;
+                };
+                if history.revoked_at.is_some() || not_after <= now {
+                    continue;
+                }
+                for (count, window) in counts.iter_mut().zip(windows) {
+                    if not_after - now <= *window {
+                        *count += 1;
+                    }
+                }
+            }
+        }
+        counts
+    }
+
     /// Reads a site's timeline again and summarises it anew: after
     /// another broker (sharing the store) appended to it. Blocking.
     pub fn refresh(&self, site: &SiteId) -> Result<(), StoreError> {

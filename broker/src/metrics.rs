@@ -692,6 +692,30 @@ pub fn lease_reads_text(reads: &crate::core_cell::LeaseReads) -> String {
     )
 }
 
+/// The windows of `tether_broker_site_certificates_expiring`: label and
+/// seconds.
+pub const SITE_CERT_WINDOWS: [(&str, u64); 3] = [("1h", 3_600), ("6h", 21_600), ("24h", 86_400)];
+
+/// `tether_broker_site_certificates_expiring{within}` as Prometheus text:
+/// `counts[i]` sites whose newest certificate is still valid and expires
+/// within [`SITE_CERT_WINDOWS`]`[i]`. Rendered at each scrape from the
+/// broker's in-memory summary of every site's events (one pass over it, no
+/// store read), like [`trust_text`].
+pub fn site_expiry_text(counts: &[usize]) -> String {
+    use std::fmt::Write;
+    let mut out = String::from(
+        "# HELP tether_broker_site_certificates_expiring Sites whose newest certificate is still valid and expires within the window (revoked sites left out), as this broker's copy of the site events tells; every broker of a fleet reports the whole deployment.\n\
+         # TYPE tether_broker_site_certificates_expiring gauge\n",
+    );
+    for ((within, _), n) in SITE_CERT_WINDOWS.iter().zip(counts) {
+        let _ = writeln!(
+            out,
+            "tether_broker_site_certificates_expiring{{within=\"{within}\"}} {n}"
+        );
+    }
+    out
+}
+
 /// Counts a site that connected while etcd could not be reached, by what
 /// was decided: `readmitted`, or refused as `held_elsewhere`, `not_held`,
 /// `new_address`.
@@ -734,6 +758,19 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tether_pki::rotation::Phase;
+
+    #[test]
+    fn the_expiring_site_certificates_are_one_series_per_window() {
+        let text = site_expiry_text(&[0, 3, 7]);
+        assert!(text.contains("# TYPE tether_broker_site_certificates_expiring gauge\n"));
+        for line in [
+            r#"tether_broker_site_certificates_expiring{within="1h"} 0"#,
+            r#"tether_broker_site_certificates_expiring{within="6h"} 3"#,
+            r#"tether_broker_site_certificates_expiring{within="24h"} 7"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
 
     #[test]
     fn the_trust_metrics_name_each_ca_of_the_bundle_and_count_down_past_zero() {

@@ -11,7 +11,7 @@ use rustls::pki_types::CertificateDer;
 use tether_config::Endpoint;
 use tether_config::client::ClientFile;
 use tether_pki::ca::pem_to_der;
-use tether_pki::tls::{NameMismatch, ca_pin, enrollment_client_config_noting_names};
+use tether_pki::tls::{NameMismatch, PinNotServed, ca_pin, enrollment_client_config_noting};
 use tether_pki::token::EnrollmentCode;
 use tether_proto::api::{
     ApiError, ENROLL_PATH, EnrollRequest, EnrollResponse, REATTEST_PATH, RENEW_PATH,
@@ -90,7 +90,7 @@ pub async fn enroll(
     };
     let targets = dial::resolve(&endpoint, any).await?;
     let (key, csr) = tether_pki::ca::site_key_and_csr("tether-site")?;
-    let (tls, names) = enrollment_client_config_noting_names(&pin)?;
+    let (tls, names, unserved) = enrollment_client_config_noting(&pin)?;
     let quic = quic_config(
         tls.clone(),
         transport_config(Duration::from_secs(5), Duration::from_secs(20)),
@@ -107,6 +107,9 @@ pub async fn enroll(
         Ok(found) => found,
         Err(e) => match names.lock().ok().and_then(|n| n.clone()) {
             Some(mismatch) => anyhow::bail!("{}", name_not_served(&mismatch)),
+            None if unserved.load(std::sync::atomic::Ordering::Relaxed) => {
+                anyhow::bail!("{PinNotServed} (the code pins CA {pin})")
+            }
             None => return Err(e),
         },
     };
@@ -128,10 +131,18 @@ pub async fn enroll(
     }
     let response: EnrollResponse =
         serde_json::from_slice(&answer).context("unexpected enrollment answer")?;
-    let ca_der =
-        pem_to_der(&response.ca, "CERTIFICATE").context("the broker sent no CA certificate")?;
-    if ca_pin(&CertificateDer::from(ca_der)) != pin {
-        anyhow::bail!("the CA the broker sent does not match the token's pin; refusing it");
+    pem_to_der(&response.ca, "CERTIFICATE").context("the broker sent no CA certificate")?;
+    // The connection was authenticated by the pinned CA; during a CA
+    // rotation a newer CA signs, and the bundle names both.
+    let bundle = response.trust_bundle.as_deref().unwrap_or(&response.ca);
+    if !tether_pki::ca::pems_to_der(bundle, "CERTIFICATE")
+        .unwrap_or_default()
+        .into_iter()
+        .any(|c| ca_pin(&CertificateDer::from(c)) == pin)
+    {
+        anyhow::bail!(
+            "the trust bundle the broker sent does not hold the token's pinned CA; refusing it"
+        );
     }
     let now = tether_pki::token::unix_secs(std::time::SystemTime::now());
     state.save(

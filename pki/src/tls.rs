@@ -240,15 +240,54 @@ impl ClientCertVerifier for SiteVerifier {
 /// that names the CAs it trusts (TLS 1.3 `certificate_authorities`, which
 /// tether's agents send) gets the certificate from a CA it knows, so a
 /// site that was offline while a new CA took over still recognises the
-/// broker; any other client gets the first (the signing CA's).
+/// broker. A site enrolling knows its CA only by the pin of its
+/// enrollment code and names it by [`pin_hint`], so a code made before a
+/// new CA took over still finds the broker certificate of the CA it pins.
+/// Any other client gets the first (the signing CA's).
 #[derive(Debug)]
 pub struct CertSlot {
     current: RwLock<Vec<IssuedBy>>,
 }
 
-/// A server certificate with the subject of the CA that issued it (none
-/// for a chain without its CA).
-type IssuedBy = (Option<DistinguishedName>, Arc<CertifiedKey>);
+/// A server certificate with the subject of the CA that issued it and
+/// that CA's [`pin_hint`] (none for a chain without its CA).
+#[derive(Debug)]
+struct IssuedBy {
+    issuer: Option<(DistinguishedName, DistinguishedName)>,
+    cert: Arc<CertifiedKey>,
+}
+
+impl IssuedBy {
+    fn named_in(&self, known: &[DistinguishedName]) -> bool {
+        self.issuer.as_ref().is_some_and(|(subject, pin)| {
+            known
+                .iter()
+                .any(|k| k.as_ref() == subject.as_ref() || k.as_ref() == pin.as_ref())
+        })
+    }
+}
+
+/// DER: a tag and its contents (lengths under 128 bytes only, which is all
+/// [`pin_hint`] needs).
+fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag, u8::try_from(contents.len()).unwrap_or(0x7f)];
+    out.extend_from_slice(contents);
+    out
+}
+
+/// How an enrolling site names the CA its enrollment code pins in the TLS
+/// `certificate_authorities` extension: a distinguished name with the
+/// single common name `tether CA pin <pin>`. The site does not know the
+/// CA's own subject yet; brokers match this name against the pins of their
+/// CAs (other servers ignore it as a CA they do not have).
+pub fn pin_hint(pin: &str) -> DistinguishedName {
+    // 2.5.4.3, the common name.
+    const CN: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    let value = format!("tether CA pin {}", pin.to_ascii_lowercase());
+    let mut attribute = CN.to_vec();
+    attribute.extend(der(0x0c, value.as_bytes()));
+    DistinguishedName::in_sequence(&der(0x31, &der(0x30, &attribute)))
+}
 
 /// One server certificate: the chain (leaf first, its CA last) and key.
 pub type ServerCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
@@ -270,13 +309,13 @@ impl CertSlot {
             // The issuer is the CA at the end of the chain; a chain of one
             // certificate matches no hint.
             let issuer = match chain.get(1..).and_then(<[_]>::last) {
-                Some(ca) => Some(subject_of(ca)?),
+                Some(ca) => Some((subject_of(ca)?, pin_hint(&ca_pin(ca)))),
                 None => None,
             };
-            out.push((
+            out.push(IssuedBy {
                 issuer,
-                Arc::new(CertifiedKey::from_der(chain, key, &provider())?),
-            ));
+                cert: Arc::new(CertifiedKey::from_der(chain, key, &provider())?),
+            });
         }
         if out.is_empty() {
             return Err(Error::General("no server certificate".into()));
@@ -308,15 +347,11 @@ impl ResolvesServerCert for CertSlot {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let current = self.current.read().ok()?;
         if let Some(known) = hello.certificate_authorities()
-            && let Some((_, cert)) = current.iter().find(|(issuer, _)| {
-                issuer
-                    .as_ref()
-                    .is_some_and(|i| known.iter().any(|k| k.as_ref() == i.as_ref()))
-            })
+            && let Some(entry) = current.iter().find(|e| e.named_in(known))
         {
-            return Some(cert.clone());
+            return Some(entry.cert.clone());
         }
-        current.first().map(|(_, c)| c.clone())
+        current.first().map(|e| e.cert.clone())
     }
 }
 
@@ -423,20 +458,28 @@ pub fn client_config_trusting(
     offset_secs: i64,
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
-    let roots = roots_of(bundle)?;
-    let subjects = roots.subjects();
-    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| Error::General(e.to_string()))?;
-    let verifier = NamingVerifier { webpki, subjects };
+    let verifier = broker_verifier(bundle)?;
     let builder = ClientConfig::builder_with_details(provider, Arc::new(ShiftedClock(offset_secs)))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
+        .with_custom_certificate_verifier(verifier);
     match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key),
         None => Ok(builder.with_no_client_auth()),
     }
+}
+
+/// How a site verifies brokers (as in [`client_config_trusting`]): webpki
+/// against every CA of `bundle`, naming them in the ClientHello.
+pub fn broker_verifier(
+    bundle: &[CertificateDer<'_>],
+) -> Result<Arc<dyn ServerCertVerifier>, Error> {
+    let roots = roots_of(bundle)?;
+    let subjects = roots.subjects();
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| Error::General(e.to_string()))?;
+    Ok(Arc::new(NamingVerifier { webpki, subjects }))
 }
 
 /// webpki's verification of the broker, naming the trusted CAs in the
@@ -503,10 +546,29 @@ pub fn ca_pin(ca: &CertificateDer<'_>) -> String {
 #[derive(Debug)]
 struct PinnedVerifier {
     pin: String,
+    /// The pinned CA named to the broker ([`pin_hint`]).
+    hint: Vec<DistinguishedName>,
     provider: Arc<CryptoProvider>,
     /// Where a certificate that does not name the address dialled is noted.
     names: Option<NameMismatchSlot>,
+    /// Set when the broker showed no certificate of the pinned CA.
+    unserved: Option<PinNotServedSlot>,
 }
+
+/// Set by the verifier of [`enrollment_client_config_noting`] when the
+/// broker showed no certificate of the pinned CA ([`PinNotServed`]).
+pub type PinNotServedSlot = Arc<std::sync::atomic::AtomicBool>;
+
+/// The broker showed no certificate of the CA an enrollment code pins:
+/// the code was made before that CA was retired by a CA rotation, or the
+/// broker is not the deployment's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the broker showed no certificate of the CA this enrollment code pins: \
+     either the code was made before a CA rotation retired that CA (make a new code: \
+     `tether-broker token create`), or this is not the deployment's broker"
+)]
+pub struct PinNotServed;
 
 /// A broker certificate that did not name the address dialled, as the
 /// enrollment verifier saw it (rustls's `CertificateError::NotValidForName`).
@@ -548,10 +610,14 @@ impl ServerCertVerifier for PinnedVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| ca_pin(c) == self.pin)
-            .ok_or(Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+        let Some(ca) = intermediates.iter().find(|c| ca_pin(c) == self.pin) else {
+            if let Some(slot) = &self.unserved {
+                slot.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Err(Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(PinNotServed)),
+            )));
+        };
         let verdict =
             WebPkiServerVerifier::builder_with_provider(roots(ca)?, self.provider.clone())
                 .build()
@@ -610,12 +676,16 @@ impl ServerCertVerifier for PinnedVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
+
+    fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
+        Some(&self.hint)
+    }
 }
 
 /// The client configuration for enrollment: no client certificate, and the
 /// broker authenticated through the CA pin of the enrollment code.
 pub fn enrollment_client_config(ca_pin: &str) -> Result<ClientConfig, Error> {
-    pinned_client_config(ca_pin, None)
+    pinned_client_config(ca_pin, None, None)
 }
 
 /// As [`enrollment_client_config`], and notes in the slot returned when a
@@ -625,18 +695,36 @@ pub fn enrollment_client_config_noting_names(
     ca_pin: &str,
 ) -> Result<(ClientConfig, NameMismatchSlot), Error> {
     let slot = NameMismatchSlot::default();
-    Ok((pinned_client_config(ca_pin, Some(slot.clone()))?, slot))
+    Ok((
+        pinned_client_config(ca_pin, Some(slot.clone()), None)?,
+        slot,
+    ))
+}
+
+/// As [`enrollment_client_config_noting_names`], and also notes when the
+/// broker showed no certificate of the pinned CA at all, so enrollment can
+/// say that plainly ([`PinNotServed`]).
+pub fn enrollment_client_config_noting(
+    ca_pin: &str,
+) -> Result<(ClientConfig, NameMismatchSlot, PinNotServedSlot), Error> {
+    let names = NameMismatchSlot::default();
+    let unserved = PinNotServedSlot::default();
+    let config = pinned_client_config(ca_pin, Some(names.clone()), Some(unserved.clone()))?;
+    Ok((config, names, unserved))
 }
 
 fn pinned_client_config(
     ca_pin: &str,
     names: Option<NameMismatchSlot>,
+    unserved: Option<PinNotServedSlot>,
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = PinnedVerifier {
         pin: ca_pin.to_ascii_lowercase(),
+        hint: vec![pin_hint(ca_pin)],
         provider: provider.clone(),
         names,
+        unserved,
     };
     Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -551,7 +551,7 @@ fn enrollment_trusts_only_the_pinned_ca() {
             server,
             BROKER_NAME,
         ),
-        |e| matches!(e, CertificateError::UnknownIssuer),
+        |e| matches!(e, CertificateError::Other(o) if o.to_string().contains("no certificate of the CA this enrollment code pins")),
         "wrong pin",
     );
     // An impostor that sends the real CA certificate but signs its own leaf.
@@ -574,4 +574,67 @@ fn enrollment_trusts_only_the_pinned_ca() {
         )
         .is_err()
     );
+}
+
+/// During a CA rotation the broker holds a certificate from each CA; an
+/// enrolling site names the CA its code pins (by its pin), so a code made
+/// before the new CA took over still authenticates the broker, and a code
+/// made after it too. A CA the broker does not hold is refused, and noted.
+#[test]
+fn enrollment_finds_the_pinned_ca_among_the_brokers_certificates() {
+    let old = Deployment::new();
+    let new = Deployment::new();
+    let foreign = Deployment::new();
+    // As a broker in phase active: the new CA's certificate first (the
+    // default), the old CA's second.
+    let slot = Arc::new(
+        tether_pki::CertSlot::new(old.server_chain.clone(), old.server_key.clone_key()).unwrap(),
+    );
+    slot.replace_all(vec![
+        (
+            vec![new.server_chain[0].clone(), new.ca.cert_der().clone()],
+            new.server_key.clone_key(),
+        ),
+        (
+            vec![old.server_chain[0].clone(), old.ca.cert_der().clone()],
+            old.server_key.clone_key(),
+        ),
+    ])
+    .unwrap();
+    let anchors = Arc::new(
+        tether_pki::TrustAnchors::new(&[new.ca.cert_der().clone(), old.ca.cert_der().clone()])
+            .unwrap(),
+    );
+    let server = || {
+        tether_pki::tls::server_config_with_trust(
+            anchors.clone(),
+            &td(),
+            slot.clone(),
+            old.revocations.clone(),
+            ClientAuth::Optional,
+        )
+        .unwrap()
+    };
+    for (case, d) in [("code of the old CA", &old), ("code of the new CA", &new)] {
+        let (client, names, unserved) =
+            tether_pki::tls::enrollment_client_config_noting(&ca_pin(d.ca.cert_der())).unwrap();
+        assert_eq!(
+            handshake(client, server(), BROKER_NAME).unwrap(),
+            None,
+            "{case}"
+        );
+        assert!(names.lock().unwrap().is_none(), "{case}");
+        assert!(
+            !unserved.load(std::sync::atomic::Ordering::Relaxed),
+            "{case}"
+        );
+    }
+    let (client, _, unserved) =
+        tether_pki::tls::enrollment_client_config_noting(&ca_pin(foreign.ca.cert_der())).unwrap();
+    assert_cert_error(
+        handshake(client, server(), BROKER_NAME),
+        |e| matches!(e, CertificateError::Other(_)),
+        "a CA the broker does not hold",
+    );
+    assert!(unserved.load(std::sync::atomic::Ordering::Relaxed));
 }
