@@ -1278,7 +1278,7 @@ async fn a_retirement_on_one_broker_reaches_the_other_broker_sharing_etcd() {
         sleep_until_unix(active.retire_after.unwrap()).await;
         let retired = rotate(&a).await;
         assert_eq!(retired.phase, "stable");
-        follows(&b, "stable", &[new.clone()]).await;
+        follows(&b, "stable", std::slice::from_ref(&new)).await;
         let (_, phases, bundle) = ca_metrics(&b.scrape().await);
         assert_eq!(phases, vec![r#"{phase="stable"}"#.to_string()]);
         assert_eq!(bundle, "1");
