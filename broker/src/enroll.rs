@@ -110,7 +110,7 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
         if status < 500 {
             return (status, message);
         }
-        match broker.store.put(record.clone()) {
+        match put_back(broker, &record) {
             Ok(()) => (
                 503,
                 format!("{message}; the token is still valid, try again"),
@@ -123,6 +123,33 @@ fn issue(broker: &Broker, token_text: &str, csr: &[u8]) -> Result<EnrollResponse
             ),
         }
     })
+}
+
+/// How often a redeemed token is put back after its enrollment failed on
+/// the store, and the pause between the attempts.
+const PUT_BACK_ATTEMPTS: u32 = 6;
+const PUT_BACK_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Puts a redeemed token back after its enrollment failed on the store,
+/// so that the site's retry enrolls it. The store has just failed, and a
+/// put tried at once often fails the same way (an etcd leader election, a
+/// member cut off and not yet out of the client's pool), which lost the
+/// token for good: it is tried again for a few seconds.
+fn put_back(broker: &Broker, record: &tether_pki::token::TokenRecord) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..PUT_BACK_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(PUT_BACK_PAUSE);
+        }
+        match broker.store.put(record.clone()) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(attempt, error = %e, "the redeemed token could not be put back yet");
+                last = e.to_string();
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Enrollment after the token was redeemed.

@@ -421,6 +421,40 @@ impl Cluster {
         Err(io::Error::other("no etcd member answered a read"))
     }
 
+    /// Every key under `PREFIX` + `dir` with its value as member `n` alone
+    /// holds it (a serializable read, answered from its own copy without
+    /// asking the leader), and the revision of that copy; None if the
+    /// member does not answer.
+    pub fn keys_at(&self, n: usize, dir: &str) -> Option<(u64, Vec<(String, String)>)> {
+        use data_encoding::BASE64;
+        let start = format!("{PREFIX}{dir}");
+        let mut end = start.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = serde_json::json!({
+            "key": BASE64.encode(start.as_bytes()),
+            "range_end": BASE64.encode(&end),
+            "serializable": true,
+        })
+        .to_string();
+        let answer = self.gateway(n, "/v3/kv/range", &body)?;
+        let revision = answer["header"]["revision"].as_str()?.parse().ok()?;
+        let decode = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|s| BASE64.decode(s.as_bytes()).ok())
+                .map(|b| String::from_utf8_lossy(&b).to_string())
+                .unwrap_or_default()
+        };
+        let kvs = answer["kvs"].as_array().cloned().unwrap_or_default();
+        Some((
+            revision,
+            kvs.iter()
+                .map(|kv| (decode(&kv["key"]), decode(&kv["value"])))
+                .collect(),
+        ))
+    }
+
     /// The store's revision (one more for each write of any key), from a
     /// member that answers (trying for up to [`READ_PATIENCE`], as
     /// [`Cluster::keys`] does).
@@ -557,6 +591,32 @@ impl Cluster {
         std::fs::write(&file, rules)?;
         self.core
             .run("nft", &["-f", &file.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Cuts etcd member `m` off from the other two members only (both
+    /// directions, also flows already established): it is a minority of
+    /// one, which still answers the brokers but can commit nothing.
+    pub fn isolate_member(&self, m: usize) -> io::Result<()> {
+        let others = (1..=3)
+            .filter(|i| *i != m)
+            .map(member_ip)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet isolated{m} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  iifname \"e{m}\" ip daddr {{ {others} }} drop\n  oifname \"e{m}\" ip saddr {{ {others} }} drop\n }}\n}}\n"
+        );
+        let file = self.path(&format!("isolated{m}.nft"));
+        std::fs::write(&file, rules)?;
+        self.core
+            .run("nft", &["-f", &file.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Ends the isolation of etcd member `m`.
+    pub fn rejoin_member(&self, m: usize) -> io::Result<()> {
+        self.core
+            .run("nft", &["delete", "table", "inet", &format!("isolated{m}")])
             .map(|_| ())
     }
 
