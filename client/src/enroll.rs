@@ -51,6 +51,20 @@ pub struct EnrollmentRefused {
     pub message: String,
 }
 
+/// The broker could not enroll sites at the moment (HTTP 503 or another
+/// server error, or 429): its store did not answer, it is overloaded or
+/// starting. The code was not spent; the same code works later.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the broker cannot enroll sites right now: {message} (HTTP {status}); the code was not used: try again"
+)]
+pub struct EnrollmentUnavailable {
+    /// The HTTP status.
+    pub status: u16,
+    /// The broker's reason, in plain words.
+    pub message: String,
+}
+
 /// What enrollment produced.
 #[derive(Debug)]
 pub struct Enrolled {
@@ -127,6 +141,9 @@ pub async fn enroll(
         let message = serde_json::from_slice::<ApiError>(&answer)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&answer).to_string());
+        if status == 429 || status >= 500 {
+            return Err(EnrollmentUnavailable { status, message }.into());
+        }
         return Err(EnrollmentRefused { status, message }.into());
     }
     let response: EnrollResponse =
@@ -198,6 +215,10 @@ pub struct FirstStart {
     pub proxy: Option<String>,
 }
 
+/// The longest wait between two enrollment attempts of `tether up` while
+/// the broker cannot enroll.
+const ENROLL_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Enrolls on the first start: when `state` holds no identity yet and
 /// `first` names a code, enrolls with it and returns what the broker
 /// answered. A site already enrolled keeps its identity and never reads the
@@ -239,7 +260,20 @@ pub async fn enroll_on_first_start(
         broker,
         "not enrolled yet: enrolling with the enrollment code"
     );
-    let enrolled = enroll(broker, &code, state, false, first.proxy.as_deref()).await?;
+    // A broker that cannot enroll right now (its store is away) is asked
+    // again, 1 s doubling up to 30 s apart: a site installed while etcd
+    // is down comes up when it returns, without a restart.
+    let mut wait = Duration::from_secs(1);
+    let enrolled = loop {
+        match enroll(broker, &code, state, false, first.proxy.as_deref()).await {
+            Err(e) if e.downcast_ref::<EnrollmentUnavailable>().is_some() => {
+                tracing::warn!("{e}; trying again in {} s", wait.as_secs());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(ENROLL_RETRY_MAX);
+            }
+            other => break other?,
+        }
+    };
     let r = &enrolled.response;
     tracing::info!(
         site = %r.site,

@@ -87,6 +87,10 @@ async fn a_site_reconnecting_while_etcd_is_down_keeps_its_address_at_the_broker_
         )
         .await;
 
+        // A code made while etcd is up, for a site installed while it is
+        // down.
+        let code3 = b.token("site-3").await;
+
         // etcd goes down; B's lease runs out (it cannot renew it).
         let killed = Instant::now();
         let server = tokio::task::spawn_blocking(move || {
@@ -128,6 +132,29 @@ async fn a_site_reconnecting_while_etcd_is_down_keeps_its_address_at_the_broker_
         eprintln!("B refused site 2: {status} {body}");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("not held by this broker"), "{body}");
+
+        // Enrollment is refused as temporary, not as a bad code: the code
+        // is not spent, and `tether up` on its first start keeps asking.
+        let dir3 = tempfile::tempdir().unwrap();
+        let state3 = tether::state_dir::StateDir::new(dir3.path().join("state"));
+        let err = tether::enroll::enroll(&b.addr().to_string(), &code3, &state3, false, None)
+            .await
+            .expect_err("no enrollment while etcd is down");
+        eprintln!("enrollment while etcd is down: {err:#}");
+        let unavailable = err
+            .downcast_ref::<tether::enroll::EnrollmentUnavailable>()
+            .unwrap_or_else(|| panic!("not refused as temporary: {err:#}"));
+        assert_eq!(unavailable.status, 503);
+        assert!(err.downcast_ref::<tether::enroll::EnrollmentRefused>().is_none());
+        let first = tether::enroll::FirstStart {
+            broker: Some(b.addr().to_string()),
+            code: Some(code3.clone()),
+            ..Default::default()
+        };
+        let first_start = tokio::spawn(async move {
+            let enrolled = tether::enroll::enroll_on_first_start(&state3, &first).await;
+            (enrolled.map(|e| e.is_some()).map_err(|e| format!("{e:#}")), dir3)
+        });
         let scraped = b.scrape().await;
         // etcd's requests are timed, and their failures counted (a lease
         // grant fails once etcd is down: refused, or after the timeout).
@@ -186,6 +213,13 @@ async fn a_site_reconnecting_while_etcd_is_down_keeps_its_address_at_the_broker_
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         eprintln!("etcd names B the holder of site 1 {:?} after etcd was back", back.elapsed());
+        // The site installed while etcd was down enrolled by itself.
+        let (enrolled, _dir3) = tokio::time::timeout(Duration::from_secs(60), first_start)
+            .await
+            .expect("the first start enrolled within 60 s of etcd's return")
+            .unwrap();
+        assert_eq!(enrolled, Ok(true), "first start");
+        eprintln!("site 3 enrolled {:?} after etcd was back", back.elapsed());
         assert!(b.broker().session(&one).is_some(), "site 1 was not cut");
         assert_eq!(v4(&tunnel), address);
 
