@@ -8,9 +8,10 @@
 //! after. A restart keeps the identity without the code; a used code on a
 //! site without identity stops the agent with exit status 3 and the
 //! reason. And the agent's container image (`deploy/containers/build`,
-//! tag `test`) does the same with exactly the privileges the Deployment
-//! grants: every capability dropped but NET_ADMIN, a read-only root file
-//! system, /dev/net/tun.
+//! tag `test`) does the same run as the bundle's Deployment describes it
+//! (`deploy/containers/manifest-run`: its privileges, every capability
+//! dropped but NET_ADMIN, a read-only root file system, /dev/net/tun; its
+//! environment, volumes, image and arguments).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
