@@ -358,7 +358,7 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
     args.extend(manifest_run(
         &deployment,
         "volumes",
-        &[&[pod.clone()], &resources[..]].concat(),
+        &[std::slice::from_ref(&pod), &resources[..]].concat(),
     ));
     let manifest_image = manifest_run(&deployment, "image", &[]);
     assert_eq!(manifest_image, [image], "the bundle names another image");
