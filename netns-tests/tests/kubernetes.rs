@@ -8,9 +8,10 @@
 //! after. A restart keeps the identity without the code; a used code on a
 //! site without identity stops the agent with exit status 3 and the
 //! reason. And the agent's container image (`deploy/containers/build`,
-//! tag `test`) does the same with exactly the privileges the Deployment
-//! grants: every capability dropped but NET_ADMIN, a read-only root file
-//! system, /dev/net/tun.
+//! tag `test`) does the same run as the bundle's Deployment describes it
+//! (`deploy/containers/manifest-run`: its privileges, every capability
+//! dropped but NET_ADMIN, a read-only root file system, /dev/net/tun; its
+//! environment, volumes, image and arguments).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -275,6 +276,27 @@ fn have_image(image: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `deploy/containers/manifest-run FILE QUESTION ARGS...`: one line each.
+fn manifest_run(file: &Path, question: &str, args: &[std::path::PathBuf]) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containers/manifest-run");
+    let out = std::process::Command::new(script)
+        .arg(file)
+        .arg(question)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "manifest-run {question}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
     if !require_root() {
@@ -303,21 +325,18 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
         &bundle.display().to_string(),
         "--broker",
         BROKER,
+        "--image",
+        image,
     ])
     .unwrap();
-    let secret = std::fs::read_to_string(bundle.join("secret.yaml")).unwrap();
-    let configmap = std::fs::read_to_string(bundle.join("configmap.yaml")).unwrap();
-    // The volumes as the Deployment mounts them.
-    let code = topo.path("code");
-    std::fs::write(&code, yaml_value(&secret, "code")).unwrap();
-    let config = topo.path("tether.toml");
-    std::fs::write(&config, agent_config(&configmap)).unwrap();
-    let state = topo.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let name = format!("tether-agent-{}", std::process::id());
-    let mount =
-        |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
+    // The pod as the bundle's Deployment describes it: its privileges,
+    // environment (the broker from the ConfigMap), volumes (the ConfigMap's
+    // tether.toml, the Secret's code, the state volume), image and args.
+    let deployment = bundle.join("deployment.yaml");
+    let resources = [bundle.join("configmap.yaml"), bundle.join("secret.yaml")];
+    let pod = topo.path("pod");
     let mut args: Vec<String> = PODMAN.iter().map(|s| s.to_string()).collect();
+    let name = format!("tether-agent-{}", std::process::id());
     args.extend(
         [
             "run",
@@ -332,36 +351,30 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
             "nofile=1024:1024",
             "--ulimit",
             "nproc=1024:1024",
-            "--cap-drop",
-            "all",
-            "--cap-add",
-            "NET_ADMIN",
-            "--security-opt",
-            "no-new-privileges",
-            "--read-only",
-            "--device",
-            "/dev/net/tun",
-            "-v",
-            &mount(&state, "/var/lib/tether", "rw"),
-            "-v",
-            &mount(&config, "/etc/tether/tether.toml", "ro"),
-            "-v",
-            &mount(&code, "/etc/tether/enrollment/code", "ro"),
-            "-e",
-            "TETHER_CONFIG=/etc/tether/tether.toml",
-            "-e",
-            "TETHER_ENROLL_TOKEN_FILE=/etc/tether/enrollment/code",
-            "-e",
-            &format!("TETHER_BROKER={BROKER}"),
-            "-e",
-            &format!("TETHER_HEALTH_LISTEN={HEALTH}"),
-            "-e",
-            "TETHER_LOG_FORMAT=json",
-            image,
-            "up",
         ]
         .map(String::from),
     );
+    args.extend(manifest_run(&deployment, "flags", &resources));
+    args.extend(manifest_run(
+        &deployment,
+        "volumes",
+        &[std::slice::from_ref(&pod), &resources[..]].concat(),
+    ));
+    let manifest_image = manifest_run(&deployment, "image", &[]);
+    assert_eq!(manifest_image, [image], "the bundle names another image");
+    args.push(image.to_string());
+    args.extend(manifest_run(&deployment, "args", &[]));
+    for (flag, want) in [
+        ("--cap-add=NET_ADMIN", true),
+        ("--cap-drop=all", true),
+        ("--read-only", true),
+        ("--device=/dev/net/tun:/dev/net/tun", true),
+        (&format!("--env=TETHER_BROKER={BROKER}"), true),
+    ] {
+        assert_eq!(args.iter().any(|a| a == flag), want, "{flag} in {args:?}");
+    }
+    // The state volume, by the name the Deployment gives it.
+    let state = pod.join("state");
     let container = Container::start(name.clone(), &args);
     let logs = || container.logs();
     assert!(
@@ -396,8 +409,10 @@ fn the_agent_image_runs_with_only_net_admin_and_a_read_only_root() {
             }
         })
         .collect();
-    let at = args.iter().position(|a| a == "NET_ADMIN").unwrap();
-    let args = [&args[..at - 1], &args[at + 1..]].concat();
+    let args: Vec<String> = args
+        .into_iter()
+        .filter(|a| a != "--cap-add=NET_ADMIN")
+        .collect();
     assert!(!args.iter().any(|a| a.contains("NET_ADMIN")));
     let bare = Container::start(bare_name, &args);
     let bare_logs = || bare.logs();
