@@ -82,12 +82,8 @@ fn pick<'a, T>(u: &mut Unstructured<'_>, from: &'a [T]) -> ArbResult<&'a T> {
     u.choose(from)
 }
 
-/// Up to `max` distinct picks from `from`, in the order drawn.
-fn some<T: Clone + PartialEq>(
-    u: &mut Unstructured<'_>,
-    from: &[T],
-    max: u8,
-) -> ArbResult<Vec<T>> {
+/// Up to `max` picks from `from` (repeats too), in the order drawn.
+fn some<T: Clone>(u: &mut Unstructured<'_>, from: &[T], max: u8) -> ArbResult<Vec<T>> {
     let n = u.int_in_range(0..=max)?;
     let mut out = Vec::new();
     for _ in 0..n {
@@ -199,7 +195,10 @@ fn names(datas: &[&ZoneData]) -> Vec<Name> {
         add(format!("ns.{zone}"));
         add(format!("nothing.{zone}"));
         for p in &d.reverse {
-            add(Name::from(p.network()).to_string().trim_end_matches('.').into());
+            add(Name::from(p.network())
+                .to_string()
+                .trim_end_matches('.')
+                .into());
         }
         for s in &d.sites {
             let name = site_name(&s.site, &s.region, zone);
@@ -284,11 +283,14 @@ fn step(zone: &mut Option<Zone>, next: &ZoneData, names: &[Name], ns: &[IpAddr])
     assert_eq!(z.origin(), fresh.origin());
     for name in names {
         for &qtype in QTYPES {
-            assert_eq!(
-                canonical(z.answer(name, qtype, DNSClass::IN)),
-                canonical(fresh.answer(name, qtype, DNSClass::IN)),
-                "{qtype} {name}"
+            let (a, b) = (
+                z.answer(name, qtype, DNSClass::IN),
+                fresh.answer(name, qtype, DNSClass::IN),
             );
+            // Equal as they are (most often), or as sets.
+            if a != b {
+                assert_eq!(canonical(a), canonical(b), "{qtype} {name}");
+            }
         }
     }
 }
