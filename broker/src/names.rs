@@ -382,7 +382,7 @@ mod tests {
     }
 
     fn region(i: u32) -> RegionId {
-        RegionId::new(if i % 3 == 0 { "us" } else { "eu" }).unwrap()
+        RegionId::new(if i.is_multiple_of(3) { "us" } else { "eu" }).unwrap()
     }
 
     fn site(i: u32, generation: u32) -> SiteNames {
@@ -395,7 +395,7 @@ mod tests {
                 (i >> 8) as u8,
                 i as u8,
             ])],
-            services: if i % 5 == 0 {
+            services: if i.is_multiple_of(5) {
                 vec![Service::parse("dicom=104").unwrap()]
             } else {
                 vec![]
