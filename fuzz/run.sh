@@ -10,7 +10,8 @@
 # wall-clock time; with BUDGET=cpu it is the fuzzer's own CPU time instead
 # (the target runs in slices of at most 10 minutes until its CPU time adds up
 # to DURATION), for a machine shared with other work, where a fuzzer at low
-# priority gets less than a core. SANITIZER=none
+# priority gets less than a core. NO_BUILD=1 runs the targets as last
+# built, without building every target first. SANITIZER=none
 # builds without AddressSanitizer (CI does, to keep its run short). Inputs that
 # find new coverage go to fuzz/work/TARGET/ (not committed); add the useful
 # ones to fuzz/corpus/ with `cargo fuzz cmin`. Needs cargo-fuzz (installed
@@ -36,8 +37,14 @@ fi
 # SANITIZER: address (default) or none (faster to build; panics, overflow
 # and debug assertions are still caught).
 sanitizer=${SANITIZER:-address}
-echo "== building ${#targets[@]} fuzz targets (release, debug assertions, sanitizer: $sanitizer)"
-cargo fuzz build --sanitizer "$sanitizer"
+if [ "${NO_BUILD:-0}" = 1 ]; then
+  # NO_BUILD=1: run the targets as last built (e.g. built one at a time
+  # with `cargo fuzz build --sanitizer address TARGET`).
+  echo "== running the fuzz targets as last built"
+else
+  echo "== building ${#targets[@]} fuzz targets (release, debug assertions, sanitizer: $sanitizer)"
+  cargo fuzz build --sanitizer "$sanitizer"
+fi
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 report=$(mktemp)

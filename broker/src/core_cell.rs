@@ -5,7 +5,7 @@
 //! ([`Sessions`]) never disagrees with the core. Packets read the routing
 //! state through [`CoreCell::read`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, SystemTime};
@@ -16,6 +16,7 @@ use tether_proto::broker::{
     SessionOpen, StoreCommand, StoreResult,
 };
 use tether_proto::forward::Router;
+use tether_proto::{RegionId, SiteId};
 use tokio::sync::{Notify, watch};
 
 use crate::sessions::{Session, Sessions};
@@ -58,6 +59,8 @@ pub struct CoreCell {
     site_routes: watch::Sender<u64>,
     /// Bumped on every change that can alter a name in the mesh zone.
     names: watch::Sender<u64>,
+    /// What those changes touched, until the zone task takes it.
+    name_marks: Mutex<NameChanges>,
     /// Bumped whenever the routes through other brokers are rebuilt.
     remote_routes: watch::Sender<u64>,
     /// Wakes the certificate-expiry timer when the core's deadline moves.
@@ -80,6 +83,7 @@ impl CoreCell {
             sessions,
             site_routes: watch::channel(0).0,
             names: watch::channel(0).0,
+            name_marks: Mutex::new(NameChanges::default()),
             remote_routes: watch::channel(0).0,
             timer: Notify::new(),
             allocation_gate: Mutex::new(()),
@@ -105,14 +109,26 @@ impl CoreCell {
     /// Runs `f` on the core, then carries out the events it produced while
     /// still holding the lock.
     pub fn decide<T>(&self, f: impl FnOnce(&mut BrokerCore) -> T) -> Result<T, Poisoned> {
+        self.decide_for(None, f)
+    }
+
+    /// [`CoreCell::decide`] for a decision about `site` alone: a change of
+    /// the live sessions it makes is a change of that site's names (and
+    /// of those whose sessions it closes), not of every site's.
+    fn decide_for<T>(
+        &self,
+        site: Option<&SiteId>,
+        f: impl FnOnce(&mut BrokerCore) -> T,
+    ) -> Result<T, Poisoned> {
         let mut core = self.write()?;
         let out = f(&mut core);
-        self.dispatch(&mut core);
+        self.dispatch(&mut core, site);
         Ok(out)
     }
 
-    fn dispatch(&self, core: &mut BrokerCore) {
+    fn dispatch(&self, core: &mut BrokerCore, about: Option<&SiteId>) {
         let (mut routes, mut names, mut remote) = (false, false, false);
+        let mut closed = Vec::new();
         while let Some(event) = core.poll_event() {
             match event {
                 Event::CloseSession {
@@ -120,6 +136,7 @@ impl CoreCell {
                     site,
                     reason,
                 } => {
+                    closed.push(site.clone());
                     if let Some(closed) = self.sessions.remove_if(&site, |cur| cur.id == session) {
                         closed.request_close(reason);
                     }
@@ -140,7 +157,14 @@ impl CoreCell {
             self.site_routes.send_modify(|v| *v += 1);
         }
         if names {
-            self.names_changed();
+            match about {
+                Some(site) => {
+                    for site in closed.iter().chain([site]) {
+                        self.site_names_changed(site);
+                    }
+                }
+                None => self.names_changed(),
+            }
         }
         if remote {
             self.remote_routes.send_modify(|v| *v += 1);
@@ -168,7 +192,7 @@ impl CoreCell {
             .map_err(|_| OpenError::Duplicate)
             .and_then(|mut core| {
                 let result = core.handle_session_open(open, Instant::now());
-                self.dispatch(&mut core);
+                self.dispatch(&mut core, Some(session.site()));
                 if result.is_ok() {
                     self.sessions.insert(session.clone());
                 }
@@ -184,7 +208,7 @@ impl CoreCell {
     /// site's current one.
     pub fn close_session(&self, session: &Arc<Session>) {
         let site = session.site();
-        let _ = self.decide(|core| {
+        let _ = self.decide_for(Some(site), |core| {
             if core.handle_session_closed(site, session.id, Instant::now()) {
                 self.sessions
                     .remove_if(site, |cur| Arc::ptr_eq(cur, session));
@@ -297,9 +321,52 @@ impl CoreCell {
         self.remote_routes.subscribe()
     }
 
-    /// Says that a name in the mesh zone may have changed.
+    /// Says that any name in the mesh zone may have changed.
     pub fn names_changed(&self) {
+        self.mark_names(|m| m.all = true);
+    }
+
+    /// Says that the names of `site` may have changed.
+    pub fn site_names_changed(&self, site: &SiteId) {
+        self.mark_names(|m| {
+            m.sites.insert(site.clone());
+        });
+    }
+
+    /// Says that the leases of `region` changed: the addresses and LAN
+    /// mappings of any of its sites may have.
+    pub fn region_names_changed(&self, region: &RegionId) {
+        self.mark_names(|m| {
+            m.regions.insert(region.clone());
+        });
+    }
+
+    fn mark_names(&self, mark: impl FnOnce(&mut NameChanges)) {
+        match self.name_marks.lock() {
+            Ok(mut marks) => mark(&mut marks),
+            // Without the marks, the zone is read whole.
+            Err(p) => p.into_inner().all = true,
+        }
         self.names.send_modify(|v| *v += 1);
+    }
+
+    /// What changed since the last call (everything, the first time the
+    /// lock was poisoned). The marks are made before the generation of
+    /// [`CoreCell::name_changes`] moves, so a change marked after this
+    /// call wakes its watcher again.
+    pub fn take_name_changes(&self) -> NameChanges {
+        match self.name_marks.lock() {
+            Ok(mut marks) => std::mem::take(&mut *marks),
+            Err(p) => {
+                let mut marks = p.into_inner();
+                self.name_marks.clear_poison();
+                *marks = NameChanges::default();
+                NameChanges {
+                    all: true,
+                    ..NameChanges::default()
+                }
+            }
+        }
     }
 
     /// Changes that can alter a name in the mesh zone.
@@ -314,4 +381,16 @@ fn instant_of(at: SystemTime) -> Instant {
     at.duration_since(SystemTime::now())
         .map(|d| now + d)
         .unwrap_or(now)
+}
+
+/// What may have changed in the mesh zone's names since the zone task last
+/// looked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameChanges {
+    /// Anything: every site is read again.
+    pub all: bool,
+    /// The sites whose names may have changed.
+    pub sites: BTreeSet<SiteId>,
+    /// The regions whose leases changed.
+    pub regions: BTreeSet<RegionId>,
 }

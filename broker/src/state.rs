@@ -388,7 +388,11 @@ impl Broker {
             site: site.clone(),
             region: region.clone(),
         })? {
-            Allocated::SiteAddresses { addresses, lans } => Ok((addresses, lans)),
+            Allocated::SiteAddresses { addresses, lans } => {
+                // Its addresses have names in the zone.
+                self.core.site_names_changed(site);
+                Ok((addresses, lans))
+            }
             Allocated::LanMapping(_) | Allocated::Released(_) | Allocated::Marked(_) => {
                 Err(BrokerError::Contention)
             }
@@ -439,7 +443,7 @@ impl Broker {
         })? {
             Allocated::LanMapping(prefix) => {
                 // The LAN's hosts have names in the zone.
-                self.names_changed();
+                self.core.site_names_changed(site);
                 Ok(prefix)
             }
             Allocated::SiteAddresses { .. } | Allocated::Released(_) | Allocated::Marked(_) => {
@@ -484,7 +488,7 @@ impl Broker {
         }
         if !marked.is_empty() {
             // Names of unused LANs leave the zone, those back in use return.
-            self.names_changed();
+            self.core.site_names_changed(site);
         }
         Ok(())
     }
@@ -784,7 +788,7 @@ impl Broker {
         self.store.revoke(&entry)?;
         self.record_event(site, EventKind::Revoked);
         self.revocations.revoke(entry);
-        self.names_changed();
+        self.core.site_names_changed(site);
         Ok(connected)
     }
 
@@ -836,7 +840,7 @@ impl Broker {
             record.enrolled = Some(now_unix());
             self.store.put_site(&record)?;
         }
-        self.names_changed();
+        self.core.site_names_changed(&identity.site);
         Ok(())
     }
 
@@ -912,14 +916,14 @@ impl Broker {
                             .notice
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let leases = self.store.region_leases(&region)?;
-                        self.decide(|core| core.handle_leases(region, leases))?;
+                        self.decide(|core| core.handle_leases(region.clone(), leases))?;
                     }
-                    self.names_changed();
+                    self.core.region_names_changed(&region);
                 }
                 Ok(())
             }
-            StoreEvent::Site(_) => {
-                self.names_changed();
+            StoreEvent::Site(site) => {
+                self.core.site_names_changed(&site);
                 Ok(())
             }
             // Another broker's events of a site (or the echo of this
@@ -938,8 +942,17 @@ impl Broker {
     /// `revocations` ends the sessions it names. An echo of one this broker
     /// made changes nothing.
     fn apply_revocation(&self, entry: Revoked, stored: &[Revoked]) -> Result<(), BrokerError> {
-        if stored.contains(&entry) && self.revocations.revoke(entry) {
-            self.names_changed();
+        if stored.contains(&entry) {
+            let site = match &entry {
+                Revoked::Site(identity) => Some(identity.site.clone()),
+                Revoked::Serial(_) => None,
+            };
+            if self.revocations.revoke(entry) {
+                match site {
+                    Some(site) => self.core.site_names_changed(&site),
+                    None => self.names_changed(),
+                }
+            }
         }
         Ok(())
     }

@@ -365,6 +365,44 @@ fn main() -> std::io::Result<()> {
         ],
     )?;
 
+    // The agent's inbound check: the packet after its length, then the
+    // site (own addresses and mappings drawn near the packet's destination,
+    // given directly or as assigned prefixes).
+    let mut inbound = Vec::new();
+    for p in [&pkts[4], &pkts[5], &pkts[7], &pkts[8], &pkts[9]] {
+        let Ok(len) = u8::try_from(p.len()) else {
+            continue;
+        };
+        for site in [
+            &[0x05, 0, 0, 0, 0, 0, 0, 24, 1, 192, 168, 1, 0][..],
+            &[0x81, 0, 3, 1, 32],
+            &[
+                0x86, 2, 0, 0, 20, 0, 0, 0, 24, 0, 0, 0, 24, 1, 10, 0, 0, 0, 1, 11, 0, 0, 0,
+            ],
+            &[0x00],
+        ] {
+            let mut input = vec![len];
+            input.extend_from_slice(p);
+            input.extend_from_slice(site);
+            inbound.push(input);
+        }
+    }
+    write("inbound", inbound)?;
+    // The zone update: the target draws zones, sites and edits from these
+    // bytes; a few patterns of different lengths start it off.
+    write(
+        "zone_update",
+        vec![
+            (0u8..=255).collect(),
+            (0u8..=255).rev().collect(),
+            (0u8..=255).map(|b| b.wrapping_mul(37)).collect(),
+            [
+                1u8, 0, 2, 0, 0, 0, 7, 5, 1, 2, 3, 1, 1, 2, 1, 4, 1, 0, 2, 1, 0, 1, 3, 3, 3,
+            ]
+            .repeat(8),
+        ],
+    )?;
+
     // The gateway control channel and the zone.
     let zone = ZoneData {
         zone: "tether.internal".into(),

@@ -404,10 +404,13 @@ pub struct Zone {
     /// Zone apexes (the forward zone and the reverse zones), longest
     /// first.
     apexes: Vec<Name>,
-    /// LAN mappings by the first address of the mapped prefix (mapped
-    /// prefixes come from the pools and never overlap): the site (site and
-    /// region) and the mapping.
-    lans: BTreeMap<IpAddr, (SiteId, RegionId, Mapping)>,
+    /// LAN mappings by the first address of the mapped prefix: the site
+    /// (site and region) and the mapping. Mapped prefixes come from the
+    /// pools and never overlap; where data maps two LANs onto one prefix
+    /// anyway, each keeps its entry, in the order of the sites and of
+    /// their mappings, and the last one answers, whatever order the sites
+    /// were added and removed in.
+    lans: BTreeMap<IpAddr, Vec<(SiteId, RegionId, Mapping)>>,
 }
 
 /// How a [`Zone`] gets to new [`ZoneData`] ([`Zone::plan`]).
@@ -607,9 +610,14 @@ impl Zone {
         for (owner, rdata) in records {
             self.add(owner, rdata);
         }
+        let key = site_key(s);
         for m in &s.lans {
-            self.lans
-                .insert(m.mapped.network(), (s.site.clone(), s.region.clone(), *m));
+            let entries = self.lans.entry(m.mapped.network()).or_default();
+            // After the sites before this one and this site's earlier
+            // mappings: where a zone built at once puts it.
+            let at = entries
+                .partition_point(|(site, region, _)| (site.as_str(), region.as_str()) <= key);
+            entries.insert(at, (s.site.clone(), s.region.clone(), *m));
         }
         n
     }
@@ -632,12 +640,11 @@ impl Zone {
         }
         for m in &s.lans {
             let key = m.mapped.network();
-            if self
-                .lans
-                .get(&key)
-                .is_some_and(|(site, region, _)| site == &s.site && region == &s.region)
-            {
-                self.lans.remove(&key);
+            if let Some(entries) = self.lans.get_mut(&key) {
+                entries.retain(|(site, region, _)| site != &s.site || region != &s.region);
+                if entries.is_empty() {
+                    self.lans.remove(&key);
+                }
             }
         }
         n
@@ -898,7 +905,8 @@ impl Zone {
             return None;
         }
         let addr = host.addr();
-        let (_, (site, region, m)) = self.lans.range(..=addr).next_back()?;
+        let (_, entries) = self.lans.range(..=addr).next_back()?;
+        let (site, region, m) = entries.last()?;
         let real = m.real_of(addr)?;
         let target = fqdn(&lan_host_name_of(real, site, region, &self.data.zone)).ok()?;
         Some(Record::from_rdata(
@@ -1714,5 +1722,40 @@ mod tests {
                 .to_string(),
             "0.0.0.0.e.7.e.7.0.0.d.f.ip6.arpa."
         );
+    }
+
+    #[test]
+    fn sites_mapped_onto_one_prefix_answer_after_updates_as_built_from_scratch() {
+        // Two sites whose LANs are mapped onto the same prefix (data a
+        // broker never sends, but a gateway must answer from consistently).
+        let ns = ["127.0.0.1".parse().unwrap()];
+        let lan = |real: &str| {
+            vec![Mapping::new(real.parse().unwrap(), "100.64.9.0/24".parse().unwrap()).unwrap()]
+        };
+        let mut both = data();
+        both.sites[0].lans = lan("192.168.1.0/24");
+        both.sites[1].lans = lan("10.1.0.0/24");
+        let mut first_only = both.clone();
+        first_only.sites[1].lans.clear();
+        let mut second_only = both.clone();
+        second_only.sites[0].lans.clear();
+        let ptr = Name::from_ascii("20.9.64.100.in-addr.arpa.").unwrap();
+        for (from, to) in [
+            (&both, &first_only),
+            (&both, &second_only),
+            (&first_only, &both),
+            (&second_only, &both),
+            (&first_only, &second_only),
+        ] {
+            let mut z = Zone::new(from.clone(), &ns).unwrap();
+            let done = z.update(to.clone()).unwrap();
+            assert!(!done.rebuilt);
+            let fresh = Zone::new(to.clone(), &ns).unwrap();
+            assert_eq!(contents(&z), contents(&fresh));
+            assert_eq!(
+                z.answer(&ptr, RecordType::PTR, DNSClass::IN),
+                fresh.answer(&ptr, RecordType::PTR, DNSClass::IN)
+            );
+        }
     }
 }
