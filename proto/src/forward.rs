@@ -454,7 +454,8 @@ impl Router {
     pub fn routes(&self) -> Vec<(&Route, Option<&BrokerId>)> {
         let own = self.table.routes();
         let here: BTreeSet<IpNet> = own.iter().map(|r| r.prefix).collect();
-        let mut out: Vec<(&Route, Option<&BrokerId>)> = own.into_iter().map(|r| (r, None)).collect();
+        let mut out: Vec<(&Route, Option<&BrokerId>)> =
+            own.into_iter().map(|r| (r, None)).collect();
         out.extend(
             self.remote
                 .routes()
@@ -1206,7 +1207,10 @@ mod tests {
             kind: LeaseKind::SiteAddress,
             release_at: None,
         };
-        let leases = [lease("100.64.0.9/32", &id("far")), lease("100.64.0.2/32", &f.a)];
+        let leases = [
+            lease("100.64.0.9/32", &id("far")),
+            lease("100.64.0.2/32", &f.a),
+        ];
         f.router.remote = Arc::new(RemoteRoutes::build(&view, &leases, 1300));
         // Held by broker b: the remote route wins over the covering /24.
         let far = id("100.64.0.9");
