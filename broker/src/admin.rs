@@ -307,7 +307,8 @@ async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<FleetSessi
         None => Vec::new(),
     };
     if !elsewhere.is_empty() {
-        let regions = site_regions(&broker, elsewhere.iter().map(|(s, _)| s)).await;
+        let regions =
+            site_regions(&broker, elsewhere.iter().map(|(s, _)| s.clone()).collect()).await;
         for (site, holder) in elsewhere {
             let Some(region) = regions.get(&site) else {
                 continue;
@@ -330,11 +331,10 @@ async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<FleetSessi
 /// (every connected site holds one), else from the store's site records
 /// (a region this broker does not serve). A site found in neither (the
 /// store unreachable) is left out, and logged.
-async fn site_regions<'a>(
+async fn site_regions(
     broker: &Arc<Broker>,
-    sites: impl Iterator<Item = &'a SiteId>,
+    wanted: BTreeSet<SiteId>,
 ) -> BTreeMap<SiteId, RegionId> {
-    let wanted: BTreeSet<SiteId> = sites.cloned().collect();
     let mut out = BTreeMap::new();
     if let Ok(core) = broker.core().core() {
         for region in broker.config.regions.keys() {
