@@ -21,12 +21,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
 use subtle::ConstantTimeEq;
+
 use tether_proto::api::{
-    ApiError, GatewayInfo, LanHost, PolicyInfo, ReleaseResponse, ResidencyCheck, RevokeResponse,
-    RouteFilter, SessionInfo, SiteInfo, TokenRequest, TokenResponse, Trace, TracePath, TraceQuery,
-    TraceTarget,
+    ApiError, BrokerRef, FleetSession, GatewayInfo, LanHost, PolicyInfo, ReleaseResponse,
+    ResidencyCheck, RevokeResponse, RouteFilter, RouteInfo, SessionDetail, SiteInfo, TokenRequest,
+    TokenResponse, Trace, TracePath, TraceQuery, TraceTarget,
 };
+use tether_proto::fleet::{BrokerId, Fleet};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::route::{Route, RouteKind, RouteTarget};
 
@@ -241,20 +244,139 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn list_sites(State(broker): State<Arc<Broker>>) -> Result<Json<Vec<SiteInfo>>, AdminError> {
-    Ok(Json(blocking(move || broker.site_infos()).await?))
+/// This broker as the admin views name it: its fleet id (with a shared
+/// store) and its first advertised endpoint.
+fn this_broker(broker: &Broker) -> BrokerRef {
+    BrokerRef {
+        id: broker.fleet().and_then(|f| f.id()),
+        address: broker
+            .enroll_endpoints()
+            .into_iter()
+            .next()
+            .or_else(|| broker.tunnel_addr().map(|a| a.to_string()))
+            .unwrap_or_default(),
+    }
 }
 
-async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<SessionInfo>> {
-    let mut sessions: Vec<SessionInfo> = broker.sessions().all().iter().map(|s| s.info()).collect();
-    sessions.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
+/// The broker of the fleet called `id`, as this broker's view of the
+/// fleet announces it (by id alone if it left meanwhile).
+fn fleet_broker(fleet: Option<&Fleet>, id: &BrokerId) -> BrokerRef {
+    match fleet.and_then(|f| f.members().get(id)) {
+        Some(member) => crate::fleet::broker_ref(id, member),
+        None => BrokerRef {
+            id: Some(id.clone()),
+            address: String::new(),
+        },
+    }
+}
+
+/// Every site, with the broker holding its session: this broker for a
+/// session here, another live broker of the fleet as the store's owner
+/// records say. A site whose broker died (its lease expired) has none.
+async fn list_sites(State(broker): State<Arc<Broker>>) -> Result<Json<Vec<SiteInfo>>, AdminError> {
+    let b = broker.clone();
+    let mut sites = blocking(move || b.site_infos()).await?;
+    let here = this_broker(&broker);
+    let fleet = broker.fleet().and_then(|f| f.snapshot());
+    for site in &mut sites {
+        site.broker = match (&site.session, &fleet) {
+            (Some(_), _) => Some(here.clone()),
+            (None, Some(f)) => f
+                .live_holder_elsewhere(&site.site)
+                .map(|(id, member)| crate::fleet::broker_ref(id, member)),
+            (None, None) => None,
+        };
+    }
+    Ok(Json(sites))
+}
+
+/// The sessions of the whole fleet: this broker's with their detail, and
+/// those other live brokers hold (the store's owner records), by site
+/// and region. A site with a session here is listed once, as here: the
+/// session here is the one packets take.
+async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<FleetSession>> {
+    let here = this_broker(&broker);
+    let mut sessions: Vec<FleetSession> = broker
+        .sessions()
+        .all()
+        .iter()
+        .map(|s| FleetSession {
+            session: SessionDetail::Here(s.info()),
+            broker: here.clone(),
+            local: true,
+        })
+        .collect();
+    let fleet = broker.fleet().and_then(|f| f.snapshot());
+    let elsewhere: Vec<(SiteId, BrokerRef)> = match &fleet {
+        Some(f) => f
+            .held_elsewhere()
+            .filter(|(site, _, _)| broker.session(site).is_none())
+            .map(|(site, id, member)| (site.clone(), crate::fleet::broker_ref(id, member)))
+            .collect(),
+        None => Vec::new(),
+    };
+    if !elsewhere.is_empty() {
+        let regions =
+            site_regions(&broker, elsewhere.iter().map(|(s, _)| s.clone()).collect()).await;
+        for (site, holder) in elsewhere {
+            let Some(region) = regions.get(&site) else {
+                continue;
+            };
+            sessions.push(FleetSession {
+                session: SessionDetail::Elsewhere {
+                    site,
+                    region: region.clone(),
+                },
+                broker: holder,
+                local: false,
+            });
+        }
+    }
+    sessions.sort_by(|a, b| (a.region(), a.site()).cmp(&(b.region(), b.site())));
     Json(sessions)
+}
+
+/// The regions of `sites`: from the address leases this broker caches
+/// (every connected site holds one), else from the store's site records
+/// (a region this broker does not serve). A site found in neither (the
+/// store unreachable) is left out, and logged.
+async fn site_regions(
+    broker: &Arc<Broker>,
+    wanted: BTreeSet<SiteId>,
+) -> BTreeMap<SiteId, RegionId> {
+    let mut out = BTreeMap::new();
+    if let Ok(core) = broker.core().core() {
+        for region in broker.config.regions.keys() {
+            for lease in core.leases(region).into_iter().flat_map(|l| l.leases()) {
+                if wanted.contains(&lease.site) {
+                    out.insert(lease.site.clone(), lease.region.clone());
+                }
+            }
+        }
+    }
+    if out.len() < wanted.len() {
+        let b = broker.clone();
+        match blocking(move || Ok(b.store.sites()?)).await {
+            Ok(records) => {
+                for r in records {
+                    if wanted.contains(&r.site) {
+                        out.entry(r.site).or_insert(r.region);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(
+                error = %e.message,
+                "sessions of other brokers without a cached lease left out"
+            ),
+        }
+    }
+    out
 }
 
 async fn list_routes(
     State(broker): State<Arc<Broker>>,
     filter: Result<Query<RouteFilter>, QueryRejection>,
-) -> Result<Json<Vec<Route>>, AdminError> {
+) -> Result<Json<Vec<RouteInfo>>, AdminError> {
     let Query(filter) = filter.map_err(|e| {
         AdminError::new(
             StatusCode::BAD_REQUEST,
@@ -310,18 +432,21 @@ async fn list_routes(
         .core()
         .read()
         .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
+    let fleet = broker.fleet().and_then(|f| f.snapshot());
     let routes = router
-        .table
         .routes()
         .into_iter()
-        .filter(|r| {
+        .filter(|(r, _)| {
             site.as_ref()
                 .is_none_or(|s| r.target == RouteTarget::Site(s.clone()))
         })
-        .filter(|r| region.as_ref().is_none_or(|g| &r.region == g))
-        .filter(|r| kind.is_none_or(|k| r.kind == k))
-        .filter(|r| prefix.is_none_or(|p| p.contains(&r.prefix) || r.prefix.contains(&p)))
-        .cloned()
+        .filter(|(r, _)| region.as_ref().is_none_or(|g| &r.region == g))
+        .filter(|(r, _)| kind.is_none_or(|k| r.kind == k))
+        .filter(|(r, _)| prefix.is_none_or(|p| p.contains(&r.prefix) || r.prefix.contains(&p)))
+        .map(|(r, via)| RouteInfo {
+            route: r.clone(),
+            broker: via.map(|id| fleet_broker(fleet.as_ref(), id)),
+        })
         .collect();
     Ok(Json(routes))
 }
@@ -468,13 +593,17 @@ async fn trace(
     let traffic = crate::access::traffic(query.traffic.as_deref().unwrap_or("icmp"))
         .map_err(|e| AdminError::new(StatusCode::BAD_REQUEST, e))?;
     let gateways = gateway_infos(&broker);
+    let fleet = broker.fleet().and_then(|f| f.snapshot());
     let router = broker
         .core()
         .read()
         .map_err(|_| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
     let mut paths = Vec::new();
     for destination in destinations {
-        let explanation = router.table.lookup(destination).explain();
+        // The same choice the forwarding makes, routes through other
+        // brokers included.
+        let (explanation, via) = router.explain(destination);
+        let peer = via.map(|id| fleet_broker(fleet.as_ref(), &id));
         let target = explanation.winner.as_ref().map(|route| {
             let residency_for = |site_region: &RegionId| -> Vec<ResidencyCheck> {
                 gateways
@@ -532,6 +661,7 @@ async fn trace(
             target,
             policy,
             lan: None,
+            peer,
         });
     }
     // The leases live behind the same lock: read them once it is released.

@@ -34,6 +34,7 @@ use etcd_client::{
     WatchOptions,
 };
 use tether_config::broker::EtcdConfig;
+use tether_proto::api::BrokerRef;
 use tether_proto::fleet::{BrokerId, Decision, Fleet, Member, Readmit};
 use tether_proto::ids::{RegionId, SiteId};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -137,6 +138,11 @@ impl FleetHandle {
             .is_ok_and(|f| f.previous_holder(site).is_some())
     }
 
+    /// This broker's id in the fleet.
+    pub fn id(&self) -> Option<BrokerId> {
+        self.fleet.lock().ok().map(|f| f.me().clone())
+    }
+
     /// A copy of the fleet as this broker sees it.
     pub fn snapshot(&self) -> Option<Fleet> {
         self.fleet.lock().ok().map(|f| f.clone())
@@ -150,6 +156,20 @@ impl FleetHandle {
     /// Changes of members or owners (the fleet's generation).
     pub fn view_changes(&self) -> watch::Receiver<u64> {
         self.view.subscribe()
+    }
+}
+
+/// How the admin views name broker `id` of the fleet: its id and the
+/// first endpoint it announces (its link address if it announces none).
+pub fn broker_ref(id: &BrokerId, member: &Member) -> BrokerRef {
+    BrokerRef {
+        id: Some(id.clone()),
+        address: member
+            .endpoints
+            .first()
+            .or(member.forward.as_ref())
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 

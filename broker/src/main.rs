@@ -10,10 +10,9 @@ use tether_broker::run::{ADMIN_TOKEN_FILE, data_dir};
 use tether_config::broker::{BrokerConfig, BrokerFile};
 use tether_pki::{Ca, TrustDomain};
 use tether_proto::api::{
-    ReleaseResponse, RevokeResponse, SessionInfo, SiteInfo, TokenRequest, TokenResponse,
+    FleetSession, ReleaseResponse, RevokeResponse, RouteInfo, SiteInfo, TokenRequest, TokenResponse,
 };
 use tether_proto::ids::{RegionId, SiteId};
-use tether_proto::route::Route;
 use tether_shell::operator::{self, AdminClient};
 
 /// The tether broker: sites dial out to it over mTLS (HTTP/3); it assigns
@@ -62,7 +61,8 @@ enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
-    /// List sites, their addresses and sessions.
+    /// List sites, their addresses and sessions; in a fleet, a site
+    /// connected to another live broker is connected, with that broker.
     Sites {
         #[command(flatten)]
         config: ConfigArg,
@@ -77,12 +77,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// List live sessions.
+    /// List live sessions: in a fleet, those of every live broker, each
+    /// with the broker holding it.
     Sessions {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// List routes.
+    /// List routes; in a fleet, also those through another broker (over
+    /// the broker-to-broker link), with that broker.
     Routes {
         #[command(flatten)]
         config: ConfigArg,
@@ -590,12 +592,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sessions { config } => {
-            let sessions: Vec<SessionInfo> = admin(&config)?.get("/v1/sessions")?;
+            let sessions: Vec<FleetSession> = admin(&config)?.get("/v1/sessions")?;
             print!("{}", operator::sessions_table(&sessions));
             Ok(ExitCode::SUCCESS)
         }
         Command::Routes { config } => {
-            let routes: Vec<Route> = admin(&config)?.get("/v1/routes")?;
+            let routes: Vec<RouteInfo> = admin(&config)?.get("/v1/routes")?;
             print!("{}", operator::routes_table(&routes));
             Ok(ExitCode::SUCCESS)
         }

@@ -857,6 +857,7 @@ impl Broker {
                     addresses,
                     lans,
                     session: self.session(&r.site).map(|s| s.info()),
+                    broker: None,
                     enrolled: r.enrolled.is_some(),
                     revoked: r.revoked,
                     site: r.site,

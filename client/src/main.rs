@@ -468,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format!("/v1/routes?{}", query.join("&"))
             };
             operator_call(|| {
-                let routes: Vec<tether_proto::route::Route> = client.get(&path)?;
+                let routes: Vec<tether_proto::api::RouteInfo> = client.get(&path)?;
                 if json {
                     print_json(&routes);
                 } else {

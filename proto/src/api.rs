@@ -205,8 +205,94 @@ pub struct SiteInfo {
     pub revoked: bool,
     /// Whether it has enrolled.
     pub enrolled: bool,
-    /// Its live session, if connected.
+    /// Its live session on the broker that answered, if connected there.
     pub session: Option<SessionInfo>,
+    /// The broker holding its session, if it is connected to a live broker
+    /// of the fleet (this one or another); absent when it is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerRef>,
+}
+
+/// Admin API: a broker of the fleet, as the admin views name the holder
+/// of a session or the broker a route leads through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerRef {
+    /// Its id in the fleet (absent for a broker whose store is not shared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Where sites dial it: its first advertised endpoint.
+    pub address: String,
+}
+
+impl std::fmt::Display for BrokerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.id {
+            Some(id) => write!(f, "{} ({id})", self.address),
+            None => f.write_str(&self.address),
+        }
+    }
+}
+
+/// Admin API: one session of the fleet (`GET /v1/sessions`). A session of
+/// the broker that answered has every field of [`SessionInfo`]; one held
+/// by another live broker only its site and region (what the fleet's
+/// records in the store say), with `local: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetSession {
+    /// The session's fields.
+    #[serde(flatten)]
+    pub session: SessionDetail,
+    /// The broker holding it.
+    pub broker: BrokerRef,
+    /// Whether the broker that answered holds it.
+    pub local: bool,
+}
+
+impl FleetSession {
+    /// The site.
+    pub fn site(&self) -> &SiteId {
+        match &self.session {
+            SessionDetail::Here(s) => &s.site,
+            SessionDetail::Elsewhere { site, .. } => site,
+        }
+    }
+
+    /// Its region.
+    pub fn region(&self) -> &RegionId {
+        match &self.session {
+            SessionDetail::Here(s) => &s.region,
+            SessionDetail::Elsewhere { region, .. } => region,
+        }
+    }
+}
+
+/// Admin API: what the broker that answered knows of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SessionDetail {
+    /// A session of this broker: everything.
+    Here(SessionInfo),
+    /// A session of another broker: its site and region.
+    Elsewhere {
+        /// The site.
+        site: SiteId,
+        /// Its region.
+        region: RegionId,
+    },
+}
+
+/// Admin API: a route (`GET /v1/routes`), with the broker it leads through
+/// when its target is held by another broker of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// The route.
+    #[serde(flatten)]
+    pub route: crate::route::Route,
+    /// The broker the packets are relayed to over the broker-to-broker
+    /// link; absent for a route of this broker's own sessions and
+    /// gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerRef>,
 }
 
 /// Admin API: one site of the fleet's site list (`GET /v1/site-states`),
@@ -443,6 +529,11 @@ pub struct TracePath {
     /// a site's LAN mapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan: Option<LanHost>,
+    /// The broker the packets are relayed to over the broker-to-broker
+    /// link, when the winning route leads through another broker of the
+    /// fleet (it holds the target's session or gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<BrokerRef>,
 }
 
 /// Admin API: the real host behind a mapped LAN address, and the mapping
@@ -579,6 +670,49 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn fleet_sessions_keep_the_fields_of_a_session_and_name_their_broker() {
+        let info = SessionInfo {
+            site: "site-1".parse().unwrap(),
+            region: "eu".parse().unwrap(),
+            transport: "h3".into(),
+            remote: "192.0.2.7:4433".parse().unwrap(),
+            since: 1,
+            rtt_ms: 1.5,
+            rx_packets: 2,
+            rx_bytes: 3,
+            tx_packets: 4,
+            tx_bytes: 5,
+            mtu: Some(1350),
+            services: Vec::new(),
+            drops: Default::default(),
+        };
+        let here = FleetSession {
+            session: SessionDetail::Here(info.clone()),
+            broker: BrokerRef {
+                id: Some("a1".into()),
+                address: "192.0.2.1:443".into(),
+            },
+            local: true,
+        };
+        let json = serde_json::to_value(&here).unwrap();
+        // A session as before, with two more fields.
+        let mut before = serde_json::to_value(&info).unwrap();
+        before["broker"] = serde_json::json!({"id": "a1", "address": "192.0.2.1:443"});
+        before["local"] = true.into();
+        assert_eq!(json, before);
+        assert_eq!(serde_json::from_value::<FleetSession>(json).unwrap(), here);
+        let there: FleetSession = serde_json::from_str(
+            r#"{"site":"site-2","region":"eu","broker":{"id":"b2","address":"192.0.2.2:443"},"local":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (there.site().as_str(), there.region().as_str()),
+            ("site-2", "eu")
+        );
+        assert!(matches!(there.session, SessionDetail::Elsewhere { .. }));
+    }
 
     #[test]
     fn requests_with_unknown_fields_are_refused() {

@@ -462,6 +462,28 @@ impl Fleet {
         self.owners.get(site)
     }
 
+    /// The other broker holding `site`, when it is alive: its id and
+    /// announcement. An owner key naming a broker that is no member any
+    /// more (its announcement is gone, its owner keys go with the same
+    /// lease) counts as no holder: the site is offline until it connects
+    /// again. What the fleet-wide admin views show as held elsewhere.
+    pub fn live_holder_elsewhere(&self, site: &SiteId) -> Option<(&BrokerId, &Member)> {
+        let owner = self.owners.get(site)?;
+        if owner.broker == self.me {
+            return None;
+        }
+        self.members.get_key_value(&owner.broker)
+    }
+
+    /// Every site held by another live broker
+    /// ([`Fleet::live_holder_elsewhere`]), in site order.
+    pub fn held_elsewhere(&self) -> impl Iterator<Item = (&SiteId, &BrokerId, &Member)> {
+        self.owners.keys().filter_map(|site| {
+            let (id, member) = self.live_holder_elsewhere(site)?;
+            Some((site, id, member))
+        })
+    }
+
     /// The forwarding address of the broker holding `site`, when that is
     /// another live broker.
     pub fn forward_to(&self, site: &SiteId) -> Option<(&BrokerId, &str)> {
@@ -548,6 +570,29 @@ mod tests {
             gateways: Vec::new(),
             link_keepalive_ms: None,
         }
+    }
+
+    #[test]
+    fn sites_held_elsewhere_are_those_of_other_live_brokers() {
+        let mut f = Fleet::new("me".into());
+        f.handle_member("me".into(), member("10.0.0.1:443", &["eu"]), 1);
+        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]), 2);
+        f.handle_owner(site("here"), "me".into(), 3);
+        f.handle_owner(site("there"), "b".into(), 4);
+        // The key of a broker whose announcement is gone (not yet deleted
+        // itself, or written by a broker that never announced).
+        f.handle_owner(site("orphan"), "dead".into(), 5);
+        let held: Vec<(&str, &str, &str)> = f
+            .held_elsewhere()
+            .map(|(s, id, m)| (s.as_str(), id.as_str(), m.endpoints[0].as_str()))
+            .collect();
+        assert_eq!(held, [("there", "b", "10.0.0.2:443")]);
+        assert!(f.live_holder_elsewhere(&site("here")).is_none());
+        assert!(f.live_holder_elsewhere(&site("orphan")).is_none());
+        assert!(f.live_holder_elsewhere(&site("unknown")).is_none());
+        // Its broker dies: the site is held nowhere.
+        f.handle_member_gone("b");
+        assert_eq!(f.held_elsewhere().count(), 0);
     }
 
     #[test]

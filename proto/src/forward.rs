@@ -44,7 +44,9 @@ use crate::ip::{self, IcmpError, Packet};
 use crate::net::Family;
 use crate::peering::RemoteRoutes;
 use crate::policy::{self, End, Party, Policy, Traffic};
-use crate::route::{Route, RouteKind, RouteTable, RouteTarget};
+use crate::route::{
+    Candidate, Explanation, Route, RouteKind, RouteTable, RouteTarget, Verdict as RouteVerdict,
+};
 
 /// Why a packet was not forwarded. Every drop is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -363,19 +365,8 @@ impl Router {
         if spoofed {
             return Verdict::Drop(DropReason::Spoofed);
         }
-        let local = self.table.lookup(dst).winner();
-        // A remote route only where this broker has nothing as specific:
-        // a session here wins over the store's view of another broker.
-        let remote = self
-            .remote
-            .lookup(dst)
-            .filter(|(r, _)| local.is_none_or(|l| r.prefix.prefix_len() > l.prefix.prefix_len()));
-        let (route, via) = match (local, remote) {
-            (_, Some((route, broker))) => (route, Some(broker)),
-            (Some(route), None) => (route, None),
-            (None, None) => {
-                return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::NoRoute);
-            }
+        let Some((route, via)) = self.next_hop(dst) else {
+            return self.reply(ingress, packet, IcmpError::NoRoute, DropReason::NoRoute);
         };
         if ingress.is(&route.target) {
             return Verdict::Drop(DropReason::Loop);
@@ -435,6 +426,69 @@ impl Router {
             ip::clamp_mss(packet, ip::mss_for_mtu(mtu.min(back), dst.is_ipv6()));
         }
         deliver(route, via, Vec::new())
+    }
+
+    /// The route [`Router::decide`] takes to `dst`, and the broker of the
+    /// fleet the packet is relayed to when that route is one through
+    /// another broker ([`Router::remote`]). A remote route only where this
+    /// broker has nothing as specific: a session here wins over the
+    /// store's view of another broker.
+    pub fn next_hop(&self, dst: IpAddr) -> Option<(&Route, Option<&BrokerId>)> {
+        let local = self.table.lookup(dst).winner();
+        let remote = self
+            .remote
+            .lookup(dst)
+            .filter(|(r, _)| local.is_none_or(|l| r.prefix.prefix_len() > l.prefix.prefix_len()));
+        match (local, remote) {
+            (_, Some((route, broker))) => Some((route, Some(broker))),
+            (Some(route), None) => Some((route, None)),
+            (None, None) => None,
+        }
+    }
+
+    /// Every route this router forwards along, with the broker of the
+    /// fleet each route through another broker leads to: its own routes,
+    /// then the routes through other brokers ([`Router::remote`]) except
+    /// those whose prefix one of its own routes has ([`Router::next_hop`]
+    /// takes its own there).
+    pub fn routes(&self) -> Vec<(&Route, Option<&BrokerId>)> {
+        let own = self.table.routes();
+        let here: BTreeSet<IpNet> = own.iter().map(|r| r.prefix).collect();
+        let mut out: Vec<(&Route, Option<&BrokerId>)> =
+            own.into_iter().map(|r| (r, None)).collect();
+        out.extend(
+            self.remote
+                .routes()
+                .into_iter()
+                .filter(|(r, _)| !here.contains(&r.prefix))
+                .map(|(r, b)| (r, Some(b))),
+        );
+        out
+    }
+
+    /// How [`Router::next_hop`] chose the route to `dst`: the explanation
+    /// of this broker's own table, and, when a route through another
+    /// broker wins, that route as the winner (first among the candidates,
+    /// every local one then losing to its longer prefix) with the broker
+    /// it leads to.
+    pub fn explain(&self, dst: IpAddr) -> (Explanation, Option<BrokerId>) {
+        let mut explanation = self.table.lookup(dst).explain();
+        let Some((route, Some(broker))) = self.next_hop(dst) else {
+            return (explanation, None);
+        };
+        let winner_len = route.prefix.prefix_len();
+        for c in &mut explanation.candidates {
+            c.verdict = RouteVerdict::ShorterPrefix { winner_len };
+        }
+        explanation.candidates.insert(
+            0,
+            Candidate {
+                route: route.clone(),
+                verdict: RouteVerdict::Winner,
+            },
+        );
+        explanation.winner = Some(route.clone());
+        (explanation, Some(broker.clone()))
     }
 
     /// The site routes a gateway of `region` is given: every prefix of a
@@ -1127,6 +1181,79 @@ mod tests {
                 .decide(&from_b, &mut other_port, |_| Some(MTU))
                 .drop_reason(),
             Some(DropReason::Policy)
+        );
+    }
+
+    #[test]
+    fn the_explanation_names_the_route_and_broker_the_decision_takes() {
+        use crate::ipam::{Lease, LeaseKind};
+        use crate::peering::{PeerView, RemoteRoutes};
+        let mut f = fixture();
+        // A covering local route, so that the remote one wins on length.
+        f.router.table.insert(Route {
+            prefix: net("100.64.0.0/24"),
+            kind: RouteKind::Gateway,
+            target: RouteTarget::Gateway(id("local")),
+            region: f.eu.clone(),
+        });
+        let view = PeerView {
+            holders: BTreeMap::from([(id("far"), "b".to_string()), (f.a.clone(), "b".into())]),
+            gateways: BTreeMap::new(),
+        };
+        let lease = |prefix: &str, site: &SiteId| Lease {
+            prefix: net(prefix),
+            site: site.clone(),
+            region: f.eu.clone(),
+            kind: LeaseKind::SiteAddress,
+            release_at: None,
+        };
+        let leases = [
+            lease("100.64.0.9/32", &id("far")),
+            lease("100.64.0.2/32", &f.a),
+        ];
+        f.router.remote = Arc::new(RemoteRoutes::build(&view, &leases, 1300));
+        // Held by broker b: the remote route wins over the covering /24.
+        let far = id("100.64.0.9");
+        let (e, via) = f.router.explain(far);
+        let winner = e.winner.clone().unwrap();
+        assert_eq!(
+            (&winner.target, via.as_deref()),
+            (&RouteTarget::Site(id("far")), Some("b"))
+        );
+        assert_eq!(e.candidates[0].verdict, RouteVerdict::Winner);
+        assert_eq!(
+            e.candidates[1].verdict,
+            RouteVerdict::ShorterPrefix { winner_len: 32 }
+        );
+        assert_eq!(
+            f.router.next_hop(far).map(|(r, b)| (r.clone(), b.cloned())),
+            Some((winner, via))
+        );
+        // A session of a here wins over the store naming b: no broker.
+        let (e, via) = f.router.explain(id("100.64.0.2"));
+        assert_eq!(
+            (e.winner.map(|w| w.target), via),
+            (Some(RouteTarget::Site(f.a.clone())), None)
+        );
+        // Nothing anywhere.
+        let (e, via) = f.router.explain(id("192.0.2.1"));
+        assert_eq!((e.winner, via), (None, None));
+        // The route list: a's address once (here), far's through b.
+        let listed: Vec<(String, Option<&str>)> = f
+            .router
+            .routes()
+            .into_iter()
+            .filter(|(r, _)| r.prefix.to_string().starts_with("100.64.0."))
+            .map(|(r, b)| (r.prefix.to_string(), b.map(|b| b.as_str())))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("100.64.0.0/24".to_string(), None),
+                ("100.64.0.2/32".to_string(), None),
+                ("100.64.0.3/32".to_string(), None),
+                ("100.64.0.9/32".to_string(), Some("b")),
+            ]
         );
     }
 

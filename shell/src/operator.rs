@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tether_proto::api::{
-    ApiError, GatewayInfo, LanMappingInfo, SessionInfo, SiteEvents, SiteInfo, SiteSummary, Trace,
+    ApiError, FleetSession, GatewayInfo, LanMappingInfo, RouteInfo, SessionDetail, SiteEvents,
+    SiteInfo, SiteSummary, Trace,
 };
-use tether_proto::route::Route;
 
 /// Exit code: the broker answered with an error (bad input, 401, 404).
 pub const EXIT_REFUSED: u8 = 1;
@@ -173,20 +173,25 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `tether routes`: prefix, kind, target, region.
-pub fn routes_table(routes: &[Route]) -> String {
+/// `tether routes`: prefix, kind, target, region, and the broker a route
+/// through another broker of the fleet leads to (over the link).
+pub fn routes_table(routes: &[RouteInfo]) -> String {
     let rows: Vec<Vec<String>> = routes
         .iter()
-        .map(|r| {
+        .map(|info| {
+            let r = &info.route;
             vec![
                 r.prefix.to_string(),
                 r.kind.as_str().to_string(),
                 r.target.to_string(),
                 r.region.to_string(),
+                info.broker
+                    .as_ref()
+                    .map_or("here".into(), |b| format!("{b} over the link")),
             ]
         })
         .collect();
-    table(&["PREFIX", "KIND", "VIA", "REGION"], &rows)
+    table(&["PREFIX", "KIND", "VIA", "REGION", "BROKER"], &rows)
 }
 
 /// `tether sites`.
@@ -196,7 +201,7 @@ pub fn sites_table(sites: &[SiteInfo]) -> String {
         .map(|s| {
             let state = if s.revoked {
                 "revoked"
-            } else if s.session.is_some() {
+            } else if s.session.is_some() || s.broker.is_some() {
                 "connected"
             } else if s.enrolled {
                 "offline"
@@ -208,6 +213,7 @@ pub fn sites_table(sites: &[SiteInfo]) -> String {
                 s.site.to_string(),
                 s.region.to_string(),
                 state.to_string(),
+                s.broker.as_ref().map_or("-".into(), |b| b.to_string()),
                 session.map_or("-".into(), |x| x.transport.clone()),
                 session.map_or("-".into(), |x| format!("{:.1}ms", x.rtt_ms)),
                 s.addresses
@@ -224,6 +230,7 @@ pub fn sites_table(sites: &[SiteInfo]) -> String {
             "SITE",
             "REGION",
             "STATE",
+            "BROKER",
             "TRANSPORT",
             "RTT",
             "ADDRESSES",
@@ -303,26 +310,41 @@ fn ago(t: u64, now: u64) -> String {
     format!("{} ago", humantime::format_duration(d))
 }
 
-/// `tether-broker sessions`.
-pub fn sessions_table(sessions: &[SessionInfo]) -> String {
+/// `tether-broker sessions`: the fleet's sessions, each with its broker;
+/// the detail only for the answering broker's own.
+pub fn sessions_table(sessions: &[FleetSession]) -> String {
     let rows: Vec<Vec<String>> = sessions
         .iter()
-        .map(|s| {
-            vec![
-                s.site.to_string(),
-                s.region.to_string(),
-                s.transport.clone(),
-                s.remote.to_string(),
-                format!("{:.1}ms", s.rtt_ms),
-                s.rx_bytes.to_string(),
-                s.tx_bytes.to_string(),
-            ]
+        .map(|f| {
+            let mut row = vec![
+                f.site().to_string(),
+                f.region().to_string(),
+                if f.local {
+                    format!("{} (here)", f.broker)
+                } else {
+                    f.broker.to_string()
+                },
+            ];
+            match &f.session {
+                SessionDetail::Here(s) => row.extend([
+                    s.transport.clone(),
+                    s.remote.to_string(),
+                    format!("{:.1}ms", s.rtt_ms),
+                    s.rx_bytes.to_string(),
+                    s.tx_bytes.to_string(),
+                ]),
+                SessionDetail::Elsewhere { .. } => {
+                    row.extend(std::iter::repeat_n("-".to_string(), 5));
+                }
+            }
+            row
         })
         .collect();
     table(
         &[
             "SITE",
             "REGION",
+            "BROKER",
             "TRANSPORT",
             "REMOTE",
             "RTT",
@@ -420,6 +442,14 @@ pub fn trace_text(trace: &Trace) -> String {
                             g.rx_bytes,
                             g.tx_bytes
                         );
+                    }
+                    (None, None) if path.peer.is_some() => {
+                        if let Some(peer) = &path.peer {
+                            let _ = writeln!(
+                                out,
+                                "  relayed   over the broker link to broker {peer}, which holds it"
+                            );
+                        }
                     }
                     (None, None) if t.kind == "site" => {
                         let _ = writeln!(
@@ -565,6 +595,7 @@ mod tests {
             revoked: false,
             enrolled: true,
             session: None,
+            broker: None,
         };
         let t = sites_table(&[site(vec![
             LanMappingInfo {

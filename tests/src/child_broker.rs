@@ -28,14 +28,16 @@ pub fn child_config(env: &str) -> Option<BrokerConfig> {
 }
 
 /// The body of a child's entry test: runs the broker that `env` names
-/// (see [`child_config`]), prints `READY <tunnel address>` once it serves
-/// and serves until killed. Returns at once when `env` is unset.
+/// (see [`child_config`]), prints `READY <tunnel address>` once it serves,
+/// then `ADMIN <admin API address>`, and serves until killed. Returns at
+/// once when `env` is unset.
 pub async fn serve_child(env: &str) {
     let Some(config) = child_config(env) else {
         return;
     };
     let running = tether_broker::run::start(config).await.unwrap();
     println!("READY {}", running.tunnel_addrs[0]);
+    println!("ADMIN {}", running.admin_addr);
     std::future::pending::<()>().await;
 }
 
@@ -57,6 +59,8 @@ pub struct ChildBroker {
     child: Child,
     /// The broker's tunnel address.
     pub addr: SocketAddr,
+    /// Its data directory (the admin token is there).
+    pub data: std::path::PathBuf,
     lines: mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
@@ -95,6 +99,7 @@ impl ChildBroker {
         let mut child = ChildBroker {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
+            data,
             lines,
             _dir: dir,
         };

@@ -362,6 +362,36 @@ async fn the_openapi_document_describes_every_endpoint() {
     ] {
         assert!(paths.contains_key(served), "{served} is not documented");
     }
+    // The session list is the fleet's: each row names the broker holding
+    // it, and whether it is this one.
+    let items = |path: &str| {
+        doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+            ["items"]["$ref"]
+            .clone()
+    };
+    assert_eq!(items("/v1/sessions"), "#/components/schemas/FleetSession");
+    assert_eq!(items("/v1/routes"), "#/components/schemas/RouteInfo");
+    let fleet_session = &doc["components"]["schemas"]["FleetSession"];
+    for field in ["site", "region", "broker", "local"] {
+        assert!(
+            fleet_session["required"]
+                .as_array()
+                .unwrap()
+                .contains(&field.into()),
+            "FleetSession requires {field}"
+        );
+    }
+    for (schema, field) in [
+        ("SiteInfo", "broker"),
+        ("RouteInfo", "broker"),
+        ("TracePath", "peer"),
+    ] {
+        assert_eq!(
+            doc["components"]["schemas"][schema]["properties"][field]["$ref"],
+            "#/components/schemas/BrokerRef",
+            "{schema}.{field}"
+        );
+    }
     // Every schema reference resolves.
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for r in body.split("\"$ref\": \"#/components/schemas/").skip(1) {
