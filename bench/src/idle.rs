@@ -145,26 +145,104 @@ pub(crate) fn connect(
     (procs, took)
 }
 
+/// How many sites the enrollment kept in `keep` holds (0 if none).
+fn kept_sites(keep: &Path) -> usize {
+    std::fs::read_to_string(keep.join("enrolled"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|_| keep.join("broker").is_dir() && keep.join("loadgen").is_dir())
+        .unwrap_or(0)
+}
+
+/// Copies directory `from` to `to` (replacing it) with `cp -a`.
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -a {} {}: {}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stops the broker with SIGTERM (its store closed cleanly), waiting up to
+/// a minute.
+fn stop_broker(topo: &mut Topology) {
+    if let Some(mut broker) = topo.broker.take() {
+        broker.signal(nix::sys::signal::Signal::SIGTERM);
+        if !broker.wait_exit(Duration::from_secs(60)) {
+            eprintln!("the broker did not stop within 60 s of SIGTERM: killed");
+        }
+    }
+}
+
 /// Runs the idle-sites measurement for each cumulative count in `steps`.
-pub(crate) fn run(topo: &Topology, steps: &[usize], cpu_secs: u64, per: usize) {
-    let broker = pid_of(topo.broker.as_ref().unwrap());
+///
+/// With `keep`, a directory: if it holds an enrollment of at least the
+/// largest count (the broker's data directory, the load generator's site
+/// identities and the one real site's state, from an earlier run with the
+/// same `keep`), the broker is restarted on a copy of that data directory
+/// and only the connect step runs; otherwise the sites are enrolled as
+/// usual and the enrollment is saved there at the end. A kept broker starts
+/// without the memory the enrollments left behind, so its per-site figure
+/// is the connected sites' alone (not comparable with a run that enrolled).
+pub(crate) fn run(
+    topo: &mut Topology,
+    steps: &[usize],
+    cpu_secs: u64,
+    per: usize,
+    keep: Option<&Path>,
+) {
     let total = steps.iter().copied().max().unwrap_or(0);
+    let reuse = keep.filter(|k| kept_sites(k) >= total);
+    if let Some(keep) = reuse {
+        stop_broker(topo);
+        copy_dir(&keep.join("broker"), &topo.path("broker"));
+        copy_dir(&keep.join("site-state"), &topo.path("site-state"));
+        topo.start_broker().unwrap();
+        eprintln!(
+            "reusing the enrollment of {} sites kept in {}",
+            kept_sites(keep),
+            keep.display()
+        );
+    }
+    let broker = pid_of(topo.broker.as_ref().unwrap());
     let state = topo.path("site-state");
-    topo.enroll("bench-site", &state).unwrap();
-    let (_agent, _addr) = topo.up(&state, "site.log").unwrap();
+    if reuse.is_none() {
+        topo.enroll("bench-site", &state).unwrap();
+    }
+    let (agent, _addr) = topo.up(&state, "site.log").unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let rss_one = status_kib(broker, "VmRSS");
     let enroll_started = Instant::now();
-    let dir = crate::enroll_load_sites(topo, total);
+    let dir = match reuse {
+        Some(keep) => keep.join("loadgen"),
+        None => crate::enroll_load_sites(topo, total),
+    };
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
-    eprintln!("enrolled {total} sites in {enroll_secs:.0} s");
+    if reuse.is_none() {
+        eprintln!("enrolled {total} sites in {enroll_secs:.0} s");
+    }
     // What the enrollments left in the broker, for the record.
     let rss_base = status_kib(broker, "VmRSS");
     println!();
-    println!(
-        "idle sites: broker VmRSS {rss_one} KiB with 1 site (the baseline of KiB/site), {rss_base} KiB after enrolling {total}; enrollment {:.0} sites/s",
-        total as f64 / enroll_secs
-    );
+    if reuse.is_some() {
+        println!(
+            "idle sites: broker VmRSS {rss_one} KiB with 1 site (the baseline of KiB/site), restarted on an enrollment of {total} kept from an earlier run"
+        );
+    } else {
+        println!(
+            "idle sites: broker VmRSS {rss_one} KiB with 1 site (the baseline of KiB/site), {rss_base} KiB after enrolling {total}; enrollment {:.0} sites/s",
+            total as f64 / enroll_secs
+        );
+    }
     println!(
         "{:>7} {:>11} {:>9} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>6}",
         "sites",
@@ -241,4 +319,14 @@ pub(crate) fn run(topo: &Topology, steps: &[usize], cpu_secs: u64, per: usize) {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     drop(loadgens);
+    drop(agent);
+    if let Some(keep) = keep.filter(|_| reuse.is_none()) {
+        stop_broker(topo);
+        std::fs::create_dir_all(keep).unwrap();
+        copy_dir(&topo.path("broker"), &keep.join("broker"));
+        copy_dir(&state, &keep.join("site-state"));
+        copy_dir(&dir, &keep.join("loadgen"));
+        std::fs::write(keep.join("enrolled"), total.to_string()).unwrap();
+        eprintln!("kept the enrollment of {total} sites in {}", keep.display());
+    }
 }

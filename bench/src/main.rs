@@ -114,6 +114,12 @@ struct Args {
     /// endpoint).
     #[arg(long, default_value_t = 25_000)]
     per_loadgen: usize,
+    /// With --idle: keep the enrollment (the broker's data directory and
+    /// the sites' identities) in this directory, or, if it already holds
+    /// one of at least the largest count, restart the broker on it and
+    /// time only the connect step.
+    #[arg(long)]
+    idle_keep: Option<PathBuf>,
     /// Measure only the fleet console with this many sites registered at
     /// the broker: its API requests (curl) and its pages in headless
     /// Chromium.
@@ -679,8 +685,14 @@ fn main() {
         return;
     }
     if !args.idle.is_empty() {
-        let topo = Topology::new("").unwrap();
-        idle::run(&topo, &args.idle, args.idle_cpu, args.per_loadgen.max(1));
+        let mut topo = Topology::new("").unwrap();
+        idle::run(
+            &mut topo,
+            &args.idle,
+            args.idle_cpu,
+            args.per_loadgen.max(1),
+            args.idle_keep.as_deref(),
+        );
         return;
     }
     if let Some(rounds) = args.lan {

@@ -63,8 +63,14 @@ pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::T
     t.mtu_discovery_config(None);
     t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
-    t.max_concurrent_uni_streams(VarInt::from_u32(16));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(16));
+    // quinn keeps an entry in each connection for every stream the peer
+    // may open. HTTP/3 with CONNECT-IP needs few: the peer's control
+    // stream (and QPACK's two: RFC 9114 section 6.2 asks to allow at least
+    // 3 unidirectional), one request stream per tunnel and the site's
+    // occasional requests (renewal, broker list, reports), which wait for
+    // a stream when more are open at once.
+    t.max_concurrent_uni_streams(VarInt::from_u32(4));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(8));
     // Ask the peer (if it supports the ACK frequency extension) to
     // acknowledge every 16th packet, or after 10 ms, instead of every 2nd:
     // a tunnel sends packets in long runs, and each acknowledgement is a
@@ -369,11 +375,93 @@ impl quinn::Runtime for TunnelRuntime {
         &self,
         t: std::net::UdpSocket,
     ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
-        self.inner.wrap_udp_socket(t)
+        Ok(Arc::new(BatchGatedSocket {
+            inner: self.inner.wrap_udp_socket(t)?,
+        }))
     }
 
     fn now(&self) -> Instant {
         self.inner.now()
+    }
+}
+
+/// How many datagrams a driver sends in one poll before its transmits may
+/// be segmentation-offload batches ([`BatchGatedSocket`]). A handshake's
+/// flight and an idle connection's keepalives and acknowledgements stay
+/// below it; a connection with a backlog sends a pacing burst of at least
+/// 10 at a time (quinn's smallest) and passes it at its first burst.
+pub const BATCHING_AFTER: usize = 8;
+
+std::thread_local! {
+    /// The most segments a transmit of the driver being polled on this
+    /// thread may have (no limit outside a driver's poll).
+    static SEGMENTS_ALLOWED: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    /// Datagrams the driver being polled on this thread sent in this poll.
+    static SENT_IN_POLL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The endpoint's UDP socket as quinn's drivers see it: a connection's
+/// transmits are single datagrams until it has once sent
+/// [`BATCHING_AFTER`] in one poll, and segmentation-offload batches (as
+/// many segments as the socket takes) from then on.
+///
+/// quinn gives each connection a send buffer sized for the largest batch
+/// the socket takes (10 datagrams of [`TUNNEL_UDP_PAYLOAD`], about 14 KiB)
+/// the first time a transmit holds two datagrams (the handshake's flight
+/// does), and keeps it for the connection's life: on a broker with
+/// thousands of idle sites, the largest part of each idle connection's
+/// memory. Batches only pay where there is a backlog to send, so a
+/// connection earns them by having one; the rest keep a buffer of one
+/// datagram. Which driver is sending is known from the thread: quinn's
+/// drivers send only from their own poll, which [`RepollSelfWake`] wraps.
+#[derive(Debug)]
+struct BatchGatedSocket {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+}
+
+impl quinn::AsyncUdpSocket for BatchGatedSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        let sent = self.inner.try_send(transmit);
+        if sent.is_ok() {
+            let datagrams = match transmit.segment_size {
+                Some(s) if s > 0 => transmit.contents.len().div_ceil(s),
+                _ => 1,
+            };
+            SENT_IN_POLL.with(|n| n.set(n.get().saturating_add(datagrams)));
+        }
+        sent
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner
+            .max_transmit_segments()
+            .min(SEGMENTS_ALLOWED.with(|s| s.get()))
+            .max(1)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
     }
 }
 
@@ -393,6 +481,9 @@ struct WakeState {
     polling: std::sync::atomic::AtomicBool,
     woken: std::sync::atomic::AtomicBool,
     outer: futures_util::task::AtomicWaker,
+    /// The driver has once sent [`BATCHING_AFTER`] datagrams in one poll:
+    /// its transmits may be batches ([`BatchGatedSocket`]).
+    batching: std::sync::atomic::AtomicBool,
 }
 
 impl std::task::Wake for WakeState {
@@ -410,6 +501,33 @@ impl std::task::Wake for WakeState {
         if !self.polling.load(SeqCst) {
             self.outer.wake();
         }
+    }
+}
+
+/// The send limits of one driver's poll on this thread
+/// ([`BatchGatedSocket`]), lifted when the poll ends (a driver that
+/// panics included).
+struct SendGate<'a> {
+    state: &'a WakeState,
+}
+
+impl<'a> SendGate<'a> {
+    fn enter(state: &'a WakeState) -> Self {
+        let batching = state.batching.load(std::sync::atomic::Ordering::Relaxed);
+        SEGMENTS_ALLOWED.with(|s| s.set(if batching { usize::MAX } else { 1 }));
+        SENT_IN_POLL.with(|n| n.set(0));
+        Self { state }
+    }
+}
+
+impl Drop for SendGate<'_> {
+    fn drop(&mut self) {
+        if SENT_IN_POLL.with(|n| n.replace(0)) >= BATCHING_AFTER {
+            self.state
+                .batching
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        SEGMENTS_ALLOWED.with(|s| s.set(usize::MAX));
     }
 }
 
@@ -434,6 +552,7 @@ impl std::future::Future for RepollSelfWake {
         use std::sync::atomic::Ordering::SeqCst;
         let this = &mut *self;
         this.state.outer.register(cx.waker());
+        let _gate = SendGate::enter(&this.state);
         for _ in 0..=MAX_REPOLLS {
             this.state.woken.store(false, SeqCst);
             this.state.polling.store(true, SeqCst);
@@ -784,5 +903,117 @@ mod tests {
         assert_eq!((polls, wakes), (1, 0));
         stored.wake_by_ref();
         assert_eq!(outer.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A driver-like future that, on each poll, records how many segments
+    /// the socket offers it and sends `per_poll` datagrams to `to`.
+    struct Sender {
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        to: std::net::SocketAddr,
+        per_poll: usize,
+        offered: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl std::future::Future for Sender {
+        type Output = ();
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            self.offered
+                .lock()
+                .unwrap()
+                .push(self.socket.max_transmit_segments());
+            for _ in 0..self.per_poll {
+                let transmit = quinn::udp::Transmit {
+                    destination: self.to,
+                    ecn: None,
+                    contents: &[0u8; 100],
+                    segment_size: None,
+                    src_ip: None,
+                };
+                self.socket.try_send(&transmit).unwrap();
+            }
+            std::task::Poll::Pending
+        }
+    }
+
+    /// A socket that takes every transmit and batches of up to 10.
+    #[derive(Debug)]
+    struct TakesAll;
+
+    #[derive(Debug)]
+    struct AlwaysWritable;
+
+    impl quinn::UdpPoller for AlwaysWritable {
+        fn poll_writable(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl quinn::AsyncUdpSocket for TakesAll {
+        fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+            Box::pin(AlwaysWritable)
+        }
+        fn try_send(&self, _: &quinn::udp::Transmit) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn poll_recv(
+            &self,
+            _: &mut std::task::Context,
+            _: &mut [std::io::IoSliceMut<'_>],
+            _: &mut [quinn::udp::RecvMeta],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+            Ok("127.0.0.1:9".parse().unwrap())
+        }
+        fn max_transmit_segments(&self) -> usize {
+            10
+        }
+    }
+
+    /// Polls a driver sending `per_poll` datagrams a poll three times
+    /// through the tunnel runtime's wrapper, on the runtime's gated socket:
+    /// the segments the socket offered at each poll, and what it offers
+    /// outside a driver's poll.
+    fn offered_segments(per_poll: usize) -> (Vec<usize>, usize) {
+        let socket: Arc<dyn quinn::AsyncUdpSocket> = Arc::new(BatchGatedSocket {
+            inner: Arc::new(TakesAll),
+        });
+        let offered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut driver = RepollSelfWake::new(Box::pin(Sender {
+            socket: socket.clone(),
+            to: "127.0.0.1:9".parse().unwrap(),
+            per_poll,
+            offered: offered.clone(),
+        }));
+        let waker = std::task::Waker::from(Arc::new(CountWakes::default()));
+        for _ in 0..3 {
+            let polled =
+                std::pin::Pin::new(&mut driver).poll(&mut std::task::Context::from_waker(&waker));
+            assert!(polled.is_pending());
+        }
+        let offered = offered.lock().unwrap().clone();
+        (offered, socket.max_transmit_segments())
+    }
+
+    /// A driver that sends a few datagrams at a time (a handshake, an idle
+    /// connection's keepalives) is offered single datagrams only, so quinn
+    /// never grows its send buffer for a batch; one that sends a backlog
+    /// is offered batches from its next poll on. Outside a driver's poll
+    /// the socket's own limit holds.
+    #[test]
+    fn batches_are_offered_to_drivers_with_a_backlog() {
+        let inner = 10;
+        let (quiet, outside) = offered_segments(BATCHING_AFTER - 1);
+        assert_eq!(quiet, vec![1, 1, 1]);
+        assert_eq!(outside, inner);
+        let (busy, _) = offered_segments(BATCHING_AFTER);
+        assert_eq!(busy, vec![1, inner, inner]);
     }
 }
