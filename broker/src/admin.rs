@@ -232,8 +232,10 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
         &broker.ca.trust(),
         std::time::SystemTime::now(),
     ));
+    let reads = broker.core().lease_reads();
     text.push_str(&crate::metrics::lease_reads_text(
-        broker.core().lease_reads(),
+        reads.allocation.load(std::sync::atomic::Ordering::Relaxed),
+        reads.notice.load(std::sync::atomic::Ordering::Relaxed),
     ));
     let windows = crate::metrics::SITE_CERT_WINDOWS.map(|(_, secs)| secs);
     text.push_str(&crate::metrics::site_expiry_text(

@@ -680,15 +680,13 @@ pub fn trust_text(trust: &Trust, now: SystemTime) -> String {
 /// the cache does not hold (another broker's). Steady state and this
 /// broker's own allocations read none; a rising rate means brokers of the
 /// fleet allocate in the same region at once.
-pub fn lease_reads_text(reads: &crate::core_cell::LeaseReads) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
+pub fn lease_reads_text(allocation: u64, notice: u64) -> String {
     format!(
         "# HELP tether_broker_lease_reads_total Reads of a region's every address lease from the store, by cause: allocation (cache missing, or another writer committed first), notice (another broker's change).\n\
          # TYPE tether_broker_lease_reads_total counter\n\
          tether_broker_lease_reads_total{{cause=\"allocation\"}} {}\n\
          tether_broker_lease_reads_total{{cause=\"notice\"}} {}\n",
-        reads.allocation.load(Relaxed),
-        reads.notice.load(Relaxed)
+        allocation, notice
     )
 }
 

@@ -120,7 +120,7 @@ pub fn tls_refusal(text: &str) -> Option<String> {
         Some("this site's certificate or the broker's is outside its validity period; check the clock, or enroll again with a new token".into())
     } else if has("UnknownIssuer") || has("UnknownCA") || has("BadSignature") {
         Some(
-            "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)"
+            "the broker and this site do not share a CA (wrong broker, enrolled elsewhere, or the deployment's CA was rotated and the old one retired while this site was away: enroll again with a new code)"
                 .into(),
         )
     } else if has("NotValidForName") {

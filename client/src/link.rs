@@ -58,7 +58,7 @@ pub fn explain_quic(e: &ConnectionError) -> String {
     } else if alert(45) {
         CertRefusal::Expired.explain().into()
     } else if alert(48) {
-        "the broker and this site do not share a CA (wrong broker, or enrolled elsewhere)".into()
+        "the broker and this site do not share a CA (wrong broker, enrolled elsewhere, or the deployment's CA was rotated and the old one retired while this site was away: enroll again with a new code)".into()
     } else if let Some(plain) = tls_refusal(&text) {
         plain
     } else if matches!(e, ConnectionError::TimedOut) {

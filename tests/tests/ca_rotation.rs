@@ -579,10 +579,11 @@ async fn matrix_row(broker: &TestBroker, dir: &Path, leaves: &Leaves) -> [String
         "m-expired",
         SystemTime::now() - Duration::from_secs(3600),
     );
+    // Issued an hour past the CA's backdating allowance: not valid yet.
     let early = issue_at(
         broker,
         "m-early",
-        SystemTime::now() + Duration::from_secs(3600),
+        SystemTime::now() + tether_pki::ca::CLOCK_SKEW_ALLOWANCE + Duration::from_secs(3600),
     );
     let revoked = issue(broker, "m-revoked");
     let fresh = issue(broker, "m-fresh");
