@@ -787,3 +787,197 @@ to = ["site:lab-1", "site:lab-2"]
         kek.display()
     )
 }
+
+/// `tether-loadgen enroll` run in broker 1's namespace against the
+/// cluster's brokers: `sites` sites enrolled through the three brokers in
+/// turn (tokens from broker 1's admin API on its loopback), each attempt
+/// retried with the same token 0.5 s apart, as an agent would; its output
+/// read line by line.
+pub struct LoadEnrollment {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    deadline: Instant,
+    /// Every line it printed so far.
+    pub out: Vec<String>,
+    /// Sites it reported enrolled so far.
+    pub enrolled: usize,
+    /// Whether it printed its summary.
+    pub done: bool,
+}
+
+impl LoadEnrollment {
+    /// The next line, or `None` at the deadline or its end.
+    fn next(&mut self) -> Option<String> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let line = self.lines.recv_timeout(left).ok()?;
+        if line.starts_with("enrolled ") {
+            self.enrolled += 1;
+        }
+        if line.contains(" retries, ") {
+            self.done = true;
+        }
+        self.out.push(line.clone());
+        Some(line)
+    }
+
+    /// Reads until `until` sites are enrolled or it is done; panics when it
+    /// stalls until the deadline.
+    pub fn wait_enrolled(&mut self, until: usize) {
+        while self.enrolled < until && !self.done {
+            if self.next().is_none() {
+                panic!("loadgen stalled:\n{}", self.out.join("\n"));
+            }
+        }
+    }
+
+    /// Reads to its end and waits for it (killed at the deadline); prints
+    /// how many attempts were retried, with `label`. Whether every site
+    /// enrolled.
+    pub fn finish(&mut self, label: &str) -> bool {
+        while !self.done && self.next().is_some() {}
+        let success = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status.success();
+            }
+            if Instant::now() >= self.deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let retries: Vec<&String> = self
+            .out
+            .iter()
+            .filter(|l| l.starts_with("retry "))
+            .collect();
+        println!(
+            "{label}: {} attempts failed and were retried; summary: {}",
+            retries.len(),
+            self.out.last().cloned().unwrap_or_default()
+        );
+        for r in retries.iter().take(10) {
+            println!("  {r}");
+        }
+        success
+    }
+}
+
+impl Drop for LoadEnrollment {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts a [`LoadEnrollment`] of `sites` sites, each attempt retried up
+    /// to `retries` times, all done within `within`.
+    pub fn enroll_load(
+        &self,
+        sites: usize,
+        retries: u32,
+        within: Duration,
+    ) -> io::Result<LoadEnrollment> {
+        use std::io::{BufRead, BufReader};
+        let admin_token = std::fs::read_to_string(self.path("broker1").join("admin.token"))?;
+        let brokers: Vec<String> = (1..=self.brokers.len()).map(broker_ip).collect();
+        let dir = self.path("load");
+        std::fs::create_dir_all(&dir)?;
+        let mut child = self.brokers[0]
+            .ns
+            .command(&binary("tether-loadgen").display().to_string())
+            .args([
+                "enroll",
+                "--count",
+                &sites.to_string(),
+                "--admin",
+                "http://127.0.0.1:7070",
+                "--admin-token",
+                admin_token.trim(),
+                "--broker",
+                &brokers.join(","),
+                "--region",
+                "eu",
+                "--dir",
+                &dir.display().to_string(),
+                "--retries",
+                &retries.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("the load generator's output is not piped"))?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        Ok(LoadEnrollment {
+            child,
+            lines,
+            deadline: Instant::now() + within,
+            out: Vec::new(),
+            enrolled: 0,
+            done: false,
+        })
+    }
+
+    /// The sites recorded in the store.
+    pub fn recorded_sites(&self) -> io::Result<std::collections::BTreeSet<String>> {
+        Ok(self
+            .keys("sites/")?
+            .into_iter()
+            .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
+            .collect())
+    }
+
+    /// The IPv4 and IPv6 address leases of region `eu` in the store, by
+    /// site.
+    pub fn leases_by_site(&self) -> io::Result<std::collections::BTreeMap<String, Vec<String>>> {
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (key, value) in self.keys("regions/eu/leases/")? {
+            let Some((_, prefix)) = key.rsplit_once("leases/") else {
+                continue;
+            };
+            let lease: serde_json::Value = serde_json::from_str(&value)
+                .map_err(|e| io::Error::other(format!("lease {key}: {e}")))?;
+            let site = lease["site"].as_str().unwrap_or_default().to_string();
+            out.entry(site).or_default().push(prefix.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Asserts that no address (IPv4 or IPv6 prefix) is leased twice, that
+    /// no site holds two IPv4 addresses, and that every site holding one is
+    /// recorded; returns the leases by site.
+    pub fn assert_no_address_twice(
+        &self,
+    ) -> io::Result<std::collections::BTreeMap<String, Vec<String>>> {
+        let leases = self.leases_by_site()?;
+        let all: Vec<&String> = leases.values().flatten().collect();
+        let unique: std::collections::BTreeSet<&&String> = all.iter().collect();
+        assert_eq!(
+            all.len(),
+            unique.len(),
+            "no address is held twice: {leases:?}"
+        );
+        for (site, held) in &leases {
+            let v4 = held.iter().filter(|p| !p.contains(':')).count();
+            assert!(v4 <= 1, "{site} holds one IPv4 address: {held:?}");
+        }
+        let sites = self.recorded_sites()?;
+        assert!(
+            leases.keys().all(|s| sites.contains(s)),
+            "no address is held by a site that is not recorded"
+        );
+        Ok(leases)
+    }
+}

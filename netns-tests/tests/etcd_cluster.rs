@@ -23,12 +23,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::cluster::{Cluster, broker_ip};
-use tether_netns_tests::{binary, ping_summary, require_root, wait_for};
+use tether_netns_tests::{ping_summary, require_root, wait_for};
 
 /// Which broker (1-based) each broker id of the fleet is, from the fleet
 /// records in etcd (their endpoints name the broker's address).
@@ -392,116 +390,31 @@ fn the_etcd_leader_killed_during_200_enrollments_loses_none() {
     }
     const SITES: usize = 200;
     let mut cluster = Cluster::new(3, 0).unwrap();
-    let admin_token = std::fs::read_to_string(cluster.path("broker1").join("admin.token")).unwrap();
-    let brokers: Vec<String> = (1..=3).map(broker_ip).collect();
-    let dir = cluster.path("load");
-    std::fs::create_dir_all(&dir).unwrap();
-    // In broker 1's namespace: its admin API is on its loopback; the
-    // enrollments go to the three brokers in turn.
-    let mut child = cluster.brokers[0]
-        .ns
-        .command(&binary("tether-loadgen").display().to_string())
-        .args([
-            "enroll",
-            "--count",
-            &SITES.to_string(),
-            "--admin",
-            "http://127.0.0.1:7070",
-            "--admin-token",
-            admin_token.trim(),
-            "--broker",
-            &brokers.join(","),
-            "--region",
-            "eu",
-            "--dir",
-            &dir.display().to_string(),
-            "--retries",
-            "20",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
+    let mut load = cluster
+        .enroll_load(SITES, 20, Duration::from_secs(150))
         .unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            let _ = tx.send(line);
-        }
-    });
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let next = |out: &mut Vec<String>| {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).ok()?;
-        out.push(line.clone());
-        Some(line)
-    };
     // Kill the leader once the tokens exist and 10 sites are enrolled.
-    let mut enrolled = 0;
-    while enrolled < 10 {
-        let line = next(&mut out).unwrap_or_else(|| panic!("loadgen stalled:\n{}", out.join("\n")));
-        if line.starts_with("enrolled ") {
-            enrolled += 1;
-        }
-    }
+    load.wait_enrolled(10);
     let leader = cluster.leader().expect("a leader");
     cluster.members[leader - 1].proc.as_mut().unwrap().kill();
-    println!("LEADER: killed etcd member {leader} after {enrolled} enrollments");
-    while let Some(line) = next(&mut out) {
-        if line.contains(" retries, ") {
-            break;
-        }
-    }
-    let status = child.wait().unwrap();
-    let text = out.join("\n");
-    let retries: Vec<&String> = out.iter().filter(|l| l.starts_with("retry ")).collect();
     println!(
-        "LEADER: {} attempts failed and were retried; summary: {}",
-        retries.len(),
-        out.last().cloned().unwrap_or_default()
+        "LEADER: killed etcd member {leader} after {} enrollments",
+        load.enrolled
     );
-    for r in retries.iter().take(10) {
-        println!("  {r}");
-    }
-    assert!(status.success(), "every site enrolled:\n{text}");
+    let status = load.finish("LEADER");
+    assert!(status, "every site enrolled:\n{}", load.out.join("\n"));
 
     // The store, read from the two members left: every site once, one
-    // IPv4 address each, no address twice.
-    let sites: BTreeSet<String> = cluster
-        .keys("sites/")
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k.rsplit('/').next().unwrap().to_string())
-        .collect();
+    // IPv4 address each at most (an address is allocated at enrollment
+    // when the store answers, else at the site's first connection), no
+    // address twice.
+    let sites = cluster.recorded_sites().unwrap();
     assert_eq!(sites.len(), SITES, "every site is recorded");
-    let mut v4_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, value) in cluster.keys("regions/eu/leases/").unwrap() {
-        let prefix = key.rsplit_once("leases/").unwrap().1.to_string();
-        let lease: serde_json::Value = serde_json::from_str(&value).unwrap();
-        let site = lease["site"].as_str().unwrap_or_default().to_string();
-        if !prefix.contains(':') {
-            v4_of.entry(site).or_default().push(prefix);
-        }
-    }
-    // An address is allocated at enrollment when the store answers, else
-    // at the site's first connection: none or one, never two.
-    for site in &sites {
-        let held = v4_of.get(site).cloned().unwrap_or_default();
-        assert!(held.len() <= 1, "{site} holds one IPv4 address: {held:?}");
-    }
-    assert!(
-        v4_of.keys().all(|s| sites.contains(s)),
-        "no address is held by a site that is not recorded"
-    );
+    let leases = cluster.assert_no_address_twice().unwrap();
     println!(
         "LEADER: {} of {SITES} sites got their address at enrollment",
-        v4_of.len()
+        leases.len()
     );
-    let all: Vec<&String> = v4_of.values().flatten().collect();
-    let unique: BTreeSet<&&String> = all.iter().collect();
-    assert_eq!(all.len(), unique.len(), "no address is held twice");
     // Every token was redeemed (a redemption deletes it).
     assert_eq!(
         cluster.keys("tokens/").unwrap().len(),

@@ -21,8 +21,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::cluster::{BrokerSetup, Cluster, broker_ip};
@@ -85,36 +83,6 @@ fn lost_pings(log: &str) -> Vec<u64> {
         .collect();
     let last = answered.last().copied().unwrap_or(0);
     (1..last).filter(|n| !answered.contains(n)).collect()
-}
-
-/// The IPv4 and IPv6 address leases of region `eu` in etcd, by site.
-fn leases_by_site(cluster: &Cluster) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, value) in cluster.keys("regions/eu/leases/").unwrap() {
-        let prefix = key.rsplit_once("leases/").unwrap().1.to_string();
-        let lease: serde_json::Value = serde_json::from_str(&value).unwrap();
-        let site = lease["site"].as_str().unwrap_or_default().to_string();
-        out.entry(site).or_default().push(prefix);
-    }
-    out
-}
-
-/// No address (IPv4 or IPv6 prefix) is leased twice, and no site holds two
-/// IPv4 addresses; returns the leases by site.
-fn assert_no_address_twice(cluster: &Cluster) -> BTreeMap<String, Vec<String>> {
-    let leases = leases_by_site(cluster);
-    let all: Vec<&String> = leases.values().flatten().collect();
-    let unique: BTreeSet<&&String> = all.iter().collect();
-    assert_eq!(
-        all.len(),
-        unique.len(),
-        "no address is held twice: {leases:?}"
-    );
-    for (site, held) in &leases {
-        let v4 = held.iter().filter(|p| !p.contains(':')).count();
-        assert!(v4 <= 1, "{site} holds one IPv4 address: {held:?}");
-    }
-    leases
 }
 
 /// Runs `tether enroll` for site `k` at broker `at` with `code`; whether
@@ -367,7 +335,7 @@ fn etcd_fully_down_keeps_tunnels_and_held_sites_and_refuses_enrollment_until_it_
     }
     assert_eq!(&now[..3], &before[..], "lab-1..3 kept their addresses");
     assert_eq!(now[3], fourth);
-    let leases = assert_no_address_twice(&cluster);
+    let leases = cluster.assert_no_address_twice().unwrap();
     for (k, addr) in now.iter().enumerate() {
         let name = format!("lab-{}", k + 1);
         let held = leases.get(&name).cloned().unwrap_or_default();
@@ -386,110 +354,32 @@ fn an_etcd_member_cut_off_during_200_enrollments_loses_none_and_the_store_agrees
     }
     const SITES: usize = 200;
     let cluster = Cluster::new(3, 0).unwrap();
-    let admin_token = std::fs::read_to_string(cluster.path("broker1").join("admin.token")).unwrap();
-    let brokers: Vec<String> = (1..=3).map(broker_ip).collect();
-    let dir = cluster.path("load");
-    std::fs::create_dir_all(&dir).unwrap();
-    // In broker 1's namespace: its admin API is on its loopback; the
-    // enrollments go to the three brokers in turn, each retried with the
-    // same token, 0.5 s apart, as an agent would.
-    let mut child = cluster.brokers[0]
-        .ns
-        .command(&binary("tether-loadgen").display().to_string())
-        .args([
-            "enroll",
-            "--count",
-            &SITES.to_string(),
-            "--admin",
-            "http://127.0.0.1:7070",
-            "--admin-token",
-            admin_token.trim(),
-            "--broker",
-            &brokers.join(","),
-            "--region",
-            "eu",
-            "--dir",
-            &dir.display().to_string(),
-            "--retries",
-            "40",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
+    let mut load = cluster
+        .enroll_load(SITES, 40, Duration::from_secs(240))
         .unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            let _ = tx.send(line);
-        }
-    });
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let next = |out: &mut Vec<String>| {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).ok()?;
-        out.push(line.clone());
-        Some(line)
-    };
-    let mut enrolled = 0;
-    let wait_enrolled = |out: &mut Vec<String>, until: usize, enrolled: &mut usize| {
-        while *enrolled < until {
-            let Some(line) = next(out) else {
-                panic!("loadgen stalled:\n{}", out.join("\n"))
-            };
-            if line.starts_with("enrolled ") {
-                *enrolled += 1;
-            }
-            if line.contains(" retries, ") {
-                return true;
-            }
-        }
-        false
-    };
     // Cut the leader off from the other two once 10 sites are enrolled: it
     // still answers the brokers, but can commit nothing.
-    wait_enrolled(&mut out, 10, &mut enrolled);
+    load.wait_enrolled(10);
     let m = cluster.leader().expect("a leader");
     cluster.isolate_member(m).unwrap();
-    println!("MEMBER: member {m} (the leader) cut off after {enrolled} enrollments");
-    // Heal it once another 100 have enrolled (or all are done).
-    let mut done = wait_enrolled(&mut out, 110, &mut enrolled);
-    cluster.rejoin_member(m).unwrap();
-    println!("MEMBER: member {m} back after {enrolled} enrollments");
-    while !done {
-        match next(&mut out) {
-            Some(line) => done = line.contains(" retries, "),
-            None => break,
-        }
-    }
-    let status = wait_child(&mut child, deadline);
-    let text = out.join("\n");
-    let retries: Vec<&String> = out.iter().filter(|l| l.starts_with("retry ")).collect();
     println!(
-        "MEMBER: {} attempts failed and were retried; summary: {}",
-        retries.len(),
-        out.last().cloned().unwrap_or_default()
+        "MEMBER: member {m} (the leader) cut off after {} enrollments",
+        load.enrolled
     );
-    for r in retries.iter().take(10) {
-        println!("  {r}");
-    }
-    assert!(status, "every site enrolled:\n{text}");
+    // Heal it once another 100 have enrolled (or all are done).
+    load.wait_enrolled(110);
+    cluster.rejoin_member(m).unwrap();
+    println!(
+        "MEMBER: member {m} back after {} enrollments",
+        load.enrolled
+    );
+    let status = load.finish("MEMBER");
+    assert!(status, "every site enrolled:\n{}", load.out.join("\n"));
 
     // Every site once, one IPv4 address each at most, no address twice.
-    let sites: BTreeSet<String> = cluster
-        .keys("sites/")
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k.rsplit('/').next().unwrap().to_string())
-        .collect();
+    let sites = cluster.recorded_sites().unwrap();
     assert_eq!(sites.len(), SITES, "every site is recorded");
-    let leases = assert_no_address_twice(&cluster);
-    assert!(
-        leases.keys().all(|s| sites.contains(s)),
-        "no address is held by a site that is not recorded"
-    );
+    let leases = cluster.assert_no_address_twice().unwrap();
     println!(
         "MEMBER: {} of {SITES} sites got their addresses at enrollment",
         leases.len()
@@ -517,22 +407,6 @@ fn an_etcd_member_cut_off_during_200_enrollments_loses_none_and_the_store_agrees
             .collect::<Vec<_>>()
     );
     println!("MEMBER: the three members agree at revision {revisions:?}");
-}
-
-/// Waits for `child` until `deadline` (then kills it); whether it exited
-/// successfully.
-fn wait_child(child: &mut std::process::Child, deadline: Instant) -> bool {
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.success();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The mesh zone's name of site `name`.
