@@ -393,6 +393,10 @@ impl Running {
         let started = std::time::Instant::now();
         let sessions = self.broker.sessions().all().len();
         self.broker.start_draining();
+        // Gateways move their traffic to another broker now.
+        if let Some(wg) = self.broker.plane().wireguard() {
+            wg.announce_leaving();
+        }
         // With no other broker to go to, sites cannot move: do not wait.
         let others = self
             .broker

@@ -1100,4 +1100,8 @@ impl crate::wireguard::GatewayControl for Broker {
     fn zone_changes(&self) -> watch::Receiver<Option<Arc<ZoneData>>> {
         self.zone_changes()
     }
+
+    fn draining(&self) -> bool {
+        *self.draining.borrow()
+    }
 }

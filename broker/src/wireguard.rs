@@ -59,6 +59,11 @@ pub trait GatewayControl: Send + Sync + 'static {
     fn route_changes(&self) -> watch::Receiver<u64>;
     /// Changes to the mesh zone.
     fn zone_changes(&self) -> watch::Receiver<Option<Arc<tether_proto::dns::ZoneData>>>;
+    /// Whether the broker is stopping (draining on SIGTERM): gateways are
+    /// told to send their traffic to another broker.
+    fn draining(&self) -> bool {
+        false
+    }
 }
 
 /// Name of the broker's WireGuard key in the data directory.
@@ -331,6 +336,18 @@ impl Wireguard {
         }
     }
 
+    /// Tells every gateway with a session that this broker is stopping, so
+    /// that it moves its traffic to another broker now (a gateway that
+    /// misses it hears the same in answer to its next ping).
+    pub fn announce_leaving(&self) {
+        for peer in &self.peers {
+            let established = peer.endpoint.lock().is_ok_and(|e| e.is_some());
+            if established {
+                self.send_control(peer, &Message::Leaving);
+            }
+        }
+    }
+
     /// Sends the current route set of the peer's region.
     fn send_routes(&self, peer: &Peer) {
         let (generation, routes) = self.control.site_routes(&peer.region);
@@ -551,8 +568,14 @@ impl Wireguard {
                     self.send_zone(peer);
                 }
                 // The gateway's liveness probe: one small answer per
-                // authenticated ping.
-                Ok(Message::Ping { seq }) => self.send_control(peer, &Message::Pong { seq }),
+                // authenticated ping; while draining, "leaving" instead.
+                Ok(Message::Ping { seq }) => {
+                    if self.control.draining() {
+                        self.send_control(peer, &Message::Leaving);
+                    } else {
+                        self.send_control(peer, &Message::Pong { seq });
+                    }
+                }
                 _ => {}
             }
             return None;

@@ -233,8 +233,9 @@ impl Shared {
     }
 
     /// Brokers whose sessions authenticated datagrams (`heard`), of which
-    /// those that answered a ping (`ponged`), bit per broker.
-    fn heard(&self, heard: u64, ponged: u64) {
+    /// those that answered a ping (`ponged`) and those that said they are
+    /// stopping (`leaving`), bit per broker.
+    fn heard(&self, heard: u64, ponged: u64, leaving: u64) {
         if heard == 0 {
             return;
         }
@@ -243,7 +244,9 @@ impl Shared {
             return;
         };
         for i in 0..self.brokers.len() {
-            if ponged & (1 << i) != 0 {
+            if leaving & (1 << i) != 0 {
+                f.handle_leaving(i, now);
+            } else if ponged & (1 << i) != 0 {
                 f.handle_pong(i, now);
             } else if heard & (1 << i) != 0 {
                 f.handle_heard(i, now);
@@ -605,7 +608,7 @@ async fn inbound(
         let active = shared.target();
         // Brokers heard from in this receive, and those that answered a
         // ping, one bit per broker.
-        let (mut heard, mut ponged) = (0u64, 0u64);
+        let (mut heard, mut ponged, mut leaving) = (0u64, 0u64, 0u64);
         for (from, datagram) in receiver.datagrams() {
             let Some(index) = shared.broker_of(from) else {
                 shared.metrics.dropped(
@@ -639,6 +642,7 @@ async fn inbound(
                         {
                             match Message::decode(payload) {
                                 Ok(Message::Pong { .. }) => ponged |= 1 << index,
+                                Ok(Message::Leaving) => leaving |= 1 << index,
                                 Ok(m @ Message::Routes { .. }) if index == active => {
                                     if let Some(set) = assembler.push(m) {
                                         sets.send_replace(Some(set));
@@ -677,7 +681,7 @@ async fn inbound(
                 }
             }
         }
-        shared.heard(heard, ponged);
+        shared.heard(heard, ponged, leaving);
         for (to, r) in replies.drain(..) {
             shared.send_all(to, &r, &[r.len()]).await;
         }
@@ -814,6 +818,10 @@ async fn timers(shared: Arc<Shared>) {
                     broker = %addrs[broker],
                     silent_ms = silent.as_millis() as u64,
                     "broker stopped answering"
+                ),
+                FailoverEvent::Leaving { broker } => tracing::info!(
+                    broker = %addrs[broker],
+                    "broker is stopping: it takes no more traffic until it answers again"
                 ),
                 FailoverEvent::Selected { broker } => {
                     tracing::info!(broker = %addrs[broker], "traffic goes through this broker");

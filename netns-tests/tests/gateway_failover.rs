@@ -53,6 +53,24 @@ fn replies(log: &str) -> Vec<(f64, u64)> {
         .collect()
 }
 
+/// The backend's outage around `at`: the longest wait between two replies
+/// in `log`, from the last one before `at` on, in seconds.
+fn longest_gap(log: &str, at: f64) -> f64 {
+    let seen = replies(log);
+    let last_before = seen
+        .iter()
+        .map(|(t, _)| *t)
+        .filter(|t| *t <= at)
+        .fold(at, f64::max);
+    let after = seen.iter().map(|(t, _)| *t).filter(|t| *t > at);
+    std::iter::once(last_before)
+        .chain(after)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max)
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -251,25 +269,7 @@ fn a_gateway_follows_its_site_when_the_broker_it_uses_is_killed() {
                 .count()
                 > 10
         });
-        let seen = replies(&read(&ping_log));
-        let after: Vec<f64> = seen
-            .iter()
-            .map(|(t, _)| *t)
-            .filter(|t| *t > killed_at)
-            .collect();
-        let last_before = seen
-            .iter()
-            .map(|(t, _)| *t)
-            .filter(|t| *t <= killed_at)
-            .fold(killed_at, f64::max);
-        // The backend's outage: the longest wait between two replies from
-        // the last one before the kill on.
-        let gap = std::iter::once(last_before)
-            .chain(after.iter().copied())
-            .collect::<Vec<_>>()
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(0.0, f64::max);
+        let gap = longest_gap(&read(&ping_log), killed_at);
         println!(
             "GATEWAY FAILOVER: round {round}, killed broker {victim} ({case}; site held by {holders:?}): {}, longest gap {:.0} ms",
             if resumed {
@@ -344,6 +344,44 @@ fn a_gateway_follows_its_site_when_the_broker_it_uses_is_killed() {
             read(&gw_log)
         );
     }
+    // A broker stopped as in a rolling upgrade (SIGTERM: it drains) tells
+    // the gateway, which moves its traffic at once instead of after a
+    // second of silence.
+    let victim = gateway_broker(&read(&gw_log));
+    let stopped_at = unix_now();
+    let mut stopping = cluster.brokers[victim - 1].proc.take().unwrap();
+    stopping.signal(nix::sys::signal::Signal::SIGTERM);
+    let resumed = wait_for(Duration::from_secs(30), || {
+        replies(&read(&ping_log))
+            .iter()
+            .filter(|(t, _)| *t > stopped_at + 1.0)
+            .count()
+            > 10
+    });
+    assert!(
+        stopping.wait_exit(Duration::from_secs(30)),
+        "broker {victim} stopped"
+    );
+    let gap = longest_gap(&read(&ping_log), stopped_at);
+    println!(
+        "GATEWAY FAILOVER: SIGTERM of broker {victim}, the gateway's: longest gap {:.0} ms",
+        gap * 1000.0
+    );
+    let log = read(&gw_log);
+    assert!(
+        resumed,
+        "pings resumed after broker {victim} stopped:\n{log}"
+    );
+    assert!(
+        log.contains("broker is stopping"),
+        "the gateway heard that broker {victim} is stopping:\n{log}"
+    );
+    assert_eq!(gateway_broker(&log), 3 - victim, "{log}");
+    assert!(
+        gap < 0.6,
+        "the backend waited {:.0} ms for a reply while broker {victim} drained (the gateway should move at once):\n{log}",
+        gap * 1000.0
+    );
     ping.signal(nix::sys::signal::Signal::SIGINT);
     assert!(ping.wait_exit(Duration::from_secs(5)));
     // Both gaps stay well under the etcd lease (5 s) the brokers would

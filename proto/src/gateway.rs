@@ -28,7 +28,10 @@
 //!   each a [`Message::Ping`] every [`failover::PING_INTERVAL`]; the broker
 //!   answers with a [`Message::Pong`]. A broker that answered once and then
 //!   falls silent for [`failover::DEAD_AFTER`] counts as down, and the
-//!   gateway moves its traffic to another ([`failover::Failover`]).
+//!   gateway moves its traffic to another ([`failover::Failover`]). A
+//!   broker that is stopping says so with [`Message::Leaving`] (at the
+//!   start of its drain, and in answer to every ping while it drains), and
+//!   the gateway moves at once.
 //!
 //! A stock WireGuard peer never sends a request and so never receives
 //! control traffic.
@@ -72,6 +75,7 @@ const KIND_ROUTES: u8 = 2;
 const KIND_ZONE: u8 = 3;
 const KIND_PING: u8 = 4;
 const KIND_PONG: u8 = 5;
+const KIND_LEAVING: u8 = 6;
 /// magic, kind, generation, index, count.
 const HEADER: usize = 4 + 1 + 8 + 2 + 2;
 
@@ -137,6 +141,11 @@ pub enum Message {
         /// The `seq` of the ping.
         seq: u64,
     },
+    /// Broker to gateway: this broker is stopping (a drain on SIGTERM);
+    /// send the traffic to another broker now rather than after its
+    /// silence. Sent when the drain begins and as the answer to every ping
+    /// while it lasts; a gateway of an older release ignores it.
+    Leaving,
 }
 
 /// Why a control payload was refused.
@@ -156,8 +165,12 @@ impl Message {
         let mut out = Vec::with_capacity(MAX_PAYLOAD);
         out.extend_from_slice(MAGIC);
         match self {
-            Message::Request => {
-                out.push(KIND_REQUEST);
+            Message::Request | Message::Leaving => {
+                out.push(if matches!(self, Message::Request) {
+                    KIND_REQUEST
+                } else {
+                    KIND_LEAVING
+                });
                 out.extend_from_slice(&[0; 12]);
             }
             Message::Routes {
@@ -242,6 +255,7 @@ impl Message {
             }
             KIND_PING => Ok(Message::Ping { seq: generation }),
             KIND_PONG => Ok(Message::Pong { seq: generation }),
+            KIND_LEAVING => Ok(Message::Leaving),
             _ => Err(ControlError::Malformed("unknown kind")),
         }
     }
@@ -559,6 +573,8 @@ mod tests {
             Message::Ping { seq: 0 },
             Message::Ping { seq: u64::MAX },
             Message::Pong { seq: 42 },
+            Message::Leaving,
+            Message::Request,
         ] {
             assert_eq!(Message::decode(&m.encode()), Ok(m.clone()));
             assert!(m.encode().len() <= MAX_PAYLOAD);

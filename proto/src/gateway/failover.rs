@@ -37,6 +37,9 @@
 //! - Before any broker has answered, traffic goes to the first configured
 //!   one (its packets start the handshake); when every broker is down,
 //!   traffic stays where it was.
+//! - A broker that says it is stopping ([`super::Message::Leaving`],
+//!   [`Failover::handle_leaving`]) is down at once, whatever else it still
+//!   sends while it drains, until it answers a ping again (a new process).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -102,6 +105,12 @@ pub enum FailoverEvent {
         /// The broker that carries the traffic now.
         to: usize,
     },
+    /// A broker said it is stopping: it counts as down until it answers a
+    /// ping again.
+    Leaving {
+        /// The broker's index in the configuration.
+        broker: usize,
+    },
     /// The active broker went down and no other answers: traffic stays on
     /// it until one does.
     NoneAnswering {
@@ -115,6 +124,8 @@ struct Broker {
     last_heard: Option<Instant>,
     answers_pings: bool,
     up: bool,
+    /// It said it is stopping, and has not answered a ping since.
+    leaving: bool,
     next_ping: Instant,
     next_handshake: Instant,
 }
@@ -158,6 +169,7 @@ impl Failover {
                     last_heard: None,
                     answers_pings: false,
                     up: false,
+                    leaving: false,
                     next_ping: now,
                     // The first ping starts the first handshake.
                     next_handshake: now + REHANDSHAKE_INTERVAL,
@@ -237,6 +249,10 @@ impl Failover {
             return;
         };
         b.last_heard = Some(b.last_heard.map_or(now, |t| t.max(now)));
+        if b.leaving {
+            // Still draining: what it sends does not make it a target.
+            return;
+        }
         if !b.up {
             b.up = true;
             self.events.push_back(FailoverEvent::Up { broker });
@@ -249,8 +265,33 @@ impl Failover {
     pub fn handle_pong(&mut self, broker: usize, now: Instant) {
         if let Some(b) = self.brokers.get_mut(broker) {
             b.answers_pings = true;
+            // A broker that drains answers pings with `Leaving`: a pong is
+            // a broker that runs again.
+            b.leaving = false;
         }
         self.handle_heard(broker, now);
+    }
+
+    /// Broker `broker` said it is stopping: it is down now, and the
+    /// traffic moves to another broker that is up (counted as a
+    /// failover), without waiting for its silence.
+    pub fn handle_leaving(&mut self, broker: usize, now: Instant) {
+        let Some(b) = self.brokers.get_mut(broker) else {
+            return;
+        };
+        b.last_heard = Some(b.last_heard.map_or(now, |t| t.max(now)));
+        if b.leaving {
+            return;
+        }
+        b.leaving = true;
+        b.up = false;
+        self.events.push_back(FailoverEvent::Leaving { broker });
+        let was_active = self.active == Some(broker);
+        self.choose();
+        if was_active && self.active == Some(broker) {
+            self.events
+                .push_back(FailoverEvent::NoneAnswering { broker });
+        }
     }
 
     /// The timer fired: pings that are due, brokers that went silent.
@@ -325,6 +366,8 @@ mod tests {
         f: Failover,
         now: Instant,
         alive: Vec<bool>,
+        /// Brokers that drain: they answer pings with `Leaving`.
+        draining: Vec<bool>,
         pongs: bool,
         events: Vec<(Duration, FailoverEvent)>,
         start: Instant,
@@ -337,6 +380,7 @@ mod tests {
                 f: Failover::new(n, now),
                 now,
                 alive: vec![true; n],
+                draining: vec![false; n],
                 pongs: true,
                 events: Vec::new(),
                 start: now,
@@ -358,7 +402,9 @@ mod tests {
                     let (FailoverAction::Ping { broker, .. }
                     | FailoverAction::Handshake { broker }) = action;
                     if self.alive[broker] {
-                        if self.pongs {
+                        if self.draining[broker] {
+                            self.f.handle_leaving(broker, self.now);
+                        } else if self.pongs {
                             self.f.handle_pong(broker, self.now);
                         } else {
                             self.f.handle_heard(broker, self.now);
@@ -564,5 +610,61 @@ mod tests {
         assert!(f.is_up(1));
         assert_eq!(Failover::new(0, now).brokers(), 1);
         assert_eq!(Failover::new(1000, now).brokers(), MAX_BROKERS);
+    }
+
+    #[test]
+    fn a_broker_that_says_it_is_leaving_is_left_at_once_and_taken_back_when_it_answers_again() {
+        let mut sim = Sim::new(2);
+        sim.run(Duration::from_secs(2));
+        assert_eq!(sim.f.active(), Some(0));
+        // The drain begins: the broker says so once, then answers every
+        // ping with `Leaving` and still relays traffic.
+        sim.draining[0] = true;
+        sim.f.handle_leaving(0, sim.now);
+        sim.drain();
+        assert_eq!(sim.f.target(), 1, "moved at once, not after its silence");
+        assert_eq!(sim.f.failovers(), 1);
+        assert!(
+            sim.events
+                .iter()
+                .any(|(_, e)| *e == FailoverEvent::Leaving { broker: 0 })
+        );
+        assert!(
+            sim.events
+                .iter()
+                .any(|(_, e)| *e == FailoverEvent::Switched { from: 0, to: 1 })
+        );
+        for _ in 0..12 {
+            sim.f.handle_heard(0, sim.now);
+            sim.run(Duration::from_millis(250));
+        }
+        assert!(
+            !sim.f.is_up(0),
+            "what a draining broker sends keeps it down"
+        );
+        assert_eq!(sim.f.target(), 1);
+        assert_eq!(sim.f.failovers(), 1);
+        // It runs again (a new process answers pings): up, but the traffic
+        // stays where it is until that broker goes.
+        sim.draining[0] = false;
+        sim.run(Duration::from_secs(1));
+        assert!(sim.f.is_up(0));
+        assert_eq!(sim.f.target(), 1);
+        sim.alive[1] = false;
+        sim.run(Duration::from_secs(2));
+        assert_eq!(sim.f.target(), 0);
+        assert_eq!(sim.f.failovers(), 2);
+    }
+
+    #[test]
+    fn a_lone_broker_that_leaves_keeps_the_traffic() {
+        let mut sim = Sim::new(1);
+        sim.run(Duration::from_secs(1));
+        sim.draining[0] = true;
+        sim.f.handle_leaving(0, sim.now);
+        sim.drain();
+        assert_eq!(sim.f.target(), 0, "nowhere else to go");
+        assert_eq!(sim.f.failovers(), 0);
+        assert_eq!(sim.last(), Some(FailoverEvent::NoneAnswering { broker: 0 }));
     }
 }
