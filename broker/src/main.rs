@@ -362,10 +362,7 @@ fn load(arg: &ConfigArg) -> anyhow::Result<(BrokerFile, BrokerConfig)> {
 
 /// The broker's WireGuard key, created in its data directory if missing.
 fn wireguard_key(config: &BrokerConfig) -> anyhow::Result<tether_pki::wg::WgKey> {
-    let dir = data_dir(config);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (key, _) =
-        tether_pki::wg::WgKey::load_or_create(&dir.join(tether_broker::wireguard::KEY_FILE))?;
+    let (key, _, _) = tether_broker::wireguard::load_key(config, &data_dir(config))?;
     Ok(key)
 }
 

@@ -371,6 +371,36 @@ impl Wireguard {
     }
 }
 
+/// The broker's WireGuard key, its file, and whether it was just created:
+/// `wireguard.key_file` when configured (read, never written: it must
+/// exist), else `wireguard.key` in `data_dir`, created if missing.
+pub fn load_key(
+    config: &tether_config::broker::BrokerConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(WgKey, std::path::PathBuf, bool)> {
+    match &config.wireguard_key_file {
+        Some(path) => {
+            anyhow::ensure!(
+                path.exists(),
+                "the broker's WireGuard key file {} (wireguard.key_file) does not exist: \
+                 write one with `wg genkey > {}` (or copy a broker's wireguard.key), \
+                 or remove the setting to keep the key in the data directory",
+                path.display(),
+                path.display()
+            );
+            let (key, _) = WgKey::load_or_create(path)?;
+            Ok((key, path.clone(), false))
+        }
+        None => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("cannot create {}", data_dir.display()))?;
+            let path = data_dir.join(KEY_FILE);
+            let (key, created) = WgKey::load_or_create(&path)?;
+            Ok((key, path, created))
+        }
+    }
+}
+
 /// Binds the WireGuard sockets and starts the peers' timers and the
 /// pushes of route and zone changes, when gateways are configured. The
 /// receivers of the sockets are returned for the forwarding plane to run.
@@ -383,9 +413,9 @@ pub fn start(
     if config.gateways.is_empty() {
         return Ok(None);
     }
-    let (key, created) = WgKey::load_or_create(&data_dir.join(KEY_FILE))?;
+    let (key, path, created) = load_key(config, data_dir)?;
     if created {
-        tracing::info!(path = %data_dir.join(KEY_FILE).display(), "created the broker's WireGuard key");
+        tracing::info!(path = %path.display(), "created the broker's WireGuard key");
     }
     let private = x25519::StaticSecret::from(key.secret_bytes());
     let public = x25519::PublicKey::from(&private);

@@ -244,6 +244,13 @@ pub struct WireguardFile {
     /// UDP socket addresses for WireGuard. Empty: the IP addresses of
     /// `listen` on port 51820. Bound only when a gateway is configured.
     pub listen: Vec<String>,
+    /// A file holding the broker's WireGuard private key (base64, as `wg
+    /// genkey` writes it), read and never written: for several brokers
+    /// that gateways must find under one key, e.g. one Kubernetes Secret
+    /// mounted by every broker. Unset: `wireguard.key` in the data
+    /// directory, created on first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 /// `[[gateway]]`: a gateway registered with the broker.
@@ -532,6 +539,9 @@ pub struct BrokerConfig {
     pub local_gateway: Option<LocalGateway>,
     /// WireGuard socket addresses (used when `gateways` is not empty).
     pub wireguard_listen: Vec<SocketAddr>,
+    /// The broker's WireGuard key file when configured (read only), else
+    /// `wireguard.key` in the data directory.
+    pub wireguard_key_file: Option<PathBuf>,
     /// Registered gateways.
     pub gateways: Vec<GatewayPeer>,
     /// DNS listen addresses (UDP and TCP).
@@ -816,6 +826,7 @@ impl BrokerFile {
                 ipam,
                 local_gateway,
                 wireguard_listen,
+                wireguard_key_file: self.wireguard.key_file.as_ref().map(PathBuf::from),
                 gateways,
                 dns_listen,
                 dns_zone,
