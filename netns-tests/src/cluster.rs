@@ -712,8 +712,10 @@ impl Cluster {
             .filter(|b| b.proc.is_some())
             .filter(|b| {
                 b.cli(&["sessions"]).is_ok_and(|out| {
+                    // Every broker lists the whole fleet's sessions; its
+                    // own are marked "(here)".
                     out.lines()
-                        .any(|l| l.split_whitespace().next() == Some(site))
+                        .any(|l| l.split_whitespace().next() == Some(site) && l.contains("(here)"))
                 })
             })
             .map(|b| b.n)
@@ -728,10 +730,14 @@ impl Cluster {
             let Ok(table) = b.cli(&["sessions"]) else {
                 continue;
             };
+            // The broker's own session: its row is marked "(here)", and
+            // the transport is the next column.
             for line in table.lines() {
-                let mut words = line.split_whitespace();
-                if words.next() == Some(site) {
-                    let transport = words.nth(1).unwrap_or_default().to_string();
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if words.first() == Some(&site)
+                    && let Some(here) = words.iter().position(|w| *w == "(here)")
+                {
+                    let transport = words.get(here + 1).unwrap_or(&"").to_string();
                     out.push((b.n, transport));
                 }
             }
