@@ -248,10 +248,10 @@ fn enrolled(lab: &Lab) -> (Proc, String) {
 /// The agent runs with its clock wrong against a broker on the real time,
 /// as on a hospital host without NTP: 3 days ahead (the site connects and
 /// its log says to fix the clock; its certificate, expired by its own
-/// clock, is renewed once, not again and again), 30 minutes behind (it
-/// connects: certificates are backdated an hour) and 2 days behind (TLS
-/// fails here; the log names the clock, never the certificate or a new
-/// enrollment). `tether doctor` agrees at each offset.
+/// clock, is renewed once, not again and again), 2 hours ahead (connects)
+/// and behind (refused), 30 minutes behind (it connects: certificates are
+/// backdated an hour) and 2 days behind (TLS fails here; the log names the
+/// clock, never the certificate or a new enrollment). `tether doctor` agrees at each offset.
 #[test]
 fn a_site_whose_clock_is_wrong_says_so_in_its_log() {
     if !require_root() {
@@ -289,6 +289,24 @@ fn a_site_whose_clock_is_wrong_says_so_in_its_log() {
     );
     assert!(doctor.contains("fix the clock (NTP)"), "{doctor}");
     assert!(!doctor.contains("tether enroll"), "{doctor}");
+
+    // 2 hours either way: ahead connects and says so; behind, past the
+    // hour certificates are backdated, is refused and names the clock.
+    let log = lab.up_until(
+        "+2h",
+        "2 h ahead of the broker's: fix the clock (NTP)",
+        "up-2h.log",
+    );
+    assert!(log.contains(&reachable), "{log}");
+    let log = lab.up_until("-2h", "retrying in", "up-minus-2h.log");
+    assert!(
+        log.contains("behind the broker's (the broker's certificate is not valid yet by it); fix the clock (NTP)"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("enroll again") && !log.contains("new token"),
+        "{log}"
+    );
 
     // 30 minutes behind: within the hour certificates are backdated.
     let mut agent = lab.spawn(
