@@ -987,3 +987,56 @@ impl Cluster {
         Ok(leases)
     }
 }
+
+impl Cluster {
+    /// Which broker (1-based) each broker id of the fleet is, from the
+    /// fleet records in etcd (their endpoints name the broker's address).
+    pub fn broker_numbers(&self) -> io::Result<std::collections::BTreeMap<String, usize>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (key, value) in self.keys("fleet/brokers/")? {
+            let Some(id) = key.rsplit('/').next() else {
+                continue;
+            };
+            let member: serde_json::Value = serde_json::from_str(&value)
+                .map_err(|e| io::Error::other(format!("fleet record {key}: {e}")))?;
+            let endpoint = member["endpoints"][0].as_str().unwrap_or_default();
+            for b in &self.brokers {
+                if endpoint.starts_with(&format!("{}:", broker_ip(b.n))) {
+                    out.insert(id.to_string(), b.n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The owner of each site in etcd, as a broker number (0: an id that
+    /// is no live broker).
+    pub fn owners(&self) -> io::Result<std::collections::BTreeMap<String, usize>> {
+        let numbers = self.broker_numbers()?;
+        Ok(self
+            .keys("fleet/owners/")?
+            .into_iter()
+            .filter_map(|(key, id)| {
+                let site = key.rsplit('/').next()?.to_string();
+                Some((site, numbers.get(&id).copied().unwrap_or(0)))
+            })
+            .collect())
+    }
+
+    /// Every site whose agent runs is held by exactly one running broker,
+    /// the one etcd names.
+    pub fn one_owner_each(&self) -> Result<(), String> {
+        let owners = self.owners().map_err(|e| e.to_string())?;
+        for site in self.sites.iter().filter(|s| s.agent.is_some()) {
+            let holders = self.holders(&site.name);
+            let owner = owners.get(&site.name).copied();
+            if holders.len() != 1 || owner != Some(holders[0]) {
+                return Err(format!(
+                    "{}: held by brokers {holders:?}, etcd owner {owner:?}",
+                    site.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -285,6 +285,22 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The sequence numbers of the pings in a `ping` log that got no reply
+/// although a later one did (those sent after the last reply were still in
+/// flight when the ping was stopped).
+pub fn lost_pings(log: &str) -> Vec<u64> {
+    let answered: std::collections::BTreeSet<u64> = log
+        .lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| {
+            let seq = l.split("icmp_seq=").nth(1)?;
+            seq.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    let last = answered.last().copied().unwrap_or(0);
+    (1..last).filter(|n| !answered.contains(n)).collect()
+}
+
 /// Sent and received echo requests from a finished `ping` summary.
 pub fn ping_summary(text: &str) -> (u64, u64) {
     let line = text

@@ -22,59 +22,10 @@
 //!   etcd lease revoked) by the time it exits.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use tether_netns_tests::cluster::{Cluster, broker_ip};
-use tether_netns_tests::{ping_summary, require_root, wait_for};
-
-/// Which broker (1-based) each broker id of the fleet is, from the fleet
-/// records in etcd (their endpoints name the broker's address).
-fn broker_numbers(cluster: &Cluster) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for (key, value) in cluster.keys("fleet/brokers/").unwrap() {
-        let id = key.rsplit('/').next().unwrap().to_string();
-        let member: serde_json::Value = serde_json::from_str(&value).unwrap();
-        let endpoint = member["endpoints"][0].as_str().unwrap_or_default();
-        for b in &cluster.brokers {
-            if endpoint.starts_with(&format!("{}:", broker_ip(b.n))) {
-                out.insert(id.clone(), b.n);
-            }
-        }
-    }
-    out
-}
-
-/// The owner of each site in etcd, as a broker number (0: an id that is
-/// no live broker).
-fn owners(cluster: &Cluster) -> BTreeMap<String, usize> {
-    let numbers = broker_numbers(cluster);
-    cluster
-        .keys("fleet/owners/")
-        .unwrap()
-        .into_iter()
-        .map(|(key, id)| {
-            let site = key.rsplit('/').next().unwrap().to_string();
-            (site, numbers.get(&id).copied().unwrap_or(0))
-        })
-        .collect()
-}
-
-/// Every site is held by exactly one running broker, the one etcd names.
-fn one_owner_each(cluster: &Cluster) -> Result<(), String> {
-    let owners = owners(cluster);
-    for site in &cluster.sites {
-        let holders = cluster.holders(&site.name);
-        let owner = owners.get(&site.name).copied();
-        if holders.len() != 1 || owner != Some(holders[0]) {
-            return Err(format!(
-                "{}: held by brokers {holders:?}, etcd owner {owner:?}",
-                site.name
-            ));
-        }
-    }
-    Ok(())
-}
+use tether_netns_tests::cluster::Cluster;
+use tether_netns_tests::{lost_pings, ping_summary, require_root, wait_for};
 
 /// Three brokers and two sites up, site `k` enrolled at broker `at(k)`;
 /// with the sites' IPv4 overlay addresses.
@@ -86,22 +37,6 @@ fn two_sites(at: impl Fn(usize) -> usize) -> (Cluster, Vec<String>) {
         addresses.push(cluster.up(k).unwrap());
     }
     (cluster, addresses)
-}
-
-/// The sequence numbers of the pings in a `ping` log that got no reply
-/// although a later one did (those sent after the last reply were still in
-/// flight when the ping was stopped).
-fn lost_pings(log: &str) -> Vec<u64> {
-    let answered: BTreeSet<u64> = log
-        .lines()
-        .filter(|l| l.contains(" bytes from "))
-        .filter_map(|l| {
-            let seq = l.split("icmp_seq=").nth(1)?;
-            seq.split_whitespace().next()?.parse().ok()
-        })
-        .collect();
-    let last = answered.last().copied().unwrap_or(0);
-    (1..last).filter(|n| !answered.contains(n)).collect()
 }
 
 /// Every site still has the address it had in `before`.
@@ -131,10 +66,10 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     }
     // Both sites dial the broker they enrolled at first.
     assert!(
-        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()
-            && owners(&cluster).values().all(|b| *b == 1)),
+        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()
+            && cluster.owners().unwrap().values().all(|b| *b == 1)),
         "both sites on broker 1: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     assert_eq!(cluster.transports("lab-1"), [(1, "h3".to_string())]);
     assert_eq!(cluster.transports("lab-2"), [(1, "h2".to_string())]);
@@ -172,7 +107,7 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         "site 2 moved over HTTP/2: {:?}",
         cluster.transports("lab-2")
     );
-    let etcd_owners = owners(&cluster);
+    let etcd_owners = cluster.owners().unwrap();
     for site in &cluster.sites {
         let owner = etcd_owners.get(&site.name).copied();
         assert!(
@@ -194,7 +129,9 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     cluster.heal(1).unwrap();
     // Broker 1 joins the fleet again under a new lease...
     assert!(
-        wait_for(Duration::from_secs(30), || broker_numbers(&cluster)
+        wait_for(Duration::from_secs(30), || cluster
+            .broker_numbers()
+            .unwrap()
             .values()
             .any(|b| *b == 1)),
         "broker 1 rejoined the fleet:\n{}",
@@ -202,9 +139,9 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     );
     // ...and then every site has one holder, the one etcd names.
     assert!(
-        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
         "one owner per site after the heal: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     assert_addresses_kept(&cluster, &before);
     assert!(
@@ -220,10 +157,10 @@ fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_sid
     }
     let (cluster, before) = two_sites(|_| 3);
     assert!(
-        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()
-            && owners(&cluster).values().all(|b| *b == 3)),
+        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()
+            && cluster.owners().unwrap().values().all(|b| *b == 3)),
         "both sites on broker 3: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     // The member cut off is the leader: it leads a minority of one until
     // it notices, and the other two elect a new leader.
@@ -254,9 +191,9 @@ fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_sid
     assert_addresses_kept(&cluster, &before);
     // etcd (the majority) names the broker that holds each site.
     assert!(
-        wait_for(Duration::from_secs(10), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(10), || cluster.one_owner_each().is_ok()),
         "one owner per site on the majority side: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     let to = before[1].clone();
     assert!(
@@ -278,16 +215,18 @@ fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_sid
 
     cluster.heal_member(m).unwrap();
     assert!(
-        wait_for(Duration::from_secs(30), || broker_numbers(&cluster)
+        wait_for(Duration::from_secs(30), || cluster
+            .broker_numbers()
+            .unwrap()
             .values()
             .any(|b| *b == 3)),
         "broker 3 rejoined the fleet:\n{}",
         cluster.broker_log(3)
     );
     assert!(
-        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
         "one owner per site after the heal: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     assert_addresses_kept(&cluster, &before);
 }
@@ -299,9 +238,9 @@ fn a_rolling_restart_of_every_broker_keeps_the_sites_and_their_addresses() {
     }
     let (mut cluster, before) = two_sites(|k| k);
     assert!(
-        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
         "{:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     // Site 1 pings site 2 every 10 ms for the whole restart (with
     // timestamps, and a line for each reply not there when the next ping
@@ -333,14 +272,16 @@ fn a_rolling_restart_of_every_broker_keeps_the_sites_and_their_addresses() {
         // it at once, and do not take its old announcement (same link key)
         // for its next run.
         assert!(
-            !broker_numbers(&cluster).values().any(|b| *b == n),
+            !cluster.broker_numbers().unwrap().values().any(|b| *b == n),
             "broker {n} left the fleet before it exited:\n{}",
             cluster.broker_log(n)
         );
         cluster.start_broker(n).unwrap();
         // Back in the fleet before the next one goes.
         assert!(
-            wait_for(Duration::from_secs(15), || broker_numbers(&cluster)
+            wait_for(Duration::from_secs(15), || cluster
+                .broker_numbers()
+                .unwrap()
                 .values()
                 .any(|b| *b == n)),
             "broker {n} rejoined"
@@ -348,16 +289,16 @@ fn a_rolling_restart_of_every_broker_keeps_the_sites_and_their_addresses() {
         // Every site settled (on one broker, the one etcd names) before
         // the next broker goes.
         assert!(
-            wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+            wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
             "{:?}",
-            one_owner_each(&cluster)
+            cluster.one_owner_each()
         );
         println!("ROLLING: broker {n} restarted in {:.1?}", started.elapsed());
     }
     assert!(
-        wait_for(Duration::from_secs(15), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
         "{:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     ping.signal(nix::sys::signal::Signal::SIGINT);
     assert!(ping.wait_exit(Duration::from_secs(5)));

@@ -25,65 +25,7 @@ use std::time::{Duration, Instant};
 
 use tether_netns_tests::cluster::{BrokerSetup, Cluster, broker_ip};
 use tether_netns_tests::topology::read;
-use tether_netns_tests::{binary, ping_summary, require_root, wait_for};
-
-/// Which broker (1-based) each broker id of the fleet is, from the fleet
-/// records in etcd.
-fn broker_numbers(cluster: &Cluster) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for (key, value) in cluster.keys("fleet/brokers/").unwrap() {
-        let id = key.rsplit('/').next().unwrap().to_string();
-        let member: serde_json::Value = serde_json::from_str(&value).unwrap();
-        let endpoint = member["endpoints"][0].as_str().unwrap_or_default();
-        for b in &cluster.brokers {
-            if endpoint.starts_with(&format!("{}:", broker_ip(b.n))) {
-                out.insert(id.clone(), b.n);
-            }
-        }
-    }
-    out
-}
-
-/// Every site whose agent runs is held by exactly one running broker, the
-/// one etcd names.
-fn one_owner_each(cluster: &Cluster) -> Result<(), String> {
-    let numbers = broker_numbers(cluster);
-    let owners: BTreeMap<String, usize> = cluster
-        .keys("fleet/owners/")
-        .unwrap()
-        .into_iter()
-        .map(|(key, id)| {
-            let site = key.rsplit('/').next().unwrap().to_string();
-            (site, numbers.get(&id).copied().unwrap_or(0))
-        })
-        .collect();
-    for site in cluster.sites.iter().filter(|s| s.agent.is_some()) {
-        let holders = cluster.holders(&site.name);
-        let owner = owners.get(&site.name).copied();
-        if holders.len() != 1 || owner != Some(holders[0]) {
-            return Err(format!(
-                "{}: held by brokers {holders:?}, etcd owner {owner:?}",
-                site.name
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The sequence numbers of the pings in a `ping` log that got no reply
-/// although a later one did.
-fn lost_pings(log: &str) -> Vec<u64> {
-    let answered: BTreeSet<u64> = log
-        .lines()
-        .filter(|l| l.contains(" bytes from "))
-        .filter_map(|l| {
-            let seq = l.split("icmp_seq=").nth(1)?;
-            seq.split_whitespace().next()?.parse().ok()
-        })
-        .collect();
-    let last = answered.last().copied().unwrap_or(0);
-    (1..last).filter(|n| !answered.contains(n)).collect()
-}
+use tether_netns_tests::{binary, lost_pings, ping_summary, require_root, wait_for};
 
 /// Runs `tether enroll` for site `k` at broker `at` with `code`; whether
 /// it succeeded and what it printed.
@@ -137,9 +79,9 @@ fn etcd_fully_down_keeps_tunnels_and_held_sites_and_refuses_enrollment_until_it_
         before.push(cluster.up(k).unwrap());
     }
     assert!(
-        wait_for(Duration::from_secs(30), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(30), || cluster.one_owner_each().is_ok()),
         "one owner per site: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     let held: Vec<usize> = (1..=3)
         .map(|k| cluster.holders(&format!("lab-{k}"))[0])
@@ -282,7 +224,9 @@ fn etcd_fully_down_keeps_tunnels_and_held_sites_and_refuses_enrollment_until_it_
     );
     // Both brokers join the fleet again and every site has one owner.
     assert!(
-        wait_for(Duration::from_secs(60), || broker_numbers(&cluster)
+        wait_for(Duration::from_secs(60), || cluster
+            .broker_numbers()
+            .unwrap()
             .values()
             .collect::<BTreeSet<_>>()
             .len()
@@ -292,9 +236,9 @@ fn etcd_fully_down_keeps_tunnels_and_held_sites_and_refuses_enrollment_until_it_
         cluster.broker_log(2)
     );
     assert!(
-        wait_for(Duration::from_secs(30), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(30), || cluster.one_owner_each().is_ok()),
         "one owner per site after etcd is back: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
     // The same code enrolls lab-4 now (tried as an operator would: again
     // after a refusal, for up to a minute).
@@ -310,9 +254,9 @@ fn etcd_fully_down_keeps_tunnels_and_held_sites_and_refuses_enrollment_until_it_
     assert!(enrolled, "lab-4 enrolls once etcd is back:\n{last}");
     let fourth = cluster.up(4).unwrap();
     assert!(
-        wait_for(Duration::from_secs(30), || one_owner_each(&cluster).is_ok()),
+        wait_for(Duration::from_secs(30), || cluster.one_owner_each().is_ok()),
         "one owner per site with lab-4: {:?}",
-        one_owner_each(&cluster)
+        cluster.one_owner_each()
     );
 
     ping.signal(nix::sys::signal::Signal::SIGINT);
