@@ -57,24 +57,37 @@ pub trait NameSource {
     fn leased(&self, site: &SiteId, region: &RegionId) -> (Vec<IpAddr>, Vec<Mapping>);
 }
 
+/// The names the zone lists for the site of `record` (none when it is not
+/// enrolled or revoked): its leased addresses and LAN mappings from
+/// `source`, and `services`.
+fn names_of(
+    source: &impl NameSource,
+    record: SiteRecord,
+    services: impl FnOnce(&SiteRecord) -> Vec<tether_proto::dns::Service>,
+) -> Option<SiteNames> {
+    if record.revoked || record.enrolled.is_none() {
+        return None;
+    }
+    let (addresses, lans) = source.leased(&record.site, &record.region);
+    let services = services(&record);
+    Some(SiteNames {
+        site: record.site,
+        region: record.region,
+        addresses,
+        services,
+        lans,
+    })
+}
+
 impl Broker {
-    /// The names of a site whose record is `record`.
+    /// The names of a site whose record is `record`; its services are
+    /// those of its session here.
     fn names_of(&self, record: SiteRecord) -> Option<SiteNames> {
-        if record.revoked || record.enrolled.is_none() {
-            return None;
-        }
-        let (addresses, lans) = self.leased(&record.site, &record.region);
-        let services = self
-            .session(&record.site)
-            .filter(|s| s.region() == &record.region)
-            .map(|s| s.services.clone())
-            .unwrap_or_default();
-        Some(SiteNames {
-            site: record.site,
-            region: record.region,
-            addresses,
-            services,
-            lans,
+        names_of(self, record, |r| {
+            self.session(&r.site)
+                .filter(|s| s.region() == &r.region)
+                .map(|s| s.services.clone())
+                .unwrap_or_default()
         })
     }
 }
@@ -550,17 +563,7 @@ mod tests {
 
     impl Stored<'_> {
         fn names_of(&self, record: SiteRecord) -> Option<SiteNames> {
-            if record.revoked || record.enrolled.is_none() {
-                return None;
-            }
-            let (addresses, lans) = self.leased(&record.site, &record.region);
-            Some(SiteNames {
-                site: record.site,
-                region: record.region,
-                addresses,
-                services: Vec::new(),
-                lans,
-            })
+            super::names_of(self, record, |_| Vec::new())
         }
     }
 
