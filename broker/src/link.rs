@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake};
 use boringtun::x25519;
 use tether_config::broker::Peering;
@@ -46,6 +47,13 @@ pub const KEY_FILE: &str = "peering.key";
 /// [`LINK_KEEPALIVE`] and can tell it is gone by its silence
 /// ([`LinkHealth::is_down`]).
 const TIMER_TICK: Duration = LINK_KEEPALIVE;
+
+/// Handshake initiations and responses per second the link answers before
+/// it asks their senders for a cookie (WireGuard's "under load"): a
+/// fleet's brokers handshake with each other every two minutes, so this
+/// is only reached by a flood, and each handshake it lets through costs an
+/// X25519 exchange before the sender is known.
+const HANDSHAKES_PER_SECOND: u64 = 100;
 
 /// Another broker of the fleet, as a peer of the link.
 pub struct LinkPeer {
@@ -127,6 +135,12 @@ pub struct Link {
     unknown: metrics::Counter,
     /// Datagrams a peer's session refused.
     refused: metrics::Counter,
+    /// Checks every handshake's MAC before any key exchange, and asks
+    /// for a cookie past [`HANDSHAKES_PER_SECOND`].
+    limiter: Arc<RateLimiter>,
+    /// Handshakes refused for a wrong MAC, or answered with a cookie.
+    bad_mac: metrics::Counter,
+    cookies: metrics::Counter,
 }
 
 impl std::fmt::Debug for Link {
@@ -175,14 +189,23 @@ pub async fn start(config: &Peering, data_dir: &Path) -> anyhow::Result<Arc<Link
         next_index: AtomicU32::new(1),
         unknown: metrics::counter!("tether_broker_peer_refused_total", "reason" => "unknown_peer"),
         refused: metrics::counter!("tether_broker_peer_refused_total", "reason" => "invalid"),
+        limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+        bad_mac: metrics::counter!("tether_broker_peer_refused_total", "reason" => "bad_mac"),
+        cookies: metrics::counter!("tether_broker_peer_refused_total", "reason" => "under_load"),
     });
     let timers = Arc::downgrade(&link);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TIMER_TICK);
+        let mut second = Instant::now();
         loop {
             tick.tick().await;
             let Some(link) = timers.upgrade() else { return };
             link.run_timers();
+            // The limiter counts handshakes per second.
+            if second.elapsed() >= Duration::from_secs(1) {
+                link.limiter.reset_count();
+                second = Instant::now();
+            }
         }
     });
     tracing::info!(
@@ -426,6 +449,22 @@ impl Link {
             }
         };
         let datagram = buf.get(..n).unwrap_or_default();
+        // A handshake's MAC is checked, and a flood of them asked for a
+        // cookie, before `peer_of` spends a key exchange on finding its
+        // sender.
+        match self.limiter.verify_packet(Some(from.ip()), datagram, out) {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.cookies.increment(1);
+                let _ = self.socket.try_send_to(cookie, from);
+                return;
+            }
+            Err(_) => {
+                self.bad_mac.increment(1);
+                tracing::debug!(source = %from, "broker-to-broker link: datagram refused before any key exchange");
+                return;
+            }
+        }
         let Some(peer) = self.peer_of(datagram) else {
             self.unknown.increment(1);
             tracing::debug!(source = %from, "broker-to-broker link: datagram from no live broker refused");
@@ -480,6 +519,72 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// A flood of handshake initiations is asked for cookies once past the
+    /// limit, instead of costing a key exchange each; a handshake with a
+    /// wrong MAC gets no answer at all.
+    #[tokio::test]
+    async fn a_handshake_flood_is_asked_for_cookies() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Peering {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            mtu: 1420,
+        };
+        let link = start(&config, dir.path()).await.unwrap();
+        let to = link.socket.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (mut buf, mut out) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        let mut init = vec![0u8; 256];
+        let mut handshake = |tamper: bool| {
+            let stranger = x25519::StaticSecret::from(rand::random::<[u8; 32]>());
+            let mut tunn = Tunn::new(stranger, link.public_key().into(), None, None, 1, None);
+            let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(&mut init, false)
+            else {
+                panic!("no handshake initiation");
+            };
+            let mut d = d.to_vec();
+            if tamper {
+                // The last 32 bytes are mac1 and mac2.
+                let at = d.len() - 20;
+                d[at] ^= 0xff;
+            }
+            d
+        };
+        let cookie = |sender: &std::net::UdpSocket| {
+            let mut reply = [0u8; 256];
+            sender.recv(&mut reply).ok().map(|n| (reply[0], n))
+        };
+        // A wrong MAC: refused before the key exchange, no answer.
+        for _ in 0..3 {
+            sender.send_to(&handshake(true), to).unwrap();
+            link.receive(&mut buf, &mut out, |_, _| {}).await;
+        }
+        assert_eq!(
+            cookie(&sender),
+            None,
+            "a handshake with a wrong MAC is answered"
+        );
+        // Within the limit: no cookie (a stranger's handshake is refused).
+        let limit = usize::try_from(HANDSHAKES_PER_SECOND).unwrap();
+        let mut answered = 0;
+        for _ in 0..limit + 20 {
+            sender.send_to(&handshake(false), to).unwrap();
+            link.receive(&mut buf, &mut out, |_, _| {}).await;
+        }
+        while let Some((kind, len)) = cookie(&sender) {
+            assert_eq!((kind, len), (3, 64), "a cookie reply (type 3, 64 bytes)");
+            answered += 1;
+        }
+        assert!(
+            (1..=20).contains(&answered),
+            "{answered} cookie replies to {} handshakes in a second (limit {limit})",
+            limit + 20
+        );
+    }
 
     /// The link's socket gets the tunnel sockets' buffers: as root beyond
     /// `net.core.rmem_max`, otherwise up to it (the kernel reports twice
