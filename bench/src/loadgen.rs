@@ -6,14 +6,17 @@
 //! `--enroll-first K`, only the first K; the others stay registered only); `--broker` may
 //! list several brokers (comma-separated, used in turn), and with
 //! `--retries R` an enrollment that fails is tried again (same token, same
-//! broker) up to R times, 0.5 s apart. It prints `tokens N` once the tokens
+//! broker) up to R times, 0.5 s apart; `--concurrency C` enrollments are in
+//! flight at once (default 32). It prints `tokens N` once the tokens
 //! exist, `enrolled <i>` per site, `retry <i>: <error>` per failed attempt,
 //! and exits non-zero if a site could not be enrolled.
 //! `tether-loadgen connect --count N --broker A --dir D --hold S` opens a
 //! CONNECT-IP tunnel for each (one QUIC endpoint), prints `connected N`
 //! when all are up, and holds them idle for S seconds; with `--first F`
 //! it takes the sites `F .. F + N` of `D`. A site whose tunnel does not
-//! open is tried again (up to 3 more times, 0.5 s apart; `retry <i>: ...`).
+//! open is tried again (up to 12 more times, 0.5 s doubling to 5 s;
+//! `retry <i>: ...`); one that still fails is reported (`failed <i>: ...`)
+//! and counted in `connected N in S s, R retries, F failed`.
 //! `tether-loadgen storm --count N --broker A --dir D --rounds R [--keepalive S]` connects
 //! them too, then reconnects every site whose connection ends (as the agent
 //! does: a first retry after 0.25-0.5 s, doubling up to 5 s) and, each
@@ -80,6 +83,9 @@ enum Command {
         /// only registered (a token each), as sites not yet installed.
         #[arg(long)]
         enroll_first: Option<usize>,
+        /// Enrollments in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
     },
     /// Connect enrolled sites and reconnect them after each loss.
     Storm {
@@ -164,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
             dir,
             retries,
             enroll_first,
+            concurrency,
         } => {
             let started = Instant::now();
             // Tokens from a few requests at a time: the broker commits
@@ -202,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
             anyhow::ensure!(!broker.is_empty(), "--broker names no broker");
-            let limit = Arc::new(Semaphore::new(32));
+            let limit = Arc::new(Semaphore::new(concurrency.max(1)));
             // Enrollments finished so far: the rate per 1,000 is printed as
             // it goes (it falls as sites accumulate when a cost grows with
             // the number of enrolled sites).
