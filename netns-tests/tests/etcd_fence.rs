@@ -8,13 +8,20 @@
 //!   served from the cut-off broker's stale view: that broker refuses it
 //!   (`result="left"`, the other brokers dropped it), the site goes to a
 //!   broker that reaches etcd, keeps its address, and a site on another
-//!   broker reaches it; after the heal every site has one owner.
+//!   broker reaches it; after the heal every site has one owner;
+//! - a gateway registered on two brokers, the one it uses cut off from
+//!   etcd: the fenced broker tells it to leave, so the gateway's traffic
+//!   follows the site to the other broker (a backend behind the gateway
+//!   reaches the site while the partition lasts); after the heal the
+//!   broker answers the gateway's pings again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::Path;
 use std::time::Duration;
 
-use tether_netns_tests::cluster::Cluster;
-use tether_netns_tests::{require_root, wait_for};
+use tether_netns_tests::cluster::{BrokerSetup, Cluster, broker_ip};
+use tether_netns_tests::topology::{gateway_entry, read};
+use tether_netns_tests::{NetNs, binary, link, require_root, wait_for};
 
 /// The one broker holding `site`, once exactly one does.
 fn holder(cluster: &Cluster, site: &str) -> Option<usize> {
@@ -149,5 +156,168 @@ fn a_site_that_left_a_broker_cut_off_from_etcd_is_not_served_there_from_its_stal
         wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
         "one owner per site after the heal: {:?}",
         cluster.one_owner_each()
+    );
+}
+
+/// The public key of the WireGuard key in `work/name` (created on first
+/// use), with `tether-gateway key`.
+fn wg_key(work: &Path, name: &str) -> String {
+    let config = work.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("state_dir = \"{}\"\n", work.join(name).display()),
+    )
+    .unwrap();
+    let out = tether_netns_tests::run(
+        &binary("tether-gateway").display().to_string(),
+        &["key", "-c", &config.display().to_string()],
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Lines of the gateway's log that say `what` of broker `n`.
+fn said_of(log: &str, n: usize, what: &str) -> usize {
+    let addr = format!("broker={}:", broker_ip(n));
+    log.lines()
+        .filter(|l| l.contains(what) && l.contains(&addr))
+        .count()
+}
+
+#[test]
+fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_heal() {
+    if !require_root() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let gw_key = wg_key(work.path(), "gw-1");
+    wg_key(work.path(), "brokers-wg");
+    let broker_wg = std::fs::read(work.path().join("brokers-wg").join("wireguard.key")).unwrap();
+    let setup = BrokerSetup {
+        extra_config: format!(
+            "{}\n[[policy.allow]]\nname = \"backends\"\nfrom = [\"gateway:gw-1\"]\nto = [\"sites\"]\n",
+            gateway_entry("gw-1", "eu", &gw_key, "10.31.0.0/24"),
+        ),
+        files: vec![("wireguard.key".into(), broker_wg)],
+    };
+    let mut cluster = Cluster::with_brokers(2, 1, &setup).unwrap();
+    let broker_key = cluster.brokers[0].cli(&["gateway", "key"]).unwrap();
+
+    // The gateway node on the core router, its backend behind it.
+    let node = NetNs::new("gwnode").unwrap();
+    let backend = NetNs::new("gwback").unwrap();
+    link(
+        &cluster.core,
+        "g1",
+        "198.18.1.1/24",
+        &node,
+        "eth0",
+        "198.18.1.2/24",
+    )
+    .unwrap();
+    link(
+        &node,
+        "bk",
+        "10.31.0.1/24",
+        &backend,
+        "eth0",
+        "10.31.0.10/24",
+    )
+    .unwrap();
+    node.run("ip", &["route", "add", "default", "via", "198.18.1.1"])
+        .unwrap();
+    backend
+        .run("ip", &["route", "add", "default", "via", "10.31.0.1"])
+        .unwrap();
+    node.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+        .unwrap();
+
+    // The site and the gateway's traffic both on broker 1.
+    cluster.enroll(1, 1).unwrap();
+    let addr = cluster.up(1).unwrap();
+    let gw_config = work.path().join("gw-1.toml");
+    std::fs::write(
+        &gw_config,
+        format!(
+            "id = \"gw-1\"\nregion = \"eu\"\npublished_cidr = \"203.0.113.0/24\"\n\
+             brokers = [\"{}:51820\", \"{}:51820\"]\nbroker_public_key = \"{}\"\n\
+             state_dir = \"{}\"\n",
+            broker_ip(1),
+            broker_ip(2),
+            broker_key.trim(),
+            work.path().join("gw-1").display()
+        ),
+    )
+    .unwrap();
+    let gw_log = work.path().join("gw-1.log");
+    let _gateway = node
+        .spawn(
+            &binary("tether-gateway").display().to_string(),
+            &["run", "-c", &gw_config.display().to_string()],
+            Some(gw_log.clone()),
+        )
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || backend
+            .succeeds("ping", &["-c", "1", "-W", "1", &addr])),
+        "the backend reaches the site:\ngateway:\n{}",
+        read(&gw_log)
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || holder(&cluster, "lab-1")
+            == Some(1)),
+        "lab-1 on broker 1: {:?}",
+        cluster.holders("lab-1")
+    );
+    assert_eq!(
+        said_of(&read(&gw_log), 1, "traffic goes through this broker"),
+        1,
+        "the gateway uses broker 1:\n{}",
+        read(&gw_log)
+    );
+
+    // Broker 1 cut off from etcd: its site moves to broker 2, and the
+    // gateway is told to leave broker 1, so its traffic follows.
+    cluster.partition(1).unwrap();
+    let (moved, holders) = cluster.wait_sites_off(1, Duration::from_secs(30));
+    assert!(moved, "lab-1 left broker 1 (holders {holders:?})");
+    assert!(
+        wait_for(Duration::from_secs(10), || backend
+            .succeeds("ping", &["-c", "1", "-W", "1", &addr])),
+        "the backend reaches the site on broker 2 while broker 1 is cut off:\ngateway:\n{}\nbroker 1:\n{}",
+        read(&gw_log),
+        cluster.broker_log(1)
+    );
+    let log = read(&gw_log);
+    assert!(
+        said_of(&log, 1, "broker is stopping") >= 1
+            && said_of(&log, 2, "traffic moved to this broker") >= 1,
+        "the gateway left the fenced broker:\n{log}"
+    );
+    assert!(
+        cluster
+            .broker_log(1)
+            .contains("telling the gateways to send their traffic to another broker"),
+        "broker 1 says so:\n{}",
+        cluster.broker_log(1)
+    );
+
+    // After the heal broker 1 holds a lease again and answers the
+    // gateway's pings: the gateway counts it up again.
+    let answered = said_of(&read(&gw_log), 1, "broker answers");
+    cluster.heal(1).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || said_of(
+            &read(&gw_log),
+            1,
+            "broker answers"
+        ) > answered),
+        "the gateway counts broker 1 up again:\n{}",
+        read(&gw_log)
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || backend
+            .succeeds("ping", &["-c", "1", "-W", "1", &addr])),
+        "the backend still reaches the site"
     );
 }
