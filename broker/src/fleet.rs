@@ -24,6 +24,11 @@
 //! ([`Decision::MoveSites`]). Claims written again under a new lease are
 //! transactions that write only where no other broker holds the site; a
 //! site held elsewhere ends its session here ([`Decision::EndSession`]).
+//!
+//! Claims and releases change the view at once ([`FleetHandle::claim`],
+//! [`FleetHandle::release`]), also while the task waits for etcd, so that
+//! a site deciding to connect without etcd is judged by the sessions the
+//! broker has now ([`FleetHandle::readmit_offline_with`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -35,7 +40,7 @@ use etcd_client::{
 };
 use tether_config::broker::EtcdConfig;
 use tether_proto::api::BrokerRef;
-use tether_proto::fleet::{BrokerId, Decision, Fleet, Member, Readmit};
+use tether_proto::fleet::{BrokerId, Decision, Fleet, Member, Peers, Readmit};
 use tether_proto::ids::{RegionId, SiteId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -81,14 +86,23 @@ pub struct FleetHandle {
 
 impl FleetHandle {
     /// This broker registered a session of `site`: records that it holds
-    /// the site.
+    /// the site. The view has it at once (what a connecting site is
+    /// decided by); the fleet task writes the claim.
     pub fn claim(&self, site: &SiteId) {
+        self.with_fleet(|f| f.handle_claim(site.clone()));
         let _ = self.commands.send(Command::Claim(site.clone()));
     }
 
-    /// This broker holds no session of `site` any more.
+    /// This broker holds no session of `site` any more. The view has it at
+    /// once, also while the fleet task waits for etcd (a site that left is
+    /// not taken for one still here); the task deletes the owner key.
     pub fn release(&self, site: &SiteId) {
+        self.with_fleet(|f| f.handle_released(site));
         let _ = self.commands.send(Command::Release(site.clone()));
+    }
+
+    fn with_fleet<T>(&self, f: impl FnOnce(&mut Fleet) -> T) -> T {
+        with_fleet(&self.fleet, &self.changes, &self.view, f)
     }
 
     /// Leaves the fleet now rather than at the lease's expiry: the lease is
@@ -121,13 +135,26 @@ impl FleetHandle {
     }
 
     /// Whether `site`, connecting while etcd cannot be reached, may be
-    /// served here from this broker's last view of the fleet
+    /// served here from this broker's last view of the fleet, with `peers`
+    /// what the broker-to-broker link says of the other brokers
     /// ([`Fleet::readmit_offline`]).
-    pub fn readmit_offline(&self, site: &SiteId) -> Readmit {
+    pub fn readmit_offline_with(&self, site: &SiteId, peers: Peers) -> Readmit {
         match self.fleet.lock() {
-            Ok(f) => f.readmit_offline(site),
+            Ok(f) => f.readmit_offline(site, peers),
             Err(_) => Readmit::NotHeld,
         }
+    }
+
+    /// [`FleetHandle::readmit_offline_with`] with nothing known of the
+    /// other brokers ([`Peers::Unknown`]).
+    pub fn readmit_offline(&self, site: &SiteId) -> Readmit {
+        self.readmit_offline_with(site, Peers::Unknown)
+    }
+
+    /// Whether gateways are told this broker is leaving (while it is
+    /// fenced, [`Fleet::gateways_leave`]).
+    pub fn gateways_leave(&self) -> bool {
+        self.fleet.lock().is_ok_and(|f| f.gateways_leave())
     }
 
     /// Whether another broker held `site` last, as far as this broker saw
@@ -383,12 +410,12 @@ impl Task {
     /// read of the fleet.
     async fn join(&mut self) -> Result<Joined, StoreError> {
         let mut c = self.client.clone();
-        // Sessions that opened or ended while the task was away: their
-        // claims are written below, under the new lease, as re-claims.
+        // Sessions that opened or ended while the task was away (the view
+        // has them already): their claims are written below, under the new
+        // lease, as re-claims.
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Claim(site) => self.with_fleet(|f| f.handle_claim(site)),
-                Command::Release(site) => self.with_fleet(|f| f.handle_released(&site)),
+                Command::Claim(_) | Command::Release(_) => {}
                 // No lease to revoke (the last one is gone); stop here.
                 Command::Leave(done) => {
                     self.left = true;
@@ -592,10 +619,7 @@ impl Task {
                 },
                 command = self.commands.recv() => match command {
                     Some(Command::Claim(site)) => {
-                        let held = self.with_fleet(|f| {
-                            f.handle_claim(site.clone());
-                            f.lease_held(Instant::now())
-                        });
+                        let held = self.with_fleet(|f| f.lease_held(Instant::now()));
                         if !held {
                             // The lease may be gone: a plain write could
                             // replace a newer owner. Start over; the new
@@ -606,7 +630,6 @@ impl Task {
                         self.put_claim(joined.lease, &site).await?;
                     }
                     Some(Command::Release(site)) => {
-                        self.with_fleet(|f| f.handle_released(&site));
                         self.release(&site).await?;
                     }
                     Some(Command::Leave(done)) => {

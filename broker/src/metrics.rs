@@ -74,7 +74,7 @@ fn describe() {
     describe_counter!(
         "tether_broker_connects_without_store_total",
         Unit::Count,
-        "Sites that connected while etcd could not be reached: readmitted (held here last, addresses cached) or refused (held_elsewhere, not_held, new_address)."
+        "Sites that connected while etcd could not be reached: readmitted (held here last, addresses cached) or refused (held_elsewhere, not_held, left, new_address)."
     );
     describe_counter!(
         "tether_broker_fleet_fenced_total",
@@ -716,7 +716,7 @@ pub fn site_expiry_text(counts: &[usize]) -> String {
 
 /// Counts a site that connected while etcd could not be reached, by what
 /// was decided: `readmitted`, or refused as `held_elsewhere`, `not_held`,
-/// `new_address`.
+/// `left`, `new_address`.
 pub fn connect_without_store(result: &str) {
     counter!("tether_broker_connects_without_store_total", "result" => result.to_string())
         .increment(1);

@@ -176,6 +176,16 @@ async fn join_fleet(
                     );
                     crate::metrics::fenced();
                     broker.ask_sites_to_move();
+                    // Gateways too: this broker's view of the fleet is
+                    // stale now. It answers their pings with "leaving"
+                    // while fenced, pongs again under its next lease
+                    // (`Fleet::gateways_leave`).
+                    if let Some(wg) = broker.plane().wireguard() {
+                        tracing::info!(
+                            "fleet: telling the gateways to send their traffic to another broker while this one cannot reach etcd"
+                        );
+                        wg.announce_leaving();
+                    }
                 }
             }
         }

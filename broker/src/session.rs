@@ -21,7 +21,7 @@ use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
 use tether_proto::events::{Disconnect, EventKind};
-use tether_proto::fleet::Readmit;
+use tether_proto::fleet::{Peers, Readmit};
 use tether_proto::forward::DropReason;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
 use tether_proto::h3::{MessageDecoder, Request, Response, Settings};
@@ -135,17 +135,19 @@ pub async fn allocate(
 /// the cached leases, is served: every broker's last view routes it here,
 /// nothing is written, and the claim is made when etcd answers again, only
 /// where no other broker holds the site meanwhile. A site another broker
-/// held, or none, and a site that needs a new address, are refused with
-/// 503 until etcd answers (see `docs/ha.md`, "When etcd is down").
+/// held, or none, a site that left while the other brokers dropped this
+/// one ([`Readmit::Left`]: they reach etcd, it should go to them), and a
+/// site that needs a new address, are refused with 503 until etcd answers
+/// (see `docs/ha.md`, "When etcd is down").
 async fn allocate_without_the_store(
     broker: &Arc<Broker>,
     site: &SiteId,
     region: &tether_proto::ids::RegionId,
     why: &str,
 ) -> Result<(Vec<IpNet>, Vec<IpNet>), Refusal> {
-    let readmit = broker
-        .fleet()
-        .map_or(Readmit::NotHeld, |f| f.readmit_offline(site));
+    let readmit = broker.fleet().map_or(Readmit::NotHeld, |f| {
+        f.readmit_offline_with(site, peers(broker))
+    });
     let refused = match readmit {
         Readmit::Held if broker.host_addresses(site, region).is_empty() => Some((
             "new_address",
@@ -166,6 +168,12 @@ async fn allocate_without_the_store(
                 "etcd cannot be reached ({why}) and this site was not held by this broker; it can connect here once etcd answers, try again"
             ),
         )),
+        Readmit::Left => Some((
+            "left",
+            format!(
+                "etcd cannot be reached ({why}) by this broker alone: the other brokers dropped it, and this site left it since; connect to another broker"
+            ),
+        )),
     };
     crate::metrics::connect_without_store(refused.as_ref().map_or("readmitted", |(r, _)| r));
     if let Some((_, message)) = refused {
@@ -173,6 +181,17 @@ async fn allocate_without_the_store(
     }
     tracing::info!(%site, reason = why, "etcd cannot be reached; the site is served again from this broker's last view, where it was held");
     site_addresses(broker, site, region).await
+}
+
+/// What the broker-to-broker link says of the other brokers of the last
+/// view: whether any still talks to this one.
+fn peers(broker: &Broker) -> Peers {
+    let peers = broker
+        .plane()
+        .link()
+        .map(|link| link.peers())
+        .unwrap_or_default();
+    Peers::from_down(peers.iter().map(|p| p.is_down()))
 }
 
 /// Allocates (or finds again) the site's addresses in the broker core.

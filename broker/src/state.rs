@@ -1102,6 +1102,7 @@ impl crate::wireguard::GatewayControl for Broker {
     }
 
     fn draining(&self) -> bool {
-        *self.draining.borrow()
+        // Stopping, or fenced (until the next etcd lease).
+        *self.draining.borrow() || self.fleet().is_some_and(|f| f.gateways_leave())
     }
 }

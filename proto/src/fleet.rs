@@ -35,7 +35,16 @@
 //! store is down for every broker) or that open while fenced are claimed
 //! again under the next lease only where no other broker holds the site
 //! ([`Fleet::handle_claim_refused`] otherwise), so a broker coming back
-//! never writes stale ownership over a newer one.
+//! never writes stale ownership over a newer one. While fenced it tells its
+//! gateways it is leaving ([`Fleet::gateways_leave`]).
+//!
+//! # Without the store
+//!
+//! A site that connects while the store cannot be reached is served from
+//! the last view only where this broker held it
+//! ([`Fleet::readmit_offline`]), and, once the other brokers have dropped
+//! this one ([`Peers::Silent`]: they reach the store), only while its
+//! session is still here: a site that left may be held elsewhere now.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -147,6 +156,47 @@ pub enum Readmit {
     /// No broker held the site in the last view: placing it needs a store
     /// write.
     NotHeld,
+    /// This broker held the site last, but the site's session here ended
+    /// while this broker could not reach the store, and the other brokers
+    /// have dropped this one ([`Peers::Silent`]): they reach the store,
+    /// route nothing here, and may have placed the site elsewhere. It
+    /// should connect to one of them.
+    Left,
+}
+
+/// What the broker-to-broker link says of the other brokers of this
+/// broker's last view, when a site connects without the store
+/// ([`Fleet::readmit_offline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// No other broker to ask: this broker is alone in its last view, or
+    /// has no link. Nothing says the others moved on.
+    Unknown,
+    /// At least one other broker still talks to this one over the link:
+    /// it still counts this broker in, so its view of the fleet is frozen
+    /// too (the store is down for it as well).
+    Heard,
+    /// Every other broker has gone silent on the link: they dropped this
+    /// broker when its store lease expired (they reach the store, and a
+    /// site that left here may be held by one of them now), or they are
+    /// down.
+    Silent,
+}
+
+impl Peers {
+    /// From whether each other broker on the link is down (silent past
+    /// [`crate::peering::LINK_SILENCE`], or never reached): heard when any
+    /// is up, silent when all are down, unknown without any.
+    pub fn from_down(down: impl IntoIterator<Item = bool>) -> Self {
+        let mut out = Peers::Unknown;
+        for down in down {
+            if !down {
+                return Peers::Heard;
+            }
+            out = Peers::Silent;
+        }
+        out
+    }
 }
 
 /// Membership and ownership as one broker sees them.
@@ -437,16 +487,30 @@ impl Fleet {
 
     /// Whether `site`, connecting while the store cannot be reached (no
     /// read answered, or the lease is not held), may be served here from
-    /// what this broker last knew. Only where this broker held the site
-    /// last: the last owner key it saw names it (or its own newer claim
-    /// has not come back through the watch yet), or it saw no owner and
-    /// holds a session of the site (a claim waiting to be written). Nothing is written meanwhile; when the store
-    /// answers again the claim is made under the new lease only where no
-    /// other broker holds the site (see [`Fleet::poll`] and the shell's
-    /// re-claim), so a broker that was cut off alone loses to a takeover
-    /// the others made meanwhile.
-    pub fn readmit_offline(&self, site: &SiteId) -> Readmit {
-        match (self.owners.get(site), self.claims.get(site)) {
+    /// what this broker last knew, with `peers` what the link says of the
+    /// other brokers. Only where this broker held the site last: the last
+    /// owner key it saw names it (or its own newer claim has not come back
+    /// through the watch yet), or it saw no owner and holds a session of
+    /// the site (a claim waiting to be written). Nothing is written
+    /// meanwhile; when the store answers again the claim is made under the
+    /// new lease only where no other broker holds the site (see
+    /// [`Fleet::poll`] and the shell's re-claim), so a broker that was cut
+    /// off alone loses to a takeover the others made meanwhile.
+    ///
+    /// A site that has no session here any more (it left: it moved when
+    /// this broker asked it to, or its connection ended) is not held when
+    /// the other brokers have dropped this one ([`Peers::Silent`],
+    /// [`Readmit::Left`]): they reach the store, so the site could move to
+    /// one of them, and perhaps did; serving it here again would hide it
+    /// from every site on those brokers. When they still talk to this
+    /// broker ([`Peers::Heard`]) the store is down for them too, nothing can
+    /// have moved, and every broker's view still routes the site here: it
+    /// is served again (a restarted agent keeps its address). A site whose
+    /// session is still here is held either way: it stayed because no
+    /// other broker took it.
+    pub fn readmit_offline(&self, site: &SiteId, peers: Peers) -> Readmit {
+        let session_here = self.claims.contains_key(site);
+        let held = match (self.owners.get(site), self.claims.get(site)) {
             (Some(o), _) if o.broker == self.me => Readmit::Held,
             // This broker's own write, newer than the other's, has not come
             // back through the watch yet.
@@ -454,7 +518,22 @@ impl Fleet {
             (Some(o), _) => Readmit::HeldElsewhere(o.broker.clone()),
             (None, Some(_)) => Readmit::Held,
             (None, None) => Readmit::NotHeld,
+        };
+        match held {
+            Readmit::Held if !session_here && peers == Peers::Silent => Readmit::Left,
+            other => other,
         }
+    }
+
+    /// Whether the broker's gateways must be told it is leaving (their
+    /// pings answered with "leaving" rather than a pong): while it is
+    /// fenced. Its view of the fleet is stale then (the other brokers may
+    /// hold sites it still routes elsewhere, or not at all), so a gateway
+    /// should send its traffic to a broker that reaches the store; when
+    /// every broker is fenced (the store is down for all) the gateway stays
+    /// where it is. Pongs resume with the next lease.
+    pub fn gateways_leave(&self) -> bool {
+        self.fenced
     }
 
     /// Who holds `site`: `None` when no live broker does.
@@ -862,17 +941,156 @@ mod tests {
         f.handle_owner(site("s4"), "b".into(), 13);
         // The lease runs out: the store is gone.
         assert!(!f.poll(t0 + Duration::from_secs(6)).is_empty());
-        assert_eq!(f.readmit_offline(&site("s1")), Readmit::Held);
-        assert_eq!(f.readmit_offline(&site("s2")), Readmit::Held);
+        for peers in [Peers::Heard, Peers::Unknown] {
+            assert_eq!(f.readmit_offline(&site("s1"), peers), Readmit::Held);
+            assert_eq!(f.readmit_offline(&site("s2"), peers), Readmit::Held);
+            assert_eq!(
+                f.readmit_offline(&site("s3"), peers),
+                Readmit::HeldElsewhere("b".into())
+            );
+            assert_eq!(
+                f.readmit_offline(&site("s4"), peers),
+                Readmit::HeldElsewhere("b".into())
+            );
+            assert_eq!(f.readmit_offline(&site("s5"), peers), Readmit::NotHeld);
+        }
+    }
+
+    /// Broker `a` holding `s1` (claim written, seen in the watch) and
+    /// `s2` (the same), fenced when its lease runs out.
+    fn fenced_with_two_sites() -> Fleet {
+        let t0 = Instant::now();
+        let mut f = Fleet::new("a".into());
+        f.handle_member("a".into(), member("10.0.0.1:443", &["eu"]), 1);
+        f.handle_member("b".into(), member("10.0.0.2:443", &["eu"]), 2);
+        f.handle_granted(t0, Duration::from_secs(5));
+        for (s, rev) in [("s1", 10), ("s2", 11)] {
+            f.handle_claim(site(s));
+            f.handle_claimed(&site(s), rev);
+            f.handle_owner(site(s), "a".into(), rev);
+        }
         assert_eq!(
-            f.readmit_offline(&site("s3")),
-            Readmit::HeldElsewhere("b".into())
+            f.poll(t0 + Duration::from_secs(5)),
+            vec![Decision::MoveSites(vec![site("s1"), site("s2")])]
         );
+        f
+    }
+
+    #[test]
+    fn a_site_that_left_a_broker_the_others_dropped_is_not_readmitted_there() {
+        // Cut off from the store alone: s1 moved when asked (its session
+        // here ended), s2 found no other broker and stayed.
+        let mut f = fenced_with_two_sites();
+        f.handle_released(&site("s1"));
+        // The other brokers reach the store: they dropped this broker
+        // (its lease expired there) and went silent on the link. s1 may be
+        // held by one of them now; s2 is still here.
+        assert_eq!(f.readmit_offline(&site("s1"), Peers::Silent), Readmit::Left);
+        assert_eq!(f.readmit_offline(&site("s2"), Peers::Silent), Readmit::Held);
+        // A site no broker held, or another held, is refused as before.
         assert_eq!(
-            f.readmit_offline(&site("s4")),
-            Readmit::HeldElsewhere("b".into())
+            f.readmit_offline(&site("s9"), Peers::Silent),
+            Readmit::NotHeld
         );
-        assert_eq!(f.readmit_offline(&site("s5")), Readmit::NotHeld);
+        // s1 is served here again (a new session opens: the shell found
+        // it held when the others could still be heard): it is held.
+        f.handle_claim(site("s1"));
+        assert_eq!(f.readmit_offline(&site("s1"), Peers::Silent), Readmit::Held);
+    }
+
+    /// What a gateway's ping to a broker with `fleet` gets: "leaving" while
+    /// the broker's gateways must leave, else a pong.
+    fn answer_ping(
+        gateway: &mut crate::gateway::failover::Failover,
+        broker: usize,
+        fleet: &Fleet,
+        now: Instant,
+    ) {
+        if fleet.gateways_leave() {
+            gateway.handle_leaving(broker, now);
+        } else {
+            gateway.handle_pong(broker, now);
+        }
+    }
+
+    #[test]
+    fn a_gateway_leaves_a_fenced_broker_and_counts_it_again_under_its_next_lease() {
+        use crate::gateway::failover::Failover;
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(5);
+        let mut brokers = [Fleet::new("a".into()), Fleet::new("b".into())];
+        for b in &mut brokers {
+            b.handle_granted(t0, ttl);
+        }
+        let mut gw = Failover::new(2, t0);
+        for (i, b) in brokers.iter().enumerate() {
+            answer_ping(&mut gw, i, b, t0);
+        }
+        assert_eq!(gw.target(), 0);
+        // Broker a alone is cut off from the store: fenced, its gateways
+        // go to b at once.
+        let t1 = t0 + Duration::from_secs(4);
+        brokers[1].handle_renewed(t1, ttl);
+        assert!(!brokers[0].poll(t0 + ttl).is_empty());
+        answer_ping(&mut gw, 0, &brokers[0], t0 + ttl);
+        answer_ping(&mut gw, 1, &brokers[1], t0 + ttl);
+        assert_eq!(gw.target(), 1);
+        assert!(!gw.is_up(0));
+        // a reaches the store again: it pongs, the gateway counts it up
+        // (traffic stays on b until b goes, no flapping).
+        let t2 = t0 + Duration::from_secs(8);
+        brokers[0].handle_granted(t2, ttl);
+        answer_ping(&mut gw, 0, &brokers[0], t2);
+        assert!(gw.is_up(0));
+        assert_eq!(gw.target(), 1);
+        // Now the store is down for both: both fenced, both say leaving;
+        // the gateway has nowhere better to go and stays.
+        assert!(!brokers[1].poll(t2 + ttl * 2).is_empty());
+        answer_ping(&mut gw, 1, &brokers[1], t2 + ttl * 2);
+        assert_eq!(gw.target(), 0, "a is up and not fenced yet");
+        assert!(!brokers[0].poll(t2 + ttl * 2).is_empty());
+        answer_ping(&mut gw, 0, &brokers[0], t2 + ttl * 2);
+        assert_eq!(gw.target(), 0, "every broker fenced: the traffic stays");
+    }
+
+    #[test]
+    fn the_others_are_silent_only_when_every_one_is_down() {
+        assert_eq!(Peers::from_down([]), Peers::Unknown);
+        assert_eq!(Peers::from_down([true, true]), Peers::Silent);
+        assert_eq!(Peers::from_down([true, false]), Peers::Heard);
+        assert_eq!(Peers::from_down([false]), Peers::Heard);
+    }
+
+    #[test]
+    fn a_site_that_left_while_the_store_is_down_for_every_broker_comes_back_here() {
+        // The store is down for all: the move was refused everywhere, and
+        // the agent of s1 then died (its session here ended). The others
+        // still talk to this broker over the link: their views are frozen
+        // too and route s1 here, so it is served again on its return.
+        let mut f = fenced_with_two_sites();
+        f.handle_released(&site("s1"));
+        assert_eq!(f.readmit_offline(&site("s1"), Peers::Heard), Readmit::Held);
+        // Alone (or without a link), nothing says the others moved on.
+        assert_eq!(
+            f.readmit_offline(&site("s1"), Peers::Unknown),
+            Readmit::Held
+        );
+    }
+
+    #[test]
+    fn gateways_are_told_to_leave_while_fenced_and_not_after_a_new_lease() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new("a".into());
+        assert!(!f.gateways_leave(), "no lease yet: nothing to leave");
+        f.handle_granted(t0, Duration::from_secs(5));
+        assert!(!f.gateways_leave());
+        assert!(!f.poll(t0 + Duration::from_secs(5)).is_empty());
+        assert!(f.gateways_leave(), "fenced");
+        // A late renewal of the lost lease changes nothing.
+        f.handle_renewed(t0 + Duration::from_secs(4), Duration::from_secs(5));
+        assert!(f.gateways_leave());
+        f.handle_granted(t0 + Duration::from_secs(9), Duration::from_secs(5));
+        assert!(!f.gateways_leave(), "held again: pongs resume");
     }
 
     #[test]
