@@ -340,3 +340,44 @@ async fn a_lease_renewal_without_an_answer_counts_as_an_etcd_error() {
     .expect("test finished in time");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_series_of_a_broker_that_left_the_fleet_are_gone_from_the_others_metrics() {
+    let Some(server) = start_server().await else {
+        return;
+    };
+    let extra = server.broker_toml("/tether/series/");
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let one = TestBroker::start(&extra).await;
+        let mut two = TestBroker::start(&extra).await;
+        let two_id = two.broker().fleet().unwrap().id().unwrap();
+        let series = format!("tether_broker_fleet_sessions{{broker=\"{two_id}\"}}");
+        let started = Instant::now();
+        while !one.scrape().await.contains(&series) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "broker one never showed broker two's sessions"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Broker two leaves (ids are random per start: it never returns).
+        two.running.take().unwrap().shutdown().await;
+        let fleet = one.broker().fleet().unwrap().clone();
+        let started = Instant::now();
+        while fleet
+            .snapshot()
+            .is_some_and(|f| f.members().contains_key(&two_id))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "broker two never left"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let text = one.scrape().await;
+        assert!(!text.contains(&two_id), "{text}");
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
