@@ -75,7 +75,13 @@ impl From<BrokerError> for AdminError {
             }
             BrokerError::Revoked(_) => StatusCode::FORBIDDEN,
             BrokerError::Ipam(_) | BrokerError::Contention => StatusCode::SERVICE_UNAVAILABLE,
-            BrokerError::Store(_) | BrokerError::Pki(_) => {
+            BrokerError::Store(_) => {
+                // The store did not answer or failed (etcd down, cut off):
+                // the caller may try again, and the store's words say why.
+                tracing::warn!(error = %e, "admin request failed: the store failed");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            BrokerError::Pki(_) => {
                 // Internal details go to the log, not to the caller.
                 tracing::error!(error = %e, "admin request failed");
                 return AdminError::new(
@@ -226,8 +232,14 @@ async fn metrics(State(broker): State<Arc<Broker>>, headers: axum::http::HeaderM
             .into_response();
         }
     }
-    broker.metrics().refresh(&broker.traffic());
+    let traffic = broker.traffic();
+    broker.metrics().refresh(&traffic);
     let mut text = crate::metrics::recorder().render();
+    let fleet = broker.fleet().and_then(|f| f.snapshot());
+    text.push_str(&crate::metrics::fleet_text(
+        &traffic.brokers,
+        fleet.as_ref(),
+    ));
     text.push_str(&crate::metrics::trust_text(
         &broker.ca.trust(),
         std::time::SystemTime::now(),

@@ -155,10 +155,11 @@ async fn site_events(
             format!("no site {site} (create it with an enrollment token)"),
         ));
     };
+    let events = broker.site_events_view(&site, &timeline, MAX_EVENTS);
     Ok(Json(SiteEvents {
         site,
         region,
-        events: timeline.newest(MAX_EVENTS),
+        events,
     }))
 }
 

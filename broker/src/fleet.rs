@@ -588,15 +588,20 @@ impl Task {
                     // with it, which only makes the lease's end earlier.
                     if asked.front().is_some_and(|at| at.elapsed() >= RENEWAL_ANSWER) {
                         tracing::info!(broker = %self.me, "fleet: no answer to a lease renewal; renewing on another etcd member");
+                        // Their answers are given up: failed renewals.
+                        for at in asked.drain(..) {
+                            crate::metrics::etcd_request("lease renewal", at.elapsed(), true);
+                        }
                         (keeper, alive) = self
                             .bounded("lease keep-alive", c.lease_keep_alive(joined.lease))
                             .await?;
-                        asked.clear();
                     }
                     // A bounded queue: renewals unanswered for a whole
                     // time to live fence the broker above anyway.
-                    if asked.len() >= 16 {
-                        asked.pop_front();
+                    if asked.len() >= 16
+                        && let Some(at) = asked.pop_front()
+                    {
+                        crate::metrics::etcd_request("lease renewal", at.elapsed(), true);
                     }
                     asked.push_back(Instant::now());
                     keeper.keep_alive().await.map_err(|e| self.error("lease keep-alive", e))?;
@@ -610,6 +615,9 @@ impl Task {
                         }
                     }
                     Ok(Some(_)) => {
+                        if let Some(at) = asked.pop_front() {
+                            crate::metrics::etcd_request("lease renewal", at.elapsed(), true);
+                        }
                         let decisions = self.with_fleet(|f| f.handle_lease_lost(Instant::now()));
                         self.decide(decisions);
                         return Err(self.error("lease keep-alive", "the lease expired"));

@@ -99,7 +99,7 @@ fn describe() {
     describe_counter!(
         "tether_broker_site_problems_total",
         Unit::Count,
-        "Problems sites reported for their timelines, by outcome: stored, dropped (beyond the site's budget), refused (malformed or oversized reports)."
+        "Problems sites reported for their timelines, by outcome: stored, repeated (a kind stored lately, kept in memory, not stored), dropped (beyond the site's budget), refused (malformed or oversized reports)."
     );
     describe_counter!(
         "tether_broker_packets_total",
@@ -227,16 +227,6 @@ fn describe() {
         "Re-attestations of sites whose certificate expired, by result (accepted, or the refusal's reason)."
     );
     describe_counter!(
-        "tether_broker_relayed_packets_total",
-        Unit::Count,
-        "IP packets relayed over the broker-to-broker link, by peer broker and direction (to_broker, from_broker)."
-    );
-    describe_counter!(
-        "tether_broker_relayed_bytes_total",
-        Unit::Bytes,
-        "Bytes of IP packets relayed over the broker-to-broker link, by peer broker and direction."
-    );
-    describe_counter!(
         "tether_broker_peer_refused_total",
         Unit::Count,
         "Datagrams on the broker-to-broker link refused, by reason (unknown_peer: no live broker's key; invalid)."
@@ -245,11 +235,6 @@ fn describe() {
         "tether_broker_fleet_brokers_alive",
         Unit::Count,
         "Live brokers of the fleet (this one included), as the shared store says."
-    );
-    describe_gauge!(
-        "tether_broker_fleet_sessions",
-        Unit::Count,
-        "Site sessions each live broker of the fleet holds, as the shared store says."
     );
 }
 
@@ -451,17 +436,6 @@ impl Metrics {
             counter!("tether_broker_gateway_bytes_total", "gateway" => peer.id.clone(), "direction" => "to_gateway")
                 .absolute(peer.tx_bytes);
         }
-        for broker in &t.brokers {
-            for (direction, (packets, bytes)) in [
-                ("from_broker", broker.from_broker),
-                ("to_broker", broker.to_broker),
-            ] {
-                counter!("tether_broker_relayed_packets_total", "broker" => broker.id.clone(), "direction" => direction)
-                    .absolute(packets);
-                counter!("tether_broker_relayed_bytes_total", "broker" => broker.id.clone(), "direction" => direction)
-                    .absolute(bytes);
-            }
-        }
         for site in &t.sites {
             let (name, region) = (site.site.clone(), site.region.clone());
             for (direction, (packets, bytes)) in
@@ -537,8 +511,8 @@ pub fn site_event_dropped() {
     counter!("tether_broker_site_events_dropped_total").increment(1);
 }
 
-/// Counts problems sites reported, by outcome (`stored`, `dropped`
-/// beyond the site's budget, `refused` reports).
+/// Counts problems sites reported, by outcome (`stored`, `repeated` and
+/// kept in memory, `dropped` beyond the site's budget, `refused` reports).
 pub fn site_problems(outcome: &'static str, n: usize) {
     if n > 0 {
         counter!("tether_broker_site_problems_total", "outcome" => outcome)
@@ -690,6 +664,67 @@ pub fn lease_reads_text(allocation: u64, notice: u64) -> String {
     )
 }
 
+/// The series labelled with another broker's id, as Prometheus text:
+/// `tether_broker_relayed_packets_total` and
+/// `tether_broker_relayed_bytes_total` of each peer of the link
+/// (`brokers`), and `tether_broker_fleet_sessions` of each live broker of
+/// the fleet (`fleet`, absent without a shared store). Rendered at each
+/// scrape from the present peers and members, so a broker that left the
+/// fleet (ids are random per start) leaves no series behind.
+pub fn fleet_text(brokers: &[BrokerTraffic], fleet: Option<&tether_proto::fleet::Fleet>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if !brokers.is_empty() {
+        for (name, help, bytes) in [
+            (
+                "tether_broker_relayed_packets_total",
+                "IP packets relayed over the broker-to-broker link, by peer broker and direction (to_broker, from_broker).",
+                false,
+            ),
+            (
+                "tether_broker_relayed_bytes_total",
+                "Bytes of IP packets relayed over the broker-to-broker link, by peer broker and direction.",
+                true,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for b in brokers {
+                for (direction, (packets, octets)) in
+                    [("from_broker", b.from_broker), ("to_broker", b.to_broker)]
+                {
+                    let value = if bytes { octets } else { packets };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{broker=\"{}\",direction=\"{direction}\"}} {value}",
+                        label(&b.id)
+                    );
+                }
+            }
+        }
+    }
+    if let Some(fleet) = fleet {
+        let mut sessions: BTreeMap<&str, u64> =
+            fleet.members().keys().map(|id| (id.as_str(), 0)).collect();
+        for (_, owner) in fleet.owners() {
+            if let Some(n) = sessions.get_mut(owner.broker.as_str()) {
+                *n += 1;
+            }
+        }
+        out.push_str(
+            "# HELP tether_broker_fleet_sessions Site sessions each live broker of the fleet holds, as the shared store says.\n\
+             # TYPE tether_broker_fleet_sessions gauge\n",
+        );
+        for (id, n) in sessions {
+            let _ = writeln!(
+                out,
+                "tether_broker_fleet_sessions{{broker=\"{}\"}} {n}",
+                label(id)
+            );
+        }
+    }
+    out
+}
+
 /// The windows of `tether_broker_site_certificates_expiring`: label and
 /// seconds.
 pub const SITE_CERT_WINDOWS: [(&str, u64); 3] = [("1h", 3_600), ("6h", 21_600), ("24h", 86_400)];
@@ -756,6 +791,58 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tether_pki::rotation::Phase;
+
+    #[test]
+    fn the_series_of_a_broker_that_left_the_fleet_are_gone() {
+        use tether_proto::fleet::{Fleet, Member};
+        let member = |endpoint: &str| Member {
+            endpoints: vec![endpoint.into()],
+            regions: std::collections::BTreeSet::new(),
+            forward: None,
+            link_key: None,
+            gateways: Vec::new(),
+            link_keepalive_ms: None,
+        };
+        let mut fleet = Fleet::new("me".into());
+        fleet.handle_member("me".into(), member("10.0.0.1:443"), 1);
+        fleet.handle_member("gone-7f3a".into(), member("10.0.0.2:443"), 2);
+        fleet.handle_owner("ward-1".parse().unwrap(), "gone-7f3a".into(), 3);
+        let peer = |id: &str| BrokerTraffic {
+            id: id.into(),
+            from_broker: (3, 300),
+            to_broker: (4, 400),
+        };
+        // Counted through the broker's usual refresh, then rendered.
+        let metrics = Metrics::register();
+        let traffic = |brokers| Traffic {
+            from_sites: (0, 0),
+            to_sites: (0, 0),
+            from_gateways: 0,
+            to_gateways: 0,
+            peers: Vec::new(),
+            brokers,
+            sites: Vec::new(),
+        };
+        let before = traffic(vec![peer("gone-7f3a")]);
+        metrics.refresh(&before);
+        let text = fleet_text(&before.brokers, Some(&fleet));
+        for line in [
+            r#"tether_broker_relayed_packets_total{broker="gone-7f3a",direction="from_broker"} 3"#,
+            r#"tether_broker_relayed_bytes_total{broker="gone-7f3a",direction="to_broker"} 400"#,
+            r#"tether_broker_fleet_sessions{broker="gone-7f3a"} 1"#,
+            r#"tether_broker_fleet_sessions{broker="me"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // The broker leaves: no series names it any more, neither here nor
+        // in the recorder's output.
+        fleet.handle_member_gone("gone-7f3a");
+        let after = traffic(Vec::new());
+        metrics.refresh(&after);
+        let text = fleet_text(&after.brokers, Some(&fleet)) + &recorder().render();
+        assert!(!text.contains("gone-7f3a"), "{text}");
+        assert!(text.contains(r#"tether_broker_fleet_sessions{broker="me"} 0"#));
+    }
 
     #[test]
     fn the_expiring_site_certificates_are_one_series_per_window() {

@@ -3,10 +3,9 @@
 //! peers become the live brokers that announce a link
 //! ([`crate::link::Link::set_peers`]), and the core learns which sites and
 //! gateways they hold ([`tether_proto::peering::PeerView`], turned into
-//! routes by the core with the leases it caches). The fleet's gauges are
-//! set here too.
+//! routes by the core with the leases it caches). The gauge of live
+//! brokers is set here too.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tether_proto::fleet::{Fleet, MemberGateway};
@@ -38,7 +37,6 @@ pub fn announced_gateways(config: &tether_config::broker::BrokerConfig) -> Vec<M
 pub fn follow(fleet: Arc<FleetHandle>, link: Arc<Link>, core: Arc<CoreCell>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut changes = fleet.view_changes();
-        let mut counted: BTreeMap<String, ()> = BTreeMap::new();
         loop {
             if let Some(snapshot) = fleet.snapshot() {
                 link.set_peers(&snapshot);
@@ -47,7 +45,7 @@ pub fn follow(fleet: Arc<FleetHandle>, link: Arc<Link>, core: Arc<CoreCell>) -> 
                 if core.decide(|c| c.handle_peers(view, mtu)).is_err() {
                     return;
                 }
-                gauges(&snapshot, &mut counted);
+                gauges(&snapshot);
             }
             if changes.changed().await.is_err() {
                 return;
@@ -56,25 +54,9 @@ pub fn follow(fleet: Arc<FleetHandle>, link: Arc<Link>, core: Arc<CoreCell>) -> 
     })
 }
 
-/// Sets the fleet's gauges; `counted` remembers which brokers have a
-/// sessions gauge, so a broker that left is set to zero.
-fn gauges(fleet: &Fleet, counted: &mut BTreeMap<String, ()>) {
+/// Sets the fleet's gauge of live brokers. The sessions of each broker
+/// are rendered at each scrape ([`crate::metrics::fleet_text`]), so that a
+/// broker that left leaves no series behind.
+fn gauges(fleet: &Fleet) {
     metrics::gauge!("tether_broker_fleet_brokers_alive").set(fleet.members().len() as f64);
-    let mut sessions: BTreeMap<String, u64> =
-        fleet.members().keys().map(|id| (id.clone(), 0)).collect();
-    for (_, owner) in fleet.owners() {
-        if let Some(n) = sessions.get_mut(&owner.broker) {
-            *n += 1;
-        }
-    }
-    for id in counted.keys() {
-        if !sessions.contains_key(id) {
-            metrics::gauge!("tether_broker_fleet_sessions", "broker" => id.clone()).set(0.0);
-        }
-    }
-    counted.clear();
-    for (id, n) in sessions {
-        metrics::gauge!("tether_broker_fleet_sessions", "broker" => id.clone()).set(n as f64);
-        counted.insert(id, ());
-    }
 }

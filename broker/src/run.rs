@@ -225,35 +225,11 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
 
     // The store's notices: revocations, re-admissions and allocations made
     // by other brokers sharing the store (and echoes of this one's own,
-    // which change nothing).
-    {
-        let broker = broker.clone();
-        let mut events = broker.store.watch();
-        tasks.push(tokio::spawn(async move {
-            use tokio::sync::broadcast::error::RecvError;
-            loop {
-                let event = match events.recv().await {
-                    Ok(event) => Some(event),
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "store notices lost; reading the store again");
-                        None
-                    }
-                    Err(RecvError::Closed) => return,
-                };
-                let broker = broker.clone();
-                let applied = tokio::task::spawn_blocking(move || match event {
-                    Some(event) => broker.on_store_event(event),
-                    None => broker.resync_from_store(),
-                })
-                .await;
-                match applied {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot apply a store notice"),
-                    Err(e) => tracing::error!(error = %e, "store notice task failed"),
-                }
-            }
-        }));
-    }
+    // which change nothing). One that cannot be applied, or notices that
+    // were lost, lead to a full read of the store, retried until it works.
+    tasks.push(tokio::spawn(
+        broker.clone().follow_store(broker.store.watch()),
+    ));
 
     // The broker core's one timer: certificate expiry of live sessions.
     {

@@ -28,7 +28,7 @@ use tether_proto::gateway::SiteRoute;
 use tether_proto::ids::{GatewayId, RegionId, SiteId};
 use tether_proto::ipam::LeaseKind;
 use tether_proto::netmap::Mapping;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::core_cell::CoreCell;
 use crate::counters::{SiteTotals, Totals};
@@ -93,7 +93,15 @@ pub struct Broker {
     events: EventLog,
     /// How many more problems each site may report now.
     report_budgets: Mutex<HashMap<SiteId, tether_proto::report::ReportBudget>>,
+    /// The problems each site reported lately, stored or not.
+    site_reports: crate::site_report::ReportMemory,
 }
+
+/// The first wait before the store is read again after a failed read of
+/// missed notices ([`Broker::follow_store`]).
+pub const RESYNC_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest wait between two such reads.
+pub const RESYNC_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The core's name for a revocation entry.
 fn revocation(entry: &Revoked) -> Revocation {
@@ -202,6 +210,7 @@ impl Broker {
             moves: watch::channel(0).0,
             events,
             report_budgets: Mutex::new(HashMap::new()),
+            site_reports: crate::site_report::ReportMemory::default(),
         }))
     }
 
@@ -277,6 +286,34 @@ impl Broker {
             .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
             .unwrap_or_else(|| "broker".into());
         self.events.record(site, name, kind);
+    }
+
+    /// The problems each site reported lately: what was stored, and the
+    /// repeats kept in memory instead.
+    pub fn site_reports(&self) -> &crate::site_report::ReportMemory {
+        &self.site_reports
+    }
+
+    /// A site's events as operators see them at this broker: the newest
+    /// `n` stored ones, then the problems it reported since that were kept
+    /// in memory, not stored.
+    pub fn site_events_view(
+        &self,
+        site: &SiteId,
+        timeline: &tether_proto::events::Timeline,
+        n: usize,
+    ) -> Vec<tether_proto::events::SiteEvent> {
+        let name = self
+            .enroll_endpoints()
+            .into_iter()
+            .next()
+            .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
+            .unwrap_or_else(|| "broker".into());
+        let mut events = timeline.newest(n);
+        events.extend(self.site_reports.unstored(site, &name));
+        let skip = events.len().saturating_sub(n);
+        events.drain(..skip);
+        events
     }
 
     /// How many of `wanted` problems `site` may have stored now
@@ -936,6 +973,87 @@ impl Broker {
                 }
                 Ok(())
             }
+            StoreEvent::Lost => self.resync_from_store(),
+        }
+    }
+
+    /// Applies the store's notices (`events`, from [`Store::watch`]) until
+    /// the store closes the channel. A notice that cannot be applied (the
+    /// store did not answer the read that checks it), notices lost because
+    /// this receiver lagged, and changes the store's watch missed
+    /// ([`StoreEvent::Lost`]) all lead to a full read of the store
+    /// ([`resync_from_store`](Self::resync_from_store)), retried with a
+    /// backoff ([`RESYNC_RETRY_FIRST`] doubling to [`RESYNC_RETRY_MAX`])
+    /// until it succeeds: no revocation is dropped because etcd failed
+    /// once. Sites whose timeline could not be read again are read after
+    /// the store's read succeeded.
+    pub async fn follow_store(self: Arc<Self>, mut events: broadcast::Receiver<StoreEvent>) {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut owed = false;
+        let mut timelines: std::collections::BTreeSet<SiteId> = std::collections::BTreeSet::new();
+        let mut retry = RESYNC_RETRY_FIRST;
+        loop {
+            if owed {
+                let broker = self.clone();
+                let sites = timelines.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    broker.resync_from_store()?;
+                    for site in &sites {
+                        broker.events.refresh(site)?;
+                    }
+                    Ok::<_, BrokerError>(())
+                })
+                .await;
+                match read {
+                    Ok(Ok(())) => {
+                        tracing::info!("the store was read again; its missed notices are applied");
+                        owed = false;
+                        timelines.clear();
+                        retry = RESYNC_RETRY_FIRST;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, retry_in = ?retry, "cannot read the store again after missed notices; retrying");
+                        // Notices arriving meanwhile are read after the
+                        // wait (a lag only means another full read).
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(RESYNC_RETRY_MAX);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store re-read task failed");
+                        tokio::time::sleep(retry).await;
+                        continue;
+                    }
+                }
+            }
+            let event = match events.recv().await {
+                Ok(event) => event,
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "store notices lost; reading the store again");
+                    owed = true;
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if event == StoreEvent::Lost {
+                tracing::warn!("the store's watch missed changes; reading the store again");
+                owed = true;
+                continue;
+            }
+            let broker = self.clone();
+            let notice = event.clone();
+            let applied = tokio::task::spawn_blocking(move || broker.on_store_event(notice)).await;
+            let failed = match applied {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(error = %failed, "cannot apply a store notice; reading the store again");
+            owed = true;
+            if let StoreEvent::Events(site) = event {
+                // Bounded by the sites of the deployment.
+                timelines.insert(site);
+            }
         }
     }
 
@@ -969,8 +1087,9 @@ impl Broker {
     }
 
     /// Reads everything the store's notices would have said, after notices
-    /// were lost (the receiver lagged): every revocation (read once), every
-    /// region's leases. Blocking.
+    /// were lost (the receiver lagged, the store's watch missed changes, a
+    /// notice could not be applied): every revocation (read once), every
+    /// region's leases, the CA state; the mesh zone is rebuilt. Blocking.
     pub fn resync_from_store(&self) -> Result<(), BrokerError> {
         let stored = self.store.revocations()?;
         for entry in self.revocations.entries() {
@@ -981,6 +1100,12 @@ impl Broker {
         }
         for region in self.config.regions.keys() {
             self.on_store_event(StoreEvent::Leases(region.clone()))?;
+        }
+        // Site records (the mesh zone) and the CA state may have changed
+        // too.
+        self.names_changed();
+        if let Err(e) = self.ca.reload() {
+            tracing::error!(error = %e, "cannot apply the CA state read again; the previous one stays in use");
         }
         Ok(())
     }

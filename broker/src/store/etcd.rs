@@ -56,7 +56,10 @@
 //! or delete of a revocation key [`StoreEvent::Revoked`] or
 //! [`StoreEvent::Reinstated`], a put of a timeline [`StoreEvent::Events`]. Changes made through this store arrive the
 //! same way as changes made by other brokers (once each, in etcd's order).
-//! A broken watch is resumed from the next unseen revision.
+//! A broken watch is resumed from the next unseen revision; when that
+//! revision was compacted away meanwhile, the changes in between are lost
+//! and the watch sends [`StoreEvent::Lost`] (watchers read the store
+//! again) before it resumes at the compaction's revision.
 //!
 //! # Synchronous calls from async code
 //!
@@ -377,11 +380,15 @@ impl EtcdStore {
                             Ok(Some(response)) => {
                                 if response.canceled() {
                                     if response.compact_revision() > 0 {
+                                        // The changes between `next` and the
+                                        // compaction are gone: watchers
+                                        // read the store again.
                                         tracing::warn!(
-                                            "etcd at {endpoints}: watch fell behind compaction; resuming at revision {}",
+                                            "etcd at {endpoints}: watch fell behind compaction; changes were missed, the store is read again; resuming at revision {}",
                                             response.compact_revision()
                                         );
                                         next = response.compact_revision();
+                                        let _ = events.send(StoreEvent::Lost);
                                     }
                                     break;
                                 }

@@ -282,6 +282,202 @@ impl EtcdServer {
     }
 }
 
+impl EtcdServer {
+    /// Compacts etcd's history up to its present revision (physically):
+    /// a watch that resumes at an older revision is told it was
+    /// compacted. Returns that revision.
+    pub fn compact(&self) -> i64 {
+        assert!(self.tls.is_none(), "compact() talks plain HTTP");
+        let url = self.client_url.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut client = etcd_client::Client::connect([url], None).await.unwrap();
+            let revision = client
+                .get("/", None)
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision();
+            client
+                .compact(
+                    revision,
+                    Some(etcd_client::CompactionOptions::new().with_physical()),
+                )
+                .await
+                .unwrap();
+            revision
+        })
+    }
+
+    /// etcd's present revision (one more for every write).
+    pub fn revision(&self) -> i64 {
+        assert!(self.tls.is_none(), "revision() talks plain HTTP");
+        let url = self.client_url.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut client = etcd_client::Client::connect([url], None).await.unwrap();
+            client
+                .get("/", None)
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision()
+        })
+    }
+}
+
+/// A TCP relay on loopback between the clients that dial it and an etcd
+/// server (plain HTTP), which a test can cut (close every connection
+/// and refuse new ones until [`Gate::reopen`]) or hold (stop passing the
+/// clients' bytes on to etcd, while etcd's still reach the clients:
+/// requests get no answer, a watch still delivers its events). Its
+/// threads end when it is dropped.
+pub struct Gate {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    cut: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl GateState {
+    fn close_all(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Gate {
+    /// A relay to `server`.
+    pub fn new(server: &EtcdServer) -> Gate {
+        use std::sync::atomic::Ordering;
+        let target = server
+            .client_url
+            .strip_prefix("http://")
+            .expect("a gate relays plain HTTP")
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = std::sync::Arc::new(GateState::default());
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if shared.cut.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                {
+                    let mut conns = shared.conns.lock().unwrap();
+                    conns.push(client.try_clone().unwrap());
+                    conns.push(upstream.try_clone().unwrap());
+                }
+                let relay = |mut from: std::net::TcpStream,
+                             mut to: std::net::TcpStream,
+                             holdable: bool,
+                             state: std::sync::Arc<GateState>| {
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while holdable
+                                && state.held.load(Ordering::SeqCst)
+                                && !state.stop.load(Ordering::SeqCst)
+                            {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                relay(
+                    client.try_clone().unwrap(),
+                    upstream.try_clone().unwrap(),
+                    true,
+                    shared.clone(),
+                );
+                relay(upstream, client, false, shared.clone());
+            }
+        });
+        Gate { addr, state }
+    }
+
+    /// The URL clients dial.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every connection through the gate and refuses new ones.
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.close_all();
+    }
+
+    /// Lets connections through again after [`Gate::cut`].
+    pub fn reopen(&self) {
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops passing the clients' bytes on to etcd (kept, not lost).
+    pub fn hold(&self) {
+        self.state
+            .held
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Passes the clients' bytes held since [`Gate::hold`], and the next.
+    pub fn release(&self) {
+        self.state
+            .held
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.close_all();
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
 enum Ready {
     Yes,
     Exited,

@@ -729,6 +729,44 @@ fn the_watch_resumes_after_etcd_restarts() {
 }
 
 #[test]
+fn a_watch_that_resumes_past_compacted_history_says_changes_were_lost() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let gate = super::etcd_server::Gate::new(&server);
+        let a = open_store(&server, "/t/");
+        let mut config = server.config("/t/");
+        config.endpoints = vec![gate.url()];
+        let b = EtcdStore::open(&config).unwrap();
+        let mut seen_by_b = b.watch();
+        let first = Revoked::Serial(vec![1]);
+        a.revoke(&first).unwrap();
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Revoked(first));
+        // B's watch is away while a revocation is made and etcd compacts
+        // its history past it.
+        gate.cut();
+        // (etcd keeps the revision it compacts at: a later write makes
+        // the revocation's revision one it no longer has.)
+        let second = Revoked::Serial(vec![2]);
+        a.revoke(&second).unwrap();
+        let third = Revoked::Serial(vec![3]);
+        a.revoke(&third).unwrap();
+        server.compact();
+        gate.reopen();
+        // The revocation's own notice is gone with the history: B is told
+        // that changes were lost, so that its broker reads the store again.
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Lost);
+        assert!(b.revocations().unwrap().contains(&second));
+        // And the watch goes on from the compaction's revision.
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Revoked(third));
+        let fourth = Revoked::Serial(vec![4]);
+        a.revoke(&fourth).unwrap();
+        assert_eq!(next_event(&mut seen_by_b), StoreEvent::Revoked(fourth));
+    });
+}
+
+#[test]
 fn a_failed_open_inside_a_runtime_is_an_error_not_a_panic() {
     // Needs no etcd: TLS with a plaintext URL (which configuration
     // validation refuses) makes the client's connect fail after the store's

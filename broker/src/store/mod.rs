@@ -109,6 +109,10 @@ pub enum StoreEvent {
     Events(SiteId),
     /// The CA state (rotation phase, trust bundle) changed.
     Ca,
+    /// Changes were missed (the store's history since the last one seen
+    /// was compacted away): watchers must read the store again
+    /// (`Broker::resync_from_store`).
+    Lost,
 }
 
 /// The broker's state store.
