@@ -785,6 +785,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "{origin} does not use etcd: set [store] backend = \"etcd\" and [store.etcd] endpoints"
                 );
             };
+            if from.is_dir() {
+                anyhow::bail!(
+                    "{} is a directory: name the store file in it, {}",
+                    from.display(),
+                    from.join(tether_broker::store::EMBEDDED_FILE).display()
+                );
+            }
             if !from.is_file() {
                 anyhow::bail!("{} does not exist or is not a file", from.display());
             }

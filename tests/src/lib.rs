@@ -1,13 +1,15 @@
 //! Cross-crate tests without privileges: simulations and loopback
 //! integration tests. The tests live in `tests/`; this library holds what
-//! they share: a compare-and-set store for simulations, and a real broker
+//! they share: a compare-and-set store for simulations, a real broker
 //! on loopback with sites driven through the client library (no TUN device
-//! needed).
+//! needed), and the real `tether-broker` binary run as an operator runs it
+//! ([`real_broker`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod child_broker;
 pub mod fleet_sim;
+pub mod real_broker;
 pub mod sim;
 
 use std::net::SocketAddr;

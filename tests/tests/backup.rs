@@ -9,20 +9,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tether::state_dir::StateDir;
 use tether_broker::backup::{Backup, BackupError};
 use tether_broker::store::{CertRecord, SiteRecord};
-use tether_proto::api::{SiteInfo, TokenRequest, TokenResponse};
 use tether_proto::ipam::Lease;
-use tether_tests::{TestBroker, TestSite, Tunnel, binary, connect_trusting, tunnel_for, v4};
+use tether_tests::real_broker::{RealBroker, cli, tunnel_at, write_config};
+use tether_tests::{TestBroker, TestSite, tunnel_for, v4};
 
 /// A backup through the admin API, as `tether-broker backup` takes it.
 async fn take(broker: &TestBroker) -> Vec<u8> {
@@ -128,214 +124,11 @@ async fn a_truncated_or_altered_backup_is_refused_with_the_reason() {
     assert!(!dir.path().join("a").join("store.redb").exists());
 }
 
-/// `tether-broker run` in a child process, killed when dropped.
-struct RealBroker {
-    child: Child,
-    tunnel: SocketAddr,
-    admin: SocketAddr,
-    data: PathBuf,
-}
-
-/// A loopback broker configuration with the data directory `data`.
-fn write_config(dir: &Path, data: &Path) -> PathBuf {
-    let path = dir.join("broker.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// The address in a banner line `  <label>  <address> (...)`.
-fn banner_addr(banner: &str, label: &str) -> SocketAddr {
-    let line = banner
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(label))
-        .unwrap_or_else(|| panic!("no {label:?} in the banner:\n{banner}"));
-    let word = line.split_whitespace().next().unwrap();
-    word.trim_start_matches("http://").parse().unwrap()
-}
-
-impl RealBroker {
-    /// Runs `tether-broker run -c config` until its banner says it serves;
-    /// `Err` with what it printed if it stopped first.
-    fn start(config: &Path, data: &Path) -> Result<Self, String> {
-        let mut child = Command::new(binary("tether-broker"))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Both pipes are read by threads, so the broker never blocks on a
-        // full pipe and every wait here is bounded.
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
-        let errors = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = errors.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut banner = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    banner.push_str(&line);
-                    banner.push('\n');
-                    if line.contains("tether up") {
-                        break;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait().unwrap();
-                    // The stderr thread ends with the process.
-                    std::thread::sleep(Duration::from_millis(100));
-                    let errors = errors.lock().unwrap().clone();
-                    return Err(format!("{status}: {banner}{errors}"));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    panic!("tether-broker did not serve within 60 s:\n{banner}");
-                }
-            }
-        }
-        Ok(Self {
-            tunnel: banner_addr(&banner, "tunnel"),
-            admin: banner_addr(&banner, "admin API"),
-            data: data.to_path_buf(),
-            child,
-        })
-    }
-
-    fn client(&self) -> tether_shell::operator::AdminClient {
-        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
-        tether_shell::operator::AdminClient::new(&format!("http://{}", self.admin), token.trim())
-    }
-
-    /// An enrollment code for `site` of region `local`.
-    fn token(&self, site: &str) -> String {
-        let created: TokenResponse = self
-            .client()
-            .post(
-                "/v1/tokens",
-                &TokenRequest {
-                    site: site.parse().unwrap(),
-                    region: "local".parse().unwrap(),
-                    ttl: None,
-                },
-            )
-            .unwrap();
-        created.code
-    }
-
-    /// Every site's addresses, as `GET /v1/sites` says.
-    fn addresses(&self) -> BTreeMap<String, Vec<ipnet::IpNet>> {
-        let sites: Vec<SiteInfo> = self.client().get("/v1/sites").unwrap();
-        sites
-            .into_iter()
-            .map(|s| (s.site.to_string(), s.addresses))
-            .collect()
-    }
-
-    /// Runs `tether-broker ARGS` against this broker (its admin address
-    /// in `TETHER_ADMIN_URL`): success, and what it printed.
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        cli(args, Some(self.admin))
-    }
-
-    /// SIGTERM, and the exit.
-    fn stop(mut self) {
-        let term = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(term.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the broker did not stop in 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for RealBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `tether-broker ARGS` (bounded to 30 s): success, stdout + stderr.
-fn cli(args: &[&str], admin: Option<SocketAddr>) -> (bool, String) {
-    let mut command = Command::new(binary("tether-broker"));
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(admin) = admin {
-        command.env("TETHER_ADMIN_URL", format!("http://{admin}"));
-    }
-    let mut child = command.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("tether-broker {args:?} ran for more than 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// A configured tunnel of the site whose state is `state`, at `broker`,
-/// with the certificate and trust bundle it has.
-async fn tunnel_at(broker: SocketAddr, state: &StateDir) -> Tunnel {
-    let c = state.credentials().unwrap();
-    let client = connect_trusting(broker, &c.bundle, Some((c.chain, c.key)))
-        .await
-        .unwrap();
-    let mut t = Tunnel::open(client).await.unwrap();
-    t.configured().await;
-    t
-}
-
 #[tokio::test]
 async fn the_backup_and_restore_commands_bring_back_a_wiped_broker_with_its_sites() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = write_config(dir.path(), &data);
+    let config = write_config(dir.path(), &data, "");
     let broker = RealBroker::start(&config, &data).unwrap();
     let mut sites = Vec::new();
     let mut before = BTreeMap::new();
@@ -480,7 +273,7 @@ async fn backups_taken_while_sites_enroll_hold_every_enrolled_site_complete() {
     const WORKERS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = write_config(dir.path(), &data);
+    let config = write_config(dir.path(), &data, "");
     let broker = Arc::new(RealBroker::start(&config, &data).unwrap());
     let codes: Vec<(String, String)> = (0..SITES)
         .map(|i| {
@@ -633,7 +426,7 @@ async fn backups_taken_while_sites_enroll_hold_every_enrolled_site_complete() {
     std::fs::copy(data.join("ca-kek"), restored.join("ca-kek")).unwrap();
     let other = dir.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    let second = RealBroker::start(&write_config(&other, &restored), &restored).unwrap();
+    let second = RealBroker::start(&write_config(&other, &restored, ""), &restored).unwrap();
     let mut checked = 0;
     for (site, (is_enrolled, ..)) in held {
         if !is_enrolled {

@@ -6,148 +6,10 @@
 //! another enrolls and never connects; the tables and the JSON say so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tether::state_dir::StateDir;
-use tether_proto::api::{TokenRequest, TokenResponse};
-use tether_tests::{Tunnel, binary, connect_trusting};
-
-/// `tether-broker run` on loopback, killed on drop.
-struct RealBroker {
-    child: Child,
-    tunnel: SocketAddr,
-    admin: SocketAddr,
-    token: String,
-}
-
-/// The address in a banner line `  <label>  <address> (...)`.
-fn banner_addr(banner: &str, label: &str) -> SocketAddr {
-    let line = banner
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(label))
-        .unwrap_or_else(|| panic!("no {label:?} in the banner:\n{banner}"));
-    let word = line.split_whitespace().next().unwrap();
-    word.trim_start_matches("http://").parse().unwrap()
-}
-
-impl RealBroker {
-    fn start(dir: &Path) -> Self {
-        let data = dir.join("data");
-        let config = dir.join("broker.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {data:?}\nlisten = [\"127.0.0.1:0\"]\nadvertised = [\"127.0.0.1\"]\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = [\"127.0.0.1:0\"]\n"
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(binary("tether-broker"))
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        // Read by a thread, so that the wait below is bounded.
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut banner = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    banner.push_str(&line);
-                    banner.push('\n');
-                    if line.contains("tether up") {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("tether-broker did not serve ({e}):\n{banner}");
-                }
-            }
-        }
-        let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
-        Self {
-            child,
-            tunnel: banner_addr(&banner, "tunnel"),
-            admin: banner_addr(&banner, "admin API"),
-            token: token.trim().to_string(),
-        }
-    }
-
-    /// An enrollment code for `site` of region `local`, and the site
-    /// enrolled with it into `state`.
-    async fn enroll(&self, site: &str, state: &StateDir) {
-        let client = tether_shell::operator::AdminClient::new(
-            &format!("http://{}", self.admin),
-            &self.token,
-        );
-        let request = TokenRequest {
-            site: site.parse().unwrap(),
-            region: "local".parse().unwrap(),
-            ttl: None,
-        };
-        let created: TokenResponse =
-            tokio::task::spawn_blocking(move || client.post("/v1/tokens", &request).unwrap())
-                .await
-                .unwrap();
-        tether::enroll::enroll(&self.tunnel.to_string(), &created.code, state, false, None)
-            .await
-            .unwrap();
-    }
-
-    /// Runs the real `tether ARGS` against this broker's admin API:
-    /// (success, stdout, stderr), bounded to 30 s.
-    fn tether(&self, args: &[&str]) -> (bool, String, String) {
-        let mut child = Command::new(binary("tether"))
-            .args(args)
-            .env("TETHER_ADMIN_URL", format!("http://{}", self.admin))
-            .env("TETHER_ADMIN_TOKEN", &self.token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("tether {args:?} ran for more than 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-}
-
-impl Drop for RealBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tether_tests::real_broker::{RealBroker, tunnel_at, write_config};
 
 /// `tether events ward-a` once it lists `rows` events, the newest
 /// being `word` (within 10 s).
@@ -175,7 +37,8 @@ fn row<'a>(table: &'a str, site: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn tether_events_and_sites_since_show_a_site_that_connected_and_one_that_never_did() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = RealBroker::start(dir.path());
+    let data = dir.path().join("data");
+    let broker = RealBroker::start(&write_config(dir.path(), &data, ""), &data).unwrap();
 
     // ward-b enrolls and never connects; its only event is older than the
     // window asked below.
@@ -186,15 +49,7 @@ async fn tether_events_and_sites_since_show_a_site_that_connected_and_one_that_n
     // ward-a enrolls, connects, closes its tunnel, connects again.
     let a = StateDir::new(dir.path().join("ward-a"));
     broker.enroll("ward-a", &a).await;
-    let open = || async {
-        let c = a.credentials().unwrap();
-        let client = connect_trusting(broker.tunnel, &c.bundle, Some((c.chain, c.key)))
-            .await
-            .unwrap();
-        let mut t = Tunnel::open(client).await.unwrap();
-        t.configured().await;
-        t
-    };
+    let open = || tunnel_at(broker.tunnel, &a);
     let first = open().await;
     first.client.conn.close(0u32.into(), b"bye");
     drop(first);
