@@ -51,8 +51,11 @@
 # iperf3 (1 stream each way, SECONDS each) between two sites on two brokers,
 # relayed over the broker-to-broker link, next to the same sites on one
 # broker; the failover gap over KILLS (default 20) SIGKILLs of the broker
-# holding a site that the other site probes every 10 ms (each killed broker
-# is started again before the next kill; p50/p99/max and every round);
+# holding a site that the other site probes every 10 ms and that a backend
+# behind a cloud gateway (tether-gateway, registered on the three brokers)
+# pings every 10 ms (each killed broker is started again before the next
+# kill; per round both gaps, the requests lost and whether the site kept
+# its address; p50/p99/max of each);
 # etcd writes per second with N (default 1000) idle tether-loadgen sites
 # connected, over a quiet interval (the revision, etcd's own write counters
 # and every key written); and the time for those sites to be back on the

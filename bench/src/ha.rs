@@ -7,11 +7,16 @@
 //!    `lab-2` on another, relayed over the broker-to-broker link) next to
 //!    the same path on one broker: iperf3, one stream each way.
 //! 2. The failover gap: `lab-2` sends a numbered UDP probe to an echo on
-//!    `lab-1` every 10 ms; the broker holding `lab-1` is killed with
-//!    SIGKILL; the gap is from the kill to the first echo of a probe sent
-//!    after it. The killed broker is started again before the next round,
-//!    which begins when every broker counts three live brokers again and
-//!    `lab-1` has a standby again.
+//!    `lab-1` every 10 ms, and a backend behind a cloud gateway
+//!    (`tether-gateway`, registered on the three brokers:
+//!    `tether_netns_tests::cluster::gateway`) pings `lab-1` every 10 ms;
+//!    the broker holding `lab-1` is killed with SIGKILL. The probe's gap
+//!    is from the kill to the first echo of a probe sent after it; the
+//!    backend's is its longest wait between two replies from the last one
+//!    before the kill on (its outage). `lab-1` must keep its address. The
+//!    killed broker is started again before the next round, which begins
+//!    when every broker counts three live brokers again, the gateway hears
+//!    all three and `lab-1` has a standby again.
 //! 3. etcd writes in steady state: idle load-generator sites connected to
 //!    broker 1; the store's revision and etcd's own write counters over a
 //!    quiet interval, and every key written in it (a watch on the prefix).
@@ -23,6 +28,7 @@
 
 use std::time::{Duration, Instant};
 
+use tether_netns_tests::cluster::gateway::{ClusterGateway, GatewayKeys, replies};
 use tether_netns_tests::cluster::{Cluster, broker_ip};
 use tether_netns_tests::topology::read;
 use tether_netns_tests::{Proc, binary, wait_for};
@@ -47,10 +53,14 @@ pub(crate) struct Options {
 /// Runs the measurements and prints their tables.
 pub(crate) fn run(opts: &Options) {
     let started = Instant::now();
-    // Sites 1 and 2 run the agents; site 3's namespace the load generator.
-    let mut cluster = Cluster::new(3, 3).expect("cannot build the cluster");
+    // Sites 1 and 2 run the agents; site 3's namespace the load generator;
+    // a cloud gateway registered on every broker, its backend behind it.
+    let keys = GatewayKeys::new("gw-1").expect("cannot make the gateway's keys");
+    let mut cluster =
+        Cluster::with_brokers(3, 3, &keys.broker_setup()).expect("cannot build the cluster");
+    let mut gw = keys.attach(&cluster).expect("cannot build the gateway");
     {
-        let mut all = vec![&cluster.core];
+        let mut all = vec![&cluster.core, &gw.node, &gw.backend];
         all.extend(cluster.members.iter().map(|m| &m.ns));
         all.extend(cluster.brokers.iter().map(|b| &b.ns));
         all.extend(cluster.sites.iter().map(|s| &s.ns));
@@ -64,8 +74,10 @@ pub(crate) fn run(opts: &Options) {
         "cluster up in {:.1} s: lab-1 {a1}, lab-2 {a2}",
         started.elapsed().as_secs_f64()
     );
+    gw.start().unwrap();
+    gw.wait_routes(&a1).unwrap();
     throughput(&mut cluster, &a1, opts.duration);
-    failover(&mut cluster, &a1, opts.rounds);
+    failover(&mut cluster, &gw, &a1, opts.rounds);
     if opts.sites > 0 {
         idle_sites(&mut cluster, opts.sites, opts.quiet);
     }
@@ -179,8 +191,48 @@ fn echoes(log: &str) -> impl Iterator<Item = (u64, f64, f64)> + '_ {
     })
 }
 
-/// `rounds` kills of the broker holding `lab-1` while `lab-2` probes it.
-fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
+/// The backend's outage after a kill at `killed_at`, from its `ping -D`
+/// log: the longest wait between two replies from the last one before the
+/// kill to the last one received, and the requests in between that got no
+/// reply.
+fn backend_outage(log: &str, killed_at: f64) -> (f64, usize) {
+    let seen = replies(log);
+    let before = seen.iter().filter(|(t, _)| *t <= killed_at);
+    let (t0, s0) = before
+        .clone()
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .copied()
+        .unwrap_or((killed_at, 0));
+    let after: Vec<(f64, u64)> = seen
+        .iter()
+        .filter(|(t, _)| *t > killed_at)
+        .copied()
+        .collect();
+    let gap = std::iter::once(t0)
+        .chain(after.iter().map(|(t, _)| *t))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max);
+    let last = after.iter().map(|(_, s)| *s).max().unwrap_or(s0);
+    let answered: std::collections::BTreeSet<u64> = after.iter().map(|(_, s)| *s).collect();
+    let lost = (s0 + 1..last).filter(|q| !answered.contains(q)).count();
+    (gap, lost)
+}
+
+/// p50, p99 and max of `gaps` (seconds), in ms.
+fn percentiles(gaps: &mut [f64]) -> Option<(f64, f64, f64)> {
+    if gaps.is_empty() {
+        return None;
+    }
+    gaps.sort_by(f64::total_cmp);
+    let pick = |q: f64| gaps[((gaps.len() as f64 - 1.0) * q).round() as usize] * 1000.0;
+    Some((pick(0.5), pick(0.99), pick(1.0)))
+}
+
+/// `rounds` kills of the broker holding `lab-1` while `lab-2` probes it
+/// and the gateway's backend pings it.
+fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize) {
     let bench = binary("tether-bench").display().to_string();
     let _echo = crate::probe::start_echo(&cluster.sites[0].ns, cluster.path("echo.log"));
     let log = cluster.path("probe.log");
@@ -193,24 +245,46 @@ fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
             Some(log.clone()),
         )
         .unwrap();
+    let ping_log = gw.path("backend-ping.log");
+    let _ping = gw.ping(a1, &ping_log).unwrap();
     println!();
     println!(
-        "failover gap: lab-2 probes lab-1 every 10 ms (UDP echo); the broker holding lab-1 killed with SIGKILL, {rounds} rounds"
+        "failover gap: lab-2 probes lab-1 every 10 ms (UDP echo), and a backend behind the cloud gateway pings lab-1 every 10 ms; the broker holding lab-1 killed with SIGKILL, {rounds} rounds"
     );
     println!(
-        "{:>5} {:>7} {:>10} {:>9} {:>10} {:>7}",
-        "round", "killed", "lab-2 on", "lab-1 to", "gap ms", "lost"
+        "{:>5} {:>7} {:>7} {:>10} {:>9} {:>10} {:>7} {:>12} {:>7} {:>9}",
+        "round",
+        "killed",
+        "gw on",
+        "lab-2 on",
+        "lab-1 to",
+        "gap ms",
+        "lost",
+        "backend ms",
+        "lost",
+        "address"
     );
     let mut gaps = Vec::new();
+    let mut backend_gaps = Vec::new();
     for round in 1..=rounds {
-        // Steady: lab-1 on one broker with a standby, echoes flowing.
+        // Steady: lab-1 on one broker with a standby, echoes and replies
+        // flowing.
         let victim = holder(cluster, "lab-1").expect("lab-1 has one broker");
         let pinger = cluster.holders("lab-2");
+        let gw_on = gw.active_broker();
         let flowing = wait_for(Duration::from_secs(30), || {
             let now = unix_now();
             echoes(&read(&log)).any(|(_, _, r)| r > now - 0.5)
+                && replies(&read(&ping_log))
+                    .iter()
+                    .any(|(r, _)| *r > now - 0.5)
         });
-        assert!(flowing, "no echo before round {round}:\n{}", read(&log));
+        assert!(
+            flowing,
+            "no echo or no ping reply before round {round}:\n{}\n{}",
+            read(&log),
+            read(&ping_log)
+        );
         let standby_before = standbys(cluster, 1);
         let killed_at = unix_now();
         cluster.brokers[victim - 1].proc.take().unwrap().kill();
@@ -224,6 +298,21 @@ fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
             "round {round}: lab-1 did not answer within {ROUND_LIMIT:?} of the kill; lab-1:\n{}",
             read(&cluster.path("site1.log"))
         );
+        // The backend's pings flow again: ten replies received a second
+        // after the kill or later.
+        let backend_back = wait_for(ROUND_LIMIT, || {
+            replies(&read(&ping_log))
+                .iter()
+                .filter(|(t, _)| *t > killed_at + 1.0)
+                .count()
+                > 10
+        });
+        assert!(
+            backend_back,
+            "round {round}: the backend got no reply within {ROUND_LIMIT:?} of the kill; gateway:\n{}",
+            gw.log_text()
+        );
+        let (backend_gap, backend_lost) = backend_outage(&read(&ping_log), killed_at);
         let (seq, _, received) = first.unwrap();
         let text = read(&log);
         let last_before = echoes(&text)
@@ -234,20 +323,34 @@ fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
         let lost = seq.saturating_sub(last_before + 1);
         let gap = received - killed_at;
         let now_on = cluster.holders("lab-1");
+        let address = cluster.sites[0].address();
+        let kept = address.as_deref() == Some(a1);
         println!(
-            "{round:>5} {victim:>7} {:>10} {:>9} {:>10.0} {lost:>7}",
+            "{round:>5} {victim:>7} {gw_on:>7} {:>10} {:>9} {:>10.0} {lost:>7} {:>12.0} {backend_lost:>7} {:>9}",
             format!("{pinger:?}"),
             format!("{now_on:?}"),
-            gap * 1000.0
+            gap * 1000.0,
+            backend_gap * 1000.0,
+            if kept { "kept" } else { "CHANGED" }
         );
+        assert!(kept, "round {round}: lab-1 had {a1}, now {address:?}");
         gaps.push(gap);
+        backend_gaps.push(backend_gap);
+        let answers = gw.answers();
         cluster.start_broker(victim).unwrap();
         // The next round starts from the steady state: three live
-        // brokers (the killed one's lease expired, its restart joined)
-        // and lab-1 holding a standby again.
+        // brokers (the killed one's lease expired, its restart joined),
+        // the gateway hearing the restarted one, and lab-1 holding a
+        // standby again.
         assert!(
             fleet_of(cluster, 3, Duration::from_secs(30)),
             "round {round}: the fleet did not settle at three brokers"
+        );
+        assert!(
+            wait_for(Duration::from_secs(30), || gw.answers() > answers
+                && gw.metric("tether_gateway_brokers_up") == 3.0),
+            "round {round}: the gateway does not hear broker {victim} again:\n{}",
+            gw.log_text()
         );
         assert!(
             wait_for(Duration::from_secs(30), || standbys(cluster, 1)
@@ -256,15 +359,16 @@ fn failover(cluster: &mut Cluster, a1: &str, rounds: usize) {
             read(&cluster.path("site1.log"))
         );
     }
-    gaps.sort_by(f64::total_cmp);
-    let pick = |q: f64| gaps[((gaps.len() as f64 - 1.0) * q).round() as usize] * 1000.0;
-    if !gaps.is_empty() {
+    if let Some((p50, p99, max)) = percentiles(&mut gaps) {
         println!(
-            "failover gap over {} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            "failover gap (lab-2's probe) over {} kills: p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms",
             gaps.len(),
-            pick(0.5),
-            pick(0.99),
-            pick(1.0)
+        );
+    }
+    if let Some((p50, p99, max)) = percentiles(&mut backend_gaps) {
+        println!(
+            "failover gap (the backend's ping through the gateway) over {} kills: p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms",
+            backend_gaps.len(),
         );
     }
 }

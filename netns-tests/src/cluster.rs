@@ -13,6 +13,8 @@
 //! The published CIDR is 203.0.113.0/24; region `eu` has the pool
 //! 100.64.0.0/16; the sites `lab-1` and `lab-2` may reach each other.
 
+pub mod gateway;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -19,12 +19,21 @@
 //! - a rolling restart of every broker (SIGTERM, wait, start again, next)
 //!   while one site pings another every 10 ms: no ping is lost, every
 //!   site keeps its address, and each broker has left the fleet (its
-//!   etcd lease revoked) by the time it exits.
+//!   etcd lease revoked) by the time it exits;
+//! - the same rolling restart with a cloud gateway registered on every
+//!   broker (`tether_netns_tests::cluster::gateway`) while its backend
+//!   pings a site every 10 ms and the site pings the backend: the pings
+//!   resume after each step, the site keeps its address; the pings lost
+//!   and the longest gap of each step are printed (`ROLLING VIA GATEWAY`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::cluster::Cluster;
+use tether_netns_tests::cluster::gateway::{
+    BACKEND_ADDR, ClusterGateway, GatewayKeys, longest_gap_between, lost_between, replies, unix_now,
+};
+use tether_netns_tests::topology::read;
 use tether_netns_tests::{lost_pings, ping_summary, require_root, wait_for};
 
 /// Three brokers and two sites up, site `k` enrolled at broker `at(k)`;
@@ -362,4 +371,145 @@ fn the_etcd_leader_killed_during_200_enrollments_loses_none() {
         0,
         "every token is spent"
     );
+}
+
+#[test]
+fn a_rolling_restart_of_every_broker_keeps_a_backend_reaching_its_site_through_the_gateway() {
+    if !require_root() {
+        return;
+    }
+    let keys = GatewayKeys::new("gw-1").unwrap();
+    let mut cluster = Cluster::with_brokers(3, 1, &keys.broker_setup_both_ways()).unwrap();
+    let mut gw = keys.attach(&cluster).unwrap();
+    cluster.enroll(1, 2).unwrap();
+    let addr = cluster.up(1).unwrap();
+    gw.start().unwrap();
+    gw.wait_routes(&addr).unwrap();
+    let settled = |cluster: &Cluster, gw: &ClusterGateway| {
+        cluster.one_owner_each().is_ok()
+            && gw.metric("tether_gateway_brokers_up") == 3.0
+            && cluster
+                .brokers
+                .iter()
+                .all(|b| b.metric("tether_broker_fleet_brokers_alive") == 3.0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || settled(&cluster, &gw)),
+        "settled before the restarts: {:?}, gateway:\n{}",
+        cluster.one_owner_each(),
+        gw.log_text()
+    );
+    // The backend pings the site, and the site the backend, every 10 ms
+    // for the whole restart (`-D -O`: timestamps, and a line for each
+    // reply not there when the next ping goes).
+    let to_site = gw.path("to-site.log");
+    let to_backend = gw.path("to-backend.log");
+    let mut pings = [
+        gw.ping(&addr, &to_site).unwrap(),
+        cluster.sites[0]
+            .ns
+            .spawn(
+                "ping",
+                &[
+                    "-D",
+                    "-O",
+                    "-i",
+                    "0.01",
+                    "-W",
+                    "1",
+                    "-c",
+                    "1000000",
+                    BACKEND_ADDR,
+                ],
+                Some(to_backend.clone()),
+            )
+            .unwrap(),
+    ];
+    for log in [&to_site, &to_backend] {
+        assert!(
+            wait_for(Duration::from_secs(10), || replies(&read(log)).len() > 20),
+            "the ping runs: {}",
+            read(log)
+        );
+    }
+    for n in 1..=3 {
+        let started = Instant::now();
+        let from = unix_now();
+        let (active, holders) = (gw.active_broker(), cluster.holders("lab-1"));
+        let proc = cluster.brokers[n - 1].proc.as_mut().unwrap();
+        proc.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            proc.wait_exit(Duration::from_secs(20)),
+            "broker {n} exits after SIGTERM"
+        );
+        cluster.brokers[n - 1].proc = None;
+        cluster.start_broker(n).unwrap();
+        // Settled before the next one goes: one holder for the site, the
+        // one etcd names; every broker counts three live brokers (links
+        // up), and the gateway hears all three.
+        assert!(
+            wait_for(Duration::from_secs(30), || settled(&cluster, &gw)),
+            "step {n} settled: {:?}, gateway:\n{}",
+            cluster.one_owner_each(),
+            gw.log_text()
+        );
+        let until = unix_now();
+        // Pings flow after the step: ten replies each way since it
+        // settled.
+        for log in [&to_site, &to_backend] {
+            assert!(
+                wait_for(Duration::from_secs(10), || replies(&read(log))
+                    .iter()
+                    .filter(|(t, _)| *t > until)
+                    .count()
+                    > 10),
+                "pings resumed after broker {n} restarted ({}):\ngateway:\n{}\nping:\n{}",
+                log.display(),
+                gw.log_text(),
+                read(log)
+            );
+        }
+        assert_eq!(
+            cluster.sites[0].address().as_deref(),
+            Some(addr.as_str()),
+            "the site kept its address"
+        );
+        let (site_log, backend_log) = (read(&to_site), read(&to_backend));
+        println!(
+            "ROLLING VIA GATEWAY: broker {n} restarted in {:.1?} (gateway on {active}, site on {holders:?}; now on {}, {:?}): backend -> site lost {:?}, longest gap {:.0} ms; site -> backend lost {:?}, longest gap {:.0} ms",
+            started.elapsed(),
+            gw.active_broker(),
+            cluster.holders("lab-1"),
+            lost_between(&site_log, from, until),
+            longest_gap_between(&site_log, from, until) * 1000.0,
+            lost_between(&backend_log, from, until),
+            longest_gap_between(&backend_log, from, until) * 1000.0,
+        );
+    }
+    let mut lost = Vec::new();
+    for (ping, what) in pings.iter_mut().zip(["backend -> site", "site -> backend"]) {
+        ping.signal(nix::sys::signal::Signal::SIGINT);
+        assert!(ping.wait_exit(Duration::from_secs(5)));
+        let text = ping.log();
+        let (sent, _) = ping_summary(&text);
+        assert!(sent > 100, "{what}: the ping ran: {sent} sent");
+        let l = lost_pings(&text);
+        println!(
+            "ROLLING VIA GATEWAY: {what}: {} of {sent} pings lost over a restart of every broker: {l:?}",
+            l.len()
+        );
+        lost.push((what, l, text));
+    }
+    assert_eq!(
+        cluster.sites[0].address().as_deref(),
+        Some(addr.as_str()),
+        "the site kept its address"
+    );
+    assert!(
+        gw.backend.succeeds("ping", &["-c", "1", "-W", "2", &addr]),
+        "the backend reaches the site after the restarts"
+    );
+    for (what, l, text) in lost {
+        assert!(l.is_empty(), "{what}: pings lost: {l:?}\n{text}");
+    }
 }
