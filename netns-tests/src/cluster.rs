@@ -881,7 +881,8 @@ impl Drop for LoadEnrollment {
 }
 
 impl Cluster {
-    /// Starts a [`LoadEnrollment`] of `sites` sites, each attempt retried up
+    /// Starts a [`LoadEnrollment`] of `sites` sites, all of them in flight
+    /// at once (spread over the brokers in turn), each attempt retried up
     /// to `retries` times, all done within `within`.
     pub fn enroll_load(
         &self,
@@ -913,6 +914,10 @@ impl Cluster {
                 &dir.display().to_string(),
                 "--retries",
                 &retries.to_string(),
+                // Every enrollment in flight at once, spread over the
+                // brokers.
+                "--concurrency",
+                &sites.to_string(),
             ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())

@@ -3,7 +3,7 @@
 //! (`tether_netns_tests::cluster`), with real `tether` agents.
 //!
 //! - the etcd leader killed (`kill -9`) while 200 sites enroll across the
-//!   brokers: every enrollment succeeds, at once or on a retry with the
+//!   brokers, all 200 in flight at once: every enrollment succeeds, at once or on a retry with the
 //!   same token; every site is recorded, none holds two IPv4 addresses
 //!   and no address is held twice;
 //! - a broker cut off from etcd (nftables on the router): its fleet lease
