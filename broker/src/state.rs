@@ -1104,4 +1104,20 @@ impl crate::wireguard::GatewayControl for Broker {
     fn draining(&self) -> bool {
         *self.draining.borrow()
     }
+
+    fn gateway_brokers(&self, region: &RegionId, gateway: &GatewayId) -> Vec<SocketAddr> {
+        let own = crate::wireguard::gateway_endpoint(&self.config);
+        let others = self
+            .fleet()
+            .map(|f| f.gateway_endpoints_for(region, gateway).1)
+            .unwrap_or_default();
+        own.into_iter()
+            .chain(others)
+            .filter_map(|e| e.parse().ok())
+            .collect()
+    }
+
+    fn broker_changes(&self) -> Option<watch::Receiver<u64>> {
+        self.fleet().map(|f| f.changes())
+    }
 }
