@@ -126,6 +126,20 @@ impl FleetHandle {
         }
     }
 
+    /// The membership version and where gateway `gateway` of `region`
+    /// reaches the WireGuard of the other live brokers serving the region
+    /// that have it registered.
+    pub fn gateway_endpoints_for(
+        &self,
+        region: &RegionId,
+        gateway: &tether_proto::ids::GatewayId,
+    ) -> (u64, Vec<String>) {
+        match self.fleet.lock() {
+            Ok(f) => (f.version(), f.gateway_endpoints_for(region, gateway)),
+            Err(_) => (0, Vec::new()),
+        }
+    }
+
     /// Whether this broker's etcd lease is surely alive now (it renewed it
     /// within the lease's time to live): etcd answered it lately.
     pub fn lease_held(&self) -> bool {

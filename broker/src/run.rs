@@ -153,6 +153,7 @@ async fn join_fleet(
         link_key: Some(tether_pki::wg::encode(&link.public_key())),
         gateways: crate::peering::announced_gateways(&broker.config),
         link_keepalive_ms: u32::try_from(tether_proto::peering::LINK_KEEPALIVE.as_millis()).ok(),
+        gateway_endpoint: crate::wireguard::gateway_endpoint(&broker.config),
     };
     let (fleet, mut decisions, task) = crate::fleet::start(etcd, member)
         .await

@@ -1230,4 +1230,20 @@ impl crate::wireguard::GatewayControl for Broker {
         // Stopping, or fenced (until the next etcd lease).
         *self.draining.borrow() || self.fleet().is_some_and(|f| f.gateways_leave())
     }
+
+    fn gateway_brokers(&self, region: &RegionId, gateway: &GatewayId) -> Vec<SocketAddr> {
+        let own = crate::wireguard::gateway_endpoint(&self.config);
+        let others = self
+            .fleet()
+            .map(|f| f.gateway_endpoints_for(region, gateway).1)
+            .unwrap_or_default();
+        own.into_iter()
+            .chain(others)
+            .filter_map(|e| e.parse().ok())
+            .collect()
+    }
+
+    fn broker_changes(&self) -> Option<watch::Receiver<u64>> {
+        self.fleet().map(|f| f.changes())
+    }
 }

@@ -17,7 +17,12 @@
 //! to the site routes, here or through another broker, is pushed to the
 //! peers that asked recently. A ping is answered with a pong, so a gateway
 //! that follows several brokers notices within a second when this one is
-//! gone ([`tether_proto::gateway::failover`]).
+//! gone ([`tether_proto::gateway::failover`]). A gateway that asks for
+//! the broker list is sent the gateway endpoints of the live brokers of its
+//! region (this broker's first, the others' from the fleet) whenever the
+//! version it holds is not the current one, on its request and on every
+//! change to the fleet while it is subscribed
+//! ([`tether_proto::gateway::brokers`]).
 //!
 //! This module knows nothing of the broker around it: the routes and the
 //! zone come through [`GatewayControl`], and the forwarding plane runs the
@@ -37,6 +42,7 @@ use ipnet::IpNet;
 use tether_config::broker::GatewayPeer;
 use tether_pki::wg::WgKey;
 use tether_proto::forward::DropReason;
+use tether_proto::gateway::brokers::{self, BrokerList};
 use tether_proto::gateway::{
     self as control, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, SiteRoute,
 };
@@ -63,6 +69,18 @@ pub trait GatewayControl: Send + Sync + 'static {
     /// told to send their traffic to another broker.
     fn draining(&self) -> bool {
         false
+    }
+    /// Where gateway `gateway` of `region` reaches the live brokers of the
+    /// region that have it registered, this broker first; empty when the
+    /// broker knows none.
+    fn gateway_brokers(&self, region: &RegionId, gateway: &GatewayId) -> Vec<SocketAddr> {
+        let _ = (region, gateway);
+        Vec::new()
+    }
+    /// Bumped whenever the brokers of the fleet change, once the broker
+    /// is part of a fleet (`None` before, and without one).
+    fn broker_changes(&self) -> Option<watch::Receiver<u64>> {
+        None
     }
 }
 
@@ -93,6 +111,9 @@ pub struct Peer {
     /// Socket index and address of its last authenticated packet.
     endpoint: Mutex<Option<(usize, SocketAddr)>>,
     last_request: Mutex<Option<Instant>>,
+    /// The version of the broker list the gateway holds, once it asked
+    /// for one (0: none).
+    brokers_known: Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -360,6 +381,32 @@ impl Wireguard {
         }
     }
 
+    /// Sends the broker list of the peer's region unless it holds its
+    /// version already (or the broker knows no broker to list).
+    fn send_brokers(&self, peer: &Peer) {
+        let Ok(mut known) = peer.brokers_known.lock() else {
+            return;
+        };
+        let Some(held) = *known else {
+            return;
+        };
+        let list = BrokerList::new(self.control.gateway_brokers(&peer.region, &peer.id));
+        if list.endpoints.is_empty() || list.version == held {
+            return;
+        }
+        *known = Some(list.version);
+        drop(known);
+        tracing::debug!(
+            gateway = %peer.id,
+            brokers = list.endpoints.len(),
+            version = list.version,
+            "broker list sent"
+        );
+        for chunk in brokers::chunks(&list) {
+            self.send_control(peer, &chunk);
+        }
+    }
+
     /// Sends the mesh zone as the peer's region may see it.
     fn send_zone(&self, peer: &Peer) {
         let Some(copy) = self.control.zone(&peer.region) else {
@@ -473,6 +520,8 @@ pub fn start(
     tokio::spawn(async move { run_timers(timers).await });
     let pusher = wg.clone();
     tokio::spawn(async move { push_changes(pusher).await });
+    let pusher = wg.clone();
+    tokio::spawn(async move { push_broker_lists(pusher).await });
     tracing::info!(
         listen = ?wg.local_addrs(),
         public_key = %tether_pki::wg::encode(&wg.public_key()),
@@ -502,6 +551,7 @@ fn new_peer(g: &GatewayPeer, private: &x25519::StaticSecret, index: u32) -> Peer
         tunn: Mutex::new(tunn),
         endpoint: Mutex::new(None),
         last_request: Mutex::new(None),
+        brokers_known: Mutex::new(None),
     }
 }
 
@@ -596,6 +646,14 @@ impl Wireguard {
                     }
                     self.send_routes(peer);
                     self.send_zone(peer);
+                }
+                // Sent with every request by a gateway that follows the
+                // region's brokers: the list, unless it holds it.
+                Ok(Message::BrokersRequest { known }) => {
+                    if let Ok(mut k) = peer.brokers_known.lock() {
+                        *k = Some(known);
+                    }
+                    self.send_brokers(peer);
                 }
                 // The gateway's liveness probe: one small answer per
                 // authenticated ping; while draining, "leaving" instead.
@@ -713,6 +771,47 @@ async fn push_changes(wg: Arc<Wireguard>) {
             }
         }
     }
+}
+
+/// Pushes the broker list to subscribed peers that asked for it whenever
+/// the brokers of the fleet change (once the broker has joined the fleet,
+/// which it does after its gateways are up).
+async fn push_broker_lists(wg: Arc<Wireguard>) {
+    let mut changes = loop {
+        match wg.control.broker_changes() {
+            Some(c) => break c,
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    while changes.changed().await.is_ok() {
+        // Brokers often come and go together: one push per burst.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        changes.borrow_and_update();
+        for peer in &wg.peers {
+            if peer.subscribed() {
+                wg.send_brokers(peer);
+            }
+        }
+    }
+}
+
+/// What a broker announces to the fleet as its gateway endpoint: where
+/// gateways reach its WireGuard as an address and port (a listen address,
+/// else the first advertised IP on the WireGuard port), when it serves
+/// gateways. A broker advertised only by name is not announced: gateways
+/// use addresses.
+pub fn gateway_endpoint(config: &tether_config::broker::BrokerConfig) -> Option<String> {
+    if config.gateways.is_empty() {
+        return None;
+    }
+    let first = config.wireguard_listen.first()?;
+    if !first.ip().is_unspecified() {
+        return Some(first.to_string());
+    }
+    config
+        .advertised_ips
+        .first()
+        .map(|ip| SocketAddr::new(*ip, first.port()).to_string())
 }
 
 /// Where gateways reach the broker's WireGuard: a listen address, or an

@@ -25,6 +25,9 @@ const CONNECTIONS_REFUSED: &str = "tether_gateway_connections_refused_total";
 const FAILOVERS: &str = "tether_gateway_failovers_total";
 const BROKERS_UP: &str = "tether_gateway_brokers_up";
 const BROKER_ACTIVE: &str = "tether_gateway_broker_active";
+const BROKERS_FOLLOWED: &str = "tether_gateway_brokers_followed";
+const BROKERS_LEARNED: &str = "tether_gateway_brokers_learned_total";
+const BROKERS_FORGOTTEN: &str = "tether_gateway_brokers_forgotten_total";
 
 /// The process-wide Prometheus recorder (installed once).
 pub fn recorder() -> &'static PrometheusHandle {
@@ -58,12 +61,27 @@ pub fn recorder() -> &'static PrometheusHandle {
         describe_counter!(
             FAILOVERS,
             Unit::Count,
-            "Times the gateway moved its traffic off a broker that stopped answering to another broker of its configuration."
+            "Times the gateway moved its traffic off a broker that stopped answering to another broker it follows."
+        );
+        describe_gauge!(
+            BROKERS_FOLLOWED,
+            Unit::Count,
+            "Brokers the gateway follows, by origin: configured (its configuration's brokers) or learned (listed by the brokers of its region)."
+        );
+        describe_counter!(
+            BROKERS_LEARNED,
+            Unit::Count,
+            "Brokers the gateway started to follow because a broker of its region listed them."
+        );
+        describe_counter!(
+            BROKERS_FORGOTTEN,
+            Unit::Count,
+            "Learned brokers the gateway stopped following because the brokers of its region no longer list them."
         );
         describe_gauge!(
             BROKERS_UP,
             Unit::Count,
-            "Brokers of the gateway's configuration that answer now."
+            "Brokers the gateway follows (configured and learned) that answer now."
         );
         describe_gauge!(
             BROKER_ACTIVE,
@@ -209,15 +227,33 @@ impl Metrics {
     }
 
     /// Which brokers answer, and which carries the traffic.
-    pub fn brokers(&self, endpoints: &[SocketAddr], up: usize, active: usize) {
+    pub fn brokers(&self, endpoints: &[Option<SocketAddr>], up: usize, active: usize) {
         gauge!(BROKERS_UP).set(up as f64);
         for (i, e) in endpoints.iter().enumerate() {
+            let Some(e) = e else { continue };
             gauge!(BROKER_ACTIVE, "broker" => e.to_string()).set(if i == active {
                 1.0
             } else {
                 0.0
             });
         }
+    }
+
+    /// How many brokers are followed, by origin.
+    pub fn brokers_followed(&self, configured: usize, learned: usize) {
+        gauge!(BROKERS_FOLLOWED, "origin" => "configured").set(configured as f64);
+        gauge!(BROKERS_FOLLOWED, "origin" => "learned").set(learned as f64);
+    }
+
+    /// A broker was learned.
+    pub fn broker_learned(&self) {
+        counter!(BROKERS_LEARNED).increment(1);
+    }
+
+    /// A learned broker was forgotten: it carries no traffic.
+    pub fn broker_forgotten(&self, endpoint: SocketAddr) {
+        counter!(BROKERS_FORGOTTEN).increment(1);
+        gauge!(BROKER_ACTIVE, "broker" => endpoint.to_string()).set(0.0);
     }
 
     /// `n` packets dropped for `reason`; logged at most once a minute per

@@ -21,12 +21,21 @@
 //! 10 s and on every switch, and the broker pushes changes at once. When to ask, when to run WireGuard's
 //! timers and when the session counts as up is
 //! [`ControlSchedule`]'s decision; this module carries it out.
+//!
+//! The configured brokers are the gateway's seed: the active broker also
+//! tells it the gateway endpoints of every live broker of its region, and
+//! the gateway opens a session to each broker it learns that way and
+//! closes the session of a learned one no longer listed
+//! ([`BrokerSet`]'s decision). The learned brokers are kept in
+//! [`BROKERS_FILE`] in the state directory, so a restart reaches them
+//! too. Each broker has a slot (at most [`MAX_BROKERS`]), the index the
+//! failover and the sessions use.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -37,6 +46,9 @@ use tether_config::Host;
 use tether_config::gateway::GatewayConfig;
 use tether_pki::wg::WgKey;
 use tether_proto::dns::ZoneData;
+use tether_proto::gateway::brokers::{
+    self, Applied, BrokerChange, BrokerList, BrokerSet, ListAssembler, Origin,
+};
 use tether_proto::gateway::control::{ControlAction, ControlEvent, ControlSchedule};
 use tether_proto::gateway::failover::{Failover, FailoverAction, FailoverEvent, MAX_BROKERS};
 use tether_proto::gateway::{
@@ -58,6 +70,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether-gateway";
 const KEEPALIVE_SECS: u16 = 25;
 /// The mesh zone copy in the state directory.
 pub const ZONE_FILE: &str = "zone.bin";
+/// The learned brokers in the state directory, one endpoint a line.
+pub const BROKERS_FILE: &str = "brokers";
 
 /// The state directory of a configuration.
 pub fn state_dir(config: &GatewayConfig) -> PathBuf {
@@ -178,15 +192,23 @@ async fn broker_addresses(config: &GatewayConfig) -> anyhow::Result<Vec<SocketAd
     Ok(choice.kept)
 }
 
-/// A broker the gateway holds a WireGuard session with.
+/// A broker slot: the WireGuard session with the broker in it, if any.
 struct BrokerPeer {
-    addr: SocketAddr,
     tunn: Mutex<Tunn>,
 }
 
 /// What the packet tasks share.
 struct Shared {
+    /// [`MAX_BROKERS`] slots; those of [`Shared::addrs`] hold a broker.
     brokers: Vec<BrokerPeer>,
+    /// Each slot's broker endpoint (`None`: free), replaced as a whole
+    /// when brokers are learned or forgotten.
+    addrs: RwLock<Arc<Vec<Option<SocketAddr>>>>,
+    /// The brokers followed, configured and learned.
+    set: Mutex<BrokerSet>,
+    /// The gateway's and the brokers' keys, for new sessions.
+    private: x25519::StaticSecret,
+    broker_key: x25519::PublicKey,
     failover: Mutex<Failover>,
     /// The broker packets go to ([`Failover::target`]).
     target: AtomicUsize,
@@ -218,17 +240,102 @@ impl Shared {
         self.target.load(Ordering::Relaxed)
     }
 
+    /// Every slot's broker endpoint.
+    fn addrs(&self) -> Arc<Vec<Option<SocketAddr>>> {
+        self.addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|_| Arc::new(Vec::new()))
+    }
+
+    /// The endpoint of the broker in slot `slot`.
+    fn addr(&self, slot: usize) -> Option<SocketAddr> {
+        self.addrs
+            .read()
+            .ok()
+            .and_then(|a| a.get(slot).copied().flatten())
+    }
+
+    /// A new WireGuard session for slot `slot`.
+    fn new_tunn(&self, slot: usize) -> Tunn {
+        new_tunn(&self.private, self.broker_key, slot)
+    }
+
+    /// Follows learned brokers and forgets unlisted ones, as `applied`
+    /// says: sessions, failover, metrics, one log line each; saves the
+    /// learned list when it changed.
+    fn apply(&self, applied: &Applied, why: &str, dir: &Path) {
+        for a in &applied.unusable {
+            tracing::debug!(broker = %a, "listed broker left out: outside the published CIDR or of another address family");
+        }
+        if !applied.no_room.is_empty() {
+            tracing::warn!(
+                left_out = applied.no_room.len(),
+                "more brokers listed than a gateway follows ({MAX_BROKERS}): the first are followed"
+            );
+        }
+        if applied.changes.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut addrs: Vec<Option<SocketAddr>> = self.addrs().as_ref().clone();
+        for change in &applied.changes {
+            match *change {
+                BrokerChange::Forgotten { slot, addr } => {
+                    if let Ok(mut f) = self.failover.lock() {
+                        f.unfollow(slot);
+                        self.retarget(&f);
+                    }
+                    if let Some(a) = addrs.get_mut(slot) {
+                        *a = None;
+                    }
+                    self.metrics.broker_forgotten(addr);
+                    tracing::info!(broker = %addr, slot, "broker forgotten: {why} no longer lists it");
+                }
+                BrokerChange::Learned { slot, addr } => {
+                    let Some(peer) = self.brokers.get(slot) else {
+                        continue;
+                    };
+                    if let Ok(mut t) = peer.tunn.lock() {
+                        *t = self.new_tunn(slot);
+                    }
+                    if addrs.len() <= slot {
+                        addrs.resize(slot + 1, None);
+                    }
+                    addrs[slot] = Some(addr);
+                    if let Ok(mut a) = self.addrs.write() {
+                        *a = Arc::new(addrs.clone());
+                    }
+                    if let Ok(mut f) = self.failover.lock() {
+                        f.follow(slot, now);
+                    }
+                    self.metrics.broker_learned();
+                    tracing::info!(broker = %addr, slot, "broker learned: {why} lists it; opening a WireGuard session to it");
+                }
+            }
+        }
+        if let Ok(mut a) = self.addrs.write() {
+            *a = Arc::new(addrs);
+        }
+        let learned = self.set.lock().map(|s| s.learned()).unwrap_or_default();
+        let configured = self.addrs().iter().flatten().count() - learned.len();
+        self.metrics.brokers_followed(configured, learned.len());
+        save_learned(dir, &learned);
+        // The new brokers are pinged at once.
+        self.wake.notify_one();
+    }
+
     /// Which broker a datagram from `from` comes from: the one with that
     /// address, else the one with that IP.
-    fn broker_of(&self, from: SocketAddr) -> Option<usize> {
+    fn broker_of(addrs: &[Option<SocketAddr>], from: SocketAddr) -> Option<usize> {
         let ip = from.ip().to_canonical();
-        self.brokers
+        addrs
             .iter()
-            .position(|b| b.addr.ip().to_canonical() == ip && b.addr.port() == from.port())
+            .position(|b| b.is_some_and(|b| b.ip().to_canonical() == ip && b.port() == from.port()))
             .or_else(|| {
-                self.brokers
+                addrs
                     .iter()
-                    .position(|b| b.addr.ip().to_canonical() == ip)
+                    .position(|b| b.is_some_and(|b| b.ip().to_canonical() == ip))
             })
     }
 
@@ -261,6 +368,10 @@ impl Shared {
         let target = f.target();
         if self.target.swap(target, Ordering::Relaxed) != target {
             self.switches.fetch_add(1, Ordering::Relaxed);
+            // The new broker's list is asked for afresh.
+            if let Ok(mut s) = self.set.lock() {
+                s.forget_version();
+            }
         }
         if f.has_events() {
             self.wake.notify_one();
@@ -281,7 +392,7 @@ impl Shared {
     /// Encrypts one packet (or a control message) for broker `broker` and
     /// sends it.
     async fn send_one(&self, broker: usize, packet: &[u8]) {
-        let Some(peer) = self.brokers.get(broker) else {
+        let (Some(peer), Some(addr)) = (self.brokers.get(broker), self.addr(broker)) else {
             return;
         };
         let mut out = vec![0u8; packet.len() + 148];
@@ -298,7 +409,7 @@ impl Shared {
             Err(_) => 0,
         };
         if n > 0 {
-            self.send_all(peer.addr, &out[..n], &[n]).await;
+            self.send_all(addr, &out[..n], &[n]).await;
         }
     }
 }
@@ -353,25 +464,36 @@ pub async fn run(
     let mut routes = Routes::new(index, config.table, config.rule_priority).await?;
 
     let private = x25519::StaticSecret::from(key.secret_bytes());
-    // One session per broker; every broker of a deployment has the same
+    let broker_key = x25519::PublicKey::from(broker_key);
+    // The configured brokers, then those learned in an earlier run.
+    let mut set = BrokerSet::new(&addrs, config.published_cidr);
+    let restored = set.restore(&load_learned(&dir));
+    for change in &restored.changes {
+        if let BrokerChange::Learned { addr, .. } = change {
+            tracing::info!(broker = %addr, "broker learned in an earlier run");
+        }
+    }
+    // One session per slot; every broker of a deployment has the same
     // gateway key (`broker_public_key`).
-    let brokers: Vec<BrokerPeer> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, addr)| BrokerPeer {
-            addr: *addr,
-            tunn: Mutex::new(Tunn::new(
-                private.clone(),
-                x25519::PublicKey::from(broker_key),
-                None,
-                Some(KEEPALIVE_SECS),
-                i as u32,
-                None,
-            )),
+    let brokers: Vec<BrokerPeer> = (0..MAX_BROKERS)
+        .map(|i| BrokerPeer {
+            tunn: Mutex::new(new_tunn(&private, broker_key, i)),
         })
         .collect();
+    let metrics = Metrics::default();
+    metrics.brokers_followed(
+        (0..set.len())
+            .filter(|i| set.origin(*i) == Some(Origin::Configured))
+            .count(),
+        set.learned().len(),
+    );
+    let all = set.addrs();
     let shared = Arc::new(Shared {
-        failover: Mutex::new(Failover::new(brokers.len(), Instant::now())),
+        failover: Mutex::new(Failover::new(set.len(), Instant::now())),
+        addrs: RwLock::new(Arc::new(set.addrs())),
+        set: Mutex::new(set),
+        private,
+        broker_key,
         brokers,
         target: AtomicUsize::new(0),
         switches: AtomicU64::new(0),
@@ -381,7 +503,7 @@ pub async fn run(
         dev,
         offload,
         mtu: config.mtu,
-        metrics: Metrics::default(),
+        metrics,
     });
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(crate::metrics::serve(addr).await?),
@@ -425,7 +547,7 @@ pub async fn run(
     tracing::info!(
         gateway = %config.id,
         region = %config.region,
-        brokers = %addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        brokers = %all.iter().flatten().map(ToString::to_string).collect::<Vec<_>>().join(","),
         device = %config.tun_name,
         mtu = config.mtu,
         offload,
@@ -436,15 +558,28 @@ pub async fn run(
     );
 
     let (sets, mut set_rx) = watch::channel(None::<RouteSet>);
+    let (lists, mut list_rx) = watch::channel(None::<BrokerList>);
     let tasks = [
         tokio::spawn(outbound(shared.clone())),
-        tokio::spawn(inbound(shared.clone(), sets, zones)),
+        tokio::spawn(inbound(shared.clone(), sets, zones, lists)),
         tokio::spawn(timers(shared.clone())),
     ];
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            changed = list_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the tunnel stopped"));
+                }
+                let Some(list) = list_rx.borrow_and_update().clone() else { continue };
+                let applied = match shared.set.lock() {
+                    Ok(mut s) => s.apply(&list),
+                    Err(_) => continue,
+                };
+                tracing::debug!(brokers = list.endpoints.len(), version = list.version, "broker list received");
+                shared.apply(&applied, "the active broker", &dir);
+            }
             changed = zone_rx.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("the tunnel stopped"));
@@ -485,7 +620,7 @@ pub async fn run(
                 let live = LiveRoutes {
                     gateway: config.id.clone(),
                     region: config.region.clone(),
-                    broker: shared.brokers[shared.target()].addr.to_string(),
+                    broker: shared.addr(shared.target()).map(|a| a.to_string()).unwrap_or_default(),
                     generation: set.generation,
                     received_at: SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -533,8 +668,10 @@ async fn outbound(shared: Arc<Shared>) {
         lens.clear();
         // The whole batch goes to one broker: the one active as it is
         // sealed.
-        let Some(peer) = shared.brokers.get(shared.target()) else {
-            return;
+        let target = shared.target();
+        let (Some(peer), Some(addr)) = (shared.brokers.get(target), shared.addr(target)) else {
+            // Its broker was just forgotten: the failover moves on.
+            continue;
         };
         {
             let Ok(mut tunn) = peer.tunn.lock() else {
@@ -569,9 +706,9 @@ async fn outbound(shared: Arc<Shared>) {
             }
         }
         for h in handshakes.drain(..) {
-            shared.send_all(peer.addr, &h, &[h.len()]).await;
+            shared.send_all(addr, &h, &[h.len()]).await;
         }
-        let sent = shared.send_all(peer.addr, &sealed, &lens).await;
+        let sent = shared.send_all(addr, &sealed, &lens).await;
         shared.metrics.to_broker(sent);
     }
 }
@@ -581,6 +718,7 @@ async fn inbound(
     shared: Arc<Shared>,
     sets: watch::Sender<Option<RouteSet>>,
     zones: watch::Sender<Option<Arc<ZoneData>>>,
+    lists: watch::Sender<Option<BrokerList>>,
 ) {
     let mut receiver = tether_shell::udp::BatchReceiver::default();
     let mut out = vec![0u8; 65_536 + 64];
@@ -592,6 +730,7 @@ async fn inbound(
     // assembled afresh after every switch.
     let mut assembler = Assembler::default();
     let mut zone_assembler = ZoneAssembler::default();
+    let mut list_assembler = ListAssembler::default();
     let mut switches = shared.switches.load(Ordering::Relaxed);
     loop {
         if let Err(e) = receiver.recv(&shared.socket, &shared.udp).await {
@@ -604,13 +743,15 @@ async fn inbound(
             switches = now_switches;
             assembler = Assembler::default();
             zone_assembler = ZoneAssembler::default();
+            list_assembler = ListAssembler::default();
         }
         let active = shared.target();
+        let addrs = shared.addrs();
         // Brokers heard from in this receive, and those that answered a
         // ping, one bit per broker.
         let (mut heard, mut ponged, mut leaving) = (0u64, 0u64, 0u64);
         for (from, datagram) in receiver.datagrams() {
-            let Some(index) = shared.broker_of(from) else {
+            let Some(index) = Shared::broker_of(&addrs, from) else {
                 shared.metrics.dropped(
                     Dropped::NotFromBroker,
                     1,
@@ -618,7 +759,12 @@ async fn inbound(
                 );
                 continue;
             };
-            let peer = &shared.brokers[index];
+            let (Some(peer), Some(peer_addr)) = (
+                shared.brokers.get(index),
+                addrs.get(index).copied().flatten(),
+            ) else {
+                continue;
+            };
             // One receive holds up to 8 coalesced runs of about 45 packets
             // each, more than a write batch: write what is ready before it
             // fills.
@@ -635,7 +781,7 @@ async fn inbound(
                     from.ip(),
                     datagram,
                     &mut out,
-                    |reply| replies.push((peer.addr, reply.to_vec())),
+                    |reply| replies.push((peer_addr, reply.to_vec())),
                     |p| {
                         if let Some(payload) =
                             control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
@@ -653,7 +799,14 @@ async fn inbound(
                                         zones.send_replace(Some(Arc::new(zone)));
                                     }
                                 }
+                                Ok(m @ Message::Brokers { .. }) if index == active => {
+                                    if let Some(list) = list_assembler.push(m) {
+                                        lists.send_replace(Some(list));
+                                    }
+                                }
                                 Ok(_) => {}
+                                // A newer broker's message: ignored.
+                                Err(e) if e.is_newer() => {}
                                 Err(e) => shared.metrics.dropped(
                                     Dropped::BadControl,
                                     1,
@@ -701,6 +854,50 @@ async fn write(shared: &Shared, batch: &mut tether_shell::tun::WriteBatch) {
     }
 }
 
+/// Asks broker `broker` for the route set and for the broker list (unless
+/// it holds the current one).
+async fn send_requests(shared: &Shared, request: &[u8], broker: usize) {
+    shared.send_one(broker, request).await;
+    let known = shared.set.lock().map(|s| s.version()).unwrap_or(0);
+    let ask = control::control_packet(
+        GATEWAY_CONTROL,
+        BROKER_CONTROL,
+        &Message::BrokersRequest { known }.encode(),
+    );
+    shared.send_one(broker, &ask).await;
+}
+
+/// A WireGuard session with a broker for slot `slot`.
+fn new_tunn(private: &x25519::StaticSecret, broker_key: x25519::PublicKey, slot: usize) -> Tunn {
+    Tunn::new(
+        private.clone(),
+        broker_key,
+        None,
+        Some(KEEPALIVE_SECS),
+        slot as u32,
+        None,
+    )
+}
+
+/// The learned brokers saved by an earlier run (none when there is no
+/// file).
+fn load_learned(dir: &Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(dir.join(BROKERS_FILE))
+        .map(|t| brokers::decode_saved(&t))
+        .unwrap_or_default()
+}
+
+/// Saves the learned brokers (replacing the file as a whole).
+fn save_learned(dir: &Path, learned: &[SocketAddr]) {
+    let path = dir.join(BROKERS_FILE);
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, brokers::encode_saved(learned))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+    {
+        tracing::warn!(error = %e, path = %path.display(), "cannot keep the learned brokers");
+    }
+}
+
 /// What the gateway says when no broker has completed a handshake for a
 /// while: boringtun itself reports only `HANDSHAKE(REKEY_TIMEOUT)`, and a
 /// broker answers a key it does not know with silence.
@@ -722,7 +919,6 @@ async fn timers(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 256];
     let request =
         control::control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &Message::Request.encode());
-    let addrs: Vec<SocketAddr> = shared.brokers.iter().map(|b| b.addr).collect();
     let mut schedule = ControlSchedule::new(Instant::now());
     let mut actions: Vec<FailoverAction> = Vec::new();
     let mut events: Vec<FailoverEvent> = Vec::new();
@@ -735,6 +931,14 @@ async fn timers(shared: Arc<Shared>) {
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = shared.wake.notified() => {}
         }
+        let addrs = shared.addrs();
+        let name = |i: usize| {
+            addrs
+                .get(i)
+                .copied()
+                .flatten()
+                .map_or_else(|| format!("slot {i}"), |a| a.to_string())
+        };
         let now = Instant::now();
         schedule.handle_timeout(now);
         while let Some(action) = schedule.poll_action() {
@@ -743,7 +947,8 @@ async fn timers(shared: Arc<Shared>) {
                     // The freshest handshake of any broker tells whether
                     // the gateway is connected at all.
                     let mut freshest: Option<Duration> = None;
-                    for peer in &shared.brokers {
+                    for (peer, addr) in shared.brokers.iter().zip(addrs.iter()) {
+                        let Some(addr) = *addr else { continue };
                         let (out, since) = match peer.tunn.lock() {
                             Ok(mut t) => {
                                 let out = match t.update_timers(&mut buf) {
@@ -755,7 +960,7 @@ async fn timers(shared: Arc<Shared>) {
                             Err(_) => return,
                         };
                         if let Some(p) = out {
-                            shared.send_all(peer.addr, &p, &[p.len()]).await;
+                            shared.send_all(addr, &p, &[p.len()]).await;
                         }
                         freshest = match (freshest, since) {
                             (Some(a), Some(b)) => Some(a.min(b)),
@@ -764,7 +969,9 @@ async fn timers(shared: Arc<Shared>) {
                     }
                     schedule.handle_handshake(freshest, Instant::now());
                 }
-                ControlAction::SendRequest => shared.send_one(shared.target(), &request).await,
+                ControlAction::SendRequest => {
+                    send_requests(&shared, &request, shared.target()).await
+                }
             }
         }
         {
@@ -793,7 +1000,9 @@ async fn timers(shared: Arc<Shared>) {
                     shared.send_one(broker, &ping).await;
                 }
                 FailoverAction::Handshake { broker } => {
-                    let Some(peer) = shared.brokers.get(broker) else {
+                    let (Some(peer), Some(addr)) =
+                        (shared.brokers.get(broker), shared.addr(broker))
+                    else {
                         continue;
                     };
                     let init = match peer.tunn.lock() {
@@ -804,7 +1013,7 @@ async fn timers(shared: Arc<Shared>) {
                         Err(_) => return,
                     };
                     if let Some(p) = init {
-                        shared.send_all(peer.addr, &p, &[p.len()]).await;
+                        shared.send_all(addr, &p, &[p.len()]).await;
                     }
                 }
             }
@@ -812,34 +1021,34 @@ async fn timers(shared: Arc<Shared>) {
         for event in events.drain(..) {
             match event {
                 FailoverEvent::Up { broker } => {
-                    tracing::info!(broker = %addrs[broker], "broker answers")
+                    tracing::info!(broker = %name(broker), "broker answers")
                 }
                 FailoverEvent::Down { broker, silent } => tracing::warn!(
-                    broker = %addrs[broker],
+                    broker = %name(broker),
                     silent_ms = silent.as_millis() as u64,
                     "broker stopped answering"
                 ),
                 FailoverEvent::Leaving { broker } => tracing::info!(
-                    broker = %addrs[broker],
+                    broker = %name(broker),
                     "broker is stopping: it takes no more traffic until it answers again"
                 ),
                 FailoverEvent::Selected { broker } => {
-                    tracing::info!(broker = %addrs[broker], "traffic goes through this broker");
-                    shared.send_one(broker, &request).await;
+                    tracing::info!(broker = %name(broker), "traffic goes through this broker");
+                    send_requests(&shared, &request, broker).await;
                 }
                 FailoverEvent::Switched { from, to } => {
                     shared.metrics.failover();
                     let failovers = shared.failover.lock().map(|f| f.failovers()).unwrap_or(0);
                     tracing::info!(
-                        from = %addrs[from],
-                        broker = %addrs[to],
+                        from = %name(from),
+                        broker = %name(to),
                         failovers,
                         "the active broker stopped answering: traffic moved to this broker"
                     );
-                    shared.send_one(to, &request).await;
+                    send_requests(&shared, &request, to).await;
                 }
                 FailoverEvent::NoneAnswering { broker } => tracing::warn!(
-                    broker = %addrs[broker],
+                    broker = %name(broker),
                     "no broker answers: traffic stays on this broker until one does"
                 ),
             }
@@ -849,7 +1058,10 @@ async fn timers(shared: Arc<Shared>) {
                 ControlEvent::Established => {
                     tracing::info!("WireGuard session with the broker established")
                 }
-                ControlEvent::NoHandshake => tracing::warn!("{}", no_handshake(&addrs)),
+                ControlEvent::NoHandshake => {
+                    let followed: Vec<SocketAddr> = addrs.iter().flatten().copied().collect();
+                    tracing::warn!("{}", no_handshake(&followed))
+                }
             }
         }
     }

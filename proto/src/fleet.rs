@@ -91,6 +91,13 @@ pub struct Member {
         serde(default, skip_serializing_if = "Option::is_none")
     )]
     pub link_keepalive_ms: Option<u32>,
+    /// Where gateways reach its WireGuard (`address:port`), when it serves
+    /// gateways; gateways learn the brokers of their region from it.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub gateway_endpoint: Option<String>,
 }
 
 impl Member {
@@ -592,6 +599,25 @@ impl Fleet {
         out
     }
 
+    /// Where gateway `gateway` of `region` reaches the WireGuard of every
+    /// other live broker serving the region that has it registered, in id
+    /// order.
+    pub fn gateway_endpoints_for(
+        &self,
+        region: &RegionId,
+        gateway: &crate::ids::GatewayId,
+    ) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|(id, m)| {
+                **id != self.me
+                    && m.regions.contains(region)
+                    && m.gateways.iter().any(|g| g.id == *gateway)
+            })
+            .filter_map(|(_, m)| m.gateway_endpoint.clone())
+            .collect()
+    }
+
     fn check(&self, site: &SiteId) -> Vec<Decision> {
         match (self.claims.get(site), self.owners.get(site)) {
             (Some(Claim::At(mine)), Some(owner))
@@ -648,7 +674,55 @@ mod tests {
             link_key: None,
             gateways: Vec::new(),
             link_keepalive_ms: None,
+            gateway_endpoint: None,
         }
+    }
+
+    #[test]
+    fn gateways_are_told_the_brokers_of_their_region_that_have_them_registered() {
+        let gw: crate::ids::GatewayId = "gw-1".parse().unwrap();
+        let with = |endpoint: &str, regions: &[&str], gateway: Option<&str>| Member {
+            gateway_endpoint: gateway.map(str::to_string),
+            gateways: vec![MemberGateway {
+                id: gw.clone(),
+                region: region("eu"),
+                prefixes: Vec::new(),
+            }],
+            ..member(endpoint, regions)
+        };
+        let mut f = Fleet::new("me".into());
+        f.handle_member(
+            "me".into(),
+            with("10.0.0.1:443", &["eu"], Some("10.0.0.1:51820")),
+            1,
+        );
+        f.handle_member(
+            "b".into(),
+            with("10.0.0.2:443", &["eu"], Some("10.0.0.2:51820")),
+            2,
+        );
+        // Another region, no gateway endpoint (an older release), the
+        // gateway not registered: not listed.
+        f.handle_member(
+            "c".into(),
+            with("10.0.0.3:443", &["us"], Some("10.0.0.3:51820")),
+            3,
+        );
+        f.handle_member("d".into(), with("10.0.0.4:443", &["eu"], None), 4);
+        f.handle_member(
+            "e".into(),
+            Member {
+                gateway_endpoint: Some("10.0.0.5:51820".into()),
+                ..member("10.0.0.5:443", &["eu"])
+            },
+            5,
+        );
+        assert_eq!(
+            f.gateway_endpoints_for(&region("eu"), &gw),
+            ["10.0.0.2:51820"]
+        );
+        f.handle_member_gone("b");
+        assert!(f.gateway_endpoints_for(&region("eu"), &gw).is_empty());
     }
 
     #[test]

@@ -36,14 +36,24 @@
 //! A stock WireGuard peer never sends a request and so never receives
 //! control traffic.
 //!
+//! - A gateway of this release also sends [`Message::BrokersRequest`] with
+//!   each request, naming the version of the broker list it holds; the
+//!   broker answers (and pushes on every change, while the gateway is
+//!   subscribed) with the gateway endpoints of the live brokers of the
+//!   gateway's region as [`Message::Brokers`] chunks whenever that version
+//!   is not the current one ([`brokers`]). A broker of an older release
+//!   ignores the request, and a gateway of an older release never asks, so
+//!   never receives a list.
+//!
 //! [`control::ControlSchedule`] decides when a gateway runs WireGuard's
 //! timers and sends its requests, and when to report the session up.
 
+pub mod brokers;
 pub mod control;
 pub mod failover;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -76,6 +86,11 @@ const KIND_ZONE: u8 = 3;
 const KIND_PING: u8 = 4;
 const KIND_PONG: u8 = 5;
 const KIND_LEAVING: u8 = 6;
+const KIND_BROKERS_REQUEST: u8 = 7;
+const KIND_BROKERS: u8 = 8;
+/// The layout of a [`Message::Brokers`] payload; a gateway ignores a list
+/// of another layout.
+const BROKERS_FORMAT: u8 = 1;
 /// magic, kind, generation, index, count.
 const HEADER: usize = 4 + 1 + 8 + 2 + 2;
 
@@ -146,6 +161,25 @@ pub enum Message {
     /// silence. Sent when the drain begins and as the answer to every ping
     /// while it lasts; a gateway of an older release ignores it.
     Leaving,
+    /// Gateway to broker: send me the broker list unless its version is
+    /// `known` (0: I hold none). A broker of an older release ignores it.
+    BrokersRequest {
+        /// The version of the list the gateway holds.
+        known: u64,
+    },
+    /// Broker to gateway: chunk `index` of `count` of the gateway
+    /// endpoints of the live brokers of the gateway's region, list version
+    /// `version` ([`brokers::chunks`], [`brokers::ListAssembler`]).
+    Brokers {
+        /// The list's version (a digest of its content).
+        version: u64,
+        /// This chunk's number, from 0.
+        index: u16,
+        /// How many chunks the list has.
+        count: u16,
+        /// The endpoints in this chunk.
+        endpoints: Vec<SocketAddr>,
+    },
 }
 
 /// Why a control payload was refused.
@@ -157,6 +191,20 @@ pub enum ControlError {
     /// Cut short or inconsistent.
     #[error("malformed control message: {0}")]
     Malformed(&'static str),
+    /// A kind this release does not know (a newer peer's): ignored.
+    #[error("control message of unknown kind {0}")]
+    UnknownKind(u8),
+    /// A known kind in a layout this release does not know: ignored.
+    #[error("control message in an unknown format: {0}")]
+    Unsupported(&'static str),
+}
+
+impl ControlError {
+    /// Whether the message is simply newer than this release (to ignore
+    /// quietly) rather than broken.
+    pub fn is_newer(&self) -> bool {
+        matches!(self, Self::UnknownKind(_) | Self::Unsupported(_))
+    }
 }
 
 impl Message {
@@ -208,6 +256,26 @@ impl Message {
                 out.extend_from_slice(&seq.to_be_bytes());
                 out.extend_from_slice(&[0; 4]);
             }
+            Message::BrokersRequest { known } => {
+                out.push(KIND_BROKERS_REQUEST);
+                out.extend_from_slice(&known.to_be_bytes());
+                out.extend_from_slice(&[0; 4]);
+            }
+            Message::Brokers {
+                version,
+                index,
+                count,
+                endpoints,
+            } => {
+                out.push(KIND_BROKERS);
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+                out.push(BROKERS_FORMAT);
+                for e in endpoints {
+                    encode_endpoint(e, &mut out);
+                }
+            }
         }
         out
     }
@@ -256,7 +324,33 @@ impl Message {
             KIND_PING => Ok(Message::Ping { seq: generation }),
             KIND_PONG => Ok(Message::Pong { seq: generation }),
             KIND_LEAVING => Ok(Message::Leaving),
-            _ => Err(ControlError::Malformed("unknown kind")),
+            KIND_BROKERS_REQUEST => Ok(Message::BrokersRequest { known: generation }),
+            KIND_BROKERS => {
+                if index >= count {
+                    return Err(ControlError::Malformed("chunk index beyond count"));
+                }
+                let body = bytes.get(HEADER..).unwrap_or_default();
+                let Some((&format, mut rest)) = body.split_first() else {
+                    return Err(ControlError::Malformed("broker list without its format"));
+                };
+                if format != BROKERS_FORMAT {
+                    return Err(ControlError::Unsupported("broker list"));
+                }
+                let mut endpoints = Vec::new();
+                while !rest.is_empty() {
+                    if endpoints.len() >= brokers::MAX_LISTED {
+                        return Err(ControlError::Malformed("too many brokers in a chunk"));
+                    }
+                    endpoints.push(decode_endpoint(&mut rest)?);
+                }
+                Ok(Message::Brokers {
+                    version: generation,
+                    index,
+                    count,
+                    endpoints,
+                })
+            }
+            other => Err(ControlError::UnknownKind(other)),
         }
     }
 }
@@ -287,6 +381,35 @@ fn encode_route(r: &SiteRoute, out: &mut Vec<u8>) {
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }
+}
+
+/// Bytes of one encoded endpoint: family, address, port.
+fn endpoint_len(e: &SocketAddr) -> usize {
+    1 + if e.is_ipv4() { 4 } else { 16 } + 2
+}
+
+fn encode_endpoint(e: &SocketAddr, out: &mut Vec<u8>) {
+    match e.ip() {
+        IpAddr::V4(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            out.push(6);
+            out.extend_from_slice(&a.octets());
+        }
+    }
+    out.extend_from_slice(&e.port().to_be_bytes());
+}
+
+fn decode_endpoint(rest: &mut &[u8]) -> Result<SocketAddr, ControlError> {
+    let ip = match take(rest, 1)?[0] {
+        4 => IpAddr::from(<[u8; 4]>::try_from(take(rest, 4)?).unwrap_or_default()),
+        6 => IpAddr::from(<[u8; 16]>::try_from(take(rest, 16)?).unwrap_or_default()),
+        _ => return Err(ControlError::Malformed("unknown address family")),
+    };
+    let port = take(rest, 2)?;
+    Ok(SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]])))
 }
 
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], ControlError> {

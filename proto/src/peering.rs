@@ -265,6 +265,7 @@ mod tests {
             link_key: link.then(|| "a".repeat(43) + "="),
             gateways,
             link_keepalive_ms: None,
+            gateway_endpoint: None,
         }
     }
 

@@ -40,6 +40,11 @@
 //! - A broker that says it is stopping ([`super::Message::Leaving`],
 //!   [`Failover::handle_leaving`]) is down at once, whatever else it still
 //!   sends while it drains, until it answers a ping again (a new process).
+//! - Brokers come and go while the gateway runs ([`super::brokers`]): a
+//!   learned broker is followed from then on ([`Failover::follow`]), a
+//!   forgotten one is no longer pinged nor chosen
+//!   ([`Failover::unfollow`]); the traffic leaves a forgotten active
+//!   broker for the first other that is up.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -121,6 +126,8 @@ pub enum FailoverEvent {
 
 #[derive(Debug, Clone)]
 struct Broker {
+    /// Followed (pinged, chosen); a forgotten slot is not.
+    followed: bool,
     last_heard: Option<Instant>,
     answers_pings: bool,
     up: bool,
@@ -131,6 +138,20 @@ struct Broker {
 }
 
 impl Broker {
+    /// A broker just followed at `now`: pinged at once.
+    fn fresh(now: Instant) -> Self {
+        Self {
+            followed: true,
+            last_heard: None,
+            answers_pings: false,
+            up: false,
+            leaving: false,
+            next_ping: now,
+            // The first ping starts the first handshake.
+            next_handshake: now + REHANDSHAKE_INTERVAL,
+        }
+    }
+
     /// How long it may be silent and still count as up.
     fn allowance(&self) -> Duration {
         if self.answers_pings {
@@ -164,18 +185,7 @@ impl Failover {
     pub fn new(brokers: usize, now: Instant) -> Self {
         let n = brokers.clamp(1, MAX_BROKERS);
         Self {
-            brokers: vec![
-                Broker {
-                    last_heard: None,
-                    answers_pings: false,
-                    up: false,
-                    leaving: false,
-                    next_ping: now,
-                    // The first ping starts the first handshake.
-                    next_handshake: now + REHANDSHAKE_INTERVAL,
-                };
-                n
-            ],
+            brokers: vec![Broker::fresh(now); n],
             active: None,
             failovers: 0,
             seq: 0,
@@ -184,9 +194,52 @@ impl Failover {
         }
     }
 
-    /// How many brokers are followed.
+    /// How many broker slots there are (followed or not).
     pub fn brokers(&self) -> usize {
         self.brokers.len()
+    }
+
+    /// Whether slot `broker` is followed.
+    pub fn is_followed(&self, broker: usize) -> bool {
+        self.brokers.get(broker).is_some_and(|b| b.followed)
+    }
+
+    /// Follows a (new) broker in slot `broker` from `now`: the next slot
+    /// after the last, or one not followed (a forgotten broker's, which
+    /// starts afresh). Other slots, and slots beyond [`MAX_BROKERS`], are
+    /// ignored.
+    pub fn follow(&mut self, broker: usize, now: Instant) {
+        if broker == self.brokers.len() && broker < MAX_BROKERS {
+            self.brokers.push(Broker::fresh(now));
+        } else if let Some(b) = self.brokers.get_mut(broker)
+            && !b.followed
+        {
+            *b = Broker::fresh(now);
+        }
+    }
+
+    /// Stops following broker `broker` (it is forgotten): no more pings,
+    /// never chosen. When it was active, the traffic moves to the first
+    /// other broker that is up, or, when none is, to the first followed
+    /// one until one answers. At least one broker stays followed.
+    pub fn unfollow(&mut self, broker: usize) {
+        if !self.is_followed(broker) || self.brokers.iter().filter(|b| b.followed).count() < 2 {
+            return;
+        }
+        if let Some(b) = self.brokers.get_mut(broker) {
+            b.followed = false;
+            b.up = false;
+        }
+        if self.active == Some(broker) {
+            match self.brokers.iter().position(|b| b.up) {
+                Some(to) => {
+                    self.active = Some(to);
+                    self.events
+                        .push_back(FailoverEvent::Switched { from: broker, to });
+                }
+                None => self.active = None,
+            }
+        }
     }
 
     /// The broker carrying the traffic, once one has answered.
@@ -197,7 +250,9 @@ impl Failover {
     /// Where to send packets now: the active broker, or the first one
     /// before any has answered.
     pub fn target(&self) -> usize {
-        self.active.unwrap_or(0)
+        self.active
+            .or_else(|| self.brokers.iter().position(|b| b.followed))
+            .unwrap_or(0)
     }
 
     /// Whether broker `broker` counts as up.
@@ -215,6 +270,7 @@ impl Failover {
     pub fn poll_timeout(&self) -> Instant {
         self.brokers
             .iter()
+            .filter(|b| b.followed)
             .flat_map(|b| {
                 [
                     Some(b.next_ping),
@@ -245,7 +301,7 @@ impl Failover {
     /// Broker `broker`'s WireGuard session authenticated a datagram from
     /// it (a handshake, a keepalive, a packet or a control message).
     pub fn handle_heard(&mut self, broker: usize, now: Instant) {
-        let Some(b) = self.brokers.get_mut(broker) else {
+        let Some(b) = self.brokers.get_mut(broker).filter(|b| b.followed) else {
             return;
         };
         b.last_heard = Some(b.last_heard.map_or(now, |t| t.max(now)));
@@ -276,7 +332,7 @@ impl Failover {
     /// traffic moves to another broker that is up (counted as a
     /// failover), without waiting for its silence.
     pub fn handle_leaving(&mut self, broker: usize, now: Instant) {
-        let Some(b) = self.brokers.get_mut(broker) else {
+        let Some(b) = self.brokers.get_mut(broker).filter(|b| b.followed) else {
             return;
         };
         b.last_heard = Some(b.last_heard.map_or(now, |t| t.max(now)));
@@ -299,6 +355,9 @@ impl Failover {
         let mut active_down = false;
         for i in 0..self.brokers.len() {
             let b = &mut self.brokers[i];
+            if !b.followed {
+                continue;
+            }
             if now >= b.next_ping {
                 // A late timer delays the next ping rather than bunching
                 // them.
@@ -666,5 +725,56 @@ mod tests {
         assert_eq!(sim.f.target(), 0, "nowhere else to go");
         assert_eq!(sim.f.failovers(), 0);
         assert_eq!(sim.last(), Some(FailoverEvent::NoneAnswering { broker: 0 }));
+    }
+
+    #[test]
+    fn learned_brokers_are_followed_and_forgotten_ones_left() {
+        let mut s = Sim::new(1);
+        s.run(Duration::from_millis(10));
+        assert_eq!(s.f.active(), Some(0));
+        // A second broker is learned: pinged from now on, up at once.
+        s.alive.push(true);
+        s.draining.push(false);
+        s.f.follow(1, s.now);
+        assert_eq!(s.f.brokers(), 2);
+        s.run(Duration::from_millis(10));
+        assert!(s.f.is_up(1));
+        // The first dies: the traffic moves to the learned one.
+        s.alive[0] = false;
+        s.run(Duration::from_secs(2));
+        assert_eq!(s.f.active(), Some(1));
+        // The learned one is forgotten while active: the traffic goes back
+        // to the first followed broker, which is down, until one answers.
+        s.f.unfollow(1);
+        assert!(!s.f.is_followed(1));
+        assert_eq!(s.f.active(), None);
+        assert_eq!(s.f.target(), 0);
+        s.alive[0] = true;
+        s.run(Duration::from_secs(2));
+        assert_eq!(s.f.active(), Some(0));
+        assert!(!s.f.is_up(1), "a forgotten broker is not pinged");
+        // The last followed broker stays followed.
+        s.f.unfollow(0);
+        assert!(s.f.is_followed(0));
+        // A forgotten slot is reused afresh.
+        s.f.follow(1, s.now);
+        assert!(s.f.is_followed(1));
+        s.run(Duration::from_millis(10));
+        assert!(s.f.is_up(1));
+        // Forgetting an active broker while another is up switches to it.
+        s.alive[0] = false;
+        s.run(Duration::from_secs(2));
+        assert_eq!(s.f.active(), Some(1));
+        s.alive[0] = true;
+        s.run(Duration::from_secs(2));
+        s.f.unfollow(1);
+        assert_eq!(s.f.active(), Some(0));
+        assert_eq!(
+            s.f.poll_event(),
+            Some(FailoverEvent::Switched { from: 1, to: 0 })
+        );
+        // Slots beyond the next one are ignored.
+        s.f.follow(7, s.now);
+        assert_eq!(s.f.brokers(), 2);
     }
 }
