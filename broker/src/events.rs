@@ -8,14 +8,20 @@
 //! write for one writer thread, which appends in the order events were
 //! recorded: a session's "connected" is never stored after its
 //! "disconnected", and the session's task never waits for the store.
+//!
+//! The summaries also say which services each site's latest session
+//! announced, and at which broker ([`Announced`]): the mesh zone of every
+//! broker in a fleet answers SRV names from them ([`crate::names`]), and
+//! [`EventLog::announcement_changes`] wakes it when they change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tether_proto::events::{EventKind, History, SiteEvent, TIMELINE_LIMIT};
+use tether_proto::events::{Announced, EventKind, History, SiteEvent, TIMELINE_LIMIT};
 use tether_proto::ids::SiteId;
+use tokio::sync::watch;
 
 use crate::store::{Store, StoreError, now_unix};
 
@@ -33,6 +39,8 @@ pub struct EventLog {
     store: Arc<dyn Store>,
     histories: RwLock<HashMap<SiteId, History>>,
     queue: SyncSender<Job>,
+    /// Counts the changes of any site's [`History::announced`].
+    announcements: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -60,7 +68,25 @@ impl EventLog {
             store,
             histories: RwLock::new(histories),
             queue,
+            announcements: watch::Sender::new(0),
         })
+    }
+
+    /// Puts `site`'s summary through `update` and counts a change of what
+    /// it announces.
+    fn update(&self, site: &SiteId, update: impl FnOnce(&mut History)) {
+        let changed = match self.histories.write() {
+            Ok(mut h) => {
+                let history = h.entry(site.clone()).or_default();
+                let before = history.announced.clone();
+                update(history);
+                history.announced != before
+            }
+            Err(_) => false,
+        };
+        if changed {
+            self.announcements.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Records that `kind` happened to `site` now, seen by `broker`.
@@ -71,9 +97,7 @@ impl EventLog {
             kind,
         };
         tracing::debug!(%site, event = event.kind.as_str(), "site event");
-        if let Ok(mut h) = self.histories.write() {
-            h.entry(site.clone()).or_default().apply(&event);
-        }
+        self.update(site, |h| h.apply(&event));
         match self.queue.try_send(Job::Append(site.clone(), event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -126,10 +150,26 @@ impl EventLog {
     /// another broker (sharing the store) appended to it. Blocking.
     pub fn refresh(&self, site: &SiteId) -> Result<(), StoreError> {
         let history = History::of(&self.store.timeline(site)?);
-        if let Ok(mut h) = self.histories.write() {
-            h.insert(site.clone(), history);
-        }
+        self.update(site, |h| *h = history);
         Ok(())
+    }
+
+    /// What every site's latest session announced, for the sites whose
+    /// latest session announced services.
+    pub fn announcements(&self) -> BTreeMap<SiteId, Announced> {
+        self.histories
+            .read()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|(site, h)| Some((site.clone(), h.announced.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Changes of [`EventLog::announcements`] (a count).
+    pub fn announcement_changes(&self) -> watch::Receiver<u64> {
+        self.announcements.subscribe()
     }
 
     /// A site's timeline as the store holds it. Blocking.
@@ -172,6 +212,7 @@ fn write_events(store: &dyn Store, jobs: Receiver<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_proto::dns::Service;
     use tether_proto::events::{Disconnect, SiteState};
 
     #[test]
@@ -188,6 +229,8 @@ mod tests {
                 EventKind::Connected {
                     transport: "h3".into(),
                     remote: "192.0.2.1:1".into(),
+                    holder: None,
+                    services: Vec::new(),
                 },
             );
             log.record(
@@ -228,5 +271,52 @@ mod tests {
             again.history(&site).last_disconnected.map(|d| d.1),
             Some(Disconnect::ConnectionLost)
         );
+    }
+
+    #[test]
+    fn announcements_follow_this_brokers_events_and_the_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let here = EventLog::open(store.clone()).unwrap();
+        let there = EventLog::open(store).unwrap();
+        let mut changes = here.announcement_changes();
+        let site = SiteId::new("ward-1").unwrap();
+        let connected = |holder: &str, services: &str| EventKind::Connected {
+            transport: "h3".into(),
+            remote: "192.0.2.1:1".into(),
+            holder: Some(holder.into()),
+            services: Service::parse_list(services).unwrap(),
+        };
+        here.record(&site, "b1".into(), connected("b1", "dicom=104"));
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        let announced = here.announcements();
+        assert_eq!(
+            announced[&site].held_by("b1").map(Service::format_list),
+            Some("dicom=104".to_string())
+        );
+        // An event that announces nothing new changes nothing.
+        here.record(
+            &site,
+            "b1".into(),
+            EventKind::Disconnected {
+                reason: Disconnect::ConnectionLost,
+                detail: None,
+            },
+        );
+        assert!(!changes.has_changed().unwrap());
+        // Another broker's event, read from the store.
+        there.record(&site, "b2".into(), connected("b2", "http=80"));
+        assert!(there.flush(Duration::from_secs(10)));
+        assert!(here.flush(Duration::from_secs(10)));
+        here.refresh(&site).unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(here.announcements()[&site].holder, "b2");
+        // Revoked: nothing announced.
+        changes.borrow_and_update();
+        here.record(&site, "b1".into(), EventKind::Revoked);
+        assert!(changes.has_changed().unwrap());
+        assert!(here.announcements().is_empty());
     }
 }

@@ -7,16 +7,26 @@
 //! [`ZoneData`] from the store and the live sessions, and publishes it
 //! ([`Broker::publish_zone`]) with a new serial when the names differ. The
 //! DNS server and the gateway push follow the published zone.
+//!
+//! A site's services (SRV) are those of its session here, or, for a site
+//! another broker of the fleet holds, those its latest "connected" event
+//! announced at that broker ([`held_elsewhere`]): every broker answers
+//! alike. They go when the fleet's owner record of the site goes (the
+//! session ended, or its broker's lease expired). The task follows the
+//! fleet's view and the events' announcements, and reads again only the
+//! sites whose services they change.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use tether_proto::dns::{SiteNames, ZoneData};
+use tether_proto::dns::{Service, SiteNames, ZoneData};
 use tether_proto::netmap::Mapping;
 use tether_proto::{RegionId, SiteId};
 use tether_shell::dns::DnsServer;
+use tokio::sync::watch;
 
 use crate::core_cell::NameChanges;
 use crate::error::BrokerError;
@@ -43,8 +53,8 @@ fn settle_after(rebuild: Duration) -> Duration {
 }
 
 /// Where the names of the sites come from: the store's site records, the
-/// leases and the live sessions ([`Broker`]), or a fleet in memory in
-/// tests.
+/// leases, the live sessions and the services of sites held elsewhere
+/// ([`BrokerNames`]), or a fleet in memory in tests.
 pub trait NameSource {
     /// The names of every site the zone lists (enrolled and not revoked),
     /// in any order. Blocking.
@@ -79,22 +89,66 @@ fn names_of(
     })
 }
 
-impl Broker {
+/// The services of the sites that another broker of the fleet holds, by
+/// site: those the latest "connected" event of the site announced, while
+/// the fleet names the broker that recorded it as the site's owner and
+/// that broker is a live member (its lease has not expired).
+pub type HeldElsewhere = BTreeMap<SiteId, Vec<Service>>;
+
+/// What [`HeldElsewhere`] is now, from this broker's view of the fleet and
+/// its summaries of the sites' events (in memory, no store read). Empty
+/// without a fleet.
+pub fn held_elsewhere(broker: &Broker) -> HeldElsewhere {
+    let Some(fleet) = broker.fleet().and_then(|f| f.snapshot()) else {
+        return HeldElsewhere::new();
+    };
+    broker
+        .events()
+        .announcements()
+        .into_iter()
+        .filter_map(|(site, announced)| {
+            let (holder, _) = fleet.live_holder_elsewhere(&site)?;
+            let services = announced.held_by(holder)?.to_vec();
+            Some((site, services))
+        })
+        .collect()
+}
+
+/// The sites whose services differ between `old` and `new`.
+fn differing<'a>(old: &'a HeldElsewhere, new: &'a HeldElsewhere) -> Vec<&'a SiteId> {
+    let gone = old.keys().filter(|site| !new.contains_key(*site));
+    let changed = new
+        .iter()
+        .filter(|(site, services)| old.get(*site) != Some(*services))
+        .map(|(site, _)| site);
+    gone.chain(changed).collect()
+}
+
+/// The broker's names: its store's site records, its leases, its sessions
+/// and the services of the sites held elsewhere.
+pub struct BrokerNames<'a> {
+    /// The broker.
+    pub broker: &'a Broker,
+    /// The services of sites held by other brokers.
+    pub elsewhere: &'a HeldElsewhere,
+}
+
+impl BrokerNames<'_> {
     /// The names of a site whose record is `record`; its services are
-    /// those of its session here.
+    /// those of its session here, or those announced where it is held.
     fn names_of(&self, record: SiteRecord) -> Option<SiteNames> {
-        names_of(self, record, |r| {
-            self.session(&r.site)
-                .filter(|s| s.region() == &r.region)
-                .map(|s| s.services.clone())
-                .unwrap_or_default()
+        names_of(self, record, |r| match self.broker.session(&r.site) {
+            Some(s) if s.region() == &r.region => s.services.clone(),
+            Some(_) => Vec::new(),
+            None => self.elsewhere.get(&r.site).cloned().unwrap_or_default(),
         })
     }
 }
 
-impl NameSource for Broker {
+impl NameSource for BrokerNames<'_> {
     fn all_sites(&self) -> Result<Vec<SiteNames>, BrokerError> {
         Ok(self
+            .broker
             .store
             .sites()?
             .into_iter()
@@ -103,22 +157,28 @@ impl NameSource for Broker {
     }
 
     fn site_names(&self, site: &SiteId) -> Result<Option<SiteNames>, BrokerError> {
-        Ok(self.store.site(site)?.and_then(|r| self.names_of(r)))
+        Ok(self.broker.store.site(site)?.and_then(|r| self.names_of(r)))
     }
 
     fn leased(&self, site: &SiteId, region: &RegionId) -> (Vec<IpAddr>, Vec<Mapping>) {
         (
-            self.host_addresses(site, region),
-            self.lan_mappings(site, region),
+            self.broker.host_addresses(site, region),
+            self.broker.lan_mappings(site, region),
         )
     }
 }
 
-/// The zone as the store and the sessions describe it now. Blocking.
+/// The zone as the store, the sessions and the fleet describe it now.
+/// Blocking.
 pub fn zone_data(broker: &Broker, serial: u32) -> Result<ZoneData, BrokerError> {
+    let elsewhere = held_elsewhere(broker);
+    let source = BrokerNames {
+        broker,
+        elsewhere: &elsewhere,
+    };
     let mut zone = empty_zone(broker);
     zone.serial = serial;
-    zone.sites = broker.all_sites()?;
+    zone.sites = source.all_sites()?;
     zone.sites.sort();
     Ok(zone)
 }
@@ -254,28 +314,94 @@ pub async fn first_zone(broker: &Arc<Broker>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A counter another part of the broker moves on each change of
+/// something the zone reads (the fleet's view, the events'
+/// announcements), and the value the zone was last made with.
+struct Followed {
+    changes: Option<watch::Receiver<u64>>,
+    used: Option<u64>,
+}
+
+impl Followed {
+    fn new(changes: Option<watch::Receiver<u64>>) -> Self {
+        Self {
+            changes,
+            used: None,
+        }
+    }
+
+    /// Whether the counter moved since the last call (or this is the
+    /// first): read before what it counts is read, so that a later change
+    /// is seen by the next call.
+    fn moved(&mut self) -> bool {
+        let Some(rx) = &mut self.changes else {
+            return false;
+        };
+        let now = *rx.borrow_and_update();
+        let moved = self.used != Some(now);
+        self.used = Some(now);
+        moved
+    }
+
+    /// Waits for the counter to move; forever without one (or when it
+    /// closed: it is then dropped).
+    async fn changed(&mut self) {
+        match &mut self.changes {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    self.changes = None;
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Follows every change; runs until the broker is dropped. The first
 /// round reads every site; later ones only the sites the changes name
-/// ([`Names::apply`]), or every site again after a change that names none.
+/// ([`Names::apply`]) and those whose services held elsewhere changed
+/// (after a change of the fleet's view or of the events' announcements),
+/// or every site again after a change that names none.
 pub async fn keep_zone(broker: Arc<Broker>) {
     let mut changes = broker.core().name_changes();
+    let mut fleet_view = Followed::new(broker.fleet().map(|f| f.view_changes()));
+    let mut announced = Followed::new(Some(broker.events().announcement_changes()));
     let mut last_serial = broker.zone().map_or(0, |z| z.serial);
     let mut names: Option<Names> = None;
+    let mut elsewhere = Arc::new(HeldElsewhere::new());
     loop {
         let serial = next_serial(last_serial);
         let b = broker.clone();
-        let marks = broker.core().take_name_changes();
+        let mut marks = broker.core().take_name_changes();
+        // The counters are read before what they count, so that a change
+        // after this point makes the next round read again.
+        let moved = fleet_view.moved() | announced.moved();
+        if moved || names.is_none() {
+            let now = held_elsewhere(&broker);
+            marks
+                .sites
+                .extend(differing(&elsewhere, &now).into_iter().cloned());
+            elsewhere = Arc::new(now);
+        }
+        let held = elsewhere.clone();
         let current = names.take();
         let published = broker.zone();
         let started = std::time::Instant::now();
         // Reading the store and comparing sites grow with the changes (or
         // the fleet, for a full read): off the runtime's workers.
-        let updated = tokio::task::spawn_blocking(move || match current {
-            Some(mut n) => n.apply(&*b, &marks).map(|work| (n, work)),
-            None => Names::rebuild(&*b, empty_zone(&b)).map(|(n, mut work)| {
-                work.changed = !published.as_ref().is_some_and(|p| p.same_names(n.data()));
-                (n, work)
-            }),
+        let updated = tokio::task::spawn_blocking(move || {
+            let source = BrokerNames {
+                broker: &b,
+                elsewhere: &held,
+            };
+            match current {
+                Some(mut n) => n.apply(&source, &marks).map(|work| (n, work)),
+                None => Names::rebuild(&source, empty_zone(&b)).map(|(n, mut work)| {
+                    work.changed = !published.as_ref().is_some_and(|p| p.same_names(n.data()));
+                    (n, work)
+                }),
+            }
         })
         .await;
         let settle = settle_after(started.elapsed());
@@ -309,9 +435,16 @@ pub async fn keep_zone(broker: Arc<Broker>) {
         // gathered is not lost: it marks `changes` seen only here, before
         // the next round takes the marks, so a change after this point
         // wakes the loop again (and a mark is made before its generation
-        // moves).
-        if changes.changed().await.is_err() {
-            return;
+        // moves). The fleet's view and the announcements are compared
+        // with the values the zone was made with at the start of a round.
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = fleet_view.changed() => {}
+            () = announced.changed() => {}
         }
         tokio::time::sleep(settle).await;
         changes.borrow_and_update();
@@ -540,6 +673,23 @@ mod tests {
         assert_eq!((work.rebuilt, work.sites_read), (false, 1));
         assert_eq!(f.full_reads.get(), 0);
         assert_eq!(names.data(), &rebuilt(&f));
+    }
+
+    #[test]
+    fn the_sites_whose_services_held_elsewhere_changed_are_read_again() {
+        let held = |list: &[(u32, &str)]| -> HeldElsewhere {
+            list.iter()
+                .map(|(i, services)| (id(*i), Service::parse_list(services).unwrap()))
+                .collect()
+        };
+        let old = held(&[(1, "dicom=104"), (2, "http=80"), (3, "pacs=4242")]);
+        // Site 1 disconnected, site 2 announced other services, site 3 is
+        // unchanged, site 4 connected elsewhere.
+        let new = held(&[(2, "http=8080"), (3, "pacs=4242"), (4, "dicom=104")]);
+        let mut changed: Vec<_> = differing(&old, &new).into_iter().cloned().collect();
+        changed.sort();
+        assert_eq!(changed, [id(1), id(2), id(4)]);
+        assert!(differing(&new, &new).is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tether_pki::PeerCert;
 use tether_proto::broker::{CloseAction, CloseReason, Refusal};
 use tether_proto::capsule::{Capsule, CapsuleDecoder};
 use tether_proto::datagram;
-use tether_proto::events::{Disconnect, EventKind};
+use tether_proto::events::{Disconnect, EventKind, MAX_SERVICES};
 use tether_proto::fleet::{Peers, Readmit};
 use tether_proto::forward::DropReason;
 use tether_proto::h3::error::{H3_MESSAGE_ERROR, H3Error, Scope};
@@ -57,14 +57,29 @@ pub fn check(
 }
 
 /// The services a site announces in its CONNECT-IP request; a list that
-/// does not parse is refused with 400, before anything is allocated.
+/// does not parse, or names more than [`MAX_SERVICES`] services (they
+/// travel to every broker in the site's connected event), is refused with
+/// 400, before anything is allocated.
 pub fn services(header: Option<&str>) -> Result<Vec<tether_proto::dns::Service>, Refusal> {
-    tether_proto::dns::Service::parse_list(header.unwrap_or_default()).map_err(|e| {
-        refuse(
+    let services =
+        tether_proto::dns::Service::parse_list(header.unwrap_or_default()).map_err(|e| {
+            refuse(
+                400,
+                format!(
+                    "the {SERVICES_HEADER} header is not valid: {e} (write name=port,name=port)"
+                ),
+            )
+        })?;
+    if services.len() > MAX_SERVICES {
+        return Err(refuse(
             400,
-            format!("the {SERVICES_HEADER} header is not valid: {e} (write name=port,name=port)"),
-        )
-    })
+            format!(
+                "the {SERVICES_HEADER} header names {} services; a site announces at most {MAX_SERVICES}",
+                services.len()
+            ),
+        ));
+    }
+    Ok(services)
 }
 
 /// How long a connecting site waits for the store's answer about it before
@@ -507,11 +522,16 @@ impl Started {
         let session = Arc::new(session);
         let registered = match broker.register(session.clone(), addresses) {
             Ok(()) => {
+                // The services travel with the event to the other brokers
+                // of a fleet, which answer the site's SRV names while the
+                // fleet names this broker (`holder`) as the site's owner.
                 broker.record_event(
                     session.site(),
                     EventKind::Connected {
                         transport: transport.as_str().into(),
                         remote: remote.to_string(),
+                        holder: broker.fleet().and_then(|f| f.id()),
+                        services: session.services.clone(),
                     },
                 );
                 true
@@ -831,5 +851,33 @@ impl SessionIo<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_announces_at_most_max_services() {
+        let list = |n: usize| {
+            (0..n)
+                .map(|i| format!("s{i}={}", 1000 + i))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(services(None).unwrap(), []);
+        assert_eq!(
+            services(Some(&list(MAX_SERVICES))).unwrap().len(),
+            MAX_SERVICES
+        );
+        let refused = services(Some(&list(MAX_SERVICES + 1))).unwrap_err();
+        assert_eq!(refused.status, 400);
+        assert!(
+            refused.message.contains("names 33 services"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(services(Some("dicom")).unwrap_err().status, 400);
     }
 }

@@ -7,10 +7,16 @@
 //! Events are written on session and trust changes only (a tunnel opened or
 //! ended, a certificate issued, a site revoked), never per packet. Time is
 //! an input: Unix seconds, read by the shell.
+//!
+//! A site's "connected" event also carries what every broker of a fleet
+//! needs to answer the site's SRV names ([`Announced`]): the fleet id of the
+//! broker holding the session and the services the site announced. Only
+//! the newest such event of a timeline keeps its services.
 
 use std::collections::VecDeque;
 
 use crate::broker::CloseReason;
+use crate::dns::Service;
 
 /// Events kept per site: older ones are dropped as new ones arrive.
 pub const TIMELINE_LIMIT: usize = 200;
@@ -27,6 +33,11 @@ pub const MAX_PAGE: usize = 500;
 
 /// Sites in a page when the caller names no limit.
 pub const DEFAULT_PAGE: usize = 100;
+
+/// Most services a site may announce for one session. They travel in its
+/// "connected" event, which every broker of a fleet reads: with names of
+/// at most 63 bytes (a DNS label) the event stays under 3 KiB of JSON.
+pub const MAX_SERVICES: usize = 32;
 
 /// Why a site's tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,6 +152,20 @@ pub enum EventKind {
         transport: String,
         /// The site's address as the broker saw it (after NAT).
         remote: String,
+        /// The fleet id of the broker holding the session (a broker on
+        /// etcd), which its owner record in the fleet names.
+        #[cfg_attr(
+            feature = "serde",
+            serde(default, skip_serializing_if = "Option::is_none")
+        )]
+        holder: Option<String>,
+        /// The services the site announced for the session (SRV names);
+        /// emptied once a newer "connected" event is in the timeline.
+        #[cfg_attr(
+            feature = "serde",
+            serde(default, skip_serializing_if = "Vec::is_empty")
+        )]
+        services: Vec<Service>,
     },
     /// A tunnel ended.
     Disconnected {
@@ -205,7 +230,9 @@ impl EventKind {
     /// One line for an operator.
     pub fn describe(&self) -> String {
         match self {
-            EventKind::Connected { transport, remote } => {
+            EventKind::Connected {
+                transport, remote, ..
+            } => {
                 format!("connected over {transport} from {remote}")
             }
             EventKind::Disconnected { reason, detail } => match detail {
@@ -275,7 +302,17 @@ impl Timeline {
     /// Events are kept in the order they are appended; the broker's clock
     /// may step backwards and brokers' clocks differ, and the order of
     /// arrival is what happened.
+    ///
+    /// A "connected" event takes the services of the earlier ones: only
+    /// the newest session's services matter, and the timeline stays small.
     pub fn push(&mut self, event: SiteEvent, limit: usize) -> usize {
+        if matches!(event.kind, EventKind::Connected { .. }) {
+            for e in &mut self.events {
+                if let EventKind::Connected { services, .. } = &mut e.kind {
+                    services.clear();
+                }
+            }
+        }
         self.events.push_back(event);
         let limit = limit.max(1);
         let excess = self.events.len().saturating_sub(limit);
@@ -354,6 +391,30 @@ impl std::str::FromStr for SiteState {
     }
 }
 
+/// The services a site announced when its latest session opened, and the
+/// broker that holds the session.
+///
+/// They are the site's services while the fleet names `holder` as the
+/// site's owner: that record goes when the session ends and when the
+/// holder's lease in etcd expires. A "disconnected" event does not end
+/// them: a session replaced by a newer one at the same broker can record
+/// its end after its successor's start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    /// The fleet id of the broker holding the session.
+    pub holder: String,
+    /// The services (at most [`MAX_SERVICES`]).
+    pub services: Vec<Service>,
+}
+
+impl Announced {
+    /// The services, if `owner` (the broker the fleet says holds the site
+    /// now) is the broker that recorded them.
+    pub fn held_by(&self, owner: &str) -> Option<&[Service]> {
+        (self.holder == owner).then_some(self.services.as_slice())
+    }
+}
+
 /// What a site's events say about it, kept small: enough to tell its
 /// state and since when without reading its timeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -368,6 +429,10 @@ pub struct History {
     pub revoked_at: Option<u64>,
     /// Its newest certificate's expiry, as the events announced it.
     pub cert_not_after: Option<u64>,
+    /// The services its latest session announced, and the broker holding
+    /// that session ([`Announced`]); none when that session announced
+    /// none, after a revocation, and without a fleet.
+    pub announced: Option<Announced>,
     /// Times of the newest unstable disconnects (at most
     /// [`FLAP_DISCONNECTS`]).
     unstable: VecDeque<u64>,
@@ -386,7 +451,18 @@ impl History {
     /// Takes one more event into account.
     pub fn apply(&mut self, event: &SiteEvent) {
         match &event.kind {
-            EventKind::Connected { .. } => self.last_connected = Some(event.at),
+            EventKind::Connected {
+                holder, services, ..
+            } => {
+                self.last_connected = Some(event.at);
+                self.announced = holder
+                    .as_ref()
+                    .filter(|_| !services.is_empty())
+                    .map(|holder| Announced {
+                        holder: holder.clone(),
+                        services: services.iter().take(MAX_SERVICES).cloned().collect(),
+                    });
+            }
             EventKind::Disconnected { reason, .. } => {
                 self.last_disconnected = Some((event.at, *reason));
                 if reason.is_instability() {
@@ -396,7 +472,10 @@ impl History {
                     }
                 }
             }
-            EventKind::Revoked => self.revoked_at = Some(event.at),
+            EventKind::Revoked => {
+                self.revoked_at = Some(event.at);
+                self.announced = None;
+            }
             EventKind::Readmitted => self.revoked_at = None,
             kind => {
                 if let Some(t) = kind.not_after() {
@@ -551,8 +630,112 @@ mod tests {
             EventKind::Connected {
                 transport: "h3".into(),
                 remote: "192.0.2.1:40000".into(),
+                holder: None,
+                services: Vec::new(),
             },
         )
+    }
+
+    fn announcing(at: u64, holder: &str, services: &str) -> SiteEvent {
+        event(
+            at,
+            EventKind::Connected {
+                transport: "h3".into(),
+                remote: "192.0.2.1:40000".into(),
+                holder: Some(holder.into()),
+                services: Service::parse_list(services).unwrap(),
+            },
+        )
+    }
+
+    fn services_of(e: &SiteEvent) -> String {
+        match &e.kind {
+            EventKind::Connected { services, .. } => Service::format_list(services),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn the_latest_session_announces_the_services_while_its_holder_owns_the_site() {
+        let mut h = History::default();
+        h.apply(&announcing(10, "b1", "dicom=104,http=80"));
+        let a = h.announced.clone().unwrap();
+        assert_eq!(
+            Service::format_list(a.held_by("b1").unwrap()),
+            "dicom=104,http=80"
+        );
+        // Another broker owns the site (it moved, and that broker's event
+        // has not arrived yet): not these services.
+        assert_eq!(a.held_by("b2"), None);
+        // The end of a session is told by the owner record, not by the
+        // event: a replaced session may record its end after the next
+        // one's start.
+        h.apply(&lost(11));
+        assert!(h.announced.is_some());
+        h.apply(&announcing(12, "b2", "dicom=104"));
+        let a = h.announced.clone().unwrap();
+        assert_eq!(a.holder, "b2");
+        assert_eq!(Service::format_list(&a.services), "dicom=104");
+        // A session without services, or recorded without a fleet,
+        // announces none.
+        h.apply(&announcing(13, "b2", ""));
+        assert_eq!(h.announced, None);
+        h.apply(&announcing(14, "b1", "http=80"));
+        h.apply(&connected(15));
+        assert_eq!(h.announced, None);
+        // Revoked: none.
+        h.apply(&announcing(16, "b1", "http=80"));
+        h.apply(&event(17, EventKind::Revoked));
+        assert_eq!(h.announced, None);
+    }
+
+    #[test]
+    fn only_the_newest_connected_event_keeps_its_services() {
+        let mut t = Timeline::default();
+        t.push(announcing(1, "b1", "dicom=104"), TIMELINE_LIMIT);
+        t.push(lost(2), TIMELINE_LIMIT);
+        assert_eq!(services_of(t.events().next().unwrap()), "dicom=104");
+        t.push(announcing(3, "b2", "http=80"), TIMELINE_LIMIT);
+        t.push(announcing(4, "b2", "pacs=4242"), TIMELINE_LIMIT);
+        let kept: Vec<_> = t.events().map(services_of).collect();
+        assert_eq!(kept, ["", "", "", "pacs=4242"]);
+        // The summary of the timeline is the summary of the events.
+        assert_eq!(
+            History::of(&t)
+                .announced
+                .map(|a| Service::format_list(&a.services)),
+            Some("pacs=4242".to_string())
+        );
+    }
+
+    #[test]
+    fn a_connected_event_carries_its_services_and_reads_without_them() {
+        let e = announcing(5, "0123456789abcdef", "dicom=104");
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"at":5,"broker":"b1","kind":"connected","transport":"h3","remote":"192.0.2.1:40000","holder":"0123456789abcdef","services":[{"name":"dicom","port":104}]}"#
+        );
+        assert_eq!(serde_json::from_str::<SiteEvent>(&json).unwrap(), e);
+        // Events written before services travelled with them.
+        let old = r#"{"at":1,"broker":"b1","kind":"connected","transport":"h3","remote":"192.0.2.1:40000"}"#;
+        assert_eq!(
+            serde_json::from_str::<SiteEvent>(old).unwrap(),
+            connected(1)
+        );
+        assert_eq!(
+            serde_json::to_string(&connected(1)).unwrap(),
+            old,
+            "no empty fields"
+        );
+        // The largest announcement: MAX_SERVICES names of 63 bytes.
+        let largest: Vec<_> = (0..MAX_SERVICES)
+            .map(|i| format!("{i:0>63}=65535"))
+            .collect();
+        let e = announcing(u64::MAX, &"f".repeat(16), &largest.join(","));
+        assert_eq!(services_of(&e).split(',').count(), MAX_SERVICES);
+        let size = serde_json::to_string(&e).unwrap().len();
+        assert!(size < 3 * 1024, "{size} bytes");
     }
 
     #[test]
