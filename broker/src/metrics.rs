@@ -802,6 +802,7 @@ mod tests {
             link_key: None,
             gateways: Vec::new(),
             link_keepalive_ms: None,
+            gateway_endpoint: None,
         };
         let mut fleet = Fleet::new("me".into());
         fleet.handle_member("me".into(), member("10.0.0.1:443"), 1);
