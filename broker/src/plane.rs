@@ -185,7 +185,7 @@ pub struct Plane {
     link: OnceLock<Arc<Link>>,
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
-    batches: Mutex<Vec<SiteBatch>>,
+    batches: Mutex<Vec<Box<SiteBatch>>>,
     /// Packets relayed on to the broker a site moved to.
     relayed_on: AtomicU64,
 }
@@ -441,7 +441,7 @@ impl Plane {
     }
 
     /// A batch from the pool, or a new one.
-    pub fn take_batch(&self) -> SiteBatch {
+    pub fn take_batch(&self) -> Box<SiteBatch> {
         self.batches
             .lock()
             .ok()
@@ -450,7 +450,7 @@ impl Plane {
     }
 
     /// Returns a flushed batch to the pool.
-    pub fn give_batch(&self, batch: SiteBatch) {
+    pub fn give_batch(&self, batch: Box<SiteBatch>) {
         if let Ok(mut pool) = self.batches.lock() {
             pool.push(batch);
         }
