@@ -185,6 +185,10 @@ pub struct Plane {
     link: OnceLock<Arc<Link>>,
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
+    /// Boxed: a batch taken from here is held by a session's datagram
+    /// task, whose future (kept by every idle session) would otherwise
+    /// hold the whole batch inline.
+    #[allow(clippy::vec_box)]
     batches: Mutex<Vec<Box<SiteBatch>>>,
     /// Packets relayed on to the broker a site moved to.
     relayed_on: AtomicU64,
