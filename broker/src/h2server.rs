@@ -459,7 +459,7 @@ async fn tunnel(
         capsules,
         gone: conn.gone.clone(),
     };
-    let started = Started::new(
+    let mut started = Started::new(
         &conn.broker,
         peer,
         &addresses,

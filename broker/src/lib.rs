@@ -46,6 +46,7 @@ pub mod fleet;
 pub mod h2server;
 pub mod link;
 pub mod local_gateway;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod paths;

@@ -339,6 +339,9 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: fewer malloc arenas keep less freed memory
+    // (see tether_broker::memory).
+    tether_broker::memory::limit_arenas();
     let cli = Cli::parse();
     let format = cli.log_format;
     tether_shell::logging::init(format);

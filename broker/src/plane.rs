@@ -185,7 +185,11 @@ pub struct Plane {
     link: OnceLock<Arc<Link>>,
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
-    batches: Mutex<Vec<SiteBatch>>,
+    /// Boxed: a batch taken from here is held by a session's datagram
+    /// task, whose future (kept by every idle session) would otherwise
+    /// hold the whole batch inline.
+    #[allow(clippy::vec_box)]
+    batches: Mutex<Vec<Box<SiteBatch>>>,
     /// Packets relayed on to the broker a site moved to.
     relayed_on: AtomicU64,
 }
@@ -441,7 +445,7 @@ impl Plane {
     }
 
     /// A batch from the pool, or a new one.
-    pub fn take_batch(&self) -> SiteBatch {
+    pub fn take_batch(&self) -> Box<SiteBatch> {
         self.batches
             .lock()
             .ok()
@@ -450,7 +454,7 @@ impl Plane {
     }
 
     /// Returns a flushed batch to the pool.
-    pub fn give_batch(&self, batch: SiteBatch) {
+    pub fn give_batch(&self, batch: Box<SiteBatch>) {
         if let Ok(mut pool) = self.batches.lock() {
             pool.push(batch);
         }

@@ -121,20 +121,24 @@ pub fn endpoint(broker: &Broker, socket: std::net::UdpSocket) -> anyhow::Result<
 /// Accepts connections until the endpoint closes.
 pub async fn serve(broker: Arc<Broker>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let started = std::time::Instant::now();
-            match incoming.await {
-                Ok(conn) => {
-                    crate::metrics::handshake("h3", started.elapsed());
-                    handle_connection(broker, conn).await
-                }
-                // Refused certificates end here, before anything is
-                // allocated.
-                Err(e) => tracing::info!(%remote, error = %e, "handshake failed"),
-            }
-        });
+        tokio::spawn(accept(broker.clone(), incoming));
+    }
+}
+
+/// Completes the handshake of an incoming connection, then serves it on a
+/// task of its own: the handshake's state (the incoming packet, among
+/// others) is not held for the connection's life in the task's future.
+async fn accept(broker: Arc<Broker>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let started = std::time::Instant::now();
+    match incoming.await {
+        Ok(conn) => {
+            crate::metrics::handshake("h3", started.elapsed());
+            tokio::spawn(handle_connection(broker, conn));
+        }
+        // Refused certificates end here, before anything is
+        // allocated.
+        Err(e) => tracing::info!(%remote, error = %e, "handshake failed"),
     }
 }
 
@@ -212,9 +216,7 @@ async fn handle_connection(broker: Arc<Broker>, conn: Connection) {
             peer.clone(),
             settings_rx.clone(),
         );
-        tokio::spawn(async move {
-            handle_request(broker, conn, peer, settings, send, recv).await;
-        });
+        tokio::spawn(handle_request(broker, conn, peer, settings, send, recv));
     }
 }
 
@@ -327,8 +329,12 @@ async fn handle_request(
             return;
         }
     };
-    let path = request.path.clone().unwrap_or_default();
-    match classify_request(request.method.as_str(), request.protocol.as_deref(), &path) {
+    let kind = classify_request(
+        request.method.as_str(),
+        request.protocol.as_deref(),
+        request.path.as_deref().unwrap_or_default(),
+    );
+    match kind {
         Ok(RequestKind::ConnectIp) => {
             crate::session::run(broker, conn, peer, settings, request, send, recv, dec).await;
         }
@@ -438,5 +444,58 @@ mod reset_tests {
             )
         });
         assert_eq!(resets_drawn(packets, 40), 200);
+    }
+}
+
+#[cfg(test)]
+mod future_sizes {
+    //! The futures the broker keeps for each connected site: a Tokio task
+    //! allocates its future whole, so every byte of them is held by every
+    //! idle site for as long as it stays connected.
+
+    use super::*;
+
+    /// The size of what `f` returns (here: the future of an async fn),
+    /// without calling it.
+    fn out2<F: FnOnce(A, B) -> R, A, B, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn out3<F: FnOnce(A, B, C) -> R, A, B, C, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn out4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn out5<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// The most the long-lived futures of one connected site may take
+    /// together, in a test (unoptimised) build. Before the session got a
+    /// task of its own, its request's future alone took 4,720 bytes here
+    /// (about 7 KiB for the five).
+    const LIMIT: usize = 4096;
+
+    /// The tasks of an HTTP/3 site's connection that live as long as it:
+    /// the connection's (waiting for requests), the reader of the peer's
+    /// unidirectional streams and of its control stream, the CONNECT-IP
+    /// session, and the session's datagram reader.
+    #[test]
+    fn a_connected_site_holds_small_futures() {
+        let held = [
+            ("handle_connection", out2(&handle_connection)),
+            (
+                "read_uni_streams",
+                out3(&tether_shell::h3::read_uni_streams),
+            ),
+            ("read_uni_stream", out5(&tether_shell::h3::read_uni_stream)),
+            ("serve_h3", out5(&crate::session::serve_h3)),
+            ("route_datagrams", out4(&crate::session::route_datagrams)),
+        ];
+        let total: usize = held.iter().map(|(_, size)| size).sum();
+        assert!(
+            total <= LIMIT,
+            "the futures of a connected site take {total} bytes, more than {LIMIT}: {held:?}"
+        );
     }
 }

@@ -267,6 +267,9 @@ pub async fn run(
         Ok(s) => s,
         Err(r) => return respond_error(&mut send, r.status, r.message).await,
     };
+    // Read: what follows holds the session for its life, and the request's
+    // fields and the peer's SETTINGS need not be held with it.
+    drop((request, settings));
     let (addresses, lans) = match allocate(&broker, &peer).await {
         Ok(a) => a,
         Err(r) => return respond_error(&mut send, r.status, r.message).await,
@@ -285,13 +288,12 @@ pub async fn run(
         conn: conn.clone(),
         prefix,
     };
-    let mut carrier = Carrier::H3 {
+    let carrier = Carrier::H3 {
         conn: conn.clone(),
         send,
         recv,
         dec,
     };
-    let site = peer.identity.site.clone();
     let started = Started::new(
         &broker,
         peer,
@@ -301,46 +303,40 @@ pub async fn run(
         services,
         connected_at,
     );
-    let datagrams = {
-        let (plane, session) = (broker.plane().clone(), started.session.clone());
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            // Datagrams that arrived together are routed together, and the
-            // packets among them bound for the local gateway are written in
-            // one coalesced batch.
-            // The batch's slots are allocated by the first traffic, not up
-            // front (4 KiB per session, idle ones included), and its packets
-            // are let go once routed, not held until the next batch.
-            let mut reader = tether_shell::quic::DatagramReader::new(conn);
-            let mut datagrams = Vec::new();
-            while let Ok(dropped) = reader
-                .next_batch(&mut datagrams, tun_rs::IDEAL_BATCH_SIZE)
-                .await
-            {
-                if dropped > 0 {
-                    plane.site_drops(&session, DropReason::TunnelReceiveQueue, dropped);
-                }
-                let mut batch = plane.take_batch();
-                for d in &datagrams {
-                    plane.route_site_datagram(&session, stream_id, d, &mut batch);
-                }
-                datagrams.clear();
-                batch.flush(&plane).await;
-                plane.give_batch(batch);
-            }
-        })
-    };
+    drop((addresses, lans));
+    // The session lives on a task of its own: what the request's setup
+    // held (the request, the allocation's and the head's futures, this
+    // function's arguments) is not carried in the future that every idle
+    // site keeps for the session's life.
+    tokio::spawn(serve_h3(broker, conn, started, carrier, stream_id));
+}
+
+/// Serves an established HTTP/3 session until it ends, then ends its
+/// request stream (or the connection) as the ending asks.
+pub(crate) async fn serve_h3(
+    broker: Arc<Broker>,
+    conn: Connection,
+    mut started: Started,
+    mut carrier: Carrier,
+    stream_id: u64,
+) {
+    let datagrams = tokio::spawn(route_datagrams(
+        broker.plane().clone(),
+        started.session.clone(),
+        conn.clone(),
+        stream_id,
+    ));
     let reason = started.serve(&broker, &mut carrier).await;
+    datagrams.abort();
+    let site = started.session.site();
     let Carrier::H3 { mut send, .. } = carrier else {
-        datagrams.abort();
         return;
     };
-    datagrams.abort();
     match reason {
         Ending::Closed(r) => {
             match close_action(
                 &broker,
-                &site,
+                site,
                 r,
                 ConnectionId::Quic(conn.stable_id() as u64),
             ) {
@@ -367,6 +363,39 @@ pub async fn run(
                 let _ = send.reset(VarInt::from_u64(e.code).unwrap_or_default());
             }
         },
+    }
+}
+
+/// Routes the QUIC datagrams of an HTTP/3 session until its connection
+/// ends: its own task, beside the session's loop.
+///
+/// Datagrams that arrived together are routed together, and the packets
+/// among them bound for the local gateway are written in one coalesced
+/// batch. The batch's slots are allocated by the first traffic, not up
+/// front (4 KiB per session, idle ones included), and its packets are let
+/// go once routed, not held until the next batch.
+pub async fn route_datagrams(
+    plane: Arc<crate::plane::Plane>,
+    session: Arc<Session>,
+    conn: Connection,
+    stream_id: u64,
+) {
+    let mut reader = tether_shell::quic::DatagramReader::new(conn);
+    let mut datagrams = Vec::new();
+    while let Ok(dropped) = reader
+        .next_batch(&mut datagrams, tun_rs::IDEAL_BATCH_SIZE)
+        .await
+    {
+        if dropped > 0 {
+            plane.site_drops(&session, DropReason::TunnelReceiveQueue, dropped);
+        }
+        let mut batch = plane.take_batch();
+        for d in &datagrams {
+            plane.route_site_datagram(&session, stream_id, d, &mut batch);
+        }
+        datagrams.clear();
+        batch.flush(&plane).await;
+        plane.give_batch(batch);
     }
 }
 
@@ -559,11 +588,10 @@ impl Started {
     }
 
     /// Runs the session until it ends; unregisters it and says why.
-    pub async fn serve(mut self, broker: &Arc<Broker>, carrier: &mut Carrier) -> Ending {
+    pub async fn serve(&mut self, broker: &Arc<Broker>, carrier: &mut Carrier) -> Ending {
         let session = self.session.clone();
         let site = session.site().clone();
         let region = session.region().clone();
-        let reachable = broker.reachable_from(&region);
         let mut io = SessionIo {
             broker,
             session: &session,
@@ -571,7 +599,7 @@ impl Started {
             batch: None,
             routes_refused_logged: None,
         };
-        let opening = self.core.open(&reachable);
+        let opening = self.core.open(&broker.reachable_from(&region));
         let mut ended = io.perform(&mut self.core, opening).await.err();
         let mut routes = broker.reachable_changes();
         let mut capsules = CapsuleDecoder::default();
@@ -584,7 +612,11 @@ impl Started {
                 data = io.carrier.read() => match data {
                     Ok(Some(data)) => {
                         capsules.push(&data);
-                        ended = io.read_capsules(&mut self.core, &mut capsules).await.err();
+                        // Boxed: the largest state of the loop, held by
+                        // every idle session's future otherwise.
+                        ended = Box::pin(io.read_capsules(&mut self.core, &mut capsules))
+                            .await
+                            .err();
                     }
                     Ok(None) => break Ending::Peer(Disconnect::SiteClosed),
                     Err(e) => break e,
@@ -649,7 +681,8 @@ impl Started {
                 close_action(broker, &site, *r, session.link.connection_id())
             && !drain.is_zero()
         {
-            let carried = io.carry_packets(&mut self.core, &mut capsules, &mut gone);
+            // Boxed: rare, and larger than the session's loop.
+            let carried = Box::pin(io.carry_packets(&mut self.core, &mut capsules, &mut gone));
             let _ = tokio::time::timeout(drain, carried).await;
         }
         reason
@@ -688,7 +721,7 @@ struct SessionIo<'a> {
     carrier: &'a mut Carrier,
     /// Packets of DATAGRAM capsules bound for a gateway, written together
     /// once every complete capsule of a read is handled.
-    batch: Option<SiteBatch>,
+    batch: Option<Box<SiteBatch>>,
     /// When refused routes of this session were last logged.
     routes_refused_logged: Option<Instant>,
 }

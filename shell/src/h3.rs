@@ -40,49 +40,58 @@ pub async fn read_uni_streams_with_goaway(
     settings: watch::Sender<Option<Settings>>,
     goaway: watch::Sender<Option<u64>>,
 ) {
-    while let Ok(mut recv) = conn.accept_uni().await {
+    while let Ok(recv) = conn.accept_uni().await {
         let (conn, h3, settings, goaway) =
             (conn.clone(), h3.clone(), settings.clone(), goaway.clone());
-        tokio::spawn(async move {
-            let id = VarInt::from(recv.id()).into_inner();
-            loop {
-                let chunk = match recv.read_chunk(usize::MAX, true).await {
-                    Ok(Some(chunk)) => chunk.bytes,
-                    Ok(None) => {
-                        let result = h3.lock().map(|mut c| c.on_uni_finished(id));
-                        if let Ok(Err(e)) = result {
-                            close_with(&conn, &e);
+        tokio::spawn(read_uni_stream(recv, conn, h3, settings, goaway));
+    }
+}
+
+/// Feeds one unidirectional stream of the peer to the HTTP/3 state until
+/// it ends (the peer's control stream lasts as long as the connection).
+pub async fn read_uni_stream(
+    mut recv: RecvStream,
+    conn: Connection,
+    h3: Arc<Mutex<h3::Connection>>,
+    settings: watch::Sender<Option<Settings>>,
+    goaway: watch::Sender<Option<u64>>,
+) {
+    let id = VarInt::from(recv.id()).into_inner();
+    loop {
+        let chunk = match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => {
+                let result = h3.lock().map(|mut c| c.on_uni_finished(id));
+                if let Ok(Err(e)) = result {
+                    close_with(&conn, &e);
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        let result = match h3.lock() {
+            Ok(mut c) => c.on_uni_data(id, &chunk),
+            Err(_) => return,
+        };
+        match result {
+            Ok((action, events)) => {
+                for event in events {
+                    match event {
+                        h3::Event::Settings(s) => {
+                            let _ = settings.send(Some(s));
                         }
-                        return;
+                        h3::Event::GoAway(id) => {
+                            let _ = goaway.send(Some(id));
+                        }
                     }
-                    Err(_) => return,
-                };
-                let result = match h3.lock() {
-                    Ok(mut c) => c.on_uni_data(id, &chunk),
-                    Err(_) => return,
-                };
-                match result {
-                    Ok((action, events)) => {
-                        for event in events {
-                            match event {
-                                h3::Event::Settings(s) => {
-                                    let _ = settings.send(Some(s));
-                                }
-                                h3::Event::GoAway(id) => {
-                                    let _ = goaway.send(Some(id));
-                                }
-                            }
-                        }
-                        if let UniAction::StopSending(code) = action {
-                            let _ = recv
-                                .stop(VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x103)));
-                            return;
-                        }
-                    }
-                    Err(e) => return close_with(&conn, &e),
+                }
+                if let UniAction::StopSending(code) = action {
+                    let _ = recv.stop(VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x103)));
+                    return;
                 }
             }
-        });
+            Err(e) => return close_with(&conn, &e),
+        }
     }
 }
 
