@@ -52,6 +52,7 @@ pub mod names;
 pub mod paths;
 pub mod peering;
 pub mod plane;
+pub mod report_memory;
 pub mod run;
 pub mod server;
 pub mod session;

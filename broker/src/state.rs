@@ -94,7 +94,7 @@ pub struct Broker {
     /// How many more problems each site may report now.
     report_budgets: Mutex<HashMap<SiteId, tether_proto::report::ReportBudget>>,
     /// The problems each site reported lately, stored or not.
-    site_reports: crate::site_report::ReportMemory,
+    site_reports: crate::report_memory::ReportMemory,
 }
 
 /// The first wait before the store is read again after a failed read of
@@ -210,7 +210,7 @@ impl Broker {
             moves: watch::channel(0).0,
             events,
             report_budgets: Mutex::new(HashMap::new()),
-            site_reports: crate::site_report::ReportMemory::default(),
+            site_reports: crate::report_memory::ReportMemory::default(),
         }))
     }
 
@@ -290,7 +290,7 @@ impl Broker {
 
     /// The problems each site reported lately: what was stored, and the
     /// repeats kept in memory instead.
-    pub fn site_reports(&self) -> &crate::site_report::ReportMemory {
+    pub fn site_reports(&self) -> &crate::report_memory::ReportMemory {
         &self.site_reports
     }
 
