@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake};
 use boringtun::x25519;
 use tether_config::broker::Peering;
@@ -34,6 +33,7 @@ use tether_pki::wg::WgKey;
 use tether_proto::fleet::{BrokerId, Fleet};
 use tether_proto::forward::DropReason;
 use tether_proto::peering::{LINK_KEEPALIVE, LinkHealth};
+use tether_shell::wireguard::{Gate, HandshakeGate};
 use tokio::net::UdpSocket;
 
 use crate::counters::Counters;
@@ -47,13 +47,6 @@ pub const KEY_FILE: &str = "peering.key";
 /// [`LINK_KEEPALIVE`] and can tell it is gone by its silence
 /// ([`LinkHealth::is_down`]).
 const TIMER_TICK: Duration = LINK_KEEPALIVE;
-
-/// Handshake initiations and responses per second the link answers before
-/// it asks their senders for a cookie (WireGuard's "under load"): a
-/// fleet's brokers handshake with each other every two minutes, so this
-/// is only reached by a flood, and each handshake it lets through costs an
-/// X25519 exchange before the sender is known.
-const HANDSHAKES_PER_SECOND: u64 = 100;
 
 /// Another broker of the fleet, as a peer of the link.
 pub struct LinkPeer {
@@ -136,8 +129,8 @@ pub struct Link {
     /// Datagrams a peer's session refused.
     refused: metrics::Counter,
     /// Checks every handshake's MAC before any key exchange, and asks
-    /// for a cookie past [`HANDSHAKES_PER_SECOND`].
-    limiter: Arc<RateLimiter>,
+    /// for a cookie past a rate.
+    gate: HandshakeGate,
     /// Handshakes refused for a wrong MAC, or answered with a cookie.
     bad_mac: metrics::Counter,
     cookies: metrics::Counter,
@@ -189,23 +182,17 @@ pub async fn start(config: &Peering, data_dir: &Path) -> anyhow::Result<Arc<Link
         next_index: AtomicU32::new(1),
         unknown: metrics::counter!("tether_broker_peer_refused_total", "reason" => "unknown_peer"),
         refused: metrics::counter!("tether_broker_peer_refused_total", "reason" => "invalid"),
-        limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+        gate: HandshakeGate::new(&public),
         bad_mac: metrics::counter!("tether_broker_peer_refused_total", "reason" => "bad_mac"),
         cookies: metrics::counter!("tether_broker_peer_refused_total", "reason" => "under_load"),
     });
     let timers = Arc::downgrade(&link);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TIMER_TICK);
-        let mut second = Instant::now();
         loop {
             tick.tick().await;
             let Some(link) = timers.upgrade() else { return };
             link.run_timers();
-            // The limiter counts handshakes per second.
-            if second.elapsed() >= Duration::from_secs(1) {
-                link.limiter.reset_count();
-                second = Instant::now();
-            }
         }
     });
     tracing::info!(
@@ -452,14 +439,14 @@ impl Link {
         // A handshake's MAC is checked, and a flood of them asked for a
         // cookie, before `peer_of` spends a key exchange on finding its
         // sender.
-        match self.limiter.verify_packet(Some(from.ip()), datagram, out) {
-            Ok(_) => {}
-            Err(TunnResult::WriteToNetwork(cookie)) => {
+        match self.gate.check(from.ip(), datagram, out) {
+            Gate::Pass => {}
+            Gate::Answer(cookie) => {
                 self.cookies.increment(1);
                 let _ = self.socket.try_send_to(cookie, from);
                 return;
             }
-            Err(_) => {
+            Gate::Refuse => {
                 self.bad_mac.increment(1);
                 tracing::debug!(source = %from, "broker-to-broker link: datagram refused before any key exchange");
                 return;
@@ -569,7 +556,7 @@ mod tests {
             "a handshake with a wrong MAC is answered"
         );
         // Within the limit: no cookie (a stranger's handshake is refused).
-        let limit = usize::try_from(HANDSHAKES_PER_SECOND).unwrap();
+        let limit = usize::try_from(tether_shell::wireguard::HANDSHAKES_PER_SECOND).unwrap();
         let mut answered = 0;
         for _ in 0..limit + 20 {
             sender.send_to(&handshake(false), to).unwrap();

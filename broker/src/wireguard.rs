@@ -217,6 +217,11 @@ pub struct Wireguard {
     refused: metrics::Counter,
     /// Which refusals of unknown peers are logged.
     refusals: RefusalLog,
+    /// Checks a handshake's MAC before any key exchange, and asks for a
+    /// cookie past a rate: the port faces the internet.
+    gate: tether_shell::wireguard::HandshakeGate,
+    /// Handshakes answered with a cookie.
+    under_load: metrics::Counter,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     peers: Vec<Arc<Peer>>,
@@ -490,6 +495,8 @@ pub fn start(
         unknown: metrics.wireguard_unknown.clone(),
         refused: metrics.wireguard_refused.clone(),
         refusals: RefusalLog::default(),
+        gate: tether_shell::wireguard::HandshakeGate::new(&public),
+        under_load: metrics::counter!("tether_broker_wireguard_refused_total", "reason" => "under_load"),
         private,
         public,
         by_id: peers
@@ -596,7 +603,22 @@ impl Wireguard {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Option<(&Arc<Peer>, Vec<u8>)> {
-        let Some(peer) = peer_of(self, datagram).and_then(|i| self.peers.get(i)) else {
+        // A handshake's MAC is checked, and a flood of them asked for a
+        // cookie, before `peer_of` spends a key exchange on its sender.
+        let gate = self.gate.check(from.ip(), datagram, out);
+        if let tether_shell::wireguard::Gate::Answer(cookie) = gate {
+            self.under_load.increment(1);
+            if let Some(sock) = self.sockets.get(socket) {
+                let _ = sock.try_send_to(cookie, from);
+            }
+            return None;
+        }
+        let passed = matches!(gate, tether_shell::wireguard::Gate::Pass);
+        let Some(peer) = passed
+            .then(|| peer_of(self, datagram))
+            .flatten()
+            .and_then(|i| self.peers.get(i))
+        else {
             self.unknown.increment(1);
             if self.refusals.should_log(from.ip(), Instant::now()) {
                 tracing::warn!(
