@@ -313,7 +313,7 @@ impl Failover {
             b.up = true;
             self.events.push_back(FailoverEvent::Up { broker });
         }
-        self.choose();
+        self.choose(now);
     }
 
     /// Broker `broker` answered a ping: from now on its silence counts
@@ -343,7 +343,7 @@ impl Failover {
         b.up = false;
         self.events.push_back(FailoverEvent::Leaving { broker });
         let was_active = self.active == Some(broker);
-        self.choose();
+        self.choose(now);
         if was_active && self.active == Some(broker) {
             self.events
                 .push_back(FailoverEvent::NoneAnswering { broker });
@@ -383,7 +383,7 @@ impl Failover {
                     .push_back(FailoverAction::Handshake { broker: i });
             }
         }
-        self.choose();
+        self.choose(now);
         if let Some(a) = self.active
             && active_down
             && !self.is_up(a)
@@ -394,14 +394,35 @@ impl Failover {
     }
 
     /// Keeps the active broker while it is up, else moves to the first up
-    /// broker of the configuration.
-    fn choose(&mut self) {
+    /// broker of the configuration. When none is up but some still answer
+    /// while they say they are leaving (every broker fenced while etcd is
+    /// away, or all draining at once), the traffic stays on the active
+    /// broker while it answers, and otherwise goes to the first that does:
+    /// a broker that is leaving still relays, a silent one does not.
+    fn choose(&mut self, now: Instant) {
         if self.active.is_some_and(|a| self.is_up(a)) {
             return;
         }
-        let Some(next) = self.brokers.iter().position(|b| b.up) else {
-            return;
+        let answering = |b: &Broker| b.followed && b.deadline().is_some_and(|d| now < d);
+        let next = match self.brokers.iter().position(|b| b.up) {
+            Some(next) => next,
+            None => {
+                if self
+                    .active
+                    .and_then(|a| self.brokers.get(a))
+                    .is_some_and(answering)
+                {
+                    return;
+                }
+                let Some(next) = self.brokers.iter().position(answering) else {
+                    return;
+                };
+                next
+            }
         };
+        if self.active == Some(next) {
+            return;
+        }
         match self.active.replace(next) {
             None => self
                 .events
@@ -725,6 +746,40 @@ mod tests {
         assert_eq!(sim.f.target(), 0, "nowhere else to go");
         assert_eq!(sim.f.failovers(), 0);
         assert_eq!(sim.last(), Some(FailoverEvent::NoneAnswering { broker: 0 }));
+    }
+
+    #[test]
+    fn with_every_broker_leaving_a_dead_active_one_is_still_left() {
+        // Every broker says it is leaving (fenced: etcd away for all) and
+        // still relays; then the active one dies. The traffic goes to one
+        // that still answers, not nowhere.
+        let mut sim = Sim::new(3);
+        sim.run(Duration::from_secs(1));
+        assert_eq!(sim.f.active(), Some(0));
+        sim.draining = vec![true; 3];
+        for b in 0..3 {
+            sim.f.handle_leaving(b, sim.now);
+        }
+        sim.run(Duration::from_secs(2));
+        // Each left in turn while another was up; the last to leave keeps
+        // the traffic, none being up.
+        assert_eq!(sim.f.target(), 2, "no broker up: the traffic stays");
+        let before = sim.f.failovers();
+        sim.run(Duration::from_secs(2));
+        assert_eq!((sim.f.target(), sim.f.failovers()), (2, before));
+        sim.alive[2] = false;
+        sim.run(Duration::from_secs(2));
+        assert_eq!(sim.f.target(), 0, "moved off the dead broker");
+        assert_eq!(sim.f.failovers(), before + 1);
+        assert!(
+            sim.events
+                .iter()
+                .any(|(_, e)| *e == FailoverEvent::Switched { from: 2, to: 0 })
+        );
+        // And it stays there while broker 0 answers.
+        sim.run(Duration::from_secs(3));
+        assert_eq!(sim.f.target(), 0);
+        assert_eq!(sim.f.failovers(), before + 1);
     }
 
     #[test]
