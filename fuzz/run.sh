@@ -82,6 +82,9 @@ for target in "${targets[@]}"; do
     execs=$(awk '/stat::number_of_executed_units/ { n = $NF } END { print n + 0 }' "$log")
     cpu_total=$((cpu_total + cpu))
     execs_total=$((execs_total + execs))
+    # Progress of a long run, so that what was done is on record even
+    # when the run is stopped before its budget is spent.
+    echo "   slice $((slices)): ${cpu} CPU s, ${execs} executions (so far ${cpu_total} CPU s, ${execs_total} executions, status ${status})"
     if [ "$status" -ne 0 ] || [ "${BUDGET:-wall}" != cpu ] || [ "$cpu_total" -ge "$duration" ]; then
       break
     fi
