@@ -16,12 +16,11 @@
 //!   broker answers the gateway's pings again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
-use tether_netns_tests::cluster::{BrokerSetup, Cluster, broker_ip};
-use tether_netns_tests::topology::{gateway_entry, read};
-use tether_netns_tests::{NetNs, binary, link, require_root, wait_for};
+use tether_netns_tests::cluster::gateway::GatewayKeys;
+use tether_netns_tests::cluster::{Cluster, broker_ip};
+use tether_netns_tests::{require_root, wait_for};
 
 /// The one broker holding `site`, once exactly one does.
 fn holder(cluster: &Cluster, site: &str) -> Option<usize> {
@@ -159,23 +158,6 @@ fn a_site_that_left_a_broker_cut_off_from_etcd_is_not_served_there_from_its_stal
     );
 }
 
-/// The public key of the WireGuard key in `work/name` (created on first
-/// use), with `tether-gateway key`.
-fn wg_key(work: &Path, name: &str) -> String {
-    let config = work.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!("state_dir = \"{}\"\n", work.join(name).display()),
-    )
-    .unwrap();
-    let out = tether_netns_tests::run(
-        &binary("tether-gateway").display().to_string(),
-        &["key", "-c", &config.display().to_string()],
-    )
-    .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Lines of the gateway's log that say `what` of broker `n`.
 fn said_of(log: &str, n: usize, what: &str) -> usize {
     let addr = format!("broker={}:", broker_ip(n));
@@ -189,79 +171,22 @@ fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_hea
     if !require_root() {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
-    let gw_key = wg_key(work.path(), "gw-1");
-    wg_key(work.path(), "brokers-wg");
-    let broker_wg = std::fs::read(work.path().join("brokers-wg").join("wireguard.key")).unwrap();
-    let setup = BrokerSetup {
-        extra_config: format!(
-            "{}\n[[policy.allow]]\nname = \"backends\"\nfrom = [\"gateway:gw-1\"]\nto = [\"sites\"]\n",
-            gateway_entry("gw-1", "eu", &gw_key, "10.31.0.0/24"),
-        ),
-        files: vec![("wireguard.key".into(), broker_wg)],
-    };
-    let mut cluster = Cluster::with_brokers(2, 1, &setup).unwrap();
-    let broker_key = cluster.brokers[0].cli(&["gateway", "key"]).unwrap();
-
-    // The gateway node on the core router, its backend behind it.
-    let node = NetNs::new("gwnode").unwrap();
-    let backend = NetNs::new("gwback").unwrap();
-    link(
-        &cluster.core,
-        "g1",
-        "198.18.1.1/24",
-        &node,
-        "eth0",
-        "198.18.1.2/24",
-    )
-    .unwrap();
-    link(
-        &node,
-        "bk",
-        "10.31.0.1/24",
-        &backend,
-        "eth0",
-        "10.31.0.10/24",
-    )
-    .unwrap();
-    node.run("ip", &["route", "add", "default", "via", "198.18.1.1"])
-        .unwrap();
-    backend
-        .run("ip", &["route", "add", "default", "via", "10.31.0.1"])
-        .unwrap();
-    node.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
-        .unwrap();
+    let keys = GatewayKeys::new("gw-1").unwrap();
+    let mut cluster = Cluster::with_brokers(2, 1, &keys.broker_setup()).unwrap();
+    // The gateway node on the core router, its backend behind it, and its
+    // configuration listing both brokers.
+    let mut gw = keys.attach(&cluster).unwrap();
 
     // The site and the gateway's traffic both on broker 1.
     cluster.enroll(1, 1).unwrap();
     let addr = cluster.up(1).unwrap();
-    let gw_config = work.path().join("gw-1.toml");
-    std::fs::write(
-        &gw_config,
-        format!(
-            "id = \"gw-1\"\nregion = \"eu\"\npublished_cidr = \"203.0.113.0/24\"\n\
-             brokers = [\"{}:51820\", \"{}:51820\"]\nbroker_public_key = \"{}\"\n\
-             state_dir = \"{}\"\n",
-            broker_ip(1),
-            broker_ip(2),
-            broker_key.trim(),
-            work.path().join("gw-1").display()
-        ),
-    )
-    .unwrap();
-    let gw_log = work.path().join("gw-1.log");
-    let _gateway = node
-        .spawn(
-            &binary("tether-gateway").display().to_string(),
-            &["run", "-c", &gw_config.display().to_string()],
-            Some(gw_log.clone()),
-        )
-        .unwrap();
+    gw.start().unwrap();
     assert!(
-        wait_for(Duration::from_secs(20), || backend
+        wait_for(Duration::from_secs(20), || gw
+            .backend
             .succeeds("ping", &["-c", "1", "-W", "1", &addr])),
         "the backend reaches the site:\ngateway:\n{}",
-        read(&gw_log)
+        gw.log_text()
     );
     assert!(
         wait_for(Duration::from_secs(15), || holder(&cluster, "lab-1")
@@ -270,10 +195,10 @@ fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_hea
         cluster.holders("lab-1")
     );
     assert_eq!(
-        said_of(&read(&gw_log), 1, "traffic goes through this broker"),
+        said_of(&gw.log_text(), 1, "traffic goes through this broker"),
         1,
         "the gateway uses broker 1:\n{}",
-        read(&gw_log)
+        gw.log_text()
     );
 
     // Broker 1 cut off from etcd: its site moves to broker 2, and the
@@ -282,13 +207,14 @@ fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_hea
     let (moved, holders) = cluster.wait_sites_off(1, Duration::from_secs(30));
     assert!(moved, "lab-1 left broker 1 (holders {holders:?})");
     assert!(
-        wait_for(Duration::from_secs(10), || backend
+        wait_for(Duration::from_secs(10), || gw
+            .backend
             .succeeds("ping", &["-c", "1", "-W", "1", &addr])),
         "the backend reaches the site on broker 2 while broker 1 is cut off:\ngateway:\n{}\nbroker 1:\n{}",
-        read(&gw_log),
+        gw.log_text(),
         cluster.broker_log(1)
     );
-    let log = read(&gw_log);
+    let log = gw.log_text();
     assert!(
         said_of(&log, 1, "broker is stopping") >= 1
             && said_of(&log, 2, "traffic moved to this broker") >= 1,
@@ -304,19 +230,20 @@ fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_hea
 
     // After the heal broker 1 holds a lease again and answers the
     // gateway's pings: the gateway counts it up again.
-    let answered = said_of(&read(&gw_log), 1, "broker answers");
+    let answered = said_of(&gw.log_text(), 1, "broker answers");
     cluster.heal(1).unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || said_of(
-            &read(&gw_log),
+            &gw.log_text(),
             1,
             "broker answers"
         ) > answered),
         "the gateway counts broker 1 up again:\n{}",
-        read(&gw_log)
+        gw.log_text()
     );
     assert!(
-        wait_for(Duration::from_secs(10), || backend
+        wait_for(Duration::from_secs(10), || gw
+            .backend
             .succeeds("ping", &["-c", "1", "-W", "1", &addr])),
         "the backend still reaches the site"
     );

@@ -190,18 +190,25 @@ async fn connect_announcing(addr: SocketAddr, site: &TestSite, services: &str) -
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_broker_answers_a_sites_srv_names_alike_while_it_is_connected() {
-    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
+/// An etcd server for brokers sharing `prefix`, and the broker
+/// configuration that stores there and peers on loopback; `None` where
+/// etcd is not installed (the test then passes without running).
+async fn fleet_store(prefix: &str) -> Option<(EtcdServer, String)> {
+    let server = tokio::task::spawn_blocking(|| EtcdServer::start(false))
         .await
-        .unwrap()
-    else {
-        return;
-    };
+        .unwrap()?;
     let extra = format!(
         "{}[peering]\nlisten = \"127.0.0.1:0\"\n",
-        server.broker_toml("/tether/dns-fleet/")
+        server.broker_toml(prefix)
     );
+    Some((server, extra))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broker_answers_a_sites_srv_names_alike_while_it_is_connected() {
+    let Some((server, extra)) = fleet_store("/tether/dns-fleet/").await else {
+        return;
+    };
     tokio::time::timeout(TEST_DEADLINE, async {
         let a = TestBroker::start(&extra).await;
         // B shares A's CA, as the brokers of a deployment do.
@@ -315,16 +322,9 @@ async fn every_broker_answers_a_sites_srv_names_alike_while_it_is_connected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_srv_names_go_everywhere_when_the_holding_broker_dies() {
-    let Some(server) = tokio::task::spawn_blocking(|| EtcdServer::start(false))
-        .await
-        .unwrap()
-    else {
+    let Some((server, extra)) = fleet_store("/tether/dns-fleet-kill/").await else {
         return;
     };
-    let extra = format!(
-        "{}[peering]\nlisten = \"127.0.0.1:0\"\n",
-        server.broker_toml("/tether/dns-fleet-kill/")
-    );
     tokio::time::timeout(TEST_DEADLINE, async {
         let b = TestBroker::start(&extra).await;
         let mut a = ChildBroker::start(CHILD, &extra, b.config.data_dir.as_ref().unwrap());

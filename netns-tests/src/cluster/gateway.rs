@@ -110,6 +110,14 @@ impl GatewayKeys {
     /// writes the gateway's configuration, listing every broker of the
     /// cluster in order. Checks that every broker has the same gateway key.
     pub fn attach(self, cluster: &Cluster) -> io::Result<ClusterGateway> {
+        let every: Vec<usize> = (1..=cluster.brokers.len()).collect();
+        self.attach_listing(cluster, &every)
+    }
+
+    /// As [`attach`](Self::attach), but the configuration lists only the
+    /// brokers `listed` (1-based, in that order): the others the gateway
+    /// can only learn from them.
+    pub fn attach_listing(self, cluster: &Cluster, listed: &[usize]) -> io::Result<ClusterGateway> {
         let mut broker_key = None;
         for b in &cluster.brokers {
             let k = b.cli(&["gateway", "key"])?.trim().to_string();
@@ -149,10 +157,9 @@ impl GatewayKeys {
         // The node routes for its backends, as a Kubernetes node does.
         node.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
 
-        let brokers: Vec<String> = cluster
-            .brokers
+        let brokers: Vec<String> = listed
             .iter()
-            .map(|b| format!("\"{}:51820\"", broker_ip(b.n)))
+            .map(|n| format!("\"{}:51820\"", broker_ip(*n)))
             .collect();
         let config = self.dir.path().join(format!("{}.toml", self.id));
         std::fs::write(
@@ -191,7 +198,8 @@ pub struct ClusterGateway {
     /// The backend host ([`BACKEND_ADDR`]), routing everything via the
     /// node.
     pub backend: NetNs,
-    /// How many brokers its configuration lists (brokers 1 to N).
+    /// How many brokers the cluster has (brokers 1 to N), which its log
+    /// may name.
     pub brokers: usize,
     /// Its configuration file.
     pub config: PathBuf,
@@ -289,8 +297,14 @@ impl ClusterGateway {
     }
 
     /// The broker (1-based) its log last named as carrying its traffic;
-    /// the first configured one if it names none.
+    /// broker 1 if it names none.
     pub fn active_broker(&self) -> usize {
+        self.named_broker().unwrap_or(1)
+    }
+
+    /// The broker (1-based) its log last named as carrying its traffic,
+    /// if it names one.
+    pub fn named_broker(&self) -> Option<usize> {
         let log = self.log_text();
         log.lines()
             .rev()
@@ -302,7 +316,6 @@ impl ClusterGateway {
                 let addr = l.split("broker=").nth(1)?.split(':').next()?;
                 (1..=self.brokers).find(|n| broker_ip(*n) == addr)
             })
-            .unwrap_or(1)
     }
 
     /// How many times its log says a broker answers (once when each
