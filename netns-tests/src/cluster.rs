@@ -1030,6 +1030,29 @@ impl Cluster {
             .collect())
     }
 
+    /// After a heal: broker `n` joins the fleet again under a new lease
+    /// (within 30 s), and then every site has one holder, the one etcd
+    /// names (within 15 s). The error says which did not happen.
+    pub fn rejoined(&self, n: usize) -> Result<(), String> {
+        let back = wait_for(Duration::from_secs(30), || {
+            self.broker_numbers()
+                .is_ok_and(|b| b.values().any(|b| *b == n))
+        });
+        if !back {
+            return Err(format!(
+                "broker {n} did not rejoin the fleet:\n{}",
+                self.broker_log(n)
+            ));
+        }
+        if !wait_for(Duration::from_secs(15), || self.one_owner_each().is_ok()) {
+            return Err(format!(
+                "not one owner per site after the heal: {:?}",
+                self.one_owner_each()
+            ));
+        }
+        Ok(())
+    }
+
     /// Every site whose agent runs is held by exactly one running broker,
     /// the one etcd names.
     pub fn one_owner_each(&self) -> Result<(), String> {

@@ -136,22 +136,9 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
     );
 
     cluster.heal(1).unwrap();
-    // Broker 1 joins the fleet again under a new lease...
-    assert!(
-        wait_for(Duration::from_secs(30), || cluster
-            .broker_numbers()
-            .unwrap()
-            .values()
-            .any(|b| *b == 1)),
-        "broker 1 rejoined the fleet:\n{}",
-        cluster.broker_log(1)
-    );
-    // ...and then every site has one holder, the one etcd names.
-    assert!(
-        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
-        "one owner per site after the heal: {:?}",
-        cluster.one_owner_each()
-    );
+    // Broker 1 joins the fleet again under a new lease, and then every
+    // site has one holder, the one etcd names.
+    cluster.rejoined(1).unwrap();
     assert_addresses_kept(&cluster, &before);
     assert!(
         cluster.brokers[0].metric("tether_broker_fleet_fenced_total") >= 1.0,
@@ -223,20 +210,7 @@ fn a_broker_left_with_a_minority_etcd_member_hands_its_sites_to_the_majority_sid
     }
 
     cluster.heal_member(m).unwrap();
-    assert!(
-        wait_for(Duration::from_secs(30), || cluster
-            .broker_numbers()
-            .unwrap()
-            .values()
-            .any(|b| *b == 3)),
-        "broker 3 rejoined the fleet:\n{}",
-        cluster.broker_log(3)
-    );
-    assert!(
-        wait_for(Duration::from_secs(15), || cluster.one_owner_each().is_ok()),
-        "one owner per site after the heal: {:?}",
-        cluster.one_owner_each()
-    );
+    cluster.rejoined(3).unwrap();
     assert_addresses_kept(&cluster, &before);
 }
 
