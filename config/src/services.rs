@@ -155,6 +155,18 @@ pub fn parse_target(text: &str) -> Result<ForwardTarget, String> {
 pub(crate) fn validate(p: &mut Problems, entries: &[ServiceEntry]) -> (Vec<Service>, Vec<Forward>) {
     let mut services: Vec<Service> = Vec::new();
     let mut forwards: Vec<Forward> = Vec::new();
+    if entries.len() > tether_proto::events::MAX_SERVICES {
+        // The broker refuses a session that announces more.
+        p.add(
+            "services",
+            format!(
+                "{} services listed; a site announces at most {}",
+                entries.len(),
+                tether_proto::events::MAX_SERVICES
+            ),
+            "list the services backends reach by name, at most that many",
+        );
+    }
     for (i, entry) in entries.iter().enumerate() {
         let field = format!("services[{i}]");
         let parsed = match entry {
@@ -321,6 +333,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("proto"), "{err}");
+    }
+
+    #[test]
+    fn more_services_than_a_site_may_announce_are_refused() {
+        let entries = |n: usize| -> Vec<ServiceEntry> {
+            (0..n)
+                .map(|i| ServiceEntry::Local(format!("s{i}={}", 1000 + i)))
+                .collect()
+        };
+        let max = tether_proto::events::MAX_SERVICES;
+        let mut p = Problems::default();
+        let (services, _) = validate(&mut p, &entries(max));
+        assert_eq!(services.len(), max);
+        assert_eq!(p.len(), 0, "{:?}", p.messages());
+        let mut p = Problems::default();
+        validate(&mut p, &entries(max + 1));
+        assert_eq!(p.len(), 1, "{} services accepted", max + 1);
+        assert!(p.messages()[0].contains("at most 32"), "{:?}", p.messages());
     }
 
     #[test]
