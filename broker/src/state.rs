@@ -279,13 +279,18 @@ impl Broker {
     /// Records that `kind` happened to `site`, as seen by this broker
     /// (named by the first endpoint sites dial).
     pub fn record_event(&self, site: &SiteId, kind: EventKind) {
-        let name = self
-            .enroll_endpoints()
+        let name = self.event_name();
+        self.events.record(site, name, kind);
+    }
+
+    /// This broker's name in the events it records: the first endpoint
+    /// sites dial, else its tunnel address.
+    fn event_name(&self) -> String {
+        self.enroll_endpoints()
             .into_iter()
             .next()
             .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
-            .unwrap_or_else(|| "broker".into());
-        self.events.record(site, name, kind);
+            .unwrap_or_else(|| "broker".into())
     }
 
     /// The problems each site reported lately: what was stored, and the
@@ -303,12 +308,7 @@ impl Broker {
         timeline: &tether_proto::events::Timeline,
         n: usize,
     ) -> Vec<tether_proto::events::SiteEvent> {
-        let name = self
-            .enroll_endpoints()
-            .into_iter()
-            .next()
-            .or_else(|| self.tunnel_addr().map(|a| a.to_string()))
-            .unwrap_or_else(|| "broker".into());
+        let name = self.event_name();
         let mut events = timeline.newest(n);
         events.extend(self.site_reports.unstored(site, &name));
         let skip = events.len().saturating_sub(n);

@@ -94,11 +94,7 @@ impl Broker {
 
     /// The sum of a metric's samples whose line starts with `prefix`.
     pub fn metric(&self, prefix: &str) -> f64 {
-        self.metrics_text()
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::metric_sum(&self.metrics_text(), prefix)
     }
 }
 

@@ -339,3 +339,13 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// The sum of the samples in a Prometheus text `metrics` whose line starts
+/// with `prefix`.
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -289,11 +289,7 @@ impl ClusterGateway {
 
     /// The sum of a metric's samples whose line starts with `prefix`.
     pub fn metric(&self, prefix: &str) -> f64 {
-        self.metrics_text()
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::metric_sum(&self.metrics_text(), prefix)
     }
 
     /// The broker (1-based) its log last named as carrying its traffic;
