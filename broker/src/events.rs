@@ -306,7 +306,9 @@ mod tests {
             },
         );
         assert!(!changes.has_changed().unwrap());
-        // Another broker's event, read from the store.
+        // Another broker's event, read from the store, written after this
+        // broker's own (two writers would otherwise race for the order).
+        assert!(here.flush(Duration::from_secs(10)));
         there.record(&site, "b2".into(), connected("b2", "http=80"));
         assert!(there.flush(Duration::from_secs(10)));
         assert!(here.flush(Duration::from_secs(10)));
