@@ -154,6 +154,20 @@ impl EventLog {
         Ok(())
     }
 
+    /// Reads every site's timeline again and summarises each anew: after
+    /// the store's notices were lost (a watch that resumed past compacted
+    /// history, a receiver that lagged), when any site's timeline may have
+    /// changed unseen. Sites the store holds no timeline for keep their
+    /// summary (their first event may still be on its way to the store).
+    /// Blocking; one read of every timeline.
+    pub fn reload(&self) -> Result<(), StoreError> {
+        for (site, timeline) in self.store.timelines()? {
+            let history = History::of(&timeline);
+            self.update(&site, |h| *h = history);
+        }
+        Ok(())
+    }
+
     /// What every site's latest session announced, for the sites whose
     /// latest session announced services.
     pub fn announcements(&self) -> BTreeMap<SiteId, Announced> {

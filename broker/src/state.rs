@@ -985,22 +985,18 @@ impl Broker {
     /// ([`resync_from_store`](Self::resync_from_store)), retried with a
     /// backoff ([`RESYNC_RETRY_FIRST`] doubling to [`RESYNC_RETRY_MAX`])
     /// until it succeeds: no revocation is dropped because etcd failed
-    /// once. Sites whose timeline could not be read again are read after
-    /// the store's read succeeded.
+    /// once, and no site's event another broker recorded meanwhile is
+    /// missing here (every timeline is read again).
     pub async fn follow_store(self: Arc<Self>, mut events: broadcast::Receiver<StoreEvent>) {
         use tokio::sync::broadcast::error::RecvError;
         let mut owed = false;
-        let mut timelines: std::collections::BTreeSet<SiteId> = std::collections::BTreeSet::new();
         let mut retry = RESYNC_RETRY_FIRST;
         loop {
             if owed {
                 let broker = self.clone();
-                let sites = timelines.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     broker.resync_from_store()?;
-                    for site in &sites {
-                        broker.events.refresh(site)?;
-                    }
+                    broker.events.reload()?;
                     Ok::<_, BrokerError>(())
                 })
                 .await;
@@ -1008,7 +1004,6 @@ impl Broker {
                     Ok(Ok(())) => {
                         tracing::info!("the store was read again; its missed notices are applied");
                         owed = false;
-                        timelines.clear();
                         retry = RESYNC_RETRY_FIRST;
                     }
                     Ok(Err(e)) => {
@@ -1041,8 +1036,7 @@ impl Broker {
                 continue;
             }
             let broker = self.clone();
-            let notice = event.clone();
-            let applied = tokio::task::spawn_blocking(move || broker.on_store_event(notice)).await;
+            let applied = tokio::task::spawn_blocking(move || broker.on_store_event(event)).await;
             let failed = match applied {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e.to_string(),
@@ -1050,10 +1044,6 @@ impl Broker {
             };
             tracing::warn!(error = %failed, "cannot apply a store notice; reading the store again");
             owed = true;
-            if let StoreEvent::Events(site) = event {
-                // Bounded by the sites of the deployment.
-                timelines.insert(site);
-            }
         }
     }
 

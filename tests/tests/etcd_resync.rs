@@ -2,7 +2,8 @@
 //! `broker/src/store/etcd_server.rs`) when etcd fails them for a while: a
 //! revocation whose notice arrived but could not be checked, or that fell
 //! into history etcd compacted while the broker's watch was away, still
-//! ends the site's session; the admin API answers 503 with the store's
+//! ends the site's session, and another broker's event of a site in that
+//! history is known afterwards; the admin API answers 503 with the store's
 //! reason while etcd is down; a problem an agent keeps reporting writes
 //! nothing to etcd; an unanswered lease renewal is counted as an etcd
 //! error.
@@ -127,6 +128,63 @@ async fn a_revocation_in_history_etcd_compacted_ends_the_session_when_the_watch_
             .await
             .expect("the revoked site's session at broker two ends after the watch resumes");
         assert!(reason.to_string().contains("revoked"), "{reason}");
+        drop(one);
+        drop(two);
+        server
+    })
+    .await
+    .expect("test finished in time");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_brokers_event_in_history_etcd_compacted_is_seen_when_the_watch_resumes() {
+    let Some(server) = start_server().await else {
+        return;
+    };
+    let prefix = "/tether/compact-events/";
+    let gate = Gate::new(&server);
+    let server = tokio::time::timeout(TEST_DEADLINE, async move {
+        let one = TestBroker::start(&server.broker_toml(prefix)).await;
+        let two = TestBroker::start(&gated_toml(&server, &gate.url(), prefix)).await;
+        let b = TestSite::enroll(&one, "site-b").await;
+        let site: tether_proto::ids::SiteId = "site-b".parse().unwrap();
+
+        // Broker two's watch is away while site B opens its tunnel at
+        // broker one, and etcd compacts its history past that event.
+        gate.cut();
+        let _tb = tunnel_for(&one, &b).await;
+        let b1 = one.broker().clone();
+        assert!(
+            tokio::task::spawn_blocking(move || b1.events().flush(Duration::from_secs(10)))
+                .await
+                .unwrap()
+        );
+        one.token("site-c").await;
+        let server = tokio::task::spawn_blocking(move || {
+            server.compact();
+            server
+        })
+        .await
+        .unwrap();
+        assert_eq!(two.broker().events().history(&site).last_connected, None);
+        gate.reopen();
+        // The resumed watch finds its revision compacted: broker two reads
+        // every timeline again, and knows of the tunnel at broker one.
+        let start = Instant::now();
+        while two
+            .broker()
+            .events()
+            .history(&site)
+            .last_connected
+            .is_none()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "broker two never learnt of site B's tunnel at broker one"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         drop(one);
         drop(two);
         server
