@@ -185,7 +185,7 @@ async fn join_fleet(
                         tracing::info!(
                             "fleet: telling the gateways to send their traffic to another broker while this one cannot reach etcd"
                         );
-                        wg.announce_leaving();
+                        wg.announce_leaving().await;
                     }
                 }
             }
@@ -382,7 +382,7 @@ impl Running {
         self.broker.start_draining();
         // Gateways move their traffic to another broker now.
         if let Some(wg) = self.broker.plane().wireguard() {
-            wg.announce_leaving();
+            wg.announce_leaving().await;
         }
         // With no other broker to go to, sites cannot move: do not wait.
         let others = self

@@ -90,6 +90,16 @@ pub const KEY_FILE: &str = "wireguard.key";
 /// How often peer timers run (handshake retries, keepalives, rekeying).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
+/// How many times a stopping broker tells each gateway that it is
+/// leaving ([`Wireguard::announce_leaving`]): a lost datagram does not
+/// leave the gateway waiting for a second of silence. The gateway takes
+/// the repeats as one.
+pub const LEAVING_NOTICES: usize = 3;
+/// The time between two of those notices: apart enough that a short burst
+/// of loss does not take them all, short enough not to delay a stopping
+/// broker noticeably (10 ms in all).
+pub const LEAVING_SPACING: Duration = Duration::from_millis(5);
+
 /// A registered gateway.
 pub struct Peer {
     /// Its id in routes.
@@ -363,13 +373,22 @@ impl Wireguard {
     }
 
     /// Tells every gateway with a session that this broker is stopping, so
-    /// that it moves its traffic to another broker now (a gateway that
-    /// misses it hears the same in answer to its next ping).
-    pub fn announce_leaving(&self) {
-        for peer in &self.peers {
-            let established = peer.endpoint.lock().is_ok_and(|e| e.is_some());
-            if established {
-                self.send_control(peer, &Message::Leaving);
+    /// that it moves its traffic to another broker now: [`LEAVING_NOTICES`]
+    /// times, [`LEAVING_SPACING`] apart, since a broker that stops without
+    /// a drain exits right after, and a gateway that lost a single notice
+    /// would wait for the broker's silence. (A gateway that misses every
+    /// copy of a broker that drains hears the same in answer to its next
+    /// ping.) Returns once the last copy is sent.
+    pub async fn announce_leaving(&self) {
+        for notice in 0..LEAVING_NOTICES {
+            if notice > 0 {
+                tokio::time::sleep(LEAVING_SPACING).await;
+            }
+            for peer in &self.peers {
+                let established = peer.endpoint.lock().is_ok_and(|e| e.is_some());
+                if established {
+                    self.send_control(peer, &Message::Leaving);
+                }
             }
         }
     }
@@ -1026,6 +1045,174 @@ mod tests {
         assert!(!log.should_log(a, t + Duration::from_secs(30)));
         assert!(log.should_log(b, t + Duration::from_secs(30)));
         assert!(log.should_log(a, t + Duration::from_secs(61)));
+    }
+
+    /// What the broker around [`Wireguard`] tells it, for a test: no
+    /// routes, no zone, and a drain switched on by the test.
+    #[derive(Default)]
+    struct Control {
+        draining: std::sync::atomic::AtomicBool,
+        routes: std::sync::OnceLock<watch::Sender<u64>>,
+        zones: std::sync::OnceLock<watch::Sender<Option<Arc<tether_proto::dns::ZoneData>>>>,
+    }
+
+    impl GatewayControl for Control {
+        fn site_routes(&self, _: &RegionId) -> (u64, Vec<SiteRoute>) {
+            (1, Vec::new())
+        }
+        fn zone(&self, _: &RegionId) -> Option<tether_proto::dns::ZoneData> {
+            None
+        }
+        fn route_changes(&self) -> watch::Receiver<u64> {
+            self.routes.get_or_init(|| watch::channel(0).0).subscribe()
+        }
+        fn zone_changes(&self) -> watch::Receiver<Option<Arc<tether_proto::dns::ZoneData>>> {
+            self.zones
+                .get_or_init(|| watch::channel(None).0)
+                .subscribe()
+        }
+        fn draining(&self) -> bool {
+            self.draining.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// A gateway played by boringtun on a loopback socket.
+    struct TestGateway {
+        tunn: Tunn,
+        socket: UdpSocket,
+        broker: SocketAddr,
+        buf: Vec<u8>,
+        out: Vec<u8>,
+    }
+
+    impl TestGateway {
+        /// Sends a control message (queued until the handshake is done).
+        async fn send(&mut self, message: &Message) {
+            let packet =
+                control::control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &message.encode());
+            if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(&packet, &mut self.buf) {
+                self.socket.send_to(d, self.broker).await.unwrap();
+            }
+        }
+
+        /// The control messages that arrive within `within`, answering
+        /// handshakes on the way.
+        async fn messages(&mut self, within: Duration) -> Vec<Message> {
+            let deadline = tokio::time::Instant::now() + within;
+            let mut got = Vec::new();
+            while let Ok(Ok((n, _))) =
+                tokio::time::timeout_at(deadline, self.socket.recv_from(&mut self.out)).await
+            {
+                let mut result = self.tunn.decapsulate(None, &self.out[..n], &mut self.buf);
+                loop {
+                    match result {
+                        TunnResult::WriteToNetwork(d) => {
+                            self.socket.send_to(d, self.broker).await.unwrap();
+                            result = self.tunn.decapsulate(None, &[], &mut self.buf);
+                        }
+                        TunnResult::WriteToTunnelV4(p, _) => {
+                            if let Some(m) =
+                                control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
+                                    .and_then(|m| Message::decode(m).ok())
+                            {
+                                got.push(m);
+                            }
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            got
+        }
+    }
+
+    /// A broker's WireGuard side on a loopback socket, its receive loop
+    /// running, and a gateway with a session to it (it answered a ping).
+    async fn broker_and_gateway() -> (Arc<Wireguard>, Arc<Control>, TestGateway) {
+        let gateway = x25519::StaticSecret::from(tether_pki::wg::WgKey::generate().secret_bytes());
+        let text = format!(
+            "[wireguard]\nlisten = [\"127.0.0.1:0\"]\n\
+             [[gateway]]\nid = \"gw\"\nregion = \"local\"\npublic_key = {:?}\nprefixes = [\"10.20.0.0/16\"]\n",
+            tether_pki::wg::encode(x25519::PublicKey::from(&gateway).as_bytes())
+        );
+        let config = tether_config::broker::BrokerFile::parse(&text, "t")
+            .unwrap()
+            .validate("t")
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let control = Arc::new(Control::default());
+        let (wg, receivers) = start(&config, dir.path(), control.clone(), &Metrics::register())
+            .unwrap()
+            .unwrap();
+        for mut rx in receivers {
+            let wg = wg.clone();
+            tokio::spawn(async move {
+                loop {
+                    wg.receive(&mut rx, |_, _| {}).await;
+                }
+            });
+        }
+        let mut gw = TestGateway {
+            tunn: Tunn::new(
+                gateway,
+                x25519::PublicKey::from(wg.public_key()),
+                None,
+                None,
+                1,
+                None,
+            ),
+            socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            broker: wg.local_addrs()[0],
+            buf: vec![0u8; 65_536],
+            out: vec![0u8; 65_536],
+        };
+        for seq in 1..=20 {
+            gw.send(&Message::Ping { seq }).await;
+            let got = gw.messages(Duration::from_millis(250)).await;
+            if got.contains(&Message::Pong { seq }) {
+                return (wg, control, gw);
+            }
+        }
+        panic!("the broker never answered a ping");
+    }
+
+    #[tokio::test]
+    async fn a_ping_is_answered_with_its_sequence_number_and_with_leaving_during_a_drain() {
+        let (_wg, control, mut gw) = broker_and_gateway().await;
+        gw.send(&Message::Ping { seq: 77 }).await;
+        assert_eq!(
+            gw.messages(Duration::from_millis(300)).await,
+            [Message::Pong { seq: 77 }]
+        );
+        control
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        gw.send(&Message::Ping { seq: 78 }).await;
+        assert_eq!(
+            gw.messages(Duration::from_millis(300)).await,
+            [Message::Leaving]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopping_broker_tells_each_gateway_it_is_leaving_several_times() {
+        let (wg, control, mut gw) = broker_and_gateway().await;
+        control
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        wg.announce_leaving().await;
+        let took = started.elapsed();
+        // Spaced, and still quick: the broker exits right after.
+        assert!(
+            took >= LEAVING_SPACING * (LEAVING_NOTICES as u32 - 1),
+            "{took:?}"
+        );
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        // Three notices: a gateway that loses one (or two) still hears it.
+        let got = gw.messages(Duration::from_millis(300)).await;
+        assert_eq!(got, vec![Message::Leaving; 3]);
     }
 
     #[test]

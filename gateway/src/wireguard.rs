@@ -339,11 +339,9 @@ impl Shared {
             })
     }
 
-    /// Brokers whose sessions authenticated datagrams (`heard`), of which
-    /// those that answered a ping (`ponged`) and those that said they are
-    /// stopping (`leaving`), bit per broker.
-    fn heard(&self, heard: u64, ponged: u64, leaving: u64) {
-        if heard == 0 {
+    /// What one receive heard from the brokers.
+    fn heard(&self, heard: &Heard) {
+        if heard.heard == 0 {
             return;
         }
         let now = Instant::now();
@@ -351,11 +349,14 @@ impl Shared {
             return;
         };
         for i in 0..self.brokers.len() {
-            if leaving & (1 << i) != 0 {
+            // A "leaving" first: a pong in the same receive answers a ping
+            // sent before it, and the failover does not count it.
+            if heard.leaving & (1 << i) != 0 {
                 f.handle_leaving(i, now);
-            } else if ponged & (1 << i) != 0 {
-                f.handle_pong(i, now);
-            } else if heard & (1 << i) != 0 {
+            }
+            if let Some(seq) = heard.ponged.get(i).copied().flatten() {
+                f.handle_pong_of(i, seq, now);
+            } else if heard.heard & (1 << i) != 0 {
                 f.handle_heard(i, now);
             }
         }
@@ -747,9 +748,7 @@ async fn inbound(
         }
         let active = shared.target();
         let addrs = shared.addrs();
-        // Brokers heard from in this receive, and those that answered a
-        // ping, one bit per broker.
-        let (mut heard, mut ponged, mut leaving) = (0u64, 0u64, 0u64);
+        let mut heard = Heard::default();
         for (from, datagram) in receiver.datagrams() {
             let Some(index) = Shared::broker_of(&addrs, from) else {
                 shared.metrics.dropped(
@@ -787,8 +786,8 @@ async fn inbound(
                             control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
                         {
                             match Message::decode(payload) {
-                                Ok(Message::Pong { .. }) => ponged |= 1 << index,
-                                Ok(Message::Leaving) => leaving |= 1 << index,
+                                Ok(Message::Pong { seq }) => heard.pong(index, seq),
+                                Ok(Message::Leaving) => heard.leaving |= 1 << index,
                                 Ok(m @ Message::Routes { .. }) if index == active => {
                                     if let Some(set) = assembler.push(m) {
                                         sets.send_replace(Some(set));
@@ -824,7 +823,7 @@ async fn inbound(
                 )
             };
             match result {
-                Ok(()) => heard |= 1 << index,
+                Ok(()) => heard.heard |= 1 << index,
                 Err(e) => shared.metrics.refused(&e, from),
             }
             if let Some(p) = overflow.take() {
@@ -834,11 +833,40 @@ async fn inbound(
                 }
             }
         }
-        shared.heard(heard, ponged, leaving);
+        shared.heard(&heard);
         for (to, r) in replies.drain(..) {
             shared.send_all(to, &r, &[r.len()]).await;
         }
         write(&shared, &mut batch).await;
+    }
+}
+
+/// What one receive heard from the brokers, by slot.
+struct Heard {
+    /// Brokers whose sessions authenticated a datagram, a bit each.
+    heard: u64,
+    /// The highest sequence number among each broker's pongs.
+    ponged: [Option<u64>; MAX_BROKERS],
+    /// Brokers that said they are stopping, a bit each.
+    leaving: u64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self {
+            heard: 0,
+            ponged: [None; MAX_BROKERS],
+            leaving: 0,
+        }
+    }
+}
+
+impl Heard {
+    /// Broker `slot` answered the ping of sequence number `seq`.
+    fn pong(&mut self, slot: usize, seq: u64) {
+        if let Some(p) = self.ponged.get_mut(slot) {
+            *p = Some(p.map_or(seq, |s| s.max(seq)));
+        }
     }
 }
 

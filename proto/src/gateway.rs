@@ -158,8 +158,10 @@ pub enum Message {
     },
     /// Broker to gateway: this broker is stopping (a drain on SIGTERM);
     /// send the traffic to another broker now rather than after its
-    /// silence. Sent when the drain begins and as the answer to every ping
-    /// while it lasts; a gateway of an older release ignores it.
+    /// silence. Sent when the drain begins (a few times, in case one is
+    /// lost) and as the answer to every ping while it lasts; a gateway of
+    /// an older release ignores it. Only a pong of a ping sent after it
+    /// arrived brings the broker back ([`failover`]).
     Leaving,
     /// Gateway to broker: send me the broker list unless its version is
     /// `known` (0: I hold none). A broker of an older release ignores it.

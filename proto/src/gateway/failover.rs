@@ -15,8 +15,11 @@
 //! [`Failover::poll_timeout`] fires, sends each
 //! [`FailoverAction::Ping`] to its broker, reports
 //! [`Failover::handle_heard`] for every datagram a broker's WireGuard
-//! session authenticates and [`Failover::handle_pong`] for each
-//! [`super::Message::Pong`], logs each [`FailoverEvent`], and sends its
+//! session authenticates and [`Failover::handle_pong_of`] for each
+//! [`super::Message::Pong`] (with the sequence number it echoes) and
+//! [`Failover::handle_leaving`] for each [`super::Message::Leaving`] (a
+//! "leaving" before the pongs of the same receive), logs each
+//! [`FailoverEvent`], and sends its
 //! packets to [`Failover::target`].
 //!
 //! - Every broker gets a ping every [`PING_INTERVAL`], so the sessions to
@@ -39,7 +42,11 @@
 //!   traffic stays where it was.
 //! - A broker that says it is stopping ([`super::Message::Leaving`],
 //!   [`Failover::handle_leaving`]) is down at once, whatever else it still
-//!   sends while it drains, until it answers a ping again (a new process).
+//!   sends while it drains, until it answers a ping again (a new process,
+//!   or a fenced broker under its next etcd lease). Only a pong that
+//!   answers a ping sent after the "leaving" arrived counts: a pong that
+//!   the broker sent before it said so, and that arrives late (reordered,
+//!   or in the same receive), answers an older ping and changes nothing.
 //! - Brokers come and go while the gateway runs ([`super::brokers`]): a
 //!   learned broker is followed from then on ([`Failover::follow`]), a
 //!   forgotten one is no longer pinged nor chosen
@@ -133,6 +140,9 @@ struct Broker {
     up: bool,
     /// It said it is stopping, and has not answered a ping since.
     leaving: bool,
+    /// The last ping sequence number sent (to any broker) when it said it
+    /// is stopping: while `leaving`, only a pong of a later ping counts.
+    leaving_after: u64,
     next_ping: Instant,
     next_handshake: Instant,
 }
@@ -146,6 +156,7 @@ impl Broker {
             answers_pings: false,
             up: false,
             leaving: false,
+            leaving_after: 0,
             next_ping: now,
             // The first ping starts the first handshake.
             next_handshake: now + REHANDSHAKE_INTERVAL,
@@ -316,13 +327,36 @@ impl Failover {
         self.choose(now);
     }
 
-    /// Broker `broker` answered a ping: from now on its silence counts
-    /// after [`DEAD_AFTER`].
-    pub fn handle_pong(&mut self, broker: usize, now: Instant) {
-        if let Some(b) = self.brokers.get_mut(broker) {
+    /// Broker `broker` answered the ping of sequence number `seq` (the
+    /// [`FailoverAction::Ping`]'s, echoed in [`super::Message::Pong`]):
+    /// from now on its silence counts after [`DEAD_AFTER`].
+    ///
+    /// A broker that said it is leaving answers pings with `Leaving` while
+    /// it drains or is fenced, so a pong of a ping sent after its "leaving"
+    /// arrived is a broker that runs again (a new process, or a new etcd
+    /// lease): it counts as up. A pong of an earlier ping (or of one never
+    /// sent) was on its way before the "leaving" and is only a datagram
+    /// heard ([`handle_heard`](Self::handle_heard)).
+    pub fn handle_pong_of(&mut self, broker: usize, seq: u64, now: Instant) {
+        let sent = self.seq;
+        if let Some(b) = self.brokers.get_mut(broker).filter(|b| b.followed) {
             b.answers_pings = true;
-            // A broker that drains answers pings with `Leaving`: a pong is
-            // a broker that runs again.
+            if b.leaving && seq > b.leaving_after && seq <= sent {
+                b.leaving = false;
+            }
+        }
+        self.handle_heard(broker, now);
+    }
+
+    /// Broker `broker` answered a ping sent after anything it said before:
+    /// for a caller whose pongs cannot be late, such as a model of the
+    /// brokers that answers each ping at once. The gateway, whose pongs
+    /// can arrive after a "leaving" sent later, uses
+    /// [`handle_pong_of`](Self::handle_pong_of) with the echoed sequence
+    /// number.
+    pub fn handle_pong(&mut self, broker: usize, now: Instant) {
+        if let Some(b) = self.brokers.get_mut(broker).filter(|b| b.followed) {
+            b.answers_pings = true;
             b.leaving = false;
         }
         self.handle_heard(broker, now);
@@ -340,6 +374,9 @@ impl Failover {
             return;
         }
         b.leaving = true;
+        // Every ping sent so far may have been answered before the broker
+        // said it is leaving.
+        b.leaving_after = self.seq;
         b.up = false;
         self.events.push_back(FailoverEvent::Leaving { broker });
         let was_active = self.active == Some(broker);
@@ -479,13 +516,15 @@ mod tests {
                 self.now = t.max(self.now);
                 self.f.handle_timeout(self.now);
                 while let Some(action) = self.f.poll_action() {
-                    let (FailoverAction::Ping { broker, .. }
-                    | FailoverAction::Handshake { broker }) = action;
+                    let (broker, seq) = match action {
+                        FailoverAction::Ping { broker, seq } => (broker, Some(seq)),
+                        FailoverAction::Handshake { broker } => (broker, None),
+                    };
                     if self.alive[broker] {
                         if self.draining[broker] {
                             self.f.handle_leaving(broker, self.now);
-                        } else if self.pongs {
-                            self.f.handle_pong(broker, self.now);
+                        } else if let (true, Some(seq)) = (self.pongs, seq) {
+                            self.f.handle_pong_of(broker, seq, self.now);
                         } else {
                             self.f.handle_heard(broker, self.now);
                         }
@@ -599,8 +638,10 @@ mod tests {
             while let Some(a) = f.poll_action() {
                 match a {
                     FailoverAction::Handshake { broker } => handshakes.push((now - t0, broker)),
-                    FailoverAction::Ping { broker: 0, .. } if now < t0 + Duration::from_secs(2) => {
-                        f.handle_pong(0, now)
+                    FailoverAction::Ping { broker: 0, seq }
+                        if now < t0 + Duration::from_secs(2) =>
+                    {
+                        f.handle_pong_of(0, seq, now)
                     }
                     FailoverAction::Ping { .. } => {}
                 }
@@ -682,6 +723,7 @@ mod tests {
         let mut f = Failover::new(2, now);
         f.handle_heard(7, now);
         f.handle_pong(9, now);
+        f.handle_pong_of(9, 1, now);
         assert_eq!(f.active(), None);
         f.handle_pong(1, now + Duration::from_secs(2));
         // A report that arrives out of order does not move time back.
@@ -734,6 +776,103 @@ mod tests {
         sim.run(Duration::from_secs(2));
         assert_eq!(sim.f.target(), 0);
         assert_eq!(sim.f.failovers(), 2);
+    }
+
+    /// Fires the timer at `now` and returns the pings it sends, as
+    /// (broker, seq).
+    fn pings_at(f: &mut Failover, now: Instant) -> Vec<(usize, u64)> {
+        f.handle_timeout(now);
+        std::iter::from_fn(|| f.poll_action())
+            .filter_map(|a| match a {
+                FailoverAction::Ping { broker, seq } => Some((broker, seq)),
+                FailoverAction::Handshake { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The sequence number of the ping to `broker` among `pings`.
+    fn seq_to(pings: &[(usize, u64)], broker: usize) -> u64 {
+        pings
+            .iter()
+            .find(|(b, _)| *b == broker)
+            .map(|(_, s)| *s)
+            .unwrap_or_else(|| panic!("no ping to broker {broker} in {pings:?}"))
+    }
+
+    #[test]
+    fn a_pong_for_a_ping_sent_before_leaving_does_not_bring_the_broker_back() {
+        let t0 = Instant::now();
+        let mut f = Failover::new(2, t0);
+        let first = pings_at(&mut f, t0);
+        f.handle_pong_of(0, seq_to(&first, 0), t0);
+        f.handle_pong_of(1, seq_to(&first, 1), t0);
+        assert_eq!(f.active(), Some(0));
+        // The next ping to broker 0 goes out; the broker answers it, then
+        // starts its drain and says so, and the "leaving" overtakes the
+        // pong (or both arrive in one receive, the "leaving" applied
+        // first).
+        let t1 = t0 + PING_INTERVAL;
+        let before = pings_at(&mut f, t1);
+        let late = seq_to(&before, 0);
+        f.handle_leaving(0, t1);
+        assert_eq!(f.target(), 1);
+        while f.poll_event().is_some() {}
+        let t2 = t1 + Duration::from_millis(5);
+        f.handle_pong_of(0, late, t2);
+        f.handle_pong_of(0, seq_to(&first, 0), t2);
+        assert!(
+            !f.is_up(0),
+            "a pong sent before the \"leaving\" is not a broker back"
+        );
+        assert_eq!(f.target(), 1);
+        // A pong naming a ping never sent is no answer either.
+        f.handle_pong_of(0, late + 1000, t2);
+        assert!(!f.is_up(0));
+        assert_eq!(f.poll_event(), None);
+        // Nor does it count once more pings went out unanswered: only the
+        // answer to one of them does.
+        let t3 = t1 + PING_INTERVAL;
+        let after = pings_at(&mut f, t3);
+        f.handle_pong_of(0, late, t3);
+        assert!(!f.is_up(0));
+        // The broker answers a ping sent after its "leaving" with a pong:
+        // it runs again (a new process, or its next etcd lease).
+        f.handle_pong_of(0, seq_to(&after, 0), t3);
+        assert!(f.is_up(0));
+        assert_eq!(f.poll_event(), Some(FailoverEvent::Up { broker: 0 }));
+        assert_eq!(f.target(), 1, "the traffic stays where it went");
+    }
+
+    #[test]
+    fn a_fenced_broker_that_pongs_again_under_its_next_lease_is_up_again() {
+        // Fenced: it says "leaving" once, then answers every ping with
+        // "leaving" for a while; a pong of the previous lease arrives
+        // late; with its next lease it pongs the next ping.
+        let t0 = Instant::now();
+        let mut f = Failover::new(2, t0);
+        for (b, seq) in pings_at(&mut f, t0) {
+            f.handle_pong_of(b, seq, t0);
+        }
+        let mut now = t0 + PING_INTERVAL;
+        let stale = seq_to(&pings_at(&mut f, now), 0);
+        f.handle_leaving(0, now);
+        for _ in 0..8 {
+            now += PING_INTERVAL;
+            for (b, seq) in pings_at(&mut f, now) {
+                if b == 0 {
+                    f.handle_leaving(0, now);
+                    f.handle_pong_of(0, stale, now);
+                } else {
+                    f.handle_pong_of(b, seq, now);
+                }
+            }
+            assert!(!f.is_up(0), "fenced: down");
+        }
+        assert_eq!(f.target(), 1);
+        now += PING_INTERVAL;
+        let seq = seq_to(&pings_at(&mut f, now), 0);
+        f.handle_pong_of(0, seq, now);
+        assert!(f.is_up(0), "its next lease: up again");
     }
 
     #[test]
