@@ -161,8 +161,10 @@ fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_hea
     let keys = GatewayKeys::new("gw-1").unwrap();
     let mut cluster = Cluster::with_brokers(2, 1, &keys.broker_setup()).unwrap();
     // The gateway node on the core router, its backend behind it, and its
-    // configuration listing both brokers.
-    let mut gw = keys.attach(&cluster).unwrap();
+    // configuration listing broker 1 only, so that its traffic starts
+    // there (with both listed, it takes the first to answer); it learns
+    // broker 2 from broker 1.
+    let mut gw = keys.attach_listing(&cluster, &[1]).unwrap();
 
     // The site and the gateway's traffic both on broker 1.
     cluster.enroll(1, 1).unwrap();
@@ -185,6 +187,13 @@ fn a_gateway_leaves_a_broker_cut_off_from_etcd_and_counts_it_again_after_the_hea
         said_of(&gw.log_text(), 1, "traffic goes through this broker"),
         1,
         "the gateway uses broker 1:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || gw
+            .metric("tether_gateway_brokers_up")
+            == 2.0),
+        "the gateway learnt broker 2 and hears it:\n{}",
         gw.log_text()
     );
 
