@@ -13,7 +13,9 @@
 //!    the broker holding `lab-1` is killed with SIGKILL. The probe's gap
 //!    is from the kill to the first echo of a probe sent after it; the
 //!    backend's is its longest wait between two replies from the last one
-//!    before the kill on (its outage). `lab-1` must keep its address. The
+//!    before the kill on (its outage); with `--ha-kill site-only` the
+//!    gateway's traffic goes through another broker, which stays up (see
+//!    [`Kill::SiteOnly`]). `lab-1` must keep its address. The
 //!    killed broker is started again before the next round, which begins
 //!    when every broker counts three live brokers again, the gateway hears
 //!    all three and `lab-1` has a standby again.
