@@ -13,7 +13,9 @@
 //!    the broker holding `lab-1` is killed with SIGKILL. The probe's gap
 //!    is from the kill to the first echo of a probe sent after it; the
 //!    backend's is its longest wait between two replies from the last one
-//!    before the kill on (its outage). `lab-1` must keep its address. The
+//!    before the kill on (its outage); with `--ha-kill site-only` the
+//!    gateway's traffic goes through another broker, which stays up (see
+//!    [`Kill::SiteOnly`]). `lab-1` must keep its address. The
 //!    killed broker is started again before the next round, which begins
 //!    when every broker counts three live brokers again, the gateway hears
 //!    all three and `lab-1` has a standby again.
@@ -38,10 +40,26 @@ use crate::probe::{ECHO_PORT, unix_now};
 /// Time allowed for `lab-1` to answer again after a kill.
 const ROUND_LIMIT: Duration = Duration::from_secs(60);
 
+/// Which brokers a failover round kills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Kill {
+    /// The broker holding `lab-1`, wherever the gateway's traffic goes
+    /// (often that same broker: then the gateway's own failover is
+    /// measured too).
+    Holder,
+    /// Only the broker holding `lab-1`: before each kill the gateway's
+    /// traffic is moved to another broker if it went through that one
+    /// (the node stops hearing it for a moment), so the gateway keeps its
+    /// broker and only the site moves.
+    SiteOnly,
+}
+
 /// What to measure.
 pub(crate) struct Options {
     /// Kill rounds of the failover gap.
     pub rounds: usize,
+    /// Which brokers each round kills.
+    pub kill: Kill,
     /// Idle load-generator sites (0: skip 3 and 4).
     pub sites: usize,
     /// Seconds of the quiet interval.
@@ -77,7 +95,7 @@ pub(crate) fn run(opts: &Options) {
     gw.start().unwrap();
     gw.wait_routes(&a1).unwrap();
     throughput(&mut cluster, &a1, opts.duration);
-    failover(&mut cluster, &gw, &a1, opts.rounds);
+    failover(&mut cluster, &gw, &a1, opts.rounds, opts.kill);
     if opts.sites > 0 {
         idle_sites(&mut cluster, opts.sites, opts.quiet);
     }
@@ -230,9 +248,32 @@ fn percentiles(gaps: &mut [f64]) -> Option<(f64, f64, f64)> {
     Some((pick(0.5), pick(0.99), pick(1.0)))
 }
 
+/// Moves the gateway's traffic off broker `n` without touching the broker:
+/// the node stops hearing it until the gateway has moved, then hears it
+/// again (the traffic stays where it moved to).
+fn move_gateway_off(cluster: &Cluster, gw: &ClusterGateway, n: usize) {
+    let answers = gw.answers();
+    gw.silence(n).unwrap();
+    let moved = wait_for(Duration::from_secs(30), || gw.active_broker() != n);
+    gw.unsilence(n).unwrap();
+    assert!(
+        moved,
+        "the gateway did not move off broker {n}:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || gw.answers() > answers
+            && gw.metric("tether_gateway_brokers_up")
+                == cluster.brokers.len() as f64),
+        "the gateway does not hear broker {n} again:\n{}",
+        gw.log_text()
+    );
+}
+
 /// `rounds` kills of the broker holding `lab-1` while `lab-2` probes it
-/// and the gateway's backend pings it.
-fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize) {
+/// and the gateway's backend pings it; with [`Kill::SiteOnly`] the
+/// gateway's traffic goes through another broker, which stays up.
+fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize, kill: Kill) {
     let bench = binary("tether-bench").display().to_string();
     let _echo = crate::probe::start_echo(&cluster.sites[0].ns, cluster.path("echo.log"));
     let log = cluster.path("probe.log");
@@ -248,8 +289,14 @@ fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize)
     let ping_log = gw.path("backend-ping.log");
     let _ping = gw.ping(a1, &ping_log).unwrap();
     println!();
+    let killed = match kill {
+        Kill::Holder => "the broker holding lab-1 killed with SIGKILL",
+        Kill::SiteOnly => {
+            "only the broker holding lab-1 killed with SIGKILL (the gateway's traffic goes through another broker, which stays up)"
+        }
+    };
     println!(
-        "failover gap: lab-2 probes lab-1 every 10 ms (UDP echo), and a backend behind the cloud gateway pings lab-1 every 10 ms; the broker holding lab-1 killed with SIGKILL, {rounds} rounds"
+        "failover gap: lab-2 probes lab-1 every 10 ms (UDP echo), and a backend behind the cloud gateway pings lab-1 every 10 ms; {killed}, {rounds} rounds"
     );
     println!(
         "{:>5} {:>7} {:>7} {:>10} {:>9} {:>10} {:>7} {:>12} {:>7} {:>9}",
@@ -270,6 +317,9 @@ fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize)
         // Steady: lab-1 on one broker with a standby, echoes and replies
         // flowing.
         let victim = holder(cluster, "lab-1").expect("lab-1 has one broker");
+        if kill == Kill::SiteOnly && gw.active_broker() == victim {
+            move_gateway_off(cluster, gw, victim);
+        }
         let pinger = cluster.holders("lab-2");
         let gw_on = gw.active_broker();
         let flowing = wait_for(Duration::from_secs(30), || {
@@ -313,6 +363,14 @@ fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize)
             gw.log_text()
         );
         let (backend_gap, backend_lost) = backend_outage(&read(&ping_log), killed_at);
+        if kill == Kill::SiteOnly {
+            assert_eq!(
+                gw.active_broker(),
+                gw_on,
+                "round {round}: the gateway's traffic left broker {gw_on}, which was not killed:\n{}",
+                gw.log_text()
+            );
+        }
         let (seq, _, received) = first.unwrap();
         let text = read(&log);
         let last_before = echoes(&text)

@@ -172,6 +172,12 @@ struct Args {
     /// are counted.
     #[arg(long, default_value_t = 30)]
     ha_quiet: u64,
+    /// With --ha: which brokers each failover round kills: `holder` (the
+    /// broker holding the site, which may carry the gateway's traffic
+    /// too) or `site-only` (the gateway's traffic goes through another
+    /// broker, which stays up).
+    #[arg(long, value_enum, default_value = "holder")]
+    ha_kill: ha::Kill,
     #[command(subcommand)]
     probe: Option<probe::Probe>,
 }
@@ -647,6 +653,7 @@ fn main() {
     if let Some(rounds) = args.ha {
         ha::run(&ha::Options {
             rounds,
+            kill: args.ha_kill,
             sites: args.ha_sites,
             quiet: args.ha_quiet,
             duration: args.duration,

@@ -743,6 +743,43 @@ impl Cluster {
         out
     }
 
+    /// Broker `n`'s own sessions, from its admin API (`/v1/sessions`, the
+    /// rows it holds itself): each site with the packets from it and to
+    /// it so far. None if the broker does not answer within a second.
+    pub fn own_sessions(&self, n: usize) -> Option<std::collections::BTreeMap<String, (u64, u64)>> {
+        let token =
+            std::fs::read_to_string(self.path(&format!("broker{n}")).join("admin.token")).ok()?;
+        let auth = format!("Authorization: Bearer {}", token.trim());
+        let out = self.brokers[n - 1]
+            .ns
+            .command("curl")
+            .args([
+                "-sf",
+                "-m",
+                "1",
+                "-H",
+                &auth,
+                "http://127.0.0.1:7070/v1/sessions",
+            ])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        Some(
+            rows.iter()
+                .filter(|r| r["local"] == true)
+                .filter_map(|r| {
+                    Some((
+                        r["site"].as_str()?.to_string(),
+                        (r["rx_packets"].as_u64()?, r["tx_packets"].as_u64()?),
+                    ))
+                })
+                .collect(),
+        )
+    }
+
     /// A broker's log so far.
     pub fn broker_log(&self, n: usize) -> String {
         read(&self.brokers[n - 1].log)

@@ -10,7 +10,13 @@
 //!   runs out, it asks its sites to move (GOAWAY over HTTP/3 and over
 //!   HTTP/2), they come back on another broker
 //!   with the same addresses; after the heal it writes no stale ownership
-//!   and no site is held by two brokers;
+//!   and no site is held by two brokers. Every broker's own sessions and
+//!   etcd's owner records are read over and over (every 50 ms at most, a
+//!   thread each) from the cut to after the heal: a site's owner record
+//!   never names the cut-off broker again once it named another (no stale
+//!   re-claim), no site has sessions at two brokers for longer than a
+//!   handover takes, and the cut-off broker keeps no session of a site
+//!   etcd gave another broker (so it forwards nothing for it);
 //! - an etcd member cut off from the other two, with a broker that reaches
 //!   only that member: the broker's lease runs out and its sites move to
 //!   the brokers on the majority side, which are not fenced although the
@@ -27,6 +33,9 @@
 //!   and the longest gap of each step are printed (`ROLLING VIA GATEWAY`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::cluster::Cluster;
@@ -46,6 +55,170 @@ fn two_sites(at: impl Fn(usize) -> usize) -> (Cluster, Vec<String>) {
         addresses.push(cluster.up(k).unwrap());
     }
     (cluster, addresses)
+}
+
+/// How often the samplers read each broker's sessions and etcd's owners
+/// at most (each reading is a `curl` in a namespace: on a loaded machine
+/// they come less often).
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// How long a site may have sessions at two brokers, or a session at a
+/// broker etcd does not name, while it moves: the agent keeps the old
+/// connection for packets the old broker still sends until that broker
+/// closes it or 3 s pass (`tether_proto::agent::liveness::RETIRE_AFTER`);
+/// a broker cut off from etcd never learns of the move, so it is the
+/// 3 s, and 2 s more for the readings of a loaded machine.
+const HANDOVER: Duration = Duration::from_secs(5);
+
+/// Packets from and to a site over one session.
+type Packets = (u64, u64);
+
+/// What the samplers saw, each reading with when it was taken.
+#[derive(Default)]
+struct Seen {
+    /// Broker `n`'s own sessions: site -> packets.
+    sessions: Vec<(Instant, usize, BTreeMap<String, Packets>)>,
+    /// etcd's owner records: site -> broker number (0: no broker's id).
+    owners: Vec<(Instant, BTreeMap<String, usize>)>,
+}
+
+/// Sets the flag when dropped (also on a panic), so that the samplers end.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs `body` while every broker's own sessions and etcd's owner records
+/// are read every [`SAMPLE_EVERY`] (a thread each); `ids` names the
+/// brokers by their fleet ids. Returns what `body` returned and what was
+/// read.
+fn sampled<R>(
+    cluster: &Cluster,
+    ids: &BTreeMap<String, usize>,
+    body: impl FnOnce() -> R,
+) -> (R, Seen) {
+    let stop = AtomicBool::new(false);
+    let seen = Mutex::new(Seen::default());
+    let out = std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
+        for n in 1..=cluster.brokers.len() {
+            let (stop, seen) = (&stop, &seen);
+            scope.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let at = Instant::now();
+                    if let Some(own) = cluster.own_sessions(n) {
+                        seen.lock().unwrap().sessions.push((at, n, own));
+                    }
+                    std::thread::sleep(SAMPLE_EVERY.saturating_sub(at.elapsed()));
+                }
+            });
+        }
+        let (stop, seen) = (&stop, &seen);
+        scope.spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let at = Instant::now();
+                if let Ok(keys) = cluster.keys("fleet/owners/") {
+                    let owners = keys
+                        .into_iter()
+                        .filter_map(|(key, id)| {
+                            let site = key.rsplit('/').next()?.to_string();
+                            Some((site, ids.get(&id).copied().unwrap_or(0)))
+                        })
+                        .collect();
+                    seen.lock().unwrap().owners.push((at, owners));
+                }
+                std::thread::sleep(SAMPLE_EVERY.saturating_sub(at.elapsed()));
+            }
+        });
+        body()
+    });
+    (out, seen.into_inner().unwrap())
+}
+
+/// The stretches of time over which broker `n`'s readings list a session
+/// of `site` in a row (from the first such reading to the last).
+fn runs(seen: &Seen, n: usize, site: &str) -> Vec<(Instant, Instant)> {
+    let mut out = Vec::new();
+    let mut current: Option<(Instant, Instant)> = None;
+    let mut readings: Vec<_> = seen.sessions.iter().filter(|(_, b, _)| *b == n).collect();
+    readings.sort_by_key(|(at, _, _)| *at);
+    for (at, _, own) in readings {
+        match (own.contains_key(site), current.as_mut()) {
+            (true, Some(run)) => run.1 = *at,
+            (true, None) => current = Some((*at, *at)),
+            (false, _) => out.extend(current.take()),
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// Checks what the samplers saw while broker `cut` was cut off from etcd
+/// and after the heal: no site's owner record names `cut` again once it
+/// named another broker (no stale re-claim); no site has sessions at two
+/// brokers for longer than [`HANDOVER`]; and `cut` has no session of a
+/// site (so carries no packet of it) longer than [`HANDOVER`] after etcd
+/// named another broker for it.
+fn assert_one_owner_throughout(seen: &Seen, cut: usize, sites: &[String], brokers: usize) {
+    assert!(
+        seen.owners.len() > 20 && seen.sessions.len() > 20 * brokers,
+        "the samplers read: {} owner readings, {} session readings",
+        seen.owners.len(),
+        seen.sessions.len()
+    );
+    let mut owners: Vec<_> = seen.owners.iter().collect();
+    owners.sort_by_key(|(at, _)| *at);
+    let start = owners[0].0;
+    for site in sites {
+        // The owner record never goes back to the cut-off broker.
+        let mut moved: Option<(Instant, usize)> = None;
+        for (at, record) in &owners {
+            match (record.get(site).copied(), moved) {
+                (Some(b), None) if b != cut && b != 0 => moved = Some((*at, b)),
+                (Some(b), Some((since, other))) if b == cut => panic!(
+                    "{site}: etcd named broker {other} {:?} into the sampling, then broker {cut} again {:?} into it (a stale re-claim)",
+                    since - start,
+                    *at - start
+                ),
+                _ => {}
+            }
+        }
+        // Never at two brokers for longer than a handover.
+        for a in 1..=brokers {
+            for b in a + 1..=brokers {
+                for (a0, a1) in runs(seen, a, site) {
+                    for (b0, b1) in runs(seen, b, site) {
+                        let (from, to) = (a0.max(b0), a1.min(b1));
+                        assert!(
+                            to.saturating_duration_since(from) <= HANDOVER,
+                            "{site}: sessions at brokers {a} and {b} together for {:?}, from {:?} into the sampling",
+                            to - from,
+                            from.saturating_duration_since(start)
+                        );
+                    }
+                }
+            }
+        }
+        // The cut-off broker lets go of a site that etcd gave another
+        // broker.
+        if let Some((since, other)) = moved {
+            let stale: Vec<_> = seen
+                .sessions
+                .iter()
+                .filter(|(at, b, own)| {
+                    *b == cut && *at > since + HANDOVER && own.contains_key(site)
+                })
+                .map(|(at, _, own)| (at.duration_since(since), own[site]))
+                .collect();
+            assert!(
+                stale.is_empty(),
+                "{site}: broker {cut} still had a session after etcd named broker {other} (time since, packets from/to the site): {stale:?}"
+            );
+        }
+    }
 }
 
 /// Every site still has the address it had in `before`.
@@ -91,54 +264,70 @@ fn a_broker_cut_off_from_etcd_hands_its_sites_over_and_writes_no_stale_owner() {
         "site 1 reaches site 2 on broker 1"
     );
 
-    let cut = Instant::now();
-    cluster.partition(1).unwrap();
-    // Within the lease's 5 s and a handover, both sites are on another
-    // broker, with their addresses.
-    let (moved, holders) = cluster.wait_sites_off(1, Duration::from_secs(30));
-    let took = cut.elapsed();
-    assert!(
-        moved,
-        "the sites left the broker cut off from etcd (holders {holders:?}); broker 1:\n{}",
-        cluster.broker_log(1)
-    );
-    println!("PARTITION: both sites on other brokers {took:.1?} after the cut");
-    assert!(
-        cluster
-            .broker_log(1)
-            .contains("lease ran out, so it can no longer prove it holds its sites"),
-        "broker 1 says why:\n{}",
-        cluster.broker_log(1)
-    );
-    assert_addresses_kept(&cluster, &before);
-    assert!(
-        matches!(&cluster.transports("lab-2")[..], [(_, t)] if t == "h2"),
-        "site 2 moved over HTTP/2: {:?}",
-        cluster.transports("lab-2")
-    );
-    let etcd_owners = cluster.owners().unwrap();
-    for site in &cluster.sites {
-        let owner = etcd_owners.get(&site.name).copied();
+    // Every broker's sessions and etcd's owner records are read every
+    // 50 ms from here until a while after the heal.
+    let ids = cluster.broker_numbers().unwrap();
+    assert_eq!(ids.len(), 3, "three brokers in the fleet: {ids:?}");
+    let ((), seen) = sampled(&cluster, &ids, || {
+        let cut = Instant::now();
+        cluster.partition(1).unwrap();
+        // Within the lease's 5 s and a handover, both sites are on another
+        // broker, with their addresses.
+        let (moved, holders) = cluster.wait_sites_off(1, Duration::from_secs(30));
+        let took = cut.elapsed();
         assert!(
-            matches!(owner, Some(b) if b == 2 || b == 3),
-            "{}: etcd names broker {owner:?}",
-            site.name
+            moved,
+            "the sites left the broker cut off from etcd (holders {holders:?}); broker 1:\n{}",
+            cluster.broker_log(1)
         );
-    }
-    // The sites reach each other through their new brokers.
-    assert!(
-        wait_for(Duration::from_secs(10), || cluster.sites[0]
-            .ns
-            .succeeds("ping", &["-c", "1", "-W", "1", &to])),
-        "site 1 reaches site 2 after the move (holders {holders:?}); broker 2:\n{}\nbroker 3:\n{}",
-        cluster.broker_log(2),
-        cluster.broker_log(3)
-    );
+        println!("PARTITION: both sites on other brokers {took:.1?} after the cut");
+        assert!(
+            cluster
+                .broker_log(1)
+                .contains("lease ran out, so it can no longer prove it holds its sites"),
+            "broker 1 says why:\n{}",
+            cluster.broker_log(1)
+        );
+        assert_addresses_kept(&cluster, &before);
+        assert!(
+            matches!(&cluster.transports("lab-2")[..], [(_, t)] if t == "h2"),
+            "site 2 moved over HTTP/2: {:?}",
+            cluster.transports("lab-2")
+        );
+        let etcd_owners = cluster.owners().unwrap();
+        for site in &cluster.sites {
+            let owner = etcd_owners.get(&site.name).copied();
+            assert!(
+                matches!(owner, Some(b) if b == 2 || b == 3),
+                "{}: etcd names broker {owner:?}",
+                site.name
+            );
+        }
+        // The sites reach each other through their new brokers.
+        assert!(
+            wait_for(Duration::from_secs(10), || cluster.sites[0]
+                .ns
+                .succeeds("ping", &["-c", "1", "-W", "1", &to])),
+            "site 1 reaches site 2 after the move (holders {holders:?}); broker 2:\n{}\nbroker 3:\n{}",
+            cluster.broker_log(2),
+            cluster.broker_log(3)
+        );
 
-    cluster.heal(1).unwrap();
-    // Broker 1 joins the fleet again under a new lease, and then every
-    // site has one holder, the one etcd names.
-    cluster.rejoined(1).unwrap();
+        cluster.heal(1).unwrap();
+        // Broker 1 joins the fleet again under a new lease, and then every
+        // site has one holder, the one etcd names.
+        cluster.rejoined(1).unwrap();
+        // A while longer: a stale re-claim would come right after the
+        // rejoin.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let names: Vec<String> = cluster.sites.iter().map(|s| s.name.clone()).collect();
+    assert_one_owner_throughout(&seen, 1, &names, 3);
+    println!(
+        "PARTITION: {} readings of etcd's owners and {} of the brokers' sessions, one owner per site throughout",
+        seen.owners.len(),
+        seen.sessions.len()
+    );
     assert_addresses_kept(&cluster, &before);
     assert!(
         cluster.brokers[0].metric("tether_broker_fleet_fenced_total") >= 1.0,

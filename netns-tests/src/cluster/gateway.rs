@@ -292,6 +292,29 @@ impl ClusterGateway {
         crate::metric_sum(&self.metrics_text(), prefix)
     }
 
+    /// Drops everything the gateway node sends to broker `n` (nftables on
+    /// the node), so that the gateway hears nothing more from it and
+    /// moves its traffic to another broker, while the broker itself and
+    /// its sites go on as before. [`unsilence`](Self::unsilence) ends it.
+    pub fn silence(&self, n: usize) -> io::Result<()> {
+        let rules = format!(
+            "table inet silence{n} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n  ip daddr {} drop\n }}\n}}\n",
+            broker_ip(n)
+        );
+        let file = self.path(&format!("silence{n}.nft"));
+        std::fs::write(&file, rules)?;
+        self.node
+            .run("nft", &["-f", &file.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Ends [`silence`](Self::silence) of broker `n`.
+    pub fn unsilence(&self, n: usize) -> io::Result<()> {
+        self.node
+            .run("nft", &["delete", "table", "inet", &format!("silence{n}")])
+            .map(|_| ())
+    }
+
     /// The broker (1-based) its log last named as carrying its traffic;
     /// broker 1 if it names none.
     pub fn active_broker(&self) -> usize {
