@@ -30,11 +30,11 @@ use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake};
 use boringtun::x25519;
-use tether_config::broker::Peering;
-use tether_pki::wg::WgKey;
-use tether_pki::link::LinkProofError;
-use tether_proto::fleet::{BrokerId, Fleet, Member};
 use rustls::pki_types::CertificateDer;
+use tether_config::broker::Peering;
+use tether_pki::link::LinkProofError;
+use tether_pki::wg::WgKey;
+use tether_proto::fleet::{BrokerId, Fleet, Member};
 use tether_proto::forward::DropReason;
 use tether_proto::peering::{LINK_KEEPALIVE, LinkHealth};
 use tether_shell::wireguard::{Gate, HandshakeGate};
@@ -377,7 +377,9 @@ impl Link {
                 c.checked = SystemTime::UNIX_EPOCH;
             }
         }
-        checks.by_id.retain(|id, _| fleet.members().contains_key(id));
+        checks
+            .by_id
+            .retain(|id, _| fleet.members().contains_key(id));
         let now = SystemTime::now();
         // One per link key among the admitted: a broker restarted under a
         // new id is reached there, not under the announcement its previous
@@ -797,7 +799,10 @@ mod tests {
         let ids = |set: BTreeSet<BrokerId>| set.into_iter().collect::<Vec<_>>();
         assert_eq!(ids(link.set_peers(&fleet, &strict)), ["proven"]);
         assert_eq!(
-            link.peers().iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            link.peers()
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect::<Vec<_>>(),
             ["proven"]
         );
         let refused = |link: &Link| {

@@ -165,10 +165,8 @@ async fn join_fleet(
                 link_key: Some(tether_pki::wg::encode(&link.public_key())),
                 link_proof: Some(proof),
                 gateways: crate::peering::announced_gateways(&broker.config),
-                link_keepalive_ms: u32::try_from(
-                    tether_proto::peering::LINK_KEEPALIVE.as_millis(),
-                )
-                .ok(),
+                link_keepalive_ms: u32::try_from(tether_proto::peering::LINK_KEEPALIVE.as_millis())
+                    .ok(),
                 gateway_endpoint: crate::wireguard::gateway_endpoint(&broker.config),
             })
         }
@@ -188,10 +186,14 @@ async fn join_fleet(
             while reissued.changed().await.is_ok() {
                 match announcement() {
                     Ok(member) => {
-                        tracing::info!("link certificate reissued; announcing the link key with its new proof");
+                        tracing::info!(
+                            "link certificate reissued; announcing the link key with its new proof"
+                        );
                         fleet.announce(member);
                     }
-                    Err(e) => tracing::warn!(error = %e, "link certificate reissued, but the link key could not be proven with it; the fleet keeps the earlier proof"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link certificate reissued, but the link key could not be proven with it; the fleet keeps the earlier proof")
+                    }
                 }
             }
         })

@@ -40,7 +40,8 @@ const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01]
 /// its bytes), the 32 bytes of the link key, and `not_after` (Unix
 /// seconds, 8 bytes big-endian).
 pub fn statement(fleet_id: &str, endpoint: &str, link_key: &[u8; 32], not_after: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(STATEMENT_CONTEXT.len() + fleet_id.len() + endpoint.len() + 48);
+    let mut out =
+        Vec::with_capacity(STATEMENT_CONTEXT.len() + fleet_id.len() + endpoint.len() + 48);
     out.extend_from_slice(STATEMENT_CONTEXT);
     for field in [fleet_id, endpoint] {
         let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
@@ -78,7 +79,9 @@ impl LinkSigner {
     /// makes it: an ECDSA P-256 key, PKCS#8).
     pub fn new(cert: CertificateDer<'static>, key: &PrivateKeyDer<'_>) -> Result<Self, PkiError> {
         let PrivateKeyDer::Pkcs8(pkcs8) = key else {
-            return Err(PkiError::BadCa("the link certificate's key is not PKCS#8".into()));
+            return Err(PkiError::BadCa(
+                "the link certificate's key is not PKCS#8".into(),
+            ));
         };
         let key = EcdsaKeyPair::from_pkcs8(
             &ECDSA_P256_SHA256_ASN1_SIGNING,
@@ -213,9 +216,16 @@ pub fn verify(
         None,
     )
     .map_err(|e| match e {
-        webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
-            LinkProofError::Expired(format!("certificate: {e}"))
-        }
+        // Without the time of the check, so that one record's reason stays
+        // the same from one check to the next.
+        webpki::Error::CertExpired { not_after, .. } => LinkProofError::Expired(format!(
+            "the certificate ended at Unix time {}",
+            not_after.as_secs()
+        )),
+        webpki::Error::CertNotValidYet { not_before, .. } => LinkProofError::Expired(format!(
+            "the certificate starts at Unix time {}",
+            not_before.as_secs()
+        )),
         webpki::Error::RequiredEkuNotFoundContext(_) | webpki::Error::EmptyEkuExtension => {
             LinkProofError::NotABroker("no serverAuth extended key usage".into())
         }
@@ -405,10 +415,7 @@ mod tests {
             assert_eq!(err, LinkProofError::BadSignature, "{id} {endpoint}");
         }
         // The field boundaries are part of what is signed.
-        assert_ne!(
-            statement("ab", "c", &KEY, 1),
-            statement("a", "bc", &KEY, 1)
-        );
+        assert_ne!(statement("ab", "c", &KEY, 1), statement("a", "bc", &KEY, 1));
         // A tampered signature, or another broker's valid signature.
         let mut tampered = proof.clone();
         let mut sig = data_encoding::BASE64

@@ -206,7 +206,10 @@ async fn only_brokers_proven_by_the_ca_are_peers_of_the_link() {
                     before = proof.cert;
                     break;
                 }
-                assert!(Instant::now() < deadline, "{step}: A's proof was not renewed");
+                assert!(
+                    Instant::now() < deadline,
+                    "{step}: A's proof was not renewed"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
