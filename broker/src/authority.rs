@@ -13,7 +13,11 @@
 //! [`Authority::reload`], which swaps the trusted CAs of the TLS listeners
 //! and reissues the broker's server certificates, one per trusted CA,
 //! without touching established connections. [`Authority::trust`] is what
-//! the broker's `/metrics` reports of it.
+//! the broker's `/metrics` reports of it. With them it issues the broker's
+//! link certificate ([`Authority::link_signer`]), which vouches for the
+//! broker-to-broker link key in the fleet record
+//! ([`tether_pki::link`]); [`Authority::link_signer_changes`] tells when
+//! it was reissued, so the record is written again then.
 //!
 //! The phases and their rules are [`tether_pki::rotation`]'s.
 
@@ -26,6 +30,7 @@ use rustls::pki_types::CertificateDer;
 use tether_config::broker::{BrokerConfig, DEFAULT_KEK_FILE};
 use tether_pki::ca::{CA_CERT_FILE, CA_KEY_FILE, DEFAULT_SERVER_CERT_LIFETIME};
 use tether_pki::kek::{Kek, KekError, StoredKey};
+use tether_pki::link::LinkSigner;
 use tether_pki::rotation::{CaPem, CaState, Phase, RotationError};
 use tether_pki::tls::ServerCert;
 use tether_pki::{Ca, CertSlot, IssuedCert, PkiError, SiteIdentity, TrustAnchors, TrustDomain};
@@ -81,8 +86,11 @@ struct Loaded {
     state: CaState,
     /// The trust bundle, the signing CA first.
     bundle: Vec<Arc<Ca>>,
-    /// When the earliest of the broker's server certificates expires.
+    /// When the earliest of the broker's server certificates (and its
+    /// link certificate) expires.
     server_not_after: SystemTime,
+    /// The link certificate, from the signing CA.
+    link: Arc<LinkSigner>,
 }
 
 /// The broker's view of the deployment's CA (see the module documentation).
@@ -96,6 +104,8 @@ pub struct Authority {
     anchors: Arc<TrustAnchors>,
     loaded: RwLock<Arc<Loaded>>,
     kek: RwLock<Kek>,
+    /// Bumped whenever the link certificate is reissued.
+    link_reissued: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -305,6 +315,7 @@ impl Authority {
             .next()
             .ok_or_else(|| AuthorityError::Damaged("no CA".into()))?;
         let slot = Arc::new(CertSlot::new(chain, key)?);
+        let link = Self::link_cert(&bundle, &server_names, &server_ips)?;
         let authority = Self {
             trust_domain: config.trust_domain.clone(),
             store,
@@ -320,8 +331,10 @@ impl Authority {
                 state: state.clone(),
                 bundle: bundle.clone(),
                 server_not_after,
+                link,
             })),
             kek: RwLock::new(kek),
+            link_reissued: tokio::sync::watch::Sender::new(0),
         };
         authority.install(raw, state, bundle)?;
         Ok((authority, created))
@@ -387,8 +400,24 @@ impl Authority {
         Ok((out, earliest))
     }
 
+    /// The link certificate, from the signing CA (the first of `bundle`):
+    /// a broker certificate with a key of its own, which signs nothing but
+    /// the link's proof ([`tether_pki::link`]).
+    fn link_cert(
+        bundle: &[Arc<Ca>],
+        names: &[String],
+        ips: &[IpAddr],
+    ) -> Result<Arc<LinkSigner>, AuthorityError> {
+        let signer = bundle
+            .first()
+            .ok_or_else(|| AuthorityError::Damaged("no CA".into()))?;
+        let (cert, key) =
+            signer.issue_server(names, ips, SystemTime::now(), DEFAULT_SERVER_CERT_LIFETIME)?;
+        Ok(Arc::new(LinkSigner::new(cert.der, &key)?))
+    }
+
     /// Makes `state` the one in use: trusted CAs, server certificates,
-    /// metrics.
+    /// link certificate, metrics.
     fn install(
         &self,
         raw: String,
@@ -399,6 +428,8 @@ impl Authority {
             bundle.iter().map(|ca| ca.cert_der().clone()).collect();
         let (certs, server_not_after) =
             Self::server_certs(&bundle, &self.server_names, &self.server_ips)?;
+        let link = Self::link_cert(&bundle, &self.server_names, &self.server_ips)?;
+        let server_not_after = server_not_after.min(link.not_after());
         // Trust first, then present: a site renewed into a new CA is
         // accepted before any broker certificate from it is shown.
         self.anchors.replace(&ders)?;
@@ -416,8 +447,10 @@ impl Authority {
                 state,
                 bundle,
                 server_not_after,
+                link,
             });
         }
+        self.link_reissued.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -622,6 +655,18 @@ impl Authority {
             .iter()
             .map(|ca| ca.cert_pem().to_string())
             .collect()
+    }
+
+    /// The broker's link certificate, from the signing CA: it proves the
+    /// broker-to-broker link key in the fleet record.
+    pub fn link_signer(&self) -> Arc<LinkSigner> {
+        self.loaded().link.clone()
+    }
+
+    /// Changes whenever the link certificate is reissued (a CA change, or
+    /// renewal well before its end).
+    pub fn link_signer_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.link_reissued.subscribe()
     }
 
     /// The CAs the TLS listeners trust (follows every change).

@@ -25,6 +25,10 @@
 //! transactions that write only where no other broker holds the site; a
 //! site held elsewhere ends its session here ([`Decision::EndSession`]).
 //!
+//! The announcement is written again, under the same lease, only when the
+//! broker changes it ([`FleetHandle::announce`]: a new link certificate,
+//! rare), never per renewal.
+//!
 //! Claims and releases change the view at once ([`FleetHandle::claim`],
 //! [`FleetHandle::release`]), also while the task waits for etcd, so that
 //! a site deciding to connect without etcd is judged by the sessions the
@@ -70,6 +74,8 @@ const RETRY: Duration = Duration::from_millis(500);
 enum Command {
     Claim(SiteId),
     Release(SiteId),
+    /// Write this announcement in place of the current one.
+    Announce(Box<Member>),
     /// Leave the fleet: revoke the lease (the announcement and every owner
     /// key with it), answer, and stop.
     Leave(oneshot::Sender<()>),
@@ -103,6 +109,13 @@ impl FleetHandle {
 
     fn with_fleet<T>(&self, f: impl FnOnce(&mut Fleet) -> T) -> T {
         with_fleet(&self.fleet, &self.changes, &self.view, f)
+    }
+
+    /// Announces `member` in place of this broker's announcement (as when
+    /// its link certificate was reissued): written under the current
+    /// lease, or with the next one while etcd cannot be reached.
+    pub fn announce(&self, member: Member) {
+        let _ = self.commands.send(Command::Announce(Box::new(member)));
     }
 
     /// Leaves the fleet now rather than at the lease's expiry: the lease is
@@ -233,11 +246,18 @@ impl Keys {
     }
 }
 
-/// Joins the fleet: announces `member` under a new id and starts the task
-/// that keeps the announcement, the claims and the view current. The
-/// receiver yields what the broker must do when ownership moves.
+/// A new id in the fleet, for one run of a broker.
+pub fn new_id() -> BrokerId {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Joins the fleet: announces `member` under the id `me` ([`new_id`]) and
+/// starts the task that keeps the announcement, the claims and the view
+/// current. The receiver yields what the broker must do when ownership
+/// moves.
 pub async fn start(
     config: &EtcdConfig,
+    me: BrokerId,
     member: Member,
 ) -> Result<
     (
@@ -252,7 +272,6 @@ pub async fn start(
         client.clone(),
         config.clone(),
     ));
-    let me: BrokerId = format!("{:016x}", rand::random::<u64>());
     let fleet = Arc::new(Mutex::new(Fleet::new(me.clone())));
     let (changes, _) = watch::channel(0);
     let (view, _) = watch::channel(0);
@@ -430,6 +449,8 @@ impl Task {
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Claim(_) | Command::Release(_) => {}
+                // Written below.
+                Command::Announce(member) => self.member = *member,
                 // No lease to revoke (the last one is gone); stop here.
                 Command::Leave(done) => {
                     self.left = true;
@@ -446,13 +467,7 @@ impl Task {
         let lease = granted.id();
         let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
         self.with_fleet(|f| f.handle_granted(asked, granted_ttl));
-        let value = serde_json::to_vec(&self.member).map_err(|e| self.error("announce", e))?;
-        let key = format!("{}{}", self.keys.brokers, self.me);
-        self.bounded(
-            "announce",
-            c.put(key, value, Some(PutOptions::new().with_lease(lease))),
-        )
-        .await?;
+        self.announce(lease).await?;
         let claimed: Vec<SiteId> = self.with_fleet(|f| f.claimed().cloned().collect());
         for site in claimed {
             self.reclaim(lease, &site).await?;
@@ -475,6 +490,19 @@ impl Task {
         self.decide(decisions);
         tracing::info!(broker = %self.me, lease = lease, "joined the broker fleet");
         Ok(Joined { lease, revision })
+    }
+
+    /// Writes this broker's announcement under `lease`.
+    async fn announce(&self, lease: i64) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let value = serde_json::to_vec(&self.member).map_err(|e| self.error("announce", e))?;
+        let key = format!("{}{}", self.keys.brokers, self.me);
+        self.bounded(
+            "announce",
+            c.put(key, value, Some(PutOptions::new().with_lease(lease))),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn put_claim(&self, lease: i64, site: &SiteId) -> Result<(), StoreError> {
@@ -653,6 +681,12 @@ impl Task {
                     }
                     Some(Command::Release(site)) => {
                         self.release(&site).await?;
+                    }
+                    Some(Command::Announce(member)) => {
+                        // Kept first, so that a failed write is made with
+                        // the next lease.
+                        self.member = *member;
+                        self.announce(joined.lease).await?;
                     }
                     Some(Command::Leave(done)) => {
                         let revoked = tokio::time::timeout(self.timeout, c.lease_revoke(joined.lease)).await;

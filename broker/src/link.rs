@@ -4,33 +4,37 @@
 //!
 //! Each broker has its own link key (`peering.key` in the data directory)
 //! and announces the public half with the link's address in its fleet
-//! record in etcd ([`tether_proto::fleet::Member`]). The peers of the link
-//! are exactly the live members of the fleet that announce one
-//! ([`Link::set_peers`]): a broker that leaves the fleet (its etcd lease
-//! expired) stops being a peer, and a datagram from any other key is
-//! refused. Trusting the announced keys is trusting whoever may write the
-//! fleet's keys in etcd, which already decides every address and token of
-//! the deployment (see `docs/ha.md`).
+//! record in etcd ([`tether_proto::fleet::Member`]), with the proof that
+//! the deployment's CA vouches for it ([`tether_pki::link`]: a broker
+//! certificate's signature over the key, the broker's fleet id and the
+//! link's address). The peers of the link are exactly the live members of
+//! the fleet that announce a link with a proof that verifies against the
+//! trust bundle ([`Link::set_peers`], [`Admission`]): a broker that leaves
+//! the fleet (its etcd lease expired) stops being a peer, a record whose
+//! proof is missing or wrong is never one, and a datagram from any other
+//! key is refused (see `docs/ha.md`).
 //!
 //! This module only encrypts, sends, receives and decrypts; what to relay
 //! is decided in [`tether_proto::forward::Router::decide`], and the
 //! forwarding plane runs the receive loop
 //! ([`crate::plane::Plane::attach_link`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake};
 use boringtun::x25519;
+use rustls::pki_types::CertificateDer;
 use tether_config::broker::Peering;
+use tether_pki::link::LinkProofError;
 use tether_pki::wg::WgKey;
-use tether_proto::fleet::{BrokerId, Fleet};
+use tether_proto::fleet::{BrokerId, Fleet, Member};
 use tether_proto::forward::DropReason;
 use tether_proto::peering::{LINK_KEEPALIVE, LinkHealth};
 use tether_shell::wireguard::{Gate, HandshakeGate};
@@ -108,6 +112,41 @@ impl LinkPeer {
     }
 }
 
+/// What makes a live member of the fleet a peer of the link.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// The deployment's trust bundle (during a CA rotation, the old and
+    /// the new CA): what a link certificate must chain to.
+    pub anchors: Vec<CertificateDer<'static>>,
+    /// Also make peers of records that carry no proof at all, as brokers
+    /// of releases before proofs write them (`peering.allow_unproven_peers`,
+    /// for a rolling upgrade). A record with a proof that fails is refused
+    /// all the same.
+    pub allow_unproven: bool,
+}
+
+/// How long a refused record's verdict is kept before it is checked
+/// again (a certificate not yet valid by this broker's clock may become
+/// valid; a record that changes is checked at once).
+const RECHECK_REFUSED: Duration = Duration::from_secs(30);
+
+/// The verdict on one member's record.
+struct Check {
+    /// The record judged.
+    record: Member,
+    /// Proven until then (`None`: admitted without a proof), or refused
+    /// with the reason.
+    outcome: Result<Option<SystemTime>, LinkProofError>,
+    checked: SystemTime,
+}
+
+/// The verdicts on the fleet's records, under one admission.
+#[derive(Default)]
+struct Checks {
+    admission: Admission,
+    by_id: HashMap<BrokerId, Check>,
+}
+
 #[derive(Default)]
 struct Peers {
     by_id: BTreeMap<BrokerId, Arc<LinkPeer>>,
@@ -134,6 +173,10 @@ pub struct Link {
     /// Handshakes refused for a wrong MAC, or answered with a cookie.
     bad_mac: metrics::Counter,
     cookies: metrics::Counter,
+    /// Verdicts on the fleet's records, and the records refused (each
+    /// counted and logged once per record and reason).
+    checks: Mutex<Checks>,
+    unverified: metrics::Counter,
 }
 
 impl std::fmt::Debug for Link {
@@ -185,6 +228,8 @@ pub async fn start(config: &Peering, data_dir: &Path) -> anyhow::Result<Arc<Link
         gate: HandshakeGate::new(&public),
         bad_mac: metrics::counter!("tether_broker_peer_refused_total", "reason" => "bad_mac"),
         cookies: metrics::counter!("tether_broker_peer_refused_total", "reason" => "under_load"),
+        checks: Mutex::new(Checks::default()),
+        unverified: metrics::counter!("tether_broker_peer_refused_total", "reason" => "unverified"),
     });
     let timers = Arc::downgrade(&link);
     tokio::spawn(async move {
@@ -238,16 +283,113 @@ impl Link {
             .unwrap_or_default()
     }
 
+    /// Whether `member`'s record makes it a peer: its link key proven by
+    /// the deployment's CA (or no proof at all, where `admission` allows
+    /// it). A refusal is counted and logged once per record and reason.
+    fn admit(
+        &self,
+        checks: &mut Checks,
+        id: &BrokerId,
+        member: &Member,
+        admission: &Admission,
+        now: SystemTime,
+    ) -> bool {
+        let Some((endpoint, key)) = member.link() else {
+            return false;
+        };
+        // An unusable key or address is reported by `set_peers`.
+        let Some(key) = tether_pki::wg::decode(key) else {
+            return true;
+        };
+        let cached = checks.by_id.get(id).filter(|c| {
+            c.record == *member
+                && match &c.outcome {
+                    Ok(Some(until)) => now < *until,
+                    Ok(None) => true,
+                    Err(_) => now.duration_since(c.checked).unwrap_or_default() < RECHECK_REFUSED,
+                }
+        });
+        if let Some(check) = cached {
+            return check.outcome.is_ok();
+        }
+        let outcome = match &member.link_proof {
+            None if admission.allow_unproven => Ok(None),
+            None => Err(LinkProofError::Missing),
+            Some(proof) => {
+                tether_pki::link::verify(proof, id, endpoint, &key, &admission.anchors, now)
+                    .map(Some)
+            }
+        };
+        let told = checks
+            .by_id
+            .get(id)
+            .is_some_and(|c| c.record == *member && c.outcome == outcome);
+        if outcome == Ok(None) && !told {
+            tracing::warn!(
+                broker = %id,
+                endpoint,
+                "fleet: the broker announces its link key without a proof; a peer of the link all the same, as peering.allow_unproven_peers says"
+            );
+        }
+        if let Err(e) = &outcome
+            && !told
+        {
+            self.unverified.increment(1);
+            tracing::warn!(
+                broker = %id,
+                endpoint,
+                reason = %e,
+                "fleet: the broker's link key is not proven by the deployment's CA; it is not a peer of the link"
+            );
+        }
+        let admitted = outcome.is_ok();
+        checks.by_id.insert(
+            id.clone(),
+            Check {
+                record: member.clone(),
+                outcome,
+                checked: now,
+            },
+        );
+        admitted
+    }
+
     /// Makes the live members of `fleet` that announce a link (other than
-    /// this broker) the peers: new ones are added and greeted with a
-    /// handshake, gone ones removed, one whose key or address changed
-    /// (restarted with a new data directory) starts afresh.
-    pub fn set_peers(&self, fleet: &Fleet) {
+    /// this broker) whose key `admission` accepts the peers: new ones are
+    /// added and greeted with a handshake, gone ones removed, one whose key
+    /// or address changed (restarted with a new data directory) starts
+    /// afresh. Returns the ids of the peers.
+    pub fn set_peers(&self, fleet: &Fleet, admission: &Admission) -> BTreeSet<BrokerId> {
         let mut wanted: BTreeMap<BrokerId, ([u8; 32], SocketAddr)> = BTreeMap::new();
         let mut paced: BTreeMap<BrokerId, bool> = BTreeMap::new();
-        // One per link key: a broker restarted under a new id is reached
-        // there, not under the announcement its previous run left.
-        for (id, member) in fleet.link_members() {
+        let mut checks = match self.checks.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Verdicts hold under the trust bundle and setting they were made
+        // with, and for the records still announced.
+        if checks.admission.anchors != admission.anchors
+            || checks.admission.allow_unproven != admission.allow_unproven
+        {
+            checks.admission = admission.clone();
+            checks.by_id.retain(|_, c| c.outcome.is_err());
+            for c in checks.by_id.values_mut() {
+                c.checked = SystemTime::UNIX_EPOCH;
+            }
+        }
+        checks
+            .by_id
+            .retain(|id, _| fleet.members().contains_key(id));
+        let now = SystemTime::now();
+        // One per link key among the admitted: a broker restarted under a
+        // new id is reached there, not under the announcement its previous
+        // run left; a refused record cannot hide the broker whose key it
+        // copied.
+        let links = fleet.link_members_admitted(|id, member| {
+            self.admit(&mut checks, id, member, admission, now)
+        });
+        drop(checks);
+        for (id, member) in links {
             let Some((endpoint, key)) = member.link() else {
                 continue;
             };
@@ -268,10 +410,11 @@ impl Link {
                 ),
             }
         }
+        let ids: BTreeSet<BrokerId> = wanted.keys().cloned().collect();
         let mut added = Vec::new();
         {
             let Ok(mut peers) = self.peers.write() else {
-                return;
+                return ids;
             };
             let gone: Vec<BrokerId> = peers
                 .by_id
@@ -331,6 +474,7 @@ impl Link {
                 }
             });
         }
+        ids
     }
 
     /// Encrypts an IP packet for broker `to` and sends it.
@@ -517,6 +661,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             mtu: 1420,
+            allow_unproven_peers: false,
         };
         let link = start(&config, dir.path()).await.unwrap();
         let to = link.socket.local_addr().unwrap();
@@ -583,6 +728,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             mtu: 1420,
+            allow_unproven_peers: false,
         };
         let link = start(&config, dir.path()).await.unwrap();
         let got: usize =
@@ -599,5 +745,100 @@ mod tests {
             got >= want,
             "receive buffer {got} bytes, want at least {want}"
         );
+    }
+
+    /// Only records whose link key the deployment's CA vouches for become
+    /// peers; records without a proof only when the configuration allows
+    /// them, and a record whose proof fails never.
+    #[tokio::test]
+    async fn only_proven_records_become_peers() {
+        use tether_pki::{Ca, TrustDomain};
+        use tether_proto::fleet::Member;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Peering {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            mtu: 1420,
+            allow_unproven_peers: false,
+        };
+        let link = start(&config, dir.path()).await.unwrap();
+        let now = std::time::SystemTime::now();
+        let td = TrustDomain::new("tether.test").unwrap();
+        let ca = Ca::generate(td.clone(), now).unwrap();
+        let other = Ca::generate(td, now).unwrap();
+        let signer = |ca: &Ca| {
+            let (cert, key) = ca
+                .issue_server(&["b.test".into()], &[], now, Duration::from_secs(3600))
+                .unwrap();
+            tether_pki::link::LinkSigner::new(cert.der, &key).unwrap()
+        };
+        let record = |id: &str, port: u16, ca: Option<&Ca>| {
+            let key = tether_pki::wg::WgKey::generate().public();
+            let forward = format!("127.0.0.1:{port}");
+            Member {
+                endpoints: Vec::new(),
+                regions: Default::default(),
+                link_proof: ca.map(|ca| signer(ca).prove(id, &forward, &key).unwrap()),
+                forward: Some(forward),
+                link_key: Some(tether_pki::wg::encode(&key)),
+                gateways: Vec::new(),
+                link_keepalive_ms: None,
+                gateway_endpoint: None,
+            }
+        };
+        let mut fleet = Fleet::new("me".into());
+        fleet.handle_member("proven".into(), record("proven", 9, Some(&ca)), 1);
+        fleet.handle_member("unproven".into(), record("unproven", 9, None), 2);
+        fleet.handle_member("foreign".into(), record("foreign", 9, Some(&other)), 3);
+        // A proof made for another id.
+        fleet.handle_member("renamed".into(), record("someone", 9, Some(&ca)), 4);
+        let strict = Admission {
+            anchors: vec![ca.cert_der().clone()],
+            allow_unproven: false,
+        };
+        let ids = |set: BTreeSet<BrokerId>| set.into_iter().collect::<Vec<_>>();
+        assert_eq!(ids(link.set_peers(&fleet, &strict)), ["proven"]);
+        assert_eq!(
+            link.peers()
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect::<Vec<_>>(),
+            ["proven"]
+        );
+        let refused = |link: &Link| {
+            let checks = link.checks.lock().unwrap();
+            let mut out: Vec<(String, &'static str)> = checks
+                .by_id
+                .iter()
+                .filter_map(|(id, c)| Some((id.clone(), c.outcome.as_ref().err()?.kind())))
+                .collect();
+            out.sort();
+            out
+        };
+        assert_eq!(
+            refused(&link),
+            [
+                ("foreign".to_string(), "untrusted"),
+                ("renamed".to_string(), "bad_signature"),
+                ("unproven".to_string(), "missing"),
+            ]
+        );
+        // For a rolling upgrade: records without any proof too, never one
+        // whose proof fails.
+        let upgrade = Admission {
+            allow_unproven: true,
+            ..strict.clone()
+        };
+        assert_eq!(
+            ids(link.set_peers(&fleet, &upgrade)),
+            ["proven", "unproven"]
+        );
+        // The CA leaves the trust bundle: its proofs no longer admit.
+        let moved = Admission {
+            anchors: vec![other.cert_der().clone()],
+            allow_unproven: false,
+        };
+        assert_eq!(ids(link.set_peers(&fleet, &moved)), ["foreign"]);
+        assert_eq!(ids(link.set_peers(&fleet, &strict)), ["proven"]);
     }
 }

@@ -229,7 +229,7 @@ fn describe() {
     describe_counter!(
         "tether_broker_peer_refused_total",
         Unit::Count,
-        "Datagrams on the broker-to-broker link refused, by reason (unknown_peer: no live broker's key; invalid)."
+        "Datagrams on the broker-to-broker link refused, by reason (unknown_peer: no live broker's key; invalid; bad_mac; under_load), and fleet records refused as peers of the link (unverified: no valid proof of the link key from the deployment's CA; counted once per record and reason)."
     );
     describe_gauge!(
         "tether_broker_fleet_brokers_alive",
@@ -800,6 +800,7 @@ mod tests {
             regions: std::collections::BTreeSet::new(),
             forward: None,
             link_key: None,
+            link_proof: None,
             gateways: Vec::new(),
             link_keepalive_ms: None,
             gateway_endpoint: None,

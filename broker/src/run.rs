@@ -146,20 +146,66 @@ async fn join_fleet(
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let link = crate::link::start(&broker.config.peering, &broker.data_dir).await?;
     broker.plane().attach_link(link.clone())?;
-    let member = tether_proto::fleet::Member {
-        endpoints: broker.enroll_endpoints(),
-        regions: broker.config.regions.keys().cloned().collect(),
-        forward: Some(link.advertise().to_string()),
-        link_key: Some(tether_pki::wg::encode(&link.public_key())),
-        gateways: crate::peering::announced_gateways(&broker.config),
-        link_keepalive_ms: u32::try_from(tether_proto::peering::LINK_KEEPALIVE.as_millis()).ok(),
-        gateway_endpoint: crate::wireguard::gateway_endpoint(&broker.config),
+    let me = crate::fleet::new_id();
+    // The announcement, its link key proven with the broker's link
+    // certificate as it is now.
+    let announcement = {
+        let (broker, link, me) = (broker.clone(), link.clone(), me.clone());
+        move || -> anyhow::Result<tether_proto::fleet::Member> {
+            let forward = link.advertise().to_string();
+            let proof = broker
+                .ca
+                .link_signer()
+                .prove(&me, &forward, &link.public_key())
+                .context("cannot prove the link key with the broker's link certificate")?;
+            Ok(tether_proto::fleet::Member {
+                endpoints: broker.enroll_endpoints(),
+                regions: broker.config.regions.keys().cloned().collect(),
+                forward: Some(forward),
+                link_key: Some(tether_pki::wg::encode(&link.public_key())),
+                link_proof: Some(proof),
+                gateways: crate::peering::announced_gateways(&broker.config),
+                link_keepalive_ms: u32::try_from(tether_proto::peering::LINK_KEEPALIVE.as_millis())
+                    .ok(),
+                gateway_endpoint: crate::wireguard::gateway_endpoint(&broker.config),
+            })
+        }
     };
-    let (fleet, mut decisions, task) = crate::fleet::start(etcd, member)
+    let mut reissued = broker.ca.link_signer_changes();
+    reissued.borrow_and_update();
+    let (fleet, mut decisions, task) = crate::fleet::start(etcd, me, announcement()?)
         .await
         .context("cannot join the broker fleet")?;
     broker.set_fleet(fleet.clone());
-    let peering = crate::peering::follow(fleet, link, broker.core_cell());
+    // A new link certificate (CA rotation, renewal) is announced with a
+    // new proof, long before the old one ends: the only writes of the
+    // announcement after joining.
+    let reannounce = {
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            while reissued.changed().await.is_ok() {
+                match announcement() {
+                    Ok(member) => {
+                        tracing::info!(
+                            "link certificate reissued; announcing the link key with its new proof"
+                        );
+                        fleet.announce(member);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link certificate reissued, but the link key could not be proven with it; the fleet keeps the earlier proof")
+                    }
+                }
+            }
+        })
+    };
+    let admission = {
+        let broker = broker.clone();
+        move || crate::link::Admission {
+            anchors: broker.ca.bundle_der(),
+            allow_unproven: broker.config.peering.allow_unproven_peers,
+        }
+    };
+    let peering = crate::peering::follow(fleet, link, broker.core_cell(), admission);
     let broker = broker.clone();
     let decide = tokio::spawn(async move {
         while let Some(decision) = decisions.recv().await {
@@ -191,7 +237,7 @@ async fn join_fleet(
             }
         }
     });
-    Ok(vec![task, decide, peering])
+    Ok(vec![task, decide, peering, reannounce])
 }
 
 /// Starts a broker: data directory, listeners, local gateway, admin API.

@@ -98,6 +98,10 @@ pub struct PeeringFile {
     /// The largest IP packet the link carries (the path MTU between the
     /// brokers less 80 bytes of WireGuard over IPv6).
     pub mtu: u16,
+    /// Also relay to brokers whose fleet record carries no proof of its
+    /// link key from the deployment's CA (releases before such proofs),
+    /// for a rolling upgrade only. Off: only proven brokers are peers.
+    pub allow_unproven_peers: bool,
 }
 
 impl Default for PeeringFile {
@@ -106,6 +110,7 @@ impl Default for PeeringFile {
             listen: String::new(),
             advertise: String::new(),
             mtu: 1420,
+            allow_unproven_peers: false,
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct Peering {
     pub advertise: Option<SocketAddr>,
     /// The largest IP packet the link carries.
     pub mtu: u16,
+    /// Records without a link proof are peers too (rolling upgrade).
+    pub allow_unproven_peers: bool,
 }
 
 /// `[store]`: the state store backend.
@@ -987,6 +994,7 @@ impl BrokerFile {
             listen: listen_addr,
             advertise,
             mtu: self.peering.mtu,
+            allow_unproven_peers: self.peering.allow_unproven_peers,
         }
     }
 
@@ -1624,6 +1632,9 @@ mod tests {
         let p = valid("listen = [\"127.0.0.1:443\"]");
         assert_eq!(p.listen, "127.0.0.1:51821".parse().unwrap());
         assert_eq!((p.advertise, p.mtu), (None, 1420));
+        assert!(!p.allow_unproven_peers, "proofs are required by default");
+        let p = valid("[peering]\nallow_unproven_peers = true");
+        assert!(p.allow_unproven_peers);
         let p = valid("listen = [\"127.0.0.1:0\"]");
         assert_eq!(p.listen, "127.0.0.1:0".parse().unwrap(), "ephemeral");
         let p = valid("listen = [\"0.0.0.0:443\"]\nadvertised = [\"127.0.0.5\"]");

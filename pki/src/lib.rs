@@ -11,6 +11,7 @@
 //! - [`rotation`]: CA rotation phases and the trust bundle of each.
 //! - [`kek`]: the CA's private keys sealed at rest under a key-encryption
 //!   key.
+//! - [`link`]: brokers' link keys vouched for by the deployment's CA.
 //! - [`tls`]: rustls server and client configurations and identity
 //!   extraction from a verified peer.
 
@@ -19,6 +20,7 @@
 pub mod ca;
 pub mod identity;
 pub mod kek;
+pub mod link;
 pub mod reattest;
 pub mod revocation;
 pub mod rotation;

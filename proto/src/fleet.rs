@@ -67,13 +67,22 @@ pub struct Member {
     #[cfg_attr(feature = "serde", serde(default))]
     pub forward: Option<String>,
     /// The WireGuard public key (base64) of its broker-to-broker link.
-    /// Whoever may write the fleet's keys in the store may announce a key:
-    /// the link is as trusted as the store (see `docs/ha.md`).
+    /// Another broker makes it a peer only with a valid
+    /// [`Member::link_proof`] (see `docs/ha.md`).
     #[cfg_attr(
         feature = "serde",
         serde(default, skip_serializing_if = "Option::is_none")
     )]
     pub link_key: Option<String>,
+    /// The deployment CA's word for [`Member::link_key`]: a broker
+    /// certificate and its signature over the key, this broker's fleet id
+    /// and [`Member::forward`] (`tether_pki::link`). Absent in the records
+    /// of releases before it.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub link_proof: Option<LinkProof>,
     /// The gateways attached to it (packets for their prefixes are
     /// forwarded to it).
     #[cfg_attr(
@@ -105,6 +114,21 @@ impl Member {
     pub fn link(&self) -> Option<(&str, &str)> {
         Some((self.forward.as_deref()?, self.link_key.as_deref()?))
     }
+}
+
+/// A broker's proof that its link key is its own, vouched for by the
+/// deployment's CA: made and checked by `tether_pki::link`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LinkProof {
+    /// A broker certificate (DER, base64) the deployment's CA issued.
+    pub cert: String,
+    /// Until when the proof holds (Unix seconds): the certificate's end.
+    pub not_after: u64,
+    /// The certificate key's signature (ECDSA P-256 with SHA-256, ASN.1,
+    /// base64) over the link key, the fleet id, the link's endpoint and
+    /// `not_after`.
+    pub signature: String,
 }
 
 /// A gateway attached to a broker, as the broker announces it.
@@ -372,12 +396,22 @@ impl Fleet {
     /// expires) is reached under the newer announcement (the higher
     /// `created` revision), which is the process listening now.
     pub fn link_members(&self) -> BTreeMap<&BrokerId, &Member> {
+        self.link_members_admitted(|_, _| true)
+    }
+
+    /// [`Fleet::link_members`] among the members `admit` accepts (those
+    /// whose link key is proven): a record it refuses cannot hide another
+    /// broker's newer announcement of the same key.
+    pub fn link_members_admitted(
+        &self,
+        mut admit: impl FnMut(&BrokerId, &Member) -> bool,
+    ) -> BTreeMap<&BrokerId, &Member> {
         let mut newest: BTreeMap<&str, (i64, &BrokerId)> = BTreeMap::new();
         for (id, member) in &self.members {
             let Some((_, key)) = member.link() else {
                 continue;
             };
-            if *id == self.me {
+            if *id == self.me || !admit(id, member) {
                 continue;
             }
             let created = self.announced.get(id).copied().unwrap_or(0);
@@ -672,6 +706,7 @@ mod tests {
             regions: regions.iter().map(|r| region(r)).collect(),
             forward: Some(format!("fwd-{endpoint}")),
             link_key: None,
+            link_proof: None,
             gateways: Vec::new(),
             link_keepalive_ms: None,
             gateway_endpoint: None,
@@ -769,6 +804,28 @@ mod tests {
         // A member without a link is never a peer.
         f.handle_member("plain".into(), member("10.0.0.4:443", &["eu"]), 10);
         assert_eq!(ids(&f), ["new", "other"]);
+    }
+
+    #[test]
+    fn a_refused_record_with_a_brokers_key_does_not_hide_that_broker() {
+        let linked = |key: &str| Member {
+            link_key: Some(key.into()),
+            ..member("10.0.0.1:443", &["eu"])
+        };
+        let mut f = Fleet::new("me".into());
+        f.handle_member("real".into(), linked("k1"), 2);
+        // A newer record announcing the same key, which the link refuses
+        // (no valid proof): without the check it would be the peer.
+        f.handle_member("forged".into(), linked("k1"), 9);
+        let ids = |f: &Fleet, refuse: &str| {
+            f.link_members_admitted(|id, _| id != refuse)
+                .into_keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&f, ""), ["forged"]);
+        assert_eq!(ids(&f, "forged"), ["real"]);
+        assert_eq!(ids(&f, "real"), ["forged"]);
     }
 
     #[test]

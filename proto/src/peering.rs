@@ -16,7 +16,7 @@
 //! routes: a site whose broker died has none until it is back on a broker,
 //! and its packets are dropped as `no_route`, as for a site that is offline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -53,8 +53,15 @@ impl PeerView {
     /// The view of `fleet` from its own broker: every site held by another
     /// live broker that announces a link, and those brokers' gateways.
     pub fn of(fleet: &Fleet) -> Self {
-        let links = fleet.link_members();
-        let linked = |broker: &BrokerId| links.contains_key(broker);
+        let links: BTreeSet<BrokerId> = fleet.link_members().into_keys().cloned().collect();
+        Self::among(fleet, &links)
+    }
+
+    /// The view of `fleet` with `links` the other brokers the link has as
+    /// peers (those whose link key is proven): sites and gateways of any
+    /// other broker get no route.
+    pub fn among(fleet: &Fleet, links: &BTreeSet<BrokerId>) -> Self {
+        let linked = |broker: &BrokerId| links.contains(broker);
         let holders = fleet
             .owners()
             .filter(|(_, owner)| linked(&owner.broker))
@@ -263,6 +270,7 @@ mod tests {
             regions: [id("eu")].into(),
             forward: link.then(|| "127.0.0.1:51821".into()),
             link_key: link.then(|| "a".repeat(43) + "="),
+            link_proof: None,
             gateways,
             link_keepalive_ms: None,
             gateway_endpoint: None,
