@@ -17,7 +17,9 @@
 //! This module only encrypts, sends, receives and decrypts; what to relay
 //! is decided in [`tether_proto::forward::Router::decide`], and the
 //! forwarding plane runs the receive loop
-//! ([`crate::plane::Plane::attach_link`]).
+//! ([`crate::plane::Plane::attach_link`]). What it carries are frames
+//! ([`tether_proto::relay_frame`]): an IP packet, then a trailer naming its
+//! sender, which the plane reads.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -41,6 +43,10 @@ use tether_shell::wireguard::{Gate, HandshakeGate};
 use tokio::net::UdpSocket;
 
 use crate::counters::Counters;
+
+/// What a WireGuard data message adds to what it carries: type, receiver
+/// index and counter (16 bytes), and the AEAD tag (16 bytes).
+const DATA_OVERHEAD: usize = 32;
 
 /// Name of the link key in the data directory.
 pub const KEY_FILE: &str = "peering.key";
@@ -252,6 +258,8 @@ pub async fn start(config: &Peering, data_dir: &Path) -> anyhow::Result<Arc<Link
 thread_local! {
     /// Room for one encrypted packet.
     static SEAL: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65_536 + 64]);
+    /// Room for one frame (packet and trailer) before it is encrypted.
+    static FRAME: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(65_536 + 256));
 }
 
 impl Link {
@@ -265,7 +273,7 @@ impl Link {
         self.advertise
     }
 
-    /// The largest IP packet the link carries.
+    /// The largest frame (IP packet and trailer) the link carries.
     pub fn mtu(&self) -> usize {
         self.mtu
     }
@@ -477,23 +485,42 @@ impl Link {
         ids
     }
 
-    /// Encrypts an IP packet for broker `to` and sends it.
-    pub fn send(&self, to: &str, packet: &[u8]) -> Result<(), DropReason> {
+    /// Encrypts the frame of an IP packet (`packet`, then `trailer`) for
+    /// broker `to` and sends it.
+    pub fn send(&self, to: &str, packet: &[u8], trailer: &[u8]) -> Result<(), DropReason> {
         let peer = self.peer(to).ok_or(DropReason::PeerUnknown)?;
-        self.send_to(&peer, packet)
+        self.send_to(&peer, packet, trailer)
     }
 
-    /// Encrypts an IP packet for `peer` and sends it.
-    pub fn send_to(&self, peer: &LinkPeer, packet: &[u8]) -> Result<(), DropReason> {
+    /// Encrypts the frame of an IP packet (`packet`, then `trailer`) for
+    /// `peer` and sends it. The packet is counted, not the trailer.
+    pub fn send_to(
+        &self,
+        peer: &LinkPeer,
+        packet: &[u8],
+        trailer: &[u8],
+    ) -> Result<(), DropReason> {
         if peer.is_down() {
             return Err(DropReason::PeerDown);
         }
+        FRAME.with_borrow_mut(|frame| {
+            frame.clear();
+            frame.extend_from_slice(packet);
+            frame.extend_from_slice(trailer);
+            self.seal_and_send(peer, frame)
+        })?;
+        peer.counters.tx.add(packet.len() as u64);
+        Ok(())
+    }
+
+    /// Encrypts `frame` for `peer` and sends it.
+    fn seal_and_send(&self, peer: &LinkPeer, frame: &[u8]) -> Result<(), DropReason> {
         SEAL.with_borrow_mut(|buf| {
-            if buf.len() < packet.len() + 148 {
-                buf.resize(packet.len() + 148, 0);
+            if buf.len() < frame.len() + 148 {
+                buf.resize(frame.len() + 148, 0);
             }
             let mut tunn = peer.tunn.lock().map_err(|_| DropReason::PeerDown)?;
-            match tunn.encapsulate(packet, buf) {
+            match tunn.encapsulate(frame, buf) {
                 TunnResult::WriteToNetwork(out) => {
                     match self.socket.try_send_to(out, peer.endpoint) {
                         Ok(_) => {}
@@ -506,7 +533,6 @@ impl Link {
                 TunnResult::Err(_) => return Err(DropReason::PeerDown),
                 _ => {}
             }
-            peer.counters.tx.add(packet.len() as u64);
             peer.sent.store(true, Ordering::Relaxed);
             Ok(())
         })
@@ -562,9 +588,15 @@ impl Link {
         peers.by_index.get(&(index >> 8)).cloned()
     }
 
-    /// Receives one datagram and handles it: an IP packet from a peer goes
-    /// to `deliver`; handshakes and keepalives are answered here. `buf`
-    /// holds the datagram, `out` the decrypted packet (each 64 KiB).
+    /// Receives one datagram and handles it: a frame from a peer goes to
+    /// `deliver` (which reads it and counts its packet); handshakes and
+    /// keepalives are answered here. `buf` holds the datagram, `out` the
+    /// decrypted frame (each 64 KiB).
+    ///
+    /// boringtun hands over only the IP packet the front of the decrypted
+    /// message describes; the frame is the whole message, which it
+    /// decrypted in place at the front of `out`: the data message less
+    /// its 16-byte header and 16-byte tag.
     pub async fn receive(
         &self,
         buf: &mut [u8],
@@ -635,12 +667,13 @@ impl Link {
                 return;
             }
         }
-        // The decrypted packet starts at the front of `out`.
-        if let Some(len) = len.filter(|l| *l > 0)
-            && let Some(packet) = out.get_mut(..len)
+        // The decrypted frame starts at the front of `out`, the packet
+        // boringtun checked at its start.
+        let frame_len = datagram.len().saturating_sub(DATA_OVERHEAD);
+        if len.is_some_and(|l| l > 0 && l <= frame_len)
+            && let Some(frame) = out.get_mut(..frame_len)
         {
-            peer.counters.rx.add(len as u64);
-            deliver(&peer, packet);
+            deliver(&peer, frame);
         }
     }
 }
@@ -716,6 +749,110 @@ mod tests {
             "{answered} cookie replies to {} handshakes in a second (limit {limit})",
             limit + 20
         );
+    }
+
+    /// A frame crosses the link whole: the packet and the trailer naming
+    /// its sender, as large as the link's MTU allows, although boringtun
+    /// itself hands over only the IP packet; a bare packet arrives as
+    /// sent, and is no frame.
+    #[tokio::test]
+    async fn a_frame_crosses_the_link_whole() {
+        use tether_proto::fleet::Member;
+        use tether_proto::relay_frame::{self, Sender};
+        let config = Peering {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            mtu: 1420,
+        };
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = start(&config, dir_a.path()).await.unwrap();
+        let b = start(&config, dir_b.path()).await.unwrap();
+        let member = |link: &Link| Member {
+            endpoints: Vec::new(),
+            regions: Default::default(),
+            forward: Some(link.advertise().to_string()),
+            link_key: Some(tether_pki::wg::encode(&link.public_key())),
+            gateways: Vec::new(),
+            link_keepalive_ms: None,
+            gateway_endpoint: None,
+        };
+        // The greeting handshakes go out at once: only once the sockets
+        // are known writable.
+        a.socket.writable().await.unwrap();
+        b.socket.writable().await.unwrap();
+        for (me, link) in [("a", &a), ("b", &b)] {
+            let mut fleet = Fleet::new(me.into());
+            fleet.handle_member("a".into(), member(&a), 1);
+            fleet.handle_member("b".into(), member(&b), 2);
+            link.set_peers(&fleet);
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let receiving = [(a.clone(), None), (b.clone(), Some(tx))].map(|(link, tx)| {
+            tokio::spawn(async move {
+                let (mut buf, mut out) = (vec![0u8; 65_536], vec![0u8; 65_536 + 64]);
+                loop {
+                    link.receive(&mut buf, &mut out, |peer, frame| {
+                        if let Some(tx) = &tx {
+                            let _ = tx.send((peer.id.clone(), frame.to_vec()));
+                        }
+                    })
+                    .await;
+                }
+            })
+        });
+        let sender = Sender::Site {
+            site: "branch-7".parse().unwrap(),
+            region: "eu".parse().unwrap(),
+            lan: false,
+        };
+        let mut trailer = [0u8; relay_frame::MAX_TRAILER];
+        let n = sender.write_trailer(&mut trailer).unwrap();
+        // The largest packet this sender's frame has room for.
+        let len = a.mtu() - n;
+        let mut packet = vec![0u8; len];
+        packet[0] = 0x45;
+        packet[2..4].copy_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                a.send("b", &packet, &trailer[..n]).unwrap();
+                if let Ok(Some(got)) =
+                    tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+                {
+                    return got;
+                }
+            }
+        })
+        .await
+        .expect("no frame crossed the link");
+        assert_eq!(got.0, "a");
+        assert_eq!(got.1.len(), a.mtu());
+        let (parsed, at) = relay_frame::parse(&got.1).unwrap();
+        assert_eq!((parsed, &got.1[..at]), (sender, &packet[..]));
+        // Without a trailer: the packet alone, which is no frame. (Copies
+        // of the first frame, sent while the handshake ran, may come
+        // first.)
+        let mut bare = [0u8; 20];
+        bare[0] = 0x45;
+        bare[3] = 20;
+        a.send("b", &bare, &[]).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let got = rx.recv().await.unwrap().1;
+                if got.len() != a.mtu() {
+                    return got;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, bare);
+        assert_eq!(
+            relay_frame::parse(&got),
+            Err(relay_frame::FrameError::Version(0))
+        );
+        for task in receiving {
+            task.abort();
+        }
     }
 
     /// The link's socket gets the tunnel sockets' buffers: as root beyond

@@ -87,6 +87,11 @@ fn describe() {
         "Packets another broker relayed here for a site that had just moved on to a third broker (a handover the sender had not learnt yet), relayed on to that broker."
     );
     describe_counter!(
+        "tether_broker_relayed_packets_dropped_total",
+        Unit::Count,
+        "Packets another broker relayed here that this broker did not deliver, by reason (also counted in tether_broker_packets_dropped_total): residency and policy as this broker's own rules say for the sender the link's frame names, relay_frame for a frame it cannot read (another version), and every other reason a packet is not forwarded."
+    );
+    describe_counter!(
         "tether_broker_sessions_handed_over_total",
         Unit::Count,
         "Sessions whose site moved to another broker while this one drained on SIGTERM (moved), or were still here when the drain time ran out (stayed)."
@@ -313,6 +318,8 @@ pub struct Metrics {
     /// Packets relayed here for a site that had moved on to another
     /// broker, relayed on to it.
     pub relayed_on: Counter,
+    /// Drops of packets relayed here by another broker, by reason.
+    pub relayed_drops: BTreeMap<DropReason, Counter>,
     /// Live sessions by transport.
     pub sessions: BTreeMap<Transport, Gauge>,
     /// Sessions that replaced one of the same site on a better transport.
@@ -406,6 +413,15 @@ impl Metrics {
             drops,
             icmp_sent: counter!("tether_broker_icmp_errors_sent_total"),
             relayed_on: counter!("tether_broker_relayed_on_packets_total"),
+            relayed_drops: DropReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        *r,
+                        counter!("tether_broker_relayed_packets_dropped_total", "reason" => r.as_str()),
+                    )
+                })
+                .collect(),
             sessions: Transport::ALL
                 .iter()
                 .map(|t| {
@@ -483,6 +499,14 @@ impl Metrics {
     pub fn drops_of(&self, reason: DropReason, n: u64) {
         if let Some(c) = self.drops.get(&reason) {
             c.increment(n);
+        }
+    }
+
+    /// Counts a drop of a packet another broker relayed here (besides
+    /// [`Metrics::drop`]).
+    pub fn relayed_drop(&self, reason: DropReason) {
+        if let Some(c) = self.relayed_drops.get(&reason) {
+            c.increment(1);
         }
     }
 }

@@ -17,8 +17,10 @@
 //! ([`crate::local_gateway`], [`crate::wireguard`]) only receive and send,
 //! and know nothing of the plane. So does the broker-to-broker link
 //! ([`crate::link`]): packets for a destination another broker holds leave
-//! through it ([`Verdict::Relay`]), and packets arriving on it go only to
-//! this broker's own sessions and gateways ([`Plane::attach_link`]).
+//! through it ([`Verdict::Relay`]) in a frame naming their sender
+//! ([`tether_proto::relay_frame`]), and packets arriving on it go only to
+//! this broker's own sessions and gateways, once this broker's residency
+//! and policy allow them for that sender ([`Plane::attach_link`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,6 +31,7 @@ use ipnet::IpNet;
 use tether_proto::datagram::{self, Payload};
 use tether_proto::forward::{DropReason, Ingress, Relay, Verdict};
 use tether_proto::ids::{GatewayId, RegionId};
+use tether_proto::relay_frame::{self, Sender};
 use tether_proto::route::{Route, RouteTarget};
 use tether_proto::send_queue::SendPatience;
 use tether_shell::quic::Sent;
@@ -304,16 +307,22 @@ impl Plane {
     }
 
     /// Sends a packet (or its fragments) to the broker that holds its
-    /// destination.
+    /// destination, each followed by the trailer naming its sender.
     fn relay(&self, relay: &Relay, buffer: &Buffer) -> Result<(), DropReason> {
         let link = self.link.get().ok_or(DropReason::PeerUnknown)?;
+        let mut trailer = [0u8; relay_frame::MAX_TRAILER];
+        let n = relay
+            .sender
+            .write_trailer(&mut trailer)
+            .ok_or(DropReason::Malformed)?;
+        let trailer = trailer.get(..n).unwrap_or_default();
         if relay.fragments.is_empty() {
-            return link.send(&relay.broker, buffer.packet());
+            return link.send(&relay.broker, buffer.packet(), trailer);
         }
         relay
             .fragments
             .iter()
-            .try_for_each(|f| link.send(&relay.broker, f))
+            .try_for_each(|f| link.send(&relay.broker, f, trailer))
     }
 
     /// Packets other brokers relayed here for sites that had moved on, and
@@ -322,27 +331,49 @@ impl Plane {
         self.relayed_on.load(Ordering::Relaxed)
     }
 
-    /// An IP packet another broker relayed here: delivered to a session or
-    /// gateway of this broker, or relayed on to the broker its site just
-    /// moved to ([`tether_proto::forward::Router::decide_relayed`]).
-    fn route_relayed_packet(&self, link: &Link, peer: &LinkPeer, packet: &mut [u8]) {
+    /// A frame another broker relayed here: its packet is checked for the
+    /// sender the frame names, then delivered to a session or gateway of
+    /// this broker, or relayed on to the broker its site just moved to
+    /// ([`tether_proto::forward::Router::decide_relayed`]). A frame this
+    /// broker cannot read is dropped. Every drop is counted under the
+    /// relayed drops too.
+    fn route_relayed_packet(&self, link: &Link, peer: &LinkPeer, frame: &mut [u8]) {
+        let (sender, len) = match relay_frame::parse(frame) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                tracing::debug!(broker = %peer.id, %error, "broker-to-broker link: frame dropped");
+                self.metrics.drop(DropReason::RelayFrame);
+                self.metrics.relayed_drop(DropReason::RelayFrame);
+                return;
+            }
+        };
+        let packet = frame.get(..len).unwrap_or_default();
+        peer.counters.rx.add(packet.len() as u64);
         let mut buffer = Buffer::new(packet);
         let verdict = {
             let Ok(router) = self.core.read() else {
                 return;
             };
-            router.decide_relayed(buffer.packet_mut(), &peer.id, |t| self.mtu_of(t))
+            router.decide_relayed(buffer.packet_mut(), &peer.id, &sender, |t| self.mtu_of(t))
         };
         if matches!(verdict, Verdict::Relay(_)) {
             self.relayed_on.fetch_add(1, Ordering::Relaxed);
             self.metrics.relayed_on.increment(1);
         }
-        let _ = self.perform(
+        let mut trailer = [0u8; relay_frame::MAX_TRAILER];
+        let n = Sender::Router.write_trailer(&mut trailer).unwrap_or(0);
+        let dropped = self.perform(
             verdict,
             buffer,
-            |icmp| link.send_to(peer, icmp).is_ok(),
+            |icmp| {
+                link.send_to(peer, icmp, trailer.get(..n).unwrap_or_default())
+                    .is_ok()
+            },
             None,
         );
+        if let Some(reason) = dropped {
+            self.metrics.relayed_drop(reason);
+        }
     }
 
     /// The largest packet a route's target accepts now.

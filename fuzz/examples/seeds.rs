@@ -26,6 +26,7 @@ use tether_proto::gateway::{
 use tether_proto::h3::{self, Request, Response, Settings, frame};
 use tether_proto::ip::{self, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use tether_proto::netmap::Mapping;
+use tether_proto::relay_frame::Sender;
 use tether_proto::varint;
 
 fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8], df: bool) -> Vec<u8> {
@@ -348,11 +349,35 @@ fn main() -> std::io::Result<()> {
             .map(|(i, p)| with((i * 37) as u8, p))
             .collect(),
     )?;
+    // The same packets relayed by another broker, each behind the
+    // trailer naming a sender (the relayed path).
+    let senders = [
+        Sender::Site {
+            site: parsed("a"),
+            region: parsed("eu"),
+            lan: false,
+        },
+        Sender::Site {
+            site: parsed("c"),
+            region: parsed("us"),
+            lan: true,
+        },
+        Sender::Gateway {
+            gateway: parsed("local"),
+            region: parsed("eu"),
+        },
+        Sender::Router,
+    ];
     write(
         "forward",
         pkts.iter()
             .enumerate()
             .flat_map(|(i, p)| [with(i as u8 & 3, p), with(0x28 | (i as u8 & 3), p)])
+            .chain(
+                pkts.iter()
+                    .enumerate()
+                    .map(|(i, p)| with(0x28, &senders[i % senders.len()].frame(p))),
+            )
             .collect(),
     )?;
     write(

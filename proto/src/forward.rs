@@ -22,11 +22,13 @@
 //! A destination held by another broker of the fleet (a site whose session
 //! is there, a gateway attached there: [`crate::peering::RemoteRoutes`]) is
 //! decided the same way here, at the broker where the packet entered, which
-//! knows who sent it: the verdict is [`Verdict::Relay`] to that broker. The
-//! broker at the other end delivers it with [`Router::decide_relayed`]
-//! to its own sessions and gateways, and checks neither residency nor the
-//! access policy again (it cannot tell the sender's identity from an
-//! address as well as the ingress did). It relays it on only when the
+//! knows who sent it: the verdict is [`Verdict::Relay`] to that broker,
+//! naming the sender ([`crate::relay_frame::Sender`]) in the link's frame.
+//! The broker at the other end delivers it with [`Router::decide_relayed`]
+//! to its own sessions and gateways after checking residency and the
+//! access policy again, with its own rules, for that sender (not the
+//! source address, which it cannot tie to a sender as the ingress did:
+//! anti-spoofing stays at the ingress). It relays it on only when the
 //! destination site has just moved from it to another broker, which the
 //! sender has not learnt yet (a handover): never back to the sender, and
 //! with the TTL decremented at each hop.
@@ -44,6 +46,7 @@ use crate::ip::{self, IcmpError, Packet};
 use crate::net::Family;
 use crate::peering::RemoteRoutes;
 use crate::policy::{self, End, Party, Policy, Traffic};
+use crate::relay_frame::Sender;
 use crate::route::{
     Candidate, Explanation, Route, RouteKind, RouteTable, RouteTarget, Verdict as RouteVerdict,
 };
@@ -89,11 +92,15 @@ pub enum DropReason {
     /// Datagrams arrived on a tunnel connection faster than they were
     /// read: the oldest waiting one gave way.
     TunnelReceiveQueue,
+    /// A frame of the broker-to-broker link this broker cannot read
+    /// ([`crate::relay_frame::parse`]): the other broker runs another
+    /// version of the frame, or sent a malformed one.
+    RelayFrame,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::NoRoute,
@@ -110,6 +117,7 @@ impl DropReason {
         DropReason::PeerDown,
         DropReason::TunnelSendQueue,
         DropReason::TunnelReceiveQueue,
+        DropReason::RelayFrame,
     ];
 
     /// The label used in metrics and logs.
@@ -131,6 +139,7 @@ impl DropReason {
             DropReason::PeerDown => "peer_down",
             DropReason::TunnelSendQueue => "tunnel_send_queue",
             DropReason::TunnelReceiveQueue => "tunnel_receive_queue",
+            DropReason::RelayFrame => "relay_frame",
         }
     }
 }
@@ -213,17 +222,16 @@ impl Residency {
                 .is_some_and(|a| a.contains(other_region))
     }
 
-    /// Whether traffic between a packet's ingress and a route is allowed.
-    fn permits_path(&self, ingress: &Ingress<'_>, route: &Route) -> bool {
-        let ingress_is_site = matches!(ingress, Ingress::Site { .. });
+    /// Whether traffic from a site (`from_site`) or a gateway of
+    /// `from_region` along a route is allowed.
+    fn permits_path(&self, from_site: bool, from_region: &RegionId, route: &Route) -> bool {
         let target_is_site = matches!(route.target, RouteTarget::Site(_));
-        match (ingress_is_site, target_is_site) {
+        match (from_site, target_is_site) {
             (true, true) => {
-                self.permits(ingress.region(), &route.region)
-                    && self.permits(&route.region, ingress.region())
+                self.permits(from_region, &route.region) && self.permits(&route.region, from_region)
             }
-            (true, false) => self.permits(ingress.region(), &route.region),
-            (false, true) => self.permits(&route.region, ingress.region()),
+            (true, false) => self.permits(from_region, &route.region),
+            (false, true) => self.permits(&route.region, from_region),
             // Gateway to gateway is not a tether path.
             (false, false) => false,
         }
@@ -268,18 +276,24 @@ pub struct Relay {
     pub broker: BrokerId,
     /// The route at that broker (residency and policy were checked on it).
     pub route: Route,
+    /// Who sent the packet, named in the trailer of the link's frame
+    /// behind it (and behind each fragment) for that broker to check
+    /// residency and policy again.
+    pub sender: Sender,
     /// Fragments to send instead of the packet (IPv4 without Don't
     /// Fragment, larger than the link's MTU); empty to send the packet.
     pub fragments: Vec<Vec<u8>>,
 }
 
 /// Where a packet goes once checked: relayed to the broker `via` holding
-/// its destination, or to `route` here; as `fragments` when not empty.
-fn deliver(route: &Route, via: Option<&BrokerId>, fragments: Vec<Vec<u8>>) -> Verdict {
+/// its destination, naming its sender, or to `route` here; as `fragments`
+/// when not empty.
+fn deliver(route: &Route, via: Option<(&BrokerId, Sender)>, fragments: Vec<Vec<u8>>) -> Verdict {
     match via {
-        Some(broker) => Verdict::Relay(Relay {
+        Some((broker, sender)) => Verdict::Relay(Relay {
             broker: broker.clone(),
             route: route.clone(),
+            sender,
             fragments,
         }),
         None if fragments.is_empty() => Verdict::Forward(route.clone()),
@@ -371,7 +385,11 @@ impl Router {
         if ingress.is(&route.target) {
             return Verdict::Drop(DropReason::Loop);
         }
-        if !self.residency.permits_path(ingress, route) {
+        let from_site = matches!(ingress, Ingress::Site { .. });
+        if !self
+            .residency
+            .permits_path(from_site, ingress.region(), route)
+        {
             return self.reply(
                 ingress,
                 packet,
@@ -390,8 +408,11 @@ impl Router {
                 DropReason::Policy,
             );
         }
-        let mtu = match via {
-            Some(_) => Some(self.remote.mtu()),
+        // Through another broker, the frame names the sender behind the
+        // packet: the packet has the link's MTU less that trailer.
+        let via = via.map(|broker| (broker, self.sender_of(ingress, src)));
+        let mtu = match &via {
+            Some((_, sender)) => Some(self.remote.mtu().saturating_sub(sender.trailer_len())),
             None => mtu_of(&route.target),
         };
         let Some(mtu) = mtu else {
@@ -533,31 +554,56 @@ impl Router {
     }
 
     /// Decides the fate of `packet`, relayed here by broker `from` of the
-    /// fleet, which checked residency and the access policy where the
-    /// packet entered. It goes to this broker's own sessions and gateways;
+    /// fleet, which checked the source against `sender` where the packet
+    /// entered and named `sender` in the link's frame
+    /// ([`crate::relay_frame`]). Residency and the access policy are
+    /// checked again here, with this broker's rules, for `sender` and the
+    /// route this broker takes, so that a broker whose rules differ (a
+    /// rollout, a bug) cannot deliver what this one forbids; a denial is
+    /// dropped and counted as at the ingress, and answered with an ICMP
+    /// error over the link. An ICMP error a broker answered a relayed
+    /// packet with ([`Sender::Router`]) names nobody and passes unchecked;
+    /// anything else under that name is dropped ([`DropReason::Policy`]).
+    /// The source address is not checked: that is the ingress's, which
+    /// knew the sender's addresses when this broker's view of them may
+    /// lag (after a failover).
+    ///
+    /// The packet goes to this broker's own sessions and gateways;
     /// `mtu_of` as for [`Router::decide`]. A packet for a site with no
     /// session here that the fleet names at a third broker (the site moved
     /// on, and `from` has not learnt it yet) is relayed on to that broker
-    /// ([`Verdict::Relay`]); nothing else is. ICMP errors come from the
-    /// router address of the route's region and go back to the relaying
-    /// broker.
+    /// ([`Verdict::Relay`], with the same sender); nothing else is. ICMP
+    /// errors come from the router address of the route's region and go
+    /// back to the relaying broker.
     pub fn decide_relayed(
         &self,
         packet: &mut [u8],
         from: &str,
+        sender: &Sender,
         mtu_of: impl Fn(&RouteTarget) -> Option<usize>,
     ) -> Verdict {
         let Ok(parsed) = Packet::parse(packet) else {
             return Verdict::Drop(DropReason::Malformed);
         };
-        let (dst, len, dont_fragment, syn) = (
+        // The packet ends where the frame's trailer begins: anything
+        // between is a frame this broker misread.
+        if parsed.total_len != packet.len() {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        let traffic = Traffic::of(&parsed);
+        let (src, dst, len, dont_fragment, syn, icmp_error) = (
+            parsed.src,
             parsed.dst,
             parsed.total_len,
             parsed.dont_fragment,
             ip::is_tcp_syn(&parsed),
+            parsed.is_icmp_error(),
         );
-        if link_scoped(parsed.src) || link_scoped(dst) {
+        if link_scoped(src) || link_scoped(dst) {
             return Verdict::Drop(DropReason::LinkLocal);
+        }
+        if matches!(sender, Sender::Router) && !icmp_error {
+            return Verdict::Drop(DropReason::Policy);
         }
         // The site may have left this broker since the sender looked.
         let local = self
@@ -571,13 +617,48 @@ impl Router {
             (None, Some((route, broker)))
                 if broker != from && matches!(route.target, RouteTarget::Site(_)) =>
             {
-                (route, self.remote.mtu(), Some(broker))
+                let mtu = self.remote.mtu().saturating_sub(sender.trailer_len());
+                (route, mtu, Some(broker))
             }
             (None, _) if self.table.lookup(dst).winner().is_some() => {
                 return Verdict::Drop(DropReason::TargetDown);
             }
             (None, _) => return Verdict::Drop(DropReason::NoRoute),
         };
+        let party = match sender {
+            Sender::Site { site, region, lan } => Some(Party::Site {
+                site,
+                region,
+                lan: *lan,
+            }),
+            Sender::Gateway { gateway, region } => Some(Party::Gateway { gateway, region }),
+            Sender::Router => None,
+        };
+        if let Some(party) = party {
+            let (from_site, from_region) = match party {
+                Party::Site { region, .. } => (true, region),
+                Party::Gateway { region, .. } => (false, region),
+            };
+            if !self.residency.permits_path(from_site, from_region, route) {
+                return self.reply_from(
+                    &route.region,
+                    packet,
+                    IcmpError::AdminProhibited,
+                    DropReason::Residency,
+                );
+            }
+            if !self
+                .policy_between(party, src, dst, traffic, route)
+                .allows()
+            {
+                return self.reply_from(
+                    &route.region,
+                    packet,
+                    IcmpError::AdminProhibited,
+                    DropReason::Policy,
+                );
+            }
+        }
         if ip::decrement_ttl(packet).is_err() {
             return self.reply_from(
                 &route.region,
@@ -586,6 +667,7 @@ impl Router {
                 DropReason::TtlExpired,
             );
         }
+        let via = via.map(|broker| (broker, sender.clone()));
         if len > mtu {
             if !dont_fragment && let Ok(fragments) = ip::fragment_ipv4(packet, mtu) {
                 return deliver(route, via, fragments);
@@ -641,18 +723,55 @@ impl Router {
         route: &Route,
     ) -> policy::Verdict<'_> {
         let from = match *ingress {
-            Ingress::Site { site, region, .. } => {
-                let lan = self.policy.names_lans()
-                    && self.table.lookup(src).winner().is_some_and(|r| {
-                        r.kind == RouteKind::SiteLan
-                            && matches!(&r.target, RouteTarget::Site(s) if s == site)
-                    });
-                Party::Site { site, region, lan }
-            }
+            Ingress::Site { site, region, .. } => Party::Site {
+                site,
+                region,
+                lan: self.policy.names_lans() && self.on_lan_of(site, src),
+            },
             Ingress::Gateway {
                 gateway, region, ..
             } => Party::Gateway { gateway, region },
         };
+        self.policy_between(from, src, dst, traffic, route)
+    }
+
+    /// Whether `src` is on one of `site`'s mapped LANs, as this broker's
+    /// route table says.
+    fn on_lan_of(&self, site: &SiteId, src: IpAddr) -> bool {
+        self.table.lookup(src).winner().is_some_and(|r| {
+            r.kind == RouteKind::SiteLan && matches!(&r.target, RouteTarget::Site(s) if s == site)
+        })
+    }
+
+    /// The sender of a packet from `src` that entered at `ingress`, as the
+    /// link's frame names it (a host on one of the site's mapped LANs
+    /// whatever this broker's policy names, as another broker's may).
+    fn sender_of(&self, ingress: &Ingress<'_>, src: IpAddr) -> Sender {
+        match *ingress {
+            Ingress::Site { site, region, .. } => Sender::Site {
+                site: site.clone(),
+                region: region.clone(),
+                lan: self.on_lan_of(site, src),
+            },
+            Ingress::Gateway {
+                gateway, region, ..
+            } => Sender::Gateway {
+                gateway: gateway.clone(),
+                region: region.clone(),
+            },
+        }
+    }
+
+    /// What the access policy says of a packet from `from` at `src` to
+    /// `dst` along `route`, carrying `traffic`.
+    fn policy_between(
+        &self,
+        from: Party<'_>,
+        src: IpAddr,
+        dst: IpAddr,
+        traffic: Traffic,
+        route: &Route,
+    ) -> policy::Verdict<'_> {
         let to = match &route.target {
             RouteTarget::Site(site) => Party::Site {
                 site,
@@ -1312,8 +1431,17 @@ mod tests {
         assert_eq!(relay.broker, "b");
         assert_eq!(relay.route.target, RouteTarget::Site(far.clone()));
         assert!(relay.fragments.is_empty());
+        let from_a_sender = Sender::Site {
+            site: f.a.clone(),
+            region: f.eu.clone(),
+            lan: false,
+        };
+        assert_eq!(relay.sender, from_a_sender, "the frame names the sender");
         assert_eq!(p[8], 63, "TTL decremented at the ingress");
-        // Larger than the link: packet too big with the link's MTU.
+        // Larger than the link: packet too big with the link's MTU less
+        // the frame's trailer naming a in eu (4 + 1 + 2 bytes).
+        let link_mtu = 1300 - from_a_sender.trailer_len();
+        assert_eq!(link_mtu, 1293);
         let mut big = ipv4(
             [100, 64, 0, 2],
             [100, 64, 0, 9],
@@ -1324,7 +1452,48 @@ mod tests {
         let Verdict::Reply { icmp, .. } = open.decide(&from_a, &mut big, |_| Some(MTU)) else {
             panic!("expected packet too big")
         };
-        assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1300);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([icmp[26], icmp[27]])),
+            link_mtu
+        );
+        // A packet of that size fits with its trailer; one byte more does
+        // not, and without Don't Fragment goes as fragments that do.
+        let mut fits = ipv4(
+            [100, 64, 0, 2],
+            [100, 64, 0, 9],
+            PROTO_UDP,
+            &vec![0; link_mtu - 20],
+            true,
+        );
+        assert!(matches!(
+            open.decide(&from_a, &mut fits, |_| Some(MTU)),
+            Verdict::Relay(_)
+        ));
+        let mut over = ipv4(
+            [100, 64, 0, 2],
+            [100, 64, 0, 9],
+            PROTO_UDP,
+            &vec![0; link_mtu - 19],
+            true,
+        );
+        assert_eq!(
+            open.decide(&from_a, &mut over, |_| Some(MTU)).drop_reason(),
+            Some(DropReason::TooBig)
+        );
+        let mut over = ipv4(
+            [100, 64, 0, 2],
+            [100, 64, 0, 9],
+            PROTO_UDP,
+            &vec![0; link_mtu - 19],
+            false,
+        );
+        let Verdict::Relay(relay) = open.decide(&from_a, &mut over, |_| Some(MTU)) else {
+            panic!("expected fragments relayed")
+        };
+        assert!(relay.fragments.len() > 1);
+        for fragment in &relay.fragments {
+            assert!(fragment.len() + relay.sender.trailer_len() <= 1300);
+        }
         // Residency holds as for a local site.
         let mut us = open.clone();
         us.remote = Arc::new(RemoteRoutes::build(
@@ -1354,9 +1523,15 @@ mod tests {
             Verdict::Forward(_)
         ));
         // A relayed packet goes to a session here, never on to another
-        // broker, and neither residency nor policy is asked again.
+        // broker; its source is not checked here (site b sends from far's
+        // address), only what b may reach.
+        let from_b = Sender::Site {
+            site: f.b.clone(),
+            region: f.eu.clone(),
+            lan: false,
+        };
         let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
-        let v = f.router.decide_relayed(&mut p, "b", |_| Some(MTU));
+        let v = f.router.decide_relayed(&mut p, "b", &from_b, |_| Some(MTU));
         assert!(
             matches!(&v, Verdict::Forward(r) if r.target == RouteTarget::Site(f.a.clone())),
             "{v:?}"
@@ -1365,16 +1540,17 @@ mod tests {
         // relayed its packet: one more hop, to b, with the TTL decremented;
         // never back to b if b is the sender.
         let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
-        let v = open.decide_relayed(&mut p, "c", |_| Some(MTU));
+        let v = open.decide_relayed(&mut p, "c", &from_a_sender, |_| Some(MTU));
         let Verdict::Relay(relay) = v else {
             panic!("expected a relay on: {v:?}")
         };
         assert_eq!(relay.broker, "b");
         assert_eq!(relay.route.target, RouteTarget::Site(far.clone()));
+        assert_eq!(relay.sender, from_a_sender, "relayed on naming the sender");
         assert_eq!(p[8], 63, "TTL decremented at each hop");
         let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
         assert_eq!(
-            open.decide_relayed(&mut p, "b", |_| Some(MTU)),
+            open.decide_relayed(&mut p, "b", &from_a_sender, |_| Some(MTU)),
             Verdict::Drop(DropReason::NoRoute),
             "never back to the sender"
         );
@@ -1385,21 +1561,28 @@ mod tests {
             &[0; 1400],
             false,
         );
-        let Verdict::Relay(relay) = open.decide_relayed(&mut p, "c", |_| Some(MTU)) else {
+        let Verdict::Relay(relay) = open.decide_relayed(&mut p, "c", &from_a_sender, |_| Some(MTU))
+        else {
             panic!("expected fragments relayed on")
         };
         assert!(relay.fragments.len() > 1);
+        assert_eq!(relay.sender, from_a_sender);
+        for fragment in &relay.fragments {
+            assert!(fragment.len() <= link_mtu, "fragments fit with the trailer");
+        }
         let mut ttl1 = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
         ttl1[8] = 1;
         assert_eq!(
-            open.decide_relayed(&mut ttl1, "c", |_| Some(MTU))
+            open.decide_relayed(&mut ttl1, "c", &from_a_sender, |_| Some(MTU))
                 .drop_reason(),
             Some(DropReason::TtlExpired),
             "a relay loop ends with the TTL"
         );
         let mut p = ipv4([100, 64, 0, 9], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
         assert_eq!(
-            f.router.decide_relayed(&mut p, "b", |_| None).drop_reason(),
+            f.router
+                .decide_relayed(&mut p, "b", &from_b, |_| None)
+                .drop_reason(),
             Some(DropReason::TargetDown)
         );
         // A gateway may not claim a remote site's address either.
@@ -1412,6 +1595,211 @@ mod tests {
         assert_eq!(
             open.decide(&from_gw, &mut p, |_| Some(MTU)),
             Verdict::Drop(DropReason::Spoofed)
+        );
+    }
+
+    /// Two brokers whose rules differ (a rollout, a bug): what the ingress
+    /// relays, the broker holding the destination checks again for the
+    /// sender the frame names, with its own residency and policy.
+    #[test]
+    fn relayed_packets_are_checked_again_with_this_brokers_rules() {
+        use crate::ipam::{Lease, LeaseKind};
+        use crate::peering::{PeerView, RemoteRoutes};
+        use crate::relay_frame;
+        let f = fixture();
+        let far: SiteId = id("far");
+        // Broker a (the ingress) holds site a; its policy lets a reach
+        // far, which broker b holds.
+        let mut ingress = f.router.clone();
+        ingress.policy = Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: "a-to-far".into(),
+                    from: vec![id("site:a")],
+                    to: vec![id("site:far")],
+                    ports: vec![],
+                }],
+                Default::default(),
+                policy::Backends::Region,
+            )
+            .unwrap(),
+        );
+        let view = PeerView {
+            holders: BTreeMap::from([(far.clone(), "b".to_string())]),
+            gateways: BTreeMap::new(),
+        };
+        let lease = Lease {
+            prefix: net("100.64.0.9/32"),
+            site: far.clone(),
+            region: f.eu.clone(),
+            kind: LeaseKind::SiteAddress,
+            release_at: None,
+        };
+        ingress.remote = Arc::new(RemoteRoutes::build(&view, [&lease], 1300));
+        let allowed = [net("100.64.0.2/32")];
+        let from_a = Ingress::Site {
+            site: &f.a,
+            region: &f.eu,
+            allowed: &allowed,
+        };
+        let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        let Verdict::Relay(relay) = ingress.decide(&from_a, &mut p, |_| Some(MTU)) else {
+            panic!("the ingress relays")
+        };
+        // What crosses the link, and what broker b reads of it.
+        let frame = relay.sender.frame(&p);
+        let (sender, len) = relay_frame::parse(&frame).unwrap();
+        let mut packet = frame[..len].to_vec();
+        // Broker b holds far; its policy (the fixture's: a and b only)
+        // does not let a reach far. Dropped, counted as policy, answered
+        // from b's router address.
+        let mut egress = f.router.clone();
+        egress.table.insert(Route {
+            prefix: net("100.64.0.9/32"),
+            kind: RouteKind::SiteAddress,
+            target: RouteTarget::Site(far.clone()),
+            region: f.eu.clone(),
+        });
+        let v = egress.decide_relayed(&mut packet.clone(), "a", &sender, |_| Some(MTU));
+        let Verdict::Reply { icmp, reason } = &v else {
+            panic!("expected prohibited: {v:?}")
+        };
+        assert_eq!(*reason, DropReason::Policy);
+        let icmp = Packet::parse(icmp).unwrap();
+        assert_eq!(
+            (icmp.src, icmp.dst),
+            (id("100.64.0.1"), id("100.64.0.2")),
+            "from b's router address to the sender"
+        );
+        // A packet that does not end where the trailer begins is a frame
+        // misread: dropped, whatever the rules.
+        let mut longer = packet.clone();
+        longer.push(0);
+        assert_eq!(
+            egress.decide_relayed(&mut longer, "a", &sender, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Malformed)
+        );
+        // With b's policy allowing it too, it is delivered.
+        let mut allowing = egress.clone();
+        allowing.policy = ingress.policy.clone();
+        let v = allowing.decide_relayed(&mut packet, "a", &sender, |_| Some(MTU));
+        assert!(
+            matches!(&v, Verdict::Forward(r) if r.target == RouteTarget::Site(far.clone())),
+            "{v:?}"
+        );
+        // Residency at b: far in eu, a sender in us (eu lets no other
+        // region in), even with a policy that would allow it.
+        let mut everyone = allowing.clone();
+        everyone.policy = Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: "all".into(),
+                    from: vec![id("sites"), id("gateways")],
+                    to: vec![id("sites")],
+                    ports: vec![],
+                }],
+                Default::default(),
+                policy::Backends::Rules,
+            )
+            .unwrap(),
+        );
+        let us_site = Sender::Site {
+            site: f.us_site.clone(),
+            region: f.us.clone(),
+            lan: false,
+        };
+        let us_gateway = Sender::Gateway {
+            gateway: id("gw-us"),
+            region: f.us.clone(),
+        };
+        for sender in [&us_site, &us_gateway] {
+            let mut p = ipv4([100, 80, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+            assert_eq!(
+                everyone
+                    .decide_relayed(&mut p, "a", sender, |_| Some(MTU))
+                    .drop_reason(),
+                Some(DropReason::Residency),
+                "{sender:?}"
+            );
+            assert_eq!(p[8], 64, "not forwarded: TTL untouched");
+        }
+        // Once b's residency lets us in (both ways, for sites), the same
+        // packets are delivered.
+        let mut open = everyone.clone();
+        open.residency = Residency::new(BTreeMap::from([
+            (f.eu.clone(), BTreeSet::from([f.us.clone()])),
+            (f.us.clone(), BTreeSet::from([f.eu.clone()])),
+        ]));
+        for sender in [&us_site, &us_gateway] {
+            let mut p = ipv4([100, 80, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+            assert!(matches!(
+                open.decide_relayed(&mut p, "a", sender, |_| Some(MTU)),
+                Verdict::Forward(_)
+            ));
+        }
+        // A LAN host of a site is the LAN to b's policy, as the frame
+        // says: a rule for site b's own address does not admit it.
+        let mut lan_rule = egress.clone();
+        lan_rule.policy = Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: "lan-of-b".into(),
+                    from: vec![id("lan-of:site:b")],
+                    to: vec![id("site:far")],
+                    ports: vec![],
+                }],
+                Default::default(),
+                policy::Backends::Region,
+            )
+            .unwrap(),
+        );
+        for (lan, verdict) in [(true, None), (false, Some(DropReason::Policy))] {
+            let sender = Sender::Site {
+                site: f.b.clone(),
+                region: f.eu.clone(),
+                lan,
+            };
+            let mut p = ipv4([100, 70, 9, 20], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+            assert_eq!(
+                lan_rule
+                    .decide_relayed(&mut p, "a", &sender, |_| Some(MTU))
+                    .drop_reason(),
+                verdict,
+                "lan: {lan}"
+            );
+        }
+        // A broker's own ICMP error names nobody and passes; nothing else
+        // may pass under that name.
+        let original = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        let mut error_back = ip::icmp_error(
+            &Packet::parse(&original).unwrap(),
+            IcmpError::TimeExceeded,
+            id("100.64.0.1"),
+        )
+        .unwrap();
+        // Back toward a, at the ingress broker: a is its own site.
+        assert!(matches!(
+            ingress.decide_relayed(&mut error_back, "b", &Sender::Router, |_| Some(MTU)),
+            Verdict::Forward(_)
+        ));
+        let mut not_error = ipv4([100, 64, 0, 1], [100, 64, 0, 2], PROTO_UDP, &[0; 8], true);
+        assert_eq!(
+            ingress.decide_relayed(&mut not_error, "b", &Sender::Router, |_| Some(MTU)),
+            Verdict::Drop(DropReason::Policy)
+        );
+        // It goes nowhere a route does not lead.
+        let stray = ipv4([192, 0, 2, 1], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
+        let mut error = ip::icmp_error(
+            &Packet::parse(&stray).unwrap(),
+            IcmpError::TimeExceeded,
+            id("100.64.0.1"),
+        )
+        .unwrap();
+        assert_eq!(
+            ingress
+                .decide_relayed(&mut error, "b", &Sender::Router, |_| Some(MTU))
+                .drop_reason(),
+            Some(DropReason::NoRoute)
         );
     }
 

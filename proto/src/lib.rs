@@ -33,7 +33,9 @@
 //!   (membership, which broker holds each site) and what follows when
 //!   either changes.
 //! - [`peering`]: routes to sites and gateways held by other brokers of
-//!   the fleet, from the store's leases and the fleet's owners.
+//!   the fleet, from the store's leases and the fleet's owners;
+//!   [`relay_frame`]: the broker-to-broker link's frame, naming the sender
+//!   of a relayed packet.
 //! - [`agent`]: the edge agent's decisions (transport ladder, reconnection
 //!   backoff, certificate renewal, tunnel MTU, the site's half of the
 //!   CONNECT-IP session) as one state machine.
@@ -71,6 +73,7 @@ pub mod path_watch;
 pub mod peering;
 pub mod policy;
 pub mod quic_probe;
+pub mod relay_frame;
 pub mod report;
 pub mod route;
 pub mod send_queue;
