@@ -763,6 +763,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             mtu: 1420,
+            allow_unproven_peers: true,
         };
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = start(&config, dir_a.path()).await.unwrap();
@@ -772,6 +773,7 @@ mod tests {
             regions: Default::default(),
             forward: Some(link.advertise().to_string()),
             link_key: Some(tether_pki::wg::encode(&link.public_key())),
+            link_proof: None,
             gateways: Vec::new(),
             link_keepalive_ms: None,
             gateway_endpoint: None,
@@ -780,11 +782,17 @@ mod tests {
         // are known writable.
         a.socket.writable().await.unwrap();
         b.socket.writable().await.unwrap();
+        // Records without a proof: this test is about frames, not
+        // about the link's identities.
+        let admission = Admission {
+            anchors: Vec::new(),
+            allow_unproven: true,
+        };
         for (me, link) in [("a", &a), ("b", &b)] {
             let mut fleet = Fleet::new(me.into());
             fleet.handle_member("a".into(), member(&a), 1);
             fleet.handle_member("b".into(), member(&b), 2);
-            link.set_peers(&fleet);
+            link.set_peers(&fleet, &admission);
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let receiving = [(a.clone(), None), (b.clone(), Some(tx))].map(|(link, tx)| {
