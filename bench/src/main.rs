@@ -395,9 +395,15 @@ fn measure_procs(
     let up1 = iperf(client, addr, 1, true, secs).0;
     let down4 = iperf(client, addr, 4, false, secs).0;
     let (p50, p99) = ping_stats(client, addr);
+    let per_process: Vec<String> = procs
+        .iter()
+        .zip(&cpu.procs)
+        .map(|((n, _), s)| format!("{n} {s:.2}"))
+        .collect();
     eprintln!(
-        "{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms, {:.2} CPU s/GB",
-        cpu.machine
+        "{name}: {down1:.2} / {up1:.2} / {down4:.2} Gbit/s, ping {p50:.3} / {p99:.3} ms, {:.2} CPU s/GB ({})",
+        cpu.machine,
+        per_process.join(", ")
     );
     Row {
         name,
