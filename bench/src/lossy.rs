@@ -258,7 +258,7 @@ fn tether(
 /// The whole lossy run; prints its table.
 pub(crate) fn run(
     topo: &mut Topology,
-    boringtun: &str,
+    boringtun: Option<&str>,
     quincy_dir: Option<&std::path::Path>,
     secs: u32,
     only: &[String],
@@ -313,11 +313,11 @@ pub(crate) fn run(
             boringtun,
             &["--foreground", "--disable-drop-privileges"][..],
         ),
-        ("wggo", "wireguard-go", &["-f"][..]),
+        ("wggo", Some("wireguard-go"), &["-f"][..]),
     ] {
-        if !want(name) {
+        let Some(program) = program.filter(|_| want(name)) else {
             continue;
-        }
+        };
         eprintln!("{name}");
         let tunnel = WgTunnel::up(topo, name, program, extra);
         let flows = measure(topo, &mut wan, WG_SITE, secs, &mut applied);
