@@ -73,6 +73,10 @@ pub struct LinkPeer {
     added: Instant,
     /// It announces keepalives: its silence means it is gone.
     paced: bool,
+    /// It announces no proof of its key: a broker of an older release,
+    /// a peer only by `peering.allow_unproven_peers`, whose packets come
+    /// bare, without the frame's trailer naming their sender.
+    pub unproven: bool,
     /// When an authenticated datagram last came from it: nanoseconds since
     /// `added`, plus one (0: never).
     heard: AtomicU64,
@@ -369,7 +373,8 @@ impl Link {
     /// afresh. Returns the ids of the peers.
     pub fn set_peers(&self, fleet: &Fleet, admission: &Admission) -> BTreeSet<BrokerId> {
         let mut wanted: BTreeMap<BrokerId, ([u8; 32], SocketAddr)> = BTreeMap::new();
-        let mut paced: BTreeMap<BrokerId, bool> = BTreeMap::new();
+        // Per peer: it announces keepalives; it announces no proof.
+        let mut announces: BTreeMap<BrokerId, (bool, bool)> = BTreeMap::new();
         let mut checks = match self.checks.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
@@ -404,7 +409,13 @@ impl Link {
             match (endpoint.parse::<SocketAddr>(), tether_pki::wg::decode(key)) {
                 (Ok(endpoint), Some(key)) if key != self.public_key() => {
                     wanted.insert(id.clone(), (key, endpoint));
-                    paced.insert(id.clone(), member.link_keepalive_ms.is_some());
+                    announces.insert(
+                        id.clone(),
+                        (
+                            member.link_keepalive_ms.is_some(),
+                            member.link_proof.is_none(),
+                        ),
+                    );
                 }
                 // This broker's own key, in what its previous run announced
                 // (alive after a crash until that run's lease expires).
@@ -458,7 +469,8 @@ impl Link {
                     tunn: Mutex::new(tunn),
                     index,
                     added: Instant::now(),
-                    paced: paced.get(&id).copied().unwrap_or(false),
+                    paced: announces.get(&id).is_some_and(|p| p.0),
+                    unproven: announces.get(&id).is_some_and(|p| p.1),
                     heard: AtomicU64::new(0),
                     sent: AtomicBool::new(false),
                 });
@@ -946,9 +958,9 @@ mod tests {
         assert_eq!(
             link.peers()
                 .iter()
-                .map(|p| p.id.as_str())
+                .map(|p| (p.id.as_str(), p.unproven))
                 .collect::<Vec<_>>(),
-            ["proven"]
+            [("proven", false)]
         );
         let refused = |link: &Link| {
             let checks = link.checks.lock().unwrap();
@@ -977,6 +989,20 @@ mod tests {
         assert_eq!(
             ids(link.set_peers(&fleet, &upgrade)),
             ["proven", "unproven"]
+        );
+        // The unproven one is known as such: its packets come bare.
+        let mut peers: Vec<_> = link
+            .peers()
+            .iter()
+            .map(|p| (p.id.clone(), p.unproven))
+            .collect();
+        peers.sort();
+        assert_eq!(
+            peers,
+            [
+                ("proven".to_string(), false),
+                ("unproven".to_string(), true)
+            ]
         );
         // The CA leaves the trust bundle: its proofs no longer admit.
         let moved = Admission {

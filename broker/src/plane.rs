@@ -340,6 +340,8 @@ impl Plane {
     fn route_relayed_packet(&self, link: &Link, peer: &LinkPeer, frame: &mut [u8]) {
         let (sender, len) = match relay_frame::parse(frame) {
             Ok(parsed) => parsed,
+            // A broker of an older release sends bare packets.
+            Err(_) if peer.unproven => (Sender::Unnamed, frame.len()),
             Err(error) => {
                 tracing::debug!(broker = %peer.id, %error, "broker-to-broker link: frame dropped");
                 self.metrics.drop(DropReason::RelayFrame);

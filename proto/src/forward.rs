@@ -564,6 +564,8 @@ impl Router {
     /// error over the link. An ICMP error a broker answered a relayed
     /// packet with ([`Sender::Router`]) names nobody and passes unchecked;
     /// anything else under that name is dropped ([`DropReason::Policy`]).
+    /// A bare packet from a broker of an older release
+    /// ([`Sender::Unnamed`]) passes unchecked, as that release expects.
     /// The source address is not checked: that is the ingress's, which
     /// knew the sender's addresses when this broker's view of them may
     /// lag (after a failover).
@@ -632,7 +634,7 @@ impl Router {
                 lan: *lan,
             }),
             Sender::Gateway { gateway, region } => Some(Party::Gateway { gateway, region }),
-            Sender::Router => None,
+            Sender::Router | Sender::Unnamed => None,
         };
         if let Some(party) = party {
             let (from_site, from_region) = match party {
@@ -1678,6 +1680,13 @@ mod tests {
         assert_eq!(
             egress.decide_relayed(&mut longer, "a", &sender, |_| Some(MTU)),
             Verdict::Drop(DropReason::Malformed)
+        );
+        // The same packet bare, from a broker of an older release (no
+        // sender named): checked at its ingress only, delivered.
+        let v = egress.decide_relayed(&mut packet.clone(), "a", &Sender::Unnamed, |_| Some(MTU));
+        assert!(
+            matches!(&v, Verdict::Forward(r) if r.target == RouteTarget::Site(far.clone())),
+            "{v:?}"
         );
         // With b's policy allowing it too, it is delivered.
         let mut allowing = egress.clone();

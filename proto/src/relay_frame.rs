@@ -81,6 +81,12 @@ pub enum Sender {
     /// A broker of the fleet, answering a relayed packet with an ICMP
     /// error (packet too big, time exceeded, prohibited).
     Router,
+    /// Nobody named: a bare packet from a broker of a release before
+    /// these frames, a peer of the link only while
+    /// `peering.allow_unproven_peers` lets such brokers in during an
+    /// upgrade. Checked where it entered only, as that release did; it
+    /// has no trailer, and is never parsed from one.
+    Unnamed,
 }
 
 /// Why a frame cannot be read.
@@ -108,11 +114,12 @@ pub enum FrameError {
 }
 
 impl Sender {
-    /// The sender's region; none for [`Sender::Router`].
+    /// The sender's region; none for [`Sender::Router`] and
+    /// [`Sender::Unnamed`].
     pub fn region(&self) -> Option<&RegionId> {
         match self {
             Sender::Site { region, .. } | Sender::Gateway { region, .. } => Some(region),
-            Sender::Router => None,
+            Sender::Router | Sender::Unnamed => None,
         }
     }
 
@@ -124,6 +131,7 @@ impl Sender {
                 4 + gateway.as_str().len() + region.as_str().len()
             }
             Sender::Router => 2,
+            Sender::Unnamed => 0,
         }
     }
 
@@ -139,6 +147,7 @@ impl Sender {
                 (KIND_GATEWAY, Some((gateway.as_str(), region.as_str())))
             }
             Sender::Router => (KIND_ROUTER, None),
+            Sender::Unnamed => return Some(0),
         };
         let len = self.trailer_len();
         let trailer = out.get_mut(..len)?;
@@ -268,6 +277,8 @@ mod tests {
             *b"branch-7\x08eu\x02\x01\x01"
         );
         assert_eq!(Sender::Router.frame(&PACKET)[4..], [4, 1]);
+        // A bare packet of an older release is sent on bare.
+        assert_eq!(Sender::Unnamed.frame(&PACKET), PACKET);
     }
 
     #[test]
