@@ -16,7 +16,7 @@ use tether_proto::broker::{CloseReason, SessionId};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::send_queue::SendWait;
 use tether_proto::tunnel::Transport;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::counters::{Counters, Drops, SiteTotals};
 
@@ -120,8 +120,12 @@ pub struct Session {
     pub since: SystemTime,
     /// Traffic counters.
     pub counters: Counters,
-    /// Raised to end the session.
-    close: watch::Sender<Option<CloseReason>>,
+    /// Why the broker asked the session to end, once it has.
+    close: Mutex<Option<CloseReason>>,
+    /// Wakes the session's task when `close` is set. Not a `watch`
+    /// channel: that allocates about 340 bytes of its own per session,
+    /// held by every idle site.
+    close_requested: Notify,
     /// TCP services the site announced when it connected (SRV names).
     pub services: Vec<tether_proto::dns::Service>,
     /// Packets of this site dropped, by reason.
@@ -133,8 +137,8 @@ pub struct Session {
 
 impl Session {
     /// A session of `peer` on `link`, connected now, that may send from
-    /// `allowed`; with the receiver its task watches for the broker's
-    /// request to end it ([`Session::request_close`]).
+    /// `allowed`; its task waits for the broker's request to end it
+    /// ([`Session::request_close`]) with [`Session::closed`].
     pub fn new(
         id: SessionId,
         connected_at: Instant,
@@ -142,9 +146,8 @@ impl Session {
         link: SessionLink,
         allowed: Vec<IpNet>,
         services: Vec<tether_proto::dns::Service>,
-    ) -> (Self, watch::Receiver<Option<CloseReason>>) {
-        let (close, closed) = watch::channel(None);
-        let session = Self {
+    ) -> Self {
+        Self {
             id,
             connected_at,
             peer,
@@ -152,12 +155,12 @@ impl Session {
             allowed: RwLock::new(allowed),
             since: SystemTime::now(),
             counters: Counters::default(),
-            close,
+            close: Mutex::new(None),
+            close_requested: Notify::new(),
             services,
             drops: Drops::default(),
             send_wait: Mutex::new(SendWait::default()),
-        };
-        (session, closed)
+        }
     }
 
     /// The site.
@@ -177,7 +180,24 @@ impl Session {
 
     /// Asks the session's task to end it.
     pub fn request_close(&self, reason: CloseReason) {
-        let _ = self.close.send(Some(reason));
+        if let Ok(mut close) = self.close.lock() {
+            *close = Some(reason);
+        }
+        // A permit if the task is not waiting right now: its next wait
+        // returns at once.
+        self.close_requested.notify_one();
+    }
+
+    /// Resolves with the reason once the broker asked the session to end
+    /// ([`Session::request_close`]); the latest reason if asked more than
+    /// once. For one task to wait on.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.close.lock().ok().and_then(|c| *c) {
+                return reason;
+            }
+            self.close_requested.notified().await;
+        }
     }
 
     /// Its traffic and drops so far.
