@@ -278,3 +278,77 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use tether_pki::{SiteIdentity, TrustDomain};
+
+    use super::*;
+
+    /// A session on an HTTP/2 link (no QUIC connection needed).
+    fn session() -> Session {
+        let identity = SiteIdentity::new(
+            TrustDomain::new("tether.example.org").unwrap(),
+            RegionId::new("eu").unwrap(),
+            SiteId::new("site-a").unwrap(),
+        );
+        let peer = PeerCert {
+            identity,
+            serial: vec![1],
+            not_after: SystemTime::now() + Duration::from_secs(3600),
+        };
+        let link = SessionLink::H2 {
+            capsules: tokio::sync::mpsc::channel(1).0,
+            remote: SocketAddr::from(([192, 0, 2, 1], 443)),
+            id: 1,
+            rtt_us: Arc::new(AtomicU64::new(0)),
+            transport: Transport::H2,
+        };
+        Session::new(SessionId(1), Instant::now(), peer, link, vec![], vec![])
+    }
+
+    /// Polls `f` once.
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// A close asked for before the task waits is not lost; one asked for
+    /// while it waits wakes it; the latest reason is the one seen.
+    #[test]
+    fn a_close_request_reaches_the_session_task() {
+        let s = session();
+        s.request_close(CloseReason::Replaced);
+        let mut closed = std::pin::pin!(s.closed());
+        assert_eq!(
+            poll_once(closed.as_mut()),
+            Poll::Ready(CloseReason::Replaced)
+        );
+
+        let s = session();
+        let mut closed = std::pin::pin!(s.closed());
+        assert_eq!(poll_once(closed.as_mut()), Poll::Pending);
+        s.request_close(CloseReason::Revoked);
+        s.request_close(CloseReason::Shutdown);
+        assert_eq!(
+            poll_once(closed.as_mut()),
+            Poll::Ready(CloseReason::Shutdown)
+        );
+
+        // A wait abandoned after the request (a select that took another
+        // branch) leaves it for the next one.
+        let s = session();
+        {
+            let mut closed = std::pin::pin!(s.closed());
+            assert_eq!(poll_once(closed.as_mut()), Poll::Pending);
+            s.request_close(CloseReason::CertificateExpired);
+        }
+        let mut closed = std::pin::pin!(s.closed());
+        assert_eq!(
+            poll_once(closed.as_mut()),
+            Poll::Ready(CloseReason::CertificateExpired)
+        );
+    }
+}
