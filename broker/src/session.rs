@@ -517,7 +517,6 @@ pub struct Started {
     /// The session.
     pub session: Arc<Session>,
     core: BrokerSession,
-    close: watch::Receiver<Option<CloseReason>>,
     /// Whether the broker core took the session (its timeline says it
     /// connected, and will say it disconnected).
     registered: bool,
@@ -540,7 +539,7 @@ impl Started {
         let core = BrokerSession::new(addresses, lans);
         let transport = link.transport();
         let remote = link.remote();
-        let (session, close) = Session::new(
+        let session = Session::new(
             broker.next_session_id(),
             connected_at,
             peer,
@@ -582,7 +581,6 @@ impl Started {
         Self {
             session,
             core,
-            close,
             registered,
         }
     }
@@ -621,10 +619,7 @@ impl Started {
                     Ok(None) => break Ending::Peer(Disconnect::SiteClosed),
                     Err(e) => break e,
                 },
-                _ = self.close.changed() => match *self.close.borrow() {
-                    Some(r) => break Ending::Closed(r),
-                    None => continue,
-                },
+                r = session.closed() => break Ending::Closed(r),
                 _ = routes.changed() => {
                     let reachable = io.broker.reachable_from(&region);
                     let advertisement = self.core.advertise(&reachable);

@@ -16,7 +16,7 @@ use tether_proto::broker::{CloseReason, SessionId};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::send_queue::SendWait;
 use tether_proto::tunnel::Transport;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::counters::{Counters, Drops, SiteTotals};
 
@@ -120,8 +120,12 @@ pub struct Session {
     pub since: SystemTime,
     /// Traffic counters.
     pub counters: Counters,
-    /// Raised to end the session.
-    close: watch::Sender<Option<CloseReason>>,
+    /// Why the broker asked the session to end, once it has.
+    close: Mutex<Option<CloseReason>>,
+    /// Wakes the session's task when `close` is set. Not a `watch`
+    /// channel: that allocates about 340 bytes of its own per session,
+    /// held by every idle site.
+    close_requested: Notify,
     /// TCP services the site announced when it connected (SRV names).
     pub services: Vec<tether_proto::dns::Service>,
     /// Packets of this site dropped, by reason.
@@ -133,8 +137,8 @@ pub struct Session {
 
 impl Session {
     /// A session of `peer` on `link`, connected now, that may send from
-    /// `allowed`; with the receiver its task watches for the broker's
-    /// request to end it ([`Session::request_close`]).
+    /// `allowed`; its task waits for the broker's request to end it
+    /// ([`Session::request_close`]) with [`Session::closed`].
     pub fn new(
         id: SessionId,
         connected_at: Instant,
@@ -142,9 +146,8 @@ impl Session {
         link: SessionLink,
         allowed: Vec<IpNet>,
         services: Vec<tether_proto::dns::Service>,
-    ) -> (Self, watch::Receiver<Option<CloseReason>>) {
-        let (close, closed) = watch::channel(None);
-        let session = Self {
+    ) -> Self {
+        Self {
             id,
             connected_at,
             peer,
@@ -152,12 +155,12 @@ impl Session {
             allowed: RwLock::new(allowed),
             since: SystemTime::now(),
             counters: Counters::default(),
-            close,
+            close: Mutex::new(None),
+            close_requested: Notify::new(),
             services,
             drops: Drops::default(),
             send_wait: Mutex::new(SendWait::default()),
-        };
-        (session, closed)
+        }
     }
 
     /// The site.
@@ -177,7 +180,24 @@ impl Session {
 
     /// Asks the session's task to end it.
     pub fn request_close(&self, reason: CloseReason) {
-        let _ = self.close.send(Some(reason));
+        if let Ok(mut close) = self.close.lock() {
+            *close = Some(reason);
+        }
+        // A permit if the task is not waiting right now: its next wait
+        // returns at once.
+        self.close_requested.notify_one();
+    }
+
+    /// Resolves with the reason once the broker asked the session to end
+    /// ([`Session::request_close`]); the latest reason if asked more than
+    /// once. For one task to wait on.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.close.lock().ok().and_then(|c| *c) {
+                return reason;
+            }
+            self.close_requested.notified().await;
+        }
     }
 
     /// Its traffic and drops so far.
@@ -256,5 +276,79 @@ impl Sessions {
         } else {
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use tether_pki::{SiteIdentity, TrustDomain};
+
+    use super::*;
+
+    /// A session on an HTTP/2 link (no QUIC connection needed).
+    fn session() -> Session {
+        let identity = SiteIdentity::new(
+            TrustDomain::new("tether.example.org").unwrap(),
+            RegionId::new("eu").unwrap(),
+            SiteId::new("site-a").unwrap(),
+        );
+        let peer = PeerCert {
+            identity,
+            serial: vec![1],
+            not_after: SystemTime::now() + Duration::from_secs(3600),
+        };
+        let link = SessionLink::H2 {
+            capsules: tokio::sync::mpsc::channel(1).0,
+            remote: SocketAddr::from(([192, 0, 2, 1], 443)),
+            id: 1,
+            rtt_us: Arc::new(AtomicU64::new(0)),
+            transport: Transport::H2,
+        };
+        Session::new(SessionId(1), Instant::now(), peer, link, vec![], vec![])
+    }
+
+    /// Polls `f` once.
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// A close asked for before the task waits is not lost; one asked for
+    /// while it waits wakes it; the latest reason is the one seen.
+    #[test]
+    fn a_close_request_reaches_the_session_task() {
+        let s = session();
+        s.request_close(CloseReason::Replaced);
+        let mut closed = std::pin::pin!(s.closed());
+        assert_eq!(
+            poll_once(closed.as_mut()),
+            Poll::Ready(CloseReason::Replaced)
+        );
+
+        let s = session();
+        let mut closed = std::pin::pin!(s.closed());
+        assert_eq!(poll_once(closed.as_mut()), Poll::Pending);
+        s.request_close(CloseReason::Revoked);
+        s.request_close(CloseReason::Shutdown);
+        assert_eq!(
+            poll_once(closed.as_mut()),
+            Poll::Ready(CloseReason::Shutdown)
+        );
+
+        // A wait abandoned after the request (a select that took another
+        // branch) leaves it for the next one.
+        let s = session();
+        {
+            let mut closed = std::pin::pin!(s.closed());
+            assert_eq!(poll_once(closed.as_mut()), Poll::Pending);
+            s.request_close(CloseReason::CertificateExpired);
+        }
+        let mut closed = std::pin::pin!(s.closed());
+        assert_eq!(
+            poll_once(closed.as_mut()),
+            Poll::Ready(CloseReason::CertificateExpired)
+        );
     }
 }

@@ -317,6 +317,11 @@ impl RouteTable {
                 .entry(route.target.clone())
                 .or_default()
                 .insert(prefix);
+            // Most prefixes have one route (a site's address): room for one,
+            // not the four a first push makes room for, held per site.
+            if slot.routes.is_empty() {
+                slot.routes.reserve_exact(1);
+            }
             slot.routes.push(route);
             self.len += 1;
         }

@@ -29,7 +29,7 @@ pub async fn read_uni_streams(
     h3: Arc<Mutex<h3::Connection>>,
     settings: watch::Sender<Option<Settings>>,
 ) {
-    read_uni_streams_with_goaway(conn, h3, settings, watch::channel(None).0).await
+    read_uni_streams_inner(conn, h3, settings, None).await
 }
 
 /// As [`read_uni_streams`], and publishes the stream ID of each GOAWAY the
@@ -39,6 +39,18 @@ pub async fn read_uni_streams_with_goaway(
     h3: Arc<Mutex<h3::Connection>>,
     settings: watch::Sender<Option<Settings>>,
     goaway: watch::Sender<Option<u64>>,
+) {
+    read_uni_streams_inner(conn, h3, settings, Some(goaway)).await
+}
+
+/// The loop of [`read_uni_streams_with_goaway`]; without `goaway`, a GOAWAY
+/// from the peer is checked and not published (a watch channel nobody
+/// reads would cost every connection about 350 bytes).
+async fn read_uni_streams_inner(
+    conn: Connection,
+    h3: Arc<Mutex<h3::Connection>>,
+    settings: watch::Sender<Option<Settings>>,
+    goaway: Option<watch::Sender<Option<u64>>>,
 ) {
     while let Ok(recv) = conn.accept_uni().await {
         let (conn, h3, settings, goaway) =
@@ -54,7 +66,7 @@ pub async fn read_uni_stream(
     conn: Connection,
     h3: Arc<Mutex<h3::Connection>>,
     settings: watch::Sender<Option<Settings>>,
-    goaway: watch::Sender<Option<u64>>,
+    goaway: Option<watch::Sender<Option<u64>>>,
 ) {
     let id = VarInt::from(recv.id()).into_inner();
     loop {
@@ -81,7 +93,9 @@ pub async fn read_uni_stream(
                             let _ = settings.send(Some(s));
                         }
                         h3::Event::GoAway(id) => {
-                            let _ = goaway.send(Some(id));
+                            if let Some(goaway) = &goaway {
+                                let _ = goaway.send(Some(id));
+                            }
                         }
                     }
                 }

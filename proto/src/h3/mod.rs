@@ -18,8 +18,6 @@ pub mod message;
 pub mod qpack;
 pub mod settings;
 
-use std::collections::BTreeMap;
-
 use error::{
     H3_CLOSED_CRITICAL_STREAM, H3_FRAME_UNEXPECTED, H3_ID_ERROR, H3_MISSING_SETTINGS,
     H3_STREAM_CREATION_ERROR, H3Error, QPACK_ENCODER_STREAM_ERROR,
@@ -89,7 +87,11 @@ pub struct Connection {
     local: Settings,
     peer: Option<Settings>,
     peer_control: Option<u64>,
-    uni: BTreeMap<u64, Uni>,
+    /// The state of each unidirectional stream the peer opened, by stream
+    /// ID. A list: a peer has a few (its control stream and the two QPACK
+    /// streams), and a map's smallest node (about 800 bytes) would be held
+    /// by every connection for its life.
+    uni: Vec<(u64, Uni)>,
 }
 
 impl Connection {
@@ -100,7 +102,7 @@ impl Connection {
             local,
             peer: None,
             peer_control: None,
-            uni: BTreeMap::new(),
+            uni: Vec::new(),
         }
     }
 
@@ -129,10 +131,14 @@ impl Connection {
         stream_id: u64,
         data: &[u8],
     ) -> Result<(UniAction, Vec<Event>), H3Error> {
-        let state = self
-            .uni
-            .entry(stream_id)
-            .or_insert_with(|| Uni::Typeless(Vec::new()));
+        let at = match self.uni.iter().position(|(id, _)| *id == stream_id) {
+            Some(at) => at,
+            None => {
+                self.uni.push((stream_id, Uni::Typeless(Vec::new())));
+                self.uni.len() - 1
+            }
+        };
+        let state = &mut self.uni[at].1;
         let mut events = Vec::new();
         let mut data = data;
         let mut typed_now = None;
@@ -174,13 +180,13 @@ impl Connection {
                 STREAM_QPACK_ENCODER => Uni::QpackEncoder,
                 STREAM_QPACK_DECODER => Uni::QpackDecoder,
                 _ => {
-                    self.uni.insert(stream_id, Uni::Ignored);
+                    self.uni[at].1 = Uni::Ignored;
                     return Ok((UniAction::StopSending(H3_STREAM_CREATION_ERROR), events));
                 }
             };
-            self.uni.insert(stream_id, next);
+            self.uni[at].1 = next;
         }
-        match self.uni.get_mut(&stream_id) {
+        match self.uni.get_mut(at).map(|(_, state)| state) {
             Some(Uni::Control {
                 frames,
                 settings_seen,
@@ -229,7 +235,12 @@ impl Connection {
 
     /// A unidirectional stream the peer opened has ended.
     pub fn on_uni_finished(&mut self, stream_id: u64) -> Result<(), H3Error> {
-        match self.uni.remove(&stream_id) {
+        let state = self
+            .uni
+            .iter()
+            .position(|(id, _)| *id == stream_id)
+            .map(|at| self.uni.swap_remove(at).1);
+        match state {
             Some(Uni::Control { .. } | Uni::QpackEncoder | Uni::QpackDecoder) => Err(
                 H3Error::connection(H3_CLOSED_CRITICAL_STREAM, "peer closed a critical stream"),
             ),
@@ -302,6 +313,56 @@ mod tests {
         // A QPACK encoder stream inserting into a zero-capacity table.
         assert_eq!(
             s.on_uni_data(18, &[0x02, 0xc1]).unwrap_err().code,
+            QPACK_ENCODER_STREAM_ERROR
+        );
+    }
+
+    /// The peer's streams interleaved, each byte by byte: each keeps its
+    /// own state, a finished one is forgotten, and a critical one may not
+    /// finish.
+    #[test]
+    fn interleaved_streams_keep_their_own_state() {
+        let mut s = Connection::new(Role::Server, Settings::default());
+        let control = Connection::new(Role::Client, Settings::default()).control_stream();
+        // Control (2), QPACK encoder (6) with a capacity instruction,
+        // QPACK decoder (10), and a grease stream (14) that ends.
+        let streams: [(u64, Vec<u8>); 4] = [
+            (2, control),
+            (6, vec![0x02, 0x20]),
+            (10, vec![0x03]),
+            (14, vec![0x21]),
+        ];
+        let mut events = Vec::new();
+        let longest = streams.iter().map(|(_, b)| b.len()).max().unwrap();
+        for i in 0..longest {
+            for (id, bytes) in &streams {
+                if let Some(b) = bytes.get(i) {
+                    let (_, ev) = s.on_uni_data(*id, std::slice::from_ref(b)).unwrap();
+                    events.extend(ev);
+                }
+            }
+        }
+        assert_eq!(events, vec![Event::Settings(Settings::default())]);
+        assert_eq!(s.uni.len(), 4);
+        s.on_uni_finished(14).unwrap();
+        assert_eq!(s.uni.len(), 3);
+        // A stream never seen finishes without harm.
+        s.on_uni_finished(18).unwrap();
+        for id in [2, 6, 10] {
+            assert_eq!(
+                s.on_uni_finished(id).unwrap_err().code,
+                H3_CLOSED_CRITICAL_STREAM
+            );
+        }
+        assert!(s.uni.is_empty());
+        // The encoder stream is still checked after the others came and went.
+        let mut s = Connection::new(Role::Server, Settings::default());
+        s.on_uni_data(2, &[0x00]).unwrap();
+        s.on_uni_data(6, &[0x02]).unwrap();
+        s.on_uni_data(10, &[0x03]).unwrap();
+        s.on_uni_data(6, &[0x20]).unwrap();
+        assert_eq!(
+            s.on_uni_data(6, &[0xc1]).unwrap_err().code,
             QPACK_ENCODER_STREAM_ERROR
         );
     }
