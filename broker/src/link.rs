@@ -696,18 +696,23 @@ mod tests {
 
     use super::*;
 
+    /// A link on loopback with the default MTU.
+    fn loopback() -> Peering {
+        Peering {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            mtu: 1420,
+            allow_unproven_peers: false,
+        }
+    }
+
     /// A flood of handshake initiations is asked for cookies once past the
     /// limit, instead of costing a key exchange each; a handshake with a
     /// wrong MAC gets no answer at all.
     #[tokio::test]
     async fn a_handshake_flood_is_asked_for_cookies() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Peering {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            mtu: 1420,
-            allow_unproven_peers: false,
-        };
+        let config = loopback();
         let link = start(&config, dir.path()).await.unwrap();
         let to = link.socket.local_addr().unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -771,12 +776,7 @@ mod tests {
     async fn a_frame_crosses_the_link_whole() {
         use tether_proto::fleet::Member;
         use tether_proto::relay_frame::{self, Sender};
-        let config = Peering {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            mtu: 1420,
-            allow_unproven_peers: true,
-        };
+        let config = loopback();
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = start(&config, dir_a.path()).await.unwrap();
         let b = start(&config, dir_b.path()).await.unwrap();
@@ -881,12 +881,7 @@ mod tests {
     #[tokio::test]
     async fn the_link_socket_has_room_for_a_burst() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Peering {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            mtu: 1420,
-            allow_unproven_peers: false,
-        };
+        let config = loopback();
         let link = start(&config, dir.path()).await.unwrap();
         let got: usize =
             nix::sys::socket::getsockopt(&*link.socket, nix::sys::socket::sockopt::RcvBuf).unwrap();
@@ -912,12 +907,7 @@ mod tests {
         use tether_pki::{Ca, TrustDomain};
         use tether_proto::fleet::Member;
         let dir = tempfile::tempdir().unwrap();
-        let config = Peering {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            mtu: 1420,
-            allow_unproven_peers: false,
-        };
+        let config = loopback();
         let link = start(&config, dir.path()).await.unwrap();
         let now = std::time::SystemTime::now();
         let td = TrustDomain::new("tether.test").unwrap();

@@ -882,6 +882,29 @@ mod tests {
         gw: GatewayId,
     }
 
+    /// A policy of one rule, `name`: `from` may reach `to` on `ports`.
+    fn one_rule(
+        name: &str,
+        from: &[policy::Selector],
+        to: &[policy::Selector],
+        ports: &[policy::Ports],
+        backends: policy::Backends,
+    ) -> Arc<Policy> {
+        Arc::new(
+            Policy::new(
+                vec![policy::Rule {
+                    name: name.into(),
+                    from: from.to_vec(),
+                    to: to.to_vec(),
+                    ports: ports.to_vec(),
+                }],
+                Default::default(),
+                backends,
+            )
+            .unwrap(),
+        )
+    }
+
     fn fixture() -> Fixture {
         let (eu, us): (RegionId, RegionId) = (id("eu"), id("us"));
         let (a, b, us_site): (SiteId, SiteId, SiteId) = (id("a"), id("b"), id("c"));
@@ -915,18 +938,12 @@ mod tests {
             .router_addresses
             .insert(eu.clone(), vec![id("100.64.0.1"), id("fd00::1")]);
         // Sites a and b may talk; c may not.
-        router.policy = Arc::new(
-            Policy::new(
-                vec![policy::Rule {
-                    name: "a-and-b".into(),
-                    from: vec![id("site:a"), id("site:b")],
-                    to: vec![id("site:a"), id("site:b")],
-                    ports: vec![],
-                }],
-                Default::default(),
-                policy::Backends::Region,
-            )
-            .unwrap(),
+        router.policy = one_rule(
+            "a-and-b",
+            &[id("site:a"), id("site:b")],
+            &[id("site:a"), id("site:b")],
+            &[],
+            policy::Backends::Region,
         );
         Fixture {
             router,
@@ -1221,18 +1238,12 @@ mod tests {
             target: RouteTarget::Site(f.a.clone()),
             region: f.eu.clone(),
         });
-        f.router.policy = Arc::new(
-            Policy::new(
-                vec![policy::Rule {
-                    name: "b-to-a-lan".into(),
-                    from: vec![id("site:b")],
-                    to: vec![id("lan-of:site:a")],
-                    ports: vec![id("tcp/104")],
-                }],
-                Default::default(),
-                policy::Backends::Region,
-            )
-            .unwrap(),
+        f.router.policy = one_rule(
+            "b-to-a-lan",
+            &[id("site:b")],
+            &[id("lan-of:site:a")],
+            &[id("tcp/104")],
+            policy::Backends::Region,
         );
         let b_allowed = [net("100.64.0.3/32")];
         let from_b = Ingress::Site {
@@ -1412,18 +1423,12 @@ mod tests {
             Some(DropReason::Policy)
         );
         let mut open = f.router.clone();
-        open.policy = Arc::new(
-            Policy::new(
-                vec![policy::Rule {
-                    name: "a-and-far".into(),
-                    from: vec![id("site:a")],
-                    to: vec![id("site:far")],
-                    ports: vec![],
-                }],
-                Default::default(),
-                policy::Backends::Region,
-            )
-            .unwrap(),
+        open.policy = one_rule(
+            "a-and-far",
+            &[id("site:a")],
+            &[id("site:far")],
+            &[],
+            policy::Backends::Region,
         );
         let mut p = ipv4([100, 64, 0, 2], [100, 64, 0, 9], PROTO_UDP, &[0; 8], true);
         let v = open.decide(&from_a, &mut p, |_| None);
@@ -1613,18 +1618,12 @@ mod tests {
         // Broker a (the ingress) holds site a; its policy lets a reach
         // far, which broker b holds.
         let mut ingress = f.router.clone();
-        ingress.policy = Arc::new(
-            Policy::new(
-                vec![policy::Rule {
-                    name: "a-to-far".into(),
-                    from: vec![id("site:a")],
-                    to: vec![id("site:far")],
-                    ports: vec![],
-                }],
-                Default::default(),
-                policy::Backends::Region,
-            )
-            .unwrap(),
+        ingress.policy = one_rule(
+            "a-to-far",
+            &[id("site:a")],
+            &[id("site:far")],
+            &[],
+            policy::Backends::Region,
         );
         let view = PeerView {
             holders: BTreeMap::from([(far.clone(), "b".to_string())]),
@@ -1699,18 +1698,12 @@ mod tests {
         // Residency at b: far in eu, a sender in us (eu lets no other
         // region in), even with a policy that would allow it.
         let mut everyone = allowing.clone();
-        everyone.policy = Arc::new(
-            Policy::new(
-                vec![policy::Rule {
-                    name: "all".into(),
-                    from: vec![id("sites"), id("gateways")],
-                    to: vec![id("sites")],
-                    ports: vec![],
-                }],
-                Default::default(),
-                policy::Backends::Rules,
-            )
-            .unwrap(),
+        everyone.policy = one_rule(
+            "all",
+            &[id("sites"), id("gateways")],
+            &[id("sites")],
+            &[],
+            policy::Backends::Rules,
         );
         let us_site = Sender::Site {
             site: f.us_site.clone(),
@@ -1749,18 +1742,12 @@ mod tests {
         // A LAN host of a site is the LAN to b's policy, as the frame
         // says: a rule for site b's own address does not admit it.
         let mut lan_rule = egress.clone();
-        lan_rule.policy = Arc::new(
-            Policy::new(
-                vec![policy::Rule {
-                    name: "lan-of-b".into(),
-                    from: vec![id("lan-of:site:b")],
-                    to: vec![id("site:far")],
-                    ports: vec![],
-                }],
-                Default::default(),
-                policy::Backends::Region,
-            )
-            .unwrap(),
+        lan_rule.policy = one_rule(
+            "lan-of-b",
+            &[id("lan-of:site:b")],
+            &[id("site:far")],
+            &[],
+            policy::Backends::Region,
         );
         for (lan, verdict) in [(true, None), (false, Some(DropReason::Policy))] {
             let sender = Sender::Site {

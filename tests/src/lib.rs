@@ -488,9 +488,13 @@ impl Tunnel {
 
 /// A metric's current value from the broker's Prometheus output.
 pub fn metric(line_prefix: &str) -> f64 {
-    tether_broker::metrics::recorder()
-        .render()
-        .lines()
+    metric_in(&tether_broker::metrics::recorder().render(), line_prefix)
+}
+
+/// The value of the first series in the Prometheus text `text` whose
+/// line starts with `line_prefix` (0 if none).
+pub fn metric_in(text: &str, line_prefix: &str) -> f64 {
+    text.lines()
         .find(|l| l.starts_with(line_prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())

@@ -30,7 +30,7 @@ use tether_proto::gateway::{
 use tether_proto::ip::Packet;
 use tether_tests::child_broker::{ChildBroker, data_dir_with_ca, serve_child};
 use tether_tests::{
-    TestBroker, TestSite, Tunnel, connect_trusting, deliver, ping, tunnel_for, v4,
+    TestBroker, TestSite, Tunnel, connect_trusting, deliver, metric_in, ping, tunnel_for, v4,
     wait_for_remote_route,
 };
 
@@ -124,15 +124,6 @@ fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> 
     p
 }
 
-/// The value of the series starting with `prefix` in `text` (0 if none).
-fn value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_on_two_brokers_reach_each_other_over_the_link() {
     let Some(server) = start_etcd().await else {
@@ -187,7 +178,7 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
         tx.send_packet(&ping(xa, za, 9));
         let drops = r#"tether_broker_site_packets_dropped_total{site="site-x",region="local",reason="policy"}"#;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while value(&a.scrape().await, drops) < 1.0 {
+        while metric_in(&a.scrape().await, drops) < 1.0 {
             assert!(Instant::now() < deadline, "A did not count the policy drop");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -198,15 +189,15 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
 
         // The counters of the link on both sides.
         let a_text = a.scrape().await;
-        let out_packets = value(
+        let out_packets = metric_in(
             &a_text,
             &format!(r#"tether_broker_relayed_packets_total{{broker="{b_id}",direction="to_broker"}}"#),
         );
-        let out_bytes = value(
+        let out_bytes = metric_in(
             &a_text,
             &format!(r#"tether_broker_relayed_bytes_total{{broker="{b_id}",direction="to_broker"}}"#),
         );
-        let in_packets = value(
+        let in_packets = metric_in(
             &a_text,
             &format!(r#"tether_broker_relayed_packets_total{{broker="{b_id}",direction="from_broker"}}"#),
         );
@@ -215,15 +206,15 @@ async fn sites_on_two_brokers_reach_each_other_over_the_link() {
         assert!(in_packets >= 2.0, "{a_text}");
         let b_text = b.scrape().await;
         assert!(
-            value(
+            metric_in(
                 &b_text,
                 &format!(r#"tether_broker_relayed_packets_total{{broker="{a_id}",direction="from_broker"}}"#),
             ) >= 2.0,
             "{b_text}"
         );
-        assert!(value(&b_text, "tether_broker_fleet_brokers_alive") >= 2.0, "{b_text}");
+        assert!(metric_in(&b_text, "tether_broker_fleet_brokers_alive") >= 2.0, "{b_text}");
         assert_eq!(
-            value(
+            metric_in(
                 &b_text,
                 &format!(r#"tether_broker_fleet_sessions{{broker="{b_id}"}}"#)
             ),
@@ -597,7 +588,7 @@ async fn a_killed_broker_is_held_down_before_its_lease_expires() {
         }
         sender.1.abort();
         let text = a.scrape().await;
-        let peer_down = value(
+        let peer_down = metric_in(
             &text,
             r#"tether_broker_site_packets_dropped_total{site="site-x",region="local",reason="peer_down"}"#,
         );

@@ -26,19 +26,12 @@ use std::time::{Duration, Instant, SystemTime};
 use etcd_server::EtcdServer;
 use tether_proto::fleet::Member;
 use tether_tests::child_broker::data_dir_with_ca;
-use tether_tests::{TestBroker, TestSite, deliver, ping, tunnel_for, v4, wait_for_remote_route};
+use tether_tests::{
+    TestBroker, TestSite, deliver, metric_in, ping, tunnel_for, v4, wait_for_remote_route,
+};
 
 /// Deadline of the test body.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
-
-/// The value of the series starting with `prefix` in `text` (0 if none).
-fn value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// This broker's fleet id.
 fn id_of(b: &TestBroker) -> String {
@@ -164,11 +157,11 @@ async fn only_brokers_proven_by_the_ca_are_peers_of_the_link() {
         // Both brokers refuse each of the three records, once (the
         // brokers of this test share one metrics registry).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while value(&b.scrape().await, UNVERIFIED) < 6.0 {
+        while metric_in(&b.scrape().await, UNVERIFIED) < 6.0 {
             assert!(
                 Instant::now() < deadline,
                 "the forged records were not refused: {}",
-                value(&b.scrape().await, UNVERIFIED)
+                metric_in(&b.scrape().await, UNVERIFIED)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -262,7 +255,7 @@ async fn only_brokers_proven_by_the_ca_are_peers_of_the_link() {
         .await;
         // Each refused record was counted once, not at every change of the
         // fleet.
-        assert_eq!(value(&b.scrape().await, UNVERIFIED), 6.0);
+        assert_eq!(metric_in(&b.scrape().await, UNVERIFIED), 6.0);
 
         drop((tx, ty));
         b.running.take().unwrap().shutdown().await;
