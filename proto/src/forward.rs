@@ -385,28 +385,8 @@ impl Router {
         if ingress.is(&route.target) {
             return Verdict::Drop(DropReason::Loop);
         }
-        let from_site = matches!(ingress, Ingress::Site { .. });
-        if !self
-            .residency
-            .permits_path(from_site, ingress.region(), route)
-        {
-            return self.reply(
-                ingress,
-                packet,
-                IcmpError::AdminProhibited,
-                DropReason::Residency,
-            );
-        }
-        if !self
-            .policy_check(ingress, src, dst, traffic, route)
-            .allows()
-        {
-            return self.reply(
-                ingress,
-                packet,
-                IcmpError::AdminProhibited,
-                DropReason::Policy,
-            );
+        if let Some(reason) = self.refusal(self.party_of(ingress, src), src, dst, traffic, route) {
+            return self.reply(ingress, packet, IcmpError::AdminProhibited, reason);
         }
         // Through another broker, the frame names the sender behind the
         // packet: the packet has the link's MTU less that trailer.
@@ -636,30 +616,9 @@ impl Router {
             Sender::Gateway { gateway, region } => Some(Party::Gateway { gateway, region }),
             Sender::Router | Sender::Unnamed => None,
         };
-        if let Some(party) = party {
-            let (from_site, from_region) = match party {
-                Party::Site { region, .. } => (true, region),
-                Party::Gateway { region, .. } => (false, region),
-            };
-            if !self.residency.permits_path(from_site, from_region, route) {
-                return self.reply_from(
-                    &route.region,
-                    packet,
-                    IcmpError::AdminProhibited,
-                    DropReason::Residency,
-                );
-            }
-            if !self
-                .policy_between(party, src, dst, traffic, route)
-                .allows()
-            {
-                return self.reply_from(
-                    &route.region,
-                    packet,
-                    IcmpError::AdminProhibited,
-                    DropReason::Policy,
-                );
-            }
+        if let Some(reason) = party.and_then(|party| self.refusal(party, src, dst, traffic, route))
+        {
+            return self.reply_from(&route.region, packet, IcmpError::AdminProhibited, reason);
         }
         if ip::decrement_ttl(packet).is_err() {
             return self.reply_from(
@@ -724,7 +683,14 @@ impl Router {
         traffic: Traffic,
         route: &Route,
     ) -> policy::Verdict<'_> {
-        let from = match *ingress {
+        self.policy_between(self.party_of(ingress, src), src, dst, traffic, route)
+    }
+
+    /// Who sent a packet from `src` that entered at `ingress`, as the
+    /// access policy sees it. Whether a site's address is on one of its
+    /// LANs is read from the route table, and only when a rule names LANs.
+    fn party_of<'a>(&self, ingress: &Ingress<'a>, src: IpAddr) -> Party<'a> {
+        match *ingress {
             Ingress::Site { site, region, .. } => Party::Site {
                 site,
                 region,
@@ -733,8 +699,32 @@ impl Router {
             Ingress::Gateway {
                 gateway, region, ..
             } => Party::Gateway { gateway, region },
+        }
+    }
+
+    /// Why a packet from `from` (address `src`) to `dst` along `route`
+    /// carrying `traffic` may not pass, if it may not: residency first,
+    /// then the access policy. The same at the ingress and, for the sender
+    /// a relayed frame names, at the broker it was relayed to.
+    fn refusal(
+        &self,
+        from: Party<'_>,
+        src: IpAddr,
+        dst: IpAddr,
+        traffic: Traffic,
+        route: &Route,
+    ) -> Option<DropReason> {
+        let (from_site, region) = match from {
+            Party::Site { region, .. } => (true, region),
+            Party::Gateway { region, .. } => (false, region),
         };
-        self.policy_between(from, src, dst, traffic, route)
+        if !self.residency.permits_path(from_site, region, route) {
+            return Some(DropReason::Residency);
+        }
+        if !self.policy_between(from, src, dst, traffic, route).allows() {
+            return Some(DropReason::Policy);
+        }
+        None
     }
 
     /// Whether `src` is on one of `site`'s mapped LANs, as this broker's
