@@ -15,7 +15,9 @@
 //!    backend's is its longest wait between two replies from the last one
 //!    before the kill on (its outage); with `--ha-kill site-only` the
 //!    gateway's traffic goes through another broker, which stays up (see
-//!    [`Kill::SiteOnly`]). `lab-1` must keep its address. The
+//!    [`Kill::SiteOnly`]); with `--ha-kill both` it goes through the
+//!    killed broker, so the gateway moves too ([`Kill::Both`]). `lab-1`
+//!    must keep its address. The
 //!    killed broker is started again before the next round, which begins
 //!    when every broker counts three live brokers again, the gateway hears
 //!    all three and `lab-1` has a standby again.
@@ -52,6 +54,11 @@ pub(crate) enum Kill {
     /// (the node stops hearing it for a moment), so the gateway keeps its
     /// broker and only the site moves.
     SiteOnly,
+    /// The broker holding `lab-1` and carrying the gateway's traffic: before
+    /// each kill the gateway's traffic is moved onto the holder if it went
+    /// through another broker (the node stops hearing the others for a
+    /// moment), so the site and the gateway both have to move.
+    Both,
 }
 
 /// What to measure.
@@ -270,6 +277,32 @@ fn move_gateway_off(cluster: &Cluster, gw: &ClusterGateway, n: usize) {
     );
 }
 
+/// Moves the gateway's traffic onto broker `n` without touching any
+/// broker: the node stops hearing the others until the gateway has moved to
+/// `n`, then hears them again (the traffic stays on `n`).
+fn move_gateway_onto(cluster: &Cluster, gw: &ClusterGateway, n: usize) {
+    let others: Vec<usize> = (1..=cluster.brokers.len()).filter(|&m| m != n).collect();
+    for &m in &others {
+        gw.silence(m).unwrap();
+    }
+    let moved = wait_for(Duration::from_secs(30), || gw.active_broker() == n);
+    for &m in &others {
+        gw.unsilence(m).unwrap();
+    }
+    assert!(
+        moved,
+        "the gateway did not move onto broker {n}:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || gw
+            .metric("tether_gateway_brokers_up")
+            == cluster.brokers.len() as f64),
+        "the gateway does not hear every broker again:\n{}",
+        gw.log_text()
+    );
+}
+
 /// `rounds` kills of the broker holding `lab-1` while `lab-2` probes it
 /// and the gateway's backend pings it; with [`Kill::SiteOnly`] the
 /// gateway's traffic goes through another broker, which stays up.
@@ -293,6 +326,9 @@ fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize,
         Kill::Holder => "the broker holding lab-1 killed with SIGKILL",
         Kill::SiteOnly => {
             "only the broker holding lab-1 killed with SIGKILL (the gateway's traffic goes through another broker, which stays up)"
+        }
+        Kill::Both => {
+            "the broker holding lab-1 and carrying the gateway's traffic killed with SIGKILL"
         }
     };
     println!(
@@ -319,6 +355,9 @@ fn failover(cluster: &mut Cluster, gw: &ClusterGateway, a1: &str, rounds: usize,
         let victim = holder(cluster, "lab-1").expect("lab-1 has one broker");
         if kill == Kill::SiteOnly && gw.active_broker() == victim {
             move_gateway_off(cluster, gw, victim);
+        }
+        if kill == Kill::Both && gw.active_broker() != victim {
+            move_gateway_onto(cluster, gw, victim);
         }
         let pinger = cluster.holders("lab-2");
         let gw_on = gw.active_broker();
