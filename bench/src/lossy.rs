@@ -413,13 +413,22 @@ pub(crate) fn run(
             .map(|r| r.flows[i][c].mbps)
             .unwrap_or(f64::NAN)
     };
+    // A ratio of a path left out (`--only`) is not printed.
+    let ratio = |name: &str, i: usize, c: usize| {
+        let r = of(name, i, c) / best_wg(i, c);
+        if r.is_finite() {
+            format!("{r:.2}x")
+        } else {
+            "not measured".to_string()
+        }
+    };
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
         for (c, cc) in INNER.iter().enumerate() {
             println!(
-                "{} {cc}: tether HTTP/3 / best WireGuard {:.2}x, HTTP/2 / best WireGuard {:.2}x",
+                "{} {cc}: tether HTTP/3 / best WireGuard {}, HTTP/2 / best WireGuard {}",
                 imp.label,
-                of("tether (HTTP/3)", i, c) / best_wg(i, c),
-                of("tether (HTTP/2)", i, c) / best_wg(i, c)
+                ratio("tether (HTTP/3)", i, c),
+                ratio("tether (HTTP/2)", i, c)
             );
         }
     }
