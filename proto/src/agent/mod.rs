@@ -550,6 +550,11 @@ pub struct AgentCore {
     /// after is not answered with another at once.
     reattested_at: Option<Instant>,
     standby: Standby,
+    /// When the standby last became ready: one that ends after it had been
+    /// up for [`STANDBY_RETRY`] is replaced at once (its broker left);
+    /// one that ends sooner waits that long, so a standby that keeps
+    /// failing is not dialed in a loop.
+    standby_ready_at: Option<Instant>,
     /// Sessions moved to the standby after a loss, and by handover.
     failovers: u64,
     handovers: u64,
@@ -578,6 +583,7 @@ impl AgentCore {
             lan_map: LanMap::default(),
             reattested_at: None,
             standby: Standby::Absent(None),
+            standby_ready_at: None,
             failovers: 0,
             handovers: 0,
         };
@@ -1117,6 +1123,7 @@ impl AgentCore {
             s.handing_over = true;
             let transport = s.transport;
             self.standby = Standby::Ready(transport);
+            self.standby_ready_at = Some(now);
             self.actions.push_back(Action::Handover);
             return true;
         }
@@ -1235,6 +1242,7 @@ impl AgentCore {
             return;
         }
         self.standby = Standby::Ready(transport);
+        self.standby_ready_at = Some(now);
         self.events.push_back(Event::StandbyReady);
         let Some(s) = self.open_session_mut() else {
             return;
@@ -1247,15 +1255,24 @@ impl AgentCore {
         }
     }
 
-    /// The standby connection ended.
+    /// The standby connection ended. A standby that had been up for
+    /// [`STANDBY_RETRY`] or more is replaced at once (its broker stopped or
+    /// left the region: until a new one is up, a loss of the active broker
+    /// would wait for QUIC's idle timeout); one that ended sooner is
+    /// dialed again after [`STANDBY_RETRY`].
     pub fn handle_standby_lost(&mut self, now: Instant) {
         if !matches!(self.standby, Standby::Ready(_)) {
             return;
         }
-        self.standby = Standby::Absent(Some(now + STANDBY_RETRY));
+        let held = self
+            .standby_ready_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let retry_at = (held < STANDBY_RETRY).then(|| now + STANDBY_RETRY);
+        self.standby = Standby::Absent(retry_at);
         if let Some(s) = self.open_session_mut() {
             s.watch_liveness(false, now);
         }
+        self.maybe_dial_standby(now);
     }
 
     /// The answer to [`Action::CheckLiveness`]: the datagrams the current

@@ -1170,6 +1170,49 @@ fn silent_broker_is_left_for_the_standby(transport: Transport) {
 }
 
 #[test]
+fn a_standby_that_had_been_up_is_replaced_at_once_and_a_short_lived_one_after_the_wait() {
+    let dials = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::DialStandby { .. }))
+            .count()
+    };
+    for transport in Transport::ALL {
+        // Up for 10 s, then its broker stops: a new standby is dialed at
+        // once, not 5 s later (a loss of the active broker meanwhile would
+        // wait for the idle timeout).
+        let mut a = with_standby_on(transport);
+        a.run_for(secs(10), Duration::from_millis(100));
+        a.core.handle_standby_lost(a.now);
+        assert_eq!(dials(&a.actions()), 1, "{transport:?}");
+        // That dial fails: the next waits STANDBY_RETRY.
+        a.core.handle_standby_result(false, a.now);
+        assert_eq!(
+            dials(&a.run_for(Duration::from_millis(4900), Duration::from_millis(100))),
+            0
+        );
+        assert_eq!(
+            dials(&a.run_for(Duration::from_millis(100), Duration::from_millis(100))),
+            1
+        );
+
+        // Up for 1 s only: dialed again after the wait, not in a loop.
+        let mut a = with_standby_on(transport);
+        a.run_for(secs(1), Duration::from_millis(100));
+        a.core.handle_standby_lost(a.now);
+        assert_eq!(dials(&a.actions()), 0, "{transport:?}");
+        assert_eq!(
+            dials(&a.run_for(Duration::from_millis(4900), Duration::from_millis(100))),
+            0
+        );
+        assert_eq!(
+            dials(&a.run_for(Duration::from_millis(100), Duration::from_millis(100))),
+            1
+        );
+    }
+}
+
+#[test]
 fn without_a_standby_there_is_no_heartbeat_and_loss_backs_off() {
     let mut a = Agent::new(config(false, None, 7));
     a.actions();
