@@ -1077,55 +1077,8 @@ mod tests {
     }
 
     /// A gateway played by boringtun on a loopback socket.
-    struct TestGateway {
-        tunn: Tunn,
-        socket: UdpSocket,
-        broker: SocketAddr,
-        buf: Vec<u8>,
-        out: Vec<u8>,
-    }
-
-    impl TestGateway {
-        /// Sends a control message (queued until the handshake is done).
-        async fn send(&mut self, message: &Message) {
-            let packet =
-                control::control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &message.encode());
-            if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(&packet, &mut self.buf) {
-                self.socket.send_to(d, self.broker).await.unwrap();
-            }
-        }
-
-        /// The control messages that arrive within `within`, answering
-        /// handshakes on the way.
-        async fn messages(&mut self, within: Duration) -> Vec<Message> {
-            let deadline = tokio::time::Instant::now() + within;
-            let mut got = Vec::new();
-            while let Ok(Ok((n, _))) =
-                tokio::time::timeout_at(deadline, self.socket.recv_from(&mut self.out)).await
-            {
-                let mut result = self.tunn.decapsulate(None, &self.out[..n], &mut self.buf);
-                loop {
-                    match result {
-                        TunnResult::WriteToNetwork(d) => {
-                            self.socket.send_to(d, self.broker).await.unwrap();
-                            result = self.tunn.decapsulate(None, &[], &mut self.buf);
-                        }
-                        TunnResult::WriteToTunnelV4(p, _) => {
-                            if let Some(m) =
-                                control::control_payload(p, BROKER_CONTROL, GATEWAY_CONTROL)
-                                    .and_then(|m| Message::decode(m).ok())
-                            {
-                                got.push(m);
-                            }
-                            break;
-                        }
-                        _ => break,
-                    }
-                }
-            }
-            got
-        }
-    }
+    mod gateway;
+    use gateway::TestGateway;
 
     /// A broker's WireGuard side on a loopback socket, its receive loop
     /// running, and a gateway with a session to it (it answered a ping).
@@ -1153,22 +1106,9 @@ mod tests {
                 }
             });
         }
-        let mut gw = TestGateway {
-            tunn: Tunn::new(
-                gateway,
-                x25519::PublicKey::from(wg.public_key()),
-                None,
-                None,
-                1,
-                None,
-            ),
-            socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            broker: wg.local_addrs()[0],
-            buf: vec![0u8; 65_536],
-            out: vec![0u8; 65_536],
-        };
+        let mut gw = TestGateway::new(gateway, wg.public_key(), wg.local_addrs()[0]).await;
         for seq in 1..=20 {
-            gw.send(&Message::Ping { seq }).await;
+            gw.send_control(&Message::Ping { seq }).await;
             let got = gw.messages(Duration::from_millis(250)).await;
             if got.contains(&Message::Pong { seq }) {
                 return (wg, control, gw);
@@ -1180,7 +1120,7 @@ mod tests {
     #[tokio::test]
     async fn a_ping_is_answered_with_its_sequence_number_and_with_leaving_during_a_drain() {
         let (_wg, control, mut gw) = broker_and_gateway().await;
-        gw.send(&Message::Ping { seq: 77 }).await;
+        gw.send_control(&Message::Ping { seq: 77 }).await;
         assert_eq!(
             gw.messages(Duration::from_millis(300)).await,
             [Message::Pong { seq: 77 }]
@@ -1188,7 +1128,7 @@ mod tests {
         control
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        gw.send(&Message::Ping { seq: 78 }).await;
+        gw.send_control(&Message::Ping { seq: 78 }).await;
         assert_eq!(
             gw.messages(Duration::from_millis(300)).await,
             [Message::Leaving]

@@ -2,12 +2,14 @@
 //! integration tests. The tests live in `tests/`; this library holds what
 //! they share: a compare-and-set store for simulations, a real broker
 //! on loopback with sites driven through the client library (no TUN device
-//! needed), and the real `tether-broker` binary run as an operator runs it
-//! ([`real_broker`]).
+//! needed), the real `tether-broker` binary run as an operator runs it
+//! ([`real_broker`]), and a real etcd for the brokers of a fleet
+//! ([`etcd`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod child_broker;
+pub mod etcd;
 pub mod fleet_sim;
 pub mod real_broker;
 pub mod sim;

@@ -12,36 +12,35 @@
 //! that the test cuts or holds; broker one reaches etcd directly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use etcd_server::{EtcdServer, Gate};
 use tether::link::Dialer;
 use tether_proto::report::{Problem, ProblemKind, REPORT_PATH, ReportRequest};
 use tether_proto::tunnel::Transport;
-use tether_tests::{TestBroker, TestSite, metric, tunnel_for};
+use tether_tests::etcd::{EtcdServer, Gate, gated_toml, start_etcd};
+use tether_tests::{TestBroker, TestSite, Tunnel, metric, tunnel_for};
 use tower::ServiceExt;
 
 /// Deadline of each test body.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
-/// The configuration of a broker reaching `server` at `url` (its gate),
-/// with a store timeout of one second.
-fn gated_toml(server: &EtcdServer, url: &str, prefix: &str) -> String {
-    format!(
-        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{url:?}]\nprefix = {prefix:?}\ntimeout = \"1s\"\n",
-        server.ca_toml()
-    )
+/// Brokers one and two on `server` under `prefix`: one reaches etcd
+/// directly, two through `gate`.
+async fn brokers(server: &EtcdServer, gate: &Gate, prefix: &str) -> (TestBroker, TestBroker) {
+    let one = TestBroker::start(&server.broker_toml(prefix)).await;
+    let two = TestBroker::start(&gated_toml(server, &gate.url(), prefix)).await;
+    (one, two)
 }
 
-async fn start_server() -> Option<EtcdServer> {
-    tokio::task::spawn_blocking(|| EtcdServer::start(false))
+/// Waits up to 15 s for `tunnel`'s connection to end as revoked; panics
+/// with `what` if it does not end.
+async fn ends_revoked(tunnel: &Tunnel, what: &str) {
+    let reason = tokio::time::timeout(Duration::from_secs(15), tunnel.client.conn.closed())
         .await
-        .unwrap()
+        .unwrap_or_else(|_| panic!("{what}"));
+    assert!(reason.to_string().contains("revoked"), "{reason}");
 }
 
 /// Broker one revokes `site`.
@@ -56,14 +55,13 @@ async fn revoke(one: &TestBroker, site: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_whose_notice_could_not_be_checked_still_ends_the_session() {
-    let Some(server) = start_server().await else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let prefix = "/tether/notice/";
     let gate = Gate::new(&server);
     let server = tokio::time::timeout(TEST_DEADLINE, async move {
-        let one = TestBroker::start(&server.broker_toml(prefix)).await;
-        let two = TestBroker::start(&gated_toml(&server, &gate.url(), prefix)).await;
+        let (one, two) = brokers(&server, &gate, prefix).await;
         let a = TestSite::enroll(&two, "site-a").await;
         let ta = tunnel_for(&two, &a).await;
 
@@ -80,10 +78,11 @@ async fn a_revocation_whose_notice_could_not_be_checked_still_ends_the_session()
         gate.release();
         // Broker two reads the store again once it answers, and ends the
         // session.
-        let reason = tokio::time::timeout(Duration::from_secs(15), ta.client.conn.closed())
-            .await
-            .expect("the revoked site's session at broker two ends once etcd answers");
-        assert!(reason.to_string().contains("revoked"), "{reason}");
+        ends_revoked(
+            &ta,
+            "the revoked site's session at broker two ends once etcd answers",
+        )
+        .await;
         drop(one);
         drop(two);
         server
@@ -95,14 +94,13 @@ async fn a_revocation_whose_notice_could_not_be_checked_still_ends_the_session()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_in_history_etcd_compacted_ends_the_session_when_the_watch_resumes() {
-    let Some(server) = start_server().await else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let prefix = "/tether/compact/";
     let gate = Gate::new(&server);
     let server = tokio::time::timeout(TEST_DEADLINE, async move {
-        let one = TestBroker::start(&server.broker_toml(prefix)).await;
-        let two = TestBroker::start(&gated_toml(&server, &gate.url(), prefix)).await;
+        let (one, two) = brokers(&server, &gate, prefix).await;
         let a = TestSite::enroll(&two, "site-a").await;
         let ta = tunnel_for(&two, &a).await;
 
@@ -124,10 +122,11 @@ async fn a_revocation_in_history_etcd_compacted_ends_the_session_when_the_watch_
         gate.reopen();
         // The resumed watch finds its revision compacted: broker two reads
         // the store again and ends the session.
-        let reason = tokio::time::timeout(Duration::from_secs(15), ta.client.conn.closed())
-            .await
-            .expect("the revoked site's session at broker two ends after the watch resumes");
-        assert!(reason.to_string().contains("revoked"), "{reason}");
+        ends_revoked(
+            &ta,
+            "the revoked site's session at broker two ends after the watch resumes",
+        )
+        .await;
         drop(one);
         drop(two);
         server
@@ -139,14 +138,13 @@ async fn a_revocation_in_history_etcd_compacted_ends_the_session_when_the_watch_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_brokers_event_in_history_etcd_compacted_is_seen_when_the_watch_resumes() {
-    let Some(server) = start_server().await else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let prefix = "/tether/compact-events/";
     let gate = Gate::new(&server);
     let server = tokio::time::timeout(TEST_DEADLINE, async move {
-        let one = TestBroker::start(&server.broker_toml(prefix)).await;
-        let two = TestBroker::start(&gated_toml(&server, &gate.url(), prefix)).await;
+        let (one, two) = brokers(&server, &gate, prefix).await;
         let b = TestSite::enroll(&one, "site-b").await;
         let site: tether_proto::ids::SiteId = "site-b".parse().unwrap();
 
@@ -218,7 +216,7 @@ async fn call(broker: &TestBroker, method: &str, path: &str, body: &str) -> (Sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_creation_and_revocation_answer_503_with_the_stores_reason_while_etcd_is_down() {
-    let Some(mut server) = start_server().await else {
+    let Some(mut server) = start_etcd().await else {
         return;
     };
     let extra = server.broker_toml("/tether/admin-down/");
@@ -287,7 +285,7 @@ async fn settled_revision(server: &std::sync::Arc<EtcdServer>, broker: &TestBrok
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_problem_reported_again_and_again_writes_nothing_to_etcd() {
-    let Some(server) = start_server().await else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let server = std::sync::Arc::new(server);
@@ -371,7 +369,7 @@ async fn a_problem_reported_again_and_again_writes_nothing_to_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_renewal_without_an_answer_counts_as_an_etcd_error() {
-    let Some(server) = start_server().await else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let prefix = "/tether/renewal/";
@@ -401,7 +399,7 @@ async fn a_lease_renewal_without_an_answer_counts_as_an_etcd_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_series_of_a_broker_that_left_the_fleet_are_gone_from_the_others_metrics() {
-    let Some(server) = start_server().await else {
+    let Some(server) = start_etcd().await else {
         return;
     };
     let extra = server.broker_toml("/tether/series/");

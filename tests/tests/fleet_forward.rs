@@ -15,20 +15,20 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
+#[path = "../../broker/src/wireguard/tests/gateway.rs"]
+mod gateway;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
-use etcd_server::EtcdServer;
+use gateway::TestGateway;
 use tether_proto::gateway::{
-    Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, control_packet, control_payload,
+    Assembler, BROKER_CONTROL, GATEWAY_CONTROL, Message, RouteSet, control_payload,
 };
 use tether_proto::ip::Packet;
 use tether_tests::child_broker::{ChildBroker, data_dir_with_ca, serve_child};
+use tether_tests::etcd::{EtcdServer, start_etcd};
 use tether_tests::{
     TestBroker, TestSite, Tunnel, connect_trusting, deliver, metric_in, ping, tunnel_for, v4,
     wait_for_remote_route,
@@ -55,14 +55,6 @@ fn shared_config(server: &EtcdServer, prefix: &str) -> String {
          [[policy.allow]]\nname = \"x-and-y\"\nfrom = [\"site:site-x\", \"site:site-y\"]\nto = [\"site:site-x\", \"site:site-y\"]\n",
         server.broker_toml(prefix),
     )
-}
-
-/// A real etcd for one test (`None`: etcd is not installed and the test
-/// is skipped, as `EtcdServer::start` decides).
-async fn start_etcd() -> Option<EtcdServer> {
-    tokio::task::spawn_blocking(|| EtcdServer::start(false))
-        .await
-        .unwrap()
 }
 
 /// A host behind the gateway "backend" of [`gateway_brokers`].
@@ -278,14 +270,10 @@ async fn a_gateway_on_one_broker_reaches_a_site_on_another() {
     drop(server);
 }
 
-/// A WireGuard gateway played by boringtun: sends packets and control
-/// requests to its broker and reads what comes back.
+/// A WireGuard gateway played by boringtun ([`TestGateway`]) that
+/// assembles the route sets its broker sends.
 struct Gateway {
-    tunn: Tunn,
-    socket: tokio::net::UdpSocket,
-    broker: SocketAddr,
-    buf: Vec<u8>,
-    out: Vec<u8>,
+    peer: TestGateway,
     routes: Assembler,
 }
 
@@ -293,27 +281,8 @@ impl Gateway {
     async fn new(secret: x25519::StaticSecret, a: &TestBroker) -> Self {
         let wg = a.broker().plane().wireguard().unwrap().clone();
         Self {
-            tunn: Tunn::new(
-                secret,
-                x25519::PublicKey::from(wg.public_key()),
-                None,
-                None,
-                1,
-                None,
-            ),
-            socket: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            broker: wg.local_addrs()[0],
-            buf: vec![0u8; 65_536],
-            out: vec![0u8; 65_536],
+            peer: TestGateway::new(secret, wg.public_key(), wg.local_addrs()[0]).await,
             routes: Assembler::default(),
-        }
-    }
-
-    /// Sends an IP packet (queued in boringtun until the handshake is
-    /// done, which [`Gateway::recv`] completes).
-    async fn send(&mut self, packet: &[u8]) {
-        if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(packet, &mut self.buf) {
-            self.socket.send_to(d, self.broker).await.unwrap();
         }
     }
 
@@ -323,27 +292,7 @@ impl Gateway {
     async fn recv(&mut self, within: Duration) -> Option<Result<Vec<u8>, RouteSet>> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let Ok(Ok((n, _))) =
-                tokio::time::timeout_at(deadline, self.socket.recv_from(&mut self.out)).await
-            else {
-                return None;
-            };
-            let mut result = self.tunn.decapsulate(None, &self.out[..n], &mut self.buf);
-            let mut packet = None;
-            loop {
-                match result {
-                    TunnResult::WriteToNetwork(d) => {
-                        self.socket.send_to(d, self.broker).await.unwrap();
-                        result = self.tunn.decapsulate(None, &[], &mut self.buf);
-                    }
-                    TunnResult::WriteToTunnelV4(p, _) => {
-                        packet = Some(p.to_vec());
-                        break;
-                    }
-                    _ => break,
-                }
-            }
-            let Some(packet) = packet else { continue };
+            let packet = self.peer.recv(deadline).await?;
             match control_payload(&packet, BROKER_CONTROL, GATEWAY_CONTROL) {
                 Some(payload) => {
                     if let Some(set) = Message::decode(payload)
@@ -360,9 +309,8 @@ impl Gateway {
 
     /// Asks for the route set until a complete one arrives; bounded.
     async fn route_set(&mut self) -> RouteSet {
-        let request = control_packet(GATEWAY_CONTROL, BROKER_CONTROL, &Message::Request.encode());
         for _ in 0..20 {
-            self.send(&request).await;
+            self.peer.send_control(&Message::Request).await;
             let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
             while let Some(got) = self
                 .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
@@ -403,7 +351,7 @@ impl Gateway {
         let request = ping(backend, ya, seq);
         let mut arrived = false;
         'outer: for _ in 0..10 {
-            self.send(&request).await;
+            self.peer.send(&request).await;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
             loop {
                 tokio::select! {
