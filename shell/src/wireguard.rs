@@ -139,7 +139,9 @@ mod tests {
         let mut b = Tunn::new(b_secret, a_public, None, None, 2, None);
         let from: IpAddr = "192.0.2.1".parse().unwrap();
         let (mut buf, mut out) = (vec![0u8; 2048], vec![0u8; 2048]);
-        let no_packet = |_: &mut [u8]| panic!("a handshake carries no packet");
+        fn no_packet(_: &mut [u8]) {
+            panic!("a handshake carries no packet")
+        }
 
         // The handshake: initiation, response, and the keepalive that
         // confirms the session to the responder.
