@@ -13,8 +13,10 @@
 //! burst, split into packets; each is encrypted, and the datagrams, being
 //! of equal size, leave in one `sendmsg` with UDP segmentation offload.
 //! Broker to device: datagrams arrive coalesced (UDP GRO), are decrypted,
-//! and written to the device together so the kernel can coalesce TCP
-//! segments again. TCP SYNs are clamped to the tunnel MTU both ways.
+//! and the TCP segments of a flow are joined into large segments as they
+//! are added, each packet copied once, so the kernel receives one packet
+//! where the broker sent dozens. TCP SYNs are clamped to the tunnel MTU
+//! both ways.
 //!
 //! Control datagrams from the broker ([`tether_proto::gateway`]) carry the
 //! route set; the gateway asks the active broker for it at start, every
@@ -657,7 +659,10 @@ async fn outbound(shared: Arc<Shared>) {
         1
     };
     let mut packets = tether_shell::tun::BatchReader::new(batch, 65_536, 0);
-    let mut sealed: Vec<u8> = Vec::with_capacity(batch * 1600);
+    // Sealed datagrams back to back in the first `used` bytes; grown to
+    // the largest batch once, not cleared, so no packet costs a memset.
+    let mut sealed: Vec<u8> = vec![0u8; batch * 1600];
+    let mut used;
     let mut lens: Vec<usize> = Vec::with_capacity(batch);
     let mut handshakes: Vec<Vec<u8>> = Vec::new();
     loop {
@@ -665,7 +670,7 @@ async fn outbound(shared: Arc<Shared>) {
             tracing::error!(error = %e, "the gateway device failed");
             return;
         }
-        sealed.clear();
+        used = 0;
         lens.clear();
         // The whole batch goes to one broker: the one active as it is
         // sealed.
@@ -681,8 +686,10 @@ async fn outbound(shared: Arc<Shared>) {
             for packet in packets.packets_mut() {
                 let size = packet.len();
                 shared.clamp(packet);
-                let start = sealed.len();
-                sealed.resize(start + size + 148, 0);
+                let start = used;
+                if sealed.len() < start + size + 148 {
+                    sealed.resize(start + size + 148, 0);
+                }
                 let (len, data) = match tunn.encapsulate(packet, &mut sealed[start..]) {
                     TunnResult::WriteToNetwork(p) => (p.len(), p.first() == Some(&4)),
                     TunnResult::Err(e) => {
@@ -694,22 +701,19 @@ async fn outbound(shared: Arc<Shared>) {
                     _ => (0, false),
                 };
                 if data {
-                    sealed.truncate(start + len);
+                    used = start + len;
                     lens.push(len);
-                } else {
+                } else if len > 0 {
                     // No session yet: the packet is queued and this is a
                     // handshake initiation, sent on its own.
-                    if len > 0 {
-                        handshakes.push(sealed[start..start + len].to_vec());
-                    }
-                    sealed.truncate(start);
+                    handshakes.push(sealed[start..start + len].to_vec());
                 }
             }
         }
         for h in handshakes.drain(..) {
             shared.send_all(addr, &h, &[h.len()]).await;
         }
-        let sent = shared.send_all(addr, &sealed, &lens).await;
+        let sent = shared.send_all(addr, &sealed[..used], &lens).await;
         shared.metrics.to_broker(sent);
     }
 }
@@ -723,7 +727,7 @@ async fn inbound(
 ) {
     let mut receiver = tether_shell::udp::BatchReceiver::default();
     let mut out = vec![0u8; 65_536 + 64];
-    let mut batch = tether_shell::tun::WriteBatch::default();
+    let mut batch = ToDevice::new(shared.offload);
     let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     // A packet the batch had no room for, until the batch is written.
     let mut overflow: Option<Vec<u8>> = None;
@@ -768,7 +772,7 @@ async fn inbound(
             // each, more than a write batch: write what is ready before it
             // fills.
             if !batch.has_room() {
-                write(&shared, &mut batch).await;
+                batch.write(&shared).await;
             }
             // The lock is released before the next await.
             let result = {
@@ -813,10 +817,10 @@ async fn inbound(
                                 ),
                             }
                         } else {
-                            match batch.push(p) {
-                                Ok(packet) => shared.clamp(packet),
+                            shared.clamp(p);
+                            if batch.push(p).is_err() {
                                 // Kept, and added once the batch is written.
-                                Err(_) => overflow = Some(p.to_vec()),
+                                overflow = Some(p.to_vec());
                             }
                         }
                     },
@@ -827,17 +831,15 @@ async fn inbound(
                 Err(e) => shared.metrics.refused(&e, from),
             }
             if let Some(p) = overflow.take() {
-                write(&shared, &mut batch).await;
-                if let Ok(packet) = batch.push(&p) {
-                    shared.clamp(packet);
-                }
+                batch.write(&shared).await;
+                let _ = batch.push(&p);
             }
         }
         shared.heard(&heard);
         for (to, r) in replies.drain(..) {
             shared.send_all(to, &r, &[r.len()]).await;
         }
-        write(&shared, &mut batch).await;
+        batch.write(&shared).await;
     }
 }
 
@@ -870,15 +872,70 @@ impl Heard {
     }
 }
 
-/// Writes the batch to the device, counting its packets as forwarded or
-/// dropped.
-async fn write(shared: &Shared, batch: &mut tether_shell::tun::WriteBatch) {
-    let n = batch.len();
-    match batch.write(&shared.dev, shared.offload).await {
-        Ok(()) => shared.metrics.from_broker(n),
-        Err(e) => shared
-            .metrics
-            .dropped(Dropped::DeviceWrite, n, &format_args!("{e}")),
+/// Packets from the brokers on their way to the device. On an offloading
+/// device the TCP segments of a flow are coalesced as they are added
+/// ([`tether_shell::tun::Coalescer`]: each packet copied once, nothing
+/// allocated per packet), so the kernel receives one large segment where
+/// the brokers sent dozens; otherwise each packet is written on its own.
+struct ToDevice {
+    batch: Batch,
+    /// Packets added since the last write.
+    pending: usize,
+}
+
+enum Batch {
+    Coalesced(tether_shell::tun::Coalescer),
+    Plain(tether_shell::tun::WriteBatch),
+}
+
+impl ToDevice {
+    fn new(offload: bool) -> Self {
+        let batch = if offload {
+            Batch::Coalesced(tether_shell::tun::Coalescer::default())
+        } else {
+            Batch::Plain(tether_shell::tun::WriteBatch::default())
+        };
+        Self { batch, pending: 0 }
+    }
+
+    /// Whether another packet can be added before the next write.
+    fn has_room(&self) -> bool {
+        match &self.batch {
+            Batch::Coalesced(c) => c.has_room(),
+            Batch::Plain(b) => b.has_room(),
+        }
+    }
+
+    /// Adds a copy of `packet`, or says there is no room: write, then add
+    /// it again.
+    fn push(&mut self, packet: &[u8]) -> Result<(), tether_shell::tun::BatchFull> {
+        match &mut self.batch {
+            Batch::Coalesced(c) => c.push(packet)?,
+            Batch::Plain(b) => {
+                b.push(packet)?;
+            }
+        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Writes what was added to the device, counting its packets as
+    /// forwarded or dropped.
+    async fn write(&mut self, shared: &Shared) {
+        let n = std::mem::take(&mut self.pending);
+        if n == 0 {
+            return;
+        }
+        let written = match &mut self.batch {
+            Batch::Coalesced(c) => c.write(&shared.dev).await,
+            Batch::Plain(b) => b.write(&shared.dev, false).await,
+        };
+        match written {
+            Ok(()) => shared.metrics.from_broker(n),
+            Err(e) => shared
+                .metrics
+                .dropped(Dropped::DeviceWrite, n, &format_args!("{e}")),
+        }
     }
 }
 

@@ -501,6 +501,115 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
     );
 }
 
+/// A TCP stream from the site reaches the backend through the gateway
+/// byte for byte, and the gateway hands its segments to the device
+/// coalesced: far fewer device writes than packets it took from the
+/// broker (the kernel accepts a coalesced segment only with consistent
+/// lengths and checksums, so a wrong one would stall the stream).
+#[test]
+fn a_tcp_stream_from_the_site_reaches_the_backend_whole_and_coalesced() {
+    if !require_root() {
+        return;
+    }
+    const BYTES: usize = 24 << 20;
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(work.path(), "gw-eu", "eu").unwrap();
+    let topo = Topology::new(&gw.broker_entry("10.31.0.0/24")).unwrap();
+    let eu = Cloud::new(&topo, 1).unwrap();
+    gw.configure(&topo, "[metrics]\nlisten = \"127.0.0.1:9469\"\n")
+        .unwrap();
+    let (_gateway, log) = gw.start(&eu).unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("lab-1", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || eu.backend_pings(&addr)),
+        "backend behind gw-eu cannot ping {addr}:\n{}",
+        read(&log)
+    );
+
+    // The backend counts and hashes what arrives; the site sends a
+    // pseudo-random stream and hashes what it sent.
+    let sink = work.path().join("sink.py");
+    std::fs::write(
+        &sink,
+        "import hashlib, socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
+         s.bind(('0.0.0.0', 9998))\n\
+         s.listen(1)\n\
+         print('ready', flush=True)\n\
+         s.settimeout(60)\n\
+         c, _ = s.accept()\n\
+         c.settimeout(60)\n\
+         h, n = hashlib.sha256(), 0\n\
+         while True:\n\
+         \x20   b = c.recv(1 << 20)\n\
+         \x20   if not b:\n\
+         \x20       break\n\
+         \x20   h.update(b); n += len(b)\n\
+         print('received', n, h.hexdigest(), flush=True)\n",
+    )
+    .unwrap();
+    let sink_log = work.path().join("sink.log");
+    let mut sink_proc = eu
+        .backend
+        .spawn(
+            "python3",
+            &[&sink.display().to_string()],
+            Some(sink_log.clone()),
+        )
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || read(&sink_log)
+        .contains("ready")));
+    let device_writes = || -> u64 {
+        let text = eu
+            .node
+            .run("cat", &["/sys/class/net/tether-gw0/statistics/rx_packets"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        text.parse().unwrap_or(0)
+    };
+    let from_broker = "tether_gateway_packets_total{direction=\"from_broker\"}";
+    let (writes_before, packets_before) = (device_writes(), gateway_metric(&eu, from_broker));
+    let send = format!(
+        "import hashlib, random, socket\n\
+         rng = random.Random(7)\n\
+         h = hashlib.sha256()\n\
+         s = socket.create_connection(('{}', 9998), timeout=60)\n\
+         left = {BYTES}\n\
+         while left:\n\
+         \x20   b = rng.randbytes(min(left, 1 << 18))\n\
+         \x20   s.sendall(b); h.update(b); left -= len(b)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n\
+         print(h.hexdigest())\n",
+        eu.backend_addr
+    );
+    let sent = topo.site.run("python3", &["-c", &send]).unwrap();
+    assert!(sent.status.success(), "{sent:?}\n{}", read(&log));
+    let sent_hash = String::from_utf8_lossy(&sent.stdout).trim().to_string();
+    assert!(
+        sink_proc.wait_exit(Duration::from_secs(60)),
+        "sink did not finish"
+    );
+    let received = read(&sink_log);
+    assert!(
+        received.contains(&format!("received {BYTES} {sent_hash}")),
+        "the stream did not arrive whole (sent {BYTES} bytes, sha256 {sent_hash}):\n{received}"
+    );
+    let writes = device_writes() - writes_before;
+    let packets = gateway_metric(&eu, from_broker) - packets_before;
+    println!("{packets} packets from the broker in {writes} device writes");
+    assert!(
+        packets >= (BYTES / 1500) as f64,
+        "{packets} packets counted from the broker for {BYTES} bytes"
+    );
+    assert!(
+        (writes as f64) * 4.0 < packets,
+        "{packets} packets from the broker took {writes} device writes: not coalesced"
+    );
+}
+
 /// The sum of the gateway's metric lines that start with `prefix`, from
 /// its `[metrics]` listener on the node's loopback.
 fn gateway_metric(cloud: &Cloud, prefix: &str) -> f64 {

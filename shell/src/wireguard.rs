@@ -14,7 +14,8 @@ use boringtun::x25519::PublicKey;
 /// Decrypts `datagram` from `from` with `tunn`: what must go back to the
 /// network (handshake responses, cookies, packets queued while the session
 /// was being set up) is passed to `to_network`, in order; the decrypted IP
-/// packet, if the datagram carried one, to `to_tunnel`. `out` is scratch
+/// packet, if the datagram carried one, to `to_tunnel` (to change in place,
+/// as an MSS clamp does, before it is copied on). `out` is scratch
 /// space for the largest packet. An error means boringtun refused the
 /// datagram (a replayed one is [`WireGuardError::DuplicateCounter`]).
 pub fn decapsulate(
@@ -23,7 +24,7 @@ pub fn decapsulate(
     datagram: &[u8],
     out: &mut [u8],
     mut to_network: impl FnMut(&[u8]),
-    to_tunnel: impl FnOnce(&[u8]),
+    to_tunnel: impl FnOnce(&mut [u8]),
 ) -> Result<(), WireGuardError> {
     let mut result = tunn.decapsulate(Some(from), datagram, out);
     loop {
@@ -110,7 +111,7 @@ impl HandshakeGate {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use boringtun::x25519::StaticSecret;
 
@@ -125,6 +126,83 @@ mod tests {
             panic!("no handshake initiation");
         };
         d.to_vec()
+    }
+
+    /// A packet from `a` to `b` is opened into `b`'s `out`, handed over
+    /// there to be changed in place (the broker passes it on from `out`
+    /// without another copy; the gateway clamps it there).
+    #[test]
+    fn a_packet_is_opened_into_out_and_can_be_changed_there() {
+        let (a_secret, b_secret) = (StaticSecret::from([5u8; 32]), StaticSecret::from([6u8; 32]));
+        let (a_public, b_public) = (PublicKey::from(&a_secret), PublicKey::from(&b_secret));
+        let mut a = Tunn::new(a_secret, b_public, None, None, 1, None);
+        let mut b = Tunn::new(b_secret, a_public, None, None, 2, None);
+        let from: IpAddr = "192.0.2.1".parse().unwrap();
+        let (mut buf, mut out) = (vec![0u8; 2048], vec![0u8; 2048]);
+        fn no_packet(_: &mut [u8]) {
+            panic!("a handshake carries no packet")
+        }
+
+        // The handshake: initiation, response, and the keepalive that
+        // confirms the session to the responder.
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no handshake initiation");
+        };
+        let mut to_a = Vec::new();
+        decapsulate(
+            &mut b,
+            from,
+            init,
+            &mut out,
+            |r| to_a.push(r.to_vec()),
+            no_packet,
+        )
+        .unwrap();
+        let mut to_b = Vec::new();
+        for d in &to_a {
+            decapsulate(
+                &mut a,
+                from,
+                d,
+                &mut out,
+                |r| to_b.push(r.to_vec()),
+                no_packet,
+            )
+            .unwrap();
+        }
+        for d in &to_b {
+            decapsulate(&mut b, from, d, &mut out, |_| {}, |p| assert!(p.is_empty())).unwrap();
+        }
+
+        // An IPv4 packet of 28 bytes (header and 8 bytes of payload).
+        let mut packet = vec![
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        packet.extend_from_slice(b"payload!");
+        let TunnResult::WriteToNetwork(sealed) = a.encapsulate(&packet, &mut buf) else {
+            panic!("no session to seal with");
+        };
+        let sealed = sealed.to_vec();
+        let base = out.as_ptr() as usize;
+        let mut at = None;
+        decapsulate(
+            &mut b,
+            from,
+            &sealed,
+            &mut out,
+            |_| {},
+            |p| {
+                assert_eq!(p, &packet[..]);
+                at = Some((p.as_ptr() as usize - base, p.len()));
+                p[8] = 1;
+            },
+        )
+        .unwrap();
+        let (at, len) = at.expect("no packet handed over");
+        assert_eq!(len, packet.len());
+        assert_eq!(out[at + 8], 1, "the change is in `out`");
+        assert_eq!(out[at + 9..at + len], packet[9..]);
     }
 
     #[test]
