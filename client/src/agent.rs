@@ -109,6 +109,9 @@ struct Shell {
     state: StateDir,
     proxy: Option<Proxy>,
     tun: Option<Tun>,
+    /// The device being made ahead ([`Action::PrepareTun`]), until the
+    /// broker's addresses take it.
+    preparing: Option<JoinHandle<anyhow::Result<Tun>>>,
     session: Option<Session>,
     dialing: Option<JoinHandle<()>>,
     /// The connection the last probe made.
@@ -248,6 +251,7 @@ pub async fn run_reporting(
         state,
         proxy,
         tun: None,
+        preparing: None,
         session: None,
         dialing: None,
         probed: None,
@@ -763,6 +767,15 @@ impl Shell {
                         Input::Dialed(dialer.connect(&config, &order).await)
                     }));
             }
+            Action::PrepareTun { mtu } => {
+                if self.tun.is_none() && self.preparing.is_none() {
+                    // On a thread of its own: the dial just started goes on
+                    // meanwhile.
+                    let name = self.config.tun_name.clone();
+                    self.preparing =
+                        Some(tokio::task::spawn_blocking(move || Tun::create(&name, mtu)));
+                }
+            }
             Action::SaveTransport(transport) => self.state.save_transport(transport),
             Action::OpenTunnel => {
                 let Some(s) = &self.session else {
@@ -1072,6 +1085,28 @@ impl Shell {
         self.tasks(task);
     }
 
+    /// The device made ahead ([`Action::PrepareTun`]), given `mtu`; `None`
+    /// if none was asked for or it could not be made (then the caller
+    /// creates it and reports why it cannot).
+    async fn take_prepared(&mut self, mtu: u16) -> Option<Tun> {
+        let mut tun = match self.preparing.take()?.await {
+            Ok(Ok(tun)) => tun,
+            Ok(Err(e)) => {
+                tracing::debug!("the device could not be made ahead: {e:#}");
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!("the device could not be made ahead: {e}");
+                return None;
+            }
+        };
+        // A smaller MTU than the link's stays safe: only a warning.
+        if let Err(e) = tun.set_mtu(mtu) {
+            tracing::warn!("{e:#}");
+        }
+        Some(tun)
+    }
+
     /// Changes the device as the broker's capsules say.
     async fn configure(&mut self, change: TunConfig) -> anyhow::Result<()> {
         match change {
@@ -1083,7 +1118,10 @@ impl Shell {
                 // only packets for these addresses and the mapped LANs.
                 self.lan.set_assigned(&addresses);
                 if self.tun.is_none() {
-                    let created = Tun::create(&self.config.tun_name, create_mtu)?;
+                    let created = match self.take_prepared(create_mtu).await {
+                        Some(prepared) => prepared,
+                        None => Tun::create(&self.config.tun_name, create_mtu)?,
+                    };
                     if let Some(s) = self.session.as_mut()
                         && let Some(link) = &s.link
                     {

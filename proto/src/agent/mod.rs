@@ -224,6 +224,16 @@ pub enum Action {
         /// The transports, first to try first.
         order: Vec<Transport>,
     },
+    /// Create the device now, up and without addresses, so that it exists
+    /// by the time the broker assigns them: asked once, with the first
+    /// [`Action::Dial`], and carried out while that connection's handshake
+    /// runs. [`TunConfig::Addresses`] then takes this device (with its
+    /// `create_mtu`) instead of creating one; if this failed, it creates
+    /// the device itself and reports why it cannot.
+    PrepareTun {
+        /// The device's MTU until the broker's addresses arrive.
+        mtu: u16,
+    },
     /// Remember this rung for the next start (the state file).
     SaveTransport(Transport),
     /// Open CONNECT-IP on the connection; answer
@@ -561,7 +571,8 @@ pub struct AgentCore {
 }
 
 impl AgentCore {
-    /// A core that dials at once.
+    /// A core that dials at once, and has the device prepared meanwhile
+    /// ([`Action::PrepareTun`]).
     pub fn new(config: AgentConfig, now: Instant) -> Self {
         let mut core = Self {
             ladder: Ladder::new(config.proxy, config.remembered),
@@ -588,6 +599,10 @@ impl AgentCore {
             handovers: 0,
         };
         core.dial(now);
+        // After the dial: its first packet goes out before the device is
+        // made.
+        core.actions
+            .push_back(Action::PrepareTun { mtu: INITIAL_MTU });
         core
     }
 

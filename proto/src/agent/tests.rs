@@ -158,16 +158,48 @@ fn assign(prefixes: &[&str]) -> Capsule {
     })
 }
 
+/// At start: dial, then prepare the device while the dial runs (the
+/// device is there when the broker's addresses arrive).
 #[test]
-fn dials_at_once_in_ladder_order() {
+fn dials_at_once_in_ladder_order_and_prepares_the_device() {
     let mut a = Agent::new(config(true, Some(Transport::H2), 1));
     assert_eq!(
         a.actions(),
-        [Action::Dial {
-            order: vec![Transport::H2, Transport::H3, Transport::H2Proxy]
-        }]
+        [
+            Action::Dial {
+                order: vec![Transport::H2, Transport::H3, Transport::H2Proxy]
+            },
+            Action::PrepareTun { mtu: INITIAL_MTU }
+        ]
     );
     assert_eq!(a.core.poll_timeout(), None);
+}
+
+/// The device is prepared once, at start: not again at a later dial (it
+/// stays in place between sessions), nor at a re-attestation's.
+#[test]
+fn the_device_is_prepared_once() {
+    let mut a = Agent::new(config(false, None, 1));
+    a.actions();
+    a.connect(Transport::H3, None);
+    a.core
+        .handle_session_ended(Ending::Lost("connection lost".into()), a.now);
+    assert_eq!(a.actions(), [Action::EndSession { close: false }]);
+    let delay = a.retry_delay();
+    // Exactly a dial when the backoff ends.
+    a.wait_and_dial(delay);
+    a.core
+        .handle_dial_failed(Ending::CertificateRefused("expired".into()), a.now);
+    a.core.handle_reattest_result(Ok(()), a.now);
+    let after = a.actions();
+    assert!(
+        after.iter().any(|x| matches!(x, Action::Dial { .. })),
+        "{after:?}"
+    );
+    assert!(
+        !after.iter().any(|x| matches!(x, Action::PrepareTun { .. })),
+        "{after:?}"
+    );
 }
 
 #[test]
@@ -415,9 +447,12 @@ fn the_ladder_falls_back_and_probes_http3_until_it_answers() {
     let mut a = Agent::new(config(true, Some(Transport::H3), 3));
     assert_eq!(
         a.actions(),
-        [Action::Dial {
-            order: vec![Transport::H3, Transport::H2, Transport::H2Proxy]
-        }]
+        [
+            Action::Dial {
+                order: vec![Transport::H3, Transport::H2, Transport::H2Proxy]
+            },
+            Action::PrepareTun { mtu: INITIAL_MTU }
+        ]
     );
     // HTTP/3 is blocked: the shell got through on HTTP/2.
     a.core.handle_connected(Transport::H2, a.now);
