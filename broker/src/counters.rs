@@ -2,6 +2,7 @@
 //! ended sessions. The packet path only does relaxed atomic additions on
 //! counters of its own session or device; totals are summed when read.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tether_proto::forward::DropReason;
@@ -111,9 +112,11 @@ impl SiteTotals {
     }
 }
 
-/// Per-reason drop counters.
+/// Per-reason drop counters, made by the first drop: most sites never
+/// drop a packet, and a counter for every reason (136 bytes) would be
+/// held by each connected site.
 #[derive(Debug, Default)]
-pub struct Drops([AtomicU64; DropReason::ALL.len()]);
+pub struct Drops(OnceLock<Box<[AtomicU64; DropReason::ALL.len()]>>);
 
 impl Drops {
     /// Counts a drop.
@@ -123,23 +126,54 @@ impl Drops {
 
     /// Counts `n` drops for the same reason.
     pub fn add_n(&self, reason: DropReason, n: u64) {
-        if let Some(c) = self.0.get(reason as usize) {
+        let counts = self
+            .0
+            .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+        if let Some(c) = counts.get(reason as usize) {
             c.fetch_add(n, Ordering::Relaxed);
         }
     }
 
     /// Every reason with its count.
     pub fn get(&self) -> Vec<(DropReason, u64)> {
+        let counts = self.0.get();
         DropReason::ALL
             .iter()
             .map(|r| {
                 (
                     *r,
-                    self.0
-                        .get(*r as usize)
+                    counts
+                        .and_then(|c| c.get(*r as usize))
                         .map_or(0, |c| c.load(Ordering::Relaxed)),
                 )
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_counters_are_made_by_the_first_drop() {
+        let drops = Drops::default();
+        assert!(drops.0.get().is_none(), "no counters before a drop");
+        assert!(drops.get().iter().all(|(_, n)| *n == 0));
+        assert_eq!(drops.get().len(), DropReason::ALL.len());
+        drops.add(DropReason::Malformed);
+        drops.add_n(DropReason::Malformed, 2);
+        drops.add(DropReason::TargetDown);
+        let count = |reason| {
+            drops
+                .get()
+                .into_iter()
+                .find(|(r, _)| *r == reason)
+                .map(|(_, n)| n)
+        };
+        assert_eq!(count(DropReason::Malformed), Some(3));
+        assert_eq!(count(DropReason::TargetDown), Some(1));
+        let others = drops.get().into_iter().filter(|(_, n)| *n > 0).count();
+        assert_eq!(others, 2);
     }
 }

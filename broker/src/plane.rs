@@ -188,11 +188,7 @@ pub struct Plane {
     link: OnceLock<Arc<Link>>,
     metrics: Metrics,
     /// Idle batches for writing to the local gateway.
-    /// Boxed: a batch taken from here is held by a session's datagram
-    /// task, whose future (kept by every idle session) would otherwise
-    /// hold the whole batch inline.
-    #[allow(clippy::vec_box)]
-    batches: Mutex<Vec<Box<SiteBatch>>>,
+    batches: BatchPool,
     /// Packets relayed on to the broker a site moved to.
     relayed_on: AtomicU64,
 }
@@ -217,7 +213,7 @@ impl Plane {
             wireguard: OnceLock::new(),
             link: OnceLock::new(),
             metrics,
-            batches: Mutex::new(Vec::new()),
+            batches: BatchPool::new(BatchPool::default_max()),
             relayed_on: AtomicU64::new(0),
         }
     }
@@ -479,18 +475,13 @@ impl Plane {
 
     /// A batch from the pool, or a new one.
     pub fn take_batch(&self) -> Box<SiteBatch> {
-        self.batches
-            .lock()
-            .ok()
-            .and_then(|mut p| p.pop())
-            .unwrap_or_default()
+        self.batches.take()
     }
 
-    /// Returns a flushed batch to the pool.
+    /// Returns a flushed batch to the pool, which keeps a few
+    /// ([`BatchPool`]).
     pub fn give_batch(&self, batch: Box<SiteBatch>) {
-        if let Ok(mut pool) = self.batches.lock() {
-            pool.push(batch);
-        }
+        self.batches.give(batch);
     }
 
     /// A datagram arrived on a site's connection: routed now, and if it goes
@@ -670,18 +661,72 @@ impl Plane {
     }
 }
 
+/// The batches sessions borrow for a burst of datagrams. Bounded: a batch
+/// is held from its first packet until written, so a burst of many sites
+/// at once (all reconnecting, or a traffic peak) takes many at the same
+/// time, and each returned batch beyond the bound is freed instead of kept
+/// for the broker's life (its buffers, up to 128 of 64 KiB, and its
+/// coalescing table).
+struct BatchPool {
+    /// Boxed: a batch taken from here is held by a session's datagram
+    /// task, whose future (kept by every idle session) would otherwise
+    /// hold the whole batch inline.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<SiteBatch>>>,
+    /// The most batches kept.
+    max: usize,
+}
+
+impl BatchPool {
+    fn new(max: usize) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    /// Two batches per core (at least 4): about as many as the broker's
+    /// threads write at once.
+    fn default_max() -> usize {
+        std::thread::available_parallelism().map_or(4, |n| (2 * n.get()).max(4))
+    }
+
+    fn take(&self) -> Box<SiteBatch> {
+        self.idle
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default()
+    }
+
+    fn give(&self, batch: Box<SiteBatch>) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.max
+        {
+            idle.push(batch);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle.lock().map_or(0, |p| p.len())
+    }
+}
+
 /// Reusable buffers for the packets of one batch of datagrams that go to the
 /// local gateway. Each buffer has room for a coalesced 64 KiB segment, so
-/// writing never reallocates. Batches (with their coalescing table, over a
-/// megabyte) are not owned by sessions: a session borrows one from the
-/// plane's pool for a burst ([`Plane::take_batch`], [`Plane::give_batch`]),
-/// so idle sites cost nothing and the pool holds about as many as there are
-/// threads.
+/// writing never reallocates. Batches are not owned by sessions: a session
+/// borrows one from the plane's pool for a burst ([`Plane::take_batch`],
+/// [`Plane::give_batch`]), so idle sites cost nothing and the pool holds
+/// about as many as there are threads.
 #[derive(Default)]
 pub struct SiteBatch {
     free: Vec<bytes::BytesMut>,
     ready: Vec<bytes::BytesMut>,
-    gro: tun_rs::GROTable,
+    /// The coalescing table of the local gateway's device (about 0.9 MB),
+    /// made by the first write to it: a batch whose packets all went
+    /// elsewhere (WireGuard, ICMP replies, other sites) has none.
+    gro: Option<tun_rs::GROTable>,
     /// Packets sealed for a gateway over WireGuard.
     sealed: crate::wireguard::SealedBatch,
 }
@@ -721,7 +766,7 @@ impl SiteBatch {
         }
         if let Some(gw) = plane.local_gateway.get()
             && gw
-                .write_batch(&mut self.gro, &mut self.ready)
+                .write_batch(self.gro.get_or_insert_default(), &mut self.ready)
                 .await
                 .is_err()
         {
@@ -732,5 +777,36 @@ impl SiteBatch {
         while let Some(b) = self.ready.pop() {
             self.recycle(b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_pool_keeps_at_most_its_bound() {
+        let pool = BatchPool::new(3);
+        // A burst: ten sessions hold a batch at the same time.
+        let held: Vec<_> = (0..10).map(|_| pool.take()).collect();
+        assert_eq!(pool.len(), 0);
+        for batch in held {
+            pool.give(batch);
+        }
+        assert_eq!(pool.len(), 3, "the rest of the burst's batches are freed");
+        // The kept ones are used again before new ones are made.
+        let again: Vec<_> = (0..2).map(|_| pool.take()).collect();
+        assert_eq!(pool.len(), 1);
+        for batch in again {
+            pool.give(batch);
+        }
+        assert_eq!(pool.len(), 3);
+    }
+
+    #[test]
+    fn a_new_batch_has_no_coalescing_table() {
+        let batch = SiteBatch::default();
+        assert!(batch.gro.is_none());
+        assert!(batch.is_empty());
     }
 }

@@ -498,4 +498,18 @@ mod future_sizes {
             "the futures of a connected site take {total} bytes, more than {LIMIT}: {held:?}"
         );
     }
+
+    /// The datagram reader writes its packets to the devices in a future
+    /// of its own, boxed while it runs: held inline, that write (the
+    /// largest state of the reader's loop) would be kept by every idle
+    /// site for as long as it stays connected.
+    #[test]
+    fn the_datagram_reader_does_not_hold_a_device_write() {
+        let reader = out4(&crate::session::route_datagrams);
+        let write = out2(&crate::plane::SiteBatch::flush);
+        assert!(
+            reader < write,
+            "the datagram reader's future takes {reader} bytes, a write to the devices {write}"
+        );
+    }
 }

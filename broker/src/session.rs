@@ -394,7 +394,12 @@ pub async fn route_datagrams(
             plane.route_site_datagram(&session, stream_id, d, &mut batch);
         }
         datagrams.clear();
-        batch.flush(&plane).await;
+        if !batch.is_empty() {
+            // Boxed: the writes to the devices are the largest state of
+            // this loop, which every idle site would otherwise hold in its
+            // task for as long as it stays connected.
+            Box::pin(batch.flush(&plane)).await;
+        }
         plane.give_batch(batch);
     }
 }
