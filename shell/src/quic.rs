@@ -655,12 +655,10 @@ impl Joining {
     /// Sends what is held, if anything. Only a full socket keeps it
     /// (`WouldBlock`).
     fn flush(&mut self) -> std::io::Result<()> {
-        if let Some(held) = &self.held {
-            if let Err(e) = held.send() {
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    return Err(e);
-                }
-            }
+        if let Some(Err(e)) = self.held.as_ref().map(Joined::send)
+            && e.kind() == std::io::ErrorKind::WouldBlock
+        {
+            return Err(e);
         }
         self.recycle();
         Ok(())
