@@ -394,9 +394,9 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
     let (work, topo, eu, (gateway, log), _site, _addr) = site_behind_a_gateway();
 
     // A sink on the backend: counts datagrams until 2 s without one.
-    let sink = work.path().join("sink.py");
-    std::fs::write(
-        &sink,
+    let (mut sink_proc, sink_log) = start_sink(
+        work.path(),
+        &eu,
         "import socket, sys\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE\n\
@@ -412,19 +412,7 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
          except socket.timeout:\n\
          \x20   pass\n\
          print('received', n, flush=True)\n",
-    )
-    .unwrap();
-    let sink_log = work.path().join("sink.log");
-    let mut sink_proc = eu
-        .backend
-        .spawn(
-            "python3",
-            &[&sink.display().to_string()],
-            Some(sink_log.clone()),
-        )
-        .unwrap();
-    assert!(wait_for(Duration::from_secs(10), || read(&sink_log)
-        .contains("ready")));
+    );
 
     // Freeze the gateway, send the burst from the site, and wait until
     // the broker has handed it over (the gateway's socket stops filling).
@@ -530,9 +518,9 @@ fn a_tcp_stream_from_the_site_reaches_the_backend_whole_and_coalesced() {
 
     // The backend counts and hashes what arrives; the site sends a
     // pseudo-random stream and hashes what it sent.
-    let sink = work.path().join("sink.py");
-    std::fs::write(
-        &sink,
+    let (mut sink_proc, sink_log) = start_sink(
+        work.path(),
+        &eu,
         "import hashlib, socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
          s.bind(('0.0.0.0', 9998))\n\
@@ -548,19 +536,7 @@ fn a_tcp_stream_from_the_site_reaches_the_backend_whole_and_coalesced() {
          \x20       break\n\
          \x20   h.update(b); n += len(b)\n\
          print('received', n, h.hexdigest(), flush=True)\n",
-    )
-    .unwrap();
-    let sink_log = work.path().join("sink.log");
-    let mut sink_proc = eu
-        .backend
-        .spawn(
-            "python3",
-            &[&sink.display().to_string()],
-            Some(sink_log.clone()),
-        )
-        .unwrap();
-    assert!(wait_for(Duration::from_secs(10), || read(&sink_log)
-        .contains("ready")));
+    );
     let device_writes = || -> u64 {
         let text = eu
             .node
@@ -721,4 +697,27 @@ fn forged_wireguard_datagrams_are_counted_at_the_gateway() {
         "{}",
         read(&log)
     );
+}
+
+/// Starts `script` (Python) on the backend behind `eu` and waits until it
+/// prints "ready"; its output goes to the returned log.
+fn start_sink(
+    work: &Path,
+    eu: &Cloud,
+    script: &str,
+) -> (tether_netns_tests::Proc, std::path::PathBuf) {
+    let sink = work.join("sink.py");
+    std::fs::write(&sink, script).unwrap();
+    let sink_log = work.join("sink.log");
+    let proc = eu
+        .backend
+        .spawn(
+            "python3",
+            &[&sink.display().to_string()],
+            Some(sink_log.clone()),
+        )
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || read(&sink_log)
+        .contains("ready")));
+    (proc, sink_log)
 }

@@ -1223,52 +1223,13 @@ mod tests {
         }
     }
 
-    /// A socket that takes every transmit and batches of up to 10.
-    #[derive(Debug)]
-    struct TakesAll;
-
-    #[derive(Debug)]
-    struct AlwaysWritable;
-
-    impl quinn::UdpPoller for AlwaysWritable {
-        fn poll_writable(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
-    impl quinn::AsyncUdpSocket for TakesAll {
-        fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-            Box::pin(AlwaysWritable)
-        }
-        fn try_send(&self, _: &quinn::udp::Transmit) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn poll_recv(
-            &self,
-            _: &mut std::task::Context,
-            _: &mut [std::io::IoSliceMut<'_>],
-            _: &mut [quinn::udp::RecvMeta],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            std::task::Poll::Pending
-        }
-        fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-            Ok("127.0.0.1:9".parse().unwrap())
-        }
-        fn max_transmit_segments(&self) -> usize {
-            10
-        }
-    }
-
     /// Polls a driver sending `per_poll` datagrams a poll three times
     /// through the tunnel runtime's wrapper, on the runtime's gated socket:
     /// the segments the socket offered at each poll, and what it offers
     /// outside a driver's poll.
     fn offered_segments(per_poll: usize) -> (Vec<usize>, usize) {
         let socket: Arc<dyn quinn::AsyncUdpSocket> = Arc::new(BatchGatedSocket {
-            inner: Arc::new(TakesAll),
+            inner: Arc::new(Recording::with_segments(10)),
         });
         let offered = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut driver = RepollSelfWake::new(Box::pin(Sender {
@@ -1311,17 +1272,24 @@ mod tests {
         contents: Vec<u8>,
     }
 
-    /// A socket that records its sends (up to 64 datagrams each) and can
-    /// be made full: it then refuses them with `WouldBlock`, and its
-    /// pollers wait until it is made writable again.
+    /// A socket that records its sends (up to `max_segments` datagrams
+    /// each) and can be made full: it then refuses them with `WouldBlock`,
+    /// and its pollers wait until it is made writable again.
     #[derive(Debug, Default)]
     struct Recording {
+        max_segments: usize,
         sent: std::sync::Mutex<Vec<Recorded>>,
         full: std::sync::atomic::AtomicBool,
         waiting: std::sync::Mutex<Vec<std::task::Waker>>,
     }
 
     impl Recording {
+        fn with_segments(max_segments: usize) -> Self {
+            Self {
+                max_segments,
+                ..Self::default()
+            }
+        }
         fn sent(&self) -> Vec<Recorded> {
             self.sent.lock().unwrap().clone()
         }
@@ -1363,7 +1331,7 @@ mod tests {
             if self.full.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(std::io::ErrorKind::WouldBlock.into());
             }
-            assert!(datagrams(t) <= 64 && t.contents.len() <= MAX_JOINED_BYTES);
+            assert!(datagrams(t) <= self.max_segments && t.contents.len() <= MAX_JOINED_BYTES);
             self.sent.lock().unwrap().push(Recorded {
                 destination: t.destination,
                 ecn: t.ecn,
@@ -1384,7 +1352,7 @@ mod tests {
             Ok("127.0.0.1:9".parse().unwrap())
         }
         fn max_transmit_segments(&self) -> usize {
-            64
+            self.max_segments
         }
     }
 
@@ -1482,7 +1450,7 @@ mod tests {
         polls: Vec<Vec<Batch>>,
         completes: bool,
     ) -> (RepollSelfWake, Arc<Recording>, Answers) {
-        let below = Arc::new(Recording::default());
+        let below = Arc::new(Recording::with_segments(64));
         let answers = Answers::default();
         let driver = RepollSelfWake::new(Box::pin(Transmitter {
             socket: Arc::new(BatchGatedSocket {
@@ -1675,7 +1643,7 @@ mod tests {
     /// Outside a driver's poll nothing is held: a full batch leaves at once.
     #[test]
     fn nothing_is_held_outside_a_drivers_poll() {
-        let below = Arc::new(Recording::default());
+        let below = Arc::new(Recording::with_segments(64));
         let socket = BatchGatedSocket {
             inner: below.clone(),
         };
