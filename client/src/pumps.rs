@@ -92,7 +92,7 @@ pub fn start_inbound(
             // kernel hands the receiving application one packet where it
             // would have handled dozens. The buffers are sized for a
             // coalesced 64 KiB segment and kept across batches.
-            let mut batch = Inbound::new(offload);
+            let mut batch = tether_shell::tun::DeviceBatch::new(offload);
             let mut scratch = Vec::new();
             let mut reader = tether_shell::quic::DatagramReader::new(conn);
             let mut datagrams = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
@@ -124,47 +124,14 @@ pub fn start_inbound(
                         };
                         // A full batch is written first, so no packet is
                         // left out.
-                        batch.push_or_write(&dev, packet).await;
+                        let _ = batch.push_or_write(&dev, packet).await;
                     }
                 }
-                batch.write(&dev).await;
+                let _ = batch.write(&dev).await;
             }
         })
     };
     Some(inbound)
-}
-
-/// The packets of a batch of datagrams on their way to the device:
-/// coalesced as they are added on an offloading device, written one by one
-/// otherwise. A failed write loses its packets, as a full device queue
-/// would.
-enum Inbound {
-    Coalesced(tether_shell::tun::Coalescer),
-    Plain(tether_shell::tun::WriteBatch),
-}
-
-impl Inbound {
-    fn new(offload: bool) -> Self {
-        if offload {
-            Self::Coalesced(tether_shell::tun::Coalescer::default())
-        } else {
-            Self::Plain(tether_shell::tun::WriteBatch::default())
-        }
-    }
-
-    async fn push_or_write(&mut self, dev: &tun_rs::AsyncDevice, packet: &[u8]) {
-        let _ = match self {
-            Self::Coalesced(c) => c.push_or_write(dev, packet).await,
-            Self::Plain(b) => b.push_or_write(dev, false, packet).await.map_err(|e| e.0),
-        };
-    }
-
-    async fn write(&mut self, dev: &tun_rs::AsyncDevice) {
-        let _ = match self {
-            Self::Coalesced(c) => c.write(dev).await,
-            Self::Plain(b) => b.write(dev, false).await,
-        };
-    }
 }
 
 /// The least time between two warnings about packets dropped in the

@@ -727,7 +727,7 @@ async fn inbound(
 ) {
     let mut receiver = tether_shell::udp::BatchReceiver::default();
     let mut out = vec![0u8; 65_536 + 64];
-    let mut batch = ToDevice::new(shared.offload);
+    let mut batch = tether_shell::tun::DeviceBatch::new(shared.offload);
     let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     // A packet the batch had no room for, until the batch is written.
     let mut overflow: Option<Vec<u8>> = None;
@@ -772,7 +772,7 @@ async fn inbound(
             // each, more than a write batch: write what is ready before it
             // fills.
             if !batch.has_room() {
-                batch.write(&shared).await;
+                write(&shared, &mut batch).await;
             }
             // The lock is released before the next await.
             let result = {
@@ -831,7 +831,7 @@ async fn inbound(
                 Err(e) => shared.metrics.refused(&e, from),
             }
             if let Some(p) = overflow.take() {
-                batch.write(&shared).await;
+                write(&shared, &mut batch).await;
                 let _ = batch.push(&p);
             }
         }
@@ -839,7 +839,7 @@ async fn inbound(
         for (to, r) in replies.drain(..) {
             shared.send_all(to, &r, &[r.len()]).await;
         }
-        batch.write(&shared).await;
+        write(&shared, &mut batch).await;
     }
 }
 
@@ -872,70 +872,18 @@ impl Heard {
     }
 }
 
-/// Packets from the brokers on their way to the device. On an offloading
-/// device the TCP segments of a flow are coalesced as they are added
-/// ([`tether_shell::tun::Coalescer`]: each packet copied once, nothing
-/// allocated per packet), so the kernel receives one large segment where
-/// the brokers sent dozens; otherwise each packet is written on its own.
-struct ToDevice {
-    batch: Batch,
-    /// Packets added since the last write.
-    pending: usize,
-}
-
-enum Batch {
-    Coalesced(tether_shell::tun::Coalescer),
-    Plain(tether_shell::tun::WriteBatch),
-}
-
-impl ToDevice {
-    fn new(offload: bool) -> Self {
-        let batch = if offload {
-            Batch::Coalesced(tether_shell::tun::Coalescer::default())
-        } else {
-            Batch::Plain(tether_shell::tun::WriteBatch::default())
-        };
-        Self { batch, pending: 0 }
+/// Writes the packets added to `batch` to the device, counting them as
+/// forwarded or dropped.
+async fn write(shared: &Shared, batch: &mut tether_shell::tun::DeviceBatch) {
+    let n = batch.len();
+    if n == 0 {
+        return;
     }
-
-    /// Whether another packet can be added before the next write.
-    fn has_room(&self) -> bool {
-        match &self.batch {
-            Batch::Coalesced(c) => c.has_room(),
-            Batch::Plain(b) => b.has_room(),
-        }
-    }
-
-    /// Adds a copy of `packet`, or says there is no room: write, then add
-    /// it again.
-    fn push(&mut self, packet: &[u8]) -> Result<(), tether_shell::tun::BatchFull> {
-        match &mut self.batch {
-            Batch::Coalesced(c) => c.push(packet)?,
-            Batch::Plain(b) => {
-                b.push(packet)?;
-            }
-        }
-        self.pending += 1;
-        Ok(())
-    }
-
-    /// Writes what was added to the device, counting its packets as
-    /// forwarded or dropped.
-    async fn write(&mut self, shared: &Shared) {
-        let n = std::mem::take(&mut self.pending);
-        if n == 0 {
-            return;
-        }
-        let written = match &mut self.batch {
-            Batch::Coalesced(c) => c.write(&shared.dev).await,
-            Batch::Plain(b) => b.write(&shared.dev, false).await,
-        };
-        match written {
-            Ok(()) => shared.metrics.from_broker(n),
-            Err(e) => shared
-                .metrics
-                .dropped(Dropped::DeviceWrite, n, &format_args!("{e}")),
-        }
+    match batch.write(&shared.dev).await {
+        Ok(()) => shared.metrics.from_broker(n),
+        Err(e) => shared
+            .metrics
+            .dropped(Dropped::DeviceWrite, n, &format_args!("{e}")),
     }
 }
 

@@ -132,31 +132,6 @@ impl WriteBatch {
         b.get_mut(VNET_HDR..).ok_or(BatchFull)
     }
 
-    /// Adds a copy of `packet`, first writing the batch to `dev` when it
-    /// is full, so no packet is left out. The packet is added even when
-    /// that write fails; the error is returned (the packets of the failed
-    /// write are lost), along with how many packets that write carried.
-    pub async fn push_or_write(
-        &mut self,
-        dev: &tun_rs::AsyncDevice,
-        offload: bool,
-        packet: &[u8],
-    ) -> Result<(), (std::io::Error, usize)> {
-        let mut result = Ok(());
-        if !self.has_room() {
-            let n = self.len();
-            if let Err(e) = self.write(dev, offload).await {
-                result = Err((e, n));
-            }
-        }
-        if self.push(packet).is_err() {
-            // Only a batch of no buffers at all is full right after a
-            // write; `Default` makes none such.
-            return Err((std::io::Error::other("the write batch has no buffers"), 1));
-        }
-        result
-    }
-
     /// Packets added since the last write.
     pub fn len(&self) -> usize {
         self.ready
@@ -183,6 +158,91 @@ impl WriteBatch {
         let ready = std::mem::take(&mut self.ready);
         let batch = self.pool.get_mut(..ready).unwrap_or_default();
         write_batch(dev, offload, &mut self.gro, batch).await
+    }
+}
+
+/// Packets on their way to a device: on an offloading device the TCP
+/// segments of a flow are coalesced as they are added ([`Coalescer`]: each
+/// packet copied once, nothing allocated per packet), otherwise each packet
+/// is written on its own ([`WriteBatch`]).
+pub struct DeviceBatch {
+    batch: DeviceBatchKind,
+    /// Packets added since the last write.
+    pending: usize,
+}
+
+enum DeviceBatchKind {
+    Coalesced(Coalescer),
+    Plain(WriteBatch),
+}
+
+impl DeviceBatch {
+    /// A batch for a device that offloads (`offload`) or not.
+    pub fn new(offload: bool) -> Self {
+        let batch = if offload {
+            DeviceBatchKind::Coalesced(Coalescer::default())
+        } else {
+            DeviceBatchKind::Plain(WriteBatch::default())
+        };
+        Self { batch, pending: 0 }
+    }
+
+    /// Whether another packet can be added before the next write.
+    pub fn has_room(&self) -> bool {
+        match &self.batch {
+            DeviceBatchKind::Coalesced(c) => c.has_room(),
+            DeviceBatchKind::Plain(b) => b.has_room(),
+        }
+    }
+
+    /// Packets added since the last write.
+    pub fn len(&self) -> usize {
+        self.pending
+    }
+
+    /// Whether no packet was added since the last write.
+    pub fn is_empty(&self) -> bool {
+        self.pending == 0
+    }
+
+    /// Adds a copy of `packet`, or says there is no room: write, then add
+    /// it again.
+    pub fn push(&mut self, packet: &[u8]) -> Result<(), BatchFull> {
+        match &mut self.batch {
+            DeviceBatchKind::Coalesced(c) => c.push(packet)?,
+            DeviceBatchKind::Plain(b) => {
+                b.push(packet)?;
+            }
+        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Writes what was added since the last write to `dev`. A failed
+    /// write loses its packets, as a full device queue would.
+    pub async fn write(&mut self, dev: &tun_rs::AsyncDevice) -> std::io::Result<()> {
+        if std::mem::take(&mut self.pending) == 0 {
+            return Ok(());
+        }
+        match &mut self.batch {
+            DeviceBatchKind::Coalesced(c) => c.write(dev).await,
+            DeviceBatchKind::Plain(b) => b.write(dev, false).await,
+        }
+    }
+
+    /// Adds a copy of `packet`, first writing to `dev` when there is no
+    /// room, so no packet is left out; the error is that write's.
+    pub async fn push_or_write(
+        &mut self,
+        dev: &tun_rs::AsyncDevice,
+        packet: &[u8],
+    ) -> std::io::Result<()> {
+        let mut result = Ok(());
+        if self.push(packet).is_err() {
+            result = self.write(dev).await;
+            let _ = self.push(packet);
+        }
+        result
     }
 }
 
@@ -539,21 +599,6 @@ impl Coalescer {
             first = Err(e);
         }
         first
-    }
-
-    /// Adds a copy of `packet`, first writing to `dev` when there is no
-    /// room, so no packet is left out.
-    pub async fn push_or_write(
-        &mut self,
-        dev: &tun_rs::AsyncDevice,
-        packet: &[u8],
-    ) -> std::io::Result<()> {
-        let mut result = Ok(());
-        if self.push(packet).is_err() {
-            result = self.write(dev).await;
-            let _ = self.push(packet);
-        }
-        result
     }
 
     /// The frames the next write would make, and empties the coalescer
