@@ -17,6 +17,7 @@
 //! also prints iperf3's per-second goodput and congestion window, which is
 //! how a stalled tunnel (window stuck at one segment) shows itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::NetNs;
@@ -61,12 +62,67 @@ pub(crate) const IMPAIRMENTS: [Impairment; 2] = [
 /// Inner congestion controls measured.
 const INNER: [&str; 2] = ["bbr", "cubic"];
 
-/// One iperf3 run's result.
-#[derive(Clone, Copy, Default)]
+/// Which cells of the table a run measures (`--lossy-path`, `--inner`);
+/// the others print as not measured.
+#[derive(Clone, Copy)]
+pub(crate) struct Cells {
+    impairments: [bool; IMPAIRMENTS.len()],
+    inner: [bool; INNER.len()],
+}
+
+impl Cells {
+    /// From the names given (`B`/`C`, `bbr`/`cubic`); empty means all.
+    pub(crate) fn new(paths: &[String], inner: &[String]) -> Result<Cells, String> {
+        let pick = |given: &[String], names: &[&str]| -> Result<Vec<bool>, String> {
+            for g in given {
+                if !names.iter().any(|n| n.eq_ignore_ascii_case(g)) {
+                    return Err(format!("unknown {g:?}: one of {}", names.join(", ")));
+                }
+            }
+            Ok(names
+                .iter()
+                .map(|n| given.is_empty() || given.iter().any(|g| n.eq_ignore_ascii_case(g)))
+                .collect())
+        };
+        let imp = pick(paths, &["B", "C"])?;
+        let cc = pick(inner, &INNER)?;
+        Ok(Cells {
+            impairments: [imp[0], imp[1]],
+            inner: [cc[0], cc[1]],
+        })
+    }
+}
+
+/// One iperf3 run's result (goodput NaN: not measured).
+#[derive(Clone, Copy)]
 pub(crate) struct Flow {
     mbps: f64,
     rtt_ms: f64,
     retransmits: u64,
+}
+
+impl Flow {
+    /// Goodput (inner TCP mean RTT, retransmits), or "not measured".
+    fn cell(&self) -> String {
+        if self.mbps.is_nan() {
+            "not measured".to_string()
+        } else {
+            format!(
+                "{:.1} ({:.0} ms, {} rtx)",
+                self.mbps, self.rtt_ms, self.retransmits
+            )
+        }
+    }
+}
+
+impl Default for Flow {
+    fn default() -> Flow {
+        Flow {
+            mbps: f64::NAN,
+            rtt_ms: f64::NAN,
+            retransmits: 0,
+        }
+    }
 }
 
 /// One stream backend -> `server` with the inner congestion control `cc`.
@@ -84,7 +140,7 @@ fn flow(client: &NetNs, server: &str, cc: &str, secs: u32) -> Flow {
         }
     }
     Flow {
-        rtt_ms: f64::NAN,
+        mbps: 0.0,
         ..Flow::default()
     }
 }
@@ -159,8 +215,71 @@ struct LossyRow {
     reconnects: Option<u64>,
 }
 
+/// The broker's view of the tunnel's QUIC path during one flow, sampled
+/// from its admin API (`path` of the session) twice a second: the outer
+/// congestion window and the datagrams queued in front of it, which show
+/// whether the tunnel held the inner TCP's packets back.
+#[derive(Default)]
+struct OuterPath {
+    cwnd_kib: Vec<u64>,
+    queued_kib: Vec<u64>,
+    sent: (u64, u64),
+    lost: (u64, u64),
+}
+
+impl OuterPath {
+    /// Samples until `stop` is set.
+    fn sample(topo: &Topology, stop: &AtomicBool) -> OuterPath {
+        let mut out = OuterPath::default();
+        let mut first = true;
+        while !stop.load(Ordering::Relaxed) {
+            let sessions = topo.admin_get("/v1/sessions");
+            if let Some(p) = sessions
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["local"] == true))
+                .map(|s| &s["path"])
+                .filter(|p| p.is_object())
+            {
+                let n = |k: &str| p[k].as_u64().unwrap_or(0);
+                out.cwnd_kib.push(n("cwnd_bytes") / 1024);
+                out.queued_kib.push(n("queued_bytes") / 1024);
+                if first {
+                    (out.sent.0, out.lost.0) = (n("sent_packets"), n("lost_packets"));
+                    first = false;
+                }
+                (out.sent.1, out.lost.1) = (n("sent_packets"), n("lost_packets"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        out
+    }
+
+    fn summary(&self) -> String {
+        let q = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            match v.len() {
+                0 => "-".to_string(),
+                n => format!("{}/{}/{}", v[0], v[n / 2], v[n - 1]),
+            }
+        };
+        let sent = self.sent.1 - self.sent.0;
+        let lost = self.lost.1 - self.lost.0;
+        format!(
+            "outer window KiB min/median/max {}, queued KiB {}, {} of {} packets lost ({:.2} %)",
+            q(&self.cwnd_kib),
+            q(&self.queued_kib),
+            lost,
+            sent,
+            lost as f64 * 100.0 / sent.max(1) as f64
+        )
+    }
+}
+
 /// Both inner congestion controls to `addr` over impairment `i` (already
-/// set on the link).
+/// set on the link). The broker's QUIC path is sampled during each flow and
+/// printed where there is one (tether over HTTP/3; every path polls the
+/// admin API alike).
 fn measure_one(
     topo: &Topology,
     wan: &ImpairedWan,
@@ -168,23 +287,40 @@ fn measure_one(
     addr: &str,
     secs: u32,
     applied: &mut Applied,
+    cells: Cells,
 ) -> [Flow; 2] {
     let _server = topo.site.spawn("iperf3", &["-s"], None).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let mut flows = [Flow::default(); 2];
-    for (f, cc) in flows.iter_mut().zip(INNER) {
-        *f = flow(&topo.backend, addr, cc, secs);
+    for ((f, cc), _) in flows
+        .iter_mut()
+        .zip(INNER)
+        .zip(cells.inner)
+        .filter(|(_, on)| *on)
+    {
+        let stop = AtomicBool::new(false);
+        let path = std::thread::scope(|s| {
+            let sampler = s.spawn(|| OuterPath::sample(topo, &stop));
+            *f = flow(&topo.backend, addr, cc, secs);
+            stop.store(true, Ordering::Relaxed);
+            sampler.join().unwrap_or_default()
+        });
+        if !path.cwnd_kib.is_empty() {
+            eprintln!("  {cc}: {}", path.summary());
+        }
     }
     let c = wan.counters();
     let c = [c.received, c.dropped, c.overflow, c.oversize];
     applied.add(i, c);
+    let shown: Vec<String> = INNER
+        .iter()
+        .zip(&flows)
+        .map(|(cc, f)| format!("{cc} {}", f.cell()))
+        .collect();
     eprintln!(
-        "  {}: bbr {:.1} Mbit/s (rtt {:.0} ms), cubic {:.1} Mbit/s (rtt {:.0} ms); link dropped {} of {} frames, {} overflow, {} oversize",
+        "  {}: {}; link dropped {} of {} frames, {} overflow, {} oversize",
         IMPAIRMENTS[i].label,
-        flows[0].mbps,
-        flows[0].rtt_ms,
-        flows[1].mbps,
-        flows[1].rtt_ms,
+        shown.join(", "),
         c[1],
         c[0],
         c[2],
@@ -201,11 +337,16 @@ fn measure(
     addr: &str,
     secs: u32,
     applied: &mut Applied,
+    cells: Cells,
 ) -> Vec<[Flow; 2]> {
     let mut out = Vec::new();
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        if !cells.impairments[i] {
+            out.push([Flow::default(); 2]);
+            continue;
+        }
         wan.set(imp.faults(), 7 + i as u64).unwrap();
-        out.push(measure_one(topo, wan, i, addr, secs, applied));
+        out.push(measure_one(topo, wan, i, addr, secs, applied, cells));
     }
     out
 }
@@ -235,10 +376,15 @@ fn tether(
     tag: &str,
     secs: u32,
     applied: &mut Applied,
+    cells: Cells,
 ) -> (Vec<[Flow; 2]>, u64) {
     let mut flows = Vec::new();
     let mut again = 0;
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        if !cells.impairments[i] {
+            flows.push([Flow::default(); 2]);
+            continue;
+        }
         wan.set(imp.faults(), 7 + i as u64).unwrap();
         let log = format!("lossy-{tag}-{i}.log");
         let started = Instant::now();
@@ -248,7 +394,7 @@ fn tether(
             "no packet through tether over {tag}:\n{}",
             read(&topo.path(&log))
         );
-        flows.push(measure_one(topo, wan, i, &addr, secs, applied));
+        flows.push(measure_one(topo, wan, i, &addr, secs, applied, cells));
         again += reconnects(&topo.path(&log));
         drop(agent);
     }
@@ -262,6 +408,7 @@ pub(crate) fn run(
     quincy_dir: Option<&std::path::Path>,
     secs: u32,
     only: &[String],
+    cells: Cells,
 ) {
     let want = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
     let mut wan = ImpairedWan::insert(topo).unwrap();
@@ -274,7 +421,7 @@ pub(crate) fn run(
 
     if want("h3") {
         eprintln!("tether (HTTP/3)");
-        let (flows, again) = tether(topo, &mut wan, &state, "h3", secs, &mut applied);
+        let (flows, again) = tether(topo, &mut wan, &state, "h3", secs, &mut applied, cells);
         rows.push(LossyRow {
             name: "tether (HTTP/3)",
             flows,
@@ -284,7 +431,7 @@ pub(crate) fn run(
     if want("h2") {
         eprintln!("tether (HTTP/2, UDP blocked)");
         topo.set_egress(Egress::TcpOnly).unwrap();
-        let (flows, again) = tether(topo, &mut wan, &state, "h2", secs, &mut applied);
+        let (flows, again) = tether(topo, &mut wan, &state, "h2", secs, &mut applied, cells);
         rows.push(LossyRow {
             name: "tether (HTTP/2)",
             flows,
@@ -297,7 +444,7 @@ pub(crate) fn run(
         open_raw_path(topo);
         rows.push(LossyRow {
             name: "raw routed path",
-            flows: measure(topo, &mut wan, SITE_LAN, secs, &mut applied),
+            flows: measure(topo, &mut wan, SITE_LAN, secs, &mut applied, cells),
             reconnects: None,
         });
     }
@@ -320,7 +467,7 @@ pub(crate) fn run(
         };
         eprintln!("{name}");
         let tunnel = WgTunnel::up(topo, name, program, extra);
-        let flows = measure(topo, &mut wan, WG_SITE, secs, &mut applied);
+        let flows = measure(topo, &mut wan, WG_SITE, secs, &mut applied, cells);
         drop(tunnel);
         rows.push(LossyRow {
             name: if name == "wggo" {
@@ -353,7 +500,7 @@ pub(crate) fn run(
                             continue;
                         }
                     };
-                    let flows = measure(topo, &mut wan, &tunnel.addr, secs, &mut applied);
+                    let flows = measure(topo, &mut wan, &tunnel.addr, secs, &mut applied, cells);
                     // quincy does not reconnect: a lost connection ends the
                     // client.
                     if tunnel.client.exited() || tunnel.server.exited() {
@@ -390,10 +537,7 @@ pub(crate) fn run(
         print!("{:<18}", r.name);
         for fl in &r.flows {
             for f in fl {
-                print!(
-                    " {:>30}",
-                    format!("{:.1} ({:.0} ms, {} rtx)", f.mbps, f.rtt_ms, f.retransmits)
-                );
+                print!(" {:>30}", f.cell());
             }
         }
         println!(
@@ -445,6 +589,9 @@ pub(crate) fn run(
         }
     }
     for (i, imp) in IMPAIRMENTS.iter().enumerate() {
+        if !cells.impairments[i] {
+            continue;
+        }
         let [rx, dropped, overflow, oversize] = applied.0[i];
         println!(
             "link at {}: {} of {} frames dropped at random ({:.2} %), {} overflow, {} oversize",

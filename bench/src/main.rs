@@ -86,6 +86,13 @@ struct Args {
     /// quincy-tls, quincy-noise).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// With --lossy: only these impairments (B = 1 % / 50 ms, C = 5 % /
+    /// 200 ms).
+    #[arg(long, value_delimiter = ',')]
+    lossy_path: Vec<String>,
+    /// With --lossy: only these inner congestion controls (bbr, cubic).
+    #[arg(long, value_delimiter = ',')]
+    inner: Vec<String>,
     /// Measure only where packets are lost inside tether under load: HTTP/3
     /// with 1 and 4 iperf3 streams each way, with the tunnelled TCP's
     /// retransmits and every drop counter along the path, this many rounds.
@@ -738,6 +745,10 @@ fn main() {
         return;
     }
     if args.lossy {
+        let cells = lossy::Cells::new(&args.lossy_path, &args.inner).unwrap_or_else(|e| {
+            eprintln!("tether-bench: {e}");
+            std::process::exit(2)
+        });
         let mut topo = Topology::new("").unwrap();
         lossy::run(
             &mut topo,
@@ -745,6 +756,7 @@ fn main() {
             args.quincy_dir.as_deref(),
             args.duration,
             &args.only,
+            cells,
         );
         return;
     }

@@ -315,7 +315,7 @@ async fn list_sessions(State(broker): State<Arc<Broker>>) -> Json<Vec<FleetSessi
         .all()
         .iter()
         .map(|s| FleetSession {
-            session: SessionDetail::Here(s.info()),
+            session: SessionDetail::Here(Box::new(s.info())),
             broker: here.clone(),
             local: true,
         })

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use tether_pki::{PeerCert, token};
-use tether_proto::api::SessionInfo;
+use tether_proto::api::{PathInfo, SessionInfo};
 use tether_proto::broker::{CloseReason, SessionId};
 use tether_proto::ids::{RegionId, SiteId};
 use tether_proto::send_queue::SendWait;
@@ -80,6 +80,25 @@ impl SessionLink {
         match self {
             SessionLink::H3 { conn, .. } => conn.rtt(),
             SessionLink::H2 { rtt_us, .. } => Duration::from_micros(rtt_us.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The QUIC path's state as this side sees it (HTTP/3 only).
+    pub fn path(&self) -> Option<PathInfo> {
+        match self {
+            SessionLink::H3 { conn, .. } => {
+                let p = conn.stats().path;
+                Some(PathInfo {
+                    min_rtt_ms: p.min_rtt.as_secs_f64() * 1000.0,
+                    cwnd_bytes: p.cwnd,
+                    sent_packets: p.sent_packets,
+                    lost_packets: p.lost_packets,
+                    queued_bytes: tether_shell::quic::DATAGRAM_SEND_BUFFER
+                        .saturating_sub(conn.datagram_send_buffer_space())
+                        as u64,
+                })
+            }
+            SessionLink::H2 { .. } => None,
         }
     }
 
@@ -227,6 +246,7 @@ impl Session {
                 .filter(|(_, n)| *n > 0)
                 .map(|(r, n)| (r.as_str().to_string(), n))
                 .collect(),
+            path: self.link.path(),
         }
     }
 }

@@ -271,7 +271,7 @@ impl FleetSession {
 #[serde(untagged)]
 pub enum SessionDetail {
     /// A session of this broker: everything.
-    Here(SessionInfo),
+    Here(Box<SessionInfo>),
     /// A session of another broker: its site and region.
     Elsewhere {
         /// The site.
@@ -427,6 +427,39 @@ pub struct SessionInfo {
     /// with drops).
     #[serde(default)]
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// The QUIC path under an HTTP/3 session as the broker's side sees it
+    /// (absent over HTTP/2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathInfo>,
+}
+
+/// Admin API: the QUIC path under a session, from the broker's side, which
+/// sends everything that goes to the site: how much it may have in flight,
+/// what it lost, and what waits in front of the congestion controller.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PathInfo {
+    /// The lowest round-trip time seen on the path, milliseconds.
+    pub min_rtt_ms: f64,
+    /// The congestion window: bytes the broker may have in flight.
+    pub cwnd_bytes: u64,
+    /// UDP packets sent to the site.
+    pub sent_packets: u64,
+    /// Of those, packets declared lost.
+    pub lost_packets: u64,
+    /// Bytes of the site's datagrams waiting to be sent, behind the
+    /// congestion window (bounded by the connection's datagram queue).
+    pub queued_bytes: u64,
+}
+
+impl PathInfo {
+    /// The share of sent packets lost, percent (0 before any was sent).
+    pub fn loss_percent(&self) -> f64 {
+        if self.sent_packets == 0 {
+            0.0
+        } else {
+            self.lost_packets as f64 * 100.0 / self.sent_packets as f64
+        }
+    }
 }
 
 /// Admin API: a gateway and the state of its tunnel.
@@ -687,9 +720,16 @@ mod tests {
             mtu: Some(1350),
             services: Vec::new(),
             drops: Default::default(),
+            path: Some(PathInfo {
+                min_rtt_ms: 1.2,
+                cwnd_bytes: 65_536,
+                sent_packets: 200,
+                lost_packets: 3,
+                queued_bytes: 2_800,
+            }),
         };
         let here = FleetSession {
-            session: SessionDetail::Here(info.clone()),
+            session: SessionDetail::Here(Box::new(info.clone())),
             broker: BrokerRef {
                 id: Some("a1".into()),
                 address: "192.0.2.1:443".into(),
@@ -703,6 +743,7 @@ mod tests {
         before["local"] = true.into();
         assert_eq!(json, before);
         assert_eq!(serde_json::from_value::<FleetSession>(json).unwrap(), here);
+        assert_eq!(info.path.unwrap().loss_percent(), 1.5);
         let there: FleetSession = serde_json::from_str(
             r#"{"site":"site-2","region":"eu","broker":{"id":"b2","address":"192.0.2.2:443"},"local":false}"#,
         )

@@ -430,6 +430,18 @@ pub fn trace_text(trace: &Trace) -> String {
                                 s.drops.iter().map(|(r, n)| format!("{r} {n}")).collect();
                             let _ = writeln!(out, "  drops     {}", drops.join(", "));
                         }
+                        if let Some(p) = &s.path {
+                            let _ = writeln!(
+                                out,
+                                "  path      min rtt {:.1} ms, window {} KiB, lost {} of {} packets ({:.2} %), {} KiB queued",
+                                p.min_rtt_ms,
+                                p.cwnd_bytes / 1024,
+                                p.lost_packets,
+                                p.sent_packets,
+                                p.loss_percent(),
+                                p.queued_bytes / 1024
+                            );
+                        }
                     }
                     (None, Some(g)) => {
                         let _ = writeln!(

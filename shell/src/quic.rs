@@ -246,9 +246,12 @@ impl DatagramReader {
 /// (Cubic, quinn's default) shrinks its window on every random loss of a
 /// lossy uplink as well: at 1 % loss and 50 ms it held the tunnel to about
 /// 3 Mbit/s where the same path without a tunnel carried 180, while
-/// datagrams queued in front of it. BBR paces at the bottleneck bandwidth
-/// it measures and bounds what is in flight by the measured bandwidth-delay
-/// product, which is what keeps queues short; its loss recovery
+/// datagrams queued in front of it. BBR bounds what is in flight by about
+/// twice its bandwidth estimate times the lowest RTT and paces at that
+/// window over the RTT (quinn's estimate is the highest rate seen between
+/// consecutive sends or ACKs, which batches and ACK bursts drive far above
+/// the path's rate: on the lossy paths of BENCHMARKS.md the window did not
+/// bind, and the inner traffic's own control set the rate); its loss recovery
 /// (packet conservation while any loss is outstanding) is what collapses
 /// it on random loss, so losses are not passed to it. Persistent
 /// congestion (everything lost for several round trips: an outage or a

@@ -490,10 +490,22 @@ async fn routes_filter_and_trace_explains_a_name() {
     let session = target.session.as_ref().expect("session shown");
     assert_eq!(session.transport, "h3");
     assert!(session.rtt_ms >= 0.0);
+    // The QUIC path under it, as the broker sends: packets went out (the
+    // handshake, the response, the address), a window to send in, and a
+    // queue within the connection's datagram buffer.
+    let path = session.path.expect("an HTTP/3 session shows its path");
+    assert!(path.sent_packets > 0, "{path:?}");
+    assert!(path.lost_packets <= path.sent_packets, "{path:?}");
+    assert!(path.cwnd_bytes >= 1200, "{path:?}");
+    assert!(
+        path.queued_bytes <= tether_shell::quic::DATAGRAM_SEND_BUFFER as u64,
+        "{path:?}"
+    );
     assert!(!v4.explanation.candidates.is_empty());
     let text = tether_shell::operator::trace_text(&trace);
     assert!(text.contains("via site hospital-a"), "{text}");
     assert!(text.contains("over h3"), "{text}");
+    assert!(text.contains("  path      min rtt "), "{text}");
     assert!(tether_shell::operator::trace_routed(&trace));
     drop(tunnel);
 }
