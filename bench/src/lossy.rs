@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tether_netns_tests::NetNs;
 use tether_netns_tests::topology::{Egress, SITE_LAN, Topology, read};
 use tether_netns_tests::wan::{Faults, ImpairedWan};
+use tether_proto::api::{FleetSession, PathInfo, SessionDetail};
 
 use crate::quincy::{Mode, Quincy, QuincyTunnel};
 use crate::{WG_SITE, WgTunnel, first_packet, open_raw_path};
@@ -221,57 +222,51 @@ struct LossyRow {
 /// whether the tunnel held the inner TCP's packets back.
 #[derive(Default)]
 struct OuterPath {
-    cwnd_kib: Vec<u64>,
-    queued_kib: Vec<u64>,
-    sent: (u64, u64),
-    lost: (u64, u64),
+    samples: Vec<PathInfo>,
 }
 
 impl OuterPath {
     /// Samples until `stop` is set.
     fn sample(topo: &Topology, stop: &AtomicBool) -> OuterPath {
         let mut out = OuterPath::default();
-        let mut first = true;
         while !stop.load(Ordering::Relaxed) {
-            let sessions = topo.admin_get("/v1/sessions");
-            if let Some(p) = sessions
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["local"] == true))
-                .map(|s| &s["path"])
-                .filter(|p| p.is_object())
-            {
-                let n = |k: &str| p[k].as_u64().unwrap_or(0);
-                out.cwnd_kib.push(n("cwnd_bytes") / 1024);
-                out.queued_kib.push(n("queued_bytes") / 1024);
-                if first {
-                    (out.sent.0, out.lost.0) = (n("sent_packets"), n("lost_packets"));
-                    first = false;
-                }
-                (out.sent.1, out.lost.1) = (n("sent_packets"), n("lost_packets"));
-            }
+            let sessions: Vec<FleetSession> =
+                serde_json::from_value(topo.admin_get("/v1/sessions")).unwrap_or_default();
+            out.samples
+                .extend(sessions.iter().find_map(|s| match &s.session {
+                    SessionDetail::Here(info) if s.local => info.path,
+                    _ => None,
+                }));
             std::thread::sleep(Duration::from_millis(500));
         }
         out
     }
 
     fn summary(&self) -> String {
-        let q = |v: &[u64]| {
-            let mut v = v.to_vec();
+        let q = |f: fn(&PathInfo) -> u64| {
+            let mut v: Vec<u64> = self.samples.iter().map(|p| f(p) / 1024).collect();
             v.sort_unstable();
             match v.len() {
                 0 => "-".to_string(),
                 n => format!("{}/{}/{}", v[0], v[n / 2], v[n - 1]),
             }
         };
-        let sent = self.sent.1 - self.sent.0;
-        let lost = self.lost.1 - self.lost.0;
+        // Sent and lost during the flow: the last sample less the first.
+        let during = match (self.samples.first(), self.samples.last()) {
+            (Some(a), Some(b)) => PathInfo {
+                sent_packets: b.sent_packets - a.sent_packets,
+                lost_packets: b.lost_packets - a.lost_packets,
+                ..*b
+            },
+            _ => return "no sample".to_string(),
+        };
         format!(
             "outer window KiB min/median/max {}, queued KiB {}, {} of {} packets lost ({:.2} %)",
-            q(&self.cwnd_kib),
-            q(&self.queued_kib),
-            lost,
-            sent,
-            lost as f64 * 100.0 / sent.max(1) as f64
+            q(|p| p.cwnd_bytes),
+            q(|p| p.queued_bytes),
+            during.lost_packets,
+            during.sent_packets,
+            during.loss_percent()
         )
     }
 }
@@ -305,7 +300,7 @@ fn measure_one(
             stop.store(true, Ordering::Relaxed);
             sampler.join().unwrap_or_default()
         });
-        if !path.cwnd_kib.is_empty() {
+        if !path.samples.is_empty() {
             eprintln!("  {cc}: {}", path.summary());
         }
     }
