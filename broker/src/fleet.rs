@@ -161,6 +161,12 @@ impl FleetHandle {
             .is_ok_and(|f| f.lease_held(Instant::now()))
     }
 
+    /// Whether etcd renewed this broker's current lease at least once: the
+    /// lease's keep-alive stream is open and answered.
+    pub fn lease_renewed(&self) -> bool {
+        self.fleet.lock().is_ok_and(|f| f.last_renewal().is_some())
+    }
+
     /// Whether `site`, connecting while etcd cannot be reached, may be
     /// served here from this broker's last view of the fleet, with `peers`
     /// what the broker-to-broker link says of the other brokers

@@ -248,6 +248,9 @@ pub struct Fleet {
     /// Until when the store lease is surely alive (`None` before the
     /// first grant).
     held_until: Option<Instant>,
+    /// When the newest renewal of the current lease the store answered
+    /// was asked (`None` until one was, again after each grant).
+    renewed_at: Option<Instant>,
     fenced: bool,
 }
 
@@ -264,6 +267,7 @@ impl Fleet {
             version: 0,
             generation: 0,
             held_until: None,
+            renewed_at: None,
             fenced: false,
         }
     }
@@ -273,6 +277,7 @@ impl Fleet {
     pub fn handle_granted(&mut self, asked_at: Instant, ttl: Duration) {
         self.fenced = false;
         self.held_until = Some(asked_at + ttl);
+        self.renewed_at = None;
     }
 
     /// The store renewed the lease for `ttl`, on a request sent at
@@ -284,6 +289,14 @@ impl Fleet {
         }
         let until = asked_at + ttl;
         self.held_until = Some(self.held_until.map_or(until, |t| t.max(until)));
+        self.renewed_at = Some(self.renewed_at.map_or(asked_at, |t| t.max(asked_at)));
+    }
+
+    /// When the newest renewal of the current lease that the store
+    /// answered was asked: `None` before the first one after a grant (the
+    /// lease is not yet kept alive), and while fenced.
+    pub fn last_renewal(&self) -> Option<Instant> {
+        if self.fenced { None } else { self.renewed_at }
     }
 
     /// This broker's lease is lost for sure (the store said it expired).
@@ -968,6 +981,7 @@ mod tests {
         let mut f = Fleet::new("a".into());
         assert!(f.poll(t0 + ttl * 10).is_empty(), "no lease, no fence");
         f.handle_granted(t0, ttl);
+        assert_eq!(f.last_renewal(), None, "granted, not yet renewed");
         f.handle_claim(site("s1"));
         f.handle_claimed(&site("s1"), 3);
         f.handle_claim(site("s2"));
@@ -976,6 +990,7 @@ mod tests {
         // A late answer to an older renewal does not shorten it.
         f.handle_renewed(t0 + Duration::from_secs(1), ttl);
         assert_eq!(f.lease_deadline(), Some(t0 + Duration::from_secs(7)));
+        assert_eq!(f.last_renewal(), Some(t0 + Duration::from_secs(2)));
         assert!(f.poll(t0 + Duration::from_millis(6999)).is_empty());
         assert!(!f.is_fenced());
         assert_eq!(
@@ -992,6 +1007,7 @@ mod tests {
         // A renewal of the lost lease answered late does not end the fence.
         f.handle_renewed(t0 + Duration::from_secs(6), ttl);
         assert!(f.is_fenced());
+        assert_eq!(f.last_renewal(), None, "fenced");
         // A session that opens while fenced is not moved again.
         f.handle_claim(site("s3"));
         assert!(f.poll(t0 + Duration::from_secs(9)).is_empty());
@@ -1000,6 +1016,7 @@ mod tests {
         f.handle_granted(t1, ttl);
         assert!(!f.is_fenced());
         assert_eq!(f.lease_deadline(), Some(t1 + ttl));
+        assert_eq!(f.last_renewal(), None, "a new lease is not yet renewed");
         assert_eq!(
             f.poll(t1 + ttl),
             vec![Decision::MoveSites(vec![site("s2"), site("s3")])]
