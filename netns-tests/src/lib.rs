@@ -2,7 +2,8 @@
 //!
 //! This library is the harness: [`NetNs`] creates a uniquely named namespace
 //! and removes it on drop — also when the test panics — after killing every
-//! process still inside; [`Proc`] kills its process on drop; [`link`] joins two
+//! process still inside (and, before a process's first namespace, those an
+//! earlier run left behind when it was killed: [`sweep_stale`]); [`Proc`] kills its process on drop; [`link`] joins two
 //! namespaces with a veth pair created inside them, so parallel tests never
 //! collide on interface names. All traffic stays inside the test's own
 //! namespaces.
@@ -62,6 +63,10 @@ pub struct NetNs {
 impl NetNs {
     /// Creates `tt-<role>-<pid>-<n>` with loopback up.
     pub fn new(role: &str) -> io::Result<Self> {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            sweep_stale();
+        });
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("tt-{role}-{}-{n}", std::process::id());
         run("ip", &["netns", "add", &name])?;
@@ -157,24 +162,61 @@ impl Proc {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        // Kill what still runs inside, then delete the namespace.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+        remove_netns(&self.name);
+    }
+}
+
+/// Kills every process still inside namespace `name`, then deletes it.
+fn remove_netns(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+}
+
+/// The process that created namespace `name`, if it is one of this
+/// harness's (`tt-<role>-<pid>-<n>`).
+pub fn netns_owner(name: &str) -> Option<u32> {
+    let mut parts = name.strip_prefix("tt-")?.rsplitn(3, '-');
+    parts.next()?.parse::<usize>().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next().filter(|role| !role.is_empty())?;
+    Some(pid)
+}
+
+/// Removes the namespaces of this harness whose creating process is gone
+/// (a test run killed with SIGKILL, or stopped with Ctrl-C, drops
+/// nothing), with the processes still running inside them (brokers,
+/// agents, etcd, iperf3 of that run, which would otherwise keep running
+/// and skew every later measurement). Returns the names removed. Runs once
+/// per process before its first namespace; a namespace of a live process
+/// (another test binary running now) is left alone.
+pub fn sweep_stale() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(owner) = netns_owner(name) else {
+            continue;
+        };
+        if owner == std::process::id() || std::path::Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        remove_netns(name);
+        removed.push(name.to_string());
+    }
+    removed
 }
 
 /// Whether a namespace of this name exists.
