@@ -31,6 +31,8 @@ use crate::{WG_SITE, WgTunnel, first_packet, open_raw_path};
 /// One impairment of the WAN link, per direction.
 #[derive(Clone, Copy)]
 pub(crate) struct Impairment {
+    /// What `--lossy-path` calls it.
+    pub(crate) name: &'static str,
     pub(crate) label: &'static str,
     pub(crate) loss_percent: f64,
     pub(crate) one_way: Duration,
@@ -49,11 +51,13 @@ impl Impairment {
 /// The paths of the issue: 1 % loss at 50 ms RTT, 5 % at 200 ms.
 pub(crate) const IMPAIRMENTS: [Impairment; 2] = [
     Impairment {
+        name: "B",
         label: "1% / 50 ms",
         loss_percent: 1.0,
         one_way: Duration::from_millis(25),
     },
     Impairment {
+        name: "C",
         label: "5% / 200 ms",
         loss_percent: 5.0,
         one_way: Duration::from_millis(100),
@@ -72,24 +76,20 @@ pub(crate) struct Cells {
 }
 
 impl Cells {
-    /// From the names given (`B`/`C`, `bbr`/`cubic`); empty means all.
+    /// From the names given (an impairment's [`Impairment::name`],
+    /// `bbr`/`cubic`); empty means all.
     pub(crate) fn new(paths: &[String], inner: &[String]) -> Result<Cells, String> {
-        let pick = |given: &[String], names: &[&str]| -> Result<Vec<bool>, String> {
+        fn pick<const N: usize>(given: &[String], names: [&str; N]) -> Result<[bool; N], String> {
             for g in given {
                 if !names.iter().any(|n| n.eq_ignore_ascii_case(g)) {
                     return Err(format!("unknown {g:?}: one of {}", names.join(", ")));
                 }
             }
-            Ok(names
-                .iter()
-                .map(|n| given.is_empty() || given.iter().any(|g| n.eq_ignore_ascii_case(g)))
-                .collect())
-        };
-        let imp = pick(paths, &["B", "C"])?;
-        let cc = pick(inner, &INNER)?;
+            Ok(names.map(|n| given.is_empty() || given.iter().any(|g| n.eq_ignore_ascii_case(g))))
+        }
         Ok(Cells {
-            impairments: [imp[0], imp[1]],
-            inner: [cc[0], cc[1]],
+            impairments: pick(paths, IMPAIRMENTS.map(|i| i.name))?,
+            inner: pick(inner, INNER)?,
         })
     }
 }
@@ -597,5 +597,23 @@ pub(crate) fn run(
             overflow,
             oversize
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cells are picked by the impairments' and controls' own names, in
+    /// either case; nothing given picks all; an unknown name is refused
+    /// with the names there are.
+    #[test]
+    fn cells_are_picked_by_name() {
+        let c = Cells::new(&["c".into()], &[]).unwrap();
+        assert_eq!((c.impairments, c.inner), ([false, true], [true, true]));
+        let c = Cells::new(&[], &["CUBIC".into()]).unwrap();
+        assert_eq!((c.impairments, c.inner), ([true, true], [false, true]));
+        let e = Cells::new(&["D".into()], &[]).err().unwrap();
+        assert!(e.contains("one of B, C"), "{e}");
     }
 }
