@@ -6,7 +6,7 @@
 #[path = "../../broker/src/store/etcd_server.rs"]
 mod server;
 
-pub use server::{EtcdServer, Gate};
+pub use server::{EtcdServer, Gate, free_port};
 
 /// A real etcd for one test (`None`: etcd is not installed and the test
 /// is skipped, as [`EtcdServer::start`] decides).

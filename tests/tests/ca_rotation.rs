@@ -13,9 +13,6 @@
 //! site certificates about to expire reads right after an issue.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -851,7 +848,7 @@ async fn across(ta: &Tunnel, tb: &Tunnel, seq: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_on_one_broker_reaches_the_other_broker_sharing_etcd() {
-    let Some(server) = tokio::task::spawn_blocking(|| etcd_server::EtcdServer::start(false))
+    let Some(server) = tokio::task::spawn_blocking(|| tether_tests::etcd::EtcdServer::start(false))
         .await
         .unwrap()
     else {
@@ -1233,7 +1230,7 @@ async fn a_site_on_http2_stays_connected_through_a_full_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retirement_on_one_broker_reaches_the_other_broker_sharing_etcd() {
     const LIFETIME: Duration = Duration::from_secs(10);
-    let Some(server) = tokio::task::spawn_blocking(|| etcd_server::EtcdServer::start(false))
+    let Some(server) = tokio::task::spawn_blocking(|| tether_tests::etcd::EtcdServer::start(false))
         .await
         .unwrap()
     else {

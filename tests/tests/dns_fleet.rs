@@ -16,13 +16,9 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tether::dial::Target;
@@ -33,6 +29,7 @@ use tether_proto::dns::Service;
 use tether_proto::tunnel::Transport;
 use tether_shell::quic::transport_config;
 use tether_tests::child_broker::{ChildBroker, data_dir_with_ca, serve_child};
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{TestBroker, TestSite};
 
 /// Deadline of the test body.

@@ -9,16 +9,13 @@
 //! of a deployment do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use tether_proto::fleet::Readmit;
 use tether_proto::ids::SiteId;
 use tether_tests::child_broker::data_dir_with_ca;
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{TestBroker, TestSite, Tunnel, connect_trusting, v4};
 
 /// Deadline of the test body.

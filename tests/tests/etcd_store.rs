@@ -4,16 +4,13 @@
 //! on a current-thread runtime: the etcd store must not nest runtimes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use tether_broker::store::{EtcdStore, Store, StoreEvent};
 use tether_pki::Revoked;
 use tether_proto::ip::Packet;
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{TestBroker, TestSite, Tunnel, connect, ping, tunnel_for, v4};
 
 /// Deadline of the test body.

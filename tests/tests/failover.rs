@@ -30,15 +30,11 @@
 //! instead, and only the heartbeat can tell.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use tether::dial::Target;
 use tether::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
 use tether::proxy::Proxy;
@@ -51,6 +47,7 @@ use tether_proto::datagram::{self, Payload};
 use tether_proto::net::Family;
 use tether_proto::tunnel::Transport;
 use tether_tests::child_broker::{ChildBroker, child_config};
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{TestBroker, ping};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};

@@ -18,14 +18,10 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use tether::link::{BrokerConn, Dialer, TunnelLink};
 use tether::state_dir::StateDir;
 use tether_config::client::ClientFile;
@@ -35,6 +31,7 @@ use tether_proto::ip::Packet;
 use tether_proto::net::Family;
 use tether_proto::tunnel::Transport;
 use tether_tests::child_broker::{ChildBroker, serve_child};
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{TestBroker, TestSite, ping, tunnel_for, v4};
 
 /// Deadline of the test body.

@@ -16,16 +16,13 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_server::EtcdServer;
 use tether_proto::fleet::Member;
 use tether_tests::child_broker::data_dir_with_ca;
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{
     TestBroker, TestSite, deliver, metric_in, ping, tunnel_for, v4, wait_for_remote_route,
 };

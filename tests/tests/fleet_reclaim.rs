@@ -25,13 +25,10 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::time::{Duration, Instant};
 
-use etcd_server::{EtcdServer, Gate};
 use tether_tests::child_broker::data_dir_with_ca;
+use tether_tests::etcd::{EtcdServer, Gate, gated_toml};
 use tether_tests::{TestBroker, TestSite, metric, tunnel_for};
 
 /// Deadline of the test body.
@@ -39,15 +36,6 @@ const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
 /// How often the owner record is read while A comes back.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
-
-/// The configuration of a broker reaching `server` at `url` (its gate),
-/// with a store timeout of one second.
-fn gated_toml(server: &EtcdServer, url: &str, prefix: &str) -> String {
-    format!(
-        "{}[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [{url:?}]\nprefix = {prefix:?}\ntimeout = \"1s\"\n",
-        server.ca_toml()
-    )
-}
 
 /// etcd's owner record of a site: the broker id it names and the
 /// revision it was written at; None while there is none.

@@ -19,15 +19,12 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use serde_json::Value;
 use tether_tests::child_broker::{ChildBroker, serve_child};
+use tether_tests::etcd::EtcdServer;
 use tether_tests::{
     TestBroker, TestSite, Tunnel, binary, connect_trusting, tunnel_for, v4, wait_for_remote_route,
 };

@@ -12,17 +12,14 @@
 //! missing key-encryption key) end with a non-zero exit and the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/src/store/etcd_server.rs"]
-mod etcd_server;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use etcd_server::EtcdServer;
 use tether::state_dir::StateDir;
 use tether_broker::store::{EMBEDDED_FILE, EtcdStore};
 use tether_config::broker::DEFAULT_KEK_FILE;
+use tether_tests::etcd::EtcdServer;
 use tether_tests::real_broker::{
     Output, RealBroker, broker_command, run_bounded, tunnel_at, write_config,
     write_config_listening,
@@ -334,7 +331,7 @@ async fn store_migrate_says_what_is_wrong_and_exits_non_zero() {
     let kek = data.join(DEFAULT_KEK_FILE);
 
     // etcd unreachable: a loopback port nothing listens on.
-    let nobody = format!("http://127.0.0.1:{}", etcd_server::free_port());
+    let nobody = format!("http://127.0.0.1:{}", tether_tests::etcd::free_port());
     let unreachable = dir.path().join("unreachable");
     std::fs::create_dir(&unreachable).unwrap();
     let config = write_config(&unreachable, &data, &etcd_tables(&kek, &nobody, "2s"));
