@@ -389,6 +389,16 @@ fn tether(
             "no packet through tether over {tag}:\n{}",
             read(&topo.path(&log))
         );
+        // The packet size inside, to compare with the baselines' (--wg-mtu).
+        let link = topo
+            .site
+            .transcript("ip", &["-o", "link", "show", "tether0"]);
+        let mtu = link
+            .split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .unwrap_or("unknown");
+        eprintln!("  tether over {tag}: device MTU {mtu}");
         flows.push(measure_one(topo, wan, i, &addr, secs, applied, cells));
         again += reconnects(&topo.path(&log));
         drop(agent);
@@ -404,6 +414,7 @@ pub(crate) fn run(
     secs: u32,
     only: &[String],
     cells: Cells,
+    wg_mtu: u16,
 ) {
     let want = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
     let mut wan = ImpairedWan::insert(topo).unwrap();
@@ -461,7 +472,7 @@ pub(crate) fn run(
             continue;
         };
         eprintln!("{name}");
-        let tunnel = WgTunnel::up(topo, name, program, extra);
+        let tunnel = WgTunnel::up(topo, name, program, extra, wg_mtu);
         let flows = measure(topo, &mut wan, WG_SITE, secs, &mut applied, cells);
         drop(tunnel);
         rows.push(LossyRow {

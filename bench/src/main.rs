@@ -93,6 +93,12 @@ struct Args {
     /// With --lossy: only these inner congestion controls (bbr, cubic).
     #[arg(long, value_delimiter = ',')]
     inner: Vec<String>,
+    /// With --lossy: the MTU of the WireGuard baselines' interfaces (1420,
+    /// WireGuard's usual: a 1500-byte path less its overhead over IPv6).
+    /// The tether row prints its own device's MTU; this gives the
+    /// baselines the same packet size inside, to compare at equal MTU.
+    #[arg(long, default_value_t = WG_MTU)]
+    wg_mtu: u16,
     /// Measure only where packets are lost inside tether under load: HTTP/3
     /// with 1 and 4 iperf3 streams each way, with the tunnelled TCP's
     /// retransmits and every drop counter along the path, this many rounds.
@@ -473,10 +479,21 @@ pub(crate) struct WgTunnel<'a> {
 /// The site's address inside a WireGuard baseline tunnel.
 pub(crate) const WG_SITE: &str = "10.99.0.2";
 
+/// The MTU of a WireGuard baseline's interfaces, unless told otherwise.
+pub(crate) const WG_MTU: u16 = 1420;
+
 impl<'a> WgTunnel<'a> {
     /// Starts `program args... <name>-c` on the cloud host and
-    /// `program args... <name>-s` on the site, on the broker's UDP 443.
-    pub(crate) fn up(topo: &'a Topology, name: &str, program: &str, extra: &[&str]) -> Self {
+    /// `program args... <name>-s` on the site, on the broker's UDP 443,
+    /// their interfaces at `mtu`.
+    pub(crate) fn up(
+        topo: &'a Topology,
+        name: &str,
+        program: &str,
+        extra: &[&str],
+        mtu: u16,
+    ) -> Self {
+        let mtu = mtu.to_string();
         let (site_if, cloud_if) = (format!("{name}-s"), format!("{name}-c"));
         let socket = |i: &str| PathBuf::from(format!("/var/run/wireguard/{i}.sock"));
         // UAPI sockets live in the shared filesystem: clear leftovers of an
@@ -525,7 +542,7 @@ impl<'a> WgTunnel<'a> {
             .run("ip", &["addr", "add", "10.99.0.1/24", "dev", &cloud_if])
             .unwrap();
         topo.cloud
-            .run("ip", &["link", "set", &cloud_if, "mtu", "1420", "up"])
+            .run("ip", &["link", "set", &cloud_if, "mtu", &mtu, "up"])
             .unwrap();
         topo.backend
             .run(
@@ -566,7 +583,7 @@ impl<'a> WgTunnel<'a> {
                 .run("ip", &["addr", "add", &allowed_site, "dev", &site_if])
                 .unwrap();
             topo.site
-                .run("ip", &["link", "set", &site_if, "mtu", "1420", "up"])
+                .run("ip", &["link", "set", &site_if, "mtu", &mtu, "up"])
                 .unwrap();
             topo.site
                 .run("ip", &["route", "add", "10.99.0.0/24", "dev", &site_if])
@@ -603,7 +620,7 @@ impl Drop for WgTunnel<'_> {
 
 /// The WireGuard baseline `name` measured like tether.
 fn wireguard(topo: &Topology, name: &'static str, program: &str, extra: &[&str], secs: u32) -> Row {
-    let tunnel = WgTunnel::up(topo, name, program, extra);
+    let tunnel = WgTunnel::up(topo, name, program, extra, WG_MTU);
     let [cloud, site] = tunnel.pids();
     measure_procs(
         topo,
@@ -757,6 +774,7 @@ fn main() {
             args.duration,
             &args.only,
             cells,
+            args.wg_mtu,
         );
         return;
     }
