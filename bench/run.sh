@@ -5,7 +5,7 @@
 #
 #   bench/run.sh [--duration SECONDS] [--sites N]
 #   bench/run.sh --lossy [--only h3,h2,raw,boringtun,wggo,quincy-tls,quincy-noise]
-#                        [--lossy-path B,C] [--inner bbr,cubic]
+#                        [--lossy-path B,C] [--inner bbr,cubic] [--wg-mtu BYTES]
 #   bench/run.sh --drops ROUNDS [--drops-via-gateway] [--duration SECONDS]
 #   bench/run.sh --storm SITES [--rounds N] [--keepalive S]
 #   bench/run.sh --agents N [--rounds R] [--gap S] [--keepalive S]
@@ -20,7 +20,9 @@
 # no netem), one iperf3 stream with BBR and one with Cubic inside; for
 # tether over HTTP/3 also the broker's side of the QUIC path during each
 # stream (outer congestion window, datagrams queued in front of it, loss),
-# sampled from the admin API. --lossy-path and --inner pick cells.
+# sampled from the admin API. --lossy-path and --inner pick cells; --wg-mtu
+# sets the WireGuard baselines' MTU (default 1420) to compare at the packet
+# size of tether's device, which the run prints.
 # --drops measures where packets are lost inside tether under load: 1 and 4
 # iperf3 streams each way over HTTP/3, with the tunnelled TCP's retransmits
 # and every drop counter on the way (broker drop reasons, the tunnel

@@ -7,7 +7,7 @@
 //!
 //! - iperf3 TCP throughput, 1 stream each way and 4 streams;
 //! - ping round-trip p50 and p99 (`--ping` alone: with the tunnel ends'
-//!   context switches per ping);
+//!   context switches and CPU time per ping);
 //! - connect-to-first-packet: from starting the agent until a packet gets
 //!   through;
 //! - CPU seconds per GB moved over the 1-stream backend -> site run: the
@@ -158,8 +158,8 @@ struct Args {
     #[arg(long)]
     first_packet: Option<usize>,
     /// Measure only ping through the tunnel, this many rounds of 300, with
-    /// the agent's and the broker's context switches per ping, then as many
-    /// rounds over the raw routed path.
+    /// the agent's and the broker's context switches and CPU time per ping,
+    /// then as many rounds over the raw routed path.
     #[arg(long)]
     ping: Option<usize>,
     /// With --first-packet: the agent's RUST_LOG.
