@@ -3,10 +3,10 @@
 //! This library is the harness: [`NetNs`] creates a uniquely named namespace
 //! and removes it on drop — also when the test panics — after killing every
 //! process still inside (and, before a process's first namespace, those an
-//! earlier run left behind when it was killed: [`sweep_stale`]); [`Proc`] kills its process on drop; [`link`] joins two
-//! namespaces with a veth pair created inside them, so parallel tests never
-//! collide on interface names. All traffic stays inside the test's own
-//! namespaces.
+//! earlier run left behind when it was killed: [`sweep_stale`]); [`Proc`]
+//! kills its process on drop; [`link`] joins two namespaces with a veth pair
+//! created inside them, so parallel tests never collide on interface names.
+//! All traffic stays inside the test's own namespaces.
 
 pub mod browser;
 pub mod cluster;
