@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs tether's fuzz targets (cargo-fuzz, libFuzzer) one after another, each
 # for DURATION seconds, starting from the committed seed corpus, and prints a
-# table of CPU time, executions and crashes per target. Exits non-zero when
-# a target crashed (the input that crashed is in fuzz/artifacts/TARGET/).
+# table of CPU time, executions and crashes per target. Exits 1 when a
+# target crashed (the input that crashed is in fuzz/artifacts/TARGET/), and
+# 130 when it was stopped with SIGINT (Ctrl-C): the target being fuzzed then
+# counts as interrupted, not crashed, the table holds what ran, and the
+# targets after it are not started.
 #
 #   fuzz/run.sh [DURATION] [TARGET...]
 #
@@ -50,6 +53,7 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 failed=()
+stopped=0
 for target in "${targets[@]}"; do
   mkdir -p "work/$target" "corpus/$target"
   log="work/$target.log"
@@ -94,13 +98,20 @@ for target in "${targets[@]}"; do
   execs=$execs_total
   cov=$(awk '{ for (i = 1; i < NF; i++) if ($i == "cov:") c = $(i + 1) } END { print c }' "$log")
   crashes=0
-  if [ "$status" -ne 0 ]; then
+  if [ "$status" -ne 0 ] && grep -q "libFuzzer: run interrupted" "$log"; then
+    # SIGINT reached the fuzzer (libFuzzer's status 72): stopped, no crash.
+    stopped=1
+    echo "   interrupted: stopped with SIGINT, no crash" >&2
+  elif [ "$status" -ne 0 ]; then
     crashes=1
     failed+=("$target")
     echo "   CRASH: see fuzz/$log and fuzz/artifacts/$target/" >&2
     grep -E "panicked at|ERROR: AddressSanitizer|ERROR: libFuzzer|SUMMARY" "$log" | head -5 >&2 || true
   fi
   printf '| %s | %s | %s | %s | %s | %s |\n' "$target" "$wall" "$cpu" "${execs:-?}" "${cov:-?}" "$crashes" >>"$report"
+  if [ "$stopped" = 1 ]; then
+    break
+  fi
 done
 
 echo
@@ -110,4 +121,8 @@ cat "$report"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "crashed: ${failed[*]}" >&2
   exit 1
+fi
+if [ "$stopped" = 1 ]; then
+  echo "stopped with SIGINT before the end" >&2
+  exit 130
 fi
