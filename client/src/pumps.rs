@@ -75,7 +75,6 @@ pub fn start_inbound(
     link: &TunnelLink,
     lan: &Arc<LanPath>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let offload = tun.offload;
     let TunnelLink::H3 {
         conn, stream_id, ..
     } = link.clone()
@@ -84,6 +83,7 @@ pub fn start_inbound(
     };
     let inbound = {
         let (dev, lan) = (tun.dev.clone(), lan.clone());
+        let mut batch = tun.write_batch();
         let drops = TunnelDrops::default();
         tokio::spawn(async move {
             // Datagrams that arrived together are written together: with
@@ -92,7 +92,6 @@ pub fn start_inbound(
             // kernel hands the receiving application one packet where it
             // would have handled dozens. The buffers are sized for a
             // coalesced 64 KiB segment and kept across batches.
-            let mut batch = tether_shell::tun::DeviceBatch::new(offload);
             let mut scratch = Vec::new();
             let mut reader = tether_shell::quic::DatagramReader::new(conn);
             let mut datagrams = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);

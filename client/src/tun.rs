@@ -8,8 +8,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::proto::ConnectionHandle;
+use rtnetlink::sys::SocketAddr;
 
 /// The site's TUN device.
 pub struct Tun {
@@ -20,10 +28,15 @@ pub struct Tun {
     pub offload: bool,
     name: String,
     index: u32,
-    netlink: rtnetlink::Handle,
+    netlink: ConnectionHandle<RouteNetlinkMessage>,
     addresses: Vec<IpNet>,
     routes: Vec<IpNet>,
     mtu: u16,
+    /// Buffers for the first pump that writes to the device, made with
+    /// the device: allocating them (a quarter of a megabyte of GRO tables,
+    /// a page fault per allocation) is then off a session's way to its
+    /// first packet when the device is made ahead.
+    spare_batch: std::sync::Mutex<Option<tether_shell::tun::DeviceBatch>>,
 }
 
 impl std::fmt::Debug for Tun {
@@ -58,7 +71,12 @@ impl Tun {
             ),
         };
         let index = dev.if_index().context("tunnel device has no index")?;
-        let (conn, netlink, _) = rtnetlink::new_connection().context("cannot open netlink")?;
+        let (mut conn, netlink, _) =
+            rtnetlink::proto::new_connection(rtnetlink::sys::protocols::NETLINK_ROUTE)
+                .context("cannot open netlink")?;
+        // Every acknowledgement reaches the request, so each route of a
+        // batch gets its own answer.
+        conn.set_forward_ack(true);
         tokio::spawn(conn);
         Ok(Self {
             dev: Arc::new(dev),
@@ -69,12 +87,23 @@ impl Tun {
             addresses: Vec::new(),
             routes: Vec::new(),
             mtu,
+            spare_batch: std::sync::Mutex::new(Some(tether_shell::tun::DeviceBatch::new(offload))),
         })
     }
 
     /// The device name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Buffers for writing to the device in batches: the ones made with
+    /// the device the first time, new ones after.
+    pub fn write_batch(&self) -> tether_shell::tun::DeviceBatch {
+        self.spare_batch
+            .lock()
+            .ok()
+            .and_then(|mut spare| spare.take())
+            .unwrap_or_else(|| tether_shell::tun::DeviceBatch::new(self.offload))
     }
 
     /// The current MTU.
@@ -131,31 +160,65 @@ impl Tun {
             .iter()
             .copied()
             .partition(|r| !avoid.iter().any(|a| r.contains(a)));
-        // The requests go out together, each answered on its own sequence
-        // number: one wait for the kernel instead of one per route (a
-        // session's first routes are on the way to its first packet).
-        let removed = self
+        // One batch, one write: the kernel applies the messages in order
+        // and acknowledges each, so the whole change costs one wait for the
+        // kernel (a session's first routes are on the way to its first
+        // packet). Separate requests would each wait for the connection's
+        // next turn: netlink-proto sends one request per wake-up.
+        let removed: Vec<IpNet> = self
             .routes
             .iter()
+            .copied()
             .filter(|old| !wanted.contains(old))
-            .map(|old| self.netlink.route().del(self.message(*old)).execute());
-        futures_util::future::join_all(removed).await;
-        let this = &*self;
-        let added = wanted.iter().map(|route| async move {
-            this.netlink
-                .route()
-                .add(this.message(*route))
-                .replace()
-                .execute()
-                .await
-                .with_context(|| format!("cannot add the route {route} via {}", this.name))
-        });
-        futures_util::future::try_join_all(added).await?;
+            .collect();
+        // Each change with the route it adds (`None` for a removal).
+        let mut changes = Vec::with_capacity(removed.len() + wanted.len());
+        for old in &removed {
+            let message = RouteNetlinkMessage::DelRoute(self.message(*old));
+            changes.push((None, request(message, NLM_F_REQUEST | NLM_F_ACK)));
+        }
+        for new in &wanted {
+            let message = RouteNetlinkMessage::NewRoute(self.message(*new));
+            let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE;
+            changes.push((Some(*new), request(message, flags)));
+        }
+        // A batch is one datagram: bounded well below the socket's send
+        // buffer.
+        for chunk in changes.chunks(ROUTE_BATCH) {
+            let mut answers = self
+                .netlink
+                .request_batch(chunk.iter().map(|(_, m)| m.clone()), SocketAddr::new(0, 0))
+                .context("the netlink connection is closed")?;
+            // One acknowledgement per message, in the order sent. A route
+            // that was already gone is not an error; one that cannot be
+            // added is.
+            let mut answered = 0;
+            while let Some(answer) = answers.next().await {
+                let NetlinkPayload::Error(e) = answer.payload else {
+                    continue;
+                };
+                if e.code.is_some()
+                    && let Some((Some(route), _)) = chunk.get(answered)
+                {
+                    return Err(e.to_io()).with_context(|| {
+                        format!("cannot add the route {route} via {}", self.name)
+                    });
+                }
+                answered += 1;
+            }
+            if answered < chunk.len() {
+                anyhow::bail!(
+                    "netlink answered {answered} of {} route changes via {}",
+                    chunk.len(),
+                    self.name
+                );
+            }
+        }
         self.routes = wanted;
         Ok(skipped)
     }
 
-    fn message(&self, prefix: IpNet) -> netlink_route_message::RouteMessage {
+    fn message(&self, prefix: IpNet) -> RouteMessage {
         match prefix {
             IpNet::V4(p) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(p.network(), p.prefix_len())
@@ -169,6 +232,113 @@ impl Tun {
     }
 }
 
-mod netlink_route_message {
-    pub use rtnetlink::packet_route::route::RouteMessage;
+/// Route changes sent to the kernel in one datagram (about 60 bytes each).
+const ROUTE_BATCH: usize = 256;
+
+/// A netlink request of `message` with `flags`.
+fn request(message: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut request = NetlinkMessage::from(message);
+    request.header.flags = flags;
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `ip args` in the network namespace of the calling thread.
+    fn ip_here(args: &[&str]) -> String {
+        let ns = format!(
+            "--net=/proc/{}/task/{}/ns/net",
+            std::process::id(),
+            nix::unistd::gettid()
+        );
+        let out = std::process::Command::new("nsenter")
+            .arg(ns)
+            .arg("ip")
+            .args(args)
+            .output()
+            .expect("nsenter runs");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The prefixes routed through `dev`, both families.
+    fn routes_via(dev: &str) -> Vec<String> {
+        let mut routes: Vec<String> = ["-4", "-6"]
+            .iter()
+            .flat_map(|family| {
+                ip_here(&[family, "-o", "route", "show", "dev", dev])
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                    .filter(|p| !p.starts_with("fe80") && !p.starts_with("multicast"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        routes.sort();
+        routes
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|p| p.parse().unwrap()).collect()
+    }
+
+    /// The routes go in as one netlink batch: added, replaced, removed as
+    /// the set changes, one covering the broker's address skipped, and a
+    /// route the kernel refuses reported by name. In a network namespace
+    /// of the test's own thread (gone with the thread); needs root.
+    #[test]
+    fn routes_are_set_in_one_batch_and_refusals_named() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI must run this as root");
+            println!("skipped: needs root");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut tun = Tun::create("tt-routes0", 1360).unwrap();
+                let broker: IpAddr = "203.0.113.10".parse().unwrap();
+                let first = nets(&[
+                    "10.20.0.0/24",
+                    "100.64.0.0/16",
+                    "203.0.113.0/24",
+                    "fd20::/64",
+                    "fd74:6574:6865::/48",
+                ]);
+                let skipped = tun.set_routes(&first, &[broker]).await.unwrap();
+                assert_eq!(skipped, nets(&["203.0.113.0/24"]));
+                assert_eq!(
+                    routes_via("tt-routes0"),
+                    [
+                        "10.20.0.0/24",
+                        "100.64.0.0/16",
+                        "fd20::/64",
+                        "fd74:6574:6865::/48"
+                    ]
+                );
+                let second = nets(&["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]);
+                assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
+                assert_eq!(
+                    routes_via("tt-routes0"),
+                    ["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]
+                );
+                // A device that is down takes no IPv4 route.
+                ip_here(&["link", "set", "tt-routes0", "down"]);
+                let refused = nets(&["10.40.0.0/16", "fd20::/64"]);
+                let e = tun.set_routes(&refused, &[broker]).await.unwrap_err();
+                let text = format!("{e:#}");
+                assert!(
+                    text.contains("cannot add the route 10.40.0.0/16 via tt-routes0"),
+                    "{text}"
+                );
+            });
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -39,7 +39,11 @@ pub fn with_vnet_hdr(packet: &[u8]) -> Vec<u8> {
 /// buffer, so a header can be written in front of it without a copy.
 pub struct BatchReader {
     original: Vec<u8>,
-    bufs: Vec<Vec<u8>>,
+    /// The packets' buffers: views of one zeroed allocation, large enough
+    /// to be mapped on its own, so its pages cost nothing until a packet is
+    /// read into them (a session's pumps start on the way to its first
+    /// packet; 128 buffers allocated one by one cost a page fault each).
+    bufs: Vec<bytes::BytesMut>,
     sizes: Vec<usize>,
     headroom: usize,
     filled: usize,
@@ -50,9 +54,11 @@ impl BatchReader {
     /// bytes, after `headroom` bytes.
     pub fn new(batch: usize, packet_room: usize, headroom: usize) -> Self {
         let batch = batch.max(1);
+        let room = headroom + packet_room.max(1);
+        let mut block = bytes::BytesMut::zeroed(batch * room);
         Self {
             original: vec![0u8; ORIGINAL],
-            bufs: vec![vec![0u8; headroom + packet_room]; batch],
+            bufs: (0..batch).map(|_| block.split_to(room)).collect(),
             sizes: vec![0usize; batch],
             headroom,
             filled: 0,
@@ -95,35 +101,32 @@ impl BatchReader {
 
 /// Reusable buffers for packets to write to a device in one batch, each
 /// with room for the virtio-net header in front and for a coalesced 64 KiB
-/// segment, so writing never reallocates.
+/// segment, so writing never reallocates. The buffers are made as packets
+/// come, up to [`tun_rs::IDEAL_BATCH_SIZE`]: made all at once, 128 buffers
+/// of 64 KiB cost a session's start about a page fault each.
+#[derive(Default)]
 pub struct WriteBatch {
     pool: Vec<bytes::BytesMut>,
     ready: usize,
     gro: tun_rs::GROTable,
 }
 
-impl Default for WriteBatch {
-    fn default() -> Self {
-        Self {
-            pool: (0..tun_rs::IDEAL_BATCH_SIZE)
-                .map(|_| bytes::BytesMut::with_capacity(ORIGINAL))
-                .collect(),
-            ready: 0,
-            gro: tun_rs::GROTable::default(),
-        }
-    }
-}
-
 impl WriteBatch {
     /// Whether the batch has room for another packet.
     pub fn has_room(&self) -> bool {
-        self.ready < self.pool.len()
+        self.ready < tun_rs::IDEAL_BATCH_SIZE
     }
 
     /// Adds a copy of `packet`; returns it, to change in place, or
     /// [`BatchFull`] when the batch has no room: write the batch (which
     /// empties it) and push the packet again, or count it as dropped.
     pub fn push(&mut self, packet: &[u8]) -> Result<&mut [u8], BatchFull> {
+        if self.ready >= tun_rs::IDEAL_BATCH_SIZE {
+            return Err(BatchFull);
+        }
+        if self.pool.len() <= self.ready {
+            self.pool.push(bytes::BytesMut::with_capacity(ORIGINAL));
+        }
         let b = self.pool.get_mut(self.ready).ok_or(BatchFull)?;
         b.clear();
         b.resize(VNET_HDR, 0);
