@@ -182,8 +182,12 @@ impl Tun {
             let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE;
             changes.push((Some(*new), request(message, flags)));
         }
-        // A batch is one datagram: bounded well below the socket's send
-        // buffer.
+        // A batch is one datagram, and the kernel queues all of its
+        // acknowledgements before any is read: a chunk's must fit in the
+        // socket's receive buffer (about 830 bytes each against 208 KiB by
+        // default), or the ones that do not are lost and the batch never
+        // completes. Bounded in size, and in time for a kernel that
+        // answers less than asked.
         for chunk in changes.chunks(ROUTE_BATCH) {
             let mut answers = self
                 .netlink
@@ -193,18 +197,24 @@ impl Tun {
             // that was already gone is not an error; one that cannot be
             // added is.
             let mut answered = 0;
-            while let Some(answer) = answers.next().await {
-                let NetlinkPayload::Error(e) = answer.payload else {
-                    continue;
-                };
-                if e.code.is_some()
-                    && let Some((Some(route), _)) = chunk.get(answered)
-                {
-                    return Err(e.to_io()).with_context(|| {
-                        format!("cannot add the route {route} via {}", self.name)
-                    });
+            let read = async {
+                while let Some(answer) = answers.next().await {
+                    let NetlinkPayload::Error(e) = answer.payload else {
+                        continue;
+                    };
+                    if e.code.is_some()
+                        && let Some((Some(route), _)) = chunk.get(answered)
+                    {
+                        return Err(e.to_io()).with_context(|| {
+                            format!("cannot add the route {route} via {}", self.name)
+                        });
+                    }
+                    answered += 1;
                 }
-                answered += 1;
+                Ok(())
+            };
+            if let Ok(result) = tokio::time::timeout(ROUTE_ANSWER_TIMEOUT, read).await {
+                result?;
             }
             if answered < chunk.len() {
                 anyhow::bail!(
@@ -232,8 +242,13 @@ impl Tun {
     }
 }
 
-/// Route changes sent to the kernel in one datagram (about 60 bytes each).
-const ROUTE_BATCH: usize = 256;
+/// Route changes sent to the kernel in one datagram: their
+/// acknowledgements (about 830 bytes each in the receive buffer) take a
+/// quarter of a default-sized one.
+const ROUTE_BATCH: usize = 64;
+
+/// The longest wait for the kernel's answers to one batch of route changes.
+const ROUTE_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A netlink request of `message` with `flags`.
 fn request(message: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
@@ -322,6 +337,21 @@ mod tests {
                     ]
                 );
                 let second = nets(&["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]);
+                assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
+                assert_eq!(
+                    routes_via("tt-routes0"),
+                    ["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]
+                );
+                // More routes than one batch carries: several batches,
+                // every route in, then all but one removed again.
+                let many: Vec<IpNet> = (0..300u32)
+                    .map(|i| {
+                        IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a32_0000 + i), 32).unwrap())
+                    })
+                    .chain(second.iter().copied())
+                    .collect();
+                assert!(tun.set_routes(&many, &[broker]).await.unwrap().is_empty());
+                assert_eq!(routes_via("tt-routes0").len(), 303);
                 assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
                 assert_eq!(
                     routes_via("tt-routes0"),
