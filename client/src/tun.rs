@@ -8,16 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures_util::StreamExt;
 use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
-use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::route::RouteMessage;
-use rtnetlink::proto::ConnectionHandle;
-use rtnetlink::sys::SocketAddr;
+use tether_shell::netlink::{RouteChange, RouteHandle};
 
 /// The site's TUN device.
 pub struct Tun {
@@ -28,7 +22,7 @@ pub struct Tun {
     pub offload: bool,
     name: String,
     index: u32,
-    netlink: ConnectionHandle<RouteNetlinkMessage>,
+    netlink: RouteHandle,
     addresses: Vec<IpNet>,
     routes: Vec<IpNet>,
     mtu: u16,
@@ -71,13 +65,7 @@ impl Tun {
             ),
         };
         let index = dev.if_index().context("tunnel device has no index")?;
-        let (mut conn, netlink, _) =
-            rtnetlink::proto::new_connection(rtnetlink::sys::protocols::NETLINK_ROUTE)
-                .context("cannot open netlink")?;
-        // Every acknowledgement reaches the request, so each route of a
-        // batch gets its own answer.
-        conn.set_forward_ack(true);
-        tokio::spawn(conn);
+        let netlink = tether_shell::netlink::connect().context("cannot open netlink")?;
         Ok(Self {
             dev: Arc::new(dev),
             offload,
@@ -160,69 +148,27 @@ impl Tun {
             .iter()
             .copied()
             .partition(|r| !avoid.iter().any(|a| r.contains(a)));
-        // One batch, one write: the kernel applies the messages in order
-        // and acknowledges each, so the whole change costs one wait for the
-        // kernel (a session's first routes are on the way to its first
-        // packet). Separate requests would each wait for the connection's
-        // next turn: netlink-proto sends one request per wake-up.
-        let removed: Vec<IpNet> = self
-            .routes
-            .iter()
-            .copied()
-            .filter(|old| !wanted.contains(old))
+        // In batches (see `tether_shell::netlink`): a session's first
+        // routes are on the way to its first packet. A route that was
+        // already gone is not an error; one that cannot be added is.
+        let removed = self.routes.iter().filter(|old| !wanted.contains(old));
+        let changes: Vec<RouteChange> = removed
+            .map(|old| RouteChange::Remove(self.message(*old)))
+            .chain(
+                wanted
+                    .iter()
+                    .map(|new| RouteChange::Add(self.message(*new))),
+            )
             .collect();
-        // Each change with the route it adds (`None` for a removal).
-        let mut changes = Vec::with_capacity(removed.len() + wanted.len());
-        for old in &removed {
-            let message = RouteNetlinkMessage::DelRoute(self.message(*old));
-            changes.push((None, request(message, NLM_F_REQUEST | NLM_F_ACK)));
-        }
-        for new in &wanted {
-            let message = RouteNetlinkMessage::NewRoute(self.message(*new));
-            let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE;
-            changes.push((Some(*new), request(message, flags)));
-        }
-        // A batch is one datagram, and the kernel queues all of its
-        // acknowledgements before any is read: a chunk's must fit in the
-        // socket's receive buffer (about 830 bytes each against 208 KiB by
-        // default), or the ones that do not are lost and the batch never
-        // completes. Bounded in size, and in time for a kernel that
-        // answers less than asked.
-        for chunk in changes.chunks(ROUTE_BATCH) {
-            let mut answers = self
-                .netlink
-                .request_batch(chunk.iter().map(|(_, m)| m.clone()), SocketAddr::new(0, 0))
-                .context("the netlink connection is closed")?;
-            // One acknowledgement per message, in the order sent. A route
-            // that was already gone is not an error; one that cannot be
-            // added is.
-            let mut answered = 0;
-            let read = async {
-                while let Some(answer) = answers.next().await {
-                    let NetlinkPayload::Error(e) = answer.payload else {
-                        continue;
-                    };
-                    if e.code.is_some()
-                        && let Some((Some(route), _)) = chunk.get(answered)
-                    {
-                        return Err(e.to_io()).with_context(|| {
-                            format!("cannot add the route {route} via {}", self.name)
-                        });
-                    }
-                    answered += 1;
-                }
-                Ok(())
-            };
-            if let Ok(result) = tokio::time::timeout(ROUTE_ANSWER_TIMEOUT, read).await {
-                result?;
-            }
-            if answered < chunk.len() {
-                anyhow::bail!(
-                    "netlink answered {answered} of {} route changes via {}",
-                    chunk.len(),
-                    self.name
-                );
-            }
+        let removals = changes.len() - wanted.len();
+        let outcomes = tether_shell::netlink::apply(&self.netlink, &changes).await;
+        if let Some((route, e)) = wanted
+            .iter()
+            .zip(outcomes.into_iter().skip(removals))
+            .find_map(|(route, outcome)| outcome.err().map(|e| (route, e)))
+        {
+            return Err(e)
+                .with_context(|| format!("cannot add the route {route} via {}", self.name));
         }
         self.routes = wanted;
         Ok(skipped)
@@ -242,133 +188,67 @@ impl Tun {
     }
 }
 
-/// Route changes sent to the kernel in one datagram: their
-/// acknowledgements (about 830 bytes each in the receive buffer) take a
-/// quarter of a default-sized one.
-const ROUTE_BATCH: usize = 64;
-
-/// The longest wait for the kernel's answers to one batch of route changes.
-const ROUTE_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// A netlink request of `message` with `flags`.
-fn request(message: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
-    let mut request = NetlinkMessage::from(message);
-    request.header.flags = flags;
-    request
-}
-
 #[cfg(test)]
 mod tests {
+    use tether_shell::netns;
+
     use super::*;
-
-    /// Runs `ip args` in the network namespace of the calling thread.
-    fn ip_here(args: &[&str]) -> String {
-        let ns = format!(
-            "--net=/proc/{}/task/{}/ns/net",
-            std::process::id(),
-            nix::unistd::gettid()
-        );
-        let out = std::process::Command::new("nsenter")
-            .arg(ns)
-            .arg("ip")
-            .args(args)
-            .output()
-            .expect("nsenter runs");
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// The prefixes routed through `dev`, both families.
-    fn routes_via(dev: &str) -> Vec<String> {
-        let mut routes: Vec<String> = ["-4", "-6"]
-            .iter()
-            .flat_map(|family| {
-                ip_here(&[family, "-o", "route", "show", "dev", dev])
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-                    .filter(|p| !p.starts_with("fe80") && !p.starts_with("multicast"))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        routes.sort();
-        routes
-    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|p| p.parse().unwrap()).collect()
     }
 
-    /// The routes go in as one netlink batch: added, replaced, removed as
-    /// the set changes, one covering the broker's address skipped, and a
-    /// route the kernel refuses reported by name. In a network namespace
-    /// of the test's own thread (gone with the thread); needs root.
+    /// The device's routes follow the broker's set: added, replaced and
+    /// removed as the set changes (in batches, more routes than one batch
+    /// carries), one covering the broker's address skipped, and a route
+    /// the kernel refuses reported by name. In a network namespace of the
+    /// test's thread; needs root.
     #[test]
-    fn routes_are_set_in_one_batch_and_refusals_named() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(std::env::var_os("CI").is_none(), "CI must run this as root");
-            println!("skipped: needs root");
-            return;
-        }
-        std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let mut tun = Tun::create("tt-routes0", 1360).unwrap();
-                let broker: IpAddr = "203.0.113.10".parse().unwrap();
-                let first = nets(&[
+    fn routes_follow_the_set_and_refusals_are_named() {
+        netns::run(|| async {
+            let mut tun = Tun::create("tt-routes0", 1360).unwrap();
+            let via = || netns::routes(&["dev", "tt-routes0"]);
+            let broker: IpAddr = "203.0.113.10".parse().unwrap();
+            let first = nets(&[
+                "10.20.0.0/24",
+                "100.64.0.0/16",
+                "203.0.113.0/24",
+                "fd20::/64",
+                "fd74:6574:6865::/48",
+            ]);
+            let skipped = tun.set_routes(&first, &[broker]).await.unwrap();
+            assert_eq!(skipped, nets(&["203.0.113.0/24"]));
+            assert_eq!(
+                via(),
+                [
                     "10.20.0.0/24",
                     "100.64.0.0/16",
-                    "203.0.113.0/24",
                     "fd20::/64",
-                    "fd74:6574:6865::/48",
-                ]);
-                let skipped = tun.set_routes(&first, &[broker]).await.unwrap();
-                assert_eq!(skipped, nets(&["203.0.113.0/24"]));
-                assert_eq!(
-                    routes_via("tt-routes0"),
-                    [
-                        "10.20.0.0/24",
-                        "100.64.0.0/16",
-                        "fd20::/64",
-                        "fd74:6574:6865::/48"
-                    ]
-                );
-                let second = nets(&["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]);
-                assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
-                assert_eq!(
-                    routes_via("tt-routes0"),
-                    ["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]
-                );
-                // More routes than one batch carries: several batches,
-                // every route in, then all but one removed again.
-                let many: Vec<IpNet> = (0..300u32)
-                    .map(|i| {
-                        IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a32_0000 + i), 32).unwrap())
-                    })
-                    .chain(second.iter().copied())
-                    .collect();
-                assert!(tun.set_routes(&many, &[broker]).await.unwrap().is_empty());
-                assert_eq!(routes_via("tt-routes0").len(), 303);
-                assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
-                assert_eq!(
-                    routes_via("tt-routes0"),
-                    ["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]
-                );
-                // A device that is down takes no IPv4 route.
-                ip_here(&["link", "set", "tt-routes0", "down"]);
-                let refused = nets(&["10.40.0.0/16", "fd20::/64"]);
-                let e = tun.set_routes(&refused, &[broker]).await.unwrap_err();
-                let text = format!("{e:#}");
-                assert!(
-                    text.contains("cannot add the route 10.40.0.0/16 via tt-routes0"),
-                    "{text}"
-                );
-            });
-        })
-        .join()
-        .unwrap();
+                    "fd74:6574:6865::/48"
+                ]
+            );
+            let second = nets(&["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]);
+            assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
+            assert_eq!(via(), ["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]);
+            let many: Vec<IpNet> = (0..300u32)
+                .map(|i| {
+                    IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a32_0000 + i), 32).unwrap())
+                })
+                .chain(second.iter().copied())
+                .collect();
+            assert!(tun.set_routes(&many, &[broker]).await.unwrap().is_empty());
+            assert_eq!(via().len(), 303);
+            assert!(tun.set_routes(&second, &[broker]).await.unwrap().is_empty());
+            assert_eq!(via(), ["10.20.0.0/24", "10.30.0.0/16", "fd20::/64"]);
+            // A device that is down takes no IPv4 route.
+            netns::ip(&["link", "set", "tt-routes0", "down"]);
+            let refused = nets(&["10.40.0.0/16", "fd20::/64"]);
+            let e = tun.set_routes(&refused, &[broker]).await.unwrap_err();
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("cannot add the route 10.40.0.0/16 via tt-routes0"),
+                "{text}"
+            );
+        });
     }
 }

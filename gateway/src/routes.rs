@@ -21,7 +21,10 @@ use rtnetlink::packet_route::rule::{RuleAction, RuleMessage};
 
 /// The routes and rules the gateway owns.
 pub struct Routes {
+    /// For the rules.
     netlink: rtnetlink::Handle,
+    /// For the routes, changed in batches.
+    batches: tether_shell::netlink::RouteHandle,
     device: u32,
     table: u32,
     priority: u32,
@@ -50,8 +53,10 @@ impl Routes {
     pub async fn new(device: u32, table: u32, priority: u32) -> anyhow::Result<Self> {
         let (conn, netlink, _) = rtnetlink::new_connection().context("cannot open netlink")?;
         tokio::spawn(conn);
+        let batches = tether_shell::netlink::connect().context("cannot open netlink")?;
         let routes = Self {
             netlink,
+            batches,
             device,
             table,
             priority,
@@ -116,30 +121,40 @@ impl Routes {
     }
 
     /// Makes the table hold exactly `wanted`; returns (added, removed).
+    /// The changes go in batches (see `tether_shell::netlink`): a gateway
+    /// serving many sites holds a route for each. What the kernel took is
+    /// recorded even when another change is refused.
     pub async fn set(&mut self, wanted: &BTreeSet<IpNet>) -> anyhow::Result<(usize, usize)> {
+        use tether_shell::netlink::RouteChange;
         let stale: Vec<IpNet> = self.installed.difference(wanted).copied().collect();
         let new: Vec<IpNet> = wanted.difference(&self.installed).copied().collect();
+        let changes: Vec<RouteChange> = stale
+            .iter()
+            .map(|p| RouteChange::Remove(self.message(*p)))
+            .chain(new.iter().map(|p| RouteChange::Add(self.message(*p))))
+            .collect();
+        let mut outcomes = tether_shell::netlink::apply(&self.batches, &changes)
+            .await
+            .into_iter();
+        // Already gone (e.g. deleted by hand) is fine.
         for prefix in &stale {
-            // Already gone (e.g. deleted by hand) is fine.
-            let _ = self
-                .netlink
-                .route()
-                .del(self.message(*prefix))
-                .execute()
-                .await;
+            let _ = outcomes.next();
             self.installed.remove(prefix);
         }
-        for prefix in &new {
-            self.netlink
-                .route()
-                .add(self.message(*prefix))
-                .replace()
-                .execute()
-                .await
-                .with_context(|| {
-                    format!("cannot add the route {prefix} to table {}", self.table)
-                })?;
-            self.installed.insert(*prefix);
+        let mut refused = None;
+        for (prefix, outcome) in new.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {
+                    self.installed.insert(*prefix);
+                }
+                Err(e) => {
+                    refused.get_or_insert((*prefix, e));
+                }
+            }
+        }
+        if let Some((prefix, e)) = refused {
+            return Err(e)
+                .with_context(|| format!("cannot add the route {prefix} to table {}", self.table));
         }
         Ok((new.len(), stale.len()))
     }
@@ -155,5 +170,78 @@ impl Routes {
                 .execute()
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_shell::netns;
+
+    use super::*;
+
+    fn set_of(prefixes: impl IntoIterator<Item = IpNet>) -> BTreeSet<IpNet> {
+        prefixes.into_iter().collect()
+    }
+
+    /// The table follows the wanted set over many routes (several netlink
+    /// batches); when the kernel refuses some additions the error names
+    /// one and what it took is still recorded; shutting down removes the
+    /// routes and the rules. In a network namespace of the test's thread;
+    /// needs root.
+    #[test]
+    fn the_table_follows_the_set_and_records_what_the_kernel_took() {
+        netns::run(|| async {
+            let device = tun_rs::DeviceBuilder::new()
+                .name("tt-gw0")
+                .enable(true)
+                .build_sync()
+                .unwrap();
+            let mut routes = Routes::new(device.if_index().unwrap(), 7300, 7300)
+                .await
+                .unwrap();
+            let table = || netns::routes(&["table", "7300"]);
+            assert!(netns::ip(&["-4", "rule", "show"]).contains("lookup 7300"));
+            let hosts = (0..300u32).map(|i| {
+                IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a32_0000 + i), 32).unwrap())
+            });
+            let pools: Vec<IpNet> = vec![
+                "100.64.0.0/16".parse().unwrap(),
+                "fd74::/48".parse().unwrap(),
+            ];
+            let wanted = set_of(hosts.clone().chain(pools.iter().copied()));
+            assert_eq!(routes.set(&wanted).await.unwrap(), (302, 0));
+            assert_eq!(table().len(), 302);
+            assert_eq!(routes.installed(), &wanted);
+            let fewer = set_of(hosts.clone().take(10).chain(pools.iter().copied()));
+            assert_eq!(routes.set(&fewer).await.unwrap(), (0, 290));
+            assert_eq!(table().len(), 12);
+
+            // A device that is down takes no IPv4 route; IPv6 may go in.
+            netns::ip(&["link", "set", "tt-gw0", "down"]);
+            let more = set_of(fewer.iter().copied().chain([
+                "10.40.0.0/16".parse().unwrap(),
+                "fd40::/64".parse().unwrap(),
+            ]));
+            let e = routes.set(&more).await.unwrap_err();
+            assert!(
+                format!("{e:#}").contains("cannot add the route 10.40.0.0/16 to table 7300"),
+                "{e:#}"
+            );
+            // (The kernel flushed the device's routes when it went down;
+            // only the changes of this call are compared.)
+            let v4: IpNet = "10.40.0.0/16".parse().unwrap();
+            let v6: IpNet = "fd40::/64".parse().unwrap();
+            assert!(!routes.installed().contains(&v4));
+            assert_eq!(
+                routes.installed().contains(&v6),
+                table().contains(&v6.to_string()),
+                "{:?}",
+                table()
+            );
+
+            routes.remove_all().await;
+            assert!(table().is_empty(), "{:?}", table());
+            assert!(!netns::ip(&["-4", "rule", "show"]).contains("lookup 7300"));
+        });
     }
 }

@@ -23,6 +23,9 @@ pub mod dns;
 pub mod h2;
 pub mod h3;
 pub mod logging;
+pub mod netlink;
+#[cfg(any(test, feature = "testing"))]
+pub mod netns;
 pub mod operator;
 pub mod quic;
 pub mod tun;
