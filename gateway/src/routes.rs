@@ -191,11 +191,7 @@ mod tests {
     #[test]
     fn the_table_follows_the_set_and_records_what_the_kernel_took() {
         netns::run(|| async {
-            let device = tun_rs::DeviceBuilder::new()
-                .name("tt-gw0")
-                .enable(true)
-                .build_sync()
-                .unwrap();
+            let device = netns::tun_device("tt-gw0");
             let mut routes = Routes::new(device.if_index().unwrap(), 7300, 7300)
                 .await
                 .unwrap();

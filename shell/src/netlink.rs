@@ -134,11 +134,7 @@ mod tests {
     #[test]
     fn changes_in_several_batches_each_get_their_own_outcome() {
         netns::run(|| async {
-            let device = tun_rs::DeviceBuilder::new()
-                .name("tt-batch0")
-                .enable(true)
-                .build_sync()
-                .unwrap();
+            let device = netns::tun_device("tt-batch0");
             let index = device.if_index().unwrap();
             let handle = connect().unwrap();
             let hosts = |n: u32| (0..n).map(move |i| Ipv4Addr::from(0x0a32_0000 + i));

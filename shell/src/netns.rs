@@ -33,6 +33,16 @@ where
     }
 }
 
+/// A TUN device named `name`, up, in the namespace of the calling thread
+/// (gone when the returned device is dropped).
+pub fn tun_device(name: &str) -> tun_rs::SyncDevice {
+    tun_rs::DeviceBuilder::new()
+        .name(name)
+        .enable(true)
+        .build_sync()
+        .expect("a TUN device")
+}
+
 /// Runs `ip args` in the network namespace of the calling thread; panics
 /// unless it succeeds. Returns its output.
 pub fn ip(args: &[&str]) -> String {
