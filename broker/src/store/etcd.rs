@@ -1133,14 +1133,22 @@ impl TokenLedger for EtcdStore {
                         TxnOp::delete(key.clone(), None),
                         TxnOp::put(marker.clone(), value, None),
                     ]);
-                self.unsettled_insert(*hash, nonce);
-                // On an error the outcome is unknown: the nonce stays.
+                // Only an answer that was lost leaves the nonce behind, for
+                // a later attempt here to recognise its own marker: one
+                // remembered while the call was in flight would let another
+                // thread of this broker claim the marker as its own while
+                // this one wins as well.
                 let response =
-                    self.call(
+                    match self.call(
                         "token redemption",
                         move |mut c| async move { c.txn(take).await },
-                    )?;
-                self.settle(hash, nonce);
+                    ) {
+                        Ok(response) => response,
+                        Err(e) => {
+                            self.unsettled_insert(*hash, nonce);
+                            return Err(e);
+                        }
+                    };
                 if response.succeeded() {
                     self.forget_marker(marker.clone());
                     let token: StoredToken = serde_json::from_slice(kv.value())?;
