@@ -27,9 +27,9 @@ pub struct Tun {
     routes: Vec<IpNet>,
     mtu: u16,
     /// Buffers for the first pump that writes to the device, made with
-    /// the device: allocating them (a quarter of a megabyte of GRO tables,
-    /// a page fault per allocation) is then off a session's way to its
-    /// first packet when the device is made ahead.
+    /// the device: allocating them (tun-rs's GRO tables, hundreds of
+    /// allocations at a page fault each) is then off a session's way to
+    /// its first packet when the device is made ahead.
     spare_batch: std::sync::Mutex<Option<tether_shell::tun::DeviceBatch>>,
 }
 

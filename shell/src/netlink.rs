@@ -94,10 +94,10 @@ pub async fn apply(handle: &RouteHandle, changes: &[RouteChange]) -> Vec<io::Res
         let _ = tokio::time::timeout(ANSWER_TIMEOUT, read).await;
         if outcomes.len() < before + chunk.len() {
             let silent = || io::Error::new(io::ErrorKind::TimedOut, "netlink did not answer");
-            outcomes.truncate(before + chunk.len());
             outcomes.extend((outcomes.len()..changes.len()).map(|_| Err(silent())));
             return outcomes;
         }
+        // (More answers than messages would be the kernel's error.)
         outcomes.truncate(before + chunk.len());
     }
     outcomes
