@@ -120,6 +120,57 @@ impl Routes {
         &self.installed
     }
 
+    /// Reads back which of the gateway's routes the table holds and makes
+    /// that what [`Routes::set`] compares against; returns how many the
+    /// gateway had installed that are gone. The kernel drops a device's
+    /// routes without a word when the device goes down (and IPv4 routes
+    /// stay gone when it comes back), and an operator may delete one by
+    /// hand: the next `set` adds them again.
+    pub async fn refresh(&mut self) -> anyhow::Result<usize> {
+        use futures_util::TryStreamExt;
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let mut present = BTreeSet::new();
+        for message in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut dump = self.netlink.route().get(message).execute();
+            while let Some(route) = dump
+                .try_next()
+                .await
+                .with_context(|| format!("cannot read table {}", self.table))?
+            {
+                let (mut table, mut oif, mut destination) =
+                    (u32::from(route.header.table), None, None);
+                for attribute in &route.attributes {
+                    match attribute {
+                        RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Destination(d) => destination = Some(d),
+                        _ => {}
+                    }
+                }
+                let len = route.header.destination_prefix_length;
+                let prefix = match destination {
+                    Some(RouteAddress::Inet(a)) => ipnet::Ipv4Net::new(*a, len).ok().map(IpNet::V4),
+                    Some(RouteAddress::Inet6(a)) => {
+                        ipnet::Ipv6Net::new(*a, len).ok().map(IpNet::V6)
+                    }
+                    _ => None,
+                };
+                if table == self.table
+                    && oif == Some(self.device)
+                    && let Some(prefix) = prefix
+                {
+                    present.insert(prefix);
+                }
+            }
+        }
+        let lost = self.installed.difference(&present).count();
+        self.installed.retain(|p| present.contains(p));
+        Ok(lost)
+    }
+
     /// Makes the table hold exactly `wanted`; returns (added, removed).
     /// The changes go in batches (see `tether_shell::netlink`): a gateway
     /// serving many sites holds a route for each. What the kernel took is
@@ -234,6 +285,23 @@ mod tests {
                 "{:?}",
                 table()
             );
+
+            // Up again: the kernel does not bring the IPv4 routes back;
+            // read back, the table gets them again.
+            netns::ip(&["link", "set", "tt-gw0", "up"]);
+            let before = table();
+            let lost = routes.refresh().await.unwrap();
+            assert!(lost >= 11, "{lost} routes found gone; table: {before:?}");
+            let (added, removed) = routes.set(&more).await.unwrap();
+            assert!(
+                added > lost && removed == 0,
+                "{added} added, {removed} removed"
+            );
+            assert_eq!(table().len(), more.len(), "{:?}", table());
+            assert_eq!(routes.installed(), &more);
+            // Nothing gone: nothing to do.
+            assert_eq!(routes.refresh().await.unwrap(), 0);
+            assert_eq!(routes.set(&more).await.unwrap(), (0, 0));
 
             routes.remove_all().await;
             assert!(table().is_empty(), "{:?}", table());

@@ -70,6 +70,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether-gateway";
 /// WireGuard's keepalive towards the broker, so NAT state on the way
 /// stays open.
 const KEEPALIVE_SECS: u16 = 25;
+
+/// How often the gateway reads its routes back from the kernel and adds
+/// again what is gone (see [`Routes::refresh`]) or was refused before.
+const ROUTE_RESYNC: Duration = Duration::from_secs(5);
 /// The mesh zone copy in the state directory.
 pub const ZONE_FILE: &str = "zone.bin";
 /// The learned brokers in the state directory, one endpoint a line.
@@ -568,9 +572,38 @@ pub async fn run(
         tokio::spawn(timers(shared.clone())),
     ];
     tokio::pin!(shutdown);
+    let mut resync = tokio::time::interval(ROUTE_RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync_error = None::<String>;
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            _ = resync.tick() => {
+                let wanted: BTreeSet<IpNet> = site_prefixes.union(&pools).copied().collect();
+                let outcome = match routes.refresh().await {
+                    Ok(lost) if lost > 0 || routes.installed() != &wanted => {
+                        routes.set(&wanted).await.map(|(added, _)| {
+                            tracing::warn!(
+                                lost, added,
+                                "site routes the kernel no longer held (the device went down, or they were deleted by hand) or had refused are added again"
+                            );
+                        })
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                // Each distinct failure once, not every few seconds.
+                match outcome {
+                    Ok(()) => resync_error = None,
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        if resync_error.as_ref() != Some(&e) {
+                            tracing::error!(error = %e, "cannot restore the site routes");
+                            resync_error = Some(e);
+                        }
+                    }
+                }
+            }
             changed = list_rx.changed() => {
                 if changed.is_err() {
                     break Err(anyhow::anyhow!("the tunnel stopped"));

@@ -1250,6 +1250,7 @@ async fn a_retirement_on_one_broker_reaches_the_other_broker_sharing_etcd() {
         let away = TestSite::enroll(&b, "ward-c").await;
         let old = admin(&a, "/v1/ca").await.unwrap().bundle[0].name.clone();
         let old_ca = a.broker().ca.cert_der();
+        let old_signer = a.broker().ca.signer();
 
         let prepared = rotate(&a).await;
         let new = prepared.bundle[1].name.clone();
@@ -1306,9 +1307,31 @@ async fn a_retirement_on_one_broker_reaches_the_other_broker_sharing_etcd() {
             .err()
             .expect("a site that knows only the retired CA must not trust the broker");
         println!("{failure}");
+        // Its own certificate has run out by now (retirement waits until
+        // every leaf of the old CA has), and an expired certificate is
+        // refused for its dates before its issuer is looked at: so B's
+        // refusal of the old CA itself is shown with a leaf of the old CA
+        // that is still within its dates.
         let c = away.state.credentials().unwrap();
         let held = (c.chain[0].clone(), c.key, String::new());
         let (verdict, _) = handshake(&b, std::slice::from_ref(&new_ca), Some(&held)).await;
+        assert!(
+            ["broker: CertificateExpired", "broker: UnknownCA"].contains(&verdict.as_str()),
+            "{verdict}"
+        );
+        let identity = b
+            .broker()
+            .identity(&"ward-c".parse().unwrap(), &"local".parse().unwrap());
+        let (key, csr) = tether_pki::ca::site_key_and_csr("ward-c").unwrap();
+        let current = old_signer
+            .issue_site(&csr, &identity, SystemTime::now(), Duration::from_secs(600))
+            .unwrap();
+        let current = (
+            current.der,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            String::new(),
+        );
+        let (verdict, _) = handshake(&b, std::slice::from_ref(&new_ca), Some(&current)).await;
         assert_eq!(verdict, "broker: UnknownCA");
         let again = TestSite::enroll(&b, "ward-c").await;
         assert_eq!(issuer_of(&again), new);

@@ -148,6 +148,11 @@ pub struct EtcdStore {
     /// Redemptions whose transaction's answer was lost: the nonce each
     /// put in its marker. At most one per existing token.
     unsettled: std::sync::Mutex<std::collections::HashMap<TokenHash, u64>>,
+    /// Called once a redemption's transaction has been answered, before
+    /// the answer is looked at: tests hold a redemption there.
+    #[cfg(test)]
+    pub(crate) on_redemption_answer:
+        std::sync::Mutex<Option<std::sync::Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -337,6 +342,8 @@ impl EtcdStore {
             events,
             runtime,
             unsettled: std::sync::Mutex::default(),
+            #[cfg(test)]
+            on_redemption_answer: std::sync::Mutex::default(),
         };
         // Reachability, and the revision the watch starts after.
         let prefix = store.keys.prefix.clone();
@@ -1149,6 +1156,15 @@ impl TokenLedger for EtcdStore {
                             return Err(e);
                         }
                     };
+                #[cfg(test)]
+                if let Some(hook) = self
+                    .on_redemption_answer
+                    .lock()
+                    .ok()
+                    .and_then(|h| h.clone())
+                {
+                    hook();
+                }
                 if response.succeeded() {
                     self.forget_marker(marker.clone());
                     let token: StoredToken = serde_json::from_slice(kv.value())?;

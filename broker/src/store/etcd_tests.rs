@@ -208,6 +208,53 @@ fn etcd_tokens_redeem_once_across_threads_and_brokers() {
     });
 }
 
+/// A redemption whose transaction has committed but whose answer has not
+/// yet been looked at leaves a marker that another thread of the same
+/// broker reads: that thread must not take the marker for its own lost
+/// answer (the token would be redeemed twice).
+#[test]
+fn etcd_a_redemption_in_flight_is_not_claimed_by_another_thread() {
+    let Some(server) = EtcdServer::start(false) else {
+        return;
+    };
+    bounded(move || {
+        let store = Arc::new(open_store(&server, "/t/"));
+        let issued = tether_pki::token::generate(
+            SiteId::new("in-flight").unwrap(),
+            eu(),
+            SystemTime::now(),
+            Duration::from_secs(60),
+        );
+        store.put(issued.record.clone()).unwrap();
+        let (answered_tx, answered_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (answered_tx, go_rx) = (
+            std::sync::Mutex::new(Some(answered_tx)),
+            std::sync::Mutex::new(go_rx),
+        );
+        *store.on_redemption_answer.lock().unwrap() = Some(Arc::new(move || {
+            // Only the first answer is held.
+            if let Some(tx) = answered_tx.lock().unwrap().take() {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }));
+        let first = {
+            let (store, secret) = (store.clone(), issued.secret.clone());
+            std::thread::spawn(move || redeem(store.as_ref(), &secret, SystemTime::now()).ok())
+        };
+        answered_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the first redemption was answered");
+        // The first redemption's marker is in etcd, its answer held.
+        let second = redeem(store.as_ref(), &issued.secret, SystemTime::now()).ok();
+        go_tx.send(()).unwrap();
+        let first = first.join().unwrap();
+        assert_eq!(first, Some(stored_form(&issued.record)));
+        assert_eq!(second, None, "the token was redeemed twice");
+    });
+}
+
 #[test]
 fn etcd_a_redemption_whose_answer_was_lost_is_settled_by_the_retry() {
     let Some(server) = EtcdServer::start(false) else {
