@@ -112,6 +112,37 @@ fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() 
         "site cannot ping the backend behind gw-eu"
     );
 
+    // The gateway's device goes down and up (an operator, a network
+    // manager): the kernel drops the routes through it and does not bring
+    // them back; the gateway adds them again by itself.
+    eu.node
+        .run("ip", &["link", "set", "tether-gw0", "down"])
+        .unwrap();
+    assert!(!eu.table(TABLE).contains(&addr), "{}", eu.table(TABLE));
+    eu.node
+        .run("ip", &["link", "set", "tether-gw0", "up"])
+        .unwrap();
+    let flapped = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || eu.table(TABLE).contains(&addr)),
+        "route to {addr} not restored at gw-eu after the device went down and up: {}\n{}",
+        eu.table(TABLE),
+        read(&gateways[0].1)
+    );
+    println!(
+        "route for {addr} back at the gateway {:.2} s after its device came up again",
+        flapped.elapsed().as_secs_f64()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || eu.backend_pings(&addr)),
+        "backend behind gw-eu cannot ping {addr} after the device flapped"
+    );
+    assert!(
+        read(&gateways[0].1).contains("are added again"),
+        "{}",
+        read(&gateways[0].1)
+    );
+
     // The live route set drives the Cilium resources.
     let cilium = eu
         .node
