@@ -307,17 +307,33 @@ fn issue(broker: &TestBroker, site: &str) -> Leaf {
 /// expired certificate, in the future for one not valid yet).
 fn issue_at(broker: &TestBroker, site: &str, from: SystemTime) -> Leaf {
     let b = broker.broker();
-    let identity = b.identity(&site.parse().unwrap(), &"local".parse().unwrap());
-    let (key, csr) = tether_pki::ca::site_key_and_csr(site).unwrap();
-    let cert =
-        b.ca.issue_site(&csr, &identity, from, Duration::from_secs(600))
-            .unwrap();
+    let (leaf, identity, cert) = signed_by(&b.ca.signer(), broker, site, from);
     b.record_issued(&identity, &cert).unwrap();
-    (
-        cert.der,
+    leaf
+}
+
+/// A site certificate for `site` at `broker`'s trust domain signed by
+/// `ca`, valid for ten minutes from `from`; the broker keeps no record of
+/// it.
+fn signed_by(
+    ca: &tether_pki::Ca,
+    broker: &TestBroker,
+    site: &str,
+    from: SystemTime,
+) -> (Leaf, tether_pki::SiteIdentity, tether_pki::IssuedCert) {
+    let identity = broker
+        .broker()
+        .identity(&site.parse().unwrap(), &"local".parse().unwrap());
+    let (key, csr) = tether_pki::ca::site_key_and_csr(site).unwrap();
+    let cert = ca
+        .issue_site(&csr, &identity, from, Duration::from_secs(600))
+        .unwrap();
+    let leaf = (
+        cert.der.clone(),
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        cert.pem,
-    )
+        cert.pem.clone(),
+    );
+    (leaf, identity, cert)
 }
 
 /// A certificate signed by `ca` with a SPIFFE URI of its own and the given
@@ -670,18 +686,7 @@ async fn the_handshake_matrix_under_two_cas_at_each_phase() {
         let ca =
             tether_pki::Ca::generate(broker.broker().ca.trust_domain().clone(), SystemTime::now())
                 .unwrap();
-        let identity = broker
-            .broker()
-            .identity(&"m-foreign".parse().unwrap(), &"local".parse().unwrap());
-        let (key, csr) = tether_pki::ca::site_key_and_csr("m-foreign").unwrap();
-        let cert = ca
-            .issue_site(&csr, &identity, SystemTime::now(), Duration::from_secs(600))
-            .unwrap();
-        (
-            cert.der,
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            cert.pem,
-        )
+        signed_by(&ca, &broker, "m-foreign", SystemTime::now()).0
     };
     let mut leaves = Leaves {
         old: issue(&broker, "m-old"),
@@ -1319,18 +1324,7 @@ async fn a_retirement_on_one_broker_reaches_the_other_broker_sharing_etcd() {
             ["broker: CertificateExpired", "broker: UnknownCA"].contains(&verdict.as_str()),
             "{verdict}"
         );
-        let identity = b
-            .broker()
-            .identity(&"ward-c".parse().unwrap(), &"local".parse().unwrap());
-        let (key, csr) = tether_pki::ca::site_key_and_csr("ward-c").unwrap();
-        let current = old_signer
-            .issue_site(&csr, &identity, SystemTime::now(), Duration::from_secs(600))
-            .unwrap();
-        let current = (
-            current.der,
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            String::new(),
-        );
+        let current = signed_by(&old_signer, &b, "ward-c", SystemTime::now()).0;
         let (verdict, _) = handshake(&b, std::slice::from_ref(&new_ca), Some(&current)).await;
         assert_eq!(verdict, "broker: UnknownCA");
         let again = TestSite::enroll(&b, "ward-c").await;
