@@ -1145,6 +1145,75 @@ mod tests {
         );
     }
 
+    /// What a test's tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    /// A gateway whose key the broker does not know is named in the
+    /// broker's log with the likely causes, once a minute per source
+    /// address, and counted each time. (A current-thread runtime: the
+    /// broker's receive loop logs on the test's thread.)
+    #[tokio::test]
+    async fn an_unregistered_gateway_key_is_logged_once_a_minute_per_source() {
+        let (wg, _control, _gw) = broker_and_gateway().await;
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let _log = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        // The broker's count (process-wide: no other test sends unknown
+        // keys).
+        let refused = || {
+            crate::metrics::recorder()
+                .render()
+                .lines()
+                .find(|l| {
+                    l.starts_with(r#"tether_broker_wireguard_refused_total{reason="unknown_peer"}"#)
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        let before = refused();
+        for n in 1..=2u64 {
+            let stranger =
+                x25519::StaticSecret::from(tether_pki::wg::WgKey::generate().secret_bytes());
+            let mut gw = TestGateway::new(stranger, wg.public_key(), wg.local_addrs()[0]).await;
+            gw.send_control(&Message::Ping { seq: 1 }).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while refused() < before + n && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(refused(), before + n, "handshake {n} not refused");
+        }
+        let text = captured.text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("not a registered gateway key"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("127.0.0.1:"), "{text}");
+        assert!(lines[0].contains("tether-broker gateway key"), "{text}");
+    }
+
     #[tokio::test]
     async fn a_stopping_broker_tells_each_gateway_it_is_leaving_several_times() {
         let (wg, control, mut gw) = broker_and_gateway().await;

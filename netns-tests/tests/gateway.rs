@@ -142,6 +142,20 @@ fn backend_reaches_a_site_through_its_regions_gateway_and_not_through_another() 
         "{}",
         read(&gateways[0].1)
     );
+    // Written to files, the three programs' logs carry no colour codes.
+    for log in [
+        gateways[0].1.clone(),
+        topo.path("broker.log"),
+        topo.path("site.log"),
+    ] {
+        let text = read(&log);
+        assert!(!text.is_empty(), "{} is empty", log.display());
+        assert!(
+            !text.contains('\u{1b}'),
+            "colour codes in {}",
+            log.display()
+        );
+    }
 
     // The live route set drives the Cilium resources.
     let cilium = eu

@@ -298,6 +298,12 @@ fn a_site_whose_clock_is_wrong_says_so_in_its_log() {
         "up-2h.log",
     );
     assert!(log.contains(&reachable), "{log}");
+    let doctor = lab.run("+2h", "tether", &["doctor", "--state-dir", &lab.state]);
+    assert!(
+        doctor.contains("verdict: this site can connect"),
+        "{doctor}"
+    );
+    assert!(doctor.contains("fix the clock (NTP)"), "{doctor}");
     let log = lab.up_until("-2h", "retrying in", "up-minus-2h.log");
     assert!(
         log.contains("behind the broker's (the broker's certificate is not valid yet by it); fix the clock (NTP)"),

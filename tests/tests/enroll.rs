@@ -187,3 +187,36 @@ async fn without_a_code_or_a_broker_the_first_start_says_what_is_missing() {
     );
     assert!(text.contains("set TETHER_BROKER"), "{text}");
 }
+
+/// A CSR followed by bytes of something else is refused before the token
+/// is looked at: the code is not spent, and the site enrolls with it
+/// once it sends its CSR alone.
+#[tokio::test]
+async fn a_csr_with_trailing_bytes_is_refused_and_leaves_the_code_valid() {
+    let broker = TestBroker::start("").await;
+    let code = broker.token("site-junk").await;
+    let (_, csr) = tether_pki::ca::site_key_and_csr("site-junk").unwrap();
+    let mut junk = csr.clone();
+    junk.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3]);
+    let body = |csr: &[u8]| {
+        serde_json::to_vec(&tether_proto::api::EnrollRequest {
+            token: code.clone(),
+            csr: data_encoding::BASE64.encode(csr),
+        })
+        .unwrap()
+    };
+    let refused = tether_broker::enroll::enroll(broker.broker(), &body(&junk)).await;
+    let text = String::from_utf8_lossy(&refused.body).into_owned();
+    assert_eq!(refused.status, 400, "{text}");
+    assert!(text.contains("8 bytes follow"), "{text}");
+    let enrolled = tether_broker::enroll::enroll(broker.broker(), &body(&csr)).await;
+    assert_eq!(
+        enrolled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&enrolled.body)
+    );
+    // Spent now.
+    let again = tether_broker::enroll::enroll(broker.broker(), &body(&csr)).await;
+    assert_eq!(again.status, 401);
+}
