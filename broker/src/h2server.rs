@@ -46,23 +46,76 @@ pub const WINDOW: u32 = 8 << 20;
 pub const QUEUE: usize = 1024;
 
 /// The budget of connections not yet past a client certificate, shared by
-/// the accept loop and the connections.
-type Budget = Arc<std::sync::Mutex<tether_proto::limits::SourceBudget>>;
+/// the accept loop and the connections, with the way to close each one
+/// the budget evicts.
+type Budget = Arc<std::sync::Mutex<Admissions>>;
+
+#[derive(Debug)]
+struct Admissions {
+    budget: tether_proto::limits::SourceBudget,
+    evict: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Admissions {
+    /// Admits a connection from `ip`: its id and what tells it that it
+    /// was evicted (the oldest is told at once when this one takes its
+    /// place).
+    fn admit(
+        &mut self,
+        ip: std::net::IpAddr,
+    ) -> Result<(u64, tokio::sync::oneshot::Receiver<()>), tether_proto::limits::Refusal> {
+        let admitted = self.budget.admit(ip)?;
+        if let Some(old) = admitted.evicted
+            && let Some(tell) = self.evict.remove(&old)
+        {
+            let _ = tell.send(());
+        }
+        let (tell, told) = tokio::sync::oneshot::channel();
+        self.evict.insert(admitted.id, tell);
+        Ok((admitted.id, told))
+    }
+
+    fn release(&mut self, id: u64) {
+        self.budget.release(id);
+        self.evict.remove(&id);
+    }
+}
 
 /// A connection counted against the [`Budget`] until it proves its
 /// identity or closes.
 struct Unauthenticated {
     budget: Budget,
-    remote: std::net::IpAddr,
+    id: u64,
+    /// Resolves when the budget evicted this connection for a newer one.
+    evicted: tokio::sync::oneshot::Receiver<()>,
     _open: crate::metrics::OpenConnection,
 }
 
 impl Drop for Unauthenticated {
     fn drop(&mut self) {
         if let Ok(mut b) = self.budget.lock() {
-            b.release(self.remote);
+            b.release(self.id);
         }
     }
+}
+
+/// Resolves when `unauthenticated` (if any) was evicted; never without one.
+async fn evicted(unauthenticated: &mut Option<Unauthenticated>) {
+    match unauthenticated {
+        Some(u) => {
+            // A dropped sender (released) is not an eviction.
+            if (&mut u.evicted).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts and logs the eviction of a connection without a certificate.
+fn log_eviction(remote: SocketAddr) {
+    crate::metrics::connection_refused("tunnel", "evicted");
+    tracing::debug!(%remote, "closing a TCP connection without a site certificate: the oldest, evicted for a newer one");
 }
 
 /// The TLS acceptor of the TCP listener: the broker's certificate and the
@@ -82,12 +135,13 @@ pub fn listener(socket: std::net::TcpListener) -> anyhow::Result<TcpListener> {
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcceptor) {
     let ids = Arc::new(AtomicU64::new(1));
     let limits = &broker.config.tunnel_limits;
-    let budget: Budget = Arc::new(std::sync::Mutex::new(
-        tether_proto::limits::SourceBudget::new(
+    let budget: Budget = Arc::new(std::sync::Mutex::new(Admissions {
+        budget: tether_proto::limits::SourceBudget::new(
             limits.max_unauthenticated_per_source,
             limits.max_unauthenticated,
         ),
-    ));
+        evict: std::collections::HashMap::new(),
+    }));
     let mut backoff = tether_shell::accept::AcceptBackoff::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -102,19 +156,23 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
                 continue;
             }
         };
-        let admitted = budget
-            .lock()
-            .map_err(|_| tether_proto::limits::Refusal::TotalLimit)
-            .and_then(|mut b| b.admit(remote.ip()));
-        if let Err(refusal) = admitted {
-            crate::metrics::connection_refused("tunnel", refusal.as_str());
-            tracing::debug!(%remote, %refusal, "TCP connection closed at once");
-            drop(tcp);
-            continue;
-        }
+        let admitted = match budget.lock() {
+            Ok(mut b) => b.admit(remote.ip()),
+            Err(_) => continue,
+        };
+        let (admission, evicted) = match admitted {
+            Ok(a) => a,
+            Err(refusal) => {
+                crate::metrics::connection_refused("tunnel", refusal.as_str());
+                tracing::debug!(%remote, %refusal, "TCP connection closed at once");
+                drop(tcp);
+                continue;
+            }
+        };
         let unauthenticated = Unauthenticated {
             budget: budget.clone(),
-            remote: remote.ip(),
+            id: admission,
+            evicted,
             _open: crate::metrics::OpenConnection::new("tunnel_unauthenticated"),
         };
         let _ = tcp.set_nodelay(true);
@@ -154,7 +212,13 @@ async fn handle_connection(
     let started = std::time::Instant::now();
     let limits = broker.config.tunnel_limits.clone();
     let handshake_timeout = limits.handshake_timeout;
-    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+    // Until it shows a site certificate, the budget may evict it.
+    let mut unauthenticated = Some(unauthenticated);
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => a,
+        () = evicted(&mut unauthenticated) => return log_eviction(remote),
+    };
+    let tls = match accepted {
         Ok(Ok(tls)) => {
             crate::metrics::handshake("h2", started.elapsed());
             tls
@@ -171,6 +235,11 @@ async fn handle_connection(
         .1
         .peer_certificates()
         .and_then(|chain| tether_pki::tls::peer_identity(chain, broker.ca.trust_domain()).ok());
+    // With a site certificate the connection no longer counts against the
+    // budget (sessions bound it) and cannot be evicted.
+    if peer.is_some() {
+        unauthenticated = None;
+    }
     let exporter = tether_pki::reattest::tls_exporter(tls.get_ref().1);
     let mut builder = h2::server::Builder::new();
     builder
@@ -180,7 +249,11 @@ async fn handle_connection(
         .max_frame_size(64 * 1024)
         .max_header_list_size(crate::server::MAX_FIELD_SECTION as u32)
         .enable_connect_protocol();
-    let mut h2 = match tokio::time::timeout(handshake_timeout, builder.handshake(tls)).await {
+    let handshake = tokio::select! {
+        h = tokio::time::timeout(handshake_timeout, builder.handshake(tls)) => h,
+        () = evicted(&mut unauthenticated) => return log_eviction(remote),
+    };
+    let mut h2 = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "HTTP/2 handshake failed"),
         Err(_) => {
@@ -188,16 +261,9 @@ async fn handle_connection(
             return tracing::debug!(%remote, "HTTP/2 handshake timed out");
         }
     };
-    // With a site certificate the connection no longer counts against the
-    // budget (sessions bound it); without one it must send its first
-    // request within the handshake deadline and ends after
-    // `unauthenticated_lifetime` (enrollment needs one request).
-    let unauthenticated = if peer.is_some() {
-        drop(unauthenticated);
-        None
-    } else {
-        Some(unauthenticated)
-    };
+    // Without a site certificate it must send its first request within
+    // the handshake deadline and ends after `unauthenticated_lifetime`
+    // (enrollment needs one request).
     let mut deadline = unauthenticated
         .as_ref()
         .map(|_| tokio::time::Instant::now() + handshake_timeout);
@@ -279,6 +345,10 @@ async fn handle_connection(
                 }
                 None => break,
             },
+            () = evicted(&mut unauthenticated) => {
+                log_eviction(remote);
+                break;
+            }
             () = sleep_until_some(deadline) => {
                 crate::metrics::connection_refused("tunnel", "deadline");
                 tracing::info!(%remote, "closing a TCP connection without a site certificate: past its deadline");

@@ -189,7 +189,7 @@ fn describe() {
     describe_counter!(
         "tether_broker_connections_refused_total",
         Unit::Count,
-        "TCP connections closed at once or cut short, by listener and reason (limit, source_limit, deadline)."
+        "TCP connections closed at once or cut short, by listener and reason (limit, source_limit, deadline, evicted: the oldest without a certificate, closed for a newer one when the total is held)."
     );
     describe_counter!(
         "tether_broker_accept_failures_total",

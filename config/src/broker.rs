@@ -325,7 +325,8 @@ pub struct TunnelFile {
     /// their handshake) from one source address.
     pub max_unauthenticated_per_source: usize,
     /// Most TCP connections without a client certificate (or still in
-    /// their handshake) in all.
+    /// their handshake) in all; past it, the oldest is closed to admit a
+    /// new one.
     pub max_unauthenticated: usize,
     /// How long after its certificate expired a site that was offline may
     /// still renew it by proving it holds its key (re-attestation), with no

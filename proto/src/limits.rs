@@ -7,8 +7,16 @@
 //! IPv4 address, or an IPv6 /64, which one host may own whole) and all
 //! sources together hold. The shell admits at accept and releases when the
 //! connection closes or proves its identity.
+//!
+//! A source past its own limit is refused. When all sources together hold
+//! the total, a new connection is still admitted and the oldest one
+//! admitted is evicted instead (the shell closes it): a site's handshake
+//! takes a few round trips, so connections held open by many sources at
+//! once cannot keep sites out unless they are opened faster than the total
+//! per handshake time, where a refusal at the total would let a steady
+//! trickle of idle connections lock every HTTP/2 site out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 
 /// Why a connection was not admitted.
@@ -17,9 +25,6 @@ pub enum Refusal {
     /// Its source holds as many as one source may.
     #[error("too many unauthenticated connections from this source")]
     SourceLimit,
-    /// All sources together hold as many as the listener allows.
-    #[error("too many unauthenticated connections")]
-    TotalLimit,
 }
 
 impl Refusal {
@@ -27,9 +32,17 @@ impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::SourceLimit => "source_limit",
-            Refusal::TotalLimit => "limit",
         }
     }
+}
+
+/// A connection admitted by [`SourceBudget::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its number, to release it by.
+    pub id: u64,
+    /// The oldest connection, evicted to make room: the caller closes it.
+    pub evicted: Option<u64>,
 }
 
 /// Counts of admitted connections against a per-source and a total limit.
@@ -38,7 +51,9 @@ pub struct SourceBudget {
     per_source: usize,
     total: usize,
     open: BTreeMap<IpAddr, usize>,
-    open_total: usize,
+    /// The admitted connections, oldest first, with their source keys.
+    order: VecDeque<(u64, IpAddr)>,
+    next_id: u64,
 }
 
 /// The key a source is counted under: the address, or its /64 for IPv6.
@@ -53,45 +68,64 @@ fn source_key(ip: IpAddr) -> IpAddr {
 }
 
 impl SourceBudget {
-    /// A budget of `per_source` connections per source and `total` in all.
+    /// A budget of `per_source` connections per source and `total` in all
+    /// (each at least 1).
     pub fn new(per_source: usize, total: usize) -> Self {
         Self {
-            per_source,
-            total,
+            per_source: per_source.max(1),
+            total: total.max(1),
             open: BTreeMap::new(),
-            open_total: 0,
+            order: VecDeque::new(),
+            next_id: 0,
         }
     }
 
-    /// Admits a connection from `ip`, or says why not.
-    pub fn admit(&mut self, ip: IpAddr) -> Result<(), Refusal> {
-        if self.open_total >= self.total {
-            return Err(Refusal::TotalLimit);
-        }
-        let held = self.open.entry(source_key(ip)).or_insert(0);
-        if *held >= self.per_source {
+    /// Admits a connection from `ip`, evicting the oldest when all
+    /// sources together hold the total; refuses it when its source holds
+    /// its limit.
+    pub fn admit(&mut self, ip: IpAddr) -> Result<Admitted, Refusal> {
+        let key = source_key(ip);
+        if self.open.get(&key).copied().unwrap_or(0) >= self.per_source {
             return Err(Refusal::SourceLimit);
         }
-        *held += 1;
-        self.open_total += 1;
-        Ok(())
+        let evicted = if self.order.len() >= self.total {
+            self.order.pop_front().map(|(id, old)| {
+                self.forget(old);
+                id
+            })
+        } else {
+            None
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        *self.open.entry(key).or_insert(0) += 1;
+        self.order.push_back((id, key));
+        Ok(Admitted { id, evicted })
     }
 
-    /// Releases a connection admitted from `ip`.
-    pub fn release(&mut self, ip: IpAddr) {
-        let key = source_key(ip);
+    /// Releases the connection `id` (nothing if it was evicted or
+    /// released already).
+    pub fn release(&mut self, id: u64) {
+        // Ids rise with admission: a binary search finds it.
+        if let Ok(i) = self.order.binary_search_by_key(&id, |(i, _)| *i)
+            && let Some((_, key)) = self.order.remove(i)
+        {
+            self.forget(key);
+        }
+    }
+
+    fn forget(&mut self, key: IpAddr) {
         if let Some(held) = self.open.get_mut(&key) {
             *held = held.saturating_sub(1);
             if *held == 0 {
                 self.open.remove(&key);
             }
-            self.open_total = self.open_total.saturating_sub(1);
         }
     }
 
     /// Connections admitted and not released.
     pub fn open(&self) -> usize {
-        self.open_total
+        self.order.len()
     }
 }
 
@@ -103,32 +137,54 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The ids of `admit`, unwrapped.
+    fn admit(b: &mut SourceBudget, s: &str) -> Admitted {
+        b.admit(ip(s)).unwrap()
+    }
+
     #[test]
-    fn per_source_and_total_limits() {
+    fn per_source_limits_refuse_and_the_total_evicts_the_oldest() {
         let mut b = SourceBudget::new(2, 3);
-        assert_eq!(b.admit(ip("192.0.2.1")), Ok(()));
-        assert_eq!(b.admit(ip("192.0.2.1")), Ok(()));
+        let first = admit(&mut b, "192.0.2.1");
+        assert_eq!(first.evicted, None);
+        let second = admit(&mut b, "192.0.2.1");
         assert_eq!(b.admit(ip("192.0.2.1")), Err(Refusal::SourceLimit));
-        assert_eq!(b.admit(ip("192.0.2.2")), Ok(()));
-        assert_eq!(b.admit(ip("192.0.2.3")), Err(Refusal::TotalLimit));
-        b.release(ip("192.0.2.1"));
-        assert_eq!(b.open(), 2);
-        assert_eq!(b.admit(ip("192.0.2.3")), Ok(()));
-        // Releasing what was never admitted changes nothing.
-        b.release(ip("198.51.100.9"));
+        let third = admit(&mut b, "192.0.2.2");
+        assert_eq!(third.evicted, None);
         assert_eq!(b.open(), 3);
+        // Full: a fourth source gets in, the oldest goes, and its source
+        // may open one again.
+        let fourth = admit(&mut b, "192.0.2.3");
+        assert_eq!(fourth.evicted, Some(first.id));
+        assert_eq!(b.open(), 3);
+        let again = admit(&mut b, "192.0.2.1");
+        assert_eq!(again.evicted, Some(second.id));
+        // Releasing an evicted connection, or one never admitted, changes
+        // nothing; releasing an open one makes room without an eviction.
+        b.release(first.id);
+        b.release(999);
+        assert_eq!(b.open(), 3);
+        b.release(fourth.id);
+        assert_eq!(b.open(), 2);
+        assert_eq!(admit(&mut b, "192.0.2.4").evicted, None);
+        assert_eq!(admit(&mut b, "192.0.2.5").evicted, Some(third.id));
+        // A source past its own limit evicts nobody.
+        let mut b = SourceBudget::new(1, 1);
+        let only = admit(&mut b, "192.0.2.9");
+        assert_eq!(b.admit(ip("192.0.2.9")), Err(Refusal::SourceLimit));
+        assert_eq!(admit(&mut b, "192.0.2.8").evicted, Some(only.id));
     }
 
     #[test]
     fn an_ipv6_host_counts_as_its_64() {
         let mut b = SourceBudget::new(1, 10);
-        assert_eq!(b.admit(ip("2001:db8:1:2::1")), Ok(()));
+        admit(&mut b, "2001:db8:1:2::1");
         assert_eq!(b.admit(ip("2001:db8:1:2::ffff")), Err(Refusal::SourceLimit));
-        assert_eq!(b.admit(ip("2001:db8:1:3::1")), Ok(()));
+        admit(&mut b, "2001:db8:1:3::1");
         // A mapped IPv4 address counts as the IPv4 address.
-        assert_eq!(b.admit(ip("192.0.2.7")), Ok(()));
+        let v4 = admit(&mut b, "192.0.2.7");
         assert_eq!(b.admit(ip("::ffff:192.0.2.7")), Err(Refusal::SourceLimit));
-        b.release(ip("2001:db8:1:2::ffff"));
-        assert_eq!(b.admit(ip("2001:db8:1:2::2")), Ok(()));
+        b.release(v4.id);
+        admit(&mut b, "::ffff:192.0.2.7");
     }
 }

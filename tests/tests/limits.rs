@@ -166,6 +166,12 @@ async fn the_tunnel_port_bounds_connections_without_a_certificate() {
 
     // A site with its certificate still gets its tunnel over HTTP/2 (and
     // is not counted against the budget).
+    h2_tunnel(&site, addr).await.unwrap();
+}
+
+/// Dials the broker at `addr` over HTTP/2 with `site`'s certificate and
+/// opens its tunnel.
+async fn h2_tunnel(site: &TestSite, addr: SocketAddr) -> Result<(), String> {
     let (chain, key, ca) = site.identity();
     let tls = tether_pki::tls::client_config(&ca, Some((chain, key))).unwrap();
     let dialer = Dialer {
@@ -184,11 +190,63 @@ async fn the_tunnel_port_bounds_connections_without_a_certificate() {
         addr,
         server_name: addr.ip().to_string(),
     };
-    let conn = dialer.dial(Transport::H2, &target).await.unwrap();
-    let opened = conn
-        .open_tunnel(&addr.to_string(), Duration::from_secs(5), &[])
-        .await;
-    assert!(opened.is_ok(), "{:?}", opened.err());
+    let conn = dialer
+        .dial(Transport::H2, &target)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.open_tunnel(&addr.to_string(), Duration::from_secs(5), &[])
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// A TCP connection to `addr` from the loopback address `from`.
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// When connections without a certificate from several sources hold the
+/// whole budget, a site still gets its tunnel over HTTP/2: the oldest idle
+/// connection is closed to make room, not the newcomer refused.
+#[tokio::test]
+async fn a_full_budget_evicts_the_oldest_idle_connection_for_a_site() {
+    const FULL: &str = "[tunnel]\nhandshake_timeout = \"30s\"\nunauthenticated_lifetime = \"30s\"\n\
+        max_unauthenticated_per_source = 2\nmax_unauthenticated = 4\n";
+    let broker = TestBroker::start(FULL).await;
+    let addr = broker.addr();
+    let site = TestSite::enroll(&broker, "limits-full").await;
+    let evicted = "tether_broker_connections_refused_total{listener=\"tunnel\",reason=\"evicted\"}";
+    let before = metric(evicted);
+    // Four idle connections from two other sources fill the budget, one
+    // at a time so that their order is known.
+    let mut idle = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        let open = metric("tether_broker_connections_open{listener=\"tunnel_unauthenticated\"}");
+        idle.push(connect_from(from, addr).await);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric("tether_broker_connections_open{listener=\"tunnel_unauthenticated\"}")
+            < open + 1.0
+        {
+            assert!(Instant::now() < deadline, "the connection was not counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The site comes in from a third source: admitted, the oldest idle
+    // connection closed, the tunnel opened.
+    h2_tunnel(&site, addr).await.unwrap();
+    assert!(
+        closed_within(&mut idle[0], Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the oldest idle connection was not evicted"
+    );
+    assert_eq!(metric(evicted), before + 1.0);
+    // The others are still open (their deadlines are 30 s away).
+    for s in &mut idle[1..] {
+        assert!(closed_within(s, Duration::from_millis(200)).await.is_none());
+    }
 }
 
 /// Connections whose clients have just gone still hold their places until
