@@ -86,8 +86,10 @@ impl Admissions {
 struct Unauthenticated {
     budget: Budget,
     id: u64,
-    /// Resolves when the budget evicted this connection for a newer one.
-    evicted: tokio::sync::oneshot::Receiver<()>,
+    /// Resolves when the budget evicted this connection for a newer one
+    /// (taken once it has resolved: a oneshot is polled to completion
+    /// only once).
+    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
     _open: crate::metrics::OpenConnection,
 }
 
@@ -101,14 +103,17 @@ impl Drop for Unauthenticated {
 
 /// Resolves when `unauthenticated` (if any) was evicted; never without one.
 async fn evicted(unauthenticated: &mut Option<Unauthenticated>) {
-    match unauthenticated {
-        Some(u) => {
-            // A dropped sender (released) is not an eviction.
-            if (&mut u.evicted).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
+    let Some(u) = unauthenticated.as_mut() else {
+        return std::future::pending().await;
+    };
+    let Some(told) = u.evicted.as_mut() else {
+        return std::future::pending().await;
+    };
+    let evicted = told.await.is_ok();
+    u.evicted = None;
+    // A dropped sender (the budget gone) is not an eviction.
+    if !evicted {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -172,7 +177,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
         let unauthenticated = Unauthenticated {
             budget: budget.clone(),
             id: admission,
-            evicted,
+            evicted: Some(evicted),
             _open: crate::metrics::OpenConnection::new("tunnel_unauthenticated"),
         };
         let _ = tcp.set_nodelay(true);
