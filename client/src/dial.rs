@@ -98,6 +98,27 @@ pub async fn resolve(endpoint: &Endpoint, cidr: IpNet) -> Result<Vec<Target>, Di
 /// A local UDP endpoint of the same family as `addr`, with enlarged socket
 /// buffers ([`tether_shell::udp::tune_socket`]).
 pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    client_endpoint_with(addr, quinn::EndpointConfig::default())
+}
+
+/// As [`client_endpoint`], for a connection whose packets are at most
+/// `udp_payload` bytes: the endpoint says so in its transport parameters
+/// (`max_udp_payload_size`), and the broker sends nothing larger on it.
+pub fn client_endpoint_sized(
+    addr: &SocketAddr,
+    udp_payload: u16,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(udp_payload)
+        .map_err(std::io::Error::other)?;
+    client_endpoint_with(addr, config)
+}
+
+fn client_endpoint_with(
+    addr: &SocketAddr,
+    config: quinn::EndpointConfig,
+) -> std::io::Result<quinn::Endpoint> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -109,12 +130,13 @@ pub fn client_endpoint(addr: &SocketAddr) -> std::io::Result<quinn::Endpoint> {
     tether_shell::udp::tune_socket(&socket);
     let runtime =
         tether_shell::quic::runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    quinn::Endpoint::new(config, None, socket, runtime)
 }
 
-/// Whether the broker at `addr` answers a 1200-byte QUIC packet of an
-/// unknown version (with Version Negotiation) within `timeout`.
-pub async fn answers_small_quic(addr: SocketAddr, timeout: Duration) -> bool {
+/// Whether the broker at `addr` answers a QUIC packet of `len` bytes (at
+/// least 1200) of an unknown version (with Version Negotiation) within
+/// `timeout`: whether the path carries UDP payloads of that size.
+pub async fn answers_quic_of(addr: SocketAddr, len: usize, timeout: Duration) -> bool {
     use tether_proto::quic_probe::{is_version_negotiation, version_probe};
     let local: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -128,7 +150,7 @@ pub async fn answers_small_quic(addr: SocketAddr, timeout: Duration) -> bool {
     if socket.connect(addr).await.is_err() {
         return false;
     }
-    let probe = version_probe(dcid, scid);
+    let probe = version_probe(dcid, scid, len);
     let wait = async {
         let mut buf = vec![0u8; 1500];
         // Two tries: one lost packet is not a verdict.

@@ -226,11 +226,14 @@ pub fn udp_blocked(failure: &str, tcp_ok: bool, cidr: ipnet::IpNet) -> String {
 /// large packets.
 pub fn udp_too_small() -> String {
     let payload = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
+    let narrow = tether_shell::quic::NARROW_UDP_PAYLOAD;
     format!(
-        "the QUIC handshake got no answer, yet the broker answers a {small}-byte QUIC packet: the path carries less than the {payload} bytes of UDP payload the HTTP/3 tunnel needs (a VPN, PPPoE or GRE link on the way?), so its packets are lost. tether uses TCP 443 (HTTP/2) instead, which adapts to the path; HTTP/3 needs a path MTU of {v4} bytes (IPv4) or {v6} (IPv6)",
+        "the QUIC handshake got no answer, yet the broker answers a {small}-byte QUIC packet: the path carries less than the {payload} bytes of UDP payload the HTTP/3 tunnel needs, and less than the {narrow} of its narrow form (a VPN, PPPoE or GRE link on the way?), so its packets are lost. tether uses TCP 443 (HTTP/2) instead, which adapts to the path; HTTP/3 needs a path MTU of {v4} bytes (IPv4) or {v6} (IPv6), and {full4} / {full6} for full-size packets",
         small = tether_proto::quic_probe::PROBE_LEN,
-        v4 = payload + 28,
-        v6 = payload + 48,
+        v4 = narrow + 28,
+        v6 = narrow + 48,
+        full4 = payload + 28,
+        full6 = payload + 48,
     )
 }
 
@@ -729,20 +732,27 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
         BrokerConn::H3 { client, .. } => {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let path = client.conn.stats().path.current_mtu;
-            let needed = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
+            let full = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
+            let needed = tether_shell::quic::NARROW_UDP_PAYLOAD;
             if client.conn.max_datagram_size().is_none() {
                 report.add(
                     "path mtu",
                     Level::Warn,
                     "the broker does not accept QUIC datagrams",
                 );
-            } else if path >= needed {
+            } else if path >= full {
                 report.add(
                     "path mtu",
                     Level::Ok,
                     format!(
-                        "the path carries UDP payloads of {path} bytes; the tunnel sends {needed}"
+                        "the path carries UDP payloads of {path} bytes; the tunnel sends {full}"
                     ),
+                );
+            } else if path >= needed {
+                report.add(
+                    "path mtu",
+                    Level::Warn,
+                    format!("the path carries UDP payloads of only {path} bytes, less than the tunnel's full {full}: the site uses HTTP/3 with {needed}-byte packets (a smaller tunnel MTU; something on the path to {cidr} has a small MTU)"),
                 );
             } else {
                 report.add(
@@ -855,7 +865,12 @@ mod tests {
     fn a_path_too_small_for_the_tunnel_is_named() {
         let text = udp_too_small();
         assert!(text.contains("less than the 1400 bytes"), "{text}");
-        assert!(text.contains("1428 bytes (IPv4)"), "{text}");
+        assert!(
+            text.contains("less than the 1320 of its narrow form"),
+            "{text}"
+        );
+        assert!(text.contains("1348 bytes (IPv4)"), "{text}");
+        assert!(text.contains("1428 / 1448 for full-size packets"), "{text}");
         assert!(!text.contains("blocked"), "{text}");
     }
 

@@ -137,61 +137,132 @@ pub struct Dialer {
 /// Why HTTP/3 to `addr` failed when only the small QUIC probe was answered.
 fn path_too_small(addr: std::net::SocketAddr, timeout: Duration) -> String {
     format!(
-        "HTTP/3 to {addr}: the QUIC handshake got no answer within {} s, yet the broker answers a {}-byte QUIC packet: the path carries less than the {} bytes of UDP payload the HTTP/3 tunnel needs, so HTTP/3 is not used on this path (HTTP/2 over TCP adapts to it)",
+        "HTTP/3 to {addr}: the QUIC handshake got no answer within {} s, yet the broker answers a {}-byte QUIC packet: the path carries less than the {} bytes of UDP payload the HTTP/3 tunnel needs, and less than the {} of its narrow form (which still carries IPv6's 1280-byte minimum inside), so HTTP/3 is not used on this path (HTTP/2 over TCP adapts to it)",
         timeout.as_secs_f64(),
         tether_proto::quic_probe::PROBE_LEN,
         tether_shell::quic::TUNNEL_UDP_PAYLOAD,
+        tether_shell::quic::NARROW_UDP_PAYLOAD,
     )
 }
 
+/// What the agent says when HTTP/3 to `addr` runs with the narrow packet
+/// size.
+fn narrow_path(addr: std::net::SocketAddr) -> String {
+    format!(
+        "HTTP/3 to {addr}: the path carries less than the {} bytes of UDP payload of the tunnel's full-size packets but carries {}: this connection uses {}-byte packets (a smaller tunnel MTU; something on the path, a VPN or PPPoE link, has a small MTU)",
+        tether_shell::quic::TUNNEL_UDP_PAYLOAD,
+        tether_shell::quic::NARROW_UDP_PAYLOAD,
+        tether_shell::quic::NARROW_UDP_PAYLOAD,
+    )
+}
+
+/// How a QUIC handshake ended.
+enum Handshake {
+    Done(quinn::Connection),
+    Failed(ConnectionError),
+    /// No answer within the timeout.
+    Silent,
+}
+
 impl Dialer {
+    /// A QUIC handshake with `target` from `endpoint` with `config`.
+    async fn handshake(
+        &self,
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        target: &Target,
+    ) -> Result<Handshake, Failure> {
+        let connecting = endpoint
+            .connect_with(config, target.addr, &target.server_name)
+            .map_err(|e| Failure::lost(format!("invalid broker address: {e}")))?;
+        Ok(match tokio::time::timeout(self.timeout, connecting).await {
+            Ok(Ok(conn)) => Handshake::Done(conn),
+            Ok(Err(e)) => Handshake::Failed(e),
+            Err(_) => Handshake::Silent,
+        })
+    }
+
+    /// HTTP/3 on a connection just made: the broker's SETTINGS must offer
+    /// CONNECT-IP with HTTP Datagrams.
+    async fn h3_over(
+        &self,
+        conn: quinn::Connection,
+        endpoint: quinn::Endpoint,
+    ) -> Result<BrokerConn, Failure> {
+        let mut client = H3Client::over(conn.clone())
+            .await
+            .map_err(|e| quic_failure(&conn, e))?;
+        match client.peer_settings(self.timeout).await {
+            Ok(s) if s.enable_connect_protocol && s.h3_datagram => {}
+            Ok(_) => {
+                return Err(Failure::refused(
+                    "the broker does not offer CONNECT-IP with HTTP Datagrams",
+                ));
+            }
+            Err(e) => return Err(quic_failure(&conn, e)),
+        }
+        Ok(BrokerConn::H3 { client, endpoint })
+    }
+
     /// Connects to `target` on `transport`.
     pub async fn dial(&self, transport: Transport, target: &Target) -> Result<BrokerConn, Failure> {
         match transport {
             Transport::H3 => {
+                use tether_shell::quic::NARROW_UDP_PAYLOAD;
                 let endpoint = dial::client_endpoint(&target.addr)
                     .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
-                let connecting = endpoint
-                    .connect_with(self.quic.clone(), target.addr, &target.server_name)
-                    .map_err(|e| Failure::lost(format!("invalid broker address: {e}")))?;
-                // Alongside the handshake, a small QUIC packet: if only that
-                // is answered, the path loses the tunnel's large packets.
-                let probe = tokio::spawn(dial::answers_small_quic(target.addr, self.timeout));
-                let conn = match tokio::time::timeout(self.timeout, connecting).await {
-                    Ok(Ok(conn)) => {
-                        probe.abort();
-                        conn
-                    }
-                    Ok(Err(e)) => {
-                        probe.abort();
-                        return Err(quic_error(&e));
-                    }
-                    Err(_) if probe.await.unwrap_or(false) => {
-                        return Err(Failure {
-                            path_too_small: true,
-                            ..Failure::lost(path_too_small(target.addr, self.timeout))
-                        });
-                    }
-                    Err(_) => {
-                        return Err(Failure::lost(format!(
-                            "no answer within {} s (is UDP 443 to the published CIDR allowed?)",
-                            self.timeout.as_secs_f64()
-                        )));
-                    }
+                // Alongside the handshake, two small QUIC packets: QUIC's
+                // minimum, and the narrow tunnel's size. If only they are
+                // answered, the path loses the tunnel's full-size packets;
+                // the narrow one answered, it carries the narrow tunnel.
+                let probe = |len: usize| {
+                    tokio::spawn(dial::answers_quic_of(target.addr, len, self.timeout))
                 };
-                let mut client = H3Client::over(conn.clone())
-                    .await
-                    .map_err(|e| quic_failure(&conn, e))?;
-                match client.peer_settings(self.timeout).await {
-                    Ok(s) if s.enable_connect_protocol && s.h3_datagram => {}
-                    Ok(_) => {
-                        return Err(Failure::refused(
-                            "the broker does not offer CONNECT-IP with HTTP Datagrams",
-                        ));
-                    }
-                    Err(e) => return Err(quic_failure(&conn, e)),
+                let small = probe(tether_proto::quic_probe::PROBE_LEN);
+                let narrow = probe(usize::from(NARROW_UDP_PAYLOAD));
+                let outcome = self.handshake(&endpoint, self.quic.clone(), target).await;
+                let silent = matches!(outcome, Ok(Handshake::Silent));
+                if !silent {
+                    small.abort();
+                    narrow.abort();
                 }
-                Ok(BrokerConn::H3 { client, endpoint })
+                match outcome? {
+                    Handshake::Done(conn) => return self.h3_over(conn, endpoint).await,
+                    Handshake::Failed(e) => return Err(quic_error(&e)),
+                    Handshake::Silent => {}
+                }
+                if !small.await.unwrap_or(false) {
+                    narrow.abort();
+                    return Err(Failure::lost(format!(
+                        "no answer within {} s (is UDP 443 to the published CIDR allowed?)",
+                        self.timeout.as_secs_f64()
+                    )));
+                }
+                if narrow.await.unwrap_or(false) {
+                    let narrow_config = h3client::quic_config(
+                        self.tls.clone(),
+                        tether_shell::quic::transport_config_sized(
+                            self.keepalive,
+                            self.keepalive * 2 + Duration::from_secs(2),
+                            NARROW_UDP_PAYLOAD,
+                        ),
+                    )
+                    .map_err(|e| Failure::lost(format!("{e:#}")))?;
+                    let endpoint = dial::client_endpoint_sized(&target.addr, NARROW_UDP_PAYLOAD)
+                        .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
+                    match self.handshake(&endpoint, narrow_config, target).await? {
+                        Handshake::Done(conn) => {
+                            tracing::warn!("{}", narrow_path(target.addr));
+                            return self.h3_over(conn, endpoint).await;
+                        }
+                        Handshake::Failed(e) => return Err(quic_error(&e)),
+                        Handshake::Silent => {}
+                    }
+                }
+                Err(Failure {
+                    path_too_small: true,
+                    ..Failure::lost(path_too_small(target.addr, self.timeout))
+                })
             }
             Transport::H2 | Transport::H2Proxy => {
                 let proxy = match transport {
@@ -564,8 +635,8 @@ impl BrokerConn {
                     e = client.conn.closed() => quic_failure(&client.conn, e),
                     () = tether_shell::quic::path_black_hole(&client.conn) => {
                         Failure::lost(format!(
-                            "{PATH_BLACK_HOLE_REASON} (the path's MTU narrowed below the \
-                             1428 bytes HTTP/3 needs?)"
+                            "{PATH_BLACK_HOLE_REASON} (the path's MTU narrowed below what \
+                             this connection's packets need?)"
                         ))
                     }
                 }

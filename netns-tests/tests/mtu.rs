@@ -6,13 +6,15 @@
 //! ```
 //!
 //! The broker's QUIC handshake packets (1400 bytes of UDP payload) do not
-//! cross such a path, so the site connects over HTTP/2 (TCP 443), whose
+//! cross such a path, nor its narrow form's (1320 bytes, for a tunnel MTU
+//! of 1280), so the site connects over HTTP/2 (TCP 443), whose
 //! segments the kernel sizes for the path. The backend must reach the site
 //! with packets that fit the tunnel, a TCP transfer of many segments must
 //! complete, and both the agent's log and `tether doctor` must say that the
 //! path is too small for HTTP/3 (not that a firewall blocks UDP). When the
 //! path narrows under a running HTTP/3 session, the site moves to HTTP/2
-//! with its address, and back to HTTP/3 when the path is wide again.
+//! with its address, and back to HTTP/3 when the path is wide again. On a
+//! path of 1360 bytes the site runs HTTP/3 with the narrow packets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -133,6 +135,93 @@ fn a_1280_byte_wan_path_is_not_a_black_hole() {
             );
         }
     }
+}
+
+/// A WAN path narrower than the tunnel's full-size packets but wide enough
+/// for its narrow form (an IP MTU of 1360: 1332 bytes of UDP payload,
+/// between 1320 and 1400): the site runs HTTP/3 with 1320-byte packets,
+/// its tunnel carries IPv6's minimum of 1280 bytes in both directions,
+/// and the agent's log and `tether doctor` say so.
+#[test]
+fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("").unwrap();
+    set_wan_mtu(&topo, "1360");
+    let state = topo.path("site-state");
+    topo.enroll("hospital-v", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        topo.wait_for_transport("h3", Duration::from_secs(20)),
+        "not on HTTP/3 over a 1360-byte path:\n{}",
+        read(&topo.path("site.log"))
+    );
+    let tun: usize = site_mtu(&topo, "tether0").parse().unwrap();
+    eprintln!("tunnel device MTU on a 1360-byte path: {tun}");
+    assert!(
+        (1280..1360).contains(&tun),
+        "tunnel device MTU {tun} on a narrow path"
+    );
+    // 1280-byte packets with DF, both IP versions, from the backend and
+    // back.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            ping(
+                &topo,
+                &["-c", "1", "-W", "1", "-M", "do", "-s", "1252", &addr],
+            )
+            .0
+        }),
+        "a 1280-byte IPv4 packet does not cross the narrow tunnel:\n{}",
+        read(&topo.path("site.log"))
+    );
+    let v6 = topo.site_address(6).expect("the site has an IPv6 address");
+    let (ok, out) = ping(
+        &topo,
+        &["-6", "-c", "1", "-W", "2", "-M", "do", "-s", "1232", &v6],
+    );
+    assert!(
+        ok,
+        "a 1280-byte IPv6 packet does not cross the narrow tunnel:\n{out}"
+    );
+    // A transfer of many full-size segments completes.
+    let page = "x".repeat(200 * 1024);
+    let _server = topo.serve_page(&page).unwrap();
+    let url = format!("http://{addr}:8080/index.html");
+    let out = topo
+        .backend
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+        ])
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        page.len().to_string(),
+        "a 200 KiB page did not cross the narrow tunnel"
+    );
+    let log = read(&topo.path("site.log"));
+    assert!(
+        log.contains("this connection uses 1320-byte packets"),
+        "the agent does not say it uses the narrow packets:\n{log}"
+    );
+    let state_arg = state.display().to_string();
+    let (doctor_ok, report) = topo.tether(&["doctor", "--state-dir", &state_arg], &[]);
+    eprintln!("doctor ok={doctor_ok}\n{report}");
+    assert!(doctor_ok, "doctor must exit 0: the site connects\n{report}");
+    assert!(
+        report.contains("the site uses HTTP/3 with 1320-byte packets"),
+        "doctor does not name the narrow path:\n{report}"
+    );
 }
 
 /// Sets the MTU of both ends of the hospital's WAN link.

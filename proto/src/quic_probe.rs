@@ -16,10 +16,14 @@ pub const PROBE_VERSION: u32 = 0x1a2a_3a4a;
 /// The size of the probe: QUIC's minimum for a client's first datagram.
 pub const PROBE_LEN: usize = 1200;
 
-/// A long-header packet of [`PROBE_VERSION`], padded to [`PROBE_LEN`],
-/// with destination connection ID `dcid` (8 bytes) and source `scid`.
-pub fn version_probe(dcid: [u8; 8], scid: [u8; 8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(PROBE_LEN);
+/// A long-header packet of [`PROBE_VERSION`], padded to `len` bytes (at
+/// least [`PROBE_LEN`]: a server answers only datagrams of a client's
+/// minimum size), with destination connection ID `dcid` (8 bytes) and
+/// source `scid`. A probe of the size of a tunnel's packets that is
+/// answered proves that the path carries packets of that size.
+pub fn version_probe(dcid: [u8; 8], scid: [u8; 8], len: usize) -> Vec<u8> {
+    let len = len.max(PROBE_LEN);
+    let mut p = Vec::with_capacity(len);
     // Long header, fixed bit, type Initial.
     p.push(0xc0);
     p.extend_from_slice(&PROBE_VERSION.to_be_bytes());
@@ -27,7 +31,7 @@ pub fn version_probe(dcid: [u8; 8], scid: [u8; 8]) -> Vec<u8> {
     p.extend_from_slice(&dcid);
     p.push(8);
     p.extend_from_slice(&scid);
-    p.resize(PROBE_LEN, 0);
+    p.resize(len, 0);
     p
 }
 
@@ -65,8 +69,9 @@ mod tests {
 
     #[test]
     fn the_probe_is_a_full_size_long_header_of_a_reserved_version() {
-        let p = version_probe(D, S);
+        let p = version_probe(D, S, 0);
         assert_eq!(p.len(), 1200);
+        assert_eq!(version_probe(D, S, 1320).len(), 1320);
         assert_eq!(p[0] & 0x80, 0x80);
         let version = u32::from_be_bytes([p[1], p[2], p[3], p[4]]);
         assert_eq!(version & 0x0f0f_0f0f, 0x0a0a_0a0a, "reserved version");

@@ -14,6 +14,16 @@ use quinn::{SendDatagramError, VarInt};
 /// paths with an IP MTU of 1428 bytes (IPv4) or 1448 (IPv6) and up.
 pub const TUNNEL_UDP_PAYLOAD: u16 = 1400;
 
+/// The UDP payload size of a tunnel on a narrower path, one that loses
+/// [`TUNNEL_UDP_PAYLOAD`]-byte packets but carries these (an IP MTU of
+/// 1348 to 1427 bytes over IPv4: an IPsec VPN on the way, say): the
+/// smallest that still carries IPv6's minimum of 1280 bytes inside. The
+/// site chooses it for the connection from what the path has answered
+/// (the broker follows the site's `max_udp_payload_size`); below it,
+/// HTTP/3 cannot carry the packets a tunnel must and the site uses
+/// HTTP/2.
+pub const NARROW_UDP_PAYLOAD: u16 = 1320;
+
 /// Bytes of datagrams a tunnel connection holds that arrived and were not
 /// read yet; beyond this the oldest are dropped (counted by
 /// [`DatagramReader`]).
@@ -46,6 +56,16 @@ pub const DATAGRAM_SEND_BUFFER: usize = 4 << 20;
 /// The QUIC transport settings of both ends of a tunnel: the broker's
 /// listener and the agent's (and test clients') connections.
 pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::TransportConfig {
+    transport_config_sized(keepalive, idle_timeout, TUNNEL_UDP_PAYLOAD)
+}
+
+/// As [`transport_config`], with packets of `udp_payload` bytes (a site's
+/// connection over a narrow path: [`NARROW_UDP_PAYLOAD`]).
+pub fn transport_config_sized(
+    keepalive: Duration,
+    idle_timeout: Duration,
+    udp_payload: u16,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keepalive));
     if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
@@ -58,8 +78,8 @@ pub fn transport_config(keepalive: Duration, idle_timeout: Duration) -> quinn::T
     // bytes, every full-size packet then exceeds the datagram limit and the
     // tunnel stalls until discovery climbs again a minute later. With the
     // minimum at the tunnel's size there is nothing to fall back to.
-    t.initial_mtu(TUNNEL_UDP_PAYLOAD);
-    t.min_mtu(TUNNEL_UDP_PAYLOAD);
+    t.initial_mtu(udp_payload);
+    t.min_mtu(udp_payload);
     t.mtu_discovery_config(None);
     t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
