@@ -35,6 +35,29 @@ fn ping(topo: &Topology, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// How many bytes the backend fetched of the page the site serves at
+/// `addr` (`curl`, at most 10 s).
+fn fetched_bytes(topo: &Topology, addr: &str) -> String {
+    let out = topo
+        .backend
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+        ])
+        .arg(format!("http://{addr}:8080/index.html"))
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    eprintln!("curl: {got} bytes, status {}", out.status);
+    got
+}
+
 /// The MTU of `dev` in the site namespace.
 fn site_mtu(topo: &Topology, dev: &str) -> String {
     let out = topo
@@ -76,26 +99,8 @@ fn a_1280_byte_wan_path_is_not_a_black_hole() {
 
     let page = "x".repeat(200 * 1024);
     let _server = topo.serve_page(&page).unwrap();
-    let url = format!("http://{addr}:8080/index.html");
     let fetched = wait_for(Duration::from_secs(30), || {
-        let out = topo
-            .backend
-            .command("curl")
-            .args([
-                "-s",
-                "-m",
-                "10",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download}",
-            ])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let got = String::from_utf8_lossy(&out.stdout).to_string();
-        eprintln!("curl: {got} bytes, status {}", out.status);
-        got.trim() == page.len().to_string()
+        fetched_bytes(&topo, &addr) == page.len().to_string()
     });
 
     let state_arg = state.display().to_string();
@@ -188,24 +193,8 @@ fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
     // A transfer of many full-size segments completes.
     let page = "x".repeat(200 * 1024);
     let _server = topo.serve_page(&page).unwrap();
-    let url = format!("http://{addr}:8080/index.html");
-    let out = topo
-        .backend
-        .command("curl")
-        .args([
-            "-s",
-            "-m",
-            "10",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{size_download}",
-        ])
-        .arg(&url)
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        fetched_bytes(&topo, &addr),
         page.len().to_string(),
         "a 200 KiB page did not cross the narrow tunnel"
     );
