@@ -139,6 +139,10 @@ struct Shell {
     leaving: Option<(std::net::SocketAddr, Instant)>,
     /// Problems for the site's timeline at the broker.
     problems: Problems,
+    /// Packets from an HTTP/2 tunnel on their way to the device (and
+    /// whether it offloads): those of one read of the stream are written
+    /// together, TCP segments coalesced, as the HTTP/3 pump does.
+    deliveries: Option<(bool, tether_shell::tun::DeviceBatch)>,
 }
 
 /// The fields of `new` other than `lans` that differ from `old`: they
@@ -266,6 +270,7 @@ pub async fn run_reporting(
         standby: None,
         leaving: None,
         problems,
+        deliveries: None,
     };
     if *shutdown.borrow() {
         core.handle_shutdown(Instant::now());
@@ -278,7 +283,10 @@ pub async fn run_reporting(
             }
             match core.poll_action() {
                 Some(action) => shell.act(action, &mut core).await?,
-                None => break,
+                None => {
+                    shell.flush_deliveries().await;
+                    break;
+                }
             }
         }
         if core.is_stopped() {
@@ -751,7 +759,18 @@ impl Shell {
     }
 
     /// Carries out one action of the core.
+    /// Writes the packets [`Action::Deliver`] gathered.
+    async fn flush_deliveries(&mut self) {
+        if let (Some(tun), Some((_, batch))) = (&self.tun, &mut self.deliveries) {
+            let _ = batch.write(&tun.dev).await;
+        }
+    }
+
     async fn act(&mut self, action: Action, core: &mut AgentCore) -> anyhow::Result<()> {
+        // Packets go to the device before whatever comes after them.
+        if !matches!(action, Action::Deliver(_)) {
+            self.flush_deliveries().await;
+        }
         match action {
             Action::Dial { order } => {
                 self.health.connecting();
@@ -818,7 +837,19 @@ impl Shell {
                 if let Some(tun) = &self.tun
                     && self.lan.to_device(&self.lan.current(), &mut packet)
                 {
-                    let _ = tether_shell::tun::write_one(&tun.dev, tun.offload, &packet).await;
+                    if self
+                        .deliveries
+                        .as_ref()
+                        .is_none_or(|(offload, _)| *offload != tun.offload)
+                    {
+                        self.deliveries = Some((
+                            tun.offload,
+                            tether_shell::tun::DeviceBatch::new(tun.offload),
+                        ));
+                    }
+                    if let Some((_, batch)) = self.deliveries.as_mut() {
+                        let _ = batch.push_or_write(&tun.dev, &packet).await;
+                    }
                 }
             }
             Action::SendCapsule(capsule) => {

@@ -11,6 +11,7 @@
 pub mod browser;
 pub mod cluster;
 pub mod lan;
+pub mod stream;
 pub mod topology;
 pub mod wan;
 

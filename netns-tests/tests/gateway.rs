@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tether_netns_tests::topology::{BROKER, Cloud, Gateway, Topology, gateway_entry, read};
-use tether_netns_tests::{binary, require_root, wait_for};
+use tether_netns_tests::{binary, require_root, stream, wait_for};
 
 const TABLE: u32 = 7300;
 
@@ -439,9 +439,10 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
     let (work, topo, eu, (gateway, log), _site, _addr) = site_behind_a_gateway();
 
     // A sink on the backend: counts datagrams until 2 s without one.
-    let (mut sink_proc, sink_log) = start_sink(
+    let (mut sink_proc, sink_log) = stream::start_script(
+        &eu.backend,
         work.path(),
-        &eu,
+        "sink",
         "import socket, sys\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE\n\
@@ -457,7 +458,9 @@ fn a_burst_queued_at_the_gateway_reaches_the_backend_whole() {
          except socket.timeout:\n\
          \x20   pass\n\
          print('received', n, flush=True)\n",
-    );
+        &[],
+    )
+    .unwrap();
 
     // Freeze the gateway, send the burst from the site, and wait until
     // the broker has handed it over (the gateway's socket stops filling).
@@ -563,61 +566,13 @@ fn a_tcp_stream_from_the_site_reaches_the_backend_whole_and_coalesced() {
 
     // The backend counts and hashes what arrives; the site sends a
     // pseudo-random stream and hashes what it sent.
-    let (mut sink_proc, sink_log) = start_sink(
-        work.path(),
-        &eu,
-        "import hashlib, socket\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
-         s.bind(('0.0.0.0', 9998))\n\
-         s.listen(1)\n\
-         print('ready', flush=True)\n\
-         s.settimeout(60)\n\
-         c, _ = s.accept()\n\
-         c.settimeout(60)\n\
-         h, n = hashlib.sha256(), 0\n\
-         while True:\n\
-         \x20   b = c.recv(1 << 20)\n\
-         \x20   if not b:\n\
-         \x20       break\n\
-         \x20   h.update(b); n += len(b)\n\
-         print('received', n, h.hexdigest(), flush=True)\n",
-    );
-    let device_writes = || -> u64 {
-        let text = eu
-            .node
-            .run("cat", &["/sys/class/net/tether-gw0/statistics/rx_packets"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        text.parse().unwrap_or(0)
-    };
+    let (mut sink, sink_log) = stream::start_sink(&eu.backend, work.path(), 9998).unwrap();
+    let device_writes = || stream::device_writes(&eu.node, "tether-gw0");
     let from_broker = "tether_gateway_packets_total{direction=\"from_broker\"}";
     let (writes_before, packets_before) = (device_writes(), gateway_metric(&eu, from_broker));
-    let send = format!(
-        "import hashlib, random, socket\n\
-         rng = random.Random(7)\n\
-         h = hashlib.sha256()\n\
-         s = socket.create_connection(('{}', 9998), timeout=60)\n\
-         left = {BYTES}\n\
-         while left:\n\
-         \x20   b = rng.randbytes(min(left, 1 << 18))\n\
-         \x20   s.sendall(b); h.update(b); left -= len(b)\n\
-         s.shutdown(socket.SHUT_WR)\n\
-         s.recv(1)\n\
-         print(h.hexdigest())\n",
-        eu.backend_addr
-    );
-    let sent = topo.site.run("python3", &["-c", &send]).unwrap();
-    assert!(sent.status.success(), "{sent:?}\n{}", read(&log));
-    let sent_hash = String::from_utf8_lossy(&sent.stdout).trim().to_string();
-    assert!(
-        sink_proc.wait_exit(Duration::from_secs(60)),
-        "sink did not finish"
-    );
-    let received = read(&sink_log);
-    assert!(
-        received.contains(&format!("received {BYTES} {sent_hash}")),
-        "the stream did not arrive whole (sent {BYTES} bytes, sha256 {sent_hash}):\n{received}"
-    );
+    let sent = stream::send(&topo.site, &eu.backend_addr, 9998, BYTES)
+        .unwrap_or_else(|e| panic!("{e}\n{}", read(&log)));
+    stream::received_whole(&mut sink, &sink_log, BYTES, &sent).unwrap();
     let writes = device_writes() - writes_before;
     let packets = gateway_metric(&eu, from_broker) - packets_before;
     println!("{packets} packets from the broker in {writes} device writes");
@@ -742,27 +697,4 @@ fn forged_wireguard_datagrams_are_counted_at_the_gateway() {
         "{}",
         read(&log)
     );
-}
-
-/// Starts `script` (Python) on the backend behind `eu` and waits until it
-/// prints "ready"; its output goes to the returned log.
-fn start_sink(
-    work: &Path,
-    eu: &Cloud,
-    script: &str,
-) -> (tether_netns_tests::Proc, std::path::PathBuf) {
-    let sink = work.join("sink.py");
-    std::fs::write(&sink, script).unwrap();
-    let sink_log = work.join("sink.log");
-    let proc = eu
-        .backend
-        .spawn(
-            "python3",
-            &[&sink.display().to_string()],
-            Some(sink_log.clone()),
-        )
-        .unwrap();
-    assert!(wait_for(Duration::from_secs(10), || read(&sink_log)
-        .contains("ready")));
-    (proc, sink_log)
 }

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use tether_netns_tests::topology::{BROKER, SITE_LAN, Topology, read};
-use tether_netns_tests::{require_root, wait_for};
+use tether_netns_tests::topology::{BROKER, Egress, SITE_LAN, Topology, read};
+use tether_netns_tests::{require_root, stream, wait_for};
 
 #[test]
 fn backend_reaches_the_site_through_the_firewall() {
@@ -346,4 +346,43 @@ fn a_site_of_a_foreign_ca_is_refused_and_gets_nothing() {
         "nothing registered or allocated"
     );
     assert!(!topo.broker_cli(&["sessions"]).unwrap().contains("impostor"));
+}
+
+/// Over HTTP/2 (the hospital drops UDP 443) a TCP stream from the backend
+/// reaches the site byte for byte, and the agent hands the packets of each
+/// read of the stream to its device together, the segments of a flow
+/// coalesced: far fewer device writes than segments (the kernel takes a
+/// coalesced segment only with consistent lengths and checksums, so a
+/// wrong one would stall the stream).
+#[test]
+fn over_http2_a_tcp_stream_reaches_the_site_whole_and_coalesced() {
+    if !require_root() {
+        return;
+    }
+    const BYTES: usize = 24 << 20;
+    let topo = Topology::new("").unwrap();
+    topo.set_egress(Egress::TcpOnly).unwrap();
+    let state = topo.path("site-state");
+    topo.enroll("hospital-h2", &state).unwrap();
+    let (_site, addr) = topo.up(&state, "site.log").unwrap();
+    assert!(
+        topo.wait_for_transport("h2", Duration::from_secs(20)),
+        "{}",
+        read(&topo.path("site.log"))
+    );
+    assert!(wait_for(Duration::from_secs(10), || topo.backend_pings(&addr)));
+    let work = tempfile::tempdir().unwrap();
+    let (mut sink, sink_log) = stream::start_sink(&topo.site, work.path(), 9998).unwrap();
+    let before = stream::device_writes(&topo.site, "tether0");
+    let sent = stream::send(&topo.backend, &addr, 9998, BYTES)
+        .unwrap_or_else(|e| panic!("{e}\n{}", read(&topo.path("site.log"))));
+    stream::received_whole(&mut sink, &sink_log, BYTES, &sent).unwrap();
+    let writes = stream::device_writes(&topo.site, "tether0") - before;
+    // At most 1,400 bytes of payload a segment inside the tunnel.
+    let segments = BYTES / 1400;
+    println!("{BYTES} bytes (at least {segments} segments) in {writes} device writes");
+    assert!(
+        writes * 4 < segments as u64,
+        "{BYTES} bytes took {writes} device writes at the site: not coalesced"
+    );
 }
