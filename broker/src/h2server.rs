@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -117,6 +117,22 @@ async fn evicted(unauthenticated: &mut Option<Unauthenticated>) {
     }
 }
 
+/// A request being served, counted while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts and logs the eviction of a connection without a certificate.
 fn log_eviction(remote: SocketAddr) {
     crate::metrics::connection_refused("tunnel", "evicted");
@@ -163,7 +179,11 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
         };
         let admitted = match budget.lock() {
             Ok(mut b) => b.admit(remote.ip()),
-            Err(_) => continue,
+            Err(_) => {
+                crate::metrics::connection_refused("tunnel", "limit");
+                tracing::error!(%remote, "TCP connection closed at once: the budget's lock is poisoned");
+                continue;
+            }
         };
         let (admission, evicted) = match admitted {
             Ok(a) => a,
@@ -309,6 +329,8 @@ async fn handle_connection(
         })
     });
     let mut closing = false;
+    // Requests of this connection being served.
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut draining = broker.draining();
     // Asked to move only by a request made after the connection opened.
     let mut moves = broker.moves();
@@ -342,7 +364,11 @@ async fn handle_connection(
                         );
                     }
                     let conn = conn.clone();
-                    tokio::spawn(async move { handle_request(conn, request, respond).await });
+                    let serving = InFlight::new(&in_flight);
+                    tokio::spawn(async move {
+                        handle_request(conn, request, respond).await;
+                        drop(serving);
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "HTTP/2 connection failed");
@@ -352,7 +378,12 @@ async fn handle_connection(
             },
             () = evicted(&mut unauthenticated) => {
                 log_eviction(remote);
-                break;
+                // A request in progress (an enrollment spending its code)
+                // is finished and answered first; nothing new is taken.
+                if in_flight.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
+                h2.graceful_shutdown();
             }
             () = sleep_until_some(deadline) => {
                 crate::metrics::connection_refused("tunnel", "deadline");

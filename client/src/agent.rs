@@ -758,7 +758,6 @@ impl Shell {
         })
     }
 
-    /// Carries out one action of the core.
     /// Writes the packets [`Action::Deliver`] gathered.
     async fn flush_deliveries(&mut self) {
         if let (Some(tun), Some((_, batch))) = (&self.tun, &mut self.deliveries) {
@@ -766,6 +765,7 @@ impl Shell {
         }
     }
 
+    /// Carries out one action of the core.
     async fn act(&mut self, action: Action, core: &mut AgentCore) -> anyhow::Result<()> {
         // Packets go to the device before whatever comes after them.
         if !matches!(action, Action::Deliver(_)) {

@@ -146,6 +146,11 @@ pub async fn answers_quic_of(addr: SocketAddr, len: usize, timeout: Duration) ->
     let Ok(socket) = tokio::net::UdpSocket::bind(local).await else {
         return false;
     };
+    // Fragments would cross a path that loses the tunnel's packets: the
+    // probe goes whole or not at all, as they do.
+    if tether_shell::udp::never_fragment(&socket).is_err() {
+        return false;
+    }
     let (dcid, scid): ([u8; 8], [u8; 8]) = (rand::random(), rand::random());
     if socket.connect(addr).await.is_err() {
         return false;

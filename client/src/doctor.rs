@@ -727,18 +727,27 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
     }
 
     // Path MTU: what QUIC's path MTU discovery finds (HTTP/3 only), against
-    // the fixed packet size of the tunnel.
+    // the fixed packet size of the tunnel; a connection the dial had to
+    // make with the narrow size says so instead (it searches nothing).
     match &conn {
-        BrokerConn::H3 { client, .. } => {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let path = client.conn.stats().path.current_mtu;
+        BrokerConn::H3 { client, narrow, .. } => {
             let full = tether_shell::quic::TUNNEL_UDP_PAYLOAD;
-            let needed = tether_shell::quic::NARROW_UDP_PAYLOAD;
+            let small = tether_shell::quic::NARROW_UDP_PAYLOAD;
+            if !*narrow {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            let path = client.conn.stats().path.current_mtu;
             if client.conn.max_datagram_size().is_none() {
                 report.add(
                     "path mtu",
                     Level::Warn,
                     "the broker does not accept QUIC datagrams",
+                );
+            } else if *narrow {
+                report.add(
+                    "path mtu",
+                    Level::Warn,
+                    format!("the path loses QUIC packets of the tunnel's full {full} bytes but carries {small}: the site uses HTTP/3 with {small}-byte packets (a tunnel MTU of 1280; something on the path to {cidr} has a small MTU)"),
                 );
             } else if path >= full {
                 report.add(
@@ -748,17 +757,11 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
                         "the path carries UDP payloads of {path} bytes; the tunnel sends {full}"
                     ),
                 );
-            } else if path >= needed {
-                report.add(
-                    "path mtu",
-                    Level::Warn,
-                    format!("the path carries UDP payloads of only {path} bytes, less than the tunnel's full {full}: the site uses HTTP/3 with {needed}-byte packets (a smaller tunnel MTU; something on the path to {cidr} has a small MTU)"),
-                );
             } else {
                 report.add(
                     "path mtu",
                     Level::Fail,
-                    format!("the path carries UDP payloads of only {path} bytes, the tunnel sends {needed}: full-size packets would be lost over HTTP/3 (something on the path to {cidr} has a small MTU; ask hospital IT, or block UDP 443 so the site uses HTTP/2)"),
+                    format!("the path carries UDP payloads of only {path} bytes, the tunnel sends {full}: full-size packets would be lost over HTTP/3 (something on the path to {cidr} has a small MTU; ask hospital IT, or block UDP 443 so the site uses HTTP/2)"),
                 );
             }
         }

@@ -156,6 +156,22 @@ fn narrow_path(addr: std::net::SocketAddr) -> String {
     )
 }
 
+/// A path probe running beside a handshake; aborted when dropped.
+struct Probe(tokio::task::JoinHandle<bool>);
+
+impl Probe {
+    /// Whether the probe was answered (waits for its verdict).
+    async fn answered(mut self) -> bool {
+        (&mut self.0).await.unwrap_or(false)
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How a QUIC handshake ended.
 enum Handshake {
     Done(quinn::Connection),
@@ -188,6 +204,7 @@ impl Dialer {
         &self,
         conn: quinn::Connection,
         endpoint: quinn::Endpoint,
+        narrow: bool,
     ) -> Result<BrokerConn, Failure> {
         let mut client = H3Client::over(conn.clone())
             .await
@@ -201,7 +218,11 @@ impl Dialer {
             }
             Err(e) => return Err(quic_failure(&conn, e)),
         }
-        Ok(BrokerConn::H3 { client, endpoint })
+        Ok(BrokerConn::H3 {
+            client,
+            endpoint,
+            narrow,
+        })
     }
 
     /// Connects to `target` on `transport`.
@@ -215,30 +236,30 @@ impl Dialer {
                 // minimum, and the narrow tunnel's size. If only they are
                 // answered, the path loses the tunnel's full-size packets;
                 // the narrow one answered, it carries the narrow tunnel.
+                // (Aborted when dropped: a dial given up ends its probes.)
                 let probe = |len: usize| {
-                    tokio::spawn(dial::answers_quic_of(target.addr, len, self.timeout))
+                    Probe(tokio::spawn(dial::answers_quic_of(
+                        target.addr,
+                        len,
+                        self.timeout,
+                    )))
                 };
-                let small = probe(tether_proto::quic_probe::PROBE_LEN);
-                let narrow = probe(usize::from(NARROW_UDP_PAYLOAD));
-                let outcome = self.handshake(&endpoint, self.quic.clone(), target).await;
-                let silent = matches!(outcome, Ok(Handshake::Silent));
-                if !silent {
-                    small.abort();
-                    narrow.abort();
-                }
-                match outcome? {
-                    Handshake::Done(conn) => return self.h3_over(conn, endpoint).await,
+                let (small, narrow) = (
+                    probe(tether_proto::quic_probe::PROBE_LEN),
+                    probe(usize::from(NARROW_UDP_PAYLOAD)),
+                );
+                match self.handshake(&endpoint, self.quic.clone(), target).await? {
+                    Handshake::Done(conn) => return self.h3_over(conn, endpoint, false).await,
                     Handshake::Failed(e) => return Err(quic_error(&e)),
                     Handshake::Silent => {}
                 }
-                if !small.await.unwrap_or(false) {
-                    narrow.abort();
+                if !small.answered().await {
                     return Err(Failure::lost(format!(
                         "no answer within {} s (is UDP 443 to the published CIDR allowed?)",
                         self.timeout.as_secs_f64()
                     )));
                 }
-                if narrow.await.unwrap_or(false) {
+                if narrow.answered().await {
                     let narrow_config = h3client::quic_config(
                         self.tls.clone(),
                         tether_shell::quic::transport_config_sized(
@@ -253,10 +274,13 @@ impl Dialer {
                     match self.handshake(&endpoint, narrow_config, target).await? {
                         Handshake::Done(conn) => {
                             tracing::warn!("{}", narrow_path(target.addr));
-                            return self.h3_over(conn, endpoint).await;
+                            return self.h3_over(conn, endpoint, true).await;
                         }
                         Handshake::Failed(e) => return Err(quic_error(&e)),
-                        Handshake::Silent => {}
+                        Handshake::Silent => tracing::info!(
+                            broker = %target.addr,
+                            "the path answered a {NARROW_UDP_PAYLOAD}-byte QUIC packet but not a handshake with packets of that size"
+                        ),
                     }
                 }
                 Err(Failure {
@@ -430,6 +454,10 @@ pub enum BrokerConn {
         client: H3Client,
         /// Its UDP endpoint.
         endpoint: quinn::Endpoint,
+        /// Whether the connection uses the narrow packet size
+        /// ([`tether_shell::quic::NARROW_UDP_PAYLOAD`]): the path did not
+        /// carry the full size.
+        narrow: bool,
     },
     /// HTTP/2 over TCP (maybe through a proxy).
     H2(H2Client),

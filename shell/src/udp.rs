@@ -25,6 +25,15 @@ pub fn tune_socket(socket: &std::net::UdpSocket) {
     }
 }
 
+/// Makes `socket` send every datagram whole with "don't fragment", however
+/// small a path MTU the kernel has learned (Linux's `IP_PMTUDISC_PROBE`
+/// and its IPv6 twin, as quinn's own sockets): a datagram too large for
+/// the path is lost instead of split into fragments, so an answer to it
+/// proves that the path carries its size.
+pub fn never_fragment(socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    quinn_udp::UdpSocketState::new(socket.into()).map(|_| ())
+}
+
 /// Why [`bind_pair`] failed: which protocol, and the error.
 #[derive(Debug)]
 pub struct BindError {

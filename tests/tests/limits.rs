@@ -207,13 +207,21 @@ async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
     socket.connect(addr).await.unwrap()
 }
 
+/// Held by the tests that make the broker evict, so that each counts its
+/// own evictions (the metric is the process's).
+static EVICTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Small caps of connections without a certificate, and deadlines far
+/// enough not to interfere.
+const FULL: &str = "[tunnel]\nhandshake_timeout = \"30s\"\nunauthenticated_lifetime = \"30s\"\n\
+    max_unauthenticated_per_source = 2\nmax_unauthenticated = 4\n";
+
 /// When connections without a certificate from several sources hold the
 /// whole budget, a site still gets its tunnel over HTTP/2: the oldest idle
 /// connection is closed to make room, not the newcomer refused.
 #[tokio::test]
 async fn a_full_budget_evicts_the_oldest_idle_connection_for_a_site() {
-    const FULL: &str = "[tunnel]\nhandshake_timeout = \"30s\"\nunauthenticated_lifetime = \"30s\"\n\
-        max_unauthenticated_per_source = 2\nmax_unauthenticated = 4\n";
+    let _alone = EVICTING.lock().await;
     let broker = TestBroker::start(FULL).await;
     let addr = broker.addr();
     let site = TestSite::enroll(&broker, "limits-full").await;
@@ -222,16 +230,9 @@ async fn a_full_budget_evicts_the_oldest_idle_connection_for_a_site() {
     // Four idle connections from two other sources fill the budget, one
     // at a time so that their order is known.
     let mut idle = Vec::new();
+    // (The broker accepts connections in the order they were made.)
     for from in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
-        let open = metric("tether_broker_connections_open{listener=\"tunnel_unauthenticated\"}");
         idle.push(connect_from(from, addr).await);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metric("tether_broker_connections_open{listener=\"tunnel_unauthenticated\"}")
-            < open + 1.0
-        {
-            assert!(Instant::now() < deadline, "the connection was not counted");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
     // The site comes in from a third source: admitted, the oldest idle
     // connection closed, the tunnel opened.
@@ -276,4 +277,77 @@ async fn a_client_right_after_the_holders_leave_is_served() {
         refused, 0,
         "{refused} of 30 clients were refused after the holders left"
     );
+}
+
+/// A connection the full budget evicts while it serves an enrollment
+/// finishes that request and answers it (the code is spent by then),
+/// instead of being cut off with the code spent and no certificate sent.
+#[tokio::test]
+async fn an_evicted_connection_finishes_the_enrollment_it_serves() {
+    let _alone = EVICTING.lock().await;
+    use tether_proto::api::{ENROLL_PATH, EnrollRequest};
+    let broker = TestBroker::start(FULL).await;
+    let addr = broker.addr();
+    let code = broker.token("limits-enroll").await;
+    let (_, csr) = tether_pki::ca::site_key_and_csr("limits-enroll").unwrap();
+    let body = serde_json::to_vec(&EnrollRequest {
+        token: code,
+        csr: data_encoding::BASE64.encode(&csr),
+    })
+    .unwrap();
+    let evicted = "tether_broker_connections_refused_total{listener=\"tunnel\",reason=\"evicted\"}";
+
+    // The enrollment starts: TLS without a certificate, HTTP/2, the
+    // request's headers and half of its body.
+    let ca = broker.broker().ca.cert_der();
+    let tls = tether_pki::tls::client_config(&ca, None).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = connect_from("127.0.0.4", addr).await;
+    let name = rustls::pki_types::ServerName::try_from(addr.ip().to_string()).unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let (mut requests, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let request = axum::http::Request::post(format!("https://{addr}{ENROLL_PATH}"))
+        .body(())
+        .unwrap();
+    let (response, mut upload) = requests.send_request(request, false).unwrap();
+    let half = body.len() / 2;
+    upload
+        .send_data(bytes::Bytes::copy_from_slice(&body[..half]), false)
+        .unwrap();
+    // Time for the broker to take the request up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Four idle connections from other sources fill the budget; the
+    // enrolling connection, the oldest, is evicted.
+    let before = metric(evicted);
+    let mut idle = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        idle.push(connect_from(from, addr).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(evicted) < before + 1.0 {
+        assert!(Instant::now() < deadline, "nothing was evicted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The rest of the body: the enrollment is answered with the
+    // certificate.
+    upload
+        .send_data(bytes::Bytes::copy_from_slice(&body[half..]), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer within 10 s")
+        .expect("the enrollment was answered, not cut off");
+    assert_eq!(response.status(), 200);
+    let mut answer = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk.unwrap();
+        let _ = answer.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("limits-enroll"), "{text}");
 }
