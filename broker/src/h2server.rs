@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -26,9 +26,10 @@ use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tether_pki::PeerCert;
 use tether_proto::broker::{CloseAction, RequestKind, classify_request};
+use tether_proto::limits::SourceBudget;
 use tether_proto::tunnel::Transport;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::enroll::Reply;
@@ -46,40 +47,9 @@ pub const WINDOW: u32 = 8 << 20;
 pub const QUEUE: usize = 1024;
 
 /// The budget of connections not yet past a client certificate, shared by
-/// the accept loop and the connections, with the way to close each one
-/// the budget evicts.
-type Budget = Arc<std::sync::Mutex<Admissions>>;
-
-#[derive(Debug)]
-struct Admissions {
-    budget: tether_proto::limits::SourceBudget,
-    evict: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Admissions {
-    /// Admits a connection from `ip`: its id and what tells it that it
-    /// was evicted (the oldest is told at once when this one takes its
-    /// place).
-    fn admit(
-        &mut self,
-        ip: std::net::IpAddr,
-    ) -> Result<(u64, tokio::sync::oneshot::Receiver<()>), tether_proto::limits::Refusal> {
-        let admitted = self.budget.admit(ip)?;
-        if let Some(old) = admitted.evicted
-            && let Some(tell) = self.evict.remove(&old)
-        {
-            let _ = tell.send(());
-        }
-        let (tell, told) = tokio::sync::oneshot::channel();
-        self.evict.insert(admitted.id, tell);
-        Ok((admitted.id, told))
-    }
-
-    fn release(&mut self, id: u64) {
-        self.budget.release(id);
-        self.evict.remove(&id);
-    }
-}
+/// the accept loop and the connections; each admitted connection is held
+/// with what tells it that it was evicted.
+type Budget = Arc<std::sync::Mutex<SourceBudget<oneshot::Sender<()>>>>;
 
 /// A connection counted against the [`Budget`] until it proves its
 /// identity or closes.
@@ -89,7 +59,7 @@ struct Unauthenticated {
     /// Resolves when the budget evicted this connection for a newer one
     /// (taken once it has resolved: a oneshot is polled to completion
     /// only once).
-    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
+    evicted: Option<oneshot::Receiver<()>>,
     _open: crate::metrics::OpenConnection,
 }
 
@@ -117,22 +87,6 @@ async fn evicted(unauthenticated: &mut Option<Unauthenticated>) {
     }
 }
 
-/// A request being served, counted while it lives.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Counts and logs the eviction of a connection without a certificate.
 fn log_eviction(remote: SocketAddr) {
     crate::metrics::connection_refused("tunnel", "evicted");
@@ -156,13 +110,10 @@ pub fn listener(socket: std::net::TcpListener) -> anyhow::Result<TcpListener> {
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcceptor) {
     let ids = Arc::new(AtomicU64::new(1));
     let limits = &broker.config.tunnel_limits;
-    let budget: Budget = Arc::new(std::sync::Mutex::new(Admissions {
-        budget: tether_proto::limits::SourceBudget::new(
-            limits.max_unauthenticated_per_source,
-            limits.max_unauthenticated,
-        ),
-        evict: std::collections::HashMap::new(),
-    }));
+    let budget: Budget = Arc::new(std::sync::Mutex::new(SourceBudget::new(
+        limits.max_unauthenticated_per_source,
+        limits.max_unauthenticated,
+    )));
     let mut backoff = tether_shell::accept::AcceptBackoff::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -177,16 +128,23 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, acceptor: TlsAcce
                 continue;
             }
         };
+        let (tell, evicted) = oneshot::channel();
         let admitted = match budget.lock() {
-            Ok(mut b) => b.admit(remote.ip()),
+            Ok(mut b) => b.admit(remote.ip(), tell),
             Err(_) => {
                 crate::metrics::connection_refused("tunnel", "limit");
                 tracing::error!(%remote, "TCP connection closed at once: the budget's lock is poisoned");
                 continue;
             }
         };
-        let (admission, evicted) = match admitted {
-            Ok(a) => a,
+        let admission = match admitted {
+            Ok(a) => {
+                // The oldest, evicted to make room, is told to close.
+                if let Some((_, tell)) = a.evicted {
+                    let _ = tell.send(());
+                }
+                a.id
+            }
             Err(refusal) => {
                 crate::metrics::connection_refused("tunnel", refusal.as_str());
                 tracing::debug!(%remote, %refusal, "TCP connection closed at once");
@@ -329,8 +287,8 @@ async fn handle_connection(
         })
     });
     let mut closing = false;
-    // Requests of this connection being served.
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Held by each request of this connection being served.
+    let in_flight = Arc::new(());
     let mut draining = broker.draining();
     // Asked to move only by a request made after the connection opened.
     let mut moves = broker.moves();
@@ -364,7 +322,7 @@ async fn handle_connection(
                         );
                     }
                     let conn = conn.clone();
-                    let serving = InFlight::new(&in_flight);
+                    let serving = in_flight.clone();
                     tokio::spawn(async move {
                         handle_request(conn, request, respond).await;
                         drop(serving);
@@ -380,7 +338,7 @@ async fn handle_connection(
                 log_eviction(remote);
                 // A request in progress (an enrollment spending its code)
                 // is finished and answered first; nothing new is taken.
-                if in_flight.load(Ordering::Relaxed) == 0 {
+                if Arc::strong_count(&in_flight) == 1 {
                     break;
                 }
                 h2.graceful_shutdown();

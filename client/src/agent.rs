@@ -139,10 +139,10 @@ struct Shell {
     leaving: Option<(std::net::SocketAddr, Instant)>,
     /// Problems for the site's timeline at the broker.
     problems: Problems,
-    /// Packets from an HTTP/2 tunnel on their way to the device (and
-    /// whether it offloads): those of one read of the stream are written
-    /// together, TCP segments coalesced, as the HTTP/3 pump does.
-    deliveries: Option<(bool, tether_shell::tun::DeviceBatch)>,
+    /// Packets from an HTTP/2 tunnel on their way to the device: those of
+    /// one read of the stream are written together, TCP segments
+    /// coalesced, as the HTTP/3 pump does (made for the device, with it).
+    deliveries: Option<tether_shell::tun::DeviceBatch>,
 }
 
 /// The fields of `new` other than `lans` that differ from `old`: they
@@ -760,7 +760,7 @@ impl Shell {
 
     /// Writes the packets [`Action::Deliver`] gathered.
     async fn flush_deliveries(&mut self) {
-        if let (Some(tun), Some((_, batch))) = (&self.tun, &mut self.deliveries) {
+        if let (Some(tun), Some(batch)) = (&self.tun, &mut self.deliveries) {
             let _ = batch.write(&tun.dev).await;
         }
     }
@@ -837,19 +837,8 @@ impl Shell {
                 if let Some(tun) = &self.tun
                     && self.lan.to_device(&self.lan.current(), &mut packet)
                 {
-                    if self
-                        .deliveries
-                        .as_ref()
-                        .is_none_or(|(offload, _)| *offload != tun.offload)
-                    {
-                        self.deliveries = Some((
-                            tun.offload,
-                            tether_shell::tun::DeviceBatch::new(tun.offload),
-                        ));
-                    }
-                    if let Some((_, batch)) = self.deliveries.as_mut() {
-                        let _ = batch.push_or_write(&tun.dev, &packet).await;
-                    }
+                    let batch = self.deliveries.get_or_insert_with(|| tun.write_batch());
+                    let _ = batch.push_or_write(&tun.dev, &packet).await;
                 }
             }
             Action::SendCapsule(capsule) => {

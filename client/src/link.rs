@@ -20,7 +20,6 @@ use tether_proto::datagram::{self, MAX_CAPSULE_PREFIX, STREAM_MTU};
 use tether_proto::h3::error::H3_REQUEST_REJECTED;
 use tether_proto::h3::{MessageDecoder, MessageEvent, Request};
 use tether_proto::tunnel::Transport;
-use tether_shell::quic::transport_config;
 use tokio::sync::mpsc;
 
 use crate::dial::{self, Target};
@@ -156,6 +155,18 @@ fn narrow_path(addr: std::net::SocketAddr) -> String {
     )
 }
 
+/// The QUIC transport of a site's connection with packets of
+/// `udp_payload` bytes: silence for two keepalive intervals (and a
+/// margin) means the broker is gone; a restarted broker resets the
+/// connection sooner.
+fn site_transport(keepalive: Duration, udp_payload: u16) -> quinn::TransportConfig {
+    tether_shell::quic::transport_config_sized(
+        keepalive,
+        keepalive * 2 + Duration::from_secs(2),
+        udp_payload,
+    )
+}
+
 /// A path probe running beside a handshake; aborted when dropped.
 struct Probe(tokio::task::JoinHandle<bool>);
 
@@ -262,11 +273,7 @@ impl Dialer {
                 if narrow.answered().await {
                     let narrow_config = h3client::quic_config(
                         self.tls.clone(),
-                        tether_shell::quic::transport_config_sized(
-                            self.keepalive,
-                            self.keepalive * 2 + Duration::from_secs(2),
-                            NARROW_UDP_PAYLOAD,
-                        ),
+                        site_transport(self.keepalive, NARROW_UDP_PAYLOAD),
                     )
                     .map_err(|e| Failure::lost(format!("{e:#}")))?;
                     let endpoint = dial::client_endpoint_sized(&target.addr, NARROW_UDP_PAYLOAD)
@@ -409,14 +416,9 @@ impl Dialer {
         let identity = present.then_some((creds.chain, creds.key));
         let tls =
             tether_pki::tls::client_config_trusting(&creds.bundle, identity, clock_offset_secs)?;
-        // Silence for two keepalive intervals (and a margin) means the broker
-        // is gone; a restarted broker resets the connection sooner.
         let quic = h3client::quic_config(
             tls.clone(),
-            transport_config(
-                config.keepalive,
-                config.keepalive * 2 + Duration::from_secs(2),
-            ),
+            site_transport(config.keepalive, tether_shell::quic::TUNNEL_UDP_PAYLOAD),
         )?;
         Ok(Self {
             tls,

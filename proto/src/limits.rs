@@ -37,22 +37,24 @@ impl Refusal {
 }
 
 /// A connection admitted by [`SourceBudget::admit`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admitted {
+#[derive(Debug, PartialEq, Eq)]
+pub struct Admitted<T> {
     /// Its number, to release it by.
     pub id: u64,
-    /// The oldest connection, evicted to make room: the caller closes it.
-    pub evicted: Option<u64>,
+    /// The oldest connection, evicted to make room, with what was admitted
+    /// with it: the caller closes it.
+    pub evicted: Option<(u64, T)>,
 }
 
-/// Counts of admitted connections against a per-source and a total limit.
+/// Counts of admitted connections against a per-source and a total limit,
+/// each holding a `T` of the caller's (what closes it, in the shell).
 #[derive(Debug, Clone)]
-pub struct SourceBudget {
+pub struct SourceBudget<T = ()> {
     per_source: usize,
     total: usize,
     open: BTreeMap<IpAddr, usize>,
     /// The admitted connections, oldest first, with their source keys.
-    order: VecDeque<(u64, IpAddr)>,
+    order: VecDeque<(u64, IpAddr, T)>,
     next_id: u64,
 }
 
@@ -67,7 +69,7 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl SourceBudget {
+impl<T> SourceBudget<T> {
     /// A budget of `per_source` connections per source and `total` in all
     /// (each at least 1).
     pub fn new(per_source: usize, total: usize) -> Self {
@@ -80,18 +82,18 @@ impl SourceBudget {
         }
     }
 
-    /// Admits a connection from `ip`, evicting the oldest when all
-    /// sources together hold the total; refuses it when its source holds
-    /// its limit.
-    pub fn admit(&mut self, ip: IpAddr) -> Result<Admitted, Refusal> {
+    /// Admits a connection from `ip` holding `value`, evicting the oldest
+    /// when all sources together hold the total; refuses it when its source
+    /// holds its limit.
+    pub fn admit(&mut self, ip: IpAddr, value: T) -> Result<Admitted<T>, Refusal> {
         let key = source_key(ip);
         if self.open.get(&key).copied().unwrap_or(0) >= self.per_source {
             return Err(Refusal::SourceLimit);
         }
         let evicted = if self.order.len() >= self.total {
-            self.order.pop_front().map(|(id, old)| {
+            self.order.pop_front().map(|(id, old, held)| {
                 self.forget(old);
-                id
+                (id, held)
             })
         } else {
             None
@@ -99,7 +101,7 @@ impl SourceBudget {
         let id = self.next_id;
         self.next_id += 1;
         *self.open.entry(key).or_insert(0) += 1;
-        self.order.push_back((id, key));
+        self.order.push_back((id, key, value));
         Ok(Admitted { id, evicted })
     }
 
@@ -107,8 +109,8 @@ impl SourceBudget {
     /// released already).
     pub fn release(&mut self, id: u64) {
         // Ids rise with admission: a binary search finds it.
-        if let Ok(i) = self.order.binary_search_by_key(&id, |(i, _)| *i)
-            && let Some((_, key)) = self.order.remove(i)
+        if let Ok(i) = self.order.binary_search_by_key(&id, |(i, _, _)| *i)
+            && let Some((_, key, _)) = self.order.remove(i)
         {
             self.forget(key);
         }
@@ -137,9 +139,19 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// An admission's id and the id it evicted.
+    struct Ids {
+        id: u64,
+        evicted: Option<u64>,
+    }
+
     /// The ids of `admit`, unwrapped.
-    fn admit(b: &mut SourceBudget, s: &str) -> Admitted {
-        b.admit(ip(s)).unwrap()
+    fn admit(b: &mut SourceBudget, s: &str) -> Ids {
+        let a = b.admit(ip(s), ()).unwrap();
+        Ids {
+            id: a.id,
+            evicted: a.evicted.map(|(id, ())| id),
+        }
     }
 
     #[test]
@@ -148,7 +160,7 @@ mod tests {
         let first = admit(&mut b, "192.0.2.1");
         assert_eq!(first.evicted, None);
         let second = admit(&mut b, "192.0.2.1");
-        assert_eq!(b.admit(ip("192.0.2.1")), Err(Refusal::SourceLimit));
+        assert_eq!(b.admit(ip("192.0.2.1"), ()), Err(Refusal::SourceLimit));
         let third = admit(&mut b, "192.0.2.2");
         assert_eq!(third.evicted, None);
         assert_eq!(b.open(), 3);
@@ -171,7 +183,7 @@ mod tests {
         // A source past its own limit evicts nobody.
         let mut b = SourceBudget::new(1, 1);
         let only = admit(&mut b, "192.0.2.9");
-        assert_eq!(b.admit(ip("192.0.2.9")), Err(Refusal::SourceLimit));
+        assert_eq!(b.admit(ip("192.0.2.9"), ()), Err(Refusal::SourceLimit));
         assert_eq!(admit(&mut b, "192.0.2.8").evicted, Some(only.id));
     }
 
@@ -179,11 +191,17 @@ mod tests {
     fn an_ipv6_host_counts_as_its_64() {
         let mut b = SourceBudget::new(1, 10);
         admit(&mut b, "2001:db8:1:2::1");
-        assert_eq!(b.admit(ip("2001:db8:1:2::ffff")), Err(Refusal::SourceLimit));
+        assert_eq!(
+            b.admit(ip("2001:db8:1:2::ffff"), ()),
+            Err(Refusal::SourceLimit)
+        );
         admit(&mut b, "2001:db8:1:3::1");
         // A mapped IPv4 address counts as the IPv4 address.
         let v4 = admit(&mut b, "192.0.2.7");
-        assert_eq!(b.admit(ip("::ffff:192.0.2.7")), Err(Refusal::SourceLimit));
+        assert_eq!(
+            b.admit(ip("::ffff:192.0.2.7"), ()),
+            Err(Refusal::SourceLimit)
+        );
         b.release(v4.id);
         admit(&mut b, "::ffff:192.0.2.7");
     }
