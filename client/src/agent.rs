@@ -39,7 +39,7 @@ use crate::enroll::RenewError;
 use crate::failure::Failure;
 use crate::health::Reporter;
 use crate::lan::{LanPath, SiteTable};
-use crate::link::{BrokerConn, Dialer, Tunnel, TunnelLink};
+use crate::link::{BrokerConn, Dialer, NarrowPaths, Tunnel, TunnelLink};
 use crate::proxy::Proxy;
 use crate::pumps::start_pumps;
 use crate::report::Problems;
@@ -132,6 +132,9 @@ struct Shell {
     health: Reporter,
     /// The broker of the latest session, dialed last after it is lost.
     last_broker: Option<tether_config::Endpoint>,
+    /// The brokers whose path needed the narrow QUIC packets, remembered
+    /// across the dialers.
+    narrow_paths: NarrowPaths,
     /// The standby connection, when one is ready.
     standby: Option<(BrokerConn, Target)>,
     /// The broker that last said it is going away, and when: no standby
@@ -267,6 +270,7 @@ pub async fn run_reporting(
         inputs,
         health,
         last_broker: None,
+        narrow_paths: NarrowPaths::default(),
         standby: None,
         leaving: None,
         problems,
@@ -774,7 +778,7 @@ impl Shell {
         match action {
             Action::Dial { order } => {
                 self.health.connecting();
-                let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
+                let dialer = self.dialer()?;
                 self.epoch += 1;
                 let config = Arc::new(crate::brokers::dial_config(
                     &self.config,
@@ -880,7 +884,7 @@ impl Shell {
                     return Ok(());
                 };
                 // Reads the renewed certificate.
-                let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
+                let dialer = self.dialer()?;
                 let task = self.spawn(async move {
                     Input::Redialed(
                         dialer
@@ -892,7 +896,8 @@ impl Shell {
             }
             Action::Reattest => {
                 let dialer =
-                    Dialer::for_reattestation(&self.config, &self.state, self.proxy.clone())?;
+                    Dialer::for_reattestation(&self.config, &self.state, self.proxy.clone())?
+                        .remembering(self.narrow_paths.clone());
                 self.epoch += 1;
                 let (config, state) = (self.config.clone(), self.state.clone());
                 let order = core.ladder().attempt_order();
@@ -935,7 +940,7 @@ impl Shell {
                 }
             }
             Action::DialStandby { transport } => {
-                let dialer = Dialer::for_site(&self.config, &self.state, self.proxy.clone())?;
+                let dialer = self.dialer()?;
                 let config = crate::brokers::dial_config(&self.config, &self.state, None);
                 let mut avoid: Vec<std::net::SocketAddr> =
                     self.session.iter().map(|s| s.target.addr).collect();
@@ -1073,6 +1078,15 @@ impl Shell {
         }
     }
 
+    /// A dialer with the site's current certificate (it reads a renewed
+    /// one) and the paths this agent found narrow.
+    fn dialer(&self) -> anyhow::Result<Dialer> {
+        Ok(
+            Dialer::for_site(&self.config, &self.state, self.proxy.clone())?
+                .remembering(self.narrow_paths.clone()),
+        )
+    }
+
     fn tasks(&mut self, task: JoinHandle<()>) {
         match self.session.as_mut() {
             Some(s) => s.tasks.push(task),
@@ -1085,7 +1099,7 @@ impl Shell {
         let Some(target) = self.session.as_ref().map(|s| s.target.clone()) else {
             return;
         };
-        let dialer = match Dialer::for_site(&self.config, &self.state, self.proxy.clone()) {
+        let dialer = match self.dialer() {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!("cannot probe: {e:#}");

@@ -542,6 +542,7 @@ pub async fn run_with_clock(config: &ClientConfig, state: &StateDir, offset_secs
             proxy: proxy.clone(),
             timeout: config.h3_timeout,
             keepalive: config.keepalive,
+            narrow_paths: Default::default(),
         })
     });
 

@@ -116,6 +116,7 @@ pub async fn enroll(
         proxy: Proxy::from_config_or_env(proxy)?,
         timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(5),
+        narrow_paths: Default::default(),
     };
     let (client, target) = match dial_any(&dialer, &targets).await {
         Ok(found) => found,

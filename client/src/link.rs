@@ -8,7 +8,9 @@
 //! - [`TunnelLink`] sends IP packets: QUIC datagrams over HTTP/3, DATAGRAM
 //!   capsules on the stream over HTTP/2.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -131,6 +133,41 @@ pub struct Dialer {
     pub timeout: Duration,
     /// Keepalive interval.
     pub keepalive: Duration,
+    /// The brokers whose path needed the narrow packets.
+    pub narrow_paths: NarrowPaths,
+}
+
+/// The brokers whose path carried HTTP/3 only with the narrow packets
+/// ([`tether_shell::quic::NARROW_UDP_PAYLOAD`]) at the last dial, shared by
+/// the dialers of one agent. The next HTTP/3 dial to one of them starts
+/// with the narrow packets instead of waiting out a silent full-size
+/// handshake first, and a full-size probe beside it forgets the broker
+/// once its path carries the full size again (the next connection then
+/// uses it).
+#[derive(Debug, Clone, Default)]
+pub struct NarrowPaths(Arc<Mutex<HashSet<SocketAddr>>>);
+
+impl NarrowPaths {
+    /// The most brokers remembered: more than a site is configured with.
+    const MAX: usize = 64;
+
+    fn contains(&self, addr: &SocketAddr) -> bool {
+        self.0.lock().is_ok_and(|s| s.contains(addr))
+    }
+
+    fn remember(&self, addr: SocketAddr) {
+        if let Ok(mut s) = self.0.lock()
+            && s.len() < Self::MAX
+        {
+            s.insert(addr);
+        }
+    }
+
+    fn forget(&self, addr: &SocketAddr) {
+        if let Ok(mut s) = self.0.lock() {
+            s.remove(addr);
+        }
+    }
 }
 
 /// Why HTTP/3 to `addr` failed when only the small QUIC probe was answered.
@@ -236,18 +273,35 @@ impl Dialer {
         })
     }
 
+    /// HTTP/3 to `target` with the narrow packets; `None` when the
+    /// handshake got no answer.
+    async fn narrow_dial(&self, target: &Target) -> Result<Option<BrokerConn>, Failure> {
+        use tether_shell::quic::NARROW_UDP_PAYLOAD;
+        let config = h3client::quic_config(
+            self.tls.clone(),
+            site_transport(self.keepalive, NARROW_UDP_PAYLOAD),
+        )
+        .map_err(|e| Failure::lost(format!("{e:#}")))?;
+        let endpoint = dial::client_endpoint_sized(&target.addr, NARROW_UDP_PAYLOAD)
+            .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
+        match self.handshake(&endpoint, config, target).await? {
+            Handshake::Done(conn) => {
+                tracing::warn!("{}", narrow_path(target.addr));
+                self.h3_over(conn, endpoint, true).await.map(Some)
+            }
+            Handshake::Failed(e) => Err(quic_error(&e)),
+            Handshake::Silent => Ok(None),
+        }
+    }
+
     /// Connects to `target` on `transport`.
     pub async fn dial(&self, transport: Transport, target: &Target) -> Result<BrokerConn, Failure> {
         match transport {
             Transport::H3 => {
-                use tether_shell::quic::NARROW_UDP_PAYLOAD;
-                let endpoint = dial::client_endpoint(&target.addr)
-                    .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
-                // Alongside the handshake, two small QUIC packets: QUIC's
-                // minimum, and the narrow tunnel's size. If only they are
-                // answered, the path loses the tunnel's full-size packets;
-                // the narrow one answered, it carries the narrow tunnel.
-                // (Aborted when dropped: a dial given up ends its probes.)
+                use tether_shell::quic::{NARROW_UDP_PAYLOAD, TUNNEL_UDP_PAYLOAD};
+                // A QUIC packet of `len` bytes beside the handshake: whether
+                // the path carries that size. (Aborted when dropped: a dial
+                // given up ends its probes.)
                 let probe = |len: usize| {
                     Probe(tokio::spawn(dial::answers_quic_of(
                         target.addr,
@@ -255,6 +309,37 @@ impl Dialer {
                         self.timeout,
                     )))
                 };
+                if self.narrow_paths.contains(&target.addr) {
+                    // The path needed the narrow packets last time: dial
+                    // with them at once, and see beside it whether it
+                    // carries the full size again.
+                    tracing::info!(
+                        broker = %target.addr,
+                        "dialing with {NARROW_UDP_PAYLOAD}-byte packets, which the path needed at the last connection"
+                    );
+                    let full = probe(usize::from(TUNNEL_UDP_PAYLOAD));
+                    if let Some(conn) = self.narrow_dial(target).await? {
+                        let (paths, addr) = (self.narrow_paths.clone(), target.addr);
+                        tokio::spawn(async move {
+                            if full.answered().await {
+                                paths.forget(&addr);
+                                tracing::info!(
+                                    broker = %addr,
+                                    "the path carries {TUNNEL_UDP_PAYLOAD}-byte QUIC packets again: the next connection uses them"
+                                );
+                            }
+                        });
+                        return Ok(conn);
+                    }
+                    // Silent: the path changed; look at it afresh.
+                    self.narrow_paths.forget(&target.addr);
+                }
+                let endpoint = dial::client_endpoint(&target.addr)
+                    .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
+                // Alongside the handshake, two small QUIC packets: QUIC's
+                // minimum, and the narrow tunnel's size. If only they are
+                // answered, the path loses the tunnel's full-size packets;
+                // the narrow one answered, it carries the narrow tunnel.
                 let (small, narrow) = (
                     probe(tether_proto::quic_probe::PROBE_LEN),
                     probe(usize::from(NARROW_UDP_PAYLOAD)),
@@ -271,24 +356,14 @@ impl Dialer {
                     )));
                 }
                 if narrow.answered().await {
-                    let narrow_config = h3client::quic_config(
-                        self.tls.clone(),
-                        site_transport(self.keepalive, NARROW_UDP_PAYLOAD),
-                    )
-                    .map_err(|e| Failure::lost(format!("{e:#}")))?;
-                    let endpoint = dial::client_endpoint_sized(&target.addr, NARROW_UDP_PAYLOAD)
-                        .map_err(|e| Failure::lost(format!("no UDP socket: {e}")))?;
-                    match self.handshake(&endpoint, narrow_config, target).await? {
-                        Handshake::Done(conn) => {
-                            tracing::warn!("{}", narrow_path(target.addr));
-                            return self.h3_over(conn, endpoint, true).await;
-                        }
-                        Handshake::Failed(e) => return Err(quic_error(&e)),
-                        Handshake::Silent => tracing::info!(
-                            broker = %target.addr,
-                            "the path answered a {NARROW_UDP_PAYLOAD}-byte QUIC packet but not a handshake with packets of that size"
-                        ),
+                    if let Some(conn) = self.narrow_dial(target).await? {
+                        self.narrow_paths.remember(target.addr);
+                        return Ok(conn);
                     }
+                    tracing::info!(
+                        broker = %target.addr,
+                        "the path answered a {NARROW_UDP_PAYLOAD}-byte QUIC packet but not a handshake with packets of that size"
+                    );
                 }
                 Err(Failure {
                     path_too_small: true,
@@ -384,6 +459,15 @@ impl Dialer {
         Self::with_identity(config, state, proxy, true, 0)
     }
 
+    /// This dialer, remembering narrow paths in `paths` (shared with
+    /// the agent's other dialers) instead of its own.
+    pub fn remembering(self, paths: NarrowPaths) -> Self {
+        Self {
+            narrow_paths: paths,
+            ..self
+        }
+    }
+
     /// As [`for_site`](Self::for_site), judging the broker's certificate
     /// by this host's clock taken as `offset_secs` off its real time: how
     /// the agent dials on a host whose clock is wrong (tests).
@@ -426,6 +510,7 @@ impl Dialer {
             proxy,
             timeout: config.h3_timeout,
             keepalive: config.keepalive,
+            narrow_paths: NarrowPaths::default(),
         })
     }
 

@@ -152,13 +152,16 @@ fn a_1280_byte_wan_path_is_not_a_black_hole() {
 /// for its narrow form (an IP MTU of 1360: 1332 bytes of UDP payload,
 /// between 1320 and 1400): the site runs HTTP/3 with 1320-byte packets,
 /// its tunnel carries IPv6's minimum of 1280 bytes in both directions,
-/// and the agent's log and `tether doctor` say so.
+/// and the agent's log and `tether doctor` say so. When the site
+/// reconnects it dials the narrow packets at once (no full-size handshake
+/// waited out first), and once the path is wide again, the connection
+/// after the one that saw it uses the full size.
 #[test]
 fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new("").unwrap();
+    let mut topo = Topology::new("").unwrap();
     set_wan_mtu(&topo, "1360");
     let state = topo.path("site-state");
     topo.enroll("hospital-v", &state).unwrap();
@@ -217,6 +220,67 @@ fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
         report.contains("the site uses HTTP/3 with 1320-byte packets"),
         "doctor does not name the narrow path:\n{report}"
     );
+
+    // The broker restarts: the site dials the narrow packets at once.
+    let narrow = |topo: &Topology| {
+        read(&topo.path("site.log"))
+            .matches("this connection uses 1320-byte packets")
+            .count()
+    };
+    let restarted = restart_broker(&mut topo);
+    assert!(
+        wait_for(Duration::from_secs(30), || narrow(&topo) == 2
+            && topo.backend_pings(&addr)),
+        "no narrow connection after the broker's restart:\n{}",
+        read(&topo.path("site.log"))
+    );
+    eprintln!(
+        "back on the narrow path {:.1} s after the broker's restart",
+        restarted.elapsed().as_secs_f64()
+    );
+    let log = read(&topo.path("site.log"));
+    assert!(
+        log.contains(
+            "dialing with 1320-byte packets, which the path needed at the last connection"
+        ),
+        "the reconnect did not start with the narrow packets:\n{log}"
+    );
+
+    // The path is wide again: the next dial still starts narrow and sees
+    // the full size answered beside it; the one after uses the full size.
+    set_wan_mtu(&topo, "1500");
+    restart_broker(&mut topo);
+    assert!(
+        wait_for(Duration::from_secs(30), || read(&topo.path("site.log"))
+            .contains("the path carries 1400-byte QUIC packets again")),
+        "the widened path went unnoticed:\n{}",
+        read(&topo.path("site.log"))
+    );
+    assert!(wait_for(Duration::from_secs(30), || topo.backend_pings(&addr)));
+    let narrowed = narrow(&topo);
+    restart_broker(&mut topo);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            site_mtu(&topo, "tether0").parse::<usize>().unwrap_or(0) > tun
+                && topo.backend_pings(&addr)
+        }),
+        "the full size was not used after the path widened (device MTU {}):\n{}",
+        site_mtu(&topo, "tether0"),
+        read(&topo.path("site.log"))
+    );
+    assert_eq!(
+        narrow(&topo),
+        narrowed,
+        "a narrow connection on the widened path"
+    );
+}
+
+/// Kills the broker (SIGKILL) and starts it again; returns when.
+fn restart_broker(topo: &mut Topology) -> Instant {
+    topo.broker.as_mut().unwrap().kill();
+    let at = Instant::now();
+    topo.start_broker().unwrap();
+    at
 }
 
 /// Sets the MTU of both ends of the hospital's WAN link.

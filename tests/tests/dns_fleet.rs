@@ -163,6 +163,7 @@ async fn connect_announcing(addr: SocketAddr, site: &TestSite, services: &str) -
         proxy: None,
         timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(2),
+        narrow_paths: Default::default(),
     };
     let target = Target {
         endpoint: Endpoint::parse(&addr.to_string(), 443).unwrap(),

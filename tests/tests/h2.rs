@@ -38,6 +38,7 @@ fn dialer(site: Option<&TestSite>, ca: &rustls::pki_types::CertificateDer<'stati
         proxy: None,
         timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(2),
+        narrow_paths: Default::default(),
     }
 }
 

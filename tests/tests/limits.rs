@@ -184,6 +184,7 @@ async fn h2_tunnel(site: &TestSite, addr: SocketAddr) -> Result<(), String> {
         proxy: None,
         timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(2),
+        narrow_paths: Default::default(),
     };
     let target = Target {
         endpoint: Endpoint::parse(&addr.to_string(), 443).unwrap(),
