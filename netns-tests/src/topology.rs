@@ -369,6 +369,14 @@ impl Topology {
         Ok(())
     }
 
+    /// Kills the broker (SIGKILL, reaped) and starts it again.
+    pub fn restart_broker(&mut self) -> io::Result<()> {
+        if let Some(broker) = self.broker.as_mut() {
+            broker.kill();
+        }
+        self.start_broker()
+    }
+
     /// Runs the broker CLI in the cloud namespace; returns stdout.
     pub fn broker_cli(&self, args: &[&str]) -> io::Result<String> {
         let cfg = self.broker_config().display().to_string();

@@ -189,8 +189,7 @@ fn backend_reaches_a_lan_host_through_the_mapped_prefix() {
 
     // The broker is killed and restarts: the agent reconnects, asks the
     // same way, and the LAN is reachable again at the same mapped prefix.
-    topo.broker.as_mut().unwrap().kill();
-    topo.start_broker().unwrap();
+    topo.restart_broker().unwrap();
     assert_eq!(mapped_lan(&topo, "hospital-l", 24), mapped);
     assert!(
         wait_for(Duration::from_secs(30), || fetch(&topo, analyser)
@@ -597,8 +596,7 @@ fn a_lan_removed_from_the_configuration_is_withdrawn_and_keeps_its_mapping() {
         1,
     );
     std::fs::write(topo.broker_config(), config).unwrap();
-    topo.broker.as_mut().unwrap().kill();
-    topo.start_broker().unwrap();
+    topo.restart_broker().unwrap();
     let host = lan::add_lan_host(
         &topo.site,
         &["192.168.1.20/24", "192.168.1.40/24", "192.168.1.50/24"],

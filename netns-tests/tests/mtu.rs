@@ -227,7 +227,8 @@ fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
             .matches("this connection uses 1320-byte packets")
             .count()
     };
-    let restarted = restart_broker(&mut topo);
+    let restarted = Instant::now();
+    topo.restart_broker().unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || narrow(&topo) == 2
             && topo.backend_pings(&addr)),
@@ -249,7 +250,7 @@ fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
     // The path is wide again: the next dial still starts narrow and sees
     // the full size answered beside it; the one after uses the full size.
     set_wan_mtu(&topo, "1500");
-    restart_broker(&mut topo);
+    topo.restart_broker().unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || read(&topo.path("site.log"))
             .contains("the path carries 1400-byte QUIC packets again")),
@@ -258,7 +259,7 @@ fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
     );
     assert!(wait_for(Duration::from_secs(30), || topo.backend_pings(&addr)));
     let narrowed = narrow(&topo);
-    restart_broker(&mut topo);
+    topo.restart_broker().unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || {
             site_mtu(&topo, "tether0").parse::<usize>().unwrap_or(0) > tun
@@ -273,14 +274,6 @@ fn a_path_between_the_narrow_and_the_full_size_runs_http3_with_small_packets() {
         narrowed,
         "a narrow connection on the widened path"
     );
-}
-
-/// Kills the broker (SIGKILL) and starts it again; returns when.
-fn restart_broker(topo: &mut Topology) -> Instant {
-    topo.broker.as_mut().unwrap().kill();
-    let at = Instant::now();
-    topo.start_broker().unwrap();
-    at
 }
 
 /// Sets the MTU of both ends of the hospital's WAN link.
